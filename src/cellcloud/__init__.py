@@ -1,0 +1,3 @@
+"""cellcloud: a self-hostable serverless platform for unmodified AWS Lambda functions."""
+
+__version__ = "0.1.0"
