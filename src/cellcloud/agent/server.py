@@ -1,0 +1,357 @@
+"""The agent server. Four operations, nothing else: ``create_env``, ``invoke``, ``destroy``,
+``status``. It never opens a connection (``lockdown``); it reaches each environment over the
+socketpair it created for it, and no environment can reach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from ..core.bundle import extract_zip, sha256_hex
+from ..core.errors import LambdaError
+from ..core.limits import DEFAULT_LIMITS
+from ..sandbox import cgroups
+from ..sandbox.backend import Backend, JailBackend, Spawned
+from ..sandbox.spec import EnvSpec
+from ..transport import OpError, Server
+from . import lockdown
+
+log = logging.getLogger("cellcloud.agent")
+
+channel_frame_bytes_max = 8 * 1024 * 1024
+
+
+class _EnvChannel(asyncio.Protocol):
+    """The agent's end of one environment's channel: frames in, one future at a time."""
+
+    def __init__(self) -> None:
+        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=channel_frame_bytes_max)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[dict[str, Any]] | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self.garbage = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.unpacker.feed(data)
+            for doc in self.unpacker:
+                if not isinstance(doc, dict) or self.waiter is None or self.waiter.done():
+                    raise ValueError("unexpected frame")
+                self.waiter.set_result(doc)
+        except Exception:
+            # A guest that writes garbage on its channel is broken; it gets no second chance.
+            self.garbage = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("environment channel closed"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    async def request(self, doc: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        if doc is not None:
+            if self.transport is None or self.transport.is_closing():
+                raise ConnectionError("environment channel closed")
+            self.transport.write(msgpack.packb(doc, use_bin_type=True))
+        try:
+            return await asyncio.wait_for(self.waiter, timeout_s)
+        finally:
+            self.waiter = None
+
+
+@dataclass
+class EnvRecord:
+    spec: EnvSpec
+    function_key: str
+    spawned: Spawned
+    channel: _EnvChannel
+    cgroup: cgroups.Cgroup
+    created_ms: int
+    slot: int
+    busy: bool = False
+    invocations: int = 0
+    init_error: dict[str, Any] | None = None
+    init_ms: float = 0.0
+    last_used_ms: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, agent_id: str, state_dir: str, backend: Backend, *, uid_base: int,
+                 envs_max: int = DEFAULT_LIMITS.envs_per_agent_max, region: str = "local-1"):
+        self.agent_id = agent_id
+        self.state_dir = state_dir
+        self.bundles_dir = os.path.join(state_dir, "bundles")
+        os.makedirs(self.bundles_dir, exist_ok=True)
+        self.backend = backend
+        self.uid_base = uid_base
+        self.envs_max = envs_max
+        self.region = region
+        self.envs: dict[str, EnvRecord] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._zombie_cgroups: list[cgroups.Cgroup] = []
+        self.started_ms = int(time.time() * 1000)
+        self.counters = {"created": 0, "create_failed": 0, "invocations": 0, "timeouts": 0,
+                         "crashes": 0, "destroyed": 0}
+        self.ops = {"create_env": self.create_env, "invoke": self.invoke,
+                    "destroy": self.destroy, "status": self.status}
+
+    # -- operations -------------------------------------------------------------------------
+    async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
+        env_id = str(body["env_id"])
+        if env_id in self.envs:
+            raise OpError("EnvExists", env_id)
+        if len(self.envs) >= self.envs_max:
+            raise OpError("AgentFull", f"{len(self.envs)} environments; the maximum is {self.envs_max}")
+        bundle_dir = self._bundle(str(body["bundle_sha256"]), body.get("bundle"))
+        fn = body["function"]
+        slot = self._alloc_slot()
+        uid = self.uid_base + slot
+        spec = EnvSpec(
+            env_id=env_id, function_name=fn["name"], function_version=fn.get("version", "$LATEST"),
+            function_arn=fn["arn"], handler=fn["handler"], runtime=fn["runtime"],
+            memory_mb=int(fn["memory_mb"]), timeout_s=int(fn["timeout_s"]), bundle_dir=bundle_dir,
+            uid=uid, gid=uid, cgroup_group=self.agent_id, region=self.region,
+            ephemeral_mb=int(fn.get("ephemeral_mb", DEFAULT_LIMITS.ephemeral_mb_default)),
+            environment=dict(fn.get("environment") or {}),
+            log_group=f"/aws/lambda/{fn['name']}",
+            log_stream=f"{time.strftime('%Y/%m/%d')}/[{fn.get('version', '$LATEST')}]{env_id}",
+        )
+        cg = cgroups.Cgroup(self.agent_id, env_id)
+        try:
+            spawned = await self.backend.spawn(spec)
+        except Exception as e:
+            self._free_slots.append(slot)
+            self.counters["create_failed"] += 1
+            raise OpError("EnvCreateFailed", str(e)) from e
+        loop = asyncio.get_running_loop()
+        _, channel = await loop.connect_accepted_socket(_EnvChannel, spawned.channel)
+        now_ms = int(time.time() * 1000)
+        rec = EnvRecord(spec, str(body.get("function_key", "")), spawned, channel, cg, now_ms, slot,
+                        last_used_ms=now_ms)
+        self.envs[env_id] = rec
+        timeout_s = float(body.get("create_timeout_ms", DEFAULT_LIMITS.env_create_timeout_ms)) / 1000
+        try:
+            ready = await channel.request(None, timeout_s)
+        except (TimeoutError, ConnectionError) as e:
+            self._remove(env_id)
+            self.counters["create_failed"] += 1
+            raise OpError("EnvCreateFailed", f"environment did not start: {e!r}") from e
+        rec.init_error = ready.get("init_error")
+        rec.init_ms = float(ready.get("init_ms", 0))
+        if rec.init_error and rec.init_error.get("errorType") == "Runtime.SandboxSetupError":
+            self._remove(env_id)
+            self.counters["create_failed"] += 1
+            raise OpError("EnvCreateFailed", rec.init_error["errorMessage"])
+        self.counters["created"] += 1
+        return {"env_id": env_id, "pid": spawned.pid, "init_ms": rec.init_ms,
+                "init_error": rec.init_error}
+
+    async def invoke(self, body: dict[str, Any]) -> dict[str, Any]:
+        env_id = str(body["env_id"])
+        rec = self.envs.get(env_id)
+        if rec is None:
+            raise OpError("EnvNotFound", env_id)
+        if rec.busy:
+            raise OpError("EnvBusy", f"{env_id} is already running an invocation")
+        rec.busy = True
+        rec.invocations += 1
+        self.counters["invocations"] += 1
+        request_id = str(body["request_id"])
+        timeout_ms = int(body["timeout_ms"])
+        started = time.monotonic()
+        try:
+            result = await rec.channel.request(
+                {"t": "invoke", "id": request_id, "payload": body["payload"],
+                 "deadline_ms": int(time.time() * 1000) + timeout_ms, "arn": body.get("arn", "")},
+                timeout_ms / 1000,
+            )
+        except TimeoutError:
+            self.counters["timeouts"] += 1
+            self._remove(env_id)
+            return self._failure(
+                "Sandbox.Timedout",
+                f"RequestId: {request_id} Error: Task timed out after {timeout_ms / 1000:.2f} seconds",
+                started)
+        except ConnectionError:
+            self.counters["crashes"] += 1
+            usage = rec.cgroup.usage()
+            garbage = rec.channel.garbage
+            self._remove(env_id)
+            if garbage:
+                msg = f"RequestId: {request_id} Error: Runtime wrote an invalid frame to its channel"
+            elif usage.oom_kills:
+                msg = (f"RequestId: {request_id} Error: Runtime exited with error: signal: killed "
+                       f"(out of memory: {rec.spec.memory_mb} MB)")
+            else:
+                msg = f"RequestId: {request_id} Error: Runtime exited without providing a reason"
+            return self._failure("Runtime.ExitError", msg, started, oom=bool(usage.oom_kills))
+        rec.busy = False
+        rec.last_used_ms = int(time.time() * 1000)
+        if result.get("t") != "result" or result.get("id") != request_id:
+            self._remove(env_id)
+            return self._failure("Runtime.InvalidResponse", "the runtime answered out of turn",
+                                 started)
+        return {
+            "status": "ok" if result["ok"] else "function_error",
+            "payload": result["payload"],
+            "function_error": result.get("error_type"),
+            "logs": result.get("logs", b""),
+            "duration_ms": result.get("duration_ms", 0.0),
+            "max_rss_kb": result.get("max_rss_kb", 0),
+            "env_alive": True,
+        }
+
+    def _failure(self, type_: str, message: str, started: float, **extra: Any) -> dict[str, Any]:
+        return {
+            "status": "function_error",
+            "payload": json.dumps({"errorType": type_, "errorMessage": message}).encode(),
+            "function_error": "Unhandled",
+            "logs": f"{message}\n".encode(),
+            "duration_ms": (time.monotonic() - started) * 1000,
+            "env_alive": False,
+            **extra,
+        }
+
+    async def destroy(self, body: dict[str, Any]) -> dict[str, Any]:
+        env_id = str(body["env_id"])
+        found = env_id in self.envs
+        if found:
+            self._remove(env_id)
+        return {"destroyed": found}
+
+    async def status(self, body: Any = None) -> dict[str, Any]:
+        envs = []
+        for env_id, rec in self.envs.items():
+            u = rec.cgroup.usage()
+            envs.append({
+                "env_id": env_id, "function": rec.spec.function_name,
+                "function_key": rec.function_key, "pid": rec.spawned.pid, "busy": rec.busy,
+                "invocations": rec.invocations, "memory_mb": rec.spec.memory_mb,
+                "memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes,
+                "cpu_ns": u.cpu_ns, "uid": rec.spec.uid, "created_ms": rec.created_ms,
+            })
+        return {
+            "agent_id": self.agent_id, "backend": self.backend.name, "pid": os.getpid(),
+            "envs_max": self.envs_max, "envs": envs, "counters": dict(self.counters),
+            "seccomp": lockdown.seccomp_mode(), "started_ms": self.started_ms,
+            "cgroup_version": cgroups.version(),
+        }
+
+    # -- internals --------------------------------------------------------------------------
+    def _bundle(self, sha: str, data: bytes | None) -> str:
+        if not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise OpError("InvalidBundle", "bundle_sha256 must be 64 hex digits")
+        path = os.path.join(self.bundles_dir, sha)
+        if os.path.isdir(path):
+            return path
+        if data is None:
+            raise OpError("BundleMissing", sha)
+        if sha256_hex(data) != sha:
+            raise OpError("BundleDigestMismatch", "the bundle does not hash to bundle_sha256")
+        tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            extract_zip(data, tmp)
+        except LambdaError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OpError("InvalidBundle", e.message) from e
+        try:
+            os.rename(tmp, path)
+        except OSError:  # a concurrent create won the race; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def _alloc_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def _remove(self, env_id: str) -> None:
+        rec = self.envs.pop(env_id)
+        self.backend.kill(rec.spawned.pid)
+        if rec.channel.transport is not None:
+            rec.channel.transport.close()
+        rec.cgroup.kill_all()
+        if not rec.cgroup.destroy():
+            self._zombie_cgroups.append(rec.cgroup)
+        self._free_slots.append(rec.slot)
+        self.counters["destroyed"] += 1
+
+    async def housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)  # a periodic timer, not a wait for a condition
+            self._zombie_cgroups = [cg for cg in self._zombie_cgroups if not cg.destroy()]
+
+    def close(self) -> None:
+        for env_id in list(self.envs):
+            self._remove(env_id)
+        self.backend.close()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from .. import runtime
+
+    state_dir = os.path.abspath(args.state_dir)
+    os.makedirs(state_dir, exist_ok=True)
+    swept = cgroups.sweep(args.agent_id)
+    if swept:
+        log.warning("reclaimed %d environments left by a previous agent process", swept)
+    backend = JailBackend(os.path.join(state_dir, "jailroot"))
+    backend.start()  # fork+exec the zygote while we still may
+    agent = Agent(args.agent_id, state_dir, backend, uid_base=args.uid_base,
+                  envs_max=args.envs_max, region=args.region)
+    sock = runtime.bind_tcp(args.listen)
+    if not args.no_lockdown:
+        lockdown.lock_down()
+    server = Server(agent.ops)
+    host, port = await server.listen_tcp("", 0, sock=sock)
+    runtime.announce_ready({"component": "agent", "agent_id": args.agent_id, "host": host,
+                            "port": port, "pid": os.getpid()})
+    hk = asyncio.ensure_future(agent.housekeeping())
+    try:
+        await runtime.wait_for_shutdown()
+    finally:
+        hk.cancel()
+        agent.close()
+        await server.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="cellcloud agent serve")
+    p.add_argument("--agent-id", required=True)
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--uid-base", type=int, default=200_000)
+    p.add_argument("--envs-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
+    p.add_argument("--region", default="local-1")
+    p.add_argument("--no-lockdown", action="store_true", help="tests only: skip seccomp")
+    args = p.parse_args(argv)
+    from .. import runtime
+
+    runtime.setup_logging("agent")
+    runtime.run(serve(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,74 @@
+"""What every cellcloud server process shares: binding, readiness, shutdown, the event loop.
+
+Readiness is a real signal, not a guess: a process that is listening writes one JSON line to the
+fd named by ``CELLCLOUD_READY_FD`` (the supervisor's pipe), then closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def bind_tcp(addr: str) -> socket.socket:
+    host, port = parse_addr(addr)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def announce_ready(info: dict[str, Any]) -> None:
+    fd = os.environ.pop("CELLCLOUD_READY_FD", None)
+    line = (json.dumps(info) + "\n").encode()
+    if fd is None:
+        sys.stdout.write(line.decode())
+        sys.stdout.flush()
+        return
+    os.write(int(fd), line)
+    os.close(int(fd))
+
+
+_shutdown: asyncio.Event | None = None
+
+
+async def wait_for_shutdown() -> None:
+    global _shutdown
+    _shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _shutdown.set)
+    await _shutdown.wait()
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main)
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        asyncio.run(main)
+
+
+def setup_logging(component: str) -> None:
+    level = os.environ.get("CELLCLOUD_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {component}[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,193 @@
+"""cgroups for environments: memory, pids and CPU share, on cgroup v1 or v2 (detected).
+
+Lambda gives CPU in proportion to memory (one full vCPU at 1,769 MB); we do the same with
+``cpu.shares`` (v1) or ``cpu.weight`` (v2).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+ROOT = "/sys/fs/cgroup"
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+LAMBDA_MB_PER_VCPU = 1769
+
+
+def version() -> int:
+    """2 on a unified hierarchy, 1 on the legacy one, 0 if no usable cgroups are mounted."""
+    if os.path.exists(os.path.join(ROOT, "cgroup.controllers")):
+        return 2
+    if os.path.isdir(os.path.join(ROOT, "memory")) and os.path.isdir(os.path.join(ROOT, "pids")):
+        return 1
+    return 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int
+    pids_max: int
+    memory_mb: int
+
+
+@dataclass
+class Usage:
+    memory_bytes: int = 0
+    memory_peak_bytes: int = 0
+    cpu_ns: int = 0
+    oom_kills: int = 0
+    pids: int = 0
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _int(path: str) -> int:
+    text = _read(path).strip()
+    return int(text) if text.isdigit() else 0
+
+
+class Cgroup:
+    """One environment's cgroup at ``cellcloud/<group>/<name>`` in every controller used."""
+
+    def __init__(self, group: str, name: str, ver: int | None = None) -> None:
+        self.version = version() if ver is None else ver
+        self.rel = os.path.join("cellcloud", group, name)
+
+    def _dirs(self) -> list[str]:
+        if self.version == 2:
+            return [os.path.join(ROOT, self.rel)]
+        if self.version == 1:
+            return [os.path.join(ROOT, c, self.rel) for c in _V1_CONTROLLERS
+                    if os.path.isdir(os.path.join(ROOT, c))]
+        return []
+
+    def _path(self, controller: str, file: str) -> str:
+        if self.version == 2:
+            return os.path.join(ROOT, self.rel, file)
+        return os.path.join(ROOT, controller, self.rel, file)
+
+    def create(self, limits: Limits) -> None:
+        if self.version == 2:
+            self._enable_v2_controllers()
+        for d in self._dirs():
+            os.makedirs(d, exist_ok=True)
+        shares = max(2, 1024 * limits.memory_mb // LAMBDA_MB_PER_VCPU)
+        if self.version == 1:
+            _write(self._path("memory", "memory.limit_in_bytes"), str(limits.memory_bytes))
+            # Without swap accounting the limit would leak into swap; best effort.
+            sw = self._path("memory", "memory.memsw.limit_in_bytes")
+            if os.path.exists(sw):
+                _write(sw, str(limits.memory_bytes))
+            _write(self._path("pids", "pids.max"), str(limits.pids_max))
+            _write(self._path("cpu", "cpu.shares"), str(shares))
+        elif self.version == 2:
+            _write(self._path("", "memory.max"), str(limits.memory_bytes))
+            _write(self._path("", "memory.swap.max"), "0")
+            _write(self._path("", "pids.max"), str(limits.pids_max))
+            weight = max(1, min(10000, shares * 100 // 1024))
+            _write(self._path("", "cpu.weight"), str(weight))
+
+    def _enable_v2_controllers(self) -> None:
+        parts = self.rel.split(os.sep)
+        cur = ROOT
+        for part in parts[:-1]:
+            ctl = os.path.join(cur, "cgroup.subtree_control")
+            try:
+                _write(ctl, "+memory +pids +cpu")
+            except OSError:
+                pass
+            cur = os.path.join(cur, part)
+            os.makedirs(cur, exist_ok=True)
+        try:
+            _write(os.path.join(cur, "cgroup.subtree_control"), "+memory +pids +cpu")
+        except OSError:
+            pass
+
+    def join(self, pid: int = 0) -> None:
+        """Move ``pid`` (0: the caller) into this cgroup in every controller."""
+        if self.version == 2:
+            _write(self._path("", "cgroup.procs"), str(pid))
+            return
+        for c in _V1_CONTROLLERS:
+            p = self._path(c, "cgroup.procs")
+            if os.path.exists(p):
+                _write(p, str(pid))
+
+    def pids(self) -> list[int]:
+        text = _read(self._path("pids" if self.version == 1 else "", "cgroup.procs"))
+        return [int(x) for x in text.split()]
+
+    def usage(self) -> Usage:
+        u = Usage()
+        if self.version == 1:
+            u.memory_bytes = _int(self._path("memory", "memory.usage_in_bytes"))
+            u.memory_peak_bytes = _int(self._path("memory", "memory.max_usage_in_bytes"))
+            u.cpu_ns = _int(self._path("cpuacct", "cpuacct.usage"))
+            oom = _read(self._path("memory", "memory.oom_control"))
+            u.pids = _int(self._path("pids", "pids.current"))
+        else:
+            u.memory_bytes = _int(self._path("", "memory.current"))
+            u.memory_peak_bytes = _int(self._path("", "memory.peak")) or u.memory_bytes
+            stat = _read(self._path("", "cpu.stat"))
+            for line in stat.splitlines():
+                if line.startswith("usage_usec"):
+                    u.cpu_ns = int(line.split()[1]) * 1000
+            oom = _read(self._path("", "memory.events"))
+            u.pids = _int(self._path("", "pids.current"))
+        for line in oom.splitlines():
+            if line.startswith("oom_kill "):
+                u.oom_kills = int(line.split()[1])
+        return u
+
+    def kill_all(self) -> None:
+        if self.version == 2 and os.path.exists(self._path("", "cgroup.kill")):
+            _write(self._path("", "cgroup.kill"), "1")
+            return
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def destroy(self) -> bool:
+        """Remove the cgroup once it is empty. False if processes are still exiting."""
+        ok = True
+        for d in reversed(self._dirs()):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                ok = False
+        return ok
+
+
+def sweep(group: str) -> int:
+    """Kill and remove every environment cgroup under ``cellcloud/<group>`` (an agent restarting
+    after a crash reclaims what its previous incarnation left). Returns how many were found."""
+    ver = version()
+    base = os.path.join(ROOT, "cellcloud", group) if ver == 2 else os.path.join(
+        ROOT, "pids", "cellcloud", group)
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return 0
+    count = 0
+    for name in names:
+        if os.path.isdir(os.path.join(base, name)):
+            cg = Cgroup(group, name, ver)
+            cg.kill_all()
+            count += 1
+    return count

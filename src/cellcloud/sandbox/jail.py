@@ -1,0 +1,155 @@
+"""The ``jail`` backend's isolation steps, run inside the new environment before any of the
+function's code. The order matters; each step says what it stops (see docs/threat-model.md).
+
+Called in the first process of fresh mount/pid/ipc/uts/net namespaces (pid 1 there), as root
+in the host's user namespace; returns as an unprivileged, capability-less process whose root is
+a read-only tmpfs holding only what the runtime needs.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import sys
+
+from . import linux
+from .spec import EnvSpec
+
+# Host trees every Python environment needs, bound read-only at the same path (so the forked
+# interpreter's import paths stay valid after pivot_root). Symlinked tops (merged /usr) are
+# recreated as symlinks instead.
+_SYSTEM_TREES = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
+_DEVICES = ("null", "zero", "random", "urandom", "full")
+
+NAMESPACES = (
+    linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
+    | linux.CLONE_NEWNET
+)
+
+
+def runtime_trees() -> list[str]:
+    """Directories the Python runtime (and cellcloud's guest agent) is loaded from."""
+    import cellcloud
+
+    trees = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+    trees.add(os.path.dirname(os.path.realpath(cellcloud.__file__)))
+    for p in sys.path:
+        if p and "site-packages" in p and os.path.isdir(p):
+            trees.add(os.path.realpath(p))
+    # Drop any tree already inside another one.
+    out: list[str] = []
+    for t in sorted(trees):
+        if not any(t.startswith(o + os.sep) for o in out) and not t.startswith("/usr/"):
+            out.append(t)
+    return out
+
+
+def _bind_ro(src: str, dst: str) -> None:
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        open(dst, "a").close()
+    linux.mount(src, dst, None, linux.MS_BIND)
+    linux.mount(
+        None, dst, None,
+        linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV,
+    )
+
+
+def _write(path: str, text: str, mode: int = 0o644) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def build_root(spec: EnvSpec, root: str, trees: list[str]) -> None:
+    """Assemble the environment's root filesystem on a fresh tmpfs mounted at ``root``."""
+    # Nothing we mount may propagate back to the host, and nothing of the host's may leak in.
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4m,mode=0755")
+    for top in _SYSTEM_TREES:
+        if os.path.islink(top):
+            os.symlink(os.readlink(top), root + top)
+        elif os.path.isdir(top):
+            _bind_ro(top, root + top)
+    for tree in trees:
+        _bind_ro(tree, root + tree)
+    _bind_ro(spec.bundle_dir, root + "/var/task")
+    os.makedirs(root + "/opt", exist_ok=True)
+    os.makedirs(root + "/var/runtime", exist_ok=True)
+    # /tmp: private and writable, capped at the function's ephemeral storage.
+    os.makedirs(root + "/tmp", exist_ok=True)
+    linux.mount(
+        "tmpfs", root + "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+        f"size={spec.ephemeral_mb}m,mode=0700,uid={spec.uid},gid={spec.gid}",
+    )
+    os.makedirs(root + "/dev", exist_ok=True)
+    linux.mount("tmpfs", root + "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=0755")
+    for dev in _DEVICES:
+        if os.path.exists(f"/dev/{dev}"):
+            open(f"{root}/dev/{dev}", "a").close()
+            linux.mount(f"/dev/{dev}", f"{root}/dev/{dev}", None, linux.MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{root}/dev/{name}")
+    os.makedirs(root + "/etc", exist_ok=True)
+    _write(root + "/etc/passwd",
+           f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+           f"sbx_user:x:{spec.uid}:{spec.gid}:sandbox:/tmp:/usr/sbin/nologin\n")
+    _write(root + "/etc/group", f"root:x:0:\nsbx_user:x:{spec.gid}:\n")
+    _write(root + "/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n")
+    _write(root + "/etc/resolv.conf", "")
+    _write(root + "/etc/hostname", "sandbox\n")
+    os.makedirs(root + "/proc", exist_ok=True)
+    os.makedirs(root + "/.old_root", exist_ok=True)
+
+
+def enter(spec: EnvSpec, root: str, keep_fds: tuple[int, ...]) -> None:
+    """Everything from the mount namespace to the uid drop. Raises on any failed step: an
+    environment that is not fully jailed never runs function code."""
+    build_root(spec, root, runtime_trees())
+    os.chdir(root)
+    linux.pivot_root(".", ".old_root")
+    os.chdir("/")
+    linux.umount2("/.old_root", linux.MNT_DETACH)
+    os.rmdir("/.old_root")
+    # /proc of the new pid namespace: the function sees only its own processes.
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    linux.mount(None, "/", None,
+                linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+    socket.sethostname("sandbox")
+    _limits(spec)
+    _close_fds(keep_fds)
+    os.environ.clear()
+    os.environ.update(spec.lambda_environment())
+    os.chdir("/var/task")
+    # Drop to the environment's own uid/gid; with it go every capability (no keep-caps).
+    os.setgroups([])
+    os.setresgid(spec.gid, spec.gid, spec.gid)
+    os.setresuid(spec.uid, spec.uid, spec.uid)
+    linux.set_no_new_privs()
+    assert os.getuid() == spec.uid and linux.capabilities_effective() == 0
+
+
+def _limits(spec: EnvSpec) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (spec.nofile_max, spec.nofile_max))
+    resource.setrlimit(resource.RLIMIT_NPROC, (spec.pids_max, spec.pids_max))
+    fsize = spec.ephemeral_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+
+def _close_fds(keep: tuple[int, ...]) -> None:
+    keep_set = set(keep) | {0, 1, 2}
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd not in keep_set:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

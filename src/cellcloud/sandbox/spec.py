@@ -1,0 +1,60 @@
+"""What an environment is made of: the contract between the agent and every sandbox backend."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class EnvSpec:
+    env_id: str
+    function_name: str
+    function_version: str
+    function_arn: str
+    handler: str
+    runtime: str
+    memory_mb: int
+    timeout_s: int
+    bundle_dir: str  # host path of the unpacked, measured bundle
+    uid: int
+    gid: int
+    cgroup_group: str  # cellcloud/<group>/<env_id>
+    region: str = "local-1"
+    ephemeral_mb: int = 512
+    pids_max: int = 1024
+    nofile_max: int = 1024
+    environment: dict[str, str] = field(default_factory=dict)
+    log_group: str = ""
+    log_stream: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, doc: dict[str, Any]) -> EnvSpec:
+        return cls(**doc)
+
+    def lambda_environment(self) -> dict[str, str]:
+        """Lambda's standard variables, then the function's own (which may not override them)."""
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/opt/bin",
+            "LANG": "en_US.UTF-8",
+            "TZ": ":UTC",
+            "LAMBDA_TASK_ROOT": "/var/task",
+            "LAMBDA_RUNTIME_DIR": "/var/runtime",
+            "_HANDLER": self.handler,
+            "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_EXECUTION_ENV": f"AWS_Lambda_{self.runtime}",
+            "AWS_LAMBDA_FUNCTION_NAME": self.function_name,
+            "AWS_LAMBDA_FUNCTION_VERSION": self.function_version,
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(self.memory_mb),
+            "AWS_LAMBDA_LOG_GROUP_NAME": self.log_group,
+            "AWS_LAMBDA_LOG_STREAM_NAME": self.log_stream,
+            "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
+            "HOME": "/tmp",
+        }
+        for k, v in self.environment.items():
+            env.setdefault(k, v)
+        return env

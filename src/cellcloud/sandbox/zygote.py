@@ -1,0 +1,133 @@
+"""The zygote: a pre-initialised interpreter that forks new environments, so a cold start costs
+two forks and the jail set-up, not an interpreter start (issue #3's fast-start idea).
+
+It is started by an agent before the agent locks itself down, and serves exactly one operation
+over a SOCK_SEQPACKET socketpair: ``spawn(spec) + [channel fd] -> {"pid"} | {"error"}``. It is a
+child subreaper, so environments are its children (not the agent's) and are reaped here; it dies
+with the agent that started it (PDEATHSIG).
+
+Spawning: fork A (joins the env's cgroup, unshares the namespaces), A forks B — pid 1 of the new
+pid namespace — reports B's host pid and exits. B jails itself and becomes the guest agent.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Any
+
+import msgpack
+
+from . import cgroups, guest, jail, linux
+from .spec import EnvSpec
+
+spec_bytes_max = 256 * 1024
+
+
+def _reap(*_: Any) -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def spawn(spec: EnvSpec, chan_fd: int, root: str) -> int:
+    """Start one environment; returns its host pid (the pid 1 of its namespaces)."""
+    r, w = os.pipe()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        pid_a = os.fork()
+        if pid_a == 0:  # A
+            try:
+                os.close(r)
+                cg = cgroups.Cgroup(spec.cgroup_group, spec.env_id)
+                if cg.version:
+                    cg.create(cgroups.Limits(spec.memory_mb * 1024 * 1024, spec.pids_max,
+                                             spec.memory_mb))
+                    cg.join(0)
+                linux.unshare(jail.NAMESPACES)
+                pid_b = os.fork()
+                if pid_b == 0:  # B
+                    os.close(w)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    _become_environment(spec, chan_fd, root)
+                os.write(w, b"%d" % pid_b)
+                os._exit(0)
+            except BaseException:
+                os.write(w, ("E" + traceback.format_exc()[-2000:]).encode())
+                os._exit(1)
+        os.close(w)
+        data = b""
+        while chunk := os.read(r, 4096):
+            data += chunk
+        os.close(r)
+        os.waitpid(pid_a, 0)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    if not data or data.startswith(b"E"):
+        raise RuntimeError(f"spawn failed: {data[1:].decode(errors='replace')}")
+    return int(data)
+
+
+def _become_environment(spec: EnvSpec, chan_fd: int, root: str) -> None:
+    try:
+        jail.enter(spec, root, keep_fds=(chan_fd,))
+    except BaseException:
+        # The environment never ran function code; say why on its channel and vanish.
+        try:
+            sock = socket.socket(fileno=chan_fd)
+            sock.sendall(msgpack.packb({
+                "t": "ready", "init_ms": 0, "logs": b"",
+                "init_error": {"errorType": "Runtime.SandboxSetupError",
+                               "errorMessage": traceback.format_exc()[-2000:],
+                               "stackTrace": []},
+            }, use_bin_type=True))
+        finally:
+            os._exit(1)
+    try:
+        guest.run(spec, chan_fd)
+    finally:
+        os._exit(1)
+
+
+def serve(ctl: socket.socket, root: str) -> None:
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGCHLD, _reap)
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(ctl, spec_bytes_max, 1)
+        except InterruptedError:
+            continue
+        if not msg:
+            return  # the agent is gone
+        try:
+            if len(fds) != 1:
+                raise ValueError("spawn needs exactly one channel fd")
+            spec = EnvSpec.from_wire(msgpack.unpackb(msg, raw=False))
+            reply: dict[str, Any] = {"pid": spawn(spec, fds[0], root)}
+        except Exception as e:
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        ctl.sendall(msgpack.packb(reply, use_bin_type=True))
+
+
+def main() -> None:
+    ctl_fd, root = int(sys.argv[1]), sys.argv[2]
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before we armed PDEATHSIG
+        sys.exit(1)
+    ctl = socket.socket(fileno=ctl_fd)
+    serve(ctl, root)
+
+
+if __name__ == "__main__":
+    main()

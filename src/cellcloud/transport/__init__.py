@@ -1,0 +1,304 @@
+"""Every internal link of cellcloud goes through this module.
+
+One persistent, multiplexed connection per peer; frames are msgpack objects streamed back to
+back (msgpack is self-delimiting, so no length prefix is needed):
+
+    request:  [0, call_id, op, body]
+    response: [1, call_id, ok, body]      ok=False -> body = {"type": ..., "message": ...}
+
+A server is a dict of typed operations: an op not in the dict is refused and counted, so a
+component's surface is exactly the keys of that dict (the agent's is four entries long).
+
+TLS is one argument: pass an ``ssl.SSLContext`` to :func:`serve` / :class:`Client` and the same
+frames travel over mutual TLS; nothing else in cellcloud opens internal sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+frame_bytes_max = 64 * 1024 * 1024  # a bundle (≤ 50 MB zipped) plus envelope
+calls_in_flight_max = 4096  # per connection; more is a protocol error, not a queue
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+class TransportError(Exception):
+    """The peer could not be reached, or the link broke mid-call."""
+
+
+class CallTimeout(TransportError):
+    pass
+
+
+class RemoteError(Exception):
+    """The peer ran the op and it raised; ``type`` is the peer's error type name."""
+
+    def __init__(self, type_: str, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{type_}: {message}")
+        self.type = type_
+        self.message = message
+        self.data = data or {}
+
+
+class OpError(Exception):
+    """Raised by an op handler to send a typed error (not a crash) back to the caller."""
+
+    def __init__(self, type_: str, message: str, **data: Any) -> None:
+        super().__init__(f"{type_}: {message}")
+        self.type = type_
+        self.message = message
+        self.data = data
+
+
+def _packer() -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True)
+
+
+def _unpacker() -> msgpack.Unpacker:
+    return msgpack.Unpacker(raw=False, max_buffer_size=frame_bytes_max, strict_map_key=False)
+
+
+@dataclass
+class ServerStats:
+    connections: int = 0
+    calls: int = 0
+    errors: int = 0
+    unknown_ops: int = 0
+    malformed_frames: int = 0
+    by_op: dict[str, int] = field(default_factory=dict)
+
+
+class _ServerProtocol(asyncio.Protocol):
+    def __init__(self, ops: dict[str, Handler], stats: ServerStats) -> None:
+        self._ops = ops
+        self._stats = stats
+        self._unpacker = _unpacker()
+        self._packer = _packer()
+        self._transport: asyncio.Transport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._stats.connections += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stats.connections -= 1
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._unpacker.feed(data)
+            for frame in self._unpacker:
+                self._on_frame(frame)
+        except (msgpack.OutOfData, msgpack.ExtraData, ValueError, msgpack.UnpackException):
+            self._stats.malformed_frames += 1
+            if self._transport is not None:
+                self._transport.close()
+
+    def _on_frame(self, frame: Any) -> None:
+        if not (isinstance(frame, list) and len(frame) == 4 and frame[0] == 0):
+            self._stats.malformed_frames += 1
+            if self._transport is not None:
+                self._transport.close()
+            return
+        _, call_id, op, body = frame
+        self._stats.calls += 1
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self._stats.unknown_ops += 1
+            self._send([1, call_id, False, {"type": "UnknownOperation", "message": f"{op!r}"}])
+            return
+        self._stats.by_op[op] = self._stats.by_op.get(op, 0) + 1
+        task = asyncio.ensure_future(self._run(call_id, handler, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, call_id: int, handler: Handler, body: Any) -> None:
+        try:
+            result = await handler(body)
+        except OpError as e:
+            self._stats.errors += 1
+            self._send([1, call_id, False, {"type": e.type, "message": e.message, "data": e.data}])
+        except Exception as e:  # a bug in an op must not take the server down
+            self._stats.errors += 1
+            log.exception("op failed")
+            self._send([1, call_id, False, {"type": "InternalError", "message": repr(e)}])
+        else:
+            self._send([1, call_id, True, result])
+
+    def _send(self, frame: list[Any]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(self._packer.pack(frame))
+
+
+class Server:
+    """A listening transport server. ``ops`` maps op name -> ``async def op(body) -> result``."""
+
+    def __init__(self, ops: dict[str, Handler]) -> None:
+        self.ops = dict(ops)
+        self.stats = ServerStats()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def listen_tcp(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, sock: Any = None
+    ) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            srv = await loop.create_server(self._protocol, sock=sock, ssl=ssl_context)
+        else:
+            srv = await loop.create_server(
+                self._protocol, host, port, ssl=ssl_context, reuse_address=True
+            )
+        self._servers.append(srv)
+        addr = srv.sockets[0].getsockname()
+        return addr[0], addr[1]
+
+    def _protocol(self) -> _ServerProtocol:
+        return _ServerProtocol(self.ops, self.stats)
+
+    async def close(self) -> None:
+        for srv in self._servers:
+            srv.close()
+            await srv.wait_closed()
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, on_lost: Callable[[Exception | None], None]) -> None:
+        self._unpacker = _unpacker()
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.transport: asyncio.Transport | None = None
+        self._on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._unpacker.feed(data)
+            for frame in self._unpacker:
+                _, call_id, ok, body = frame
+                fut = self.pending.pop(call_id, None)
+                if fut is None or fut.done():
+                    continue
+                if ok:
+                    fut.set_result(body)
+                else:
+                    fut.set_exception(
+                        RemoteError(body.get("type", "Error"), body.get("message", ""),
+                                    body.get("data"))
+                    )
+        except Exception as e:  # malformed peer: drop the link, fail the calls
+            log.warning("malformed frame from peer: %r", e)
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        err = TransportError(f"connection lost: {exc!r}")
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self.pending.clear()
+        self._on_lost(exc)
+
+
+def _expire(fut: asyncio.Future[Any], op: str, timeout_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(CallTimeout(f"{op} timed out after {timeout_s}s"))
+
+
+class Client:
+    """A persistent, multiplexed connection to one peer, reconnected lazily on the next call.
+
+    Retries are *not* done here: DESIGN rule 4 says retry at one layer only, and that layer is
+    the caller, which knows whether an op is idempotent.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        connect_timeout_s: float = 2.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname
+        self._connect_timeout_s = connect_timeout_s
+        self._proto: _ClientProtocol | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._ids = itertools.count(1)
+        self._packer = _packer()
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None and self._proto.transport is not None
+
+    async def _connect(self) -> _ClientProtocol:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._proto is not None and self._proto.transport is not None:
+                return self._proto
+            loop = asyncio.get_running_loop()
+
+            def lost(_exc: Exception | None) -> None:
+                self._proto = None
+
+            try:
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: _ClientProtocol(lost),
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self._server_hostname if self._ssl else None,
+                    ),
+                    self._connect_timeout_s,
+                )
+            except (OSError, TimeoutError) as e:
+                raise TransportError(f"cannot connect to {self.host}:{self.port}: {e!r}") from e
+            self._proto = proto
+            return proto
+
+    async def call(self, op: str, body: Any = None, *, timeout_s: float) -> Any:
+        """Send one call and wait for its answer, at most ``timeout_s`` seconds."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            proto = await self._connect()
+        transport = proto.transport
+        if transport is None:
+            raise TransportError("connection lost before send")
+        if len(proto.pending) >= calls_in_flight_max:
+            raise TransportError("too many calls in flight on one connection")
+        call_id = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        proto.pending[call_id] = fut
+        transport.write(self._packer.pack([0, call_id, op, body]))
+        # A timer that fails the future is cheaper on the hot path than asyncio.wait_for,
+        # which wraps every call in an extra task.
+        timer = asyncio.get_running_loop().call_later(timeout_s, _expire, fut, op, timeout_s)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            proto.pending.pop(call_id, None)
+
+    async def close(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        self._proto = None
