@@ -1,0 +1,301 @@
+"""The ``cellcloud`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import sdk
+from .region.supervisor import Supervisor, default_state_dir, run_foreground
+
+app = typer.Typer(help="cellcloud: unmodified AWS Lambda functions, in cells, on your machines.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+err = Console(stderr=True)
+
+StateDir = Annotated[str | None, typer.Option("--state-dir", help="Region state directory "
+                                              "(default $CELLCLOUD_HOME or ~/.cellcloud)")]
+
+
+def _client(state_dir: str | None) -> sdk.Client:
+    try:
+        return sdk.Client.from_region(state_dir)
+    except sdk.CellcloudError as e:
+        err.print(f"[red]{e.message}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _fail(e: sdk.CellcloudError) -> None:
+    err.print(f"[red]{e.type}[/red]: {e.message}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def up(
+    state_dir: StateDir = None,
+    cells: Annotated[int, typer.Option(help="Independent cells")] = 1,
+    agents_per_cell: Annotated[int, typer.Option(help="Host agents per cell")] = 2,
+    host: Annotated[str, typer.Option(help="Address the router listens on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Router port (0: any free port)")] = 9009,
+    envs_per_agent_max: Annotated[int, typer.Option(help="Environments per agent")] = 1000,
+    detach: Annotated[bool, typer.Option("--detach", "-d",
+                                         help="Run in the background")] = False,
+    ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Start a region: router, cell frontends and host agents, supervised."""
+    sd = os.path.abspath(state_dir or default_state_dir())
+    os.makedirs(sd, exist_ok=True)
+    existing = _running_region(sd)
+    if existing:
+        err.print(f"A region is already running from {sd} at {existing['endpoint']} "
+                  f"(pid {existing['supervisor_pid']}); stop it with `cellcloud down`.")
+        raise typer.Exit(1)
+    if detach:
+        _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max)
+        return
+    sup = Supervisor(sd, cells=cells, agents_per_cell=agents_per_cell, host=host, port=port,
+                     envs_per_agent_max=envs_per_agent_max)
+
+    def ready(doc: dict[str, Any]) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, (json.dumps(doc) + "\n").encode())
+            os.close(ready_fd)
+        else:
+            console.print(f"cellcloud region [bold]{doc['region']}[/bold] is up at "
+                          f"[bold]{doc['endpoint']}[/bold] ({cells} cell(s), "
+                          f"{cells * agents_per_cell} agents); Ctrl-C stops it.")
+
+    try:
+        asyncio.run(run_foreground(sup, ready))
+    except RuntimeError as e:
+        err.print(f"[red]region failed to start[/red]: {e}")
+        raise typer.Exit(1) from None
+
+
+def _running_region(state_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(state_dir, "region.json")) as f:
+            doc: dict[str, Any] = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(int(doc["supervisor_pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError):
+        return None
+    return doc
+
+
+def _detach(sd: str, cells: int, agents_per_cell: int, host: str, port: int,
+            envs_per_agent_max: int) -> None:
+    r, w = os.pipe()
+    logs = os.path.join(sd, "logs")
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, "supervisor.log"), "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cellcloud", "up", "--state-dir", sd, "--cells", str(cells),
+             "--agents-per-cell", str(agents_per_cell), "--host", host, "--port", str(port),
+             "--envs-per-agent-max", str(envs_per_agent_max), "--ready-fd", str(w)],
+            pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        line = pipe.readline()  # EOF if the supervisor dies first: a real wait, not a guess
+    if not line:
+        proc.wait()
+        err.print(f"[red]region failed to start[/red]; see {logs}/supervisor.log")
+        raise typer.Exit(1)
+    doc = json.loads(line)
+    console.print(f"cellcloud region [bold]{doc['region']}[/bold] is up at "
+                  f"[bold]{doc['endpoint']}[/bold] (pid {doc['supervisor_pid']}, state {sd}).")
+    console.print("Stop it with: [bold]cellcloud down[/bold]")
+
+
+@app.command()
+def down(state_dir: StateDir = None,
+         timeout_s: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0) -> None:
+    """Stop the region started from this state directory."""
+    sd = os.path.abspath(state_dir or default_state_dir())
+    doc = _running_region(sd)
+    if doc is None:
+        console.print("No region is running.")
+        return
+    pid = int(doc["supervisor_pid"])
+    pidfd = os.pidfd_open(pid)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        ready, _, _ = select.select([pidfd], [], [], timeout_s)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        err.print(f"[red]the region (pid {pid}) did not stop within {timeout_s}s[/red]")
+        raise typer.Exit(1)
+    console.print("Region stopped.")
+
+
+@app.command()
+def deploy(
+    name: Annotated[str, typer.Argument(help="Function name")],
+    path: Annotated[str, typer.Argument(help="A directory or a .zip file")],
+    handler: Annotated[str, typer.Option(help="module.function")] = "app.handler",
+    runtime: Annotated[str, typer.Option()] = "python3.11",
+    memory: Annotated[int, typer.Option(help="MB, 128-10240")] = 128,
+    timeout: Annotated[int, typer.Option(help="seconds, 1-900")] = 3,
+    env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Create a function, or update its code and configuration if it exists."""
+    if os.path.isdir(path):
+        data = sdk.zip_directory(path)
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    variables = dict(e.split("=", 1) for e in (env or []))
+    client = _client(state_dir)
+    try:
+        try:
+            client.get_function(name)
+            exists = True
+        except sdk.CellcloudError as e:
+            if e.type != "ResourceNotFoundException":
+                raise
+            exists = False
+        if exists:
+            client.update_function_code(name, data)
+            cfg = client.update_function_configuration(
+                name, Handler=handler, Runtime=runtime, MemorySize=memory, Timeout=timeout,
+                Environment={"Variables": variables})
+            verb = "updated"
+        else:
+            cfg = client.create_function(name, data, handler, runtime=runtime, memory_mb=memory,
+                                         timeout_s=timeout, environment=variables)
+            verb = "created"
+    except sdk.CellcloudError as e:
+        _fail(e)
+        return
+    console.print(f"{verb} [bold]{cfg['FunctionName']}[/bold] ({cfg['FunctionArn']}, "
+                  f"{cfg['CodeSize']} bytes, sha256 {cfg['CodeSha256']})")
+
+
+@app.command()
+def invoke(
+    name: Annotated[str, typer.Argument()],
+    payload: Annotated[str, typer.Option("--payload", "-p", help="JSON event")] = "{}",
+    log: Annotated[bool, typer.Option("--log", help="Show the log tail")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Invoke a function synchronously and print its result."""
+    client = _client(state_dir)
+    try:
+        res = client.invoke(name, raw=payload.encode(), log_tail=log)
+    except sdk.CellcloudError as e:
+        _fail(e)
+        return
+    if log and res.log_tail:
+        err.print(res.log_tail.rstrip())
+    sys.stdout.write(res.payload.decode(errors="replace") + "\n")
+    if res.function_error:
+        raise typer.Exit(1)
+
+
+@app.command("ls")
+def ls(state_dir: StateDir = None) -> None:
+    """List functions."""
+    client = _client(state_dir)
+    try:
+        fns = client.list_functions()
+    except sdk.CellcloudError as e:
+        _fail(e)
+        return
+    table = Table("name", "runtime", "handler", "memory", "timeout", "size", "modified")
+    for f in fns:
+        table.add_row(f["FunctionName"], f["Runtime"], f["Handler"], f"{f['MemorySize']} MB",
+                      f"{f['Timeout']} s", str(f["CodeSize"]), f["LastModified"])
+    console.print(table)
+
+
+@app.command()
+def rm(name: Annotated[str, typer.Argument()], state_dir: StateDir = None) -> None:
+    """Delete a function."""
+    try:
+        _client(state_dir).delete_function(name)
+    except sdk.CellcloudError as e:
+        _fail(e)
+    console.print(f"deleted {name}")
+
+
+@app.command()
+def logs(name: Annotated[str, typer.Argument()],
+         limit: Annotated[int, typer.Option(help="Invocations to show")] = 20,
+         state_dir: StateDir = None) -> None:
+    """Show the captured stdout/stderr of a function's latest invocations."""
+    try:
+        events = _client(state_dir).logs(name, limit)
+    except sdk.CellcloudError as e:
+        _fail(e)
+        return
+    for ev in events:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ev["timestamp"] / 1000))
+        for line in ev["message"].rstrip("\n").split("\n"):
+            sys.stdout.write(f"{ts} {line}\n")
+
+
+@app.command()
+def status(state_dir: StateDir = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show the region's processes, cells, agents and environments."""
+    sd = os.path.abspath(state_dir or default_state_dir())
+    region = _running_region(sd)
+    if region is None:
+        console.print("No region is running.")
+        raise typer.Exit(1)
+    try:
+        st = _client(sd).status()
+    except sdk.CellcloudError as e:
+        _fail(e)
+        return
+    if as_json:
+        sys.stdout.write(json.dumps({"region": region, "status": st}, indent=2) + "\n")
+        return
+    console.print(f"region [bold]{region['region']}[/bold] at {region['endpoint']}, "
+                  f"supervisor pid {region['supervisor_pid']}")
+    procs = Table("process", "pid", "address", "restarts", title="processes")
+    for name, c in sorted(region.get("components", {}).items()):
+        procs.add_row(name, str(c["pid"]), f"{c['host']}:{c['port']}", str(c["restarts"]))
+    console.print(procs)
+    agents = Table("cell", "agent", "backend", "seccomp", "envs", "busy", "invocations",
+                   "memory", title="cells and agents")
+    envs = Table("agent", "env", "function", "pid", "uid", "busy", "invocations", "memory",
+                 "cpu", title="environments")
+    for cell_id, cell in sorted(st["cells"].items()):
+        if "error" in cell:
+            agents.add_row(cell_id, "-", "-", "-", "-", "-", "-", f"[red]{cell['error']}[/red]")
+            continue
+        for agent_id, a in sorted(cell["agents"].items()):
+            if "error" in a:
+                agents.add_row(cell_id, agent_id, "-", "-", "-", "-", "-", f"[red]{a['error']}[/red]")
+                continue
+            mem = sum(e["memory_bytes"] for e in a["envs"])
+            agents.add_row(cell_id, agent_id, a["backend"], "on" if a["seccomp"] == 2 else "OFF",
+                           str(len(a["envs"])), str(sum(e["busy"] for e in a["envs"])),
+                           str(a["counters"]["invocations"]), f"{mem / 2**20:.1f} MiB")
+            for e in a["envs"]:
+                envs.add_row(agent_id, e["env_id"], e["function"], str(e["pid"]), str(e["uid"]),
+                             "yes" if e["busy"] else "", str(e["invocations"]),
+                             f"{e['memory_bytes'] / 2**20:.1f} MiB", f"{e['cpu_ns'] / 1e6:.0f} ms")
+    console.print(agents)
+    console.print(envs)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,79 @@
+"""The cell frontend process: a transport server the router forwards requests to."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+from .. import runtime
+from ..core.limits import DEFAULT_LIMITS
+from ..transport import Server
+from . import api
+from .cell import Cell
+from .store import SqliteFunctionStore
+
+log = logging.getLogger("cellcloud.frontend")
+
+tick_interval_s = 1.0
+agent_poll_interval_s = 2.0
+
+
+async def serve(args: argparse.Namespace) -> None:
+    agents = {}
+    for spec in args.agent:
+        agent_id, _, addr = spec.partition("=")
+        agents[agent_id] = runtime.parse_addr(addr)
+    store = SqliteFunctionStore(os.path.abspath(args.state_dir))
+    cell = Cell(args.cell_id, store, agents, region=args.region,
+                envs_per_agent_max=args.envs_per_agent_max)
+    await cell.sync_agents(first=True)
+
+    async def http(req: dict[str, Any]) -> dict[str, Any]:
+        return await api.handle(cell, req)
+
+    async def status(_: Any) -> dict[str, Any]:
+        return await cell.status()
+
+    server = Server({"http": http, "status": status})
+    host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
+
+    async def ticker() -> None:
+        polls = 0.0
+        while True:
+            await asyncio.sleep(tick_interval_s)  # a periodic timer, not a wait
+            cell.tick()
+            polls += tick_interval_s
+            if polls >= agent_poll_interval_s:
+                polls = 0.0
+                await cell.sync_agents()
+
+    task = asyncio.ensure_future(ticker())
+    runtime.announce_ready({"component": "frontend", "cell_id": args.cell_id, "host": host,
+                            "port": port, "pid": os.getpid()})
+    try:
+        await runtime.wait_for_shutdown()
+    finally:
+        task.cancel()
+        cell.flush_logs()
+        await server.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="cellcloud frontend serve")
+    p.add_argument("--cell-id", required=True)
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--agent", action="append", default=[], help="AGENT_ID=HOST:PORT")
+    p.add_argument("--region", default="local-1")
+    p.add_argument("--envs-per-agent-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
+    args = p.parse_args(argv)
+    runtime.setup_logging(f"frontend/{args.cell_id}")
+    runtime.run(serve(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""A region on one machine: the supervisor behind ``cellcloud up``."""

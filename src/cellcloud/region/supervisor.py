@@ -1,0 +1,237 @@
+"""``cellcloud up``: start a region's processes, restart any that crash, stop them in order.
+
+Start order follows the call graph backwards (agents, then each cell's frontend, then the
+router), each started only once the ones it calls have said they are listening. A restarted
+component gets its previous port back, so nobody's configuration goes stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("cellcloud.supervisor")
+
+ready_timeout_s = 60.0
+stop_timeout_s = 10.0
+restart_backoff_base_s = 0.2
+restart_backoff_cap_s = 10.0
+stable_after_s = 30.0
+
+
+def default_state_dir() -> str:
+    return os.environ.get("CELLCLOUD_HOME") or os.path.expanduser("~/.cellcloud")
+
+
+def ensure_tenants(state_dir: str) -> dict[str, Any]:
+    """The tenant table, created with one default tenant on first use."""
+    path = os.path.join(state_dir, "tenants.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            doc: dict[str, Any] = json.load(f)
+            return doc
+    account = "".join(str(secrets.randbelow(10)) for _ in range(12))
+    doc = {"tenants": [{"name": "default", "account_id": account,
+                        "api_key": "cc_" + secrets.token_hex(16)}]}
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.rename(tmp, path)
+    return doc
+
+
+@dataclass
+class Component:
+    name: str
+    kind: str  # router | frontend | agent
+    args: list[str]
+    listen: str
+    proc: asyncio.subprocess.Process | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    started_at: float = 0.0
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", f"cellcloud.{self.kind}.server", *self.args,
+                "--listen", self.listen]
+
+
+class Supervisor:
+    def __init__(self, state_dir: str, *, cells: int = 1, agents_per_cell: int = 2,
+                 host: str = "127.0.0.1", port: int = 9009, region: str = "local-1",
+                 envs_per_agent_max: int = 1000, seed: int | None = None) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.cells = cells
+        self.agents_per_cell = agents_per_cell
+        self.host = host
+        self.port = port
+        self.region = region
+        self.envs_per_agent_max = envs_per_agent_max
+        self.components: list[Component] = []
+        self.stopping = False
+        self._rng = random.Random(seed)
+        self._monitors: list[asyncio.Task[None]] = []
+        os.makedirs(os.path.join(self.state_dir, "logs"), exist_ok=True)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        tenants = ensure_tenants(self.state_dir)
+        cell_eps: dict[str, list[Any]] = {}
+        agent_index = 0
+        for c in range(1, self.cells + 1):
+            cell_id = f"cell-{c}"
+            agent_args = []
+            for a in range(self.agents_per_cell):
+                agent_id = f"{cell_id}-agent-{a}"
+                comp = Component(agent_id, "agent", [
+                    "--agent-id", agent_id, "--region", self.region,
+                    "--state-dir", os.path.join(self.state_dir, "cells", cell_id, "agents", agent_id),
+                    "--uid-base", str(200_000 + agent_index * 10_000),
+                    "--envs-max", str(self.envs_per_agent_max),
+                ], f"{self.host}:0")
+                agent_index += 1
+                await self._launch(comp)
+                agent_args += ["--agent", f"{agent_id}={comp.info['host']}:{comp.info['port']}"]
+            fe = Component(f"{cell_id}-frontend", "frontend", [
+                "--cell-id", cell_id, "--region", self.region,
+                "--state-dir", os.path.join(self.state_dir, "cells", cell_id, "frontend"),
+                "--envs-per-agent-max", str(self.envs_per_agent_max), *agent_args,
+            ], f"{self.host}:0")
+            await self._launch(fe)
+            cell_eps[cell_id] = [fe.info["host"], fe.info["port"]]
+        cell_map_path = os.path.join(self.state_dir, "cellmap.json")
+        with open(cell_map_path, "w") as f:
+            json.dump({"version": 1, "cells": cell_eps, "assignments": {}, "overrides": {}}, f)
+        router = Component("router", "router", [
+            "--cell-map", cell_map_path, "--tenants", os.path.join(self.state_dir, "tenants.json"),
+        ], f"{self.host}:{self.port}")
+        await self._launch(router)
+        self._monitors = [asyncio.ensure_future(self._monitor(c)) for c in self.components]
+        default = tenants["tenants"][0]
+        self.region_doc = {
+            "endpoint": f"http://{router.info['host']}:{router.info['port']}",
+            "region": self.region, "account_id": default["account_id"],
+            "api_key": default["api_key"], "supervisor_pid": os.getpid(),
+            "state_dir": self.state_dir, "started": time.time(),
+        }
+        self.write_region()
+        return self.region_doc
+
+    def write_region(self) -> None:
+        doc = dict(self.region_doc)
+        doc["components"] = {
+            c.name: {"kind": c.kind, "pid": c.proc.pid if c.proc else None,
+                     "host": c.info.get("host"), "port": c.info.get("port"),
+                     "restarts": c.restarts}
+            for c in self.components
+        }
+        path = os.path.join(self.state_dir, "region.json")
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.rename(path + ".tmp", path)
+
+    async def _launch(self, comp: Component) -> None:
+        r, w = os.pipe()
+        logf = open(os.path.join(self.state_dir, "logs", f"{comp.name}.log"), "ab")
+        try:
+            comp.proc = await asyncio.create_subprocess_exec(
+                *comp.argv(), pass_fds=(w,), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
+                stderr=logf, start_new_session=True,
+                env={**os.environ, "CELLCLOUD_READY_FD": str(w)},
+            )
+        finally:
+            os.close(w)
+            logf.close()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(r, "rb"))
+        try:
+            line = await asyncio.wait_for(reader.readline(), ready_timeout_s)
+        except TimeoutError:
+            line = b""
+        finally:
+            transport.close()
+        if not line:
+            comp.proc.kill()
+            await comp.proc.wait()
+            raise RuntimeError(f"{comp.name} did not become ready; see "
+                               f"{self.state_dir}/logs/{comp.name}.log")
+        comp.info = json.loads(line)
+        comp.started_at = time.monotonic()
+        # Come back on the same port after a crash.
+        comp.listen = f"{comp.info['host']}:{comp.info['port']}"
+        if comp not in self.components:
+            self.components.append(comp)
+
+    async def _monitor(self, comp: Component) -> None:
+        while True:
+            assert comp.proc is not None
+            rc = await comp.proc.wait()
+            if self.stopping:
+                return
+            if time.monotonic() - comp.started_at > stable_after_s:
+                comp.restarts = 0
+            comp.restarts += 1
+            # Capped exponential backoff with full jitter, so a crash loop cannot spin.
+            delay = self._rng.uniform(
+                0, min(restart_backoff_cap_s, restart_backoff_base_s * 2 ** comp.restarts))
+            log.warning("%s exited with %s; restarting in %.2fs", comp.name, rc, delay)
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            try:
+                await self._launch(comp)
+            except (RuntimeError, OSError) as e:
+                log.error("restart of %s failed: %s", comp.name, e)
+                continue
+            self.write_region()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for t in self._monitors:
+            t.cancel()
+        order = {"router": 0, "frontend": 1, "agent": 2}
+        for kind in sorted({c.kind for c in self.components}, key=order.__getitem__):
+            group = [c for c in self.components if c.kind == kind and c.proc is not None]
+            for c in group:
+                if c.proc is not None and c.proc.returncode is None:
+                    c.proc.terminate()
+            for c in group:
+                assert c.proc is not None
+                try:
+                    await asyncio.wait_for(c.proc.wait(), stop_timeout_s)
+                except TimeoutError:
+                    c.proc.kill()
+                    await c.proc.wait()
+        try:
+            os.unlink(os.path.join(self.state_dir, "region.json"))
+        except FileNotFoundError:
+            pass
+
+
+async def run_foreground(sup: Supervisor, on_ready: Any = None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        doc = await sup.start()
+    except BaseException:
+        await sup.stop()
+        raise
+    if on_ready is not None:
+        on_ready(doc)
+    await stop.wait()
+    await sup.stop()

@@ -1,0 +1,1 @@
+"""The router: the region's thin, stateless front door."""

@@ -1,0 +1,190 @@
+"""cellcloud's Python SDK: a small, dependency-free client for a region's HTTP endpoint.
+
+boto3 works too (the Lambda API issue); this client adds cellcloud's own calls (logs, status)
+and needs nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+from .region.supervisor import default_state_dir
+
+API = "/2015-03-31/functions"
+
+
+class CellcloudError(Exception):
+    def __init__(self, status: int, type_: str, message: str) -> None:
+        super().__init__(f"{type_} ({status}): {message}")
+        self.status = status
+        self.type = type_
+        self.message = message
+
+
+@dataclass
+class InvokeResponse:
+    status: int
+    payload: bytes
+    function_error: str | None
+    log_tail: str
+    request_id: str
+    executed_version: str
+
+    def json(self) -> Any:
+        return json.loads(self.payload) if self.payload else None
+
+
+def zip_directory(path: str) -> bytes:
+    """Zip a directory the way `zip -r` from inside it would (paths relative to it)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                zf.write(full, os.path.relpath(full, path))
+    return buf.getvalue()
+
+
+class Client:
+    def __init__(self, endpoint: str, api_key: str, *, timeout_s: float = 930.0) -> None:
+        u = urlsplit(endpoint)
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 80
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self._conn: http.client.HTTPConnection | None = None
+
+    @classmethod
+    def from_region(cls, state_dir: str | None = None) -> Client:
+        endpoint = os.environ.get("CELLCLOUD_ENDPOINT")
+        api_key = os.environ.get("CELLCLOUD_API_KEY")
+        if endpoint and api_key:
+            return cls(endpoint, api_key)
+        path = os.path.join(state_dir or default_state_dir(), "region.json")
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            raise CellcloudError(0, "RegionNotRunning",
+                                 f"no region is running ({path} not found); start one with "
+                                 "`cellcloud up`") from None
+        return cls(doc["endpoint"], doc["api_key"])
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None,
+                query: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        if query:
+            path += "?" + urlencode(query)
+        hdrs = {"x-api-key": self.api_key, **(headers or {})}
+        for attempt in (0, 1):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            try:
+                self._conn.request(method, path, body=body, headers=hdrs)
+                resp = self._conn.getresponse()
+                data = resp.read()
+                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+            except (ConnectionError, http.client.RemoteDisconnected, BrokenPipeError):
+                # A kept-alive connection the server closed: reconnect once. Not a retry of
+                # the request itself, which never reached the server.
+                self._conn.close()
+                self._conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, path: str, doc: Any = None,
+              query: dict[str, str] | None = None) -> Any:
+        body = json.dumps(doc).encode() if doc is not None else None
+        status, headers, data = self.request(method, path, body,
+                                             {"content-type": "application/json"}, query)
+        if status >= 400:
+            raise _error(status, headers, data)
+        return json.loads(data) if data else None
+
+    # -- Lambda operations --------------------------------------------------------------------
+    def create_function(self, name: str, zip_bytes: bytes, handler: str, *,
+                        runtime: str = "python3.11", memory_mb: int = 128, timeout_s: int = 3,
+                        environment: dict[str, str] | None = None,
+                        description: str = "") -> dict[str, Any]:
+        doc = {"FunctionName": name, "Runtime": runtime, "Handler": handler,
+               "MemorySize": memory_mb, "Timeout": timeout_s, "Description": description,
+               "Code": {"ZipFile": base64.b64encode(zip_bytes).decode()},
+               "Environment": {"Variables": environment or {}}}
+        result: dict[str, Any] = self._json("POST", API, doc)
+        return result
+
+    def update_function_code(self, name: str, zip_bytes: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(
+            "PUT", f"{API}/{quote(name)}/code",
+            {"ZipFile": base64.b64encode(zip_bytes).decode()})
+        return result
+
+    def update_function_configuration(self, name: str, **changes: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("PUT", f"{API}/{quote(name)}/configuration", changes)
+        return result
+
+    def get_function(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"{API}/{quote(name)}")
+        return result
+
+    def list_functions(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        marker = ""
+        while True:
+            page = self._json("GET", API + "/", query={"Marker": marker} if marker else None)
+            out += page["Functions"]
+            marker = page.get("NextMarker", "")
+            if not marker:
+                return out
+
+    def delete_function(self, name: str) -> None:
+        self._json("DELETE", f"{API}/{quote(name)}")
+
+    def invoke(self, name: str, payload: Any = None, *, log_tail: bool = False,
+               raw: bytes | None = None) -> InvokeResponse:
+        body = raw if raw is not None else json.dumps(payload if payload is not None else {}).encode()
+        headers = {"content-type": "application/json"}
+        if log_tail:
+            headers["x-amz-log-type"] = "Tail"
+        status, h, data = self.request("POST", f"{API}/{quote(name)}/invocations", body, headers)
+        if status >= 400:
+            raise _error(status, h, data)
+        tail = base64.b64decode(h["x-amz-log-result"]).decode(errors="replace") \
+            if "x-amz-log-result" in h else ""
+        return InvokeResponse(status, data, h.get("x-amz-function-error"), tail,
+                              h.get("x-amzn-requestid", ""), h.get("x-amz-executed-version", ""))
+
+    # -- cellcloud's own -----------------------------------------------------------------------
+    def logs(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
+        doc = self._json("GET", f"/cellcloud/v1/functions/{quote(name)}/logs",
+                         query={"limit": str(limit)})
+        events: list[dict[str, Any]] = doc["events"]
+        return events
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/cellcloud/v1/status")
+        return result
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _error(status: int, headers: dict[str, str], data: bytes) -> CellcloudError:
+    try:
+        doc = json.loads(data)
+        message = doc.get("message") or doc.get("Message") or ""
+    except ValueError:
+        message = data.decode(errors="replace")
+    return CellcloudError(status, headers.get("x-amzn-errortype", "Error"), message)
