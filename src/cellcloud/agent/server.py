@@ -97,7 +97,7 @@ class EnvRecord:
 
 class Agent:
     def __init__(self, agent_id: str, state_dir: str, backend: Backend, *, uid_base: int,
-                 envs_max: int = DEFAULT_LIMITS.envs_per_agent_max, region: str = "local-1"):
+                 envs_max: int = DEFAULT_LIMITS.envs_per_agent_max, region: str = "cc-local-1"):
         self.agent_id = agent_id
         self.state_dir = state_dir
         self.bundles_dir = os.path.join(state_dir, "bundles")
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--uid-base", type=int, default=200_000)
     p.add_argument("--envs-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
-    p.add_argument("--region", default="local-1")
+    p.add_argument("--region", default="cc-local-1")
     p.add_argument("--no-lockdown", action="store_true", help="tests only: skip seccomp")
     args = p.parse_args(argv)
     from .. import runtime

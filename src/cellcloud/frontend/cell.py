@@ -49,7 +49,7 @@ class InvokeResult:
 
 class Cell:
     def __init__(self, cell_id: str, store: FunctionStore, agents: dict[str, tuple[str, int]],
-                 *, region: str = "local-1", limits: Limits = DEFAULT_LIMITS,
+                 *, region: str = "cc-local-1", limits: Limits = DEFAULT_LIMITS,
                  envs_per_agent_max: int = DEFAULT_LIMITS.envs_per_agent_max) -> None:
         self.cell_id = cell_id
         self.store = store

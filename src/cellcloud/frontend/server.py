@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--agent", action="append", default=[], help="AGENT_ID=HOST:PORT")
-    p.add_argument("--region", default="local-1")
+    p.add_argument("--region", default="cc-local-1")
     p.add_argument("--envs-per-agent-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
     args = p.parse_args(argv)
     runtime.setup_logging(f"frontend/{args.cell_id}")

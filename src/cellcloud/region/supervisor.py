@@ -68,7 +68,7 @@ class Component:
 
 class Supervisor:
     def __init__(self, state_dir: str, *, cells: int = 1, agents_per_cell: int = 2,
-                 host: str = "127.0.0.1", port: int = 9009, region: str = "local-1",
+                 host: str = "127.0.0.1", port: int = 9009, region: str = "cc-local-1",
                  envs_per_agent_max: int = 1000, seed: int | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.cells = cells

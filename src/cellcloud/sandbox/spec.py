@@ -20,7 +20,7 @@ class EnvSpec:
     uid: int
     gid: int
     cgroup_group: str  # cellcloud/<group>/<env_id>
-    region: str = "local-1"
+    region: str = "cc-local-1"
     ephemeral_mb: int = 512
     pids_max: int = 1024
     nofile_max: int = 1024

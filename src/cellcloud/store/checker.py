@@ -111,7 +111,9 @@ def step(state: dict[str, Any], cmd: dict[str, Any]) -> tuple[Any, dict[str, Any
 
 
 def _freeze(state: dict[str, Any]) -> State:
-    return tuple(sorted(state.items()))
+    # Tag each value with its type: in Python ``True == 1`` and they hash alike, and a cache
+    # that confused them would wrongly prune the search.
+    return tuple(sorted((k, (type(v).__name__, v)) for k, v in state.items()))
 
 
 class _Node:
