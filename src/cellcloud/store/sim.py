@@ -381,7 +381,12 @@ class World:
         rng = self.rng
         ids = sorted(self.nodes)
         kind = rng.random()
-        if kind < 0.3:
+        leaders = [n for n in ids if any(r.role == "leader" for r in self.nodes[n].replicas.values())]
+        if kind < 0.2 and leaders:
+            # Jepsen's partition-leader nemesis: cut a current leader off from every node.
+            side = {rng.choice(leaders)}
+            self.net.partition(side, set(ids) - side)
+        elif kind < 0.35:
             side = set(rng.sample(ids, rng.randint(1, len(ids) // 2)))
             self.net.partition(side, set(ids) - side)
         elif kind < 0.45:
