@@ -456,9 +456,7 @@ class Replica:
         if ok and self.sm.applied_index >= from_slot:
             snapshot = self.sm.snapshot()
             from_slot = self.sm.applied_index + 1
-        entries = (
-            tuple(e for s, e in sorted(self.log.items()) if s >= from_slot) if ok else ()
-        )
+        entries = tuple(e for s, e in sorted(self.log.items()) if s >= from_slot) if ok else ()
         return Promise(
             self.cell,
             self.node_id,
@@ -482,14 +480,28 @@ class Replica:
             self._step_down(msg.src, actions)
         self.election_deadline_ms = now_ms + self._election_timeout()
         p = self._promise_for(msg.from_slot, True)
-        actions.append(Send(msg.src, Promise(
-            p.cell, p.src, msg.ballot, True, p.promised, p.commit_index, p.snapshot, p.entries
-        )))
+        actions.append(
+            Send(
+                msg.src,
+                Promise(
+                    p.cell,
+                    p.src,
+                    msg.ballot,
+                    True,
+                    p.promised,
+                    p.commit_index,
+                    p.snapshot,
+                    p.entries,
+                ),
+            )
+        )
 
     def _on_accept(self, msg: Accept, now_ms: int, actions: list[Action]) -> None:
         if msg.ballot < self.promised and not self.params.bug_accept_lower_ballot:
             actions.append(
-                Send(msg.src, Accepted(self.cell, self.node_id, msg.ballot, False, self.promised, ()))
+                Send(
+                    msg.src, Accepted(self.cell, self.node_id, msg.ballot, False, self.promised, ())
+                )
             )
             return
         if msg.ballot > self.promised:
@@ -525,9 +537,14 @@ class Replica:
                 self.promised = msg.ballot
                 actions.append(PersistPromise(self.cell, msg.ballot))
             self._follow(msg.src, msg.ballot, now_ms, actions)
-        actions.append(Send(msg.src, HeartbeatAck(
-            self.cell, self.node_id, msg.ballot, ok, self.promised, msg.read_round
-        )))
+        actions.append(
+            Send(
+                msg.src,
+                HeartbeatAck(
+                    self.cell, self.node_id, msg.ballot, ok, self.promised, msg.read_round
+                ),
+            )
+        )
         if ok and self.role == FOLLOWER:
             self._learn_commit(msg.ballot, msg.commit_index, msg.src, now_ms, actions)
 
@@ -555,14 +572,18 @@ class Replica:
             now_ms - self.catchup_sent_ms >= self.params.catchup_retry_ms
         ):
             self.catchup_sent_ms = now_ms
-            actions.append(Send(leader, CatchUpRequest(self.cell, self.node_id, self.commit_index + 1)))
+            actions.append(
+                Send(leader, CatchUpRequest(self.cell, self.node_id, self.commit_index + 1))
+            )
 
     def _on_catchup_request(self, msg: CatchUpRequest, actions: list[Action]) -> None:
         if self.commit_index < msg.from_slot:
             return
         slots = range(msg.from_slot, self.commit_index + 1)
-        if msg.from_slot > 1 and len(slots) <= self.params.log_entries_max and all(
-            s in self.log for s in slots
+        if (
+            msg.from_slot > 1
+            and len(slots) <= self.params.log_entries_max
+            and all(s in self.log for s in slots)
         ):
             snapshot = None
             entries = tuple(self.log[s] for s in slots)
@@ -768,11 +789,26 @@ class Replica:
             hint = leader
             for slot in sorted(self.waiters):
                 for to, request_id in self.waiters[slot]:
-                    actions.append(Reply(to, Response(self.cell, self.node_id, request_id, NOT_LEADER, None, hint)))
+                    actions.append(
+                        Reply(
+                            to,
+                            Response(self.cell, self.node_id, request_id, NOT_LEADER, None, hint),
+                        )
+                    )
             for req in self.queue:
-                actions.append(Reply(req.src, Response(self.cell, self.node_id, req.request_id, NOT_LEADER, None, hint)))
+                actions.append(
+                    Reply(
+                        req.src,
+                        Response(self.cell, self.node_id, req.request_id, NOT_LEADER, None, hint),
+                    )
+                )
             for r in self.reads:
-                actions.append(Reply(r.to, Response(self.cell, self.node_id, r.request_id, NOT_LEADER, None, hint)))
+                actions.append(
+                    Reply(
+                        r.to,
+                        Response(self.cell, self.node_id, r.request_id, NOT_LEADER, None, hint),
+                    )
+                )
             self.waiters = {}
             self.inflight = {}
             self.queue.clear()
@@ -858,7 +894,8 @@ class Replica:
             self._advance_commit(now_ms, actions)
         if self.role == LEADER and not self._room():
             missing = [
-                m for m in self.config_for(self.next_slot)
+                m
+                for m in self.config_for(self.next_slot)
                 if m not in self.promised_by and m != self.node_id
             ]
             if missing and self.next_slot <= self.commit_index + self.params.alpha_slots:
@@ -873,7 +910,9 @@ class Replica:
         last = self.sm.sessions.get(req.client_id)
         if last is not None and req.seq <= last[0]:
             result = last[1] if req.seq == last[0] else None
-            actions.append(Reply(req.src, Response(self.cell, self.node_id, req.request_id, OK, result)))
+            actions.append(
+                Reply(req.src, Response(self.cell, self.node_id, req.request_id, OK, result))
+            )
             return True
         slot = self.inflight.get((req.client_id, req.seq))
         if slot is not None:
@@ -885,7 +924,9 @@ class Replica:
 
     def _reply(self, req: Request, status: str, result: Any, actions: list[Action]) -> None:
         hint = self.leader_hint if status == NOT_LEADER else None
-        actions.append(Reply(req.src, Response(self.cell, self.node_id, req.request_id, status, result, hint)))
+        actions.append(
+            Reply(req.src, Response(self.cell, self.node_id, req.request_id, status, result, hint))
+        )
 
     def _on_request(self, req: Request, now_ms: int, actions: list[Action]) -> None:
         try:
@@ -910,7 +951,9 @@ class Replica:
                     self._reply(req, BUSY, None, actions)
                     return
                 rnd = self.read_round_sent + 1
-                self.reads.append(_PendingRead(rnd, self.commit_index, req.src, req.request_id, cmd))
+                self.reads.append(
+                    _PendingRead(rnd, self.commit_index, req.src, req.request_id, cmd)
+                )
                 if self.read_round_sent == self.read_round_acked:
                     self._broadcast_heartbeat(now_ms, actions, new_round=True)
                     self._check_read_quorum(now_ms, actions)
@@ -933,15 +976,20 @@ class Replica:
         if new_round:
             self.read_round_sent += 1
         self.next_heartbeat_ms = now_ms + self.params.heartbeat_interval_ms
-        hb = Heartbeat(self.cell, self.node_id, self.ballot, self.commit_index, self.read_round_sent)
+        hb = Heartbeat(
+            self.cell, self.node_id, self.ballot, self.commit_index, self.read_round_sent
+        )
         unacked = tuple(self.log[s] for s in sorted(self.acks) if s in self.log)
         for peer in self._peers(self.commit_index + 1, self.next_slot + self.params.alpha_slots):
             actions.append(Send(peer, hb))
             missing = tuple(e for e in unacked if peer not in self.acks[e.slot])
             if missing:  # resend what the peer has not acknowledged (lost messages)
-                actions.append(Send(peer, Accept(
-                    self.cell, self.node_id, self.ballot, missing, self.commit_index
-                )))
+                actions.append(
+                    Send(
+                        peer,
+                        Accept(self.cell, self.node_id, self.ballot, missing, self.commit_index),
+                    )
+                )
 
     def _quorum_heard(self, now_ms: int) -> bool:
         horizon = now_ms - 2 * self.params.election_timeout_ms_max

@@ -54,9 +54,7 @@ def keys_of(cmd: dict[str, Any]) -> list[str]:
     if op in ("get", "put", "delete", "cas"):
         return [cmd["key"]]
     if op == "txn":
-        return (
-            list(cmd["reads"]) + [c[0] for c in cmd["checks"]] + [w[0] for w in cmd["writes"]]
-        )
+        return list(cmd["reads"]) + [c[0] for c in cmd["checks"]] + [w[0] for w in cmd["writes"]]
     return []
 
 

@@ -167,8 +167,9 @@ class SimNode:
         now = self.now_ms()
         for cell, members in self.cells.items():
             rng = random.Random(self.world.rng.getrandbits(64))
-            r = Replica(cell, self.node_id, members, self.world.cfg.params, rng, now,
-                        self.disk.load(cell))
+            r = Replica(
+                cell, self.node_id, members, self.world.cfg.params, rng, now, self.disk.load(cell)
+            )
             self.world.track(r)
             self.replicas[cell] = r
 
@@ -204,8 +205,9 @@ class SimNode:
 class SimClient:
     """A closed-loop client: one command at a time, retries with the same (client_id, seq)."""
 
-    def __init__(self, world: World, name: str, client_id: int, cell: str,
-                 members: tuple[str, ...]) -> None:
+    def __init__(
+        self, world: World, name: str, client_id: int, cell: str, members: tuple[str, ...]
+    ) -> None:
         self.world = world
         self.name = name
         self.client_id = client_id
@@ -223,8 +225,9 @@ class SimClient:
     def random_command(self) -> dict[str, Any]:
         rng = self.rng
         key = rng.choice(KEYS)
-        value: Any = rng.choice([rng.randint(0, 5), rng.choice([True, False]),
-                                 bytes([rng.randint(97, 99)])])
+        value: Any = rng.choice(
+            [rng.randint(0, 5), rng.choice([True, False]), bytes([rng.randint(97, 99)])]
+        )
         kind = rng.random()
         if kind < 0.35:
             return {"op": "get", "key": key}
@@ -258,8 +261,17 @@ class SimClient:
     def finish(self, result: Any, known: bool) -> None:
         assert self.cmd is not None
         w = self.world
-        w.history.append(Operation(self.name, self.cell, self.cmd, self.call_ms,
-                                   w.now_ms if known else None, result, len(w.history)))
+        w.history.append(
+            Operation(
+                self.name,
+                self.cell,
+                self.cmd,
+                self.call_ms,
+                w.now_ms if known else None,
+                result,
+                len(w.history),
+            )
+        )
         if known:
             self.completed_after.append(self.call_ms)
         self.cmd = None
@@ -319,8 +331,9 @@ class World:
         self.events = 0
         self.history: list[Operation] = []
         self.chosen: dict[tuple[str, int], tuple[Any, ...]] = {}
-        self.net = SimNetwork(self, self.rng.uniform(0, cfg.loss_max),
-                              self.rng.uniform(0, cfg.dup_max))
+        self.net = SimNetwork(
+            self, self.rng.uniform(0, cfg.loss_max), self.rng.uniform(0, cfg.dup_max)
+        )
         node_ids = [f"n{i}" for i in range(cfg.nodes)]
         placement: dict[str, dict[str, tuple[str, ...]]] = {n: {} for n in node_ids}
         self.cell_members: dict[str, tuple[str, ...]] = {}
@@ -381,7 +394,9 @@ class World:
         rng = self.rng
         ids = sorted(self.nodes)
         kind = rng.random()
-        leaders = [n for n in ids if any(r.role == "leader" for r in self.nodes[n].replicas.values())]
+        leaders = [
+            n for n in ids if any(r.role == "leader" for r in self.nodes[n].replicas.values())
+        ]
         if kind < 0.2 and leaders:
             # Jepsen's partition-leader nemesis: cut a current leader off from every node.
             side = {rng.choice(leaders)}
@@ -433,8 +448,17 @@ class World:
         # Pending commands at the end: outcome unknown.
         for client in self.clients.values():
             if client.cmd is not None:
-                self.history.append(Operation(client.name, client.cell, client.cmd,
-                                              client.call_ms, None, None, len(self.history)))
+                self.history.append(
+                    Operation(
+                        client.name,
+                        client.cell,
+                        client.cmd,
+                        client.call_ms,
+                        None,
+                        None,
+                        len(self.history),
+                    )
+                )
         result = check_history(self.history)
         if not result.ok:
             out.ok = False
@@ -445,8 +469,10 @@ class World:
         for client in self.clients.values():
             if not any(t >= quiet_start for t in client.completed_after):
                 out.ok = False
-                out.reason = f"no progress: {client.name} ({client.cell}) finished nothing " \
-                             "in the quiet phase with every node up"
+                out.reason = (
+                    f"no progress: {client.name} ({client.cell}) finished nothing "
+                    "in the quiet phase with every node up"
+                )
                 return out
         return out
 
@@ -491,8 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         ops += out.ops
         if args.verbose or not out.ok:
             status = "ok" if out.ok else "FAIL"
-            print(f"seed {seed}: {status} ops={out.ops} known={out.ops_known} "
-                  f"events={out.events} {out.reason}")
+            print(
+                f"seed {seed}: {status} ops={out.ops} known={out.ops_known} "
+                f"events={out.events} {out.reason}"
+            )
         failures += not out.ok
     dt = time.monotonic() - t0
     print(f"{len(seeds)} seeds, {failures} failed, {ops} ops checked, {dt:.1f}s")
