@@ -285,14 +285,15 @@ def status(state_dir: StateDir = None,
             if "error" in a:
                 agents.add_row(cell_id, agent_id, "-", "-", "-", "-", "-", f"[red]{a['error']}[/red]")
                 continue
-            mem = sum(e["memory_bytes"] for e in a["envs"])
+            mem = sum(env["memory_bytes"] for env in a["envs"])
             agents.add_row(cell_id, agent_id, a["backend"], "on" if a["seccomp"] == 2 else "OFF",
-                           str(len(a["envs"])), str(sum(e["busy"] for e in a["envs"])),
+                           str(len(a["envs"])), str(sum(env["busy"] for env in a["envs"])),
                            str(a["counters"]["invocations"]), f"{mem / 2**20:.1f} MiB")
-            for e in a["envs"]:
-                envs.add_row(agent_id, e["env_id"], e["function"], str(e["pid"]), str(e["uid"]),
-                             "yes" if e["busy"] else "", str(e["invocations"]),
-                             f"{e['memory_bytes'] / 2**20:.1f} MiB", f"{e['cpu_ns'] / 1e6:.0f} ms")
+            for env in a["envs"]:
+                envs.add_row(agent_id, env["env_id"], env["function"], str(env["pid"]),
+                             str(env["uid"]), "yes" if env["busy"] else "",
+                             str(env["invocations"]), f"{env['memory_bytes'] / 2**20:.1f} MiB",
+                             f"{env['cpu_ns'] / 1e6:.0f} ms")
     console.print(agents)
     console.print(envs)
 

@@ -176,7 +176,7 @@ class Cell:
                 after = base64.urlsafe_b64decode(marker.encode()).decode()
             except (ValueError, UnicodeDecodeError) as e:
                 raise errors.invalid("Invalid Marker") from e
-        recs = self.store.list(account, after, max_items + 1)
+        recs = self.store.list_page(account, after, max_items + 1)
         out: dict[str, Any] = {
             "Functions": [config_doc(r, self.region) for r in recs[:max_items]]}
         if len(recs) > max_items:

@@ -172,7 +172,7 @@ class _Channel:
     def recv(self) -> dict[str, Any] | None:
         while True:
             for doc in self._unpacker:
-                return doc  # type: ignore[no-any-return]
+                return doc
             data = self._sock.recv(1 << 20)
             if not data:
                 return None

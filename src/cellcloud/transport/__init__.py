@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +145,8 @@ class _ServerProtocol(asyncio.Protocol):
 class Server:
     """A listening transport server. ``ops`` maps op name -> ``async def op(body) -> result``."""
 
-    def __init__(self, ops: dict[str, Handler]) -> None:
-        self.ops = dict(ops)
+    def __init__(self, ops: Mapping[str, Handler]) -> None:
+        self.ops: dict[str, Handler] = dict(ops)
         self.stats = ServerStats()
         self._servers: list[asyncio.AbstractServer] = []
 
