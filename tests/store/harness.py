@@ -39,8 +39,9 @@ class Cluster:
 
     def start(self, node: str, members) -> Replica:
         durable: DurableState | None = self.disks[node].load("cell")
-        r = Replica("cell", node, members, self.params, random.Random(self.rng.random()),
-                    self.now, durable)
+        r = Replica(
+            "cell", node, members, self.params, random.Random(self.rng.random()), self.now, durable
+        )
         r.applied_trace = []
         self.replicas[node] = r
         self.observe(r)

@@ -56,8 +56,11 @@ def test_lost_cas_is_caught():
 
 def test_txn_joins_keys_into_one_partition():
     txn = {"op": "txn", "reads": ["x"], "checks": [], "writes": [["y", 1]]}
-    h = [op("a", PUT1, 0, 1, True), op("b", txn, 2, 3, [True, [1]]),
-         op("c", {"op": "get", "key": "z"}, 0, 1, None)]
+    h = [
+        op("a", PUT1, 0, 1, True),
+        op("b", txn, 2, 3, [True, [1]]),
+        op("c", {"op": "get", "key": "z"}, 0, 1, None),
+    ]
     groups = partition(h)
     assert sorted(len(g) for g in groups) == [1, 2]
     bad = [op("a", PUT1, 0, 1, True), op("b", txn, 2, 3, [True, [None]])]

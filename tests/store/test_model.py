@@ -61,8 +61,12 @@ def test_put_get_delete_cas_are_typed():
 def test_txn_reads_checks_then_writes_atomically():
     sm = fresh()
     run(sm, {"op": "put", "key": "a", "value": 1})
-    txn = {"op": "txn", "reads": ["a", "b"], "checks": [["a", "eq", 1], ["b", "absent", None]],
-           "writes": [["a", 2], ["b", b"y"]]}
+    txn = {
+        "op": "txn",
+        "reads": ["a", "b"],
+        "checks": [["a", "eq", 1], ["b", "absent", None]],
+        "writes": [["a", 2], ["b", b"y"]],
+    }
     assert run(sm, txn) == [True, [1, None]]
     assert run(sm, txn) == [False, [2, b"y"]]  # checks fail: nothing written
     assert sm.data == {"a": 2, "b": b"y"}
@@ -99,7 +103,9 @@ commands = st.one_of(
     st.builds(lambda k: {"op": "delete", "key": k}, st.sampled_from("xyz")),
     st.builds(
         lambda k, e, v: {"op": "cas", "key": k, "expected": e, "value": v},
-        st.sampled_from("xyz"), st.one_of(st.none(), values), st.one_of(st.none(), values),
+        st.sampled_from("xyz"),
+        st.one_of(st.none(), values),
+        st.one_of(st.none(), values),
     ),
 )
 
