@@ -122,8 +122,11 @@ class Agent:
             raise OpError("EnvExists", env_id)
         if len(self.envs) >= self.envs_max:
             raise OpError("AgentFull", f"{len(self.envs)} environments; the maximum is {self.envs_max}")
-        bundle_dir = self._bundle(str(body["bundle_sha256"]), body.get("bundle"))
+        pushed: dict[str, bytes] = body.get("bundles") or {}
+        bundle_sha = str(body["bundle_sha256"])
+        bundle_dir = self._bundle(bundle_sha, pushed.get(bundle_sha))
         fn = body["function"]
+        layer_dirs = [self._bundle(str(sha), pushed.get(str(sha))) for sha in fn.get("layers", [])]
         slot = self._alloc_slot()
         uid = self.uid_base + slot
         spec = EnvSpec(
@@ -135,6 +138,7 @@ class Agent:
             environment=dict(fn.get("environment") or {}),
             log_group=f"/aws/lambda/{fn['name']}",
             log_stream=f"{time.strftime('%Y/%m/%d')}/[{fn.get('version', '$LATEST')}]{env_id}",
+            layer_dirs=layer_dirs,
         )
         cg = cgroups.Cgroup(self.agent_id, env_id)
         try:
@@ -265,7 +269,7 @@ class Agent:
         if os.path.isdir(path):
             return path
         if data is None:
-            raise OpError("BundleMissing", sha)
+            raise OpError("BundleMissing", sha, sha256=sha)
         if sha256_hex(data) != sha:
             raise OpError("BundleDigestMismatch", "the bundle does not hash to bundle_sha256")
         tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"

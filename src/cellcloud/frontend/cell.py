@@ -236,14 +236,22 @@ class Cell:
             },
         }
         timeout_s = self.limits.env_create_timeout_ms / 1000 + 5
+        pushed: dict[str, bytes] = {}
+        body["bundles"] = pushed
         try:
-            try:
-                await client.call("create_env", body, timeout_s=timeout_s)
-            except RemoteError as e:
-                if e.type != "BundleMissing":
-                    raise
-                body["bundle"] = self.store.get_bundle(rec.code_sha256)
-                await client.call("create_env", body, timeout_s=timeout_s)
+            # The agent keeps bundles by digest; push only the ones it says it lacks (the code,
+            # then each layer), at most once each.
+            for _ in range(2 + len(body["function"].get("layers", []))):
+                try:
+                    await client.call("create_env", body, timeout_s=timeout_s)
+                    break
+                except RemoteError as e:
+                    sha = str(e.data.get("sha256", ""))
+                    if e.type != "BundleMissing" or not sha or sha in pushed:
+                        raise
+                    pushed[sha] = self.store.get_bundle(sha)
+            else:
+                raise RemoteError("BundleMissing", "the agent kept asking for bundles")
         except TransportError as e:
             self._agent_failed(decision.agent_id, e)
             raise _AgentUnavailable() from e

@@ -78,6 +78,14 @@ def build_root(spec: EnvSpec, root: str, trees: list[str]) -> None:
         _bind_ro(tree, root + tree)
     _bind_ro(spec.bundle_dir, root + "/var/task")
     os.makedirs(root + "/opt", exist_ok=True)
+    if len(spec.layer_dirs) == 1:
+        _bind_ro(spec.layer_dirs[0], root + "/opt")
+    elif spec.layer_dirs:
+        # Lambda extracts layers into /opt in order, later ones winning: an overlay whose
+        # leftmost (top) lower dir is the last layer. No upper dir, so /opt stays read-only.
+        lower = ":".join(reversed(spec.layer_dirs))
+        linux.mount("overlay", root + "/opt", "overlay",
+                    linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV, f"lowerdir={lower}")
     os.makedirs(root + "/var/runtime", exist_ok=True)
     # /tmp: private and writable, capped at the function's ephemeral storage.
     os.makedirs(root + "/tmp", exist_ok=True)

@@ -27,6 +27,7 @@ class EnvSpec:
     environment: dict[str, str] = field(default_factory=dict)
     log_group: str = ""
     log_stream: str = ""
+    layer_dirs: list[str] = field(default_factory=list)  # unpacked layers, in the function's order
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
