@@ -939,6 +939,9 @@ class Replica:
             self._reply(req, REJECTED, "noop is internal", actions)
             return
         if self.role != LEADER:
+            if self.role == FOLLOWER and self.leader_hint is None and self.is_member():
+                # A cell woken from idle has no leader: campaign at the next tick.
+                self.election_deadline_ms = min(self.election_deadline_ms, now_ms)
             self._reply(req, NOT_LEADER, None, actions)
             return
         if is_read_only(cmd):

@@ -223,9 +223,9 @@ def partition(history: list[Operation]) -> list[list[Operation]]:
             find(ks[0])
     groups: dict[tuple[str, str], list[Operation]] = {}
     for op in history:
-        ks = keys_of(op.cmd)
-        if ks:
-            groups.setdefault(find((op.cell, ks[0])), []).append(op)
+        first = keys_of(op.cmd)[:1]
+        if first:
+            groups.setdefault(find((op.cell, first[0])), []).append(op)
     return list(groups.values())
 
 

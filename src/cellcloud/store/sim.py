@@ -23,6 +23,7 @@ replays the same run exactly.
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import random
 import sys
@@ -146,7 +147,7 @@ class SimNetwork:
         copies = 2 if w.rng.random() < self.dup else 1
         for _ in range(copies):
             delay = w.rng.randint(w.cfg.delay_ms_min, w.cfg.delay_ms_max)
-            w.schedule(delay, lambda dst=dst, msg=msg: w.deliver(dst, msg))
+            w.schedule(delay, functools.partial(w.deliver, dst, msg))
 
 
 class SimNode:
@@ -182,8 +183,8 @@ class SimNode:
 
     def execute(self, actions: list[Action]) -> None:
         persist = [a for a in actions if isinstance(a, PERSIST_ACTIONS)]
-        for a in persist:
-            self.disk.write(a)
+        for p in persist:
+            self.disk.write(p)
         if persist and not self.world.cfg.bug_skip_fsync:
             self.disk.sync()
         for a in actions:
@@ -438,7 +439,7 @@ class World:
     def run(self) -> SimOutcome:
         cfg = self.cfg
         for node in self.nodes.values():
-            self.schedule(self.rng.randint(0, cfg.tick_ms), lambda n=node: self.tick(n))
+            self.schedule(self.rng.randint(0, cfg.tick_ms), functools.partial(self.tick, node))
         for client in self.clients.values():
             self.schedule(self.rng.randint(0, 50), client.next_op)
         self.schedule(self.rng.randint(0, 200), self.fault)

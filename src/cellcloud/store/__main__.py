@@ -1,0 +1,3 @@
+from cellcloud.store.cli import app
+
+app(prog_name="python -m cellcloud.store")
