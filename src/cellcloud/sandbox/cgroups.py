@@ -13,6 +13,7 @@ from dataclasses import dataclass
 ROOT = "/sys/fs/cgroup"
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 LAMBDA_MB_PER_VCPU = 1769
+UNLIMITED = 1 << 62  # a Limits value at or above this writes "max"
 
 
 def version() -> int:
@@ -84,18 +85,20 @@ class Cgroup:
         for d in self._dirs():
             os.makedirs(d, exist_ok=True)
         shares = max(2, 1024 * limits.memory_mb // LAMBDA_MB_PER_VCPU)
+        mem = str(limits.memory_bytes) if limits.memory_bytes < UNLIMITED else "max"
+        pids = str(limits.pids_max) if limits.pids_max < UNLIMITED else "max"
         if self.version == 1:
-            _write(self._path("memory", "memory.limit_in_bytes"), str(limits.memory_bytes))
+            _write(self._path("memory", "memory.limit_in_bytes"), "-1" if mem == "max" else mem)
             # Without swap accounting the limit would leak into swap; best effort.
             sw = self._path("memory", "memory.memsw.limit_in_bytes")
             if os.path.exists(sw):
-                _write(sw, str(limits.memory_bytes))
-            _write(self._path("pids", "pids.max"), str(limits.pids_max))
+                _write(sw, "-1" if mem == "max" else mem)
+            _write(self._path("pids", "pids.max"), pids)
             _write(self._path("cpu", "cpu.shares"), str(shares))
         elif self.version == 2:
-            _write(self._path("", "memory.max"), str(limits.memory_bytes))
+            _write(self._path("", "memory.max"), mem)
             _write(self._path("", "memory.swap.max"), "0")
-            _write(self._path("", "pids.max"), str(limits.pids_max))
+            _write(self._path("", "pids.max"), pids)
             weight = max(1, min(10000, shares * 100 // 1024))
             _write(self._path("", "cpu.weight"), str(weight))
 

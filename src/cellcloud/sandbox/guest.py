@@ -197,7 +197,7 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
     log_handler.addFilter(req_filter)
     logging.Formatter.converter = time.gmtime
     logging.getLogger().addHandler(log_handler)
-    sys.path[:0] = ["/var/task", "/opt/python"]
+    sys.path[:0] = [os.environ.get("LAMBDA_TASK_ROOT", "/var/task"), "/opt/python"]
     fn, init_error = load_handler(spec.handler)
     init_ms = (time.monotonic() - started) * 1000
     chan.send({"t": "ready", "init_error": init_error, "init_ms": init_ms,

@@ -13,7 +13,7 @@ import resource
 import socket
 import sys
 
-from . import linux
+from . import linux, seccomp_policy
 from .spec import EnvSpec
 
 # Host trees every Python environment needs, bound read-only at the same path (so the forked
@@ -26,6 +26,32 @@ NAMESPACES = (
     linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
     | linux.CLONE_NEWNET
 )
+
+# Every layer, by name. Tests switch single layers off (EnvSpec.disabled_layers) to show that
+# each one alone is what stops an attack; production environments always get all of them.
+LAYERS = (
+    "mount_ns",  # private mount namespace + pivot_root into a minimal root
+    "readonly",  # read-only root, bundle, runtime and layers
+    "nosuid",  # nosuid/nodev on every mount
+    "pid_ns", "net_ns", "ipc_ns", "uts_ns",
+    "cgroup_memory", "cgroup_pids",
+    "rlimits",
+    "tmp_size",  # /tmp capped at the ephemeral size
+    "uid",  # unprivileged uid/gid unique to the environment, all capabilities dropped
+    "no_new_privs",
+    "seccomp",
+    "close_fds",
+)
+
+
+def namespaces(disabled: list[str]) -> int:
+    flags = NAMESPACES
+    for layer, flag in (("mount_ns", linux.CLONE_NEWNS), ("pid_ns", linux.CLONE_NEWPID),
+                        ("net_ns", linux.CLONE_NEWNET), ("ipc_ns", linux.CLONE_NEWIPC),
+                        ("uts_ns", linux.CLONE_NEWUTS)):
+        if layer in disabled:
+            flags &= ~flag
+    return flags
 
 
 def runtime_trees() -> list[str]:
@@ -45,17 +71,15 @@ def runtime_trees() -> list[str]:
     return out
 
 
-def _bind_ro(src: str, dst: str) -> None:
+def _bind(src: str, dst: str, flags: int) -> None:
     if os.path.isdir(src):
         os.makedirs(dst, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         open(dst, "a").close()
     linux.mount(src, dst, None, linux.MS_BIND)
-    linux.mount(
-        None, dst, None,
-        linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV,
-    )
+    if flags:
+        linux.mount(None, dst, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
@@ -66,39 +90,40 @@ def _write(path: str, text: str, mode: int = 0o644) -> None:
 
 def build_root(spec: EnvSpec, root: str, trees: list[str]) -> None:
     """Assemble the environment's root filesystem on a fresh tmpfs mounted at ``root``."""
+    off = spec.disabled_layers
+    nosuid = 0 if "nosuid" in off else linux.MS_NOSUID | linux.MS_NODEV
+    ro = (0 if "readonly" in off else linux.MS_RDONLY) | nosuid
     # Nothing we mount may propagate back to the host, and nothing of the host's may leak in.
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4m,mode=0755")
+    linux.mount("tmpfs", root, "tmpfs", nosuid, "size=4m,mode=0755")
     for top in _SYSTEM_TREES:
         if os.path.islink(top):
             os.symlink(os.readlink(top), root + top)
         elif os.path.isdir(top):
-            _bind_ro(top, root + top)
+            _bind(top, root + top, ro)
     for tree in trees:
-        _bind_ro(tree, root + tree)
-    _bind_ro(spec.bundle_dir, root + "/var/task")
+        _bind(tree, root + tree, ro)
+    _bind(spec.bundle_dir, root + "/var/task", ro)
     os.makedirs(root + "/opt", exist_ok=True)
     if len(spec.layer_dirs) == 1:
-        _bind_ro(spec.layer_dirs[0], root + "/opt")
+        _bind(spec.layer_dirs[0], root + "/opt", ro)
     elif spec.layer_dirs:
         # Lambda extracts layers into /opt in order, later ones winning: an overlay whose
         # leftmost (top) lower dir is the last layer. No upper dir, so /opt stays read-only.
         lower = ":".join(reversed(spec.layer_dirs))
-        linux.mount("overlay", root + "/opt", "overlay",
-                    linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV, f"lowerdir={lower}")
+        linux.mount("overlay", root + "/opt", "overlay", ro, f"lowerdir={lower}")
     os.makedirs(root + "/var/runtime", exist_ok=True)
     # /tmp: private and writable, capped at the function's ephemeral storage.
     os.makedirs(root + "/tmp", exist_ok=True)
-    linux.mount(
-        "tmpfs", root + "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-        f"size={spec.ephemeral_mb}m,mode=0700,uid={spec.uid},gid={spec.gid}",
-    )
+    size = "" if "tmp_size" in off else f"size={spec.ephemeral_mb}m,"
+    linux.mount("tmpfs", root + "/tmp", "tmpfs", nosuid,
+                f"{size}mode=0700,uid={spec.uid},gid={spec.gid}")
     os.makedirs(root + "/dev", exist_ok=True)
     linux.mount("tmpfs", root + "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=0755")
     for dev in _DEVICES:
         if os.path.exists(f"/dev/{dev}"):
             open(f"{root}/dev/{dev}", "a").close()
-            linux.mount(f"/dev/{dev}", f"{root}/dev/{dev}", None, linux.MS_BIND)
+            _bind(f"/dev/{dev}", f"{root}/dev/{dev}", 0)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{root}/dev/{name}")
@@ -115,30 +140,48 @@ def build_root(spec: EnvSpec, root: str, trees: list[str]) -> None:
 
 
 def enter(spec: EnvSpec, root: str, keep_fds: tuple[int, ...]) -> None:
-    """Everything from the mount namespace to the uid drop. Raises on any failed step: an
-    environment that is not fully jailed never runs function code."""
-    build_root(spec, root, runtime_trees())
-    os.chdir(root)
-    linux.pivot_root(".", ".old_root")
-    os.chdir("/")
-    linux.umount2("/.old_root", linux.MNT_DETACH)
-    os.rmdir("/.old_root")
-    # /proc of the new pid namespace: the function sees only its own processes.
-    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-    linux.mount(None, "/", None,
-                linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
-    socket.sethostname("sandbox")
-    _limits(spec)
-    _close_fds(keep_fds)
+    """Everything from the mount namespace to the seccomp filter. Raises on any failed step:
+    an environment that is not fully jailed never runs function code."""
+    off = spec.disabled_layers
+    if "mount_ns" not in off:
+        build_root(spec, root, runtime_trees())
+        os.chdir(root)
+        linux.pivot_root(".", ".old_root")
+        os.chdir("/")
+        linux.umount2("/.old_root", linux.MNT_DETACH)
+        os.rmdir("/.old_root")
+        if "pid_ns" not in off:
+            # /proc of the new pid namespace: the function sees only its own processes.
+            linux.mount("proc", "/proc", "proc",
+                        linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        if "readonly" not in off:
+            linux.mount(None, "/", None,
+                        linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+        task_root = "/var/task"
+    else:
+        task_root = spec.bundle_dir
+    if "uts_ns" not in off:
+        socket.sethostname("sandbox")
+    if "rlimits" not in off:
+        _limits(spec)
+    if "close_fds" not in off:
+        _close_fds(keep_fds)
     os.environ.clear()
     os.environ.update(spec.lambda_environment())
-    os.chdir("/var/task")
-    # Drop to the environment's own uid/gid; with it go every capability (no keep-caps).
-    os.setgroups([])
-    os.setresgid(spec.gid, spec.gid, spec.gid)
-    os.setresuid(spec.uid, spec.uid, spec.uid)
-    linux.set_no_new_privs()
-    assert os.getuid() == spec.uid and linux.capabilities_effective() == 0
+    os.environ["LAMBDA_TASK_ROOT"] = task_root
+    os.chdir(task_root)
+    if "no_new_privs" not in off:
+        linux.set_no_new_privs()
+    if "seccomp" not in off:
+        # Loaded while still root, so it does not depend on no_new_privs; nothing below
+        # needs a denied call.
+        seccomp_policy.load()
+    if "uid" not in off:
+        # Drop to the environment's own uid/gid; with it go every capability (no keep-caps).
+        os.setgroups([])
+        os.setresgid(spec.gid, spec.gid, spec.gid)
+        os.setresuid(spec.uid, spec.uid, spec.uid)
+        assert os.getuid() == spec.uid and linux.capabilities_effective() == 0
 
 
 def _limits(spec: EnvSpec) -> None:

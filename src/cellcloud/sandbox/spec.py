@@ -28,6 +28,9 @@ class EnvSpec:
     log_group: str = ""
     log_stream: str = ""
     layer_dirs: list[str] = field(default_factory=list)  # unpacked layers, in the function's order
+    # Tests only: isolation layers switched off, to prove each layer is the one that stops an
+    # attack (negative controls). The agent never sets this from its API; see jail.LAYERS.
+    disabled_layers: list[str] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

@@ -46,12 +46,16 @@ def spawn(spec: EnvSpec, chan_fd: int, root: str) -> int:
         if pid_a == 0:  # A
             try:
                 os.close(r)
+                off = spec.disabled_layers
                 cg = cgroups.Cgroup(spec.cgroup_group, spec.env_id)
                 if cg.version:
-                    cg.create(cgroups.Limits(spec.memory_mb * 1024 * 1024, spec.pids_max,
-                                             spec.memory_mb))
+                    unlimited = cgroups.UNLIMITED
+                    cg.create(cgroups.Limits(
+                        unlimited if "cgroup_memory" in off else spec.memory_mb * 1024 * 1024,
+                        unlimited if "cgroup_pids" in off else spec.pids_max,
+                        spec.memory_mb))
                     cg.join(0)
-                linux.unshare(jail.NAMESPACES)
+                linux.unshare(jail.namespaces(off))
                 pid_b = os.fork()
                 if pid_b == 0:  # B
                     os.close(w)
