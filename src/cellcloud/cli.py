@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import sdk
+from .region import tenants as tenant_table
 from .region.supervisor import Supervisor, default_state_dir, run_foreground
 
 app = typer.Typer(help="cellcloud: unmodified AWS Lambda functions, in cells, on your machines.",
@@ -296,6 +297,64 @@ def status(state_dir: StateDir = None,
                              f"{env['cpu_ns'] / 1e6:.0f} ms")
     console.print(agents)
     console.print(envs)
+
+
+tenant_app = typer.Typer(help="Tenants: an account id and a SigV4 access key pair each.",
+                         no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+
+
+@tenant_app.command("create")
+def tenant_create(name: Annotated[str, typer.Argument(help="Tenant name")],
+                  state_dir: StateDir = None) -> None:
+    """Create a tenant; prints its account id, access key id and secret (shown only here)."""
+    sd = os.path.abspath(state_dir or default_state_dir())
+    try:
+        t = tenant_table.create_tenant(sd, name)
+    except ValueError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    sys.stdout.write(f"name                  {t['name']}\n"
+                     f"account_id            {t['account_id']}\n"
+                     f"aws_access_key_id     {t['access_key_id']}\n"
+                     f"aws_secret_access_key {t['secret_access_key']}\n")
+
+
+@tenant_app.command("ls")
+def tenant_ls(state_dir: StateDir = None) -> None:
+    """List tenants (never their secrets)."""
+    sd = os.path.abspath(state_dir or default_state_dir())
+    table = Table("name", "account id", "access key id")
+    for t in tenant_table.list_tenants(sd):
+        table.add_row(t["name"], t["account_id"], t.get("access_key_id", "-"))
+    console.print(table)
+
+
+@app.command()
+def env(state_dir: StateDir = None,
+        tenant: Annotated[str | None, typer.Option(help="Tenant name (default: the first)")] = None,
+        ) -> None:
+    """Print `export` lines that point `aws` and boto3 at this region:
+    eval "$(cellcloud env)"."""
+    import shlex
+
+    sd = os.path.abspath(state_dir or default_state_dir())
+    region = _running_region(sd)
+    if region is None:
+        err.print("No region is running; start one with `cellcloud up`.")
+        raise typer.Exit(1)
+    rows = tenant_table.list_tenants(sd)
+    chosen = [t for t in rows if tenant is None or t["name"] == tenant][:1]
+    if not chosen:
+        err.print(f"[red]no tenant named {tenant!r}[/red]")
+        raise typer.Exit(1)
+    t = chosen[0]
+    values = {"AWS_ENDPOINT_URL": region["endpoint"], "AWS_REGION": region["region"],
+              "AWS_DEFAULT_REGION": region["region"], "AWS_ACCESS_KEY_ID": t["access_key_id"],
+              "AWS_SECRET_ACCESS_KEY": t["secret_access_key"]}
+    for k, v in values.items():
+        sys.stdout.write(f"export {k}={shlex.quote(str(v))}\n")
+    sys.stdout.write("unset AWS_SESSION_TOKEN AWS_PROFILE\n")
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""cellcloud's Python SDK: a small, dependency-free client for a region's HTTP endpoint.
+"""cellcloud's Python SDK: a small client for a region's HTTP endpoint.
 
-boto3 works too (the Lambda API issue); this client adds cellcloud's own calls (logs, status)
-and needs nothing but the standard library.
+boto3 and the AWS CLI work too (``eval "$(cellcloud env)"``); this client adds cellcloud's own
+calls (logs, status). Like them it signs every request with AWS Signature Version 4 (botocore's
+signer), with a tenant's access key pair.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from .region.supervisor import default_state_dir
+from .security import sigv4
 
 API = "/2015-03-31/functions"
 
@@ -55,20 +57,30 @@ def zip_directory(path: str) -> bytes:
 
 
 class Client:
-    def __init__(self, endpoint: str, api_key: str, *, timeout_s: float = 930.0) -> None:
+    """``credentials`` is ``"ACCESS_KEY_ID:SECRET_ACCESS_KEY"`` or an (id, secret) pair."""
+
+    def __init__(self, endpoint: str, credentials: str | tuple[str, str], *,
+                 timeout_s: float = 930.0, region: str = "cc-local-1") -> None:
         u = urlsplit(endpoint)
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or 80
-        self.api_key = api_key
+        self.endpoint = f"http://{self.host}:{self.port}"
+        if isinstance(credentials, str):
+            akid, _, secret = credentials.partition(":")
+        else:
+            akid, secret = credentials
+        self.access_key_id = akid
+        self.secret_access_key = secret
+        self.region = region
         self.timeout_s = timeout_s
         self._conn: http.client.HTTPConnection | None = None
 
     @classmethod
     def from_region(cls, state_dir: str | None = None) -> Client:
         endpoint = os.environ.get("CELLCLOUD_ENDPOINT")
-        api_key = os.environ.get("CELLCLOUD_API_KEY")
-        if endpoint and api_key:
-            return cls(endpoint, api_key)
+        creds = os.environ.get("CELLCLOUD_API_KEY")
+        if endpoint and creds:
+            return cls(endpoint, creds)
         path = os.path.join(state_dir or default_state_dir(), "region.json")
         try:
             with open(path) as f:
@@ -77,14 +89,20 @@ class Client:
             raise CellcloudError(0, "RegionNotRunning",
                                  f"no region is running ({path} not found); start one with "
                                  "`cellcloud up`") from None
-        return cls(doc["endpoint"], doc["api_key"])
+        return cls(doc["endpoint"], (doc["access_key_id"], doc["secret_access_key"]),
+                   region=doc.get("region", "cc-local-1"))
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None,
-                query: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+                query: dict[str, str] | None = None,
+                sign: bool = True) -> tuple[int, dict[str, str], bytes]:
         if query:
             path += "?" + urlencode(query)
-        hdrs = {"x-api-key": self.api_key, **(headers or {})}
+        hdrs = dict(headers or {})
+        if sign:
+            hdrs = sigv4.sign(method, self.endpoint + path, hdrs, body or b"",
+                              access_key_id=self.access_key_id,
+                              secret_access_key=self.secret_access_key, region=self.region)
         for attempt in (0, 1):
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)

@@ -110,11 +110,17 @@ def test_payloads(region: Region) -> None:
 
 
 def test_authentication(region: Region) -> None:
-    bad = Client(region.endpoint, "cc_wrong")
-    with pytest.raises(CellcloudError) as e:
-        bad.list_functions()
-    assert e.value.status == 403
-    status, _, _ = region.client.request("GET", "/2015-03-31/functions/", headers={"x-api-key": ""})
+    akid = region.client.access_key_id
+    for creds, type_ in [(f"{akid}:wrong-secret", "InvalidSignatureException"),
+                         ("AKIAUNKNOWNUNKNOWN00:x", "UnrecognizedClientException")]:
+        with pytest.raises(CellcloudError) as e:
+            Client(region.endpoint, creds).list_functions()
+        assert (e.value.status, e.value.type) == (403, type_)
+    status, headers, _ = region.client.request("GET", "/2015-03-31/functions/", sign=False)
+    assert (status, headers["x-amzn-errortype"]) == (403, "MissingAuthenticationTokenException")
+    # The old x-api-key header is no longer a way in.
+    status, _, _ = region.client.request("GET", "/2015-03-31/functions/", sign=False,
+                                         headers={"x-api-key": str(region.doc["api_key"])})
     assert status == 403
 
 

@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import random
-import secrets
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from .tenants import ensure_tenants
 
 log = logging.getLogger("cellcloud.supervisor")
 
@@ -30,24 +31,6 @@ stable_after_s = 30.0
 
 def default_state_dir() -> str:
     return os.environ.get("CELLCLOUD_HOME") or os.path.expanduser("~/.cellcloud")
-
-
-def ensure_tenants(state_dir: str) -> dict[str, Any]:
-    """The tenant table, created with one default tenant on first use."""
-    path = os.path.join(state_dir, "tenants.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            doc: dict[str, Any] = json.load(f)
-            return doc
-    account = "".join(str(secrets.randbelow(10)) for _ in range(12))
-    doc = {"tenants": [{"name": "default", "account_id": account,
-                        "api_key": "cc_" + secrets.token_hex(16)}]}
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.rename(tmp, path)
-    return doc
 
 
 @dataclass
@@ -114,6 +97,7 @@ class Supervisor:
             json.dump({"version": 1, "cells": cell_eps, "assignments": {}, "overrides": {}}, f)
         router = Component("router", "router", [
             "--cell-map", cell_map_path, "--tenants", os.path.join(self.state_dir, "tenants.json"),
+            "--region", self.region,
         ], f"{self.host}:{self.port}")
         await self._launch(router)
         self._monitors = [asyncio.ensure_future(self._monitor(c)) for c in self.components]
@@ -121,7 +105,11 @@ class Supervisor:
         self.region_doc = {
             "endpoint": f"http://{router.info['host']}:{router.info['port']}",
             "region": self.region, "account_id": default["account_id"],
-            "api_key": default["api_key"], "supervisor_pid": os.getpid(),
+            "access_key_id": default["access_key_id"],
+            "secret_access_key": default["secret_access_key"],
+            # The SDK's one-string credentials ("ACCESS_KEY_ID:SECRET"), kept under the old name.
+            "api_key": f"{default['access_key_id']}:{default['secret_access_key']}",
+            "supervisor_pid": os.getpid(),
             "state_dir": self.state_dir, "started": time.time(),
         }
         self.write_region()

@@ -16,6 +16,7 @@ from typing import Any
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
+from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError
 
 log = logging.getLogger("cellcloud.router")
@@ -32,12 +33,15 @@ control_timeout_s = 30.0
 
 
 class Tenants:
-    """API key -> account id. Replaced by SigV4 credentials with the Lambda API issue."""
+    """Access key id -> (account id, secret), from ``tenants.json`` (reloaded when it changes).
+
+    This table is the router's only state besides the cell map.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._mtime = 0.0
-        self._keys: dict[str, str] = {}
+        self._mtime_ns = -1
+        self._keys: dict[str, tuple[str, str]] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -45,20 +49,33 @@ class Tenants:
             st = os.stat(self.path)
         except FileNotFoundError:
             return
-        if st.st_mtime == self._mtime:
+        if st.st_mtime_ns == self._mtime_ns:
             return
         with open(self.path) as f:
             doc = json.load(f)
-        self._keys = {t["api_key"]: t["account_id"] for t in doc["tenants"]}
-        self._mtime = st.st_mtime
+        self._keys = {t["access_key_id"]: (t["account_id"], t["secret_access_key"])
+                      for t in doc["tenants"] if "access_key_id" in t}
+        self._mtime_ns = st.st_mtime_ns
 
-    def account_for(self, api_key: str) -> str | None:
-        return self._keys.get(api_key)
+    def lookup(self, access_key_id: str) -> tuple[str, str] | None:
+        """(account id, secret) of a key. An unknown key re-reads the table first (one stat), so
+        a tenant created a moment ago is known at once."""
+        found = self._keys.get(access_key_id)
+        if found is None:
+            self.reload()
+            found = self._keys.get(access_key_id)
+        return found
+
+    def secret_for(self, access_key_id: str) -> str | None:
+        found = self.lookup(access_key_id)
+        return found[1] if found else None
 
 
 class Router:
-    def __init__(self, cell_map: CellMap, tenants: Tenants, limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, cell_map: CellMap, tenants: Tenants, limits: Limits = DEFAULT_LIMITS,
+                 region: str = "cc-local-1"):
         self.cell_map = cell_map
+        self.region = region
         self.tenants = tenants
         self.limits = limits
         self._clients: dict[str, Client] = {}
@@ -94,15 +111,11 @@ class Router:
 
     async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, str], bytes]:
         path: str = scope["path"]
-        api_key = ""
-        fwd: dict[str, str] = {}
-        for k, v in scope["headers"]:
-            if k == b"x-api-key":
-                api_key = v.decode("latin-1")
-            elif k in _FORWARDED:
-                fwd[k.decode()] = v.decode("latin-1")
-        account = self.tenants.account_for(api_key) if api_key else None
-        if account is None:
+        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        fwd = {k: v for k, v in headers if k.encode() in _FORWARDED}
+        # Refuse an unknown key before reading a body; the signature needs the body.
+        akid = _access_key_id(headers)
+        if akid is not None and self.tenants.lookup(akid) is None:
             self.counters["unauthenticated"] += 1
             raise LambdaError(403, "UnrecognizedClientException",
                               "The security token included in the request is invalid.")
@@ -110,6 +123,18 @@ class Router:
         body_max = (self.limits.invoke_payload_bytes_max if is_invoke
                     else self.limits.request_body_bytes_max)
         body = await _read_body(receive, body_max, is_invoke)
+        raw_path = scope.get("raw_path") or path.encode()
+        try:
+            verified = sigv4.verify(
+                method=scope["method"], raw_path=raw_path.decode("latin-1"),
+                raw_query=scope["query_string"].decode("latin-1"), headers=headers, body=body,
+                region=self.region, secret_for=self.tenants.secret_for)
+        except LambdaError:
+            self.counters["unauthenticated"] += 1
+            raise
+        found = self.tenants.lookup(verified.access_key_id)
+        assert found is not None
+        account = found[0]
         if path.rstrip("/") == "/cellcloud/v1/status":
             return 200, {"content-type": "application/json"}, json.dumps(
                 await self.status()).encode()
@@ -138,6 +163,15 @@ class Router:
                            "cell_map_version": self.cell_map.version,
                            "counters": dict(self.counters)},
                 "cells": cells}
+
+
+def _access_key_id(headers: list[tuple[str, str]]) -> str | None:
+    for k, v in headers:
+        if k == "authorization":
+            _, _, rest = v.partition("Credential=")
+            akid = rest.partition("/")[0]
+            return akid or None
+    return None
 
 
 async def _read_body(receive: Receive, body_max: int, is_invoke: bool) -> bytes:

@@ -18,7 +18,7 @@ from .app import Router, Tenants
 async def serve(args: argparse.Namespace) -> None:
     with open(args.cell_map) as f:
         cell_map = CellMap.from_wire(json.load(f))
-    router = Router(cell_map, Tenants(args.tenants))
+    router = Router(cell_map, Tenants(args.tenants), region=args.region)
     sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http="httptools", lifespan="off",
                             log_level="warning", access_log=False, server_header=False,
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen", default="127.0.0.1:9009")
     p.add_argument("--cell-map", required=True, help="JSON file with the cell map")
     p.add_argument("--tenants", required=True, help="JSON file with the tenant table")
+    p.add_argument("--region", default="cc-local-1", help="The region name requests are signed for")
     args = p.parse_args(argv)
     runtime.setup_logging("router")
     runtime.run(serve(args))
