@@ -14,18 +14,18 @@ def full_jitter_ms(rng: random.Random, attempt: int, base_ms: int = 5, cap_ms: i
 
 @dataclass
 class RetryBudget:
-    """Each first attempt earns ``ratio`` tokens, each retry spends one; at most
-    ``tokens_max`` banked. Time-free: the budget scales with successful traffic."""
+    """Each first attempt earns ``earn_millitokens``; each retry spends 1000; at most
+    ``millitokens_max`` banked. Integer arithmetic, time-free: the budget scales with traffic."""
 
-    ratio: float = 0.2
-    tokens_max: float = 20.0
-    tokens: float = 10.0
+    earn_millitokens: int = 200
+    millitokens_max: int = 20_000
+    millitokens: int = 10_000
 
     def on_attempt(self) -> None:
-        self.tokens = min(self.tokens_max, self.tokens + self.ratio)
+        self.millitokens = min(self.millitokens_max, self.millitokens + self.earn_millitokens)
 
     def try_spend(self) -> bool:
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.millitokens >= 1000:
+            self.millitokens -= 1000
             return True
         return False
