@@ -96,7 +96,8 @@ class EnvRecord:
 
 class Agent:
     def __init__(self, agent_id: str, state_dir: str, backend: Backend, *, uid_base: int,
-                 envs_max: int = DEFAULT_LIMITS.envs_per_agent_max, region: str = "cc-local-1"):
+                 envs_max: int = DEFAULT_LIMITS.envs_per_agent_max, region: str = "cc-local-1",
+                 pids_max: int = 1024):
         self.agent_id = agent_id
         self.state_dir = state_dir
         self.bundles_dir = os.path.join(state_dir, "bundles")
@@ -105,6 +106,10 @@ class Agent:
         self.uid_base = uid_base
         self.envs_max = envs_max
         self.region = region
+        self.pids_max = pids_max
+        # Tests only (negative controls): isolation layers to switch off. Never set from the
+        # API: create_env builds every EnvSpec itself.
+        self.unsafe_disabled_layers: list[str] = []
         self.envs: dict[str, EnvRecord] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -138,7 +143,8 @@ class Agent:
             environment=dict(fn.get("environment") or {}),
             log_group=f"/aws/lambda/{fn['name']}",
             log_stream=f"{time.strftime('%Y/%m/%d')}/[{fn.get('version', '$LATEST')}]{env_id}",
-            layer_dirs=layer_dirs,
+            layer_dirs=layer_dirs, pids_max=self.pids_max,
+            disabled_layers=list(self.unsafe_disabled_layers),
         )
         cg = cgroups.Cgroup(self.agent_id, env_id)
         try:

@@ -93,6 +93,14 @@ class _LogCapture:
                     del self._buf[: len(self._buf) - log_bytes_max]
                 self._cond.notify_all()
 
+    def repair(self) -> None:
+        """A handler may close fd 1 or 2; give the next invocation working ones again."""
+        for fd in (1, 2):
+            try:
+                os.fstat(fd)
+            except OSError:
+                os.dup2(self._marker_fd, fd)
+
     def write_line(self, text: str) -> None:
         try:
             os.write(self._marker_fd, text.encode() + b"\n")
@@ -213,7 +221,7 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
         req_filter.request_id = request_id
         logs.write_line(f"START RequestId: {request_id} Version: {spec.function_version}")
         t0 = time.monotonic()
-        ok, payload, error_type = _invoke(fn, init_error, spec, msg)
+        ok, payload, error_type = _invoke(fn, init_error, spec, msg, logs)
         duration_ms = (time.monotonic() - t0) * 1000
         max_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         logs.write_line(f"END RequestId: {request_id}")
@@ -226,17 +234,18 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
             report += f"\tInit Duration: {init_ms:.2f} ms"
             first = False
         logs.write_line(report)
+        logs.repair()
         chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
                    "error_type": error_type, "logs": logs.cut(), "duration_ms": duration_ms,
                    "max_rss_kb": max_rss_kb})
 
 
 def _invoke(fn: Any, init_error: dict[str, Any] | None, spec: EnvSpec,
-            msg: dict[str, Any]) -> tuple[bool, bytes, str | None]:
+            msg: dict[str, Any], logs: _LogCapture) -> tuple[bool, bytes, str | None]:
     request_id = msg["id"]
     if init_error is not None:
         err = dict(init_error, requestId=request_id)
-        print(f"[ERROR] {err['errorType']}: {err['errorMessage']}", file=sys.stderr)
+        logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
         return False, json.dumps(err).encode(), "Unhandled"
     try:
         event = json.loads(msg["payload"]) if msg["payload"] else {}
@@ -246,8 +255,9 @@ def _invoke(fn: Any, init_error: dict[str, Any] | None, spec: EnvSpec,
         stack = traceback.format_list(traceback.extract_tb(e.__traceback__)[1:])
         err = {"errorMessage": str(e), "errorType": type(e).__name__,
                "requestId": request_id, "stackTrace": stack}
-        print(f"[ERROR] {type(e).__name__}: {e}\nTraceback (most recent call last):\n"
-              + "".join(stack), file=sys.stderr, end="")
+        # Through our own fd: the handler may have closed or replaced stderr.
+        logs.write_line(f"[ERROR] {type(e).__name__}: {e}\nTraceback (most recent call last):\n"
+                        + "".join(stack).rstrip("\n"))
         return False, json.dumps(err).encode(), "Unhandled"
     try:
         body = json.dumps(result).encode()

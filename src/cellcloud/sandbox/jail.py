@@ -39,6 +39,7 @@ LAYERS = (
     "tmp_size",  # /tmp capped at the ephemeral size
     "uid",  # unprivileged uid/gid unique to the environment, all capabilities dropped
     "no_new_privs",
+    "nondumpable",  # no ptrace or /proc/<pid>/mem access by same-uid processes
     "seccomp",
     "close_fds",
 )
@@ -175,13 +176,15 @@ def enter(spec: EnvSpec, root: str, keep_fds: tuple[int, ...]) -> None:
     if "seccomp" not in off:
         # Loaded while still root, so it does not depend on no_new_privs; nothing below
         # needs a denied call.
-        seccomp_policy.load()
+        seccomp_policy.load(set_no_new_privs="no_new_privs" not in off)
     if "uid" not in off:
         # Drop to the environment's own uid/gid; with it go every capability (no keep-caps).
         os.setgroups([])
         os.setresgid(spec.gid, spec.gid, spec.gid)
         os.setresuid(spec.uid, spec.uid, spec.uid)
         assert os.getuid() == spec.uid and linux.capabilities_effective() == 0
+    # The uid change already made us non-dumpable; say so explicitly (and let tests undo it).
+    linux.prctl(linux.PR_SET_DUMPABLE, 1 if "nondumpable" in off else 0)
 
 
 def _limits(spec: EnvSpec) -> None:

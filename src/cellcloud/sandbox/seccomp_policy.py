@@ -36,8 +36,12 @@ _NEW_NAMESPACE_FLAGS = (
 _DENIED_FAMILIES = (socket.AF_PACKET, socket.AF_NETLINK)
 
 
-def load() -> None:
+def load(*, set_no_new_privs: bool = True) -> None:
+    """Install the filter on the calling thread (and its future children). libseccomp sets
+    no_new_privs with it unless told not to, which only a privileged caller may do."""
     f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    if not set_no_new_privs:
+        f.set_attr(seccomp.Attr.CTL_NNP, 0)
     for name in DENIED:
         try:
             f.add_rule(seccomp.ERRNO(errno.EPERM), name)
