@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from ..core import errors
+from ..core.aliases import check_alias_name
 from ..core.errors import LambdaError
 from ..core.validation import parse_function_ref
-from .cell import Cell
+from .cell import Cell, page_size
+from .store import config_doc
 
 Reply = dict[str, Any]
-Route = Callable[[Cell, dict[str, Any], str, dict[str, list[str]]], Awaitable[Reply]]
+Match = dict[str, str]
+Q = dict[str, list[str]]
+Route = Callable[[Cell, dict[str, Any], Match, Q], Awaitable[Reply]]
+
+log = logging.getLogger("cellcloud.frontend")
 
 _JSON = {"content-type": "application/json"}
 
@@ -47,73 +54,86 @@ def _name(ref: str, account: str) -> str:
     return parsed.name
 
 
+_QUALIFIER = re.compile(r"^[a-zA-Z0-9-_$]{1,128}$")
+
+
 def _qualifier(ref: str, q: dict[str, list[str]]) -> str | None:
+    """The qualifier of a request: the ``Qualifier`` query parameter or the ARN's suffix."""
     parsed = parse_function_ref(unquote(ref))
-    qual = q.get("Qualifier", [None])[0] or parsed.qualifier
-    if qual not in (None, "$LATEST"):
-        raise errors.not_found(f"Function not found: {ref}:{qual} (versions and aliases are not "
-                               "supported yet)")
+    qual = _one(q, "Qualifier") or parsed.qualifier
+    if qual is None:
+        return None
+    if not _QUALIFIER.match(qual) or ("$" in qual and qual != "$LATEST"):
+        raise LambdaError(400, "ValidationException",
+                          f"1 validation error detected: Value '{qual}' at 'qualifier' failed to "
+                          "satisfy constraint: Member must satisfy regular expression pattern: "
+                          "(|[a-zA-Z0-9$_-]+)")
+    if parsed.qualifier is not None and _one(q, "Qualifier") not in (None, parsed.qualifier):
+        raise errors.invalid("The derived qualifier from the function name does not match the "
+                             "specified qualifier.")
     return qual
 
 
-async def create_function(cell: Cell, req: dict[str, Any], ref: str, q: Any) -> Reply:
+def _one(q: dict[str, list[str]], key: str) -> str | None:
+    values = q.get(key)
+    return values[0] if values else None
+
+
+async def create_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     return _reply(201, cell.create_function(req["a"], _json_body(req)))
 
 
-async def get_function(cell: Cell, req: dict[str, Any], ref: str, q: Any) -> Reply:
-    name = _name(ref, req["a"])
-    _qualifier(ref, q)
-    rec = cell.function(req["a"], name)
-    from .store import config_doc
-
-    return _reply(200, {
+async def get_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    rec, _ = cell.resolve(req["a"], name, _qualifier(m["ref"], q))
+    doc: dict[str, Any] = {
         "Configuration": config_doc(rec, cell.region),
         "Code": {"RepositoryType": "S3",
                  "Location": f"/cellcloud/v1/bundles/{rec.code_sha256}"},
         "Tags": rec.tags,
-    })
+    }
+    reserved = cell.reserved(req["a"], name)
+    if reserved is not None:
+        doc["Concurrency"] = {"ReservedConcurrentExecutions": reserved}
+    return _reply(200, doc)
 
 
-async def get_configuration(cell: Cell, req: dict[str, Any], ref: str, q: Any) -> Reply:
-    name = _name(ref, req["a"])
-    _qualifier(ref, q)
-    from .store import config_doc
-
-    return _reply(200, config_doc(cell.function(req["a"], name), cell.region))
+async def get_configuration(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    rec, _ = cell.resolve(req["a"], name, _qualifier(m["ref"], q))
+    return _reply(200, config_doc(rec, cell.region))
 
 
-async def list_functions(cell: Cell, req: dict[str, Any], ref: str, q: dict[str, list[str]]) -> Reply:
-    marker = q.get("Marker", [""])[0]
-    raw = q.get("MaxItems", [str(cell.limits.list_functions_page_max)])[0]
-    try:
-        max_items = int(raw)
-    except ValueError as e:
-        raise errors.invalid("MaxItems must be an integer") from e
-    return _reply(200, cell.list_functions(req["a"], marker, max_items))
+async def list_functions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    version = _one(q, "FunctionVersion")
+    if version not in (None, "ALL"):
+        raise errors.invalid("FunctionVersion must be ALL")
+    return _reply(200, cell.list_functions(req["a"], _one(q, "Marker"),
+                                           page_size(_one(q, "MaxItems")), version == "ALL"))
 
 
-async def update_code(cell: Cell, req: dict[str, Any], ref: str, q: Any) -> Reply:
-    return _reply(200, cell.update_code(req["a"], _name(ref, req["a"]), _json_body(req)))
+async def update_code(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(200, cell.update_code(req["a"], _name(m["ref"], req["a"]), _json_body(req)))
 
 
-async def update_configuration(cell: Cell, req: dict[str, Any], ref: str, q: Any) -> Reply:
-    return _reply(200, cell.update_configuration(req["a"], _name(ref, req["a"]), _json_body(req)))
+async def update_configuration(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(200, cell.update_configuration(req["a"], _name(m["ref"], req["a"]),
+                                                 _json_body(req)))
 
 
-async def delete_function(cell: Cell, req: dict[str, Any], ref: str, q: Any) -> Reply:
-    name = _name(ref, req["a"])
-    _qualifier(ref, q)
-    cell.delete_function(req["a"], name)
+async def delete_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    cell.delete_function(req["a"], name, _qualifier(m["ref"], q))
     return {"s": 204, "h": {}, "b": b""}
 
 
-async def invoke(cell: Cell, req: dict[str, Any], ref: str, q: dict[str, list[str]]) -> Reply:
-    name = _name(ref, req["a"])
-    _qualifier(ref, q)
+async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    qualifier = _qualifier(m["ref"], q)
     headers = req["h"]
     itype = headers.get("x-amz-invocation-type", "RequestResponse")
     if itype == "DryRun":
-        cell.function(req["a"], name)
+        cell.resolve(req["a"], name, qualifier)
         return {"s": 204, "h": {}, "b": b""}
     if itype == "Event":
         # Accepting an async event we could lose would break DESIGN rule 5; the durable async
@@ -124,9 +144,12 @@ async def invoke(cell: Cell, req: dict[str, Any], ref: str, q: dict[str, list[st
     if itype != "RequestResponse":
         raise errors.invalid(f"Unsupported InvocationType {itype!r}")
     log_type = headers.get("x-amz-log-type", "None")
-    res = await cell.invoke(req["a"], name, req["b"] or b"", log_tail=log_type == "Tail")
-    out_headers = {"x-amz-executed-version": "$LATEST", "x-amzn-requestid": res.request_id,
-                   "content-type": "application/json"}
+    if log_type not in ("None", "Tail"):
+        raise errors.invalid(f"Unsupported LogType {log_type!r}")
+    res = await cell.invoke(req["a"], name, req["b"] or b"", log_tail=log_type == "Tail",
+                            qualifier=qualifier)
+    out_headers = {"x-amz-executed-version": res.executed_version,
+                   "x-amzn-requestid": res.request_id, "content-type": "application/json"}
     if res.function_error:
         out_headers["x-amz-function-error"] = res.function_error
     if log_type == "Tail":
@@ -134,28 +157,167 @@ async def invoke(cell: Cell, req: dict[str, Any], ref: str, q: dict[str, list[st
     return {"s": 200, "h": out_headers, "b": res.payload}
 
 
-async def function_logs(cell: Cell, req: dict[str, Any], ref: str, q: dict[str, list[str]]) -> Reply:
+# -- versions ------------------------------------------------------------------------------------
+async def publish_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(201, cell.publish_version(req["a"], _name(m["ref"], req["a"]), _json_body(req)))
+
+
+async def list_versions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(200, cell.list_versions(req["a"], _name(m["ref"], req["a"]), _one(q, "Marker"),
+                                          page_size(_one(q, "MaxItems"))))
+
+
+# -- aliases -------------------------------------------------------------------------------------
+async def create_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(201, cell.create_alias(req["a"], _name(m["ref"], req["a"]), _json_body(req)))
+
+
+async def list_aliases(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(200, cell.list_aliases(req["a"], _name(m["ref"], req["a"]), _one(q, "Marker"),
+                                         page_size(_one(q, "MaxItems")),
+                                         _one(q, "FunctionVersion")))
+
+
+async def get_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    rec = cell.alias(req["a"], _name(m["ref"], req["a"]), check_alias_name(unquote(m["alias"])))
+    return _reply(200, cell.alias_doc(rec))
+
+
+async def update_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(200, cell.update_alias(req["a"], _name(m["ref"], req["a"]),
+                                         check_alias_name(unquote(m["alias"])), _json_body(req)))
+
+
+async def delete_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    cell.delete_alias(req["a"], _name(m["ref"], req["a"]), check_alias_name(unquote(m["alias"])))
+    return {"s": 204, "h": {}, "b": b""}
+
+
+# -- reserved concurrency ------------------------------------------------------------------------
+async def put_concurrency(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(200, cell.put_concurrency(req["a"], _name(m["ref"], req["a"]), _json_body(req)))
+
+
+async def get_concurrency(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    cell.function(req["a"], name)
+    reserved = cell.reserved(req["a"], name)
+    return _reply(200, {} if reserved is None else {"ReservedConcurrentExecutions": reserved})
+
+
+async def delete_concurrency(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    cell.delete_concurrency(req["a"], _name(m["ref"], req["a"]))
+    return {"s": 204, "h": {}, "b": b""}
+
+
+# -- layers --------------------------------------------------------------------------------------
+_LAYER_REF = re.compile(
+    r"^(?:arn:aws[a-zA-Z-]*:lambda:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):layer:)?"
+    r"(?P<name>[a-zA-Z0-9-_]{1,140})$")
+
+
+def _layer_name(cell: Cell, ref: str, account: str) -> str:
+    ref = unquote(ref)
+    match = _LAYER_REF.match(ref)
+    if match is None:
+        raise LambdaError(400, "ValidationException",
+                          f"1 validation error detected: Value '{ref}' at 'layerName' failed to "
+                          "satisfy constraint: Member must satisfy regular expression pattern: "
+                          "(arn:[a-zA-Z0-9-]+:lambda:[a-zA-Z0-9-]+:\\d{12}:layer:[a-zA-Z0-9-_]+)"
+                          "|[a-zA-Z0-9-_]+")
+    if match["account"] is not None and (match["account"] != account
+                                         or match["region"] != cell.region):
+        raise errors.not_found(f"Layer not found: {ref}")
+    return match["name"]
+
+
+def _layer_version_number(raw: str) -> int:
+    if not raw.isdigit() or len(raw) > 12:
+        raise LambdaError(400, "ValidationException",
+                          f"1 validation error detected: Value '{raw}' at 'versionNumber' "
+                          "failed to satisfy constraint: Member must be a number")
+    return int(raw)
+
+
+async def publish_layer_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _layer_name(cell, m["layer"], req["a"])
+    return _reply(201, cell.publish_layer_version(req["a"], name, _json_body(req)))
+
+
+async def get_layer_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _layer_name(cell, m["layer"], req["a"])
+    rec = cell.layer_version(req["a"], name, _layer_version_number(m["version"]))
+    return _reply(200, cell.layer_doc(rec, content=True))
+
+
+async def delete_layer_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _layer_name(cell, m["layer"], req["a"])
+    cell.delete_layer_version(req["a"], name, _layer_version_number(m["version"]))
+    return {"s": 204, "h": {}, "b": b""}
+
+
+async def list_layer_versions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _layer_name(cell, m["layer"], req["a"])
+    return _reply(200, cell.list_layer_versions(req["a"], name, _one(q, "Marker"),
+                                                page_size(_one(q, "MaxItems")),
+                                                _one(q, "CompatibleRuntime")))
+
+
+async def list_layers(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    if _one(q, "find") == "LayerVersion":  # GetLayerVersionByArn
+        arn = _one(q, "Arn") or ""
+        ref, _, version = arn.rpartition(":")
+        name = _layer_name(cell, ref, req["a"]) if ref.startswith("arn:") else _layer_name(
+            cell, arn, "-")
+        rec = cell.layer_version(req["a"], name, _layer_version_number(version))
+        return _reply(200, cell.layer_doc(rec, content=True))
+    return _reply(200, cell.list_layers(req["a"], _one(q, "Marker"),
+                                        page_size(_one(q, "MaxItems")),
+                                        _one(q, "CompatibleRuntime")))
+
+
+# -- cellcloud's own -------------------------------------------------------------------------------
+async def function_logs(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     try:
         limit = max(1, min(1000, int(q.get("limit", ["50"])[0])))
     except ValueError as e:
         raise errors.invalid("limit must be an integer") from e
-    return _reply(200, {"events": cell.logs(req["a"], _name(ref, req["a"]), limit)})
+    return _reply(200, {"events": cell.logs(req["a"], _name(m["ref"], req["a"]), limit)})
 
 
-async def cell_status(cell: Cell, req: dict[str, Any], ref: str, q: Any) -> Reply:
+async def cell_status(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     return _reply(200, await cell.status())
 
 
 _FN = r"(?P<ref>[^/]+)"
+_FNS = r"^/2015-03-31/functions"
+_LAYERS = r"^/2018-10-31/layers"
 ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
-    ("POST", re.compile(r"^/2015-03-31/functions/?$"), create_function),
-    ("GET", re.compile(r"^/2015-03-31/functions/?$"), list_functions),
-    ("GET", re.compile(rf"^/2015-03-31/functions/{_FN}/?$"), get_function),
-    ("DELETE", re.compile(rf"^/2015-03-31/functions/{_FN}/?$"), delete_function),
-    ("GET", re.compile(rf"^/2015-03-31/functions/{_FN}/configuration/?$"), get_configuration),
-    ("PUT", re.compile(rf"^/2015-03-31/functions/{_FN}/configuration/?$"), update_configuration),
-    ("PUT", re.compile(rf"^/2015-03-31/functions/{_FN}/code/?$"), update_code),
-    ("POST", re.compile(rf"^/2015-03-31/functions/{_FN}/invocations/?$"), invoke),
+    ("POST", re.compile(rf"{_FNS}/?$"), create_function),
+    ("GET", re.compile(rf"{_FNS}/?$"), list_functions),
+    ("GET", re.compile(rf"{_FNS}/{_FN}/?$"), get_function),
+    ("DELETE", re.compile(rf"{_FNS}/{_FN}/?$"), delete_function),
+    ("GET", re.compile(rf"{_FNS}/{_FN}/configuration/?$"), get_configuration),
+    ("PUT", re.compile(rf"{_FNS}/{_FN}/configuration/?$"), update_configuration),
+    ("PUT", re.compile(rf"{_FNS}/{_FN}/code/?$"), update_code),
+    ("POST", re.compile(rf"{_FNS}/{_FN}/invocations/?$"), invoke),
+    ("POST", re.compile(rf"{_FNS}/{_FN}/versions/?$"), publish_version),
+    ("GET", re.compile(rf"{_FNS}/{_FN}/versions/?$"), list_versions),
+    ("POST", re.compile(rf"{_FNS}/{_FN}/aliases/?$"), create_alias),
+    ("GET", re.compile(rf"{_FNS}/{_FN}/aliases/?$"), list_aliases),
+    ("GET", re.compile(rf"{_FNS}/{_FN}/aliases/(?P<alias>[^/]+)/?$"), get_alias),
+    ("PUT", re.compile(rf"{_FNS}/{_FN}/aliases/(?P<alias>[^/]+)/?$"), update_alias),
+    ("DELETE", re.compile(rf"{_FNS}/{_FN}/aliases/(?P<alias>[^/]+)/?$"), delete_alias),
+    ("PUT", re.compile(rf"^/2017-10-31/functions/{_FN}/concurrency/?$"), put_concurrency),
+    ("DELETE", re.compile(rf"^/2017-10-31/functions/{_FN}/concurrency/?$"), delete_concurrency),
+    ("GET", re.compile(rf"^/2019-09-30/functions/{_FN}/concurrency/?$"), get_concurrency),
+    ("GET", re.compile(rf"{_LAYERS}/?$"), list_layers),
+    ("POST", re.compile(rf"{_LAYERS}/(?P<layer>[^/]+)/versions/?$"), publish_layer_version),
+    ("GET", re.compile(rf"{_LAYERS}/(?P<layer>[^/]+)/versions/?$"), list_layer_versions),
+    ("GET", re.compile(rf"{_LAYERS}/(?P<layer>[^/]+)/versions/(?P<version>[^/]+)/?$"),
+     get_layer_version),
+    ("DELETE", re.compile(rf"{_LAYERS}/(?P<layer>[^/]+)/versions/(?P<version>[^/]+)/?$"),
+     delete_layer_version),
     ("GET", re.compile(rf"^/cellcloud/v1/functions/{_FN}/logs/?$"), function_logs),
     ("GET", re.compile(r"^/cellcloud/v1/cell/status/?$"), cell_status),
 ]
@@ -174,9 +336,13 @@ async def handle(cell: Cell, req: dict[str, Any]) -> Reply:
             if m != method:
                 continue
             q = parse_qs(req.get("q", ""), keep_blank_values=True)
-            return await route(cell, req, match.groupdict().get("ref", ""), q)
+            return await route(cell, req, match.groupdict(), q)
         if allowed:
             raise LambdaError(405, "MethodNotAllowedException", f"{method} is not allowed on {path}")
         raise LambdaError(404, "UnknownOperationException", f"Unknown operation {method} {path}")
     except LambdaError as e:
         return {"s": e.status, "h": e.headers(), "b": e.body()}
+    except Exception as e:  # a bug: answer Lambda-shaped, log it, keep serving
+        log.exception("unexpected error on %s %s", req.get("m"), req.get("p"))
+        err = LambdaError(500, "ServiceException", f"Internal error: {type(e).__name__}")
+        return {"s": err.status, "h": err.headers(), "b": err.body()}

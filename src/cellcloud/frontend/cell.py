@@ -8,53 +8,189 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import os
+import random
+import re
+import shutil
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
 from typing import Any
 
 from ..core import errors
-from ..core.bundle import inspect_zip
+from ..core.aliases import VERSION, check_alias_name, check_routing, pick_version
+from ..core.bundle import BundleInfo, inspect_zip
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.placement import Create, Placement, Throttle, Use
 from ..core.validation import check_env, check_handler, check_memory, check_name, check_timeout
 from ..transport import Client, RemoteError, TransportError
-from .store import FunctionRecord, FunctionStore, config_doc, function_arn
+from .store import (
+    AliasRecord,
+    FunctionRecord,
+    FunctionStore,
+    LayerVersionRecord,
+    config_doc,
+    function_arn,
+    layer_arn,
+)
 
 log = logging.getLogger("cellcloud.frontend")
 
-SUPPORTED_RUNTIMES = ("python3.11",)
-
+LAYER_VERSION_ARN = re.compile(
+    r"^arn:aws[a-zA-Z-]*:lambda:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):layer:"
+    r"(?P<name>[a-zA-Z0-9-_]{1,140}):(?P<version>[0-9]{1,12})$")
+versions_per_function_max = 10_000
+layer_versions_scan_max = 10_000
 
 def _now_iso() -> str:
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}+0000"
 
 
+#: Runtimes the frontend accepts beyond the host's Pythons (their runtime lives in the bundle).
+CUSTOM_RUNTIMES = ("provided.al2023",)
+python_minors = (11, 12, 13)
+aliases_per_function_max = 250
+layers_per_function_max = 5
+tags_per_function_max = 50
+account_concurrency_max = 1000
+unreserved_concurrency_min = 100
+description_chars_max = 256
+ephemeral_mb_min = 512
+ephemeral_mb_max = 10_240
+page_items_max = 50
+
+
+@functools.cache
+def supported_runtimes() -> tuple[str, ...]:
+    """The runtimes this host can run: each python3.N whose interpreter is on PATH and actually
+    starts (the host's own always), then the custom runtimes. Computed once per process."""
+    found: list[str] = []
+    for minor in python_minors:
+        name = f"python3.{minor}"
+        if sys.version_info[:2] == (3, minor):
+            found.append(name)
+            continue
+        path = shutil.which(name)
+        if path is None:
+            continue
+        try:
+            ok = subprocess.run([path, "-c", "pass"], capture_output=True, timeout=10,
+                                check=False).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if ok:
+            found.append(name)
+    return (*found, *CUSTOM_RUNTIMES)
+
+
+def check_runtime(runtime: object) -> str:
+    allowed = supported_runtimes()
+    if not isinstance(runtime, str) or runtime not in allowed:
+        raise errors.invalid(
+            f"Value {runtime} at 'runtime' failed to satisfy constraint: Member must satisfy "
+            f"enum value set: {list(allowed)} (runtimes found on this host)")
+    return runtime
+
+
+def _validation(message: str) -> LambdaError:
+    return LambdaError(400, "ValidationException", f"1 validation error detected: {message}")
+
+
+def _description(value: object) -> str:
+    if not isinstance(value, str):
+        raise errors.invalid("Description must be a string")
+    if len(value) > description_chars_max:
+        raise _validation(f"Value at 'description' failed to satisfy constraint: Member must "
+                          f"have length less than or equal to {description_chars_max}")
+    return value
+
+
+def _tags(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise errors.invalid("Tags must be a map of string to string")
+    if len(value) > tags_per_function_max:
+        raise errors.invalid(f"A function can have at most {tags_per_function_max} tags")
+    for k, v in value.items():
+        if not isinstance(k, str) or not 1 <= len(k) <= 128 or k.startswith("aws:"):
+            raise errors.invalid(f"Invalid tag key {k!r}: 1-128 characters, not 'aws:'")
+        if not isinstance(v, str) or len(v) > 256:
+            raise errors.invalid(f"Invalid value for tag {k!r}: a string of at most 256 "
+                                 "characters")
+    return dict(value)
+
+
+def _opt_dict(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise errors.invalid(f"{key} must be an object")
+    return value
+
+
+def page_size(raw: str | None) -> int:
+    """MaxItems: 1-10,000 as Lambda's model allows; a page holds at most ``page_items_max``."""
+    if raw is None or raw == "":
+        return page_items_max
+    try:
+        n = int(raw)
+    except ValueError:
+        raise errors.invalid("MaxItems must be an integer") from None
+    if not 1 <= n <= 10_000:
+        raise _validation(f"Value '{n}' at 'maxItems' failed to satisfy constraint: Member must "
+                          "have value between 1 and 10000")
+    return min(n, page_items_max)
+
+
+def _marker(marker: str | None) -> str:
+    if not marker:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(marker.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise errors.invalid("Invalid Marker") from None
+
+
+def _next_marker(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode()
+
+
+def _version_number(version: str) -> int | None:
+    return int(version) if VERSION.match(version) else None
+
+
 class InvokeResult:
-    __slots__ = ("status", "payload", "function_error", "logs", "request_id")
+    __slots__ = ("status", "payload", "function_error", "logs", "request_id", "executed_version")
 
     def __init__(self, payload: bytes, function_error: str | None, logs: bytes,
-                 request_id: str) -> None:
+                 request_id: str, executed_version: str = "$LATEST") -> None:
         self.status = 200
         self.payload = payload
         self.function_error = function_error
         self.logs = logs
         self.request_id = request_id
+        self.executed_version = executed_version
 
 
 class Cell:
     def __init__(self, cell_id: str, store: FunctionStore, agents: dict[str, tuple[str, int]],
                  *, region: str = "cc-local-1", limits: Limits = DEFAULT_LIMITS,
-                 envs_per_agent_max: int = DEFAULT_LIMITS.envs_per_agent_max) -> None:
+                 envs_per_agent_max: int = DEFAULT_LIMITS.envs_per_agent_max,
+                 rng: random.Random | None = None) -> None:
         self.cell_id = cell_id
         self.store = store
         self.region = region
         self.limits = limits
+        self.rng = rng or random.Random()
         self.placement = Placement(env_id_prefix=f"{cell_id}-{os.urandom(4).hex()}",
                                    idle_timeout_ms=limits.env_idle_timeout_ms)
         self.agents = {aid: Client(h, p) for aid, (h, p) in agents.items()}
@@ -62,6 +198,9 @@ class Cell:
             self.placement.add_agent(aid, envs_per_agent_max)
         self._pending_logs: list[tuple[str, str, int, str, bytes]] = []
         self._functions: dict[tuple[str, str], FunctionRecord] = {}
+        self._versions: dict[tuple[str, str, int], FunctionRecord] = {}
+        self._reserved: dict[tuple[str, str], int | None] = {}
+        self._inflight: dict[tuple[str, str], int] = {}
         self.counters = {"invocations": 0, "function_errors": 0, "throttles": 0,
                          "cold_starts": 0, "agent_failures": 0}
 
@@ -77,70 +216,86 @@ class Cell:
             self._functions[key] = rec
         return rec
 
-    def _decode_zip(self, b64: object) -> tuple[bytes, str]:
+    def version(self, account: str, name: str, version: str) -> FunctionRecord:
+        """$LATEST or a published version of a function (ResourceNotFound otherwise)."""
+        latest = self.function(account, name)
+        if version == "$LATEST":
+            return latest
+        number = _version_number(version)
+        rec = self._versions.get((account, name, number)) if number is not None else None
+        if rec is None and number is not None:
+            rec = self.store.get_version(account, name, number)
+            if rec is not None:
+                self._versions[(account, name, number)] = rec
+        if rec is None:
+            raise errors.not_found(
+                f"Function not found: {function_arn(self.region, account, name, version)}")
+        return rec
+
+    def resolve(self, account: str, name: str, qualifier: str | None) -> tuple[FunctionRecord, str]:
+        """The record an invoke runs and the ARN it was invoked as: $LATEST, a version, or an
+        alias (which picks one of its two versions by weight)."""
+        arn = function_arn(self.region, account, name, qualifier)
+        if qualifier is None or qualifier == "$LATEST" or VERSION.match(qualifier):
+            return self.version(account, name, qualifier or "$LATEST"), arn
+        alias = self.alias(account, name, qualifier)
+        chosen = pick_version(alias.function_version, alias.weights, self.rng)
+        return self.version(account, name, chosen), arn
+
+    def _decode_zip(self, b64: object, field_name: str = "Code.ZipFile") -> tuple[bytes, BundleInfo]:
         if not isinstance(b64, str):
-            raise errors.invalid("Code.ZipFile must be a base64-encoded zip file")
+            raise errors.invalid(f"{field_name} must be a base64-encoded zip file")
+        b64_max = (self.limits.zip_bytes_max + 2) // 3 * 4
+        if len(b64) > b64_max:
+            raise LambdaError(
+                413, "RequestEntityTooLargeException",
+                f"Request must be smaller than {b64_max} bytes of base64 for {field_name}")
         try:
             data = base64.b64decode(b64, validate=True)
         except ValueError as e:
-            raise errors.invalid("Code.ZipFile is not valid base64") from e
+            raise errors.invalid(f"{field_name} is not valid base64") from e
         info = inspect_zip(data, self.limits)
         self.store.put_bundle(info.sha256, data)
-        return data, info.sha256
+        return data, info
 
-    def create_function(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
-        name = check_name(doc.get("FunctionName"))
-        runtime = doc.get("Runtime")
-        if runtime not in SUPPORTED_RUNTIMES:
+    def _layers(self, account: str, value: object) -> list[dict[str, Any]]:
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise errors.invalid("Layers must be a list of layer version ARNs")
+        if len(value) > layers_per_function_max:
+            raise errors.invalid(f"Cannot reference more than {layers_per_function_max} layers.")
+        out = []
+        for arn in value:
+            m = LAYER_VERSION_ARN.match(arn)
+            if m is None:
+                raise _validation(f"Value '{arn}' at 'layers' failed to satisfy constraint: "
+                                  "Member must satisfy regular expression pattern: "
+                                  "arn:aws:lambda:REGION:ACCOUNT:layer:NAME:VERSION")
+            rec = None
+            if m.group("region") == self.region and m.group("account") == account:
+                rec = self.store.get_layer_version(account, m.group("name"),
+                                                   int(m.group("version")))
+            if rec is None:
+                raise errors.invalid(f"Layer version {arn} does not exist.")
+            out.append({"arn": arn, "sha256": rec.sha256, "code_size": rec.code_size,
+                        "unzipped": rec.unzipped_size, "layer": rec.name})
+        if len({layer["layer"] for layer in out}) != len(out):
+            raise errors.invalid("Two different versions of the same layer are not allowed.")
+        return out
+
+    def _check_total_size(self, unzipped: int, layers: list[dict[str, Any]]) -> None:
+        total = unzipped + sum(int(layer["unzipped"]) for layer in layers)
+        if total > self.limits.unzipped_bytes_max:
             raise errors.invalid(
-                f"Value {runtime} at 'runtime' failed to satisfy constraint: Member must satisfy "
-                f"enum value set: {list(SUPPORTED_RUNTIMES)} (runtimes found on this host)")
-        handler = check_handler(doc.get("Handler"))
-        memory = check_memory(doc.get("MemorySize", self.limits.memory_mb_default), self.limits)
-        timeout = check_timeout(doc.get("Timeout", self.limits.timeout_s_default), self.limits)
-        env = check_env((doc.get("Environment") or {}).get("Variables"), self.limits)
-        code = doc.get("Code") or {}
-        if "ZipFile" not in code:
-            raise errors.invalid("Code.ZipFile is required (S3 locations are not supported)")
-        if self.store.get(account, name) is not None:
-            raise errors.conflict(f"Function already exist: {name}")
-        if self.store.count(account) >= self.limits.functions_per_tenant_max:
-            raise errors.LambdaError(400, "CodeStorageExceededException",
-                                     "Too many functions in this account")
-        data, sha = self._decode_zip(code["ZipFile"])
-        rec = FunctionRecord(
-            account=account, name=name, runtime=runtime, handler=handler, code_sha256=sha,
-            code_size=len(data), memory_mb=memory, timeout_s=timeout, environment=env,
-            description=str(doc.get("Description", ""))[:256], role=str(doc.get("Role", "")),
-            tags=dict(doc.get("Tags") or {}), revision=1, revision_id=str(uuid.uuid4()),
-            last_modified=_now_iso(),
-        )
-        if not self.store.put_new(rec):
-            raise errors.conflict(f"Function already exist: {name}")
-        return config_doc(rec, self.region)
+                f"Function code combined with layers exceeds the maximum allowed size of "
+                f"{self.limits.unzipped_bytes_max} bytes. The actual size is {total} bytes.")
 
-    def _replace(self, old: FunctionRecord, new: FunctionRecord) -> dict[str, Any]:
-        if not self.store.update(new, old.revision):
-            raise errors.conflict("The function was modified concurrently; retry")
-        self._functions[(new.account, new.name)] = new
-        self._retire(old.key)
-        return config_doc(new, self.region)
-
-    def update_code(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
-        old = self.function(account, name)
-        if "ZipFile" not in doc:
-            raise errors.invalid("ZipFile is required (S3 locations are not supported)")
-        data, sha = self._decode_zip(doc["ZipFile"])
-        new = replace(old, code_sha256=sha, code_size=len(data), revision=old.revision + 1,
-                      revision_id=str(uuid.uuid4()), last_modified=_now_iso())
-        return self._replace(old, new)
-
-    def update_configuration(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
-        old = self.function(account, name)
-        if doc.get("RevisionId") and doc["RevisionId"] != old.revision_id:
-            raise LambdaError(412, "PreconditionFailedException",
-                              "The RevisionId provided does not match the latest RevisionId")
+    def _config_changes(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """Validated FunctionRecord fields for the configuration keys present in ``doc``."""
         changes: dict[str, Any] = {}
+        if "Runtime" in doc:
+            changes["runtime"] = check_runtime(doc["Runtime"])
         if "Handler" in doc:
             changes["handler"] = check_handler(doc["Handler"])
         if "MemorySize" in doc:
@@ -148,39 +303,383 @@ class Cell:
         if "Timeout" in doc:
             changes["timeout_s"] = check_timeout(doc["Timeout"], self.limits)
         if "Environment" in doc:
-            changes["environment"] = check_env((doc["Environment"] or {}).get("Variables"),
+            changes["environment"] = check_env(_opt_dict(doc, "Environment").get("Variables"),
                                                self.limits)
         if "Description" in doc:
-            changes["description"] = str(doc["Description"])[:256]
-        if "Runtime" in doc:
-            if doc["Runtime"] not in SUPPORTED_RUNTIMES:
-                raise errors.invalid(f"Runtime {doc['Runtime']} is not supported on this host")
-            changes["runtime"] = doc["Runtime"]
+            changes["description"] = _description(doc["Description"])
+        if "Role" in doc:
+            if not isinstance(doc["Role"], str) or len(doc["Role"]) > 10_000:
+                raise errors.invalid("Role must be an IAM role ARN")
+            changes["role"] = doc["Role"]
+        if "Layers" in doc:
+            changes["layers"] = self._layers(account, doc["Layers"])
+        if "EphemeralStorage" in doc:
+            size = _opt_dict(doc, "EphemeralStorage").get("Size")
+            if isinstance(size, bool) or not isinstance(size, int) \
+                    or not ephemeral_mb_min <= size <= ephemeral_mb_max:
+                raise errors.invalid(f"EphemeralStorage.Size must be between {ephemeral_mb_min} "
+                                     f"and {ephemeral_mb_max} MB")
+            changes["ephemeral_mb"] = size
+        if "Architectures" in doc and doc["Architectures"] not in (None, ["x86_64"]):
+            raise errors.invalid("Only the x86_64 architecture is supported on this host")
+        if doc.get("PackageType") not in (None, "Zip"):
+            raise errors.invalid("Only PackageType Zip is supported")
+        return changes
+
+    def create_function(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        name = check_name(doc.get("FunctionName"))
+        for required in ("Runtime", "Handler"):
+            if doc.get(required) is None:
+                raise errors.invalid(f"{required} is required for a function of PackageType Zip")
+        changes = self._config_changes(account, doc)
+        code = _opt_dict(doc, "Code")
+        if "ZipFile" not in code:
+            raise errors.invalid("Code.ZipFile is required (S3 locations are not supported)")
+        tags = _tags(doc.get("Tags"))
+        publish = doc.get("Publish", False)
+        if not isinstance(publish, bool):
+            raise errors.invalid("Publish must be a boolean")
+        if self.store.get(account, name) is not None:
+            raise errors.conflict(f"Function already exist: {name}")
+        if self.store.count(account) >= self.limits.functions_per_tenant_max:
+            raise errors.LambdaError(400, "CodeStorageExceededException",
+                                     "Too many functions in this account")
+        data, info = self._decode_zip(code["ZipFile"])
+        self._check_total_size(info.unzipped_bytes, changes.get("layers", []))
+        fields: dict[str, Any] = {"memory_mb": self.limits.memory_mb_default,
+                                  "timeout_s": self.limits.timeout_s_default, **changes}
+        rec = FunctionRecord(
+            account=account, name=name, code_sha256=info.sha256, code_size=len(data),
+            unzipped_size=info.unzipped_bytes, tags=tags, revision=1,
+            revision_id=str(uuid.uuid4()), last_modified=_now_iso(), **fields)
+        if not self.store.put_new(rec):
+            raise errors.conflict(f"Function already exist: {name}")
+        if publish:
+            return config_doc(self._publish(rec, None), self.region)
+        return config_doc(rec, self.region)
+
+    def _replace(self, old: FunctionRecord, new: FunctionRecord) -> FunctionRecord:
+        if not self.store.update(new, old.revision):
+            raise errors.conflict("The function was modified concurrently; retry")
+        self._functions[(new.account, new.name)] = new
+        self._retire(old.key)
+        return new
+
+    @staticmethod
+    def _check_revision(doc: dict[str, Any], current: str) -> None:
+        rid = doc.get("RevisionId")
+        if rid is not None and rid != current:
+            raise LambdaError(412, "PreconditionFailedException",
+                              "The Revision Id provided does not match the latest Revision Id. "
+                              "Call the GetFunction/GetAlias API to retrieve the latest "
+                              "Revision Id")
+
+    def update_code(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
+        old = self.function(account, name)
+        self._check_revision(doc, old.revision_id)
+        if "ZipFile" not in doc:
+            raise errors.invalid("ZipFile is required (S3 locations and images are not "
+                                 "supported)")
+        if doc.get("Architectures") not in (None, ["x86_64"]):
+            raise errors.invalid("Only the x86_64 architecture is supported on this host")
+        data, info = self._decode_zip(doc["ZipFile"], "ZipFile")
+        self._check_total_size(info.unzipped_bytes, old.layers)
+        new = replace(old, code_sha256=info.sha256, code_size=len(data),
+                      unzipped_size=info.unzipped_bytes, revision=old.revision + 1,
+                      revision_id=str(uuid.uuid4()), last_modified=_now_iso())
+        if doc.get("DryRun") is True:
+            return config_doc(new, self.region)
+        new = self._replace(old, new)
+        if doc.get("Publish") is True:
+            return config_doc(self._publish(new, None), self.region)
+        return config_doc(new, self.region)
+
+    def update_configuration(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
+        old = self.function(account, name)
+        self._check_revision(doc, old.revision_id)
+        changes = self._config_changes(account, doc)
+        self._check_total_size(old.unzipped_size, changes.get("layers", old.layers))
         new = replace(old, **changes, revision=old.revision + 1, revision_id=str(uuid.uuid4()),
                       last_modified=_now_iso())
-        return self._replace(old, new)
+        return config_doc(self._replace(old, new), self.region)
 
-    def delete_function(self, account: str, name: str) -> None:
+    def delete_function(self, account: str, name: str, qualifier: str | None = None) -> None:
         old = self.function(account, name)
+        if qualifier is not None:
+            number = _version_number(qualifier)
+            if number is None:
+                raise errors.invalid(f"Deletion of {qualifier} is not supported; delete the "
+                                     "function, or one of its published versions")
+            rec = self.version(account, name, qualifier)
+            users = [a.alias for a in self._all_aliases(account, name)
+                     if a.function_version == qualifier or qualifier in a.weights]
+            if users:
+                raise errors.conflict(f"Unable to delete version because the following aliases "
+                                      f"reference it: {users}")
+            self.store.delete_version(account, name, number)
+            self._versions.pop((account, name, number), None)
+            self._retire(rec.key)
+            return
+        versions = self.store.list_versions(account, name, 0, versions_per_function_max)
         self.store.delete(account, name)
         self._functions.pop((account, name), None)
+        self._reserved.pop((account, name), None)
         self._retire(old.key)
+        for v in versions:
+            self._versions.pop((account, name, int(v.version)), None)
+            self._retire(v.key)
 
-    def list_functions(self, account: str, marker: str, max_items: int) -> dict[str, Any]:
-        if not 1 <= max_items <= self.limits.list_functions_page_max:
-            raise errors.invalid(
-                f"MaxItems must be between 1 and {self.limits.list_functions_page_max}")
-        after = ""
-        if marker:
-            try:
-                after = base64.urlsafe_b64decode(marker.encode()).decode()
-            except (ValueError, UnicodeDecodeError) as e:
-                raise errors.invalid("Invalid Marker") from e
+    def list_functions(self, account: str, marker: str | None, max_items: int,
+                       all_versions: bool = False) -> dict[str, Any]:
+        after = _marker(marker)
         recs = self.store.list_page(account, after, max_items + 1)
-        out: dict[str, Any] = {
-            "Functions": [config_doc(r, self.region) for r in recs[:max_items]]}
+        out: dict[str, Any] = {"Functions": []}
+        for r in recs[:max_items]:
+            out["Functions"].append(config_doc(r, self.region, qualify_latest=all_versions))
+            if all_versions:
+                out["Functions"] += [config_doc(v, self.region) for v in
+                                     self.store.list_versions(account, r.name, 0, page_items_max)]
         if len(recs) > max_items:
-            out["NextMarker"] = base64.urlsafe_b64encode(recs[max_items - 1].name.encode()).decode()
+            out["NextMarker"] = _next_marker(recs[max_items - 1].name)
+        return out
+
+    # -- versions --------------------------------------------------------------------------------
+    def _publish(self, latest: FunctionRecord, description: str | None) -> FunctionRecord:
+        published = self.store.list_versions(latest.account, latest.name, 0,
+                                             versions_per_function_max)
+        if published:
+            last = published[-1]
+            # Nothing changed since the last version: Lambda hands that one back.
+            if (last.code_sha256, last.revision) == (latest.code_sha256, latest.revision):
+                return last
+        if len(published) >= versions_per_function_max:
+            raise LambdaError(400, "CodeStorageExceededException",
+                              f"A function can have at most {versions_per_function_max} "
+                              "versions")
+        snapshot = replace(latest, description=latest.description if description is None
+                           else description, revision_id=str(uuid.uuid4()))
+        return self.store.publish_version(snapshot)
+
+    def publish_version(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
+        latest = self.function(account, name)
+        self._check_revision(doc, latest.revision_id)
+        sha = doc.get("CodeSha256")
+        if sha is not None and sha != config_doc(latest, self.region)["CodeSha256"]:
+            raise errors.invalid(f"CodeSHA256 ({sha}) is different from current CodeSHA256 in "
+                                 "$LATEST. Please try again with the CodeSHA256 in $LATEST.")
+        description = _description(doc["Description"]) if doc.get("Description") else None
+        return config_doc(self._publish(latest, description), self.region)
+
+    def list_versions(self, account: str, name: str, marker: str | None,
+                      max_items: int) -> dict[str, Any]:
+        latest = self.function(account, name)
+        after_raw = _marker(marker)
+        items: list[dict[str, Any]] = []
+        if not after_raw:
+            items.append(config_doc(latest, self.region, qualify_latest=True))
+            after = 0
+        else:
+            try:
+                after = int(after_raw)
+            except ValueError:
+                raise errors.invalid("Invalid Marker") from None
+        room = max_items - len(items)
+        recs = self.store.list_versions(account, name, after, room + 1)
+        items += [config_doc(r, self.region) for r in recs[:room]]
+        out: dict[str, Any] = {"Versions": items}
+        if len(recs) > room:
+            out["NextMarker"] = _next_marker(str(recs[room - 1].version) if room > 0 else "0")
+        return out
+
+    # -- aliases ---------------------------------------------------------------------------------
+    def alias(self, account: str, name: str, alias: str) -> AliasRecord:
+        self.function(account, name)
+        rec = self.store.get_alias(account, name, alias)
+        if rec is None:
+            raise errors.not_found(
+                f"Alias not found: {function_arn(self.region, account, name, alias)}")
+        return rec
+
+    def _all_aliases(self, account: str, name: str) -> list[AliasRecord]:
+        return self.store.list_aliases(account, name, "", aliases_per_function_max + 1)
+
+    def alias_doc(self, rec: AliasRecord) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "AliasArn": function_arn(self.region, rec.account, rec.name, rec.alias),
+            "Name": rec.alias, "FunctionVersion": rec.function_version,
+            "Description": rec.description, "RevisionId": rec.revision_id}
+        if rec.weights:
+            doc["RoutingConfig"] = {"AdditionalVersionWeights": dict(rec.weights)}
+        return doc
+
+    def _check_alias_target(self, account: str, name: str, primary: object,
+                            routing: object) -> tuple[str, dict[str, float]]:
+        if not isinstance(primary, str) or not (primary == "$LATEST" or VERSION.match(primary)):
+            raise _validation(f"Value '{primary}' at 'functionVersion' failed to satisfy "
+                              "constraint: Member must satisfy regular expression pattern: "
+                              "(\\$LATEST|[0-9]+)")
+        self.version(account, name, primary)
+        weights = check_routing(primary, routing)
+        for v in weights:
+            self.version(account, name, v)
+        return primary, weights
+
+    def create_alias(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
+        self.function(account, name)
+        alias = check_alias_name(doc.get("Name"))
+        primary, weights = self._check_alias_target(account, name, doc.get("FunctionVersion"),
+                                                    doc.get("RoutingConfig"))
+        description = _description(doc.get("Description") or "")
+        if len(self._all_aliases(account, name)) >= aliases_per_function_max:
+            raise LambdaError(400, "AliasLimitExceededException",
+                              f"A function can have at most {aliases_per_function_max} aliases")
+        rec = AliasRecord(account, name, alias, primary, description, weights, str(uuid.uuid4()))
+        if not self.store.put_alias(rec, new=True):
+            raise errors.conflict(
+                f"Alias already exists: {function_arn(self.region, account, name, alias)}")
+        return self.alias_doc(rec)
+
+    def update_alias(self, account: str, name: str, alias: str,
+                     doc: dict[str, Any]) -> dict[str, Any]:
+        old = self.alias(account, name, alias)
+        self._check_revision(doc, old.revision_id)
+        primary = doc.get("FunctionVersion") or old.function_version
+        routing = doc["RoutingConfig"] if "RoutingConfig" in doc else (
+            {"AdditionalVersionWeights": old.weights} if old.weights else None)
+        primary, weights = self._check_alias_target(account, name, primary, routing)
+        description = (_description(doc["Description"]) if "Description" in doc
+                       else old.description)
+        new = replace(old, function_version=primary, weights=weights, description=description,
+                      revision_id=str(uuid.uuid4()))
+        if not self.store.put_alias(new, new=False):
+            raise errors.conflict("The alias was modified concurrently; retry")
+        return self.alias_doc(new)
+
+    def delete_alias(self, account: str, name: str, alias: str) -> None:
+        self.function(account, name)
+        self.store.delete_alias(account, name, alias)  # idempotent, as Lambda's
+
+    def list_aliases(self, account: str, name: str, marker: str | None, max_items: int,
+                     function_version: str | None) -> dict[str, Any]:
+        self.function(account, name)
+        out: dict[str, Any] = {"Aliases": []}
+        for r in self.store.list_aliases(account, name, _marker(marker),
+                                         aliases_per_function_max + 1):
+            if function_version and r.function_version != function_version \
+                    and function_version not in r.weights:
+                continue
+            if len(out["Aliases"]) == max_items:
+                out["NextMarker"] = _next_marker(out["Aliases"][-1]["Name"])
+                break
+            out["Aliases"].append(self.alias_doc(r))
+        return out
+
+    # -- reserved concurrency --------------------------------------------------------------------
+    def reserved(self, account: str, name: str) -> int | None:
+        key = (account, name)
+        if key not in self._reserved:
+            self._reserved[key] = self.store.get_concurrency(account, name)
+        return self._reserved[key]
+
+    def put_concurrency(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
+        self.function(account, name)
+        n = doc.get("ReservedConcurrentExecutions")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise errors.invalid("ReservedConcurrentExecutions must be an integer >= 0")
+        others = self.store.reserved_total(account, name)
+        if others + n > account_concurrency_max - unreserved_concurrency_min:
+            raise errors.invalid(
+                f"Specified ReservedConcurrentExecutions for function decreases account's "
+                f"UnreservedConcurrentExecution below its minimum value of "
+                f"[{unreserved_concurrency_min}].")
+        self.store.put_concurrency(account, name, n)
+        self._reserved[(account, name)] = n
+        return {"ReservedConcurrentExecutions": n}
+
+    def delete_concurrency(self, account: str, name: str) -> None:
+        self.function(account, name)
+        self.store.put_concurrency(account, name, None)
+        self._reserved[(account, name)] = None
+
+    # -- layers ----------------------------------------------------------------------------------
+    def layer_doc(self, rec: LayerVersionRecord, *, content: bool) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "LayerVersionArn": layer_arn(self.region, rec.account, rec.name, rec.version),
+            "Version": rec.version, "Description": rec.description,
+            "CreatedDate": rec.created_date, "CompatibleRuntimes": rec.compatible_runtimes,
+            "CompatibleArchitectures": rec.compatible_architectures,
+            "LicenseInfo": rec.license_info}
+        if content:
+            doc["LayerArn"] = layer_arn(self.region, rec.account, rec.name)
+            doc["Content"] = {
+                "Location": f"/cellcloud/v1/bundles/{rec.sha256}",
+                "CodeSha256": base64.b64encode(bytes.fromhex(rec.sha256)).decode(),
+                "CodeSize": rec.code_size}
+        return doc
+
+    def publish_layer_version(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
+        content = _opt_dict(doc, "Content")
+        if "ZipFile" not in content:
+            raise errors.invalid("Content.ZipFile is required (S3 locations are not supported)")
+        runtimes = doc.get("CompatibleRuntimes") or []
+        archs = doc.get("CompatibleArchitectures") or []
+        if not isinstance(runtimes, list) or len(runtimes) > 15 or \
+                not all(isinstance(r, str) and 0 < len(r) <= 64 for r in runtimes):
+            raise errors.invalid("CompatibleRuntimes must be a list of at most 15 runtimes")
+        if not isinstance(archs, list) or len(archs) > 2 or \
+                not all(a in ("x86_64", "arm64") for a in archs):
+            raise errors.invalid("CompatibleArchitectures must be a list of x86_64 and arm64")
+        license_info = doc.get("LicenseInfo") or ""
+        if not isinstance(license_info, str) or len(license_info) > 512:
+            raise errors.invalid("LicenseInfo must be a string of at most 512 characters")
+        description = _description(doc.get("Description") or "")
+        data, info = self._decode_zip(content["ZipFile"], "Content.ZipFile")
+        rec = self.store.publish_layer_version(LayerVersionRecord(
+            account, name, 0, info.sha256, len(data), info.unzipped_bytes, description,
+            list(runtimes), list(archs), license_info, _now_iso()))
+        return self.layer_doc(rec, content=True)
+
+    def layer_version(self, account: str, name: str, version: int) -> LayerVersionRecord:
+        rec = self.store.get_layer_version(account, name, version)
+        if rec is None:
+            raise errors.not_found(
+                f"Layer version {layer_arn(self.region, account, name, version)} does not exist.")
+        return rec
+
+    def delete_layer_version(self, account: str, name: str, version: int) -> None:
+        # Idempotent, as Lambda's; functions that use it keep their copy (bundles are by digest).
+        self.store.delete_layer_version(account, name, version)
+
+    def list_layer_versions(self, account: str, name: str, marker: str | None, max_items: int,
+                            runtime: str | None) -> dict[str, Any]:
+        raw = _marker(marker)
+        try:
+            before = int(raw) if raw else 1 << 62
+        except ValueError:
+            raise errors.invalid("Invalid Marker") from None
+        out: dict[str, Any] = {"LayerVersions": []}
+        for r in self.store.list_layer_versions(account, name, before, layer_versions_scan_max):
+            if runtime and runtime not in r.compatible_runtimes:
+                continue
+            if len(out["LayerVersions"]) == max_items:
+                out["NextMarker"] = _next_marker(str(out["LayerVersions"][-1]["Version"]))
+                break
+            out["LayerVersions"].append(self.layer_doc(r, content=False))
+        return out
+
+    def list_layers(self, account: str, marker: str | None, max_items: int,
+                    runtime: str | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"Layers": []}
+        names = self.store.list_layer_names(account, _marker(marker), max_items + 1)
+        for layer_name in names[:max_items]:
+            newest = self.list_layer_versions(account, layer_name, None, 1, runtime)
+            if newest["LayerVersions"]:
+                out["Layers"].append({
+                    "LayerName": layer_name,
+                    "LayerArn": layer_arn(self.region, account, layer_name),
+                    "LatestMatchingVersion": newest["LayerVersions"][0]})
+        if len(names) > max_items:
+            out["NextMarker"] = _next_marker(names[max_items - 1])
         return out
 
     def _retire(self, function_key: str) -> None:
@@ -188,8 +687,9 @@ class Cell:
             self._destroy_soon(d.env_id, d.agent_id)
 
     # -- the invoke path ---------------------------------------------------------------------
-    async def invoke(self, account: str, name: str, payload: bytes, *, log_tail: bool) -> InvokeResult:
-        rec = self.function(account, name)
+    async def invoke(self, account: str, name: str, payload: bytes, *, log_tail: bool,
+                     qualifier: str | None = None) -> InvokeResult:
+        rec, invoked_arn = self.resolve(account, name, qualifier)
         if len(payload) > self.limits.invoke_payload_bytes_max:
             raise LambdaError(
                 413, "RequestEntityTooLargeException",
@@ -201,13 +701,32 @@ class Cell:
             except (ValueError, UnicodeDecodeError) as e:
                 raise LambdaError(400, "InvalidRequestContentException",
                                   f"Could not parse request body into json: {e}") from e
+        # Reserved concurrency is the function's, over all its versions: count in-flight
+        # invokes here (the placement's own limit is per version).
+        reserved = self.reserved(account, name)
+        fkey = (account, name)
+        if reserved is not None and self._inflight.get(fkey, 0) >= reserved:
+            self.counters["throttles"] += 1
+            raise errors.too_many(
+                f"Rate Exceeded. Reserved concurrency of {reserved} reached for {name}.",
+                "ReservedFunctionConcurrentInvocationLimitExceeded")
+        self._inflight[fkey] = self._inflight.get(fkey, 0) + 1
+        try:
+            return await self._invoke_placed(rec, invoked_arn, payload, log_tail, reserved)
+        finally:
+            self._inflight[fkey] -= 1
+            if not self._inflight[fkey]:
+                del self._inflight[fkey]
+
+    async def _invoke_placed(self, rec: FunctionRecord, invoked_arn: str, payload: bytes,
+                             log_tail: bool, reserved: int | None) -> InvokeResult:
         request_id = str(uuid.uuid4())
         self.counters["invocations"] += 1
         # One retry, here and only here, and only when the failure happened before the handler
         # could have run (an agent that could not be reached or could not start the env).
         for attempt in (0, 1):
             decision = self.placement.acquire(
-                rec.key, rec.concurrency_max or self.limits.function_concurrency_default,
+                rec.key, reserved or self.limits.function_concurrency_default,
                 int(time.time() * 1000))
             if isinstance(decision, Throttle):
                 self.counters["throttles"] += 1
@@ -220,7 +739,8 @@ class Cell:
                     if attempt == 0:
                         continue
                     raise errors.service("No agent could start an execution environment") from None
-            return await self._invoke_on(rec, decision, request_id, payload, log_tail)
+            return await self._invoke_on(rec, decision, request_id, payload, log_tail,
+                                         invoked_arn)
         raise AssertionError("unreachable")
 
     async def _create_env(self, rec: FunctionRecord, decision: Create) -> None:
@@ -232,7 +752,8 @@ class Cell:
                 "name": rec.name, "arn": function_arn(self.region, rec.account, rec.name),
                 "handler": rec.handler, "runtime": rec.runtime, "memory_mb": rec.memory_mb,
                 "timeout_s": rec.timeout_s, "environment": rec.environment,
-                "ephemeral_mb": rec.ephemeral_mb, "version": "$LATEST",
+                "ephemeral_mb": rec.ephemeral_mb, "version": rec.version,
+                "layers": [layer["sha256"] for layer in rec.layers],
             },
         }
         timeout_s = self.limits.env_create_timeout_ms / 1000 + 5
@@ -262,14 +783,14 @@ class Cell:
         self.placement.created(decision.env_id, int(time.time() * 1000))
 
     async def _invoke_on(self, rec: FunctionRecord, decision: Use | Create, request_id: str,
-                         payload: bytes, log_tail: bool) -> InvokeResult:
+                         payload: bytes, log_tail: bool, invoked_arn: str) -> InvokeResult:
         client = self.agents[decision.agent_id]
         timeout_ms = rec.timeout_s * 1000
         try:
             res = await client.call("invoke", {
                 "env_id": decision.env_id, "request_id": request_id, "payload": payload,
                 "timeout_ms": timeout_ms,
-                "arn": function_arn(self.region, rec.account, rec.name),
+                "arn": invoked_arn,
             }, timeout_s=timeout_ms / 1000 + self.limits.agent_call_timeout_ms / 1000)
         except TransportError as e:
             # The handler may have run: no retry (sync invokes run at most once on our side).
@@ -291,7 +812,8 @@ class Cell:
         if res["function_error"]:
             self.counters["function_errors"] += 1
         return InvokeResult(res["payload"], res["function_error"],
-                            logs[-self.limits.log_tail_bytes:] if log_tail else b"", request_id)
+                            logs[-self.limits.log_tail_bytes:] if log_tail else b"", request_id,
+                            rec.version)
 
     def _discard(self, env_id: str) -> None:
         d = self.placement.discard(env_id)
