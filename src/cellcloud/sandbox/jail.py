@@ -89,7 +89,7 @@ def _write(path: str, text: str, mode: int = 0o644) -> None:
     os.chmod(path, mode)
 
 
-def build_root(spec: EnvSpec, root: str, trees: list[str]) -> None:
+def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | None = None) -> None:
     """Assemble the environment's root filesystem on a fresh tmpfs mounted at ``root``."""
     off = spec.disabled_layers
     nosuid = 0 if "nosuid" in off else linux.MS_NOSUID | linux.MS_NODEV
@@ -116,9 +116,17 @@ def build_root(spec: EnvSpec, root: str, trees: list[str]) -> None:
     os.makedirs(root + "/var/runtime", exist_ok=True)
     # /tmp: private and writable, capped at the function's ephemeral storage.
     os.makedirs(root + "/tmp", exist_ok=True)
-    size = "" if "tmp_size" in off else f"size={spec.ephemeral_mb}m,"
-    linux.mount("tmpfs", root + "/tmp", "tmpfs", nosuid,
-                f"{size}mode=0700,uid={spec.uid},gid={spec.gid}")
+    if tmp_device is not None:
+        # A private ext4 of the ephemeral size (ephemeral.py): full means ENOSPC, and its
+        # pages are not charged to the function's memory cgroup the way tmpfs pages are.
+        linux.mount(tmp_device, root + "/tmp", "ext4", nosuid)
+        os.rmdir(root + "/tmp/lost+found")
+        os.chown(root + "/tmp", spec.uid, spec.gid)
+        os.chmod(root + "/tmp", 0o700)
+    else:
+        size = "" if "tmp_size" in off else f"size={spec.ephemeral_mb}m,"
+        linux.mount("tmpfs", root + "/tmp", "tmpfs", nosuid,
+                    f"{size}mode=0700,uid={spec.uid},gid={spec.gid}")
     os.makedirs(root + "/dev", exist_ok=True)
     linux.mount("tmpfs", root + "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=0755")
     for dev in _DEVICES:
@@ -140,12 +148,13 @@ def build_root(spec: EnvSpec, root: str, trees: list[str]) -> None:
     os.makedirs(root + "/.old_root", exist_ok=True)
 
 
-def enter(spec: EnvSpec, root: str, keep_fds: tuple[int, ...]) -> None:
+def enter(spec: EnvSpec, root: str, keep_fds: tuple[int, ...],
+          tmp_device: str | None = None) -> None:
     """Everything from the mount namespace to the seccomp filter. Raises on any failed step:
     an environment that is not fully jailed never runs function code."""
     off = spec.disabled_layers
     if "mount_ns" not in off:
-        build_root(spec, root, runtime_trees())
+        build_root(spec, root, runtime_trees(), tmp_device)
         os.chdir(root)
         linux.pivot_root(".", ".old_root")
         os.chdir("/")

@@ -13,6 +13,7 @@ pid namespace — reports B's host pid and exits. B jails itself and becomes the
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import msgpack
 
 from . import cgroups, guest, jail, linux
+from .ephemeral import LoopPool
 from .spec import EnvSpec
 
 spec_bytes_max = 256 * 1024
@@ -37,8 +39,18 @@ def _reap(*_: Any) -> None:
             return
 
 
-def spawn(spec: EnvSpec, chan_fd: int, root: str) -> int:
+def spawn(spec: EnvSpec, chan_fd: int, root: str, pool: LoopPool | None = None) -> int:
     """Start one environment; returns its host pid (the pid 1 of its namespaces)."""
+    tmp_device: str | None = None
+    loop_fd = -1
+    if pool is not None and pool.available and "tmp_size" not in spec.disabled_layers:
+        pool.want(spec.ephemeral_mb)
+        try:
+            loop = pool.take(spec.ephemeral_mb)
+            tmp_device, loop_fd = loop.path, loop.fd
+        except OSError as e:  # no loop devices here: fall back to a sized tmpfs
+            pool.available = False
+            sys.stderr.write(f"zygote: disk-backed /tmp unavailable ({e}); using tmpfs\n")
     r, w = os.pipe()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     try:
@@ -61,13 +73,15 @@ def spawn(spec: EnvSpec, chan_fd: int, root: str) -> int:
                     os.close(w)
                     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    _become_environment(spec, chan_fd, root)
+                    _become_environment(spec, chan_fd, root, tmp_device)
                 os.write(w, b"%d" % pid_b)
                 os._exit(0)
             except BaseException:
                 os.write(w, ("E" + traceback.format_exc()[-2000:]).encode())
                 os._exit(1)
         os.close(w)
+        if loop_fd >= 0:
+            os.close(loop_fd)  # the environment holds it now (and then its mount does)
         data = b""
         while chunk := os.read(r, 4096):
             data += chunk
@@ -80,9 +94,9 @@ def spawn(spec: EnvSpec, chan_fd: int, root: str) -> int:
     return int(data)
 
 
-def _become_environment(spec: EnvSpec, chan_fd: int, root: str) -> None:
+def _become_environment(spec: EnvSpec, chan_fd: int, root: str, tmp_device: str | None) -> None:
     try:
-        jail.enter(spec, root, keep_fds=(chan_fd,))
+        jail.enter(spec, root, keep_fds=(chan_fd,), tmp_device=tmp_device)
     except BaseException:
         # The environment never ran function code; say why on its channel and vanish.
         try:
@@ -101,10 +115,15 @@ def _become_environment(spec: EnvSpec, chan_fd: int, root: str) -> None:
         os._exit(1)
 
 
-def serve(ctl: socket.socket, root: str) -> None:
+def serve(ctl: socket.socket, root: str, pool: LoopPool | None = None) -> None:
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGCHLD, _reap)
     while True:
+        # Idle time tops up the pool of ready /tmp devices, one at a time, never delaying a
+        # spawn request by more than one device's set-up.
+        while pool is not None and not select.select([ctl], [], [], 0)[0]:
+            if not pool.refill_one():
+                break
         try:
             msg, fds, _flags, _addr = socket.recv_fds(ctl, spec_bytes_max, 1)
         except InterruptedError:
@@ -115,7 +134,7 @@ def serve(ctl: socket.socket, root: str) -> None:
             if len(fds) != 1:
                 raise ValueError("spawn needs exactly one channel fd")
             spec = EnvSpec.from_wire(msgpack.unpackb(msg, raw=False))
-            reply: dict[str, Any] = {"pid": spawn(spec, fds[0], root)}
+            reply: dict[str, Any] = {"pid": spawn(spec, fds[0], root, pool)}
         except Exception as e:
             reply = {"error": f"{type(e).__name__}: {e}"}
         finally:
@@ -130,7 +149,10 @@ def main() -> None:
     if os.getppid() == 1:  # the agent died before we armed PDEATHSIG
         sys.exit(1)
     ctl = socket.socket(fileno=ctl_fd)
-    serve(ctl, root)
+    pool = LoopPool(root.rstrip("/") + "-ephemeral")
+    if pool.available:
+        pool.want(512)  # Lambda's default ephemeral size
+    serve(ctl, root, pool)
 
 
 if __name__ == "__main__":
