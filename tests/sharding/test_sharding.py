@@ -275,3 +275,22 @@ def test_retries_visit_distinct_workers(shard: list[str], key: str) -> None:
         assert order[0] not in tried
         tried.append(order[0])
     assert sorted(tried) == sorted(shard)
+
+
+@PROPS
+@given(st.integers(2, 4), st.integers(1, 3), seeds, st.lists(keys, min_size=1, max_size=15,
+                                                              unique=True), st.data())
+def test_signature_zoned_add_and_remove_move_one_member(zones: int, per_zone: int,
+                                                        seed: bytes | int, ks: list[str],
+                                                        data: st.DataObject) -> None:
+    k = data.draw(st.integers(1, zones))
+    sharder = SignatureSharder(zoned(zones, per_zone), k, seed)
+    before = {key: sharder.shard(key) for key in ks}
+    new_zone = data.draw(st.sampled_from([f"zone-{z}" for z in range(zones + 1)]))
+    sharder.add_worker(Worker("new", new_zone))
+    for key in ks:
+        after = sharder.shard(key)
+        assert after == before[key] if "new" not in after else \
+            len(set(before[key]) - set(after)) == 1
+    sharder.remove_worker("new")
+    assert {key: sharder.shard(key) for key in ks} == before
