@@ -30,6 +30,15 @@ from . import lockdown
 log = logging.getLogger("cellcloud.agent")
 
 channel_frame_bytes_max = 8 * 1024 * 1024
+env_baseline_bytes = 8 * 1024 * 1024  # what a new idle environment adds, roughly (density bench)
+
+
+def _host_memory_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 8 * 2**30
 
 
 class _EnvChannel(asyncio.Protocol):
@@ -91,13 +100,15 @@ class EnvRecord:
     init_error: dict[str, Any] | None = None
     init_ms: float = 0.0
     last_used_ms: int = 0
+    max_rss_kb: int = 0
     stats: dict[str, int] = field(default_factory=dict)
 
 
 class Agent:
     def __init__(self, agent_id: str, state_dir: str, backend: Backend, *, uid_base: int,
                  envs_max: int = DEFAULT_LIMITS.envs_per_agent_max, region: str = "cc-local-1",
-                 pids_max: int = 1024):
+                 pids_max: int = 1024, memory_budget_mb: int | None = None,
+                 oversubscription: float = 4.0):
         self.agent_id = agent_id
         self.state_dir = state_dir
         self.bundles_dir = os.path.join(state_dir, "bundles")
@@ -107,6 +118,12 @@ class Agent:
         self.envs_max = envs_max
         self.region = region
         self.pids_max = pids_max
+        # Memory admission (Lambda's soft allocation): configured memory may exceed the
+        # budget by the oversubscription ratio, memory actually used may not exceed it.
+        self.memory_budget_bytes = (memory_budget_mb * 2**20 if memory_budget_mb
+                                    else int(_host_memory_bytes() * 0.8))
+        self.oversubscription = oversubscription
+        self.memory_used_bytes = 0  # refreshed by housekeeping from the cgroups
         # Tests only (negative controls): isolation layers to switch off. Never set from the
         # API: create_env builds every EnvSpec itself.
         self.unsafe_disabled_layers: list[str] = []
@@ -127,6 +144,14 @@ class Agent:
             raise OpError("EnvExists", env_id)
         if len(self.envs) >= self.envs_max:
             raise OpError("AgentFull", f"{len(self.envs)} environments; the maximum is {self.envs_max}")
+        memory_mb = int(body["function"]["memory_mb"])
+        committed = sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
+        if committed * 2**20 > self.oversubscription * self.memory_budget_bytes:
+            raise OpError("AgentFull", f"{committed} MB configured would exceed "
+                          f"{self.oversubscription}x the {self.memory_budget_bytes >> 20} MB budget")
+        if self.memory_used_bytes + env_baseline_bytes > self.memory_budget_bytes:
+            raise OpError("HostMemoryExhausted", f"{self.memory_used_bytes >> 20} MB in use of a "
+                          f"{self.memory_budget_bytes >> 20} MB budget")
         pushed: dict[str, bytes] = body.get("bundles") or {}
         bundle_sha = str(body["bundle_sha256"])
         bundle_dir = self._bundle(bundle_sha, pushed.get(bundle_sha))
@@ -217,6 +242,7 @@ class Agent:
             return self._failure("Runtime.ExitError", msg, started, oom=bool(usage.oom_kills))
         rec.busy = False
         rec.last_used_ms = int(time.time() * 1000)
+        rec.max_rss_kb = max(rec.max_rss_kb, int(result.get("max_rss_kb", 0)))
         if result.get("t") != "result" or result.get("id") != request_id:
             self._remove(env_id)
             return self._failure("Runtime.InvalidResponse", "the runtime answered out of turn",
@@ -253,18 +279,25 @@ class Agent:
         envs = []
         for env_id, rec in self.envs.items():
             u = rec.cgroup.usage()
+            fp = cgroups.footprint(rec.cgroup.pids() or [rec.spawned.pid])
             envs.append({
                 "env_id": env_id, "function": rec.spec.function_name,
                 "function_key": rec.function_key, "pid": rec.spawned.pid, "busy": rec.busy,
                 "invocations": rec.invocations, "memory_mb": rec.spec.memory_mb,
                 "memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes,
                 "cpu_ns": u.cpu_ns, "uid": rec.spec.uid, "created_ms": rec.created_ms,
+                "uss_bytes": fp.uss_bytes, "pss_bytes": fp.pss_bytes, "rss_bytes": fp.rss_bytes,
+                "processes": fp.processes, "max_rss_kb": rec.max_rss_kb,
             })
         return {
             "agent_id": self.agent_id, "backend": self.backend.name, "pid": os.getpid(),
             "envs_max": self.envs_max, "envs": envs, "counters": dict(self.counters),
             "seccomp": lockdown.seccomp_mode(), "started_ms": self.started_ms,
             "cgroup_version": cgroups.version(),
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "memory_used_bytes": self.memory_used_bytes,
+            "memory_committed_bytes": sum(r.spec.memory_mb for r in self.envs.values()) * 2**20,
+            "oversubscription": self.oversubscription,
         }
 
     # -- internals --------------------------------------------------------------------------
@@ -311,6 +344,7 @@ class Agent:
         while True:
             await asyncio.sleep(1.0)  # a periodic timer, not a wait for a condition
             self._zombie_cgroups = [cg for cg in self._zombie_cgroups if not cg.destroy()]
+            self.memory_used_bytes = sum(r.cgroup.usage().memory_bytes for r in self.envs.values())
 
     def close(self) -> None:
         for env_id in list(self.envs):
@@ -329,7 +363,8 @@ async def serve(args: argparse.Namespace) -> None:
     backend = JailBackend(os.path.join(state_dir, "jailroot"))
     backend.start()  # fork+exec the zygote while we still may
     agent = Agent(args.agent_id, state_dir, backend, uid_base=args.uid_base,
-                  envs_max=args.envs_max, region=args.region)
+                  envs_max=args.envs_max, region=args.region,
+                  memory_budget_mb=args.memory_budget_mb, oversubscription=args.oversubscription)
     sock = runtime.bind_tcp(args.listen)
     if not args.no_lockdown:
         lockdown.lock_down()
@@ -354,6 +389,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--uid-base", type=int, default=200_000)
     p.add_argument("--envs-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
     p.add_argument("--region", default="cc-local-1")
+    p.add_argument("--memory-budget-mb", type=int, default=None,
+                   help="memory environments may really use (default: 80%% of the host's)")
+    p.add_argument("--oversubscription", type=float, default=4.0,
+                   help="configured memory may exceed the budget by this ratio")
     p.add_argument("--no-lockdown", action="store_true", help="tests only: skip seccomp")
     args = p.parse_args(argv)
     from .. import runtime

@@ -34,7 +34,7 @@ class Limits:
 
 @dataclass
 class Usage:
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # the cgroup's charge (anonymous + page cache)
     memory_peak_bytes: int = 0
     cpu_ns: int = 0
     oom_kills: int = 0
@@ -175,6 +175,40 @@ class Cgroup:
             except OSError:
                 ok = False
         return ok
+
+
+@dataclass
+class Footprint:
+    """What an environment really costs, summed over its processes (from smaps_rollup):
+    USS counts pages only it maps (pages still shared with the zygote are excluded), PSS
+    splits shared pages among their mappers."""
+
+    uss_bytes: int = 0
+    pss_bytes: int = 0
+    rss_bytes: int = 0
+    processes: int = 0
+
+
+def footprint(pids: list[int]) -> Footprint:
+    fp = Footprint()
+    for pid in pids:
+        text = _read(f"/proc/{pid}/smaps_rollup")
+        if not text:
+            continue
+        fp.processes += 1
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if not parts or not parts[0].isdigit():
+                continue
+            kb = int(parts[0]) * 1024
+            if key in ("Private_Clean", "Private_Dirty"):
+                fp.uss_bytes += kb
+            elif key == "Pss":
+                fp.pss_bytes += kb
+            elif key == "Rss":
+                fp.rss_bytes += kb
+    return fp
 
 
 def sweep(group: str) -> int:
