@@ -116,3 +116,43 @@ def test_discard_frees_concurrency() -> None:
     assert isinstance(p.acquire("f", 1, 0), Throttle)
     assert p.discard(d.env_id) == Destroy(d.env_id, d.agent_id)
     assert isinstance(p.acquire("f", 1, 0), Create)
+
+
+def test_provisioned_pool_is_created_ahead_used_and_not_reaped() -> None:
+    p = make(agents=2, idle_ms=100)
+    p.set_provisioned("f", 3)
+    creates = p.provision(now_ms=0)
+    assert len(creates) == 3 and {c.agent_id for c in creates} == {"a0", "a1"}
+    assert p.provision(now_ms=0) == []  # already on its way: nothing more
+    for c in creates:
+        p.prewarmed(c.env_id, 0)
+    d = p.acquire("f", 10, now_ms=5)
+    assert isinstance(d, Use) and d.env_id in {c.env_id for c in creates}
+    p.release(d.env_id, 6)
+    assert p.on_tick(10_000) == []  # provisioned environments are never idle-reaped
+
+
+def test_provisioned_envs_do_not_count_against_concurrency_until_used() -> None:
+    p = make()
+    p.set_provisioned("f", 2)
+    for c in p.provision(0):
+        p.prewarmed(c.env_id, 0)
+    a = p.acquire("f", 2, 1)
+    b = p.acquire("f", 2, 1)
+    assert isinstance(a, Use) and isinstance(b, Use)
+    assert isinstance(p.acquire("f", 2, 1), Throttle)
+
+
+def test_lost_provisioned_envs_are_replaced_and_lowering_releases_them() -> None:
+    p = make(agents=2, idle_ms=100)
+    p.set_provisioned("f", 2)
+    creates = p.provision(0)
+    for c in creates:
+        p.prewarmed(c.env_id, 0)
+    p.agent_down(creates[0].agent_id)
+    again = p.provision(1)
+    assert len(again) == 1 and again[0].agent_id != creates[0].agent_id
+    p.prewarmed(again[0].env_id, 1)
+    p.set_provisioned("f", 0)
+    assert p.provision(2) == []
+    assert len(p.on_tick(10_000)) == 2  # now ordinary idle environments, reaped when idle

@@ -27,6 +27,7 @@ class Env:
     last_used_ms: int
     retired: bool = False
     invocations: int = 0
+    provisioned: bool = False  # part of a provisioned-concurrency pool: never idle-reaped
 
 
 @dataclass
@@ -76,6 +77,8 @@ class Placement:
         # function_key -> envs that count against its concurrency (creating or busy).
         self._active: dict[str, int] = {}
         self._per_agent_fn: dict[tuple[str, str], int] = {}
+        # function_key -> provisioned concurrency target (environments kept warm ahead of use).
+        self.provisioned: dict[str, int] = {}
 
     # -- agents -----------------------------------------------------------------------------
     def add_agent(self, agent_id: str, envs_max: int) -> None:
@@ -155,6 +158,51 @@ class Placement:
                 best, best_score = agent, score
         return best
 
+    # -- provisioned concurrency ----------------------------------------------------------------
+    def set_provisioned(self, function_key: str, count: int) -> list[Destroy]:
+        """Keep ``count`` environments of the function ready ahead of traffic. Lowering the
+        target releases the surplus to ordinary idle reaping; returns nothing to destroy now."""
+        assert count >= 0
+        if count:
+            self.provisioned[function_key] = count
+        else:
+            self.provisioned.pop(function_key, None)
+        pool = [e for e in self.envs.values() if e.function_key == function_key and e.provisioned]
+        for env in pool[count:]:
+            env.provisioned = False
+        return []
+
+    def provision(self, now_ms: int, eligible_agents: Iterable[str] | None = None) -> list[Create]:
+        """Environments to create now so every provisioned pool reaches its target. They are
+        created idle: the caller reports them with :meth:`prewarmed` (or :meth:`discard`)."""
+        out: list[Create] = []
+        for function_key, target in sorted(self.provisioned.items()):
+            have = sum(1 for e in self.envs.values()
+                       if e.function_key == function_key and e.provisioned)
+            for _ in range(target - have):
+                agent = self._choose_agent(function_key, eligible_agents)
+                if agent is None:
+                    return out
+                env_id = f"{self._prefix}-{self._next_id}"
+                self._next_id += 1
+                self.envs[env_id] = Env(env_id, function_key, agent.agent_id, "creating",
+                                        now_ms, provisioned=True)
+                agent.envs.add(env_id)
+                key = (agent.agent_id, function_key)
+                self._per_agent_fn[key] = self._per_agent_fn.get(key, 0) + 1
+                out.append(Create(env_id, agent.agent_id))
+        return out
+
+    def prewarmed(self, env_id: str, now_ms: int) -> None:
+        """A provisioned environment is up: it joins the function's idle pool."""
+        env = self.envs.get(env_id)
+        if env is None:
+            return
+        assert env.state == "creating" and env.provisioned, env
+        env.state = "idle"
+        env.last_used_ms = now_ms
+        self._idle.setdefault(env.function_key, []).append(env_id)
+
     def created(self, env_id: str, now_ms: int) -> None:
         env = self.envs[env_id]
         assert env.state == "creating", env
@@ -200,10 +248,14 @@ class Placement:
         out: list[Destroy] = []
         for stack in list(self._idle.values()):
             # Oldest first in the stack; stop at the first one that is still fresh.
-            while stack:
-                env = self.envs[stack[0]]
+            i = 0
+            while i < len(stack):
+                env = self.envs[stack[i]]
                 if now_ms - env.last_used_ms < self.idle_timeout_ms:
                     break
+                if env.provisioned:  # kept warm on purpose
+                    i += 1
+                    continue
                 self._forget(env.env_id)
                 out.append(Destroy(env.env_id, env.agent_id))
         return out
@@ -222,7 +274,7 @@ class Placement:
             stack.remove(env_id)
             if not stack:
                 del self._idle[env.function_key]
-        elif active_counted:
+        elif active_counted and not (env.state == "creating" and env.provisioned):
             self._active[env.function_key] -= 1
 
     def statistics(self) -> dict[str, object]:
@@ -233,4 +285,5 @@ class Placement:
         states: dict[str, int] = {"creating": 0, "idle": 0, "busy": 0}
         for env in self.envs.values():
             states[env.state] += 1
-        return {"agents": per_agent, "envs": states}
+        provisioned = sum(1 for e in self.envs.values() if e.provisioned)
+        return {"agents": per_agent, "envs": states, "provisioned": provisioned}
