@@ -237,6 +237,7 @@ class ReplicaParams:
     reads_pending_max: int = 1024
     log_entries_max: int = 64  # applied entries kept before compacting into a snapshot
     catchup_retry_ms: int = 100
+    accept_retry_ms: int = 200  # resend an unacknowledged Accept after this long
     sessions_max: int = 1024
     # Planted bugs: only tests set these, to prove the simulator and checker catch them.
     bug_accept_lower_ballot: bool = False
@@ -330,6 +331,10 @@ class Replica:
         self.next_slot = 0
         self.first_own_slot = 0
         self.acks: dict[int, set[str]] = {}
+        self.sent_ms: dict[int, int] = {}  # slot -> when we last sent its Accept
+        # A shell that batches sets this: requests only queue, and ``flush`` proposes them
+        # all in one Accept per peer.
+        self.batching = False
         self.waiters: dict[int, list[tuple[str, int]]] = {}
         self.inflight: dict[tuple[int, int], int] = {}  # (client_id, seq) -> slot
         self.queue: deque[Request] = deque()
@@ -339,6 +344,7 @@ class Replica:
         self.read_acks: dict[str, int] = {}
         self.last_ack_ms: dict[str, int] = {}
         self.next_heartbeat_ms = 0
+        self.now_hint_ms = now_ms
         self.counters: dict[str, int] = {
             "elections": 0,
             "commits": 0,
@@ -361,6 +367,8 @@ class Replica:
 
     def _configs_view(self) -> list[tuple[int, Members]]:
         """Membership history: applied configs plus reconfigs in our log beyond them."""
+        if not any(e.cmd["op"] == "reconfig" for e in self.log.values()):
+            return self.sm.configs
         configs = list(self.sm.configs)
         for slot in sorted(s for s in self.log if s > self.sm.applied_index):
             cmd = self.log[slot].cmd
@@ -413,6 +421,7 @@ class Replica:
 
     def on_message(self, msg: Message | Request, now_ms: int) -> list[Action]:
         assert msg.cell == self.cell, (msg.cell, self.cell)
+        self.now_hint_ms = now_ms
         actions: list[Action] = []
         if isinstance(msg, Request):
             self._on_request(msg, now_ms, actions)
@@ -437,6 +446,7 @@ class Replica:
         return actions
 
     def on_tick(self, now_ms: int) -> list[Action]:
+        self.now_hint_ms = now_ms
         actions: list[Action] = []
         if self.role == LEADER:
             if not self.is_member() and self.commit_index >= self.first_own_slot:
@@ -654,6 +664,7 @@ class Replica:
             if e.client_id:
                 self.inflight.pop((e.client_id, e.seq), None)
             self.acks.pop(slot, None)
+            self.sent_ms.pop(slot, None)
         applied = [s for s in self.log if s <= self.sm.applied_index]
         if len(applied) >= self.params.log_entries_max:
             snap = self.sm.snapshot()
@@ -769,6 +780,7 @@ class Replica:
         for e in new_entries:
             self.log[e.slot] = e
             self.acks[e.slot] = {self.node_id}
+            self.sent_ms[e.slot] = now_ms
             if e.client_id:
                 self.inflight[(e.client_id, e.seq)] = e.slot
         actions.append(PersistEntries(self.cell, tuple(new_entries)))
@@ -814,6 +826,7 @@ class Replica:
             self.queue.clear()
             self.reads.clear()
             self.acks = {}
+            self.sent_ms = {}
 
     # ---- proposer: phase 2 ------------------------------------------------------------------
 
@@ -867,6 +880,7 @@ class Replica:
         self.next_slot += 1
         self.log[e.slot] = e
         self.acks[e.slot] = {self.node_id}
+        self.sent_ms[e.slot] = self.now_hint_ms
         return e
 
     def _pump(self, now_ms: int, actions: list[Action]) -> None:
@@ -969,7 +983,16 @@ class Replica:
             self._reply(req, BUSY, None, actions)
             return
         self.queue.append(req)
-        self._pump(now_ms, actions)
+        if not self.batching:
+            self._pump(now_ms, actions)
+
+    def flush(self, now_ms: int) -> list[Action]:
+        """Propose everything queued since the last flush (for shells that batch)."""
+        self.now_hint_ms = now_ms
+        actions: list[Action] = []
+        if self.role == LEADER and self.queue:
+            self._pump(now_ms, actions)
+        return actions
 
     # ---- leader: heartbeats and reads --------------------------------------------------------
 
@@ -982,7 +1005,13 @@ class Replica:
         hb = Heartbeat(
             self.cell, self.node_id, self.ballot, self.commit_index, self.read_round_sent
         )
-        unacked = tuple(self.log[s] for s in sorted(self.acks) if s in self.log)
+        horizon = now_ms - self.params.accept_retry_ms
+        stale = [
+            s for s in sorted(self.acks) if s in self.log and self.sent_ms.get(s, 0) <= horizon
+        ]
+        for s in stale:
+            self.sent_ms[s] = now_ms
+        unacked = tuple(self.log[s] for s in stale)
         for peer in self._peers(self.commit_index + 1, self.next_slot + self.params.alpha_slots):
             actions.append(Send(peer, hb))
             missing = tuple(e for e in unacked if peer not in self.acks[e.slot])

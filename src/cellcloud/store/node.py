@@ -39,7 +39,9 @@ from cellcloud.store.colony import Colony
 from cellcloud.store.durable import SqliteStore
 from cellcloud.store.wire import FrameRejected, decode, encode, read_frame, seal, unseal
 
-ADMIN_TYPES = frozenset({"create_cell", "locate", "stats", "cell_status", "directory", "ping"})
+ADMIN_TYPES = frozenset(
+    {"create_cell", "create_cells", "locate", "stats", "cell_status", "directory", "ping"}
+)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class NodeOptions:
     peer_queue_max: int = 20_000
     replicas_loaded_max: int = 50_000
     connections_max: int = 1_024
+    create_batch_max: int = 20_000
     params: ReplicaParams = field(default_factory=ReplicaParams)
     bug_skip_fsync: bool = False  # planted bug: only tests set it
 
@@ -155,6 +158,7 @@ class Node:
             self.now_ms(),
             durable,
         )
+        r.batching = True
         self.replicas[cell] = r
         self.config_seen[cell] = len(r.sm.configs)
         self.counters["replicas_loaded"] += 1
@@ -259,6 +263,7 @@ class Node:
         gossip: list[dict[str, Any]] = []
         now = self.now_ms()
         ticked = False
+        touched: set[str] = set()
         for kind, payload, token in batch:
             if kind == "tick":
                 if ticked:
@@ -282,6 +287,8 @@ class Node:
                         resp = Response(msg.cell, self.node_id, msg.request_id, NOT_HERE, members)
                         actions.append(Reply(token, resp))
                     continue
+                if isinstance(msg, Request):
+                    touched.add(msg.cell)
                 actions.extend(r.on_message(msg, now))
                 if len(r.sm.configs) != self.config_seen.get(r.cell):
                     self.config_seen[r.cell] = len(r.sm.configs)
@@ -295,10 +302,15 @@ class Node:
                                 "version": eff,
                             }
                         )
+        for cell in touched:
+            busy_replica = self.replicas.get(cell)
+            if busy_replica is not None:
+                actions.extend(busy_replica.flush(now))
         persist = [a for a in actions if isinstance(a, PERSIST_ACTIONS)]
         if persist:
             # Group commit: one fsynced transaction for the whole batch, before any send.
-            await asyncio.to_thread(self.store.persist, persist)
+            # Inline, not in a thread: an fsync here costs ~0.3 ms, a thread hand-off more CPU.
+            self.store.persist(persist)
             self.counters["fsync_batches"] += 1
         for a in actions:
             if isinstance(a, Send):
@@ -334,9 +346,18 @@ class Node:
                     {"t": "directory", "cell": cell, "members": list(initial), "version": 1}
                 )
             return reply | {"ok": True}
+        if t == "create_cells":
+            # Batched creation (one transaction): idle cells live only in SQLite.
+            batch = [(str(c), tuple(m)) for c, m in body["cells"]]
+            if len(batch) > self.options.create_batch_max:
+                return reply | {"ok": False, "error": "over create_batch_max"}
+            if any(len(m) % 2 != 1 or self.node_id not in m for _, m in batch):
+                return reply | {"ok": False, "error": "members must be odd and include node"}
+            created = self.store.create_cells(batch)
+            return reply | {"ok": True, "created": created}
         if t == "locate":
             known = self.store.directory_get(body["cell"])
-            here = self.replicas.get(body["cell"])
+            here = self.replica(body["cell"]) if known is None else self.replicas.get(body["cell"])
             found: list[str] | None = None
             if here is not None:
                 found = list(here.config_for(here.commit_index + 1))

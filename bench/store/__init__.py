@@ -1,0 +1,1 @@
+"""Store benchmarks: ``python -m bench.store`` (see docs/store.md, "Benchmarks")."""
