@@ -81,7 +81,25 @@ async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-# -- small helpers ---------------------------------------------------------------------------
+def serve_bare(fd: int) -> None:
+    """The (b) server process: uvicorn (httptools + uvloop, 1 worker) on an inherited socket."""
+    import uvicorn
+
+    sock = socket.socket(fileno=fd)  # family and type are read from the fd itself
+    config = uvicorn.Config(bare_app, loop="uvloop", http="httptools", lifespan="off",
+                            log_level="warning", access_log=False, server_header=False,
+                            date_header=False, workers=1)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+# -- small helpers -------------------------------------------------------------------------
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Counters that moved: during a warm run any cold start or agent_* means environments
+    were lost (see the doc: another region on the host can sweep this one's cgroups)."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after
+            if after.get(k, 0) != before.get(k, 0)}
+
+
 def pct(sorted_vals: list[float], p: float) -> float:
     if not sorted_vals:
         return float("nan")
@@ -152,7 +170,8 @@ class CpuMeter:
     def per_request_ms(self, requests: int) -> dict[str, float]:
         out = {g: 1000 * s / max(1, requests) for g, s in self.by_group.items()}
         ours = sum(self.by_group.values())
-        out["(all measured)"] = 1000 * ours / max(1, requests)
+        out["(servers)"] = 1000 * sum(v for g, v in self.by_group.items()
+                                      if g != "load generator") / max(1, requests)
         out["_other_processes_cpu_pct"] = 100 * max(0.0, self.system_s - ours) / self.wall_s
         out["_system_cpu_pct"] = 100 * self.system_s / self.wall_s
         return out
@@ -164,6 +183,7 @@ def sequential_latency(host: str, port: int, path: str, headers: dict[str, str],
     conn = http.client.HTTPConnection(host, port, timeout=30)
     hdrs = {"content-type": "application/json", **headers}
     lat: list[float] = []
+    bad: list[str] = []
     try:
         for i in range(warmup + n):
             t0 = time.perf_counter()
@@ -172,7 +192,10 @@ def sequential_latency(host: str, port: int, path: str, headers: dict[str, str],
             data = resp.read()
             dt = time.perf_counter() - t0
             if resp.status != 200 or data.replace(b" ", b"") != EXPECTED.replace(b" ", b""):
-                raise RuntimeError(f"bad answer from {host}:{port}: {resp.status} {data[:200]!r}")
+                bad.append(f"{resp.status} {data[:200]!r}")
+                if len(bad) > max(10, (warmup + n) // 100):
+                    raise RuntimeError(f"too many bad answers from {host}:{port}: {bad[:3]}")
+                continue
             if i >= warmup:
                 lat.append(dt * 1000)
     finally:
@@ -180,7 +203,8 @@ def sequential_latency(host: str, port: int, path: str, headers: dict[str, str],
     s = sorted(lat)
     total_s = sum(lat) / 1000
     return {"n": n, "p50_ms": pct(s, 50), "p99_ms": pct(s, 99), "mean_ms": statistics.fmean(s),
-            "min_ms": s[0], "rps_sequential": n / total_s}
+            "min_ms": s[0], "rps_sequential": len(s) / total_s, "bad_answers": len(bad),
+            "bad_examples": bad[:3]}
 
 
 # -- the load generator for throughput (same for b and c) -------------------------------------
@@ -310,11 +334,10 @@ class BareServer:
         sock.listen(1024)
         host, port = sock.getsockname()
         fd = sock.fileno()
+        # Not `uvicorn --fd`: uvicorn wraps an inherited fd as AF_UNIX (config.py, server.py),
+        # so uvloop would skip TCP_NODELAY and Nagle + delayed ACK would add ~40 ms per request.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "bench.invoke_path:bare_app", "--fd", str(fd),
-             "--http", "httptools", "--loop", "uvloop", "--workers", "1", "--lifespan", "off",
-             "--no-access-log", "--log-level", "warning", "--no-server-header",
-             "--no-date-header"],
+            [sys.executable, "-m", "bench.invoke_path", "--serve-bare", str(fd)],
             pass_fds=(fd,), stdin=subprocess.DEVNULL, cwd=os.getcwd())
         sock.close()  # uvicorn holds it now; if uvicorn dies, our probe fails instead of hanging
         conn = http.client.HTTPConnection(host, port, timeout=30)
@@ -363,7 +386,23 @@ class Region:
     def client(self) -> Any:
         from cellcloud.sdk import Client
 
-        return Client(self.doc["endpoint"], self.doc["api_key"], timeout_s=30)
+        c = Client.from_region(self.home)
+        c.timeout_s = 30
+        return c
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers of one SigV4-signed invoke (valid for 5 minutes). The router verifies the
+        signature of every request in full; replaying one signed request keeps the client's
+        signing cost out of the measurement, as a client that signs in parallel would."""
+        from cellcloud.security import sigv4
+
+        host, port = self.endpoint
+        hdrs = sigv4.sign("POST", f"http://{host}:{port}{INVOKE_PATH}",
+                          {"content-type": "application/json"}, BODY,
+                          access_key_id=self.doc["access_key_id"],
+                          secret_access_key=self.doc["secret_access_key"],
+                          region=self.doc.get("region", "cc-local-1"))
+        return {k: v for k, v in hdrs.items() if k.lower() != "content-type"}
 
     def deploy(self) -> None:
         buf = io.BytesIO()
@@ -386,7 +425,7 @@ class Region:
         """Invoke in waves of `concurrency` simultaneous requests until the cell holds that many
         warm environments; returns the count."""
         host, port = self.endpoint
-        headers = {"x-api-key": self.doc["api_key"], "content-type": "application/json"}
+        headers = {**self.auth_headers(), "content-type": "application/json"}
 
         def one(barrier: threading.Barrier, errs: list[str]) -> None:
             conn = http.client.HTTPConnection(host, port, timeout=30)
@@ -420,10 +459,21 @@ class Region:
                 break
         return warm
 
+    def counters(self) -> dict[str, int]:
+        """Cold starts and environment failures so far, summed over cells and agents."""
+        out: collections.Counter[str] = collections.Counter()
+        for cell in self.status()["cells"].values():
+            out["cold_starts"] += cell["counters"].get("cold_starts", 0)
+            out["function_errors"] += cell["counters"].get("function_errors", 0)
+            for a in cell["agents"].values():
+                for k in ("crashes", "timeouts", "create_failed", "destroyed"):
+                    out[f"agent_{k}"] += a.get("counters", {}).get(k, 0)
+        return dict(out)
+
     def pids(self) -> dict[str, list[int]]:
         comps = self.doc["components"]
         groups: dict[str, list[int]] = collections.defaultdict(list)
-        for name, c in comps.items():
+        for c in comps.values():
             groups[c["kind"] if c["kind"] != "agent" else "agent"].append(int(c["pid"]))
         st = self.status()
         for cell in st["cells"].values():
@@ -545,7 +595,7 @@ class Spy:
     def start(self) -> None:
         for name, pid in self.targets.items():
             argv = [self.exe, "record", "--pid", str(pid), "--duration", str(self.duration_s),
-                    "--rate", str(self.rate), "--format", "raw", "--nonblocking",
+                    "--rate", str(self.rate), "--format", "raw", "--nonblocking", "--function",
                     "--output", os.path.join(self.workdir, f"{name}.txt")]
             if name.startswith("guest"):
                 # Idle detection does not see through the guest's pid namespace; a blocked
@@ -634,7 +684,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="add layer peeling and a py-spy profile of every process of (c)")
     ap.add_argument("--spy-rate", type=int, default=200, help="py-spy samples/s")
     ap.add_argument("--json", default=None, help="result file (default bench/results/...)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (region logs)")
+    ap.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.serve_bare is not None:
+        serve_bare(args.serve_bare)
+        return 0
 
     def deadline(*_: Any) -> None:
         raise TimeoutError(f"benchmark exceeded {RUN_DEADLINE_S}s")
@@ -651,6 +706,15 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     load = Load(work, args.concurrency, args.duration, args.wrk_threads, args.python_load)
     result["generator"] = load.kind
+    T0 = time.monotonic()
+    import builtins
+    _print = builtins.print
+
+    def print(*a: Any, **k: Any) -> None:  # noqa: A001 - timestamps on progress lines
+        if k.get("file") is None and a:
+            a = (f"[{time.monotonic() - T0:6.1f}s] {a[0]}", *a[1:])
+        _print(*a, **k)
+
     try:
         print(f"machine: {result['machine']}")
         print("(a) in-process ...", flush=True)
@@ -668,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    region at {region.doc['endpoint']}, {warm} warm environments "
               f"({result['c_setup']['region_up_deploy_warm_s']:.1f}s)", flush=True)
         chost, cport = region.endpoint
-        ckey = {"x-api-key": region.doc["api_key"]}
+        ckey = region.auth_headers()
         rpids = region.pids()
         assert bare.proc is not None
         bgroups = {"uvicorn": [bare.proc.pid]}
@@ -678,32 +742,43 @@ def main(argv: list[str] | None = None) -> int:
             result["b_latency"] = sequential_latency(bhost, bport, INVOKE_PATH, ckey,
                                                      args.requests, args.warmup)
         result["b_latency"]["cpu_ms_per_req"] = m.per_request_ms(args.requests + args.warmup)
+        k0 = region.counters()
         with CpuMeter(rpids) as m:
             result["c_latency"] = sequential_latency(chost, cport, INVOKE_PATH, ckey,
                                                      args.requests, args.warmup)
         result["c_latency"]["cpu_ms_per_req"] = m.per_request_ms(args.requests + args.warmup)
+        result["c_latency"]["region_counters_delta"] = _delta(k0, region.counters())
 
         print(f"throughput: {load.kind} ...", flush=True)
-        loadpid: list[int] = []
 
         def run_load(host: str, port: int, groups: dict[str, list[int]],
                      on_start: Any = None) -> dict[str, Any]:
-            meter = CpuMeter({**groups, "load generator": loadpid})
+            meter = CpuMeter(groups)
 
             def started() -> None:
-                loadpid[:] = [load.pid] if load.pid else []
-                meter.groups["load generator"] = list(loadpid)
                 meter.__enter__()
                 if on_start is not None:
                     on_start()
 
-            r = load.run(host, port, INVOKE_PATH, ckey, started)
+            # wrk is a child we reap: its CPU is the children's rusage delta; the Python
+            # generator runs in this process.
+            ru0 = os.times()
+            r = load.run(host, port, INVOKE_PATH, region.auth_headers(), started)
             meter.__exit__()
+            ru1 = os.times()
+            if load.wrk:
+                gen = (ru1.children_user + ru1.children_system
+                       - ru0.children_user - ru0.children_system)
+            else:
+                gen = ru1.user + ru1.system - ru0.user - ru0.system
+            meter.by_group["load generator"] = gen
             r["cpu_ms_per_req"] = meter.per_request_ms(r["requests"])
             return r
 
         result["b_load"] = run_load(bhost, bport, bgroups)
+        k0 = region.counters()
         result["c_load"] = run_load(chost, cport, rpids)
+        result["c_load"]["region_counters_delta"] = _delta(k0, region.counters())
 
         if args.profile:
             print("profile: layer peeling ...", flush=True)
@@ -732,7 +807,10 @@ def main(argv: list[str] | None = None) -> int:
             spy.kill()
         bare.stop()
         region.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     report(result)
     out = args.json or os.path.join("bench", "results", time.strftime(
@@ -772,6 +850,12 @@ def report(r: dict[str, Any]) -> None:
           f"c-b p50 = {cl['p50_ms'] - bl['p50_ms']:.3f} ms")
     print(f"load generator: {r['generator']} (on the same {r['machine']['nproc']} cores as the "
           "servers: it competes with them for CPU)")
+    for label, d in (("c sequential", cl), ("c load", ct)):
+        moved = {k: v for k, v in d.get("region_counters_delta", {}).items()
+                 if k != "function_errors" or v}
+        if moved or d.get("bad_answers"):
+            print(f"WARNING {label}: region counters moved during a warm run {moved}, "
+                  f"bad answers {d.get('bad_answers', 0)} (environments were lost; see doc)")
     print("\nCPU per request (ms), by process group:")
     for label, d in (("b sequential", bl), ("c sequential", cl), ("b load", bt), ("c load", ct)):
         cpu = d["cpu_ms_per_req"]
