@@ -17,7 +17,7 @@ from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..security import sigv4
-from ..transport import CallTimeout, Client, RemoteError, TransportError
+from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
 
 log = logging.getLogger("cellcloud.router")
 
@@ -26,10 +26,13 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Headers a frontend needs; everything else stays at the edge.
-_FORWARDED = frozenset({b"x-amz-invocation-type", b"x-amz-log-type", b"x-amz-client-context",
-                        b"content-type"})
+_FORWARDED = frozenset(
+    {b"x-amz-invocation-type", b"x-amz-log-type", b"x-amz-client-context", b"content-type"}
+)
 _INVOKE_SUFFIXES = ("/invocations", "/invocations/")
 control_timeout_s = 30.0
+# A request crosses to its cell in one transport frame: leave room for the envelope.
+forward_body_bytes_max = frame_bytes_max - 1024 * 1024
 
 
 class Tenants:
@@ -53,8 +56,11 @@ class Tenants:
             return
         with open(self.path) as f:
             doc = json.load(f)
-        self._keys = {t["access_key_id"]: (t["account_id"], t["secret_access_key"])
-                      for t in doc["tenants"] if "access_key_id" in t}
+        self._keys = {
+            t["access_key_id"]: (t["account_id"], t["secret_access_key"])
+            for t in doc["tenants"]
+            if "access_key_id" in t
+        }
         self._mtime_ns = st.st_mtime_ns
 
     def lookup(self, access_key_id: str) -> tuple[str, str] | None:
@@ -72,8 +78,13 @@ class Tenants:
 
 
 class Router:
-    def __init__(self, cell_map: CellMap, tenants: Tenants, limits: Limits = DEFAULT_LIMITS,
-                 region: str = "cc-local-1"):
+    def __init__(
+        self,
+        cell_map: CellMap,
+        tenants: Tenants,
+        limits: Limits = DEFAULT_LIMITS,
+        region: str = "cc-local-1",
+    ):
         self.cell_map = cell_map
         self.region = region
         self.tenants = tenants
@@ -105,8 +116,13 @@ class Router:
             status, headers, body = await self._handle(scope, receive)
         except LambdaError as e:
             status, headers, body = e.status, e.headers(), e.body()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, str], bytes]:
@@ -117,18 +133,29 @@ class Router:
         akid = _access_key_id(headers)
         if akid is not None and self.tenants.lookup(akid) is None:
             self.counters["unauthenticated"] += 1
-            raise LambdaError(403, "UnrecognizedClientException",
-                              "The security token included in the request is invalid.")
+            raise LambdaError(
+                403,
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
+            )
         is_invoke = path.endswith(_INVOKE_SUFFIXES)
-        body_max = (self.limits.invoke_payload_bytes_max if is_invoke
-                    else self.limits.request_body_bytes_max)
+        body_max = (
+            self.limits.invoke_payload_bytes_max
+            if is_invoke
+            else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
+        )
         body = await _read_body(receive, body_max, is_invoke)
         raw_path = scope.get("raw_path") or path.encode()
         try:
             verified = sigv4.verify(
-                method=scope["method"], raw_path=raw_path.decode("latin-1"),
-                raw_query=scope["query_string"].decode("latin-1"), headers=headers, body=body,
-                region=self.region, secret_for=self.tenants.secret_for)
+                method=scope["method"],
+                raw_path=raw_path.decode("latin-1"),
+                raw_query=scope["query_string"].decode("latin-1"),
+                headers=headers,
+                body=body,
+                region=self.region,
+                secret_for=self.tenants.secret_for,
+            )
         except LambdaError:
             self.counters["unauthenticated"] += 1
             raise
@@ -136,11 +163,20 @@ class Router:
         assert found is not None
         account = found[0]
         if path.rstrip("/") == "/cellcloud/v1/status":
-            return 200, {"content-type": "application/json"}, json.dumps(
-                await self.status()).encode()
+            return (
+                200,
+                {"content-type": "application/json"},
+                json.dumps(await self.status()).encode(),
+            )
         cell = self.cell_map.cell_for(account)
-        req = {"m": scope["method"], "p": path, "q": scope["query_string"].decode("latin-1"),
-               "h": fwd, "b": body, "a": account}
+        req = {
+            "m": scope["method"],
+            "p": path,
+            "q": scope["query_string"].decode("latin-1"),
+            "h": fwd,
+            "b": body,
+            "a": account,
+        }
         # A sync invoke may run up to the function's timeout (at most 900 s); the frontend
         # enforces the real one, this is the backstop.
         timeout_s = (self.limits.timeout_s_max + 30.0) if is_invoke else control_timeout_s
@@ -148,8 +184,9 @@ class Router:
             resp = await self.client(cell.cell_id).call("http", req, timeout_s=timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:
             self.counters["cell_unavailable"] += 1
-            raise LambdaError(503, "ServiceException",
-                              f"Cell {cell.cell_id} is unavailable: {e}") from e
+            raise LambdaError(
+                503, "ServiceException", f"Cell {cell.cell_id} is unavailable: {e}"
+            ) from e
         return resp["s"], resp["h"], resp["b"]
 
     async def status(self) -> dict[str, Any]:
@@ -159,10 +196,15 @@ class Router:
                 cells[cell_id] = await self.client(cell_id).call("status", None, timeout_s=5)
             except (TransportError, RemoteError) as e:
                 cells[cell_id] = {"cell_id": cell_id, "error": str(e)}
-        return {"router": {"pid": os.getpid(), "uptime_s": time.time() - self.started,
-                           "cell_map_version": self.cell_map.version,
-                           "counters": dict(self.counters)},
-                "cells": cells}
+        return {
+            "router": {
+                "pid": os.getpid(),
+                "uptime_s": time.time() - self.started,
+                "cell_map_version": self.cell_map.version,
+                "counters": dict(self.counters),
+            },
+            "cells": cells,
+        }
 
 
 def _access_key_id(headers: list[tuple[str, str]]) -> str | None:
@@ -186,11 +228,16 @@ async def _read_body(receive: Receive, body_max: int, is_invoke: bool) -> bytes:
         if size > body_max:
             if is_invoke:
                 raise LambdaError(
-                    413, "RequestEntityTooLargeException",
+                    413,
+                    "RequestEntityTooLargeException",
                     f"Request must be smaller than {body_max} bytes for the InvokeFunction "
-                    "operation")
-            raise LambdaError(413, "RequestEntityTooLargeException",
-                              f"Request must be smaller than {body_max} bytes")
+                    "operation",
+                )
+            raise LambdaError(
+                413,
+                "RequestEntityTooLargeException",
+                f"Request must be smaller than {body_max} bytes",
+            )
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(chunks)
