@@ -20,13 +20,20 @@ from . import sdk
 from .region import tenants as tenant_table
 from .region.supervisor import Supervisor, default_state_dir, run_foreground
 
-app = typer.Typer(help="cellcloud: unmodified AWS Lambda functions, in cells, on your machines.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="cellcloud: unmodified AWS Lambda functions, in cells, on your machines.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 console = Console()
 err = Console(stderr=True)
 
-StateDir = Annotated[str | None, typer.Option("--state-dir", help="Region state directory "
-                                              "(default $CELLCLOUD_HOME or ~/.cellcloud)")]
+StateDir = Annotated[
+    str | None,
+    typer.Option(
+        "--state-dir", help="Region state directory (default $CELLCLOUD_HOME or ~/.cellcloud)"
+    ),
+]
 
 
 def _client(state_dir: str | None) -> sdk.Client:
@@ -50,8 +57,7 @@ def up(
     host: Annotated[str, typer.Option(help="Address the router listens on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Router port (0: any free port)")] = 9009,
     envs_per_agent_max: Annotated[int, typer.Option(help="Environments per agent")] = 1000,
-    detach: Annotated[bool, typer.Option("--detach", "-d",
-                                         help="Run in the background")] = False,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background")] = False,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Start a region: router, cell frontends and host agents, supervised."""
@@ -59,23 +65,33 @@ def up(
     os.makedirs(sd, exist_ok=True)
     existing = _running_region(sd)
     if existing:
-        err.print(f"A region is already running from {sd} at {existing['endpoint']} "
-                  f"(pid {existing['supervisor_pid']}); stop it with `cellcloud down`.")
+        err.print(
+            f"A region is already running from {sd} at {existing['endpoint']} "
+            f"(pid {existing['supervisor_pid']}); stop it with `cellcloud down`."
+        )
         raise typer.Exit(1)
     if detach:
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max)
         return
-    sup = Supervisor(sd, cells=cells, agents_per_cell=agents_per_cell, host=host, port=port,
-                     envs_per_agent_max=envs_per_agent_max)
+    sup = Supervisor(
+        sd,
+        cells=cells,
+        agents_per_cell=agents_per_cell,
+        host=host,
+        port=port,
+        envs_per_agent_max=envs_per_agent_max,
+    )
 
     def ready(doc: dict[str, Any]) -> None:
         if ready_fd is not None:
             os.write(ready_fd, (json.dumps(doc) + "\n").encode())
             os.close(ready_fd)
         else:
-            console.print(f"cellcloud region [bold]{doc['region']}[/bold] is up at "
-                          f"[bold]{doc['endpoint']}[/bold] ({cells} cell(s), "
-                          f"{cells * agents_per_cell} agents); Ctrl-C stops it.")
+            console.print(
+                f"cellcloud region [bold]{doc['region']}[/bold] is up at "
+                f"[bold]{doc['endpoint']}[/bold] ({cells} cell(s), "
+                f"{cells * agents_per_cell} agents); Ctrl-C stops it."
+            )
 
     try:
         asyncio.run(run_foreground(sup, ready))
@@ -97,18 +113,40 @@ def _running_region(state_dir: str) -> dict[str, Any] | None:
     return doc
 
 
-def _detach(sd: str, cells: int, agents_per_cell: int, host: str, port: int,
-            envs_per_agent_max: int) -> None:
+def _detach(
+    sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int
+) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
     os.makedirs(logs, exist_ok=True)
     with open(os.path.join(logs, "supervisor.log"), "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cellcloud", "up", "--state-dir", sd, "--cells", str(cells),
-             "--agents-per-cell", str(agents_per_cell), "--host", host, "--port", str(port),
-             "--envs-per-agent-max", str(envs_per_agent_max), "--ready-fd", str(w)],
-            pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "cellcloud",
+                "up",
+                "--state-dir",
+                sd,
+                "--cells",
+                str(cells),
+                "--agents-per-cell",
+                str(agents_per_cell),
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--envs-per-agent-max",
+                str(envs_per_agent_max),
+                "--ready-fd",
+                str(w),
+            ],
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+        )
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         line = pipe.readline()  # EOF if the supervisor dies first: a real wait, not a guess
@@ -117,14 +155,18 @@ def _detach(sd: str, cells: int, agents_per_cell: int, host: str, port: int,
         err.print(f"[red]region failed to start[/red]; see {logs}/supervisor.log")
         raise typer.Exit(1)
     doc = json.loads(line)
-    console.print(f"cellcloud region [bold]{doc['region']}[/bold] is up at "
-                  f"[bold]{doc['endpoint']}[/bold] (pid {doc['supervisor_pid']}, state {sd}).")
+    console.print(
+        f"cellcloud region [bold]{doc['region']}[/bold] is up at "
+        f"[bold]{doc['endpoint']}[/bold] (pid {doc['supervisor_pid']}, state {sd})."
+    )
     console.print("Stop it with: [bold]cellcloud down[/bold]")
 
 
 @app.command()
-def down(state_dir: StateDir = None,
-         timeout_s: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0) -> None:
+def down(
+    state_dir: StateDir = None,
+    timeout_s: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0,
+) -> None:
     """Stop the region started from this state directory."""
     sd = os.path.abspath(state_dir or default_state_dir())
     doc = _running_region(sd)
@@ -174,18 +216,32 @@ def deploy(
         if exists:
             client.update_function_code(name, data)
             cfg = client.update_function_configuration(
-                name, Handler=handler, Runtime=runtime, MemorySize=memory, Timeout=timeout,
-                Environment={"Variables": variables})
+                name,
+                Handler=handler,
+                Runtime=runtime,
+                MemorySize=memory,
+                Timeout=timeout,
+                Environment={"Variables": variables},
+            )
             verb = "updated"
         else:
-            cfg = client.create_function(name, data, handler, runtime=runtime, memory_mb=memory,
-                                         timeout_s=timeout, environment=variables)
+            cfg = client.create_function(
+                name,
+                data,
+                handler,
+                runtime=runtime,
+                memory_mb=memory,
+                timeout_s=timeout,
+                environment=variables,
+            )
             verb = "created"
     except sdk.CellcloudError as e:
         _fail(e)
         return
-    console.print(f"{verb} [bold]{cfg['FunctionName']}[/bold] ({cfg['FunctionArn']}, "
-                  f"{cfg['CodeSize']} bytes, sha256 {cfg['CodeSha256']})")
+    console.print(
+        f"{verb} [bold]{cfg['FunctionName']}[/bold] ({cfg['FunctionArn']}, "
+        f"{cfg['CodeSize']} bytes, sha256 {cfg['CodeSha256']})"
+    )
 
 
 @app.command()
@@ -220,8 +276,15 @@ def ls(state_dir: StateDir = None) -> None:
         return
     table = Table("name", "runtime", "handler", "memory", "timeout", "size", "modified")
     for f in fns:
-        table.add_row(f["FunctionName"], f["Runtime"], f["Handler"], f"{f['MemorySize']} MB",
-                      f"{f['Timeout']} s", str(f["CodeSize"]), f["LastModified"])
+        table.add_row(
+            f["FunctionName"],
+            f["Runtime"],
+            f["Handler"],
+            f"{f['MemorySize']} MB",
+            f"{f['Timeout']} s",
+            str(f["CodeSize"]),
+            f["LastModified"],
+        )
     console.print(table)
 
 
@@ -236,9 +299,11 @@ def rm(name: Annotated[str, typer.Argument()], state_dir: StateDir = None) -> No
 
 
 @app.command()
-def logs(name: Annotated[str, typer.Argument()],
-         limit: Annotated[int, typer.Option(help="Invocations to show")] = 20,
-         state_dir: StateDir = None) -> None:
+def logs(
+    name: Annotated[str, typer.Argument()],
+    limit: Annotated[int, typer.Option(help="Invocations to show")] = 20,
+    state_dir: StateDir = None,
+) -> None:
     """Show the captured stdout/stderr of a function's latest invocations."""
     try:
         events = _client(state_dir).logs(name, limit)
@@ -252,8 +317,9 @@ def logs(name: Annotated[str, typer.Argument()],
 
 
 @app.command()
-def status(state_dir: StateDir = None,
-           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(
+    state_dir: StateDir = None, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
     """Show the region's processes, cells, agents and environments."""
     sd = os.path.abspath(state_dir or default_state_dir())
     region = _running_region(sd)
@@ -268,45 +334,86 @@ def status(state_dir: StateDir = None,
     if as_json:
         sys.stdout.write(json.dumps({"region": region, "status": st}, indent=2) + "\n")
         return
-    console.print(f"region [bold]{region['region']}[/bold] at {region['endpoint']}, "
-                  f"supervisor pid {region['supervisor_pid']}")
+    console.print(
+        f"region [bold]{region['region']}[/bold] at {region['endpoint']}, "
+        f"supervisor pid {region['supervisor_pid']}"
+    )
     procs = Table("process", "pid", "address", "restarts", title="processes")
     for name, c in sorted(region.get("components", {}).items()):
         procs.add_row(name, str(c["pid"]), f"{c['host']}:{c['port']}", str(c["restarts"]))
     console.print(procs)
-    agents = Table("cell", "agent", "backend", "seccomp", "envs", "busy", "invocations",
-                   "memory", title="cells and agents")
-    envs = Table("agent", "env", "function", "pid", "uid", "busy", "invocations", "memory",
-                 "cpu", title="environments")
+    agents = Table(
+        "cell",
+        "agent",
+        "backend",
+        "seccomp",
+        "envs",
+        "busy",
+        "invocations",
+        "memory",
+        title="cells and agents",
+    )
+    envs = Table(
+        "agent",
+        "env",
+        "function",
+        "pid",
+        "uid",
+        "busy",
+        "invocations",
+        "memory",
+        "USS",
+        "cpu",
+        title="environments",
+    )
     for cell_id, cell in sorted(st["cells"].items()):
         if "error" in cell:
             agents.add_row(cell_id, "-", "-", "-", "-", "-", "-", f"[red]{cell['error']}[/red]")
             continue
         for agent_id, a in sorted(cell["agents"].items()):
             if "error" in a:
-                agents.add_row(cell_id, agent_id, "-", "-", "-", "-", "-", f"[red]{a['error']}[/red]")
+                agents.add_row(
+                    cell_id, agent_id, "-", "-", "-", "-", "-", f"[red]{a['error']}[/red]"
+                )
                 continue
             mem = sum(env["memory_bytes"] for env in a["envs"])
-            agents.add_row(cell_id, agent_id, a["backend"], "on" if a["seccomp"] == 2 else "OFF",
-                           str(len(a["envs"])), str(sum(env["busy"] for env in a["envs"])),
-                           str(a["counters"]["invocations"]), f"{mem / 2**20:.1f} MiB")
+            agents.add_row(
+                cell_id,
+                agent_id,
+                a["backend"],
+                "on" if a["seccomp"] == 2 else "OFF",
+                str(len(a["envs"])),
+                str(sum(env["busy"] for env in a["envs"])),
+                str(a["counters"]["invocations"]),
+                f"{mem / 2**20:.1f} MiB",
+            )
             for env in a["envs"]:
-                envs.add_row(agent_id, env["env_id"], env["function"], str(env["pid"]),
-                             str(env["uid"]), "yes" if env["busy"] else "",
-                             str(env["invocations"]), f"{env['memory_bytes'] / 2**20:.1f} MiB",
-                             f"{env['cpu_ns'] / 1e6:.0f} ms")
+                envs.add_row(
+                    agent_id,
+                    env["env_id"],
+                    env["function"],
+                    str(env["pid"]),
+                    str(env["uid"]),
+                    "yes" if env["busy"] else "",
+                    str(env["invocations"]),
+                    f"{env['memory_bytes'] / 2**20:.1f} MiB",
+                    f"{env.get('uss_bytes', 0) / 2**20:.1f} MiB",
+                    f"{env['cpu_ns'] / 1e6:.0f} ms",
+                )
     console.print(agents)
     console.print(envs)
 
 
-tenant_app = typer.Typer(help="Tenants: an account id and a SigV4 access key pair each.",
-                         no_args_is_help=True)
+tenant_app = typer.Typer(
+    help="Tenants: an account id and a SigV4 access key pair each.", no_args_is_help=True
+)
 app.add_typer(tenant_app, name="tenant")
 
 
 @tenant_app.command("create")
-def tenant_create(name: Annotated[str, typer.Argument(help="Tenant name")],
-                  state_dir: StateDir = None) -> None:
+def tenant_create(
+    name: Annotated[str, typer.Argument(help="Tenant name")], state_dir: StateDir = None
+) -> None:
     """Create a tenant; prints its account id, access key id and secret (shown only here)."""
     sd = os.path.abspath(state_dir or default_state_dir())
     try:
@@ -314,10 +421,12 @@ def tenant_create(name: Annotated[str, typer.Argument(help="Tenant name")],
     except ValueError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
-    sys.stdout.write(f"name                  {t['name']}\n"
-                     f"account_id            {t['account_id']}\n"
-                     f"aws_access_key_id     {t['access_key_id']}\n"
-                     f"aws_secret_access_key {t['secret_access_key']}\n")
+    sys.stdout.write(
+        f"name                  {t['name']}\n"
+        f"account_id            {t['account_id']}\n"
+        f"aws_access_key_id     {t['access_key_id']}\n"
+        f"aws_secret_access_key {t['secret_access_key']}\n"
+    )
 
 
 @tenant_app.command("ls")
@@ -331,9 +440,10 @@ def tenant_ls(state_dir: StateDir = None) -> None:
 
 
 @app.command()
-def env(state_dir: StateDir = None,
-        tenant: Annotated[str | None, typer.Option(help="Tenant name (default: the first)")] = None,
-        ) -> None:
+def env(
+    state_dir: StateDir = None,
+    tenant: Annotated[str | None, typer.Option(help="Tenant name (default: the first)")] = None,
+) -> None:
     """Print `export` lines that point `aws` and boto3 at this region:
     eval "$(cellcloud env)"."""
     import shlex
@@ -349,9 +459,13 @@ def env(state_dir: StateDir = None,
         err.print(f"[red]no tenant named {tenant!r}[/red]")
         raise typer.Exit(1)
     t = chosen[0]
-    values = {"AWS_ENDPOINT_URL": region["endpoint"], "AWS_REGION": region["region"],
-              "AWS_DEFAULT_REGION": region["region"], "AWS_ACCESS_KEY_ID": t["access_key_id"],
-              "AWS_SECRET_ACCESS_KEY": t["secret_access_key"]}
+    values = {
+        "AWS_ENDPOINT_URL": region["endpoint"],
+        "AWS_REGION": region["region"],
+        "AWS_DEFAULT_REGION": region["region"],
+        "AWS_ACCESS_KEY_ID": t["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": t["secret_access_key"],
+    }
     for k, v in values.items():
         sys.stdout.write(f"export {k}={shlex.quote(str(v))}\n")
     sys.stdout.write("unset AWS_SESSION_TOKEN AWS_PROFILE\n")

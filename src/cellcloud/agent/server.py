@@ -21,7 +21,7 @@ import msgpack
 from ..core.bundle import extract_zip, sha256_hex
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
-from ..sandbox import cgroups
+from ..sandbox import cgroups, runtimes
 from ..sandbox.backend import Backend, JailBackend, Spawned
 from ..sandbox.spec import EnvSpec
 from ..transport import OpError, Server
@@ -75,15 +75,24 @@ class _EnvChannel(asyncio.Protocol):
 
     async def request(self, doc: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        self.waiter = loop.create_future()
+        waiter: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.waiter = waiter
         if doc is not None:
             if self.transport is None or self.transport.is_closing():
                 raise ConnectionError("environment channel closed")
             self.transport.write(msgpack.packb(doc, use_bin_type=True))
+        # A timer instead of asyncio.wait_for: no extra task per invocation on the hot path.
+        timer = loop.call_later(timeout_s, _expire, waiter)
         try:
-            return await asyncio.wait_for(self.waiter, timeout_s)
+            return await waiter
         finally:
+            timer.cancel()
             self.waiter = None
+
+
+def _expire(fut: asyncio.Future[dict[str, Any]]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 @dataclass
@@ -108,7 +117,8 @@ class Agent:
     def __init__(self, agent_id: str, state_dir: str, backend: Backend, *, uid_base: int,
                  envs_max: int = DEFAULT_LIMITS.envs_per_agent_max, region: str = "cc-local-1",
                  pids_max: int = 1024, memory_budget_mb: int | None = None,
-                 oversubscription: float = 4.0):
+                 oversubscription: float = 4.0, cgroup_group: str | None = None,
+                 runtimes_found: dict[str, runtimes.Runtime] | None = None):
         self.agent_id = agent_id
         self.state_dir = state_dir
         self.bundles_dir = os.path.join(state_dir, "bundles")
@@ -118,6 +128,10 @@ class Agent:
         self.envs_max = envs_max
         self.region = region
         self.pids_max = pids_max
+        # Unique per agent *and* region: two regions on one host must never sweep each
+        # other's environments.
+        self.cgroup_group = cgroup_group or agent_id
+        self.runtimes = runtimes_found if runtimes_found is not None else runtimes.find()
         # Memory admission (Lambda's soft allocation): configured memory may exceed the
         # budget by the oversubscription ratio, memory actually used may not exceed it.
         self.memory_budget_bytes = (memory_budget_mb * 2**20 if memory_budget_mb
@@ -156,6 +170,9 @@ class Agent:
         bundle_sha = str(body["bundle_sha256"])
         bundle_dir = self._bundle(bundle_sha, pushed.get(bundle_sha))
         fn = body["function"]
+        runtime = self.runtimes.get(str(fn["runtime"]))
+        if runtime is None:
+            raise OpError("RuntimeNotSupported", f"{fn['runtime']} is not available on this host")
         layer_dirs = [self._bundle(str(sha), pushed.get(str(sha))) for sha in fn.get("layers", [])]
         slot = self._alloc_slot()
         uid = self.uid_base + slot
@@ -163,15 +180,17 @@ class Agent:
             env_id=env_id, function_name=fn["name"], function_version=fn.get("version", "$LATEST"),
             function_arn=fn["arn"], handler=fn["handler"], runtime=fn["runtime"],
             memory_mb=int(fn["memory_mb"]), timeout_s=int(fn["timeout_s"]), bundle_dir=bundle_dir,
-            uid=uid, gid=uid, cgroup_group=self.agent_id, region=self.region,
+            uid=uid, gid=uid, cgroup_group=self.cgroup_group, region=self.region,
             ephemeral_mb=int(fn.get("ephemeral_mb", DEFAULT_LIMITS.ephemeral_mb_default)),
             environment=dict(fn.get("environment") or {}),
             log_group=f"/aws/lambda/{fn['name']}",
             log_stream=f"{time.strftime('%Y/%m/%d')}/[{fn.get('version', '$LATEST')}]{env_id}",
             layer_dirs=layer_dirs, pids_max=self.pids_max,
+            runtime_argv=runtimes.argv_for(runtime, fn["handler"]),
+            extra_trees=list(runtime.trees),
             disabled_layers=list(self.unsafe_disabled_layers),
         )
-        cg = cgroups.Cgroup(self.agent_id, env_id)
+        cg = cgroups.Cgroup(self.cgroup_group, env_id)
         try:
             spawned = await self.backend.spawn(spec)
         except Exception as e:
@@ -247,6 +266,9 @@ class Agent:
             self._remove(env_id)
             return self._failure("Runtime.InvalidResponse", "the runtime answered out of turn",
                                  started)
+        alive = not result.get("fatal")
+        if not alive:  # the runtime exited: this environment cannot serve another invoke
+            self._remove(env_id)
         return {
             "status": "ok" if result["ok"] else "function_error",
             "payload": result["payload"],
@@ -254,7 +276,7 @@ class Agent:
             "logs": result.get("logs", b""),
             "duration_ms": result.get("duration_ms", 0.0),
             "max_rss_kb": result.get("max_rss_kb", 0),
-            "env_alive": True,
+            "env_alive": alive,
         }
 
     def _failure(self, type_: str, message: str, started: float, **extra: Any) -> dict[str, Any]:
@@ -276,6 +298,10 @@ class Agent:
         return {"destroyed": found}
 
     async def status(self, body: Any = None) -> dict[str, Any]:
+        if isinstance(body, dict) and body.get("light"):
+            # The frontend's liveness poll: no per-environment cgroup or smaps reads.
+            return {"agent_id": self.agent_id, "pid": os.getpid(),
+                    "envs": [{"env_id": e} for e in self.envs], "counters": dict(self.counters)}
         envs = []
         for env_id, rec in self.envs.items():
             u = rec.cgroup.usage()
@@ -357,14 +383,19 @@ async def serve(args: argparse.Namespace) -> None:
 
     state_dir = os.path.abspath(args.state_dir)
     os.makedirs(state_dir, exist_ok=True)
-    swept = cgroups.sweep(args.agent_id)
+    import hashlib
+
+    group = f"{args.agent_id}-{hashlib.sha256(state_dir.encode()).hexdigest()[:8]}"
+    swept = cgroups.sweep(group)
     if swept:
         log.warning("reclaimed %d environments left by a previous agent process", swept)
     backend = JailBackend(os.path.join(state_dir, "jailroot"))
     backend.start()  # fork+exec the zygote while we still may
+    found = runtimes.find()  # probes other interpreters: also before the lock-down
     agent = Agent(args.agent_id, state_dir, backend, uid_base=args.uid_base,
                   envs_max=args.envs_max, region=args.region,
-                  memory_budget_mb=args.memory_budget_mb, oversubscription=args.oversubscription)
+                  memory_budget_mb=args.memory_budget_mb, oversubscription=args.oversubscription,
+                  cgroup_group=group, runtimes_found=found)
     sock = runtime.bind_tcp(args.listen)
     if not args.no_lockdown:
         lockdown.lock_down()

@@ -44,9 +44,11 @@ log = logging.getLogger("cellcloud.frontend")
 
 LAYER_VERSION_ARN = re.compile(
     r"^arn:aws[a-zA-Z-]*:lambda:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):layer:"
-    r"(?P<name>[a-zA-Z0-9-_]{1,140}):(?P<version>[0-9]{1,12})$")
+    r"(?P<name>[a-zA-Z0-9-_]{1,140}):(?P<version>[0-9]{1,12})$"
+)
 versions_per_function_max = 10_000
 layer_versions_scan_max = 10_000
+
 
 def _now_iso() -> str:
     t = time.time()
@@ -81,8 +83,12 @@ def supported_runtimes() -> tuple[str, ...]:
         if path is None:
             continue
         try:
-            ok = subprocess.run([path, "-c", "pass"], capture_output=True, timeout=10,
-                                check=False).returncode == 0
+            ok = (
+                subprocess.run(
+                    [path, "-c", "pass"], capture_output=True, timeout=10, check=False
+                ).returncode
+                == 0
+            )
         except (OSError, subprocess.TimeoutExpired):
             ok = False
         if ok:
@@ -95,7 +101,8 @@ def check_runtime(runtime: object) -> str:
     if not isinstance(runtime, str) or runtime not in allowed:
         raise errors.invalid(
             f"Value {runtime} at 'runtime' failed to satisfy constraint: Member must satisfy "
-            f"enum value set: {list(allowed)} (runtimes found on this host)")
+            f"enum value set: {list(allowed)} (runtimes found on this host)"
+        )
     return runtime
 
 
@@ -107,8 +114,10 @@ def _description(value: object) -> str:
     if not isinstance(value, str):
         raise errors.invalid("Description must be a string")
     if len(value) > description_chars_max:
-        raise _validation(f"Value at 'description' failed to satisfy constraint: Member must "
-                          f"have length less than or equal to {description_chars_max}")
+        raise _validation(
+            f"Value at 'description' failed to satisfy constraint: Member must "
+            f"have length less than or equal to {description_chars_max}"
+        )
     return value
 
 
@@ -123,8 +132,7 @@ def _tags(value: object) -> dict[str, str]:
         if not isinstance(k, str) or not 1 <= len(k) <= 128 or k.startswith("aws:"):
             raise errors.invalid(f"Invalid tag key {k!r}: 1-128 characters, not 'aws:'")
         if not isinstance(v, str) or len(v) > 256:
-            raise errors.invalid(f"Invalid value for tag {k!r}: a string of at most 256 "
-                                 "characters")
+            raise errors.invalid(f"Invalid value for tag {k!r}: a string of at most 256 characters")
     return dict(value)
 
 
@@ -146,8 +154,10 @@ def page_size(raw: str | None) -> int:
     except ValueError:
         raise errors.invalid("MaxItems must be an integer") from None
     if not 1 <= n <= 10_000:
-        raise _validation(f"Value '{n}' at 'maxItems' failed to satisfy constraint: Member must "
-                          "have value between 1 and 10000")
+        raise _validation(
+            f"Value '{n}' at 'maxItems' failed to satisfy constraint: Member must "
+            "have value between 1 and 10000"
+        )
     return min(n, page_items_max)
 
 
@@ -171,8 +181,14 @@ def _version_number(version: str) -> int | None:
 class InvokeResult:
     __slots__ = ("status", "payload", "function_error", "logs", "request_id", "executed_version")
 
-    def __init__(self, payload: bytes, function_error: str | None, logs: bytes,
-                 request_id: str, executed_version: str = "$LATEST") -> None:
+    def __init__(
+        self,
+        payload: bytes,
+        function_error: str | None,
+        logs: bytes,
+        request_id: str,
+        executed_version: str = "$LATEST",
+    ) -> None:
         self.status = 200
         self.payload = payload
         self.function_error = function_error
@@ -182,17 +198,26 @@ class InvokeResult:
 
 
 class Cell:
-    def __init__(self, cell_id: str, store: FunctionStore, agents: dict[str, tuple[str, int]],
-                 *, region: str = "cc-local-1", limits: Limits = DEFAULT_LIMITS,
-                 envs_per_agent_max: int = DEFAULT_LIMITS.envs_per_agent_max,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        cell_id: str,
+        store: FunctionStore,
+        agents: dict[str, tuple[str, int]],
+        *,
+        region: str = "cc-local-1",
+        limits: Limits = DEFAULT_LIMITS,
+        envs_per_agent_max: int = DEFAULT_LIMITS.envs_per_agent_max,
+        rng: random.Random | None = None,
+    ) -> None:
         self.cell_id = cell_id
         self.store = store
         self.region = region
         self.limits = limits
         self.rng = rng or random.Random()
-        self.placement = Placement(env_id_prefix=f"{cell_id}-{os.urandom(4).hex()}",
-                                   idle_timeout_ms=limits.env_idle_timeout_ms)
+        self.placement = Placement(
+            env_id_prefix=f"{cell_id}-{os.urandom(4).hex()}",
+            idle_timeout_ms=limits.env_idle_timeout_ms,
+        )
         self.agents = {aid: Client(h, p) for aid, (h, p) in agents.items()}
         for aid in agents:
             self.placement.add_agent(aid, envs_per_agent_max)
@@ -201,8 +226,13 @@ class Cell:
         self._versions: dict[tuple[str, str, int], FunctionRecord] = {}
         self._reserved: dict[tuple[str, str], int | None] = {}
         self._inflight: dict[tuple[str, str], int] = {}
-        self.counters = {"invocations": 0, "function_errors": 0, "throttles": 0,
-                         "cold_starts": 0, "agent_failures": 0}
+        self.counters = {
+            "invocations": 0,
+            "function_errors": 0,
+            "throttles": 0,
+            "cold_starts": 0,
+            "agent_failures": 0,
+        }
 
     # -- function metadata ----------------------------------------------------------------------
     def function(self, account: str, name: str) -> FunctionRecord:
@@ -212,7 +242,8 @@ class Cell:
             rec = self.store.get(account, name)
             if rec is None:
                 raise errors.not_found(
-                    f"Function not found: {function_arn(self.region, account, name)}")
+                    f"Function not found: {function_arn(self.region, account, name)}"
+                )
             self._functions[key] = rec
         return rec
 
@@ -229,7 +260,8 @@ class Cell:
                 self._versions[(account, name, number)] = rec
         if rec is None:
             raise errors.not_found(
-                f"Function not found: {function_arn(self.region, account, name, version)}")
+                f"Function not found: {function_arn(self.region, account, name, version)}"
+            )
         return rec
 
     def resolve(self, account: str, name: str, qualifier: str | None) -> tuple[FunctionRecord, str]:
@@ -242,14 +274,18 @@ class Cell:
         chosen = pick_version(alias.function_version, alias.weights, self.rng)
         return self.version(account, name, chosen), arn
 
-    def _decode_zip(self, b64: object, field_name: str = "Code.ZipFile") -> tuple[bytes, BundleInfo]:
+    def _decode_zip(
+        self, b64: object, field_name: str = "Code.ZipFile"
+    ) -> tuple[bytes, BundleInfo]:
         if not isinstance(b64, str):
             raise errors.invalid(f"{field_name} must be a base64-encoded zip file")
         b64_max = (self.limits.zip_bytes_max + 2) // 3 * 4
         if len(b64) > b64_max:
             raise LambdaError(
-                413, "RequestEntityTooLargeException",
-                f"Request must be smaller than {b64_max} bytes of base64 for {field_name}")
+                413,
+                "RequestEntityTooLargeException",
+                f"Request must be smaller than {b64_max} bytes of base64 for {field_name}",
+            )
         try:
             data = base64.b64decode(b64, validate=True)
         except ValueError as e:
@@ -269,17 +305,27 @@ class Cell:
         for arn in value:
             m = LAYER_VERSION_ARN.match(arn)
             if m is None:
-                raise _validation(f"Value '{arn}' at 'layers' failed to satisfy constraint: "
-                                  "Member must satisfy regular expression pattern: "
-                                  "arn:aws:lambda:REGION:ACCOUNT:layer:NAME:VERSION")
+                raise _validation(
+                    f"Value '{arn}' at 'layers' failed to satisfy constraint: "
+                    "Member must satisfy regular expression pattern: "
+                    "arn:aws:lambda:REGION:ACCOUNT:layer:NAME:VERSION"
+                )
             rec = None
             if m.group("region") == self.region and m.group("account") == account:
-                rec = self.store.get_layer_version(account, m.group("name"),
-                                                   int(m.group("version")))
+                rec = self.store.get_layer_version(
+                    account, m.group("name"), int(m.group("version"))
+                )
             if rec is None:
                 raise errors.invalid(f"Layer version {arn} does not exist.")
-            out.append({"arn": arn, "sha256": rec.sha256, "code_size": rec.code_size,
-                        "unzipped": rec.unzipped_size, "layer": rec.name})
+            out.append(
+                {
+                    "arn": arn,
+                    "sha256": rec.sha256,
+                    "code_size": rec.code_size,
+                    "unzipped": rec.unzipped_size,
+                    "layer": rec.name,
+                }
+            )
         if len({layer["layer"] for layer in out}) != len(out):
             raise errors.invalid("Two different versions of the same layer are not allowed.")
         return out
@@ -289,7 +335,8 @@ class Cell:
         if total > self.limits.unzipped_bytes_max:
             raise errors.invalid(
                 f"Function code combined with layers exceeds the maximum allowed size of "
-                f"{self.limits.unzipped_bytes_max} bytes. The actual size is {total} bytes.")
+                f"{self.limits.unzipped_bytes_max} bytes. The actual size is {total} bytes."
+            )
 
     def _config_changes(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
         """Validated FunctionRecord fields for the configuration keys present in ``doc``."""
@@ -303,8 +350,9 @@ class Cell:
         if "Timeout" in doc:
             changes["timeout_s"] = check_timeout(doc["Timeout"], self.limits)
         if "Environment" in doc:
-            changes["environment"] = check_env(_opt_dict(doc, "Environment").get("Variables"),
-                                               self.limits)
+            changes["environment"] = check_env(
+                _opt_dict(doc, "Environment").get("Variables"), self.limits
+            )
         if "Description" in doc:
             changes["description"] = _description(doc["Description"])
         if "Role" in doc:
@@ -315,10 +363,15 @@ class Cell:
             changes["layers"] = self._layers(account, doc["Layers"])
         if "EphemeralStorage" in doc:
             size = _opt_dict(doc, "EphemeralStorage").get("Size")
-            if isinstance(size, bool) or not isinstance(size, int) \
-                    or not ephemeral_mb_min <= size <= ephemeral_mb_max:
-                raise errors.invalid(f"EphemeralStorage.Size must be between {ephemeral_mb_min} "
-                                     f"and {ephemeral_mb_max} MB")
+            if (
+                isinstance(size, bool)
+                or not isinstance(size, int)
+                or not ephemeral_mb_min <= size <= ephemeral_mb_max
+            ):
+                raise errors.invalid(
+                    f"EphemeralStorage.Size must be between {ephemeral_mb_min} "
+                    f"and {ephemeral_mb_max} MB"
+                )
             changes["ephemeral_mb"] = size
         if "Architectures" in doc and doc["Architectures"] not in (None, ["x86_64"]):
             raise errors.invalid("Only the x86_64 architecture is supported on this host")
@@ -342,16 +395,28 @@ class Cell:
         if self.store.get(account, name) is not None:
             raise errors.conflict(f"Function already exist: {name}")
         if self.store.count(account) >= self.limits.functions_per_tenant_max:
-            raise errors.LambdaError(400, "CodeStorageExceededException",
-                                     "Too many functions in this account")
+            raise errors.LambdaError(
+                400, "CodeStorageExceededException", "Too many functions in this account"
+            )
         data, info = self._decode_zip(code["ZipFile"])
         self._check_total_size(info.unzipped_bytes, changes.get("layers", []))
-        fields: dict[str, Any] = {"memory_mb": self.limits.memory_mb_default,
-                                  "timeout_s": self.limits.timeout_s_default, **changes}
+        fields: dict[str, Any] = {
+            "memory_mb": self.limits.memory_mb_default,
+            "timeout_s": self.limits.timeout_s_default,
+            **changes,
+        }
         rec = FunctionRecord(
-            account=account, name=name, code_sha256=info.sha256, code_size=len(data),
-            unzipped_size=info.unzipped_bytes, tags=tags, revision=1,
-            revision_id=str(uuid.uuid4()), last_modified=_now_iso(), **fields)
+            account=account,
+            name=name,
+            code_sha256=info.sha256,
+            code_size=len(data),
+            unzipped_size=info.unzipped_bytes,
+            tags=tags,
+            revision=1,
+            revision_id=str(uuid.uuid4()),
+            last_modified=_now_iso(),
+            **fields,
+        )
         if not self.store.put_new(rec):
             raise errors.conflict(f"Function already exist: {name}")
         if publish:
@@ -369,24 +434,32 @@ class Cell:
     def _check_revision(doc: dict[str, Any], current: str) -> None:
         rid = doc.get("RevisionId")
         if rid is not None and rid != current:
-            raise LambdaError(412, "PreconditionFailedException",
-                              "The Revision Id provided does not match the latest Revision Id. "
-                              "Call the GetFunction/GetAlias API to retrieve the latest "
-                              "Revision Id")
+            raise LambdaError(
+                412,
+                "PreconditionFailedException",
+                "The Revision Id provided does not match the latest Revision Id. "
+                "Call the GetFunction/GetAlias API to retrieve the latest "
+                "Revision Id",
+            )
 
     def update_code(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
         old = self.function(account, name)
         self._check_revision(doc, old.revision_id)
         if "ZipFile" not in doc:
-            raise errors.invalid("ZipFile is required (S3 locations and images are not "
-                                 "supported)")
+            raise errors.invalid("ZipFile is required (S3 locations and images are not supported)")
         if doc.get("Architectures") not in (None, ["x86_64"]):
             raise errors.invalid("Only the x86_64 architecture is supported on this host")
         data, info = self._decode_zip(doc["ZipFile"], "ZipFile")
         self._check_total_size(info.unzipped_bytes, old.layers)
-        new = replace(old, code_sha256=info.sha256, code_size=len(data),
-                      unzipped_size=info.unzipped_bytes, revision=old.revision + 1,
-                      revision_id=str(uuid.uuid4()), last_modified=_now_iso())
+        new = replace(
+            old,
+            code_sha256=info.sha256,
+            code_size=len(data),
+            unzipped_size=info.unzipped_bytes,
+            revision=old.revision + 1,
+            revision_id=str(uuid.uuid4()),
+            last_modified=_now_iso(),
+        )
         if doc.get("DryRun") is True:
             return config_doc(new, self.region)
         new = self._replace(old, new)
@@ -399,8 +472,13 @@ class Cell:
         self._check_revision(doc, old.revision_id)
         changes = self._config_changes(account, doc)
         self._check_total_size(old.unzipped_size, changes.get("layers", old.layers))
-        new = replace(old, **changes, revision=old.revision + 1, revision_id=str(uuid.uuid4()),
-                      last_modified=_now_iso())
+        new = replace(
+            old,
+            **changes,
+            revision=old.revision + 1,
+            revision_id=str(uuid.uuid4()),
+            last_modified=_now_iso(),
+        )
         return config_doc(self._replace(old, new), self.region)
 
     def delete_function(self, account: str, name: str, qualifier: str | None = None) -> None:
@@ -408,14 +486,20 @@ class Cell:
         if qualifier is not None:
             number = _version_number(qualifier)
             if number is None:
-                raise errors.invalid(f"Deletion of {qualifier} is not supported; delete the "
-                                     "function, or one of its published versions")
+                raise errors.invalid(
+                    f"Deletion of {qualifier} is not supported; delete the "
+                    "function, or one of its published versions"
+                )
             rec = self.version(account, name, qualifier)
-            users = [a.alias for a in self._all_aliases(account, name)
-                     if a.function_version == qualifier or qualifier in a.weights]
+            users = [
+                a.alias
+                for a in self._all_aliases(account, name)
+                if a.function_version == qualifier or qualifier in a.weights
+            ]
             if users:
-                raise errors.conflict(f"Unable to delete version because the following aliases "
-                                      f"reference it: {users}")
+                raise errors.conflict(
+                    f"Unable to delete version because the following aliases reference it: {users}"
+                )
             self.store.delete_version(account, name, number)
             self._versions.pop((account, name, number), None)
             self._retire(rec.key)
@@ -429,35 +513,44 @@ class Cell:
             self._versions.pop((account, name, int(v.version)), None)
             self._retire(v.key)
 
-    def list_functions(self, account: str, marker: str | None, max_items: int,
-                       all_versions: bool = False) -> dict[str, Any]:
+    def list_functions(
+        self, account: str, marker: str | None, max_items: int, all_versions: bool = False
+    ) -> dict[str, Any]:
         after = _marker(marker)
         recs = self.store.list_page(account, after, max_items + 1)
         out: dict[str, Any] = {"Functions": []}
         for r in recs[:max_items]:
             out["Functions"].append(config_doc(r, self.region, qualify_latest=all_versions))
             if all_versions:
-                out["Functions"] += [config_doc(v, self.region) for v in
-                                     self.store.list_versions(account, r.name, 0, page_items_max)]
+                out["Functions"] += [
+                    config_doc(v, self.region)
+                    for v in self.store.list_versions(account, r.name, 0, page_items_max)
+                ]
         if len(recs) > max_items:
             out["NextMarker"] = _next_marker(recs[max_items - 1].name)
         return out
 
     # -- versions --------------------------------------------------------------------------------
     def _publish(self, latest: FunctionRecord, description: str | None) -> FunctionRecord:
-        published = self.store.list_versions(latest.account, latest.name, 0,
-                                             versions_per_function_max)
+        published = self.store.list_versions(
+            latest.account, latest.name, 0, versions_per_function_max
+        )
         if published:
             last = published[-1]
             # Nothing changed since the last version: Lambda hands that one back.
             if (last.code_sha256, last.revision) == (latest.code_sha256, latest.revision):
                 return last
         if len(published) >= versions_per_function_max:
-            raise LambdaError(400, "CodeStorageExceededException",
-                              f"A function can have at most {versions_per_function_max} "
-                              "versions")
-        snapshot = replace(latest, description=latest.description if description is None
-                           else description, revision_id=str(uuid.uuid4()))
+            raise LambdaError(
+                400,
+                "CodeStorageExceededException",
+                f"A function can have at most {versions_per_function_max} versions",
+            )
+        snapshot = replace(
+            latest,
+            description=latest.description if description is None else description,
+            revision_id=str(uuid.uuid4()),
+        )
         return self.store.publish_version(snapshot)
 
     def publish_version(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
@@ -465,13 +558,16 @@ class Cell:
         self._check_revision(doc, latest.revision_id)
         sha = doc.get("CodeSha256")
         if sha is not None and sha != config_doc(latest, self.region)["CodeSha256"]:
-            raise errors.invalid(f"CodeSHA256 ({sha}) is different from current CodeSHA256 in "
-                                 "$LATEST. Please try again with the CodeSHA256 in $LATEST.")
+            raise errors.invalid(
+                f"CodeSHA256 ({sha}) is different from current CodeSHA256 in "
+                "$LATEST. Please try again with the CodeSHA256 in $LATEST."
+            )
         description = _description(doc["Description"]) if doc.get("Description") else None
         return config_doc(self._publish(latest, description), self.region)
 
-    def list_versions(self, account: str, name: str, marker: str | None,
-                      max_items: int) -> dict[str, Any]:
+    def list_versions(
+        self, account: str, name: str, marker: str | None, max_items: int
+    ) -> dict[str, Any]:
         latest = self.function(account, name)
         after_raw = _marker(marker)
         items: list[dict[str, Any]] = []
@@ -497,7 +593,8 @@ class Cell:
         rec = self.store.get_alias(account, name, alias)
         if rec is None:
             raise errors.not_found(
-                f"Alias not found: {function_arn(self.region, account, name, alias)}")
+                f"Alias not found: {function_arn(self.region, account, name, alias)}"
+            )
         return rec
 
     def _all_aliases(self, account: str, name: str) -> list[AliasRecord]:
@@ -506,18 +603,24 @@ class Cell:
     def alias_doc(self, rec: AliasRecord) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "AliasArn": function_arn(self.region, rec.account, rec.name, rec.alias),
-            "Name": rec.alias, "FunctionVersion": rec.function_version,
-            "Description": rec.description, "RevisionId": rec.revision_id}
+            "Name": rec.alias,
+            "FunctionVersion": rec.function_version,
+            "Description": rec.description,
+            "RevisionId": rec.revision_id,
+        }
         if rec.weights:
             doc["RoutingConfig"] = {"AdditionalVersionWeights": dict(rec.weights)}
         return doc
 
-    def _check_alias_target(self, account: str, name: str, primary: object,
-                            routing: object) -> tuple[str, dict[str, float]]:
+    def _check_alias_target(
+        self, account: str, name: str, primary: object, routing: object
+    ) -> tuple[str, dict[str, float]]:
         if not isinstance(primary, str) or not (primary == "$LATEST" or VERSION.match(primary)):
-            raise _validation(f"Value '{primary}' at 'functionVersion' failed to satisfy "
-                              "constraint: Member must satisfy regular expression pattern: "
-                              "(\\$LATEST|[0-9]+)")
+            raise _validation(
+                f"Value '{primary}' at 'functionVersion' failed to satisfy "
+                "constraint: Member must satisfy regular expression pattern: "
+                "(\\$LATEST|[0-9]+)"
+            )
         self.version(account, name, primary)
         weights = check_routing(primary, routing)
         for v in weights:
@@ -527,30 +630,43 @@ class Cell:
     def create_alias(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
         self.function(account, name)
         alias = check_alias_name(doc.get("Name"))
-        primary, weights = self._check_alias_target(account, name, doc.get("FunctionVersion"),
-                                                    doc.get("RoutingConfig"))
+        primary, weights = self._check_alias_target(
+            account, name, doc.get("FunctionVersion"), doc.get("RoutingConfig")
+        )
         description = _description(doc.get("Description") or "")
         if len(self._all_aliases(account, name)) >= aliases_per_function_max:
-            raise LambdaError(400, "AliasLimitExceededException",
-                              f"A function can have at most {aliases_per_function_max} aliases")
+            raise LambdaError(
+                400,
+                "AliasLimitExceededException",
+                f"A function can have at most {aliases_per_function_max} aliases",
+            )
         rec = AliasRecord(account, name, alias, primary, description, weights, str(uuid.uuid4()))
         if not self.store.put_alias(rec, new=True):
             raise errors.conflict(
-                f"Alias already exists: {function_arn(self.region, account, name, alias)}")
+                f"Alias already exists: {function_arn(self.region, account, name, alias)}"
+            )
         return self.alias_doc(rec)
 
-    def update_alias(self, account: str, name: str, alias: str,
-                     doc: dict[str, Any]) -> dict[str, Any]:
+    def update_alias(
+        self, account: str, name: str, alias: str, doc: dict[str, Any]
+    ) -> dict[str, Any]:
         old = self.alias(account, name, alias)
         self._check_revision(doc, old.revision_id)
         primary = doc.get("FunctionVersion") or old.function_version
-        routing = doc["RoutingConfig"] if "RoutingConfig" in doc else (
-            {"AdditionalVersionWeights": old.weights} if old.weights else None)
+        routing = (
+            doc["RoutingConfig"]
+            if "RoutingConfig" in doc
+            else ({"AdditionalVersionWeights": old.weights} if old.weights else None)
+        )
         primary, weights = self._check_alias_target(account, name, primary, routing)
-        description = (_description(doc["Description"]) if "Description" in doc
-                       else old.description)
-        new = replace(old, function_version=primary, weights=weights, description=description,
-                      revision_id=str(uuid.uuid4()))
+        description = _description(doc["Description"]) if "Description" in doc else old.description
+        new = replace(
+            old,
+            function_version=primary,
+            weights=weights,
+            description=description,
+            revision_id=str(uuid.uuid4()),
+        )
         if not self.store.put_alias(new, new=False):
             raise errors.conflict("The alias was modified concurrently; retry")
         return self.alias_doc(new)
@@ -559,14 +675,24 @@ class Cell:
         self.function(account, name)
         self.store.delete_alias(account, name, alias)  # idempotent, as Lambda's
 
-    def list_aliases(self, account: str, name: str, marker: str | None, max_items: int,
-                     function_version: str | None) -> dict[str, Any]:
+    def list_aliases(
+        self,
+        account: str,
+        name: str,
+        marker: str | None,
+        max_items: int,
+        function_version: str | None,
+    ) -> dict[str, Any]:
         self.function(account, name)
         out: dict[str, Any] = {"Aliases": []}
-        for r in self.store.list_aliases(account, name, _marker(marker),
-                                         aliases_per_function_max + 1):
-            if function_version and r.function_version != function_version \
-                    and function_version not in r.weights:
+        for r in self.store.list_aliases(
+            account, name, _marker(marker), aliases_per_function_max + 1
+        ):
+            if (
+                function_version
+                and r.function_version != function_version
+                and function_version not in r.weights
+            ):
                 continue
             if len(out["Aliases"]) == max_items:
                 out["NextMarker"] = _next_marker(out["Aliases"][-1]["Name"])
@@ -591,7 +717,8 @@ class Cell:
             raise errors.invalid(
                 f"Specified ReservedConcurrentExecutions for function decreases account's "
                 f"UnreservedConcurrentExecution below its minimum value of "
-                f"[{unreserved_concurrency_min}].")
+                f"[{unreserved_concurrency_min}]."
+            )
         self.store.put_concurrency(account, name, n)
         self._reserved[(account, name)] = n
         return {"ReservedConcurrentExecutions": n}
@@ -605,16 +732,20 @@ class Cell:
     def layer_doc(self, rec: LayerVersionRecord, *, content: bool) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "LayerVersionArn": layer_arn(self.region, rec.account, rec.name, rec.version),
-            "Version": rec.version, "Description": rec.description,
-            "CreatedDate": rec.created_date, "CompatibleRuntimes": rec.compatible_runtimes,
+            "Version": rec.version,
+            "Description": rec.description,
+            "CreatedDate": rec.created_date,
+            "CompatibleRuntimes": rec.compatible_runtimes,
             "CompatibleArchitectures": rec.compatible_architectures,
-            "LicenseInfo": rec.license_info}
+            "LicenseInfo": rec.license_info,
+        }
         if content:
             doc["LayerArn"] = layer_arn(self.region, rec.account, rec.name)
             doc["Content"] = {
                 "Location": f"/cellcloud/v1/bundles/{rec.sha256}",
                 "CodeSha256": base64.b64encode(bytes.fromhex(rec.sha256)).decode(),
-                "CodeSize": rec.code_size}
+                "CodeSize": rec.code_size,
+            }
         return doc
 
     def publish_layer_version(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
@@ -623,35 +754,55 @@ class Cell:
             raise errors.invalid("Content.ZipFile is required (S3 locations are not supported)")
         runtimes = doc.get("CompatibleRuntimes") or []
         archs = doc.get("CompatibleArchitectures") or []
-        if not isinstance(runtimes, list) or len(runtimes) > 15 or \
-                not all(isinstance(r, str) and 0 < len(r) <= 64 for r in runtimes):
+        if (
+            not isinstance(runtimes, list)
+            or len(runtimes) > 15
+            or not all(isinstance(r, str) and 0 < len(r) <= 64 for r in runtimes)
+        ):
             raise errors.invalid("CompatibleRuntimes must be a list of at most 15 runtimes")
-        if not isinstance(archs, list) or len(archs) > 2 or \
-                not all(a in ("x86_64", "arm64") for a in archs):
+        if (
+            not isinstance(archs, list)
+            or len(archs) > 2
+            or not all(a in ("x86_64", "arm64") for a in archs)
+        ):
             raise errors.invalid("CompatibleArchitectures must be a list of x86_64 and arm64")
         license_info = doc.get("LicenseInfo") or ""
         if not isinstance(license_info, str) or len(license_info) > 512:
             raise errors.invalid("LicenseInfo must be a string of at most 512 characters")
         description = _description(doc.get("Description") or "")
         data, info = self._decode_zip(content["ZipFile"], "Content.ZipFile")
-        rec = self.store.publish_layer_version(LayerVersionRecord(
-            account, name, 0, info.sha256, len(data), info.unzipped_bytes, description,
-            list(runtimes), list(archs), license_info, _now_iso()))
+        rec = self.store.publish_layer_version(
+            LayerVersionRecord(
+                account,
+                name,
+                0,
+                info.sha256,
+                len(data),
+                info.unzipped_bytes,
+                description,
+                list(runtimes),
+                list(archs),
+                license_info,
+                _now_iso(),
+            )
+        )
         return self.layer_doc(rec, content=True)
 
     def layer_version(self, account: str, name: str, version: int) -> LayerVersionRecord:
         rec = self.store.get_layer_version(account, name, version)
         if rec is None:
             raise errors.not_found(
-                f"Layer version {layer_arn(self.region, account, name, version)} does not exist.")
+                f"Layer version {layer_arn(self.region, account, name, version)} does not exist."
+            )
         return rec
 
     def delete_layer_version(self, account: str, name: str, version: int) -> None:
         # Idempotent, as Lambda's; functions that use it keep their copy (bundles are by digest).
         self.store.delete_layer_version(account, name, version)
 
-    def list_layer_versions(self, account: str, name: str, marker: str | None, max_items: int,
-                            runtime: str | None) -> dict[str, Any]:
+    def list_layer_versions(
+        self, account: str, name: str, marker: str | None, max_items: int, runtime: str | None
+    ) -> dict[str, Any]:
         raw = _marker(marker)
         try:
             before = int(raw) if raw else 1 << 62
@@ -667,17 +818,21 @@ class Cell:
             out["LayerVersions"].append(self.layer_doc(r, content=False))
         return out
 
-    def list_layers(self, account: str, marker: str | None, max_items: int,
-                    runtime: str | None) -> dict[str, Any]:
+    def list_layers(
+        self, account: str, marker: str | None, max_items: int, runtime: str | None
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"Layers": []}
         names = self.store.list_layer_names(account, _marker(marker), max_items + 1)
         for layer_name in names[:max_items]:
             newest = self.list_layer_versions(account, layer_name, None, 1, runtime)
             if newest["LayerVersions"]:
-                out["Layers"].append({
-                    "LayerName": layer_name,
-                    "LayerArn": layer_arn(self.region, account, layer_name),
-                    "LatestMatchingVersion": newest["LayerVersions"][0]})
+                out["Layers"].append(
+                    {
+                        "LayerName": layer_name,
+                        "LayerArn": layer_arn(self.region, account, layer_name),
+                        "LatestMatchingVersion": newest["LayerVersions"][0],
+                    }
+                )
         if len(names) > max_items:
             out["NextMarker"] = _next_marker(names[max_items - 1])
         return out
@@ -687,20 +842,32 @@ class Cell:
             self._destroy_soon(d.env_id, d.agent_id)
 
     # -- the invoke path ---------------------------------------------------------------------
-    async def invoke(self, account: str, name: str, payload: bytes, *, log_tail: bool,
-                     qualifier: str | None = None) -> InvokeResult:
+    async def invoke(
+        self,
+        account: str,
+        name: str,
+        payload: bytes,
+        *,
+        log_tail: bool,
+        qualifier: str | None = None,
+    ) -> InvokeResult:
         rec, invoked_arn = self.resolve(account, name, qualifier)
         if len(payload) > self.limits.invoke_payload_bytes_max:
             raise LambdaError(
-                413, "RequestEntityTooLargeException",
+                413,
+                "RequestEntityTooLargeException",
                 f"{len(payload)} byte payload is too large for the RequestResponse invocation "
-                f"type (limit {self.limits.invoke_payload_bytes_max} bytes)")
+                f"type (limit {self.limits.invoke_payload_bytes_max} bytes)",
+            )
         if payload:
             try:
                 json.loads(payload)
             except (ValueError, UnicodeDecodeError) as e:
-                raise LambdaError(400, "InvalidRequestContentException",
-                                  f"Could not parse request body into json: {e}") from e
+                raise LambdaError(
+                    400,
+                    "InvalidRequestContentException",
+                    f"Could not parse request body into json: {e}",
+                ) from e
         # Reserved concurrency is the function's, over all its versions: count in-flight
         # invokes here (the placement's own limit is per version).
         reserved = self.reserved(account, name)
@@ -709,7 +876,8 @@ class Cell:
             self.counters["throttles"] += 1
             raise errors.too_many(
                 f"Rate Exceeded. Reserved concurrency of {reserved} reached for {name}.",
-                "ReservedFunctionConcurrentInvocationLimitExceeded")
+                "ReservedFunctionConcurrentInvocationLimitExceeded",
+            )
         self._inflight[fkey] = self._inflight.get(fkey, 0) + 1
         try:
             return await self._invoke_placed(rec, invoked_arn, payload, log_tail, reserved)
@@ -718,16 +886,24 @@ class Cell:
             if not self._inflight[fkey]:
                 del self._inflight[fkey]
 
-    async def _invoke_placed(self, rec: FunctionRecord, invoked_arn: str, payload: bytes,
-                             log_tail: bool, reserved: int | None) -> InvokeResult:
+    async def _invoke_placed(
+        self,
+        rec: FunctionRecord,
+        invoked_arn: str,
+        payload: bytes,
+        log_tail: bool,
+        reserved: int | None,
+    ) -> InvokeResult:
         request_id = str(uuid.uuid4())
         self.counters["invocations"] += 1
         # One retry, here and only here, and only when the failure happened before the handler
         # could have run (an agent that could not be reached or could not start the env).
         for attempt in (0, 1):
             decision = self.placement.acquire(
-                rec.key, reserved or self.limits.function_concurrency_default,
-                int(time.time() * 1000))
+                rec.key,
+                reserved or self.limits.function_concurrency_default,
+                int(time.time() * 1000),
+            )
             if isinstance(decision, Throttle):
                 self.counters["throttles"] += 1
                 raise errors.too_many(decision.message, decision.reason)
@@ -735,24 +911,36 @@ class Cell:
                 self.counters["cold_starts"] += 1
                 try:
                     await self._create_env(rec, decision)
-                except _AgentUnavailable:
+                except _AgentUnavailable as e:
                     if attempt == 0:
                         continue
+                    if e.full:  # every agent tried is at its environment or memory cap
+                        self.counters["throttles"] += 1
+                        raise errors.too_many(
+                            "Rate Exceeded. The cell's hosts are at capacity.",
+                            "ConcurrentInvocationLimitExceeded",
+                        ) from None
                     raise errors.service("No agent could start an execution environment") from None
-            return await self._invoke_on(rec, decision, request_id, payload, log_tail,
-                                         invoked_arn)
+            return await self._invoke_on(rec, decision, request_id, payload, log_tail, invoked_arn)
         raise AssertionError("unreachable")
 
     async def _create_env(self, rec: FunctionRecord, decision: Create) -> None:
         client = self.agents[decision.agent_id]
         body: dict[str, Any] = {
-            "env_id": decision.env_id, "function_key": rec.key, "bundle_sha256": rec.code_sha256,
+            "env_id": decision.env_id,
+            "function_key": rec.key,
+            "bundle_sha256": rec.code_sha256,
             "create_timeout_ms": self.limits.env_create_timeout_ms,
             "function": {
-                "name": rec.name, "arn": function_arn(self.region, rec.account, rec.name),
-                "handler": rec.handler, "runtime": rec.runtime, "memory_mb": rec.memory_mb,
-                "timeout_s": rec.timeout_s, "environment": rec.environment,
-                "ephemeral_mb": rec.ephemeral_mb, "version": rec.version,
+                "name": rec.name,
+                "arn": function_arn(self.region, rec.account, rec.name),
+                "handler": rec.handler,
+                "runtime": rec.runtime,
+                "memory_mb": rec.memory_mb,
+                "timeout_s": rec.timeout_s,
+                "environment": rec.environment,
+                "ephemeral_mb": rec.ephemeral_mb,
+                "version": rec.version,
                 "layers": [layer["sha256"] for layer in rec.layers],
             },
         }
@@ -779,24 +967,38 @@ class Cell:
         except RemoteError as e:
             self.placement.discard(decision.env_id)
             log.warning("agent %s could not create env: %s", decision.agent_id, e)
-            raise _AgentUnavailable() from e
+            raise _AgentUnavailable(full=e.type in ("AgentFull", "HostMemoryExhausted")) from e
         self.placement.created(decision.env_id, int(time.time() * 1000))
 
-    async def _invoke_on(self, rec: FunctionRecord, decision: Use | Create, request_id: str,
-                         payload: bytes, log_tail: bool, invoked_arn: str) -> InvokeResult:
+    async def _invoke_on(
+        self,
+        rec: FunctionRecord,
+        decision: Use | Create,
+        request_id: str,
+        payload: bytes,
+        log_tail: bool,
+        invoked_arn: str,
+    ) -> InvokeResult:
         client = self.agents[decision.agent_id]
         timeout_ms = rec.timeout_s * 1000
         try:
-            res = await client.call("invoke", {
-                "env_id": decision.env_id, "request_id": request_id, "payload": payload,
-                "timeout_ms": timeout_ms,
-                "arn": invoked_arn,
-            }, timeout_s=timeout_ms / 1000 + self.limits.agent_call_timeout_ms / 1000)
+            res = await client.call(
+                "invoke",
+                {
+                    "env_id": decision.env_id,
+                    "request_id": request_id,
+                    "payload": payload,
+                    "timeout_ms": timeout_ms,
+                    "arn": invoked_arn,
+                },
+                timeout_s=timeout_ms / 1000 + self.limits.agent_call_timeout_ms / 1000,
+            )
         except TransportError as e:
             # The handler may have run: no retry (sync invokes run at most once on our side).
             self._agent_failed(decision.agent_id, e)
             raise errors.service(
-                f"The execution environment's host failed during the invocation ({e})") from e
+                f"The execution environment's host failed during the invocation ({e})"
+            ) from e
         except RemoteError as e:
             self._discard(decision.env_id)
             raise errors.service(f"The execution environment failed: {e}") from e
@@ -811,9 +1013,13 @@ class Cell:
             self._pending_logs.append((rec.account, rec.name, now_ms, request_id, logs))
         if res["function_error"]:
             self.counters["function_errors"] += 1
-        return InvokeResult(res["payload"], res["function_error"],
-                            logs[-self.limits.log_tail_bytes:] if log_tail else b"", request_id,
-                            rec.version)
+        return InvokeResult(
+            res["payload"],
+            res["function_error"],
+            logs[-self.limits.log_tail_bytes :] if log_tail else b"",
+            request_id,
+            rec.version,
+        )
 
     def _discard(self, env_id: str) -> None:
         d = self.placement.discard(env_id)
@@ -830,8 +1036,9 @@ class Cell:
 
     async def _destroy(self, env_id: str, agent_id: str) -> None:
         try:
-            await self.agents[agent_id].call("destroy", {"env_id": env_id},
-                                             timeout_s=self.limits.agent_call_timeout_ms / 1000)
+            await self.agents[agent_id].call(
+                "destroy", {"env_id": env_id}, timeout_s=self.limits.agent_call_timeout_ms / 1000
+            )
         except (TransportError, RemoteError) as e:
             log.info("destroy %s on %s: %s", env_id, agent_id, e)
 
@@ -841,8 +1048,10 @@ class Cell:
         poll, environments left by a previous frontend process are destroyed."""
         for agent_id, client in self.agents.items():
             try:
-                st = await client.call("status", None,
-                                       timeout_s=self.limits.agent_call_timeout_ms / 1000)
+                st = await client.call(
+                    "status", {"light": True},
+                    timeout_s=self.limits.agent_call_timeout_ms / 1000
+                )
             except (TransportError, RemoteError) as e:
                 if self.placement.agents[agent_id].up:
                     self._agent_failed(agent_id, e)
@@ -852,8 +1061,9 @@ class Cell:
                 self.placement.agent_up(agent_id)
             known = self.placement.agents[agent_id].envs
             for env in st["envs"]:
-                if env["env_id"] not in known and (first or not env["env_id"].startswith(
-                        self.placement_prefix)):
+                if env["env_id"] not in known and (
+                    first or not env["env_id"].startswith(self.placement_prefix)
+                ):
                     await self._destroy(env["env_id"], agent_id)
 
     @property
@@ -873,8 +1083,10 @@ class Cell:
     def logs(self, account: str, name: str, limit: int) -> list[dict[str, Any]]:
         self.function(account, name)
         self.flush_logs()
-        return [{"timestamp": ts, "requestId": rid, "message": text.decode(errors="replace")}
-                for ts, rid, text in self.store.read_logs(account, name, limit)]
+        return [
+            {"timestamp": ts, "requestId": rid, "message": text.decode(errors="replace")}
+            for ts, rid, text in self.store.read_logs(account, name, limit)
+        ]
 
     async def status(self) -> dict[str, Any]:
         agents = {}
@@ -883,9 +1095,16 @@ class Cell:
                 agents[agent_id] = await client.call("status", None, timeout_s=2)
             except (TransportError, RemoteError) as e:
                 agents[agent_id] = {"agent_id": agent_id, "error": str(e)}
-        return {"cell_id": self.cell_id, "pid": os.getpid(), "counters": dict(self.counters),
-                "placement": self.placement.statistics(), "agents": agents}
+        return {
+            "cell_id": self.cell_id,
+            "pid": os.getpid(),
+            "counters": dict(self.counters),
+            "placement": self.placement.statistics(),
+            "agents": agents,
+        }
 
 
 class _AgentUnavailable(Exception):
-    pass
+    def __init__(self, full: bool = False) -> None:
+        super().__init__()
+        self.full = full

@@ -1,67 +1,57 @@
-"""The guest agent: the first code in every environment. It loads the function's handler and
-runs it for each invocation the host agent sends over the environment's channel, exactly as AWS
-Lambda's Python runtime calls it: ``handler(event, context)``.
+"""The guest agent: the first code in every environment (pid 1 of its namespaces).
 
-Channel frames (msgpack, one socket the host agent created; the guest never opens one):
-    guest -> agent  {"t": "ready", "init_error": None | {...}, "init_ms": float}
+It serves the Lambda Runtime API (runtime_api.py) to the function's runtime and relays
+invocations between that API and the host agent, over the one channel the host agent created:
+
+    guest -> agent  {"t": "ready", "init_error": None | {...}, "init_ms": float, "logs"}
     agent -> guest  {"t": "invoke", "id", "payload": bytes, "deadline_ms", "arn"}
     guest -> agent  {"t": "result", "id", "ok", "payload": bytes, "logs": bytes,
-                     "duration_ms", "max_rss_kb", "error_type"}
+                     "duration_ms", "max_rss_kb", "error_type", "fatal": bool}
+
+The runtime is either the built-in Python runtime running as a thread here (the host's own
+interpreter: no interpreter start, no HTTP inside one process) or a process — a custom
+runtime's ``bootstrap`` or another Python version running ``pyruntime.py`` — that polls the
+Runtime API over HTTP on the environment's loopback. Both run the same Runtime API state
+machine; the built-in one also runs the same loop (``pyruntime.run_loop``).
 """
 
 from __future__ import annotations
 
-import importlib
+import fcntl
+import io
 import json
-import logging
 import math
 import os
 import resource
+import signal
 import socket
 import sys
+import termios
 import threading
 import time
-import traceback
 from typing import Any, NoReturn
 
 import msgpack
 
+from . import pyruntime
+from .runtime_api import Invocation, RuntimeApi, serve_http
 from .spec import EnvSpec
 
 response_bytes_max = 6 * 1024 * 1024
 log_bytes_max = 256 * 1024
 log_drain_timeout_s = 1.0
-
-
-class LambdaContext:
-    """The context object of AWS Lambda's Python runtime (same attribute names and types)."""
-
-    def __init__(self, spec: EnvSpec, request_id: str, deadline_ms: int, arn: str) -> None:
-        self.aws_request_id = request_id
-        self.function_name = spec.function_name
-        self.function_version = spec.function_version
-        self.invoked_function_arn = arn
-        self.memory_limit_in_mb = str(spec.memory_mb)
-        self.log_group_name = spec.log_group
-        self.log_stream_name = spec.log_stream
-        self.identity = None
-        self.client_context = None
-        self.tenant_id = None
-        self._deadline_ms = deadline_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int(self._deadline_ms - time.time() * 1000))
-
-    def __repr__(self) -> str:
-        return (f"LambdaContext([aws_request_id={self.aws_request_id},"
-                f"function_name={self.function_name},"
-                f"function_version={self.function_version}])")
+init_timeout_s = 10.0  # Lambda's init phase limit
+RUNTIME_API_ADDRESS = ("127.0.0.1", 9001)
 
 
 class _LogCapture:
-    """fd 1 and 2 go into a pipe that a thread drains into a bounded buffer; at the end of an
-    invocation a sentinel written through a private fd marks where that invocation's logs end,
-    so output from C extensions and subprocesses is captured too."""
+    """Captures one invocation's output.
+
+    Python-level writes (``print``, ``logging``) from the built-in runtime land in the buffer
+    directly. fd 1 and 2 — subprocesses, C extensions, runtime processes — go into a pipe that
+    a thread drains into the same buffer; only when that pipe saw bytes since the last cut does
+    :meth:`cut` pay for a marker round trip to find where this invocation's output ends.
+    """
 
     def __init__(self) -> None:
         r, w = os.pipe()
@@ -73,11 +63,17 @@ class _LogCapture:
         self._buf = bytearray()
         self._cond = threading.Condition()
         self._seq = 0
-        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
-                          closefd=False)
-        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
-                          closefd=False)
+        self._drained = 0  # bytes the drain thread has taken from the pipe
+        self._drained_at_cut = 0
+        sys.stdout = _BufferStream(self, 1)
+        sys.stderr = _BufferStream(self, 2)
         threading.Thread(target=self._drain, name="log-drain", daemon=True).start()
+
+    def append(self, data: bytes) -> None:
+        with self._cond:
+            self._buf += data
+            if len(self._buf) > 2 * log_bytes_max:
+                del self._buf[: len(self._buf) - log_bytes_max]
 
     def _drain(self) -> None:
         while True:
@@ -88,6 +84,7 @@ class _LogCapture:
             if not data:
                 return
             with self._cond:
+                self._drained += len(data)
                 self._buf += data
                 if len(self._buf) > 2 * log_bytes_max:
                     del self._buf[: len(self._buf) - log_bytes_max]
@@ -102,18 +99,23 @@ class _LogCapture:
                 os.dup2(self._marker_fd, fd)
 
     def write_line(self, text: str) -> None:
+        self.append(text.encode() + b"\n")
+
+    def _pipe_pending(self) -> int:
         try:
-            os.write(self._marker_fd, text.encode() + b"\n")
+            buf = fcntl.ioctl(self._r, termios.FIONREAD, b"\0\0\0\0")
+            return int.from_bytes(buf, sys.byteorder)
         except OSError:
-            pass
+            return 0
 
     def cut(self) -> bytes:
         """Everything written since the previous cut (the tail, if it was too long)."""
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        with self._cond:
+            quiet = self._drained == self._drained_at_cut and not self._pipe_pending()
+            if quiet:  # the fast path: nothing came through the pipe
+                out = bytes(self._buf)
+                self._buf.clear()
+                return out[-log_bytes_max:]
         self._seq += 1
         sentinel = f"\x00cellcloud-log-cut-{self._seq}\x00".encode()
         try:
@@ -127,45 +129,38 @@ class _LogCapture:
                 if left <= 0:  # the handler closed our pipe: return what we have
                     out = bytes(self._buf)
                     self._buf.clear()
+                    self._drained_at_cut = self._drained
                     return out[-log_bytes_max:]
                 self._cond.wait(left)
             out = bytes(self._buf[:idx])
             del self._buf[: idx + len(sentinel)]
+            self._drained_at_cut = self._drained
         return out[-log_bytes_max:]
 
 
-class _RequestIdFilter(logging.Filter):
-    request_id = ""
+class _BufferStream(io.TextIOBase):
+    """sys.stdout/sys.stderr for the built-in runtime: text goes straight to the buffer."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.aws_request_id = self.request_id
+    def __init__(self, capture: _LogCapture, fd: int) -> None:
+        self._capture = capture
+        self._fd = fd
+
+    def write(self, s: str) -> int:
+        self._capture.append(s.encode("utf-8", "backslashreplace"))
+        return len(s)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def writable(self) -> bool:
         return True
 
+    def isatty(self) -> bool:
+        return False
 
-def _error(type_: str, message: str, stack: list[str] | None = None) -> dict[str, Any]:
-    return {"errorMessage": message, "errorType": type_, "requestId": "", "stackTrace": stack or []}
-
-
-def load_handler(handler: str) -> tuple[Any, dict[str, Any] | None]:
-    try:
-        modname, fname = handler.rsplit(".", 1)
-    except ValueError as e:
-        return None, _error("Runtime.MalformedHandlerName", f"Bad handler '{handler}': {e}")
-    if "/" in modname:
-        modname = modname.replace("/", ".")
-    try:
-        module = importlib.import_module(modname)
-    except ImportError as e:
-        return None, _error("Runtime.ImportModuleError", f"Unable to import module '{modname}': {e}")
-    except SyntaxError as e:
-        return None, _error("Runtime.UserCodeSyntaxError", f"Syntax error in module '{modname}': {e}")
-    except Exception as e:
-        return None, _error(type(e).__name__, str(e), traceback.format_list(
-            traceback.extract_tb(e.__traceback__)[1:]))
-    fn = getattr(module, fname, None)
-    if fn is None or not callable(fn):
-        return None, _error("Runtime.HandlerNotFound", f"Handler '{fname}' missing on module '{modname}'")
-    return fn, None
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
 
 
 class _Channel:
@@ -180,36 +175,120 @@ class _Channel:
     def recv(self) -> dict[str, Any] | None:
         while True:
             for doc in self._unpacker:
-                return doc
+                return doc  # type: ignore[no-any-return]
             data = self._sock.recv(1 << 20)
             if not data:
                 return None
             self._unpacker.feed(data)
 
 
+class _InProcessClient:
+    """The Runtime API client of the built-in runtime: direct calls on the state machine."""
+
+    def __init__(self, api: RuntimeApi) -> None:
+        self._api = api
+
+    def next(self) -> tuple[str, bytes, int, str]:
+        inv = self._api.next()
+        return inv.request_id, inv.payload, inv.deadline_ms, inv.arn
+
+    def respond(self, request_id: str, body: bytes) -> None:
+        self._api.respond(request_id, body)
+
+    def error(self, request_id: str, body: bytes) -> None:
+        self._api.error(request_id, body)
+
+    def init_error(self, body: bytes) -> None:
+        self._api.init_fail(body)
+
+
+def _run_in_process(api: RuntimeApi, handler: str) -> None:
+    """The built-in runtime, on the main thread as on Lambda (handlers may use signals)."""
+    pyruntime.setup_logging()
+    try:
+        pyruntime.run_loop(_InProcessClient(api), handler)
+    except BaseException as e:  # the runtime must not die silently
+        api.runtime_exited(f"runtime failed: {e!r}")
+    else:
+        if api.init_error is None:
+            api.runtime_exited("runtime returned")
+
+
+def _start_process(api: RuntimeApi, spec: EnvSpec) -> None:
+    argv = list(spec.runtime_argv)
+    if argv == ["bootstrap"]:
+        task_root = os.environ.get("LAMBDA_TASK_ROOT", "/var/task")
+        for cand in (os.path.join(task_root, "bootstrap"), "/opt/bootstrap"):
+            if os.access(cand, os.X_OK):
+                argv = [cand]
+                break
+        else:
+            api.init_fail(json.dumps({
+                "errorType": "Runtime.InvalidEntrypoint",
+                "errorMessage": "Couldn't find valid bootstrap(s): [/var/task/bootstrap "
+                                "/opt/bootstrap]"}).encode())
+            return
+    serve_http(api, *RUNTIME_API_ADDRESS)
+    host, port = RUNTIME_API_ADDRESS
+    env = dict(os.environ, AWS_LAMBDA_RUNTIME_API=f"{host}:{port}")
+    try:
+        pid = os.posix_spawn(argv[0], argv, env)
+    except OSError as e:
+        api.init_fail(json.dumps({"errorType": "Runtime.InvalidEntrypoint",
+                                  "errorMessage": f"cannot start {argv[0]}: {e}"}).encode())
+        return
+
+    def reap() -> None:
+        # pid 1 of the namespace: reap everything, report the runtime's own exit.
+        while True:
+            try:
+                child, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+            if child == pid:
+                if os.WIFSIGNALED(status):
+                    why = f"signal: {signal.Signals(os.WTERMSIG(status)).name.lower()[3:]}"
+                else:
+                    why = f"exit status {os.WEXITSTATUS(status)}"
+                api.runtime_exited(why)
+
+    threading.Thread(target=reap, name="reaper", daemon=True).start()
+
+
 def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
-    """Serve invocations forever; exits when the host agent closes the channel."""
+    """Serve invocations until the host agent closes the channel."""
     started = time.monotonic()
+    os.set_inheritable(chan_fd, False)  # a runtime process must not inherit the channel
     sock = socket.socket(fileno=chan_fd)
     sock.setblocking(True)
-    chan = _Channel(sock)
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     logs = _LogCapture()
-    req_filter = _RequestIdFilter()
-    log_handler = logging.StreamHandler(sys.stdout)
-    log_handler.setFormatter(logging.Formatter(
-        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
-        "%Y-%m-%dT%H:%M:%S"))
-    log_handler.addFilter(req_filter)
-    logging.Formatter.converter = time.gmtime
-    logging.getLogger().addHandler(log_handler)
-    sys.path[:0] = [os.environ.get("LAMBDA_TASK_ROOT", "/var/task"), "/opt/python"]
-    fn, init_error = load_handler(spec.handler)
+    api = RuntimeApi(response_bytes_max)
+    relay = threading.Thread(target=_relay, args=(spec, _Channel(sock), api, logs, started),
+                             name="relay", daemon=True)
+    relay.start()
+    if spec.runtime_argv:
+        _start_process(api, spec)
+    else:
+        _run_in_process(api, spec.handler)
+    relay.join()  # it ends the process when the host agent closes the channel
+    os._exit(0)
+
+
+def _relay(spec: EnvSpec, chan: _Channel, api: RuntimeApi, logs: _LogCapture,
+           started: float) -> None:
+    """Between the host agent's channel and the Runtime API, one invocation at a time."""
+    if not api.wait_ready(init_timeout_s):
+        api.init_fail(json.dumps({"errorType": "Runtime.InitTimeout", "errorMessage":
+                                  f"init did not finish within {init_timeout_s:.0f} s"}).encode())
+    init_error = api.init_error
+    if init_error is None and api.exited is not None:
+        init_error = {"errorType": "Runtime.ExitError",
+                      "errorMessage": f"Runtime exited with error: {api.exited}"}
     init_ms = (time.monotonic() - started) * 1000
-    chan.send({"t": "ready", "init_error": init_error, "init_ms": init_ms,
-               "logs": logs.cut()})
+    chan.send({"t": "ready", "init_error": init_error, "init_ms": init_ms, "logs": logs.cut()})
     first = True
     while True:
         msg = chan.recv()
@@ -218,14 +297,21 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
         if msg.get("t") != "invoke":
             continue
         request_id = msg["id"]
-        req_filter.request_id = request_id
         logs.write_line(f"START RequestId: {request_id} Version: {spec.function_version}")
         t0 = time.monotonic()
-        ok, payload, error_type = _invoke(fn, init_error, spec, msg, logs)
+        if init_error is not None:
+            err = dict(init_error, requestId=request_id)
+            logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
+            ok, payload, error_type = False, json.dumps(err).encode(), "Unhandled"
+        else:
+            api.submit(Invocation(request_id, msg["payload"], int(msg["deadline_ms"]),
+                                  msg.get("arn", "")))
+            outcome = api.wait_outcome()
+            ok, payload, error_type = outcome.ok, outcome.payload, outcome.error_type
         duration_ms = (time.monotonic() - t0) * 1000
         max_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        logs.write_line(f"END RequestId: {request_id}")
         report = (
+            f"END RequestId: {request_id}\n"
             f"REPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms\t"
             f"Billed Duration: {max(1, math.ceil(duration_ms))} ms\t"
             f"Memory Size: {spec.memory_mb} MB\tMax Memory Used: {max_rss_kb // 1024} MB"
@@ -237,37 +323,6 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
         logs.repair()
         chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
                    "error_type": error_type, "logs": logs.cut(), "duration_ms": duration_ms,
-                   "max_rss_kb": max_rss_kb})
-
-
-def _invoke(fn: Any, init_error: dict[str, Any] | None, spec: EnvSpec,
-            msg: dict[str, Any], logs: _LogCapture) -> tuple[bool, bytes, str | None]:
-    request_id = msg["id"]
-    if init_error is not None:
-        err = dict(init_error, requestId=request_id)
-        logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
-        return False, json.dumps(err).encode(), "Unhandled"
-    try:
-        event = json.loads(msg["payload"]) if msg["payload"] else {}
-        context = LambdaContext(spec, request_id, msg["deadline_ms"], msg["arn"])
-        result = fn(event, context)
-    except Exception as e:
-        stack = traceback.format_list(traceback.extract_tb(e.__traceback__)[1:])
-        err = {"errorMessage": str(e), "errorType": type(e).__name__,
-               "requestId": request_id, "stackTrace": stack}
-        # Through our own fd: the handler may have closed or replaced stderr.
-        logs.write_line(f"[ERROR] {type(e).__name__}: {e}\nTraceback (most recent call last):\n"
-                        + "".join(stack).rstrip("\n"))
-        return False, json.dumps(err).encode(), "Unhandled"
-    try:
-        body = json.dumps(result).encode()
-    except (TypeError, ValueError) as e:
-        err = {"errorMessage": f"Unable to marshal response: {e}",
-               "errorType": "Runtime.MarshalError", "requestId": request_id, "stackTrace": []}
-        return False, json.dumps(err).encode(), "Unhandled"
-    if len(body) > response_bytes_max:
-        err = {"errorMessage": f"Response payload size ({len(body)} bytes) exceeded maximum "
-                               f"allowed payload size ({response_bytes_max} bytes).",
-               "errorType": "Function.ResponseSizeTooLarge"}
-        return False, json.dumps(err).encode(), "Unhandled"
-    return True, body, None
+                   "max_rss_kb": max_rss_kb, "fatal": api.exited is not None})
+        if api.exited is not None:
+            os._exit(1)  # the runtime is gone: this environment is done

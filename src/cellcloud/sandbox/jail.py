@@ -23,7 +23,10 @@ _SYSTEM_TREES = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
 _DEVICES = ("null", "zero", "random", "urandom", "full")
 
 NAMESPACES = (
-    linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
+    linux.CLONE_NEWNS
+    | linux.CLONE_NEWPID
+    | linux.CLONE_NEWIPC
+    | linux.CLONE_NEWUTS
     | linux.CLONE_NEWNET
 )
 
@@ -33,8 +36,12 @@ LAYERS = (
     "mount_ns",  # private mount namespace + pivot_root into a minimal root
     "readonly",  # read-only root, bundle, runtime and layers
     "nosuid",  # nosuid/nodev on every mount
-    "pid_ns", "net_ns", "ipc_ns", "uts_ns",
-    "cgroup_memory", "cgroup_pids",
+    "pid_ns",
+    "net_ns",
+    "ipc_ns",
+    "uts_ns",
+    "cgroup_memory",
+    "cgroup_pids",
     "rlimits",
     "tmp_size",  # /tmp capped at the ephemeral size
     "uid",  # unprivileged uid/gid unique to the environment, all capabilities dropped
@@ -47,9 +54,13 @@ LAYERS = (
 
 def namespaces(disabled: list[str]) -> int:
     flags = NAMESPACES
-    for layer, flag in (("mount_ns", linux.CLONE_NEWNS), ("pid_ns", linux.CLONE_NEWPID),
-                        ("net_ns", linux.CLONE_NEWNET), ("ipc_ns", linux.CLONE_NEWIPC),
-                        ("uts_ns", linux.CLONE_NEWUTS)):
+    for layer, flag in (
+        ("mount_ns", linux.CLONE_NEWNS),
+        ("pid_ns", linux.CLONE_NEWPID),
+        ("net_ns", linux.CLONE_NEWNET),
+        ("ipc_ns", linux.CLONE_NEWIPC),
+        ("uts_ns", linux.CLONE_NEWUTS),
+    ):
         if layer in disabled:
             flags &= ~flag
     return flags
@@ -102,7 +113,7 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
             os.symlink(os.readlink(top), root + top)
         elif os.path.isdir(top):
             _bind(top, root + top, ro)
-    for tree in trees:
+    for tree in trees + [t for t in spec.extra_trees if t not in trees]:
         _bind(tree, root + tree, ro)
     _bind(spec.bundle_dir, root + "/var/task", ro)
     os.makedirs(root + "/opt", exist_ok=True)
@@ -125,21 +136,34 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
         os.chmod(root + "/tmp", 0o700)
     else:
         size = "" if "tmp_size" in off else f"size={spec.ephemeral_mb}m,"
-        linux.mount("tmpfs", root + "/tmp", "tmpfs", nosuid,
-                    f"{size}mode=0700,uid={spec.uid},gid={spec.gid}")
+        linux.mount(
+            "tmpfs",
+            root + "/tmp",
+            "tmpfs",
+            nosuid,
+            f"{size}mode=0700,uid={spec.uid},gid={spec.gid}",
+        )
     os.makedirs(root + "/dev", exist_ok=True)
-    linux.mount("tmpfs", root + "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=0755")
+    linux.mount(
+        "tmpfs", root + "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=0755"
+    )
     for dev in _DEVICES:
         if os.path.exists(f"/dev/{dev}"):
             open(f"{root}/dev/{dev}", "a").close()
             _bind(f"/dev/{dev}", f"{root}/dev/{dev}", 0)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{root}/dev/{name}")
     os.makedirs(root + "/etc", exist_ok=True)
-    _write(root + "/etc/passwd",
-           f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
-           f"sbx_user:x:{spec.uid}:{spec.gid}:sandbox:/tmp:/usr/sbin/nologin\n")
+    _write(
+        root + "/etc/passwd",
+        f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+        f"sbx_user:x:{spec.uid}:{spec.gid}:sandbox:/tmp:/usr/sbin/nologin\n",
+    )
     _write(root + "/etc/group", f"root:x:0:\nsbx_user:x:{spec.gid}:\n")
     _write(root + "/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n")
     _write(root + "/etc/resolv.conf", "")
@@ -148,8 +172,9 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
     os.makedirs(root + "/.old_root", exist_ok=True)
 
 
-def enter(spec: EnvSpec, root: str, keep_fds: tuple[int, ...],
-          tmp_device: str | None = None) -> None:
+def enter(
+    spec: EnvSpec, root: str, keep_fds: tuple[int, ...], tmp_device: str | None = None
+) -> None:
     """Everything from the mount namespace to the seccomp filter. Raises on any failed step:
     an environment that is not fully jailed never runs function code."""
     off = spec.disabled_layers
@@ -162,16 +187,21 @@ def enter(spec: EnvSpec, root: str, keep_fds: tuple[int, ...],
         os.rmdir("/.old_root")
         if "pid_ns" not in off:
             # /proc of the new pid namespace: the function sees only its own processes.
-            linux.mount("proc", "/proc", "proc",
-                        linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
         if "readonly" not in off:
-            linux.mount(None, "/", None,
-                        linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+            linux.mount(
+                None,
+                "/",
+                None,
+                linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV,
+            )
         task_root = "/var/task"
     else:
         task_root = spec.bundle_dir
     if "uts_ns" not in off:
         socket.sethostname("sandbox")
+    if "net_ns" not in off:
+        linux.bring_loopback_up()  # the environment's own loopback, for the Runtime API
     if "rlimits" not in off:
         _limits(spec)
     if "close_fds" not in off:

@@ -31,6 +31,10 @@ class EnvSpec:
     # Tests only: isolation layers switched off, to prove each layer is the one that stops an
     # attack (negative controls). The agent never sets this from its API; see jail.LAYERS.
     disabled_layers: list[str] = field(default_factory=list)
+    # How the function's runtime starts: [] for the built-in python runtime (a thread of the
+    # guest agent); else the argv of a runtime process that speaks the Runtime API over HTTP.
+    runtime_argv: list[str] = field(default_factory=list)
+    extra_trees: list[str] = field(default_factory=list)  # host dirs that runtime needs (ro)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,7 +27,7 @@ import msgpack
 
 log = logging.getLogger(__name__)
 
-frame_bytes_max = 64 * 1024 * 1024  # a bundle (≤ 50 MB zipped) plus envelope
+frame_bytes_max = 80 * 1024 * 1024  # a 50 MB zip, base64-encoded in its API request (~67 MB)
 calls_in_flight_max = 4096  # per connection; more is a protocol error, not a queue
 
 Handler = Callable[[Any], Awaitable[Any]]

@@ -1,0 +1,233 @@
+"""The Lambda Runtime API inside an environment (``$AWS_LAMBDA_RUNTIME_API/2018-06-01/...``).
+
+:class:`RuntimeApi` is the state machine (one invocation at a time, as on Lambda); the guest's
+channel loop feeds it invocations and waits for outcomes. It has two bindings over the same
+state: an HTTP server on the environment's own loopback (for custom runtimes, awslambdaric,
+other Python versions) and direct calls (for the built-in Python runtime thread, which runs the
+very same loop in ``pyruntime.py`` without paying for HTTP inside one process).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+API_PREFIX = "/2018-06-01/runtime"
+request_body_bytes_max = 6 * 1024 * 1024 + 1024
+
+
+@dataclass
+class Invocation:
+    request_id: str
+    payload: bytes
+    deadline_ms: int
+    arn: str
+    trace_id: str = ""
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    payload: bytes
+    error_type: str | None  # "Unhandled" when the function failed
+
+
+class RuntimeApi:
+    def __init__(self, response_bytes_max: int) -> None:
+        self.response_bytes_max = response_bytes_max
+        self._cond = threading.Condition()
+        self._queued: Invocation | None = None  # given to the runtime by next()
+        self._current: Invocation | None = None  # delivered, awaiting its outcome
+        self._outcome: Outcome | None = None
+        self.ready = False  # the runtime asked for its first invocation: init is done
+        self.init_error: dict[str, Any] | None = None
+        self.exited: str | None = None  # why the runtime is gone, if it is
+
+    # -- the guest's side ------------------------------------------------------------------------
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self.ready or self.init_error is not None or self.exited is not None,
+                timeout_s,
+            )
+
+    def submit(self, inv: Invocation) -> None:
+        with self._cond:
+            assert self._queued is None and self._current is None, "one invocation at a time"
+            self._outcome = None
+            self._queued = inv
+            self._cond.notify_all()
+
+    def wait_outcome(self) -> Outcome:
+        with self._cond:
+            self._cond.wait_for(lambda: self._outcome is not None or self.exited is not None)
+            if self._outcome is None:
+                self._queued = self._current = None
+                return Outcome(
+                    False,
+                    json.dumps(
+                        {
+                            "errorType": "Runtime.ExitError",
+                            "errorMessage": f"Runtime exited with error: {self.exited}",
+                        }
+                    ).encode(),
+                    "Unhandled",
+                )
+            out, self._outcome = self._outcome, None
+            return out
+
+    def runtime_exited(self, why: str) -> None:
+        with self._cond:
+            self.exited = why
+            self._cond.notify_all()
+
+    # -- the runtime's side (the Runtime API operations) -----------------------------------------
+    def next(self) -> Invocation:
+        with self._cond:
+            if self._current is not None and self._outcome is None:
+                # Asking for the next event without answering this one: Lambda treats the
+                # invocation as failed.
+                self._finish(
+                    Outcome(
+                        False,
+                        json.dumps(
+                            {
+                                "errorType": "Runtime.NoResponse",
+                                "errorMessage": "the runtime asked for the next event without a response",
+                            }
+                        ).encode(),
+                        "Unhandled",
+                    )
+                )
+            self.ready = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._queued is not None)
+            inv, self._queued = self._queued, None
+            assert inv is not None
+            self._current = inv
+            return inv
+
+    def respond(self, request_id: str, body: bytes) -> tuple[int, dict[str, str]]:
+        with self._cond:
+            if self._current is None or self._current.request_id != request_id:
+                return 400, {
+                    "errorType": "InvalidRequestID",
+                    "errorMessage": f"unknown or finished request {request_id}",
+                }
+            if len(body) > self.response_bytes_max:
+                self._finish(
+                    Outcome(
+                        False,
+                        json.dumps(
+                            {
+                                "errorType": "Function.ResponseSizeTooLarge",
+                                "errorMessage": f"Response payload size ({len(body)} bytes) exceeded maximum "
+                                f"allowed payload size ({self.response_bytes_max} bytes).",
+                            }
+                        ).encode(),
+                        "Unhandled",
+                    )
+                )
+                return 413, {
+                    "errorType": "RequestEntityTooLarge",
+                    "errorMessage": "response payload too large",
+                }
+            self._finish(Outcome(True, body, None))
+            return 202, {"status": "OK"}
+
+    def error(self, request_id: str, body: bytes) -> tuple[int, dict[str, str]]:
+        with self._cond:
+            if self._current is None or self._current.request_id != request_id:
+                return 400, {
+                    "errorType": "InvalidRequestID",
+                    "errorMessage": f"unknown or finished request {request_id}",
+                }
+            self._finish(Outcome(False, _error_doc(body), "Unhandled"))
+            return 202, {"status": "OK"}
+
+    def init_fail(self, body: bytes) -> tuple[int, dict[str, str]]:
+        with self._cond:
+            self.init_error = json.loads(_error_doc(body))
+            self._cond.notify_all()
+            return 202, {"status": "OK"}
+
+    def _finish(self, outcome: Outcome) -> None:
+        self._outcome = outcome
+        self._current = None
+        self._cond.notify_all()
+
+
+def _error_doc(body: bytes) -> bytes:
+    """The runtime's error JSON, normalised to Lambda's shape (bad JSON is reported as is)."""
+    try:
+        doc = json.loads(body) if body else {}
+        if not isinstance(doc, dict):
+            raise ValueError
+    except ValueError:
+        doc = {"errorType": "Runtime.Unknown", "errorMessage": body.decode(errors="replace")}
+    doc.setdefault("errorType", "Runtime.Unknown")
+    doc.setdefault("errorMessage", "")
+    return json.dumps(doc).encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a runtime polls next on one connection
+    api: RuntimeApi
+
+    def log_message(self, format: str, *args: Any) -> None:  # not into the function's logs
+        return
+
+    def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path != f"{API_PREFIX}/invocation/next":
+            self._reply(404, b'{"errorType":"NotFound"}')
+            return
+        inv = self.api.next()
+        headers = {
+            "Lambda-Runtime-Aws-Request-Id": inv.request_id,
+            "Lambda-Runtime-Deadline-Ms": str(inv.deadline_ms),
+            "Lambda-Runtime-Invoked-Function-Arn": inv.arn,
+            "Lambda-Runtime-Trace-Id": inv.trace_id or f"Root=1-{inv.request_id[:8]}",
+        }
+        self._reply(200, inv.payload, headers)
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > request_body_bytes_max:
+            self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
+            self.close_connection = True
+            return
+        body = self.rfile.read(length) if length else b""
+        parts = (
+            self.path[len(API_PREFIX) :].strip("/").split("/")
+            if self.path.startswith(API_PREFIX)
+            else []
+        )
+        if parts == ["init", "error"]:
+            status, doc = self.api.init_fail(body)
+        elif len(parts) == 3 and parts[0] == "invocation" and parts[2] == "response":
+            status, doc = self.api.respond(parts[1], body)
+        elif len(parts) == 3 and parts[0] == "invocation" and parts[2] == "error":
+            status, doc = self.api.error(parts[1], body)
+        else:
+            status, doc = 404, {"errorType": "NotFound"}
+        self._reply(status, json.dumps(doc).encode())
+
+
+def serve_http(api: RuntimeApi, host: str = "127.0.0.1", port: int = 9001) -> ThreadingHTTPServer:
+    handler = type("RuntimeApiHandler", (_Handler,), {"api": api})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="runtime-api", daemon=True).start()
+    return server
