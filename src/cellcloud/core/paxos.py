@@ -488,6 +488,8 @@ class Replica:
             actions.append(PersistPromise(self.cell, msg.ballot))
         if self.role != FOLLOWER and msg.ballot > self.ballot:
             self._step_down(msg.src, actions)
+        if self.role == FOLLOWER:
+            self.leader_hint = msg.src  # likely the next leader: redirect there, do not duel
         self.election_deadline_ms = now_ms + self._election_timeout()
         p = self._promise_for(msg.from_slot, True)
         actions.append(

@@ -218,15 +218,16 @@ class StoreClient:
             if status == REJECTED:
                 raise StoreRejected(str(body["result"]))  # type: ignore[index]
             if status == NOT_LEADER:
+                # Redirects do not spend the retry budget: following a hint, or waiting (with
+                # jitter) for an election the node just started, is bounded by the deadline.
                 self.counters["redirects"] += 1
                 hint = body.get("leader_hint")  # type: ignore[union-attr]
                 self.leader_cache.pop(cell, None)
                 if hint in members and hint != target:
                     target = hint
-                    if attempt <= len(members):
-                        continue  # following a hint is not a retry
-                else:
-                    target = self.rng.choice([m for m in members if m != target] or members)
+                    continue
+                await asyncio.sleep(full_jitter_ms(self.rng, min(attempt, 5)) / 1000)
+                continue
             elif status == NOT_HERE:
                 self.counters["not_here"] += 1
                 fresh = body.get("result")  # type: ignore[union-attr]
