@@ -471,5 +471,14 @@ def env(
     sys.stdout.write("unset AWS_SESSION_TOKEN AWS_PROFILE\n")
 
 
+def _mount_subcommands() -> None:
+    from .store.cli import app as store_app
+
+    app.add_typer(store_app, name="store", help="The configuration store (Physalia-style colony).")
+
+
+_mount_subcommands()
+
+
 def main() -> None:
     app()

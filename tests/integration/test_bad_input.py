@@ -69,7 +69,8 @@ def test_bad_names_and_parameters(region: Region) -> None:
     expect(region, doc_for(z, MemorySize=64), 400, "InvalidParameterValueException")
     expect(region, doc_for(z, Timeout=901), 400, "InvalidParameterValueException")
     expect(region, doc_for(z, Runtime="cobol85"), 400, "InvalidParameterValueException")
-    expect(region, doc_for(z, Handler="nodot"), 400, "InvalidParameterValueException")
+    expect(region, doc_for(z, Handler="has space.handler"), 400, "InvalidParameterValueException")
+    expect(region, doc_for(z, Handler="x" * 129), 400, "InvalidParameterValueException")
     expect(region, doc_for(z, Environment={"Variables": {"AWS_REGION": "x"}}), 400,
            "InvalidParameterValueException")
 

@@ -47,7 +47,8 @@ def test_memory_and_timeout_ok() -> None:
 
 def test_handler() -> None:
     assert check_handler("app.handler") == "app.handler"
-    for bad in ("nodot", "has space.x", "", None):
+    assert check_handler("bootstrap-handles-it") == "bootstrap-handles-it"  # custom runtimes
+    for bad in ("has space.x", "", None, "x" * 129):
         with pytest.raises(LambdaError):
             check_handler(bad)
 

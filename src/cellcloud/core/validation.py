@@ -63,10 +63,13 @@ def check_name(name: object) -> str:
 
 
 def check_handler(handler: object) -> str:
-    if not isinstance(handler, str) or not _HANDLER.match(handler) or "." not in handler:
+    """Lambda's own constraint (``[^\\s]+``, ≤ 128 characters). A python handler without a
+    module part is accepted and fails at invoke with Runtime.MalformedHandlerName, as on AWS;
+    a custom runtime's handler is any string its bootstrap understands."""
+    if not isinstance(handler, str) or not _HANDLER.match(handler):
         raise invalid(
             f"Value '{handler}' at 'handler' failed to satisfy constraint: Member must satisfy "
-            "regular expression pattern: [^\\s]+ and be of the form module.function"
+            "regular expression pattern: [^\\s]+ and have length at most 128"
         )
     return handler
 

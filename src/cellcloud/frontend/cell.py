@@ -14,9 +14,6 @@ import logging
 import os
 import random
 import re
-import shutil
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import replace
@@ -56,8 +53,6 @@ def _now_iso() -> str:
 
 
 #: Runtimes the frontend accepts beyond the host's Pythons (their runtime lives in the bundle).
-CUSTOM_RUNTIMES = ("provided.al2023",)
-python_minors = (11, 12, 13)
 aliases_per_function_max = 250
 layers_per_function_max = 5
 tags_per_function_max = 50
@@ -71,29 +66,10 @@ page_items_max = 50
 
 @functools.cache
 def supported_runtimes() -> tuple[str, ...]:
-    """The runtimes this host can run: each python3.N whose interpreter is on PATH and actually
-    starts (the host's own always), then the custom runtimes. Computed once per process."""
-    found: list[str] = []
-    for minor in python_minors:
-        name = f"python3.{minor}"
-        if sys.version_info[:2] == (3, minor):
-            found.append(name)
-            continue
-        path = shutil.which(name)
-        if path is None:
-            continue
-        try:
-            ok = (
-                subprocess.run(
-                    [path, "-c", "pass"], capture_output=True, timeout=10, check=False
-                ).returncode
-                == 0
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        if ok:
-            found.append(name)
-    return (*found, *CUSTOM_RUNTIMES)
+    """The runtimes this host can run (sandbox/runtimes.py probes the interpreters once)."""
+    from ..sandbox import runtimes
+
+    return runtimes.names()
 
 
 def check_runtime(runtime: object) -> str:

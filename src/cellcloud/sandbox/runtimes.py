@@ -33,7 +33,7 @@ def find() -> dict[str, Runtime]:
     for name in _CANDIDATES:
         if name in found:
             continue
-        exe = shutil.which(name)
+        exe = _locate(name)
         if exe is None:
             continue
         try:
@@ -47,6 +47,32 @@ def find() -> dict[str, Runtime]:
     for name in PROVIDED:
         found[name] = Runtime(name, (), ())
     return found
+
+
+def _locate(name: str) -> str | None:
+    """On PATH first; then pyenv's versions (whose shims refuse versions not selected)."""
+    exe = shutil.which(name)
+    candidates = [exe] if exe else []
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    versions = os.path.join(root, "versions")
+    if os.path.isdir(versions):
+        for v in sorted(os.listdir(versions), reverse=True):
+            candidates.append(os.path.join(versions, v, "bin", name))
+    for c in candidates:
+        if c and os.access(c, os.X_OK) and "/shims/" not in c:
+            return c
+    return candidates[0] if candidates else None
+
+
+def names() -> tuple[str, ...]:
+    """The runtime names this host offers (cached: probing starts interpreters)."""
+    global _names
+    if _names is None:
+        _names = tuple(sorted(find()))
+    return _names
+
+
+_names: tuple[str, ...] | None = None
 
 
 def argv_for(runtime: Runtime, handler: str) -> list[str]:
