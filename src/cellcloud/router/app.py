@@ -116,13 +116,9 @@ class Router:
             status, headers, body = await self._handle(scope, receive)
         except LambdaError as e:
             status, headers, body = e.status, e.headers(), e.body()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-            }
-        )
+        out = [(k.encode(), v.encode()) for k, v in headers.items()]
+        out.append((b"content-length", b"%d" % len(body)))  # not chunked: one write, no trailer
+        await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
 
     async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, str], bytes]:

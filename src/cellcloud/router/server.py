@@ -22,7 +22,7 @@ async def serve(args: argparse.Namespace) -> None:
     sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http="httptools", lifespan="off",
                             log_level="warning", access_log=False, server_header=False,
-                            date_header=False, timeout_keep_alive=75)
+                            date_header=False, timeout_keep_alive=75, proxy_headers=False)
     server = uvicorn.Server(config)
     # uvicorn's own serve() offers no "listening" event; its startup()/main_loop() pair does.
     config.load()

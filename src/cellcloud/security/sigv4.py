@@ -15,6 +15,7 @@ scope or a clock skew over five minutes.
 from __future__ import annotations
 
 import calendar
+import functools
 import hashlib
 import hmac
 import re
@@ -100,7 +101,11 @@ def verify(
         raise _forbidden("InvalidSignatureException",
                          "Date in Credential scope does not match YYYYMMDD from X-Amz-Date.")
     try:
-        signed_at = calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
+        d = amz_date  # yyyyMMddTHHmmssZ, shape checked above: slicing beats strptime
+        signed_at = calendar.timegm((int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[9:11]),
+                                     int(d[11:13]), int(d[13:15]), 0, 0, 0))
+        if not (1 <= int(d[4:6]) <= 12 and 1 <= int(d[6:8]) <= 31):
+            raise ValueError(amz_date)
     except ValueError:
         raise _forbidden("InvalidSignatureException", "X-Amz-Date is not a valid date.") from None
     now = time.time() if now_s is None else now_s
@@ -144,7 +149,19 @@ def _expected_signature(method: str, raw_path: str, raw_query: str, signed: dict
     req.context["timestamp"] = amz_date
     signer = SigV4Auth(Credentials(akid, secret), SERVICE, region)
     canonical = signer.canonical_request(req)
-    return str(signer.signature(signer.string_to_sign(req, canonical), req))
+    string_to_sign = signer.string_to_sign(req, canonical)
+    # botocore derives the signing key with four HMACs on every call; it only changes with
+    # the secret, the day and the region, so derive it once per day instead.
+    key = _signing_key(secret, amz_date[:8], region)
+    return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _signing_key(secret: str, date: str, region: str) -> bytes:
+    k = hmac.new(f"AWS4{secret}".encode(), date.encode(), hashlib.sha256).digest()
+    k = hmac.new(k, region.encode(), hashlib.sha256).digest()
+    k = hmac.new(k, SERVICE.encode(), hashlib.sha256).digest()
+    return hmac.new(k, b"aws4_request", hashlib.sha256).digest()
 
 
 def sign(method: str, url: str, headers: dict[str, str], body: bytes, *, access_key_id: str,
