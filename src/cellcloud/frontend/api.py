@@ -210,6 +210,29 @@ async def delete_concurrency(cell: Cell, req: dict[str, Any], m: Match, q: Q) ->
     return {"s": 204, "h": {}, "b": b""}
 
 
+# -- provisioned concurrency -------------------------------------------------------------------
+def _qualifier_param(q: Q) -> str:
+    qual = (q.get("Qualifier") or [""])[0]
+    if not qual:
+        raise errors.invalid("Qualifier is required for provisioned concurrency")
+    return qual
+
+
+async def put_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    return _reply(202, cell.put_provisioned(req["a"], name, _qualifier_param(q), _json_body(req)))
+
+
+async def get_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    return _reply(200, cell.provisioned_doc(req["a"], name, _qualifier_param(q)))
+
+
+async def delete_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    cell.delete_provisioned(req["a"], _name(m["ref"], req["a"]), _qualifier_param(q))
+    return {"s": 204, "h": {}, "b": b""}
+
+
 # -- layers --------------------------------------------------------------------------------------
 _LAYER_REF = re.compile(
     r"^(?:arn:aws[a-zA-Z-]*:lambda:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):layer:)?"
@@ -311,6 +334,12 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
     ("PUT", re.compile(rf"^/2017-10-31/functions/{_FN}/concurrency/?$"), put_concurrency),
     ("DELETE", re.compile(rf"^/2017-10-31/functions/{_FN}/concurrency/?$"), delete_concurrency),
     ("GET", re.compile(rf"^/2019-09-30/functions/{_FN}/concurrency/?$"), get_concurrency),
+    ("PUT", re.compile(rf"^/2019-09-30/functions/{_FN}/provisioned-concurrency/?$"),
+     put_provisioned),
+    ("GET", re.compile(rf"^/2019-09-30/functions/{_FN}/provisioned-concurrency/?$"),
+     get_provisioned),
+    ("DELETE", re.compile(rf"^/2019-09-30/functions/{_FN}/provisioned-concurrency/?$"),
+     delete_provisioned),
     ("GET", re.compile(rf"{_LAYERS}/?$"), list_layers),
     ("POST", re.compile(rf"{_LAYERS}/(?P<layer>[^/]+)/versions/?$"), publish_layer_version),
     ("GET", re.compile(rf"{_LAYERS}/(?P<layer>[^/]+)/versions/?$"), list_layer_versions),

@@ -201,6 +201,8 @@ class Cell:
         self._functions: dict[tuple[str, str], FunctionRecord] = {}
         self._versions: dict[tuple[str, str, int], FunctionRecord] = {}
         self._reserved: dict[tuple[str, str], int | None] = {}
+        # (account, name, qualifier) -> (the version it keeps warm, how many, last modified)
+        self._provisioned: dict[tuple[str, str, str], tuple[FunctionRecord, int, str]] = {}
         self._inflight: dict[tuple[str, str], int] = {}
         self.counters = {
             "invocations": 0,
@@ -481,6 +483,8 @@ class Cell:
             self._retire(rec.key)
             return
         versions = self.store.list_versions(account, name, 0, versions_per_function_max)
+        for key in [k for k in self._provisioned if k[:2] == (account, name)]:
+            self.delete_provisioned(*key)
         self.store.delete(account, name)
         self._functions.pop((account, name), None)
         self._reserved.pop((account, name), None)
@@ -699,6 +703,76 @@ class Cell:
         self._reserved[(account, name)] = n
         return {"ReservedConcurrentExecutions": n}
 
+    # -- provisioned concurrency ---------------------------------------------------------------
+    def _provisioned_target(self, account: str, name: str, qualifier: str) -> FunctionRecord:
+        if not qualifier or qualifier == "$LATEST":
+            raise errors.invalid("Provisioned concurrency needs a published version or an alias "
+                                 "as Qualifier ($LATEST cannot be provisioned)")
+        if VERSION.match(qualifier):
+            return self.version(account, name, qualifier)
+        return self.version(account, name, self.alias(account, name, qualifier).function_version)
+
+    def put_provisioned(self, account: str, name: str, qualifier: str,
+                        doc: dict[str, Any]) -> dict[str, Any]:
+        n = doc.get("ProvisionedConcurrentExecutions")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise errors.invalid("ProvisionedConcurrentExecutions must be an integer >= 1")
+        rec = self._provisioned_target(account, name, qualifier)
+        reserved = self.reserved(account, name)
+        if reserved is not None and n > reserved:
+            raise errors.invalid(f"Requested Provisioned Concurrency ({n}) should not be greater "
+                                 f"than the reservedConcurrentExecution for function ({reserved})")
+        self.store.put_provisioned(account, name, qualifier, n)
+        self._provisioned[(account, name, qualifier)] = (rec, n, _now_iso())
+        self.placement.set_provisioned(rec.key, n)
+        self._provision_soon()
+        return self.provisioned_doc(account, name, qualifier)
+
+    def provisioned_doc(self, account: str, name: str, qualifier: str) -> dict[str, Any]:
+        self.function(account, name)
+        entry = self._provisioned.get((account, name, qualifier))
+        if entry is None:
+            raise errors.LambdaError(404, "ProvisionedConcurrencyConfigNotFoundException",
+                                     f"No Provisioned Concurrency Config found for this function "
+                                     f"({name}:{qualifier})")
+        rec, n, modified = entry
+        ready = sum(1 for e in self.placement.envs.values()
+                    if e.function_key == rec.key and e.provisioned and e.state != "creating")
+        return {"RequestedProvisionedConcurrentExecutions": n,
+                "AllocatedProvisionedConcurrentExecutions": min(ready, n),
+                "AvailableProvisionedConcurrentExecutions": min(ready, n),
+                "Status": "READY" if ready >= n else "IN_PROGRESS",
+                "LastModified": modified}
+
+    def delete_provisioned(self, account: str, name: str, qualifier: str) -> None:
+        self.provisioned_doc(account, name, qualifier)  # 404 if absent
+        rec, _, _ = self._provisioned.pop((account, name, qualifier))
+        self.store.put_provisioned(account, name, qualifier, None)
+        self.placement.set_provisioned(rec.key, 0)
+
+    def load_provisioned(self) -> None:
+        """At start: the provisioned pools configured before a restart."""
+        for account, name, qualifier, n in self.store.list_provisioned():
+            try:
+                rec = self._provisioned_target(account, name, qualifier)
+            except LambdaError:
+                continue
+            self._provisioned[(account, name, qualifier)] = (rec, n, _now_iso())
+            self.placement.set_provisioned(rec.key, n)
+
+    def _provision_soon(self) -> None:
+        recs = {rec.key: rec for rec, _, _ in self._provisioned.values()}
+        for create in self.placement.provision(int(time.time() * 1000)):
+            rec = recs.get(self.placement.envs[create.env_id].function_key)
+            if rec is not None:
+                asyncio.ensure_future(self._prewarm(rec, create))
+
+    async def _prewarm(self, rec: FunctionRecord, create: Create) -> None:
+        try:
+            await self._create_env(rec, create, prewarm=True)
+        except _AgentUnavailable:
+            log.warning("could not provision an environment for %s", rec.key)
+
     def delete_concurrency(self, account: str, name: str) -> None:
         self.function(account, name)
         self.store.put_concurrency(account, name, None)
@@ -814,6 +888,7 @@ class Cell:
         return out
 
     def _retire(self, function_key: str) -> None:
+        self.placement.set_provisioned(function_key, 0)
         for d in self.placement.retire_function(function_key):
             self._destroy_soon(d.env_id, d.agent_id)
 
@@ -900,7 +975,8 @@ class Cell:
             return await self._invoke_on(rec, decision, request_id, payload, log_tail, invoked_arn)
         raise AssertionError("unreachable")
 
-    async def _create_env(self, rec: FunctionRecord, decision: Create) -> None:
+    async def _create_env(self, rec: FunctionRecord, decision: Create,
+                          prewarm: bool = False) -> None:
         client = self.agents[decision.agent_id]
         body: dict[str, Any] = {
             "env_id": decision.env_id,
@@ -944,7 +1020,10 @@ class Cell:
             self.placement.discard(decision.env_id)
             log.warning("agent %s could not create env: %s", decision.agent_id, e)
             raise _AgentUnavailable(full=e.type in ("AgentFull", "HostMemoryExhausted")) from e
-        self.placement.created(decision.env_id, int(time.time() * 1000))
+        if prewarm:
+            self.placement.prewarmed(decision.env_id, int(time.time() * 1000))
+        else:
+            self.placement.created(decision.env_id, int(time.time() * 1000))
 
     async def _invoke_on(
         self,
@@ -1049,6 +1128,8 @@ class Cell:
     def tick(self) -> None:
         for d in self.placement.on_tick(int(time.time() * 1000)):
             self._destroy_soon(d.env_id, d.agent_id)
+        if self._provisioned:
+            self._provision_soon()  # replaces provisioned environments that were lost
         self.flush_logs()
 
     def flush_logs(self) -> None:

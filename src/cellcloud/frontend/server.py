@@ -31,6 +31,7 @@ async def serve(args: argparse.Namespace) -> None:
     cell = Cell(args.cell_id, store, agents, region=args.region,
                 envs_per_agent_max=args.envs_per_agent_max)
     await cell.sync_agents(first=True)
+    cell.load_provisioned()  # the pools are refilled by the first tick
 
     async def http(req: dict[str, Any]) -> dict[str, Any]:
         return await api.handle(cell, req)

@@ -95,6 +95,8 @@ class FunctionStore(Protocol):
     def get_concurrency(self, account: str, name: str) -> int | None: ...
     def put_concurrency(self, account: str, name: str, reserved: int | None) -> None: ...
     def reserved_total(self, account: str, except_name: str) -> int: ...
+    def put_provisioned(self, account: str, name: str, qualifier: str, n: int | None) -> None: ...
+    def list_provisioned(self) -> list[tuple[str, str, str, int]]: ...
     def publish_layer_version(self, rec: LayerVersionRecord) -> LayerVersionRecord: ...
     def get_layer_version(self, account: str, name: str, version: int
                           ) -> LayerVersionRecord | None: ...
@@ -124,6 +126,9 @@ CREATE TABLE IF NOT EXISTS aliases (
 CREATE TABLE IF NOT EXISTS concurrency (
     account TEXT NOT NULL, name TEXT NOT NULL, reserved INTEGER NOT NULL,
     PRIMARY KEY (account, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS provisioned (
+    account TEXT NOT NULL, name TEXT NOT NULL, qualifier TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (account, name, qualifier)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS layers (
     account TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, doc TEXT NOT NULL,
     PRIMARY KEY (account, name, version)) WITHOUT ROWID;
@@ -248,6 +253,18 @@ class SqliteFunctionStore:
         else:
             self.db.execute("INSERT OR REPLACE INTO concurrency VALUES (?,?,?)",
                             (account, name, reserved))
+
+    def put_provisioned(self, account: str, name: str, qualifier: str, n: int | None) -> None:
+        if n is None:
+            self.db.execute("DELETE FROM provisioned WHERE account=? AND name=? AND qualifier=?",
+                            (account, name, qualifier))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO provisioned VALUES (?,?,?,?)",
+                            (account, name, qualifier, n))
+
+    def list_provisioned(self) -> list[tuple[str, str, str, int]]:
+        rows = self.db.execute("SELECT account, name, qualifier, n FROM provisioned").fetchall()
+        return [(str(a), str(b), str(c), int(d)) for a, b, c, d in rows]
 
     def reserved_total(self, account: str, except_name: str) -> int:
         row = self.db.execute(
