@@ -175,7 +175,7 @@ class _Channel:
     def recv(self) -> dict[str, Any] | None:
         while True:
             for doc in self._unpacker:
-                return doc  # type: ignore[no-any-return]
+                return doc
             data = self._sock.recv(1 << 20)
             if not data:
                 return None
@@ -299,6 +299,7 @@ def _relay(spec: EnvSpec, chan: _Channel, api: RuntimeApi, logs: _LogCapture,
         request_id = msg["id"]
         logs.write_line(f"START RequestId: {request_id} Version: {spec.function_version}")
         t0 = time.monotonic()
+        error_type: str | None
         if init_error is not None:
             err = dict(init_error, requestId=request_id)
             logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
