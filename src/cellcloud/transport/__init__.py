@@ -76,11 +76,17 @@ class ServerStats:
     errors: int = 0
     unknown_ops: int = 0
     malformed_frames: int = 0
+    rejected_peers: int = 0  # mTLS peers whose certificate names a role not allowed here
     by_op: dict[str, int] = field(default_factory=dict)
 
 
+PeerCheck = Callable[[Any], bool]  # peercert dict -> allowed?
+
+
 class _ServerProtocol(asyncio.Protocol):
-    def __init__(self, ops: dict[str, Handler], stats: ServerStats) -> None:
+    def __init__(self, ops: dict[str, Handler], stats: ServerStats,
+                 peer_check: PeerCheck | None = None) -> None:
+        self._peer_check = peer_check
         self._ops = ops
         self._stats = stats
         self._unpacker = _unpacker()
@@ -92,6 +98,10 @@ class _ServerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._stats.connections += 1
+        if self._peer_check is not None and not self._peer_check(
+                transport.get_extra_info("peercert")):
+            self._stats.rejected_peers += 1
+            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stats.connections -= 1
@@ -156,8 +166,9 @@ class _ServerProtocol(asyncio.Protocol):
 class Server:
     """A listening transport server. ``ops`` maps op name -> ``async def op(body) -> result``."""
 
-    def __init__(self, ops: Mapping[str, Handler]) -> None:
+    def __init__(self, ops: Mapping[str, Handler], *, peer_check: PeerCheck | None = None) -> None:
         self.ops: dict[str, Handler] = dict(ops)
+        self.peer_check = peer_check
         self.stats = ServerStats()
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -176,7 +187,7 @@ class Server:
         return addr[0], addr[1]
 
     def _protocol(self) -> _ServerProtocol:
-        return _ServerProtocol(self.ops, self.stats)
+        return _ServerProtocol(self.ops, self.stats, self.peer_check)
 
     async def close(self) -> None:
         for srv in self._servers:
@@ -256,7 +267,9 @@ class Client:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         connect_timeout_s: float = 2.0,
+        peer_check: PeerCheck | None = None,
     ) -> None:
+        self._peer_check = peer_check
         self.host = host
         self.port = port
         self._ssl = ssl_context
@@ -295,6 +308,13 @@ class Client:
                 )
             except (OSError, TimeoutError) as e:
                 raise TransportError(f"cannot connect to {self.host}:{self.port}: {e!r}") from e
+            if self._peer_check is not None and (
+                    proto.transport is None
+                    or not self._peer_check(proto.transport.get_extra_info("peercert"))):
+                if proto.transport is not None:
+                    proto.transport.close()
+                raise TransportError(f"{self.host}:{self.port} is not a peer we may call "
+                                     "(its certificate names another role)")
             self._proto = proto
             return proto
 
