@@ -25,7 +25,7 @@ def test_certificates_name_role_cell_and_region(tmp_path: Any) -> None:
     assert uris == ["urn:cellcloud:cc-local-1:agent:cell-1"]
     assert oct(os.stat(cfg.key_path).st_mode & 0o777) == "0o600"
     assert not pki.needs_rotation(cfg.cert_path)
-    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=29)
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=29)
     assert pki.needs_rotation(cfg.cert_path, now=soon)
 
 
