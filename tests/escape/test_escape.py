@@ -374,6 +374,7 @@ def test_setuid_binaries(sandbox: Sandbox, setuid_binary: str) -> None:
         shutil.copy(setuid_binary, dest)
         os.chown(dest, 0, 0)
         os.chmod(dest, 0o4755 | stat.S_IXUSR)
+        sandbox.reseal(bundle)
     for disabled in ([], ["nosuid"], ["no_new_privs"]):
         env, res = sandbox.run(code, disabled=disabled)
         assert result(res) == {"ok": sandbox.uid_of(env)}, disabled  # euid unchanged

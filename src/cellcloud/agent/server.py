@@ -24,12 +24,14 @@ from ..core.limits import DEFAULT_LIMITS
 from ..sandbox import cgroups, runtimes
 from ..sandbox.backend import Backend, JailBackend, Spawned
 from ..sandbox.spec import EnvSpec
+from ..security import attestation, pki
 from ..transport import OpError, Server
 from . import lockdown
 
 log = logging.getLogger("cellcloud.agent")
 
 channel_frame_bytes_max = 8 * 1024 * 1024
+remeasure_interval_s = 30
 env_baseline_bytes = 8 * 1024 * 1024  # what a new idle environment adds, roughly (density bench)
 
 
@@ -110,6 +112,7 @@ class EnvRecord:
     init_ms: float = 0.0
     last_used_ms: int = 0
     max_rss_kb: int = 0
+    measurements: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
 
 
@@ -118,7 +121,8 @@ class Agent:
                  envs_max: int = DEFAULT_LIMITS.envs_per_agent_max, region: str = "cc-local-1",
                  pids_max: int = 1024, memory_budget_mb: int | None = None,
                  oversubscription: float = 4.0, cgroup_group: str | None = None,
-                 runtimes_found: dict[str, runtimes.Runtime] | None = None):
+                 runtimes_found: dict[str, runtimes.Runtime] | None = None,
+                 identity: pki.TlsConfig | None = None, cell: str = "cell-1"):
         self.agent_id = agent_id
         self.state_dir = state_dir
         self.bundles_dir = os.path.join(state_dir, "bundles")
@@ -147,9 +151,14 @@ class Agent:
         self._zombie_cgroups: list[cgroups.Cgroup] = []
         self.started_ms = int(time.time() * 1000)
         self.counters = {"created": 0, "create_failed": 0, "invocations": 0, "timeouts": 0,
-                         "crashes": 0, "destroyed": 0}
+                         "crashes": 0, "destroyed": 0, "attestation_failures": 0}
+        self.server_stats: Any = None  # the transport server's, for refused-op counts
+        # The key attestation documents are signed with: the agent's own certificate from the
+        # region CA (a CA of its own when it runs outside a region, as in tests).
+        self.identity = identity or pki.tls_config(state_dir, region, "agent", cell, agent_id)
+        self._measured: dict[str, str] = {}  # bundle/layer dir -> digest recorded at unpack
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
-                    "destroy": self.destroy, "status": self.status}
+                    "destroy": self.destroy, "status": self.status, "attest": self.attest}
 
     # -- operations -------------------------------------------------------------------------
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -174,6 +183,21 @@ class Agent:
         if runtime is None:
             raise OpError("RuntimeNotSupported", f"{fn['runtime']} is not available on this host")
         layer_dirs = [self._bundle(str(sha), pushed.get(str(sha))) for sha in fn.get("layers", [])]
+        runtime_argv = runtimes.argv_for(runtime, fn["handler"])
+        config = {k: fn.get(k) for k in ("name", "handler", "runtime", "memory_mb", "timeout_s",
+                                          "ephemeral_mb", "environment", "version")}
+        # Re-measure what is about to run; a bundle or layer changed on disk since it was
+        # unpacked (and measured) is refused, not run.
+        measurements = {
+            "runtime": attestation.measure_runtime(runtime_argv),
+            "bundle": await self._verified_measure(bundle_dir),
+            "layers": [await self._verified_measure(d) for d in layer_dirs],
+            "config": attestation.measure_config(config),
+        }
+        document = attestation.sign(
+            {"env_id": env_id, "agent_id": self.agent_id, "function_arn": fn["arn"],
+             "time_ms": int(time.time() * 1000), "nonce": None, "measurements": measurements},
+            self.identity.cert_path, self.identity.key_path)
         slot = self._alloc_slot()
         uid = self.uid_base + slot
         spec = EnvSpec(
@@ -186,8 +210,9 @@ class Agent:
             log_group=f"/aws/lambda/{fn['name']}",
             log_stream=f"{time.strftime('%Y/%m/%d')}/[{fn.get('version', '$LATEST')}]{env_id}",
             layer_dirs=layer_dirs, pids_max=self.pids_max,
-            runtime_argv=runtimes.argv_for(runtime, fn["handler"]),
+            runtime_argv=runtime_argv,
             extra_trees=list(runtime.trees),
+            attestation=json.dumps(document),
             disabled_layers=list(self.unsafe_disabled_layers),
         )
         cg = cgroups.Cgroup(self.cgroup_group, env_id)
@@ -201,7 +226,7 @@ class Agent:
         _, channel = await loop.connect_accepted_socket(_EnvChannel, spawned.channel)
         now_ms = int(time.time() * 1000)
         rec = EnvRecord(spec, str(body.get("function_key", "")), spawned, channel, cg, now_ms, slot,
-                        last_used_ms=now_ms)
+                        last_used_ms=now_ms, measurements=measurements)
         self.envs[env_id] = rec
         timeout_s = float(body.get("create_timeout_ms", DEFAULT_LIMITS.env_create_timeout_ms)) / 1000
         try:
@@ -319,6 +344,8 @@ class Agent:
             "agent_id": self.agent_id, "backend": self.backend.name, "pid": os.getpid(),
             "envs_max": self.envs_max, "envs": envs, "counters": dict(self.counters),
             "seccomp": lockdown.seccomp_mode(), "started_ms": self.started_ms,
+            "ops": sorted(self.ops),
+            "unknown_ops_refused": self.server_stats.unknown_ops if self.server_stats else 0,
             "cgroup_version": cgroups.version(),
             "memory_budget_bytes": self.memory_budget_bytes,
             "memory_used_bytes": self.memory_used_bytes,
@@ -343,11 +370,67 @@ class Agent:
         except LambdaError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise OpError("InvalidBundle", e.message) from e
+        digest = attestation.measure_tree(tmp)
+        with open(tmp + ".measure", "w") as f:
+            f.write(digest)
         try:
+            os.rename(tmp + ".measure", path + ".measure")
             os.rename(tmp, path)
         except OSError:  # a concurrent create won the race; theirs is identical
             shutil.rmtree(tmp, ignore_errors=True)
         return path
+
+    def _recorded(self, path: str) -> str | None:
+        if path not in self._measured:
+            try:
+                with open(path + ".measure") as f:
+                    self._measured[path] = f.read().strip()
+            except OSError:
+                return None
+        return self._measured[path]
+
+    async def _verified_measure(self, path: str) -> str:
+        now = await asyncio.to_thread(attestation.measure_tree, path)
+        recorded = self._recorded(path)
+        if recorded is None or now != recorded:
+            self._alert(f"bundle {os.path.basename(path)} changed on disk since it was unpacked "
+                        f"(measured {now[:16]}…, recorded {(recorded or 'nothing')[:16]}…)")
+            raise OpError("AttestationFailed", "the code on disk does not match its measurement; "
+                          "the environment was not started")
+        return now
+
+    def _alert(self, message: str) -> None:
+        self.counters["attestation_failures"] += 1
+        log.error("ATTESTATION ALERT on %s: %s", self.agent_id, message)
+
+    async def attest(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A fresh document for a running environment, bound to the caller's nonce."""
+        rec = self.envs.get(str(body.get("env_id")))
+        if rec is None:
+            raise OpError("EnvNotFound", str(body.get("env_id")))
+        nonce = str(body.get("nonce") or "")
+        if not 8 <= len(nonce) <= 128:
+            raise OpError("InvalidNonce", "the nonce must be 8 to 128 characters")
+        return attestation.sign(
+            {"env_id": rec.spec.env_id, "agent_id": self.agent_id,
+             "function_arn": rec.spec.function_arn, "time_ms": int(time.time() * 1000),
+             "nonce": nonce, "measurements": rec.measurements},
+            self.identity.cert_path, self.identity.key_path)
+
+    async def remeasure(self) -> None:
+        """The periodic check: every environment's code is measured again while it runs; an
+        environment whose code changed under it is stopped."""
+        dirs: dict[str, list[str]] = {}
+        for env_id, rec in self.envs.items():
+            for d in [rec.spec.bundle_dir, *rec.spec.layer_dirs]:
+                dirs.setdefault(d, []).append(env_id)
+        for d, env_ids in dirs.items():
+            now = await asyncio.to_thread(attestation.measure_tree, d)
+            if now != self._recorded(d):
+                self._alert(f"{os.path.basename(d)} changed while running; stopping {env_ids}")
+                for env_id in env_ids:
+                    if env_id in self.envs:
+                        self._remove(env_id)
 
     def _alloc_slot(self) -> int:
         if self._free_slots:
@@ -367,8 +450,12 @@ class Agent:
         self.counters["destroyed"] += 1
 
     async def housekeeping(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)  # a periodic timer, not a wait for a condition
+            ticks += 1
+            if ticks % remeasure_interval_s == 0:
+                await self.remeasure()
             self._zombie_cgroups = [cg for cg in self._zombie_cgroups if not cg.destroy()]
             self.memory_used_bytes = sum(r.cgroup.usage().memory_bytes for r in self.envs.values())
 
@@ -400,6 +487,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not args.no_lockdown:
         lockdown.lock_down()
     server = Server(agent.ops)
+    agent.server_stats = server.stats
     host, port = await server.listen_tcp("", 0, sock=sock)
     runtime.announce_ready({"component": "agent", "agent_id": args.agent_id, "host": host,
                             "port": port, "pid": os.getpid()})

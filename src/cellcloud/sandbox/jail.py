@@ -125,6 +125,8 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
         lower = ":".join(reversed(spec.layer_dirs))
         linux.mount("overlay", root + "/opt", "overlay", ro, f"lowerdir={lower}")
     os.makedirs(root + "/var/runtime", exist_ok=True)
+    if spec.attestation:  # pushed in by the agent: no guest-to-agent call is ever needed
+        _write(root + "/var/runtime/attestation.json", spec.attestation)
     # /tmp: private and writable, capped at the function's ephemeral storage.
     os.makedirs(root + "/tmp", exist_ok=True)
     if tmp_device is not None:

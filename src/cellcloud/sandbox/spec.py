@@ -35,6 +35,7 @@ class EnvSpec:
     # guest agent); else the argv of a runtime process that speaks the Runtime API over HTTP.
     runtime_argv: list[str] = field(default_factory=list)
     extra_trees: list[str] = field(default_factory=list)  # host dirs that runtime needs (ro)
+    attestation: str = ""  # the agent's signed document, readable at /var/runtime/attestation.json
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
