@@ -189,6 +189,12 @@ class Client:
         events: list[dict[str, Any]] = doc["events"]
         return events
 
+    def attestation(self, name: str, nonce: str, qualifier: str | None = None) -> dict[str, Any]:
+        query = {"nonce": nonce, **({"Qualifier": qualifier} if qualifier else {})}
+        doc: dict[str, Any] = self._json("GET", f"/cellcloud/v1/functions/{quote(name)}/attestation",
+                                         query=query)
+        return doc
+
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self._json("GET", "/cellcloud/v1/status")
         return result

@@ -482,7 +482,9 @@ async def serve(args: argparse.Namespace) -> None:
     agent = Agent(args.agent_id, state_dir, backend, uid_base=args.uid_base,
                   envs_max=args.envs_max, region=args.region,
                   memory_budget_mb=args.memory_budget_mb, oversubscription=args.oversubscription,
-                  cgroup_group=group, runtimes_found=found)
+                  cgroup_group=group, runtimes_found=found, cell=args.cell,
+                  identity=pki.tls_config(args.pki_dir or state_dir, args.region, "agent",
+                                          args.cell, args.agent_id))
     sock = runtime.bind_tcp(args.listen)
     if not args.no_lockdown:
         lockdown.lock_down()
@@ -508,6 +510,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--uid-base", type=int, default=200_000)
     p.add_argument("--envs-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
     p.add_argument("--region", default="cc-local-1")
+    p.add_argument("--cell", default="cell-1")
+    p.add_argument("--pki-dir", default=None,
+                   help="the region state directory holding pki/ (the region CA); "
+                        "default: a CA of the agent's own")
     p.add_argument("--memory-budget-mb", type=int, default=None,
                    help="memory environments may really use (default: 80%% of the host's)")
     p.add_argument("--oversubscription", type=float, default=4.0,
