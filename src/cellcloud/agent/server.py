@@ -485,6 +485,8 @@ async def serve(args: argparse.Namespace) -> None:
                   cgroup_group=group, runtimes_found=found, cell=args.cell,
                   identity=pki.tls_config(args.pki_dir or state_dir, args.region, "agent",
                                           args.cell, args.agent_id))
+    if args.experiment_faults:
+        _install_experiment_faults(agent)
     sock = runtime.bind_tcp(args.listen)
     if not args.no_lockdown:
         lockdown.lock_down()
@@ -500,6 +502,22 @@ async def serve(args: argparse.Namespace) -> None:
         hk.cancel()
         agent.close()
         await server.close()
+
+
+EXPERIMENT_CRASH_MARKER = b"cellcloud-experiment-crash-agent"
+
+
+def _install_experiment_faults(agent: Agent) -> None:
+    """Only with ``--experiment-faults``: the blast-radius experiment's poison request."""
+    invoke = agent.ops["invoke"]
+
+    async def invoke_or_crash(body: dict[str, Any]) -> dict[str, Any]:
+        if EXPERIMENT_CRASH_MARKER in bytes(body.get("payload") or b""):
+            log.error("experiment fault: crash marker received; the agent dies now")
+            os._exit(70)
+        return await invoke(body)
+
+    agent.ops["invoke"] = invoke_or_crash
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -519,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--oversubscription", type=float, default=4.0,
                    help="configured memory may exceed the budget by this ratio")
     p.add_argument("--no-lockdown", action="store_true", help="tests only: skip seccomp")
+    p.add_argument("--experiment-faults", action="store_true",
+                   help="experiments only: an invoke whose payload carries the crash marker "
+                        "kills this agent (standing for a host-level bug)")
     args = p.parse_args(argv)
     from .. import runtime
 

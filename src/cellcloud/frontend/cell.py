@@ -25,6 +25,8 @@ from ..core.bundle import BundleInfo, inspect_zip
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.placement import Create, Placement, Throttle, Use
+from ..core.poison import PoisonDetector, PoisonParams
+from ..core.sharding import PlainSharder, SignatureSharder, Worker, retry_order
 from ..core.validation import check_env, check_handler, check_memory, check_name, check_timeout
 from ..transport import Client, RemoteError, TransportError
 from .store import (
@@ -44,6 +46,7 @@ LAYER_VERSION_ARN = re.compile(
     r"(?P<name>[a-zA-Z0-9-_]{1,140}):(?P<version>[0-9]{1,12})$"
 )
 versions_per_function_max = 10_000
+shards_cached_max = 100_000
 layer_versions_scan_max = 10_000
 
 
@@ -184,6 +187,9 @@ class Cell:
         limits: Limits = DEFAULT_LIMITS,
         envs_per_agent_max: int = DEFAULT_LIMITS.envs_per_agent_max,
         rng: random.Random | None = None,
+        sharding: str = "signature",
+        shard_size: int = 2,
+        poison: PoisonParams | None = None,
     ) -> None:
         self.cell_id = cell_id
         self.store = store
@@ -195,6 +201,20 @@ class Cell:
             idle_timeout_ms=limits.env_idle_timeout_ms,
         )
         self.agents = {aid: Client(h, p) for aid, (h, p) in agents.items()}
+        # Shuffle sharding: a function is placed only on its shard of k agents. Shards are
+        # fixed (never re-drawn when an agent fails: a poison function could otherwise walk
+        # across the cell); a failed agent leaves every shard's eligible set until it is back.
+        workers = [Worker(a) for a in sorted(agents)]
+        self.shard_size = max(1, min(shard_size, len(workers)))
+        self.sharding = sharding
+        self.sharder: PlainSharder | SignatureSharder | None = None
+        if workers:
+            self.sharder = (PlainSharder(workers, self.shard_size) if sharding == "plain" else
+                            SignatureSharder(workers, self.shard_size, seed=cell_id.encode(),
+                                             one_per_zone=False))
+        self.shards: dict[str, tuple[str, ...]] = {}
+        self.failed_agents: dict[str, dict[str, Any]] = {}  # reported in status
+        self.poison = PoisonDetector(poison or PoisonParams.for_shard(self.shard_size))
         for aid in agents:
             self.placement.add_agent(aid, envs_per_agent_max)
         self._pending_logs: list[tuple[str, str, int, str, bytes]] = []
@@ -947,13 +967,29 @@ class Cell:
     ) -> InvokeResult:
         request_id = str(uuid.uuid4())
         self.counters["invocations"] += 1
-        # One retry, here and only here, and only when the failure happened before the handler
-        # could have run (an agent that could not be reached or could not start the env).
-        for attempt in (0, 1):
+        # Retries here and only here, only when the failure happened before the handler could
+        # have run (an agent that could not be reached or could not start the env), each on a
+        # different agent of the function's shard; the poison detector is asked every time.
+        skey = f"{rec.account}/{rec.name}"
+        shard = self.shard_of(skey)
+        failed: list[str] = []
+        attempts = max(2, len(shard))
+        for attempt in range(attempts):
+            now_ms = int(time.time() * 1000)
+            verdict = self.poison.allowed(skey, now_ms)
+            if verdict is not True:
+                assert not isinstance(verdict, bool)
+                self.counters["throttles"] += 1
+                raise errors.too_many(
+                    f"Rate Exceeded. Invocations of {rec.name} keep killing workers; retry after "
+                    f"{verdict.retry_after_ms} ms.", "FunctionKillsWorkers")
+            eligible = [a for a in retry_order(shard, attempt, skey, failed=failed)
+                        if a not in failed]
             decision = self.placement.acquire(
                 rec.key,
                 reserved or self.limits.function_concurrency_default,
-                int(time.time() * 1000),
+                now_ms,
+                eligible_agents=eligible if shard else None,
             )
             if isinstance(decision, Throttle):
                 self.counters["throttles"] += 1
@@ -963,7 +999,8 @@ class Cell:
                 try:
                     await self._create_env(rec, decision)
                 except _AgentUnavailable as e:
-                    if attempt == 0:
+                    failed.append(decision.agent_id)
+                    if attempt + 1 < attempts:
                         continue
                     if e.full:  # every agent tried is at its environment or memory cap
                         self.counters["throttles"] += 1
@@ -1050,6 +1087,8 @@ class Cell:
             )
         except TransportError as e:
             # The handler may have run: no retry (sync invokes run at most once on our side).
+            self.poison.on_env_crash(f"{rec.account}/{rec.name}", decision.agent_id,
+                                     int(time.time() * 1000))
             self._agent_failed(decision.agent_id, e)
             raise errors.service(
                 f"The execution environment's host failed during the invocation ({e})"
@@ -1059,9 +1098,12 @@ class Cell:
             raise errors.service(f"The execution environment failed: {e}") from e
         now_ms = int(time.time() * 1000)
         if res.get("env_alive", True):
+            self.poison.on_success(f"{rec.account}/{rec.name}", decision.agent_id, now_ms)
             for d in self.placement.release(decision.env_id, now_ms):
                 self._destroy_soon(d.env_id, d.agent_id)
         else:
+            # A crash or a timeout: it counts against the function (poison-tenant defence).
+            self.poison.on_env_crash(f"{rec.account}/{rec.name}", decision.agent_id, now_ms)
             self.placement.discard(decision.env_id)  # the agent already removed it
         logs: bytes = res.get("logs") or b""
         if logs:
@@ -1081,8 +1123,17 @@ class Cell:
         if d is not None:
             self._destroy_soon(d.env_id, d.agent_id)
 
+    def shard_of(self, key: str) -> tuple[str, ...]:
+        shard = self.shards.get(key)
+        if shard is None:
+            shard = self.sharder.shard(key) if self.sharder is not None else ()
+            if len(self.shards) < shards_cached_max:
+                self.shards[key] = shard
+        return shard
+
     def _agent_failed(self, agent_id: str, exc: Exception) -> None:
         self.counters["agent_failures"] += 1
+        self.failed_agents.setdefault(agent_id, {"since": _now_iso(), "error": str(exc)[:200]})
         lost = self.placement.agent_down(agent_id)
         log.warning("agent %s unreachable (%s); %d environments lost", agent_id, exc, len(lost))
 
@@ -1114,6 +1165,7 @@ class Cell:
             if not self.placement.agents[agent_id].up:
                 log.info("agent %s is back", agent_id)
                 self.placement.agent_up(agent_id)
+                self.failed_agents.pop(agent_id, None)
             known = self.placement.agents[agent_id].envs
             for env in st["envs"]:
                 if env["env_id"] not in known and (
@@ -1157,6 +1209,10 @@ class Cell:
             "pid": os.getpid(),
             "counters": dict(self.counters),
             "placement": self.placement.statistics(),
+            "shards": {"sharding": self.sharding, "k": self.shard_size,
+                       "functions": {k: list(v) for k, v in self.shards.items()},
+                       "failed_agents": dict(self.failed_agents)},
+            "poison": self.poison.statistics(),
             "agents": agents,
         }
 

@@ -10,7 +10,9 @@ import sys
 from typing import Any
 
 from .. import runtime
+from ..control import clone
 from ..core.limits import DEFAULT_LIMITS
+from ..core.poison import PoisonParams
 from ..transport import Server
 from . import api
 from .cell import Cell
@@ -29,6 +31,10 @@ async def serve(args: argparse.Namespace) -> None:
         agents[agent_id] = runtime.parse_addr(addr)
     store = SqliteFunctionStore(os.path.abspath(args.state_dir))
     cell = Cell(args.cell_id, store, agents, region=args.region,
+                sharding=args.sharding, shard_size=args.shard_size,
+                poison=PoisonParams.for_shard(args.shard_size, **(
+                    {"killed_workers_max": args.poison_killed_workers_max}
+                    if args.poison_killed_workers_max else {})),
                 envs_per_agent_max=args.envs_per_agent_max)
     await cell.sync_agents(first=True)
     cell.load_provisioned()  # the pools are refilled by the first tick
@@ -39,7 +45,22 @@ async def serve(args: argparse.Namespace) -> None:
     async def status(_: Any) -> dict[str, Any]:
         return await cell.status()
 
-    server = Server({"http": http, "status": status})
+    # A tenant migration's steps (control/clone.py), called by the control plane only.
+    async def tenant_export(body: dict[str, Any]) -> dict[str, Any]:
+        return clone.export_tenant(cell, str(body["account"]))
+
+    async def tenant_import(body: dict[str, Any]) -> dict[str, Any]:
+        return clone.import_tenant(cell, body)
+
+    async def tenant_inflight(body: dict[str, Any]) -> dict[str, Any]:
+        return {"inflight": clone.tenant_inflight(cell, str(body["account"]))}
+
+    async def tenant_forget(body: dict[str, Any]) -> dict[str, Any]:
+        return clone.forget_tenant(cell, str(body["account"]))
+
+    server = Server({"http": http, "status": status, "tenant_export": tenant_export,
+                     "tenant_import": tenant_import, "tenant_inflight": tenant_inflight,
+                     "tenant_forget": tenant_forget})
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
 
     async def ticker() -> None:
@@ -70,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--agent", action="append", default=[], help="AGENT_ID=HOST:PORT")
     p.add_argument("--region", default="cc-local-1")
+    p.add_argument("--sharding", choices=("signature", "plain"), default="signature")
+    p.add_argument("--shard-size", type=int, default=2, help="k: agents in a function's shard")
+    p.add_argument("--poison-killed-workers-max", type=int, default=0,
+                   help="distinct workers a function may kill before it is throttled "
+                        "(default k-1; experiments set k to let a poison exhaust its shard)")
     p.add_argument("--envs-per-agent-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
     args = p.parse_args(argv)
     runtime.setup_logging(f"frontend/{args.cell_id}")

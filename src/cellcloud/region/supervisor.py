@@ -36,7 +36,7 @@ def default_state_dir() -> str:
 @dataclass
 class Component:
     name: str
-    kind: str  # router | frontend | agent
+    kind: str  # router | frontend | agent | control
     args: list[str]
     listen: str
     proc: asyncio.subprocess.Process | None = None
@@ -52,7 +52,9 @@ class Component:
 class Supervisor:
     def __init__(self, state_dir: str, *, cells: int = 1, agents_per_cell: int = 2,
                  host: str = "127.0.0.1", port: int = 9009, region: str = "cc-local-1",
-                 envs_per_agent_max: int = 1000, seed: int | None = None) -> None:
+                 envs_per_agent_max: int = 1000, seed: int | None = None,
+                 extra_args: dict[str, list[str]] | None = None, restart: bool = True,
+                 zones_per_cell: int = 3, push_interval_ms: int = 1000) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.cells = cells
         self.agents_per_cell = agents_per_cell
@@ -62,6 +64,12 @@ class Supervisor:
         self.envs_per_agent_max = envs_per_agent_max
         self.components: list[Component] = []
         self.stopping = False
+        # Per-component extra arguments by name or kind (e.g. "cell-2-frontend": shard settings;
+        # "agent": experiment faults); restart=False leaves crashed components down (experiments).
+        self.extra_args = extra_args or {}
+        self.restart = restart
+        self.zones_per_cell = zones_per_cell
+        self.push_interval_ms = push_interval_ms
         self._rng = random.Random(seed)
         self._monitors: list[asyncio.Task[None]] = []
         os.makedirs(os.path.join(self.state_dir, "logs"), exist_ok=True)
@@ -70,6 +78,7 @@ class Supervisor:
     async def start(self) -> dict[str, Any]:
         tenants = ensure_tenants(self.state_dir)
         cell_eps: dict[str, list[Any]] = {}
+        endpoints: dict[str, Any] = {"cells": {}, "routers": {}}
         agent_index = 0
         for c in range(1, self.cells + 1):
             cell_id = f"cell-{c}"
@@ -81,25 +90,45 @@ class Supervisor:
                     "--state-dir", os.path.join(self.state_dir, "cells", cell_id, "agents", agent_id),
                     "--uid-base", str(200_000 + agent_index * 10_000),
                     "--envs-max", str(self.envs_per_agent_max),
+                    *self._extra(agent_id, "agent"),
                 ], f"{self.host}:0")
                 agent_index += 1
                 await self._launch(comp)
+                endpoints["cells"].setdefault(cell_id, {"agents": {}})["agents"][agent_id] = {
+                    "addr": [comp.info["host"], comp.info["port"]],
+                    "zone": f"zone-{a % self.zones_per_cell}" if self.zones_per_cell else None}
                 agent_args += ["--agent", f"{agent_id}={comp.info['host']}:{comp.info['port']}"]
             fe = Component(f"{cell_id}-frontend", "frontend", [
                 "--cell-id", cell_id, "--region", self.region,
                 "--state-dir", os.path.join(self.state_dir, "cells", cell_id, "frontend"),
                 "--envs-per-agent-max", str(self.envs_per_agent_max), *agent_args,
+                *self._extra(f"{cell_id}-frontend", "frontend"),
             ], f"{self.host}:0")
             await self._launch(fe)
             cell_eps[cell_id] = [fe.info["host"], fe.info["port"]]
+            endpoints["cells"].setdefault(cell_id, {"agents": {}})["frontend"] = cell_eps[cell_id]
         cell_map_path = os.path.join(self.state_dir, "cellmap.json")
         with open(cell_map_path, "w") as f:
             json.dump({"version": 1, "cells": cell_eps, "assignments": {}, "overrides": {}}, f)
         router = Component("router", "router", [
             "--cell-map", cell_map_path, "--tenants", os.path.join(self.state_dir, "tenants.json"),
-            "--region", self.region,
+            "--region", self.region, "--control-listen", f"{self.host}:0",
         ], f"{self.host}:{self.port}")
         await self._launch(router)
+        # A restarted router gets its internal port back too.
+        router.args[router.args.index("--control-listen") + 1] = (
+            f"{router.info['control_host']}:{router.info['control_port']}")
+        endpoints["routers"]["router"] = [router.info["control_host"], router.info["control_port"]]
+        endpoints_path = os.path.join(self.state_dir, "endpoints.json")
+        with open(endpoints_path + ".tmp", "w") as f:
+            json.dump(endpoints, f, indent=2)
+        os.rename(endpoints_path + ".tmp", endpoints_path)
+        control = Component("control", "control", [
+            "--state-dir", self.state_dir, "--endpoints", endpoints_path,
+            "--region", self.region, "--push-interval-ms", str(self.push_interval_ms),
+            *self._extra("control", "control"),
+        ], f"{self.host}:0")
+        await self._launch(control)
         self._monitors = [asyncio.ensure_future(self._monitor(c)) for c in self.components]
         default = tenants["tenants"][0]
         self.region_doc = {
@@ -128,6 +157,9 @@ class Supervisor:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=2)
         os.rename(path + ".tmp", path)
+
+    def _extra(self, name: str, kind: str) -> list[str]:
+        return [*self.extra_args.get(kind, []), *self.extra_args.get(name, [])]
 
     async def _launch(self, comp: Component) -> None:
         r, w = os.pipe()
@@ -167,7 +199,7 @@ class Supervisor:
         while True:
             assert comp.proc is not None
             rc = await comp.proc.wait()
-            if self.stopping:
+            if self.stopping or not self.restart:
                 return
             if time.monotonic() - comp.started_at > stable_after_s:
                 comp.restarts = 0
@@ -190,7 +222,7 @@ class Supervisor:
         self.stopping = True
         for t in self._monitors:
             t.cancel()
-        order = {"router": 0, "frontend": 1, "agent": 2}
+        order = {"control": 0, "router": 1, "frontend": 2, "agent": 3}
         for kind in sorted({c.kind for c in self.components}, key=order.__getitem__):
             group = [c for c in self.components if c.kind == kind and c.proc is not None]
             for c in group:

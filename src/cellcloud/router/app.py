@@ -91,7 +91,29 @@ class Router:
         self.limits = limits
         self._clients: dict[str, Client] = {}
         self.started = time.time()
+        # Static stability: the map is replaced only by a newer one; with no push it stays.
+        self.cell_map_received = time.monotonic()
+        self.cell_map_pushes = 0
+        self.cell_map_stale_after_s = 3.0
         self.counters = {"requests": 0, "unauthenticated": 0, "cell_unavailable": 0}
+
+    def set_cell_map(self, cell_map: CellMap) -> int:
+        """A pushed map: taken when not older than the one held; returns the version held."""
+        self.cell_map_received = time.monotonic()
+        self.cell_map_pushes += 1
+        if cell_map.version >= self.cell_map.version:
+            old, self.cell_map = self.cell_map, cell_map
+            for cell_id in list(self._clients):
+                if old.cells.get(cell_id) != cell_map.cells.get(cell_id):
+                    self._clients.pop(cell_id)  # endpoint changed: reconnect lazily
+        return self.cell_map.version
+
+    def cell_map_status(self) -> dict[str, Any]:
+        age_s = time.monotonic() - self.cell_map_received
+        return {"version": self.cell_map.version, "age_s": round(age_s, 3),
+                "pushes": self.cell_map_pushes, "stale": age_s > self.cell_map_stale_after_s,
+                "serving": "last known map (control plane unreachable)"
+                if age_s > self.cell_map_stale_after_s else "current map"}
 
     def client(self, cell_id: str) -> Client:
         c = self._clients.get(cell_id)
@@ -142,6 +164,9 @@ class Router:
         )
         body = await _read_body(receive, body_max, is_invoke)
         raw_path = scope.get("raw_path") or path.encode()
+        # SQS's JSON protocol (the cell's queues): signed for service "sqs", forwarded whole.
+        sqs_target = next((v for k, v in headers if k == "x-amz-target"), "")
+        is_sqs = sqs_target.startswith("AmazonSQS.")
         try:
             verified = sigv4.verify(
                 method=scope["method"],
@@ -151,6 +176,7 @@ class Router:
                 body=body,
                 region=self.region,
                 secret_for=self.tenants.secret_for,
+                service="sqs" if is_sqs else sigv4.SERVICE,
             )
         except LambdaError:
             self.counters["unauthenticated"] += 1
@@ -165,6 +191,18 @@ class Router:
                 json.dumps(await self.status()).encode(),
             )
         cell = self.cell_map.cell_for(account)
+        if is_sqs:
+            host = next((v for k, v in headers if k == "host"), "")
+            try:
+                resp = await self.client(cell.cell_id).call(
+                    "sqs", {"target": sqs_target, "b": body, "a": account, "host": host},
+                    timeout_s=control_timeout_s)
+            except (TransportError, CallTimeout, RemoteError) as e:
+                self.counters["cell_unavailable"] += 1
+                raise LambdaError(
+                    503, "ServiceUnavailable", f"Cell {cell.cell_id} is unavailable: {e}"
+                ) from e
+            return resp["s"], resp["h"], resp["b"]
         req = {
             "m": scope["method"],
             "p": path,
@@ -197,6 +235,7 @@ class Router:
                 "pid": os.getpid(),
                 "uptime_s": time.time() - self.started,
                 "cell_map_version": self.cell_map.version,
+                "cell_map": self.cell_map_status(),
                 "counters": dict(self.counters),
             },
             "cells": cells,

@@ -7,11 +7,13 @@ import asyncio
 import json
 import os
 import sys
+from typing import Any
 
 import uvicorn
 
 from .. import runtime
 from ..core.cellmap import CellMap
+from ..transport import Server
 from .app import Router, Tenants
 
 
@@ -30,7 +32,17 @@ async def serve(args: argparse.Namespace) -> None:
     await server.startup(sockets=[sock])
     task = asyncio.ensure_future(server.main_loop())
     host, port = sock.getsockname()[:2]
+    # The internal port the control plane pushes the cell map to (constant work, every round).
+    async def push_cell_map(doc: dict[str, Any]) -> dict[str, Any]:
+        return {"version": router.set_cell_map(CellMap.from_wire(doc))}
+
+    async def map_status(_: Any) -> dict[str, Any]:
+        return router.cell_map_status()
+
+    internal = Server({"cell_map": push_cell_map, "map_status": map_status})
+    chost, cport = await internal.listen_tcp("", 0, sock=runtime.bind_tcp(args.control_listen))
     runtime.announce_ready({"component": "router", "host": host, "port": port,
+                            "control_host": chost, "control_port": cport,
                             "pid": os.getpid()})
 
     async def reload_tenants() -> None:
@@ -43,6 +55,7 @@ async def serve(args: argparse.Namespace) -> None:
         await runtime.wait_for_shutdown()
     finally:
         reloader.cancel()
+        await internal.close()
         server.should_exit = True
         await task
         await server.shutdown(sockets=[sock])
@@ -54,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cell-map", required=True, help="JSON file with the cell map")
     p.add_argument("--tenants", required=True, help="JSON file with the tenant table")
     p.add_argument("--region", default="cc-local-1", help="The region name requests are signed for")
+    p.add_argument("--control-listen", default="127.0.0.1:0",
+                   help="internal address the control plane pushes the cell map to")
     args = p.parse_args(argv)
     runtime.setup_logging("router")
     runtime.run(serve(args))

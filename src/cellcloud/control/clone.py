@@ -1,0 +1,74 @@
+"""A tenant's functions leaving one cell and arriving in another (the I/O half of a migration).
+
+The frontend process exposes these as transport ops (``tenant_export``, ``tenant_import``,
+``tenant_inflight``, ``tenant_forget``); the control plane drives them in the order of
+``control.state.MIGRATION_TRANSITIONS``. What moves: each function's ``$LATEST`` record and the
+bundles it names (code and layers). Published versions, aliases and provisioned-concurrency
+settings are not cloned yet (docs/blast-radius.md, "Migration").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..frontend.store import FunctionRecord
+
+functions_per_tenant_export_max = 1_000
+export_bytes_max = 64 * 1024 * 1024  # one transport frame carries the whole export
+
+
+class CloneError(Exception):
+    pass
+
+
+def export_tenant(cell: Any, account: str) -> dict[str, Any]:
+    store = cell.store
+    recs: list[FunctionRecord] = store.list_page(account, "", functions_per_tenant_export_max + 1)
+    if len(recs) > functions_per_tenant_export_max:
+        raise CloneError(f"more than functions_per_tenant_export_max="
+                         f"{functions_per_tenant_export_max} functions")
+    bundles: dict[str, bytes] = {}
+    size = 0
+    for rec in recs:
+        for sha in [rec.code_sha256, *(layer["sha256"] for layer in rec.layers)]:
+            if sha not in bundles:
+                bundles[sha] = store.get_bundle(sha)
+                size += len(bundles[sha])
+                if size > export_bytes_max:
+                    raise CloneError(f"the export exceeds export_bytes_max={export_bytes_max}")
+    return {"account": account, "functions": [dataclasses.asdict(r) for r in recs],
+            "bundles": bundles}
+
+
+def import_tenant(cell: Any, doc: dict[str, Any]) -> dict[str, Any]:
+    """Idempotent: a function already present with the same code is left alone."""
+    store = cell.store
+    for sha, data in doc["bundles"].items():
+        store.put_bundle(sha, data)
+    created = 0
+    for fields in doc["functions"]:
+        rec = FunctionRecord(**fields)
+        have = store.get(rec.account, rec.name)
+        if have is None:
+            if not store.put_new(rec):
+                raise CloneError(f"could not create {rec.name} in the target cell")
+            created += 1
+        elif have.code_sha256 != rec.code_sha256:
+            raise CloneError(f"{rec.name} exists in the target cell with other code")
+    cell._functions.clear()  # the frontend's record cache (refilled from the store)
+    return {"created": created}
+
+
+def tenant_inflight(cell: Any, account: str) -> int:
+    return sum(n for (acct, _), n in cell._inflight.items() if acct == account)
+
+
+def forget_tenant(cell: Any, account: str) -> dict[str, Any]:
+    store = cell.store
+    recs = store.list_page(account, "", functions_per_tenant_export_max + 1)
+    for rec in recs:
+        cell._retire(rec.key)
+        store.delete(rec.account, rec.name)
+    cell._functions.clear()
+    return {"deleted": len(recs)}

@@ -1,0 +1,334 @@
+"""The control plane process (one per region): the thin asyncio shell around ``RegionState``
+(the truth, persisted in the configuration store) and ``PushScheduler`` (constant work).
+
+Every ``push_interval_ms`` it pushes the whole cell map to every router (transport op
+``cell_map`` on the router's internal port) whether or not it changed, and writes it to
+``cellmap.json`` (the file a restarted router starts from). It polls agents and frontends for
+status (passive: nobody calls it except operators' CLI). The region's endpoints come from the
+endpoints file (``endpoints.json``, written by ``cellcloud up``, owned by the control plane from
+then on). Tenants from ``tenants.json`` are assigned on first sight to the cell routers already
+send them to (the map's rendezvous fallback), so a push never moves a tenant that has deployed;
+moving a tenant is a migration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from .. import runtime
+from ..transport import Client, OpError, RemoteError, Server, TransportError
+from .configstore import ConfigStore, ConfigStoreError, open_config_store
+from .push import PushScheduler
+from .state import ControlError, RegionState
+
+log = logging.getLogger("cellcloud.control")
+
+STATE_KEY = "cellcloud/region/state"
+push_call_timeout_s = 2.0
+poll_call_timeout_s = 2.0
+agent_poll_interval_ms = 2_000
+migration_step_timeout_s = 60.0
+migration_poll_interval_s = 0.05  # a periodic re-check of a remote condition, bounded by a deadline
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _write_atomic(path: str, doc: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.rename(tmp, path)
+
+
+class Control:
+    def __init__(self, state_dir: str, store: ConfigStore, endpoints_path: str,
+                 push_interval_ms: int) -> None:
+        self.state_dir = state_dir
+        self.store = store
+        self.endpoints_path = endpoints_path
+        self.state = RegionState()
+        self.revision = 0  # of STATE_KEY in the store; 0 = absent
+        self.push = PushScheduler(push_interval_ms=push_interval_ms, start_ms=now_ms())
+        self.routers: dict[str, Client] = {}
+        self.frontends: dict[str, Client] = {}
+        self.agents: dict[str, tuple[str, Client]] = {}  # agent id -> (cell id, client)
+        self.agent_status: dict[str, dict[str, Any]] = {}
+        self._endpoints_mtime = -1
+        self._tenants_mtime = -1
+        self._persisted_version = -1
+        self._written_version = -1
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started_ms = now_ms()
+
+    # -- state ---------------------------------------------------------------------------------
+    async def load(self) -> None:
+        entry = await self.store.get(STATE_KEY)
+        if entry is not None:
+            self.state = RegionState.from_json(entry.value)
+            self.revision = entry.revision
+            self._persisted_version = self.state.version
+
+    async def persist(self) -> None:
+        """Write the state with compare-and-set on the revision read (one writer per region;
+        a lost CAS means another control process wrote: reload and let the next tick redo)."""
+        doc = self.state.to_json()
+        rev = await self.store.cas(STATE_KEY, self.revision, doc)
+        if rev is None:
+            log.warning("region state changed under us; reloading")
+            await self.load()
+            return
+        self.revision = rev
+        self._persisted_version = self.state.version
+
+    def reload_endpoints(self) -> None:
+        try:
+            st = os.stat(self.endpoints_path)
+        except FileNotFoundError:
+            return
+        if st.st_mtime_ns == self._endpoints_mtime:
+            return
+        with open(self.endpoints_path) as f:
+            doc = json.load(f)
+        self._endpoints_mtime = st.st_mtime_ns
+        for cell_id, c in doc["cells"].items():
+            host, port = c["frontend"]
+            if cell_id in self.state.cells:
+                self.state.set_endpoint(cell_id, host, int(port))
+            else:
+                self.state.add_cell(cell_id, host, int(port))
+            self.frontends[cell_id] = Client(host, int(port))
+            for agent_id, a in c.get("agents", {}).items():
+                self.state.add_agent(cell_id, agent_id, a.get("zone"))
+                self.agents[agent_id] = (cell_id, Client(a["addr"][0], int(a["addr"][1])))
+        for router_id, (host, port) in doc.get("routers", {}).items():
+            self.routers[router_id] = Client(host, int(port))
+            self.push.add_router(router_id, now_ms())
+
+    def reload_tenants(self) -> None:
+        path = os.path.join(self.state_dir, "tenants.json")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        if st.st_mtime_ns == self._tenants_mtime or not self.state.cells:
+            return
+        with open(path) as f:
+            doc = json.load(f)
+        self._tenants_mtime = st.st_mtime_ns
+        current = self.state.cell_map()
+        for t in doc["tenants"]:
+            account = t["account_id"]
+            if self.state.cell_of(account) is None:
+                # Pin where routers already send it (see the module doc).
+                self.state.assignments[account] = current.cell_for(account).cell_id
+                self.state.version += 1
+
+    def map_doc(self) -> dict[str, Any]:
+        return self.state.cell_map().to_wire()
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def tick(self) -> None:
+        self.reload_endpoints()
+        self.reload_tenants()
+        if self.state.version != self._persisted_version:
+            try:
+                await self.persist()
+            except ConfigStoreError as e:  # keep pushing the map we have; retry next tick
+                log.warning("config store: %s", e)
+        doc = self.map_doc()
+        if self.state.version != self._written_version:
+            _write_atomic(os.path.join(self.state_dir, "cellmap.json"), doc)
+            self._written_version = self.state.version
+        for p in self.push.on_tick(now_ms(), doc):
+            self._spawn(self._push_one(p.router_id, p.doc))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _push_one(self, router_id: str, doc: Any) -> None:
+        try:
+            res = await self.routers[router_id].call("cell_map", doc, timeout_s=push_call_timeout_s)
+        except (TransportError, RemoteError) as e:
+            self.push.on_push_failed(router_id, now_ms(), str(e))
+            return
+        self.push.on_ack(router_id, int(res["version"]), now_ms())
+
+    async def poll_agents(self) -> None:
+        """Passive status: the control plane calls agents; agents never call it."""
+        async def one(agent_id: str, client: Client) -> None:
+            try:
+                st = await client.call("status", {"light": True}, timeout_s=poll_call_timeout_s)
+                self.agent_status[agent_id] = {"up": True, "envs": len(st.get("envs", [])),
+                                               "polled_ms": now_ms()}
+            except (TransportError, RemoteError) as e:
+                self.agent_status[agent_id] = {"up": False, "error": str(e)[:200],
+                                               "polled_ms": now_ms()}
+
+        await asyncio.gather(*(one(a, c) for a, (_, c) in self.agents.items()))
+
+    # -- operations ----------------------------------------------------------------------------
+    async def op_status(self, _: Any) -> dict[str, Any]:
+        now = now_ms()
+        return {
+            "pid": os.getpid(),
+            "uptime_s": (now - self.started_ms) / 1000,
+            "version": self.state.version,
+            "cells": {c.cell_id: {"host": c.host, "port": c.port, "accepting": c.accepting,
+                                  "agents": dict(c.agents)} for c in self.state.cells.values()},
+            "tenants": len(self.state.assignments),
+            "loads": self.state.loads(),
+            "overrides": {t: [o.cell_id, o.reason] for t, o in self.state.overrides.items()},
+            "migrations": {t: {"source": m.source, "target": m.target, "state": m.state}
+                           for t, m in self.state.migrations.items()},
+            "routers": [{"router_id": r.router_id, "acked_version": r.acked_version,
+                         "stale": r.stale, "reason": r.reason} for r in self.push.status(now)],
+            "push": self.push.statistics(),
+            "agents": dict(self.agent_status),
+        }
+
+    async def op_cell_of(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"cell": self.state.cell_of(str(body["tenant"]))}
+
+    async def op_override(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if body.get("cell"):
+                self.state.set_override(str(body["tenant"]), str(body["cell"]), body["reason"])
+            else:
+                self.state.clear_override(str(body["tenant"]))
+        except ControlError as e:
+            raise OpError("ControlError", str(e)) from None
+        await self.persist()
+        return {"version": self.state.version}
+
+    async def op_migrate(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.migrate(str(body["tenant"]), str(body["to"]))
+        except ControlError as e:
+            raise OpError("ControlError", str(e)) from None
+
+    async def migrate(self, tenant: str, target: str) -> dict[str, Any]:
+        """clone → flip → wait for every router's ack of the flip → drain → forget."""
+        steps: dict[str, float] = {}
+        t0 = time.monotonic()
+        m = self.state.begin_migration(tenant, target)
+        await self.persist()
+        src, dst = self.frontends[m.source], self.frontends[m.target]
+        try:
+            exported = await src.call("tenant_export", {"account": tenant},
+                                      timeout_s=migration_step_timeout_s)
+            await dst.call("tenant_import", exported, timeout_s=migration_step_timeout_s)
+        except (TransportError, RemoteError):
+            self.state.abort_migration(tenant)
+            await self.persist()
+            raise
+        steps["cloned_s"] = time.monotonic() - t0
+        m = self.state.migration_cloned(tenant)
+        await self.persist()
+        await self.tick()  # push the flip now rather than at the next round
+        assert m.flip_version is not None
+        flip = m.flip_version
+        await self._wait_for(lambda: (self.push.min_acked_version() or 0) >= flip,
+                             "routers to acknowledge the flip")
+        self.state.migration_routers_caught_up(tenant, self.push.min_acked_version() or 0)
+        await self.persist()
+        steps["flipped_s"] = time.monotonic() - t0
+
+        async def drained() -> bool:
+            res = await src.call("tenant_inflight", {"account": tenant}, timeout_s=5)
+            return int(res["inflight"]) == 0
+
+        await self._wait_for_async(drained, "the source cell to drain")
+        self.state.migration_drained(tenant)
+        await self.persist()
+        await src.call("tenant_forget", {"account": tenant}, timeout_s=migration_step_timeout_s)
+        self.state.forget_migration(tenant)
+        await self.persist()
+        steps["done_s"] = time.monotonic() - t0
+        return {"tenant": tenant, "source": m.source, "target": m.target,
+                "functions": len(exported["functions"]), "flip_version": flip, **steps}
+
+    async def _wait_for(self, cond: Any, what: str) -> None:
+        async def wrapped() -> bool:
+            return bool(cond())
+
+        await self._wait_for_async(wrapped, what)
+
+    async def _wait_for_async(self, cond: Any, what: str) -> None:
+        deadline = time.monotonic() + migration_step_timeout_s
+        while not await cond():
+            if time.monotonic() > deadline:
+                raise OpError("MigrationStuck", f"timed out waiting for {what}")
+            await asyncio.sleep(migration_poll_interval_s)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    state_dir = os.path.abspath(args.state_dir)
+    spec = json.loads(args.config_store) if args.config_store else {
+        "kind": "sqlite", "path": os.path.join(state_dir, "control", "config.db")}
+    if spec.get("kind") == "sqlite":
+        os.makedirs(os.path.dirname(spec["path"]), exist_ok=True)
+    store = open_config_store(spec)
+    control = Control(state_dir, store, args.endpoints, args.push_interval_ms)
+    await control.load()
+    await control.tick()
+    server = Server({"status": control.op_status, "migrate": control.op_migrate,
+                     "override": control.op_override, "cell_of": control.op_cell_of,
+                     "cell_map": lambda _: _map(control)})
+    host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
+
+    async def loop() -> None:
+        polled = 0
+        interval_s = args.push_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s / 4)  # the tick timer; pushes keep their own cadence
+            try:
+                await control.tick()
+                if now_ms() - polled >= agent_poll_interval_ms:
+                    polled = now_ms()
+                    control._spawn(control.poll_agents())
+            except Exception:  # the loop must outlive a bad tick
+                log.exception("tick failed")
+
+    task = asyncio.ensure_future(loop())
+    runtime.announce_ready({"component": "control", "host": host, "port": port,
+                            "pid": os.getpid()})
+    try:
+        await runtime.wait_for_shutdown()
+    finally:
+        task.cancel()
+        await server.close()
+        await store.close()
+
+
+async def _map(control: Control) -> dict[str, Any]:
+    return control.map_doc()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="cellcloud control serve")
+    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--endpoints", required=True, help="JSON file with the region's endpoints")
+    p.add_argument("--config-store", default="",
+                   help='JSON spec, e.g. {"kind":"etcd","url":"http://127.0.0.1:2379"} '
+                        "(default: SQLite under the state directory)")
+    p.add_argument("--push-interval-ms", type=int, default=1000)
+    p.add_argument("--region", default="cc-local-1")
+    args = p.parse_args(argv)
+    runtime.setup_logging("control")
+    runtime.run(serve(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
