@@ -10,6 +10,7 @@ goes away the loop device detaches itself and the image's blocks are freed.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -24,6 +25,10 @@ LOOP_CONFIGURE = 0x4C0A
 LO_FLAGS_AUTOCLEAR = 4
 _LOOP_MAJOR = 7
 inodes_per_mb = 8  # Lambda-sized /tmp holds many small files too
+loop_bind_attempts_max = 16
+# Errors that mean loop devices cannot work on this host at all (others are transient).
+PERMANENT_LOOP_ERRORS = frozenset({errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.EPERM,
+                                   errno.EACCES, errno.ENOSYS})
 
 
 @dataclass
@@ -65,6 +70,7 @@ class LoopPool:
         self.ready_per_size = ready_per_size
         self._ready: dict[int, list[Loop]] = {}
         self._seq = 0
+        self.fallbacks = 0  # environments that got a tmpfs /tmp because no device was ready
         self.available = os.path.exists("/dev/loop-control")
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
 
@@ -87,6 +93,21 @@ class LoopPool:
         image = os.path.join(self.work_dir, f"env-{os.getpid()}-{self._seq}.img")
         fo = _copy_sparse(self.template(size_mb), image)
         try:
+            ld, path = self._bind_free_loop(fo)
+        finally:
+            os.close(fo)
+            os.unlink(image)  # the loop device holds the file; its blocks go when it detaches
+        return Loop(path, ld, size_mb)
+
+    @staticmethod
+    def _bind_free_loop(fo: int) -> tuple[int, str]:
+        """Bind ``fo`` to a free loop device. Several zygotes (agents) share the host's loop
+        devices: one that another zygote took between GET_FREE and CONFIGURE answers EBUSY,
+        and we simply ask for another free one."""
+        info = struct.pack("=QQQQQIIII64s64s32sQQ", 0, 0, 0, 0, 0, 0, 0, 0,
+                           LO_FLAGS_AUTOCLEAR, b"", b"", b"", 0, 0)
+        last: OSError | None = None
+        for _ in range(loop_bind_attempts_max):
             ctl = os.open("/dev/loop-control", os.O_RDWR)
             try:
                 n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
@@ -94,19 +115,21 @@ class LoopPool:
                 os.close(ctl)
             path = f"/dev/loop{n}"
             if not os.path.exists(path):  # no devtmpfs/udev to make the node for us
-                os.mknod(path, 0o600 | 0o060000, os.makedev(_LOOP_MAJOR, n))
+                try:
+                    os.mknod(path, 0o600 | 0o060000, os.makedev(_LOOP_MAJOR, n))
+                except FileExistsError:
+                    pass
             ld = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            info = struct.pack("=QQQQQIIII64s64s32sQQ", 0, 0, 0, 0, 0, 0, 0, 0,
-                               LO_FLAGS_AUTOCLEAR, b"", b"", b"", 0, 0)
             try:
                 fcntl.ioctl(ld, LOOP_CONFIGURE, struct.pack("=II", fo, 0) + info + bytes(64))
-            except OSError:
+            except OSError as e:
                 os.close(ld)
-                raise
-        finally:
-            os.close(fo)
-            os.unlink(image)  # the loop device holds the file; its blocks go when it detaches
-        return Loop(path, ld, size_mb)
+                if e.errno not in (errno.EBUSY, errno.EAGAIN):
+                    raise
+                last = e
+                continue
+            return ld, path
+        raise last or OSError(errno.EBUSY, "no free loop device")
 
     def take(self, size_mb: int) -> Loop:
         ready = self._ready.get(size_mb)
@@ -124,7 +147,8 @@ class LoopPool:
                     self._ready[size_mb].append(self._make(size_mb))
                 except (OSError, subprocess.CalledProcessError) as e:
                     log.warning("cannot provision a %d MB /tmp: %s", size_mb, e)
-                    self.available = False
+                    if not isinstance(e, OSError) or e.errno in PERMANENT_LOOP_ERRORS:
+                        self.available = False
                     return False
                 return True
         return False

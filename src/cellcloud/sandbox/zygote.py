@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 
 from . import cgroups, guest, jail, linux
-from .ephemeral import LoopPool
+from .ephemeral import PERMANENT_LOOP_ERRORS, LoopPool
 from .spec import EnvSpec
 
 spec_bytes_max = 256 * 1024
@@ -48,8 +48,10 @@ def spawn(spec: EnvSpec, chan_fd: int, root: str, pool: LoopPool | None = None) 
         try:
             loop = pool.take(spec.ephemeral_mb)
             tmp_device, loop_fd = loop.path, loop.fd
-        except OSError as e:  # no loop devices here: fall back to a sized tmpfs
-            pool.available = False
+        except OSError as e:  # fall back to a sized tmpfs for this one environment
+            if e.errno in PERMANENT_LOOP_ERRORS:  # and for good, if loop devices can't work here
+                pool.available = False
+            pool.fallbacks += 1
             sys.stderr.write(f"zygote: disk-backed /tmp unavailable ({e}); using tmpfs\n")
     r, w = os.pipe()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
