@@ -17,8 +17,9 @@ from ..core import errors
 from ..core.aliases import check_alias_name
 from ..core.errors import LambdaError
 from ..core.validation import parse_function_ref
+from . import events
 from .cell import Cell, page_size
-from .store import config_doc
+from .store import config_doc, function_arn
 
 Reply = dict[str, Any]
 Match = dict[str, str]
@@ -136,18 +137,15 @@ async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
         cell.resolve(req["a"], name, qualifier)
         return {"s": 204, "h": {}, "b": b""}
     if itype == "Event":
-        # Accepting an async event we could lose would break DESIGN rule 5; the durable async
-        # path lands with its own issue.
-        raise LambdaError(400, "InvalidParameterValueException",
-                          "InvocationType Event is not available yet: cellcloud accepts async "
-                          "events only once they can be stored durably")
+        return _accept_event(cell, req, name, qualifier)
     if itype != "RequestResponse":
         raise errors.invalid(f"Unsupported InvocationType {itype!r}")
     log_type = headers.get("x-amz-log-type", "None")
     if log_type not in ("None", "Tail"):
         raise errors.invalid(f"Unsupported LogType {log_type!r}")
     res = await cell.invoke(req["a"], name, req["b"] or b"", log_tail=log_type == "Tail",
-                            qualifier=qualifier)
+                            qualifier=qualifier,
+                            request_id=headers.get(events.EVENT_ID_HEADER))
     out_headers = {"x-amz-executed-version": res.executed_version,
                    "x-amzn-requestid": res.request_id, "content-type": "application/json"}
     if res.function_error:
@@ -155,6 +153,90 @@ async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     if log_type == "Tail":
         out_headers["x-amz-log-result"] = base64.b64encode(res.logs).decode()
     return {"s": 200, "h": out_headers, "b": res.payload}
+
+
+def _accept_event(cell: Cell, req: dict[str, Any], name: str, qualifier: str | None) -> Reply:
+    """The durable async path: the 202 leaves only after the event is on disk."""
+    if cell.events is None:
+        raise errors.service("This cell has no event queue")
+    rec, _ = cell.resolve(req["a"], name, qualifier)
+    payload = req["b"] or b""
+    if payload:
+        try:
+            json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LambdaError(400, "InvalidRequestContentException",
+                              f"Could not parse request body into json: {e}") from e
+    event_id = cell.events.accept(req["a"], name, qualifier or "$LATEST", payload, rec.timeout_s)
+    return {"s": 202, "h": {"x-amzn-requestid": event_id, "content-type": "application/json"},
+            "b": b""}
+
+
+async def invoke_async(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    """Native: ``POST /cellcloud/v1/functions/{name}/events`` -> 202 {"RequestId"}."""
+    name = _name(m["ref"], req["a"])
+    reply = _accept_event(cell, req, name, _qualifier(m["ref"], q))
+    rid = reply["h"]["x-amzn-requestid"]
+    return _reply(202, {"RequestId": rid}, {"x-amzn-requestid": rid})
+
+
+# -- async settings (FunctionEventInvokeConfig) --------------------------------------------------
+def _event_config_doc(cell: Cell, account: str, name: str, qual: str, doc: dict[str, Any],
+                      modified_s: float) -> dict[str, Any]:
+    return {"FunctionArn": function_arn(cell.region, account, name, qual),
+            "LastModified": modified_s,
+            "MaximumRetryAttempts": doc.get("MaximumRetryAttempts", 2),
+            "MaximumEventAgeInSeconds": doc.get("MaximumEventAgeInSeconds", 21600),
+            "DestinationConfig": {"OnSuccess": {}, "OnFailure": {},
+                                  **(doc.get("DestinationConfig") or {})}}
+
+
+def _event_target(cell: Cell, req: dict[str, Any], m: Match,
+                  q: Q) -> tuple[str, str, events.EventStore]:
+    if cell.events is None:
+        raise errors.service("This cell has no event queue")
+    name = _name(m["ref"], req["a"])
+    qual = _qualifier(m["ref"], q) or "$LATEST"
+    cell.resolve(req["a"], name, None if qual == "$LATEST" else qual)
+    return name, qual, cell.events.store
+
+
+async def put_event_config(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, qual, store = _event_target(cell, req, m, q)
+    if req["m"] == "POST":  # UpdateFunctionEventInvokeConfig merges into what is there
+        found = store.get_config(req["a"], name, qual)
+        if found is None:
+            raise errors.not_found(f"The function {function_arn(cell.region, req['a'], name, qual)}"
+                                   " doesn't have an EventInvokeConfig")
+        doc = events.check_config(_json_body(req), cell.region, req["a"], found[0])
+    else:
+        doc = events.check_config(_json_body(req), cell.region, req["a"])
+    modified = store.put_config(req["a"], name, qual, doc)
+    return _reply(200, _event_config_doc(cell, req["a"], name, qual, doc, modified))
+
+
+async def get_event_config(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, qual, store = _event_target(cell, req, m, q)
+    found = store.get_config(req["a"], name, qual)
+    if found is None:
+        raise errors.not_found(f"The function {function_arn(cell.region, req['a'], name, qual)} "
+                               "doesn't have an EventInvokeConfig")
+    return _reply(200, _event_config_doc(cell, req["a"], name, qual, *found))
+
+
+async def delete_event_config(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, qual, store = _event_target(cell, req, m, q)
+    if not store.delete_config(req["a"], name, qual):
+        raise errors.not_found(f"The function {function_arn(cell.region, req['a'], name, qual)} "
+                               "doesn't have an EventInvokeConfig")
+    return {"s": 204, "h": {}, "b": b""}
+
+
+async def list_event_configs(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, _, store = _event_target(cell, req, m, {})
+    rows = store.list_configs(req["a"], name)
+    return _reply(200, {"FunctionEventInvokeConfigs": [
+        _event_config_doc(cell, req["a"], name, qual, doc, t) for qual, doc, t in rows]})
 
 
 # -- versions ------------------------------------------------------------------------------------
@@ -347,6 +429,17 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
      get_layer_version),
     ("DELETE", re.compile(rf"{_LAYERS}/(?P<layer>[^/]+)/versions/(?P<version>[^/]+)/?$"),
      delete_layer_version),
+    ("GET", re.compile(rf"^/2019-09-25/functions/{_FN}/event-invoke-config/list/?$"),
+     list_event_configs),
+    ("PUT", re.compile(rf"^/2019-09-25/functions/{_FN}/event-invoke-config/?$"),
+     put_event_config),
+    ("POST", re.compile(rf"^/2019-09-25/functions/{_FN}/event-invoke-config/?$"),
+     put_event_config),
+    ("GET", re.compile(rf"^/2019-09-25/functions/{_FN}/event-invoke-config/?$"),
+     get_event_config),
+    ("DELETE", re.compile(rf"^/2019-09-25/functions/{_FN}/event-invoke-config/?$"),
+     delete_event_config),
+    ("POST", re.compile(rf"^/cellcloud/v1/functions/{_FN}/events/?$"), invoke_async),
     ("GET", re.compile(rf"^/cellcloud/v1/functions/{_FN}/logs/?$"), function_logs),
     ("GET", re.compile(r"^/cellcloud/v1/cell/status/?$"), cell_status),
 ]

@@ -29,6 +29,7 @@ from ..core.poison import PoisonDetector, PoisonParams
 from ..core.sharding import PlainSharder, SignatureSharder, Worker, retry_order
 from ..core.validation import check_env, check_handler, check_memory, check_name, check_timeout
 from ..transport import Client, RemoteError, TransportError
+from .events import Intake
 from .store import (
     AliasRecord,
     FunctionRecord,
@@ -187,6 +188,7 @@ class Cell:
         limits: Limits = DEFAULT_LIMITS,
         envs_per_agent_max: int = DEFAULT_LIMITS.envs_per_agent_max,
         rng: random.Random | None = None,
+        invokes_inflight_max: int = 1000,
         sharding: str = "signature",
         shard_size: int = 2,
         poison: PoisonParams | None = None,
@@ -224,6 +226,12 @@ class Cell:
         # (account, name, qualifier) -> (the version it keeps warm, how many, last modified)
         self._provisioned: dict[tuple[str, str, str], tuple[FunctionRecord, int, str]] = {}
         self._inflight: dict[tuple[str, str], int] = {}
+        # The durable async intake (frontend/events.py), set by the server; None: no async path.
+        self.events: Intake | None = None
+        # Sync invokes in flight in the whole cell; over this, 429 with Retry-After (shedding
+        # before the hosts' queues collapse).
+        self.invokes_inflight_max = invokes_inflight_max
+        self._inflight_total = 0
         self.counters = {
             "invocations": 0,
             "function_errors": 0,
@@ -921,6 +929,7 @@ class Cell:
         *,
         log_tail: bool,
         qualifier: str | None = None,
+        request_id: str | None = None,
     ) -> InvokeResult:
         rec, invoked_arn = self.resolve(account, name, qualifier)
         if len(payload) > self.limits.invoke_payload_bytes_max:
@@ -949,10 +958,17 @@ class Cell:
                 f"Rate Exceeded. Reserved concurrency of {reserved} reached for {name}.",
                 "ReservedFunctionConcurrentInvocationLimitExceeded",
             )
+        if self._inflight_total >= self.invokes_inflight_max:
+            self.counters["throttles"] += 1
+            raise errors.too_many("Rate Exceeded. The cell is over capacity.",
+                                  "CellConcurrencyLimitExceeded")
         self._inflight[fkey] = self._inflight.get(fkey, 0) + 1
+        self._inflight_total += 1
         try:
-            return await self._invoke_placed(rec, invoked_arn, payload, log_tail, reserved)
+            return await self._invoke_placed(rec, invoked_arn, payload, log_tail, reserved,
+                                             request_id)
         finally:
+            self._inflight_total -= 1
             self._inflight[fkey] -= 1
             if not self._inflight[fkey]:
                 del self._inflight[fkey]
@@ -964,8 +980,9 @@ class Cell:
         payload: bytes,
         log_tail: bool,
         reserved: int | None,
+        request_id: str | None = None,
     ) -> InvokeResult:
-        request_id = str(uuid.uuid4())
+        request_id = request_id or str(uuid.uuid4())
         self.counters["invocations"] += 1
         # Retries here and only here, only when the failure happened before the handler could
         # have run (an agent that could not be reached or could not start the env), each on a

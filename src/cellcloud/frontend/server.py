@@ -13,9 +13,12 @@ from .. import runtime
 from ..control import clone
 from ..core.limits import DEFAULT_LIMITS
 from ..core.poison import PoisonParams
+from ..queues.api import QueueApi
+from ..queues.store import QueueStore
 from ..transport import Server
 from . import api
 from .cell import Cell
+from .events import EventStore, Intake
 from .store import SqliteFunctionStore
 
 log = logging.getLogger("cellcloud.frontend")
@@ -36,6 +39,19 @@ async def serve(args: argparse.Namespace) -> None:
                     {"killed_workers_max": args.poison_killed_workers_max}
                     if args.poison_killed_workers_max else {})),
                 envs_per_agent_max=args.envs_per_agent_max)
+    # The durable async intake and the cell's queues (SQS API); the dispatcher process reads
+    # the same events file. CELLCLOUD_PLANT_BUG=ack-before-write plants the chaos test's bug.
+    cell.invokes_inflight_max = args.invokes_inflight_max
+    cell.events = Intake(EventStore(os.path.abspath(args.state_dir)),
+                         ack_before_write=os.environ.get("CELLCLOUD_PLANT_BUG")
+                         == "ack-before-write")
+    queues = QueueApi(QueueStore(os.path.abspath(args.state_dir)), args.region)
+
+    async def async_status(_: Any) -> dict[str, Any]:
+        assert cell.events is not None
+        return {**cell.events.statistics(), "queues": dict(queues.counters)}
+
+    async_ops = {"sqs": queues.handle, "async_status": async_status}
     await cell.sync_agents(first=True)
     cell.load_provisioned()  # the pools are refilled by the first tick
 
@@ -58,7 +74,7 @@ async def serve(args: argparse.Namespace) -> None:
     async def tenant_forget(body: dict[str, Any]) -> dict[str, Any]:
         return clone.forget_tenant(cell, str(body["account"]))
 
-    server = Server({"http": http, "status": status, "tenant_export": tenant_export,
+    server = Server({"http": http, "status": status, **async_ops, "tenant_export": tenant_export,
                      "tenant_import": tenant_import, "tenant_inflight": tenant_inflight,
                      "tenant_forget": tenant_forget})
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
@@ -97,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="distinct workers a function may kill before it is throttled "
                         "(default k-1; experiments set k to let a poison exhaust its shard)")
     p.add_argument("--envs-per-agent-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
+    p.add_argument("--invokes-inflight-max", type=int, default=1000,
+                   help="sync invokes in flight in the cell; over it, 429 with Retry-After")
     args = p.parse_args(argv)
     runtime.setup_logging(f"frontend/{args.cell_id}")
     runtime.run(serve(args))

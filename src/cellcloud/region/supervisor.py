@@ -33,6 +33,10 @@ def default_state_dir() -> str:
     return os.environ.get("CELLCLOUD_HOME") or os.path.expanduser("~/.cellcloud")
 
 
+# Components whose module is not cellcloud.<kind>.server.
+_MODULES = {"dispatcher": "cellcloud.frontend.dispatcher"}
+
+
 @dataclass
 class Component:
     name: str
@@ -45,7 +49,8 @@ class Component:
     started_at: float = 0.0
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", f"cellcloud.{self.kind}.server", *self.args,
+        module = _MODULES.get(self.kind, f"cellcloud.{self.kind}.server")
+        return [sys.executable, "-m", module, *self.args,
                 "--listen", self.listen]
 
 
@@ -106,6 +111,13 @@ class Supervisor:
             ], f"{self.host}:0")
             await self._launch(fe)
             cell_eps[cell_id] = [fe.info["host"], fe.info["port"]]
+            # The cell's async dispatcher (frontend/dispatcher.py): its own process, reading
+            # the frontend's event file and invoking through the frontend.
+            await self._launch(Component(f"{cell_id}-dispatcher", "dispatcher", [
+                "--cell-id", cell_id, "--region", self.region,
+                "--state-dir", os.path.join(self.state_dir, "cells", cell_id, "frontend"),
+                "--frontend", f"{fe.info['host']}:{fe.info['port']}",
+            ], f"{self.host}:0"))
             endpoints["cells"].setdefault(cell_id, {"agents": {}})["frontend"] = cell_eps[cell_id]
         cell_map_path = os.path.join(self.state_dir, "cellmap.json")
         with open(cell_map_path, "w") as f:
@@ -222,7 +234,7 @@ class Supervisor:
         self.stopping = True
         for t in self._monitors:
             t.cancel()
-        order = {"control": 0, "router": 1, "frontend": 2, "agent": 3}
+        order = {"control": 0, "router": 1, "dispatcher": 2, "frontend": 3, "agent": 4}
         for kind in sorted({c.kind for c in self.components}, key=order.__getitem__):
             group = [c for c in self.components if c.kind == kind and c.proc is not None]
             for c in group:

@@ -61,6 +61,7 @@ def verify(
     region: str,
     secret_for: Callable[[str], str | None],
     now_s: float | None = None,
+    service: str = SERVICE,
 ) -> Verified:
     """Verify a SigV4-signed request; return the access key id or raise a 403 LambdaError.
 
@@ -86,9 +87,9 @@ def verify(
     if secret is None:
         raise _forbidden("UnrecognizedClientException",
                          "The security token included in the request is invalid.")
-    if m.group("service") != SERVICE:
+    if m.group("service") != service:
         raise _forbidden("InvalidSignatureException",
-                         f"Credential should be scoped to correct service: '{SERVICE}'.")
+                         f"Credential should be scoped to correct service: '{service}'.")
     if m.group("region") != region:
         raise _forbidden("InvalidSignatureException",
                          f"Credential should be scoped to a valid region, not "
@@ -132,7 +133,7 @@ def verify(
                          "X-Amz-Content-SHA256 does not match the request body.")
     expected = _expected_signature(method, raw_path, raw_query,
                                    {h: ",".join(hdrs[h]) for h in signed}, body, akid, secret,
-                                   region, amz_date)
+                                   region, amz_date, service)
     if not hmac.compare_digest(expected.encode(), m.group("sig").encode()):
         raise _forbidden(
             "InvalidSignatureException",
@@ -142,25 +143,26 @@ def verify(
 
 
 def _expected_signature(method: str, raw_path: str, raw_query: str, signed: dict[str, str],
-                        body: bytes, akid: str, secret: str, region: str, amz_date: str) -> str:
+                        body: bytes, akid: str, secret: str, region: str, amz_date: str,
+                        service: str = SERVICE) -> str:
     host = signed["host"]
     url = f"http://{host}{raw_path}" + (f"?{raw_query}" if raw_query else "")
     req = AWSRequest(method=method, url=url, headers=signed, data=body)
     req.context["timestamp"] = amz_date
-    signer = SigV4Auth(Credentials(akid, secret), SERVICE, region)
+    signer = SigV4Auth(Credentials(akid, secret), service, region)
     canonical = signer.canonical_request(req)
     string_to_sign = signer.string_to_sign(req, canonical)
     # botocore derives the signing key with four HMACs on every call; it only changes with
     # the secret, the day and the region, so derive it once per day instead.
-    key = _signing_key(secret, amz_date[:8], region)
+    key = _signing_key(secret, amz_date[:8], region, service)
     return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 @functools.lru_cache(maxsize=1024)
-def _signing_key(secret: str, date: str, region: str) -> bytes:
+def _signing_key(secret: str, date: str, region: str, service: str = SERVICE) -> bytes:
     k = hmac.new(f"AWS4{secret}".encode(), date.encode(), hashlib.sha256).digest()
     k = hmac.new(k, region.encode(), hashlib.sha256).digest()
-    k = hmac.new(k, SERVICE.encode(), hashlib.sha256).digest()
+    k = hmac.new(k, service.encode(), hashlib.sha256).digest()
     return hmac.new(k, b"aws4_request", hashlib.sha256).digest()
 
 
