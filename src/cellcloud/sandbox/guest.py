@@ -202,18 +202,6 @@ class _InProcessClient:
         self._api.init_fail(body)
 
 
-def _run_in_process(api: RuntimeApi, handler: str) -> None:
-    """The built-in runtime, on the main thread as on Lambda (handlers may use signals)."""
-    pyruntime.setup_logging()
-    try:
-        pyruntime.run_loop(_InProcessClient(api), handler)
-    except BaseException as e:  # the runtime must not die silently
-        api.runtime_exited(f"runtime failed: {e!r}")
-    else:
-        if api.init_error is None:
-            api.runtime_exited("runtime returned")
-
-
 def _start_process(api: RuntimeApi, spec: EnvSpec) -> None:
     argv = list(spec.runtime_argv)
     if argv == ["bootstrap"]:
@@ -266,19 +254,25 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
     os.close(devnull)
     logs = _LogCapture()
     api = RuntimeApi(response_bytes_max)
-    relay = threading.Thread(target=_relay, args=(spec, _Channel(sock), api, logs, started),
-                             name="relay", daemon=True)
-    relay.start()
+    inline: tuple[Any, _InProcessClient] | None = None
     if spec.runtime_argv:
         _start_process(api, spec)
     else:
-        _run_in_process(api, spec.handler)
-    relay.join()  # it ends the process when the host agent closes the channel
+        # The built-in runtime runs inline on this (the main) thread, as on Lambda: handlers
+        # may use signals, and an invocation costs no thread hand-off at all.
+        pyruntime.setup_logging()
+        fn, init_error = pyruntime.init(spec.handler)
+        if init_error is not None:
+            api.init_fail(json.dumps(init_error).encode())
+        else:
+            inline = (fn, _InProcessClient(api))
+            api.mark_ready()
+    _relay(spec, _Channel(sock), api, logs, started, inline)
     os._exit(0)
 
 
-def _relay(spec: EnvSpec, chan: _Channel, api: RuntimeApi, logs: _LogCapture,
-           started: float) -> None:
+def _relay(spec: EnvSpec, chan: _Channel, api: RuntimeApi, logs: _LogCapture, started: float,
+           inline: tuple[Any, _InProcessClient] | None) -> None:
     """Between the host agent's channel and the Runtime API, one invocation at a time."""
     if not api.wait_ready(init_timeout_s):
         api.init_fail(json.dumps({"errorType": "Runtime.InitTimeout", "errorMessage":
@@ -307,6 +301,13 @@ def _relay(spec: EnvSpec, chan: _Channel, api: RuntimeApi, logs: _LogCapture,
         else:
             api.submit(Invocation(request_id, msg["payload"], int(msg["deadline_ms"]),
                                   msg.get("arn", "")))
+            if inline is not None:
+                try:
+                    pyruntime.handle_one(*inline)
+                except SystemExit as e:  # the handler ended the runtime, as sys.exit() does
+                    api.runtime_exited(f"exit status {e.code if isinstance(e.code, int) else 1}")
+                except BaseException as e:
+                    api.runtime_exited(f"runtime failed: {e!r}")
             outcome = api.wait_outcome()
             ok, payload, error_type = outcome.ok, outcome.payload, outcome.error_type
         duration_ms = (time.monotonic() - t0) * 1000

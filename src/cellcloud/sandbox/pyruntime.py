@@ -171,8 +171,8 @@ def _emit_error(err: dict[str, Any]) -> None:
         pass
 
 
-def run_loop(client: RuntimeClient, handler_name: str, max_invocations: int | None = None) -> None:
-    """Initialise the handler, then serve invocations until told to stop (or forever)."""
+def init(handler_name: str) -> tuple[Any, dict[str, Any] | None]:
+    """Lambda's init phase: put the task root and /opt/python on the path, import the handler."""
     task_root = os.environ.get("LAMBDA_TASK_ROOT", "/var/task")
     for p in (task_root, "/opt/python"):
         if p not in sys.path:
@@ -180,33 +180,44 @@ def run_loop(client: RuntimeClient, handler_name: str, max_invocations: int | No
     fn, init_error = load_handler(handler_name)
     if init_error is not None:
         _emit_error(init_error)
+    return fn, init_error
+
+
+def handle_one(fn: Any, client: RuntimeClient) -> None:
+    """One turn of the runtime loop: next, run the handler, respond (or report the error)."""
+    request_id, payload, deadline_ms, arn = client.next()
+    _request_filter.request_id = request_id
+    try:
+        event = json.loads(payload) if payload else {}
+        result = fn(event, LambdaContext(request_id, deadline_ms, arn))
+    except Exception as e:
+        stack = traceback.format_list(traceback.extract_tb(e.__traceback__)[1:])
+        err = {"errorMessage": str(e), "errorType": type(e).__name__,
+               "requestId": request_id, "stackTrace": stack}
+        _emit_error(err)
+        client.error(request_id, json.dumps(err).encode())
+        return
+    try:
+        body = json.dumps(result).encode()
+    except (TypeError, ValueError) as e:
+        err = {"errorMessage": f"Unable to marshal response: {e}",
+               "errorType": "Runtime.MarshalError", "requestId": request_id, "stackTrace": []}
+        _emit_error(err)
+        client.error(request_id, json.dumps(err).encode())
+        return
+    client.respond(request_id, body)
+
+
+def run_loop(client: RuntimeClient, handler_name: str, max_invocations: int | None = None) -> None:
+    """Initialise the handler, then serve invocations until told to stop (or forever)."""
+    fn, init_error = init(handler_name)
+    if init_error is not None:
         client.init_error(json.dumps(init_error).encode())
         return
     served = 0
     while max_invocations is None or served < max_invocations:
-        request_id, payload, deadline_ms, arn = client.next()
-        _request_filter.request_id = request_id
+        handle_one(fn, client)
         served += 1
-        try:
-            event = json.loads(payload) if payload else {}
-            result = fn(event, LambdaContext(request_id, deadline_ms, arn))
-        except Exception as e:
-            stack = traceback.format_list(traceback.extract_tb(e.__traceback__)[1:])
-            err = {"errorMessage": str(e), "errorType": type(e).__name__,
-                   "requestId": request_id, "stackTrace": stack}
-            _emit_error(err)
-            client.error(request_id, json.dumps(err).encode())
-            continue
-        try:
-            body = json.dumps(result).encode()
-        except (TypeError, ValueError) as e:
-            err = {"errorMessage": f"Unable to marshal response: {e}",
-                   "errorType": "Runtime.MarshalError", "requestId": request_id,
-                   "stackTrace": []}
-            _emit_error(err)
-            client.error(request_id, json.dumps(err).encode())
-            continue
-        client.respond(request_id, body)
 
 
 def main() -> None:

@@ -79,6 +79,12 @@ class RuntimeApi:
             out, self._outcome = self._outcome, None
             return out
 
+    def mark_ready(self) -> None:
+        """The built-in runtime finished its init on the guest's own thread."""
+        with self._cond:
+            self.ready = True
+            self._cond.notify_all()
+
     def runtime_exited(self, why: str) -> None:
         with self._cond:
             self.exited = why
