@@ -471,6 +471,39 @@ def env(
     sys.stdout.write("unset AWS_SESSION_TOKEN AWS_PROFILE\n")
 
 
+@app.command()
+def migrate(
+    tenant: Annotated[str, typer.Argument(help="Tenant name or account id")],
+    to: Annotated[str, typer.Option("--to", help="Target cell id")],
+    state_dir: StateDir = None,
+) -> None:
+    """Move a tenant to another cell: clone, flip the map, drain, forget."""
+    from .control import operate
+
+    console.print_json(data=operate.migrate(state_dir or default_state_dir(), tenant, to))
+
+
+experiment_app = typer.Typer(help="Experiments that run a region on this machine.")
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("blast-radius")
+def blast_radius(
+    state_dir: Annotated[str, typer.Option(help="A fresh directory for the region")] = "",
+    agents_per_cell: Annotated[int, typer.Option(help="n")] = 8,
+    tenants: Annotated[int, typer.Option()] = 250,
+    control_down_s: Annotated[float, typer.Option(help="Seconds the control plane is stopped")] = 5,
+    json_out: Annotated[str | None, typer.Option(help="Write the results here")] = None,
+) -> None:
+    """Kill a cell, poison a shard, stop the control plane; print measured vs predicted."""
+    import tempfile
+
+    from .experiment import blast
+
+    blast.main(state_dir or tempfile.mkdtemp(prefix="cellcloud-blast-"), agents=agents_per_cell,
+               tenants=tenants, control_down_s=control_down_s, json_out=json_out)
+
+
 def _mount_subcommands() -> None:
     from .store.cli import app as store_app
 

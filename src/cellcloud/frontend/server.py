@@ -35,9 +35,9 @@ async def serve(args: argparse.Namespace) -> None:
     store = SqliteFunctionStore(os.path.abspath(args.state_dir))
     cell = Cell(args.cell_id, store, agents, region=args.region,
                 sharding=args.sharding, shard_size=args.shard_size,
-                poison=PoisonParams.for_shard(args.shard_size, **(
-                    {"killed_workers_max": args.poison_killed_workers_max}
-                    if args.poison_killed_workers_max else {})),
+                poison=(PoisonParams(killed_workers_max=args.poison_killed_workers_max)
+                        if args.poison_killed_workers_max
+                        else PoisonParams.for_shard(args.shard_size)),
                 envs_per_agent_max=args.envs_per_agent_max)
     # The durable async intake and the cell's queues (SQS API); the dispatcher process reads
     # the same events file. CELLCLOUD_PLANT_BUG=ack-before-write plants the chaos test's bug.

@@ -1,0 +1,1 @@
+"""Experiments that run a real region on this machine and measure it."""
