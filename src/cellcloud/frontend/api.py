@@ -382,6 +382,12 @@ async def list_layers(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
 
 
 # -- cellcloud's own -------------------------------------------------------------------------------
+async def function_attestation(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    nonce = (q.get("nonce") or [""])[0]
+    qualifier = (q.get("Qualifier") or [None])[0]
+    return _reply(200, await cell.attest(req["a"], _name(m["ref"], req["a"]), qualifier, nonce))
+
+
 async def function_logs(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     try:
         limit = max(1, min(1000, int(q.get("limit", ["50"])[0])))
@@ -441,6 +447,8 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
      delete_event_config),
     ("POST", re.compile(rf"^/cellcloud/v1/functions/{_FN}/events/?$"), invoke_async),
     ("GET", re.compile(rf"^/cellcloud/v1/functions/{_FN}/logs/?$"), function_logs),
+    ("GET", re.compile(rf"^/cellcloud/v1/functions/{_FN}/attestation/?$"),
+     function_attestation),
     ("GET", re.compile(r"^/cellcloud/v1/cell/status/?$"), cell_status),
 ]
 

@@ -1119,8 +1119,11 @@ class Cell:
             for d in self.placement.release(decision.env_id, now_ms):
                 self._destroy_soon(d.env_id, d.agent_id)
         else:
-            # A crash or a timeout: it counts against the function (poison-tenant defence).
-            self.poison.on_env_crash(f"{rec.account}/{rec.name}", decision.agent_id, now_ms)
+            # The environment crashed or timed out but its host survived: the jail contained
+            # it, so it is counted (status) but does not throttle the function — an OOM or a
+            # timeout is an ordinary Lambda error. Only a host that dies under an invocation
+            # (the TransportError path above) counts as a killed worker.
+            self.counters["env_failures"] = self.counters.get("env_failures", 0) + 1
             self.placement.discard(decision.env_id)  # the agent already removed it
         logs: bytes = res.get("logs") or b""
         if logs:
@@ -1205,6 +1208,28 @@ class Cell:
         if self._pending_logs:
             rows, self._pending_logs = self._pending_logs, []
             self.store.append_logs(rows)
+
+    async def attest(self, account: str, name: str, qualifier: str | None,
+                     nonce: str) -> dict[str, Any]:
+        """A fresh attestation document, bound to ``nonce``, from a running environment of the
+        function (the agent that runs it signs; the caller verifies offline)."""
+        rec, _ = self.resolve(account, name, qualifier)
+        envs = [e for e in self.placement.envs.values()
+                if e.function_key == rec.key and e.state != "creating"]
+        if not envs:
+            raise errors.not_found(f"No execution environment of {name} is running; invoke it "
+                                   "first (or give it provisioned concurrency)")
+        env = max(envs, key=lambda e: e.last_used_ms)
+        try:
+            doc: dict[str, Any] = await self.agents[env.agent_id].call(
+                "attest", {"env_id": env.env_id, "nonce": nonce},
+                timeout_s=self.limits.agent_call_timeout_ms / 1000)
+        except RemoteError as e:
+            raise errors.invalid(e.message) if e.type == "InvalidNonce" else errors.service(
+                str(e)) from e
+        except TransportError as e:
+            raise errors.service(str(e)) from e
+        return doc
 
     def logs(self, account: str, name: str, limit: int) -> list[dict[str, Any]]:
         self.function(account, name)

@@ -95,6 +95,7 @@ class Supervisor:
                     "--state-dir", os.path.join(self.state_dir, "cells", cell_id, "agents", agent_id),
                     "--uid-base", str(200_000 + agent_index * 10_000),
                     "--envs-max", str(self.envs_per_agent_max),
+                    "--pki-dir", self.state_dir, "--cell", cell_id,
                     *self._extra(agent_id, "agent"),
                 ], f"{self.host}:0")
                 agent_index += 1
