@@ -513,5 +513,138 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
+# -- async: the cell's queues (dead-letter and destination queues) and the chaos experiment ----
+queue_app = typer.Typer(help="The cell's queues (SQS API): dead-letter and destination queues.")
+app.add_typer(queue_app, name="queue")
+
+
+def _sqs(state_dir: str | None) -> tuple[Any, dict[str, Any]]:
+    import boto3
+    from botocore.config import Config
+
+    doc = _running_region(state_dir or default_state_dir())
+    if doc is None:
+        console.print("[red]No region is running[/red] (start one with: cellcloud up)")
+        raise typer.Exit(1)
+    kw = dict(endpoint_url=doc["endpoint"], region_name=doc["region"],
+              aws_access_key_id=doc["access_key_id"],
+              aws_secret_access_key=doc["secret_access_key"],
+              config=Config(retries={"mode": "standard", "total_max_attempts": 3},
+                            read_timeout=30, connect_timeout=5))
+    return boto3.client("sqs", **kw), {**doc, "lambda": boto3.client("lambda", **kw)}
+
+
+@queue_app.command("ls")
+def queue_ls(state_dir: StateDir = None) -> None:
+    """List the queues with their message counts."""
+    sqs, _ = _sqs(state_dir)
+    table = Table("queue", "visible", "in flight", "arn")
+    for url in sqs.list_queues().get("QueueUrls", []):
+        a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        table.add_row(url.rsplit("/", 1)[1], a["ApproximateNumberOfMessages"],
+                      a["ApproximateNumberOfMessagesNotVisible"], a["QueueArn"])
+    console.print(table)
+
+
+@queue_app.command("inspect")
+def queue_inspect(
+    name: Annotated[str, typer.Argument(help="Queue name")],
+    limit: Annotated[int, typer.Option(help="Messages to show (1-10)")] = 10,
+    state_dir: StateDir = None,
+) -> None:
+    """Show a queue's attributes and peek at its messages (they stay in the queue)."""
+    sqs, _ = _sqs(state_dir)
+    url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    msgs = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=max(1, min(10, limit)),
+                               VisibilityTimeout=0).get("Messages", [])
+    console.print_json(data={"attributes": attrs, "messages": [
+        {"MessageId": m["MessageId"], "Body": _maybe_json(m["Body"])} for m in msgs]})
+
+
+def _maybe_json(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+@queue_app.command("replay")
+def queue_replay(
+    name: Annotated[str, typer.Argument(help="A dead-letter queue of destination records")],
+    limit: Annotated[int, typer.Option(help="Most messages to replay")] = 1000,
+    state_dir: StateDir = None,
+) -> None:
+    """Invoke each record's function again (async) with its original payload, then delete the
+    record: a dead-letter queue drained back into its functions."""
+    sqs, doc = _sqs(state_dir)
+    lam = doc["lambda"]
+    url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    replayed = skipped = 0
+    while replayed + skipped < limit:
+        msgs = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
+                                   VisibilityTimeout=60).get("Messages", [])
+        if not msgs:
+            break
+        for m in msgs:
+            rec = _maybe_json(m["Body"])
+            ctx = rec.get("requestContext", {}) if isinstance(rec, dict) else {}
+            if "functionArn" not in ctx:
+                skipped += 1  # not a destination record: left in the queue
+                continue
+            fn = ctx["functionArn"]
+            if fn.endswith(":$LATEST"):
+                fn = fn.rsplit(":", 1)[0]
+            lam.invoke(FunctionName=fn, InvocationType="Event",
+                       Payload=json.dumps(rec.get("requestPayload")).encode())
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+            replayed += 1
+    console.print(f"replayed {replayed} events from {name}; {skipped} messages skipped")
+
+
+@queue_app.command("purge")
+def queue_purge(name: Annotated[str, typer.Argument(help="Queue name")],
+                state_dir: StateDir = None) -> None:
+    """Delete every message in a queue."""
+    sqs, _ = _sqs(state_dir)
+    sqs.purge_queue(QueueUrl=sqs.get_queue_url(QueueName=name)["QueueUrl"])
+    console.print(f"purged {name}")
+
+
+def _experiment_group() -> typer.Typer:
+    for group in app.registered_groups:
+        if group.name == "experiment" and group.typer_instance is not None:
+            return group.typer_instance
+    group_app = typer.Typer(help="Experiments that run a region on this machine.")
+    app.add_typer(group_app, name="experiment")
+    return group_app
+
+
+@_experiment_group().command("chaos")
+def chaos(
+    duration: Annotated[float, typer.Option(help="Seconds of load and faults")] = 60,
+    fault_interval: Annotated[float, typer.Option(help="Mean seconds between kills")] = 3,
+    seed: Annotated[int, typer.Option(help="Seeds the faults and the load")] = 1,
+    targets: Annotated[str, typer.Option(help="Comma-separated: router,frontend,dispatcher,"
+                                              "agent,environment")] =
+    "router,frontend,dispatcher,agent,environment",
+    plant_bug: Annotated[bool, typer.Option(
+        "--plant-bug", help="Acknowledge async events before the durable write (must lose)")]
+    = False,
+    state_dir: Annotated[str, typer.Option(help="A fresh directory for the region")] = "",
+    json_out: Annotated[str | None, typer.Option(help="Write the results here")] = None,
+) -> None:
+    """Mixed sync/async load while components are SIGKILLed; counts lost and hung work."""
+    from .experiment import chaos as chaos_mod
+
+    result = chaos_mod.main(state_dir or chaos_mod.new_state_dir(), duration_s=duration,
+                            fault_interval_s=fault_interval, seed=seed,
+                            targets=tuple(t for t in targets.split(",") if t),
+                            plant_bug=plant_bug, json_out=json_out)
+    console.print_json(data=result)
+    if result["async"]["lost"] or result["sync"]["hung"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
