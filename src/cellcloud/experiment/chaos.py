@@ -159,7 +159,7 @@ class Chaos:
         self.dlq_url = _retrying(lambda: sqs.create_queue(QueueName="chaos-dlq")["QueueUrl"],
                                  "queue")
         for name in ("chaos-async", "chaos-sync"):
-            _retrying(lambda n=name: lam.create_function(  # type: ignore[misc]
+            _retrying(lambda n=name: lam.create_function(
                 FunctionName=n, Runtime="python3.11", Role=ROLE, Handler="app.handler",
                 Timeout=FUNCTION_TIMEOUT_S, Code={"ZipFile": _zip()}), "create_function")
         _retrying(lambda: lam.put_function_event_invoke_config(

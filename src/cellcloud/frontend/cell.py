@@ -1251,6 +1251,8 @@ class Cell:
             "pid": os.getpid(),
             "counters": dict(self.counters),
             "placement": self.placement.statistics(),
+            # per function: queued async events, in flight, age of the oldest (fairness metric)
+            "async": self.events.statistics() if self.events is not None else None,
             "shards": {"sharding": self.sharding, "k": self.shard_size,
                        "functions": {k: list(v) for k, v in self.shards.items()},
                        "failed_agents": dict(self.failed_agents)},
