@@ -65,6 +65,44 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
 
 
+def add_security_args(p: Any) -> None:
+    p.add_argument("--pki-dir", default=None,
+                   help="the region state directory whose pki/ holds the region CA")
+    p.add_argument("--insecure", action="store_true",
+                   help="development only: plain-text internal links")
+
+
+def setup_security(args: Any, role: str, cell: str, name: str, region: str) -> None:
+    """Mutual TLS for every internal link of this process, unless explicitly --insecure."""
+    if getattr(args, "insecure", False) or not getattr(args, "pki_dir", None):
+        logging.getLogger("cellcloud.security").warning(
+            "%s: internal links are PLAIN TEXT (--insecure); never do this outside development",
+            name)
+        return
+    from . import transport
+    from .security import pki
+
+    transport.enable_mtls(pki.tls_config(args.pki_dir, region, role, cell, name), role)
+
+
+def client_security(state_dir: str) -> None:
+    """For CLI processes that call internal ports: a ``client`` certificate of the region,
+    unless the region runs --insecure."""
+    path = os.path.join(state_dir, "region.json")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return
+    if doc.get("insecure"):
+        return
+    from . import transport
+    from .security import pki
+
+    transport.enable_mtls(pki.tls_config(state_dir, doc.get("region", "cc-local-1"), "client",
+                                         "region", "cli"), "client")
+
+
 def setup_logging(component: str) -> None:
     level = os.environ.get("CELLCLOUD_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(

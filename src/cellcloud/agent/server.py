@@ -537,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--oversubscription", type=float, default=4.0,
                    help="configured memory may exceed the budget by this ratio")
     p.add_argument("--no-lockdown", action="store_true", help="tests only: skip seccomp")
+    p.add_argument("--insecure", action="store_true",
+                   help="development only: plain-text internal links")
     p.add_argument("--experiment-faults", action="store_true",
                    help="experiments only: an invoke whose payload carries the crash marker "
                         "kills this agent (standing for a host-level bug)")
@@ -544,6 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     from .. import runtime
 
     runtime.setup_logging("agent")
+    runtime.setup_security(args, "agent", args.cell, args.agent_id, args.region)
     runtime.run(serve(args))
 
 

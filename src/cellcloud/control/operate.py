@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any
 
+from .. import runtime
 from ..region.tenants import list_tenants
 from ..transport import Client
 
@@ -29,7 +30,8 @@ def account_of(state_dir: str, tenant: str) -> str:
 
 async def control_call(state_dir: str, op: str, body: Any, timeout_s: float) -> Any:
     c = _region(state_dir)["components"]["control"]
-    client = Client(c["host"], c["port"])
+    runtime.client_security(state_dir)
+    client = Client(c["host"], c["port"], expect_role="control")
     try:
         return await client.call(op, body, timeout_s=timeout_s)
     finally:

@@ -105,12 +105,13 @@ class Control:
                 self.state.set_endpoint(cell_id, host, int(port))
             else:
                 self.state.add_cell(cell_id, host, int(port))
-            self.frontends[cell_id] = Client(host, int(port))
+            self.frontends[cell_id] = Client(host, int(port), expect_role="frontend")
             for agent_id, a in c.get("agents", {}).items():
                 self.state.add_agent(cell_id, agent_id, a.get("zone"))
-                self.agents[agent_id] = (cell_id, Client(a["addr"][0], int(a["addr"][1])))
+                self.agents[agent_id] = (cell_id, Client(a["addr"][0], int(a["addr"][1]),
+                                                         expect_role="agent"))
         for router_id, (host, port) in doc.get("routers", {}).items():
-            self.routers[router_id] = Client(host, int(port))
+            self.routers[router_id] = Client(host, int(port), expect_role="router")
             self.push.add_router(router_id, now_ms())
 
     def reload_tenants(self) -> None:
@@ -325,8 +326,10 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: SQLite under the state directory)")
     p.add_argument("--push-interval-ms", type=int, default=1000)
     p.add_argument("--region", default="cc-local-1")
+    runtime.add_security_args(p)
     args = p.parse_args(argv)
     runtime.setup_logging("control")
+    runtime.setup_security(args, "control", "region", "control", args.region)
     runtime.run(serve(args))
 
 

@@ -384,7 +384,7 @@ async def list_layers(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
 # -- cellcloud's own -------------------------------------------------------------------------------
 async def function_attestation(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     nonce = (q.get("nonce") or [""])[0]
-    qualifier = (q.get("Qualifier") or [None])[0]
+    qualifier = q["Qualifier"][0] if q.get("Qualifier") else None
     return _reply(200, await cell.attest(req["a"], _name(m["ref"], req["a"]), qualifier, nonce))
 
 

@@ -202,7 +202,7 @@ class Cell:
             env_id_prefix=f"{cell_id}-{os.urandom(4).hex()}",
             idle_timeout_ms=limits.env_idle_timeout_ms,
         )
-        self.agents = {aid: Client(h, p) for aid, (h, p) in agents.items()}
+        self.agents = {aid: Client(h, p, expect_role="agent") for aid, (h, p) in agents.items()}
         # Shuffle sharding: a function is placed only on its shard of k agents. Shards are
         # fixed (never re-drawn when an agent fails: a poison function could otherwise walk
         # across the cell); a failed agent leaves every shard's eligible set until it is back.

@@ -294,7 +294,7 @@ async def serve(args: argparse.Namespace) -> None:
     store = EventStore(state_dir)
     await _lock(os.path.join(state_dir, "dispatcher.lock"))
     host, port = runtime.parse_addr(args.frontend)
-    d = Dispatcher(store, Client(host, port), args.region)
+    d = Dispatcher(store, Client(host, port, expect_role="frontend"), args.region)
     d.counters["released_at_start"] = store.release_all_leases()
 
     async def status(_: Any) -> dict[str, Any]:
@@ -319,8 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frontend", required=True, help="HOST:PORT of the cell's frontend")
     p.add_argument("--region", default="cc-local-1")
     p.add_argument("--listen", default="127.0.0.1:0")
+    runtime.add_security_args(p)
     args = p.parse_args(argv)
     runtime.setup_logging(f"dispatcher/{args.cell_id}")
+    runtime.setup_security(args, "dispatcher", args.cell_id, f"{args.cell_id}-dispatcher",
+                           args.region)
     runtime.run(serve(args))
 
 

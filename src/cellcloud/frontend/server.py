@@ -115,8 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--envs-per-agent-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
     p.add_argument("--invokes-inflight-max", type=int, default=1000,
                    help="sync invokes in flight in the cell; over it, 429 with Retry-After")
+    runtime.add_security_args(p)
     args = p.parse_args(argv)
     runtime.setup_logging(f"frontend/{args.cell_id}")
+    runtime.setup_security(args, "frontend", args.cell_id, f"{args.cell_id}-frontend", args.region)
     runtime.run(serve(args))
 
 

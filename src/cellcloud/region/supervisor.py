@@ -59,7 +59,8 @@ class Supervisor:
                  host: str = "127.0.0.1", port: int = 9009, region: str = "cc-local-1",
                  envs_per_agent_max: int = 1000, seed: int | None = None,
                  extra_args: dict[str, list[str]] | None = None, restart: bool = True,
-                 zones_per_cell: int = 3, push_interval_ms: int = 1000) -> None:
+                 zones_per_cell: int = 3, push_interval_ms: int = 1000,
+                 insecure: bool = False) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.cells = cells
         self.agents_per_cell = agents_per_cell
@@ -75,6 +76,13 @@ class Supervisor:
         self.restart = restart
         self.zones_per_cell = zones_per_cell
         self.push_interval_ms = push_interval_ms
+        # Encrypted by default: every internal link is mutual TLS from the region CA; plain
+        # text only behind an explicit development flag.
+        self.insecure = insecure
+        if not insecure:
+            from ..security import pki
+
+            pki.CertificateAuthority.ensure(os.path.join(self.state_dir, "pki"), region)
         self._rng = random.Random(seed)
         self._monitors: list[asyncio.Task[None]] = []
         os.makedirs(os.path.join(self.state_dir, "logs"), exist_ok=True)
@@ -152,6 +160,7 @@ class Supervisor:
             # The SDK's one-string credentials ("ACCESS_KEY_ID:SECRET"), kept under the old name.
             "api_key": f"{default['access_key_id']}:{default['secret_access_key']}",
             "supervisor_pid": os.getpid(),
+            "insecure": self.insecure,
             "state_dir": self.state_dir, "started": time.time(),
         }
         self.write_region()
@@ -179,7 +188,8 @@ class Supervisor:
         logf = open(os.path.join(self.state_dir, "logs", f"{comp.name}.log"), "ab")
         try:
             comp.proc = await asyncio.create_subprocess_exec(
-                *comp.argv(), pass_fds=(w,), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
+                *comp.argv(), *(["--insecure"] if self.insecure else ["--pki-dir", self.state_dir]),
+                pass_fds=(w,), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
                 stderr=logf, start_new_session=True,
                 env={**os.environ, "CELLCLOUD_READY_FD": str(w)},
             )

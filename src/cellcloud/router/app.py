@@ -119,7 +119,7 @@ class Router:
         c = self._clients.get(cell_id)
         if c is None:
             ep = self.cell_map.cells[cell_id]
-            c = self._clients[cell_id] = Client(ep.host, ep.port)
+            c = self._clients[cell_id] = Client(ep.host, ep.port, expect_role="frontend")
         return c
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

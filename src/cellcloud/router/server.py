@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--region", default="cc-local-1", help="The region name requests are signed for")
     p.add_argument("--control-listen", default="127.0.0.1:0",
                    help="internal address the control plane pushes the cell map to")
+    runtime.add_security_args(p)
     args = p.parse_args(argv)
     runtime.setup_logging("router")
+    runtime.setup_security(args, "router", "region", "router", args.region)
     runtime.run(serve(args))
 
 

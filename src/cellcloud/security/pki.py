@@ -33,8 +33,9 @@ rotate_before_days = 7  # a certificate this close to expiry is replaced at the 
 ACCEPTS: dict[str, frozenset[str]] = {
     "agent": frozenset({"frontend", "control"}),
     "frontend": frozenset({"router", "dispatcher", "control"}),
-    "router": frozenset({"control"}),
-    "control": frozenset({"client"}),
+    "dispatcher": frozenset({"control", "client"}),
+    "router": frozenset({"control"}),  # its internal port (cell map pushes)
+    "control": frozenset({"client"}),  # operators' CLI
     "store": frozenset({"store", "client", "control"}),
 }
 

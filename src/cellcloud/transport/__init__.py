@@ -33,6 +33,40 @@ calls_in_flight_max = 4096  # per connection; more is a protocol error, not a qu
 Handler = Callable[[Any], Awaitable[Any]]
 
 
+class _Mtls:
+    """Process-wide mutual TLS: every Server and Client of this process uses it once enabled."""
+
+    def __init__(self, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, role: str,
+                 region: str) -> None:
+        self.server_ctx = server_ctx
+        self.client_ctx = client_ctx
+        self.role = role
+        self.region = region
+
+
+_mtls: _Mtls | None = None
+
+
+def enable_mtls(config: Any, role: str) -> None:
+    """Switch this process's internal links to mutual TLS 1.3 as ``role`` (one place, as
+    DESIGN's transport rule wants). ``config`` is a ``security.pki.TlsConfig``."""
+    global _mtls
+    _mtls = _Mtls(config.server_context(), config.client_context(), role, config.region)
+
+
+def mtls_role() -> str | None:
+    return _mtls.role if _mtls is not None else None
+
+
+def _peer_check_for(roles: frozenset[str] | set[str]) -> PeerCheck | None:
+    if _mtls is None:
+        return None
+    from ..security import pki
+
+    check: PeerCheck = pki.peer_check(_mtls.region, roles)
+    return check
+
+
 class TransportError(Exception):
     """The peer could not be reached, or the link broke mid-call."""
 
@@ -176,6 +210,12 @@ class Server:
         self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, sock: Any = None
     ) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
+        if ssl_context is None and _mtls is not None:
+            from ..security import pki
+
+            ssl_context = _mtls.server_ctx
+            if self.peer_check is None:
+                self.peer_check = _peer_check_for(pki.ACCEPTS.get(_mtls.role, frozenset()))
         if sock is not None:
             srv = await loop.create_server(self._protocol, sock=sock, ssl=ssl_context)
         else:
@@ -268,7 +308,14 @@ class Client:
         server_hostname: str | None = None,
         connect_timeout_s: float = 2.0,
         peer_check: PeerCheck | None = None,
+        expect_role: str | None = None,
     ) -> None:
+        if ssl_context is None and _mtls is not None:
+            from ..security import pki
+
+            ssl_context = _mtls.client_ctx
+            if peer_check is None:
+                peer_check = _peer_check_for({expect_role} if expect_role else set(pki.ROLES))
         self._peer_check = peer_check
         self.host = host
         self.port = port
