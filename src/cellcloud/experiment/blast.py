@@ -126,6 +126,13 @@ class Experiment:
                                            "--poison-killed-workers-max", str(k)]
         self.sup = Supervisor(self.state_dir, cells=self.cells, agents_per_cell=self.agents,
                               port=0, extra_args=extra, restart=False, zones_per_cell=0)
+        # The harness inspects every component directly, as the control plane would: it speaks
+        # mTLS with a control certificate of the region's CA.
+        from ..security import pki
+        from ..transport import enable_mtls
+
+        enable_mtls(pki.tls_config(self.state_dir, "cc-local-1", "control", "region",
+                                   "experiment"), "control")
         t0 = time.monotonic()
         doc = await self.sup.start()
         self.out(f"region up: {self.cells} cells × {self.agents} agents in "

@@ -35,7 +35,7 @@ ACCEPTS: dict[str, frozenset[str]] = {
     "frontend": frozenset({"router", "dispatcher", "control"}),
     "dispatcher": frozenset({"control", "client"}),
     "router": frozenset({"control"}),  # its internal port (cell map pushes)
-    "control": frozenset({"client"}),  # operators' CLI
+    "control": frozenset({"client", "control"}),  # operators' CLI, peer control planes
     "store": frozenset({"store", "client", "control"}),
 }
 
