@@ -363,14 +363,16 @@ class BareServer:
 
 # -- (c) ---------------------------------------------------------------------------------------
 class Region:
-    def __init__(self, home: str) -> None:
+    def __init__(self, home: str, insecure: bool = False) -> None:
         self.home = home
+        self.insecure = insecure
         self.doc: dict[str, Any] = {}
         self.env = {**os.environ, "CELLCLOUD_HOME": home}
 
     def start(self) -> None:
         exe = [sys.executable, "-m", "cellcloud"]
-        p = subprocess.run([*exe, "up", "--detach", "--port", "0"], env=self.env,
+        p = subprocess.run([*exe, "up", "--detach", "--port", "0",
+                            *(["--insecure"] if self.insecure else [])], env=self.env,
                            capture_output=True, text=True, timeout=90)
         if p.returncode != 0:
             raise RuntimeError(f"cellcloud up failed: {p.stdout}{p.stderr}")
@@ -683,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="add layer peeling and a py-spy profile of every process of (c)")
     ap.add_argument("--spy-rate", type=int, default=200, help="py-spy samples/s")
+    ap.add_argument("--tls-compare", action="store_true",
+                    help="also run (c) with --insecure (plain-text internal links), same run: "
+                         "the cost of mTLS")
     ap.add_argument("--json", default=None, help="result file (default bench/results/...)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (region logs)")
     ap.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
@@ -780,6 +785,21 @@ def main(argv: list[str] | None = None) -> int:
         result["c_load"] = run_load(chost, cport, rpids)
         result["c_load"]["region_counters_delta"] = _delta(k0, region.counters())
 
+        if args.tls_compare:
+            print("(c') the same region with plain-text internal links ...", flush=True)
+            region.stop()
+            plain = Region(os.path.join(work, "home-plain"), insecure=True)
+            region = plain
+            plain.start()
+            plain.deploy()
+            plain.warm(args.concurrency)
+            phost, pport = plain.endpoint
+            pkey = plain.auth_headers()
+            ppids = plain.pids()
+            result["p_latency"] = sequential_latency(phost, pport, INVOKE_PATH, pkey,
+                                                     args.requests, args.warmup)
+            result["p_load"] = run_load(phost, pport, ppids)
+
         if args.profile:
             print("profile: layer peeling ...", flush=True)
             result["peel"] = asyncio.run(_peel(region, args.requests // 2, args.warmup))
@@ -850,6 +870,17 @@ def report(r: dict[str, Any]) -> None:
           f"c-b p50 = {cl['p50_ms'] - bl['p50_ms']:.3f} ms")
     print(f"load generator: {r['generator']} (on the same {r['machine']['nproc']} cores as the "
           "servers: it competes with them for CPU)")
+    if "p_load" in r:
+        pl, pt = r["p_latency"], r["p_load"]
+        cost = 1 - ct["rps"] / pt["rps"]
+        r["ratios"]["mtls_throughput_cost"] = cost
+        r["ratios"]["mtls_p99_load_ms"] = {"mtls": ct["p99_ms"], "plain": pt["p99_ms"]}
+        print(f"(c') plain-text internal links        {pl['p50_ms']:>7.3f}ms {pl['p99_ms']:>7.3f}ms "
+              f"{pl['rps_sequential']:>10.0f} | {pt['rps']:>10.0f} {pt['p50_ms']:>7.2f}ms "
+              f"{pt['p99_ms']:>7.2f}ms {pt['errors']:>6}")
+        print(f"mTLS cost: throughput {cost * 100:+.1f} % (goal <= 10 %: "
+              f"{'MET' if cost <= 0.10 else 'NOT MET'}), load p99 {ct['p99_ms']:.2f} ms "
+              f"vs {pt['p99_ms']:.2f} ms plain")
     for label, d in (("c sequential", cl), ("c load", ct)):
         moved = {k: v for k, v in d.get("region_counters_delta", {}).items()
                  if k != "function_errors" or v}
