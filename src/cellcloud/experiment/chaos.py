@@ -258,11 +258,13 @@ class Chaos:
         accepted = set(self.ledger.accepted)
         while time.monotonic() - t0 < self.drain_timeout_s:
             got = 0
+            failed = False
             for url, seen in ((self.ok_url, seen_ok), (self.dlq_url, seen_dlq)):
                 try:
                     resp = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
                                                WaitTimeSeconds=1)
                 except Exception:
+                    failed = True  # a component is still restarting: not an empty queue
                     continue
                 for m in resp.get("Messages", []):
                     got += 1
@@ -275,6 +277,10 @@ class Chaos:
                 break
             if got:
                 idle_rounds = 0
+                continue
+            if failed:
+                idle_rounds = 0
+                time.sleep(0.5)  # pause before the next try of a bounded drain
                 continue
             # Nothing arrived: stop early only when the region holds no more events either.
             try:
