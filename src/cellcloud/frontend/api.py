@@ -124,7 +124,14 @@ async def update_configuration(cell: Cell, req: dict[str, Any], m: Match, q: Q) 
 
 async def delete_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
-    cell.delete_function(req["a"], name, _qualifier(m["ref"], q))
+    qualifier = _qualifier(m["ref"], q)
+    cell.delete_function(req["a"], name, qualifier)
+    if cell.events is not None:  # its async settings go with it (queued events fail: Rejected)
+        if qualifier is None:
+            for qual, _, _ in cell.events.store.list_configs(req["a"], name):
+                cell.events.store.delete_config(req["a"], name, qual)
+        else:
+            cell.events.store.delete_config(req["a"], name, qualifier)
     return {"s": 204, "h": {}, "b": b""}
 
 
