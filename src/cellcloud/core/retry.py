@@ -30,7 +30,7 @@ backoff_cap_ms = 30_000
 #: extra wait for a retry that found the retry budget empty
 budget_empty_delay_ms = 5_000
 #: an in-flight event's lease outlives the function's timeout by this much
-lease_margin_ms = 10_000
+lease_margin_ms = 30_000  # > the dispatcher's invoke slack + destination timeouts
 
 
 def backoff_ms(attempt: int, rng: random.Random, *, base_ms: int = backoff_base_ms,

@@ -40,6 +40,8 @@ inflight_max = 16
 inflight_per_function_max = 4
 poll_interval_s = 0.2
 destination_call_timeout_s = 10.0
+invoke_slack_s = 10.0
+assert invoke_slack_s + destination_call_timeout_s < retry.lease_margin_ms / 1000
 destination_record_bytes_max = 256 * 1024
 config_cache_ms = 1_000
 
@@ -172,7 +174,9 @@ class Dispatcher:
         }
         self.counters["attempts"] += 1
         try:
-            resp = await self.frontend.call("http", req, timeout_s=ev.timeout_s + 15.0)
+            # Within the lease (timeout + lease_margin_ms), with room for the destination call.
+            resp = await self.frontend.call("http", req,
+                                            timeout_s=ev.timeout_s + invoke_slack_s)
         except (TransportError, CallTimeout, RemoteError) as e:
             return Outcome.PLATFORM_ERROR, 0, b"", None, "", f"frontend: {e}"
         status, headers, body = resp["s"], resp["h"], resp["b"]
