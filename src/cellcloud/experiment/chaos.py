@@ -79,7 +79,9 @@ def _clients(doc: dict[str, Any], read_timeout_s: float) -> tuple[Any, Any]:
 def _error_code(e: Exception) -> str:
     resp = getattr(e, "response", None)
     if isinstance(resp, dict):
-        return str(resp.get("Error", {}).get("Code") or type(e).__name__)
+        code = str(resp.get("Error", {}).get("Code") or type(e).__name__)
+        reason = resp.get("Reason")  # a 429 says why (capacity, poison detector, ...)
+        return f"{code}:{reason}" if reason else code
     return type(e).__name__
 
 
