@@ -58,9 +58,14 @@ def up(
     port: Annotated[int, typer.Option(help="Router port (0: any free port)")] = 9009,
     envs_per_agent_max: Annotated[int, typer.Option(help="Environments per agent")] = 1000,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background")] = False,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Development only: plain-text internal links (default: mTLS)")] = False,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Start a region: router, cell frontends and host agents, supervised."""
+    if insecure:
+        err.print("[bold red]WARNING[/bold red]: --insecure: internal links are plain text; "
+                  "never run a region like this outside development.")
     sd = os.path.abspath(state_dir or default_state_dir())
     os.makedirs(sd, exist_ok=True)
     existing = _running_region(sd)
@@ -71,7 +76,7 @@ def up(
         )
         raise typer.Exit(1)
     if detach:
-        _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max)
+        _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure)
         return
     sup = Supervisor(
         sd,
@@ -80,6 +85,7 @@ def up(
         host=host,
         port=port,
         envs_per_agent_max=envs_per_agent_max,
+        insecure=insecure,
     )
 
     def ready(doc: dict[str, Any]) -> None:
@@ -114,7 +120,8 @@ def _running_region(state_dir: str) -> dict[str, Any] | None:
 
 
 def _detach(
-    sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int
+    sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int,
+    insecure: bool = False,
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -140,6 +147,7 @@ def _detach(
                 str(envs_per_agent_max),
                 "--ready-fd",
                 str(w),
+                *(["--insecure"] if insecure else []),
             ],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,
@@ -508,6 +516,15 @@ def _mount_subcommands() -> None:
     from .store.cli import app as store_app
 
     app.add_typer(store_app, name="store", help="The configuration store (Physalia-style colony).")
+    from .security.cli import app as attest_app
+
+    app.add_typer(attest_app, name="attest", help="Attestation: get and verify documents.")
+    from .region import serve_cli
+
+    serve_cli.mount(app)
+    from .region.rollout_cli import rollout
+
+    app.command("rollout")(rollout)
 
 
 _mount_subcommands()

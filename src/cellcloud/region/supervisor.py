@@ -47,6 +47,8 @@ class Component:
     info: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
     started_at: float = 0.0
+    rolling: bool = False  # being restarted on purpose by a rollout: the monitor stands aside
+    rolled: asyncio.Event | None = None  # set when that rollout has started the new process
 
     def argv(self) -> list[str]:
         module = _MODULES.get(self.kind, f"cellcloud.{self.kind}.server")
@@ -221,9 +223,14 @@ class Supervisor:
     async def _monitor(self, comp: Component) -> None:
         while True:
             assert comp.proc is not None
-            rc = await comp.proc.wait()
+            proc = comp.proc
+            rc = await proc.wait()
             if self.stopping or not self.restart:
                 return
+            if comp.rolling and comp.rolled is not None:
+                await comp.rolled.wait()  # a rollout stopped it and starts the new one itself
+            if comp.proc is not proc:
+                continue
             if time.monotonic() - comp.started_at > stable_after_s:
                 comp.restarts = 0
             comp.restarts += 1
@@ -240,6 +247,77 @@ class Supervisor:
                 log.error("restart of %s failed: %s", comp.name, e)
                 continue
             self.write_region()
+
+    async def rollout(self, health_timeout_s: float = 60.0) -> dict[str, Any]:
+        """Deployment in waves: restart each cell's processes (agents, dispatcher, frontend),
+        one cell at a time; after each cell, wait for its health (every process ready again and
+        the frontend reporting all its agents up) and stop at the first unhealthy cell."""
+        from .. import transport
+        from ..security import pki
+
+        if not self.insecure and transport.mtls_role() is None:
+            transport.enable_mtls(pki.tls_config(self.state_dir, self.region, "control",
+                                                 "region", "supervisor"), "control")
+        cells = sorted({c.name.rsplit("-", 2)[0] if c.kind == "agent" else
+                        c.name.rsplit("-", 1)[0] for c in self.components
+                        if c.kind in ("agent", "frontend", "dispatcher")})
+        order = {"agent": 0, "dispatcher": 1, "frontend": 2}
+        report: dict[str, Any] = {"cells": [], "ok": True}
+        for cell_id in cells:
+            comps = sorted((c for c in self.components if c.name.startswith(cell_id + "-")
+                            and c.kind in order), key=lambda c: order[c.kind])
+            entry: dict[str, Any] = {"cell": cell_id, "restarted": [c.name for c in comps]}
+            t0 = time.monotonic()
+            try:
+                for c in comps:
+                    await self._restart(c)
+                entry["healthy"] = await self._cell_healthy(cell_id, health_timeout_s)
+            except (RuntimeError, OSError) as e:
+                entry["healthy"], entry["error"] = False, str(e)
+            entry["seconds"] = round(time.monotonic() - t0, 2)
+            report["cells"].append(entry)
+            self.write_region()
+            if not entry["healthy"]:
+                report["ok"] = False
+                report["stopped_at"] = cell_id
+                break
+        return report
+
+    async def _restart(self, comp: Component) -> None:
+        comp.rolling = True
+        comp.rolled = asyncio.Event()
+        try:
+            if comp.proc is not None and comp.proc.returncode is None:
+                comp.proc.terminate()
+                try:
+                    await asyncio.wait_for(comp.proc.wait(), stop_timeout_s)
+                except TimeoutError:
+                    comp.proc.kill()
+                    await comp.proc.wait()
+            await self._launch(comp)  # a real wait: its ready line on the pipe
+        finally:
+            comp.rolling = False
+            comp.rolled.set()
+
+    async def _cell_healthy(self, cell_id: str, timeout_s: float) -> bool:
+        from ..transport import Client, RemoteError, TransportError
+
+        fe = next(c for c in self.components if c.name == f"{cell_id}-frontend")
+        client = Client(fe.info["host"], fe.info["port"], expect_role="frontend")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    st = await client.call("status", None, timeout_s=5)
+                except (TransportError, RemoteError):
+                    st = None
+                agents = (st or {}).get("agents", {})
+                if agents and all("error" not in a for a in agents.values()):
+                    return True
+                await asyncio.sleep(0.2)  # polling a health condition, bounded by the deadline
+            return False
+        finally:
+            await client.close()
 
     async def stop(self) -> None:
         self.stopping = True
@@ -276,5 +354,15 @@ async def run_foreground(sup: Supervisor, on_ready: Any = None) -> None:
         raise
     if on_ready is not None:
         on_ready(doc)
+
+    # `cellcloud rollout` asks with SIGUSR1 and reads the answer from rollout.json.
+    async def do_rollout() -> None:
+        report = await sup.rollout()
+        path = os.path.join(sup.state_dir, "rollout.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.rename(path + ".tmp", path)
+
+    loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(do_rollout()))
     await stop.wait()
     await sup.stop()
