@@ -10,12 +10,14 @@ import json
 
 
 class LambdaError(Exception):
-    def __init__(self, status: int, type_: str, message: str, **extra: str) -> None:
+    def __init__(self, status: int, type_: str, message: str, *,
+                 http_headers: dict[str, str] | None = None, **extra: str) -> None:
         super().__init__(message)
         self.status = status
         self.type = type_
         self.message = message
         self.extra = extra
+        self.http_headers = http_headers or {}
 
     def body(self) -> bytes:
         doc: dict[str, str] = {"Type": "User", "message": self.message}
@@ -26,6 +28,7 @@ class LambdaError(Exception):
         h = {"x-amzn-errortype": self.type, "content-type": "application/json"}
         if self.status == 429:
             h["retry-after"] = "1"
+        h.update(self.http_headers)
         return h
 
 

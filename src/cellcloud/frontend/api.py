@@ -464,18 +464,19 @@ async def handle(cell: Cell, req: dict[str, Any]) -> Reply:
     try:
         path = req["p"]
         method = req["m"]
-        allowed = False
+        allowed: list[str] = []
         for m, pattern, route in ROUTES:
             match = pattern.match(path)
             if match is None:
                 continue
-            allowed = True
+            allowed.append(m)
             if m != method:
                 continue
             q = parse_qs(req.get("q", ""), keep_blank_values=True)
             return await route(cell, req, match.groupdict(), q)
         if allowed:
-            raise LambdaError(405, "MethodNotAllowedException", f"{method} is not allowed on {path}")
+            raise LambdaError(405, "MethodNotAllowedException", f"{method} is not allowed on {path}",
+                              http_headers={"allow": ", ".join(sorted(set(allowed)))})
         raise LambdaError(404, "UnknownOperationException", f"Unknown operation {method} {path}")
     except LambdaError as e:
         return {"s": e.status, "h": e.headers(), "b": e.body()}

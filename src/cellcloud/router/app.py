@@ -185,6 +185,10 @@ class Router:
         assert found is not None
         account = found[0]
         if path.rstrip("/") == "/cellcloud/v1/status":
+            if scope["method"] != "GET":
+                raise LambdaError(405, "MethodNotAllowedException",
+                                  f"{scope['method']} is not allowed on {path}",
+                                  http_headers={"allow": "GET"})
             return (
                 200,
                 {"content-type": "application/json"},
