@@ -802,6 +802,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.profile:
             print("profile: layer peeling ...", flush=True)
+            if not region.insecure:  # talk to agents and frontends as the control plane does
+                from cellcloud import transport
+                from cellcloud.security import pki
+
+                transport.enable_mtls(pki.tls_config(region.home, "cc-local-1", "control",
+                                                     "region", "bench"), "control")
             result["peel"] = asyncio.run(_peel(region, args.requests // 2, args.warmup))
             st = region.status()
             targets: dict[str, int] = {

@@ -76,15 +76,23 @@ class HttpRuntimeClient:
 class LambdaContext:
     """The context object of AWS Lambda's Python runtime (same attribute names and types)."""
 
+    # An environment's identity never changes: read it from os.environ once per process, not
+    # once per invocation (os.environ access encodes on every lookup).
+    _static: tuple[str, str, str, str, str] | None = None
+
     def __init__(self, request_id: str, deadline_ms: int, arn: str) -> None:
-        env = os.environ
+        if LambdaContext._static is None:
+            env = os.environ
+            LambdaContext._static = (
+                env.get("AWS_LAMBDA_FUNCTION_NAME", ""),
+                env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+                env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", ""),
+                env.get("AWS_LAMBDA_LOG_GROUP_NAME", ""),
+                env.get("AWS_LAMBDA_LOG_STREAM_NAME", ""))
+        (self.function_name, self.function_version, self.memory_limit_in_mb,
+         self.log_group_name, self.log_stream_name) = LambdaContext._static
         self.aws_request_id = request_id
-        self.function_name = env.get("AWS_LAMBDA_FUNCTION_NAME", "")
-        self.function_version = env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
         self.invoked_function_arn = arn
-        self.memory_limit_in_mb = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "")
-        self.log_group_name = env.get("AWS_LAMBDA_LOG_GROUP_NAME", "")
-        self.log_stream_name = env.get("AWS_LAMBDA_LOG_STREAM_NAME", "")
         self.identity = None
         self.client_context = None
         self.tenant_id = None
