@@ -487,6 +487,13 @@ async def serve(args: argparse.Namespace) -> None:
                                           args.cell, args.agent_id))
     if args.experiment_faults:
         _install_experiment_faults(agent)
+    if args.netns:
+        # A host of its own: enter that network namespace before binding (and before the
+        # lock-down; the zygote keeps the host's, its environments get fresh ones anyway).
+        with open(os.path.join("/var/run/netns", args.netns)) as ns:
+            from ..sandbox import linux
+
+            linux.setns(ns.fileno(), linux.CLONE_NEWNET)
     sock = runtime.bind_tcp(args.listen)
     if not args.no_lockdown:
         lockdown.lock_down()
@@ -529,6 +536,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--envs-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
     p.add_argument("--region", default="cc-local-1")
     p.add_argument("--cell", default="cell-1")
+    p.add_argument("--netns", default=None,
+                   help="serve from this network namespace (/var/run/netns/NAME)")
     p.add_argument("--pki-dir", default=None,
                    help="the region state directory holding pki/ (the region CA); "
                         "default: a CA of the agent's own")

@@ -62,7 +62,8 @@ class Supervisor:
                  envs_per_agent_max: int = 1000, seed: int | None = None,
                  extra_args: dict[str, list[str]] | None = None, restart: bool = True,
                  zones_per_cell: int = 3, push_interval_ms: int = 1000,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False,
+                 agent_hosts: dict[str, tuple[str, str]] | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.cells = cells
         self.agents_per_cell = agents_per_cell
@@ -81,6 +82,9 @@ class Supervisor:
         # Encrypted by default: every internal link is mutual TLS from the region CA; plain
         # text only behind an explicit development flag.
         self.insecure = insecure
+        # agent id -> (network namespace, address): agents on hosts of their own (tests give
+        # each its own netns + veth on a bridge); the others listen on self.host.
+        self.agent_hosts = agent_hosts or {}
         if not insecure:
             from ..security import pki
 
@@ -106,8 +110,10 @@ class Supervisor:
                     "--uid-base", str(200_000 + agent_index * 10_000),
                     "--envs-max", str(self.envs_per_agent_max),
                     "--pki-dir", self.state_dir, "--cell", cell_id,
+                    *(["--netns", self.agent_hosts[agent_id][0]]
+                      if agent_id in self.agent_hosts else []),
                     *self._extra(agent_id, "agent"),
-                ], f"{self.host}:0")
+                ], f"{self.agent_hosts[agent_id][1] if agent_id in self.agent_hosts else self.host}:0")
                 agent_index += 1
                 await self._launch(comp)
                 endpoints["cells"].setdefault(cell_id, {"agents": {}})["agents"][agent_id] = {
