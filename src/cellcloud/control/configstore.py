@@ -98,7 +98,42 @@ def prefix_end(prefix: bytes) -> bytes | None:
 
 
 # -- SQLite: the embedded default on one machine ------------------------------------------------
-class SqliteConfigStore:
+class _BlockingStore:
+    """The async ``ConfigStore`` face of a store whose calls block (SQLite, HTTP): each call
+    runs on a worker thread so the control plane's event loop never waits on I/O."""
+
+    def get_sync(self, key: str) -> Entry | None:
+        raise NotImplementedError
+
+    def put_sync(self, key: str, value: bytes) -> int:
+        raise NotImplementedError
+
+    def cas_sync(self, key: str, expected_revision: int, value: bytes) -> int | None:
+        raise NotImplementedError
+
+    def delete_sync(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list_sync(self, prefix: str) -> list[Entry]:
+        raise NotImplementedError
+
+    async def get(self, key: str) -> Entry | None:
+        return await asyncio.to_thread(self.get_sync, key)
+
+    async def put(self, key: str, value: bytes) -> int:
+        return await asyncio.to_thread(self.put_sync, key, value)
+
+    async def cas(self, key: str, expected_revision: int, value: bytes) -> int | None:
+        return await asyncio.to_thread(self.cas_sync, key, expected_revision, value)
+
+    async def delete(self, key: str) -> bool:
+        return await asyncio.to_thread(self.delete_sync, key)
+
+    async def list(self, prefix: str) -> list[Entry]:
+        return await asyncio.to_thread(self.list_sync, prefix)
+
+
+class SqliteConfigStore(_BlockingStore):
     """One SQLite file in WAL mode with ``synchronous=FULL``: a write has reached the disk when
     the call returns."""
 
@@ -192,21 +227,6 @@ class SqliteConfigStore:
                                    f"{prefix!r}")
         return [Entry(bytes(r[0]).decode(), bytes(r[1]), int(r[2])) for r in rows]
 
-    async def get(self, key: str) -> Entry | None:
-        return await asyncio.to_thread(self.get_sync, key)
-
-    async def put(self, key: str, value: bytes) -> int:
-        return await asyncio.to_thread(self.put_sync, key, value)
-
-    async def cas(self, key: str, expected_revision: int, value: bytes) -> int | None:
-        return await asyncio.to_thread(self.cas_sync, key, expected_revision, value)
-
-    async def delete(self, key: str) -> bool:
-        return await asyncio.to_thread(self.delete_sync, key)
-
-    async def list(self, prefix: str) -> list[Entry]:
-        return await asyncio.to_thread(self.list_sync, prefix)
-
     async def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -217,7 +237,7 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
-class EtcdConfigStore:
+class EtcdConfigStore(_BlockingStore):
     """etcd v3 over its JSON gateway (``/v3/kv/range``, ``/v3/kv/put``, ``/v3/kv/txn``,
     ``/v3/kv/deleterange``); keys and values travel base64-encoded, int64s as strings. A key's
     revision is etcd's ``mod_revision``; ``cas`` is a txn comparing it (``create_revision == 0``
@@ -293,21 +313,6 @@ class EtcdConfigStore:
             raise ConfigStoreError(f"more than config_list_max={config_list_max} keys under "
                                    f"{prefix!r}")
         return [self._entry(kv) for kv in kvs]
-
-    async def get(self, key: str) -> Entry | None:
-        return await asyncio.to_thread(self.get_sync, key)
-
-    async def put(self, key: str, value: bytes) -> int:
-        return await asyncio.to_thread(self.put_sync, key, value)
-
-    async def cas(self, key: str, expected_revision: int, value: bytes) -> int | None:
-        return await asyncio.to_thread(self.cas_sync, key, expected_revision, value)
-
-    async def delete(self, key: str) -> bool:
-        return await asyncio.to_thread(self.delete_sync, key)
-
-    async def list(self, prefix: str) -> list[Entry]:
-        return await asyncio.to_thread(self.list_sync, prefix)
 
     async def close(self) -> None:
         return None
