@@ -108,6 +108,26 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
     # Nothing we mount may propagate back to the host, and nothing of the host's may leak in.
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("tmpfs", root, "tmpfs", nosuid, "size=4m,mode=0755")
+    # /tmp: private and writable, capped at the function's ephemeral storage. Mounted first,
+    # so a runtime tree that lives under the host's /tmp (a checkout there) is bound on top
+    # of it below rather than hidden by it.
+    os.makedirs(root + "/tmp", exist_ok=True)
+    if tmp_device is not None:
+        # A private ext4 of the ephemeral size (ephemeral.py): full means ENOSPC, and its
+        # pages are not charged to the function's memory cgroup the way tmpfs pages are.
+        linux.mount(tmp_device, root + "/tmp", "ext4", nosuid)
+        os.rmdir(root + "/tmp/lost+found")
+        os.chown(root + "/tmp", spec.uid, spec.gid)
+        os.chmod(root + "/tmp", 0o700)
+    else:
+        size = "" if "tmp_size" in off else f"size={spec.ephemeral_mb}m,"
+        linux.mount(
+            "tmpfs",
+            root + "/tmp",
+            "tmpfs",
+            nosuid,
+            f"{size}mode=0700,uid={spec.uid},gid={spec.gid}",
+        )
     for top in _SYSTEM_TREES:
         if os.path.islink(top):
             os.symlink(os.readlink(top), root + top)
@@ -127,24 +147,6 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
     os.makedirs(root + "/var/runtime", exist_ok=True)
     if spec.attestation:  # pushed in by the agent: no guest-to-agent call is ever needed
         _write(root + "/var/runtime/attestation.json", spec.attestation)
-    # /tmp: private and writable, capped at the function's ephemeral storage.
-    os.makedirs(root + "/tmp", exist_ok=True)
-    if tmp_device is not None:
-        # A private ext4 of the ephemeral size (ephemeral.py): full means ENOSPC, and its
-        # pages are not charged to the function's memory cgroup the way tmpfs pages are.
-        linux.mount(tmp_device, root + "/tmp", "ext4", nosuid)
-        os.rmdir(root + "/tmp/lost+found")
-        os.chown(root + "/tmp", spec.uid, spec.gid)
-        os.chmod(root + "/tmp", 0o700)
-    else:
-        size = "" if "tmp_size" in off else f"size={spec.ephemeral_mb}m,"
-        linux.mount(
-            "tmpfs",
-            root + "/tmp",
-            "tmpfs",
-            nosuid,
-            f"{size}mode=0700,uid={spec.uid},gid={spec.gid}",
-        )
     os.makedirs(root + "/dev", exist_ok=True)
     linux.mount(
         "tmpfs", root + "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=0755"
