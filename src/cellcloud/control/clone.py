@@ -61,7 +61,13 @@ def import_tenant(cell: Any, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def tenant_inflight(cell: Any, account: str) -> int:
-    return sum(n for (acct, _), n in cell._inflight.items() if acct == account)
+    """Sync invokes running for the tenant plus its async events not yet finished (queued,
+    leased or waiting for a retry): a migration forgets the old cell's copy only at zero, so
+    no accepted async event is left behind for a function that no longer exists there."""
+    sync = sum(n for (acct, _), n in cell._inflight.items() if acct == account)
+    intake = getattr(cell, "events", None)
+    pending = intake.store.depth(account) if intake is not None else 0
+    return sync + int(pending)
 
 
 def forget_tenant(cell: Any, account: str) -> dict[str, Any]:
