@@ -82,6 +82,13 @@ def test_migration_under_continuous_invokes(cells: Region) -> None:
         t["account_id"]]
     target = "cell-2" if source == "cell-1" else "cell-1"
     client.create_function("echo", _zip(), "app.handler", runtime="python3.11")
+    # Versions, aliases and concurrency settings move with the function.
+    api = "/2015-03-31/functions/echo"
+    assert client.request("POST", f"{api}/versions", b"{}")[0] == 201
+    assert client.request("POST", f"{api}/aliases",
+                          b'{"Name": "live", "FunctionVersion": "1"}')[0] == 201
+    assert client.request("PUT", "/2017-10-31/functions/echo/concurrency",
+                          b'{"ReservedConcurrentExecutions": 50}')[0] == 200
     stop = threading.Event()
     results: list[object] = []
 
@@ -111,6 +118,12 @@ def test_migration_under_continuous_invokes(cells: Region) -> None:
     cellmap = json.load(open(os.path.join(cells.state_dir, "cellmap.json")))
     assert cellmap["assignments"][t["account_id"]] == target
     assert client.invoke("echo", {"after": 1}).json() == {"after": 1}
+    status, headers, body = client.request("POST", f"{api}/invocations",
+                                           b'{"via": "alias"}', query={"Qualifier": "live"})
+    assert status == 200 and json.loads(body) == {"via": "alias"}
+    assert headers["x-amz-executed-version"] == "1"
+    status, _, body = client.request("GET", "/2019-09-30/functions/echo/concurrency")
+    assert json.loads(body) == {"ReservedConcurrentExecutions": 50}
     client.close()
 
 

@@ -2,9 +2,9 @@
 
 The frontend process exposes these as transport ops (``tenant_export``, ``tenant_import``,
 ``tenant_inflight``, ``tenant_forget``); the control plane drives them in the order of
-``control.state.MIGRATION_TRANSITIONS``. What moves: each function's ``$LATEST`` record and the
-bundles it names (code and layers). Published versions, aliases and provisioned-concurrency
-settings are not cloned yet (docs/blast-radius.md, "Migration").
+``control.state.MIGRATION_TRANSITIONS``. What moves: each function's ``$LATEST`` record, its
+published versions (with their numbers), aliases (with their weights), reserved and
+provisioned concurrency settings, and every bundle they name (code and layers).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..frontend.store import FunctionRecord
+from ..frontend.store import AliasRecord, FunctionRecord
 
 functions_per_tenant_export_max = 1_000
+versions_per_function_max = 10_000
+aliases_per_function_max = 1_000
 export_bytes_max = 64 * 1024 * 1024  # one transport frame carries the whole export
 
 
@@ -30,7 +32,21 @@ def export_tenant(cell: Any, account: str) -> dict[str, Any]:
                          f"{functions_per_tenant_export_max} functions")
     bundles: dict[str, bytes] = {}
     size = 0
+    extras: dict[str, Any] = {}
+    provisioned = [p for p in store.list_provisioned() if p[0] == account]
+    all_recs = list(recs)
     for rec in recs:
+        versions = store.list_versions(account, rec.name, 0, versions_per_function_max)
+        aliases = store.list_aliases(account, rec.name, "", aliases_per_function_max)
+        extras[rec.name] = {
+            "versions": [dataclasses.asdict(v) for v in versions],
+            "version_counter": store.version_counter(account, rec.name),
+            "aliases": [dataclasses.asdict(a) for a in aliases],
+            "reserved": store.get_concurrency(account, rec.name),
+            "provisioned": [[q, n] for (_, name, q, n) in provisioned if name == rec.name],
+        }
+        all_recs += versions
+    for rec in all_recs:
         for sha in [rec.code_sha256, *(layer["sha256"] for layer in rec.layers)]:
             if sha not in bundles:
                 bundles[sha] = store.get_bundle(sha)
@@ -38,7 +54,7 @@ def export_tenant(cell: Any, account: str) -> dict[str, Any]:
                 if size > export_bytes_max:
                     raise CloneError(f"the export exceeds export_bytes_max={export_bytes_max}")
     return {"account": account, "functions": [dataclasses.asdict(r) for r in recs],
-            "bundles": bundles}
+            "bundles": bundles, "extras": extras}
 
 
 def import_tenant(cell: Any, doc: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +72,19 @@ def import_tenant(cell: Any, doc: dict[str, Any]) -> dict[str, Any]:
             created += 1
         elif have.code_sha256 != rec.code_sha256:
             raise CloneError(f"{rec.name} exists in the target cell with other code")
-    cell._functions.clear()  # the frontend's record cache (refilled from the store)
+        extra = doc.get("extras", {}).get(rec.name, {})
+        for v in extra.get("versions", []):
+            store.import_version(FunctionRecord(**v), int(extra.get("version_counter", 0)))
+        for a in extra.get("aliases", []):
+            store.put_alias(AliasRecord(**a), new=True)  # False if already there: idempotent
+        if extra.get("reserved") is not None:
+            store.put_concurrency(rec.account, rec.name, int(extra["reserved"]))
+        for qualifier, n in extra.get("provisioned", []):
+            store.put_provisioned(rec.account, rec.name, str(qualifier), int(n))
+    cell._functions.clear()  # the frontend's caches (refilled from the store)
+    cell._versions.clear()
+    cell._reserved.clear()
+    cell.load_provisioned()  # provisioned pools start filling in the target cell
     return {"created": created}
 
 
@@ -71,10 +99,11 @@ def tenant_inflight(cell: Any, account: str) -> int:
 
 
 def forget_tenant(cell: Any, account: str) -> dict[str, Any]:
+    """Drop the tenant's functions — with their versions, aliases, concurrency settings and
+    environments — from the old cell (the same path as DeleteFunction)."""
     store = cell.store
     recs = store.list_page(account, "", functions_per_tenant_export_max + 1)
     for rec in recs:
-        cell._retire(rec.key)
-        store.delete(rec.account, rec.name)
+        cell.delete_function(rec.account, rec.name)
     cell._functions.clear()
     return {"deleted": len(recs)}

@@ -83,6 +83,8 @@ class FunctionStore(Protocol):
     def append_logs(self, rows: list[tuple[str, str, int, str, bytes]]) -> None: ...
     def read_logs(self, account: str, name: str, limit: int) -> list[tuple[int, str, bytes]]: ...
     def publish_version(self, rec: FunctionRecord) -> FunctionRecord: ...
+    def import_version(self, rec: FunctionRecord, counter: int) -> bool: ...
+    def version_counter(self, account: str, name: str) -> int: ...
     def get_version(self, account: str, name: str, version: int) -> FunctionRecord | None: ...
     def list_versions(self, account: str, name: str, after: int, limit: int
                       ) -> list[FunctionRecord]: ...
@@ -194,6 +196,24 @@ class SqliteFunctionStore:
                         (rec.account, rec.name, number, json.dumps(asdict(published))))
         self.db.execute("COMMIT")
         return published
+
+    def import_version(self, rec: FunctionRecord, counter: int) -> bool:
+        """A version moved from another cell keeps its number (and the function's counter
+        never goes back, so numbers are never reused). False if it was already there."""
+        self.db.execute("BEGIN")
+        cur = self.db.execute("INSERT OR IGNORE INTO versions VALUES (?,?,?,?)",
+                              (rec.account, rec.name, int(rec.version), json.dumps(asdict(rec))))
+        row = self.db.execute("SELECT last FROM version_counters WHERE account=? AND name=?",
+                              (rec.account, rec.name)).fetchone()
+        self.db.execute("INSERT OR REPLACE INTO version_counters VALUES (?,?,?)",
+                        (rec.account, rec.name, max(counter, int(row[0]) if row else 0)))
+        self.db.execute("COMMIT")
+        return cur.rowcount == 1
+
+    def version_counter(self, account: str, name: str) -> int:
+        row = self.db.execute("SELECT last FROM version_counters WHERE account=? AND name=?",
+                              (account, name)).fetchone()
+        return int(row[0]) if row else 0
 
     def get_version(self, account: str, name: str, version: int) -> FunctionRecord | None:
         row = self.db.execute("SELECT doc FROM versions WHERE account=? AND name=? AND version=?",
