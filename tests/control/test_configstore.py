@@ -80,13 +80,41 @@ def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 _etcd_prefix_counter = iter(range(1_000_000))
 
 
-@pytest.fixture(params=["sqlite", "etcd"])
+@pytest.fixture(scope="module")
+def colony_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real 3-node Physalia colony on loopback (store node processes)."""
+    from cellcloud.store.colony import Colony, spawn_node, wait_ready
+
+    d = tmp_path_factory.mktemp("colony")
+    colony = Colony.local(3, 0)
+    for spec in colony.nodes.values():
+        spec.port = _free_port()
+    path = str(d / "colony.json")
+    colony.save(path)
+    procs = []
+    try:
+        for n in colony.node_ids():
+            p = spawn_node(path, n, str(d / n))
+            procs.append(p)
+            wait_ready(p)
+        yield path
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture(params=["sqlite", "etcd", "physalia"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[ConfigStore, str]]:
-    """The store and a key prefix private to this test (the etcd instance is shared)."""
+    """The store and a key prefix private to this test (etcd and the colony are shared)."""
     if request.param == "sqlite":
         s: ConfigStore = SqliteConfigStore(str(tmp_path / "config.db"))
         yield s, "t/"
         asyncio.run(s.close())
+    elif request.param == "physalia":
+        colony = request.getfixturevalue("colony_file")
+        yield open_config_store({"kind": "physalia", "colony": colony}), \
+            f"test{next(_etcd_prefix_counter)}/"
     else:
         url = request.getfixturevalue("etcd_url")
         yield EtcdConfigStore(url), f"test{next(_etcd_prefix_counter)}/"
@@ -197,8 +225,6 @@ def test_etcd_unreachable_is_reported() -> None:
 
 def test_open_config_store_kinds() -> None:
     assert isinstance(open_config_store({"kind": "etcd", "url": "http://x"}), EtcdConfigStore)
-    with pytest.raises(NotImplementedError, match="Physalia"):
-        open_config_store({"kind": "physalia"})
     with pytest.raises(ConfigStoreError, match="unknown"):
         open_config_store({"kind": "zookeeper"})
 

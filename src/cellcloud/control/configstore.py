@@ -321,12 +321,7 @@ class EtcdConfigStore(_BlockingStore):
 # -- choosing one from the region's config -------------------------------------------------------
 def open_config_store(spec: Mapping[str, Any]) -> ConfigStore:
     """``{"kind": "sqlite", "path": ...}`` | ``{"kind": "etcd", "url": ...}`` |
-    ``{"kind": "physalia", ...}``.
-
-    The Physalia implementation goes here: a ``PhysaliaConfigStore`` over
-    ``cellcloud.store.client.StoreClient``, one store cell per key prefix, each value stored
-    with its revision so that ``cas`` becomes the store's compare-and-set on (revision, value).
-    """
+    ``{"kind": "physalia", "colony": <colony file>, "replicas": 7}``."""
     kind = spec.get("kind", "sqlite")
     if kind == "sqlite":
         return SqliteConfigStore(str(spec["path"]))
@@ -334,5 +329,8 @@ def open_config_store(spec: Mapping[str, Any]) -> ConfigStore:
         return EtcdConfigStore(str(spec["url"]),
                                timeout_ms=int(spec.get("timeout_ms", etcd_call_timeout_ms)))
     if kind == "physalia":
-        raise NotImplementedError("the Physalia configuration store is not written yet")
+        from .physalia_store import PhysaliaConfigStore
+
+        return PhysaliaConfigStore.from_file(str(spec["colony"]),
+                                             replicas=spec.get("replicas"))
     raise ConfigStoreError(f"unknown configuration store kind {kind!r}")
