@@ -153,6 +153,9 @@ class Agent:
         self.counters = {"created": 0, "create_failed": 0, "invocations": 0, "timeouts": 0,
                          "crashes": 0, "destroyed": 0, "attestation_failures": 0}
         self.server_stats: Any = None  # the transport server's, for refused-op counts
+        # Live update (handover.py): while draining, new work is refused with AgentDraining.
+        self.draining = False
+        self._idle = asyncio.Event()
         # The key attestation documents are signed with: the agent's own certificate from the
         # region CA (a CA of its own when it runs outside a region, as in tests).
         self.identity = identity or pki.tls_config(state_dir, region, "agent", cell, agent_id)
@@ -162,6 +165,8 @@ class Agent:
 
     # -- operations -------------------------------------------------------------------------
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.draining:
+            raise OpError("AgentDraining", "the agent is being replaced; retry")
         env_id = str(body["env_id"])
         if env_id in self.envs:
             raise OpError("EnvExists", env_id)
@@ -246,6 +251,41 @@ class Agent:
                 "init_error": rec.init_error}
 
     async def invoke(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.draining:
+            raise OpError("AgentDraining", "the agent is being replaced; retry")
+        try:
+            return await self._invoke(body)
+        finally:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float = 1.0) -> None:
+        """Wait (bounded) until an invocation finishes."""
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+    async def adopt(self, envs: list[tuple[dict[str, Any], Any]]) -> int:
+        """Take over environments handed over by the previous agent process (handover.py)."""
+        loop = asyncio.get_running_loop()
+        for doc, sock in envs:
+            spec = EnvSpec.from_wire(doc["spec"])
+            _, channel = await loop.connect_accepted_socket(_EnvChannel, sock)
+            rec = EnvRecord(spec, doc["function_key"], Spawned(int(doc["pid"]), sock), channel,
+                            cgroups.Cgroup(self.cgroup_group, spec.env_id),
+                            int(doc["created_ms"]), int(doc["slot"]),
+                            invocations=int(doc["invocations"]), init_error=doc["init_error"],
+                            init_ms=float(doc["init_ms"]), last_used_ms=int(doc["last_used_ms"]),
+                            max_rss_kb=int(doc["max_rss_kb"]),
+                            measurements=dict(doc["measurements"]))
+            self.envs[spec.env_id] = rec
+        used = {rec.slot for rec in self.envs.values()}
+        self._next_slot = max(used, default=-1) + 1
+        self._free_slots = sorted(set(range(self._next_slot)) - used, reverse=True)
+        return len(envs)
+
+    async def _invoke(self, body: dict[str, Any]) -> dict[str, Any]:
         env_id = str(body["env_id"])
         rec = self.envs.get(env_id)
         if rec is None:
@@ -467,15 +507,23 @@ class Agent:
 
 async def serve(args: argparse.Namespace) -> None:
     from .. import runtime
+    from . import handover
 
     state_dir = os.path.abspath(args.state_dir)
     os.makedirs(state_dir, exist_ok=True)
     import hashlib
 
     group = f"{args.agent_id}-{hashlib.sha256(state_dir.encode()).hexdigest()[:8]}"
-    swept = cgroups.sweep(group)
-    if swept:
-        log.warning("reclaimed %d environments left by a previous agent process", swept)
+    adopted: list[tuple[dict[str, Any], Any]] = []
+    listen_sock = None
+    if args.adopt:
+        # Live update: the previous agent process hands over its socket and environments.
+        listen_sock, adopted = handover.receive(args.adopt)
+        log.warning("adopted %d environments from the previous agent process", len(adopted))
+    else:
+        swept = cgroups.sweep(group)
+        if swept:
+            log.warning("reclaimed %d environments left by a previous agent process", swept)
     backend = JailBackend(os.path.join(state_dir, "jailroot"))
     backend.start()  # fork+exec the zygote while we still may
     found = runtimes.find()  # probes other interpreters: also before the lock-down
@@ -494,21 +542,34 @@ async def serve(args: argparse.Namespace) -> None:
             from ..sandbox import linux
 
             linux.setns(ns.fileno(), linux.CLONE_NEWNET)
-    sock = runtime.bind_tcp(args.listen)
+    sock = listen_sock if listen_sock is not None else runtime.bind_tcp(args.listen)
+    hsock = handover.listen(os.path.join(state_dir, "handover.sock"))
     if not args.no_lockdown:
         lockdown.lock_down()
+    await agent.adopt(adopted)
     server = Server(agent.ops)
     agent.server_stats = server.stats
     host, port = await server.listen_tcp("", 0, sock=sock)
     runtime.announce_ready({"component": "agent", "agent_id": args.agent_id, "host": host,
-                            "port": port, "pid": os.getpid()})
+                            "port": port, "pid": os.getpid(), "adopted": len(adopted)})
     hk = asyncio.ensure_future(agent.housekeeping())
+    handed_over = asyncio.Event()
+    ho = asyncio.ensure_future(handover.serve_handover(agent, hsock, sock, server, handed_over))
+    shutdown = asyncio.ensure_future(runtime.wait_for_shutdown())
     try:
-        await runtime.wait_for_shutdown()
+        await asyncio.wait([shutdown, asyncio.ensure_future(handed_over.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
     finally:
         hk.cancel()
-        agent.close()
-        await server.close()
+        ho.cancel()
+        if handed_over.is_set():
+            # The successor owns the environments now: leave them running, and only let
+            # this process's zygote go (the environments are not its children's children).
+            agent.backend.close()
+            log.warning("handed over; exiting without touching the environments")
+        else:
+            agent.close()
+            await server.close()
 
 
 EXPERIMENT_CRASH_MARKER = b"cellcloud-experiment-crash-agent"
@@ -536,6 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--envs-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
     p.add_argument("--region", default="cc-local-1")
     p.add_argument("--cell", default="cell-1")
+    p.add_argument("--adopt", default=None,
+                   help="live update: take over from the agent whose handover socket this is")
     p.add_argument("--netns", default=None,
                    help="serve from this network namespace (/var/run/netns/NAME)")
     p.add_argument("--pki-dir", default=None,

@@ -51,6 +51,8 @@ shards_cached_max = 100_000
 layer_versions_scan_max = 10_000
 
 
+agent_draining_retries_max = 40  # ~20 s of backoff: an agent handover takes well under that
+
 def _now_iso() -> str:
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}+0000"
@@ -1058,7 +1060,7 @@ class Cell:
             # then each layer), at most once each.
             for _ in range(2 + len(body["function"].get("layers", []))):
                 try:
-                    await client.call("create_env", body, timeout_s=timeout_s)
+                    await self._call_agent(client, "create_env", body, timeout_s)
                     break
                 except RemoteError as e:
                     sha = str(e.data.get("sha256", ""))
@@ -1079,6 +1081,21 @@ class Cell:
         else:
             self.placement.created(decision.env_id, int(time.time() * 1000))
 
+    async def _call_agent(self, client: Client, op: str, body: dict[str, Any],
+                          timeout_s: float) -> Any:
+        """One agent call; an agent being replaced in place (live update) answers
+        AgentDraining before it ran anything, so the call is repeated — on a fresh connection,
+        which its successor accepts — with capped exponential backoff and full jitter."""
+        for attempt in range(agent_draining_retries_max):
+            try:
+                return await client.call(op, body, timeout_s=timeout_s)
+            except RemoteError as e:
+                if e.type != "AgentDraining" or attempt == agent_draining_retries_max - 1:
+                    raise
+            await client.close()
+            await asyncio.sleep(self.rng.uniform(0, min(1.0, 0.02 * 2 ** attempt)))
+        raise AssertionError("unreachable")
+
     async def _invoke_on(
         self,
         rec: FunctionRecord,
@@ -1091,17 +1108,13 @@ class Cell:
         client = self.agents[decision.agent_id]
         timeout_ms = rec.timeout_s * 1000
         try:
-            res = await client.call(
-                "invoke",
-                {
-                    "env_id": decision.env_id,
-                    "request_id": request_id,
-                    "payload": payload,
-                    "timeout_ms": timeout_ms,
-                    "arn": invoked_arn,
-                },
-                timeout_s=timeout_ms / 1000 + self.limits.agent_call_timeout_ms / 1000,
-            )
+            res = await self._call_agent(client, "invoke", {
+                "env_id": decision.env_id,
+                "request_id": request_id,
+                "payload": payload,
+                "timeout_ms": timeout_ms,
+                "arn": invoked_arn,
+            }, timeout_ms / 1000 + self.limits.agent_call_timeout_ms / 1000)
         except TransportError as e:
             # The handler may have run: no retry (sync invokes run at most once on our side).
             self.poison.on_env_crash(f"{rec.account}/{rec.name}", decision.agent_id,

@@ -289,6 +289,41 @@ class Supervisor:
                 break
         return report
 
+    async def restart_agent(self, name: str, live: bool) -> dict[str, Any]:
+        """Restart one agent. ``live``: the new process adopts the old one's environments
+        (agent/handover.py) — no environment and no in-flight invocation is lost."""
+        comp = next((c for c in self.components if c.name == name and c.kind == "agent"), None)
+        if comp is None:
+            raise RuntimeError(f"no agent named {name}")
+        old = comp.proc
+        old_pid = old.pid if old is not None else None
+        if not live:
+            await self._restart(comp)
+            self.write_region()
+            return {"agent": name, "live": False, "old_pid": old_pid, "new_pid": comp.proc.pid
+                    if comp.proc else None}
+        state_dir = comp.args[comp.args.index("--state-dir") + 1]
+        comp.rolling = True
+        comp.rolled = asyncio.Event()
+        saved = list(comp.args)
+        try:
+            comp.args = [*saved, "--adopt", os.path.join(state_dir, "handover.sock")]
+            await self._launch(comp)  # ready once it has adopted everything
+            if old is not None:
+                try:
+                    await asyncio.wait_for(old.wait(), stop_timeout_s)
+                except TimeoutError:  # it handed over; its lingering is not our problem
+                    old.kill()
+                    await old.wait()
+        finally:
+            comp.args = saved
+            comp.rolling = False
+            comp.rolled.set()
+        self.write_region()
+        return {"agent": name, "live": True, "old_pid": old_pid,
+                "new_pid": comp.proc.pid if comp.proc else None,
+                "adopted": comp.info.get("adopted", 0)}
+
     async def _restart(self, comp: Component) -> None:
         comp.rolling = True
         comp.rolled = asyncio.Event()
@@ -370,5 +405,21 @@ async def run_foreground(sup: Supervisor, on_ready: Any = None) -> None:
         os.rename(path + ".tmp", path)
 
     loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(do_rollout()))
+
+    # `cellcloud agent restart NAME [--live]` asks with SIGUSR2 (request and answer as files).
+    async def do_agent_restart() -> None:
+        req_path = os.path.join(sup.state_dir, "agent-restart.json")
+        with open(req_path) as f:
+            req = json.load(f)
+        try:
+            result = await sup.restart_agent(str(req["agent"]), bool(req.get("live")))
+        except (RuntimeError, OSError) as e:
+            result = {"error": str(e)}
+        path = os.path.join(sup.state_dir, "agent-restart-result.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.rename(path + ".tmp", path)
+
+    loop.add_signal_handler(signal.SIGUSR2, lambda: asyncio.ensure_future(do_agent_restart()))
     await stop.wait()
     await sup.stop()

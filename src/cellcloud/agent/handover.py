@@ -1,0 +1,122 @@
+"""Live update: a new agent process takes over a running agent's environments, in place.
+
+Every agent listens (passively, like everything it does) on a Unix SOCK_SEQPACKET socket
+``<state>/handover.sock`` that only root can reach. A replacement agent, started with
+``--adopt`` and not yet locked down, connects and asks. The old agent then
+
+1. drains: new ``create_env``/``invoke`` calls are answered ``AgentDraining`` (the frontend
+   retries them on its next connection), invocations already running finish and answer;
+2. hands over, with SCM_RIGHTS: its listening TCP socket (connections queued meanwhile wait in
+   the kernel's backlog) and, per environment, its record and the agent end of its channel;
+3. exits without touching its environments: they are not its children (the zygote's), so
+   they keep running, and the new agent serves them through the very same channels.
+
+Frames: ``{"t": "adopt"}`` → ``{"t": "listen"}`` + fd, ``{"t": "env", ...}`` + fd per
+environment, ``{"t": "done", "n": count}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+import msgpack
+
+log = logging.getLogger("cellcloud.agent.handover")
+
+frame_bytes_max = 256 * 1024
+drain_timeout_s = 905.0  # the longest invocation (900 s) and a margin
+
+
+def listen(path: str) -> socket.socket:
+    """The handover socket (created before the lock-down; afterwards only accept() is used)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(path)
+    os.chmod(path, 0o600)
+    s.listen(1)
+    s.setblocking(False)
+    return s
+
+
+def _pack(doc: dict[str, Any]) -> bytes:
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def receive(path: str) -> tuple[socket.socket, list[tuple[dict[str, Any], socket.socket]]]:
+    """The new agent's side (blocking, before its event loop and its lock-down)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.sendall(_pack({"t": "adopt", "pid": os.getpid()}))
+    listener: socket.socket | None = None
+    envs: list[tuple[dict[str, Any], socket.socket]] = []
+    try:
+        while True:
+            msg, fds, _flags, _addr = socket.recv_fds(s, frame_bytes_max, 1)
+            if not msg:
+                raise ConnectionError("the old agent went away during the handover")
+            doc = msgpack.unpackb(msg, raw=False)
+            if doc["t"] == "listen":
+                listener = socket.socket(fileno=fds[0])
+            elif doc["t"] == "env":
+                envs.append((doc, socket.socket(fileno=fds[0])))
+            elif doc["t"] == "done":
+                assert doc["n"] == len(envs), doc
+                break
+    finally:
+        s.close()
+    if listener is None:
+        raise ConnectionError("the old agent did not hand over its listening socket")
+    listener.setblocking(False)
+    return listener, envs
+
+
+async def serve_handover(agent: Any, hsock: socket.socket, listen_sock: socket.socket,
+                         server: Any, done: asyncio.Event) -> None:
+    """The old agent's side: wait for a successor, drain, hand everything over, then set
+    ``done`` (the caller exits without destroying anything)."""
+    loop = asyncio.get_running_loop()
+    conn, _ = await loop.sock_accept(hsock)
+    conn.setblocking(True)
+    hello = msgpack.unpackb(await loop.sock_recv(conn, frame_bytes_max), raw=False)
+    log.warning("handing over to agent process %s", hello.get("pid"))
+    agent.draining = True
+    deadline = loop.time() + drain_timeout_s
+    while any(rec.busy for rec in agent.envs.values()) and loop.time() < deadline:
+        await agent.wait_idle()
+    for rec in agent.envs.values():  # from here on only the successor reads these channels
+        if rec.channel.transport is not None:
+            rec.channel.transport.pause_reading()
+    listen_fd = os.dup(listen_sock.fileno())
+    await server.close()  # stop accepting here; the duplicate keeps the socket listening
+    await asyncio.to_thread(_send, conn, agent, listen_fd)
+    done.set()
+
+
+def _send(conn: socket.socket, agent: Any, listen_fd: int) -> None:
+    try:
+        socket.send_fds(conn, [_pack({"t": "listen"})], [listen_fd])
+        n = 0
+        for env_id, rec in list(agent.envs.items()):
+            sock = rec.channel.transport.get_extra_info("socket") if rec.channel.transport \
+                else None
+            if sock is None:
+                continue  # its channel is gone: the environment is dead anyway
+            doc = {"t": "env", "env_id": env_id, "spec": rec.spec.to_wire(),
+                   "function_key": rec.function_key, "pid": rec.spawned.pid,
+                   "created_ms": rec.created_ms, "slot": rec.slot,
+                   "invocations": rec.invocations, "init_ms": rec.init_ms,
+                   "init_error": rec.init_error, "last_used_ms": rec.last_used_ms,
+                   "max_rss_kb": rec.max_rss_kb, "measurements": rec.measurements}
+            socket.send_fds(conn, [_pack(doc)], [sock.fileno()])
+            n += 1
+        conn.sendall(_pack({"t": "done", "n": n}))
+    finally:
+        os.close(listen_fd)
+        conn.close()
