@@ -10,7 +10,6 @@ import importlib
 import json
 import os
 import signal
-import time
 from typing import Annotated
 
 import typer
@@ -46,29 +45,12 @@ def agent_restart(
     timeout_s: Annotated[float, typer.Option(help="Seconds to wait")] = 120.0,
 ) -> None:
     """Restart one agent of the running region (live: without losing an environment)."""
+    from .ask import ask_supervisor
     from .supervisor import default_state_dir
 
     sd = os.path.abspath(state_dir or default_state_dir())
-    try:
-        with open(os.path.join(sd, "region.json")) as f:
-            pid = int(json.load(f)["supervisor_pid"])
-    except (OSError, ValueError, KeyError):
-        typer.echo("No region is running.", err=True)
-        raise typer.Exit(2) from None
-    result_path = os.path.join(sd, "agent-restart-result.json")
-    if os.path.exists(result_path):
-        os.unlink(result_path)
-    with open(os.path.join(sd, "agent-restart.json"), "w") as f:
-        json.dump({"agent": name, "live": live}, f)
-    os.kill(pid, signal.SIGUSR2)
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(result_path):  # written atomically by the supervisor when done
-        if time.monotonic() > deadline:
-            typer.echo("the restart did not finish in time", err=True)
-            raise typer.Exit(1)
-        time.sleep(0.1)
-    with open(result_path) as f:
-        result = json.load(f)
+    result = ask_supervisor(sd, signal.SIGUSR2, "agent-restart-result.json", timeout_s,
+                            ("agent-restart.json", {"agent": name, "live": live}))
     if "error" in result:
         typer.echo(result["error"], err=True)
         raise typer.Exit(1)
