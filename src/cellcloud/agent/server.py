@@ -524,6 +524,8 @@ async def serve(args: argparse.Namespace) -> None:
         swept = cgroups.sweep(group)
         if swept:
             log.warning("reclaimed %d environments left by a previous agent process", swept)
+    if not args.no_favor_dynmods:
+        log.info("cgroups: %s", cgroups.favor_dynmods("/run/cellcloud/cgroup-dynmods"))
     backend = JailBackend(os.path.join(state_dir, "jailroot"))
     backend.start()  # fork+exec the zygote while we still may
     found = runtimes.find()  # probes other interpreters: also before the lock-down
@@ -597,6 +599,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--envs-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
     p.add_argument("--region", default="cc-local-1")
     p.add_argument("--cell", default="cell-1")
+    p.add_argument("--no-favor-dynmods", action="store_true",
+                   help="leave the host's cgroups as they are (cold starts pay an RCU grace "
+                        "period per cgroup join on cgroup v1)")
     p.add_argument("--adopt", default=None,
                    help="live update: take over from the agent whose handover socket this is")
     p.add_argument("--netns", default=None,
