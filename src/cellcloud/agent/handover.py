@@ -1,7 +1,7 @@
 """Live update: a new agent process takes over a running agent's environments, in place.
 
 Every agent listens (passively, like everything it does) on a Unix SOCK_SEQPACKET socket
-``<state>/handover.sock`` that only root can reach. A replacement agent, started with
+``/run/cellcloud/handover-<hash of its state dir>.sock`` that only root can reach. A replacement agent, started with
 ``--adopt`` and not yet locked down, connects and asks. The old agent then
 
 1. drains: new ``create_env``/``invoke`` calls are answered ``AgentDraining`` (the frontend
@@ -29,6 +29,17 @@ log = logging.getLogger("cellcloud.agent.handover")
 
 frame_bytes_max = 256 * 1024
 drain_timeout_s = 905.0  # the longest invocation (900 s) and a margin
+
+
+def socket_path(state_dir: str) -> str:
+    """Where an agent's handover socket lives: short (AF_UNIX paths stop at 108 bytes, state
+    directories can be longer) and in a root-only directory."""
+    import hashlib
+
+    digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:20]
+    base = "/run/cellcloud"
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return os.path.join(base, f"handover-{digest}.sock")
 
 
 def listen(path: str) -> socket.socket:

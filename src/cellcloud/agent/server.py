@@ -545,7 +545,7 @@ async def serve(args: argparse.Namespace) -> None:
 
             linux.setns(ns.fileno(), linux.CLONE_NEWNET)
     sock = listen_sock if listen_sock is not None else runtime.bind_tcp(args.listen)
-    hsock = handover.listen(os.path.join(state_dir, "handover.sock"))
+    hsock = handover.listen(handover.socket_path(state_dir))
     if not args.no_lockdown:
         lockdown.lock_down()
     await agent.adopt(adopted)

@@ -307,7 +307,9 @@ class Supervisor:
         comp.rolled = asyncio.Event()
         saved = list(comp.args)
         try:
-            comp.args = [*saved, "--adopt", os.path.join(state_dir, "handover.sock")]
+            from ..agent.handover import socket_path
+
+            comp.args = [*saved, "--adopt", socket_path(state_dir)]
             await self._launch(comp)  # ready once it has adopted everything
             if old is not None:
                 try:
