@@ -45,6 +45,8 @@ import time
 import zipfile
 from typing import Any
 
+from bench.common.proc import cpu_s, system_busy_s
+
 HANDLER_SOURCE = '''\
 def handler(event, context):
     return {"sum": event["a"] + event["b"]}
@@ -127,26 +129,6 @@ def _wrk_version() -> str | None:
         return None
     p = subprocess.run([exe, "-v"], capture_output=True, text=True, timeout=5)
     return (p.stdout + p.stderr).strip().splitlines()[0] if (p.stdout + p.stderr) else exe
-
-
-_CLK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """utime+stime of a process (all its threads), in seconds; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK
-
-
-def system_busy_s() -> float:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + v[4]
-    return (sum(v[:8]) - idle) / _CLK
 
 
 class CpuMeter:

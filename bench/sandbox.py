@@ -51,6 +51,7 @@ import uuid
 import zipfile
 from typing import Any
 
+from bench.common.proc import cpu_s, system_busy_s
 from cellcloud.agent.server import Agent
 from cellcloud.sandbox import cgroups
 from cellcloud.sandbox.backend import JailBackend
@@ -129,24 +130,6 @@ def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
             "python": platform.python_version(), "mem_total_gib": meminfo()["MemTotal"] / 2**30,
             "cgroup_version": cgroups.version(), "loadavg_at_start": load}
-
-
-_CLK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK
-
-
-def system_busy_s() -> float:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / _CLK
 
 
 def make_zip(files: dict[str, str]) -> bytes:

@@ -18,7 +18,7 @@ import pytest
 from botocore.config import Config
 
 from tests.conftest import make_zip
-from tests.integration.conftest import Region, start_region, stop_region
+from tests.integration.conftest import Region, running_region
 
 pytestmark = pytest.mark.integration
 
@@ -55,11 +55,8 @@ def clients(region: Region) -> tuple[Any, Any]:
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    r = start_region(str(tmp_path_factory.mktemp("async-region")), "--agents-per-cell", "2")
-    try:
+    with running_region(tmp_path_factory, "async-region", "--agents-per-cell", "2") as r:
         yield r
-    finally:
-        stop_region(r)
 
 
 def deploy(lam: Any, **kw: Any) -> str:
@@ -185,12 +182,9 @@ def test_async_events_of_a_deleted_function_go_to_no_one_and_do_not_stick(
 
 @pytest.fixture(scope="module")
 def small_region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    r = start_region(str(tmp_path_factory.mktemp("small-region")), "--agents-per-cell", "1",
-                     "--envs-per-agent-max", "2")
-    try:
+    with running_region(tmp_path_factory, "small-region", "--agents-per-cell", "1",
+                        "--envs-per-agent-max", "2") as r:
         yield r
-    finally:
-        stop_region(r)
 
 
 def test_over_capacity_sync_invokes_get_429_with_retry_after(small_region: Region) -> None:

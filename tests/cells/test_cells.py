@@ -16,7 +16,7 @@ import pytest
 
 from cellcloud import sdk
 from cellcloud.region.tenants import create_tenant
-from tests.integration.conftest import Region, start_region, stop_region
+from tests.integration.conftest import Region, running_region
 
 deadline_s = 30.0
 
@@ -38,12 +38,9 @@ def _zip() -> bytes:
 
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    r = start_region(str(tmp_path_factory.mktemp("cells")), "--cells", "2",
-                     "--agents-per-cell", "1")
-    try:
+    with running_region(tmp_path_factory, "cells", "--cells", "2",
+                     "--agents-per-cell", "1") as r:
         yield r
-    finally:
-        stop_region(r)
 
 
 def router_map(r: Region) -> dict[str, object]:

@@ -11,19 +11,16 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import make_zip
-from tests.integration.conftest import Region, start_region, stop_region
+from tests.integration.conftest import Region, running_region
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def two_cells(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    r = start_region(str(tmp_path_factory.mktemp("rollout")), "--cells", "2",
-                     "--agents-per-cell", "2")
-    try:
+    with running_region(tmp_path_factory, "rollout", "--cells", "2",
+                     "--agents-per-cell", "2") as r:
         yield r
-    finally:
-        stop_region(r)
 
 
 def test_rollout_restarts_cells_in_order_and_service_continues(two_cells: Region) -> None:

@@ -11,7 +11,7 @@ import pytest
 from botocore.config import Config
 
 from tests.conftest import make_zip
-from tests.integration.conftest import Region, start_region, stop_region
+from tests.integration.conftest import Region, running_region
 
 ROLE = "arn:aws:iam::123456789012:role/cellcloud-test"
 SUM = 'def handler(event, context):\n    return {"sum": event["a"] + event["b"]}\n'
@@ -19,11 +19,8 @@ SUM = 'def handler(event, context):\n    return {"sum": event["a"] + event["b"]}
 
 @pytest.fixture(scope="session")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    r = start_region(str(tmp_path_factory.mktemp("compat-region")), "--agents-per-cell", "2")
-    try:
+    with running_region(tmp_path_factory, "compat-region", "--agents-per-cell", "2") as r:
         yield r
-    finally:
-        stop_region(r)
 
 
 def lambda_client(region: Region, *, access_key_id: str | None = None,

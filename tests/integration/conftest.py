@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -47,10 +48,18 @@ def stop_region(region: Region) -> None:
                    check=True, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    r = start_region(str(tmp_path_factory.mktemp("region")), "--agents-per-cell", "2")
+@contextlib.contextmanager
+def running_region(tmp_path_factory: pytest.TempPathFactory, name: str,
+                   *extra: str) -> Iterator[Region]:
+    """A region for the duration of a fixture: started, yielded, always stopped."""
+    r = start_region(str(tmp_path_factory.mktemp(name)), *extra)
     try:
         yield r
     finally:
         stop_region(r)
+
+
+@pytest.fixture(scope="session")
+def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
+    with running_region(tmp_path_factory, "region", "--agents-per-cell", "2") as r:
+        yield r

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import make_zip
 
-from .conftest import Region, start_region, stop_region
+from .conftest import Region, running_region
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +28,8 @@ CODE = ("import os, time\n"
 
 @pytest.fixture(scope="module")
 def one_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
-    r = start_region(str(tmp_path_factory.mktemp("live")), "--agents-per-cell", "1")
-    try:
+    with running_region(tmp_path_factory, "live", "--agents-per-cell", "1") as r:
         yield r
-    finally:
-        stop_region(r)
 
 
 def envs(region: Region, busy_only: bool = False) -> dict[str, int]:

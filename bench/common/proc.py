@@ -1,0 +1,24 @@
+"""CPU accounting from /proc, shared by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """utime+stime of a process (all its threads), in seconds; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK
+
+
+def system_busy_s() -> float:
+    """CPU seconds the whole machine spent not idle since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / _CLK
