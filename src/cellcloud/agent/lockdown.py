@@ -11,6 +11,7 @@ on keep accepting; its socketpairs to its environments keep working.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import pyseccomp as seccomp
@@ -23,6 +24,7 @@ DENIED_SYSCALLS = ("connect", "execve", "execveat", "ptrace", "process_vm_writev
                    "io_uring_setup", "io_uring_enter", "io_uring_register")
 
 
+
 def build() -> seccomp.SyscallFilter:
     require_known(DENIED_SYSCALLS)
     f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
@@ -32,7 +34,41 @@ def build() -> seccomp.SyscallFilter:
     return f
 
 
+IO_URING_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+
+
+def deny_io_uring() -> None:
+    """The first, early part of the lock-down: no io_uring, loaded before the event loop
+    exists. libuv (uvloop) sets up an io_uring instance when its loop starts and falls back to
+    plain syscalls when it cannot; a ring created before :func:`lock_down` would be unusable
+    after it (libuv aborts) and would stay a way to connect. Inherited by the zygote and the
+    environments, which deny io_uring anyway. Leaves no_new_privs alone (the zygote still
+    sets up environments as root)."""
+    require_known(IO_URING_SYSCALLS)
+    f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    f.set_attr(seccomp.Attr.CTL_NNP, 0)
+    for name in IO_URING_SYSCALLS:
+        f.add_rule(seccomp.ERRNO(errno.EPERM), name)
+    f.load()
+
+
+def io_uring_instances() -> list[int]:
+    """File descriptors of io_uring instances this process holds."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[io_uring]":
+                out.append(int(fd))
+        except OSError:
+            continue
+    return out
+
+
 def lock_down() -> None:
+    rings = io_uring_instances()
+    if rings:  # submissions on a ring made earlier would bypass the connect rule
+        raise RuntimeError(f"refusing to lock down with io_uring instances open (fds {rings}); "
+                           "call deny_io_uring() before the event loop starts")
     build().load()
 
 

@@ -649,6 +649,8 @@ def main(argv: list[str] | None = None) -> None:
 
     runtime.setup_logging("agent")
     runtime.setup_security(args, "agent", args.cell, args.agent_id, args.region)
+    if not args.no_lockdown:
+        lockdown.deny_io_uring()  # before uvloop's loop exists, or it sets up a ring
     runtime.run(serve(args))
 
 
