@@ -165,3 +165,26 @@ def test_zygote_refuses_an_environment_without_cgroups(
         sb.destroy(env)
     finally:
         sb.close()
+
+
+def test_cellcloud_up_passes_allow_unlimited_to_its_agents(state_dir: str) -> None:
+    env = dict(os.environ, CELLCLOUD_CGROUP_ROOT=os.path.join(state_dir, "no-cgroups"))
+    region = os.path.join(state_dir, "region")
+    up = [sys.executable, "-m", "cellcloud", "up", "--state-dir", region, "--port", "0",
+          "--insecure", "--detach"]
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), env=env, capture_output=True, text=True,
+                              timeout=WAIT_S * 2)
+
+    try:
+        refused = run(*up)
+        assert refused.returncode != 0 and "failed to start" in refused.stderr + refused.stdout
+        started = run(*up, "--allow-unlimited")
+        assert started.returncode == 0, started.stderr
+        status = run(sys.executable, "-m", "cellcloud", "status", "--state-dir", region,
+                     "--json")
+        agents = json.loads(status.stdout)["status"]["cells"]["cell-1"]["agents"]
+        assert agents and {a["limits"] for a in agents.values()} == {"unlimited"}
+    finally:
+        run(sys.executable, "-m", "cellcloud", "down", "--state-dir", region)
