@@ -46,6 +46,7 @@ import zipfile
 from typing import Any
 
 from bench.common.proc import cpu_s, system_busy_s
+from cellcloud.core.limits import DEFAULT_LIMITS
 
 HANDLER_SOURCE = '''\
 def handler(event, context):
@@ -59,6 +60,7 @@ EVENT = {"a": 1, "b": 2}
 BODY = json.dumps(EVENT).encode()
 EXPECTED = json.dumps(handler(EVENT, None)).encode()
 FUNCTION = "bench-add"
+FUNCTION_MEMORY_MB = 128  # CPU is capped in proportion (core/limits.py: memory_mb_per_vcpu)
 INVOKE_PATH = f"/2015-03-31/functions/{FUNCTION}/invocations"
 GOAL_THROUGHPUT_RATIO = 0.3
 GOAL_ADDED_P50_MS = 3.0
@@ -394,7 +396,8 @@ class Region:
             zf.writestr("bench_handler.py", HANDLER_SOURCE)
         c = self.client()
         try:
-            c.create_function(FUNCTION, buf.getvalue(), "bench_handler.handler")
+            c.create_function(FUNCTION, buf.getvalue(), "bench_handler.handler",
+                              memory_mb=FUNCTION_MEMORY_MB)
         finally:
             c.close()
 
@@ -704,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         print(f"machine: {result['machine']}")
+        print(f"function: {FUNCTION_MEMORY_MB} MB (CPU capped at "
+              f"{FUNCTION_MEMORY_MB / DEFAULT_LIMITS.memory_mb_per_vcpu:.3f} vCPU)")
         print("(a) in-process ...", flush=True)
         result["a"] = in_process(args.requests)
 

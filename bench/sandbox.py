@@ -53,6 +53,7 @@ from typing import Any
 
 from bench.common.proc import cpu_s, system_busy_s
 from cellcloud.agent.server import Agent
+from cellcloud.core.limits import DEFAULT_LIMITS
 from cellcloud.sandbox import cgroups
 from cellcloud.sandbox.backend import JailBackend
 
@@ -813,6 +814,9 @@ def main() -> None:
         m = res["machine"]
         print(f"machine: {m['nproc']} x {m['cpu_model']}, kernel {m['kernel']}, Python "
               f"{m['python']}, load at start {' '.join(m['loadavg_at_start'])}")
+        print("functions: 128 MB unless a line says otherwise (CPU capped at 128/"
+              f"{DEFAULT_LIMITS.memory_mb_per_vcpu} vCPU after init; init gets >= "
+              f"{DEFAULT_LIMITS.env_init_vcpu_min} vCPU)")
         for line in report(res):
             print(line)
         print(f"wall {res['wall_s']:.1f} s; JSON: {path}")

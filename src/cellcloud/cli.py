@@ -60,6 +60,9 @@ def up(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background")] = False,
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Development only: plain-text internal links (default: mTLS)")] = False,
+    allow_unlimited: Annotated[bool, typer.Option(
+        "--allow-unlimited", help="Let agents start on a host without cgroups: environments "
+        "then run without memory, pids or CPU limits (default: agents refuse)")] = False,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Start a region: router, cell frontends and host agents, supervised."""
@@ -76,7 +79,8 @@ def up(
         )
         raise typer.Exit(1)
     if detach:
-        _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure)
+        _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
+                allow_unlimited)
         return
     sup = Supervisor(
         sd,
@@ -86,6 +90,7 @@ def up(
         port=port,
         envs_per_agent_max=envs_per_agent_max,
         insecure=insecure,
+        extra_args={"agent": ["--allow-unlimited"]} if allow_unlimited else None,
     )
 
     def ready(doc: dict[str, Any]) -> None:
@@ -121,7 +126,7 @@ def _running_region(state_dir: str) -> dict[str, Any] | None:
 
 def _detach(
     sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int,
-    insecure: bool = False,
+    insecure: bool = False, allow_unlimited: bool = False,
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -148,6 +153,7 @@ def _detach(
                 "--ready-fd",
                 str(w),
                 *(["--insecure"] if insecure else []),
+                *(["--allow-unlimited"] if allow_unlimited else []),
             ],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,

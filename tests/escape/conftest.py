@@ -34,7 +34,7 @@ class Sandbox:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
-    def _run(self, coro: Any, timeout_s: float = 60) -> Any:
+    def _run(self, coro: Any, timeout_s: float = 120) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def bundle_dir(self, code: str, extra: dict[str, str] | None = None) -> tuple[str, str]:
@@ -63,6 +63,8 @@ class Sandbox:
                              "handler": "app.handler", "runtime": "python3.11",
                              "memory_mb": memory_mb, "timeout_s": timeout_s,
                              "ephemeral_mb": ephemeral_mb},
+                # A bound, not a deadline: creates run beside other tests on a busy machine.
+                "create_timeout_ms": 60_000,
             }))
         finally:
             self.agent.unsafe_disabled_layers = []

@@ -122,7 +122,8 @@ class Agent:
                  pids_max: int = 1024, memory_budget_mb: int | None = None,
                  oversubscription: float = 4.0, cgroup_group: str | None = None,
                  runtimes_found: dict[str, runtimes.Runtime] | None = None,
-                 identity: pki.TlsConfig | None = None, cell: str = "cell-1"):
+                 identity: pki.TlsConfig | None = None, cell: str = "cell-1",
+                 allow_unlimited: bool = False):
         self.agent_id = agent_id
         self.state_dir = state_dir
         self.bundles_dir = os.path.join(state_dir, "bundles")
@@ -141,6 +142,9 @@ class Agent:
         self.memory_budget_bytes = (memory_budget_mb * 2**20 if memory_budget_mb
                                     else int(_host_memory_bytes() * 0.8))
         self.oversubscription = oversubscription
+        # Without a cgroup hierarchy, environments would run without memory/pids/CPU limits:
+        # only with --allow-unlimited (serve() refuses to start otherwise; the zygote too).
+        self.allow_unlimited = allow_unlimited
         self.memory_used_bytes = 0  # refreshed by housekeeping from the cgroups
         # Tests only (negative controls): isolation layers to switch off. Never set from the
         # API: create_env builds every EnvSpec itself.
@@ -219,6 +223,7 @@ class Agent:
             extra_trees=list(runtime.trees),
             attestation=json.dumps(document),
             disabled_layers=list(self.unsafe_disabled_layers),
+            allow_unlimited=self.allow_unlimited,
         )
         cg = cgroups.Cgroup(self.cgroup_group, env_id)
         try:
@@ -246,6 +251,13 @@ class Agent:
             self._remove(env_id)
             self.counters["create_failed"] += 1
             raise OpError("EnvCreateFailed", rec.init_error["errorMessage"])
+        if cg.version and "cgroup_cpu" not in spec.disabled_layers:
+            try:  # the init burst is over: from now on the memory's share of a vCPU
+                cg.set_cpu_quota(cgroups.cpu_quota_us(spec.memory_mb))
+            except OSError as e:
+                self._remove(env_id)
+                self.counters["create_failed"] += 1
+                raise OpError("EnvCreateFailed", f"could not cap the CPU: {e}") from e
         self.counters["created"] += 1
         return {"env_id": env_id, "pid": spawned.pid, "init_ms": rec.init_ms,
                 "init_error": rec.init_error}
@@ -387,6 +399,7 @@ class Agent:
             "ops": sorted(self.ops),
             "unknown_ops_refused": self.server_stats.unknown_ops if self.server_stats else 0,
             "cgroup_version": cgroups.version(),
+            "limits": "enforced" if cgroups.version() else "unlimited",
             "memory_budget_bytes": self.memory_budget_bytes,
             "memory_used_bytes": self.memory_used_bytes,
             "memory_committed_bytes": sum(r.spec.memory_mb for r in self.envs.values()) * 2**20,
@@ -514,6 +527,14 @@ async def serve(args: argparse.Namespace) -> None:
     import hashlib
 
     group = f"{args.agent_id}-{hashlib.sha256(state_dir.encode()).hexdigest()[:8]}"
+    if not cgroups.version():
+        if not args.allow_unlimited:
+            log.error("no cgroup hierarchy at %s: environments' memory, pids and CPU limits "
+                      "cannot be enforced; refusing to start (--allow-unlimited permits it)",
+                      cgroups.ROOT)
+            raise SystemExit(3)
+        log.warning("no cgroup hierarchy at %s: environments run WITHOUT memory, pids or CPU "
+                    "limits (--allow-unlimited)", cgroups.ROOT)
     adopted: list[tuple[dict[str, Any], Any]] = []
     listen_sock = None
     if args.adopt:
@@ -533,6 +554,7 @@ async def serve(args: argparse.Namespace) -> None:
                   envs_max=args.envs_max, region=args.region,
                   memory_budget_mb=args.memory_budget_mb, oversubscription=args.oversubscription,
                   cgroup_group=group, runtimes_found=found, cell=args.cell,
+                  allow_unlimited=args.allow_unlimited,
                   identity=pki.tls_config(args.pki_dir or state_dir, args.region, "agent",
                                           args.cell, args.agent_id))
     if args.experiment_faults:
@@ -613,6 +635,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="memory environments may really use (default: 80%% of the host's)")
     p.add_argument("--oversubscription", type=float, default=4.0,
                    help="configured memory may exceed the budget by this ratio")
+    p.add_argument("--allow-unlimited", action="store_true",
+                   help="start even where no cgroup hierarchy is found, running environments "
+                        "without memory, pids or CPU limits (default: refuse to start)")
     p.add_argument("--no-lockdown", action="store_true", help="tests only: skip seccomp")
     p.add_argument("--insecure", action="store_true",
                    help="development only: plain-text internal links")
@@ -624,6 +649,8 @@ def main(argv: list[str] | None = None) -> None:
 
     runtime.setup_logging("agent")
     runtime.setup_security(args, "agent", args.cell, args.agent_id, args.region)
+    if not args.no_lockdown:
+        lockdown.deny_io_uring()  # before uvloop's loop exists, or it sets up a ring
     runtime.run(serve(args))
 
 

@@ -24,6 +24,9 @@ class Limits:
     memory_mb_default: int = 128
     ephemeral_mb_default: int = 512
     log_tail_bytes: int = 4 * 1024  # LogType=Tail returns the last 4 KB
+    # CPU in proportion to memory: one full vCPU at 1,769 MB (0.072 vCPU at 128 MB, ~5.8 at
+    # 10,240 MB). Enforced as a CFS quota per period of env_cpu_period_us.
+    memory_mb_per_vcpu: int = 1769
     # Ours.
     invocation_log_bytes_max: int = 256 * 1024  # kept per invocation, the tail wins
     function_log_bytes_max: int = 1 * MiB  # kept per function at the frontend
@@ -31,6 +34,12 @@ class Limits:
     envs_per_agent_max: int = 1000
     env_idle_timeout_ms: int = 300_000
     env_create_timeout_ms: int = 10_000
+    env_cpu_period_us: int = 100_000  # the CFS bandwidth period the CPU cap is a quota of
+    env_cpu_quota_us_min: int = 1_000  # the kernel refuses a smaller quota
+    # Lambda's init burst: during the init phase (jail set-up + runtime start + handler
+    # import, bounded by env_create_timeout_ms) an environment may use at least this many
+    # vCPUs; its memory's share is enforced from the moment it reports ready.
+    env_init_vcpu_min: int = 1
     agent_call_timeout_ms: int = 5_000
     list_functions_page_max: int = 50
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)

@@ -1,7 +1,15 @@
-"""cgroups for environments: memory, pids and CPU share, on cgroup v1 or v2 (detected).
+"""cgroups for environments: memory, pids and CPU, on cgroup v1 or v2 (detected).
 
-Lambda gives CPU in proportion to memory (one full vCPU at 1,769 MB); we do the same with
-``cpu.shares`` (v1) or ``cpu.weight`` (v2).
+Lambda gives CPU in proportion to memory (one full vCPU at 1,769 MB,
+``limits.memory_mb_per_vcpu``); we do the same twice: a hard cap (a CFS quota:
+``cpu.cfs_quota_us``/``cpu.cfs_period_us`` on v1, ``cpu.max`` on v2) and a weight under
+contention (``cpu.shares`` / ``cpu.weight``). During the init phase the quota is raised to at
+least ``env_init_vcpu_min`` vCPUs (Lambda's init burst); the agent lowers it to the cap when the
+environment reports ready (:meth:`Cgroup.set_cpu_quota`).
+
+``CELLCLOUD_CGROUP_ROOT`` moves the hierarchy's root (tests point it at an empty directory to
+see what happens on a host without cgroups: the agent refuses to start unless
+``--allow-unlimited``).
 """
 
 from __future__ import annotations
@@ -10,10 +18,21 @@ import os
 import signal
 from dataclasses import dataclass
 
-ROOT = "/sys/fs/cgroup"
+from ..core.limits import DEFAULT_LIMITS
+
+ROOT = os.environ.get("CELLCLOUD_CGROUP_ROOT") or "/sys/fs/cgroup"
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
-LAMBDA_MB_PER_VCPU = 1769
 UNLIMITED = 1 << 62  # a Limits value at or above this writes "max"
+
+
+def cpu_quota_us(memory_mb: int, *, init: bool = False,
+                 period_us: int = DEFAULT_LIMITS.env_cpu_period_us) -> int:
+    """The CFS quota (µs of CPU per ``period_us``) for a function of ``memory_mb``: its
+    memory's share of a vCPU, as on Lambda; ``init``: at least ``env_init_vcpu_min`` vCPUs."""
+    quota = period_us * memory_mb // DEFAULT_LIMITS.memory_mb_per_vcpu
+    if init:
+        quota = max(quota, period_us * DEFAULT_LIMITS.env_init_vcpu_min)
+    return max(DEFAULT_LIMITS.env_cpu_quota_us_min, quota)
 
 
 def version() -> int:
@@ -30,6 +49,7 @@ class Limits:
     memory_bytes: int
     pids_max: int
     memory_mb: int
+    cpu_quota_us: int = UNLIMITED  # per DEFAULT_LIMITS.env_cpu_period_us; UNLIMITED: no cap
 
 
 @dataclass
@@ -84,7 +104,7 @@ class Cgroup:
             self._enable_v2_controllers()
         for d in self._dirs():
             os.makedirs(d, exist_ok=True)
-        shares = max(2, 1024 * limits.memory_mb // LAMBDA_MB_PER_VCPU)
+        shares = max(2, 1024 * limits.memory_mb // DEFAULT_LIMITS.memory_mb_per_vcpu)
         mem = str(limits.memory_bytes) if limits.memory_bytes < UNLIMITED else "max"
         pids = str(limits.pids_max) if limits.pids_max < UNLIMITED else "max"
         if self.version == 1:
@@ -95,12 +115,25 @@ class Cgroup:
                 _write(sw, "-1" if mem == "max" else mem)
             _write(self._path("pids", "pids.max"), pids)
             _write(self._path("cpu", "cpu.shares"), str(shares))
+            _write(self._path("cpu", "cpu.cfs_period_us"), str(DEFAULT_LIMITS.env_cpu_period_us))
         elif self.version == 2:
             _write(self._path("", "memory.max"), mem)
             _write(self._path("", "memory.swap.max"), "0")
             _write(self._path("", "pids.max"), pids)
             weight = max(1, min(10000, shares * 100 // 1024))
             _write(self._path("", "cpu.weight"), str(weight))
+        self.set_cpu_quota(limits.cpu_quota_us)
+
+    def set_cpu_quota(self, quota_us: int) -> None:
+        """Cap the cgroup's CPU at ``quota_us`` per period (UNLIMITED: no cap). Raises if the
+        controller is missing: a cap that cannot be written is not silently skipped."""
+        period = DEFAULT_LIMITS.env_cpu_period_us
+        if self.version == 1:
+            _write(self._path("cpu", "cpu.cfs_quota_us"),
+                   "-1" if quota_us >= UNLIMITED else str(quota_us))
+        elif self.version == 2:
+            _write(self._path("", "cpu.max"),
+                   f"max {period}" if quota_us >= UNLIMITED else f"{quota_us} {period}")
 
     def _enable_v2_controllers(self) -> None:
         parts = self.rel.split(os.sep)

@@ -1,9 +1,10 @@
 """The ``jail`` backend's isolation steps, run inside the new environment before any of the
 function's code. The order matters; each step says what it stops (see docs/threat-model.md).
 
-Called in the first process of fresh mount/pid/ipc/uts/net namespaces (pid 1 there), as root
-in the host's user namespace; returns as an unprivileged, capability-less process whose root is
-a read-only tmpfs holding only what the runtime needs.
+Called in the first process of fresh mount/pid/ipc/uts/net/cgroup namespaces (pid 1 there), as
+root in the host's user namespace; returns as an unprivileged, capability-less process (checked,
+not assumed: see :func:`privilege_problems`) whose root is a read-only tmpfs holding only what
+the runtime needs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ NAMESPACES = (
     | linux.CLONE_NEWIPC
     | linux.CLONE_NEWUTS
     | linux.CLONE_NEWNET
+    | linux.CLONE_NEWCGROUP
 )
+
+
+class JailSetupError(RuntimeError):
+    """A jail step did not have the effect it must have; the environment does not start."""
 
 # Every layer, by name. Tests switch single layers off (EnvSpec.disabled_layers) to show that
 # each one alone is what stops an attack; production environments always get all of them.
@@ -40,11 +46,14 @@ LAYERS = (
     "net_ns",
     "ipc_ns",
     "uts_ns",
+    "cgroup_ns",  # own cgroup namespace: /proc/self/cgroup shows "/", not the agent's ids
     "cgroup_memory",
     "cgroup_pids",
+    "cgroup_cpu",  # CPU capped at the memory's share of a vCPU (CFS quota)
     "rlimits",
     "tmp_size",  # /tmp capped at the ephemeral size
     "uid",  # unprivileged uid/gid unique to the environment, all capabilities dropped
+    "capbset",  # the capability bounding set emptied explicitly (and ambient caps cleared)
     "no_new_privs",
     "nondumpable",  # no ptrace or /proc/<pid>/mem access by same-uid processes
     "seccomp",
@@ -60,6 +69,7 @@ def namespaces(disabled: list[str]) -> int:
         ("net_ns", linux.CLONE_NEWNET),
         ("ipc_ns", linux.CLONE_NEWIPC),
         ("uts_ns", linux.CLONE_NEWUTS),
+        ("cgroup_ns", linux.CLONE_NEWCGROUP),
     ):
         if layer in disabled:
             flags &= ~flag
@@ -182,6 +192,7 @@ def enter(
     """Everything from the mount namespace to the seccomp filter. Raises on any failed step:
     an environment that is not fully jailed never runs function code."""
     off = spec.disabled_layers
+    cap_last = linux.cap_last_cap()  # read from the host's /proc, before it is out of sight
     if "mount_ns" not in off:
         build_root(spec, root, runtime_trees(), tmp_device)
         os.chdir(root)
@@ -220,14 +231,45 @@ def enter(
         # Loaded while still root, so it does not depend on no_new_privs; nothing below
         # needs a denied call.
         seccomp_policy.load(set_no_new_privs="no_new_privs" not in off)
+    if "capbset" not in off:
+        # Empty the bounding set while we still hold CAP_SETPCAP: no file capability, setuid
+        # binary or later bug can hand a capability back. Ambient capabilities go too.
+        linux.drop_bounding_set(cap_last)
+        linux.clear_ambient_capabilities()
     if "uid" not in off:
         # Drop to the environment's own uid/gid; with it go every capability (no keep-caps).
         os.setgroups([])
         os.setresgid(spec.gid, spec.gid, spec.gid)
         os.setresuid(spec.uid, spec.uid, spec.uid)
-        assert os.getuid() == spec.uid and linux.capabilities_effective() == 0
+        problems = privilege_problems(
+            os.getresuid(), os.getresgid(), os.getgroups(), linux.capability_sets(cap_last),
+            uid=spec.uid, gid=spec.gid, bounding_set_empty="capbset" not in off)
+        if problems:  # a real check, not an assert: it holds under python -O as well
+            raise JailSetupError("the environment is still privileged: " + "; ".join(problems))
     # The uid change already made us non-dumpable; say so explicitly (and let tests undo it).
     linux.prctl(linux.PR_SET_DUMPABLE, 1 if "nondumpable" in off else 0)
+
+
+def privilege_problems(
+    resuid: tuple[int, int, int], resgid: tuple[int, int, int], groups: list[int],
+    caps: dict[str, int], *, uid: int, gid: int, bounding_set_empty: bool = True,
+) -> list[str]:
+    """What is wrong with a process that should have dropped to ``uid``/``gid`` with no
+    capability at all (``caps``: CapInh/CapPrm/CapEff/CapBnd/CapAmb masks). Empty: nothing."""
+    out = []
+    if tuple(resuid) != (uid, uid, uid):
+        out.append(f"real/effective/saved uid {tuple(resuid)}, expected {uid}")
+    if tuple(resgid) != (gid, gid, gid):
+        out.append(f"real/effective/saved gid {tuple(resgid)}, expected {gid}")
+    if groups:
+        out.append(f"supplementary groups {sorted(groups)}")
+    names = ["CapInh", "CapPrm", "CapEff", "CapAmb"] + (["CapBnd"] if bounding_set_empty else [])
+    for name in names:
+        if name not in caps:
+            out.append(f"{name} unknown")
+        elif caps[name]:
+            out.append(f"{name} {caps[name]:016x}")
+    return out
 
 
 def _limits(spec: EnvSpec) -> None:

@@ -35,10 +35,14 @@ MNT_DETACH = 2
 # prctl(2) options (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_IS_SET = 1
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _SYS = {  # syscall numbers for the calls glibc 2.36 has no wrapper for
     "x86_64": {"pivot_root": 155, "capset": 126, "capget": 125},
@@ -117,13 +121,58 @@ class _CapData(ctypes.Structure):
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
+def cap_last_cap() -> int:
+    """The kernel's highest capability number (``/proc/sys/kernel/cap_last_cap``)."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    if not 0 < last <= CAP_LAST_CAP_MAX:
+        raise OSError(f"implausible cap_last_cap {last}")
+    return last
+
+
+def drop_bounding_set(last: int) -> None:
+    """PR_CAPBSET_DROP every capability up to ``last``; any failure raises."""
+    for cap in range(last + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+
+
+def clear_ambient_capabilities() -> None:
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def capability_sets(last: int) -> dict[str, int]:
+    """This process's capability sets as /proc/self/status names them (CapInh, CapPrm,
+    CapEff, CapBnd, CapAmb), from the syscalls (capget, PR_CAPBSET_READ, PR_CAP_AMBIENT) and,
+    where /proc is mounted, OR-ed with what /proc/self/status says: a bit set in either
+    view counts."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(
+        _libc.syscall(ctypes.c_long(_SYS["capget"]), ctypes.byref(header), ctypes.byref(data)),
+        "capget",
+    )
+    sets = {
+        "CapInh": data[0].inheritable | (data[1].inheritable << 32),
+        "CapPrm": data[0].permitted | (data[1].permitted << 32),
+        "CapEff": data[0].effective | (data[1].effective << 32),
+        "CapBnd": sum(1 << c for c in range(last + 1) if prctl(PR_CAPBSET_READ, c)),
+        "CapAmb": sum(1 << c for c in range(last + 1)
+                      if prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, c)),
+    }
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in sets:
+                    sets[key] |= int(value.strip(), 16)
+    except OSError:
+        pass
+    return sets
+
+
 def drop_all_capabilities() -> None:
     """Empty the bounding set, then the effective, permitted and inheritable sets."""
-    for cap in range(CAP_LAST_CAP_MAX + 1):
-        try:
-            prctl(PR_CAPBSET_DROP, cap)
-        except OSError:
-            break  # EINVAL past the kernel's last capability
+    drop_bounding_set(cap_last_cap())
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(

@@ -3,6 +3,14 @@
 Denied calls fail with EPERM (``clone3`` with ENOSYS, so libc falls back to ``clone``, whose
 flags a filter *can* inspect). Other architectures' syscall tables are killed by libseccomp's
 default bad-arch action, so an x32/i386 entry point is no way around the list.
+
+Sockets: only AF_UNIX, AF_INET and AF_INET6 may be created (functions will get outbound network
+through the host's network helper); every other family — AF_NETLINK, AF_PACKET, AF_VSOCK,
+AF_ALG, AF_KEY, AF_BLUETOOTH, ... — is EPERM. The loopback bring-up (an AF_INET ioctl) runs
+before the filter is loaded.
+
+A name the installed libseccomp does not know is an error when the filter is built
+(:class:`UnknownSyscall`), never a rule silently left out.
 """
 
 from __future__ import annotations
@@ -33,23 +41,50 @@ _NEW_NAMESPACE_FLAGS = (
     linux.CLONE_NEWNS, linux.CLONE_NEWCGROUP, linux.CLONE_NEWUTS, linux.CLONE_NEWIPC,
     linux.CLONE_NEWUSER, linux.CLONE_NEWPID, linux.CLONE_NEWNET,
 )
-_DENIED_FAMILIES = (socket.AF_PACKET, socket.AF_NETLINK)
+ALLOWED_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+
+
+class UnknownSyscall(RuntimeError):
+    """The policy names a syscall the installed libseccomp cannot resolve."""
+
+
+def require_known(names: tuple[str, ...] | list[str]) -> None:
+    """Raise unless libseccomp knows every name (a name it knows but this architecture lacks
+    resolves to a negative pseudo-number other than -1 and is fine: nothing can call it)."""
+    unknown = [n for n in names if seccomp.resolve_syscall(seccomp.Arch.NATIVE, n) == -1]
+    if unknown:
+        raise UnknownSyscall(f"libseccomp does not know {', '.join(unknown)}: refusing to "
+                             "build a seccomp filter that would silently leave them allowed")
+
+
+def deny_socket_families_except(f: seccomp.SyscallFilter, allowed: tuple[int, ...]) -> None:
+    """EPERM for socket()/socketpair() with any family not in ``allowed``. The comparisons
+    are on the full 64-bit argument, so a family with high bits set (which the kernel would
+    truncate) is above max(allowed) and denied too."""
+    top = max(allowed)
+    for call in ("socket", "socketpair"):
+        for family in range(top):
+            if family not in allowed:
+                f.add_rule(seccomp.ERRNO(errno.EPERM), call, seccomp.Arg(0, seccomp.EQ, family))
+        f.add_rule(seccomp.ERRNO(errno.EPERM), call, seccomp.Arg(0, seccomp.GT, top))
+
+
+def build() -> seccomp.SyscallFilter:
+    require_known(list(DENIED) + ["clone3", "clone", "socket", "socketpair"])
+    f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    for name in DENIED:
+        f.add_rule(seccomp.ERRNO(errno.EPERM), name)
+    f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    for flag in _NEW_NAMESPACE_FLAGS:
+        f.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+    deny_socket_families_except(f, ALLOWED_FAMILIES)
+    return f
 
 
 def load(*, set_no_new_privs: bool = True) -> None:
     """Install the filter on the calling thread (and its future children). libseccomp sets
     no_new_privs with it unless told not to, which only a privileged caller may do."""
-    f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    f = build()
     if not set_no_new_privs:
         f.set_attr(seccomp.Attr.CTL_NNP, 0)
-    for name in DENIED:
-        try:
-            f.add_rule(seccomp.ERRNO(errno.EPERM), name)
-        except (RuntimeError, ValueError, OSError):  # unknown to this libseccomp/arch
-            continue
-    f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
-    for flag in _NEW_NAMESPACE_FLAGS:
-        f.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
-    for family in _DENIED_FAMILIES:
-        f.add_rule(seccomp.ERRNO(errno.EPERM), "socket", seccomp.Arg(0, seccomp.EQ, family))
     f.load()

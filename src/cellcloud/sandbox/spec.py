@@ -35,6 +35,9 @@ class EnvSpec:
     # guest agent); else the argv of a runtime process that speaks the Runtime API over HTTP.
     runtime_argv: list[str] = field(default_factory=list)
     extra_trees: list[str] = field(default_factory=list)  # host dirs that runtime needs (ro)
+    # The agent runs with --allow-unlimited: an environment may start without cgroup limits
+    # on a host that has no cgroup hierarchy (otherwise the zygote refuses to spawn it).
+    allow_unlimited: bool = False
     attestation: str = ""  # the agent's signed document, readable at /var/runtime/attestation.json
 
     def to_wire(self) -> dict[str, Any]:

@@ -67,8 +67,17 @@ def spawn(spec: EnvSpec, chan_fd: int, root: str, pool: LoopPool | None = None) 
                     cg.create(cgroups.Limits(
                         unlimited if "cgroup_memory" in off else spec.memory_mb * 1024 * 1024,
                         unlimited if "cgroup_pids" in off else spec.pids_max,
-                        spec.memory_mb))
+                        spec.memory_mb,
+                        # The init burst; the agent caps it when the environment is ready.
+                        unlimited if "cgroup_cpu" in off
+                        else cgroups.cpu_quota_us(spec.memory_mb, init=True)))
                     cg.join(0)
+                elif not spec.allow_unlimited:
+                    raise RuntimeError(
+                        f"no cgroup hierarchy found at {cgroups.ROOT}: memory, pids and CPU "
+                        "limits cannot be enforced (the agent's --allow-unlimited permits this)")
+                # The cgroup namespace is unshared after the join, so the environment's
+                # cgroup is the root of its view (/proc/self/cgroup shows "/").
                 linux.unshare(jail.namespaces(off))
                 pid_b = os.fork()
                 if pid_b == 0:  # B
