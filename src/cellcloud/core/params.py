@@ -45,6 +45,7 @@ class Param:
         assert self.rule in (HONOURED, REFUSED, DEFAULT_ONLY)
         assert (self.rule == DEFAULT_ONLY) == (self.is_default is not None)
         assert self.rule == HONOURED or self.why
+        assert self.rule != DEFAULT_ONLY or self.where == "body"
 
 
 @dataclass(frozen=True)
