@@ -243,3 +243,42 @@ def test_native_async_api_and_queue_cli_inspect_replay_purge(region: Region) -> 
     sqs.send_message(QueueUrl=dlq_url, MessageBody="not a record")
     region.cli("queue", "purge", dlq)
     assert depth() == 0
+
+
+def test_async_payload_limit_is_one_mb_through_the_router(region: Region) -> None:
+    # Issue #11: Event invokes take up to 1 MB (1,048,576 bytes); one byte more is 413.
+    lam, _ = clients(region)
+    name = deploy(lam)
+    limit = 1_048_576
+    ok = lam.invoke(FunctionName=name, InvocationType="Event",
+                    Payload=b'{"pad": "' + b"x" * (limit - 11) + b'"}')
+    assert ok["StatusCode"] == 202
+    with pytest.raises(lam.exceptions.ClientError) as e:
+        lam.invoke(FunctionName=name, InvocationType="Event",
+                   Payload=b'{"pad": "' + b"x" * (limit - 10) + b'"}')
+    r = e.value.response
+    assert (r["ResponseMetadata"]["HTTPStatusCode"], r["Error"]["Code"]) == (
+        413, "RequestEntityTooLargeException")
+
+
+def test_zero_reserved_concurrency_sends_events_to_on_failure_without_retries(
+        region: Region) -> None:
+    # Issue #11: with reserved concurrency 0 an async event goes to the on-failure destination
+    # at once (it used to be retried as a throttle for up to MaximumEventAgeInSeconds, 6 h).
+    lam, sqs = clients(region)
+    acct, reg = region.doc["account_id"], region.doc["region"]
+    name = deploy(lam)
+    dlq = f"dlq-{uuid.uuid4().hex[:8]}"
+    dlq_url = sqs.create_queue(QueueName=dlq)["QueueUrl"]
+    lam.put_function_event_invoke_config(
+        FunctionName=name,
+        DestinationConfig={"OnFailure": {"Destination": f"arn:aws:sqs:{reg}:{acct}:{dlq}"}})
+    lam.put_function_concurrency(FunctionName=name, ReservedConcurrentExecutions=0)
+    resp = lam.invoke(FunctionName=name, InvocationType="Event", Payload=b'{"k": 1}')
+    assert resp["StatusCode"] == 202
+    [rec] = drain(sqs, dlq_url, 1, timeout_s=60)
+    assert rec["requestContext"]["requestId"] == resp["ResponseMetadata"]["RequestId"]
+    assert rec["requestContext"]["condition"] == "ZeroReservedConcurrency"
+    assert rec["requestContext"]["approximateInvokeCount"] == 1
+    assert rec["requestPayload"] == {"k": 1}
+    assert not [e for e in region.client.logs(name) if "run" in e["message"]]  # never ran

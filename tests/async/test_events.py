@@ -75,3 +75,14 @@ def test_config_validation() -> None:
                     "Destination": f"arn:aws:sqs:{region}:222222222222:q"}}}):
         with pytest.raises(errors.LambdaError):
             events.check_config(bad, region, acct)
+
+
+def test_intake_takes_async_payloads_up_to_one_mb(tmp_path: object) -> None:
+    # Issue #11: Lambda's asynchronous payload quota is 1 MB (1,048,576 bytes), not 256 KB.
+    intake = Intake(EventStore(str(tmp_path)))
+    limit = 1_048_576
+    intake.accept("111111111111", "f", "$LATEST", b'"' + b"x" * (limit - 2) + b'"', 3)
+    with pytest.raises(errors.LambdaError) as e:
+        intake.accept("111111111111", "f", "$LATEST", b'"' + b"x" * (limit - 1) + b'"', 3)
+    assert (e.value.status, e.value.type) == (413, "RequestEntityTooLargeException")
+    assert intake.counters["accepted"] == 1

@@ -90,3 +90,29 @@ def test_an_empty_budget_delays_a_retry_but_never_drops_it() -> None:
 
 def test_lease_outlives_the_function_timeout() -> None:
     assert retry.lease_expiry_ms(5000, 3) == 5000 + 3000 + retry.lease_margin_ms
+
+
+def test_an_event_is_discarded_for_age_only_once_it_is_older_than_the_maximum() -> None:
+    # Issue #11: a retry whose backoff would land past the maximum age used to drop the event
+    # at once, up to backoff_cap_ms early. Now it is planned for the moment the event reaches
+    # its maximum age, and only an event older than that fails for age.
+    policy = AsyncPolicy(event_age_ms_max=60_000, on_failure="dlq")
+    now = 59_000
+    delay = retry.backoff_ms(5, random.Random(1))
+    assert now + delay > 60_000  # the seeded backoff lands past the limit
+    d = retry.decide(Outcome.THROTTLED, attempts_done=0, accepted_ms=0, now_ms=now,
+                     policy=policy, rng=random.Random(1), platform_retries=5)
+    assert d == Retry(60_000, counts_as_attempt=False)
+    d = retry.decide(Outcome.FUNCTION_ERROR, attempts_done=1, accepted_ms=0, now_ms=60_000,
+                     policy=policy, rng=random.Random(1))
+    assert isinstance(d, Retry) and d.at_ms == 60_000  # exactly at the maximum: not older
+    assert not retry.too_old(accepted_ms=0, now_ms=60_000, policy=policy)
+    assert retry.too_old(accepted_ms=0, now_ms=60_001, policy=policy)
+    assert retry.decide(Outcome.THROTTLED, attempts_done=0, accepted_ms=0, now_ms=60_001,
+                        policy=policy, rng=random.Random(1)) == Fail("EventAgeExceeded", "dlq")
+
+
+def test_zero_reserved_concurrency_goes_to_on_failure_without_retries() -> None:
+    for attempts, platform in ((0, 0), (0, 3)):
+        assert _decide(Outcome.ZERO_CONCURRENCY, attempts, platform=platform) == \
+            Fail("ZeroReservedConcurrency", "f")

@@ -11,6 +11,7 @@ MiB = 1024 * 1024
 class Limits:
     # Lambda's documented quotas.
     invoke_payload_bytes_max: int = 6 * MiB
+    event_payload_bytes_max: int = 1 * MiB  # InvocationType=Event: 1 MB (1,048,576 bytes)
     response_payload_bytes_max: int = 6 * MiB
     zip_bytes_max: int = 50 * MiB  # direct upload (Lambda: 50 MB zipped)
     unzipped_bytes_max: int = 250 * MiB

@@ -97,6 +97,9 @@ class Outcome(Enum):
     THROTTLED = "throttled"  # 429 from the cell: not the function's fault, retried within age
     PLATFORM_ERROR = "platform_error"  # 5xx or transport failure: retried within age
     REJECTED = "rejected"  # 4xx other than 429 (function deleted, bad payload): no retry
+    #: the function's reserved concurrency is 0: it may not run at all, so (as Lambda) the
+    #: event goes to the on-failure destination at once, without retries
+    ZERO_CONCURRENCY = "zero_concurrency"
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Retry:
 
 @dataclass(frozen=True)
 class Fail:
-    condition: str  # RetriesExhausted | EventAgeExceeded | Rejected
+    condition: str  # RetriesExhausted | EventAgeExceeded | Rejected | ZeroReservedConcurrency
     destination: str | None
 
 
@@ -126,11 +129,17 @@ def decide(outcome: Outcome, *, attempts_done: int, accepted_ms: int, now_ms: in
 
     ``attempts_done`` counts the function-error attempts so far including this one;
     ``platform_retries`` counts throttles/platform failures so far (for the backoff exponent).
+
+    An event is discarded for age only once it is older than ``event_age_ms_max``: a retry
+    whose backoff would land past that is planned for the moment the event reaches it (where
+    :func:`too_old` then discards it unless it has run by then), not dropped early.
     """
     if outcome is Outcome.SUCCESS:
         return Succeed(policy.on_success)
     if outcome is Outcome.REJECTED:
         return Fail("Rejected", policy.on_failure)
+    if outcome is Outcome.ZERO_CONCURRENCY:
+        return Fail("ZeroReservedConcurrency", policy.on_failure)
     if outcome is Outcome.FUNCTION_ERROR:
         if attempts_done > policy.retry_attempts_max:
             return Fail("RetriesExhausted", policy.on_failure)
@@ -142,10 +151,15 @@ def decide(outcome: Outcome, *, attempts_done: int, accepted_ms: int, now_ms: in
         # No token: the retry still happens (an accepted event is never dropped), but only
         # after the cap, so a sick cell is not hammered.
         delay = budget_empty_delay_ms + delay
-    at = now_ms + delay
-    if at - accepted_ms > policy.event_age_ms_max:
+    if too_old(accepted_ms=accepted_ms, now_ms=now_ms, policy=policy):
         return Fail("EventAgeExceeded", policy.on_failure)
+    at = min(now_ms + delay, accepted_ms + policy.event_age_ms_max)
     return Retry(at, counts_as_attempt=outcome is Outcome.FUNCTION_ERROR)
+
+
+def too_old(*, accepted_ms: int, now_ms: int, policy: AsyncPolicy) -> bool:
+    """Whether an event is older than its maximum age (then it is not attempted again)."""
+    return now_ms - accepted_ms > policy.event_age_ms_max
 
 
 def lease_expiry_ms(now_ms: int, function_timeout_s: int) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from ..core import errors
+from ..core import errors, params
 from ..core.aliases import check_alias_name
 from ..core.errors import LambdaError
 from ..core.validation import parse_function_ref
@@ -75,13 +75,27 @@ def _qualifier(ref: str, q: dict[str, list[str]]) -> str | None:
     return qual
 
 
+def _judge(op: str, req: dict[str, Any], body: dict[str, Any], q: Q | None = None,
+           name: str = "") -> dict[str, Any]:
+    """Refuse a parameter the region does not honour (core/params.py), naming it; returns
+    ``body`` so a route reads ``doc = _judge(...)``."""
+    found = params.refusal(params.LAMBDA, op, body, query=q, headers=req.get("h") or {},
+                           ctx={"function_name": name})
+    if found is not None:
+        raise errors.invalid(found.message)
+    return body
+
+
 def _one(q: dict[str, list[str]], key: str) -> str | None:
     values = q.get(key)
     return values[0] if values else None
 
 
 async def create_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(201, cell.create_function(req["a"], _json_body(req)))
+    doc = _json_body(req)
+    name = doc.get("FunctionName")
+    _judge("CreateFunction", req, doc, q, name if isinstance(name, str) else "")
+    return _reply(201, cell.create_function(req["a"], doc))
 
 
 async def get_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -106,6 +120,7 @@ async def get_configuration(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> 
 
 
 async def list_functions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    _judge("ListFunctions", req, {}, q)
     version = _one(q, "FunctionVersion")
     if version not in (None, "ALL"):
         raise errors.invalid("FunctionVersion must be ALL")
@@ -114,12 +129,15 @@ async def list_functions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Rep
 
 
 async def update_code(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(200, cell.update_code(req["a"], _name(m["ref"], req["a"]), _json_body(req)))
+    name = _name(m["ref"], req["a"])
+    doc = _judge("UpdateFunctionCode", req, _json_body(req), q, name)
+    return _reply(200, cell.update_code(req["a"], name, doc))
 
 
 async def update_configuration(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(200, cell.update_configuration(req["a"], _name(m["ref"], req["a"]),
-                                                 _json_body(req)))
+    name = _name(m["ref"], req["a"])
+    doc = _judge("UpdateFunctionConfiguration", req, _json_body(req), q, name)
+    return _reply(200, cell.update_configuration(req["a"], name, doc))
 
 
 async def delete_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -139,6 +157,7 @@ async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     qualifier = _qualifier(m["ref"], q)
     headers = req["h"]
+    _judge("Invoke", req, {}, q, name)
     itype = headers.get("x-amz-invocation-type", "RequestResponse")
     if itype == "DryRun":
         cell.resolve(req["a"], name, qualifier)
@@ -210,14 +229,16 @@ def _event_target(cell: Cell, req: dict[str, Any], m: Match,
 
 async def put_event_config(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name, qual, store = _event_target(cell, req, m, q)
+    body = _judge("UpdateFunctionEventInvokeConfig" if req["m"] == "POST"
+                  else "PutFunctionEventInvokeConfig", req, _json_body(req), q, name)
     if req["m"] == "POST":  # UpdateFunctionEventInvokeConfig merges into what is there
         found = store.get_config(req["a"], name, qual)
         if found is None:
             raise errors.not_found(f"The function {function_arn(cell.region, req['a'], name, qual)}"
                                    " doesn't have an EventInvokeConfig")
-        doc = events.check_config(_json_body(req), cell.region, req["a"], found[0])
+        doc = events.check_config(body, cell.region, req["a"], found[0])
     else:
-        doc = events.check_config(_json_body(req), cell.region, req["a"])
+        doc = events.check_config(body, cell.region, req["a"])
     modified = store.put_config(req["a"], name, qual, doc)
     return _reply(200, _event_config_doc(cell, req["a"], name, qual, doc, modified))
 
@@ -248,7 +269,9 @@ async def list_event_configs(cell: Cell, req: dict[str, Any], m: Match, q: Q) ->
 
 # -- versions ------------------------------------------------------------------------------------
 async def publish_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(201, cell.publish_version(req["a"], _name(m["ref"], req["a"]), _json_body(req)))
+    name = _name(m["ref"], req["a"])
+    doc = _judge("PublishVersion", req, _json_body(req), q, name)
+    return _reply(201, cell.publish_version(req["a"], name, doc))
 
 
 async def list_versions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -258,7 +281,9 @@ async def list_versions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Repl
 
 # -- aliases -------------------------------------------------------------------------------------
 async def create_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(201, cell.create_alias(req["a"], _name(m["ref"], req["a"]), _json_body(req)))
+    name = _name(m["ref"], req["a"])
+    doc = _judge("CreateAlias", req, _json_body(req), q, name)
+    return _reply(201, cell.create_alias(req["a"], name, doc))
 
 
 async def list_aliases(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -273,8 +298,10 @@ async def get_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
 
 
 async def update_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(200, cell.update_alias(req["a"], _name(m["ref"], req["a"]),
-                                         check_alias_name(unquote(m["alias"])), _json_body(req)))
+    name = _name(m["ref"], req["a"])
+    doc = _judge("UpdateAlias", req, _json_body(req), q, name)
+    return _reply(200, cell.update_alias(req["a"], name, check_alias_name(unquote(m["alias"])),
+                                         doc))
 
 
 async def delete_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -284,7 +311,9 @@ async def delete_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply
 
 # -- reserved concurrency ------------------------------------------------------------------------
 async def put_concurrency(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(200, cell.put_concurrency(req["a"], _name(m["ref"], req["a"]), _json_body(req)))
+    name = _name(m["ref"], req["a"])
+    doc = _judge("PutFunctionConcurrency", req, _json_body(req), q, name)
+    return _reply(200, cell.put_concurrency(req["a"], name, doc))
 
 
 async def get_concurrency(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -309,7 +338,8 @@ def _qualifier_param(q: Q) -> str:
 
 async def put_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
-    return _reply(202, cell.put_provisioned(req["a"], name, _qualifier_param(q), _json_body(req)))
+    doc = _judge("PutProvisionedConcurrencyConfig", req, _json_body(req), q, name)
+    return _reply(202, cell.put_provisioned(req["a"], name, _qualifier_param(q), doc))
 
 
 async def get_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -353,7 +383,8 @@ def _layer_version_number(raw: str) -> int:
 
 async def publish_layer_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _layer_name(cell, m["layer"], req["a"])
-    return _reply(201, cell.publish_layer_version(req["a"], name, _json_body(req)))
+    doc = _judge("PublishLayerVersion", req, _json_body(req), q, name)
+    return _reply(201, cell.publish_layer_version(req["a"], name, doc))
 
 
 async def get_layer_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -370,6 +401,7 @@ async def delete_layer_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) 
 
 async def list_layer_versions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _layer_name(cell, m["layer"], req["a"])
+    _judge("ListLayerVersions", req, {}, q, name)
     return _reply(200, cell.list_layer_versions(req["a"], name, _one(q, "Marker"),
                                                 page_size(_one(q, "MaxItems")),
                                                 _one(q, "CompatibleRuntime")))
@@ -383,6 +415,7 @@ async def list_layers(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
             cell, arn, "-")
         rec = cell.layer_version(req["a"], name, _layer_version_number(version))
         return _reply(200, cell.layer_doc(rec, content=True))
+    _judge("ListLayers", req, {}, q)
     return _reply(200, cell.list_layers(req["a"], _one(q, "Marker"),
                                         page_size(_one(q, "MaxItems")),
                                         _one(q, "CompatibleRuntime")))

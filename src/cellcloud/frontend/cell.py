@@ -29,7 +29,7 @@ from ..core.poison import PoisonDetector, PoisonParams
 from ..core.sharding import PlainSharder, SignatureSharder, Worker, retry_order
 from ..core.validation import check_env, check_handler, check_memory, check_name, check_timeout
 from ..transport import Client, RemoteError, TransportError
-from .events import Intake
+from .events import RESERVED_ZERO_HEADER, Intake
 from .store import (
     AliasRecord,
     FunctionRecord,
@@ -956,10 +956,13 @@ class Cell:
         fkey = (account, name)
         if reserved is not None and self._inflight.get(fkey, 0) >= reserved:
             self.counters["throttles"] += 1
-            raise errors.too_many(
+            err = errors.too_many(
                 f"Rate Exceeded. Reserved concurrency of {reserved} reached for {name}.",
                 "ReservedFunctionConcurrentInvocationLimitExceeded",
             )
+            if reserved == 0:  # async events of this function go to on-failure at once
+                err.http_headers[RESERVED_ZERO_HEADER] = "0"
+            raise err
         if self._inflight_total >= self.invokes_inflight_max:
             self.counters["throttles"] += 1
             raise errors.too_many("Rate Exceeded. The cell is over capacity.",

@@ -31,7 +31,16 @@ from .. import runtime
 from ..core import retry
 from ..core.retry import Fail, Outcome, Retry, RetryBudget, Succeed
 from ..transport import CallTimeout, Client, RemoteError, Server, TransportError
-from .events import EVENT_ID_HEADER, LAMBDA_ARN, SQS_ARN, Event, EventStore, now_ms, policy_of
+from .events import (
+    EVENT_ID_HEADER,
+    LAMBDA_ARN,
+    RESERVED_ZERO_HEADER,
+    SQS_ARN,
+    Event,
+    EventStore,
+    now_ms,
+    policy_of,
+)
 from .store import function_arn
 
 log = logging.getLogger("cellcloud.dispatcher")
@@ -186,6 +195,8 @@ class Dispatcher:
             return (Outcome.FUNCTION_ERROR if ferr else Outcome.SUCCESS, status, body, ferr,
                     version, ferr or "")
         err = f"{status} {headers.get('x-amzn-errortype', '')}"
+        if status == 429 and headers.get(RESERVED_ZERO_HEADER) == "0":
+            return Outcome.ZERO_CONCURRENCY, status, body, None, version, err
         if status == 429:
             return Outcome.THROTTLED, status, body, None, version, err
         if status >= 500:
@@ -197,18 +208,29 @@ class Dispatcher:
         now = now_ms()
         if ev.attempts == 0 and ev.platform_retries == 0:
             self.budget.on_first_attempt(now)
-        outcome, status, body, ferr, version, err = await self._invoke(ev)
-        now = now_ms()
-        attempts = ev.attempts + (1 if outcome is Outcome.FUNCTION_ERROR else 0)
-        platform = ev.platform_retries + (
-            1 if outcome in (Outcome.THROTTLED, Outcome.PLATFORM_ERROR) else 0)
-        key = {Outcome.SUCCESS: "succeeded", Outcome.FUNCTION_ERROR: "function_errors",
-               Outcome.THROTTLED: "throttled", Outcome.PLATFORM_ERROR: "platform_errors"}
-        if outcome in key:
-            self.counters[key[outcome]] += 1
-        decision = retry.decide(outcome, attempts_done=attempts, accepted_ms=ev.accepted_ms,
-                                now_ms=now, policy=policy, rng=self.rng, budget=self.budget,
-                                platform_retries=ev.platform_retries)
+        decision: retry.Decision
+        if retry.too_old(accepted_ms=ev.accepted_ms, now_ms=now, policy=policy):
+            # Older than its maximum age (it waited in the queue, or its last retry was planned
+            # for the moment it reached the age): discarded without running again.
+            outcome, status, body, ferr, version = Outcome.PLATFORM_ERROR, 0, b"", None, \
+                ev.qualifier
+            attempts, platform = ev.attempts, ev.platform_retries
+            decision = retry.Fail("EventAgeExceeded", policy.on_failure)
+        else:
+            outcome, status, body, ferr, version, err = await self._invoke(ev)
+            now = now_ms()
+            attempts = ev.attempts + (1 if outcome is Outcome.FUNCTION_ERROR else 0)
+            platform = ev.platform_retries + (1 if outcome in (
+                Outcome.THROTTLED, Outcome.PLATFORM_ERROR, Outcome.ZERO_CONCURRENCY) else 0)
+            key = {Outcome.SUCCESS: "succeeded", Outcome.FUNCTION_ERROR: "function_errors",
+                   Outcome.THROTTLED: "throttled", Outcome.PLATFORM_ERROR: "platform_errors",
+                   Outcome.ZERO_CONCURRENCY: "throttled"}
+            if outcome in key:
+                self.counters[key[outcome]] += 1
+            decision = retry.decide(outcome, attempts_done=attempts,
+                                    accepted_ms=ev.accepted_ms, now_ms=now, policy=policy,
+                                    rng=self.rng, budget=self.budget,
+                                    platform_retries=ev.platform_retries)
         if isinstance(decision, Retry):
             self.counters["retries_scheduled"] += 1
             if not self.store.reschedule(ev.id, self.owner, decision.at_ms, attempts, platform,

@@ -30,15 +30,17 @@ from typing import Any
 
 from ..core import errors, retry
 from ..core.errors import LambdaError
+from ..core.limits import DEFAULT_LIMITS, Limits
 
-#: Lambda's async payload quota
-event_payload_bytes_max = 256 * 1024
 events_per_function_max = 10_000
 events_per_cell_max = 100_000
 claim_batch_max = 64
 #: the internal header that carries an event's id as the invoke's request id (the router never
 #: forwards it, so only the cell's own dispatcher can set it)
 EVENT_ID_HEADER = "x-cellcloud-event-id"
+#: set on an invoke's 429 when the function's reserved concurrency is 0 (it cannot run at all):
+#: the dispatcher then sends the event to its on-failure destination without retrying
+RESERVED_ZERO_HEADER = "x-cellcloud-reserved-concurrency"
 #: how long a cached queue depth may be used by intake (a bound, not a wait)
 depth_cache_ms = 250
 
@@ -295,8 +297,10 @@ def check_destination(arn: object, region: str, account: str) -> str:
 class Intake:
     """The frontend's half: accept events durably (or shed them), serve the async settings."""
 
-    def __init__(self, store: EventStore, *, ack_before_write: bool = False) -> None:
+    def __init__(self, store: EventStore, *, ack_before_write: bool = False,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
+        self.limits = limits
         # A planted bug for the chaos experiment: answer 202 first, write later. The chaos
         # run must report the events this loses.
         self.ack_before_write = ack_before_write
@@ -306,10 +310,11 @@ class Intake:
 
     def accept(self, account: str, name: str, qualifier: str, payload: bytes,
                timeout_s: int) -> str:
-        if len(payload) > event_payload_bytes_max:
+        if len(payload) > self.limits.event_payload_bytes_max:
             raise LambdaError(413, "RequestEntityTooLargeException",
                               f"{len(payload)} byte payload is too large for the Event "
-                              f"invocation type (limit {event_payload_bytes_max} bytes)")
+                              f"invocation type (limit {self.limits.event_payload_bytes_max} "
+                              "bytes)")
         now = now_ms()
         depth, at = self._depth
         if now - at >= depth_cache_ms:

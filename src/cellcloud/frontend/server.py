@@ -44,7 +44,7 @@ async def serve(args: argparse.Namespace) -> None:
     cell.invokes_inflight_max = args.invokes_inflight_max
     cell.events = Intake(EventStore(os.path.abspath(args.state_dir)),
                          ack_before_write=os.environ.get("CELLCLOUD_PLANT_BUG")
-                         == "ack-before-write")
+                         == "ack-before-write", limits=cell.limits)
     queues = QueueApi(QueueStore(os.path.abspath(args.state_dir)), args.region)
 
     async def async_status(_: Any) -> dict[str, Any]:

@@ -16,7 +16,17 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from .store import QueueError, QueueStore, invalid, no_such_queue, receive_batch_max
+from ..core import params
+from .store import (
+    QueueError,
+    QueueStore,
+    invalid,
+    message_bytes_max,
+    no_such_queue,
+    receive_batch_max,
+    retention_s_max,
+    visibility_timeout_s_max,
+)
 
 log = logging.getLogger("cellcloud.queues")
 
@@ -24,8 +34,16 @@ _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,80}$")
 _JSON = "application/x-amz-json-1.0"
 wait_time_s_max = 20
 long_poll_interval_s = 0.2
-_ATTRS = ("VisibilityTimeout", "MessageRetentionPeriod", "DelaySeconds",
-          "ReceiveMessageWaitTimeSeconds", "MaximumMessageSize", "Policy", "RedrivePolicy")
+delay_s_max = 900
+#: the queue attributes the region honours, with SQS's ranges (core/params.py refuses the rest)
+_ATTR_RANGES = {"VisibilityTimeout": (0, visibility_timeout_s_max),
+                "MessageRetentionPeriod": (60, retention_s_max),
+                "DelaySeconds": (0, delay_s_max),
+                "ReceiveMessageWaitTimeSeconds": (0, wait_time_s_max),
+                "MaximumMessageSize": (1024, message_bytes_max)}
+_ATTR_DEFAULTS = {"VisibilityTimeout": "30", "MessageRetentionPeriod": "345600",
+                  "DelaySeconds": "0", "MaximumMessageSize": str(message_bytes_max),
+                  "ReceiveMessageWaitTimeSeconds": "0"}
 
 
 def _now_ms() -> int:
@@ -72,6 +90,13 @@ class QueueApi:
             if fn is None:
                 raise QueueError("UnsupportedOperation", "AWS.SimpleQueueService.UnsupportedOperation",
                                  f"cellcloud queues do not support {op}")
+            found = params.refusal(params.SQS, op, doc, ctx={"account": str(req.get("a"))})
+            if found is not None:
+                attr = found.name.removeprefix("Attributes.")
+                if attr != found.name and f"Attributes.{attr}" not in params.SQS[op]:
+                    raise QueueError("InvalidAttributeName", "InvalidAttributeName",
+                                     f"Unknown Attribute {attr}.")
+                raise invalid(found.message)
             result = await fn(req, doc)
             return {"s": 200, "h": {"content-type": _JSON}, "b": json.dumps(result).encode()}
         except QueueError as e:
@@ -91,10 +116,16 @@ class QueueApi:
             raise invalid("Can only include alphanumeric characters, hyphens, or underscores. "
                           "1 to 80 in length")
         attrs = doc.get("Attributes") or {}
-        if not isinstance(attrs, dict) or any(k not in _ATTRS for k in attrs):
-            raise QueueError("InvalidAttributeName", "InvalidAttributeName",
-                             f"Unknown Attribute {sorted(set(attrs) - set(_ATTRS))}.")
-        self.store.create(req["a"], name, {k: str(v) for k, v in attrs.items()}, self.now_ms())
+        if not isinstance(attrs, dict):
+            raise invalid("Attributes must be a map of attribute name to value")
+        for k, v in attrs.items():
+            low, high = _ATTR_RANGES[k]  # core/params.py let only these through
+            if not str(v).isdigit() or not low <= int(v) <= high:
+                raise QueueError("InvalidAttributeValue", "InvalidAttributeValue",
+                                 f"Invalid value for the parameter {k}: must be an integer "
+                                 f"from {low} to {high}.")
+        self.store.create(req["a"], name, {k: str(int(v)) for k, v in attrs.items()},
+                          self.now_ms())
         return {"QueueUrl": self._url(req, name)}
 
     async def op_GetQueueUrl(self, req: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
@@ -120,9 +151,16 @@ class QueueApi:
         body = doc.get("MessageBody")
         if not isinstance(body, str) or not body:
             raise invalid("The request must contain the parameter MessageBody.")
-        delay = doc.get("DelaySeconds") or 0
-        if not isinstance(delay, int) or not 0 <= delay <= 900:
-            raise invalid("DelaySeconds must be between 0 and 900")
+        _, attrs = self.store.attributes(req["a"], name)
+        delay = doc.get("DelaySeconds")
+        if delay is None:  # the queue's own delay
+            delay = int(attrs.get("DelaySeconds", 0))
+        if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= delay_s_max:
+            raise invalid(f"DelaySeconds must be between 0 and {delay_s_max}")
+        size_max = int(attrs.get("MaximumMessageSize", message_bytes_max))
+        if len(body.encode()) > size_max:
+            raise invalid(f"One or more parameters are invalid. Reason: Message must be shorter "
+                          f"than {size_max} bytes.")
         m = self.store.send(req["a"], name, body, self.now_ms(), delay)
         self.counters["sent"] += 1
         return {"MessageId": m.id, "MD5OfMessageBody": m.md5}
@@ -133,7 +171,10 @@ class QueueApi:
         if not isinstance(n, int) or not 1 <= n <= receive_batch_max:
             raise invalid(f"MaxNumberOfMessages must be between 1 and {receive_batch_max}")
         vis = doc.get("VisibilityTimeout")
-        wait = doc.get("WaitTimeSeconds") or 0
+        wait = doc.get("WaitTimeSeconds")
+        if wait is None:  # the queue's own long-poll wait
+            wait = int(self.store.attributes(req["a"], name)[1].get(
+                "ReceiveMessageWaitTimeSeconds", 0))
         if not isinstance(wait, int) or not 0 <= wait <= wait_time_s_max:
             raise invalid(f"WaitTimeSeconds must be between 0 and {wait_time_s_max}")
         deadline = time.monotonic() + wait
@@ -143,10 +184,17 @@ class QueueApi:
                 break
             await asyncio.sleep(long_poll_interval_s)  # long poll: re-check until the deadline
         self.counters["received"] += len(msgs)
-        out = [{"MessageId": m.id, "ReceiptHandle": m.receipt, "MD5OfBody": m.md5,
-                "Body": m.body,
-                "Attributes": {"ApproximateReceiveCount": str(m.receive_count),
-                               "SentTimestamp": str(m.sent_ms)}} for m in msgs]
+        # Only the system attributes asked for (AttributeNames is the older name of
+        # MessageSystemAttributeNames); cellcloud keeps these two.
+        wanted = set(doc.get("AttributeNames") or []) | set(
+            doc.get("MessageSystemAttributeNames") or [])
+        out = []
+        for m in msgs:
+            every = {"ApproximateReceiveCount": str(m.receive_count),
+                     "SentTimestamp": str(m.sent_ms)}
+            attrs = every if "All" in wanted else {k: v for k, v in every.items() if k in wanted}
+            out.append({"MessageId": m.id, "ReceiptHandle": m.receipt, "MD5OfBody": m.md5,
+                        "Body": m.body, **({"Attributes": attrs} if attrs else {})})
         return {"Messages": out} if out else {}
 
     async def op_DeleteMessage(self, req: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
@@ -179,11 +227,7 @@ class QueueApi:
             "ApproximateNumberOfMessages": str(visible),
             "ApproximateNumberOfMessagesNotVisible": str(hidden),
             "CreatedTimestamp": str(created // 1000),
-            "VisibilityTimeout": attrs.get("VisibilityTimeout", "30"),
-            "MessageRetentionPeriod": attrs.get("MessageRetentionPeriod", "345600"),
-            "DelaySeconds": attrs.get("DelaySeconds", "0"),
-            "MaximumMessageSize": attrs.get("MaximumMessageSize", "262144"),
-            "ReceiveMessageWaitTimeSeconds": attrs.get("ReceiveMessageWaitTimeSeconds", "0"),
+            **{k: attrs.get(k, v) for k, v in _ATTR_DEFAULTS.items()},
         }
         wanted = doc.get("AttributeNames") or ["All"]
         if "All" in wanted:

@@ -27,7 +27,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Headers a frontend needs; everything else stays at the edge.
 _FORWARDED = frozenset(
-    {b"x-amz-invocation-type", b"x-amz-log-type", b"x-amz-client-context", b"content-type"}
+    {b"x-amz-invocation-type", b"x-amz-log-type", b"x-amz-client-context", b"content-type",
+     # forwarded so that the cell can refuse them by name (core/params.py), not lose them
+     b"x-amz-durable-execution-name", b"x-amz-tenant-id"}
 )
 _INVOKE_SUFFIXES = ("/invocations", "/invocations/")
 control_timeout_s = 30.0
