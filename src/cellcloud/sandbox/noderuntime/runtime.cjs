@@ -191,7 +191,7 @@ async function tryImport(file) {
 async function loadModule(appRoot, moduleRoot, moduleName) {
   const base = path.resolve(appRoot, moduleRoot, moduleName);
   try {
-    const bare = fs.existsSync(base) && fs.statSync(base).isFile() ? require(base) : undefined;
+    const bare = tryRequire(base); // an extensionless file (or a folder), as AWS loads it
     if (bare) return bare;
     const esm = hasPackageJsonTypeModule(path.dirname(base));
     if (!esm) {
