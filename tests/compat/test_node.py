@@ -29,6 +29,10 @@ ONE = [pytest.param(min(INSTALLED) if INSTALLED else 20,
                     marks=pytest.mark.skipif(not INSTALLED, reason="no Node installed"))]
 
 INDEX_JS = r"""
+const writeCode = () => {  // the Node install is bound read-only into the environment
+  try { require("fs").writeFileSync(process.execPath + ".tamper", "x"); return "written"; }
+  catch (e) { return e.code; }
+};
 exports.handler = async (event, context) => {
   console.log("hello from", process.version, "\nsecond line");
   return {
@@ -38,7 +42,7 @@ exports.handler = async (event, context) => {
     awsRequestId: context.awsRequestId, logGroupName: context.logGroupName,
     logStreamName: context.logStreamName, left: context.getRemainingTimeInMillis(),
     waits: context.callbackWaitsForEmptyEventLoop, nodePath: process.env.NODE_PATH,
-    execEnv: process.env.AWS_EXECUTION_ENV, gc: typeof global.gc,
+    execEnv: process.env.AWS_EXECUTION_ENV, gc: typeof global.gc, runtimeTree: writeCode(),
   };
 };
 exports.fails = async () => {
@@ -96,6 +100,7 @@ def test_node_handlers(lam: Any, major: int) -> None:
     assert out["logGroupName"] == f"/aws/lambda/{name}" and out["logStreamName"]
     assert 0 < out["left"] <= 30_000
     assert out["execEnv"] == f"AWS_Lambda_{runtime}" and out["gc"] == "function"
+    assert out["runtimeTree"] == "EROFS"
     assert out["nodePath"].split(":")[:2] == [f"/opt/nodejs/node{major}/node_modules",
                                               "/opt/nodejs/node_modules"]
     # nodejs24.x dropped the callback API from the context, as Lambda's did.
