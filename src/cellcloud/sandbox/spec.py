@@ -69,4 +69,10 @@ class EnvSpec:
         }
         for k, v in self.environment.items():
             env.setdefault(k, v)
+        if self.runtime.startswith("nodejs"):
+            # As Lambda's Node runtimes set it (layers first); a function's own value wins.
+            major = self.runtime.removeprefix("nodejs").split(".")[0]
+            env.setdefault("NODE_PATH", f"/opt/nodejs/node{major}/node_modules:"
+                           "/opt/nodejs/node_modules:/var/runtime/node_modules:/var/runtime:"
+                           "/var/task")
         return env

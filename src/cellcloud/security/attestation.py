@@ -65,6 +65,11 @@ def measure_runtime(runtime_argv: list[str]) -> str:
     for name in ("guest.py", "pyruntime.py", "runtime_api.py"):
         with open(os.path.join(sandbox, name), "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
+    # A runtime client script the interpreter runs (the Node runtime's runtime.cjs).
+    for arg in runtime_argv[1:]:
+        if arg.startswith(sandbox + os.sep) and os.path.isfile(arg) and not arg.endswith(".py"):
+            with open(arg, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()
 
 
