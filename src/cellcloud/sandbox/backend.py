@@ -32,7 +32,7 @@ class Backend(Protocol):
     name: str
 
     def start(self) -> None: ...
-    async def spawn(self, spec: EnvSpec) -> Spawned: ...
+    async def spawn(self, spec: EnvSpec, netns_fd: int | None = None) -> Spawned: ...
     def kill(self, pid: int) -> None: ...
     def close(self) -> None: ...
 
@@ -61,21 +61,25 @@ class JailBackend:
         theirs.close()
         self._ctl = ours
 
-    def _spawn_sync(self, packed: bytes, guest_end: socket.socket) -> dict[str, object]:
+    def _spawn_sync(self, packed: bytes, guest_end: socket.socket,
+                    netns_fd: int | None = None) -> dict[str, object]:
         assert self._ctl is not None
+        fds = [guest_end.fileno()] + ([netns_fd] if netns_fd is not None else [])
         with self._lock:
-            socket.send_fds(self._ctl, [packed], [guest_end.fileno()])
+            socket.send_fds(self._ctl, [packed], fds)
             reply = self._ctl.recv(65536)
         if not reply:
             raise RuntimeError("the zygote is gone")
         doc: dict[str, object] = msgpack.unpackb(reply, raw=False)
         return doc
 
-    async def spawn(self, spec: EnvSpec) -> Spawned:
+    async def spawn(self, spec: EnvSpec, netns_fd: int | None = None) -> Spawned:
+        """``netns_fd``: a network namespace for the environment to join (the caller keeps
+        and closes it); none: the environment unshares an empty one (loopback only)."""
         ours, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             packed = msgpack.packb(spec.to_wire(), use_bin_type=True)
-            reply = await asyncio.to_thread(self._spawn_sync, packed, guest_end)
+            reply = await asyncio.to_thread(self._spawn_sync, packed, guest_end, netns_fd)
         except BaseException:
             ours.close()
             raise
