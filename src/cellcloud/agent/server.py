@@ -393,7 +393,10 @@ class Agent:
                     "envs": [{"env_id": e} for e in self.envs], "counters": dict(self.counters)}
         net: dict[str, Any] = {}
         if self.network is not None:
-            net = await asyncio.to_thread(self.network.counters)
+            try:
+                net = await asyncio.to_thread(self.network.counters)
+            except (OSError, RuntimeError) as e:
+                net = {"error": str(e)}
         envs = []
         for env_id, rec in self.envs.items():
             u = rec.cgroup.usage()
@@ -424,7 +427,9 @@ class Agent:
             "memory_committed_bytes": sum(r.spec.memory_mb for r in self.envs.values()) * 2**20,
             "oversubscription": self.oversubscription,
             "network": ({**self.network.info, "helper": net.get("helper", {}),
-                         "dns": net.get("dns", {})} if self.network is not None
+                         "dns": net.get("dns", {}), "alive": self.network.alive(),
+                         **({"error": net["error"]} if "error" in net else {})}
+                        if self.network is not None
                         else {"mode": "none"}),
         }
 

@@ -1,0 +1,81 @@
+"""`cellcloud up` gives environments the network by default; `cellcloud down` removes it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from cellcloud.network import policy
+from tests.conftest import make_zip
+from tests.integration.conftest import start_region, stop_region
+
+from .conftest import World, leftovers
+
+pytestmark = pytest.mark.timeout(600)
+
+CODE = '''
+import socket, urllib.request
+def handler(event, context):
+    body = urllib.request.urlopen(event["url"], timeout=10).read().decode()
+    try:
+        socket.create_connection((event["host"], event["port"]), timeout=5).close()
+        host = "reached"
+    except OSError as e:
+        host = type(e).__name__
+    return {"body": body, "host": host}
+'''
+
+
+def _prefixes(state_dir: str, agents: list[str]) -> list[str]:
+    """The helper prefix of each agent, as agent/server.py derives it."""
+    import hashlib
+    import os
+
+    out = []
+    for a in agents:
+        sd = os.path.abspath(os.path.join(state_dir, "cells", "cell-1", "agents", a))
+        group = f"{a}-{hashlib.sha256(sd.encode()).hexdigest()[:8]}"
+        out.append(policy.prefix_for(group))
+    return out
+
+
+def test_region_default_egress_and_cleanup(world: World) -> None:
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="cellcloud-netregion-")
+    region = start_region(d, "--agents-per-cell", "1")
+    prefixes = _prefixes(d, ["cell-1-agent-0"])
+    try:
+        region.client.create_function("netfn", make_zip({"app.py": CODE}), "app.handler")
+        port = int(region.endpoint.rsplit(":", 1)[1])
+        res = region.client.invoke("netfn", {"url": f"http://{world.addr}:8080/",
+                                             "host": "127.0.0.1", "port": port})
+        out = res.json()
+        assert out["body"] == world.token, out
+        # The router's port on this host: local to the host, so denied (from the
+        # environment 127.0.0.1 is its own loopback; the host's world-facing address is not).
+        res = region.client.invoke("netfn", {"url": f"http://{world.addr}:8080/",
+                                             "host": world.host_addr, "port": port})
+        assert res.json()["host"] != "reached"
+        status = json.loads(region.cli("status", "--json").stdout)
+        nets = list(_find(status, "network"))
+        assert any(isinstance(n, dict) and n.get("tx_bytes", 0) > 0 for n in nets), status
+        assert any(isinstance(n, dict) and n.get("mode") == "egress" and n.get("subnet")
+                   for n in nets), status
+        assert leftovers(prefixes[0])
+    finally:
+        stop_region(region)
+    assert leftovers(prefixes[0]) == []
+
+
+def _find(doc: object, key: str) -> Iterator[object]:
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k == key:
+                yield v
+            yield from _find(v, key)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _find(v, key)
