@@ -47,6 +47,7 @@ message_bytes_max = 64 * 1024
 dns_packet_bytes_max = 4096
 dns_inflight_max = 256
 dns_upstream_timeout_s = 2.0
+prefix_lock_timeout_s = 60.0
 
 
 def nft(script: str) -> None:
@@ -71,6 +72,25 @@ def _write(path: str, value: str) -> None:
             f.write(value)
     except FileNotFoundError:
         pass
+
+
+def lock_prefix(prefix: str, timeout_s: float = prefix_lock_timeout_s) -> int:
+    """Hold the prefix for this process's life. A previous helper with the same prefix (its
+    agent was restarted) still removing its objects holds it too: wait for it, so its teardown
+    never removes what this one builds under the same names."""
+    os.makedirs(LOCK_DIR, exist_ok=True)
+    fd = os.open(os.path.join(LOCK_DIR, prefix), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise RuntimeError(f"another network helper holds {prefix} for over "
+                                   f"{timeout_s:.0f} s") from None
+            time.sleep(0.05)  # polling a lock held by a process that is exiting
 
 
 def claim_subnet(pool: ipaddress.IPv4Network, prefixlen: int, taken: list[ipaddress.IPv4Network],
@@ -431,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         pol = P.Policy(mode=args.mode, region_cidrs=tuple(args.deny),
                        allow_cidrs=tuple(args.allow), conn_rate_per_s=args.conn_rate,
                        conn_burst=args.conn_burst, conns_max=args.conns_max)
+        lock_prefix(args.prefix)
         with IPRoute() as ipr:
             # Our own leftovers first (their addresses would look taken).
             probe = Helper(P.Plan(args.prefix, P.subnets(pool, args.subnet_prefixlen)[0], pool,
