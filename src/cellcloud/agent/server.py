@@ -235,7 +235,8 @@ class Agent:
             if self.network is not None and "net_ns" not in spec.disabled_layers:
                 lease = await asyncio.to_thread(self.network.acquire, env_id)
                 spec.network, netns_fd = lease.info, lease.netns_fd
-            spawned = await self.backend.spawn(spec, netns_fd=netns_fd)
+            spawned = await (self.backend.spawn(spec) if netns_fd is None
+                             else self.backend.spawn(spec, netns_fd=netns_fd))
         except Exception as e:
             self._free_slots.append(slot)
             self.counters["create_failed"] += 1
