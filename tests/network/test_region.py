@@ -11,13 +11,16 @@ from cellcloud.network import policy
 from tests.conftest import make_zip
 from tests.integration.conftest import start_region, stop_region
 
-from .conftest import World, leftovers
+from .conftest import World, leftovers, sh
 
 pytestmark = pytest.mark.timeout(600)
 
 CODE = '''
 import socket, urllib.request
 def handler(event, context):
+    if event.get("stream"):
+        return {"stream": context.log_stream_name,
+                "body": urllib.request.urlopen(event["url"], timeout=10).read().decode()}
     body = urllib.request.urlopen(event["url"], timeout=10).read().decode()
     try:
         socket.create_connection((event["host"], event["port"]), timeout=5).close()
@@ -68,6 +71,44 @@ def test_region_default_egress_and_cleanup(world: World) -> None:
     finally:
         stop_region(region)
     assert leftovers(prefixes[0]) == []
+
+
+def test_live_update_keeps_the_network(world: World) -> None:
+    """`cellcloud agent restart --live`: the successor adopts the running helper with the
+    environments, so a warm environment keeps its interface and its policy."""
+    import subprocess
+    import sys
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="cellcloud-netlive-")
+    region = start_region(d, "--agents-per-cell", "1")
+    prefix = _prefixes(d, ["cell-1-agent-0"])[0]
+    try:
+        region.client.create_function("livenet", make_zip({"app.py": CODE}), "app.handler")
+        event = {"stream": True, "url": f"http://{world.addr}:8080/"}
+        before = region.client.invoke("livenet", event).json()
+        assert before["body"] == world.token
+        rules = sh("nft", "list", "table", "inet", f"cellcloud_{prefix}").stdout
+        res = subprocess.run([sys.executable, "-m", "cellcloud", "agent", "restart",
+                              "cell-1-agent-0", "--live", "--state-dir", d],
+                             capture_output=True, text=True, timeout=150)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["adopted"] >= 1
+        after = region.client.invoke("livenet", event).json()
+        assert after == before  # the same (warm) environment, still reaching the world
+        # The same helper: its table was never rebuilt (same chain set, same elements).
+        now = sh("nft", "list", "table", "inet", f"cellcloud_{prefix}").stdout
+        assert _shape(now) == _shape(rules)
+    finally:
+        stop_region(region)
+    assert leftovers(prefix) == []
+
+
+def _shape(nft_text: str) -> list[str]:
+    """An nft listing without counter values."""
+    import re
+
+    return [re.sub(r"packets \d+ bytes \d+", "", line) for line in nft_text.splitlines()]
 
 
 def _find(doc: object, key: str) -> Iterator[object]:

@@ -574,10 +574,11 @@ async def serve(args: argparse.Namespace) -> None:
         log.warning("no cgroup hierarchy at %s: environments run WITHOUT memory, pids or CPU "
                     "limits (--allow-unlimited)", cgroups.ROOT)
     adopted: list[tuple[dict[str, Any], Any]] = []
+    handed: dict[str, Any] = {}  # from a live update: the running network helper's channel
     listen_sock = None
     if args.adopt:
         # Live update: the previous agent process hands over its socket and environments.
-        listen_sock, adopted = handover.receive(args.adopt)
+        listen_sock, adopted = handover.receive(args.adopt, handed)
         log.warning("adopted %d environments from the previous agent process", len(adopted))
     else:
         swept = cgroups.sweep(group)
@@ -591,15 +592,23 @@ async def serve(args: argparse.Namespace) -> None:
     if args.network != "none":  # also before the lock-down: the helper needs netlink and nft
         from ..network import policy
 
-        network = NetHelperClient(policy.prefix_for(group), NetConfig(
+        net_config = NetConfig(
             mode=args.network, pool=args.net_pool, subnet=args.net_subnet, deny=args.net_deny,
-            allow=args.net_allow, dns_upstreams=args.dns_upstream))
+            allow=args.net_allow, dns_upstreams=args.dns_upstream)
+        network = NetHelperClient(policy.prefix_for(group), net_config)
         try:
-            log.info("network: %s", network.start())
+            if "network" in handed:  # live update: keep the predecessor's helper (and envs' links)
+                network = NetHelperClient.adopt(handed.pop("network"), network.prefix,
+                                                net_config)
+                log.info("network: adopted %s", network.info)
+            else:
+                log.info("network: %s", network.start())
         except RuntimeError as e:
             log.error("%s", e)
             backend.close()
             raise SystemExit(3) from e
+    for unused in handed.values():
+        unused.close()  # a helper handed to an agent without a network tears down on EOF
     found = runtimes.find()  # probes other interpreters: also before the lock-down
     agent = Agent(args.agent_id, state_dir, backend, uid_base=args.uid_base,
                   envs_max=args.envs_max, region=args.region,
@@ -642,9 +651,7 @@ async def serve(args: argparse.Namespace) -> None:
             # this process's zygote go (the environments are not its children's children).
             agent.backend.close()
             if agent.network is not None:
-                # Not yet handed over: the successor's helper rebuilds the agent's network,
-                # so adopted environments lose their interface (docs/design.md).
-                agent.network.close()
+                agent.network.forget()  # the successor holds the helper's channel now
             log.warning("handed over; exiting without touching the environments")
         else:
             agent.close()

@@ -122,12 +122,44 @@ class NetHelperClient:
         doc, _ = self._call({"op": "counters"})
         return doc
 
+    def detach(self) -> int:
+        """Live update: the helper stops dying with this agent (it lives as long as its
+        channel) and the channel's fd is returned, for the successor (SCM_RIGHTS)."""
+        self._call({"op": "detach"})
+        assert self._ctl is not None
+        return self._ctl.fileno()
+
+    def forget(self) -> None:
+        """After a handover: drop this process's end without waiting for or stopping the
+        helper; the successor's copy of the channel keeps it."""
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        self._proc = None
+
+    @classmethod
+    def adopt(cls, ctl: socket.socket, prefix: str, config: NetConfig) -> NetHelperClient:
+        """The successor's side of a handover: the running helper, over the channel given."""
+        c = cls(prefix, config)
+        c._ctl = ctl
+        ctl.setblocking(True)
+        ctl.settimeout(call_timeout_s)
+        c.info, _ = c._call({"op": "info"})
+        return c
+
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        if self._proc is None:  # adopted: alive as long as it answers on its channel
+            return self._ctl is not None
+        return self._proc.poll() is None
 
     def close(self) -> None:
-        """Close the channel: the helper removes everything it made and exits."""
+        """The helper removes everything it made, answers, and exits (also when it is not
+        this process's child: adopted in a live update)."""
         if self._ctl is not None:
+            try:
+                self._call({"op": "shutdown"})
+            except (OSError, RuntimeError, ValueError):
+                pass  # already gone; its own exit path removes what it made
             self._ctl.close()
             self._ctl = None
         if self._proc is not None:

@@ -199,6 +199,8 @@ class Helper:
         self.dns: DnsForwarder | None = None
         self.netns_fds: dict[int, int] = {}  # slot -> its namespace, until acquired
         self.counters = {"acquired": 0, "released": 0, "made": 0, "made_on_demand": 0}
+        self.ready_doc: dict[str, Any] = {}
+        self.torn_down = False
 
     # -- set-up and teardown ----------------------------------------------------------------
     def sweep(self) -> int:
@@ -334,6 +336,15 @@ class Helper:
         if op == "release":
             self.release(str(msg["env_id"]))
             return {}, []
+        if op == "info":
+            return dict(self.ready_doc), []
+        if op == "detach":
+            # Live update: the agent is handing this channel to its successor and will exit;
+            # from now on only the channel's end (EOF) ends this process.
+            from ..sandbox import linux
+
+            linux.prctl(linux.PR_SET_PDEATHSIG, 0)
+            return {}, []
         if op == "counters":
             return {"envs": self.env_counters(),
                     "helper": {**self.counters, "ready": len(self.ready),
@@ -355,8 +366,14 @@ class Helper:
             if not data:
                 return  # the agent is gone
             send_fds: list[int] = []
+            msg = msgpack.unpackb(data, raw=False)
+            if isinstance(msg, dict) and msg.get("op") == "shutdown":
+                self.teardown()  # answered once everything is gone; then this process ends
+                self.torn_down = True
+                ctl.sendall(msgpack.packb({}, use_bin_type=True))
+                return
             try:
-                reply, send_fds = self.handle(msgpack.unpackb(data, raw=False))
+                reply, send_fds = self.handle(msg)
             except Exception as e:  # noqa: BLE001 - answered, the helper goes on
                 reply = {"error": f"{type(e).__name__}: {e}"}
             try:
@@ -465,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         ready = {"ready": True, "subnet": str(subnet), "bridge": helper.plan.bridge,
                  "table": helper.plan.table, "resolver": str(helper.plan.resolver),
                  "mode": pol.mode}
+        helper.ready_doc = ready
     except Exception:  # noqa: BLE001 - reported to the agent, which refuses to start
         ready = {"error": traceback.format_exc()[-2000:]}
         if helper is not None:
@@ -476,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         helper.serve(ctl)
     finally:
-        helper.teardown()
+        if not helper.torn_down:
+            helper.teardown()
 
 
 if __name__ == "__main__":
