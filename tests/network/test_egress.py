@@ -22,7 +22,7 @@ from .conftest import (
     wait_until,
 )
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 PROBE = r'''
 import json, os, socket, subprocess, threading, time, urllib.request

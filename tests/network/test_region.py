@@ -13,7 +13,7 @@ from tests.integration.conftest import start_region, stop_region
 
 from .conftest import World, leftovers, sh
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 CODE = '''
 import socket, urllib.request

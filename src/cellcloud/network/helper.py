@@ -468,12 +468,18 @@ def main(argv: list[str] | None = None) -> None:
         pol = P.Policy(mode=args.mode, region_cidrs=tuple(args.deny),
                        allow_cidrs=tuple(args.allow), conn_rate_per_s=args.conn_rate,
                        conn_burst=args.conn_burst, conns_max=args.conns_max)
+        import shutil
+
+        if shutil.which("nft") is None:
+            raise RuntimeError("the nft tool is missing (Debian: apt-get install nftables); "
+                               "or start the region with --network none")
         lock_prefix(args.prefix)
         with IPRoute() as ipr:
             # Our own leftovers first (their addresses would look taken).
             probe = Helper(P.Plan(args.prefix, P.subnets(pool, args.subnet_prefixlen)[0], pool,
                                   pol), [])
             probe.sweep()
+            probe.ipr.close()
             taken = _host_networks(ipr)
         subnet, _lock_fd = claim_subnet(pool, args.subnet_prefixlen, taken, args.subnet)
         upstreams = args.dns_upstream or P.resolvers_from(open("/etc/resolv.conf").read())
