@@ -62,29 +62,44 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
+def reply(q):
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode().lower())
+        i += 1 + q[i]
+    qtype = struct.unpack("!H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    found = ".".join(labels) == "upstream.test"
+    if found and qtype == 1:
+        ans = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + answer
+        head = q[:2] + b"\x84\x00" + struct.pack("!HHHH", 1, 1, 0, 0)
+    else:
+        ans = b""
+        head = q[:2] + (b"\x84\x00" if found else b"\x84\x03") + struct.pack("!HHHH", 1, 0, 0, 0)
+    return head + question + ans
+
 def dns():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", 53))
     while True:
         q, peer = s.recvfrom(4096)
-        if len(q) < 12:
-            continue
-        i, labels = 12, []
-        while q[i]:
-            labels.append(q[i + 1:i + 1 + q[i]].decode().lower())
-            i += 1 + q[i]
-        qtype = struct.unpack("!H", q[i + 1:i + 3])[0]
-        question = q[12:i + 5]
-        found = ".".join(labels) == "upstream.test"
-        if found and qtype == 1:
-            ans = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + answer
-            head = q[:2] + b"\x84\x00" + struct.pack("!HHHH", 1, 1, 0, 0)
-        else:
-            ans = b""
-            head = q[:2] + (b"\x84\x00" if found else b"\x84\x03") + struct.pack("!HHHH", 1, 0, 0, 0)
-        s.sendto(head + question + ans, peer)
+        if len(q) >= 12:
+            s.sendto(reply(q), peer)
+
+def dns_tcp():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 53))
+    s.listen(16)
+    while True:
+        c, _ = s.accept()
+        with c:
+            n = struct.unpack("!H", c.recv(2, socket.MSG_WAITALL))[0]
+            a = reply(c.recv(n, socket.MSG_WAITALL))
+            c.sendall(struct.pack("!H", len(a)) + a)
 
 threading.Thread(target=dns, daemon=True).start()
+threading.Thread(target=dns_tcp, daemon=True).start()
 srv = ThreadingHTTPServer(("0.0.0.0", 8080), H)
 print("ready", flush=True)
 srv.serve_forever()

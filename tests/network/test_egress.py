@@ -67,6 +67,16 @@ def handler(event, context):
         return sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:])
     if op == "resolv":
         return open("/etc/resolv.conf").read()
+    if op == "dns_tcp":
+        resolver = open("/etc/resolv.conf").read().split()[1]
+        q = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+             + b"".join(bytes([len(p)]) + p.encode() for p in event["name"].split("."))
+             + b"\x00\x00\x01\x00\x01")
+        with socket.create_connection((resolver, 53), timeout=10) as s:
+            s.sendall(len(q).to_bytes(2, "big") + q)
+            n = int.from_bytes(s.recv(2, socket.MSG_WAITALL), "big")
+            a = s.recv(n, socket.MSG_WAITALL)
+        return {"id": a[:2].hex(), "rcode": a[3] & 15, "address": socket.inet_ntoa(a[-4:])}
     if op == "burst":
         socks, started = [], 0
         for _ in range(event["n"]):
@@ -112,6 +122,9 @@ def test_reaches_outside_by_address_and_by_name(net: NetSandbox, world: World) -
     resolv = net.invoke(env, {"op": "resolv"})
     assert resolv.startswith(f"nameserver {net.network.info['resolver']}\n")  # type: ignore[union-attr]
     assert net.invoke(env, {"op": "http", "url": "http://upstream.test:8080/"}) == world.token
+    # DNS over TCP too (what a client does after a truncated UDP answer).
+    assert net.invoke(env, {"op": "dns_tcp", "name": "upstream.test"}) == {
+        "id": "1234", "rcode": 0, "address": world.addr}
     # Counters in the agent's status.
     st = net.status()
     mine = next(e for e in st["envs"] if e["env_id"] == env)["network"]

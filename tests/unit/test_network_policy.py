@@ -63,7 +63,8 @@ def test_ruleset_denies_host_region_and_special_ranges() -> None:
     text = P.ruleset(plan(region_cidrs=("10.9.0.0/16",)))
     # The host: whatever is local when the packet is sent, never a list of addresses.
     assert "fib daddr type local" in text
-    assert 'iifname "cc0a1b2cbr" ip daddr 100.64.4.1 udp dport 53 accept' in text
+    assert ('iifname "cc0a1b2cbr" ip daddr 100.64.4.1 meta l4proto { tcp, udp } th dport 53 '
+            'accept') in text
     assert 'iifname "cc0a1b2cbr" counter reject' in text
     denied = next(line for line in text.splitlines() if "set denied4" in line)
     for cidr in ("169.254.0.0/16", "0.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24",

@@ -46,6 +46,7 @@ LOCK_DIR = "/run/cellcloud/netpool"
 message_bytes_max = 64 * 1024
 dns_packet_bytes_max = 4096
 dns_inflight_max = 256
+dns_tcp_connections_max = 64
 dns_upstream_timeout_s = 2.0
 prefix_lock_timeout_s = 60.0
 
@@ -64,6 +65,16 @@ def nft_json(*args: str) -> dict[str, Any]:
         raise RuntimeError(f"nft failed: {r.stderr.decode(errors='replace')[-2000:]}")
     doc: dict[str, Any] = json.loads(r.stdout or b"{}")
     return doc
+
+
+def _recv_exactly(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed mid-message")
+        out += chunk
+    return out
 
 
 def _write(path: str, value: str) -> None:
@@ -116,8 +127,10 @@ def claim_subnet(pool: ipaddress.IPv4Network, prefixlen: int, taken: list[ipaddr
 
 
 class DnsForwarder:
-    """UDP on the resolver address, port 53: each query is forwarded as it is (no parsing but
-    the 16-bit id) to the host's resolvers in order; no answer -> SERVFAIL."""
+    """UDP and TCP on the resolver address, port 53: each query is forwarded as it is (no
+    parsing but the 16-bit id) to the host's resolvers in order, over the same transport (a
+    truncated UDP answer makes the client retry over TCP); no answer -> SERVFAIL. TCP: one
+    query per connection, at most ``dns_tcp_connections_max`` at once."""
 
     def __init__(self, address: str, upstreams: list[str]) -> None:
         if not upstreams:
@@ -127,8 +140,15 @@ class DnsForwarder:
         self.sock.bind((address, 53))
         self._slots = threading.BoundedSemaphore(dns_inflight_max)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dns")
-        self.counters = {"queries": 0, "answered": 0, "servfail": 0}
+        self.counters = {"queries": 0, "answered": 0, "servfail": 0, "tcp_queries": 0,
+                         "tcp_refused": 0}
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind((address, 53))
+        self.tcp.listen(64)
+        self._tcp_slots = threading.BoundedSemaphore(dns_tcp_connections_max)
         threading.Thread(target=self._serve, name="dns", daemon=True).start()
+        threading.Thread(target=self._serve_tcp, name="dns-tcp", daemon=True).start()
 
     @staticmethod
     def servfail(query: bytes) -> bytes:
@@ -150,6 +170,52 @@ class DnsForwarder:
                 self._reply(self.servfail(query), client)
                 continue
             self._pool.submit(self._forward, query, client)
+
+    def _serve_tcp(self) -> None:
+        while True:
+            try:
+                conn, _peer = self.tcp.accept()
+            except OSError:
+                return
+            if not self._tcp_slots.acquire(blocking=False):
+                self.counters["tcp_refused"] += 1
+                conn.close()
+                continue
+            threading.Thread(target=self._relay_tcp, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read_message(s: socket.socket) -> bytes:
+        head = _recv_exactly(s, 2)
+        return _recv_exactly(s, int.from_bytes(head, "big"))
+
+    def _relay_tcp(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(dns_upstream_timeout_s)
+                query = self._read_message(conn)
+                self.counters["tcp_queries"] += 1
+                if len(query) < 12:
+                    return
+                answer = b""
+                for upstream in self.upstreams:
+                    try:
+                        with socket.create_connection((upstream, 53),
+                                                      timeout=dns_upstream_timeout_s) as up:
+                            up.sendall(len(query).to_bytes(2, "big") + query)
+                            answer = self._read_message(up)
+                    except OSError:
+                        continue
+                    if answer[:2] == query[:2]:
+                        self.counters["answered"] += 1
+                        break
+                else:
+                    self.counters["servfail"] += 1
+                    answer = self.servfail(query)
+                conn.sendall(len(answer).to_bytes(2, "big") + answer)
+        except OSError:
+            pass
+        finally:
+            self._tcp_slots.release()
 
     def _reply(self, data: bytes, client: Any) -> None:
         try:
@@ -181,6 +247,7 @@ class DnsForwarder:
 
     def close(self) -> None:
         self.sock.close()
+        self.tcp.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -21,7 +21,8 @@ Enforced on the host, outside every environment (its veth peer is all it has):
 - no east-west traffic: frames between two bridge ports are dropped (layer 2), and a routed
   packet to another agent's environment is in the pool (layer 3);
 - no ingress: only replies (``ct state established,related``) are forwarded to an environment;
-- exactly one resolver address (the bridge's), UDP port 53, served by the helper's forwarder;
+- exactly one resolver address (the bridge's), port 53 (UDP and TCP), served by the helper's
+  forwarder;
 - anti-spoofing: a bridge port may only send IPv4 and ARP from its own address;
 - per environment: new connections at most ``conn_rate_per_s`` (burst ``conn_burst``) and at most
   ``conns_max`` tracked at once, so one function cannot fill the host's conntrack table.
@@ -214,7 +215,7 @@ def ruleset(plan: Plan) -> str:
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
         # The one resolver: the bridge's address, UDP 53, served by the helper's forwarder.
-        f'    iifname "{br}" ip daddr {plan.resolver} udp dport 53 accept',
+        f'    iifname "{br}" ip daddr {plan.resolver} meta l4proto {{ tcp, udp }} th dport 53 accept',
         # Replies to what the host itself opened (its probes, the forwarder's answers).
         f'    iifname "{br}" ct state established,related accept',
         f'    iifname "{br}" counter {REJECT}',  # the host itself, every region port on it
