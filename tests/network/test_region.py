@@ -104,6 +104,45 @@ def test_live_update_keeps_the_network(world: World) -> None:
     assert leftovers(prefix) == []
 
 
+def test_agent_killed_then_restarted_gets_a_network_again(world: World) -> None:
+    """SIGKILL of an agent: its helper (PDEATHSIG) removes what it made; the restarted agent's
+    helper waits for that (the prefix lock), builds the network again, and `down` leaves
+    nothing behind."""
+    import os
+    import signal
+    import tempfile
+    import time
+
+    from cellcloud.sdk import CellcloudError
+
+    d = tempfile.mkdtemp(prefix="cellcloud-netkill-")
+    region = start_region(d, "--agents-per-cell", "1")
+    prefix = _prefixes(d, ["cell-1-agent-0"])[0]
+    try:
+        region.client.create_function("killnet", make_zip({"app.py": CODE}), "app.handler")
+        event = {"stream": True, "url": f"http://{world.addr}:8080/"}
+        assert region.client.invoke("killnet", event).json()["body"] == world.token
+        old = int(region.region_json()["components"]["cell-1-agent-0"]["pid"])  # type: ignore[index]
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        body = None
+        while time.monotonic() < deadline:  # the supervisor restarts it (with backoff)
+            comp = region.region_json()["components"]["cell-1-agent-0"]  # type: ignore[index]
+            if int(comp["pid"]) != old:
+                try:
+                    res = region.client.invoke("killnet", event)
+                except CellcloudError:  # 429/503 until the cell sees the agent again
+                    res = None
+                if res is not None and res.function_error is None:
+                    body = res.json()["body"]
+                    break
+            time.sleep(0.2)  # polling the restart, bounded by the deadline
+        assert body == world.token
+    finally:
+        stop_region(region)
+    assert leftovers(prefix) == []
+
+
 def _shape(nft_text: str) -> list[str]:
     """An nft listing without counter values."""
     import re
