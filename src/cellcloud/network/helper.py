@@ -27,6 +27,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import queue
 import select
 import signal
 import socket
@@ -262,7 +263,12 @@ class Helper:
         self.free: collections.deque[int] = collections.deque(plan.slots)
         self.ready: collections.deque[int] = collections.deque()
         self.leased: dict[str, int] = {}  # env_id -> slot
-        self.dead: collections.deque[int] = collections.deque()  # released, to destroy
+        # Released slots go to the janitor thread: deleting a veth waits for the kernel
+        # (~40 ms measured), which must not stall the next acquire.
+        self.dead: queue.Queue[int | None] = queue.Queue()
+        self._destroying = 0  # released and not yet destroyed (queued or in progress)
+        self._destroying_lock = threading.Lock()
+        self._janitor: threading.Thread | None = None
         self.dns: DnsForwarder | None = None
         self.netns_fds: dict[int, int] = {}  # slot -> its namespace, until acquired
         self.counters = {"acquired": 0, "released": 0, "made": 0, "made_on_demand": 0}
@@ -297,14 +303,35 @@ class Helper:
         if plan.policy.mode != "none":
             self.dns = DnsForwarder(str(plan.resolver), self.dns_upstreams)
 
+    def start_janitor(self) -> None:
+        self._janitor = threading.Thread(target=self._janitor_loop, name="janitor", daemon=True)
+        self._janitor.start()
+
+    def _janitor_loop(self) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            while (slot := self.dead.get()) is not None:
+                try:
+                    self._destroy(slot, ipr=ipr)
+                except Exception:  # noqa: BLE001 - logged; the slot stays out of the free list
+                    sys.stderr.write("network helper: destroy failed:\n"
+                                     + traceback.format_exc()[-2000:])
+                finally:
+                    with self._destroying_lock:
+                        self._destroying -= 1
+
     def teardown(self) -> None:
         if self.dns is not None:
             self.dns.close()
-        for slot in list(self.ready) + list(self.leased.values()) + list(self.dead):
+        if self._janitor is not None:
+            self.dead.put(None)  # after every queued slot: they are destroyed first
+            self._janitor.join(timeout=60)
+            self._janitor = None
+        for slot in list(self.ready) + list(self.leased.values()):
             self._destroy(slot, rules=False)
         self.ready.clear()
         self.leased.clear()
-        self.dead.clear()
         try:
             self.ipr.link("del", index=self.bridge_index)
         except Exception:  # noqa: BLE001
@@ -340,9 +367,9 @@ class Helper:
         self.counters["made"] += 1
         return slot
 
-    def _destroy(self, slot: int, rules: bool = True) -> None:
+    def _destroy(self, slot: int, rules: bool = True, ipr: Any = None) -> None:
         try:
-            self.ipr.link("del", ifname=self.plan.veth(slot))  # its peer goes with it
+            (ipr or self.ipr).link("del", ifname=self.plan.veth(slot))  # its peer goes too
         except Exception:  # noqa: BLE001 - never made, or gone with its namespace
             pass
         fd = self.netns_fds.pop(slot, -1)
@@ -372,7 +399,9 @@ class Helper:
     def release(self, env_id: str) -> None:
         slot = self.leased.pop(env_id, None)
         if slot is not None:
-            self.dead.append(slot)
+            with self._destroying_lock:
+                self._destroying += 1
+            self.dead.put(slot)
             self.counters["released"] += 1
 
     def env_counters(self) -> dict[str, dict[str, int]]:
@@ -381,9 +410,6 @@ class Helper:
 
     def idle_work(self) -> bool:
         """One unit of background work; False when there is none."""
-        if self.dead:
-            self._destroy(self.dead.popleft())
-            return True
         if len(self.ready) < self.pool_ready and self.free:
             try:
                 self.ready.append(self.make_slot())
@@ -415,7 +441,7 @@ class Helper:
         if op == "counters":
             return {"envs": self.env_counters(),
                     "helper": {**self.counters, "ready": len(self.ready),
-                               "leased": len(self.leased), "to_destroy": len(self.dead)},
+                               "leased": len(self.leased), "to_destroy": self._destroying},
                     "dns": dict(self.dns.counters) if self.dns else {}}, []
         raise ValueError(f"unknown op {op!r}")
 
@@ -552,6 +578,7 @@ def main(argv: list[str] | None = None) -> None:
         upstreams = args.dns_upstream or P.resolvers_from(open("/etc/resolv.conf").read())
         helper = Helper(P.Plan(args.prefix, subnet, pool, pol), upstreams, args.pool_ready)
         helper.setup()
+        helper.start_janitor()
         ready = {"ready": True, "subnet": str(subnet), "bridge": helper.plan.bridge,
                  "table": helper.plan.table, "resolver": str(helper.plan.resolver),
                  "mode": pol.mode}
