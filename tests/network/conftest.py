@@ -78,19 +78,20 @@ def reply(q):
         head = q[:2] + (b"\x84\x00" if found else b"\x84\x03") + struct.pack("!HHHH", 1, 0, 0, 0)
     return head + question + ans
 
-def dns():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 53))
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("0.0.0.0", 53))
+tcp = socket.socket()
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind(("0.0.0.0", 53))
+tcp.listen(16)
+
+def dns(s=udp):
     while True:
         q, peer = s.recvfrom(4096)
         if len(q) >= 12:
             s.sendto(reply(q), peer)
 
-def dns_tcp():
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 53))
-    s.listen(16)
+def dns_tcp(s=tcp):
     while True:
         c, _ = s.accept()
         with c:
@@ -100,6 +101,7 @@ def dns_tcp():
 
 threading.Thread(target=dns, daemon=True).start()
 threading.Thread(target=dns_tcp, daemon=True).start()
+ThreadingHTTPServer.request_queue_size = 128  # bursts of connections are part of the tests
 srv = ThreadingHTTPServer(("0.0.0.0", 8080), H)
 print("ready", flush=True)
 srv.serve_forever()
@@ -242,7 +244,9 @@ def leftovers(prefix: str) -> list[str]:
 @contextlib.contextmanager
 def policy_lifted(sb: NetSandbox) -> Iterator[None]:
     """Negative controls only: remove the agent's filter tables (inet + bridge; NAT stays) for
-    the block, then load them back exactly as they were."""
+    the block, then load them back exactly as they were. First the helper's pool must be
+    settled, or a slot it admits meanwhile would miss from the copy put back."""
+    assert wait_until(lambda: pool_settled(sb)), "the helper's pool did not settle"
     saved = sh("nft", "list", "table", "inet", sb.table).stdout + \
         sh("nft", "list", "table", "bridge", sb.table).stdout
     sh("nft", "delete", "table", "inet", sb.table)
@@ -252,6 +256,12 @@ def policy_lifted(sb: NetSandbox) -> Iterator[None]:
     finally:
         r = subprocess.run(["nft", "-f", "-"], input=saved, text=True, capture_output=True)
         assert r.returncode == 0, r.stderr
+
+
+def pool_settled(sb: NetSandbox) -> bool:
+    h = sb.status()["network"]["helper"]
+    return bool(h["ready"] == sb.network.config.pool_ready  # type: ignore[union-attr]
+                and h["to_destroy"] == 0)
 
 
 def rules_text(sb: NetSandbox) -> str:

@@ -88,6 +88,7 @@ def test_live_update_keeps_the_network(world: World) -> None:
         event = {"stream": True, "url": f"http://{world.addr}:8080/"}
         before = region.client.invoke("livenet", event).json()
         assert before["body"] == world.token
+        _wait_pool_settled(region)
         rules = sh("nft", "list", "table", "inet", f"cellcloud_{prefix}").stdout
         res = subprocess.run([sys.executable, "-m", "cellcloud", "agent", "restart",
                               "cell-1-agent-0", "--live", "--state-dir", d],
@@ -97,6 +98,7 @@ def test_live_update_keeps_the_network(world: World) -> None:
         after = region.client.invoke("livenet", event).json()
         assert after == before  # the same (warm) environment, still reaching the world
         # The same helper: its table was never rebuilt (same chain set, same elements).
+        _wait_pool_settled(region)
         now = sh("nft", "list", "table", "inet", f"cellcloud_{prefix}").stdout
         assert _shape(now) == _shape(rules)
     finally:
@@ -141,6 +143,21 @@ def test_agent_killed_then_restarted_gets_a_network_again(world: World) -> None:
     finally:
         stop_region(region)
     assert leftovers(prefix) == []
+
+
+def _wait_pool_settled(region: object) -> None:
+    """Until the agent's helper has its pool full and nothing left to destroy (bounded)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        nets = [n for n in _find(region.client.status(), "network")  # type: ignore[attr-defined]
+                if isinstance(n, dict) and "helper" in n]
+        if nets and all(n["helper"].get("ready") == 4 and n["helper"].get("to_destroy") == 0
+                        for n in nets):
+            return
+        time.sleep(0.05)  # polling the helper's state, bounded by the deadline
+    raise AssertionError("the network helper's pool did not settle")
 
 
 def _shape(nft_text: str) -> list[str]:

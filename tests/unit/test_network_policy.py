@@ -51,6 +51,7 @@ def test_plan_names_and_addresses() -> None:
     with pytest.raises(P.PolicyError):
         p.address(1)
     assert all(len(n) <= P.IFNAME_BYTES_MAX for n in (p.bridge, p.veth(1022)))
+    assert p.bridge_mac == "02:cc:00:0a:1b:2c"
     assert p.veth(2).startswith(p.prefix) and p.bridge.startswith(p.prefix)
     info = p.env_info(7)
     assert info["address"] == "100.64.4.7" and info["resolver"] == "100.64.4.1"

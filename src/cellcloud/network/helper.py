@@ -50,18 +50,24 @@ dns_inflight_max = 256
 dns_tcp_connections_max = 64
 dns_upstream_timeout_s = 2.0
 prefix_lock_timeout_s = 60.0
+refill_quiet_s = 0.02  # the pool is topped up once no request came for this long
+
+
+_nft_lock = threading.Lock()  # one nft run at a time (the janitor runs beside the main loop)
 
 
 def nft(script: str) -> None:
     """Apply an nftables script atomically (``nft -f -``: one transaction)."""
-    r = subprocess.run(["nft", "-f", "-"], input=script.encode(), capture_output=True,
-                       timeout=30)
+    with _nft_lock:
+        r = subprocess.run(["nft", "-f", "-"], input=script.encode(), capture_output=True,
+                           timeout=30)
     if r.returncode != 0:
         raise RuntimeError(f"nft failed: {r.stderr.decode(errors='replace')[-2000:]}")
 
 
 def nft_json(*args: str) -> dict[str, Any]:
-    r = subprocess.run(["nft", "-j", *args], capture_output=True, timeout=30)
+    with _nft_lock:
+        r = subprocess.run(["nft", "-j", *args], capture_output=True, timeout=30)
     if r.returncode != 0:
         raise RuntimeError(f"nft failed: {r.stderr.decode(errors='replace')[-2000:]}")
     doc: dict[str, Any] = json.loads(r.stdout or b"{}")
@@ -295,6 +301,9 @@ class Helper:
         _write("/proc/sys/net/ipv4/ip_forward", "1")
         self.ipr.link("add", ifname=plan.bridge, kind="bridge")
         br = self.ipr.link_lookup(ifname=plan.bridge)[0]
+        # A fixed MAC: a bridge otherwise takes its lowest port's, which changes as
+        # environments come and go, and environments' cached gateway entry goes stale.
+        self.ipr.link("set", index=br, address=plan.bridge_mac)
         _write(f"/proc/sys/net/ipv6/conf/{plan.bridge}/disable_ipv6", "1")
         self.ipr.addr("add", index=br, address=str(plan.gateway), prefixlen=plan.subnet.prefixlen)
         self.ipr.link("set", index=br, state="up")
@@ -446,9 +455,15 @@ class Helper:
         raise ValueError(f"unknown op {op!r}")
 
     def serve(self, ctl: socket.socket) -> None:
+        last_request = 0.0
         while True:
-            while not select.select([ctl], [], [], 0)[0]:
-                if not self.idle_work():
+            # Refill only after a quiet spell: a refill right after an acquire would compete
+            # for the CPU with the very cold start that acquire is part of.
+            while len(self.ready) < self.pool_ready and self.free:
+                quiet_left = last_request + refill_quiet_s - time.monotonic()
+                if select.select([ctl], [], [], max(0.0, quiet_left))[0]:
+                    break
+                if quiet_left <= 0 and not self.idle_work():
                     break
             try:
                 data, fds, _flags, _addr = socket.recv_fds(ctl, message_bytes_max, 1)
@@ -458,6 +473,7 @@ class Helper:
                 os.close(fd)
             if not data:
                 return  # the agent is gone
+            last_request = time.monotonic()
             send_fds: list[int] = []
             msg = msgpack.unpackb(data, raw=False)
             if isinstance(msg, dict) and msg.get("op") == "shutdown":

@@ -145,6 +145,12 @@ class Plan:
         return self.prefix + "br"
 
     @property
+    def bridge_mac(self) -> str:
+        """Locally administered, unicast, derived from the prefix (never a port's)."""
+        digits = self.prefix[2:]  # 6 hex digits
+        return "02:cc:00:" + ":".join(digits[i:i + 2] for i in (0, 2, 4))
+
+    @property
     def table(self) -> str:
         return "cellcloud_" + self.prefix
 
