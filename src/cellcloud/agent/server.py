@@ -1,5 +1,5 @@
-"""The agent server. Four operations, nothing else: ``create_env``, ``invoke``, ``destroy``,
-``status``. It never opens a connection (``lockdown``); it reaches each environment over the
+"""The agent server. A fixed set of operations, nothing else: ``create_env``, ``invoke``,
+``destroy``, ``status``, ``attest``, ``forget_bundles``. It never opens a connection (``lockdown``); it reaches each environment over the
 socketpair it created for it, and no environment can reach it.
 """
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,18 @@ log = logging.getLogger("cellcloud.agent")
 channel_frame_bytes_max = 8 * 1024 * 1024
 remeasure_interval_s = 30
 env_baseline_bytes = 8 * 1024 * 1024  # what a new idle environment adds, roughly (density bench)
+
+
+def _is_digest(value: object) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
+
+
+def _disk(path: str) -> dict[str, Any]:
+    """Free and total bytes of the filesystem holding ``path`` (the unpacked bundles)."""
+    st = os.statvfs(path)
+    return {"path": path, "free_bytes": st.f_bavail * st.f_frsize,
+            "total_bytes": st.f_blocks * st.f_frsize}
 
 
 def _host_memory_bytes() -> int:
@@ -164,8 +177,15 @@ class Agent:
         # region CA (a CA of its own when it runs outside a region, as in tests).
         self.identity = identity or pki.tls_config(state_dir, region, "agent", cell, agent_id)
         self._measured: dict[str, str] = {}  # bundle/layer dir -> digest recorded at unpack
+        # Digests a create_env is using right now (not to be forgotten under it), and digests
+        # the frontend no longer wants that an environment still runs from (dropped when the
+        # last such environment goes).
+        self._bundle_pins: dict[str, int] = {}
+        self._forget_later: set[str] = set()
+        self.sweep_bundles()
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
-                    "destroy": self.destroy, "status": self.status, "attest": self.attest}
+                    "destroy": self.destroy, "status": self.status, "attest": self.attest,
+                    "forget_bundles": self.forget_bundles}
 
     # -- operations -------------------------------------------------------------------------
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -184,6 +204,20 @@ class Agent:
         if self.memory_used_bytes + env_baseline_bytes > self.memory_budget_bytes:
             raise OpError("HostMemoryExhausted", f"{self.memory_used_bytes >> 20} MB in use of a "
                           f"{self.memory_budget_bytes >> 20} MB budget")
+        digests = {str(body["bundle_sha256"]), *map(str, body["function"].get("layers", []))}
+        for sha in digests:
+            self._bundle_pins[sha] = self._bundle_pins.get(sha, 0) + 1
+            self._forget_later.discard(sha)  # wanted again
+        try:
+            return await self._create_env_pinned(body, env_id)
+        finally:
+            for sha in digests:
+                self._bundle_pins[sha] -= 1
+                if not self._bundle_pins[sha]:
+                    del self._bundle_pins[sha]
+            self._forget_unused()
+
+    async def _create_env_pinned(self, body: dict[str, Any], env_id: str) -> dict[str, Any]:
         pushed: dict[str, bytes] = body.get("bundles") or {}
         bundle_sha = str(body["bundle_sha256"])
         bundle_dir = self._bundle(bundle_sha, pushed.get(bundle_sha))
@@ -374,6 +408,28 @@ class Agent:
             self._remove(env_id)
         return {"destroyed": found}
 
+    async def forget_bundles(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The frontend no longer holds these digests: drop their unpacked copies now, or,
+        for one an environment still runs from (or is being created from), when the last such
+        environment goes."""
+        digests = body.get("sha256") if isinstance(body, dict) else None
+        if not isinstance(digests, list) or len(digests) > DEFAULT_LIMITS.forget_bundles_digests_max:
+            raise OpError("InvalidRequest", "sha256 must be a list of at most "
+                          f"{DEFAULT_LIMITS.forget_bundles_digests_max} digests")
+        for sha in digests:
+            if not _is_digest(sha):
+                raise OpError("InvalidBundle", "each digest must be 64 hex digits")
+        in_use = self._bundles_in_use()
+        forgotten, deferred = [], []
+        for sha in digests:
+            if sha in in_use:
+                self._forget_later.add(sha)
+                deferred.append(sha)
+            else:
+                self._drop_bundle(sha)
+                forgotten.append(sha)
+        return {"forgotten": forgotten, "deferred": deferred}
+
     async def status(self, body: Any = None) -> dict[str, Any]:
         if isinstance(body, dict) and body.get("light"):
             # The frontend's liveness poll: no per-environment cgroup or smaps reads.
@@ -404,11 +460,14 @@ class Agent:
             "memory_used_bytes": self.memory_used_bytes,
             "memory_committed_bytes": sum(r.spec.memory_mb for r in self.envs.values()) * 2**20,
             "oversubscription": self.oversubscription,
+            "disk": _disk(self.state_dir),
+            "bundles": len([e for e in os.listdir(self.bundles_dir) if _is_digest(e)]),
+            "bundles_to_forget": len(self._forget_later),
         }
 
     # -- internals --------------------------------------------------------------------------
     def _bundle(self, sha: str, data: bytes | None) -> str:
-        if not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        if not _is_digest(sha):
             raise OpError("InvalidBundle", "bundle_sha256 must be 64 hex digits")
         path = os.path.join(self.bundles_dir, sha)
         if os.path.isdir(path):
@@ -417,21 +476,78 @@ class Agent:
             raise OpError("BundleMissing", sha, sha256=sha)
         if sha256_hex(data) != sha:
             raise OpError("BundleDigestMismatch", "the bundle does not hash to bundle_sha256")
+        # Unpacked under a temp name and renamed into place only when complete; on any
+        # failure (a malformed member, a full disk) the temp tree is removed.
         tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
         try:
             extract_zip(data, tmp)
+            digest = attestation.measure_tree(tmp)
+            with open(tmp + ".measure", "w") as f:
+                f.write(digest)
+            try:
+                os.rename(tmp + ".measure", path + ".measure")
+                os.rename(tmp, path)
+            except OSError:  # a concurrent create won the race; theirs is identical
+                pass
         except LambdaError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise OpError("InvalidBundle", e.message) from e
-        digest = attestation.measure_tree(tmp)
-        with open(tmp + ".measure", "w") as f:
-            f.write(digest)
-        try:
-            os.rename(tmp + ".measure", path + ".measure")
-            os.rename(tmp, path)
-        except OSError:  # a concurrent create won the race; theirs is identical
+        except OSError as e:
+            raise OpError("BundleUnpackFailed", f"could not unpack the bundle on this host: "
+                          f"{e.strerror or e}") from e
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp + ".measure")
         return path
+
+    def sweep_bundles(self) -> list[str]:
+        """At start: unpack temp trees a previous process left (it crashed or failed mid-
+        unpack). A temp tree of a process still alive (the predecessor during a live update)
+        is left to it. What it removed."""
+        removed = []
+        for entry in sorted(os.listdir(self.bundles_dir)):
+            _, sep, rest = entry.partition(".tmp-")
+            if not sep:
+                continue
+            pid = rest.split("-", 1)[0].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and os.path.exists(f"/proc/{pid}"):
+                continue
+            target = os.path.join(self.bundles_dir, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+            removed.append(entry)
+        if removed:
+            log.warning("removed %d partly unpacked bundles left by a previous agent process",
+                        len(removed))
+        return removed
+
+    def _bundles_in_use(self) -> set[str]:
+        used = set(self._bundle_pins)
+        for rec in self.envs.values():
+            for d in [rec.spec.bundle_dir, *rec.spec.layer_dirs]:
+                used.add(os.path.basename(d))
+        return used
+
+    def _drop_bundle(self, sha: str) -> None:
+        path = os.path.join(self.bundles_dir, sha)
+        self._forget_later.discard(sha)
+        self._measured.pop(path, None)
+        if os.path.isdir(path):
+            # Out of sight first (one rename), then removed: a crash in between leaves a temp
+            # tree that the next start sweeps.
+            doomed = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + ".measure")
+
+    def _forget_unused(self) -> None:
+        if self._forget_later:
+            for sha in self._forget_later - self._bundles_in_use():
+                self._drop_bundle(sha)
 
     def _recorded(self, path: str) -> str | None:
         if path not in self._measured:
@@ -501,6 +617,7 @@ class Agent:
             self._zombie_cgroups.append(rec.cgroup)
         self._free_slots.append(rec.slot)
         self.counters["destroyed"] += 1
+        self._forget_unused()
 
     async def housekeeping(self) -> None:
         ticks = 0

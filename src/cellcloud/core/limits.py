@@ -45,6 +45,10 @@ class Limits:
     list_functions_page_max: int = 50
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)
     functions_per_tenant_max: int = 10_000
+    # Held back on the cell's state disk for deletes when it is full (SQLite's WAL needs room
+    # to delete); given up on ENOSPC during a delete, taken back when there is room again.
+    state_disk_reserve_bytes: int = 8 * MiB
+    forget_bundles_digests_max: int = 1000  # digests in one agent ``forget_bundles`` call
 
 
 DEFAULT_LIMITS = Limits()

@@ -19,7 +19,7 @@ from ..core.errors import LambdaError
 from ..core.validation import parse_function_ref
 from . import events
 from .cell import Cell, page_size
-from .store import config_doc, function_arn
+from .store import StateDiskFull, config_doc, function_arn, is_disk_full
 
 Reply = dict[str, Any]
 Match = dict[str, str]
@@ -514,6 +514,10 @@ async def handle(cell: Cell, req: dict[str, Any]) -> Reply:
     except LambdaError as e:
         return {"s": e.status, "h": e.headers(), "b": e.body()}
     except Exception as e:  # a bug: answer Lambda-shaped, log it, keep serving
+        if is_disk_full(e):  # a write outside the function store (async events, queues)
+            err: LambdaError = StateDiskFull(cell.store.disk_space().path,
+                                             f"{req.get('m')} {req.get('p')}")
+            return {"s": err.status, "h": err.headers(), "b": err.body()}
         log.exception("unexpected error on %s %s", req.get("m"), req.get("p"))
         err = LambdaError(500, "ServiceException", f"Internal error: {type(e).__name__}")
         return {"s": err.status, "h": err.headers(), "b": err.body()}
