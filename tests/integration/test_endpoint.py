@@ -190,7 +190,9 @@ def test_declared_length_over_the_limit_is_refused_before_the_body(router: Route
         s.sendall(request_head("POST", path, {**h, "content-length": str(size)}))
         status, headers, _ = read_response(s)
         assert (status, headers["x-amzn-errortype"]) == (413, "RequestEntityTooLargeException")
-        assert headers["connection"] == "close"
+        # A rest of up to 8 MiB is read and dropped (the client can read the answer while it
+        # sends); more is cut off. Either way the router holds none of it.
+        assert (headers.get("connection") == "close") == (size > 8 * 2**20)
         s.close()
 
 

@@ -46,6 +46,9 @@ class Limits:
     http_header_line_bytes_max: int = 8 * 1024  # the request line or one header line
     http_header_bytes_max: int = 64 * 1024  # request line + all header lines
     http_headers_max: int = 100
+    # Answered before its body arrived (403, 413): a declared body up to this is read and
+    # dropped so the client can read the answer; a larger or chunked one is cut off (close).
+    http_drain_bytes_max: int = 8 * MiB
     # Client JSON (payloads, API bodies): deeper nesting is refused before any parser recurses.
     json_depth_max: int = 512
 

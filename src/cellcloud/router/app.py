@@ -190,8 +190,12 @@ class Router:
             status, headers, body = err.status, err.headers(), err.body()
         out = [(k.encode(), v.encode()) for k, v in headers.items()]
         out.append((b"content-length", b"%d" % len(body)))  # not chunked: one write, no trailer
-        if body_state.pending:
-            # Answered before the client sent all of its body: close rather than read the rest.
+        if body_state.pending and not (
+                body_state.declared is not None
+                and body_state.declared <= self.limits.http_drain_bytes_max):
+            # Answered before the client sent its body: a small declared rest is read and
+            # dropped (under the connection's body deadline) so that a client still sending
+            # can read the answer; a large or chunked one is cut off.
             out.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
