@@ -74,6 +74,8 @@ def test_stalled_connections_do_not_fail_normal_invokes(small_fd_region: Region)
                     failures.append(repr(got))
             except Exception as e:  # every failure counts, whatever it is
                 failures.append(f"{type(e).__name__}: {e}")
+            finally:
+                region.client.close()  # a new connection each time: accept() must keep up
             invokes += 1
 
     with nofile_soft(hard):
