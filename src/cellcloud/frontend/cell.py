@@ -24,6 +24,7 @@ from ..core import errors
 from ..core.aliases import VERSION, check_alias_name, check_routing, pick_version
 from ..core.bundle import BundleInfo, inspect_zip
 from ..core.errors import LambdaError
+from ..core.jsondepth import check_json_depth
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.placement import Create, Placement, Throttle, Use
 from ..core.poison import PoisonDetector, PoisonParams
@@ -1031,6 +1032,7 @@ class Cell:
                 f"type (limit {self.limits.invoke_payload_bytes_max} bytes)",
             )
         if payload:
+            check_json_depth(payload, self.limits.json_depth_max)
             try:
                 json.loads(payload)
             except (ValueError, UnicodeDecodeError) as e:
