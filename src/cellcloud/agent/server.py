@@ -92,6 +92,26 @@ class _EnvChannel(asyncio.Protocol):
             self.waiter = None
 
 
+    async def shutdown(self, reason: str, timeout_s: float) -> bytes:
+        """Ask the guest to run Lambda's SHUTDOWN phase; its last logs, once it said goodbye
+        (or nothing, when it closed, sent something else or overran ``timeout_s``)."""
+        if self.transport is None or self.transport.is_closing():
+            return b""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        doc: dict[str, Any] | None = {"t": "shutdown", "reason": reason}
+        while True:
+            try:
+                frame = await self.request(doc, max(0.0, deadline - loop.time()))
+            except (TimeoutError, ConnectionError):
+                return b""
+            doc = None
+            if frame.get("t") == "bye":
+                logs = frame.get("logs")
+                return logs if isinstance(logs, bytes) else b""
+            # a late result of an invocation that timed out: not the goodbye, keep waiting
+
+
 def _expire(fut: asyncio.Future[dict[str, Any]]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
@@ -164,6 +184,7 @@ class Agent:
         # region CA (a CA of its own when it runs outside a region, as in tests).
         self.identity = identity or pki.tls_config(state_dir, region, "agent", cell, agent_id)
         self._measured: dict[str, str] = {}  # bundle/layer dir -> digest recorded at unpack
+        self._shutdowns: set[asyncio.Task[bytes]] = set()  # graceful ends under way
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
                     "destroy": self.destroy, "status": self.status, "attest": self.attest}
 
@@ -318,7 +339,7 @@ class Agent:
             )
         except TimeoutError:
             self.counters["timeouts"] += 1
-            self._remove(env_id)
+            self._shutdown_soon(env_id, "timeout")
             return self._failure(
                 "Sandbox.Timedout",
                 f"RequestId: {request_id} Error: Task timed out after {timeout_ms / 1000:.2f} seconds",
@@ -344,8 +365,8 @@ class Agent:
             return self._failure("Runtime.InvalidResponse", "the runtime answered out of turn",
                                  started)
         alive = not result.get("fatal")
-        if not alive:  # the runtime exited: this environment cannot serve another invoke
-            self._remove(env_id)
+        if not alive:  # the runtime (or an extension) exited: no other invoke here
+            self._shutdown_soon(env_id, "failure")
         return {
             "status": "ok" if result["ok"] else "function_error",
             "payload": result["payload"],
@@ -369,10 +390,13 @@ class Agent:
 
     async def destroy(self, body: dict[str, Any]) -> dict[str, Any]:
         env_id = str(body["env_id"])
-        found = env_id in self.envs
-        if found:
-            self._remove(env_id)
-        return {"destroyed": found}
+        rec = self.envs.get(env_id)
+        if rec is None:
+            return {"destroyed": False}
+        # Lambda's SHUTDOWN phase first (extensions get their event), then the kill; the
+        # environment's last logs go back to the caller, which files them with the function's.
+        logs = await self._shutdown(env_id, "spindown")
+        return {"destroyed": True, "function_key": rec.function_key, "logs": logs}
 
     async def status(self, body: Any = None) -> dict[str, Any]:
         if isinstance(body, dict) and body.get("light"):
@@ -491,8 +515,29 @@ class Agent:
         self._next_slot += 1
         return self._next_slot - 1
 
+    def _shutdown_soon(self, env_id: str, reason: str) -> None:
+        task = asyncio.ensure_future(self._shutdown(env_id, reason))
+        self._shutdowns.add(task)
+        task.add_done_callback(self._shutdowns.discard)
+
+    async def _shutdown(self, env_id: str, reason: str) -> bytes:
+        """End an environment the way Lambda does: SHUTDOWN (``spindown``, ``timeout`` or
+        ``failure``) with its budget — 2 s with extensions registered, 500 ms for the runtime
+        without (the guest keeps to it) — then kill whatever is left."""
+        rec = self.envs.pop(env_id, None)
+        if rec is None:
+            return b""
+        budget_s = DEFAULT_LIMITS.env_shutdown_ms_with_extensions / 1000
+        try:
+            # A margin over the guest's own budget for its goodbye frame; never more.
+            return await rec.channel.shutdown(reason, budget_s + 1.0)
+        finally:
+            self._stop(rec)
+
     def _remove(self, env_id: str) -> None:
-        rec = self.envs.pop(env_id)
+        self._stop(self.envs.pop(env_id))
+
+    def _stop(self, rec: EnvRecord) -> None:
         self.backend.kill(rec.spawned.pid)
         if rec.channel.transport is not None:
             rec.channel.transport.close()

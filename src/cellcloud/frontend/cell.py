@@ -1182,11 +1182,19 @@ class Cell:
 
     async def _destroy(self, env_id: str, agent_id: str) -> None:
         try:
-            await self.agents[agent_id].call(
+            res = await self.agents[agent_id].call(
                 "destroy", {"env_id": env_id}, timeout_s=self.limits.agent_call_timeout_ms / 1000
             )
         except (TransportError, RemoteError) as e:
             log.info("destroy %s on %s: %s", env_id, agent_id, e)
+            return
+        # What the environment wrote during its SHUTDOWN phase (its extensions' last words)
+        # belongs to the function's logs, as on Lambda.
+        logs = res.get("logs") if isinstance(res, dict) else None
+        key = str(res.get("function_key") or "") if isinstance(res, dict) else ""
+        if isinstance(logs, bytes) and logs and key.count("/") >= 1:
+            account, name = key.split("/")[:2]
+            self._pending_logs.append((account, name, int(time.time() * 1000), "", logs))
 
     # -- housekeeping ----------------------------------------------------------------------------
     async def sync_agents(self, *, first: bool = False) -> None:
