@@ -222,13 +222,16 @@ class Extensions:
     def wait_init_done(self, timeout_s: float) -> bool:
         """Every registered extension called next once (its init is over), or one failed."""
         with self._cond:
-            ok = self._cond.wait_for(
+            return self._cond.wait_for(
                 lambda: self.error is not None
                 or all(x.ready or x.gone for x in self._by_id.values()),
                 timeout_s)
+
+    def end_init(self) -> None:
+        """The init phase is over (done or given up on): registration closes."""
+        with self._cond:
             self.registration_open = False
             self.phase = "invoke"
-            return ok
 
     def begin_invoke(self, event: dict[str, Any]) -> list[str]:
         """Deliver an INVOKE event; returns the ids of the extensions that got it."""
@@ -415,6 +418,8 @@ class Telemetry:
                                  "droppedBytes": sub.dropped_bytes}}
                 sub.dropped_records = sub.dropped_bytes = 0
                 size = len(json.dumps(ev))
+                if not sub.queue:
+                    sub.first_queued = now
                 sub.queue.append((ev, size))
                 sub.queued_bytes += size
             if sub.queue and (self._flush_requested or len(sub.queue) >= sub.max_items

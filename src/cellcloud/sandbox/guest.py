@@ -510,8 +510,7 @@ def _relay(env: _Environment, chan: _Channel, started: float,
                 "errorType": "Extension.InitTimeout",
                 "errorMessage": f"extensions did not finish their init within "
                                 f"{init_timeout_s:.0f} s"}).encode())
-    ext.registration_open = False
-    ext.phase = "invoke"
+    ext.end_init()
     init_error = ext.error or api.init_error
     if init_error is None and api.exited is not None:
         init_error = {"errorType": "Runtime.ExitError",
