@@ -130,6 +130,7 @@ class EnvRecord:
     invocations: int = 0
     init_error: dict[str, Any] | None = None
     init_ms: float = 0.0
+    extensions: int = 0  # extensions registered in it (its SHUTDOWN phase is theirs)
     last_used_ms: int = 0
     max_rss_kb: int = 0
     measurements: dict[str, Any] = field(default_factory=dict)
@@ -268,6 +269,7 @@ class Agent:
             raise OpError("EnvCreateFailed", f"environment did not start: {e!r}") from e
         rec.init_error = ready.get("init_error")
         rec.init_ms = float(ready.get("init_ms", 0))
+        rec.extensions = int(ready.get("extensions", 0))
         if rec.init_error and rec.init_error.get("errorType") == "Runtime.SandboxSetupError":
             self._remove(env_id)
             self.counters["create_failed"] += 1
@@ -311,6 +313,7 @@ class Agent:
                             invocations=int(doc["invocations"]), init_error=doc["init_error"],
                             init_ms=float(doc["init_ms"]), last_used_ms=int(doc["last_used_ms"]),
                             max_rss_kb=int(doc["max_rss_kb"]),
+                            extensions=int(doc.get("extensions", 0)),
                             measurements=dict(doc["measurements"]))
             self.envs[spec.env_id] = rec
         used = {rec.slot for rec in self.envs.values()}
@@ -339,7 +342,10 @@ class Agent:
             )
         except TimeoutError:
             self.counters["timeouts"] += 1
-            self._shutdown_soon(env_id, "timeout")
+            if rec.extensions:  # SHUTDOWN (reason "timeout") for them, then the kill
+                self._shutdown_soon(env_id, "timeout")
+            else:  # nothing to tell: no shutdown phase, as on Lambda
+                self._remove(env_id)
             return self._failure(
                 "Sandbox.Timedout",
                 f"RequestId: {request_id} Error: Task timed out after {timeout_ms / 1000:.2f} seconds",
@@ -366,7 +372,10 @@ class Agent:
                                  started)
         alive = not result.get("fatal")
         if not alive:  # the runtime (or an extension) exited: no other invoke here
-            self._shutdown_soon(env_id, "failure")
+            if rec.extensions:
+                self._shutdown_soon(env_id, "failure")
+            else:
+                self._remove(env_id)
         return {
             "status": "ok" if result["ok"] else "function_error",
             "payload": result["payload"],

@@ -481,16 +481,23 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
     os._exit(0)
 
 
+def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
+    """The agent's next frame; a shutdown is handled here (and ends the process), as is the
+    channel's end."""
+    msg = chan.recv()
+    if msg is None:
+        os._exit(0)
+    if msg.get("t") == "shutdown":
+        env.shutdown(chan, str(msg.get("reason") or "spindown"))
+    return msg
+
+
 def _read_channel(env: _Environment, chan: _Channel, inbox: queue.Queue[dict[str, Any]]) -> None:
-    """The channel's reader: invocations go to the relay; a shutdown is handled right here,
-    even while an invocation runs (a timed-out one, say)."""
+    """With extensions registered, the channel has a reader thread of its own: a shutdown is
+    handled even while an invocation runs (one that timed out, say), so the extensions get
+    their SHUTDOWN event."""
     while True:
-        msg = chan.recv()
-        if msg is None:
-            os._exit(0)
-        if msg.get("t") == "shutdown":
-            env.shutdown(chan, str(msg.get("reason") or "spindown"))
-        inbox.put(msg)
+        inbox.put(_next_message(env, chan))
 
 
 def _relay(env: _Environment, chan: _Channel, started: float,
@@ -524,19 +531,25 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         "initializationType": "on-demand", "phase": "init", "status": status,
         "metrics": {"durationMs": round(init_ms, 3)}})
     telemetry.end_init()
-    chan.send({"t": "ready", "init_error": init_error, "init_ms": init_ms, "logs": logs.cut()})
-    inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-    threading.Thread(target=_read_channel, args=(env, chan, inbox), name="channel",
-                     daemon=True).start()
+    with_extensions = ext.registered > 0  # fixed from here on: registration is closed
+    chan.send({"t": "ready", "init_error": init_error, "init_ms": init_ms, "logs": logs.cut(),
+               "extensions": ext.registered})
+    inbox: queue.Queue[dict[str, Any]] | None = None
+    if with_extensions:
+        inbox = queue.Queue()
+        threading.Thread(target=_read_channel, args=(env, chan, inbox), name="channel",
+                         daemon=True).start()
     first = True
     while True:
-        msg = inbox.get()
+        # Without extensions, the fast path: this thread reads the channel, no hand-off.
+        msg = inbox.get() if inbox is not None else _next_message(env, chan)
         if msg.get("t") != "invoke":
             continue
         request_id = msg["id"]
         logs.write_line(f"START RequestId: {request_id} Version: {spec.function_version}")
-        telemetry.emit("platform.start", {"requestId": request_id,
-                                          "version": spec.function_version})
+        if telemetry.active:
+            telemetry.emit("platform.start", {"requestId": request_id,
+                                              "version": spec.function_version})
         t0 = time.monotonic()
         error_type: str | None
         fatal = False
@@ -552,7 +565,8 @@ def _relay(env: _Environment, chan: _Channel, started: float,
             notified = ext.begin_invoke({
                 "eventType": "INVOKE", "deadlineMs": deadline_ms, "requestId": request_id,
                 "invokedFunctionArn": msg.get("arn", ""),
-                "tracing": {"type": "X-Amzn-Trace-Id", "value": f"Root=1-{request_id[:8]}"}})
+                "tracing": {"type": "X-Amzn-Trace-Id", "value": f"Root=1-{request_id[:8]}"},
+            }) if with_extensions else []
             if inline is not None:
                 try:
                     pyruntime.handle_one(*inline)
@@ -562,15 +576,18 @@ def _relay(env: _Environment, chan: _Channel, started: float,
                     api.runtime_exited(f"runtime failed: {e!r}")
             outcome = api.wait_outcome()
             ok, payload, error_type = outcome.ok, outcome.payload, outcome.error_type
-            runtime_ms = (time.monotonic() - t0) * 1000
-            telemetry.emit("platform.runtimeDone", {
-                "requestId": request_id,
-                "status": "success" if ok else ("failure" if api.exited else "error"),
-                "metrics": {"durationMs": round(runtime_ms, 3), "producedBytes": len(payload)}})
+            if telemetry.active:
+                runtime_ms = (time.monotonic() - t0) * 1000
+                telemetry.emit("platform.runtimeDone", {
+                    "requestId": request_id,
+                    "status": "success" if ok else ("failure" if api.exited else "error"),
+                    "metrics": {"durationMs": round(runtime_ms, 3),
+                                "producedBytes": len(payload)}})
             # The invocation ends when every extension that got it asked for its next event
             # (an extension that never does is the agent's timeout: Sandbox.Timedout).
-            ext.wait_done(notified)
-            if ext.error is not None:  # an extension crashed or gave up during the invoke
+            if notified:
+                ext.wait_done(notified)
+            if with_extensions and ext.error is not None:  # an extension crashed or gave up during the invoke
                 err = dict(ext.error, requestId=request_id)
                 logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
                 ok, payload, error_type, fatal = False, json.dumps(err).encode(), "Unhandled", True
@@ -592,16 +609,19 @@ def _relay(env: _Environment, chan: _Channel, started: float,
             metrics["initDurationMs"] = round(init_ms, 3)
             first = False
         logs.write_line(report)
-        telemetry.emit("platform.report", {
-            "requestId": request_id, "status": "success" if ok else "error",
-            "metrics": metrics})
+        if telemetry.active:
+            telemetry.emit("platform.report", {
+                "requestId": request_id, "status": "success" if ok else "error",
+                "metrics": metrics})
         logs.repair()
         fatal = fatal or api.exited is not None
         chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
                    "error_type": error_type, "logs": logs.cut(), "duration_ms": duration_ms,
                    "max_rss_kb": max_rss_kb, "fatal": fatal})
         if fatal:
-            # This environment is done: the agent shuts it down (reason "failure"), or we go.
+            if not with_extensions:
+                os._exit(1)  # the runtime is gone: this environment is done
+            # The agent shuts it down (reason "failure": the extensions get SHUTDOWN), or we go.
             env.shutting_down.wait(init_timeout_s)
             if not env.shutting_down.is_set():
                 os._exit(1)
