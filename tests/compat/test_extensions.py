@@ -98,6 +98,9 @@ done
 '''
 
 HANDLER = r'''import json
+import uuid
+
+ENV = uuid.uuid4().hex  # one per environment (its init)
 
 
 def _read(path):
@@ -110,7 +113,7 @@ def _read(path):
 
 def handler(event, context):
     print("handler line for", context.aws_request_id)
-    return {"rid": context.aws_request_id, "py": _read("/tmp/pyext-events.jsonl"),
+    return {"rid": context.aws_request_id, "env": ENV, "py": _read("/tmp/pyext-events.jsonl"),
             "sh": _read("/tmp/shext-events.jsonl"), "telemetry": _read("/tmp/telemetry.jsonl"),
             "extra": _read("/tmp/extra.jsonl")}
 '''
@@ -153,8 +156,10 @@ def test_python_and_shell_extensions_get_invoke_and_shutdown(lam: Any, region: A
     first, res = _invoke(lam, name)
     assert "FunctionError" not in res, first
     second, _ = _invoke(lam, name)
-    # The first invocation ended only after both extensions had its INVOKE event (they write
-    # it down before asking for the next one).
+    # The first invocation's Invoke phase ended only after both extensions had its INVOKE
+    # event (they write it down before asking for the next one), and the second one ran after
+    # that phase (in the same environment).
+    assert second["env"] == first["env"]
     for key in ("py", "sh"):
         invokes = [e for e in second[key] if e["eventType"] == "INVOKE"]
         assert invokes and invokes[0]["requestId"] == first["rid"], second[key]
@@ -240,12 +245,27 @@ exec sleep 100000
 '''
 
 
-def test_extension_that_never_calls_next_times_the_invoke_out(lam: Any) -> None:
-    name = _function(lam, _layer(lam, {"extensions/stuck": (STUCK_EXTENSION, 0o755)}), timeout=2)
-    out, res = _invoke(lam, name)
-    assert res["FunctionError"] == "Unhandled"
-    assert out["errorType"] == "Sandbox.Timedout", out
-    assert "Task timed out after 2.00 seconds" in out["errorMessage"]
+def test_extension_that_never_calls_next_gets_the_environment_reset(lam: Any,
+                                                                    region: Any) -> None:
+    """As on Lambda: the response goes back as soon as the runtime posted it; the Invoke phase
+    (bounded by the function's timeout) waits for the extensions; one that overruns it gets
+    the environment reset (SHUTDOWN, reason "timeout"), and the next invocation a fresh one."""
+    layer = _layer(lam, {"extensions/pyext": (PY_EXTENSION, 0o755),
+                         "extensions/stuck": (STUCK_EXTENSION, 0o755)})
+    name = _function(lam, layer, timeout=2)
+    first, res = _invoke(lam, name)
+    assert "FunctionError" not in res, first
+    second, res = _invoke(lam, name)
+    assert "FunctionError" not in res, second
+    assert second["env"] != first["env"]  # the first environment was reset
+    # a fresh /tmp: nothing the first environment's extension wrote
+    assert first["rid"] not in [e.get("requestId") for e in second["py"]]
+
+    def reset_logged() -> bool:
+        text = "".join(e["message"] for e in region.client.logs(name, limit=200))
+        return "pyext got SHUTDOWN timeout" in text
+
+    _until("the SHUTDOWN (timeout) of the reset environment in the logs", reset_logged)
 
 
 BAD_REQUESTS_EXTENSION = r'''#!/usr/bin/env python3

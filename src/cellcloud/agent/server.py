@@ -32,6 +32,7 @@ log = logging.getLogger("cellcloud.agent")
 
 channel_frame_bytes_max = 8 * 1024 * 1024
 remeasure_interval_s = 30
+reset_logs_envs_max = 1000  # environments whose reset logs are kept for a later call
 env_baseline_bytes = 8 * 1024 * 1024  # what a new idle environment adds, roughly (density bench)
 
 
@@ -131,6 +132,11 @@ class EnvRecord:
     init_error: dict[str, Any] | None = None
     init_ms: float = 0.0
     extensions: int = 0  # extensions registered in it (its SHUTDOWN phase is theirs)
+    # The Invoke phase that goes on after the response went back (extensions still at work):
+    # the next invocation waits for it; its logs (END/REPORT and theirs) wait for a reply.
+    phase: asyncio.Future[None] | None = None
+    phase_task: asyncio.Task[None] | None = None
+    late_logs: bytes = b""
     last_used_ms: int = 0
     max_rss_kb: int = 0
     measurements: dict[str, Any] = field(default_factory=dict)
@@ -186,6 +192,9 @@ class Agent:
         self.identity = identity or pki.tls_config(state_dir, region, "agent", cell, agent_id)
         self._measured: dict[str, str] = {}  # bundle/layer dir -> digest recorded at unpack
         self._shutdowns: set[asyncio.Task[bytes]] = set()  # graceful ends under way
+        # Logs of environments reset because their extensions overran an Invoke phase, for
+        # the next invoke or destroy that names them (bounded; the oldest go first).
+        self._reset_logs: dict[str, tuple[str, bytes]] = {}  # env -> (function key, logs)
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
                     "destroy": self.destroy, "status": self.status, "attest": self.attest}
 
@@ -329,6 +338,14 @@ class Agent:
         if rec.busy:
             raise OpError("EnvBusy", f"{env_id} is already running an invocation")
         rec.busy = True
+        if rec.phase is not None:
+            # The previous invocation's Invoke phase (its extensions) is still going: it ends
+            # by the previous deadline at the latest, with the environment reset if overrun.
+            await asyncio.shield(rec.phase)
+            if self.envs.get(env_id) is not rec:  # reset: nothing of this invocation ran
+                raise OpError("EnvReset", f"{env_id} was reset: an extension overran the "
+                              "previous invocation's timeout",
+                              logs=self._reset_logs.pop(env_id, ("", b""))[1])
         rec.invocations += 1
         self.counters["invocations"] += 1
         request_id = str(body["request_id"])
@@ -376,6 +393,11 @@ class Agent:
                 self._shutdown_soon(env_id, "failure")
             else:
                 self._remove(env_id)
+        elif result.get("phase") == "pending":
+            rec.phase = asyncio.get_running_loop().create_future()
+            rec.phase_task = asyncio.ensure_future(
+                self._invoke_phase(rec, request_id, started + timeout_ms / 1000))
+        previous, rec.late_logs = rec.late_logs, b""
         return {
             "status": "ok" if result["ok"] else "function_error",
             "payload": result["payload"],
@@ -384,7 +406,45 @@ class Agent:
             "duration_ms": result.get("duration_ms", 0.0),
             "max_rss_kb": result.get("max_rss_kb", 0),
             "env_alive": alive,
+            # the previous invocation's logs from after its response (END/REPORT, extensions)
+            **({"previous_logs": previous} if previous else {}),
         }
+
+    async def _invoke_phase(self, rec: EnvRecord, request_id: str, deadline: float) -> None:
+        """Wait for the end of an Invoke phase whose response already went back: every
+        extension that got the event asked for the next one. Overrunning the function's
+        timeout resets the environment (SHUTDOWN, reason "timeout"), as on Lambda."""
+        env_id = rec.spec.env_id
+        try:
+            while True:
+                frame = await rec.channel.request(None, max(0.0, deadline - time.monotonic()))
+                if frame.get("t") == "done" and frame.get("id") == request_id:
+                    break
+            rec.late_logs = (rec.late_logs + bytes(frame.get("logs") or b""))[
+                -DEFAULT_LIMITS.invocation_log_bytes_max:]
+            rec.max_rss_kb = max(rec.max_rss_kb, int(frame.get("max_rss_kb", 0)))
+            if frame.get("fatal"):  # an extension crashed after the response
+                self._keep_reset_logs(rec, rec.late_logs + await self._shutdown(
+                    env_id, "failure", from_phase=True))
+        except TimeoutError:
+            self.counters["timeouts"] += 1
+            self._keep_reset_logs(rec, rec.late_logs + await self._shutdown(
+                env_id, "timeout", from_phase=True))
+        except ConnectionError:
+            self.counters["crashes"] += 1
+            if self.envs.get(env_id) is rec:
+                self._remove(env_id)
+            self._keep_reset_logs(rec, rec.late_logs)
+        finally:
+            phase, rec.phase, rec.phase_task = rec.phase, None, None
+            if phase is not None and not phase.done():
+                phase.set_result(None)
+
+    def _keep_reset_logs(self, rec: EnvRecord, logs: bytes) -> None:
+        self._reset_logs[rec.spec.env_id] = (
+            rec.function_key, logs[-DEFAULT_LIMITS.invocation_log_bytes_max:])
+        while len(self._reset_logs) > reset_logs_envs_max:
+            del self._reset_logs[next(iter(self._reset_logs))]
 
     def _failure(self, type_: str, message: str, started: float, **extra: Any) -> dict[str, Any]:
         return {
@@ -401,10 +461,11 @@ class Agent:
         env_id = str(body["env_id"])
         rec = self.envs.get(env_id)
         if rec is None:
-            return {"destroyed": False}
+            key, logs = self._reset_logs.pop(env_id, ("", b""))
+            return {"destroyed": False, **({"function_key": key, "logs": logs} if logs else {})}
         # Lambda's SHUTDOWN phase first (extensions get their event), then the kill; the
         # environment's last logs go back to the caller, which files them with the function's.
-        logs = await self._shutdown(env_id, "spindown")
+        logs = rec.late_logs + await self._shutdown(env_id, "spindown")
         return {"destroyed": True, "function_key": rec.function_key, "logs": logs}
 
     async def status(self, body: Any = None) -> dict[str, Any]:
@@ -529,13 +590,19 @@ class Agent:
         self._shutdowns.add(task)
         task.add_done_callback(self._shutdowns.discard)
 
-    async def _shutdown(self, env_id: str, reason: str) -> bytes:
+    async def _shutdown(self, env_id: str, reason: str, from_phase: bool = False) -> bytes:
         """End an environment the way Lambda does: SHUTDOWN (``spindown``, ``timeout`` or
         ``failure``) with its budget — 2 s with extensions registered, 500 ms for the runtime
         without (the guest keeps to it) — then kill whatever is left."""
         rec = self.envs.pop(env_id, None)
         if rec is None:
             return b""
+        if rec.phase_task is not None and not from_phase:
+            rec.phase_task.cancel()  # its wait on the channel gives way to the goodbye
+            try:
+                await rec.phase_task
+            except asyncio.CancelledError:
+                pass
         budget_s = DEFAULT_LIMITS.env_shutdown_ms_with_extensions / 1000
         try:
             # A margin over the guest's own budget for its goodbye frame; never more.

@@ -1035,7 +1035,15 @@ class Cell:
                             "ConcurrentInvocationLimitExceeded",
                         ) from None
                     raise errors.service("No agent could start an execution environment") from None
-            return await self._invoke_on(rec, decision, request_id, payload, log_tail, invoked_arn)
+            try:
+                return await self._invoke_on(rec, decision, request_id, payload, log_tail,
+                                             invoked_arn)
+            except _EnvReset:
+                # The agent reset the environment before this invocation ran in it (its
+                # extensions overran the previous one's timeout): as Lambda, a fresh one.
+                if attempt + 1 < attempts:
+                    continue
+                raise errors.service("The execution environment was reset; retry") from None
         raise AssertionError("unreachable")
 
     async def _create_env(self, rec: FunctionRecord, decision: Create,
@@ -1132,8 +1140,12 @@ class Cell:
             ) from e
         except RemoteError as e:
             self._discard(decision.env_id)
+            if e.type == "EnvReset":
+                self._file_logs(rec.key, e.data.get("logs"))
+                raise _EnvReset() from e
             raise errors.service(f"The execution environment failed: {e}") from e
         now_ms = int(time.time() * 1000)
+        self._file_logs(rec.key, res.get("previous_logs"))
         if res.get("env_alive", True):
             self.poison.on_success(f"{rec.account}/{rec.name}", decision.agent_id, now_ms)
             for d in self.placement.release(decision.env_id, now_ms):
@@ -1190,10 +1202,14 @@ class Cell:
             return
         # What the environment wrote during its SHUTDOWN phase (its extensions' last words)
         # belongs to the function's logs, as on Lambda.
-        logs = res.get("logs") if isinstance(res, dict) else None
-        key = str(res.get("function_key") or "") if isinstance(res, dict) else ""
-        if isinstance(logs, bytes) and logs and key.count("/") >= 1:
-            account, name = key.split("/")[:2]
+        if isinstance(res, dict):
+            self._file_logs(str(res.get("function_key") or ""), res.get("logs"))
+
+    def _file_logs(self, function_key: str, logs: Any) -> None:
+        """Logs of an environment outside any invocation's reply (the end of an Invoke phase
+        that went on after its response, a SHUTDOWN phase), filed with the function's."""
+        if isinstance(logs, bytes) and logs and function_key.count("/") >= 1:
+            account, name = function_key.split("/")[:2]
             self._pending_logs.append((account, name, int(time.time() * 1000), "", logs))
 
     # -- housekeeping ----------------------------------------------------------------------------
@@ -1287,6 +1303,10 @@ class Cell:
             "poison": self.poison.statistics(),
             "agents": agents,
         }
+
+
+class _EnvReset(Exception):
+    """The agent reset the environment before the invocation ran: take another one."""
 
 
 class _AgentUnavailable(Exception):

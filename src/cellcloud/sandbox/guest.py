@@ -7,6 +7,10 @@ invocations between that API and the host agent, over the one channel the host a
     agent -> guest  {"t": "invoke", "id", "payload": bytes, "deadline_ms", "arn"}
     guest -> agent  {"t": "result", "id", "ok", "payload": bytes, "logs": bytes,
                      "duration_ms", "max_rss_kb", "error_type", "fatal": bool}
+    (with extensions that got the invocation, the result goes as soon as the runtime posted
+    it, with "phase": "pending"; the Invoke phase's end follows when they all asked for
+    their next event:)
+    guest -> agent  {"t": "done", "id", "logs": bytes, "duration_ms", "max_rss_kb", "fatal"}
     agent -> guest  {"t": "shutdown", "reason": "spindown"|"timeout"|"failure"}
     guest -> agent  {"t": "bye", "logs": bytes}   (then the guest exits)
 
@@ -553,6 +557,7 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         t0 = time.monotonic()
         error_type: str | None
         fatal = False
+        answered = False  # the response went back before the Invoke phase ended
         if init_error is None and ext.error is not None:  # an extension died since
             init_error, fatal = ext.error, True
         if init_error is not None:
@@ -583,14 +588,25 @@ def _relay(env: _Environment, chan: _Channel, started: float,
                     "status": "success" if ok else ("failure" if api.exited else "error"),
                     "metrics": {"durationMs": round(runtime_ms, 3),
                                 "producedBytes": len(payload)}})
-            # The invocation ends when every extension that got it asked for its next event
-            # (an extension that never does is the agent's timeout: Sandbox.Timedout).
-            if notified:
-                ext.wait_done(notified)
-            if with_extensions and ext.error is not None:  # an extension crashed or gave up during the invoke
+            if with_extensions and ext.error is not None:  # an extension died meanwhile
                 err = dict(ext.error, requestId=request_id)
                 logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
                 ok, payload, error_type, fatal = False, json.dumps(err).encode(), "Unhandled", True
+            elif notified:
+                # As on Lambda, the response goes back as soon as the runtime posted it; the
+                # Invoke phase goes on until every extension that got the event asked for the
+                # next one (the agent holds the environment, bounded by the function's
+                # timeout: an extension that overruns it gets the environment reset).
+                chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
+                           "error_type": error_type, "logs": logs.cut(), "phase": "pending",
+                           "duration_ms": (time.monotonic() - t0) * 1000, "max_rss_kb": 0,
+                           "fatal": False})
+                answered = True
+                ext.wait_done(notified)
+                if ext.error is not None:  # crashed after the response: the env is reset
+                    err = ext.error
+                    logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
+                    fatal = True
         if env.shutting_down.is_set():
             threading.Event().wait()  # the reader thread is ending this environment
         duration_ms = (time.monotonic() - t0) * 1000
@@ -615,9 +631,13 @@ def _relay(env: _Environment, chan: _Channel, started: float,
                 "metrics": metrics})
         logs.repair()
         fatal = fatal or api.exited is not None
-        chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
-                   "error_type": error_type, "logs": logs.cut(), "duration_ms": duration_ms,
-                   "max_rss_kb": max_rss_kb, "fatal": fatal})
+        if answered:  # the Invoke phase's end: its remaining logs, the REPORT among them
+            chan.send({"t": "done", "id": request_id, "logs": logs.cut(),
+                       "duration_ms": duration_ms, "max_rss_kb": max_rss_kb, "fatal": fatal})
+        else:
+            chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
+                       "error_type": error_type, "logs": logs.cut(), "duration_ms": duration_ms,
+                       "max_rss_kb": max_rss_kb, "fatal": fatal})
         if fatal:
             if not with_extensions:
                 os._exit(1)  # the runtime is gone: this environment is done
