@@ -329,3 +329,60 @@ def test_bad_requests_are_refused_as_aws_does(lam: Any) -> None:
     assert "maxItems" in notes["bad-telemetry"]["doc"]["errorMessage"]
     assert notes["bad-next"]["status"] == 403
     assert notes["bad-next"]["doc"]["errorType"] == "Extension.InvalidExtensionIdentifier"
+
+
+MUTE_LISTENER_EXTENSION = r'''#!/usr/bin/env python3
+"""Subscribes to every telemetry type with a listener that accepts connections and never
+answers; asks for its account id on register."""
+import json, os, socket, urllib.request
+
+API = os.environ["AWS_LAMBDA_RUNTIME_API"]
+
+
+def call(method, path, body=None, headers=None):
+    req = urllib.request.Request(f"http://{API}{path}", data=body, method=method,
+                                 headers=headers or {})
+    with urllib.request.urlopen(req) as r:
+        return r.status, r.headers, r.read()
+
+
+mute = socket.socket()
+mute.bind(("127.0.0.1", 4245))
+mute.listen(1024)
+_, headers, body = call("POST", "/2020-01-01/extension/register",
+                        json.dumps({"events": ["INVOKE"]}).encode(),
+                        {"Lambda-Extension-Name": os.path.basename(__file__),
+                         "Lambda-Extension-Accept-Feature": "accountId"})
+with open("/tmp/extra.jsonl", "a") as f:
+    f.write(json.dumps({"what": "register", "doc": json.loads(body)}) + "\n")
+ext_id = headers["Lambda-Extension-Identifier"]
+status, _, _ = call("PUT", "/2022-07-01/telemetry", json.dumps({
+    "schemaVersion": "2022-07-01", "types": ["platform", "function", "extension"],
+    "buffering": {"maxItems": 1000, "maxBytes": 262144, "timeoutMs": 25},
+    "destination": {"protocol": "HTTP", "URI": "http://sandbox.localdomain:4245/"}}).encode(),
+    {"Lambda-Extension-Identifier": ext_id})
+assert status == 200
+while True:
+    call("GET", "/2020-01-01/extension/event/next", None, {"Lambda-Extension-Identifier": ext_id})
+    print("mute extension line " * 20, flush=True)
+'''
+
+CHATTY_HANDLER = HANDLER.replace(
+    'print("handler line for", context.aws_request_id)',
+    'print("\\n".join(f"line {i} of {context.aws_request_id}" for i in range(5000)))')
+
+
+def test_a_telemetry_listener_that_never_answers_does_not_hold_invokes(lam: Any) -> None:
+    layer = _layer(lam, {"extensions/mute": (MUTE_LISTENER_EXTENSION, 0o755)})
+    name = _function(lam, layer, timeout=5, handler=CHATTY_HANDLER)
+    envs = set()
+    for _ in range(4):  # far more lines than one buffer: dropped, never waited for
+        out, res = _invoke(lam, name)
+        assert "FunctionError" not in res, out
+        envs.add(out["env"])
+    # Each Invoke phase ended in time (the extension asks for its next event at once), so one
+    # environment served them all: none was reset.
+    assert len(envs) == 1
+    register = next(n for n in out["extra"] if n["what"] == "register")
+    arn = lam.get_function(FunctionName=name)["Configuration"]["FunctionArn"]
+    assert register["doc"]["accountId"] == arn.split(":")[4]

@@ -53,6 +53,9 @@ class _EnvChannel(asyncio.Protocol):
         self.waiter: asyncio.Future[dict[str, Any]] | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self.garbage = False
+        # A frame that came before anyone waited for it: the end of an Invoke phase can come
+        # in the same read as its early result. One is kept; a second one is garbage.
+        self.early: dict[str, Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -61,9 +64,14 @@ class _EnvChannel(asyncio.Protocol):
         try:
             self.unpacker.feed(data)
             for doc in self.unpacker:
-                if not isinstance(doc, dict) or self.waiter is None or self.waiter.done():
+                if not isinstance(doc, dict):
+                    raise ValueError("not a frame")
+                if self.waiter is not None and not self.waiter.done():
+                    self.waiter.set_result(doc)
+                elif self.early is None:
+                    self.early = doc
+                else:
                     raise ValueError("unexpected frame")
-                self.waiter.set_result(doc)
         except Exception:
             # A guest that writes garbage on its channel is broken; it gets no second chance.
             self.garbage = True
@@ -79,11 +87,14 @@ class _EnvChannel(asyncio.Protocol):
     async def request(self, doc: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.waiter = waiter
         if doc is not None:
             if self.transport is None or self.transport.is_closing():
                 raise ConnectionError("environment channel closed")
             self.transport.write(msgpack.packb(doc, use_bin_type=True))
+        if self.early is not None:
+            early, self.early = self.early, None
+            return early
+        self.waiter = waiter
         # A timer instead of asyncio.wait_for: no extra task per invocation on the hot path.
         timer = loop.call_later(timeout_s, _expire, waiter)
         try:
@@ -334,6 +345,10 @@ class Agent:
         env_id = str(body["env_id"])
         rec = self.envs.get(env_id)
         if rec is None:
+            if env_id in self._reset_logs:  # reset after its response went back
+                raise OpError("EnvReset", f"{env_id} was reset: an extension overran the "
+                              "previous invocation's timeout",
+                              logs=self._reset_logs.pop(env_id)[1])
             raise OpError("EnvNotFound", env_id)
         if rec.busy:
             raise OpError("EnvBusy", f"{env_id} is already running an invocation")

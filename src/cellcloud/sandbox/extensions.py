@@ -72,10 +72,11 @@ class _Extension:
 
 class Extensions:
     def __init__(self, function_name: str, function_version: str, handler: str,
-                 external: list[str]) -> None:
+                 external: list[str], account_id: str = "") -> None:
         self._cond = threading.Condition()
         self._meta = {"functionName": function_name, "functionVersion": function_version,
                       "handler": handler}
+        self._account_id = account_id
         self.external = list(external)  # names of the executables started from /opt/extensions
         self._by_id: dict[str, _Extension] = {}
         self._exited: dict[str, str] = {}  # external name -> why, for those that exited
@@ -85,7 +86,7 @@ class Extensions:
         self.on_register: Callable[[str, list[str]], None] | None = None
 
     # -- the extensions' side (the API operations) ------------------------------------------
-    def register(self, name: str, body: bytes) -> Reply:
+    def register(self, name: str, body: bytes, accept_feature: str = "") -> Reply:
         if not name:
             return _err(403, "Extension.InvalidExtensionName", "Empty extension name")
         try:
@@ -123,7 +124,10 @@ class Extensions:
             self._cond.notify_all()
         if self.on_register is not None:
             self.on_register(name, sorted(events))
-        return 200, {"Lambda-Extension-Identifier": ext.id}, dict(self._meta)
+        meta = dict(self._meta)
+        if "accountId" in accept_feature.split(",") and self._account_id:
+            meta["accountId"] = self._account_id  # Lambda-Extension-Accept-Feature: accountId
+        return 200, {"Lambda-Extension-Identifier": ext.id}, meta
 
     def _find(self, ext_id: str | None) -> _Extension | Reply:
         if not ext_id:
@@ -378,6 +382,13 @@ class Telemetry:
         kind = _kind(type_)
         if not self.wants(kind):
             return
+        with self._cond:
+            if not self._keep_backlog and all(
+                    len(s.queue) >= s.max_items for s in self._subs if kind in s.types):
+                for s in self._subs:  # every buffer is full: count the drop, build nothing
+                    if kind in s.types:
+                        s.dropped_records += 1
+                return
         ev = {"time": now_iso(), "type": type_, "record": record}
         with self._cond:
             if self._keep_backlog:
@@ -388,7 +399,9 @@ class Telemetry:
             self._cond.notify_all()
 
     def _enqueue(self, sub: _Subscriber, ev: dict[str, Any]) -> None:
-        size = len(json.dumps(ev))
+        rec = ev["record"]
+        # A log line's size without serialising it (its JSON escapes aside); events are rare.
+        size = len(rec) + 64 if isinstance(rec, str) else len(json.dumps(ev))
         # The queue holds at most one full batch; beyond it events are dropped and counted.
         if len(sub.queue) >= sub.max_items or sub.queued_bytes + size > sub.max_bytes:
             sub.dropped_records += 1

@@ -306,8 +306,9 @@ class _Environment:
         self.api = api
         self.logs = logs
         self.telemetry = Telemetry()
+        arn = spec.function_arn.split(":")
         self.extensions = Extensions(spec.function_name, spec.function_version, spec.handler,
-                                     _find_extensions())
+                                     _find_extensions(), arn[4] if len(arn) > 4 else "")
         self.extensions.on_register = lambda name, events: self.telemetry.emit(
             "platform.extension", {"name": name, "state": "Ready", "events": events})
         logs.tap = _LineTap(self.telemetry, "function")

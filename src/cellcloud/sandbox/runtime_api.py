@@ -256,7 +256,8 @@ class _Handler(BaseHTTPRequestHandler):
             ext_id, err_type = h.get("Lambda-Extension-Identifier"), h.get(
                 "Lambda-Extension-Function-Error-Type")
             if op == "/register":
-                self._reply_ext(ext.register(h.get("Lambda-Extension-Name") or "", body))
+                self._reply_ext(ext.register(h.get("Lambda-Extension-Name") or "", body,
+                                             h.get("Lambda-Extension-Accept-Feature") or ""))
             elif op == "/init/error":
                 self._reply_ext(ext.init_error(ext_id, err_type, body))
             elif op == "/exit/error":
