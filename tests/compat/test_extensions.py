@@ -386,3 +386,40 @@ def test_a_telemetry_listener_that_never_answers_does_not_hold_invokes(lam: Any)
     register = next(n for n in out["extra"] if n["what"] == "register")
     arn = lam.get_function(FunctionName=name)["Configuration"]["FunctionArn"]
     assert register["doc"]["accountId"] == arn.split(":")[4]
+
+
+TRAPPING_BOOTSTRAP = r'''#!/bin/sh
+# A custom runtime that shuts down gracefully: on SIGTERM it says so and exits.
+set -u
+trap 'echo "runtime got SIGTERM"; exit 0' TERM
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+while true; do
+  HEADERS="$(mktemp)"
+  curl -sS -D "$HEADERS" -o /dev/null "$API/invocation/next" &
+  wait $!
+  REQUEST_ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$HEADERS" | tr -d '[:space:]' | cut -d: -f2)
+  curl -sS -X POST "$API/invocation/$REQUEST_ID/response" -d '{"ok": true}' >/dev/null
+done
+'''
+
+
+def test_custom_runtime_gets_sigterm_and_extension_shutdown(lam: Any, region: Any) -> None:
+    """A process runtime (provided.al2023) with an extension: on SHUTDOWN the runtime gets
+    SIGTERM, as on Lambda when extensions are registered."""
+    layer = _layer(lam, {"extensions/shext": (SH_EXTENSION, 0o755)})
+    name = new_name("fxrt")
+    lam.create_function(FunctionName=name, Runtime="provided.al2023", Role=ROLE,
+                        Handler="function.handler", Layers=[layer],
+                        Code={"ZipFile": zip_with_modes({"bootstrap": (TRAPPING_BOOTSTRAP,
+                                                                       0o755)})})
+    for _ in range(2):
+        out, res = _invoke(lam, name)
+        assert out == {"ok": True} and "FunctionError" not in res
+    lam.update_function_configuration(FunctionName=name, Environment={"Variables": {"MODE": "two"}})
+
+    def logged() -> bool:
+        text = "".join(e["message"] for e in region.client.logs(name, limit=200))
+        return "runtime got SIGTERM" in text and '"shutdownReason":"spindown"' in text.replace(
+            " ", "")
+
+    _until("the runtime's SIGTERM and the extension's SHUTDOWN in the logs", logged)

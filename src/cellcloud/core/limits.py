@@ -43,8 +43,10 @@ class Limits:
     env_init_vcpu_min: int = 1
     # Extensions and the Telemetry API (Lambda's documented values).
     extensions_per_function_max: int = 10
-    env_shutdown_ms_with_extensions: int = 2_000  # SHUTDOWN phase, all extensions together
-    env_shutdown_ms_runtime_only: int = 500  # the runtime's SIGTERM grace without extensions
+    # The SHUTDOWN phase (Lambda's): 2 s with external extensions registered, 500 ms with
+    # internal ones only (the runtime's SIGTERM grace), none without extensions.
+    env_shutdown_ms_with_extensions: int = 2_000
+    env_shutdown_ms_internal_extensions: int = 500
     telemetry_max_items_min: int = 1_000
     telemetry_max_items_max: int = 10_000
     telemetry_max_items_default: int = 1_000

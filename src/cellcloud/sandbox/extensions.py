@@ -208,6 +208,10 @@ class Extensions:
     def registered(self) -> int:
         return len(self._by_id)
 
+    @property
+    def external_registered(self) -> int:
+        return sum(1 for x in self._by_id.values() if x.external)
+
     def wait_registered(self, timeout_s: float) -> bool:
         """Every external extension started registered (or exited, or failed)."""
         def done() -> bool:

@@ -418,25 +418,31 @@ class _Environment:
         self._start_reaper()
 
     def shutdown(self, chan: _Channel, reason: str) -> NoReturn:
-        """Lambda's SHUTDOWN phase: SIGTERM to the runtime process, the SHUTDOWN event to the
-        extensions, all within the budget; then the remaining logs to the agent, and exit."""
+        """Lambda's SHUTDOWN phase: with extensions registered, SIGTERM to the runtime and the
+        SHUTDOWN event to the external extensions, within the budget (2 s with external
+        extensions, 500 ms with internal ones only); none without. Then the remaining logs go
+        to the agent, and the environment ends."""
         self.shutting_down.set()
         ext = self.extensions
         lim = DEFAULT_LIMITS
-        budget_ms = (lim.env_shutdown_ms_with_extensions if ext.registered
-                     else lim.env_shutdown_ms_runtime_only)
-        start = time.monotonic()
-        end = start + budget_ms / 1000
-        if self.runtime_pid is not None and self.api.exited is None:
-            try:
-                os.kill(self.runtime_pid, signal.SIGTERM)
-            except OSError:
-                pass
+        budget_ms = (lim.env_shutdown_ms_with_extensions if ext.external_registered
+                     else lim.env_shutdown_ms_internal_extensions if ext.registered else 0)
+        end = time.monotonic() + budget_ms / 1000
         if ext.registered:
-            ext.shutdown(reason, int(time.time() * 1000) + budget_ms,
-                         max(0.0, end - time.monotonic()))
-        elif self.runtime_pid is not None:
-            self.api.wait_exited(max(0.0, end - time.monotonic()))
+            if self.runtime_pid is not None and self.api.exited is None:
+                try:
+                    os.kill(self.runtime_pid, signal.SIGTERM)
+                except OSError:
+                    pass
+            elif self.runtime_pid is None and callable(signal.getsignal(signal.SIGTERM)):
+                # The built-in runtime is this process: a handler the function installed for
+                # SIGTERM (graceful shutdown) runs on the main thread.
+                signal.raise_signal(signal.SIGTERM)
+            if ext.external_registered:
+                ext.shutdown(reason, int(time.time() * 1000) + budget_ms,
+                             max(0.0, end - time.monotonic()))
+            if self.runtime_pid is not None:
+                self.api.wait_exited(max(0.0, end - time.monotonic()))
         if self.telemetry.active:
             self.telemetry.flush(max(0.0, end - time.monotonic()))
         if self.ext_output is not None:
