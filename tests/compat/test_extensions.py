@@ -64,7 +64,7 @@ ext_id = headers["Lambda-Extension-Identifier"]
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 4243), Listener)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 call("PUT", "/2022-07-01/telemetry", json.dumps({
-    "schemaVersion": "2022-12-13", "types": ["platform", "function"],
+    "schemaVersion": "2022-12-13", "types": ["platform", "function", "extension"],
     "buffering": {"maxItems": 1000, "maxBytes": 262144, "timeoutMs": 25},
     "destination": {"protocol": "HTTP", "URI": "http://sandbox.localdomain:4243/t"},
 }).encode(), {"Lambda-Extension-Identifier": ext_id, "Content-Type": "application/json"})
@@ -174,8 +174,10 @@ def test_python_and_shell_extensions_get_invoke_and_shutdown(lam: Any, region: A
         evs = out["telemetry"]
         got = {e["type"] for e in evs if isinstance(e["record"], dict)
                and e["record"].get("requestId") == rid}
-        return evs if {"platform.start", "platform.runtimeDone",
-                       "platform.report"} <= got else None
+        shext_line = any(e["type"] == "extension" and "shext got" in e["record"]
+                         and rid in e["record"] for e in evs)
+        return evs if shext_line and {"platform.start", "platform.runtimeDone",
+                                      "platform.report"} <= got else None
 
     evs = _until("platform.report of the first invocation", telemetry_of_first)
     types = [e["type"] for e in evs]
@@ -186,7 +188,8 @@ def test_python_and_shell_extensions_get_invoke_and_shutdown(lam: Any, region: A
     metrics = report["record"]["metrics"]
     assert metrics["memorySizeMB"] == 128 and metrics["billedDurationMs"] >= 1
     assert metrics["durationMs"] > 0 and metrics["maxMemoryUsedMB"] > 0
-    assert not any(e["type"] == "extension" for e in evs)  # not subscribed to those
+    # the shell extension's lines are "extension" records, never "function" ones
+    assert not any(e["type"] == "function" and "shext got" in e["record"] for e in evs)
     # SHUTDOWN: a configuration change retires the environment; both extensions get the
     # event and what they print then lands in the function's logs.
     lam.update_function_configuration(FunctionName=name, Environment={"Variables": {"MODE": "two"}})

@@ -66,15 +66,17 @@ class _LineTap:
         self._telemetry = telemetry
         self._kind = kind
         self._partial = b""
+        self._lock = threading.Lock()  # fed by the runtime's thread and a pipe's drain
 
     def feed(self, data: bytes) -> None:
         if not self._telemetry.wants(self._kind):
             return
-        data = self._partial + _SENTINEL.sub(b"", data)
-        *lines, self._partial = data.split(b"\n")
-        if len(self._partial) > log_bytes_max:  # a line without an end: cut it
-            lines.append(self._partial)
-            self._partial = b""
+        with self._lock:
+            data = self._partial + _SENTINEL.sub(b"", data)
+            *lines, self._partial = data.split(b"\n")
+            if len(self._partial) > log_bytes_max:  # a line without an end: cut it
+                lines.append(self._partial)
+                self._partial = b""
         for line in lines:
             self._telemetry.emit(self._kind, line.decode("utf-8", "replace"))
 
