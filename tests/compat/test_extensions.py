@@ -125,10 +125,13 @@ def _layer(lam: Any, files: dict[str, tuple[str, int]]) -> str:
     return str(v["LayerVersionArn"])
 
 
-def _function(lam: Any, layer_arn: str, *, timeout: int = 30, handler: str = HANDLER) -> str:
+def _function(lam: Any, layer_arn: str, *, timeout: int = 30, handler: str = HANDLER,
+              memory: int = 128) -> str:
+    # (memory buys CPU: where a test's budget is a SHUTDOWN phase or a timeout, more of it
+    # keeps a busy host from eating the budget)
     name = new_name("fx")
     lam.create_function(FunctionName=name, Runtime="python3.11", Role=ROLE, Handler="app.handler",
-                        Timeout=timeout, Layers=[layer_arn],
+                        Timeout=timeout, Layers=[layer_arn], MemorySize=memory,
                         Code={"ZipFile": zip_with_modes({"app.py": (handler, 0o644)})})
     return name
 
@@ -152,7 +155,7 @@ def test_python_and_shell_extensions_get_invoke_and_shutdown(lam: Any, region: A
     layer = _layer(lam, {"extensions/pyext": (PY_EXTENSION, 0o755),
                          "extensions/shext": (SH_EXTENSION, 0o755),
                          "extensions/README.txt": ("not executable: not started", 0o644)})
-    name = _function(lam, layer)
+    name = _function(lam, layer, memory=1024)
     first, res = _invoke(lam, name)
     assert "FunctionError" not in res, first
     second, _ = _invoke(lam, name)
@@ -186,7 +189,7 @@ def test_python_and_shell_extensions_get_invoke_and_shutdown(lam: Any, region: A
     report = next(e for e in evs if e["type"] == "platform.report"
                   and e["record"]["requestId"] == rid)
     metrics = report["record"]["metrics"]
-    assert metrics["memorySizeMB"] == 128 and metrics["billedDurationMs"] >= 1
+    assert metrics["memorySizeMB"] == 1024 and metrics["billedDurationMs"] >= 1
     assert metrics["durationMs"] > 0 and metrics["maxMemoryUsedMB"] > 0
     # the shell extension's lines are "extension" records, never "function" ones
     assert not any(e["type"] == "function" and "shext got" in e["record"] for e in evs)
@@ -255,7 +258,7 @@ def test_extension_that_never_calls_next_gets_the_environment_reset(lam: Any,
     the environment reset (SHUTDOWN, reason "timeout"), and the next invocation a fresh one."""
     layer = _layer(lam, {"extensions/pyext": (PY_EXTENSION, 0o755),
                          "extensions/stuck": (STUCK_EXTENSION, 0o755)})
-    name = _function(lam, layer, timeout=2)
+    name = _function(lam, layer, timeout=2, memory=1024)
     first, res = _invoke(lam, name)
     assert "FunctionError" not in res, first
     second, res = _invoke(lam, name)
@@ -377,7 +380,7 @@ CHATTY_HANDLER = HANDLER.replace(
 
 def test_a_telemetry_listener_that_never_answers_does_not_hold_invokes(lam: Any) -> None:
     layer = _layer(lam, {"extensions/mute": (MUTE_LISTENER_EXTENSION, 0o755)})
-    name = _function(lam, layer, timeout=5, handler=CHATTY_HANDLER)
+    name = _function(lam, layer, timeout=10, handler=CHATTY_HANDLER, memory=1024)
     envs = set()
     for _ in range(4):  # far more lines than one buffer: dropped, never waited for
         out, res = _invoke(lam, name)
@@ -412,7 +415,7 @@ def test_custom_runtime_gets_sigterm_and_extension_shutdown(lam: Any, region: An
     layer = _layer(lam, {"extensions/shext": (SH_EXTENSION, 0o755)})
     name = new_name("fxrt")
     lam.create_function(FunctionName=name, Runtime="provided.al2023", Role=ROLE,
-                        Handler="function.handler", Layers=[layer],
+                        Handler="function.handler", Layers=[layer], MemorySize=1024,
                         Code={"ZipFile": zip_with_modes({"bootstrap": (TRAPPING_BOOTSTRAP,
                                                                        0o755)})})
     for _ in range(2):
