@@ -120,7 +120,8 @@ class _EnvChannel(asyncio.Protocol):
             doc = None
             if frame.get("t") == "bye":
                 logs = frame.get("logs")
-                return logs if isinstance(logs, bytes) else b""
+                return logs[-DEFAULT_LIMITS.invocation_log_bytes_max:] if isinstance(
+                    logs, bytes) else b""
             # a late result of an invocation that timed out: not the goodbye, keep waiting
 
 
@@ -435,7 +436,8 @@ class Agent:
                 frame = await rec.channel.request(None, max(0.0, deadline - time.monotonic()))
                 if frame.get("t") == "done" and frame.get("id") == request_id:
                     break
-            rec.late_logs = (rec.late_logs + bytes(frame.get("logs") or b""))[
+            logs = frame.get("logs")
+            rec.late_logs = (rec.late_logs + (logs if isinstance(logs, bytes) else b""))[
                 -DEFAULT_LIMITS.invocation_log_bytes_max:]
             rec.max_rss_kb = max(rec.max_rss_kb, int(frame.get("max_rss_kb", 0)))
             if frame.get("fatal"):  # an extension crashed after the response
