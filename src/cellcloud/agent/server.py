@@ -373,6 +373,13 @@ class Agent:
                  "deadline_ms": int(time.time() * 1000) + timeout_ms, "arn": body.get("arn", "")},
                 timeout_ms / 1000,
             )
+            while result.get("t") == "done":  # an earlier Invoke phase's end (a predecessor
+                # agent was waiting for it when it handed over): its logs, then ours
+                logs = result.get("logs")
+                rec.late_logs = (rec.late_logs + (logs if isinstance(logs, bytes) else b""))[
+                    -DEFAULT_LIMITS.invocation_log_bytes_max:]
+                result = await rec.channel.request(
+                    None, max(0.0, started + timeout_ms / 1000 - time.monotonic()))
         except TimeoutError:
             self.counters["timeouts"] += 1
             if rec.extensions:  # SHUTDOWN (reason "timeout") for them, then the kill
