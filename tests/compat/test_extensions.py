@@ -429,3 +429,16 @@ def test_custom_runtime_gets_sigterm_and_extension_shutdown(lam: Any, region: An
             " ", "")
 
     _until("the runtime's SIGTERM and the extension's SHUTDOWN in the logs", logged)
+
+
+def test_runtime_that_exits_at_init_with_an_extension_is_reported(lam: Any) -> None:
+    layer = _layer(lam, {"extensions/shext": (SH_EXTENSION, 0o755)})
+    name = new_name("fxex")
+    lam.create_function(FunctionName=name, Runtime="provided.al2023", Role=ROLE,
+                        Handler="function.handler", Layers=[layer],
+                        Code={"ZipFile": zip_with_modes({"bootstrap": ("#!/bin/sh\nexit 3\n",
+                                                                       0o755)})})
+    out, res = _invoke(lam, name)
+    assert res["FunctionError"] == "Unhandled"
+    assert out["errorType"] == "Runtime.ExitError", out
+    assert "exit status 3" in out["errorMessage"]

@@ -340,11 +340,12 @@ class _Environment:
         for name in self.extensions.external:
             path = os.path.join(EXTENSIONS_DIR, name)
             try:
-                pid = os.posix_spawn(path, [path], env, file_actions=actions)
+                with self._reaper_lock:  # known before the reaper can see it exit
+                    pid = os.posix_spawn(path, [path], env, file_actions=actions)
+                    self.children[pid] = name
             except OSError as e:
                 self.extensions.extension_exited(name, f"cannot start {path}: {e}")
                 continue
-            self.children[pid] = name
             if self.spec.runtime_argv == []:
                 # The built-in runtime runs here: no catch-all reaper (it would steal the
                 # handler's subprocesses' exit statuses); one waiter per extension.
@@ -358,7 +359,8 @@ class _Environment:
             _, status = os.waitpid(pid, 0)
         except ChildProcessError:
             return
-        self._child_exited(pid, status)
+        with self._reaper_lock:
+            self._child_exited(pid, status)
 
     def _child_exited(self, pid: int, status: int) -> None:
         why = _exit_reason(status)
@@ -388,10 +390,11 @@ class _Environment:
                         except ChildProcessError:
                             self._reaping = False
                             return
-                    if child:
-                        self._child_exited(child, status)
+                        if child:
+                            self._child_exited(child, status)
                     continue
-                self._child_exited(child, status)
+                with self._reaper_lock:  # a child spawned under the lock is known by now
+                    self._child_exited(child, status)
 
         threading.Thread(target=reap, name="reaper", daemon=True).start()
 
@@ -411,12 +414,12 @@ class _Environment:
                                     "/opt/bootstrap]"}).encode())
                 return
         try:
-            pid = os.posix_spawn(argv[0], argv, self.env_vars())
+            with self._reaper_lock:  # known before the reaper can see it exit
+                self.runtime_pid = os.posix_spawn(argv[0], argv, self.env_vars())
         except OSError as e:
             api.init_fail(json.dumps({"errorType": "Runtime.InvalidEntrypoint",
                                       "errorMessage": f"cannot start {argv[0]}: {e}"}).encode())
             return
-        self.runtime_pid = pid
         self._start_reaper()
 
     def shutdown(self, chan: _Channel, reason: str) -> NoReturn:
