@@ -41,6 +41,24 @@ class Limits:
     # import, bounded by env_create_timeout_ms) an environment may use at least this many
     # vCPUs; its memory's share is enforced from the moment it reports ready.
     env_init_vcpu_min: int = 1
+    # Extensions and the Telemetry API (Lambda's documented values).
+    extensions_per_function_max: int = 10
+    # The SHUTDOWN phase (Lambda's): 2 s with external extensions registered, 500 ms with
+    # internal ones only (the runtime's SIGTERM grace), none without extensions.
+    env_shutdown_ms_with_extensions: int = 2_000
+    env_shutdown_ms_internal_extensions: int = 500
+    telemetry_max_items_min: int = 1_000
+    telemetry_max_items_max: int = 10_000
+    telemetry_max_items_default: int = 1_000
+    telemetry_max_bytes_min: int = 256 * 1024
+    telemetry_max_bytes_max: int = 1 * MiB
+    telemetry_max_bytes_default: int = 256 * 1024
+    telemetry_timeout_ms_min: int = 25
+    telemetry_timeout_ms_max: int = 30_000
+    telemetry_timeout_ms_default: int = 1_000
+    telemetry_post_timeout_ms: int = 1_000  # one POST to a subscriber's listener, then dropped
+    telemetry_subscribers_max: int = 10
+    telemetry_backlog_items_max: int = 1_000  # init-phase events kept for late subscribers
     agent_call_timeout_ms: int = 5_000
     list_functions_page_max: int = 50
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)

@@ -1122,7 +1122,15 @@ class Cell:
                             "ConcurrentInvocationLimitExceeded",
                         ) from None
                     raise errors.service("No agent could start an execution environment") from None
-            return await self._invoke_on(rec, decision, request_id, payload, log_tail, invoked_arn)
+            try:
+                return await self._invoke_on(rec, decision, request_id, payload, log_tail,
+                                             invoked_arn)
+            except _EnvReset:
+                # The agent reset the environment before this invocation ran in it (its
+                # extensions overran the previous one's timeout): as Lambda, a fresh one.
+                if attempt + 1 < attempts:
+                    continue
+                raise errors.service("The execution environment was reset; retry") from None
         raise AssertionError("unreachable")
 
     async def _create_env(self, rec: FunctionRecord, decision: Create,
@@ -1235,8 +1243,12 @@ class Cell:
             ) from e
         except RemoteError as e:
             self._discard(decision.env_id)
+            if e.type == "EnvReset":
+                self._file_logs(rec.key, e.data.get("logs"))
+                raise _EnvReset() from e
             raise errors.service(f"The execution environment failed: {e}") from e
         now_ms = int(time.time() * 1000)
+        self._file_logs(rec.key, res.get("previous_logs"))
         if res.get("env_alive", True):
             self.poison.on_success(f"{rec.account}/{rec.name}", decision.agent_id, now_ms)
             for d in self.placement.release(decision.env_id, now_ms):
@@ -1285,11 +1297,23 @@ class Cell:
 
     async def _destroy(self, env_id: str, agent_id: str) -> None:
         try:
-            await self.agents[agent_id].call(
+            res = await self.agents[agent_id].call(
                 "destroy", {"env_id": env_id}, timeout_s=self.limits.agent_call_timeout_ms / 1000
             )
         except (TransportError, RemoteError) as e:
             log.info("destroy %s on %s: %s", env_id, agent_id, e)
+            return
+        # What the environment wrote during its SHUTDOWN phase (its extensions' last words)
+        # belongs to the function's logs, as on Lambda.
+        if isinstance(res, dict):
+            self._file_logs(str(res.get("function_key") or ""), res.get("logs"))
+
+    def _file_logs(self, function_key: str, logs: Any) -> None:
+        """Logs of an environment outside any invocation's reply (the end of an Invoke phase
+        that went on after its response, a SHUTDOWN phase), filed with the function's."""
+        if isinstance(logs, bytes) and logs and function_key.count("/") >= 1:
+            account, name = function_key.split("/")[:2]
+            self._pending_logs.append((account, name, int(time.time() * 1000), "", logs))
 
     # -- housekeeping ----------------------------------------------------------------------------
     async def sync_agents(self, *, first: bool = False) -> None:
@@ -1397,6 +1421,10 @@ class Cell:
 def _digests(rec: FunctionRecord) -> set[str]:
     """The bundles a function record holds: its code and its layers."""
     return {rec.code_sha256, *(str(layer["sha256"]) for layer in rec.layers)}
+
+
+class _EnvReset(Exception):
+    """The agent reset the environment before the invocation ran: take another one."""
 
 
 class _AgentUnavailable(Exception):
