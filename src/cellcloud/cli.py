@@ -431,6 +431,28 @@ def status(
                 )
     console.print(agents)
     console.print(envs)
+    console.print(_disks_table(st))
+
+
+def _disks_table(st: dict[str, Any]) -> Table:
+    """Free space where each cell keeps its functions and bundles, and each agent its
+    unpacked bundles (``disk`` in status --json: free_bytes, total_bytes)."""
+    disks = Table("cell", "process", "free", "total", "used", "reserve", title="state disks")
+    for cell_id, cell in sorted(st["cells"].items()):
+        rows = [("frontend", cell.get("disk"))]
+        rows += [(agent_id, a.get("disk")) for agent_id, a in sorted(cell.get("agents", {}).items())]
+        for who, d in rows:
+            if not d:
+                disks.add_row(cell_id, who, "-", "-", "-", "-")
+                continue
+            free, total = int(d["free_bytes"]), int(d["total_bytes"])
+            used = f"{100 * (total - free) / total:.0f} %" if total else "-"
+            full = free < 2 * int(d.get("reserve_bytes", 0) or 2**20)
+            disks.add_row(cell_id, who, f"[red]{free / 2**20:.1f} MiB[/red]" if full
+                          else f"{free / 2**20:.1f} MiB", f"{total / 2**20:.1f} MiB", used,
+                          f"{int(d['reserve_bytes']) / 2**20:.1f} MiB" if "reserve_bytes" in d
+                          else "-")
+    return disks
 
 
 tenant_app = typer.Typer(

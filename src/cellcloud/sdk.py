@@ -60,7 +60,8 @@ class Client:
     """``credentials`` is ``"ACCESS_KEY_ID:SECRET_ACCESS_KEY"`` or an (id, secret) pair."""
 
     def __init__(self, endpoint: str, credentials: str | tuple[str, str], *,
-                 timeout_s: float = 930.0, region: str = "cc-local-1") -> None:
+                 timeout_s: float = 930.0, region: str = "cc-local-1",
+                 operator_token: str | None = None) -> None:
         u = urlsplit(endpoint)
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or 80
@@ -73,6 +74,8 @@ class Client:
         self.secret_access_key = secret
         self.region = region
         self.timeout_s = timeout_s
+        # The operator's bearer token: status() then shows the whole region, not one tenant.
+        self.operator_token = operator_token
         self._conn: http.client.HTTPConnection | None = None
 
     @classmethod
@@ -80,7 +83,7 @@ class Client:
         endpoint = os.environ.get("CELLCLOUD_ENDPOINT")
         creds = os.environ.get("CELLCLOUD_API_KEY")
         if endpoint and creds:
-            return cls(endpoint, creds)
+            return cls(endpoint, creds, operator_token=os.environ.get("CELLCLOUD_OPERATOR_TOKEN"))
         path = os.path.join(state_dir or default_state_dir(), "region.json")
         try:
             with open(path) as f:
@@ -89,8 +92,16 @@ class Client:
             raise CellcloudError(0, "RegionNotRunning",
                                  f"no region is running ({path} not found); start one with "
                                  "`cellcloud up`") from None
+        token = None
+        token_file = doc.get("operator_token_file")
+        if token_file:  # readable only by whoever runs the region (mode 0600)
+            try:
+                with open(token_file) as f:
+                    token = str(json.load(f)["token"]) or None
+            except (OSError, ValueError, KeyError, TypeError):
+                token = None
         return cls(doc["endpoint"], (doc["access_key_id"], doc["secret_access_key"]),
-                   region=doc.get("region", "cc-local-1"))
+                   region=doc.get("region", "cc-local-1"), operator_token=token)
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None,
@@ -196,8 +207,18 @@ class Client:
         return doc
 
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", "/cellcloud/v1/status")
-        return result
+        """The region's status: all of it with the operator token, else (signed) the
+        caller's own functions and environments."""
+        if self.operator_token is None:
+            result: dict[str, Any] = self._json("GET", "/cellcloud/v1/status")
+            return result
+        status, headers, data = self.request(
+            "GET", "/cellcloud/v1/status",
+            headers={"authorization": f"Bearer {self.operator_token}"}, sign=False)
+        if status >= 400:
+            raise _error(status, headers, data)
+        doc: dict[str, Any] = json.loads(data)
+        return doc
 
     def close(self) -> None:
         if self._conn is not None:

@@ -267,7 +267,7 @@ def test_modelled_errors(lam: Any, make_function: Callable[..., str]) -> None:
         lam.create_function(FunctionName=name, Runtime="python3.11", Role=ROLE,
                             Handler="app.handler", Code={"ZipFile": make_zip({"app.py": SUM})})
     with pytest.raises(lam.exceptions.InvalidParameterValueException):
-        lam.update_function_configuration(FunctionName=name, Runtime="nodejs20.x")
+        lam.update_function_configuration(FunctionName=name, Runtime="java21")
     with pytest.raises(lam.exceptions.InvalidParameterValueException):
         lam.delete_function(FunctionName=name, Qualifier="$LATEST")
 

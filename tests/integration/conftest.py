@@ -39,7 +39,13 @@ def start_region(state_dir: str, *extra: str) -> Region:
                     "--state-dir", state_dir, *extra], check=True, timeout=120)
     with open(os.path.join(state_dir, "region.json")) as f:
         doc = json.load(f)
-    return Region(state_dir, doc, sdk.Client(doc["endpoint"], doc["api_key"], timeout_s=60))
+    # The test is the region's operator (as `cellcloud status` is): status shows everything.
+    token = None
+    if doc.get("operator_token_file"):
+        with open(doc["operator_token_file"]) as f:
+            token = json.load(f).get("token")
+    return Region(state_dir, doc, sdk.Client(doc["endpoint"], doc["api_key"], timeout_s=60,
+                                             operator_token=token))
 
 
 def stop_region(region: Region) -> None:

@@ -66,6 +66,11 @@ def handler(event, context):
         return "listening"
     if op == "ifaces":
         return sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:])
+    if op == "resolve":
+        try:
+            return socket.gethostbyname(event["name"])
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
     if op == "resolv":
         return open("/etc/resolv.conf").read()
     if op == "dns_tcp":
@@ -336,4 +341,21 @@ def test_gateway_mac_does_not_move(net: NetSandbox, world: World) -> None:
     assert wait_until(lambda: pool_settled(net))
     assert mac() == before == "02:cc:00:" + ":".join(net.prefix[i:i + 2] for i in (2, 4, 6))
     assert net.invoke(env, {"op": "http", "url": f"http://{world.addr}:8080/"}) == world.token
+    net.destroy(env)
+
+
+def test_local_names_resolve_from_hosts_without_dns(net: NetSandbox, world: World) -> None:
+    """With a network, `sandbox.localdomain` (the Telemetry API's host, in /etc/hosts) still
+    resolves from /etc/hosts, without a query to the forwarder (glibc's default order without
+    an nsswitch.conf is files, then DNS); other names go to the forwarder."""
+    env = net.create(PROBE)
+
+    def queries() -> int:
+        return int(net.status()["network"]["dns"]["queries"])
+
+    before = queries()
+    assert net.invoke(env, {"op": "resolve", "name": "sandbox.localdomain"}) == "127.0.0.1"
+    assert queries() == before  # no DNS query at all
+    assert net.invoke(env, {"op": "resolve", "name": "upstream.test"}) == world.addr
+    assert queries() > before  # while other names still go to the forwarder
     net.destroy(env)

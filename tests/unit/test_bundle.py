@@ -79,3 +79,63 @@ def test_extract_layout_and_modes(tmp_path: str) -> None:
     extract_zip(buf.getvalue(), dest)
     assert stat.S_IMODE(os.stat(os.path.join(dest, "app.py")).st_mode) == 0o644
     assert stat.S_IMODE(os.stat(os.path.join(dest, "bootstrap")).st_mode) == 0o755
+
+
+# -- issue #11: zips whose members cannot be unpacked are refused at upload -----------------
+from tests.malformed_zips import APP, malformed  # noqa: E402
+
+MALFORMED = malformed()
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_member_refused_by_inspect(kind: str) -> None:
+    data, why = MALFORMED[kind]
+    with pytest.raises(LambdaError) as e:
+        inspect_zip(data)
+    assert e.value.status == 400 and e.value.type == "InvalidParameterValueException"
+    assert why in e.value.message
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_member_refused_by_extract_leaves_nothing(kind: str, tmp_path: str) -> None:
+    data, why = MALFORMED[kind]
+    dest = os.path.join(str(tmp_path), "out")
+    with pytest.raises(LambdaError) as e:
+        extract_zip(data, dest)
+    assert why in e.value.message
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_what_inspect_accepts_extract_unpacks(tmp_path: str) -> None:
+    from tests.conftest import make_zip
+
+    data = make_zip({"app.py": APP, "lib/": "", "lib/x.py": "y", "./": "", "a/./b.py": "z"})
+    info = inspect_zip(data)
+    dest = os.path.join(str(tmp_path), "out")
+    assert extract_zip(data, dest).unzipped_bytes == info.unzipped_bytes
+    assert sorted(os.listdir(dest)) == ["a", "app.py", "lib"]
+
+
+def test_extract_removes_partial_tree_on_os_error(tmp_path: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full disk half-way: the files already written must not stay (issue #11: ~100 MiB per
+    # invoke leaked from a 51 KB zip).
+    import errno
+
+    import cellcloud.core.bundle as bundle
+
+    calls = []
+    real_chmod = os.chmod
+
+    def chmod(path: str, mode: int) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_chmod(path, mode)
+
+    monkeypatch.setattr(bundle.os, "chmod", chmod)
+    dest = os.path.join(str(tmp_path), "out")
+    with pytest.raises(OSError):
+        extract_zip(zip_of({"a.py": b"1", "b.py": b"2", "c.py": b"3"}), dest)
+    assert len(calls) == 2  # one file was complete, the second failed
+    assert os.listdir(str(tmp_path)) == []

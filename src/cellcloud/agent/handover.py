@@ -134,7 +134,8 @@ def _send(conn: socket.socket, agent: Any, listen_fd: int) -> None:
                    "created_ms": rec.created_ms, "slot": rec.slot,
                    "invocations": rec.invocations, "init_ms": rec.init_ms,
                    "init_error": rec.init_error, "last_used_ms": rec.last_used_ms,
-                   "max_rss_kb": rec.max_rss_kb, "measurements": rec.measurements}
+                   "max_rss_kb": rec.max_rss_kb, "measurements": rec.measurements,
+                   "extensions": rec.extensions}
             socket.send_fds(conn, [_pack(doc)], [sock.fileno()])
             n += 1
         network = getattr(agent, "network", None)

@@ -1,5 +1,5 @@
-"""The agent server. Four operations, nothing else: ``create_env``, ``invoke``, ``destroy``,
-``status``. It never opens a connection (``lockdown``); it reaches each environment over the
+"""The agent server. A fixed set of operations, nothing else: ``create_env``, ``invoke``,
+``destroy``, ``status``, ``attest``, ``forget_bundles``. It never opens a connection (``lockdown``); it reaches each environment over the
 socketpair it created for it, and no environment can reach it.
 """
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +34,20 @@ log = logging.getLogger("cellcloud.agent")
 
 channel_frame_bytes_max = 8 * 1024 * 1024
 remeasure_interval_s = 30
+reset_logs_envs_max = 1000  # environments whose reset logs are kept for a later call
 env_baseline_bytes = 8 * 1024 * 1024  # what a new idle environment adds, roughly (density bench)
+
+
+def _is_digest(value: object) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
+
+
+def _disk(path: str) -> dict[str, Any]:
+    """Free and total bytes of the filesystem holding ``path`` (the unpacked bundles)."""
+    st = os.statvfs(path)
+    return {"path": path, "free_bytes": st.f_bavail * st.f_frsize,
+            "total_bytes": st.f_blocks * st.f_frsize}
 
 
 def _host_memory_bytes() -> int:
@@ -53,6 +67,9 @@ class _EnvChannel(asyncio.Protocol):
         self.waiter: asyncio.Future[dict[str, Any]] | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self.garbage = False
+        # A frame that came before anyone waited for it: the end of an Invoke phase can come
+        # in the same read as its early result. One is kept; a second one is garbage.
+        self.early: dict[str, Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -61,9 +78,14 @@ class _EnvChannel(asyncio.Protocol):
         try:
             self.unpacker.feed(data)
             for doc in self.unpacker:
-                if not isinstance(doc, dict) or self.waiter is None or self.waiter.done():
+                if not isinstance(doc, dict):
+                    raise ValueError("not a frame")
+                if self.waiter is not None and not self.waiter.done():
+                    self.waiter.set_result(doc)
+                elif self.early is None:
+                    self.early = doc
+                else:
                     raise ValueError("unexpected frame")
-                self.waiter.set_result(doc)
         except Exception:
             # A guest that writes garbage on its channel is broken; it gets no second chance.
             self.garbage = True
@@ -79,11 +101,14 @@ class _EnvChannel(asyncio.Protocol):
     async def request(self, doc: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.waiter = waiter
         if doc is not None:
             if self.transport is None or self.transport.is_closing():
                 raise ConnectionError("environment channel closed")
             self.transport.write(msgpack.packb(doc, use_bin_type=True))
+        if self.early is not None:
+            early, self.early = self.early, None
+            return early
+        self.waiter = waiter
         # A timer instead of asyncio.wait_for: no extra task per invocation on the hot path.
         timer = loop.call_later(timeout_s, _expire, waiter)
         try:
@@ -91,6 +116,27 @@ class _EnvChannel(asyncio.Protocol):
         finally:
             timer.cancel()
             self.waiter = None
+
+
+    async def shutdown(self, reason: str, timeout_s: float) -> bytes:
+        """Ask the guest to run Lambda's SHUTDOWN phase; its last logs, once it said goodbye
+        (or nothing, when it closed, sent something else or overran ``timeout_s``)."""
+        if self.transport is None or self.transport.is_closing():
+            return b""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        doc: dict[str, Any] | None = {"t": "shutdown", "reason": reason}
+        while True:
+            try:
+                frame = await self.request(doc, max(0.0, deadline - loop.time()))
+            except (TimeoutError, ConnectionError):
+                return b""
+            doc = None
+            if frame.get("t") == "bye":
+                logs = frame.get("logs")
+                return logs[-DEFAULT_LIMITS.invocation_log_bytes_max:] if isinstance(
+                    logs, bytes) else b""
+            # a late result of an invocation that timed out: not the goodbye, keep waiting
 
 
 def _expire(fut: asyncio.Future[dict[str, Any]]) -> None:
@@ -111,6 +157,12 @@ class EnvRecord:
     invocations: int = 0
     init_error: dict[str, Any] | None = None
     init_ms: float = 0.0
+    extensions: int = 0  # extensions registered in it (its SHUTDOWN phase is theirs)
+    # The Invoke phase that goes on after the response went back (extensions still at work):
+    # the next invocation waits for it; its logs (END/REPORT and theirs) wait for a reply.
+    phase: asyncio.Future[None] | None = None
+    phase_task: asyncio.Task[None] | None = None
+    late_logs: bytes = b""
     last_used_ms: int = 0
     max_rss_kb: int = 0
     measurements: dict[str, Any] = field(default_factory=dict)
@@ -168,8 +220,19 @@ class Agent:
         # region CA (a CA of its own when it runs outside a region, as in tests).
         self.identity = identity or pki.tls_config(state_dir, region, "agent", cell, agent_id)
         self._measured: dict[str, str] = {}  # bundle/layer dir -> digest recorded at unpack
+        # Digests a create_env is using right now (not to be forgotten under it), and digests
+        # the frontend no longer wants that an environment still runs from (dropped when the
+        # last such environment goes).
+        self._bundle_pins: dict[str, int] = {}
+        self._forget_later: set[str] = set()
+        self.sweep_bundles()
+        self._shutdowns: set[asyncio.Task[bytes]] = set()  # graceful ends under way
+        # Logs of environments reset because their extensions overran an Invoke phase, for
+        # the next invoke or destroy that names them (bounded; the oldest go first).
+        self._reset_logs: dict[str, tuple[str, bytes]] = {}  # env -> (function key, logs)
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
-                    "destroy": self.destroy, "status": self.status, "attest": self.attest}
+                    "destroy": self.destroy, "status": self.status, "attest": self.attest,
+                    "forget_bundles": self.forget_bundles}
 
     # -- operations -------------------------------------------------------------------------
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +251,20 @@ class Agent:
         if self.memory_used_bytes + env_baseline_bytes > self.memory_budget_bytes:
             raise OpError("HostMemoryExhausted", f"{self.memory_used_bytes >> 20} MB in use of a "
                           f"{self.memory_budget_bytes >> 20} MB budget")
+        digests = {str(body["bundle_sha256"]), *map(str, body["function"].get("layers", []))}
+        for sha in digests:
+            self._bundle_pins[sha] = self._bundle_pins.get(sha, 0) + 1
+            self._forget_later.discard(sha)  # wanted again
+        try:
+            return await self._create_env_pinned(body, env_id)
+        finally:
+            for sha in digests:
+                self._bundle_pins[sha] -= 1
+                if not self._bundle_pins[sha]:
+                    del self._bundle_pins[sha]
+            self._forget_unused()
+
+    async def _create_env_pinned(self, body: dict[str, Any], env_id: str) -> dict[str, Any]:
         pushed: dict[str, bytes] = body.get("bundles") or {}
         bundle_sha = str(body["bundle_sha256"])
         bundle_dir = self._bundle(bundle_sha, pushed.get(bundle_sha))
@@ -260,6 +337,7 @@ class Agent:
             raise OpError("EnvCreateFailed", f"environment did not start: {e!r}") from e
         rec.init_error = ready.get("init_error")
         rec.init_ms = float(ready.get("init_ms", 0))
+        rec.extensions = int(ready.get("extensions", 0))
         if rec.init_error and rec.init_error.get("errorType") == "Runtime.SandboxSetupError":
             self._remove(env_id)
             self.counters["create_failed"] += 1
@@ -303,6 +381,7 @@ class Agent:
                             invocations=int(doc["invocations"]), init_error=doc["init_error"],
                             init_ms=float(doc["init_ms"]), last_used_ms=int(doc["last_used_ms"]),
                             max_rss_kb=int(doc["max_rss_kb"]),
+                            extensions=int(doc.get("extensions", 0)),
                             measurements=dict(doc["measurements"]))
             self.envs[spec.env_id] = rec
         used = {rec.slot for rec in self.envs.values()}
@@ -314,10 +393,22 @@ class Agent:
         env_id = str(body["env_id"])
         rec = self.envs.get(env_id)
         if rec is None:
+            if env_id in self._reset_logs:  # reset after its response went back
+                raise OpError("EnvReset", f"{env_id} was reset: an extension overran the "
+                              "previous invocation's timeout",
+                              logs=self._reset_logs.pop(env_id)[1])
             raise OpError("EnvNotFound", env_id)
         if rec.busy:
             raise OpError("EnvBusy", f"{env_id} is already running an invocation")
         rec.busy = True
+        if rec.phase is not None:
+            # The previous invocation's Invoke phase (its extensions) is still going: it ends
+            # by the previous deadline at the latest, with the environment reset if overrun.
+            await asyncio.shield(rec.phase)
+            if self.envs.get(env_id) is not rec:  # reset: nothing of this invocation ran
+                raise OpError("EnvReset", f"{env_id} was reset: an extension overran the "
+                              "previous invocation's timeout",
+                              logs=self._reset_logs.pop(env_id, ("", b""))[1])
         rec.invocations += 1
         self.counters["invocations"] += 1
         request_id = str(body["request_id"])
@@ -329,9 +420,19 @@ class Agent:
                  "deadline_ms": int(time.time() * 1000) + timeout_ms, "arn": body.get("arn", "")},
                 timeout_ms / 1000,
             )
+            while result.get("t") == "done":  # an earlier Invoke phase's end (a predecessor
+                # agent was waiting for it when it handed over): its logs, then ours
+                logs = result.get("logs")
+                rec.late_logs = (rec.late_logs + (logs if isinstance(logs, bytes) else b""))[
+                    -DEFAULT_LIMITS.invocation_log_bytes_max:]
+                result = await rec.channel.request(
+                    None, max(0.0, started + timeout_ms / 1000 - time.monotonic()))
         except TimeoutError:
             self.counters["timeouts"] += 1
-            self._remove(env_id)
+            if rec.extensions:  # SHUTDOWN (reason "timeout") for them, then the kill
+                self._shutdown_soon(env_id, "timeout")
+            else:  # nothing to tell: no shutdown phase, as on Lambda
+                self._remove(env_id)
             return self._failure(
                 "Sandbox.Timedout",
                 f"RequestId: {request_id} Error: Task timed out after {timeout_ms / 1000:.2f} seconds",
@@ -357,8 +458,16 @@ class Agent:
             return self._failure("Runtime.InvalidResponse", "the runtime answered out of turn",
                                  started)
         alive = not result.get("fatal")
-        if not alive:  # the runtime exited: this environment cannot serve another invoke
-            self._remove(env_id)
+        if not alive:  # the runtime (or an extension) exited: no other invoke here
+            if rec.extensions:
+                self._shutdown_soon(env_id, "failure")
+            else:
+                self._remove(env_id)
+        elif result.get("phase") == "pending":
+            rec.phase = asyncio.get_running_loop().create_future()
+            rec.phase_task = asyncio.ensure_future(
+                self._invoke_phase(rec, request_id, started + timeout_ms / 1000))
+        previous, rec.late_logs = rec.late_logs, b""
         return {
             "status": "ok" if result["ok"] else "function_error",
             "payload": result["payload"],
@@ -367,7 +476,46 @@ class Agent:
             "duration_ms": result.get("duration_ms", 0.0),
             "max_rss_kb": result.get("max_rss_kb", 0),
             "env_alive": alive,
+            # the previous invocation's logs from after its response (END/REPORT, extensions)
+            **({"previous_logs": previous} if previous else {}),
         }
+
+    async def _invoke_phase(self, rec: EnvRecord, request_id: str, deadline: float) -> None:
+        """Wait for the end of an Invoke phase whose response already went back: every
+        extension that got the event asked for the next one. Overrunning the function's
+        timeout resets the environment (SHUTDOWN, reason "timeout"), as on Lambda."""
+        env_id = rec.spec.env_id
+        try:
+            while True:
+                frame = await rec.channel.request(None, max(0.0, deadline - time.monotonic()))
+                if frame.get("t") == "done" and frame.get("id") == request_id:
+                    break
+            logs = frame.get("logs")
+            rec.late_logs = (rec.late_logs + (logs if isinstance(logs, bytes) else b""))[
+                -DEFAULT_LIMITS.invocation_log_bytes_max:]
+            rec.max_rss_kb = max(rec.max_rss_kb, int(frame.get("max_rss_kb", 0)))
+            if frame.get("fatal"):  # an extension crashed after the response
+                self._keep_reset_logs(rec, rec.late_logs + await self._shutdown(
+                    env_id, "failure", from_phase=True))
+        except TimeoutError:
+            self.counters["timeouts"] += 1
+            self._keep_reset_logs(rec, rec.late_logs + await self._shutdown(
+                env_id, "timeout", from_phase=True))
+        except ConnectionError:
+            self.counters["crashes"] += 1
+            if self.envs.get(env_id) is rec:
+                self._remove(env_id)
+            self._keep_reset_logs(rec, rec.late_logs)
+        finally:
+            phase, rec.phase, rec.phase_task = rec.phase, None, None
+            if phase is not None and not phase.done():
+                phase.set_result(None)
+
+    def _keep_reset_logs(self, rec: EnvRecord, logs: bytes) -> None:
+        self._reset_logs[rec.spec.env_id] = (
+            rec.function_key, logs[-DEFAULT_LIMITS.invocation_log_bytes_max:])
+        while len(self._reset_logs) > reset_logs_envs_max:
+            del self._reset_logs[next(iter(self._reset_logs))]
 
     def _failure(self, type_: str, message: str, started: float, **extra: Any) -> dict[str, Any]:
         return {
@@ -382,10 +530,36 @@ class Agent:
 
     async def destroy(self, body: dict[str, Any]) -> dict[str, Any]:
         env_id = str(body["env_id"])
-        found = env_id in self.envs
-        if found:
-            self._remove(env_id)
-        return {"destroyed": found}
+        rec = self.envs.get(env_id)
+        if rec is None:
+            key, logs = self._reset_logs.pop(env_id, ("", b""))
+            return {"destroyed": False, **({"function_key": key, "logs": logs} if logs else {})}
+        # Lambda's SHUTDOWN phase first (extensions get their event), then the kill; the
+        # environment's last logs go back to the caller, which files them with the function's.
+        logs = rec.late_logs + await self._shutdown(env_id, "spindown")
+        return {"destroyed": True, "function_key": rec.function_key, "logs": logs}
+
+    async def forget_bundles(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The frontend no longer holds these digests: drop their unpacked copies now, or,
+        for one an environment still runs from (or is being created from), when the last such
+        environment goes."""
+        digests = body.get("sha256") if isinstance(body, dict) else None
+        if not isinstance(digests, list) or len(digests) > DEFAULT_LIMITS.forget_bundles_digests_max:
+            raise OpError("InvalidRequest", "sha256 must be a list of at most "
+                          f"{DEFAULT_LIMITS.forget_bundles_digests_max} digests")
+        for sha in digests:
+            if not _is_digest(sha):
+                raise OpError("InvalidBundle", "each digest must be 64 hex digits")
+        in_use = self._bundles_in_use()
+        forgotten, deferred = [], []
+        for sha in digests:
+            if sha in in_use:
+                self._forget_later.add(sha)
+                deferred.append(sha)
+            else:
+                self._drop_bundle(sha)
+                forgotten.append(sha)
+        return {"forgotten": forgotten, "deferred": deferred}
 
     async def status(self, body: Any = None) -> dict[str, Any]:
         if isinstance(body, dict) and body.get("light"):
@@ -427,6 +601,9 @@ class Agent:
             "memory_used_bytes": self.memory_used_bytes,
             "memory_committed_bytes": sum(r.spec.memory_mb for r in self.envs.values()) * 2**20,
             "oversubscription": self.oversubscription,
+            "disk": _disk(self.state_dir),
+            "bundles": len([e for e in os.listdir(self.bundles_dir) if _is_digest(e)]),
+            "bundles_to_forget": len(self._forget_later),
             "network": ({**self.network.info, "helper": net.get("helper", {}),
                          "dns": net.get("dns", {}), "alive": self.network.alive(),
                          **({"error": net["error"]} if "error" in net else {})}
@@ -436,7 +613,7 @@ class Agent:
 
     # -- internals --------------------------------------------------------------------------
     def _bundle(self, sha: str, data: bytes | None) -> str:
-        if not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        if not _is_digest(sha):
             raise OpError("InvalidBundle", "bundle_sha256 must be 64 hex digits")
         path = os.path.join(self.bundles_dir, sha)
         if os.path.isdir(path):
@@ -445,21 +622,78 @@ class Agent:
             raise OpError("BundleMissing", sha, sha256=sha)
         if sha256_hex(data) != sha:
             raise OpError("BundleDigestMismatch", "the bundle does not hash to bundle_sha256")
+        # Unpacked under a temp name and renamed into place only when complete; on any
+        # failure (a malformed member, a full disk) the temp tree is removed.
         tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
         try:
             extract_zip(data, tmp)
+            digest = attestation.measure_tree(tmp)
+            with open(tmp + ".measure", "w") as f:
+                f.write(digest)
+            try:
+                os.rename(tmp + ".measure", path + ".measure")
+                os.rename(tmp, path)
+            except OSError:  # a concurrent create won the race; theirs is identical
+                pass
         except LambdaError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise OpError("InvalidBundle", e.message) from e
-        digest = attestation.measure_tree(tmp)
-        with open(tmp + ".measure", "w") as f:
-            f.write(digest)
-        try:
-            os.rename(tmp + ".measure", path + ".measure")
-            os.rename(tmp, path)
-        except OSError:  # a concurrent create won the race; theirs is identical
+        except OSError as e:
+            raise OpError("BundleUnpackFailed", f"could not unpack the bundle on this host: "
+                          f"{e.strerror or e}") from e
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp + ".measure")
         return path
+
+    def sweep_bundles(self) -> list[str]:
+        """At start: unpack temp trees a previous process left (it crashed or failed mid-
+        unpack). A temp tree of a process still alive (the predecessor during a live update)
+        is left to it. What it removed."""
+        removed = []
+        for entry in sorted(os.listdir(self.bundles_dir)):
+            _, sep, rest = entry.partition(".tmp-")
+            if not sep:
+                continue
+            pid = rest.split("-", 1)[0].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and os.path.exists(f"/proc/{pid}"):
+                continue
+            target = os.path.join(self.bundles_dir, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+            removed.append(entry)
+        if removed:
+            log.warning("removed %d partly unpacked bundles left by a previous agent process",
+                        len(removed))
+        return removed
+
+    def _bundles_in_use(self) -> set[str]:
+        used = set(self._bundle_pins)
+        for rec in self.envs.values():
+            for d in [rec.spec.bundle_dir, *rec.spec.layer_dirs]:
+                used.add(os.path.basename(d))
+        return used
+
+    def _drop_bundle(self, sha: str) -> None:
+        path = os.path.join(self.bundles_dir, sha)
+        self._forget_later.discard(sha)
+        self._measured.pop(path, None)
+        if os.path.isdir(path):
+            # Out of sight first (one rename), then removed: a crash in between leaves a temp
+            # tree that the next start sweeps.
+            doomed = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + ".measure")
+
+    def _forget_unused(self) -> None:
+        if self._forget_later:
+            for sha in self._forget_later - self._bundles_in_use():
+                self._drop_bundle(sha)
 
     def _recorded(self, path: str) -> str | None:
         if path not in self._measured:
@@ -519,8 +753,35 @@ class Agent:
         self._next_slot += 1
         return self._next_slot - 1
 
+    def _shutdown_soon(self, env_id: str, reason: str) -> None:
+        task = asyncio.ensure_future(self._shutdown(env_id, reason))
+        self._shutdowns.add(task)
+        task.add_done_callback(self._shutdowns.discard)
+
+    async def _shutdown(self, env_id: str, reason: str, from_phase: bool = False) -> bytes:
+        """End an environment the way Lambda does: SHUTDOWN (``spindown``, ``timeout`` or
+        ``failure``) with its budget — 2 s with extensions registered, 500 ms for the runtime
+        without (the guest keeps to it) — then kill whatever is left."""
+        rec = self.envs.pop(env_id, None)
+        if rec is None:
+            return b""
+        if rec.phase_task is not None and not from_phase:
+            rec.phase_task.cancel()  # its wait on the channel gives way to the goodbye
+            try:
+                await rec.phase_task
+            except asyncio.CancelledError:
+                pass
+        budget_s = DEFAULT_LIMITS.env_shutdown_ms_with_extensions / 1000
+        try:
+            # A margin over the guest's own budget for its goodbye frame; never more.
+            return await rec.channel.shutdown(reason, budget_s + 1.0)
+        finally:
+            self._stop(rec)
+
     def _remove(self, env_id: str) -> None:
-        rec = self.envs.pop(env_id)
+        self._stop(self.envs.pop(env_id))
+
+    def _stop(self, rec: EnvRecord) -> None:
         self.backend.kill(rec.spawned.pid)
         if rec.channel.transport is not None:
             rec.channel.transport.close()
@@ -530,6 +791,7 @@ class Agent:
         self._free_slots.append(rec.slot)
         self._release_network(rec.spec)
         self.counters["destroyed"] += 1
+        self._forget_unused()
 
     def _release_network(self, spec: EnvSpec) -> None:
         if self.network is not None and spec.network:

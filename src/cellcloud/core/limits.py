@@ -41,10 +41,48 @@ class Limits:
     # import, bounded by env_create_timeout_ms) an environment may use at least this many
     # vCPUs; its memory's share is enforced from the moment it reports ready.
     env_init_vcpu_min: int = 1
+    # Extensions and the Telemetry API (Lambda's documented values).
+    extensions_per_function_max: int = 10
+    # The SHUTDOWN phase (Lambda's): 2 s with external extensions registered, 500 ms with
+    # internal ones only (the runtime's SIGTERM grace), none without extensions.
+    env_shutdown_ms_with_extensions: int = 2_000
+    env_shutdown_ms_internal_extensions: int = 500
+    telemetry_max_items_min: int = 1_000
+    telemetry_max_items_max: int = 10_000
+    telemetry_max_items_default: int = 1_000
+    telemetry_max_bytes_min: int = 256 * 1024
+    telemetry_max_bytes_max: int = 1 * MiB
+    telemetry_max_bytes_default: int = 256 * 1024
+    telemetry_timeout_ms_min: int = 25
+    telemetry_timeout_ms_max: int = 30_000
+    telemetry_timeout_ms_default: int = 1_000
+    telemetry_post_timeout_ms: int = 1_000  # one POST to a subscriber's listener, then dropped
+    telemetry_subscribers_max: int = 10
+    telemetry_backlog_items_max: int = 1_000  # init-phase events kept for late subscribers
     agent_call_timeout_ms: int = 5_000
     list_functions_page_max: int = 50
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)
     functions_per_tenant_max: int = 10_000
+    # Held back on the cell's state disk for deletes when it is full (SQLite's WAL needs room
+    # to delete); given up on ENOSPC during a delete, taken back when there is room again.
+    state_disk_reserve_bytes: int = 8 * MiB
+    forget_bundles_digests_max: int = 1000  # digests in one agent ``forget_bundles`` call
+    # The public HTTP endpoint (router): every connection owes us bytes on a deadline.
+    http_header_timeout_ms: int = 10_000  # request line + headers, from the first byte/accept
+    http_body_timeout_ms: int = 30_000  # a body's base allowance, from the end of its headers
+    http_body_rate_bytes_per_s_min: int = 64 * 1024  # each byte adds 1/rate s to the allowance
+    http_keepalive_idle_timeout_ms: int = 30_000  # no request in flight and no byte sent
+    http_connections_max: int = 50_000  # over it, the oldest idle (or stalled) one is closed
+    http_fds_reserved: int = 1024  # fds kept free of client connections (cells, files, logs)
+    http_sweep_interval_ms: int = 500  # how often expired connections are looked for
+    http_header_line_bytes_max: int = 8 * 1024  # the request line or one header line
+    http_header_bytes_max: int = 64 * 1024  # request line + all header lines
+    http_headers_max: int = 100
+    # Answered before its body arrived (403, 413): a declared body up to this is read and
+    # dropped so the client can read the answer; a larger or chunked one is cut off (close).
+    http_drain_bytes_max: int = 8 * MiB
+    # Client JSON (payloads, API bodies): deeper nesting is refused before any parser recurses.
+    json_depth_max: int = 512
 
 
 DEFAULT_LIMITS = Limits()

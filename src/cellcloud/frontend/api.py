@@ -16,10 +16,13 @@ from urllib.parse import parse_qs, unquote
 from ..core import errors, params
 from ..core.aliases import check_alias_name
 from ..core.errors import LambdaError
+from ..core.jsondepth import check_json_depth
+from ..core.limits import DEFAULT_LIMITS
+from ..core.tenant_status import cell_status_for_tenant
 from ..core.validation import parse_function_ref
 from . import events
 from .cell import Cell, page_size
-from .store import config_doc, function_arn
+from .store import StateDiskFull, config_doc, function_arn, is_disk_full
 
 Reply = dict[str, Any]
 Match = dict[str, str]
@@ -37,6 +40,7 @@ def _reply(status: int, doc: Any, headers: dict[str, str] | None = None) -> Repl
 
 
 def _json_body(req: dict[str, Any]) -> dict[str, Any]:
+    check_json_depth(req["b"] or b"", DEFAULT_LIMITS.json_depth_max)
     try:
         doc = json.loads(req["b"] or b"{}")
     except (ValueError, UnicodeDecodeError) as e:
@@ -188,6 +192,7 @@ def _accept_event(cell: Cell, req: dict[str, Any], name: str, qualifier: str | N
     rec, _ = cell.resolve(req["a"], name, qualifier)
     payload = req["b"] or b""
     if payload:
+        check_json_depth(payload, cell.limits.json_depth_max)
         try:
             json.loads(payload)
         except (ValueError, UnicodeDecodeError) as e:
@@ -437,7 +442,9 @@ async def function_logs(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Repl
 
 
 async def cell_status(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(200, await cell.status())
+    """A tenant's view of its cell: its own functions and environments (the operator's whole
+    view is the router's, behind the operator token)."""
+    return _reply(200, cell_status_for_tenant(await cell.status(), req["a"]))
 
 
 _FN = r"(?P<ref>[^/]+)"
@@ -514,6 +521,10 @@ async def handle(cell: Cell, req: dict[str, Any]) -> Reply:
     except LambdaError as e:
         return {"s": e.status, "h": e.headers(), "b": e.body()}
     except Exception as e:  # a bug: answer Lambda-shaped, log it, keep serving
+        if is_disk_full(e):  # a write outside the function store (async events, queues)
+            err: LambdaError = StateDiskFull(cell.store.disk_space().path,
+                                             f"{req.get('m')} {req.get('p')}")
+            return {"s": err.status, "h": err.headers(), "b": err.body()}
         log.exception("unexpected error on %s %s", req.get("m"), req.get("p"))
         err = LambdaError(500, "ServiceException", f"Internal error: {type(e).__name__}")
         return {"s": err.status, "h": err.headers(), "b": err.body()}

@@ -16,13 +16,15 @@ import random
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from ..core import errors
 from ..core.aliases import VERSION, check_alias_name, check_routing, pick_version
 from ..core.bundle import BundleInfo, inspect_zip
 from ..core.errors import LambdaError
+from ..core.jsondepth import check_json_depth
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.placement import Create, Placement, Throttle, Use
 from ..core.poison import PoisonDetector, PoisonParams
@@ -35,6 +37,7 @@ from .store import (
     FunctionRecord,
     FunctionStore,
     LayerVersionRecord,
+    StateDiskFull,
     config_doc,
     function_arn,
     layer_arn,
@@ -50,6 +53,8 @@ versions_per_function_max = 10_000
 shards_cached_max = 100_000
 layer_versions_scan_max = 10_000
 
+
+T = TypeVar("T")
 
 agent_draining_retries_max = 40  # ~20 s of backoff: an agent handover takes well under that
 
@@ -232,6 +237,13 @@ class Cell:
         # (account, name, qualifier) -> (the version it keeps warm, how many, last modified)
         self._provisioned: dict[tuple[str, str, str], tuple[FunctionRecord, int, str]] = {}
         self._inflight: dict[tuple[str, str], int] = {}
+        # Bundles (frontend/store.py counts their references): a digest no record holds is
+        # freed at once, unless an environment is being created from it (pinned: freed when
+        # the create ends); agents are told to forget it too (retried at each agent poll).
+        self._bundle_pins: dict[str, int] = {}
+        self._bundles_deferred: set[str] = set()
+        self._forget_pending: dict[str, set[str]] = {}
+        self._forgetting = False
         # The durable async intake (frontend/events.py), set by the server; None: no async path.
         self.events: Intake | None = None
         # Sync invokes in flight in the whole cell; over this, 429 with Retry-After (shedding
@@ -302,9 +314,74 @@ class Cell:
             data = base64.b64decode(b64, validate=True)
         except ValueError as e:
             raise errors.invalid(f"{field_name} is not valid base64") from e
-        info = inspect_zip(data, self.limits)
+        return data, inspect_zip(data, self.limits)
+
+    def _with_bundle(self, info: BundleInfo, data: bytes, write: Callable[[], T]) -> T:
+        """The bundle durably first, then the record that names it; if the record is not
+        written (any error, a conflict), the bundle is given back."""
         self.store.put_bundle(info.sha256, data)
-        return data, info
+        try:
+            return write()
+        finally:
+            self._release_bundles([info.sha256])  # nothing happens if the record holds it
+
+    def _release_bundles(self, digests: Iterable[str]) -> None:
+        """Free the bundles no function, version or layer version holds any more: the
+        frontend's file now, the agents' unpacked copies within seconds."""
+        freed = []
+        for sha in self.store.unreferenced(digests):
+            if self._bundle_pins.get(sha):
+                self._bundles_deferred.add(sha)
+                continue
+            self._bundles_deferred.discard(sha)
+            self.store.delete_bundle(sha)
+            freed.append(sha)
+        if not freed:
+            return
+        for agent_id in self.agents:
+            self._forget_pending.setdefault(agent_id, set()).update(freed)
+        self._forget_soon()
+        self._restore_reserve()
+
+    def _forget_soon(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a unit test): the next agent poll sends them
+        if not self._forgetting:
+            self._forgetting = True
+            asyncio.ensure_future(self._send_forgets())
+
+    async def _send_forgets(self) -> None:
+        """Tell each agent which digests it may drop (a digest wanted again meanwhile is not
+        sent); what could not be delivered stays pending for the next agent poll."""
+        self._forgetting = True
+        try:
+            for agent_id in list(self._forget_pending):
+                pending = self._forget_pending[agent_id]
+                pending.intersection_update(self.store.unreferenced(pending))
+                batch = sorted(pending)[: self.limits.forget_bundles_digests_max]
+                if not batch or not self.placement.agents[agent_id].up:
+                    continue
+                try:
+                    await self.agents[agent_id].call(
+                        "forget_bundles", {"sha256": batch},
+                        timeout_s=self.limits.agent_call_timeout_ms / 1000)
+                except (TransportError, RemoteError) as e:
+                    log.warning("agent %s could not forget %d bundles yet: %s", agent_id,
+                                len(batch), e)
+                    continue
+                pending.difference_update(batch)
+        finally:
+            self._forgetting = False
+        if any(self._forget_pending.values()):
+            log.debug("bundles still to forget: %d", sum(map(len, self._forget_pending.values())))
+
+    def _restore_reserve(self) -> None:
+        try:
+            self.store.restore_reserve()
+        except OSError as e:
+            log.warning("could not restore the state disk reserve: %s", e)
 
     def _layers(self, account: str, value: object) -> list[dict[str, Any]]:
         if value is None:
@@ -429,7 +506,7 @@ class Cell:
             last_modified=_now_iso(),
             **fields,
         )
-        if not self.store.put_new(rec):
+        if not self._with_bundle(info, data, lambda: self.store.put_new(rec)):
             raise errors.conflict(f"Function already exist: {name}")
         if publish:
             return config_doc(self._publish(rec, None), self.region)
@@ -472,9 +549,10 @@ class Cell:
             revision_id=str(uuid.uuid4()),
             last_modified=_now_iso(),
         )
-        if doc.get("DryRun") is True:
+        if doc.get("DryRun") is True:  # validated, nothing written
             return config_doc(new, self.region)
-        new = self._replace(old, new)
+        new = self._with_bundle(info, data, lambda: self._replace(old, new))
+        self._release_bundles(_digests(old))
         if doc.get("Publish") is True:
             return config_doc(self._publish(new, None), self.region)
         return config_doc(new, self.region)
@@ -491,7 +569,9 @@ class Cell:
             revision_id=str(uuid.uuid4()),
             last_modified=_now_iso(),
         )
-        return config_doc(self._replace(old, new), self.region)
+        doc_out = config_doc(self._replace(old, new), self.region)
+        self._release_bundles(_digests(old))  # layers it no longer uses
+        return doc_out
 
     def delete_function(self, account: str, name: str, qualifier: str | None = None) -> None:
         old = self.function(account, name)
@@ -515,6 +595,7 @@ class Cell:
             self.store.delete_version(account, name, number)
             self._versions.pop((account, name, number), None)
             self._retire(rec.key)
+            self._release_bundles(_digests(rec))
             return
         versions = self.store.list_versions(account, name, 0, versions_per_function_max)
         for key in [k for k in self._provisioned if k[:2] == (account, name)]:
@@ -526,6 +607,7 @@ class Cell:
         for v in versions:
             self._versions.pop((account, name, int(v.version)), None)
             self._retire(v.key)
+        self._release_bundles(set().union(_digests(old), *map(_digests, versions)))
 
     def list_functions(
         self, account: str, marker: str | None, max_items: int, all_versions: bool = False
@@ -855,7 +937,7 @@ class Cell:
             raise errors.invalid("LicenseInfo must be a string of at most 512 characters")
         description = _description(doc.get("Description") or "")
         data, info = self._decode_zip(content["ZipFile"], "Content.ZipFile")
-        rec = self.store.publish_layer_version(
+        rec = self._with_bundle(info, data, lambda: self.store.publish_layer_version(
             LayerVersionRecord(
                 account,
                 name,
@@ -869,7 +951,7 @@ class Cell:
                 license_info,
                 _now_iso(),
             )
-        )
+        ))
         return self.layer_doc(rec, content=True)
 
     def layer_version(self, account: str, name: str, version: int) -> LayerVersionRecord:
@@ -881,8 +963,12 @@ class Cell:
         return rec
 
     def delete_layer_version(self, account: str, name: str, version: int) -> None:
-        # Idempotent, as Lambda's; functions that use it keep their copy (bundles are by digest).
+        # Idempotent, as Lambda's; functions that use it keep their copy (bundles are by digest,
+        # and a function's record holds its layers' digests).
+        rec = self.store.get_layer_version(account, name, version)
         self.store.delete_layer_version(account, name, version)
+        if rec is not None:
+            self._release_bundles([rec.sha256])
 
     def list_layer_versions(
         self, account: str, name: str, marker: str | None, max_items: int, runtime: str | None
@@ -946,6 +1032,7 @@ class Cell:
                 f"type (limit {self.limits.invoke_payload_bytes_max} bytes)",
             )
         if payload:
+            check_json_depth(payload, self.limits.json_depth_max)
             try:
                 json.loads(payload)
             except (ValueError, UnicodeDecodeError) as e:
@@ -1035,11 +1122,35 @@ class Cell:
                             "ConcurrentInvocationLimitExceeded",
                         ) from None
                     raise errors.service("No agent could start an execution environment") from None
-            return await self._invoke_on(rec, decision, request_id, payload, log_tail, invoked_arn)
+            try:
+                return await self._invoke_on(rec, decision, request_id, payload, log_tail,
+                                             invoked_arn)
+            except _EnvReset:
+                # The agent reset the environment before this invocation ran in it (its
+                # extensions overran the previous one's timeout): as Lambda, a fresh one.
+                if attempt + 1 < attempts:
+                    continue
+                raise errors.service("The execution environment was reset; retry") from None
         raise AssertionError("unreachable")
 
     async def _create_env(self, rec: FunctionRecord, decision: Create,
                           prewarm: bool = False) -> None:
+        """Pins the function's bundles for the duration: they may be pushed to the agent."""
+        digests = _digests(rec)
+        for sha in digests:
+            self._bundle_pins[sha] = self._bundle_pins.get(sha, 0) + 1
+        try:
+            await self._create_env_pinned(rec, decision, prewarm)
+        finally:
+            for sha in digests:
+                self._bundle_pins[sha] -= 1
+                if not self._bundle_pins[sha]:
+                    del self._bundle_pins[sha]
+            if self._bundles_deferred & digests:
+                self._release_bundles(self._bundles_deferred & digests)
+
+    async def _create_env_pinned(self, rec: FunctionRecord, decision: Create,
+                                 prewarm: bool) -> None:
         client = self.agents[decision.agent_id]
         body: dict[str, Any] = {
             "env_id": decision.env_id,
@@ -1132,8 +1243,12 @@ class Cell:
             ) from e
         except RemoteError as e:
             self._discard(decision.env_id)
+            if e.type == "EnvReset":
+                self._file_logs(rec.key, e.data.get("logs"))
+                raise _EnvReset() from e
             raise errors.service(f"The execution environment failed: {e}") from e
         now_ms = int(time.time() * 1000)
+        self._file_logs(rec.key, res.get("previous_logs"))
         if res.get("env_alive", True):
             self.poison.on_success(f"{rec.account}/{rec.name}", decision.agent_id, now_ms)
             for d in self.placement.release(decision.env_id, now_ms):
@@ -1182,11 +1297,23 @@ class Cell:
 
     async def _destroy(self, env_id: str, agent_id: str) -> None:
         try:
-            await self.agents[agent_id].call(
+            res = await self.agents[agent_id].call(
                 "destroy", {"env_id": env_id}, timeout_s=self.limits.agent_call_timeout_ms / 1000
             )
         except (TransportError, RemoteError) as e:
             log.info("destroy %s on %s: %s", env_id, agent_id, e)
+            return
+        # What the environment wrote during its SHUTDOWN phase (its extensions' last words)
+        # belongs to the function's logs, as on Lambda.
+        if isinstance(res, dict):
+            self._file_logs(str(res.get("function_key") or ""), res.get("logs"))
+
+    def _file_logs(self, function_key: str, logs: Any) -> None:
+        """Logs of an environment outside any invocation's reply (the end of an Invoke phase
+        that went on after its response, a SHUTDOWN phase), filed with the function's."""
+        if isinstance(logs, bytes) and logs and function_key.count("/") >= 1:
+            account, name = function_key.split("/")[:2]
+            self._pending_logs.append((account, name, int(time.time() * 1000), "", logs))
 
     # -- housekeeping ----------------------------------------------------------------------------
     async def sync_agents(self, *, first: bool = False) -> None:
@@ -1212,6 +1339,8 @@ class Cell:
                     first or not env["env_id"].startswith(self.placement_prefix)
                 ):
                     await self._destroy(env["env_id"], agent_id)
+        if any(self._forget_pending.values()) and not self._forgetting:
+            await self._send_forgets()
 
     @property
     def placement_prefix(self) -> str:
@@ -1223,11 +1352,17 @@ class Cell:
         if self._provisioned:
             self._provision_soon()  # replaces provisioned environments that were lost
         self.flush_logs()
+        self._restore_reserve()  # after a delete on a full disk, once there is room again
 
     def flush_logs(self) -> None:
         if self._pending_logs:
             rows, self._pending_logs = self._pending_logs, []
-            self.store.append_logs(rows)
+            try:
+                self.store.append_logs(rows)
+            except StateDiskFull:
+                # Logs are acknowledged to no one: on a full disk they are dropped, counted.
+                self.counters["logs_dropped"] = self.counters.get("logs_dropped", 0) + len(rows)
+                log.warning("state disk full: dropped %d log batches", len(rows))
 
     async def attest(self, account: str, name: str, qualifier: str | None,
                      nonce: str) -> dict[str, Any]:
@@ -1278,7 +1413,18 @@ class Cell:
                        "failed_agents": dict(self.failed_agents)},
             "poison": self.poison.statistics(),
             "agents": agents,
+            "disk": self.store.disk_space().doc(),
+            "bundles_to_forget": sum(map(len, self._forget_pending.values())),
         }
+
+
+def _digests(rec: FunctionRecord) -> set[str]:
+    """The bundles a function record holds: its code and its layers."""
+    return {rec.code_sha256, *(str(layer["sha256"]) for layer in rec.layers)}
+
+
+class _EnvReset(Exception):
+    """The agent reset the environment before the invocation ran: take another one."""
 
 
 class _AgentUnavailable(Exception):

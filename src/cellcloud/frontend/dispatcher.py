@@ -29,6 +29,8 @@ from urllib.parse import quote
 
 from .. import runtime
 from ..core import retry
+from ..core.jsondepth import json_depth_within
+from ..core.limits import DEFAULT_LIMITS
 from ..core.retry import Fail, Outcome, Retry, RetryBudget, Succeed
 from ..transport import CallTimeout, Client, RemoteError, Server, TransportError
 from .events import (
@@ -68,6 +70,8 @@ def _iso(ms: int) -> str:
 
 
 def _json_or_text(raw: bytes) -> Any:
+    if not json_depth_within(raw, DEFAULT_LIMITS.json_depth_max):
+        return base64.b64encode(raw).decode()  # a function's own deep JSON: kept as bytes
     try:
         return json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):

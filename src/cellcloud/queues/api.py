@@ -17,6 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..core import params
+from ..core.jsondepth import json_depth_within
+from ..core.limits import DEFAULT_LIMITS
 from .store import (
     QueueError,
     QueueStore,
@@ -80,8 +82,12 @@ class QueueApi:
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = str(req.get("target", "")).removeprefix("AmazonSQS.")
         try:
+            raw = req.get("b") or b"{}"
+            if not json_depth_within(raw, DEFAULT_LIMITS.json_depth_max):
+                raise invalid(f"The request body nests deeper than "
+                              f"{DEFAULT_LIMITS.json_depth_max} levels")
             try:
-                doc = json.loads(req.get("b") or b"{}")
+                doc = json.loads(raw)
             except ValueError:
                 raise invalid("The request body is not valid JSON") from None
             if not isinstance(doc, dict):

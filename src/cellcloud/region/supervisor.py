@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tenants import ensure_tenants
+from .tenants import ensure_operator_token, ensure_tenants, operator_token_path
 
 log = logging.getLogger("cellcloud.supervisor")
 
@@ -96,6 +96,7 @@ class Supervisor:
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
         tenants = ensure_tenants(self.state_dir)
+        ensure_operator_token(self.state_dir)
         cell_eps: dict[str, list[Any]] = {}
         endpoints: dict[str, Any] = {"cells": {}, "routers": {}}
         agent_index = 0
@@ -146,6 +147,8 @@ class Supervisor:
         router = Component("router", "router", [
             "--cell-map", cell_map_path, "--tenants", os.path.join(self.state_dir, "tenants.json"),
             "--region", self.region, "--control-listen", f"{self.host}:0",
+            "--operator-token-file", operator_token_path(self.state_dir),
+            *self.extra_args.get("router", []),
         ], f"{self.host}:{self.port}")
         await self._launch(router)
         # A restarted router gets its internal port back too.
@@ -173,6 +176,8 @@ class Supervisor:
             "api_key": f"{default['access_key_id']}:{default['secret_access_key']}",
             "supervisor_pid": os.getpid(),
             "insecure": self.insecure,
+            # The operator's bearer token (region-wide status; `cellcloud status` uses it).
+            "operator_token_file": operator_token_path(self.state_dir),
             "state_dir": self.state_dir, "started": time.time(),
         }
         self.write_region()

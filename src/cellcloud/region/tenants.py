@@ -17,6 +17,7 @@ import secrets
 from typing import Any
 
 FILE = "tenants.json"
+OPERATOR_FILE = "operator.json"  # {"token": ...}: the operator's bearer token, mode 0600
 tenants_max = 10_000
 _TENANT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
@@ -124,3 +125,42 @@ def list_tenants(state_dir: str) -> list[dict[str, str]]:
 
 def default_tenant(state_dir: str) -> dict[str, str]:
     return list_tenants(state_dir)[0]
+
+
+def operator_token_path(state_dir: str) -> str:
+    return os.path.join(state_dir, OPERATOR_FILE)
+
+
+def ensure_operator_token(state_dir: str) -> str:
+    """The operator's bearer token (region-wide status), created on first use with mode 0600.
+
+    It is not a tenant: it signs nothing and names no account; the router accepts it as
+    ``Authorization: Bearer <token>`` on the region status paths only.
+    """
+    path = operator_token_path(state_dir)
+    with _Lock(state_dir):
+        try:
+            with open(path) as f:
+                token = str(json.load(f)["token"])
+            if token:
+                return token
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        token = secrets.token_urlsafe(32)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"token": token}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+        return token
+
+
+def read_operator_token(state_dir: str) -> str | None:
+    try:
+        with open(operator_token_path(state_dir)) as f:
+            return str(json.load(f)["token"]) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

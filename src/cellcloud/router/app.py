@@ -6,18 +6,23 @@ number of routers can run side by side and a restart loses nothing.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
+from ..core.tenant_status import cell_status_for_tenant
 from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
+
+if TYPE_CHECKING:
+    from .connections import ConnectionRegistry
 
 log = logging.getLogger("cellcloud.router")
 
@@ -35,6 +40,40 @@ _INVOKE_SUFFIXES = ("/invocations", "/invocations/")
 control_timeout_s = 30.0
 # A request crosses to its cell in one transport frame: leave room for the envelope.
 forward_body_bytes_max = frame_bytes_max - 1024 * 1024
+STATUS_PATH = "/cellcloud/v1/status"
+CELL_STATUS_PATH = "/cellcloud/v1/cell/status"
+_STATUS_PATHS = (STATUS_PATH, CELL_STATUS_PATH)
+
+
+class OperatorToken:
+    """The operator's bearer token (``operator.json`` in the state directory, mode 0600),
+    reloaded when the file changes. It opens the region-wide status and nothing else."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._mtime_ns = -1
+        self._token = b""
+        self.reload()
+
+    def reload(self) -> None:
+        try:
+            st = os.stat(self.path)
+            if st.st_mtime_ns == self._mtime_ns:
+                return
+            with open(self.path) as f:
+                self._token = str(json.load(f)["token"]).encode()
+            self._mtime_ns = st.st_mtime_ns
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("operator token file %s unreadable; region status is refused", self.path)
+
+    def matches(self, token: str) -> bool:
+        self.reload()
+        return bool(self._token) and hmac.compare_digest(token.encode(), self._token)
+
+
+def _forbidden_token() -> LambdaError:
+    return LambdaError(403, "UnrecognizedClientException",
+                       "The security token included in the request is invalid.")
 
 
 class Tenants:
@@ -86,7 +125,11 @@ class Router:
         tenants: Tenants,
         limits: Limits = DEFAULT_LIMITS,
         region: str = "cc-local-1",
+        operator: OperatorToken | None = None,
+        connections: ConnectionRegistry | None = None,
     ):
+        self.operator = operator
+        self.connections = connections
         self.cell_map = cell_map
         self.region = region
         self.tenants = tenants
@@ -97,7 +140,8 @@ class Router:
         self.cell_map_received = time.monotonic()
         self.cell_map_pushes = 0
         self.cell_map_stale_after_s = 3.0
-        self.counters = {"requests": 0, "unauthenticated": 0, "cell_unavailable": 0}
+        self.counters = {"requests": 0, "unauthenticated": 0, "cell_unavailable": 0,
+                         "refused_before_body": 0, "internal_errors": 0}
 
     def set_cell_map(self, cell_map: CellMap) -> int:
         """A pushed map: taken when not older than the one held; returns the version held."""
@@ -136,35 +180,58 @@ class Router:
         if scope["type"] != "http":
             return
         self.counters["requests"] += 1
+        body_state = _BodyState(scope)
         try:
-            status, headers, body = await self._handle(scope, receive)
+            status, headers, body = await self._handle(scope, receive, body_state)
         except LambdaError as e:
             status, headers, body = e.status, e.headers(), e.body()
+        except Exception:  # no input may produce a bare 500: answer Lambda-shaped, log it
+            log.exception("request %s %s failed", scope.get("method"), scope.get("path"))
+            self.counters["internal_errors"] += 1
+            err = LambdaError(500, "ServiceException", "An internal error occurred.")
+            status, headers, body = err.status, err.headers(), err.body()
         out = [(k.encode(), v.encode()) for k, v in headers.items()]
         out.append((b"content-length", b"%d" % len(body)))  # not chunked: one write, no trailer
+        if body_state.pending and not (
+                body_state.declared is not None
+                and body_state.declared <= self.limits.http_drain_bytes_max):
+            # Answered before the client sent its body: a small declared rest is read and
+            # dropped (under the connection's body deadline) so that a client still sending
+            # can read the answer; a large or chunked one is cut off.
+            out.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
 
-    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, str], bytes]:
+    async def _handle(self, scope: Scope, receive: Receive,
+                      body_state: _BodyState) -> tuple[int, dict[str, str], bytes]:
         path: str = scope["path"]
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         fwd = {k: v for k, v in headers if k.encode() in _FORWARDED}
-        # Refuse an unknown key before reading a body; the signature needs the body.
-        akid = _access_key_id(headers)
-        if akid is not None and self.tenants.lookup(akid) is None:
+        auth = ",".join(v for k, v in headers if k == "authorization")
+        is_status = path.rstrip("/") in _STATUS_PATHS
+        if is_status and auth[:7].lower() == "bearer ":
+            return await self._operator_status(scope, path, auth[7:].strip())
+        # Everything a request can be refused for without its body, before reading it: the
+        # shape of the signature, the key, the declared size.
+        try:
+            akid = sigv4.parse_authorization(auth).group("akid")
+            if self.tenants.lookup(akid) is None:
+                raise _forbidden_token()
+        except LambdaError:
             self.counters["unauthenticated"] += 1
-            raise LambdaError(
-                403,
-                "UnrecognizedClientException",
-                "The security token included in the request is invalid.",
-            )
+            self.counters["refused_before_body"] += body_state.pending
+            raise
         is_invoke = path.endswith(_INVOKE_SUFFIXES)
         body_max = (
             self.limits.invoke_payload_bytes_max
             if is_invoke
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
+        if body_state.declared is not None and body_state.declared > body_max:
+            self.counters["refused_before_body"] += 1
+            raise _too_large(body_max, is_invoke)
         body = await _read_body(receive, body_max, is_invoke)
+        body_state.pending = False
         raw_path = scope.get("raw_path") or path.encode()
         # SQS's JSON protocol (the cell's queues): signed for service "sqs", forwarded whole.
         sqs_target = next((v for k, v in headers if k == "x-amz-target"), "")
@@ -186,16 +253,10 @@ class Router:
         found = self.tenants.lookup(verified.access_key_id)
         assert found is not None
         account = found[0]
-        if path.rstrip("/") == "/cellcloud/v1/status":
-            if scope["method"] != "GET":
-                raise LambdaError(405, "MethodNotAllowedException",
-                                  f"{scope['method']} is not allowed on {path}",
-                                  http_headers={"allow": "GET"})
-            return (
-                200,
-                {"content-type": "application/json"},
-                json.dumps(await self.status()).encode(),
-            )
+        if path.rstrip("/") == STATUS_PATH:
+            _only_get(scope, path)
+            # A tenant sees its own functions and environments only (operator: Bearer token).
+            return _json_reply(await self.status(account=account))
         cell = self.cell_map.cell_for(account)
         if is_sqs:
             host = next((v for k, v in headers if k == "host"), "")
@@ -229,32 +290,90 @@ class Router:
             ) from e
         return resp["s"], resp["h"], resp["b"]
 
-    async def status(self) -> dict[str, Any]:
-        cells = {}
-        for cell_id in self.cell_map.cells:
-            try:
-                cells[cell_id] = await self.client(cell_id).call("status", None, timeout_s=5)
-            except (TransportError, RemoteError) as e:
-                cells[cell_id] = {"cell_id": cell_id, "error": str(e)}
-        return {
-            "router": {
-                "pid": os.getpid(),
-                "uptime_s": time.time() - self.started,
-                "cell_map_version": self.cell_map.version,
-                "cell_map": self.cell_map_status(),
-                "counters": dict(self.counters),
-            },
-            "cells": cells,
+    async def _operator_status(self, scope: Scope, path: str,
+                               token: str) -> tuple[int, dict[str, str], bytes]:
+        """``Authorization: Bearer <operator token>``: the whole region (``/status``) or one
+        cell (``/cell/status?cell=<id>``; the only cell when there is one)."""
+        if self.operator is None or not self.operator.matches(token):
+            self.counters["unauthenticated"] += 1
+            raise _forbidden_token()
+        _only_get(scope, path)
+        if path.rstrip("/") == STATUS_PATH:
+            return _json_reply(await self.status())
+        query = scope["query_string"].decode("latin-1")
+        wanted = next((v for k, _, v in (p.partition("=") for p in query.split("&"))
+                       if k == "cell"), None)
+        if wanted is None and len(self.cell_map.cells) == 1:
+            wanted = next(iter(self.cell_map.cells))
+        if wanted not in self.cell_map.cells:
+            raise LambdaError(400, "InvalidParameterValueException",
+                              f"Name a cell with ?cell=: one of {sorted(self.cell_map.cells)}")
+        return _json_reply(await self._cell_status(str(wanted)))
+
+    async def _cell_status(self, cell_id: str) -> dict[str, Any]:
+        try:
+            doc: dict[str, Any] = await self.client(cell_id).call("status", None, timeout_s=5)
+            return doc
+        except (TransportError, RemoteError, CallTimeout) as e:
+            return {"cell_id": cell_id, "error": str(e)}
+
+    async def status(self, account: str | None = None) -> dict[str, Any]:
+        """The region's status: everything (``account`` None: the operator), or what one
+        tenant may see: its own cell, filtered to its own functions and environments."""
+        if account is not None:
+            cell_id = self.cell_map.cell_for(account).cell_id
+            view = cell_status_for_tenant(await self._cell_status(cell_id), account)
+            return {"router": {"cell_map_version": self.cell_map.version,
+                               "cell_map": self.cell_map_status()},
+                    "cells": {cell_id: view}}
+        cells = {cell_id: await self._cell_status(cell_id) for cell_id in self.cell_map.cells}
+        router: dict[str, Any] = {
+            "pid": os.getpid(),
+            "uptime_s": time.time() - self.started,
+            "cell_map_version": self.cell_map.version,
+            "cell_map": self.cell_map_status(),
+            "counters": dict(self.counters),
         }
+        if self.connections is not None:
+            router["connections"] = self.connections.statistics()
+        return {"router": router, "cells": cells}
 
 
-def _access_key_id(headers: list[tuple[str, str]]) -> str | None:
-    for k, v in headers:
-        if k == "authorization":
-            _, _, rest = v.partition("Credential=")
-            akid = rest.partition("/")[0]
-            return akid or None
-    return None
+class _BodyState:
+    """Whether the client still owes body bytes, and how many it declared."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.declared: int | None = None
+        chunked = False
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    self.declared = int(v)
+                except ValueError:
+                    self.declared = None
+            elif k == b"transfer-encoding":
+                chunked = True
+        self.pending = chunked or bool(self.declared)
+
+
+def _only_get(scope: Scope, path: str) -> None:
+    if scope["method"] != "GET":
+        raise LambdaError(405, "MethodNotAllowedException",
+                          f"{scope['method']} is not allowed on {path}",
+                          http_headers={"allow": "GET"})
+
+
+def _json_reply(doc: Any) -> tuple[int, dict[str, str], bytes]:
+    return 200, {"content-type": "application/json"}, json.dumps(doc).encode()
+
+
+def _too_large(body_max: int, is_invoke: bool) -> LambdaError:
+    if is_invoke:
+        return LambdaError(413, "RequestEntityTooLargeException",
+                           f"Request must be smaller than {body_max} bytes for the "
+                           "InvokeFunction operation")
+    return LambdaError(413, "RequestEntityTooLargeException",
+                       f"Request must be smaller than {body_max} bytes")
 
 
 async def _read_body(receive: Receive, body_max: int, is_invoke: bool) -> bytes:
@@ -267,18 +386,7 @@ async def _read_body(receive: Receive, body_max: int, is_invoke: bool) -> bytes:
         chunk = msg.get("body", b"")
         size += len(chunk)
         if size > body_max:
-            if is_invoke:
-                raise LambdaError(
-                    413,
-                    "RequestEntityTooLargeException",
-                    f"Request must be smaller than {body_max} bytes for the InvokeFunction "
-                    "operation",
-                )
-            raise LambdaError(
-                413,
-                "RequestEntityTooLargeException",
-                f"Request must be smaller than {body_max} bytes",
-            )
+            raise _too_large(body_max, is_invoke)
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(chunks)

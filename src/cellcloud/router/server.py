@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 from typing import Any
 
@@ -13,23 +14,53 @@ import uvicorn
 
 from .. import runtime
 from ..core.cellmap import CellMap
+from ..core.limits import DEFAULT_LIMITS
 from ..transport import Server
-from .app import Router, Tenants
+from .app import OperatorToken, Router, Tenants
+from .connections import ConnectionRegistry, guard_params
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit; returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 async def serve(args: argparse.Namespace) -> None:
     with open(args.cell_map) as f:
         cell_map = CellMap.from_wire(json.load(f))
-    router = Router(cell_map, Tenants(args.tenants), region=args.region)
+    limits = DEFAULT_LIMITS
+    fds = raise_fd_limit()
+    # Never more connections than fds leave room for: the cap closes idle/stalled ones first.
+    connections_max = max(1, min(args.connections_max or limits.http_connections_max,
+                                 fds - limits.http_fds_reserved))
+    params = guard_params(limits, header_timeout_ms=args.header_timeout_ms,
+                          body_timeout_ms=args.body_timeout_ms,
+                          body_rate_bytes_per_s_min=args.body_rate_bytes_per_s_min,
+                          keepalive_idle_timeout_ms=args.keepalive_idle_timeout_ms,
+                          connections_max=connections_max)
+    registry = ConnectionRegistry(params, limits, sweep_interval_ms=args.sweep_interval_ms)
+    operator = OperatorToken(args.operator_token_file) if args.operator_token_file else None
+    router = Router(cell_map, Tenants(args.tenants), limits=limits, region=args.region,
+                    operator=operator, connections=registry)
     sock = runtime.bind_tcp(args.listen)
-    config = uvicorn.Config(router, loop="none", http="httptools", lifespan="off",
-                            log_level="warning", access_log=False, server_header=False,
-                            date_header=False, timeout_keep_alive=75, proxy_headers=False)
+    config = uvicorn.Config(router, loop="none", http=registry.protocol_class(), ws="none",
+                            lifespan="off", log_level="warning", access_log=False,
+                            server_header=False, date_header=False,
+                            timeout_keep_alive=max(1, params.keepalive_idle_timeout_ms // 1000),
+                            proxy_headers=False, backlog=4096)
     server = uvicorn.Server(config)
     # uvicorn's own serve() offers no "listening" event; its startup()/main_loop() pair does.
     config.load()
     server.lifespan = config.lifespan_class(config)
     await server.startup(sockets=[sock])
+    registry.start()
     task = asyncio.ensure_future(server.main_loop())
     host, port = sock.getsockname()[:2]
     # The internal port the control plane pushes the cell map to (constant work, every round).
@@ -55,6 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
         await runtime.wait_for_shutdown()
     finally:
         reloader.cancel()
+        registry.stop()
         await internal.close()
         server.should_exit = True
         await task
@@ -69,6 +101,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--region", default="cc-local-1", help="The region name requests are signed for")
     p.add_argument("--control-listen", default="127.0.0.1:0",
                    help="internal address the control plane pushes the cell map to")
+    p.add_argument("--operator-token-file", default=None,
+                   help="file holding the operator's bearer token (region-wide status)")
+    # Connection limits (defaults: core/limits.py).
+    p.add_argument("--header-timeout-ms", type=int, default=None,
+                   help="request line + headers must arrive within this")
+    p.add_argument("--body-timeout-ms", type=int, default=None,
+                   help="a body's base allowance from the end of its headers")
+    p.add_argument("--body-rate-bytes-per-s-min", type=int, default=None,
+                   help="each body byte extends the body's allowance by 1/rate seconds")
+    p.add_argument("--keepalive-idle-timeout-ms", type=int, default=None,
+                   help="an idle kept-alive connection is closed after this")
+    p.add_argument("--connections-max", type=int, default=None,
+                   help="over it, the oldest idle (else stalled) connection is closed")
+    p.add_argument("--sweep-interval-ms", type=int, default=None,
+                   help="how often expired connections are closed")
     runtime.add_security_args(p)
     args = p.parse_args(argv)
     runtime.setup_logging("router")

@@ -7,6 +7,15 @@ invocations between that API and the host agent, over the one channel the host a
     agent -> guest  {"t": "invoke", "id", "payload": bytes, "deadline_ms", "arn"}
     guest -> agent  {"t": "result", "id", "ok", "payload": bytes, "logs": bytes,
                      "duration_ms", "max_rss_kb", "error_type", "fatal": bool}
+    (with extensions that got the invocation, the result goes as soon as the runtime posted
+    it, with "phase": "pending"; the Invoke phase's end follows when they all asked for
+    their next event:)
+    guest -> agent  {"t": "done", "id", "logs": bytes, "duration_ms", "max_rss_kb", "fatal"}
+    agent -> guest  {"t": "shutdown", "reason": "spindown"|"timeout"|"failure"}
+    guest -> agent  {"t": "bye", "logs": bytes}   (then the guest exits)
+
+External extensions (executables in /opt/extensions, started before the runtime) and the
+Telemetry API are served on the Runtime API's address (extensions.py): see the lifecycle there.
 
 The runtime is either the built-in Python runtime running as a thread here (the host's own
 interpreter: no interpreter start, no HTTP inside one process) or a process — a custom
@@ -22,6 +31,8 @@ import io
 import json
 import math
 import os
+import queue
+import re
 import resource
 import signal
 import socket
@@ -33,7 +44,9 @@ from typing import Any, NoReturn
 
 import msgpack
 
+from ..core.limits import DEFAULT_LIMITS
 from . import pyruntime
+from .extensions import Extensions, Telemetry
 from .runtime_api import Invocation, RuntimeApi, serve_http
 from .spec import EnvSpec
 
@@ -42,6 +55,30 @@ log_bytes_max = 256 * 1024
 log_drain_timeout_s = 1.0
 init_timeout_s = 10.0  # Lambda's init phase limit
 RUNTIME_API_ADDRESS = ("127.0.0.1", 9001)
+EXTENSIONS_DIR = "/opt/extensions"
+_SENTINEL = re.compile(rb"\x00cellcloud-log-cut-\d+\x00")
+
+
+class _LineTap:
+    """Splits a byte stream into lines for the Telemetry API (``function``/``extension``)."""
+
+    def __init__(self, telemetry: Telemetry, kind: str) -> None:
+        self._telemetry = telemetry
+        self._kind = kind
+        self._partial = b""
+        self._lock = threading.Lock()  # fed by the runtime's thread and a pipe's drain
+
+    def feed(self, data: bytes) -> None:
+        if not self._telemetry.wants(self._kind):
+            return
+        with self._lock:
+            data = self._partial + _SENTINEL.sub(b"", data)
+            *lines, self._partial = data.split(b"\n")
+            if len(self._partial) > log_bytes_max:  # a line without an end: cut it
+                lines.append(self._partial)
+                self._partial = b""
+        for line in lines:
+            self._telemetry.emit(self._kind, line.decode("utf-8", "replace"))
 
 
 class _LogCapture:
@@ -65,11 +102,14 @@ class _LogCapture:
         self._seq = 0
         self._drained = 0  # bytes the drain thread has taken from the pipe
         self._drained_at_cut = 0
+        self.tap: _LineTap | None = None  # the function's lines, for telemetry subscribers
         sys.stdout = _BufferStream(self, 1)
         sys.stderr = _BufferStream(self, 2)
         threading.Thread(target=self._drain, name="log-drain", daemon=True).start()
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes, tap: bool = True) -> None:
+        if tap and self.tap is not None:
+            self.tap.feed(data)
         with self._cond:
             self._buf += data
             if len(self._buf) > 2 * log_bytes_max:
@@ -83,6 +123,8 @@ class _LogCapture:
                 return
             if not data:
                 return
+            if self.tap is not None:
+                self.tap.feed(data)
             with self._cond:
                 self._drained += len(data)
                 self._buf += data
@@ -99,7 +141,7 @@ class _LogCapture:
                 os.dup2(self._marker_fd, fd)
 
     def write_line(self, text: str) -> None:
-        self.append(text.encode() + b"\n")
+        self.append(text.encode() + b"\n", tap=False)  # the platform's lines, not the function's
 
     def _pipe_pending(self) -> int:
         try:
@@ -168,9 +210,11 @@ class _Channel:
         self._sock = sock
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 * 1024 * 1024)
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._send_lock = threading.Lock()  # results from the relay, "bye" from the reader
 
     def send(self, doc: dict[str, Any]) -> None:
-        self._sock.sendall(self._packer.pack(doc))
+        with self._send_lock:
+            self._sock.sendall(self._packer.pack(doc))
 
     def recv(self) -> dict[str, Any] | None:
         while True:
@@ -202,49 +246,221 @@ class _InProcessClient:
         self._api.init_fail(body)
 
 
-def _start_process(api: RuntimeApi, spec: EnvSpec) -> None:
-    argv = list(spec.runtime_argv)
-    if argv == ["bootstrap"]:
-        task_root = os.environ.get("LAMBDA_TASK_ROOT", "/var/task")
-        for cand in (os.path.join(task_root, "bootstrap"), "/opt/bootstrap"):
-            if os.access(cand, os.X_OK):
-                argv = [cand]
-                break
-        else:
-            api.init_fail(json.dumps({
-                "errorType": "Runtime.InvalidEntrypoint",
-                "errorMessage": "Couldn't find valid bootstrap(s): [/var/task/bootstrap "
-                                "/opt/bootstrap]"}).encode())
+class _ExtensionOutput:
+    """The extensions' stdout/stderr: one pipe, drained into the invocation's logs (as Lambda
+    puts them in the function's log stream) and to ``extension`` telemetry subscribers."""
+
+    def __init__(self, logs: _LogCapture, telemetry: Telemetry) -> None:
+        self._r, self.w = os.pipe()
+        os.set_inheritable(self._r, False)
+        self._logs = logs
+        self._tap = _LineTap(telemetry, "extension")
+        self._cond = threading.Condition()
+        self._seen = 0
+        self._seq = 0
+        threading.Thread(target=self._drain, name="ext-log-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        while data := os.read(self._r, 65536):
+            marks = len(_SENTINEL.findall(data))
+            data = _SENTINEL.sub(b"", data)
+            self._tap.feed(data)
+            self._logs.append(data, tap=False)
+            if marks:
+                with self._cond:
+                    self._seen += marks
+                    self._cond.notify_all()
+
+    def sync(self, timeout_s: float) -> None:
+        """Wait (bounded) until everything written so far is in the logs."""
+        self._seq += 1
+        try:
+            os.write(self.w, f"\x00cellcloud-log-cut-{self._seq}\x00".encode())
+        except OSError:
             return
-    serve_http(api, *RUNTIME_API_ADDRESS)
-    host, port = RUNTIME_API_ADDRESS
-    env = dict(os.environ, AWS_LAMBDA_RUNTIME_API=f"{host}:{port}")
+        with self._cond:
+            self._cond.wait_for(lambda: self._seen >= self._seq, timeout_s)
+
+
+def _find_extensions() -> list[str]:
+    """Every executable file directly in /opt/extensions, in alphabetical order (as Lambda)."""
     try:
-        pid = os.posix_spawn(argv[0], argv, env)
-    except OSError as e:
-        api.init_fail(json.dumps({"errorType": "Runtime.InvalidEntrypoint",
-                                  "errorMessage": f"cannot start {argv[0]}: {e}"}).encode())
-        return
+        names = sorted(os.listdir(EXTENSIONS_DIR))
+    except OSError:
+        return []
+    return [n for n in names
+            if os.path.isfile(os.path.join(EXTENSIONS_DIR, n))
+            and os.access(os.path.join(EXTENSIONS_DIR, n), os.X_OK)]
 
-    def reap() -> None:
-        # pid 1 of the namespace: reap everything, report the runtime's own exit.
-        while True:
+
+def _exit_reason(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal: {signal.Signals(os.WTERMSIG(status)).name.lower()[3:]}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+class _Environment:
+    """What runs in this environment besides the guest: the runtime process (if any) and the
+    external extensions, and who is told when one of them exits."""
+
+    def __init__(self, spec: EnvSpec, api: RuntimeApi, logs: _LogCapture) -> None:
+        self.spec = spec
+        self.api = api
+        self.logs = logs
+        self.telemetry = Telemetry()
+        arn = spec.function_arn.split(":")
+        self.extensions = Extensions(spec.function_name, spec.function_version, spec.handler,
+                                     _find_extensions(), arn[4] if len(arn) > 4 else "")
+        self.extensions.on_register = lambda name, events: self.telemetry.emit(
+            "platform.extension", {"name": name, "state": "Ready", "events": events})
+        logs.tap = _LineTap(self.telemetry, "function")
+        self.runtime_pid: int | None = None
+        self.children: dict[int, str] = {}  # pid -> extension name
+        self.ext_output: _ExtensionOutput | None = None
+        self.shutting_down = threading.Event()
+        self._reaper_lock = threading.Lock()
+        self._reaping = False
+
+    def serve(self) -> None:
+        serve_http(self.api, *RUNTIME_API_ADDRESS, extensions=self.extensions,
+                   telemetry=self.telemetry)
+
+    def env_vars(self) -> dict[str, str]:
+        host, port = RUNTIME_API_ADDRESS
+        return dict(os.environ, AWS_LAMBDA_RUNTIME_API=f"{host}:{port}")
+
+    def start_extensions(self) -> None:
+        """The extension-init phase: start them all, wait until each registered (or died)."""
+        if not self.extensions.external:
+            return
+        self.ext_output = _ExtensionOutput(self.logs, self.telemetry)
+        actions = [(os.POSIX_SPAWN_DUP2, self.ext_output.w, 1),
+                   (os.POSIX_SPAWN_DUP2, self.ext_output.w, 2)]
+        env = self.env_vars()
+        for name in self.extensions.external:
+            path = os.path.join(EXTENSIONS_DIR, name)
             try:
-                child, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                return
-            if child == pid:
-                if os.WIFSIGNALED(status):
-                    why = f"signal: {signal.Signals(os.WTERMSIG(status)).name.lower()[3:]}"
-                else:
-                    why = f"exit status {os.WEXITSTATUS(status)}"
-                api.runtime_exited(why)
+                with self._reaper_lock:  # known before the reaper can see it exit
+                    pid = os.posix_spawn(path, [path], env, file_actions=actions)
+                    self.children[pid] = name
+            except OSError as e:
+                self.extensions.extension_exited(name, f"cannot start {path}: {e}")
+                continue
+            if self.spec.runtime_argv == []:
+                # The built-in runtime runs here: no catch-all reaper (it would steal the
+                # handler's subprocesses' exit statuses); one waiter per extension.
+                threading.Thread(target=self._wait_one, args=(pid,), daemon=True).start()
+        if self.spec.runtime_argv:
+            self._start_reaper()
+        self.extensions.wait_registered(init_timeout_s)
 
-    threading.Thread(target=reap, name="reaper", daemon=True).start()
+    def _wait_one(self, pid: int) -> None:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return
+        with self._reaper_lock:
+            self._child_exited(pid, status)
+
+    def _child_exited(self, pid: int, status: int) -> None:
+        why = _exit_reason(status)
+        if pid == self.runtime_pid:
+            self.api.runtime_exited(why)
+        elif pid in self.children:
+            name = self.children.pop(pid)
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            self.extensions.extension_exited(
+                name, f"exit code {code}" if code is not None else why)
+
+    def _start_reaper(self) -> None:
+        with self._reaper_lock:
+            if self._reaping:
+                return
+            self._reaping = True
+
+        def reap() -> None:
+            # pid 1 of the namespace: reap everything, report the runtime's and extensions'.
+            while True:
+                try:
+                    child, status = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    with self._reaper_lock:  # no child now; a spawn after this starts a reaper
+                        try:
+                            child, status = os.waitpid(-1, os.WNOHANG)
+                        except ChildProcessError:
+                            self._reaping = False
+                            return
+                        if child:
+                            self._child_exited(child, status)
+                    continue
+                with self._reaper_lock:  # a child spawned under the lock is known by now
+                    self._child_exited(child, status)
+
+        threading.Thread(target=reap, name="reaper", daemon=True).start()
+
+    def start_runtime(self) -> None:
+        api, spec = self.api, self.spec
+        argv = list(spec.runtime_argv)
+        if argv == ["bootstrap"]:
+            task_root = os.environ.get("LAMBDA_TASK_ROOT", "/var/task")
+            for cand in (os.path.join(task_root, "bootstrap"), "/opt/bootstrap"):
+                if os.access(cand, os.X_OK):
+                    argv = [cand]
+                    break
+            else:
+                api.init_fail(json.dumps({
+                    "errorType": "Runtime.InvalidEntrypoint",
+                    "errorMessage": "Couldn't find valid bootstrap(s): [/var/task/bootstrap "
+                                    "/opt/bootstrap]"}).encode())
+                return
+        try:
+            with self._reaper_lock:  # known before the reaper can see it exit
+                self.runtime_pid = os.posix_spawn(argv[0], argv, self.env_vars())
+        except OSError as e:
+            api.init_fail(json.dumps({"errorType": "Runtime.InvalidEntrypoint",
+                                      "errorMessage": f"cannot start {argv[0]}: {e}"}).encode())
+            return
+        self._start_reaper()
+
+    def shutdown(self, chan: _Channel, reason: str) -> NoReturn:
+        """Lambda's SHUTDOWN phase: with extensions registered, SIGTERM to the runtime and the
+        SHUTDOWN event to the external extensions, within the budget (2 s with external
+        extensions, 500 ms with internal ones only); none without. Then the remaining logs go
+        to the agent, and the environment ends."""
+        self.shutting_down.set()
+        ext = self.extensions
+        lim = DEFAULT_LIMITS
+        budget_ms = (lim.env_shutdown_ms_with_extensions if ext.external_registered
+                     else lim.env_shutdown_ms_internal_extensions if ext.registered else 0)
+        end = time.monotonic() + budget_ms / 1000
+        if ext.registered:
+            if self.runtime_pid is not None and self.api.exited is None:
+                try:
+                    os.kill(self.runtime_pid, signal.SIGTERM)
+                except OSError:
+                    pass
+            elif self.runtime_pid is None and callable(signal.getsignal(signal.SIGTERM)):
+                # The built-in runtime is this process: a handler the function installed for
+                # SIGTERM (graceful shutdown) runs on the main thread.
+                signal.raise_signal(signal.SIGTERM)
+            if ext.external_registered:
+                ext.shutdown(reason, int(time.time() * 1000) + budget_ms,
+                             max(0.0, end - time.monotonic()))
+            if self.runtime_pid is not None:
+                self.api.wait_exited(max(0.0, end - time.monotonic()))
+        if self.telemetry.active:
+            self.telemetry.flush(max(0.0, end - time.monotonic()))
+        if self.ext_output is not None:
+            self.ext_output.sync(max(0.05, end - time.monotonic()))
+        try:
+            chan.send({"t": "bye", "logs": self.logs.cut()})
+        except OSError:
+            pass
+        os._exit(0)
 
 
 def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
-    """Serve invocations until the host agent closes the channel."""
+    """Serve invocations until the host agent closes the channel or shuts the environment down."""
     started = time.monotonic()
     os.set_inheritable(chan_fd, False)  # a runtime process must not inherit the channel
     sock = socket.socket(fileno=chan_fd)
@@ -254,9 +470,19 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
     os.close(devnull)
     logs = _LogCapture()
     api = RuntimeApi(response_bytes_max)
+    env = _Environment(spec, api, logs)
+    env.telemetry.emit("platform.initStart", {
+        "initializationType": "on-demand", "phase": "init",
+        "runtimeVersion": spec.runtime, "functionName": spec.function_name,
+        "functionVersion": spec.function_version})
     inline: tuple[Any, _InProcessClient] | None = None
-    if spec.runtime_argv:
-        _start_process(api, spec)
+    if spec.runtime_argv or env.extensions.external:
+        env.serve()  # the Runtime, Extensions and Telemetry APIs on the loopback
+    env.start_extensions()
+    if env.extensions.error is not None:
+        pass  # an extension failed its init: the runtime is not started (as on Lambda)
+    elif spec.runtime_argv:
+        env.start_runtime()
     else:
         # The built-in runtime runs inline on this (the main) thread, as on Lambda: handlers
         # may use signals, and an invocation costs no thread hand-off at all.
@@ -267,40 +493,97 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
         else:
             inline = (fn, _InProcessClient(api))
             api.mark_ready()
-    _relay(spec, _Channel(sock), api, logs, started, inline)
+    _relay(env, _Channel(sock), started, inline)
     os._exit(0)
 
 
-def _relay(spec: EnvSpec, chan: _Channel, api: RuntimeApi, logs: _LogCapture, started: float,
+def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
+    """The agent's next frame; a shutdown is handled here (and ends the process), as is the
+    channel's end."""
+    msg = chan.recv()
+    if msg is None:
+        os._exit(0)
+    if msg.get("t") == "shutdown":
+        env.shutdown(chan, str(msg.get("reason") or "spindown"))
+    return msg
+
+
+def _read_channel(env: _Environment, chan: _Channel, inbox: queue.Queue[dict[str, Any]]) -> None:
+    """With extensions registered, the channel has a reader thread of its own: a shutdown is
+    handled even while an invocation runs (one that timed out, say), so the extensions get
+    their SHUTDOWN event."""
+    while True:
+        inbox.put(_next_message(env, chan))
+
+
+def _relay(env: _Environment, chan: _Channel, started: float,
            inline: tuple[Any, _InProcessClient] | None) -> None:
     """Between the host agent's channel and the Runtime API, one invocation at a time."""
-    if not api.wait_ready(init_timeout_s):
-        api.init_fail(json.dumps({"errorType": "Runtime.InitTimeout", "errorMessage":
-                                  f"init did not finish within {init_timeout_s:.0f} s"}).encode())
-    init_error = api.init_error
+    spec, api, logs, ext, telemetry = env.spec, env.api, env.logs, env.extensions, env.telemetry
+    deadline = started + init_timeout_s
+    if ext.error is None:
+        # Init ends when the runtime asked for its first invocation and every extension
+        # called next once (all within Lambda's init limit).
+        if not api.wait_ready(max(0.0, deadline - time.monotonic())):
+            api.init_fail(json.dumps({
+                "errorType": "Runtime.InitTimeout",
+                "errorMessage": f"init did not finish within {init_timeout_s:.0f} s"}).encode())
+        elif not ext.wait_init_done(max(0.0, deadline - time.monotonic())):
+            api.init_fail(json.dumps({
+                "errorType": "Extension.InitTimeout",
+                "errorMessage": f"extensions did not finish their init within "
+                                f"{init_timeout_s:.0f} s"}).encode())
+    ext.end_init()
+    init_error = ext.error or api.init_error
     if init_error is None and api.exited is not None:
         init_error = {"errorType": "Runtime.ExitError",
                       "errorMessage": f"Runtime exited with error: {api.exited}"}
     init_ms = (time.monotonic() - started) * 1000
-    chan.send({"t": "ready", "init_error": init_error, "init_ms": init_ms, "logs": logs.cut()})
+    status = "success" if init_error is None else "error"
+    telemetry.emit("platform.initRuntimeDone", {
+        "initializationType": "on-demand", "phase": "init", "status": status,
+        **({"errorType": init_error["errorType"]} if init_error else {})})
+    telemetry.emit("platform.initReport", {
+        "initializationType": "on-demand", "phase": "init", "status": status,
+        "metrics": {"durationMs": round(init_ms, 3)}})
+    telemetry.end_init()
+    with_extensions = ext.registered > 0  # fixed from here on: registration is closed
+    chan.send({"t": "ready", "init_error": init_error, "init_ms": init_ms, "logs": logs.cut(),
+               "extensions": ext.registered})
+    inbox: queue.Queue[dict[str, Any]] | None = None
+    if with_extensions:
+        inbox = queue.Queue()
+        threading.Thread(target=_read_channel, args=(env, chan, inbox), name="channel",
+                         daemon=True).start()
     first = True
     while True:
-        msg = chan.recv()
-        if msg is None:
-            os._exit(0)
+        # Without extensions, the fast path: this thread reads the channel, no hand-off.
+        msg = inbox.get() if inbox is not None else _next_message(env, chan)
         if msg.get("t") != "invoke":
             continue
         request_id = msg["id"]
         logs.write_line(f"START RequestId: {request_id} Version: {spec.function_version}")
+        if telemetry.active:
+            telemetry.emit("platform.start", {"requestId": request_id,
+                                              "version": spec.function_version})
         t0 = time.monotonic()
         error_type: str | None
+        fatal = False
+        answered = False  # the response went back before the Invoke phase ended
+        if init_error is None and ext.error is not None:  # an extension died since
+            init_error, fatal = ext.error, True
         if init_error is not None:
             err = dict(init_error, requestId=request_id)
             logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
             ok, payload, error_type = False, json.dumps(err).encode(), "Unhandled"
         else:
-            api.submit(Invocation(request_id, msg["payload"], int(msg["deadline_ms"]),
-                                  msg.get("arn", "")))
+            deadline_ms = int(msg["deadline_ms"])
+            api.submit(Invocation(request_id, msg["payload"], deadline_ms, msg.get("arn", "")))
+            notified = ext.begin_invoke({
+                "eventType": "INVOKE", "deadlineMs": deadline_ms, "requestId": request_id,
+                "invokedFunctionArn": msg.get("arn", ""),
+                "tracing": {"type": "X-Amzn-Trace-Id", "value": f"Root=1-{request_id[:8]}"},
+            }) if with_extensions else []
             if inline is not None:
                 try:
                     pyruntime.handle_one(*inline)
@@ -310,6 +593,34 @@ def _relay(spec: EnvSpec, chan: _Channel, api: RuntimeApi, logs: _LogCapture, st
                     api.runtime_exited(f"runtime failed: {e!r}")
             outcome = api.wait_outcome()
             ok, payload, error_type = outcome.ok, outcome.payload, outcome.error_type
+            if telemetry.active:
+                runtime_ms = (time.monotonic() - t0) * 1000
+                telemetry.emit("platform.runtimeDone", {
+                    "requestId": request_id,
+                    "status": "success" if ok else ("failure" if api.exited else "error"),
+                    "metrics": {"durationMs": round(runtime_ms, 3),
+                                "producedBytes": len(payload)}})
+            if with_extensions and ext.error is not None:  # an extension died meanwhile
+                err = dict(ext.error, requestId=request_id)
+                logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
+                ok, payload, error_type, fatal = False, json.dumps(err).encode(), "Unhandled", True
+            elif notified:
+                # As on Lambda, the response goes back as soon as the runtime posted it; the
+                # Invoke phase goes on until every extension that got the event asked for the
+                # next one (the agent holds the environment, bounded by the function's
+                # timeout: an extension that overruns it gets the environment reset).
+                chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
+                           "error_type": error_type, "logs": logs.cut(), "phase": "pending",
+                           "duration_ms": (time.monotonic() - t0) * 1000, "max_rss_kb": 0,
+                           "fatal": False})
+                answered = True
+                ext.wait_done(notified)
+                if ext.error is not None:  # crashed after the response: the env is reset
+                    err = ext.error
+                    logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
+                    fatal = True
+        if env.shutting_down.is_set():
+            threading.Event().wait()  # the reader thread is ending this environment
         duration_ms = (time.monotonic() - t0) * 1000
         max_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         report = (
@@ -318,13 +629,32 @@ def _relay(spec: EnvSpec, chan: _Channel, api: RuntimeApi, logs: _LogCapture, st
             f"Billed Duration: {max(1, math.ceil(duration_ms))} ms\t"
             f"Memory Size: {spec.memory_mb} MB\tMax Memory Used: {max_rss_kb // 1024} MB"
         )
+        metrics: dict[str, Any] = {
+            "durationMs": round(duration_ms, 3), "billedDurationMs": max(1, math.ceil(duration_ms)),
+            "memorySizeMB": spec.memory_mb, "maxMemoryUsedMB": max_rss_kb // 1024}
         if first:
             report += f"\tInit Duration: {init_ms:.2f} ms"
+            metrics["initDurationMs"] = round(init_ms, 3)
             first = False
         logs.write_line(report)
+        if telemetry.active:
+            telemetry.emit("platform.report", {
+                "requestId": request_id, "status": "success" if ok else "error",
+                "metrics": metrics})
         logs.repair()
-        chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
-                   "error_type": error_type, "logs": logs.cut(), "duration_ms": duration_ms,
-                   "max_rss_kb": max_rss_kb, "fatal": api.exited is not None})
-        if api.exited is not None:
-            os._exit(1)  # the runtime is gone: this environment is done
+        fatal = fatal or api.exited is not None
+        if answered:  # the Invoke phase's end: its remaining logs, the REPORT among them
+            chan.send({"t": "done", "id": request_id, "logs": logs.cut(),
+                       "duration_ms": duration_ms, "max_rss_kb": max_rss_kb, "fatal": fatal})
+        else:
+            chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
+                       "error_type": error_type, "logs": logs.cut(), "duration_ms": duration_ms,
+                       "max_rss_kb": max_rss_kb, "fatal": fatal})
+        if fatal:
+            if not with_extensions:
+                os._exit(1)  # the runtime is gone: this environment is done
+            # The agent shuts it down (reason "failure": the extensions get SHUTDOWN), or we go.
+            env.shutting_down.wait(init_timeout_s)
+            if not env.shutting_down.is_set():
+                os._exit(1)
+            threading.Event().wait()

@@ -179,7 +179,8 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
         f"sbx_user:x:{spec.uid}:{spec.gid}:sandbox:/tmp:/usr/sbin/nologin\n",
     )
     _write(root + "/etc/group", f"root:x:0:\nsbx_user:x:{spec.gid}:\n")
-    _write(root + "/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n")
+    # sandbox.localdomain: where extensions' Telemetry API listeners are reached, as on Lambda.
+    _write(root + "/etc/hosts", "127.0.0.1 localhost sandbox.localdomain\n::1 localhost\n")
     resolver = spec.network.get("resolver")
     # The one resolver an environment may reach: the network helper's forwarder.
     _write(root + "/etc/resolv.conf",

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .extensions import EXTENSION_PREFIX, TELEMETRY_PATHS, Extensions, Reply, Telemetry
+
 API_PREFIX = "/2018-06-01/runtime"
 request_body_bytes_max = 6 * 1024 * 1024 + 1024
 
@@ -84,6 +86,10 @@ class RuntimeApi:
         with self._cond:
             self.ready = True
             self._cond.notify_all()
+
+    def wait_exited(self, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.exited is not None, timeout_s)
 
     def runtime_exited(self, why: str) -> None:
         with self._cond:
@@ -186,6 +192,8 @@ class _Handler(BaseHTTPRequestHandler):
     # connection.
     disable_nagle_algorithm = True
     api: RuntimeApi
+    extensions: Extensions | None = None
+    telemetry: Telemetry | None = None
 
     def log_message(self, format: str, *args: Any) -> None:  # not into the function's logs
         return
@@ -199,7 +207,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _reply_ext(self, reply: Reply) -> None:
+        status, headers, doc = reply
+        self._reply(status, json.dumps(doc).encode(), headers)
+
+    def _read_body(self) -> bytes | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > request_body_bytes_max:
+            self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
+            self.close_connection = True
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def do_PUT(self) -> None:
+        body = self._read_body()
+        if body is None:
+            return
+        if self.path in TELEMETRY_PATHS and self.telemetry is not None:
+            assert self.extensions is not None
+            name = self.extensions.name_of(self.headers.get("Lambda-Extension-Identifier"))
+            self._reply_ext(self.telemetry.subscribe(name, body))
+            return
+        self._reply(404, b'{"errorType":"NotFound"}')
+
     def do_GET(self) -> None:
+        if self.path == f"{EXTENSION_PREFIX}/event/next" and self.extensions is not None:
+            self._reply_ext(self.extensions.next(self.headers.get("Lambda-Extension-Identifier")))
+            return
         if self.path != f"{API_PREFIX}/invocation/next":
             self._reply(404, b'{"errorType":"NotFound"}')
             return
@@ -213,12 +247,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, inv.payload, headers)
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > request_body_bytes_max:
-            self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
-            self.close_connection = True
+        body = self._read_body()
+        if body is None:
             return
-        body = self.rfile.read(length) if length else b""
+        if self.path.startswith(EXTENSION_PREFIX + "/") and self.extensions is not None:
+            ext, h = self.extensions, self.headers
+            op = self.path[len(EXTENSION_PREFIX):]
+            ext_id, err_type = h.get("Lambda-Extension-Identifier"), h.get(
+                "Lambda-Extension-Function-Error-Type")
+            if op == "/register":
+                self._reply_ext(ext.register(h.get("Lambda-Extension-Name") or "", body,
+                                             h.get("Lambda-Extension-Accept-Feature") or ""))
+            elif op == "/init/error":
+                self._reply_ext(ext.init_error(ext_id, err_type, body))
+            elif op == "/exit/error":
+                self._reply_ext(ext.exit_error(ext_id, err_type, body))
+            else:
+                self._reply(404, b'{"errorType":"NotFound"}')
+            return
         parts = (
             self.path[len(API_PREFIX) :].strip("/").split("/")
             if self.path.startswith(API_PREFIX)
@@ -235,8 +281,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(status, json.dumps(doc).encode())
 
 
-def serve_http(api: RuntimeApi, host: str = "127.0.0.1", port: int = 9001) -> ThreadingHTTPServer:
-    handler = type("RuntimeApiHandler", (_Handler,), {"api": api})
+def serve_http(api: RuntimeApi, host: str = "127.0.0.1", port: int = 9001,
+               extensions: Extensions | None = None,
+               telemetry: Telemetry | None = None) -> ThreadingHTTPServer:
+    """The Runtime API (and, given them, the Extensions and Telemetry APIs) over HTTP."""
+    handler = type("RuntimeApiHandler", (_Handler,),
+                   {"api": api, "extensions": extensions, "telemetry": telemetry})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="runtime-api", daemon=True).start()

@@ -62,7 +62,7 @@ def measure_runtime(runtime_argv: list[str]) -> str:
     h.update(os.path.realpath(exe).encode())
     h.update(f"{sys.version}\0".encode())
     sandbox = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sandbox")
-    for name in ("guest.py", "pyruntime.py", "runtime_api.py"):
+    for name in ("guest.py", "pyruntime.py", "runtime_api.py", "extensions.py"):
         with open(os.path.join(sandbox, name), "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
     # A runtime client script the interpreter runs (the Node runtime's runtime.cjs).

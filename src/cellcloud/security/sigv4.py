@@ -51,6 +51,22 @@ def _forbidden(type_: str, message: str) -> LambdaError:
     return LambdaError(403, type_, message)
 
 
+def parse_authorization(auth: str) -> re.Match[str]:
+    """The presence and shape of an ``Authorization`` header (what can be checked before the
+    body arrives): ``AWS4-HMAC-SHA256 Credential=.../SignedHeaders=.../Signature=...``."""
+    if not auth:
+        raise _forbidden("MissingAuthenticationTokenException", "Missing Authentication Token")
+    if len(auth) > authorization_bytes_max:
+        raise _forbidden("InvalidSignatureException", "The Authorization header is too long.")
+    m = _AUTH.match(auth.strip())
+    if m is None:
+        raise _forbidden(
+            "InvalidSignatureException",
+            "Authorization header requires 'Credential', 'SignedHeaders' and 'Signature' "
+            "parameters of the AWS4-HMAC-SHA256 algorithm.")
+    return m
+
+
 def verify(
     *,
     method: str,
@@ -71,17 +87,7 @@ def verify(
     hdrs: dict[str, list[str]] = {}
     for k, v in headers:
         hdrs.setdefault(k.lower(), []).append(v)
-    auth = ",".join(hdrs.get("authorization", []))
-    if not auth:
-        raise _forbidden("MissingAuthenticationTokenException", "Missing Authentication Token")
-    if len(auth) > authorization_bytes_max:
-        raise _forbidden("InvalidSignatureException", "The Authorization header is too long.")
-    m = _AUTH.match(auth.strip())
-    if m is None:
-        raise _forbidden(
-            "InvalidSignatureException",
-            "Authorization header requires 'Credential', 'SignedHeaders' and 'Signature' "
-            "parameters of the AWS4-HMAC-SHA256 algorithm.")
+    m = parse_authorization(",".join(hdrs.get("authorization", [])))
     akid = m.group("akid")
     secret = secret_for(akid)
     if secret is None:
