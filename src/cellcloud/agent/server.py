@@ -856,7 +856,9 @@ async def serve(args: argparse.Namespace) -> None:
 
         net_config = NetConfig(
             mode=args.network, pool=args.net_pool, subnet=args.net_subnet, deny=args.net_deny,
-            allow=args.net_allow, dns_upstreams=args.dns_upstream)
+            allow=args.net_allow, dns_upstreams=args.dns_upstream,
+            conn_rate_per_s=args.net_conn_rate, conn_burst=args.net_conn_burst,
+            conns_max=args.net_conns_max)
         network = NetHelperClient(policy.prefix_for(group), net_config)
         try:
             if "network" in handed:  # live update: keep the predecessor's helper (and envs' links)
@@ -973,6 +975,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="a region CIDR environments may not reach (repeat)")
     p.add_argument("--net-allow", action="append", default=[],
                    help="egress only to these CIDRs (repeat; default: anywhere not denied)")
+    p.add_argument("--net-conn-rate", type=int, default=DEFAULT_LIMITS.env_net_conn_rate_per_s,
+                   help="new connections per second per environment (then dropped)")
+    p.add_argument("--net-conn-burst", type=int, default=DEFAULT_LIMITS.env_net_conn_burst)
+    p.add_argument("--net-conns-max", type=int, default=DEFAULT_LIMITS.env_net_conns_max,
+                   help="connections tracked at once per environment (then new ones dropped)")
     p.add_argument("--dns-upstream", action="append", default=[],
                    help="resolver the DNS forwarder asks (default: /etc/resolv.conf's)")
     p.add_argument("--no-lockdown", action="store_true", help="tests only: skip seccomp")

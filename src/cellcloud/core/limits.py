@@ -83,6 +83,19 @@ class Limits:
     http_drain_bytes_max: int = 8 * MiB
     # Client JSON (payloads, API bodies): deeper nesting is refused before any parser recurses.
     json_depth_max: int = 512
+    # Environments' network (network/): per environment, new connections per second (burst)
+    # and connections tracked at once, so one function cannot fill the host's conntrack table.
+    env_net_conn_rate_per_s: int = 200
+    env_net_conn_burst: int = 400
+    env_net_conns_max: int = 1024
+    # The network helper's DNS forwarder: UDP queries in flight (then SERVFAIL), TCP
+    # connections at once (then closed), how long an upstream resolver may take.
+    net_dns_inflight_max: int = 256
+    net_dns_tcp_connections_max: int = 64
+    net_dns_upstream_timeout_ms: int = 2_000
+    net_dns_packet_bytes_max: int = 4096
+    net_pool_ready: int = 4  # wired network namespaces kept ready per agent
+    net_refill_quiet_ms: int = 20  # the pool is refilled once no request came for this long
 
 
 DEFAULT_LIMITS = Limits()

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 
+from ..core.limits import DEFAULT_LIMITS
 from . import policy as P
 
 ready_timeout_s = 60.0
@@ -30,7 +31,7 @@ class NetConfig:
     deny: list[str] = field(default_factory=list)
     allow: list[str] = field(default_factory=list)
     dns_upstreams: list[str] = field(default_factory=list)
-    pool_ready: int = 4
+    pool_ready: int = DEFAULT_LIMITS.net_pool_ready
     conn_rate_per_s: int = P.Policy.conn_rate_per_s
     conn_burst: int = P.Policy.conn_burst
     conns_max: int = P.Policy.conns_max

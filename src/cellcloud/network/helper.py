@@ -41,16 +41,17 @@ from typing import Any
 
 import msgpack
 
+from ..core.limits import DEFAULT_LIMITS
 from . import policy as P
 
 LOCK_DIR = "/run/cellcloud/netpool"
 message_bytes_max = 64 * 1024
-dns_packet_bytes_max = 4096
-dns_inflight_max = 256
-dns_tcp_connections_max = 64
-dns_upstream_timeout_s = 2.0
+dns_packet_bytes_max = DEFAULT_LIMITS.net_dns_packet_bytes_max
+dns_inflight_max = DEFAULT_LIMITS.net_dns_inflight_max
+dns_tcp_connections_max = DEFAULT_LIMITS.net_dns_tcp_connections_max
+dns_upstream_timeout_s = DEFAULT_LIMITS.net_dns_upstream_timeout_ms / 1000
 prefix_lock_timeout_s = 60.0
-refill_quiet_s = 0.02  # the pool is topped up once no request came for this long
+refill_quiet_s = DEFAULT_LIMITS.net_refill_quiet_ms / 1000
 
 
 _nft_lock = threading.Lock()  # one nft run at a time (the janitor runs beside the main loop)
@@ -259,7 +260,8 @@ class DnsForwarder:
 
 
 class Helper:
-    def __init__(self, plan: P.Plan, dns_upstreams: list[str], pool_ready: int = 4) -> None:
+    def __init__(self, plan: P.Plan, dns_upstreams: list[str],
+                 pool_ready: int = DEFAULT_LIMITS.net_pool_ready) -> None:
         from pyroute2 import IPRoute
 
         self.plan = plan
@@ -557,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allow", action="append", default=[], help="egress only to these CIDRs")
     p.add_argument("--dns-upstream", action="append", default=[],
                    help="resolver to forward to (default: /etc/resolv.conf's)")
-    p.add_argument("--pool-ready", type=int, default=4)
+    p.add_argument("--pool-ready", type=int, default=DEFAULT_LIMITS.net_pool_ready)
     p.add_argument("--conn-rate", type=int, default=P.Policy.conn_rate_per_s)
     p.add_argument("--conn-burst", type=int, default=P.Policy.conn_burst)
     p.add_argument("--conns-max", type=int, default=P.Policy.conns_max)

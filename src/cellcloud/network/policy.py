@@ -37,6 +37,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.limits import DEFAULT_LIMITS
+
 MODES = ("egress", "none")
 # A denied destination fails fast (TCP reset / ICMP administratively prohibited), not by timeout.
 REJECT = "reject with icmpx type admin-prohibited"
@@ -78,9 +80,9 @@ class Policy:
     region_cidrs: tuple[str, ...] = ()
     # Non-empty: egress only to these destinations (still minus everything denied above).
     allow_cidrs: tuple[str, ...] = ()
-    conn_rate_per_s: int = 200
-    conn_burst: int = 400
-    conns_max: int = 1024
+    conn_rate_per_s: int = DEFAULT_LIMITS.env_net_conn_rate_per_s
+    conn_burst: int = DEFAULT_LIMITS.env_net_conn_burst
+    conns_max: int = DEFAULT_LIMITS.env_net_conns_max
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
