@@ -73,6 +73,27 @@ def test_region_default_egress_and_cleanup(world: World) -> None:
     assert leftovers(prefixes[0]) == []
 
 
+def test_region_network_none() -> None:
+    """`cellcloud up --network none`: environments have only their loopback; no helper, no
+    objects on the host."""
+    import tempfile
+
+    code = ("def handler(event, context):\n"
+            "    lines = open('/proc/net/dev').read().splitlines()[2:]\n"
+            "    return sorted(line.split(':')[0].strip() for line in lines)\n")
+    d = tempfile.mkdtemp(prefix="cellcloud-netnone-")
+    region = start_region(d, "--agents-per-cell", "1", "--network", "none")
+    prefix = _prefixes(d, ["cell-1-agent-0"])[0]
+    try:
+        region.client.create_function("nonet", make_zip({"app.py": code}), "app.handler")
+        assert region.client.invoke("nonet", {}).json() == ["lo"]
+        nets = [n for n in _find(region.client.status(), "network") if isinstance(n, dict)]
+        assert nets and all(n.get("mode") == "none" for n in nets)
+        assert leftovers(prefix) == []
+    finally:
+        stop_region(region)
+
+
 def test_live_update_keeps_the_network(world: World) -> None:
     """`cellcloud agent restart --live`: the successor adopts the running helper with the
     environments, so a warm environment keeps its interface and its policy."""
