@@ -100,9 +100,10 @@ def test_slot_rules_are_keyed_by_interface_and_address() -> None:
     assert "ct count over 11" in rules
     assert "env_tx { 100.64.4.42 : jump env_2a }" in rules
     assert 'env_src { "cc0a1b2cv2a" . 100.64.4.42 }' in rules
-    down = P.slot_teardown(p, 0x2A)
-    assert "delete chain inet cellcloud_cc0a1b2c env_2a" in down
-    assert 'delete element bridge cellcloud_cc0a1b2c env_src { "cc0a1b2cv2a" . 100.64.4.42 }' in down
+    again = P.slot_refresh(p, 0x2A)
+    assert again.startswith("flush chain inet cellcloud_cc0a1b2c env_2a\n")
+    assert "reset counter inet cellcloud_cc0a1b2c env_2a_limited" in again
+    assert "ct count over 11" in again and "element" not in again
 
 
 def test_parse_counters() -> None:
@@ -126,7 +127,19 @@ def test_resolvers_from() -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")
 def test_nft_accepts_the_scripts() -> None:
-    p = plan(region_cidrs=("10.9.0.0/16",), allow_cidrs=("8.8.8.0/24",))
-    script = P.ruleset(p) + P.slot_rules(p, 2)
-    r = subprocess.run(["nft", "-c", "-f", "-"], input=script, text=True, capture_output=True)
-    assert r.returncode == 0, r.stderr
+    """Loaded for real under a prefix of the test's own, then removed."""
+    p = P.Plan(P.prefix_for(f"unit-{os.getpid()}"), ipaddress.IPv4Network("100.64.4.0/22"),
+               POOL, P.Policy(region_cidrs=("10.9.0.0/16",), allow_cidrs=("8.8.8.0/24",)))
+
+    def nft(script: str) -> None:
+        r = subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True)
+        assert r.returncode == 0, r.stderr
+
+    try:
+        nft(P.ruleset(p) + P.slot_rules(p, 2) + P.slot_rules(p, 3))
+        nft(P.slot_refresh(p, 2))  # a reset needs the counters to exist already
+        nft(P.ruleset(p))  # replacing the tables works whether or not they exist
+    finally:
+        nft(P.teardown(p))
+    listing = subprocess.run(["nft", "list", "tables"], text=True, capture_output=True).stdout
+    assert p.table not in listing

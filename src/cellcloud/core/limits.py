@@ -96,6 +96,7 @@ class Limits:
     net_dns_packet_bytes_max: int = 4096
     net_pool_ready: int = 4  # wired network namespaces kept ready per agent
     net_refill_quiet_ms: int = 20  # the pool is refilled once no request came for this long
+    net_admit_batch: int = 64  # slots admitted by the policy per nft transaction
 
 
 DEFAULT_LIMITS = Limits()

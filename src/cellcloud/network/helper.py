@@ -279,6 +279,7 @@ class Helper:
         self._janitor: threading.Thread | None = None
         self.dns: DnsForwarder | None = None
         self.netns_fds: dict[int, int] = {}  # slot -> its namespace, until acquired
+        self.admitted: set[int] = set()  # slots whose chain and map entries exist
         self.counters = {"acquired": 0, "released": 0, "made": 0, "made_on_demand": 0}
         self.ready_doc: dict[str, Any] = {}
         self.torn_down = False
@@ -368,7 +369,8 @@ class Helper:
             self.ipr.link("set", index=idx, master=self.bridge_index, state="up")
             _in_thread(_configure_inside, fd, str(plan.address(slot)), plan.subnet.prefixlen,
                        str(plan.gateway))
-            nft(P.slot_rules(plan, slot))
+            if slot not in self.admitted:
+                self._admit(slot)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -378,6 +380,14 @@ class Helper:
         self.counters["made"] += 1
         return slot
 
+    def _admit(self, slot: int) -> None:
+        """Admit ``slot`` and the next free slots not yet admitted, in one nft transaction:
+        an nft run costs ~3.5 ms, so later slots come ready without one."""
+        batch = [slot] + [s for s in list(self.free) if s not in self.admitted
+                          ][:DEFAULT_LIMITS.net_admit_batch - 1]
+        nft("".join(P.slot_rules(self.plan, s) for s in batch))
+        self.admitted.update(batch)
+
     def _destroy(self, slot: int, rules: bool = True, ipr: Any = None) -> None:
         try:
             (ipr or self.ipr).link("del", ifname=self.plan.veth(slot))  # its peer goes too
@@ -386,11 +396,8 @@ class Helper:
         fd = self.netns_fds.pop(slot, -1)
         if fd >= 0:
             os.close(fd)
-        if rules:
-            try:
-                nft(P.slot_teardown(self.plan, slot))
-            except RuntimeError:
-                pass  # never admitted (a failed make_slot)
+        if rules and slot in self.admitted:
+            nft(P.slot_refresh(self.plan, slot))
         self.free.append(slot)  # at the end: an address is reused as late as possible
 
     def acquire(self, env_id: str) -> tuple[int, int]:

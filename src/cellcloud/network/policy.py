@@ -274,38 +274,46 @@ def _chain(slot: int) -> str:
     return f"env_{slot:x}"
 
 
-def slot_rules(plan: Plan, slot: int) -> str:
-    """Admit one slot: its chain (counters and connection limits) and map entries."""
+def _slot_chain_rules(plan: Plan, slot: int) -> list[str]:
     p, t, c = plan.policy, plan.table, _chain(slot)
-    addr, veth = plan.address(slot), plan.veth(slot)
-    return "\n".join([
-        f"add counter inet {t} {c}_tx",
-        f"add counter inet {t} {c}_rx",
-        f"add counter inet {t} {c}_new",
-        f"add counter inet {t} {c}_limited",
-        f"add chain inet {t} {c}",
+    return [
         f'add rule inet {t} {c} counter name "{c}_tx"',
         f'add rule inet {t} {c} ct state new counter name "{c}_new"',
         f"add rule inet {t} {c} ct state new limit rate over {p.conn_rate_per_s}/second "
         f'burst {p.conn_burst} packets counter name "{c}_limited" drop',
         f'add rule inet {t} {c} ct state new ct count over {p.conns_max} '
         f'counter name "{c}_limited" drop',
+    ]
+
+
+def slot_rules(plan: Plan, slot: int) -> str:
+    """Admit one slot: its chain (counters and connection limits) and map entries."""
+    t, c = plan.table, _chain(slot)
+    addr, veth = plan.address(slot), plan.veth(slot)
+    return "\n".join([
+        *(f"add counter inet {t} {c}_{k}" for k in COUNTERS),
+        f"add chain inet {t} {c}",
+        *_slot_chain_rules(plan, slot),
         f"add element inet {t} env_tx {{ {addr} : jump {c} }}",
         f'add element inet {t} env_rx {{ {addr} : "{c}_rx" }}',
         f'add element bridge {t} env_src {{ "{veth}" . {addr} }}',
     ]) + "\n"
 
 
-def slot_teardown(plan: Plan, slot: int) -> str:
+def slot_refresh(plan: Plan, slot: int) -> str:
+    """Make an admitted slot as new for its next environment: counters at zero and fresh
+    rules, so the rate limit's bucket and the tracked-connection count (which would still hold
+    the previous environment's connections) start empty. Map entries stay: the slot keeps its
+    address and interface name."""
     t, c = plan.table, _chain(slot)
-    addr, veth = plan.address(slot), plan.veth(slot)
     return "\n".join([
-        f'delete element bridge {t} env_src {{ "{veth}" . {addr} }}',
-        f"delete element inet {t} env_rx {{ {addr} }}",
-        f"delete element inet {t} env_tx {{ {addr} }}",
-        f"delete chain inet {t} {c}",
-        *(f"delete counter inet {t} {c}_{k}" for k in ("tx", "rx", "new", "limited")),
+        f"flush chain inet {t} {c}",
+        *(f"reset counter inet {t} {c}_{k}" for k in COUNTERS),
+        *_slot_chain_rules(plan, slot),
     ]) + "\n"
+
+
+COUNTERS = ("tx", "rx", "new", "limited")
 
 
 def teardown(plan: Plan) -> str:
