@@ -17,6 +17,10 @@ full again (and released ones destroyed), as bench/sandbox.py spaces samples so 
 /tmp pool is refilled; a burst of cold starts beyond the pool pays ``make_slot`` on demand,
 measured separately here (``on_demand``: the pool drained, pool_ready = 0).
 
+burst: ``--burst N`` cold starts at once (create_env + invoke each, gathered), with a network
+and without, on the same two agents after the sequential samples; time from the first request
+to the last handler entry. Beyond the pool of 4, every namespace is built on demand.
+
 Prints the p50/p99 of both and the difference; writes JSON under bench/results/. Benchmarks are
 not tests: nothing here asserts.
 """
@@ -64,7 +68,21 @@ async def _sample(a: InProcAgent, sha: str, env_id: str) -> tuple[float, float]:
     return entered - t0, t1 - t0
 
 
-async def run(work: str, n: int, warmup: int) -> dict[str, Any]:
+async def _burst(a: InProcAgent, sha: str, n: int, tag: str) -> float:
+    t0 = time.time()
+
+    async def one(i: int) -> float:
+        await a.agent.create_env(a.body(sha, f"{tag}{i}", create_timeout_ms=120_000))
+        entered: float = await a.invoke(f"{tag}{i}")
+        return entered
+
+    ends = await asyncio.gather(*(one(i) for i in range(n)))
+    for i in range(n):
+        await a.agent.destroy({"env_id": f"{tag}{i}"})
+    return max(ends) - t0
+
+
+async def run(work: str, n: int, warmup: int, burst: int = 100) -> dict[str, Any]:
     with_net = InProcAgent(work, "net", 600_000)
     without = InProcAgent(work, "none", 610_000)
     on_demand = InProcAgent(work, "ondemand", 620_000)
@@ -90,6 +108,11 @@ async def run(work: str, n: int, warmup: int) -> dict[str, Any]:
         out["overhead_p50_ms"] = out["network"]["cold"]["p50_ms"] - out["none"]["cold"]["p50_ms"]
         out["on_demand_overhead_p50_ms"] = (out["on_demand"]["cold"]["p50_ms"]
                                             - out["none"]["cold"]["p50_ms"])
+        if burst:
+            await _settled(nets[0], 4)
+            out["burst"] = {"n": burst, "none_s": await _burst(without, sha_b, burst, "bn")}
+            await _settled(nets[0], 4)
+            out["burst"]["network_s"] = await _burst(with_net, sha_a, burst, "bw")
         return out
     finally:
         for a in (with_net, without, on_demand):
@@ -102,13 +125,14 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="bench.net_cold")
     p.add_argument("--n", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--burst", type=int, default=100, help="cold starts at once (0: skip)")
     args = p.parse_args()
     import tempfile
 
     work = tempfile.mkdtemp(prefix="cellcloud-bench-net-")
     os.chmod(work, 0o755)
     doc = {"machine": machine(), "n": args.n, "warmup": args.warmup,
-           "results": asyncio.run(run(work, args.n, args.warmup))}
+           "results": asyncio.run(run(work, args.n, args.warmup, args.burst))}
     r = doc["results"]
     print(f"{'':12} {'cold p50':>9} {'cold p99':>9} {'create p50':>11}")
     for k in ("none", "network", "on_demand"):
@@ -116,6 +140,10 @@ def main() -> None:
               f"{r[k]['create_env']['p50_ms']:11.2f}")
     print(f"network - none, p50: {r['overhead_p50_ms']:+.2f} ms "
           f"(goal <= {GOAL_OVERHEAD_P50_MS} ms); pool empty: {r['on_demand_overhead_p50_ms']:+.2f} ms")
+    if "burst" in r:
+        b = r["burst"]
+        print(f"{b['n']} cold starts at once: none {b['none_s']:.2f} s, "
+              f"network {b['network_s']:.2f} s")
     os.makedirs("bench/results", exist_ok=True)
     path = f"bench/results/net_cold-{time.strftime('%Y%m%dT%H%M%S')}.json"
     with open(path, "w") as f:
