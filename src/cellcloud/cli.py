@@ -544,7 +544,7 @@ def _mount_subcommands() -> None:
     from .store.cli import app as store_app
 
     app.add_typer(store_app, name="store", help="The configuration store (Physalia-style colony).")
-    from .security.cli import app as attest_app
+    from .attest_cli import app as attest_app
 
     app.add_typer(attest_app, name="attest", help="Attestation: get and verify documents.")
     from .region import serve_cli

@@ -19,12 +19,13 @@ from typing import Any
 
 import msgpack
 
-from ..core.bundle import extract_zip, sha256_hex
+from ..core.bundle import sha256_hex
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
 from ..sandbox import cgroups, runtimes
 from ..sandbox.backend import Backend, JailBackend, Spawned
 from ..sandbox.spec import EnvSpec
+from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
 from ..transport import OpError, Server
 from . import lockdown

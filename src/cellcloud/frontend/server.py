@@ -10,13 +10,12 @@ import sys
 from typing import Any
 
 from .. import runtime
-from ..control import clone
 from ..core.limits import DEFAULT_LIMITS
 from ..core.poison import PoisonParams
 from ..queues.api import QueueApi
 from ..queues.store import QueueStore
 from ..transport import Server
-from . import api
+from . import api, clone
 from .cell import Cell
 from .events import EventStore, Intake
 from .store import SqliteFunctionStore
@@ -61,7 +60,7 @@ async def serve(args: argparse.Namespace) -> None:
     async def status(_: Any) -> dict[str, Any]:
         return await cell.status()
 
-    # A tenant migration's steps (control/clone.py), called by the control plane only.
+    # A tenant migration's steps (frontend/clone.py), called by the control plane only.
     async def tenant_export(body: dict[str, Any]) -> dict[str, Any]:
         return clone.export_tenant(cell, str(body["account"]))
 
