@@ -993,7 +993,9 @@ class Cell:
         shard = self.shard_of(skey)
         failed: list[str] = []
         attempts = max(2, len(shard))
-        for attempt in range(attempts):
+        gone = 0  # environments found dead (EnvGone): placed again, no handler code ran
+        attempt = 0
+        while attempt < attempts:
             now_ms = int(time.time() * 1000)
             verdict = self.poison.allowed(skey, now_ms)
             if verdict is not True:
@@ -1019,7 +1021,8 @@ class Cell:
                     await self._create_env(rec, decision)
                 except _AgentUnavailable as e:
                     failed.append(decision.agent_id)
-                    if attempt + 1 < attempts:
+                    attempt += 1
+                    if attempt < attempts:
                         continue
                     if e.full:  # every agent tried is at its environment or memory cap
                         self.counters["throttles"] += 1
@@ -1028,7 +1031,13 @@ class Cell:
                             "ConcurrentInvocationLimitExceeded",
                         ) from None
                     raise errors.service("No agent could start an execution environment") from None
-            return await self._invoke_on(rec, decision, request_id, payload, log_tail, invoked_arn)
+            try:
+                return await self._invoke_on(rec, decision, request_id, payload, log_tail,
+                                             invoked_arn)
+            except _EnvGone as e:
+                gone += 1
+                if gone > self.limits.env_gone_retries_max:
+                    raise errors.service(f"The execution environment failed: {e}") from None
         raise AssertionError("unreachable")
 
     async def _create_env(self, rec: FunctionRecord, decision: Create,
@@ -1124,6 +1133,12 @@ class Cell:
                 f"The execution environment's host failed during the invocation ({e})"
             ) from e
         except RemoteError as e:
+            if e.type in ("EnvGone", "EnvNotFound"):
+                # The agent placed nothing: the environment had died (or its agent restarted
+                # without it). No handler code ran, so the caller places the invoke again.
+                self.counters["envs_gone"] = self.counters.get("envs_gone", 0) + 1
+                self.placement.discard(decision.env_id)
+                raise _EnvGone(str(e)) from e
             self._discard(decision.env_id)
             raise errors.service(f"The execution environment failed: {e}") from e
         now_ms = int(time.time() * 1000)
@@ -1272,6 +1287,10 @@ class Cell:
             "poison": self.poison.statistics(),
             "agents": agents,
         }
+
+
+class _EnvGone(Exception):
+    """The agent answered that the environment was dead before the invoke reached it."""
 
 
 class _AgentUnavailable(Exception):
