@@ -18,7 +18,7 @@ from rich.table import Table
 
 from . import sdk
 from .region import tenants as tenant_table
-from .region.supervisor import Supervisor, default_state_dir, run_foreground
+from .region.supervisor import Supervisor, default_state_dir, lock_holder, run_foreground
 
 app = typer.Typer(
     help="cellcloud: unmodified AWS Lambda functions, in cells, on your machines.",
@@ -71,7 +71,7 @@ def up(
                   "never run a region like this outside development.")
     sd = os.path.abspath(state_dir or default_state_dir())
     os.makedirs(sd, exist_ok=True)
-    existing = _running_region(sd)
+    existing = _running_region(sd, starting=True)
     if existing:
         err.print(
             f"A region is already running from {sd} at {existing['endpoint']} "
@@ -111,16 +111,24 @@ def up(
         raise typer.Exit(1) from None
 
 
-def _running_region(state_dir: str) -> dict[str, Any] | None:
+def _running_region(state_dir: str, starting: bool = False) -> dict[str, Any] | None:
+    """The running region's ``region.json``, or None. The supervisor's lock on the state
+    directory is the truth (the kernel drops it when the supervisor dies, however it dies);
+    ``region.json`` only says where the region listens. A region still starting holds the lock
+    before it writes ``region.json``: with ``starting``, the document then has only the
+    supervisor's pid; without, a starting region is not running yet."""
+    pid = lock_holder(state_dir)
+    if pid is None:
+        return None
     try:
         with open(os.path.join(state_dir, "region.json")) as f:
             doc: dict[str, Any] = json.load(f)
     except (FileNotFoundError, ValueError):
-        return None
-    try:
-        os.kill(int(doc["supervisor_pid"]), 0)
-    except (ProcessLookupError, KeyError, ValueError):
-        return None
+        doc = {}
+    if doc.get("supervisor_pid") != pid:
+        if not starting:
+            return None
+        doc = {"supervisor_pid": pid, "endpoint": "(starting)", "starting": True}
     return doc
 
 
@@ -183,7 +191,7 @@ def down(
 ) -> None:
     """Stop the region started from this state directory."""
     sd = os.path.abspath(state_dir or default_state_dir())
-    doc = _running_region(sd)
+    doc = _running_region(sd, starting=True)
     if doc is None:
         console.print("No region is running.")
         return

@@ -60,6 +60,11 @@ class Limits:
     telemetry_subscribers_max: int = 10
     telemetry_backlog_items_max: int = 1_000  # init-phase events kept for late subscribers
     agent_call_timeout_ms: int = 5_000
+    # An invoke answered EnvGone (the environment died while idle: no handler code ran) is
+    # placed again, on a fresh environment, at most this many times (the frontend's one retry
+    # layer); the agent remembers at most this many gone environment ids to answer EnvGone.
+    env_gone_retries_max: int = 3
+    gone_env_ids_remembered_max: int = 1024
     list_functions_page_max: int = 50
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)
     functions_per_tenant_max: int = 10_000
