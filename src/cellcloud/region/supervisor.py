@@ -44,6 +44,33 @@ def default_state_dir() -> str:
     return os.environ.get("CELLCLOUD_HOME") or os.path.expanduser("~/.cellcloud")
 
 
+# Environment uids: each region running on a host claims its own range (a host-wide lock file
+# held for the supervisor's life), so environments of two regions never share a uid (a shared
+# uid could signal or trace the other's processes). Each agent takes a slice of its region's.
+uid_ranges_dir = "/run/cellcloud/uid-ranges"
+uid_range_base = 200_000
+uid_range_size = 1_000_000
+uid_range_count = 1_000  # regions on one host at a time
+uids_per_agent = 10_000  # > envs_per_agent_max, the slots an agent may use at once
+
+
+def claim_uid_range(directory: str = uid_ranges_dir) -> tuple[int, int]:
+    """The first free range on this host: (base uid, lock fd held until the process exits)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for k in range(uid_range_count):
+        fd = os.open(os.path.join(directory, f"{k}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            continue
+        return uid_range_base + k * uid_range_size, fd
+    raise RuntimeError(f"all {uid_range_count} environment uid ranges of this host are in use")
+
+
 class RegionRunning(RuntimeError):
     """Another live supervisor holds this state directory's lock."""
 
@@ -194,6 +221,8 @@ class Supervisor:
         self._rng = random.Random(seed)
         self._monitors: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
+        self._uid_fd: int | None = None
+        self.uid_base = uid_range_base
         os.makedirs(os.path.join(self.state_dir, "logs"), exist_ok=True)
 
     def lock(self) -> None:
@@ -213,6 +242,11 @@ class Supervisor:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        agents = self.cells * self.agents_per_cell
+        if agents * uids_per_agent > uid_range_size:
+            raise ValueError(f"{agents} agents need more than one region's uid range "
+                             f"({uid_range_size // uids_per_agent} agents at most)")
+        self.uid_base, self._uid_fd = claim_uid_range()
         stopped = stop_leftovers(self.state_dir)
         if stopped:
             log.warning("stopped %d processes of a previous supervisor that died", len(stopped))
@@ -233,7 +267,7 @@ class Supervisor:
                 comp = Component(agent_id, "agent", [
                     "--agent-id", agent_id, "--region", self.region,
                     "--state-dir", os.path.join(self.state_dir, "cells", cell_id, "agents", agent_id),
-                    "--uid-base", str(200_000 + agent_index * 10_000),
+                    "--uid-base", str(self.uid_base + agent_index * uids_per_agent),
                     "--envs-max", str(self.envs_per_agent_max),
                     "--pki-dir", self.state_dir, "--cell", cell_id,
                     *(["--netns", self.agent_hosts[agent_id][0]]
@@ -509,6 +543,9 @@ class Supervisor:
                 except TimeoutError:
                     c.proc.kill()
                     await c.proc.wait()
+        if self._uid_fd is not None:
+            os.close(self._uid_fd)  # every environment of ours is gone: the range is free
+            self._uid_fd = None
         if self._lock_fd is None:
             return  # never ours: another supervisor's region.json is not ours to delete
         try:
