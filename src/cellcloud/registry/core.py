@@ -89,7 +89,7 @@ repo_name_chars_max = 256
 def parse_digest(digest: str) -> str:
     """The hex of a ``sha256:<64 hex>`` digest; anything else is DIGEST_INVALID (only sha256 is
     accepted: the store names blobs by it)."""
-    m = _DIGEST.match(digest)
+    m = _DIGEST.fullmatch(digest)
     if m is None:
         raise digest_invalid(f"invalid digest {digest[:100]!r}: expected sha256:<64 hex digits>")
     return m.group(1)
@@ -104,17 +104,17 @@ def sha256_digest(data: bytes) -> str:
 
 
 def check_repo_name(name: str) -> str:
-    if not (repo_name_chars_min <= len(name) <= repo_name_chars_max) or not _REPO.match(name):
+    if not (repo_name_chars_min <= len(name) <= repo_name_chars_max) or not _REPO.fullmatch(name):
         raise RegistryError(400, "NAME_INVALID", "invalid repository name", {"name": name[:300]})
     return name
 
 
 def repo_name_valid(name: str) -> bool:
-    return repo_name_chars_min <= len(name) <= repo_name_chars_max and bool(_REPO.match(name))
+    return repo_name_chars_min <= len(name) <= repo_name_chars_max and bool(_REPO.fullmatch(name))
 
 
 def check_tag(tag: str) -> str:
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise RegistryError(400, "TAG_INVALID", "invalid tag", {"tag": tag[:200]})
     return tag
 
@@ -158,7 +158,7 @@ ROUTE_METHODS = {
 
 def parse_v2_path(path: str) -> V2Route:
     for pattern, kind in _ROUTES:
-        m = pattern.match(path)
+        m = pattern.fullmatch(path)
         if m is not None:
             groups = m.groupdict()
             name = groups.get("name") or ""
@@ -329,12 +329,12 @@ def parse_manifest(body: bytes, content_type: str | None,
     media_type: Any
     if ctype in MANIFEST_TYPES:
         media_type = ctype
+    elif ctype not in ("", "application/json"):
+        media_type = ctype  # a type of its own: refused below
     elif declared is not None:
         media_type = declared
-    elif ctype in ("", "application/json"):  # no type anywhere: infer it from the shape
+    else:  # no type anywhere: inferred from the shape
         media_type = OCI_INDEX if "manifests" in doc else OCI_MANIFEST
-    else:
-        media_type = ctype
     if media_type not in MANIFEST_TYPES:
         raise RegistryError(400, "MANIFEST_INVALID",
                             f"unsupported manifest media type {str(media_type)[:200]!r}",
