@@ -89,10 +89,16 @@ class RegistryEdge:
     # -- /v2/ ----------------------------------------------------------------------------------
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.counters["requests"] += 1
-        state = {"pending": _declared(scope) != 0, "started": False}
+        declared = _declared(scope)
+        state = {"pending": declared != 0, "started": False}
         try:
             await self._serve(scope, receive, send, state)
         except RegistryError as e:
+            if state["pending"] and declared is not None \
+                    and declared <= self.limits.http_drain_bytes_max:
+                # Refused before its body (413, 401…): a small declared rest is read and
+                # dropped so that a client still sending can read the answer (as app.py).
+                await _drain(receive, state)
             await self._reply(send, state, e.status, {"content-type": "application/json",
                                                       **e.headers}, e.body())
         except (TransportError, CallTimeout, RemoteError) as e:
@@ -298,6 +304,13 @@ def _declared(scope: Scope) -> int | None:
         elif k == b"transfer-encoding":
             return None
     return length
+
+
+async def _drain(receive: Receive, state: dict[str, Any]) -> None:
+    while state["pending"]:
+        msg = await receive()
+        if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+            state["pending"] = False
 
 
 async def _read_body(receive: Receive, body_max: int, route: core.V2Route) -> bytes:
