@@ -340,3 +340,26 @@ def test_cellcloud_image_push_and_ls(region: Region, tenants: tuple[Tenant, Tena
         assert json.load(f)["manifests"][0]["digest"] == info["manifest"]
     with open(os.path.join(out, "blobs", "sha256", info["layers"][1].split(":")[1]), "rb") as f:
         assert "sha256:" + hashlib.sha256(f.read()).hexdigest() == info["layers"][1]
+
+
+@pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is not installed")
+def test_umoci_built_image_round_trip(region: Region, tenants: tuple[Tenant, Tenant],
+                                      tmp_path: Any) -> None:
+    """An image umoci (Debian) built from a directory: pushed with cellcloud's client, pulled
+    with skopeo; the manifest digest umoci wrote is the one that comes back."""
+    a, _ = tenants
+    src = tmp_path / "src" / "app"
+    src.mkdir(parents=True)
+    (src / "handler.py").write_text("def handler(event, context):\n    return 42\n")
+    layout = str(tmp_path / "umoci")
+    for argv in (["umoci", "init", "--layout", layout],
+                 ["umoci", "new", "--image", f"{layout}:v1"],
+                 ["umoci", "insert", "--image", f"{layout}:v1", str(src), "/app"]):
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+    with open(os.path.join(layout, "index.json")) as f:
+        want = json.load(f)["manifests"][0]["digest"]
+    region.cli("image", "push", layout, "umoci/app:v1")
+    out = str(tmp_path / "pulled")
+    a.skopeo(f"docker://{a.hostport}/umoci/app:v1", f"oci:{out}:v1")
+    with open(os.path.join(out, "index.json")) as f:
+        assert json.load(f)["manifests"][0]["digest"] == want

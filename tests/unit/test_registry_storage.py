@@ -140,3 +140,13 @@ def test_repository_not_empty_without_force(st: RegistryStore) -> None:
     st.delete_repo(A, "team/app", force=True)
     assert st.repo(A, "team/app") is None
     assert st.repo(B, "team/app") is not None
+
+
+def test_a_blob_found_by_head_gets_its_grace_again(st: RegistryStore) -> None:
+    cfg = push_blob(st, A, "team/app", b"{}", now=0)
+    # A client HEADs the blob at 900 (and so skips uploading it), then pushes its manifest
+    # after the first grace period would have ended: the blob must still be there.
+    st.touch(A, cfg, 900)
+    assert st.collect(1500)["blobs_deleted"] == 0
+    st.put_manifest(A, "team/app", "v1", manifest(cfg, []), core.OCI_MANIFEST)
+    assert st.collect(10_000)["blobs_deleted"] == 0

@@ -93,6 +93,7 @@ class RegistryApi:
             if method == "DELETE":
                 st.blob_delete(a, name, ref)
                 return _empty(202, {})
+            st.touch(a, ref, now_ms())
             return {"s": 200, "h": {"docker-content-digest": ref,
                                     "content-type": "application/octet-stream"},
                     "b": b"", "size": size}

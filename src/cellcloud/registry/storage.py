@@ -235,6 +235,12 @@ class RegistryStore:
             (account, repo, digest)).fetchone()
         return None if row is None else int(row[0])
 
+    def touch(self, account: str, digest: str, now: int) -> None:
+        """A client found the blob (HEAD before a push skips its upload): its grace period
+        starts again, so it is not collected before the manifest that needs it arrives."""
+        self.db.execute("UPDATE blobs SET linked_ms=MAX(linked_ms, ?) WHERE account=? AND "
+                        "digest=?", (now, account, digest))
+
     def blob_read(self, account: str, digest: str, offset: int, length: int) -> bytes:
         length = min(length, self.limits.registry_chunk_bytes_max)
         with open(self.blob_path(account, digest), "rb") as f:
