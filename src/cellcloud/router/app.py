@@ -370,6 +370,7 @@ class Router:
             "cell_map_version": self.cell_map.version,
             "cell_map": self.cell_map_status(),
             "counters": dict(self.counters),
+            "registry": dict(self.registry.counters),
         }
         if self.connections is not None:
             router["connections"] = self.connections.statistics()
