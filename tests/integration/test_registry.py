@@ -167,6 +167,9 @@ def test_tenants_cannot_see_each_other(tenants: tuple[Tenant, Tenant],
         b.ecr.describe_images(repositoryName="team/app")
     assert e.value.response["Error"]["Code"] == "RepositoryNotFoundException"
     assert b.ecr.describe_repositories()["repositories"] == []
+    with pytest.raises(ClientError) as e:  # naming A's registry reaches nothing either
+        b.ecr.describe_images(registryId=a.account, repositoryName="team/app")
+    assert e.value.response["Error"]["Code"] == "RepositoryNotFoundException"
     # B's own team/app is another repository: B's mount of A's layer is an upload, not a mount.
     b.ecr.create_repository(repositoryName="team/app")
     status, headers, _ = b.v2("POST", f"/v2/team/app/blobs/uploads/?mount={layer}&from=team/app")
