@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 from ..core.jsondepth import check_json_depth
@@ -201,8 +200,6 @@ class RegistryApi:
                 return EcrError("RepositoryNotFoundException", _not_found_message(
                     account, str((e.detail or {}).get("name", "")))).to_wire()
             return EcrError("InvalidParameterException", e.message).to_wire()
-        except LimitError as e:
-            return EcrError("LimitExceededException", str(e)).to_wire()
 
     def repo_doc(self, account: str, host: str, name: str, created_s: float) -> dict[str, Any]:
         return {"repositoryArn": f"arn:aws:ecr:{self.region}:{account}:repository/{name}",
@@ -222,10 +219,6 @@ class EcrError(Exception):
     def to_wire(self) -> Reply:
         return _json(400, {"__type": self.type, "message": self.message},
                      {"x-amzn-errortype": self.type, "content-type": "application/x-amz-json-1.1"})
-
-
-class LimitError(Exception):
-    pass
 
 
 def _not_found_message(account: str, name: str) -> str:
@@ -466,7 +459,3 @@ _ECR_OPS = {
     "BatchDeleteImage": _batch_delete_image,
     "DeleteRepository": _delete_repository,
 }
-
-
-def now_s() -> float:
-    return time.time()

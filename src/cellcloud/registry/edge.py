@@ -11,7 +11,6 @@ at most the same size, each written to the client before the next is asked for.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -329,7 +328,3 @@ async def _read_body(receive: Receive, body_max: int, route: core.V2Route) -> by
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(chunks)
-
-
-def json_error(type_: str, message: str) -> bytes:
-    return json.dumps({"__type": type_, "message": message}).encode()
