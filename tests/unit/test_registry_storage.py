@@ -150,3 +150,21 @@ def test_a_blob_found_by_head_gets_its_grace_again(st: RegistryStore) -> None:
     assert st.collect(1500)["blobs_deleted"] == 0
     st.put_manifest(A, "team/app", "v1", manifest(cfg, []), core.OCI_MANIFEST)
     assert st.collect(10_000)["blobs_deleted"] == 0
+
+
+def test_repository_and_image_counts_are_capped(tmp_path: str) -> None:
+    st = RegistryStore(str(tmp_path), Limits(registry_repos_per_tenant_max=2,
+                                             registry_images_per_repo_max=1))
+    st.create_repo(A, "one/a")
+    st.create_repo(A, "one/b")
+    with pytest.raises(RegistryError) as e:
+        st.create_repo(A, "one/c")
+    assert e.value.code == "DENIED"
+    st.create_repo(B, "one/c")  # per tenant
+    cfg = push_blob(st, A, "one/a", b"{}")
+    layer = push_blob(st, A, "one/a", b"l")
+    st.put_manifest(A, "one/a", "v1", manifest(cfg, []), core.OCI_MANIFEST)
+    st.put_manifest(A, "one/a", "v2", manifest(cfg, []), core.OCI_MANIFEST)  # same image
+    with pytest.raises(RegistryError) as e:
+        st.put_manifest(A, "one/a", "v3", manifest(cfg, [(layer, 1)]), core.OCI_MANIFEST)
+    assert e.value.code == "DENIED"

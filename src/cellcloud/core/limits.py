@@ -77,6 +77,8 @@ class Limits:
     registry_api_body_bytes_max: int = 1 * MiB  # an ECR JSON API request
     registry_batch_ids_max: int = 100  # imageIds in one BatchGetImage/BatchDeleteImage
     registry_uploads_per_tenant_max: int = 64  # open upload sessions of one tenant
+    registry_repos_per_tenant_max: int = 10_000  # repositories of one tenant
+    registry_images_per_repo_max: int = 20_000  # manifests in one repository (ECR's quota)
 
 
 DEFAULT_LIMITS = Limits()

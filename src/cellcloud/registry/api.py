@@ -199,6 +199,8 @@ class RegistryApi:
             if e.code == "NAME_UNKNOWN":
                 return EcrError("RepositoryNotFoundException", _not_found_message(
                     account, str((e.detail or {}).get("name", "")))).to_wire()
+            if e.code == "DENIED":
+                return EcrError("LimitExceededException", e.message).to_wire()
             return EcrError("InvalidParameterException", e.message).to_wire()
 
     def repo_doc(self, account: str, host: str, name: str, created_s: float) -> dict[str, Any]:

@@ -97,6 +97,11 @@ class RegistryStore:
     # -- repositories --------------------------------------------------------------------------
     def create_repo(self, account: str, name: str) -> dict[str, Any]:
         core.check_repo_name(name)
+        (n,) = self.db.execute("SELECT COUNT(*) FROM repos WHERE account=?",
+                               (account,)).fetchone()
+        if n >= self.limits.registry_repos_per_tenant_max:
+            raise RegistryError(403, "DENIED", f"at most "
+                                f"{self.limits.registry_repos_per_tenant_max} repositories")
         try:
             self.db.execute("INSERT INTO repos VALUES (?, ?, ?)", (account, name, time.time()))
         except sqlite3.IntegrityError:
@@ -281,6 +286,13 @@ class RegistryStore:
                                 "repository", {"digests": missing[:20]})
         sizes = {d: self.blob_size(account, repo, d) or 0 for d in have_blob}
         core.check_blob_sizes(m, sizes)
+        if self._manifest_row(account, repo, m.digest) is None:
+            (n,) = self.db.execute("SELECT COUNT(*) FROM manifests WHERE account=? AND repo=?",
+                                   (account, repo)).fetchone()
+            if n >= self.limits.registry_images_per_repo_max:
+                raise RegistryError(403, "DENIED", f"at most "
+                                    f"{self.limits.registry_images_per_repo_max} images in "
+                                    "a repository")
         image_bytes = sum(d.size for d in m.layers) + (m.config.size if m.config else 0)
         if m.is_index:
             image_bytes = sum(d.size for d in m.manifests)
