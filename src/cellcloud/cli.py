@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from typing import Annotated, Any
 
@@ -480,6 +481,69 @@ def tenant_ls(state_dir: StateDir = None) -> None:
     table = Table("name", "account id", "access key id")
     for t in tenant_table.list_tenants(sd):
         table.add_row(t["name"], t["account_id"], t.get("access_key_id", "-"))
+    console.print(table)
+
+
+image_app = typer.Typer(
+    help="Container images in the region's registry (ECR-compatible), without docker.",
+    no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+
+def _registry_client(state_dir: str | None) -> Any:
+    from .registry.client import RegistryClient
+
+    c = _client(state_dir)
+    return RegistryClient(c.endpoint, c.access_key_id, c.secret_access_key, region=c.region)
+
+
+@image_app.command("push")
+def image_push(
+    source: Annotated[str, typer.Argument(help="An OCI image layout directory or OCI archive")],
+    ref: Annotated[str, typer.Argument(help="NAME:TAG (the repository is created if needed)")],
+    state_dir: StateDir = None,
+) -> None:
+    """Push an image; prints its repository URI and digest."""
+    from .registry.client import RegistryClientError
+    from .registry.core import RegistryError
+
+    name, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        name, tag = ref, "latest"
+    rc = _registry_client(state_dir)
+    try:
+        out = rc.push(source, name, tag)
+    except (RegistryClientError, RegistryError, OSError, ValueError, tarfile.TarError) as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        rc.close()
+    sys.stdout.write(f"{out['repositoryUri']}:{out['tag']} {out['digest']} "
+                     f"({out['blobs_sent']} blobs sent)\n")
+
+
+@image_app.command("ls")
+def image_ls(state_dir: StateDir = None,
+             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the tenant's images: repository URI, tags, digest, size, pushed."""
+    from .registry.client import RegistryClientError
+
+    rc = _registry_client(state_dir)
+    try:
+        images = rc.images()
+    except RegistryClientError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        rc.close()
+    if as_json:
+        sys.stdout.write(json.dumps(images, indent=2) + "\n")
+        return
+    table = Table("repository", "tags", "digest", "size", "pushed")
+    for d in images:
+        table.add_row(d["repositoryUri"], ",".join(d.get("imageTags", [])) or "-",
+                      d["imageDigest"][:19], str(d["imageSizeInBytes"]),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["imagePushedAt"])))
     console.print(table)
 
 

@@ -88,6 +88,20 @@ class Limits:
     http_drain_bytes_max: int = 8 * MiB
     # Client JSON (payloads, API bodies): deeper nesting is refused before any parser recurses.
     json_depth_max: int = 512
+    # The registry (ECR-compatible, registry/): docs/images.md.
+    registry_manifest_bytes_max: int = 4 * MiB  # a manifest or index (ECR: 4 MiB)
+    registry_chunk_bytes_max: int = 4 * MiB  # one internal call of a blob upload or read
+    registry_blob_bytes_max: int = 10 * 1024 * MiB  # one blob (layer) upload
+    registry_image_bytes_max: int = 10 * 1024 * MiB  # declared layer sizes of one image (Lambda)
+    registry_upload_grace_ms: int = 3_600_000  # an unreferenced blob is kept this long
+    registry_upload_idle_ms: int = 3_600_000  # an upload session untouched this long is dropped
+    registry_token_ttl_s: int = 12 * 3600  # GetAuthorizationToken's password (as ECR: 12 h)
+    registry_tags_page_max: int = 1000  # tags in one /tags/list page
+    registry_api_body_bytes_max: int = 1 * MiB  # an ECR JSON API request
+    registry_batch_ids_max: int = 100  # imageIds in one BatchGetImage/BatchDeleteImage
+    registry_uploads_per_tenant_max: int = 64  # open upload sessions of one tenant
+    registry_repos_per_tenant_max: int = 10_000  # repositories of one tenant
+    registry_images_per_repo_max: int = 20_000  # manifests in one repository (ECR's quota)
 
 
 DEFAULT_LIMITS = Limits()

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..registry.edge import ensure_registry_key
 from ..sandbox import linux
 from .tenants import ensure_operator_token, ensure_tenants, operator_token_path
 
@@ -256,6 +257,7 @@ class Supervisor:
         self.lock()
         tenants = ensure_tenants(self.state_dir)
         ensure_operator_token(self.state_dir)
+        registry_key = ensure_registry_key(self.state_dir)
         cell_eps: dict[str, list[Any]] = {}
         endpoints: dict[str, Any] = {"cells": {}, "routers": {}}
         agent_index = 0
@@ -303,6 +305,7 @@ class Supervisor:
             "--cell-map", cell_map_path, "--tenants", os.path.join(self.state_dir, "tenants.json"),
             "--region", self.region, "--control-listen", f"{self.host}:0",
             "--operator-token-file", operator_token_path(self.state_dir),
+            "--registry-key-file", registry_key,
             *self.extra_args.get("router", []),
         ], f"{self.host}:{self.port}")
         await self._launch(router)
