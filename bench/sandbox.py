@@ -303,7 +303,7 @@ class InProcAgent:
 
     @property
     def zygote_pid(self) -> int:
-        return self.backend._proc.pid if self.backend._proc else 0
+        return self.backend.zygote_pid
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from typing import Annotated, Any
 
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from . import sdk
 from .region import tenants as tenant_table
-from .region.supervisor import Supervisor, default_state_dir, run_foreground
+from .region.supervisor import Supervisor, default_state_dir, lock_holder, run_foreground
 
 app = typer.Typer(
     help="cellcloud: unmodified AWS Lambda functions, in cells, on your machines.",
@@ -78,7 +79,7 @@ def up(
                   "never run a region like this outside development.")
     sd = os.path.abspath(state_dir or default_state_dir())
     os.makedirs(sd, exist_ok=True)
-    existing = _running_region(sd)
+    existing = _running_region(sd, starting=True)
     if existing:
         err.print(
             f"A region is already running from {sd} at {existing['endpoint']} "
@@ -124,16 +125,24 @@ def up(
         raise typer.Exit(1) from None
 
 
-def _running_region(state_dir: str) -> dict[str, Any] | None:
+def _running_region(state_dir: str, starting: bool = False) -> dict[str, Any] | None:
+    """The running region's ``region.json``, or None. The supervisor's lock on the state
+    directory is the truth (the kernel drops it when the supervisor dies, however it dies);
+    ``region.json`` only says where the region listens. A region still starting holds the lock
+    before it writes ``region.json``: with ``starting``, the document then has only the
+    supervisor's pid; without, a starting region is not running yet."""
+    pid = lock_holder(state_dir)
+    if pid is None:
+        return None
     try:
         with open(os.path.join(state_dir, "region.json")) as f:
             doc: dict[str, Any] = json.load(f)
     except (FileNotFoundError, ValueError):
-        return None
-    try:
-        os.kill(int(doc["supervisor_pid"]), 0)
-    except (ProcessLookupError, KeyError, ValueError):
-        return None
+        doc = {}
+    if doc.get("supervisor_pid") != pid:
+        if not starting:
+            return None
+        doc = {"supervisor_pid": pid, "endpoint": "(starting)", "starting": True}
     return doc
 
 
@@ -198,7 +207,7 @@ def down(
 ) -> None:
     """Stop the region started from this state directory."""
     sd = os.path.abspath(state_dir or default_state_dir())
-    doc = _running_region(sd)
+    doc = _running_region(sd, starting=True)
     if doc is None:
         console.print("No region is running.")
         return
@@ -490,6 +499,69 @@ def tenant_ls(state_dir: StateDir = None) -> None:
     console.print(table)
 
 
+image_app = typer.Typer(
+    help="Container images in the region's registry (ECR-compatible), without docker.",
+    no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+
+def _registry_client(state_dir: str | None) -> Any:
+    from .registry.client import RegistryClient
+
+    c = _client(state_dir)
+    return RegistryClient(c.endpoint, c.access_key_id, c.secret_access_key, region=c.region)
+
+
+@image_app.command("push")
+def image_push(
+    source: Annotated[str, typer.Argument(help="An OCI image layout directory or OCI archive")],
+    ref: Annotated[str, typer.Argument(help="NAME:TAG (the repository is created if needed)")],
+    state_dir: StateDir = None,
+) -> None:
+    """Push an image; prints its repository URI and digest."""
+    from .registry.client import RegistryClientError
+    from .registry.core import RegistryError
+
+    name, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        name, tag = ref, "latest"
+    rc = _registry_client(state_dir)
+    try:
+        out = rc.push(source, name, tag)
+    except (RegistryClientError, RegistryError, OSError, ValueError, tarfile.TarError) as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        rc.close()
+    sys.stdout.write(f"{out['repositoryUri']}:{out['tag']} {out['digest']} "
+                     f"({out['blobs_sent']} blobs sent)\n")
+
+
+@image_app.command("ls")
+def image_ls(state_dir: StateDir = None,
+             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the tenant's images: repository URI, tags, digest, size, pushed."""
+    from .registry.client import RegistryClientError
+
+    rc = _registry_client(state_dir)
+    try:
+        images = rc.images()
+    except RegistryClientError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        rc.close()
+    if as_json:
+        sys.stdout.write(json.dumps(images, indent=2) + "\n")
+        return
+    table = Table("repository", "tags", "digest", "size", "pushed")
+    for d in images:
+        table.add_row(d["repositoryUri"], ",".join(d.get("imageTags", [])) or "-",
+                      d["imageDigest"][:19], str(d["imageSizeInBytes"]),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["imagePushedAt"])))
+    console.print(table)
+
+
 @app.command()
 def env(
     state_dir: StateDir = None,
@@ -559,7 +631,7 @@ def _mount_subcommands() -> None:
     from .store.cli import app as store_app
 
     app.add_typer(store_app, name="store", help="The configuration store (Physalia-style colony).")
-    from .security.cli import app as attest_app
+    from .attest_cli import app as attest_app
 
     app.add_typer(attest_app, name="attest", help="Attestation: get and verify documents.")
     from .region import serve_cli

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cellcloud.control.clone import tenant_inflight
+from cellcloud.frontend.clone import tenant_inflight
 from cellcloud.frontend.events import Event, EventStore, Intake
 
 

@@ -17,7 +17,7 @@ import pytest
 from cellcloud.agent.lockdown import seccomp_mode
 from tests.conftest import make_zip
 
-from .conftest import Region
+from .conftest import Region, running_region
 
 pytestmark = pytest.mark.integration
 
@@ -147,3 +147,23 @@ def test_supervisor_restarts_a_killed_frontend(region: Region) -> None:
     assert after["port"] == before["port"] and after["restarts"] >= 1
     # The function's metadata was durable; the new frontend serves it.
     assert region.client.invoke(name, {}).json() == "alive"
+
+
+def test_two_regions_on_one_host_never_share_an_environment_uid(
+        region: Region, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Each region claims a host-wide uid range for its environments; before, every region's
+    # agents counted from 200000, so environments of two regions ran as the same uid.
+    def env_uids(r: Region) -> set[int]:
+        name = f"uidprobe-{uuid.uuid4().hex[:6]}"
+        r.client.create_function(name, make_zip(
+            {"app.py": "import os\ndef handler(e, c):\n    return os.getuid()\n"}), "app.handler")
+        seen = {int(r.client.invoke(name, {}).json())}  # the uid as the handler sees it
+        for cell in r.client.status()["cells"].values():
+            for agent in cell["agents"].values():
+                seen |= {int(e["uid"]) for e in agent.get("envs", []) if "uid" in e}
+        return seen
+
+    with running_region(tmp_path_factory, "second-region", "--agents-per-cell", "1") as other:
+        mine, theirs = env_uids(region), env_uids(other)
+        assert mine and theirs
+        assert not mine & theirs, (mine, theirs)

@@ -50,7 +50,7 @@ def test_failed_unpack_leaves_nothing(tmp_path: str, monkeypatch: pytest.MonkeyP
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, mode, *a, **kw)
 
-    import cellcloud.core.bundle as core_bundle
+    import cellcloud.sandbox.unpack as core_bundle
 
     monkeypatch.setattr(core_bundle, "open", full_disk_open, raising=False)
     with pytest.raises(OpError) as e:

@@ -5,9 +5,10 @@ import zipfile
 
 import pytest
 
-from cellcloud.core.bundle import extract_zip, inspect_zip
+from cellcloud.core.bundle import inspect_zip
 from cellcloud.core.errors import LambdaError
 from cellcloud.core.limits import Limits
+from cellcloud.sandbox.unpack import extract_zip
 
 
 def zip_of(entries: dict[str, bytes], *, symlink: str | None = None) -> bytes:
@@ -122,7 +123,7 @@ def test_extract_removes_partial_tree_on_os_error(tmp_path: str,
     # invoke leaked from a 51 KB zip).
     import errno
 
-    import cellcloud.core.bundle as bundle
+    import cellcloud.sandbox.unpack as bundle
 
     calls = []
     real_chmod = os.chmod

@@ -58,6 +58,16 @@ def listen(path: str) -> socket.socket:
     return s
 
 
+def unlink_if_ours(path: str, ino: int) -> None:
+    """Remove this agent's handover socket when it stops for good — unless the path is no
+    longer ours (a successor bound its own socket there during a live update)."""
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _pack(doc: dict[str, Any]) -> bytes:
     return msgpack.packb(doc, use_bin_type=True)
 

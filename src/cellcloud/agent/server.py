@@ -11,23 +11,27 @@ import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 import sys
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-from ..core.bundle import extract_zip, sha256_hex
+from ..core.bundle import sha256_hex
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
 from ..network.client import NetConfig, NetHelperClient
 from ..sandbox import cgroups, runtimes
 from ..sandbox.backend import Backend, JailBackend, Spawned
 from ..sandbox.spec import EnvSpec
+from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
-from ..transport import OpError, Server
+from ..transport import FrameReader, OpError, Server
 from . import lockdown
 
 log = logging.getLogger("cellcloud.agent")
@@ -59,10 +63,15 @@ def _host_memory_bytes() -> int:
 
 
 class _EnvChannel(asyncio.Protocol):
-    """The agent's end of one environment's channel: frames in, one future at a time."""
+    """The agent's end of one environment's channel: frames in, one future at a time.
 
-    def __init__(self) -> None:
-        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=channel_frame_bytes_max)
+    ``on_lost`` is called when the channel closes while nobody waits on it (the environment
+    died idle, e.g. killed from outside), so the agent can forget it before placing work on it.
+    """
+
+    def __init__(self, on_lost: Callable[[_EnvChannel], None] | None = None) -> None:
+        self.on_lost = on_lost
+        self.unpacker = FrameReader(channel_frame_bytes_max)
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[dict[str, Any]] | None = None
         self.closed = asyncio.get_running_loop().create_future()
@@ -76,8 +85,7 @@ class _EnvChannel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self.unpacker.feed(data)
-            for doc in self.unpacker:
+            for doc in self.unpacker.feed(data):
                 if not isinstance(doc, dict):
                     raise ValueError("not a frame")
                 if self.waiter is not None and not self.waiter.done():
@@ -93,13 +101,31 @@ class _EnvChannel(asyncio.Protocol):
                 self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        idle = self.waiter is None
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(ConnectionError("environment channel closed"))
         if not self.closed.done():
             self.closed.set_result(None)
+        if idle and self.on_lost is not None:
+            self.on_lost(self)
+
+    def gone(self) -> bool:
+        """True if the environment's end of the channel is closed (it died), checked with the
+        kernel now rather than waiting for the event loop to notice the hang-up."""
+        if self.closed.done() or self.transport is None or self.transport.is_closing():
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                   for _fd, ev in p.poll(0))
 
     async def request(self, doc: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
+        if self.closed.done():  # it died before anyone asked
+            raise ConnectionError("environment channel closed")
         waiter: asyncio.Future[dict[str, Any]] = loop.create_future()
         if doc is not None:
             if self.transport is None or self.transport.is_closing():
@@ -206,12 +232,16 @@ class Agent:
         # API: create_env builds every EnvSpec itself.
         self.unsafe_disabled_layers: list[str] = []
         self.envs: dict[str, EnvRecord] = {}
+        # Environments that died while idle, so that an invoke placed on one is answered
+        # EnvGone ("no handler code ran") rather than EnvNotFound; bounded, oldest forgotten.
+        self._gone: OrderedDict[str, None] = OrderedDict()
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._zombie_cgroups: list[cgroups.Cgroup] = []
         self.started_ms = int(time.time() * 1000)
         self.counters = {"created": 0, "create_failed": 0, "invocations": 0, "timeouts": 0,
-                         "crashes": 0, "destroyed": 0, "attestation_failures": 0}
+                         "crashes": 0, "destroyed": 0, "attestation_failures": 0,
+                         "envs_gone": 0}
         self.server_stats: Any = None  # the transport server's, for refused-op counts
         # Live update (handover.py): while draining, new work is refused with AgentDraining.
         self.draining = False
@@ -323,7 +353,7 @@ class Agent:
             if netns_fd is not None:
                 os.close(netns_fd)
         loop = asyncio.get_running_loop()
-        _, channel = await loop.connect_accepted_socket(_EnvChannel, spawned.channel)
+        _, channel = await loop.connect_accepted_socket(self._channel, spawned.channel)
         now_ms = int(time.time() * 1000)
         rec = EnvRecord(spec, str(body.get("function_key", "")), spawned, channel, cg, now_ms, slot,
                         last_used_ms=now_ms, measurements=measurements)
@@ -374,7 +404,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for doc, sock in envs:
             spec = EnvSpec.from_wire(doc["spec"])
-            _, channel = await loop.connect_accepted_socket(_EnvChannel, sock)
+            _, channel = await loop.connect_accepted_socket(self._channel, sock)
             rec = EnvRecord(spec, doc["function_key"], Spawned(int(doc["pid"]), sock), channel,
                             cgroups.Cgroup(self.cgroup_group, spec.env_id),
                             int(doc["created_ms"]), int(doc["slot"]),
@@ -389,14 +419,40 @@ class Agent:
         self._free_slots = sorted(set(range(self._next_slot)) - used, reverse=True)
         return len(envs)
 
+    def _channel(self) -> _EnvChannel:
+        return _EnvChannel(self._channel_lost)
+
+    def _channel_lost(self, channel: _EnvChannel) -> None:
+        """An idle environment's channel closed: it is dead. Forget it now (its cgroup, uid
+        slot and memory go back), unless this agent is handing its environments over."""
+        if self.draining:
+            return
+        env_id = next((e for e, r in self.envs.items() if r.channel is channel), None)
+        if env_id is not None and not self.envs[env_id].busy:
+            self._forget_gone(env_id)
+
+    def _forget_gone(self, env_id: str) -> None:
+        log.warning("environment %s died while idle; removed", env_id)
+        self.counters["envs_gone"] += 1
+        self._remove(env_id)
+        self._gone[env_id] = None
+        while len(self._gone) > DEFAULT_LIMITS.gone_env_ids_remembered_max:
+            self._gone.popitem(last=False)
+
     async def _invoke(self, body: dict[str, Any]) -> dict[str, Any]:
         env_id = str(body["env_id"])
         rec = self.envs.get(env_id)
+        if rec is not None and not rec.busy and rec.channel.gone():
+            self._forget_gone(env_id)
+            rec = None
         if rec is None:
             if env_id in self._reset_logs:  # reset after its response went back
                 raise OpError("EnvReset", f"{env_id} was reset: an extension overran the "
                               "previous invocation's timeout",
                               logs=self._reset_logs.pop(env_id)[1])
+            if env_id in self._gone:
+                raise OpError("EnvGone", f"{env_id} died before this invocation reached it; "
+                              "no handler code ran")
             raise OpError("EnvNotFound", env_id)
         if rec.busy:
             raise OpError("EnvBusy", f"{env_id} is already running an invocation")
@@ -604,6 +660,8 @@ class Agent:
             "disk": _disk(self.state_dir),
             "bundles": len([e for e in os.listdir(self.bundles_dir) if _is_digest(e)]),
             "bundles_to_forget": len(self._forget_later),
+            "zygote_pid": getattr(self.backend, "zygote_pid", 0),
+            "zygote_restarts": getattr(self.backend, "zygote_restarts", 0),
             "network": ({**self.network.info, "helper": net.get("helper", {}),
                          "dns": net.get("dns", {}), "alive": self.network.alive(),
                          **({"error": net["error"]} if "error" in net else {})}
@@ -810,10 +868,19 @@ class Agent:
             self._zombie_cgroups = [cg for cg in self._zombie_cgroups if not cg.destroy()]
             self.memory_used_bytes = sum(r.cgroup.usage().memory_bytes for r in self.envs.values())
 
-    def close(self) -> None:
+    def close(self, cgroups_wait_s: float = 5.0) -> None:
+        """Stop for good: every environment is killed and its cgroup removed, then the agent's
+        own cgroup directory (bounded wait: killed processes take a moment to exit)."""
         for env_id in list(self.envs):
             self._remove(env_id)
         self.backend.close()
+        deadline = time.monotonic() + cgroups_wait_s
+        while True:
+            self._zombie_cgroups = [cg for cg in self._zombie_cgroups if not cg.destroy()]
+            if (not self._zombie_cgroups and cgroups.remove_group(self.cgroup_group)) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)  # polling a condition (processes gone), bounded by the deadline
         if self.network is not None:
             self.network.close()  # the helper removes the bridge, veths, netns and tables
 
@@ -891,7 +958,9 @@ async def serve(args: argparse.Namespace) -> None:
 
             linux.setns(ns.fileno(), linux.CLONE_NEWNET)
     sock = listen_sock if listen_sock is not None else runtime.bind_tcp(args.listen)
-    hsock = handover.listen(handover.socket_path(state_dir))
+    hpath = handover.socket_path(state_dir)
+    hsock = handover.listen(hpath)
+    hsock_ino = os.stat(hpath).st_ino
     if not args.no_lockdown:
         lockdown.lock_down()
     await agent.adopt(adopted)
@@ -920,6 +989,8 @@ async def serve(args: argparse.Namespace) -> None:
         else:
             agent.close()
             await server.close()
+            hsock.close()
+            handover.unlink_if_ours(hpath, hsock_ino)
 
 
 EXPERIMENT_CRASH_MARKER = b"cellcloud-experiment-crash-agent"

@@ -14,9 +14,7 @@ import copy
 import hashlib
 import io
 import lzma
-import os
 import posixpath
-import shutil
 import stat
 import zipfile
 import zlib
@@ -160,35 +158,31 @@ def inspect_zip(data: bytes, limits: Limits = DEFAULT_LIMITS) -> BundleInfo:
     return BundleInfo(sha256_hex(data), len(data), total, len(members))
 
 
-def extract_zip(data: bytes, dest: str, limits: Limits = DEFAULT_LIMITS) -> BundleInfo:
-    """Extract into ``dest`` (which must not exist yet), with the checks of :func:`inspect_zip`
-    made on the way (one pass over the data). On any failure — a malformed member, a full
-    disk — ``dest`` is removed: nothing half-written stays behind."""
+@dataclass(frozen=True)
+class Entry:
+    """One member of a checked zip, as it is to be written below a bundle root."""
+
+    member: zipfile.ZipInfo
+    rel: str  # the normalised path below the root
+    is_dir: bool
+    # Executable bits are kept (a custom runtime's bootstrap); write bits never are.
+    perm: int
+
+
+def unpack_plan(data: bytes, limits: Limits = DEFAULT_LIMITS
+                ) -> tuple[zipfile.ZipFile, list[Entry]]:
+    """What an unpack writes, after the checks of :func:`inspect_zip` on the names and declared
+    sizes; each file's bytes come from :func:`entry_chunks`, which checks them on the way. The
+    writing itself is the shell's (``sandbox/unpack.py``): this module does no I/O."""
     _check_zip_bytes(data, limits)
     members = check_members(_open(data), limits)
     zf = zipfile.ZipFile(io.BytesIO(data))
-    os.makedirs(dest, mode=0o755)
-    try:
-        written = 0
-        root = os.path.realpath(dest)
-        for member, rel in members:
-            target = os.path.realpath(os.path.join(root, rel))
-            if target != root and not target.startswith(root + os.sep):
-                raise invalid(f"Unzipped file path escapes the bundle root: {member.filename!r}")
-            if member.is_dir():
-                os.makedirs(target, mode=0o755, exist_ok=True)
-                continue
-            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-            mode = (member.external_attr >> 16) & 0o777
-            # Executable bits are kept (a custom runtime's bootstrap); write bits never are.
-            perm = 0o755 if mode & 0o111 else 0o644
-            with open(target, "xb") as out:
-                for chunk in _chunks(zf, member):
-                    written += len(chunk)
-                    out.write(chunk)
-            os.chmod(target, perm)
-        assert written <= limits.unzipped_bytes_max  # declared sizes are capped, real == declared
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    return BundleInfo(sha256_hex(data), len(data), written, len(members))
+    out = []
+    for info, rel in members:
+        mode = (info.external_attr >> 16) & 0o777
+        out.append(Entry(info, rel, info.is_dir(), 0o755 if mode & 0o111 else 0o644))
+    return zf, out
+
+
+def entry_chunks(zf: zipfile.ZipFile, entry: Entry) -> Iterator[bytes]:
+    return _chunks(zf, entry.member)

@@ -60,6 +60,11 @@ class Limits:
     telemetry_subscribers_max: int = 10
     telemetry_backlog_items_max: int = 1_000  # init-phase events kept for late subscribers
     agent_call_timeout_ms: int = 5_000
+    # An invoke answered EnvGone (the environment died while idle: no handler code ran) is
+    # placed again, on a fresh environment, at most this many times (the frontend's one retry
+    # layer); the agent remembers at most this many gone environment ids to answer EnvGone.
+    env_gone_retries_max: int = 3
+    gone_env_ids_remembered_max: int = 1024
     list_functions_page_max: int = 50
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)
     functions_per_tenant_max: int = 10_000
@@ -83,6 +88,20 @@ class Limits:
     http_drain_bytes_max: int = 8 * MiB
     # Client JSON (payloads, API bodies): deeper nesting is refused before any parser recurses.
     json_depth_max: int = 512
+    # The registry (ECR-compatible, registry/): docs/images.md.
+    registry_manifest_bytes_max: int = 4 * MiB  # a manifest or index (ECR: 4 MiB)
+    registry_chunk_bytes_max: int = 4 * MiB  # one internal call of a blob upload or read
+    registry_blob_bytes_max: int = 10 * 1024 * MiB  # one blob (layer) upload
+    registry_image_bytes_max: int = 10 * 1024 * MiB  # declared layer sizes of one image (Lambda)
+    registry_upload_grace_ms: int = 3_600_000  # an unreferenced blob is kept this long
+    registry_upload_idle_ms: int = 3_600_000  # an upload session untouched this long is dropped
+    registry_token_ttl_s: int = 12 * 3600  # GetAuthorizationToken's password (as ECR: 12 h)
+    registry_tags_page_max: int = 1000  # tags in one /tags/list page
+    registry_api_body_bytes_max: int = 1 * MiB  # an ECR JSON API request
+    registry_batch_ids_max: int = 100  # imageIds in one BatchGetImage/BatchDeleteImage
+    registry_uploads_per_tenant_max: int = 64  # open upload sessions of one tenant
+    registry_repos_per_tenant_max: int = 10_000  # repositories of one tenant
+    registry_images_per_repo_max: int = 20_000  # manifests in one repository (ECR's quota)
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200

@@ -1087,7 +1087,9 @@ class Cell:
         shard = self.shard_of(skey)
         failed: list[str] = []
         attempts = max(2, len(shard))
-        for attempt in range(attempts):
+        gone = 0  # environments found dead (EnvGone): placed again, no handler code ran
+        attempt = 0
+        while attempt < attempts:
             now_ms = int(time.time() * 1000)
             verdict = self.poison.allowed(skey, now_ms)
             if verdict is not True:
@@ -1113,7 +1115,8 @@ class Cell:
                     await self._create_env(rec, decision)
                 except _AgentUnavailable as e:
                     failed.append(decision.agent_id)
-                    if attempt + 1 < attempts:
+                    attempt += 1
+                    if attempt < attempts:
                         continue
                     if e.full:  # every agent tried is at its environment or memory cap
                         self.counters["throttles"] += 1
@@ -1125,12 +1128,13 @@ class Cell:
             try:
                 return await self._invoke_on(rec, decision, request_id, payload, log_tail,
                                              invoked_arn)
-            except _EnvReset:
-                # The agent reset the environment before this invocation ran in it (its
-                # extensions overran the previous one's timeout): as Lambda, a fresh one.
-                if attempt + 1 < attempts:
-                    continue
-                raise errors.service("The execution environment was reset; retry") from None
+            except (_EnvGone, _EnvReset) as e:
+                # No handler code ran in it: the environment died idle (EnvGone), or the agent
+                # reset it because its extensions overran the previous invocation (EnvReset).
+                # As Lambda: another environment, a bounded number of times.
+                gone += 1
+                if gone > self.limits.env_gone_retries_max:
+                    raise errors.service(f"The execution environment failed: {e}") from None
         raise AssertionError("unreachable")
 
     async def _create_env(self, rec: FunctionRecord, decision: Create,
@@ -1242,10 +1246,16 @@ class Cell:
                 f"The execution environment's host failed during the invocation ({e})"
             ) from e
         except RemoteError as e:
+            if e.type in ("EnvGone", "EnvNotFound"):
+                # The agent placed nothing: the environment had died (or its agent restarted
+                # without it). No handler code ran, so the caller places the invoke again.
+                self.counters["envs_gone"] = self.counters.get("envs_gone", 0) + 1
+                self.placement.discard(decision.env_id)
+                raise _EnvGone(str(e)) from e
             self._discard(decision.env_id)
             if e.type == "EnvReset":
                 self._file_logs(rec.key, e.data.get("logs"))
-                raise _EnvReset() from e
+                raise _EnvReset(str(e)) from e
             raise errors.service(f"The execution environment failed: {e}") from e
         now_ms = int(time.time() * 1000)
         self._file_logs(rec.key, res.get("previous_logs"))
@@ -1425,6 +1435,10 @@ def _digests(rec: FunctionRecord) -> set[str]:
 
 class _EnvReset(Exception):
     """The agent reset the environment before the invocation ran: take another one."""
+
+
+class _EnvGone(Exception):
+    """The agent answered that the environment was dead before the invoke reached it."""
 
 
 class _AgentUnavailable(Exception):

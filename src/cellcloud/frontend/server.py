@@ -10,13 +10,14 @@ import sys
 from typing import Any
 
 from .. import runtime
-from ..control import clone
 from ..core.limits import DEFAULT_LIMITS
 from ..core.poison import PoisonParams
 from ..queues.api import QueueApi
 from ..queues.store import QueueStore
+from ..registry.api import RegistryApi
+from ..registry.storage import RegistryStore, now_ms
 from ..transport import Server
-from . import api
+from . import api, clone
 from .cell import Cell
 from .events import EventStore, Intake
 from .store import SqliteFunctionStore
@@ -25,6 +26,7 @@ log = logging.getLogger("cellcloud.frontend")
 
 tick_interval_s = 1.0
 agent_poll_interval_s = 2.0
+registry_collect_interval_s = 60.0  # unreferenced blobs and idle uploads (past their grace)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -52,6 +54,10 @@ async def serve(args: argparse.Namespace) -> None:
         return {**cell.events.statistics(), "queues": dict(queues.counters)}
 
     async_ops = {"sqs": queues.handle, "async_status": async_status}
+    # The cell's container registry (registry/: OCI + ECR ops; blobs in <state>/registry).
+    registry = RegistryApi(RegistryStore(os.path.join(os.path.abspath(args.state_dir),
+                                                      "registry"), cell.limits), args.region,
+                           cell.limits)
     await cell.sync_agents(first=True)
     cell.load_provisioned()  # the pools are refilled by the first tick
 
@@ -61,7 +67,7 @@ async def serve(args: argparse.Namespace) -> None:
     async def status(_: Any) -> dict[str, Any]:
         return await cell.status()
 
-    # A tenant migration's steps (control/clone.py), called by the control plane only.
+    # A tenant migration's steps (frontend/clone.py), called by the control plane only.
     async def tenant_export(body: dict[str, Any]) -> dict[str, Any]:
         return clone.export_tenant(cell, str(body["account"]))
 
@@ -76,11 +82,12 @@ async def serve(args: argparse.Namespace) -> None:
 
     server = Server({"http": http, "status": status, **async_ops, "tenant_export": tenant_export,
                      "tenant_import": tenant_import, "tenant_inflight": tenant_inflight,
-                     "tenant_forget": tenant_forget})
+                     "tenant_forget": tenant_forget, **registry.ops()})
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
 
     async def ticker() -> None:
         polls = 0.0
+        collect_in = registry_collect_interval_s
         while True:
             await asyncio.sleep(tick_interval_s)  # a periodic timer, not a wait
             cell.tick()
@@ -88,6 +95,10 @@ async def serve(args: argparse.Namespace) -> None:
             if polls >= agent_poll_interval_s:
                 polls = 0.0
                 await cell.sync_agents()
+            collect_in -= tick_interval_s
+            if collect_in <= 0:
+                collect_in = registry_collect_interval_s
+                registry.store.collect(now_ms())
 
     task = asyncio.ensure_future(ticker())
     runtime.announce_ready({"component": "frontend", "cell_id": args.cell_id, "host": host,

@@ -3,21 +3,33 @@
 Start order follows the call graph backwards (agents, then each cell's frontend, then the
 router), each started only once the ones it calls have said they are listening. A restarted
 component gets its previous port back, so nobody's configuration goes stale.
+
+One supervisor per state directory, and its death is never silent: it holds an exclusive
+``flock`` on ``region.lock`` for its whole life (the kernel drops it when the process dies, even
+by SIGKILL), and every process it starts is armed with ``PR_SET_PDEATHSIG`` = SIGTERM, so its
+region stops with it (each process shuts down cleanly: agents destroy their environments and
+cgroups). A second ``cellcloud up`` on a locked state directory refuses to start; one that gets
+the lock first stops whatever processes a dead supervisor's ``region.json`` still names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import json
 import logging
 import os
 import random
+import select
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..registry.edge import ensure_registry_key
+from ..sandbox import linux
 from .tenants import ensure_operator_token, ensure_tenants, operator_token_path
 
 log = logging.getLogger("cellcloud.supervisor")
@@ -31,6 +43,124 @@ stable_after_s = 30.0
 
 def default_state_dir() -> str:
     return os.environ.get("CELLCLOUD_HOME") or os.path.expanduser("~/.cellcloud")
+
+
+# Environment uids: each region running on a host claims its own range (a host-wide lock file
+# held for the supervisor's life), so environments of two regions never share a uid (a shared
+# uid could signal or trace the other's processes). Each agent takes a slice of its region's.
+uid_ranges_dir = "/run/cellcloud/uid-ranges"
+uid_range_base = 200_000
+uid_range_size = 1_000_000
+uid_range_count = 1_000  # regions on one host at a time
+uids_per_agent = 10_000  # > envs_per_agent_max, the slots an agent may use at once
+
+
+def claim_uid_range(directory: str = uid_ranges_dir) -> tuple[int, int]:
+    """The first free range on this host: (base uid, lock fd held until the process exits)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for k in range(uid_range_count):
+        fd = os.open(os.path.join(directory, f"{k}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            continue
+        return uid_range_base + k * uid_range_size, fd
+    raise RuntimeError(f"all {uid_range_count} environment uid ranges of this host are in use")
+
+
+class RegionRunning(RuntimeError):
+    """Another live supervisor holds this state directory's lock."""
+
+
+def lock_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "region.lock")
+
+
+def lock_holder(state_dir: str) -> int | None:
+    """The pid of the live supervisor that holds ``state_dir``'s lock, or None if nobody does.
+    (A probe: it takes the lock for an instant when it is free, and drops it at once.)"""
+    try:
+        fd = os.open(lock_path(state_dir), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        return None
+    finally:
+        os.close(fd)
+
+
+def _die_with(parent_pid: int) -> Any:
+    """A ``preexec_fn``: the child gets SIGTERM when the supervisor dies (PDEATHSIG fires on
+    the death of the forking *thread*: the supervisor forks only from its event-loop thread,
+    which lives as long as the process), and exits at once if it is already gone."""
+
+    def arm() -> None:
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return arm
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout_s)[0])
+    finally:
+        os.close(pidfd)
+
+
+def stop_leftovers(state_dir: str) -> list[int]:
+    """Stop the processes a dead supervisor's ``region.json`` still names (only those whose
+    command line names this state directory: a pid may have been reused). Called only with the
+    lock held, so no live supervisor owns them. Returns the pids it had to stop."""
+    try:
+        with open(os.path.join(state_dir, "region.json")) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return []
+    stopped = []
+    for comp in (doc.get("components") or {}).values():
+        pid = comp.get("pid")
+        if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
+            continue
+        if state_dir not in _cmdline(pid):
+            continue
+        log.warning("stopping pid %d, left running by a dead supervisor", pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        if not _wait_gone(pid, stop_timeout_s):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_gone(pid, stop_timeout_s)
+        stopped.append(pid)
+    return stopped
 
 
 # Components whose module is not cellcloud.<kind>.server.
@@ -91,12 +221,43 @@ class Supervisor:
             pki.CertificateAuthority.ensure(os.path.join(self.state_dir, "pki"), region)
         self._rng = random.Random(seed)
         self._monitors: list[asyncio.Task[None]] = []
+        self._lock_fd: int | None = None
+        self._uid_fd: int | None = None
+        self.uid_base = uid_range_base
         os.makedirs(os.path.join(self.state_dir, "logs"), exist_ok=True)
+
+    def lock(self) -> None:
+        """Take the state directory's lock for this process's life, or raise RegionRunning."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(lock_path(self.state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise RegionRunning(
+                f"a region is already running from {self.state_dir} (supervisor pid "
+                f"{lock_holder(self.state_dir)}); stop it with `cellcloud down`") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        agents = self.cells * self.agents_per_cell
+        if agents * uids_per_agent > uid_range_size:
+            raise ValueError(f"{agents} agents need more than one region's uid range "
+                             f"({uid_range_size // uids_per_agent} agents at most)")
+        self.uid_base, self._uid_fd = claim_uid_range()
+        stopped = stop_leftovers(self.state_dir)
+        if stopped:
+            log.warning("stopped %d processes of a previous supervisor that died", len(stopped))
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
+        self.lock()
         tenants = ensure_tenants(self.state_dir)
         ensure_operator_token(self.state_dir)
+        registry_key = ensure_registry_key(self.state_dir)
         cell_eps: dict[str, list[Any]] = {}
         endpoints: dict[str, Any] = {"cells": {}, "routers": {}}
         agent_index = 0
@@ -108,7 +269,7 @@ class Supervisor:
                 comp = Component(agent_id, "agent", [
                     "--agent-id", agent_id, "--region", self.region,
                     "--state-dir", os.path.join(self.state_dir, "cells", cell_id, "agents", agent_id),
-                    "--uid-base", str(200_000 + agent_index * 10_000),
+                    "--uid-base", str(self.uid_base + agent_index * uids_per_agent),
                     "--envs-max", str(self.envs_per_agent_max),
                     "--pki-dir", self.state_dir, "--cell", cell_id,
                     *(["--netns", self.agent_hosts[agent_id][0]]
@@ -148,6 +309,7 @@ class Supervisor:
             "--cell-map", cell_map_path, "--tenants", os.path.join(self.state_dir, "tenants.json"),
             "--region", self.region, "--control-listen", f"{self.host}:0",
             "--operator-token-file", operator_token_path(self.state_dir),
+            "--registry-key-file", registry_key,
             *self.extra_args.get("router", []),
         ], f"{self.host}:{self.port}")
         await self._launch(router)
@@ -207,7 +369,7 @@ class Supervisor:
             comp.proc = await asyncio.create_subprocess_exec(
                 *comp.argv(), *(["--insecure"] if self.insecure else ["--pki-dir", self.state_dir]),
                 pass_fds=(w,), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
-                stderr=logf, start_new_session=True,
+                stderr=logf, start_new_session=True, preexec_fn=_die_with(os.getpid()),
                 env={**os.environ, "CELLCLOUD_READY_FD": str(w)},
             )
         finally:
@@ -388,10 +550,17 @@ class Supervisor:
                 except TimeoutError:
                     c.proc.kill()
                     await c.proc.wait()
+        if self._uid_fd is not None:
+            os.close(self._uid_fd)  # every environment of ours is gone: the range is free
+            self._uid_fd = None
+        if self._lock_fd is None:
+            return  # never ours: another supervisor's region.json is not ours to delete
         try:
             os.unlink(os.path.join(self.state_dir, "region.json"))
         except FileNotFoundError:
             pass
+        os.close(self._lock_fd)  # the lock goes with it
+        self._lock_fd = None
 
 
 async def run_foreground(sup: Supervisor, on_ready: Any = None) -> None:

@@ -18,6 +18,9 @@ from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.tenant_status import cell_status_for_tenant
+from ..registry.api import ECR_TARGET_PREFIX
+from ..registry.core import RegistryError
+from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
 
@@ -127,6 +130,7 @@ class Router:
         region: str = "cc-local-1",
         operator: OperatorToken | None = None,
         connections: ConnectionRegistry | None = None,
+        registry_key: RegistryKey | None = None,
     ):
         self.operator = operator
         self.connections = connections
@@ -142,6 +146,9 @@ class Router:
         self.cell_map_stale_after_s = 3.0
         self.counters = {"requests": 0, "unauthenticated": 0, "cell_unavailable": 0,
                          "refused_before_body": 0, "internal_errors": 0}
+        # The registry's /v2/ API (registry/edge.py): its own auth (the registry token), body
+        # caps and streaming; GetAuthorizationToken is answered here too.
+        self.registry = RegistryEdge(self, registry_key, limits)
 
     def set_cell_map(self, cell_map: CellMap) -> int:
         """A pushed map: taken when not older than the one held; returns the version held."""
@@ -168,6 +175,11 @@ class Router:
             c = self._clients[cell_id] = Client(ep.host, ep.port, expect_role="frontend")
         return c
 
+    async def call_cell(self, account: str, op: str, body: Any, timeout_s: float) -> Any:
+        """One internal call to the cell that holds ``account`` (the registry edge's way in)."""
+        cell = self.cell_map.cell_for(account)
+        return await self.client(cell.cell_id).call(op, body, timeout_s=timeout_s)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while True:
@@ -180,6 +192,9 @@ class Router:
         if scope["type"] != "http":
             return
         self.counters["requests"] += 1
+        if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
+            await self.registry.serve(scope, receive, send)
+            return
         body_state = _BodyState(scope)
         try:
             status, headers, body = await self._handle(scope, receive, body_state)
@@ -222,9 +237,12 @@ class Router:
             self.counters["refused_before_body"] += body_state.pending
             raise
         is_invoke = path.endswith(_INVOKE_SUFFIXES)
+        target = next((v for k, v in headers if k == "x-amz-target"), "")
+        is_ecr = target.startswith(ECR_TARGET_PREFIX)
         body_max = (
             self.limits.invoke_payload_bytes_max
             if is_invoke
+            else self.limits.registry_api_body_bytes_max if is_ecr
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
         if body_state.declared is not None and body_state.declared > body_max:
@@ -245,7 +263,7 @@ class Router:
                 body=body,
                 region=self.region,
                 secret_for=self.tenants.secret_for,
-                service="sqs" if is_sqs else sigv4.SERVICE,
+                service="sqs" if is_sqs else "ecr" if is_ecr else sigv4.SERVICE,
             )
         except LambdaError:
             self.counters["unauthenticated"] += 1
@@ -258,6 +276,8 @@ class Router:
             # A tenant sees its own functions and environments only (operator: Bearer token).
             return _json_reply(await self.status(account=account))
         cell = self.cell_map.cell_for(account)
+        if is_ecr:
+            return await self._ecr(cell.cell_id, account, target, body, headers, scope)
         if is_sqs:
             host = next((v for k, v in headers if k == "host"), "")
             try:
@@ -288,6 +308,28 @@ class Router:
             raise LambdaError(
                 503, "ServiceException", f"Cell {cell.cell_id} is unavailable: {e}"
             ) from e
+        return resp["s"], resp["h"], resp["b"]
+
+    async def _ecr(self, cell_id: str, account: str, target: str, body: bytes,
+                   headers: list[tuple[str, str]],
+                   scope: Scope) -> tuple[int, dict[str, str], bytes]:
+        """The ECR JSON API (SigV4 service ``ecr``): GetAuthorizationToken here (the router
+        holds the registry key), the rest in the tenant's cell (registry/api.py)."""
+        host = next((v for k, v in headers if k == "host"), "")
+        if target == ECR_TARGET_PREFIX + "GetAuthorizationToken":
+            try:
+                doc = self.registry.authorization_data(account, host,
+                                                       scope.get("scheme") or "http")
+            except RegistryError as e:
+                raise LambdaError(e.status, "ServerException", e.message) from e
+            return 200, {"content-type": "application/x-amz-json-1.1"}, json.dumps(doc).encode()
+        try:
+            resp = await self.client(cell_id).call(
+                "ecr", {"target": target, "b": body, "a": account, "host": host},
+                timeout_s=control_timeout_s)
+        except (TransportError, CallTimeout, RemoteError) as e:
+            self.counters["cell_unavailable"] += 1
+            raise LambdaError(503, "ServerException", f"Cell {cell_id} is unavailable: {e}") from e
         return resp["s"], resp["h"], resp["b"]
 
     async def _operator_status(self, scope: Scope, path: str,
@@ -333,6 +375,7 @@ class Router:
             "cell_map_version": self.cell_map.version,
             "cell_map": self.cell_map_status(),
             "counters": dict(self.counters),
+            "registry": dict(self.registry.counters),
         }
         if self.connections is not None:
             router["connections"] = self.connections.statistics()

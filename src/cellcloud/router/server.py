@@ -15,6 +15,7 @@ import uvicorn
 from .. import runtime
 from ..core.cellmap import CellMap
 from ..core.limits import DEFAULT_LIMITS
+from ..registry.edge import RegistryKey
 from ..transport import Server
 from .app import OperatorToken, Router, Tenants
 from .connections import ConnectionRegistry, guard_params
@@ -48,7 +49,9 @@ async def serve(args: argparse.Namespace) -> None:
     registry = ConnectionRegistry(params, limits, sweep_interval_ms=args.sweep_interval_ms)
     operator = OperatorToken(args.operator_token_file) if args.operator_token_file else None
     router = Router(cell_map, Tenants(args.tenants), limits=limits, region=args.region,
-                    operator=operator, connections=registry)
+                    operator=operator, connections=registry,
+                    registry_key=RegistryKey(args.registry_key_file)
+                    if args.registry_key_file else None)
     sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http=registry.protocol_class(), ws="none",
                             lifespan="off", log_level="warning", access_log=False,
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--region", default="cc-local-1", help="The region name requests are signed for")
     p.add_argument("--control-listen", default="127.0.0.1:0",
                    help="internal address the control plane pushes the cell map to")
+    p.add_argument("--registry-key-file", default=None,
+                   help="file holding the HMAC key registry tokens are signed with")
     p.add_argument("--operator-token-file", default=None,
                    help="file holding the operator's bearer token (region-wide status)")
     # Connection limits (defaults: core/limits.py).

@@ -291,3 +291,37 @@ def favor_dynmods(mount_dir: str) -> str:
     except OSError as e:
         return f"favordynmods not available: {e}"
     return "no cgroups"
+
+
+def remove_group(group: str) -> bool:
+    """Remove an agent's ``cellcloud/<group>`` cgroup and every empty environment cgroup left
+    under it, in every controller (an agent stopping for good leaves nothing behind). False if
+    something could not be removed (processes still in it)."""
+    ver = version()
+    if ver == 2:
+        bases = [os.path.join(ROOT, "cellcloud", group)]
+    elif ver == 1:
+        bases = [os.path.join(ROOT, c, "cellcloud", group) for c in _V1_CONTROLLERS]
+    else:
+        return True
+    ok = True
+    for base in bases:
+        try:
+            names = os.listdir(base)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
+            if os.path.isdir(os.path.join(base, name)):
+                try:
+                    os.rmdir(os.path.join(base, name))
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    ok = False
+        try:
+            os.rmdir(base)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            ok = False
+    return ok

@@ -1,10 +1,11 @@
 """The zygote: a pre-initialised interpreter that forks new environments, so a cold start costs
 two forks and the jail set-up, not an interpreter start (issue #3's fast-start idea).
 
-It is started by an agent before the agent locks itself down, and serves exactly one operation
-over a SOCK_SEQPACKET socketpair: ``spawn(spec) + [channel fd] -> {"pid"} | {"error"}``. It is a
-child subreaper, so environments are its children (not the agent's) and are reaped here; it dies
-with the agent that started it (PDEATHSIG).
+It is started by the agent's *zygote keeper* (``keeper_main`` below; the agent starts the keeper
+before it locks itself down), and serves exactly one operation over a SOCK_SEQPACKET socketpair:
+``spawn(spec) + [channel fd] -> {"pid"} | {"error"}``. It is a child subreaper, so environments
+are its children (not the agent's) and are reaped here; it dies with its keeper, and the keeper
+with the agent (PDEATHSIG). When a zygote dies, the agent asks the keeper for a new one.
 
 Spawning: fork A (joins the env's cgroup, unshares the namespaces), A forks B — pid 1 of the new
 pid namespace — reports B's host pid and exits. B jails itself and becomes the guest agent.
@@ -162,10 +163,44 @@ def serve(ctl: socket.socket, root: str, pool: LoopPool | None = None) -> None:
         ctl.sendall(msgpack.packb(reply, use_bin_type=True))
 
 
-def main() -> None:
-    ctl_fd, root = int(sys.argv[1]), sys.argv[2]
+def keeper_main(ctl_fd: int, root: str, module: str) -> None:
+    """The zygote keeper: started by the agent before its lock-down, it starts a fresh zygote
+    (``python -m <module> <fd> <root>``) each time the agent asks (any message on the
+    SOCK_SEQPACKET control socket) and hands back its pid and the agent's end of the new
+    zygote's control socket (SCM_RIGHTS). Nothing else. It exits when the agent closes the
+    socket or dies (PDEATHSIG)."""
+    import subprocess
+
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the agent died before we armed PDEATHSIG
+        sys.exit(1)
+    ctl = socket.socket(fileno=ctl_fd)
+    signal.signal(signal.SIGCHLD, _reap)  # dead zygotes are reaped as they die
+    while True:
+        try:
+            msg = ctl.recv(64)
+        except InterruptedError:
+            continue
+        if not msg:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, str(theirs.fileno()), root],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+            socket.send_fds(ctl, [msgpack.packb({"pid": proc.pid})], [ours.fileno()])
+        finally:
+            ours.close()
+            theirs.close()
+
+
+def main() -> None:
+    if sys.argv[1] == "--keeper":
+        keeper_main(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        return
+    ctl_fd, root = int(sys.argv[1]), sys.argv[2]
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the keeper died before we armed PDEATHSIG
         sys.exit(1)
     ctl = socket.socket(fileno=ctl_fd)
     pool = LoopPool(root.rstrip("/") + "-ephemeral")

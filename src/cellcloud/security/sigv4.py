@@ -173,8 +173,8 @@ def _signing_key(secret: str, date: str, region: str, service: str = SERVICE) ->
 
 
 def sign(method: str, url: str, headers: dict[str, str], body: bytes, *, access_key_id: str,
-         secret_access_key: str, region: str) -> dict[str, str]:
+         secret_access_key: str, region: str, service: str = SERVICE) -> dict[str, str]:
     """Headers to send for a request signed with SigV4 (what boto3 does, for our own SDK)."""
     req = AWSRequest(method=method, url=url, headers=dict(headers), data=body)
-    SigV4Auth(Credentials(access_key_id, secret_access_key), SERVICE, region).add_auth(req)
+    SigV4Auth(Credentials(access_key_id, secret_access_key), service, region).add_auth(req)
     return {k: v for k, v in req.headers.items()}

@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,8 +99,47 @@ def _packer() -> msgpack.Packer:
     return msgpack.Packer(use_bin_type=True)
 
 
-def _unpacker() -> msgpack.Unpacker:
-    return msgpack.Unpacker(raw=False, max_buffer_size=frame_bytes_max, strict_map_key=False)
+frame_read_bytes = 64 * 1024  # a frame reader's buffer between resets (see FrameReader)
+
+
+class FrameReader:
+    """msgpack objects from a byte stream, with a buffer that does not stay big.
+
+    msgpack's ``Unpacker`` allocates its read buffer up front (``read_size``: 1 MiB unless told
+    otherwise) and only ever grows it (a large frame leaves it large); the stream walks through
+    the buffer, touching every page of it. So each long-lived stream ended up holding its whole
+    buffer in RSS: an agent with 100 warm environments grew by ~100 MiB over a few hundred
+    thousand invocations and never gave it back. Here the buffer starts at ``read_bytes``, and
+    once more than that has gone through and no partial frame is buffered, the ``Unpacker`` is
+    replaced by a fresh one, so a reader holds about ``read_bytes`` (plus the frame in
+    progress) for its whole life."""
+
+    def __init__(self, max_buffer_bytes: int, read_bytes: int = frame_read_bytes,
+                 **options: Any) -> None:
+        self._options = dict(raw=False, max_buffer_size=max_buffer_bytes,
+                             read_size=min(read_bytes, max_buffer_bytes), **options)
+        self.resets = 0
+        self._new()
+
+    def _new(self) -> None:
+        self._unpacker = msgpack.Unpacker(**self._options)
+        self._fed = 0
+
+    def feed(self, data: bytes) -> Iterator[Any]:
+        """Feed bytes; yields every object they complete."""
+        self._unpacker.feed(data)
+        self._fed += len(data)
+        end = -1
+        for obj in self._unpacker:
+            end = self._unpacker.tell()  # at an object boundary: the end of this object
+            yield obj
+        if end == self._fed and self._fed > self._options["read_size"]:
+            self.resets += 1
+            self._new()
+
+
+def _unpacker() -> FrameReader:
+    return FrameReader(frame_bytes_max, strict_map_key=False)
 
 
 @dataclass
@@ -143,8 +182,7 @@ class _ServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self._unpacker.feed(data)
-            for frame in self._unpacker:
+            for frame in self._unpacker.feed(data):
                 self._on_frame(frame)
         except (msgpack.OutOfData, msgpack.ExtraData, ValueError, msgpack.UnpackException):
             self._stats.malformed_frames += 1
@@ -259,8 +297,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self._unpacker.feed(data)
-            for frame in self._unpacker:
+            for frame in self._unpacker.feed(data):
                 _, call_id, ok, body = frame
                 fut = self.pending.pop(call_id, None)
                 if fut is None or fut.done():

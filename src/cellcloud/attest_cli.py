@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from . import attestation
+from .security import attestation
 
 app = typer.Typer(help="Attestation documents: which code exactly runs a function.",
                   no_args_is_help=True)
@@ -24,7 +24,7 @@ def get(name: Annotated[str, typer.Argument(help="Function name")],
         qualifier: Annotated[str | None, typer.Option()] = None,
         state_dir: Annotated[str | None, typer.Option("--state-dir")] = None) -> None:
     """Ask a running environment of NAME for a document bound to a nonce; prints it as JSON."""
-    from ..sdk import CellcloudError, Client
+    from .sdk import CellcloudError, Client
 
     nonce = nonce or secrets.token_hex(16)
     try:
@@ -43,7 +43,7 @@ def verify(document: Annotated[str, typer.Argument(help="A document file (- for 
                help="The code you expect: a .zip or a directory")] = None,
            state_dir: Annotated[str | None, typer.Option("--state-dir")] = None) -> None:
     """Check a document offline: CA chain, agent role, signature, nonce, expected code."""
-    from ..region.supervisor import default_state_dir
+    from .region.supervisor import default_state_dir
 
     text = sys.stdin.read() if document == "-" else open(document).read()
     ca_path = ca or os.path.join(state_dir or default_state_dir(), "pki", "ca.pem")
@@ -66,7 +66,7 @@ def verify(document: Annotated[str, typer.Argument(help="A document file (- for 
 def _measure_expected(path: str) -> str:
     if os.path.isdir(path):
         return attestation.measure_tree(path)
-    from ..core.bundle import extract_zip
+    from .sandbox.unpack import extract_zip
 
     tmp = tempfile.mkdtemp()
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..frontend.store import AliasRecord, FunctionRecord
+from .store import AliasRecord, FunctionRecord
 
 functions_per_tenant_export_max = 1_000
 versions_per_function_max = 10_000
