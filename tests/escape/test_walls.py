@@ -272,13 +272,14 @@ FDS = """
 
 def _zygote_socket_inodes(sandbox: Sandbox) -> set[int]:
     """Host-side: the sockets the zygote holds (its control socket, opened by the agent's
-    host process and passed to the zygote inheritable, without CLOEXEC)."""
-    proc = sandbox.backend._proc
-    assert proc is not None
+    host process and passed to the zygote inheritable, without CLOEXEC). The zygote, not its
+    keeper: the keeper starts zygotes and hands each its own control socket."""
+    pid = sandbox.backend.zygote_pid
+    assert pid
     inodes = set()
-    for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            link = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if link.startswith("socket:["):
