@@ -254,8 +254,8 @@ class ProfilingBackend(JailBackend):
         theirs.close()
         self._ctl = ours
 
-    async def spawn(self, spec: Any) -> Any:
-        s = await super().spawn(spec)
+    async def spawn(self, spec: Any, netns_fd: int | None = None) -> Any:
+        s = await super().spawn(spec, netns_fd)
         self.last_spawn_returned = time.time()
         return s
 

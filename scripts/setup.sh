@@ -7,6 +7,7 @@ need_apt=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 ldconfig -p 2>/dev/null | grep -q 'libseccomp.so.2' || need_apt+=(libseccomp2)
 command -v ip >/dev/null || need_apt+=(iproute2)
+command -v nft >/dev/null || need_apt+=(nftables)     # environments' network policy (network/)
 command -v etcd >/dev/null || need_apt+=(etcd-server)   # the etcd ConfigStore tests
 command -v curl >/dev/null || need_apt+=(curl)          # the shell bootstrap runtime test
 command -v cc >/dev/null || need_apt+=(gcc)             # the setuid probe of the escape suite

@@ -64,6 +64,13 @@ def up(
     allow_unlimited: Annotated[bool, typer.Option(
         "--allow-unlimited", help="Let agents start on a host without cgroups: environments "
         "then run without memory, pids or CPU limits (default: agents refuse)")] = False,
+    network: Annotated[str, typer.Option(
+        help="Environments' outbound network: egress (an interface under the region's policy: "
+        "no host, region or east-west traffic; docs/design.md) or none (loopback only)")
+    ] = "egress",
+    net_pool: Annotated[str, typer.Option(
+        help="Environments' address pool (at most a /16, outside RFC 1918); each agent takes "
+        "a /22 of it")] = "100.64.0.0/16",
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Start a region: router, cell frontends and host agents, supervised."""
@@ -79,10 +86,16 @@ def up(
             f"(pid {existing['supervisor_pid']}); stop it with `cellcloud down`."
         )
         raise typer.Exit(1)
+    if network not in ("egress", "none"):
+        err.print(f"--network {network!r}: egress or none")
+        raise typer.Exit(2)
     if detach:
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
-                allow_unlimited)
+                allow_unlimited, network, net_pool)
         return
+    agent_args = ["--network", network, "--net-pool", net_pool]
+    if allow_unlimited:
+        agent_args.append("--allow-unlimited")
     sup = Supervisor(
         sd,
         cells=cells,
@@ -91,7 +104,7 @@ def up(
         port=port,
         envs_per_agent_max=envs_per_agent_max,
         insecure=insecure,
-        extra_args={"agent": ["--allow-unlimited"]} if allow_unlimited else None,
+        extra_args={"agent": agent_args},
     )
 
     def ready(doc: dict[str, Any]) -> None:
@@ -135,7 +148,8 @@ def _running_region(state_dir: str, starting: bool = False) -> dict[str, Any] | 
 
 def _detach(
     sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int,
-    insecure: bool = False, allow_unlimited: bool = False,
+    insecure: bool = False, allow_unlimited: bool = False, network: str = "egress",
+    net_pool: str = "100.64.0.0/16",
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -163,6 +177,7 @@ def _detach(
                 str(w),
                 *(["--insecure"] if insecure else []),
                 *(["--allow-unlimited"] if allow_unlimited else []),
+                "--network", network, "--net-pool", net_pool,
             ],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,

@@ -12,7 +12,9 @@ Every agent listens (passively, like everything it does) on a Unix SOCK_SEQPACKE
    they keep running, and the new agent serves them through the very same channels.
 
 Frames: ``{"t": "adopt"}`` → ``{"t": "listen"}`` + fd, ``{"t": "env", ...}`` + fd per
-environment, ``{"t": "done", "n": count}``.
+environment, ``{"t": "network"}`` + the network helper's channel (when the agent has one: the
+helper, told to outlive its first agent, keeps every environment's interface and policy),
+``{"t": "done", "n": count}``.
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ def _pack(doc: dict[str, Any]) -> bytes:
     return msgpack.packb(doc, use_bin_type=True)
 
 
-def receive(path: str) -> tuple[socket.socket, list[tuple[dict[str, Any], socket.socket]]]:
-    """The new agent's side (blocking, before its event loop and its lock-down)."""
+def receive(path: str, extras: dict[str, socket.socket] | None = None,
+            ) -> tuple[socket.socket, list[tuple[dict[str, Any], socket.socket]]]:
+    """The new agent's side (blocking, before its event loop and its lock-down). ``extras``
+    receives the network helper's channel as ``"network"``, if one was handed over."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(path)
     s.sendall(_pack({"t": "adopt", "pid": os.getpid()}))
@@ -87,6 +91,12 @@ def receive(path: str) -> tuple[socket.socket, list[tuple[dict[str, Any], socket
                 listener = socket.socket(fileno=fds[0])
             elif doc["t"] == "env":
                 envs.append((doc, socket.socket(fileno=fds[0])))
+            elif doc["t"] == "network":
+                net = socket.socket(fileno=fds[0])
+                if extras is None:
+                    net.close()  # nobody to hand it to: the helper tears down on EOF
+                else:
+                    extras["network"] = net
             elif doc["t"] == "done":
                 assert doc["n"] == len(envs), doc
                 break
@@ -138,6 +148,9 @@ def _send(conn: socket.socket, agent: Any, listen_fd: int) -> None:
                    "extensions": rec.extensions}
             socket.send_fds(conn, [_pack(doc)], [sock.fileno()])
             n += 1
+        network = getattr(agent, "network", None)
+        if network is not None:
+            socket.send_fds(conn, [_pack({"t": "network"})], [network.detach()])
         conn.sendall(_pack({"t": "done", "n": n}))
     finally:
         os.close(listen_fd)

@@ -25,6 +25,7 @@ import msgpack
 from ..core.bundle import sha256_hex
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
+from ..network.client import NetConfig, NetHelperClient
 from ..sandbox import cgroups, runtimes
 from ..sandbox.backend import Backend, JailBackend, Spawned
 from ..sandbox.spec import EnvSpec
@@ -201,7 +202,7 @@ class Agent:
                  oversubscription: float = 4.0, cgroup_group: str | None = None,
                  runtimes_found: dict[str, runtimes.Runtime] | None = None,
                  identity: pki.TlsConfig | None = None, cell: str = "cell-1",
-                 allow_unlimited: bool = False):
+                 allow_unlimited: bool = False, network: NetHelperClient | None = None):
         self.agent_id = agent_id
         self.state_dir = state_dir
         self.bundles_dir = os.path.join(state_dir, "bundles")
@@ -223,6 +224,9 @@ class Agent:
         # Without a cgroup hierarchy, environments would run without memory/pids/CPU limits:
         # only with --allow-unlimited (serve() refuses to start otherwise; the zygote too).
         self.allow_unlimited = allow_unlimited
+        # The network helper (started before the lock-down); None: environments get only
+        # their own loopback.
+        self.network = network
         self.memory_used_bytes = 0  # refreshed by housekeeping from the cgroups
         # Tests only (negative controls): isolation layers to switch off. Never set from the
         # API: create_env builds every EnvSpec itself.
@@ -333,12 +337,21 @@ class Agent:
             allow_unlimited=self.allow_unlimited,
         )
         cg = cgroups.Cgroup(self.cgroup_group, env_id)
+        netns_fd: int | None = None
         try:
-            spawned = await self.backend.spawn(spec)
+            if self.network is not None and "net_ns" not in spec.disabled_layers:
+                lease = await asyncio.to_thread(self.network.acquire, env_id)
+                spec.network, netns_fd = lease.info, lease.netns_fd
+            spawned = await (self.backend.spawn(spec) if netns_fd is None
+                             else self.backend.spawn(spec, netns_fd=netns_fd))
         except Exception as e:
             self._free_slots.append(slot)
             self.counters["create_failed"] += 1
+            self._release_network(spec)
             raise OpError("EnvCreateFailed", str(e)) from e
+        finally:
+            if netns_fd is not None:
+                os.close(netns_fd)
         loop = asyncio.get_running_loop()
         _, channel = await loop.connect_accepted_socket(self._channel, spawned.channel)
         now_ms = int(time.time() * 1000)
@@ -609,6 +622,12 @@ class Agent:
             # The frontend's liveness poll: no per-environment cgroup or smaps reads.
             return {"agent_id": self.agent_id, "pid": os.getpid(),
                     "envs": [{"env_id": e} for e in self.envs], "counters": dict(self.counters)}
+        net: dict[str, Any] = {}
+        if self.network is not None:
+            try:
+                net = await asyncio.to_thread(self.network.counters)
+            except (OSError, RuntimeError) as e:
+                net = {"error": str(e)}
         envs = []
         for env_id, rec in self.envs.items():
             u = rec.cgroup.usage()
@@ -622,6 +641,10 @@ class Agent:
                 "uss_bytes": fp.uss_bytes, "pss_bytes": fp.pss_bytes, "rss_bytes": fp.rss_bytes,
                 "processes": fp.processes, "max_rss_kb": rec.max_rss_kb,
             })
+            if rec.spec.network:
+                envs[-1]["network"] = {"address": rec.spec.network.get("address"),
+                                       "interface": rec.spec.network.get("interface"),
+                                       **net.get("envs", {}).get(env_id, {})}
         return {
             "agent_id": self.agent_id, "backend": self.backend.name, "pid": os.getpid(),
             "envs_max": self.envs_max, "envs": envs, "counters": dict(self.counters),
@@ -639,6 +662,11 @@ class Agent:
             "bundles_to_forget": len(self._forget_later),
             "zygote_pid": getattr(self.backend, "zygote_pid", 0),
             "zygote_restarts": getattr(self.backend, "zygote_restarts", 0),
+            "network": ({**self.network.info, "helper": net.get("helper", {}),
+                         "dns": net.get("dns", {}), "alive": self.network.alive(),
+                         **({"error": net["error"]} if "error" in net else {})}
+                        if self.network is not None
+                        else {"mode": "none"}),
         }
 
     # -- internals --------------------------------------------------------------------------
@@ -819,8 +847,16 @@ class Agent:
         if not rec.cgroup.destroy():
             self._zombie_cgroups.append(rec.cgroup)
         self._free_slots.append(rec.slot)
+        self._release_network(rec.spec)
         self.counters["destroyed"] += 1
         self._forget_unused()
+
+    def _release_network(self, spec: EnvSpec) -> None:
+        if self.network is not None and spec.network:
+            try:
+                self.network.release(spec.env_id)
+            except (OSError, RuntimeError) as e:
+                log.warning("network helper: release %s: %s", spec.env_id, e)
 
     async def housekeeping(self) -> None:
         ticks = 0
@@ -845,6 +881,8 @@ class Agent:
                     or time.monotonic() > deadline:
                 break
             time.sleep(0.02)  # polling a condition (processes gone), bounded by the deadline
+        if self.network is not None:
+            self.network.close()  # the helper removes the bridge, veths, netns and tables
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -865,10 +903,11 @@ async def serve(args: argparse.Namespace) -> None:
         log.warning("no cgroup hierarchy at %s: environments run WITHOUT memory, pids or CPU "
                     "limits (--allow-unlimited)", cgroups.ROOT)
     adopted: list[tuple[dict[str, Any], Any]] = []
+    handed: dict[str, Any] = {}  # from a live update: the running network helper's channel
     listen_sock = None
     if args.adopt:
         # Live update: the previous agent process hands over its socket and environments.
-        listen_sock, adopted = handover.receive(args.adopt)
+        listen_sock, adopted = handover.receive(args.adopt, handed)
         log.warning("adopted %d environments from the previous agent process", len(adopted))
     else:
         swept = cgroups.sweep(group)
@@ -878,12 +917,35 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("cgroups: %s", cgroups.favor_dynmods("/run/cellcloud/cgroup-dynmods"))
     backend = JailBackend(os.path.join(state_dir, "jailroot"))
     backend.start()  # fork+exec the zygote while we still may
+    network = None
+    if args.network != "none":  # also before the lock-down: the helper needs netlink and nft
+        from ..network import policy
+
+        net_config = NetConfig(
+            mode=args.network, pool=args.net_pool, subnet=args.net_subnet, deny=args.net_deny,
+            allow=args.net_allow, dns_upstreams=args.dns_upstream,
+            conn_rate_per_s=args.net_conn_rate, conn_burst=args.net_conn_burst,
+            conns_max=args.net_conns_max)
+        network = NetHelperClient(policy.prefix_for(group), net_config)
+        try:
+            if "network" in handed:  # live update: keep the predecessor's helper (and envs' links)
+                network = NetHelperClient.adopt(handed.pop("network"), network.prefix,
+                                                net_config)
+                log.info("network: adopted %s", network.info)
+            else:
+                log.info("network: %s", network.start())
+        except RuntimeError as e:
+            log.error("%s", e)
+            backend.close()
+            raise SystemExit(3) from e
+    for unused in handed.values():
+        unused.close()  # a helper handed to an agent without a network tears down on EOF
     found = runtimes.find()  # probes other interpreters: also before the lock-down
     agent = Agent(args.agent_id, state_dir, backend, uid_base=args.uid_base,
                   envs_max=args.envs_max, region=args.region,
                   memory_budget_mb=args.memory_budget_mb, oversubscription=args.oversubscription,
                   cgroup_group=group, runtimes_found=found, cell=args.cell,
-                  allow_unlimited=args.allow_unlimited,
+                  allow_unlimited=args.allow_unlimited, network=network,
                   identity=pki.tls_config(args.pki_dir or state_dir, args.region, "agent",
                                           args.cell, args.agent_id))
     if args.experiment_faults:
@@ -921,6 +983,8 @@ async def serve(args: argparse.Namespace) -> None:
             # The successor owns the environments now: leave them running, and only let
             # this process's zygote go (the environments are not its children's children).
             agent.backend.close()
+            if agent.network is not None:
+                agent.network.forget()  # the successor holds the helper's channel now
             log.warning("handed over; exiting without touching the environments")
         else:
             agent.close()
@@ -971,6 +1035,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allow-unlimited", action="store_true",
                    help="start even where no cgroup hierarchy is found, running environments "
                         "without memory, pids or CPU limits (default: refuse to start)")
+    p.add_argument("--network", default="none", choices=("egress", "none"),
+                   help="environments' outbound network (egress: an interface under the "
+                        "region's policy, via the network helper; none: loopback only)")
+    p.add_argument("--net-pool", default="100.64.0.0/16",
+                   help="address pool of environments (at most a /16, outside RFC 1918)")
+    p.add_argument("--net-subnet", default=None, help="this agent's subnet of the pool "
+                   "(default: the first one no other agent on this host holds)")
+    p.add_argument("--net-deny", action="append", default=[],
+                   help="a region CIDR environments may not reach (repeat)")
+    p.add_argument("--net-allow", action="append", default=[],
+                   help="egress only to these CIDRs (repeat; default: anywhere not denied)")
+    p.add_argument("--net-conn-rate", type=int, default=DEFAULT_LIMITS.env_net_conn_rate_per_s,
+                   help="new connections per second per environment (then dropped)")
+    p.add_argument("--net-conn-burst", type=int, default=DEFAULT_LIMITS.env_net_conn_burst)
+    p.add_argument("--net-conns-max", type=int, default=DEFAULT_LIMITS.env_net_conns_max,
+                   help="connections tracked at once per environment (then new ones dropped)")
+    p.add_argument("--dns-upstream", action="append", default=[],
+                   help="resolver the DNS forwarder asks (default: /etc/resolv.conf's)")
     p.add_argument("--no-lockdown", action="store_true", help="tests only: skip seccomp")
     p.add_argument("--insecure", action="store_true",
                    help="development only: plain-text internal links")

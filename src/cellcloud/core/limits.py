@@ -102,6 +102,20 @@ class Limits:
     registry_uploads_per_tenant_max: int = 64  # open upload sessions of one tenant
     registry_repos_per_tenant_max: int = 10_000  # repositories of one tenant
     registry_images_per_repo_max: int = 20_000  # manifests in one repository (ECR's quota)
+    # Environments' network (network/): per environment, new connections per second (burst)
+    # and connections tracked at once, so one function cannot fill the host's conntrack table.
+    env_net_conn_rate_per_s: int = 200
+    env_net_conn_burst: int = 400
+    env_net_conns_max: int = 1024
+    # The network helper's DNS forwarder: UDP queries in flight (then SERVFAIL), TCP
+    # connections at once (then closed), how long an upstream resolver may take.
+    net_dns_inflight_max: int = 256
+    net_dns_tcp_connections_max: int = 64
+    net_dns_upstream_timeout_ms: int = 2_000
+    net_dns_packet_bytes_max: int = 4096
+    net_pool_ready: int = 4  # wired network namespaces kept ready per agent
+    net_refill_quiet_ms: int = 20  # the pool is refilled once no request came for this long
+    net_admit_batch: int = 64  # slots admitted by the policy per nft transaction
 
 
 DEFAULT_LIMITS = Limits()

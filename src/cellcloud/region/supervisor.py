@@ -274,6 +274,10 @@ class Supervisor:
                     "--pki-dir", self.state_dir, "--cell", cell_id,
                     *(["--netns", self.agent_hosts[agent_id][0]]
                       if agent_id in self.agent_hosts else []),
+                    # Agents on hosts of their own: region-internal addresses environments
+                    # may not reach (this host's own addresses are denied anyway).
+                    *[arg for _ns, addr in self.agent_hosts.values()
+                      for arg in ("--net-deny", f"{addr}/32")],
                     *self._extra(agent_id, "agent"),
                 ], f"{self.agent_hosts[agent_id][1] if agent_id in self.agent_hosts else self.host}:0")
                 agent_index += 1

@@ -32,7 +32,7 @@ class Backend(Protocol):
     name: str
 
     def start(self) -> None: ...
-    async def spawn(self, spec: EnvSpec) -> Spawned: ...
+    async def spawn(self, spec: EnvSpec, netns_fd: int | None = None) -> Spawned: ...
     def kill(self, pid: int) -> None: ...
     def close(self) -> None: ...
 
@@ -102,13 +102,15 @@ class JailBackend:
         self._ctl = socket.socket(fileno=fds[0])
         self._zygote_pid = int(doc["pid"])
 
-    def _spawn_sync(self, packed: bytes, guest_end: socket.socket) -> dict[str, object]:
+    def _spawn_sync(self, packed: bytes, guest_end: socket.socket,
+                    netns_fd: int | None = None) -> dict[str, object]:
+        fds = [guest_end.fileno()] + ([netns_fd] if netns_fd is not None else [])
         with self._lock:
             if self._ctl is None:
                 self._new_zygote()
             assert self._ctl is not None
             try:
-                socket.send_fds(self._ctl, [packed], [guest_end.fileno()])
+                socket.send_fds(self._ctl, [packed], fds)
                 reply = self._ctl.recv(65536)
             except OSError as e:  # EPIPE/ECONNRESET: the zygote died
                 reply = b""
@@ -125,12 +127,14 @@ class JailBackend:
         doc: dict[str, object] = msgpack.unpackb(reply, raw=False)
         return doc
 
-    async def spawn(self, spec: EnvSpec) -> Spawned:
+    async def spawn(self, spec: EnvSpec, netns_fd: int | None = None) -> Spawned:
+        """``netns_fd``: a network namespace for the environment to join (the caller keeps
+        and closes it); none: the environment unshares an empty one (loopback only)."""
         packed = msgpack.packb(spec.to_wire(), use_bin_type=True)
         for attempt in (0, 1):  # once more on a fresh zygote if the zygote had died
             ours, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                reply = await asyncio.to_thread(self._spawn_sync, packed, guest_end)
+                reply = await asyncio.to_thread(self._spawn_sync, packed, guest_end, netns_fd)
             except ZygoteGone:
                 ours.close()
                 if attempt:

@@ -181,7 +181,10 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
     _write(root + "/etc/group", f"root:x:0:\nsbx_user:x:{spec.gid}:\n")
     # sandbox.localdomain: where extensions' Telemetry API listeners are reached, as on Lambda.
     _write(root + "/etc/hosts", "127.0.0.1 localhost sandbox.localdomain\n::1 localhost\n")
-    _write(root + "/etc/resolv.conf", "")
+    resolver = spec.network.get("resolver")
+    # The one resolver an environment may reach: the network helper's forwarder.
+    _write(root + "/etc/resolv.conf",
+           f"nameserver {resolver}\noptions timeout:2 attempts:2\n" if resolver else "")
     _write(root + "/etc/hostname", "sandbox\n")
     os.makedirs(root + "/proc", exist_ok=True)
     os.makedirs(root + "/.old_root", exist_ok=True)

@@ -39,6 +39,9 @@ class EnvSpec:
     # on a host that has no cgroup hierarchy (otherwise the zygote refuses to spawn it).
     allow_unlimited: bool = False
     attestation: str = ""  # the agent's signed document, readable at /var/runtime/attestation.json
+    # The environment's interface (network/policy.py Plan.env_info: address, gateway, resolver,
+    # interface); empty: only its own loopback. The zygote then gets the netns fd with the spec.
+    network: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

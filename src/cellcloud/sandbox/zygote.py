@@ -40,8 +40,11 @@ def _reap(*_: Any) -> None:
             return
 
 
-def spawn(spec: EnvSpec, chan_fd: int, root: str, pool: LoopPool | None = None) -> int:
-    """Start one environment; returns its host pid (the pid 1 of its namespaces)."""
+def spawn(spec: EnvSpec, chan_fd: int, root: str, pool: LoopPool | None = None,
+          netns_fd: int = -1) -> int:
+    """Start one environment; returns its host pid (the pid 1 of its namespaces). With a
+    ``netns_fd`` (a namespace the network helper wired), the environment joins it instead of
+    unsharing an empty one."""
     tmp_device: str | None = None
     loop_fd = -1
     if pool is not None and pool.available and "tmp_size" not in spec.disabled_layers:
@@ -79,7 +82,11 @@ def spawn(spec: EnvSpec, chan_fd: int, root: str, pool: LoopPool | None = None) 
                         "limits cannot be enforced (the agent's --allow-unlimited permits this)")
                 # The cgroup namespace is unshared after the join, so the environment's
                 # cgroup is the root of its view (/proc/self/cgroup shows "/").
-                linux.unshare(jail.namespaces(off))
+                flags = jail.namespaces(off)
+                if netns_fd >= 0 and flags & linux.CLONE_NEWNET:
+                    linux.setns(netns_fd, linux.CLONE_NEWNET)
+                    flags &= ~linux.CLONE_NEWNET
+                linux.unshare(flags)
                 pid_b = os.fork()
                 if pid_b == 0:  # B
                     os.close(w)
@@ -137,16 +144,17 @@ def serve(ctl: socket.socket, root: str, pool: LoopPool | None = None) -> None:
             if not pool.refill_one():
                 break
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(ctl, spec_bytes_max, 1)
+            msg, fds, _flags, _addr = socket.recv_fds(ctl, spec_bytes_max, 2)
         except InterruptedError:
             continue
         if not msg:
             return  # the agent is gone
         try:
-            if len(fds) != 1:
-                raise ValueError("spawn needs exactly one channel fd")
+            if len(fds) not in (1, 2):
+                raise ValueError("spawn needs a channel fd (and optionally a netns fd)")
             spec = EnvSpec.from_wire(msgpack.unpackb(msg, raw=False))
-            reply: dict[str, Any] = {"pid": spawn(spec, fds[0], root, pool)}
+            netns_fd = fds[1] if len(fds) == 2 else -1
+            reply: dict[str, Any] = {"pid": spawn(spec, fds[0], root, pool, netns_fd)}
         except Exception as e:
             reply = {"error": f"{type(e).__name__}: {e}"}
         finally:

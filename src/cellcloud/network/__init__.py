@@ -1,0 +1,1 @@
+"""Outbound network for execution environments (issue #12): policy core + privileged helper."""
