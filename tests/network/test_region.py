@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from cellcloud.network import policy
+from cellcloud.sandbox import runtimes
 from tests.conftest import make_zip
 from tests.integration.conftest import start_region, stop_region
 
@@ -29,6 +30,18 @@ def handler(event, context):
         host = type(e).__name__
     return {"body": body, "host": host}
 '''
+
+
+NODE_CODE = """
+import http from "node:http";
+export const handler = (event) => new Promise((resolve, reject) => {
+  http.get(event.url, (res) => {
+    let body = "";
+    res.on("data", (c) => { body += c; });
+    res.on("end", () => resolve({ body }));
+  }).on("error", reject);
+});
+"""
 
 
 def _prefixes(state_dir: str, agents: list[str]) -> list[str]:
@@ -57,6 +70,16 @@ def test_region_default_egress_and_cleanup(world: World) -> None:
                                              "host": "127.0.0.1", "port": port})
         out = res.json()
         assert out["body"] == world.token, out
+        # A Node.js function with default settings reaches it too (scripts/setup.sh installs
+        # Node; a host without it fails here rather than skipping).
+        majors = runtimes.find_node()
+        assert majors, "no Node.js runtime installed (scripts/setup.sh installs them)"
+        region.client.create_function(
+            "netnode", make_zip({"index.mjs": NODE_CODE}), "index.handler",
+            runtime=f"nodejs{sorted(majors)[0]}.x", timeout_s=20)
+        res = region.client.invoke("netnode", {"url": f"http://{world.addr}:8080/"})
+        assert res.function_error is None, res.payload
+        assert res.json() == {"body": world.token}
         # The router's port on this host: local to the host, so denied (from the
         # environment 127.0.0.1 is its own loopback; the host's world-facing address is not).
         res = region.client.invoke("netfn", {"url": f"http://{world.addr}:8080/",
