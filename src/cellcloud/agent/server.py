@@ -62,6 +62,18 @@ def _host_memory_bytes() -> int:
     return 8 * 2**30
 
 
+def _exited(pid: int) -> bool:
+    """True once the environment's pid 1 has exited, even while its other threads are still
+    tearing down (a killed thread-group leader shows as a zombie before the last thread drops
+    the shared file table, so its end of the channel can look open for a moment)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"Z", b"X")
+
+
 class _EnvChannel(asyncio.Protocol):
     """The agent's end of one environment's channel: frames in, one future at a time.
 
@@ -442,7 +454,8 @@ class Agent:
     async def _invoke(self, body: dict[str, Any]) -> dict[str, Any]:
         env_id = str(body["env_id"])
         rec = self.envs.get(env_id)
-        if rec is not None and not rec.busy and rec.channel.gone():
+        if rec is not None and not rec.busy and (rec.channel.gone()
+                                                 or _exited(rec.spawned.pid)):
             self._forget_gone(env_id)
             rec = None
         if rec is None:
