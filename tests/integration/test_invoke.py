@@ -123,7 +123,9 @@ def test_memory_limit_enforced_then_fresh_environment(region: Region) -> None:
             "        blocks = [bytearray(16 * 1024 * 1024) for _ in range(40)]\n"
             "        return len(blocks)\n"
             "    return 'ok'\n")
-    name = deploy(region, code, memory_mb=128)
+    # 128 MB runs at 0.072 vCPU (the CPU cap): zeroing 640 MB at that share on a busy host
+    # takes seconds, so the timeout is generous; the OOM kill is what is being waited for.
+    name = deploy(region, code, memory_mb=128, timeout_s=120)
     res = region.client.invoke(name, {"hog": True})
     assert res.function_error == "Unhandled"
     err = res.json()
