@@ -306,6 +306,16 @@ class Agent:
         runtime_argv = runtimes.argv_for(runtime, fn["handler"])
         config = {k: fn.get(k) for k in ("name", "handler", "runtime", "memory_mb", "timeout_s",
                                           "ephemeral_mb", "environment", "version")}
+        # The function's network setting (core/vpc.py): "" the agent's policy, "none" no
+        # pooled network namespace at all (an empty one: only loopback).
+        network_setting = str(fn.get("network") or "")
+        if network_setting not in ("", "egress", "none"):
+            raise OpError("InvalidNetwork", f"unknown network setting {network_setting!r}")
+        if network_setting == "egress" and self.network is None:
+            raise OpError("NetworkUnavailable", "the function asks for egress (VpcConfig "
+                          "cellcloud-egress) but this agent runs with --network none")
+        if network_setting:
+            config["network"] = network_setting
         # Re-measure what is about to run; a bundle or layer changed on disk since it was
         # unpacked (and measured) is refused, not run.
         measurements = {
@@ -339,7 +349,8 @@ class Agent:
         cg = cgroups.Cgroup(self.cgroup_group, env_id)
         netns_fd: int | None = None
         try:
-            if self.network is not None and "net_ns" not in spec.disabled_layers:
+            if (self.network is not None and "net_ns" not in spec.disabled_layers
+                    and network_setting != "none"):
                 lease = await asyncio.to_thread(self.network.acquire, env_id)
                 spec.network, netns_fd = lease.info, lease.netns_fd
             spawned = await (self.backend.spawn(spec) if netns_fd is None

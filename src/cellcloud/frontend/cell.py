@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from ..core import errors
+from ..core import errors, vpc
 from ..core.aliases import VERSION, check_alias_name, check_routing, pick_version
 from ..core.bundle import BundleInfo, inspect_zip
 from ..core.errors import LambdaError
@@ -462,6 +462,11 @@ class Cell:
                     f"and {ephemeral_mb_max} MB"
                 )
             changes["ephemeral_mb"] = size
+        if "VpcConfig" in doc:
+            try:
+                changes["network"] = vpc.parse(doc["VpcConfig"])
+            except vpc.VpcError as e:
+                raise errors.invalid(str(e)) from None
         if "Architectures" in doc and doc["Architectures"] not in (None, ["x86_64"]):
             raise errors.invalid("Only the x86_64 architecture is supported on this host")
         if doc.get("PackageType") not in (None, "Zip"):
@@ -1171,6 +1176,7 @@ class Cell:
                 "environment": rec.environment,
                 "ephemeral_mb": rec.ephemeral_mb,
                 "version": rec.version,
+                "network": rec.network,
                 "layers": [layer["sha256"] for layer in rec.layers],
             },
         }
