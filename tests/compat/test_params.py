@@ -98,7 +98,8 @@ _CONFIG: dict[str, Row] = {
     "Layers": Row(ECHO, lambda w, t: [w.layer_arn], _layers_echoed),
     "EphemeralStorage": Row(ECHO, {"Size": 1024}),
     # the function's network setting (core/vpc.py); echoed with VpcId
-    "VpcConfig": Row(ECHO, {"SubnetIds": ["cellcloud-none"], "SecurityGroupIds": [],
+    "VpcConfig": Row(ECHO, {"SubnetIds": ["cellcloud-egress"],
+                            "SecurityGroupIds": ["allow:198.51.99.0/24:443"],
                             "Ipv6AllowedForDualStack": False}),
     "DeadLetterConfig": Row(REFUSE, lambda w, t: {"TargetArn": w.queue_arn}),
     "KMSKeyArn": Row(REFUSE, _ARN_KMS),

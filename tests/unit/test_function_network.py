@@ -8,6 +8,7 @@ import base64
 
 import pytest
 
+from cellcloud.core import vpc
 from cellcloud.core.errors import LambdaError
 from cellcloud.frontend.cell import Cell
 from cellcloud.frontend.store import SqliteFunctionStore, config_doc
@@ -70,3 +71,22 @@ def test_update_changes_the_setting_and_the_placement_key(cell: Cell) -> None:
     # an update that leaves VpcConfig out keeps the setting
     cell.update_configuration(ACCOUNT, "f", {"Timeout": 5})
     assert cell.function(ACCOUNT, "f").network == "none"
+
+
+def test_allow_list_is_stored_and_echoed_and_internal_entries_refused(cell: Cell) -> None:
+    allow = {"SubnetIds": ["cellcloud-egress"],
+             "SecurityGroupIds": ["allow:10.1.2.0/24:5432", "allow:0.0.0.0/0:443"]}
+    out = create(cell, "f", VpcConfig=allow)
+    assert out["VpcConfig"] == {**allow, "VpcId": "cellcloud-egress",
+                                "Ipv6AllowedForDualStack": False}
+    assert cell.function(ACCOUNT, "f").net_allow == ["10.1.2.0/24:5432", "0.0.0.0/0:443"]
+    with open("/proc/net/fib_trie") as f:
+        own = [a for a in vpc.local_addresses(f.read()) if not a.startswith("127.")]
+    for entry in ["allow:100.64.1.0/24:80",  # the pool
+                  "allow:169.254.169.254/32:80", "allow:127.0.0.1/32:80",
+                  *(f"allow:{a}:22" for a in own[:1])]:  # this host's own address
+        doc = {"SubnetIds": ["cellcloud-egress"], "SecurityGroupIds": [entry]}
+        with pytest.raises(LambdaError) as e:
+            cell.update_configuration(ACCOUNT, "f", {"VpcConfig": doc})
+        assert entry in str(e.value) and "region-internal" in str(e.value)
+    assert cell.function(ACCOUNT, "f").net_allow == ["10.1.2.0/24:5432", "0.0.0.0/0:443"]

@@ -314,8 +314,13 @@ class Agent:
         if network_setting == "egress" and self.network is None:
             raise OpError("NetworkUnavailable", "the function asks for egress (VpcConfig "
                           "cellcloud-egress) but this agent runs with --network none")
+        net_allow = [str(a) for a in fn.get("net_allow") or []]
+        if net_allow and network_setting != "egress":
+            raise OpError("InvalidNetwork", "an allow-list needs the egress mode")
         if network_setting:
             config["network"] = network_setting
+        if net_allow:
+            config["net_allow"] = net_allow
         # Re-measure what is about to run; a bundle or layer changed on disk since it was
         # unpacked (and measured) is refused, not run.
         measurements = {
@@ -351,7 +356,7 @@ class Agent:
         try:
             if (self.network is not None and "net_ns" not in spec.disabled_layers
                     and network_setting != "none"):
-                lease = await asyncio.to_thread(self.network.acquire, env_id)
+                lease = await asyncio.to_thread(self.network.acquire, env_id, net_allow)
                 spec.network, netns_fd = lease.info, lease.netns_fd
             spawned = await (self.backend.spawn(spec) if netns_fd is None
                              else self.backend.spawn(spec, netns_fd=netns_fd))

@@ -4,7 +4,8 @@ The rule (issue #23): a parameter is either *honoured* — it takes effect and i
 as AWS echoes it — or *refused* with the operation's validation error, naming the parameter.
 Never stored and ignored, never silently rewritten. A third kind of row, *default-only*, is a
 parameter the region does not support but whose AWS default it does implement (``TracingConfig
-{Mode: PassThrough}``, an empty ``VpcConfig.SecurityGroupIds``): that one value is accepted, any other refused.
+{Mode: PassThrough}``, ``VpcConfig.Ipv6AllowedForDualStack: false``): that one value is
+accepted, any other refused.
 
 Rows are keyed by the botocore member name; a dotted key (``VpcConfig.SubnetIds``) is a member
 of a structure (or a key of a map such as SQS's ``Attributes``). A structure with dotted rows
@@ -75,9 +76,6 @@ def _log_group(v: Any, ctx: Context) -> bool:
 
 
 _NO_VPC = "environments get no IPv6 (only false is accepted)"
-_NO_ALLOW_LIST = ("per-function allow-lists are not enforced yet; a function's network is "
-                  "chosen by VpcConfig.SubnetIds (cellcloud-egress or cellcloud-none), so "
-                  "only an empty list is accepted")
 _ZIP_ONLY = "only .zip code uploaded in the request (ZipFile) is supported"
 _NO_CAPACITY = "Lambda Managed Instances (capacity providers) are not supported"
 
@@ -88,10 +86,11 @@ _CONFIG: dict[str, Param] = {
     "Layers": H,
     "EphemeralStorage": H, "EphemeralStorage.Size": H,
     "VpcConfig": H,
-    # the function's network setting: [] | ["cellcloud-egress"] | ["cellcloud-none"] (core/vpc.py
-    # validates the entries; frontend/cell.py refuses any other, naming it)
+    # the function's network setting (core/vpc.py validates the entries; frontend/cell.py
+    # refuses any other, naming it): SubnetIds [] | ["cellcloud-egress"] | ["cellcloud-none"],
+    # SecurityGroupIds ["allow:<IPv4 CIDR>:<port>", ...]
     "VpcConfig.SubnetIds": H,
-    "VpcConfig.SecurityGroupIds": default_only(_NO_ALLOW_LIST, _equals([])),
+    "VpcConfig.SecurityGroupIds": H,
     "VpcConfig.Ipv6AllowedForDualStack": default_only(_NO_VPC, _equals(False)),
     "DeadLetterConfig": H,
     "DeadLetterConfig.TargetArn": default_only(

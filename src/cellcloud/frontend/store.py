@@ -105,6 +105,8 @@ class FunctionRecord:
     unzipped_size: int = 0
     # the function's network setting (core/vpc.py): "" region default | egress | none
     network: str = ""
+    # its allow-list ("CIDR:port" entries; only with network "egress")
+    net_allow: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -679,7 +681,7 @@ def config_doc(rec: FunctionRecord, region: str, *, qualify_latest: bool = False
         "PackageType": "Zip",
         "Architectures": ["x86_64"],
         "EphemeralStorage": {"Size": rec.ephemeral_mb},
-        "VpcConfig": vpc.echo(rec.network),
+        "VpcConfig": vpc.echo(vpc.Setting(rec.network, tuple(rec.net_allow))),
         "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{rec.name}"},
     }
     if rec.layers:
