@@ -16,7 +16,7 @@ from .conftest import World
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 CODE = '''
-import urllib.request
+import socket, urllib.request
 def handler(event, context):
     lines = open("/proc/net/dev").read().splitlines()[2:]
     ifaces = sorted(line.split(":")[0].strip() for line in lines)
@@ -24,7 +24,14 @@ def handler(event, context):
         fetched = urllib.request.urlopen(event["url"], timeout=10).read().decode()
     except OSError as e:
         fetched = type(e).__name__
-    return {"ifaces": ifaces, "fetched": fetched}
+    other = "none asked"
+    if "other" in event:
+        try:
+            socket.create_connection(tuple(event["other"]), timeout=5).close()
+            other = "reached"
+        except OSError as e:
+            other = type(e).__name__
+    return {"ifaces": ifaces, "fetched": fetched, "other": other}
 '''
 NONE = {"SubnetIds": ["cellcloud-none"], "SecurityGroupIds": []}
 EGRESS = {"SubnetIds": ["cellcloud-egress"]}
@@ -33,13 +40,24 @@ EGRESS = {"SubnetIds": ["cellcloud-egress"]}
 def test_function_network_settings(world: World) -> None:
     d = tempfile.mkdtemp(prefix="cellcloud-netfn-")
     region = start_region(d, "--agents-per-cell", "1")
-    url = {"url": f"http://{world.addr}:8080/"}
+    # the world's DNS over TCP: another port on the same host
+    url = {"url": f"http://{world.addr}:8080/", "other": [world.addr, 53]}
     try:
         zipped = make_zip({"app.py": CODE})
         # the control: a function with the region's default reaches the world
         region.client.create_function("dflt", zipped, "app.handler", timeout_s=30)
         out = region.client.invoke("dflt", url).json()
         assert out["fetched"] == world.token and "eth0" in out["ifaces"], out
+        assert out["other"] == "reached", out
+        # an allow-list for the world's HTTP port: that, and not the other port
+        allow = {"SubnetIds": ["cellcloud-egress"],
+                 "SecurityGroupIds": [f"allow:{world.addr}/32:8080"]}
+        made = region.client.create_function("allowed", zipped, "app.handler", timeout_s=30,
+                                             vpc_config=allow)
+        assert made["VpcConfig"] == {**allow, "VpcId": "cellcloud-egress",
+                                     "Ipv6AllowedForDualStack": False}
+        out = region.client.invoke("allowed", url).json()
+        assert out["fetched"] == world.token and out["other"] != "reached", out
         # a function that says none: only its loopback, in the same region
         made = region.client.create_function("nonet", zipped, "app.handler", timeout_s=30,
                                              vpc_config=NONE)
@@ -55,6 +73,15 @@ def test_function_network_settings(world: World) -> None:
         assert "subnet-0abc" in str(e.value)
         with pytest.raises(CellcloudError):
             region.client.get_function("bad")
+        # so is an allow entry naming region-internal addresses: the pool, the host's own
+        for entry in ("allow:100.64.0.0/24:80", f"allow:{world.host_addr}/32:80",
+                      "allow:169.254.169.254/32:80"):
+            with pytest.raises(CellcloudError) as e:
+                region.client.create_function("bad", zipped, "app.handler", vpc_config={
+                    "SubnetIds": ["cellcloud-egress"], "SecurityGroupIds": [entry]})
+            assert e.value.type == "InvalidParameterValueException" and entry in str(e.value)
+            with pytest.raises(CellcloudError):
+                region.client.get_function("bad")
         # egress -> none: the next cold start has no network; the warm egress env is not reused
         region.client.create_function("flip", zipped, "app.handler", timeout_s=30,
                                       vpc_config=EGRESS)
