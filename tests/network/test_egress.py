@@ -383,8 +383,8 @@ def test_allow_list_is_enforced_per_interface(net: NetSandbox, world: World) -> 
         got = net.invoke(default, {"op": "probe", "targets": targets})
         assert got[f"{world.addr}:8080"] == "ok" and got[other] == "ok", got
         assert got[f"{world.denied_addr}:8080"] != "ok", got
-        assert net.agent.envs[allowed].spec.network["allow"] == [
-            f"{world.addr}/32:8080", f"{world.denied_net}:8080"]
+        mine = next(e for e in net.status()["envs"] if e["env_id"] == allowed)["network"]
+        assert mine["allow"] == [f"{world.addr}/32:8080", f"{world.denied_net}:8080"]
     finally:
         net.destroy(allowed)
         net.destroy(default)

@@ -658,9 +658,12 @@ class Agent:
                 "processes": fp.processes, "max_rss_kb": rec.max_rss_kb,
             })
             if rec.spec.network:
-                envs[-1]["network"] = {"address": rec.spec.network.get("address"),
-                                       "interface": rec.spec.network.get("interface"),
-                                       **net.get("envs", {}).get(env_id, {})}
+                env_net: dict[str, Any] = {"address": rec.spec.network.get("address"),
+                                           "interface": rec.spec.network.get("interface"),
+                                           **net.get("envs", {}).get(env_id, {})}
+                if rec.spec.network.get("allow"):  # the function's allow-list (VpcConfig)
+                    env_net["allow"] = list(rec.spec.network["allow"])
+                envs[-1]["network"] = env_net
         return {
             "agent_id": self.agent_id, "backend": self.backend.name, "pid": os.getpid(),
             "envs_max": self.envs_max, "envs": envs, "counters": dict(self.counters),
