@@ -11,6 +11,8 @@ import tempfile
 
 import pytest
 
+from cellcloud.transport import OpError
+
 from .conftest import (
     NetSandbox,
     World,
@@ -298,6 +300,11 @@ def test_network_none_has_only_loopback(world: World) -> None:
         target = f"{world.addr}:8080"
         assert sb.invoke(env, {"op": "probe", "targets": [target]})[target] != "ok"
         assert "network" not in next(e for e in sb.status()["envs"] if e["env_id"] == env)
+        # a function that asks for egress (VpcConfig cellcloud-egress) is refused here, not
+        # run without the network it asked for
+        with pytest.raises(OpError) as e:
+            sb.create(PROBE, network="egress")
+        assert "--network none" in str(e.value)
     finally:
         sb.close()
         shutil.rmtree(d, ignore_errors=True)
