@@ -144,11 +144,14 @@ class Client:
     def create_function(self, name: str, zip_bytes: bytes, handler: str, *,
                         runtime: str = "python3.11", memory_mb: int = 128, timeout_s: int = 3,
                         environment: dict[str, str] | None = None,
-                        description: str = "") -> dict[str, Any]:
-        doc = {"FunctionName": name, "Runtime": runtime, "Handler": handler,
+                        description: str = "",
+                        vpc_config: dict[str, Any] | None = None) -> dict[str, Any]:
+        doc: dict[str, Any] = {"FunctionName": name, "Runtime": runtime, "Handler": handler,
                "MemorySize": memory_mb, "Timeout": timeout_s, "Description": description,
                "Code": {"ZipFile": base64.b64encode(zip_bytes).decode()},
                "Environment": {"Variables": environment or {}}}
+        if vpc_config is not None:
+            doc["VpcConfig"] = vpc_config
         result: dict[str, Any] = self._json("POST", API, doc)
         return result
 

@@ -69,6 +69,16 @@ def test_agents_on_their_own_hosts(hosts: dict[str, tuple[str, str]]) -> None:
                 "import time\ndef handler(e, c):\n"
                 "    time.sleep(max(0, e['until'] - time.time()))\n"
                 "    return c.log_stream_name\n")}), "app.handler", timeout_s=30)
+            # An agent's host is region-internal: no function's allow-list may name it
+            # (the supervisor tells the frontend, which is on another host).
+            entry = f"allow:{hosts['cell-1-agent-1'][1]}/32:80"
+            try:
+                client.create_function("reach-agent", make_zip({"app.py": ""}), "app.h",
+                                       vpc_config={"SubnetIds": ["cellcloud-egress"],
+                                                   "SecurityGroupIds": [entry]})
+                raise AssertionError("an allow entry naming an agent's host was accepted")
+            except sdk.CellcloudError as e:
+                assert entry in e.message and "region-internal" in e.message, e
             import time as _t
 
             def agents_with_envs() -> set[str]:

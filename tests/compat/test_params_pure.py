@@ -15,7 +15,7 @@ def test_default_only_accepts_exactly_the_default() -> None:
     for body, name in [
         ({"LoggingConfig": {"LogGroup": "/aws/lambda/g"}}, "LoggingConfig.LogGroup"),
         ({"TracingConfig": {"Mode": "Active"}}, "TracingConfig.Mode"),
-        ({"VpcConfig": {"SubnetIds": ["subnet-1"]}}, "VpcConfig.SubnetIds"),
+        ({"VpcConfig": {"Ipv6AllowedForDualStack": True}}, "VpcConfig.Ipv6AllowedForDualStack"),
         ({"DeadLetterConfig": {"TargetArn": "arn:aws:sqs:r:1:q"}}, "DeadLetterConfig.TargetArn"),
         ({"TracingConfig": {"Mode": "PassThrough", "Extra": 1}}, "TracingConfig.Extra"),
         ({"Colour": "red"}, "Colour"),

@@ -190,7 +190,7 @@ class NetSandbox:
     def _run(self, coro: Any, timeout_s: float = 120) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
-    def create(self, code: str, memory_mb: int = 256) -> str:
+    def create(self, code: str, memory_mb: int = 256, **function: Any) -> str:
         data = make_zip({"app.py": code})
         sha = hashlib.sha256(data).hexdigest()
         self.agent._bundle(sha, data)
@@ -199,7 +199,8 @@ class NetSandbox:
             "env_id": env_id, "bundle_sha256": sha,
             "function": {"name": "net", "arn": "arn:aws:lambda:cc-local-1:1:function:net",
                          "handler": "app.handler", "runtime": "python3.11",
-                         "memory_mb": memory_mb, "timeout_s": 30, "ephemeral_mb": 16},
+                         "memory_mb": memory_mb, "timeout_s": 30, "ephemeral_mb": 16,
+                         **function},
             "create_timeout_ms": 60_000,
         }))
         return env_id

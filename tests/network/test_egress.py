@@ -11,6 +11,8 @@ import tempfile
 
 import pytest
 
+from cellcloud.transport import OpError
+
 from .conftest import (
     NetSandbox,
     World,
@@ -298,6 +300,11 @@ def test_network_none_has_only_loopback(world: World) -> None:
         target = f"{world.addr}:8080"
         assert sb.invoke(env, {"op": "probe", "targets": [target]})[target] != "ok"
         assert "network" not in next(e for e in sb.status()["envs"] if e["env_id"] == env)
+        # a function that asks for egress (VpcConfig cellcloud-egress) is refused here, not
+        # run without the network it asked for
+        with pytest.raises(OpError) as e:
+            sb.create(PROBE, network="egress")
+        assert "--network none" in str(e.value)
     finally:
         sb.close()
         shutil.rmtree(d, ignore_errors=True)
@@ -359,3 +366,41 @@ def test_local_names_resolve_from_hosts_without_dns(net: NetSandbox, world: Worl
     assert net.invoke(env, {"op": "resolve", "name": "upstream.test"}) == world.addr
     assert queries() > before  # while other names still go to the forwarder
     net.destroy(env)
+
+
+def test_allow_list_is_enforced_per_interface(net: NetSandbox, world: World) -> None:
+    """A function's allow-list (VpcConfig allow entries, issue #12): its environment reaches
+    only the listed destination:port pairs (and the resolver), while a default environment
+    of the same agent reaches the same host's other port; the denied ranges win over an
+    entry that names them."""
+    allowed = net.create(PROBE, network="egress",
+                         net_allow=[f"{world.addr}/32:8080", f"{world.denied_net}:8080"])
+    default = net.create(PROBE)
+    try:
+        other = f"{world.addr}:53"  # the world's DNS over TCP: another port, same host
+        targets = [f"{world.addr}:8080", other, f"{world.denied_addr}:8080"]
+        got = net.invoke(allowed, {"op": "probe", "targets": targets})
+        assert got[f"{world.addr}:8080"] == "ok", got
+        assert got[other] != "ok", got  # not listed
+        assert got[f"{world.denied_addr}:8080"] != "ok", got  # listed, but denied wins
+        # the resolver is still there: by name, to the listed port
+        assert net.invoke(allowed, {"op": "http", "url": "http://upstream.test:8080/"}) \
+            == world.token
+        # negative control: the default environment reaches the other port
+        got = net.invoke(default, {"op": "probe", "targets": targets})
+        assert got[f"{world.addr}:8080"] == "ok" and got[other] == "ok", got
+        assert got[f"{world.denied_addr}:8080"] != "ok", got
+        mine = next(e for e in net.status()["envs"] if e["env_id"] == allowed)["network"]
+        assert mine["allow"] == [f"{world.addr}/32:8080", f"{world.denied_net}:8080"]
+    finally:
+        net.destroy(allowed)
+        net.destroy(default)
+
+
+def test_function_network_none_joins_no_pooled_namespace(net: NetSandbox, world: World) -> None:
+    env = net.create(PROBE, network="none")
+    try:
+        assert not net.agent.envs[env].spec.network
+        assert net.invoke(env, {"op": "ifaces"}) == ["lo"]
+    finally:
+        net.destroy(env)

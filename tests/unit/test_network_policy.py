@@ -106,6 +106,34 @@ def test_slot_rules_are_keyed_by_interface_and_address() -> None:
     assert "ct count over 11" in again and "element" not in again
 
 
+def test_slot_allow_is_keyed_by_the_slots_chain() -> None:
+    p = plan()
+    rules = P.slot_allow(p, 0x2A, (("10.1.2.0/24", 5432), ("0.0.0.0/0", 443),
+                                   ("10.1.2.0/24", 5432)))
+    lines = rules.splitlines()
+    assert lines == [
+        "add rule inet cellcloud_cc0a1b2c env_2a ip daddr 10.1.2.0/24 "
+        "meta l4proto { tcp, udp } th dport 5432 return",
+        "add rule inet cellcloud_cc0a1b2c env_2a ip daddr 0.0.0.0/0 "
+        "meta l4proto { tcp, udp } th dport 443 return",
+        f"add rule inet cellcloud_cc0a1b2c env_2a {P.REJECT}",
+    ]
+    # a listed pair returns to from_env, whose always-denied checks follow the jump to the
+    # slot's chain: they win over any allow entry
+    ruleset = P.ruleset(p)
+    from_env = ruleset[ruleset.index("chain from_env"):]
+    assert from_env.index("vmap @env_tx") < from_env.index("fib daddr type local") \
+        < from_env.index("@denied4")
+    # release rebuilds the chain without the allow-list
+    assert "dport" not in P.slot_refresh(p, 0x2A)
+    for bad in ((("10.1.2.0/24", 0),), (("10.1.2.0/33", 80),), (("::/0", 80),), ()):
+        with pytest.raises(P.PolicyError):
+            P.slot_allow(p, 0x2A, bad)
+    assert P.parse_allow("10.1.2.0/24:5432") == ("10.1.2.0/24", 5432)
+    with pytest.raises(P.PolicyError):
+        P.parse_allow("10.1.2.0/24")
+
+
 def test_parse_counters() -> None:
     doc = {"nftables": [
         {"metainfo": {}},
@@ -137,7 +165,9 @@ def test_nft_accepts_the_scripts() -> None:
 
     try:
         nft(P.ruleset(p) + P.slot_rules(p, 2) + P.slot_rules(p, 3))
+        nft(P.slot_allow(p, 3, (("10.1.2.0/24", 5432), ("0.0.0.0/0", 443))))
         nft(P.slot_refresh(p, 2))  # a reset needs the counters to exist already
+        nft(P.slot_refresh(p, 3))
         nft(P.ruleset(p))  # replacing the tables works whether or not they exist
     finally:
         nft(P.teardown(p))

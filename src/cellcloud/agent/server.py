@@ -318,6 +318,21 @@ class Agent:
         runtime_argv = runtimes.argv_for(runtime, fn["handler"])
         config = {k: fn.get(k) for k in ("name", "handler", "runtime", "memory_mb", "timeout_s",
                                           "ephemeral_mb", "environment", "version")}
+        # The function's network setting (core/vpc.py): "" the agent's policy, "none" no
+        # pooled network namespace at all (an empty one: only loopback).
+        network_setting = str(fn.get("network") or "")
+        if network_setting not in ("", "egress", "none"):
+            raise OpError("InvalidNetwork", f"unknown network setting {network_setting!r}")
+        if network_setting == "egress" and self.network is None:
+            raise OpError("NetworkUnavailable", "the function asks for egress (VpcConfig "
+                          "cellcloud-egress) but this agent runs with --network none")
+        net_allow = [str(a) for a in fn.get("net_allow") or []]
+        if net_allow and network_setting != "egress":
+            raise OpError("InvalidNetwork", "an allow-list needs the egress mode")
+        if network_setting:
+            config["network"] = network_setting
+        if net_allow:
+            config["net_allow"] = net_allow
         # Re-measure what is about to run; a bundle or layer changed on disk since it was
         # unpacked (and measured) is refused, not run.
         measurements = {
@@ -351,8 +366,9 @@ class Agent:
         cg = cgroups.Cgroup(self.cgroup_group, env_id)
         netns_fd: int | None = None
         try:
-            if self.network is not None and "net_ns" not in spec.disabled_layers:
-                lease = await asyncio.to_thread(self.network.acquire, env_id)
+            if (self.network is not None and "net_ns" not in spec.disabled_layers
+                    and network_setting != "none"):
+                lease = await asyncio.to_thread(self.network.acquire, env_id, net_allow)
                 spec.network, netns_fd = lease.info, lease.netns_fd
             spawned = await (self.backend.spawn(spec) if netns_fd is None
                              else self.backend.spawn(spec, netns_fd=netns_fd))
@@ -655,9 +671,12 @@ class Agent:
                 "processes": fp.processes, "max_rss_kb": rec.max_rss_kb,
             })
             if rec.spec.network:
-                envs[-1]["network"] = {"address": rec.spec.network.get("address"),
-                                       "interface": rec.spec.network.get("interface"),
-                                       **net.get("envs", {}).get(env_id, {})}
+                env_net: dict[str, Any] = {"address": rec.spec.network.get("address"),
+                                           "interface": rec.spec.network.get("interface"),
+                                           **net.get("envs", {}).get(env_id, {})}
+                if rec.spec.network.get("allow"):  # the function's allow-list (VpcConfig)
+                    env_net["allow"] = list(rec.spec.network["allow"])
+                envs[-1]["network"] = env_net
         return {
             "agent_id": self.agent_id, "backend": self.backend.name, "pid": os.getpid(),
             "envs_max": self.envs_max, "envs": envs, "counters": dict(self.counters),

@@ -4,7 +4,8 @@ The rule (issue #23): a parameter is either *honoured* — it takes effect and i
 as AWS echoes it — or *refused* with the operation's validation error, naming the parameter.
 Never stored and ignored, never silently rewritten. A third kind of row, *default-only*, is a
 parameter the region does not support but whose AWS default it does implement (``TracingConfig
-{Mode: PassThrough}``, an empty ``VpcConfig``): that one value is accepted, any other refused.
+{Mode: PassThrough}``, ``VpcConfig.Ipv6AllowedForDualStack: false``): that one value is
+accepted, any other refused.
 
 Rows are keyed by the botocore member name; a dotted key (``VpcConfig.SubnetIds``) is a member
 of a structure (or a key of a map such as SQS's ``Attributes``). A structure with dotted rows
@@ -74,7 +75,7 @@ def _log_group(v: Any, ctx: Context) -> bool:
     return bool(v == f"/aws/lambda/{ctx.get('function_name', '')}")
 
 
-_NO_VPC = "functions run without a VPC (only an empty list is accepted)"
+_NO_VPC = "environments get no IPv6 (only false is accepted)"
 _ZIP_ONLY = "only .zip code uploaded in the request (ZipFile) is supported"
 _NO_CAPACITY = "Lambda Managed Instances (capacity providers) are not supported"
 
@@ -85,8 +86,11 @@ _CONFIG: dict[str, Param] = {
     "Layers": H,
     "EphemeralStorage": H, "EphemeralStorage.Size": H,
     "VpcConfig": H,
-    "VpcConfig.SubnetIds": default_only(_NO_VPC, _equals([])),
-    "VpcConfig.SecurityGroupIds": default_only(_NO_VPC, _equals([])),
+    # the function's network setting (core/vpc.py validates the entries; frontend/cell.py
+    # refuses any other, naming it): SubnetIds [] | ["cellcloud-egress"] | ["cellcloud-none"],
+    # SecurityGroupIds ["allow:<IPv4 CIDR>:<port>", ...]
+    "VpcConfig.SubnetIds": H,
+    "VpcConfig.SecurityGroupIds": H,
     "VpcConfig.Ipv6AllowedForDualStack": default_only(_NO_VPC, _equals(False)),
     "DeadLetterConfig": H,
     "DeadLetterConfig.TargetArn": default_only(

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from ..core import errors
+from ..core import errors, vpc
 from ..core.aliases import VERSION, check_alias_name, check_routing, pick_version
 from ..core.bundle import BundleInfo, inspect_zip
 from ..core.errors import LambdaError
@@ -30,6 +30,7 @@ from ..core.placement import Create, Placement, Throttle, Use
 from ..core.poison import PoisonDetector, PoisonParams
 from ..core.sharding import PlainSharder, SignatureSharder, Worker, retry_order
 from ..core.validation import check_env, check_handler, check_memory, check_name, check_timeout
+from ..network import policy as net_policy
 from ..transport import Client, RemoteError, TransportError
 from .events import RESERVED_ZERO_HEADER, Intake
 from .store import (
@@ -203,8 +204,12 @@ class Cell:
         sharding: str = "signature",
         shard_size: int = 2,
         poison: PoisonParams | None = None,
+        net_internal: tuple[str, ...] = (net_policy.DEFAULT_POOL,),
     ) -> None:
         self.cell_id = cell_id
+        # Region-internal IPv4 ranges besides the always-denied set and this host's own
+        # addresses (the environments' pool, other hosts' agents): no allow entry inside them.
+        self.net_internal = net_internal
         self.store = store
         self.region = region
         self.limits = limits
@@ -427,6 +432,14 @@ class Cell:
                 f"{self.limits.unzipped_bytes_max} bytes. The actual size is {total} bytes."
             )
 
+    def _net_internal(self) -> list[str]:
+        try:
+            with open("/proc/net/fib_trie") as f:
+                local = vpc.local_addresses(f.read())
+        except OSError:
+            local = []
+        return [*net_policy.ALWAYS_DENIED_V4, *self.net_internal, *local]
+
     def _config_changes(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
         """Validated FunctionRecord fields for the configuration keys present in ``doc``."""
         changes: dict[str, Any] = {}
@@ -462,6 +475,12 @@ class Cell:
                     f"and {ephemeral_mb_max} MB"
                 )
             changes["ephemeral_mb"] = size
+        if "VpcConfig" in doc:
+            try:
+                setting = vpc.parse(doc["VpcConfig"], self._net_internal())
+            except vpc.VpcError as e:
+                raise errors.invalid(str(e)) from None
+            changes["network"], changes["net_allow"] = setting.mode, list(setting.allow)
         if "Architectures" in doc and doc["Architectures"] not in (None, ["x86_64"]):
             raise errors.invalid("Only the x86_64 architecture is supported on this host")
         if doc.get("PackageType") not in (None, "Zip"):
@@ -1171,6 +1190,8 @@ class Cell:
                 "environment": rec.environment,
                 "ephemeral_mb": rec.ephemeral_mb,
                 "version": rec.version,
+                "network": rec.network,
+                "net_allow": list(rec.net_allow),
                 "layers": [layer["sha256"] for layer in rec.layers],
             },
         }

@@ -12,6 +12,7 @@ from typing import Any
 from .. import runtime
 from ..core.limits import DEFAULT_LIMITS
 from ..core.poison import PoisonParams
+from ..network import policy as net_policy
 from ..queues.api import QueueApi
 from ..queues.store import QueueStore
 from ..registry.api import RegistryApi
@@ -40,7 +41,9 @@ async def serve(args: argparse.Namespace) -> None:
                 poison=(PoisonParams(killed_workers_max=args.poison_killed_workers_max)
                         if args.poison_killed_workers_max
                         else PoisonParams.for_shard(args.shard_size)),
-                envs_per_agent_max=args.envs_per_agent_max)
+                envs_per_agent_max=args.envs_per_agent_max,
+                # the default pool too, whatever the region's (refusing it costs nothing)
+                net_internal=(net_policy.DEFAULT_POOL, *args.net_internal))
     # The durable async intake and the cell's queues (SQS API); the dispatcher process reads
     # the same events file. CELLCLOUD_PLANT_BUG=ack-before-write plants the chaos test's bug.
     cell.invokes_inflight_max = args.invokes_inflight_max
@@ -118,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--agent", action="append", default=[], help="AGENT_ID=HOST:PORT")
     p.add_argument("--region", default="cc-local-1")
+    p.add_argument("--net-internal", action="append", default=[],
+                   help="a region-internal IPv4 CIDR no function's allow-list may name (the "
+                        "environments' pool; other hosts' addresses); repeatable")
     p.add_argument("--sharding", choices=("signature", "plain"), default="signature")
     p.add_argument("--shard-size", type=int, default=2, help="k: agents in a function's shard")
     p.add_argument("--poison-killed-workers-max", type=int, default=0,

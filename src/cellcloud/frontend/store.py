@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from ..core import vpc
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
 
@@ -102,6 +103,10 @@ class FunctionRecord:
     version: str = "$LATEST"  # or a published version's number
     layers: list[dict[str, Any]] = field(default_factory=list)  # {arn, sha256, code_size, unzipped}
     unzipped_size: int = 0
+    # the function's network setting (core/vpc.py): "" region default | egress | none
+    network: str = ""
+    # its allow-list ("CIDR:port" entries; only with network "egress")
+    net_allow: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -676,6 +681,7 @@ def config_doc(rec: FunctionRecord, region: str, *, qualify_latest: bool = False
         "PackageType": "Zip",
         "Architectures": ["x86_64"],
         "EphemeralStorage": {"Size": rec.ephemeral_mb},
+        "VpcConfig": vpc.echo(vpc.Setting(rec.network, tuple(rec.net_allow))),
         "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{rec.name}"},
     }
     if rec.layers:

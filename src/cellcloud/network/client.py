@@ -108,8 +108,13 @@ class NetHelperClient:
             raise RuntimeError(str(doc["error"]))
         return doc, fds
 
-    def acquire(self, env_id: str) -> Lease:
-        doc, fds = self._call({"op": "acquire", "env_id": env_id})
+    def acquire(self, env_id: str, allow: list[str] | None = None) -> Lease:
+        """A wired namespace for ``env_id``; ``allow`` ("CIDR:port" entries): its interface may
+        reach only those (plus the resolver), still minus everything the policy denies."""
+        msg: dict[str, Any] = {"op": "acquire", "env_id": env_id}
+        if allow:
+            msg["allow"] = list(allow)
+        doc, fds = self._call(msg)
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)

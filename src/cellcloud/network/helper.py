@@ -400,9 +400,11 @@ class Helper:
             nft(P.slot_refresh(self.plan, slot))
         self.free.append(slot)  # at the end: an address is reused as late as possible
 
-    def acquire(self, env_id: str) -> tuple[int, int]:
+    def acquire(self, env_id: str, allow: tuple[tuple[str, int], ...] = ()) -> tuple[int, int]:
         """Returns the slot and its namespace's fd, which the caller sends and closes: from
-        then on only the environment holds the namespace."""
+        then on only the environment holds the namespace. ``allow``: the environment's
+        allow-list, added to its slot's chain (a released slot's chain is rebuilt without it)."""
+        allow = P.check_allow(allow)
         if env_id in self.leased:
             raise RuntimeError(f"{env_id} already has a network")
         if self.ready:
@@ -411,8 +413,16 @@ class Helper:
             slot = self.make_slot()
             self.counters["made_on_demand"] += 1
         self.leased[env_id] = slot
+        fd = self.netns_fds.pop(slot)
+        if allow:
+            try:
+                nft(P.slot_allow(self.plan, slot, allow))
+            except BaseException:
+                os.close(fd)
+                self.release(env_id)
+                raise
         self.counters["acquired"] += 1
-        return slot, self.netns_fds.pop(slot)
+        return slot, fd
 
     def release(self, env_id: str) -> None:
         slot = self.leased.pop(env_id, None)
@@ -442,8 +452,12 @@ class Helper:
     def handle(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         op = msg.get("op")
         if op == "acquire":
-            slot, fd = self.acquire(str(msg["env_id"]))
-            return {"slot": slot, "info": self.plan.env_info(slot)}, [fd]
+            allow = tuple(P.parse_allow(str(a)) for a in msg.get("allow") or ())
+            slot, fd = self.acquire(str(msg["env_id"]), allow)
+            info = self.plan.env_info(slot)
+            if allow:
+                info["allow"] = [f"{c}:{port}" for c, port in allow]
+            return {"slot": slot, "info": info}, [fd]
         if op == "release":
             self.release(str(msg["env_id"]))
             return {}, []

@@ -300,6 +300,43 @@ def slot_rules(plan: Plan, slot: int) -> str:
     ]) + "\n"
 
 
+def parse_allow(entry: str) -> tuple[str, int]:
+    """An allow entry "CIDR:port" as (CIDR, port)."""
+    cidr, sep, port = entry.rpartition(":")
+    if not sep or not port.isdigit():
+        raise PolicyError(f"allow entry {entry!r}: CIDR:port")
+    return cidr, int(port)
+
+
+def check_allow(allow: tuple[tuple[str, int], ...] | list[tuple[str, int]]
+                ) -> tuple[tuple[str, int], ...]:
+    """Canonical (IPv4 network, port) pairs, or PolicyError."""
+    out = []
+    for cidr, port in allow:
+        if not 1 <= int(port) <= 65535:
+            raise PolicyError(f"allow entry {cidr}:{port}: port 1-65535")
+        out.append((str(_v4net(cidr)), int(port)))
+    return tuple(dict.fromkeys(out))
+
+
+def slot_allow(plan: Plan, slot: int, allow: tuple[tuple[str, int], ...]) -> str:
+    """Restrict an acquired slot to its environment's allow-list: appended to the slot's own
+    chain (which ``from_env`` jumps to first), a listed destination and TCP/UDP port returns
+    to ``from_env`` (where the always-denied set, the pool and the region's ranges are still
+    rejected: they win over any entry), anything else is rejected here. The resolver is not
+    forwarded traffic (the input chain serves it), so DNS still works. ``slot_refresh`` (on
+    release) rebuilds the chain without these rules."""
+    t, c = plan.table, _chain(slot)
+    allow = check_allow(allow)
+    if not allow:
+        raise PolicyError("an empty allow-list: use the none mode instead")
+    return "\n".join([
+        *(f"add rule inet {t} {c} ip daddr {cidr} meta l4proto {{ tcp, udp }} "
+          f"th dport {port} return" for cidr, port in allow),
+        f"add rule inet {t} {c} {REJECT}",
+    ]) + "\n"
+
+
 def slot_refresh(plan: Plan, slot: int) -> str:
     """Make an admitted slot as new for its next environment: counters at zero and fresh
     rules, so the rate limit's bucket and the tracked-connection count (which would still hold

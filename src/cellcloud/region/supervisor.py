@@ -290,6 +290,9 @@ class Supervisor:
                 "--cell-id", cell_id, "--region", self.region,
                 "--state-dir", os.path.join(self.state_dir, "cells", cell_id, "frontend"),
                 "--envs-per-agent-max", str(self.envs_per_agent_max), *agent_args,
+                # agents on hosts of their own: no function's allow-list may name them
+                *[arg for _ns, addr in self.agent_hosts.values()
+                  for arg in ("--net-internal", f"{addr}/32")],
                 *self._extra(f"{cell_id}-frontend", "frontend"),
             ], f"{self.host}:0")
             await self._launch(fe)
