@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import fcntl
 import ipaddress
 import json
@@ -502,7 +503,9 @@ class Helper:
             if isinstance(msg, dict) and msg.get("op") == "shutdown":
                 self.teardown()  # answered once everything is gone; then this process ends
                 self.torn_down = True
-                ctl.sendall(msgpack.packb({}, use_bin_type=True))
+                # The agent may have stopped waiting for the answer (it is exiting): fine.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    ctl.sendall(msgpack.packb({}, use_bin_type=True))
                 return
             try:
                 reply, send_fds = self.handle(msg)
