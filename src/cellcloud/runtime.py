@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 
@@ -110,3 +110,23 @@ def setup_logging(component: str) -> None:
         format=f"%(asctime)s {component}[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+async def read_asgi_body(receive: Callable[[], Awaitable[dict[str, Any]]], body_max: int,
+                         too_large: Callable[[], Exception],
+                         gone: Callable[[], Exception]) -> bytes:
+    """An ASGI request body, refused (``too_large()``) the moment it passes ``body_max`` while
+    it streams, so an oversize body is never held whole; ``gone()`` if the client went away."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise gone()
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > body_max:
+            raise too_large()
+        chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(chunks)

@@ -55,20 +55,28 @@ uid_range_count = 1_000  # regions on one host at a time
 uids_per_agent = 10_000  # > envs_per_agent_max, the slots an agent may use at once
 
 
+def try_lock(path: str) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created 0600), held through the returned fd for as
+    long as it stays open (the kernel drops it when the process dies); None if another holds
+    it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        return None
+    return fd
+
+
 def claim_uid_range(directory: str = uid_ranges_dir) -> tuple[int, int]:
     """The first free range on this host: (base uid, lock fd held until the process exits)."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     for k in range(uid_range_count):
-        fd = os.open(os.path.join(directory, f"{k}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            continue
-        return uid_range_base + k * uid_range_size, fd
+        fd = try_lock(os.path.join(directory, f"{k}.lock"))
+        if fd is not None:
+            return uid_range_base + k * uid_range_size, fd
     raise RuntimeError(f"all {uid_range_count} environment uid ranges of this host are in use")
 
 
@@ -230,16 +238,11 @@ class Supervisor:
         """Take the state directory's lock for this process's life, or raise RegionRunning."""
         if self._lock_fd is not None:
             return
-        fd = os.open(lock_path(self.state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
+        fd = try_lock(lock_path(self.state_dir))
+        if fd is None:
             raise RegionRunning(
                 f"a region is already running from {self.state_dir} (supervisor pid "
-                f"{lock_holder(self.state_dir)}); stop it with `cellcloud down`") from None
+                f"{lock_holder(self.state_dir)}); stop it with `cellcloud down`")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
+from .. import runtime
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..transport import CallTimeout, RemoteError, TransportError
 from . import core
@@ -316,18 +317,11 @@ async def _drain(receive: Receive, state: dict[str, Any]) -> None:
 
 
 async def _read_body(receive: Receive, body_max: int, route: core.V2Route) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise RegistryError(400, "UNKNOWN", "the client went away")
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > body_max:
-            if route.kind == "manifest":
-                raise core.manifest_invalid(f"manifest over {body_max} bytes", 413)
-            raise RegistryError(413, "SIZE_INVALID", f"request body over {body_max} bytes")
-        chunks.append(chunk)
-        if not msg.get("more_body", False):
-            return b"".join(chunks)
+    def too_large() -> Exception:
+        if route.kind == "manifest":
+            return core.manifest_invalid(f"manifest over {body_max} bytes", 413)
+        return RegistryError(413, "SIZE_INVALID", f"request body over {body_max} bytes")
+
+    return await runtime.read_asgi_body(
+        receive, body_max, too_large,
+        lambda: RegistryError(400, "UNKNOWN", "the client went away"))

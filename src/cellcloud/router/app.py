@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import runtime
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
@@ -420,16 +421,6 @@ def _too_large(body_max: int, is_invoke: bool) -> LambdaError:
 
 
 async def _read_body(receive: Receive, body_max: int, is_invoke: bool) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise LambdaError(400, "ClientDisconnected", "the client went away")
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > body_max:
-            raise _too_large(body_max, is_invoke)
-        chunks.append(chunk)
-        if not msg.get("more_body", False):
-            return b"".join(chunks)
+    return await runtime.read_asgi_body(
+        receive, body_max, lambda: _too_large(body_max, is_invoke),
+        lambda: LambdaError(400, "ClientDisconnected", "the client went away"))
