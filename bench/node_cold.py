@@ -26,15 +26,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
+from bench.common.results import run_recorded
 from bench.sandbox import (
     COLD_HANDLER,
     SAMPLE_GAP_S,
@@ -139,25 +137,13 @@ def main() -> None:
         sys.exit("bench.node_cold needs root (namespaces, cgroups, mounts)")
     res: dict[str, Any] = {"machine": machine(), "argv": sys.argv[1:],
                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    work = tempfile.mkdtemp(prefix="cellcloud-bench-node-")
-    os.chmod(work, 0o755)  # environments (other uids) traverse to their bundles
-    t = time.monotonic()
-    try:
-        asyncio.run(run(args, work, res))
-    finally:
-        res["wall_s"] = time.monotonic() - t
-        shutil.rmtree(work, ignore_errors=True)
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, f"node-cold-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        m = res["machine"]
-        print(f"machine: {m['nproc']} x {m['cpu_model']}, {m['mem_total_gib']:.1f} GiB, kernel "
-              f"{m['kernel']}, load at start {' '.join(m['loadavg_at_start'])}")
-        for line in report(res):
-            print(line)
-        print(f"wall {res['wall_s']:.1f} s; JSON: {path}")
+    path = run_recorded("node-cold", res, lambda work: run(args, work, res))
+    m = res["machine"]
+    print(f"machine: {m['nproc']} x {m['cpu_model']}, {m['mem_total_gib']:.1f} GiB, kernel "
+          f"{m['kernel']}, load at start {' '.join(m['loadavg_at_start'])}")
+    for line in report(res):
+        print(line)
+    print(f"wall {res['wall_s']:.1f} s; JSON: {path}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import zipfile
 from typing import Any
 
 from bench.common.proc import cpu_s, system_busy_s
+from bench.common.results import run_recorded
 from cellcloud.agent.server import Agent
 from cellcloud.core.limits import DEFAULT_LIMITS
 from cellcloud.sandbox import cgroups
@@ -798,28 +799,16 @@ def main() -> None:
     only = set(args.only.split(","))
     res: dict[str, Any] = {"machine": machine(), "quick": args.quick, "argv": sys.argv[1:],
                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    work = tempfile.mkdtemp(prefix="cellcloud-bench-sandbox-")
-    os.chmod(work, 0o755)  # environments (other uids) traverse to their bundles
-    t = time.monotonic()
-    try:
-        asyncio.run(run_async(args, only, work, res))
-    finally:
-        res["wall_s"] = time.monotonic() - t
-        shutil.rmtree(work, ignore_errors=True)
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, f"sandbox-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        m = res["machine"]
-        print(f"machine: {m['nproc']} x {m['cpu_model']}, kernel {m['kernel']}, Python "
-              f"{m['python']}, load at start {' '.join(m['loadavg_at_start'])}")
-        print("functions: 128 MB unless a line says otherwise (CPU capped at 128/"
-              f"{DEFAULT_LIMITS.memory_mb_per_vcpu} vCPU after init; init gets >= "
-              f"{DEFAULT_LIMITS.env_init_vcpu_min} vCPU)")
-        for line in report(res):
-            print(line)
-        print(f"wall {res['wall_s']:.1f} s; JSON: {path}")
+    path = run_recorded("sandbox", res, lambda work: run_async(args, only, work, res))
+    m = res["machine"]
+    print(f"machine: {m['nproc']} x {m['cpu_model']}, kernel {m['kernel']}, Python "
+          f"{m['python']}, load at start {' '.join(m['loadavg_at_start'])}")
+    print("functions: 128 MB unless a line says otherwise (CPU capped at 128/"
+          f"{DEFAULT_LIMITS.memory_mb_per_vcpu} vCPU after init; init gets >= "
+          f"{DEFAULT_LIMITS.env_init_vcpu_min} vCPU)")
+    for line in report(res):
+        print(line)
+    print(f"wall {res['wall_s']:.1f} s; JSON: {path}")
 
 
 if __name__ == "__main__":

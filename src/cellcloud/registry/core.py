@@ -310,6 +310,15 @@ def _descriptor(doc: Any, where: str) -> Descriptor:
     return Descriptor(mt, digest, size, ann)
 
 
+def _descriptors(raw: list[Any], where: str, allowed: Any) -> tuple[Descriptor, ...]:
+    """A list of descriptors, each of a media type in ``allowed``."""
+    descs = tuple(_descriptor(x, f"{where}[{i}]") for i, x in enumerate(raw))
+    for d in descs:
+        if d.media_type not in allowed:
+            raise manifest_invalid(f"{where}: unknown media type {d.media_type[:200]!r}")
+    return descs
+
+
 def parse_manifest(body: bytes, content_type: str | None,
                    limits: Limits = DEFAULT_LIMITS) -> Manifest:
     """Validate a pushed manifest or index; its digest is the sha256 of the bytes as sent."""
@@ -347,10 +356,7 @@ def parse_manifest(body: bytes, content_type: str | None,
         children = doc.get("manifests")
         if not isinstance(children, list):
             raise manifest_invalid("an index needs a manifests list")
-        descs = tuple(_descriptor(c, f"manifests[{i}]") for i, c in enumerate(children))
-        for d in descs:
-            if d.media_type not in MANIFEST_TYPES:
-                raise manifest_invalid(f"manifests: unknown media type {d.media_type[:200]!r}")
+        descs = _descriptors(children, "manifests", MANIFEST_TYPES)
         return Manifest(media_type, digest, len(body), None, (), descs)
     config = _descriptor(doc.get("config"), "config")
     if config.media_type not in CONFIG_TYPES:
@@ -358,10 +364,7 @@ def parse_manifest(body: bytes, content_type: str | None,
     raw_layers = doc.get("layers")
     if not isinstance(raw_layers, list):
         raise manifest_invalid("an image manifest needs a layers list")
-    layers = tuple(_descriptor(x, f"layers[{i}]") for i, x in enumerate(raw_layers))
-    for d in layers:
-        if d.media_type not in LAYER_TYPES:
-            raise manifest_invalid(f"layers: unknown media type {d.media_type[:200]!r}")
+    layers = _descriptors(raw_layers, "layers", LAYER_TYPES)
     m = Manifest(media_type, digest, len(body), config, layers, ())
     if m.declared_bytes() > limits.registry_image_bytes_max:
         raise manifest_invalid(
