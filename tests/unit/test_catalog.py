@@ -64,7 +64,8 @@ class Envs:
 def create(catalog: Catalog | Cell, name: str = "f", tag: str = "a") -> dict[str, Any]:
     target = catalog.catalog if isinstance(catalog, Cell) else catalog
     return target.create_function(ACCOUNT, {"FunctionName": name, "Runtime": "python3.11",
-                                            "Handler": "app.handler", "Code": {"ZipFile": code(tag)}})
+                                            "Handler": "app.handler",
+                                            "Code": {"ZipFile": code(tag)}})
 
 
 def test_the_cell_passes_its_clock_to_the_catalog(tmp_path: Any) -> None:

@@ -64,7 +64,8 @@ def test_update_changes_the_setting_and_the_placement_key(cell: Cell) -> None:
     create(cell, "f", VpcConfig={"SubnetIds": ["cellcloud-egress"]})
     before = cell.catalog.function(ACCOUNT, "f")
     assert before.network == "egress"
-    out = cell.catalog.update_configuration(ACCOUNT, "f", {"VpcConfig": {"SubnetIds": ["cellcloud-none"]}})
+    out = cell.catalog.update_configuration(
+        ACCOUNT, "f", {"VpcConfig": {"SubnetIds": ["cellcloud-none"]}})
     assert out["VpcConfig"]["VpcId"] == "cellcloud-none"
     after = cell.catalog.function(ACCOUNT, "f")
     assert after.network == "none" and after.key != before.key

@@ -73,7 +73,8 @@ def test_refused_create_leaves_no_bundle(tmp_path: str) -> None:
     # Refused after the zip was decoded: code and layer together are over the unzipped limit.
     cell = Cell("cell-t", SqliteFunctionStore(str(tmp_path)), {},
                 limits=Limits(unzipped_bytes_max=60))
-    doc = cell.catalog.publish_layer_version(ACCOUNT, "lib", {"Content": {"ZipFile": code("layer")}})
+    doc = cell.catalog.publish_layer_version(ACCOUNT, "lib",
+                                             {"Content": {"ZipFile": code("layer")}})
     before = bundle_files(cell.store)
     with pytest.raises(LambdaError) as e:
         create(cell, "g", "c", Layers=[doc["LayerVersionArn"]])
@@ -82,7 +83,8 @@ def test_refused_create_leaves_no_bundle(tmp_path: str) -> None:
 
 
 def test_layer_bundle_held_by_layer_versions_and_functions(cell: Cell) -> None:
-    doc = cell.catalog.publish_layer_version(ACCOUNT, "lib", {"Content": {"ZipFile": code("layer")}})
+    doc = cell.catalog.publish_layer_version(ACCOUNT, "lib",
+                                             {"Content": {"ZipFile": code("layer")}})
     create(cell, "f", "a", Layers=[doc["LayerVersionArn"]])
     assert len(bundle_files(cell.store)) == 2
     cell.catalog.delete_layer_version(ACCOUNT, "lib", 1)

@@ -132,9 +132,6 @@ class Cell:
     def function(self, account: str, name: str) -> FunctionRecord:
         return self.catalog.function(account, name)
 
-    def version(self, account: str, name: str, version: str) -> FunctionRecord:
-        return self.catalog.version(account, name, version)
-
     def resolve(self, account: str, name: str, qualifier: str | None) -> tuple[FunctionRecord, str]:
         return self.catalog.resolve(account, name, qualifier)
 

@@ -104,13 +104,15 @@ def sha256_digest(data: bytes) -> str:
 
 
 def check_repo_name(name: str) -> str:
-    if not (repo_name_chars_min <= len(name) <= repo_name_chars_max) or not REPO_NAME.fullmatch(name):
+    if (not repo_name_chars_min <= len(name) <= repo_name_chars_max
+            or not REPO_NAME.fullmatch(name)):
         raise RegistryError(400, "NAME_INVALID", "invalid repository name", {"name": name[:300]})
     return name
 
 
 def repo_name_valid(name: str) -> bool:
-    return repo_name_chars_min <= len(name) <= repo_name_chars_max and bool(REPO_NAME.fullmatch(name))
+    return (repo_name_chars_min <= len(name) <= repo_name_chars_max
+            and bool(REPO_NAME.fullmatch(name)))
 
 
 def check_tag(tag: str) -> str:
