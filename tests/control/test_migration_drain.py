@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from cellcloud.frontend.cell import Cell
 from cellcloud.frontend.clone import tenant_inflight
 from cellcloud.frontend.events import Event, EventStore, Intake
+from cellcloud.frontend.store import SqliteFunctionStore
 
 
-class _Cell:
-    def __init__(self, events: Intake | None) -> None:
-        self._inflight: dict[tuple[str, str], int] = {}
-        self.events = events
+def _cell(tmp_path: Any, events: Intake | None) -> Cell:
+    cell = Cell("cell-t", SqliteFunctionStore(str(tmp_path)), {})
+    cell.events = events
+    return cell
 
 
 def test_async_events_hold_the_drain(tmp_path: Any) -> None:
     store = EventStore(str(tmp_path))
-    cell = _Cell(Intake(store))
+    cell = _cell(tmp_path, Intake(store))
     assert tenant_inflight(cell, "111111111111") == 0
     store.insert(Event("e1", "111111111111", "fn", "$LATEST", b"{}", 0, 3, 0, 0))
     store.insert(Event("e2", "222222222222", "fn", "$LATEST", b"{}", 0, 3, 0, 0))
@@ -33,7 +35,7 @@ def test_async_events_hold_the_drain(tmp_path: Any) -> None:
     assert tenant_inflight(cell, "111111111111") == 0
 
 
-def test_a_cell_without_an_async_path_counts_sync_only() -> None:
-    cell = _Cell(None)
+def test_a_cell_without_an_async_path_counts_sync_only(tmp_path: Any) -> None:
+    cell = _cell(tmp_path, None)
     cell._inflight[("111111111111", "fn")] = 1
     assert tenant_inflight(cell, "111111111111") == 1

@@ -24,7 +24,7 @@ def cell(tmp_path: str) -> Cell:
 
 
 def create(cell: Cell, name: str, **kw: object) -> dict[str, object]:
-    return cell.create_function(ACCOUNT, {"FunctionName": name, "Runtime": "python3.11",
+    return cell.catalog.create_function(ACCOUNT, {"FunctionName": name, "Runtime": "python3.11",
                                           "Handler": "app.handler", "Code": {"ZipFile": ZIP},
                                           **kw})
 
@@ -34,12 +34,12 @@ def test_setting_is_stored_and_echoed(cell: Cell) -> None:
     want = {"SubnetIds": ["cellcloud-none"], "SecurityGroupIds": [], "VpcId": "cellcloud-none",
             "Ipv6AllowedForDualStack": False}
     assert out["VpcConfig"] == want
-    rec = cell.function(ACCOUNT, "f")
+    rec = cell.catalog.function(ACCOUNT, "f")
     assert rec.network == "none"
     assert config_doc(rec, "r")["VpcConfig"] == want
     # without VpcConfig: the region default, echoed empty
     assert create(cell, "g")["VpcConfig"]["SubnetIds"] == []
-    assert cell.function(ACCOUNT, "g").network == ""
+    assert cell.catalog.function(ACCOUNT, "g").network == ""
 
 
 @pytest.mark.parametrize("vpc,named", [
@@ -52,25 +52,26 @@ def test_malformed_is_refused_and_nothing_stored(cell: Cell, vpc: object, named:
         create(cell, "bad", VpcConfig=vpc)
     assert e.value.type == "InvalidParameterValueException" and named in str(e.value)
     with pytest.raises(LambdaError):
-        cell.function(ACCOUNT, "bad")
+        cell.catalog.function(ACCOUNT, "bad")
     create(cell, "ok")
     with pytest.raises(LambdaError) as e:
-        cell.update_configuration(ACCOUNT, "ok", {"VpcConfig": vpc})
+        cell.catalog.update_configuration(ACCOUNT, "ok", {"VpcConfig": vpc})
     assert named in str(e.value)
-    assert cell.function(ACCOUNT, "ok").network == ""
+    assert cell.catalog.function(ACCOUNT, "ok").network == ""
 
 
 def test_update_changes_the_setting_and_the_placement_key(cell: Cell) -> None:
     create(cell, "f", VpcConfig={"SubnetIds": ["cellcloud-egress"]})
-    before = cell.function(ACCOUNT, "f")
+    before = cell.catalog.function(ACCOUNT, "f")
     assert before.network == "egress"
-    out = cell.update_configuration(ACCOUNT, "f", {"VpcConfig": {"SubnetIds": ["cellcloud-none"]}})
+    out = cell.catalog.update_configuration(
+        ACCOUNT, "f", {"VpcConfig": {"SubnetIds": ["cellcloud-none"]}})
     assert out["VpcConfig"]["VpcId"] == "cellcloud-none"
-    after = cell.function(ACCOUNT, "f")
+    after = cell.catalog.function(ACCOUNT, "f")
     assert after.network == "none" and after.key != before.key
     # an update that leaves VpcConfig out keeps the setting
-    cell.update_configuration(ACCOUNT, "f", {"Timeout": 5})
-    assert cell.function(ACCOUNT, "f").network == "none"
+    cell.catalog.update_configuration(ACCOUNT, "f", {"Timeout": 5})
+    assert cell.catalog.function(ACCOUNT, "f").network == "none"
 
 
 def test_allow_list_is_stored_and_echoed_and_internal_entries_refused(cell: Cell) -> None:
@@ -79,7 +80,7 @@ def test_allow_list_is_stored_and_echoed_and_internal_entries_refused(cell: Cell
     out = create(cell, "f", VpcConfig=allow)
     assert out["VpcConfig"] == {**allow, "VpcId": "cellcloud-egress",
                                 "Ipv6AllowedForDualStack": False}
-    assert cell.function(ACCOUNT, "f").net_allow == ["10.1.2.0/24:5432", "0.0.0.0/0:443"]
+    assert cell.catalog.function(ACCOUNT, "f").net_allow == ["10.1.2.0/24:5432", "0.0.0.0/0:443"]
     with open("/proc/net/fib_trie") as f:
         own = [a for a in vpc.local_addresses(f.read()) if not a.startswith("127.")]
     for entry in ["allow:100.64.1.0/24:80",  # the pool
@@ -87,6 +88,6 @@ def test_allow_list_is_stored_and_echoed_and_internal_entries_refused(cell: Cell
                   *(f"allow:{a}:22" for a in own[:1])]:  # this host's own address
         doc = {"SubnetIds": ["cellcloud-egress"], "SecurityGroupIds": [entry]}
         with pytest.raises(LambdaError) as e:
-            cell.update_configuration(ACCOUNT, "f", {"VpcConfig": doc})
+            cell.catalog.update_configuration(ACCOUNT, "f", {"VpcConfig": doc})
         assert entry in str(e.value) and "region-internal" in str(e.value)
-    assert cell.function(ACCOUNT, "f").net_allow == ["10.1.2.0/24:5432", "0.0.0.0/0:443"]
+    assert cell.catalog.function(ACCOUNT, "f").net_allow == ["10.1.2.0/24:5432", "0.0.0.0/0:443"]

@@ -33,7 +33,7 @@ def cell(tmp_path: str) -> Cell:
 
 
 def create(cell: Cell, name: str, tag: str, **kw: object) -> dict[str, object]:
-    return cell.create_function(ACCOUNT, {"FunctionName": name, "Runtime": "python3.11",
+    return cell.catalog.create_function(ACCOUNT, {"FunctionName": name, "Runtime": "python3.11",
                                           "Handler": "app.handler",
                                           "Code": {"ZipFile": code(tag)}, **kw})
 
@@ -43,29 +43,29 @@ def test_delete_function_frees_its_bundle(cell: Cell) -> None:
     create(cell, "f2", "a")  # the same code: one file, two holders
     create(cell, "f3", "b")
     assert len(bundle_files(cell.store)) == 2
-    cell.delete_function(ACCOUNT, "f1")
+    cell.catalog.delete_function(ACCOUNT, "f1")
     assert len(bundle_files(cell.store)) == 2  # f2 still holds "a"
-    cell.delete_function(ACCOUNT, "f2")
-    cell.delete_function(ACCOUNT, "f3")
+    cell.catalog.delete_function(ACCOUNT, "f2")
+    cell.catalog.delete_function(ACCOUNT, "f3")
     assert bundle_files(cell.store) == []
 
 
 def test_update_code_frees_the_old_bundle_unless_a_version_holds_it(cell: Cell) -> None:
     create(cell, "f", "a", Publish=True)  # version 1 holds "a"
-    cell.update_code(ACCOUNT, "f", {"ZipFile": code("b")})
+    cell.catalog.update_code(ACCOUNT, "f", {"ZipFile": code("b")})
     assert len(bundle_files(cell.store)) == 2
-    cell.update_code(ACCOUNT, "f", {"ZipFile": code("c")})  # "b" was held by $LATEST only
+    cell.catalog.update_code(ACCOUNT, "f", {"ZipFile": code("c")})  # "b" was held by $LATEST only
     assert len(bundle_files(cell.store)) == 2
-    cell.delete_function(ACCOUNT, "f", "1")  # the version goes: "a" is free
+    cell.catalog.delete_function(ACCOUNT, "f", "1")  # the version goes: "a" is free
     assert len(bundle_files(cell.store)) == 1
-    cell.delete_function(ACCOUNT, "f")
+    cell.catalog.delete_function(ACCOUNT, "f")
     assert bundle_files(cell.store) == []
 
 
 def test_dry_run_writes_no_bundle(cell: Cell) -> None:
     create(cell, "f", "a")
     before = bundle_files(cell.store)
-    cell.update_code(ACCOUNT, "f", {"ZipFile": code("b"), "DryRun": True})
+    cell.catalog.update_code(ACCOUNT, "f", {"ZipFile": code("b"), "DryRun": True})
     assert bundle_files(cell.store) == before
 
 
@@ -73,7 +73,8 @@ def test_refused_create_leaves_no_bundle(tmp_path: str) -> None:
     # Refused after the zip was decoded: code and layer together are over the unzipped limit.
     cell = Cell("cell-t", SqliteFunctionStore(str(tmp_path)), {},
                 limits=Limits(unzipped_bytes_max=60))
-    doc = cell.publish_layer_version(ACCOUNT, "lib", {"Content": {"ZipFile": code("layer")}})
+    doc = cell.catalog.publish_layer_version(ACCOUNT, "lib",
+                                             {"Content": {"ZipFile": code("layer")}})
     before = bundle_files(cell.store)
     with pytest.raises(LambdaError) as e:
         create(cell, "g", "c", Layers=[doc["LayerVersionArn"]])
@@ -82,12 +83,13 @@ def test_refused_create_leaves_no_bundle(tmp_path: str) -> None:
 
 
 def test_layer_bundle_held_by_layer_versions_and_functions(cell: Cell) -> None:
-    doc = cell.publish_layer_version(ACCOUNT, "lib", {"Content": {"ZipFile": code("layer")}})
+    doc = cell.catalog.publish_layer_version(ACCOUNT, "lib",
+                                             {"Content": {"ZipFile": code("layer")}})
     create(cell, "f", "a", Layers=[doc["LayerVersionArn"]])
     assert len(bundle_files(cell.store)) == 2
-    cell.delete_layer_version(ACCOUNT, "lib", 1)
+    cell.catalog.delete_layer_version(ACCOUNT, "lib", 1)
     assert len(bundle_files(cell.store)) == 2  # the function still uses the layer's code
-    cell.update_configuration(ACCOUNT, "f", {"Layers": []})
+    cell.catalog.update_configuration(ACCOUNT, "f", {"Layers": []})
     assert len(bundle_files(cell.store)) == 1
 
 
@@ -95,24 +97,24 @@ def test_freed_digests_are_queued_for_every_agent(tmp_path: str) -> None:
     cell = Cell("cell-t", SqliteFunctionStore(str(tmp_path)),
                 {"agent-a": ("127.0.0.1", 1), "agent-b": ("127.0.0.1", 1)})
     create(cell, "f", "a")
-    digest = cell.function(ACCOUNT, "f").code_sha256
-    cell.delete_function(ACCOUNT, "f")
+    digest = cell.catalog.function(ACCOUNT, "f").code_sha256
+    cell.catalog.delete_function(ACCOUNT, "f")
     assert cell._forget_pending == {"agent-a": {digest}, "agent-b": {digest}}
 
 
 def test_a_bundle_being_pushed_is_freed_when_the_push_ends(cell: Cell) -> None:
     create(cell, "f", "a")
-    digest = cell.function(ACCOUNT, "f").code_sha256
-    cell._bundle_pins[digest] = 1  # an environment is being created from it
-    cell.delete_function(ACCOUNT, "f")
-    assert len(bundle_files(cell.store)) == 1 and digest in cell._bundles_deferred
+    digest = cell.catalog.function(ACCOUNT, "f").code_sha256
+    cell.catalog.pin_bundles({digest})  # an environment is being created from it
+    cell.catalog.delete_function(ACCOUNT, "f")
+    assert len(bundle_files(cell.store)) == 1 and digest in cell.catalog.bundles_deferred
 
 
 def test_start_sweeps_temp_files_and_orphans_and_builds_refs(tmp_path: str) -> None:
     store = SqliteFunctionStore(str(tmp_path))
     cell = Cell("cell-t", store, {})
     create(cell, "f", "a")
-    digest = cell.function(ACCOUNT, "f").code_sha256
+    digest = cell.catalog.function(ACCOUNT, "f").code_sha256
     held = bundle_files(store)
     orphan = os.path.join(store.bundles_dir, "f" * 64 + ".zip")
     tmp = os.path.join(store.bundles_dir, "e" * 64 + ".zip.tmp-1-2")

@@ -65,7 +65,25 @@ class Limits:
     # layer); the agent remembers at most this many gone environment ids to answer EnvGone.
     env_gone_retries_max: int = 3
     gone_env_ids_remembered_max: int = 1024
-    list_functions_page_max: int = 50
+    # The function catalog (frontend/functions.py; Lambda's quotas where Lambda has one).
+    list_page_items_max: int = 50  # items in one page of any List* answer
+    list_max_items_max: int = 10_000  # the largest MaxItems a List* request may ask for
+    versions_per_function_max: int = 10_000  # published versions
+    aliases_per_function_max: int = 250
+    layers_per_function_max: int = 5
+    layer_versions_scan_max: int = 10_000  # versions of one layer a list looks through
+    tags_per_function_max: int = 50
+    tag_key_chars_max: int = 128
+    tag_value_chars_max: int = 256
+    description_chars_max: int = 256
+    role_chars_max: int = 10_000
+    runtime_chars_max: int = 64  # one of a layer's CompatibleRuntimes
+    layer_runtimes_max: int = 15  # a layer's CompatibleRuntimes
+    license_chars_max: int = 512  # a layer's LicenseInfo
+    ephemeral_mb_min: int = 512
+    ephemeral_mb_max: int = 10_240
+    account_concurrency_max: int = 1000  # concurrent executions of one account
+    unreserved_concurrency_min: int = 100  # left unreserved by ReservedConcurrentExecutions
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)
     functions_per_tenant_max: int = 10_000
     # Held back on the cell's state disk for deletes when it is full (SQLite's WAL needs room

@@ -80,6 +80,11 @@ class Placement:
         # function_key -> provisioned concurrency target (environments kept warm ahead of use).
         self.provisioned: dict[str, int] = {}
 
+    @property
+    def env_id_prefix(self) -> str:
+        """What every environment id this placement makes starts with."""
+        return self._prefix
+
     # -- agents -----------------------------------------------------------------------------
     def add_agent(self, agent_id: str, envs_max: int) -> None:
         agent = self.agents.get(agent_id)

@@ -15,13 +15,14 @@ from urllib.parse import parse_qs, unquote
 
 from ..core import errors, params
 from ..core.aliases import check_alias_name
+from ..core.catalog_rules import page_size
 from ..core.errors import LambdaError
 from ..core.jsondepth import check_json_depth
 from ..core.limits import DEFAULT_LIMITS
 from ..core.tenant_status import cell_status_for_tenant
 from ..core.validation import parse_function_ref
 from . import events
-from .cell import Cell, page_size
+from .cell import Cell
 from .store import StateDiskFull, config_doc, function_arn, is_disk_full
 
 Reply = dict[str, Any]
@@ -99,19 +100,19 @@ async def create_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Re
     doc = _json_body(req)
     name = doc.get("FunctionName")
     _judge("CreateFunction", req, doc, q, name if isinstance(name, str) else "")
-    return _reply(201, cell.create_function(req["a"], doc))
+    return _reply(201, cell.catalog.create_function(req["a"], doc))
 
 
 async def get_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
-    rec, _ = cell.resolve(req["a"], name, _qualifier(m["ref"], q))
+    rec, _ = cell.catalog.resolve(req["a"], name, _qualifier(m["ref"], q))
     doc: dict[str, Any] = {
         "Configuration": config_doc(rec, cell.region),
         "Code": {"RepositoryType": "S3",
                  "Location": f"/cellcloud/v1/bundles/{rec.code_sha256}"},
         "Tags": rec.tags,
     }
-    reserved = cell.reserved(req["a"], name)
+    reserved = cell.catalog.reserved(req["a"], name)
     if reserved is not None:
         doc["Concurrency"] = {"ReservedConcurrentExecutions": reserved}
     return _reply(200, doc)
@@ -119,7 +120,7 @@ async def get_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply
 
 async def get_configuration(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
-    rec, _ = cell.resolve(req["a"], name, _qualifier(m["ref"], q))
+    rec, _ = cell.catalog.resolve(req["a"], name, _qualifier(m["ref"], q))
     return _reply(200, config_doc(rec, cell.region))
 
 
@@ -128,26 +129,27 @@ async def list_functions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Rep
     version = _one(q, "FunctionVersion")
     if version not in (None, "ALL"):
         raise errors.invalid("FunctionVersion must be ALL")
-    return _reply(200, cell.list_functions(req["a"], _one(q, "Marker"),
-                                           page_size(_one(q, "MaxItems")), version == "ALL"))
+    return _reply(200, cell.catalog.list_functions(
+        req["a"], _one(q, "Marker"), page_size(_one(q, "MaxItems"), cell.limits),
+        version == "ALL"))
 
 
 async def update_code(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     doc = _judge("UpdateFunctionCode", req, _json_body(req), q, name)
-    return _reply(200, cell.update_code(req["a"], name, doc))
+    return _reply(200, cell.catalog.update_code(req["a"], name, doc))
 
 
 async def update_configuration(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     doc = _judge("UpdateFunctionConfiguration", req, _json_body(req), q, name)
-    return _reply(200, cell.update_configuration(req["a"], name, doc))
+    return _reply(200, cell.catalog.update_configuration(req["a"], name, doc))
 
 
 async def delete_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     qualifier = _qualifier(m["ref"], q)
-    cell.delete_function(req["a"], name, qualifier)
+    cell.catalog.delete_function(req["a"], name, qualifier)
     if cell.events is not None:  # its async settings go with it (queued events fail: Rejected)
         if qualifier is None:
             for qual, _, _ in cell.events.store.list_configs(req["a"], name):
@@ -276,41 +278,44 @@ async def list_event_configs(cell: Cell, req: dict[str, Any], m: Match, q: Q) ->
 async def publish_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     doc = _judge("PublishVersion", req, _json_body(req), q, name)
-    return _reply(201, cell.publish_version(req["a"], name, doc))
+    return _reply(201, cell.catalog.publish_version(req["a"], name, doc))
 
 
 async def list_versions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(200, cell.list_versions(req["a"], _name(m["ref"], req["a"]), _one(q, "Marker"),
-                                          page_size(_one(q, "MaxItems"))))
+    return _reply(200, cell.catalog.list_versions(
+        req["a"], _name(m["ref"], req["a"]), _one(q, "Marker"),
+        page_size(_one(q, "MaxItems"), cell.limits)))
 
 
 # -- aliases -------------------------------------------------------------------------------------
 async def create_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     doc = _judge("CreateAlias", req, _json_body(req), q, name)
-    return _reply(201, cell.create_alias(req["a"], name, doc))
+    return _reply(201, cell.catalog.create_alias(req["a"], name, doc))
 
 
 async def list_aliases(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    return _reply(200, cell.list_aliases(req["a"], _name(m["ref"], req["a"]), _one(q, "Marker"),
-                                         page_size(_one(q, "MaxItems")),
-                                         _one(q, "FunctionVersion")))
+    return _reply(200, cell.catalog.list_aliases(
+        req["a"], _name(m["ref"], req["a"]), _one(q, "Marker"),
+        page_size(_one(q, "MaxItems"), cell.limits), _one(q, "FunctionVersion")))
 
 
 async def get_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    rec = cell.alias(req["a"], _name(m["ref"], req["a"]), check_alias_name(unquote(m["alias"])))
-    return _reply(200, cell.alias_doc(rec))
+    rec = cell.catalog.alias(req["a"], _name(m["ref"], req["a"]),
+                             check_alias_name(unquote(m["alias"])))
+    return _reply(200, cell.catalog.alias_doc(rec))
 
 
 async def update_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     doc = _judge("UpdateAlias", req, _json_body(req), q, name)
-    return _reply(200, cell.update_alias(req["a"], name, check_alias_name(unquote(m["alias"])),
-                                         doc))
+    return _reply(200, cell.catalog.update_alias(
+        req["a"], name, check_alias_name(unquote(m["alias"])), doc))
 
 
 async def delete_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    cell.delete_alias(req["a"], _name(m["ref"], req["a"]), check_alias_name(unquote(m["alias"])))
+    cell.catalog.delete_alias(req["a"], _name(m["ref"], req["a"]),
+                              check_alias_name(unquote(m["alias"])))
     return {"s": 204, "h": {}, "b": b""}
 
 
@@ -318,18 +323,18 @@ async def delete_alias(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply
 async def put_concurrency(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     doc = _judge("PutFunctionConcurrency", req, _json_body(req), q, name)
-    return _reply(200, cell.put_concurrency(req["a"], name, doc))
+    return _reply(200, cell.catalog.put_concurrency(req["a"], name, doc))
 
 
 async def get_concurrency(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
-    cell.function(req["a"], name)
-    reserved = cell.reserved(req["a"], name)
+    cell.catalog.function(req["a"], name)
+    reserved = cell.catalog.reserved(req["a"], name)
     return _reply(200, {} if reserved is None else {"ReservedConcurrentExecutions": reserved})
 
 
 async def delete_concurrency(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    cell.delete_concurrency(req["a"], _name(m["ref"], req["a"]))
+    cell.catalog.delete_concurrency(req["a"], _name(m["ref"], req["a"]))
     return {"s": 204, "h": {}, "b": b""}
 
 
@@ -344,16 +349,16 @@ def _qualifier_param(q: Q) -> str:
 async def put_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     doc = _judge("PutProvisionedConcurrencyConfig", req, _json_body(req), q, name)
-    return _reply(202, cell.put_provisioned(req["a"], name, _qualifier_param(q), doc))
+    return _reply(202, cell.catalog.put_provisioned(req["a"], name, _qualifier_param(q), doc))
 
 
 async def get_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
-    return _reply(200, cell.provisioned_doc(req["a"], name, _qualifier_param(q)))
+    return _reply(200, cell.catalog.provisioned_doc(req["a"], name, _qualifier_param(q)))
 
 
 async def delete_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    cell.delete_provisioned(req["a"], _name(m["ref"], req["a"]), _qualifier_param(q))
+    cell.catalog.delete_provisioned(req["a"], _name(m["ref"], req["a"]), _qualifier_param(q))
     return {"s": 204, "h": {}, "b": b""}
 
 
@@ -389,27 +394,27 @@ def _layer_version_number(raw: str) -> int:
 async def publish_layer_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _layer_name(cell, m["layer"], req["a"])
     doc = _judge("PublishLayerVersion", req, _json_body(req), q, name)
-    return _reply(201, cell.publish_layer_version(req["a"], name, doc))
+    return _reply(201, cell.catalog.publish_layer_version(req["a"], name, doc))
 
 
 async def get_layer_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _layer_name(cell, m["layer"], req["a"])
-    rec = cell.layer_version(req["a"], name, _layer_version_number(m["version"]))
-    return _reply(200, cell.layer_doc(rec, content=True))
+    rec = cell.catalog.layer_version(req["a"], name, _layer_version_number(m["version"]))
+    return _reply(200, cell.catalog.layer_doc(rec, content=True))
 
 
 async def delete_layer_version(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _layer_name(cell, m["layer"], req["a"])
-    cell.delete_layer_version(req["a"], name, _layer_version_number(m["version"]))
+    cell.catalog.delete_layer_version(req["a"], name, _layer_version_number(m["version"]))
     return {"s": 204, "h": {}, "b": b""}
 
 
 async def list_layer_versions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _layer_name(cell, m["layer"], req["a"])
     _judge("ListLayerVersions", req, {}, q, name)
-    return _reply(200, cell.list_layer_versions(req["a"], name, _one(q, "Marker"),
-                                                page_size(_one(q, "MaxItems")),
-                                                _one(q, "CompatibleRuntime")))
+    return _reply(200, cell.catalog.list_layer_versions(
+        req["a"], name, _one(q, "Marker"), page_size(_one(q, "MaxItems"), cell.limits),
+        _one(q, "CompatibleRuntime")))
 
 
 async def list_layers(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -418,12 +423,12 @@ async def list_layers(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
         ref, _, version = arn.rpartition(":")
         name = _layer_name(cell, ref, req["a"]) if ref.startswith("arn:") else _layer_name(
             cell, arn, "-")
-        rec = cell.layer_version(req["a"], name, _layer_version_number(version))
-        return _reply(200, cell.layer_doc(rec, content=True))
+        rec = cell.catalog.layer_version(req["a"], name, _layer_version_number(version))
+        return _reply(200, cell.catalog.layer_doc(rec, content=True))
     _judge("ListLayers", req, {}, q)
-    return _reply(200, cell.list_layers(req["a"], _one(q, "Marker"),
-                                        page_size(_one(q, "MaxItems")),
-                                        _one(q, "CompatibleRuntime")))
+    return _reply(200, cell.catalog.list_layers(
+        req["a"], _one(q, "Marker"), page_size(_one(q, "MaxItems"), cell.limits),
+        _one(q, "CompatibleRuntime")))
 
 
 # -- cellcloud's own -------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ from typing import Any
 from .store import AliasRecord, FunctionRecord
 
 functions_per_tenant_export_max = 1_000
-versions_per_function_max = 10_000
-aliases_per_function_max = 1_000
 export_bytes_max = 64 * 1024 * 1024  # one transport frame carries the whole export
 
 
@@ -26,6 +24,7 @@ class CloneError(Exception):
 
 def export_tenant(cell: Any, account: str) -> dict[str, Any]:
     store = cell.store
+    limits = cell.limits
     recs: list[FunctionRecord] = store.list_page(account, "", functions_per_tenant_export_max + 1)
     if len(recs) > functions_per_tenant_export_max:
         raise CloneError(f"more than functions_per_tenant_export_max="
@@ -36,8 +35,8 @@ def export_tenant(cell: Any, account: str) -> dict[str, Any]:
     provisioned = [p for p in store.list_provisioned() if p[0] == account]
     all_recs = list(recs)
     for rec in recs:
-        versions = store.list_versions(account, rec.name, 0, versions_per_function_max)
-        aliases = store.list_aliases(account, rec.name, "", aliases_per_function_max)
+        versions = store.list_versions(account, rec.name, 0, limits.versions_per_function_max)
+        aliases = store.list_aliases(account, rec.name, "", limits.aliases_per_function_max)
         extras[rec.name] = {
             "versions": [dataclasses.asdict(v) for v in versions],
             "version_counter": store.version_counter(account, rec.name),
@@ -81,10 +80,8 @@ def import_tenant(cell: Any, doc: dict[str, Any]) -> dict[str, Any]:
             store.put_concurrency(rec.account, rec.name, int(extra["reserved"]))
         for qualifier, n in extra.get("provisioned", []):
             store.put_provisioned(rec.account, rec.name, str(qualifier), int(n))
-    cell._functions.clear()  # the frontend's caches (refilled from the store)
-    cell._versions.clear()
-    cell._reserved.clear()
-    cell.load_provisioned()  # provisioned pools start filling in the target cell
+    cell.catalog.forget_cached()  # the frontend's caches (refilled from the store)
+    cell.catalog.load_provisioned()  # provisioned pools start filling in the target cell
     return {"created": created}
 
 
@@ -92,7 +89,7 @@ def tenant_inflight(cell: Any, account: str) -> int:
     """Sync invokes running for the tenant plus its async events not yet finished (queued,
     leased or waiting for a retry): a migration forgets the old cell's copy only at zero, so
     no accepted async event is left behind for a function that no longer exists there."""
-    sync = sum(n for (acct, _), n in cell._inflight.items() if acct == account)
+    sync = cell.invokes_in_flight(account)
     intake = getattr(cell, "events", None)
     pending = intake.store.depth(account) if intake is not None else 0
     return sync + int(pending)
@@ -104,6 +101,6 @@ def forget_tenant(cell: Any, account: str) -> dict[str, Any]:
     store = cell.store
     recs = store.list_page(account, "", functions_per_tenant_export_max + 1)
     for rec in recs:
-        cell.delete_function(rec.account, rec.name)
-    cell._functions.clear()
+        cell.catalog.delete_function(rec.account, rec.name)
+    cell.catalog.forget_cached()
     return {"deleted": len(recs)}

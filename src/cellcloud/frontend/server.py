@@ -17,7 +17,7 @@ from ..queues.api import QueueApi
 from ..queues.store import QueueStore
 from ..registry.api import RegistryApi
 from ..registry.storage import RegistryStore, now_ms
-from ..transport import Server
+from ..transport import Handler, Server
 from . import api, clone
 from .cell import Cell
 from .events import EventStore, Intake
@@ -51,41 +51,13 @@ async def serve(args: argparse.Namespace) -> None:
                          ack_before_write=os.environ.get("CELLCLOUD_PLANT_BUG")
                          == "ack-before-write", limits=cell.limits)
     queues = QueueApi(QueueStore(os.path.abspath(args.state_dir)), args.region)
-
-    async def async_status(_: Any) -> dict[str, Any]:
-        assert cell.events is not None
-        return {**cell.events.statistics(), "queues": dict(queues.counters)}
-
-    async_ops = {"sqs": queues.handle, "async_status": async_status}
     # The cell's container registry (registry/: OCI + ECR ops; blobs in <state>/registry).
     registry = RegistryApi(RegistryStore(os.path.join(os.path.abspath(args.state_dir),
                                                       "registry"), cell.limits), args.region,
                            cell.limits)
     await cell.sync_agents(first=True)
-    cell.load_provisioned()  # the pools are refilled by the first tick
-
-    async def http(req: dict[str, Any]) -> dict[str, Any]:
-        return await api.handle(cell, req)
-
-    async def status(_: Any) -> dict[str, Any]:
-        return await cell.status()
-
-    # A tenant migration's steps (frontend/clone.py), called by the control plane only.
-    async def tenant_export(body: dict[str, Any]) -> dict[str, Any]:
-        return clone.export_tenant(cell, str(body["account"]))
-
-    async def tenant_import(body: dict[str, Any]) -> dict[str, Any]:
-        return clone.import_tenant(cell, body)
-
-    async def tenant_inflight(body: dict[str, Any]) -> dict[str, Any]:
-        return {"inflight": clone.tenant_inflight(cell, str(body["account"]))}
-
-    async def tenant_forget(body: dict[str, Any]) -> dict[str, Any]:
-        return clone.forget_tenant(cell, str(body["account"]))
-
-    server = Server({"http": http, "status": status, **async_ops, "tenant_export": tenant_export,
-                     "tenant_import": tenant_import, "tenant_inflight": tenant_inflight,
-                     "tenant_forget": tenant_forget, **registry.ops()})
+    cell.catalog.load_provisioned()  # the pools are refilled by the first tick
+    server = Server(ops(cell, queues, registry))
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
 
     async def ticker() -> None:
@@ -112,6 +84,38 @@ async def serve(args: argparse.Namespace) -> None:
         task.cancel()
         cell.flush_logs()
         await server.close()
+
+
+def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handler]:
+    """The frontend's transport ops (docs/design.md lists them)."""
+
+    async def http(req: dict[str, Any]) -> dict[str, Any]:
+        return await api.handle(cell, req)
+
+    async def status(_: Any) -> dict[str, Any]:
+        return await cell.status()
+
+    async def async_status(_: Any) -> dict[str, Any]:
+        assert cell.events is not None
+        return {**cell.events.statistics(), "queues": dict(queues.counters)}
+
+    # A tenant migration's steps (frontend/clone.py), called by the control plane only.
+    async def tenant_export(body: dict[str, Any]) -> dict[str, Any]:
+        return clone.export_tenant(cell, str(body["account"]))
+
+    async def tenant_import(body: dict[str, Any]) -> dict[str, Any]:
+        return clone.import_tenant(cell, body)
+
+    async def tenant_inflight(body: dict[str, Any]) -> dict[str, Any]:
+        return {"inflight": clone.tenant_inflight(cell, str(body["account"]))}
+
+    async def tenant_forget(body: dict[str, Any]) -> dict[str, Any]:
+        return clone.forget_tenant(cell, str(body["account"]))
+
+    return {"http": http, "status": status, "sqs": queues.handle, "async_status": async_status,
+            "tenant_export": tenant_export, "tenant_import": tenant_import,
+            "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
+            **registry.ops()}
 
 
 def main(argv: list[str] | None = None) -> None:

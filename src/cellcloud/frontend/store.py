@@ -114,6 +114,10 @@ class FunctionRecord:
         environments are never shared across versions or revisions."""
         return f"{self.account}/{self.name}/{self.version}/{self.revision}"
 
+    def bundle_digests(self) -> set[str]:
+        """The bundles this record holds: its code and its layers."""
+        return {self.code_sha256, *(str(layer["sha256"]) for layer in self.layers)}
+
 
 @dataclass
 class AliasRecord:
@@ -222,10 +226,6 @@ CREATE INDEX bundle_refs_sha ON bundle_refs (sha);
 """
 
 
-def _digests(rec: FunctionRecord) -> set[str]:
-    return {rec.code_sha256, *(str(layer["sha256"]) for layer in rec.layers)}
-
-
 class SqliteFunctionStore:
     def __init__(self, state_dir: str, log_rows_per_function_max: int = 1000,
                  reserve_bytes: int = DEFAULT_LIMITS.state_disk_reserve_bytes) -> None:
@@ -292,10 +292,10 @@ class SqliteFunctionStore:
                     self.db.execute(statement)
             for (doc,) in self.db.execute("SELECT doc FROM functions").fetchall():
                 rec = self._decode(doc)
-                self._set_refs("f", rec.account, rec.name, "", _digests(rec))
+                self._set_refs("f", rec.account, rec.name, "", rec.bundle_digests())
             for (doc,) in self.db.execute("SELECT doc FROM versions").fetchall():
                 rec = self._decode(doc)
-                self._set_refs("v", rec.account, rec.name, rec.version, _digests(rec))
+                self._set_refs("v", rec.account, rec.name, rec.version, rec.bundle_digests())
             for (doc,) in self.db.execute("SELECT doc FROM layers").fetchall():
                 layer = LayerVersionRecord(**json.loads(doc))
                 self._set_refs("l", layer.account, layer.name, str(layer.version), [layer.sha256])
@@ -314,7 +314,7 @@ class SqliteFunctionStore:
             with self._tx(f"function {rec.name}"):
                 self.db.execute("INSERT INTO functions VALUES (?,?,?,?)",
                                 (rec.account, rec.name, json.dumps(asdict(rec)), rec.revision))
-                self._set_refs("f", rec.account, rec.name, "", _digests(rec))
+                self._set_refs("f", rec.account, rec.name, "", rec.bundle_digests())
         except sqlite3.IntegrityError:
             return False
         return True
@@ -325,7 +325,7 @@ class SqliteFunctionStore:
                 "UPDATE functions SET doc=?, revision=? WHERE account=? AND name=? AND revision=?",
                 (json.dumps(asdict(rec)), rec.revision, rec.account, rec.name, expected_revision))
             if cur.rowcount == 1:
-                self._set_refs("f", rec.account, rec.name, "", _digests(rec))
+                self._set_refs("f", rec.account, rec.name, "", rec.bundle_digests())
         return cur.rowcount == 1
 
     def delete(self, account: str, name: str) -> bool:
@@ -354,7 +354,7 @@ class SqliteFunctionStore:
                             (rec.account, rec.name, number))
             self.db.execute("INSERT INTO versions VALUES (?,?,?,?)",
                             (rec.account, rec.name, number, json.dumps(asdict(published))))
-            self._set_refs("v", rec.account, rec.name, str(number), _digests(rec))
+            self._set_refs("v", rec.account, rec.name, str(number), rec.bundle_digests())
         return published
 
     def import_version(self, rec: FunctionRecord, counter: int) -> bool:
@@ -365,7 +365,8 @@ class SqliteFunctionStore:
                 "INSERT OR IGNORE INTO versions VALUES (?,?,?,?)",
                 (rec.account, rec.name, int(rec.version), json.dumps(asdict(rec))))
             if cur.rowcount == 1:
-                self._set_refs("v", rec.account, rec.name, str(int(rec.version)), _digests(rec))
+                self._set_refs("v", rec.account, rec.name, str(int(rec.version)),
+                               rec.bundle_digests())
             row = self.db.execute("SELECT last FROM version_counters WHERE account=? AND name=?",
                                   (rec.account, rec.name)).fetchone()
             self.db.execute("INSERT OR REPLACE INTO version_counters VALUES (?,?,?)",

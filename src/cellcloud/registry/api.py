@@ -233,7 +233,7 @@ def _name(doc: dict[str, Any]) -> str:
     if not isinstance(name, str) or not core.repo_name_valid(name):
         raise EcrError("InvalidParameterException",
                        f"Invalid parameter at 'repositoryName' failed to satisfy constraint: "
-                       f"'must satisfy regular expression '{core._REPO.pattern}'' "
+                       f"'must satisfy regular expression '{core.REPO_NAME.pattern}'' "
                        f"(got {str(name)[:300]!r})")
     return name
 

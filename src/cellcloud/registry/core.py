@@ -80,7 +80,7 @@ def unauthorized(realm: str, message: str = "authentication required") -> Regist
 
 _DIGEST = re.compile(r"^sha256:([a-f0-9]{64})$")
 # ECR's repositoryName pattern (botocore ecr model), 2-256 characters.
-_REPO = re.compile(r"^(?:[a-z0-9]+(?:[._-][a-z0-9]+)*/)*[a-z0-9]+(?:[._-][a-z0-9]+)*$")
+REPO_NAME = re.compile(r"^(?:[a-z0-9]+(?:[._-][a-z0-9]+)*/)*[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 _TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
 repo_name_chars_min = 2
 repo_name_chars_max = 256
@@ -104,13 +104,15 @@ def sha256_digest(data: bytes) -> str:
 
 
 def check_repo_name(name: str) -> str:
-    if not (repo_name_chars_min <= len(name) <= repo_name_chars_max) or not _REPO.fullmatch(name):
+    if (not repo_name_chars_min <= len(name) <= repo_name_chars_max
+            or not REPO_NAME.fullmatch(name)):
         raise RegistryError(400, "NAME_INVALID", "invalid repository name", {"name": name[:300]})
     return name
 
 
 def repo_name_valid(name: str) -> bool:
-    return repo_name_chars_min <= len(name) <= repo_name_chars_max and bool(_REPO.fullmatch(name))
+    return (repo_name_chars_min <= len(name) <= repo_name_chars_max
+            and bool(REPO_NAME.fullmatch(name)))
 
 
 def check_tag(tag: str) -> str:
