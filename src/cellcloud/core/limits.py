@@ -64,6 +64,9 @@ class Limits:
     # placed again, on a fresh environment, at most this many times (the frontend's one retry
     # layer); the agent remembers at most this many gone environment ids to answer EnvGone.
     env_gone_retries_max: int = 3
+    # A sync invoke is answered at the latest this long after its function's timeout, whatever
+    # the agents do (core/invoke.py answers it with a ServiceException on the first tick past).
+    invoke_answer_slack_ms: int = 60_000
     gone_env_ids_remembered_max: int = 1024
     list_functions_page_max: int = 50
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)
