@@ -84,10 +84,11 @@ def function_ref(rec: FunctionRecord, reserved: int | None) -> FunctionRef:
 
 
 class _Call:
-    __slots__ = ("rec", "invoked_arn", "payload", "log_tail", "done", "reply")
+    __slots__ = ("request_id", "rec", "invoked_arn", "payload", "log_tail", "done", "reply")
 
-    def __init__(self, rec: FunctionRecord, invoked_arn: str, payload: bytes, log_tail: bool,
-                 done: asyncio.Future[Instruction]) -> None:
+    def __init__(self, request_id: str, rec: FunctionRecord, invoked_arn: str, payload: bytes,
+                 log_tail: bool, done: asyncio.Future[Instruction]) -> None:
+        self.request_id = request_id  # the caller's (sent to the agent, returned)
         self.rec = rec
         self.invoked_arn = invoked_arn
         self.payload = payload
@@ -106,6 +107,7 @@ class Invoker:
             params=InvokeParams.from_limits(cell.limits, invokes_inflight_max))
         self._calls: dict[str, _Call] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._seq = 0
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -143,16 +145,20 @@ class Invoker:
     async def invoke(self, rec: FunctionRecord, invoked_arn: str, payload: bytes, log_tail: bool,
                      reserved: int | None, request_id: str | None = None) -> InvokeResult:
         request_id = request_id or str(uuid.uuid4())
-        while request_id in self._calls:  # a caller reusing an id in flight gets its own
-            request_id = str(uuid.uuid4())
+        # The core's key for this call: the caller's id unless that is in flight already (an
+        # async event redelivered while its first delivery still runs keeps its request id).
+        key = request_id
+        while key in self._calls or key in self.core.requests:
+            self._seq += 1
+            key = f"{request_id}#{self._seq}"
         done: asyncio.Future[Instruction] = asyncio.get_running_loop().create_future()
         # The entry goes when the core answers (a caller that goes away leaves it to the
         # core's deadline).
-        call = self._calls[request_id] = _Call(rec, invoked_arn, payload, log_tail, done)
+        call = self._calls[key] = _Call(request_id, rec, invoked_arn, payload, log_tail, done)
         counters = self.cell.counters
-        self.feed(InvokeRequested(request_id, function_ref(rec, reserved)))
+        self.feed(InvokeRequested(key, function_ref(rec, reserved)))
         if not (done.done() and isinstance(done.result(), Throttle)
-                and request_id not in self.core.requests):
+                and key not in self.core.requests):
             counters["invocations"] += 1
         ins = await done
         if isinstance(ins, Throttle):
@@ -324,7 +330,7 @@ class Invoker:
         try:
             res = await self.call_agent(cell.agents[ins.agent_id], "invoke", {
                 "env_id": ins.env_id,
-                "request_id": ins.request_id,
+                "request_id": call.request_id,
                 "payload": call.payload,
                 "timeout_ms": timeout_ms,
                 "arn": call.invoked_arn,
