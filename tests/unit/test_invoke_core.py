@@ -216,3 +216,38 @@ def test_placement_cap_holds_for_warm_provisioned_environments():
         p.prewarmed(c.env_id, 0)
     assert isinstance(p.acquire("k", 1, 1), Use)
     assert isinstance(p.acquire("k", 1, 1), PlacementThrottle)
+
+
+# -- leases (a router's claim on one warm environment) -----------------------------------------
+
+def test_lease_is_counted_revoked_at_expiry_and_freed_only_when_the_agent_confirms():
+    from cellcloud.core.invoke import (
+        GrantLease,
+        LeaseRequested,
+        LeaseReturned,
+        LeaseRevoked,
+        RevokeLease,
+    )
+    core = _core(lease_ms=1000)
+    capped = FunctionRef("a/f/1", "a/f", 100, reserved=1)
+    create = _one(core.handle(LeaseRequested("l1", "router-1", capped), 0), CreateEnv)
+    grant = _one(core.handle(EnvCreated(create.env_id), 1), GrantLease)
+    assert grant.env_id == create.env_id and grant.expires_ms == 1001
+    # The lease holds the function's only slot.
+    assert _one(core.handle(InvokeRequested("r1", capped), 2), Throttle)
+    revoke = _one(core.handle(Tick(), 1001), RevokeLease)
+    assert revoke.lease_id == "l1"
+    assert _one(core.handle(InvokeRequested("r2", capped), 1002), Throttle)  # not yet free
+    assert core.handle(LeaseRevoked("l1"), 1003) == []
+    run = _one(core.handle(InvokeRequested("r3", capped), 1004), RunInvoke)
+    assert run.env_id == grant.env_id  # the warm environment is reused
+    assert core.handle(LeaseReturned("l1"), 1005) == []  # late: ignored
+
+
+def test_lease_holder_lost_revokes_its_leases():
+    from cellcloud.core.invoke import GrantLease, LeaseHolderLost, LeaseRequested, RevokeLease
+    core = _core()
+    create = _one(core.handle(LeaseRequested("l1", "router-1", F), 0), CreateEnv)
+    _one(core.handle(EnvCreated(create.env_id), 1), GrantLease)
+    assert _one(core.handle(LeaseHolderLost("router-1"), 2), RevokeLease).lease_id == "l1"
+    assert core.inflight_total == 1  # until the agent confirms

@@ -135,8 +135,42 @@ class Tick:
     pass
 
 
+@dataclass(frozen=True)
+class LeaseRequested:
+    """A router asks for a lease: a bounded, revocable claim on one warm environment of the
+    function, counted like an invocation, on which it runs invocations itself (one at a time,
+    router → agent) until it returns the lease or the lease is revoked."""
+
+    lease_id: str
+    holder: str
+    fn: FunctionRef
+
+
+LeaseOutcome = Literal["ok", "env_died"]
+
+
+@dataclass(frozen=True)
+class LeaseReturned:
+    lease_id: str
+    outcome: LeaseOutcome = "ok"
+
+
+@dataclass(frozen=True)
+class LeaseRevoked:
+    """The agent confirms a revoked lease is over: no invocation under it runs, none will
+    start. Only then is the lease's slot free."""
+
+    lease_id: str
+
+
+@dataclass(frozen=True)
+class LeaseHolderLost:
+    holder: str
+
+
 Stimulus = (InvokeRequested | EnvCreated | EnvCreateFailed | InvokeFinished | AgentLost
-            | AgentBack | ProvisionedSet | FunctionRetired | Tick)
+            | AgentBack | ProvisionedSet | FunctionRetired | Tick | LeaseRequested
+            | LeaseReturned | LeaseRevoked | LeaseHolderLost)
 
 # -- instructions -----------------------------------------------------------------------------
 
@@ -194,7 +228,31 @@ class MarkAgentDown:
     detail: str
 
 
-Instruction = CreateEnv | RunInvoke | DestroyEnv | Answer | Throttle | MarkAgentDown
+@dataclass(frozen=True)
+class GrantLease:
+    """The answer to a LeaseRequested: the holder may run invocations on the environment, one
+    at a time, until ``expires_ms``; the agent is told too (it enforces the lease)."""
+
+    lease_id: str
+    holder: str
+    env_id: str
+    agent_id: str
+    expires_ms: int
+
+
+@dataclass(frozen=True)
+class RevokeLease:
+    """Tell the agent (and the holder) that the lease ends: the agent refuses invocations under
+    it from now on and answers LeaseRevoked once none runs."""
+
+    lease_id: str
+    holder: str
+    env_id: str
+    agent_id: str
+
+
+Instruction = (CreateEnv | RunInvoke | DestroyEnv | Answer | Throttle | MarkAgentDown
+               | GrantLease | RevokeLease)
 
 # -- the core ---------------------------------------------------------------------------------
 
@@ -205,6 +263,7 @@ class InvokeParams:
     invokes_inflight_max: int = 1000
     env_gone_retries_max: int = DEFAULT_LIMITS.env_gone_retries_max
     answer_slack_ms: int = DEFAULT_LIMITS.invoke_answer_slack_ms
+    lease_ms: int = DEFAULT_LIMITS.invoke_lease_ms
     # Planted bugs: each must be caught by a property of frontend/sim.py.
     bug_retry_after_transport_lost: bool = False  # at most once
     bug_ignore_reserved: bool = False  # reserved concurrency
@@ -212,6 +271,7 @@ class InvokeParams:
     bug_no_deadline: bool = False  # answered within timeout + slack
     bug_no_reprovision: bool = False  # provisioned pools kept
     bug_reuse_on_deadline: bool = False  # one invocation per environment
+    bug_free_on_revoke: bool = False  # leases: the slot freed before the agent confirms
 
     @classmethod
     def from_limits(cls, limits: Limits, invokes_inflight_max: int) -> InvokeParams:
@@ -232,8 +292,11 @@ class _Request:
     gone: int = 0  # environments found gone or reset (placed again)
     env_id: str | None = None
     agent_id: str | None = None
-    phase: Literal["creating", "running", "idle"] = "idle"  # idle: no agent op outstanding
+    # idle: no agent op outstanding; leased/revoking: a lease's environment is held
+    phase: Literal["creating", "running", "idle", "leased", "revoking"] = "idle"
     answered: bool = False
+    holder: str | None = None  # a lease's holder (None: a sync invoke)
+    expires_ms: int = 0
 
 
 class InvokeCore:
@@ -250,7 +313,8 @@ class InvokeCore:
         self._creating: dict[str, str | None] = {}  # env_id -> request id (None: a pool's)
         self._running: dict[str, str] = {}  # env_id -> request id (RunInvoke outstanding)
         self.counters = {"throttles": 0, "cold_starts": 0, "envs_gone": 0, "env_failures": 0,
-                         "deadlines": 0, "poison_charged": 0, "poison_spared": 0}
+                         "deadlines": 0, "poison_charged": 0, "poison_spared": 0,
+                         "leases_granted": 0, "leases_revoked": 0}
 
     # -- queries -------------------------------------------------------------------------------
     def shard_of(self, owner: str) -> tuple[str, ...]:
@@ -267,11 +331,24 @@ class InvokeCore:
                 **self.counters}
 
     # -- the one entry point -------------------------------------------------------------------
+    _last_now = 0
+
     def handle(self, stimulus: Stimulus, now_ms: int) -> list[Instruction]:
         out: list[Instruction] = []
+        self._last_now = now_ms
         match stimulus:
             case InvokeRequested():
-                self._requested(stimulus, now_ms, out)
+                self._requested(stimulus.request_id, stimulus.fn, None, now_ms, out)
+            case LeaseRequested():
+                self._requested(stimulus.lease_id, stimulus.fn, stimulus.holder, now_ms, out)
+            case LeaseReturned():
+                self._lease_returned(stimulus, now_ms, out)
+            case LeaseRevoked():
+                self._lease_over(stimulus.lease_id, now_ms, out)
+            case LeaseHolderLost():
+                for req in [r for r in self.requests.values()
+                            if r.holder == stimulus.holder and r.phase == "leased"]:
+                    self._revoke(req, out)
             case EnvCreated():
                 self._created(stimulus.env_id, now_ms, out)
             case EnvCreateFailed():
@@ -297,8 +374,9 @@ class InvokeCore:
         return out
 
     # -- requests ------------------------------------------------------------------------------
-    def _requested(self, s: InvokeRequested, now_ms: int, out: list[Instruction]) -> None:
-        fn = s.fn
+    def _requested(self, request_id: str, fn: FunctionRef, holder: str | None, now_ms: int,
+                   out: list[Instruction]) -> None:
+        s = InvokeRequested(request_id, fn)
         if s.request_id in self.requests:
             return  # a duplicate delivery of the same request: it is already under way
         if (fn.reserved is not None and not self.params.bug_ignore_reserved
@@ -314,7 +392,8 @@ class InvokeCore:
             out.append(Throttle(s.request_id, "CellConcurrencyLimitExceeded",
                                 "Rate Exceeded. The cell is over capacity."))
             return
-        req = _Request(s.request_id, fn, now_ms + fn.timeout_ms + self.params.answer_slack_ms)
+        req = _Request(s.request_id, fn, now_ms + fn.timeout_ms + self.params.answer_slack_ms,
+                       holder=holder)
         self.requests[s.request_id] = req
         self.inflight[fn.owner] = self.inflight.get(fn.owner, 0) + 1
         self.inflight_total += 1
@@ -357,10 +436,18 @@ class InvokeCore:
             out.append(CreateEnv(decision.env_id, decision.agent_id, fn.key, req.request_id))
         else:
             assert isinstance(decision, Use)
-            self._run(req, decision.env_id, decision.agent_id, False, out)
+            self._run(req, decision.env_id, decision.agent_id, False, out, now_ms)
 
     def _run(self, req: _Request, env_id: str, agent_id: str, cold: bool,
-             out: list[Instruction]) -> None:
+             out: list[Instruction], now_ms: int = 0) -> None:
+        if req.holder is not None:  # a lease: the holder runs the invocations
+            req.env_id, req.agent_id, req.phase = env_id, agent_id, "leased"
+            req.answered = True
+            req.expires_ms = now_ms + self.params.lease_ms
+            self.counters["leases_granted"] += 1
+            out.append(GrantLease(req.request_id, req.holder, env_id, agent_id,
+                                  req.expires_ms))
+            return
         req.env_id, req.agent_id, req.phase = env_id, agent_id, "running"
         self._running[env_id] = req.request_id
         out.append(RunInvoke(req.request_id, env_id, agent_id, cold))
@@ -387,7 +474,7 @@ class InvokeCore:
             out += self._release_env(env_id, now_ms)
             self._release(req)
             return
-        self._run(req, env_id, env.agent_id, True, out)
+        self._run(req, env_id, env.agent_id, True, out, now_ms)
 
     def _create_failed(self, s: EnvCreateFailed, now_ms: int, out: list[Instruction]) -> None:
         if s.env_id not in self._creating:
@@ -485,6 +572,13 @@ class InvokeCore:
             self.counters["poison_spared"] += 1
         lost = self.placement.agent_down(agent_id)
         out.append(MarkAgentDown(agent_id, len(lost), detail))
+        for req in [r for r in self.requests.values()
+                    if r.agent_id == agent_id and r.phase in ("leased", "revoking")]:
+            assert req.holder is not None and req.env_id is not None
+            if req.phase == "leased":
+                out.append(RevokeLease(req.request_id, req.holder, req.env_id, agent_id))
+            req.phase = "idle"
+            self._release(req)
 
     # -- time ----------------------------------------------------------------------------------
     def _tick(self, now_ms: int, out: list[Instruction]) -> None:
@@ -502,6 +596,9 @@ class InvokeCore:
                     f"({req.fn.timeout_ms} ms) and {self.params.answer_slack_ms} ms", out)
                 if req.phase == "idle":
                     self._release(req)
+        for req in [r for r in self.requests.values()
+                    if r.phase == "leased" and now_ms >= r.expires_ms]:
+            self._revoke(req, out)
         out += [DestroyEnv(d.env_id, d.agent_id) for d in self.placement.on_tick(now_ms)]
         if not self.params.bug_no_reprovision:
             self._provision(now_ms, out)
@@ -513,6 +610,37 @@ class InvokeCore:
             self._creating[c.env_id] = None
             out.append(CreateEnv(c.env_id, c.agent_id, self.placement.envs[c.env_id].function_key,
                                  None))
+
+    # -- leases --------------------------------------------------------------------------------
+    def _revoke(self, req: _Request, out: list[Instruction]) -> None:
+        assert req.holder is not None and req.env_id is not None and req.agent_id is not None
+        req.phase = "revoking"
+        self.counters["leases_revoked"] += 1
+        out.append(RevokeLease(req.request_id, req.holder, req.env_id, req.agent_id))
+        if self.params.bug_free_on_revoke:
+            self._lease_over(req.request_id, self._last_now, out)
+
+    def _lease_returned(self, s: LeaseReturned, now_ms: int, out: list[Instruction]) -> None:
+        req = self.requests.get(s.lease_id)
+        if req is None or req.phase not in ("leased", "revoking") or req.env_id is None:
+            return
+        if s.outcome == "env_died":  # the agent removed it
+            self.counters["env_failures"] += 1
+            self.placement.discard(req.env_id)
+            req.phase = "idle"
+            self._release(req)
+            return
+        self._lease_over(s.lease_id, now_ms, out)
+
+    def _lease_over(self, lease_id: str, now_ms: int, out: list[Instruction]) -> None:
+        req = self.requests.get(lease_id)
+        if req is None or req.phase not in ("leased", "revoking") or req.env_id is None:
+            return
+        if req.agent_id is not None:
+            self.poison.on_success(req.fn.owner, req.agent_id, now_ms)
+        out += self._release_env(req.env_id, now_ms)
+        req.phase = "idle"
+        self._release(req)
 
     # -- endings -------------------------------------------------------------------------------
     def _release_env(self, env_id: str, now_ms: int) -> list[Instruction]:

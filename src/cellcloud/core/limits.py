@@ -67,6 +67,9 @@ class Limits:
     # A sync invoke is answered at the latest this long after its function's timeout, whatever
     # the agents do (core/invoke.py answers it with a ServiceException on the first tick past).
     invoke_answer_slack_ms: int = 60_000
+    # A router's lease on a warm environment (core/invoke.py) lasts at most this long; then it
+    # is revoked (the agent refuses further invocations under it).
+    invoke_lease_ms: int = 60_000
     gone_env_ids_remembered_max: int = 1024
     list_functions_page_max: int = 50
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)
