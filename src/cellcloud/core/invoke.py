@@ -161,6 +161,7 @@ class LeaseRevoked:
     start. Only then is the lease's slot free."""
 
     lease_id: str
+    env_alive: bool = True  # False: the environment died under the lease's last invocation
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ class InvokeParams:
     bug_no_reprovision: bool = False  # provisioned pools kept
     bug_reuse_on_deadline: bool = False  # one invocation per environment
     bug_free_on_revoke: bool = False  # leases: the slot freed before the agent confirms
+    bug_leak_slot: bool = False  # no slot held after the quiet phase
 
     @classmethod
     def from_limits(cls, limits: Limits, invokes_inflight_max: int) -> InvokeParams:
@@ -344,7 +346,11 @@ class InvokeCore:
             case LeaseReturned():
                 self._lease_returned(stimulus, now_ms, out)
             case LeaseRevoked():
-                self._lease_over(stimulus.lease_id, now_ms, out)
+                if stimulus.env_alive:
+                    self._lease_over(stimulus.lease_id, now_ms, out)
+                else:
+                    self._lease_returned(LeaseReturned(stimulus.lease_id, "env_died"), now_ms,
+                                         out)
             case LeaseHolderLost():
                 for req in [r for r in self.requests.values()
                             if r.holder == stimulus.holder and r.phase == "leased"]:
@@ -418,6 +424,8 @@ class InvokeCore:
                                "Rate Exceeded. The cell's hosts are at capacity.", out)
             else:
                 self._answer_error(req, "No agent could start an execution environment", out)
+                if not self.params.bug_leak_slot:
+                    self._release(req)
             return
         eligible = [a for a in retry_order(shard, req.attempt, fn.owner, failed=req.failed)
                     if a not in req.failed]

@@ -5,7 +5,9 @@ agents that refuse (full), fail creates, slow down, freeze, lose a reply (the ha
 link broke, the agent restarts), die mid-invocation and come back empty; environments that
 crash, time out, are found gone or reset; clients that send invocations of functions with
 reserved concurrency, two versions under the per-version cap, and a provisioned pool, and
-that give up at their timeout. The shell rules are the real shell's: every CreateEnv gets one
+that give up at their timeout; routers that take leases (a claim on one warm environment on
+which they run invocations themselves, router → agent; the agent enforces revocation and
+confirms it) and die. The shell rules are the real shell's: every CreateEnv gets one
 EnvCreated/EnvCreateFailed, every RunInvoke one InvokeFinished, agents are polled (AgentLost,
 AgentBack), the core is ticked.
 
@@ -17,7 +19,8 @@ Checked properties (a run fails at the first violation, naming its seed):
 3. answered in time: every request is answered exactly once, within its timeout + the core's
    answer slack + one tick;
 4. provisioned pools are kept: after the quiet phase each pool is at its target on live agents;
-5. one invocation per environment at a time.
+5. one invocation per environment at a time (leases' invocations included);
+6. no slot leaks: after the quiet phase no request or lease is still counted.
 
 A run is a fault phase (traffic and faults) then a quiet phase (every agent up, no faults).
 
@@ -46,13 +49,19 @@ from cellcloud.core.invoke import (
     EnvCreated,
     EnvCreateFailed,
     FunctionRef,
+    GrantLease,
     InvokeCore,
     InvokeFinished,
     InvokeOutcome,
     InvokeParams,
     InvokeRequested,
+    LeaseHolderLost,
+    LeaseRequested,
+    LeaseReturned,
+    LeaseRevoked,
     MarkAgentDown,
     ProvisionedSet,
+    RevokeLease,
     RunInvoke,
     Throttle,
     Tick,
@@ -85,8 +94,11 @@ class SimConfig:
     p_env_gone: float = 0.03
     p_env_reset: float = 0.03
     p_reply_lost: float = 0.03
+    routers: int = 2  # lease holders
+    leases: int = 30
     params: InvokeParams = field(default_factory=lambda: InvokeParams(
-        function_concurrency_default_max=3, invokes_inflight_max=40, answer_slack_ms=150))
+        function_concurrency_default_max=3, invokes_inflight_max=40, answer_slack_ms=150,
+        lease_ms=150))
 
 
 # The functions: (owner, version key, timeout ms, memory MB, reserved, provisioned)
@@ -108,6 +120,8 @@ class _Env:
     function_key: str
     owner: str
     busy: str | None = None  # request id running
+    lease: str | None = None  # the lease it is bound to (the agent enforces it)
+    revoking: str | None = None  # a revoked lease whose last invocation still runs
 
 
 @dataclass
@@ -144,7 +158,7 @@ class World:
         self._q: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = 0
         self._op = 0
-        self.events: list[str] = []
+        self.events: list[Any] = []
         ids = [f"ag{i}" for i in range(cfg.agents)]
         self.agents = {a: FakeAgent(a, cfg.envs_max, cfg.memory_mb_max) for a in ids}
         placement = Placement(env_id_prefix="sim", idle_timeout_ms=400)
@@ -165,6 +179,9 @@ class World:
         self.running_owner: dict[str, int] = {}
         self.running_key: dict[str, int] = {}
         self.answered_ok = 0
+        self._bounds: list[tuple[int, str]] = []
+        self.holders = [f"rt{i}.0" for i in range(cfg.routers)]
+        self.gen = 0
 
     # -- the event queue -----------------------------------------------------------------------
     def at(self, t: int, fn: Callable[[], None]) -> None:
@@ -176,14 +193,20 @@ class World:
         if self.verbose:
             print(self.events[-1])
 
+    def trace(self, arrow: str, item: Any) -> None:
+        """Stimuli and instructions, kept as objects (formatted only when printed)."""
+        self.events.append((self.now, arrow, item))
+        if self.verbose:
+            print(f"{self.now:6d} {arrow} {item}")
+
     def net(self) -> int:
         return self.rng.randint(0, self.cfg.net_ms_max)
 
     # -- the shell: stimuli in, instructions executed -------------------------------------------
     def feed(self, stimulus: Any) -> None:
-        self.log(f"-> {stimulus}")
+        self.trace("->", stimulus)
         for ins in self.core.handle(stimulus, self.now):
-            self.log(f"<- {ins}")
+            self.trace("<-", ins)
             self.execute(ins)
 
     def execute(self, ins: Any) -> None:
@@ -211,6 +234,10 @@ class World:
                 self.answer(ins.request_id, isinstance(ins, Answer) and ins.ok)
             case MarkAgentDown():
                 self.believed_up[ins.agent_id] = False
+            case GrantLease():
+                self.granted(ins)
+            case RevokeLease():
+                self.revoke(ins)
 
     def _deliver(self, agent_id: str, fn: Callable[[FakeAgent], None]) -> None:
         agent = self.agents[agent_id]
@@ -287,24 +314,7 @@ class World:
             agent.memory.pop(ins.env_id, None)
             self.reply(agent, op_id, InvokeFinished(ins.request_id, "env_reset"), self.net())
             return
-        # The handler starts.
-        if ins.request_id in self.started:
-            raise Violation(f"{ins.request_id} ran twice (second time on {ins.env_id})")
-        self.started.add(ins.request_id)
-        env.busy = ins.request_id
-        self.running_owner[fn.owner] = self.running_owner.get(fn.owner, 0) + 1
-        self.running_key[fn.key] = self.running_key.get(fn.key, 0) + 1
-        if fn.reserved is not None and self.running_owner[fn.owner] > fn.reserved:
-            raise Violation(f"{fn.owner} runs {self.running_owner[fn.owner]} invocations, "
-                            f"reserved concurrency {fn.reserved}")
-        cap = self.cfg.params.function_concurrency_default_max
-        if self.running_key[fn.key] > cap:
-            raise Violation(f"{fn.key} runs {self.running_key[fn.key]} invocations, "
-                            f"per-version cap {cap}")
-        duration = self.rng.randint(1, fn.timeout_ms * 5 // 4)
-        outcome: InvokeOutcome = "ok" if self.rng.random() < 0.8 else "function_error"
-        if duration >= fn.timeout_ms or self.rng.random() < self.cfg.p_env_crash:
-            outcome, duration = "env_died", min(duration, fn.timeout_ms)
+        outcome, duration = self.start_handler(env, ins.env_id, ins.request_id, fn)
         epoch = agent.epoch
         env_id = ins.env_id
 
@@ -326,10 +336,118 @@ class World:
             self.reply(agent, op_id, InvokeFinished(ins.request_id, outcome), self.net())
         self.at(self.now + duration, end)
 
-    def handler_ended(self, env: _Env) -> None:
+    def start_handler(self, env: _Env, env_id: str, rid: str,
+                      fn: FunctionRef) -> tuple[InvokeOutcome, int]:
+        """The checks at a handler's start; its outcome and duration."""
+        if env.busy is not None:
+            raise Violation(f"environment {env_id} given {rid} while it runs {env.busy}")
+        if rid in self.started:
+            raise Violation(f"{rid} ran twice (second time on {env_id})")
+        self.started.add(rid)
+        env.busy = rid
+        self.running_owner[fn.owner] = self.running_owner.get(fn.owner, 0) + 1
+        self.running_key[fn.key] = self.running_key.get(fn.key, 0) + 1
+        if fn.reserved is not None and self.running_owner[fn.owner] > fn.reserved:
+            raise Violation(f"{fn.owner} runs {self.running_owner[fn.owner]} invocations, "
+                            f"reserved concurrency {fn.reserved}")
+        cap = self.cfg.params.function_concurrency_default_max
+        if self.running_key[fn.key] > cap:
+            raise Violation(f"{fn.key} runs {self.running_key[fn.key]} invocations, "
+                            f"per-version cap {cap}")
+        duration = self.rng.randint(1, fn.timeout_ms * 5 // 4)
+        outcome: InvokeOutcome = "ok" if self.rng.random() < 0.8 else "function_error"
+        if duration >= fn.timeout_ms or self.rng.random() < self.cfg.p_env_crash:
+            outcome, duration = "env_died", min(duration, fn.timeout_ms)
+        return outcome, duration
+
+    def handler_ended(self, env: _Env, alive: bool = True) -> None:
         env.busy = None
         self.running_owner[env.owner] -= 1
         self.running_key[env.function_key] -= 1
+        if env.revoking is not None:  # the revoked lease's last invocation is over
+            lease, env.revoking, env.lease = env.revoking, None, None
+            self.at(self.now + self.net(), lambda: self.feed(LeaseRevoked(lease, alive)))
+
+    # -- routers holding leases (router -> agent, without the frontend) -------------------------
+    def send_lease(self, n: int, router: int) -> None:
+        key = self.rng.choice(sorted(self.fns))
+        fn = self.fns[key]
+        rid = f"l{n}"
+        self.track(rid, fn)
+        self.feed(LeaseRequested(rid, self.holders[router], fn))
+
+    def granted(self, g: GrantLease) -> None:
+        self.answer(g.lease_id, True)
+        agent = self.agents[g.agent_id]
+        router = self.holders.index(g.holder) if g.holder in self.holders else -1
+
+        def bind() -> None:  # the frontend tells the agent, then the router
+            env = agent.envs.get(g.env_id)
+            if not agent.up or env is None:
+                return  # the agent or environment is gone: AgentLost / the router's call ends it
+            env.lease = g.lease_id
+            if router >= 0:
+                self.at(self.now + self.net(), lambda: self.router_invoke(router, g, 0))
+        self.at(self.now + self.net(), bind)
+
+    def router_invoke(self, router: int, g: GrantLease, m: int) -> None:
+        if self.holders[router] != g.holder:
+            return  # the router died: its leases are revoked by LeaseHolderLost
+        agent = self.agents[g.agent_id]
+        env = agent.envs.get(g.env_id)
+        if not agent.up or env is None or env.lease != g.lease_id or env.revoking is not None:
+            return  # refused by the agent (the lease is over): the revocation ends it
+        if m >= self.rng.randint(1, 4) or self.now >= g.expires_ms:
+            self.at(self.now + self.net(), lambda: self.feed(LeaseReturned(g.lease_id, "ok")))
+            return
+        fn = self.sent[g.lease_id][1]
+        outcome, duration = self.start_handler(env, g.env_id, f"{g.lease_id}.{m}", fn)
+        epoch = agent.epoch
+
+        def end() -> None:
+            if agent.epoch != epoch or agent.envs.get(g.env_id) is not env:
+                return
+            if self.now < agent.frozen_until:
+                self.at(agent.frozen_until, end)
+                return
+            revoked = env.revoking is not None
+            self.handler_ended(env, alive=outcome != "env_died")
+            if outcome == "env_died":
+                agent.envs.pop(g.env_id)
+                agent.memory.pop(g.env_id, None)
+                if not revoked:
+                    self.at(self.now + self.net(),
+                            lambda: self.feed(LeaseReturned(g.lease_id, "env_died")))
+                return
+            self.at(self.now + self.net(), lambda: self.router_invoke(router, g, m + 1))
+        self.at(self.now + duration, end)
+
+    def revoke(self, r: RevokeLease) -> None:
+        agent = self.agents[r.agent_id]
+
+        def land() -> None:
+            if not agent.up:
+                return  # AgentLost ends the lease
+            env = agent.envs.get(r.env_id)
+            if env is not None and env.lease == r.lease_id and env.busy is not None:
+                env.revoking = r.lease_id  # confirmed when the running invocation ends
+                return
+            if env is not None and env.lease == r.lease_id:
+                env.lease = None
+            alive = env is not None  # the agent says whether the environment outlived the lease
+            self.at(self.now + self.net(), lambda: self.feed(LeaseRevoked(r.lease_id, alive)))
+        self.at(self.now + self.net(), land)
+
+    def router_fault(self) -> None:
+        if self.now >= self.cfg.fault_phase_ms or not self.holders:
+            return
+        i = self.rng.randrange(len(self.holders))
+        old = self.holders[i]
+        self.gen += 1
+        self.holders[i] = f"rt{i}.{self.gen}"
+        self.log(f"router {old} dies")
+        self.at(self.now + self.rng.randint(5, 50), lambda: self.feed(LeaseHolderLost(old)))
+        self.at(self.now + self.rng.randint(*self.cfg.crash_gap_ms) * 2, self.router_fault)
 
     # -- faults ----------------------------------------------------------------------------------
     def kill(self, agent: FakeAgent, down_ms: int) -> None:
@@ -340,7 +458,7 @@ class World:
         agent.epoch += 1
         for env in agent.envs.values():
             if env.busy is not None:
-                self.handler_ended(env)
+                self.handler_ended(env, alive=False)
         agent.envs.clear()
         agent.memory.clear()
         pending, agent.pending = agent.pending, {}
@@ -387,8 +505,13 @@ class World:
         key = self.rng.choice(sorted(self.fns))
         fn = self.fns[key]
         rid = f"r{n}"
-        self.sent[rid] = (self.now, fn)
+        self.track(rid, fn)
         self.feed(InvokeRequested(rid, fn))
+
+    def track(self, rid: str, fn: FunctionRef) -> None:
+        self.sent[rid] = (self.now, fn)
+        bound = self.now + fn.timeout_ms + self.cfg.params.answer_slack_ms + self.cfg.tick_ms
+        heapq.heappush(self._bounds, (bound, rid))
 
     def answer(self, rid: str, ok: bool) -> None:
         if rid in self.answers:
@@ -402,12 +525,12 @@ class World:
 
     def check_deadlines(self) -> None:
         """The clients' own timeouts: a request not answered by its bound is a violation."""
-        for rid, (sent_at, fn) in self.sent.items():
-            if rid in self.answers:
-                continue
-            bound = sent_at + fn.timeout_ms + self.cfg.params.answer_slack_ms + self.cfg.tick_ms
-            if self.now > bound:
-                raise Violation(f"{rid} ({fn.key}) not answered by {bound} (its client gave up)")
+        while self._bounds and self._bounds[0][1] in self.answers:
+            heapq.heappop(self._bounds)
+        if self._bounds and self.now > self._bounds[0][0]:
+            bound, rid = self._bounds[0]
+            raise Violation(f"{rid} ({self.sent[rid][1].key}) not answered by {bound} (its "
+                            "client gave up)")
 
     def check_provisioned(self) -> None:
         for key, target in self.provisioned.items():
@@ -425,6 +548,11 @@ class World:
             self.feed(ProvisionedSet(self.fns[key], n))
         for n in range(cfg.requests):
             self.at(self.rng.randint(0, cfg.fault_phase_ms), functools.partial(self.send, n))
+        for n in range(cfg.leases):
+            self.at(self.rng.randint(0, cfg.fault_phase_ms),
+                    functools.partial(self.send_lease, n, n % max(1, cfg.routers)))
+        if cfg.routers:
+            self.at(self.rng.randint(*cfg.crash_gap_ms) * 2, self.router_fault)
         self.at(self.rng.randint(*cfg.crash_gap_ms), self.fault)
         self.at(cfg.tick_ms, self.tick)
         self.at(cfg.poll_ms, self.poll)
@@ -437,6 +565,9 @@ class World:
             if missing:
                 raise Violation(f"never answered: {missing[:5]}")
             self.check_provisioned()
+            if self.core.requests or self.core.inflight_total:
+                raise Violation(f"slots still held after the quiet phase: "
+                                f"{sorted(self.core.requests)[:5]}")
         except Violation as e:
             return SimResult(self.seed, False, f"seed {self.seed}: {e}", len(self.sent),
                              self.answered_ok, self.events)
