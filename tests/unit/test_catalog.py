@@ -48,11 +48,8 @@ class Envs:
     def retire_function(self, function_key: str) -> None:
         self.calls.append(("retire", function_key))
 
-    def set_provisioned(self, function_key: str, count: int) -> None:
-        self.calls.append(("provisioned", (function_key, count)))
-
-    def fill_provisioned(self) -> None:
-        self.calls.append(("fill", None))
+    def set_provisioned(self, rec: Any, count: int) -> None:
+        self.calls.append(("provisioned", (rec.key, count)))
 
     def provisioned_ready(self, function_key: str) -> int:
         return self.ready.get(function_key, 0)
@@ -94,7 +91,7 @@ def test_the_catalog_tells_the_invoke_side_what_changed(tmp_path: Any) -> None:
     key = f"{ACCOUNT}/f/{v1['Version']}/{catalog.function(ACCOUNT, 'f').revision}"
     doc = catalog.put_provisioned(ACCOUNT, "f", v1["Version"],
                                   {"ProvisionedConcurrentExecutions": 2})
-    assert envs.calls == [("provisioned", (key, 2)), ("fill", None)]
+    assert envs.calls == [("provisioned", (key, 2))]
     assert doc["Status"] == "IN_PROGRESS" and doc["LastModified"] == "2023-11-14T22:13:20.250+0000"
     envs.ready[key] = 2
     assert catalog.provisioned_doc(ACCOUNT, "f", v1["Version"])["Status"] == "READY"

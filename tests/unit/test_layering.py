@@ -34,9 +34,6 @@ ALLOWED_PRIVATE = {
     # os._exit is the documented way to end a forked child without running atexit handlers.
     ("agent/server.py", "os._exit"), ("region/supervisor.py", "os._exit"),
     ("sandbox/guest.py", "os._exit"), ("sandbox/zygote.py", "os._exit"),
-    # The invoke path of frontend/cell.py is being rewritten into core + shell (issue #13);
-    # that rewrite uses Placement.env_id_prefix instead.
-    ("frontend/cell.py", "self.placement._prefix"),
 }
 IO_MODULES = {"asyncio", "socket", "subprocess", "sqlite3", "os", "shutil", "urllib", "http",
               "ssl", "select", "selectors", "threading", "multiprocessing", "time", "signal",

@@ -649,8 +649,12 @@ class Agent:
     async def status(self, body: Any = None) -> dict[str, Any]:
         if isinstance(body, dict) and body.get("light"):
             # The frontend's liveness poll: no per-environment cgroup or smaps reads.
+            # envs_max and memory_mb_max (configured memory it accepts in all): the frontend's
+            # placement counts against them instead of learning them from AgentFull.
             return {"agent_id": self.agent_id, "pid": os.getpid(),
-                    "envs": [{"env_id": e} for e in self.envs], "counters": dict(self.counters)}
+                    "envs": [{"env_id": e} for e in self.envs], "counters": dict(self.counters),
+                    "envs_max": self.envs_max,
+                    "memory_mb_max": int(self.oversubscription * self.memory_budget_bytes) >> 20}
         net: dict[str, Any] = {}
         if self.network is not None:
             try:

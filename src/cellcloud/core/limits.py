@@ -64,6 +64,12 @@ class Limits:
     # placed again, on a fresh environment, at most this many times (the frontend's one retry
     # layer); the agent remembers at most this many gone environment ids to answer EnvGone.
     env_gone_retries_max: int = 3
+    # A sync invoke is answered at the latest this long after its function's timeout, whatever
+    # the agents do (core/invoke.py answers it with a ServiceException on the first tick past).
+    invoke_answer_slack_ms: int = 60_000
+    # A router's lease on a warm environment (core/invoke.py) lasts at most this long; then it
+    # is revoked (the agent refuses further invocations under it).
+    invoke_lease_ms: int = 60_000
     gone_env_ids_remembered_max: int = 1024
     # The function catalog (frontend/functions.py; Lambda's quotas where Lambda has one).
     list_page_items_max: int = 50  # items in one page of any List* answer

@@ -28,6 +28,7 @@ class Env:
     retired: bool = False
     invocations: int = 0
     provisioned: bool = False  # part of a provisioned-concurrency pool: never idle-reaped
+    memory_mb: int = 0  # configured memory, counted against its agent's memory_mb_max
 
 
 @dataclass
@@ -36,6 +37,11 @@ class Agent:
     envs_max: int
     up: bool = True
     envs: set[str] = field(default_factory=set)
+    # Configured memory the agent accepts in all (its budget × oversubscription); None: not
+    # known, only envs_max limits it. The placement counts it so the frontend need not learn
+    # it from the agent's AgentFull refusals.
+    memory_mb_max: int | None = None
+    memory_mb: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class Placement:
         self._per_agent_fn: dict[tuple[str, str], int] = {}
         # function_key -> provisioned concurrency target (environments kept warm ahead of use).
         self.provisioned: dict[str, int] = {}
+        # function_key -> configured memory of one environment (for the agents' memory caps).
+        self.memory_mb: dict[str, int] = {}
 
     @property
     def env_id_prefix(self) -> str:
@@ -86,13 +94,15 @@ class Placement:
         return self._prefix
 
     # -- agents -----------------------------------------------------------------------------
-    def add_agent(self, agent_id: str, envs_max: int) -> None:
+    def add_agent(self, agent_id: str, envs_max: int, memory_mb_max: int | None = None) -> None:
         agent = self.agents.get(agent_id)
         if agent is None:
-            self.agents[agent_id] = Agent(agent_id, envs_max)
+            self.agents[agent_id] = Agent(agent_id, envs_max, memory_mb_max=memory_mb_max)
         else:
             agent.envs_max = envs_max
             agent.up = True
+            if memory_mb_max is not None:
+                agent.memory_mb_max = memory_mb_max
 
     def agent_down(self, agent_id: str) -> list[str]:
         """The agent is unreachable: forget its environments (they are lost to this cell)."""
@@ -114,6 +124,13 @@ class Placement:
         now_ms: int,
         eligible_agents: Iterable[str] | None = None,
     ) -> Decision:
+        # The limit holds for warm environments too: a provisioned pool may hold more idle
+        # environments than the limit leaves room for (found by frontend/sim.py).
+        if self._active.get(function_key, 0) >= concurrency_max:
+            return Throttle(
+                "ReservedFunctionConcurrentInvocationLimitExceeded",
+                f"Rate Exceeded. Function concurrency limit of {concurrency_max} reached.",
+            )
         idle = self._idle.get(function_key)
         if idle:
             env = self.envs[idle.pop()]
@@ -123,11 +140,6 @@ class Placement:
             env.invocations += 1
             self._active[function_key] = self._active.get(function_key, 0) + 1
             return Use(env.env_id, env.agent_id)
-        if self._active.get(function_key, 0) >= concurrency_max:
-            return Throttle(
-                "ReservedFunctionConcurrentInvocationLimitExceeded",
-                f"Rate Exceeded. Function concurrency limit of {concurrency_max} reached.",
-            )
         agent = self._choose_agent(function_key, eligible_agents)
         if agent is None:
             return Throttle(
@@ -136,9 +148,11 @@ class Placement:
             )
         env_id = f"{self._prefix}-{self._next_id}"
         self._next_id += 1
-        env = Env(env_id, function_key, agent.agent_id, "creating", now_ms, invocations=1)
+        env = Env(env_id, function_key, agent.agent_id, "creating", now_ms, invocations=1,
+                  memory_mb=self.memory_mb.get(function_key, 0))
         self.envs[env_id] = env
         agent.envs.add(env_id)
+        agent.memory_mb += env.memory_mb
         self._active[function_key] = self._active.get(function_key, 0) + 1
         key = (agent.agent_id, function_key)
         self._per_agent_fn[key] = self._per_agent_fn.get(key, 0) + 1
@@ -151,8 +165,11 @@ class Placement:
         )
         best: Agent | None = None
         best_score: tuple[int, int, str] | None = None
+        memory_mb = self.memory_mb.get(function_key, 0)
         for agent in candidates:
             if not agent.up or len(agent.envs) >= agent.envs_max:
+                continue
+            if agent.memory_mb_max is not None and agent.memory_mb + memory_mb > agent.memory_mb_max:
                 continue
             score = (
                 self._per_agent_fn.get((agent.agent_id, function_key), 0),
@@ -191,8 +208,10 @@ class Placement:
                 env_id = f"{self._prefix}-{self._next_id}"
                 self._next_id += 1
                 self.envs[env_id] = Env(env_id, function_key, agent.agent_id, "creating",
-                                        now_ms, provisioned=True)
+                                        now_ms, provisioned=True,
+                                        memory_mb=self.memory_mb.get(function_key, 0))
                 agent.envs.add(env_id)
+                agent.memory_mb += self.envs[env_id].memory_mb
                 key = (agent.agent_id, function_key)
                 self._per_agent_fn[key] = self._per_agent_fn.get(key, 0) + 1
                 out.append(Create(env_id, agent.agent_id))
@@ -270,6 +289,7 @@ class Placement:
         agent = self.agents.get(env.agent_id)
         if agent is not None:
             agent.envs.discard(env_id)
+            agent.memory_mb -= env.memory_mb
         key = (env.agent_id, env.function_key)
         self._per_agent_fn[key] -= 1
         if not self._per_agent_fn[key]:
@@ -284,7 +304,8 @@ class Placement:
 
     def statistics(self) -> dict[str, object]:
         per_agent = {
-            a.agent_id: {"up": a.up, "envs": len(a.envs), "envs_max": a.envs_max}
+            a.agent_id: {"up": a.up, "envs": len(a.envs), "envs_max": a.envs_max,
+                         "memory_mb": a.memory_mb, "memory_mb_max": a.memory_mb_max}
             for a in self.agents.values()
         }
         states: dict[str, int] = {"creating": 0, "idle": 0, "busy": 0}

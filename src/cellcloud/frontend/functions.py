@@ -57,11 +57,9 @@ class Environments(Protocol):
     def retire_function(self, function_key: str) -> None:
         """A record was replaced or deleted: its environments go (none is reused)."""
 
-    def set_provisioned(self, function_key: str, count: int) -> None:
-        """The provisioned pool of one version: ``count`` environments kept warm (0: none)."""
-
-    def fill_provisioned(self) -> None:
-        """Start the environments the provisioned pools lack (the cell does, asynchronously)."""
+    def set_provisioned(self, rec: FunctionRecord, count: int) -> None:
+        """The provisioned pool of one version: ``count`` environments kept warm (0: none);
+        the cell starts what the pool lacks, asynchronously."""
 
     def provisioned_ready(self, function_key: str) -> int:
         """Provisioned environments of the version that are up (not being created)."""
@@ -627,8 +625,7 @@ class Catalog:
         rules.check_provisioned_within_reserved(n, self.reserved(account, name))
         self.store.put_provisioned(account, name, qualifier, n)
         self.provisioned[(account, name, qualifier)] = (rec, n, self._now_iso())
-        self.envs.set_provisioned(rec.key, n)
-        self.envs.fill_provisioned()
+        self.envs.set_provisioned(rec, n)
         return self.provisioned_doc(account, name, qualifier)
 
     def provisioned_doc(self, account: str, name: str, qualifier: str) -> dict[str, Any]:
@@ -650,7 +647,7 @@ class Catalog:
         self.provisioned_doc(account, name, qualifier)  # 404 if absent
         rec, _, _ = self.provisioned.pop((account, name, qualifier))
         self.store.put_provisioned(account, name, qualifier, None)
-        self.envs.set_provisioned(rec.key, 0)
+        self.envs.set_provisioned(rec, 0)
 
     def load_provisioned(self) -> None:
         """At start: the provisioned pools configured before a restart."""
@@ -660,7 +657,7 @@ class Catalog:
             except LambdaError:
                 continue
             self.provisioned[(account, name, qualifier)] = (rec, n, self._now_iso())
-            self.envs.set_provisioned(rec.key, n)
+            self.envs.set_provisioned(rec, n)
 
     def provisioned_records(self) -> dict[str, FunctionRecord]:
         """The versions provisioned pools keep warm, by placement key."""

@@ -75,6 +75,10 @@ class CallTimeout(TransportError):
     pass
 
 
+class NotDelivered(TransportError):
+    """The call never left: no connection, or the peer is not one we may call."""
+
+
 class RemoteError(Exception):
     """The peer ran the op and it raised; ``type`` is the peer's error type name."""
 
@@ -391,13 +395,13 @@ class Client:
                     self._connect_timeout_s,
                 )
             except (OSError, TimeoutError) as e:
-                raise TransportError(f"cannot connect to {self.host}:{self.port}: {e!r}") from e
+                raise NotDelivered(f"cannot connect to {self.host}:{self.port}: {e!r}") from e
             if self._peer_check is not None and (
                     proto.transport is None
                     or not self._peer_check(proto.transport.get_extra_info("peercert"))):
                 if proto.transport is not None:
                     proto.transport.close()
-                raise TransportError(f"{self.host}:{self.port} is not a peer we may call "
+                raise NotDelivered(f"{self.host}:{self.port} is not a peer we may call "
                                      "(its certificate names another role)")
             self._proto = proto
             return proto
@@ -409,7 +413,7 @@ class Client:
             proto = await self._connect()
         transport = proto.transport
         if transport is None:
-            raise TransportError("connection lost before send")
+            raise NotDelivered("connection lost before send")
         if len(proto.pending) >= calls_in_flight_max:
             raise TransportError("too many calls in flight on one connection")
         call_id = next(self._ids)

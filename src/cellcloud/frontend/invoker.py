@@ -1,0 +1,367 @@
+"""The invoke path's shell: feeds stimuli to the sans-IO core (``core/invoke.py``) and executes
+its instructions with the agents (the transport ``Client``) and asyncio tasks.
+
+Rules the core relies on (the simulator, ``frontend/sim.py``, follows the same): every
+``CreateEnv`` gets exactly one ``EnvCreated``/``EnvCreateFailed``, every ``RunInvoke`` exactly
+one ``InvokeFinished``; a caller waits for its request's ``Answer`` or ``Throttle``. Time is the
+injected ``clock`` (seconds, ``time.time`` by default), passed to the core in milliseconds.
+
+What stays here because it is I/O: the create body and the BundleMissing push loop (the agent
+names a bundle it lacks, we push it, at most once each), AgentDraining retries with capped
+backoff and full jitter (an agent being replaced in place), destroys and the logs they return,
+and mapping the agents' answers to stimuli.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..core import errors
+from ..core.errors import LambdaError
+from ..core.invoke import (
+    AgentBack,
+    AgentLost,
+    Answer,
+    CreateEnv,
+    CreateFailure,
+    DestroyEnv,
+    EnvCreated,
+    EnvCreateFailed,
+    FunctionRef,
+    FunctionRetired,
+    Instruction,
+    InvokeCore,
+    InvokeFinished,
+    InvokeOutcome,
+    InvokeParams,
+    InvokeRequested,
+    MarkAgentDown,
+    ProvisionedSet,
+    RunInvoke,
+    Stimulus,
+    Throttle,
+    Tick,
+)
+from ..transport import Client, NotDelivered, RemoteError, TransportError
+from .events import RESERVED_ZERO_HEADER
+from .store import FunctionRecord, function_arn
+
+if TYPE_CHECKING:
+    from .cell import Cell
+
+log = logging.getLogger("cellcloud.frontend")
+
+agent_draining_retries_max = 40  # ~20 s of backoff: an agent handover takes well under that
+
+
+class InvokeResult:
+    __slots__ = ("status", "payload", "function_error", "logs", "request_id", "executed_version")
+
+    def __init__(
+        self,
+        payload: bytes,
+        function_error: str | None,
+        logs: bytes,
+        request_id: str,
+        executed_version: str = "$LATEST",
+    ) -> None:
+        self.status = 200
+        self.payload = payload
+        self.function_error = function_error
+        self.logs = logs
+        self.request_id = request_id
+        self.executed_version = executed_version
+
+
+def function_ref(rec: FunctionRecord, reserved: int | None) -> FunctionRef:
+    return FunctionRef(rec.key, f"{rec.account}/{rec.name}", rec.timeout_s * 1000,
+                       rec.memory_mb, reserved)
+
+
+class _Call:
+    __slots__ = ("request_id", "rec", "invoked_arn", "payload", "log_tail", "done", "reply")
+
+    def __init__(self, request_id: str, rec: FunctionRecord, invoked_arn: str, payload: bytes,
+                 log_tail: bool, done: asyncio.Future[Instruction]) -> None:
+        self.request_id = request_id  # the caller's (sent to the agent, returned)
+        self.rec = rec
+        self.invoked_arn = invoked_arn
+        self.payload = payload
+        self.log_tail = log_tail
+        self.done = done
+        self.reply: dict[str, Any] | None = None
+
+
+class Invoker:
+    def __init__(self, cell: Cell, *, clock: Callable[[], float],
+                 invokes_inflight_max: int) -> None:
+        self.cell = cell
+        self.clock = clock
+        self.core = InvokeCore(
+            cell.placement, poison=cell.poison, sharder=cell.sharder,
+            params=InvokeParams.from_limits(cell.limits, invokes_inflight_max))
+        self._calls: dict[str, _Call] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seq = 0
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # -- stimuli in, instructions out ------------------------------------------------------------
+    def feed(self, stimulus: Stimulus) -> None:
+        for ins in self.core.handle(stimulus, self.now_ms()):
+            self._execute(ins)
+
+    def _execute(self, ins: Instruction) -> None:
+        match ins:
+            case CreateEnv():
+                self._spawn(self._create(ins))
+            case RunInvoke():
+                self._spawn(self._run(ins))
+            case DestroyEnv():
+                self.destroy_soon(ins.env_id, ins.agent_id)
+            case Answer() | Throttle():
+                call = self._calls.pop(ins.request_id, None)
+                if call is not None and not call.done.done():
+                    call.done.set_result(ins)
+            case MarkAgentDown():
+                self.cell.counters["agent_failures"] += 1
+                self.cell.failed_agents.setdefault(
+                    ins.agent_id, {"since": _now_iso(self.clock()), "error": ins.detail[:200]})
+                log.warning("agent %s unreachable (%s); %d environments lost", ins.agent_id,
+                            ins.detail, ins.envs_lost)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the caller's side ----------------------------------------------------------------------
+    async def invoke(self, rec: FunctionRecord, invoked_arn: str, payload: bytes, log_tail: bool,
+                     reserved: int | None, request_id: str | None = None) -> InvokeResult:
+        request_id = request_id or str(uuid.uuid4())
+        # The core's key for this call: the caller's id unless that is in flight already (an
+        # async event redelivered while its first delivery still runs keeps its request id).
+        key = request_id
+        while key in self._calls or key in self.core.requests:
+            self._seq += 1
+            key = f"{request_id}#{self._seq}"
+        done: asyncio.Future[Instruction] = asyncio.get_running_loop().create_future()
+        # The entry goes when the core answers (a caller that goes away leaves it to the
+        # core's deadline).
+        call = self._calls[key] = _Call(request_id, rec, invoked_arn, payload, log_tail, done)
+        counters = self.cell.counters
+        self.feed(InvokeRequested(key, function_ref(rec, reserved)))
+        if not (done.done() and isinstance(done.result(), Throttle)
+                and key not in self.core.requests):
+            counters["invocations"] += 1
+        ins = await done
+        if isinstance(ins, Throttle):
+            counters["throttles"] += 1
+            err = errors.too_many(ins.message, ins.reason)
+            if ins.reserved_zero:  # async events of this function go to on-failure at once
+                err.http_headers[RESERVED_ZERO_HEADER] = "0"
+            raise err
+        assert isinstance(ins, Answer)
+        if not ins.ok:
+            raise LambdaError(ins.status, ins.error_type, ins.message)
+        res = call.reply
+        assert res is not None
+        logs: bytes = res.get("logs") or b""
+        if logs:
+            self.cell.file_logs(rec.key, logs, request_id)
+        if res["function_error"]:
+            counters["function_errors"] += 1
+        return InvokeResult(res["payload"], res["function_error"],
+                            logs[-self.cell.limits.log_tail_bytes:] if log_tail else b"",
+                            request_id, rec.version)
+
+    # -- provisioned pools, retirement, agents, time ---------------------------------------------
+    def provisioned(self, rec: FunctionRecord, count: int) -> None:
+        self.feed(ProvisionedSet(function_ref(rec, None), count))
+
+    def retire(self, function_key: str) -> None:
+        self.feed(FunctionRetired(function_key))
+
+    def agent_lost(self, agent_id: str, detail: str) -> None:
+        self.feed(AgentLost(agent_id, detail))
+
+    def agent_back(self, agent_id: str, envs_max: int, memory_mb_max: int | None) -> None:
+        self.feed(AgentBack(agent_id, envs_max, memory_mb_max))
+
+    def tick(self) -> None:
+        self.feed(Tick())
+
+    # -- agent operations ------------------------------------------------------------------------
+    async def call_agent(self, client: Client, op: str, body: dict[str, Any],
+                         timeout_s: float) -> Any:
+        """One agent call; an agent being replaced in place (live update) answers
+        AgentDraining before it ran anything, so the call is repeated — on a fresh connection,
+        which its successor accepts — with capped exponential backoff and full jitter."""
+        for attempt in range(agent_draining_retries_max):
+            try:
+                return await client.call(op, body, timeout_s=timeout_s)
+            except RemoteError as e:
+                if e.type != "AgentDraining" or attempt == agent_draining_retries_max - 1:
+                    raise
+            await client.close()
+            await asyncio.sleep(self.cell.rng.uniform(0, min(1.0, 0.02 * 2 ** attempt)))
+        raise AssertionError("unreachable")
+
+    async def _create(self, ins: CreateEnv) -> None:
+        """Exactly one EnvCreated or EnvCreateFailed for the env, whatever happens."""
+        reason: CreateFailure | None = "error"
+        detail = ""
+        try:
+            rec = self._record_for(ins)
+            if rec is None:
+                detail = f"no function record for {ins.function_key}"
+            else:
+                reason, detail = await self._create_pinned(rec, ins)
+        finally:
+            self.feed(EnvCreated(ins.env_id) if reason is None
+                      else EnvCreateFailed(ins.env_id, reason, detail))
+
+    def _record_for(self, ins: CreateEnv) -> FunctionRecord | None:
+        if ins.request_id is not None:
+            call = self._calls.get(ins.request_id)
+            if call is not None:
+                return call.rec
+        return self.cell.catalog.provisioned_records().get(ins.function_key)
+
+    async def _create_pinned(self, rec: FunctionRecord,
+                             ins: CreateEnv) -> tuple[CreateFailure | None, str]:
+        """Pins the function's bundles for the duration: they may be pushed to the agent."""
+        digests = rec.bundle_digests()
+        self.cell.catalog.pin_bundles(digests)
+        try:
+            return await self._create_call(rec, ins)
+        finally:
+            self.cell.catalog.unpin_bundles(digests)
+
+    async def _create_call(self, rec: FunctionRecord,
+                           ins: CreateEnv) -> tuple[CreateFailure | None, str]:
+        cell = self.cell
+        limits = cell.limits
+        client = cell.agents[ins.agent_id]
+        body: dict[str, Any] = {
+            "env_id": ins.env_id,
+            "function_key": rec.key,
+            "bundle_sha256": rec.code_sha256,
+            "create_timeout_ms": limits.env_create_timeout_ms,
+            "function": {
+                "name": rec.name,
+                "arn": function_arn(cell.region, rec.account, rec.name),
+                "handler": rec.handler,
+                "runtime": rec.runtime,
+                "memory_mb": rec.memory_mb,
+                "timeout_s": rec.timeout_s,
+                "environment": rec.environment,
+                "ephemeral_mb": rec.ephemeral_mb,
+                "version": rec.version,
+                "network": rec.network,
+                "net_allow": list(rec.net_allow),
+                "layers": [layer["sha256"] for layer in rec.layers],
+            },
+        }
+        timeout_s = limits.env_create_timeout_ms / 1000 + 5
+        pushed: dict[str, bytes] = {}
+        body["bundles"] = pushed
+        try:
+            # The agent keeps bundles by digest; push only the ones it says it lacks (the code,
+            # then each layer), at most once each.
+            for _ in range(2 + len(body["function"].get("layers", []))):
+                try:
+                    await self.call_agent(client, "create_env", body, timeout_s)
+                    return None, ""
+                except RemoteError as e:
+                    sha = str(e.data.get("sha256", ""))
+                    if e.type != "BundleMissing" or not sha or sha in pushed:
+                        raise
+                    pushed[sha] = cell.store.get_bundle(sha)
+            raise RemoteError("BundleMissing", "the agent kept asking for bundles")
+        except TransportError as e:
+            return "unreachable", str(e)
+        except RemoteError as e:
+            log.warning("agent %s could not create env: %s", ins.agent_id, e)
+            reasons: dict[str, CreateFailure] = {"AgentFull": "agent_full",
+                                                 "HostMemoryExhausted": "host_memory",
+                                                 "BundleMissing": "bundle_missing"}
+            return reasons.get(e.type, "error"), str(e)
+
+    async def _run(self, ins: RunInvoke) -> None:
+        """Exactly one InvokeFinished for the request, whatever happens."""
+        outcome: InvokeOutcome = "env_error"
+        detail = ""
+        call = self._calls.get(ins.request_id)
+        try:
+            if call is None:  # the caller went away: nothing to run
+                outcome, detail = "env_gone", "the caller went away"
+                return
+            outcome, detail = await self._run_call(call, ins)
+        finally:
+            counters = self.cell.counters
+            if outcome == "env_gone":
+                counters["envs_gone"] = counters.get("envs_gone", 0) + 1
+            elif outcome == "env_died":
+                counters["env_failures"] = counters.get("env_failures", 0) + 1
+            self.feed(InvokeFinished(ins.request_id, outcome, detail))
+
+    async def _run_call(self, call: _Call, ins: RunInvoke) -> tuple[InvokeOutcome, str]:
+        cell = self.cell
+        rec = call.rec
+        timeout_ms = rec.timeout_s * 1000
+        try:
+            res = await self.call_agent(cell.agents[ins.agent_id], "invoke", {
+                "env_id": ins.env_id,
+                "request_id": call.request_id,
+                "payload": call.payload,
+                "timeout_ms": timeout_ms,
+                "arn": call.invoked_arn,
+            }, timeout_ms / 1000 + cell.limits.agent_call_timeout_ms / 1000)
+        except NotDelivered as e:  # never reached the agent: nothing ran
+            return "not_delivered", str(e)
+        except TransportError as e:  # the handler may have run
+            return "transport_lost", str(e)
+        except RemoteError as e:
+            if e.type in ("EnvGone", "EnvNotFound"):
+                # The agent placed nothing: the environment had died (or its agent restarted
+                # without it). No handler code ran, so the core places the invoke again.
+                return "env_gone", str(e)
+            if e.type == "EnvReset":
+                cell.file_logs(rec.key, e.data.get("logs"))
+                return "env_reset", str(e)
+            return "env_error", str(e)
+        cell.file_logs(rec.key, res.get("previous_logs"))
+        call.reply = res
+        if not res.get("env_alive", True):
+            # Crashed or timed out but its host survived: the jail contained it; counted, but
+            # an ordinary Lambda error, not a poison.
+            return "env_died", ""
+        return ("function_error" if res["function_error"] else "ok"), ""
+
+    def destroy_soon(self, env_id: str, agent_id: str) -> None:
+        self._spawn(self.destroy(env_id, agent_id))
+
+    async def destroy(self, env_id: str, agent_id: str) -> None:
+        cell = self.cell
+        try:
+            res = await cell.agents[agent_id].call(
+                "destroy", {"env_id": env_id},
+                timeout_s=cell.limits.agent_call_timeout_ms / 1000)
+        except (TransportError, RemoteError) as e:
+            log.info("destroy %s on %s: %s", env_id, agent_id, e)
+            return
+        # What the environment wrote during its SHUTDOWN phase (its extensions' last words)
+        # belongs to the function's logs, as on Lambda.
+        if isinstance(res, dict):
+            cell.file_logs(str(res.get("function_key") or ""), res.get("logs"))
+
+
+def _now_iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}+0000"
