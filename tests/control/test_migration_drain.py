@@ -24,18 +24,18 @@ def test_async_events_hold_the_drain(tmp_path: Any) -> None:
     store.insert(Event("e1", "111111111111", "fn", "$LATEST", b"{}", 0, 3, 0, 0))
     store.insert(Event("e2", "222222222222", "fn", "$LATEST", b"{}", 0, 3, 0, 0))
     assert tenant_inflight(cell, "111111111111") == 1  # its own event, not the other tenant's
-    cell._inflight[("111111111111", "fn")] = 2
+    cell.invoker.core.inflight["111111111111/fn"] = 2
     assert tenant_inflight(cell, "111111111111") == 3
     claimed = store.claim("dispatcher", now=1, total=10, per_function_max=4, inflight={})
     for ev in claimed:
         if ev.account == "111111111111":
             assert tenant_inflight(cell, "111111111111") == 3  # leased still counts
             store.complete(ev.id, "dispatcher")
-    cell._inflight.clear()
+    cell.invoker.core.inflight.clear()
     assert tenant_inflight(cell, "111111111111") == 0
 
 
 def test_a_cell_without_an_async_path_counts_sync_only(tmp_path: Any) -> None:
     cell = _cell(tmp_path, None)
-    cell._inflight[("111111111111", "fn")] = 1
+    cell.invoker.core.inflight["111111111111/fn"] = 1
     assert tenant_inflight(cell, "111111111111") == 1
