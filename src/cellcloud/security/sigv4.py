@@ -158,7 +158,7 @@ def verify(
 
 # -- canonicalisation (pure) -----------------------------------------------------------------
 _UNRESERVED_RUN = re.compile(r"[A-Za-z0-9\-_.~]*")
-_PLAIN_PATH = re.compile(r"[A-Za-z0-9\-_.~/]*")
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9\-_.~/%]*")
 
 
 def _bytes(s: str) -> bytes:
@@ -189,7 +189,9 @@ def canonical_path(raw_path: str, *, normalize: bool = True) -> str:
         return "/"
     if normalize and raw_path[0] == "/" and "//" not in raw_path and "/." not in raw_path \
             and _PLAIN_PATH.fullmatch(raw_path):
-        return raw_path  # the common case: nothing to remove, nothing to encode
+        # The common case: no dot segment or empty segment to remove, and nothing to encode
+        # but the '%' of the client's own encoding.
+        return raw_path.replace("%", "%25")
     path = _remove_dot_segments(raw_path) if normalize else raw_path
     return quote(_bytes(path), safe="/~") if path else "/"
 
@@ -221,7 +223,11 @@ def canonical_request(method: str, raw_path: str, raw_query: str,
     lines = [method.upper(), canonical_path(raw_path, normalize=normalize),
              canonical_query(raw_query)]
     for name in signed:
-        lines.append(f"{name}:" + ",".join(" ".join(v.split()) for v in headers[name]))
+        values = headers[name]
+        if len(values) == 1:  # the common case, without a generator
+            lines.append(f"{name}:{' '.join(values[0].split())}")
+        else:
+            lines.append(f"{name}:" + ",".join(" ".join(v.split()) for v in values))
     lines.append("")
     lines.append(";".join(signed))
     lines.append(payload_hash)
@@ -236,7 +242,7 @@ def string_to_sign(amz_date: str, region: str, service: str, canonical: str) -> 
 
 def signature(secret: str, amz_date: str, region: str, service: str, to_sign: str) -> str:
     key = _signing_key(secret, amz_date[:8], region, service)
-    return hmac.new(key, _bytes(to_sign), hashlib.sha256).hexdigest()
+    return hmac.digest(key, _bytes(to_sign), "sha256").hex()
 
 
 @functools.lru_cache(maxsize=1024)
