@@ -375,6 +375,69 @@ class BareServer:
                 self.proc.wait()
 
 
+class GranianServer:
+    """(b'), with --granian: the same bare app under granian (Rust HTTP server, 1 worker), to
+    see whether a compiled HTTP server pays. A bench option only; granian is not a
+    dependency: install it where this interpreter finds it (``pip install granian``)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return subprocess.run([sys.executable, "-c", "import granian"],
+                              capture_output=True).returncode == 0
+
+    def start(self) -> tuple[str, int]:
+        # granian binds by itself: a free port picked here (a benchmark, not a service).
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1", "--runtime-threads", "1",
+             "--loop", "uvloop", "--http", "1", "--no-ws", "--log-level", "warning",
+             "bench.invoke_path:bare_app"], stdin=subprocess.DEVNULL, cwd=os.getcwd())
+        deadline = time.monotonic() + 60
+        while True:  # answered once granian's worker is up
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("POST", "/", body=BODY, headers={"content-type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                conn.close()
+                if resp.status != 200:
+                    raise RuntimeError(f"granian answered {resp.status}")
+                return "127.0.0.1", port
+            except ConnectionRefusedError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("granian did not start") from None
+                time.sleep(0.1)  # polling for a port to open, bounded by the deadline above
+
+    def pids(self) -> list[int]:
+        """granian's main process and its worker(s)."""
+        assert self.proc is not None
+        pids, frontier = [self.proc.pid], [self.proc.pid]
+        while frontier:
+            pid = frontier.pop()
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        kids = [int(k) for k in f.read().split()]
+                    pids += kids
+                    frontier += kids
+        return pids
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 # -- (c) ---------------------------------------------------------------------------------------
 class Region:
     def __init__(self, home: str, insecure: bool = False) -> None:
@@ -705,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-compare", action="store_true",
                     help="also run (c) with --insecure (plain-text internal links), same run: "
                          "the cost of mTLS")
+    ap.add_argument("--granian", action="store_true",
+                    help="also serve the bare app with granian (b'), same run: does a compiled "
+                         "HTTP server pay? (granian must be importable; not a dependency)")
     ap.add_argument("--json", default=None, help="result file (default bench/results/...)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (region logs)")
     ap.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
@@ -747,6 +813,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print("(b) starting bare uvicorn ...", flush=True)
         bhost, bport = bare.start()
+        granian = GranianServer() if args.granian else None
+        if granian is not None and not granian.available():
+            raise SystemExit("--granian: granian is not importable here (pip install granian)")
+        if granian is not None:
+            print("(b') starting bare granian ...", flush=True)
+            ghost, gport = granian.start()
         print("(c) starting a region ...", flush=True)
         t0 = time.monotonic()
         region.start()
@@ -801,6 +873,14 @@ def main(argv: list[str] | None = None) -> int:
             return r
 
         result["b_load"] = run_load(bhost, bport, bgroups)
+        if granian is not None:
+            ggroups = {"granian": granian.pids()}
+            with CpuMeter(ggroups) as m:
+                result["g_latency"] = sequential_latency(ghost, gport, INVOKE_PATH, ckey,
+                                                         args.requests, args.warmup)
+            result["g_latency"]["cpu_ms_per_req"] = m.per_request_ms(args.requests + args.warmup)
+            result["g_load"] = run_load(ghost, gport, ggroups)
+            granian.stop()
         k0 = region.counters()
         result["c_load"] = run_load(chost, cport, rpids)
         result["c_load"]["region_counters_delta"] = _delta(k0, region.counters())
@@ -880,6 +960,12 @@ def report(r: dict[str, Any]) -> None:
         print(f"{label:<34} {lat['p50_ms']:>7.3f}ms {lat['p99_ms']:>7.3f}ms "
               f"{lat['rps_sequential']:>10.0f} | {ld['rps']:>10.0f} {ld['p50_ms']:>7.2f}ms "
               f"{ld['p99_ms']:>7.2f}ms {ld['errors']:>6}")
+    if "g_load" in r:
+        gl, gt = r["g_latency"], r["g_load"]
+        label = "(b') bare granian + handler"
+        print(f"{label:<34} {gl['p50_ms']:>7.3f}ms {gl['p99_ms']:>7.3f}ms "
+              f"{gl['rps_sequential']:>10.0f} | {gt['rps']:>10.0f} {gt['p50_ms']:>7.2f}ms "
+              f"{gt['p99_ms']:>7.2f}ms {gt['errors']:>6}")
     ratio = ct["rps"] / bt["rps"]
     added = cl["p50_ms"] - a["p50_ms"]
     r["ratios"] = {"c_over_b_throughput": ratio, "c_minus_a_p50_ms": added,
@@ -914,11 +1000,20 @@ def report(r: dict[str, Any]) -> None:
             print(f"WARNING {label}: region counters moved during a warm run {moved}, "
                   f"bad answers {d.get('bad_answers', 0)} (environments were lost; see doc)")
     print("\nCPU per request (ms), by process group:")
-    for label, d in (("b sequential", bl), ("c sequential", cl), ("b load", bt), ("c load", ct)):
+    rows = [("b sequential", bl), ("c sequential", cl), ("b load", bt), ("c load", ct)]
+    if "g_load" in r:
+        rows += [("b' sequential", r["g_latency"]), ("b' load", r["g_load"])]
+    for label, d in rows:
         cpu = d["cpu_ms_per_req"]
         parts = ", ".join(f"{k} {v:.3f}" for k, v in cpu.items() if not k.startswith("_"))
         print(f"  {label:<13} {parts}; system busy {cpu['_system_cpu_pct']:.0f}%, "
               f"other processes {cpu['_other_processes_cpu_pct']:.0f}%")
+    if "g_load" in r:
+        g, b = r["g_load"], bt
+        r["ratios"]["granian_over_uvicorn_throughput"] = g["rps"] / b["rps"]
+        print(f"granian/uvicorn (bare, load, run back to back): throughput "
+              f"{g['rps'] / b['rps']:.2f}x, server CPU {g['cpu_ms_per_req']['(servers)']:.3f} vs "
+              f"{b['cpu_ms_per_req']['(servers)']:.3f} ms/request")
     cpu = ct["cpu_ms_per_req"]
     hops = {h: cpu.get(h, 0.0) for h in HOP_CPU_BUDGET_MS}
     r["hop_cpu_budget_ms"] = {"budget": HOP_CPU_BUDGET_MS, "c_load": hops}
