@@ -7,7 +7,8 @@ the string to sign, and signed with a key derived once per (secret, day, region,
 The result is compared with the client's signature in constant time. It follows the AWS
 SigV4 specification as botocore signs for non-S3 services: the path is normalised (dot
 segments and repeated slashes removed) and URI-encoded a second time, query parameters are
-decoded, re-encoded with the unreserved set and sorted, header values are trimmed with runs of
+decoded, re-encoded with the unreserved set and sorted (a query botocore signed as sent, when
+it was handed a URL holding one, is accepted in that form too), header values are trimmed with runs of
 whitespace collapsed and repeated headers joined with commas. CI checks it against AWS's
 published SigV4 test suite (tests/unit/sigv4_vectors/) and against botocore's signer on
 random requests.
@@ -145,10 +146,19 @@ def verify(
         payload_hash = content_sha  # checked equal to the body's hash above
     else:
         payload_hash = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+    given = m.group("sig").encode()
     canonical = canonical_request(method, raw_path, raw_query, hdrs, signed, payload_hash)
     expected = signature(secret, amz_date, region, service,
                          string_to_sign(amz_date, region, service, canonical))
-    if not hmac.compare_digest(expected.encode(), m.group("sig").encode()):
+    ok = hmac.compare_digest(expected.encode(), given)
+    if not ok and raw_query and query_as_sent(raw_query) != canonical_query(raw_query):
+        # A client that signed its query as sent (botocore given a URL by requests).
+        canonical = canonical_request(method, raw_path, raw_query, hdrs, signed, payload_hash,
+                                      as_sent=True)
+        expected = signature(secret, amz_date, region, service,
+                             string_to_sign(amz_date, region, service, canonical))
+        ok = hmac.compare_digest(expected.encode(), given)
+    if not ok:
         raise _forbidden(
             "InvalidSignatureException",
             "The request signature we calculated does not match the signature you provided. "
@@ -215,13 +225,26 @@ def canonical_query(raw_query: str) -> str:
     return "&".join(f"{k}={v}" for k, v in pairs)
 
 
+def query_as_sent(raw_query: str) -> str:
+    """The query's pairs sorted as they were sent, not re-encoded: what botocore signs when
+    the URL it is given already holds a query (requests writes a space as '+' and leaves
+    ':' or '/' bare). Equal to :func:`canonical_query` whenever the client encoded as AWS
+    specifies; the verifier accepts either form of the same bytes."""
+    if not raw_query:
+        return ""
+    return "&".join(f"{k}={v}" for k, _, v in sorted(p.partition("=")
+                                                       for p in raw_query.split("&")))
+
+
 def canonical_request(method: str, raw_path: str, raw_query: str,
                       headers: Mapping[str, Sequence[str]], signed: Sequence[str],
-                      payload_hash: str, *, normalize: bool = True) -> str:
+                      payload_hash: str, *, normalize: bool = True,
+                      as_sent: bool = False) -> str:
     """The CanonicalRequest. ``headers`` maps lower-case names to their values in arrival
-    order; ``signed`` is the sorted SignedHeaders list (each name present in ``headers``)."""
+    order; ``signed`` is the sorted SignedHeaders list (each name present in ``headers``);
+    ``as_sent``: the query as :func:`query_as_sent` orders it instead of re-encoded."""
     lines = [method.upper(), canonical_path(raw_path, normalize=normalize),
-             canonical_query(raw_query)]
+             query_as_sent(raw_query) if as_sent else canonical_query(raw_query)]
     for name in signed:
         values = headers[name]
         if len(values) == 1:  # the common case, without a generator
