@@ -258,8 +258,9 @@ class Router:
         try:
             verified = sigv4.verify(
                 method=scope["method"],
-                raw_path=raw_path.decode("latin-1"),
-                raw_query=scope["query_string"].decode("latin-1"),
+                # surrogateescape: every byte comes back unchanged in the canonical request
+                raw_path=raw_path.decode("utf-8", "surrogateescape"),
+                raw_query=scope["query_string"].decode("utf-8", "surrogateescape"),
                 headers=headers,
                 body=body,
                 region=self.region,
