@@ -760,8 +760,8 @@ def chaos(
     fault_interval: Annotated[float, typer.Option(help="Mean seconds between kills")] = 3,
     seed: Annotated[int, typer.Option(help="Seeds the faults and the load")] = 1,
     targets: Annotated[str, typer.Option(help="Comma-separated: router,frontend,dispatcher,"
-                                              "agent,environment")] =
-    "router,frontend,dispatcher,agent,environment",
+                                              "agent,zygote,control,environment")] =
+    "router,frontend,dispatcher,agent,zygote,control,environment",
     plant_bug: Annotated[bool, typer.Option(
         "--plant-bug", help="Acknowledge async events before the durable write (must lose)")]
     = False,
