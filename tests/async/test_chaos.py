@@ -33,12 +33,14 @@ def test_account_counts_from_the_ledger_not_from_the_dlq() -> None:
     dlq = Counter({"fail": 1, "gaveup": 1, "many": 2, "killed": 1, "never-accepted": 1})
     r = account(accepted, records, dlq, retries_max=1)
     assert r["executed"] == 2
-    assert r["dead_lettered_after_failing_every_attempt"] == 2  # fail, many
-    assert r["lost"] == 4 and set(r["lost_ids"]) == {"never", "gaveup", "faildrop", "killed"}
+    # killed: one attempt killed mid-run, the other failed in the handler
+    assert r["dead_lettered_after_failing_every_attempt"] == 3  # fail, many, killed
+    assert r["of_which_with_an_attempt_killed_mid_run"] == 1
+    assert r["lost"] == 3 and set(r["lost_ids"]) == {"never", "gaveup", "faildrop"}
     assert r["lost_never_started"] == 1
-    assert r["lost_interrupted_then_dead_lettered"] == 2  # gaveup, killed
+    assert r["lost_interrupted_then_dead_lettered"] == 1  # gaveup
     assert r["dlq_equals_failed_every_attempt"] is False
-    assert r["dlq_unexpected"] == ["gaveup", "killed", "never-accepted"]
+    assert r["dlq_unexpected"] == ["gaveup", "never-accepted"]
     assert r["dlq_missing"] == ["faildrop"]
     assert r["dlq_delivered_twice"] == 1
     assert r["runs_beyond_retry_policy"] == 1 and r["runs_beyond_retry_policy_ids"] == ["many"]

@@ -9,8 +9,9 @@ that the experiment runs in a network namespace of its own, outside the region, 
 environment's ordinary egress (experiment/ledger.py). An accepted event is
 
 - executed when the ledger saw it succeed;
-- dead-lettered as it should be when the ledger saw it fail on every attempt it saw start (and
-  at least one) and its id is in the on-failure queue (DLQ);
+- dead-lettered as it should be when the ledger saw it fail (at least once) and never succeed,
+  i.e. every attempt that ended ended in the handler's failure (an attempt killed mid-run ends
+  with no record), and its id is in the on-failure queue (DLQ);
 - lost otherwise (never run, run and given up on without a failure of the handler, or failed
   and never dead-lettered).
 
@@ -92,8 +93,9 @@ def account(accepted: dict[str, bool], records: list[dict[str, Any]], dlq: Count
         c = {"start": starts, "ok": oks, "fail": fails}.get(str(r.get("phase")))
         if c is not None:
             c[str(r.get("id"))] += 1
-    failed_every_attempt = {i for i in fails
-                            if not oks[i] and fails[i] >= max(1, starts[i])}
+    # Failed every attempt: the handler failed deliberately at least once, and every attempt
+    # the ledger saw end ended in a failure (an attempt killed mid-run ends with no record).
+    failed_every_attempt = {i for i in fails if not oks[i]}
     executed = {i for i in accepted if oks[i]}
     dead_lettered = {i for i in accepted if i in failed_every_attempt and dlq[i]}
     lost = sorted(set(accepted) - executed - dead_lettered)
@@ -103,6 +105,8 @@ def account(accepted: dict[str, bool], records: list[dict[str, Any]], dlq: Count
         "accepted": len(accepted),
         "executed": len(executed),
         "dead_lettered_after_failing_every_attempt": len(dead_lettered),
+        "of_which_with_an_attempt_killed_mid_run": sum(1 for i in dead_lettered
+                                                       if starts[i] > fails[i]),
         "planned_failures_accepted": sum(accepted.values()),
         "lost": len(lost),
         "lost_ids": lost[:20],
