@@ -48,6 +48,14 @@ def test_account_counts_from_the_ledger_not_from_the_dlq() -> None:
     assert r["unacknowledged_but_run"] == 1
 
 
+def test_an_event_dead_lettered_without_running_is_lost() -> None:
+    """The old oracle counted any DLQ arrival as "not lost"; the ledger says it never ran."""
+    r = account({"skipped": True, "ok": False}, _rec("ok", "start", "ok"),
+                Counter({"skipped": 1}))
+    assert r["lost"] == 1 and r["lost_ids"] == ["skipped"] and r["lost_never_started"] == 1
+    assert r["dlq_unexpected"] == ["skipped"]
+
+
 def test_account_clean_run() -> None:
     accepted = {"a": False, "b": True}
     records = _rec("a", "start", "ok") + _rec("b", "start", "fail", "start", "fail")
