@@ -617,16 +617,24 @@ def blast_radius(
     state_dir: Annotated[str, typer.Option(help="A fresh directory for the region")] = "",
     agents_per_cell: Annotated[int, typer.Option(help="n")] = 8,
     tenants: Annotated[int, typer.Option()] = 250,
-    control_down_s: Annotated[float, typer.Option(help="Seconds the control plane is stopped")] = 5,
+    control_down_s: Annotated[float, typer.Option(
+        help="Seconds the control plane is stopped (static stability; 600 for the long run)")] = 5,
     json_out: Annotated[str | None, typer.Option(help="Write the results here")] = None,
+    plant_bug: Annotated[bool, typer.Option(
+        "--plant-bug", help="Frontends ignore the shard size (the prediction must fail)")]
+    = False,
 ) -> None:
-    """Kill a cell, poison a shard, stop the control plane; print measured vs predicted."""
+    """Kill a cell, poison a shard, stop the control plane; print measured vs predicted (the
+    prediction recomputed from outside). Exits 1 when a prediction does not hold."""
     import tempfile
 
     from .experiment import blast
 
-    blast.main(state_dir or tempfile.mkdtemp(prefix="cellcloud-blast-"), agents=agents_per_cell,
-               tenants=tenants, control_down_s=control_down_s, json_out=json_out)
+    r = blast.main(state_dir or tempfile.mkdtemp(prefix="cellcloud-blast-"),
+                   agents=agents_per_cell, tenants=tenants, control_down_s=control_down_s,
+                   json_out=json_out, plant_bug=plant_bug)
+    if not all(p["prediction_holds"] for p in r["poison"]):
+        raise typer.Exit(1)
 
 
 def _mount_subcommands() -> None:
@@ -760,8 +768,8 @@ def chaos(
     fault_interval: Annotated[float, typer.Option(help="Mean seconds between kills")] = 3,
     seed: Annotated[int, typer.Option(help="Seeds the faults and the load")] = 1,
     targets: Annotated[str, typer.Option(help="Comma-separated: router,frontend,dispatcher,"
-                                              "agent,environment")] =
-    "router,frontend,dispatcher,agent,environment",
+                                              "agent,zygote,control,environment")] =
+    "router,frontend,dispatcher,agent,zygote,control,environment",
     plant_bug: Annotated[bool, typer.Option(
         "--plant-bug", help="Acknowledge async events before the durable write (must lose)")]
     = False,

@@ -134,4 +134,6 @@ def test_blast_radius_experiment(tmp_path: object) -> None:
     assert r["cell_killed"]["success_other_cells"] == 1.0
     for p in r["poison"]:
         assert p["sets_equal"], p
+        assert p["prediction_holds"], p
+        assert p["published_shards_differing_from_recomputation"] == 0, p
         assert p["failures_after_retry_reached_live"] == 0, p

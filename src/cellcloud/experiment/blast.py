@@ -10,8 +10,17 @@ not to restart anything), T tenants with one function each, every tenant invoked
 4. poison: in each remaining cell one tenant sends the crash marker, retried until its shard is
    exhausted (the cell's poison detector is set to allow k kills, so the worst case is measured;
    with the default k-1 the shard keeps one worker). Measured lost tenants (every invoke fails
-   afterwards) vs the set predicted from the cell's actual shard assignment (``lost_tenants``)
-   and vs the combinatorial expectation, for shuffle (signature) and plain sharding, k = 2 and 3.
+   afterwards) vs the set predicted from outside, and vs the combinatorial expectation, for
+   shuffle (signature) and plain sharding, k = 2 and 3.
+
+The prediction leans on nothing the cell reports about itself: the experiment recomputes each
+tenant's shard with core/sharding.py from the sharder's inputs (the sharding and k it gave the
+cell, the cell's agents as region.json lists them, the cell id as seed, the function's key
+``account/name``), and takes the dead agents from the process exits it observes itself (the
+supervisor's child processes: a reaped exit status, or a zombie in /proc). The cell's published
+shard map is only checked against the recomputation (reported as a mismatch count). With
+``plant_bug`` the frontends run a sharder that ignores the shard size (every function may run
+anywhere in its cell): the prediction must disagree with what is measured.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any
 
 from .. import sdk
 from ..core.blast import expected_lost_others, lost_tenants, p_lost_plain, p_lost_shuffle
+from ..core.sharding import PlainSharder, SignatureSharder, Worker
 from ..region.supervisor import Supervisor
 from ..region.tenants import create_tenant
 from ..transport import Client
@@ -43,6 +53,29 @@ threads = 8
 
 # (cell, sharding, k): the poison cells; the last cell is the one killed.
 PLAN = [("signature", 2), ("signature", 3), ("plain", 2), ("plain", 3)]
+
+
+def recompute_shards(cell: str, sharding: str, k: int, agents: list[str],
+                     keys: list[str]) -> dict[str, tuple[str, ...]]:
+    """Each key's shard, as the cell's frontend must draw it (frontend/cell.py: workers in
+    sorted order, the cell id as seed, no zones)."""
+    workers = [Worker(a) for a in sorted(agents)]
+    kk = max(1, min(k, len(workers)))
+    sharder = (PlainSharder(workers, kk) if sharding == "plain" else
+               SignatureSharder(workers, kk, seed=cell.encode(), one_per_zone=False))
+    return {key: tuple(sharder.shard(key)) for key in keys}
+
+
+def exited(pid: int, returncode: int | None) -> bool:
+    """The process is gone: its exit status was reaped, or it is a zombie, or /proc has no
+    entry for it."""
+    if returncode is not None:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass
@@ -64,9 +97,12 @@ def _zip() -> bytes:
 
 class Experiment:
     def __init__(self, state_dir: str, *, agents: int, tenants: int, control_down_s: float,
-                 out: Any = print) -> None:
+                 out: Any = print, plan: list[tuple[str, int]] | None = None,
+                 plant_bug: bool = False) -> None:
         self.state_dir = state_dir
-        self.cells = len(PLAN) + 1
+        self.plan = list(plan or PLAN)
+        self.plant_bug = plant_bug
+        self.cells = len(self.plan) + 1
         self.agents = agents
         self.tenant_count = tenants
         self.control_down_s = control_down_s
@@ -121,9 +157,11 @@ class Experiment:
     # -- phases --------------------------------------------------------------------------------
     async def setup(self) -> None:
         extra: dict[str, list[str]] = {"agent": ["--experiment-faults"]}
-        for i, (sharding, k) in enumerate(PLAN, start=1):
+        for i, (sharding, k) in enumerate(self.plan, start=1):
             extra[f"cell-{i}-frontend"] = ["--sharding", sharding, "--shard-size", str(k),
                                            "--poison-killed-workers-max", str(k)]
+            if self.plant_bug:
+                extra[f"cell-{i}-frontend"] += ["--plant-bug", "sharder-ignores-shard"]
         self.sup = Supervisor(self.state_dir, cells=self.cells, agents_per_cell=self.agents,
                               port=0, extra_args=extra, restart=False, zones_per_cell=0)
         # The harness inspects every component directly, as the control plane would: it speaks
@@ -224,9 +262,33 @@ class Experiment:
                 if e.status == 429:  # no capacity left on its shard (or the detector said no)
                     break
                 crashes += 1
+        # The dead agents: the exits this process observed among the cell's agent processes
+        # (at least one per crash the client saw; waited for, bounded).
+        assert self.sup is not None
+        agent_comps = [c for c in self.sup.components
+                       if c.kind == "agent" and c.name.startswith(f"{cell}-agent-")]
+
+        def dead_now() -> list[str]:
+            return sorted(c.name for c in agent_comps if c.proc is not None
+                          and exited(c.proc.pid, c.proc.returncode))
+
+        async def crashes_seen() -> bool:
+            return len(dead_now()) >= min(crashes, len(agent_comps))
+
+        await self.wait_for("the crashed agents' exits", crashes_seen)
+        dead = dead_now()
+        # The shards, recomputed from the sharder's inputs (the agents from region.json).
+        with open(os.path.join(self.state_dir, "region.json")) as f:
+            comps = json.load(f)["components"]
+        agent_ids = sorted(n for n, c in comps.items()
+                           if c["kind"] == "agent" and n.startswith(f"{cell}-agent-"))
+        recomputed = recompute_shards(cell, sharding, k, agent_ids,
+                                      [f"{t.account}/f" for t in members])
         st = await self.call(f"{cell}-frontend", "status")
-        dead = sorted(st["shards"]["failed_agents"])
-        shards = {key.split("/")[0]: v for key, v in st["shards"]["functions"].items()}
+        published = {key: tuple(v) for key, v in st["shards"]["functions"].items()}
+        mismatched = sum(1 for key, v in recomputed.items()
+                         if key in published and published[key] != v)
+        shards = {key.split("/")[0]: v for key, v in recomputed.items()}
         others = [t for t in members if t is not poison]
         phase = f"poison-{cell}"
         await self.round(phase, others)
@@ -239,8 +301,16 @@ class Experiment:
         p = p_lost_plain(n, k) if sharding == "plain" else p_lost_shuffle(n, k)
         return {"cell": cell, "sharding": sharding, "k": k, "tenants": len(members),
                 "poison_attempts": attempts, "agents_killed": len(dead),
+                "agents_dead": dead,
                 "measured_lost": len(measured), "predicted_lost": len(predicted),
                 "sets_equal": measured == predicted,
+                # a poison can only kill agents of its own shard
+                "dead_within_poison_shard": set(dead) <= set(
+                    recomputed[f"{poison.account}/f"]),
+                "prediction_holds": measured == predicted and set(dead) <= set(
+                    recomputed[f"{poison.account}/f"]),
+                "shards_checked": sum(1 for key in recomputed if key in published),
+                "published_shards_differing_from_recomputation": mismatched,
                 "expected_lost": float(expected_lost_others(len(members), p)),
                 "p_lost": str(p), "failures_after_retry_reached_live": len(degraded_failures)}
 
@@ -251,7 +321,7 @@ class Experiment:
             await self.control_down()
             await self.kill_cell()
             self.results["poison"] = [await self.poison(i, s, k)
-                                      for i, (s, k) in enumerate(PLAN, start=1)]
+                                      for i, (s, k) in enumerate(self.plan, start=1)]
         finally:
             if self.sup is not None:
                 await self.sup.stop()
@@ -259,6 +329,7 @@ class Experiment:
                 t.client.close()
             self.pool.shutdown()
         self.results["seconds"] = round(time.monotonic() - t0, 1)
+        self.results["planted_bug"] = "sharder-ignores-shard" if self.plant_bug else None
         self.results["baseline_success"] = float(self.rate("baseline", self.tenants))
         return self.results
 
@@ -274,14 +345,19 @@ def table(r: dict[str, Any]) -> str:
                  f"{ck['success_in_cell']:.2%} success | may fail |")
     lines.append(f"| {ck['cell']} killed: every other tenant | {ck['success_other_cells']:.2%} "
                  f"success | 100 % |")
-    lines += ["", "| poison cell | sharding | k | tenants | agents killed | lost (measured) | "
-              "lost (predicted from shards) | same set | expected (C(n,k) / plain) | "
-              "failures once a retry reached a live agent |", "|---" * 10 + "|"]
+    lines += ["", "| poison cell | sharding | k | tenants | agents seen exiting | "
+              "lost (measured) | lost (predicted: recomputed shards, observed exits) | "
+              "same set | dead within the poison's shard | published shards ≠ recomputed | "
+              "expected (C(n,k) / plain) | failures once a retry reached a live agent |",
+              "|---" * 12 + "|"]
     plain = {p["k"]: p for p in r["poison"] if p["sharding"] == "plain"}
     for p in r["poison"]:
         lines.append(f"| {p['cell']} | {p['sharding']} | {p['k']} | {p['tenants']} | "
                      f"{p['agents_killed']} | {p['measured_lost']} | {p['predicted_lost']} | "
-                     f"{'yes' if p['sets_equal'] else 'NO'} | {p['expected_lost']:.2f} "
+                     f"{'yes' if p['sets_equal'] else 'NO'} | "
+                     f"{'yes' if p['dead_within_poison_shard'] else 'NO'} | "
+                     f"{p['published_shards_differing_from_recomputation']} of "
+                     f"{p['shards_checked']} | {p['expected_lost']:.2f} "
                      f"(p={p['p_lost']}) | {p['failures_after_retry_reached_live']} |")
     lines.append("")
     for p in r["poison"]:
@@ -297,9 +373,11 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(state_dir: str, *, agents: int = 8, tenants: int = 250, control_down_s: float = 5.0,
-         json_out: str | None = None) -> dict[str, Any]:
+         json_out: str | None = None, plan: list[tuple[str, int]] | None = None,
+         plant_bug: bool = False) -> dict[str, Any]:
     os.makedirs(state_dir, exist_ok=True)
-    exp = Experiment(state_dir, agents=agents, tenants=tenants, control_down_s=control_down_s)
+    exp = Experiment(state_dir, agents=agents, tenants=tenants, control_down_s=control_down_s,
+                     plan=plan, plant_bug=plant_bug)
     results = asyncio.run(exp.run())
     print(table(results))
     if json_out:

@@ -1,12 +1,26 @@
 """``cellcloud experiment chaos``: mixed sync and async load against a real region while a
-random component (router, frontend, dispatcher, agent, or an execution environment) is killed
-with SIGKILL every few seconds; then wait for the queues to drain and count.
+random component (router, frontend, dispatcher, agent, an agent's zygote, the control plane that
+holds the region's configuration, or an execution environment) is killed with SIGKILL every few
+seconds; then wait for the queues to drain and count.
 
-The count of lost events comes from an independent ledger: the driver records the id of every
-async event it got a 202 for, and proves execution through a channel it reads itself — the
-function's on-success queue (and its on-failure queue for events planned to fail), read with
-boto3's sqs client. Nothing in the count comes from the region's own bookkeeping (the region's
-event file is looked at only to stop waiting early).
+The oracle is independent of the region: the driver records the id of every async event it got a
+202 for; the handler itself reports each execution (start, then ok or fail) to a ledger server
+that the experiment runs in a network namespace of its own, outside the region, reached over the
+environment's ordinary egress (experiment/ledger.py). An accepted event is
+
+- executed when the ledger saw it succeed;
+- dead-lettered as it should be when the ledger saw it fail (at least once) and never succeed,
+  i.e. every attempt that ended ended in the handler's failure (an attempt killed mid-run ends
+  with no record), and its id is in the on-failure queue (DLQ);
+- lost otherwise (never run, run and given up on without a failure of the handler, or failed
+  and never dead-lettered).
+
+The DLQ must hold exactly the events the ledger saw fail on every attempt (compared by id).
+Events whose handler started more often than ``1 + MaximumRetryAttempts`` are counted as runs
+beyond the retry policy (at-least-once allows a rerun after a crash, never unboundedly). Sync
+requests refused with ``FunctionKillsWorkers`` are false throttles: the sync function never
+harms a worker, every death in the run is the faulter's. The region's event file is looked at
+only to stop waiting early.
 """
 
 from __future__ import annotations
@@ -25,19 +39,90 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .ledger import World
+
 FUNCTION_TIMEOUT_S = 3
 #: a sync request must be answered within this (the function's timeout plus the platform's
 #: allowance); one still unanswered a second later is "hung"
 SYNC_TIMEOUT_S = FUNCTION_TIMEOUT_S + 5
-TARGETS = ("router", "frontend", "dispatcher", "agent", "environment")
+TARGETS = ("router", "frontend", "dispatcher", "agent", "zygote", "control", "environment")
 ROLE = "arn:aws:iam::123456789012:role/chaos"
-CODE = '''import time
+#: the async function's retry policy (MaximumRetryAttempts)
+RETRIES_MAX = 1
+FALSE_THROTTLE = "FunctionKillsWorkers"
+CODE = '''import json, time, urllib.request
+
+def report(url, rec):
+    data = json.dumps(rec).encode()
+    for i in range(8):  # bounded: a report that never lands fails the attempt
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"),
+                                   timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.05 * (i + 1))
+    raise RuntimeError("ledger unreachable")
+
 def handler(event, context):
+    url, rid = event.get("ledger"), context.aws_request_id
+    if url:
+        report(url, {"id": rid, "seq": event.get("seq"), "phase": "start"})
     time.sleep(event.get("sleep", 0))
     if event.get("fail"):
+        if url:
+            report(url, {"id": rid, "phase": "fail"})
         raise RuntimeError("planned failure")
-    return {"id": context.aws_request_id, "seq": event.get("seq")}
+    if url:
+        report(url, {"id": rid, "phase": "ok"})
+    return {"id": rid, "seq": event.get("seq")}
 '''
+
+
+def account(accepted: dict[str, bool], records: list[dict[str, Any]], dlq: Counter[str],
+            retries_max: int = RETRIES_MAX) -> dict[str, Any]:
+    """The independent count: ``accepted`` (id -> planned to fail, from the 202s the client
+    saw), the ledger's ``records`` (what the handlers reported), ``dlq`` (ids read from the
+    on-failure queue, with how often). Pure: the unit tests feed it made-up ledgers."""
+    starts: Counter[str] = Counter()
+    oks: Counter[str] = Counter()
+    fails: Counter[str] = Counter()
+    probes = {str(r.get("id")) for r in records if r.get("seq") == "probe"}  # setup's check
+    for r in records:
+        if str(r.get("id")) in probes:
+            continue
+        c = {"start": starts, "ok": oks, "fail": fails}.get(str(r.get("phase")))
+        if c is not None:
+            c[str(r.get("id"))] += 1
+    # Failed every attempt: the handler failed deliberately at least once, and every attempt
+    # the ledger saw end ended in a failure (an attempt killed mid-run ends with no record).
+    failed_every_attempt = {i for i in fails if not oks[i]}
+    executed = {i for i in accepted if oks[i]}
+    dead_lettered = {i for i in accepted if i in failed_every_attempt and dlq[i]}
+    lost = sorted(set(accepted) - executed - dead_lettered)
+    dlq_ids = set(dlq)
+    over = {i: starts[i] for i in accepted if starts[i] > 1 + retries_max}
+    return {
+        "accepted": len(accepted),
+        "executed": len(executed),
+        "dead_lettered_after_failing_every_attempt": len(dead_lettered),
+        "of_which_with_an_attempt_killed_mid_run": sum(1 for i in dead_lettered
+                                                       if starts[i] > fails[i]),
+        "planned_failures_accepted": sum(accepted.values()),
+        "lost": len(lost),
+        "lost_ids": lost[:20],
+        "lost_never_started": sum(1 for i in lost if not starts[i]),
+        "lost_interrupted_then_dead_lettered": sum(1 for i in lost if dlq[i] and starts[i]),
+        "dlq_equals_failed_every_attempt": dlq_ids == failed_every_attempt,
+        "dlq_unexpected": sorted(dlq_ids - failed_every_attempt)[:20],
+        "dlq_missing": sorted(failed_every_attempt - dlq_ids)[:20],
+        "dlq_delivered_twice": sum(1 for i in dlq if dlq[i] > 1),
+        "runs": sum(starts[i] for i in accepted),
+        "reruns": sum(max(0, starts[i] - 1) for i in accepted if oks[i]),
+        "runs_beyond_retry_policy": len(over),
+        "runs_beyond_retry_policy_ids": sorted(over)[:20],
+        "succeeded_more_than_once": sum(1 for i in accepted if oks[i] > 1),
+        "unacknowledged_but_run": len(set(starts) - set(accepted)),
+    }
 
 
 @dataclass
@@ -117,6 +202,14 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 class Chaos:
     def __init__(self, state_dir: str, *, duration_s: float, fault_interval_s: float,
                  seed: int, targets: tuple[str, ...] = TARGETS, plant_bug: bool = False,
@@ -136,6 +229,7 @@ class Chaos:
         self.ledger = Ledger()
         self.stop = threading.Event()
         self.doc: dict[str, Any] = {}
+        self.world = World(seed)
 
     # -- the region ----------------------------------------------------------------------------
     def _cli(self, *args: str, env: dict[str, str] | None = None) -> None:
@@ -157,7 +251,6 @@ class Chaos:
     def setup(self) -> None:
         lam, sqs = _clients(self.doc, 30)
         acct, reg = self.doc["account_id"], self.doc["region"]
-        self.ok_url = _retrying(lambda: sqs.create_queue(QueueName="chaos-ok")["QueueUrl"], "queue")
         self.dlq_url = _retrying(lambda: sqs.create_queue(QueueName="chaos-dlq")["QueueUrl"],
                                  "queue")
         for name in ("chaos-async", "chaos-sync"):
@@ -165,10 +258,15 @@ class Chaos:
                 FunctionName=n, Runtime="python3.11", Role=ROLE, Handler="app.handler",
                 Timeout=FUNCTION_TIMEOUT_S, Code={"ZipFile": _zip()}), "create_function")
         _retrying(lambda: lam.put_function_event_invoke_config(
-            FunctionName="chaos-async", MaximumRetryAttempts=1, MaximumEventAgeInSeconds=3600,
-            DestinationConfig={"OnSuccess": {"Destination": f"arn:aws:sqs:{reg}:{acct}:chaos-ok"},
-                               "OnFailure": {"Destination": f"arn:aws:sqs:{reg}:{acct}:chaos-dlq"}
+            FunctionName="chaos-async", MaximumRetryAttempts=RETRIES_MAX,
+            MaximumEventAgeInSeconds=3600,
+            DestinationConfig={"OnFailure": {"Destination": f"arn:aws:sqs:{reg}:{acct}:chaos-dlq"}
                                }), "event config")
+        # The handler reaches the ledger before the load starts (egress works).
+        probe = _retrying(lambda: lam.invoke(FunctionName="chaos-async", Payload=json.dumps(
+            {"seq": "probe", "ledger": self.world.url}).encode()), "probe")
+        if probe.get("FunctionError"):
+            raise RuntimeError(f"the handler cannot reach the ledger: {probe['Payload'].read()}")
 
     # -- load ----------------------------------------------------------------------------------
     def async_sender(self, k: int) -> None:
@@ -179,7 +277,8 @@ class Chaos:
         while not self.stop.is_set():
             seq += 1
             fail = rng.random() < self.fail_fraction
-            payload = json.dumps({"seq": f"{k}-{seq}", "fail": fail}).encode()
+            payload = json.dumps({"seq": f"{k}-{seq}", "fail": fail,
+                                  "ledger": self.world.url}).encode()
             try:
                 r = lam.invoke(FunctionName="chaos-async", InvocationType="Event", Payload=payload)
                 if r["StatusCode"] == 202:
@@ -219,10 +318,16 @@ class Chaos:
         target = self.rng.choice(self.targets)
         comps = self.region_json().get("components", {})
         pid: int | None = None
-        if target == "environment":
-            agents = [c["pid"] for n, c in comps.items() if c["kind"] == "agent" and c["pid"]]
-            envs = [p for a in agents for p in _descendants(a)]
-            pid = self.rng.choice(envs) if envs else None
+        agents = [c["pid"] for n, c in comps.items() if c["kind"] == "agent" and c["pid"]]
+        if target in ("environment", "zygote"):
+            procs = [p for a in agents for p in _descendants(a)]
+            zygotes = [p for p in procs if b"cellcloud.sandbox.zygote" in _cmdline(p)]
+            if target == "zygote":
+                pid = self.rng.choice(zygotes) if zygotes else None
+            else:
+                envs = [p for p in procs if p not in zygotes and not _cmdline(p).startswith(
+                    (b"ip\0", b"nft\0")) and b"cellcloud.network" not in _cmdline(p)]
+                pid = self.rng.choice(envs) if envs else None
         else:
             pids = [c["pid"] for n, c in comps.items()
                     if (c["kind"] == target or n.endswith(f"-{target}")) and c["pid"]]
@@ -251,17 +356,24 @@ class Chaos:
         finally:
             db.close()
 
-    def drain(self) -> tuple[Counter[str], Counter[str], float]:
+    def settled(self, dlq: Counter[str]) -> bool:
+        """Every accepted event succeeded per the ledger or is in the DLQ."""
+        try:
+            records = self.world.records()
+        except OSError:
+            return False
+        ok = {str(r.get("id")) for r in records if r.get("phase") == "ok"}
+        return set(self.ledger.accepted) <= ok | set(dlq)
+
+    def drain(self) -> tuple[Counter[str], float]:
         _, sqs = _clients(self.doc, 30)
-        seen_ok: Counter[str] = Counter()
         seen_dlq: Counter[str] = Counter()
         t0 = time.monotonic()
         idle_rounds = 0
-        accepted = set(self.ledger.accepted)
         while time.monotonic() - t0 < self.drain_timeout_s:
             got = 0
             failed = False
-            for url, seen in ((self.ok_url, seen_ok), (self.dlq_url, seen_dlq)):
+            for url, seen in ((self.dlq_url, seen_dlq),):
                 try:
                     resp = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
                                                WaitTimeSeconds=1)
@@ -275,7 +387,7 @@ class Chaos:
                         sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
                     except Exception:
                         pass  # seen again later: counted as a duplicate, as it should be
-            if accepted <= set(seen_ok) | set(seen_dlq) and not got:
+            if not got and self.settled(seen_dlq):
                 break
             if got:
                 idle_rounds = 0
@@ -292,10 +404,17 @@ class Chaos:
             idle_rounds = idle_rounds + 1 if backlog == 0 else 0
             if idle_rounds >= 5:
                 break
-        return seen_ok, seen_dlq, time.monotonic() - t0
+        return seen_dlq, time.monotonic() - t0
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        self.world.start()
+        try:
+            return self._run()
+        finally:
+            self.world.close()
+
+    def _run(self) -> dict[str, Any]:
         self.start_region()
         try:
             self.setup()
@@ -310,23 +429,20 @@ class Chaos:
             self.stop.set()
             for t in threads:
                 t.join(SYNC_TIMEOUT_S + 5)
-            seen_ok, seen_dlq, drain_s = self.drain()
+            seen_dlq, drain_s = self.drain()
+            records = self.world.records()
             restarts = {n: c["restarts"] for n, c in self.region_json()["components"].items()}
         finally:
             try:
                 self._cli("down")
             except (subprocess.SubprocessError, OSError):
                 pass
-        return self.report(seen_ok, seen_dlq, drain_s, restarts)
+        return self.report(records, seen_dlq, drain_s, restarts)
 
-    def report(self, seen_ok: Counter[str], seen_dlq: Counter[str], drain_s: float,
+    def report(self, records: list[dict[str, Any]], seen_dlq: Counter[str], drain_s: float,
                restarts: dict[str, int]) -> dict[str, Any]:
         led = self.ledger
-        accepted = led.accepted
-        executed = {i for i in accepted if i in seen_ok}
-        to_dlq = {i for i in accepted if i in seen_dlq and i not in seen_ok}
-        lost = sorted(i for i in accepted if i not in seen_ok and i not in seen_dlq)
-        deliveries = sum(seen_ok[i] + seen_dlq[i] for i in accepted)
+        throttled = sum(n for code, n in led.sync_failed.items() if FALSE_THROTTLE in code)
         return {
             "seed": self.seed,
             "duration_s": self.duration_s,
@@ -335,16 +451,10 @@ class Chaos:
             "faults": dict(Counter(t for _, t, _ in led.faults)),
             "restarts": restarts,
             "async": {
-                "accepted": len(accepted),
-                "executed": len(executed),
-                "sent_to_dlq": len(to_dlq),
-                "planned_failures_accepted": sum(accepted.values()),
-                "lost": len(lost),
-                "lost_ids": lost[:20],
-                "duplicated": deliveries - len(executed) - len(to_dlq),
+                **account(led.accepted, records, seen_dlq),
+                "ledger_records": len(records),
+                "retry_policy_attempts_max": 1 + RETRIES_MAX,
                 "refused_at_intake": dict(led.async_refused),
-                "unacknowledged_but_executed": len((set(seen_ok) | set(seen_dlq))
-                                                   - set(accepted)),
                 "drain_s": round(drain_s, 1),
             },
             "sync": {
@@ -353,6 +463,7 @@ class Chaos:
                 "failed_with_clear_error": sum(led.sync_failed.values()),
                 "errors": dict(led.sync_failed),
                 "hung": led.sync_hung,
+                "false_throttles": throttled,
                 "timeout_s": SYNC_TIMEOUT_S,
                 "slowest_s": round(led.sync_max_s, 2),
             },

@@ -12,6 +12,7 @@ from typing import Any
 from .. import runtime
 from ..core.limits import DEFAULT_LIMITS
 from ..core.poison import PoisonParams
+from ..core.sharding import SignatureSharder, Worker
 from ..network import policy as net_policy
 from ..queues.api import QueueApi
 from ..queues.store import QueueStore
@@ -47,6 +48,11 @@ async def serve(args: argparse.Namespace) -> None:
     # The durable async intake and the cell's queues (SQS API); the dispatcher process reads
     # the same events file. CELLCLOUD_PLANT_BUG=ack-before-write plants the chaos test's bug.
     cell.invokes_inflight_max = args.invokes_inflight_max
+    if args.plant_bug == "sharder-ignores-shard" and cell.sharder is not None:
+        # A planted bug for the blast-radius experiment: every function's shard is the whole
+        # cell (the cell still says k); the experiment's outside prediction must disagree.
+        cell.sharder = SignatureSharder([Worker(a) for a in sorted(agents)], len(agents), seed=b"bug",
+                                        one_per_zone=False)
     cell.events = Intake(EventStore(os.path.abspath(args.state_dir)),
                          ack_before_write=os.environ.get("CELLCLOUD_PLANT_BUG")
                          == "ack-before-write", limits=cell.limits)
@@ -130,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                         "environments' pool; other hosts' addresses); repeatable")
     p.add_argument("--sharding", choices=("signature", "plain"), default="signature")
     p.add_argument("--shard-size", type=int, default=2, help="k: agents in a function's shard")
+    p.add_argument("--plant-bug", choices=("", "sharder-ignores-shard"), default="",
+                   help=argparse.SUPPRESS)  # experiments only: a bug their oracle must catch
     p.add_argument("--poison-killed-workers-max", type=int, default=0,
                    help="distinct workers a function may kill before it is throttled "
                         "(default k-1; experiments set k to let a poison exhaust its shard)")
