@@ -31,7 +31,7 @@ from ..sandbox.spec import EnvSpec
 from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
 from ..transport import OpError, Server
-from ..transport.codec import FrameReader, pack
+from ..transport.codec import FrameReader, frame_read_bytes, pack
 from . import lockdown
 
 log = logging.getLogger("cellcloud.agent")
@@ -74,7 +74,13 @@ def _exited(pid: int) -> bool:
     return state in (b"Z", b"X")
 
 
-class _EnvChannel(asyncio.Protocol):
+# One read buffer for every environment channel of the agent: the event loop reads one channel
+# at a time and the frames are decoded out of it before the next read (BufferedProtocol), so
+# a thousand environments cost one buffer, and a read allocates nothing.
+_read_buffer = memoryview(bytearray(frame_read_bytes))
+
+
+class _EnvChannel(asyncio.BufferedProtocol):
     """The agent's end of one environment's channel: frames in, one future at a time.
 
     ``on_lost`` is called when the channel closes while nobody waits on it (the environment
@@ -95,7 +101,13 @@ class _EnvChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         try:
             for doc in self.unpacker.feed(data):
                 if not isinstance(doc, dict):

@@ -21,38 +21,42 @@ dialect it was spoken to, so an agent can be rolled forward or back over live en
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 GUEST_WIRE = 2  # the agent <-> guest dialect; 1 (no "wire" in the ready frame): the first
-
-T = TypeVar("T")
-
 
 class MessageError(ValueError):
     """A message that is not of its type: a field missing or of the wrong type."""
 
 
+_MISSING: Any = object()
+
+
 def _get(doc: Any, name: str, types: type | tuple[type, ...], kind: str,
-         default: Any = ..., nullable: bool = False) -> Any:
-    if not isinstance(doc, dict):
-        raise MessageError(f"{kind}: a map was expected, not {type(doc).__name__}")
-    if name not in doc or (doc[name] is None and default is not ... and not nullable):
-        if default is ...:
+         default: Any = _MISSING, nullable: bool = False) -> Any:
+    """``doc[name]``, checked: of ``types`` (an int is a fine float, a bool never an int);
+    ``default`` when absent (or None, unless ``nullable``); missing and required: refused."""
+    try:
+        value = doc.get(name, _MISSING)
+    except AttributeError:
+        raise MessageError(f"{kind}: a map was expected, not {type(doc).__name__}") from None
+    if type(value) is types:  # the hot path: exactly the type wanted
+        return value
+    if value is _MISSING or value is None:
+        if value is None and nullable:
+            return None
+        if default is _MISSING:
             raise MessageError(f"{kind}: the field {name!r} is missing")
         return default
-    value = doc[name]
-    if value is None and nullable:
-        return None
-    # bool is an int to Python, never to us; an int is a fine float
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in (
-        types if isinstance(types, tuple) else (types,)))
-    if not ok and types is float and isinstance(value, int) and not isinstance(value, bool):
+    wanted = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in wanted:
+        pass  # bool is an int to Python, never to us
+    elif isinstance(value, wanted):
+        return value
+    elif float in wanted and isinstance(value, int):
         return float(value)
-    if not ok:
-        want = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
-        raise MessageError(f"{kind}: the field {name!r} must be {want}, "
-                           f"not {type(value).__name__}")
-    return value
+    raise MessageError(f"{kind}: the field {name!r} must be "
+                       f"{'/'.join(t.__name__ for t in wanted)}, not {type(value).__name__}")
 
 
 def _str_list(doc: dict[str, Any], name: str, kind: str) -> tuple[str, ...]:

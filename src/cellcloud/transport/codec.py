@@ -79,8 +79,9 @@ class FrameReader:
         self._unpacker = msgpack.Unpacker(**self._options)
         self._fed = 0
 
-    def feed(self, data: bytes) -> Iterator[Any]:
-        """Feed bytes; yields every object they complete."""
+    def feed(self, data: bytes | memoryview) -> Iterator[Any]:
+        """Feed bytes (copied: the caller may reuse its buffer once the objects are out);
+        yields every object they complete."""
         try:
             self._unpacker.feed(data)
         except msgpack.BufferFull as e:
@@ -132,13 +133,16 @@ def recv_message(sock: socket.socket, max_bytes: int,
 
 class StreamChannel:
     """A blocking, thread-safe framed channel over a stream socket (the guest's end of its
-    agent channel): one read buffer, frames written whole."""
+    agent channel): one read buffer, reused for every read (no allocation per read), and
+    frames written whole, one ``send`` each."""
 
     def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
         self._sock = sock
         self._reader = FrameReader(max_frame_bytes)
         self._pending: Iterator[Any] = iter(())
         self._send_lock = threading.Lock()
+        self._buf = bytearray(frame_read_bytes)
+        self._view = memoryview(self._buf)
 
     def send(self, doc: Any) -> None:
         data = pack(doc)
@@ -150,7 +154,7 @@ class StreamChannel:
         while True:
             for doc in self._pending:
                 return doc
-            data = self._sock.recv(frame_read_bytes)
-            if not data:
+            n = self._sock.recv_into(self._buf)
+            if not n:
                 return None
-            self._pending = self._reader.feed(data)
+            self._pending = self._reader.feed(self._view[:n])
