@@ -15,6 +15,7 @@ from cellcloud.transport.codec import (
     FrameReader,
     StreamChannel,
     pack,
+    pack_parts,
     recv_message,
     send_message,
     unpack,
@@ -127,3 +128,18 @@ def test_the_codec_is_plain_msgpack() -> None:
     # Peers of an older build (a guest adopted in a live update) frame with msgpack directly.
     doc = {"t": "ready", "logs": b"x", "init_ms": 1.5}
     assert unpack(msgpack.packb(doc, use_bin_type=True), 4096) == doc
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), docs | st.binary(min_size=16 * 1024,
+                                                             max_size=70_000), max_size=5))
+def test_parts_are_one_frame(doc: dict[str, object]) -> None:
+    parts = pack_parts(doc)
+    assert list(FrameReader(1 << 20).feed(b"".join(parts))) == [doc]
+
+
+def test_a_big_payload_is_written_from_where_it_is() -> None:
+    payload = b"p" * 100_000
+    parts = pack_parts({"t": "result", "payload": payload, "logs": b"l"})
+    assert any(p is payload for p in parts)  # not copied into the frame
+    assert pack_parts({"t": "x", "payload": b"small"}) == [pack({"t": "x", "payload": b"small"})]

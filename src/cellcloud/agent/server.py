@@ -31,7 +31,7 @@ from ..sandbox.spec import EnvSpec
 from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
 from ..transport import OpError, Server
-from ..transport.codec import FrameReader, frame_read_bytes, pack
+from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
 from . import lockdown
 
 log = logging.getLogger("cellcloud.agent")
@@ -154,7 +154,7 @@ class _EnvChannel(asyncio.BufferedProtocol):
         if doc is not None:
             if self.transport is None or self.transport.is_closing():
                 raise ConnectionError("environment channel closed")
-            self.transport.write(pack(doc))
+            self.transport.writelines(pack_parts(doc))
         if self.early is not None:
             early, self.early = self.early, None
             return early

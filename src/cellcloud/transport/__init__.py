@@ -8,7 +8,7 @@ the agent <-> guest channel, the zygote and the handover, is :mod:`.codec`):
     response: [1, call_id, ok, body]      ok=False -> body = {"type": ..., "message": ...}
 
 A server is a dict of typed operations: an op not in the dict is refused and counted, so a
-component's surface is exactly the keys of that dict (the agent's is four entries long).
+component's surface is exactly the keys of that dict (the agent's is six entries long).
 
 TLS is one argument: pass an ``ssl.SSLContext`` to :func:`serve` / :class:`Client` and the same
 frames travel over mutual TLS; nothing else in cellcloud opens internal sockets.

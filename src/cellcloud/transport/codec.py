@@ -37,6 +37,40 @@ def pack(doc: Any) -> bytes:
     return out
 
 
+split_bytes_min = 16 * 1024  # a bytes value this big goes out as its own buffer (pack_parts)
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def pack_parts(doc: Any) -> list[bytes]:
+    """The frame of ``doc`` as buffers to write back to back (``writev``/``sendmsg``): a map's
+    big bytes values (a payload, logs) are not copied into the frame but written from where
+    they are; the same bytes on the wire as :func:`pack` (up to the order of the map's keys)."""
+    if not isinstance(doc, dict) or not any(
+            type(v) is bytes and len(v) >= split_bytes_min for v in doc.values()):
+        return [pack(doc)]
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer.pack_map_header(len(doc))
+    parts: list[bytes] = []
+    for k, v in doc.items():
+        packer.pack(k)
+        if type(v) is bytes and len(v) >= split_bytes_min:
+            parts += [packer.bytes() + _bin_header(len(v)), v]
+            packer.reset()
+        else:
+            packer.pack(v)
+    tail = packer.bytes()
+    if tail:
+        parts.append(tail)
+    return parts
+
+
 def unpack(data: bytes, max_bytes: int) -> Any:
     """The one object of a whole message (a SOCK_SEQPACKET message); refuses more than
     ``max_bytes``, garbage and trailing bytes."""
@@ -145,9 +179,19 @@ class StreamChannel:
         self._view = memoryview(self._buf)
 
     def send(self, doc: Any) -> None:
-        data = pack(doc)
+        parts = pack_parts(doc)
         with self._send_lock:
-            self._sock.sendall(data)
+            if len(parts) == 1:
+                self._sock.sendall(parts[0])
+                return
+            views = [memoryview(p) for p in parts]
+            while views:  # one sendmsg (writev) for the lot, unless the kernel took less
+                sent = self._sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if views and sent:
+                    views[0] = views[0][sent:]
 
     def recv(self) -> Any:
         """The next object; None when the peer hung up."""
