@@ -2,7 +2,7 @@
 
 Run from the repository root, as root::
 
-    python -m bench.sandbox [--quick] [--only cold,scale,density,held]
+    python -m bench.sandbox [--quick] [--only cold,scale,density,held,warm]
 
 cold     (1) agent level: an in-process ``Agent`` + ``JailBackend`` (the real zygote and jail, as
          in tests/escape/conftest.py); per sample ``create_env`` then ``invoke`` of
@@ -24,6 +24,9 @@ density  20 idle environments (one invocation served): USS / PSS / RSS summed ov
          cgroup processes (Agent.status, smaps_rollup), and the host-level cost per environment
          (MemAvailable drop / n, which also counts kernel objects: namespaces, mounts, ext4 /tmp,
          loop devices, page tables, cgroups).
+warm     warm invokes of an echo handler through an in-process agent and one environment:
+         wall time and the agent's CPU per invoke, 100 B and 256 KiB events (the agent <-> guest
+         channel's cost).
 held     idle environments created in batches until 2,000, MemAvailable < 4 GiB, a create
          failure, or the time bound; held count, per-env host memory, extrapolation to the host.
 
@@ -310,6 +313,39 @@ class InProcAgent:
         with contextlib.suppress(Exception):
             self.agent.close()  # kills every environment and the zygote
         cleanup_group(self.group)
+
+
+# -- warm invoke (the agent <-> guest channel) ---------------------------------------------------
+ECHO_HANDLER = "def handler(e, c):\n    return e\n"
+
+
+async def warm_agent(work: str, n: int, sizes: tuple[int, ...] = (100, 256 * 1024)) -> dict[str, Any]:
+    """Warm invokes through an in-process agent and one jailed environment (1,769 MB: a whole
+    vCPU, so the CPU quota does not pace it): per payload size, wall time per ``invoke`` and the
+    agent's CPU time per invoke (this process), i.e. the agent <-> guest channel's cost."""
+    a = InProcAgent(work, "warm", UID_BASE)
+    out: dict[str, Any] = {}
+    try:
+        sha = a.bundle(ECHO_HANDLER)
+        await a.agent.create_env(a.body(sha, "warm-0", memory_mb=DEFAULT_LIMITS.memory_mb_per_vcpu))
+        for size in sizes:
+            event = {"pad": "x" * size}
+            for _ in range(max(10, n // 10)):
+                await a.invoke("warm-0", event)
+            walls = []
+            c0 = time.process_time()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await a.invoke("warm-0", event)
+                walls.append(time.perf_counter() - t0)
+            cpu = time.process_time() - c0
+            out[str(size)] = {"n": n, "wall_us_p50": round(statistics.median(walls) * 1e6, 1),
+                              "wall_us_mean": round(statistics.fmean(walls) * 1e6, 1),
+                              "agent_cpu_us": round(cpu / n * 1e6, 1)}
+        await a.agent.destroy({"env_id": "warm-0"})
+        return out
+    finally:
+        a.close()
 
 
 # -- cold start ----------------------------------------------------------------------------------
@@ -742,6 +778,9 @@ def report(res: dict[str, Any]) -> list[str]:
                      f"page tables {d['page_tables_per_env_mib']:.2f})")
         lines.append(f"  vs Firecracker VMM <= {FIRECRACKER_VMM_MIB:.0f} MiB: USS {d['uss_mib']['p50'] / FIRECRACKER_VMM_MIB:.2f}x; "
                      f"goal USS <= {GOAL_USS_MIB:.0f} MiB: {verdict(d['uss_mib']['p50'] <= GOAL_USS_MIB)}")
+    for size, w in (res.get("warm") or {}).items():
+        lines.append(f"warm invoke, {size} B event: p50 {w['wall_us_p50']:.0f} us, mean "
+                     f"{w['wall_us_mean']:.0f} us, agent CPU {w['agent_cpu_us']:.0f} us per invoke")
     h = res.get("held")
     if h:
         lines.append(f"held: {h['held']} idle envs (stopped by: {h['stopped_by']}) in {h['create_s']:.1f} s; "
@@ -776,6 +815,8 @@ async def run_async(args: argparse.Namespace, only: set[str], work: str,
             res["scale"].append(await scale_out(work, total, 1, hold, profile=True))
     if "density" in only:
         res["density"] = await density(work, 5 if q else 20)
+    if "warm" in only:
+        res["warm"] = await warm_agent(work, 200 if q else args.warm_n)
     if "held" in only:
         res["held"] = await held(work, 40 if q else args.held_max, 20 if q else 100,
                                  20 if q else 100)
@@ -793,6 +834,7 @@ def main() -> None:
     p.add_argument("--profile-scale", action="store_true",
                    help="scale-out once more, 1 agent, with the timing zygote")
     p.add_argument("--held-max", type=int, default=2000)
+    p.add_argument("--warm-n", type=int, default=2000, help="warm: invokes per payload size")
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.sandbox needs root (namespaces, cgroups, mounts)")

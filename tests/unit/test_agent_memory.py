@@ -16,7 +16,7 @@ import sys
 import msgpack
 import pytest
 
-from cellcloud.transport import FrameReader
+from cellcloud.transport import FrameError, FrameReader
 
 MiB = 1024 * 1024
 
@@ -84,5 +84,5 @@ def test_frame_reader_keeps_frames_whole_across_resets() -> None:
 
 def test_frame_reader_still_refuses_oversized_frames() -> None:
     reader = FrameReader(64 * 1024, read_bytes=1024)
-    with pytest.raises(msgpack.BufferFull):
+    with pytest.raises(FrameError):
         list(reader.feed(msgpack.packb({"x": b"y" * (128 * 1024)}, use_bin_type=True)))

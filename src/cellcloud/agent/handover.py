@@ -25,7 +25,7 @@ import os
 import socket
 from typing import Any
 
-import msgpack
+from ..transport.codec import recv_message, send_message, unpack_dict
 
 log = logging.getLogger("cellcloud.agent.handover")
 
@@ -68,25 +68,20 @@ def unlink_if_ours(path: str, ino: int) -> None:
         pass
 
 
-def _pack(doc: dict[str, Any]) -> bytes:
-    return msgpack.packb(doc, use_bin_type=True)
-
-
 def receive(path: str, extras: dict[str, socket.socket] | None = None,
             ) -> tuple[socket.socket, list[tuple[dict[str, Any], socket.socket]]]:
     """The new agent's side (blocking, before its event loop and its lock-down). ``extras``
     receives the network helper's channel as ``"network"``, if one was handed over."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(path)
-    s.sendall(_pack({"t": "adopt", "pid": os.getpid()}))
+    send_message(s, {"t": "adopt", "pid": os.getpid()})
     listener: socket.socket | None = None
     envs: list[tuple[dict[str, Any], socket.socket]] = []
     try:
         while True:
-            msg, fds, _flags, _addr = socket.recv_fds(s, frame_bytes_max, 1)
-            if not msg:
+            doc, fds = recv_message(s, frame_bytes_max, 1)
+            if doc is None:
                 raise ConnectionError("the old agent went away during the handover")
-            doc = msgpack.unpackb(msg, raw=False)
             if doc["t"] == "listen":
                 listener = socket.socket(fileno=fds[0])
             elif doc["t"] == "env":
@@ -115,7 +110,7 @@ async def serve_handover(agent: Any, hsock: socket.socket, listen_sock: socket.s
     loop = asyncio.get_running_loop()
     conn, _ = await loop.sock_accept(hsock)
     conn.setblocking(True)
-    hello = msgpack.unpackb(await loop.sock_recv(conn, frame_bytes_max), raw=False)
+    hello = unpack_dict(await loop.sock_recv(conn, frame_bytes_max + 1), frame_bytes_max)
     log.warning("handing over to agent process %s", hello.get("pid"))
     agent.draining = True
     deadline = loop.time() + drain_timeout_s
@@ -132,7 +127,7 @@ async def serve_handover(agent: Any, hsock: socket.socket, listen_sock: socket.s
 
 def _send(conn: socket.socket, agent: Any, listen_fd: int) -> None:
     try:
-        socket.send_fds(conn, [_pack({"t": "listen"})], [listen_fd])
+        send_message(conn, {"t": "listen"}, [listen_fd])
         n = 0
         for env_id, rec in list(agent.envs.items()):
             sock = rec.channel.transport.get_extra_info("socket") if rec.channel.transport \
@@ -145,13 +140,13 @@ def _send(conn: socket.socket, agent: Any, listen_fd: int) -> None:
                    "invocations": rec.invocations, "init_ms": rec.init_ms,
                    "init_error": rec.init_error, "last_used_ms": rec.last_used_ms,
                    "max_rss_kb": rec.max_rss_kb, "measurements": rec.measurements,
-                   "extensions": rec.extensions}
-            socket.send_fds(conn, [_pack(doc)], [sock.fileno()])
+                   "extensions": rec.extensions, "guest_wire": rec.guest_wire}
+            send_message(conn, doc, [sock.fileno()])
             n += 1
         network = getattr(agent, "network", None)
         if network is not None:
-            socket.send_fds(conn, [_pack({"t": "network"})], [network.detach()])
-        conn.sendall(_pack({"t": "done", "n": n}))
+            send_message(conn, {"t": "network"}, [network.detach()])
+        send_message(conn, {"t": "done", "n": n})
     finally:
         os.close(listen_fd)
         conn.close()

@@ -20,8 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
+from ..core import messages as m
 from ..core.bundle import sha256_hex
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
@@ -31,7 +30,8 @@ from ..sandbox.backend import Backend, JailBackend, Spawned
 from ..sandbox.spec import EnvSpec
 from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
-from ..transport import FrameReader, OpError, Server
+from ..transport import OpError, Server
+from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
 from . import lockdown
 
 log = logging.getLogger("cellcloud.agent")
@@ -74,7 +74,13 @@ def _exited(pid: int) -> bool:
     return state in (b"Z", b"X")
 
 
-class _EnvChannel(asyncio.Protocol):
+# One read buffer for every environment channel of the agent: the event loop reads one channel
+# at a time and the frames are decoded out of it before the next read (BufferedProtocol), so
+# a thousand environments cost one buffer, and a read allocates nothing.
+_read_buffer = memoryview(bytearray(frame_read_bytes))
+
+
+class _EnvChannel(asyncio.BufferedProtocol):
     """The agent's end of one environment's channel: frames in, one future at a time.
 
     ``on_lost`` is called when the channel closes while nobody waits on it (the environment
@@ -95,7 +101,13 @@ class _EnvChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         try:
             for doc in self.unpacker.feed(data):
                 if not isinstance(doc, dict):
@@ -142,7 +154,7 @@ class _EnvChannel(asyncio.Protocol):
         if doc is not None:
             if self.transport is None or self.transport.is_closing():
                 raise ConnectionError("environment channel closed")
-            self.transport.write(msgpack.packb(doc, use_bin_type=True))
+            self.transport.writelines(pack_parts(doc))
         if self.early is not None:
             early, self.early = self.early, None
             return early
@@ -163,7 +175,7 @@ class _EnvChannel(asyncio.Protocol):
             return b""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        doc: dict[str, Any] | None = {"t": "shutdown", "reason": reason}
+        doc: dict[str, Any] | None = {"t": "shutdown", "reason": reason}  # GuestShutdown
         while True:
             try:
                 frame = await self.request(doc, max(0.0, deadline - loop.time()))
@@ -205,6 +217,7 @@ class EnvRecord:
     max_rss_kb: int = 0
     measurements: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    guest_wire: int = m.GUEST_WIRE  # the channel's dialect this guest speaks (core/messages)
 
 
 class Agent:
@@ -280,12 +293,16 @@ class Agent:
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.draining:
             raise OpError("AgentDraining", "the agent is being replaced; retry")
-        env_id = str(body["env_id"])
+        try:
+            req = m.CreateEnvRequest.from_wire(body)
+        except m.MessageError as e:
+            raise OpError("InvalidRequest", str(e)) from e
+        env_id = req.env_id
         if env_id in self.envs:
             raise OpError("EnvExists", env_id)
         if len(self.envs) >= self.envs_max:
             raise OpError("AgentFull", f"{len(self.envs)} environments; the maximum is {self.envs_max}")
-        memory_mb = int(body["function"]["memory_mb"])
+        memory_mb = req.function.memory_mb
         committed = sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
         if committed * 2**20 > self.oversubscription * self.memory_budget_bytes:
             raise OpError("AgentFull", f"{committed} MB configured would exceed "
@@ -293,12 +310,12 @@ class Agent:
         if self.memory_used_bytes + env_baseline_bytes > self.memory_budget_bytes:
             raise OpError("HostMemoryExhausted", f"{self.memory_used_bytes >> 20} MB in use of a "
                           f"{self.memory_budget_bytes >> 20} MB budget")
-        digests = {str(body["bundle_sha256"]), *map(str, body["function"].get("layers", []))}
+        digests = {req.bundle_sha256, *req.function.layers}
         for sha in digests:
             self._bundle_pins[sha] = self._bundle_pins.get(sha, 0) + 1
             self._forget_later.discard(sha)  # wanted again
         try:
-            return await self._create_env_pinned(body, env_id)
+            return (await self._create_env_pinned(req)).to_wire()
         finally:
             for sha in digests:
                 self._bundle_pins[sha] -= 1
@@ -306,27 +323,26 @@ class Agent:
                     del self._bundle_pins[sha]
             self._forget_unused()
 
-    async def _create_env_pinned(self, body: dict[str, Any], env_id: str) -> dict[str, Any]:
-        pushed: dict[str, bytes] = body.get("bundles") or {}
-        bundle_sha = str(body["bundle_sha256"])
-        bundle_dir = self._bundle(bundle_sha, pushed.get(bundle_sha))
-        fn = body["function"]
-        runtime = self.runtimes.get(str(fn["runtime"]))
+    async def _create_env_pinned(self, req: m.CreateEnvRequest) -> m.CreateEnvReply:
+        env_id, pushed, fn = req.env_id, req.bundles, req.function
+        bundle_dir = self._bundle(req.bundle_sha256, pushed.get(req.bundle_sha256))
+        runtime = self.runtimes.get(fn.runtime)
         if runtime is None:
-            raise OpError("RuntimeNotSupported", f"{fn['runtime']} is not available on this host")
-        layer_dirs = [self._bundle(str(sha), pushed.get(str(sha))) for sha in fn.get("layers", [])]
-        runtime_argv = runtimes.argv_for(runtime, fn["handler"])
-        config = {k: fn.get(k) for k in ("name", "handler", "runtime", "memory_mb", "timeout_s",
+            raise OpError("RuntimeNotSupported", f"{fn.runtime} is not available on this host")
+        layer_dirs = [self._bundle(sha, pushed.get(sha)) for sha in fn.layers]
+        runtime_argv = runtimes.argv_for(runtime, fn.handler)
+        wire_fn = fn.to_wire()
+        config = {k: wire_fn[k] for k in ("name", "handler", "runtime", "memory_mb", "timeout_s",
                                           "ephemeral_mb", "environment", "version")}
         # The function's network setting (core/vpc.py): "" the agent's policy, "none" no
         # pooled network namespace at all (an empty one: only loopback).
-        network_setting = str(fn.get("network") or "")
+        network_setting = fn.network
         if network_setting not in ("", "egress", "none"):
             raise OpError("InvalidNetwork", f"unknown network setting {network_setting!r}")
         if network_setting == "egress" and self.network is None:
             raise OpError("NetworkUnavailable", "the function asks for egress (VpcConfig "
                           "cellcloud-egress) but this agent runs with --network none")
-        net_allow = [str(a) for a in fn.get("net_allow") or []]
+        net_allow = list(fn.net_allow)
         if net_allow and network_setting != "egress":
             raise OpError("InvalidNetwork", "an allow-list needs the egress mode")
         if network_setting:
@@ -342,20 +358,21 @@ class Agent:
             "config": attestation.measure_config(config),
         }
         document = attestation.sign(
-            {"env_id": env_id, "agent_id": self.agent_id, "function_arn": fn["arn"],
+            {"env_id": env_id, "agent_id": self.agent_id, "function_arn": fn.arn,
              "time_ms": int(time.time() * 1000), "nonce": None, "measurements": measurements},
             self.identity.cert_path, self.identity.key_path)
         slot = self._alloc_slot()
         uid = self.uid_base + slot
         spec = EnvSpec(
-            env_id=env_id, function_name=fn["name"], function_version=fn.get("version", "$LATEST"),
-            function_arn=fn["arn"], handler=fn["handler"], runtime=fn["runtime"],
-            memory_mb=int(fn["memory_mb"]), timeout_s=int(fn["timeout_s"]), bundle_dir=bundle_dir,
+            env_id=env_id, function_name=fn.name, function_version=fn.version,
+            function_arn=fn.arn, handler=fn.handler, runtime=fn.runtime,
+            memory_mb=fn.memory_mb, timeout_s=fn.timeout_s, bundle_dir=bundle_dir,
             uid=uid, gid=uid, cgroup_group=self.cgroup_group, region=self.region,
-            ephemeral_mb=int(fn.get("ephemeral_mb", DEFAULT_LIMITS.ephemeral_mb_default)),
-            environment=dict(fn.get("environment") or {}),
-            log_group=f"/aws/lambda/{fn['name']}",
-            log_stream=f"{time.strftime('%Y/%m/%d')}/[{fn.get('version', '$LATEST')}]{env_id}",
+            ephemeral_mb=(fn.ephemeral_mb if fn.ephemeral_mb is not None
+                          else DEFAULT_LIMITS.ephemeral_mb_default),
+            environment=dict(fn.environment),
+            log_group=f"/aws/lambda/{fn.name}",
+            log_stream=f"{time.strftime('%Y/%m/%d')}/[{fn.version}]{env_id}",
             layer_dirs=layer_dirs, pids_max=self.pids_max,
             runtime_argv=runtime_argv,
             extra_trees=list(runtime.trees),
@@ -383,19 +400,21 @@ class Agent:
         loop = asyncio.get_running_loop()
         _, channel = await loop.connect_accepted_socket(self._channel, spawned.channel)
         now_ms = int(time.time() * 1000)
-        rec = EnvRecord(spec, str(body.get("function_key", "")), spawned, channel, cg, now_ms, slot,
+        rec = EnvRecord(spec, req.function_key, spawned, channel, cg, now_ms, slot,
                         last_used_ms=now_ms, measurements=measurements)
         self.envs[env_id] = rec
-        timeout_s = float(body.get("create_timeout_ms", DEFAULT_LIMITS.env_create_timeout_ms)) / 1000
+        timeout_s = (req.create_timeout_ms if req.create_timeout_ms is not None
+                     else DEFAULT_LIMITS.env_create_timeout_ms) / 1000
         try:
-            ready = await channel.request(None, timeout_s)
-        except (TimeoutError, ConnectionError) as e:
+            ready = m.GuestReady.from_wire(await channel.request(None, timeout_s))
+        except (TimeoutError, ConnectionError, m.MessageError) as e:
             self._remove(env_id)
             self.counters["create_failed"] += 1
             raise OpError("EnvCreateFailed", f"environment did not start: {e!r}") from e
-        rec.init_error = ready.get("init_error")
-        rec.init_ms = float(ready.get("init_ms", 0))
-        rec.extensions = int(ready.get("extensions", 0))
+        rec.init_error = ready.init_error
+        rec.init_ms = ready.init_ms
+        rec.extensions = ready.extensions
+        rec.guest_wire = ready.wire
         if rec.init_error and rec.init_error.get("errorType") == "Runtime.SandboxSetupError":
             self._remove(env_id)
             self.counters["create_failed"] += 1
@@ -408,14 +427,17 @@ class Agent:
                 self.counters["create_failed"] += 1
                 raise OpError("EnvCreateFailed", f"could not cap the CPU: {e}") from e
         self.counters["created"] += 1
-        return {"env_id": env_id, "pid": spawned.pid, "init_ms": rec.init_ms,
-                "init_error": rec.init_error}
+        return m.CreateEnvReply(env_id, spawned.pid, rec.init_ms, rec.init_error)
 
     async def invoke(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.draining:
             raise OpError("AgentDraining", "the agent is being replaced; retry")
         try:
-            return await self._invoke(body)
+            req = m.InvokeRequest.from_wire(body)
+        except m.MessageError as e:
+            raise OpError("InvalidRequest", str(e)) from e
+        try:
+            return (await self._invoke(req)).to_wire()
         finally:
             self._idle.set()
 
@@ -440,6 +462,7 @@ class Agent:
                             init_ms=float(doc["init_ms"]), last_used_ms=int(doc["last_used_ms"]),
                             max_rss_kb=int(doc["max_rss_kb"]),
                             extensions=int(doc.get("extensions", 0)),
+                            guest_wire=int(doc.get("guest_wire", 1)),
                             measurements=dict(doc["measurements"]))
             self.envs[spec.env_id] = rec
         used = {rec.slot for rec in self.envs.values()}
@@ -467,8 +490,8 @@ class Agent:
         while len(self._gone) > DEFAULT_LIMITS.gone_env_ids_remembered_max:
             self._gone.popitem(last=False)
 
-    async def _invoke(self, body: dict[str, Any]) -> dict[str, Any]:
-        env_id = str(body["env_id"])
+    async def _invoke(self, req: m.InvokeRequest) -> m.InvokeReply:
+        env_id = req.env_id
         rec = self.envs.get(env_id)
         if rec is not None and not rec.busy and (rec.channel.gone()
                                                  or _exited(rec.spawned.pid)):
@@ -496,21 +519,20 @@ class Agent:
                               logs=self._reset_logs.pop(env_id, ("", b""))[1])
         rec.invocations += 1
         self.counters["invocations"] += 1
-        request_id = str(body["request_id"])
-        timeout_ms = int(body["timeout_ms"])
+        request_id = req.request_id
+        timeout_ms = req.timeout_ms
         started = time.monotonic()
+        ask = m.GuestInvoke(request_id, req.payload, timeout_ms, req.arn,
+                            legacy=rec.guest_wire < 2)
         try:
-            result = await rec.channel.request(
-                {"t": "invoke", "id": request_id, "payload": body["payload"],
-                 "deadline_ms": int(time.time() * 1000) + timeout_ms, "arn": body.get("arn", "")},
-                timeout_ms / 1000,
-            )
-            while result.get("t") == "done":  # an earlier Invoke phase's end (a predecessor
+            frame = await rec.channel.request(
+                ask.to_wire(int(time.time() * 1000) if ask.legacy else 0), timeout_ms / 1000)
+            while frame.get("t") == "done":  # an earlier Invoke phase's end (a predecessor
                 # agent was waiting for it when it handed over): its logs, then ours
-                logs = result.get("logs")
+                logs = frame.get("logs")
                 rec.late_logs = (rec.late_logs + (logs if isinstance(logs, bytes) else b""))[
                     -DEFAULT_LIMITS.invocation_log_bytes_max:]
-                result = await rec.channel.request(
+                frame = await rec.channel.request(
                     None, max(0.0, started + timeout_ms / 1000 - time.monotonic()))
         except TimeoutError:
             self.counters["timeouts"] += 1
@@ -537,33 +559,31 @@ class Agent:
             return self._failure("Runtime.ExitError", msg, started, oom=bool(usage.oom_kills))
         rec.busy = False
         rec.last_used_ms = int(time.time() * 1000)
-        rec.max_rss_kb = max(rec.max_rss_kb, int(result.get("max_rss_kb", 0)))
-        if result.get("t") != "result" or result.get("id") != request_id:
+        try:
+            result = m.GuestResult.from_wire(frame) if frame.get("t") == "result" else None
+        except m.MessageError:
+            result = None
+        if result is None or result.request_id != request_id:
             self._remove(env_id)
             return self._failure("Runtime.InvalidResponse", "the runtime answered out of turn",
                                  started)
-        alive = not result.get("fatal")
+        rec.max_rss_kb = max(rec.max_rss_kb, result.max_rss_kb)
+        alive = result.env_alive
         if not alive:  # the runtime (or an extension) exited: no other invoke here
             if rec.extensions:
                 self._shutdown_soon(env_id, "failure")
             else:
                 self._remove(env_id)
-        elif result.get("phase") == "pending":
+        elif result.phase_pending:
             rec.phase = asyncio.get_running_loop().create_future()
             rec.phase_task = asyncio.ensure_future(
                 self._invoke_phase(rec, request_id, started + timeout_ms / 1000))
         previous, rec.late_logs = rec.late_logs, b""
-        return {
-            "status": "ok" if result["ok"] else "function_error",
-            "payload": result["payload"],
-            "function_error": result.get("error_type"),
-            "logs": result.get("logs", b""),
-            "duration_ms": result.get("duration_ms", 0.0),
-            "max_rss_kb": result.get("max_rss_kb", 0),
-            "env_alive": alive,
+        return m.InvokeReply(
+            result.payload, result.function_error, result.logs, result.duration_ms,
+            result.max_rss_kb, alive,
             # the previous invocation's logs from after its response (END/REPORT, extensions)
-            **({"previous_logs": previous} if previous else {}),
-        }
+            previous_logs=previous)
 
     async def _invoke_phase(self, rec: EnvRecord, request_id: str, deadline: float) -> None:
         """Wait for the end of an Invoke phase whose response already went back: every
@@ -573,20 +593,20 @@ class Agent:
         try:
             while True:
                 frame = await rec.channel.request(None, max(0.0, deadline - time.monotonic()))
-                if frame.get("t") == "done" and frame.get("id") == request_id:
-                    break
-            logs = frame.get("logs")
-            rec.late_logs = (rec.late_logs + (logs if isinstance(logs, bytes) else b""))[
-                -DEFAULT_LIMITS.invocation_log_bytes_max:]
-            rec.max_rss_kb = max(rec.max_rss_kb, int(frame.get("max_rss_kb", 0)))
-            if frame.get("fatal"):  # an extension crashed after the response
+                if frame.get("t") == "done":
+                    done = m.GuestPhaseDone.from_wire(frame)
+                    if done.request_id == request_id:
+                        break
+            rec.late_logs = (rec.late_logs + done.logs)[-DEFAULT_LIMITS.invocation_log_bytes_max:]
+            rec.max_rss_kb = max(rec.max_rss_kb, done.max_rss_kb)
+            if not done.env_alive:  # an extension crashed after the response
                 self._keep_reset_logs(rec, rec.late_logs + await self._shutdown(
                     env_id, "failure", from_phase=True))
         except TimeoutError:
             self.counters["timeouts"] += 1
             self._keep_reset_logs(rec, rec.late_logs + await self._shutdown(
                 env_id, "timeout", from_phase=True))
-        except ConnectionError:
+        except (ConnectionError, m.MessageError):
             self.counters["crashes"] += 1
             if self.envs.get(env_id) is rec:
                 self._remove(env_id)
@@ -602,34 +622,36 @@ class Agent:
         while len(self._reset_logs) > reset_logs_envs_max:
             del self._reset_logs[next(iter(self._reset_logs))]
 
-    def _failure(self, type_: str, message: str, started: float, **extra: Any) -> dict[str, Any]:
-        return {
-            "status": "function_error",
-            "payload": json.dumps({"errorType": type_, "errorMessage": message}).encode(),
-            "function_error": "Unhandled",
-            "logs": f"{message}\n".encode(),
-            "duration_ms": (time.monotonic() - started) * 1000,
-            "env_alive": False,
-            **extra,
-        }
+    def _failure(self, type_: str, message: str, started: float,
+                 oom: bool = False) -> m.InvokeReply:
+        return m.InvokeReply(
+            json.dumps({"errorType": type_, "errorMessage": message}).encode(), "Unhandled",
+            f"{message}\n".encode(), (time.monotonic() - started) * 1000, env_alive=False,
+            oom=oom)
 
     async def destroy(self, body: dict[str, Any]) -> dict[str, Any]:
-        env_id = str(body["env_id"])
+        try:
+            env_id = m.DestroyRequest.from_wire(body).env_id
+        except m.MessageError as e:
+            raise OpError("InvalidRequest", str(e)) from e
         rec = self.envs.get(env_id)
         if rec is None:
             key, logs = self._reset_logs.pop(env_id, ("", b""))
-            return {"destroyed": False, **({"function_key": key, "logs": logs} if logs else {})}
+            return m.DestroyReply(False, key, logs).to_wire()
         # Lambda's SHUTDOWN phase first (extensions get their event), then the kill; the
         # environment's last logs go back to the caller, which files them with the function's.
         logs = rec.late_logs + await self._shutdown(env_id, "spindown")
-        return {"destroyed": True, "function_key": rec.function_key, "logs": logs}
+        return m.DestroyReply(True, rec.function_key, logs).to_wire()
 
     async def forget_bundles(self, body: dict[str, Any]) -> dict[str, Any]:
         """The frontend no longer holds these digests: drop their unpacked copies now, or,
         for one an environment still runs from (or is being created from), when the last such
         environment goes."""
-        digests = body.get("sha256") if isinstance(body, dict) else None
-        if not isinstance(digests, list) or len(digests) > DEFAULT_LIMITS.forget_bundles_digests_max:
+        try:
+            digests = m.ForgetBundlesRequest.from_wire(body).sha256
+        except m.MessageError:
+            digests = None
+        if digests is None or len(digests) > DEFAULT_LIMITS.forget_bundles_digests_max:
             raise OpError("InvalidRequest", "sha256 must be a list of at most "
                           f"{DEFAULT_LIMITS.forget_bundles_digests_max} digests")
         for sha in digests:
@@ -644,10 +666,14 @@ class Agent:
             else:
                 self._drop_bundle(sha)
                 forgotten.append(sha)
-        return {"forgotten": forgotten, "deferred": deferred}
+        return m.ForgetBundlesReply(tuple(forgotten), tuple(deferred)).to_wire()
 
     async def status(self, body: Any = None) -> dict[str, Any]:
-        if isinstance(body, dict) and body.get("light"):
+        try:
+            light = m.StatusRequest.from_wire(body).light
+        except m.MessageError as e:
+            raise OpError("InvalidRequest", str(e)) from e
+        if light:
             # The frontend's liveness poll: no per-environment cgroup or smaps reads.
             # envs_max and memory_mb_max (configured memory it accepts in all): the frontend's
             # placement counts against them instead of learning them from AgentFull.
@@ -814,10 +840,14 @@ class Agent:
 
     async def attest(self, body: dict[str, Any]) -> dict[str, Any]:
         """A fresh document for a running environment, bound to the caller's nonce."""
-        rec = self.envs.get(str(body.get("env_id")))
+        try:
+            req = m.AttestRequest.from_wire(body)
+        except m.MessageError as e:
+            raise OpError("InvalidRequest", str(e)) from e
+        rec = self.envs.get(req.env_id)
         if rec is None:
-            raise OpError("EnvNotFound", str(body.get("env_id")))
-        nonce = str(body.get("nonce") or "")
+            raise OpError("EnvNotFound", req.env_id)
+        nonce = req.nonce
         if not 8 <= len(nonce) <= 128:
             raise OpError("InvalidNonce", "the nonce must be 8 to 128 characters")
         return attestation.sign(

@@ -17,9 +17,10 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-import msgpack
-
+from ..transport.codec import FrameError, pack, recv_message, send_message
 from .spec import EnvSpec
+
+control_reply_bytes_max = 64 * 1024  # the zygote's and its keeper's answers
 
 
 @dataclass
@@ -92,15 +93,17 @@ class JailBackend:
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
-        self._keeper.sendall(b"zygote")
-        msg, fds, _flags, _addr = socket.recv_fds(self._keeper, 4096, 1)
-        if not msg or len(fds) != 1:
+        send_message(self._keeper, {"t": "zygote"})
+        try:
+            doc, fds = recv_message(self._keeper, control_reply_bytes_max, 1)
+        except FrameError as e:
+            raise ZygoteGone(f"the zygote keeper answered garbage: {e}") from e
+        if doc is None or len(fds) != 1 or not isinstance(doc.get("pid"), int):
             for fd in fds:
                 os.close(fd)
             raise ZygoteGone("the zygote keeper is gone")
-        doc = msgpack.unpackb(msg, raw=False)
         self._ctl = socket.socket(fileno=fds[0])
-        self._zygote_pid = int(doc["pid"])
+        self._zygote_pid = doc["pid"]
 
     def _spawn_sync(self, packed: bytes, guest_end: socket.socket,
                     netns_fd: int | None = None) -> dict[str, object]:
@@ -111,26 +114,25 @@ class JailBackend:
             assert self._ctl is not None
             try:
                 socket.send_fds(self._ctl, [packed], fds)
-                reply = self._ctl.recv(65536)
+                reply, _ = recv_message(self._ctl, control_reply_bytes_max)
             except OSError as e:  # EPIPE/ECONNRESET: the zygote died
-                reply = b""
+                reply = None
                 err: Exception | None = e
             else:
                 err = None
-            if not reply:
+            if reply is None:
                 # Replace it now, so the next spawn (the caller's retry) finds a live one.
                 self._ctl.close()
                 self._ctl = None
                 self.zygote_restarts += 1
                 self._new_zygote()
                 raise ZygoteGone(f"the zygote is gone ({err!r}); a new one was started")
-        doc: dict[str, object] = msgpack.unpackb(reply, raw=False)
-        return doc
+        return reply
 
     async def spawn(self, spec: EnvSpec, netns_fd: int | None = None) -> Spawned:
         """``netns_fd``: a network namespace for the environment to join (the caller keeps
         and closes it); none: the environment unshares an empty one (loopback only)."""
-        packed = msgpack.packb(spec.to_wire(), use_bin_type=True)
+        packed = pack(spec.to_wire())
         for attempt in (0, 1):  # once more on a fresh zygote if the zygote had died
             ours, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:

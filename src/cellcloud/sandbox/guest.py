@@ -42,9 +42,9 @@ import threading
 import time
 from typing import Any, NoReturn
 
-import msgpack
-
+from ..core import messages as m
 from ..core.limits import DEFAULT_LIMITS
+from ..transport.codec import StreamChannel
 from . import pyruntime
 from .extensions import Extensions, Telemetry
 from .runtime_api import Invocation, RuntimeApi, serve_http
@@ -205,25 +205,11 @@ class _BufferStream(io.TextIOBase):
         return "utf-8"
 
 
-class _Channel:
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 * 1024 * 1024)
-        self._packer = msgpack.Packer(use_bin_type=True)
-        self._send_lock = threading.Lock()  # results from the relay, "bye" from the reader
+channel_frame_bytes_max = 64 * 1024 * 1024  # an agent frame: a 6 MB payload and its envelope
 
-    def send(self, doc: dict[str, Any]) -> None:
-        with self._send_lock:
-            self._sock.sendall(self._packer.pack(doc))
-
-    def recv(self) -> dict[str, Any] | None:
-        while True:
-            for doc in self._unpacker:
-                return doc
-            data = self._sock.recv(1 << 20)
-            if not data:
-                return None
-            self._unpacker.feed(data)
+# The agent's end of the channel: frames (core/messages.py) in the one framing (transport/codec).
+# Its send is locked: results come from the relay, "bye" from the reader thread.
+_Channel = StreamChannel
 
 
 class _InProcessClient:
@@ -453,7 +439,7 @@ class _Environment:
         if self.ext_output is not None:
             self.ext_output.sync(max(0.05, end - time.monotonic()))
         try:
-            chan.send({"t": "bye", "logs": self.logs.cut()})
+            chan.send({"t": "bye", "logs": self.logs.cut()})  # GuestBye
         except OSError:
             pass
         os._exit(0)
@@ -493,7 +479,7 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
         else:
             inline = (fn, _InProcessClient(api))
             api.mark_ready()
-    _relay(env, _Channel(sock), started, inline)
+    _relay(env, _Channel(sock, channel_frame_bytes_max), started, inline)
     os._exit(0)
 
 
@@ -503,6 +489,8 @@ def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
     msg = chan.recv()
     if msg is None:
         os._exit(0)
+    if not isinstance(msg, dict):
+        os._exit(1)  # not the agent's: nothing more to trust on this channel
     if msg.get("t") == "shutdown":
         env.shutdown(chan, str(msg.get("reason") or "spindown"))
     return msg
@@ -548,8 +536,7 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         "metrics": {"durationMs": round(init_ms, 3)}})
     telemetry.end_init()
     with_extensions = ext.registered > 0  # fixed from here on: registration is closed
-    chan.send({"t": "ready", "init_error": init_error, "init_ms": init_ms, "logs": logs.cut(),
-               "extensions": ext.registered})
+    chan.send(m.GuestReady(init_ms, init_error, logs.cut(), ext.registered).to_wire())
     inbox: queue.Queue[dict[str, Any]] | None = None
     if with_extensions:
         inbox = queue.Queue()
@@ -561,7 +548,12 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         msg = inbox.get() if inbox is not None else _next_message(env, chan)
         if msg.get("t") != "invoke":
             continue
-        request_id = msg["id"]
+        received_ms = int(time.time() * 1000)
+        try:
+            ask = m.GuestInvoke.from_wire(msg, received_ms)
+        except m.MessageError:
+            os._exit(1)  # the agent reads the closed channel as a crash
+        request_id = ask.request_id
         logs.write_line(f"START RequestId: {request_id} Version: {spec.function_version}")
         if telemetry.active:
             telemetry.emit("platform.start", {"requestId": request_id,
@@ -577,11 +569,11 @@ def _relay(env: _Environment, chan: _Channel, started: float,
             logs.write_line(f"[ERROR] {err['errorType']}: {err['errorMessage']}")
             ok, payload, error_type = False, json.dumps(err).encode(), "Unhandled"
         else:
-            deadline_ms = int(msg["deadline_ms"])
-            api.submit(Invocation(request_id, msg["payload"], deadline_ms, msg.get("arn", "")))
+            deadline_ms = received_ms + ask.timeout_ms
+            api.submit(Invocation(request_id, ask.payload, deadline_ms, ask.arn))
             notified = ext.begin_invoke({
                 "eventType": "INVOKE", "deadlineMs": deadline_ms, "requestId": request_id,
-                "invokedFunctionArn": msg.get("arn", ""),
+                "invokedFunctionArn": ask.arn,
                 "tracing": {"type": "X-Amzn-Trace-Id", "value": f"Root=1-{request_id[:8]}"},
             }) if with_extensions else []
             if inline is not None:
@@ -609,10 +601,10 @@ def _relay(env: _Environment, chan: _Channel, started: float,
                 # Invoke phase goes on until every extension that got the event asked for the
                 # next one (the agent holds the environment, bounded by the function's
                 # timeout: an extension that overruns it gets the environment reset).
-                chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
-                           "error_type": error_type, "logs": logs.cut(), "phase": "pending",
-                           "duration_ms": (time.monotonic() - t0) * 1000, "max_rss_kb": 0,
-                           "fatal": False})
+                chan.send(m.GuestResult(
+                    request_id, payload, None if ok else (error_type or "Unhandled"),
+                    logs.cut(), (time.monotonic() - t0) * 1000, 0, env_alive=True,
+                    phase_pending=True, legacy=ask.legacy).to_wire())
                 answered = True
                 ext.wait_done(notified)
                 if ext.error is not None:  # crashed after the response: the env is reset
@@ -644,12 +636,12 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         logs.repair()
         fatal = fatal or api.exited is not None
         if answered:  # the Invoke phase's end: its remaining logs, the REPORT among them
-            chan.send({"t": "done", "id": request_id, "logs": logs.cut(),
-                       "duration_ms": duration_ms, "max_rss_kb": max_rss_kb, "fatal": fatal})
+            chan.send(m.GuestPhaseDone(request_id, logs.cut(), duration_ms, max_rss_kb,
+                                       env_alive=not fatal, legacy=ask.legacy).to_wire())
         else:
-            chan.send({"t": "result", "id": request_id, "ok": ok, "payload": payload,
-                       "error_type": error_type, "logs": logs.cut(), "duration_ms": duration_ms,
-                       "max_rss_kb": max_rss_kb, "fatal": fatal})
+            chan.send(m.GuestResult(
+                request_id, payload, None if ok else (error_type or "Unhandled"), logs.cut(),
+                duration_ms, max_rss_kb, env_alive=not fatal, legacy=ask.legacy).to_wire())
         if fatal:
             if not with_extensions:
                 os._exit(1)  # the runtime is gone: this environment is done

@@ -21,8 +21,8 @@ import sys
 import traceback
 from typing import Any
 
-import msgpack
-
+from ..core.messages import GuestReady
+from ..transport.codec import FrameError, pack, recv_message, send_message
 from . import cgroups, guest, jail, linux
 from .ephemeral import PERMANENT_LOOP_ERRORS, LoopPool
 from .spec import EnvSpec
@@ -120,12 +120,9 @@ def _become_environment(spec: EnvSpec, chan_fd: int, root: str, tmp_device: str 
         # The environment never ran function code; say why on its channel and vanish.
         try:
             sock = socket.socket(fileno=chan_fd)
-            sock.sendall(msgpack.packb({
-                "t": "ready", "init_ms": 0, "logs": b"",
-                "init_error": {"errorType": "Runtime.SandboxSetupError",
-                               "errorMessage": traceback.format_exc()[-2000:],
-                               "stackTrace": []},
-            }, use_bin_type=True))
+            sock.sendall(pack(GuestReady(0.0, {
+                "errorType": "Runtime.SandboxSetupError",
+                "errorMessage": traceback.format_exc()[-2000:], "stackTrace": []}).to_wire()))
         finally:
             os._exit(1)
     try:
@@ -144,15 +141,18 @@ def serve(ctl: socket.socket, root: str, pool: LoopPool | None = None) -> None:
             if not pool.refill_one():
                 break
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(ctl, spec_bytes_max, 2)
+            doc, fds = recv_message(ctl, spec_bytes_max, 2)
         except InterruptedError:
             continue
-        if not msg:
+        except FrameError as e:
+            send_message(ctl, {"error": f"FrameError: {e}"})
+            continue
+        if doc is None:
             return  # the agent is gone
         try:
             if len(fds) not in (1, 2):
                 raise ValueError("spawn needs a channel fd (and optionally a netns fd)")
-            spec = EnvSpec.from_wire(msgpack.unpackb(msg, raw=False))
+            spec = EnvSpec.from_wire(doc)
             netns_fd = fds[1] if len(fds) == 2 else -1
             reply: dict[str, Any] = {"pid": spawn(spec, fds[0], root, pool, netns_fd)}
         except Exception as e:
@@ -160,7 +160,7 @@ def serve(ctl: socket.socket, root: str, pool: LoopPool | None = None) -> None:
         finally:
             for fd in fds:
                 os.close(fd)
-        ctl.sendall(msgpack.packb(reply, use_bin_type=True))
+        send_message(ctl, reply)
 
 
 def keeper_main(ctl_fd: int, root: str, module: str) -> None:
@@ -188,7 +188,7 @@ def keeper_main(ctl_fd: int, root: str, module: str) -> None:
             proc = subprocess.Popen(
                 [sys.executable, "-m", module, str(theirs.fileno()), root],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
-            socket.send_fds(ctl, [msgpack.packb({"pid": proc.pid})], [ours.fileno()])
+            send_message(ctl, {"pid": proc.pid}, [ours.fileno()])
         finally:
             ours.close()
             theirs.close()

@@ -1,13 +1,14 @@
 """Every internal link of cellcloud goes through this module.
 
 One persistent, multiplexed connection per peer; frames are msgpack objects streamed back to
-back (msgpack is self-delimiting, so no length prefix is needed):
+back (msgpack is self-delimiting, so no length prefix is needed; the framing itself, shared with
+the agent <-> guest channel, the zygote and the handover, is :mod:`.codec`):
 
     request:  [0, call_id, op, body]
     response: [1, call_id, ok, body]      ok=False -> body = {"type": ..., "message": ...}
 
 A server is a dict of typed operations: an op not in the dict is refused and counted, so a
-component's surface is exactly the keys of that dict (the agent's is four entries long).
+component's surface is exactly the keys of that dict (the agent's is six entries long).
 
 TLS is one argument: pass an ``ssl.SSLContext`` to :func:`serve` / :class:`Client` and the same
 frames travel over mutual TLS; nothing else in cellcloud opens internal sockets.
@@ -19,11 +20,17 @@ import asyncio
 import itertools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
+from .codec import FrameError, FrameReader, frame_read_bytes, pack, unpack
+
+__all__ = ["CallTimeout", "Client", "FrameError", "FrameReader", "OpError", "RemoteError",
+           "Server", "TransportError", "enable_mtls", "frame_bytes_max", "frame_read_bytes",
+           "mtls_role", "pack", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -101,45 +108,6 @@ class OpError(Exception):
 
 def _packer() -> msgpack.Packer:
     return msgpack.Packer(use_bin_type=True)
-
-
-frame_read_bytes = 64 * 1024  # a frame reader's buffer between resets (see FrameReader)
-
-
-class FrameReader:
-    """msgpack objects from a byte stream, with a buffer that does not stay big.
-
-    msgpack's ``Unpacker`` allocates its read buffer up front (``read_size``: 1 MiB unless told
-    otherwise) and only ever grows it (a large frame leaves it large); the stream walks through
-    the buffer, touching every page of it. So each long-lived stream ended up holding its whole
-    buffer in RSS: an agent with 100 warm environments grew by ~100 MiB over a few hundred
-    thousand invocations and never gave it back. Here the buffer starts at ``read_bytes``, and
-    once more than that has gone through and no partial frame is buffered, the ``Unpacker`` is
-    replaced by a fresh one, so a reader holds about ``read_bytes`` (plus the frame in
-    progress) for its whole life."""
-
-    def __init__(self, max_buffer_bytes: int, read_bytes: int = frame_read_bytes,
-                 **options: Any) -> None:
-        self._options = dict(raw=False, max_buffer_size=max_buffer_bytes,
-                             read_size=min(read_bytes, max_buffer_bytes), **options)
-        self.resets = 0
-        self._new()
-
-    def _new(self) -> None:
-        self._unpacker = msgpack.Unpacker(**self._options)
-        self._fed = 0
-
-    def feed(self, data: bytes) -> Iterator[Any]:
-        """Feed bytes; yields every object they complete."""
-        self._unpacker.feed(data)
-        self._fed += len(data)
-        end = -1
-        for obj in self._unpacker:
-            end = self._unpacker.tell()  # at an object boundary: the end of this object
-            yield obj
-        if end == self._fed and self._fed > self._options["read_size"]:
-            self.resets += 1
-            self._new()
 
 
 def _unpacker() -> FrameReader:

@@ -1,0 +1,440 @@
+"""The messages of the invoke path's internal hops, one frozen type each (pure: no I/O).
+
+Two hops: frontend -> agent (the agent's operations, carried by :mod:`cellcloud.transport`)
+and agent -> guest (the environment's channel, framed by :mod:`cellcloud.transport.codec`).
+Each type has ``to_wire() -> dict`` and ``from_wire(dict) -> Self``; ``from_wire`` checks the
+types and refuses a missing required field with :class:`MessageError` (a ``ValueError``),
+and ignores fields it does not know (a newer peer may add some).
+
+One set of field names end to end: ``request_id``; ``payload`` (bytes); ``timeout_ms``, a
+*relative* budget (each side turns it into a deadline on its own clock: the guest into the
+Runtime API's absolute ``Lambda-Runtime-Deadline-Ms``); ``function_error`` (None: the function
+succeeded, else Lambda's ``X-Amz-Function-Error``, "Unhandled"/"Handled"); ``env_alive`` (False:
+the environment is gone, no other invocation may go to it); ``logs`` (bytes).
+
+Guests that an agent adopted in a live update may speak the channel's first dialect (``id``,
+``deadline_ms``, ``error_type``/``ok``, ``fatal``): :data:`GUEST_WIRE` is announced in the
+guest's ready frame, the guest readers accept the old names, and each side answers in the
+dialect it was spoken to, so an agent can be rolled forward or back over live environments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+GUEST_WIRE = 2  # the agent <-> guest dialect; 1 (no "wire" in the ready frame): the first
+
+class MessageError(ValueError):
+    """A message that is not of its type: a field missing or of the wrong type."""
+
+
+_MISSING: Any = object()
+
+
+def _get(doc: Any, name: str, types: type | tuple[type, ...], kind: str,
+         default: Any = _MISSING, nullable: bool = False) -> Any:
+    """``doc[name]``, checked: of ``types`` (an int is a fine float, a bool never an int);
+    ``default`` when absent (or None, unless ``nullable``); missing and required: refused."""
+    try:
+        value = doc.get(name, _MISSING)
+    except AttributeError:
+        raise MessageError(f"{kind}: a map was expected, not {type(doc).__name__}") from None
+    if type(value) is types:  # the hot path: exactly the type wanted
+        return value
+    if value is _MISSING or value is None:
+        if value is None and nullable:
+            return None
+        if default is _MISSING:
+            raise MessageError(f"{kind}: the field {name!r} is missing")
+        return default
+    wanted = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in wanted:
+        pass  # bool is an int to Python, never to us
+    elif isinstance(value, wanted):
+        return value
+    elif float in wanted and isinstance(value, int):
+        return float(value)
+    raise MessageError(f"{kind}: the field {name!r} must be "
+                       f"{'/'.join(t.__name__ for t in wanted)}, not {type(value).__name__}")
+
+
+def _str_list(doc: dict[str, Any], name: str, kind: str) -> tuple[str, ...]:
+    value = _get(doc, name, (list, tuple), kind, ())
+    if not all(isinstance(v, str) for v in value):
+        raise MessageError(f"{kind}: the field {name!r} must be a list of strings")
+    return tuple(value)
+
+
+# -- frontend -> agent ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class FunctionSpec:
+    """What an environment runs (create_env's ``function``)."""
+
+    name: str
+    arn: str
+    handler: str
+    runtime: str
+    memory_mb: int
+    timeout_s: int
+    ephemeral_mb: int | None = None  # None: the agent's default
+    environment: dict[str, str] = field(default_factory=dict)
+    version: str = "$LATEST"
+    network: str = ""  # "", "egress" or "none" (core/vpc.py)
+    net_allow: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()  # digests
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "arn": self.arn, "handler": self.handler,
+                "runtime": self.runtime, "memory_mb": self.memory_mb,
+                "timeout_s": self.timeout_s, "ephemeral_mb": self.ephemeral_mb,
+                "environment": dict(self.environment), "version": self.version,
+                "network": self.network, "net_allow": list(self.net_allow),
+                "layers": list(self.layers)}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "create_env.function"
+        env = _get(doc, "environment", dict, k, {})
+        if not all(isinstance(a, str) and isinstance(b, str) for a, b in env.items()):
+            raise MessageError(f"{k}: the field 'environment' must map strings to strings")
+        return cls(name=_get(doc, "name", str, k), arn=_get(doc, "arn", str, k),
+                   handler=_get(doc, "handler", str, k), runtime=_get(doc, "runtime", str, k),
+                   memory_mb=_get(doc, "memory_mb", int, k),
+                   timeout_s=_get(doc, "timeout_s", int, k),
+                   ephemeral_mb=_get(doc, "ephemeral_mb", int, k, None),
+                   environment=dict(env), version=_get(doc, "version", str, k, "$LATEST"),
+                   network=_get(doc, "network", str, k, ""),
+                   net_allow=_str_list(doc, "net_allow", k), layers=_str_list(doc, "layers", k))
+
+
+@dataclass(frozen=True)
+class CreateEnvRequest:
+    env_id: str
+    bundle_sha256: str
+    function: FunctionSpec
+    function_key: str = ""
+    create_timeout_ms: int | None = None  # None: the agent's default
+    bundles: dict[str, bytes] = field(default_factory=dict)  # pushed code, by digest
+
+    def to_wire(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"env_id": self.env_id, "bundle_sha256": self.bundle_sha256,
+                               "function": self.function.to_wire(),
+                               "function_key": self.function_key, "bundles": self.bundles}
+        if self.create_timeout_ms is not None:
+            doc["create_timeout_ms"] = self.create_timeout_ms
+        return doc
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "create_env"
+        bundles = _get(doc, "bundles", dict, k, {})
+        if not all(isinstance(a, str) and isinstance(b, bytes) for a, b in bundles.items()):
+            raise MessageError(f"{k}: the field 'bundles' must map digests to bytes")
+        return cls(env_id=_get(doc, "env_id", str, k),
+                   bundle_sha256=_get(doc, "bundle_sha256", str, k),
+                   function=FunctionSpec.from_wire(_get(doc, "function", dict, k)),
+                   function_key=_get(doc, "function_key", str, k, ""),
+                   create_timeout_ms=_get(doc, "create_timeout_ms", int, k, None),
+                   bundles=dict(bundles))
+
+
+@dataclass(frozen=True)
+class CreateEnvReply:
+    env_id: str
+    pid: int
+    init_ms: float
+    init_error: dict[str, Any] | None = None  # the Runtime API's {errorType, errorMessage}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"env_id": self.env_id, "pid": self.pid, "init_ms": self.init_ms,
+                "init_error": self.init_error}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "create_env reply"
+        return cls(env_id=_get(doc, "env_id", str, k), pid=_get(doc, "pid", int, k),
+                   init_ms=_get(doc, "init_ms", float, k, 0.0),
+                   init_error=_get(doc, "init_error", dict, k, None, nullable=True))
+
+
+@dataclass(frozen=True)
+class InvokeRequest:
+    env_id: str
+    request_id: str
+    payload: bytes
+    timeout_ms: int  # relative: the function's timeout
+    arn: str = ""  # the ARN the caller invoked (qualified or not), for the context object
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"env_id": self.env_id, "request_id": self.request_id, "payload": self.payload,
+                "timeout_ms": self.timeout_ms, "arn": self.arn}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "invoke"
+        return cls(env_id=_get(doc, "env_id", str, k), request_id=_get(doc, "request_id", str, k),
+                   payload=_get(doc, "payload", bytes, k), timeout_ms=_get(doc, "timeout_ms", int, k),
+                   arn=_get(doc, "arn", str, k, ""))
+
+
+@dataclass(frozen=True)
+class InvokeReply:
+    payload: bytes
+    function_error: str | None  # None: success
+    logs: bytes = b""
+    duration_ms: float = 0.0
+    max_rss_kb: int = 0
+    env_alive: bool = True
+    previous_logs: bytes = b""  # the previous invocation's logs from after its response
+    oom: bool = False  # the environment was killed for memory
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.function_error is None else "function_error"
+
+    def to_wire(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "status": self.status, "payload": self.payload, "function_error": self.function_error,
+            "logs": self.logs, "duration_ms": self.duration_ms, "max_rss_kb": self.max_rss_kb,
+            "env_alive": self.env_alive}
+        if self.previous_logs:
+            doc["previous_logs"] = self.previous_logs
+        if self.oom:
+            doc["oom"] = True
+        return doc
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "invoke reply"
+        return cls(payload=_get(doc, "payload", bytes, k),
+                   function_error=_get(doc, "function_error", str, k, None, nullable=True),
+                   logs=_get(doc, "logs", bytes, k, b""),
+                   duration_ms=_get(doc, "duration_ms", float, k, 0.0),
+                   max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
+                   env_alive=_get(doc, "env_alive", bool, k, True),
+                   previous_logs=_get(doc, "previous_logs", bytes, k, b""),
+                   oom=_get(doc, "oom", bool, k, False))
+
+
+@dataclass(frozen=True)
+class DestroyRequest:
+    env_id: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"env_id": self.env_id}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        return cls(env_id=_get(doc, "env_id", str, "destroy"))
+
+
+@dataclass(frozen=True)
+class DestroyReply:
+    destroyed: bool
+    function_key: str = ""  # whose logs these are
+    logs: bytes = b""  # the environment's last logs (its SHUTDOWN phase)
+
+    def to_wire(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"destroyed": self.destroyed}
+        if self.destroyed or self.logs:
+            doc.update(function_key=self.function_key, logs=self.logs)
+        return doc
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "destroy reply"
+        return cls(destroyed=_get(doc, "destroyed", bool, k),
+                   function_key=_get(doc, "function_key", str, k, ""),
+                   logs=_get(doc, "logs", bytes, k, b""))
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    light: bool = False  # the frontend's liveness poll: no per-environment reads
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"light": self.light}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        if doc is None:  # status takes no body at all too
+            return cls()
+        return cls(light=bool(_get(doc, "light", (bool, int), "status", False)))
+
+
+@dataclass(frozen=True)
+class AttestRequest:
+    env_id: str
+    nonce: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"env_id": self.env_id, "nonce": self.nonce}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        return cls(env_id=_get(doc, "env_id", str, "attest"),
+                   nonce=_get(doc, "nonce", str, "attest"))
+
+
+@dataclass(frozen=True)
+class ForgetBundlesRequest:
+    sha256: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"sha256": list(self.sha256)}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        _get(doc, "sha256", (list, tuple), "forget_bundles")
+        return cls(sha256=_str_list(doc, "sha256", "forget_bundles"))
+
+
+@dataclass(frozen=True)
+class ForgetBundlesReply:
+    forgotten: tuple[str, ...]
+    deferred: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"forgotten": list(self.forgotten), "deferred": list(self.deferred)}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "forget_bundles reply"
+        return cls(forgotten=_str_list(doc, "forgotten", k), deferred=_str_list(doc, "deferred", k))
+
+
+# -- agent <-> guest (frames tagged by "t") -------------------------------------------------
+@dataclass(frozen=True)
+class GuestInvoke:
+    """agent -> guest: run one invocation."""
+
+    request_id: str
+    payload: bytes
+    timeout_ms: int
+    arn: str = ""
+    legacy: bool = False  # spoken in (or to be answered in) the first dialect
+
+    def to_wire(self, now_ms: int = 0) -> dict[str, Any]:
+        """``now_ms`` (wall clock) only for the first dialect, which took a deadline."""
+        if self.legacy:
+            return {"t": "invoke", "id": self.request_id, "payload": self.payload,
+                    "deadline_ms": now_ms + self.timeout_ms, "arn": self.arn}
+        return {"t": "invoke", "request_id": self.request_id, "payload": self.payload,
+                "timeout_ms": self.timeout_ms, "arn": self.arn}
+
+    @classmethod
+    def from_wire(cls, doc: Any, now_ms: int = 0) -> Self:
+        k = "guest invoke"
+        if isinstance(doc, dict) and "request_id" not in doc and "id" in doc:
+            return cls(request_id=_get(doc, "id", str, k), payload=_get(doc, "payload", bytes, k),
+                       timeout_ms=_get(doc, "deadline_ms", int, k) - now_ms,
+                       arn=_get(doc, "arn", str, k, ""), legacy=True)
+        return cls(request_id=_get(doc, "request_id", str, k),
+                   payload=_get(doc, "payload", bytes, k),
+                   timeout_ms=_get(doc, "timeout_ms", int, k), arn=_get(doc, "arn", str, k, ""))
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    """guest -> agent: an invocation's response. ``phase_pending``: extensions still work on
+    the invocation (its Invoke phase ends with a :class:`GuestPhaseDone`)."""
+
+    request_id: str
+    payload: bytes
+    function_error: str | None
+    logs: bytes = b""
+    duration_ms: float = 0.0
+    max_rss_kb: int = 0
+    env_alive: bool = True
+    phase_pending: bool = False
+    legacy: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        if self.legacy:
+            return {"t": "result", "id": self.request_id, "ok": self.function_error is None,
+                    "payload": self.payload, "error_type": self.function_error,
+                    "logs": self.logs, "duration_ms": self.duration_ms,
+                    "max_rss_kb": self.max_rss_kb, "fatal": not self.env_alive,
+                    **({"phase": "pending"} if self.phase_pending else {})}
+        return {"t": "result", "request_id": self.request_id, "payload": self.payload,
+                "function_error": self.function_error, "logs": self.logs,
+                "duration_ms": self.duration_ms, "max_rss_kb": self.max_rss_kb,
+                "env_alive": self.env_alive, "phase_pending": self.phase_pending}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "guest result"
+        if isinstance(doc, dict) and "request_id" not in doc and "id" in doc:
+            ok = _get(doc, "ok", bool, k)
+            return cls(request_id=_get(doc, "id", str, k), payload=_get(doc, "payload", bytes, k),
+                       function_error=None if ok else (
+                           _get(doc, "error_type", str, k, None, nullable=True) or "Unhandled"),
+                       logs=_get(doc, "logs", bytes, k, b""),
+                       duration_ms=_get(doc, "duration_ms", float, k, 0.0),
+                       max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
+                       env_alive=not _get(doc, "fatal", bool, k, False),
+                       phase_pending=doc.get("phase") == "pending", legacy=True)
+        return cls(request_id=_get(doc, "request_id", str, k),
+                   payload=_get(doc, "payload", bytes, k),
+                   function_error=_get(doc, "function_error", str, k, None, nullable=True),
+                   logs=_get(doc, "logs", bytes, k, b""),
+                   duration_ms=_get(doc, "duration_ms", float, k, 0.0),
+                   max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
+                   env_alive=_get(doc, "env_alive", bool, k, True),
+                   phase_pending=_get(doc, "phase_pending", bool, k, False))
+
+
+@dataclass(frozen=True)
+class GuestPhaseDone:
+    """guest -> agent: the end of an Invoke phase whose response already went back."""
+
+    request_id: str
+    logs: bytes = b""
+    duration_ms: float = 0.0
+    max_rss_kb: int = 0
+    env_alive: bool = True
+    legacy: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        if self.legacy:
+            return {"t": "done", "id": self.request_id, "logs": self.logs,
+                    "duration_ms": self.duration_ms, "max_rss_kb": self.max_rss_kb,
+                    "fatal": not self.env_alive}
+        return {"t": "done", "request_id": self.request_id, "logs": self.logs,
+                "duration_ms": self.duration_ms, "max_rss_kb": self.max_rss_kb,
+                "env_alive": self.env_alive}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "guest done"
+        legacy = isinstance(doc, dict) and "request_id" not in doc and "id" in doc
+        return cls(request_id=_get(doc, "id" if legacy else "request_id", str, k),
+                   logs=_get(doc, "logs", bytes, k, b""),
+                   duration_ms=_get(doc, "duration_ms", float, k, 0.0),
+                   max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
+                   env_alive=(not _get(doc, "fatal", bool, k, False)) if legacy
+                   else _get(doc, "env_alive", bool, k, True), legacy=legacy)
+
+
+@dataclass(frozen=True)
+class GuestReady:
+    """guest -> agent, once: init is over (``init_error`` set: it failed)."""
+
+    init_ms: float
+    init_error: dict[str, Any] | None = None
+    logs: bytes = b""
+    extensions: int = 0  # extensions registered (the SHUTDOWN phase is theirs)
+    wire: int = GUEST_WIRE
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "ready", "init_ms": self.init_ms, "init_error": self.init_error,
+                "logs": self.logs, "extensions": self.extensions, "wire": self.wire}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "guest ready"
+        return cls(init_ms=_get(doc, "init_ms", float, k, 0.0),
+                   init_error=_get(doc, "init_error", dict, k, None, nullable=True),
+                   logs=_get(doc, "logs", bytes, k, b""),
+                   extensions=_get(doc, "extensions", int, k, 0), wire=_get(doc, "wire", int, k, 1))
