@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core import errors
+from ..core import messages as m
 from ..core.errors import LambdaError
 from ..core.invoke import (
     AgentBack,
@@ -94,7 +95,7 @@ class _Call:
         self.payload = payload
         self.log_tail = log_tail
         self.done = done
-        self.reply: dict[str, Any] | None = None
+        self.reply: m.InvokeReply | None = None
 
 
 class Invoker:
@@ -172,12 +173,12 @@ class Invoker:
             raise LambdaError(ins.status, ins.error_type, ins.message)
         res = call.reply
         assert res is not None
-        logs: bytes = res.get("logs") or b""
+        logs = res.logs
         if logs:
             self.cell.file_logs(rec.key, logs, request_id)
-        if res["function_error"]:
+        if res.function_error:
             counters["function_errors"] += 1
-        return InvokeResult(res["payload"], res["function_error"],
+        return InvokeResult(res.payload, res.function_error,
                             logs[-self.cell.limits.log_tail_bytes:] if log_tail else b"",
                             request_id, rec.version)
 
@@ -249,33 +250,22 @@ class Invoker:
         cell = self.cell
         limits = cell.limits
         client = cell.agents[ins.agent_id]
-        body: dict[str, Any] = {
-            "env_id": ins.env_id,
-            "function_key": rec.key,
-            "bundle_sha256": rec.code_sha256,
-            "create_timeout_ms": limits.env_create_timeout_ms,
-            "function": {
-                "name": rec.name,
-                "arn": function_arn(cell.region, rec.account, rec.name),
-                "handler": rec.handler,
-                "runtime": rec.runtime,
-                "memory_mb": rec.memory_mb,
-                "timeout_s": rec.timeout_s,
-                "environment": rec.environment,
-                "ephemeral_mb": rec.ephemeral_mb,
-                "version": rec.version,
-                "network": rec.network,
-                "net_allow": list(rec.net_allow),
-                "layers": [layer["sha256"] for layer in rec.layers],
-            },
-        }
-        timeout_s = limits.env_create_timeout_ms / 1000 + 5
         pushed: dict[str, bytes] = {}
-        body["bundles"] = pushed
+        body = m.CreateEnvRequest(
+            env_id=ins.env_id, bundle_sha256=rec.code_sha256, function_key=rec.key,
+            create_timeout_ms=limits.env_create_timeout_ms, bundles=pushed,
+            function=m.FunctionSpec(
+                name=rec.name, arn=function_arn(cell.region, rec.account, rec.name),
+                handler=rec.handler, runtime=rec.runtime, memory_mb=rec.memory_mb,
+                timeout_s=rec.timeout_s, environment=rec.environment,
+                ephemeral_mb=rec.ephemeral_mb, version=rec.version, network=rec.network,
+                net_allow=tuple(rec.net_allow),
+                layers=tuple(layer["sha256"] for layer in rec.layers))).to_wire()
+        timeout_s = limits.env_create_timeout_ms / 1000 + 5
         try:
             # The agent keeps bundles by digest; push only the ones it says it lacks (the code,
             # then each layer), at most once each.
-            for _ in range(2 + len(body["function"].get("layers", []))):
+            for _ in range(2 + len(rec.layers)):
                 try:
                     await self.call_agent(client, "create_env", body, timeout_s)
                     return None, ""
@@ -317,13 +307,14 @@ class Invoker:
         rec = call.rec
         timeout_ms = rec.timeout_s * 1000
         try:
-            res = await self.call_agent(cell.agents[ins.agent_id], "invoke", {
-                "env_id": ins.env_id,
-                "request_id": call.request_id,
-                "payload": call.payload,
-                "timeout_ms": timeout_ms,
-                "arn": call.invoked_arn,
-            }, timeout_ms / 1000 + cell.limits.agent_call_timeout_ms / 1000)
+            res = m.InvokeReply.from_wire(await self.call_agent(
+                cell.agents[ins.agent_id], "invoke",
+                m.InvokeRequest(env_id=ins.env_id, request_id=call.request_id,
+                                payload=call.payload, timeout_ms=timeout_ms,
+                                arn=call.invoked_arn).to_wire(),
+                timeout_ms / 1000 + cell.limits.agent_call_timeout_ms / 1000))
+        except m.MessageError as e:  # an answer not of its type: the handler may have run
+            return "env_error", f"malformed agent reply: {e}"
         except NotDelivered as e:  # never reached the agent: nothing ran
             return "not_delivered", str(e)
         except TransportError as e:  # the handler may have run
@@ -337,13 +328,13 @@ class Invoker:
                 cell.file_logs(rec.key, e.data.get("logs"))
                 return "env_reset", str(e)
             return "env_error", str(e)
-        cell.file_logs(rec.key, res.get("previous_logs"))
+        cell.file_logs(rec.key, res.previous_logs)
         call.reply = res
-        if not res.get("env_alive", True):
+        if not res.env_alive:
             # Crashed or timed out but its host survived: the jail contained it; counted, but
             # an ordinary Lambda error, not a poison.
             return "env_died", ""
-        return ("function_error" if res["function_error"] else "ok"), ""
+        return ("function_error" if res.function_error else "ok"), ""
 
     def destroy_soon(self, env_id: str, agent_id: str) -> None:
         self._spawn(self.destroy(env_id, agent_id))
