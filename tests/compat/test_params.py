@@ -214,7 +214,7 @@ LAMBDA["UpdateFunctionEventInvokeConfig"] = LAMBDA["PutFunctionEventInvokeConfig
 SQS: dict[str, dict[str, Row]] = {
     "CreateQueue": {"QueueName": Row(ACCEPT, lambda w, t: new_name("q")),
                     "Attributes": Row(ACCEPT, {"VisibilityTimeout": "45"}),
-                    "tags": Row(REFUSE, {"team": "a"})},
+                    "tags": Row(ACCEPT, {"team": "a"})},
     "GetQueueUrl": {"QueueName": Row(ACCEPT, lambda w, t: w.queue_url.rsplit("/", 1)[1]),
                     "QueueOwnerAWSAccountId": Row(REFUSE, "210987654321")},
     "ListQueues": {"QueueNamePrefix": Row(ACCEPT, "q-"), "NextToken": Row(REFUSE, "t"),
@@ -224,8 +224,8 @@ SQS: dict[str, dict[str, Row]] = {
     "SendMessage": {
         "QueueUrl": Row(ACCEPT, lambda w, t: t["QueueUrl"]),
         "MessageBody": Row(ACCEPT, "hello"), "DelaySeconds": Row(ACCEPT, 0),
-        "MessageAttributes": Row(REFUSE, {"k": {"DataType": "String", "StringValue": "v"}}),
-        "MessageSystemAttributes": Row(REFUSE, {"AWSTraceHeader": {
+        "MessageAttributes": Row(ACCEPT, {"k": {"DataType": "String", "StringValue": "v"}}),
+        "MessageSystemAttributes": Row(ACCEPT, {"AWSTraceHeader": {
             "DataType": "String", "StringValue": "Root=1-5759e988-bd862e3fe1be46a994272793"}}),
         "MessageDeduplicationId": Row(REFUSE, "d1"),
         "MessageGroupId": Row(REFUSE, "g1"),
