@@ -45,9 +45,12 @@ def server(tmp_path: Path) -> Iterator[Server]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's name)
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            req = {"target": self.headers.get("x-amz-target") or "", "b": body, "a": ACCOUNT,
-                   "host": self.headers.get("host") or "",
-                   "ct": self.headers.get("content-type") or ""}
+            target = self.headers.get("x-amz-target") or ""
+            req: dict[str, Any] = {"target": target, "b": body, "a": ACCOUNT,
+                                   "host": self.headers.get("host") or ""}
+            if not target:  # the router's rule: no target, so the query protocol
+                path, _, qs = self.path.partition("?")
+                req.update(proto="query", p=path, q=qs)
             resp = holder["s"].call(req)
             self.send_response(resp["s"])
             for k, v in resp["h"].items():

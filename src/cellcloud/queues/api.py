@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from ..core import params
 from ..core.jsondepth import json_depth_within
 from ..core.limits import DEFAULT_LIMITS
+from . import query
 from .store import (
     Outgoing,
     QueueError,
@@ -170,6 +171,9 @@ class QueueApi:
         return parts[1]
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A JSON-protocol request, or (``req["proto"] == "query"``) a query-protocol one."""
+        if req.get("proto") == "query":
+            return await self._handle_query(req)
         op = str(req.get("target", "")).removeprefix("AmazonSQS.")
         try:
             raw = req.get("b") or b"{}"
@@ -182,18 +186,7 @@ class QueueApi:
                 raise invalid("The request body is not valid JSON") from None
             if not isinstance(doc, dict):
                 raise invalid("The request body must be a JSON object")
-            fn = getattr(self, f"op_{op}", None)
-            if fn is None:
-                raise QueueError("UnsupportedOperation", "AWS.SimpleQueueService.UnsupportedOperation",
-                                 f"cellcloud queues do not support {op}")
-            found = params.refusal(params.SQS, op, doc, ctx={"account": str(req.get("a"))})
-            if found is not None:
-                attr = found.name.removeprefix("Attributes.")
-                if attr != found.name and f"Attributes.{attr}" not in params.SQS[op]:
-                    raise QueueError("InvalidAttributeName", "InvalidAttributeName",
-                                     f"Unknown Attribute {attr}.")
-                raise invalid(found.message)
-            result = await fn(req, doc)
+            result = await self._run(req, op, doc)
             return {"s": 200, "h": {"content-type": _JSON}, "b": json.dumps(result).encode()}
         except QueueError as e:
             return {"s": e.status,
@@ -205,6 +198,43 @@ class QueueApi:
             return {"s": 500, "h": {"content-type": _JSON},
                     "b": json.dumps({"__type": "com.amazonaws.sqs#InternalError",
                                      "message": f"Internal error: {type(e).__name__}"}).encode()}
+
+    async def _handle_query(self, req: dict[str, Any]) -> dict[str, Any]:
+        rid = str(uuid.uuid4())
+        op = ""
+        try:
+            op, doc = query.parse(req.get("b") or b"", str(req.get("q") or ""))
+            path = str(req.get("p") or "/").rstrip("/")
+            # an older client posts to the queue's own URL instead of naming it
+            if "QueueUrl" not in doc and path.count("/") == 2 and "QueueUrl" in params.SQS.get(
+                    op, {}):
+                doc["QueueUrl"] = f"http://{req.get('host') or 'cellcloud.internal'}{path}"
+            result = await self._run(req, op, doc)
+            return {"s": 200, "h": {"content-type": query.XML},
+                    "b": query.response(op, result, rid)}
+        except QueueError as e:
+            return {"s": e.status, "h": {"content-type": query.XML}, "b": query.error(e, rid)}
+        except Exception as e:  # a bug: answer SQS-shaped, keep serving
+            log.exception("queues (query): %s", op)
+            return {"s": 500, "h": {"content-type": query.XML},
+                    "b": query.error(QueueError("InternalError", "InternalError",
+                                                f"Internal error: {type(e).__name__}", 500),
+                                     rid)}
+
+    async def _run(self, req: dict[str, Any], op: str, doc: dict[str, Any]) -> dict[str, Any]:
+        fn = getattr(self, f"op_{op}", None)
+        if fn is None or op not in params.SQS:
+            raise QueueError("UnsupportedOperation", "AWS.SimpleQueueService.UnsupportedOperation",
+                             f"cellcloud queues do not support {op}")
+        found = params.refusal(params.SQS, op, doc, ctx={"account": str(req.get("a"))})
+        if found is not None:
+            attr = found.name.removeprefix("Attributes.")
+            if attr != found.name and f"Attributes.{attr}" not in params.SQS[op]:
+                raise QueueError("InvalidAttributeName", "InvalidAttributeName",
+                                 f"Unknown Attribute {attr}.")
+            raise invalid(found.message)
+        result: dict[str, Any] = await fn(req, doc)
+        return result
 
     def _check_queue_attributes(self, req: dict[str, Any], name: str,
                                 attrs: Any) -> dict[str, str]:

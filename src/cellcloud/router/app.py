@@ -230,7 +230,8 @@ class Router:
         # Everything a request can be refused for without its body, before reading it: the
         # shape of the signature, the key, the declared size.
         try:
-            akid = sigv4.parse_authorization(auth).group("akid")
+            parsed_auth = sigv4.parse_authorization(auth)
+            akid = parsed_auth.group("akid")
             if self.tenants.lookup(akid) is None:
                 raise _forbidden_token()
         except LambdaError:
@@ -254,7 +255,9 @@ class Router:
         raw_path = scope.get("raw_path") or path.encode()
         # SQS's JSON protocol (the cell's queues): signed for service "sqs", forwarded whole.
         sqs_target = next((v for k, v in headers if k == "x-amz-target"), "")
-        is_sqs = sqs_target.startswith("AmazonSQS.")
+        # ... and its query protocol (Action=... forms, XML answers): no target, signed "sqs"
+        is_sqs_query = not target and parsed_auth.group("service") == "sqs"
+        is_sqs = sqs_target.startswith("AmazonSQS.") or is_sqs_query
         try:
             verified = sigv4.verify(
                 method=scope["method"],
@@ -283,7 +286,10 @@ class Router:
             host = next((v for k, v in headers if k == "host"), "")
             try:
                 resp = await self.client(cell.cell_id).call(
-                    "sqs", {"target": sqs_target, "b": body, "a": account, "host": host},
+                    "sqs", {"target": sqs_target, "b": body, "a": account, "host": host,
+                            **({"proto": "query", "p": path,
+                                "q": scope["query_string"].decode("latin-1")}
+                               if is_sqs_query else {})},
                     timeout_s=control_timeout_s)
             except (TransportError, CallTimeout, RemoteError) as e:
                 self.counters["cell_unavailable"] += 1
