@@ -237,7 +237,7 @@ SQS: dict[str, dict[str, Row]] = {
         "MessageAttributeNames": Row(ACCEPT, ["All"]),
         "MaxNumberOfMessages": Row(ACCEPT, 2), "VisibilityTimeout": Row(ACCEPT, 5),
         "WaitTimeSeconds": Row(ACCEPT, 0),
-        "ReceiveRequestAttemptId": Row(REFUSE, "attempt-1"),
+        "ReceiveRequestAttemptId": Row(ACCEPT, "attempt-1"),
     },
     "DeleteMessage": {"QueueUrl": Row(ACCEPT, lambda w, t: t["QueueUrl"]),
                       "ReceiptHandle": Row(ACCEPT, lambda w, t: t["ReceiptHandle"])},

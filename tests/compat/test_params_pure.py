@@ -40,8 +40,9 @@ def test_sqs_rows() -> None:
                                         "QueueOwnerAWSAccountId": "111111111111"}, ctx=ctx) is None
     found = refusal(SQS, "GetQueueUrl", {"QueueOwnerAWSAccountId": "222222222222"}, ctx=ctx)
     assert found is not None and found.name == "QueueOwnerAWSAccountId"
-    found = refusal(SQS, "CreateQueue", {"Attributes": {"FifoQueue": "true"}})
-    assert found is not None and found.name == "Attributes.FifoQueue"
+    found = refusal(SQS, "CreateQueue", {"Attributes": {"KmsMasterKeyId": "alias/k"}})
+    assert found is not None and found.name == "Attributes.KmsMasterKeyId"
+    assert refusal(SQS, "CreateQueue", {"Attributes": {"FifoQueue": "true"}}) is None
 
 
 def test_every_row_is_well_formed() -> None:

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..core import params
+from ..core import fifo, params
 from ..core.jsondepth import json_depth_within
 from ..core.limits import DEFAULT_LIMITS
 from . import query
 from .store import (
+    Message,
     Outgoing,
     QueueError,
     QueueStore,
@@ -38,7 +39,13 @@ from .store import (
 
 log = logging.getLogger("cellcloud.queues")
 
-_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,80}$")
+_NAME = re.compile(r"^(?=.{1,80}$)[a-zA-Z0-9_-]+(\.fifo)?$")
+_GROUP_ID = re.compile(r"^[!-~]{1,128}$")
+#: a FIFO queue's attributes and their defaults
+_FIFO_DEFAULTS = {"FifoQueue": "true", "ContentBasedDeduplication": "false",
+                  "DeduplicationScope": "queue", "FifoThroughputLimit": "perQueue"}
+#: how long a ReceiveRequestAttemptId is remembered
+receive_attempt_ms = 300_000
 _JSON = "application/x-amz-json-1.0"
 wait_time_s_max = 20
 long_poll_interval_s = 0.2
@@ -154,6 +161,8 @@ class QueueApi:
         #: message move tasks, newest first, per (account, source queue ARN); kept in memory
         #: (a task has completed before StartMessageMoveTask answers)
         self.tasks: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        #: ReceiveRequestAttemptId -> (when, the answer), per (account, queue), for 5 minutes
+        self.attempts: dict[tuple[str, str, str], tuple[int, dict[str, Any]]] = {}
 
     def _url(self, req: dict[str, Any], name: str) -> str:
         host = req.get("host") or "cellcloud.internal"
@@ -254,9 +263,25 @@ class QueueApi:
                 out[k] = self._check_redrive_policy(req, name, v)
             elif k == "RedriveAllowPolicy":
                 out[k] = _check_redrive_allow_policy(v)
+            elif k in _FIFO_DEFAULTS and fifo.is_fifo(name):
+                out[k] = str(v)
             else:
                 raise QueueError("InvalidAttributeName", "InvalidAttributeName",
                                  f"Unknown Attribute {k}.")
+        if fifo.is_fifo(name):
+            if out.get("FifoQueue", "true") != "true":
+                raise QueueError("InvalidAttributeValue", "InvalidAttributeValue",
+                                 "Invalid value for the parameter FifoQueue: a queue whose "
+                                 "name ends .fifo is a FIFO queue.")
+            current = self.store.attributes(req["a"], name)[1] if self.store.exists(
+                req["a"], name) else {}
+            merged = {**_FIFO_DEFAULTS, **current, **out}
+            try:
+                fifo.check_settings(merged["ContentBasedDeduplication"],
+                                    merged["DeduplicationScope"], merged["FifoThroughputLimit"])
+            except fifo.FifoError as e:
+                raise QueueError("InvalidAttributeValue", "InvalidAttributeValue",
+                                 str(e)) from None
         return out
 
     def _check_redrive_policy(self, req: dict[str, Any], name: str, v: Any) -> str:
@@ -284,6 +309,10 @@ class QueueApi:
         if not _NAME.match(dlq) or not self.store.exists(req["a"], dlq):
             raise QueueError("InvalidAttributeValue", "InvalidAttributeValue",
                              bad + "Dead letter target does not exist.")
+        if fifo.is_fifo(dlq) != fifo.is_fifo(name):
+            raise QueueError("InvalidAttributeValue", "InvalidAttributeValue",
+                             bad + "Dead-letter queue must be of the same type as the source "
+                                   "queue (FIFO or standard).")
         if dlq == name:
             raise QueueError("InvalidAttributeValue", "InvalidAttributeValue",
                              bad + "A queue cannot be its own dead-letter queue.")
@@ -305,7 +334,14 @@ class QueueApi:
         if not isinstance(name, str) or not _NAME.match(name):
             raise invalid("Can only include alphanumeric characters, hyphens, or underscores. "
                           "1 to 80 in length")
-        attrs = self._check_queue_attributes(req, name, doc.get("Attributes") or {})
+        given = doc.get("Attributes") or {}
+        if isinstance(given, dict) and (given.get("FifoQueue") == "true") != fifo.is_fifo(name):
+            raise invalid("The name of a FIFO queue can only include alphanumeric characters, "
+                          "hyphens, or underscores, must end with .fifo suffix and be 1 to 80 "
+                          "in length; a FIFO queue needs the attribute FifoQueue true.")
+        attrs = self._check_queue_attributes(req, name, given)
+        if fifo.is_fifo(name):
+            attrs = {**_FIFO_DEFAULTS, **attrs}
         tags = _check_tags(doc.get("tags") or {})
         self.store.create(req["a"], name, {k: v for k, v in attrs.items() if v != ""},
                           self.now_ms(), tags)
@@ -314,7 +350,12 @@ class QueueApi:
     async def op_SetQueueAttributes(self, req: dict[str, Any],
                                     doc: dict[str, Any]) -> dict[str, Any]:
         name = self._queue(req, doc)
-        attrs = self._check_queue_attributes(req, name, doc.get("Attributes") or {})
+        given = doc.get("Attributes") or {}
+        if isinstance(given, dict) and "FifoQueue" in given and (
+                given["FifoQueue"] != "true" or not fifo.is_fifo(name)):
+            raise QueueError("InvalidAttributeName", "InvalidAttributeName",
+                             "Unknown Attribute FifoQueue: a queue's type cannot change.")
+        attrs = self._check_queue_attributes(req, name, given)
         self.store.set_attributes(req["a"], name, attrs)
         return {}
 
@@ -378,11 +419,34 @@ class QueueApi:
         self.store.purge(req["a"], self._queue(req, doc))
         return {}
 
-    def _outgoing(self, entry: dict[str, Any], attrs: dict[str, str]) -> Outgoing:
+    def _outgoing(self, name: str, entry: dict[str, Any], attrs: dict[str, str]) -> Outgoing:
         """One message to send, validated (SendMessage's request or a batch entry)."""
         body = entry.get("MessageBody")
         if not isinstance(body, str) or not body:
             raise invalid("The request must contain the parameter MessageBody.")
+        group, dedup = entry.get("MessageGroupId"), entry.get("MessageDeduplicationId")
+        if not fifo.is_fifo(name):
+            for k in ("MessageGroupId", "MessageDeduplicationId"):
+                if entry.get(k) is not None:
+                    raise invalid(f"The request include parameter {k} that is not valid for "
+                                  f"this queue type (only FIFO queues take it).")
+        else:
+            if group is None:
+                raise QueueError("MissingParameter", "MissingParameter",
+                                 "The request must contain the parameter MessageGroupId.")
+            for k, v in (("MessageGroupId", group), ("MessageDeduplicationId", dedup)):
+                if v is not None and (not isinstance(v, str) or not _GROUP_ID.match(v)):
+                    raise invalid(f"Value {v} for parameter {k} is invalid. Reason: 1 to 128 "
+                                  f"printable ASCII characters.")
+            if entry.get("DelaySeconds") not in (None, 0):
+                raise invalid("Value for parameter DelaySeconds is invalid. Reason: The "
+                              "request include parameter that is not valid for this queue "
+                              "type (FIFO queues delay per queue, not per message).")
+            try:
+                dedup = fifo.dedup_id(dedup, body, attrs.get("ContentBasedDeduplication")
+                                      == "true")
+            except fifo.FifoError as e:
+                raise invalid(str(e)) from None
         delay = entry.get("DelaySeconds")
         if delay is None:  # the queue's own delay
             delay = int(attrs.get("DelaySeconds", 0))
@@ -395,11 +459,16 @@ class QueueApi:
         if len(body.encode()) + size > size_max:
             raise invalid(f"One or more parameters are invalid. Reason: Message must be shorter "
                           f"than {size_max} bytes.")
-        return Outgoing(body, delay, {**mattrs, **({"$system": sattrs} if sattrs else {})})
+        return Outgoing(body, delay, {**mattrs, **({"$system": sattrs} if sattrs else {})},
+                        group=group, dedup=dedup,
+                        dedup_scope_key=fifo.dedup_scope_key(
+                            attrs.get("DeduplicationScope", "queue"), str(group)))
 
     @staticmethod
-    def _sent(m: Outgoing, mid: str, md5: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"MessageId": mid, "MD5OfMessageBody": md5}
+    def _sent(m: Outgoing, stored: Message) -> dict[str, Any]:
+        out: dict[str, Any] = {"MessageId": stored.id, "MD5OfMessageBody": stored.md5}
+        if stored.seq is not None:
+            out["SequenceNumber"] = fifo.sequence_number(stored.seq)
         user = {k: v for k, v in m.attrs.items() if k != "$system"}
         if user:
             out["MD5OfMessageAttributes"] = md5_of_attributes(user)
@@ -410,10 +479,10 @@ class QueueApi:
     async def op_SendMessage(self, req: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
         name = self._queue(req, doc)
         _, attrs = self.store.attributes(req["a"], name)
-        out = self._outgoing(doc, attrs)
+        out = self._outgoing(name, doc, attrs)
         m = self.store.send_many(req["a"], name, [out], self.now_ms())[0]
         self.counters["sent"] += 1
-        return self._sent(out, m.id, m.md5)
+        return self._sent(out, m)
 
     async def op_SendMessageBatch(self, req: dict[str, Any],
                                   doc: dict[str, Any]) -> dict[str, Any]:
@@ -430,7 +499,7 @@ class QueueApi:
         failed = []
         for e in entries:
             try:
-                o = self._outgoing(e, attrs)
+                o = self._outgoing(name, e, attrs)
                 total += sum(len(k) for k in o.attrs)  # names count too; values are below
             except QueueError as err:
                 failed.append({"Id": e["Id"], "SenderFault": True, "Code": err.code,
@@ -444,7 +513,7 @@ class QueueApi:
                              f"sent {total} bytes.")
         sent = self.store.send_many(req["a"], name, [o for _, o in ok], self.now_ms())
         self.counters["sent"] += len(sent)
-        return {"Successful": [{"Id": i, **self._sent(o, m.id, m.md5)}
+        return {"Successful": [{"Id": i, **self._sent(o, m)}
                                for (i, o), m in zip(ok, sent, strict=True)],
                 "Failed": failed}
 
@@ -465,6 +534,16 @@ class QueueApi:
                 "ReceiveMessageWaitTimeSeconds", 0))
         if not isinstance(wait, int) or not 0 <= wait <= wait_time_s_max:
             raise invalid(f"WaitTimeSeconds must be between 0 and {wait_time_s_max}")
+        attempt = doc.get("ReceiveRequestAttemptId")
+        if attempt is not None:
+            if not isinstance(attempt, str) or not _GROUP_ID.match(attempt):
+                raise invalid("ReceiveRequestAttemptId is 1 to 128 printable ASCII characters")
+            key = (str(req["a"]), name, attempt)
+            now = self.now_ms()
+            for k in [k for k, (t, _) in self.attempts.items() if now - t >= receive_attempt_ms]:
+                del self.attempts[k]
+            if key in self.attempts:  # a retried receive: the same messages, the same handles
+                return self.attempts[key][1]
         deadline = time.monotonic() + wait
         while True:
             msgs = self.store.receive(req["a"], name, n, vis, self.now_ms())
@@ -485,6 +564,9 @@ class QueueApi:
                      "SenderId": str(req["a"]),
                      "SentTimestamp": str(m.sent_ms),
                      **{k: v["StringValue"] for k, v in system.items()}}
+            if m.seq is not None:
+                every.update(MessageGroupId=str(m.group), MessageDeduplicationId=str(m.dedup),
+                             SequenceNumber=fifo.sequence_number(m.seq))
             sys_out = every if "All" in wanted else {
                 k: v for k, v in every.items() if k in wanted}
             user = {k: v for k, v in m.attrs.items() if k != "$system" and _wanted(k, names)}
@@ -496,7 +578,10 @@ class QueueApi:
                 item["MessageAttributes"] = user
                 item["MD5OfMessageAttributes"] = md5_of_attributes(user)
             out.append(item)
-        return {"Messages": out} if out else {}
+        result = {"Messages": out} if out else {}
+        if attempt is not None and out:
+            self.attempts[(str(req["a"]), name, attempt)] = (self.now_ms(), result)
+        return result
 
     def _receipt_arg(self, value: Any) -> str:
         if not isinstance(value, str) or not value:
@@ -631,6 +716,8 @@ class QueueApi:
             "LastModifiedTimestamp": str(created // 1000),
             **{k: attrs.get(k, v) for k, v in _ATTR_DEFAULTS.items()},
             **{k: attrs[k] for k in ("RedrivePolicy", "RedriveAllowPolicy") if k in attrs},
+            **({k: attrs.get(k, v) for k, v in _FIFO_DEFAULTS.items()}
+               if fifo.is_fifo(name) else {}),
         }
         wanted = doc.get("AttributeNames") or ["All"]
         if "All" in wanted:

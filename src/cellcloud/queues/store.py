@@ -19,6 +19,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core import fifo
+from ..core.limits import DEFAULT_LIMITS
+
 queues_per_account_max = 1000
 messages_per_queue_max = 100_000
 message_bytes_max = 256 * 1024
@@ -27,6 +30,8 @@ visibility_timeout_s_default = 30
 visibility_timeout_s_max = 43_200
 retention_s_default = 345_600  # 4 days, as SQS
 retention_s_max = 1_209_600
+#: visible messages of a FIFO queue looked at per receive to find groups not in flight
+fifo_scan_max = 1000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS queues (
@@ -49,11 +54,23 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_queue ON messages(account, queue, visible_ms, sent_ms);
 CREATE INDEX IF NOT EXISTS messages_by_receipt ON messages(receipt);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fifo_dedup (
+    account TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    scope_key TEXT NOT NULL,
+    dedup_id TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    sent_ms INTEGER NOT NULL,
+    PRIMARY KEY (account, queue, scope_key, dedup_id)
+);
 """
 #: columns added after the first schema (ALTER TABLE on an older file)
 _ADDED = {"messages": [("msg_attrs", "TEXT NOT NULL DEFAULT '{}'"),
                        ("first_receive_ms", "INTEGER NOT NULL DEFAULT 0"),
-                       ("dead_from", "TEXT")],
+                       ("dead_from", "TEXT"),
+                       # FIFO queues: the group, the deduplication id, the sequence number
+                       ("grp", "TEXT"), ("dedup", "TEXT"), ("seq", "INTEGER")],
           "queues": [("tags", "TEXT NOT NULL DEFAULT '{}'")]}
 
 
@@ -94,6 +111,9 @@ class Message:
     #: BinaryValue}}; system ones under the key "$system")
     attrs: dict[str, Any] = field(default_factory=dict)
     first_receive_ms: int = 0
+    group: str | None = None
+    dedup: str | None = None
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +122,10 @@ class Outgoing:
     body: str
     delay_s: int
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: FIFO queues: the group, the deduplication id, and the scope it is compared in
+    group: str | None = None
+    dedup: str | None = None
+    dedup_scope_key: str = ""
 
 
 def md5_hex(body: str) -> str:
@@ -267,17 +291,44 @@ class QueueStore:
         try:
             for m in batch:
                 mid = str(uuid.uuid4())
+                seq = None
+                if m.group is not None:
+                    assert m.dedup is not None
+                    seen = self.db.execute(
+                        "SELECT msg_id, seq, sent_ms FROM fifo_dedup WHERE account=? AND "
+                        "queue=? AND scope_key=? AND dedup_id=?",
+                        (account, name, m.dedup_scope_key, m.dedup)).fetchone()
+                    if seen is not None and fifo.is_duplicate(seen[2], now_ms):
+                        # accepted, not stored again: the first message's id and number
+                        out.append(Message(seen[0], m.body, md5_hex(m.body), "", 0, now_ms,
+                                           m.attrs, group=m.group, dedup=m.dedup,
+                                           seq=seen[1]))
+                        continue
+                    seq = self._next_seq(account, name)
+                    self.db.execute("INSERT OR REPLACE INTO fifo_dedup VALUES (?,?,?,?,?,?,?)",
+                                    (account, name, m.dedup_scope_key, m.dedup, mid, seq,
+                                     now_ms))
                 self.db.execute(
                     "INSERT INTO messages (id, account, queue, body, sent_ms, visible_ms, "
-                    "msg_attrs) VALUES (?,?,?,?,?,?,?)",
+                    "msg_attrs, grp, dedup, seq) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (mid, account, name, m.body, now_ms, now_ms + m.delay_s * 1000,
-                     json.dumps(m.attrs)))
-                out.append(Message(mid, m.body, md5_hex(m.body), "", 0, now_ms, m.attrs))
+                     json.dumps(m.attrs), m.group, m.dedup, seq))
+                out.append(Message(mid, m.body, md5_hex(m.body), "", 0, now_ms, m.attrs,
+                                   group=m.group, dedup=m.dedup, seq=seq))
+            self.db.execute("DELETE FROM fifo_dedup WHERE account=? AND queue=? AND sent_ms<?",
+                            (account, name, now_ms - DEFAULT_LIMITS.sqs_fifo_dedup_window_ms))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         return out
+
+    def _next_seq(self, account: str, name: str) -> int:
+        key = f"seq/{account}/{name}"
+        row = self.db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        seq = (int(row[0]) if row else 0) + 1
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(seq)))
+        return seq
 
     def expire(self, account: str, name: str, now_ms: int, attrs: dict[str, str]) -> None:
         retention_s = int(attrs.get("MessageRetentionPeriod", retention_s_default))
@@ -298,14 +349,10 @@ class QueueStore:
         try:
             out: list[Message] = []
             while len(out) < n:
-                rows = self.db.execute(
-                    "SELECT id, body, receive_count, sent_ms, msg_attrs, first_receive_ms "
-                    "FROM messages WHERE account=? AND queue=? AND visible_ms<=? "
-                    "ORDER BY sent_ms LIMIT ?",
-                    (account, name, now_ms, n - len(out))).fetchall()
+                rows = self._receivable(account, name, n - len(out), now_ms)
                 if not rows:
                     break
-                for mid, body, count, sent, mattrs, first in rows:
+                for mid, body, count, sent, mattrs, first, grp, dedup, seq in rows:
                     if dlq is not None and count >= max_receives:
                         self.db.execute(
                             "UPDATE messages SET queue=?, receive_count=0, receipt=NULL, "
@@ -319,12 +366,31 @@ class QueueStore:
                         "first_receive_ms=? WHERE id=?",
                         (now_ms + visibility_s * 1000, count + 1, receipt, first, mid))
                     out.append(Message(mid, body, md5_hex(body), receipt, count + 1, sent,
-                                       json.loads(mattrs), first))
+                                       json.loads(mattrs), first, grp, dedup, seq))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         return out
+
+    def _receivable(self, account: str, name: str, n: int, now_ms: int) -> list[Any]:
+        cols = ("SELECT id, body, receive_count, sent_ms, msg_attrs, first_receive_ms, grp, "
+                "dedup, seq FROM messages WHERE account=? AND queue=? AND visible_ms<=? ")
+        if not fifo.is_fifo(name):
+            return self.db.execute(cols + "ORDER BY sent_ms LIMIT ?",
+                                   (account, name, now_ms, n)).fetchall()
+        busy = {g for (g,) in self.db.execute(
+            "SELECT DISTINCT grp FROM messages WHERE account=? AND queue=? AND visible_ms>? "
+            "AND receive_count>0", (account, name, now_ms))}
+        heads = self.db.execute(
+            "SELECT id, grp, seq FROM messages WHERE account=? AND queue=? AND visible_ms<=? "
+            "ORDER BY seq LIMIT ?", (account, name, now_ms, fifo_scan_max)).fetchall()
+        chosen = fifo.pick([fifo.Candidate(i, g, q) for i, g, q in heads], busy, n)
+        rows = []
+        for c in chosen:
+            rows.append(self.db.execute(cols.replace("visible_ms<=? ", "id=?"),
+                                        (account, name, c.id)).fetchone())
+        return rows
 
     def change_visibility(self, account: str, name: str, receipt: str, timeout_s: int,
                           now_ms: int) -> None:
