@@ -101,7 +101,7 @@ _CONFIG: dict[str, Row] = {
     "VpcConfig": Row(ECHO, {"SubnetIds": ["cellcloud-egress"],
                             "SecurityGroupIds": ["allow:198.51.99.0/24:443"],
                             "Ipv6AllowedForDualStack": False}),
-    "DeadLetterConfig": Row(REFUSE, lambda w, t: {"TargetArn": w.queue_arn}),
+    "DeadLetterConfig": Row(ECHO, lambda w, t: {"TargetArn": w.queue_arn}),
     "KMSKeyArn": Row(REFUSE, _ARN_KMS),
     "TracingConfig": Row(REFUSE, {"Mode": "Active"}),
     "FileSystemConfigs": Row(REFUSE, [{
@@ -444,7 +444,7 @@ def test_queue_attributes_are_honoured(world: World) -> None:
     assert m["Attributes"] == {"ApproximateReceiveCount": "1"}
     with pytest.raises(ClientError) as e:
         sqs.create_queue(QueueName=new_name("q"), Attributes={"RedrivePolicy": "{}"})
-    assert e.value.response["Error"]["Code"] == "InvalidParameterValue"
+    assert e.value.response["Error"]["Code"] == "InvalidAttributeValue"
     assert "RedrivePolicy" in e.value.response["Error"]["Message"]
 
 

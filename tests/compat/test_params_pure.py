@@ -16,7 +16,7 @@ def test_default_only_accepts_exactly_the_default() -> None:
         ({"LoggingConfig": {"LogGroup": "/aws/lambda/g"}}, "LoggingConfig.LogGroup"),
         ({"TracingConfig": {"Mode": "Active"}}, "TracingConfig.Mode"),
         ({"VpcConfig": {"Ipv6AllowedForDualStack": True}}, "VpcConfig.Ipv6AllowedForDualStack"),
-        ({"DeadLetterConfig": {"TargetArn": "arn:aws:sqs:r:1:q"}}, "DeadLetterConfig.TargetArn"),
+        ({"DeadLetterConfig": {"TargetArn": "arn:aws:sqs:r:1:q", "X": 1}}, "DeadLetterConfig.X"),
         ({"TracingConfig": {"Mode": "PassThrough", "Extra": 1}}, "TracingConfig.Extra"),
         ({"Colour": "red"}, "Colour"),
     ]:

@@ -93,9 +93,8 @@ _CONFIG: dict[str, Param] = {
     "VpcConfig.SecurityGroupIds": H,
     "VpcConfig.Ipv6AllowedForDualStack": default_only(_NO_VPC, _equals(False)),
     "DeadLetterConfig": H,
-    "DeadLetterConfig.TargetArn": default_only(
-        "dead-letter queues are not supported; use an on-failure destination "
-        "(PutFunctionEventInvokeConfig) instead", _equals("")),
+    # an SQS queue of the function's account (frontend/deadletter.py checks it)
+    "DeadLetterConfig.TargetArn": H,
     "KMSKeyArn": default_only("environment variables are not encrypted with a customer "
                               "managed key (only an empty KMSKeyArn is accepted)", _equals("")),
     "TracingConfig": H,

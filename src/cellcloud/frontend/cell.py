@@ -32,6 +32,7 @@ from ..core.sharding import PlainSharder, SignatureSharder, Worker, retry_order
 from ..core.validation import check_env, check_handler, check_memory, check_name, check_timeout
 from ..network import policy as net_policy
 from ..transport import Client, RemoteError, TransportError
+from . import deadletter
 from .events import RESERVED_ZERO_HEADER, Intake
 from .store import (
     AliasRecord,
@@ -481,6 +482,10 @@ class Cell:
             except vpc.VpcError as e:
                 raise errors.invalid(str(e)) from None
             changes["network"], changes["net_allow"] = setting.mode, list(setting.allow)
+        if doc.get("DeadLetterConfig") is not None:
+            changes["dead_letter_target"] = deadletter.check(
+                doc["DeadLetterConfig"], self.region, account,
+                self.events.queue_exists if self.events is not None else None)
         if "Architectures" in doc and doc["Architectures"] not in (None, ["x86_64"]):
             raise errors.invalid("Only the x86_64 architecture is supported on this host")
         if doc.get("PackageType") not in (None, "Zip"):

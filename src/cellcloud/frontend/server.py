@@ -51,6 +51,7 @@ async def serve(args: argparse.Namespace) -> None:
                          ack_before_write=os.environ.get("CELLCLOUD_PLANT_BUG")
                          == "ack-before-write", limits=cell.limits)
     queues = QueueApi(QueueStore(os.path.abspath(args.state_dir)), args.region)
+    cell.events.queue_exists = queues.store.exists  # DeadLetterConfig's check
 
     async def async_status(_: Any) -> dict[str, Any]:
         assert cell.events is not None
