@@ -597,15 +597,18 @@ class QueueApi:
     async def op_DeleteMessageBatch(self, req: dict[str, Any],
                                     doc: dict[str, Any]) -> dict[str, Any]:
         name = self._queue(req, doc)
-        ok, failed = [], []
+        ok, failed, receipts = [], [], []
         for entry in _batch_entries(doc):
             try:
-                self.store.delete(req["a"], name, self._receipt_arg(entry.get("ReceiptHandle")))
+                receipt = self._receipt_arg(entry.get("ReceiptHandle"))
+                self.store.check_receipt(req["a"], name, receipt)
             except QueueError as e:
                 failed.append({"Id": entry["Id"], "SenderFault": True, "Code": e.code,
                                "Message": e.message})
                 continue
+            receipts.append(receipt)
             ok.append({"Id": entry["Id"]})
+        self.store.delete_many(req["a"], name, receipts)
         self.counters["deleted"] += len(ok)
         return {"Successful": ok, "Failed": failed}
 
