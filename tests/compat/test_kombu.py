@@ -60,17 +60,20 @@ def test_send_receive_ack_and_extend_visibility(conn: Any) -> None:
     q.close()
 
 
-def _consume(conn: Any, n: int) -> None:
-    name = new_name("kc")
+def _consume(conn: Any, n: int, fifo: bool = False) -> None:
+    name = new_name("kc") + (".fifo" if fifo else "")
     queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
     with conn.Producer() as producer:
         for i in range(n):
             producer.publish({"i": i}, exchange=queue.exchange, routing_key=name,
-                             declare=[queue])
+                             declare=[queue],
+                             **({"MessageGroupId": f"g{i % 4}"} if fifo else {}))
     seen: dict[int, int] = {}
+    order: list[int] = []
 
     def on_message(body: dict[str, int], message: Any) -> None:
         seen[body["i"]] = seen.get(body["i"], 0) + 1
+        order.append(body["i"])
         message.ack()
 
     deadline = time.monotonic() + max(120.0, n / 10)
@@ -83,10 +86,18 @@ def _consume(conn: Any, n: int) -> None:
     assert sorted(seen) == list(range(n)), f"{n - len(seen)} lost"
     # SQS's rule is at least once; nothing here expires (visibility 60 s), so exactly once
     assert set(seen.values()) == {1}
+    if fifo:  # each group in send order
+        for g in range(4):
+            got = [i for i in order if i % 4 == g]
+            assert got == sorted(got)
 
 
 def test_consumer_processes_every_message(conn: Any) -> None:
     _consume(conn, 200)
+
+
+def test_consumer_of_a_fifo_queue_keeps_group_order(conn: Any) -> None:
+    _consume(conn, 100, fifo=True)
 
 
 @pytest.mark.slow
