@@ -51,7 +51,7 @@ def test_both_protocols_through_the_router(region: Region) -> None:
                       str(region.doc["access_key_id"]), "not-the-secret")
     with pytest.raises(QueryError) as e:
         bad.call("ListQueues")
-    assert e.value.status == 403
+    assert (e.value.status, e.value.code) == (403, "SignatureDoesNotMatch")
 
 
 def test_aws_cli_sqs(region: Region, tmp_path: pathlib.Path) -> None:

@@ -12,6 +12,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import re
+import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
 from urllib.parse import parse_qsl
@@ -182,3 +183,15 @@ def error(e: QueueError, request_id: str) -> bytes:
     ET.SubElement(err, "Detail")
     ET.SubElement(root, "RequestId").text = request_id
     return b'<?xml version="1.0"?>' + ET.tostring(root)
+
+
+#: the router's refusals (Lambda error types) as SQS names them
+_ROUTER_CODES = {"InvalidSignatureException": "SignatureDoesNotMatch",
+                 "UnrecognizedClientException": "InvalidClientTokenId",
+                 "MissingAuthenticationTokenException": "MissingAuthenticationToken"}
+
+
+def router_error(status: int, type_: str, message: str) -> tuple[dict[str, str], bytes]:
+    """A refusal by the router (signature, key, size) of a query-protocol request, in XML."""
+    e = QueueError(type_, _ROUTER_CODES.get(type_, type_), message, status)
+    return {"content-type": XML}, error(e, str(uuid.uuid4()))
