@@ -80,6 +80,9 @@ def test_batch_send_receive_attributes_change_visibility_delete(sqs: Any) -> Non
      "AWS.SimpleQueueService.TooManyEntriesInBatchRequest"),
     ([{"Id": f"e{i}", "MessageBody": "x" * 30_000} for i in range(10)],
      "AWS.SimpleQueueService.BatchRequestTooLong"),
+    ([{"Id": f"e{i}", "MessageBody": "x" * 20_000, "MessageAttributes": {
+        "a": {"DataType": "String", "StringValue": "y" * 10_000}}} for i in range(10)],
+     "AWS.SimpleQueueService.BatchRequestTooLong"),  # attribute values count
     ([{"Id": "bad id!", "MessageBody": "x"}], "AWS.SimpleQueueService.InvalidBatchEntryId"),
     ([], "AWS.SimpleQueueService.EmptyBatchRequest"),
     ([{"Id": "a", "MessageBody": "x", "MessageDeduplicationId": "d"}],

@@ -500,7 +500,8 @@ class QueueApi:
         for e in entries:
             try:
                 o = self._outgoing(name, e, attrs)
-                total += sum(len(k) for k in o.attrs)  # names count too; values are below
+                total += check_message_attributes(  # attributes count, as SQS counts
+                    {k: v for k, v in o.attrs.items() if k != "$system"})[1]
             except QueueError as err:
                 failed.append({"Id": e["Id"], "SenderFault": True, "Code": err.code,
                                "Message": err.message})
