@@ -28,7 +28,8 @@ def check(value: Any, region: str, account: str,
     m = SQS_ARN.match(arn) if isinstance(arn, str) else None
     if m is None:
         raise errors.invalid(f"The provided target ARN {arn!r} is invalid: DeadLetterConfig "
-                             "takes an SQS queue ARN (SNS topics are not supported).")
+                             "takes a standard SQS queue's ARN (SNS topics and FIFO queues are "
+                             "not supported).")
     if m["region"] != region or m["account"] != account:
         raise errors.invalid(f"The dead-letter queue {arn} must be in this region ({region}) "
                              "and account.")
