@@ -282,3 +282,44 @@ def test_zero_reserved_concurrency_sends_events_to_on_failure_without_retries(
     assert rec["requestContext"]["approximateInvokeCount"] == 1
     assert rec["requestPayload"] == {"k": 1}
     assert not [e for e in region.client.logs(name) if "run" in e["message"]]  # never ran
+
+
+def test_dead_letter_config_receives_exhausted_events(region: Region) -> None:
+    lam, sqs = clients(region)
+    acct, reg = region.doc["account_id"], region.doc["region"]
+    q = uuid.uuid4().hex[:8]
+    dlq_url = sqs.create_queue(QueueName=f"fdlq-{q}")["QueueUrl"]
+    dest_url = sqs.create_queue(QueueName=f"fdest-{q}")["QueueUrl"]
+    dlq_arn = f"arn:aws:sqs:{reg}:{acct}:fdlq-{q}"
+    name = deploy(lam, DeadLetterConfig={"TargetArn": dlq_arn})
+    assert lam.get_function_configuration(FunctionName=name)["DeadLetterConfig"] == {
+        "TargetArn": dlq_arn}
+    for bad in (f"arn:aws:sqs:{reg}:210987654321:fdlq-{q}",  # another account's
+                f"arn:aws:sqs:{reg}:{acct}:missing-{q}"):  # no such queue
+        with pytest.raises(lam.exceptions.InvalidParameterValueException):
+            lam.update_function_configuration(FunctionName=name,
+                                              DeadLetterConfig={"TargetArn": bad})
+    assert lam.get_function_configuration(FunctionName=name)["DeadLetterConfig"] == {
+        "TargetArn": dlq_arn}
+    # both the dead-letter queue and an on-failure destination receive the failed event
+    lam.put_function_event_invoke_config(
+        FunctionName=name, MaximumRetryAttempts=0, DestinationConfig={
+            "OnFailure": {"Destination": f"arn:aws:sqs:{reg}:{acct}:fdest-{q}"}})
+    bad_id = lam.invoke(FunctionName=name, InvocationType="Event",
+                        Payload=b'{"fail": true}')["ResponseMetadata"]["RequestId"]
+
+    def one(url: str) -> dict[str, Any]:
+        msgs = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1,
+                                   MessageAttributeNames=["All"]).get("Messages", [])
+        return msgs[0] if msgs else {}
+
+    dead = wait_for(lambda: one(dlq_url), 90, "the dead-letter message")
+    assert json.loads(dead["Body"]) == {"fail": True}
+    attrs = {k: v["StringValue"] for k, v in dead["MessageAttributes"].items()}
+    assert attrs == {"RequestID": bad_id, "ErrorCode": "200",
+                     "ErrorMessage": "planned failure"}
+    assert dead["MessageAttributes"]["ErrorCode"]["DataType"] == "Number"
+    rec = json.loads(wait_for(lambda: one(dest_url), 90, "the destination record")["Body"])
+    assert rec["requestContext"]["requestId"] == bad_id
+    lam.update_function_configuration(FunctionName=name, DeadLetterConfig={"TargetArn": ""})
+    assert "DeadLetterConfig" not in lam.get_function_configuration(FunctionName=name)

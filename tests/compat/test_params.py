@@ -101,7 +101,7 @@ _CONFIG: dict[str, Row] = {
     "VpcConfig": Row(ECHO, {"SubnetIds": ["cellcloud-egress"],
                             "SecurityGroupIds": ["allow:198.51.99.0/24:443"],
                             "Ipv6AllowedForDualStack": False}),
-    "DeadLetterConfig": Row(REFUSE, lambda w, t: {"TargetArn": w.queue_arn}),
+    "DeadLetterConfig": Row(ECHO, lambda w, t: {"TargetArn": w.queue_arn}),
     "KMSKeyArn": Row(REFUSE, _ARN_KMS),
     "TracingConfig": Row(REFUSE, {"Mode": "Active"}),
     "FileSystemConfigs": Row(REFUSE, [{
@@ -214,7 +214,7 @@ LAMBDA["UpdateFunctionEventInvokeConfig"] = LAMBDA["PutFunctionEventInvokeConfig
 SQS: dict[str, dict[str, Row]] = {
     "CreateQueue": {"QueueName": Row(ACCEPT, lambda w, t: new_name("q")),
                     "Attributes": Row(ACCEPT, {"VisibilityTimeout": "45"}),
-                    "tags": Row(REFUSE, {"team": "a"})},
+                    "tags": Row(ACCEPT, {"team": "a"})},
     "GetQueueUrl": {"QueueName": Row(ACCEPT, lambda w, t: w.queue_url.rsplit("/", 1)[1]),
                     "QueueOwnerAWSAccountId": Row(REFUSE, "210987654321")},
     "ListQueues": {"QueueNamePrefix": Row(ACCEPT, "q-"), "NextToken": Row(REFUSE, "t"),
@@ -224,8 +224,8 @@ SQS: dict[str, dict[str, Row]] = {
     "SendMessage": {
         "QueueUrl": Row(ACCEPT, lambda w, t: t["QueueUrl"]),
         "MessageBody": Row(ACCEPT, "hello"), "DelaySeconds": Row(ACCEPT, 0),
-        "MessageAttributes": Row(REFUSE, {"k": {"DataType": "String", "StringValue": "v"}}),
-        "MessageSystemAttributes": Row(REFUSE, {"AWSTraceHeader": {
+        "MessageAttributes": Row(ACCEPT, {"k": {"DataType": "String", "StringValue": "v"}}),
+        "MessageSystemAttributes": Row(ACCEPT, {"AWSTraceHeader": {
             "DataType": "String", "StringValue": "Root=1-5759e988-bd862e3fe1be46a994272793"}}),
         "MessageDeduplicationId": Row(REFUSE, "d1"),
         "MessageGroupId": Row(REFUSE, "g1"),
@@ -237,7 +237,7 @@ SQS: dict[str, dict[str, Row]] = {
         "MessageAttributeNames": Row(ACCEPT, ["All"]),
         "MaxNumberOfMessages": Row(ACCEPT, 2), "VisibilityTimeout": Row(ACCEPT, 5),
         "WaitTimeSeconds": Row(ACCEPT, 0),
-        "ReceiveRequestAttemptId": Row(REFUSE, "attempt-1"),
+        "ReceiveRequestAttemptId": Row(ACCEPT, "attempt-1"),
     },
     "DeleteMessage": {"QueueUrl": Row(ACCEPT, lambda w, t: t["QueueUrl"]),
                       "ReceiptHandle": Row(ACCEPT, lambda w, t: t["ReceiptHandle"])},
@@ -444,7 +444,7 @@ def test_queue_attributes_are_honoured(world: World) -> None:
     assert m["Attributes"] == {"ApproximateReceiveCount": "1"}
     with pytest.raises(ClientError) as e:
         sqs.create_queue(QueueName=new_name("q"), Attributes={"RedrivePolicy": "{}"})
-    assert e.value.response["Error"]["Code"] == "InvalidParameterValue"
+    assert e.value.response["Error"]["Code"] == "InvalidAttributeValue"
     assert "RedrivePolicy" in e.value.response["Error"]["Message"]
 
 

@@ -16,7 +16,7 @@ def test_default_only_accepts_exactly_the_default() -> None:
         ({"LoggingConfig": {"LogGroup": "/aws/lambda/g"}}, "LoggingConfig.LogGroup"),
         ({"TracingConfig": {"Mode": "Active"}}, "TracingConfig.Mode"),
         ({"VpcConfig": {"Ipv6AllowedForDualStack": True}}, "VpcConfig.Ipv6AllowedForDualStack"),
-        ({"DeadLetterConfig": {"TargetArn": "arn:aws:sqs:r:1:q"}}, "DeadLetterConfig.TargetArn"),
+        ({"DeadLetterConfig": {"TargetArn": "arn:aws:sqs:r:1:q", "X": 1}}, "DeadLetterConfig.X"),
         ({"TracingConfig": {"Mode": "PassThrough", "Extra": 1}}, "TracingConfig.Extra"),
         ({"Colour": "red"}, "Colour"),
     ]:
@@ -40,8 +40,9 @@ def test_sqs_rows() -> None:
                                         "QueueOwnerAWSAccountId": "111111111111"}, ctx=ctx) is None
     found = refusal(SQS, "GetQueueUrl", {"QueueOwnerAWSAccountId": "222222222222"}, ctx=ctx)
     assert found is not None and found.name == "QueueOwnerAWSAccountId"
-    found = refusal(SQS, "CreateQueue", {"Attributes": {"FifoQueue": "true"}})
-    assert found is not None and found.name == "Attributes.FifoQueue"
+    found = refusal(SQS, "CreateQueue", {"Attributes": {"KmsMasterKeyId": "alias/k"}})
+    assert found is not None and found.name == "Attributes.KmsMasterKeyId"
+    assert refusal(SQS, "CreateQueue", {"Attributes": {"FifoQueue": "true"}}) is None
 
 
 def test_every_row_is_well_formed() -> None:

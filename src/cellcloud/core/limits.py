@@ -28,6 +28,9 @@ class Limits:
     # CPU in proportion to memory: one full vCPU at 1,769 MB (0.072 vCPU at 128 MB, ~5.8 at
     # 10,240 MB). Enforced as a CFS quota per period of env_cpu_period_us.
     memory_mb_per_vcpu: int = 1769
+    # SQS FIFO queues: a MessageDeduplicationId (or body hash) sent again within this window
+    # is accepted and not delivered again.
+    sqs_fifo_dedup_window_ms: int = 300_000
     # Ours.
     invocation_log_bytes_max: int = 256 * 1024  # kept per invocation, the tail wins
     function_log_bytes_max: int = 1 * MiB  # kept per function at the frontend

@@ -93,9 +93,8 @@ _CONFIG: dict[str, Param] = {
     "VpcConfig.SecurityGroupIds": H,
     "VpcConfig.Ipv6AllowedForDualStack": default_only(_NO_VPC, _equals(False)),
     "DeadLetterConfig": H,
-    "DeadLetterConfig.TargetArn": default_only(
-        "dead-letter queues are not supported; use an on-failure destination "
-        "(PutFunctionEventInvokeConfig) instead", _equals("")),
+    # an SQS queue of the function's account (frontend/deadletter.py checks it)
+    "DeadLetterConfig.TargetArn": H,
     "KMSKeyArn": default_only("environment variables are not encrypted with a customer "
                               "managed key (only an empty KMSKeyArn is accepted)", _equals("")),
     "TracingConfig": H,
@@ -204,24 +203,29 @@ LAMBDA: dict[str, dict[str, Param]] = {
 }
 LAMBDA["UpdateFunctionEventInvokeConfig"] = LAMBDA["PutFunctionEventInvokeConfig"]
 
-_FIFO = "FIFO queues are not supported"
 _QUEUE_ATTRS: dict[str, Param] = {
     "VisibilityTimeout": H, "MessageRetentionPeriod": H, "DelaySeconds": H,
     "ReceiveMessageWaitTimeSeconds": H, "MaximumMessageSize": H,
     "Policy": refused("queue policies are not supported (a queue is its account's alone)"),
-    "RedrivePolicy": refused("redrive to a dead-letter queue is not supported"),
-    "RedriveAllowPolicy": refused("redrive to a dead-letter queue is not supported"),
-    "FifoQueue": refused(_FIFO), "ContentBasedDeduplication": refused(_FIFO),
-    "DeduplicationScope": refused(_FIFO), "FifoThroughputLimit": refused(_FIFO),
+    "RedrivePolicy": H, "RedriveAllowPolicy": H,
+    # FIFO queues (names ending .fifo); queues/api.py refuses them on a standard queue
+    "FifoQueue": H, "ContentBasedDeduplication": H, "DeduplicationScope": H,
+    "FifoThroughputLimit": H,
     "KmsMasterKeyId": refused("messages are not encrypted with a KMS key"),
     "KmsDataKeyReusePeriodSeconds": refused("messages are not encrypted with a KMS key"),
     "SqsManagedSseEnabled": refused("messages are not encrypted at rest"),
 }
 
+#: SendMessage's members; a SendMessageBatch entry has the same ones (and Id)
+_SEND: dict[str, Param] = {"QueueUrl": H, "MessageBody": H, "DelaySeconds": H,
+                           "MessageAttributes": H, "MessageSystemAttributes": H,
+                           # FIFO queues only: queues/api.py refuses them on a standard queue
+                           "MessageDeduplicationId": H, "MessageGroupId": H}
+
 SQS: dict[str, dict[str, Param]] = {
     "CreateQueue": {"QueueName": H, "Attributes": H,
                     **{f"Attributes.{k}": p for k, p in _QUEUE_ATTRS.items()},
-                    "tags": refused("queue tags are not supported")},
+                    "tags": H},
     "GetQueueUrl": {"QueueName": H, "QueueOwnerAWSAccountId": default_only(
         "a queue is its account's alone (only the caller's own account is accepted)",
         lambda v, ctx: bool(v == ctx.get("account")))},
@@ -230,21 +234,28 @@ SQS: dict[str, dict[str, Param]] = {
                    "MaxResults": refused("queue lists are not paginated")},
     "DeleteQueue": {"QueueUrl": H},
     "PurgeQueue": {"QueueUrl": H},
-    "SendMessage": {"QueueUrl": H, "MessageBody": H, "DelaySeconds": H,
-                    "MessageAttributes": refused("message attributes are not supported"),
-                    "MessageSystemAttributes": refused("message system attributes (X-Ray "
-                                                       "trace headers) are not supported"),
-                    "MessageDeduplicationId": refused(_FIFO),
-                    "MessageGroupId": refused(_FIFO)},
+    "SendMessage": _SEND,
+    "SendMessageBatch": {"QueueUrl": H, "Entries": H},
     "ReceiveMessage": {"QueueUrl": H, "AttributeNames": H, "MessageSystemAttributeNames": H,
-                       # messages never carry attributes (SendMessage refuses them), so asking
-                       # for them is answered truthfully: none
                        "MessageAttributeNames": H,
                        "MaxNumberOfMessages": H, "VisibilityTimeout": H, "WaitTimeSeconds": H,
-                       "ReceiveRequestAttemptId": refused(_FIFO)},
+                       "ReceiveRequestAttemptId": H},
     "DeleteMessage": {"QueueUrl": H, "ReceiptHandle": H},
     "DeleteMessageBatch": {"QueueUrl": H, "Entries": H},
+    "ChangeMessageVisibility": {"QueueUrl": H, "ReceiptHandle": H, "VisibilityTimeout": H},
+    "ChangeMessageVisibilityBatch": {"QueueUrl": H, "Entries": H},
     "GetQueueAttributes": {"QueueUrl": H, "AttributeNames": H},
+    "SetQueueAttributes": {"QueueUrl": H, "Attributes": H,
+                           **{f"Attributes.{k}": p for k, p in _QUEUE_ATTRS.items()}},
+    "TagQueue": {"QueueUrl": H, "Tags": H},
+    "UntagQueue": {"QueueUrl": H, "TagKeys": H},
+    "ListQueueTags": {"QueueUrl": H},
+    "ListDeadLetterSourceQueues": {"QueueUrl": H, "NextToken": H, "MaxResults": H},
+    "StartMessageMoveTask": {"SourceArn": H, "DestinationArn": H,
+                             "MaxNumberOfMessagesPerSecond": refused(
+                                 "a move task moves every message at once (no pacing)")},
+    "ListMessageMoveTasks": {"SourceArn": H, "MaxResults": H},
+    "CancelMessageMoveTask": {"TaskHandle": H},
 }
 
 

@@ -200,7 +200,8 @@ def _accept_event(cell: Cell, req: dict[str, Any], name: str, qualifier: str | N
         except (ValueError, UnicodeDecodeError) as e:
             raise LambdaError(400, "InvalidRequestContentException",
                               f"Could not parse request body into json: {e}") from e
-    event_id = cell.events.accept(req["a"], name, qualifier or "$LATEST", payload, rec.timeout_s)
+    event_id = cell.events.accept(req["a"], name, qualifier or "$LATEST", payload, rec.timeout_s,
+                                  rec.dead_letter_target)
     return {"s": 202, "h": {"x-amzn-requestid": event_id, "content-type": "application/json"},
             "b": b""}
 

@@ -33,6 +33,7 @@ from ..core.jsondepth import json_depth_within
 from ..core.limits import DEFAULT_LIMITS
 from ..core.retry import Fail, Outcome, Retry, RetryBudget, Succeed
 from ..transport import CallTimeout, Client, RemoteError, Server, TransportError
+from . import deadletter
 from .events import (
     EVENT_ID_HEADER,
     LAMBDA_ARN,
@@ -78,6 +79,16 @@ def _json_or_text(raw: bytes) -> Any:
         return base64.b64encode(raw).decode()
 
 
+def _error_message(response: bytes, function_error: str | None, condition: str) -> str:
+    """What a dead-letter message's ErrorMessage says: the function's errorMessage, or why
+    the event was given up (RetriesExhausted, EventAgeExceeded, a platform error)."""
+    if function_error:
+        doc = _json_or_text(response)
+        if isinstance(doc, dict) and isinstance(doc.get("errorMessage"), str):
+            return str(doc["errorMessage"])
+        return response.decode(errors="replace") or function_error
+    return condition
+
 def destination_record(ev: Event, region: str, condition: str, invoke_count: int,
                        status: int, response: bytes, function_error: str | None,
                        executed_version: str, now: int) -> str:
@@ -122,7 +133,7 @@ class Dispatcher:
         self._round = 0
         self.counters = {"attempts": 0, "succeeded": 0, "function_errors": 0, "throttled": 0,
                          "platform_errors": 0, "retries_scheduled": 0, "to_on_success": 0,
-                         "to_on_failure": 0, "dropped": 0, "destination_missing": 0,
+                         "to_on_failure": 0, "to_dead_letter": 0, "dropped": 0, "destination_missing": 0,
                          "lease_lost": 0, "released_at_start": 0}
 
     def _policy(self, ev: Event) -> retry.AsyncPolicy:
@@ -247,8 +258,24 @@ class Dispatcher:
         else:
             assert isinstance(decision, Fail)
             dest, condition, which = decision.destination, decision.condition, "to_on_failure"
+        if isinstance(decision, Fail) and ev.dead_letter:
+            # The function's DeadLetterConfig, besides any on-failure destination.
+            message = _error_message(body, ferr, condition)
+            try:
+                await self._send_dead_letter(ev, status, message)
+                self.counters["to_dead_letter"] += 1
+            except DestinationMissing as e:
+                self.counters["destination_missing"] += 1
+                log.warning("event %s: dead-letter queue %s is missing (%s)", ev.id,
+                            ev.dead_letter, e)
+            except DestinationUnavailable as e:
+                self.counters["platform_errors"] += 1
+                self.store.reschedule(ev.id, self.owner,
+                                      now + retry.backoff_ms(platform, self.rng), ev.attempts,
+                                      platform + 1, f"dead-letter queue: {e}")
+                return
         if dest is None:
-            if not isinstance(decision, Succeed):
+            if not isinstance(decision, Succeed) and not ev.dead_letter:
                 self.counters["dropped"] += 1
                 log.warning("event %s of %s failed (%s) with no on-failure destination: dropped",
                             ev.id, ev.name, condition)
@@ -271,6 +298,21 @@ class Dispatcher:
                 return
         if not self.store.complete(ev.id, self.owner):
             self.counters["lease_lost"] += 1
+
+    async def _send_dead_letter(self, ev: Event, status: int, message: str) -> None:
+        body = deadletter.send_message_body(ev.account, ev.dead_letter, ev.id, status, message,
+                                            ev.payload)
+        try:
+            resp = await self.frontend.call(
+                "sqs", {"target": "AmazonSQS.SendMessage", "b": body, "a": ev.account},
+                timeout_s=destination_call_timeout_s)
+        except (TransportError, CallTimeout, RemoteError) as e:
+            raise DestinationUnavailable(str(e)) from e
+        if resp["s"] == 200:
+            return
+        if b"QueueDoesNotExist" in resp["b"]:
+            raise DestinationMissing(ev.dead_letter)
+        raise DestinationUnavailable(f"{resp['s']} {resp['b'][:200]!r}")
 
     async def _send(self, account: str, dest: str, record: str) -> None:
         m = SQS_ARN.match(dest)

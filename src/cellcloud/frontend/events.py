@@ -25,6 +25,7 @@ import re
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,11 @@ def connect(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")  # every commit fsyncs the WAL: an ack means on disk
     db.execute("PRAGMA busy_timeout=10000")
     db.executescript(_SCHEMA)
+    if "dead_letter" not in {r[1] for r in db.execute("PRAGMA table_info(events)")}:
+        try:  # a file from before DeadLetterConfig
+            db.execute("ALTER TABLE events ADD COLUMN dead_letter TEXT NOT NULL DEFAULT ''")
+        except sqlite3.OperationalError:  # the other process added it first
+            pass
     return db
 
 
@@ -102,6 +108,8 @@ class Event:
     timeout_s: int
     attempts: int
     platform_retries: int
+    #: the function's DeadLetterConfig TargetArn when the event was accepted ("" none)
+    dead_letter: str = ""
 
 
 class EventStore:
@@ -116,9 +124,9 @@ class EventStore:
     def insert(self, ev: Event) -> None:
         self.db.execute(
             "INSERT INTO events (id, account, name, qualifier, payload, accepted_ms, timeout_s,"
-            " due_ms) VALUES (?,?,?,?,?,?,?,?)",
+            " due_ms, dead_letter) VALUES (?,?,?,?,?,?,?,?,?)",
             (ev.id, ev.account, ev.name, ev.qualifier, ev.payload, ev.accepted_ms, ev.timeout_s,
-             ev.accepted_ms))
+             ev.accepted_ms, ev.dead_letter))
 
     def depth(self, account: str | None = None, name: str | None = None) -> int:
         if account is None:
@@ -164,14 +172,15 @@ class EventStore:
                         continue
                     row = self.db.execute(
                         "SELECT id, account, name, qualifier, payload, accepted_ms, timeout_s,"
-                        " attempts, platform_retries FROM events WHERE account=? AND name=? AND"
+                        " attempts, platform_retries, dead_letter FROM events WHERE account=? AND"
+                        " name=? AND"
                         " due_ms<=? AND lease_expiry_ms<=? ORDER BY due_ms, accepted_ms LIMIT 1",
                         (fn[0], fn[1], now, now)).fetchone()
                     if row is None:
                         want[fn] = 0
                         continue
                     ev = Event(row[0], row[1], row[2], row[3], bytes(row[4]), row[5], row[6],
-                               row[7], row[8])
+                               row[7], row[8], row[9])
                     self.db.execute(
                         "UPDATE events SET lease_owner=?, lease_expiry_ms=? WHERE id=?",
                         (owner, retry.lease_expiry_ms(now, ev.timeout_s), ev.id))
@@ -307,9 +316,12 @@ class Intake:
         self._unwritten: list[Event] = []
         self._depth = (0, -depth_cache_ms)
         self.counters = {"accepted": 0, "shed": 0}
+        #: whether an SQS queue exists (the cell's queues; set by frontend/server.py), for
+        #: DeadLetterConfig
+        self.queue_exists: Callable[[str, str], bool] | None = None
 
     def accept(self, account: str, name: str, qualifier: str, payload: bytes,
-               timeout_s: int) -> str:
+               timeout_s: int, dead_letter: str = "") -> str:
         if len(payload) > self.limits.event_payload_bytes_max:
             raise LambdaError(413, "RequestEntityTooLargeException",
                               f"{len(payload)} byte payload is too large for the Event "
@@ -327,7 +339,8 @@ class Intake:
             self.counters["shed"] += 1
             raise errors.too_many(f"Rate Exceeded. The async event queue of {name} is full.",
                                   "FunctionAsyncQueueFull")
-        ev = Event(str(uuid.uuid4()), account, name, qualifier, payload, now, timeout_s, 0, 0)
+        ev = Event(str(uuid.uuid4()), account, name, qualifier, payload, now, timeout_s, 0, 0,
+                   dead_letter)
         if self.ack_before_write:
             self._unwritten.append(ev)
             if len(self._unwritten) == 1:

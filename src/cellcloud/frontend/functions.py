@@ -28,6 +28,7 @@ from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.validation import check_env, check_handler, check_memory, check_name, check_timeout
 from ..network import policy as net_policy
+from . import deadletter
 from .store import (
     AliasRecord,
     FunctionRecord,
@@ -91,6 +92,9 @@ class Catalog:
         # Region-internal IPv4 ranges besides the always-denied set and this host's own
         # addresses (the environments' pool, other hosts' agents): no allow entry inside them.
         self.net_internal = net_internal
+        # Whether (account, queue name) is one of the cell's SQS queues: DeadLetterConfig's
+        # check (set by the server; None: no queues, the target is only checked by shape).
+        self.queue_exists: Callable[[str, str], bool] | None = None
         self._functions: dict[tuple[str, str], FunctionRecord] = {}
         self._versions: dict[tuple[str, str, int], FunctionRecord] = {}
         self._reserved: dict[tuple[str, str], int | None] = {}
@@ -277,6 +281,9 @@ class Catalog:
             except vpc.VpcError as e:
                 raise errors.invalid(str(e)) from None
             changes["network"], changes["net_allow"] = setting.mode, list(setting.allow)
+        if doc.get("DeadLetterConfig") is not None:
+            changes["dead_letter_target"] = deadletter.check(
+                doc["DeadLetterConfig"], self.region, account, self.queue_exists)
         rules.check_zip_only(doc)
         return changes
 

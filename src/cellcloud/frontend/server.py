@@ -57,6 +57,8 @@ async def serve(args: argparse.Namespace) -> None:
                          ack_before_write=os.environ.get("CELLCLOUD_PLANT_BUG")
                          == "ack-before-write", limits=cell.limits)
     queues = QueueApi(QueueStore(os.path.abspath(args.state_dir)), args.region)
+    cell.events.queue_exists = queues.store.exists  # DeadLetterConfig's check
+    cell.catalog.queue_exists = queues.store.exists
     # The cell's container registry (registry/: OCI + ECR ops; blobs in <state>/registry).
     registry = RegistryApi(RegistryStore(os.path.join(os.path.abspath(args.state_dir),
                                                       "registry"), cell.limits), args.region,

@@ -107,6 +107,8 @@ class FunctionRecord:
     network: str = ""
     # its allow-list ("CIDR:port" entries; only with network "egress")
     net_allow: list[str] = field(default_factory=list)
+    # DeadLetterConfig.TargetArn (frontend/deadletter.py): "" none
+    dead_letter_target: str = ""
 
     @property
     def key(self) -> str:
@@ -685,6 +687,8 @@ def config_doc(rec: FunctionRecord, region: str, *, qualify_latest: bool = False
         "VpcConfig": vpc.echo(vpc.Setting(rec.network, tuple(rec.net_allow))),
         "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{rec.name}"},
     }
+    if rec.dead_letter_target:
+        doc["DeadLetterConfig"] = {"TargetArn": rec.dead_letter_target}
     if rec.layers:
         doc["Layers"] = [{"Arn": layer["arn"], "CodeSize": layer["code_size"]}
                          for layer in rec.layers]

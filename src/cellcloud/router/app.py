@@ -19,6 +19,7 @@ from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.tenant_status import cell_status_for_tenant
+from ..queues import query as sqs_query
 from ..registry.api import ECR_TARGET_PREFIX
 from ..registry.core import RegistryError
 from ..registry.edge import RegistryEdge, RegistryKey
@@ -201,6 +202,8 @@ class Router:
             status, headers, body = await self._handle(scope, receive, body_state)
         except LambdaError as e:
             status, headers, body = e.status, e.headers(), e.body()
+            if body_state.sqs_query:
+                headers, body = sqs_query.router_error(e.status, e.type, e.message)
         except Exception:  # no input may produce a bare 500: answer Lambda-shaped, log it
             log.exception("request %s %s failed", scope.get("method"), scope.get("path"))
             self.counters["internal_errors"] += 1
@@ -230,7 +233,10 @@ class Router:
         # Everything a request can be refused for without its body, before reading it: the
         # shape of the signature, the key, the declared size.
         try:
-            akid = sigv4.parse_authorization(auth).group("akid")
+            parsed_auth = sigv4.parse_authorization(auth)
+            akid = parsed_auth.group("akid")
+            body_state.sqs_query = parsed_auth.group("service") == "sqs" and not any(
+                k == "x-amz-target" for k, _ in headers)
             if self.tenants.lookup(akid) is None:
                 raise _forbidden_token()
         except LambdaError:
@@ -254,7 +260,9 @@ class Router:
         raw_path = scope.get("raw_path") or path.encode()
         # SQS's JSON protocol (the cell's queues): signed for service "sqs", forwarded whole.
         sqs_target = next((v for k, v in headers if k == "x-amz-target"), "")
-        is_sqs = sqs_target.startswith("AmazonSQS.")
+        # ... and its query protocol (Action=... forms, XML answers): no target, signed "sqs"
+        is_sqs_query = body_state.sqs_query
+        is_sqs = sqs_target.startswith("AmazonSQS.") or is_sqs_query
         try:
             verified = sigv4.verify(
                 method=scope["method"],
@@ -284,7 +292,10 @@ class Router:
             host = next((v for k, v in headers if k == "host"), "")
             try:
                 resp = await self.client(cell.cell_id).call(
-                    "sqs", {"target": sqs_target, "b": body, "a": account, "host": host},
+                    "sqs", {"target": sqs_target, "b": body, "a": account, "host": host,
+                            **({"proto": "query", "p": path,
+                                "q": scope["query_string"].decode("latin-1")}
+                               if is_sqs_query else {})},
                     timeout_s=control_timeout_s)
             except (TransportError, CallTimeout, RemoteError) as e:
                 self.counters["cell_unavailable"] += 1
@@ -399,6 +410,8 @@ class _BodyState:
             elif k == b"transfer-encoding":
                 chunked = True
         self.pending = chunked or bool(self.declared)
+        #: an SQS query-protocol request: its errors are answered in SQS's XML
+        self.sqs_query = False
 
 
 def _only_get(scope: Scope, path: str) -> None:
