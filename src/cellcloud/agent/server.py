@@ -33,6 +33,7 @@ from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
 from ..transport import FrameReader, OpError, Server
 from . import lockdown
+from .images import LayerCache, hex_of
 
 log = logging.getLogger("cellcloud.agent")
 
@@ -268,13 +269,14 @@ class Agent:
         self._bundle_pins: dict[str, int] = {}
         self._forget_later: set[str] = set()
         self.sweep_bundles()
+        self.images = LayerCache(state_dir)  # image layers, unpacked once (agent/images.py)
         self._shutdowns: set[asyncio.Task[bytes]] = set()  # graceful ends under way
         # Logs of environments reset because their extensions overran an Invoke phase, for
         # the next invoke or destroy that names them (bounded; the oldest go first).
         self._reset_logs: dict[str, tuple[str, bytes]] = {}  # env -> (function key, logs)
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
                     "destroy": self.destroy, "status": self.status, "attest": self.attest,
-                    "forget_bundles": self.forget_bundles}
+                    "forget_bundles": self.forget_bundles, "image_blob": self.image_blob}
 
     # -- operations -------------------------------------------------------------------------
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -293,7 +295,8 @@ class Agent:
         if self.memory_used_bytes + env_baseline_bytes > self.memory_budget_bytes:
             raise OpError("HostMemoryExhausted", f"{self.memory_used_bytes >> 20} MB in use of a "
                           f"{self.memory_budget_bytes >> 20} MB budget")
-        digests = {str(body["bundle_sha256"]), *map(str, body["function"].get("layers", []))}
+        digests = ({str(body["bundle_sha256"]), *map(str, body["function"].get("layers", []))}
+                   if not body.get("image") else set())
         for sha in digests:
             self._bundle_pins[sha] = self._bundle_pins.get(sha, 0) + 1
             self._forget_later.discard(sha)  # wanted again
@@ -308,16 +311,35 @@ class Agent:
 
     async def _create_env_pinned(self, body: dict[str, Any], env_id: str) -> dict[str, Any]:
         pushed: dict[str, bytes] = body.get("bundles") or {}
-        bundle_sha = str(body["bundle_sha256"])
-        bundle_dir = self._bundle(bundle_sha, pushed.get(bundle_sha))
         fn = body["function"]
-        runtime = self.runtimes.get(str(fn["runtime"]))
-        if runtime is None:
-            raise OpError("RuntimeNotSupported", f"{fn['runtime']} is not available on this host")
-        layer_dirs = [self._bundle(str(sha), pushed.get(str(sha))) for sha in fn.get("layers", [])]
-        runtime_argv = runtimes.argv_for(runtime, fn["handler"])
+        image: dict[str, Any] | None = body.get("image")
+        image_layers: list[str] = []
+        if image:
+            # An image-rooted environment: its layers must be in the cache (the frontend
+            # streams a missing one with image_blob on LayerMissing, then asks again).
+            image_layers = self._image_layers(image)
+            bundle_dir, layer_dirs = "", []
+            runtime = runtimes.Runtime("image", (), ())
+            runtime_argv = [str(a) for a in [*(image.get("entrypoint") or []),
+                                             *(image.get("cmd") or [])]]
+            if not runtime_argv:
+                raise OpError("InvalidImage", "the image has neither ENTRYPOINT nor CMD")
+        else:
+            bundle_sha = str(body["bundle_sha256"])
+            bundle_dir = self._bundle(bundle_sha, pushed.get(bundle_sha))
+            found = self.runtimes.get(str(fn["runtime"]))
+            if found is None:
+                raise OpError("RuntimeNotSupported",
+                              f"{fn['runtime']} is not available on this host")
+            runtime = found
+            layer_dirs = [self._bundle(str(sha), pushed.get(str(sha)))
+                          for sha in fn.get("layers", [])]
+            runtime_argv = runtimes.argv_for(runtime, fn["handler"])
         config = {k: fn.get(k) for k in ("name", "handler", "runtime", "memory_mb", "timeout_s",
                                           "ephemeral_mb", "environment", "version")}
+        if image:
+            config["image"] = {k: image.get(k) for k in ("digest", "entrypoint", "cmd",
+                                                          "workdir", "env")}
         # The function's network setting (core/vpc.py): "" the agent's policy, "none" no
         # pooled network namespace at all (an empty one: only loopback).
         network_setting = str(fn.get("network") or "")
@@ -336,9 +358,9 @@ class Agent:
         # Re-measure what is about to run; a bundle or layer changed on disk since it was
         # unpacked (and measured) is refused, not run.
         measurements = {
-            "runtime": attestation.measure_runtime(runtime_argv),
-            "bundle": await self._verified_measure(bundle_dir),
-            "layers": [await self._verified_measure(d) for d in layer_dirs],
+            "runtime": attestation.measure_runtime(["bootstrap"] if image else runtime_argv),
+            "bundle": await self._verified_measure(bundle_dir) if not image else "",
+            "layers": [await self._verified_measure(d) for d in layer_dirs + image_layers],
             "config": attestation.measure_config(config),
         }
         document = attestation.sign(
@@ -362,6 +384,9 @@ class Agent:
             attestation=json.dumps(document),
             disabled_layers=list(self.unsafe_disabled_layers),
             allow_unlimited=self.allow_unlimited,
+            image_layers=image_layers,
+            image_workdir=str((image or {}).get("workdir") or ""),
+            image_env={str(k): str(v) for k, v in ((image or {}).get("env") or {}).items()},
         )
         cg = cgroups.Cgroup(self.cgroup_group, env_id)
         netns_fd: int | None = None
@@ -700,6 +725,29 @@ class Agent:
                         if self.network is not None
                         else {"mode": "none"}),
         }
+
+    async def image_blob(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One chunk (at most ``registry_chunk_bytes_max``) of an image layer the frontend
+        streams after a ``LayerMissing``; the last one is verified and unpacked (a thread)."""
+        data = body.get("data")
+        if not isinstance(data, bytes):
+            raise OpError("InvalidChunk", "data must be bytes")
+        return await asyncio.to_thread(self.images.put, str(body.get("digest")),
+                                       int(body.get("offset", 0)), data, bool(body.get("last")))
+
+    def _image_layers(self, image: dict[str, Any]) -> list[str]:
+        layers = image.get("layers") or []
+        if not isinstance(layers, list) or not layers:
+            raise OpError("InvalidImage", "an image needs at least one layer")
+        if len(layers) > DEFAULT_LIMITS.image_layers_max:
+            raise OpError("InvalidImage", f"more than {DEFAULT_LIMITS.image_layers_max} layers")
+        dirs = []
+        for digest in map(str, layers):
+            hex_of(digest)
+            if not self.images.have(digest):
+                raise OpError("LayerMissing", digest, digest=digest)
+            dirs.append(self.images.layer_dir(digest))
+        return dirs
 
     # -- internals --------------------------------------------------------------------------
     def _bundle(self, sha: str, data: bytes | None) -> str:
