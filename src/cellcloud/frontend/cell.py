@@ -31,7 +31,9 @@ from ..core.poison import PoisonDetector, PoisonParams
 from ..core.sharding import PlainSharder, SignatureSharder, Worker, retry_order
 from ..core.validation import check_env, check_handler, check_memory, check_name, check_timeout
 from ..network import policy as net_policy
+from ..registry.storage import RegistryStore
 from ..transport import Client, RemoteError, TransportError
+from . import image_functions
 from .events import RESERVED_ZERO_HEADER, Intake
 from .store import (
     AliasRecord,
@@ -251,6 +253,7 @@ class Cell:
         self._forgetting = False
         # The durable async intake (frontend/events.py), set by the server; None: no async path.
         self.events: Intake | None = None
+        self.registry: RegistryStore | None = None  # the cell's registry (image functions)
         # Sync invokes in flight in the whole cell; over this, 429 with Retry-After (shedding
         # before the hosts' queues collapse).
         self.invokes_inflight_max = invokes_inflight_max
@@ -488,6 +491,9 @@ class Cell:
         return changes
 
     def create_function(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        if doc.get("PackageType") == image_functions.IMAGE:
+            return image_functions.create_function(self, account, doc)
+        image_functions.refuse_for_zip(doc)
         name = check_name(doc.get("FunctionName"))
         for required in ("Runtime", "Handler"):
             if doc.get(required) is None:
@@ -553,6 +559,8 @@ class Cell:
     def update_code(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
         old = self.function(account, name)
         self._check_revision(doc, old.revision_id)
+        if "ImageUri" in doc or old.package_type == image_functions.IMAGE:
+            return image_functions.update_code(self, account, name, doc)
         if "ZipFile" not in doc:
             raise errors.invalid("ZipFile is required (S3 locations and images are not supported)")
         if doc.get("Architectures") not in (None, ["x86_64"]):
@@ -580,6 +588,7 @@ class Cell:
         old = self.function(account, name)
         self._check_revision(doc, old.revision_id)
         changes = self._config_changes(account, doc)
+        changes.update(image_functions.update_image_config(old, doc))
         self._check_total_size(old.unzipped_size, changes.get("layers", old.layers))
         new = replace(
             old,
@@ -1198,14 +1207,23 @@ class Cell:
         timeout_s = self.limits.env_create_timeout_ms / 1000 + 5
         pushed: dict[str, bytes] = {}
         body["bundles"] = pushed
+        layers_pushed: set[str] = set()
+        if rec.package_type == image_functions.IMAGE:
+            body["image"] = image_functions.agent_image(rec)
         try:
             # The agent keeps bundles by digest; push only the ones it says it lacks (the code,
-            # then each layer), at most once each.
-            for _ in range(2 + len(body["function"].get("layers", []))):
+            # then each layer), at most once each. Image layers are streamed in chunks.
+            for _ in range(2 + len(body["function"].get("layers", []))
+                           + len(rec.image.get("layers", []))):
                 try:
                     await self._call_agent(client, "create_env", body, timeout_s)
                     break
                 except RemoteError as e:
+                    if e.type == "LayerMissing" and e.data.get("digest") not in layers_pushed:
+                        layers_pushed.add(str(e.data.get("digest")))  # once each
+                        await image_functions.push_layer(self, client, rec,
+                                                         str(e.data.get("digest")), timeout_s)
+                        continue
                     sha = str(e.data.get("sha256", ""))
                     if e.type != "BundleMissing" or not sha or sha in pushed:
                         raise

@@ -61,6 +61,7 @@ async def serve(args: argparse.Namespace) -> None:
     registry = RegistryApi(RegistryStore(os.path.join(os.path.abspath(args.state_dir),
                                                       "registry"), cell.limits), args.region,
                            cell.limits)
+    cell.registry = registry.store  # ImageUri of PackageType Image functions
     await cell.sync_agents(first=True)
     cell.load_provisioned()  # the pools are refilled by the first tick
 
