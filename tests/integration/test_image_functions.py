@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -119,4 +120,22 @@ def test_image_function_create_invoke_update(region: Region, tenants: tuple[Tena
     doc = json.loads(lam.invoke(FunctionName="imgfn", Payload=b"{}")["Payload"].read())
     assert doc["cwd"] == "/tmp" and doc["version"] == "v2"
     lam.delete_function(FunctionName="imgfn")
-    assert os.path.exists(archive)
+
+    # The AWS CLI, as the "done when" names it.
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": a.akid, "AWS_SECRET_ACCESS_KEY": a.secret,
+           "AWS_DEFAULT_REGION": str(region.doc["region"])}
+    aws = [sys.executable, "-m", "awscli", "--endpoint-url", region.endpoint, "lambda"]
+    made = json.loads(subprocess.run(
+        [*aws, "create-function", "--function-name", "clifn", "--package-type", "Image",
+         "--code", f"ImageUri={a.hostport}/team/fn:v2", "--role", ROLE, "--timeout", "30"],
+        env=env, capture_output=True, text=True, check=True, timeout=120).stdout)
+    assert made["PackageType"] == "Image" and made["CodeSha256"] == v2["manifest"].split(":")[1]
+    out_file = str(tmp_path / "out.json")
+    r = subprocess.run([*aws, "invoke", "--function-name", "clifn",  # CLI v1: raw payload
+                        "--payload", '{"cli": true}', out_file], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with open(out_file) as f:
+        doc = json.load(f)
+    assert doc["version"] == "v2" and doc["event"] == {"cli": True}
+    lam.delete_function(FunctionName="clifn")
