@@ -164,3 +164,23 @@ def test_image_symlinked_mount_points_do_not_reach_the_host(
     for victim in victims.values():
         assert os.listdir(victim) == [], victim
     sandbox.destroy(env_id)
+
+
+def test_a_cached_layer_changed_on_the_host_stops_its_environments(
+        sandbox: Sandbox, base: list[bytes], tmp_path: os.PathLike[str]) -> None:
+    """Image layers are measured at unpack (not re-hashed per create: images are large);
+    the periodic re-measure hashes them and stops every environment on a changed one."""
+    layout = os.path.join(tmp_path, "img")
+    img = lambda_image(layout, HANDLER, base=base)
+    push_layers(sandbox, layout, img["layers"])
+    env_id = create_image_env(sandbox, img, _config(layout, img))
+    planted = os.path.join(sandbox.agent.images.layer_dir(img["layers"][-1]), "planted.py")
+    before = sandbox.agent.counters["attestation_failures"]
+    with open(planted, "w") as f:
+        f.write("x = 1\n")
+    try:
+        sandbox._run(sandbox.agent.remeasure())
+        assert env_id not in sandbox.agent.envs
+        assert sandbox.agent.counters["attestation_failures"] > before
+    finally:
+        os.unlink(planted)

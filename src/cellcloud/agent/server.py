@@ -360,7 +360,8 @@ class Agent:
         measurements = {
             "runtime": attestation.measure_runtime(["bootstrap"] if image else runtime_argv),
             "bundle": await self._verified_measure(bundle_dir) if not image else "",
-            "layers": [await self._verified_measure(d) for d in layer_dirs + image_layers],
+            "layers": [await self._verified_measure(d) for d in layer_dirs]
+            + [self._image_measure(d) for d in image_layers],
             "config": attestation.measure_config(config),
         }
         document = attestation.sign(
@@ -735,6 +736,17 @@ class Agent:
         return await asyncio.to_thread(self.images.put, str(body.get("digest")),
                                        int(body.get("offset", 0)), data, bool(body.get("last")))
 
+    def _image_measure(self, path: str) -> str:
+        """An image layer's measurement as recorded at unpack. Not re-hashed on every create
+        (an image may be gigabytes): the periodic ``remeasure`` hashes image layers in use
+        and stops every environment on one that changed, as it does for bundles."""
+        recorded = self._recorded(path)
+        if recorded is None:
+            self._alert(f"image layer {os.path.basename(path)} has no recorded measurement")
+            raise OpError("AttestationFailed", "an image layer has no measurement; the "
+                          "environment was not started")
+        return recorded
+
     def _image_layers(self, image: dict[str, Any]) -> list[str]:
         layers = image.get("layers") or []
         if not isinstance(layers, list) or not layers:
@@ -875,8 +887,9 @@ class Agent:
         environment whose code changed under it is stopped."""
         dirs: dict[str, list[str]] = {}
         for env_id, rec in self.envs.items():
-            for d in [rec.spec.bundle_dir, *rec.spec.layer_dirs]:
-                dirs.setdefault(d, []).append(env_id)
+            for d in [rec.spec.bundle_dir, *rec.spec.layer_dirs, *rec.spec.image_layers]:
+                if d:
+                    dirs.setdefault(d, []).append(env_id)
         for d, env_ids in dirs.items():
             now = await asyncio.to_thread(attestation.measure_tree, d)
             if now != self._recorded(d):
