@@ -1,5 +1,5 @@
 """The agent server. A fixed set of operations, nothing else: ``create_env``, ``invoke``,
-``destroy``, ``status``, ``attest``, ``forget_bundles``. It never opens a connection (``lockdown``); it reaches each environment over the
+``destroy``, ``status``, ``attest``, ``forget_bundles``, ``image_blob``. It never opens a connection (``lockdown``); it reaches each environment over the
 socketpair it created for it, and no environment can reach it.
 """
 
