@@ -75,9 +75,16 @@ def test_image_function_create_invoke_update(region: Region, tenants: tuple[Tena
     assert created["CodeSha256"] == v1["manifest"].split(":")[1]
     assert created["ImageConfigResponse"] == {"ImageConfig": {"Command": ["app.handler"]}}
     assert "Runtime" not in created and "Handler" not in created
-    out = lam.invoke(FunctionName="imgfn", Payload=b'{"n": 1}')
-    assert "FunctionError" not in out, out["Payload"].read()
-    doc = json.loads(out["Payload"].read())
+    # The first invokes at once: several environments created on agents lacking the layers
+    # at the same moment (each layer is streamed to an agent once; the others wait for it).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: lam.invoke(FunctionName="imgfn", Payload=b'{"n": 1}'),
+                             range(4)))
+    for out in outs:
+        assert "FunctionError" not in out, out["Payload"].read()
+    doc = json.loads(outs[0]["Payload"].read())
     assert doc["version"] == "v1" and doc["greeting"] == "hello-v1" and doc["event"] == {"n": 1}
     assert doc["cwd"] == "/var/task" and doc["uid"] != 0 and doc["uid"] != 1000
 

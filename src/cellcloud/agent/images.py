@@ -5,7 +5,7 @@ once — every entry checked by ``registry.core.tar_entry_problem`` — into
 names them (overlayfs lower dirs, sandbox/jail.py).
 
 Nothing holds a whole layer: a chunk (at most ``registry_chunk_bytes_max``) is appended to
-``blobs/<hex>.part`` with a running SHA-256, and the unpack streams the file through tarfile.
+``blobs/<hex>.part-<pid>`` with a running SHA-256, and the unpack streams the file through tarfile.
 Refused (the whole layer, nothing of it kept): paths that leave the root (``../``, absolute
 names climbing out), entries reached through a symlink, hard links to outside the layer or to
 a non-file, device nodes and FIFOs, setuid/setgid files (refused, not stripped: an image that
@@ -163,7 +163,7 @@ def unpack_layer(fileobj: IO[bytes], dest: str, limits: Limits = DEFAULT_LIMITS)
 
 
 class LayerCache:
-    """``<state>/images``: ``blobs/<hex>.part`` (a layer arriving), ``layers/<hex>`` (unpacked,
+    """``<state>/images``: ``blobs/<hex>.part-<pid>`` (a layer arriving), ``layers/<hex>`` (unpacked,
     read-only to environments), ``layers/<hex>.measure`` (its tree digest at unpack)."""
 
     def __init__(self, state_dir: str, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -178,10 +178,17 @@ class LayerCache:
         self.sweep()
 
     def sweep(self) -> None:
-        """Partial blobs and half-unpacked trees of an earlier process are removed at start."""
+        """Partial blobs and half-unpacked trees of an earlier process are removed at start
+        (those of a process still alive — the predecessor during a live update — are its)."""
         for d in (self.blobs, self.layers):
             for entry in os.listdir(d):
-                if ".part" in entry or ".tmp-" in entry:
+                _, sep, rest = entry.partition(".part-") if ".part-" in entry \
+                    else entry.partition(".tmp-")
+                if sep:
+                    pid = rest.split("-", 1)[0].split(".", 1)[0]
+                    if (pid.isdigit() and int(pid) != os.getpid()
+                            and os.path.exists(f"/proc/{pid}")):
+                        continue
                     path = os.path.join(d, entry)
                     if os.path.isdir(path) and not os.path.islink(path):
                         shutil.rmtree(path, ignore_errors=True)
@@ -204,7 +211,7 @@ class LayerCache:
                           f"{self.limits.registry_chunk_bytes_max} per call")
         if self.have(digest):
             return {"have": True, "offset": offset + len(data)}
-        part = os.path.join(self.blobs, hexd + ".part")
+        part = os.path.join(self.blobs, f"{hexd}.part-{os.getpid()}")
         size = os.path.getsize(part) if os.path.exists(part) else 0
         if offset == 0 and size:
             os.unlink(part)  # a fresh start (the sender restarted)

@@ -9,6 +9,7 @@ cell.py calls in through a few hooks; everything image-specific lives here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -306,6 +307,25 @@ async def push_layer(cell: Cell, client: Client, rec: FunctionRecord, digest: st
     if size is None:
         raise errors.service(f"layer {digest} of {rec.image['uri']} is no longer in the "
                              "registry")
+    # One stream per (agent, layer) at a time: creates racing for the same new image wait
+    # for the first stream, whose agent then has the layer (its first answer says so).
+    key = (id(client), digest)
+    lock = _streams.setdefault(key, asyncio.Lock())
+    try:
+        async with lock:
+            await _stream(cell, client, rec, digest, size, timeout_s)
+    finally:
+        if not lock.locked() and _streams.get(key) is lock:
+            del _streams[key]
+
+
+_streams: dict[tuple[int, str], asyncio.Lock] = {}
+
+
+async def _stream(cell: Cell, client: Client, rec: FunctionRecord, digest: str, size: int,
+                  timeout_s: float) -> None:
+    store = cell.registry
+    assert store is not None
     chunk = cell.limits.registry_chunk_bytes_max
     offset = 0
     while True:
@@ -313,8 +333,8 @@ async def push_layer(cell: Cell, client: Client, rec: FunctionRecord, digest: st
         last = offset + len(data) >= size
         if not data and not last:
             raise errors.service(f"layer {digest} is shorter than its size")
-        await cell._call_agent(client, "image_blob", {"digest": digest, "offset": offset,
-                                                      "data": data, "last": last}, timeout_s)
+        reply = await cell._call_agent(client, "image_blob", {
+            "digest": digest, "offset": offset, "data": data, "last": last}, timeout_s)
         offset += len(data)
-        if last:
-            return
+        if last or (isinstance(reply, dict) and reply.get("have")):
+            return  # done, or the agent had it already (another create streamed it)
