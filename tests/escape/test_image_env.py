@@ -184,3 +184,34 @@ def test_a_cached_layer_changed_on_the_host_stops_its_environments(
         assert sandbox.agent.counters["attestation_failures"] > before
     finally:
         os.unlink(planted)
+
+
+@pytest.mark.slow
+def test_a_self_contained_python_image_runs_its_own_interpreter(
+        sandbox: Sandbox, tmp_path: os.PathLike[str]) -> None:
+    """Debian's python3.11 and its standard library inside the image (not the guest agent's
+    interpreter): ENTRYPOINT /usr/bin/python3.11 -m awslambdaric."""
+    import shutil
+
+    from tests.oci_images import debian_python_layers, image_layout, layer_tar
+
+    if not os.path.exists("/usr/bin/python3.11") or shutil.which("ldd") is None:
+        pytest.skip("Debian's python3.11 is not installed")
+    layout = os.path.join(tmp_path, "img")
+    handler = ("import sys\n"
+               "def handler(event, context):\n"
+               "    return {'exe': sys.executable, 'prefix': sys.prefix,\n"
+               "            'stdlib': __import__('json').__file__}\n")
+    config = {"Entrypoint": ["/usr/bin/python3.11", "-m", "awslambdaric"],
+              "Cmd": ["app.handler"], "WorkingDir": "/var/task",
+              "Env": ["PATH=/usr/bin:/bin", "PYTHONPATH=/opt/ric:/var/task"]}
+    img = image_layout(layout, [], config_doc=config,
+                       blobs=[*debian_python_layers(),
+                              layer_tar({"var/task/app.py": handler.encode()})])
+    push_layers(sandbox, layout, img["layers"])
+    env_id = create_image_env(sandbox, img, config)
+    res = sandbox.invoke(env_id, b"{}", timeout_s=20)
+    out = json.loads(res["payload"])
+    assert out == {"exe": "/usr/bin/python3.11", "prefix": "/usr",
+                   "stdlib": "/usr/lib/python3.11/json/__init__.py"}, res.get("logs", b"")[-3000:].decode(errors="replace")
+    sandbox.destroy(env_id)
