@@ -121,6 +121,8 @@ def test_image_env_runs_awslambdaric_with_the_image_config(
     env2 = create_image_env(sandbox, img, config)
     assert "error" not in sandbox.invoke(env2, b"{}", timeout_s=10)
     assert sandbox.agent.images.counters["layers_unpacked"] == unpacked
+    stats = sandbox._run(sandbox.agent.status())["image_layers"]
+    assert stats["cached"] >= len(img["layers"]) and stats["blob_bytes_in"] > 0
     sandbox.destroy(env_id)
     sandbox.destroy(env2)
 

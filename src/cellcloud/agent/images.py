@@ -196,6 +196,11 @@ class LayerCache:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(path)
 
+    def statistics(self) -> dict[str, int]:
+        cached = sum(1 for e in os.listdir(self.layers)
+                     if len(e) == 64 and os.path.isdir(os.path.join(self.layers, e)))
+        return {"cached": cached, **self.counters}
+
     def layer_dir(self, digest: str) -> str:
         return os.path.join(self.layers, hex_of(digest))
 

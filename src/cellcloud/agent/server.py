@@ -718,6 +718,8 @@ class Agent:
             "disk": _disk(self.state_dir),
             "bundles": len([e for e in os.listdir(self.bundles_dir) if _is_digest(e)]),
             "bundles_to_forget": len(self._forget_later),
+            # image layers unpacked here (agent/images.py), and what streaming them did
+            "image_layers": self.images.statistics(),
             "zygote_pid": getattr(self.backend, "zygote_pid", 0),
             "zygote_restarts": getattr(self.backend, "zygote_restarts", 0),
             "network": ({**self.network.info, "helper": net.get("helper", {}),
