@@ -109,7 +109,11 @@ def test_image_function_create_invoke_update(region: Region, tenants: tuple[Tena
                                   Code={"ImageUri": bad})
         assert e.value.response["Error"]["Code"] == "InvalidParameterValueException"
         assert "does not exist" in e.value.response["Error"]["Message"]
-    # A bad override is refused; ImageConfig on a .zip function is refused, not ignored.
+    # A bad override is refused; ImageConfig on a .zip function and Handler on an image
+    # function are refused, not ignored.
+    with pytest.raises(ClientError) as e:
+        lam.update_function_configuration(FunctionName="imgfn", Handler="app.other")
+    assert e.value.response["Error"]["Code"] == "InvalidParameterValueException"
     with pytest.raises(ClientError) as e:
         lam.update_function_configuration(FunctionName="imgfn",
                                           ImageConfig={"WorkingDirectory": "relative"})

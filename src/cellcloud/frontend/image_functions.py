@@ -275,6 +275,11 @@ def update_code(cell: Cell, account: str, name: str, doc: dict[str, Any]) -> dic
 def update_image_config(old: FunctionRecord, doc: dict[str, Any]) -> dict[str, Any]:
     """UpdateFunctionConfiguration's ImageConfig: the record's new ``image`` (or {} for a
     Zip function that sends none)."""
+    if old.package_type == IMAGE:
+        for member in ("Runtime", "Handler", "Layers"):
+            if doc.get(member):
+                raise errors.invalid(f"{member} is not supported for a function of "
+                                     "PackageType Image")
     if "ImageConfig" not in doc:
         return {}
     over = image_config(doc["ImageConfig"])
