@@ -140,3 +140,27 @@ def test_cache_refused_layer_leaves_nothing(tmp_path: os.PathLike[str]) -> None:
         cache.put(digest, 0, blob, True)
     assert e.value.type == "LayerRefused"
     assert os.listdir(cache.layers) == [] and os.listdir(cache.blobs) == []
+
+
+def test_an_image_over_the_unpacked_limit_is_refused(tmp_path: os.PathLike[str]) -> None:
+    """Lambda's 10 GB (uncompressed) is a limit on the whole image: each layer fits, together
+    they do not (here with a limit of 1,000 bytes)."""
+    cache = LayerCache(str(tmp_path), Limits(registry_image_bytes_max=1000))
+    digests = []
+    for i in range(2):
+        blob = _tar([_e(f"f{i}")], {f"f{i}": os.urandom(600)})
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        cache.put(digest, 0, blob, True)
+        digests.append(digest)
+    cache.check_image_size(digests[:1])
+    with pytest.raises(OpError) as e:
+        cache.check_image_size(digests)
+    assert e.value.type == "ImageTooLarge"
+
+
+def test_a_layer_over_the_unpacked_limit_is_refused(tmp_path: os.PathLike[str]) -> None:
+    blob = _tar([_e("big")], {"big": os.urandom(1200)})
+    with pytest.raises(LayerRefused, match="over 1000 bytes unpacked"):
+        unpack_layer(io.BytesIO(blob), os.path.join(tmp_path, "out"),
+                     Limits(registry_image_bytes_max=1000))
+    assert not os.path.exists(os.path.join(tmp_path, "out"))

@@ -257,10 +257,13 @@ class LayerCache:
         tmp = f"{dest}.tmp-{os.getpid()}-{time.monotonic_ns()}"
         try:
             with open(part, "rb") as f:
-                unpack_layer(f, tmp, self.limits)
+                written = unpack_layer(f, tmp, self.limits)
             digest = attestation.measure_tree(tmp)
             with open(tmp + ".measure", "w") as f:
                 f.write(digest)
+            with open(tmp + ".size", "w") as f:
+                f.write(str(written))
+            os.rename(tmp + ".size", dest + ".size")
             os.rename(tmp + ".measure", dest + ".measure")
             os.rename(tmp, dest)
         except LayerRefused as e:
@@ -273,9 +276,24 @@ class LayerCache:
             raise OpError("LayerUnpackFailed", f"could not unpack the layer: {e}") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp + ".measure")
+            for suffix in (".measure", ".size"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp + suffix)
         self.counters["layers_unpacked"] += 1
+
+    def check_image_size(self, digests: list[str]) -> None:
+        """Lambda's 10 GB limit on an image, uncompressed: the layers' unpacked bytes (each
+        recorded at unpack) added up; refused before any environment starts from it."""
+        total = 0
+        for digest in digests:
+            try:
+                with open(self.layer_dir(digest) + ".size") as f:
+                    total += int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                continue  # a layer unpacked before sizes were recorded: counted as 0
+        if total > self.limits.registry_image_bytes_max:
+            raise OpError("ImageTooLarge", f"the image unpacks to {total} bytes; at most "
+                          f"{self.limits.registry_image_bytes_max}")
 
     def drop(self, digest: str) -> None:
         path = self.layer_dir(digest)
@@ -283,5 +301,6 @@ class LayerCache:
             doomed = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
             os.rename(path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + ".measure")
+        for suffix in (".measure", ".size"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + suffix)

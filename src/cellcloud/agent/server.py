@@ -761,6 +761,7 @@ class Agent:
             if not self.images.have(digest):
                 raise OpError("LayerMissing", digest, digest=digest)
             dirs.append(self.images.layer_dir(digest))
+        self.images.check_image_size([str(d) for d in layers])
         return dirs
 
     # -- internals --------------------------------------------------------------------------
