@@ -139,7 +139,10 @@ def test_image_symlinked_mount_points_do_not_reach_the_host(
     from tests.oci_images import image_layout
 
     victims = {name: os.path.join(tmp_path, "victim-" + name.replace("/", "-"))
-               for name in ("etc", "tmp", "var/runtime", "proc")}
+               for name in ("etc", "tmp", "proc", "dev")}
+    victim_file = os.path.join(tmp_path, "victim-file")
+    with open(victim_file, "w") as f:
+        f.write("host data\n")
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:
         for name, victim in victims.items():
@@ -147,6 +150,10 @@ def test_image_symlinked_mount_points_do_not_reach_the_host(
             info = tarfile.TarInfo(name)
             info.type, info.linkname = tarfile.SYMTYPE, victim
             tar.addfile(info)
+        # The file the agent writes the attestation document to, as a link to a host file.
+        info = tarfile.TarInfo("var/runtime/attestation.json")
+        info.type, info.linkname = tarfile.SYMTYPE, victim_file
+        tar.addfile(info)
     import gzip
 
     evil = gzip.compress(raw.getvalue())
@@ -165,6 +172,8 @@ def test_image_symlinked_mount_points_do_not_reach_the_host(
     assert "error" not in res, res
     for victim in victims.values():
         assert os.listdir(victim) == [], victim
+    with open(victim_file) as f:
+        assert f.read() == "host data\n"
     sandbox.destroy(env_id)
 
 

@@ -105,7 +105,12 @@ def _bind(src: str, dst: str, flags: int) -> None:
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
-    with open(path, "w") as f:
+    """Write a file of the root, never through a link: an image may ship one at this path
+    (pointing at a host file); it is replaced (in the image root's private upper layer)."""
+    if os.path.islink(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(path, mode)
 
