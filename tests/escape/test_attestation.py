@@ -83,4 +83,4 @@ def test_agent_refuses_unknown_operations(sandbox: Sandbox) -> None:
     kind, refused = asyncio.run(main())
     assert kind == "UnknownOperation" and refused == 4
     assert sorted(sandbox.agent.ops) == ["attest", "create_env", "destroy", "forget_bundles",
-                                         "invoke", "status"]
+                                         "image_blob", "invoke", "status"]

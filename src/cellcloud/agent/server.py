@@ -1,5 +1,5 @@
 """The agent server. A fixed set of operations, nothing else: ``create_env``, ``invoke``,
-``destroy``, ``status``, ``attest``, ``forget_bundles``. It never opens a connection (``lockdown``); it reaches each environment over the
+``destroy``, ``status``, ``attest``, ``forget_bundles``, ``image_blob``. It never opens a connection (``lockdown``); it reaches each environment over the
 socketpair it created for it, and no environment can reach it.
 """
 
@@ -33,6 +33,7 @@ from ..security import attestation, pki
 from ..transport import OpError, Server
 from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
 from . import lockdown
+from .images import LayerCache, hex_of
 
 log = logging.getLogger("cellcloud.agent")
 
@@ -281,13 +282,14 @@ class Agent:
         self._bundle_pins: dict[str, int] = {}
         self._forget_later: set[str] = set()
         self.sweep_bundles()
+        self.images = LayerCache(state_dir)  # image layers, unpacked once (agent/images.py)
         self._shutdowns: set[asyncio.Task[bytes]] = set()  # graceful ends under way
         # Logs of environments reset because their extensions overran an Invoke phase, for
         # the next invoke or destroy that names them (bounded; the oldest go first).
         self._reset_logs: dict[str, tuple[str, bytes]] = {}  # env -> (function key, logs)
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
                     "destroy": self.destroy, "status": self.status, "attest": self.attest,
-                    "forget_bundles": self.forget_bundles}
+                    "forget_bundles": self.forget_bundles, "image_blob": self.image_blob}
 
     # -- operations -------------------------------------------------------------------------
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -310,7 +312,7 @@ class Agent:
         if self.memory_used_bytes + env_baseline_bytes > self.memory_budget_bytes:
             raise OpError("HostMemoryExhausted", f"{self.memory_used_bytes >> 20} MB in use of a "
                           f"{self.memory_budget_bytes >> 20} MB budget")
-        digests = {req.bundle_sha256, *req.function.layers}
+        digests = {req.bundle_sha256, *req.function.layers} if req.image is None else set()
         for sha in digests:
             self._bundle_pins[sha] = self._bundle_pins.get(sha, 0) + 1
             self._forget_later.discard(sha)  # wanted again
@@ -324,16 +326,33 @@ class Agent:
             self._forget_unused()
 
     async def _create_env_pinned(self, req: m.CreateEnvRequest) -> m.CreateEnvReply:
-        env_id, pushed, fn = req.env_id, req.bundles, req.function
-        bundle_dir = self._bundle(req.bundle_sha256, pushed.get(req.bundle_sha256))
-        runtime = self.runtimes.get(fn.runtime)
-        if runtime is None:
-            raise OpError("RuntimeNotSupported", f"{fn.runtime} is not available on this host")
-        layer_dirs = [self._bundle(sha, pushed.get(sha)) for sha in fn.layers]
-        runtime_argv = runtimes.argv_for(runtime, fn.handler)
+        env_id, pushed, fn, image = req.env_id, req.bundles, req.function, req.image
+        image_layers: list[str] = []
+        if image:
+            # An image-rooted environment: its layers must be in the cache (the frontend
+            # streams a missing one with image_blob on LayerMissing, then asks again).
+            image_layers = self._image_layers(image)
+            bundle_dir, layer_dirs = "", []
+            runtime = runtimes.Runtime("image", (), ())
+            runtime_argv = [str(a) for a in [*(image.get("entrypoint") or []),
+                                             *(image.get("cmd") or [])]]
+            if not runtime_argv:
+                raise OpError("InvalidImage", "the image has neither ENTRYPOINT nor CMD")
+        else:
+            bundle_dir = self._bundle(req.bundle_sha256, pushed.get(req.bundle_sha256))
+            found = self.runtimes.get(fn.runtime)
+            if found is None:
+                raise OpError("RuntimeNotSupported", f"{fn.runtime} is not available on this host")
+            runtime = found
+            layer_dirs = [self._bundle(sha, pushed.get(sha)) for sha in fn.layers]
+            runtime_argv = runtimes.argv_for(runtime, fn.handler)
         wire_fn = fn.to_wire()
-        config = {k: wire_fn[k] for k in ("name", "handler", "runtime", "memory_mb", "timeout_s",
+        config = {k: wire_fn.get(k) for k in ("name", "handler", "runtime", "memory_mb",
+                                               "timeout_s",
                                           "ephemeral_mb", "environment", "version")}
+        if image:
+            config["image"] = {k: image.get(k) for k in ("digest", "entrypoint", "cmd",
+                                                          "workdir", "env")}
         # The function's network setting (core/vpc.py): "" the agent's policy, "none" no
         # pooled network namespace at all (an empty one: only loopback).
         network_setting = fn.network
@@ -352,9 +371,10 @@ class Agent:
         # Re-measure what is about to run; a bundle or layer changed on disk since it was
         # unpacked (and measured) is refused, not run.
         measurements = {
-            "runtime": attestation.measure_runtime(runtime_argv),
-            "bundle": await self._verified_measure(bundle_dir),
-            "layers": [await self._verified_measure(d) for d in layer_dirs],
+            "runtime": attestation.measure_runtime(["bootstrap"] if image else runtime_argv),
+            "bundle": await self._verified_measure(bundle_dir) if not image else "",
+            "layers": [await self._verified_measure(d) for d in layer_dirs]
+            + [self._image_measure(d) for d in image_layers],
             "config": attestation.measure_config(config),
         }
         document = attestation.sign(
@@ -379,6 +399,9 @@ class Agent:
             attestation=json.dumps(document),
             disabled_layers=list(self.unsafe_disabled_layers),
             allow_unlimited=self.allow_unlimited,
+            image_layers=image_layers,
+            image_workdir=str((image or {}).get("workdir") or ""),
+            image_env={str(k): str(v) for k, v in ((image or {}).get("env") or {}).items()},
         )
         cg = cgroups.Cgroup(self.cgroup_group, env_id)
         netns_fd: int | None = None
@@ -722,6 +745,8 @@ class Agent:
             "disk": _disk(self.state_dir),
             "bundles": len([e for e in os.listdir(self.bundles_dir) if _is_digest(e)]),
             "bundles_to_forget": len(self._forget_later),
+            # image layers unpacked here (agent/images.py), and what streaming them did
+            "image_layers": self.images.statistics(),
             "zygote_pid": getattr(self.backend, "zygote_pid", 0),
             "zygote_restarts": getattr(self.backend, "zygote_restarts", 0),
             "network": ({**self.network.info, "helper": net.get("helper", {}),
@@ -730,6 +755,41 @@ class Agent:
                         if self.network is not None
                         else {"mode": "none"}),
         }
+
+    async def image_blob(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One chunk (at most ``registry_chunk_bytes_max``) of an image layer the frontend
+        streams after a ``LayerMissing``; the last one is verified and unpacked (a thread)."""
+        data = body.get("data")
+        if not isinstance(data, bytes):
+            raise OpError("InvalidChunk", "data must be bytes")
+        return await asyncio.to_thread(self.images.put, str(body.get("digest")),
+                                       int(body.get("offset", 0)), data, bool(body.get("last")))
+
+    def _image_measure(self, path: str) -> str:
+        """An image layer's measurement as recorded at unpack. Not re-hashed on every create
+        (an image may be gigabytes): the periodic ``remeasure`` hashes image layers in use
+        and stops every environment on one that changed, as it does for bundles."""
+        recorded = self._recorded(path)
+        if recorded is None:
+            self._alert(f"image layer {os.path.basename(path)} has no recorded measurement")
+            raise OpError("AttestationFailed", "an image layer has no measurement; the "
+                          "environment was not started")
+        return recorded
+
+    def _image_layers(self, image: dict[str, Any]) -> list[str]:
+        layers = image.get("layers") or []
+        if not isinstance(layers, list) or not layers:
+            raise OpError("InvalidImage", "an image needs at least one layer")
+        if len(layers) > DEFAULT_LIMITS.image_layers_max:
+            raise OpError("InvalidImage", f"more than {DEFAULT_LIMITS.image_layers_max} layers")
+        dirs = []
+        for digest in map(str, layers):
+            hex_of(digest)
+            if not self.images.have(digest):
+                raise OpError("LayerMissing", digest, digest=digest)
+            dirs.append(self.images.layer_dir(digest))
+        self.images.check_image_size([str(d) for d in layers])
+        return dirs
 
     # -- internals --------------------------------------------------------------------------
     def _bundle(self, sha: str, data: bytes | None) -> str:
@@ -861,8 +921,9 @@ class Agent:
         environment whose code changed under it is stopped."""
         dirs: dict[str, list[str]] = {}
         for env_id, rec in self.envs.items():
-            for d in [rec.spec.bundle_dir, *rec.spec.layer_dirs]:
-                dirs.setdefault(d, []).append(env_id)
+            for d in [rec.spec.bundle_dir, *rec.spec.layer_dirs, *rec.spec.image_layers]:
+                if d:
+                    dirs.setdefault(d, []).append(env_id)
         for d, env_ids in dirs.items():
             now = await asyncio.to_thread(attestation.measure_tree, d)
             if now != self._recorded(d):

@@ -129,6 +129,9 @@ class Limits:
     registry_uploads_per_tenant_max: int = 64  # open upload sessions of one tenant
     registry_repos_per_tenant_max: int = 10_000  # repositories of one tenant
     registry_images_per_repo_max: int = 20_000  # manifests in one repository (ECR's quota)
+    # Image-rooted environments on the agent (agent/images.py): docs/images.md.
+    image_layer_entries_max: int = 500_000  # tar entries of one layer
+    image_layers_max: int = 127  # layers of one image (overlayfs' lower-dir limit is ~500)
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200

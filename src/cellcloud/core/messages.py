@@ -116,6 +116,9 @@ class CreateEnvRequest:
     function_key: str = ""
     create_timeout_ms: int | None = None  # None: the agent's default
     bundles: dict[str, bytes] = field(default_factory=dict)  # pushed code, by digest
+    # An image-rooted environment (frontend/image_functions.py's agent_image: digest, layers,
+    # entrypoint, cmd, workdir, env); None: a zip function's bundle.
+    image: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"env_id": self.env_id, "bundle_sha256": self.bundle_sha256,
@@ -123,6 +126,8 @@ class CreateEnvRequest:
                                "function_key": self.function_key, "bundles": self.bundles}
         if self.create_timeout_ms is not None:
             doc["create_timeout_ms"] = self.create_timeout_ms
+        if self.image is not None:
+            doc["image"] = self.image
         return doc
 
     @classmethod
@@ -136,7 +141,8 @@ class CreateEnvRequest:
                    function=FunctionSpec.from_wire(_get(doc, "function", dict, k)),
                    function_key=_get(doc, "function_key", str, k, ""),
                    create_timeout_ms=_get(doc, "create_timeout_ms", int, k, None),
-                   bundles=dict(bundles))
+                   bundles=dict(bundles),
+                   image=_get(doc, "image", dict, k, None))
 
 
 @dataclass(frozen=True)

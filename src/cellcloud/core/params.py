@@ -102,10 +102,11 @@ _CONFIG: dict[str, Param] = {
                                        "is accepted)", _equals("PassThrough")),
     "FileSystemConfigs": default_only("file systems (EFS) cannot be mounted (only an empty "
                                       "list is accepted)", _equals([])),
+    # PackageType Image only (frontend/image_functions.py; a .zip function refuses them)
     "ImageConfig": H,
-    "ImageConfig.EntryPoint": refused("a .zip function has no image configuration"),
-    "ImageConfig.Command": refused("a .zip function has no image configuration"),
-    "ImageConfig.WorkingDirectory": refused("a .zip function has no image configuration"),
+    "ImageConfig.EntryPoint": H,
+    "ImageConfig.Command": H,
+    "ImageConfig.WorkingDirectory": H,
     "SnapStart": H,
     "SnapStart.ApplyOn": default_only("SnapStart is not supported (only ApplyOn None is "
                                       "accepted)", _equals("None")),
@@ -130,7 +131,8 @@ _CODE_SOURCES: dict[str, Param] = {
     "S3Key": refused(_ZIP_ONLY),
     "S3ObjectVersion": refused(_ZIP_ONLY),
     "S3ObjectStorageMode": refused(_ZIP_ONLY),
-    "ImageUri": refused("container images are not supported; upload a .zip (ZipFile)"),
+    # an image of this region's registry, by tag or digest (resolved to the digest)
+    "ImageUri": H,
     "SourceKMSKeyArn": refused("code is not encrypted with a customer managed key"),
 }
 

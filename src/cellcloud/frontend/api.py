@@ -21,7 +21,7 @@ from ..core.jsondepth import check_json_depth
 from ..core.limits import DEFAULT_LIMITS
 from ..core.tenant_status import cell_status_for_tenant
 from ..core.validation import parse_function_ref
-from . import events
+from . import events, image_functions
 from .cell import Cell
 from .store import StateDiskFull, config_doc, function_arn, is_disk_full
 
@@ -108,8 +108,9 @@ async def get_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply
     rec, _ = cell.catalog.resolve(req["a"], name, _qualifier(m["ref"], q))
     doc: dict[str, Any] = {
         "Configuration": config_doc(rec, cell.region),
-        "Code": {"RepositoryType": "S3",
-                 "Location": f"/cellcloud/v1/bundles/{rec.code_sha256}"},
+        "Code": (image_functions.code_location(rec) if rec.package_type == "Image" else
+                 {"RepositoryType": "S3",
+                  "Location": f"/cellcloud/v1/bundles/{rec.code_sha256}"}),
         "Tags": rec.tags,
     }
     reserved = cell.catalog.reserved(req["a"], name)

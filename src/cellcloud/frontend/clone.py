@@ -46,6 +46,9 @@ def export_tenant(cell: Any, account: str) -> dict[str, Any]:
         }
         all_recs += versions
     for rec in all_recs:
+        if rec.package_type == "Image":  # its layers live in the cell's registry
+            raise CloneError(f"{rec.name} is a container-image function: a tenant's registry "
+                             "does not move with it yet (docs/images.md)")
         for sha in [rec.code_sha256, *(layer["sha256"] for layer in rec.layers)]:
             if sha not in bundles:
                 bundles[sha] = store.get_bundle(sha)

@@ -28,7 +28,8 @@ from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.validation import check_env, check_handler, check_memory, check_name, check_timeout
 from ..network import policy as net_policy
-from . import deadletter
+from ..registry.storage import RegistryStore
+from . import deadletter, image_functions
 from .store import (
     AliasRecord,
     FunctionRecord,
@@ -95,6 +96,8 @@ class Catalog:
         # Whether (account, queue name) is one of the cell's SQS queues: DeadLetterConfig's
         # check (set by the server; None: no queues, the target is only checked by shape).
         self.queue_exists: Callable[[str, str], bool] | None = None
+        # The cell's registry (set by the server): ImageUri of PackageType Image functions.
+        self.registry: RegistryStore | None = None
         self._functions: dict[tuple[str, str], FunctionRecord] = {}
         self._versions: dict[tuple[str, str, int], FunctionRecord] = {}
         self._reserved: dict[tuple[str, str], int | None] = {}
@@ -251,7 +254,7 @@ class Catalog:
             local = []
         return [*net_policy.ALWAYS_DENIED_V4, *self.net_internal, *local]
 
-    def _config_changes(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+    def config_changes(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
         """Validated FunctionRecord fields for the configuration keys present in ``doc``."""
         changes: dict[str, Any] = {}
         if "Runtime" in doc:
@@ -288,11 +291,14 @@ class Catalog:
         return changes
 
     def create_function(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        if doc.get("PackageType") == image_functions.IMAGE:
+            return image_functions.create_function(self, account, doc)
+        image_functions.refuse_for_zip(doc)
         name = check_name(doc.get("FunctionName"))
         for required in ("Runtime", "Handler"):
             if doc.get(required) is None:
                 raise errors.invalid(f"{required} is required for a function of PackageType Zip")
-        changes = self._config_changes(account, doc)
+        changes = self.config_changes(account, doc)
         code = rules.opt_dict(doc, "Code")
         if "ZipFile" not in code:
             raise errors.invalid("Code.ZipFile is required (S3 locations are not supported)")
@@ -328,10 +334,10 @@ class Catalog:
         if not self._with_bundle(info, data, lambda: self.store.put_new(rec)):
             raise errors.conflict(f"Function already exist: {name}")
         if publish:
-            return config_doc(self._publish(rec, None), self.region)
+            return config_doc(self.publish_record(rec, None), self.region)
         return config_doc(rec, self.region)
 
-    def _replace(self, old: FunctionRecord, new: FunctionRecord) -> FunctionRecord:
+    def replace_record(self, old: FunctionRecord, new: FunctionRecord) -> FunctionRecord:
         if not self.store.update(new, old.revision):
             raise errors.conflict("The function was modified concurrently; retry")
         self._functions[(new.account, new.name)] = new
@@ -341,8 +347,10 @@ class Catalog:
     def update_code(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
         old = self.function(account, name)
         rules.check_revision(doc, old.revision_id)
+        if "ImageUri" in doc or old.package_type == image_functions.IMAGE:
+            return image_functions.update_code(self, account, name, doc)
         if "ZipFile" not in doc:
-            raise errors.invalid("ZipFile is required (S3 locations and images are not supported)")
+            raise errors.invalid("ZipFile is required (S3 locations are not supported)")
         if doc.get("Architectures") not in (None, ["x86_64"]):
             raise errors.invalid("Only the x86_64 architecture is supported on this host")
         data, info = self._decode_zip(doc["ZipFile"], "ZipFile")
@@ -358,16 +366,17 @@ class Catalog:
         )
         if doc.get("DryRun") is True:  # validated, nothing written
             return config_doc(new, self.region)
-        new = self._with_bundle(info, data, lambda: self._replace(old, new))
+        new = self._with_bundle(info, data, lambda: self.replace_record(old, new))
         self.release_bundles(old.bundle_digests())
         if doc.get("Publish") is True:
-            return config_doc(self._publish(new, None), self.region)
+            return config_doc(self.publish_record(new, None), self.region)
         return config_doc(new, self.region)
 
     def update_configuration(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
         old = self.function(account, name)
         rules.check_revision(doc, old.revision_id)
-        changes = self._config_changes(account, doc)
+        changes = self.config_changes(account, doc)
+        changes.update(image_functions.update_image_config(old, doc))
         rules.check_total_size(old.unzipped_size, changes.get("layers", old.layers), self.limits)
         new = replace(
             old,
@@ -376,7 +385,7 @@ class Catalog:
             revision_id=str(uuid.uuid4()),
             last_modified=self._now_iso(),
         )
-        doc_out = config_doc(self._replace(old, new), self.region)
+        doc_out = config_doc(self.replace_record(old, new), self.region)
         self.release_bundles(old.bundle_digests())  # layers it no longer uses
         return doc_out
 
@@ -436,7 +445,7 @@ class Catalog:
         return out
 
     # -- versions --------------------------------------------------------------------------------
-    def _publish(self, latest: FunctionRecord, description: str | None) -> FunctionRecord:
+    def publish_record(self, latest: FunctionRecord, description: str | None) -> FunctionRecord:
         versions_max = self.limits.versions_per_function_max
         published = self.store.list_versions(latest.account, latest.name, 0, versions_max)
         if published:
@@ -468,7 +477,7 @@ class Catalog:
             )
         description = (rules.check_description(doc["Description"], self.limits)
                        if doc.get("Description") else None)
-        return config_doc(self._publish(latest, description), self.region)
+        return config_doc(self.publish_record(latest, description), self.region)
 
     def list_versions(
         self, account: str, name: str, marker: str | None, max_items: int

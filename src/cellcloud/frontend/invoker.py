@@ -49,6 +49,7 @@ from ..core.invoke import (
     Tick,
 )
 from ..transport import Client, NotDelivered, RemoteError, TransportError
+from . import image_functions
 from .events import RESERVED_ZERO_HEADER
 from .store import FunctionRecord, function_arn
 
@@ -260,16 +261,24 @@ class Invoker:
                 timeout_s=rec.timeout_s, environment=rec.environment,
                 ephemeral_mb=rec.ephemeral_mb, version=rec.version, network=rec.network,
                 net_allow=tuple(rec.net_allow),
-                layers=tuple(layer["sha256"] for layer in rec.layers))).to_wire()
+                layers=tuple(layer["sha256"] for layer in rec.layers)),
+            image=(image_functions.agent_image(rec)
+                   if rec.package_type == image_functions.IMAGE else None)).to_wire()
+        layers_pushed: set[str] = set()
         timeout_s = limits.env_create_timeout_ms / 1000 + 5
         try:
             # The agent keeps bundles by digest; push only the ones it says it lacks (the code,
-            # then each layer), at most once each.
-            for _ in range(2 + len(rec.layers)):
+            # then each layer), at most once each. Image layers are streamed in chunks.
+            for _ in range(2 + len(rec.layers) + len(rec.image.get("layers", []))):
                 try:
                     await self.call_agent(client, "create_env", body, timeout_s)
                     return None, ""
                 except RemoteError as e:
+                    digest = str(e.data.get("digest", ""))
+                    if e.type == "LayerMissing" and digest not in layers_pushed:
+                        layers_pushed.add(digest)  # once each
+                        await image_functions.push_layer(cell, client, rec, digest, timeout_s)
+                        continue
                     sha = str(e.data.get("sha256", ""))
                     if e.type != "BundleMissing" or not sha or sha in pushed:
                         raise
@@ -277,6 +286,8 @@ class Invoker:
             raise RemoteError("BundleMissing", "the agent kept asking for bundles")
         except TransportError as e:
             return "unreachable", str(e)
+        except LambdaError as e:  # an image layer that could not be streamed
+            return "error", e.message
         except RemoteError as e:
             log.warning("agent %s could not create env: %s", ins.agent_id, e)
             reasons: dict[str, CreateFailure] = {"AgentFull": "agent_full",

@@ -63,6 +63,7 @@ async def serve(args: argparse.Namespace) -> None:
     registry = RegistryApi(RegistryStore(os.path.join(os.path.abspath(args.state_dir),
                                                       "registry"), cell.limits), args.region,
                            cell.limits)
+    cell.catalog.registry = registry.store  # ImageUri of PackageType Image functions
     await cell.sync_agents(first=True)
     cell.catalog.load_provisioned()  # the pools are refilled by the first tick
     server = Server(ops(cell, queues, registry))

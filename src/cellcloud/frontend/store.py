@@ -109,6 +109,10 @@ class FunctionRecord:
     net_allow: list[str] = field(default_factory=list)
     # DeadLetterConfig.TargetArn (frontend/deadletter.py): "" none
     dead_letter_target: str = ""
+    # "Zip" | "Image"; an image function's resolved image (frontend/image_functions.py:
+    # uri, repo, digest, layers, entrypoint, cmd, workdir, env, user, size, overrides)
+    package_type: str = "Zip"
+    image: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -692,6 +696,13 @@ def config_doc(rec: FunctionRecord, region: str, *, qualify_latest: bool = False
     if rec.layers:
         doc["Layers"] = [{"Arn": layer["arn"], "CodeSize": layer["code_size"]}
                          for layer in rec.layers]
+    if rec.package_type == "Image":  # as Lambda: no Runtime/Handler; the manifest digest
+        from .image_functions import config_response
+
+        del doc["Runtime"], doc["Handler"]
+        doc["PackageType"] = "Image"
+        doc["CodeSha256"] = rec.code_sha256
+        doc["ImageConfigResponse"] = config_response(rec)
     return doc
 
 

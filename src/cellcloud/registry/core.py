@@ -531,4 +531,30 @@ def tar_entry_problem(e: TarEntry) -> str | None:
             return f"{e.name[:200]!r}: symlink to {e.linkname[:200]!r} leaves the root"
     if e.kind == "hardlink" and _normal(e.linkname) is None:
         return f"{e.name[:200]!r}: hard link to {e.linkname[:200]!r} leaves the root"
+    base_name = (_normal(e.name) or [""])[-1]
+    if base_name.startswith(WHITEOUT_PREFIX):
+        hidden = base_name[len(WHITEOUT_PREFIX):]
+        if e.kind != "file":
+            return f"{e.name[:200]!r}: a whiteout must be an empty regular file"
+        if hidden != WHITEOUT_OPAQUE[len(WHITEOUT_PREFIX):] and (
+                hidden in ("", ".", "..") or hidden.startswith(WHITEOUT_PREFIX)):
+            return f"{e.name[:200]!r}: whiteout names no entry inside its directory"
     return None
+
+
+# OCI whiteouts: ``dir/.wh.name`` deletes ``name`` of the layers below; ``dir/.wh..wh..opq``
+# hides everything below ``dir``. On the agent they become overlayfs whiteouts.
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+
+
+def whiteout(name: str) -> tuple[str, str] | None:
+    """``(directory, hidden name)`` for a whiteout entry (hidden name "" for an opaque
+    directory); None for an ordinary entry. Call on entries ``tar_entry_problem`` passed."""
+    parts = _normal(name) or []
+    if not parts or not parts[-1].startswith(WHITEOUT_PREFIX):
+        return None
+    parent = "/".join(parts[:-1])
+    if parts[-1] == WHITEOUT_OPAQUE:
+        return parent, ""
+    return parent, parts[-1][len(WHITEOUT_PREFIX):]

@@ -34,6 +34,7 @@ import os
 import queue
 import re
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -399,6 +400,8 @@ class _Environment:
                     "errorMessage": "Couldn't find valid bootstrap(s): [/var/task/bootstrap "
                                     "/opt/bootstrap]"}).encode())
                 return
+        if "/" not in argv[0]:  # an image's ENTRYPOINT may name a command on its PATH
+            argv[0] = shutil.which(argv[0], path=os.environ.get("PATH")) or argv[0]
         try:
             with self._reaper_lock:  # known before the reaper can see it exit
                 self.runtime_pid = os.posix_spawn(argv[0], argv, self.env_vars())

@@ -105,19 +105,62 @@ def _bind(src: str, dst: str, flags: int) -> None:
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
-    with open(path, "w") as f:
+    """Write a file of the root, never through a link: an image may ship one at this path
+    (pointing at a host file); it is replaced (in the image root's private upper layer)."""
+    if os.path.islink(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(path, mode)
 
 
-def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | None = None) -> None:
-    """Assemble the environment's root filesystem on a fresh tmpfs mounted at ``root``."""
+def _own_dir(root: str, rel: str) -> None:
+    """Make ``root/rel`` a real directory of the image root, each component checked without
+    following links: an image's ``/tmp -> /host/path`` (or a file where a mount point goes)
+    is replaced in the private upper layer, so no mount or write below lands on the host."""
+    path = root
+    for part in [p for p in rel.split("/") if p]:
+        path = os.path.join(path, part)
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            os.unlink(path)  # overlayfs: a whiteout in the private upper layer
+        if not os.path.lexists(path):
+            os.mkdir(path, 0o755)
+
+
+def _image_root(spec: EnvSpec, root: str, nosuid: int, trees: list[str]) -> str:
+    """An image's root: its unpacked layers as read-only lower dirs (shared by every
+    environment of the image), a private upper and work dir on a small tmpfs of its own.
+    Returns the merged root (what the environment pivots into)."""
+    linux.mount("tmpfs", root, "tmpfs", nosuid, "size=16m,mode=0755")
+    for d in ("upper", "work", "merged"):
+        os.mkdir(os.path.join(root, d), 0o755)
+    lower = ":".join(reversed(spec.image_layers))  # overlayfs: the leftmost is the top
+    merged = root + "/merged"
+    linux.mount("overlay", merged, "overlay", nosuid,
+                f"lowerdir={lower},upperdir={root}/upper,workdir={root}/work")
+    for rel in ["/tmp", "/dev", "/proc", "/etc", "/var/runtime", "/.old_root",
+                spec.image_workdir or "/", *trees]:
+        _own_dir(merged, rel)
+    for name in ("passwd", "group", "hosts", "resolv.conf", "hostname"):
+        if os.path.lexists(f"{merged}/etc/{name}"):
+            os.unlink(f"{merged}/etc/{name}")  # written afresh below, never through a link
+    return merged
+
+
+def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | None = None) -> str:
+    """Assemble the environment's root filesystem on a fresh tmpfs mounted at ``root`` (an
+    image's: an overlay of its layers). Returns the directory to pivot into."""
     off = spec.disabled_layers
     nosuid = 0 if "nosuid" in off else linux.MS_NOSUID | linux.MS_NODEV
     ro = (0 if "readonly" in off else linux.MS_RDONLY) | nosuid
     # Nothing we mount may propagate back to the host, and nothing of the host's may leak in.
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    linux.mount("tmpfs", root, "tmpfs", nosuid, "size=4m,mode=0755")
+    image = bool(spec.image_layers)
+    if image:
+        root = _image_root(spec, root, nosuid, trees + list(spec.extra_trees))
+    else:
+        linux.mount("tmpfs", root, "tmpfs", nosuid, "size=4m,mode=0755")
     # /tmp: private and writable, capped at the function's ephemeral storage. Mounted first,
     # so a runtime tree that lives under the host's /tmp (a checkout there) is bound on top
     # of it below rather than hidden by it.
@@ -138,15 +181,18 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
             nosuid,
             f"{size}mode=0700,uid={spec.uid},gid={spec.gid}",
         )
-    for top in _SYSTEM_TREES:
+    for top in () if image else _SYSTEM_TREES:  # an image brings its own /usr, /lib, /bin
         if os.path.islink(top):
             os.symlink(os.readlink(top), root + top)
         elif os.path.isdir(top):
             _bind(top, root + top, ro)
+    # The guest agent's own trees (it runs the Runtime API inside the environment, as
+    # Lambda's init does in a container image), at their host paths, read-only.
     for tree in trees + [t for t in spec.extra_trees if t not in trees]:
         _bind(tree, root + tree, ro)
-    _bind(spec.bundle_dir, root + "/var/task", ro)
-    os.makedirs(root + "/opt", exist_ok=True)
+    if not image:
+        _bind(spec.bundle_dir, root + "/var/task", ro)
+        os.makedirs(root + "/opt", exist_ok=True)
     if len(spec.layer_dirs) == 1:
         _bind(spec.layer_dirs[0], root + "/opt", ro)
     elif spec.layer_dirs:
@@ -188,6 +234,7 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
     _write(root + "/etc/hostname", "sandbox\n")
     os.makedirs(root + "/proc", exist_ok=True)
     os.makedirs(root + "/.old_root", exist_ok=True)
+    return root
 
 
 def enter(
@@ -198,7 +245,7 @@ def enter(
     off = spec.disabled_layers
     cap_last = linux.cap_last_cap()  # read from the host's /proc, before it is out of sight
     if "mount_ns" not in off:
-        build_root(spec, root, runtime_trees(), tmp_device)
+        root = build_root(spec, root, runtime_trees(), tmp_device)
         os.chdir(root)
         linux.pivot_root(".", ".old_root")
         os.chdir("/")
@@ -214,7 +261,7 @@ def enter(
                 None,
                 linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV,
             )
-        task_root = "/var/task"
+        task_root = (spec.image_workdir or "/") if spec.image_layers else "/var/task"
     else:
         task_root = spec.bundle_dir
     if "uts_ns" not in off:
@@ -227,7 +274,8 @@ def enter(
         _close_fds(keep_fds)
     os.environ.clear()
     os.environ.update(spec.lambda_environment())
-    os.environ["LAMBDA_TASK_ROOT"] = task_root
+    if not spec.image_layers:  # an image's task root is its ENV's (else /var/task)
+        os.environ["LAMBDA_TASK_ROOT"] = task_root
     os.chdir(task_root)
     if "no_new_privs" not in off:
         linux.set_no_new_privs()

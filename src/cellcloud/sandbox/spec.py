@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+_IMAGE_MAY_SET = frozenset({"PATH", "LANG", "TZ", "HOME", "LAMBDA_TASK_ROOT",
+                            "LAMBDA_RUNTIME_DIR"})
+
 
 @dataclass
 class EnvSpec:
@@ -42,6 +45,13 @@ class EnvSpec:
     # The environment's interface (network/policy.py Plan.env_info: address, gateway, resolver,
     # interface); empty: only its own loopback. The zygote then gets the netns fd with the spec.
     network: dict[str, Any] = field(default_factory=dict)
+    # An image-rooted environment (docs/images.md): the unpacked layers (host dirs, bottom
+    # first) become the root as read-only overlayfs lower dirs with a private upper; the
+    # image's WORKDIR is the working directory and its ENV sits under Lambda's variables.
+    # bundle_dir is then unused ("") and runtime_argv is ENTRYPOINT + CMD.
+    image_layers: list[str] = field(default_factory=list)
+    image_workdir: str = ""
+    image_env: dict[str, str] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,8 +80,15 @@ class EnvSpec:
             "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
             "HOME": "/tmp",
         }
+        reserved = set(env)
+        for k, v in self.image_env.items():
+            # The image's own PATH, LANG, TZ, HOME and task root replace Lambda's defaults
+            # (as on Lambda); the function's variables below still win over the image's.
+            if k not in reserved or k in _IMAGE_MAY_SET:
+                env[k] = v
         for k, v in self.environment.items():
-            env.setdefault(k, v)
+            if k not in reserved:
+                env[k] = v
         if self.runtime.startswith("nodejs"):
             # As Lambda's Node runtimes set it (layers first); a function's own value wins.
             major = self.runtime.removeprefix("nodejs").split(".")[0]
