@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cellcloud.core.store_model import (
+    SESSION_EXPIRED,
     CellState,
     CommandRejected,
     Members,
@@ -156,6 +157,9 @@ NOT_LEADER = "not_leader"
 BUSY = "busy"
 REJECTED = "rejected"
 NOT_HERE = "not_here"
+# The client's session was evicted: nothing applied; the command's outcome is unknown if an
+# earlier attempt of it was sent (see store_model.SESSION_EXPIRED).
+EXPIRED = "session_expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +246,9 @@ class ReplicaParams:
     # Planted bugs: only tests set these, to prove the simulator and checker catch them.
     bug_accept_lower_ballot: bool = False
     bug_stale_reads: bool = False
+    bug_apply_evicted_sessions: bool = False
+    # propose a slot without promises from a majority of that slot's (new) membership
+    bug_reconfig_skip_promises: bool = False
 
     def __post_init__(self) -> None:
         assert 0 < self.heartbeat_interval_ms < self.election_timeout_ms_min
@@ -311,8 +318,13 @@ class Replica:
             )
             self.joined = True
         else:
-            self.sm = CellState(alpha_slots=params.alpha_slots, configs=[(1, ())])
+            self.sm = CellState(
+                alpha_slots=params.alpha_slots,
+                configs=[(1, ())],
+                sessions_max=params.sessions_max,
+            )
             self.joined = False
+        self.sm.bug_apply_evicted_sessions = params.bug_apply_evicted_sessions
         self.log = {s: e for s, e in self.log.items() if s > self.sm.applied_index}
         self.commit_index = self.sm.applied_index
         while self.commit_index < durable.commit_index and self.commit_index + 1 in self.log:
@@ -353,8 +365,9 @@ class Replica:
             "catchups": 0,
             "snapshots": 0,
         }
-        # Tests and the simulator set this to a list to see every (slot, cmd, client, seq) applied.
-        self.applied_trace: list[tuple[int, Any, int, int]] | None = None
+        # Tests and the simulator set this to a list to see every (slot, cmd, client, seq,
+        # executed) applied; executed is False for a retry answered from its session.
+        self.applied_trace: list[tuple[int, Any, int, int, bool]] | None = None
         # Re-apply what we know is chosen.
         actions: list[Action] = []
         self._apply_committed(actions)
@@ -622,6 +635,7 @@ class Replica:
             self.sm = CellState.from_snapshot(
                 snapshot, self.params.alpha_slots, self.params.sessions_max
             )
+            self.sm.bug_apply_evicted_sessions = self.params.bug_apply_evicted_sessions
             self.joined = True
             for s in [s for s in self.log if s <= self.sm.applied_index]:
                 del self.log[s]
@@ -659,10 +673,20 @@ class Replica:
             e = self.log[slot]
             result = self.sm.apply(slot, e.cmd, e.client_id, e.seq)
             if self.applied_trace is not None:
-                self.applied_trace.append((slot, e.cmd, e.client_id, e.seq))
+                self.applied_trace.append(
+                    (slot, e.cmd, e.client_id, e.seq, self.sm.last_executed)
+                )
             self.counters["commits"] += 1
+            status = OK
+            if result is SESSION_EXPIRED:
+                status, result = EXPIRED, (
+                    "SessionExpired: the cell no longer remembers this client's session, so it "
+                    "cannot tell a retry from a new command; nothing was applied"
+                )
             for to, request_id in self.waiters.pop(slot, ()):
-                actions.append(Reply(to, Response(self.cell, self.node_id, request_id, OK, result)))
+                actions.append(
+                    Reply(to, Response(self.cell, self.node_id, request_id, status, result))
+                )
             if e.client_id:
                 self.inflight.pop((e.client_id, e.seq), None)
             self.acks.pop(slot, None)
@@ -874,6 +898,8 @@ class Replica:
         """May the leader propose ``next_slot`` now? (alpha window and promise quorum)."""
         if self.next_slot > self.commit_index + self.params.alpha_slots:
             return False
+        if self.params.bug_reconfig_skip_promises:
+            return True
         return has_quorum(self.promised_by, self.config_for(self.next_slot))
 
     def _propose(self, cmd: dict[str, Any], client_id: int, seq: int) -> Entry:

@@ -27,7 +27,8 @@ import random
 import time
 from typing import Any
 
-from cellcloud.core.paxos import BUSY, NOT_HERE, NOT_LEADER, OK, REJECTED, Request
+from cellcloud.core.limits import DEFAULT_LIMITS
+from cellcloud.core.paxos import BUSY, EXPIRED, NOT_HERE, NOT_LEADER, OK, REJECTED, Request
 from cellcloud.core.store_model import CommandRejected, Value, validate_command
 from cellcloud.store.backoff import RetryBudget, full_jitter_ms
 from cellcloud.store.colony import Colony
@@ -49,6 +50,16 @@ class StoreUnavailable(StoreError):
 
 class StoreBusy(StoreError):
     """The cell shed load and the retry budget is spent."""
+
+
+class StoreSessionExpired(StoreError):
+    """The cell had evicted this client's session, and an earlier attempt of the command had
+    been sent: it may have been applied once; it was not applied again (outcome unknown)."""
+
+
+class _SessionRefused(Exception):
+    def __init__(self, maybe_sent_before: bool) -> None:
+        self.maybe_sent_before = maybe_sent_before
 
 
 class _Conn:
@@ -122,9 +133,11 @@ class StoreClient:
         self.request_ids = itertools.count(1)
         self.members_cache: dict[str, list[str]] = {}
         self.leader_cache: dict[str, str] = {}
-        self.lanes: asyncio.Queue[list[int]] = asyncio.Queue()
+        # A lane runs one command at a time; per cell it holds a session [client_id, seq].
+        # Session ids come from the cell (a ``session`` command), so they are unique there.
+        self.lanes: asyncio.Queue[dict[str, list[int]]] = asyncio.Queue()
         for _ in range(lanes_max):
-            self.lanes.put_nowait([self.rng.getrandbits(62) + 1, 0])  # [client_id, seq]
+            self.lanes.put_nowait({})
         self.counters: dict[str, int] = {
             "attempts": 0,
             "retries": 0,
@@ -133,6 +146,8 @@ class StoreClient:
             "timeouts": 0,
             "not_here": 0,
             "frames_unauthenticated": 0,
+            "sessions_opened": 0,
+            "sessions_expired": 0,
         }
 
     @classmethod
@@ -191,17 +206,41 @@ class StoreClient:
         except CommandRejected as exc:
             raise StoreRejected(str(exc)) from exc
         lane = await self.lanes.get()
-        lane[1] += 1
         try:
-            return await self._execute(cell, command, lane[0], lane[1])
+            session = lane.get(cell)
+            if session is None:
+                session = lane[cell] = await self._open_session(cell, lane)
+            session[1] += 1
+            try:
+                return await self._execute(cell, command, session[0], session[1])
+            except _SessionRefused as exc:
+                # The cell evicted our session: nothing was applied now. A new session; the
+                # command goes again only if no earlier attempt of it can have reached a node.
+                lane.pop(cell, None)
+                self.counters["sessions_expired"] += 1
+                if exc.maybe_sent_before:
+                    raise StoreSessionExpired(
+                        f"{cell}: session expired; an earlier attempt may have been applied"
+                    ) from None
+                session = lane[cell] = await self._open_session(cell, lane)
+                session[1] += 1
+                return await self._execute(cell, command, session[0], session[1])
         finally:
             self.lanes.put_nowait(lane)
+
+    async def _open_session(self, cell: str, lane: dict[str, list[int]]) -> list[int]:
+        while len(lane) >= DEFAULT_LIMITS.store_lane_sessions_max:
+            del lane[next(iter(lane))]  # forget the oldest cell's session; a new one opens
+        client_id = int(await self._execute(cell, {"op": "session"}, 0, 0))
+        self.counters["sessions_opened"] += 1
+        return [client_id, 0]
 
     async def _execute(self, cell: str, command: dict[str, Any], client_id: int, seq: int) -> Any:
         deadline = time.monotonic() + self.op_timeout_s
         members = await self.members(cell)
         target = self.leader_cache.get(cell) or self.rng.choice(members)
         attempt = 0
+        maybe_sent = False  # an attempt went unanswered: it may have reached a leader
         self.budget.on_attempt()
         while True:
             if time.monotonic() >= deadline:
@@ -212,11 +251,14 @@ class StoreClient:
             req = Request(cell, "", rid, client_id, seq, command)
             body = await self._call(target, encode(req), rid)
             status = body.get("status") if body else None
+            maybe_sent = maybe_sent or body is None
             if status == OK:
                 self.leader_cache[cell] = target
                 return body["result"]  # type: ignore[index]
             if status == REJECTED:
                 raise StoreRejected(str(body["result"]))  # type: ignore[index]
+            if status == EXPIRED:
+                raise _SessionRefused(maybe_sent_before=maybe_sent)
             if status == NOT_LEADER:
                 # Redirects do not spend the retry budget: following a hint, or waiting (with
                 # jitter) for an election the node just started, is bounded by the deadline.
