@@ -52,7 +52,7 @@ class StoreBusy(StoreError):
     """The cell shed load and the retry budget is spent."""
 
 
-class StoreSessionExpired(StoreError):
+class StoreSessionExpired(StoreUnavailable):
     """The cell had evicted this client's session, and an earlier attempt of the command had
     been sent: it may have been applied once; it was not applied again (outcome unknown)."""
 
