@@ -247,8 +247,6 @@ class ReplicaParams:
     bug_accept_lower_ballot: bool = False
     bug_stale_reads: bool = False
     bug_apply_evicted_sessions: bool = False
-    # propose a slot without promises from a majority of that slot's (new) membership
-    bug_reconfig_skip_promises: bool = False
 
     def __post_init__(self) -> None:
         assert 0 < self.heartbeat_interval_ms < self.election_timeout_ms_min
@@ -898,8 +896,6 @@ class Replica:
         """May the leader propose ``next_slot`` now? (alpha window and promise quorum)."""
         if self.next_slot > self.commit_index + self.params.alpha_slots:
             return False
-        if self.params.bug_reconfig_skip_promises:
-            return True
         return has_quorum(self.promised_by, self.config_for(self.next_slot))
 
     def _propose(self, cmd: dict[str, Any], client_id: int, seq: int) -> Entry:

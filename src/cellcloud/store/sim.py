@@ -745,7 +745,6 @@ REPLICA_BUGS = {
     "accept_lower_ballot",
     "stale_reads",
     "apply_evicted_sessions",
-    "reconfig_skip_promises",
 }
 
 
@@ -763,10 +762,7 @@ def with_bug(cfg: SimConfig, bug: str) -> SimConfig:
     params = replace(cfg.params, **{f"bug_{bug}": True})
     if bug == "apply_evicted_sessions":
         params = replace(params, sessions_max=min(params.sessions_max, 2))
-    cfg = replace(cfg, params=params)
-    if bug == "reconfig_skip_promises":
-        cfg = replace(cfg, reconfig_clients=True)  # only a membership change can show it
-    return cfg
+    return replace(cfg, params=params)
 
 
 def main(argv: list[str] | None = None) -> int:
