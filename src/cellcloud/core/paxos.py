@@ -26,8 +26,10 @@ Protocol summary (see docs/store.md for the invariants):
 * Membership is part of the replicated state: a ``reconfig`` applied at slot ``i`` takes effect
   at slot ``i + alpha_slots``; a leader never has more than ``alpha_slots`` slots in flight, so
   the membership of every slot it proposes is fixed by slots it already knows.
-* Client commands carry ``(client_id, seq)``; the state machine applies each at most once and
-  answers a retry with the cached result, so clients may retry anywhere.
+* Client commands carry ``(client_id, seq)`` under a session the cell opened (a ``session``
+  command returns the id); the state machine applies each at most once and answers a retry
+  with the cached result, so clients may retry anywhere. A command under a session the cell
+  no longer has is answered ``session_expired`` and not applied.
 """
 
 from __future__ import annotations

@@ -6,8 +6,12 @@
     ok = await client.cas("fn:acct-1", "version", 3, 4)
     await client.close()
 
-Every command is strictly serializable within its cell. Commands carry a session lane
-``(client_id, seq)``: a retry, to the same node or another, is applied at most once. Retries
+Every command is strictly serializable within its cell. Commands carry a session
+``(client_id, seq)`` that the cell opened for this lane (one ``session`` command on a lane's
+first use of a cell): a retry, to the same node or another, is applied at most once. If the
+cell evicted the session, the command is not applied (``session_expired``): the client opens a
+new session and resends it, or raises ``StoreSessionExpired`` (a ``StoreUnavailable``: outcome
+unknown) if an earlier attempt went unanswered. Retries
 happen here and only here: redirects follow the leader hint, "busy" backs off with full jitter,
 and a token-bucket retry budget stops retry storms. ``StoreUnavailable`` means the outcome is
 unknown (the command may or may not have been applied); ``StoreBusy`` that the budget ran out.
