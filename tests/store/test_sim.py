@@ -130,6 +130,19 @@ def test_send_before_sync_survives_without_torn_crashes():
     assert _first_failure("send_before_sync", checker_only=False, torn_crash_p=0.0) is None
 
 
+def test_planted_quorum_bug_is_caught_only_with_reconfiguration_clients():
+    # A leader that counts any replica's Accepted toward a slot's majority: while membership
+    # never changes only members ever answer, so the bug needs a membership change to show
+    # (a replica being added or removed acks a slot that is not its own).
+    found = _first_failure("count_any_acks", checker_only=True)
+    assert found is not None, "count_any_acks survived the reconfiguration clients"
+    assert any(w in found[1] for w in ("at-most-once", "not linearizable", "assertion")), found
+    for seed in range(20):  # the control: same bug, no membership change, no failure
+        cfg = config_for_seed(seed, reconfig_clients=False)
+        cfg = replace(cfg, params=replace(cfg.params, bug_count_any_acks=True))
+        assert run_seed(seed, cfg).ok
+
+
 def test_planted_missing_flush_in_the_batching_shell_is_caught():
     found = _first_failure("skip_flush", checker_only=True)
     assert found is not None and "no progress" in found[1], found

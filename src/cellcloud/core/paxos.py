@@ -249,6 +249,8 @@ class ReplicaParams:
     bug_accept_lower_ballot: bool = False
     bug_stale_reads: bool = False
     bug_apply_evicted_sessions: bool = False
+    # count any replica's Accepted toward a slot's majority, members of that slot or not
+    bug_count_any_acks: bool = False
 
     def __post_init__(self) -> None:
         assert 0 < self.heartbeat_interval_ms < self.election_timeout_ms_min
@@ -885,7 +887,14 @@ class Replica:
         while True:
             slot = self.commit_index + 1
             acks = self.acks.get(slot)
-            if acks is None or not has_quorum(acks, self.config_for(slot)):
+            if acks is None:
+                break
+            members = self.config_for(slot)
+            if self.params.bug_count_any_acks:
+                chosen = len(acks) >= majority(members)
+            else:
+                chosen = has_quorum(acks, members)
+            if not chosen:
                 break
             self.commit_index = slot
         if self.commit_index > before:

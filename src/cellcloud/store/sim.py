@@ -745,6 +745,7 @@ REPLICA_BUGS = {
     "accept_lower_ballot",
     "stale_reads",
     "apply_evicted_sessions",
+    "count_any_acks",
 }
 
 
@@ -762,7 +763,10 @@ def with_bug(cfg: SimConfig, bug: str) -> SimConfig:
     params = replace(cfg.params, **{f"bug_{bug}": True})
     if bug == "apply_evicted_sessions":
         params = replace(params, sessions_max=min(params.sessions_max, 2))
-    return replace(cfg, params=params)
+    cfg = replace(cfg, params=params)
+    if bug == "count_any_acks":
+        cfg = replace(cfg, reconfig_clients=True)  # only non-members' acks can mislead it
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
