@@ -2,7 +2,8 @@
 
 PySyncObj: each member process runs a SyncObj with a replicated dict and serves the same
 HMAC'd msgpack frames as a store node (a thread per connection calling ``set(sync=True)``).
-etcd: Debian's ``etcd-server``, driven through its HTTP/JSON gateway (``/v3/kv/put``).
+etcd: Debian's ``etcd-server``, driven through its gRPC API (``bench/store/etcd_grpc.py``) or,
+as ``etcd-http``, through its HTTP/JSON gateway (``/v3/kv/put``) on one member.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Store benchmarks. ``python -m bench.store [--quick] [--only latency,throughput,cells]``.
 
 1. One 7-replica cell at a fixed 1,000 ops/s (half reads, half writes), open loop: p50/p99.
-2. Saturation throughput of 3- and 7-member groups: cellcloud vs etcd (HTTP/JSON gateway) vs
+2. Saturation throughput of 3- and 7-member groups: cellcloud vs etcd (gRPC, spread over its
+   members as etcd's benchmark tool does; ``etcd-http``: the HTTP/JSON gateway, one member) vs
    PySyncObj, same Python closed-loop load generator, same value size and concurrency.
 3. Many cells: create N cells of 7 replicas on a 7-node colony (batched, group commit) and
    measure resident memory and disk per idle replica.
@@ -165,8 +166,10 @@ class PySyncObjSut:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class EtcdSut:
-    name = "etcd"
+class EtcdHttpSut:
+    """etcd through its HTTP/JSON gateway, every put to one member (the old comparison)."""
+
+    name = "etcd-http"
 
     def __init__(self, members: int) -> None:
         self.dir = tempfile.mkdtemp(prefix="bench-etcd-")
@@ -239,6 +242,39 @@ class EtcdSut:
             p.kill()
             p.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class EtcdSut(EtcdHttpSut):
+    """etcd through its gRPC API, requests spread round-robin over every member with one
+    multiplexed channel each, as etcd's own benchmark tool does (bench/store/etcd_grpc.py)."""
+
+    name = "etcd"
+
+    async def setup(self) -> None:
+        from bench.store.etcd_grpc import EtcdGrpcClient
+
+        self.grpc = EtcdGrpcClient([u.removeprefix("http://") for u in self.urls])
+        await super().setup()  # healthy, per /health
+        deadline = time.monotonic() + 30
+        while True:  # every member answers over gRPC
+            try:
+                for _ in self.urls:
+                    await self.grpc.put(b"warm", b"1")
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "etcd gRPC never answered"
+                await asyncio.sleep(0.1)
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self.grpc.put(key.encode(), value)
+
+    async def get(self, key: str) -> Any:
+        return await self.grpc.get(key.encode())
+
+    async def close(self) -> None:
+        if getattr(self, "grpc", None) is not None:
+            await self.grpc.close()
+        await super().close()
 
 
 # ---- load generators ----------------------------------------------------------------------
@@ -314,12 +350,15 @@ async def bench_throughput(duration_s: float, systems: list[str]) -> list[str]:
     for members in (3, 7):
         base = None
         for name in systems:
-            if name == "etcd" and shutil.which("etcd") is None:
-                rows.append(f"| {members} | etcd | not installed | | | |")
+            if name.startswith("etcd") and shutil.which("etcd") is None:
+                rows.append(f"| {members} | {name} | not installed | | | |")
                 continue
-            sut: Any = {"cellcloud": CellcloudSut, "pysyncobj": PySyncObjSut, "etcd": EtcdSut}[
-                name
-            ](members)
+            sut: Any = {
+                "cellcloud": CellcloudSut,
+                "pysyncobj": PySyncObjSut,
+                "etcd": EtcdSut,
+                "etcd-http": EtcdHttpSut,
+            }[name](members)
             try:
                 await sut.setup()
                 await closed_loop(lambda i, s=sut: s.put(f"k{i % 1000}", VALUE), CONCURRENCY, 1.0)
@@ -389,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="latency,throughput,cells")
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--cells", type=int, default=100_000)
-    ap.add_argument("--systems", default="cellcloud,pysyncobj,etcd")
+    ap.add_argument("--systems", default="cellcloud,pysyncobj,etcd")  # also: etcd-http
     args = ap.parse_args(argv)
     which = args.only.split(",")
     cpu = platform.processor() or platform.machine()

@@ -58,7 +58,7 @@ class Cluster:
 
     def observe(self, r: Replica) -> None:
         assert r.applied_trace is not None
-        for slot, cmd, cid, seq in r.applied_trace:
+        for slot, cmd, cid, seq, _executed in r.applied_trace:
             got = (cmd, cid, seq)
             assert self.chosen.setdefault(slot, got) == got, ("agreement", slot)
         r.applied_trace.clear()
@@ -110,6 +110,14 @@ class Cluster:
         req = Request("cell", "client", self.request_id, client_id, seq, cmd)
         self.execute(node, self.replicas[node].on_message(req, self.now))
         return self.request_id
+
+    def open_session(self, node: str) -> int:
+        """Open a client session through ``node`` (a leader): its id, for retries."""
+        rid = self.request(node, {"op": "session"})
+        self.deliver_all()
+        resp = self.response(rid)
+        assert resp is not None and resp.status == "ok", resp
+        return int(resp.result)
 
     def response(self, request_id: int) -> Response | None:
         for resp in self.responses:

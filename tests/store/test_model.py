@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cellcloud.core.store_model import (
+    SESSION_EXPIRED,
     VALUE_BYTES_MAX,
     CellState,
     CommandRejected,
@@ -74,13 +75,46 @@ def test_txn_reads_checks_then_writes_atomically():
     assert not is_read_only(txn)
 
 
+def open_session(sm: CellState) -> int:
+    client_id = run(sm, {"op": "session"})
+    assert isinstance(client_id, int) and client_id in sm.sessions
+    return client_id
+
+
 def test_sessions_apply_each_command_at_most_once():
     sm = fresh()
-    assert run(sm, {"op": "cas", "key": "k", "expected": None, "value": 1}, 7, 1) is True
+    c = open_session(sm)
+    assert run(sm, {"op": "cas", "key": "k", "expected": None, "value": 1}, c, 1) is True
     # The retry is a no-op that returns the first answer.
-    assert run(sm, {"op": "cas", "key": "k", "expected": None, "value": 1}, 7, 1) is True
-    assert run(sm, {"op": "put", "key": "k", "value": 5}, 7, 0) is None  # older seq: ignored
+    assert run(sm, {"op": "cas", "key": "k", "expected": None, "value": 1}, c, 1) is True
+    assert run(sm, {"op": "put", "key": "k", "value": 5}, c, 0) is None  # older seq: ignored
     assert sm.data == {"k": 1}
+
+
+def test_a_late_retry_after_its_session_was_evicted_is_refused_not_applied_again():
+    # Regression: sessions past sessions_max were evicted and a late retry from the evicted
+    # client opened a new session and applied a second time.
+    sm = CellState(alpha_slots=4, configs=[(1, ("a", "b", "c"))], sessions_max=2)
+    c = open_session(sm)
+    assert run(sm, {"op": "put", "key": "n", "value": 1}, c, 1) is True
+    inc = {"op": "cas", "key": "n", "expected": 1, "value": 2}
+    assert run(sm, inc, c, 2) is True
+    run(sm, {"op": "put", "key": "n", "value": 1}, 0, 0)  # someone resets n
+    for _ in range(2):  # two newer clients evict c's session
+        other = open_session(sm)
+        run(sm, {"op": "get", "key": "n"}, other, 1)
+    assert c not in sm.sessions
+    assert run(sm, inc, c, 2) is SESSION_EXPIRED  # the late retry of seq 2
+    assert run(sm, inc, c, 1) is SESSION_EXPIRED  # and of seq 1 (a new seq too)
+    assert sm.data == {"n": 1}
+    # A duplicate "session" command only opens a session that nobody uses.
+    assert open_session(sm) != c
+
+
+def test_session_ids_are_unique_slots():
+    sm = fresh()
+    ids = [open_session(sm) for _ in range(5)]
+    assert len(set(ids)) == 5
 
 
 def test_reconfig_one_at_a_time_takes_effect_alpha_slots_later():
@@ -113,8 +147,9 @@ commands = st.one_of(
 @given(st.lists(commands, max_size=40))
 def test_snapshot_roundtrip_is_exact(cmds):
     a = fresh()
+    clients = [open_session(a) for _ in range(3)]
     for i, cmd in enumerate(cmds):
-        run(a, cmd, client=1 + i % 3, seq=1 + i)
+        run(a, cmd, client=clients[i % 3], seq=1 + i)
     b = CellState.from_snapshot(a.snapshot(), alpha_slots=4)
     assert b.snapshot() == a.snapshot()
     for cmd in cmds:

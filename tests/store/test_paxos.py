@@ -5,7 +5,12 @@ from dataclasses import replace
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
 
 from cellcloud.core.paxos import (
     BUSY,
@@ -18,6 +23,7 @@ from cellcloud.core.paxos import (
     PersistEntries,
     Send,
 )
+from cellcloud.store.checker import Operation, check_history
 
 from .harness import PARAMS, Cluster
 
@@ -29,7 +35,7 @@ def put(k, v):
 def test_elect_commit_and_every_replica_applies():
     c = Cluster()
     c.elect("a")
-    rid = c.request("a", put("x", 1), client_id=1, seq=1)
+    rid = c.request("a", put("x", 1), client_id=c.open_session("a"), seq=1)
     c.deliver_all()
     assert c.response(rid).status == OK and c.response(rid).result is True
     c.tick("a", PARAMS.heartbeat_interval_ms)
@@ -76,7 +82,7 @@ def test_follower_redirects_and_bad_commands_are_rejected():
 def test_full_pipeline_answers_busy():
     c = Cluster()
     c.elect("a")
-    rids = [c.request("a", put("x", i), client_id=1 + i, seq=1) for i in range(40)]
+    rids = [c.request("a", put("x", i)) for i in range(40)]
     statuses = [c.response(r).status if c.response(r) else None for r in rids]
     assert statuses.count(BUSY) == 40 - PARAMS.pipeline_depth_max
     c.deliver_all()
@@ -100,9 +106,10 @@ def test_retry_of_applied_command_returns_cached_result():
     c = Cluster()
     c.elect("a")
     cas = {"op": "cas", "key": "x", "expected": None, "value": 1}
-    r1 = c.request("a", cas, client_id=5, seq=1)
+    client = c.open_session("a")
+    r1 = c.request("a", cas, client_id=client, seq=1)
     c.deliver_all()
-    r2 = c.request("a", cas, client_id=5, seq=1)
+    r2 = c.request("a", cas, client_id=client, seq=1)
     c.deliver_all()
     assert c.response(r1).result is True and c.response(r2).result is True
 
@@ -111,8 +118,9 @@ def test_lagging_replica_catches_up_from_snapshot_after_compaction():
     c = Cluster()
     c.elect("a")
     c.crash("c")
+    client = c.open_session("a")
     for i in range(3 * PARAMS.log_entries_max):
-        c.request("a", put(f"k{i % 5}", i), client_id=1, seq=i + 1)
+        c.request("a", put(f"k{i % 5}", i), client_id=client, seq=i + 1)
         c.deliver_all()
     assert len(c.replicas["a"].log) <= PARAMS.log_entries_max
     c.start("c", c.members)
@@ -146,8 +154,9 @@ def test_reconfigure_replaces_a_replica_while_available():
     c.deliver_all()
     assert c.response(rid).result is True
     # Keep writing through the alpha window; the cell stays available throughout.
+    client = c.open_session("a")
     for i in range(2 * PARAMS.alpha_slots):
-        r = c.request("a", put("x", i), client_id=9, seq=i + 1)
+        r = c.request("a", put("x", i), client_id=client, seq=i + 1)
         c.deliver_all()
         c.tick("a", PARAMS.heartbeat_interval_ms)
         c.deliver_all()
@@ -157,20 +166,32 @@ def test_reconfigure_replaces_a_replica_while_available():
     # c is out: a and d alone are a majority now.
     c.crash("c")
     c.crash("b")
-    r = c.request("a", put("y", 1), client_id=9, seq=100)
+    r = c.request("a", put("y", 1), client_id=client, seq=100)
     c.deliver_all()
     assert c.response(r).status == OK
 
 
 class PaxosMachine(RuleBasedStateMachine):
-    """Random schedules of delivery, loss, duplication, ticks, crashes and client commands.
+    """Random schedules of delivery, loss, duplication, ticks, crashes, client writes and reads.
     Invariants (checked after every step by the harness): replicas agree on every applied
-    slot; a promise never goes backwards, even across a crash."""
+    slot; a promise never goes backwards, even across a crash. At the end the clients' history
+    (each command its own client; call and return in machine steps; an answer other than ok
+    leaves the outcome unknown) must be linearizable."""
+
+    params = PARAMS
 
     def __init__(self):
         super().__init__()
-        self.c = Cluster(seed=1)
-        self.seq = 0
+        self.c = Cluster(seed=1, params=self.params)
+        self.step = 0
+        self.calls: dict[int, tuple[dict, int]] = {}  # request id -> (command, call step)
+        self.history: list[Operation] = []
+        self.seen = 0  # responses already looked at
+
+    def _call(self, node, cmd):
+        self.step += 1
+        rid = self.c.request(node, cmd)
+        self.calls[rid] = (cmd, self.step)
 
     @precondition(lambda self: self.c.bag)
     @rule(i=st.integers(0, 1000))
@@ -200,8 +221,42 @@ class PaxosMachine(RuleBasedStateMachine):
     @rule(node=st.sampled_from("abc"), key=st.sampled_from("xy"), v=st.integers(0, 3))
     def submit(self, node, key, v):
         if node in self.c.replicas:
-            self.seq += 1
-            self.c.request(node, put(key, v), client_id=1, seq=self.seq)
+            self._call(node, put(key, v))
+
+    @rule(node=st.sampled_from("abc"), key=st.sampled_from("xy"))
+    def read(self, node, key):
+        if node in self.c.replicas:
+            self._call(node, {"op": "get", "key": key})
+
+    @invariant()
+    def collect_answers(self):
+        self.step += 1
+        for resp in self.c.responses[self.seen :]:
+            call = self.calls.pop(resp.request_id, None)
+            if call is None:
+                continue
+            cmd, called = call
+            ok = resp.status == OK
+            self.history.append(
+                Operation(
+                    f"p{resp.request_id}",
+                    "cell",
+                    cmd,
+                    called,
+                    self.step if ok else None,
+                    resp.result if ok else None,
+                    len(self.history),
+                )
+            )
+        self.seen = len(self.c.responses)
+
+    def teardown(self):
+        pending = [
+            Operation(f"p{rid}", "cell", cmd, called, None, None, len(self.history) + i)
+            for i, (rid, (cmd, called)) in enumerate(sorted(self.calls.items()))
+        ]
+        result = check_history(self.history + pending)
+        assert result.ok, f"not linearizable: {result.failed_partition[:20]}"
 
     @invariant()
     def committed_prefix_matches_chosen(self):
@@ -213,3 +268,4 @@ class PaxosMachine(RuleBasedStateMachine):
 
 TestPaxosMachine = PaxosMachine.TestCase
 TestPaxosMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+

@@ -146,6 +146,9 @@ class Limits:
     net_pool_ready: int = 4  # wired network namespaces kept ready per agent
     net_refill_quiet_ms: int = 20  # the pool is refilled once no request came for this long
     net_admit_batch: int = 64  # slots admitted by the policy per nft transaction
+    # Store client: cells one lane keeps a session in ([client_id, seq] each); past it the
+    # oldest is forgotten and a new session opens on that cell's next use.
+    store_lane_sessions_max: int = 4096
 
 
 DEFAULT_LIMITS = Limits()

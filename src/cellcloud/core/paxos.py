@@ -26,8 +26,10 @@ Protocol summary (see docs/store.md for the invariants):
 * Membership is part of the replicated state: a ``reconfig`` applied at slot ``i`` takes effect
   at slot ``i + alpha_slots``; a leader never has more than ``alpha_slots`` slots in flight, so
   the membership of every slot it proposes is fixed by slots it already knows.
-* Client commands carry ``(client_id, seq)``; the state machine applies each at most once and
-  answers a retry with the cached result, so clients may retry anywhere.
+* Client commands carry ``(client_id, seq)`` under a session the cell opened (a ``session``
+  command returns the id); the state machine applies each at most once and answers a retry
+  with the cached result, so clients may retry anywhere. A command under a session the cell
+  no longer has is answered ``session_expired`` and not applied.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cellcloud.core.store_model import (
+    SESSION_EXPIRED,
     CellState,
     CommandRejected,
     Members,
@@ -156,6 +159,9 @@ NOT_LEADER = "not_leader"
 BUSY = "busy"
 REJECTED = "rejected"
 NOT_HERE = "not_here"
+# The client's session was evicted: nothing applied; the command's outcome is unknown if an
+# earlier attempt of it was sent (see store_model.SESSION_EXPIRED).
+EXPIRED = "session_expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +248,9 @@ class ReplicaParams:
     # Planted bugs: only tests set these, to prove the simulator and checker catch them.
     bug_accept_lower_ballot: bool = False
     bug_stale_reads: bool = False
+    bug_apply_evicted_sessions: bool = False
+    # count any replica's Accepted toward a slot's majority, members of that slot or not
+    bug_count_any_acks: bool = False
 
     def __post_init__(self) -> None:
         assert 0 < self.heartbeat_interval_ms < self.election_timeout_ms_min
@@ -311,8 +320,13 @@ class Replica:
             )
             self.joined = True
         else:
-            self.sm = CellState(alpha_slots=params.alpha_slots, configs=[(1, ())])
+            self.sm = CellState(
+                alpha_slots=params.alpha_slots,
+                configs=[(1, ())],
+                sessions_max=params.sessions_max,
+            )
             self.joined = False
+        self.sm.bug_apply_evicted_sessions = params.bug_apply_evicted_sessions
         self.log = {s: e for s, e in self.log.items() if s > self.sm.applied_index}
         self.commit_index = self.sm.applied_index
         while self.commit_index < durable.commit_index and self.commit_index + 1 in self.log:
@@ -353,8 +367,9 @@ class Replica:
             "catchups": 0,
             "snapshots": 0,
         }
-        # Tests and the simulator set this to a list to see every (slot, cmd, client, seq) applied.
-        self.applied_trace: list[tuple[int, Any, int, int]] | None = None
+        # Tests and the simulator set this to a list to see every (slot, cmd, client, seq,
+        # executed) applied; executed is False for a retry answered from its session.
+        self.applied_trace: list[tuple[int, Any, int, int, bool]] | None = None
         # Re-apply what we know is chosen.
         actions: list[Action] = []
         self._apply_committed(actions)
@@ -622,6 +637,7 @@ class Replica:
             self.sm = CellState.from_snapshot(
                 snapshot, self.params.alpha_slots, self.params.sessions_max
             )
+            self.sm.bug_apply_evicted_sessions = self.params.bug_apply_evicted_sessions
             self.joined = True
             for s in [s for s in self.log if s <= self.sm.applied_index]:
                 del self.log[s]
@@ -659,10 +675,20 @@ class Replica:
             e = self.log[slot]
             result = self.sm.apply(slot, e.cmd, e.client_id, e.seq)
             if self.applied_trace is not None:
-                self.applied_trace.append((slot, e.cmd, e.client_id, e.seq))
+                self.applied_trace.append(
+                    (slot, e.cmd, e.client_id, e.seq, self.sm.last_executed)
+                )
             self.counters["commits"] += 1
+            status = OK
+            if result is SESSION_EXPIRED:
+                status, result = EXPIRED, (
+                    "SessionExpired: the cell no longer remembers this client's session, so it "
+                    "cannot tell a retry from a new command; nothing was applied"
+                )
             for to, request_id in self.waiters.pop(slot, ()):
-                actions.append(Reply(to, Response(self.cell, self.node_id, request_id, OK, result)))
+                actions.append(
+                    Reply(to, Response(self.cell, self.node_id, request_id, status, result))
+                )
             if e.client_id:
                 self.inflight.pop((e.client_id, e.seq), None)
             self.acks.pop(slot, None)
@@ -861,7 +887,14 @@ class Replica:
         while True:
             slot = self.commit_index + 1
             acks = self.acks.get(slot)
-            if acks is None or not has_quorum(acks, self.config_for(slot)):
+            if acks is None:
+                break
+            members = self.config_for(slot)
+            if self.params.bug_count_any_acks:
+                chosen = len(acks) >= majority(members)
+            else:
+                chosen = has_quorum(acks, members)
+            if not chosen:
                 break
             self.commit_index = slot
         if self.commit_index > before:

@@ -32,6 +32,9 @@ _FIELDS: dict[str, frozenset[str]] = {
     "txn": frozenset({"op", "reads", "checks", "writes"}),
     "noop": frozenset({"op"}),
     "reconfig": frozenset({"op", "expect", "remove", "add"}),
+    # Opens a client session: the result is the new session's client id (the slot it was
+    # applied at, so unique in the cell; a duplicate only opens a session nobody uses).
+    "session": frozenset({"op"}),
 }
 CHECK_OPS = frozenset({"eq", "ne", "absent", "present"})
 
@@ -136,6 +139,21 @@ def config_at(configs: list[tuple[int, Members]], slot: int) -> Members:
     return current
 
 
+class _SessionExpired:
+    """The result of a command whose client session this cell no longer remembers."""
+
+    def __repr__(self) -> str:
+        return "SESSION_EXPIRED"
+
+
+# A command under a client id the cell has no session for: the session was evicted
+# (``sessions_max``) or never opened (ids come from a ``session`` command), so the cell cannot
+# tell whether this is a late retry of a command it already applied. It applies nothing and
+# answers this; the client opens a new session, and treats the command's outcome as unknown
+# unless it knows no earlier attempt of it was sent.
+SESSION_EXPIRED = _SessionExpired()
+
+
 @dataclass(slots=True)
 class CellState:
     """The replicated state of one cell: data, client sessions, membership history."""
@@ -147,6 +165,12 @@ class CellState:
     # client_id -> (seq, result) of the client's last applied command, in apply order.
     sessions: dict[int, tuple[int, Any]] = field(default_factory=dict)
     sessions_max: int = 1024
+    # Whether the last ``apply`` executed its command (False: answered from a session or
+    # refused as expired). The simulator's at-most-once check reads it.
+    last_executed: bool = False
+    # Planted bug (tests only): the old rule, a command from an unknown session is applied
+    # and opens a session, so a late retry after eviction applies twice.
+    bug_apply_evicted_sessions: bool = False
 
     def read(self, cmd: dict[str, Any]) -> Any:
         """Evaluate a read-only command against the current state."""
@@ -180,18 +204,29 @@ class CellState:
         """Apply the command chosen for ``slot``; returns its result (cached for retries)."""
         assert slot == self.applied_index + 1, (slot, self.applied_index)
         self.applied_index = slot
+        self.last_executed = False
+        if cmd["op"] == "session":
+            self._remember(slot, 0, None)
+            return slot
         if client_id:
             last = self.sessions.get(client_id)
             if last is not None and seq <= last[0]:
                 # A retry of something already applied: never apply twice.
                 return last[1] if seq == last[0] else None
+            if last is None and not self.bug_apply_evicted_sessions:
+                # Evicted (or never opened): this may be a late retry of an applied command.
+                return SESSION_EXPIRED
+        self.last_executed = True
         result = self._execute(slot, cmd)
         if client_id:
-            self.sessions.pop(client_id, None)
-            self.sessions[client_id] = (seq, result)
-            while len(self.sessions) > self.sessions_max:
-                del self.sessions[next(iter(self.sessions))]
+            self._remember(client_id, seq, result)
         return result
+
+    def _remember(self, client_id: int, seq: int, result: Any) -> None:
+        self.sessions.pop(client_id, None)
+        self.sessions[client_id] = (seq, result)
+        while len(self.sessions) > self.sessions_max:
+            del self.sessions[next(iter(self.sessions))]
 
     def _execute(self, slot: int, cmd: dict[str, Any]) -> Any:
         op = cmd["op"]

@@ -6,8 +6,12 @@
     ok = await client.cas("fn:acct-1", "version", 3, 4)
     await client.close()
 
-Every command is strictly serializable within its cell. Commands carry a session lane
-``(client_id, seq)``: a retry, to the same node or another, is applied at most once. Retries
+Every command is strictly serializable within its cell. Commands carry a session
+``(client_id, seq)`` that the cell opened for this lane (one ``session`` command on a lane's
+first use of a cell): a retry, to the same node or another, is applied at most once. If the
+cell evicted the session, the command is not applied (``session_expired``): the client opens a
+new session and resends it, or raises ``StoreSessionExpired`` (a ``StoreUnavailable``: outcome
+unknown) if an earlier attempt went unanswered. Retries
 happen here and only here: redirects follow the leader hint, "busy" backs off with full jitter,
 and a token-bucket retry budget stops retry storms. ``StoreUnavailable`` means the outcome is
 unknown (the command may or may not have been applied); ``StoreBusy`` that the budget ran out.
@@ -27,7 +31,8 @@ import random
 import time
 from typing import Any
 
-from cellcloud.core.paxos import BUSY, NOT_HERE, NOT_LEADER, OK, REJECTED, Request
+from cellcloud.core.limits import DEFAULT_LIMITS
+from cellcloud.core.paxos import BUSY, EXPIRED, NOT_HERE, NOT_LEADER, OK, REJECTED, Request
 from cellcloud.core.store_model import CommandRejected, Value, validate_command
 from cellcloud.store.backoff import RetryBudget, full_jitter_ms
 from cellcloud.store.colony import Colony
@@ -49,6 +54,16 @@ class StoreUnavailable(StoreError):
 
 class StoreBusy(StoreError):
     """The cell shed load and the retry budget is spent."""
+
+
+class StoreSessionExpired(StoreUnavailable):
+    """The cell had evicted this client's session, and an earlier attempt of the command had
+    been sent: it may have been applied once; it was not applied again (outcome unknown)."""
+
+
+class _SessionRefused(Exception):
+    def __init__(self, maybe_sent_before: bool) -> None:
+        self.maybe_sent_before = maybe_sent_before
 
 
 class _Conn:
@@ -122,9 +137,11 @@ class StoreClient:
         self.request_ids = itertools.count(1)
         self.members_cache: dict[str, list[str]] = {}
         self.leader_cache: dict[str, str] = {}
-        self.lanes: asyncio.Queue[list[int]] = asyncio.Queue()
+        # A lane runs one command at a time; per cell it holds a session [client_id, seq].
+        # Session ids come from the cell (a ``session`` command), so they are unique there.
+        self.lanes: asyncio.Queue[dict[str, list[int]]] = asyncio.Queue()
         for _ in range(lanes_max):
-            self.lanes.put_nowait([self.rng.getrandbits(62) + 1, 0])  # [client_id, seq]
+            self.lanes.put_nowait({})
         self.counters: dict[str, int] = {
             "attempts": 0,
             "retries": 0,
@@ -133,6 +150,8 @@ class StoreClient:
             "timeouts": 0,
             "not_here": 0,
             "frames_unauthenticated": 0,
+            "sessions_opened": 0,
+            "sessions_expired": 0,
         }
 
     @classmethod
@@ -191,17 +210,41 @@ class StoreClient:
         except CommandRejected as exc:
             raise StoreRejected(str(exc)) from exc
         lane = await self.lanes.get()
-        lane[1] += 1
         try:
-            return await self._execute(cell, command, lane[0], lane[1])
+            session = lane.get(cell)
+            if session is None:
+                session = lane[cell] = await self._open_session(cell, lane)
+            session[1] += 1
+            try:
+                return await self._execute(cell, command, session[0], session[1])
+            except _SessionRefused as exc:
+                # The cell evicted our session: nothing was applied now. A new session; the
+                # command goes again only if no earlier attempt of it can have reached a node.
+                lane.pop(cell, None)
+                self.counters["sessions_expired"] += 1
+                if exc.maybe_sent_before:
+                    raise StoreSessionExpired(
+                        f"{cell}: session expired; an earlier attempt may have been applied"
+                    ) from None
+                session = lane[cell] = await self._open_session(cell, lane)
+                session[1] += 1
+                return await self._execute(cell, command, session[0], session[1])
         finally:
             self.lanes.put_nowait(lane)
+
+    async def _open_session(self, cell: str, lane: dict[str, list[int]]) -> list[int]:
+        while len(lane) >= DEFAULT_LIMITS.store_lane_sessions_max:
+            del lane[next(iter(lane))]  # forget the oldest cell's session; a new one opens
+        client_id = int(await self._execute(cell, {"op": "session"}, 0, 0))
+        self.counters["sessions_opened"] += 1
+        return [client_id, 0]
 
     async def _execute(self, cell: str, command: dict[str, Any], client_id: int, seq: int) -> Any:
         deadline = time.monotonic() + self.op_timeout_s
         members = await self.members(cell)
         target = self.leader_cache.get(cell) or self.rng.choice(members)
         attempt = 0
+        maybe_sent = False  # an attempt went unanswered: it may have reached a leader
         self.budget.on_attempt()
         while True:
             if time.monotonic() >= deadline:
@@ -212,11 +255,14 @@ class StoreClient:
             req = Request(cell, "", rid, client_id, seq, command)
             body = await self._call(target, encode(req), rid)
             status = body.get("status") if body else None
+            maybe_sent = maybe_sent or body is None
             if status == OK:
                 self.leader_cache[cell] = target
                 return body["result"]  # type: ignore[index]
             if status == REJECTED:
                 raise StoreRejected(str(body["result"]))  # type: ignore[index]
+            if status == EXPIRED:
+                raise _SessionRefused(maybe_sent_before=maybe_sent)
             if status == NOT_LEADER:
                 # Redirects do not spend the retry budget: following a hint, or waiting (with
                 # jitter) for an election the node just started, is bounded by the deadline.
