@@ -334,7 +334,8 @@ class Cell:
         agents = {}
         for agent_id, client in self.agents.items():
             try:
-                agents[agent_id] = await client.call("status", None, timeout_s=2)
+                agents[agent_id] = await client.call(
+                    "status", None, timeout_s=self.limits.agent_call_timeout_ms / 1000)
             except (TransportError, RemoteError) as e:
                 agents[agent_id] = {"agent_id": agent_id, "error": str(e)}
         return {
