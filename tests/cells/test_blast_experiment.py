@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from cellcloud import transport
 from cellcloud.experiment import blast
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -35,6 +36,8 @@ def test_planted_sharder_bug_makes_the_prediction_disagree(tmp_path: object) -> 
     r = blast.main(str(tmp_path), agents=4, tenants=30, control_down_s=1,
                    plan=[("plain", 2)], plant_bug=True)
     (p,) = r["poison"]
+    # The harness's own mTLS ended with it: later code in this process dials plain links.
+    assert transport.mtls_role() is None
     # The poison ran anywhere in the cell: the agents it killed are not its recomputed shard,
     # or they are and the tenants predicted lost still run elsewhere.
     assert not p["prediction_holds"], p

@@ -42,7 +42,7 @@ from ..core.blast import expected_lost_others, lost_tenants, p_lost_plain, p_los
 from ..core.sharding import PlainSharder, SignatureSharder, Worker
 from ..region.supervisor import Supervisor
 from ..region.tenants import create_tenant
-from ..transport import Client
+from ..transport import Client, disable_mtls, enable_mtls
 
 CRASH_MARKER = "cellcloud-experiment-crash-agent"
 HANDLER = "def handler(event, context):\n    return {'ok': True}\n"
@@ -167,7 +167,6 @@ class Experiment:
         # The harness inspects every component directly, as the control plane would: it speaks
         # mTLS with a control certificate of the region's CA.
         from ..security import pki
-        from ..transport import enable_mtls
 
         enable_mtls(pki.tls_config(self.state_dir, "cc-local-1", "control", "region",
                                    "experiment"), "control")
@@ -328,6 +327,7 @@ class Experiment:
             for t in self.tenants:
                 t.client.close()
             self.pool.shutdown()
+            disable_mtls()  # the harness's mTLS ends with the experiment, not with the process
         self.results["seconds"] = round(time.monotonic() - t0, 1)
         self.results["planted_bug"] = "sharder-ignores-shard" if self.plant_bug else None
         self.results["baseline_success"] = float(self.rate("baseline", self.tenants))

@@ -129,6 +129,13 @@ class Cell:
     def shards(self) -> dict[str, tuple[str, ...]]:
         return self.invoker.core.shards
 
+    def replace_sharder(self, sharder: PlainSharder | SignatureSharder) -> None:
+        """A different sharder from now on (the blast-radius experiment's planted bug): the
+        invoke core draws shards with it, and the shards it drew before are forgotten."""
+        self.sharder = sharder
+        self.invoker.core.sharder = sharder
+        self.invoker.core.shards.clear()
+
     # -- the catalog, as the invoke path reads it --------------------------------------------
     def function(self, account: str, name: str) -> FunctionRecord:
         return self.catalog.function(account, name)

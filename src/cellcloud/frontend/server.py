@@ -51,8 +51,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.plant_bug == "sharder-ignores-shard" and cell.sharder is not None:
         # A planted bug for the blast-radius experiment: every function's shard is the whole
         # cell (the cell still says k); the experiment's outside prediction must disagree.
-        cell.sharder = SignatureSharder([Worker(a) for a in sorted(agents)], len(agents), seed=b"bug",
-                                        one_per_zone=False)
+        cell.replace_sharder(SignatureSharder([Worker(a) for a in sorted(agents)], len(agents),
+                                              seed=b"bug", one_per_zone=False))
     cell.events = Intake(EventStore(os.path.abspath(args.state_dir)),
                          ack_before_write=os.environ.get("CELLCLOUD_PLANT_BUG")
                          == "ack-before-write", limits=cell.limits)

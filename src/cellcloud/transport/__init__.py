@@ -29,7 +29,7 @@ import msgpack
 from .codec import FrameError, FrameReader, frame_read_bytes, pack, unpack
 
 __all__ = ["CallTimeout", "Client", "FrameError", "FrameReader", "OpError", "RemoteError",
-           "Server", "TransportError", "enable_mtls", "frame_bytes_max", "frame_read_bytes",
+           "Server", "TransportError", "disable_mtls", "enable_mtls", "frame_bytes_max", "frame_read_bytes",
            "mtls_role", "pack", "unpack"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,12 @@ def enable_mtls(config: Any, role: str) -> None:
     DESIGN's transport rule wants). ``config`` is a ``security.pki.TlsConfig``."""
     global _mtls
     _mtls = _Mtls(config.server_context(), config.client_context(), role, config.region)
+
+
+def disable_mtls() -> None:
+    """Back to plain links (a harness that spoke mTLS for a while, in a process that goes on)."""
+    global _mtls
+    _mtls = None
 
 
 def mtls_role() -> str | None:
