@@ -9,11 +9,12 @@ import base64
 import json
 import logging
 import re
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from ..core import errors, params
+from ..core import errors, params, policies
 from ..core.aliases import check_alias_name
 from ..core.catalog_rules import page_size
 from ..core.errors import LambdaError
@@ -360,7 +361,14 @@ async def get_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Re
 
 
 async def delete_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
-    cell.catalog.delete_provisioned(req["a"], _name(m["ref"], req["a"]), _qualifier_param(q))
+    try:
+        cell.catalog.delete_provisioned(req["a"], _name(m["ref"], req["a"]), _qualifier_param(q))
+    except LambdaError as e:
+        # DeleteProvisionedConcurrencyConfig's model has no ProvisionedConcurrencyConfigNotFound
+        # (Get's has): a missing config is its ResourceNotFoundException
+        if e.type != "ProvisionedConcurrencyConfigNotFoundException":
+            raise
+        raise errors.not_found(e.message) from e
     return {"s": 204, "h": {}, "b": b""}
 
 
@@ -433,6 +441,253 @@ async def list_layers(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
         _one(q, "CompatibleRuntime")))
 
 
+# -- tags ----------------------------------------------------------------------------------------
+def _tag_target(cell: Cell, req: dict[str, Any], m: Match) -> str:
+    """TagResource & co. name a function by its unqualified ARN (or name, as cellcloud accepts)."""
+    ref = unquote(m["res"])
+    parsed = parse_function_ref(ref)
+    if parsed.qualifier is not None:
+        raise errors.invalid("Tags apply to a function, not to a version or alias: "
+                             "use the unqualified function ARN")
+    name = _name(ref, req["a"])
+    cell.catalog.function(req["a"], name)  # 404 if absent
+    return name
+
+
+async def list_tags(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _tag_target(cell, req, m)
+    return _reply(200, {"Tags": cell.catalog.function(req["a"], name).tags})
+
+
+async def tag_resource(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _tag_target(cell, req, m)
+    doc = _json_body(req)
+    unknown = set(doc) - {"Tags"}
+    if unknown:
+        raise errors.invalid(f"The parameter {sorted(unknown)[0]} is not supported by this "
+                             "region: TagResource has no such parameter.")
+    if not isinstance(doc.get("Tags"), dict):
+        raise errors.invalid("Tags must be a map of string to string")
+    cell.catalog.set_tags(req["a"], name, doc["Tags"], [])
+    return {"s": 204, "h": {}, "b": b""}
+
+
+async def untag_resource(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _tag_target(cell, req, m)
+    keys = q.get("tagKeys")
+    if not keys:
+        raise errors.invalid("tagKeys is required")
+    cell.catalog.set_tags(req["a"], name, {}, keys)
+    return {"s": 204, "h": {}, "b": b""}
+
+
+# -- resource policies ---------------------------------------------------------------------------
+def _policy_target(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> tuple[str, str, str]:
+    """(name, qualifier or '', resource ARN) of a function policy request; 404 if absent."""
+    name = _name(m["ref"], req["a"])
+    qual = _qualifier(m["ref"], q) or ""
+    if qual:
+        cell.catalog.resolve(req["a"], name, qual)
+    else:
+        cell.catalog.function(req["a"], name)
+    return name, qual, function_arn(cell.region, req["a"], name, qual or None)
+
+
+async def add_permission(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, qual, arn = _policy_target(cell, req, m, q)
+    doc = _json_body(req)
+    unknown = set(doc) - set(_ADD_PERMISSION)
+    if unknown:
+        raise errors.invalid(f"The parameter {sorted(unknown)[0]} is not supported by this "
+                             "region: AddPermission has no such parameter.")
+    stmt = policies.function_statement(doc, arn)
+    store = cell.catalog.store
+    new = policies.add(store.get_policy(req["a"], "f", name, qual), stmt, doc.get("RevisionId"),
+                       str(uuid.uuid4()))
+    store.put_policy(req["a"], "f", name, qual, new)
+    return _reply(201, {"Statement": json.dumps(stmt)})
+
+
+_ADD_PERMISSION = ("StatementId", "Action", "Principal", "SourceArn", "FunctionUrlAuthType",
+                   "InvokedViaFunctionUrl", "SourceAccount", "EventSourceToken", "RevisionId",
+                   "PrincipalOrgID")
+
+
+async def get_policy(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, qual, _ = _policy_target(cell, req, m, q)
+    return _reply(200, policies.policy_doc(cell.catalog.store.get_policy(req["a"], "f", name,
+                                                                         qual)))
+
+
+async def remove_permission(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, qual, _ = _policy_target(cell, req, m, q)
+    store = cell.catalog.store
+    new = policies.remove(store.get_policy(req["a"], "f", name, qual), unquote(m["sid"]),
+                          _one(q, "RevisionId"), str(uuid.uuid4()))
+    store.put_policy(req["a"], "f", name, qual, new)
+    return {"s": 204, "h": {}, "b": b""}
+
+
+def _layer_policy_target(cell: Cell, req: dict[str, Any], m: Match) -> tuple[str, int, str]:
+    name = _layer_name(cell, m["layer"], req["a"])
+    version = _layer_version_number(m["version"])
+    rec = cell.catalog.layer_version(req["a"], name, version)  # 404 if absent
+    return name, version, str(cell.catalog.layer_doc(rec, content=False)["LayerVersionArn"])
+
+
+async def add_layer_permission(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, version, arn = _layer_policy_target(cell, req, m)
+    doc = _json_body(req)
+    unknown = set(doc) - {"StatementId", "Action", "Principal", "OrganizationId"}
+    if unknown:
+        raise errors.invalid(f"The parameter {sorted(unknown)[0]} is not supported by this "
+                             "region: AddLayerVersionPermission has no such parameter.")
+    stmt = policies.layer_statement(doc, arn)
+    store = cell.catalog.store
+    rev = str(uuid.uuid4())
+    new = policies.add(store.get_policy(req["a"], "l", name, str(version)), stmt,
+                       _one(q, "RevisionId"), rev)
+    store.put_policy(req["a"], "l", name, str(version), new)
+    return _reply(201, {"Statement": json.dumps(stmt), "RevisionId": rev})
+
+
+async def get_layer_policy(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, version, _ = _layer_policy_target(cell, req, m)
+    return _reply(200, policies.policy_doc(cell.catalog.store.get_policy(
+        req["a"], "l", name, str(version))))
+
+
+async def remove_layer_permission(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, version, _ = _layer_policy_target(cell, req, m)
+    store = cell.catalog.store
+    new = policies.remove(store.get_policy(req["a"], "l", name, str(version)),
+                          unquote(m["sid"]), _one(q, "RevisionId"), str(uuid.uuid4()))
+    store.put_policy(req["a"], "l", name, str(version), new)
+    return {"s": 204, "h": {}, "b": b""}
+
+
+# -- settings the region has one answer for ------------------------------------------------------
+async def get_account_settings(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    lim = cell.limits
+    count, code = cell.catalog.account_usage(req["a"])
+    return _reply(200, {
+        # no quota on an account's total code: the state disk bounds it
+        "AccountLimit": {"TotalCodeSize": cell.catalog.store.disk_space().total_bytes,
+                         "CodeSizeUnzipped": lim.unzipped_bytes_max,
+                         "CodeSizeZipped": lim.zip_bytes_max,
+                         "ConcurrentExecutions": lim.account_concurrency_max,
+                         "UnreservedConcurrentExecutions": lim.account_concurrency_max
+                         - cell.catalog.store.reserved_total(req["a"], "")},
+        "AccountUsage": {"TotalCodeSize": code, "FunctionCount": count}})
+
+
+def _fn(cell: Cell, req: dict[str, Any], m: Match) -> str:
+    name = _name(m["ref"], req["a"])
+    cell.catalog.function(req["a"], name)
+    return name
+
+
+async def get_fn_code_signing(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    # No function has a code signing config (CreateFunction refuses CodeSigningConfigArn):
+    # AWS answers such a function with an empty ARN.
+    return _reply(200, {"CodeSigningConfigArn": "", "FunctionName": _fn(cell, req, m)})
+
+
+async def delete_fn_code_signing(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    _fn(cell, req, m)
+    return {"s": 204, "h": {}, "b": b""}
+
+
+async def put_fn_code_signing(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    _fn(cell, req, m)
+    arn = _json_body(req).get("CodeSigningConfigArn")
+    raise LambdaError(404, "CodeSigningConfigNotFoundException",
+                      f"Code signing config {arn} not found: code signing is not supported by "
+                      "this region, so no code signing config exists")
+
+
+async def get_runtime_management(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    qual = _qualifier(m["ref"], q)
+    cell.catalog.resolve(req["a"], name, qual)
+    return _reply(200, {"UpdateRuntimeOn": "Auto",
+                        "FunctionArn": function_arn(cell.region, req["a"], name, qual)})
+
+
+async def put_runtime_management(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    qual = _qualifier(m["ref"], q)
+    cell.catalog.resolve(req["a"], name, qual)
+    doc = _json_body(req)
+    if doc.get("UpdateRuntimeOn") != "Auto" or doc.get("RuntimeVersionArn") is not None:
+        raise errors.invalid("The parameter UpdateRuntimeOn is not supported by this region: a "
+                             "function runs on the host's runtime as installed (only Auto is "
+                             "accepted, without RuntimeVersionArn).")
+    return _reply(200, {"UpdateRuntimeOn": "Auto",
+                        "FunctionArn": function_arn(cell.region, req["a"], name, qual)})
+
+
+async def get_recursion(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    # The region does not detect recursive loops between functions and queues: "Allow" is the
+    # truthful answer (AWS's default, Terminate, would claim a detection that does not exist).
+    _fn(cell, req, m)
+    return _reply(200, {"RecursiveLoop": "Allow"})
+
+
+async def put_recursion(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    _fn(cell, req, m)
+    if _json_body(req).get("RecursiveLoop") != "Allow":
+        raise errors.invalid("The parameter RecursiveLoop is not supported by this region: "
+                             "recursive loops are not detected (only Allow is accepted).")
+    return _reply(200, {"RecursiveLoop": "Allow"})
+
+
+async def list_provisioned(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name = _name(m["ref"], req["a"])
+    return _reply(200, {"ProvisionedConcurrencyConfigs":
+                        cell.catalog.list_provisioned_docs(req["a"], name)})
+
+
+async def provisioned_get_or_list(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    if _one(q, "List") == "ALL":  # ListProvisionedConcurrencyConfigs
+        return await list_provisioned(cell, req, m, q)
+    return await get_provisioned(cell, req, m, q)
+
+
+def _absent(what: str, code: str = "ResourceNotFoundException") -> Route:
+    """An operation on a kind of resource this region never has: AWS's not-found answer."""
+    async def route(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+        if "ref" in m:
+            _fn(cell, req, m)
+        raise LambdaError(404, code, f"{what} not found: this region has no {what}s")
+    return route
+
+
+def _empty(key: str) -> Route:
+    """A list of a kind of resource this region never has: empty, as AWS lists none."""
+    async def route(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+        if "ref" in m:
+            _fn(cell, req, m)
+        return _reply(200, {key: []})
+    return route
+
+
+def _unsupported(feature: str) -> Route:
+    """Creating a kind of resource this region does not have: refused, naming the feature."""
+    async def route(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+        if "ref" in m:
+            _fn(cell, req, m)
+        raise errors.invalid(f"{feature} are not supported by this region")
+    return route
+
+
+async def invoke_async_legacy(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    """InvokeAsync (deprecated by AWS, still in the model): queued as an Event invoke."""
+    name = _name(m["ref"], req["a"])
+    _accept_event(cell, req, name, _qualifier(m["ref"], q))
+    return _reply(202, {"Status": 202})
+
+
 # -- cellcloud's own -------------------------------------------------------------------------------
 async def function_attestation(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     nonce = (q.get("nonce") or [""])[0]
@@ -457,6 +712,94 @@ async def cell_status(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
 _FN = r"(?P<ref>[^/]+)"
 _FNS = r"^/2015-03-31/functions"
 _LAYERS = r"^/2018-10-31/layers"
+_RES = r"(?P<res>[^/]+)"
+_LV = rf"{_LAYERS}/(?P<layer>[^/]+)/versions/(?P<version>[^/]+)/policy"
+_CSC = r"^/2020-04-22/code-signing-configs"
+_ESM = r"^/2015-03-31/event-source-mappings"
+_CAP = r"^/2025-11-30/capacity-providers"
+_DUR = r"^/2025-12-01/durable-executions/(?P<arn>.+?)"
+_CB = r"^/2025-12-01/durable-execution-callbacks/(?P<cb>[^/]+)"
+_RP = r"^/2026-07-09/resource-policy/(?P<arn>.+)"
+_URL = rf"^/2021-10-31/functions/{_FN}/url/?$"
+_SCALE = rf"^/2025-11-30/functions/{_FN}/function-scaling-config/?$"
+_NO_URLS = "Function URLs"
+_NO_ESM = "Event source mappings"
+_NO_CSC = "Code signing configs"
+_NO_CAP = "Capacity providers (Lambda Managed Instances)"
+_NO_DUR = "Durable executions"
+#: the operations IaC tools call beyond the function/version/alias/layer core (issue #15): each
+#: works, or answers as AWS answers where a feature is absent (never 404 for an unknown route)
+IAC_ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
+    ("GET", re.compile(rf"^/2017-03-31/tags/{_RES}/?$"), list_tags),
+    ("POST", re.compile(rf"^/2017-03-31/tags/{_RES}/?$"), tag_resource),
+    ("DELETE", re.compile(rf"^/2017-03-31/tags/{_RES}/?$"), untag_resource),
+    ("POST", re.compile(rf"{_FNS}/{_FN}/policy/?$"), add_permission),
+    ("GET", re.compile(rf"{_FNS}/{_FN}/policy/?$"), get_policy),
+    ("DELETE", re.compile(rf"{_FNS}/{_FN}/policy/(?P<sid>[^/]+)/?$"), remove_permission),
+    ("POST", re.compile(rf"{_LV}/?$"), add_layer_permission),
+    ("GET", re.compile(rf"{_LV}/?$"), get_layer_policy),
+    ("DELETE", re.compile(rf"{_LV}/(?P<sid>[^/]+)/?$"), remove_layer_permission),
+    ("GET", re.compile(r"^/2016-08-19/account-settings/?$"), get_account_settings),
+    ("GET", re.compile(rf"^/2020-06-30/functions/{_FN}/code-signing-config/?$"),
+     get_fn_code_signing),
+    ("PUT", re.compile(rf"^/2020-06-30/functions/{_FN}/code-signing-config/?$"),
+     put_fn_code_signing),
+    ("DELETE", re.compile(rf"^/2020-06-30/functions/{_FN}/code-signing-config/?$"),
+     delete_fn_code_signing),
+    ("GET", re.compile(rf"^/2021-07-20/functions/{_FN}/runtime-management-config/?$"),
+     get_runtime_management),
+    ("PUT", re.compile(rf"^/2021-07-20/functions/{_FN}/runtime-management-config/?$"),
+     put_runtime_management),
+    ("GET", re.compile(rf"^/2024-08-31/functions/{_FN}/recursion-config/?$"), get_recursion),
+    ("PUT", re.compile(rf"^/2024-08-31/functions/{_FN}/recursion-config/?$"), put_recursion),
+    ("POST", re.compile(rf"^/2014-11-13/functions/{_FN}/invoke-async/?$"), invoke_async_legacy),
+    ("POST", re.compile(rf"^/2021-11-15/functions/{_FN}/response-streaming-invocations/?$"),
+     _unsupported("Response streaming invocations (InvokeWithResponseStream)")),
+    # Function URLs (other work): none exist
+    ("POST", re.compile(_URL), _unsupported(_NO_URLS)),
+    ("GET", re.compile(_URL), _absent("function URL config")),
+    ("PUT", re.compile(_URL), _absent("function URL config")),
+    ("DELETE", re.compile(_URL), _absent("function URL config")),
+    ("GET", re.compile(rf"^/2021-10-31/functions/{_FN}/urls/?$"), _empty("FunctionUrlConfigs")),
+    # event source mappings (other work): none exist
+    ("POST", re.compile(rf"{_ESM}/?$"), _unsupported(_NO_ESM)),
+    ("GET", re.compile(rf"{_ESM}/?$"), _empty("EventSourceMappings")),
+    ("GET", re.compile(rf"{_ESM}/[^/]+/?$"), _absent("event source mapping")),
+    ("PUT", re.compile(rf"{_ESM}/[^/]+/?$"), _absent("event source mapping")),
+    ("DELETE", re.compile(rf"{_ESM}/[^/]+/?$"), _absent("event source mapping")),
+    # code signing: not supported
+    ("POST", re.compile(rf"{_CSC}/?$"), _unsupported(_NO_CSC)),
+    ("GET", re.compile(rf"{_CSC}/?$"), _empty("CodeSigningConfigs")),
+    ("GET", re.compile(rf"{_CSC}/[^/]+/functions/?$"), _absent("code signing config")),
+    ("GET", re.compile(rf"{_CSC}/[^/]+/?$"), _absent("code signing config")),
+    ("PUT", re.compile(rf"{_CSC}/[^/]+/?$"), _absent("code signing config")),
+    ("DELETE", re.compile(rf"{_CSC}/[^/]+/?$"), _absent("code signing config")),
+    # capacity providers (Lambda Managed Instances): not supported
+    ("POST", re.compile(rf"{_CAP}/?$"), _unsupported(_NO_CAP)),
+    ("GET", re.compile(rf"{_CAP}/?$"), _empty("CapacityProviders")),
+    ("GET", re.compile(rf"{_CAP}/[^/]+/function-versions/?$"), _absent("capacity provider")),
+    ("GET", re.compile(rf"{_CAP}/[^/]+/?$"), _absent("capacity provider")),
+    ("PUT", re.compile(rf"{_CAP}/[^/]+/?$"), _absent("capacity provider")),
+    ("DELETE", re.compile(rf"{_CAP}/[^/]+/?$"), _absent("capacity provider")),
+    ("GET", re.compile(_SCALE), _absent("function scaling config")),
+    ("PUT", re.compile(_SCALE), _unsupported(_NO_CAP)),
+    # durable functions: not supported (CreateFunction refuses DurableConfig)
+    ("GET", re.compile(rf"^/2025-12-01/functions/{_FN}/durable-executions/?$"),
+     _empty("DurableExecutions")),
+    ("GET", re.compile(rf"{_DUR}/(history|state)/?$"), _absent("durable execution")),
+    ("POST", re.compile(rf"{_DUR}/(checkpoint|pause|resume|stop)/?$"),
+     _absent("durable execution")),
+    ("GET", re.compile(rf"{_DUR}/?$"), _absent("durable execution")),
+    ("DELETE", re.compile(rf"{_DUR}/?$"), _absent("durable execution")),
+    ("POST", re.compile(rf"{_CB}/(fail|heartbeat|succeed)/?$"),
+     _absent("durable execution callback")),
+    # generic resource policies (PutResourcePolicy & co.): not supported; AddPermission is
+    ("GET", re.compile(rf"{_RP}/?$"), _absent("resource policy")),
+    ("PUT", re.compile(rf"{_RP}/?$"),
+     _unsupported("Resource policies by ARN (PutResourcePolicy; use AddPermission)")),
+    ("DELETE", re.compile(rf"{_RP}/?$"), _absent("resource policy")),
+]
+
 ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
     ("POST", re.compile(rf"{_FNS}/?$"), create_function),
     ("GET", re.compile(rf"{_FNS}/?$"), list_functions),
@@ -479,7 +822,7 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
     ("PUT", re.compile(rf"^/2019-09-30/functions/{_FN}/provisioned-concurrency/?$"),
      put_provisioned),
     ("GET", re.compile(rf"^/2019-09-30/functions/{_FN}/provisioned-concurrency/?$"),
-     get_provisioned),
+     provisioned_get_or_list),
     ("DELETE", re.compile(rf"^/2019-09-30/functions/{_FN}/provisioned-concurrency/?$"),
      delete_provisioned),
     ("GET", re.compile(rf"{_LAYERS}/?$"), list_layers),
@@ -499,6 +842,7 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
      get_event_config),
     ("DELETE", re.compile(rf"^/2019-09-25/functions/{_FN}/event-invoke-config/?$"),
      delete_event_config),
+    *IAC_ROUTES,
     ("POST", re.compile(rf"^/cellcloud/v1/functions/{_FN}/events/?$"), invoke_async),
     ("GET", re.compile(rf"^/cellcloud/v1/functions/{_FN}/logs/?$"), function_logs),
     ("GET", re.compile(rf"^/cellcloud/v1/functions/{_FN}/attestation/?$"),

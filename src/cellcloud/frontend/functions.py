@@ -772,3 +772,36 @@ class Catalog:
         if len(names) > max_items:
             out["NextMarker"] = rules.encode_marker(names[max_items - 1])
         return out
+
+    # -- tags (TagResource / UntagResource; ListTags reads function(...).tags) --------------------
+    def set_tags(self, account: str, name: str, add: dict[str, str], remove: list[str]) -> None:
+        """Merge ``add`` into the function's tags and drop the keys in ``remove``; the whole
+        set is checked as CreateFunction's Tags are."""
+        old = self.function(account, name)
+        tags = {k: v for k, v in {**old.tags, **add}.items() if k not in remove}
+        tags = rules.check_tags(tags, self.limits)
+        self.replace_record(old, replace(old, tags=tags, revision=old.revision + 1,
+                                   revision_id=str(uuid.uuid4())))
+
+    def account_usage(self, account: str) -> tuple[int, int]:
+        """GetAccountSettings' AccountUsage: (function count, bytes of zipped code of every
+        function's $LATEST and published versions)."""
+        count = code = 0
+        after = ""
+        page = self.limits.list_page_items_max
+        while True:
+            recs = self.store.list_page(account, after, page)
+            for r in recs:
+                count += 1
+                code += r.code_size + sum(
+                    v.code_size for v in self.store.list_versions(account, r.name, 0, 1 << 30))
+            if len(recs) < page:
+                return count, code
+            after = recs[-1].name
+
+    def list_provisioned_docs(self, account: str, name: str) -> list[dict[str, Any]]:
+        """ListProvisionedConcurrencyConfigs: every qualifier's config, by qualifier."""
+        self.function(account, name)
+        return [{"FunctionArn": function_arn(self.region, account, name, qual),
+                 **self.provisioned_doc(account, name, qual)}
+                for (a, n, qual) in sorted(self.provisioned) if a == account and n == name]

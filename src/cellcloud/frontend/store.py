@@ -190,6 +190,9 @@ class FunctionStore(Protocol):
                             ) -> list[LayerVersionRecord]: ...
     def list_layer_names(self, account: str, after: str, limit: int) -> list[str]: ...
     def delete_layer_version(self, account: str, name: str, version: int) -> bool: ...
+    def get_policy(self, account: str, kind: str, name: str, qualifier: str) -> str | None: ...
+    def put_policy(self, account: str, kind: str, name: str, qualifier: str,
+                   doc: str | None) -> None: ...
 
 
 _SCHEMA = """
@@ -221,6 +224,9 @@ CREATE TABLE IF NOT EXISTS layers (
 CREATE TABLE IF NOT EXISTS layer_counters (
     account TEXT NOT NULL, name TEXT NOT NULL, last INTEGER NOT NULL,
     PRIMARY KEY (account, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS policies (
+    account TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, qualifier TEXT NOT NULL,
+    doc TEXT NOT NULL, PRIMARY KEY (account, kind, name, qualifier)) WITHOUT ROWID;
 """
 
 #: kind: 'f' a function's $LATEST (version ''), 'v' a published version, 'l' a layer version.
@@ -346,6 +352,8 @@ class SqliteFunctionStore:
                                     (account, name))
                 self.db.execute("DELETE FROM bundle_refs WHERE kind IN ('f', 'v') AND "
                                 "account=? AND name=?", (account, name))
+                self.db.execute("DELETE FROM policies WHERE account=? AND kind='f' AND name=?",
+                                (account, name))
             return cur.rowcount == 1
         return self._freeing(f"the deletion of function {name}", write)
 
@@ -522,9 +530,32 @@ class SqliteFunctionStore:
                 cur = self.db.execute(
                     "DELETE FROM layers WHERE account=? AND name=? AND version=?",
                     (account, name, version))
+                self.db.execute("DELETE FROM policies WHERE account=? AND kind='l' AND name=? "
+                                "AND qualifier=?", (account, name, str(version)))
                 self._set_refs("l", account, name, str(version), [])
             return cur.rowcount == 1
         return self._freeing(f"the deletion of version {version} of layer {name}", write)
+
+    # -- resource policies (kind 'f': a function, qualifier '' or a version/alias; 'l': a layer
+    # version, qualifier its number); doc is the policy's statements as JSON
+    def get_policy(self, account: str, kind: str, name: str, qualifier: str) -> str | None:
+        row = self.db.execute("SELECT doc FROM policies WHERE account=? AND kind=? AND name=? "
+                              "AND qualifier=?", (account, kind, name, qualifier)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put_policy(self, account: str, kind: str, name: str, qualifier: str,
+                   doc: str | None) -> None:
+        what = f"the resource policy of {name}"
+        if doc is None:
+            def delete() -> None:
+                with self._tx(what):
+                    self.db.execute("DELETE FROM policies WHERE account=? AND kind=? AND name=? "
+                                    "AND qualifier=?", (account, kind, name, qualifier))
+            self._freeing(what, delete)
+            return
+        with self._tx(what):
+            self.db.execute("INSERT OR REPLACE INTO policies VALUES (?,?,?,?,?)",
+                            (account, kind, name, qualifier, doc))
 
     def list_page(self, account: str, after: str, limit: int) -> list[FunctionRecord]:
         rows = self.db.execute(
