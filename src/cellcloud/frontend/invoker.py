@@ -34,14 +34,19 @@ from ..core.invoke import (
     EnvCreateFailed,
     FunctionRef,
     FunctionRetired,
+    GrantLease,
     Instruction,
     InvokeCore,
     InvokeFinished,
     InvokeOutcome,
     InvokeParams,
     InvokeRequested,
+    LeaseRequested,
+    LeaseReturned,
+    LeaseRevoked,
     MarkAgentDown,
     ProvisionedSet,
+    RevokeLease,
     RunInvoke,
     Stimulus,
     Throttle,
@@ -125,6 +130,14 @@ class Invoker:
                 self._spawn(self._run(ins))
             case DestroyEnv():
                 self.destroy_soon(ins.env_id, ins.agent_id)
+            case RevokeLease():
+                self._spawn(self._end_lease(ins.lease_id, ins.agent_id, revoked=True))
+            case GrantLease():
+                call = self._calls.pop(ins.lease_id, None)
+                if call is not None and not call.done.done():
+                    call.done.set_result(ins)
+                else:  # the asker went away: nobody holds it
+                    self.feed(LeaseReturned(ins.lease_id))
             case Answer() | Throttle():
                 call = self._calls.pop(ins.request_id, None)
                 if call is not None and not call.done.done():
@@ -180,6 +193,73 @@ class Invoker:
         return InvokeResult(res["payload"], res["function_error"],
                             logs[-self.cell.limits.log_tail_bytes:] if log_tail else b"",
                             request_id, rec.version)
+
+    # -- leases (issue #13): a router runs warm invokes router -> agent ------------------------
+    async def lease(self, rec: FunctionRecord, invoked_arn: str, reserved: int | None,
+                    holder: str) -> dict[str, Any]:
+        """A lease on a warm (or new) environment of ``rec`` for ``holder``, counted like an
+        invocation; the agent is told before the holder is (it refuses anything else)."""
+        lease_id = f"lease-{uuid.uuid4()}"
+        done: asyncio.Future[Instruction] = asyncio.get_running_loop().create_future()
+        self._calls[lease_id] = _Call(lease_id, rec, invoked_arn, b"", False, done)
+        self.feed(LeaseRequested(lease_id, holder, function_ref(rec, reserved)))
+        ins = await done
+        if isinstance(ins, Throttle):
+            raise errors.too_many(ins.message, ins.reason)
+        if isinstance(ins, Answer):
+            raise LambdaError(ins.status, ins.error_type or "ServiceException", ins.message)
+        assert isinstance(ins, GrantLease)
+        cell = self.cell
+        client = cell.agents[ins.agent_id]
+        ttl_ms = max(0, ins.expires_ms - self.now_ms())
+        try:
+            await self.call_agent(client, "lease_grant", {"lease_id": lease_id,
+                                                          "env_id": ins.env_id,
+                                                          "ttl_ms": ttl_ms},
+                                  cell.limits.agent_call_timeout_ms / 1000)
+        except (TransportError, RemoteError) as e:
+            self.feed(LeaseReturned(lease_id))
+            raise LambdaError(503, "ServiceException", f"could not lease: {e}") from e
+        cell.counters["leases_granted"] = cell.counters.get("leases_granted", 0) + 1
+        return {"lease_id": lease_id, "env_id": ins.env_id, "agent_id": ins.agent_id,
+                "host": client.host, "port": client.port, "ttl_ms": ttl_ms,
+                "version": rec.version, "timeout_ms": rec.timeout_s * 1000, "arn": invoked_arn}
+
+    def lease_holder(self, lease_id: str) -> str | None:
+        req = self.core.requests.get(lease_id)
+        return req.holder if req is not None else None
+
+    async def lease_return(self, lease_id: str, holder: str) -> dict[str, Any]:
+        """The holder is done with the lease: the agent ends it (waits for its invocation, if
+        one runs, and hands back their logs), then the slot goes back."""
+        req = self.core.requests.get(lease_id)
+        if req is None or req.holder != holder or req.agent_id is None:
+            return {"returned": False}
+        await self._end_lease(lease_id, req.agent_id, revoked=False)
+        return {"returned": True}
+
+    async def _end_lease(self, lease_id: str, agent_id: str, *, revoked: bool) -> None:
+        """Exactly one LeaseRevoked/LeaseReturned once the agent confirms the lease is over;
+        none when the agent cannot be reached (the core frees it when the agent is lost)."""
+        cell = self.cell
+        try:
+            res = await self.call_agent(cell.agents[agent_id], "lease_end",
+                                        {"lease_id": lease_id},
+                                        cell.limits.timeout_s_max
+                                        + cell.limits.agent_call_timeout_ms / 1000)
+        except (TransportError, RemoteError) as e:
+            log.info("lease %s on %s: %s", lease_id, agent_id, e)
+            return
+        alive = bool(res.get("env_alive", True))
+        key = str(res.get("function_key") or "")
+        if not key:
+            req = self.core.requests.get(lease_id)
+            key = req.fn.key if req is not None else ""
+        cell.file_logs(key, res.get("logs"))
+        n = int(res.get("invocations") or 0)
+        cell.counters["leased_invocations"] = cell.counters.get("leased_invocations", 0) + n
+        self.feed(LeaseRevoked(lease_id, alive) if revoked
+                  else LeaseReturned(lease_id, "ok" if alive else "env_died"))
 
     # -- provisioned pools, retirement, agents, time ---------------------------------------------
     def provisioned(self, rec: FunctionRecord, count: int) -> None:

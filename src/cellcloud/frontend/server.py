@@ -101,6 +101,13 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
     async def status(_: Any) -> dict[str, Any]:
         return await cell.status()
 
+    # Leases on warm environments for a router's direct path (issue #13).
+    async def lease(body: dict[str, Any]) -> dict[str, Any]:
+        return await api.lease(cell, body)
+
+    async def lease_return(body: dict[str, Any]) -> dict[str, Any]:
+        return await cell.invoker.lease_return(str(body["lease_id"]), str(body["holder"]))
+
     async def async_status(_: Any) -> dict[str, Any]:
         assert cell.events is not None
         return {**cell.events.statistics(), "queues": dict(queues.counters)}
@@ -118,7 +125,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
     async def tenant_forget(body: dict[str, Any]) -> dict[str, Any]:
         return clone.forget_tenant(cell, str(body["account"]))
 
-    return {"http": http, "status": status, "sqs": queues.handle, "async_status": async_status,
+    return {"http": http, "status": status, "lease": lease, "lease_return": lease_return, "sqs": queues.handle, "async_status": async_status,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
             **registry.ops()}
