@@ -208,7 +208,7 @@ class EnvRecord:
 
 
 class _Lease:
-    __slots__ = ("env_id", "expires", "ended", "running", "idle", "logs", "invocations")
+    __slots__ = ("env_id", "expires", "ended", "running", "idle", "invocations")
 
     def __init__(self, env_id: str, expires: float) -> None:
         self.env_id = env_id
@@ -217,7 +217,6 @@ class _Lease:
         self.running = False
         self.idle = asyncio.Event()
         self.idle.set()
-        self.logs = bytearray()
         self.invocations = 0
 
 
@@ -449,18 +448,19 @@ class Agent:
 
     async def lease_end(self, body: dict[str, Any]) -> dict[str, Any]:
         """The lease is over: no invocation under it starts from now on; answered once none
-        runs, with the logs of its invocations (they belong to the function's logs) and
-        whether its environment is still alive. Idempotent."""
+        runs, with whether its environment is still alive. Idempotent. (The logs of its
+        invocations went back to the router in each answer; it files them with the frontend.)"""
         lease = self._leases.get(str(body["lease_id"]))
         if lease is None:
-            return {"known": False, "env_alive": True, "logs": b"", "invocations": 0}
+            return {"known": False, "env_alive": True, "invocations": 0}
         lease.ended = True
+        if body.get("wait") is False:  # refused from now on; the caller asks again to wait
+            return {"known": True, "env_alive": lease.env_id in self.envs, "invocations": 0}
         while lease.running:
             await lease.idle.wait()
         self._leases.pop(str(body["lease_id"]), None)
-        logs, lease.logs = bytes(lease.logs), bytearray()
         rec = self.envs.get(lease.env_id)
-        return {"known": True, "env_alive": rec is not None, "logs": logs,
+        return {"known": True, "env_alive": rec is not None,
                 "function_key": rec.function_key if rec is not None else "",
                 "invocations": lease.invocations}
 
@@ -485,10 +485,6 @@ class Agent:
                                      "timeout_ms": int(body["timeout_ms"]),
                                      "arn": str(body.get("arn", ""))})
             lease.invocations += 1
-            for part in (res.get("previous_logs"), res.get("logs")):
-                if isinstance(part, bytes):
-                    lease.logs += part
-            del lease.logs[:-DEFAULT_LIMITS.lease_log_bytes_max]
             return res
         finally:
             lease.running = False

@@ -74,8 +74,6 @@ class Limits:
     # starting invocations under one this close to its expiry.
     router_lease_idle_ms: int = 5_000
     router_lease_expiry_margin_ms: int = 2_000
-    # Logs of a lease's invocations an agent keeps for the frontend (the tail wins).
-    lease_log_bytes_max: int = 1024 * 1024
     gone_env_ids_remembered_max: int = 1024
     # The function catalog (frontend/functions.py; Lambda's quotas where Lambda has one).
     list_page_items_max: int = 50  # items in one page of any List* answer

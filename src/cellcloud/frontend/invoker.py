@@ -112,6 +112,7 @@ class Invoker:
             params=InvokeParams.from_limits(cell.limits, invokes_inflight_max))
         self._calls: dict[str, _Call] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ending: set[asyncio.Future[Any]] = set()  # agents told to refuse a lease
         self._seq = 0
 
     def now_ms(self) -> int:
@@ -202,7 +203,9 @@ class Invoker:
         lease_id = f"lease-{uuid.uuid4()}"
         done: asyncio.Future[Instruction] = asyncio.get_running_loop().create_future()
         self._calls[lease_id] = _Call(lease_id, rec, invoked_arn, b"", False, done)
-        self.feed(LeaseRequested(lease_id, holder, function_ref(rec, reserved)))
+        # Only a warm environment: a lease never costs a cold start (nor keeps one alive that
+        # an invocation left behind, e.g. killed on its timeout).
+        self.feed(LeaseRequested(lease_id, holder, function_ref(rec, reserved), warm_only=True))
         ins = await done
         if isinstance(ins, Throttle):
             raise errors.too_many(ins.message, ins.reason)
@@ -238,11 +241,40 @@ class Invoker:
         await self._end_lease(lease_id, req.agent_id, revoked=False)
         return {"returned": True}
 
+    async def settle_leases(self) -> None:
+        """Wait (bounded) until every lease being revoked is refused by its agent: a change
+        (new code, new configuration, a deletion) is answered only once no router can start
+        an invocation of the old one under a lease."""
+        if self._ending:
+            await asyncio.wait(list(self._ending),
+                               timeout=self.cell.limits.agent_call_timeout_ms / 1000 + 1)
+
+    def lease_logs(self, lease_id: str, holder: str, request_id: str, logs: list[Any]) -> bool:
+        """The logs of one invocation under a lease (the holder sends them as it answers):
+        filed with the function's, as the frontend's own invocations' are."""
+        req = self.core.requests.get(lease_id)
+        if req is None or req.holder != holder:
+            return False
+        counters = self.cell.counters
+        counters["leased_invocations"] = counters.get("leased_invocations", 0) + 1
+        for part in logs:
+            self.cell.file_logs(req.fn.key, part, request_id)
+        return True
+
     async def _end_lease(self, lease_id: str, agent_id: str, *, revoked: bool) -> None:
         """Exactly one LeaseRevoked/LeaseReturned once the agent confirms the lease is over;
         none when the agent cannot be reached (the core frees it when the agent is lost)."""
         cell = self.cell
+        timeout_s = cell.limits.agent_call_timeout_ms / 1000
+        # First the agent refuses the lease (at once: what settle_leases waits for), then it
+        # answers once no invocation under it runs.
+        ended = asyncio.ensure_future(self.call_agent(
+            cell.agents[agent_id], "lease_end", {"lease_id": lease_id, "wait": False},
+            timeout_s))
+        self._ending.add(ended)
+        ended.add_done_callback(self._ending.discard)
         try:
+            await asyncio.shield(ended)
             res = await self.call_agent(cell.agents[agent_id], "lease_end",
                                         {"lease_id": lease_id},
                                         cell.limits.timeout_s_max
@@ -251,13 +283,6 @@ class Invoker:
             log.info("lease %s on %s: %s", lease_id, agent_id, e)
             return
         alive = bool(res.get("env_alive", True))
-        key = str(res.get("function_key") or "")
-        if not key:
-            req = self.core.requests.get(lease_id)
-            key = req.fn.key if req is not None else ""
-        cell.file_logs(key, res.get("logs"))
-        n = int(res.get("invocations") or 0)
-        cell.counters["leased_invocations"] = cell.counters.get("leased_invocations", 0) + n
         self.feed(LeaseRevoked(lease_id, alive) if revoked
                   else LeaseReturned(lease_id, "ok" if alive else "env_died"))
 
