@@ -202,7 +202,11 @@ async def lease(cell: Cell, body: dict[str, Any]) -> dict[str, Any]:
         q = parse_qs(str(body.get("q") or ""), keep_blank_values=True)
         account = str(body["a"])
         name = _name(m["ref"], account)
-        rec, invoked_arn = cell.resolve(account, name, _qualifier(m["ref"], q))
+        qualifier = _qualifier(m["ref"], q)
+        if qualifier not in (None, "$LATEST") and not qualifier.isdigit():
+            # An alias may move (or split by weight) between invokes: each one resolves it.
+            raise LambdaError(409, "NotLeasable", "an alias is resolved per invoke")
+        rec, invoked_arn = cell.resolve(account, name, qualifier)
         return await cell.invoker.lease(rec, invoked_arn, cell.reserved(account, name),
                                         str(body["holder"]))
     except LambdaError as e:
