@@ -4,7 +4,8 @@ router -> agent, without crossing the frontend.
 The frontend stays the authority on concurrency: it grants a lease (counted like an invocation,
 bounded by ``invoke_lease_ms``, revocable) on one environment and registers it with the agent,
 which refuses anything else. Here: one invocation per leased environment at a time; a lease
-unused for ``router_lease_idle_ms`` (or near its expiry) goes back; on an agent error the lease
+unused for ``router_lease_idle_ms`` (or near its expiry) goes back; at most
+``router_leases_per_function_max`` per function (one more asked after each forwarded invoke); on an agent error the lease
 goes back and the request goes the frontend's way only when the handler cannot have run.
 The logs of leased invocations reach the function's logs through the frontend (the agent hands
 them over when the frontend ends the lease).
@@ -63,8 +64,8 @@ class Leases:
         self.router = router
         self.limits = limits
         self.holder = f"router-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.held: dict[Key, Lease] = {}
-        self._asking: set[Key] = set()
+        self.held: dict[Key, list[Lease]] = {}
+        self._asking: dict[Key, int] = {}
         self._agents: dict[tuple[str, int], Client] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -87,14 +88,14 @@ class Leases:
         return True
 
     def take(self, key: Key) -> Lease | None:
-        lease = self.held.get(key)
+        """A free lease for the function with time left for one more invocation, or None."""
         margin = self.limits.router_lease_expiry_margin_ms / 1000
-        if lease is None or lease.busy:
-            return None
-        if time.monotonic() + margin + lease.timeout_ms / 1000 >= lease.expires:
-            return None
-        lease.busy = True
-        return lease
+        now = time.monotonic()
+        for lease in self.held.get(key, ()):
+            if not lease.busy and now + margin + lease.timeout_ms / 1000 < lease.expires:
+                lease.busy = True
+                return lease
+        return None
 
     async def invoke(self, lease: Lease, key: Key, fwd: dict[str, str],
                      payload: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -148,9 +149,10 @@ class Leases:
     # -- getting and giving back leases ----------------------------------------------------------
     def want(self, key: Key, cell_id: str) -> None:
         """After an invoke went the frontend's way: ask for a lease for the next ones."""
-        if key in self.held or key in self._asking:
+        if (len(self.held.get(key, ())) + self._asking.get(key, 0)
+                >= self.limits.router_leases_per_function_max):
             return
-        self._asking.add(key)
+        self._asking[key] = self._asking.get(key, 0) + 1
         self._spawn(self._ask(key, cell_id))
 
     async def _ask(self, key: Key, cell_id: str) -> None:
@@ -162,7 +164,9 @@ class Leases:
             log.info("lease for %s: %s", key[1], e)
             return
         finally:
-            self._asking.discard(key)
+            self._asking[key] -= 1
+            if not self._asking[key]:
+                del self._asking[key]
         if "error" in doc:
             return
         lease = Lease(str(doc["lease_id"]), cell_id, str(doc["env_id"]),
@@ -170,16 +174,16 @@ class Leases:
                       time.monotonic() + int(doc["ttl_ms"]) / 1000, str(doc["version"]),
                       int(doc["timeout_ms"]), str(doc["arn"]), last_used=time.monotonic())
         self.counters["leases_taken"] += 1
-        if key in self.held:  # raced: keep one
-            self._give_back(lease)
-            return
-        self.held[key] = lease
+        self.held.setdefault(key, []).append(lease)
         self._ensure_sweeper()
 
     def _drop(self, key: Key, lease: Lease) -> None:
         lease.busy = False
-        if self.held.get(key) is lease:
-            del self.held[key]
+        held = self.held.get(key, [])
+        if lease in held:
+            held.remove(lease)
+            if not held:
+                del self.held[key]
         self._give_back(lease)
 
     def _give_back(self, lease: Lease) -> None:
@@ -207,10 +211,11 @@ class Leases:
         now = time.monotonic()
         idle_s = self.limits.router_lease_idle_ms / 1000
         margin = self.limits.router_lease_expiry_margin_ms / 1000
-        for key, lease in list(self.held.items()):
-            if not lease.busy and (now - lease.last_used > idle_s
-                                   or now + margin >= lease.expires):
-                self._drop(key, lease)
+        for key, leases in list(self.held.items()):
+            for lease in list(leases):
+                if not lease.busy and (now - lease.last_used > idle_s
+                                       or now + margin >= lease.expires):
+                    self._drop(key, lease)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
@@ -233,8 +238,8 @@ class Leases:
         task.add_done_callback(self._tasks.discard)
 
     def statistics(self) -> dict[str, Any]:
-        return {**self.counters, "held": len(self.held),
-                "busy": sum(lease.busy for lease in self.held.values())}
+        leases = [lease for held in self.held.values() for lease in held]
+        return {**self.counters, "held": len(leases), "busy": sum(x.busy for x in leases)}
 
 
 def _service_error(message: str) -> LambdaError:
