@@ -274,3 +274,12 @@ def test_retired_function_revokes_its_leases():
     grant = _one(core.handle(EnvCreated(create.env_id), 1), GrantLease)
     revoke = _one(core.handle(FunctionRetired("a/f/1"), 2), RevokeLease)
     assert (revoke.lease_id, revoke.env_id) == ("l1", grant.env_id)
+
+
+def test_a_reserved_concurrency_change_revokes_the_functions_leases():
+    from cellcloud.core.invoke import GrantLease, LeaseRequested, ReservedChanged, RevokeLease
+    core = _core()
+    create = _one(core.handle(LeaseRequested("l1", "router-1", F), 0), CreateEnv)
+    _one(core.handle(EnvCreated(create.env_id), 1), GrantLease)
+    assert core.handle(ReservedChanged("a/g"), 2) == []  # another function: untouched
+    assert _one(core.handle(ReservedChanged("a/f"), 3), RevokeLease).lease_id == "l1"

@@ -170,9 +170,17 @@ class LeaseHolderLost:
     holder: str
 
 
+@dataclass(frozen=True)
+class ReservedChanged:
+    """The function's reserved concurrency changed: its leases, counted under the old limit,
+    are revoked (new ones are judged under the new one)."""
+
+    owner: str
+
+
 Stimulus = (InvokeRequested | EnvCreated | EnvCreateFailed | InvokeFinished | AgentLost
             | AgentBack | ProvisionedSet | FunctionRetired | Tick | LeaseRequested
-            | LeaseReturned | LeaseRevoked | LeaseHolderLost)
+            | LeaseReturned | LeaseRevoked | LeaseHolderLost | ReservedChanged)
 
 # -- instructions -----------------------------------------------------------------------------
 
@@ -360,6 +368,10 @@ class InvokeCore:
             case LeaseHolderLost():
                 for req in [r for r in self.requests.values()
                             if r.holder == stimulus.holder and r.phase == "leased"]:
+                    self._revoke(req, out)
+            case ReservedChanged():
+                for req in [r for r in self.requests.values()
+                            if r.fn.owner == stimulus.owner and r.phase == "leased"]:
                     self._revoke(req, out)
             case EnvCreated():
                 self._created(stimulus.env_id, now_ms, out)

@@ -190,6 +190,17 @@ async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
 _INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<ref>[^/]+)/invocations/?$")
 
 
+_CONCURRENCY_PATH = re.compile(r"^/2017-10-31/functions/(?P<ref>[^/]+)/concurrency/?$")
+
+
+def after_change(cell: Cell, req: dict[str, Any], reply: Reply) -> None:
+    """A reserved concurrency set or removed: the function's leases were counted under the old
+    limit and are revoked."""
+    m = _CONCURRENCY_PATH.match(str(req.get("p", "")))
+    if m is not None and req.get("m") in ("PUT", "DELETE") and reply["s"] < 300:
+        cell.invoker.reserved_changed(req["a"], _name(m["ref"], req["a"]))
+
+
 async def lease(cell: Cell, body: dict[str, Any]) -> dict[str, Any]:
     """A router's lease request for the function an invoke path names (issue #13): resolved,
     judged and counted as an invoke is (reserved concurrency, poison, throttles), answered

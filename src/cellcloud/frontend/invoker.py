@@ -46,6 +46,7 @@ from ..core.invoke import (
     LeaseRevoked,
     MarkAgentDown,
     ProvisionedSet,
+    ReservedChanged,
     RevokeLease,
     RunInvoke,
     Stimulus,
@@ -240,6 +241,9 @@ class Invoker:
             return {"returned": False}
         await self._end_lease(lease_id, req.agent_id, revoked=False)
         return {"returned": True}
+
+    def reserved_changed(self, account: str, name: str) -> None:
+        self.feed(ReservedChanged(f"{account}/{name}"))
 
     async def settle_leases(self) -> None:
         """Wait (bounded) until every lease being revoked is refused by its agent: a change

@@ -98,6 +98,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
     async def http(req: dict[str, Any]) -> dict[str, Any]:
         reply = await api.handle(cell, req)
         if req.get("m") != "GET":  # a change: answered once no lease runs what it replaced
+            api.after_change(cell, req, reply)
             await cell.invoker.settle_leases()
         return reply
 
