@@ -311,7 +311,7 @@ class Router:
         leases = self.leases if is_invoke and scope["method"] == "POST" else None
         key = (account, path, req["q"])
         if leases is not None and leases.eligible(fwd, body):
-            lease = leases.take(key)
+            lease = leases.take(key, cell.cell_id)
             if lease is not None:
                 try:
                     return await leases.invoke(lease, key, fwd, body)

@@ -87,11 +87,17 @@ class Leases:
                 return False
         return True
 
-    def take(self, key: Key) -> Lease | None:
-        """A free lease for the function with time left for one more invocation, or None."""
+    def take(self, key: Key, cell_id: str) -> Lease | None:
+        """A free lease for the function with time left for one more invocation, or None.
+        Leases from a cell the tenant no longer maps to (a migration) go back at once: the old
+        cell drains only once they are returned."""
         margin = self.limits.router_lease_expiry_margin_ms / 1000
         now = time.monotonic()
+        for lease in [x for x in self.held.get(key, ()) if x.cell_id != cell_id and not x.busy]:
+            self._drop(key, lease)
         for lease in self.held.get(key, ()):
+            if lease.cell_id != cell_id:
+                continue
             if not lease.busy and now + margin + lease.timeout_ms / 1000 < lease.expires:
                 lease.busy = True
                 return lease
