@@ -115,15 +115,14 @@ class Leases:
                 "payload": payload, "timeout_ms": lease.timeout_ms, "arn": lease.arn},
                 timeout_s=lease.timeout_ms / 1000 + self.limits.agent_call_timeout_ms / 1000)
         except NotDelivered as e:
-            self._drop(key, lease)
-            self.counters["lease_fallbacks"] += 1
+            await self._fall_back(key, lease)
             raise Fallback(str(e)) from e
         except RemoteError as e:
-            self._drop(key, lease)
             if e.type in _NOTHING_RAN:
                 self.counters["lease_refused"] += e.type == "LeaseInvalid"
-                self.counters["lease_fallbacks"] += 1
+                await self._fall_back(key, lease)
                 raise Fallback(str(e)) from e
+            self._drop(key, lease)
             raise _service_error(f"The invocation failed: {e}") from e
         except (TransportError, CallTimeout) as e:  # it may have run: never run it again
             self._drop(key, lease)
@@ -182,6 +181,20 @@ class Leases:
         self.counters["leases_taken"] += 1
         self.held.setdefault(key, []).append(lease)
         self._ensure_sweeper()
+
+    async def _fall_back(self, key: Key, lease: Lease) -> None:
+        """Nothing ran under the lease: it goes back *before* the request goes the frontend's
+        way, so that its environment is free for it (warm) rather than held by a dead lease
+        (e.g. an agent restarted in place, which knows no lease)."""
+        self.counters["lease_fallbacks"] += 1
+        lease.busy = False
+        held = self.held.get(key, [])
+        if lease in held:
+            held.remove(lease)
+            if not held:
+                del self.held[key]
+        self.counters["leases_returned"] += 1
+        await self._return(lease)
 
     def _drop(self, key: Key, lease: Lease) -> None:
         lease.busy = False
