@@ -83,4 +83,5 @@ def test_agent_refuses_unknown_operations(sandbox: Sandbox) -> None:
     kind, refused = asyncio.run(main())
     assert kind == "UnknownOperation" and refused == 4
     assert sorted(sandbox.agent.ops) == ["attest", "create_env", "destroy", "forget_bundles",
-                                         "image_blob", "invoke", "status"]
+                                         "image_blob", "invoke", "lease_end", "lease_grant",
+                                         "leased_invoke", "status"]

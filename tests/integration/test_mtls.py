@@ -9,7 +9,7 @@ import pytest
 
 from cellcloud import transport
 from cellcloud.security import pki
-from cellcloud.transport import Client, TransportError
+from cellcloud.transport import Client, RemoteError, TransportError
 
 from .conftest import Region
 
@@ -39,8 +39,14 @@ def test_region_links_are_mtls_with_role_checks(region: Region) -> None:
     # A certificate from the region CA, but with a role these servers do not accept.
     cfg = pki.tls_config(region.state_dir, "cc-local-1", "router", "region", "test-router")
     ctx = cfg.client_context()
+    cfg_agent = pki.tls_config(region.state_dir, "cc-local-1", "agent", "cell-1", "test-agent")
     with pytest.raises(TransportError):
-        _call(agent["host"], agent["port"], "status", ssl_context=ctx)  # agents: frontend/control
+        _call(fe["host"], fe["port"], "status", ssl_context=cfg_agent.client_context())
+    # A router reaches an agent for leased invocations only (issue #13): nothing else.
+    with pytest.raises(RemoteError) as e:
+        _call(agent["host"], agent["port"], "status", ssl_context=ctx,
+              peer_check=pki.peer_check("cc-local-1", {"agent"}))
+    assert e.value.type == "Forbidden"
     # The right role gets in: a router may call a frontend.
     st = _call(fe["host"], fe["port"], "status", ssl_context=ctx,
                peer_check=pki.peer_check("cc-local-1", {"frontend"}))

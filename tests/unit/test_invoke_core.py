@@ -251,3 +251,35 @@ def test_lease_holder_lost_revokes_its_leases():
     _one(core.handle(EnvCreated(create.env_id), 1), GrantLease)
     assert _one(core.handle(LeaseHolderLost("router-1"), 2), RevokeLease).lease_id == "l1"
     assert core.inflight_total == 1  # until the agent confirms
+
+
+def test_a_warm_only_lease_never_costs_a_cold_start():
+    from cellcloud.core.invoke import GrantLease, LeaseRequested
+    core = _core()
+    out = core.handle(LeaseRequested("l1", "router-1", F, warm_only=True), 0)
+    refused = _one(out, Answer)
+    assert not refused.ok and refused.error_type == "NoWarmEnvironment"
+    assert not [i for i in out if isinstance(i, CreateEnv)] and core.inflight_total == 0
+    run = _running(core, "r1", now=1)
+    core.handle(InvokeFinished("r1", "ok"), 2)
+    grant = _one(core.handle(LeaseRequested("l2", "router-1", F, warm_only=True), 3), GrantLease)
+    assert grant.env_id == run.env_id and core.inflight_total == 1
+
+
+def test_retired_function_revokes_its_leases():
+    # New code or configuration: no invocation of the old one may start under a lease.
+    from cellcloud.core.invoke import FunctionRetired, GrantLease, LeaseRequested, RevokeLease
+    core = _core()
+    create = _one(core.handle(LeaseRequested("l1", "router-1", F), 0), CreateEnv)
+    grant = _one(core.handle(EnvCreated(create.env_id), 1), GrantLease)
+    revoke = _one(core.handle(FunctionRetired("a/f/1"), 2), RevokeLease)
+    assert (revoke.lease_id, revoke.env_id) == ("l1", grant.env_id)
+
+
+def test_a_reserved_concurrency_change_revokes_the_functions_leases():
+    from cellcloud.core.invoke import GrantLease, LeaseRequested, ReservedChanged, RevokeLease
+    core = _core()
+    create = _one(core.handle(LeaseRequested("l1", "router-1", F), 0), CreateEnv)
+    _one(core.handle(EnvCreated(create.env_id), 1), GrantLease)
+    assert core.handle(ReservedChanged("a/g"), 2) == []  # another function: untouched
+    assert _one(core.handle(ReservedChanged("a/f"), 3), RevokeLease).lease_id == "l1"

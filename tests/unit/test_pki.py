@@ -6,12 +6,12 @@ from typing import Any
 import pytest
 
 from cellcloud.security import pki
-from cellcloud.transport import Client, Server, TransportError
+from cellcloud.transport import Client, RemoteError, Server, TransportError
 
 
 def _configs(tmp: str) -> dict[str, pki.TlsConfig]:
     return {role: pki.tls_config(tmp, "cc-local-1", role, "cell-1", f"{role}-x")
-            for role in ("agent", "frontend", "router")}
+            for role in ("agent", "frontend", "router", "dispatcher")}
 
 
 def test_certificates_name_role_cell_and_region(tmp_path: Any) -> None:
@@ -38,16 +38,24 @@ def test_mtls_role_checks_on_both_ends(tmp_path: Any) -> None:
     async def main() -> None:
         agent_srv = Server({"echo": echo},
                            peer_check=pki.peer_check("cc-local-1", pki.ACCEPTS["agent"]))
+        agent_srv.ops_for_role = {client: ops for (server, client), ops
+                                  in pki.OPS_ALLOWED.items() if server == "agent"}
         _, port = await agent_srv.listen_tcp("127.0.0.1", 0,
                                              ssl_context=cfgs["agent"].server_context())
         # A frontend may call an agent, and checks it is talking to an agent.
         fe = Client("127.0.0.1", port, ssl_context=cfgs["frontend"].client_context(),
                     peer_check=pki.peer_check("cc-local-1", {"agent"}))
         assert await fe.call("echo", "hi", timeout_s=5) == "hi"
-        # A router may not: the agent drops the connection.
+        # A router reaches an agent for leased_invoke only (pki.OPS_ALLOWED): "echo" is
+        # answered Forbidden, and the handler never ran.
         rt = Client("127.0.0.1", port, ssl_context=cfgs["router"].client_context())
-        with pytest.raises(TransportError):
+        with pytest.raises(RemoteError) as e:
             await rt.call("echo", "hi", timeout_s=5)
+        assert e.value.type == "Forbidden" and agent_srv.stats.forbidden_ops == 1
+        # A dispatcher may not: the agent drops the connection.
+        dp = Client("127.0.0.1", port, ssl_context=cfgs["dispatcher"].client_context())
+        with pytest.raises(TransportError):
+            await dp.call("echo", "hi", timeout_s=5)
         assert agent_srv.stats.rejected_peers == 1
         # A client expecting a frontend refuses to talk to this agent.
         wrong = Client("127.0.0.1", port, ssl_context=cfgs["frontend"].client_context(),
@@ -58,7 +66,7 @@ def test_mtls_role_checks_on_both_ends(tmp_path: Any) -> None:
         plain = Client("127.0.0.1", port)
         with pytest.raises(TransportError):
             await plain.call("echo", "hi", timeout_s=2)
-        for c in (fe, rt, wrong, plain):
+        for c in (fe, rt, dp, wrong, plain):
             await c.close()
         await agent_srv.close()
 

@@ -221,6 +221,19 @@ class EnvRecord:
     guest_wire: int = m.GUEST_WIRE  # the channel's dialect this guest speaks (core/messages)
 
 
+class _Lease:
+    __slots__ = ("env_id", "expires", "ended", "running", "idle", "invocations")
+
+    def __init__(self, env_id: str, expires: float) -> None:
+        self.env_id = env_id
+        self.expires = expires  # time.monotonic()
+        self.ended = False
+        self.running = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.invocations = 0
+
+
 class Agent:
     def __init__(self, agent_id: str, state_dir: str, backend: Backend, *, uid_base: int,
                  envs_max: int = DEFAULT_LIMITS.envs_per_agent_max, region: str = "cc-local-1",
@@ -287,9 +300,14 @@ class Agent:
         # Logs of environments reset because their extensions overran an Invoke phase, for
         # the next invoke or destroy that names them (bounded; the oldest go first).
         self._reset_logs: dict[str, tuple[str, bytes]] = {}  # env -> (function key, logs)
+        # Leases the frontend registered (issue #13): a router may run invocations on the
+        # leased environment, one at a time, until the lease expires or is ended.
+        self._leases: dict[str, _Lease] = {}
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
                     "destroy": self.destroy, "status": self.status, "attest": self.attest,
-                    "forget_bundles": self.forget_bundles, "image_blob": self.image_blob}
+                    "forget_bundles": self.forget_bundles, "image_blob": self.image_blob,
+                    "lease_grant": self.lease_grant, "lease_end": self.lease_end,
+                    "leased_invoke": self.leased_invoke}
 
     # -- operations -------------------------------------------------------------------------
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -463,6 +481,60 @@ class Agent:
             return (await self._invoke(req)).to_wire()
         finally:
             self._idle.set()
+
+    # -- leases (issue #13) ------------------------------------------------------------------
+    async def lease_grant(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The frontend leases ``env_id`` to a router for ``ttl_ms`` (its own clock here)."""
+        lease_id, env_id = str(body["lease_id"]), str(body["env_id"])
+        if env_id not in self.envs:
+            raise OpError("EnvNotFound", env_id)
+        self._leases[lease_id] = _Lease(env_id, time.monotonic() + int(body["ttl_ms"]) / 1000)
+        self.counters["leases_granted"] = self.counters.get("leases_granted", 0) + 1
+        return {"lease_id": lease_id}
+
+    async def lease_end(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The lease is over: no invocation under it starts from now on; answered once none
+        runs, with whether its environment is still alive. Idempotent. (The logs of its
+        invocations went back to the router in each answer; it files them with the frontend.)"""
+        lease = self._leases.get(str(body["lease_id"]))
+        if lease is None:
+            return {"known": False, "env_alive": True, "invocations": 0}
+        lease.ended = True
+        if body.get("wait") is False:  # refused from now on; the caller asks again to wait
+            return {"known": True, "env_alive": lease.env_id in self.envs, "invocations": 0}
+        while lease.running:
+            await lease.idle.wait()
+        self._leases.pop(str(body["lease_id"]), None)
+        rec = self.envs.get(lease.env_id)
+        return {"known": True, "env_alive": rec is not None,
+                "function_key": rec.function_key if rec is not None else "",
+                "invocations": lease.invocations}
+
+    async def leased_invoke(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An invocation from a router under a lease: refused (nothing ran) unless the lease
+        is known, live, names this environment and runs nothing else."""
+        lease = self._leases.get(str(body.get("lease_id")))
+        env_id = str(body.get("env_id"))
+        if lease is None or lease.ended or lease.env_id != env_id:
+            self.counters["lease_refused"] = self.counters.get("lease_refused", 0) + 1
+            raise OpError("LeaseInvalid", f"no live lease on {env_id}; nothing ran")
+        if time.monotonic() >= lease.expires:
+            self.counters["lease_refused"] = self.counters.get("lease_refused", 0) + 1
+            raise OpError("LeaseInvalid", f"the lease on {env_id} expired; nothing ran")
+        if lease.running:
+            raise OpError("EnvBusy", f"{env_id} is already running an invocation")
+        lease.running = True
+        lease.idle.clear()
+        try:
+            res = await self.invoke({"env_id": env_id, "request_id": str(body["request_id"]),
+                                     "payload": body["payload"],
+                                     "timeout_ms": int(body["timeout_ms"]),
+                                     "arn": str(body.get("arn", ""))})
+            lease.invocations += 1
+            return res
+        finally:
+            lease.running = False
+            lease.idle.set()
 
     async def wait_idle(self, timeout_s: float = 1.0) -> None:
         """Wait (bounded) until an invocation finishes."""

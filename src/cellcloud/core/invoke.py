@@ -144,6 +144,7 @@ class LeaseRequested:
     lease_id: str
     holder: str
     fn: FunctionRef
+    warm_only: bool = False  # no warm environment: answered NoWarmEnvironment (none created)
 
 
 LeaseOutcome = Literal["ok", "env_died"]
@@ -169,9 +170,17 @@ class LeaseHolderLost:
     holder: str
 
 
+@dataclass(frozen=True)
+class ReservedChanged:
+    """The function's reserved concurrency changed: its leases, counted under the old limit,
+    are revoked (new ones are judged under the new one)."""
+
+    owner: str
+
+
 Stimulus = (InvokeRequested | EnvCreated | EnvCreateFailed | InvokeFinished | AgentLost
             | AgentBack | ProvisionedSet | FunctionRetired | Tick | LeaseRequested
-            | LeaseReturned | LeaseRevoked | LeaseHolderLost)
+            | LeaseReturned | LeaseRevoked | LeaseHolderLost | ReservedChanged)
 
 # -- instructions -----------------------------------------------------------------------------
 
@@ -342,6 +351,11 @@ class InvokeCore:
             case InvokeRequested():
                 self._requested(stimulus.request_id, stimulus.fn, None, now_ms, out)
             case LeaseRequested():
+                if stimulus.warm_only and not self.placement.has_idle(stimulus.fn.key):
+                    if stimulus.lease_id not in self.requests:
+                        out.append(Answer(stimulus.lease_id, False, 409, "NoWarmEnvironment",
+                                          "No warm environment of the function is free."))
+                    return out
                 self._requested(stimulus.lease_id, stimulus.fn, stimulus.holder, now_ms, out)
             case LeaseReturned():
                 self._lease_returned(stimulus, now_ms, out)
@@ -354,6 +368,10 @@ class InvokeCore:
             case LeaseHolderLost():
                 for req in [r for r in self.requests.values()
                             if r.holder == stimulus.holder and r.phase == "leased"]:
+                    self._revoke(req, out)
+            case ReservedChanged():
+                for req in [r for r in self.requests.values()
+                            if r.fn.owner == stimulus.owner and r.phase == "leased"]:
                     self._revoke(req, out)
             case EnvCreated():
                 self._created(stimulus.env_id, now_ms, out)
@@ -372,6 +390,9 @@ class InvokeCore:
                 self.placement.set_provisioned(stimulus.fn.key, stimulus.count)
                 self._provision(now_ms, out)
             case FunctionRetired():
+                for req in [r for r in self.requests.values()
+                            if r.fn.key == stimulus.key and r.phase == "leased"]:
+                    self._revoke(req, out)  # no invocation of the old code under a lease
                 self.placement.set_provisioned(stimulus.key, 0)
                 out += [DestroyEnv(d.env_id, d.agent_id)
                         for d in self.placement.retire_function(stimulus.key)]

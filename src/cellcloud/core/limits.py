@@ -73,6 +73,11 @@ class Limits:
     # A router's lease on a warm environment (core/invoke.py) lasts at most this long; then it
     # is revoked (the agent refuses further invocations under it).
     invoke_lease_ms: int = 60_000
+    # A router returns a lease unused this long (the frontend's slot goes back), and stops
+    # starting invocations under one this close to its expiry.
+    router_lease_idle_ms: int = 5_000
+    router_lease_expiry_margin_ms: int = 2_000
+    router_leases_per_function_max: int = 16  # leases one router holds for one function
     gone_env_ids_remembered_max: int = 1024
     # The function catalog (frontend/functions.py; Lambda's quotas where Lambda has one).
     list_page_items_max: int = 50  # items in one page of any List* answer

@@ -217,6 +217,10 @@ class Placement:
                 out.append(Create(env_id, agent.agent_id))
         return out
 
+    def has_idle(self, function_key: str) -> bool:
+        """Whether a warm environment of the function waits (a lease takes only those)."""
+        return bool(self._idle.get(function_key))
+
     def prewarmed(self, env_id: str, now_ms: int) -> None:
         """A provisioned environment is up: it joins the function's idle pool."""
         env = self.envs.get(env_id)

@@ -189,6 +189,43 @@ async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     return {"s": 200, "h": out_headers, "b": res.payload}
 
 
+_INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<ref>[^/]+)/invocations/?$")
+
+
+_CONCURRENCY_PATH = re.compile(r"^/2017-10-31/functions/(?P<ref>[^/]+)/concurrency/?$")
+
+
+def after_change(cell: Cell, req: dict[str, Any], reply: Reply) -> None:
+    """A reserved concurrency set or removed: the function's leases were counted under the old
+    limit and are revoked."""
+    m = _CONCURRENCY_PATH.match(str(req.get("p", "")))
+    if m is not None and req.get("m") in ("PUT", "DELETE") and reply["s"] < 300:
+        cell.invoker.reserved_changed(req["a"], _name(m["ref"], req["a"]))
+
+
+async def lease(cell: Cell, body: dict[str, Any]) -> dict[str, Any]:
+    """A router's lease request for the function an invoke path names (issue #13): resolved,
+    judged and counted as an invoke is (reserved concurrency, poison, throttles), answered
+    with the environment, its agent's address and the lease's id and time to live, or with the
+    Lambda-shaped error the invoke would have got (``{"error": {s, h, b}}``)."""
+    try:
+        m = _INVOKE_PATH.match(str(body["p"]))
+        if m is None:
+            raise LambdaError(404, "UnknownOperationException", "not an invoke path")
+        q = parse_qs(str(body.get("q") or ""), keep_blank_values=True)
+        account = str(body["a"])
+        name = _name(m["ref"], account)
+        qualifier = _qualifier(m["ref"], q)
+        if qualifier not in (None, "$LATEST") and not qualifier.isdigit():
+            # An alias may move (or split by weight) between invokes: each one resolves it.
+            raise LambdaError(409, "NotLeasable", "an alias is resolved per invoke")
+        rec, invoked_arn = cell.resolve(account, name, qualifier)
+        return await cell.invoker.lease(rec, invoked_arn, cell.reserved(account, name),
+                                        str(body["holder"]))
+    except LambdaError as e:
+        return {"error": {"s": e.status, "h": e.headers(), "b": e.body()}}
+
+
 def _accept_event(cell: Cell, req: dict[str, Any], name: str, qualifier: str | None) -> Reply:
     """The durable async path: the 202 leaves only after the event is on disk."""
     if cell.events is None:

@@ -35,14 +35,20 @@ from ..core.invoke import (
     EnvCreateFailed,
     FunctionRef,
     FunctionRetired,
+    GrantLease,
     Instruction,
     InvokeCore,
     InvokeFinished,
     InvokeOutcome,
     InvokeParams,
     InvokeRequested,
+    LeaseRequested,
+    LeaseReturned,
+    LeaseRevoked,
     MarkAgentDown,
     ProvisionedSet,
+    ReservedChanged,
+    RevokeLease,
     RunInvoke,
     Stimulus,
     Throttle,
@@ -109,6 +115,7 @@ class Invoker:
             params=InvokeParams.from_limits(cell.limits, invokes_inflight_max))
         self._calls: dict[str, _Call] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ending: set[asyncio.Future[Any]] = set()  # agents told to refuse a lease
         self._seq = 0
 
     def now_ms(self) -> int:
@@ -127,6 +134,14 @@ class Invoker:
                 self._spawn(self._run(ins))
             case DestroyEnv():
                 self.destroy_soon(ins.env_id, ins.agent_id)
+            case RevokeLease():
+                self._spawn(self._end_lease(ins.lease_id, ins.agent_id, revoked=True))
+            case GrantLease():
+                call = self._calls.pop(ins.lease_id, None)
+                if call is not None and not call.done.done():
+                    call.done.set_result(ins)
+                else:  # the asker went away: nobody holds it
+                    self.feed(LeaseReturned(ins.lease_id))
             case Answer() | Throttle():
                 call = self._calls.pop(ins.request_id, None)
                 if call is not None and not call.done.done():
@@ -182,6 +197,100 @@ class Invoker:
         return InvokeResult(res.payload, res.function_error,
                             logs[-self.cell.limits.log_tail_bytes:] if log_tail else b"",
                             request_id, rec.version)
+
+    # -- leases (issue #13): a router runs warm invokes router -> agent ------------------------
+    async def lease(self, rec: FunctionRecord, invoked_arn: str, reserved: int | None,
+                    holder: str) -> dict[str, Any]:
+        """A lease on a warm (or new) environment of ``rec`` for ``holder``, counted like an
+        invocation; the agent is told before the holder is (it refuses anything else)."""
+        lease_id = f"lease-{uuid.uuid4()}"
+        done: asyncio.Future[Instruction] = asyncio.get_running_loop().create_future()
+        self._calls[lease_id] = _Call(lease_id, rec, invoked_arn, b"", False, done)
+        # Only a warm environment: a lease never costs a cold start (nor keeps one alive that
+        # an invocation left behind, e.g. killed on its timeout).
+        self.feed(LeaseRequested(lease_id, holder, function_ref(rec, reserved), warm_only=True))
+        ins = await done
+        if isinstance(ins, Throttle):
+            raise errors.too_many(ins.message, ins.reason)
+        if isinstance(ins, Answer):
+            raise LambdaError(ins.status, ins.error_type or "ServiceException", ins.message)
+        assert isinstance(ins, GrantLease)
+        cell = self.cell
+        client = cell.agents[ins.agent_id]
+        ttl_ms = max(0, ins.expires_ms - self.now_ms())
+        try:
+            await self.call_agent(client, "lease_grant", {"lease_id": lease_id,
+                                                          "env_id": ins.env_id,
+                                                          "ttl_ms": ttl_ms},
+                                  cell.limits.agent_call_timeout_ms / 1000)
+        except (TransportError, RemoteError) as e:
+            self.feed(LeaseReturned(lease_id))
+            raise LambdaError(503, "ServiceException", f"could not lease: {e}") from e
+        cell.counters["leases_granted"] = cell.counters.get("leases_granted", 0) + 1
+        return {"lease_id": lease_id, "env_id": ins.env_id, "agent_id": ins.agent_id,
+                "host": client.host, "port": client.port, "ttl_ms": ttl_ms,
+                "version": rec.version, "timeout_ms": rec.timeout_s * 1000, "arn": invoked_arn}
+
+    def lease_holder(self, lease_id: str) -> str | None:
+        req = self.core.requests.get(lease_id)
+        return req.holder if req is not None else None
+
+    async def lease_return(self, lease_id: str, holder: str) -> dict[str, Any]:
+        """The holder is done with the lease: the agent ends it (waits for its invocation, if
+        one runs, and hands back their logs), then the slot goes back."""
+        req = self.core.requests.get(lease_id)
+        if req is None or req.holder != holder or req.agent_id is None:
+            return {"returned": False}
+        await self._end_lease(lease_id, req.agent_id, revoked=False)
+        return {"returned": True}
+
+    def reserved_changed(self, account: str, name: str) -> None:
+        self.feed(ReservedChanged(f"{account}/{name}"))
+
+    async def settle_leases(self) -> None:
+        """Wait (bounded) until every lease being revoked is refused by its agent: a change
+        (new code, new configuration, a deletion) is answered only once no router can start
+        an invocation of the old one under a lease."""
+        if self._ending:
+            await asyncio.wait(list(self._ending),
+                               timeout=self.cell.limits.agent_call_timeout_ms / 1000 + 1)
+
+    def lease_logs(self, lease_id: str, holder: str, request_id: str, logs: list[Any]) -> bool:
+        """The logs of one invocation under a lease (the holder sends them as it answers):
+        filed with the function's, as the frontend's own invocations' are."""
+        req = self.core.requests.get(lease_id)
+        if req is None or req.holder != holder:
+            return False
+        counters = self.cell.counters
+        counters["leased_invocations"] = counters.get("leased_invocations", 0) + 1
+        for part in logs:
+            self.cell.file_logs(req.fn.key, part, request_id)
+        return True
+
+    async def _end_lease(self, lease_id: str, agent_id: str, *, revoked: bool) -> None:
+        """Exactly one LeaseRevoked/LeaseReturned once the agent confirms the lease is over;
+        none when the agent cannot be reached (the core frees it when the agent is lost)."""
+        cell = self.cell
+        timeout_s = cell.limits.agent_call_timeout_ms / 1000
+        # First the agent refuses the lease (at once: what settle_leases waits for), then it
+        # answers once no invocation under it runs.
+        ended = asyncio.ensure_future(self.call_agent(
+            cell.agents[agent_id], "lease_end", {"lease_id": lease_id, "wait": False},
+            timeout_s))
+        self._ending.add(ended)
+        ended.add_done_callback(self._ending.discard)
+        try:
+            await asyncio.shield(ended)
+            res = await self.call_agent(cell.agents[agent_id], "lease_end",
+                                        {"lease_id": lease_id},
+                                        cell.limits.timeout_s_max
+                                        + cell.limits.agent_call_timeout_ms / 1000)
+        except (TransportError, RemoteError) as e:
+            log.info("lease %s on %s: %s", lease_id, agent_id, e)
+            return
+        alive = bool(res.get("env_alive", True))
+        self.feed(LeaseRevoked(lease_id, alive) if revoked
+                  else LeaseReturned(lease_id, "ok" if alive else "env_died"))
 
     # -- provisioned pools, retirement, agents, time ---------------------------------------------
     def provisioned(self, rec: FunctionRecord, count: int) -> None:

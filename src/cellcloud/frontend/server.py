@@ -99,10 +99,26 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
     """The frontend's transport ops (docs/design.md lists them)."""
 
     async def http(req: dict[str, Any]) -> dict[str, Any]:
-        return await api.handle(cell, req)
+        reply = await api.handle(cell, req)
+        if req.get("m") != "GET":  # a change: answered once no lease runs what it replaced
+            api.after_change(cell, req, reply)
+            await cell.invoker.settle_leases()
+        return reply
 
     async def status(_: Any) -> dict[str, Any]:
         return await cell.status()
+
+    # Leases on warm environments for a router's direct path (issue #13).
+    async def lease(body: dict[str, Any]) -> dict[str, Any]:
+        return await api.lease(cell, body)
+
+    async def lease_return(body: dict[str, Any]) -> dict[str, Any]:
+        return await cell.invoker.lease_return(str(body["lease_id"]), str(body["holder"]))
+
+    async def lease_logs(body: dict[str, Any]) -> dict[str, Any]:
+        return {"filed": cell.invoker.lease_logs(str(body["lease_id"]), str(body["holder"]),
+                                                 str(body["request_id"]),
+                                                 list(body.get("logs") or []))}
 
     async def async_status(_: Any) -> dict[str, Any]:
         assert cell.events is not None
@@ -121,7 +137,8 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
     async def tenant_forget(body: dict[str, Any]) -> dict[str, Any]:
         return clone.forget_tenant(cell, str(body["account"]))
 
-    return {"http": http, "status": status, "sqs": queues.handle, "async_status": async_status,
+    return {"http": http, "status": status, "lease": lease, "lease_return": lease_return,
+            "lease_logs": lease_logs, "sqs": queues.handle, "async_status": async_status,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
             **registry.ops()}

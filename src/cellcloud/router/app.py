@@ -25,6 +25,7 @@ from ..registry.core import RegistryError
 from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
+from .leases import Fallback, Leases
 
 if TYPE_CHECKING:
     from .connections import ConnectionRegistry
@@ -133,6 +134,7 @@ class Router:
         operator: OperatorToken | None = None,
         connections: ConnectionRegistry | None = None,
         registry_key: RegistryKey | None = None,
+        leases: bool = True,
     ):
         self.operator = operator
         self.connections = connections
@@ -147,7 +149,10 @@ class Router:
         self.cell_map_pushes = 0
         self.cell_map_stale_after_s = 3.0
         self.counters = {"requests": 0, "unauthenticated": 0, "cell_unavailable": 0,
-                         "refused_before_body": 0, "internal_errors": 0}
+                         "refused_before_body": 0, "internal_errors": 0,
+                         "invokes_forwarded": 0}
+        # The warm path (issue #13): sync invokes under a lease go router -> agent.
+        self.leases = Leases(self, limits) if leases else None
         # The registry's /v2/ API (registry/edge.py): its own auth (the registry token), body
         # caps and streaming; GetAuthorizationToken is answered here too.
         self.registry = RegistryEdge(self, registry_key, limits)
@@ -314,6 +319,17 @@ class Router:
         # A sync invoke may run up to the function's timeout (at most 900 s); the frontend
         # enforces the real one, this is the backstop.
         timeout_s = (self.limits.timeout_s_max + 30.0) if is_invoke else control_timeout_s
+        leases = self.leases if is_invoke and scope["method"] == "POST" else None
+        key = (account, path, req["q"])
+        if leases is not None and leases.eligible(fwd, body):
+            lease = leases.take(key, cell.cell_id)
+            if lease is not None:
+                try:
+                    return await leases.invoke(lease, key, fwd, body)
+                except Fallback:
+                    pass  # nothing ran: the frontend's way
+        if is_invoke:
+            self.counters["invokes_forwarded"] += 1
         try:
             resp = await self.client(cell.cell_id).call("http", req, timeout_s=timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:
@@ -321,6 +337,8 @@ class Router:
             raise LambdaError(
                 503, "ServiceException", f"Cell {cell.cell_id} is unavailable: {e}"
             ) from e
+        if leases is not None and resp["s"] == 200 and leases.eligible(fwd, body):
+            leases.want(key, cell.cell_id)
         return resp["s"], resp["h"], resp["b"]
 
     async def _ecr(self, cell_id: str, account: str, target: str, body: bytes,
@@ -392,6 +410,8 @@ class Router:
         }
         if self.connections is not None:
             router["connections"] = self.connections.statistics()
+        if self.leases is not None:
+            router["leases"] = self.leases.statistics()
         return {"router": router, "cells": cells}
 
 

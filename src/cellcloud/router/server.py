@@ -51,7 +51,7 @@ async def serve(args: argparse.Namespace) -> None:
     router = Router(cell_map, Tenants(args.tenants), limits=limits, region=args.region,
                     operator=operator, connections=registry,
                     registry_key=RegistryKey(args.registry_key_file)
-                    if args.registry_key_file else None)
+                    if args.registry_key_file else None, leases=args.leases)
     sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http=registry.protocol_class(), ws="none",
                             lifespan="off", log_level="warning", access_log=False,
@@ -99,6 +99,9 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="cellcloud router serve")
     p.add_argument("--listen", default="127.0.0.1:9009")
+    p.add_argument("--leases", action=argparse.BooleanOptionalAction, default=True,
+                   help="run warm sync invokes router -> agent under leases from the frontend "
+                        "(issue #13); --no-leases: every invoke crosses the frontend")
     p.add_argument("--cell-map", required=True, help="JSON file with the cell map")
     p.add_argument("--tenants", required=True, help="JSON file with the tenant table")
     p.add_argument("--region", default="cc-local-1", help="The region name requests are signed for")

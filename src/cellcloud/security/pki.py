@@ -31,12 +31,20 @@ rotate_before_days = 7  # a certificate this close to expiry is replaced at the 
 # Who may call whom (server role -> client roles it accepts). Passive communication: nobody
 # accepts a call from an agent.
 ACCEPTS: dict[str, frozenset[str]] = {
-    "agent": frozenset({"frontend", "control"}),
+    # A router only for ``leased_invoke`` (OPS_ALLOWED), on an environment its frontend leased it.
+    "agent": frozenset({"frontend", "control", "router"}),
     "frontend": frozenset({"router", "dispatcher", "control"}),
     "dispatcher": frozenset({"control", "client"}),
     "router": frozenset({"control"}),  # its internal port (cell map pushes)
     "control": frozenset({"client", "control"}),  # operators' CLI, peer control planes
     "store": frozenset({"store", "client", "control"}),
+}
+
+# Where a server accepts a role for some of its ops only: (server role, client role) -> ops.
+# A router reaches an agent for the warm path (issue #13) and nothing else: it cannot create,
+# destroy, attest or read an agent's status; the agent still only answers.
+OPS_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
+    ("agent", "router"): frozenset({"leased_invoke"}),
 }
 
 

@@ -128,6 +128,7 @@ class ServerStats:
     unknown_ops: int = 0
     malformed_frames: int = 0
     rejected_peers: int = 0  # mTLS peers whose certificate names a role not allowed here
+    forbidden_ops: int = 0  # calls of an op the peer's role may not call here (OPS_ALLOWED)
     by_op: dict[str, int] = field(default_factory=dict)
 
 
@@ -136,8 +137,11 @@ PeerCheck = Callable[[Any], bool]  # peercert dict -> allowed?
 
 class _ServerProtocol(asyncio.Protocol):
     def __init__(self, ops: dict[str, Handler], stats: ServerStats,
-                 peer_check: PeerCheck | None = None) -> None:
+                 peer_check: PeerCheck | None = None,
+                 ops_for_role: Mapping[str, frozenset[str]] | None = None) -> None:
         self._peer_check = peer_check
+        self._ops_for_role = ops_for_role
+        self._allowed: frozenset[str] | None = None  # None: every op (no per-op rule)
         self._ops = ops
         self._stats = stats
         self._unpacker = _unpacker()
@@ -153,6 +157,13 @@ class _ServerProtocol(asyncio.Protocol):
                 transport.get_extra_info("peercert")):
             self._stats.rejected_peers += 1
             transport.close()
+            return
+        if self._ops_for_role:
+            from ..security import pki
+
+            ident = pki.identity_of(transport.get_extra_info("peercert"))
+            if ident is not None:
+                self._allowed = self._ops_for_role.get(ident.role)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stats.connections -= 1
@@ -176,6 +187,11 @@ class _ServerProtocol(asyncio.Protocol):
         _, call_id, op, body = frame
         self._stats.calls += 1
         handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is not None and self._allowed is not None and op not in self._allowed:
+            self._stats.forbidden_ops += 1
+            self._send([1, call_id, False, {"type": "Forbidden",
+                                            "message": f"{op!r} is not open to this peer"}])
+            return
         if handler is None:
             self._stats.unknown_ops += 1
             self._send([1, call_id, False, {"type": "UnknownOperation", "message": f"{op!r}"}])
@@ -219,6 +235,7 @@ class Server:
     def __init__(self, ops: Mapping[str, Handler], *, peer_check: PeerCheck | None = None) -> None:
         self.ops: dict[str, Handler] = dict(ops)
         self.peer_check = peer_check
+        self.ops_for_role: dict[str, frozenset[str]] = {}
         self.stats = ServerStats()
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -232,6 +249,8 @@ class Server:
             ssl_context = _mtls.server_ctx
             if self.peer_check is None:
                 self.peer_check = _peer_check_for(pki.ACCEPTS.get(_mtls.role, frozenset()))
+            self.ops_for_role = {client: ops for (server, client), ops in pki.OPS_ALLOWED.items()
+                                 if server == _mtls.role}
         if sock is not None:
             srv = await loop.create_server(self._protocol, sock=sock, ssl=ssl_context)
         else:
@@ -243,7 +262,7 @@ class Server:
         return addr[0], addr[1]
 
     def _protocol(self) -> _ServerProtocol:
-        return _ServerProtocol(self.ops, self.stats, self.peer_check)
+        return _ServerProtocol(self.ops, self.stats, self.peer_check, self.ops_for_role)
 
     async def close(self) -> None:
         for srv in self._servers:
