@@ -156,13 +156,22 @@ class Invoker:
         # core's deadline).
         call = self._calls[key] = _Call(request_id, rec, invoked_arn, payload, log_tail, done)
         counters = self.cell.counters
+        m = self.cell.metrics
+        labels = m.labels(rec.account, rec.name)
+        started = time.monotonic()
         self.feed(InvokeRequested(key, function_ref(rec, reserved)))
         if not (done.done() and isinstance(done.result(), Throttle)
                 and key not in self.core.requests):
             counters["invocations"] += 1
-        ins = await done
+            m.invocations.labels(*labels).inc()
+        m.concurrent.labels(*labels).inc()
+        try:
+            ins = await done
+        finally:
+            m.concurrent.labels(*labels).dec()
         if isinstance(ins, Throttle):
             counters["throttles"] += 1
+            m.throttles.labels(*labels).inc()
             err = errors.too_many(ins.message, ins.reason)
             if ins.reserved_zero:  # async events of this function go to on-failure at once
                 err.http_headers[RESERVED_ZERO_HEADER] = "0"
@@ -172,11 +181,13 @@ class Invoker:
             raise LambdaError(ins.status, ins.error_type, ins.message)
         res = call.reply
         assert res is not None
+        m.duration.labels(*labels).observe(time.monotonic() - started)
         logs: bytes = res.get("logs") or b""
         if logs:
             self.cell.file_logs(rec.key, logs, request_id)
         if res["function_error"]:
             counters["function_errors"] += 1
+            m.errors.labels(*labels).inc()
         return InvokeResult(res["payload"], res["function_error"],
                             logs[-self.cell.limits.log_tail_bytes:] if log_tail else b"",
                             request_id, rec.version)

@@ -101,6 +101,9 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
     async def status(_: Any) -> dict[str, Any]:
         return await cell.status()
 
+    async def metrics(_: Any) -> bytes:
+        return cell.metrics_exposition()
+
     async def async_status(_: Any) -> dict[str, Any]:
         assert cell.events is not None
         return {**cell.events.statistics(), "queues": dict(queues.counters)}
@@ -119,6 +122,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
         return clone.forget_tenant(cell, str(body["account"]))
 
     return {"http": http, "status": status, "sqs": queues.handle, "async_status": async_status,
+            "metrics": metrics,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
             **registry.ops()}
