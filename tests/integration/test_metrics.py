@@ -50,6 +50,9 @@ def test_metrics_tenant_scoped_operator_whole_unsigned_refused(region: Region) -
     seen_a = _samples(body.decode())
     assert seen_a[("cellcloud_invocations_total", account_a, name_a)] == n
     assert seen_a[("cellcloud_invocation_duration_seconds_count", account_a, name_a)] == n
+    cold = seen_a[("cellcloud_cold_starts_total", account_a, name_a)]
+    assert 1 <= cold <= n  # sequential invokes: at least one environment made, at most n
+    assert seen_a[("cellcloud_init_duration_seconds_count", account_a, name_a)] == cold
     assert {acct for _, acct, _ in seen_a} == {account_a}, "a tenant sees only its own"
 
     status, _, body = client_b.request("GET", "/metrics")
@@ -69,6 +72,9 @@ def test_metrics_tenant_scoped_operator_whole_unsigned_refused(region: Region) -
     assert everyone[("cellcloud_invocations_total", account_a, name_a)] == n
     assert any(k[0] == "cellcloud_invocations_total" and k[2] == name_b for k in everyone)
     assert any(k[0] == "process_resident_memory_bytes" for k in everyone)
+
+    cli = json.loads(region.cli("status", "--json").stdout)
+    assert cli["metrics_url"] == region.endpoint.rstrip("/") + "/metrics"
 
     for hdrs in ({}, {"authorization": "Bearer not-the-token"}):
         status, _, _ = client_b.request("GET", "/metrics", headers=hdrs, sign=False)

@@ -233,7 +233,13 @@ class Invoker:
             if rec is None:
                 detail = f"no function record for {ins.function_key}"
             else:
+                m = self.cell.metrics
+                labels = m.labels(rec.account, rec.name)
+                started = time.monotonic()
+                m.cold_starts.labels(*labels).inc()
                 reason, detail = await self._create_pinned(rec, ins)
+                if reason is None:
+                    m.init_duration.labels(*labels).observe(time.monotonic() - started)
         finally:
             self.feed(EnvCreated(ins.env_id) if reason is None
                       else EnvCreateFailed(ins.env_id, reason, detail))

@@ -33,6 +33,11 @@ class FrontendMetrics:
         self.duration = Histogram("cellcloud_invocation_duration_seconds",
                                   "Invoke duration seen by the frontend", fl,
                                   buckets=_DURATION_BUCKETS_S, registry=r)
+        self.cold_starts = Counter("cellcloud_cold_starts",
+                                   "Environments created for a function", fl, registry=r)
+        self.init_duration = Histogram("cellcloud_init_duration_seconds",
+                                       "Environment creation (init) time, successful ones", fl,
+                                       buckets=_DURATION_BUCKETS_S, registry=r)
         self.concurrent = Gauge("cellcloud_concurrent_executions",
                                 "Sync invokes in flight", fl, registry=r)
         self.agents_failed = Gauge("cellcloud_agents_failed", "Agents the cell holds as lost",
