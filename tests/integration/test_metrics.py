@@ -72,6 +72,8 @@ def test_metrics_tenant_scoped_operator_whole_unsigned_refused(region: Region) -
     assert everyone[("cellcloud_invocations_total", account_a, name_a)] == n
     assert any(k[0] == "cellcloud_invocations_total" and k[2] == name_b for k in everyone)
     assert any(k[0] == "process_resident_memory_bytes" for k in everyone)
+    assert any(k[0] == "cellcloud_environments" for k in everyone)  # per agent and state
+    assert not any(k[0] == "cellcloud_environments" for k in seen_a)  # not a tenant's
 
     cli = json.loads(region.cli("status", "--json").stdout)
     assert cli["metrics_url"] == region.endpoint.rstrip("/") + "/metrics"

@@ -338,6 +338,12 @@ class Cell:
         m = self.metrics
         m.agents.set(len(self.agents))
         m.agents_failed.set(len(self.failed_agents))
+        m.environments.clear()
+        for agent_id in self.agents:
+            for state in ("creating", "idle", "busy"):
+                m.environments.labels(agent_id, state).set(0)
+        for env in self.placement.envs.values():
+            m.environments.labels(env.agent_id, env.state).inc()
         if self.events is not None:
             m.async_depth.clear()
             m.async_oldest.clear()

@@ -42,6 +42,9 @@ class FrontendMetrics:
                                 "Sync invokes in flight", fl, registry=r)
         self.agents_failed = Gauge("cellcloud_agents_failed", "Agents the cell holds as lost",
                                    registry=r)
+        self.environments = Gauge("cellcloud_environments",
+                                  "Environments by agent and state (creating, idle, busy)",
+                                  ["agent", "state"], registry=r)
         self.agents = Gauge("cellcloud_agents", "Agents in the cell", registry=r)
         self.async_depth = Gauge("cellcloud_async_queue_depth", "Async events not yet done",
                                  fl, registry=r)
