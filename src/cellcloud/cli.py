@@ -372,7 +372,10 @@ def status(
         _fail(e)
         return
     if as_json:
-        sys.stdout.write(json.dumps({"region": region, "status": st}, indent=2) + "\n")
+        # metrics_url: GET it signed by a tenant (its series) or with the operator token (all).
+        metrics_url = str(region["endpoint"]).rstrip("/") + "/metrics"
+        sys.stdout.write(json.dumps({"region": region, "status": st, "metrics_url": metrics_url},
+                                    indent=2) + "\n")
         return
     console.print(
         f"region [bold]{region['region']}[/bold] at {region['endpoint']}, "

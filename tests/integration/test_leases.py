@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cellcloud import sdk
 from cellcloud.security import pki
@@ -64,6 +65,16 @@ def leased_warm(region: Region, name: str) -> None:
     wait_for("the router to hold a lease", held)
 
 
+def invocations(region: Region, name: str) -> float:
+    """The function's invocations as the region's /metrics counts them (operator view)."""
+    status, _, body = region.client.request("GET", "/metrics")
+    assert status == 200, body
+    account = str(region.doc["account_id"])
+    return sum(s.value for fam in text_string_to_metric_families(body.decode())
+               for s in fam.samples if s.name == "cellcloud_invocations_total"
+               and s.labels.get("function") == name and s.labels.get("account") == account)
+
+
 ECHO = ("def handler(event, context):\n    print('marker', event.get('m'))\n"
         "    return event\n")
 
@@ -72,6 +83,7 @@ def test_warm_invokes_bypass_the_frontend(region: Region) -> None:
     name = deploy(region, ECHO)
     leased_warm(region, name)
     before = router(region)
+    counted_before = invocations(region, name)
     for i in range(10):
         res = region.client.invoke(name, {"i": i, "m": f"m{i}"}, log_tail=True)
         assert res.json() == {"i": i, "m": f"m{i}"}
@@ -84,6 +96,10 @@ def test_warm_invokes_bypass_the_frontend(region: Region) -> None:
     # Their logs reached the function's logs (through the frontend).
     wait_for("the leased invocations' logs", lambda: "marker m9" in "".join(
         e["message"] for e in region.client.logs(name, limit=200)))
+    # And the function's metrics count them like any other (the router reports each one).
+    wait_for("the metrics to count the leased invocations",
+             lambda: invocations(region, name) - counted_before >= 10)
+    assert invocations(region, name) - counted_before == 10
 
     cold = deploy(region, ECHO)  # never invoked: no environment, no lease
     region.client.invoke(name, {"warm": 1})  # fresh use: the lease is not idle

@@ -67,6 +67,9 @@ class Limits:
     # placed again, on a fresh environment, at most this many times (the frontend's one retry
     # layer); the agent remembers at most this many gone environment ids to answer EnvGone.
     env_gone_retries_max: int = 3
+    # Distinct (account, function) label pairs a component's /metrics keeps; beyond it, new
+    # functions' series fold into function="__other__" (bounded cardinality).
+    metrics_functions_max: int = 1_000
     # A sync invoke is answered at the latest this long after its function's timeout, whatever
     # the agents do (core/invoke.py answers it with a ServiceException on the first tick past).
     invoke_answer_slack_ms: int = 60_000

@@ -31,6 +31,7 @@ from ..transport import Client, RemoteError, TransportError
 from .events import Intake
 from .functions import Catalog
 from .invoker import Invoker, InvokeResult
+from .metrics import FrontendMetrics
 from .store import FunctionRecord, FunctionStore, StateDiskFull
 
 log = logging.getLogger("cellcloud.frontend")
@@ -106,6 +107,8 @@ class Cell:
         # Sync invokes in flight in the whole cell are capped there (invokes_inflight_max; over
         # it, 429 with Retry-After, shedding before the hosts' queues collapse).
         self.invoker = Invoker(self, clock=clock, invokes_inflight_max=invokes_inflight_max)
+        # Prometheus metrics (frontend/metrics.py), recorded by the invoker, served by `metrics`.
+        self.metrics = FrontendMetrics(cell_id, limits.metrics_functions_max)
 
     @property
     def invokes_inflight_max(self) -> int:
@@ -336,6 +339,29 @@ class Cell:
             {"timestamp": ts, "requestId": rid, "message": text.decode(errors="replace")}
             for ts, rid, text in self.store.read_logs(account, name, limit)
         ]
+
+    def metrics_exposition(self) -> bytes:
+        """The cell's Prometheus text exposition, gauges refreshed from the cell's state."""
+        m = self.metrics
+        m.agents.set(len(self.agents))
+        m.agents_failed.set(len(self.failed_agents))
+        m.environments.clear()
+        for agent_id in self.agents:
+            for state in ("creating", "idle", "busy"):
+                m.environments.labels(agent_id, state).set(0)
+        for env in self.placement.envs.values():
+            m.environments.labels(env.agent_id, env.state).inc()
+        if self.events is not None:
+            m.async_depth.clear()
+            m.async_oldest.clear()
+            oldest: dict[tuple[str, str], float] = {}
+            for row in self.events.store.backlog(int(time.time() * 1000)):
+                labels = m.labels(str(row["account"]), str(row["function"]))
+                m.async_depth.labels(*labels).inc(int(row["queued"]))
+                oldest[labels] = max(oldest.get(labels, 0.0), row["oldest_age_ms"] / 1000)
+            for labels, age_s in oldest.items():
+                m.async_oldest.labels(*labels).set(age_s)
+        return m.exposition()
 
     async def status(self) -> dict[str, Any]:
         agents = {}

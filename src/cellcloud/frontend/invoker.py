@@ -173,13 +173,22 @@ class Invoker:
         # core's deadline).
         call = self._calls[key] = _Call(request_id, rec, invoked_arn, payload, log_tail, done)
         counters = self.cell.counters
+        mx = self.cell.metrics
+        labels = mx.labels(rec.account, rec.name)
+        started = time.monotonic()
         self.feed(InvokeRequested(key, function_ref(rec, reserved)))
         if not (done.done() and isinstance(done.result(), Throttle)
                 and key not in self.core.requests):
             counters["invocations"] += 1
-        ins = await done
+            mx.invocations.labels(*labels).inc()
+        mx.concurrent.labels(*labels).inc()
+        try:
+            ins = await done
+        finally:
+            mx.concurrent.labels(*labels).dec()
         if isinstance(ins, Throttle):
             counters["throttles"] += 1
+            mx.throttles.labels(*labels).inc()
             err = errors.too_many(ins.message, ins.reason)
             if ins.reserved_zero:  # async events of this function go to on-failure at once
                 err.http_headers[RESERVED_ZERO_HEADER] = "0"
@@ -189,11 +198,13 @@ class Invoker:
             raise LambdaError(ins.status, ins.error_type, ins.message)
         res = call.reply
         assert res is not None
+        mx.duration.labels(*labels).observe(time.monotonic() - started)
         logs = res.logs
         if logs:
             self.cell.file_logs(rec.key, logs, request_id)
         if res.function_error:
             counters["function_errors"] += 1
+            mx.errors.labels(*labels).inc()
         return InvokeResult(res.payload, res.function_error,
                             logs[-self.cell.limits.log_tail_bytes:] if log_tail else b"",
                             request_id, rec.version)
@@ -255,14 +266,25 @@ class Invoker:
             await asyncio.wait(list(self._ending),
                                timeout=self.cell.limits.agent_call_timeout_ms / 1000 + 1)
 
-    def lease_logs(self, lease_id: str, holder: str, request_id: str, logs: list[Any]) -> bool:
-        """The logs of one invocation under a lease (the holder sends them as it answers):
-        filed with the function's, as the frontend's own invocations' are."""
+    def lease_logs(self, lease_id: str, holder: str, request_id: str, logs: list[Any],
+                   function_error: str | None = None, duration_ms: float | None = None) -> bool:
+        """One invocation under a lease, reported by the holder as it answers: its logs,
+        filed with the function's, and its outcome, counted in the function's metrics as the
+        frontend's own invocations are."""
         req = self.core.requests.get(lease_id)
         if req is None or req.holder != holder:
             return False
         counters = self.cell.counters
         counters["leased_invocations"] = counters.get("leased_invocations", 0) + 1
+        account, name = req.fn.key.split("/")[:2]
+        mx = self.cell.metrics
+        labels = mx.labels(account, name)
+        mx.invocations.labels(*labels).inc()
+        if function_error:
+            counters["function_errors"] += 1
+            mx.errors.labels(*labels).inc()
+        if duration_ms is not None:
+            mx.duration.labels(*labels).observe(duration_ms / 1000)
         for part in logs:
             self.cell.file_logs(req.fn.key, part, request_id)
         return True
@@ -333,7 +355,13 @@ class Invoker:
             if rec is None:
                 detail = f"no function record for {ins.function_key}"
             else:
+                mx = self.cell.metrics
+                labels = mx.labels(rec.account, rec.name)
+                started = time.monotonic()
+                mx.cold_starts.labels(*labels).inc()
                 reason, detail = await self._create_pinned(rec, ins)
+                if reason is None:
+                    mx.init_duration.labels(*labels).observe(time.monotonic() - started)
         finally:
             self.feed(EnvCreated(ins.env_id) if reason is None
                       else EnvCreateFailed(ins.env_id, reason, detail))

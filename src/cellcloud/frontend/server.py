@@ -116,9 +116,14 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
         return await cell.invoker.lease_return(str(body["lease_id"]), str(body["holder"]))
 
     async def lease_logs(body: dict[str, Any]) -> dict[str, Any]:
-        return {"filed": cell.invoker.lease_logs(str(body["lease_id"]), str(body["holder"]),
-                                                 str(body["request_id"]),
-                                                 list(body.get("logs") or []))}
+        fe = body.get("function_error")
+        dur = body.get("duration_ms")
+        return {"filed": cell.invoker.lease_logs(
+            str(body["lease_id"]), str(body["holder"]), str(body["request_id"]),
+            list(body.get("logs") or []), str(fe) if fe else None,
+            float(dur) if isinstance(dur, (int, float)) else None)}
+    async def metrics(_: Any) -> bytes:
+        return cell.metrics_exposition()
 
     async def async_status(_: Any) -> dict[str, Any]:
         assert cell.events is not None
@@ -139,6 +144,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
 
     return {"http": http, "status": status, "lease": lease, "lease_return": lease_return,
             "lease_logs": lease_logs, "sqs": queues.handle, "async_status": async_status,
+            "metrics": metrics,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
             **registry.ops()}

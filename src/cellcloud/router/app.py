@@ -14,6 +14,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.process_collector import ProcessCollector
+
 from .. import runtime
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
@@ -25,6 +28,7 @@ from ..registry.core import RegistryError
 from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
+from . import metrics as router_metrics
 from .leases import Fallback, Leases
 
 if TYPE_CHECKING:
@@ -48,7 +52,8 @@ control_timeout_s = 30.0
 forward_body_bytes_max = frame_bytes_max - 1024 * 1024
 STATUS_PATH = "/cellcloud/v1/status"
 CELL_STATUS_PATH = "/cellcloud/v1/cell/status"
-_STATUS_PATHS = (STATUS_PATH, CELL_STATUS_PATH)
+METRICS_PATH = "/metrics"
+_STATUS_PATHS = (STATUS_PATH, CELL_STATUS_PATH, METRICS_PATH)
 
 
 class OperatorToken:
@@ -150,9 +155,12 @@ class Router:
         self.cell_map_stale_after_s = 3.0
         self.counters = {"requests": 0, "unauthenticated": 0, "cell_unavailable": 0,
                          "refused_before_body": 0, "internal_errors": 0,
-                         "invokes_forwarded": 0}
+                         "invokes_forwarded": 0, "metrics_cells_unavailable": 0}
         # The warm path (issue #13): sync invokes under a lease go router -> agent.
         self.leases = Leases(self, limits) if leases else None
+        # The router's own process metrics (CPU, RSS, fds), in the operator's /metrics only.
+        self.metrics_registry = CollectorRegistry()
+        ProcessCollector(registry=self.metrics_registry)
         # The registry's /v2/ API (registry/edge.py): its own auth (the registry token), body
         # caps and streaming; GetAuthorizationToken is answered here too.
         self.registry = RegistryEdge(self, registry_key, limits)
@@ -286,6 +294,9 @@ class Router:
         found = self.tenants.lookup(verified.access_key_id)
         assert found is not None
         account = found[0]
+        if path.rstrip("/") == METRICS_PATH:
+            _only_get(scope, path)
+            return await self.metrics(account=account)  # a tenant: its own series only
         if path.rstrip("/") == STATUS_PATH:
             _only_get(scope, path)
             # A tenant sees its own functions and environments only (operator: Bearer token).
@@ -373,6 +384,8 @@ class Router:
         _only_get(scope, path)
         if path.rstrip("/") == STATUS_PATH:
             return _json_reply(await self.status())
+        if path.rstrip("/") == METRICS_PATH:
+            return await self.metrics(account=None)
         query = scope["query_string"].decode("latin-1")
         wanted = next((v for k, _, v in (p.partition("=") for p in query.split("&"))
                        if k == "cell"), None)
@@ -382,6 +395,19 @@ class Router:
             raise LambdaError(400, "InvalidParameterValueException",
                               f"Name a cell with ?cell=: one of {sorted(self.cell_map.cells)}")
         return _json_reply(await self._cell_status(str(wanted)))
+
+    async def metrics(self, account: str | None) -> tuple[int, dict[str, str], bytes]:
+        """``GET /metrics`` (docs/observability.md): every cell's exposition (a cell that does
+        not answer is left out and counted), one tenant's series or (operator) all."""
+        expositions: dict[str, bytes] = {}
+        for cell_id in self.cell_map.cells:
+            try:
+                expositions[cell_id] = await self.client(cell_id).call("metrics", None,
+                                                                       timeout_s=5)
+            except (TransportError, RemoteError, CallTimeout):
+                self.counters["metrics_cells_unavailable"] += 1
+        body = router_metrics.gather(expositions, account, self.metrics_registry)
+        return 200, {"content-type": router_metrics.CONTENT_TYPE}, body
 
     async def _cell_status(self, cell_id: str) -> dict[str, Any]:
         try:

@@ -131,11 +131,13 @@ class Leases:
         lease.busy = False
         lease.last_used = time.monotonic()
         self.counters["leased_invokes"] += 1
-        # The logs go to the function's logs through the frontend; queued on the cell's one
-        # connection before this answer leaves, so a logs read after it sees them.
+        # The logs go to the function's logs through the frontend, with the outcome its
+        # metrics count (every leased invocation is reported, logs or not); queued on the
+        # cell's one connection before this answer leaves, so a logs read after it sees them.
         parts = [p for p in (res.get("previous_logs"), res.get("logs")) if p]
-        if parts:
-            self._spawn(self._file_logs(lease, request_id, parts))
+        self._spawn(self._file_logs(lease, request_id, parts, {
+            "function_error": res.get("function_error"),
+            "duration_ms": float(res.get("duration_ms") or 0.0)}))
         if not res.get("env_alive", True):
             self._drop(key, lease)
         headers = {"x-amz-executed-version": lease.version, "x-amzn-requestid": request_id,
@@ -217,11 +219,12 @@ class Leases:
         except (TransportError, RemoteError) as e:  # it expires at the frontend anyway
             log.info("lease return %s: %s", lease.lease_id, e)
 
-    async def _file_logs(self, lease: Lease, request_id: str, parts: list[bytes]) -> None:
+    async def _file_logs(self, lease: Lease, request_id: str, parts: list[bytes],
+                         outcome: dict[str, Any]) -> None:
         try:
             await self.router.client(lease.cell_id).call(
                 "lease_logs", {"lease_id": lease.lease_id, "holder": self.holder,
-                               "request_id": request_id, "logs": parts},
+                               "request_id": request_id, "logs": parts, **outcome},
                 timeout_s=self.limits.timeout_s_max + 30.0)
         except (TransportError, RemoteError) as e:
             log.warning("logs of %s under lease %s lost: %s", request_id, lease.lease_id, e)

@@ -1,0 +1,66 @@
+"""The frontend's Prometheus metrics (prometheus_client; docs/observability.md).
+
+One CollectorRegistry per process; the ``metrics`` transport op returns its text exposition
+(``generate_latest``) and the router's ``GET /metrics`` gathers it from every cell. Labels are
+bounded: no request ids, and at most ``metrics_functions_max`` (account, function) pairs; the
+rest fold into ``function="__other__"`` of their account.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+
+OTHER = "__other__"
+_DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                       60.0, 300.0, 900.0)
+
+
+class FrontendMetrics:
+    def __init__(self, cell_id: str, functions_max: int) -> None:
+        self.cell_id = cell_id
+        self.functions_max = functions_max
+        self._functions: set[tuple[str, str]] = set()
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, _resident_memory_bytes, _open_fds
+        fl = ["account", "function"]
+        self.invocations = Counter("cellcloud_invocations", "Invokes accepted by the cell",
+                                   fl, registry=r)
+        self.errors = Counter("cellcloud_function_errors",
+                              "Invokes whose function returned an error", fl, registry=r)
+        self.throttles = Counter("cellcloud_throttles", "Invokes refused with 429", fl,
+                                 registry=r)
+        self.duration = Histogram("cellcloud_invocation_duration_seconds",
+                                  "Invoke duration seen by the frontend", fl,
+                                  buckets=_DURATION_BUCKETS_S, registry=r)
+        self.cold_starts = Counter("cellcloud_cold_starts",
+                                   "Environments created for a function", fl, registry=r)
+        self.init_duration = Histogram("cellcloud_init_duration_seconds",
+                                       "Environment creation (init) time, successful ones", fl,
+                                       buckets=_DURATION_BUCKETS_S, registry=r)
+        self.concurrent = Gauge("cellcloud_concurrent_executions",
+                                "Sync invokes in flight", fl, registry=r)
+        self.agents_failed = Gauge("cellcloud_agents_failed", "Agents the cell holds as lost",
+                                   registry=r)
+        self.environments = Gauge("cellcloud_environments",
+                                  "Environments by agent and state (creating, idle, busy)",
+                                  ["agent", "state"], registry=r)
+        self.agents = Gauge("cellcloud_agents", "Agents in the cell", registry=r)
+        self.async_depth = Gauge("cellcloud_async_queue_depth", "Async events not yet done",
+                                 fl, registry=r)
+        self.async_oldest = Gauge("cellcloud_async_oldest_event_age_seconds",
+                                  "Age of the oldest async event not yet done", fl, registry=r)
+
+    def labels(self, account: str, function: str) -> tuple[str, str]:
+        """The bounded label pair for one function: itself while under the cap (or already
+        counted), else its account's ``__other__``."""
+        key = (account, function)
+        if key in self._functions:
+            return key
+        if len(self._functions) < self.functions_max:
+            self._functions.add(key)
+            return key
+        return (account, OTHER)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
