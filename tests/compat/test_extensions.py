@@ -386,9 +386,10 @@ def test_a_telemetry_listener_that_never_answers_does_not_hold_invokes(lam: Any)
         out, res = _invoke(lam, name)
         assert "FunctionError" not in res, out
         envs.add(out["env"])
-    # Each Invoke phase ended in time (the extension asks for its next event at once), so one
-    # environment served them all: none was reset.
-    assert len(envs) == 1
+    # Each Invoke phase ended in time (the extension asks for its next event at once), so no
+    # environment was reset: a reset on every invoke would give four. A router's lease, taken
+    # on the warm environment between two invokes, may send one invoke to a second one.
+    assert len(envs) <= 2
     register = next(n for n in out["extra"] if n["what"] == "register")
     arn = lam.get_function(FunctionName=name)["Configuration"]["FunctionArn"]
     assert register["doc"]["accountId"] == arn.split(":")[4]

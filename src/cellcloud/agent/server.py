@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1196,16 +1196,20 @@ EXPERIMENT_CRASH_MARKER = b"cellcloud-experiment-crash-agent"
 
 
 def _install_experiment_faults(agent: Agent) -> None:
-    """Only with ``--experiment-faults``: the blast-radius experiment's poison request."""
-    invoke = agent.ops["invoke"]
+    """Only with ``--experiment-faults``: the blast-radius experiment's poison request, on
+    both ways an invocation arrives (from the frontend, and from a router under a lease)."""
+    def crashing(op: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+                 ) -> Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]:
+        async def invoke_or_crash(body: dict[str, Any]) -> dict[str, Any]:
+            if EXPERIMENT_CRASH_MARKER in bytes(body.get("payload") or b""):
+                log.error("experiment fault: crash marker received; the agent dies now")
+                os._exit(70)
+            return await op(body)
+        return invoke_or_crash
 
-    async def invoke_or_crash(body: dict[str, Any]) -> dict[str, Any]:
-        if EXPERIMENT_CRASH_MARKER in bytes(body.get("payload") or b""):
-            log.error("experiment fault: crash marker received; the agent dies now")
-            os._exit(70)
-        return await invoke(body)
-
-    agent.ops["invoke"] = invoke_or_crash
+    ops: dict[str, Any] = agent.ops
+    for name in ("invoke", "leased_invoke"):
+        ops[name] = crashing(ops[name])
 
 
 def main(argv: list[str] | None = None) -> None:

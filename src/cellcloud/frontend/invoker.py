@@ -274,17 +274,17 @@ class Invoker:
         req = self.core.requests.get(lease_id)
         if req is None or req.holder != holder:
             return False
-        counters = self.cell.counters
-        counters["leased_invocations"] = counters.get("leased_invocations", 0) + 1
-        account, name = req.fn.key.split("/")[:2]
-        mx = self.cell.metrics
-        labels = mx.labels(account, name)
-        mx.invocations.labels(*labels).inc()
-        if function_error:
-            counters["function_errors"] += 1
-            mx.errors.labels(*labels).inc()
-        if duration_ms is not None:
+        if duration_ms is not None:  # an invocation ran (else: a reset environment's logs)
+            counters = self.cell.counters
+            counters["leased_invocations"] = counters.get("leased_invocations", 0) + 1
+            account, name = req.fn.key.split("/")[:2]
+            mx = self.cell.metrics
+            labels = mx.labels(account, name)
+            mx.invocations.labels(*labels).inc()
             mx.duration.labels(*labels).observe(duration_ms / 1000)
+            if function_error:
+                counters["function_errors"] += 1
+                mx.errors.labels(*labels).inc()
         for part in logs:
             self.cell.file_logs(req.fn.key, part, request_id)
         return True
@@ -311,6 +311,12 @@ class Invoker:
             log.info("lease %s on %s: %s", lease_id, agent_id, e)
             return
         alive = bool(res.get("env_alive", True))
+        req = self.core.requests.get(lease_id)
+        if not alive and req is not None and req.env_id:
+            # The environment went under the lease (e.g. reset because its extensions overran
+            # an Invoke phase): the agent keeps what its SHUTDOWN phase wrote for the destroy
+            # that names it, as on the frontend's own path.
+            self.destroy_soon(req.env_id, agent_id)
         self.feed(LeaseRevoked(lease_id, alive) if revoked
                   else LeaseReturned(lease_id, "ok" if alive else "env_died"))
 

@@ -120,6 +120,11 @@ class Leases:
         except RemoteError as e:
             if e.type in _NOTHING_RAN:
                 self.counters["lease_refused"] += e.type == "LeaseInvalid"
+                reset_logs = e.data.get("logs")
+                if isinstance(reset_logs, bytes) and reset_logs:
+                    # An environment reset (its extensions overran the previous invocation):
+                    # what it wrote belongs to the function's logs, before the lease goes back.
+                    await self._file_logs(lease, "", [reset_logs], {})
                 await self._fall_back(key, lease)
                 raise Fallback(str(e)) from e
             self._drop(key, lease)
