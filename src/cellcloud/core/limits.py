@@ -79,6 +79,8 @@ class Limits:
     # A router returns a lease unused this long (the frontend's slot goes back), and stops
     # starting invocations under one this close to its expiry.
     router_lease_idle_ms: int = 5_000
+    # An invoke finding a lease ask of its function under way waits this long for it.
+    router_lease_ask_wait_ms: int = 1_000
     router_lease_expiry_margin_ms: int = 2_000
     router_leases_per_function_max: int = 16  # leases one router holds for one function
     gone_env_ids_remembered_max: int = 1024

@@ -333,7 +333,7 @@ class Router:
         leases = self.leases if is_invoke and scope["method"] == "POST" else None
         key = (account, path, req["q"])
         if leases is not None and leases.eligible(fwd, body):
-            lease = leases.take(key, cell.cell_id)
+            lease = await leases.take_or_wait(key, cell.cell_id)
             if lease is not None:
                 try:
                     return await leases.invoke(lease, key, fwd, body)

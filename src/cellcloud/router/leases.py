@@ -66,6 +66,10 @@ class Leases:
         self.holder = f"router-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.held: dict[Key, list[Lease]] = {}
         self._asking: dict[Key, int] = {}
+        # Set when a lease ask for the function ends (granted or not): an invoke arriving
+        # meanwhile waits for it rather than going to the frontend, which would find the
+        # environment being leased and start a second one (a needless cold start).
+        self._asked: dict[Key, asyncio.Event] = {}
         self._agents: dict[tuple[str, int], Client] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -102,6 +106,19 @@ class Leases:
                 lease.busy = True
                 return lease
         return None
+
+    async def take_or_wait(self, key: Key, cell_id: str) -> Lease | None:
+        """``take``, after waiting (bounded) for a lease ask of the function under way."""
+        lease = self.take(key, cell_id)
+        event = self._asked.get(key)
+        if lease is None and event is not None:
+            try:
+                await asyncio.wait_for(event.wait(),
+                                       self.limits.router_lease_ask_wait_ms / 1000)
+            except TimeoutError:
+                return None
+            lease = self.take(key, cell_id)
+        return lease
 
     async def invoke(self, lease: Lease, key: Key, fwd: dict[str, str],
                      payload: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -165,6 +182,7 @@ class Leases:
                 >= self.limits.router_leases_per_function_max):
             return
         self._asking[key] = self._asking.get(key, 0) + 1
+        self._asked.setdefault(key, asyncio.Event())
         self._spawn(self._ask(key, cell_id))
 
     async def _ask(self, key: Key, cell_id: str) -> None:
@@ -179,6 +197,7 @@ class Leases:
             self._asking[key] -= 1
             if not self._asking[key]:
                 del self._asking[key]
+                self._asked.pop(key).set()
         if "error" in doc:
             return
         lease = Lease(str(doc["lease_id"]), cell_id, str(doc["env_id"]),
