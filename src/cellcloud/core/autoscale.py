@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .limits import DEFAULT_LIMITS
+
 
 @dataclass(frozen=True)
 class TargetTracking:
@@ -77,7 +79,6 @@ class Scaler:
     last_scale_out_to: int = 0
     last_scale_in_ms: int | None = None
     history: list[tuple[int, int, str]] = field(default_factory=list)  # (ms, count, reason)
-    history_kept_max: int = 100
 
     def handle(self, stimulus: Datapoint | Demand, now_ms: int) -> list[SetDesiredCount]:
         p = self.policy
@@ -125,5 +126,5 @@ class Scaler:
             self.last_scale_in_ms = now_ms
         self.high_streak = self.low_streak = 0
         self.history.append((now_ms, count, reason))
-        del self.history[:-self.history_kept_max]
+        del self.history[:-DEFAULT_LIMITS.ecs_service_events_max]
         return [SetDesiredCount(count, reason)]

@@ -39,8 +39,7 @@ from typing import Literal
 
 from .ecs_taskdef import EcsError
 from .ecs_tasks import crash_backoff_ms
-
-events_kept_max = 100  # service events kept (ECS keeps the latest 100 as well)
+from .limits import DEFAULT_LIMITS
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ class Service:
     # -- internals -----------------------------------------------------------------------------
     def _event(self, message: str) -> None:
         self.events.append((self.now_ms, message))
-        del self.events[:-events_kept_max]
+        del self.events[:-DEFAULT_LIMITS.ecs_service_events_max]
 
     def _new_deployment(self, task_def: str, checked: bool, reason: str) -> Deployment:
         self._deploy_seq += 1

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .limits import DEFAULT_LIMITS
+
 # Fargate's task sizes (cpu units -> memory MiB), as ECS documents them for Linux tasks.
 GiB_in_MiB = 1024
 
@@ -41,7 +43,6 @@ LOG_DRIVERS = ("json-file", "syslog", "journald", "gelf", "fluentd", "awslogs", 
                "awsfirelens")
 PROTOCOLS = ("tcp", "udp")
 APP_PROTOCOLS = ("http", "http2", "grpc")
-containers_per_task_max = 10  # ECS: containers in one task definition
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 # What cellcloud honours; any other member of the model given a value is refused by name.
@@ -451,8 +452,9 @@ def validate_task_definition(doc: Any) -> TaskDefinition:
     defs = doc.get("containerDefinitions")
     if not isinstance(defs, list) or not defs:
         raise client("containerDefinitions must name at least one container")
-    if len(defs) > containers_per_task_max:
-        raise client(f"a task definition has at most {containers_per_task_max} containers")
+    if len(defs) > DEFAULT_LIMITS.ecs_containers_per_task_max:
+        raise client(f"a task definition has at most "
+                     f"{DEFAULT_LIMITS.ecs_containers_per_task_max} containers")
     containers = tuple(_container(d, i, network_mode, fargate) for i, d in enumerate(defs))
     names = [c.name for c in containers]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -149,6 +149,9 @@ class Limits:
     # Times one create_env may stream the same layer: once, and once more if the agent
     # forgot it (evicted) between the stream and the create that needed it.
     image_layer_pushes_per_create_max: int = 2
+    # ECS tasks and services (core/ecs_*.py, issue #17): docs/fargate.md.
+    ecs_containers_per_task_max: int = 10  # containers in one task definition (ECS's quota)
+    ecs_service_events_max: int = 100  # a service's events (and scaling decisions) kept
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200
