@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from ..security import attestation, pki
 from ..transport import OpError, Server
 from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
 from . import lockdown
-from .images import LayerCache, hex_of
+from .images import LayerCache
 
 log = logging.getLogger("cellcloud.agent")
 
@@ -241,7 +242,8 @@ class Agent:
                  oversubscription: float = 4.0, cgroup_group: str | None = None,
                  runtimes_found: dict[str, runtimes.Runtime] | None = None,
                  identity: pki.TlsConfig | None = None, cell: str = "cell-1",
-                 allow_unlimited: bool = False, network: NetHelperClient | None = None):
+                 allow_unlimited: bool = False, network: NetHelperClient | None = None,
+                 layer_cache_bytes_max: int | None = None):
         self.agent_id = agent_id
         self.state_dir = state_dir
         self.bundles_dir = os.path.join(state_dir, "bundles")
@@ -295,7 +297,11 @@ class Agent:
         self._bundle_pins: dict[str, int] = {}
         self._forget_later: set[str] = set()
         self.sweep_bundles()
-        self.images = LayerCache(state_dir)  # image layers, unpacked once (agent/images.py)
+        # Image layers, unpacked once, bounded (agent/images.py).
+        self.images = LayerCache(state_dir, DEFAULT_LIMITS if layer_cache_bytes_max is None
+                                 else dataclasses.replace(
+                                     DEFAULT_LIMITS,
+                                     agent_layer_cache_bytes_max=layer_cache_bytes_max))
         self._shutdowns: set[asyncio.Task[bytes]] = set()  # graceful ends under way
         # Logs of environments reset because their extensions overran an Invoke phase, for
         # the next invoke or destroy that names them (bounded; the oldest go first).
@@ -336,6 +342,10 @@ class Agent:
             self._forget_later.discard(sha)  # wanted again
         try:
             return (await self._create_env_pinned(req)).to_wire()
+        except BaseException:
+            if env_id not in self.envs:  # never started: the image layers it held go back
+                self.images.release(env_id)
+            raise
         finally:
             for sha in digests:
                 self._bundle_pins[sha] -= 1
@@ -349,7 +359,7 @@ class Agent:
         if image:
             # An image-rooted environment: its layers must be in the cache (the frontend
             # streams a missing one with image_blob on LayerMissing, then asks again).
-            image_layers = self._image_layers(image)
+            image_layers = self._image_layers(env_id, image)
             bundle_dir, layer_dirs = "", []
             runtime = runtimes.Runtime("image", (), ())
             runtime_argv = [str(a) for a in [*(image.get("entrypoint") or []),
@@ -560,6 +570,8 @@ class Agent:
                             guest_wire=int(doc.get("guest_wire", 1)),
                             measurements=dict(doc["measurements"]))
             self.envs[spec.env_id] = rec
+            if spec.image_layers:
+                self.images.adopt(spec.env_id, list(spec.image_layers))
         used = {rec.slot for rec in self.envs.values()}
         self._next_slot = max(used, default=-1) + 1
         self._free_slots = sorted(set(range(self._next_slot)) - used, reverse=True)
@@ -848,19 +860,17 @@ class Agent:
                           "environment was not started")
         return recorded
 
-    def _image_layers(self, image: dict[str, Any]) -> list[str]:
+    def _image_layers(self, env_id: str, image: dict[str, Any]) -> list[str]:
+        """The image's layer dirs, held for ``env_id`` (released when the environment goes, or
+        by ``create_env`` if it never starts), so the cache cannot evict them under it."""
         layers = image.get("layers") or []
         if not isinstance(layers, list) or not layers:
             raise OpError("InvalidImage", "an image needs at least one layer")
         if len(layers) > DEFAULT_LIMITS.image_layers_max:
             raise OpError("InvalidImage", f"more than {DEFAULT_LIMITS.image_layers_max} layers")
-        dirs = []
-        for digest in map(str, layers):
-            hex_of(digest)
-            if not self.images.have(digest):
-                raise OpError("LayerMissing", digest, digest=digest)
-            dirs.append(self.images.layer_dir(digest))
-        self.images.check_image_size([str(d) for d in layers])
+        digests = [str(d) for d in layers]
+        dirs = self.images.acquire(env_id, digests)  # LayerMissing: the frontend streams it
+        self.images.check_image_size(digests)
         return dirs
 
     # -- internals --------------------------------------------------------------------------
@@ -1047,6 +1057,7 @@ class Agent:
             self._zombie_cgroups.append(rec.cgroup)
         self._free_slots.append(rec.slot)
         self._release_network(rec.spec)
+        self.images.release(rec.spec.env_id)
         self.counters["destroyed"] += 1
         self._forget_unused()
 
@@ -1145,6 +1156,7 @@ async def serve(args: argparse.Namespace) -> None:
                   memory_budget_mb=args.memory_budget_mb, oversubscription=args.oversubscription,
                   cgroup_group=group, runtimes_found=found, cell=args.cell,
                   allow_unlimited=args.allow_unlimited, network=network,
+                  layer_cache_bytes_max=args.layer_cache_bytes_max,
                   identity=pki.tls_config(args.pki_dir or state_dir, args.region, "agent",
                                           args.cell, args.agent_id))
     if args.experiment_faults:
@@ -1233,6 +1245,8 @@ def main(argv: list[str] | None = None) -> None:
                         "default: a CA of the agent's own")
     p.add_argument("--memory-budget-mb", type=int, default=None,
                    help="memory environments may really use (default: 80%% of the host's)")
+    p.add_argument("--layer-cache-bytes-max", type=int, default=None,
+                   help="unpacked image layers kept (default: agent_layer_cache_bytes_max)")
     p.add_argument("--oversubscription", type=float, default=4.0,
                    help="configured memory may exceed the budget by this ratio")
     p.add_argument("--allow-unlimited", action="store_true",

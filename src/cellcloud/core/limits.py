@@ -142,6 +142,16 @@ class Limits:
     # Image-rooted environments on the agent (agent/images.py): docs/images.md.
     image_layer_entries_max: int = 500_000  # tar entries of one layer
     image_layers_max: int = 127  # layers of one image (overlayfs' lower-dir limit is ~500)
+    # Unpacked layers an agent keeps (sizes recorded at unpack); past it the least recently
+    # used ones no live environment uses are forgotten (core/layer_cache.py). At least one
+    # image's worth (registry_image_bytes_max) so any single image fits.
+    agent_layer_cache_bytes_max: int = 32 * 1024 * MiB
+    # Times one create_env may stream the same layer: once, and once more if the agent
+    # forgot it (evicted) between the stream and the create that needed it.
+    image_layer_pushes_per_create_max: int = 2
+    # ECS tasks and services (core/ecs_*.py, issue #17): docs/fargate.md.
+    ecs_containers_per_task_max: int = 10  # containers in one task definition (ECS's quota)
+    ecs_service_events_max: int = 100  # a service's events (and scaling decisions) kept
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200

@@ -108,7 +108,8 @@ async def get_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply
     name = _name(m["ref"], req["a"])
     rec, _ = cell.catalog.resolve(req["a"], name, _qualifier(m["ref"], q))
     doc: dict[str, Any] = {
-        "Configuration": config_doc(rec, cell.region),
+        "Configuration": {**config_doc(rec, cell.region),
+                          **image_functions.state_fields(cell.catalog, rec)},
         "Code": (image_functions.code_location(rec) if rec.package_type == "Image" else
                  {"RepositoryType": "S3",
                   "Location": f"/cellcloud/v1/bundles/{rec.code_sha256}"}),
@@ -123,7 +124,8 @@ async def get_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply
 async def get_configuration(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     rec, _ = cell.catalog.resolve(req["a"], name, _qualifier(m["ref"], q))
-    return _reply(200, config_doc(rec, cell.region))
+    return _reply(200, {**config_doc(rec, cell.region),
+                        **image_functions.state_fields(cell.catalog, rec)})
 
 
 async def list_functions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -220,6 +222,7 @@ async def lease(cell: Cell, body: dict[str, Any]) -> dict[str, Any]:
             # An alias may move (or split by weight) between invokes: each one resolves it.
             raise LambdaError(409, "NotLeasable", "an alias is resolved per invoke")
         rec, invoked_arn = cell.resolve(account, name, qualifier)
+        image_functions.check_runnable(cell.catalog, rec)  # a deleted image: Failed
         return await cell.invoker.lease(rec, invoked_arn, cell.reserved(account, name),
                                         str(body["holder"]))
     except LambdaError as e:

@@ -28,6 +28,7 @@ from ..core.poison import PoisonDetector, PoisonParams
 from ..core.sharding import PlainSharder, SignatureSharder, Worker
 from ..network import policy as net_policy
 from ..transport import Client, RemoteError, TransportError
+from . import image_functions
 from .events import Intake
 from .functions import Catalog
 from .invoker import Invoker, InvokeResult
@@ -227,6 +228,7 @@ class Cell:
         request_id: str | None = None,
     ) -> InvokeResult:
         rec, invoked_arn = self.resolve(account, name, qualifier)
+        image_functions.check_runnable(self.catalog, rec)  # a deleted image: Failed
         if len(payload) > self.limits.invoke_payload_bytes_max:
             raise LambdaError(
                 413,

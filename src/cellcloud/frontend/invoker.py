@@ -407,19 +407,23 @@ class Invoker:
                 layers=tuple(layer["sha256"] for layer in rec.layers)),
             image=(image_functions.agent_image(rec)
                    if rec.package_type == image_functions.IMAGE else None)).to_wire()
-        layers_pushed: set[str] = set()
+        layers_pushed: dict[str, int] = {}
+        pushes_max = limits.image_layer_pushes_per_create_max
         timeout_s = limits.env_create_timeout_ms / 1000 + 5
         try:
             # The agent keeps bundles by digest; push only the ones it says it lacks (the code,
-            # then each layer), at most once each. Image layers are streamed in chunks.
-            for _ in range(2 + len(rec.layers) + len(rec.image.get("layers", []))):
+            # then each layer), at most once each. Image layers are streamed in chunks, each
+            # at most pushes_max times: an agent whose bounded layer cache forgot one between
+            # its stream and this create (agent/images.py) asks for it again.
+            image_layers = len(rec.image.get("layers", []))
+            for _ in range(2 + len(rec.layers) + pushes_max * image_layers):
                 try:
                     await self.call_agent(client, "create_env", body, timeout_s)
                     return None, ""
                 except RemoteError as e:
                     digest = str(e.data.get("digest", ""))
-                    if e.type == "LayerMissing" and digest not in layers_pushed:
-                        layers_pushed.add(digest)  # once each
+                    if e.type == "LayerMissing" and layers_pushed.get(digest, 0) < pushes_max:
+                        layers_pushed[digest] = layers_pushed.get(digest, 0) + 1
                         await image_functions.push_layer(cell, client, rec, digest, timeout_s)
                         continue
                     sha = str(e.data.get("sha256", ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ from ..queues.store import QueueStore
 from ..registry.api import RegistryApi
 from ..registry.storage import RegistryStore, now_ms
 from ..transport import Handler, Server
-from . import api, clone
+from . import api, clone, image_functions
 from .cell import Cell
 from .events import EventStore, Intake
 from .store import SqliteFunctionStore
@@ -64,6 +65,8 @@ async def serve(args: argparse.Namespace) -> None:
                                                       "registry"), cell.limits), args.region,
                            cell.limits)
     cell.catalog.registry = registry.store  # ImageUri of PackageType Image functions
+    # A deleted image fails the functions on it; their layers stay while a record names them.
+    registry.on_deleted = functools.partial(image_functions.images_deleted, cell.catalog)
     await cell.sync_agents(first=True)
     cell.catalog.load_provisioned()  # the pools are refilled by the first tick
     server = Server(ops(cell, queues, registry))
@@ -82,7 +85,8 @@ async def serve(args: argparse.Namespace) -> None:
             collect_in -= tick_interval_s
             if collect_in <= 0:
                 collect_in = registry_collect_interval_s
-                registry.store.collect(now_ms())
+                registry.store.collect(now_ms(), functools.partial(
+                    image_functions.held_layers, cell.catalog))
 
     task = asyncio.ensure_future(ticker())
     runtime.announce_ready({"component": "frontend", "cell_id": args.cell_id, "host": host,
