@@ -274,7 +274,12 @@ class LayerCache:
         with self._lock:
             if self._holds.pop(env_id, None) is None:
                 return
-        self._evict(frozenset())
+        # Called on the agent's event loop: the evicted trees (maybe gigabytes) are removed
+        # by a thread of their own; they already left layers/ (renamed) under the lock.
+        doomed = self._evict(frozenset(), remove=False)
+        if doomed:
+            threading.Thread(target=_remove_trees, args=(doomed,), daemon=True,
+                             name="layer-evict").start()
 
     def _users(self) -> dict[str, int]:
         users: dict[str, int] = {}
@@ -283,9 +288,10 @@ class LayerCache:
                 users[h] = users.get(h, 0) + 1
         return users
 
-    def _evict(self, protect: frozenset[str]) -> None:
+    def _evict(self, protect: frozenset[str], remove: bool = True) -> list[str]:
         """Forget least recently used layers no environment holds until the cache fits; each
-        leaves ``layers/`` by rename under the lock, and is removed after it."""
+        leaves ``layers/`` by rename under the lock, and is removed after it (here, or by the
+        caller: the renamed paths are returned)."""
         doomed: list[str] = []
         with self._lock:
             users = self._users()
@@ -308,8 +314,9 @@ class LayerCache:
                     pass
                 self.counters["layers_evicted"] += 1
                 self.counters["bytes_evicted"] += size
-        for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+        if remove:
+            _remove_trees(doomed)
+        return doomed
 
     def put(self, digest: str, offset: int, data: bytes, last: bool) -> dict[str, Any]:
         """One chunk of a layer blob (sync: the agent runs it in a thread). The next chunk
@@ -416,6 +423,11 @@ class LayerCache:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path + suffix)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_trees(paths: list[str]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _now_ms() -> int:
