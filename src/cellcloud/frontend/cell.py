@@ -26,6 +26,7 @@ from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.placement import Placement
 from ..core.poison import PoisonDetector, PoisonParams
 from ..core.sharding import PlainSharder, SignatureSharder, Worker
+from ..metrics import Pushed
 from ..network import policy as net_policy
 from ..transport import Client, RemoteError, TransportError
 from .events import Intake
@@ -102,13 +103,16 @@ class Cell:
             "throttles": 0,
             "cold_starts": 0,
             "agent_failures": 0,
+            "metrics_agents_unavailable": 0,  # agents that did not answer a metrics scrape
         }
         # The invoke path: a sans-IO core (core/invoke.py) under a thin shell (invoker.py).
         # Sync invokes in flight in the whole cell are capped there (invokes_inflight_max; over
         # it, 429 with Retry-After, shedding before the hosts' queues collapse).
         self.invoker = Invoker(self, clock=clock, invokes_inflight_max=invokes_inflight_max)
         # Prometheus metrics (frontend/metrics.py), recorded by the invoker, served by `metrics`.
-        self.metrics = FrontendMetrics(cell_id, limits.metrics_functions_max)
+        self.metrics = FrontendMetrics(cell_id, limits.metrics_functions_max,
+                                       limits.metrics_functions_per_account_max)
+        self.pushed_metrics = Pushed(limits)  # the dispatcher's exposition (metrics_push)
 
     @property
     def invokes_inflight_max(self) -> int:
@@ -362,6 +366,27 @@ class Cell:
             for labels, age_s in oldest.items():
                 m.async_oldest.labels(*labels).set(age_s)
         return m.exposition()
+
+    async def metrics_components(self, agents: bool) -> dict[str, bytes]:
+        """Expositions by component: the frontend's own; with ``agents``, each agent's that
+        answers (its ``metrics`` op, asked at once) and what the cell's dispatcher pushed."""
+        out = {f"{self.cell_id}-frontend": self.metrics_exposition()}
+        if not agents:
+            return out
+        timeout_s = self.limits.agent_call_timeout_ms / 1000
+
+        async def one(client: Any) -> Any:
+            return await client.call("metrics", None, timeout_s=timeout_s)
+
+        ids = list(self.agents)
+        got = await asyncio.gather(*(one(self.agents[a]) for a in ids), return_exceptions=True)
+        for agent_id, text in zip(ids, got, strict=True):
+            if isinstance(text, bytes):
+                out[agent_id] = text
+            else:
+                self.counters["metrics_agents_unavailable"] += 1
+        out.update(self.pushed_metrics.fresh(int(time.time() * 1000)))
+        return out
 
     async def status(self) -> dict[str, Any]:
         agents = {}

@@ -2,14 +2,17 @@
 
 One CollectorRegistry per process; the ``metrics`` transport op returns its text exposition
 (``generate_latest``) and the router's ``GET /metrics`` gathers it from every cell. Labels are
-bounded: no request ids, and at most ``metrics_functions_max`` (account, function) pairs; the
-rest fold into ``function="__other__"`` of their account.
+bounded: no request ids, at most ``metrics_functions_per_account_max`` functions of one account
+and ``metrics_functions_max`` (account, function) pairs in all; the rest fold into
+``function="__other__"`` of their account (so one tenant cannot crowd out the others' series,
+and every account's totals stay right).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.process_collector import ProcessCollector
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
+
+from ..metrics import process_registry
 
 OTHER = "__other__"
 _DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -17,12 +20,16 @@ _DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 
 
 class FrontendMetrics:
-    def __init__(self, cell_id: str, functions_max: int) -> None:
+    def __init__(self, cell_id: str, functions_max: int,
+                 functions_per_account_max: int | None = None) -> None:
         self.cell_id = cell_id
         self.functions_max = functions_max
+        self.functions_per_account_max = (functions_max if functions_per_account_max is None
+                                          else functions_per_account_max)
         self._functions: set[tuple[str, str]] = set()
-        r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)  # process_cpu_seconds_total, _resident_memory_bytes, _open_fds
+        self._per_account: dict[str, int] = {}
+        # process_cpu_seconds_total, _resident_memory_bytes, _open_fds; TLS handshakes
+        r = self.registry = process_registry()
         fl = ["account", "function"]
         self.invocations = Counter("cellcloud_invocations", "Invokes accepted by the cell",
                                    fl, registry=r)
@@ -52,13 +59,16 @@ class FrontendMetrics:
                                   "Age of the oldest async event not yet done", fl, registry=r)
 
     def labels(self, account: str, function: str) -> tuple[str, str]:
-        """The bounded label pair for one function: itself while under the cap (or already
+        """The bounded label pair for one function: itself while under both caps (or already
         counted), else its account's ``__other__``."""
         key = (account, function)
         if key in self._functions:
             return key
-        if len(self._functions) < self.functions_max:
+        held = self._per_account.get(account, 0)
+        if (len(self._functions) < self.functions_max
+                and held < self.functions_per_account_max):
             self._functions.add(key)
+            self._per_account[account] = held + 1
             return key
         return (account, OTHER)
 
