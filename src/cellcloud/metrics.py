@@ -15,6 +15,7 @@ control plane to the router: the direction their calls already go), each only wh
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -53,15 +54,20 @@ class Pushed:
     arrived (left out once older than ``metrics_pushed_stale_ms``); bounded in count and size
     (over either: :class:`ValueError`)."""
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, names: str = r"[a-z0-9][a-z0-9-]{0,63}"
+                 ) -> None:
+        # Which component names a pusher may use (so that none passes for another process).
+        self.names = re.compile(names)
         self.stale_after_ms = limits.metrics_pushed_stale_ms
         self.components_max = limits.metrics_pushers_max
         self.bytes_max = limits.metrics_pushed_bytes_max
         self._held: dict[str, tuple[bytes, int]] = {}
 
     def put(self, component: Any, text: Any, now_ms: int) -> None:
-        if not isinstance(component, str) or not component or not isinstance(text, bytes):
+        if not isinstance(component, str) or not isinstance(text, bytes):
             raise ValueError("a push names its component and carries its exposition as bytes")
+        if not self.names.fullmatch(component):
+            raise ValueError(f"{component!r} is not a component that may push here")
         if len(text) > self.bytes_max:
             raise ValueError(f"exposition over metrics_pushed_bytes_max={self.bytes_max}")
         if component not in self._held and len(self._held) >= self.components_max:

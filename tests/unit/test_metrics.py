@@ -79,6 +79,8 @@ def test_pushed_expositions_are_bounded_and_expire() -> None:
         p.put("control", b"x" * (DEFAULT_LIMITS.metrics_pushed_bytes_max + 1), now_ms=0)
     with pytest.raises(ValueError):
         p.put(None, b"", now_ms=0)
+    with pytest.raises(ValueError):  # a name its gatherer does not take
+        Pushed(DEFAULT_LIMITS, names="control").put("router", b"", now_ms=0)
     for i in range(DEFAULT_LIMITS.metrics_pushers_max):
         p.put(f"d{i}", b"", now_ms=5)
     with pytest.raises(ValueError):

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -112,7 +113,8 @@ class Cell:
         # Prometheus metrics (frontend/metrics.py), recorded by the invoker, served by `metrics`.
         self.metrics = FrontendMetrics(cell_id, limits.metrics_functions_max,
                                        limits.metrics_functions_per_account_max)
-        self.pushed_metrics = Pushed(limits)  # the dispatcher's exposition (metrics_push)
+        # the dispatcher's exposition (metrics_push), under its own name only
+        self.pushed_metrics = Pushed(limits, names=re.escape(f"{cell_id}-dispatcher"))
 
     @property
     def invokes_inflight_max(self) -> int:

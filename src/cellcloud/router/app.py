@@ -162,7 +162,7 @@ class Router:
         # The router's own process metrics (CPU, RSS, fds, TLS handshakes), and what the
         # control plane pushes to the internal port (metrics_push): the operator's only.
         self.metrics_registry = process_registry()
-        self.pushed_metrics = Pushed(limits)
+        self.pushed_metrics = Pushed(limits, names=r"control(-[a-z0-9-]{1,32})?")
         # The registry's /v2/ API (registry/edge.py): its own auth (the registry token), body
         # caps and streaming; GetAuthorizationToken is answered here too.
         self.registry = RegistryEdge(self, registry_key, limits)
