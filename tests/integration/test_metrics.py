@@ -124,6 +124,9 @@ def test_operator_scrape_covers_every_component(region: Region) -> None:
     """Process metrics of every process of the region (agents, frontend, dispatcher, control,
     router), the agents' own view of their environments, the control plane's store latencies
     and TLS handshakes, one component label apart."""
+    name = f"m-c-{uuid.uuid4().hex[:6]}"
+    region.client.create_function(name, make_zip({"app.py": ECHO}), "app.handler")
+    region.client.invoke(name, {})  # a function placed on a shard
     components = set(region.region_json()["components"])  # type: ignore[arg-type]
     assert {"router", "control", "cell-1-frontend", "cell-1-dispatcher",
             "cell-1-agent-0", "cell-1-agent-1"} <= components
@@ -138,6 +141,9 @@ def test_operator_scrape_covers_every_component(region: Region) -> None:
     assert all(handshakes.get(c, 0) > 0 for c in components - {"control"}), handshakes
     # The frontend's own series keep their names; the function's are labelled as before.
     assert _by_component(text, "cellcloud_agents") == {"cell-1-frontend": 2}
+    # shard membership: that function's shard is k=2 of the 2 agents
+    assert _by_component(text, "cellcloud_shard_size") == {"cell-1-frontend": 2}
+    assert _by_component(text, "cellcloud_shard_functions")["cell-1-frontend"] >= 2
 
 
 def test_internal_port_refuses_a_scrape_without_client_certificate(region: Region) -> None:

@@ -351,6 +351,13 @@ class Cell:
         m = self.metrics
         m.agents.set(len(self.agents))
         m.agents_failed.set(len(self.failed_agents))
+        m.shard_size.set(self.shard_size)
+        m.shard_functions.clear()
+        for agent_id in self.agents:
+            m.shard_functions.labels(agent_id).set(0)
+        for shard in self.shards.values():
+            for agent_id in shard:
+                m.shard_functions.labels(agent_id).inc()
         m.environments.clear()
         for agent_id in self.agents:
             for state in ("creating", "idle", "busy"):
