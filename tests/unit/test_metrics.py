@@ -148,3 +148,30 @@ def test_tls_handshakes_counted_and_a_certless_client_refused(tmp_path: Any) -> 
     ok, refused = asyncio.run(main())
     assert ok
     assert refused != "answered", refused
+
+
+def test_config_store_requests_are_timed_by_op_and_outcome(tmp_path: Any) -> None:
+    from prometheus_client import generate_latest
+
+    from cellcloud.control.configstore import (
+        ConfigStoreError,
+        SqliteConfigStore,
+        TimedConfigStore,
+        config_key_bytes_max,
+    )
+
+    registry = process_registry()
+    store = TimedConfigStore(SqliteConfigStore(str(tmp_path / "c.db")), "sqlite", registry)
+
+    async def main() -> None:
+        await store.put("k", b"v")
+        assert (await store.get("k")) is not None
+        with pytest.raises(ConfigStoreError):
+            await store.put("x" * (config_key_bytes_max + 1), b"v")
+        await store.close()
+
+    asyncio.run(main())
+    counts = {(s.labels["op"], s.labels["outcome"]): s.value
+              for fam in text_string_to_metric_families(generate_latest(registry).decode())
+              for s in fam.samples if s.name == "cellcloud_store_request_duration_seconds_count"}
+    assert counts == {("put", "ok"): 1, ("get", "ok"): 1, ("put", "refused"): 1}

@@ -79,6 +79,9 @@ class Limits:
     metrics_pushed_stale_ms: int = 10_000
     metrics_pushed_bytes_max: int = 4 * MiB
     metrics_pushers_max: int = 64
+    # A frontend waits this long for an agent's exposition (under the router's wait for the
+    # cell's, so a hung agent leaves only itself out of a scrape).
+    metrics_agent_timeout_ms: int = 2_000
     # A sync invoke is answered at the latest this long after its function's timeout, whatever
     # the agents do (core/invoke.py answers it with a ServiceException on the first tick past).
     invoke_answer_slack_ms: int = 60_000

@@ -382,7 +382,7 @@ class Cell:
         out = {f"{self.cell_id}-frontend": self.metrics_exposition()}
         if not agents:
             return out
-        timeout_s = self.limits.agent_call_timeout_ms / 1000
+        timeout_s = self.limits.metrics_agent_timeout_ms / 1000
 
         async def one(client: Any) -> Any:
             return await client.call("metrics", None, timeout_s=timeout_s)
