@@ -17,14 +17,19 @@ import shutil
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..core import messages as m
 from ..core.bundle import sha256_hex
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
+from ..metrics import process_registry
 from ..network.client import NetConfig, NetHelperClient
 from ..sandbox import cgroups, runtimes
 from ..sandbox.backend import Backend, JailBackend, Spawned
@@ -222,6 +227,38 @@ class EnvRecord:
     guest_wire: int = m.GUEST_WIRE  # the channel's dialect this guest speaks (core/messages)
 
 
+class _AgentCollector(Collector):
+    """The agent's own view, read at scrape time: environments by state, its admission
+    limits and memory, its event counters."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterable[Metric]:
+        a = self.agent
+        envs = GaugeMetricFamily("cellcloud_agent_environments",
+                                 "Environments this agent holds, by state (idle, busy)",
+                                 labels=["state"])
+        busy = sum(1 for r in a.envs.values() if r.busy)
+        envs.add_metric(["idle"], len(a.envs) - busy)
+        envs.add_metric(["busy"], busy)
+        cap = GaugeMetricFamily("cellcloud_agent_environments_max",
+                                "Environments this agent admits at once", value=a.envs_max)
+        mem = GaugeMetricFamily("cellcloud_agent_memory_bytes",
+                                "Environments' memory on this agent: budget, used (cgroup "
+                                "charge), committed (configured)", labels=["kind"])
+        mem.add_metric(["budget"], a.memory_budget_bytes)
+        mem.add_metric(["used"], a.memory_used_bytes)
+        mem.add_metric(["committed"], sum(r.spec.memory_mb for r in a.envs.values()) * 2**20)
+        events = CounterMetricFamily("cellcloud_agent_events",
+                                     "Environment events on this agent (created, "
+                                     "create_failed, invocations, timeouts, crashes, ...)",
+                                     labels=["event"])
+        for name, value in sorted(a.counters.items()):
+            events.add_metric([name], value)
+        return [envs, cap, mem, events]
+
+
 class _Lease:
     __slots__ = ("env_id", "expires", "ended", "running", "idle", "invocations")
 
@@ -309,11 +346,16 @@ class Agent:
         # Leases the frontend registered (issue #13): a router may run invocations on the
         # leased environment, one at a time, until the lease expires or is ended.
         self._leases: dict[str, _Lease] = {}
+        self.ops: dict[str, Callable[[Any], Awaitable[Any]]]
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
                     "destroy": self.destroy, "status": self.status, "attest": self.attest,
                     "forget_bundles": self.forget_bundles, "image_blob": self.image_blob,
                     "lease_grant": self.lease_grant, "lease_end": self.lease_end,
-                    "leased_invoke": self.leased_invoke}
+                    "leased_invoke": self.leased_invoke, "metrics": self.metrics}
+        # Prometheus (docs/observability.md): the process's CPU, memory, fds and TLS
+        # handshakes, and the environments as this agent sees them; read by its frontend.
+        self.metrics_registry = process_registry()
+        self.metrics_registry.register(_AgentCollector(self))
 
     # -- operations -------------------------------------------------------------------------
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -774,6 +816,10 @@ class Agent:
                 self._drop_bundle(sha)
                 forgotten.append(sha)
         return m.ForgetBundlesReply(tuple(forgotten), tuple(deferred)).to_wire()
+
+    async def metrics(self, body: Any = None) -> bytes:
+        """This process's Prometheus text exposition (no function names: operator only)."""
+        return generate_latest(self.metrics_registry)
 
     async def status(self, body: Any = None) -> dict[str, Any]:
         try:

@@ -23,8 +23,9 @@ import time
 from typing import Any
 
 from .. import runtime
+from ..metrics import process_registry, push_forever
 from ..transport import Client, OpError, RemoteError, Server, TransportError
-from .configstore import ConfigStore, ConfigStoreError, open_config_store
+from .configstore import ConfigStore, ConfigStoreError, TimedConfigStore, open_config_store
 from .push import PushScheduler
 from .state import ControlError, RegionState
 
@@ -279,7 +280,11 @@ async def serve(args: argparse.Namespace) -> None:
         "kind": "sqlite", "path": os.path.join(state_dir, "control", "config.db")}
     if spec.get("kind") == "sqlite":
         os.makedirs(os.path.dirname(spec["path"]), exist_ok=True)
-    store = open_config_store(spec)
+    # Prometheus (docs/observability.md): the process, TLS handshakes and the config store's
+    # request latencies, pushed to the routers each round (they show it at GET /metrics).
+    registry = process_registry()
+    store = TimedConfigStore(open_config_store(spec), str(spec.get("kind", "sqlite")),
+                             registry)
     control = Control(state_dir, store, args.endpoints, args.push_interval_ms)
     await control.load()
     await control.tick()
@@ -302,12 +307,15 @@ async def serve(args: argparse.Namespace) -> None:
                 log.exception("tick failed")
 
     task = asyncio.ensure_future(loop())
+    pusher = asyncio.ensure_future(push_forever(registry, "control",
+                                                lambda: control.routers.values()))
     runtime.announce_ready({"component": "control", "host": host, "port": port,
                             "pid": os.getpid()})
     try:
         await runtime.wait_for_shutdown()
     finally:
         task.cancel()
+        pusher.cancel()
         await server.close()
         await store.close()
 

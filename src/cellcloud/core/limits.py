@@ -67,9 +67,21 @@ class Limits:
     # placed again, on a fresh environment, at most this many times (the frontend's one retry
     # layer); the agent remembers at most this many gone environment ids to answer EnvGone.
     env_gone_retries_max: int = 3
-    # Distinct (account, function) label pairs a component's /metrics keeps; beyond it, new
-    # functions' series fold into function="__other__" (bounded cardinality).
+    # Distinct (account, function) label pairs a component's /metrics keeps, in all and per
+    # account; beyond either, new functions' series fold into their account's
+    # function="__other__" (bounded cardinality; one tenant cannot crowd out the others).
     metrics_functions_max: int = 1_000
+    metrics_functions_per_account_max: int = 250
+    # Expositions a process pushes to the one that gathers them (a dispatcher to its frontend,
+    # the control plane to the router; docs/observability.md): how often, how long one counts
+    # as current, how large one may be, how many pushers a gatherer keeps.
+    metrics_push_interval_ms: int = 2_000
+    metrics_pushed_stale_ms: int = 10_000
+    metrics_pushed_bytes_max: int = 4 * MiB
+    metrics_pushers_max: int = 64
+    # A frontend waits this long for an agent's exposition (under the router's wait for the
+    # cell's, so a hung agent leaves only itself out of a scrape).
+    metrics_agent_timeout_ms: int = 2_000
     # A sync invoke is answered at the latest this long after its function's timeout, whatever
     # the agents do (core/invoke.py answers it with a ServiceException on the first tick past).
     invoke_answer_slack_ms: int = 60_000

@@ -6,6 +6,7 @@ number of routers can run side by side and a restart loses nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -14,14 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.process_collector import ProcessCollector
+from prometheus_client import generate_latest
 
 from .. import runtime
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.tenant_status import cell_status_for_tenant
+from ..metrics import Pushed, process_registry
 from ..queues import query as sqs_query
 from ..registry.api import ECR_TARGET_PREFIX
 from ..registry.core import RegistryError
@@ -158,9 +159,10 @@ class Router:
                          "invokes_forwarded": 0, "metrics_cells_unavailable": 0}
         # The warm path (issue #13): sync invokes under a lease go router -> agent.
         self.leases = Leases(self, limits) if leases else None
-        # The router's own process metrics (CPU, RSS, fds), in the operator's /metrics only.
-        self.metrics_registry = CollectorRegistry()
-        ProcessCollector(registry=self.metrics_registry)
+        # The router's own process metrics (CPU, RSS, fds, TLS handshakes), and what the
+        # control plane pushes to the internal port (metrics_push): the operator's only.
+        self.metrics_registry = process_registry()
+        self.pushed_metrics = Pushed(limits, names=r"control(-[a-z0-9-]{1,32})?")
         # The registry's /v2/ API (registry/edge.py): its own auth (the registry token), body
         # caps and streaming; GetAuthorizationToken is answered here too.
         self.registry = RegistryEdge(self, registry_key, limits)
@@ -397,16 +399,32 @@ class Router:
         return _json_reply(await self._cell_status(str(wanted)))
 
     async def metrics(self, account: str | None) -> tuple[int, dict[str, str], bytes]:
-        """``GET /metrics`` (docs/observability.md): every cell's exposition (a cell that does
-        not answer is left out and counted), one tenant's series or (operator) all."""
-        expositions: dict[str, bytes] = {}
-        for cell_id in self.cell_map.cells:
-            try:
-                expositions[cell_id] = await self.client(cell_id).call("metrics", None,
-                                                                       timeout_s=5)
-            except (TransportError, RemoteError, CallTimeout):
+        """``GET /metrics`` (docs/observability.md): every cell's expositions, asked at once
+        (a cell that does not answer is left out and counted); one tenant's series, or
+        (operator) all of them with the cells' agents and dispatchers, the control plane's
+        and the router's own."""
+        cells = list(self.cell_map.cells)
+        ask = {"components": True, "agents": account is None}
+
+        async def one(cell_id: str) -> Any:
+            return await self.client(cell_id).call("metrics", ask, timeout_s=5)
+
+        got = await asyncio.gather(*(one(c) for c in cells), return_exceptions=True)
+        sources: list[tuple[dict[str, str], bytes]] = []
+        for cell_id, answer in zip(cells, got, strict=True):
+            if isinstance(answer, bytes):  # a frontend from before components
+                sources.append(({"cell": cell_id}, answer))
+            elif isinstance(answer, dict) and isinstance(answer.get("components"), dict):
+                sources += [({"cell": cell_id, "component": str(comp)}, text)
+                            for comp, text in answer["components"].items()
+                            if isinstance(text, bytes)]
+            else:
                 self.counters["metrics_cells_unavailable"] += 1
-        body = router_metrics.gather(expositions, account, self.metrics_registry)
+        if account is None:
+            sources.append(({"component": "router"}, generate_latest(self.metrics_registry)))
+            sources += [({"component": comp}, text) for comp, text
+                        in self.pushed_metrics.fresh(int(time.time() * 1000)).items()]
+        body = router_metrics.gather(sources, account)
         return 200, {"content-type": router_metrics.CONTENT_TYPE}, body
 
     async def _cell_status(self, cell_id: str) -> dict[str, Any]:

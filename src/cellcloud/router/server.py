@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import sys
+import time
 from typing import Any
 
 import uvicorn
@@ -16,7 +17,7 @@ from .. import runtime
 from ..core.cellmap import CellMap
 from ..core.limits import DEFAULT_LIMITS
 from ..registry.edge import RegistryKey
-from ..transport import Server
+from ..transport import OpError, Server
 from .app import OperatorToken, Router, Tenants
 from .connections import ConnectionRegistry, guard_params
 
@@ -73,7 +74,20 @@ async def serve(args: argparse.Namespace) -> None:
     async def map_status(_: Any) -> dict[str, Any]:
         return router.cell_map_status()
 
-    internal = Server({"cell_map": push_cell_map, "map_status": map_status})
+    # The control plane's Prometheus exposition (constant work too: every round), kept while
+    # fresh and shown in the operator's GET /metrics.
+    async def metrics_push(body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise OpError("InvalidRequest", "metrics_push takes {component, text}")
+        try:
+            router.pushed_metrics.put(body.get("component"), body.get("text"),
+                                      int(time.time() * 1000))
+        except ValueError as e:
+            raise OpError("InvalidRequest", str(e)) from e
+        return {}
+
+    internal = Server({"cell_map": push_cell_map, "map_status": map_status,
+                       "metrics_push": metrics_push})
     chost, cport = await internal.listen_tcp("", 0, sock=runtime.bind_tcp(args.control_listen))
     runtime.announce_ready({"component": "router", "host": host, "port": port,
                             "control_host": chost, "control_port": cport,

@@ -30,7 +30,7 @@ from .codec import FrameError, FrameReader, frame_read_bytes, pack, unpack
 
 __all__ = ["CallTimeout", "Client", "FrameError", "FrameReader", "OpError", "RemoteError",
            "Server", "TransportError", "disable_mtls", "enable_mtls", "frame_bytes_max", "frame_read_bytes",
-           "mtls_role", "pack", "unpack"]
+           "mtls_role", "pack", "tls_stats", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,47 @@ calls_in_flight_max = 4096  # per connection; more is a protocol error, not a qu
 Handler = Callable[[Any], Awaitable[Any]]
 
 
+@dataclass
+class TlsStats:
+    """This process's TLS handshakes on internal links, by side (``server``: accepted,
+    ``client``: opened): completed, and failed (a bad or missing certificate, a protocol
+    error). Exported as Prometheus counters by :mod:`cellcloud.metrics`."""
+
+    handshakes: dict[str, int] = field(default_factory=lambda: {"server": 0, "client": 0})
+    failures: dict[str, int] = field(default_factory=lambda: {"server": 0, "client": 0})
+
+
+tls_stats = TlsStats()
+
+
+class _CountedSSLObject(ssl.SSLObject):
+    """What ``wrap_bio`` returns on our contexts (asyncio's and uvloop's TLS both drive an
+    SSLObject): the same object, counting how each handshake ends."""
+
+    def do_handshake(self) -> None:
+        side = "server" if self.server_side else "client"
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # not over yet
+        except (ssl.SSLError, OSError):
+            tls_stats.failures[side] += 1
+            raise
+        tls_stats.handshakes[side] += 1
+
+
+def _counted(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    ctx.sslobject_class = _CountedSSLObject
+    return ctx
+
+
 class _Mtls:
     """Process-wide mutual TLS: every Server and Client of this process uses it once enabled."""
 
     def __init__(self, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, role: str,
                  region: str) -> None:
-        self.server_ctx = server_ctx
-        self.client_ctx = client_ctx
+        self.server_ctx = _counted(server_ctx)
+        self.client_ctx = _counted(client_ctx)
         self.role = role
         self.region = region
 
