@@ -19,7 +19,7 @@ from ..queues.store import QueueStore
 from ..registry.api import RegistryApi
 from ..registry.storage import RegistryStore, now_ms
 from ..transport import Handler, Server
-from . import api, clone
+from . import api, clone, function_urls
 from .cell import Cell
 from .events import EventStore, Intake
 from .store import SqliteFunctionStore
@@ -108,6 +108,10 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
     async def status(_: Any) -> dict[str, Any]:
         return await cell.status()
 
+    # A router's HTTP request to a function URL (frontend/function_urls.py).
+    async def url(body: dict[str, Any]) -> dict[str, Any]:
+        return await function_urls.serve(cell, body)
+
     # Leases on warm environments for a router's direct path (issue #13).
     async def lease(body: dict[str, Any]) -> dict[str, Any]:
         return await api.lease(cell, body)
@@ -144,7 +148,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
 
     return {"http": http, "status": status, "lease": lease, "lease_return": lease_return,
             "lease_logs": lease_logs, "sqs": queues.handle, "async_status": async_status,
-            "metrics": metrics,
+            "metrics": metrics, "url": url,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
             **registry.ops()}

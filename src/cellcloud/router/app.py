@@ -29,6 +29,7 @@ from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
 from . import metrics as router_metrics
+from .function_urls import UrlEdge, cross_account_owner
 from .leases import Fallback, Leases
 
 if TYPE_CHECKING:
@@ -164,6 +165,8 @@ class Router:
         # The registry's /v2/ API (registry/edge.py): its own auth (the registry token), body
         # caps and streaming; GetAuthorizationToken is answered here too.
         self.registry = RegistryEdge(self, registry_key, limits)
+        # Function URLs: Host <url-id>.lambda-url.<region>.localhost or /lambda-url/<url-id>/.
+        self.urls = UrlEdge(self)
 
     def set_cell_map(self, cell_map: CellMap) -> int:
         """A pushed map: taken when not older than the one held; returns the version held."""
@@ -207,6 +210,10 @@ class Router:
         if scope["type"] != "http":
             return
         self.counters["requests"] += 1
+        url_target = self.urls.target(scope)  # a function URL (router/function_urls.py)
+        if url_target is not None:
+            await self.urls.serve(scope, receive, send, url_target)
+            return
         if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
             await self.registry.serve(scope, receive, send)
             return
@@ -319,6 +326,9 @@ class Router:
                     503, "ServiceUnavailable", f"Cell {cell.cell_id} is unavailable: {e}"
                 ) from e
             return resp["s"], resp["h"], resp["b"]
+        if path.startswith("/2021-10-31/"):  # FunctionUrl is printed on the endpoint used
+            host = next((v for k, v in headers if k == "host"), "")
+            fwd["x-cellcloud-endpoint"] = f"{scope.get('scheme') or 'http'}://{host}"
         req = {
             "m": scope["method"],
             "p": path,
@@ -327,10 +337,15 @@ class Router:
             "b": body,
             "a": account,
         }
+        owner = cross_account_owner(path, account)
+        if owner is not None:  # another account's function: its cell judges its policy
+            req["a"], req["c"] = owner, account
+            cell = self.cell_map.cell_for(owner)
         # A sync invoke may run up to the function's timeout (at most 900 s); the frontend
         # enforces the real one, this is the backstop.
         timeout_s = (self.limits.timeout_s_max + 30.0) if is_invoke else control_timeout_s
-        leases = self.leases if is_invoke and scope["method"] == "POST" else None
+        leases = (self.leases if is_invoke and scope["method"] == "POST" and owner is None
+                  else None)
         key = (account, path, req["q"])
         if leases is not None and leases.eligible(fwd, body):
             lease = await leases.take_or_wait(key, cell.cell_id)
