@@ -57,7 +57,7 @@ def new_url_id(account: str, rng: random.Random) -> str:
 
 def account_of(url_id: str) -> str | None:
     """The owner's account id a URL id names, or None for a string that is no URL id."""
-    if not _URL_ID.match(url_id):
+    if not _URL_ID.fullmatch(url_id):
         return None
     raw = base64.b32decode(url_id.upper())
     n = int.from_bytes(raw[:5], "big")
@@ -71,7 +71,7 @@ def host_url_id(host: str, region: str) -> str | None:
     if not name.lower().endswith(suffix):
         return None
     url_id = name[: -len(suffix)].lower()
-    return url_id if _URL_ID.match(url_id) else None
+    return url_id if _URL_ID.fullmatch(url_id) else None
 
 
 def split_path_form(raw_path: str) -> tuple[str, str] | None:
@@ -79,7 +79,7 @@ def split_path_form(raw_path: str) -> tuple[str, str] | None:
     if not raw_path.startswith(PATH_PREFIX):
         return None
     url_id, _, rest = raw_path[len(PATH_PREFIX):].partition("/")
-    if not _URL_ID.match(url_id):
+    if not _URL_ID.fullmatch(url_id):
         return None
     return url_id, "/" + rest
 
@@ -135,7 +135,7 @@ def check_cors(doc: object) -> dict[str, Any]:
         if name in doc:
             out[name] = _strings(name, doc[name])
     for origin in out.get("AllowOrigins", ()):
-        if origin != "*" and not _ORIGIN.match(origin):
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise errors.invalid(f"Cors.AllowOrigins member {origin[:64]!r} is not an origin: "
                                  "use * or scheme://host[:port] (http or https)")
     for method in out.get("AllowMethods", ()):
@@ -144,7 +144,7 @@ def check_cors(doc: object) -> dict[str, Any]:
                                  f"{', '.join(_METHODS)}")
     for name in ("AllowHeaders", "ExposeHeaders"):
         for h in out.get(name, ()):
-            if h != "*" and not _TOKEN.match(h):
+            if h != "*" and not _TOKEN.fullmatch(h):
                 raise errors.invalid(f"Cors.{name} member {h[:64]!r} is not a header name")
     if "MaxAge" in doc:
         age = doc["MaxAge"]
@@ -184,7 +184,7 @@ def check_qualifier(qualifier: str | None) -> None:
     """A URL's qualifier is an alias name (Lambda: not a version number, not $LATEST)."""
     if qualifier is None:
         return
-    if not _URL_QUALIFIER.match(qualifier) or qualifier.isdigit():
+    if not _URL_QUALIFIER.fullmatch(qualifier) or qualifier.isdigit():
         raise LambdaError(400, "ValidationException",
                           f"1 validation error detected: Value '{qualifier}' at 'qualifier' "
                           "failed to satisfy constraint: Member must satisfy regular expression "
@@ -406,12 +406,14 @@ def map_response(payload: bytes, function_error: str | None,
     if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
         return bad_gateway(request_id)
     headers: list[tuple[str, str]] = []
-    raw_headers = doc.get("headers") or {}
+    raw_headers = doc.get("headers")
+    if raw_headers is None:
+        raw_headers = {}
     if not isinstance(raw_headers, dict):
         return bad_gateway(request_id)
     for k, v in raw_headers.items():
         value = _header_value(v)
-        if value is None or not _TOKEN.match(str(k)) or "\n" in value or "\r" in value:
+        if value is None or not _TOKEN.fullmatch(str(k)) or "\n" in value or "\r" in value:
             return bad_gateway(request_id)
         if k.lower() not in _HOP and k.lower() != "x-amzn-requestid":
             headers.append((k.lower(), value))
