@@ -9,6 +9,7 @@ very same loop in ``pyruntime.py`` without paying for HTTP inside one process).
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from dataclasses import dataclass
@@ -211,7 +212,44 @@ class _Handler(BaseHTTPRequestHandler):
         status, headers, doc = reply
         self._reply(status, json.dumps(doc).encode(), headers)
 
+    def _read_chunked(self, limit: int) -> tuple[bytes, dict[str, str]] | None:
+        """A chunked body (a streamed response: ``Lambda-Runtime-Function-Response-Mode:
+        streaming``) and its trailers, read as it arrives; None (413 sent) past ``limit``."""
+        parts: list[bytes] = []
+        size = 0
+        trailers: dict[str, str] = {}
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                n = int(line.split(b";", 1)[0].strip() or b"x", 16)
+            except ValueError:
+                self._reply(400, b'{"errorType":"InvalidChunkedEncoding"}')
+                self.close_connection = True
+                return None
+            if n == 0:
+                break
+            size += n
+            if size > limit:
+                self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
+                self.close_connection = True
+                return None
+            parts.append(self.rfile.read(n))
+            self.rfile.readline(8)  # the chunk's CRLF
+        for _ in range(100):  # trailers, then the empty line
+            line = self.rfile.readline(65536)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            trailers[k.strip().lower()] = v.strip()
+        return b"".join(parts), trailers
+
     def _read_body(self) -> bytes | None:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            got = self._read_chunked(request_body_bytes_max)
+            if got is None:
+                return None
+            body, self.trailers = got
+            return body
         length = int(self.headers.get("Content-Length") or 0)
         if length > request_body_bytes_max:
             self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
@@ -247,6 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, inv.payload, headers)
 
     def do_POST(self) -> None:
+        self.trailers: dict[str, str] = {}
         body = self._read_body()
         if body is None:
             return
@@ -273,7 +312,17 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["init", "error"]:
             status, doc = self.api.init_fail(body)
         elif len(parts) == 3 and parts[0] == "invocation" and parts[2] == "response":
-            status, doc = self.api.respond(parts[1], body)
+            error_type = self.trailers.get("lambda-runtime-function-error-type")
+            if error_type:  # a streamed response that failed midway (its trailers say so)
+                detail = self.trailers.get("lambda-runtime-function-error-body")
+                try:
+                    error_body = base64.b64decode(detail or "", validate=True)
+                except ValueError:
+                    error_body = b""
+                status, doc = self.api.error(parts[1], error_body or json.dumps(
+                    {"errorType": error_type, "errorMessage": ""}).encode())
+            else:
+                status, doc = self.api.respond(parts[1], body)
         elif len(parts) == 3 and parts[0] == "invocation" and parts[2] == "error":
             status, doc = self.api.error(parts[1], body)
         else:
