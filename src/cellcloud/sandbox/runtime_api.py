@@ -195,6 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
     api: RuntimeApi
     extensions: Extensions | None = None
     telemetry: Telemetry | None = None
+    trailers: dict[str, str]  # of the request being handled (a streamed response's error)
 
     def log_message(self, format: str, *args: Any) -> None:  # not into the function's logs
         return
@@ -285,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, inv.payload, headers)
 
     def do_POST(self) -> None:
-        self.trailers: dict[str, str] = {}
+        self.trailers = {}
         body = self._read_body()
         if body is None:
             return
