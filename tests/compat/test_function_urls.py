@@ -367,3 +367,90 @@ def test_bad_requests(region: Region, lam: Any, echo: str) -> None:
     finally:
         lam.delete_function_url_config(FunctionName=echo)
         lam.remove_permission(FunctionName=echo, StatementId="public")
+
+
+# -- response streaming (Node's awslambda.streamifyResponse) -------------------------------------
+STREAM_JS = r"""
+exports.handler = awslambda.streamifyResponse(async (event, responseStream, context) => {
+  const mode = event.mode || (event.queryStringParameters || {}).mode;
+  if (mode === "http") {
+    const s = awslambda.HttpResponseStream.from(responseStream, {
+      statusCode: 201, headers: { "content-type": "text/plain", "x-streamed": "yes" },
+      cookies: ["s=1"] });
+    s.write("hello ");
+    await new Promise((r) => setTimeout(r, 10));
+    s.write("streamed ");
+    s.end("world");
+    return;
+  }
+  if (mode === "fail") {
+    responseStream.write("partial");
+    throw new Error("failed midway");
+  }
+  if (mode === "forever") {
+    responseStream.write("first");
+    return;  // never ends: the function's timeout ends it
+  }
+  for (let i = 0; i < 3; i++) responseStream.write(`chunk${i};`);
+  responseStream.end();
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def streamer(lam: Any) -> str:
+    import uuid
+
+    from cellcloud.sandbox import runtimes
+    from tests.conftest import make_zip
+    installed = runtimes.find_node()
+    if not installed:
+        pytest.skip("no Node installed")
+    name = f"url-s-{uuid.uuid4().hex[:8]}"
+    lam.create_function(FunctionName=name, Runtime=f"nodejs{min(installed)}.x",
+                        Role="arn:aws:iam::123456789012:role/x", Handler="index.handler",
+                        Timeout=2, Code={"ZipFile": make_zip({"index.js": STREAM_JS})})
+    return name
+
+
+def events(out: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    chunks, complete = [], {}
+    for e in out["EventStream"]:
+        if "PayloadChunk" in e:
+            chunks.append(e["PayloadChunk"]["Payload"])
+        else:
+            complete = e["InvokeComplete"]
+    return b"".join(chunks), complete
+
+
+def test_invoke_with_response_stream(lam: Any, streamer: str) -> None:
+    out = lam.invoke_with_response_stream(FunctionName=streamer, Payload=b"{}", LogType="Tail")
+    assert out["StatusCode"] == 200 and out["ExecutedVersion"] == "$LATEST"
+    assert out["ResponseStreamContentType"] == "application/vnd.amazon.eventstream"
+    body, complete = events(out)
+    assert body == b"chunk0;chunk1;chunk2;"
+    assert "ErrorCode" not in complete and complete["LogResult"]
+    # a failure after the first write: InvokeComplete says so
+    body, complete = events(lam.invoke_with_response_stream(
+        FunctionName=streamer, Payload=json.dumps({"mode": "fail"}).encode()))
+    assert complete["ErrorCode"] and "failed midway" in complete["ErrorDetails"]
+    # a stream that never ends is cut at the function's timeout (2 s)
+    body, complete = events(lam.invoke_with_response_stream(
+        FunctionName=streamer, Payload=json.dumps({"mode": "forever"}).encode()))
+    assert complete["ErrorCode"] and "timed out" in complete["ErrorDetails"].lower()
+
+
+def test_response_stream_url(lam: Any, streamer: str) -> None:
+    url = public(lam, streamer, InvokeMode="RESPONSE_STREAM")
+    try:
+        status, headers, body = curl(url + "?mode=http")
+        assert (status, body) == (201, b"hello streamed world")
+        assert headers["content-type"] == ["text/plain"] and headers["x-streamed"] == ["yes"]
+        assert headers["set-cookie"] == ["s=1"]
+        status, headers, body = curl(url)
+        assert (status, body) == (200, b"chunk0;chunk1;chunk2;")
+        assert headers["content-type"] == ["application/octet-stream"]
+        assert curl(url + "?mode=fail")[0] == 502
+    finally:
+        lam.delete_function_url_config(FunctionName=streamer)
+        lam.remove_permission(FunctionName=streamer, StatementId="public")

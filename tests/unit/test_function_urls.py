@@ -256,3 +256,20 @@ def test_cross_account_invoke() -> None:
     assert not fu.authorize_invoke(OWNER, OTHER,
                                    policy({**grant, "InvokedViaFunctionUrl": True}))
     assert fu.authorize_invoke(OWNER, OTHER, policy({**grant, "InvokedViaFunctionUrl": False}))
+
+
+def test_stream_response_prelude() -> None:
+    prelude = json.dumps({"statusCode": 418, "headers": {"Content-Type": "text/plain", "x-a": "1"},
+                          "cookies": ["c=1"]}).encode()
+    r = fu.map_stream_response(prelude + fu.PRELUDE_DELIMITER + b"body\0bytes", None, "rid")
+    assert (r.status, r.body) == (418, b"body\0bytes")
+    assert ("content-type", "text/plain") in r.headers and ("x-a", "1") in r.headers
+    assert ("set-cookie", "c=1") in r.headers
+    r = fu.map_stream_response(b'{}' + fu.PRELUDE_DELIMITER + b"x", None, "rid")
+    assert (r.status, r.body) == (200, b"x")
+    assert ("content-type", "application/octet-stream") in r.headers
+    r = fu.map_stream_response(b"raw bytes", None, "rid")
+    assert (r.status, r.body) == (200, b"raw bytes")
+    assert fu.map_stream_response(b'{"statusCode": 1}' + fu.PRELUDE_DELIMITER, None,
+                                  "rid").status == 502
+    assert fu.map_stream_response(b"x", "Unhandled", "rid").status == 502

@@ -441,6 +441,40 @@ def map_response(payload: bytes, function_error: str | None,
     return UrlResponse(status, headers, data)
 
 
+PRELUDE_DELIMITER = b"\0" * 8
+#: the most bytes of a streamed response's prelude (its JSON before the 8 NUL bytes)
+prelude_bytes_max = 64 * 1024
+
+
+def map_stream_response(payload: bytes, function_error: str | None,
+                        request_id: str) -> UrlResponse:
+    """A RESPONSE_STREAM URL's answer: the prelude ``awslambda.HttpResponseStream.from`` writes
+    (JSON ``{statusCode, headers, cookies}``, then 8 NUL bytes) gives status and headers and the
+    rest is the body; without one, 200 ``application/octet-stream`` and the bytes as they came."""
+    if function_error is not None:
+        return bad_gateway(request_id)
+    rid = ("x-amzn-requestid", request_id)
+    cut = payload.find(PRELUDE_DELIMITER, 0, prelude_bytes_max) if payload[:1] == b"{" else -1
+    if cut < 0:
+        return UrlResponse(200, [("content-type", "application/octet-stream"), rid], payload)
+    try:
+        prelude = json.loads(payload[:cut])
+    except (ValueError, UnicodeDecodeError):
+        return bad_gateway(request_id)
+    if not isinstance(prelude, dict):
+        return bad_gateway(request_id)
+    head = map_response(json.dumps({**prelude, "statusCode": prelude.get("statusCode", 200),
+                                    "body": None}).encode(), None, request_id)
+    if head.status == 502:
+        return head
+    headers = [(k, v) for k, v in head.headers if k != "content-type"]
+    ctype = next((v for k, v in head.headers if k == "content-type" and
+                  "content-type" in {str(h).lower() for h in prelude.get("headers") or {}}),
+                 "application/octet-stream")
+    return UrlResponse(head.status, [("content-type", ctype), *headers],
+                       payload[cut + len(PRELUDE_DELIMITER):])
+
+
 # -- who may invoke -------------------------------------------------------------------------------
 def authorize_url(auth_type: str, owner: str, caller: str | None,
                   policy: str | None) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from ..core import errors, params, policies
+from ..core import errors, eventstream, params, policies
 from ..core import function_urls as function_url_rules
 from ..core.aliases import check_alias_name
 from ..core.catalog_rules import page_size
@@ -205,6 +205,39 @@ def _check_caller(cell: Cell, req: dict[str, Any], name: str, qualifier: str | N
                           f"User: arn:aws:iam::{caller}:root is not authorized to perform: "
                           f"lambda:InvokeFunction on resource: {arn} because no resource-based "
                           "policy allows the lambda:InvokeFunction action")
+
+
+async def invoke_with_response_stream(cell: Cell, req: dict[str, Any], m: Match,
+                                      q: Q) -> Reply:
+    """InvokeWithResponseStream: the response as an event stream (``PayloadChunk`` events, then
+    ``InvokeComplete``). The cell gathers the function's response before the first event
+    leaves (see docs/lambda-api.md, "Response streaming")."""
+    name = _name(m["ref"], req["a"])
+    qualifier = _qualifier(m["ref"], q)
+    headers = req["h"]
+    _judge("Invoke", req, {}, q, name)
+    _check_caller(cell, req, name, qualifier)
+    itype = headers.get("x-amz-invocation-type", "RequestResponse")
+    if itype == "DryRun":
+        cell.resolve(req["a"], name, qualifier)
+        return {"s": 204, "h": {}, "b": b""}
+    if itype != "RequestResponse":
+        raise errors.invalid(f"Unsupported InvocationType {itype!r}: InvokeWithResponseStream "
+                             "takes RequestResponse or DryRun")
+    log_type = headers.get("x-amz-log-type", "None")
+    if log_type not in ("None", "Tail"):
+        raise errors.invalid(f"Unsupported LogType {log_type!r}")
+    res = await cell.invoke(req["a"], name, req["b"] or b"", log_tail=log_type == "Tail",
+                            qualifier=qualifier)
+    log_result = base64.b64encode(res.logs).decode() if log_type == "Tail" else None
+    if res.function_error:
+        body = eventstream.response_stream(b"", res.function_error,
+                                           res.payload.decode(errors="replace"), log_result)
+    else:
+        body = eventstream.response_stream(res.payload, log_result=log_result)
+    return {"s": 200, "h": {"content-type": eventstream.CONTENT_TYPE,
+                            "x-amz-executed-version": res.executed_version,
+                            "x-amzn-requestid": res.request_id}, "b": body}
 
 
 _INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<ref>[^/]+)/invocations/?$")
@@ -808,7 +841,7 @@ IAC_ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
     ("PUT", re.compile(rf"^/2024-08-31/functions/{_FN}/recursion-config/?$"), put_recursion),
     ("POST", re.compile(rf"^/2014-11-13/functions/{_FN}/invoke-async/?$"), invoke_async_legacy),
     ("POST", re.compile(rf"^/2021-11-15/functions/{_FN}/response-streaming-invocations/?$"),
-     _unsupported("Response streaming invocations (InvokeWithResponseStream)")),
+     invoke_with_response_stream),
     # Function URLs (frontend/function_urls.py)
     ("POST", re.compile(_URL), function_urls.create),
     ("GET", re.compile(_URL), function_urls.get),
@@ -906,7 +939,7 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
 
 
 #: the routes another account may reach (the router sends it with ``c``, the caller)
-_CROSS_ACCOUNT = frozenset({invoke})
+_CROSS_ACCOUNT = frozenset({invoke, invoke_with_response_stream})
 
 
 async def handle(cell: Cell, req: dict[str, Any]) -> Reply:

@@ -188,7 +188,8 @@ async def _serve(cell: Cell, body: dict[str, Any]) -> Reply:
     event = fu.build_event(req, request_id=request_id, now_ms=int(cell.clock() * 1000))
     res = await cell.invoke(owner, name, json.dumps(event).encode(), log_tail=False,
                             qualifier=qual or None, request_id=request_id)
-    mapped = fu.map_response(res.payload, res.function_error, res.request_id)
+    mapped = (fu.map_stream_response if cfg.get("InvokeMode") == "RESPONSE_STREAM"
+              else fu.map_response)(res.payload, res.function_error, res.request_id)
     out = mapped.headers
     extra = fu.cors_headers(cors, headers.get("origin"))
     if extra:

@@ -29,7 +29,7 @@ from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
 from . import metrics as router_metrics
-from .function_urls import UrlEdge, cross_account_owner
+from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner
 from .leases import Fallback, Leases
 
 if TYPE_CHECKING:
@@ -264,11 +264,13 @@ class Router:
             self.counters["refused_before_body"] += body_state.pending
             raise
         is_invoke = path.endswith(_INVOKE_SUFFIXES)
+        # InvokeWithResponseStream: an invoke's body limit and timeout, never a lease
+        is_stream = path.rstrip("/").endswith(STREAM_SUFFIX)
         target = next((v for k, v in headers if k == "x-amz-target"), "")
         is_ecr = target.startswith(ECR_TARGET_PREFIX)
         body_max = (
             self.limits.invoke_payload_bytes_max
-            if is_invoke
+            if is_invoke or is_stream
             else self.limits.registry_api_body_bytes_max if is_ecr
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
@@ -343,7 +345,8 @@ class Router:
             cell = self.cell_map.cell_for(owner)
         # A sync invoke may run up to the function's timeout (at most 900 s); the frontend
         # enforces the real one, this is the backstop.
-        timeout_s = (self.limits.timeout_s_max + 30.0) if is_invoke else control_timeout_s
+        timeout_s = ((self.limits.timeout_s_max + 30.0) if is_invoke or is_stream
+                     else control_timeout_s)
         leases = (self.leases if is_invoke and scope["method"] == "POST" and owner is None
                   else None)
         key = (account, path, req["q"])

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cellcloud.router")
 
-_INVOKE = re.compile(r"^/2015-03-31/functions/(?P<ref>[^/]+)/invocations/?$")
+_INVOKE = re.compile(r"^/(2015-03-31/functions/(?P<ref>[^/]+)/invocations|"
+                     r"2021-11-15/functions/(?P<sref>[^/]+)/response-streaming-invocations)/?$")
+STREAM_SUFFIX = "/response-streaming-invocations"
 
 
 def cross_account_owner(path: str, account: str) -> str | None:
@@ -35,7 +37,7 @@ def cross_account_owner(path: str, account: str) -> str | None:
     if m is None:
         return None
     try:
-        parsed = parse_function_ref(unquote(m["ref"]))
+        parsed = parse_function_ref(unquote(m["ref"] or m["sref"]))
     except LambdaError:
         return None
     if parsed.account is None or parsed.account == account:
