@@ -17,10 +17,12 @@ import struct
 import zlib
 from typing import Any
 
+from .limits import DEFAULT_LIMITS
+
 CONTENT_TYPE = "application/vnd.amazon.eventstream"
 _STRING = 7
 #: the most payload one PayloadChunk carries (a longer body is split)
-chunk_bytes_max = 64 * 1024
+chunk_bytes_max = DEFAULT_LIMITS.response_stream_chunk_bytes_max
 
 
 def message(headers: dict[str, str], payload: bytes) -> bytes:

@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl
 
 from . import errors, policies
 from .errors import LambdaError
+from .limits import DEFAULT_LIMITS
 
 URL_ID_CHARS = 32
 _URL_ID = re.compile(r"^[a-z2-7]{32}$")
@@ -35,11 +36,12 @@ _METHODS = ("GET", "PUT", "HEAD", "POST", "PATCH", "DELETE", "*")
 _ORIGIN = re.compile(r"^https?://(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 #: Cors list members (botocore's model: at most 100 origins/headers, 6 methods)
-CORS_LIST_MAX = {"AllowOrigins": 100, "AllowHeaders": 100, "ExposeHeaders": 100,
-                 "AllowMethods": 6}
+_ITEMS = DEFAULT_LIMITS.function_url_cors_items_max
+CORS_LIST_MAX = {"AllowOrigins": _ITEMS, "AllowHeaders": _ITEMS, "ExposeHeaders": _ITEMS,
+                 "AllowMethods": 6}  # botocore's model: one each of six methods
 _CORS_ITEM_MAX = {"AllowOrigins": 253, "AllowHeaders": 1024, "ExposeHeaders": 1024,
                   "AllowMethods": 6}
-CORS_MAX_AGE_S_MAX = 86400
+CORS_MAX_AGE_S_MAX = DEFAULT_LIMITS.function_url_cors_max_age_s_max
 # Request headers a function never sees (the connection's own); response headers it may not set.
 _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                   "proxy-connection", "content-length"})
@@ -443,7 +445,7 @@ def map_response(payload: bytes, function_error: str | None,
 
 PRELUDE_DELIMITER = b"\0" * 8
 #: the most bytes of a streamed response's prelude (its JSON before the 8 NUL bytes)
-prelude_bytes_max = 64 * 1024
+prelude_bytes_max = DEFAULT_LIMITS.function_url_prelude_bytes_max
 
 
 def map_stream_response(payload: bytes, function_error: str | None,
