@@ -54,9 +54,12 @@ def invoke_complete(error_code: str | None = None, error_details: str | None = N
 
 
 def response_stream(payload: bytes, error_code: str | None = None,
-                    error_details: str | None = None, log_result: str | None = None) -> bytes:
-    """A whole InvokeWithResponseStream body: the payload in chunks, then InvokeComplete."""
+                    error_details: str | None = None, log_result: str | None = None,
+                    final: bool = True) -> bytes:
+    """The payload as PayloadChunk events (each at most ``chunk_bytes_max``), then (``final``)
+    InvokeComplete."""
     parts = [payload_chunk(payload[i:i + chunk_bytes_max])
              for i in range(0, len(payload), chunk_bytes_max)]
-    parts.append(invoke_complete(error_code, error_details, log_result))
+    if final:
+        parts.append(invoke_complete(error_code, error_details, log_result))
     return b"".join(parts)

@@ -444,6 +444,8 @@ def map_response(payload: bytes, function_error: str | None,
 
 
 PRELUDE_DELIMITER = b"\0" * 8
+#: the content type a runtime streams a response with a prelude under
+HTTP_INTEGRATION = "application/vnd.awslambda.http-integration-response"
 #: the most bytes of a streamed response's prelude (its JSON before the 8 NUL bytes)
 prelude_bytes_max = DEFAULT_LIMITS.function_url_prelude_bytes_max
 

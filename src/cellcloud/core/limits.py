@@ -110,6 +110,7 @@ class Limits:
     function_url_cors_max_age_s_max: int = 86_400  # Cors MaxAge (Lambda's)
     function_url_prelude_bytes_max: int = 64 * 1024  # a streamed HTTP response's JSON prelude
     response_stream_chunk_bytes_max: int = 64 * 1024  # payload of one PayloadChunk event
+    response_stream_bytes_max: int = 20 * MiB  # a streamed response (Lambda's default maximum)
     # Held back on the cell's state disk for deletes when it is full (SQLite's WAL needs room
     # to delete); given up on ENOSPC during a delete, taken back when there is room again.
     state_disk_reserve_bytes: int = 8 * MiB

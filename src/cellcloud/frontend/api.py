@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -23,14 +23,15 @@ from ..core.jsondepth import check_json_depth
 from ..core.limits import DEFAULT_LIMITS
 from ..core.tenant_status import cell_status_for_tenant
 from ..core.validation import parse_function_ref
+from ..transport import Stream
 from . import events, function_urls, image_functions
-from .cell import Cell
+from .cell import Cell, InvokeResult
 from .store import StateDiskFull, config_doc, function_arn, is_disk_full
 
 Reply = dict[str, Any]
 Match = dict[str, str]
 Q = dict[str, list[str]]
-Route = Callable[[Cell, dict[str, Any], Match, Q], Awaitable[Reply]]
+Route = Callable[[Cell, dict[str, Any], Match, Q], Awaitable[Reply | Stream]]
 
 log = logging.getLogger("cellcloud.frontend")
 
@@ -208,7 +209,7 @@ def _check_caller(cell: Cell, req: dict[str, Any], name: str, qualifier: str | N
 
 
 async def invoke_with_response_stream(cell: Cell, req: dict[str, Any], m: Match,
-                                      q: Q) -> Reply:
+                                      q: Q) -> Reply | Stream:
     """InvokeWithResponseStream: the response as an event stream (``PayloadChunk`` events, then
     ``InvokeComplete``). The cell gathers the function's response before the first event
     leaves (see docs/lambda-api.md, "Response streaming")."""
@@ -227,17 +228,41 @@ async def invoke_with_response_stream(cell: Cell, req: dict[str, Any], m: Match,
     log_type = headers.get("x-amz-log-type", "None")
     if log_type not in ("None", "Tail"):
         raise errors.invalid(f"Unsupported LogType {log_type!r}")
-    res = await cell.invoke(req["a"], name, req["b"] or b"", log_tail=log_type == "Tail",
-                            qualifier=qualifier)
-    log_result = base64.b64encode(res.logs).decode() if log_type == "Tail" else None
-    if res.function_error:
-        body = eventstream.response_stream(b"", res.function_error,
-                                           res.payload.decode(errors="replace"), log_result)
-    else:
-        body = eventstream.response_stream(res.payload, log_result=log_result)
-    return {"s": 200, "h": {"content-type": eventstream.CONTENT_TYPE,
-                            "x-amz-executed-version": res.executed_version,
-                            "x-amzn-requestid": res.request_id}, "b": body}
+    rec, _ = cell.resolve(req["a"], name, qualifier)
+    return Stream(_response_events(cell, req, name, qualifier, rec.version, log_type == "Tail"))
+
+
+async def _response_events(cell: Cell, req: dict[str, Any], name: str, qualifier: str | None,
+                           version: str, log_tail: bool) -> AsyncIterator[dict[str, Any]]:
+    """InvokeWithResponseStream's answer for the router: the head, then each piece of the
+    response as a ``PayloadChunk`` event the moment the function streams it, then
+    ``InvokeComplete`` (with the error, for a function that failed)."""
+    request_id = str(uuid.uuid4())
+    head = {"s": 200, "h": {"content-type": eventstream.CONTENT_TYPE,
+                            "x-amz-executed-version": version, "x-amzn-requestid": request_id}}
+    head_sent = False
+    try:
+        async for item in function_urls.streamed(cell, req["a"], name, qualifier,
+                                                 req["b"] or b"", request_id=request_id,
+                                                 log_tail=log_tail):
+            if not head_sent:
+                yield head
+                head_sent = True
+            if not isinstance(item, InvokeResult):
+                yield {"b": eventstream.response_stream(item[0], final=False)}
+                continue
+            log_result = base64.b64encode(item.logs).decode() if log_tail else None
+            if item.function_error:
+                yield {"b": eventstream.invoke_complete(
+                    item.function_error, item.payload.decode(errors="replace"), log_result)}
+            else:
+                yield {"b": eventstream.response_stream(item.payload, log_result=log_result)}
+    except LambdaError as e:
+        if not head_sent:  # refused before anything ran (a throttle...): an ordinary error
+            yield {"s": e.status, "h": e.headers()}
+            yield {"b": e.body()}
+        else:
+            yield {"b": eventstream.invoke_complete(e.type, e.message)}
 
 
 _INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<ref>[^/]+)/invocations/?$")
@@ -942,7 +967,7 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
 _CROSS_ACCOUNT = frozenset({invoke, invoke_with_response_stream})
 
 
-async def handle(cell: Cell, req: dict[str, Any]) -> Reply:
+async def handle(cell: Cell, req: dict[str, Any]) -> Reply | Stream:
     try:
         path = req["p"]
         method = req["m"]

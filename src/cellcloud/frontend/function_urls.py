@@ -6,9 +6,11 @@ are pure, in ``core/function_urls.py``; this is the shell over the catalog and t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -17,7 +19,8 @@ from ..core import function_urls as fu
 from ..core.catalog_rules import iso_time_ms, page_size
 from ..core.errors import LambdaError
 from ..core.validation import parse_function_ref
-from .cell import Cell
+from ..transport import Stream
+from .cell import Cell, InvokeResult
 from .store import function_arn
 
 log = logging.getLogger("cellcloud.frontend")
@@ -152,7 +155,7 @@ def _forbidden() -> LambdaError:
                        "latest/dg/urls-auth.html")
 
 
-async def serve(cell: Cell, body: dict[str, Any]) -> Reply:
+async def serve(cell: Cell, body: dict[str, Any]) -> Reply | Stream:
     """The router's ``url`` op: one HTTP request to a function URL -> ``{s, h: [[k, v]], b}``."""
     try:
         return await _serve(cell, body)
@@ -160,7 +163,7 @@ async def serve(cell: Cell, body: dict[str, Any]) -> Reply:
         return _error(e)
 
 
-async def _serve(cell: Cell, body: dict[str, Any]) -> Reply:
+async def _serve(cell: Cell, body: dict[str, Any]) -> Reply | Stream:
     url_id = str(body["id"])
     found = cell.catalog.store.get_url_by_id(url_id)
     if found is None or found[0] != fu.account_of(url_id):
@@ -186,13 +189,99 @@ async def _serve(cell: Cell, body: dict[str, Any]) -> Reply:
         source_ip=str(body.get("ip") or ""), protocol=str(body.get("proto") or "HTTP/1.1"),
         caller=caller if cfg["AuthType"] == "AWS_IAM" else None)
     event = fu.build_event(req, request_id=request_id, now_ms=int(cell.clock() * 1000))
+    cors_extra = fu.cors_headers(cors, headers.get("origin"))
+    if cfg.get("InvokeMode") == "RESPONSE_STREAM":
+        return Stream(_url_stream(cell, owner, name, qual, json.dumps(event).encode(),
+                                  request_id, cors_extra))
     res = await cell.invoke(owner, name, json.dumps(event).encode(), log_tail=False,
                             qualifier=qual or None, request_id=request_id)
     mapped = (fu.map_stream_response if cfg.get("InvokeMode") == "RESPONSE_STREAM"
               else fu.map_response)(res.payload, res.function_error, res.request_id)
-    out = mapped.headers
-    extra = fu.cors_headers(cors, headers.get("origin"))
-    if extra:
-        names = {k for k, _ in extra}
-        out = [(k, v) for k, v in out if k not in names] + extra
-    return {"s": mapped.status, "h": out, "b": mapped.body}
+    return {"s": mapped.status, "h": _with_cors(mapped.headers, cors_extra), "b": mapped.body}
+
+
+def _with_cors(out: list[tuple[str, str]], extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    if not extra:
+        return out
+    names = {k for k, _ in extra}
+    return [(k, v) for k, v in out if k not in names] + extra
+
+
+async def streamed(cell: Cell, owner: str, name: str, qual: str | None, payload: bytes, *,
+                   request_id: str | None = None, log_tail: bool = False
+                   ) -> AsyncIterator[tuple[bytes, str] | InvokeResult]:
+    """A streamed invocation: ``(bytes, content type)`` for each piece of the response as the
+    runtime streams it, then the :class:`InvokeResult` (its payload: what was not streamed,
+    all of it for a function that does not stream). A refusal (throttle...) raises."""
+    chunks: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue()
+    task = asyncio.ensure_future(cell.invoke(
+        owner, name, payload, log_tail=log_tail, qualifier=qual, request_id=request_id,
+        sink=lambda data, ctype: chunks.put_nowait((data, ctype))))
+    try:
+        while not task.done():
+            getter = asyncio.ensure_future(chunks.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            yield getter.result()
+        while not chunks.empty():
+            yield chunks.get_nowait()
+        yield await task
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _url_stream(cell: Cell, owner: str, name: str, qual: str, payload: bytes,
+                      request_id: str, cors_extra: list[tuple[str, str]]
+                      ) -> AsyncIterator[dict[str, Any]]:
+    """A RESPONSE_STREAM URL's answer for the router: ``{"s", "h"}`` once status and headers
+    are known (after the prelude of ``HttpResponseStream.from``, or the first bytes), then
+    ``{"b": bytes}`` as the function streams."""
+    pending = b""  # bytes before the head is known (at most the prelude's limit)
+    head_sent = False
+    try:
+        async for item in streamed(cell, owner, name, qual or None, payload,
+                                   request_id=request_id):
+            if isinstance(item, InvokeResult):
+                if not head_sent:  # nothing streamed, or the head never completed
+                    mapped = fu.map_stream_response(pending + item.payload, item.function_error,
+                                                    item.request_id)
+                    yield {"s": mapped.status, "h": _with_cors(mapped.headers, cors_extra)}
+                    if mapped.body:
+                        yield {"b": mapped.body}
+                elif item.payload and not item.function_error:
+                    yield {"b": item.payload}
+                # a failure after the head left: the stream just ends, as on Lambda
+                return
+            data, ctype = item
+            if head_sent:
+                yield {"b": data}
+                continue
+            pending += data
+            if ctype.startswith(fu.HTTP_INTEGRATION):
+                cut = pending.find(fu.PRELUDE_DELIMITER)
+                if cut < 0 and len(pending) <= fu.prelude_bytes_max:
+                    continue  # the prelude is not complete yet
+                if cut < 0:  # no prelude within its limit: not a response we can map
+                    bad = fu.bad_gateway(request_id)
+                    yield {"s": bad.status, "h": _with_cors(bad.headers, cors_extra)}
+                    yield {"b": bad.body}
+                    return
+                else:
+                    head = fu.map_stream_response(pending[:cut + len(fu.PRELUDE_DELIMITER)],
+                                                  None, request_id)
+                    rest = pending[cut + len(fu.PRELUDE_DELIMITER):]
+            else:
+                head = fu.UrlResponse(200, [("content-type", ctype or "application/octet-stream"),
+                                            ("x-amzn-requestid", request_id)], b"")
+                rest = pending
+            yield {"s": head.status, "h": _with_cors(head.headers, cors_extra)}
+            head_sent, pending = True, b""
+            if rest:
+                yield {"b": rest}
+    except LambdaError as e:
+        if not head_sent:
+            yield {"s": e.status, "h": list(e.headers().items())}
+            yield {"b": e.body()}

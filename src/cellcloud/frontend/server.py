@@ -18,7 +18,7 @@ from ..queues.api import QueueApi
 from ..queues.store import QueueStore
 from ..registry.api import RegistryApi
 from ..registry.storage import RegistryStore, now_ms
-from ..transport import Handler, Server
+from ..transport import Handler, Server, Stream
 from . import api, clone, function_urls
 from .cell import Cell
 from .events import EventStore, Intake
@@ -98,8 +98,10 @@ async def serve(args: argparse.Namespace) -> None:
 def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handler]:
     """The frontend's transport ops (docs/design.md lists them)."""
 
-    async def http(req: dict[str, Any]) -> dict[str, Any]:
+    async def http(req: dict[str, Any]) -> dict[str, Any] | Stream:
         reply = await api.handle(cell, req)
+        if isinstance(reply, Stream):  # InvokeWithResponseStream: changes nothing
+            return reply
         if req.get("m") != "GET":  # a change: answered once no lease runs what it replaced
             api.after_change(cell, req, reply)
             await cell.invoker.settle_leases()
@@ -109,7 +111,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
         return await cell.status()
 
     # A router's HTTP request to a function URL (frontend/function_urls.py).
-    async def url(body: dict[str, Any]) -> dict[str, Any]:
+    async def url(body: dict[str, Any]) -> dict[str, Any] | Stream:
         return await function_urls.serve(cell, body)
 
     # Leases on warm environments for a router's direct path (issue #13).

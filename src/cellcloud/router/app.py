@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -29,7 +29,7 @@ from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
 from . import metrics as router_metrics
-from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner
+from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner, open_stream
 from .leases import Fallback, Leases
 
 if TYPE_CHECKING:
@@ -229,6 +229,9 @@ class Router:
             self.counters["internal_errors"] += 1
             err = LambdaError(500, "ServiceException", "An internal error occurred.")
             status, headers, body = err.status, err.headers(), err.body()
+        if not isinstance(body, bytes):  # streamed (InvokeWithResponseStream): chunked
+            await self.urls.send_stream(scope, send, status, list(headers.items()), body)
+            return
         out = [(k.encode(), v.encode()) for k, v in headers.items()]
         out.append((b"content-length", b"%d" % len(body)))  # not chunked: one write, no trailer
         if body_state.pending and not (
@@ -241,8 +244,8 @@ class Router:
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
 
-    async def _handle(self, scope: Scope, receive: Receive,
-                      body_state: _BodyState) -> tuple[int, dict[str, str], bytes]:
+    async def _handle(self, scope: Scope, receive: Receive, body_state: _BodyState
+                      ) -> tuple[int, dict[str, str], bytes | AsyncIterator[bytes]]:
         path: str = scope["path"]
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         fwd = {k: v for k, v in headers if k.encode() in _FORWARDED}
@@ -359,6 +362,10 @@ class Router:
                     pass  # nothing ran: the frontend's way
         if is_invoke:
             self.counters["invokes_forwarded"] += 1
+        if is_stream:  # InvokeWithResponseStream: events leave as the function streams
+            status, pairs, streamed = await open_stream(
+                self.client(cell.cell_id), "http", req, timeout_s, cell.cell_id, self.counters)
+            return status, dict(pairs), streamed
         try:
             resp = await self.client(cell.cell_id).call("http", req, timeout_s=timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -19,7 +20,7 @@ from ..core import function_urls as fu
 from ..core.errors import LambdaError
 from ..core.validation import parse_function_ref
 from ..security import sigv4
-from ..transport import CallTimeout, RemoteError, TransportError
+from ..transport import CallTimeout, Client, RemoteError, TransportError
 
 if TYPE_CHECKING:
     from .app import Receive, Router, Scope, Send
@@ -69,6 +70,9 @@ class UrlEdge:
         read: list[bool] = []  # appended to once the body has been read
         try:
             status, headers, body = await self._serve(scope, receive, target, read)
+            if not isinstance(body, bytes):  # RESPONSE_STREAM: the body as it comes
+                await self.send_stream(scope, send, status, headers, body)
+                return
         except LambdaError as e:
             self.counters["refused"] += 1
             status, headers, body = e.status, list(e.headers().items()), e.body()
@@ -87,9 +91,24 @@ class UrlEdge:
         await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD"
                     else b""})
 
+    async def send_stream(self, scope: Scope, send: Send, status: int,
+                           headers: list[tuple[str, str]], body: AsyncIterator[bytes]) -> None:
+        """A streamed answer: no Content-Length (chunked), each piece written as it comes."""
+        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers
+               if k not in ("content-length", "transfer-encoding")]
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        try:
+            async for data in body:
+                if data and scope["method"] != "HEAD":
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+        except (TransportError, RemoteError) as e:  # the cell went away mid-stream: cut it
+            self.counters["cell_unavailable"] += 1
+            log.warning("function URL stream cut: %s", e)
+        await send({"type": "http.response.body", "body": b""})
+
     async def _serve(self, scope: Scope, receive: Receive,
-                     target: tuple[str, str],
-                     read: list[bool]) -> tuple[int, list[tuple[str, str]], bytes]:
+                     target: tuple[str, str], read: list[bool]
+                     ) -> tuple[int, list[tuple[str, str]], bytes | AsyncIterator[bytes]]:
         router = self.router
         url_id, raw_path = target
         owner = fu.account_of(url_id)
@@ -127,14 +146,35 @@ class UrlEdge:
             "proto": f"HTTP/{scope.get('http_version', '1.1')}", "caller": caller,
         }
         cell = router.cell_map.cell_for(owner)
+        return await open_stream(router.client(cell.cell_id), "url", op,
+                                 router.limits.timeout_s_max + 30.0, cell.cell_id,
+                                 self.counters)
+
+
+async def open_stream(client: Client, op: str, body: Any, timeout_s: float, cell_id: str,
+                      counters: dict[str, int]
+                      ) -> tuple[int, list[tuple[str, str]], bytes | AsyncIterator[bytes]]:
+    """Call a frontend op that may answer a Stream (``{"s", "h"}``, then ``{"b": bytes}``
+    items): (status, headers, the whole body or the body as it comes)."""
+    items = client.call_stream(op, body, timeout_s=timeout_s)
+    try:
+        kind, first = await anext(items)
+    except (TransportError, CallTimeout, RemoteError) as e:
+        counters["cell_unavailable"] += 1
+        raise LambdaError(503, "ServiceException", f"Cell {cell_id} is unavailable: {e}") from e
+    headers = first["h"].items() if isinstance(first["h"], dict) else first["h"]
+    pairs = [(str(k), str(v)) for k, v in headers]
+    if kind == "end":  # answered whole
+        return int(first["s"]), pairs, bytes(first["b"])
+
+    async def rest() -> AsyncIterator[bytes]:
         try:
-            resp = await router.client(cell.cell_id).call(
-                "url", op, timeout_s=router.limits.timeout_s_max + 30.0)
-        except (TransportError, CallTimeout, RemoteError) as e:
-            self.counters["cell_unavailable"] += 1
-            raise LambdaError(503, "ServiceException",
-                              f"Cell {cell.cell_id} is unavailable: {e}") from e
-        return int(resp["s"]), [(str(k), str(v)) for k, v in resp["h"]], bytes(resp["b"])
+            async for k, item in items:
+                if k == "item" and isinstance(item, dict) and isinstance(item.get("b"), bytes):
+                    yield item["b"]
+        finally:
+            await items.aclose()
+    return int(first["s"]), pairs, rest()
 
 
 def _too_large(body_max: int) -> LambdaError:

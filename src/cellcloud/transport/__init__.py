@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -474,7 +474,7 @@ class Client:
             proto.pending.pop(call_id, None)
 
     async def call_stream(self, op: str, body: Any = None, *,
-                          timeout_s: float) -> AsyncIterator[tuple[str, Any]]:
+                          timeout_s: float) -> AsyncGenerator[tuple[str, Any], None]:
         """A call whose answer may be a :class:`Stream`: yields ``("item", x)`` for each
         streamed item as it arrives, then ``("end", answer)`` once (the answer of an op that
         did not stream, or None); raises as :meth:`call` does. ``timeout_s`` bounds the whole
