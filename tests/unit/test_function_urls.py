@@ -118,17 +118,19 @@ def request(**kw: object) -> fu.UrlRequest:
 
 def test_event_shape() -> None:
     ev = fu.build_event(request(
-        method="POST", raw_path="/a%20b/c", raw_query="x=1&x=2&y=&z=a+b",
+        method="POST", raw_path="/a%20b/c", raw_query="x=1&x=2&y=&z=a+b&Cap=%C3%A9%26&&flag",
         headers=[("host", "h"), ("cookie", "a=1; b=2"), ("x-m", "1"), ("x-m", "2"),
                  ("content-type", "application/json; charset=utf-8"), ("user-agent", "ua"),
                  ("content-length", "7"), ("connection", "keep-alive")],
         body=b'{"k":1}'), request_id="rid", now_ms=1_700_000_000_123)
     assert ev["version"] == "2.0" and ev["routeKey"] == "$default"
-    assert (ev["rawPath"], ev["rawQueryString"]) == ("/a%20b/c", "x=1&x=2&y=&z=a+b")
+    assert (ev["rawPath"], ev["rawQueryString"]) == ("/a%20b/c",
+                                                     "x=1&x=2&y=&z=a+b&Cap=%C3%A9%26&&flag")
     assert ev["cookies"] == ["a=1", "b=2"]
     assert ev["headers"] == {"host": "h", "x-m": "1,2", "user-agent": "ua",
                              "content-type": "application/json; charset=utf-8"}
-    assert ev["queryStringParameters"] == {"x": "1,2", "y": "", "z": "a b"}
+    assert ev["queryStringParameters"] == {"x": "1,2", "y": "", "z": "a b", "Cap": "é&",
+                                           "flag": ""}
     assert (ev["body"], ev["isBase64Encoded"]) == ('{"k":1}', False)
     ctx = ev["requestContext"]
     assert ctx["http"] == {"method": "POST", "path": "/a%20b/c", "protocol": "HTTP/1.1",

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import json
 import random
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 from . import errors, policies
 from .errors import LambdaError
@@ -275,10 +274,11 @@ class UrlRequest:
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-def joined_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+def joined_headers(pairs: Iterable[tuple[str, str]], lower: bool = True) -> dict[str, str]:
+    """Repeated names joined with commas (names lower-cased, as headers are)."""
     out: dict[str, str] = {}
     for k, v in pairs:
-        k = k.lower()
+        k = k.lower() if lower else k
         out[k] = f"{out[k]},{v}" if k in out else v
     return out
 
@@ -292,10 +292,27 @@ def _is_text(content_type: str | None) -> bool:
 
 
 def _clf_time(now_ms: int) -> str:
-    t = time.gmtime(now_ms // 1000)
+    t = datetime.datetime.fromtimestamp(now_ms // 1000, datetime.UTC)
     months = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-    return (f"{t.tm_mday:02d}/{months[t.tm_mon - 1]}/{t.tm_year}:"
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000")
+    return f"{t.day:02d}/{months[t.month - 1]}/{t.year}:{t:%H:%M:%S} +0000"
+
+
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def _unquote_plus(s: str) -> str:
+    raw = s.replace("+", " ").encode("utf-8", "surrogateescape")
+    return _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), raw).decode("utf-8", "replace")
+
+
+def parse_query(raw: str) -> list[tuple[str, str]]:
+    """A query string's (name, value) pairs, decoded (``+`` is a space), blanks kept."""
+    out = []
+    for part in raw.split("&"):
+        if part:
+            k, _, v = part.partition("=")
+            out.append((_unquote_plus(k), _unquote_plus(v)))
+    return out
 
 
 def build_event(req: UrlRequest, *, request_id: str, now_ms: int) -> dict[str, Any]:
@@ -320,8 +337,7 @@ def build_event(req: UrlRequest, *, request_id: str, now_ms: int) -> dict[str, A
         event["cookies"] = cookies
     event["headers"] = headers
     if req.raw_query:
-        event["queryStringParameters"] = joined_headers(
-            (k, v) for k, v in parse_qsl(req.raw_query, keep_blank_values=True))
+        event["queryStringParameters"] = joined_headers(parse_query(req.raw_query), lower=False)
     domain = domain_name(req.url_id, req.region)
     ctx: dict[str, Any] = {
         "accountId": req.caller["account"] if req.caller else "anonymous",
