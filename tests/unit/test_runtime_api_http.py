@@ -115,3 +115,23 @@ def test_a_streamed_response_is_read_whole() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_streamed_response_over_its_limit_fails_the_invocation() -> None:
+    api = RuntimeApi(1 << 20, response_stream_bytes_max=100_000)
+    got: list[bytes] = []
+    api.chunk_sink = lambda rid, data, ctype: got.append(data)
+    server = serve_http(api, "127.0.0.1", 0)
+    port = server.server_address[1]
+    try:
+        _invoke(api, port, "r-1")
+        status, _, s = _streamed_post(port, "r-1", [b"x" * 60_000, b"y" * 60_000])
+        s.close()
+        assert status == 413
+        out = api.wait_outcome()
+        assert not out.ok and json.loads(out.payload)["errorType"] == (
+            "Function.ResponseSizeTooLarge")
+        assert got == [b"x" * 60_000]  # the first piece went on its way as it came
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -210,6 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
     extensions: Extensions | None = None
     telemetry: Telemetry | None = None
     trailers: dict[str, str]  # of the request being handled (a streamed response's error)
+    too_large = False  # the request being handled passed its body limit
 
     def log_message(self, format: str, *args: Any) -> None:  # not into the function's logs
         return
@@ -246,6 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
                 break
             size += n
             if size > limit:
+                self.too_large = True
                 self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
                 self.close_connection = True
                 return None
@@ -274,6 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
             return body
         length = int(self.headers.get("Content-Length") or 0)
         if length > request_body_bytes_max:
+            self.too_large = True
             self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
             self.close_connection = True
             return None
@@ -308,6 +311,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.trailers = {}
+        self.too_large = False
         sink = None
         if (self.headers.get("Lambda-Runtime-Function-Response-Mode") or "").lower() == (
                 "streaming") and self.path.startswith(API_PREFIX + "/invocation/"):
@@ -320,6 +324,14 @@ class _Handler(BaseHTTPRequestHandler):
                     _s(_r, data, _c)
         body = self._read_body(sink)
         if body is None:
+            parts = self.path[len(API_PREFIX):].strip("/").split("/")
+            if (self.too_large and len(parts) == 3 and parts[0] == "invocation"
+                    and parts[2] == "response"):
+                # the response passed its limit (while it streamed): the invocation fails
+                self.api.error(parts[1], json.dumps({
+                    "errorType": "Function.ResponseSizeTooLarge",
+                    "errorMessage": "Response payload size exceeded maximum allowed payload "
+                                    "size"}).encode())
             return
         if self.path.startswith(EXTENSION_PREFIX + "/") and self.extensions is not None:
             ext, h = self.extensions, self.headers
