@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from ..sandbox.backend import Backend, JailBackend, Spawned
 from ..sandbox.spec import EnvSpec
 from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
-from ..transport import OpError, Server
+from ..transport import OpError, Server, Stream
 from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
 from . import lockdown
 from .images import LayerCache
@@ -104,6 +104,8 @@ class _EnvChannel(asyncio.BufferedProtocol):
         # A frame that came before anyone waited for it: the end of an Invoke phase can come
         # in the same read as its early result. One is kept; a second one is garbage.
         self.early: dict[str, Any] | None = None
+        #: a streamed invocation's receiver of GuestChunk frames (None: none is streamed)
+        self.chunk_sink: Callable[[dict[str, Any]], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -119,6 +121,10 @@ class _EnvChannel(asyncio.BufferedProtocol):
             for doc in self.unpacker.feed(data):
                 if not isinstance(doc, dict):
                     raise ValueError("not a frame")
+                if doc.get("t") == "chunk":  # GuestChunk: a streamed response's bytes
+                    if self.chunk_sink is not None:
+                        self.chunk_sink(doc)
+                    continue  # nobody streams now (a late chunk of a timed-out one): dropped
                 if self.waiter is not None and not self.waiter.done():
                     self.waiter.set_result(doc)
                 elif self.early is None:
@@ -522,15 +528,43 @@ class Agent:
         self.counters["created"] += 1
         return m.CreateEnvReply(env_id, spawned.pid, rec.init_ms, rec.init_error)
 
-    async def invoke(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def invoke(self, body: dict[str, Any]) -> dict[str, Any] | Stream:
         if self.draining:
             raise OpError("AgentDraining", "the agent is being replaced; retry")
         try:
             req = m.InvokeRequest.from_wire(body)
         except m.MessageError as e:
             raise OpError("InvalidRequest", str(e)) from e
+        if req.stream:
+            return Stream(self._invoke_streamed(req))
         try:
             return (await self._invoke(req)).to_wire()
+        finally:
+            self._idle.set()
+
+    async def _invoke_streamed(self, req: m.InvokeRequest) -> AsyncIterator[dict[str, Any]]:
+        """A streamed invocation's answer: ``{"c": bytes, "ct": content type}`` for each piece
+        of the response as the guest sends it, then ``{"r": InvokeReply}``."""
+        chunks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def sink(doc: dict[str, Any]) -> None:
+            if doc.get("request_id") == req.request_id and isinstance(doc.get("data"), bytes):
+                chunks.put_nowait(doc)
+
+        task = asyncio.ensure_future(self._invoke(req, sink))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(chunks.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                doc = getter.result()
+                yield {"c": doc["data"], "ct": str(doc.get("content_type") or "")}
+            while not chunks.empty():  # sent before the result: already here
+                doc = chunks.get_nowait()
+                yield {"c": doc["data"], "ct": str(doc.get("content_type") or "")}
+            yield {"r": (await task).to_wire()}
         finally:
             self._idle.set()
 
@@ -583,6 +617,7 @@ class Agent:
                                      "timeout_ms": int(body["timeout_ms"]),
                                      "arn": str(body.get("arn", ""))})
             lease.invocations += 1
+            assert isinstance(res, dict)  # never streamed: the body named no "stream"
             return res
         finally:
             lease.running = False
@@ -639,7 +674,9 @@ class Agent:
         while len(self._gone) > DEFAULT_LIMITS.gone_env_ids_remembered_max:
             self._gone.popitem(last=False)
 
-    async def _invoke(self, req: m.InvokeRequest) -> m.InvokeReply:
+    async def _invoke(self, req: m.InvokeRequest,
+                      chunk_sink: Callable[[dict[str, Any]], None] | None = None
+                      ) -> m.InvokeReply:
         env_id = req.env_id
         rec = self.envs.get(env_id)
         if rec is not None and not rec.busy and (rec.channel.gone()
@@ -672,7 +709,15 @@ class Agent:
         timeout_ms = req.timeout_ms
         started = time.monotonic()
         ask = m.GuestInvoke(request_id, req.payload, timeout_ms, req.arn,
-                            legacy=rec.guest_wire < 2)
+                            legacy=rec.guest_wire < 2, stream=chunk_sink is not None)
+        rec.channel.chunk_sink = chunk_sink
+        try:
+            return await self._invoke_on(rec, env_id, request_id, timeout_ms, started, ask)
+        finally:
+            rec.channel.chunk_sink = None
+
+    async def _invoke_on(self, rec: EnvRecord, env_id: str, request_id: str, timeout_ms: int,
+                         started: float, ask: m.GuestInvoke) -> m.InvokeReply:
         try:
             frame = await rec.channel.request(
                 ask.to_wire(int(time.time() * 1000) if ask.legacy else 0), timeout_ms / 1000)

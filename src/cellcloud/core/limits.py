@@ -117,6 +117,12 @@ class Limits:
     unreserved_concurrency_min: int = 100  # left unreserved by ReservedConcurrentExecutions
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)
     functions_per_tenant_max: int = 10_000
+    # Function URLs and response streaming (issue #15; docs/lambda-api.md#function-urls).
+    function_url_cors_items_max: int = 100  # members of Cors AllowOrigins/Headers/ExposeHeaders
+    function_url_cors_max_age_s_max: int = 86_400  # Cors MaxAge (Lambda's)
+    function_url_prelude_bytes_max: int = 64 * 1024  # a streamed HTTP response's JSON prelude
+    response_stream_chunk_bytes_max: int = 64 * 1024  # payload of one PayloadChunk event
+    response_stream_bytes_max: int = 20 * MiB  # a streamed response (Lambda's default maximum)
     # Held back on the cell's state disk for deletes when it is full (SQLite's WAL needs room
     # to delete); given up on ENOSPC during a delete, taken back when there is room again.
     state_disk_reserve_bytes: int = 8 * MiB

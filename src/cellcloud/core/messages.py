@@ -171,17 +171,23 @@ class InvokeRequest:
     payload: bytes
     timeout_ms: int  # relative: the function's timeout
     arn: str = ""  # the ARN the caller invoked (qualified or not), for the context object
+    #: answer as a transport Stream: the response's bytes as the runtime streams them
+    #: ({"c": bytes} items), then {"r": InvokeReply} (its payload empty)
+    stream: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {"env_id": self.env_id, "request_id": self.request_id, "payload": self.payload,
-                "timeout_ms": self.timeout_ms, "arn": self.arn}
+        doc = {"env_id": self.env_id, "request_id": self.request_id, "payload": self.payload,
+               "timeout_ms": self.timeout_ms, "arn": self.arn}
+        if self.stream:
+            doc["stream"] = True
+        return doc
 
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
         k = "invoke"
         return cls(env_id=_get(doc, "env_id", str, k), request_id=_get(doc, "request_id", str, k),
                    payload=_get(doc, "payload", bytes, k), timeout_ms=_get(doc, "timeout_ms", int, k),
-                   arn=_get(doc, "arn", str, k, ""))
+                   arn=_get(doc, "arn", str, k, ""), stream=_get(doc, "stream", bool, k, False))
 
 
 @dataclass(frozen=True)
@@ -320,14 +326,19 @@ class GuestInvoke:
     timeout_ms: int
     arn: str = ""
     legacy: bool = False  # spoken in (or to be answered in) the first dialect
+    #: send a streamed response's bytes as they come ({"t": "chunk"} frames) before the result
+    stream: bool = False
 
     def to_wire(self, now_ms: int = 0) -> dict[str, Any]:
         """``now_ms`` (wall clock) only for the first dialect, which took a deadline."""
         if self.legacy:
             return {"t": "invoke", "id": self.request_id, "payload": self.payload,
                     "deadline_ms": now_ms + self.timeout_ms, "arn": self.arn}
-        return {"t": "invoke", "request_id": self.request_id, "payload": self.payload,
-                "timeout_ms": self.timeout_ms, "arn": self.arn}
+        doc = {"t": "invoke", "request_id": self.request_id, "payload": self.payload,
+               "timeout_ms": self.timeout_ms, "arn": self.arn}
+        if self.stream:
+            doc["stream"] = True
+        return doc
 
     @classmethod
     def from_wire(cls, doc: Any, now_ms: int = 0) -> Self:
@@ -338,7 +349,8 @@ class GuestInvoke:
                        arn=_get(doc, "arn", str, k, ""), legacy=True)
         return cls(request_id=_get(doc, "request_id", str, k),
                    payload=_get(doc, "payload", bytes, k),
-                   timeout_ms=_get(doc, "timeout_ms", int, k), arn=_get(doc, "arn", str, k, ""))
+                   timeout_ms=_get(doc, "timeout_ms", int, k), arn=_get(doc, "arn", str, k, ""),
+                   stream=_get(doc, "stream", bool, k, False))
 
 
 @dataclass(frozen=True)

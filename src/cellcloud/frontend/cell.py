@@ -33,7 +33,7 @@ from ..transport import Client, RemoteError, TransportError
 from . import image_functions
 from .events import Intake
 from .functions import Catalog
-from .invoker import Invoker, InvokeResult
+from .invoker import ChunkSink, Invoker, InvokeResult
 from .metrics import FrontendMetrics
 from .store import FunctionRecord, FunctionStore, StateDiskFull
 
@@ -232,7 +232,10 @@ class Cell:
         log_tail: bool,
         qualifier: str | None = None,
         request_id: str | None = None,
+        sink: ChunkSink | None = None,
     ) -> InvokeResult:
+        """``sink``: stream the response (its bytes go there as the runtime streams them; the
+        result's payload holds what was not streamed)."""
         rec, invoked_arn = self.resolve(account, name, qualifier)
         image_functions.check_runnable(self.catalog, rec)  # a deleted image: Failed
         if len(payload) > self.limits.invoke_payload_bytes_max:
@@ -253,7 +256,7 @@ class Cell:
                     f"Could not parse request body into json: {e}",
                 ) from e
         return await self.invoker.invoke(rec, invoked_arn, payload, log_tail,
-                                         self.reserved(account, name), request_id)
+                                         self.reserved(account, name), request_id, sink)
 
     def shard_of(self, key: str) -> tuple[str, ...]:
         return self.invoker.core.shard_of(key)

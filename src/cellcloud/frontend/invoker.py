@@ -91,11 +91,19 @@ def function_ref(rec: FunctionRecord, reserved: int | None) -> FunctionRef:
                        rec.memory_mb, reserved)
 
 
+#: (bytes, content type) of a streamed response, as the runtime streams them
+ChunkSink = Callable[[bytes, str], None]
+
+
 class _Call:
-    __slots__ = ("request_id", "rec", "invoked_arn", "payload", "log_tail", "done", "reply")
+    __slots__ = ("request_id", "rec", "invoked_arn", "payload", "log_tail", "done", "reply",
+                 "sink")
 
     def __init__(self, request_id: str, rec: FunctionRecord, invoked_arn: str, payload: bytes,
-                 log_tail: bool, done: asyncio.Future[Instruction]) -> None:
+                 log_tail: bool, done: asyncio.Future[Instruction],
+                 sink: ChunkSink | None = None) -> None:
+        #: a streamed invocation's receiver of the response's bytes as they come
+        self.sink = sink
         self.request_id = request_id  # the caller's (sent to the agent, returned)
         self.rec = rec
         self.invoked_arn = invoked_arn
@@ -160,7 +168,8 @@ class Invoker:
 
     # -- the caller's side ----------------------------------------------------------------------
     async def invoke(self, rec: FunctionRecord, invoked_arn: str, payload: bytes, log_tail: bool,
-                     reserved: int | None, request_id: str | None = None) -> InvokeResult:
+                     reserved: int | None, request_id: str | None = None,
+                     sink: ChunkSink | None = None) -> InvokeResult:
         request_id = request_id or str(uuid.uuid4())
         # The core's key for this call: the caller's id unless that is in flight already (an
         # async event redelivered while its first delivery still runs keeps its request id).
@@ -171,7 +180,8 @@ class Invoker:
         done: asyncio.Future[Instruction] = asyncio.get_running_loop().create_future()
         # The entry goes when the core answers (a caller that goes away leaves it to the
         # core's deadline).
-        call = self._calls[key] = _Call(request_id, rec, invoked_arn, payload, log_tail, done)
+        call = self._calls[key] = _Call(request_id, rec, invoked_arn, payload, log_tail, done,
+                                        sink)
         counters = self.cell.counters
         mx = self.cell.metrics
         labels = mx.labels(rec.account, rec.name)
@@ -464,13 +474,18 @@ class Invoker:
         cell = self.cell
         rec = call.rec
         timeout_ms = rec.timeout_s * 1000
+        body = m.InvokeRequest(env_id=ins.env_id, request_id=call.request_id,
+                               payload=call.payload, timeout_ms=timeout_ms,
+                               arn=call.invoked_arn, stream=call.sink is not None).to_wire()
+        timeout_s = timeout_ms / 1000 + cell.limits.agent_call_timeout_ms / 1000
         try:
-            res = m.InvokeReply.from_wire(await self.call_agent(
-                cell.agents[ins.agent_id], "invoke",
-                m.InvokeRequest(env_id=ins.env_id, request_id=call.request_id,
-                                payload=call.payload, timeout_ms=timeout_ms,
-                                arn=call.invoked_arn).to_wire(),
-                timeout_ms / 1000 + cell.limits.agent_call_timeout_ms / 1000))
+            if call.sink is not None:
+                reply = await self._stream_agent(cell.agents[ins.agent_id], body, timeout_s,
+                                                 call.sink)
+            else:
+                reply = await self.call_agent(cell.agents[ins.agent_id], "invoke", body,
+                                              timeout_s)
+            res = m.InvokeReply.from_wire(reply)
         except m.MessageError as e:  # an answer not of its type: the handler may have run
             return "env_error", f"malformed agent reply: {e}"
         except NotDelivered as e:  # never reached the agent: nothing ran
@@ -493,6 +508,22 @@ class Invoker:
             # an ordinary Lambda error, not a poison.
             return "env_died", ""
         return ("function_error" if res.function_error else "ok"), ""
+
+    @staticmethod
+    async def _stream_agent(client: Client, body: dict[str, Any], timeout_s: float,
+                            sink: ChunkSink) -> Any:
+        """A streamed ``invoke``: each piece of the response to ``sink`` as it arrives; the
+        agent's reply (an agent that does not stream answers whole: its payload is the
+        response)."""
+        reply = None
+        async for kind, value in client.call_stream("invoke", body, timeout_s=timeout_s):
+            if kind == "end":
+                reply = value if value is not None else reply
+            elif isinstance(value, dict) and isinstance(value.get("c"), bytes):
+                sink(value["c"], str(value.get("ct") or ""))
+            elif isinstance(value, dict) and "r" in value:
+                reply = value["r"]
+        return reply
 
     def destroy_soon(self, env_id: str, agent_id: str) -> None:
         self._spawn(self.destroy(env_id, agent_id))

@@ -21,8 +21,8 @@ from ..queues.api import QueueApi
 from ..queues.store import QueueStore
 from ..registry.api import RegistryApi
 from ..registry.storage import RegistryStore, now_ms
-from ..transport import Handler, OpError, Server
-from . import api, clone, image_functions
+from ..transport import Handler, OpError, Server, Stream
+from . import api, clone, function_urls, image_functions
 from .cell import Cell
 from .events import EventStore, Intake
 from .store import SqliteFunctionStore
@@ -108,8 +108,10 @@ async def serve(args: argparse.Namespace) -> None:
 def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handler]:
     """The frontend's transport ops (docs/design.md lists them)."""
 
-    async def http(req: dict[str, Any]) -> dict[str, Any]:
+    async def http(req: dict[str, Any]) -> dict[str, Any] | Stream:
         reply = await api.handle(cell, req)
+        if isinstance(reply, Stream):  # InvokeWithResponseStream: changes nothing
+            return reply
         if req.get("m") != "GET":  # a change: answered once no lease runs what it replaced
             api.after_change(cell, req, reply)
             await cell.invoker.settle_leases()
@@ -117,6 +119,10 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
 
     async def status(_: Any) -> dict[str, Any]:
         return await cell.status()
+
+    # A router's HTTP request to a function URL (frontend/function_urls.py).
+    async def url(body: dict[str, Any]) -> dict[str, Any] | Stream:
+        return await function_urls.serve(cell, body)
 
     # Leases on warm environments for a router's direct path (issue #13).
     async def lease(body: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +177,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
 
     return {"http": http, "status": status, "lease": lease, "lease_return": lease_return,
             "lease_logs": lease_logs, "sqs": queues.handle, "async_status": async_status,
-            "metrics": metrics, "metrics_push": metrics_push,
+            "metrics": metrics, "metrics_push": metrics_push, "url": url,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
             **registry.ops()}

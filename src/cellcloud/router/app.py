@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
@@ -30,6 +30,7 @@ from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
 from . import metrics as router_metrics
+from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner, open_stream
 from .leases import Fallback, Leases
 
 if TYPE_CHECKING:
@@ -166,6 +167,8 @@ class Router:
         # The registry's /v2/ API (registry/edge.py): its own auth (the registry token), body
         # caps and streaming; GetAuthorizationToken is answered here too.
         self.registry = RegistryEdge(self, registry_key, limits)
+        # Function URLs: Host <url-id>.lambda-url.<region>.localhost or /lambda-url/<url-id>/.
+        self.urls = UrlEdge(self)
 
     def set_cell_map(self, cell_map: CellMap) -> int:
         """A pushed map: taken when not older than the one held; returns the version held."""
@@ -209,6 +212,10 @@ class Router:
         if scope["type"] != "http":
             return
         self.counters["requests"] += 1
+        url_target = self.urls.target(scope)  # a function URL (router/function_urls.py)
+        if url_target is not None:
+            await self.urls.serve(scope, receive, send, url_target)
+            return
         if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
             await self.registry.serve(scope, receive, send)
             return
@@ -224,6 +231,9 @@ class Router:
             self.counters["internal_errors"] += 1
             err = LambdaError(500, "ServiceException", "An internal error occurred.")
             status, headers, body = err.status, err.headers(), err.body()
+        if not isinstance(body, bytes):  # streamed (InvokeWithResponseStream): chunked
+            await self.urls.send_stream(scope, send, status, list(headers.items()), body)
+            return
         out = [(k.encode(), v.encode()) for k, v in headers.items()]
         out.append((b"content-length", b"%d" % len(body)))  # not chunked: one write, no trailer
         if body_state.pending and not (
@@ -236,8 +246,8 @@ class Router:
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
 
-    async def _handle(self, scope: Scope, receive: Receive,
-                      body_state: _BodyState) -> tuple[int, dict[str, str], bytes]:
+    async def _handle(self, scope: Scope, receive: Receive, body_state: _BodyState
+                      ) -> tuple[int, dict[str, str], bytes | AsyncIterator[bytes]]:
         path: str = scope["path"]
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         fwd = {k: v for k, v in headers if k.encode() in _FORWARDED}
@@ -259,11 +269,13 @@ class Router:
             self.counters["refused_before_body"] += body_state.pending
             raise
         is_invoke = path.endswith(_INVOKE_SUFFIXES)
+        # InvokeWithResponseStream: an invoke's body limit and timeout, never a lease
+        is_stream = path.rstrip("/").endswith(STREAM_SUFFIX)
         target = next((v for k, v in headers if k == "x-amz-target"), "")
         is_ecr = target.startswith(ECR_TARGET_PREFIX)
         body_max = (
             self.limits.invoke_payload_bytes_max
-            if is_invoke
+            if is_invoke or is_stream
             else self.limits.registry_api_body_bytes_max if is_ecr
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
@@ -321,6 +333,9 @@ class Router:
                     503, "ServiceUnavailable", f"Cell {cell.cell_id} is unavailable: {e}"
                 ) from e
             return resp["s"], resp["h"], resp["b"]
+        if path.startswith("/2021-10-31/"):  # FunctionUrl is printed on the endpoint used
+            host = next((v for k, v in headers if k == "host"), "")
+            fwd["x-cellcloud-endpoint"] = f"{scope.get('scheme') or 'http'}://{host}"
         req = {
             "m": scope["method"],
             "p": path,
@@ -329,10 +344,16 @@ class Router:
             "b": body,
             "a": account,
         }
+        owner = cross_account_owner(path, account)
+        if owner is not None:  # another account's function: its cell judges its policy
+            req["a"], req["c"] = owner, account
+            cell = self.cell_map.cell_for(owner)
         # A sync invoke may run up to the function's timeout (at most 900 s); the frontend
         # enforces the real one, this is the backstop.
-        timeout_s = (self.limits.timeout_s_max + 30.0) if is_invoke else control_timeout_s
-        leases = self.leases if is_invoke and scope["method"] == "POST" else None
+        timeout_s = ((self.limits.timeout_s_max + 30.0) if is_invoke or is_stream
+                     else control_timeout_s)
+        leases = (self.leases if is_invoke and scope["method"] == "POST" and owner is None
+                  else None)
         key = (account, path, req["q"])
         if leases is not None and leases.eligible(fwd, body):
             lease = await leases.take_or_wait(key, cell.cell_id)
@@ -343,6 +364,10 @@ class Router:
                     pass  # nothing ran: the frontend's way
         if is_invoke:
             self.counters["invokes_forwarded"] += 1
+        if is_stream:  # InvokeWithResponseStream: events leave as the function streams
+            status, pairs, streamed = await open_stream(
+                self.client(cell.cell_id), "http", req, timeout_s, cell.cell_id, self.counters)
+            return status, dict(pairs), streamed
         try:
             resp = await self.client(cell.cell_id).call("http", req, timeout_s=timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:
