@@ -253,7 +253,7 @@ class Schedules:
         self.rng = random.Random(seed)
         #: (key, revision) -> the time before which the schedule needs nothing
         self._waits: dict[str, tuple[int, int]] = {}
-        self.counters = {"claimed": 0, "sent": 0, "send_failed": 0, "deduplicated": 0,
+        self.counters = {"claimed": 0, "sent": 0, "send_failed": 0,
                          "expired": 0, "dead_lettered": 0, "dead_letter_failed": 0,
                          "cas_lost": 0, "completed_deleted": 0}
 
@@ -568,8 +568,6 @@ class Schedules:
         status = int(resp["s"])
         if status == 202:
             self.counters["sent"] += 1
-            if resp["h"].get("x-cellcloud-deduplicated"):
-                self.counters["deduplicated"] += 1
             return core.SendOutcome(True)
         self.counters["send_failed"] += 1
         try:
