@@ -136,6 +136,16 @@ def test_api_shapes_and_errors(store: SqliteConfigStore) -> None:
                                       "schedule/default/every-minute"}
         st, doc = await api(s, "POST", "/schedules/every-minute", body())
         assert (st, doc["__type"]) == (409, "ConflictException")
+        # a create retried with its idempotency token answers as the first one did
+        assert (await api(s, "POST", "/schedules/tok", body(ClientToken="t-1")))[0] == 200
+        assert (await api(s, "POST", "/schedules/tok", body(ClientToken="t-1")))[0] == 200
+        st, doc = await api(s, "POST", "/schedules/tok", body(ClientToken="t-2"))
+        assert (st, doc["__type"]) == (409, "ConflictException")
+        assert (await api(s, "DELETE", "/schedules/tok", q="clientToken=d-1"))[0] == 200
+        assert (await api(s, "DELETE", "/schedules/tok", q="clientToken=d-1"))[0] == 200
+        assert (await api(s, "DELETE", "/schedules/tok", q="clientToken=d-2"))[0] == 404
+        now[0] += 3_600_000  # the token is forgotten after schedule_client_token_ms
+        assert (await api(s, "DELETE", "/schedules/tok", q="clientToken=d-1"))[0] == 404
         st, doc = await api(s, "GET", "/schedules/every-minute")
         assert st == 200 and doc["ScheduleExpression"] == "rate(1 minute)"
         assert doc["StartDate"] == (T0 + MIN) / 1000 and doc["State"] == "ENABLED"
@@ -156,7 +166,8 @@ def test_api_shapes_and_errors(store: SqliteConfigStore) -> None:
                     body(FlexibleTimeWindow={"Mode": "FLEXIBLE"}),
                     body(FlexibleTimeWindow={"Mode": "FLEXIBLE", "MaximumWindowInMinutes": 1441}),
                     body(StartDate=(T0 + 2 * MIN) / 1000, EndDate=(T0 + MIN) / 1000),
-                    body(State="PAUSED"), body(KmsKeyId="x"), {"Target": {}}):
+                    body(State="PAUSED"), body(KmsKeyId="x"), body(KmsKeyArn="arn:aws:kms:x"),
+                    {"Target": {}}):
             st, doc = await api(s, "POST", "/schedules/bad", bad)
             assert (st, doc["__type"]) == (400, "ValidationException"), bad
         st, doc = await api(s, "PUT", "/schedules/every-minute",

@@ -36,6 +36,7 @@ log = logging.getLogger("cellcloud.control.schedules")
 
 SCHEDULES = "cellcloud/schedules/"
 GROUPS = "cellcloud/schedule-groups/"
+DELETED = "cellcloud/schedule-deletes/"  # recent deletes' idempotency tokens
 DEFAULT_GROUP = "default"
 EVENT_ID_HEADER = "x-cellcloud-event-id"  # frontend/events.py's; internal callers only
 
@@ -146,9 +147,13 @@ def check_schedule(doc: dict[str, Any], *, account: str, region: str, name: str,
     action = doc.get("ActionAfterCompletion", "NONE")
     if action not in ("NONE", "DELETE"):
         raise invalid("ActionAfterCompletion must be NONE or DELETE")
-    kms = doc.get("KmsKeyArn", "")
-    if not isinstance(kms, str):
-        raise invalid("KmsKeyArn must be a string")
+    token = doc.get("ClientToken", "")
+    if not isinstance(token, str) or len(token) > 64:
+        raise invalid("ClientToken must be at most 64 characters")
+    if "KmsKeyArn" in doc:  # refused by name: there is no KMS to encrypt the Input with
+        raise invalid("KmsKeyArn is not supported: this region has no KMS (the Input is kept "
+                      "in the configuration store as sent)")
+    kms = ""
     ftw = doc["FlexibleTimeWindow"]
     if not isinstance(ftw, dict) or ftw.get("Mode") not in ("OFF", "FLEXIBLE") or (
             set(ftw) - {"Mode", "MaximumWindowInMinutes"}):
@@ -197,7 +202,8 @@ def check_schedule(doc: dict[str, Any], *, account: str, region: str, name: str,
     return {"expression": expr, "timezone": tz, "start_ms": start, "end_ms": end,
             "state": state, "description": description, "action_after_completion": action,
             "kms_key_arn": kms, "flexible_window_min": window, "target_arn": arn,
-            "role_arn": role, "input": inp, "retry": retry, "dead_letter_arn": dlq_arn}
+            "role_arn": role, "input": inp, "retry": retry, "dead_letter_arn": dlq_arn,
+            "client_token": token}
 
 
 def describe(s: Schedule, region: str) -> dict[str, Any]:
@@ -295,7 +301,7 @@ class Schedules:
             if method == "GET":
                 return 200, await self.get(account, group, name)
             if method == "DELETE":
-                return 200, await self.delete(account, group, name)
+                return 200, await self.delete(account, group, name, q.get("clientToken", ""))
         if parts == ["schedule-groups"] and method == "GET":
             return 200, await self.list_groups(account, q)
         if len(parts) == 2 and parts[0] == "schedule-groups":
@@ -305,7 +311,7 @@ class Schedules:
             if method == "GET":
                 return 200, self._group_doc(account, group, await self._group(account, group))
             if method == "DELETE":
-                return 200, await self.delete_group(account, group)
+                return 200, await self.delete_group(account, group, q.get("clientToken", ""))
         if len(parts) >= 2 and parts[0] == "tags":
             arn = "/".join(parts[1:])
             if method == "GET":
@@ -349,7 +355,10 @@ class Schedules:
                      modified_ms=now, cursor_ms=initial_cursor(fields, now), **fields)
         rev = await self.store.cas(self._key(account, group, name), 0, s.to_json())
         if rev is None:
-            raise conflict(f"Schedule {name} already exists.")
+            old = await self.store.get(self._key(account, group, name))
+            if not (old is not None and s.client_token
+                    and Schedule.from_json(old.value).client_token == s.client_token):
+                raise conflict(f"Schedule {name} already exists.")
         return {"ScheduleArn": schedule_arn(self.region, account, group, name)}
 
     async def _load(self, account: str, group: str, name: str) -> tuple[Schedule, int]:
@@ -376,9 +385,36 @@ class Schedules:
                 return {"ScheduleArn": schedule_arn(self.region, account, group, name)}
         raise conflict(f"Schedule {name} is being changed; try again")
 
-    async def delete(self, account: str, group: str, name: str) -> dict[str, Any]:
+    async def _deleted(self, what: str, token: str) -> bool:
+        """Whether ``what`` was deleted by a request with this idempotency token lately."""
+        if not token:
+            return False
+        e = await self.store.get(f"{DELETED}{what}")
+        if e is None:
+            return False
+        doc = json.loads(e.value)
+        return bool(doc["token"] == token
+                    and self.clock() - doc["ms"] < self.limits.schedule_client_token_ms)
+
+    async def _remember_delete(self, account: str, what: str, token: str) -> None:
+        """A delete's token, kept ``schedule_client_token_ms`` (older ones of the account are
+        dropped here), so that a retried delete answers as the first one did."""
+        if not token:
+            return
+        now = self.clock()
+        for e in await self.store.list(f"{DELETED}{account}/"):
+            if now - json.loads(e.value)["ms"] >= self.limits.schedule_client_token_ms:
+                await self.store.delete(e.key)
+        await self.store.put(f"{DELETED}{what}", json.dumps({"token": token, "ms": now}).encode())
+
+    async def delete(self, account: str, group: str, name: str,
+                     token: str = "") -> dict[str, Any]:
+        what = f"{account}/{group}/{name}"
         if not await self.store.delete(self._key(account, group, name)):
+            if await self._deleted(what, token):
+                return {}
             raise not_found(f"Schedule {name} does not exist.")
+        await self._remember_delete(account, what, token)
         return {}
 
     async def list_schedules(self, account: str, q: dict[str, str]) -> dict[str, Any]:
@@ -410,15 +446,26 @@ class Schedules:
         if len(groups) >= self.limits.schedule_groups_per_tenant_max:
             raise quota(f"At most {self.limits.schedule_groups_per_tenant_max} schedule groups "
                         "per account (schedule_groups_per_tenant_max)")
-        g = {"created_ms": self.clock(), "tags": tags}
+        token = doc.get("ClientToken", "")
+        g = {"created_ms": self.clock(), "tags": tags, "client_token": token}
         if await self.store.cas(f"{GROUPS}{account}/{group}", 0, json.dumps(g).encode()) is None:
-            raise conflict(f"Schedule group {group} already exists.")
+            old = await self.store.get(f"{GROUPS}{account}/{group}")
+            if not (old is not None and token
+                    and json.loads(old.value).get("client_token") == token):
+                raise conflict(f"Schedule group {group} already exists.")
         return {"ScheduleGroupArn": group_arn(self.region, account, group)}
 
-    async def delete_group(self, account: str, group: str) -> dict[str, Any]:
+    async def delete_group(self, account: str, group: str, token: str = "") -> dict[str, Any]:
         if group == DEFAULT_GROUP:
             raise invalid("The default schedule group cannot be deleted.")
-        await self._group(account, group)
+        what = f"{account}/group:{group}"
+        try:
+            await self._group(account, group)
+        except ApiError:
+            if await self._deleted(what, token):
+                return {}
+            raise
+        await self._remember_delete(account, what, token)
         # Its schedules go with it (AWS deletes them asynchronously; here before the answer).
         for e in await self.store.list(f"{SCHEDULES}{account}/{group}/"):
             await self.store.delete(e.key)

@@ -170,6 +170,7 @@ class Limits:
     schedule_retry_backoff_base_ms: int = 1_000
     schedule_retry_backoff_cap_ms: int = 60_000
     schedule_tick_interval_ms: int = 250  # the control plane's firing loop
+    schedule_client_token_ms: int = 3_600_000  # a delete's idempotency token is remembered
     # A supplied async event id (a schedule's tick) is accepted once within this window: twice
     # MaximumEventAgeInSeconds' maximum (a tick is never re-sent later than that after it was
     # due unless the control plane was down longer).

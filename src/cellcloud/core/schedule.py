@@ -362,6 +362,9 @@ class Schedule:
     dead_letter_arn: str = ""
     action_after_completion: str = "NONE"
     kms_key_arn: str = ""
+    #: CreateSchedule's idempotency token (botocore fills one in): a retried create with the
+    #: same token answers as the first did
+    client_token: str = ""
     #: the nominal time of the last tick claimed (every tick up to it is decided)
     cursor_ms: int = 0
     pending: Pending | None = None
