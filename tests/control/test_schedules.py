@@ -301,6 +301,24 @@ class _nothing:
         return None
 
 
+def test_store_limits_and_outages_are_answered_by_name(store: SqliteConfigStore,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellcloud.control import configstore
+
+    s = make(store, FakeCell(), [T0])
+    monkeypatch.setattr(configstore, "config_value_bytes_max", 1000)  # as small as a store's
+    st, doc = run(api(s, "POST", "/schedules/big", body(Target={"Input": "x" * 2000})))
+    assert (st, doc["__type"]) == (400, "ValidationException")
+    assert "configuration store" in doc["Message"]
+
+    async def down(*a: object) -> None:
+        raise configstore.ConfigStoreUnavailable("gone")
+
+    monkeypatch.setattr(store, "get", down)
+    st, doc = run(api(s, "GET", "/schedules/big"))
+    assert (st, doc["__type"]) == (500, "InternalServerException")
+
+
 def test_a_lost_reply_is_resent_and_accepted_once(store: SqliteConfigStore) -> None:
     _setup(store, 2)
     cell = FakeCell()
@@ -363,3 +381,34 @@ def test_the_cell_intake_accepts_a_supplied_event_id_once(tmp_path: Path) -> Non
     intake.store.db.execute("DELETE FROM events WHERE id='tick-1'")
     intake.accept(ACCOUNT, "f", "$LATEST", b"{}", 3, event_id="tick-1")
     assert intake.store.depth(ACCOUNT, "f") == 1
+
+
+def test_quotas_are_service_quota_exceeded(store: SqliteConfigStore) -> None:
+    from dataclasses import replace
+
+    from cellcloud.core.limits import DEFAULT_LIMITS
+
+    s = Schedules(store, REGION, lambda account: None, clock=lambda: T0,
+                  limits=replace(DEFAULT_LIMITS, schedules_per_tenant_max=2,
+                                 schedules_per_region_max=3, schedule_groups_per_tenant_max=1))
+
+    async def go() -> None:
+        for i in range(2):
+            assert (await api(s, "POST", f"/schedules/s{i}", body()))[0] == 200
+        st, doc = await api(s, "POST", "/schedules/s2", body())
+        assert (st, doc["__type"]) == (402, "ServiceQuotaExceededException")
+        assert "schedules_per_tenant_max" in doc["Message"]
+        other = await s.op({"m": "POST", "p": "/schedules/o", "q": "", "a": "444455556666",
+                            "b": json.dumps(body(Target={
+                                "Arn": f"arn:aws:lambda:{REGION}:444455556666:function:f"})
+                                            ).encode()})
+        assert other["s"] == 200
+        other = await s.op({"m": "POST", "p": "/schedules/o2", "q": "", "a": "444455556666",
+                            "b": json.dumps(body(Target={
+                                "Arn": f"arn:aws:lambda:{REGION}:444455556666:function:f"})
+                                            ).encode()})
+        assert other["s"] == 402 and b"schedules_per_region_max" in other["b"]
+        assert (await api(s, "POST", "/schedule-groups/g1", {}))[0] == 200
+        assert (await api(s, "POST", "/schedule-groups/g2", {}))[0] == 402
+
+    run(go())

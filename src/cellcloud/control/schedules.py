@@ -30,7 +30,7 @@ from ..core import schedule as core
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.schedule import Schedule, ScheduleError
 from ..transport import CallTimeout, Client, RemoteError, TransportError
-from .configstore import ConfigStore, ConfigStoreError
+from .configstore import ConfigStore, ConfigStoreError, ConfigStoreUnavailable
 
 log = logging.getLogger("cellcloud.control.schedules")
 
@@ -270,10 +270,13 @@ class Schedules:
                                             bytes(req.get("b") or b""), str(req["a"]))
         except ApiError as e:
             return e.reply()
-        except ConfigStoreError as e:
+        except ConfigStoreUnavailable as e:
             log.warning("config store: %s", e)
             return ApiError(500, "InternalServerException",
                             "The schedule store is unavailable; try again").reply()
+        except ConfigStoreError as e:  # a limit of the region's store (e.g. a value's size)
+            return invalid(f"The schedule does not fit the region's configuration store: {e}"
+                           ).reply()
         return {"s": status, "h": {"content-type": "application/json"},
                 "b": json.dumps(doc).encode()}
 
@@ -350,6 +353,11 @@ class Schedules:
         if len(existing) >= self.limits.schedules_per_tenant_max:
             raise quota(f"At most {self.limits.schedules_per_tenant_max} schedules per account "
                         "(schedules_per_tenant_max)")
+        # The firing loop lists every schedule of the region each round: keep that list under
+        # the store's list limit (config_list_max), refusing here rather than failing there.
+        if len(await self.store.list(SCHEDULES)) >= self.limits.schedules_per_region_max:
+            raise quota(f"At most {self.limits.schedules_per_region_max} schedules per region "
+                        "(schedules_per_region_max)")
         s = Schedule(account=account, group=group, name=name,
                      uid=f"{now:x}-{self.rng.getrandbits(64):016x}", created_ms=now,
                      modified_ms=now, cursor_ms=initial_cursor(fields, now), **fields)

@@ -161,6 +161,9 @@ class Limits:
     store_lane_sessions_max: int = 4096
     # Schedules (EventBridge Scheduler subset, docs/schedules.md).
     schedules_per_tenant_max: int = 1_000
+    # every schedule is listed each round of the control plane's loop; below the store's
+    # config_list_max (10,000)
+    schedules_per_region_max: int = 5_000
     schedule_groups_per_tenant_max: int = 100
     schedule_input_bytes_max: int = 256 * 1024  # a target's Input (Scheduler: 256 KB)
     schedule_ticks_per_round_max: int = 100  # ticks one schedule fires per loop round
