@@ -166,7 +166,7 @@ def test_api_shapes_and_errors(store: SqliteConfigStore) -> None:
                     body(FlexibleTimeWindow={"Mode": "FLEXIBLE"}),
                     body(FlexibleTimeWindow={"Mode": "FLEXIBLE", "MaximumWindowInMinutes": 1441}),
                     body(StartDate=(T0 + 2 * MIN) / 1000, EndDate=(T0 + MIN) / 1000),
-                    body(State="PAUSED"), body(KmsKeyId="x"), body(KmsKeyArn="arn:aws:kms:x"),
+                    body(State="PAUSED"), body(KmsKeyId="x"), body(Target={"Input": "not json"}), body(KmsKeyArn="arn:aws:kms:x"),
                     {"Target": {}}):
             st, doc = await api(s, "POST", "/schedules/bad", bad)
             assert (st, doc["__type"]) == (400, "ValidationException"), bad
@@ -307,7 +307,7 @@ def test_store_limits_and_outages_are_answered_by_name(store: SqliteConfigStore,
 
     s = make(store, FakeCell(), [T0])
     monkeypatch.setattr(configstore, "config_value_bytes_max", 1000)  # as small as a store's
-    st, doc = run(api(s, "POST", "/schedules/big", body(Target={"Input": "x" * 2000})))
+    st, doc = run(api(s, "POST", "/schedules/big", body(Target={"Input": json.dumps("x" * 2000)})))
     assert (st, doc["__type"]) == (400, "ValidationException")
     assert "configuration store" in doc["Message"]
 

@@ -30,10 +30,10 @@ pytestmark = pytest.mark.integration
 ROLE = "arn:aws:iam::000000000000:role/scheduler"
 wait_s = 90.0  # a bound on every wait below, never a sleep standing in for one
 HANDLER = '''
-import json, os, urllib.request
+import json, os, time, urllib.request
 def handler(event, context):
     rec = {"s": event["s"], "tick": event["tick"], "at": event["at"],
-           "rid": context.aws_request_id}
+           "rid": context.aws_request_id, "ran": time.time()}
     req = urllib.request.Request(os.environ["LEDGER"], data=json.dumps(rec).encode(),
                                  method="POST", headers={"content-type": "application/json"})
     urllib.request.urlopen(req, timeout=10).read()
@@ -73,8 +73,8 @@ def _zip(files: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def _wait(cond: Any, what: str) -> Any:
-    deadline = time.monotonic() + wait_s
+def _wait(cond: Any, what: str, bound_s: float = wait_s) -> Any:
+    deadline = time.monotonic() + bound_s
     while True:
         out = cond()
         if out:
@@ -199,3 +199,43 @@ def test_each_due_tick_reaches_the_ledger_once_across_control_plane_kills(
 
 def _utc(epoch_s: int) -> str:
     return dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.slow
+def test_a_minute_rate_fires_on_time_while_the_control_plane_is_killed_between_ticks(
+        region: Region, world: World) -> None:
+    """rate(1 minute) as AWS runs it (the first tick a minute after creation), for three ticks,
+    the control plane SIGKILLed after each: every tick once, and how late each ran (printed)."""
+    lam, sch = _client(region, "lambda"), _client(region, "scheduler")
+    acct, reg = region.doc["account_id"], region.doc["region"]
+    try:
+        lam.get_function(FunctionName="ledger")
+    except lam.exceptions.ResourceNotFoundException:
+        lam.create_function(FunctionName="ledger", Runtime="python3.11", Role=ROLE,
+                            Handler="app.handler", Timeout=15, Code={"ZipFile": _zip(
+                                {"app.py": HANDLER})},
+                            Environment={"Variables": {"LEDGER": world.url}})
+    sch.create_schedule(Name="minutely", ScheduleExpression="rate(1 minute)",
+                        Target={"Arn": f"arn:aws:lambda:{reg}:{acct}:function:ledger",
+                                "RoleArn": ROLE, "Input": json.dumps(
+                                    {"s": "minutely", "tick": "<aws.scheduler.execution-id>",
+                                     "at": "<aws.scheduler.scheduled-time>"})},
+                        FlexibleTimeWindow={"Mode": "OFF"})
+    for n in (1, 2, 3):  # a tick a minute: each wait is bounded by more than that
+        _wait(lambda n=n: sum(r["s"] == "minutely" for r in world.records()) >= n,
+              f"tick {n}", bound_s=150.0)
+        pid = _control_pid(region)
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda pid=pid: _control_pid(region) != pid, "the control plane's restart")
+    sch.delete_schedule(Name="minutely")
+    mine = [r for r in world.records() if r["s"] == "minutely"]
+    counts = Counter(r["at"] for r in mine)
+    assert all(n == 1 for n in counts.values()), counts
+    ats = sorted(counts)
+    steps = [dt.datetime.fromisoformat(b[:-1]) - dt.datetime.fromisoformat(a[:-1])
+             for a, b in zip(ats, ats[1:], strict=False)]
+    assert all(s == dt.timedelta(minutes=1) for s in steps), ats  # none missed
+    late = [r["ran"] - dt.datetime.fromisoformat(r["at"][:-1]).replace(
+        tzinfo=dt.UTC).timestamp() for r in mine]
+    print(f"schedule lateness (handler start - scheduled time), s: "
+          f"{', '.join(f'{x:.2f}' for x in late)}")

@@ -184,6 +184,13 @@ def check_schedule(doc: dict[str, Any], *, account: str, region: str, name: str,
     if inp is not None and (not isinstance(inp, str) or not inp
                             or len(inp.encode()) > limits.schedule_input_bytes_max):
         raise invalid(f"Target.Input must be 1 to {limits.schedule_input_bytes_max} bytes")
+    if inp is not None:  # a Lambda target's event is JSON (context attributes filled in)
+        sample = core.render_input(inp, schedule_arn="arn", nominal_ms=0, event_id="id",
+                                   attempt=1)
+        try:
+            json.loads(sample)
+        except ValueError:
+            raise invalid("Target.Input must be JSON for a Lambda function target") from None
     rp = target.get("RetryPolicy") or {}
     if not isinstance(rp, dict) or set(rp) - {"MaximumRetryAttempts", "MaximumEventAgeInSeconds"}:
         raise invalid("RetryPolicy has MaximumRetryAttempts and MaximumEventAgeInSeconds")
