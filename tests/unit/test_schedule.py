@@ -319,7 +319,7 @@ def searches(draw: st.DrawFn) -> tuple[str, int]:
     return tz, start - draw(st.integers(0, 24 * 60)) * MIN + 17_000
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(expr=crons(), search=searches())
 def test_next_fire_matches_the_minute_by_minute_oracle(expr: str,
                                                        search: tuple[str, int]) -> None:
