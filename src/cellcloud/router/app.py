@@ -168,6 +168,9 @@ class Router:
         # address comes with every cell map push; None until the first push.
         self.control: Client | None = None
         self._control_addr: tuple[str, int] | None = None
+        #: the cell map file the control plane writes (with its address) — read when a
+        #: scheduler request comes before the first push
+        self.cell_map_file: str | None = None
 
     def set_cell_map(self, cell_map: CellMap) -> int:
         """A pushed map: taken when not older than the one held; returns the version held."""
@@ -192,6 +195,12 @@ class Router:
     async def _scheduler(self, scope: Scope, path: str, body: bytes,
                          account: str) -> tuple[int, dict[str, str], bytes]:
         """EventBridge Scheduler's REST API, forwarded whole to the control plane."""
+        if self.control is None and self.cell_map_file:
+            try:
+                with open(self.cell_map_file) as f:
+                    self.set_control(json.load(f).get("control"))
+            except (OSError, ValueError, AttributeError):
+                pass
         if self.control is None:
             raise LambdaError(503, "InternalServerException",
                               "The scheduler is not reachable yet (no control plane address)")

@@ -54,6 +54,7 @@ async def serve(args: argparse.Namespace) -> None:
                     registry_key=RegistryKey(args.registry_key_file)
                     if args.registry_key_file else None, leases=args.leases)
     router.set_control(map_doc.get("control"))  # a restarted router: the last push's address
+    router.cell_map_file = args.cell_map
     sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http=registry.protocol_class(), ws="none",
                             lifespan="off", log_level="warning", access_log=False,
