@@ -396,6 +396,8 @@ def test_start_date_in_the_past_and_end_date() -> None:
     s, sent = run_ticks(s, t0 + 10 * MIN)
     assert sent == [t0 - 3 * MIN, t0 - 2 * MIN, t0 - MIN, t0, t0 + MIN]  # EndDate: before it
     assert core.decide(s, t0 + 10 * MIN) == Complete(delete=False)
+    ended = replace(s, action_after_completion="DELETE")  # AWS: also after an EndDate
+    assert core.decide(ended, t0 + 10 * MIN) == Complete(delete=True)
 
 
 def test_a_claimed_tick_is_resent_with_the_same_event_id_after_a_crash() -> None:

@@ -467,8 +467,8 @@ def decide(s: Schedule, now_ms: int, *, count_max: int = 2_000) -> Decision:
         return Idle()
     nxt = s.next_nominal_ms(s.cursor_ms)
     if nxt is None:
-        return Complete(delete=s.action_after_completion == "DELETE"
-                        and isinstance(s.parsed, At))
+        # after an at()'s tick, or a recurring schedule's last tick before its EndDate (AWS)
+        return Complete(delete=s.action_after_completion == "DELETE")
     if s.fire_ms(nxt) > now_ms:
         return Wait(s.fire_ms(nxt))
     expired = 0
