@@ -116,7 +116,14 @@ def test_scheduler_api_through_boto3(region: Region) -> None:
     sch.update_schedule(Name="nightly", ScheduleExpression="rate(2 hours)", Target=target,
                         FlexibleTimeWindow={"Mode": "OFF"}, State="DISABLED")
     assert sch.get_schedule(Name="nightly")["State"] == "DISABLED"
-    sch.create_schedule_group(Name="team")
+    group = sch.create_schedule_group(Name="team", Tags=[{"Key": "owner", "Value": "ops"}])
+    sch.tag_resource(ResourceArn=group["ScheduleGroupArn"], Tags=[{"Key": "k", "Value": "v"}])
+    assert sch.list_tags_for_resource(ResourceArn=group["ScheduleGroupArn"])["Tags"] == [
+        {"Key": "k", "Value": "v"}, {"Key": "owner", "Value": "ops"}]
+    sch.untag_resource(ResourceArn=group["ScheduleGroupArn"], TagKeys=["owner"])
+    assert sch.list_tags_for_resource(ResourceArn=group["ScheduleGroupArn"])["Tags"] == [
+        {"Key": "k", "Value": "v"}]
+    assert sch.get_schedule_group(Name="team")["State"] == "ACTIVE"
     assert [g["Name"] for g in sch.list_schedule_groups()["ScheduleGroups"]] == ["default",
                                                                                  "team"]
     assert [s["Name"] for s in sch.list_schedules(State="DISABLED")["Schedules"]] == ["nightly"]
