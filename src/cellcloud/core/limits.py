@@ -187,6 +187,25 @@ class Limits:
     # Store client: cells one lane keeps a session in ([client_id, seq] each); past it the
     # oldest is forgotten and a new session opens on that cell's next use.
     store_lane_sessions_max: int = 4096
+    # Schedules (EventBridge Scheduler subset, docs/schedules.md).
+    schedules_per_tenant_max: int = 1_000
+    # every schedule is listed each round of the control plane's loop; below the store's
+    # config_list_max (10,000)
+    schedules_per_region_max: int = 5_000
+    schedule_groups_per_tenant_max: int = 100
+    schedule_input_bytes_max: int = 256 * 1024  # a target's Input (Scheduler: 256 KB)
+    schedule_ticks_per_round_max: int = 100  # ticks one schedule fires per loop round
+    schedule_cas_attempts_max: int = 8  # an API change that keeps losing its compare-and-set
+    schedule_expired_count_max: int = 2_000  # a cron's dropped ticks counted one by one
+    schedule_send_timeout_ms: int = 10_000  # one tick's async invoke to the cell
+    schedule_retry_backoff_base_ms: int = 1_000
+    schedule_retry_backoff_cap_ms: int = 60_000
+    schedule_tick_interval_ms: int = 250  # the control plane's firing loop
+    schedule_client_token_ms: int = 3_600_000  # a delete's idempotency token is remembered
+    # A supplied async event id (a schedule's tick) is accepted once within this window: twice
+    # MaximumEventAgeInSeconds' maximum (a tick is never re-sent later than that after it was
+    # due unless the control plane was down longer).
+    async_event_ids_remembered_ms: int = 2 * 86_400_000
 
 
 DEFAULT_LIMITS = Limits()

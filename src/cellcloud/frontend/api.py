@@ -318,8 +318,11 @@ def _accept_event(cell: Cell, req: dict[str, Any], name: str, qualifier: str | N
         except (ValueError, UnicodeDecodeError) as e:
             raise LambdaError(400, "InvalidRequestContentException",
                               f"Could not parse request body into json: {e}") from e
+    # The router never forwards EVENT_ID_HEADER: only the region's own callers (the control
+    # plane's schedules) choose an event's id, and the intake accepts each id once.
     event_id = cell.events.accept(req["a"], name, qualifier or "$LATEST", payload, rec.timeout_s,
-                                  rec.dead_letter_target)
+                                  rec.dead_letter_target,
+                                  event_id=req["h"].get(events.EVENT_ID_HEADER))
     return {"s": 202, "h": {"x-amzn-requestid": event_id, "content-type": "application/json"},
             "b": b""}
 

@@ -169,6 +169,13 @@ class Router:
         self.registry = RegistryEdge(self, registry_key, limits)
         # Function URLs: Host <url-id>.lambda-url.<region>.localhost or /lambda-url/<url-id>/.
         self.urls = UrlEdge(self)
+        # The scheduler API (SigV4 service "scheduler") lives in the control plane, whose
+        # address comes with every cell map push; None until the first push.
+        self.control: Client | None = None
+        self._control_addr: tuple[str, int] | None = None
+        #: the cell map file the control plane writes (with its address) — read when a
+        #: scheduler request comes before the first push
+        self.cell_map_file: str | None = None
 
     def set_cell_map(self, cell_map: CellMap) -> int:
         """A pushed map: taken when not older than the one held; returns the version held."""
@@ -180,6 +187,38 @@ class Router:
                 if old.cells.get(cell_id) != cell_map.cells.get(cell_id):
                     self._clients.pop(cell_id)  # endpoint changed: reconnect lazily
         return self.cell_map.version
+
+    def set_control(self, addr: Any) -> None:
+        """The control plane's transport address, as a push names it (``doc["control"]``)."""
+        if not isinstance(addr, list | tuple) or len(addr) != 2:
+            return
+        new = (str(addr[0]), int(addr[1]))
+        if new != self._control_addr:
+            self._control_addr = new
+            self.control = Client(new[0], new[1], expect_role="control")
+
+    async def _scheduler(self, scope: Scope, path: str, body: bytes,
+                         account: str) -> tuple[int, dict[str, str], bytes]:
+        """EventBridge Scheduler's REST API, forwarded whole to the control plane."""
+        if self.control is None and self.cell_map_file:
+            try:
+                with open(self.cell_map_file) as f:
+                    self.set_control(json.load(f).get("control"))
+            except (OSError, ValueError, AttributeError):
+                pass
+        if self.control is None:
+            raise LambdaError(503, "InternalServerException",
+                              "The scheduler is not reachable yet (no control plane address)")
+        try:
+            resp = await self.control.call(
+                "scheduler", {"m": scope["method"], "p": path,
+                              "q": scope["query_string"].decode("latin-1"), "b": body,
+                              "a": account}, timeout_s=control_timeout_s)
+        except (TransportError, CallTimeout, RemoteError) as e:
+            self.counters["cell_unavailable"] += 1
+            raise LambdaError(503, "InternalServerException",
+                              f"The scheduler is unavailable: {e}") from e
+        return resp["s"], resp["h"], resp["b"]
 
     def cell_map_status(self) -> dict[str, Any]:
         age_s = time.monotonic() - self.cell_map_received
@@ -290,6 +329,7 @@ class Router:
         # ... and its query protocol (Action=... forms, XML answers): no target, signed "sqs"
         is_sqs_query = body_state.sqs_query
         is_sqs = sqs_target.startswith("AmazonSQS.") or is_sqs_query
+        is_scheduler = parsed_auth.group("service") == "scheduler" and not is_sqs and not is_ecr
         try:
             verified = sigv4.verify(
                 method=scope["method"],
@@ -300,7 +340,8 @@ class Router:
                 body=body,
                 region=self.region,
                 secret_for=self.tenants.secret_for,
-                service="sqs" if is_sqs else "ecr" if is_ecr else sigv4.SERVICE,
+                service="sqs" if is_sqs else "ecr" if is_ecr
+                else "scheduler" if is_scheduler else sigv4.SERVICE,
             )
         except LambdaError:
             self.counters["unauthenticated"] += 1
@@ -315,6 +356,8 @@ class Router:
             _only_get(scope, path)
             # A tenant sees its own functions and environments only (operator: Bearer token).
             return _json_reply(await self.status(account=account))
+        if is_scheduler:
+            return await self._scheduler(scope, path, body, account)
         cell = self.cell_map.cell_for(account)
         if is_ecr:
             return await self._ecr(cell.cell_id, account, target, body, headers, scope)

@@ -36,7 +36,8 @@ def raise_fd_limit() -> int:
 
 async def serve(args: argparse.Namespace) -> None:
     with open(args.cell_map) as f:
-        cell_map = CellMap.from_wire(json.load(f))
+        map_doc = json.load(f)
+        cell_map = CellMap.from_wire(map_doc)
     limits = DEFAULT_LIMITS
     fds = raise_fd_limit()
     # Never more connections than fds leave room for: the cap closes idle/stalled ones first.
@@ -53,6 +54,8 @@ async def serve(args: argparse.Namespace) -> None:
                     operator=operator, connections=registry,
                     registry_key=RegistryKey(args.registry_key_file)
                     if args.registry_key_file else None, leases=args.leases)
+    router.set_control(map_doc.get("control"))  # a restarted router: the last push's address
+    router.cell_map_file = args.cell_map
     sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http=registry.protocol_class(), ws="none",
                             lifespan="off", log_level="warning", access_log=False,
@@ -69,6 +72,7 @@ async def serve(args: argparse.Namespace) -> None:
     host, port = sock.getsockname()[:2]
     # The internal port the control plane pushes the cell map to (constant work, every round).
     async def push_cell_map(doc: dict[str, Any]) -> dict[str, Any]:
+        router.set_control(doc.get("control"))
         return {"version": router.set_cell_map(CellMap.from_wire(doc))}
 
     async def map_status(_: Any) -> dict[str, Any]:
