@@ -176,6 +176,10 @@ def test_a_deleted_image_fails_its_function(region: Region, tenants: tuple[Tenan
     assert conf["State"] == "Failed" and conf["StateReasonCode"] == "ImageDeleted"
     assert img["manifest"] in conf["StateReason"]
     assert lam.get_function(FunctionName="delfn")["Configuration"]["State"] == "Failed"
+    listed = {f["FunctionName"]: f for f in lam.list_functions()["Functions"]}
+    assert listed["delfn"]["State"] == "Failed"
+    assert lam.list_versions_by_function(FunctionName="delfn")["Versions"][0]["State"] \
+        == "Failed"
     for _ in range(2):  # the warm environment was retired with the image: nothing runs
         with pytest.raises(ClientError) as e:
             lam.invoke(FunctionName="delfn", Payload=b"{}")
