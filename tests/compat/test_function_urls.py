@@ -468,18 +468,15 @@ def test_response_stream_url(lam: Any, streamer: str) -> None:
         lam.remove_permission(FunctionName=streamer, StatementId="public")
 
 
-def release(token: str) -> None:
+def release(token: str, code_file: str = "index.js", code: str = STREAM_JS) -> None:
     """The event the waiting handler polls for: a file in its environment's own /tmp, made
     through /proc/<pid>/root (we are root on the host). The environment is found by its code:
-    the runtime process whose /var/task holds this module's handler."""
+    a process whose /var/task holds this module's handler."""
     made = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"runtime.cjs" not in f.read():
-                    continue
-            with open(f"/proc/{pid}/root/var/task/index.js") as f:
-                if STREAM_JS not in f.read():
+            with open(f"/proc/{pid}/root/var/task/{code_file}") as f:
+                if code not in f.read():
                     continue
             with open(f"/proc/{pid}/root/tmp/go-{token}", "w") as f:
                 f.write("go")
@@ -522,3 +519,50 @@ def test_first_chunk_arrives_before_the_handler_finishes(region: Region, lam: An
     finally:
         lam.delete_function_url_config(FunctionName=streamer)
         lam.remove_permission(FunctionName=streamer, StatementId="public")
+
+
+# A custom runtime (provided.al2023) in Python that streams by speaking to the Runtime API
+# itself: chunked POST with Lambda-Runtime-Function-Response-Mode: streaming.
+PY_BOOTSTRAP = r"""#!/usr/bin/env python3
+import http.client, json, os, time
+host, port = os.environ["AWS_LAMBDA_RUNTIME_API"].split(":")
+api = "/2018-06-01/runtime"
+while True:
+    c = http.client.HTTPConnection(host, int(port))
+    c.request("GET", api + "/invocation/next")
+    r = c.getresponse()
+    rid = r.getheader("Lambda-Runtime-Aws-Request-Id")
+    event = json.loads(r.read() or b"null")
+    c.putrequest("POST", api + f"/invocation/{rid}/response")
+    c.putheader("Lambda-Runtime-Function-Response-Mode", "streaming")
+    c.putheader("Transfer-Encoding", "chunked")
+    c.endheaders()
+    def chunk(b):
+        c.send(b"%x\r\n%s\r\n" % (len(b), b))
+    chunk(b"py-first;")
+    while not os.path.exists("/tmp/go-" + event["token"]):
+        time.sleep(0.02)
+    chunk(b"py-second")
+    c.send(b"0\r\n\r\n")
+    c.getresponse().read()
+    c.close()
+"""
+
+
+def test_a_custom_python_runtime_streams(lam: Any) -> None:
+    import uuid
+
+    from tests.compat.test_runtimes import zip_with_modes
+    name = f"url-py-{uuid.uuid4().hex[:8]}"
+    lam.create_function(FunctionName=name, Runtime="provided.al2023",
+                        Role="arn:aws:iam::123456789012:role/x", Handler="unused", Timeout=30,
+                        Code={"ZipFile": zip_with_modes({"bootstrap": (PY_BOOTSTRAP, 0o755)})})
+    token = uuid.uuid4().hex
+    out = lam.invoke_with_response_stream(FunctionName=name,
+                                          Payload=json.dumps({"token": token}).encode())
+    stream = iter(out["EventStream"])
+    assert next(stream) == {"PayloadChunk": {"Payload": b"py-first;"}}
+    release(token, "bootstrap", PY_BOOTSTRAP)  # only after the first chunk arrived
+    rest = list(stream)
+    assert rest[0] == {"PayloadChunk": {"Payload": b"py-second"}}
+    assert "ErrorCode" not in rest[-1]["InvokeComplete"]

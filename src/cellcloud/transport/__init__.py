@@ -267,7 +267,10 @@ class _ServerProtocol(asyncio.Protocol):
         try:
             async for item in stream.items:
                 if self._transport is None or self._transport.is_closing():
-                    return  # the caller is gone: stop producing
+                    close = getattr(stream.items, "aclose", None)
+                    if close is not None:
+                        await close()  # the caller is gone: the producer stops (its finally)
+                    return
                 self._send([2, call_id, item])
         except OpError as e:
             self._stats.errors += 1
