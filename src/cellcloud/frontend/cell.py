@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core import errors
 from ..core.catalog_rules import iso_time_ms
@@ -33,6 +33,9 @@ from .functions import Catalog
 from .invoker import Invoker, InvokeResult
 from .metrics import FrontendMetrics
 from .store import FunctionRecord, FunctionStore, StateDiskFull
+
+if TYPE_CHECKING:
+    from .mappings import Mappings
 
 log = logging.getLogger("cellcloud.frontend")
 
@@ -96,6 +99,8 @@ class Cell:
         self._forgetting = False
         # The durable async intake (frontend/events.py), set by the server; None: no async path.
         self.events: Intake | None = None
+        # SQS event source mappings and their pollers (frontend/mappings.py), set by the server.
+        self.mappings: Mappings | None = None
         self.counters = {
             "invocations": 0,
             "function_errors": 0,

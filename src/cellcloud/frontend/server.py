@@ -22,6 +22,7 @@ from ..transport import Handler, Server
 from . import api, clone
 from .cell import Cell
 from .events import EventStore, Intake
+from .mappings import Mappings
 from .store import SqliteFunctionStore
 
 log = logging.getLogger("cellcloud.frontend")
@@ -59,6 +60,8 @@ async def serve(args: argparse.Namespace) -> None:
     queues = QueueApi(QueueStore(os.path.abspath(args.state_dir)), args.region)
     cell.events.queue_exists = queues.store.exists  # DeadLetterConfig's check
     cell.catalog.queue_exists = queues.store.exists
+    # SQS event source mappings: their pollers run in this process (frontend/mappings.py).
+    cell.mappings = Mappings(cell, queues, os.path.abspath(args.state_dir), limits=cell.limits)
     # The cell's container registry (registry/: OCI + ECR ops; blobs in <state>/registry).
     registry = RegistryApi(RegistryStore(os.path.join(os.path.abspath(args.state_dir),
                                                       "registry"), cell.limits), args.region,
@@ -85,12 +88,14 @@ async def serve(args: argparse.Namespace) -> None:
                 registry.store.collect(now_ms())
 
     task = asyncio.ensure_future(ticker())
+    cell.mappings.start()
     runtime.announce_ready({"component": "frontend", "cell_id": args.cell_id, "host": host,
                             "port": port, "pid": os.getpid()})
     try:
         await runtime.wait_for_shutdown()
     finally:
         task.cancel()
+        await cell.mappings.close()
         cell.flush_logs()
         await server.close()
 
