@@ -130,6 +130,8 @@ def test_in_flight_batches_never_exceed_the_concurrency() -> None:
         out = _recv(core, [_rec(10 * i + j) for j in range(10)], 1)
     assert [type(x) for x in out] == [esm.Invoke]  # both slots busy: no receive
     assert core.running() == 2 and core.handle(esm.Tick(), 5_000) == []
+    # nothing to wake up for until an invocation answers (the shell must not spin)
+    assert core.wake_at_ms(5_000) is None
     out = core.handle(esm.InvokeDone(0, "ok", None), 6_000)
     assert out[-1] == esm.Receive(10)
 

@@ -346,9 +346,10 @@ class PollerCore:
     def wake_at_ms(self, now_ms: int) -> int | None:
         """When :meth:`handle` should next get a :class:`Tick` (None: only on an event)."""
         times = [b.due_ms for b in self.batches.values() if b.due_ms is not None]
-        if self.gathering:
+        slots = len(self.batches) < self.concurrency  # else only an answer moves it on
+        if self.gathering and slots:
             times.append(self.gather_started_ms + self._window_ms())
-        if not self.stopped and not self.receiving:
+        if not self.stopped and not self.receiving and slots:
             times.append(self.next_receive_ms)
         return max(now_ms, min(times)) if times else None
 

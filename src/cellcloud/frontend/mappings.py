@@ -404,8 +404,16 @@ class _Poller:
                 self._carry_out(ins)
             if self.core.idle():
                 return
-            wake = self.core.wake_at_ms(self._now_ms())
-            timeout = None if wake is None else max(0.0, (wake - self._now_ms()) / 1000)
+            if not self.stimuli.empty():  # what happened meanwhile comes first
+                stimulus = self.stimuli.get_nowait()
+                continue
+            now = self._now_ms()
+            wake = self.core.wake_at_ms(now)
+            if wake is not None and wake <= now:
+                stimulus = esm.Tick()
+                await asyncio.sleep(0)  # let the invocations run
+                continue
+            timeout = None if wake is None else (wake - now) / 1000
             try:
                 stimulus = await asyncio.wait_for(self.stimuli.get(), timeout)
             except TimeoutError:
