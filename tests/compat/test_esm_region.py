@@ -191,6 +191,7 @@ def test_every_message_processed_once_or_dead_lettered(region: Region, world: Wo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 @needs_net
 def test_ten_thousand_messages_batches_of_100(region: Region, world: World) -> None:
     n = 10_000
