@@ -135,7 +135,7 @@ def test_settings_with_one_answer(lam: Any, make_function: Callable[..., str]) -
         lam.get_function_url_config(FunctionName=name)
     with pytest.raises(lam.exceptions.InvalidParameterValueException, match="Function URLs"):
         lam.create_function_url_config(FunctionName=name, AuthType="NONE")
-    assert lam.list_event_source_mappings()["EventSourceMappings"] == []
+    assert lam.list_event_source_mappings(FunctionName=name)["EventSourceMappings"] == []
 
 
 def test_provisioned_configs_listed_without_a_qualifier(
