@@ -87,7 +87,7 @@ def test_a_plain_text_body_matches_as_a_string_only() -> None:
     '{"body": {"kind": [[1]]}}', '{"body": {"n": [1e12]}}',
     '{"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {"j": {"k": {"l": {"m": {"n": '
     '{"o": {"p": {"q": {"r": ["x"]}}}}}}}}}}}}}}}}}}',
-    "x" * (ef.pattern_chars_max + 1),
+    "x" * (ef.pattern_chars_max + 1), "[" * 4000,
 ])
 def test_malformed_patterns_are_refused(text: str) -> None:
     with pytest.raises(ef.FilterError):

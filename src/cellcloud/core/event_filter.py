@@ -69,8 +69,8 @@ def parse(text: str) -> Pattern:
         raise FilterError(f"a pattern is at most {pattern_chars_max} characters")
     try:
         doc = json.loads(text)
-    except ValueError as e:
-        raise FilterError(f"the pattern is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise FilterError(f"the pattern is not valid JSON or nests too deep ({e})") from None
     count = [0]
     return _pattern(doc, "", 0, count)
 
