@@ -123,6 +123,9 @@ def test_a_poller_deletes_only_what_succeeded(tmp_path: Any) -> None:
         await _until(lambda: sum(queues.store.counts(ACCOUNT, "q", now())) == 0
                      and queues.store.counts(ACCOUNT, "dlq", now())[0] == len(range(0, n, 7)),
                      "the queue to drain")
+        [st] = (await cell.status())["mappings"].values()
+        assert (st["account"], st["queue"]) == (ACCOUNT, "q")
+        assert st["deleted"] == n - len(range(0, n, 7)) and st["failed"] >= len(range(0, n, 7))
         await mappings.close()
 
     asyncio.run(main())

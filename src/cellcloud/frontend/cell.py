@@ -391,5 +391,7 @@ class Cell:
             "agents": agents,
             "disk": self.store.disk_space().doc(),
             "bundles_to_forget": sum(map(len, self._forget_pending.values())),
+            # each running event source mapping poller: its counters (frontend/mappings.py)
+            "mappings": self.mappings.statistics() if self.mappings is not None else {},
         }
 

@@ -313,7 +313,7 @@ class Mappings:
                 try:
                     self.pollers[u] = self._start_poller(self._row(account, u))
                 except LambdaError as e:  # the function is gone: retried at the next pass
-                    log.warning("mapping %s cannot start: %s", u, e)
+                    log.info("mapping %s cannot start: %s", u, e)
                     continue
                 p = self.pollers[u]
             running = p is not None and not p.stopping
@@ -359,7 +359,8 @@ class Mappings:
         return p
 
     def statistics(self) -> dict[str, Any]:
-        return {u: p.core.statistics() for u, p in self.pollers.items()}
+        return {u: {"account": p.account, "function": p.function, "queue": p.queue,
+                    **p.core.statistics()} for u, p in self.pollers.items()}
 
 
 class _Poller:
