@@ -285,3 +285,18 @@ def test_random_runs_delete_only_what_succeeded(seed: int) -> None:
             break
     assert deleted | dead == {f"m{i}" for i in range(n)}
     assert fails <= dead and not deleted & dead
+
+
+def test_a_due_retry_waits_for_a_slot_without_waking_the_shell() -> None:
+    core = esm.PollerCore(_params(concurrency_max=2, backoff_ms_min=100, backoff_ms_max=100),
+                          random.Random(1))
+    core.handle(esm.Tick(), 0)
+    a = _recv(core, [_rec(i) for i in range(10)], 0)[0]
+    b = _recv(core, [_rec(10 + i) for i in range(10)], 0)[0]
+    assert isinstance(a, esm.Invoke) and isinstance(b, esm.Invoke)
+    assert core.handle(esm.InvokeDone(a.batch_id, "throttled"), 10) == []
+    assert core.concurrency == 1 and core.running() == 1
+    # a is due at 110 but b holds the only slot: nothing to do until b answers
+    assert core.handle(esm.Tick(), 200) == [] and core.wake_at_ms(200) is None
+    out = core.handle(esm.InvokeDone(b.batch_id, "ok"), 300)
+    assert esm.Invoke(a.batch_id, a.records) in out

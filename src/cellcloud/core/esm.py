@@ -345,8 +345,11 @@ class PollerCore:
 
     def wake_at_ms(self, now_ms: int) -> int | None:
         """When :meth:`handle` should next get a :class:`Tick` (None: only on an event)."""
-        times = [b.due_ms for b in self.batches.values() if b.due_ms is not None]
-        slots = len(self.batches) < self.concurrency  # else only an answer moves it on
+        # a throttled batch may run again only beside fewer than ``concurrency`` others, and
+        # nothing new is received while every slot is held: else only an answer moves it on
+        retry = self.running() < max(1, self.concurrency)
+        times = [b.due_ms for b in self.batches.values() if b.due_ms is not None and retry]
+        slots = len(self.batches) < self.concurrency
         if self.gathering and slots:
             times.append(self.gather_started_ms + self._window_ms())
         if not self.stopped and not self.receiving and slots:
