@@ -300,3 +300,29 @@ def test_a_due_retry_waits_for_a_slot_without_waking_the_shell() -> None:
     assert core.handle(esm.Tick(), 200) == [] and core.wake_at_ms(200) is None
     out = core.handle(esm.InvokeDone(b.batch_id, "ok"), 300)
     assert esm.Invoke(a.batch_id, a.records) in out
+
+
+def test_errors_back_off_more_each_time_until_the_function_runs() -> None:
+    core = esm.PollerCore(_params(backoff_ms_min=100, backoff_ms_max=1_000), random.Random(2))
+    now = 0
+    caps = []
+    core.handle(esm.Tick(), now)
+    for i in range(6):
+        inv, again = _recv(core, [_rec(i)], now)
+        assert isinstance(inv, esm.Invoke) and again == esm.Receive(10)
+        core.handle(esm.InvokeDone(inv.batch_id, "error"), now)
+        caps.append(core.backoff_ms)
+        due = core.next_receive_ms
+        assert now < due <= now + core.backoff_ms
+        # the receive under way brings messages: the backoff still holds
+        assert [type(x) for x in _recv(core, [_rec(100 + i)], now)] == [esm.Invoke]
+        assert core.next_receive_ms == due
+        core.handle(esm.InvokeDone(inv.batch_id + 1, "function_error"), now)
+        core.backoff_ms = caps[-1]  # (that one ran the function; keep counting errors)
+        now = due
+        assert core.handle(esm.Tick(), now) == [esm.Receive(10)]
+    assert caps == [100, 200, 400, 800, 1_000, 1_000]
+    inv = _recv(core, [_rec(9)], now)[0]
+    assert isinstance(inv, esm.Invoke)
+    core.handle(esm.InvokeDone(inv.batch_id, "function_error"), now)
+    assert core.backoff_ms == 0

@@ -325,7 +325,7 @@ class PollerCore:
     concurrency: int = 0
     next_receive_ms: int = 0
     last_scale_ms: int = -(10**12)
-    throttle_backoff_ms: int = 0
+    backoff_ms: int = 0
     _next_id: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {
         "received": 0, "batches": 0, "succeeded": 0, "failed": 0, "deleted": 0, "filtered": 0,
@@ -372,7 +372,7 @@ class PollerCore:
         elif isinstance(stimulus, InvokeDone):
             self._done(stimulus, now_ms, out)
         elif isinstance(stimulus, Woken):
-            if self.throttle_backoff_ms == 0:
+            if self.backoff_ms == 0:
                 self.next_receive_ms = min(self.next_receive_ms, now_ms)
         elif isinstance(stimulus, Stop):
             self.stopped = True
@@ -394,12 +394,13 @@ class PollerCore:
             self.counters["filtered"] += len(drop)
             self.counters["deleted"] += len(drop)
             out.append(Delete(drop, "filtered"))
+        # (a backoff set while this receive was under way still holds)
         if not r.records:
-            self.next_receive_ms = now_ms + self.params.idle_poll_ms
+            self.next_receive_ms = max(self.next_receive_ms, now_ms + self.params.idle_poll_ms)
             floor = min(self.params.concurrency_initial, self.params.concurrency_max)
             self.concurrency = max(floor, self.concurrency - 1)
             return
-        self.next_receive_ms = now_ms  # more may be waiting
+        self.next_receive_ms = max(self.next_receive_ms, now_ms)  # more may be waiting
         for rec, ok in zip(r.records, r.matched, strict=True):
             if not ok:
                 continue
@@ -429,15 +430,16 @@ class PollerCore:
                 del self.batches[d.batch_id]
             return
         del self.batches[d.batch_id]
-        self.throttle_backoff_ms = 0
         failed: set[str] | None
+        if d.outcome == "error":  # the invoke path failed: back off, more each time
+            self.counters["errors"] += 1
+            self.next_receive_ms = max(self.next_receive_ms, now_ms + self._backoff(now_ms))
+        else:  # the function ran: the trouble is over
+            self.backoff_ms = 0
         if d.outcome == "ok":
             failed = failed_items(d.payload, ids, report=self.params.report_failures)
         else:
             failed = None
-            if d.outcome == "error":
-                self.counters["errors"] += 1
-                self.next_receive_ms = max(self.next_receive_ms, now_ms + self._backoff(now_ms))
         if failed is not None and failed and self.params.fifo:
             failed = _fifo_failed(batch.records, failed)
         keep = set(ids) if failed is None else failed
@@ -450,10 +452,11 @@ class PollerCore:
             out.append(Delete(done, "succeeded"))
 
     def _backoff(self, now_ms: int) -> int:
-        """Capped exponential backoff with full jitter (the next wait, in ms)."""
+        """Capped exponential backoff with full jitter (the next wait, in ms): the cap doubles
+        with each throttle, error or failed receive until an invocation runs the function."""
         p = self.params
-        cap = min(p.backoff_ms_max, max(p.backoff_ms_min, self.throttle_backoff_ms * 2))
-        self.throttle_backoff_ms = cap
+        cap = min(p.backoff_ms_max, max(p.backoff_ms_min, self.backoff_ms * 2))
+        self.backoff_ms = cap
         return p.backoff_ms_min + self.rng.randrange(0, cap - p.backoff_ms_min + 1)
 
     def _dispatch(self, now_ms: int, out: list[Instruction]) -> None:
