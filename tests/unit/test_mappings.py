@@ -132,3 +132,54 @@ def test_a_poller_deletes_only_what_succeeded(tmp_path: Any) -> None:
     assert sorted(seen) == [i for i in range(n) if i % 7]  # each success exactly once
     dead = sorted(json.loads(m["Body"])["n"] for m in queues.store.peek(ACCOUNT, "dlq", 1000))
     assert dead == list(range(0, n, 7))
+
+
+def test_a_fifo_group_stays_in_order_across_a_failure(tmp_path: Any) -> None:
+    """A FIFO queue, 3 groups of 10; the handler fails a3 once and, as Lambda advises, reports
+    the rest of a's messages in that batch as failed too. Every message succeeds exactly once,
+    each group in send order."""
+    cell, queues, mappings = _setup(tmp_path)
+    fifo_attrs = {"FifoQueue": "true", "ContentBasedDeduplication": "false",
+                  "DeduplicationScope": "queue", "FifoThroughputLimit": "perQueue"}
+    queues.store.create(ACCOUNT, "dlq.fifo", dict(fifo_attrs), 0)
+    queues.store.create(ACCOUNT, "q.fifo", {**fifo_attrs, "VisibilityTimeout": "3",
+                                            "RedrivePolicy": json.dumps(
+                                                {"deadLetterTargetArn": _arn("dlq.fifo"),
+                                                 "maxReceiveCount": 5})}, 0)
+    done: list[tuple[str, int]] = []
+    failed_once: set[str] = set()
+
+    async def invoke(account: str, name: str, payload: bytes, **kw: Any) -> _Result:
+        fails, broken = [], set()
+        for r in json.loads(payload)["Records"]:
+            g, i = r["attributes"]["MessageGroupId"], json.loads(r["body"])["i"]
+            if g in broken:
+                fails.append({"itemIdentifier": r["messageId"]})
+            elif (g, i) == ("a", 3) and "a3" not in failed_once:
+                failed_once.add("a3")
+                broken.add(g)
+                fails.append({"itemIdentifier": r["messageId"]})
+            else:
+                done.append((g, i))
+        await asyncio.sleep(0)
+        return _Result(json.dumps({"batchItemFailures": fails}).encode())
+
+    cell.invoke = invoke  # type: ignore[method-assign]
+    from cellcloud.queues.store import Outgoing
+
+    async def main() -> None:
+        mappings.start()
+        mappings.create(ACCOUNT, {"FunctionName": "f", "EventSourceArn": _arn("q.fifo"),
+                                  "FunctionResponseTypes": ["ReportBatchItemFailures"]})
+        for i in range(10):
+            queues.store.send_many(ACCOUNT, "q.fifo", [
+                Outgoing(json.dumps({"i": i, "g": g}), 0, group=g, dedup=f"{g}{i}")
+                for g in "abc"], queues.now_ms())
+            queues._sent_to(ACCOUNT, "q.fifo")
+        await _until(lambda: len(done) == 30, "every message to succeed")
+        await mappings.close()
+
+    asyncio.run(main())
+    for g in "abc":
+        assert [i for gg, i in done if gg == g] == list(range(10))
+    assert queues.store.counts(ACCOUNT, "dlq.fifo", queues.now_ms()) == (0, 0)
