@@ -72,6 +72,25 @@ def test_states_and_refusals(tmp_path: Any) -> None:
 
         await _until(settled, "the update to settle")
         assert mappings.pollers[u] is not old and old.task.done()
+        # the queue's visibility timeout changes: the poller restarts with it
+        old = mappings.pollers[u]
+        queues.store.set_attributes(ACCOUNT, "q", {"VisibilityTimeout": "45"})
+
+        def restarted() -> bool:
+            mappings.reconcile()
+            p = mappings.pollers.get(u)
+            return p is not None and p is not old and p.core.params.visibility_ms == 45_000
+
+        await _until(restarted, "the poller to restart")
+        assert mappings.get(ACCOUNT, u)["State"] == "Enabled"
+        # a mapping whose queue is gone does not stop the others from being reconciled
+        queues.store.create(ACCOUNT, "gone", {}, 0)
+        g = mappings.create(ACCOUNT, {"FunctionName": "f", "EventSourceArn": _arn("gone")})
+        queues.store.delete_queue(ACCOUNT, "gone")
+        mappings.reconcile()
+        assert mappings.get(ACCOUNT, g["UUID"])["State"] == "Creating"
+        mappings.delete(ACCOUNT, g["UUID"])
+        mappings.reconcile()
         assert mappings.update(ACCOUNT, u, {"Enabled": False})["State"] == "Disabling"
         await _until(lambda: (mappings.reconcile(), mappings.get(ACCOUNT, u)["State"])[1]
                      == "Disabled", "Disabled")

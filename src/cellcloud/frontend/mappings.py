@@ -306,13 +306,19 @@ class Mappings:
             p = self.pollers.get(u)
             if p is not None and (not want or p.version != version):
                 p.stop()
+            elif p is not None and not p.stopping and self._params_now(account, u) not in (
+                    None, p.core.params):
+                # the function's reserved concurrency or timeout, or the queue's visibility
+                # timeout, changed: the poller restarts with them (batches in flight finish)
+                p.stop()
             if p is not None and p.task.done():
                 del self.pollers[u]
                 p = None
             if want and p is None:
                 try:
                     self.pollers[u] = self._start_poller(self._row(account, u))
-                except LambdaError as e:  # the function is gone: retried at the next pass
+                except (LambdaError, QueueError) as e:  # the function or queue is gone:
+                    # retried at the next pass
                     log.info("mapping %s cannot start: %s", u, e)
                     continue
                 p = self.pollers[u]
@@ -326,14 +332,18 @@ class Mappings:
                 elif new != state:
                     self.db.execute("UPDATE mappings SET state=? WHERE uuid=?", (new, u))
 
-    def _start_poller(self, row: dict[str, Any]) -> _Poller:
+    def _params_now(self, account: str, u: str) -> esm.PollerParams | None:
+        try:
+            return self._params(self._row(account, u))
+        except (LambdaError, QueueError):
+            return None  # the function or the queue is gone: the poller finds out itself
+
+    def _params(self, row: dict[str, Any]) -> esm.PollerParams:
         d = row["doc"]
         settings = esm.check_settings(
             batch_size=d.get("BatchSize"), window_s=d.get("MaximumBatchingWindowInSeconds"),
             response_types=d.get("FunctionResponseTypes"), scaling=d.get("ScalingConfig"),
             fifo=fifo.is_fifo(row["queue"]), limits=self.limits)
-        criteria = event_filter.parse_criteria(d.get("FilterCriteria"),
-                                               self.limits.esm_filters_max)
         rec, _ = self.cell.resolve(row["account"], row["function"], row["qualifier"])
         _, attrs = self.queues.store.attributes(row["account"], row["queue"])
         cap = self.limits.esm_concurrency_max
@@ -352,6 +362,12 @@ class Mappings:
             idle_poll_ms=self.limits.esm_idle_poll_ms,
             backoff_ms_min=self.limits.esm_backoff_ms_min,
             backoff_ms_max=self.limits.esm_backoff_ms_max)
+        return params
+
+    def _start_poller(self, row: dict[str, Any]) -> _Poller:
+        params = self._params(row)
+        criteria = event_filter.parse_criteria(row["doc"].get("FilterCriteria"),
+                                               self.limits.esm_filters_max)
         p = _Poller(self, row, esm.PollerCore(params, random.Random(self.rng.random())),
                     criteria)
         p.task = asyncio.ensure_future(p.run())
