@@ -133,7 +133,7 @@ def test_settings_with_one_answer(lam: Any, make_function: Callable[..., str]) -
     assert lam.list_function_url_configs(FunctionName=name)["FunctionUrlConfigs"] == []
     with pytest.raises(lam.exceptions.ResourceNotFoundException):
         lam.get_function_url_config(FunctionName=name)
-    assert lam.list_event_source_mappings()["EventSourceMappings"] == []
+    assert lam.list_event_source_mappings(FunctionName=name)["EventSourceMappings"] == []
 
 
 def test_provisioned_configs_listed_without_a_qualifier(

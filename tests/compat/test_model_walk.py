@@ -12,9 +12,11 @@ The coverage is in docs/lambda-api.md, and checked against this walk.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import boto3
 import botocore.session
 import pytest
 from botocore.exceptions import ClientError
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.integration
 MODEL = botocore.session.get_session().get_service_model("lambda")
 #: answered "absent" although they succeed: the empty list / the empty setting AWS answers
 #: where no such resource exists
-ABSENT_BUT_OK = {"ListEventSourceMappings", "ListCodeSigningConfigs",
+ABSENT_BUT_OK = {"ListCodeSigningConfigs",
                  "ListCapacityProviders", "ListDurableExecutionsByFunction",
                  "GetFunctionCodeSigningConfig", "DeleteFunctionCodeSigningConfig"}
 #: errors AWS answers for any Lambda operation: not found, a bad value, and the JSON protocol's
@@ -40,13 +42,15 @@ ABSENT_BUT_OK = {"ListEventSourceMappings", "ListCodeSigningConfigs",
 _ALSO = {"CreateFunction": ("Runtime", "Handler"), "UpdateFunctionCode": ("ZipFile",),
          "GetProvisionedConcurrencyConfig": ("Qualifier",),
          "DeleteProvisionedConcurrencyConfig": ("Qualifier",),
-         "UpdateFunctionEventInvokeConfig": ("MaximumRetryAttempts",)}
+         "UpdateFunctionEventInvokeConfig": ("MaximumRetryAttempts",),
+         "CreateEventSourceMapping": ("EventSourceArn",)}
 GENERIC = {"ResourceNotFoundException", "InvalidParameterValueException", "ValidationException"}
 
 
 class Walk:
-    def __init__(self, lam: Any, account: str, region: str) -> None:
+    def __init__(self, lam: Any, account: str, region: str, sqs: Any = None) -> None:
         self.lam = lam
+        self.sqs = sqs
         self.account = account
         self.region = region
 
@@ -105,6 +109,20 @@ class Walk:
         ctx["MaximumRetryAttempts"] = 1
         ctx["Qualifier"] = "1"  # replaced by a version published for the call
         ctx["FunctionVersion"] = "$LATEST"
+        if ("EventSourceArn" in members or "UUID" in members) and self.sqs is not None:
+            # an SQS event source mapping of a fresh function and queue
+            queue = new_name("wq")
+            self.sqs.create_queue(QueueName=queue)
+            ctx["EventSourceArn"] = f"arn:aws:sqs:{self.region}:{self.account}:{queue}"
+            if "UUID" in members:
+                fn = ctx.get("FunctionName") or self.function()
+                ctx["UUID"] = self.lam.create_event_source_mapping(
+                    FunctionName=fn, EventSourceArn=ctx["EventSourceArn"])["UUID"]
+                for _ in range(600):  # updates wait for Creating to settle, as on AWS
+                    if self.lam.get_event_source_mapping(UUID=ctx["UUID"])["State"] in (
+                            "Enabled", "Disabled"):
+                        break
+                    time.sleep(0.1)
         if op == "GetLayerVersionByArn":
             layer, version = self.layer()
             ctx["Arn"] = f"arn:aws:lambda:{self.region}:{self.account}:layer:{layer}:{version}"
@@ -146,8 +164,12 @@ class Walk:
 
 @pytest.fixture(scope="module")
 def walked(region: Region) -> dict[str, tuple[str, str]]:
+    sqs = boto3.client(
+        "sqs", endpoint_url=region.endpoint, region_name=str(region.doc["region"]),
+        aws_access_key_id=str(region.doc["access_key_id"]),
+        aws_secret_access_key=str(region.doc["secret_access_key"]))
     w = Walk(lambda_client(region), str(region.doc["account_id"]),
-             str(region.doc["region"]))
+             str(region.doc["region"]), sqs)
     return {op: w.call(op) for op in MODEL.operation_names}
 
 

@@ -31,6 +31,20 @@ class Limits:
     # SQS FIFO queues: a MessageDeduplicationId (or body hash) sent again within this window
     # is accepted and not delivered again.
     sqs_fifo_dedup_window_ms: int = 300_000
+    # SQS event source mappings (Lambda's rules and quotas; core/esm.py).
+    esm_batch_size_max: int = 10_000  # a standard queue's BatchSize (with a batching window)
+    esm_batch_size_no_window_max: int = 10  # BatchSize without MaximumBatchingWindowInSeconds
+    esm_batch_size_fifo_max: int = 10  # a FIFO queue's BatchSize
+    esm_batching_window_s_max: int = 300
+    esm_concurrency_min: int = 2  # ScalingConfig.MaximumConcurrency
+    esm_concurrency_max: int = 1000  # ScalingConfig.MaximumConcurrency, and batches at once
+    esm_filters_max: int = 5  # FilterCriteria.Filters of one mapping
+    esm_mappings_per_tenant_max: int = 1000  # ours: event source mappings of one account
+    esm_concurrency_initial: int = 5  # batches a mapping's poller runs at once at first
+    esm_scale_up_interval_ms: int = 200  # then one more per interval (Lambda: 300 a minute)
+    esm_idle_poll_ms: int = 1000  # an empty queue is received from again (or on a send)
+    esm_backoff_ms_min: int = 100  # after a throttle or error, capped exponential backoff
+    esm_backoff_ms_max: int = 10_000
     # Ours.
     invocation_log_bytes_max: int = 256 * 1024  # kept per invocation, the tail wins
     function_log_bytes_max: int = 1 * MiB  # kept per function at the frontend

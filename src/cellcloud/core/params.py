@@ -204,6 +204,32 @@ LAMBDA: dict[str, dict[str, Param]] = {
     },
 }
 LAMBDA["UpdateFunctionEventInvokeConfig"] = LAMBDA["PutFunctionEventInvokeConfig"]
+_NOT_SQS = "this region maps only SQS queues, and SQS mappings have no such setting"
+#: an SQS event source mapping's members (frontend/mappings.py, core/esm.py)
+_ESM: dict[str, Param] = {
+    "FunctionName": H, "Enabled": H, "BatchSize": H, "MaximumBatchingWindowInSeconds": H,
+    "FunctionResponseTypes": H, "ScalingConfig": H, "ScalingConfig.MaximumConcurrency": H,
+    "FilterCriteria": H, "FilterCriteria.Filters": H,
+    "KMSKeyArn": default_only("filter criteria are not encrypted with a customer managed key "
+                              "(only an empty KMSKeyArn is accepted)", _equals("")),
+    "MetricsConfig": refused("event source mapping metrics are not published"),
+    "LoggingConfig": refused("event source mappings write no logs of their own"),
+    "ProvisionedPollerConfig": refused("provisioned pollers are not supported (pollers scale "
+                                       "by themselves up to ScalingConfig)"),
+    "Tags": refused("event source mappings cannot be tagged"),
+    **{k: refused(_NOT_SQS) for k in (
+        "ParallelizationFactor", "DestinationConfig", "MaximumRecordAgeInSeconds",
+        "BisectBatchOnFunctionError", "MaximumRetryAttempts", "TumblingWindowInSeconds",
+        "SourceAccessConfigurations", "AmazonManagedKafkaEventSourceConfig",
+        "SelfManagedKafkaEventSourceConfig", "DocumentDBEventSourceConfig")},
+}
+LAMBDA["CreateEventSourceMapping"] = {
+    **_ESM, "EventSourceArn": H,
+    **{k: refused(_NOT_SQS) for k in ("StartingPosition", "StartingPositionTimestamp",
+                                      "Topics", "Queues", "SelfManagedEventSource")},
+}
+LAMBDA["UpdateEventSourceMapping"] = {**{k: p for k, p in _ESM.items() if k != "Tags"},
+                                      "UUID": URI}
 
 _QUEUE_ATTRS: dict[str, Param] = {
     "VisibilityTimeout": H, "MessageRetentionPeriod": H, "DelaySeconds": H,

@@ -26,6 +26,7 @@ from ..core.validation import parse_function_ref
 from ..transport import Stream
 from . import events, function_urls, image_functions
 from .cell import Cell, InvokeResult
+from .mappings import Mappings
 from .store import StateDiskFull, config_doc, function_arn, is_disk_full
 
 Reply = dict[str, Any]
@@ -807,6 +808,37 @@ async def invoke_async_legacy(cell: Cell, req: dict[str, Any], m: Match, q: Q) -
     return _reply(202, {"Status": 202})
 
 
+# -- SQS event source mappings (frontend/mappings.py) ------------------------------------------
+def _mappings(cell: Cell) -> Mappings:
+    if cell.mappings is None:
+        raise errors.service("This cell runs no event source mappings")
+    return cell.mappings
+
+
+async def create_esm(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    doc = _judge("CreateEventSourceMapping", req, _json_body(req), q)
+    return _reply(202, _mappings(cell).create(req["a"], doc))
+
+
+async def get_esm(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(200, _mappings(cell).get(req["a"], unquote(m["uuid"])))
+
+
+async def update_esm(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    doc = _judge("UpdateEventSourceMapping", req, _json_body(req), q)
+    return _reply(202, _mappings(cell).update(req["a"], unquote(m["uuid"]), doc))
+
+
+async def delete_esm(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(202, _mappings(cell).delete(req["a"], unquote(m["uuid"])))
+
+
+async def list_esm(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    return _reply(200, _mappings(cell).list(
+        req["a"], queue_arn=_one(q, "EventSourceArn"), function=_one(q, "FunctionName"),
+        marker=_one(q, "Marker"), max_items=page_size(_one(q, "MaxItems"), cell.limits)))
+
+
 # -- cellcloud's own -------------------------------------------------------------------------------
 async def function_attestation(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     nonce = (q.get("nonce") or [""])[0]
@@ -841,7 +873,6 @@ _CB = r"^/2025-12-01/durable-execution-callbacks/(?P<cb>[^/]+)"
 _RP = r"^/2026-07-09/resource-policy/(?P<arn>.+)"
 _URL = rf"^/2021-10-31/functions/{_FN}/url/?$"
 _SCALE = rf"^/2025-11-30/functions/{_FN}/function-scaling-config/?$"
-_NO_ESM = "Event source mappings"
 _NO_CSC = "Code signing configs"
 _NO_CAP = "Capacity providers (Lambda Managed Instances)"
 _NO_DUR = "Durable executions"
@@ -879,12 +910,12 @@ IAC_ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
     ("PUT", re.compile(_URL), function_urls.update),
     ("DELETE", re.compile(_URL), function_urls.delete),
     ("GET", re.compile(rf"^/2021-10-31/functions/{_FN}/urls/?$"), function_urls.list_configs),
-    # event source mappings (other work): none exist
-    ("POST", re.compile(rf"{_ESM}/?$"), _unsupported(_NO_ESM)),
-    ("GET", re.compile(rf"{_ESM}/?$"), _empty("EventSourceMappings")),
-    ("GET", re.compile(rf"{_ESM}/[^/]+/?$"), _absent("event source mapping")),
-    ("PUT", re.compile(rf"{_ESM}/[^/]+/?$"), _absent("event source mapping")),
-    ("DELETE", re.compile(rf"{_ESM}/[^/]+/?$"), _absent("event source mapping")),
+    # SQS event source mappings (frontend/mappings.py)
+    ("POST", re.compile(rf"{_ESM}/?$"), create_esm),
+    ("GET", re.compile(rf"{_ESM}/?$"), list_esm),
+    ("GET", re.compile(rf"{_ESM}/(?P<uuid>[^/]+)/?$"), get_esm),
+    ("PUT", re.compile(rf"{_ESM}/(?P<uuid>[^/]+)/?$"), update_esm),
+    ("DELETE", re.compile(rf"{_ESM}/(?P<uuid>[^/]+)/?$"), delete_esm),
     # code signing: not supported
     ("POST", re.compile(rf"{_CSC}/?$"), _unsupported(_NO_CSC)),
     ("GET", re.compile(rf"{_CSC}/?$"), _empty("CodeSigningConfigs")),

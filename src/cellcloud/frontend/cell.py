@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core import errors
 from ..core.catalog_rules import iso_time_ms
@@ -36,6 +36,9 @@ from .functions import Catalog
 from .invoker import ChunkSink, Invoker, InvokeResult
 from .metrics import FrontendMetrics
 from .store import FunctionRecord, FunctionStore, StateDiskFull
+
+if TYPE_CHECKING:
+    from .mappings import Mappings
 
 log = logging.getLogger("cellcloud.frontend")
 
@@ -99,6 +102,8 @@ class Cell:
         self._forgetting = False
         # The durable async intake (frontend/events.py), set by the server; None: no async path.
         self.events: Intake | None = None
+        # SQS event source mappings and their pollers (frontend/mappings.py), set by the server.
+        self.mappings: Mappings | None = None
         self.counters = {
             "invocations": 0,
             "function_errors": 0,
@@ -425,5 +430,7 @@ class Cell:
             "agents": agents,
             "disk": self.store.disk_space().doc(),
             "bundles_to_forget": sum(map(len, self._forget_pending.values())),
+            # each running event source mapping poller: its counters (frontend/mappings.py)
+            "mappings": self.mappings.statistics() if self.mappings is not None else {},
         }
 

@@ -25,6 +25,7 @@ from ..transport import Handler, OpError, Server, Stream
 from . import api, clone, function_urls, image_functions
 from .cell import Cell
 from .events import EventStore, Intake
+from .mappings import Mappings
 from .store import SqliteFunctionStore
 
 log = logging.getLogger("cellcloud.frontend")
@@ -66,6 +67,8 @@ async def serve(args: argparse.Namespace) -> None:
     queues = QueueApi(QueueStore(os.path.abspath(args.state_dir)), args.region)
     cell.events.queue_exists = queues.store.exists  # DeadLetterConfig's check
     cell.catalog.queue_exists = queues.store.exists
+    # SQS event source mappings: their pollers run in this process (frontend/mappings.py).
+    cell.mappings = Mappings(cell, queues, os.path.abspath(args.state_dir), limits=cell.limits)
     # The cell's container registry (registry/: OCI + ECR ops; blobs in <state>/registry).
     registry = RegistryApi(RegistryStore(os.path.join(os.path.abspath(args.state_dir),
                                                       "registry"), cell.limits), args.region,
@@ -95,12 +98,14 @@ async def serve(args: argparse.Namespace) -> None:
                     image_functions.held_layers, cell.catalog))
 
     task = asyncio.ensure_future(ticker())
+    cell.mappings.start()
     runtime.announce_ready({"component": "frontend", "cell_id": args.cell_id, "host": host,
                             "port": port, "pid": os.getpid()})
     try:
         await runtime.wait_for_shutdown()
     finally:
         task.cancel()
+        await cell.mappings.close()
         cell.flush_logs()
         await server.close()
 

@@ -163,6 +163,13 @@ class QueueApi:
         self.tasks: dict[tuple[str, str], list[dict[str, Any]]] = {}
         #: ReceiveRequestAttemptId -> (when, the answer), per (account, queue), for 5 minutes
         self.attempts: dict[tuple[str, str, str], tuple[int, dict[str, Any]]] = {}
+        #: called with (account, queue) after messages were sent to a queue (the event source
+        #: mappings' pollers wake up instead of waiting for their next poll)
+        self.sent_listeners: list[Callable[[str, str], None]] = []
+
+    def _sent_to(self, account: str, name: str) -> None:
+        for listener in self.sent_listeners:
+            listener(account, name)
 
     def _url(self, req: dict[str, Any], name: str) -> str:
         host = req.get("host") or "cellcloud.internal"
@@ -482,6 +489,7 @@ class QueueApi:
         out = self._outgoing(name, doc, attrs)
         m = self.store.send_many(req["a"], name, [out], self.now_ms())[0]
         self.counters["sent"] += 1
+        self._sent_to(req["a"], name)
         return self._sent(out, m)
 
     async def op_SendMessageBatch(self, req: dict[str, Any],
@@ -514,6 +522,8 @@ class QueueApi:
                              f"sent {total} bytes.")
         sent = self.store.send_many(req["a"], name, [o for _, o in ok], self.now_ms())
         self.counters["sent"] += len(sent)
+        if sent:
+            self._sent_to(req["a"], name)
         return {"Successful": [{"Id": i, **self._sent(o, m)}
                                for (i, o), m in zip(ok, sent, strict=True)],
                 "Failed": failed}
