@@ -72,6 +72,9 @@ def up(
         help="Environments' address pool (at most a /16, outside RFC 1918); each agent takes "
         "a /22 of it")] = "100.64.0.0/16",
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    store_colony: Annotated[str, typer.Option(
+        help="A Physalia store colony file (cellcloud store up): the web console shows its "
+        "nodes' and cells' health")] = "",
 ) -> None:
     """Start a region: router, cell frontends and host agents, supervised."""
     if insecure:
@@ -91,7 +94,7 @@ def up(
         raise typer.Exit(2)
     if detach:
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
-                allow_unlimited, network, net_pool)
+                allow_unlimited, network, net_pool, store_colony=store_colony)
         return
     agent_args = ["--network", network, "--net-pool", net_pool]
     if allow_unlimited:
@@ -106,7 +109,9 @@ def up(
         insecure=insecure,
         extra_args={"agent": agent_args,
                     # no function's allow-list may name the pool (core/vpc.py)
-                    "frontend": ["--net-internal", net_pool]},
+                    "frontend": ["--net-internal", net_pool],
+                    "router": (["--store-colony", os.path.abspath(store_colony)]
+                               if store_colony else [])},
     )
 
     def ready(doc: dict[str, Any]) -> None:
@@ -151,7 +156,7 @@ def _running_region(state_dir: str, starting: bool = False) -> dict[str, Any] | 
 def _detach(
     sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int,
     insecure: bool = False, allow_unlimited: bool = False, network: str = "egress",
-    net_pool: str = "100.64.0.0/16",
+    net_pool: str = "100.64.0.0/16", store_colony: str = "",
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -180,6 +185,7 @@ def _detach(
                 *(["--insecure"] if insecure else []),
                 *(["--allow-unlimited"] if allow_unlimited else []),
                 "--network", network, "--net-pool", net_pool,
+                *(["--store-colony", os.path.abspath(store_colony)] if store_colony else []),
             ],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,

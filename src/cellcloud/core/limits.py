@@ -159,6 +159,12 @@ class Limits:
     # Store client: cells one lane keeps a session in ([client_id, seq] each); past it the
     # oldest is forgotten and a new session opens on that cell's next use.
     store_lane_sessions_max: int = 4096
+    # The web console (console/, docs/observability.md): accounts whose functions and queues
+    # its pages list, queues per account, log events on a function's page, the login form.
+    console_accounts_max: int = 100
+    console_queues_per_account_max: int = 100
+    console_log_events_max: int = 50
+    console_login_body_bytes_max: int = 4096
 
 
 DEFAULT_LIMITS = Limits()

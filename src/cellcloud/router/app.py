@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
 
 from .. import runtime
+from ..console.app import PREFIX as CONSOLE_PREFIX
+from ..console.app import Console, session_value
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
@@ -81,6 +83,11 @@ class OperatorToken:
         self.reload()
         return bool(self._token) and hmac.compare_digest(token.encode(), self._token)
 
+    def session(self, label: bytes) -> str | None:
+        """A value derived from the token (the console's session cookie), None without one."""
+        self.reload()
+        return session_value(self._token, label) if self._token else None
+
 
 def _forbidden_token() -> LambdaError:
     return LambdaError(403, "UnrecognizedClientException",
@@ -124,6 +131,11 @@ class Tenants:
             found = self._keys.get(access_key_id)
         return found
 
+    def accounts(self) -> list[str]:
+        """The account ids of every tenant with a key, sorted."""
+        self.reload()
+        return sorted({account for account, _ in self._keys.values()})
+
     def secret_for(self, access_key_id: str) -> str | None:
         found = self.lookup(access_key_id)
         return found[1] if found else None
@@ -140,6 +152,7 @@ class Router:
         connections: ConnectionRegistry | None = None,
         registry_key: RegistryKey | None = None,
         leases: bool = True,
+        store_colony: str | None = None,
     ):
         self.operator = operator
         self.connections = connections
@@ -164,6 +177,8 @@ class Router:
         # The registry's /v2/ API (registry/edge.py): its own auth (the registry token), body
         # caps and streaming; GetAuthorizationToken is answered here too.
         self.registry = RegistryEdge(self, registry_key, limits)
+        # The web console under /console/ (console/app.py), for the operator only.
+        self.console = Console(self, limits, store_colony=store_colony)
 
     def set_cell_map(self, cell_map: CellMap) -> int:
         """A pushed map: taken when not older than the one held; returns the version held."""
@@ -195,6 +210,22 @@ class Router:
         cell = self.cell_map.cell_for(account)
         return await self.client(cell.cell_id).call(op, body, timeout_s=timeout_s)
 
+    # -- what the console reads (console/app.py RegionReads) -----------------------------------
+    async def call_cell_id(self, cell_id: str, op: str, body: Any, timeout_s: float) -> Any:
+        return await self.client(cell_id).call(op, body, timeout_s=timeout_s)
+
+    def cell_ids(self) -> list[str]:
+        return sorted(self.cell_map.cells)
+
+    def accounts(self) -> list[str]:
+        return self.tenants.accounts()
+
+    def operator_matches(self, token: str) -> bool:
+        return self.operator is not None and self.operator.matches(token)
+
+    def operator_session(self, label: bytes) -> str | None:
+        return self.operator.session(label) if self.operator is not None else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while True:
@@ -209,6 +240,9 @@ class Router:
         self.counters["requests"] += 1
         if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
             await self.registry.serve(scope, receive, send)
+            return
+        if scope["path"] == CONSOLE_PREFIX or scope["path"].startswith(CONSOLE_PREFIX + "/"):
+            await self.console.serve(scope, receive, send)
             return
         body_state = _BodyState(scope)
         try:
