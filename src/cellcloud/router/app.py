@@ -50,6 +50,7 @@ _FORWARDED = frozenset(
 )
 _INVOKE_SUFFIXES = ("/invocations", "/invocations/")
 control_timeout_s = 30.0
+cell_status_margin_s = 5.0  # a cell's status may take its agents' call timeout, plus this
 # A request crosses to its cell in one transport frame: leave room for the envelope.
 forward_body_bytes_max = frame_bytes_max - 1024 * 1024
 STATUS_PATH = "/cellcloud/v1/status"
@@ -444,8 +445,12 @@ class Router:
         return 200, {"content-type": router_metrics.CONTENT_TYPE}, body
 
     async def _cell_status(self, cell_id: str) -> dict[str, Any]:
+        # The cell asks its agents with agent_call_timeout_ms each: wait longer than that, so a
+        # hung agent shows as that agent's error, not as the whole cell timing out.
+        timeout_s = self.limits.agent_call_timeout_ms / 1000 + cell_status_margin_s
         try:
-            doc: dict[str, Any] = await self.client(cell_id).call("status", None, timeout_s=5)
+            doc: dict[str, Any] = await self.client(cell_id).call("status", None,
+                                                                  timeout_s=timeout_s)
             return doc
         except (TransportError, RemoteError, CallTimeout) as e:
             return {"cell_id": cell_id, "error": str(e)}

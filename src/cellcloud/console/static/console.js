@@ -169,8 +169,8 @@ async function pageMap(root) {
       shard = {cell_id: c.cell_id, agents: c.shards[k]};
     }
     body.replaceChildren(drawMap(region, shard),
-      shard ? el("p", {id: "shard-text", text: `Shard of ${state.shardPick}: ` +
-                       shard.agents.join(", ")}) : null,
+      el("p", {id: "shard-text", text: shard ? `Shard of ${state.shardPick}: ` +
+               shard.agents.join(", ") : "Pick a function to draw its shard."}),
       el("h2", {text: "Agents"}), agentTable(region),
       el("h2", {text: "Environments"}), envTable(region));
     stamp();
@@ -351,7 +351,7 @@ async function pageFunction(root, account, name) {
         d.aliases.map(a => [a.name, a.version, a.weights ? JSON.stringify(a.weights) : ""]))
         : el("p", {class: "muted", id: "fn-aliases", text: "no aliases"}),
       el("h2", {text: "Recent invocations and their logs"}),
-      d.logs_error ? el("p", {class: "error", text: d.logs_error}) : null,
+      el("p", {class: "error", text: d.logs_error || ""}),
       el("div", {id: "fn-logs"}, d.invocations.length ? d.invocations.map(inv =>
         el("section", {class: "invocation"},
           el("h3", {}, el("code", {text: inv.request_id || "(no request id)"}), " ",
