@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -201,11 +203,33 @@ def test_click_through_every_page(region: Region, browser: Any) -> None:
         text.split(": ", 1)[1].split(", "))
     _shot(browser, "map-shard")
 
-    # The store page: every node up, and one store cell's replicas on request.
+
+
+def test_store_page_shows_a_cell_and_a_dead_node(region: Region, browser: Any,
+                                                 colony: tuple[str, dict[str, Any]]) -> None:
+    from selenium.webdriver.common.by import By
+
+    path, procs = colony
+    cell = f"console-{uuid.uuid4().hex[:6]}"
+    subprocess.run([sys.executable, "-m", "cellcloud", "store", "create-cell", "--colony", path,
+                    cell, "--replicas", "3"], check=True, timeout=60, capture_output=True)
+    _login(browser, region)
     browser.find_element(By.ID, "nav-store").click()
-    _wait(browser, "store nodes", lambda d: d.find_elements(By.ID, "store-node-n1"))
+    _wait(browser, "store nodes", lambda d: d.find_elements(By.ID, "store-node-n3"))
     assert {e.text for e in browser.find_elements(By.CSS_SELECTOR, "[id^=store-node-]")} \
         == {"up"}
+    browser.find_element(By.ID, "store-cell-name").send_keys(cell)
+    browser.find_element(By.ID, "store-cell-show").click()
+    rows = _wait(browser, "the cell's replicas", lambda d: d.find_elements(
+        By.CSS_SELECTOR, "#store-replicas tbody tr"))
+    assert len(rows) == 3 and all(" up " in f" {r.text} " for r in rows)
+    _shot(browser, "store-cell")
+    procs["n3"].kill()
+    procs["n3"].wait()
+    _wait(browser, "n3 down", lambda d: _text_of("store-node-n3")(d) == "down")
+    _wait(browser, "n3's replica unreachable", lambda d: "unreachable" in _text_of(
+        "store-replicas")(d))
+    _shot(browser, "store-node-down")
 
 
 ECHO = "def handler(event, context):\n    return event\n"
