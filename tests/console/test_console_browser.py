@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,6 +117,13 @@ def _axe(driver: Any, page: str) -> None:
     assert result["violations"] == [], axe.report(result["violations"])
 
 
+def _rate(caption: str) -> float:
+    """The latest value a chart's caption names ("Invocations per second: invocations 0.50
+    /s"), 0 without one."""
+    m = re.search(r": \w+ ([0-9.]+) ", caption)
+    return float(m.group(1)) if m else 0.0
+
+
 def _login(driver: Any, region: Region) -> None:
     from selenium.webdriver.common.by import By
 
@@ -183,6 +191,14 @@ def test_click_through_every_page(region: Region, browser: Any) -> None:
         browser.find_element(By.ID, link).click()
         _wait(browser, title, lambda d, t=title: _text_of("page-title")(d) == t)
         _wait(browser, marker, lambda d, m=marker: d.find_elements(By.ID, m))
+        if link == "nav-metrics":
+            # Counters become rates between two samples: invoke while the page samples.
+            for i in range(5):
+                region.client.invoke(name, {"i": i})
+            _wait(browser, "an invocation rate", lambda d: _rate(_text_of(
+                "chart-rate-latest")(d)) > 0)
+            _wait(browser, "a latency", lambda d: _rate(_text_of(
+                "chart-latency-latest")(d)) > 0)
         _shot(browser, link.removeprefix("nav-"))
         _axe(browser, link.removeprefix("nav-"))
 
