@@ -221,6 +221,47 @@ def test_click_through_every_page(region: Region, browser: Any) -> None:
 
 
 
+def test_queues_page_shows_queues_their_dead_letter_queues_and_the_async_backlog(
+        region: Region, browser: Any) -> None:
+    import boto3
+    from selenium.webdriver.common.by import By
+
+    kw: dict[str, Any] = {
+        "endpoint_url": region.endpoint, "region_name": str(region.doc["region"]),
+        "aws_access_key_id": str(region.doc["access_key_id"]),
+        "aws_secret_access_key": str(region.doc["secret_access_key"])}
+    sqs = boto3.client("sqs", **kw)
+    tag = uuid.uuid4().hex[:6]
+    dlq = sqs.create_queue(QueueName=f"dlq-{tag}")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])[
+        "Attributes"]["QueueArn"]
+    src = sqs.create_queue(QueueName=f"in-{tag}", Attributes={"RedrivePolicy": json.dumps(
+        {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})})["QueueUrl"]
+    for i in range(4):
+        sqs.send_message(QueueUrl=src, MessageBody=str(i))
+    name = f"slow-{tag}"
+    slow = "import time\ndef handler(event, context):\n    time.sleep(8)\n    return event\n"
+    region.client.create_function(name, make_zip({"app.py": slow}), "app.handler",
+                                  timeout_s=20)
+    lam = boto3.client("lambda", **kw)
+    lam.update_function_configuration(FunctionName=name, DeadLetterConfig={"TargetArn": dlq_arn})
+    assert lam.invoke(FunctionName=name, InvocationType="Event",
+                      Payload=b"{}")["StatusCode"] == 202
+
+    _login(browser, region)
+    browser.find_element(By.ID, "nav-queues").click()
+    _wait(browser, "the source queue", lambda d: f"in-{tag}" in _text_of("sqs-queues")(d))
+    rows = {r.find_elements(By.TAG_NAME, "td")[1].text: [c.text for c in r.find_elements(
+        By.TAG_NAME, "td")] for r in browser.find_elements(By.CSS_SELECTOR,
+                                                           "#sqs-queues tbody tr")}
+    assert rows[f"in-{tag}"][2] == "4" and rows[f"in-{tag}"][5] == dlq_arn
+    assert rows[f"dlq-{tag}"][6] == f"function {name}, in-{tag}"
+    assert dlq_arn in _text_of("function-dlqs")(browser)
+    # The async event waits or runs for 8 s: the backlog shows it meanwhile.
+    _wait(browser, "the async backlog", lambda d: name in _text_of("async-backlog")(d))
+    _shot(browser, "queues-dlq")
+
+
 def test_store_page_shows_a_cell_and_a_dead_node(region: Region, browser: Any,
                                                  colony: tuple[str, dict[str, Any]]) -> None:
     from selenium.webdriver.common.by import By

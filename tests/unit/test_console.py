@@ -202,7 +202,7 @@ def test_function_read_groups_logs_by_invocation_through_the_adapter() -> None:
     assert doc["metrics"]["invocations"] == 7 and doc["metrics"]["errors"] == 2
     assert [i["request_id"] for i in doc["invocations"]] == ["r2", "r1"]  # newest first
     assert doc["invocations"][1]["lines"] == ["START", "hello 1"]
-    assert doc["shard"] == {"cell_id": "cell-1", "agents": ["a0", "a1"]}
+    assert doc["shard"] == {"cell_id": "cell-1", "agents": ["a0", "a1"], "key": f"{ACCOUNT}/f"}
     logs_call = next(b for _, op, b in region.calls if op == "http" and b["p"].endswith("/logs"))
     assert logs_call["q"] == "limit=7" and logs_call["a"] == ACCOUNT
 
@@ -219,7 +219,8 @@ def test_region_map_marks_failed_agents() -> None:
     lost = json.loads(json.dumps(STATUS))
     lost["cells"]["cell-1"]["shards"]["failed_agents"] = {"a0": 1}
     assert views.region_map(lost)["cells"][0]["agents"][0]["state"] == "failed"
-    assert views.shard_of(m, ACCOUNT, "f") == {"cell_id": "cell-1", "agents": ["a0", "a1"]}
+    assert views.shard_of(m, ACCOUNT, "f") == {"cell_id": "cell-1", "agents": ["a0", "a1"],
+                                               "key": f"{ACCOUNT}/f"}
     assert views.shard_of(m, ACCOUNT, "g") is None
     gone = views.region_map({"cells": {"cell-2": {"error": "timed out"}}})
     assert gone["cells"] == [{"cell_id": "cell-2", "error": "timed out", "agents": [],

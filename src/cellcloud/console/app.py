@@ -267,29 +267,36 @@ class Console:
             except Exception as e:  # an unreachable cell shows as such
                 cells.append({"cell_id": cell_id, "error": str(e), "backlog": []})
         queues: list[dict[str, Any]] = []
+        errors: list[dict[str, str]] = []
         for account in self.region.accounts()[: self.limits.console_accounts_max]:
-            listed = await self._sqs(account, "ListQueues", {
-                "MaxResults": self.limits.console_queues_per_account_max})
-            for url in (listed or {}).get("QueueUrls", [])[
-                    : self.limits.console_queues_per_account_max]:
-                got = await self._sqs(account, "GetQueueAttributes",
-                                      {"QueueUrl": url, "AttributeNames": ["All"]})
-                row = views.queue_row(url, (got or {}).get("Attributes", {}))
-                queues.append({"account": account, **row})
+            try:
+                # (the cell's ListQueues is not paginated: it refuses MaxResults by name)
+                listed = await self._sqs(account, "ListQueues", {})
+                for url in listed.get("QueueUrls", [])[
+                        : self.limits.console_queues_per_account_max]:
+                    got = await self._sqs(account, "GetQueueAttributes",
+                                          {"QueueUrl": url, "AttributeNames": ["All"]})
+                    row = views.queue_row(url, got.get("Attributes", {}))
+                    queues.append({"account": account, **row})
+            except SqsRefused as e:
+                errors.append({"account": account, "error": str(e)})
         functions = await self.functions()
         views.mark_dead_letter_queues(queues, functions)
-        return {"cells": cells, "queues": queues,
+        return {"cells": cells, "queues": queues, "errors": errors,
                 "dead_letter_configs": [{"account": f["account"], "function": f["name"],
                                          "target": f["dead_letter_target"]}
                                         for f in functions if f["dead_letter_target"]]}
 
-    async def _sqs(self, account: str, op: str, doc: dict[str, Any]) -> dict[str, Any] | None:
+    async def _sqs(self, account: str, op: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """One SQS JSON-protocol call in ``account``'s cell; an error answer raises
+        :class:`SqsRefused` (shown on the page, never taken for an empty answer)."""
         resp = await self.region.call_cell(account, "sqs", {
             "target": f"AmazonSQS.{op}", "b": json.dumps(doc).encode(), "a": account,
             "host": "cellcloud.internal"}, timeout_s=call_timeout_s)
+        out: dict[str, Any] = json.loads(resp["b"]) if resp["b"] else {}
         if resp["s"] != 200:
-            return None
-        out: dict[str, Any] = json.loads(resp["b"])
+            raise SqsRefused(f"{op}: {resp['s']} {out.get('__type', '')} "
+                             f"{out.get('message', '')}".strip())
         return out
 
     async def store(self, cell: str | None) -> dict[str, Any]:
@@ -337,6 +344,10 @@ class Console:
                          "members": st.get("members")} if st else {})}
                     for n, st in sorted(replicas.items())]}
         return out
+
+
+class SqsRefused(Exception):
+    """A cell answered an SQS read with an error."""
 
 
 def _account(query: dict[str, str]) -> str:

@@ -79,7 +79,7 @@ def shard_of(region: dict[str, Any], account: str, name: str) -> dict[str, Any] 
     key = f"{account}/{name}"
     for cell in region["cells"]:
         if key in cell["shards"]:
-            return {"cell_id": cell["cell_id"], "agents": list(cell["shards"][key])}
+            return {"cell_id": cell["cell_id"], "agents": list(cell["shards"][key]), "key": key}
     return None
 
 

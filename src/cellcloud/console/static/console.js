@@ -103,8 +103,11 @@ function drawMap(region, shard) {
       ag.append(svg("text", {x: 8, y: 50, fill: "#4a4a4a", "font-size": 12,
                              text: `${a.envs.length} environment(s)`}));
       a.envs.forEach((e, j) => {
+        const mine = shard && shard.key === `${e.account}/${e.function}`;
         ag.append(svg("rect", {x: 8, y: 56 + j * envH, width: agentW - 16, height: envH - 3,
-                               fill: e.busy ? "#dbe8fb" : "#eef7ee", stroke: "#767676"}));
+                               fill: e.busy ? "#dbe8fb" : "#eef7ee",
+                               stroke: mine ? "#6a1b9a" : "#767676",
+                               "stroke-width": mine ? 2.5 : 1}));
         ag.append(svg("text", {x: 12, y: 56 + j * envH + 12, "font-size": 11, fill: "#1a1a1a",
                                text: `${e.function} pid ${e.pid}${e.busy ? " busy" : ""}`}));
       });
@@ -166,7 +169,7 @@ async function pageMap(root) {
     }
     let shard = null;
     for (const [c, k] of keys) if (k === state.shardPick) {
-      shard = {cell_id: c.cell_id, agents: c.shards[k]};
+      shard = {cell_id: c.cell_id, agents: c.shards[k], key: k};
     }
     body.replaceChildren(drawMap(region, shard),
       el("p", {id: "shard-text", text: shard ? `Shard of ${state.shardPick}: ` +
@@ -383,6 +386,7 @@ async function pageQueues(root) {
       table("async-backlog", "backlog per function",
         ["cell", "account", "function", "queued", "in flight", "oldest (s)"], backlog),
       el("h2", {text: "SQS queues"}),
+      d.errors.map(x => el("p", {class: "error", text: `account ${x.account}: ${x.error}`})),
       table("sqs-queues", null,
         ["account", "queue", "visible", "in flight", "delayed", "dead-letter queue",
          "dead-letter queue of"],
