@@ -47,12 +47,13 @@ def main(out: str) -> None:
         wait_ready(p)
     state = os.path.join(work, "region")
     subprocess.run([sys.executable, "-m", "cellcloud", "up", "--detach", "--port", "0",
-                    "--state-dir", state, "--store-colony", colony], check=True)
+                    "--state-dir", state, "--store-colony", colony, "--agents-per-cell", "4"],
+                   check=True)
     stop = threading.Event()
     try:
         doc = json.load(open(os.path.join(state, "region.json")))
         token = json.load(open(doc["operator_token_file"]))["token"]
-        c = sdk.Client(doc["endpoint"], doc["api_key"], timeout_s=60)
+        c = sdk.Client(doc["endpoint"], doc["api_key"], timeout_s=60, operator_token=token)
         c.create_function("orders", make_zip({"app.py": OK}), "app.handler")
         c.create_function("payments", make_zip({"app.py": FLAKY}), "app.handler")
         import boto3
@@ -87,7 +88,7 @@ def main(out: str) -> None:
         opts = webdriver.ChromeOptions()
         opts.binary_location = "/usr/bin/chromium"
         for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                  "--window-size=1100,760", "--hide-scrollbars"):
+                  "--window-size=1100,820", "--hide-scrollbars"):
             opts.add_argument(a)
         d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
         wait = WebDriverWait(d, 60)
@@ -120,12 +121,17 @@ def main(out: str) -> None:
             wait.until(lambda d: d.find_elements(By.ID, "store-replicas"))
             d.save_screenshot(os.path.join(out, "console-store.png"))
             stop.set()
+            operator = sdk.Client(doc["endpoint"], doc["api_key"], timeout_s=60,
+                                  operator_token=token)  # the traffic thread holds c
+            shard = operator.status()["cells"]["cell-1"]["shards"]["functions"][
+                f"{doc['account_id']}/orders"]
+            frozen = shard[-1]
             pid = int(json.load(open(os.path.join(state, "region.json")))["components"][
-                "cell-1-agent-1"]["pid"])
+                frozen]["pid"])
             d.find_element(By.ID, "nav-map").click()
             os.kill(pid, signal.SIGSTOP)
             try:
-                wait.until(lambda d: d.find_element(By.ID, "agent-state-cell-1-agent-1").text
+                wait.until(lambda d: d.find_element(By.ID, f"agent-state-{frozen}").text
                            == "failed")
                 d.save_screenshot(os.path.join(out, "console-map-failed.png"))
             finally:

@@ -211,7 +211,9 @@ def test_region_map_marks_failed_agents() -> None:
     m = views.region_map(STATUS)
     agents = {a["agent_id"]: a for a in m["cells"][0]["agents"]}
     assert agents["a0"]["state"] == "up"
-    assert agents["a1"]["state"] == "failed"  # did not answer
+    # a1's full status timed out, but the cell's liveness poll holds it up: up, with the error
+    assert agents["a1"]["state"] == "up"
+    assert agents["a1"]["status_error"] == "status timed out after 5s"
     assert agents["a2"]["state"] == "failed"  # the cell holds it down
     assert agents["a0"]["envs"][0] == {"env_id": "e1", "function": "f", "account": ACCOUNT,
                                       "version": "$LATEST", "pid": 99, "busy": True,
@@ -219,6 +221,10 @@ def test_region_map_marks_failed_agents() -> None:
     lost = json.loads(json.dumps(STATUS))
     lost["cells"]["cell-1"]["shards"]["failed_agents"] = {"a0": 1}
     assert views.region_map(lost)["cells"][0]["agents"][0]["state"] == "failed"
+    # an agent the cell does not place and that did not answer: failed
+    unplaced = json.loads(json.dumps(STATUS))
+    unplaced["cells"]["cell-1"]["placement"]["agents"].pop("a1")
+    assert views.region_map(unplaced)["cells"][0]["agents"][1]["state"] == "failed"
     assert views.shard_of(m, ACCOUNT, "f") == {"cell_id": "cell-1", "agents": ["a0", "a1"],
                                                "key": f"{ACCOUNT}/f"}
     assert views.shard_of(m, ACCOUNT, "g") is None

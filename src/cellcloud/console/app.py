@@ -226,18 +226,21 @@ class Console:
             raise LambdaError(status, "ResourceNotFoundException",
                               str(config.get("message") or config.get("Message")
                                   or f"Function not found: {account}/{name}"))
-        _, versions = await self._lambda(account, f"{base}/versions",
-                                         f"MaxItems={self.limits.list_page_items_max}")
-        _, aliases = await self._lambda(account, f"{base}/aliases",
-                                        f"MaxItems={self.limits.list_page_items_max}")
-        try:
-            events = await console_logs.read_function_logs(
-                self.region, account, name, self.limits.console_log_events_max)
-            logs_error = None
-        except console_logs.LogsUnavailable as e:
-            events, logs_error = [], str(e)
-        region = views.region_map(await self.region.status())
-        _, _, text = await self.region.metrics(None)
+        page = f"MaxItems={self.limits.list_page_items_max}"
+
+        async def logs() -> tuple[list[dict[str, Any]], str | None]:
+            try:
+                return await console_logs.read_function_logs(
+                    self.region, account, name, self.limits.console_log_events_max), None
+            except console_logs.LogsUnavailable as e:
+                return [], str(e)
+
+        # The reads are independent: ask them at once (the region's status waits on agents).
+        (_, versions), (_, aliases), (events, logs_error), status, (_, _, text) = \
+            await asyncio.gather(self._lambda(account, f"{base}/versions", page),
+                                 self._lambda(account, f"{base}/aliases", page), logs(),
+                                 self.region.status(), self.region.metrics(None))
+        region = views.region_map(status)
         summary = views.metrics_summary(text.decode())
         counts = next((f for f in summary["functions"]
                        if f["account"] == account and f["function"] == name), None)

@@ -17,16 +17,17 @@ STORE_CELL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 def agent_state(agent_id: str, doc: dict[str, Any], cell: dict[str, Any]) -> str:
-    """``failed`` when the agent did not answer the status read, or its cell holds it as lost
-    (out of every shard) or down; ``up`` otherwise."""
-    if "error" in doc:
-        return "failed"
+    """The cell's own view, the authority (its 2 s liveness poll of each agent): ``failed``
+    when it holds the agent down or lost (out of every shard), or when the cell does not
+    list the agent at all and its status read failed; ``up`` otherwise. A full status read
+    that timed out on an agent the cell still polls is shown apart (``status_error``): under
+    load an agent's full status can be slower than its liveness answer."""
     if agent_id in (cell.get("shards") or {}).get("failed_agents", {}):
         return "failed"
     placed = ((cell.get("placement") or {}).get("agents") or {}).get(agent_id)
-    if placed is not None and not placed.get("up", True):
-        return "failed"
-    return "up"
+    if placed is not None:
+        return "up" if placed.get("up", True) else "failed"
+    return "failed" if "error" in doc else "up"
 
 
 def _env(e: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def region_map(status: dict[str, Any]) -> dict[str, Any]:
             agents.append({
                 "agent_id": agent_id,
                 "state": agent_state(agent_id, doc, cell),
-                "error": doc.get("error"),
+                "status_error": doc.get("error"),
                 "backend": doc.get("backend"),
                 "pid": doc.get("pid"),
                 "envs_max": doc.get("envs_max"),

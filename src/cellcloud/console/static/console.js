@@ -101,7 +101,8 @@ function drawMap(region, shard) {
                              "font-weight": 700,
                              text: (failed ? "FAILED" : "up") + (picked ? " · in shard" : "")}));
       ag.append(svg("text", {x: 8, y: 50, fill: "#4a4a4a", "font-size": 12,
-                             text: `${a.envs.length} environment(s)`}));
+                             text: a.status_error ? `no status: ${a.status_error}` :
+                               `${a.envs.length} environment(s)`}));
       a.envs.forEach((e, j) => {
         const mine = shard && shard.key === `${e.account}/${e.function}`;
         ag.append(svg("rect", {x: 8, y: 56 + j * envH, width: agentW - 16, height: envH - 3,
@@ -129,10 +130,10 @@ function agentTable(region) {
   for (const c of region.cells) for (const a of c.agents) {
     rows.push([c.cell_id, a.agent_id,
       el("span", {class: "state-" + a.state, id: "agent-state-" + a.agent_id, text: a.state}),
-      a.backend || "–", String(a.envs.length), a.error || ""]);
+      a.backend || "–", a.status_error ? "–" : String(a.envs.length), a.status_error || ""]);
   }
   return table("agents", "cells and agents",
-               ["cell", "agent", "state", "backend", "environments", "error"], rows);
+               ["cell", "agent", "state", "backend", "environments", "status read"], rows);
 }
 
 function envTable(region) {
