@@ -47,7 +47,8 @@ def main(out: str) -> None:
         wait_ready(p)
     state = os.path.join(work, "region")
     subprocess.run([sys.executable, "-m", "cellcloud", "up", "--detach", "--port", "0",
-                    "--state-dir", state, "--store-colony", colony, "--agents-per-cell", "4"],
+                    "--state-dir", state, "--store-colony", colony, "--agents-per-cell", "4",
+                    *sys.argv[2:]],
                    check=True)
     stop = threading.Event()
     try:
