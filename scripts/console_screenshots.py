@@ -34,6 +34,14 @@ FLAKY = "def handler(event, context):\n    if event.get('i', 0) % 3 == 0:\n" \
         "        raise ValueError('bad order')\n    return event\n"
 
 
+def shot(d: webdriver.Chrome, out: str, name: str) -> None:
+    """The whole page (up to 1,500 px high), not only the window."""
+    height = min(1500, int(d.execute_script("return document.documentElement.scrollHeight")))
+    d.set_window_size(1100, max(820, height + 90))  # + the browser's own chrome
+    d.save_screenshot(os.path.join(out, name))
+    d.set_window_size(1100, 820)
+
+
 def main(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="cellcloud-shots-")
@@ -102,25 +110,25 @@ def main(out: str) -> None:
             Select(d.find_element(By.ID, "shard-pick")).select_by_visible_text(
                 f"{doc['account_id']}/orders")
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "g.in-shard"))
-            d.save_screenshot(os.path.join(out, "console-map.png"))
+            shot(d, out, "console-map.png")
             d.find_element(By.ID, "nav-metrics").click()
             time.sleep(30)  # the charts fill as the page samples: a picture, not a test
-            d.save_screenshot(os.path.join(out, "console-metrics.png"))
+            shot(d, out, "console-metrics.png")
             d.find_element(By.ID, "nav-functions").click()
             wait.until(lambda d: d.find_elements(By.ID, "fn-link-orders"))
-            d.save_screenshot(os.path.join(out, "console-functions.png"))
+            shot(d, out, "console-functions.png")
             d.find_element(By.ID, "fn-link-orders").click()
             wait.until(lambda d: d.find_elements(By.ID, "fn-logs"))
-            d.save_screenshot(os.path.join(out, "console-function.png"))
+            shot(d, out, "console-function.png")
             d.find_element(By.ID, "nav-queues").click()
             wait.until(lambda d: d.find_elements(By.ID, "sqs-queues"))
-            d.save_screenshot(os.path.join(out, "console-queues.png"))
+            shot(d, out, "console-queues.png")
             d.find_element(By.ID, "nav-store").click()
             wait.until(lambda d: d.find_elements(By.ID, "store-node-n1"))
             d.find_element(By.ID, "store-cell-name").send_keys("cfg-demo")
             d.find_element(By.ID, "store-cell-show").click()
             wait.until(lambda d: d.find_elements(By.ID, "store-replicas"))
-            d.save_screenshot(os.path.join(out, "console-store.png"))
+            shot(d, out, "console-store.png")
             stop.set()
             operator = sdk.Client(doc["endpoint"], doc["api_key"], timeout_s=60,
                                   operator_token=token)  # the traffic thread holds c
@@ -134,13 +142,13 @@ def main(out: str) -> None:
             try:
                 wait.until(lambda d: d.find_element(By.ID, f"agent-state-{frozen}").text
                            == "failed")
-                d.save_screenshot(os.path.join(out, "console-map-failed.png"))
+                shot(d, out, "console-map-failed.png")
             finally:
                 os.kill(pid, signal.SIGCONT)
             d.get(doc["endpoint"] + "/console/logout")
             d.delete_all_cookies()
             d.get(doc["endpoint"] + "/console/login")
-            d.save_screenshot(os.path.join(out, "console-login.png"))
+            shot(d, out, "console-login.png")
         finally:
             d.quit()
     finally:
