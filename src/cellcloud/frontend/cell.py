@@ -373,8 +373,9 @@ class Cell:
                 return {"agent_id": agent_id, "error": str(e)}
 
         # All at once: a hung agent costs the status one agent timeout, not one per agent.
-        answers = await asyncio.gather(*(one(a, c) for a, c in self.agents.items()))
-        agents = dict(zip(self.agents, answers, strict=True))
+        asked = list(self.agents.items())
+        answers = await asyncio.gather(*(one(a, c) for a, c in asked))
+        agents = {a: doc for (a, _), doc in zip(asked, answers, strict=True)}
         return {
             "cell_id": self.cell_id,
             "pid": os.getpid(),
