@@ -4,7 +4,8 @@
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
-const REFRESH_MS = 2000;
+const REFRESH_MS = 2000; // the metrics page's sampling period
+const PAGE_REFRESH_MS = 5000; // other pages (each refresh reads every agent's full status)
 const HISTORY_MAX = 90; // samples each chart keeps (3 minutes at REFRESH_MS)
 
 function el(tag, attrs, ...children) {
@@ -482,7 +483,7 @@ async function route() {
     refresh().catch(e => {
       document.getElementById("updated").textContent = "Update failed: " + (e.message || e);
     });
-  }, REFRESH_MS);
+  }, parts[0] === "metrics" ? REFRESH_MS : PAGE_REFRESH_MS);
 }
 
 window.addEventListener("hashchange", route);
