@@ -22,11 +22,11 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from tests.conftest import make_zip  # noqa: E402
+from tests.console.conftest import free_port  # noqa: E402
 
 from cellcloud import sdk  # noqa: E402
 from cellcloud.store.colony import Colony, spawn_node, wait_ready  # noqa: E402
-from tests.conftest import make_zip  # noqa: E402
-from tests.console.conftest import free_port  # noqa: E402
 
 OK = "import time\ndef handler(event, context):\n    print('order', event.get('i'))\n" \
      "    time.sleep(0.05)\n    return event\n"
