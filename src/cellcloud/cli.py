@@ -75,6 +75,9 @@ def up(
         min=0, help="Functions of one account with series of their own in /metrics (default "
         "250, core/limits.py); the rest count under function=\"__other__\"")] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    store_colony: Annotated[str, typer.Option(
+        help="A Physalia store colony file (cellcloud store up): the web console shows its "
+        "nodes' and cells' health")] = "",
 ) -> None:
     """Start a region: router, cell frontends and host agents, supervised."""
     if insecure:
@@ -94,7 +97,8 @@ def up(
         raise typer.Exit(2)
     if detach:
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
-                allow_unlimited, network, net_pool, metrics_functions_per_account_max)
+                allow_unlimited, network, net_pool, metrics_functions_per_account_max,
+                store_colony=store_colony)
         return
     agent_args = ["--network", network, "--net-pool", net_pool]
     if allow_unlimited:
@@ -112,7 +116,9 @@ def up(
                     "frontend": ["--net-internal", net_pool,
                                  *(["--metrics-functions-per-account-max",
                                     str(metrics_functions_per_account_max)]
-                                   if metrics_functions_per_account_max is not None else [])]},
+                                   if metrics_functions_per_account_max is not None else [])],
+                    "router": (["--store-colony", os.path.abspath(store_colony)]
+                               if store_colony else [])},
     )
 
     def ready(doc: dict[str, Any]) -> None:
@@ -158,6 +164,7 @@ def _detach(
     sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int,
     insecure: bool = False, allow_unlimited: bool = False, network: str = "egress",
     net_pool: str = "100.64.0.0/16", metrics_functions_per_account_max: int | None = None,
+    store_colony: str = "",
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -188,6 +195,7 @@ def _detach(
                 "--network", network, "--net-pool", net_pool,
                 *(["--metrics-functions-per-account-max", str(metrics_functions_per_account_max)]
                   if metrics_functions_per_account_max is not None else []),
+                *(["--store-colony", os.path.abspath(store_colony)] if store_colony else []),
             ],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,

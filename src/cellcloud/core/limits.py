@@ -220,6 +220,12 @@ class Limits:
     # MaximumEventAgeInSeconds' maximum (a tick is never re-sent later than that after it was
     # due unless the control plane was down longer).
     async_event_ids_remembered_ms: int = 2 * 86_400_000
+    # The web console (console/, docs/observability.md): accounts whose functions and queues
+    # its pages list, queues per account, log events on a function's page, the login form.
+    console_accounts_max: int = 100
+    console_queues_per_account_max: int = 100
+    console_log_events_max: int = 50
+    console_login_body_bytes_max: int = 4096
 
 
 DEFAULT_LIMITS = Limits()

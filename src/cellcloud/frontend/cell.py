@@ -408,13 +408,18 @@ class Cell:
         return out
 
     async def status(self) -> dict[str, Any]:
-        agents = {}
-        for agent_id, client in self.agents.items():
+        async def one(agent_id: str, client: Any) -> dict[str, Any]:
             try:
-                agents[agent_id] = await client.call(
+                doc: dict[str, Any] = await client.call(
                     "status", None, timeout_s=self.limits.agent_call_timeout_ms / 1000)
+                return doc
             except (TransportError, RemoteError) as e:
-                agents[agent_id] = {"agent_id": agent_id, "error": str(e)}
+                return {"agent_id": agent_id, "error": str(e)}
+
+        # All at once: a hung agent costs the status one agent timeout, not one per agent.
+        asked = list(self.agents.items())
+        answers = await asyncio.gather(*(one(a, c) for a, c in asked))
+        agents = {a: doc for (a, _), doc in zip(asked, answers, strict=True)}
         return {
             "cell_id": self.cell_id,
             "pid": os.getpid(),

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import generate_latest
 
 from .. import runtime
+from ..console.app import PREFIX as CONSOLE_PREFIX
+from ..console.app import Console, session_value
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
@@ -50,6 +52,7 @@ _FORWARDED = frozenset(
 )
 _INVOKE_SUFFIXES = ("/invocations", "/invocations/")
 control_timeout_s = 30.0
+cell_status_margin_s = 5.0  # a cell's status may take its agents' call timeout, plus this
 # A request crosses to its cell in one transport frame: leave room for the envelope.
 forward_body_bytes_max = frame_bytes_max - 1024 * 1024
 STATUS_PATH = "/cellcloud/v1/status"
@@ -82,6 +85,11 @@ class OperatorToken:
     def matches(self, token: str) -> bool:
         self.reload()
         return bool(self._token) and hmac.compare_digest(token.encode(), self._token)
+
+    def session(self, label: bytes) -> str | None:
+        """A value derived from the token (the console's session cookie), None without one."""
+        self.reload()
+        return session_value(self._token, label) if self._token else None
 
 
 def _forbidden_token() -> LambdaError:
@@ -126,6 +134,11 @@ class Tenants:
             found = self._keys.get(access_key_id)
         return found
 
+    def accounts(self) -> list[str]:
+        """The account ids of every tenant with a key, sorted."""
+        self.reload()
+        return sorted({account for account, _ in self._keys.values()})
+
     def secret_for(self, access_key_id: str) -> str | None:
         found = self.lookup(access_key_id)
         return found[1] if found else None
@@ -142,6 +155,7 @@ class Router:
         connections: ConnectionRegistry | None = None,
         registry_key: RegistryKey | None = None,
         leases: bool = True,
+        store_colony: str | None = None,
     ):
         self.operator = operator
         self.connections = connections
@@ -176,6 +190,8 @@ class Router:
         #: the cell map file the control plane writes (with its address) — read when a
         #: scheduler request comes before the first push
         self.cell_map_file: str | None = None
+        # The web console under /console/ (console/app.py), for the operator only.
+        self.console = Console(self, limits, store_colony=store_colony)
 
     def set_cell_map(self, cell_map: CellMap) -> int:
         """A pushed map: taken when not older than the one held; returns the version held."""
@@ -239,6 +255,22 @@ class Router:
         cell = self.cell_map.cell_for(account)
         return await self.client(cell.cell_id).call(op, body, timeout_s=timeout_s)
 
+    # -- what the console reads (console/app.py RegionReads) -----------------------------------
+    async def call_cell_id(self, cell_id: str, op: str, body: Any, timeout_s: float) -> Any:
+        return await self.client(cell_id).call(op, body, timeout_s=timeout_s)
+
+    def cell_ids(self) -> list[str]:
+        return sorted(self.cell_map.cells)
+
+    def accounts(self) -> list[str]:
+        return self.tenants.accounts()
+
+    def operator_matches(self, token: str) -> bool:
+        return self.operator is not None and self.operator.matches(token)
+
+    def operator_session(self, label: bytes) -> str | None:
+        return self.operator.session(label) if self.operator is not None else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while True:
@@ -257,6 +289,9 @@ class Router:
             return
         if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
             await self.registry.serve(scope, receive, send)
+            return
+        if scope["path"] == CONSOLE_PREFIX or scope["path"].startswith(CONSOLE_PREFIX + "/"):
+            await self.console.serve(scope, receive, send)
             return
         body_state = _BodyState(scope)
         try:
@@ -496,8 +531,12 @@ class Router:
         return 200, {"content-type": router_metrics.CONTENT_TYPE}, body
 
     async def _cell_status(self, cell_id: str) -> dict[str, Any]:
+        # The cell asks its agents with agent_call_timeout_ms each: wait longer than that, so a
+        # hung agent shows as that agent's error, not as the whole cell timing out.
+        timeout_s = self.limits.agent_call_timeout_ms / 1000 + cell_status_margin_s
         try:
-            doc: dict[str, Any] = await self.client(cell_id).call("status", None, timeout_s=5)
+            doc: dict[str, Any] = await self.client(cell_id).call("status", None,
+                                                                  timeout_s=timeout_s)
             return doc
         except (TransportError, RemoteError, CallTimeout) as e:
             return {"cell_id": cell_id, "error": str(e)}

@@ -53,7 +53,8 @@ async def serve(args: argparse.Namespace) -> None:
     router = Router(cell_map, Tenants(args.tenants), limits=limits, region=args.region,
                     operator=operator, connections=registry,
                     registry_key=RegistryKey(args.registry_key_file)
-                    if args.registry_key_file else None, leases=args.leases)
+                    if args.registry_key_file else None, leases=args.leases,
+                    store_colony=args.store_colony or None)
     router.set_control(map_doc.get("control"))  # a restarted router: the last push's address
     router.cell_map_file = args.cell_map
     sock = runtime.bind_tcp(args.listen)
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="internal address the control plane pushes the cell map to")
     p.add_argument("--registry-key-file", default=None,
                    help="file holding the HMAC key registry tokens are signed with")
+    p.add_argument("--store-colony", default="",
+                   help="a Physalia colony file whose health the web console shows")
     p.add_argument("--operator-token-file", default=None,
                    help="file holding the operator's bearer token (region-wide status)")
     # Connection limits (defaults: core/limits.py).
