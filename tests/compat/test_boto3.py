@@ -310,8 +310,11 @@ def test_signature_errors_and_tenant_isolation(region: Region, lam: Any,
                           secret=fields["aws_secret_access_key"].strip())
     assert other.list_functions()["Functions"] == []
     arn = lam.get_function(FunctionName=name)["Configuration"]["FunctionArn"]
-    with pytest.raises(other.exceptions.ResourceNotFoundException):
+    # Another account's keys naming the ARN: Lambda's 403, since no resource-based policy
+    # grants that account (cross-account invokes are allowed only by AddPermission).
+    with pytest.raises(ClientError) as denied:
         other.invoke(FunctionName=arn, Payload=b'{"a": 1, "b": 2}')
+    assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
     with pytest.raises(other.exceptions.ResourceNotFoundException):
         other.get_function(FunctionName=name)
     other.create_function(FunctionName=name, Runtime="python3.11", Role=ROLE,
