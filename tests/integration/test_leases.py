@@ -56,13 +56,18 @@ def deploy(region: Region, code: str, **kw: Any) -> str:
     return name
 
 
-def leased_warm(region: Region, name: str) -> None:
+def leased_warm(region: Region, name: str) -> int:
     """Invoke until the router holds a lease for the function (it asks after a forwarded
-    invoke, for a warm environment only)."""
+    invoke, for a warm environment only); how many invokes that took."""
+    made = 0
+
     def held() -> bool:
+        nonlocal made
         region.client.invoke(name, {})
+        made += 1
         return bool(router(region)["leases"]["held"])
     wait_for("the router to hold a lease", held)
+    return made
 
 
 def invocations(region: Region, name: str) -> float:
@@ -81,25 +86,36 @@ ECHO = ("def handler(event, context):\n    print('marker', event.get('m'))\n"
 
 def test_warm_invokes_bypass_the_frontend(region: Region) -> None:
     name = deploy(region, ECHO)
-    leased_warm(region, name)
-    before = router(region)
     counted_before = invocations(region, name)
-    for i in range(10):
-        res = region.client.invoke(name, {"i": i, "m": f"m{i}"}, log_tail=True)
-        assert res.json() == {"i": i, "m": f"m{i}"}
-        assert res.executed_version == "$LATEST" and res.request_id
-        assert f"marker m{i}" in res.log_tail
-    after = router(region)
+    done = 0
+    # A router gives back a lease idle for router_lease_idle_ms (5 s); on a loaded machine the
+    # status reads around a round can take that long, so a round whose first invoke found the
+    # lease given back is tried again (bounded), never judged by timing.
+    for _ in range(5):
+        done += leased_warm(region, name)
+        before = router(region)
+        for i in range(10):
+            res = region.client.invoke(name, {"i": i, "m": f"m{i}"}, log_tail=True)
+            assert res.json() == {"i": i, "m": f"m{i}"}
+            assert res.executed_version == "$LATEST" and res.request_id
+            assert f"marker m{i}" in res.log_tail
+        done += 10
+        after = router(region)
+        forwarded = (after["counters"]["invokes_forwarded"]
+                     - before["counters"]["invokes_forwarded"])
+        leased = after["leases"]["leased_invokes"] - before["leases"]["leased_invokes"]
+        assert forwarded + leased == 10
+        if forwarded == 0:
+            break
     # The router's own count: none of the ten crossed the frontend's http op.
-    assert after["counters"]["invokes_forwarded"] == before["counters"]["invokes_forwarded"]
-    assert after["leases"]["leased_invokes"] - before["leases"]["leased_invokes"] == 10
+    assert forwarded == 0 and leased == 10
     # Their logs reached the function's logs (through the frontend).
     wait_for("the leased invocations' logs", lambda: "marker m9" in "".join(
         e["message"] for e in region.client.logs(name, limit=200)))
     # And the function's metrics count them like any other (the router reports each one).
     wait_for("the metrics to count the leased invocations",
-             lambda: invocations(region, name) - counted_before >= 10)
-    assert invocations(region, name) - counted_before == 10
+             lambda: invocations(region, name) - counted_before >= done)
+    assert invocations(region, name) - counted_before == done
 
     cold = deploy(region, ECHO)  # never invoked: no environment, no lease
     region.client.invoke(name, {"warm": 1})  # fresh use: the lease is not idle
