@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import select
 import shutil
 import sys
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import messages as m
+from ..core import tracing
 from ..core.bundle import sha256_hex
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
@@ -278,6 +280,7 @@ class Agent:
         self._next_slot = 0
         self._zombie_cgroups: list[cgroups.Cgroup] = []
         self.started_ms = int(time.time() * 1000)
+        self._rng = random.Random(os.urandom(16))  # span ids (core/tracing.py)
         self.counters = {"created": 0, "create_failed": 0, "invocations": 0, "timeouts": 0,
                          "crashes": 0, "destroyed": 0, "attestation_failures": 0,
                          "envs_gone": 0}
@@ -529,7 +532,9 @@ class Agent:
             res = await self.invoke({"env_id": env_id, "request_id": str(body["request_id"]),
                                      "payload": body["payload"],
                                      "timeout_ms": int(body["timeout_ms"]),
-                                     "arn": str(body.get("arn", ""))})
+                                     "arn": str(body.get("arn", "")),
+                                     "trace_id": str(body.get("trace_id") or ""),
+                                     "spans": body.get("spans") is True})
             lease.invocations += 1
             return res
         finally:
@@ -617,8 +622,18 @@ class Agent:
         request_id = req.request_id
         timeout_ms = req.timeout_ms
         started = time.monotonic()
+        # Tracing: the environment gets the caller's X-Ray header, with Parent = this agent's
+        # span when the caller exports spans (then both spans go back in the reply).
+        trace = tracing.parse(req.trace_id) if req.trace_id else None
+        span_id = ""
+        started_ns = time.time_ns()
+        guest_trace = req.trace_id if trace is not None else ""
+        if trace is not None and req.spans:
+            span_id = tracing.new_span_id(self._rng)
+            guest_trace = trace.child(span_id).format()
         ask = m.GuestInvoke(request_id, req.payload, timeout_ms, req.arn,
-                            legacy=rec.guest_wire < 2)
+                            legacy=rec.guest_wire < 2, trace_id=guest_trace,
+                            span=bool(span_id))
         try:
             frame = await rec.channel.request(
                 ask.to_wire(int(time.time() * 1000) if ask.legacy else 0), timeout_ms / 1000)
@@ -674,11 +689,15 @@ class Agent:
             rec.phase_task = asyncio.ensure_future(
                 self._invoke_phase(rec, request_id, started + timeout_ms / 1000))
         previous, rec.late_logs = rec.late_logs, b""
+        spans: tuple[m.Span, ...] = ()
+        if span_id and trace is not None:
+            spans = (m.Span("agent", span_id, trace.parent or "", started_ns, time.time_ns()),
+                     *((result.span,) if result.span is not None else ()))
         return m.InvokeReply(
             result.payload, result.function_error, result.logs, result.duration_ms,
             result.max_rss_kb, alive,
             # the previous invocation's logs from after its response (END/REPORT, extensions)
-            previous_logs=previous)
+            previous_logs=previous, spans=spans)
 
     async def _invoke_phase(self, rec: EnvRecord, request_id: str, deadline: float) -> None:
         """Wait for the end of an Invoke phase whose response already went back: every

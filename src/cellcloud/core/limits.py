@@ -70,6 +70,10 @@ class Limits:
     # Distinct (account, function) label pairs a component's /metrics keeps; beyond it, new
     # functions' series fold into function="__other__" (bounded cardinality).
     metrics_functions_max: int = 1_000
+    # An incoming X-Amzn-Trace-Id longer than this is not honoured (a new trace id is made);
+    # a reply carrying more spans than this (agent + environment: two) is refused.
+    trace_header_chars_max: int = 1024
+    trace_spans_per_reply_max: int = 8
     # A sync invoke is answered at the latest this long after its function's timeout, whatever
     # the agents do (core/invoke.py answers it with a ServiceException on the first tick past).
     invoke_answer_slack_ms: int = 60_000

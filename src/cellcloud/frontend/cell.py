@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core import errors
 from ..core.catalog_rules import iso_time_ms
@@ -33,6 +33,9 @@ from .functions import Catalog
 from .invoker import Invoker, InvokeResult
 from .metrics import FrontendMetrics
 from .store import FunctionRecord, FunctionStore, StateDiskFull
+
+if TYPE_CHECKING:
+    from ..span_export import SpanExporter
 
 log = logging.getLogger("cellcloud.frontend")
 
@@ -109,6 +112,9 @@ class Cell:
         self.invoker = Invoker(self, clock=clock, invokes_inflight_max=invokes_inflight_max)
         # Prometheus metrics (frontend/metrics.py), recorded by the invoker, served by `metrics`.
         self.metrics = FrontendMetrics(cell_id, limits.metrics_functions_max)
+        # Tracing spans (span_export.py), set by the server when an OTLP endpoint is
+        # configured; None: off (trace ids still flow, nothing is exported).
+        self.spans: SpanExporter | None = None
 
     @property
     def invokes_inflight_max(self) -> int:
@@ -225,6 +231,7 @@ class Cell:
         log_tail: bool,
         qualifier: str | None = None,
         request_id: str | None = None,
+        trace_header: str | None = None,
     ) -> InvokeResult:
         rec, invoked_arn = self.resolve(account, name, qualifier)
         if len(payload) > self.limits.invoke_payload_bytes_max:
@@ -245,7 +252,8 @@ class Cell:
                     f"Could not parse request body into json: {e}",
                 ) from e
         return await self.invoker.invoke(rec, invoked_arn, payload, log_tail,
-                                         self.reserved(account, name), request_id)
+                                         self.reserved(account, name), request_id,
+                                         trace_header)
 
     def shard_of(self, key: str) -> tuple[str, ...]:
         return self.invoker.core.shard_of(key)

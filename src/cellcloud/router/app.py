@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
 
 from .. import runtime
+from ..core import tracing
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
@@ -32,6 +34,7 @@ from . import metrics as router_metrics
 from .leases import Fallback, Leases
 
 if TYPE_CHECKING:
+    from ..span_export import SpanExporter
     from .connections import ConnectionRegistry
 
 log = logging.getLogger("cellcloud.router")
@@ -140,8 +143,13 @@ class Router:
         connections: ConnectionRegistry | None = None,
         registry_key: RegistryKey | None = None,
         leases: bool = True,
+        spans: SpanExporter | None = None,
     ):
         self.operator = operator
+        # Tracing (core/tracing.py): ids from this generator; spans exported only with an
+        # OTLP endpoint configured (span_export.py; None: off, the SDK never imported).
+        self._rng = random.Random(os.urandom(16))
+        self.spans = spans
         self.connections = connections
         self.cell_map = cell_map
         self.region = region
@@ -319,6 +327,29 @@ class Router:
                     503, "ServiceUnavailable", f"Cell {cell.cell_id} is unavailable: {e}"
                 ) from e
             return resp["s"], resp["h"], resp["b"]
+        # X-Ray: every invoke gets a trace id here (a valid incoming one is honoured) and the
+        # next hop gets it with Parent = this span (docs/observability.md#tracing).
+        trace: tracing.TraceHeader | None = None
+        span_id = ""
+        if is_invoke and scope["method"] == "POST":
+            trace, span_id = tracing.begin(
+                next((v for k, v in headers if k == tracing.HEADER), None),
+                now_ms=int(time.time() * 1000), rng=self._rng, sample=self.spans is not None)
+            fwd[tracing.HEADER] = trace.child(span_id).format()
+        started_ns = time.time_ns()
+        try:
+            return await self._forward(cell.cell_id, scope, path, fwd, body, account, is_invoke)
+        finally:
+            if trace is not None and self.spans is not None:
+                self.spans.export(trace, "router", span_id, trace.parent, started_ns,
+                                  time.time_ns(), server=True,
+                                  attributes={"cellcloud.cell": cell.cell_id})
+
+    async def _forward(self, cell_id: str, scope: Scope, path: str, fwd: dict[str, str],
+                       body: bytes, account: str,
+                       is_invoke: bool) -> tuple[int, dict[str, str], bytes]:
+        """A Lambda API request to its cell: under a lease (warm sync invokes) or through the
+        cell's frontend."""
         req = {
             "m": scope["method"],
             "p": path,
@@ -333,7 +364,7 @@ class Router:
         leases = self.leases if is_invoke and scope["method"] == "POST" else None
         key = (account, path, req["q"])
         if leases is not None and leases.eligible(fwd, body):
-            lease = await leases.take_or_wait(key, cell.cell_id)
+            lease = await leases.take_or_wait(key, cell_id)
             if lease is not None:
                 try:
                     return await leases.invoke(lease, key, fwd, body)
@@ -342,14 +373,14 @@ class Router:
         if is_invoke:
             self.counters["invokes_forwarded"] += 1
         try:
-            resp = await self.client(cell.cell_id).call("http", req, timeout_s=timeout_s)
+            resp = await self.client(cell_id).call("http", req, timeout_s=timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:
             self.counters["cell_unavailable"] += 1
             raise LambdaError(
-                503, "ServiceException", f"Cell {cell.cell_id} is unavailable: {e}"
+                503, "ServiceException", f"Cell {cell_id} is unavailable: {e}"
             ) from e
         if leases is not None and resp["s"] == 200 and leases.eligible(fwd, body):
-            leases.want(key, cell.cell_id)
+            leases.want(key, cell_id)
         return resp["s"], resp["h"], resp["b"]
 
     async def _ecr(self, cell_id: str, account: str, target: str, body: bytes,

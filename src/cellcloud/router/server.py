@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from .. import runtime
+from .. import runtime, span_export
 from ..core.cellmap import CellMap
 from ..core.limits import DEFAULT_LIMITS
 from ..registry.edge import RegistryKey
@@ -51,7 +51,8 @@ async def serve(args: argparse.Namespace) -> None:
     router = Router(cell_map, Tenants(args.tenants), limits=limits, region=args.region,
                     operator=operator, connections=registry,
                     registry_key=RegistryKey(args.registry_key_file)
-                    if args.registry_key_file else None, leases=args.leases)
+                    if args.registry_key_file else None, leases=args.leases,
+                    spans=span_export.from_config(args.otlp_endpoint, "cellcloud-router"))
     sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http=registry.protocol_class(), ws="none",
                             lifespan="off", log_level="warning", access_log=False,
@@ -94,6 +95,8 @@ async def serve(args: argparse.Namespace) -> None:
         server.should_exit = True
         await task
         await server.shutdown(sockets=[sock])
+        if router.spans is not None:
+            router.spans.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--leases", action=argparse.BooleanOptionalAction, default=True,
                    help="run warm sync invokes router -> agent under leases from the frontend "
                         "(issue #13); --no-leases: every invoke crosses the frontend")
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="export spans over OTLP/HTTP to this base URL (default: "
+                        "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: tracing spans off)")
     p.add_argument("--cell-map", required=True, help="JSON file with the cell map")
     p.add_argument("--tenants", required=True, help="JSON file with the tenant table")
     p.add_argument("--region", default="cc-local-1", help="The region name requests are signed for")
