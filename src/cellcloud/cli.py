@@ -71,6 +71,9 @@ def up(
     net_pool: Annotated[str, typer.Option(
         help="Environments' address pool (at most a /16, outside RFC 1918); each agent takes "
         "a /22 of it")] = "100.64.0.0/16",
+    otlp_endpoint: Annotated[str | None, typer.Option(
+        help="Export tracing spans over OTLP/HTTP to this base URL (default: "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: off)")] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Start a region: router, cell frontends and host agents, supervised."""
@@ -91,9 +94,11 @@ def up(
         raise typer.Exit(2)
     if detach:
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
-                allow_unlimited, network, net_pool)
+                allow_unlimited, network, net_pool, otlp_endpoint)
         return
     agent_args = ["--network", network, "--net-pool", net_pool]
+    # Spans go out from the router and the frontends (the agents carry theirs back).
+    otlp = ["--otlp-endpoint", otlp_endpoint] if otlp_endpoint else []
     if allow_unlimited:
         agent_args.append("--allow-unlimited")
     sup = Supervisor(
@@ -106,7 +111,8 @@ def up(
         insecure=insecure,
         extra_args={"agent": agent_args,
                     # no function's allow-list may name the pool (core/vpc.py)
-                    "frontend": ["--net-internal", net_pool]},
+                    "frontend": ["--net-internal", net_pool, *otlp],
+                    "router": otlp},
     )
 
     def ready(doc: dict[str, Any]) -> None:
@@ -151,7 +157,7 @@ def _running_region(state_dir: str, starting: bool = False) -> dict[str, Any] | 
 def _detach(
     sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int,
     insecure: bool = False, allow_unlimited: bool = False, network: str = "egress",
-    net_pool: str = "100.64.0.0/16",
+    net_pool: str = "100.64.0.0/16", otlp_endpoint: str | None = None,
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -180,6 +186,7 @@ def _detach(
                 *(["--insecure"] if insecure else []),
                 *(["--allow-unlimited"] if allow_unlimited else []),
                 "--network", network, "--net-pool", net_pool,
+                *(["--otlp-endpoint", otlp_endpoint] if otlp_endpoint else []),
             ],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,
