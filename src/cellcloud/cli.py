@@ -660,6 +660,9 @@ def _mount_subcommands() -> None:
     from .region.rollout_cli import rollout
 
     app.command("rollout")(rollout)
+    from .top_cli import top
+
+    app.command("top")(top)
 
 
 _mount_subcommands()

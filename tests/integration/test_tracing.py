@@ -222,3 +222,47 @@ def test_awslambdaric_sets_x_amzn_trace_id_from_the_runtime_api(traced: Region) 
     seen, want = tracing.parse(out["trace"]), tracing.parse(sent)
     assert seen is not None and want is not None, out
     assert (seen.root, seen.sampled) == (want.root, want.sampled)
+
+
+def _row(out: str, name: str) -> list[str]:
+    line = next(ln for ln in out.splitlines() if f" {name} " in ln)
+    return [c.strip() for c in line.strip().strip("│").split("│")]
+
+
+def test_top_once_shows_functions_and_agents(traced: Region) -> None:
+    ok = f"top-{uuid.uuid4().hex[:6]}"
+    bad = f"top-{uuid.uuid4().hex[:6]}"
+    traced.client.create_function(ok, make_zip({"app.py": TRACE_ECHO}), "app.handler")
+    traced.client.create_function(bad, make_zip({"app.py": "def handler(e, c):\n"
+                                                           "    raise ValueError('no')\n"}),
+                                  "app.handler")
+    for _ in range(3):
+        traced.client.invoke(ok, {})
+    traced.client.invoke(bad, {})
+    res = traced.cli("top", "--once", "--interval", "0.2")
+    assert res.returncode == 0, res.stderr
+    # columns: account, function, rate/s, invocations, errors, throttles, p50, p99, concurrency
+    row = _row(res.stdout, ok)
+    assert row[1] == ok and row[3] == "3" and row[4] == "0" and row[5] == "0", res.stdout
+    assert row[6].endswith(" ms") and row[7].endswith(" ms")
+    assert float(row[6][:-3]) <= float(row[7][:-3])
+    assert float(row[2]) >= 0 and row[8] == "0"
+    row = _row(res.stdout, bad)
+    assert row[3] == "1" and row[4] == "1", res.stdout
+    # agents: cell, agent, state, envs, busy, detail. A busy machine can make a cell's status
+    # answer late (top then shows the cell as failed): wait, bounded, for a frame with all.
+    deadline = time.monotonic() + 60
+    agents: dict[str, str] = {}
+    while not agents and time.monotonic() < deadline:
+        status = json.loads(traced.cli("status", "--json").stdout)["status"]
+        agents = {a: c for c, cell in status["cells"].items() for a in cell.get("agents", {})}
+    assert agents, status
+    while True:
+        out = traced.cli("top", "--once", "--interval", "0.2").stdout
+        rows = {a: _row(out, a) for a in agents if f" {a} " in out}
+        if len(rows) == len(agents) or time.monotonic() > deadline:
+            break
+    for agent_id, cell_id in agents.items():
+        arow = rows[agent_id]
+        assert arow[0] == cell_id and arow[2] == "ok", out
+    assert sum(int(r[3]) for r in rows.values()) >= 2  # an environment for each function
