@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import sdk
+from . import cli_progress, sdk
 from .region import tenants as tenant_table
 from .region.supervisor import Supervisor, default_state_dir, lock_holder, run_foreground
 
@@ -260,8 +260,16 @@ def deploy(
             if e.type != "ResourceNotFoundException":
                 raise
             exists = False
+        # A bar of the bundle's upload, then a spinner while the cell stores and checks it
+        # (on a terminal only: cli_progress.py).
+        with cli_progress.transfer(f"uploading {name}", None) as sent:
+            if exists:
+                client.update_function_code(name, data, progress=sent)
+            else:
+                cfg = client.create_function(name, data, handler, runtime=runtime,
+                                             memory_mb=memory, timeout_s=timeout,
+                                             environment=variables, progress=sent)
         if exists:
-            client.update_function_code(name, data)
             cfg = client.update_function_configuration(
                 name,
                 Handler=handler,
@@ -272,15 +280,6 @@ def deploy(
             )
             verb = "updated"
         else:
-            cfg = client.create_function(
-                name,
-                data,
-                handler,
-                runtime=runtime,
-                memory_mb=memory,
-                timeout_s=timeout,
-                environment=variables,
-            )
             verb = "created"
     except sdk.CellcloudError as e:
         _fail(e)
@@ -539,7 +538,8 @@ def image_push(
         name, tag = ref, "latest"
     rc = _registry_client(state_dir)
     try:
-        out = rc.push(source, name, tag)
+        with cli_progress.blobs("pushing") as rc.progress:
+            out = rc.push(source, name, tag)
     except (RegistryClientError, RegistryError, OSError, ValueError, tarfile.TarError) as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
@@ -615,7 +615,9 @@ def migrate(
     """Move a tenant to another cell: clone, flip the map, drain, forget."""
     from .control import operate
 
-    console.print_json(data=operate.migrate(state_dir or default_state_dir(), tenant, to))
+    with cli_progress.waiting(f"migrating {tenant} to {to}"):
+        done = operate.migrate(state_dir or default_state_dir(), tenant, to)
+    console.print_json(data=done)
 
 
 experiment_app = typer.Typer(help="Experiments that run a region on this machine.")

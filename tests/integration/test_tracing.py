@@ -266,3 +266,46 @@ def test_top_once_shows_functions_and_agents(traced: Region) -> None:
         arow = rows[agent_id]
         assert arow[0] == cell_id and arow[2] == "ok", out
     assert sum(int(r[3]) for r in rows.values()) >= 2  # an environment for each function
+
+
+def _cli_with_tty_stderr(region: Region, *args: str) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a pseudo-terminal (stdout a pipe): (rc, stdout, stderr)."""
+    import os
+    import pty
+    import subprocess
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cellcloud", *args, "--state-dir",
+                             region.state_dir], stdout=subprocess.PIPE, stderr=slave,
+                            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    rc = proc.wait(timeout=120)
+    os.close(master)
+    return rc, out, b"".join(chunks).decode(errors="replace")
+
+
+def test_deploy_shows_a_bar_on_a_terminal_and_stays_plain_otherwise(traced: Region,
+                                                                     tmp_path: Any) -> None:
+    import os
+
+    src = tmp_path / "fn"
+    src.mkdir()
+    (src / "app.py").write_text(TRACE_ECHO)
+    (src / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))  # a bundle worth a bar
+    name = f"bar-{uuid.uuid4().hex[:6]}"
+    rc, out, tty = _cli_with_tty_stderr(traced, "deploy", name, str(src))
+    assert rc == 0, (out, tty)
+    assert out.startswith(f"created {name} ("), out  # stdout: the same one line
+    assert f"uploading {name}" in tty and "MB" in tty, tty
+    plain = traced.cli("deploy", name, str(src))  # no terminal at all: no bar, same line
+    assert plain.stderr == "" and plain.stdout.startswith(f"updated {name} ("), plain
