@@ -187,3 +187,21 @@ def test_builtin_runtime_sets_x_amzn_trace_id_per_invocation() -> None:
         if saved is not None:
             os.environ["_X_AMZN_TRACE_ID"] = saved
     assert seen == [AWS_EXAMPLE, None]
+
+
+def test_no_opentelemetry_import_when_tracing_is_off() -> None:
+    """Off (no --otlp-endpoint, no OTEL_EXPORTER_OTLP_ENDPOINT): the invoke path's modules and
+    the exporter's factory import nothing of the SDK."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import cellcloud.router.server, cellcloud.frontend.server, cellcloud.agent.server\n"
+            "import cellcloud.sandbox.guest\n"
+            "from cellcloud import span_export\n"
+            "assert span_export.from_config(None, 'x') is None\n"
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "[]"
