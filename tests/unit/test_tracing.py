@@ -205,3 +205,11 @@ def test_no_opentelemetry_import_when_tracing_is_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True, timeout=120).stdout
     assert out.strip() == "[]"
+
+
+def test_valid_span_id() -> None:
+    assert tracing.valid_span_id("53995c3f42cd8ad8")
+    assert not tracing.valid_span_id("0" * 16)
+    assert not tracing.valid_span_id("53995C3F42CD8AD8")  # ours are lower-case
+    assert not tracing.valid_span_id("53995c3f42cd8ad")
+    assert not tracing.valid_span_id("environment\n")

@@ -691,8 +691,15 @@ class Agent:
         previous, rec.late_logs = rec.late_logs, b""
         spans: tuple[m.Span, ...] = ()
         if span_id and trace is not None:
-            spans = (m.Span("agent", span_id, trace.parent or "", started_ns, time.time_ns()),
-                     *((result.span,) if result.span is not None else ()))
+            ended_ns = time.time_ns()
+            spans = (m.Span("agent", span_id, trace.parent or "", started_ns, ended_ns),)
+            env = result.span
+            if env is not None and tracing.valid_span_id(env.span_id):
+                # What the environment says is only its span id and times (its code may have
+                # written the frame): name and parent are the agent's, times within its span.
+                start = min(max(env.start_ns, started_ns), ended_ns)
+                spans += (m.Span("environment", env.span_id, span_id, start,
+                                 min(max(env.end_ns, start), ended_ns)),)
         return m.InvokeReply(
             result.payload, result.function_error, result.logs, result.duration_ms,
             result.max_rss_kb, alive,

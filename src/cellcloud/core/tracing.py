@@ -93,6 +93,10 @@ def parse(value: str | None) -> TraceHeader | None:
     return TraceHeader(root, parent, sampled)
 
 
+def valid_span_id(value: str) -> bool:
+    return bool(_SPAN.fullmatch(value)) and value != "0" * 16
+
+
 def new_span_id(rng: random.Random) -> str:
     """A span id: 16 hex digits, never all zero (invalid in W3C and OTel)."""
     return f"{rng.getrandbits(64) or 1:016x}"
