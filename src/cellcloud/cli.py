@@ -195,7 +195,7 @@ def _detach(
             start_new_session=True,
         )
     os.close(w)
-    with os.fdopen(r, "rb") as pipe:
+    with os.fdopen(r, "rb") as pipe, cli_progress.waiting("starting the region"):
         line = pipe.readline()  # EOF if the supervisor dies first: a real wait, not a guess
     if not line:
         proc.wait()
@@ -224,7 +224,8 @@ def down(
     pidfd = os.pidfd_open(pid)
     try:
         os.kill(pid, signal.SIGTERM)
-        ready, _, _ = select.select([pidfd], [], [], timeout_s)
+        with cli_progress.waiting("stopping the region"):
+            ready, _, _ = select.select([pidfd], [], [], timeout_s)
     finally:
         os.close(pidfd)
     if not ready:
