@@ -62,12 +62,15 @@ def main() -> None:
     ap.add_argument("--invokes", type=int, default=600, help="per region, after warm-up")
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--baseline", default=None, help="another tree's src/ (before tracing)")
+    ap.add_argument("--no-otlp", action="store_true", help="leave out the exporting region")
     args = ap.parse_args()
     here = os.path.abspath("src")
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{sink.server_address[1]}"
-    subjects = {"off": (here, ()), "otlp": (here, ("--otlp-endpoint", url))}
+    subjects: dict[str, tuple[str, tuple[str, ...]]] = {"off": (here, ())}
+    if not args.no_otlp:
+        subjects["otlp"] = (here, ("--otlp-endpoint", url))
     if args.baseline:
         subjects["baseline"] = (os.path.abspath(args.baseline), ())
     buf = io.BytesIO()
@@ -82,8 +85,10 @@ def main() -> None:
             for _ in range(50):  # warm-up (and the router's lease)
                 clients[name].invoke("echo", {"a": 1})
         lat: dict[str, list[float]] = {n: [] for n in subjects}
+        order = list(clients.items())
         for _ in range(0, args.invokes, args.batch):
-            for name, c in clients.items():
+            order.reverse()  # neither goes first every time
+            for name, c in order:
                 for _ in range(args.batch):
                     t0 = time.perf_counter()
                     c.invoke("echo", {"a": 1})

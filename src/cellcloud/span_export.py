@@ -14,6 +14,8 @@ their own service names.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 from typing import Any
 
@@ -86,6 +88,25 @@ class SpanExporter:
             instrumentation_scope=self._scope)
         self.processor.on_end(span)
         self.exported += 1
+
+    def export_later(self, trace: TraceHeader, name: str, span_id: str, parent_id: str | None,
+                     start_ns: int, end_ns: int, **kwargs: Any) -> None:
+        """:meth:`export`, once the event loop is next free: after the answer being built
+        has gone out (an ASGI send or a transport reply does not yield before it is written),
+        so the span costs the request nothing."""
+        call = functools.partial(self.export, trace, name, span_id, parent_id, start_ns, end_ns,
+                                 **kwargs)
+        try:
+            asyncio.get_running_loop().call_soon(call)
+        except RuntimeError:  # no loop: now
+            call()
+
+    def export_remote_later(self, trace: TraceHeader, spans: tuple[Span, ...],
+                            attributes: dict[str, Any] | None = None) -> None:
+        try:
+            asyncio.get_running_loop().call_soon(self.export_remote, trace, spans, attributes)
+        except RuntimeError:
+            self.export_remote(trace, spans, attributes)
 
     def export_remote(self, trace: TraceHeader, spans: tuple[Span, ...],
                       attributes: dict[str, Any] | None = None) -> None:

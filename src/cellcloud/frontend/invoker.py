@@ -183,9 +183,9 @@ class Invoker:
                                       trace, span_id)
         finally:
             if spans is not None and trace.sampled:
-                spans.export(trace, "frontend", span_id, trace.parent, started_ns,
-                             time.time_ns(), attributes={"aws.request_id": request_id,
-                                                         "faas.name": rec.name})
+                spans.export_later(trace, "frontend", span_id, trace.parent, started_ns,
+                                   time.time_ns(), attributes={"aws.request_id": request_id,
+                                                               "faas.name": rec.name})
 
     async def _invoke(self, rec: FunctionRecord, invoked_arn: str, payload: bytes,
                       log_tail: bool, reserved: int | None, request_id: str,
@@ -229,7 +229,7 @@ class Invoker:
         res = call.reply
         assert res is not None
         if res.spans and self.cell.spans is not None:
-            self.cell.spans.export_remote(trace, res.spans, {"aws.request_id": request_id})
+            self.cell.spans.export_remote_later(trace, res.spans, {"aws.request_id": request_id})
         mx.duration.labels(*labels).observe(time.monotonic() - started)
         logs = res.logs
         if logs:

@@ -341,9 +341,9 @@ class Router:
             return await self._forward(cell.cell_id, scope, path, fwd, body, account, is_invoke)
         finally:
             if trace is not None and self.spans is not None:
-                self.spans.export(trace, "router", span_id, trace.parent, started_ns,
-                                  time.time_ns(), server=True,
-                                  attributes={"cellcloud.cell": cell.cell_id})
+                self.spans.export_later(trace, "router", span_id, trace.parent, started_ns,
+                                        time.time_ns(), server=True,
+                                        attributes={"cellcloud.cell": cell.cell_id})
 
     async def _forward(self, cell_id: str, scope: Scope, path: str, fwd: dict[str, str],
                        body: bytes, account: str,

@@ -179,7 +179,7 @@ class Leases:
                     remote = InvokeReply.from_wire(res).spans
                 except MessageError:
                     remote = ()
-                spans.export_remote(trace, remote, {"aws.request_id": request_id})
+                spans.export_remote_later(trace, remote, {"aws.request_id": request_id})
         if res.get("function_error"):
             headers["x-amz-function-error"] = str(res["function_error"])
         if fwd.get("x-amz-log-type") == "Tail":
