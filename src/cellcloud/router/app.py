@@ -13,6 +13,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -230,6 +231,8 @@ class Router:
             self.counters["internal_errors"] += 1
             err = LambdaError(500, "ServiceException", "An internal error occurred.")
             status, headers, body = err.status, err.headers(), err.body()
+        if body_state.trace is not None and self.spans is not None:
+            self._end_trace(body_state.trace, status)
         out = [(k.encode(), v.encode()) for k, v in headers.items()]
         out.append((b"content-length", b"%d" % len(body)))  # not chunked: one write, no trailer
         if body_state.pending and not (
@@ -327,29 +330,8 @@ class Router:
                     503, "ServiceUnavailable", f"Cell {cell.cell_id} is unavailable: {e}"
                 ) from e
             return resp["s"], resp["h"], resp["b"]
-        # X-Ray: every invoke gets a trace id here (a valid incoming one is honoured) and the
-        # next hop gets it with Parent = this span (docs/observability.md#tracing).
-        trace: tracing.TraceHeader | None = None
-        span_id = ""
         if is_invoke and scope["method"] == "POST":
-            trace, span_id = tracing.begin(
-                next((v for k, v in headers if k == tracing.HEADER), None),
-                now_ms=int(time.time() * 1000), rng=self._rng, sample=self.spans is not None)
-            fwd[tracing.HEADER] = trace.child(span_id).format()
-        started_ns = time.time_ns()
-        try:
-            return await self._forward(cell.cell_id, scope, path, fwd, body, account, is_invoke)
-        finally:
-            if trace is not None and self.spans is not None:
-                self.spans.export_later(trace, "router", span_id, trace.parent, started_ns,
-                                        time.time_ns(), server=True,
-                                        attributes={"cellcloud.cell": cell.cell_id})
-
-    async def _forward(self, cell_id: str, scope: Scope, path: str, fwd: dict[str, str],
-                       body: bytes, account: str,
-                       is_invoke: bool) -> tuple[int, dict[str, str], bytes]:
-        """A Lambda API request to its cell: under a lease (warm sync invokes) or through the
-        cell's frontend."""
+            body_state.trace = self._begin_trace(headers, fwd, cell.cell_id)
         req = {
             "m": scope["method"],
             "p": path,
@@ -364,7 +346,7 @@ class Router:
         leases = self.leases if is_invoke and scope["method"] == "POST" else None
         key = (account, path, req["q"])
         if leases is not None and leases.eligible(fwd, body):
-            lease = await leases.take_or_wait(key, cell_id)
+            lease = await leases.take_or_wait(key, cell.cell_id)
             if lease is not None:
                 try:
                     return await leases.invoke(lease, key, fwd, body)
@@ -373,15 +355,32 @@ class Router:
         if is_invoke:
             self.counters["invokes_forwarded"] += 1
         try:
-            resp = await self.client(cell_id).call("http", req, timeout_s=timeout_s)
+            resp = await self.client(cell.cell_id).call("http", req, timeout_s=timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:
             self.counters["cell_unavailable"] += 1
             raise LambdaError(
-                503, "ServiceException", f"Cell {cell_id} is unavailable: {e}"
+                503, "ServiceException", f"Cell {cell.cell_id} is unavailable: {e}"
             ) from e
         if leases is not None and resp["s"] == 200 and leases.eligible(fwd, body):
-            leases.want(key, cell_id)
+            leases.want(key, cell.cell_id)
         return resp["s"], resp["h"], resp["b"]
+
+    def _begin_trace(self, headers: list[tuple[str, str]], fwd: dict[str, str],
+                     cell_id: str) -> _Trace:
+        """X-Ray: every invoke gets a trace id here (a valid incoming one is honoured) and the
+        next hop gets it with Parent = this span (docs/observability.md#tracing)."""
+        trace, span_id = tracing.begin(
+            next((v for k, v in headers if k == tracing.HEADER), None),
+            now_ms=int(time.time() * 1000), rng=self._rng, sample=self.spans is not None)
+        fwd[tracing.HEADER] = trace.child(span_id).format()
+        return _Trace(trace, span_id, time.time_ns(), cell_id)
+
+    def _end_trace(self, t: _Trace, status: int) -> None:
+        assert self.spans is not None
+        self.spans.export_later(t.trace, "router", t.span_id, t.trace.parent, t.started_ns,
+                                time.time_ns(), server=True,
+                                attributes={"cellcloud.cell": t.cell_id,
+                                            "http.response.status_code": status})
 
     async def _ecr(self, cell_id: str, account: str, target: str, body: bytes,
                    headers: list[tuple[str, str]],
@@ -472,6 +471,16 @@ class Router:
         return {"router": router, "cells": cells}
 
 
+@dataclass(frozen=True)
+class _Trace:
+    """An invoke's trace at the router: the header as received or made, the router's span."""
+
+    trace: tracing.TraceHeader
+    span_id: str
+    started_ns: int
+    cell_id: str
+
+
 class _BodyState:
     """Whether the client still owes body bytes, and how many it declared."""
 
@@ -489,6 +498,8 @@ class _BodyState:
         self.pending = chunked or bool(self.declared)
         #: an SQS query-protocol request: its errors are answered in SQS's XML
         self.sqs_query = False
+        #: an invoke's trace (the router's span ends when the answer is decided)
+        self.trace: _Trace | None = None
 
 
 def _only_get(scope: Scope, path: str) -> None:
