@@ -7,7 +7,7 @@ the time between them; p50/p99 come from the duration histogram's buckets (inter
 a bucket, as Prometheus' ``histogram_quantile`` does), over the window when it saw
 invocations, else since the cells started. ``--once`` prints one frame (two scrapes
 ``--interval`` apart) and exits; without it the frame is redrawn every ``--interval`` seconds
-until Ctrl-C.
+until Ctrl-C (off a terminal: printed, one frame after another).
 """
 
 from __future__ import annotations
@@ -214,6 +214,11 @@ def top(state_dir: Annotated[str | None, typer.Option("--state-dir")] = None,
             console.print(group)
             return
         group, before = src.frame(None)
+        if not console.is_terminal:  # a pipe: frame after frame, as plain text
+            while True:
+                console.print(group)
+                time.sleep(interval)
+                group, before = src.frame(before)
         with Live(group, console=console, auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(interval)
