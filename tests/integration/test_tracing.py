@@ -254,7 +254,7 @@ def test_top_once_shows_functions_and_agents(traced: Region) -> None:
     deadline = time.monotonic() + 60
     agents: dict[str, str] = {}
     while not agents and time.monotonic() < deadline:
-        status = json.loads(traced.cli("status", "--json").stdout)["status"]
+        status = traced.client.status()  # what `cellcloud status --json` shows as "status"
         agents = {a: c for c, cell in status["cells"].items() for a in cell.get("agents", {})}
     assert agents, status
     while True:
