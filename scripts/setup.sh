@@ -13,6 +13,7 @@ command -v curl >/dev/null || need_apt+=(curl)          # the shell bootstrap ru
 command -v cc >/dev/null || need_apt+=(gcc)             # the setuid probe of the escape suite
 command -v skopeo >/dev/null || need_apt+=(skopeo)       # the registry tests push/pull with it
 command -v umoci >/dev/null || need_apt+=(umoci)         # the registry tests build OCI layouts
+command -v prometheus >/dev/null || need_apt+=(prometheus) # a real Prometheus scrapes a region (test_prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then echo "setup: need root to install: ${need_apt[*]}" >&2; exit 1; fi
   echo "setup: installing ${need_apt[*]}" >&2

@@ -71,6 +71,9 @@ def up(
     net_pool: Annotated[str, typer.Option(
         help="Environments' address pool (at most a /16, outside RFC 1918); each agent takes "
         "a /22 of it")] = "100.64.0.0/16",
+    metrics_functions_per_account_max: Annotated[int | None, typer.Option(
+        min=0, help="Functions of one account with series of their own in /metrics (default "
+        "250, core/limits.py); the rest count under function=\"__other__\"")] = None,
     otlp_endpoint: Annotated[str | None, typer.Option(
         help="Export tracing spans over OTLP/HTTP to this base URL (default: "
         "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: off)")] = None,
@@ -94,7 +97,8 @@ def up(
         raise typer.Exit(2)
     if detach:
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
-                allow_unlimited, network, net_pool, otlp_endpoint)
+                allow_unlimited, network, net_pool, metrics_functions_per_account_max,
+                otlp_endpoint)
         return
     agent_args = ["--network", network, "--net-pool", net_pool]
     # Spans go out from the router and the frontends (the agents carry theirs back).
@@ -111,7 +115,10 @@ def up(
         insecure=insecure,
         extra_args={"agent": agent_args,
                     # no function's allow-list may name the pool (core/vpc.py)
-                    "frontend": ["--net-internal", net_pool, *otlp],
+                    "frontend": ["--net-internal", net_pool, *otlp,
+                                 *(["--metrics-functions-per-account-max",
+                                    str(metrics_functions_per_account_max)]
+                                   if metrics_functions_per_account_max is not None else [])],
                     "router": otlp},
     )
 
@@ -157,7 +164,8 @@ def _running_region(state_dir: str, starting: bool = False) -> dict[str, Any] | 
 def _detach(
     sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int,
     insecure: bool = False, allow_unlimited: bool = False, network: str = "egress",
-    net_pool: str = "100.64.0.0/16", otlp_endpoint: str | None = None,
+    net_pool: str = "100.64.0.0/16", metrics_functions_per_account_max: int | None = None,
+    otlp_endpoint: str | None = None,
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -186,6 +194,8 @@ def _detach(
                 *(["--insecure"] if insecure else []),
                 *(["--allow-unlimited"] if allow_unlimited else []),
                 "--network", network, "--net-pool", net_pool,
+                *(["--metrics-functions-per-account-max", str(metrics_functions_per_account_max)]
+                  if metrics_functions_per_account_max is not None else []),
                 *(["--otlp-endpoint", otlp_endpoint] if otlp_endpoint else []),
             ],
             pass_fds=(w,),

@@ -60,7 +60,7 @@ def test_intake_sheds_with_429_when_a_function_queue_is_full(
         intake.accept("111111111111", "f", "$LATEST", b"{}", 3)
     assert e.value.status == 429 and e.value.headers()["retry-after"]
     intake.accept("111111111111", "g", "$LATEST", b"{}", 3)  # another function still gets in
-    assert intake.counters == {"accepted": 4, "shed": 1}
+    assert intake.counters == {"accepted": 4, "shed": 1, "deduplicated": 0}
 
 
 def test_config_validation() -> None:

@@ -133,8 +133,6 @@ def test_settings_with_one_answer(lam: Any, make_function: Callable[..., str]) -
     assert lam.list_function_url_configs(FunctionName=name)["FunctionUrlConfigs"] == []
     with pytest.raises(lam.exceptions.ResourceNotFoundException):
         lam.get_function_url_config(FunctionName=name)
-    with pytest.raises(lam.exceptions.InvalidParameterValueException, match="Function URLs"):
-        lam.create_function_url_config(FunctionName=name, AuthType="NONE")
     assert lam.list_event_source_mappings()["EventSourceMappings"] == []
 
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 MODEL = botocore.session.get_session().get_service_model("lambda")
 #: answered "absent" although they succeed: the empty list / the empty setting AWS answers
 #: where no such resource exists
-ABSENT_BUT_OK = {"ListFunctionUrlConfigs", "ListEventSourceMappings", "ListCodeSigningConfigs",
+ABSENT_BUT_OK = {"ListEventSourceMappings", "ListCodeSigningConfigs",
                  "ListCapacityProviders", "ListDurableExecutionsByFunction",
                  "GetFunctionCodeSigningConfig", "DeleteFunctionCodeSigningConfig"}
 #: errors AWS answers for any Lambda operation: not found, a bad value, and the JSON protocol's

@@ -150,3 +150,50 @@ def test_image_function_create_invoke_update(region: Region, tenants: tuple[Tena
         doc = json.load(f)
     assert doc["version"] == "v2" and doc["event"] == {"cli": True}
     lam.delete_function(FunctionName="clifn")
+
+
+def test_a_deleted_image_fails_its_function(region: Region, tenants: tuple[Tenant, Tenant],
+                                            tmp_path: Any) -> None:
+    """As Lambda: a function whose image is deleted from the registry is Failed
+    (StateReasonCode ImageDeleted) and its invocations fail, warm environment or not; the
+    state is the registry's, so the same image pushed again makes it Active again."""
+    a, _ = tenants
+    img = lambda_image(str(tmp_path / "img"), HANDLER % "del", tag="v1",
+                       base=host_python_layers())
+    a.ecr.create_repository(repositoryName="team/del")
+    archive = str(tmp_path / "img.tar")
+    subprocess.run(["tar", "-cf", archive, "-C", str(tmp_path / "img"), "."], check=True)
+    region.cli("image", "push", archive, "team/del:v1")
+    lam = _lambda(region, a)
+    lam.create_function(FunctionName="delfn", PackageType="Image", Role=ROLE, Timeout=30,
+                        Code={"ImageUri": f"{a.hostport}/team/del:v1"},
+                        ImageConfig={"Command": ["app.handler"]})
+    assert "FunctionError" not in lam.invoke(FunctionName="delfn", Payload=b"{}")  # warm now
+
+    gone = a.ecr.batch_delete_image(repositoryName="team/del", imageIds=[{"imageTag": "v1"}])
+    assert gone["imageIds"] and not gone["failures"]
+    conf = lam.get_function_configuration(FunctionName="delfn")
+    assert conf["State"] == "Failed" and conf["StateReasonCode"] == "ImageDeleted"
+    assert img["manifest"] in conf["StateReason"]
+    assert lam.get_function(FunctionName="delfn")["Configuration"]["State"] == "Failed"
+    listed = {f["FunctionName"]: f for f in lam.list_functions()["Functions"]}
+    assert listed["delfn"]["State"] == "Failed"
+    assert lam.list_versions_by_function(FunctionName="delfn")["Versions"][0]["State"] \
+        == "Failed"
+    for _ in range(2):  # the warm environment was retired with the image: nothing runs
+        with pytest.raises(ClientError) as e:
+            lam.invoke(FunctionName="delfn", Payload=b"{}")
+        assert e.value.response["Error"]["Code"] == "ResourceConflictException"
+        assert "Failed" in e.value.response["Error"]["Message"]
+
+    region.cli("image", "push", archive, "team/del:v1")  # the same digest, back
+    assert lam.get_function_configuration(FunctionName="delfn")["State"] == "Active"
+    out = lam.invoke(FunctionName="delfn", Payload=b"{}")
+    assert json.loads(out["Payload"].read())["version"] == "del"
+
+    a.ecr.delete_repository(repositoryName="team/del", force=True)
+    assert lam.get_function_configuration(FunctionName="delfn")["State"] == "Failed"
+    with pytest.raises(ClientError) as e:
+        lam.invoke(FunctionName="delfn", Payload=b"{}")
+    assert e.value.response["Error"]["Code"] == "ResourceConflictException"
+    lam.delete_function(FunctionName="delfn")

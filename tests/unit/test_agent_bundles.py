@@ -80,7 +80,7 @@ def test_start_sweeps_partial_unpacks(tmp_path: str) -> None:
 
 def _fake_env(agent: Agent, env_id: str, bundle_dir: str) -> None:
     agent.envs[env_id] = SimpleNamespace(  # type: ignore[assignment]
-        spec=SimpleNamespace(bundle_dir=bundle_dir, layer_dirs=[]),
+        spec=SimpleNamespace(env_id=env_id, bundle_dir=bundle_dir, layer_dirs=[]),
         spawned=SimpleNamespace(pid=0), channel=SimpleNamespace(transport=None),
         cgroup=SimpleNamespace(kill_all=lambda: None, destroy=lambda: True), slot=0)
 

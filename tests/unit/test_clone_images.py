@@ -26,6 +26,7 @@ def test_export_refuses_an_image_function_by_name() -> None:
         list_versions=lambda account, name, after, n: [],
         list_aliases=lambda account, name, after, n: [],
         version_counter=lambda account, name: 0, get_concurrency=lambda account, name: None,
-        get_bundle=no_bundle)
+        list_urls=lambda account, name, after, n: [],
+        get_policy=lambda account, kind, name, q: None, get_bundle=no_bundle)
     with pytest.raises(CloneError, match="imgfn is a container-image function"):
         export_tenant(SimpleNamespace(store=store, limits=DEFAULT_LIMITS), "1")

@@ -164,3 +164,16 @@ def test_a_layer_over_the_unpacked_limit_is_refused(tmp_path: os.PathLike[str]) 
         unpack_layer(io.BytesIO(blob), os.path.join(tmp_path, "out"),
                      Limits(registry_image_bytes_max=1000))
     assert not os.path.exists(os.path.join(tmp_path, "out"))
+
+
+def test_absolute_entry_names_are_taken_inside_the_layer(tmp_path: os.PathLike[str]) -> None:
+    """The issue's "absolute paths": a name like ``/etc/x`` is stripped of its leading ``/``
+    (as docker and containerd unpack it) and lands in the layer, never on the host; one that
+    climbs (``/../x``) is refused (BAD above)."""
+    name = f"cellcloud-abs-{os.getpid()}"
+    blob = _tar([_e(f"/tmp/{name}"), _e(f"//etc/{name}")],
+                {f"/tmp/{name}": b"in", f"//etc/{name}": b"in"})
+    dest = _unpack(blob, tmp_path)
+    assert open(os.path.join(dest, "tmp", name), "rb").read() == b"in"
+    assert open(os.path.join(dest, "etc", name), "rb").read() == b"in"
+    assert not os.path.exists(f"/tmp/{name}") and not os.path.exists(f"/etc/{name}")

@@ -100,7 +100,8 @@ def test_references_hold_blobs_and_collection_frees_the_rest(st: RegistryStore) 
     m = st.put_manifest(A, "team/app", "v1", manifest(cfg, [(layer, 5)]), core.OCI_MANIFEST)
     assert st.resolve(A, "team/app", "v1") == m.digest
     assert [d.digest for d in st.layers(A, "team/app", "v1")] == [layer]
-    assert st.collect(999) == {"blobs_deleted": 0, "uploads_expired": 0}  # within grace
+    assert st.collect(999) == {"blobs_deleted": 0, "uploads_expired": 0,
+                               "blobs_held": 0}  # within grace
     assert st.collect(1000)["blobs_deleted"] == 1  # the stray blob: no manifest names it
     assert not os.path.exists(st.blob_path(A, stray))
     assert os.path.exists(st.blob_path(A, layer))

@@ -74,3 +74,51 @@ def test_client_reconnects_after_server_restart() -> None:
         await srv2.close()
 
     asyncio.run(main())
+
+
+def test_a_streamed_answer_arrives_item_by_item() -> None:
+    """An op answering a Stream: each item reaches the caller while the op is still producing
+    (the op waits for an event the caller sets only after it saw the first item)."""
+    from cellcloud.transport import Stream
+
+    async def main() -> None:
+        go = asyncio.Event()
+
+        async def produce(body: Any) -> Any:
+            async def items() -> Any:
+                yield b"first"
+                await go.wait()
+                yield b"second"
+            return Stream(items())
+
+        async def broken(body: Any) -> Any:
+            async def items() -> Any:
+                yield 1
+                raise OpError("Midway", "failed midway")
+            return Stream(items())
+
+        async def plain(body: Any) -> Any:
+            return {"whole": body}
+
+        srv = Server({"produce": produce, "broken": broken, "plain": plain})
+        _, port = await srv.listen_tcp("127.0.0.1", 0)
+        c = Client("127.0.0.1", port)
+        got = []
+        async for kind, value in c.call_stream("produce", None, timeout_s=30):
+            got.append((kind, value))
+            if value == b"first":
+                go.set()  # only now may the producer go on
+        assert got == [("item", b"first"), ("item", b"second"), ("end", None)]
+        assert [x async for x in c.call_stream("plain", 7, timeout_s=30)] == [
+            ("end", {"whole": 7})]
+        seen = []
+        with pytest.raises(RemoteError) as e:
+            async for item in c.call_stream("broken", None, timeout_s=30):
+                seen.append(item)
+        assert seen == [("item", 1)] and e.value.type == "Midway"
+        # an ordinary call on the same connection still works
+        assert await c.call("plain", 1, timeout_s=30) == {"whole": 1}
+        await c.close()
+        await srv.close()
+
+    asyncio.run(main())

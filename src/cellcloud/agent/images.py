@@ -23,9 +23,11 @@ import os
 import shutil
 import stat
 import tarfile
+import threading
 import time
 from typing import IO, Any
 
+from ..core import layer_cache
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..registry import core as reg
 from ..transport import OpError
@@ -164,7 +166,17 @@ def unpack_layer(fileobj: IO[bytes], dest: str, limits: Limits = DEFAULT_LIMITS)
 
 class LayerCache:
     """``<state>/images``: ``blobs/<hex>.part-<pid>`` (a layer arriving), ``layers/<hex>`` (unpacked,
-    read-only to environments), ``layers/<hex>.measure`` (its tree digest at unpack)."""
+    read-only to environments), ``layers/<hex>.measure`` (its tree digest at unpack),
+    ``layers/<hex>.size`` (its unpacked bytes).
+
+    Bounded by ``agent_layer_cache_bytes_max``: environments hold the layers they run on
+    (:meth:`acquire` / :meth:`release`, by environment id); after an unpack and after a release
+    the least recently used layers no environment holds are forgotten until the cache fits
+    (the decision is ``core.layer_cache.evictions``). ``put`` runs in threads and ``acquire`` on
+    the event loop, so the index, the holds and the eviction's rename out of ``layers/`` happen
+    under one lock: a layer is either held (never evicted) or gone from ``layers/`` before any
+    ``acquire`` can see it missing. A create that finds a layer gone answers ``LayerMissing`` and
+    the frontend streams it again."""
 
     def __init__(self, state_dir: str, limits: Limits = DEFAULT_LIMITS) -> None:
         self.root = os.path.join(state_dir, "images")
@@ -174,8 +186,31 @@ class LayerCache:
         os.makedirs(self.layers, exist_ok=True)
         self.limits = limits
         self._hashes: dict[str, Any] = {}  # hex -> running sha256 of blobs/<hex>.part
-        self.counters = {"layers_unpacked": 0, "layers_refused": 0, "blob_bytes_in": 0}
+        self.counters = {"layers_unpacked": 0, "layers_refused": 0, "blob_bytes_in": 0,
+                         "layers_evicted": 0, "bytes_evicted": 0}
+        self._lock = threading.Lock()
+        self._index: dict[str, list[int]] = {}  # hex -> [unpacked bytes, last used (ms)]
+        self._holds: dict[str, tuple[str, ...]] = {}  # env id -> hexes it runs on
+        self.over_bytes = 0  # over the limit after the last decision (layers in use)
         self.sweep()
+        self._load_index()
+        self._evict(frozenset())
+
+    def _load_index(self) -> None:
+        """The layers on disk at start: sizes from ``.size`` (measured now for a layer from
+        before sizes were recorded), recency from the directory's mtime."""
+        for entry in os.listdir(self.layers):
+            path = os.path.join(self.layers, entry)
+            if len(entry) != 64 or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            try:
+                with open(path + ".size") as f:
+                    size = int(f.read().strip())
+            except (OSError, ValueError):
+                size = _tree_bytes(path)
+                with open(path + ".size", "w") as f:
+                    f.write(str(size))
+            self._index[entry] = [size, int(os.lstat(path).st_mtime * 1000)]
 
     def sweep(self) -> None:
         """Partial blobs and half-unpacked trees of an earlier process are removed at start
@@ -197,15 +232,91 @@ class LayerCache:
                             os.unlink(path)
 
     def statistics(self) -> dict[str, int]:
-        cached = sum(1 for e in os.listdir(self.layers)
-                     if len(e) == 64 and os.path.isdir(os.path.join(self.layers, e)))
-        return {"cached": cached, **self.counters}
+        with self._lock:
+            return {"cached": len(self._index),
+                    "bytes": sum(v[0] for v in self._index.values()),
+                    "bytes_max": self.limits.agent_layer_cache_bytes_max,
+                    "in_use": len(self._users()), "over_bytes": self.over_bytes,
+                    **self.counters}
 
     def layer_dir(self, digest: str) -> str:
         return os.path.join(self.layers, hex_of(digest))
 
     def have(self, digest: str) -> bool:
-        return os.path.isdir(self.layer_dir(digest))
+        hexd = hex_of(digest)
+        with self._lock:
+            return hexd in self._index
+
+    def acquire(self, env_id: str, digests: list[str]) -> list[str]:
+        """Hold every layer of an image for environment ``env_id`` (until :meth:`release`), or
+        none: ``LayerMissing`` names the first one the cache lacks. Returns their dirs."""
+        hexes = tuple(hex_of(d) for d in digests)
+        now = _now_ms()
+        with self._lock:
+            assert env_id not in self._holds, env_id
+            for hexd, digest in zip(hexes, digests, strict=True):
+                if hexd not in self._index:
+                    raise OpError("LayerMissing", digest, digest=digest)
+            for hexd in hexes:
+                self._index[hexd][1] = now
+            self._holds[env_id] = hexes
+        return [os.path.join(self.layers, h) for h in hexes]
+
+    def adopt(self, env_id: str, dirs: list[str]) -> None:
+        """An environment handed over by the previous agent process holds its layers."""
+        with self._lock:
+            self._holds[env_id] = tuple(os.path.basename(d) for d in dirs
+                                        if os.path.basename(d) in self._index)
+
+    def release(self, env_id: str) -> None:
+        """The environment is gone (or its create failed): its layers may be forgotten when the
+        cache is over its limit. Releasing an environment that holds nothing does nothing."""
+        with self._lock:
+            if self._holds.pop(env_id, None) is None:
+                return
+        # Called on the agent's event loop: the evicted trees (maybe gigabytes) are removed
+        # by a thread of their own; they already left layers/ (renamed) under the lock.
+        doomed = self._evict(frozenset(), remove=False)
+        if doomed:
+            threading.Thread(target=_remove_trees, args=(doomed,), daemon=True,
+                             name="layer-evict").start()
+
+    def _users(self) -> dict[str, int]:
+        users: dict[str, int] = {}
+        for hexes in self._holds.values():
+            for h in hexes:
+                users[h] = users.get(h, 0) + 1
+        return users
+
+    def _evict(self, protect: frozenset[str], remove: bool = True) -> list[str]:
+        """Forget least recently used layers no environment holds until the cache fits; each
+        leaves ``layers/`` by rename under the lock, and is removed after it (here, or by the
+        caller: the renamed paths are returned)."""
+        doomed: list[str] = []
+        with self._lock:
+            users = self._users()
+            decision = layer_cache.evictions(
+                [layer_cache.CachedLayer(h, v[0], v[1], users.get(h, 0))
+                 for h, v in self._index.items()],
+                budget_bytes=self.limits.agent_layer_cache_bytes_max, protect=protect)
+            self.over_bytes = decision.over_bytes
+            for hexd in decision.evict:
+                size = self._index.pop(hexd)[0]
+                path = os.path.join(self.layers, hexd)
+                for suffix in (".measure", ".size"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path + suffix)
+                gone = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+                try:
+                    os.rename(path, gone)
+                    doomed.append(gone)
+                except FileNotFoundError:
+                    pass
+                self.counters["layers_evicted"] += 1
+                self.counters["bytes_evicted"] += size
+        if remove:
+            _remove_trees(doomed)
+        return doomed
 
     def put(self, digest: str, offset: int, data: bytes, last: bool) -> dict[str, Any]:
         """One chunk of a layer blob (sync: the agent runs it in a thread). The next chunk
@@ -248,6 +359,9 @@ class LayerCache:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part)
+        # The new layer is about to be used by the create that asked for it: protected from
+        # this decision (it is held once that create runs).
+        self._evict(frozenset({hexd}))
         return {"have": True, "offset": size + len(data)}
 
     def _unpack(self, hexd: str, part: str) -> None:
@@ -263,9 +377,11 @@ class LayerCache:
                 f.write(digest)
             with open(tmp + ".size", "w") as f:
                 f.write(str(written))
-            os.rename(tmp + ".size", dest + ".size")
-            os.rename(tmp + ".measure", dest + ".measure")
-            os.rename(tmp, dest)
+            with self._lock:
+                os.rename(tmp + ".size", dest + ".size")
+                os.rename(tmp + ".measure", dest + ".measure")
+                os.rename(tmp, dest)
+                self._index[hexd] = [written, _now_ms()]
         except LayerRefused as e:
             self.counters["layers_refused"] += 1
             raise OpError("LayerRefused", str(e)) from e
@@ -284,23 +400,44 @@ class LayerCache:
     def check_image_size(self, digests: list[str]) -> None:
         """Lambda's 10 GB limit on an image, uncompressed: the layers' unpacked bytes (each
         recorded at unpack) added up; refused before any environment starts from it."""
-        total = 0
-        for digest in digests:
-            try:
-                with open(self.layer_dir(digest) + ".size") as f:
-                    total += int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                continue  # a layer unpacked before sizes were recorded: counted as 0
+        hexes = [hex_of(d) for d in digests]
+        with self._lock:
+            total = sum(self._index[h][0] for h in hexes if h in self._index)
         if total > self.limits.registry_image_bytes_max:
             raise OpError("ImageTooLarge", f"the image unpacks to {total} bytes; at most "
                           f"{self.limits.registry_image_bytes_max}")
 
     def drop(self, digest: str) -> None:
+        """Forget one layer now (no environment may hold it): a cold-cache benchmark's reset."""
+        hexd = hex_of(digest)
         path = self.layer_dir(digest)
-        if os.path.isdir(path):
+        with self._lock:
+            assert hexd not in self._users(), f"{digest} is in use"
+            self._index.pop(hexd, None)
             doomed = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-            os.rename(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        for suffix in (".measure", ".size"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path + suffix)
+            try:
+                os.rename(path, doomed)
+            except FileNotFoundError:
+                pass
+            for suffix in (".measure", ".size"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path + suffix)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_trees(paths: list[str]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total

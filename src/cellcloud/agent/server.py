@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -17,25 +18,30 @@ import shutil
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..core import messages as m
 from ..core import tracing
 from ..core.bundle import sha256_hex
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
+from ..metrics import process_registry
 from ..network.client import NetConfig, NetHelperClient
 from ..sandbox import cgroups, runtimes
 from ..sandbox.backend import Backend, JailBackend, Spawned
 from ..sandbox.spec import EnvSpec
 from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
-from ..transport import OpError, Server
+from ..transport import OpError, Server, Stream
 from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
 from . import lockdown
-from .images import LayerCache, hex_of
+from .images import LayerCache
 
 log = logging.getLogger("cellcloud.agent")
 
@@ -100,6 +106,8 @@ class _EnvChannel(asyncio.BufferedProtocol):
         # A frame that came before anyone waited for it: the end of an Invoke phase can come
         # in the same read as its early result. One is kept; a second one is garbage.
         self.early: dict[str, Any] | None = None
+        #: a streamed invocation's receiver of GuestChunk frames (None: none is streamed)
+        self.chunk_sink: Callable[[dict[str, Any]], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -115,6 +123,10 @@ class _EnvChannel(asyncio.BufferedProtocol):
             for doc in self.unpacker.feed(data):
                 if not isinstance(doc, dict):
                     raise ValueError("not a frame")
+                if doc.get("t") == "chunk":  # GuestChunk: a streamed response's bytes
+                    if self.chunk_sink is not None:
+                        self.chunk_sink(doc)
+                    continue  # nobody streams now (a late chunk of a timed-out one): dropped
                 if self.waiter is not None and not self.waiter.done():
                     self.waiter.set_result(doc)
                 elif self.early is None:
@@ -223,6 +235,38 @@ class EnvRecord:
     guest_wire: int = m.GUEST_WIRE  # the channel's dialect this guest speaks (core/messages)
 
 
+class _AgentCollector(Collector):
+    """The agent's own view, read at scrape time: environments by state, its admission
+    limits and memory, its event counters."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterable[Metric]:
+        a = self.agent
+        envs = GaugeMetricFamily("cellcloud_agent_environments",
+                                 "Environments this agent holds, by state (idle, busy)",
+                                 labels=["state"])
+        busy = sum(1 for r in a.envs.values() if r.busy)
+        envs.add_metric(["idle"], len(a.envs) - busy)
+        envs.add_metric(["busy"], busy)
+        cap = GaugeMetricFamily("cellcloud_agent_environments_max",
+                                "Environments this agent admits at once", value=a.envs_max)
+        mem = GaugeMetricFamily("cellcloud_agent_memory_bytes",
+                                "Environments' memory on this agent: budget, used (cgroup "
+                                "charge), committed (configured)", labels=["kind"])
+        mem.add_metric(["budget"], a.memory_budget_bytes)
+        mem.add_metric(["used"], a.memory_used_bytes)
+        mem.add_metric(["committed"], sum(r.spec.memory_mb for r in a.envs.values()) * 2**20)
+        events = CounterMetricFamily("cellcloud_agent_events",
+                                     "Environment events on this agent (created, "
+                                     "create_failed, invocations, timeouts, crashes, ...)",
+                                     labels=["event"])
+        for name, value in sorted(a.counters.items()):
+            events.add_metric([name], value)
+        return [envs, cap, mem, events]
+
+
 class _Lease:
     __slots__ = ("env_id", "expires", "ended", "running", "idle", "invocations")
 
@@ -243,7 +287,8 @@ class Agent:
                  oversubscription: float = 4.0, cgroup_group: str | None = None,
                  runtimes_found: dict[str, runtimes.Runtime] | None = None,
                  identity: pki.TlsConfig | None = None, cell: str = "cell-1",
-                 allow_unlimited: bool = False, network: NetHelperClient | None = None):
+                 allow_unlimited: bool = False, network: NetHelperClient | None = None,
+                 layer_cache_bytes_max: int | None = None):
         self.agent_id = agent_id
         self.state_dir = state_dir
         self.bundles_dir = os.path.join(state_dir, "bundles")
@@ -298,7 +343,11 @@ class Agent:
         self._bundle_pins: dict[str, int] = {}
         self._forget_later: set[str] = set()
         self.sweep_bundles()
-        self.images = LayerCache(state_dir)  # image layers, unpacked once (agent/images.py)
+        # Image layers, unpacked once, bounded (agent/images.py).
+        self.images = LayerCache(state_dir, DEFAULT_LIMITS if layer_cache_bytes_max is None
+                                 else dataclasses.replace(
+                                     DEFAULT_LIMITS,
+                                     agent_layer_cache_bytes_max=layer_cache_bytes_max))
         self._shutdowns: set[asyncio.Task[bytes]] = set()  # graceful ends under way
         # Logs of environments reset because their extensions overran an Invoke phase, for
         # the next invoke or destroy that names them (bounded; the oldest go first).
@@ -306,11 +355,16 @@ class Agent:
         # Leases the frontend registered (issue #13): a router may run invocations on the
         # leased environment, one at a time, until the lease expires or is ended.
         self._leases: dict[str, _Lease] = {}
+        self.ops: dict[str, Callable[[Any], Awaitable[Any]]]
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
                     "destroy": self.destroy, "status": self.status, "attest": self.attest,
                     "forget_bundles": self.forget_bundles, "image_blob": self.image_blob,
                     "lease_grant": self.lease_grant, "lease_end": self.lease_end,
-                    "leased_invoke": self.leased_invoke}
+                    "leased_invoke": self.leased_invoke, "metrics": self.metrics}
+        # Prometheus (docs/observability.md): the process's CPU, memory, fds and TLS
+        # handshakes, and the environments as this agent sees them; read by its frontend.
+        self.metrics_registry = process_registry()
+        self.metrics_registry.register(_AgentCollector(self))
 
     # -- operations -------------------------------------------------------------------------
     async def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -339,6 +393,10 @@ class Agent:
             self._forget_later.discard(sha)  # wanted again
         try:
             return (await self._create_env_pinned(req)).to_wire()
+        except BaseException:
+            if env_id not in self.envs:  # never started: the image layers it held go back
+                self.images.release(env_id)
+            raise
         finally:
             for sha in digests:
                 self._bundle_pins[sha] -= 1
@@ -352,7 +410,7 @@ class Agent:
         if image:
             # An image-rooted environment: its layers must be in the cache (the frontend
             # streams a missing one with image_blob on LayerMissing, then asks again).
-            image_layers = self._image_layers(image)
+            image_layers = self._image_layers(env_id, image)
             bundle_dir, layer_dirs = "", []
             runtime = runtimes.Runtime("image", (), ())
             runtime_argv = [str(a) for a in [*(image.get("entrypoint") or []),
@@ -473,15 +531,43 @@ class Agent:
         self.counters["created"] += 1
         return m.CreateEnvReply(env_id, spawned.pid, rec.init_ms, rec.init_error)
 
-    async def invoke(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def invoke(self, body: dict[str, Any]) -> dict[str, Any] | Stream:
         if self.draining:
             raise OpError("AgentDraining", "the agent is being replaced; retry")
         try:
             req = m.InvokeRequest.from_wire(body)
         except m.MessageError as e:
             raise OpError("InvalidRequest", str(e)) from e
+        if req.stream:
+            return Stream(self._invoke_streamed(req))
         try:
             return (await self._invoke(req)).to_wire()
+        finally:
+            self._idle.set()
+
+    async def _invoke_streamed(self, req: m.InvokeRequest) -> AsyncIterator[dict[str, Any]]:
+        """A streamed invocation's answer: ``{"c": bytes, "ct": content type}`` for each piece
+        of the response as the guest sends it, then ``{"r": InvokeReply}``."""
+        chunks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def sink(doc: dict[str, Any]) -> None:
+            if doc.get("request_id") == req.request_id and isinstance(doc.get("data"), bytes):
+                chunks.put_nowait(doc)
+
+        task = asyncio.ensure_future(self._invoke(req, sink))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(chunks.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                doc = getter.result()
+                yield {"c": doc["data"], "ct": str(doc.get("content_type") or "")}
+            while not chunks.empty():  # sent before the result: already here
+                doc = chunks.get_nowait()
+                yield {"c": doc["data"], "ct": str(doc.get("content_type") or "")}
+            yield {"r": (await task).to_wire()}
         finally:
             self._idle.set()
 
@@ -536,6 +622,7 @@ class Agent:
                                      "trace_id": str(body.get("trace_id") or ""),
                                      "spans": body.get("spans") is True})
             lease.invocations += 1
+            assert isinstance(res, dict)  # never streamed: the body named no "stream"
             return res
         finally:
             lease.running = False
@@ -565,6 +652,8 @@ class Agent:
                             guest_wire=int(doc.get("guest_wire", 1)),
                             measurements=dict(doc["measurements"]))
             self.envs[spec.env_id] = rec
+            if spec.image_layers:
+                self.images.adopt(spec.env_id, list(spec.image_layers))
         used = {rec.slot for rec in self.envs.values()}
         self._next_slot = max(used, default=-1) + 1
         self._free_slots = sorted(set(range(self._next_slot)) - used, reverse=True)
@@ -590,7 +679,9 @@ class Agent:
         while len(self._gone) > DEFAULT_LIMITS.gone_env_ids_remembered_max:
             self._gone.popitem(last=False)
 
-    async def _invoke(self, req: m.InvokeRequest) -> m.InvokeReply:
+    async def _invoke(self, req: m.InvokeRequest,
+                      chunk_sink: Callable[[dict[str, Any]], None] | None = None
+                      ) -> m.InvokeReply:
         env_id = req.env_id
         rec = self.envs.get(env_id)
         if rec is not None and not rec.busy and (rec.channel.gone()
@@ -632,8 +723,19 @@ class Agent:
             span_id = tracing.new_span_id(self._rng)
             guest_trace = trace.child(span_id).format()
         ask = m.GuestInvoke(request_id, req.payload, timeout_ms, req.arn,
-                            legacy=rec.guest_wire < 2, trace_id=guest_trace,
-                            span=bool(span_id))
+                            legacy=rec.guest_wire < 2, stream=chunk_sink is not None,
+                            trace_id=guest_trace, span=bool(span_id))
+        rec.channel.chunk_sink = chunk_sink
+        try:
+            return await self._invoke_on(rec, env_id, request_id, timeout_ms, started, ask,
+                                         trace if span_id else None, span_id, started_ns)
+        finally:
+            rec.channel.chunk_sink = None
+
+    async def _invoke_on(self, rec: EnvRecord, env_id: str, request_id: str, timeout_ms: int,
+                         started: float, ask: m.GuestInvoke,
+                         trace: tracing.TraceHeader | None = None, span_id: str = "",
+                         started_ns: int = 0) -> m.InvokeReply:
         try:
             frame = await rec.channel.request(
                 ask.to_wire(int(time.time() * 1000) if ask.legacy else 0), timeout_ms / 1000)
@@ -789,6 +891,10 @@ class Agent:
                 forgotten.append(sha)
         return m.ForgetBundlesReply(tuple(forgotten), tuple(deferred)).to_wire()
 
+    async def metrics(self, body: Any = None) -> bytes:
+        """This process's Prometheus text exposition (no function names: operator only)."""
+        return generate_latest(self.metrics_registry)
+
     async def status(self, body: Any = None) -> dict[str, Any]:
         try:
             light = m.StatusRequest.from_wire(body).light
@@ -874,19 +980,17 @@ class Agent:
                           "environment was not started")
         return recorded
 
-    def _image_layers(self, image: dict[str, Any]) -> list[str]:
+    def _image_layers(self, env_id: str, image: dict[str, Any]) -> list[str]:
+        """The image's layer dirs, held for ``env_id`` (released when the environment goes, or
+        by ``create_env`` if it never starts), so the cache cannot evict them under it."""
         layers = image.get("layers") or []
         if not isinstance(layers, list) or not layers:
             raise OpError("InvalidImage", "an image needs at least one layer")
         if len(layers) > DEFAULT_LIMITS.image_layers_max:
             raise OpError("InvalidImage", f"more than {DEFAULT_LIMITS.image_layers_max} layers")
-        dirs = []
-        for digest in map(str, layers):
-            hex_of(digest)
-            if not self.images.have(digest):
-                raise OpError("LayerMissing", digest, digest=digest)
-            dirs.append(self.images.layer_dir(digest))
-        self.images.check_image_size([str(d) for d in layers])
+        digests = [str(d) for d in layers]
+        dirs = self.images.acquire(env_id, digests)  # LayerMissing: the frontend streams it
+        self.images.check_image_size(digests)
         return dirs
 
     # -- internals --------------------------------------------------------------------------
@@ -1073,6 +1177,7 @@ class Agent:
             self._zombie_cgroups.append(rec.cgroup)
         self._free_slots.append(rec.slot)
         self._release_network(rec.spec)
+        self.images.release(rec.spec.env_id)
         self.counters["destroyed"] += 1
         self._forget_unused()
 
@@ -1171,6 +1276,7 @@ async def serve(args: argparse.Namespace) -> None:
                   memory_budget_mb=args.memory_budget_mb, oversubscription=args.oversubscription,
                   cgroup_group=group, runtimes_found=found, cell=args.cell,
                   allow_unlimited=args.allow_unlimited, network=network,
+                  layer_cache_bytes_max=args.layer_cache_bytes_max,
                   identity=pki.tls_config(args.pki_dir or state_dir, args.region, "agent",
                                           args.cell, args.agent_id))
     if args.experiment_faults:
@@ -1259,6 +1365,8 @@ def main(argv: list[str] | None = None) -> None:
                         "default: a CA of the agent's own")
     p.add_argument("--memory-budget-mb", type=int, default=None,
                    help="memory environments may really use (default: 80%% of the host's)")
+    p.add_argument("--layer-cache-bytes-max", type=int, default=None,
+                   help="unpacked image layers kept (default: agent_layer_cache_bytes_max)")
     p.add_argument("--oversubscription", type=float, default=4.0,
                    help="configured memory may exceed the budget by this ratio")
     p.add_argument("--allow-unlimited", action="store_true",

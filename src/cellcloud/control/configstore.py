@@ -334,3 +334,60 @@ def open_config_store(spec: Mapping[str, Any]) -> ConfigStore:
         return PhysaliaConfigStore.from_file(str(spec["colony"]),
                                              replicas=spec.get("replicas"))
     raise ConfigStoreError(f"unknown configuration store kind {kind!r}")
+
+
+class TimedConfigStore:
+    """A ConfigStore that times every request into a Prometheus histogram
+    (``cellcloud_store_request_duration_seconds`` by backend, op and outcome: ok, refused —
+    a ConfigStoreError — or unavailable)."""
+
+    def __init__(self, inner: ConfigStore, backend: str, registry: Any) -> None:
+        from prometheus_client import Histogram
+
+        self.inner = inner
+        self.backend = backend
+        self.duration = Histogram(
+            "cellcloud_store_request_duration_seconds",
+            "Configuration store requests of the control plane, by backend, op and outcome",
+            ["backend", "op", "outcome"], registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0))
+
+    async def _timed(self, op: str, call: Any) -> Any:
+        import time
+
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            return await call
+        except ConfigStoreUnavailable:
+            outcome = "unavailable"
+            raise
+        except ConfigStoreError:
+            outcome = "refused"
+            raise
+        finally:
+            self.duration.labels(self.backend, op, outcome).observe(time.monotonic() - started)
+
+    async def get(self, key: str) -> Entry | None:
+        entry: Entry | None = await self._timed("get", self.inner.get(key))
+        return entry
+
+    async def put(self, key: str, value: bytes) -> int:
+        rev: int = await self._timed("put", self.inner.put(key, value))
+        return rev
+
+    async def cas(self, key: str, expected_revision: int, value: bytes) -> int | None:
+        rev: int | None = await self._timed("cas", self.inner.cas(key, expected_revision, value))
+        return rev
+
+    async def delete(self, key: str) -> bool:
+        done: bool = await self._timed("delete", self.inner.delete(key))
+        return done
+
+    async def list(self, prefix: str) -> list[Entry]:
+        entries: list[Entry] = await self._timed("list", self.inner.list(prefix))
+        return entries
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -23,9 +23,11 @@ import time
 from typing import Any
 
 from .. import runtime
+from ..metrics import process_registry, push_forever
 from ..transport import Client, OpError, RemoteError, Server, TransportError
-from .configstore import ConfigStore, ConfigStoreError, open_config_store
+from .configstore import ConfigStore, ConfigStoreError, TimedConfigStore, open_config_store
 from .push import PushScheduler
+from .schedules import Schedules
 from .state import ControlError, RegionState
 
 log = logging.getLogger("cellcloud.control")
@@ -68,6 +70,17 @@ class Control:
         self._written_version = -1
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_ms = now_ms()
+        #: where this control plane listens (told to routers in every push: the scheduler API)
+        self.address: tuple[str, int] | None = None
+        self.region = "cc-local-1"
+        self.schedules = Schedules(store, self.region, self.frontend_of)
+
+    def frontend_of(self, account: str) -> Client | None:
+        """The frontend of the cell that holds ``account`` (where its schedules fire)."""
+        cell = self.state.cell_of(account)
+        if cell is None and self.state.cells:
+            cell = self.state.cell_map().cell_for(account).cell_id
+        return self.frontends.get(cell) if cell is not None else None
 
     # -- state ---------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -134,7 +147,10 @@ class Control:
                 self.state.version += 1
 
     def map_doc(self) -> dict[str, Any]:
-        return self.state.cell_map().to_wire()
+        doc = self.state.cell_map().to_wire()
+        if self.address is not None:  # an added field: routers reach the scheduler API here
+            doc["control"] = list(self.address)
+        return doc
 
     # -- the loop ------------------------------------------------------------------------------
     async def tick(self) -> None:
@@ -196,6 +212,7 @@ class Control:
                          "stale": r.stale, "reason": r.reason} for r in self.push.status(now)],
             "push": self.push.statistics(),
             "agents": dict(self.agent_status),
+            "schedules": self.schedules.statistics(),
         }
 
     async def op_cell_of(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -279,14 +296,22 @@ async def serve(args: argparse.Namespace) -> None:
         "kind": "sqlite", "path": os.path.join(state_dir, "control", "config.db")}
     if spec.get("kind") == "sqlite":
         os.makedirs(os.path.dirname(spec["path"]), exist_ok=True)
-    store = open_config_store(spec)
+    # Prometheus (docs/observability.md): the process, TLS handshakes and the config store's
+    # request latencies, pushed to the routers each round (they show it at GET /metrics).
+    registry = process_registry()
+    store = TimedConfigStore(open_config_store(spec), str(spec.get("kind", "sqlite")),
+                             registry)
     control = Control(state_dir, store, args.endpoints, args.push_interval_ms)
+    control.region = control.schedules.region = args.region
     await control.load()
-    await control.tick()
     server = Server({"status": control.op_status, "migrate": control.op_migrate,
                      "override": control.op_override, "cell_of": control.op_cell_of,
-                     "cell_map": lambda _: _map(control)})
+                     "cell_map": lambda _: _map(control),
+                     # the scheduler API, forwarded by routers (pki.OPS_ALLOWED)
+                     "scheduler": control.schedules.op})
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
+    control.address = (host, port)
+    await control.tick()
 
     async def loop() -> None:
         polled = 0
@@ -301,13 +326,27 @@ async def serve(args: argparse.Namespace) -> None:
             except Exception:  # the loop must outlive a bad tick
                 log.exception("tick failed")
 
+    async def fire_schedules() -> None:
+        """Schedules' ticks (control/schedules.py): due steps taken every round."""
+        while True:
+            await asyncio.sleep(control.schedules.limits.schedule_tick_interval_ms / 1000)
+            try:
+                await control.schedules.fire_due()
+            except Exception:  # the loop must outlive a bad round
+                log.exception("schedule round failed")
+
     task = asyncio.ensure_future(loop())
+    pusher = asyncio.ensure_future(push_forever(registry, "control",
+                                                lambda: control.routers.values()))
+    firing = asyncio.ensure_future(fire_schedules())
     runtime.announce_ready({"component": "control", "host": host, "port": port,
                             "pid": os.getpid()})
     try:
         await runtime.wait_for_shutdown()
     finally:
         task.cancel()
+        pusher.cancel()
+        firing.cancel()
         await server.close()
         await store.close()
 

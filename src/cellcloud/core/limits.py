@@ -67,9 +67,21 @@ class Limits:
     # placed again, on a fresh environment, at most this many times (the frontend's one retry
     # layer); the agent remembers at most this many gone environment ids to answer EnvGone.
     env_gone_retries_max: int = 3
-    # Distinct (account, function) label pairs a component's /metrics keeps; beyond it, new
-    # functions' series fold into function="__other__" (bounded cardinality).
+    # Distinct (account, function) label pairs a component's /metrics keeps, in all and per
+    # account; beyond either, new functions' series fold into their account's
+    # function="__other__" (bounded cardinality; one tenant cannot crowd out the others).
     metrics_functions_max: int = 1_000
+    metrics_functions_per_account_max: int = 250
+    # Expositions a process pushes to the one that gathers them (a dispatcher to its frontend,
+    # the control plane to the router; docs/observability.md): how often, how long one counts
+    # as current, how large one may be, how many pushers a gatherer keeps.
+    metrics_push_interval_ms: int = 2_000
+    metrics_pushed_stale_ms: int = 10_000
+    metrics_pushed_bytes_max: int = 4 * MiB
+    metrics_pushers_max: int = 64
+    # A frontend waits this long for an agent's exposition (under the router's wait for the
+    # cell's, so a hung agent leaves only itself out of a scrape).
+    metrics_agent_timeout_ms: int = 2_000
     # An incoming X-Amzn-Trace-Id longer than this is not honoured (a new trace id is made);
     # a reply carrying more spans than this (agent + environment: two) is refused.
     trace_header_chars_max: int = 1024
@@ -109,6 +121,12 @@ class Limits:
     unreserved_concurrency_min: int = 100  # left unreserved by ReservedConcurrentExecutions
     request_body_bytes_max: int = 70 * MiB  # the router reads no more than this (bundle + b64)
     functions_per_tenant_max: int = 10_000
+    # Function URLs and response streaming (issue #15; docs/lambda-api.md#function-urls).
+    function_url_cors_items_max: int = 100  # members of Cors AllowOrigins/Headers/ExposeHeaders
+    function_url_cors_max_age_s_max: int = 86_400  # Cors MaxAge (Lambda's)
+    function_url_prelude_bytes_max: int = 64 * 1024  # a streamed HTTP response's JSON prelude
+    response_stream_chunk_bytes_max: int = 64 * 1024  # payload of one PayloadChunk event
+    response_stream_bytes_max: int = 20 * MiB  # a streamed response (Lambda's default maximum)
     # Held back on the cell's state disk for deletes when it is full (SQLite's WAL needs room
     # to delete); given up on ENOSPC during a delete, taken back when there is room again.
     state_disk_reserve_bytes: int = 8 * MiB
@@ -146,6 +164,16 @@ class Limits:
     # Image-rooted environments on the agent (agent/images.py): docs/images.md.
     image_layer_entries_max: int = 500_000  # tar entries of one layer
     image_layers_max: int = 127  # layers of one image (overlayfs' lower-dir limit is ~500)
+    # Unpacked layers an agent keeps (sizes recorded at unpack); past it the least recently
+    # used ones no live environment uses are forgotten (core/layer_cache.py). At least one
+    # image's worth (registry_image_bytes_max) so any single image fits.
+    agent_layer_cache_bytes_max: int = 32 * 1024 * MiB
+    # Times one create_env may stream the same layer: once, and once more if the agent
+    # forgot it (evicted) between the stream and the create that needed it.
+    image_layer_pushes_per_create_max: int = 2
+    # ECS tasks and services (core/ecs_*.py, issue #17): docs/fargate.md.
+    ecs_containers_per_task_max: int = 10  # containers in one task definition (ECS's quota)
+    ecs_service_events_max: int = 100  # a service's events (and scaling decisions) kept
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200
@@ -163,6 +191,25 @@ class Limits:
     # Store client: cells one lane keeps a session in ([client_id, seq] each); past it the
     # oldest is forgotten and a new session opens on that cell's next use.
     store_lane_sessions_max: int = 4096
+    # Schedules (EventBridge Scheduler subset, docs/schedules.md).
+    schedules_per_tenant_max: int = 1_000
+    # every schedule is listed each round of the control plane's loop; below the store's
+    # config_list_max (10,000)
+    schedules_per_region_max: int = 5_000
+    schedule_groups_per_tenant_max: int = 100
+    schedule_input_bytes_max: int = 256 * 1024  # a target's Input (Scheduler: 256 KB)
+    schedule_ticks_per_round_max: int = 100  # ticks one schedule fires per loop round
+    schedule_cas_attempts_max: int = 8  # an API change that keeps losing its compare-and-set
+    schedule_expired_count_max: int = 2_000  # a cron's dropped ticks counted one by one
+    schedule_send_timeout_ms: int = 10_000  # one tick's async invoke to the cell
+    schedule_retry_backoff_base_ms: int = 1_000
+    schedule_retry_backoff_cap_ms: int = 60_000
+    schedule_tick_interval_ms: int = 250  # the control plane's firing loop
+    schedule_client_token_ms: int = 3_600_000  # a delete's idempotency token is remembered
+    # A supplied async event id (a schedule's tick) is accepted once within this window: twice
+    # MaximumEventAgeInSeconds' maximum (a tick is never re-sent later than that after it was
+    # due unless the control plane was down longer).
+    async_event_ids_remembered_ms: int = 2 * 86_400_000
 
 
 DEFAULT_LIMITS = Limits()

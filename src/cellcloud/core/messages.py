@@ -176,6 +176,9 @@ class InvokeRequest:
     # The X-Ray trace header (core/tracing.py), Parent = the caller's span; "": none
     trace_id: str = ""
     spans: bool = False  # answer with the agent's and the environment's spans (exporting)
+    #: answer as a transport Stream: the response's bytes as the runtime streams them
+    #: ({"c": bytes} items), then {"r": InvokeReply} (its payload empty)
+    stream: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"env_id": self.env_id, "request_id": self.request_id,
@@ -185,6 +188,8 @@ class InvokeRequest:
             doc["trace_id"] = self.trace_id
         if self.spans:
             doc["spans"] = True
+        if self.stream:
+            doc["stream"] = True
         return doc
 
     @classmethod
@@ -193,7 +198,8 @@ class InvokeRequest:
         return cls(env_id=_get(doc, "env_id", str, k), request_id=_get(doc, "request_id", str, k),
                    payload=_get(doc, "payload", bytes, k), timeout_ms=_get(doc, "timeout_ms", int, k),
                    arn=_get(doc, "arn", str, k, ""), trace_id=_get(doc, "trace_id", str, k, ""),
-                   spans=_get(doc, "spans", bool, k, False))
+                   spans=_get(doc, "spans", bool, k, False),
+                   stream=_get(doc, "stream", bool, k, False))
 
 
 @dataclass(frozen=True)
@@ -367,6 +373,8 @@ class GuestInvoke:
     legacy: bool = False  # spoken in (or to be answered in) the first dialect
     trace_id: str = ""  # the X-Ray trace header, Parent = the agent's span; "": none
     span: bool = False  # report the environment's span (GuestResult.span)
+    #: send a streamed response's bytes as they come ({"t": "chunk"} frames) before the result
+    stream: bool = False
 
     def to_wire(self, now_ms: int = 0) -> dict[str, Any]:
         """``now_ms`` (wall clock) only for the first dialect, which took a deadline."""
@@ -379,6 +387,8 @@ class GuestInvoke:
             doc["trace_id"] = self.trace_id
         if self.span:
             doc["span"] = True
+        if self.stream:
+            doc["stream"] = True
         return doc
 
     @classmethod
@@ -391,7 +401,8 @@ class GuestInvoke:
         return cls(request_id=_get(doc, "request_id", str, k),
                    payload=_get(doc, "payload", bytes, k),
                    timeout_ms=_get(doc, "timeout_ms", int, k), arn=_get(doc, "arn", str, k, ""),
-                   trace_id=_get(doc, "trace_id", str, k, ""), span=_get(doc, "span", bool, k, False))
+                   trace_id=_get(doc, "trace_id", str, k, ""), span=_get(doc, "span", bool, k, False),
+                   stream=_get(doc, "stream", bool, k, False))
 
 
 @dataclass(frozen=True)

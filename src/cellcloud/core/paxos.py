@@ -866,16 +866,24 @@ class Replica:
         for peer in self._peers(first, last):
             actions.append(Send(peer, msg))
 
-    def _on_accepted(self, msg: Accepted, now_ms: int, actions: list[Action]) -> None:
+    def _leader_ack(self, msg: Accepted | HeartbeatAck, now_ms: int,
+                    actions: list[Action]) -> bool:
+        """Whether an ack counts for this leader's ballot; a refusal naming a higher
+        ballot deposes it. A counted ack refreshes the sender's lease clock."""
         if self.role != LEADER:
-            return
+            return False
         if not msg.ok:
             if msg.promised > self.ballot:
                 self._step_down(None, actions)
-            return
+            return False
         if msg.ballot != self.ballot:
-            return
+            return False
         self.last_ack_ms[msg.src] = now_ms
+        return True
+
+    def _on_accepted(self, msg: Accepted, now_ms: int, actions: list[Action]) -> None:
+        if not self._leader_ack(msg, now_ms, actions):
+            return
         for slot in msg.slots:
             acks = self.acks.get(slot)
             if acks is not None:
@@ -1067,15 +1075,8 @@ class Replica:
         )
 
     def _on_heartbeat_ack(self, msg: HeartbeatAck, now_ms: int, actions: list[Action]) -> None:
-        if self.role != LEADER:
+        if not self._leader_ack(msg, now_ms, actions):
             return
-        if not msg.ok:
-            if msg.promised > self.ballot:
-                self._step_down(None, actions)
-            return
-        if msg.ballot != self.ballot:
-            return
-        self.last_ack_ms[msg.src] = now_ms
         if msg.read_round > self.read_acks.get(msg.src, 0):
             self.read_acks[msg.src] = msg.read_round
         self._check_read_quorum(now_ms, actions)

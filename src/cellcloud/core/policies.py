@@ -2,9 +2,11 @@
 edited as Lambda builds them. Pure: the caller passes the stored policy and a fresh revision id
 in, and stores what comes back.
 
-The region stores and returns these policies; it does not yet *enforce* them: a function is
-invoked only by its own account (another account's ARN is not found), whatever its policy
-grants, and a layer version is usable only by its own account.
+Function policies are enforced (:func:`allows`, decided in ``core/function_urls.py``) for
+function URLs (AuthType NONE needs the public statement; AWS_IAM from another account needs a
+grant) and for Invoke from another account (its keys naming this function's ARN). Layer
+version policies are stored and returned, not enforced: a layer version is usable only by its
+own account.
 """
 
 from __future__ import annotations
@@ -142,3 +144,48 @@ def policy_doc(stored: str | None) -> dict[str, Any]:
     statements, revision = _load(stored)
     return {"Policy": json.dumps({"Version": "2012-10-17", "Id": "default",
                                   "Statement": statements}), "RevisionId": revision}
+
+
+def _principal_matches(principal: Any, caller: str | None) -> bool:
+    if principal == "*":
+        return True
+    if not isinstance(principal, dict) or caller is None:
+        return False
+    aws = principal.get("AWS")
+    values = aws if isinstance(aws, list) else [aws]
+    for v in values:
+        if v == "*" or v == caller:
+            return True
+        if isinstance(v, str) and v.startswith("arn:"):
+            parts = v.split(":")
+            if len(parts) > 4 and parts[4] == caller:
+                return True
+    return False
+
+
+def allows(stored: str | None, action: str, caller: str | None, context: dict[str, str],
+           require: tuple[str, ...] = ()) -> bool:
+    """Does the stored policy allow ``caller`` (an account id; None: anonymous) ``action``?
+
+    A statement applies when its action is ``action``, ``lambda:*`` or ``*``; its principal is
+    ``*`` or names the caller's account; every condition holds on ``context`` (a condition on a
+    key the context lacks does not hold, so a statement for a service with a ``SourceArn`` never
+    lets a direct caller in); and it has a condition on each key in ``require``. Pure."""
+    if stored is None:
+        return False
+    statements, _ = _load(stored)
+    for stmt in statements:
+        if stmt.get("Effect") != "Allow":
+            continue
+        if stmt.get("Action") not in (action, "lambda:*", "*"):
+            continue
+        if not _principal_matches(stmt.get("Principal"), caller):
+            continue
+        cond: dict[str, dict[str, str]] = stmt.get("Condition") or {}
+        keys = {k for block in cond.values() for k in block}
+        if any(k not in keys for k in require):
+            continue
+        if all(op in ("StringEquals", "Bool", "ArnLike") and k in context
+               and context[k] == v for op, block in cond.items() for k, v in block.items()):
+            return True
+    return False

@@ -10,11 +10,12 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from ..core import errors, params, policies, tracing
+from ..core import errors, eventstream, params, policies, tracing
+from ..core import function_urls as function_url_rules
 from ..core.aliases import check_alias_name
 from ..core.catalog_rules import page_size
 from ..core.errors import LambdaError
@@ -22,14 +23,15 @@ from ..core.jsondepth import check_json_depth
 from ..core.limits import DEFAULT_LIMITS
 from ..core.tenant_status import cell_status_for_tenant
 from ..core.validation import parse_function_ref
-from . import events, image_functions
-from .cell import Cell
+from ..transport import Stream
+from . import events, function_urls, image_functions
+from .cell import Cell, InvokeResult
 from .store import StateDiskFull, config_doc, function_arn, is_disk_full
 
 Reply = dict[str, Any]
 Match = dict[str, str]
 Q = dict[str, list[str]]
-Route = Callable[[Cell, dict[str, Any], Match, Q], Awaitable[Reply]]
+Route = Callable[[Cell, dict[str, Any], Match, Q], Awaitable[Reply | Stream]]
 
 log = logging.getLogger("cellcloud.frontend")
 
@@ -108,7 +110,8 @@ async def get_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply
     name = _name(m["ref"], req["a"])
     rec, _ = cell.catalog.resolve(req["a"], name, _qualifier(m["ref"], q))
     doc: dict[str, Any] = {
-        "Configuration": config_doc(rec, cell.region),
+        "Configuration": {**config_doc(rec, cell.region),
+                          **image_functions.state_fields(cell.catalog, rec)},
         "Code": (image_functions.code_location(rec) if rec.package_type == "Image" else
                  {"RepositoryType": "S3",
                   "Location": f"/cellcloud/v1/bundles/{rec.code_sha256}"}),
@@ -123,7 +126,8 @@ async def get_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply
 async def get_configuration(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     name = _name(m["ref"], req["a"])
     rec, _ = cell.catalog.resolve(req["a"], name, _qualifier(m["ref"], q))
-    return _reply(200, config_doc(rec, cell.region))
+    return _reply(200, {**config_doc(rec, cell.region),
+                        **image_functions.state_fields(cell.catalog, rec)})
 
 
 async def list_functions(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
@@ -166,6 +170,7 @@ async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     qualifier = _qualifier(m["ref"], q)
     headers = req["h"]
     _judge("Invoke", req, {}, q, name)
+    _check_caller(cell, req, name, qualifier)
     itype = headers.get("x-amz-invocation-type", "RequestResponse")
     if itype == "DryRun":
         cell.resolve(req["a"], name, qualifier)
@@ -190,6 +195,79 @@ async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     if log_type == "Tail":
         out_headers["x-amz-log-result"] = base64.b64encode(res.logs).decode()
     return {"s": 200, "h": out_headers, "b": res.payload}
+
+
+def _check_caller(cell: Cell, req: dict[str, Any], name: str, qualifier: str | None) -> None:
+    """Another account's keys naming this function's ARN (the router sent the request here
+    with ``c``, the caller): allowed only by a statement of the function's resource policy."""
+    caller = req.get("c")
+    if caller is None or caller == req["a"]:
+        return
+    cell.resolve(req["a"], name, qualifier)  # 404 before 403, as Lambda
+    policy = cell.catalog.store.get_policy(req["a"], "f", name, qualifier or "")
+    if not function_url_rules.authorize_invoke(req["a"], str(caller), policy):
+        arn = function_arn(cell.region, req["a"], name, qualifier)
+        raise LambdaError(403, "AccessDeniedException",
+                          f"User: arn:aws:iam::{caller}:root is not authorized to perform: "
+                          f"lambda:InvokeFunction on resource: {arn} because no resource-based "
+                          "policy allows the lambda:InvokeFunction action")
+
+
+async def invoke_with_response_stream(cell: Cell, req: dict[str, Any], m: Match,
+                                      q: Q) -> Reply | Stream:
+    """InvokeWithResponseStream: the response as an event stream (``PayloadChunk`` events, then
+    ``InvokeComplete``). The cell gathers the function's response before the first event
+    leaves (see docs/lambda-api.md, "Response streaming")."""
+    name = _name(m["ref"], req["a"])
+    qualifier = _qualifier(m["ref"], q)
+    headers = req["h"]
+    _judge("Invoke", req, {}, q, name)
+    _check_caller(cell, req, name, qualifier)
+    itype = headers.get("x-amz-invocation-type", "RequestResponse")
+    if itype == "DryRun":
+        cell.resolve(req["a"], name, qualifier)
+        return {"s": 204, "h": {}, "b": b""}
+    if itype != "RequestResponse":
+        raise errors.invalid(f"Unsupported InvocationType {itype!r}: InvokeWithResponseStream "
+                             "takes RequestResponse or DryRun")
+    log_type = headers.get("x-amz-log-type", "None")
+    if log_type not in ("None", "Tail"):
+        raise errors.invalid(f"Unsupported LogType {log_type!r}")
+    rec, _ = cell.resolve(req["a"], name, qualifier)
+    return Stream(_response_events(cell, req, name, qualifier, rec.version, log_type == "Tail"))
+
+
+async def _response_events(cell: Cell, req: dict[str, Any], name: str, qualifier: str | None,
+                           version: str, log_tail: bool) -> AsyncIterator[dict[str, Any]]:
+    """InvokeWithResponseStream's answer for the router: the head, then each piece of the
+    response as a ``PayloadChunk`` event the moment the function streams it, then
+    ``InvokeComplete`` (with the error, for a function that failed)."""
+    request_id = str(uuid.uuid4())
+    head = {"s": 200, "h": {"content-type": eventstream.CONTENT_TYPE,
+                            "x-amz-executed-version": version, "x-amzn-requestid": request_id}}
+    head_sent = False
+    try:
+        async for item in function_urls.streamed(cell, req["a"], name, qualifier,
+                                                 req["b"] or b"", request_id=request_id,
+                                                 log_tail=log_tail):
+            if not head_sent:
+                yield head
+                head_sent = True
+            if not isinstance(item, InvokeResult):
+                yield {"b": eventstream.response_stream(item[0], final=False)}
+                continue
+            log_result = base64.b64encode(item.logs).decode() if log_tail else None
+            if item.function_error:
+                yield {"b": eventstream.invoke_complete(
+                    item.function_error, item.payload.decode(errors="replace"), log_result)}
+            else:
+                yield {"b": eventstream.response_stream(item.payload, log_result=log_result)}
+    except LambdaError as e:
+        if not head_sent:  # refused before anything ran (a throttle...): an ordinary error
+            yield {"s": e.status, "h": e.headers()}
+            yield {"b": e.body()}
+        else:
+            yield {"b": eventstream.invoke_complete(e.type, e.message)}
 
 
 _INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<ref>[^/]+)/invocations/?$")
@@ -223,6 +301,7 @@ async def lease(cell: Cell, body: dict[str, Any]) -> dict[str, Any]:
             # An alias may move (or split by weight) between invokes: each one resolves it.
             raise LambdaError(409, "NotLeasable", "an alias is resolved per invoke")
         rec, invoked_arn = cell.resolve(account, name, qualifier)
+        image_functions.check_runnable(cell.catalog, rec)  # a deleted image: Failed
         return await cell.invoker.lease(rec, invoked_arn, cell.reserved(account, name),
                                         str(body["holder"]))
     except LambdaError as e:
@@ -242,8 +321,11 @@ def _accept_event(cell: Cell, req: dict[str, Any], name: str, qualifier: str | N
         except (ValueError, UnicodeDecodeError) as e:
             raise LambdaError(400, "InvalidRequestContentException",
                               f"Could not parse request body into json: {e}") from e
+    # The router never forwards EVENT_ID_HEADER: only the region's own callers (the control
+    # plane's schedules) choose an event's id, and the intake accepts each id once.
     event_id = cell.events.accept(req["a"], name, qualifier or "$LATEST", payload, rec.timeout_s,
-                                  rec.dead_letter_target)
+                                  rec.dead_letter_target,
+                                  event_id=req["h"].get(events.EVENT_ID_HEADER))
     return {"s": 202, "h": {"x-amzn-requestid": event_id, "content-type": "application/json"},
             "b": b""}
 
@@ -762,7 +844,6 @@ _CB = r"^/2025-12-01/durable-execution-callbacks/(?P<cb>[^/]+)"
 _RP = r"^/2026-07-09/resource-policy/(?P<arn>.+)"
 _URL = rf"^/2021-10-31/functions/{_FN}/url/?$"
 _SCALE = rf"^/2025-11-30/functions/{_FN}/function-scaling-config/?$"
-_NO_URLS = "Function URLs"
 _NO_ESM = "Event source mappings"
 _NO_CSC = "Code signing configs"
 _NO_CAP = "Capacity providers (Lambda Managed Instances)"
@@ -794,13 +875,13 @@ IAC_ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
     ("PUT", re.compile(rf"^/2024-08-31/functions/{_FN}/recursion-config/?$"), put_recursion),
     ("POST", re.compile(rf"^/2014-11-13/functions/{_FN}/invoke-async/?$"), invoke_async_legacy),
     ("POST", re.compile(rf"^/2021-11-15/functions/{_FN}/response-streaming-invocations/?$"),
-     _unsupported("Response streaming invocations (InvokeWithResponseStream)")),
-    # Function URLs (other work): none exist
-    ("POST", re.compile(_URL), _unsupported(_NO_URLS)),
-    ("GET", re.compile(_URL), _absent("function URL config")),
-    ("PUT", re.compile(_URL), _absent("function URL config")),
-    ("DELETE", re.compile(_URL), _absent("function URL config")),
-    ("GET", re.compile(rf"^/2021-10-31/functions/{_FN}/urls/?$"), _empty("FunctionUrlConfigs")),
+     invoke_with_response_stream),
+    # Function URLs (frontend/function_urls.py)
+    ("POST", re.compile(_URL), function_urls.create),
+    ("GET", re.compile(_URL), function_urls.get),
+    ("PUT", re.compile(_URL), function_urls.update),
+    ("DELETE", re.compile(_URL), function_urls.delete),
+    ("GET", re.compile(rf"^/2021-10-31/functions/{_FN}/urls/?$"), function_urls.list_configs),
     # event source mappings (other work): none exist
     ("POST", re.compile(rf"{_ESM}/?$"), _unsupported(_NO_ESM)),
     ("GET", re.compile(rf"{_ESM}/?$"), _empty("EventSourceMappings")),
@@ -891,7 +972,11 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
 ]
 
 
-async def handle(cell: Cell, req: dict[str, Any]) -> Reply:
+#: the routes another account may reach (the router sends it with ``c``, the caller)
+_CROSS_ACCOUNT = frozenset({invoke, invoke_with_response_stream})
+
+
+async def handle(cell: Cell, req: dict[str, Any]) -> Reply | Stream:
     try:
         path = req["p"]
         method = req["m"]
@@ -904,6 +989,8 @@ async def handle(cell: Cell, req: dict[str, Any]) -> Reply:
             if m != method:
                 continue
             q = parse_qs(req.get("q", ""), keep_blank_values=True)
+            if req.get("c") not in (None, req["a"]) and route not in _CROSS_ACCOUNT:
+                raise errors.not_found(f"Function not found: {path}")
             return await route(cell, req, match.groupdict(), q)
         if allowed:
             raise LambdaError(405, "MethodNotAllowedException", f"{method} is not allowed on {path}",

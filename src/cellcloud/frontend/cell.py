@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,11 +27,13 @@ from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.placement import Placement
 from ..core.poison import PoisonDetector, PoisonParams
 from ..core.sharding import PlainSharder, SignatureSharder, Worker
+from ..metrics import Pushed
 from ..network import policy as net_policy
 from ..transport import Client, RemoteError, TransportError
+from . import image_functions
 from .events import Intake
 from .functions import Catalog
-from .invoker import Invoker, InvokeResult
+from .invoker import ChunkSink, Invoker, InvokeResult
 from .metrics import FrontendMetrics
 from .store import FunctionRecord, FunctionStore, StateDiskFull
 
@@ -105,13 +108,17 @@ class Cell:
             "throttles": 0,
             "cold_starts": 0,
             "agent_failures": 0,
+            "metrics_agents_unavailable": 0,  # agents that did not answer a metrics scrape
         }
         # The invoke path: a sans-IO core (core/invoke.py) under a thin shell (invoker.py).
         # Sync invokes in flight in the whole cell are capped there (invokes_inflight_max; over
         # it, 429 with Retry-After, shedding before the hosts' queues collapse).
         self.invoker = Invoker(self, clock=clock, invokes_inflight_max=invokes_inflight_max)
         # Prometheus metrics (frontend/metrics.py), recorded by the invoker, served by `metrics`.
-        self.metrics = FrontendMetrics(cell_id, limits.metrics_functions_max)
+        self.metrics = FrontendMetrics(cell_id, limits.metrics_functions_max,
+                                       limits.metrics_functions_per_account_max)
+        # the dispatcher's exposition (metrics_push), under its own name only
+        self.pushed_metrics = Pushed(limits, names=re.escape(f"{cell_id}-dispatcher"))
         # Tracing spans (span_export.py), set by the server when an OTLP endpoint is
         # configured; None: off (trace ids still flow, nothing is exported).
         self.spans: SpanExporter | None = None
@@ -231,9 +238,13 @@ class Cell:
         log_tail: bool,
         qualifier: str | None = None,
         request_id: str | None = None,
+        sink: ChunkSink | None = None,
         trace_header: str | None = None,
     ) -> InvokeResult:
+        """``sink``: stream the response (its bytes go there as the runtime streams them; the
+        result's payload holds what was not streamed)."""
         rec, invoked_arn = self.resolve(account, name, qualifier)
+        image_functions.check_runnable(self.catalog, rec)  # a deleted image: Failed
         if len(payload) > self.limits.invoke_payload_bytes_max:
             raise LambdaError(
                 413,
@@ -252,7 +263,7 @@ class Cell:
                     f"Could not parse request body into json: {e}",
                 ) from e
         return await self.invoker.invoke(rec, invoked_arn, payload, log_tail,
-                                         self.reserved(account, name), request_id,
+                                         self.reserved(account, name), request_id, sink,
                                          trace_header)
 
     def shard_of(self, key: str) -> tuple[str, ...]:
@@ -353,6 +364,13 @@ class Cell:
         m = self.metrics
         m.agents.set(len(self.agents))
         m.agents_failed.set(len(self.failed_agents))
+        m.shard_size.set(self.shard_size)
+        m.shard_functions.clear()
+        for agent_id in self.agents:
+            m.shard_functions.labels(agent_id).set(0)
+        for shard in self.shards.values():
+            for agent_id in shard:
+                m.shard_functions.labels(agent_id).inc()
         m.environments.clear()
         for agent_id in self.agents:
             for state in ("creating", "idle", "busy"):
@@ -370,6 +388,27 @@ class Cell:
             for labels, age_s in oldest.items():
                 m.async_oldest.labels(*labels).set(age_s)
         return m.exposition()
+
+    async def metrics_components(self, agents: bool) -> dict[str, bytes]:
+        """Expositions by component: the frontend's own; with ``agents``, each agent's that
+        answers (its ``metrics`` op, asked at once) and what the cell's dispatcher pushed."""
+        out = {f"{self.cell_id}-frontend": self.metrics_exposition()}
+        if not agents:
+            return out
+        timeout_s = self.limits.metrics_agent_timeout_ms / 1000
+
+        async def one(client: Any) -> Any:
+            return await client.call("metrics", None, timeout_s=timeout_s)
+
+        ids = list(self.agents)
+        got = await asyncio.gather(*(one(self.agents[a]) for a in ids), return_exceptions=True)
+        for agent_id, text in zip(ids, got, strict=True):
+            if isinstance(text, bytes):
+                out[agent_id] = text
+            else:
+                self.counters["metrics_agents_unavailable"] += 1
+        out.update(self.pushed_metrics.fresh(int(time.time() * 1000)))
+        return out
 
     async def status(self) -> dict[str, Any]:
         agents = {}

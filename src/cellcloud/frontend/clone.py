@@ -43,6 +43,14 @@ def export_tenant(cell: Any, account: str) -> dict[str, Any]:
             "aliases": [dataclasses.asdict(a) for a in aliases],
             "reserved": store.get_concurrency(account, rec.name),
             "provisioned": [[q, n] for (_, name, q, n) in provisioned if name == rec.name],
+            # function URLs (their ids name the account, so they keep working in the new
+            # cell) and the resource policies that open them
+            "urls": [[q, u, d] for q, u, d in store.list_urls(account, rec.name, None,
+                                                                limits.aliases_per_function_max
+                                                                + 1)],
+            "policies": [[q, p] for q in ["", *(a.alias for a in aliases),
+                                          *(str(v.version) for v in versions)]
+                         if (p := store.get_policy(account, "f", rec.name, q)) is not None],
         }
         all_recs += versions
     for rec in all_recs:
@@ -83,6 +91,11 @@ def import_tenant(cell: Any, doc: dict[str, Any]) -> dict[str, Any]:
             store.put_concurrency(rec.account, rec.name, int(extra["reserved"]))
         for qualifier, n in extra.get("provisioned", []):
             store.put_provisioned(rec.account, rec.name, str(qualifier), int(n))
+        for qualifier, url_id, url_doc in extra.get("urls", []):
+            store.put_url(rec.account, rec.name, str(qualifier), str(url_id), dict(url_doc),
+                          new=True)  # False if already there: idempotent
+        for qualifier, policy in extra.get("policies", []):
+            store.put_policy(rec.account, "f", rec.name, str(qualifier), str(policy))
     cell.catalog.forget_cached()  # the frontend's caches (refilled from the store)
     cell.catalog.load_provisioned()  # provisioned pools start filling in the target cell
     return {"created": created}

@@ -32,6 +32,7 @@ from ..core import retry
 from ..core.jsondepth import json_depth_within
 from ..core.limits import DEFAULT_LIMITS
 from ..core.retry import Fail, Outcome, Retry, RetryBudget, Succeed
+from ..metrics import process_registry, push_forever
 from ..transport import CallTimeout, Client, RemoteError, Server, TransportError
 from . import deadletter
 from .events import (
@@ -375,12 +376,17 @@ async def serve(args: argparse.Namespace) -> None:
     server = Server({"status": status})
     lhost, lport = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
     task = asyncio.ensure_future(d.run())
+    # Prometheus: the process and its TLS handshakes, pushed to the frontend (the way this
+    # process's calls go), which hands them to the operator's GET /metrics.
+    pusher = asyncio.ensure_future(push_forever(process_registry(), f"{args.cell_id}-dispatcher",
+                                                lambda: [d.frontend]))
     runtime.announce_ready({"component": "dispatcher", "cell_id": args.cell_id, "host": lhost,
                             "port": lport, "pid": os.getpid()})
     try:
         await runtime.wait_for_shutdown()
     finally:
         task.cancel()
+        pusher.cancel()
         await server.close()
 
 

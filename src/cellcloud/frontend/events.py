@@ -68,6 +68,11 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_function ON events(account, name, due_ms);
 CREATE INDEX IF NOT EXISTS events_by_due ON events(due_ms);
+CREATE TABLE IF NOT EXISTS event_ids (
+    id TEXT PRIMARY KEY,
+    accepted_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_ids_by_age ON event_ids(accepted_ms);
 CREATE TABLE IF NOT EXISTS event_configs (
     account TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -127,6 +132,25 @@ class EventStore:
             " due_ms, dead_letter) VALUES (?,?,?,?,?,?,?,?,?)",
             (ev.id, ev.account, ev.name, ev.qualifier, ev.payload, ev.accepted_ms, ev.timeout_s,
              ev.accepted_ms, ev.dead_letter))
+
+    def insert_once(self, ev: Event, remembered_ms: int) -> bool:
+        """Insert an event whose id the caller chose (a schedule's tick), unless that id was
+        accepted within ``remembered_ms``: one transaction, committed before the answer.
+        Returns whether it was inserted (False: a re-send, already accepted)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM event_ids WHERE accepted_ms < ?",
+                            (ev.accepted_ms - remembered_ms,))
+            if self.db.execute("SELECT 1 FROM event_ids WHERE id=?", (ev.id,)).fetchone():
+                self.db.execute("COMMIT")
+                return False
+            self.db.execute("INSERT INTO event_ids VALUES (?, ?)", (ev.id, ev.accepted_ms))
+            self.insert(ev)
+            self.db.execute("COMMIT")
+            return True
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def depth(self, account: str | None = None, name: str | None = None) -> int:
         if account is None:
@@ -315,13 +339,16 @@ class Intake:
         self.ack_before_write = ack_before_write
         self._unwritten: list[Event] = []
         self._depth = (0, -depth_cache_ms)
-        self.counters = {"accepted": 0, "shed": 0}
+        self.counters = {"accepted": 0, "shed": 0, "deduplicated": 0}
         #: whether an SQS queue exists (the cell's queues; set by frontend/server.py), for
         #: DeadLetterConfig
         self.queue_exists: Callable[[str, str], bool] | None = None
 
     def accept(self, account: str, name: str, qualifier: str, payload: bytes,
-               timeout_s: int, dead_letter: str = "") -> str:
+               timeout_s: int, dead_letter: str = "", event_id: str | None = None) -> str:
+        """Accept an event durably; returns its id. ``event_id`` (internal callers only: a
+        schedule's tick) is accepted once: a re-send of an id already accepted is answered with
+        it and not queued again (counted as ``deduplicated``)."""
         if len(payload) > self.limits.event_payload_bytes_max:
             raise LambdaError(413, "RequestEntityTooLargeException",
                               f"{len(payload)} byte payload is too large for the Event "
@@ -339,9 +366,13 @@ class Intake:
             self.counters["shed"] += 1
             raise errors.too_many(f"Rate Exceeded. The async event queue of {name} is full.",
                                   "FunctionAsyncQueueFull")
-        ev = Event(str(uuid.uuid4()), account, name, qualifier, payload, now, timeout_s, 0, 0,
-                   dead_letter)
-        if self.ack_before_write:
+        ev = Event(event_id or str(uuid.uuid4()), account, name, qualifier, payload, now,
+                   timeout_s, 0, 0, dead_letter)
+        if event_id is not None:
+            if not self.store.insert_once(ev, self.limits.async_event_ids_remembered_ms):
+                self.counters["deduplicated"] += 1
+                return ev.id
+        elif self.ack_before_write:
             self._unwritten.append(ev)
             if len(self._unwritten) == 1:
                 asyncio.get_running_loop().call_later(2.0, self.flush_unwritten)

@@ -426,6 +426,11 @@ class Catalog:
         self.release_bundles(set().union(old.bundle_digests(),
                                          *(v.bundle_digests() for v in versions)))
 
+    def _listed(self, doc: dict[str, Any], rec: FunctionRecord) -> dict[str, Any]:
+        """A listed configuration with its state (an image function whose image was deleted
+        is Failed: frontend/image_functions.py)."""
+        return {**doc, **image_functions.state_fields(self, rec)}
+
     def list_functions(
         self, account: str, marker: str | None, max_items: int, all_versions: bool = False
     ) -> dict[str, Any]:
@@ -433,10 +438,11 @@ class Catalog:
         recs = self.store.list_page(account, after, max_items + 1)
         out: dict[str, Any] = {"Functions": []}
         for r in recs[:max_items]:
-            out["Functions"].append(config_doc(r, self.region, qualify_latest=all_versions))
+            out["Functions"].append(self._listed(config_doc(r, self.region,
+                                                            qualify_latest=all_versions), r))
             if all_versions:
                 out["Functions"] += [
-                    config_doc(v, self.region)
+                    self._listed(config_doc(v, self.region), v)
                     for v in self.store.list_versions(account, r.name, 0,
                                                       self.limits.list_page_items_max)
                 ]
@@ -485,11 +491,12 @@ class Catalog:
         latest = self.function(account, name)
         items: list[dict[str, Any]] = []
         if not rules.decode_marker(marker):
-            items.append(config_doc(latest, self.region, qualify_latest=True))
+            items.append(self._listed(config_doc(latest, self.region, qualify_latest=True),
+                                      latest))
         after = rules.decode_int_marker(marker, 0)
         room = max_items - len(items)
         recs = self.store.list_versions(account, name, after, room + 1)
-        items += [config_doc(r, self.region) for r in recs[:room]]
+        items += [self._listed(config_doc(r, self.region), r) for r in recs[:room]]
         out: dict[str, Any] = {"Versions": items}
         if len(recs) > room:
             out["NextMarker"] = rules.encode_marker(

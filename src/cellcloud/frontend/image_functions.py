@@ -342,3 +342,81 @@ async def _stream(cell: Cell, client: Client, rec: FunctionRecord, digest: str, 
         offset += len(data)
         if last or (isinstance(reply, dict) and reply.get("have")):
             return  # done, or the agent had it already (another create streamed it)
+
+
+# -- a deleted image (BatchDeleteImage, DeleteRepository) -------------------------------------
+# As Lambda: a function whose image is no longer in the registry is in the Failed state
+# (StateReasonCode ImageDeleted) and every invocation of it fails, until UpdateFunctionCode
+# points it at an image that exists (or the same image is pushed again: the state is read from
+# the registry, not stored). Its environments are retired when the image is deleted, so no
+# warm environment or router lease keeps running the deleted image. The registry keeps the
+# layers such a function names (collect's ``keep``): nothing is collected from under a
+# function record, and a deleted function or an update releases them.
+
+def image_deleted(catalog: Catalog, rec: FunctionRecord) -> bool:
+    """Whether ``rec`` is an image function whose manifest is gone from its repository."""
+    store = catalog.registry
+    if rec.package_type != IMAGE or store is None:
+        return False
+    return not store.has_manifest(rec.account, str(rec.image.get("repo", "")),
+                                  str(rec.image.get("digest", "")))
+
+
+def state_fields(catalog: Catalog, rec: FunctionRecord) -> dict[str, str]:
+    """FunctionConfiguration's State fields where they differ from Active/Successful."""
+    if not image_deleted(catalog, rec):
+        return {}
+    return {"State": "Failed", "StateReasonCode": "ImageDeleted",
+            "StateReason": f"The function's image {resolved_uri(rec)} was deleted from "
+                           "the registry. Update the function code to an image that exists."}
+
+
+def check_runnable(catalog: Catalog, rec: FunctionRecord) -> None:
+    """An invoke (or a router's lease ask) of a Failed image function: refused, as Lambda
+    refuses invocations of a function that is not Active."""
+    if image_deleted(catalog, rec):
+        raise errors.LambdaError(
+            409, "ResourceConflictException",
+            "The operation cannot be performed at this time. The function is currently in the "
+            f"following state: Failed (ImageDeleted: {resolved_uri(rec)} was deleted)")
+
+
+def resolved_uri(rec: FunctionRecord) -> str:
+    uri = str(rec.image.get("uri", ""))
+    host = uri.partition("/")[0]
+    return f"{host}/{rec.image.get('repo', '')}@{rec.image.get('digest', '')}"
+
+
+def image_records(catalog: Catalog, account: str) -> list[FunctionRecord]:
+    """Every record ($LATEST and published versions) of the tenant's image functions."""
+    out: list[FunctionRecord] = []
+    page = 1000
+    after = ""
+    while True:
+        recs = catalog.store.list_page(account, after, page)
+        for rec in recs:
+            if rec.package_type != IMAGE:
+                continue
+            out.append(rec)
+            v_after = 0
+            while versions := catalog.store.list_versions(account, rec.name, v_after, page):
+                out += versions
+                v_after = int(versions[-1].version)
+        if len(recs) < page:
+            return out
+        after = recs[-1].name
+
+
+def images_deleted(catalog: Catalog, account: str, repo: str, digests: set[str]) -> None:
+    """The registry deleted these manifests of ``repo``: the functions on them are Failed now;
+    their environments go (the next invoke is refused, not run on a warm environment)."""
+    for rec in image_records(catalog, account):
+        if rec.image.get("repo") == repo and rec.image.get("digest") in digests:
+            catalog.envs.retire_function(rec.key)
+
+
+def held_layers(catalog: Catalog, account: str) -> set[str]:
+    """Blob digests the tenant's image function records name: kept by the registry's
+    collection even when no manifest refers to them any more."""
+    return {str(d) for rec in image_records(catalog, account)
+            for d in rec.image.get("layers", [])}

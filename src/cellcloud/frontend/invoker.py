@@ -96,12 +96,19 @@ def function_ref(rec: FunctionRecord, reserved: int | None) -> FunctionRef:
                        rec.memory_mb, reserved)
 
 
+#: (bytes, content type) of a streamed response, as the runtime streams them
+ChunkSink = Callable[[bytes, str], None]
+
+
 class _Call:
     __slots__ = ("request_id", "rec", "invoked_arn", "payload", "log_tail", "done", "reply",
-                 "trace_id", "spans")
+                 "sink", "trace_id", "spans")
 
     def __init__(self, request_id: str, rec: FunctionRecord, invoked_arn: str, payload: bytes,
-                 log_tail: bool, done: asyncio.Future[Instruction]) -> None:
+                 log_tail: bool, done: asyncio.Future[Instruction],
+                 sink: ChunkSink | None = None) -> None:
+        #: a streamed invocation's receiver of the response's bytes as they come
+        self.sink = sink
         self.request_id = request_id  # the caller's (sent to the agent, returned)
         self.rec = rec
         self.invoked_arn = invoked_arn
@@ -170,6 +177,7 @@ class Invoker:
     # -- the caller's side ----------------------------------------------------------------------
     async def invoke(self, rec: FunctionRecord, invoked_arn: str, payload: bytes, log_tail: bool,
                      reserved: int | None, request_id: str | None = None,
+                     sink: ChunkSink | None = None,
                      trace_header: str | None = None) -> InvokeResult:
         request_id = request_id or str(uuid.uuid4())
         # The router's trace (Parent = its span), else (async deliveries, event sources) a new
@@ -180,7 +188,7 @@ class Invoker:
         started_ns = time.time_ns()
         try:
             return await self._invoke(rec, invoked_arn, payload, log_tail, reserved, request_id,
-                                      trace, span_id)
+                                      trace, span_id, sink)
         finally:
             if spans is not None and trace.sampled:
                 spans.export_later(trace, "frontend", span_id, trace.parent, started_ns,
@@ -189,7 +197,8 @@ class Invoker:
 
     async def _invoke(self, rec: FunctionRecord, invoked_arn: str, payload: bytes,
                       log_tail: bool, reserved: int | None, request_id: str,
-                      trace: tracing.TraceHeader, span_id: str) -> InvokeResult:
+                      trace: tracing.TraceHeader, span_id: str,
+                      sink: ChunkSink | None = None) -> InvokeResult:
         # The core's key for this call: the caller's id unless that is in flight already (an
         # async event redelivered while its first delivery still runs keeps its request id).
         key = request_id
@@ -199,7 +208,8 @@ class Invoker:
         done: asyncio.Future[Instruction] = asyncio.get_running_loop().create_future()
         # The entry goes when the core answers (a caller that goes away leaves it to the
         # core's deadline).
-        call = self._calls[key] = _Call(request_id, rec, invoked_arn, payload, log_tail, done)
+        call = self._calls[key] = _Call(request_id, rec, invoked_arn, payload, log_tail, done,
+                                        sink)
         call.trace_id = trace.child(span_id).format()
         call.spans = self.cell.spans is not None and bool(trace.sampled)
         counters = self.cell.counters
@@ -439,19 +449,23 @@ class Invoker:
                 layers=tuple(layer["sha256"] for layer in rec.layers)),
             image=(image_functions.agent_image(rec)
                    if rec.package_type == image_functions.IMAGE else None)).to_wire()
-        layers_pushed: set[str] = set()
+        layers_pushed: dict[str, int] = {}
+        pushes_max = limits.image_layer_pushes_per_create_max
         timeout_s = limits.env_create_timeout_ms / 1000 + 5
         try:
             # The agent keeps bundles by digest; push only the ones it says it lacks (the code,
-            # then each layer), at most once each. Image layers are streamed in chunks.
-            for _ in range(2 + len(rec.layers) + len(rec.image.get("layers", []))):
+            # then each layer), at most once each. Image layers are streamed in chunks, each
+            # at most pushes_max times: an agent whose bounded layer cache forgot one between
+            # its stream and this create (agent/images.py) asks for it again.
+            image_layers = len(rec.image.get("layers", []))
+            for _ in range(2 + len(rec.layers) + pushes_max * image_layers):
                 try:
                     await self.call_agent(client, "create_env", body, timeout_s)
                     return None, ""
                 except RemoteError as e:
                     digest = str(e.data.get("digest", ""))
-                    if e.type == "LayerMissing" and digest not in layers_pushed:
-                        layers_pushed.add(digest)  # once each
+                    if e.type == "LayerMissing" and layers_pushed.get(digest, 0) < pushes_max:
+                        layers_pushed[digest] = layers_pushed.get(digest, 0) + 1
                         await image_functions.push_layer(cell, client, rec, digest, timeout_s)
                         continue
                     sha = str(e.data.get("sha256", ""))
@@ -492,14 +506,19 @@ class Invoker:
         cell = self.cell
         rec = call.rec
         timeout_ms = rec.timeout_s * 1000
+        body = m.InvokeRequest(env_id=ins.env_id, request_id=call.request_id,
+                               payload=call.payload, timeout_ms=timeout_ms,
+                               arn=call.invoked_arn, stream=call.sink is not None,
+                               trace_id=call.trace_id, spans=call.spans).to_wire()
+        timeout_s = timeout_ms / 1000 + cell.limits.agent_call_timeout_ms / 1000
         try:
-            res = m.InvokeReply.from_wire(await self.call_agent(
-                cell.agents[ins.agent_id], "invoke",
-                m.InvokeRequest(env_id=ins.env_id, request_id=call.request_id,
-                                payload=call.payload, timeout_ms=timeout_ms,
-                                arn=call.invoked_arn, trace_id=call.trace_id,
-                                spans=call.spans).to_wire(),
-                timeout_ms / 1000 + cell.limits.agent_call_timeout_ms / 1000))
+            if call.sink is not None:
+                reply = await self._stream_agent(cell.agents[ins.agent_id], body, timeout_s,
+                                                 call.sink)
+            else:
+                reply = await self.call_agent(cell.agents[ins.agent_id], "invoke", body,
+                                              timeout_s)
+            res = m.InvokeReply.from_wire(reply)
         except m.MessageError as e:  # an answer not of its type: the handler may have run
             return "env_error", f"malformed agent reply: {e}"
         except NotDelivered as e:  # never reached the agent: nothing ran
@@ -522,6 +541,22 @@ class Invoker:
             # an ordinary Lambda error, not a poison.
             return "env_died", ""
         return ("function_error" if res.function_error else "ok"), ""
+
+    @staticmethod
+    async def _stream_agent(client: Client, body: dict[str, Any], timeout_s: float,
+                            sink: ChunkSink) -> Any:
+        """A streamed ``invoke``: each piece of the response to ``sink`` as it arrives; the
+        agent's reply (an agent that does not stream answers whole: its payload is the
+        response)."""
+        reply = None
+        async for kind, value in client.call_stream("invoke", body, timeout_s=timeout_s):
+            if kind == "end":
+                reply = value if value is not None else reply
+            elif isinstance(value, dict) and isinstance(value.get("c"), bytes):
+                sink(value["c"], str(value.get("ct") or ""))
+            elif isinstance(value, dict) and "r" in value:
+                reply = value["r"]
+        return reply
 
     def destroy_soon(self, env_id: str, agent_id: str) -> None:
         self._spawn(self.destroy(env_id, agent_id))

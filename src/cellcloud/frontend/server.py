@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
+import time
+from dataclasses import replace
 from typing import Any
 
 from .. import runtime, span_export
@@ -18,8 +21,8 @@ from ..queues.api import QueueApi
 from ..queues.store import QueueStore
 from ..registry.api import RegistryApi
 from ..registry.storage import RegistryStore, now_ms
-from ..transport import Handler, Server
-from . import api, clone
+from ..transport import Handler, OpError, Server, Stream
+from . import api, clone, function_urls, image_functions
 from .cell import Cell
 from .events import EventStore, Intake
 from .store import SqliteFunctionStore
@@ -37,7 +40,11 @@ async def serve(args: argparse.Namespace) -> None:
         agent_id, _, addr = spec.partition("=")
         agents[agent_id] = runtime.parse_addr(addr)
     store = SqliteFunctionStore(os.path.abspath(args.state_dir))
-    cell = Cell(args.cell_id, store, agents, region=args.region,
+    limits = DEFAULT_LIMITS
+    if args.metrics_functions_per_account_max is not None:
+        limits = replace(limits, metrics_functions_per_account_max=(
+            args.metrics_functions_per_account_max))
+    cell = Cell(args.cell_id, store, agents, region=args.region, limits=limits,
                 sharding=args.sharding, shard_size=args.shard_size,
                 poison=(PoisonParams(killed_workers_max=args.poison_killed_workers_max)
                         if args.poison_killed_workers_max
@@ -65,6 +72,8 @@ async def serve(args: argparse.Namespace) -> None:
                                                       "registry"), cell.limits), args.region,
                            cell.limits)
     cell.catalog.registry = registry.store  # ImageUri of PackageType Image functions
+    # A deleted image fails the functions on it; their layers stay while a record names them.
+    registry.on_deleted = functools.partial(image_functions.images_deleted, cell.catalog)
     await cell.sync_agents(first=True)
     cell.catalog.load_provisioned()  # the pools are refilled by the first tick
     server = Server(ops(cell, queues, registry))
@@ -83,7 +92,8 @@ async def serve(args: argparse.Namespace) -> None:
             collect_in -= tick_interval_s
             if collect_in <= 0:
                 collect_in = registry_collect_interval_s
-                registry.store.collect(now_ms())
+                registry.store.collect(now_ms(), functools.partial(
+                    image_functions.held_layers, cell.catalog))
 
     task = asyncio.ensure_future(ticker())
     runtime.announce_ready({"component": "frontend", "cell_id": args.cell_id, "host": host,
@@ -101,8 +111,10 @@ async def serve(args: argparse.Namespace) -> None:
 def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handler]:
     """The frontend's transport ops (docs/design.md lists them)."""
 
-    async def http(req: dict[str, Any]) -> dict[str, Any]:
+    async def http(req: dict[str, Any]) -> dict[str, Any] | Stream:
         reply = await api.handle(cell, req)
+        if isinstance(reply, Stream):  # InvokeWithResponseStream: changes nothing
+            return reply
         if req.get("m") != "GET":  # a change: answered once no lease runs what it replaced
             api.after_change(cell, req, reply)
             await cell.invoker.settle_leases()
@@ -110,6 +122,10 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
 
     async def status(_: Any) -> dict[str, Any]:
         return await cell.status()
+
+    # A router's HTTP request to a function URL (frontend/function_urls.py).
+    async def url(body: dict[str, Any]) -> dict[str, Any] | Stream:
+        return await function_urls.serve(cell, body)
 
     # Leases on warm environments for a router's direct path (issue #13).
     async def lease(body: dict[str, Any]) -> dict[str, Any]:
@@ -125,8 +141,25 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
             str(body["lease_id"]), str(body["holder"]), str(body["request_id"]),
             list(body.get("logs") or []), str(fe) if fe else None,
             float(dur) if isinstance(dur, (int, float)) else None)}
-    async def metrics(_: Any) -> bytes:
+
+    async def metrics(body: Any) -> Any:
+        """The cell's Prometheus exposition; ``{"components": true}`` (the router's ask):
+        ``{"components": {name: exposition}}``, with ``"agents": true`` also its agents' and
+        its dispatcher's (the operator's scrape)."""
+        if isinstance(body, dict) and body.get("components"):
+            return {"components": await cell.metrics_components(bool(body.get("agents")))}
         return cell.metrics_exposition()
+
+    async def metrics_push(body: Any) -> dict[str, Any]:
+        """A process of the cell (its dispatcher) hands in its exposition."""
+        if not isinstance(body, dict):
+            raise OpError("InvalidRequest", "metrics_push takes {component, text}")
+        try:
+            cell.pushed_metrics.put(body.get("component"), body.get("text"),
+                                    int(time.time() * 1000))
+        except ValueError as e:
+            raise OpError("InvalidRequest", str(e)) from e
+        return {}
 
     async def async_status(_: Any) -> dict[str, Any]:
         assert cell.events is not None
@@ -147,7 +180,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
 
     return {"http": http, "status": status, "lease": lease, "lease_return": lease_return,
             "lease_logs": lease_logs, "sqs": queues.handle, "async_status": async_status,
-            "metrics": metrics,
+            "metrics": metrics, "metrics_push": metrics_push, "url": url,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
             **registry.ops()}
@@ -176,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--envs-per-agent-max", type=int, default=DEFAULT_LIMITS.envs_per_agent_max)
     p.add_argument("--invokes-inflight-max", type=int, default=1000,
                    help="sync invokes in flight in the cell; over it, 429 with Retry-After")
+    p.add_argument("--metrics-functions-per-account-max", type=int, default=None,
+                   help="functions of one account with series of their own in /metrics "
+                        "(default: core/limits.py); the rest count under __other__")
     runtime.add_security_args(p)
     args = p.parse_args(argv)
     runtime.setup_logging(f"frontend/{args.cell_id}")

@@ -193,6 +193,14 @@ class FunctionStore(Protocol):
     def get_policy(self, account: str, kind: str, name: str, qualifier: str) -> str | None: ...
     def put_policy(self, account: str, kind: str, name: str, qualifier: str,
                    doc: str | None) -> None: ...
+    def get_url(self, account: str, name: str, qualifier: str
+                ) -> tuple[str, dict[str, Any]] | None: ...
+    def get_url_by_id(self, url_id: str) -> tuple[str, str, str, dict[str, Any]] | None: ...
+    def put_url(self, account: str, name: str, qualifier: str, url_id: str,
+                doc: dict[str, Any], *, new: bool) -> bool: ...
+    def list_urls(self, account: str, name: str, after: str | None,
+                  limit: int) -> list[tuple[str, str, dict[str, Any]]]: ...
+    def delete_url(self, account: str, name: str, qualifier: str) -> bool: ...
 
 
 _SCHEMA = """
@@ -227,6 +235,10 @@ CREATE TABLE IF NOT EXISTS layer_counters (
 CREATE TABLE IF NOT EXISTS policies (
     account TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, qualifier TEXT NOT NULL,
     doc TEXT NOT NULL, PRIMARY KEY (account, kind, name, qualifier)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS function_urls (
+    account TEXT NOT NULL, name TEXT NOT NULL, qualifier TEXT NOT NULL, url_id TEXT NOT NULL,
+    doc TEXT NOT NULL, PRIMARY KEY (account, name, qualifier)) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS function_urls_id ON function_urls (url_id);
 """
 
 #: kind: 'f' a function's $LATEST (version ''), 'v' a published version, 'l' a layer version.
@@ -354,6 +366,8 @@ class SqliteFunctionStore:
                                 "account=? AND name=?", (account, name))
                 self.db.execute("DELETE FROM policies WHERE account=? AND kind='f' AND name=?",
                                 (account, name))
+                self.db.execute("DELETE FROM function_urls WHERE account=? AND name=?",
+                                (account, name))
             return cur.rowcount == 1
         return self._freeing(f"the deletion of function {name}", write)
 
@@ -446,6 +460,8 @@ class SqliteFunctionStore:
             with self._tx(f"the deletion of alias {alias} of function {name}"):
                 cur = self.db.execute("DELETE FROM aliases WHERE account=? AND name=? AND alias=?",
                                       (account, name, alias))
+                self.db.execute("DELETE FROM function_urls WHERE account=? AND name=? AND "
+                                "qualifier=?", (account, name, alias))
             return cur.rowcount == 1
         return self._freeing(f"the deletion of alias {alias}", write)
 
@@ -556,6 +572,50 @@ class SqliteFunctionStore:
         with self._tx(what):
             self.db.execute("INSERT OR REPLACE INTO policies VALUES (?,?,?,?,?)",
                             (account, kind, name, qualifier, doc))
+
+    # -- function URLs (qualifier '' or an alias); doc: AuthType, Cors, InvokeMode, times -------
+    def get_url(self, account: str, name: str, qualifier: str) -> tuple[str, dict[str, Any]] | None:
+        row = self.db.execute("SELECT url_id, doc FROM function_urls WHERE account=? AND name=? "
+                              "AND qualifier=?", (account, name, qualifier)).fetchone()
+        return None if row is None else (str(row[0]), json.loads(row[1]))
+
+    def get_url_by_id(self, url_id: str) -> tuple[str, str, str, dict[str, Any]] | None:
+        """(account, name, qualifier, doc) of a URL id."""
+        row = self.db.execute("SELECT account, name, qualifier, doc FROM function_urls WHERE "
+                              "url_id=?", (url_id,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]),
+                                         json.loads(row[3]))
+
+    def put_url(self, account: str, name: str, qualifier: str, url_id: str,
+                doc: dict[str, Any], *, new: bool) -> bool:
+        """Insert (``new``: False if one exists) or replace a function's URL config."""
+        with self._tx(f"the function URL of {name}"):
+            if new:
+                cur = self.db.execute("INSERT OR IGNORE INTO function_urls VALUES (?,?,?,?,?)",
+                                      (account, name, qualifier, url_id, json.dumps(doc)))
+            else:
+                cur = self.db.execute("UPDATE function_urls SET doc=? WHERE account=? AND "
+                                      "name=? AND qualifier=?",
+                                      (json.dumps(doc), account, name, qualifier))
+        return cur.rowcount == 1
+
+    def list_urls(self, account: str, name: str, after: str | None,
+                  limit: int) -> list[tuple[str, str, dict[str, Any]]]:
+        """(qualifier, url_id, doc) of a function's URLs, by qualifier, after ``after`` (None:
+        from the first)."""
+        rows = self.db.execute(
+            "SELECT qualifier, url_id, doc FROM function_urls WHERE account=? AND name=? AND "
+            "(? IS NULL OR qualifier>?) ORDER BY qualifier LIMIT ?",
+            (account, name, after, after, limit)).fetchall()
+        return [(str(q), str(u), json.loads(d)) for q, u, d in rows]
+
+    def delete_url(self, account: str, name: str, qualifier: str) -> bool:
+        def write() -> bool:
+            with self._tx(f"the deletion of the function URL of {name}"):
+                cur = self.db.execute("DELETE FROM function_urls WHERE account=? AND name=? AND "
+                                      "qualifier=?", (account, name, qualifier))
+            return cur.rowcount == 1
+        return self._freeing(f"the deletion of the function URL of {name}", write)
 
     def list_page(self, account: str, after: str, limit: int) -> list[FunctionRecord]:
         rows = self.db.execute(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from ..core.jsondepth import check_json_depth
@@ -37,6 +38,13 @@ class RegistryApi:
         self.region = region
         self.limits = limits
         self.counters = {"pushes": 0, "blob_commits": 0, "digest_mismatches": 0}
+        # Told (account, repository, manifest digests) after manifests are deleted: the
+        # frontend fails the image functions on them (frontend/image_functions.py).
+        self.on_deleted: Callable[[str, str, set[str]], None] | None = None
+
+    def deleted(self, account: str, repo: str, digests: set[str]) -> None:
+        if digests and self.on_deleted is not None:
+            self.on_deleted(account, repo, digests)
 
     def ops(self) -> dict[str, Any]:
         """The transport ops this adds to the frontend's table."""
@@ -69,6 +77,7 @@ class RegistryApi:
             if method == "DELETE":
                 core.parse_digest(ref)
                 st.delete_manifest(a, name, ref)
+                self.deleted(a, name, {ref})
                 return _empty(202, {})
             media_type, digest, body = st.get_manifest(a, name, ref)
             return {"s": 200, "h": {"content-type": media_type, "docker-content-digest": digest,
@@ -419,6 +428,7 @@ def _batch_delete_image(api: RegistryApi, a: str, host: str, doc: dict[str, Any]
     name = _name(doc)
     api.store.require_repo(a, name)
     deleted, failures = [], []
+    gone: set[str] = set()
     for image_id in _image_ids(api, doc):
         digest, failure = _lookup(api, a, name, image_id)
         if failure is not None:
@@ -432,23 +442,29 @@ def _batch_delete_image(api: RegistryApi, a: str, host: str, doc: dict[str, Any]
                 deleted.append({"imageDigest": str(digest), "imageTag": tag})
                 continue
             api.store.delete_manifest(a, name, str(digest))
+            gone.add(str(digest))
             deleted.append({"imageDigest": str(digest), "imageTag": tag})
             continue
         tags = api.store.delete_manifest(a, name, str(digest))
+        gone.add(str(digest))
         deleted += ([{"imageDigest": str(digest), "imageTag": t} for t in tags]
                     or [{"imageDigest": str(digest)}])
+    api.deleted(a, name, gone)
     return {"imageIds": deleted, "failures": failures}
 
 
 def _delete_repository(api: RegistryApi, a: str, host: str, doc: dict[str, Any]) -> Any:
     _refuse_unhonoured(doc, {"registryId", "repositoryName", "force"}, "DeleteRepository")
     name = _name(doc)
+    api.store.require_repo(a, name)
+    gone = api.store.manifest_digests(a, name)
     try:
         row = api.store.delete_repo(a, name, bool(doc.get("force")))
     except RepositoryNotEmpty:
         raise EcrError("RepositoryNotEmptyException",
                        f"The repository with name '{name}' in registry with id '{a}' cannot "
                        "be deleted because it still contains images") from None
+    api.deleted(a, name, gone)
     return {"repository": api.repo_doc(a, host, name, row["created_s"])}
 
 

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,6 +315,13 @@ class RegistryStore:
             raise
         return m
 
+    def has_manifest(self, account: str, repo: str, digest: str) -> bool:
+        return self._manifest_row(account, repo, digest) is not None
+
+    def manifest_digests(self, account: str, repo: str) -> set[str]:
+        return {str(r[0]) for r in self.db.execute(
+            "SELECT digest FROM manifests WHERE account=? AND repo=?", (account, repo))}
+
     def _manifest_row(self, account: str, repo: str, digest: str) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = self.db.execute(
             "SELECT media_type, body FROM manifests WHERE account=? AND repo=? AND digest=?",
@@ -399,16 +407,23 @@ class RegistryStore:
         return out
 
     # -- collection ----------------------------------------------------------------------------
-    def collect(self, now: int) -> dict[str, int]:
-        """Delete unreferenced blobs past their grace period and idle upload sessions."""
-        blobs = 0
+    def collect(self, now: int, keep: Callable[[str], set[str]] | None = None
+                ) -> dict[str, int]:
+        """Delete unreferenced blobs past their grace period and idle upload sessions.
+        ``keep(account)``: blobs held from outside the registry (the layers the tenant's image
+        functions name: frontend/image_functions.held_layers), asked only for a tenant with
+        blobs to collect."""
+        blobs = kept = 0
         for (account,) in self.db.execute("SELECT DISTINCT account FROM blobs").fetchall():
             rows = self.db.execute(
                 "SELECT b.digest, b.linked_ms, (SELECT COUNT(*) FROM refs r WHERE "
                 "r.account=b.account AND r.child=b.digest AND r.kind='blob') FROM blobs b "
                 "WHERE b.account=?", (account,)).fetchall()
             states = [core.BlobState(d, int(n), int(t)) for d, t, n in rows]
-            for digest in core.collectable(states, now, self.limits):
+            doomed = core.collectable(states, now, self.limits)
+            held = keep(account) if doomed and keep is not None else set()
+            kept += sum(1 for d in doomed if d in held)
+            for digest in (d for d in doomed if d not in held):
                 self.db.execute("DELETE FROM blobs WHERE account=? AND digest=?",
                                 (account, digest))
                 self.db.execute("DELETE FROM links WHERE account=? AND digest=?",
@@ -425,7 +440,7 @@ class RegistryStore:
             if s.expired(now, self.limits):
                 self.upload_cancel(s)
                 uploads += 1
-        return {"blobs_deleted": blobs, "uploads_expired": uploads}
+        return {"blobs_deleted": blobs, "uploads_expired": uploads, "blobs_held": kept}
 
     def statistics(self) -> dict[str, int]:
         (blobs, size) = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs"

@@ -6,18 +6,18 @@ number of routers can run side by side and a restart loses nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.process_collector import ProcessCollector
+from prometheus_client import generate_latest
 
 from .. import runtime
 from ..core import tracing
@@ -25,6 +25,7 @@ from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.tenant_status import cell_status_for_tenant
+from ..metrics import Pushed, process_registry
 from ..queues import query as sqs_query
 from ..registry.api import ECR_TARGET_PREFIX
 from ..registry.core import RegistryError
@@ -32,6 +33,7 @@ from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
 from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
 from . import metrics as router_metrics
+from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner, open_stream
 from .leases import Fallback, Leases
 
 if TYPE_CHECKING:
@@ -167,12 +169,22 @@ class Router:
                          "invokes_forwarded": 0, "metrics_cells_unavailable": 0}
         # The warm path (issue #13): sync invokes under a lease go router -> agent.
         self.leases = Leases(self, limits) if leases else None
-        # The router's own process metrics (CPU, RSS, fds), in the operator's /metrics only.
-        self.metrics_registry = CollectorRegistry()
-        ProcessCollector(registry=self.metrics_registry)
+        # The router's own process metrics (CPU, RSS, fds, TLS handshakes), and what the
+        # control plane pushes to the internal port (metrics_push): the operator's only.
+        self.metrics_registry = process_registry()
+        self.pushed_metrics = Pushed(limits, names=r"control(-[a-z0-9-]{1,32})?")
         # The registry's /v2/ API (registry/edge.py): its own auth (the registry token), body
         # caps and streaming; GetAuthorizationToken is answered here too.
         self.registry = RegistryEdge(self, registry_key, limits)
+        # Function URLs: Host <url-id>.lambda-url.<region>.localhost or /lambda-url/<url-id>/.
+        self.urls = UrlEdge(self)
+        # The scheduler API (SigV4 service "scheduler") lives in the control plane, whose
+        # address comes with every cell map push; None until the first push.
+        self.control: Client | None = None
+        self._control_addr: tuple[str, int] | None = None
+        #: the cell map file the control plane writes (with its address) — read when a
+        #: scheduler request comes before the first push
+        self.cell_map_file: str | None = None
 
     def set_cell_map(self, cell_map: CellMap) -> int:
         """A pushed map: taken when not older than the one held; returns the version held."""
@@ -184,6 +196,38 @@ class Router:
                 if old.cells.get(cell_id) != cell_map.cells.get(cell_id):
                     self._clients.pop(cell_id)  # endpoint changed: reconnect lazily
         return self.cell_map.version
+
+    def set_control(self, addr: Any) -> None:
+        """The control plane's transport address, as a push names it (``doc["control"]``)."""
+        if not isinstance(addr, list | tuple) or len(addr) != 2:
+            return
+        new = (str(addr[0]), int(addr[1]))
+        if new != self._control_addr:
+            self._control_addr = new
+            self.control = Client(new[0], new[1], expect_role="control")
+
+    async def _scheduler(self, scope: Scope, path: str, body: bytes,
+                         account: str) -> tuple[int, dict[str, str], bytes]:
+        """EventBridge Scheduler's REST API, forwarded whole to the control plane."""
+        if self.control is None and self.cell_map_file:
+            try:
+                with open(self.cell_map_file) as f:
+                    self.set_control(json.load(f).get("control"))
+            except (OSError, ValueError, AttributeError):
+                pass
+        if self.control is None:
+            raise LambdaError(503, "InternalServerException",
+                              "The scheduler is not reachable yet (no control plane address)")
+        try:
+            resp = await self.control.call(
+                "scheduler", {"m": scope["method"], "p": path,
+                              "q": scope["query_string"].decode("latin-1"), "b": body,
+                              "a": account}, timeout_s=control_timeout_s)
+        except (TransportError, CallTimeout, RemoteError) as e:
+            self.counters["cell_unavailable"] += 1
+            raise LambdaError(503, "InternalServerException",
+                              f"The scheduler is unavailable: {e}") from e
+        return resp["s"], resp["h"], resp["b"]
 
     def cell_map_status(self) -> dict[str, Any]:
         age_s = time.monotonic() - self.cell_map_received
@@ -216,6 +260,10 @@ class Router:
         if scope["type"] != "http":
             return
         self.counters["requests"] += 1
+        url_target = self.urls.target(scope)  # a function URL (router/function_urls.py)
+        if url_target is not None:
+            await self.urls.serve(scope, receive, send, url_target)
+            return
         if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
             await self.registry.serve(scope, receive, send)
             return
@@ -233,6 +281,9 @@ class Router:
             status, headers, body = err.status, err.headers(), err.body()
         if body_state.trace is not None and self.spans is not None:
             self._end_trace(body_state.trace, status)
+        if not isinstance(body, bytes):  # streamed (InvokeWithResponseStream): chunked
+            await self.urls.send_stream(scope, send, status, list(headers.items()), body)
+            return
         out = [(k.encode(), v.encode()) for k, v in headers.items()]
         out.append((b"content-length", b"%d" % len(body)))  # not chunked: one write, no trailer
         if body_state.pending and not (
@@ -245,8 +296,8 @@ class Router:
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
 
-    async def _handle(self, scope: Scope, receive: Receive,
-                      body_state: _BodyState) -> tuple[int, dict[str, str], bytes]:
+    async def _handle(self, scope: Scope, receive: Receive, body_state: _BodyState
+                      ) -> tuple[int, dict[str, str], bytes | AsyncIterator[bytes]]:
         path: str = scope["path"]
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         fwd = {k: v for k, v in headers if k.encode() in _FORWARDED}
@@ -268,11 +319,13 @@ class Router:
             self.counters["refused_before_body"] += body_state.pending
             raise
         is_invoke = path.endswith(_INVOKE_SUFFIXES)
+        # InvokeWithResponseStream: an invoke's body limit and timeout, never a lease
+        is_stream = path.rstrip("/").endswith(STREAM_SUFFIX)
         target = next((v for k, v in headers if k == "x-amz-target"), "")
         is_ecr = target.startswith(ECR_TARGET_PREFIX)
         body_max = (
             self.limits.invoke_payload_bytes_max
-            if is_invoke
+            if is_invoke or is_stream
             else self.limits.registry_api_body_bytes_max if is_ecr
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
@@ -287,6 +340,7 @@ class Router:
         # ... and its query protocol (Action=... forms, XML answers): no target, signed "sqs"
         is_sqs_query = body_state.sqs_query
         is_sqs = sqs_target.startswith("AmazonSQS.") or is_sqs_query
+        is_scheduler = parsed_auth.group("service") == "scheduler" and not is_sqs and not is_ecr
         try:
             verified = sigv4.verify(
                 method=scope["method"],
@@ -297,7 +351,8 @@ class Router:
                 body=body,
                 region=self.region,
                 secret_for=self.tenants.secret_for,
-                service="sqs" if is_sqs else "ecr" if is_ecr else sigv4.SERVICE,
+                service="sqs" if is_sqs else "ecr" if is_ecr
+                else "scheduler" if is_scheduler else sigv4.SERVICE,
             )
         except LambdaError:
             self.counters["unauthenticated"] += 1
@@ -312,6 +367,8 @@ class Router:
             _only_get(scope, path)
             # A tenant sees its own functions and environments only (operator: Bearer token).
             return _json_reply(await self.status(account=account))
+        if is_scheduler:
+            return await self._scheduler(scope, path, body, account)
         cell = self.cell_map.cell_for(account)
         if is_ecr:
             return await self._ecr(cell.cell_id, account, target, body, headers, scope)
@@ -330,6 +387,9 @@ class Router:
                     503, "ServiceUnavailable", f"Cell {cell.cell_id} is unavailable: {e}"
                 ) from e
             return resp["s"], resp["h"], resp["b"]
+        if path.startswith("/2021-10-31/"):  # FunctionUrl is printed on the endpoint used
+            host = next((v for k, v in headers if k == "host"), "")
+            fwd["x-cellcloud-endpoint"] = f"{scope.get('scheme') or 'http'}://{host}"
         if is_invoke and scope["method"] == "POST":
             body_state.trace = self._begin_trace(headers, fwd, cell.cell_id)
         req = {
@@ -340,10 +400,16 @@ class Router:
             "b": body,
             "a": account,
         }
+        owner = cross_account_owner(path, account)
+        if owner is not None:  # another account's function: its cell judges its policy
+            req["a"], req["c"] = owner, account
+            cell = self.cell_map.cell_for(owner)
         # A sync invoke may run up to the function's timeout (at most 900 s); the frontend
         # enforces the real one, this is the backstop.
-        timeout_s = (self.limits.timeout_s_max + 30.0) if is_invoke else control_timeout_s
-        leases = self.leases if is_invoke and scope["method"] == "POST" else None
+        timeout_s = ((self.limits.timeout_s_max + 30.0) if is_invoke or is_stream
+                     else control_timeout_s)
+        leases = (self.leases if is_invoke and scope["method"] == "POST" and owner is None
+                  else None)
         key = (account, path, req["q"])
         if leases is not None and leases.eligible(fwd, body):
             lease = await leases.take_or_wait(key, cell.cell_id)
@@ -354,6 +420,10 @@ class Router:
                     pass  # nothing ran: the frontend's way
         if is_invoke:
             self.counters["invokes_forwarded"] += 1
+        if is_stream:  # InvokeWithResponseStream: events leave as the function streams
+            status, pairs, streamed = await open_stream(
+                self.client(cell.cell_id), "http", req, timeout_s, cell.cell_id, self.counters)
+            return status, dict(pairs), streamed
         try:
             resp = await self.client(cell.cell_id).call("http", req, timeout_s=timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:
@@ -427,16 +497,32 @@ class Router:
         return _json_reply(await self._cell_status(str(wanted)))
 
     async def metrics(self, account: str | None) -> tuple[int, dict[str, str], bytes]:
-        """``GET /metrics`` (docs/observability.md): every cell's exposition (a cell that does
-        not answer is left out and counted), one tenant's series or (operator) all."""
-        expositions: dict[str, bytes] = {}
-        for cell_id in self.cell_map.cells:
-            try:
-                expositions[cell_id] = await self.client(cell_id).call("metrics", None,
-                                                                       timeout_s=5)
-            except (TransportError, RemoteError, CallTimeout):
+        """``GET /metrics`` (docs/observability.md): every cell's expositions, asked at once
+        (a cell that does not answer is left out and counted); one tenant's series, or
+        (operator) all of them with the cells' agents and dispatchers, the control plane's
+        and the router's own."""
+        cells = list(self.cell_map.cells)
+        ask = {"components": True, "agents": account is None}
+
+        async def one(cell_id: str) -> Any:
+            return await self.client(cell_id).call("metrics", ask, timeout_s=5)
+
+        got = await asyncio.gather(*(one(c) for c in cells), return_exceptions=True)
+        sources: list[tuple[dict[str, str], bytes]] = []
+        for cell_id, answer in zip(cells, got, strict=True):
+            if isinstance(answer, bytes):  # a frontend from before components
+                sources.append(({"cell": cell_id}, answer))
+            elif isinstance(answer, dict) and isinstance(answer.get("components"), dict):
+                sources += [({"cell": cell_id, "component": str(comp)}, text)
+                            for comp, text in answer["components"].items()
+                            if isinstance(text, bytes)]
+            else:
                 self.counters["metrics_cells_unavailable"] += 1
-        body = router_metrics.gather(expositions, account, self.metrics_registry)
+        if account is None:
+            sources.append(({"component": "router"}, generate_latest(self.metrics_registry)))
+            sources += [({"component": comp}, text) for comp, text
+                        in self.pushed_metrics.fresh(int(time.time() * 1000)).items()]
+        body = router_metrics.gather(sources, account)
         return 200, {"content-type": router_metrics.CONTENT_TYPE}, body
 
     async def _cell_status(self, cell_id: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The router's ``GET /metrics``: the cells' Prometheus expositions (their ``metrics`` transport
-op), gathered, labelled with their cell and filtered to one tenant's series (SigV4) or shown
-whole (the operator's Bearer token). Parsed and written back by prometheus_client; no
+op: the frontend's own and, for the operator, its agents' and dispatcher's), the control
+plane's (pushed) and the router's own, gathered, labelled with their cell and component, and
+filtered to one tenant's series (SigV4) or shown whole (the operator's Bearer token). Parsed and written back by prometheus_client; no
 exposition is written by hand (docs/observability.md)."""
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ class _Gathered(Collector):
         return self.families
 
 
-def gather(expositions: dict[str, bytes], account: str | None,
-           extra: CollectorRegistry | None = None) -> bytes:
-    """One exposition from each cell's (``cell`` label added); with ``account``, only samples
-    labelled with that account (a tenant's view), else all of them and ``extra``'s."""
+def gather(sources: list[tuple[dict[str, str], bytes]], account: str | None) -> bytes:
+    """One exposition from many: each source is (labels to add, its text exposition), e.g.
+    ``({"cell": "cell-1", "component": "cell-1-agent-0"}, b"...")``. With ``account``, only
+    samples labelled with that account (a tenant's view: its functions' series, never a
+    process's or an agent's), else all of them."""
     families: dict[tuple[str, str], Metric] = {}
-    for cell_id, text in sorted(expositions.items()):
+    for extra, text in sources:
         for fam in text_string_to_metric_families(text.decode("utf-8")):
             key = (fam.name, fam.type)
             out = families.get(key)
@@ -38,14 +40,9 @@ def gather(expositions: dict[str, bytes], account: str | None,
             for s in fam.samples:
                 if account is not None and s.labels.get("account") != account:
                     continue
-                out.samples.append(Sample(s.name, {**s.labels, "cell": cell_id}, s.value, s.timestamp,
+                out.samples.append(Sample(s.name, {**s.labels, **extra}, s.value, s.timestamp,
                                           s.exemplar))
     registry = CollectorRegistry(auto_describe=False)
     kept = [f for f in families.values() if f.samples]
     registry.register(_Gathered(kept))
-    body = generate_latest(registry)
-    if extra is not None and account is None:
-        body += generate_latest(extra)
-    return body
-
-
+    return generate_latest(registry)

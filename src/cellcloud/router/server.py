@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import sys
+import time
 from typing import Any
 
 import uvicorn
@@ -16,7 +17,7 @@ from .. import runtime, span_export
 from ..core.cellmap import CellMap
 from ..core.limits import DEFAULT_LIMITS
 from ..registry.edge import RegistryKey
-from ..transport import Server
+from ..transport import OpError, Server
 from .app import OperatorToken, Router, Tenants
 from .connections import ConnectionRegistry, guard_params
 
@@ -35,7 +36,8 @@ def raise_fd_limit() -> int:
 
 async def serve(args: argparse.Namespace) -> None:
     with open(args.cell_map) as f:
-        cell_map = CellMap.from_wire(json.load(f))
+        map_doc = json.load(f)
+        cell_map = CellMap.from_wire(map_doc)
     limits = DEFAULT_LIMITS
     fds = raise_fd_limit()
     # Never more connections than fds leave room for: the cap closes idle/stalled ones first.
@@ -53,6 +55,8 @@ async def serve(args: argparse.Namespace) -> None:
                     registry_key=RegistryKey(args.registry_key_file)
                     if args.registry_key_file else None, leases=args.leases,
                     spans=span_export.from_config(args.otlp_endpoint, "cellcloud-router"))
+    router.set_control(map_doc.get("control"))  # a restarted router: the last push's address
+    router.cell_map_file = args.cell_map
     sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http=registry.protocol_class(), ws="none",
                             lifespan="off", log_level="warning", access_log=False,
@@ -69,12 +73,26 @@ async def serve(args: argparse.Namespace) -> None:
     host, port = sock.getsockname()[:2]
     # The internal port the control plane pushes the cell map to (constant work, every round).
     async def push_cell_map(doc: dict[str, Any]) -> dict[str, Any]:
+        router.set_control(doc.get("control"))
         return {"version": router.set_cell_map(CellMap.from_wire(doc))}
 
     async def map_status(_: Any) -> dict[str, Any]:
         return router.cell_map_status()
 
-    internal = Server({"cell_map": push_cell_map, "map_status": map_status})
+    # The control plane's Prometheus exposition (constant work too: every round), kept while
+    # fresh and shown in the operator's GET /metrics.
+    async def metrics_push(body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise OpError("InvalidRequest", "metrics_push takes {component, text}")
+        try:
+            router.pushed_metrics.put(body.get("component"), body.get("text"),
+                                      int(time.time() * 1000))
+        except ValueError as e:
+            raise OpError("InvalidRequest", str(e)) from e
+        return {}
+
+    internal = Server({"cell_map": push_cell_map, "map_status": map_status,
+                       "metrics_push": metrics_push})
     chost, cport = await internal.listen_tcp("", 0, sock=runtime.bind_tcp(args.control_listen))
     runtime.announce_ready({"component": "router", "host": host, "port": port,
                             "control_host": chost, "control_port": cport,

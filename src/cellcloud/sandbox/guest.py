@@ -42,6 +42,7 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..core import messages as m
@@ -476,7 +477,7 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
     os.dup2(devnull, 0)
     os.close(devnull)
     logs = _LogCapture()
-    api = RuntimeApi(response_bytes_max)
+    api = RuntimeApi(response_bytes_max, DEFAULT_LIMITS.response_stream_bytes_max)
     env = _Environment(spec, api, logs)
     env.telemetry.emit("platform.initStart", {
         "initializationType": "on-demand", "phase": "init",
@@ -523,6 +524,13 @@ def _read_channel(env: _Environment, chan: _Channel, inbox: queue.Queue[dict[str
     their SHUTDOWN event."""
     while True:
         inbox.put(_next_message(env, chan))
+
+
+def _chunk_sender(chan: _Channel) -> Callable[[str, bytes, str], None]:
+    def send(request_id: str, data: bytes, content_type: str) -> None:
+        chan.send({"t": "chunk", "request_id": request_id, "data": data,  # GuestChunk
+                   "content_type": content_type})
+    return send
 
 
 def _relay(env: _Environment, chan: _Channel, started: float,
@@ -593,6 +601,9 @@ def _relay(env: _Environment, chan: _Channel, started: float,
             ok, payload, error_type = False, json.dumps(err).encode(), "Unhandled"
         else:
             deadline_ms = received_ms + ask.timeout_ms
+            # A streamed invocation: the response's bytes go to the agent as the runtime
+            # streams them (GuestChunk frames), before the result (whose payload is then empty).
+            api.chunk_sink = _chunk_sender(chan) if ask.stream else None
             api.submit(Invocation(request_id, ask.payload, deadline_ms, ask.arn, trace_id))
             notified = ext.begin_invoke({
                 "eventType": "INVOKE", "deadlineMs": deadline_ms, "requestId": request_id,

@@ -9,8 +9,10 @@ very same loop in ``pyruntime.py`` without paying for HTTP inside one process).
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,8 +40,10 @@ class Outcome:
 
 
 class RuntimeApi:
-    def __init__(self, response_bytes_max: int) -> None:
+    def __init__(self, response_bytes_max: int,
+                 response_stream_bytes_max: int = 20 * 1024 * 1024) -> None:
         self.response_bytes_max = response_bytes_max
+        self.response_stream_bytes_max = response_stream_bytes_max
         self._cond = threading.Condition()
         self._queued: Invocation | None = None  # given to the runtime by next()
         self._current: Invocation | None = None  # delivered, awaiting its outcome
@@ -47,6 +51,9 @@ class RuntimeApi:
         self.ready = False  # the runtime asked for its first invocation: init is done
         self.init_error: dict[str, Any] | None = None
         self.exited: str | None = None  # why the runtime is gone, if it is
+        #: the guest's sink for the invocation being streamed (GuestInvoke.stream): a streamed
+        #: response's bytes go there as they arrive, (request id, bytes, content type)
+        self.chunk_sink: Callable[[str, bytes, str], None] | None = None
 
     # -- the guest's side ------------------------------------------------------------------------
     def wait_ready(self, timeout_s: float | None = None) -> bool:
@@ -150,6 +157,14 @@ class RuntimeApi:
             self._finish(Outcome(True, body, None))
             return 202, {"status": "OK"}
 
+    def stream_sink(self, request_id: str) -> Callable[[str, bytes, str], None] | None:
+        """Where a streamed response of ``request_id`` goes as it arrives, if its invocation is
+        streamed (else it is gathered and posted whole)."""
+        with self._cond:
+            if self._current is None or self._current.request_id != request_id:
+                return None
+            return self.chunk_sink
+
     def error(self, request_id: str, body: bytes) -> tuple[int, dict[str, str]]:
         with self._cond:
             if self._current is None or self._current.request_id != request_id:
@@ -194,6 +209,8 @@ class _Handler(BaseHTTPRequestHandler):
     api: RuntimeApi
     extensions: Extensions | None = None
     telemetry: Telemetry | None = None
+    trailers: dict[str, str]  # of the request being handled (a streamed response's error)
+    too_large = False  # the request being handled passed its body limit
 
     def log_message(self, format: str, *args: Any) -> None:  # not into the function's logs
         return
@@ -211,9 +228,55 @@ class _Handler(BaseHTTPRequestHandler):
         status, headers, doc = reply
         self._reply(status, json.dumps(doc).encode(), headers)
 
-    def _read_body(self) -> bytes | None:
+    def _read_chunked(self, limit: int, sink: Callable[[bytes], None] | None = None
+                      ) -> tuple[bytes, dict[str, str]] | None:
+        """A chunked body (a streamed response: ``Lambda-Runtime-Function-Response-Mode:
+        streaming``) and its trailers, read as it arrives; None (413 sent) past ``limit``."""
+        parts: list[bytes] = []
+        size = 0
+        trailers: dict[str, str] = {}
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                n = int(line.split(b";", 1)[0].strip() or b"x", 16)
+            except ValueError:
+                self._reply(400, b'{"errorType":"InvalidChunkedEncoding"}')
+                self.close_connection = True
+                return None
+            if n == 0:
+                break
+            size += n
+            if size > limit:
+                self.too_large = True
+                self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
+                self.close_connection = True
+                return None
+            data = self.rfile.read(n)
+            if sink is not None:
+                sink(data)  # on its way to the caller now; not kept here
+            else:
+                parts.append(data)
+            self.rfile.readline(8)  # the chunk's CRLF
+        for _ in range(100):  # trailers, then the empty line
+            line = self.rfile.readline(65536)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            trailers[k.strip().lower()] = v.strip()
+        return b"".join(parts), trailers
+
+    def _read_body(self, sink: Callable[[bytes], None] | None = None) -> bytes | None:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            got = self._read_chunked(
+                self.api.response_stream_bytes_max if sink is not None
+                else request_body_bytes_max, sink)
+            if got is None:
+                return None
+            body, self.trailers = got
+            return body
         length = int(self.headers.get("Content-Length") or 0)
         if length > request_body_bytes_max:
+            self.too_large = True
             self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
             self.close_connection = True
             return None
@@ -248,8 +311,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, inv.payload, headers)
 
     def do_POST(self) -> None:
-        body = self._read_body()
+        self.trailers = {}
+        self.too_large = False
+        sink = None
+        if (self.headers.get("Lambda-Runtime-Function-Response-Mode") or "").lower() == (
+                "streaming") and self.path.startswith(API_PREFIX + "/invocation/"):
+            request_id = self.path[len(API_PREFIX + "/invocation/"):].split("/", 1)[0]
+            streamed = self.api.stream_sink(request_id)
+            if streamed is not None:
+                ctype = self.headers.get("Content-Type") or "application/octet-stream"
+                def sink(data: bytes, _s: Any = streamed, _r: str = request_id,
+                         _c: str = ctype) -> None:
+                    _s(_r, data, _c)
+        body = self._read_body(sink)
         if body is None:
+            parts = self.path[len(API_PREFIX):].strip("/").split("/")
+            if (self.too_large and len(parts) == 3 and parts[0] == "invocation"
+                    and parts[2] == "response"):
+                # the response passed its limit (while it streamed): the invocation fails
+                self.api.error(parts[1], json.dumps({
+                    "errorType": "Function.ResponseSizeTooLarge",
+                    "errorMessage": "Response payload size exceeded maximum allowed payload "
+                                    "size"}).encode())
             return
         if self.path.startswith(EXTENSION_PREFIX + "/") and self.extensions is not None:
             ext, h = self.extensions, self.headers
@@ -274,7 +357,17 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["init", "error"]:
             status, doc = self.api.init_fail(body)
         elif len(parts) == 3 and parts[0] == "invocation" and parts[2] == "response":
-            status, doc = self.api.respond(parts[1], body)
+            error_type = self.trailers.get("lambda-runtime-function-error-type")
+            if error_type:  # a streamed response that failed midway (its trailers say so)
+                detail = self.trailers.get("lambda-runtime-function-error-body")
+                try:
+                    error_body = base64.b64decode(detail or "", validate=True)
+                except ValueError:
+                    error_body = b""
+                status, doc = self.api.error(parts[1], error_body or json.dumps(
+                    {"errorType": error_type, "errorMessage": ""}).encode())
+            else:
+                status, doc = self.api.respond(parts[1], body)
         elif len(parts) == 3 and parts[0] == "invocation" and parts[2] == "error":
             status, doc = self.api.error(parts[1], body)
         else:

@@ -36,7 +36,8 @@ ACCEPTS: dict[str, frozenset[str]] = {
     "frontend": frozenset({"router", "dispatcher", "control"}),
     "dispatcher": frozenset({"control", "client"}),
     "router": frozenset({"control"}),  # its internal port (cell map pushes)
-    "control": frozenset({"client", "control"}),  # operators' CLI, peer control planes
+    # operators' CLI, peer control planes; routers for the scheduler API only (OPS_ALLOWED)
+    "control": frozenset({"client", "control", "router"}),
     "store": frozenset({"store", "client", "control"}),
 }
 
@@ -45,6 +46,7 @@ ACCEPTS: dict[str, frozenset[str]] = {
 # destroy, attest or read an agent's status; the agent still only answers.
 OPS_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("agent", "router"): frozenset({"leased_invoke"}),
+    ("control", "router"): frozenset({"scheduler"}),
 }
 
 

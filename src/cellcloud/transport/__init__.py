@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +29,8 @@ import msgpack
 from .codec import FrameError, FrameReader, frame_read_bytes, pack, unpack
 
 __all__ = ["CallTimeout", "Client", "FrameError", "FrameReader", "OpError", "RemoteError",
-           "Server", "TransportError", "disable_mtls", "enable_mtls", "frame_bytes_max", "frame_read_bytes",
-           "mtls_role", "pack", "unpack"]
+           "Server", "Stream", "TransportError", "disable_mtls", "enable_mtls", "frame_bytes_max",
+           "frame_read_bytes", "mtls_role", "pack", "tls_stats", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,59 @@ calls_in_flight_max = 4096  # per connection; more is a protocol error, not a qu
 Handler = Callable[[Any], Awaitable[Any]]
 
 
+@dataclass
+class TlsStats:
+    """This process's TLS handshakes on internal links, by side (``server``: accepted,
+    ``client``: opened): completed, and failed (a bad or missing certificate, a protocol
+    error). Exported as Prometheus counters by :mod:`cellcloud.metrics`."""
+
+    handshakes: dict[str, int] = field(default_factory=lambda: {"server": 0, "client": 0})
+    failures: dict[str, int] = field(default_factory=lambda: {"server": 0, "client": 0})
+
+
+tls_stats = TlsStats()
+
+
+class _CountedSSLObject(ssl.SSLObject):
+    """What ``wrap_bio`` returns on our contexts (asyncio's and uvloop's TLS both drive an
+    SSLObject): the same object, counting how each handshake ends."""
+
+    def do_handshake(self) -> None:
+        side = "server" if self.server_side else "client"
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # not over yet
+        except (ssl.SSLError, OSError):
+            tls_stats.failures[side] += 1
+            raise
+        tls_stats.handshakes[side] += 1
+
+
+def _counted(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    ctx.sslobject_class = _CountedSSLObject
+    return ctx
+
+
+class Stream:
+    """An op's answer sent as it is produced (a streamed function response): each item of
+    ``items`` leaves as ``[2, id, item]`` the moment it is ready, then ``[1, id, True, None]``
+    ends the call (``[1, id, False, error]`` if ``items`` raised). The caller reads it with
+    :meth:`Client.call_stream`. No flow control: a producer bounds what it streams."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: AsyncIterator[Any]) -> None:
+        self.items = items
+
+
 class _Mtls:
     """Process-wide mutual TLS: every Server and Client of this process uses it once enabled."""
 
     def __init__(self, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, role: str,
                  region: str) -> None:
-        self.server_ctx = server_ctx
-        self.client_ctx = client_ctx
+        self.server_ctx = _counted(server_ctx)
+        self.client_ctx = _counted(client_ctx)
         self.role = role
         self.region = region
 
@@ -212,7 +258,29 @@ class _ServerProtocol(asyncio.Protocol):
             log.exception("op failed")
             self._send([1, call_id, False, {"type": "InternalError", "message": repr(e)}])
         else:
+            if isinstance(result, Stream):
+                await self._stream(call_id, result)
+                return
             self._send([1, call_id, True, result])
+
+    async def _stream(self, call_id: int, stream: Stream) -> None:
+        try:
+            async for item in stream.items:
+                if self._transport is None or self._transport.is_closing():
+                    close = getattr(stream.items, "aclose", None)
+                    if close is not None:
+                        await close()  # the caller is gone: the producer stops (its finally)
+                    return
+                self._send([2, call_id, item])
+        except OpError as e:
+            self._stats.errors += 1
+            self._send([1, call_id, False, {"type": e.type, "message": e.message, "data": e.data}])
+        except Exception as e:
+            self._stats.errors += 1
+            log.exception("streamed op failed")
+            self._send([1, call_id, False, {"type": "InternalError", "message": repr(e)}])
+        else:
+            self._send([1, call_id, True, None])
 
     def _send(self, frame: list[Any]) -> None:
         if self._transport is None or self._transport.is_closing():
@@ -274,6 +342,8 @@ class _ClientProtocol(asyncio.Protocol):
     def __init__(self, on_lost: Callable[[Exception | None], None]) -> None:
         self._unpacker = _unpacker()
         self.pending: dict[int, asyncio.Future[Any]] = {}
+        #: streamed calls (Client.call_stream): their items, then an end (None) or an error
+        self.streams: dict[int, asyncio.Queue[Any]] = {}
         self.transport: asyncio.Transport | None = None
         self._on_lost = on_lost
         self._out: list[bytes] = []
@@ -295,6 +365,9 @@ class _ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for frame in self._unpacker.feed(data):
+                if frame[0] == 2 or frame[1] in self.streams:
+                    self._on_stream_frame(frame)
+                    continue
                 _, call_id, ok, body = frame
                 fut = self.pending.pop(call_id, None)
                 if fut is None or fut.done():
@@ -311,9 +384,24 @@ class _ClientProtocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
+    def _on_stream_frame(self, frame: list[Any]) -> None:
+        q = self.streams.get(frame[1])
+        if q is None:
+            return  # a stream its caller stopped reading
+        if frame[0] == 2:
+            q.put_nowait(("item", frame[2]))
+        elif frame[2]:
+            q.put_nowait(("end", frame[3]))
+        else:
+            body = frame[3]
+            q.put_nowait(("error", RemoteError(body.get("type", "Error"),
+                                               body.get("message", ""), body.get("data"))))
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         err = TransportError(f"connection lost: {exc!r}")
+        for q in self.streams.values():
+            q.put_nowait(("error", err))
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -421,6 +509,39 @@ class Client:
         finally:
             timer.cancel()
             proto.pending.pop(call_id, None)
+
+    async def call_stream(self, op: str, body: Any = None, *,
+                          timeout_s: float) -> AsyncGenerator[tuple[str, Any], None]:
+        """A call whose answer may be a :class:`Stream`: yields ``("item", x)`` for each
+        streamed item as it arrives, then ``("end", answer)`` once (the answer of an op that
+        did not stream, or None); raises as :meth:`call` does. ``timeout_s`` bounds the whole
+        call."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            proto = await self._connect()
+        if proto.transport is None:
+            raise NotDelivered("connection lost before send")
+        if len(proto.pending) + len(proto.streams) >= calls_in_flight_max:
+            raise TransportError("too many calls in flight on one connection")
+        call_id = next(self._ids)
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        proto.streams[call_id] = q
+        proto.send(self._packer.pack([0, call_id, op, body]))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(q.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    raise CallTimeout(f"{op} timed out after {timeout_s}s") from None
+                if kind == "error":
+                    raise value
+                yield kind, value
+                if kind == "end":
+                    return
+        finally:
+            proto.streams.pop(call_id, None)
 
     async def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:

@@ -161,6 +161,77 @@ class RuntimeClient {
   }
 }
 
+// -- response streaming (awslambda.streamifyResponse) -----------------------------------------
+// A streamified handler gets (event, responseStream, context); what it writes goes to the
+// Runtime API as it is written (chunked, Lambda-Runtime-Function-Response-Mode: streaming);
+// the invocation ends when the stream ends (never: the function's timeout ends it). A failure
+// after the first write is reported in the trailers, as Lambda's runtimes do.
+const STREAMING = Symbol.for("aws.lambda.runtime.handler.streaming");
+const HTTP_INTEGRATION = "application/vnd.awslambda.http-integration-response";
+globalThis.awslambda = {
+  streamifyResponse(handler) {
+    handler[STREAMING] = "response";
+    return handler;
+  },
+  HttpResponseStream: {
+    from(stream, prelude) {
+      stream.setContentType(HTTP_INTEGRATION);
+      stream.write(JSON.stringify(prelude || {}));
+      stream.write(Buffer.alloc(8));
+      return stream;
+    },
+  },
+};
+
+function responseStreamFor(id) {
+  const { Writable } = require("stream");
+  let contentType = "application/octet-stream";
+  let req = null;
+  let settle;
+  const finished = new Promise((resolve) => { settle = resolve; });
+  const open = () => {
+    if (req) return req;
+    req = http.request({
+      host: client.host, port: client.port, method: "POST", agent: client.agent,
+      path: `${RUNTIME_PATH}/invocation/${id}/response`,
+      headers: { "Content-Type": contentType, "Transfer-Encoding": "chunked",
+        "Lambda-Runtime-Function-Response-Mode": "streaming",
+        "Trailer": "Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body" },
+    }, (res) => { res.resume(); res.on("end", settle); res.on("error", settle); });
+    req.on("error", settle);
+    return req;
+  };
+  const stream = new Writable({
+    write(chunk, _enc, cb) { open().write(chunk, cb); },
+    final(cb) { open().end(); cb(); },
+  });
+  stream.setContentType = (t) => { contentType = String(t); };
+  stream.opened = () => req !== null;
+  stream.fail = (error) => {
+    const doc = toRapidResponse(error);
+    const r = open();
+    r.addTrailers({ "Lambda-Runtime-Function-Error-Type": String(doc.errorType),
+      "Lambda-Runtime-Function-Error-Body": Buffer.from(JSON.stringify(doc)).toString("base64") });
+    r.end();
+  };
+  stream.finished = finished;
+  return stream;
+}
+
+async function handleStreaming(handler, res, id) {
+  const stream = responseStreamFor(id);
+  try {
+    await handler(JSON.parse(res.body || "null"), stream, buildContext(res, null));
+  } catch (err) {
+    logInvokeError(err);
+    if (stream.opened()) stream.fail(err);
+    else await client.postError(id, err);
+    if (!stream.opened()) { scheduleNext(handler); return; }
+  }
+  await stream.finished;
+  scheduleNext(handler);
+}
+
 // -- loading the handler -----------------------------------------------------------------------
 function hasPackageJsonTypeModule(folder) {
   for (;;) {
@@ -342,6 +413,10 @@ async function handleOnce(handler) {
     logInvokeError(error);
     client.postError(id, error).finally(() => process.exit(code));
   };
+  if (handler[STREAMING]) {
+    await handleStreaming(handler, res, id);
+    return;
+  }
   if (CALLBACK_HANDLERS) {
     const [callback, cbContext] = callbackContextFor(id, () => scheduleNext(handler));
     try {
