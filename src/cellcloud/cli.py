@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import sdk
+from . import cli_progress, sdk
 from .region import tenants as tenant_table
 from .region.supervisor import Supervisor, default_state_dir, lock_holder, run_foreground
 
@@ -74,6 +74,9 @@ def up(
     metrics_functions_per_account_max: Annotated[int | None, typer.Option(
         min=0, help="Functions of one account with series of their own in /metrics (default "
         "250, core/limits.py); the rest count under function=\"__other__\"")] = None,
+    otlp_endpoint: Annotated[str | None, typer.Option(
+        help="Export tracing spans over OTLP/HTTP to this base URL (default: "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: off)")] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     store_colony: Annotated[str, typer.Option(
         help="A Physalia store colony file (cellcloud store up): the web console shows its "
@@ -98,9 +101,11 @@ def up(
     if detach:
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
                 allow_unlimited, network, net_pool, metrics_functions_per_account_max,
-                store_colony=store_colony)
+                otlp_endpoint, store_colony=store_colony)
         return
     agent_args = ["--network", network, "--net-pool", net_pool]
+    # Spans go out from the router and the frontends (the agents carry theirs back).
+    otlp = ["--otlp-endpoint", otlp_endpoint] if otlp_endpoint else []
     if allow_unlimited:
         agent_args.append("--allow-unlimited")
     sup = Supervisor(
@@ -113,12 +118,12 @@ def up(
         insecure=insecure,
         extra_args={"agent": agent_args,
                     # no function's allow-list may name the pool (core/vpc.py)
-                    "frontend": ["--net-internal", net_pool,
+                    "frontend": ["--net-internal", net_pool, *otlp,
                                  *(["--metrics-functions-per-account-max",
                                     str(metrics_functions_per_account_max)]
                                    if metrics_functions_per_account_max is not None else [])],
-                    "router": (["--store-colony", os.path.abspath(store_colony)]
-                               if store_colony else [])},
+                    "router": [*otlp, *(["--store-colony", os.path.abspath(store_colony)]
+                                        if store_colony else [])]},
     )
 
     def ready(doc: dict[str, Any]) -> None:
@@ -164,7 +169,7 @@ def _detach(
     sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int,
     insecure: bool = False, allow_unlimited: bool = False, network: str = "egress",
     net_pool: str = "100.64.0.0/16", metrics_functions_per_account_max: int | None = None,
-    store_colony: str = "",
+    otlp_endpoint: str | None = None, store_colony: str = "",
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -196,6 +201,7 @@ def _detach(
                 *(["--metrics-functions-per-account-max", str(metrics_functions_per_account_max)]
                   if metrics_functions_per_account_max is not None else []),
                 *(["--store-colony", os.path.abspath(store_colony)] if store_colony else []),
+                *(["--otlp-endpoint", otlp_endpoint] if otlp_endpoint else []),
             ],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,
@@ -204,7 +210,7 @@ def _detach(
             start_new_session=True,
         )
     os.close(w)
-    with os.fdopen(r, "rb") as pipe:
+    with os.fdopen(r, "rb") as pipe, cli_progress.waiting("starting the region"):
         line = pipe.readline()  # EOF if the supervisor dies first: a real wait, not a guess
     if not line:
         proc.wait()
@@ -233,7 +239,8 @@ def down(
     pidfd = os.pidfd_open(pid)
     try:
         os.kill(pid, signal.SIGTERM)
-        ready, _, _ = select.select([pidfd], [], [], timeout_s)
+        with cli_progress.waiting("stopping the region"):
+            ready, _, _ = select.select([pidfd], [], [], timeout_s)
     finally:
         os.close(pidfd)
     if not ready:
@@ -269,8 +276,16 @@ def deploy(
             if e.type != "ResourceNotFoundException":
                 raise
             exists = False
+        # A bar of the bundle's upload, then a spinner while the cell stores and checks it
+        # (on a terminal only: cli_progress.py).
+        with cli_progress.transfer(f"uploading {name}", None) as sent:
+            if exists:
+                client.update_function_code(name, data, progress=sent)
+            else:
+                cfg = client.create_function(name, data, handler, runtime=runtime,
+                                             memory_mb=memory, timeout_s=timeout,
+                                             environment=variables, progress=sent)
         if exists:
-            client.update_function_code(name, data)
             cfg = client.update_function_configuration(
                 name,
                 Handler=handler,
@@ -281,15 +296,6 @@ def deploy(
             )
             verb = "updated"
         else:
-            cfg = client.create_function(
-                name,
-                data,
-                handler,
-                runtime=runtime,
-                memory_mb=memory,
-                timeout_s=timeout,
-                environment=variables,
-            )
             verb = "created"
     except sdk.CellcloudError as e:
         _fail(e)
@@ -548,7 +554,8 @@ def image_push(
         name, tag = ref, "latest"
     rc = _registry_client(state_dir)
     try:
-        out = rc.push(source, name, tag)
+        with cli_progress.blobs("pushing") as rc.progress:
+            out = rc.push(source, name, tag)
     except (RegistryClientError, RegistryError, OSError, ValueError, tarfile.TarError) as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
@@ -624,7 +631,9 @@ def migrate(
     """Move a tenant to another cell: clone, flip the map, drain, forget."""
     from .control import operate
 
-    console.print_json(data=operate.migrate(state_dir or default_state_dir(), tenant, to))
+    with cli_progress.waiting(f"migrating {tenant} to {to}"):
+        done = operate.migrate(state_dir or default_state_dir(), tenant, to)
+    console.print_json(data=done)
 
 
 experiment_app = typer.Typer(help="Experiments that run a region on this machine.")
@@ -669,6 +678,9 @@ def _mount_subcommands() -> None:
     from .region.rollout_cli import rollout
 
     app.command("rollout")(rollout)
+    from .top_cli import top
+
+    app.command("top")(top)
 
 
 _mount_subcommands()

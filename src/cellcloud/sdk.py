@@ -13,12 +13,24 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from .region.supervisor import default_state_dir
 from .security import sigv4
+
+SendProgress = Callable[[int, int], None]  # (bytes just sent, bytes in all)
+send_chunk_bytes = 256 * 1024
+
+
+def _chunks(body: bytes, progress: SendProgress) -> Iterator[bytes]:
+    view = memoryview(body)
+    for i in range(0, len(body), send_chunk_bytes):
+        chunk = view[i:i + send_chunk_bytes]
+        yield bytes(chunk)
+        progress(len(chunk), len(body))
 
 API = "/2015-03-31/functions"
 
@@ -106,7 +118,10 @@ class Client:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None,
                 query: dict[str, str] | None = None,
-                sign: bool = True) -> tuple[int, dict[str, str], bytes]:
+                sign: bool = True,
+                progress: SendProgress | None = None
+                ) -> tuple[int, dict[str, str], bytes]:
+        """One request; ``progress(n, total)`` (if given) is told of every n body bytes sent."""
         if query:
             path += "?" + urlencode(query)
         hdrs = dict(headers or {})
@@ -118,7 +133,12 @@ class Client:
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
             try:
-                self._conn.request(method, path, body=body, headers=hdrs)
+                if progress is not None and body:
+                    hdrs["content-length"] = str(len(body))
+                    self._conn.request(method, path, body=_chunks(body, progress),
+                                       headers=hdrs)
+                else:
+                    self._conn.request(method, path, body=body, headers=hdrs)
                 resp = self._conn.getresponse()
                 data = resp.read()
                 return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
@@ -132,10 +152,12 @@ class Client:
         raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, doc: Any = None,
-              query: dict[str, str] | None = None) -> Any:
+              query: dict[str, str] | None = None,
+              progress: SendProgress | None = None) -> Any:
         body = json.dumps(doc).encode() if doc is not None else None
         status, headers, data = self.request(method, path, body,
-                                             {"content-type": "application/json"}, query)
+                                             {"content-type": "application/json"}, query,
+                                             progress=progress)
         if status >= 400:
             raise _error(status, headers, data)
         return json.loads(data) if data else None
@@ -145,20 +167,22 @@ class Client:
                         runtime: str = "python3.11", memory_mb: int = 128, timeout_s: int = 3,
                         environment: dict[str, str] | None = None,
                         description: str = "",
-                        vpc_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                        vpc_config: dict[str, Any] | None = None,
+                        progress: SendProgress | None = None) -> dict[str, Any]:
         doc: dict[str, Any] = {"FunctionName": name, "Runtime": runtime, "Handler": handler,
                "MemorySize": memory_mb, "Timeout": timeout_s, "Description": description,
                "Code": {"ZipFile": base64.b64encode(zip_bytes).decode()},
                "Environment": {"Variables": environment or {}}}
         if vpc_config is not None:
             doc["VpcConfig"] = vpc_config
-        result: dict[str, Any] = self._json("POST", API, doc)
+        result: dict[str, Any] = self._json("POST", API, doc, progress=progress)
         return result
 
-    def update_function_code(self, name: str, zip_bytes: bytes) -> dict[str, Any]:
+    def update_function_code(self, name: str, zip_bytes: bytes, *,
+                             progress: SendProgress | None = None) -> dict[str, Any]:
         result: dict[str, Any] = self._json(
             "PUT", f"{API}/{quote(name)}/code",
-            {"ZipFile": base64.b64encode(zip_bytes).decode()})
+            {"ZipFile": base64.b64encode(zip_bytes).decode()}, progress=progress)
         return result
 
     def update_function_configuration(self, name: str, **changes: Any) -> dict[str, Any]:

@@ -120,3 +120,35 @@ def test_a_result_without_a_request_id_is_out_of_turn(tmp_path: Any) -> None:
     reply, _seen, _agent = run(
         tmp_path, lambda doc: pack({"t": "result", "payload": b"1"}), INVOKE, m.GUEST_WIRE)
     assert b"Runtime.InvalidResponse" in reply["payload"] and reply["env_alive"] is False
+
+
+TRACE = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
+
+
+def test_the_agent_passes_the_trace_on_and_reports_its_span_and_the_environments(
+        tmp_path: Any) -> None:
+    def answer(doc: dict[str, Any]) -> bytes:
+        parent = doc["trace_id"].split("Parent=")[1].split(";")[0]
+        # a guest whose function forged the frame: another name, parent and times
+        forged = m.Span("my name\n", "e" * 16, "1" * 16, 0, 2**62)
+        assert parent != "53995c3f42cd8ad8" and doc["span"] is True
+        return pack(m.GuestResult(doc["request_id"], b"1", None, span=forged).to_wire())
+
+    reply, seen, _ = run(tmp_path, answer, {**INVOKE, "trace_id": TRACE, "spans": True},
+                         m.GUEST_WIRE)
+    agent_span, env_span = m.InvokeReply.from_wire(reply).spans
+    assert seen[0]["trace_id"] == TRACE.replace("53995c3f42cd8ad8", agent_span.span_id)
+    assert (agent_span.name, agent_span.parent_id) == ("agent", "53995c3f42cd8ad8")
+    # the agent names the environment's span and parents it; the times stay within its own
+    assert (env_span.name, env_span.span_id, env_span.parent_id) == (
+        "environment", "e" * 16, agent_span.span_id)
+    assert agent_span.start_ns <= env_span.start_ns <= env_span.end_ns <= agent_span.end_ns
+
+
+def test_without_spans_asked_the_trace_goes_through_unchanged(tmp_path: Any) -> None:
+    def answer(doc: dict[str, Any]) -> bytes:
+        return pack(m.GuestResult(doc["request_id"], b"1", None).to_wire())
+
+    reply, seen, _ = run(tmp_path, answer, {**INVOKE, "trace_id": TRACE}, m.GUEST_WIRE)
+    assert seen[0]["trace_id"] == TRACE and "span" not in seen[0]
+    assert "spans" not in reply

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import select
 import shutil
 import sys
@@ -26,6 +27,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from ..core import messages as m
+from ..core import tracing
 from ..core.bundle import sha256_hex
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
@@ -323,6 +325,7 @@ class Agent:
         self._next_slot = 0
         self._zombie_cgroups: list[cgroups.Cgroup] = []
         self.started_ms = int(time.time() * 1000)
+        self._rng = random.Random(os.urandom(16))  # span ids (core/tracing.py)
         self.counters = {"created": 0, "create_failed": 0, "invocations": 0, "timeouts": 0,
                          "crashes": 0, "destroyed": 0, "attestation_failures": 0,
                          "envs_gone": 0}
@@ -615,7 +618,9 @@ class Agent:
             res = await self.invoke({"env_id": env_id, "request_id": str(body["request_id"]),
                                      "payload": body["payload"],
                                      "timeout_ms": int(body["timeout_ms"]),
-                                     "arn": str(body.get("arn", ""))})
+                                     "arn": str(body.get("arn", "")),
+                                     "trace_id": str(body.get("trace_id") or ""),
+                                     "spans": body.get("spans") is True})
             lease.invocations += 1
             assert isinstance(res, dict)  # never streamed: the body named no "stream"
             return res
@@ -708,16 +713,29 @@ class Agent:
         request_id = req.request_id
         timeout_ms = req.timeout_ms
         started = time.monotonic()
+        # Tracing: the environment gets the caller's X-Ray header, with Parent = this agent's
+        # span when the caller exports spans (then both spans go back in the reply).
+        trace = tracing.parse(req.trace_id) if req.trace_id else None
+        span_id = ""
+        started_ns = time.time_ns()
+        guest_trace = req.trace_id if trace is not None else ""
+        if trace is not None and req.spans:
+            span_id = tracing.new_span_id(self._rng)
+            guest_trace = trace.child(span_id).format()
         ask = m.GuestInvoke(request_id, req.payload, timeout_ms, req.arn,
-                            legacy=rec.guest_wire < 2, stream=chunk_sink is not None)
+                            legacy=rec.guest_wire < 2, stream=chunk_sink is not None,
+                            trace_id=guest_trace, span=bool(span_id))
         rec.channel.chunk_sink = chunk_sink
         try:
-            return await self._invoke_on(rec, env_id, request_id, timeout_ms, started, ask)
+            return await self._invoke_on(rec, env_id, request_id, timeout_ms, started, ask,
+                                         trace if span_id else None, span_id, started_ns)
         finally:
             rec.channel.chunk_sink = None
 
     async def _invoke_on(self, rec: EnvRecord, env_id: str, request_id: str, timeout_ms: int,
-                         started: float, ask: m.GuestInvoke) -> m.InvokeReply:
+                         started: float, ask: m.GuestInvoke,
+                         trace: tracing.TraceHeader | None = None, span_id: str = "",
+                         started_ns: int = 0) -> m.InvokeReply:
         try:
             frame = await rec.channel.request(
                 ask.to_wire(int(time.time() * 1000) if ask.legacy else 0), timeout_ms / 1000)
@@ -773,11 +791,22 @@ class Agent:
             rec.phase_task = asyncio.ensure_future(
                 self._invoke_phase(rec, request_id, started + timeout_ms / 1000))
         previous, rec.late_logs = rec.late_logs, b""
+        spans: tuple[m.Span, ...] = ()
+        if span_id and trace is not None:
+            ended_ns = time.time_ns()
+            spans = (m.Span("agent", span_id, trace.parent or "", started_ns, ended_ns),)
+            env = result.span
+            if env is not None and tracing.valid_span_id(env.span_id):
+                # What the environment says is only its span id and times (its code may have
+                # written the frame): name and parent are the agent's, times within its span.
+                start = min(max(env.start_ns, started_ns), ended_ns)
+                spans += (m.Span("environment", env.span_id, span_id, start,
+                                 min(max(env.end_ns, start), ended_ns)),)
         return m.InvokeReply(
             result.payload, result.function_error, result.logs, result.duration_ms,
             result.max_rss_kb, alive,
             # the previous invocation's logs from after its response (END/REPORT, extensions)
-            previous_logs=previous)
+            previous_logs=previous, spans=spans)
 
     async def _invoke_phase(self, rec: EnvRecord, request_id: str, deadline: float) -> None:
         """Wait for the end of an Invoke phase whose response already went back: every

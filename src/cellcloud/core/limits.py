@@ -96,6 +96,10 @@ class Limits:
     # A frontend waits this long for an agent's exposition (under the router's wait for the
     # cell's, so a hung agent leaves only itself out of a scrape).
     metrics_agent_timeout_ms: int = 2_000
+    # An incoming X-Amzn-Trace-Id longer than this is not honoured (a new trace id is made);
+    # a reply carrying more spans than this (agent + environment: two) is refused.
+    trace_header_chars_max: int = 1024
+    trace_spans_per_reply_max: int = 8
     # A sync invoke is answered at the latest this long after its function's timeout, whatever
     # the agents do (core/invoke.py answers it with a ServiceException on the first tick past).
     invoke_answer_slack_ms: int = 60_000

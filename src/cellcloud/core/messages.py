@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from .limits import DEFAULT_LIMITS
+
 GUEST_WIRE = 2  # the agent <-> guest dialect; 1 (no "wire" in the ready frame): the first
 
 class MessageError(ValueError):
@@ -171,13 +173,21 @@ class InvokeRequest:
     payload: bytes
     timeout_ms: int  # relative: the function's timeout
     arn: str = ""  # the ARN the caller invoked (qualified or not), for the context object
+    # The X-Ray trace header (core/tracing.py), Parent = the caller's span; "": none
+    trace_id: str = ""
+    spans: bool = False  # answer with the agent's and the environment's spans (exporting)
     #: answer as a transport Stream: the response's bytes as the runtime streams them
     #: ({"c": bytes} items), then {"r": InvokeReply} (its payload empty)
     stream: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        doc = {"env_id": self.env_id, "request_id": self.request_id, "payload": self.payload,
-               "timeout_ms": self.timeout_ms, "arn": self.arn}
+        doc: dict[str, Any] = {"env_id": self.env_id, "request_id": self.request_id,
+                               "payload": self.payload, "timeout_ms": self.timeout_ms,
+                               "arn": self.arn}
+        if self.trace_id:
+            doc["trace_id"] = self.trace_id
+        if self.spans:
+            doc["spans"] = True
         if self.stream:
             doc["stream"] = True
         return doc
@@ -187,7 +197,39 @@ class InvokeRequest:
         k = "invoke"
         return cls(env_id=_get(doc, "env_id", str, k), request_id=_get(doc, "request_id", str, k),
                    payload=_get(doc, "payload", bytes, k), timeout_ms=_get(doc, "timeout_ms", int, k),
-                   arn=_get(doc, "arn", str, k, ""), stream=_get(doc, "stream", bool, k, False))
+                   arn=_get(doc, "arn", str, k, ""), trace_id=_get(doc, "trace_id", str, k, ""),
+                   spans=_get(doc, "spans", bool, k, False),
+                   stream=_get(doc, "stream", bool, k, False))
+
+
+@dataclass(frozen=True)
+class Span:
+    """A finished span of a hop that exports nothing itself (the agent, the environment):
+    carried back in the reply, exported by the caller. Ids in hex, times in ns since the epoch."""
+
+    name: str
+    span_id: str
+    parent_id: str
+    start_ns: int
+    end_ns: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "span_id": self.span_id, "parent_id": self.parent_id,
+                "start_ns": self.start_ns, "end_ns": self.end_ns}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "span"
+        return cls(name=_get(doc, "name", str, k), span_id=_get(doc, "span_id", str, k),
+                   parent_id=_get(doc, "parent_id", str, k),
+                   start_ns=_get(doc, "start_ns", int, k), end_ns=_get(doc, "end_ns", int, k))
+
+
+def _spans(doc: Any, kind: str) -> tuple[Span, ...]:
+    value = _get(doc, "spans", (list, tuple), kind, ())
+    if len(value) > DEFAULT_LIMITS.trace_spans_per_reply_max:
+        raise MessageError(f"{kind}: more than {DEFAULT_LIMITS.trace_spans_per_reply_max} spans")
+    return tuple(Span.from_wire(s) for s in value)
 
 
 @dataclass(frozen=True)
@@ -200,6 +242,7 @@ class InvokeReply:
     env_alive: bool = True
     previous_logs: bytes = b""  # the previous invocation's logs from after its response
     oom: bool = False  # the environment was killed for memory
+    spans: tuple[Span, ...] = ()  # asked for (InvokeRequest.spans): the agent's, the env's
 
     @property
     def status(self) -> str:
@@ -214,6 +257,8 @@ class InvokeReply:
             doc["previous_logs"] = self.previous_logs
         if self.oom:
             doc["oom"] = True
+        if self.spans:
+            doc["spans"] = [sp.to_wire() for sp in self.spans]
         return doc
 
     @classmethod
@@ -226,7 +271,7 @@ class InvokeReply:
                    max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
                    env_alive=_get(doc, "env_alive", bool, k, True),
                    previous_logs=_get(doc, "previous_logs", bytes, k, b""),
-                   oom=_get(doc, "oom", bool, k, False))
+                   oom=_get(doc, "oom", bool, k, False), spans=_spans(doc, k))
 
 
 @dataclass(frozen=True)
@@ -326,6 +371,8 @@ class GuestInvoke:
     timeout_ms: int
     arn: str = ""
     legacy: bool = False  # spoken in (or to be answered in) the first dialect
+    trace_id: str = ""  # the X-Ray trace header, Parent = the agent's span; "": none
+    span: bool = False  # report the environment's span (GuestResult.span)
     #: send a streamed response's bytes as they come ({"t": "chunk"} frames) before the result
     stream: bool = False
 
@@ -336,6 +383,10 @@ class GuestInvoke:
                     "deadline_ms": now_ms + self.timeout_ms, "arn": self.arn}
         doc = {"t": "invoke", "request_id": self.request_id, "payload": self.payload,
                "timeout_ms": self.timeout_ms, "arn": self.arn}
+        if self.trace_id:
+            doc["trace_id"] = self.trace_id
+        if self.span:
+            doc["span"] = True
         if self.stream:
             doc["stream"] = True
         return doc
@@ -350,6 +401,7 @@ class GuestInvoke:
         return cls(request_id=_get(doc, "request_id", str, k),
                    payload=_get(doc, "payload", bytes, k),
                    timeout_ms=_get(doc, "timeout_ms", int, k), arn=_get(doc, "arn", str, k, ""),
+                   trace_id=_get(doc, "trace_id", str, k, ""), span=_get(doc, "span", bool, k, False),
                    stream=_get(doc, "stream", bool, k, False))
 
 
@@ -367,6 +419,7 @@ class GuestResult:
     env_alive: bool = True
     phase_pending: bool = False
     legacy: bool = False
+    span: Span | None = None  # the environment's span, when asked (GuestInvoke.span)
 
     def to_wire(self) -> dict[str, Any]:
         if self.legacy:
@@ -375,10 +428,14 @@ class GuestResult:
                     "logs": self.logs, "duration_ms": self.duration_ms,
                     "max_rss_kb": self.max_rss_kb, "fatal": not self.env_alive,
                     **({"phase": "pending"} if self.phase_pending else {})}
-        return {"t": "result", "request_id": self.request_id, "payload": self.payload,
-                "function_error": self.function_error, "logs": self.logs,
-                "duration_ms": self.duration_ms, "max_rss_kb": self.max_rss_kb,
-                "env_alive": self.env_alive, "phase_pending": self.phase_pending}
+        doc: dict[str, Any] = {
+               "t": "result", "request_id": self.request_id, "payload": self.payload,
+               "function_error": self.function_error, "logs": self.logs,
+               "duration_ms": self.duration_ms, "max_rss_kb": self.max_rss_kb,
+               "env_alive": self.env_alive, "phase_pending": self.phase_pending}
+        if self.span is not None:
+            doc["span"] = self.span.to_wire()
+        return doc
 
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
@@ -400,7 +457,13 @@ class GuestResult:
                    duration_ms=_get(doc, "duration_ms", float, k, 0.0),
                    max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
                    env_alive=_get(doc, "env_alive", bool, k, True),
-                   phase_pending=_get(doc, "phase_pending", bool, k, False))
+                   phase_pending=_get(doc, "phase_pending", bool, k, False),
+                   span=_optional_span(doc, k))
+
+
+def _optional_span(doc: Any, kind: str) -> Span | None:
+    value = _get(doc, "span", dict, kind, None)
+    return Span.from_wire(value) if value is not None else None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from ..core import errors, eventstream, params, policies
+from ..core import errors, eventstream, params, policies, tracing
 from ..core import function_urls as function_url_rules
 from ..core.aliases import check_alias_name
 from ..core.catalog_rules import page_size
@@ -185,9 +185,12 @@ async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
         raise errors.invalid(f"Unsupported LogType {log_type!r}")
     res = await cell.invoke(req["a"], name, req["b"] or b"", log_tail=log_type == "Tail",
                             qualifier=qualifier,
-                            request_id=headers.get(events.EVENT_ID_HEADER))
+                            request_id=headers.get(events.EVENT_ID_HEADER),
+                            trace_header=headers.get(tracing.HEADER))
     out_headers = {"x-amz-executed-version": res.executed_version,
                    "x-amzn-requestid": res.request_id, "content-type": "application/json"}
+    if res.trace is not None:
+        out_headers[tracing.HEADER] = res.trace.response()
     if res.function_error:
         out_headers["x-amz-function-error"] = res.function_error
     if log_type == "Tail":

@@ -39,6 +39,7 @@ from .store import FunctionRecord, FunctionStore, StateDiskFull
 
 if TYPE_CHECKING:
     from .mappings import Mappings
+    from ..span_export import SpanExporter
 
 log = logging.getLogger("cellcloud.frontend")
 
@@ -121,6 +122,9 @@ class Cell:
                                        limits.metrics_functions_per_account_max)
         # the dispatcher's exposition (metrics_push), under its own name only
         self.pushed_metrics = Pushed(limits, names=re.escape(f"{cell_id}-dispatcher"))
+        # Tracing spans (span_export.py), set by the server when an OTLP endpoint is
+        # configured; None: off (trace ids still flow, nothing is exported).
+        self.spans: SpanExporter | None = None
 
     @property
     def invokes_inflight_max(self) -> int:
@@ -238,6 +242,7 @@ class Cell:
         qualifier: str | None = None,
         request_id: str | None = None,
         sink: ChunkSink | None = None,
+        trace_header: str | None = None,
     ) -> InvokeResult:
         """``sink``: stream the response (its bytes go there as the runtime streams them; the
         result's payload holds what was not streamed)."""
@@ -261,7 +266,8 @@ class Cell:
                     f"Could not parse request body into json: {e}",
                 ) from e
         return await self.invoker.invoke(rec, invoked_arn, payload, log_tail,
-                                         self.reserved(account, name), request_id, sink)
+                                         self.reserved(account, name), request_id, sink,
+                                         trace_header)
 
     def shard_of(self, key: str) -> tuple[str, ...]:
         return self.invoker.core.shard_of(key)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..core import errors
+from ..core import errors, tracing
 from ..core import messages as m
 from ..core.errors import LambdaError
 from ..core.invoke import (
@@ -68,7 +70,8 @@ agent_draining_retries_max = 40  # ~20 s of backoff: an agent handover takes wel
 
 
 class InvokeResult:
-    __slots__ = ("status", "payload", "function_error", "logs", "request_id", "executed_version")
+    __slots__ = ("status", "payload", "function_error", "logs", "request_id", "executed_version",
+                 "trace")
 
     def __init__(
         self,
@@ -77,8 +80,10 @@ class InvokeResult:
         logs: bytes,
         request_id: str,
         executed_version: str = "$LATEST",
+        trace: tracing.TraceHeader | None = None,
     ) -> None:
         self.status = 200
+        self.trace = trace  # the invocation's X-Ray trace (its root goes back to the caller)
         self.payload = payload
         self.function_error = function_error
         self.logs = logs
@@ -97,7 +102,7 @@ ChunkSink = Callable[[bytes, str], None]
 
 class _Call:
     __slots__ = ("request_id", "rec", "invoked_arn", "payload", "log_tail", "done", "reply",
-                 "sink")
+                 "sink", "trace_id", "spans")
 
     def __init__(self, request_id: str, rec: FunctionRecord, invoked_arn: str, payload: bytes,
                  log_tail: bool, done: asyncio.Future[Instruction],
@@ -111,6 +116,8 @@ class _Call:
         self.log_tail = log_tail
         self.done = done
         self.reply: m.InvokeReply | None = None
+        self.trace_id = ""  # the header the agent gets (Parent = the frontend's span)
+        self.spans = False  # ask the agent for its spans (exporting, sampled)
 
 
 class Invoker:
@@ -125,6 +132,7 @@ class Invoker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ending: set[asyncio.Future[Any]] = set()  # agents told to refuse a lease
         self._seq = 0
+        self._rng = random.Random(os.urandom(16))  # trace and span ids (core/tracing.py)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -169,8 +177,28 @@ class Invoker:
     # -- the caller's side ----------------------------------------------------------------------
     async def invoke(self, rec: FunctionRecord, invoked_arn: str, payload: bytes, log_tail: bool,
                      reserved: int | None, request_id: str | None = None,
-                     sink: ChunkSink | None = None) -> InvokeResult:
+                     sink: ChunkSink | None = None,
+                     trace_header: str | None = None) -> InvokeResult:
         request_id = request_id or str(uuid.uuid4())
+        # The router's trace (Parent = its span), else (async deliveries, event sources) a new
+        # one: every invocation has its own X-Ray trace id.
+        spans = self.cell.spans
+        trace, span_id = tracing.begin(trace_header, now_ms=self.now_ms(), rng=self._rng,
+                                       sample=spans is not None)
+        started_ns = time.time_ns()
+        try:
+            return await self._invoke(rec, invoked_arn, payload, log_tail, reserved, request_id,
+                                      trace, span_id, sink)
+        finally:
+            if spans is not None and trace.sampled:
+                spans.export_later(trace, "frontend", span_id, trace.parent, started_ns,
+                                   time.time_ns(), attributes={"aws.request_id": request_id,
+                                                               "faas.name": rec.name})
+
+    async def _invoke(self, rec: FunctionRecord, invoked_arn: str, payload: bytes,
+                      log_tail: bool, reserved: int | None, request_id: str,
+                      trace: tracing.TraceHeader, span_id: str,
+                      sink: ChunkSink | None = None) -> InvokeResult:
         # The core's key for this call: the caller's id unless that is in flight already (an
         # async event redelivered while its first delivery still runs keeps its request id).
         key = request_id
@@ -182,6 +210,8 @@ class Invoker:
         # core's deadline).
         call = self._calls[key] = _Call(request_id, rec, invoked_arn, payload, log_tail, done,
                                         sink)
+        call.trace_id = trace.child(span_id).format()
+        call.spans = self.cell.spans is not None and bool(trace.sampled)
         counters = self.cell.counters
         mx = self.cell.metrics
         labels = mx.labels(rec.account, rec.name)
@@ -208,6 +238,8 @@ class Invoker:
             raise LambdaError(ins.status, ins.error_type, ins.message)
         res = call.reply
         assert res is not None
+        if res.spans and self.cell.spans is not None:
+            self.cell.spans.export_remote_later(trace, res.spans, {"aws.request_id": request_id})
         mx.duration.labels(*labels).observe(time.monotonic() - started)
         logs = res.logs
         if logs:
@@ -217,7 +249,7 @@ class Invoker:
             mx.errors.labels(*labels).inc()
         return InvokeResult(res.payload, res.function_error,
                             logs[-self.cell.limits.log_tail_bytes:] if log_tail else b"",
-                            request_id, rec.version)
+                            request_id, rec.version, trace)
 
     # -- leases (issue #13): a router runs warm invokes router -> agent ------------------------
     async def lease(self, rec: FunctionRecord, invoked_arn: str, reserved: int | None,
@@ -476,7 +508,8 @@ class Invoker:
         timeout_ms = rec.timeout_s * 1000
         body = m.InvokeRequest(env_id=ins.env_id, request_id=call.request_id,
                                payload=call.payload, timeout_ms=timeout_ms,
-                               arn=call.invoked_arn, stream=call.sink is not None).to_wire()
+                               arn=call.invoked_arn, stream=call.sink is not None,
+                               trace_id=call.trace_id, spans=call.spans).to_wire()
         timeout_s = timeout_ms / 1000 + cell.limits.agent_call_timeout_ms / 1000
         try:
             if call.sink is not None:

@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from .. import runtime
+from .. import runtime, span_export
 from ..core.limits import DEFAULT_LIMITS
 from ..core.poison import PoisonParams
 from ..core.sharding import SignatureSharder, Worker
@@ -56,6 +56,7 @@ async def serve(args: argparse.Namespace) -> None:
     # The durable async intake and the cell's queues (SQS API); the dispatcher process reads
     # the same events file. CELLCLOUD_PLANT_BUG=ack-before-write plants the chaos test's bug.
     cell.invokes_inflight_max = args.invokes_inflight_max
+    cell.spans = span_export.from_config(args.otlp_endpoint, "cellcloud-frontend")
     if args.plant_bug == "sharder-ignores-shard" and cell.sharder is not None:
         # A planted bug for the blast-radius experiment: every function's shard is the whole
         # cell (the cell still says k); the experiment's outside prediction must disagree.
@@ -108,6 +109,8 @@ async def serve(args: argparse.Namespace) -> None:
         await cell.mappings.close()
         cell.flush_logs()
         await server.close()
+        if cell.spans is not None:
+            cell.spans.shutdown()
 
 
 def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handler]:
@@ -191,6 +194,9 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="cellcloud frontend serve")
     p.add_argument("--cell-id", required=True)
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="export spans over OTLP/HTTP to this base URL (default: "
+                        "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: tracing spans off)")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--agent", action="append", default=[], help="AGENT_ID=HOST:PORT")

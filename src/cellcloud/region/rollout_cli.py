@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .. import cli_progress
 from .ask import ask_supervisor
 from .supervisor import default_state_dir
 
@@ -19,7 +20,8 @@ def rollout(state_dir: Annotated[str | None, typer.Option("--state-dir")] = None
             ) -> None:
     """Restart every cell's processes, cell by cell; stop at the first unhealthy cell."""
     sd = os.path.abspath(state_dir or default_state_dir())
-    report = ask_supervisor(sd, signal.SIGUSR1, "rollout.json", timeout_s)
+    with cli_progress.waiting("rolling out, cell by cell"):
+        report = ask_supervisor(sd, signal.SIGUSR1, "rollout.json", timeout_s)
     table = Table("cell", "restarted", "healthy", "seconds", title="rollout")
     for c in report["cells"]:
         table.add_row(c["cell"], ", ".join(c["restarted"]), "yes" if c["healthy"] else "NO",

@@ -49,8 +49,11 @@ def agent_restart(
     from .supervisor import default_state_dir
 
     sd = os.path.abspath(state_dir or default_state_dir())
-    result = ask_supervisor(sd, signal.SIGUSR2, "agent-restart-result.json", timeout_s,
-                            ("agent-restart.json", {"agent": name, "live": live}))
+    from .. import cli_progress
+
+    with cli_progress.waiting(f"restarting {name}" + (" (live)" if live else "")):
+        result = ask_supervisor(sd, signal.SIGUSR2, "agent-restart-result.json", timeout_s,
+                                ("agent-restart.json", {"agent": name, "live": live}))
     if "error" in result:
         typer.echo(result["error"], err=True)
         raise typer.Exit(1)

@@ -12,6 +12,7 @@ import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -44,6 +45,8 @@ class RegistryClient:
         self.timeout_s = timeout_s
         self._password: str | None = None
         self._conn: http.client.HTTPConnection | None = None
+        # Told of every blob chunk sent: (digest, bytes, blob size); the CLI's progress bars.
+        self.progress: Callable[[str, int, int], None] | None = None
 
     # -- transport -----------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: Any = None,
@@ -119,9 +122,14 @@ class RegistryClient:
         return found
 
     def push_blob(self, name: str, path: str, digest: str) -> bool:
-        """Upload one blob from a file unless the repository has it; True if it was sent."""
+        """Upload one blob from a file unless the repository has it; True if it was sent.
+        ``self.progress(digest, n, size)`` (if set) hears of every chunk (n = size at once
+        for a blob the repository has)."""
+        size = os.path.getsize(path)
         status, _, _ = self.v2("HEAD", f"/v2/{name}/blobs/{digest}", ok=(200, 404))
         if status == 200:
+            if self.progress is not None:
+                self.progress(digest, size, size)
             return False
         _, hdrs, _ = self.v2("POST", f"/v2/{name}/blobs/uploads/")
         location = hdrs["location"]
@@ -133,6 +141,8 @@ class RegistryClient:
                     "content-range": f"{offset}-{offset + len(chunk) - 1}"})
                 location = hdrs.get("location", location)
                 offset += len(chunk)
+                if self.progress is not None:
+                    self.progress(digest, len(chunk), size)
         sep = "&" if "?" in location else "?"
         self.v2("PUT", f"{location}{sep}digest={quote(digest)}", b"")
         return True

@@ -11,8 +11,10 @@ import hmac
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
@@ -20,6 +22,7 @@ from prometheus_client import generate_latest
 from .. import runtime
 from ..console.app import PREFIX as CONSOLE_PREFIX
 from ..console.app import Console, session_value
+from ..core import tracing
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
@@ -36,6 +39,7 @@ from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner, open_str
 from .leases import Fallback, Leases
 
 if TYPE_CHECKING:
+    from ..span_export import SpanExporter
     from .connections import ConnectionRegistry
 
 log = logging.getLogger("cellcloud.router")
@@ -156,8 +160,13 @@ class Router:
         registry_key: RegistryKey | None = None,
         leases: bool = True,
         store_colony: str | None = None,
+        spans: SpanExporter | None = None,
     ):
         self.operator = operator
+        # Tracing (core/tracing.py): ids from this generator; spans exported only with an
+        # OTLP endpoint configured (span_export.py; None: off, the SDK never imported).
+        self._rng = random.Random(os.urandom(16))
+        self.spans = spans
         self.connections = connections
         self.cell_map = cell_map
         self.region = region
@@ -305,6 +314,8 @@ class Router:
             self.counters["internal_errors"] += 1
             err = LambdaError(500, "ServiceException", "An internal error occurred.")
             status, headers, body = err.status, err.headers(), err.body()
+        if body_state.trace is not None and self.spans is not None:
+            self._end_trace(body_state.trace, status)
         if not isinstance(body, bytes):  # streamed (InvokeWithResponseStream): chunked
             await self.urls.send_stream(scope, send, status, list(headers.items()), body)
             return
@@ -414,6 +425,8 @@ class Router:
         if path.startswith("/2021-10-31/"):  # FunctionUrl is printed on the endpoint used
             host = next((v for k, v in headers if k == "host"), "")
             fwd["x-cellcloud-endpoint"] = f"{scope.get('scheme') or 'http'}://{host}"
+        if is_invoke and scope["method"] == "POST":
+            body_state.trace = self._begin_trace(headers, fwd, cell.cell_id)
         req = {
             "m": scope["method"],
             "p": path,
@@ -456,6 +469,23 @@ class Router:
         if leases is not None and resp["s"] == 200 and leases.eligible(fwd, body):
             leases.want(key, cell.cell_id)
         return resp["s"], resp["h"], resp["b"]
+
+    def _begin_trace(self, headers: list[tuple[str, str]], fwd: dict[str, str],
+                     cell_id: str) -> _Trace:
+        """X-Ray: every invoke gets a trace id here (a valid incoming one is honoured) and the
+        next hop gets it with Parent = this span (docs/observability.md#tracing)."""
+        trace, span_id = tracing.begin(
+            next((v for k, v in headers if k == tracing.HEADER), None),
+            now_ms=int(time.time() * 1000), rng=self._rng, sample=self.spans is not None)
+        fwd[tracing.HEADER] = trace.child(span_id).format()
+        return _Trace(trace, span_id, time.time_ns(), cell_id)
+
+    def _end_trace(self, t: _Trace, status: int) -> None:
+        assert self.spans is not None
+        self.spans.export_later(t.trace, "router", t.span_id, t.trace.parent, t.started_ns,
+                                time.time_ns(), server=True,
+                                attributes={"cellcloud.cell": t.cell_id,
+                                            "http.response.status_code": status})
 
     async def _ecr(self, cell_id: str, account: str, target: str, body: bytes,
                    headers: list[tuple[str, str]],
@@ -566,6 +596,16 @@ class Router:
         return {"router": router, "cells": cells}
 
 
+@dataclass(frozen=True)
+class _Trace:
+    """An invoke's trace at the router: the header as received or made, the router's span."""
+
+    trace: tracing.TraceHeader
+    span_id: str
+    started_ns: int
+    cell_id: str
+
+
 class _BodyState:
     """Whether the client still owes body bytes, and how many it declared."""
 
@@ -583,6 +623,8 @@ class _BodyState:
         self.pending = chunked or bool(self.declared)
         #: an SQS query-protocol request: its errors are answered in SQS's XML
         self.sqs_query = False
+        #: an invoke's trace (the router's span ends when the answer is decided)
+        self.trace: _Trace | None = None
 
 
 def _only_get(scope: Scope, path: str) -> None:

@@ -23,9 +23,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ..core import tracing
 from ..core.errors import LambdaError
 from ..core.jsondepth import check_json_depth
 from ..core.limits import Limits
+from ..core.messages import InvokeReply, MessageError
 from ..transport import CallTimeout, Client, NotDelivered, RemoteError, TransportError
 
 log = logging.getLogger("cellcloud.router")
@@ -35,7 +37,7 @@ _NOTHING_RAN = frozenset({"LeaseInvalid", "EnvGone", "EnvNotFound", "EnvBusy", "
                           "EnvReset", "Forbidden", "UnknownOperation"})
 # Headers under which a leased invoke answers exactly as the frontend would; anything else
 # (async, DryRun, client context, refused parameters) goes to the frontend.
-_PLAIN = frozenset({"x-amz-invocation-type", "x-amz-log-type", "content-type"})
+_PLAIN = frozenset({"x-amzn-trace-id", "x-amz-invocation-type", "x-amz-log-type", "content-type"})
 
 
 @dataclass
@@ -126,10 +128,16 @@ class Leases:
         self._ensure_sweeper()
         request_id = str(uuid.uuid4())
         client = self._agent(lease.agent)
+        # The router set the header (Parent = its span); the agent's and the environment's
+        # spans come back when the router exports them.
+        trace = tracing.parse(fwd.get(tracing.HEADER))
+        spans = self.router.spans if trace is not None and trace.sampled else None
         try:
             res = await client.call("leased_invoke", {
                 "lease_id": lease.lease_id, "env_id": lease.env_id, "request_id": request_id,
-                "payload": payload, "timeout_ms": lease.timeout_ms, "arn": lease.arn},
+                "payload": payload, "timeout_ms": lease.timeout_ms, "arn": lease.arn,
+                **({"trace_id": fwd[tracing.HEADER]} if trace is not None else {}),
+                **({"spans": True} if spans is not None else {})},
                 timeout_s=lease.timeout_ms / 1000 + self.limits.agent_call_timeout_ms / 1000)
         except NotDelivered as e:
             await self._fall_back(key, lease)
@@ -164,6 +172,14 @@ class Leases:
             self._drop(key, lease)
         headers = {"x-amz-executed-version": lease.version, "x-amzn-requestid": request_id,
                    "content-type": "application/json"}
+        if trace is not None:
+            headers[tracing.HEADER] = trace.response()
+            if spans is not None:
+                try:
+                    remote = InvokeReply.from_wire(res).spans
+                except MessageError:
+                    remote = ()
+                spans.export_remote_later(trace, remote, {"aws.request_id": request_id})
         if res.get("function_error"):
             headers["x-amz-function-error"] = str(res["function_error"])
         if fwd.get("x-amz-log-type") == "Tail":

@@ -13,7 +13,7 @@ from typing import Any
 
 import uvicorn
 
-from .. import runtime
+from .. import runtime, span_export
 from ..core.cellmap import CellMap
 from ..core.limits import DEFAULT_LIMITS
 from ..registry.edge import RegistryKey
@@ -54,7 +54,8 @@ async def serve(args: argparse.Namespace) -> None:
                     operator=operator, connections=registry,
                     registry_key=RegistryKey(args.registry_key_file)
                     if args.registry_key_file else None, leases=args.leases,
-                    store_colony=args.store_colony or None)
+                    store_colony=args.store_colony or None,
+                    spans=span_export.from_config(args.otlp_endpoint, "cellcloud-router"))
     router.set_control(map_doc.get("control"))  # a restarted router: the last push's address
     router.cell_map_file = args.cell_map
     sock = runtime.bind_tcp(args.listen)
@@ -113,6 +114,8 @@ async def serve(args: argparse.Namespace) -> None:
         server.should_exit = True
         await task
         await server.shutdown(sockets=[sock])
+        if router.spans is not None:
+            router.spans.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--leases", action=argparse.BooleanOptionalAction, default=True,
                    help="run warm sync invokes router -> agent under leases from the frontend "
                         "(issue #13); --no-leases: every invoke crosses the frontend")
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="export spans over OTLP/HTTP to this base URL (default: "
+                        "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: tracing spans off)")
     p.add_argument("--cell-map", required=True, help="JSON file with the cell map")
     p.add_argument("--tenants", required=True, help="JSON file with the tenant table")
     p.add_argument("--region", default="cc-local-1", help="The region name requests are signed for")

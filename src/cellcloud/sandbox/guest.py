@@ -32,6 +32,7 @@ import json
 import math
 import os
 import queue
+import random
 import re
 import resource
 import shutil
@@ -45,6 +46,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..core import messages as m
+from ..core import tracing
 from ..core.limits import DEFAULT_LIMITS
 from ..transport.codec import StreamChannel
 from . import pyruntime
@@ -214,15 +216,31 @@ channel_frame_bytes_max = 64 * 1024 * 1024  # an agent frame: a 6 MB payload and
 _Channel = StreamChannel
 
 
+def _runtime_trace(ask: m.GuestInvoke, now_ms: int) -> tuple[str, tuple[str, str] | None]:
+    """The trace header the runtime gets (``Lambda-Runtime-Trace-Id``) and, when the agent
+    asked for spans, (this environment's span id, its parent: the agent's span). An agent that
+    sent no valid header (an older one) still gets the function a valid, new trace id."""
+    trace = tracing.parse(ask.trace_id)
+    if trace is None:
+        return tracing.begin(None, now_ms=now_ms, rng=random.Random(os.urandom(16)),
+                             sample=False)[0].format(), None
+    if not ask.span:
+        return trace.format(), None
+    span_id = os.urandom(8).hex()
+    if span_id == "0" * 16:
+        span_id = "0" * 15 + "1"
+    return trace.child(span_id).format(), (span_id, trace.parent or "")
+
+
 class _InProcessClient:
     """The Runtime API client of the built-in runtime: direct calls on the state machine."""
 
     def __init__(self, api: RuntimeApi) -> None:
         self._api = api
 
-    def next(self) -> tuple[str, bytes, int, str]:
+    def next(self) -> tuple[str, bytes, int, str, str]:
         inv = self._api.next()
-        return inv.request_id, inv.payload, inv.deadline_ms, inv.arn
+        return inv.request_id, inv.payload, inv.deadline_ms, inv.arn, inv.trace_id
 
     def respond(self, request_id: str, body: bytes) -> None:
         self._api.respond(request_id, body)
@@ -565,6 +583,8 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         except m.MessageError:
             os._exit(1)  # the agent reads the closed channel as a crash
         request_id = ask.request_id
+        trace_id, env_span = _runtime_trace(ask, received_ms)
+        span_start_ns = time.time_ns()
         logs.write_line(f"START RequestId: {request_id} Version: {spec.function_version}")
         if telemetry.active:
             telemetry.emit("platform.start", {"requestId": request_id,
@@ -584,11 +604,11 @@ def _relay(env: _Environment, chan: _Channel, started: float,
             # A streamed invocation: the response's bytes go to the agent as the runtime
             # streams them (GuestChunk frames), before the result (whose payload is then empty).
             api.chunk_sink = _chunk_sender(chan) if ask.stream else None
-            api.submit(Invocation(request_id, ask.payload, deadline_ms, ask.arn))
+            api.submit(Invocation(request_id, ask.payload, deadline_ms, ask.arn, trace_id))
             notified = ext.begin_invoke({
                 "eventType": "INVOKE", "deadlineMs": deadline_ms, "requestId": request_id,
                 "invokedFunctionArn": ask.arn,
-                "tracing": {"type": "X-Amzn-Trace-Id", "value": f"Root=1-{request_id[:8]}"},
+                "tracing": {"type": "X-Amzn-Trace-Id", "value": trace_id},
             }) if with_extensions else []
             if inline is not None:
                 try:
@@ -655,7 +675,9 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         else:
             chan.send(m.GuestResult(
                 request_id, payload, None if ok else (error_type or "Unhandled"), logs.cut(),
-                duration_ms, max_rss_kb, env_alive=not fatal, legacy=ask.legacy).to_wire())
+                duration_ms, max_rss_kb, env_alive=not fatal, legacy=ask.legacy,
+                span=m.Span("environment", env_span[0], env_span[1], span_start_ns,
+                            time.time_ns()) if env_span else None).to_wire())
         if fatal:
             if not with_extensions:
                 os._exit(1)  # the runtime is gone: this environment is done

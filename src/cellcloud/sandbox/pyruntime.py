@@ -22,7 +22,7 @@ RUNTIME_PATH = "/2018-06-01/runtime"
 
 
 class RuntimeClient(Protocol):
-    def next(self) -> tuple[str, bytes, int, str]: ...
+    def next(self) -> tuple[str, bytes, int, str, str]: ...
     def respond(self, request_id: str, body: bytes) -> None: ...
     def error(self, request_id: str, body: bytes) -> None: ...
     def init_error(self, body: bytes) -> None: ...
@@ -47,7 +47,7 @@ class HttpRuntimeClient:
         resp.read()
         return resp
 
-    def next(self) -> tuple[str, bytes, int, str]:
+    def next(self) -> tuple[str, bytes, int, str, str]:
         self._conn.request("GET", RUNTIME_PATH + "/invocation/next")
         resp = self._conn.getresponse()
         payload = resp.read()
@@ -56,6 +56,7 @@ class HttpRuntimeClient:
             payload,
             int(resp.headers["Lambda-Runtime-Deadline-Ms"]),
             resp.headers.get("Lambda-Runtime-Invoked-Function-Arn", ""),
+            resp.headers.get("Lambda-Runtime-Trace-Id", ""),
         )
 
     def respond(self, request_id: str, body: bytes) -> None:
@@ -193,8 +194,14 @@ def init(handler_name: str) -> tuple[Any, dict[str, Any] | None]:
 
 def handle_one(fn: Any, client: RuntimeClient) -> None:
     """One turn of the runtime loop: next, run the handler, respond (or report the error)."""
-    request_id, payload, deadline_ms, arn = client.next()
+    request_id, payload, deadline_ms, arn, trace_id = client.next()
     _request_filter.request_id = request_id
+    # As Lambda's runtimes (awslambdaric's update_xray_env_variable) do: the X-Ray SDK and
+    # OpenTelemetry's propagators read the invocation's trace header from here.
+    if trace_id:
+        os.environ["_X_AMZN_TRACE_ID"] = trace_id
+    else:
+        os.environ.pop("_X_AMZN_TRACE_ID", None)
     try:
         event = json.loads(payload) if payload else {}
         result = fn(event, LambdaContext(request_id, deadline_ms, arn))

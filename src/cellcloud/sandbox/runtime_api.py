@@ -305,8 +305,9 @@ class _Handler(BaseHTTPRequestHandler):
             "Lambda-Runtime-Aws-Request-Id": inv.request_id,
             "Lambda-Runtime-Deadline-Ms": str(inv.deadline_ms),
             "Lambda-Runtime-Invoked-Function-Arn": inv.arn,
-            "Lambda-Runtime-Trace-Id": inv.trace_id or f"Root=1-{inv.request_id[:8]}",
         }
+        if inv.trace_id:  # the guest always sets one (core/tracing.py's format)
+            headers["Lambda-Runtime-Trace-Id"] = inv.trace_id
         self._reply(200, inv.payload, headers)
 
     def do_POST(self) -> None:
