@@ -38,8 +38,8 @@ from .metrics import FrontendMetrics
 from .store import FunctionRecord, FunctionStore, StateDiskFull
 
 if TYPE_CHECKING:
-    from .mappings import Mappings
     from ..span_export import SpanExporter
+    from .mappings import Mappings
 
 log = logging.getLogger("cellcloud.frontend")
 
