@@ -151,7 +151,13 @@ class Invoker:
             case DestroyEnv():
                 self.destroy_soon(ins.env_id, ins.agent_id)
             case RevokeLease():
-                self._spawn(self._end_lease(ins.lease_id, ins.agent_id, revoked=True))
+                # The agent's refusal is asked (and counted in what settle_leases waits for)
+                # now, not when the task first runs: a change answered in between would let a
+                # router start the old code under the lease.
+                refused = (self._refuse_lease(ins.lease_id, ins.agent_id)
+                           if ins.agent_id in self.cell.agents else None)
+                self._spawn(self._end_lease(ins.lease_id, ins.agent_id, revoked=True,
+                                            refused=refused))
             case GrantLease():
                 call = self._calls.pop(ins.lease_id, None)
                 if call is not None and not call.done.done():
@@ -331,18 +337,25 @@ class Invoker:
             self.cell.file_logs(req.fn.key, part, request_id)
         return True
 
-    async def _end_lease(self, lease_id: str, agent_id: str, *, revoked: bool) -> None:
+    def _refuse_lease(self, lease_id: str, agent_id: str) -> asyncio.Future[Any]:
+        """Ask the agent to refuse the lease from now on (answered at once); settle_leases
+        waits for every such ask under way."""
+        cell = self.cell
+        ended = asyncio.ensure_future(self.call_agent(
+            cell.agents[agent_id], "lease_end", {"lease_id": lease_id, "wait": False},
+            cell.limits.agent_call_timeout_ms / 1000))
+        self._ending.add(ended)
+        ended.add_done_callback(self._ending.discard)
+        return ended
+
+    async def _end_lease(self, lease_id: str, agent_id: str, *, revoked: bool,
+                         refused: asyncio.Future[Any] | None = None) -> None:
         """Exactly one LeaseRevoked/LeaseReturned once the agent confirms the lease is over;
         none when the agent cannot be reached (the core frees it when the agent is lost)."""
         cell = self.cell
-        timeout_s = cell.limits.agent_call_timeout_ms / 1000
         # First the agent refuses the lease (at once: what settle_leases waits for), then it
         # answers once no invocation under it runs.
-        ended = asyncio.ensure_future(self.call_agent(
-            cell.agents[agent_id], "lease_end", {"lease_id": lease_id, "wait": False},
-            timeout_s))
-        self._ending.add(ended)
-        ended.add_done_callback(self._ending.discard)
+        ended = refused if refused is not None else self._refuse_lease(lease_id, agent_id)
         try:
             await asyncio.shield(ended)
             res = await self.call_agent(cell.agents[agent_id], "lease_end",
