@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import errors
 from ..core import messages as m
+from ..core.cwlogs import LoggingConfig
 from ..core.errors import LambdaError
 from ..core.invoke import (
     AgentBack,
@@ -92,7 +93,8 @@ def function_ref(rec: FunctionRecord, reserved: int | None) -> FunctionRef:
 
 
 class _Call:
-    __slots__ = ("request_id", "rec", "invoked_arn", "payload", "log_tail", "done", "reply")
+    __slots__ = ("request_id", "rec", "invoked_arn", "payload", "log_tail", "done", "reply",
+                 "env_id")
 
     def __init__(self, request_id: str, rec: FunctionRecord, invoked_arn: str, payload: bytes,
                  log_tail: bool, done: asyncio.Future[Instruction]) -> None:
@@ -103,6 +105,7 @@ class _Call:
         self.log_tail = log_tail
         self.done = done
         self.reply: m.InvokeReply | None = None
+        self.env_id = ""  # the environment it ran in (its log stream)
 
 
 class Invoker:
@@ -201,12 +204,13 @@ class Invoker:
         mx.duration.labels(*labels).observe(time.monotonic() - started)
         logs = res.logs
         if logs:
-            self.cell.file_logs(rec.key, logs, request_id)
+            self.cell.file_logs(rec.key, logs, request_id, env_id=call.env_id,
+                                live_bytes=res.logs_live_bytes)
         if res.function_error:
             counters["function_errors"] += 1
             mx.errors.labels(*labels).inc()
         return InvokeResult(res.payload, res.function_error,
-                            logs[-self.cell.limits.log_tail_bytes:] if log_tail else b"",
+                            self.cell.log_tail(rec.key, logs) if log_tail else b"",
                             request_id, rec.version)
 
     # -- leases (issue #13): a router runs warm invokes router -> agent ------------------------
@@ -240,7 +244,8 @@ class Invoker:
         cell.counters["leases_granted"] = cell.counters.get("leases_granted", 0) + 1
         return {"lease_id": lease_id, "env_id": ins.env_id, "agent_id": ins.agent_id,
                 "host": client.host, "port": client.port, "ttl_ms": ttl_ms,
-                "version": rec.version, "timeout_ms": rec.timeout_s * 1000, "arn": invoked_arn}
+                "version": rec.version, "timeout_ms": rec.timeout_s * 1000, "arn": invoked_arn,
+                "logging": rec.logging}
 
     def lease_holder(self, lease_id: str) -> str | None:
         req = self.core.requests.get(lease_id)
@@ -267,7 +272,8 @@ class Invoker:
                                timeout=self.cell.limits.agent_call_timeout_ms / 1000 + 1)
 
     def lease_logs(self, lease_id: str, holder: str, request_id: str, logs: list[Any],
-                   function_error: str | None = None, duration_ms: float | None = None) -> bool:
+                   function_error: str | None = None, duration_ms: float | None = None,
+                   live_bytes: int = 0) -> bool:
         """One invocation under a lease, reported by the holder as it answers: its logs,
         filed with the function's, and its outcome, counted in the function's metrics as the
         frontend's own invocations are."""
@@ -285,8 +291,9 @@ class Invoker:
             if function_error:
                 counters["function_errors"] += 1
                 mx.errors.labels(*labels).inc()
-        for part in logs:
-            self.cell.file_logs(req.fn.key, part, request_id)
+        for i, part in enumerate(logs):  # [previous logs, this invocation's]
+            self.cell.file_logs(req.fn.key, part, request_id, env_id=req.env_id or "",
+                                live_bytes=live_bytes if i == len(logs) - 1 else 0)
         return True
 
     async def _end_lease(self, lease_id: str, agent_id: str, *, revoked: bool) -> None:
@@ -395,13 +402,17 @@ class Invoker:
         limits = cell.limits
         client = cell.agents[ins.agent_id]
         pushed: dict[str, bytes] = {}
+        log_cfg = LoggingConfig.from_record(rec.logging)
         body = m.CreateEnvRequest(
             env_id=ins.env_id, bundle_sha256=rec.code_sha256, function_key=rec.key,
             create_timeout_ms=limits.env_create_timeout_ms, bundles=pushed,
             function=m.FunctionSpec(
                 name=rec.name, arn=function_arn(cell.region, rec.account, rec.name),
                 handler=rec.handler, runtime=rec.runtime, memory_mb=rec.memory_mb,
-                timeout_s=rec.timeout_s, environment=rec.environment,
+                timeout_s=rec.timeout_s,
+                environment={**rec.environment, **log_cfg.environment()},
+                log_group=log_cfg.group_for(rec.name),
+                log_stream=cell.stream_for(ins.env_id, rec.version),
                 ephemeral_mb=rec.ephemeral_mb, version=rec.version, network=rec.network,
                 net_allow=tuple(rec.net_allow),
                 layers=tuple(layer["sha256"] for layer in rec.layers)),
@@ -460,6 +471,7 @@ class Invoker:
         cell = self.cell
         rec = call.rec
         timeout_ms = rec.timeout_s * 1000
+        call.env_id = ins.env_id
         try:
             res = m.InvokeReply.from_wire(await self.call_agent(
                 cell.agents[ins.agent_id], "invoke",
@@ -479,10 +491,10 @@ class Invoker:
                 # without it). No handler code ran, so the core places the invoke again.
                 return "env_gone", str(e)
             if e.type == "EnvReset":
-                cell.file_logs(rec.key, e.data.get("logs"))
+                cell.file_logs(rec.key, e.data.get("logs"), env_id=ins.env_id)
                 return "env_reset", str(e)
             return "env_error", str(e)
-        cell.file_logs(rec.key, res.previous_logs)
+        cell.file_logs(rec.key, res.previous_logs, env_id=ins.env_id)
         call.reply = res
         if not res.env_alive:
             # Crashed or timed out but its host survived: the jail contained it; counted, but
@@ -505,7 +517,7 @@ class Invoker:
         # What the environment wrote during its SHUTDOWN phase (its extensions' last words)
         # belongs to the function's logs, as on Lambda.
         if isinstance(res, dict):
-            cell.file_logs(str(res.get("function_key") or ""), res.get("logs"))
+            cell.file_logs(str(res.get("function_key") or ""), res.get("logs"), env_id=env_id)
 
 
 def _now_iso(t: float) -> str:

@@ -47,6 +47,7 @@ _FORWARDED = frozenset(
      b"x-amz-durable-execution-name", b"x-amz-tenant-id"}
 )
 _INVOKE_SUFFIXES = ("/invocations", "/invocations/")
+LOGS_TARGET_PREFIX = "Logs_20140328."  # frontend/logs_api.py's (no import across components)
 control_timeout_s = 30.0
 # A request crosses to its cell in one transport frame: leave room for the envelope.
 forward_body_bytes_max = frame_bytes_max - 1024 * 1024
@@ -259,10 +260,12 @@ class Router:
         is_invoke = path.endswith(_INVOKE_SUFFIXES)
         target = next((v for k, v in headers if k == "x-amz-target"), "")
         is_ecr = target.startswith(ECR_TARGET_PREFIX)
+        # The CloudWatch Logs API (JSON 1.1, SigV4 service "logs"): the cell's log store.
+        is_logs = target.startswith(LOGS_TARGET_PREFIX)
         body_max = (
             self.limits.invoke_payload_bytes_max
             if is_invoke
-            else self.limits.registry_api_body_bytes_max if is_ecr
+            else self.limits.registry_api_body_bytes_max if is_ecr or is_logs
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
         if body_state.declared is not None and body_state.declared > body_max:
@@ -286,7 +289,8 @@ class Router:
                 body=body,
                 region=self.region,
                 secret_for=self.tenants.secret_for,
-                service="sqs" if is_sqs else "ecr" if is_ecr else sigv4.SERVICE,
+                service=("sqs" if is_sqs else "ecr" if is_ecr else "logs" if is_logs
+                         else sigv4.SERVICE),
             )
         except LambdaError:
             self.counters["unauthenticated"] += 1
@@ -304,6 +308,16 @@ class Router:
         cell = self.cell_map.cell_for(account)
         if is_ecr:
             return await self._ecr(cell.cell_id, account, target, body, headers, scope)
+        if is_logs:
+            try:
+                resp = await self.client(cell.cell_id).call(
+                    "logs", {"target": target, "b": body, "a": account},
+                    timeout_s=control_timeout_s)
+            except (TransportError, CallTimeout, RemoteError) as e:
+                self.counters["cell_unavailable"] += 1
+                raise LambdaError(503, "ServiceUnavailableException",
+                                  f"Cell {cell.cell_id} is unavailable: {e}") from e
+            return resp["s"], resp["h"], resp["b"]
         if is_sqs:
             host = next((v for k, v in headers if k == "host"), "")
             try:
