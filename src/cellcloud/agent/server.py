@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import eventlog
 from ..core import messages as m
 from ..core.bundle import sha256_hex
 from ..core.errors import LambdaError
@@ -629,7 +630,8 @@ class Agent:
             self._forget_gone(env_id)
 
     def _forget_gone(self, env_id: str) -> None:
-        log.warning("environment %s died while idle; removed", env_id)
+        log.warning("environment %s died while idle; removed", env_id,
+                    extra=eventlog.fields(event="env_died_idle", env=env_id))
         self.counters["envs_gone"] += 1
         self._remove(env_id)
         self._gone[env_id] = None
@@ -1340,7 +1342,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from .. import runtime
 
-    runtime.setup_logging("agent")
+    runtime.setup_logging("agent", agent=args.agent_id, cell=args.cell or None)
     runtime.setup_security(args, "agent", args.cell, args.agent_id, args.region)
     if not args.no_lockdown:
         lockdown.deny_io_uring()  # before uvloop's loop exists, or it sets up a ring

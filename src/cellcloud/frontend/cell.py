@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from .. import eventlog
 from ..core import cwlogs, errors
 from ..core.catalog_rules import iso_time_ms
 from ..core.errors import LambdaError
@@ -372,7 +373,8 @@ class Cell:
             if not known_agent.up or (isinstance(memory_mb_max, int)
                                       and memory_mb_max != known_agent.memory_mb_max):
                 if not known_agent.up:
-                    log.info("agent %s is back", agent_id)
+                    log.info("agent %s is back", agent_id,
+                             extra=eventlog.fields(event="agent_back", agent=agent_id))
                 self.invoker.agent_back(agent_id, known_agent.envs_max,
                                         memory_mb_max if isinstance(memory_mb_max, int) else None)
                 self.failed_agents.pop(agent_id, None)

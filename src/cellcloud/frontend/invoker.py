@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import eventlog
 from ..core import errors
 from ..core import messages as m
 from ..core.cwlogs import LoggingConfig
@@ -154,7 +155,8 @@ class Invoker:
                 self.cell.failed_agents.setdefault(
                     ins.agent_id, {"since": _now_iso(self.clock()), "error": ins.detail[:200]})
                 log.warning("agent %s unreachable (%s); %d environments lost", ins.agent_id,
-                            ins.detail, ins.envs_lost)
+                            ins.detail, ins.envs_lost,
+                            extra=eventlog.fields(event="agent_lost", agent=ins.agent_id))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -443,7 +445,10 @@ class Invoker:
         except LambdaError as e:  # an image layer that could not be streamed
             return "error", e.message
         except RemoteError as e:
-            log.warning("agent %s could not create env: %s", ins.agent_id, e)
+            log.warning("agent %s could not create env: %s", ins.agent_id, e,
+                        extra=eventlog.fields(event="env_create_failed", agent=ins.agent_id,
+                                              env=ins.env_id, function=rec.name,
+                                              version=rec.version))
             reasons: dict[str, CreateFailure] = {"AgentFull": "agent_full",
                                                  "HostMemoryExhausted": "host_memory",
                                                  "BundleMissing": "bundle_missing"}
@@ -512,7 +517,9 @@ class Invoker:
                 "destroy", {"env_id": env_id},
                 timeout_s=cell.limits.agent_call_timeout_ms / 1000)
         except (TransportError, RemoteError) as e:
-            log.info("destroy %s on %s: %s", env_id, agent_id, e)
+            log.info("destroy %s on %s: %s", env_id, agent_id, e,
+                     extra=eventlog.fields(event="env_destroy_failed", env=env_id,
+                                           agent=agent_id))
             return
         # What the environment wrote during its SHUTDOWN phase (its extensions' last words)
         # belongs to the function's logs, as on Lambda.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
 
-from .. import runtime
+from .. import eventlog, runtime
 from ..core.cellmap import CellMap
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
@@ -219,7 +219,8 @@ class Router:
             if body_state.sqs_query:
                 headers, body = sqs_query.router_error(e.status, e.type, e.message)
         except Exception:  # no input may produce a bare 500: answer Lambda-shaped, log it
-            log.exception("request %s %s failed", scope.get("method"), scope.get("path"))
+            log.exception("request %s %s failed", scope.get("method"), scope.get("path"),
+                          extra=eventlog.fields(event="request_failed"))
             self.counters["internal_errors"] += 1
             err = LambdaError(500, "ServiceException", "An internal error occurred.")
             status, headers, body = err.status, err.headers(), err.body()

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .. import eventlog
 from ..core import cwlogs
 from ..core.cwlogs import LoggingConfig
 from ..core.errors import LambdaError
@@ -261,7 +262,9 @@ class Leases:
                                "request_id": request_id, "logs": parts, **outcome},
                 timeout_s=self.limits.timeout_s_max + 30.0)
         except (TransportError, RemoteError) as e:
-            log.warning("logs of %s under lease %s lost: %s", request_id, lease.lease_id, e)
+            log.warning("logs of %s under lease %s lost: %s", request_id, lease.lease_id, e,
+                        extra=eventlog.fields(event="lease_logs_lost", request_id=request_id,
+                                              cell=lease.cell_id, env=lease.env_id))
 
     def sweep(self) -> None:
         now = time.monotonic()
