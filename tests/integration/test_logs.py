@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import select
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -309,3 +313,45 @@ def test_lines_are_seen_while_the_invocation_runs(region: Region, logs: Any, lam
     # ... and the function's own logs (the /cellcloud/v1 view) hold the whole invocation.
     text = "".join(e["message"] for e in region.client.logs(name, limit=50))
     assert f"LIVE {token}" in text and f"AFTER {token}" in text
+
+
+def test_cli_logs_tails_and_follows(region: Region, lam: Any) -> None:
+    name = _deploy(lam, PRINTS)
+    lam.invoke(FunctionName=name, Payload=b'{"n": 1}')
+    out = region.cli("logs", name, "--since", "1h", "--filter", "hello").stdout
+    assert "hello 1" in out and "oops" not in out and "START" not in out
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} \d{4}/\d\d/\d\d/\[\$LATEST\]"
+                     r"[0-9a-f]{32} hello 1$", out, re.M)
+    # --follow: a line written after the tail started shows up, each line once.
+    proc = subprocess.Popen([sys.executable, "-m", "cellcloud", "logs", name, "--follow",
+                             "--interval", "0.5", "--since", "1h", "--filter", "hello",
+                             "--state-dir", region.state_dir],
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        lines = _lines_of(proc.stdout)
+        while not any("hello 1" in line for line in seen):
+            seen.append(next(lines))
+        lam.invoke(FunctionName=name, Payload=b'{"n": 2}')
+        while not any("hello 2" in line for line in seen):
+            seen.append(next(lines))
+        assert sum("hello 1" in line for line in seen) == 1
+    finally:
+        proc.terminate()
+        proc.wait(WAIT_S)
+
+
+def _lines_of(stream: Any) -> Iterator[str]:
+    """Lines of a child's stdout (read unbuffered), each awaited at most WAIT_S."""
+    fd = stream.fileno()
+    pending = b""
+    while True:
+        while b"\n" not in pending:
+            ready, _, _ = select.select([fd], [], [], WAIT_S)
+            assert ready, f"no line within {WAIT_S} s"
+            chunk = os.read(fd, 65536)
+            assert chunk, "the tail ended"
+            pending += chunk
+        line, _, pending = pending.partition(b"\n")
+        yield line.decode()

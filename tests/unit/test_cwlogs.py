@@ -227,3 +227,25 @@ def test_structured_component_logs(capsys: Any) -> None:
     assert doc["event"] == "agent_lost" and doc["message"] == "agent a1 unreachable"
     assert doc["cell"] == "cell-1" and doc["agent"] == "a1" and "env" not in doc
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["time"])
+
+
+def test_tail_follower_prints_each_event_once() -> None:
+    from cellcloud.core.logtail import Follower, parse_since
+
+    assert parse_since("10m") == 600_000 and parse_since("2h") == 7_200_000
+    assert parse_since("99999999w") == 3653 * 86_400_000  # bounded
+    for bad in ("", "10", "m", "-5m", "1y"):
+        with pytest.raises(ValueError):
+            parse_since(bad)
+    f = Follower(1000)
+    first = [{"eventId": "1", "timestamp": 1000, "message": "a"},
+             {"eventId": "2", "timestamp": 1005, "message": "b"}]
+    assert [e["message"] for e in f.new(first)] == ["a", "b"]
+    assert f.start_ms == 1005
+    # The next poll (startTime inclusive) returns b again, and c at the same instant.
+    again = [{"eventId": "2", "timestamp": 1005, "message": "b"},
+             {"eventId": "3", "timestamp": 1005, "message": "c"}]
+    assert [e["message"] for e in f.new(again)] == ["c"]
+    assert [e["message"] for e in f.new(again)] == []
+    later = [*again, {"eventId": "10", "timestamp": 1010, "message": "d"}]
+    assert [e["message"] for e in f.new(later)] == ["d"]
