@@ -249,3 +249,24 @@ def test_tail_follower_prints_each_event_once() -> None:
     assert [e["message"] for e in f.new(again)] == []
     later = [*again, {"eventId": "10", "timestamp": 1010, "message": "d"}]
     assert [e["message"] for e in f.new(later)] == ["d"]
+
+
+def test_recent_invocations_for_the_console(tmp_path: Any) -> None:
+    from cellcloud.frontend.cell import Cell
+    from cellcloud.frontend.store import FunctionRecord, SqliteFunctionStore
+
+    store = SqliteFunctionStore(str(tmp_path / "cell"))
+    cell = Cell("cell-t", store, {})
+    cell.logstore = LogStore(str(tmp_path / "cell"))
+    assert store.put_new(FunctionRecord("111", "fn", "python3.11", "app.handler", "00" * 32, 1))
+    key = "111/fn/$LATEST/1"
+    cell.file_logs(key, b"START RequestId: r1 Version: $LATEST\nfirst\n", "r1", env_id="e1")
+    cell.file_logs(key, b"START RequestId: r2 Version: $LATEST\nsecond\n", "r2", env_id="e1",
+                   live_bytes=len(b"START RequestId: r2 Version: $LATEST\n"))
+    recent = cell.recent_invocations("111", "fn")
+    assert [r["request_id"] for r in recent] == ["r2", "r1"]
+    assert recent[1]["lines"] == ["START RequestId: r1 Version: $LATEST\n", "first\n"]
+    assert recent[0]["lines"] == ["second\n"]  # the rest had been filed live already
+    assert recent[0]["stream"] == recent[1]["stream"]
+    # the /cellcloud/v1 view keeps whole invocations
+    assert [e["message"] for e in cell.logs("111", "fn", 10)][-1].endswith("second\n")

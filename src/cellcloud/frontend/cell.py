@@ -438,6 +438,26 @@ class Cell:
             for ts, rid, text in self.store.read_logs(account, name, limit)
         ]
 
+    def recent_invocations(self, account: str, name: str, limit: int = 10,
+                           lines_max: int = 200) -> list[dict[str, Any]]:
+        """The function's latest invocations that logged, newest first, each with its log
+        lines (the web console's function page reads this): ``request_id``, ``time_ms`` (of
+        its last line), ``stream`` and ``lines`` (at most ``lines_max``). Read-only; [] when
+        the cell keeps no log store."""
+        if self.logstore is None:
+            return []
+        self.flush_events()
+        rec = self.function(account, name)
+        group = cwlogs.LoggingConfig.from_record(rec.logging).group_for(name)
+        out = []
+        for request_id, time_ms in self.logstore.recent_requests(account, group,
+                                                                 max(1, min(limit, 100))):
+            events = self.logstore.request_events(account, group, request_id, lines_max)
+            out.append({"request_id": request_id, "time_ms": time_ms,
+                        "stream": events[0].stream if events else "",
+                        "lines": [e.message for e in events]})
+        return out
+
     def metrics_exposition(self) -> bytes:
         """The cell's Prometheus text exposition, gauges refreshed from the cell's state."""
         m = self.metrics

@@ -270,9 +270,9 @@ class LogStore:
     def recent_requests(self, account: str, grp: str, limit: int) -> list[tuple[str, int]]:
         """The latest request ids that logged in a group, newest first, with their time."""
         rows = self.db.execute(
-            "SELECT request_id, max(ts_ms) FROM (SELECT request_id, ts_ms FROM log_events "
+            "SELECT request_id, max(ts_ms) FROM (SELECT id, request_id, ts_ms FROM log_events "
             "WHERE account=? AND grp=? AND request_id != '' ORDER BY id DESC LIMIT ?) "
-            "GROUP BY request_id ORDER BY max(ts_ms) DESC LIMIT ?",
+            "GROUP BY request_id ORDER BY max(id) DESC LIMIT ?",
             (account, grp, limit * 50, limit)).fetchall()
         return [(str(r[0]), int(r[1])) for r in rows]
 
