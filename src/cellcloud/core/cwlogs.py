@@ -93,7 +93,8 @@ def logging_config(given: Any, current: LoggingConfig, function_name: str) -> Lo
     sysl = given.get("SystemLogLevel", current.system_level if fmt == "JSON" else None)
     if fmt != "JSON" and ("ApplicationLogLevel" in given or "SystemLogLevel" in given):
         raise LogsError("InvalidParameterValueException",
-                        "To use ApplicationLogLevel or SystemLogLevel, LogFormat must be JSON")
+                        "LoggingConfig: to use ApplicationLogLevel or SystemLogLevel, "
+                        "LogFormat must be JSON")
     if app is not None and app not in APP_LEVELS:
         raise LogsError("InvalidParameterValueException",
                         f"LoggingConfig.ApplicationLogLevel must be one of {list(APP_LEVELS)}")
