@@ -5,6 +5,8 @@ invocations between that API and the host agent, over the one channel the host a
 
     guest -> agent  {"t": "ready", "init_error": None | {...}, "init_ms": float, "logs"}
     agent -> guest  {"t": "invoke", "id", "payload": bytes, "deadline_ms", "arn"}
+    guest -> agent  {"t": "logs", "request_id", "logs": bytes}   (while it runs, every 0.5 s:
+                    its complete lines so far; the result carries the rest)
     guest -> agent  {"t": "result", "id", "ok", "payload": bytes, "logs": bytes,
                      "duration_ms", "max_rss_kb", "error_type", "fatal": bool}
     (with extensions that got the invocation, the result goes as soon as the runtime posted
