@@ -61,6 +61,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+def line(component: str, level: str, event: str, message: str, **context: Any) -> str:
+    """One event as a JSON line, for a process that must not configure ``logging`` (the
+    zygote: the environments it forks would inherit the handler)."""
+    record = logging.LogRecord("cellcloud." + component, logging.getLevelName(level), "", 0,
+                               message, None, None)
+    record.event = event
+    return JsonFormatter(component, **context).format(record) + "\n"
+
+
 def setup(component: str, **context: Any) -> None:
     """The process's root logger: JSON lines on stderr (the supervisor files them under
     ``<state>/logs/``), at ``CELLCLOUD_LOG_LEVEL``."""

@@ -270,3 +270,10 @@ def test_recent_invocations_for_the_console(tmp_path: Any) -> None:
     assert recent[0]["stream"] == recent[1]["stream"]
     # the /cellcloud/v1 view keeps whole invocations
     assert [e["message"] for e in cell.logs("111", "fn", 10)][-1].endswith("second\n")
+
+
+def test_a_single_event_line() -> None:
+    doc = json.loads(eventlog.line("zygote", "WARNING", "tmp_fallback", "using tmpfs",
+                                   env="e1"))
+    assert (doc["component"], doc["level"], doc["event"], doc["message"], doc["env"]) == (
+        "zygote", "WARNING", "tmp_fallback", "using tmpfs", "e1")
