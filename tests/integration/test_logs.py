@@ -355,3 +355,24 @@ def _lines_of(stream: Any) -> Iterator[str]:
             pending += chunk
         line, _, pending = pending.partition(b"\n")
         yield line.decode()
+
+
+def test_components_log_structured_json(region: Region, lam: Any) -> None:
+    """Every line each component wrote is one JSON event with the common fields."""
+    name = _deploy(lam, PRINTS)
+    lam.invoke(FunctionName=name, Payload=b'{"n": 0}')
+    logs_dir = os.path.join(region.state_dir, "logs")
+    seen: dict[str, int] = {}
+    for fname in sorted(os.listdir(logs_dir)):
+        if fname == "supervisor.log":
+            continue  # the supervisor's own console output (the CLI's, not a component's)
+        with open(os.path.join(logs_dir, fname)) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                doc = json.loads(line)
+                assert {"time", "level", "component", "event", "message"} <= set(doc), line
+                seen[doc["component"]] = seen.get(doc["component"], 0) + 1
+                if doc["component"] == "agent":
+                    assert doc["agent"].startswith("cell-1-agent-") and doc["cell"] == "cell-1"
+    assert "agent" in seen, seen  # agents log their start (cgroups, network)
