@@ -277,3 +277,32 @@ def test_a_single_event_line() -> None:
                                    env="e1"))
     assert (doc["component"], doc["level"], doc["event"], doc["message"], doc["env"]) == (
         "zygote", "WARNING", "tmp_fallback", "using tmpfs", "e1")
+
+
+def test_a_migration_carries_the_tenants_log_groups(tmp_path: Any) -> None:
+    from cellcloud.frontend import clone
+    from cellcloud.frontend.cell import Cell
+    from cellcloud.frontend.store import SqliteFunctionStore
+
+    def cell(name: str) -> Cell:
+        c = Cell(name, SqliteFunctionStore(str(tmp_path / name)), {})
+        c.logstore = LogStore(str(tmp_path / name))
+        return c
+
+    old, new = cell("old"), cell("new")
+    assert old.logstore is not None and new.logstore is not None
+    old.logstore.append([("111", "/aws/lambda/f", "s", 5, "r1", "one\n"),
+                         ("111", "/aws/lambda/f", "s", 6, "r1", "two\n"),
+                         ("222", "/aws/lambda/g", "s", 7, "r2", "other tenant\n")], 10)
+    old.logstore.set_retention("111", "/aws/lambda/f", 3653, 10)
+    doc = clone.export_tenant(old, "111")
+    clone.import_tenant(new, doc)
+    clone.import_tenant(new, doc)  # twice: nothing added the second time
+    api = LogsApi(new.logstore, "cc-local-1")
+    got = _call(api, "FilterLogEvents", {"logGroupName": "/aws/lambda/f"})
+    assert [(e["message"], e["timestamp"]) for e in got["events"]] == [("one\n", 5), ("two\n", 6)]
+    assert _call(api, "DescribeLogGroups", {})["logGroups"][0]["retentionInDays"] == 3653
+    assert _call(api, "DescribeLogGroups", {}, "222")["logGroups"] == []
+    clone.forget_tenant(old, "111")
+    assert old.logstore.groups("111", "", "", 10) == []
+    assert old.logstore.groups("222", "", "", 10) != []

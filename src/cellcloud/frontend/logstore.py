@@ -170,6 +170,51 @@ class LogStore:
                 self._trim(account, grp, now_ms)
         return cur.rowcount == 1
 
+    def export_account(self, account: str, bytes_max: int) -> dict[str, Any]:
+        """The account's groups and their newest events within ``bytes_max`` of messages (a
+        tenant migration carries them; older events beyond the budget stay behind)."""
+        groups = [[str(g), int(c), r] for g, c, r in self.db.execute(
+            "SELECT grp, created_ms, retention_days FROM log_groups WHERE account=? "
+            "ORDER BY grp", (account,)).fetchall()]
+        events: list[list[Any]] = []
+        size = 0
+        for row in self.db.execute(
+                "SELECT grp, stream, ts_ms, ingest_ms, request_id, message FROM log_events "
+                "WHERE account=? ORDER BY id DESC", (account,)):
+            size += len(row[5]) + len(row[1]) + 64
+            if size > bytes_max:
+                break
+            events.append(list(row))
+        events.reverse()
+        return {"groups": groups, "events": events}
+
+    def import_account(self, account: str, doc: dict[str, Any]) -> int:
+        """Groups and events from another cell's export; a group already here keeps what it
+        has (an import that runs twice adds nothing). Returns the events added."""
+        added = 0
+        with self._tx():
+            fresh: set[str] = set()
+            for grp, created, retention in doc.get("groups", []):
+                cur = self.db.execute("INSERT OR IGNORE INTO log_groups VALUES (?,?,?,?)",
+                                      (account, str(grp), int(created), retention))
+                if cur.rowcount == 1:
+                    fresh.add(str(grp))
+            for grp, stream, ts, ingest, rid, message in doc.get("events", []):
+                if grp not in fresh:
+                    continue
+                self.db.execute(
+                    "INSERT INTO log_events (account, grp, stream, ts_ms, ingest_ms, request_id, "
+                    "message) VALUES (?,?,?,?,?,?,?)",
+                    (account, grp, stream, int(ts), int(ingest), str(rid), str(message)))
+                self.db.execute(
+                    "INSERT INTO log_streams VALUES (?,?,?,?,?,?,?) ON CONFLICT "
+                    "(account, grp, stream) DO UPDATE SET first_ms=min(first_ms, excluded.first_ms),"
+                    " last_ms=max(last_ms, excluded.last_ms), last_ingest_ms=max(last_ingest_ms, "
+                    "excluded.last_ingest_ms)", (account, grp, stream, int(ingest), int(ts),
+                                                 int(ts), int(ingest)))
+                added += 1
+        return added
+
     def forget_account(self, account: str) -> None:
         with self._tx():
             for table in ("log_groups", "log_streams", "log_events"):
