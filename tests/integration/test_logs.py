@@ -376,3 +376,23 @@ def test_components_log_structured_json(region: Region, lam: Any) -> None:
                 if doc["component"] == "agent":
                     assert doc["agent"].startswith("cell-1-agent-") and doc["cell"] == "cell-1"
     assert "agent" in seen, seen  # agents log their start (cgroups, network)
+
+
+def test_json_tail_and_events_under_router_leases(region: Region, lam: Any) -> None:
+    """Warm invokes the router runs under a lease (router -> agent) answer the tail in the
+    function's JSON format too, and each invocation's lines are filed once."""
+    logs = _client(region, "logs")
+    name = _deploy(lam, JSON_LOGS, LoggingConfig={"LogFormat": "JSON"})
+    before = region.client.status()["router"]["leases"]["leased_invokes"]
+
+    def leased() -> bool:  # (only this test invokes meanwhile: the counter is this function's)
+        res = lam.invoke(FunctionName=name, Payload=b'{"n": 0}', LogType="Tail")
+        assert '"type": "platform.start"' in base64.b64decode(res["LogResult"]).decode()
+        return bool(region.client.status()["router"]["leases"]["leased_invokes"] > before)
+
+    _wait_for("an invocation under a router lease", leased)
+    group = f"/aws/lambda/{name}"
+    starts = _wait_for("the leased invocations' lines", lambda: [
+        e for e in _filter_all(logs, group, filterPattern='{ $.type = "platform.start" }')])
+    ids = [json.loads(e["message"])["record"]["requestId"] for e in starts]
+    assert len(ids) == len(set(ids))  # each invocation's START once
