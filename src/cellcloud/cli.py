@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import cli_progress, sdk
+from .core import logtail as tail
 from .region import tenants as tenant_table
 from .region.supervisor import Supervisor, default_state_dir, lock_holder, run_foreground
 
@@ -363,19 +364,52 @@ def rm(name: Annotated[str, typer.Argument()], state_dir: StateDir = None) -> No
 @app.command()
 def logs(
     name: Annotated[str, typer.Argument()],
-    limit: Annotated[int, typer.Option(help="Invocations to show")] = 20,
+    follow: Annotated[bool, typer.Option("--follow", "-f",
+                                         help="Keep polling for new events")] = False,
+    since: Annotated[str, typer.Option(help="How far back to start: 30s, 10m, 2h, 1d")] = "10m",
+    filter_pattern: Annotated[str, typer.Option("--filter",
+                                                help="A CloudWatch Logs filter pattern")] = "",
+    interval: Annotated[float, typer.Option(help="Seconds between polls with --follow")] = 5.0,
+    limit: Annotated[int, typer.Option(help="Without --follow: only the newest N events "
+                                            "(0: all)")] = 0,
     state_dir: StateDir = None,
 ) -> None:
-    """Show the captured stdout/stderr of a function's latest invocations."""
+    """Tail a function's log group, as `aws logs tail` does: FilterLogEvents from --since,
+    and with --follow, again every --interval seconds from the newest event seen, each event
+    printed once (de-duplicated by eventId)."""
     try:
-        events = _client(state_dir).logs(name, limit)
+        since_ms = tail.parse_since(since)
+    except ValueError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    client = _client(state_dir)
+    try:
+        group = client.get_function(name)["Configuration"]["LoggingConfig"]["LogGroup"]
+        follower = tail.Follower(int(time.time() * 1000) - since_ms)
+        while True:
+            try:
+                events = client.filter_log_events(
+                    group, startTime=follower.start_ms, interleaved=True,
+                    **({"filterPattern": filter_pattern} if filter_pattern else {}))
+            except sdk.CellcloudError as e:
+                if e.type != "ResourceNotFoundException" or not follow:
+                    raise
+                events = []  # no line yet: the group appears with the first one
+            fresh = follower.new(events)
+            if limit > 0 and not follow:
+                fresh = fresh[-limit:]
+            for ev in fresh:
+                ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ev["timestamp"] / 1000))
+                sys.stdout.write(f"{ts}.{ev['timestamp'] % 1000:03d} {ev['logStreamName']} "
+                                 f"{ev['message'].rstrip(chr(10))}\n")
+            sys.stdout.flush()
+            if not follow:
+                return
+            time.sleep(interval)  # the poll period (aws logs tail --follow: 5 s)
     except sdk.CellcloudError as e:
         _fail(e)
+    except KeyboardInterrupt:
         return
-    for ev in events:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ev["timestamp"] / 1000))
-        for line in ev["message"].rstrip("\n").split("\n"):
-            sys.stdout.write(f"{ts} {line}\n")
 
 
 @app.command()

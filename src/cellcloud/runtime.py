@@ -103,13 +103,13 @@ def client_security(state_dir: str) -> None:
                                          "region", "cli"), "client")
 
 
-def setup_logging(component: str) -> None:
-    level = os.environ.get("CELLCLOUD_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s {component}[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(component: str, **context: Any) -> None:
+    """Structured JSON logs (eventlog.py): ``component`` (``frontend/<cell>`` names the
+    cell too) and the process's context (``agent=...``) on every line."""
+    from . import eventlog
+
+    name, _, cell = component.partition("/")
+    eventlog.setup(name, **({"cell": cell} if cell else {}), **context)
 
 
 async def read_asgi_body(receive: Callable[[], Awaitable[dict[str, Any]]], body_max: int,

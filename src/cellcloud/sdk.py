@@ -33,6 +33,7 @@ def _chunks(body: bytes, progress: SendProgress) -> Iterator[bytes]:
         progress(len(chunk), len(body))
 
 API = "/2015-03-31/functions"
+logs_pages_max = 1_000  # FilterLogEvents pages one filter_log_events reads
 
 
 class CellcloudError(Exception):
@@ -118,7 +119,7 @@ class Client:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None,
                 query: dict[str, str] | None = None,
-                sign: bool = True,
+                sign: bool = True, service: str = sigv4.SERVICE,
                 progress: SendProgress | None = None
                 ) -> tuple[int, dict[str, str], bytes]:
         """One request; ``progress(n, total)`` (if given) is told of every n body bytes sent."""
@@ -128,7 +129,8 @@ class Client:
         if sign:
             hdrs = sigv4.sign(method, self.endpoint + path, hdrs, body or b"",
                               access_key_id=self.access_key_id,
-                              secret_access_key=self.secret_access_key, region=self.region)
+                              secret_access_key=self.secret_access_key, region=self.region,
+                              service=service)
         for attempt in (0, 1):
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
@@ -219,6 +221,35 @@ class Client:
             if "x-amz-log-result" in h else ""
         return InvokeResponse(status, data, h.get("x-amz-function-error"), tail,
                               h.get("x-amzn-requestid", ""), h.get("x-amz-executed-version", ""))
+
+    # -- CloudWatch Logs (the subset the region serves: docs/observability.md) ----------------
+    def logs_call(self, operation: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """One CloudWatch Logs API call (JSON 1.1, SigV4 service ``logs``), as boto3 makes it."""
+        status, h, data = self.request(
+            "POST", "/", json.dumps(doc).encode(),
+            {"content-type": "application/x-amz-json-1.1",
+             "x-amz-target": f"Logs_20140328.{operation}"}, service="logs")
+        if status >= 400:
+            try:
+                err = json.loads(data)
+                raise CellcloudError(status, str(err.get("__type") or "Error"),
+                                     str(err.get("message") or ""))
+            except ValueError:
+                raise _error(status, h, data) from None
+        result: dict[str, Any] = json.loads(data)
+        return result
+
+    def filter_log_events(self, group: str, **params: Any) -> list[dict[str, Any]]:
+        """Every page of FilterLogEvents (bounded by ``logs_pages_max``)."""
+        events: list[dict[str, Any]] = []
+        doc: dict[str, Any] = {"logGroupName": group, **params}
+        for _ in range(logs_pages_max):
+            res = self.logs_call("FilterLogEvents", doc)
+            events += res.get("events", [])
+            if not res.get("nextToken"):
+                break
+            doc["nextToken"] = res["nextToken"]
+        return events
 
     # -- cellcloud's own -----------------------------------------------------------------------
     def logs(self, name: str, limit: int = 50) -> list[dict[str, Any]]:

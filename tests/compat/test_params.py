@@ -109,7 +109,9 @@ _CONFIG: dict[str, Row] = {
                "fsap-0123456789abcdef0", "LocalMountPath": "/mnt/efs"}]),
     "ImageConfig": Row(REFUSE, {"Command": ["app.handler"]}),
     "SnapStart": Row(REFUSE, {"ApplyOn": "PublishedVersions"}),
-    "LoggingConfig": Row(REFUSE, {"LogFormat": "JSON"}),
+    # honoured (core/cwlogs.py; tests/integration/test_logs.py applies it)
+    "LoggingConfig": Row(ECHO, {"LogFormat": "JSON", "ApplicationLogLevel": "WARN",
+                                "SystemLogLevel": "INFO", "LogGroup": "/custom/params"}),
     "CapacityProviderConfig": Row(REFUSE, {"LambdaManagedInstancesCapacityProviderConfig": {
         "CapacityProviderArn": "arn:aws:lambda:us-east-1:123456789012:capacity-provider:cp"}}),
     "DurableConfig": Row(REFUSE, {"RetentionPeriodInDays": 1}),
@@ -399,7 +401,7 @@ def test_the_default_value_of_an_unsupported_parameter_is_accepted(
 
 
 @pytest.mark.parametrize("member,value", [
-    ("LoggingConfig", {"LogGroup": "/aws/lambda/elsewhere"}),
+    ("LoggingConfig", {"LogGroup": "not a log group name!"}),
     ("LoggingConfig", {"LogFormat": "Text", "ApplicationLogLevel": "INFO"}),
     ("DeadLetterConfig", {"TargetArn": "arn:aws:sns:cc-local-1:123456789012:t"}),
     ("VpcConfig", {"SubnetIds": [], "SecurityGroupIds": ["sg-1"]}),

@@ -13,7 +13,7 @@ def test_default_only_accepts_exactly_the_default() -> None:
           "KMSKeyArn": "", "FileSystemConfigs": [], "ImageConfig": {}}
     assert refusal(LAMBDA, "UpdateFunctionConfiguration", ok, ctx=ctx) is None
     for body, name in [
-        ({"LoggingConfig": {"LogGroup": "/aws/lambda/g"}}, "LoggingConfig.LogGroup"),
+        ({"LoggingConfig": {"LogGroup": "/aws/lambda/g", "Colour": 1}}, "LoggingConfig.Colour"),
         ({"TracingConfig": {"Mode": "Active"}}, "TracingConfig.Mode"),
         ({"VpcConfig": {"Ipv6AllowedForDualStack": True}}, "VpcConfig.Ipv6AllowedForDualStack"),
         ({"DeadLetterConfig": {"TargetArn": "arn:aws:sqs:r:1:q", "X": 1}}, "DeadLetterConfig.X"),

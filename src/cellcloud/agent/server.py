@@ -26,6 +26,7 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .. import eventlog
 from ..core import messages as m
 from ..core import tracing
 from ..core.bundle import sha256_hex
@@ -108,6 +109,12 @@ class _EnvChannel(asyncio.BufferedProtocol):
         self.early: dict[str, Any] | None = None
         #: a streamed invocation's receiver of GuestChunk frames (None: none is streamed)
         self.chunk_sink: Callable[[dict[str, Any]], None] | None = None
+        # The running invocation's lines the guest sent ahead of its result (GuestLogs): the
+        # frontend pulls them with ``live_logs`` (``live_pulled`` bytes so far); the reply
+        # then carries them all, saying how many were pulled. Bounded: the tail wins.
+        self.live = bytearray()
+        self.live_pulled = 0
+        self.live_request_id: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -127,6 +134,9 @@ class _EnvChannel(asyncio.BufferedProtocol):
                     if self.chunk_sink is not None:
                         self.chunk_sink(doc)
                     continue  # nobody streams now (a late chunk of a timed-out one): dropped
+                if doc.get("t") == "logs":
+                    self._live(m.GuestLogs.from_wire(doc))
+                    continue
                 if self.waiter is not None and not self.waiter.done():
                     self.waiter.set_result(doc)
                 elif self.early is None:
@@ -138,6 +148,38 @@ class _EnvChannel(asyncio.BufferedProtocol):
             self.garbage = True
             if self.transport is not None:
                 self.transport.close()
+
+    def _live(self, frame: m.GuestLogs) -> None:
+        if frame.request_id != self.live_request_id:
+            return  # not the running invocation's (late, or a guest out of turn): dropped
+        self.live += frame.logs
+        over = len(self.live) - DEFAULT_LIMITS.invocation_log_bytes_max
+        if over > 0:
+            del self.live[:over]
+            self.live_pulled = max(0, self.live_pulled - over)
+
+    def live_begin(self, request_id: str) -> None:
+        self.live.clear()
+        self.live_pulled = 0
+        self.live_request_id = request_id
+
+    def live_end(self) -> tuple[bytes, int]:
+        """The running invocation's lines sent ahead and how many bytes of them were pulled;
+        nothing more is kept for it."""
+        out, pulled = bytes(self.live), self.live_pulled
+        self.live.clear()
+        self.live_pulled = 0
+        self.live_request_id = None
+        return out, pulled
+
+    def live_pull(self, bytes_max: int) -> bytes:
+        """Lines not pulled yet (at most ``bytes_max``, whole lines where it cuts)."""
+        out = bytes(self.live[self.live_pulled:self.live_pulled + bytes_max])
+        if self.live_pulled + len(out) < len(self.live):
+            cut = out.rfind(b"\n") + 1
+            out = out[:cut] if cut > 0 else out
+        self.live_pulled += len(out)
+        return out
 
     def connection_lost(self, exc: Exception | None) -> None:
         idle = self.waiter is None
@@ -202,6 +244,16 @@ class _EnvChannel(asyncio.BufferedProtocol):
                 return logs[-DEFAULT_LIMITS.invocation_log_bytes_max:] if isinstance(
                     logs, bytes) else b""
             # a late result of an invocation that timed out: not the goodbye, keep waiting
+
+
+def _with_live(logs: bytes, live: bytes, pulled: int) -> tuple[bytes, int]:
+    """An invocation's whole log (the lines sent ahead, then the rest), bounded (the tail
+    wins), and how many of its leading bytes the frontend pulled already."""
+    whole = live + logs
+    over = len(whole) - DEFAULT_LIMITS.invocation_log_bytes_max
+    if over > 0:
+        return whole[over:], max(0, pulled - over)
+    return whole, pulled
 
 
 def _expire(fut: asyncio.Future[dict[str, Any]]) -> None:
@@ -360,7 +412,8 @@ class Agent:
                     "destroy": self.destroy, "status": self.status, "attest": self.attest,
                     "forget_bundles": self.forget_bundles, "image_blob": self.image_blob,
                     "lease_grant": self.lease_grant, "lease_end": self.lease_end,
-                    "leased_invoke": self.leased_invoke, "metrics": self.metrics}
+                    "leased_invoke": self.leased_invoke, "metrics": self.metrics,
+                    "live_logs": self.live_logs}
         # Prometheus (docs/observability.md): the process's CPU, memory, fds and TLS
         # handshakes, and the environments as this agent sees them; read by its frontend.
         self.metrics_registry = process_registry()
@@ -470,8 +523,8 @@ class Agent:
             ephemeral_mb=(fn.ephemeral_mb if fn.ephemeral_mb is not None
                           else DEFAULT_LIMITS.ephemeral_mb_default),
             environment=dict(fn.environment),
-            log_group=f"/aws/lambda/{fn.name}",
-            log_stream=f"{time.strftime('%Y/%m/%d')}/[{fn.version}]{env_id}",
+            log_group=fn.log_group or f"/aws/lambda/{fn.name}",
+            log_stream=fn.log_stream or f"{time.strftime('%Y/%m/%d')}/[{fn.version}]{env_id}",
             layer_dirs=layer_dirs, pids_max=self.pids_max,
             runtime_argv=runtime_argv,
             extra_trees=list(runtime.trees),
@@ -672,7 +725,8 @@ class Agent:
             self._forget_gone(env_id)
 
     def _forget_gone(self, env_id: str) -> None:
-        log.warning("environment %s died while idle; removed", env_id)
+        log.warning("environment %s died while idle; removed", env_id,
+                    extra=eventlog.fields(event="env_died_idle", env=env_id))
         self.counters["envs_gone"] += 1
         self._remove(env_id)
         self._gone[env_id] = None
@@ -736,6 +790,7 @@ class Agent:
                          started: float, ask: m.GuestInvoke,
                          trace: tracing.TraceHeader | None = None, span_id: str = "",
                          started_ns: int = 0) -> m.InvokeReply:
+        rec.channel.live_begin(request_id)
         try:
             frame = await rec.channel.request(
                 ask.to_wire(int(time.time() * 1000) if ask.legacy else 0), timeout_ms / 1000)
@@ -748,6 +803,7 @@ class Agent:
                     None, max(0.0, started + timeout_ms / 1000 - time.monotonic()))
         except TimeoutError:
             self.counters["timeouts"] += 1
+            live = rec.channel.live_end()
             if rec.extensions:  # SHUTDOWN (reason "timeout") for them, then the kill
                 self._shutdown_soon(env_id, "timeout")
             else:  # nothing to tell: no shutdown phase, as on Lambda
@@ -755,9 +811,10 @@ class Agent:
             return self._failure(
                 "Sandbox.Timedout",
                 f"RequestId: {request_id} Error: Task timed out after {timeout_ms / 1000:.2f} seconds",
-                started)
+                started, live=live)
         except ConnectionError:
             self.counters["crashes"] += 1
+            live = rec.channel.live_end()
             usage = rec.cgroup.usage()
             garbage = rec.channel.garbage
             self._remove(env_id)
@@ -768,7 +825,9 @@ class Agent:
                        f"(out of memory: {rec.spec.memory_mb} MB)")
             else:
                 msg = f"RequestId: {request_id} Error: Runtime exited without providing a reason"
-            return self._failure("Runtime.ExitError", msg, started, oom=bool(usage.oom_kills))
+            return self._failure("Runtime.ExitError", msg, started, oom=bool(usage.oom_kills),
+                                 live=live)
+        live_logs, live_pulled = rec.channel.live_end()
         rec.busy = False
         rec.last_used_ms = int(time.time() * 1000)
         try:
@@ -802,11 +861,12 @@ class Agent:
                 start = min(max(env.start_ns, started_ns), ended_ns)
                 spans += (m.Span("environment", env.span_id, span_id, start,
                                  min(max(env.end_ns, start), ended_ns)),)
+        logs, live_bytes = _with_live(result.logs, live_logs, live_pulled)
         return m.InvokeReply(
-            result.payload, result.function_error, result.logs, result.duration_ms,
+            result.payload, result.function_error, logs, result.duration_ms,
             result.max_rss_kb, alive,
             # the previous invocation's logs from after its response (END/REPORT, extensions)
-            previous_logs=previous, spans=spans)
+            previous_logs=previous, spans=spans, logs_live_bytes=live_bytes)
 
     async def _invoke_phase(self, rec: EnvRecord, request_id: str, deadline: float) -> None:
         """Wait for the end of an Invoke phase whose response already went back: every
@@ -846,11 +906,29 @@ class Agent:
             del self._reset_logs[next(iter(self._reset_logs))]
 
     def _failure(self, type_: str, message: str, started: float,
-                 oom: bool = False) -> m.InvokeReply:
+                 oom: bool = False, live: tuple[bytes, int] = (b"", 0)) -> m.InvokeReply:
+        logs, live_bytes = _with_live(f"{message}\n".encode(), *live)
         return m.InvokeReply(
             json.dumps({"errorType": type_, "errorMessage": message}).encode(), "Unhandled",
-            f"{message}\n".encode(), (time.monotonic() - started) * 1000, env_alive=False,
-            oom=oom)
+            logs, (time.monotonic() - started) * 1000, env_alive=False,
+            oom=oom, logs_live_bytes=live_bytes)
+
+    async def live_logs(self, body: Any = None) -> dict[str, Any]:
+        """Running invocations' lines that their guests sent ahead of the result, not pulled
+        yet (the frontend calls this every second: agents never dial out). Bounded per
+        answer; what does not fit comes with the next pull or the invocation's reply."""
+        budget = DEFAULT_LIMITS.logs_live_answer_bytes_max
+        out = []
+        for env_id, rec in self.envs.items():
+            ch = rec.channel
+            if ch.live_request_id is None or ch.live_pulled >= len(ch.live) or budget <= 0:
+                continue
+            chunk = ch.live_pull(budget)
+            if chunk:
+                budget -= len(chunk)
+                out.append({"env_id": env_id, "function_key": rec.function_key,
+                            "request_id": ch.live_request_id, "logs": chunk})
+        return {"envs": out}
 
     async def destroy(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -1399,7 +1477,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from .. import runtime
 
-    runtime.setup_logging("agent")
+    runtime.setup_logging("agent", agent=args.agent_id, cell=args.cell or None)
     runtime.setup_security(args, "agent", args.cell, args.agent_id, args.region)
     if not args.no_lockdown:
         lockdown.deny_io_uring()  # before uvloop's loop exists, or it sets up a ring

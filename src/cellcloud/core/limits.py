@@ -100,6 +100,16 @@ class Limits:
     # a reply carrying more spans than this (agent + environment: two) is refused.
     trace_header_chars_max: int = 1024
     trace_spans_per_reply_max: int = 8
+    # Functions' logs as CloudWatch Logs (frontend/logstore.py, frontend/logs_api.py).
+    log_events_per_group_max: int = 100_000  # the oldest events of a group go first
+    log_groups_per_account_max: int = 1_000
+    logs_events_limit_max: int = 10_000  # GetLogEvents/FilterLogEvents' `limit` (CloudWatch's)
+    logs_describe_limit_max: int = 50  # DescribeLogGroups/DescribeLogStreams' `limit`
+    logs_filter_scan_events_max: int = 10_000  # events one FilterLogEvents call looks at
+    logs_filter_pattern_chars_max: int = 1_024  # a filterPattern (CloudWatch's)
+    logs_filter_streams_max: int = 100  # logStreamNames of one FilterLogEvents (CloudWatch's)
+    logs_live_poll_interval_ms: int = 1_000  # running invocations' new lines pulled this often
+    logs_live_answer_bytes_max: int = 4 * MiB  # lines one agent's `live_logs` answer carries
     # A sync invoke is answered at the latest this long after its function's timeout, whatever
     # the agents do (core/invoke.py answers it with a ServiceException on the first tick past).
     invoke_answer_slack_ms: int = 60_000

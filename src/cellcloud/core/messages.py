@@ -85,14 +85,23 @@ class FunctionSpec:
     network: str = ""  # "", "egress" or "none" (core/vpc.py)
     net_allow: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()  # digests
+    # The environment's log group and stream (AWS_LAMBDA_LOG_GROUP_NAME/_STREAM_NAME), as
+    # the frontend files its lines; "": the agent's own default names.
+    log_group: str = ""
+    log_stream: str = ""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "arn": self.arn, "handler": self.handler,
-                "runtime": self.runtime, "memory_mb": self.memory_mb,
-                "timeout_s": self.timeout_s, "ephemeral_mb": self.ephemeral_mb,
-                "environment": dict(self.environment), "version": self.version,
-                "network": self.network, "net_allow": list(self.net_allow),
-                "layers": list(self.layers)}
+        doc = {"name": self.name, "arn": self.arn, "handler": self.handler,
+               "runtime": self.runtime, "memory_mb": self.memory_mb,
+               "timeout_s": self.timeout_s, "ephemeral_mb": self.ephemeral_mb,
+               "environment": dict(self.environment), "version": self.version,
+               "network": self.network, "net_allow": list(self.net_allow),
+               "layers": list(self.layers)}
+        if self.log_group:
+            doc["log_group"] = self.log_group
+        if self.log_stream:
+            doc["log_stream"] = self.log_stream
+        return doc
 
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
@@ -107,7 +116,9 @@ class FunctionSpec:
                    ephemeral_mb=_get(doc, "ephemeral_mb", int, k, None),
                    environment=dict(env), version=_get(doc, "version", str, k, "$LATEST"),
                    network=_get(doc, "network", str, k, ""),
-                   net_allow=_str_list(doc, "net_allow", k), layers=_str_list(doc, "layers", k))
+                   net_allow=_str_list(doc, "net_allow", k), layers=_str_list(doc, "layers", k),
+                   log_group=_get(doc, "log_group", str, k, ""),
+                   log_stream=_get(doc, "log_stream", str, k, ""))
 
 
 @dataclass(frozen=True)
@@ -243,6 +254,9 @@ class InvokeReply:
     previous_logs: bytes = b""  # the previous invocation's logs from after its response
     oom: bool = False  # the environment was killed for memory
     spans: tuple[Span, ...] = ()  # asked for (InvokeRequest.spans): the agent's, the env's
+    # How many leading bytes of ``logs`` the agent already handed out while the invocation
+    # ran (the ``live_logs`` op): the frontend filed those as events then.
+    logs_live_bytes: int = 0
 
     @property
     def status(self) -> str:
@@ -259,6 +273,8 @@ class InvokeReply:
             doc["oom"] = True
         if self.spans:
             doc["spans"] = [sp.to_wire() for sp in self.spans]
+        if self.logs_live_bytes:
+            doc["logs_live_bytes"] = self.logs_live_bytes
         return doc
 
     @classmethod
@@ -271,7 +287,8 @@ class InvokeReply:
                    max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
                    env_alive=_get(doc, "env_alive", bool, k, True),
                    previous_logs=_get(doc, "previous_logs", bytes, k, b""),
-                   oom=_get(doc, "oom", bool, k, False), spans=_spans(doc, k))
+                   oom=_get(doc, "oom", bool, k, False), spans=_spans(doc, k),
+                   logs_live_bytes=_get(doc, "logs_live_bytes", int, k, 0))
 
 
 @dataclass(frozen=True)
@@ -464,6 +481,24 @@ class GuestResult:
 def _optional_span(doc: Any, kind: str) -> Span | None:
     value = _get(doc, "span", dict, kind, None)
     return Span.from_wire(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class GuestLogs:
+    """guest -> agent, while an invocation runs: its complete lines so far (the result then
+    carries only the rest). Only guests of this dialect send it; the agent keeps them for
+    the frontend's ``live_logs`` pull."""
+
+    request_id: str
+    logs: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "logs", "request_id": self.request_id, "logs": self.logs}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "guest logs"
+        return cls(request_id=_get(doc, "request_id", str, k), logs=_get(doc, "logs", bytes, k))
 
 
 @dataclass(frozen=True)

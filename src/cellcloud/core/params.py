@@ -71,10 +71,6 @@ def _equals(value: object) -> Callable[[Any, Context], bool]:
     return lambda v, _ctx: bool(v == value)
 
 
-def _log_group(v: Any, ctx: Context) -> bool:
-    return bool(v == f"/aws/lambda/{ctx.get('function_name', '')}")
-
-
 _NO_VPC = "environments get no IPv6 (only false is accepted)"
 _ZIP_ONLY = "only .zip code uploaded in the request (ZipFile) is supported"
 _NO_CAPACITY = "Lambda Managed Instances (capacity providers) are not supported"
@@ -111,14 +107,11 @@ _CONFIG: dict[str, Param] = {
     "SnapStart.ApplyOn": default_only("SnapStart is not supported (only ApplyOn None is "
                                       "accepted)", _equals("None")),
     "LoggingConfig": H,
-    "LoggingConfig.LogFormat": default_only("logs are plain text (only LogFormat Text is "
-                                            "accepted)", _equals("Text")),
-    "LoggingConfig.LogGroup": default_only("a function's logs go to /aws/lambda/<function "
-                                           "name> (only that LogGroup is accepted)", _log_group),
-    "LoggingConfig.ApplicationLogLevel": refused("log levels need LogFormat JSON, which is not "
-                                                 "supported"),
-    "LoggingConfig.SystemLogLevel": refused("log levels need LogFormat JSON, which is not "
-                                            "supported"),
+    # core/cwlogs.py checks them (levels only with JSON) and frontend/cell.py applies them
+    "LoggingConfig.LogFormat": H,
+    "LoggingConfig.LogGroup": H,
+    "LoggingConfig.ApplicationLogLevel": H,
+    "LoggingConfig.SystemLogLevel": H,
     "CapacityProviderConfig": refused(_NO_CAPACITY),
     "DurableConfig": refused("durable functions are not supported"),
     "RuntimeConfig": refused("custom runtime ARNs are not supported; use a runtime this region "

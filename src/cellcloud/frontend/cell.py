@@ -14,12 +14,15 @@ import logging
 import os
 import random
 import re
+import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..core import errors
+from .. import eventlog
+from ..core import cwlogs, errors
 from ..core.catalog_rules import iso_time_ms
 from ..core.errors import LambdaError
 from ..core.jsondepth import check_json_depth
@@ -34,6 +37,7 @@ from . import image_functions
 from .events import Intake
 from .functions import Catalog
 from .invoker import ChunkSink, Invoker, InvokeResult
+from .logstore import EventRow, LogStore
 from .metrics import FrontendMetrics
 from .store import FunctionRecord, FunctionStore, StateDiskFull
 
@@ -42,6 +46,9 @@ if TYPE_CHECKING:
     from .mappings import Mappings
 
 log = logging.getLogger("cellcloud.frontend")
+
+streams_remembered_max = 100_000  # environments whose log stream name the cell remembers
+pending_events_max = 10_000  # log events queued before they are filed at once
 
 __all__ = ["Cell", "InvokeResult"]
 
@@ -97,6 +104,11 @@ class Cell:
         for aid in agents:
             self.placement.add_agent(aid, envs_per_agent_max)
         self._pending_logs: list[tuple[str, str, int, str, bytes]] = []
+        # Functions' logs as CloudWatch Logs events (frontend/logstore.py; set by the server,
+        # None: not kept), queued and filed at each tick; env id -> its stream's name.
+        self.logstore: LogStore | None = None
+        self._pending_events: list[EventRow] = []
+        self._streams: OrderedDict[str, str] = OrderedDict()
         # Bundles the catalog freed, per agent, that the agent is still to be told to forget
         # (retried at each agent poll).
         self._forget_pending: dict[str, set[str]] = {}
@@ -272,13 +284,97 @@ class Cell:
     def shard_of(self, key: str) -> tuple[str, ...]:
         return self.invoker.core.shard_of(key)
 
-    def file_logs(self, function_key: str, logs: Any, request_id: str = "") -> None:
+    def file_logs(self, function_key: str, logs: Any, request_id: str = "", *,
+                  env_id: str = "", live_bytes: int = 0) -> None:
         """An environment's log lines, filed with its function's: an invocation's reply, or
         output outside any reply (the end of an Invoke phase that went on after its response,
-        a SHUTDOWN phase)."""
+        a SHUTDOWN phase). ``live_bytes``: how many leading bytes were filed as events already
+        while the invocation ran (:meth:`file_live_logs`)."""
         if isinstance(logs, bytes) and logs and function_key.count("/") >= 1:
             account, name = function_key.split("/")[:2]
             self._pending_logs.append((account, name, self.invoker.now_ms(), request_id, logs))
+            self._file_events(function_key, logs[max(0, live_bytes):], request_id, env_id)
+
+    def file_live_logs(self, function_key: str, logs: bytes, request_id: str,
+                       env_id: str) -> None:
+        """A running invocation's lines, pulled from its agent (``live_logs``): events now."""
+        if logs and function_key.count("/") >= 1:
+            self._file_events(function_key, logs, request_id, env_id)
+
+    def logging_of(self, function_key: str) -> tuple[str, cwlogs.LoggingConfig]:
+        """(function name, LoggingConfig) of the record a placement key names."""
+        parts = function_key.split("/")
+        account, name = parts[0], parts[1]
+        version = parts[2] if len(parts) > 2 else "$LATEST"
+        try:
+            rec = (self.catalog.function(account, name) if version == "$LATEST"
+                   else self.catalog.version(account, name, version))
+            return name, cwlogs.LoggingConfig.from_record(rec.logging)
+        except LambdaError:
+            return name, cwlogs.LoggingConfig()
+
+    def stream_for(self, env_id: str, version: str) -> str:
+        """The log stream of an environment (named at its creation, as Lambda names it)."""
+        stream = self._streams.get(env_id)
+        if stream is None:
+            stream = self._streams[env_id] = cwlogs.stream_name(
+                version, env_id or "cellcloud", self.invoker.now_ms())
+            while len(self._streams) > streams_remembered_max:
+                self._streams.popitem(last=False)
+        return stream
+
+    def _file_events(self, function_key: str, logs: bytes, request_id: str,
+                     env_id: str) -> None:
+        if self.logstore is None or not logs:
+            return
+        account = function_key.split("/")[0]
+        parts = function_key.split("/")
+        version = parts[2] if len(parts) > 2 else "$LATEST"
+        name, cfg = self.logging_of(function_key)
+        now = self.invoker.now_ms()
+        group = cfg.group_for(name)
+        stream = self.stream_for(env_id, version)
+        for line in cwlogs.lambda_events(logs.decode(errors="replace"), cfg, now):
+            self._pending_events.append((account, group, stream, now, request_id, line))
+        if len(self._pending_events) >= pending_events_max:
+            self.flush_events()
+
+    def log_tail(self, function_key: str, logs: bytes) -> bytes:
+        """``LogType=Tail``'s last bytes, in the function's log format."""
+        tail_max = self.limits.log_tail_bytes
+        _name, cfg = self.logging_of(function_key)
+        if cfg.log_format == "JSON":
+            logs = "".join(cwlogs.lambda_events(logs.decode(errors="replace"), cfg,
+                                                self.invoker.now_ms())).encode()
+        return logs[-tail_max:]
+
+    def flush_events(self) -> None:
+        if self._pending_events and self.logstore is not None:
+            rows, self._pending_events = self._pending_events, []
+            try:
+                self.logstore.append(rows, self.invoker.now_ms())
+            except sqlite3.Error as e:
+                # Logs are acknowledged to no one: on a full disk they are dropped, counted.
+                self.counters["log_events_dropped"] = (
+                    self.counters.get("log_events_dropped", 0) + len(rows))
+                log.warning("could not file %d log events: %s", len(rows), e)
+
+    async def pull_live_logs(self) -> None:
+        """Running invocations' new lines from every agent (passive: we call them)."""
+        for agent_id, client in self.agents.items():
+            if not self.placement.agents[agent_id].up:
+                continue
+            try:
+                res = await client.call("live_logs", None,
+                                        timeout_s=self.limits.agent_call_timeout_ms / 1000)
+            except (TransportError, RemoteError):
+                continue  # an agent of an older build, or down: its lines come with replies
+            for env in res.get("envs", []) if isinstance(res, dict) else []:
+                if isinstance(env, dict) and isinstance(env.get("logs"), bytes):
+                    self.file_live_logs(str(env.get("function_key") or ""), env["logs"],
+                                        str(env.get("request_id") or ""),
+                                        str(env.get("env_id") or ""))
+        self.flush_events()
 
     # -- housekeeping ----------------------------------------------------------------------------
     async def sync_agents(self, *, first: bool = False) -> None:
@@ -299,7 +395,8 @@ class Cell:
             if not known_agent.up or (isinstance(memory_mb_max, int)
                                       and memory_mb_max != known_agent.memory_mb_max):
                 if not known_agent.up:
-                    log.info("agent %s is back", agent_id)
+                    log.info("agent %s is back", agent_id,
+                             extra=eventlog.fields(event="agent_back", agent=agent_id))
                 self.invoker.agent_back(agent_id, known_agent.envs_max,
                                         memory_mb_max if isinstance(memory_mb_max, int) else None)
                 self.failed_agents.pop(agent_id, None)
@@ -323,6 +420,7 @@ class Cell:
         self.catalog.restore_reserve()  # after a delete on a full disk, once there is room again
 
     def flush_logs(self) -> None:
+        self.flush_events()
         if self._pending_logs:
             rows, self._pending_logs = self._pending_logs, []
             try:
@@ -361,6 +459,26 @@ class Cell:
             {"timestamp": ts, "requestId": rid, "message": text.decode(errors="replace")}
             for ts, rid, text in self.store.read_logs(account, name, limit)
         ]
+
+    def recent_invocations(self, account: str, name: str, limit: int = 10,
+                           lines_max: int = 200) -> list[dict[str, Any]]:
+        """The function's latest invocations that logged, newest first, each with its log
+        lines (the web console's function page reads this): ``request_id``, ``time_ms`` (of
+        its last line), ``stream`` and ``lines`` (at most ``lines_max``). Read-only; [] when
+        the cell keeps no log store."""
+        if self.logstore is None:
+            return []
+        self.flush_events()
+        rec = self.function(account, name)
+        group = cwlogs.LoggingConfig.from_record(rec.logging).group_for(name)
+        out = []
+        for request_id, time_ms in self.logstore.recent_requests(account, group,
+                                                                 max(1, min(limit, 100))):
+            events = self.logstore.request_events(account, group, request_id, lines_max)
+            out.append({"request_id": request_id, "time_ms": time_ms,
+                        "stream": events[0].stream if events else "",
+                        "lines": [e.message for e in events]})
+        return out
 
     def metrics_exposition(self) -> bytes:
         """The cell's Prometheus text exposition, gauges refreshed from the cell's state."""

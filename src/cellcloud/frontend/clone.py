@@ -4,7 +4,9 @@ The frontend process exposes these as transport ops (``tenant_export``, ``tenant
 ``tenant_inflight``, ``tenant_forget``); the control plane drives them in the order of
 ``control.state.MIGRATION_TRANSITIONS``. What moves: each function's ``$LATEST`` record, its
 published versions (with their numbers), aliases (with their weights), reserved and
-provisioned concurrency settings, and every bundle they name (code and layers).
+provisioned concurrency settings, every bundle they name (code and layers), and the
+tenant's log groups with their newest events (within what is left of the export's budget,
+at most ``log_export_bytes_max``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .store import AliasRecord, FunctionRecord
 
 functions_per_tenant_export_max = 1_000
 export_bytes_max = 64 * 1024 * 1024  # one transport frame carries the whole export
+log_export_bytes_max = 8 * 1024 * 1024  # log events a migration carries (the newest first)
 
 
 class CloneError(Exception):
@@ -63,8 +66,14 @@ def export_tenant(cell: Any, account: str) -> dict[str, Any]:
                 size += len(bundles[sha])
                 if size > export_bytes_max:
                     raise CloneError(f"the export exceeds export_bytes_max={export_bytes_max}")
-    return {"account": account, "functions": [dataclasses.asdict(r) for r in recs],
-            "bundles": bundles, "extras": extras}
+    out = {"account": account, "functions": [dataclasses.asdict(r) for r in recs],
+           "bundles": bundles, "extras": extras}
+    logstore = getattr(cell, "logstore", None)
+    if logstore is not None:
+        cell.flush_events()
+        out["logs"] = logstore.export_account(
+            account, max(0, min(log_export_bytes_max, export_bytes_max - size)))
+    return out
 
 
 def import_tenant(cell: Any, doc: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +107,9 @@ def import_tenant(cell: Any, doc: dict[str, Any]) -> dict[str, Any]:
             store.put_policy(rec.account, "f", rec.name, str(qualifier), str(policy))
     cell.catalog.forget_cached()  # the frontend's caches (refilled from the store)
     cell.catalog.load_provisioned()  # provisioned pools start filling in the target cell
+    logstore = getattr(cell, "logstore", None)
+    if logstore is not None and isinstance(doc.get("logs"), dict):
+        logstore.import_account(str(doc["account"]), doc["logs"])
     return {"created": created}
 
 
@@ -119,4 +131,8 @@ def forget_tenant(cell: Any, account: str) -> dict[str, Any]:
     for rec in recs:
         cell.catalog.delete_function(rec.account, rec.name)
     cell.catalog.forget_cached()
+    logstore = getattr(cell, "logstore", None)
+    if logstore is not None:
+        cell.flush_events()
+        logstore.forget_account(account)
     return {"deleted": len(recs)}

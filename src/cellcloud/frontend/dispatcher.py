@@ -27,7 +27,7 @@ import uuid
 from typing import Any
 from urllib.parse import quote
 
-from .. import runtime
+from .. import eventlog, runtime
 from ..core import retry
 from ..core.jsondepth import json_depth_within
 from ..core.limits import DEFAULT_LIMITS
@@ -181,7 +181,9 @@ class Dispatcher:
         try:
             await self._deliver_once(ev)
         except Exception:
-            log.exception("delivery of %s failed; its lease will expire", ev.id)
+            log.exception("delivery of %s failed; its lease will expire", ev.id,
+                          extra=eventlog.fields(event="delivery_failed", request_id=ev.id,
+                                                function=ev.name))
         finally:
             self._inflight[fn] -= 1
             if not self._inflight[fn]:
@@ -268,7 +270,9 @@ class Dispatcher:
             except DestinationMissing as e:
                 self.counters["destination_missing"] += 1
                 log.warning("event %s: dead-letter queue %s is missing (%s)", ev.id,
-                            ev.dead_letter, e)
+                            ev.dead_letter, e, extra=eventlog.fields(
+                                event="dead_letter_missing", request_id=ev.id,
+                                function=ev.name))
             except DestinationUnavailable as e:
                 self.counters["platform_errors"] += 1
                 self.store.reschedule(ev.id, self.owner,
@@ -279,7 +283,8 @@ class Dispatcher:
             if not isinstance(decision, Succeed) and not ev.dead_letter:
                 self.counters["dropped"] += 1
                 log.warning("event %s of %s failed (%s) with no on-failure destination: dropped",
-                            ev.id, ev.name, condition)
+                            ev.id, ev.name, condition, extra=eventlog.fields(
+                                event="event_dropped", request_id=ev.id, function=ev.name))
         else:
             record = destination_record(ev, self.region, condition, invoke_count, status, body,
                                         ferr, version, now)
@@ -288,7 +293,9 @@ class Dispatcher:
                 self.counters[which] += 1
             except DestinationMissing as e:
                 self.counters["destination_missing"] += 1
-                log.warning("event %s: destination %s is missing (%s)", ev.id, dest, e)
+                log.warning("event %s: destination %s is missing (%s)", ev.id, dest, e,
+                            extra=eventlog.fields(event="destination_missing",
+                                                  request_id=ev.id, function=ev.name))
             except DestinationUnavailable as e:
                 # Keep the event: it runs again later (at least once), and its outcome is
                 # delivered then.

@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from ..core import catalog_rules as rules
-from ..core import errors, vpc
+from ..core import cwlogs, errors, vpc
 from ..core.aliases import VERSION, check_alias_name, check_routing, pick_version
 from ..core.bundle import BundleInfo, inspect_zip
 from ..core.errors import LambdaError
@@ -254,9 +254,19 @@ class Catalog:
             local = []
         return [*net_policy.ALWAYS_DENIED_V4, *self.net_internal, *local]
 
-    def config_changes(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
-        """Validated FunctionRecord fields for the configuration keys present in ``doc``."""
+    def config_changes(self, account: str, doc: dict[str, Any], *, name: str = "",
+                       current: FunctionRecord | None = None) -> dict[str, Any]:
+        """Validated FunctionRecord fields for the configuration keys present in ``doc``
+        (``current``: the record an update changes)."""
         changes: dict[str, Any] = {}
+        if "LoggingConfig" in doc:
+            try:
+                changes["logging"] = cwlogs.logging_config(
+                    doc["LoggingConfig"],
+                    cwlogs.LoggingConfig.from_record(current.logging if current else None),
+                    name or str(doc.get("FunctionName") or "")).to_record()
+            except cwlogs.LogsError as e:
+                raise errors.invalid(e.message) from None
         if "Runtime" in doc:
             changes["runtime"] = rules.check_runtime(doc["Runtime"], self.runtimes())
         if "Handler" in doc:
@@ -298,7 +308,7 @@ class Catalog:
         for required in ("Runtime", "Handler"):
             if doc.get(required) is None:
                 raise errors.invalid(f"{required} is required for a function of PackageType Zip")
-        changes = self.config_changes(account, doc)
+        changes = self.config_changes(account, doc, name=name)
         code = rules.opt_dict(doc, "Code")
         if "ZipFile" not in code:
             raise errors.invalid("Code.ZipFile is required (S3 locations are not supported)")
@@ -375,7 +385,7 @@ class Catalog:
     def update_configuration(self, account: str, name: str, doc: dict[str, Any]) -> dict[str, Any]:
         old = self.function(account, name)
         rules.check_revision(doc, old.revision_id)
-        changes = self.config_changes(account, doc)
+        changes = self.config_changes(account, doc, name=name, current=old)
         changes.update(image_functions.update_image_config(old, doc))
         rules.check_total_size(old.unzipped_size, changes.get("layers", old.layers), self.limits)
         new = replace(

@@ -207,7 +207,7 @@ def create_function(catalog: Catalog, account: str, doc: dict[str, Any]) -> dict
     image["overrides"] = image_config(doc.get("ImageConfig"))
     _check_runnable(image)
     rest = {k: v for k, v in doc.items() if k not in ("PackageType", "ImageConfig")}
-    changes = catalog.config_changes(account, rest)
+    changes = catalog.config_changes(account, rest, name=name)
     publish = doc.get("Publish", False)
     if not isinstance(publish, bool):
         raise errors.invalid("Publish must be a boolean")

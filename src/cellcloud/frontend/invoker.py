@@ -23,8 +23,10 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import eventlog
 from ..core import errors, tracing
 from ..core import messages as m
+from ..core.cwlogs import LoggingConfig
 from ..core.errors import LambdaError
 from ..core.invoke import (
     AgentBack,
@@ -102,7 +104,7 @@ ChunkSink = Callable[[bytes, str], None]
 
 class _Call:
     __slots__ = ("request_id", "rec", "invoked_arn", "payload", "log_tail", "done", "reply",
-                 "sink", "trace_id", "spans")
+                 "sink", "trace_id", "spans", "env_id")
 
     def __init__(self, request_id: str, rec: FunctionRecord, invoked_arn: str, payload: bytes,
                  log_tail: bool, done: asyncio.Future[Instruction],
@@ -118,6 +120,7 @@ class _Call:
         self.reply: m.InvokeReply | None = None
         self.trace_id = ""  # the header the agent gets (Parent = the frontend's span)
         self.spans = False  # ask the agent for its spans (exporting, sampled)
+        self.env_id = ""  # the environment it ran in (its log stream)
 
 
 class Invoker:
@@ -173,7 +176,8 @@ class Invoker:
                 self.cell.failed_agents.setdefault(
                     ins.agent_id, {"since": _now_iso(self.clock()), "error": ins.detail[:200]})
                 log.warning("agent %s unreachable (%s); %d environments lost", ins.agent_id,
-                            ins.detail, ins.envs_lost)
+                            ins.detail, ins.envs_lost,
+                            extra=eventlog.fields(event="agent_lost", agent=ins.agent_id))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -249,12 +253,13 @@ class Invoker:
         mx.duration.labels(*labels).observe(time.monotonic() - started)
         logs = res.logs
         if logs:
-            self.cell.file_logs(rec.key, logs, request_id)
+            self.cell.file_logs(rec.key, logs, request_id, env_id=call.env_id,
+                                live_bytes=res.logs_live_bytes)
         if res.function_error:
             counters["function_errors"] += 1
             mx.errors.labels(*labels).inc()
         return InvokeResult(res.payload, res.function_error,
-                            logs[-self.cell.limits.log_tail_bytes:] if log_tail else b"",
+                            self.cell.log_tail(rec.key, logs) if log_tail else b"",
                             request_id, rec.version, trace)
 
     # -- leases (issue #13): a router runs warm invokes router -> agent ------------------------
@@ -288,7 +293,8 @@ class Invoker:
         cell.counters["leases_granted"] = cell.counters.get("leases_granted", 0) + 1
         return {"lease_id": lease_id, "env_id": ins.env_id, "agent_id": ins.agent_id,
                 "host": client.host, "port": client.port, "ttl_ms": ttl_ms,
-                "version": rec.version, "timeout_ms": rec.timeout_s * 1000, "arn": invoked_arn}
+                "version": rec.version, "timeout_ms": rec.timeout_s * 1000, "arn": invoked_arn,
+                "logging": rec.logging}
 
     def lease_holder(self, lease_id: str) -> str | None:
         req = self.core.requests.get(lease_id)
@@ -315,7 +321,8 @@ class Invoker:
                                timeout=self.cell.limits.agent_call_timeout_ms / 1000 + 1)
 
     def lease_logs(self, lease_id: str, holder: str, request_id: str, logs: list[Any],
-                   function_error: str | None = None, duration_ms: float | None = None) -> bool:
+                   function_error: str | None = None, duration_ms: float | None = None,
+                   live_bytes: int = 0) -> bool:
         """One invocation under a lease, reported by the holder as it answers: its logs,
         filed with the function's, and its outcome, counted in the function's metrics as the
         frontend's own invocations are."""
@@ -333,8 +340,9 @@ class Invoker:
             if function_error:
                 counters["function_errors"] += 1
                 mx.errors.labels(*labels).inc()
-        for part in logs:
-            self.cell.file_logs(req.fn.key, part, request_id)
+        for i, part in enumerate(logs):  # [previous logs, this invocation's]
+            self.cell.file_logs(req.fn.key, part, request_id, env_id=req.env_id or "",
+                                live_bytes=live_bytes if i == len(logs) - 1 else 0)
         return True
 
     def _refuse_lease(self, lease_id: str, agent_id: str) -> asyncio.Future[Any]:
@@ -450,13 +458,17 @@ class Invoker:
         limits = cell.limits
         client = cell.agents[ins.agent_id]
         pushed: dict[str, bytes] = {}
+        log_cfg = LoggingConfig.from_record(rec.logging)
         body = m.CreateEnvRequest(
             env_id=ins.env_id, bundle_sha256=rec.code_sha256, function_key=rec.key,
             create_timeout_ms=limits.env_create_timeout_ms, bundles=pushed,
             function=m.FunctionSpec(
                 name=rec.name, arn=function_arn(cell.region, rec.account, rec.name),
                 handler=rec.handler, runtime=rec.runtime, memory_mb=rec.memory_mb,
-                timeout_s=rec.timeout_s, environment=rec.environment,
+                timeout_s=rec.timeout_s,
+                environment={**rec.environment, **log_cfg.environment()},
+                log_group=log_cfg.group_for(rec.name),
+                log_stream=cell.stream_for(ins.env_id, rec.version),
                 ephemeral_mb=rec.ephemeral_mb, version=rec.version, network=rec.network,
                 net_allow=tuple(rec.net_allow),
                 layers=tuple(layer["sha256"] for layer in rec.layers)),
@@ -491,7 +503,10 @@ class Invoker:
         except LambdaError as e:  # an image layer that could not be streamed
             return "error", e.message
         except RemoteError as e:
-            log.warning("agent %s could not create env: %s", ins.agent_id, e)
+            log.warning("agent %s could not create env: %s", ins.agent_id, e,
+                        extra=eventlog.fields(event="env_create_failed", agent=ins.agent_id,
+                                              env=ins.env_id, function=rec.name,
+                                              version=rec.version))
             reasons: dict[str, CreateFailure] = {"AgentFull": "agent_full",
                                                  "HostMemoryExhausted": "host_memory",
                                                  "BundleMissing": "bundle_missing"}
@@ -519,6 +534,7 @@ class Invoker:
         cell = self.cell
         rec = call.rec
         timeout_ms = rec.timeout_s * 1000
+        call.env_id = ins.env_id
         body = m.InvokeRequest(env_id=ins.env_id, request_id=call.request_id,
                                payload=call.payload, timeout_ms=timeout_ms,
                                arn=call.invoked_arn, stream=call.sink is not None,
@@ -544,10 +560,10 @@ class Invoker:
                 # without it). No handler code ran, so the core places the invoke again.
                 return "env_gone", str(e)
             if e.type == "EnvReset":
-                cell.file_logs(rec.key, e.data.get("logs"))
+                cell.file_logs(rec.key, e.data.get("logs"), env_id=ins.env_id)
                 return "env_reset", str(e)
             return "env_error", str(e)
-        cell.file_logs(rec.key, res.previous_logs)
+        cell.file_logs(rec.key, res.previous_logs, env_id=ins.env_id)
         call.reply = res
         if not res.env_alive:
             # Crashed or timed out but its host survived: the jail contained it; counted, but
@@ -581,12 +597,14 @@ class Invoker:
                 "destroy", {"env_id": env_id},
                 timeout_s=cell.limits.agent_call_timeout_ms / 1000)
         except (TransportError, RemoteError) as e:
-            log.info("destroy %s on %s: %s", env_id, agent_id, e)
+            log.info("destroy %s on %s: %s", env_id, agent_id, e,
+                     extra=eventlog.fields(event="env_destroy_failed", env=env_id,
+                                           agent=agent_id))
             return
         # What the environment wrote during its SHUTDOWN phase (its extensions' last words)
         # belongs to the function's logs, as on Lambda.
         if isinstance(res, dict):
-            cell.file_logs(str(res.get("function_key") or ""), res.get("logs"))
+            cell.file_logs(str(res.get("function_key") or ""), res.get("logs"), env_id=env_id)
 
 
 def _now_iso(t: float) -> str:

@@ -25,6 +25,8 @@ from ..transport import Handler, OpError, Server, Stream
 from . import api, clone, function_urls, image_functions
 from .cell import Cell
 from .events import EventStore, Intake
+from .logs_api import LogsApi
+from .logstore import LogStore
 from .mappings import Mappings
 from .store import SqliteFunctionStore
 
@@ -33,6 +35,7 @@ log = logging.getLogger("cellcloud.frontend")
 tick_interval_s = 1.0
 agent_poll_interval_s = 2.0
 registry_collect_interval_s = 60.0  # unreferenced blobs and idle uploads (past their grace)
+log_sweep_interval_s = 60.0  # log groups' retention applied
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -79,15 +82,32 @@ async def serve(args: argparse.Namespace) -> None:
     registry.on_deleted = functools.partial(image_functions.images_deleted, cell.catalog)
     await cell.sync_agents(first=True)
     cell.catalog.load_provisioned()  # the pools are refilled by the first tick
-    server = Server(ops(cell, queues, registry))
+    # Functions' logs as CloudWatch Logs (<state>/logs.db) and the Logs API over them.
+    logstore = cell.logstore = LogStore(os.path.abspath(args.state_dir), cell.limits)
+    logs_api = LogsApi(logstore, args.region, cell.limits, before_read=cell.flush_events)
+    server = Server(ops(cell, queues, registry, logs_api))
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
+
+    async def live_logs() -> None:
+        # Running invocations' new lines, pulled from the agents (never pushed by them).
+        while True:
+            await asyncio.sleep(cell.limits.logs_live_poll_interval_ms / 1000)  # periodic
+            try:
+                await cell.pull_live_logs()
+            except Exception:  # one failed pull must not end the loop
+                log.exception("pulling live logs failed")
 
     async def ticker() -> None:
         polls = 0.0
         collect_in = registry_collect_interval_s
+        sweep_in = log_sweep_interval_s
         while True:
             await asyncio.sleep(tick_interval_s)  # a periodic timer, not a wait
             cell.tick()
+            sweep_in -= tick_interval_s
+            if sweep_in <= 0:
+                sweep_in = log_sweep_interval_s
+                logstore.sweep(now_ms())  # retention policies
             polls += tick_interval_s
             if polls >= agent_poll_interval_s:
                 polls = 0.0
@@ -100,6 +120,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     task = asyncio.ensure_future(ticker())
     cell.mappings.start()
+    live_task = asyncio.ensure_future(live_logs())
     runtime.announce_ready({"component": "frontend", "cell_id": args.cell_id, "host": host,
                             "port": port, "pid": os.getpid()})
     try:
@@ -107,13 +128,15 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         task.cancel()
         await cell.mappings.close()
+        live_task.cancel()
         cell.flush_logs()
         await server.close()
         if cell.spans is not None:
             cell.spans.shutdown()
 
 
-def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handler]:
+def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,
+        logs_api: LogsApi | None = None) -> dict[str, Handler]:
     """The frontend's transport ops (docs/design.md lists them)."""
 
     async def http(req: dict[str, Any]) -> dict[str, Any] | Stream:
@@ -142,10 +165,20 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
     async def lease_logs(body: dict[str, Any]) -> dict[str, Any]:
         fe = body.get("function_error")
         dur = body.get("duration_ms")
+        live = body.get("logs_live_bytes")
         return {"filed": cell.invoker.lease_logs(
             str(body["lease_id"]), str(body["holder"]), str(body["request_id"]),
             list(body.get("logs") or []), str(fe) if fe else None,
-            float(dur) if isinstance(dur, (int, float)) else None)}
+            float(dur) if isinstance(dur, (int, float)) else None,
+            live if isinstance(live, int) else 0)}
+
+    # The CloudWatch Logs API subset (frontend/logs_api.py), forwarded by the router.
+    async def logs(body: dict[str, Any]) -> dict[str, Any]:
+        if logs_api is None:
+            return {"s": 503, "h": {"content-type": "application/x-amz-json-1.1"},
+                    "b": b'{"__type": "ServiceUnavailableException", "message": '
+                         b'"this cell keeps no log store"}'}
+        return await logs_api.handle(body)
 
     async def metrics(body: Any) -> Any:
         """The cell's Prometheus exposition; ``{"components": true}`` (the router's ask):
@@ -184,7 +217,8 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi) -> dict[str, Handle
         return clone.forget_tenant(cell, str(body["account"]))
 
     return {"http": http, "status": status, "lease": lease, "lease_return": lease_return,
-            "lease_logs": lease_logs, "sqs": queues.handle, "async_status": async_status,
+            "lease_logs": lease_logs, "logs": logs, "sqs": queues.handle,
+            "async_status": async_status,
             "metrics": metrics, "metrics_push": metrics_push, "url": url,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from ..core import vpc
+from ..core.cwlogs import LoggingConfig
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS
 
@@ -113,6 +114,8 @@ class FunctionRecord:
     # uri, repo, digest, layers, entrypoint, cmd, workdir, env, user, size, overrides)
     package_type: str = "Zip"
     image: dict[str, Any] = field(default_factory=dict)
+    # LoggingConfig (core/cwlogs.py's LoggingConfig.to_record); empty: Text, the default group
+    logging: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -780,7 +783,7 @@ def config_doc(rec: FunctionRecord, region: str, *, qualify_latest: bool = False
         "Architectures": ["x86_64"],
         "EphemeralStorage": {"Size": rec.ephemeral_mb},
         "VpcConfig": vpc.echo(vpc.Setting(rec.network, tuple(rec.net_allow))),
-        "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{rec.name}"},
+        "LoggingConfig": LoggingConfig.from_record(rec.logging).doc(rec.name),
     }
     if rec.dead_letter_target:
         doc["DeadLetterConfig"] = {"TargetArn": rec.dead_letter_target}

@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import ipaddress
 import json
+import logging
 import os
 import queue
 import select
@@ -42,8 +43,11 @@ from typing import Any
 
 import msgpack
 
+from .. import eventlog
 from ..core.limits import DEFAULT_LIMITS
 from . import policy as P
+
+log = logging.getLogger("cellcloud.network")
 
 LOCK_DIR = "/run/cellcloud/netpool"
 message_bytes_max = 64 * 1024
@@ -328,8 +332,8 @@ class Helper:
                 try:
                     self._destroy(slot, ipr=ipr)
                 except Exception:  # noqa: BLE001 - logged; the slot stays out of the free list
-                    sys.stderr.write("network helper: destroy failed:\n"
-                                     + traceback.format_exc()[-2000:])
+                    log.exception("destroy of slot %s failed", slot,
+                                  extra=eventlog.fields(event="net_destroy_failed"))
                 finally:
                     with self._destroying_lock:
                         self._destroying -= 1
@@ -443,8 +447,8 @@ class Helper:
             try:
                 self.ready.append(self.make_slot())
             except Exception:  # noqa: BLE001 - acquire will make one (and report) on demand
-                sys.stderr.write("network helper: pool refill failed:\n"
-                                 + traceback.format_exc()[-2000:])
+                log.exception("pool refill failed",
+                              extra=eventlog.fields(event="net_pool_refill_failed"))
                 return False
             return True
         return False
@@ -588,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--conn-burst", type=int, default=P.Policy.conn_burst)
     p.add_argument("--conns-max", type=int, default=P.Policy.conns_max)
     args = p.parse_args(argv)
+    eventlog.setup("network", agent=args.prefix)
     from ..sandbox import linux
 
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
 
-from .. import runtime
+from .. import eventlog, runtime
 from ..console.app import PREFIX as CONSOLE_PREFIX
 from ..console.app import Console, session_value
 from ..core import tracing
@@ -55,6 +55,7 @@ _FORWARDED = frozenset(
      b"x-amz-durable-execution-name", b"x-amz-tenant-id"}
 )
 _INVOKE_SUFFIXES = ("/invocations", "/invocations/")
+LOGS_TARGET_PREFIX = "Logs_20140328."  # frontend/logs_api.py's (no import across components)
 control_timeout_s = 30.0
 cell_status_margin_s = 5.0  # a cell's status may take its agents' call timeout, plus this
 # A request crosses to its cell in one transport frame: leave room for the envelope.
@@ -310,7 +311,8 @@ class Router:
             if body_state.sqs_query:
                 headers, body = sqs_query.router_error(e.status, e.type, e.message)
         except Exception:  # no input may produce a bare 500: answer Lambda-shaped, log it
-            log.exception("request %s %s failed", scope.get("method"), scope.get("path"))
+            log.exception("request %s %s failed", scope.get("method"), scope.get("path"),
+                          extra=eventlog.fields(event="request_failed"))
             self.counters["internal_errors"] += 1
             err = LambdaError(500, "ServiceException", "An internal error occurred.")
             status, headers, body = err.status, err.headers(), err.body()
@@ -358,10 +360,12 @@ class Router:
         is_stream = path.rstrip("/").endswith(STREAM_SUFFIX)
         target = next((v for k, v in headers if k == "x-amz-target"), "")
         is_ecr = target.startswith(ECR_TARGET_PREFIX)
+        # The CloudWatch Logs API (JSON 1.1, SigV4 service "logs"): the cell's log store.
+        is_logs = target.startswith(LOGS_TARGET_PREFIX)
         body_max = (
             self.limits.invoke_payload_bytes_max
             if is_invoke or is_stream
-            else self.limits.registry_api_body_bytes_max if is_ecr
+            else self.limits.registry_api_body_bytes_max if is_ecr or is_logs
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
         if body_state.declared is not None and body_state.declared > body_max:
@@ -386,8 +390,8 @@ class Router:
                 body=body,
                 region=self.region,
                 secret_for=self.tenants.secret_for,
-                service="sqs" if is_sqs else "ecr" if is_ecr
-                else "scheduler" if is_scheduler else sigv4.SERVICE,
+                service=("sqs" if is_sqs else "ecr" if is_ecr else "logs" if is_logs
+                         else "scheduler" if is_scheduler else sigv4.SERVICE),
             )
         except LambdaError:
             self.counters["unauthenticated"] += 1
@@ -407,6 +411,16 @@ class Router:
         cell = self.cell_map.cell_for(account)
         if is_ecr:
             return await self._ecr(cell.cell_id, account, target, body, headers, scope)
+        if is_logs:
+            try:
+                resp = await self.client(cell.cell_id).call(
+                    "logs", {"target": target, "b": body, "a": account},
+                    timeout_s=control_timeout_s)
+            except (TransportError, CallTimeout, RemoteError) as e:
+                self.counters["cell_unavailable"] += 1
+                raise LambdaError(503, "ServiceUnavailableException",
+                                  f"Cell {cell.cell_id} is unavailable: {e}") from e
+            return resp["s"], resp["h"], resp["b"]
         if is_sqs:
             host = next((v for k, v in headers if k == "host"), "")
             try:

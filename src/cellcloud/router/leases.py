@@ -23,7 +23,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import tracing
+from .. import eventlog
+from ..core import cwlogs, tracing
+from ..core.cwlogs import LoggingConfig
 from ..core.errors import LambdaError
 from ..core.jsondepth import check_json_depth
 from ..core.limits import Limits
@@ -52,6 +54,7 @@ class Lease:
     arn: str
     busy: bool = False
     last_used: float = 0.0
+    logging: LoggingConfig = LoggingConfig()  # the function's (its log tail's format)
 
 
 Key = tuple[str, str, str]  # account, invoke path, query
@@ -167,7 +170,9 @@ class Leases:
         parts = [p for p in (res.get("previous_logs"), res.get("logs")) if p]
         self._spawn(self._file_logs(lease, request_id, parts, {
             "function_error": res.get("function_error"),
-            "duration_ms": float(res.get("duration_ms") or 0.0)}))
+            "duration_ms": float(res.get("duration_ms") or 0.0),
+            # leading bytes of its logs the frontend pulled while it ran (live_logs)
+            "logs_live_bytes": int(res.get("logs_live_bytes") or 0)}))
         if not res.get("env_alive", True):
             self._drop(key, lease)
         headers = {"x-amz-executed-version": lease.version, "x-amzn-requestid": request_id,
@@ -184,6 +189,10 @@ class Leases:
             headers["x-amz-function-error"] = str(res["function_error"])
         if fwd.get("x-amz-log-type") == "Tail":
             logs: bytes = res.get("logs") or b""
+            if lease.logging.log_format == "JSON":  # the tail as the function's format
+                logs = "".join(cwlogs.lambda_events(logs.decode(errors="replace"),
+                                                    lease.logging,
+                                                    int(time.time() * 1000))).encode()
             headers["x-amz-log-result"] = base64.b64encode(
                 logs[-self.limits.log_tail_bytes:]).decode()
         return 200, headers, res["payload"]
@@ -219,7 +228,8 @@ class Leases:
         lease = Lease(str(doc["lease_id"]), cell_id, str(doc["env_id"]),
                       (str(doc["host"]), int(doc["port"])),
                       time.monotonic() + int(doc["ttl_ms"]) / 1000, str(doc["version"]),
-                      int(doc["timeout_ms"]), str(doc["arn"]), last_used=time.monotonic())
+                      int(doc["timeout_ms"]), str(doc["arn"]), last_used=time.monotonic(),
+                      logging=LoggingConfig.from_record(doc.get("logging")))
         self.counters["leases_taken"] += 1
         self.held.setdefault(key, []).append(lease)
         self._ensure_sweeper()
@@ -267,7 +277,9 @@ class Leases:
                                "request_id": request_id, "logs": parts, **outcome},
                 timeout_s=self.limits.timeout_s_max + 30.0)
         except (TransportError, RemoteError) as e:
-            log.warning("logs of %s under lease %s lost: %s", request_id, lease.lease_id, e)
+            log.warning("logs of %s under lease %s lost: %s", request_id, lease.lease_id, e,
+                        extra=eventlog.fields(event="lease_logs_lost", request_id=request_id,
+                                              cell=lease.cell_id, env=lease.env_id))
 
     def sweep(self) -> None:
         now = time.monotonic()

@@ -61,6 +61,7 @@ async def serve(args: argparse.Namespace) -> None:
     sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http=registry.protocol_class(), ws="none",
                             lifespan="off", log_level="warning", access_log=False,
+                            log_config=None,  # uvicorn's records go through eventlog's JSON
                             server_header=False, date_header=False,
                             timeout_keep_alive=max(1, params.keepalive_idle_timeout_ms // 1000),
                             proxy_headers=False, backlog=4096)

@@ -5,6 +5,8 @@ invocations between that API and the host agent, over the one channel the host a
 
     guest -> agent  {"t": "ready", "init_error": None | {...}, "init_ms": float, "logs"}
     agent -> guest  {"t": "invoke", "id", "payload": bytes, "deadline_ms", "arn"}
+    guest -> agent  {"t": "logs", "request_id", "logs": bytes}   (while it runs, every 0.5 s:
+                    its complete lines so far; the result carries the rest)
     guest -> agent  {"t": "result", "id", "ok", "payload": bytes, "logs": bytes,
                      "duration_ms", "max_rss_kb", "error_type", "fatal": bool}
     (with extensions that got the invocation, the result goes as soon as the runtime posted
@@ -26,6 +28,7 @@ machine; the built-in one also runs the same loop (``pyruntime.run_loop``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -42,7 +45,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from ..core import messages as m
@@ -57,6 +60,7 @@ from .spec import EnvSpec
 response_bytes_max = 6 * 1024 * 1024
 log_bytes_max = 256 * 1024
 log_drain_timeout_s = 1.0
+live_interval_s = 0.5  # a running invocation's lines go to the agent this often
 init_timeout_s = 10.0  # Lambda's init phase limit
 RUNTIME_API_ADDRESS = ("127.0.0.1", 9001)
 EXTENSIONS_DIR = "/opt/extensions"
@@ -106,6 +110,7 @@ class _LogCapture:
         self._seq = 0
         self._drained = 0  # bytes the drain thread has taken from the pipe
         self._drained_at_cut = 0
+        self._cut_lock = threading.RLock()
         self.tap: _LineTap | None = None  # the function's lines, for telemetry subscribers
         sys.stdout = _BufferStream(self, 1)
         sys.stderr = _BufferStream(self, 2)
@@ -156,6 +161,22 @@ class _LogCapture:
 
     def cut(self) -> bytes:
         """Everything written since the previous cut (the tail, if it was too long)."""
+        with self._cut_lock:  # one cutter at a time (the relay, the live flusher, a shutdown)
+            return self._cut()
+
+    def cut_lines(self) -> bytes:
+        """Like :meth:`cut`, but only whole lines: a line still being written stays for the
+        next cut (unless it is already as long as the log may be)."""
+        with self._cut_lock:
+            out = self._cut()
+            end = out.rfind(b"\n") + 1
+            if end == len(out) or len(out) - end >= log_bytes_max // 2:
+                return out
+            with self._cond:
+                self._buf[:0] = out[end:]
+            return out[:end]
+
+    def _cut(self) -> bytes:
         with self._cond:
             quiet = self._drained == self._drained_at_cut and not self._pipe_pending()
             if quiet:  # the fast path: nothing came through the pipe
@@ -182,6 +203,45 @@ class _LogCapture:
             del self._buf[: idx + len(sentinel)]
             self._drained_at_cut = self._drained
         return out[-log_bytes_max:]
+
+
+class _LiveLogs:
+    """Sends a running invocation's complete lines to the agent every ``live_interval_s``
+    (GuestLogs), so that they are seen while it runs; the result then carries the rest.
+    ``lock`` orders it with the relay: whoever holds it cuts *and* sends, so lines never
+    arrive after the result that follows them."""
+
+    def __init__(self, logs: _LogCapture, chan: _Channel) -> None:
+        self.logs = logs
+        self.chan = chan
+        self.lock = threading.Lock()
+        self.request_id: str | None = None
+        self._running = threading.Event()
+        threading.Thread(target=self._run, name="live-logs", daemon=True).start()
+
+    def begin(self, request_id: str) -> None:
+        with self.lock:
+            self.request_id = request_id
+        self._running.set()
+
+    def end(self) -> None:
+        """Called with ``lock`` held, before the relay's own cut and send."""
+        self.request_id = None
+        self._running.clear()
+
+    def _run(self) -> None:
+        while True:
+            self._running.wait()
+            time.sleep(live_interval_s)  # a periodic flush, not a wait for a condition
+            with self.lock:
+                if self.request_id is None:
+                    continue
+                data = self.logs.cut_lines()
+                if data:
+                    try:
+                        self.chan.send(m.GuestLogs(self.request_id, data).to_wire())
+                    except OSError:
+                        return
 
 
 class _BufferStream(io.TextIOBase):
@@ -505,6 +565,18 @@ def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
     os._exit(0)
 
 
+@contextlib.contextmanager
+def _live_ended(live: _LiveLogs | None) -> Iterator[None]:
+    """The live flusher stopped for this invocation, held off while the relay cuts and sends
+    its result (a no-op without one)."""
+    if live is None:
+        yield
+        return
+    with live.lock:
+        live.end()
+        yield
+
+
 def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
     """The agent's next frame; a shutdown is handled here (and ends the process), as is the
     channel's end."""
@@ -566,6 +638,7 @@ def _relay(env: _Environment, chan: _Channel, started: float,
     telemetry.end_init()
     with_extensions = ext.registered > 0  # fixed from here on: registration is closed
     chan.send(m.GuestReady(init_ms, init_error, logs.cut(), ext.registered).to_wire())
+    live: _LiveLogs | None = None  # started with the first invocation of this dialect
     inbox: queue.Queue[dict[str, Any]] | None = None
     if with_extensions:
         inbox = queue.Queue()
@@ -586,6 +659,10 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         trace_id, env_span = _runtime_trace(ask, received_ms)
         span_start_ns = time.time_ns()
         logs.write_line(f"START RequestId: {request_id} Version: {spec.function_version}")
+        if not ask.legacy:  # an agent of this dialect reads GuestLogs frames
+            if live is None:
+                live = _LiveLogs(logs, chan)
+            live.begin(request_id)
         if telemetry.active:
             telemetry.emit("platform.start", {"requestId": request_id,
                                               "version": spec.function_version})
@@ -635,10 +712,11 @@ def _relay(env: _Environment, chan: _Channel, started: float,
                 # Invoke phase goes on until every extension that got the event asked for the
                 # next one (the agent holds the environment, bounded by the function's
                 # timeout: an extension that overruns it gets the environment reset).
-                chan.send(m.GuestResult(
-                    request_id, payload, None if ok else (error_type or "Unhandled"),
-                    logs.cut(), (time.monotonic() - t0) * 1000, 0, env_alive=True,
-                    phase_pending=True, legacy=ask.legacy).to_wire())
+                with _live_ended(live):
+                    chan.send(m.GuestResult(
+                        request_id, payload, None if ok else (error_type or "Unhandled"),
+                        logs.cut(), (time.monotonic() - t0) * 1000, 0, env_alive=True,
+                        phase_pending=True, legacy=ask.legacy).to_wire())
                 answered = True
                 ext.wait_done(notified)
                 if ext.error is not None:  # crashed after the response: the env is reset
@@ -673,11 +751,13 @@ def _relay(env: _Environment, chan: _Channel, started: float,
             chan.send(m.GuestPhaseDone(request_id, logs.cut(), duration_ms, max_rss_kb,
                                        env_alive=not fatal, legacy=ask.legacy).to_wire())
         else:
-            chan.send(m.GuestResult(
-                request_id, payload, None if ok else (error_type or "Unhandled"), logs.cut(),
-                duration_ms, max_rss_kb, env_alive=not fatal, legacy=ask.legacy,
-                span=m.Span("environment", env_span[0], env_span[1], span_start_ns,
-                            time.time_ns()) if env_span else None).to_wire())
+            with _live_ended(live):
+                chan.send(m.GuestResult(
+                    request_id, payload, None if ok else (error_type or "Unhandled"),
+                    logs.cut(), duration_ms, max_rss_kb, env_alive=not fatal,
+                    legacy=ask.legacy,
+                    span=m.Span("environment", env_span[0], env_span[1], span_start_ns,
+                                time.time_ns()) if env_span else None).to_wire())
         if fatal:
             if not with_extensions:
                 os._exit(1)  # the runtime is gone: this environment is done

@@ -155,15 +155,43 @@ class _RequestIdFilter(logging.Filter):
 _request_filter = _RequestIdFilter()
 
 
+class _JsonFormatter(logging.Formatter):
+    """LogFormat JSON (``AWS_LAMBDA_LOG_FORMAT=JSON``): one JSON object per record, the
+    fields awslambdaric writes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "message": record.getMessage(), "logger": record.name,
+            "requestId": getattr(record, "aws_request_id", "")}
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["errorType"] = record.exc_info[0].__name__
+            doc["errorMessage"] = str(record.exc_info[1])
+            doc["stackTrace"] = traceback.format_tb(record.exc_info[2])
+        return json.dumps(doc, default=str)
+
+
+# AWS_LAMBDA_LOG_LEVEL (ApplicationLogLevel) -> the root logger's level
+_LEVELS = {"TRACE": 5, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR, "FATAL": logging.CRITICAL}
+
+
 def setup_logging() -> None:
-    """The root logger writes Lambda's tab-separated lines with the request id."""
+    """The root logger writes Lambda's tab-separated lines with the request id, or JSON
+    records at the function's application log level when its LogFormat is JSON."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        logging.Formatter(
-            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
-            "%Y-%m-%dT%H:%M:%S",
+    if os.environ.get("AWS_LAMBDA_LOG_FORMAT") == "JSON":
+        handler.setFormatter(_JsonFormatter())
+        logging.getLogger().setLevel(_LEVELS.get(os.environ.get("AWS_LAMBDA_LOG_LEVEL", ""),
+                                                 logging.INFO))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
+                "%Y-%m-%dT%H:%M:%S",
+            )
         )
-    )
     handler.addFilter(_request_filter)
     logging.Formatter.converter = time.gmtime
     logging.getLogger().addHandler(handler)

@@ -21,6 +21,7 @@ import sys
 import traceback
 from typing import Any
 
+from .. import eventlog
 from ..core.messages import GuestReady
 from ..transport.codec import FrameError, pack, recv_message, send_message
 from . import cgroups, guest, jail, linux
@@ -56,7 +57,9 @@ def spawn(spec: EnvSpec, chan_fd: int, root: str, pool: LoopPool | None = None,
             if e.errno in PERMANENT_LOOP_ERRORS:  # and for good, if loop devices can't work here
                 pool.available = False
             pool.fallbacks += 1
-            sys.stderr.write(f"zygote: disk-backed /tmp unavailable ({e}); using tmpfs\n")
+            sys.stderr.write(eventlog.line(
+                "zygote", "WARNING", "tmp_fallback",
+                f"disk-backed /tmp unavailable ({e}); using tmpfs", env=spec.env_id))
     r, w = os.pipe()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     try:

@@ -392,6 +392,9 @@ async def serve(colony: Colony, node_id: str, data_dir: str, options: NodeOption
 
 
 def main(colony_path: str, node_id: str, data_dir: str, bug_skip_fsync: bool = False) -> None:
+    from .. import eventlog
+
+    eventlog.setup("store", node=node_id)
     colony = Colony.load(colony_path)
     options = NodeOptions(bug_skip_fsync=bug_skip_fsync)
     try:
