@@ -118,7 +118,8 @@ def _create(tmp_path: Any, times: int) -> tuple[Any, EvictingAgent, list[str]]:
         blob_size=lambda account, repo, d: len(blobs[d]),
         blob_read=lambda account, d, off, n: blobs[d][off:off + n])
     cell = SimpleNamespace(catalog=SimpleNamespace(registry=store), limits=limits,
-                           region="cc-local-1", agents={"agent-1": agent})
+                           region="cc-local-1", agents={"agent-1": agent},
+                           stream_for=lambda env_id, version: f"2026/01/01/[{version}]{env_id}")
     invoker = SimpleNamespace(cell=cell, call_agent=call_agent)
     cell.invoker = invoker
     rec = FunctionRecord(
