@@ -21,6 +21,8 @@ from .extensions import EXTENSION_PREFIX, TELEMETRY_PATHS, Extensions, Reply, Te
 
 API_PREFIX = "/2018-06-01/runtime"
 request_body_bytes_max = 6 * 1024 * 1024 + 1024
+# What a response over its limit may still send that is read and dropped before the 413.
+overflow_drain_bytes_max = 1024 * 1024
 
 
 @dataclass
@@ -248,6 +250,10 @@ class _Handler(BaseHTTPRequestHandler):
             size += n
             if size > limit:
                 self.too_large = True
+                # Read (and drop) what the runtime is still sending, bounded, before answering:
+                # closing with unread bytes resets the connection, and the runtime would see a
+                # broken pipe instead of the 413.
+                self._drain_chunked(n, overflow_drain_bytes_max)
                 self._reply(413, b'{"errorType":"RequestEntityTooLarge"}')
                 self.close_connection = True
                 return None
@@ -264,6 +270,30 @@ class _Handler(BaseHTTPRequestHandler):
             k, _, v = line.decode("latin-1").partition(":")
             trailers[k.strip().lower()] = v.strip()
         return b"".join(parts), trailers
+
+    def _drain_chunked(self, pending: int, budget: int) -> None:
+        """Discard a chunked body's rest: ``pending`` bytes of the current chunk, then whole
+        chunks, until its last chunk or ``budget`` bytes (then the connection just closes)."""
+        while budget > 0:
+            while pending > 0 and budget > 0:
+                got = self.rfile.read(min(pending, budget, 65536))
+                if not got:
+                    return
+                pending -= len(got)
+                budget -= len(got)
+            if pending > 0:
+                return
+            self.rfile.readline(8)  # the chunk's CRLF
+            line = self.rfile.readline(1024)
+            try:
+                pending = int(line.split(b";", 1)[0].strip() or b"x", 16)
+            except ValueError:
+                return
+            if pending == 0:
+                for _ in range(100):  # trailers, then the empty line
+                    if self.rfile.readline(65536) in (b"\r\n", b"\n", b""):
+                        return
+                return
 
     def _read_body(self, sink: Callable[[bytes], None] | None = None) -> bytes | None:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
