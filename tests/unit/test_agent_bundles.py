@@ -105,3 +105,42 @@ def test_forget_bundles_refuses_what_is_not_a_digest(tmp_path: str) -> None:
     for body in ({"sha256": ["../../etc"]}, {"sha256": "x"}, {"sha256": ["a" * 64] * 1001}):
         with pytest.raises(OpError):
             asyncio.run(agent.forget_bundles(body))
+
+
+class BusyNetwork:
+    """A network helper answering counters only when let go (busy wiring a namespace)."""
+
+    info = {"mode": "egress"}
+
+    def __init__(self) -> None:
+        import threading
+        self.go = threading.Event()
+        self.calls = 0
+
+    def counters(self) -> dict[str, Any]:
+        self.calls += 1
+        assert self.go.wait(60)
+        return {"helper": {"leased": 0}, "dns": {}}
+
+    def alive(self) -> bool:
+        return True
+
+
+def test_full_status_does_not_wait_on_a_busy_network_helper(tmp_path: str) -> None:
+    agent = new_agent(str(tmp_path))
+    net = BusyNetwork()
+    agent.network = net  # type: ignore[assignment]
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        first = await agent.status({})  # the helper is busy: answered without its counters
+        second = await agent.status({})  # waits for the same read, starts no other
+        net.go.set()
+        assert agent._net_counters is not None
+        await asyncio.wait_for(asyncio.shield(agent._net_counters), 60)
+        third = await agent.status({})
+        return first, second, third
+
+    first, second, third = asyncio.run(main())
+    assert "busy" in first["network"]["error"] and "busy" in second["network"]["error"]
+    assert net.calls == 2  # one read for the two busy statuses, one for the third
+    assert "error" not in third["network"] and third["network"]["helper"] == {"leased": 0}

@@ -401,6 +401,7 @@ class Agent:
                                      DEFAULT_LIMITS,
                                      agent_layer_cache_bytes_max=layer_cache_bytes_max))
         self._shutdowns: set[asyncio.Task[bytes]] = set()  # graceful ends under way
+        self._net_counters: asyncio.Future[dict[str, Any]] | None = None  # a read under way
         # Logs of environments reset because their extensions overran an Invoke phase, for
         # the next invoke or destroy that names them (bounded; the oldest go first).
         self._reset_logs: dict[str, tuple[str, bytes]] = {}  # env -> (function key, logs)
@@ -988,10 +989,7 @@ class Agent:
                     "memory_mb_max": int(self.oversubscription * self.memory_budget_bytes) >> 20}
         net: dict[str, Any] = {}
         if self.network is not None:
-            try:
-                net = await asyncio.to_thread(self.network.counters)
-            except (OSError, RuntimeError) as e:
-                net = {"error": str(e)}
+            net = await self._network_counters()
         envs = []
         for env_id, rec in self.envs.items():
             u = rec.cgroup.usage()
@@ -1037,6 +1035,25 @@ class Agent:
                         if self.network is not None
                         else {"mode": "none"}),
         }
+
+    async def _network_counters(self) -> dict[str, Any]:
+        """The network helper's counters, waited for at most agent_status_network_wait_ms:
+        the helper answers one call at a time, and one wiring a namespace (seconds on a busy
+        host) must not hold up the status the region and its console are waiting for. One
+        read at a time: a status that finds one under way waits for that one."""
+        assert self.network is not None
+        if self._net_counters is None or self._net_counters.done():
+            fut = asyncio.ensure_future(asyncio.to_thread(self.network.counters))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            self._net_counters = fut
+        try:
+            return dict(await asyncio.wait_for(
+                asyncio.shield(self._net_counters),
+                DEFAULT_LIMITS.agent_status_network_wait_ms / 1000))
+        except TimeoutError:
+            return {"error": "the network helper is busy: counters not read"}
+        except (OSError, RuntimeError) as e:
+            return {"error": str(e)}
 
     async def image_blob(self, body: dict[str, Any]) -> dict[str, Any]:
         """One chunk (at most ``registry_chunk_bytes_max``) of an image layer the frontend

@@ -81,6 +81,9 @@ class Limits:
     # placed again, on a fresh environment, at most this many times (the frontend's one retry
     # layer); the agent remembers at most this many gone environment ids to answer EnvGone.
     env_gone_retries_max: int = 3
+    # An agent's full status waits this long for its network helper's counters (the helper
+    # answers one call at a time; one wiring a namespace must not stall the region's status).
+    agent_status_network_wait_ms: int = 1_000
     # Distinct (account, function) label pairs a component's /metrics keeps, in all and per
     # account; beyond either, new functions' series fold into their account's
     # function="__other__" (bounded cardinality; one tenant cannot crowd out the others).
