@@ -24,22 +24,20 @@ import io
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.parse
 import zipfile
 from collections.abc import Callable
 from typing import Any
 
-import boto3
 import botocore.auth
 import botocore.awsrequest
 import botocore.credentials
-from botocore.config import Config
+
+from bench.common.region import client, detached_region
 
 CODE = 'def handler(event, context):\n    return {"statusCode": 200, "body": "ok"}\n'
+
 
 
 def _zip() -> bytes:
@@ -72,17 +70,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    work = tempfile.mkdtemp(prefix="cc-bench-urls-")
-    state = os.path.join(work, "region")
-    subprocess.run([sys.executable, "-m", "cellcloud", "up", "--detach", "--port", "0",
-                    "--state-dir", state], check=True, timeout=120)
-    try:
-        with open(os.path.join(state, "region.json")) as f:
-            doc = json.load(f)
-        lam = boto3.client("lambda", endpoint_url=doc["endpoint"], region_name=doc["region"],
-                           aws_access_key_id=doc["access_key_id"],
-                           aws_secret_access_key=doc["secret_access_key"],
-                           config=Config(retries={"mode": "standard", "total_max_attempts": 1}))
+    with detached_region("cc-bench-urls-") as (state, doc):
+        lam = client(doc, "lambda")
         name = "bench-url"
         lam.create_function(FunctionName=name, Runtime="python3.11", Handler="app.handler",
                             Role="arn:aws:iam::123456789012:role/bench",
@@ -139,9 +128,6 @@ def main() -> None:
             med["url_iam"]["req_per_s"] / med["invoke"]["req_per_s"], 3)
         out["load_1m_after"] = os.getloadavg()[0]
         print(json.dumps(out, indent=1))
-    finally:
-        subprocess.run([sys.executable, "-m", "cellcloud", "down", "--state-dir", state],
-                       check=False, timeout=60)
 
 
 if __name__ == "__main__":

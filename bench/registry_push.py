@@ -20,10 +20,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import boto3
+
+from bench.common.region import detached_region
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.oci_images import image_layout  # noqa: E402
@@ -48,13 +49,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
-    work = tempfile.mkdtemp(prefix="cc-bench-registry-")
-    state = os.path.join(work, "region")
-    subprocess.run([sys.executable, "-m", "cellcloud", "up", "--detach", "--port", "0",
-                    "--state-dir", state], check=True, timeout=120)
-    try:
-        with open(os.path.join(state, "region.json")) as f:
-            doc = json.load(f)
+    with detached_region("cc-bench-registry-") as (state, doc):
+        work = os.path.dirname(state)  # removed with the region
         ecr = boto3.client("ecr", endpoint_url=doc["endpoint"], region_name=doc["region"],
                            aws_access_key_id=doc["access_key_id"],
                            aws_secret_access_key=doc["secret_access_key"])
@@ -95,10 +91,6 @@ def main() -> None:
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(out, f, indent=2)
-    finally:
-        subprocess.run([sys.executable, "-m", "cellcloud", "down", "--state-dir", state],
-                       timeout=60)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from typing import Any
 
-import boto3
-from botocore.config import Config
+from bench.common.region import client, detached_region
 
 
 def _round(sqs: Any, url: str, n: int, batch: int) -> dict[str, float]:
@@ -65,17 +60,8 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    work = tempfile.mkdtemp(prefix="cc-bench-sqs-")
-    state = os.path.join(work, "region")
-    subprocess.run([sys.executable, "-m", "cellcloud", "up", "--detach", "--port", "0",
-                    "--state-dir", state], check=True, timeout=120)
-    try:
-        with open(os.path.join(state, "region.json")) as f:
-            doc = json.load(f)
-        sqs = boto3.client("sqs", endpoint_url=doc["endpoint"], region_name=doc["region"],
-                           aws_access_key_id=doc["access_key_id"],
-                           aws_secret_access_key=doc["secret_access_key"],
-                           config=Config(retries={"mode": "standard", "total_max_attempts": 1}))
+    with detached_region("cc-bench-sqs-") as (state, doc):
+        sqs = client(doc, "sqs")
         out: dict[str, Any] = {"messages": args.messages, "rounds": {"single": [], "batch10": []}}
         for r in range(args.rounds):
             for mode, batch in (("single", 1), ("batch10", 10)):
@@ -89,9 +75,6 @@ def main() -> None:
         out["speedup"] = round(out["median_messages_per_s"]["batch10"]
                                / out["median_messages_per_s"]["single"], 2)
         print(json.dumps(out, indent=1))
-    finally:
-        subprocess.run([sys.executable, "-m", "cellcloud", "down", "--state-dir", state],
-                       timeout=120)
 
 
 if __name__ == "__main__":

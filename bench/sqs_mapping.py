@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from typing import Any
@@ -34,10 +30,12 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from bench.common.region import detached_region
 from cellcloud import sdk
 
 HANDLER = '''
 import json, time
+
 
 def handler(event, context):
     now = time.time()
@@ -135,13 +133,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--probes", type=int, default=30)
     args = p.parse_args()
-    work = tempfile.mkdtemp(prefix="cc-bench-esm-")
-    state = os.path.join(work, "region")
-    subprocess.run([sys.executable, "-m", "cellcloud", "up", "--detach", "--port", "0",
-                    "--state-dir", state], check=True, timeout=120)
-    try:
-        with open(os.path.join(state, "region.json")) as f:
-            doc = json.load(f)
+    with detached_region("cc-bench-esm-") as (state, doc):
         cfg = Config(retries={"mode": "standard", "total_max_attempts": 1}, read_timeout=120)
         creds = {"endpoint_url": doc["endpoint"], "region_name": doc["region"],
                  "aws_access_key_id": doc["access_key_id"],
@@ -165,9 +157,6 @@ def main() -> None:
                                "added_ms_p50")}
             for b in (10, 100)}
         print(json.dumps(out, indent=1))
-    finally:
-        subprocess.run([sys.executable, "-m", "cellcloud", "down", "--state-dir", state],
-                       timeout=120)
 
 
 if __name__ == "__main__":
