@@ -117,6 +117,38 @@ def lock_prefix(prefix: str, timeout_s: float = prefix_lock_timeout_s) -> int:
             time.sleep(0.05)  # polling a lock held by a process that is exiting
 
 
+def sweep_orphans(ipr: Any, own: str, pool: ipaddress.IPv4Network, pol: P.Policy,
+                  prefixlen: int) -> list[str]:
+    """Remove what killed helpers of *other* prefixes left (a SIGKILLed agent's helper cannot
+    tear down): a prefix is orphaned when nobody holds its lock — a live helper holds its own
+    for its whole life (``lock_prefix``). Without this, each kill leaks a bridge holding one
+    of the pool's subnets until none is left."""
+    names = [str(link.get_attr("IFLA_IFNAME") or "") for link in ipr.get_links()]
+    try:
+        tables = nft_json("list", "tables").get("nftables", [])
+        names += [str(t["table"]["name"]) for t in tables if "table" in t]
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        sys.stderr.write(f"network helper: listing nft tables: {e}\n")
+    swept = []
+    for prefix in sorted(P.prefixes_of(names) - {own}):
+        fd = os.open(os.path.join(LOCK_DIR, prefix), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC,
+                     0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live helper's
+            orphan = Helper(P.Plan(prefix, P.subnets(pool, prefixlen)[0], pool, pol), [])
+            try:
+                orphan.sweep()
+                swept.append(prefix)
+            finally:
+                orphan.ipr.close()
+        finally:
+            os.close(fd)  # the lock goes with it
+    return swept
+
+
 def claim_subnet(pool: ipaddress.IPv4Network, prefixlen: int, taken: list[ipaddress.IPv4Network],
                  want: str | None = None) -> tuple[ipaddress.IPv4Network, int]:
     """Lock the first subnet of the pool that no other helper holds (a flock under
@@ -620,6 +652,7 @@ def main(argv: list[str] | None = None) -> None:
                                   pol), [])
             probe.sweep()
             probe.ipr.close()
+            sweep_orphans(ipr, args.prefix, pool, pol, args.subnet_prefixlen)
             taken = _host_networks(ipr)
         subnet, _lock_fd = claim_subnet(pool, args.subnet_prefixlen, taken, args.subnet)
         upstreams = args.dns_upstream or P.resolvers_from(open("/etc/resolv.conf").read())

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +125,20 @@ def prefix_for(key: str) -> str:
     import hashlib
 
     return "cc" + hashlib.sha256(key.encode()).hexdigest()[: PREFIX_CHARS - 2]
+
+
+_OBJECT_PREFIX = re.compile(rf"^(?:cellcloud_)?(cc[0-9a-f]{{{PREFIX_CHARS - 2}}})(?:br)?$")
+
+
+def prefixes_of(names: Iterable[str]) -> set[str]:
+    """The agent prefixes that bridges (``<prefix>br``) and nft tables (``cellcloud_<prefix>``)
+    among ``names`` belong to: whose objects a helper may find left behind by a killed one."""
+    out = set()
+    for name in names:
+        m = _OBJECT_PREFIX.match(name)
+        if m and (name.endswith("br") or name.startswith("cellcloud_")):
+            out.add(m.group(1))
+    return out
 
 
 @dataclass(frozen=True)
