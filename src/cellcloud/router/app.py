@@ -24,6 +24,7 @@ from ..console.app import PREFIX as CONSOLE_PREFIX
 from ..console.app import Console, session_value
 from ..core import tracing
 from ..core.cellmap import CellMap
+from ..core.ecs_taskdef import TARGET_PREFIX as ECS_TARGET_PREFIX
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.tenant_status import cell_status_for_tenant
@@ -225,6 +226,18 @@ class Router:
     async def _scheduler(self, scope: Scope, path: str, body: bytes,
                          account: str) -> tuple[int, dict[str, str], bytes]:
         """EventBridge Scheduler's REST API, forwarded whole to the control plane."""
+        return await self._to_control("scheduler", "The scheduler", "InternalServerException", {
+            "m": scope["method"], "p": path, "q": scope["query_string"].decode("latin-1"),
+            "b": body, "a": account})
+
+    async def _ecs(self, target: str, body: bytes,
+                   account: str) -> tuple[int, dict[str, str], bytes]:
+        """The ECS API (JSON 1.1, SigV4 service ``ecs``): the control plane's ``ecs`` op."""
+        return await self._to_control("ecs", "The ECS API", "ServerException",
+                                      {"target": target, "b": body, "a": account})
+
+    async def _to_control(self, op: str, what: str, error_type: str,
+                          req: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         if self.control is None and self.cell_map_file:
             try:
                 with open(self.cell_map_file) as f:
@@ -232,17 +245,13 @@ class Router:
             except (OSError, ValueError, AttributeError):
                 pass
         if self.control is None:
-            raise LambdaError(503, "InternalServerException",
-                              "The scheduler is not reachable yet (no control plane address)")
+            raise LambdaError(503, error_type,
+                              f"{what} is not reachable yet (no control plane address)")
         try:
-            resp = await self.control.call(
-                "scheduler", {"m": scope["method"], "p": path,
-                              "q": scope["query_string"].decode("latin-1"), "b": body,
-                              "a": account}, timeout_s=control_timeout_s)
+            resp = await self.control.call(op, req, timeout_s=control_timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:
             self.counters["cell_unavailable"] += 1
-            raise LambdaError(503, "InternalServerException",
-                              f"The scheduler is unavailable: {e}") from e
+            raise LambdaError(503, error_type, f"{what} is unavailable: {e}") from e
         return resp["s"], resp["h"], resp["b"]
 
     def cell_map_status(self) -> dict[str, Any]:
@@ -358,6 +367,10 @@ class Router:
         is_stream = path.rstrip("/").endswith(STREAM_SUFFIX)
         target = next((v for k, v in headers if k == "x-amz-target"), "")
         is_ecr = target.startswith(ECR_TARGET_PREFIX)
+        # The ECS API (control/ecs.py): its JSON target, or anything signed for service "ecs"
+        # (an unknown target is then answered by the ECS API, never a 404 of another's).
+        is_ecs = not is_ecr and (target.startswith(ECS_TARGET_PREFIX)
+                                 or parsed_auth.group("service") == "ecs")
         body_max = (
             self.limits.invoke_payload_bytes_max
             if is_invoke or is_stream
@@ -376,6 +389,7 @@ class Router:
         is_sqs_query = body_state.sqs_query
         is_sqs = sqs_target.startswith("AmazonSQS.") or is_sqs_query
         is_scheduler = parsed_auth.group("service") == "scheduler" and not is_sqs and not is_ecr
+        is_ecs = is_ecs and not is_sqs
         try:
             verified = sigv4.verify(
                 method=scope["method"],
@@ -386,7 +400,7 @@ class Router:
                 body=body,
                 region=self.region,
                 secret_for=self.tenants.secret_for,
-                service="sqs" if is_sqs else "ecr" if is_ecr
+                service="sqs" if is_sqs else "ecr" if is_ecr else "ecs" if is_ecs
                 else "scheduler" if is_scheduler else sigv4.SERVICE,
             )
         except LambdaError:
@@ -404,6 +418,8 @@ class Router:
             return _json_reply(await self.status(account=account))
         if is_scheduler:
             return await self._scheduler(scope, path, body, account)
+        if is_ecs:
+            return await self._ecs(target, body, account)
         cell = self.cell_map.cell_for(account)
         if is_ecr:
             return await self._ecr(cell.cell_id, account, target, body, headers, scope)
