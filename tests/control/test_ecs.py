@@ -291,3 +291,19 @@ def test_served_operations_and_limits(api: Api) -> None:
     assert api.err("RegisterTaskDefinition", taskdef())[0] == "LimitExceededException"
     api.ok("CreateCluster", {"clusterName": "a"})  # an existing one is still returned
     api.ok("CreateCluster", {"clusterName": "c"}, account=B)  # per account
+
+
+def test_concurrent_registrations_get_distinct_revisions(api: Api) -> None:
+    """The family's revision counter moves by compare-and-set: registrations racing each
+    other (the SQLite store answers from a worker thread) never share a revision."""
+    async def race() -> list[dict[str, Any]]:
+        body = json.dumps(taskdef()).encode()
+        return list(await asyncio.gather(*(
+            api.ecs.op({"target": TARGET_PREFIX + "RegisterTaskDefinition", "b": body, "a": A})
+            for _ in range(6))))
+
+    replies = asyncio.run(race())
+    assert [r["s"] for r in replies] == [200] * 6
+    revisions = sorted(json.loads(r["b"])["taskDefinition"]["revision"] for r in replies)
+    assert revisions == [1, 2, 3, 4, 5, 6]
+    assert len(api.ok("ListTaskDefinitions")["taskDefinitionArns"]) == 6
