@@ -307,3 +307,29 @@ def test_concurrent_registrations_get_distinct_revisions(api: Api) -> None:
     revisions = sorted(json.loads(r["b"])["taskDefinition"]["revision"] for r in replies)
     assert revisions == [1, 2, 3, 4, 5, 6]
     assert len(api.ok("ListTaskDefinitions")["taskDefinitionArns"]) == 6
+
+
+def test_listing_and_counting_read_only_the_small_status_records(tmp_path: Path,
+                                                                  registry: FakeRegistry) -> None:
+    """A revision's definition may be up to ecs_request_bytes_max: listing, counting and
+    finding the latest revision read the status records only, never every definition."""
+    store = SqliteConfigStore(str(tmp_path / "config.db"))
+    listed: list[str] = []
+    real_list = store.list
+
+    async def spy(prefix: str) -> Any:
+        listed.append(prefix)
+        return await real_list(prefix)
+
+    store.list = spy  # type: ignore[method-assign]
+    api = Api(store, registry)
+    for fam in ("a", "a", "b"):
+        api.ok("RegisterTaskDefinition", taskdef(family=fam))
+    api.ok("DeregisterTaskDefinition", {"taskDefinition": "a:1"})
+    api.ok("DescribeTaskDefinition", {"taskDefinition": "a"})
+    api.ok("ListTaskDefinitions", {"status": "INACTIVE"})
+    api.ok("ListTaskDefinitionFamilies", {"status": "ALL"})
+    api.ok("DeleteTaskDefinitions", {"taskDefinitions": ["a:1"]})
+    assert listed and all(p.startswith("cellcloud/ecs/taskdef-status/") for p in listed), listed
+    assert api.ok("DescribeTaskDefinition", {"taskDefinition": "a"})["taskDefinition"][
+        "revision"] == 2

@@ -19,6 +19,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..core import ecs_taskdef as td
@@ -32,7 +33,12 @@ log = logging.getLogger("cellcloud.control.ecs")
 
 TARGET_PREFIX = td.TARGET_PREFIX
 CLUSTERS = "cellcloud/ecs/clusters/"  # <account>/<name> -> the cluster
-TASKDEFS = "cellcloud/ecs/taskdefs/"  # <account>/<family>/<revision, 7 digits> -> the revision
+# A revision is two records: its definition and tags (up to ecs_request_bytes_max), and a small
+# status record ({"status", "deregisteredAt"}) that alone is listed, counted and changed by
+# Deregister. Written definition first, status second (the status record's existence is the
+# revision's); deleted status first.
+TASKDEFS = "cellcloud/ecs/taskdefs/"  # <account>/<family>/<revision, 7 digits> -> definition
+STATUS = "cellcloud/ecs/taskdef-status/"  # <account>/<family>/<revision, 7 digits> -> status
 FAMILIES = "cellcloud/ecs/families/"  # <account>/<family> -> {"last": revision}
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
@@ -354,27 +360,32 @@ class Ecs:
             raise client_error(f"Invalid revision number. Number: {rev[:20]}")
         return family, int(rev)
 
-    def _key(self, account: str, family: str, revision: int) -> str:
-        return f"{TASKDEFS}{account}/{family}/{revision:0{_REVISION_DIGITS}d}"
+    def _key(self, account: str, family: str, revision: int, prefix: str = TASKDEFS) -> str:
+        return f"{prefix}{account}/{family}/{revision:0{_REVISION_DIGITS}d}"
 
-    async def _revisions(self, account: str, family: str | None = None
-                         ) -> list[dict[str, Any]]:
-        prefix = f"{TASKDEFS}{account}/" + (f"{family}/" if family is not None else "")
-        return [json.loads(e.value) for e in await self.store.list(prefix)]
+    async def _index(self, account: str, family: str | None = None
+                     ) -> list[tuple[str, int, str]]:
+        """(family, revision, status) of the account's revisions (the small records only)."""
+        prefix = f"{STATUS}{account}/" + (f"{family}/" if family is not None else "")
+        out = []
+        for e in await self.store.list(prefix):
+            fam, rev = e.key[len(f"{STATUS}{account}/"):].rsplit("/", 1)
+            out.append((fam, int(rev), str(json.loads(e.value)["status"])))
+        return out
 
-    async def _find(self, account: str, ident: Any) -> tuple[str, dict[str, Any], int]:
+    async def _find(self, account: str, ident: Any) -> _Found:
         family, rev = self._taskdef_ident(account, ident)
         if rev is None:  # the family's latest ACTIVE revision
-            active = [d for d in await self._revisions(account, family)
-                      if d["taskDefinition"]["status"] == "ACTIVE"]
+            active = [r for _, r, st in await self._index(account, family) if st == "ACTIVE"]
             if not active:
                 raise client_error("Unable to describe task definition.")
-            rev = int(active[-1]["taskDefinition"]["revision"])
-        key = self._key(account, family, rev)
-        e = await self.store.get(key)
-        if e is None:
+            rev = active[-1]
+        st = await self.store.get(self._key(account, family, rev, STATUS))
+        body = await self.store.get(self._key(account, family, rev))
+        if st is None or body is None:
             raise client_error("Unable to describe task definition.")
-        return key, json.loads(e.value), e.revision
+        return _Found(self._key(account, family, rev), json.loads(body.value), body.revision,
+                      st.key, json.loads(st.value), st.revision)
 
     async def _check_image(self, account: str, image: str) -> None:
         repo, ref = parse_image(image)
@@ -401,7 +412,7 @@ class Ecs:
         parsed = td.validate_task_definition(doc)
         for c in parsed.containers:
             await self._check_image(account, c.image)
-        if len(await self._revisions(account)) >= self.limits.ecs_task_definitions_per_tenant_max:
+        if len(await self._index(account)) >= self.limits.ecs_task_definitions_per_tenant_max:
             raise ApiError("LimitExceededException",
                            f"An account keeps at most "
                            f"{self.limits.ecs_task_definitions_per_tenant_max} task definition "
@@ -425,7 +436,7 @@ class Ecs:
         desc: dict[str, Any] = {
             "taskDefinitionArn": self.taskdef_arn(account, parsed.family, revision),
             "containerDefinitions": [describe_container(c) for c in doc["containerDefinitions"]],
-            "family": parsed.family, "revision": revision, "status": "ACTIVE",
+            "family": parsed.family, "revision": revision,
             "networkMode": parsed.network_mode, "volumes": [], "placementConstraints": [],
             "requiresAttributes": [], "compatibilities": ["EC2", "FARGATE"],
             "requiresCompatibilities": list(parsed.compatibilities),
@@ -440,14 +451,17 @@ class Ecs:
         record = {"taskDefinition": desc, "tags": tags}
         await self.store.put(self._key(account, parsed.family, revision),
                              json.dumps(record).encode())
-        return {"taskDefinition": desc, "tags": tags}
+        status = {"status": "ACTIVE"}
+        await self.store.put(self._key(account, parsed.family, revision, STATUS),
+                             json.dumps(status).encode())
+        return {"taskDefinition": {**desc, **status}, "tags": tags}
 
     async def describe_task_definition(self, account: str, doc: dict[str, Any]
                                        ) -> dict[str, Any]:
-        _, record, _ = await self._find(account, doc.get("taskDefinition"))
-        out = {"taskDefinition": record["taskDefinition"]}
+        found = await self._find(account, doc.get("taskDefinition"))
+        out = {"taskDefinition": found.described()}
         if "TAGS" in _str_list(doc, "include"):
-            out["tags"] = record.get("tags", [])
+            out["tags"] = found.body.get("tags", [])
         return out
 
     async def list_task_definitions(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
@@ -460,9 +474,8 @@ class Ecs:
             raise invalid("sort must be ASC or DESC")
         if family is not None and not td._NAME.match(family):
             return {"taskDefinitionArns": []}
-        records = [r["taskDefinition"] for r in await self._revisions(account, family)]
-        chosen = sorted(((d["family"], d["revision"]) for d in records
-                         if d["status"] == status), reverse=sort == "DESC")
+        chosen = sorted(((f, r) for f, r, st in await self._index(account, family)
+                         if st == status), reverse=sort == "DESC")
         return _page([self.taskdef_arn(account, f, r) for f, r in chosen], doc,
                      "taskDefinitionArns")
 
@@ -473,10 +486,9 @@ class Ecs:
         if status not in ("ACTIVE", "INACTIVE", "ALL"):
             raise invalid("status must be ACTIVE, INACTIVE or ALL")
         active: dict[str, bool] = {}
-        for r in await self._revisions(account):
-            d = r["taskDefinition"]
-            if d["family"].startswith(prefix):
-                active[d["family"]] = active.get(d["family"], False) or d["status"] == "ACTIVE"
+        for fam, _, st in await self._index(account):
+            if fam.startswith(prefix):
+                active[fam] = active.get(fam, False) or st == "ACTIVE"
         families = sorted(f for f, a in active.items()
                           if status == "ALL" or a == (status == "ACTIVE"))
         return _page(families, doc, "families")
@@ -488,13 +500,13 @@ class Ecs:
             raise client_error("Invalid revision number. Number: (none): name the revision "
                                "(family:revision or the ARN)")
         for _ in range(self.limits.ecs_cas_attempts_max):
-            key, record, store_rev = await self._find(account, f"{family}:{rev}")
-            d = record["taskDefinition"]
-            if d["status"] != "ACTIVE":
-                return {"taskDefinition": d}
-            d["status"], d["deregisteredAt"] = "INACTIVE", _now_s(self.clock())
-            if await self.store.cas(key, store_rev, json.dumps(record).encode()) is not None:
-                return {"taskDefinition": d}
+            found = await self._find(account, f"{family}:{rev}")
+            if found.status["status"] != "ACTIVE":
+                return {"taskDefinition": found.described()}
+            found.status = {"status": "INACTIVE", "deregisteredAt": _now_s(self.clock())}
+            if await self.store.cas(found.status_key, found.status_rev,
+                                    json.dumps(found.status).encode()) is not None:
+                return {"taskDefinition": found.described()}
             self.counters["cas_lost"] += 1
         raise ApiError("ServerException", "The task definition kept changing; try again", 500)
 
@@ -509,11 +521,11 @@ class Ecs:
                 family, rev = self._taskdef_ident(account, ident)
                 if rev is None:
                     raise client_error("The revision must be named")
-                key, record, store_rev = await self._find(account, f"{family}:{rev}")
+                found = await self._find(account, f"{family}:{rev}")
             except ApiError as e:
                 failures.append({"arn": ident, "reason": e.message})
                 continue
-            d = record["taskDefinition"]
+            d = found.described()
             if d["status"] == "ACTIVE":
                 failures.append({"arn": d["taskDefinitionArn"],
                                  "reason": "The specified task definition is still in ACTIVE "
@@ -521,7 +533,9 @@ class Ecs:
                 continue
             # Nothing runs tasks yet (docs/fargate.md), so nothing holds it: gone at once; the
             # family's counter stays, so the revision number is never reused.
-            await self.store.delete(key)
+            if not await self.store.delete(found.status_key):
+                continue  # deleted meanwhile by another request, which answers for it
+            await self.store.delete(found.key)
             deleted.append({**d, "status": "DELETE_IN_PROGRESS"})
         return {"taskDefinitions": deleted, "failures": failures}
 
@@ -538,7 +552,8 @@ class Ecs:
                 raise cluster_not_found()
             return key, json.loads(e.value), e.revision
         if arn.startswith(prefix + "task-definition/"):
-            return await self._find(account, arn)
+            found = await self._find(account, arn)
+            return found.key, found.body, found.body_rev
         raise invalid("The ARN names no cluster or task definition of this account")
 
     async def _retag(self, account: str, doc: dict[str, Any],
@@ -567,3 +582,17 @@ class Ecs:
                                      ) -> dict[str, Any]:
         _, record, _ = await self._resource(account, doc.get("resourceArn"))
         return {"tags": record.get("tags", [])}
+
+
+@dataclass
+class _Found:
+    """One task definition revision as the store holds it: its definition and its status."""
+    key: str
+    body: dict[str, Any]
+    body_rev: int
+    status_key: str
+    status: dict[str, Any]
+    status_rev: int
+
+    def described(self) -> dict[str, Any]:
+        return {**self.body["taskDefinition"], **self.status}
