@@ -182,3 +182,17 @@ eval "$1"
     assert json.loads((tmp_path / "l.json").read_text())["taskDefinitionArns"] == [arn]
     err = (tmp_path / "err.txt").read_text()
     assert "ClientException" in err and "No Fargate configuration exists" in err
+
+
+def test_an_oversized_request_is_refused_by_name(ecs: Any, image: str, region: Region) -> None:
+    """Refused by the router from its declared length, before the body is read."""
+    def refused() -> int:
+        return int(region.client.status()["router"]["counters"]["refused_before_body"])
+
+    before = refused()
+    td = _taskdef(image, family="big")
+    td["containerDefinitions"][0]["environment"] = [{"name": "PAD", "value": "x" * 70_000}]
+    with pytest.raises(ecs.exceptions.ClientException) as e:
+        ecs.register_task_definition(**td)
+    assert "ecs_request_bytes_max" in str(e.value)
+    assert refused() == before + 1

@@ -244,14 +244,19 @@ class Router:
                     self.set_control(json.load(f).get("control"))
             except (OSError, ValueError, AttributeError):
                 pass
+        def unavailable(message: str) -> LambdaError:
+            err = LambdaError(503, error_type, message)
+            if op == "ecs":  # JSON 1.1: botocore takes the error's name from the body's __type
+                err.extra["__type"] = error_type
+            return err
+
         if self.control is None:
-            raise LambdaError(503, error_type,
-                              f"{what} is not reachable yet (no control plane address)")
+            raise unavailable(f"{what} is not reachable yet (no control plane address)")
         try:
             resp = await self.control.call(op, req, timeout_s=control_timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:
             self.counters["cell_unavailable"] += 1
-            raise LambdaError(503, error_type, f"{what} is unavailable: {e}") from e
+            raise unavailable(f"{what} is unavailable: {e}") from e
         return resp["s"], resp["h"], resp["b"]
 
     def cell_map_status(self) -> dict[str, Any]:
@@ -375,12 +380,16 @@ class Router:
             self.limits.invoke_payload_bytes_max
             if is_invoke or is_stream
             else self.limits.registry_api_body_bytes_max if is_ecr
+            else self.limits.ecs_request_bytes_max if is_ecs
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
         if body_state.declared is not None and body_state.declared > body_max:
             self.counters["refused_before_body"] += 1
-            raise _too_large(body_max, is_invoke)
-        body = await _read_body(receive, body_max, is_invoke)
+            raise _ecs_too_large(body_max) if is_ecs else _too_large(body_max, is_invoke)
+        body = await (runtime.read_asgi_body(
+            receive, body_max, lambda: _ecs_too_large(body_max),
+            lambda: LambdaError(400, "ClientDisconnected", "the client went away"))
+            if is_ecs else _read_body(receive, body_max, is_invoke))
         body_state.pending = False
         raw_path = scope.get("raw_path") or path.encode()
         # SQS's JSON protocol (the cell's queues): signed for service "sqs", forwarded whole.
@@ -661,6 +670,13 @@ def _too_large(body_max: int, is_invoke: bool) -> LambdaError:
                            "InvokeFunction operation")
     return LambdaError(413, "RequestEntityTooLargeException",
                        f"Request must be smaller than {body_max} bytes")
+
+
+def _ecs_too_large(body_max: int) -> LambdaError:
+    """ECS's own answer to an oversized request (boto3 raises ``ClientException``)."""
+    # JSON 1.1: botocore takes the error's name from the body's __type
+    return LambdaError(400, "ClientException", f"The request is larger than "
+                       f"ecs_request_bytes_max={body_max} bytes", __type="ClientException")
 
 
 async def _read_body(receive: Receive, body_max: int, is_invoke: bool) -> bytes:
