@@ -333,3 +333,17 @@ def test_listing_and_counting_read_only_the_small_status_records(tmp_path: Path,
     assert listed and all(p.startswith("cellcloud/ecs/taskdef-status/") for p in listed), listed
     assert api.ok("DescribeTaskDefinition", {"taskDefinition": "a"})["taskDefinition"][
         "revision"] == 2
+
+
+def test_every_operation_of_the_model_gets_an_ecs_shaped_answer(api: Api) -> None:
+    """Each of botocore's ECS operations: served, or UnsupportedFeatureException naming it
+    (a modelled error, so boto3 raises ``ecs.exceptions.UnsupportedFeatureException``)."""
+    served = set(api.ecs._ops)
+    for op in MODEL.operation_names:
+        status, err, out = api(op, {})
+        if op in served:
+            assert err != "UnsupportedFeatureException", op
+        else:
+            assert (status, err) == (400, "UnsupportedFeatureException"), (op, out)
+            assert op in out["message"]
+    assert api.ecs.counters["unsupported"] == len(set(MODEL.operation_names) - served)
