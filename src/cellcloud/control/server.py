@@ -26,6 +26,7 @@ from .. import runtime
 from ..metrics import process_registry, push_forever
 from ..transport import Client, OpError, RemoteError, Server, TransportError
 from .configstore import ConfigStore, ConfigStoreError, TimedConfigStore, open_config_store
+from .ecs import Ecs
 from .push import PushScheduler
 from .schedules import Schedules
 from .state import ControlError, RegionState
@@ -74,6 +75,8 @@ class Control:
         self.address: tuple[str, int] | None = None
         self.region = "cc-local-1"
         self.schedules = Schedules(store, self.region, self.frontend_of)
+        # The ECS API (clusters, task definitions: docs/fargate.md), forwarded by routers.
+        self.ecs = Ecs(store, self.region, self.frontend_of)
 
     def frontend_of(self, account: str) -> Client | None:
         """The frontend of the cell that holds ``account`` (where its schedules fire)."""
@@ -213,6 +216,7 @@ class Control:
             "push": self.push.statistics(),
             "agents": dict(self.agent_status),
             "schedules": self.schedules.statistics(),
+            "ecs": self.ecs.statistics(),
         }
 
     async def op_cell_of(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -302,13 +306,13 @@ async def serve(args: argparse.Namespace) -> None:
     store = TimedConfigStore(open_config_store(spec), str(spec.get("kind", "sqlite")),
                              registry)
     control = Control(state_dir, store, args.endpoints, args.push_interval_ms)
-    control.region = control.schedules.region = args.region
+    control.region = control.schedules.region = control.ecs.region = args.region
     await control.load()
     server = Server({"status": control.op_status, "migrate": control.op_migrate,
                      "override": control.op_override, "cell_of": control.op_cell_of,
                      "cell_map": lambda _: _map(control),
                      # the scheduler API, forwarded by routers (pki.OPS_ALLOWED)
-                     "scheduler": control.schedules.op})
+                     "scheduler": control.schedules.op, "ecs": control.ecs.op})
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
     control.address = (host, port)
     await control.tick()

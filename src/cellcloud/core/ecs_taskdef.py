@@ -35,6 +35,8 @@ FARGATE_SIZES: dict[int, tuple[int, ...]] = {
     16384: _steps(32, 120, 8),
 }
 
+# The ECS API's JSON 1.1 target prefix (X-Amz-Target), as botocore's ``ecs`` model names it.
+TARGET_PREFIX = "AmazonEC2ContainerServiceV20141113."
 CONTAINER_CONDITIONS = ("START", "COMPLETE", "SUCCESS", "HEALTHY")
 NETWORK_MODES = ("bridge", "host", "awsvpc", "none")
 COMPATIBILITIES = ("EC2", "FARGATE", "EXTERNAL", "MANAGED_INSTANCES")

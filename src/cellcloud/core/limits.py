@@ -201,6 +201,12 @@ class Limits:
     # ECS tasks and services (core/ecs_*.py, issue #17): docs/fargate.md.
     ecs_containers_per_task_max: int = 10  # containers in one task definition (ECS's quota)
     ecs_service_events_max: int = 100  # a service's events (and scaling decisions) kept
+    # The ECS API in the control plane (control/ecs.py): what one account keeps in the region's
+    # configuration store (each list stays far below the store's config_list_max).
+    ecs_request_bytes_max: int = 64 * 1024  # one ECS request (a task definition: ECS's 64 KiB)
+    ecs_clusters_per_tenant_max: int = 100
+    ecs_task_definitions_per_tenant_max: int = 1_000  # revisions kept, ACTIVE or INACTIVE
+    ecs_cas_attempts_max: int = 8  # a change that keeps losing its compare-and-set
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200

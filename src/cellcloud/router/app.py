@@ -24,6 +24,7 @@ from ..console.app import PREFIX as CONSOLE_PREFIX
 from ..console.app import Console, session_value
 from ..core import tracing
 from ..core.cellmap import CellMap
+from ..core.ecs_taskdef import TARGET_PREFIX as ECS_TARGET_PREFIX
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.tenant_status import cell_status_for_tenant
@@ -226,24 +227,37 @@ class Router:
     async def _scheduler(self, scope: Scope, path: str, body: bytes,
                          account: str) -> tuple[int, dict[str, str], bytes]:
         """EventBridge Scheduler's REST API, forwarded whole to the control plane."""
+        return await self._to_control("scheduler", "The scheduler", "InternalServerException", {
+            "m": scope["method"], "p": path, "q": scope["query_string"].decode("latin-1"),
+            "b": body, "a": account})
+
+    async def _ecs(self, target: str, body: bytes,
+                   account: str) -> tuple[int, dict[str, str], bytes]:
+        """The ECS API (JSON 1.1, SigV4 service ``ecs``): the control plane's ``ecs`` op."""
+        return await self._to_control("ecs", "The ECS API", "ServerException",
+                                      {"target": target, "b": body, "a": account})
+
+    async def _to_control(self, op: str, what: str, error_type: str,
+                          req: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         if self.control is None and self.cell_map_file:
             try:
                 with open(self.cell_map_file) as f:
                     self.set_control(json.load(f).get("control"))
             except (OSError, ValueError, AttributeError):
                 pass
+        def unavailable(message: str) -> LambdaError:
+            err = LambdaError(503, error_type, message)
+            if op == "ecs":  # JSON 1.1: botocore takes the error's name from the body's __type
+                err.extra["__type"] = error_type
+            return err
+
         if self.control is None:
-            raise LambdaError(503, "InternalServerException",
-                              "The scheduler is not reachable yet (no control plane address)")
+            raise unavailable(f"{what} is not reachable yet (no control plane address)")
         try:
-            resp = await self.control.call(
-                "scheduler", {"m": scope["method"], "p": path,
-                              "q": scope["query_string"].decode("latin-1"), "b": body,
-                              "a": account}, timeout_s=control_timeout_s)
+            resp = await self.control.call(op, req, timeout_s=control_timeout_s)
         except (TransportError, CallTimeout, RemoteError) as e:
             self.counters["cell_unavailable"] += 1
-            raise LambdaError(503, "InternalServerException",
-                              f"The scheduler is unavailable: {e}") from e
+            raise unavailable(f"{what} is unavailable: {e}") from e
         return resp["s"], resp["h"], resp["b"]
 
     def cell_map_status(self) -> dict[str, Any]:
@@ -362,16 +376,24 @@ class Router:
         is_ecr = target.startswith(ECR_TARGET_PREFIX)
         # The CloudWatch Logs API (JSON 1.1, SigV4 service "logs"): the cell's log store.
         is_logs = target.startswith(LOGS_TARGET_PREFIX)
+        # The ECS API (control/ecs.py): its JSON target, or anything signed for service "ecs"
+        # (an unknown target is then answered by the ECS API, never a 404 of another's).
+        is_ecs = not is_ecr and not is_logs and (target.startswith(ECS_TARGET_PREFIX)
+                                                 or parsed_auth.group("service") == "ecs")
         body_max = (
             self.limits.invoke_payload_bytes_max
             if is_invoke or is_stream
             else self.limits.registry_api_body_bytes_max if is_ecr or is_logs
+            else self.limits.ecs_request_bytes_max if is_ecs
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
         if body_state.declared is not None and body_state.declared > body_max:
             self.counters["refused_before_body"] += 1
-            raise _too_large(body_max, is_invoke)
-        body = await _read_body(receive, body_max, is_invoke)
+            raise _ecs_too_large(body_max) if is_ecs else _too_large(body_max, is_invoke)
+        body = await (runtime.read_asgi_body(
+            receive, body_max, lambda: _ecs_too_large(body_max),
+            lambda: LambdaError(400, "ClientDisconnected", "the client went away"))
+            if is_ecs else _read_body(receive, body_max, is_invoke))
         body_state.pending = False
         raw_path = scope.get("raw_path") or path.encode()
         # SQS's JSON protocol (the cell's queues): signed for service "sqs", forwarded whole.
@@ -380,6 +402,7 @@ class Router:
         is_sqs_query = body_state.sqs_query
         is_sqs = sqs_target.startswith("AmazonSQS.") or is_sqs_query
         is_scheduler = parsed_auth.group("service") == "scheduler" and not is_sqs and not is_ecr
+        is_ecs = is_ecs and not is_sqs
         try:
             verified = sigv4.verify(
                 method=scope["method"],
@@ -391,7 +414,8 @@ class Router:
                 region=self.region,
                 secret_for=self.tenants.secret_for,
                 service=("sqs" if is_sqs else "ecr" if is_ecr else "logs" if is_logs
-                         else "scheduler" if is_scheduler else sigv4.SERVICE),
+                         else "ecs" if is_ecs else "scheduler" if is_scheduler
+                         else sigv4.SERVICE),
             )
         except LambdaError:
             self.counters["unauthenticated"] += 1
@@ -408,6 +432,8 @@ class Router:
             return _json_reply(await self.status(account=account))
         if is_scheduler:
             return await self._scheduler(scope, path, body, account)
+        if is_ecs:
+            return await self._ecs(target, body, account)
         cell = self.cell_map.cell_for(account)
         if is_ecr:
             return await self._ecr(cell.cell_id, account, target, body, headers, scope)
@@ -659,6 +685,13 @@ def _too_large(body_max: int, is_invoke: bool) -> LambdaError:
                            "InvokeFunction operation")
     return LambdaError(413, "RequestEntityTooLargeException",
                        f"Request must be smaller than {body_max} bytes")
+
+
+def _ecs_too_large(body_max: int) -> LambdaError:
+    """ECS's own answer to an oversized request (boto3 raises ``ClientException``)."""
+    # JSON 1.1: botocore takes the error's name from the body's __type
+    return LambdaError(400, "ClientException", f"The request is larger than "
+                       f"ecs_request_bytes_max={body_max} bytes", __type="ClientException")
 
 
 async def _read_body(receive: Receive, body_max: int, is_invoke: bool) -> bytes:

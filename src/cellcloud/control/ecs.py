@@ -1,0 +1,598 @@
+"""The ECS API's first slice in the control plane (issue #17, docs/fargate.md): clusters and
+task definitions, per tenant, in the region's configuration store. boto3's ``ecs`` client and
+the AWS CLI reach it through the router (JSON 1.1, ``X-Amz-Target:
+AmazonEC2ContainerServiceV20141113.<Operation>``, SigV4 service ``ecs``), which forwards the
+body and the caller's account here (op ``ecs``, pki.OPS_ALLOWED).
+
+Validation is ``core/ecs_taskdef.py``'s; this is the shell: the store (compare-and-set for a
+family's revision counter, so two registrations never share a revision), the image check
+against the tenant's own registry (in its cell: the frontend's ``registry`` op, HEAD of the
+manifest), and botocore's shapes and error names. Any other ECS operation is answered
+``UnsupportedFeatureException`` naming it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..core import ecs_taskdef as td
+from ..core.ecs_taskdef import EcsError
+from ..core.limits import DEFAULT_LIMITS, Limits
+from ..registry import core as reg
+from ..transport import CallTimeout, Client, RemoteError, TransportError
+from .configstore import ConfigStore, ConfigStoreError, ConfigStoreUnavailable
+
+log = logging.getLogger("cellcloud.control.ecs")
+
+TARGET_PREFIX = td.TARGET_PREFIX
+CLUSTERS = "cellcloud/ecs/clusters/"  # <account>/<name> -> the cluster
+# A revision is two records: its definition and tags (up to ecs_request_bytes_max), and a small
+# status record ({"status", "deregisteredAt"}) that alone is listed, counted and changed by
+# Deregister. Written definition first, status second (the status record's existence is the
+# revision's); deleted status first.
+TASKDEFS = "cellcloud/ecs/taskdefs/"  # <account>/<family>/<revision, 7 digits> -> definition
+STATUS = "cellcloud/ecs/taskdef-status/"  # <account>/<family>/<revision, 7 digits> -> status
+FAMILIES = "cellcloud/ecs/families/"  # <account>/<family> -> {"last": revision}
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+_REVISION_DIGITS = 7
+revisions_max = 10 ** _REVISION_DIGITS - 1
+registry_check_timeout_s = 10.0
+
+
+class ApiError(Exception):
+    def __init__(self, type_: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.type, self.message, self.status = type_, message, status
+
+    def reply(self) -> dict[str, Any]:
+        return {"s": self.status, "h": {"x-amzn-errortype": self.type,
+                                        "content-type": "application/x-amz-json-1.1"},
+                "b": json.dumps({"__type": self.type, "message": self.message}).encode()}
+
+
+def client_error(message: str) -> ApiError:
+    return ApiError("ClientException", message)
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError("InvalidParameterException", message)
+
+
+def cluster_not_found() -> ApiError:
+    return ApiError("ClusterNotFoundException", "Cluster not found.")
+
+
+def _now_s(clock_ms: int) -> float:
+    return clock_ms / 1000
+
+
+# -- request members (pure) ----------------------------------------------------------------------
+def _str(doc: dict[str, Any], key: str, default: str | None = None) -> str | None:
+    v = doc.get(key, default)
+    if v is not None and not isinstance(v, str):
+        raise invalid(f"{key} must be a string")
+    return v
+
+
+def _str_list(doc: dict[str, Any], key: str) -> list[str]:
+    v = doc.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise invalid(f"{key} must be a list of strings")
+    return v
+
+
+def _max_results(doc: dict[str, Any]) -> int:
+    v = doc.get("maxResults", 100)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100:
+        raise invalid("maxResults must be an integer from 1 to 100")
+    return v
+
+
+def _page(items: list[str], doc: dict[str, Any], member: str) -> dict[str, Any]:
+    """One page of ``items`` from ``nextToken`` (an opaque offset), ``maxResults`` long."""
+    n = _max_results(doc)
+    token = _str(doc, "nextToken")
+    start = 0
+    if token:
+        try:
+            start = int(json.loads(base64.b64decode(token, validate=True))["o"])
+        except (ValueError, KeyError, TypeError):
+            raise invalid("Invalid nextToken") from None
+        if not 0 <= start <= len(items):
+            raise invalid("Invalid nextToken")
+    out: dict[str, Any] = {member: items[start:start + n]}
+    if start + n < len(items):
+        out["nextToken"] = base64.b64encode(json.dumps({"o": start + n}).encode()).decode()
+    return out
+
+
+def _tags(v: Any) -> list[dict[str, str]]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise invalid("tags must be a list of {key, value}")
+    out = []
+    for t in v:
+        if not isinstance(t, dict) or not isinstance(t.get("key"), str) \
+                or not 1 <= len(t["key"]) <= 128 or not isinstance(t.get("value", ""), str) \
+                or len(t.get("value", "")) > 256:
+            raise invalid("a tag is {key: 1 to 128 characters, value: at most 256}")
+        out.append({"key": t["key"], "value": t.get("value", "")})
+    if len(out) > 50:
+        raise invalid("a resource has at most 50 tags")
+    return out
+
+
+def parse_image(image: str) -> tuple[str, str]:
+    """A container ``image`` → (repository, tag or digest) in the region's registry: it must
+    be ``<endpoint host:port>/<repository>[:tag | @sha256:…]``; the repository is looked up in
+    the caller's own namespace (as Lambda's ImageUri is, frontend/image_functions.py)."""
+    host, sep, rest = image.partition("/")
+    if not sep or not rest or not _HOST.match(host) \
+            or ("." not in host and ":" not in host and host != "localhost"):
+        raise client_error(
+            f"Container image {image[:300]!r} must name an image in this region's registry "
+            "(<endpoint host:port>/<repository>:<tag> or @sha256:<digest>); other registries "
+            "are not reachable from cellcloud")
+    if "@" in rest:
+        repo, _, ref = rest.partition("@")
+    else:
+        slash, colon = rest.rfind("/"), rest.rfind(":")
+        repo, ref = (rest[:colon], rest[colon + 1:]) if colon > slash else (rest, "latest")
+    try:
+        reg.check_repo_name(repo)
+        reg.check_reference(ref)
+    except reg.RegistryError as e:
+        raise client_error(f"Container image {image[:300]!r}: {e.message}") from None
+    return repo, ref
+
+
+def describe_container(c: dict[str, Any]) -> dict[str, Any]:
+    """A container definition as DescribeTaskDefinition shows it: ECS's defaults filled in."""
+    out = {k: v for k, v in c.items() if v not in (None, [], {}, "")}
+    out.setdefault("cpu", 0)
+    out.setdefault("essential", True)
+    out["portMappings"] = [{**p, "hostPort": p.get("hostPort", p.get("containerPort")),
+                            "protocol": p.get("protocol", "tcp")}
+                           for p in c.get("portMappings") or []]
+    out.setdefault("environment", [])
+    out["mountPoints"], out["volumesFrom"] = [], []
+    return out
+
+
+class Ecs:
+    """The ``ecs`` op of one control plane."""
+
+    def __init__(self, store: ConfigStore, region: str,
+                 frontend_for: Callable[[str], Client | None],
+                 clock: Callable[[], int] | None = None, limits: Limits = DEFAULT_LIMITS,
+                 check_images: bool = True) -> None:
+        self.store = store
+        self.region = region
+        self.frontend_for = frontend_for  # account -> its cell's frontend (the registry)
+        self.clock = clock or (lambda: int(time.time() * 1000))
+        self.limits = limits
+        self.check_images = check_images
+        self.counters = {"requests": 0, "errors": 0, "unsupported": 0, "cas_lost": 0}
+        self._ops: dict[str, Callable[[str, dict[str, Any]], Any]] = {
+            "CreateCluster": self.create_cluster, "DescribeClusters": self.describe_clusters,
+            "ListClusters": self.list_clusters, "DeleteCluster": self.delete_cluster,
+            "RegisterTaskDefinition": self.register_task_definition,
+            "DescribeTaskDefinition": self.describe_task_definition,
+            "ListTaskDefinitions": self.list_task_definitions,
+            "ListTaskDefinitionFamilies": self.list_task_definition_families,
+            "DeregisterTaskDefinition": self.deregister_task_definition,
+            "DeleteTaskDefinitions": self.delete_task_definitions,
+            "TagResource": self.tag_resource, "UntagResource": self.untag_resource,
+            "ListTagsForResource": self.list_tags_for_resource,
+        }
+
+    def statistics(self) -> dict[str, int]:
+        return dict(self.counters)
+
+    # -- the op --------------------------------------------------------------------------------
+    async def op(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.counters["requests"] += 1
+        try:
+            out = await self._call(str(req.get("target") or ""), bytes(req.get("b") or b"{}"),
+                                   str(req["a"]))
+        except EcsError as e:
+            self.counters["errors"] += 1
+            return ApiError(e.type, e.message).reply()
+        except ApiError as e:
+            self.counters["errors"] += 1
+            return e.reply()
+        except ConfigStoreUnavailable as e:
+            log.warning("config store: %s", e)
+            return ApiError("ServerException", "The ECS store is unavailable; try again",
+                            500).reply()
+        except ConfigStoreError as e:
+            return client_error(f"The request does not fit the region's configuration store: "
+                                f"{e}").reply()
+        return {"s": 200, "h": {"content-type": "application/x-amz-json-1.1"},
+                "b": json.dumps(out).encode()}
+
+    async def _call(self, target: str, body: bytes, account: str) -> dict[str, Any]:
+        if not target.startswith(TARGET_PREFIX):
+            raise ApiError("UnknownOperationException", f"Unknown target {target[:100]!r}")
+        name = target[len(TARGET_PREFIX):]
+        handler = self._ops.get(name)
+        if handler is None:
+            self.counters["unsupported"] += 1
+            raise ApiError("UnsupportedFeatureException",
+                           f"The ECS operation {name[:100]} is not supported by cellcloud yet "
+                           f"(served: {', '.join(sorted(self._ops))})")
+        if len(body) > self.limits.ecs_request_bytes_max:
+            raise client_error(f"The request is larger than ecs_request_bytes_max="
+                               f"{self.limits.ecs_request_bytes_max} bytes")
+        try:
+            doc = json.loads(body or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("SerializationException", "The request body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise ApiError("SerializationException", "The request body must be a JSON object")
+        result: dict[str, Any] = await handler(account, doc)
+        return result
+
+    # -- clusters ------------------------------------------------------------------------------
+    def cluster_arn(self, account: str, name: str) -> str:
+        return f"arn:aws:ecs:{self.region}:{account}:cluster/{name}"
+
+    def _cluster_name(self, account: str, ident: Any) -> str:
+        """A cluster's name from its name or ARN; another account's ARN is not found."""
+        if ident is None:
+            return "default"
+        if not isinstance(ident, str):
+            raise invalid("cluster must be a string")
+        if ident.startswith("arn:"):
+            prefix = f"arn:aws:ecs:{self.region}:{account}:cluster/"
+            if not ident.startswith(prefix):
+                raise cluster_not_found()
+            ident = ident[len(prefix):]
+        if not _CLUSTER_NAME.match(ident):
+            raise cluster_not_found()
+        return ident
+
+    def _cluster_doc(self, account: str, c: dict[str, Any], tags: bool = True
+                     ) -> dict[str, Any]:
+        out = {"clusterArn": self.cluster_arn(account, c["name"]), "clusterName": c["name"],
+               "status": c.get("status", "ACTIVE"), "registeredContainerInstancesCount": 0,
+               "runningTasksCount": 0, "pendingTasksCount": 0, "activeServicesCount": 0,
+               "statistics": [], "settings": [{"name": "containerInsights",
+                                               "value": "disabled"}],
+               "capacityProviders": [], "defaultCapacityProviderStrategy": []}
+        if tags:
+            out["tags"] = c.get("tags", [])
+        return out
+
+    async def create_cluster(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        for k, v in doc.items():
+            if k not in ("clusterName", "tags") and v not in (None, [], {}, ""):
+                raise invalid(f"{k} is not supported by cellcloud")
+        name = _str(doc, "clusterName", "default") or "default"
+        if not _CLUSTER_NAME.match(name):
+            raise invalid("Cluster name must be 1 to 255 letters (uppercase and lowercase), "
+                          "numbers, hyphens and underscores.")
+        tags = _tags(doc.get("tags"))
+        key = f"{CLUSTERS}{account}/{name}"
+        existing = await self.store.get(key)
+        if existing is not None:  # ECS: creating an existing cluster returns it
+            return {"cluster": self._cluster_doc(account, json.loads(existing.value))}
+        if len(await self.store.list(f"{CLUSTERS}{account}/")) \
+                >= self.limits.ecs_clusters_per_tenant_max:
+            raise ApiError("LimitExceededException",
+                           f"An account has at most {self.limits.ecs_clusters_per_tenant_max} "
+                           "clusters (ecs_clusters_per_tenant_max)")
+        c = {"name": name, "status": "ACTIVE", "tags": tags, "createdAt": self.clock()}
+        if await self.store.cas(key, 0, json.dumps(c).encode()) is None:
+            self.counters["cas_lost"] += 1
+            again = await self.store.get(key)
+            if again is not None:
+                c = json.loads(again.value)
+        return {"cluster": self._cluster_doc(account, c)}
+
+    async def describe_clusters(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        idents = _str_list(doc, "clusters") or ["default"]
+        if len(idents) > 100:
+            raise invalid("clusters names at most 100 clusters")
+        include = _str_list(doc, "include")
+        clusters, failures = [], []
+        for ident in idents:
+            try:
+                name = self._cluster_name(account, ident)
+            except ApiError:
+                failures.append({"arn": ident, "reason": "MISSING"})
+                continue
+            e = await self.store.get(f"{CLUSTERS}{account}/{name}")
+            if e is None:
+                failures.append({"arn": self.cluster_arn(account, name), "reason": "MISSING"})
+            else:
+                clusters.append(self._cluster_doc(account, json.loads(e.value),
+                                                  tags="TAGS" in include))
+        return {"clusters": clusters, "failures": failures}
+
+    async def list_clusters(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        names = [e.key.rsplit("/", 1)[1]
+                 for e in await self.store.list(f"{CLUSTERS}{account}/")]
+        return _page([self.cluster_arn(account, n) for n in names], doc, "clusterArns")
+
+    async def delete_cluster(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        if "cluster" not in doc:
+            raise invalid("cluster is required")
+        name = self._cluster_name(account, doc["cluster"])
+        key = f"{CLUSTERS}{account}/{name}"
+        e = await self.store.get(key)
+        if e is None or not await self.store.delete(key):
+            raise cluster_not_found()
+        c = json.loads(e.value)
+        c["status"] = "INACTIVE"
+        return {"cluster": self._cluster_doc(account, c)}
+
+    # -- task definitions ----------------------------------------------------------------------
+    def taskdef_arn(self, account: str, family: str, revision: int) -> str:
+        return f"arn:aws:ecs:{self.region}:{account}:task-definition/{family}:{revision}"
+
+    def _taskdef_ident(self, account: str, ident: Any) -> tuple[str, int | None]:
+        """``family``, ``family:revision`` or the ARN → (family, revision or None)."""
+        if not isinstance(ident, str) or not ident:
+            raise client_error("taskDefinition is required")
+        if ident.startswith("arn:"):
+            prefix = f"arn:aws:ecs:{self.region}:{account}:task-definition/"
+            if not ident.startswith(prefix):
+                raise client_error("Unable to describe task definition.")
+            ident = ident[len(prefix):]
+        family, sep, rev = ident.partition(":")
+        if not td._NAME.match(family):
+            raise client_error("Unable to describe task definition.")
+        if not sep:
+            return family, None
+        if not rev.isdigit() or not 1 <= int(rev) <= revisions_max:
+            raise client_error(f"Invalid revision number. Number: {rev[:20]}")
+        return family, int(rev)
+
+    def _key(self, account: str, family: str, revision: int, prefix: str = TASKDEFS) -> str:
+        return f"{prefix}{account}/{family}/{revision:0{_REVISION_DIGITS}d}"
+
+    async def _index(self, account: str, family: str | None = None
+                     ) -> list[tuple[str, int, str]]:
+        """(family, revision, status) of the account's revisions (the small records only)."""
+        prefix = f"{STATUS}{account}/" + (f"{family}/" if family is not None else "")
+        out = []
+        for e in await self.store.list(prefix):
+            fam, rev = e.key[len(f"{STATUS}{account}/"):].rsplit("/", 1)
+            out.append((fam, int(rev), str(json.loads(e.value)["status"])))
+        return out
+
+    async def _find(self, account: str, ident: Any) -> _Found:
+        family, rev = self._taskdef_ident(account, ident)
+        if rev is None:  # the family's latest ACTIVE revision
+            active = [r for _, r, st in await self._index(account, family) if st == "ACTIVE"]
+            if not active:
+                raise client_error("Unable to describe task definition.")
+            rev = active[-1]
+        st = await self.store.get(self._key(account, family, rev, STATUS))
+        body = await self.store.get(self._key(account, family, rev))
+        if st is None or body is None:
+            raise client_error("Unable to describe task definition.")
+        return _Found(self._key(account, family, rev), json.loads(body.value), body.revision,
+                      st.key, json.loads(st.value), st.revision)
+
+    async def _check_image(self, account: str, image: str) -> None:
+        repo, ref = parse_image(image)
+        if not self.check_images:
+            return
+        frontend = self.frontend_for(account)
+        if frontend is None:
+            raise ApiError("ServerException", "The registry of this account's cell is not "
+                           "reachable yet; try again", 500)
+        try:
+            resp = await frontend.call("registry", {"a": account, "m": "HEAD", "k": "manifest",
+                                                    "n": repo, "r": ref},
+                                       timeout_s=registry_check_timeout_s)
+        except (TransportError, CallTimeout, RemoteError) as e:
+            raise ApiError("ServerException", f"The registry is unavailable: {e}", 500) from e
+        if resp.get("s") != 200:
+            raise client_error(f"Container image {image[:300]!r}: no image {ref!r} in "
+                               f"repository {repo!r} of this account in this region's "
+                               "registry (the host part is not checked; images of other "
+                               "registries cannot be used)")
+
+    async def register_task_definition(self, account: str, doc: dict[str, Any]
+                                       ) -> dict[str, Any]:
+        parsed = td.validate_task_definition(doc)
+        for c in parsed.containers:
+            await self._check_image(account, c.image)
+        if len(await self._index(account)) >= self.limits.ecs_task_definitions_per_tenant_max:
+            raise ApiError("LimitExceededException",
+                           f"An account keeps at most "
+                           f"{self.limits.ecs_task_definitions_per_tenant_max} task definition "
+                           "revisions (ecs_task_definitions_per_tenant_max); delete INACTIVE "
+                           "ones (DeleteTaskDefinitions)")
+        fam_key = f"{FAMILIES}{account}/{parsed.family}"
+        for _ in range(self.limits.ecs_cas_attempts_max):  # the family's revision counter
+            e = await self.store.get(fam_key)
+            last = json.loads(e.value)["last"] if e is not None else 0
+            if last >= revisions_max:
+                raise client_error(f"Family {parsed.family} has used every revision number")
+            if await self.store.cas(fam_key, e.revision if e is not None else 0,
+                                    json.dumps({"last": last + 1}).encode()) is not None:
+                revision = last + 1
+                break
+            self.counters["cas_lost"] += 1
+        else:
+            raise ApiError("ServerException", "Too many concurrent registrations of this "
+                           "family; try again", 500)
+        tags = _tags(doc.get("tags"))
+        desc: dict[str, Any] = {
+            "taskDefinitionArn": self.taskdef_arn(account, parsed.family, revision),
+            "containerDefinitions": [describe_container(c) for c in doc["containerDefinitions"]],
+            "family": parsed.family, "revision": revision,
+            "networkMode": parsed.network_mode, "volumes": [], "placementConstraints": [],
+            "requiresAttributes": [], "compatibilities": ["EC2", "FARGATE"],
+            "requiresCompatibilities": list(parsed.compatibilities),
+            "cpu": str(parsed.cpu), "memory": str(parsed.memory_mib),
+            "registeredAt": _now_s(self.clock()),
+            "registeredBy": f"arn:aws:iam::{account}:root",
+        }
+        if parsed.task_role_arn:
+            desc["taskRoleArn"] = parsed.task_role_arn
+        if parsed.execution_role_arn:
+            desc["executionRoleArn"] = parsed.execution_role_arn
+        record = {"taskDefinition": desc, "tags": tags}
+        await self.store.put(self._key(account, parsed.family, revision),
+                             json.dumps(record).encode())
+        status = {"status": "ACTIVE"}
+        await self.store.put(self._key(account, parsed.family, revision, STATUS),
+                             json.dumps(status).encode())
+        return {"taskDefinition": {**desc, **status}, "tags": tags}
+
+    async def describe_task_definition(self, account: str, doc: dict[str, Any]
+                                       ) -> dict[str, Any]:
+        found = await self._find(account, doc.get("taskDefinition"))
+        out = {"taskDefinition": found.described()}
+        if "TAGS" in _str_list(doc, "include"):
+            out["tags"] = found.body.get("tags", [])
+        return out
+
+    async def list_task_definitions(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        family = _str(doc, "familyPrefix")  # ECS: the full family name, despite the name
+        status = _str(doc, "status", "ACTIVE")
+        if status not in ("ACTIVE", "INACTIVE", "DELETE_IN_PROGRESS"):
+            raise invalid("status must be ACTIVE, INACTIVE or DELETE_IN_PROGRESS")
+        sort = _str(doc, "sort", "ASC")
+        if sort not in ("ASC", "DESC"):
+            raise invalid("sort must be ASC or DESC")
+        if family is not None and not td._NAME.match(family):
+            return {"taskDefinitionArns": []}
+        chosen = sorted(((f, r) for f, r, st in await self._index(account, family)
+                         if st == status), reverse=sort == "DESC")
+        return _page([self.taskdef_arn(account, f, r) for f, r in chosen], doc,
+                     "taskDefinitionArns")
+
+    async def list_task_definition_families(self, account: str, doc: dict[str, Any]
+                                            ) -> dict[str, Any]:
+        prefix = _str(doc, "familyPrefix") or ""
+        status = _str(doc, "status", "ACTIVE")
+        if status not in ("ACTIVE", "INACTIVE", "ALL"):
+            raise invalid("status must be ACTIVE, INACTIVE or ALL")
+        active: dict[str, bool] = {}
+        for fam, _, st in await self._index(account):
+            if fam.startswith(prefix):
+                active[fam] = active.get(fam, False) or st == "ACTIVE"
+        families = sorted(f for f, a in active.items()
+                          if status == "ALL" or a == (status == "ACTIVE"))
+        return _page(families, doc, "families")
+
+    async def deregister_task_definition(self, account: str, doc: dict[str, Any]
+                                         ) -> dict[str, Any]:
+        family, rev = self._taskdef_ident(account, doc.get("taskDefinition"))
+        if rev is None:
+            raise client_error("Invalid revision number. Number: (none): name the revision "
+                               "(family:revision or the ARN)")
+        for _ in range(self.limits.ecs_cas_attempts_max):
+            found = await self._find(account, f"{family}:{rev}")
+            if found.status["status"] != "ACTIVE":
+                return {"taskDefinition": found.described()}
+            found.status = {"status": "INACTIVE", "deregisteredAt": _now_s(self.clock())}
+            if await self.store.cas(found.status_key, found.status_rev,
+                                    json.dumps(found.status).encode()) is not None:
+                return {"taskDefinition": found.described()}
+            self.counters["cas_lost"] += 1
+        raise ApiError("ServerException", "The task definition kept changing; try again", 500)
+
+    async def delete_task_definitions(self, account: str, doc: dict[str, Any]
+                                      ) -> dict[str, Any]:
+        idents = _str_list(doc, "taskDefinitions")
+        if not 1 <= len(idents) <= 10:
+            raise invalid("taskDefinitions names 1 to 10 task definitions")
+        deleted, failures = [], []
+        for ident in idents:
+            try:
+                family, rev = self._taskdef_ident(account, ident)
+                if rev is None:
+                    raise client_error("The revision must be named")
+                found = await self._find(account, f"{family}:{rev}")
+            except ApiError as e:
+                failures.append({"arn": ident, "reason": e.message})
+                continue
+            d = found.described()
+            if d["status"] == "ACTIVE":
+                failures.append({"arn": d["taskDefinitionArn"],
+                                 "reason": "The specified task definition is still in ACTIVE "
+                                           "status. Please deregister the target and try again."})
+                continue
+            # Nothing runs tasks yet (docs/fargate.md), so nothing holds it: gone at once; the
+            # family's counter stays, so the revision number is never reused.
+            if not await self.store.delete(found.status_key):
+                continue  # deleted meanwhile by another request, which answers for it
+            await self.store.delete(found.key)
+            deleted.append({**d, "status": "DELETE_IN_PROGRESS"})
+        return {"taskDefinitions": deleted, "failures": failures}
+
+    # -- tags ----------------------------------------------------------------------------------
+    async def _resource(self, account: str, arn: Any) -> tuple[str, dict[str, Any], int]:
+        if not isinstance(arn, str):
+            raise invalid("resourceArn is required")
+        prefix = f"arn:aws:ecs:{self.region}:{account}:"
+        if arn.startswith(prefix + "cluster/"):
+            name = self._cluster_name(account, arn)
+            key = f"{CLUSTERS}{account}/{name}"
+            e = await self.store.get(key)
+            if e is None:
+                raise cluster_not_found()
+            return key, json.loads(e.value), e.revision
+        if arn.startswith(prefix + "task-definition/"):
+            found = await self._find(account, arn)
+            return found.key, found.body, found.body_rev
+        raise invalid("The ARN names no cluster or task definition of this account")
+
+    async def _retag(self, account: str, doc: dict[str, Any],
+                     change: Callable[[list[dict[str, str]]], list[dict[str, str]]]) -> None:
+        for _ in range(self.limits.ecs_cas_attempts_max):
+            key, record, store_rev = await self._resource(account, doc.get("resourceArn"))
+            record["tags"] = _tags(change(list(record.get("tags", []))))
+            if await self.store.cas(key, store_rev, json.dumps(record).encode()) is not None:
+                return
+            self.counters["cas_lost"] += 1
+        raise ApiError("ServerException", "The resource kept changing; try again", 500)
+
+    async def tag_resource(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        new = _tags(doc.get("tags"))
+        keys = {t["key"] for t in new}
+        await self._retag(account, doc, lambda old: [t for t in old if t["key"] not in keys]
+                          + new)
+        return {}
+
+    async def untag_resource(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        keys = set(_str_list(doc, "tagKeys"))
+        await self._retag(account, doc, lambda old: [t for t in old if t["key"] not in keys])
+        return {}
+
+    async def list_tags_for_resource(self, account: str, doc: dict[str, Any]
+                                     ) -> dict[str, Any]:
+        _, record, _ = await self._resource(account, doc.get("resourceArn"))
+        return {"tags": record.get("tags", [])}
+
+
+@dataclass
+class _Found:
+    """One task definition revision as the store holds it: its definition and its status."""
+    key: str
+    body: dict[str, Any]
+    body_rev: int
+    status_key: str
+    status: dict[str, Any]
+    status_rev: int
+
+    def described(self) -> dict[str, Any]:
+        return {**self.body["taskDefinition"], **self.status}

@@ -1,0 +1,198 @@
+"""The ECS API's first slice (issue #17: clusters and task definitions) against a real region
+(one for the module), through boto3's ``ecs`` client and the AWS CLI: shapes and modelled
+errors, bad cpu/memory combinations, unknown clusters, an image that must be the tenant's own
+in the region's registry, tenant isolation, and an unsupported operation named as such."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from tests.integration.conftest import Region, running_region
+from tests.oci_images import image_layout
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
+    with running_region(tmp_path_factory, "ecs-api") as r:
+        yield r
+
+
+def _ecs(region: Region, akid: str, secret: str) -> Any:
+    return boto3.client("ecs", endpoint_url=region.endpoint,
+                        region_name=str(region.doc["region"]), aws_access_key_id=akid,
+                        aws_secret_access_key=secret,
+                        config=Config(retries={"mode": "standard", "total_max_attempts": 1},
+                                      read_timeout=60))
+
+
+@pytest.fixture(scope="module")
+def ecs(region: Region) -> Any:
+    return _ecs(region, str(region.doc["access_key_id"]), str(region.doc["secret_access_key"]))
+
+
+@pytest.fixture(scope="module")
+def other(region: Region) -> Any:
+    out = region.cli("tenant", "create", "ecs-other").stdout
+    fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
+    return _ecs(region, fields["aws_access_key_id"].strip(),
+                fields["aws_secret_access_key"].strip())
+
+
+@pytest.fixture(scope="module")
+def image(region: Region, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Tenant A's ecs/web:v1 in the region's registry, pushed with ``cellcloud image push``."""
+    tmp = tmp_path_factory.mktemp("ecs-image")
+    layout = str(tmp / "img")
+    image_layout(layout, [{"srv/index.html": b"hello\n"}], tag="v1")
+    archive = str(tmp / "img.tar")
+    subprocess.run(["tar", "-cf", archive, "-C", layout, "."], check=True)
+    region.cli("image", "push", archive, "ecs/web:v1")
+    return f"{region.endpoint.split('//', 1)[1]}/ecs/web:v1"
+
+
+def _taskdef(image: str, family: str = "web", cpu: str = "256", memory: str = "512"
+             ) -> dict[str, Any]:
+    return {"family": family, "networkMode": "awsvpc", "requiresCompatibilities": ["FARGATE"],
+            "cpu": cpu, "memory": memory,
+            "containerDefinitions": [{"name": "web", "image": image, "essential": True,
+                                      "portMappings": [{"containerPort": 8080}]}]}
+
+
+def _code(e: pytest.ExceptionInfo[ClientError]) -> str:
+    return str(e.value.response["Error"]["Code"])
+
+
+def test_clusters_through_boto3(ecs: Any, region: Region) -> None:
+    account = str(region.doc["account_id"])
+    c = ecs.create_cluster(clusterName="prod", tags=[{"key": "env", "value": "prod"}])["cluster"]
+    assert c["clusterArn"] == f"arn:aws:ecs:{region.doc['region']}:{account}:cluster/prod"
+    assert c["status"] == "ACTIVE"
+    assert c["clusterArn"] in ecs.list_clusters()["clusterArns"]
+    d = ecs.describe_clusters(clusters=["prod", "missing"], include=["TAGS"])
+    assert d["clusters"][0]["tags"] == [{"key": "env", "value": "prod"}]
+    assert d["failures"][0]["reason"] == "MISSING"
+    assert ecs.delete_cluster(cluster="prod")["cluster"]["status"] == "INACTIVE"
+    with pytest.raises(ClientError) as e:
+        ecs.delete_cluster(cluster="prod")
+    assert _code(e) == "ClusterNotFoundException"
+    with pytest.raises(ecs.exceptions.ClusterNotFoundException):
+        ecs.delete_cluster(cluster="never-was")
+
+
+def test_task_definitions_through_boto3(ecs: Any, image: str) -> None:
+    r1 = ecs.register_task_definition(**_taskdef(image))["taskDefinition"]
+    r2 = ecs.register_task_definition(**_taskdef(image, cpu="512", memory="1024"))[
+        "taskDefinition"]
+    assert r2["revision"] == r1["revision"] + 1 and r2["status"] == "ACTIVE"
+    assert r2["containerDefinitions"][0]["portMappings"] == [
+        {"containerPort": 8080, "hostPort": 8080, "protocol": "tcp"}]
+    latest = ecs.describe_task_definition(taskDefinition="web")["taskDefinition"]
+    assert (latest["revision"], latest["cpu"], latest["memory"]) == (r2["revision"], "512", "1024")
+    assert latest["registeredAt"].year >= 2024  # a timestamp botocore parsed
+    assert r1["taskDefinitionArn"] in ecs.list_task_definitions(familyPrefix="web")[
+        "taskDefinitionArns"]
+    assert "web" in ecs.list_task_definition_families()["families"]
+    gone = ecs.deregister_task_definition(taskDefinition=r1["taskDefinitionArn"])
+    assert gone["taskDefinition"]["status"] == "INACTIVE"
+    assert ecs.list_task_definitions(familyPrefix="web", status="INACTIVE")[
+        "taskDefinitionArns"] == [r1["taskDefinitionArn"]]
+    out = ecs.delete_task_definitions(taskDefinitions=[r1["taskDefinitionArn"]])
+    assert out["taskDefinitions"][0]["status"] == "DELETE_IN_PROGRESS"
+    # a paginator walks every page
+    for i in range(3):
+        ecs.register_task_definition(**_taskdef(image, family=f"pages-{i}"))
+    pages = ecs.get_paginator("list_task_definition_families").paginate(
+        familyPrefix="pages-", PaginationConfig={"PageSize": 2})
+    assert [f for p in pages for f in p["families"]] == ["pages-0", "pages-1", "pages-2"]
+
+
+def test_bad_definitions_are_modelled_client_errors(ecs: Any, image: str) -> None:
+    for cpu, memory in (("256", "4096"), ("1024", "1024"), ("3000", "8192")):
+        with pytest.raises(ecs.exceptions.ClientException) as e:
+            ecs.register_task_definition(**_taskdef(image, family="bad", cpu=cpu, memory=memory))
+        assert "No Fargate configuration exists for given values" in str(e.value)
+    with pytest.raises(ecs.exceptions.ClientException) as e:
+        ecs.register_task_definition(**_taskdef("nginx:latest", family="bad"))
+    assert "this region's registry" in str(e.value)
+    with pytest.raises(ecs.exceptions.ClientException) as e:
+        ecs.register_task_definition(**_taskdef(image.replace(":v1", ":v9"), family="bad"))
+    assert "no image 'v9'" in str(e.value)
+    with pytest.raises(ecs.exceptions.ClientException):
+        ecs.describe_task_definition(taskDefinition="bad")
+    assert "bad" not in ecs.list_task_definition_families(status="ALL")["families"]
+
+
+def test_tenants_are_isolated(ecs: Any, other: Any, image: str, region: Region) -> None:
+    ecs.create_cluster(clusterName="mine")
+    arn = ecs.register_task_definition(**_taskdef(image, family="private"))[
+        "taskDefinition"]["taskDefinitionArn"]
+    assert other.list_clusters()["clusterArns"] == []
+    assert "private" not in other.list_task_definition_families(status="ALL")["families"]
+    mine = f"arn:aws:ecs:{region.doc['region']}:{region.doc['account_id']}:cluster/mine"
+    assert other.describe_clusters(clusters=[mine])["failures"][0]["reason"] == "MISSING"
+    with pytest.raises(other.exceptions.ClientException):
+        other.describe_task_definition(taskDefinition=arn)
+    with pytest.raises(other.exceptions.ClusterNotFoundException):
+        other.delete_cluster(cluster=mine)
+    # A's image is not in B's namespace: B cannot use it
+    with pytest.raises(other.exceptions.ClientException) as e:
+        other.register_task_definition(**_taskdef(image, family="private"))
+    assert "no image 'v1'" in str(e.value)
+    assert ecs.describe_clusters(clusters=["mine"])["clusters"][0]["status"] == "ACTIVE"
+
+
+def test_an_unsupported_operation_is_named(ecs: Any) -> None:
+    with pytest.raises(ecs.exceptions.UnsupportedFeatureException) as e:
+        ecs.list_services(cluster="default")
+    assert "ListServices" in str(e.value)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+
+
+def test_aws_cli(region: Region, image: str, tmp_path: Any) -> None:
+    exports = subprocess.run([sys.executable, "-m", "cellcloud", "env", "--state-dir",
+                              region.state_dir], capture_output=True, text=True, check=True,
+                             timeout=60).stdout
+    aws = os.path.join(os.path.dirname(sys.executable), "aws")
+    (tmp_path / "td.json").write_text(json.dumps(_taskdef(image, family="cli")))
+    script = f"""set -e
+eval "$1"
+{aws} ecs create-cluster --cluster-name cli > {tmp_path}/c.json
+{aws} ecs register-task-definition --cli-input-json file://{tmp_path}/td.json > {tmp_path}/t.json
+{aws} ecs list-task-definitions --family-prefix cli > {tmp_path}/l.json
+{aws} ecs register-task-definition --cli-input-json file://{tmp_path}/td.json \
+  --cpu 256 --memory 8192 2> {tmp_path}/err.txt && exit 9 || true
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["HOME"] = str(tmp_path)
+    subprocess.run(["bash", "-c", script, "bash", exports], check=True, timeout=120, env=env)
+    assert json.loads((tmp_path / "c.json").read_text())["cluster"]["clusterName"] == "cli"
+    arn = json.loads((tmp_path / "t.json").read_text())["taskDefinition"]["taskDefinitionArn"]
+    assert json.loads((tmp_path / "l.json").read_text())["taskDefinitionArns"] == [arn]
+    err = (tmp_path / "err.txt").read_text()
+    assert "ClientException" in err and "No Fargate configuration exists" in err
+
+
+def test_an_oversized_request_is_refused_by_name(ecs: Any, image: str, region: Region) -> None:
+    """Refused by the router from its declared length, before the body is read."""
+    def refused() -> int:
+        return int(region.client.status()["router"]["counters"]["refused_before_body"])
+
+    before = refused()
+    td = _taskdef(image, family="big")
+    td["containerDefinitions"][0]["environment"] = [{"name": "PAD", "value": "x" * 70_000}]
+    with pytest.raises(ecs.exceptions.ClientException) as e:
+        ecs.register_task_definition(**td)
+    assert "ecs_request_bytes_max" in str(e.value)
+    assert refused() == before + 1
