@@ -352,7 +352,7 @@ class Ecs:
                 raise client_error("Unable to describe task definition.")
             ident = ident[len(prefix):]
         family, sep, rev = ident.partition(":")
-        if not td._NAME.match(family):
+        if not td.NAME_PATTERN.match(family):
             raise client_error("Unable to describe task definition.")
         if not sep:
             return family, None
@@ -472,7 +472,7 @@ class Ecs:
         sort = _str(doc, "sort", "ASC")
         if sort not in ("ASC", "DESC"):
             raise invalid("sort must be ASC or DESC")
-        if family is not None and not td._NAME.match(family):
+        if family is not None and not td.NAME_PATTERN.match(family):
             return {"taskDefinitionArns": []}
         chosen = sorted(((f, r) for f, r, st in await self._index(account, family)
                          if st == status), reverse=sort == "DESC")

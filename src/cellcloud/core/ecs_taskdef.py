@@ -45,7 +45,7 @@ LOG_DRIVERS = ("json-file", "syslog", "journald", "gelf", "fluentd", "awslogs", 
                "awsfirelens")
 PROTOCOLS = ("tcp", "udp")
 APP_PROTOCOLS = ("http", "http2", "grpc")
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 # What cellcloud honours; any other member of the model given a value is refused by name.
 TASK_FIELDS = frozenset({"family", "taskRoleArn", "executionRoleArn", "networkMode",
@@ -299,7 +299,7 @@ def _container(doc: Any, i: int, network_mode: str, fargate: bool) -> Container:
     name, image = doc.get("name"), doc.get("image")
     if not isinstance(name, str) or not name:
         raise client("Container.name should not be null or empty.")
-    if not _NAME.match(name):
+    if not NAME_PATTERN.match(name):
         raise client(f"Container.name {name[:80]!r}: up to 255 letters, numbers, hyphens "
                      "and underscores")
     if not isinstance(image, str) or not image:
@@ -426,7 +426,7 @@ def validate_task_definition(doc: Any) -> TaskDefinition:
         raise client("the request must be a JSON object")
     _refuse_unhonoured(doc, TASK_FIELDS, "taskDefinition")
     family = doc.get("family")
-    if not isinstance(family, str) or not _NAME.match(family):
+    if not isinstance(family, str) or not NAME_PATTERN.match(family):
         raise client("Family must be 1 to 255 letters (uppercase and lowercase), numbers, "
                      "hyphens and underscores.")
     compat = _strings(doc.get("requiresCompatibilities"), "requiresCompatibilities") \
