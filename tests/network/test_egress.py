@@ -176,7 +176,11 @@ def test_host_is_denied(net: NetSandbox, world: World) -> None:
         assert all(v != "ok" for v in denied.values()), denied
         with policy_lifted(net):
             allowed = net.invoke(env, {"op": "probe", "targets": targets})
-        assert all(v == "ok" for v in allowed.values()), allowed
+        # The control: every address local before and after the probe answers without the
+        # policy (another region on this host may add or remove a bridge meanwhile).
+        still = {f"{a}:{port}" for a in host_addresses()} | {f"{gateway}:{port}",
+                                                              f"{world.host_addr}:{port}"}
+        assert all(v == "ok" for t, v in allowed.items() if t in still), allowed
         net.destroy(env)
     finally:
         srv.close()
