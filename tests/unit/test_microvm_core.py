@@ -85,6 +85,10 @@ def test_qemu_argv_has_no_default_devices_and_the_serial_console() -> None:
     append = argv[argv.index("-append") + 1]
     assert "console=ttyS0" in append and "reboot=t" in append and "panic=-1" in append
     assert "-netdev" not in argv and "-device" not in argv
+    # Under TCG the TSC frequency is declared (calibration against the PIT hangs under load)
+    assert "tsc_early_khz=" in append
+    kvm = core.qemu_argv("q", "k", "i", core.VmSpec(accel="kvm"))
+    assert "tsc_early_khz=" not in kvm[kvm.index("-append") + 1]
     with pytest.raises(AssertionError):
         core.VmSpec(accel="hvf")  # type: ignore[arg-type]
 

@@ -158,7 +158,18 @@ def kernel_cmdline(spec: VmSpec) -> str:
     """8250 console on ttyS0; a panic or a reset ends the guest at once (``panic=-1`` and
     ``reboot=t``: a triple fault, which ``-no-reboot`` turns into QEMU's exit on every
     machine, where ``-M microvm`` has no other reset QEMU honours)."""
-    return " ".join(["console=ttyS0", "quiet", "panic=-1", "reboot=t"])
+    args = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
+    if spec.accel == "tcg":
+        args += TCG_CLOCK_ARGS
+    return " ".join(args)
+
+
+# Under TCG the emulated PIT runs at the host's pace, so on a loaded host the guest's TSC
+# calibration against it fails ("tsc: Unable to calibrate against PIT"); ``-M microvm`` has no
+# HPET or PM timer to fall back on, and the boot then hangs (3 of 6 boots at load ~2.5 here).
+# A declared TSC frequency skips the calibration (8 of 8 boots); the guest's clock may run at
+# the wrong rate, which nothing in it relies on yet. Under KVM the guest has kvm-clock.
+TCG_CLOCK_ARGS = ["tsc_early_khz=2500000", "tsc=reliable", "no_timer_check"]
 
 
 def qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec) -> list[str]:
