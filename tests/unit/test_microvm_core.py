@@ -154,6 +154,10 @@ def test_image_build_is_content_addressed_and_cached(tmp_path: Any) -> None:
     assert entries["init"][2] == 0o755 and entries["init"][5] == len(core.init_script())
     assert entries["bin/busybox"][5] == os.path.getsize(BUSYBOX)
     assert all(v[3] == 0 and v[4] == 0 for v in entries.values())
+    # The same inputs give the same bytes (entries owned by root, mtime 0), elsewhere too.
+    twin, _ = image_mod.build(str(tmp_path / "twin"), boot_dir=str(boot))
+    with open(twin.initrd, "rb") as a, open(img.initrd, "rb") as b:
+        assert a.read() == b.read()
     # A different kernel is a different image, beside the first.
     (boot / "vmlinuz-6.1.0-57-cloud-amd64").write_bytes(b"a newer kernel")
     newer, built_newer = image_mod.build(state, boot_dir=str(boot))
