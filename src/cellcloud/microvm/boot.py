@@ -10,6 +10,7 @@ opened, lets ``core.decide_accel`` choose, and caches the decision per host in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -86,13 +87,21 @@ async def boot(image: Image, spec: core.VmSpec, *, timeout_ms: int,
     except TimeoutError:
         timed_out = True
     elapsed_ms = int((time.monotonic() - started) * 1000)
+    if release is None and not timed_out and proc.stdout.at_eof():
+        # QEMU closed the console: it is exiting; take its own status rather than racing it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 10)
     exit_code = proc.returncode
     if exit_code is None:
         try:
             proc.kill()
         except ProcessLookupError:
             pass
+    # Read the console to its end: a paused pipe (a console left unread past the cap) would keep
+    # asyncio from seeing the exit. QEMU is dead, so what is left is bounded by the pipe.
+    drain = asyncio.ensure_future(_read_capped(proc.stdout, 1))
     code = await proc.wait()
+    await drain
     if release is None and not timed_out:
         exit_code = code
     try:
