@@ -16,6 +16,12 @@ command -v umoci >/dev/null || need_apt+=(umoci)         # the registry tests bu
 command -v prometheus >/dev/null || need_apt+=(prometheus) # a real Prometheus scrapes a region (test_prometheus)
 command -v chromium >/dev/null || need_apt+=(chromium)   # the web console's browser tests
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)  # (Selenium drives it)
+# microVMs (docs/microvm.md): QEMU, the guest kernel (Debian's cloud kernel package), busybox
+# for the guest's initramfs, libarchive to write it (libarchive-c)
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need_apt+=(linux-image-cloud-amd64)
+{ [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || need_apt+=(busybox-static)
+ldconfig -p 2>/dev/null | grep -q 'libarchive.so.13' || need_apt+=(libarchive13)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then echo "setup: need root to install: ${need_apt[*]}" >&2; exit 1; fi
   echo "setup: installing ${need_apt[*]}" >&2

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from . import cli_progress, sdk
 from .core import logtail as tail
+from .microvm_cli import status_field as microvm_status_field
 from .region import tenants as tenant_table
 from .region.supervisor import Supervisor, default_state_dir, lock_holder, run_foreground
 
@@ -430,8 +431,10 @@ def status(
     if as_json:
         # metrics_url: GET it signed by a tenant (its series) or with the operator token (all).
         metrics_url = str(region["endpoint"]).rstrip("/") + "/metrics"
-        sys.stdout.write(json.dumps({"region": region, "status": st, "metrics_url": metrics_url},
-                                    indent=2) + "\n")
+        # microvm: this host's acceleration probe as cached (None: `cellcloud microvm probe`
+        # has not run); the backend itself is not wired in yet (docs/microvm.md).
+        sys.stdout.write(json.dumps({"region": region, "status": st, "metrics_url": metrics_url,
+                                     "microvm": microvm_status_field(sd)}, indent=2) + "\n")
         return
     console.print(
         f"region [bold]{region['region']}[/bold] at {region['endpoint']}, "
@@ -502,6 +505,9 @@ def status(
     console.print(agents)
     console.print(envs)
     console.print(_disks_table(st))
+    mv = microvm_status_field(sd)
+    console.print("microVM acceleration: " + (f"{mv['accel']} ({mv['reason']})" if mv else
+                                              "not probed (cellcloud microvm probe)"))
 
 
 def _disks_table(st: dict[str, Any]) -> Table:
@@ -715,6 +721,9 @@ def _mount_subcommands() -> None:
     from .top_cli import top
 
     app.command("top")(top)
+    from .microvm_cli import app as microvm_app
+
+    app.add_typer(microvm_app, name="microvm")
 
 
 _mount_subcommands()

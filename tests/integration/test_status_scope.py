@@ -65,6 +65,9 @@ def test_tenant_status_shows_only_its_own(region: Region) -> None:
     assert {name_a, name_b} <= functions
     cli = json.loads(region.cli("status", "--json").stdout)
     assert {name_a, name_b} <= {e["function"] for e in _envs(cli["status"])}
+    # The host's microVM acceleration, as last probed (None: never probed in this state dir).
+    assert "microvm" in cli and cli["microvm"] is None
+    assert "microVM acceleration: not probed" in region.cli("status").stdout
 
     for headers in ({}, {"authorization": "Bearer not-the-token"},
                     {"authorization": f"Bearer {token}x"}):

@@ -249,6 +249,13 @@ class Limits:
     console_queues_per_account_max: int = 100
     console_log_events_max: int = 50
     console_login_body_bytes_max: int = 4096
+    # microVMs (microvm/, docs/microvm.md): the acceleration probe's boot (a KVM guest that has
+    # not printed its marker by then counts as failed: TCG), a boot under emulation, what is
+    # read of a guest's serial console, and the guest image's inputs.
+    microvm_probe_timeout_ms: int = 15_000
+    microvm_boot_timeout_ms: int = 120_000
+    microvm_console_bytes_max: int = 1 * MiB
+    microvm_image_input_bytes_max: int = 256 * MiB
 
 
 DEFAULT_LIMITS = Limits()

@@ -1,0 +1,259 @@
+"""The microVM component's decisions, sans-IO: the guest image's content address and layout,
+the kernel to use, the VMM's command line, reading the guest's serial console, and the choice
+of acceleration from a probe's outcome.
+
+Nothing here opens a file, starts a process or reads a clock: the shells (``image.py``,
+``boot.py``) read the inputs, run QEMU and pass what they saw (and the time) in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Bump when the image's layout or /init changes meaning: it is part of every image's digest.
+IMAGE_FORMAT = "cellcloud-microvm-image/1"
+
+# /init prints this, a space and the guest kernel's `uname -r` on the serial console (8250).
+GUEST_MARKER = "CELLCLOUD-GUEST-UP"
+
+Accel = Literal["kvm", "tcg"]
+
+
+def init_script() -> bytes:
+    """The guest's /init: busybox only, no symlinks needed. It mounts /proc and /sys, prints
+    the marker with the guest kernel's release and powers the guest off (``reboot=t`` on the
+    kernel command line plus QEMU's ``-no-reboot`` make the reset end QEMU)."""
+    return (
+        "#!/bin/busybox sh\n"
+        "/bin/busybox mount -t proc proc /proc\n"
+        "/bin/busybox mount -t sysfs sysfs /sys\n"
+        f'/bin/busybox echo "{GUEST_MARKER} $(/bin/busybox uname -r)"\n'
+        "/bin/busybox sync\n"
+        "/bin/busybox reboot -f\n"
+    ).encode()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of the initramfs (cpio newc): a directory, a character device or a file."""
+
+    path: str
+    kind: Literal["dir", "chardev", "file"]
+    mode: int
+    source: str = ""  # for "file": the name of the image input it holds
+    rdev: tuple[int, int] = (0, 0)  # for "chardev": (major, minor)
+
+
+def initramfs_layout() -> list[Entry]:
+    """The initramfs, in archive order: parents before children, /init last."""
+    return [
+        Entry("bin", "dir", 0o755),
+        Entry("dev", "dir", 0o755),
+        Entry("proc", "dir", 0o555),
+        Entry("sys", "dir", 0o555),
+        Entry("tmp", "dir", 0o1777),
+        Entry("dev/console", "chardev", 0o600, rdev=(5, 1)),
+        Entry("dev/null", "chardev", 0o666, rdev=(1, 3)),
+        Entry("bin/busybox", "file", 0o755, source="busybox"),
+        Entry("init", "file", 0o755, source="init"),
+    ]
+
+
+def is_static_elf(data: bytes) -> bool:
+    """An x86-64 ELF executable without a program interpreter (PT_INTERP): it runs in a guest
+    that holds no dynamic loader or libraries."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return False
+    e_phoff, = struct.unpack_from("<Q", data, 32)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 54)
+    if e_phentsize < 4 or e_phoff + e_phnum * e_phentsize > len(data):
+        return False
+    return all(struct.unpack_from("<I", data, e_phoff + i * e_phentsize)[0] != 3  # PT_INTERP
+               for i in range(e_phnum))
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """What an image is made of, by content: its digest is the digest of these."""
+
+    kernel_release: str
+    kernel_sha256: str
+    busybox_sha256: str
+    init_sha256: str
+    format: str = IMAGE_FORMAT
+
+    def __post_init__(self) -> None:
+        for name in ("kernel_sha256", "busybox_sha256", "init_sha256"):
+            assert re.fullmatch(r"[0-9a-f]{64}", getattr(self, name)), name
+        assert self.kernel_release and "/" not in self.kernel_release
+
+    def digest(self) -> str:
+        """``sha256:<hex>`` over the canonical JSON of the inputs (stable key order)."""
+        doc = json.dumps(
+            {
+                "format": self.format,
+                "kernel_release": self.kernel_release,
+                "kernel_sha256": self.kernel_sha256,
+                "busybox_sha256": self.busybox_sha256,
+                "init_sha256": self.init_sha256,
+                "initramfs": [[e.path, e.kind, e.mode, e.source, list(e.rdev)]
+                              for e in initramfs_layout()],
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
+
+
+def image_dir_name(digest: str) -> str:
+    """The image's folder under ``<state>/microvm/images/``."""
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", hexpart):
+        raise ValueError(f"not an image digest: {digest!r}")
+    return hexpart
+
+
+_CLOUD_KERNEL = re.compile(r"vmlinuz-(\d+)\.(\d+)\.(\d+)-(\d+)-cloud-amd64")
+
+
+def pick_kernel(names: list[str]) -> str | None:
+    """The newest Debian cloud kernel among the file names of ``/boot`` (``vmlinuz-6.1.0-56-
+    cloud-amd64``), by version then ABI number; None when there is none."""
+    best: tuple[tuple[int, ...], str] | None = None
+    for name in names:
+        m = _CLOUD_KERNEL.fullmatch(name)
+        if not m:
+            continue
+        key = tuple(int(g) for g in m.groups())
+        if best is None or key > best[0]:
+            best = (key, name)
+    return best[1] if best else None
+
+
+def kernel_release(vmlinuz_name: str) -> str:
+    assert vmlinuz_name.startswith("vmlinuz-"), vmlinuz_name
+    return vmlinuz_name[len("vmlinuz-"):]
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    accel: Accel
+    machine: str = "microvm"  # QEMU's minimal machine; boots under TCG here with reboot=t
+    memory_mib: int = 128
+    vcpus: int = 1
+
+    def __post_init__(self) -> None:
+        assert self.accel in ("kvm", "tcg")
+        assert self.machine in ("microvm", "pc")
+        assert 64 <= self.memory_mib <= 16_384
+        assert 1 <= self.vcpus <= 64
+
+
+def kernel_cmdline(spec: VmSpec) -> str:
+    """8250 console on ttyS0; a panic or a reset ends the guest at once (``panic=-1`` and
+    ``reboot=t``: a triple fault, which ``-no-reboot`` turns into QEMU's exit on every
+    machine, where ``-M microvm`` has no other reset QEMU honours)."""
+    args = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
+    if spec.accel == "tcg":
+        args += TCG_CLOCK_ARGS
+    return " ".join(args)
+
+
+# Under TCG the emulated PIT runs at the host's pace, so on a loaded host the guest's TSC
+# calibration against it fails ("tsc: Unable to calibrate against PIT"); ``-M microvm`` has no
+# HPET or PM timer to fall back on, and the boot then hangs (3 of 6 boots at load ~2.5 here).
+# A declared TSC frequency skips the calibration (8 of 8 boots); the guest's clock may run at
+# the wrong rate, which nothing in it relies on yet. Under KVM the guest has kvm-clock.
+TCG_CLOCK_ARGS = ["tsc_early_khz=2500000", "tsc=reliable", "no_timer_check"]
+
+
+def qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec) -> list[str]:
+    """QEMU's argv: no default devices, no config files, no display, no network, the serial
+    console on stdio (the shell gives it /dev/null as stdin), no monitor."""
+    return [
+        qemu,
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-monitor", "none",
+        "-accel", spec.accel,
+        "-M", spec.machine,
+        "-m", str(spec.memory_mib),
+        "-smp", str(spec.vcpus),
+        "-no-reboot",
+        "-serial", "stdio",
+        "-kernel", kernel,
+        "-initrd", initrd,
+        "-append", kernel_cmdline(spec),
+    ]
+
+
+def guest_release_from_console(line: str) -> str | None:
+    """The guest kernel's release when ``line`` is /init's marker line, else None. The marker
+    must start the line (a kernel message quoting it does not count)."""
+    m = re.fullmatch(re.escape(GUEST_MARKER) + r" (\S+)\s*", line)
+    return m.group(1) if m else None
+
+
+# -- the acceleration probe ----------------------------------------------------------------
+
+ProbeResult = Literal["booted", "timeout", "exited", "no_device", "no_vmm", "error"]
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    """What the shell saw when it tried to boot a guest under KVM."""
+
+    result: ProbeResult
+    elapsed_ms: int = 0
+    detail: str = ""  # QEMU's last stderr line, the exit status, the exception
+
+    def __post_init__(self) -> None:
+        assert self.elapsed_ms >= 0
+
+
+@dataclass(frozen=True)
+class AccelDecision:
+    accel: Accel
+    reason: str
+    probe: ProbeOutcome = field(default_factory=lambda: ProbeOutcome("error"))
+
+    def to_json(self) -> dict[str, object]:
+        return {"accel": self.accel, "reason": self.reason, "probe_result": self.probe.result,
+                "probe_elapsed_ms": self.probe.elapsed_ms, "probe_detail": self.probe.detail}
+
+
+def decide_accel(outcome: ProbeOutcome, *, timeout_ms: int) -> AccelDecision:
+    """KVM only when the probe guest really booted to its marker in time; TCG otherwise.
+
+    ``/dev/kvm`` existing is not enough: on this machine it is a nested PVM that runs stock
+    kernels into an emulation failure (QEMU exits) or a hang (the time limit)."""
+    if outcome.result == "booted":
+        if outcome.elapsed_ms <= timeout_ms:
+            return AccelDecision("kvm", f"a KVM guest booted in {outcome.elapsed_ms} ms", outcome)
+        return AccelDecision("tcg", f"the KVM guest booted only after {outcome.elapsed_ms} ms "
+                             f"(limit {timeout_ms} ms)", outcome)
+    reasons = {
+        "no_device": "no usable /dev/kvm",
+        "no_vmm": "no QEMU on this host",
+        "timeout": f"the KVM guest printed no marker within {timeout_ms} ms",
+        "exited": "QEMU under KVM exited before the guest's marker",
+        "error": "the KVM probe failed",
+    }
+    reason = reasons[outcome.result]
+    if outcome.detail:
+        reason += f" ({outcome.detail})"
+    return AccelDecision("tcg", reason, outcome)
+
+
+def host_key(*, nodename: str, host_release: str, qemu_version: str, kvm_device: bool,
+             image_digest: str) -> str:
+    """A probe result holds for this host, kernel, QEMU, /dev/kvm and guest image; any change
+    asks for a new probe."""
+    doc = json.dumps([nodename, host_release, qemu_version, kvm_device, image_digest])
+    return hashlib.sha256(doc.encode()).hexdigest()[:32]
