@@ -166,13 +166,24 @@ async def delete_function(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Re
     return {"s": 204, "h": {}, "b": b""}
 
 
-async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+def _invoke_request(cell: Cell, req: dict[str, Any], m: Match,
+                    q: Q) -> tuple[str, str | None, str]:
+    """What Invoke and InvokeWithResponseStream check alike before anything runs: the
+    request's shape, the caller's right to invoke, the log type. Answers the function's name,
+    its qualifier and the invocation type."""
     name = _name(m["ref"], req["a"])
     qualifier = _qualifier(m["ref"], q)
-    headers = req["h"]
     _judge("Invoke", req, {}, q, name)
     _check_caller(cell, req, name, qualifier)
-    itype = headers.get("x-amz-invocation-type", "RequestResponse")
+    log_type = req["h"].get("x-amz-log-type", "None")
+    if log_type not in ("None", "Tail"):
+        raise errors.invalid(f"Unsupported LogType {log_type!r}")
+    return name, qualifier, req["h"].get("x-amz-invocation-type", "RequestResponse")
+
+
+async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
+    name, qualifier, itype = _invoke_request(cell, req, m, q)
+    headers = req["h"]
     if itype == "DryRun":
         cell.resolve(req["a"], name, qualifier)
         return {"s": 204, "h": {}, "b": b""}
@@ -181,8 +192,6 @@ async def invoke(cell: Cell, req: dict[str, Any], m: Match, q: Q) -> Reply:
     if itype != "RequestResponse":
         raise errors.invalid(f"Unsupported InvocationType {itype!r}")
     log_type = headers.get("x-amz-log-type", "None")
-    if log_type not in ("None", "Tail"):
-        raise errors.invalid(f"Unsupported LogType {log_type!r}")
     res = await cell.invoke(req["a"], name, req["b"] or b"", log_tail=log_type == "Tail",
                             qualifier=qualifier,
                             request_id=headers.get(events.EVENT_ID_HEADER),
@@ -219,21 +228,14 @@ async def invoke_with_response_stream(cell: Cell, req: dict[str, Any], m: Match,
     """InvokeWithResponseStream: the response as an event stream (``PayloadChunk`` events, then
     ``InvokeComplete``). The cell gathers the function's response before the first event
     leaves (see docs/lambda-api.md, "Response streaming")."""
-    name = _name(m["ref"], req["a"])
-    qualifier = _qualifier(m["ref"], q)
-    headers = req["h"]
-    _judge("Invoke", req, {}, q, name)
-    _check_caller(cell, req, name, qualifier)
-    itype = headers.get("x-amz-invocation-type", "RequestResponse")
+    name, qualifier, itype = _invoke_request(cell, req, m, q)
     if itype == "DryRun":
         cell.resolve(req["a"], name, qualifier)
         return {"s": 204, "h": {}, "b": b""}
     if itype != "RequestResponse":
         raise errors.invalid(f"Unsupported InvocationType {itype!r}: InvokeWithResponseStream "
                              "takes RequestResponse or DryRun")
-    log_type = headers.get("x-amz-log-type", "None")
-    if log_type not in ("None", "Tail"):
-        raise errors.invalid(f"Unsupported LogType {log_type!r}")
+    log_type = req["h"].get("x-amz-log-type", "None")
     rec, _ = cell.resolve(req["a"], name, qualifier)
     return Stream(_response_events(cell, req, name, qualifier, rec.version, log_type == "Tail"))
 
