@@ -100,6 +100,9 @@ def test_other_operations_constraints(raw_lam: Any) -> None:
         (lambda: raw_lam.list_functions(MaxItems=0), VALIDATION),
         (lambda: raw_lam.invoke(FunctionName=name, Qualifier="bad qualifier!"), VALIDATION),
         (lambda: raw_lam.invoke(FunctionName=name, LogType="Head"), INVALID),
+        # an Event invoke's LogType was ignored before both Invoke paths shared one check
+        (lambda: raw_lam.invoke(FunctionName=name, InvocationType="Event", LogType="Head"),
+         INVALID),
         (lambda: raw_lam.invoke(FunctionName=name, InvocationType="Later"), INVALID),
         (lambda: raw_lam.publish_layer_version(LayerName="l!", Content={"ZipFile": b"x"}),
          VALIDATION),
