@@ -280,12 +280,7 @@ class LogStore:
             conds.append("id < ?")
             args.append(before_id)
         ascending = from_head or after_id is not None
-        rows = self.db.execute(
-            "SELECT id, stream, ts_ms, ingest_ms, request_id, message FROM log_events WHERE "
-            + " AND ".join(conds) + f" ORDER BY id {'ASC' if ascending else 'DESC'} LIMIT ?",
-            (*args, limit)).fetchall()
-        events = [Event(int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]), str(r[5]))
-                  for r in rows]
+        events = self._events(conds, args, f"id {'ASC' if ascending else 'DESC'}", limit)
         return events if ascending else events[::-1]
 
     def scan(self, account: str, grp: str, *, streams: list[str] | None, start: int | None,
@@ -306,11 +301,7 @@ class LogStore:
         if after is not None:
             conds.append("(ts_ms, id) > (?, ?)")
             args.extend(after)
-        rows = self.db.execute(
-            "SELECT id, stream, ts_ms, ingest_ms, request_id, message FROM log_events WHERE "
-            + " AND ".join(conds) + " ORDER BY ts_ms, id LIMIT ?", (*args, limit)).fetchall()
-        return [Event(int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]), str(r[5]))
-                for r in rows]
+        return self._events(conds, args, "ts_ms, id", limit)
 
     def recent_requests(self, account: str, grp: str, limit: int) -> list[tuple[str, int]]:
         """The latest request ids that logged in a group, newest first, with their time."""
@@ -322,9 +313,14 @@ class LogStore:
         return [(str(r[0]), int(r[1])) for r in rows]
 
     def request_events(self, account: str, grp: str, request_id: str, limit: int) -> list[Event]:
+        return self._events(["account=?", "grp=?", "request_id=?"], [account, grp, request_id],
+                            "id", limit)
+
+    def _events(self, conds: list[str], args: list[Any], order: str, limit: int) -> list[Event]:
+        """The events matching every condition (SQL with ``?`` placeholders; never a caller's
+        text), in ``order``, at most ``limit``."""
         rows = self.db.execute(
             "SELECT id, stream, ts_ms, ingest_ms, request_id, message FROM log_events WHERE "
-            "account=? AND grp=? AND request_id=? ORDER BY id LIMIT ?",
-            (account, grp, request_id, limit)).fetchall()
+            + " AND ".join(conds) + f" ORDER BY {order} LIMIT ?", (*args, limit)).fetchall()
         return [Event(int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]), str(r[5]))
                 for r in rows]
