@@ -6,10 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 
+from cellcloud import sdk
+from cellcloud.experiment.ledger import World
 from tests.conftest import make_zip
 from tests.integration.conftest import Region, running_region
 
@@ -23,16 +28,99 @@ def two_cells(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
         yield r
 
 
-def test_rollout_restarts_cells_in_order_and_service_continues(two_cells: Region) -> None:
+LEDGER_CODE = """
+import json, urllib.request
+def handler(event, context):
+    if event.get("ledger"):
+        urllib.request.urlopen(urllib.request.Request(
+            event["ledger"], data=json.dumps({"id": event["id"]}).encode(), method="POST"),
+            timeout=30)
+    return 7
+"""
+
+
+def test_rollout_restarts_cells_in_order_and_fails_no_request(two_cells: Region) -> None:
+    """`cellcloud rollout` under continuous sync and async load: every sync invoke answered
+    (counted by the clients: no error of any kind), and every accepted async event ran — as a
+    ledger server outside the region saw (experiment/ledger.py, reached over egress)."""
     r = two_cells
-    r.client.create_function("wave", make_zip({"app.py": "def handler(e, c):\n    return 7\n"}),
-                             "app.handler")
+    r.client.create_function("wave", make_zip({"app.py": LEDGER_CODE}), "app.handler")
     assert r.client.invoke("wave", {}).json() == 7
     before = {k: v["pid"] for k, v in r.region_json()["components"].items()}  # type: ignore[union-attr]
-    out = subprocess.run([sys.executable, "-m", "cellcloud", "rollout", "--state-dir",
-                          r.state_dir, "--timeout-s", "120"], capture_output=True, text=True,
-                         timeout=150)
-    assert out.returncode == 0, out.stderr
+    world = World()
+    world.start()
+    stop = threading.Event()
+    lock = threading.Lock()
+    answered: Counter[str] = Counter()
+    failures: list[str] = []
+    accepted: list[str] = []
+
+    def sync_load() -> None:
+        c = sdk.Client(r.endpoint, r.doc["api_key"], timeout_s=120)  # type: ignore[arg-type]
+        while not stop.is_set():
+            try:
+                out = c.invoke("wave", {})
+                ok = out.json() == 7 and not out.function_error
+                with lock:
+                    answered["sync"] += 1
+                    if not ok:
+                        failures.append(f"sync answered {out.status} {out.payload[:100]!r}")
+            except Exception as e:  # every error the client sees is a failed request
+                with lock:
+                    failures.append(f"sync: {e!r}")
+        c.close()
+
+    def async_load(n: int) -> None:
+        c = sdk.Client(r.endpoint, r.doc["api_key"], timeout_s=120)  # type: ignore[arg-type]
+        i = 0
+        while not stop.is_set():
+            eid = f"{n}-{i}"
+            i += 1
+            body = json.dumps({"ledger": world.url, "id": eid}).encode()
+            try:
+                status, _, data = c.request(
+                    "POST", "/2015-03-31/functions/wave/invocations", body,
+                    {"content-type": "application/json", "x-amz-invocation-type": "Event"})
+                with lock:
+                    answered["async"] += 1
+                    if status == 202:
+                        accepted.append(eid)
+                    else:
+                        failures.append(f"async answered {status} {data[:100]!r}")
+            except Exception as e:
+                with lock:
+                    failures.append(f"async: {e!r}")
+            stop.wait(0.05)  # paced (~20 events/s): the backlog stays small on a busy host
+        c.close()
+
+    threads = [threading.Thread(target=sync_load) for _ in range(2)]
+    threads += [threading.Thread(target=async_load, args=(0,))]
+    try:
+        for t in threads:
+            t.start()
+        out = subprocess.run([sys.executable, "-m", "cellcloud", "rollout", "--state-dir",
+                              r.state_dir, "--timeout-s", "300"], capture_output=True,
+                             text=True, timeout=330)
+        with lock:
+            during = dict(answered)
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+        assert out.returncode == 0, out.stderr
+        assert not failures, failures[:10]
+        assert during["sync"] > 0 and during["async"] > 0  # the load ran through the rollout
+        # Every accepted event runs: the outside ledger gets each id (bounded wait).
+        ran: set[str] = set()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            ran = {str(rec.get("id")) for rec in world.records()}
+            if ran >= set(accepted):
+                break
+            time.sleep(0.5)  # polling a server the functions write to, bounded above
+        assert set(accepted) <= ran, sorted(set(accepted) - ran)[:10]
+    finally:
+        stop.set()
+        world.close()
     with open(os.path.join(r.state_dir, "rollout.json")) as f:
         report = json.load(f)
     assert report["ok"] and [c["cell"] for c in report["cells"]] == ["cell-1", "cell-2"]

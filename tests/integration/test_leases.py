@@ -237,3 +237,50 @@ def test_agent_refuses_invocations_without_a_live_lease(region: Region) -> None:
         with pytest.raises(RemoteError) as e:
             agent_call(region, agent_id, "router", op, b)
         assert e.value.type == "Forbidden"
+
+
+SLOW = ("import time\ndef handler(event, context):\n    time.sleep(event.get('s', 0))\n"
+        "    return {'done': event.get('s')}\n")
+
+
+def test_a_destroy_never_cuts_a_running_invocation_short(region: Region) -> None:
+    """A frontend that just replaced another destroys the environments it does not know — a
+    router's lease may be running an invocation there (a rollout under load found it: the
+    invocation failed with the agent's InternalError KeyError). The agent ends the lease, lets
+    the invocation finish, then destroys."""
+    name = deploy(region, SLOW, timeout_s=60)
+    region.client.invoke(name, {})
+    envs = [(agent_id, e["env_id"]) for c in region.client.status()["cells"].values()
+            for agent_id, a in c["agents"].items() for e in a["envs"] if e["function"] == name]
+    assert envs
+    agent_id, env_id = envs[0]
+    lease_id = f"lease-{uuid.uuid4().hex[:8]}"
+    agent_call(region, agent_id, "frontend", "lease_grant",
+               {"lease_id": lease_id, "env_id": env_id, "ttl_ms": 60_000})
+    out: dict[str, Any] = {}
+
+    def leased() -> None:
+        try:
+            out["reply"] = agent_call(region, agent_id, "router", "leased_invoke", {
+                "lease_id": lease_id, "env_id": env_id, "request_id": "r-slow",
+                "payload": b'{"s": 3}', "timeout_ms": 60_000, "arn": ""})
+        except Exception as e:  # what the router would have turned into a failed request
+            out["error"] = e
+
+    t = threading.Thread(target=leased)
+    t.start()
+
+    def running() -> bool:
+        st = agent_call(region, agent_id, "frontend", "status", {})
+        return any(e["env_id"] == env_id and e["busy"] for e in st["envs"])
+    wait_for("the leased invocation to be running", running)
+    gone = agent_call(region, agent_id, "frontend", "destroy", {"env_id": env_id})
+    t.join(timeout=WAIT_S)
+    assert "error" not in out, out.get("error")
+    assert out["reply"]["payload"] == b'{"done": 3}' and not out["reply"].get("error_type")
+    assert gone["destroyed"] is True  # after the invocation, not instead of it
+    with pytest.raises(RemoteError) as e:  # the lease ended with the destroy
+        agent_call(region, agent_id, "router", "leased_invoke", {
+            "lease_id": lease_id, "env_id": env_id, "request_id": "r-2",
+            "payload": b"{}", "timeout_ms": 3000, "arn": ""})
+    assert e.value.type == "LeaseInvalid"

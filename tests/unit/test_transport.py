@@ -122,3 +122,102 @@ def test_a_streamed_answer_arrives_item_by_item() -> None:
         await srv.close()
 
     asyncio.run(main())
+
+
+def test_a_draining_server_finishes_its_calls_and_its_successor_gets_the_rest() -> None:
+    """A process replaced on its port (a rollout): the call under way when the drain begins
+    is answered by the old server; calls made during the drain are either refused unrun
+    (``Draining``) or find the port closed, and a RedeliveringClient sends them again until the
+    successor listens. No call fails and none runs twice (the ops count their runs)."""
+    from cellcloud.transport import DRAINING, RedeliveringClient, not_run
+
+    async def main() -> None:
+        old_runs: list[Any] = []
+        new_runs: list[Any] = []
+        release = asyncio.Event()
+
+        async def old_op(body: Any) -> Any:
+            old_runs.append(body)
+            if body == "slow":
+                await release.wait()
+            return ["old", body]
+
+        async def new_op(body: Any) -> Any:
+            new_runs.append(body)
+            return ["new", body]
+
+        old = Server({"op": old_op})
+        _, port = await old.listen_tcp("127.0.0.1", 0)
+        plain = Client("127.0.0.1", port)
+        rc = RedeliveringClient("127.0.0.1", port, redeliver_s=60)
+        assert await rc.call("op", 0, timeout_s=30) == ["old", 0]
+        slow = asyncio.ensure_future(rc.call("op", "slow", timeout_s=30))
+        await _until(lambda: "slow" in old_runs)
+        # A plain client's call that reaches the draining server is refused unrun.
+        assert await plain.call("op", "first", timeout_s=30) == ["old", "first"]
+        drain = asyncio.ensure_future(old.drain(30))
+        await _until(lambda: old.stats.drained > 0 or plain._proto is None)
+        late = [asyncio.ensure_future(rc.call("op", i, timeout_s=30)) for i in range(1, 6)]
+        with pytest.raises(TransportError) as e:
+            # told to go away, the plain client connects afresh: the port is closed now
+            await plain.call("op", "refused", timeout_s=30)
+        assert not_run(e.value)
+        release.set()
+        assert await slow == ["old", "slow"]  # the call under way finished on the old server
+        assert await drain == 0
+        new = Server({"op": new_op})
+        await new.listen_tcp("127.0.0.1", port)
+        assert [await t for t in late] == [["new", i] for i in range(1, 6)]
+        assert old_runs == [0, "slow", "first"] and sorted(new_runs) == [1, 2, 3, 4, 5]
+        assert rc.redelivered > 0 and DRAINING == "Draining"
+        await rc.close()
+        await plain.close()
+        await new.close()
+
+    asyncio.run(main())
+
+
+def test_a_call_refused_draining_is_a_remote_error_a_plain_client_sees() -> None:
+    """A connection that sends a call after the server began draining (before it read the
+    go-away) is answered Draining, which not_run() recognises."""
+    from cellcloud.transport import DRAINING, not_run
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def op(body: Any) -> Any:
+            await release.wait()
+            return body
+
+        srv = Server({"op": op})
+        _, port = await srv.listen_tcp("127.0.0.1", 0)
+        c = Client("127.0.0.1", port)
+        first = asyncio.ensure_future(c.call("op", 1, timeout_s=30))
+        await _until(lambda: srv.stats.calls == 1)
+        proto = c._proto
+        assert proto is not None
+        drain = asyncio.ensure_future(srv.drain(30))
+        await _until(lambda: proto.gone_away)
+        # Write on the old connection as a client that had not read the go-away would.
+        fut = asyncio.get_running_loop().create_future()
+        proto.pending[99] = fut
+        assert proto.transport is not None
+        proto.transport.write(c._packer.pack([0, 99, "op", 2]))
+        with pytest.raises(RemoteError) as e:
+            await asyncio.wait_for(fut, 30)
+        assert e.value.type == DRAINING and not_run(e.value)
+        release.set()
+        assert await first == 1
+        assert await drain == 0
+        await c.close()
+
+    asyncio.run(main())
+
+
+async def _until(cond: Any, timeout_s: float = 60.0) -> None:
+    """Wait for a condition other coroutines make true (bounded; the loop runs meanwhile)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cond():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

@@ -31,6 +31,7 @@ log = logging.getLogger("cellcloud.agent.handover")
 
 frame_bytes_max = 256 * 1024
 drain_timeout_s = 905.0  # the longest invocation (900 s) and a margin
+connection_drain_timeout_s = 10.0  # then the calls still under way on its connections
 
 
 def socket_path(state_dir: str) -> str:
@@ -120,7 +121,12 @@ async def serve_handover(agent: Any, hsock: socket.socket, listen_sock: socket.s
         if rec.channel.transport is not None:
             rec.channel.transport.pause_reading()
     listen_fd = os.dup(listen_sock.fileno())
-    await server.close()  # stop accepting here; the duplicate keeps the socket listening
+    # Stop accepting here (the duplicate keeps the socket listening: new connections wait in
+    # its backlog for the successor) and let each connection go: its callers are told to go
+    # away, the calls under way (status, logs: invocations are over) are answered, and a
+    # caller's connection closes once it has its answers — so no caller sees a connection
+    # break under a call and takes the agent for lost.
+    await server.drain(connection_drain_timeout_s)
     await asyncio.to_thread(_send, conn, agent, listen_fd)
     done.set()
 

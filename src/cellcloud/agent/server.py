@@ -937,6 +937,17 @@ class Agent:
         except m.MessageError as e:
             raise OpError("InvalidRequest", str(e)) from e
         rec = self.envs.get(env_id)
+        if rec is not None and rec.busy:
+            # Never cut an invocation short (a frontend that just replaced another destroys
+            # what it does not know, a router's lease may be running there): its leases end
+            # now — none starts another invocation — and the running one finishes first
+            # (the agent holds it to its own deadline).
+            for lease in self._leases.values():
+                if lease.env_id == env_id:
+                    lease.ended = True
+            while rec.busy and self.envs.get(env_id) is rec:
+                await self.wait_idle()
+            rec = self.envs.get(env_id)
         if rec is None:
             key, logs = self._reset_logs.pop(env_id, ("", b""))
             return m.DestroyReply(False, key, logs).to_wire()
@@ -1261,7 +1272,9 @@ class Agent:
             self._stop(rec)
 
     def _remove(self, env_id: str) -> None:
-        self._stop(self.envs.pop(env_id))
+        rec = self.envs.pop(env_id, None)
+        if rec is not None:  # else already ended by another path (a destroy, a timeout)
+            self._stop(rec)
 
     def _stop(self, rec: EnvRecord) -> None:
         self.backend.kill(rec.spawned.pid)

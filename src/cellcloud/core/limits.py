@@ -77,6 +77,11 @@ class Limits:
     telemetry_subscribers_max: int = 10
     telemetry_backlog_items_max: int = 1_000  # init-phase events kept for late subscribers
     agent_call_timeout_ms: int = 5_000
+    # A process being replaced (rollout, `down`) drains: it refuses new calls unrun and waits
+    # this long for the calls under way (transport Server.drain); its callers send a refused or
+    # undeliverable call again for at most redeliver_ms (the replacement's start).
+    drain_ms: int = 30_000
+    redeliver_ms: int = 30_000
     # An invoke answered EnvGone (the environment died while idle: no handler code ran) is
     # placed again, on a fresh environment, at most this many times (the frontend's one retry
     # layer); the agent remembers at most this many gone environment ids to answer EnvGone.

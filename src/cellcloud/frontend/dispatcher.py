@@ -33,7 +33,14 @@ from ..core.jsondepth import json_depth_within
 from ..core.limits import DEFAULT_LIMITS
 from ..core.retry import Fail, Outcome, Retry, RetryBudget, Succeed
 from ..metrics import process_registry, push_forever
-from ..transport import CallTimeout, Client, RemoteError, Server, TransportError
+from ..transport import (
+    CallTimeout,
+    Client,
+    RedeliveringClient,
+    RemoteError,
+    Server,
+    TransportError,
+)
 from . import deadletter
 from .events import (
     EVENT_ID_HEADER,
@@ -374,7 +381,10 @@ async def serve(args: argparse.Namespace) -> None:
     store = EventStore(state_dir)
     await _lock(os.path.join(state_dir, "dispatcher.lock"))
     host, port = runtime.parse_addr(args.frontend)
-    d = Dispatcher(store, Client(host, port, expect_role="frontend"), args.region)
+    # The frontend being replaced refuses calls unrun: they are sent again, to its successor.
+    d = Dispatcher(store, RedeliveringClient(host, port, expect_role="frontend",
+                                             redeliver_s=DEFAULT_LIMITS.redeliver_ms / 1000),
+                   args.region)
     d.counters["released_at_start"] = store.release_all_leases()
 
     async def status(_: Any) -> dict[str, Any]:

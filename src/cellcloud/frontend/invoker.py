@@ -58,7 +58,7 @@ from ..core.invoke import (
     Throttle,
     Tick,
 )
-from ..transport import Client, NotDelivered, RemoteError, TransportError
+from ..transport import DRAINING, Client, NotDelivered, RemoteError, TransportError
 from . import image_functions
 from .events import RESERVED_ZERO_HEADER
 from .store import FunctionRecord, function_arn
@@ -409,7 +409,10 @@ class Invoker:
             try:
                 return await client.call(op, body, timeout_s=timeout_s)
             except RemoteError as e:
-                if e.type != "AgentDraining" or attempt == agent_draining_retries_max - 1:
+                # AgentDraining: the agent refused it; Draining: its transport did (the
+                # connection's last moments before the handover). Nothing ran either way.
+                if e.type not in ("AgentDraining", DRAINING) \
+                        or attempt == agent_draining_retries_max - 1:
                     raise
             await client.close()
             await asyncio.sleep(self.cell.rng.uniform(0, min(1.0, 0.02 * 2 ** attempt)))

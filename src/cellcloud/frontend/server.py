@@ -125,6 +125,11 @@ async def serve(args: argparse.Namespace) -> None:
                             "port": port, "pid": os.getpid()})
     try:
         await runtime.wait_for_shutdown()
+        # Replaced (rollout) or stopped: the calls under way finish, new ones are refused
+        # unrun (the router sends them again, to the successor on this port).
+        running = await server.drain(cell.limits.drain_ms / 1000)
+        if running:
+            log.warning("stopping with %d calls still running after the drain", running)
     finally:
         task.cancel()
         await cell.mappings.close()

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.limits import DEFAULT_LIMITS
 from ..registry.edge import ensure_registry_key
 from ..sandbox import linux
 from .tenants import ensure_operator_token, ensure_tenants, operator_token_path
@@ -36,6 +37,8 @@ log = logging.getLogger("cellcloud.supervisor")
 
 ready_timeout_s = 60.0
 stop_timeout_s = 10.0
+# A rollout waits for a frontend's drain (its calls under way finish) and a little more.
+drain_wait_s = DEFAULT_LIMITS.drain_ms / 1000 + 5.0
 restart_backoff_base_s = 0.2
 restart_backoff_cap_s = 10.0
 stable_after_s = 30.0
@@ -453,7 +456,10 @@ class Supervisor:
             t0 = time.monotonic()
             try:
                 for c in comps:
-                    await self._restart(c)
+                    if c.kind == "agent":  # handed over live: environments and calls survive
+                        await self._restart_agent_live(c)
+                    else:  # drains (its calls finish; new ones wait at the caller)
+                        await self._restart(c, stop_wait_s=drain_wait_s)
                 entry["healthy"] = await self._cell_healthy(cell_id, health_timeout_s)
             except (RuntimeError, OSError) as e:
                 entry["healthy"], entry["error"] = False, str(e)
@@ -479,6 +485,15 @@ class Supervisor:
             self.write_region()
             return {"agent": name, "live": False, "old_pid": old_pid, "new_pid": comp.proc.pid
                     if comp.proc else None}
+        await self._restart_agent_live(comp)
+        self.write_region()
+        return {"agent": name, "live": True, "old_pid": old_pid,
+                "new_pid": comp.proc.pid if comp.proc else None,
+                "adopted": comp.info.get("adopted", 0)}
+
+    async def _restart_agent_live(self, comp: Component) -> None:
+        """The new agent process adopts the old one's environments (agent/handover.py)."""
+        old = comp.proc
         state_dir = comp.args[comp.args.index("--state-dir") + 1]
         comp.rolling = True
         comp.rolled = asyncio.Event()
@@ -498,19 +513,15 @@ class Supervisor:
             comp.args = saved
             comp.rolling = False
             comp.rolled.set()
-        self.write_region()
-        return {"agent": name, "live": True, "old_pid": old_pid,
-                "new_pid": comp.proc.pid if comp.proc else None,
-                "adopted": comp.info.get("adopted", 0)}
 
-    async def _restart(self, comp: Component) -> None:
+    async def _restart(self, comp: Component, stop_wait_s: float = stop_timeout_s) -> None:
         comp.rolling = True
         comp.rolled = asyncio.Event()
         try:
             if comp.proc is not None and comp.proc.returncode is None:
                 comp.proc.terminate()
                 try:
-                    await asyncio.wait_for(comp.proc.wait(), stop_timeout_s)
+                    await asyncio.wait_for(comp.proc.wait(), stop_wait_s)
                 except TimeoutError:
                     comp.proc.kill()
                     await comp.proc.wait()

@@ -34,7 +34,14 @@ from ..registry.api import ECR_TARGET_PREFIX
 from ..registry.core import RegistryError
 from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
-from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
+from ..transport import (
+    CallTimeout,
+    Client,
+    RedeliveringClient,
+    RemoteError,
+    TransportError,
+    frame_bytes_max,
+)
 from . import metrics as router_metrics
 from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner, open_stream
 from .leases import Fallback, Leases
@@ -271,7 +278,11 @@ class Router:
         c = self._clients.get(cell_id)
         if c is None:
             ep = self.cell_map.cells[cell_id]
-            c = self._clients[cell_id] = Client(ep.host, ep.port, expect_role="frontend")
+            # A frontend being replaced refuses calls unrun (Draining) and its port is closed
+            # until the replacement listens: such calls are sent again, never others.
+            c = self._clients[cell_id] = RedeliveringClient(
+                ep.host, ep.port, expect_role="frontend",
+                redeliver_s=self.limits.redeliver_ms / 1000)
         return c
 
     async def call_cell(self, account: str, op: str, body: Any, timeout_s: float) -> Any:

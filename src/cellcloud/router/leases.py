@@ -30,13 +30,13 @@ from ..core.errors import LambdaError
 from ..core.jsondepth import check_json_depth
 from ..core.limits import Limits
 from ..core.messages import InvokeReply, MessageError
-from ..transport import CallTimeout, Client, NotDelivered, RemoteError, TransportError
+from ..transport import DRAINING, CallTimeout, Client, NotDelivered, RemoteError, TransportError
 
 log = logging.getLogger("cellcloud.router")
 
 # What an agent answers when it ran nothing: the request may go the frontend's way instead.
 _NOTHING_RAN = frozenset({"LeaseInvalid", "EnvGone", "EnvNotFound", "EnvBusy", "AgentDraining",
-                          "EnvReset", "Forbidden", "UnknownOperation"})
+                          "EnvReset", "Forbidden", "UnknownOperation", DRAINING})
 # Headers under which a leased invoke answers exactly as the frontend would; anything else
 # (async, DryRun, client context, refused parameters) goes to the frontend.
 _PLAIN = frozenset({"x-amzn-trace-id", "x-amz-invocation-type", "x-amz-log-type", "content-type"})

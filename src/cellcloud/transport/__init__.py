@@ -6,6 +6,14 @@ the agent <-> guest channel, the zygote and the handover, is :mod:`.codec`):
 
     request:  [0, call_id, op, body]
     response: [1, call_id, ok, body]      ok=False -> body = {"type": ..., "message": ...}
+    go away:  [1, 0, False, {"type": "GoAway"}]   (the server drains: send no more calls here)
+
+A draining server (:meth:`Server.drain`, a process being replaced) stops listening, tells each
+connection to go away — call id 0 is never a call's, so a peer that predates the frame drops it
+as an answer nobody waits for —, answers calls that still arrive ``Draining`` (nothing ran: the
+caller may send them again, to the replacement), finishes the calls under way, and closes a
+connection once its client has (or at its deadline). A client told to go away sends its next
+call on a new connection and closes the old one once its answers are in.
 
 A server is a dict of typed operations: an op not in the dict is refused and counted, so a
 component's surface is exactly the keys of that dict (the agent's is six entries long).
@@ -17,9 +25,11 @@ frames travel over mutual TLS; nothing else in cellcloud opens internal sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import ssl
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +38,10 @@ import msgpack
 
 from .codec import FrameError, FrameReader, frame_read_bytes, pack, unpack
 
-__all__ = ["CallTimeout", "Client", "FrameError", "FrameReader", "OpError", "RemoteError",
+__all__ = ["DRAINING", "CallTimeout", "Client", "FrameError", "FrameReader", "NotDelivered",
+           "OpError", "RedeliveringClient", "RemoteError",
            "Server", "Stream", "TransportError", "disable_mtls", "enable_mtls", "frame_bytes_max",
-           "frame_read_bytes", "mtls_role", "pack", "tls_stats", "unpack"]
+           "frame_read_bytes", "mtls_role", "not_run", "pack", "tls_stats", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +149,17 @@ class NotDelivered(TransportError):
     """The call never left: no connection, or the peer is not one we may call."""
 
 
+#: the error type of a call a draining server refused before running it (see Server.drain)
+DRAINING = "Draining"
+_GOAWAY = [1, 0, False, {"type": "GoAway", "message": "the server is draining"}]
+
+
+def not_run(e: BaseException) -> bool:
+    """Whether a failed call certainly did not run at the peer, so sending it again (to the
+    same address: a replacement process) cannot run it twice."""
+    return isinstance(e, NotDelivered) or (isinstance(e, RemoteError) and e.type == DRAINING)
+
+
 class RemoteError(Exception):
     """The peer ran the op and it raised; ``type`` is the peer's error type name."""
 
@@ -175,6 +197,7 @@ class ServerStats:
     malformed_frames: int = 0
     rejected_peers: int = 0  # mTLS peers whose certificate names a role not allowed here
     forbidden_ops: int = 0  # calls of an op the peer's role may not call here (OPS_ALLOWED)
+    drained: int = 0  # calls refused unrun because the server was draining
     by_op: dict[str, int] = field(default_factory=dict)
 
 
@@ -184,7 +207,13 @@ PeerCheck = Callable[[Any], bool]  # peercert dict -> allowed?
 class _ServerProtocol(asyncio.Protocol):
     def __init__(self, ops: dict[str, Handler], stats: ServerStats,
                  peer_check: PeerCheck | None = None,
-                 ops_for_role: Mapping[str, frozenset[str]] | None = None) -> None:
+                 ops_for_role: Mapping[str, frozenset[str]] | None = None,
+                 live: set[_ServerProtocol] | None = None,
+                 changed: Callable[[], None] | None = None) -> None:
+        self._live = live if live is not None else set()  # the server's open connections
+        self.made = False  # connection_made ran (under TLS: once the handshake is over)
+        self._changed = changed or (lambda: None)  # a call ended or a connection closed
+        self.draining = False
         self._peer_check = peer_check
         self._ops_for_role = ops_for_role
         self._allowed: frozenset[str] | None = None  # None: every op (no per-op rule)
@@ -199,6 +228,8 @@ class _ServerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._stats.connections += 1
+        self.made = True
+        self._live.add(self)
         if self._peer_check is not None and not self._peer_check(
                 transport.get_extra_info("peercert")):
             self._stats.rejected_peers += 1
@@ -210,10 +241,30 @@ class _ServerProtocol(asyncio.Protocol):
             ident = pki.identity_of(transport.get_extra_info("peercert"))
             if ident is not None:
                 self._allowed = self._ops_for_role.get(ident.role)
+        if self.draining:
+            self._send(list(_GOAWAY))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stats.connections -= 1
         self._transport = None
+        self._live.discard(self)
+        self._changed()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
+
+    @property
+    def open(self) -> bool:
+        return self._transport is not None
+
+    def go_away(self) -> None:
+        self.draining = True
+        self._send(list(_GOAWAY))
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -232,6 +283,12 @@ class _ServerProtocol(asyncio.Protocol):
             return
         _, call_id, op, body = frame
         self._stats.calls += 1
+        if self.draining:
+            self._stats.drained += 1
+            self._send([1, call_id, False, {"type": DRAINING,
+                                            "message": "the server is being replaced; "
+                                                       "nothing ran, send it again"}])
+            return
         handler = self._ops.get(op) if isinstance(op, str) else None
         if handler is not None and self._allowed is not None and op not in self._allowed:
             self._stats.forbidden_ops += 1
@@ -245,7 +302,11 @@ class _ServerProtocol(asyncio.Protocol):
         self._stats.by_op[op] = self._stats.by_op.get(op, 0) + 1
         task = asyncio.ensure_future(self._run(call_id, handler, body))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._changed()
 
     async def _run(self, call_id: int, handler: Handler, body: Any) -> None:
         try:
@@ -306,6 +367,13 @@ class Server:
         self.ops_for_role: dict[str, frozenset[str]] = {}
         self.stats = ServerStats()
         self._servers: list[asyncio.AbstractServer] = []
+        self._live: set[_ServerProtocol] = set()
+        # Every connection accepted, including those still in their TLS handshake (their
+        # connection_made comes after it): a drain waits for those too, or a client whose
+        # handshake ended first could send a call into a process about to exit. Weak: a
+        # failed handshake's protocol is simply dropped.
+        self._accepted: weakref.WeakSet[_ServerProtocol] = weakref.WeakSet()
+        self._change: asyncio.Event | None = None  # set by a drain's connections as they settle
 
     async def listen_tcp(
         self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, sock: Any = None
@@ -330,12 +398,57 @@ class Server:
         return addr[0], addr[1]
 
     def _protocol(self) -> _ServerProtocol:
-        return _ServerProtocol(self.ops, self.stats, self.peer_check, self.ops_for_role)
+        proto = _ServerProtocol(self.ops, self.stats, self.peer_check, self.ops_for_role,
+                                self._live, self._changed)
+        proto.draining = self._change is not None  # accepted as the drain began: told at once
+        self._accepted.add(proto)
+        return proto
+
+    def _changed(self) -> None:
+        if self._change is not None:
+            self._change.set()
+
+    async def _until(self, done: Callable[[], bool], deadline: float) -> None:
+        """Wait until ``done()`` or the loop's clock passes ``deadline``, woken by each call
+        that ends and each connection that closes."""
+        loop = asyncio.get_running_loop()
+        self._change = self._change or asyncio.Event()
+        while not done() and loop.time() < deadline:
+            self._change.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._change.wait(), deadline - loop.time())
 
     async def close(self) -> None:
         for srv in self._servers:
             srv.close()
             await srv.wait_closed()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Leave without failing a call: stop listening, tell every connection to go away,
+        refuse calls that still arrive (``Draining``), and wait — at most ``timeout_s`` — for
+        the calls under way to finish and the clients to close their connections; then close
+        what is left. Answers how many calls were still running at the deadline."""
+        self._change = asyncio.Event()
+        for srv in self._servers:
+            srv.close()  # new connections are refused from here on (the replacement's port)
+        for conn in list(self._accepted):
+            if conn.open:
+                conn.go_away()
+            else:  # mid-handshake: told when it is over (connection_made)
+                conn.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        await self._until(lambda: not any(c.busy for c in self._live), deadline)
+        # The calls are answered; a client that has not hung up by now (it hangs up once its
+        # last answer is in) gets a short grace, then the connection closes under it.
+        await self._until(lambda: not self._live and all(p.made for p in self._accepted),
+                          loop.time() + min(1.0, max(0.0, deadline - loop.time())))
+        running = sum(len(c._tasks) for c in self._live)
+        for conn in list(self._live):
+            conn.close()
+        for srv in self._servers:
+            await srv.wait_closed()
+        return running
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -347,6 +460,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._on_lost = on_lost
         self._out: list[bytes] = []
+        self.gone_away = False  # the server is draining: no new calls on this connection
 
     def send(self, data: bytes) -> None:
         """Queue a frame; frames queued in one loop iteration go out in one write."""
@@ -369,6 +483,12 @@ class _ClientProtocol(asyncio.Protocol):
                     self._on_stream_frame(frame)
                     continue
                 _, call_id, ok, body = frame
+                if call_id == 0 and not ok and isinstance(body, dict) \
+                        and body.get("type") == "GoAway":
+                    self.gone_away = True
+                    self._on_lost(None)  # the client's next call connects afresh
+                    self.close_if_idle()
+                    continue
                 fut = self.pending.pop(call_id, None)
                 if fut is None or fut.done():
                     continue
@@ -396,6 +516,16 @@ class _ClientProtocol(asyncio.Protocol):
             body = frame[3]
             q.put_nowait(("error", RemoteError(body.get("type", "Error"),
                                                body.get("message", ""), body.get("data"))))
+
+    def close_if_idle(self) -> None:
+        """A connection told to go away closes once no call waits on it (soon: the call the
+        answer just popped has its result already)."""
+        if not self.pending and not self.streams and self.transport is not None:
+            asyncio.get_running_loop().call_soon(self._close_if_still_idle)
+
+    def _close_if_still_idle(self) -> None:
+        if not self.pending and not self.streams and self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -462,7 +592,10 @@ class Client:
             loop = asyncio.get_running_loop()
 
             def lost(_exc: Exception | None) -> None:
-                self._proto = None
+                if self._proto is proto_box[0]:
+                    self._proto = None
+
+            proto_box: list[_ClientProtocol | None] = [None]
 
             try:
                 _, proto = await asyncio.wait_for(
@@ -477,6 +610,7 @@ class Client:
                 )
             except (OSError, TimeoutError) as e:
                 raise NotDelivered(f"cannot connect to {self.host}:{self.port}: {e!r}") from e
+            proto_box[0] = proto
             if self._peer_check is not None and (
                     proto.transport is None
                     or not self._peer_check(proto.transport.get_extra_info("peercert"))):
@@ -509,6 +643,8 @@ class Client:
         finally:
             timer.cancel()
             proto.pending.pop(call_id, None)
+            if proto.gone_away:
+                proto.close_if_idle()
 
     async def call_stream(self, op: str, body: Any = None, *,
                           timeout_s: float) -> AsyncGenerator[tuple[str, Any], None]:
@@ -542,8 +678,66 @@ class Client:
                     return
         finally:
             proto.streams.pop(call_id, None)
+            if proto.gone_away:
+                proto.close_if_idle()
 
     async def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()
         self._proto = None
+
+
+class RedeliveringClient(Client):
+    """A client whose caller may send a call again when it certainly did not run
+    (:func:`not_run`: no connection, or the peer was draining) — while the peer process is
+    being replaced. The caller chooses this client, so the retry stays at its layer (DESIGN
+    rule 4); a call that may have run is never sent twice. Sends again with a doubling pause
+    (``first_pause_s`` up to ``pause_max_s``) for at most ``redeliver_s`` and within the call's
+    own ``timeout_s``."""
+
+    def __init__(self, host: str, port: int, *, redeliver_s: float,
+                 first_pause_s: float = 0.02, pause_max_s: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(host, port, **kwargs)
+        self.redeliver_s = redeliver_s
+        self._first_pause_s = first_pause_s
+        self._pause_max_s = pause_max_s
+        self.redelivered = 0  # calls sent again (a count for the caller's status)
+
+    async def call(self, op: str, body: Any = None, *, timeout_s: float) -> Any:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + min(self.redeliver_s, timeout_s)
+        pause = self._first_pause_s
+        while True:
+            try:
+                return await super().call(op, body, timeout_s=timeout_s)
+            except (NotDelivered, RemoteError) as e:
+                if not not_run(e) or loop.time() + pause > give_up:
+                    raise
+            await asyncio.sleep(pause)  # the replacement is starting: a bounded backoff
+            pause = min(pause * 2, self._pause_max_s)
+            self.redelivered += 1
+
+    async def call_stream(self, op: str, body: Any = None, *,
+                          timeout_s: float) -> AsyncGenerator[tuple[str, Any], None]:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + min(self.redeliver_s, timeout_s)
+        pause = self._first_pause_s
+        while True:
+            items = super().call_stream(op, body, timeout_s=timeout_s)
+            try:
+                first = await anext(items)
+            except (NotDelivered, RemoteError) as e:
+                await items.aclose()
+                if not not_run(e) or loop.time() + pause > give_up:
+                    raise
+                await asyncio.sleep(pause)  # as in call()
+                pause = min(pause * 2, self._pause_max_s)
+                self.redelivered += 1
+                continue
+            try:
+                yield first
+                async for item in items:
+                    yield item
+            finally:
+                await items.aclose()
+            return
