@@ -34,6 +34,10 @@ def bind_tcp(addr: str) -> socket.socket:
 
 
 def announce_ready(info: dict[str, Any]) -> None:
+    from . import __version__
+
+    # The build this process runs, as the supervisor shows it (a rollout's proof of progress)
+    info = {**info, "version": __version__}
     fd = os.environ.pop("CELLCLOUD_READY_FD", None)
     line = (json.dumps(info) + "\n").encode()
     if fd is None:

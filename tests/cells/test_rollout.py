@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -130,3 +132,99 @@ def test_rollout_restarts_cells_in_order_and_fails_no_request(two_cells: Region)
         assert after[name] != before[name], name  # restarted
     assert after["router"] == before["router"] and after["control"] == before["control"]
     assert r.client.invoke("wave", {}).json() == 7  # and the region still serves
+
+
+def _build(tmp: str, version: str, plant: str | None = None) -> str:
+    """A copy of this source tree as another build: its own ``__version__`` and, with
+    ``plant``, a frontend that exits at start (a build that fails its health checks)."""
+    import cellcloud
+
+    root = os.path.join(tmp, f"build-{version}")
+    shutil.copytree(os.path.dirname(cellcloud.__file__), os.path.join(root, "src", "cellcloud"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = os.path.join(root, "src", "cellcloud", "__init__.py")
+    with open(init) as f:
+        text = f.read()
+    with open(init, "w") as f:
+        f.write(text.replace(f'__version__ = "{cellcloud.__version__}"',
+                             f'__version__ = "{version}"'))
+    if plant is not None:
+        server = os.path.join(root, "src", "cellcloud", "frontend", "server.py")
+        with open(server) as f:
+            text = f.read()
+        with open(server, "w") as f:
+            f.write(text.replace("async def serve(args: argparse.Namespace) -> None:\n",
+                                 "async def serve(args: argparse.Namespace) -> None:\n"
+                                 f"    raise SystemExit({plant!r})\n"))
+    return root
+
+
+def _versions(r: Region) -> dict[str, object]:
+    comps: dict[str, dict[str, object]] = r.region_json()["components"]  # type: ignore[assignment]
+    return {k: v.get("version") for k, v in comps.items()}
+
+
+def _rollout(r: Region, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    out = subprocess.run([sys.executable, "-m", "cellcloud", "rollout", "--state-dir",
+                          r.state_dir, "--timeout-s", "600", *args], capture_output=True,
+                         text=True, timeout=660)
+    with open(os.path.join(r.state_dir, "rollout.json")) as f:
+        return out, json.load(f)
+
+
+def test_rollout_to_a_new_build_under_load_fails_no_request(
+        two_cells: Region, tmp_path: Any) -> None:
+    """`rollout --to <build>`: each cell's processes run the new build (their version says
+    so), wave by wave with a bake, and the clients count no failed request."""
+    r = two_cells
+    r.client.create_function("wave2", make_zip({"app.py": LEDGER_CODE}), "app.handler")
+    build = _build(str(tmp_path), "9.9.9")
+    stop = threading.Event()
+    failures: list[str] = []
+    served = [0]
+
+    def load() -> None:
+        c = sdk.Client(r.endpoint, r.doc["api_key"], timeout_s=120)  # type: ignore[arg-type]
+        while not stop.is_set():
+            try:
+                if c.invoke("wave2", {}).json() != 7:
+                    failures.append("wrong answer")
+                served[0] += 1
+            except Exception as e:
+                failures.append(repr(e))
+        c.close()
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        out, report = _rollout(r, "--to", build, "--bake-s", "2")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert not failures, failures[:10]
+    assert report["status"] == "done" and report["version"] == "9.9.9"
+    assert [w["cells"] for w in report["waves"]] == [["cell-1"], ["cell-2"]]
+    assert all(w["healthy"] and w["step"] == "upgrade" for w in report["waves"])
+    assert sum(w["served"] for w in report["waves"]) > 0 and served[0] > 0
+    versions = _versions(r)
+    for name in ("cell-1-frontend", "cell-1-agent-0", "cell-2-dispatcher", "cell-2-agent-1"):
+        assert versions[name] == "9.9.9", (name, versions)
+    import cellcloud
+    assert versions["router"] == cellcloud.__version__  # cells only
+    assert r.client.invoke("wave2", {}).json() == 7
+
+    # A build whose frontend cannot start: the first wave is unhealthy and rolled back; the
+    # region keeps serving on the build it had (9.9.9), and the report says so.
+    broken = _build(str(tmp_path), "10.0.0", plant="planted: this build cannot start")
+    out, report = _rollout(r, "--to", broken)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert report["status"] == "rolled_back" and "unhealthy" in report["reason"]
+    assert [(w["step"], w["cells"]) for w in report["waves"]] == [
+        ("upgrade", ["cell-1"]), ("rollback", ["cell-1"])]
+    versions = _versions(r)
+    assert all(versions[n] == "9.9.9" for n in versions
+               if n.startswith("cell-")), versions
+    assert r.client.invoke("wave2", {}).json() == 7

@@ -1,4 +1,4 @@
-"""``cellcloud rollout``: restart the region's cells in waves (see Supervisor.rollout)."""
+"""``cellcloud rollout``: deploy a build to the region's cells in waves (Supervisor.rollout)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,40 @@ from .supervisor import default_state_dir
 
 
 def rollout(state_dir: Annotated[str | None, typer.Option("--state-dir")] = None,
-            timeout_s: Annotated[float, typer.Option(help="Seconds to wait in all")] = 600.0
+            to: Annotated[str | None, typer.Option(
+                "--to", help="a directory holding the new build (a cellcloud source tree: "
+                             "<dir>/src/cellcloud); default: restart on the running build")
+            ] = None,
+            bake_s: Annotated[float, typer.Option(
+                "--bake-s", help="seconds each wave serves before it is judged against "
+                                 "the other cells (a regression rolls back)")] = 0.0,
+            first: Annotated[int, typer.Option("--first-wave",
+                                               help="cells in the first wave")] = 1,
+            growth: Annotated[int, typer.Option(
+                "--growth", help="each later wave is this many times the previous")] = 2,
+            timeout_s: Annotated[float, typer.Option(help="Seconds to wait in all")] = 900.0
             ) -> None:
-    """Restart every cell's processes, cell by cell; stop at the first unhealthy cell."""
+    """Deploy cell by cell (one cell, then growing waves): agents handed over live,
+    frontends drained, health and error rates checked after each wave, rolled back on a
+    regression. A rollout interrupted by the supervisor's crash: run it again (without --to)
+    to resume it or finish its rollback."""
     sd = os.path.abspath(state_dir or default_state_dir())
-    with cli_progress.waiting("rolling out, cell by cell"):
-        report = ask_supervisor(sd, signal.SIGUSR1, "rollout.json", timeout_s)
-    table = Table("cell", "restarted", "healthy", "seconds", title="rollout")
-    for c in report["cells"]:
-        table.add_row(c["cell"], ", ".join(c["restarted"]), "yes" if c["healthy"] else "NO",
-                      str(c["seconds"]))
+    req = {"to": os.path.abspath(to) if to else None, "bake_s": bake_s, "first": first,
+           "growth": growth}
+    with cli_progress.waiting("rolling out, wave by wave"):
+        report = ask_supervisor(sd, signal.SIGUSR1, "rollout.json", timeout_s,
+                                request=("rollout-request.json", req))
+    if report.get("error") and not report.get("waves"):
+        typer.echo(f"rollout refused: {report['error']}", err=True)
+        raise typer.Exit(1)
+    table = Table("wave", "step", "cells", "healthy", "seconds", "served", "failed", "verdict",
+                  title=f"rollout to {report.get('target') or 'the running build'} "
+                        f"(version {report.get('version')})")
+    for i, w in enumerate(report["waves"], 1):
+        table.add_row(str(i), w["step"], ", ".join(w["cells"]), "yes" if w["healthy"] else "NO",
+                      str(w["seconds"]), str(w["served"]), str(w["failed"]), w.get("verdict", ""))
     Console().print(table)
     if not report["ok"]:
-        typer.echo(f"stopped at unhealthy cell {report['stopped_at']}", err=True)
+        typer.echo(f"rollout {report.get('status')}: {report.get('reason') or report.get('error')}",
+                   err=True)
         raise typer.Exit(1)

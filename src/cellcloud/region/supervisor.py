@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.limits import DEFAULT_LIMITS
+from ..core.rollout import Rollout, RolloutError, Traffic, judge
 from ..registry.edge import ensure_registry_key
 from ..sandbox import linux
 from .tenants import ensure_operator_token, ensure_tenants, operator_token_path
@@ -37,6 +38,7 @@ log = logging.getLogger("cellcloud.supervisor")
 
 ready_timeout_s = 60.0
 stop_timeout_s = 10.0
+ROLLOUT_STATE = "rollout-state.json"  # the plan of the rollout under way or the last one
 # A rollout waits for a frontend's drain (its calls under way finish) and a little more.
 drain_wait_s = DEFAULT_LIMITS.drain_ms / 1000 + 5.0
 restart_backoff_base_s = 0.2
@@ -189,6 +191,9 @@ class Component:
     restarts: int = 0
     started_at: float = 0.0
     rolling: bool = False  # being restarted on purpose by a rollout: the monitor stands aside
+    # The build it runs: "" the supervisor's own, else a directory holding a cellcloud source
+    # tree (<build>/src/cellcloud), put first on the process's PYTHONPATH (rollout --to).
+    build: str | None = None  # None: as builds.json last recorded it (else the supervisor's)
     rolled: asyncio.Event | None = None  # set when that rollout has started the new process
 
     def argv(self) -> list[str]:
@@ -359,7 +364,8 @@ class Supervisor:
         doc["components"] = {
             c.name: {"kind": c.kind, "pid": c.proc.pid if c.proc else None,
                      "host": c.info.get("host"), "port": c.info.get("port"),
-                     "restarts": c.restarts}
+                     "restarts": c.restarts, "version": c.info.get("version"),
+                     "build": c.build}
             for c in self.components
         }
         path = os.path.join(self.state_dir, "region.json")
@@ -375,11 +381,17 @@ class Supervisor:
         r, w = os.pipe()
         logf = open(os.path.join(self.state_dir, "logs", f"{comp.name}.log"), "ab")
         try:
+            env = {**os.environ, "CELLCLOUD_READY_FD": str(w)}
+            if comp.build is None:  # a region started again: each process on its last build
+                comp.build = self._builds().get(comp.name, "")
+            if comp.build:
+                env["PYTHONPATH"] = os.pathsep.join(
+                    [os.path.join(comp.build, "src"), *filter(None, [env.get("PYTHONPATH")])])
             comp.proc = await asyncio.create_subprocess_exec(
                 *comp.argv(), *(["--insecure"] if self.insecure else ["--pki-dir", self.state_dir]),
                 pass_fds=(w,), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
                 stderr=logf, start_new_session=True, preexec_fn=_die_with(os.getpid()),
-                env={**os.environ, "CELLCLOUD_READY_FD": str(w)},
+                env=env,
             )
         finally:
             os.close(w)
@@ -401,6 +413,7 @@ class Supervisor:
                                f"{self.state_dir}/logs/{comp.name}.log")
         comp.info = json.loads(line)
         comp.started_at = time.monotonic()
+        self._record_build(comp)
         # Come back on the same port after a crash.
         comp.listen = f"{comp.info['host']}:{comp.info['port']}"
         if comp not in self.components:
@@ -434,42 +447,169 @@ class Supervisor:
                 continue
             self.write_region()
 
-    async def rollout(self, health_timeout_s: float = 60.0) -> dict[str, Any]:
-        """Deployment in waves: restart each cell's processes (agents, dispatcher, frontend),
-        one cell at a time; after each cell, wait for its health (every process ready again and
-        the frontend reporting all its agents up) and stop at the first unhealthy cell."""
+    # -- builds and rollouts (issue #21) -----------------------------------------------------
+    def _builds(self) -> dict[str, str]:
+        try:
+            with open(os.path.join(self.state_dir, "builds.json")) as f:
+                doc = json.load(f)
+            return {str(k): str(v) for k, v in doc.items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _record_build(self, comp: Component) -> None:
+        """Which build each process runs, kept across a supervisor's restart (a rollout that
+        crashed halfway leaves its upgraded cells on the new build, and says so)."""
+        builds = self._builds()
+        if builds.get(comp.name) == (comp.build or ""):
+            return
+        builds[comp.name] = comp.build or ""
+        path = os.path.join(self.state_dir, "builds.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(builds, f, indent=2)
+        os.rename(path + ".tmp", path)
+
+    def _cells(self) -> list[str]:
+        return sorted({c.name.rsplit("-", 2)[0] if c.kind == "agent" else
+                       c.name.rsplit("-", 1)[0] for c in self.components
+                       if c.kind in ("agent", "frontend", "dispatcher")},
+                      key=lambda c: (len(c), c))
+
+    def _load_plan(self) -> Rollout | None:
+        try:
+            with open(os.path.join(self.state_dir, ROLLOUT_STATE)) as f:
+                return Rollout.from_doc(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save_plan(self, plan: Rollout) -> None:
+        path = os.path.join(self.state_dir, ROLLOUT_STATE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(plan.to_doc(), f, indent=2)
+        os.rename(path + ".tmp", path)
+
+    async def _traffic(self) -> dict[str, Traffic]:
+        """The router's per-cell counts (its cell_traffic op): the clients' view."""
+        from ..transport import Client, RemoteError, TransportError
+
+        router = next((c for c in self.components if c.kind == "router"), None)
+        if router is None or "control_port" not in router.info:
+            return {}
+        client = Client(router.info["control_host"], router.info["control_port"],
+                        expect_role="router")
+        try:
+            doc = await client.call("cell_traffic", None, timeout_s=10)
+        except (TransportError, RemoteError) as e:
+            log.warning("rollout: the router's traffic counts are unreadable: %s", e)
+            return {}
+        finally:
+            await client.close()
+        return {str(c): Traffic(int(t[0]), int(t[1])) for c, t in doc.items()}
+
+    async def _restart_cell(self, cell_id: str, build: str) -> list[str]:
+        order = {"agent": 0, "dispatcher": 1, "frontend": 2}
+        comps = sorted((c for c in self.components if c.name.startswith(cell_id + "-")
+                        and c.kind in order), key=lambda c: order[c.kind])
+        for c in comps:
+            c.build = build
+            if c.kind == "agent":  # handed over live: environments and calls survive
+                await self._restart_agent_live(c)
+            else:  # drains (its calls finish; new ones wait at the caller)
+                await self._restart(c, stop_wait_s=drain_wait_s)
+        return [c.name for c in comps]
+
+    async def rollout(self, health_timeout_s: float = 60.0, *, to: str | None = None,
+                      bake_s: float = 0.0, first: int = 1, growth: int = 2,
+                      tolerance: float = 0.01, requests_min: int = 20) -> dict[str, Any]:
+        """Deployment in waves (core/rollout.py): one cell, then growing waves. Each wave's
+        processes are replaced on the target build — agents live, frontends and dispatchers
+        drained —, its health awaited (every process ready, the frontend seeing all its
+        agents), then its traffic observed for ``bake_s`` and judged against the other
+        cells'; an unhealthy wave or a regression rolls every upgraded wave back, newest
+        first. ``to``: a directory holding a cellcloud source tree; none: the cells restart
+        on the build they run. The plan is saved after each step: a rollout interrupted by
+        the supervisor's crash is resumed (or its rollback finished) by the next call."""
         from .. import transport
         from ..security import pki
 
         if not self.insecure and transport.mtls_role() is None:
             transport.enable_mtls(pki.tls_config(self.state_dir, self.region, "control",
                                                  "region", "supervisor"), "control")
-        cells = sorted({c.name.rsplit("-", 2)[0] if c.kind == "agent" else
-                        c.name.rsplit("-", 1)[0] for c in self.components
-                        if c.kind in ("agent", "frontend", "dispatcher")})
-        order = {"agent": 0, "dispatcher": 1, "frontend": 2}
-        report: dict[str, Any] = {"cells": [], "ok": True}
-        for cell_id in cells:
-            comps = sorted((c for c in self.components if c.name.startswith(cell_id + "-")
-                            and c.kind in order), key=lambda c: order[c.kind])
-            entry: dict[str, Any] = {"cell": cell_id, "restarted": [c.name for c in comps]}
-            t0 = time.monotonic()
+        cells = self._cells()
+        plan = self._load_plan()
+        resumed = plan is not None and plan.active
+        if plan is not None and plan.active:
+            if to is not None and os.path.abspath(to) != plan.target:
+                return {"ok": False, "cells": [], "waves": [],
+                        "error": f"a rollout to {plan.target or 'the running build'} is "
+                                 "under way; `cellcloud rollout` without --to resumes it"}
+            if plan.target and not _is_build(plan.target):
+                plan.abandon_resume(f"the target build {plan.target} is gone")
+        else:
+            current = next((c.build or "" for c in self.components
+                            if c.kind == "frontend"), "")
+            target = os.path.abspath(to) if to is not None else current
+            if to is not None and not _is_build(target):
+                return {"ok": False, "cells": [], "waves": [],
+                        "error": f"{to} is not a cellcloud build (no src/cellcloud/__init__.py)"}
             try:
-                for c in comps:
-                    if c.kind == "agent":  # handed over live: environments and calls survive
-                        await self._restart_agent_live(c)
-                    else:  # drains (its calls finish; new ones wait at the caller)
-                        await self._restart(c, stop_wait_s=drain_wait_s)
-                entry["healthy"] = await self._cell_healthy(cell_id, health_timeout_s)
-            except (RuntimeError, OSError) as e:
-                entry["healthy"], entry["error"] = False, str(e)
-            entry["seconds"] = round(time.monotonic() - t0, 2)
-            report["cells"].append(entry)
-            self.write_region()
-            if not entry["healthy"]:
-                report["ok"] = False
-                report["stopped_at"] = cell_id
+                plan = Rollout.start(cells, target, current, first=first, growth=growth)
+            except RolloutError as e:
+                return {"ok": False, "cells": [], "waves": [], "error": str(e)}
+        self._save_plan(plan)
+        report: dict[str, Any] = {"cells": [], "waves": [], "resumed": resumed,
+                                  "target": plan.target, "previous": plan.previous,
+                                  "version": _build_version(plan.target)}
+        while True:
+            step, wave, build = plan.next_step()
+            if step == "finished":
                 break
+            t0 = time.monotonic()
+            before = await self._traffic()
+            restarted: list[str] = []
+            error = ""
+            try:
+                for cell_id in wave:
+                    restarted += await self._restart_cell(cell_id, build)
+                healthy = all([await self._cell_healthy(c, health_timeout_s) for c in wave])
+            except (RuntimeError, OSError) as e:
+                healthy, error = False, str(e)
+            if healthy and step == "upgrade" and bake_s > 0:
+                # The bake: the wave serves for a while before it is judged (an observation
+                # window, not a wait for a condition).
+                await asyncio.sleep(bake_s)
+            after = await self._traffic()
+            mine = _sum(after, before, wave)
+            others = _sum(after, before, [c for c in after if c not in wave])
+            seconds = time.monotonic() - t0
+            if step == "upgrade":
+                verdict = judge(mine, others, tolerance=tolerance,
+                                requests_min=requests_min) if healthy else None
+                plan.upgraded(wave, healthy=healthy, verdict=verdict, seconds=seconds,
+                              traffic=mine)
+            else:
+                plan.rolled_back(wave)
+            self._save_plan(plan)
+            self.write_region()
+            record = next(w for w in plan.waves if w.cells == wave)
+            report["waves"].append({"step": step, "cells": wave, "build": build,
+                                    "healthy": healthy, "seconds": round(seconds, 2),
+                                    "served": mine.served, "failed": mine.failed,
+                                    "verdict": record.verdict if step == "upgrade" else "",
+                                    **({"error": error} if error else {})})
+            for cell_id in wave:
+                report["cells"].append({"cell": cell_id, "step": step, "healthy": healthy,
+                                        "restarted": [n for n in restarted
+                                                      if n.startswith(cell_id + "-")],
+                                        "seconds": round(seconds, 2),
+                                        **({"error": error} if error else {})})
+        report["status"] = plan.status
+        report["reason"] = plan.reason
+        report["plan"] = [{"cells": w.cells, "status": w.status, "verdict": w.verdict,
+                           "served": w.served, "failed": w.failed, "seconds": w.seconds}
+                          for w in plan.waves]
+        report["ok"] = plan.status == "done"
+        if not report["ok"]:
+            report["stopped_at"] = plan.reason
         return report
 
     async def restart_agent(self, name: str, live: bool) -> dict[str, Any]:
@@ -502,7 +642,11 @@ class Supervisor:
             from ..agent.handover import socket_path
 
             comp.args = [*saved, "--adopt", socket_path(state_dir)]
-            await self._launch(comp)  # ready once it has adopted everything
+            try:
+                await self._launch(comp)  # ready once it has adopted everything
+            except (RuntimeError, OSError):
+                comp.proc = old  # never adopted: the old process still serves
+                raise
             if old is not None:
                 try:
                     await asyncio.wait_for(old.wait(), stop_timeout_s)
@@ -595,7 +739,22 @@ async def run_foreground(sup: Supervisor, on_ready: Any = None) -> None:
 
     # `cellcloud rollout` asks with SIGUSR1 and reads the answer from rollout.json.
     async def do_rollout() -> None:
-        report = await sup.rollout()
+        req: dict[str, Any] = {}
+        req_path = os.path.join(sup.state_dir, "rollout-request.json")
+        try:
+            with open(req_path) as f:
+                req = json.load(f)
+            os.unlink(req_path)
+        except (OSError, ValueError):
+            pass
+        try:
+            report = await sup.rollout(
+                float(req.get("health_timeout_s", 60.0)), to=req.get("to"),
+                bake_s=float(req.get("bake_s", 0.0)), first=int(req.get("first", 1)),
+                growth=int(req.get("growth", 2)))
+        except Exception as e:  # the answer file must appear whatever happens
+            log.exception("rollout failed")
+            report = {"ok": False, "cells": [], "waves": [], "error": repr(e)}
         path = os.path.join(sup.state_dir, "rollout.json")
         with open(path + ".tmp", "w") as f:
             json.dump(report, f, indent=2)
@@ -620,3 +779,29 @@ async def run_foreground(sup: Supervisor, on_ready: Any = None) -> None:
     loop.add_signal_handler(signal.SIGUSR2, lambda: asyncio.ensure_future(do_agent_restart()))
     await stop.wait()
     await sup.stop()
+
+
+def _is_build(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "src", "cellcloud", "__init__.py"))
+
+
+def _build_version(path: str) -> str | None:
+    """A build's ``__version__``, read as text (the supervisor does not import other builds)."""
+    import re
+
+    init = (os.path.join(path, "src", "cellcloud", "__init__.py") if path
+            else os.path.join(os.path.dirname(os.path.dirname(__file__)), "__init__.py"))
+    try:
+        with open(init) as f:
+            m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', f.read(), re.M)
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def _sum(after: dict[str, Traffic], before: dict[str, Traffic], cells: list[str]) -> Traffic:
+    out = Traffic(0, 0)
+    for c in cells:
+        d = after.get(c, Traffic(0, 0)) - before.get(c, Traffic(0, 0))
+        out = Traffic(out.served + d.served, out.failed + d.failed)
+    return out

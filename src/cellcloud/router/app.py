@@ -182,6 +182,8 @@ class Router:
         self.tenants = tenants
         self.limits = limits
         self._clients: dict[str, Client] = {}
+        # cell id -> [requests answered, failed (5xx or 429)] for requests forwarded to it
+        self.cell_traffic: dict[str, list[int]] = {}
         self.started = time.time()
         # Static stability: the map is replaced only by a newer one; with no push it stays.
         self.cell_map_received = time.monotonic()
@@ -343,6 +345,11 @@ class Router:
             status, headers, body = err.status, err.headers(), err.body()
         if body_state.trace is not None and self.spans is not None:
             self._end_trace(body_state.trace, status)
+        if body_state.cell is not None:
+            # Per cell, as a client counts them: what a rollout's bake judges (core/rollout.py)
+            t = self.cell_traffic.setdefault(body_state.cell, [0, 0])
+            t[0] += 1
+            t[1] += status >= 500 or status == 429
         if not isinstance(body, bytes):  # streamed (InvokeWithResponseStream): chunked
             await self.urls.send_stream(scope, send, status, list(headers.items()), body)
             return
@@ -446,6 +453,7 @@ class Router:
         if is_ecs:
             return await self._ecs(target, body, account)
         cell = self.cell_map.cell_for(account)
+        body_state.cell = cell.cell_id
         if is_ecr:
             return await self._ecr(cell.cell_id, account, target, body, headers, scope)
         if is_logs:
@@ -490,6 +498,7 @@ class Router:
         if owner is not None:  # another account's function: its cell judges its policy
             req["a"], req["c"] = owner, account
             cell = self.cell_map.cell_for(owner)
+            body_state.cell = cell.cell_id
         # A sync invoke may run up to the function's timeout (at most 900 s); the frontend
         # enforces the real one, this is the backstop.
         timeout_s = ((self.limits.timeout_s_max + 30.0) if is_invoke or is_stream
@@ -676,6 +685,8 @@ class _BodyState:
         self.sqs_query = False
         #: an invoke's trace (the router's span ends when the answer is decided)
         self.trace: _Trace | None = None
+        #: the cell that answers it (counted in Router.cell_traffic), once known
+        self.cell: str | None = None
 
 
 def _only_get(scope: Scope, path: str) -> None:

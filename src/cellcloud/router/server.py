@@ -93,8 +93,12 @@ async def serve(args: argparse.Namespace) -> None:
             raise OpError("InvalidRequest", str(e)) from e
         return {}
 
+    async def cell_traffic(_: Any) -> dict[str, list[int]]:
+        """Requests answered per cell and how many failed: a rollout's bake reads it."""
+        return {c: list(t) for c, t in router.cell_traffic.items()}
+
     internal = Server({"cell_map": push_cell_map, "map_status": map_status,
-                       "metrics_push": metrics_push})
+                       "metrics_push": metrics_push, "cell_traffic": cell_traffic})
     chost, cport = await internal.listen_tcp("", 0, sock=runtime.bind_tcp(args.control_listen))
     runtime.announce_ready({"component": "router", "host": host, "port": port,
                             "control_host": chost, "control_port": cport,
