@@ -5,6 +5,7 @@ grace period and kill, the task's cgroup sized from its cpu/memory and gone afte
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -40,14 +41,20 @@ time.sleep(600)
 """
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
-    layout = str(tmp_path_factory.mktemp("task-image") / "img")
+def task_image(layout: str) -> list[str]:
+    """An image of this host's Python's libraries (the interpreter is the guest's tree) with
+    /srv/hello.txt and the scripts above under /app; its layer digests."""
     app = layer_tar({"srv/hello.txt": b"hello from the web container\n",
                      "app/client.py": CLIENT.encode(), "app/stubborn.py": STUBBORN.encode()})
     img = image_layout(layout, [], config_doc={"Cmd": ["/bin/true"]},
                        blobs=[host_python_layers()[0], app])
-    return layout, list(img["layers"])
+    return list(img["layers"])
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    layout = str(tmp_path_factory.mktemp("task-image") / "img")
+    return layout, task_image(layout)
 
 
 def _container(name: str, layers: list[str], argv: list[str], **kw: Any) -> m.TaskContainer:
@@ -202,7 +209,7 @@ def test_a_two_container_task_shares_localhost_and_ends_cleanly(
 
 
 def test_bad_task_requests_are_refused_by_name(
-        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+        sandbox: Sandbox, image: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     _, layers = image
     tasks = sandbox.agent.tasks
 
@@ -227,6 +234,13 @@ def test_bad_task_requests_are_refused_by_name(
     assert create(network="bogus").startswith("InvalidNetwork")
     assert create(containers="x").startswith("InvalidRequest")
     assert "t-bad" not in tasks.tasks
+    from cellcloud.agent import tasks as runner
+
+    monkeypatch.setattr(runner, "DEFAULT_LIMITS",
+                        dataclasses.replace(runner.DEFAULT_LIMITS, agent_tasks_max=0))
+    assert create().startswith("AgentFull: 0 tasks")
+    monkeypatch.undo()
+    assert create(memory_mib=10**9).startswith("InvalidRequest: memory_mib")
     with pytest.raises(OpError) as e:
         sandbox._run(tasks.container_start({"task_id": "nope", "container": "a"}))
     assert e.value.type == "TaskNotFound"

@@ -165,6 +165,7 @@ class TaskRunner:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.tasks: dict[str, _Task] = {}
+        self._creating: set[str] = set()  # task ids whose task_create is under way
         self._exec_ids = itertools.count(1)
         self.counters = {"tasks_created": 0, "tasks_destroyed": 0, "containers_started": 0,
                          "containers_exited": 0, "execs": 0}
@@ -182,9 +183,17 @@ class TaskRunner:
         except m.MessageError as e:
             raise _refuse(str(e)) from e
         self._check(req)
-        if req.task_id in self.tasks:
+        if req.task_id in self.tasks or req.task_id in self._creating:
             raise OpError("TaskExists", req.task_id)
-        if len(self.tasks) >= DEFAULT_LIMITS.agent_tasks_max:
+        self._creating.add(req.task_id)
+        try:
+            return await self._create(req)
+        finally:
+            self._creating.discard(req.task_id)
+
+    async def _create(self, req: m.TaskCreateRequest) -> dict[str, Any]:
+        agent = self.agent
+        if len(self.tasks) + len(self._creating) > DEFAULT_LIMITS.agent_tasks_max:
             raise OpError("AgentFull", f"{len(self.tasks)} tasks; the maximum is "
                           f"{DEFAULT_LIMITS.agent_tasks_max}")
         committed = (sum(r.spec.memory_mb for r in agent.envs.values())
@@ -222,8 +231,10 @@ class TaskRunner:
                 raise OpError("TaskCreateFailed", f"no cgroup hierarchy at {cgroups.ROOT}: the "
                               "task's cpu and memory cannot be enforced")
             if agent.network is not None and req.network != "none":
+                ingress = [f"{p.protocol}:{p.container_port}"
+                           for c in req.containers for p in c.port_mappings]
                 lease = await asyncio.to_thread(agent.network.acquire, f"task-{req.task_id}",
-                                                list(req.net_allow))
+                                                list(req.net_allow), ingress)
                 netns_fd, info = lease.netns_fd, lease.info
             else:
                 netns_fd = await asyncio.to_thread(linux.new_netns_fd)
@@ -272,13 +283,23 @@ class TaskRunner:
         ctr.run += 1
         ctr.exited = asyncio.Event()
         ctr.started = asyncio.get_running_loop().create_future()
+        # A copy of the namespace's fd for the spawn: a task_destroy meanwhile closes the
+        # task's, and its number must not come to name another namespace under the spawn.
+        netns_fd = os.dup(task.netns_fd)
         try:
-            spawned = await agent.backend.spawn(spec, netns_fd=task.netns_fd)
+            spawned = await agent.backend.spawn(spec, netns_fd=netns_fd)
         except Exception as e:
             agent.free_slot(slot)
             self._exited(ctr, None, None)
             raise OpError("ContainerStartFailed", str(e)) from e
+        finally:
+            os.close(netns_fd)
         ctr.pid = spawned.pid
+        if self.tasks.get(req.task_id) is not task:  # destroyed while it was being spawned
+            agent.backend.kill(spawned.pid)
+            spawned.channel.close()
+            agent.free_slot(slot)
+            raise OpError("TaskNotFound", req.task_id)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.connect_accepted_socket(
             lambda: _ContainerChannel(self, ctr, spawned.pid, slot), spawned.channel)
@@ -327,6 +348,8 @@ class TaskRunner:
             raise _refuse(str(e)) from e
         if not req.command:
             raise _refuse("command must name a program")
+        if sum(len(a.encode()) for a in req.command) > DEFAULT_LIMITS.task_exec_command_bytes_max:
+            raise _refuse(f"command over {DEFAULT_LIMITS.task_exec_command_bytes_max} bytes")
         if not 0 < req.timeout_s <= DEFAULT_LIMITS.task_exec_timeout_s_max:
             raise _refuse(f"timeout_s must be over 0 and at most "
                           f"{DEFAULT_LIMITS.task_exec_timeout_s_max}")
