@@ -24,7 +24,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from .. import eventlog
 from ..core import messages as m
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .server import Agent
 
 log = logging.getLogger("cellcloud.agent.tasks")
+W = TypeVar("W", bound="_Wire")
 
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CONTAINER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # ECS's container name pattern
@@ -159,6 +160,19 @@ def _refuse(why: str) -> OpError:
     return OpError("InvalidRequest", why)
 
 
+class _Wire(Protocol):
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self: ...
+
+
+def _parse(kind: type[W], body: Any) -> W:
+    """``body`` as a ``kind`` request, or ``InvalidRequest`` naming what is wrong."""
+    try:
+        return kind.from_wire(body)
+    except m.MessageError as e:
+        raise _refuse(str(e)) from e
+
+
 class TaskRunner:
     """The task ops of one agent (registered in ``Agent.ops``)."""
 
@@ -170,18 +184,19 @@ class TaskRunner:
         self.counters = {"tasks_created": 0, "tasks_destroyed": 0, "containers_started": 0,
                          "containers_exited": 0, "execs": 0}
 
+    def _admitting(self) -> Agent:
+        """The agent, unless it is being replaced (then new work is refused)."""
+        if self.agent.draining:
+            raise OpError("AgentDraining", "the agent is being replaced; retry")
+        return self.agent
+
     def memory_committed_mb(self) -> int:
         return sum(t.req.memory_mib for t in self.tasks.values())
 
     # -- ops --------------------------------------------------------------------------------
     async def task_create(self, body: dict[str, Any]) -> dict[str, Any]:
-        agent = self.agent
-        if agent.draining:
-            raise OpError("AgentDraining", "the agent is being replaced; retry")
-        try:
-            req = m.TaskCreateRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        self._admitting()
+        req = _parse(m.TaskCreateRequest, body)
         self._check(req)
         if req.task_id in self.tasks or req.task_id in self._creating:
             raise OpError("TaskExists", req.task_id)
@@ -254,13 +269,8 @@ class TaskRunner:
         return m.TaskCreateReply(req.task_id, str(info.get("address") or "")).to_wire()
 
     async def container_start(self, body: dict[str, Any]) -> dict[str, Any]:
-        agent = self.agent
-        if agent.draining:
-            raise OpError("AgentDraining", "the agent is being replaced; retry")
-        try:
-            req = m.TaskContainerRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        agent = self._admitting()
+        req = _parse(m.TaskContainerRequest, body)
         task, ctr = self._find(req.task_id, req.container)
         if ctr.state == "running":
             raise OpError("ContainerRunning", f"{req.container} is running")
@@ -323,10 +333,7 @@ class TaskRunner:
         return m.TaskContainerStartReply(spawned.pid).to_wire()
 
     async def container_stop(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            req = m.TaskContainerStopRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        req = _parse(m.TaskContainerStopRequest, body)
         if not 0 <= req.grace_s <= DEFAULT_LIMITS.task_stop_grace_s_max:
             raise _refuse(f"grace_s must be 0 to {DEFAULT_LIMITS.task_stop_grace_s_max}")
         _, ctr = self._find(req.task_id, req.container)
@@ -342,10 +349,7 @@ class TaskRunner:
         return m.TaskContainerStopReply(ctr.exit_code).to_wire()
 
     async def task_exec(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            req = m.TaskExecRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        req = _parse(m.TaskExecRequest, body)
         if not req.command:
             raise _refuse("command must name a program")
         if sum(len(a.encode()) for a in req.command) > DEFAULT_LIMITS.task_exec_command_bytes_max:
@@ -376,10 +380,7 @@ class TaskRunner:
             else b"", bool(doc.get("timed_out")), str(doc.get("error") or "")).to_wire()
 
     async def task_poll(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            req = m.TaskPollRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        req = _parse(m.TaskPollRequest, body)
         task = self._task(req.task_id)
         budget = DEFAULT_LIMITS.task_poll_log_bytes_max
         states, logs, cursors, dropped = {}, {}, {}, {}
@@ -397,10 +398,7 @@ class TaskRunner:
                                dropped).to_wire()
 
     async def task_destroy(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            req = m.TaskDestroyRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        req = _parse(m.TaskDestroyRequest, body)
         task = self.tasks.pop(req.task_id, None)
         if task is None:
             return m.TaskDestroyReply(False).to_wire()
