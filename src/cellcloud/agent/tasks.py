@@ -191,7 +191,13 @@ class TaskRunner:
         return self.agent
 
     def memory_committed_mb(self) -> int:
+        """The tasks' configured memory (admission counts it with the functions')."""
         return sum(t.req.memory_mib for t in self.tasks.values())
+
+    def memory_used_bytes(self) -> int:
+        """The tasks' cgroups' charge (the agent's memory in use counts it)."""
+        return sum(t.cgroup.usage().memory_bytes for t in self.tasks.values()
+                   if t.cgroup.version)
 
     # -- ops --------------------------------------------------------------------------------
     async def task_create(self, body: dict[str, Any]) -> dict[str, Any]:
