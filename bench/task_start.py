@@ -11,7 +11,8 @@ the agent's cache. Per sample: ``task_create`` (cgroup, network slot, layer hold
 ``task_container_start`` of ``python -m http.server 8080`` (port 8080 mapped), then the host
 connects to the private address every millisecond until a GET answers 200; then
 ``task_destroy``. Reported: create, start (the op's answer) and first answer, each from the
-sample's start. Not counted: RunTask's control plane and placement (not built yet), so this is
+sample's start; and, interleaved, the same server started on the host without any jail
+(``bare_first_answer``: the interpreter's and http.server's own start). Not counted: RunTask's control plane and placement (not built yet), so this is
 the agent's share of the goal (p50 ≤ 100 ms). Benchmarks are not tests: nothing here asserts.
 """
 
@@ -47,6 +48,28 @@ def _first_answer(addr: str, port: int, timeout_s: float = 30.0) -> float:
     raise TimeoutError("the task never answered")
 
 
+def _bare_server(work: str) -> float:
+    """The same server started on the host, no jail: its first answer (the baseline)."""
+    import subprocess
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = os.path.join(work, "bare-srv")
+    os.makedirs(srv, exist_ok=True)
+    with open(os.path.join(srv, "hello.txt"), "w") as f:
+        f.write("hello\n")
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                             "127.0.0.1", "--directory", srv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        return _first_answer("127.0.0.1", port) - t0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 async def run(args: argparse.Namespace, work: str, res: dict[str, Any]) -> None:
     sys.path.insert(0, os.getcwd())
     from tests.oci_images import host_python_layers, image_layout, layer_tar
@@ -58,8 +81,11 @@ async def run(args: argparse.Namespace, work: str, res: dict[str, Any]) -> None:
     net = _with_network(a, pool_ready=4)
     try:
         await _push(a, layout, img["layers"])
-        create_s, start_s, answer_s = [], [], []
+        create_s, start_s, answer_s, bare_s = [], [], [], []
         for i in range(args.warmup + args.n):
+            bare = await asyncio.to_thread(_bare_server, layout)
+            if i >= args.warmup:
+                bare_s.append(bare)
             await _settled(net, 4)
             task_id = f"bench-{i}"
             t0 = time.time()
@@ -82,6 +108,7 @@ async def run(args: argparse.Namespace, work: str, res: dict[str, Any]) -> None:
         res["task_create"] = summary_ms(create_s)
         res["container_started"] = summary_ms(start_s)
         res["first_answer"] = summary_ms(answer_s)
+        res["bare_first_answer"] = summary_ms(bare_s)
     finally:
         a.close()
 
@@ -99,7 +126,7 @@ def main() -> None:
     m = res["machine"]
     print(f"machine: {m['nproc']} x {m['cpu_model']}, {m['mem_total_gib']:.1f} GiB, kernel "
           f"{m['kernel']}, load at start {' '.join(m['loadavg_at_start'])}")
-    for name in ("task_create", "container_started", "first_answer"):
+    for name in ("task_create", "container_started", "first_answer", "bare_first_answer"):
         r = res[name]
         print(f"{name:<18} p50 {r['p50_ms']:>7.1f} ms  p99 {r['p99_ms']:>7.1f} ms")
     print(f"wall {res['wall_s']:.1f} s; JSON: {path}")
