@@ -244,3 +244,42 @@ def test_bad_task_requests_are_refused_by_name(
     with pytest.raises(OpError) as e:
         sandbox._run(tasks.container_start({"task_id": "nope", "container": "a"}))
     assert e.value.type == "TaskNotFound"
+
+
+def test_a_task_destroyed_while_its_container_spawns_runs_nothing(
+        sandbox: Sandbox, image: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spawn gets its own copy of the task's namespace fd (the destroy closes the task's,
+    whose number must not come to name another namespace under the spawn), and what it
+    spawned for a task destroyed meanwhile is killed at once."""
+    import asyncio
+
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    tasks = sandbox.agent.tasks
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    sandbox._run(tasks.task_create(m.TaskCreateRequest(task_id, "1", 256, 512, (
+        _container("web", layers, [PY, "/app/stubborn.py"]),)).to_wire()))
+    real_spawn = sandbox.agent.backend.spawn
+    spawned: list[int] = []
+
+    async def spawn_then_destroy(spec: Any, netns_fd: int | None = None) -> Any:
+        out = await real_spawn(spec, netns_fd=netns_fd)
+        spawned.append(out.pid)
+        await tasks.task_destroy({"task_id": task_id})  # lands while the start is under way
+        return out
+
+    monkeypatch.setattr(sandbox.agent.backend, "spawn", spawn_then_destroy)
+    with pytest.raises(OpError) as e:
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "web"}))
+    assert e.value.type == "TaskNotFound"
+    assert task_id not in tasks.tasks and len(spawned) == 1
+
+    async def gone(pid: int) -> bool:
+        for _ in range(1000):  # polling /proc (bounded: 20 s)
+            if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(
+                    ")")[-1].split()[0] in ("Z", "X"):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert sandbox._run(gone(spawned[0]))
