@@ -283,3 +283,31 @@ def test_a_task_destroyed_while_its_container_spawns_runs_nothing(
         return False
 
     assert sandbox._run(gone(spawned[0]))
+
+
+def test_out_of_memory_and_a_missing_program_say_why(
+        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+    """The task's memory limit holds (the kernel kills the container: 137 and ECS's
+    OutOfMemoryError), and a program that does not exist is 127 with CannotStartContainerError."""
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    tasks = sandbox.agent.tasks
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    sandbox._run(tasks.task_create(m.TaskCreateRequest(task_id, "1", 256, 64, (
+        _container("hog", layers, [PY, "-c", "x = b'x' * (512 << 20); print('survived')"]),
+        _container("typo", layers, ["/app/no-such-program"]))).to_wire()))
+    try:
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "hog"}))
+        doc = _wait(sandbox, task_id, lambda d: d["containers"]["hog"]["state"] == "exited")
+        hog = doc["containers"]["hog"]
+        assert (hog["exit_code"], hog["reason"]) == (
+            137, "OutOfMemoryError: Container killed due to memory usage"), doc
+        assert doc["oom_kills"] >= 1 and "survived" not in _lines(doc, "hog")
+        with pytest.raises(OpError) as e:
+            sandbox._run(tasks.container_start({"task_id": task_id, "container": "typo"}))
+        assert e.value.type == "ContainerStartFailed" and "no-such-program" in e.value.message
+        typo = sandbox._run(tasks.task_poll({"task_id": task_id}))["containers"]["typo"]
+        assert typo["state"] == "exited" and typo["exit_code"] == 127
+        assert typo["reason"].startswith("CannotStartContainerError: /app/no-such-program")
+    finally:
+        sandbox._run(tasks.task_destroy({"task_id": task_id}))

@@ -59,6 +59,9 @@ class _Container:
     exited_ms: int | None = None
     pid: int = 0  # host pid of its guest
     run: int = 0  # which start this is (a late frame of an earlier run is not this one's)
+    reason: str = ""  # why it exited, in ECS's words, when the exit code does not say
+    cgroup: cgroups.Cgroup | None = None  # the task's (its OOM kills tell an OOM exit)
+    oom_base: int = 0  # the task cgroup's OOM kills when this run started
     transport: asyncio.BaseTransport | None = None
     started: asyncio.Future[dict[str, Any]] | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -139,7 +142,10 @@ class _ContainerChannel(asyncio.Protocol):
                     if ctr.started is not None and not ctr.started.done():
                         ctr.started.set_result(doc)
                     if kind == "exit":
-                        self.runner._exited(ctr, doc.get("code"), doc.get("exited_ms"))
+                        error = doc.get("error")
+                        self.runner._exited(ctr, doc.get("code"), doc.get("exited_ms"),
+                                            f"CannotStartContainerError: {error}"
+                                            if isinstance(error, str) else "")
                 else:
                     raise ValueError(f"unknown frame {kind!r}")
         except Exception:  # noqa: BLE001 - a guest that writes garbage gets no second chance
@@ -295,7 +301,9 @@ class TaskRunner:
             image_workdir=c.workdir, image_env=dict(c.env), network=dict(task.network),
             guest="container", cgroup_name=os.path.basename(task.cgroup.rel),
             hostname=task.req.hostname or req.task_id[:63])
-        ctr.state, ctr.exit_code, ctr.exited_ms = "running", None, None
+        ctr.state, ctr.exit_code, ctr.exited_ms, ctr.reason = "running", None, None, ""
+        ctr.cgroup = task.cgroup if task.cgroup.version else None
+        ctr.oom_base = ctr.cgroup.usage().oom_kills if ctr.cgroup else 0
         ctr.run += 1
         ctr.exited = asyncio.Event()
         ctr.started = asyncio.get_running_loop().create_future()
@@ -392,7 +400,7 @@ class TaskRunner:
         states, logs, cursors, dropped = {}, {}, {}, {}
         for name, ctr in task.containers.items():
             states[name] = m.TaskContainerState(ctr.state, ctr.exit_code, ctr.started_ms,
-                                                ctr.exited_ms)
+                                                ctr.exited_ms, ctr.reason)
             lines, cursors[name], used = ctr.lines_after(req.logs_after.get(name, 0), budget)
             budget = max(0, budget - used)
             if lines:
@@ -401,7 +409,7 @@ class TaskRunner:
                 dropped[name] = ctr.dropped
         usage = task.cgroup.usage() if task.cgroup.version else cgroups.Usage()
         return m.TaskPollReply(states, logs, cursors, usage.cpu_ns, usage.memory_bytes,
-                               dropped).to_wire()
+                               dropped, usage.oom_kills).to_wire()
 
     async def task_destroy(self, body: dict[str, Any]) -> dict[str, Any]:
         req = _parse(m.TaskDestroyRequest, body)
@@ -477,12 +485,16 @@ class TaskRunner:
         if ctr.transport is not None and not ctr.transport.is_closing():
             ctr.transport.write(pack(doc))  # type: ignore[attr-defined]
 
-    def _exited(self, ctr: _Container, code: Any, exited_ms: Any) -> None:
+    def _exited(self, ctr: _Container, code: Any, exited_ms: Any, reason: str = "") -> None:
         """The container's process ended (``code`` None: unknown, its guest died: 137)."""
         if ctr.state != "running":
             return
         ctr.state = "exited"
         ctr.exit_code = code if isinstance(code, int) else 137
+        if (not reason and ctr.exit_code == 137 and ctr.cgroup is not None
+                and ctr.cgroup.usage().oom_kills > ctr.oom_base):
+            reason = "OutOfMemoryError: Container killed due to memory usage"
+        ctr.reason = reason
         ctr.exited_ms = exited_ms if isinstance(exited_ms, int) else int(time.time() * 1000)
         ctr.exited.set()
         self.counters["containers_exited"] += 1
