@@ -394,3 +394,22 @@ def test_a_live_update_hands_running_tasks_over(
 
 async def _on_loop(fn: Callable[[], Any]) -> Any:
     return fn()
+
+
+def test_a_container_never_runs_outside_its_tasks_cgroup(
+        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+    """A task cgroup gone from under a start (cgroup v1's join would silently leave the
+    process in the zygote's cgroup, unlimited): the start fails, nothing runs."""
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    tasks = sandbox.agent.tasks
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    sandbox._run(tasks.task_create(m.TaskCreateRequest(task_id, "1", 256, 512, (
+        _container("web", layers, [PY, "/app/stubborn.py"]),)).to_wire()))
+    try:
+        assert tasks.tasks[task_id].cgroup.destroy()  # empty: removed in every controller
+        with pytest.raises(OpError) as e:
+            sandbox._run(tasks.container_start({"task_id": task_id, "container": "web"}))
+        assert e.value.type == "ContainerStartFailed" and "is gone" in e.value.message
+    finally:
+        sandbox._run(tasks.task_destroy({"task_id": task_id}))

@@ -153,6 +153,12 @@ class Cgroup:
         except OSError:
             pass
 
+    def exists(self) -> bool:
+        """Whether the cgroup is there in every controller used (a join of a missing one
+        would silently leave the process where it was on cgroup v1)."""
+        dirs = self._dirs()
+        return bool(dirs) and all(os.path.isdir(d) for d in dirs)
+
     def join(self, pid: int = 0) -> None:
         """Move ``pid`` (0: the caller) into this cgroup in every controller."""
         if self.version == 2:

@@ -70,6 +70,8 @@ def spawn(spec: EnvSpec, chan_fd: int, root: str, pool: LoopPool | None = None,
                 off = spec.disabled_layers
                 cg = cgroups.Cgroup(spec.cgroup_group, spec.cgroup_name or spec.env_id)
                 if cg.version and spec.cgroup_name:
+                    if not cg.exists():  # never run outside it (a task destroyed meanwhile)
+                        raise RuntimeError(f"the cgroup {spec.cgroup_name} is gone")
                     cg.join(0)  # the agent made and sized it (a task's, agent/tasks.py)
                 elif cg.version:
                     unlimited = cgroups.UNLIMITED
