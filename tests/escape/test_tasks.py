@@ -413,3 +413,27 @@ def test_a_container_never_runs_outside_its_tasks_cgroup(
         assert e.value.type == "ContainerStartFailed" and "is gone" in e.value.message
     finally:
         sandbox._run(tasks.task_destroy({"task_id": task_id}))
+
+
+def test_a_container_cannot_signal_its_guest(
+        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+    """Signals from the container to its pid 1 (the guest) are not delivered: its exit is
+    still reported as it was (Python's own SIGINT handler would have ended the guest)."""
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    tasks = sandbox.agent.tasks
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    rude = ("import os, signal\n"
+            "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL):\n"
+            "    os.kill(1, s)\n"
+            "print('still here', flush=True)\n"
+            "raise SystemExit(5)\n")
+    sandbox._run(tasks.task_create(m.TaskCreateRequest(task_id, "1", 256, 512, (
+        _container("rude", layers, [PY, "-c", rude]),)).to_wire()))
+    try:
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "rude"}))
+        doc = _wait(sandbox, task_id, lambda d: d["containers"]["rude"]["state"] == "exited")
+        assert doc["containers"]["rude"]["exit_code"] == 5, doc
+        assert "still here" in _lines(doc, "rude")
+    finally:
+        sandbox._run(tasks.task_destroy({"task_id": task_id}))

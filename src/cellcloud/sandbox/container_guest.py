@@ -169,6 +169,10 @@ def _stop(proc: subprocess.Popen[bytes], exited: threading.Event, grace_s: float
 
 def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
     """Run the container's process and relay until it exits (or the agent hangs up)."""
+    # Python's own SIGINT handler would let the container interrupt its pid 1 (and so end
+    # itself without its exit being reported); with the default action, a signal from inside
+    # the pid namespace is not delivered to its init at all.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.set_inheritable(chan_fd, False)
     sock = socket.socket(fileno=chan_fd)
     sock.setblocking(True)
