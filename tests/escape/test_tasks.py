@@ -437,3 +437,28 @@ def test_a_container_cannot_signal_its_guest(
         assert "still here" in _lines(doc, "rude")
     finally:
         sandbox._run(tasks.task_destroy({"task_id": task_id}))
+
+
+def test_a_layer_changed_on_the_host_stops_the_containers_on_it(
+        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+    """The agent's periodic re-measure covers running task containers as it does
+    environments: a container whose layer changed under it is killed, saying why."""
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    tasks = sandbox.agent.tasks
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    sandbox._run(tasks.task_create(m.TaskCreateRequest(task_id, "1", 256, 512, (
+        _container("web", layers, [PY, "/app/stubborn.py"]),)).to_wire()))
+    planted = os.path.join(sandbox.agent.images.layer_dir(layers[-1]), "planted.py")
+    try:
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "web"}))
+        with open(planted, "w") as f:
+            f.write("x = 1\n")
+        sandbox._run(sandbox.agent.remeasure())
+        web = sandbox._run(tasks.task_poll({"task_id": task_id}))["containers"]["web"]
+        assert (web["state"], web["exit_code"]) == ("exited", 137)
+        assert "changed on the host" in web["reason"]
+    finally:
+        if os.path.exists(planted):
+            os.unlink(planted)
+        sandbox._run(tasks.task_destroy({"task_id": task_id}))

@@ -1232,13 +1232,20 @@ class Agent:
             for d in [rec.spec.bundle_dir, *rec.spec.layer_dirs, *rec.spec.image_layers]:
                 if d:
                     dirs.setdefault(d, []).append(env_id)
+        containers = self.tasks.running_layers()  # task containers' image layers too
+        for d in containers:
+            dirs.setdefault(d, [])
         for d, env_ids in dirs.items():
             now = await asyncio.to_thread(attestation.measure_tree, d)
             if now != self._recorded(d):
-                self._alert(f"{os.path.basename(d)} changed while running; stopping {env_ids}")
+                self._alert(f"{os.path.basename(d)} changed while running; stopping "
+                            f"{env_ids + [f'{t}/{c}' for t, c in containers.get(d, [])]}")
                 for env_id in env_ids:
                     if env_id in self.envs:
                         self._remove(env_id)
+                for task_id, name in containers.get(d, []):
+                    self.tasks.kill_container(task_id, name, "an image layer it runs from "
+                                              "changed on the host")
 
     def alloc_slot(self) -> int:
         """A uid slot (uid_base + slot) for an environment; :meth:`free_slot` gives it back."""

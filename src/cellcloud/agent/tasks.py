@@ -535,6 +535,26 @@ class TaskRunner:
         log.info("task %s destroyed", task.req.task_id,
                  extra=eventlog.fields(event="task_destroyed", task=task.req.task_id))
 
+    # -- attestation (the agent's periodic remeasure) -------------------------------------------
+    def running_layers(self) -> dict[str, list[tuple[str, str]]]:
+        """The layer dirs running containers use: dir -> [(task id, container)]."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for task_id, task in self.tasks.items():
+            for name, ctr in task.containers.items():
+                if ctr.state == "running":
+                    for d in ctr.spec.image_layers:
+                        out.setdefault(self.agent.images.layer_dir(d), []).append((task_id, name))
+        return out
+
+    def kill_container(self, task_id: str, name: str, why: str) -> None:
+        """End a running container now (its exit: 137 with ``why`` as its reason)."""
+        task = self.tasks.get(task_id)
+        ctr = task.containers.get(name) if task is not None else None
+        if ctr is None or ctr.state != "running":
+            return
+        self.agent.backend.kill(ctr.pid)
+        self._exited(ctr, 137, None, why)
+
     # -- live update (handover.py) ------------------------------------------------------------
     def hand_over(self) -> list[tuple[dict[str, Any], list[int]]]:
         """Each task's record and its fds (the network namespace first, then the channel of
