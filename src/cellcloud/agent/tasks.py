@@ -125,6 +125,7 @@ class _ContainerChannel(asyncio.Protocol):
         self.run = ctr.run
         self.reader = FrameReader(channel_frame_bytes_max)
         self.handed_over = False  # live update: the successor reads this channel now
+        self.exit_reported = False
 
     def data_received(self, data: bytes) -> None:
         ctr = self.ctr
@@ -145,6 +146,7 @@ class _ContainerChannel(asyncio.Protocol):
                     if ctr.started is not None and not ctr.started.done():
                         ctr.started.set_result(doc)
                     if kind == "exit":
+                        self.exit_reported = True
                         error = doc.get("error")
                         self.runner._exited(ctr, doc.get("code"), doc.get("exited_ms"),
                                             f"CannotStartContainerError: {error}"
@@ -160,7 +162,8 @@ class _ContainerChannel(asyncio.Protocol):
         reported its exit, it ended without one (killed: 137)."""
         if self.handed_over:
             return
-        self.runner.agent.backend.kill(self.pid)
+        if not self.exit_reported:  # a guest that reported its exit is ending by itself
+            self.runner.agent.backend.kill(self.pid)  # (its pid must not be signalled late)
         self.runner.agent.free_slot(self.slot)
         if self.ctr.run == self.run:
             self.runner._exited(self.ctr, None, None)
