@@ -1,5 +1,6 @@
 """The agent server. A fixed set of operations, nothing else: ``create_env``, ``invoke``,
-``destroy``, ``status``, ``attest``, ``forget_bundles``, ``image_blob``. It never opens a connection (``lockdown``); it reaches each environment over the
+``destroy``, ``status``, ``attest``, ``forget_bundles``, ``image_blob``, … and the task ops
+(agent/tasks.py). It never opens a connection (``lockdown``); it reaches each environment over the
 socketpair it created for it, and no environment can reach it.
 """
 
@@ -43,6 +44,7 @@ from ..transport import OpError, Server, Stream
 from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
 from . import lockdown
 from .images import LayerCache
+from .tasks import TaskRunner
 
 log = logging.getLogger("cellcloud.agent")
 
@@ -408,13 +410,20 @@ class Agent:
         # Leases the frontend registered (issue #13): a router may run invocations on the
         # leased environment, one at a time, until the lease expires or is ended.
         self._leases: dict[str, _Lease] = {}
+        # Fargate-style tasks (agent/tasks.py): their containers are environments too.
+        self.tasks = TaskRunner(self)
         self.ops: dict[str, Callable[[Any], Awaitable[Any]]]
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
                     "destroy": self.destroy, "status": self.status, "attest": self.attest,
                     "forget_bundles": self.forget_bundles, "image_blob": self.image_blob,
                     "lease_grant": self.lease_grant, "lease_end": self.lease_end,
                     "leased_invoke": self.leased_invoke, "metrics": self.metrics,
-                    "live_logs": self.live_logs}
+                    "live_logs": self.live_logs,
+                    "task_create": self.tasks.task_create,
+                    "task_container_start": self.tasks.container_start,
+                    "task_container_stop": self.tasks.container_stop,
+                    "task_exec": self.tasks.task_exec, "task_poll": self.tasks.task_poll,
+                    "task_destroy": self.tasks.task_destroy}
         # Prometheus (docs/observability.md): the process's CPU, memory, fds and TLS
         # handshakes, and the environments as this agent sees them; read by its frontend.
         self.metrics_registry = process_registry()
@@ -434,7 +443,8 @@ class Agent:
         if len(self.envs) >= self.envs_max:
             raise OpError("AgentFull", f"{len(self.envs)} environments; the maximum is {self.envs_max}")
         memory_mb = req.function.memory_mb
-        committed = sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
+        committed = (sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
+                     + self.tasks.memory_committed_mb())
         if committed * 2**20 > self.oversubscription * self.memory_budget_bytes:
             raise OpError("AgentFull", f"{committed} MB configured would exceed "
                           f"{self.oversubscription}x the {self.memory_budget_bytes >> 20} MB budget")
@@ -1024,6 +1034,7 @@ class Agent:
         return {
             "agent_id": self.agent_id, "backend": self.backend.name, "pid": os.getpid(),
             "envs_max": self.envs_max, "envs": envs, "counters": dict(self.counters),
+            "tasks": self.tasks.summary(), "task_counters": dict(self.tasks.counters),
             "seccomp": lockdown.seccomp_mode(), "started_ms": self.started_ms,
             "ops": sorted(self.ops),
             "unknown_ops_refused": self.server_stats.unknown_ops if self.server_stats else 0,
@@ -1232,13 +1243,40 @@ class Agent:
             for d in [rec.spec.bundle_dir, *rec.spec.layer_dirs, *rec.spec.image_layers]:
                 if d:
                     dirs.setdefault(d, []).append(env_id)
+        containers = self.tasks.running_layers()  # task containers' image layers too
+        for d in containers:
+            dirs.setdefault(d, [])
         for d, env_ids in dirs.items():
             now = await asyncio.to_thread(attestation.measure_tree, d)
             if now != self._recorded(d):
-                self._alert(f"{os.path.basename(d)} changed while running; stopping {env_ids}")
+                self._alert(f"{os.path.basename(d)} changed while running; stopping "
+                            f"{env_ids + [f'{t}/{c}' for t, c in containers.get(d, [])]}")
                 for env_id in env_ids:
                     if env_id in self.envs:
                         self._remove(env_id)
+                for task_id, name in containers.get(d, []):
+                    self.tasks.kill_container(task_id, name, "an image layer it runs from "
+                                              "changed on the host")
+
+    def alloc_slot(self) -> int:
+        """A uid slot (uid_base + slot) for an environment; :meth:`free_slot` gives it back."""
+        return self._alloc_slot()
+
+    def free_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+
+    def reserve_slot(self, slot: int) -> None:
+        """An adopted process runs as this slot's uid: it is not handed out again."""
+        if slot in self._free_slots:
+            self._free_slots.remove(slot)
+        while self._next_slot <= slot:
+            if self._next_slot != slot:
+                self._free_slots.append(self._next_slot)
+            self._next_slot += 1
+
+    def remove_cgroup_later(self, cg: cgroups.Cgroup) -> None:
+        """A cgroup whose processes are still exiting: housekeeping removes it once empty."""
+        self._zombie_cgroups.append(cg)
 
     def _alloc_slot(self) -> int:
         if self._free_slots:
@@ -1304,13 +1342,16 @@ class Agent:
             if ticks % remeasure_interval_s == 0:
                 await self.remeasure()
             self._zombie_cgroups = [cg for cg in self._zombie_cgroups if not cg.destroy()]
-            self.memory_used_bytes = sum(r.cgroup.usage().memory_bytes for r in self.envs.values())
+            self.memory_used_bytes = (sum(r.cgroup.usage().memory_bytes
+                                          for r in self.envs.values())
+                                      + self.tasks.memory_used_bytes())
 
     def close(self, cgroups_wait_s: float = 5.0) -> None:
         """Stop for good: every environment is killed and its cgroup removed, then the agent's
         own cgroup directory (bounded wait: killed processes take a moment to exit)."""
         for env_id in list(self.envs):
             self._remove(env_id)
+        self.tasks.close()
         self.backend.close()
         deadline = time.monotonic() + cgroups_wait_s
         while True:
@@ -1342,10 +1383,11 @@ async def serve(args: argparse.Namespace) -> None:
                     "limits (--allow-unlimited)", cgroups.ROOT)
     adopted: list[tuple[dict[str, Any], Any]] = []
     handed: dict[str, Any] = {}  # from a live update: the running network helper's channel
+    handed_tasks: list[tuple[dict[str, Any], list[int]]] = []
     listen_sock = None
     if args.adopt:
         # Live update: the previous agent process hands over its socket and environments.
-        listen_sock, adopted = handover.receive(args.adopt, handed)
+        listen_sock, adopted = handover.receive(args.adopt, handed, handed_tasks)
         log.warning("adopted %d environments from the previous agent process", len(adopted))
     else:
         swept = cgroups.sweep(group)
@@ -1403,6 +1445,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not args.no_lockdown:
         lockdown.lock_down()
     await agent.adopt(adopted)
+    await agent.tasks.adopt(handed_tasks)
     server = Server(agent.ops)
     agent.server_stats = server.stats
     host, port = await server.listen_tcp("", 0, sock=sock)

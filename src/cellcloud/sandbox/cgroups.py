@@ -50,6 +50,7 @@ class Limits:
     pids_max: int
     memory_mb: int
     cpu_quota_us: int = UNLIMITED  # per DEFAULT_LIMITS.env_cpu_period_us; UNLIMITED: no cap
+    cpu_shares: int = 0  # cpu.shares (1024 = one vCPU; cpu.weight from it); 0: from memory_mb
 
 
 @dataclass
@@ -104,7 +105,8 @@ class Cgroup:
             self._enable_v2_controllers()
         for d in self._dirs():
             os.makedirs(d, exist_ok=True)
-        shares = max(2, 1024 * limits.memory_mb // DEFAULT_LIMITS.memory_mb_per_vcpu)
+        shares = max(2, limits.cpu_shares
+                     or 1024 * limits.memory_mb // DEFAULT_LIMITS.memory_mb_per_vcpu)
         mem = str(limits.memory_bytes) if limits.memory_bytes < UNLIMITED else "max"
         pids = str(limits.pids_max) if limits.pids_max < UNLIMITED else "max"
         if self.version == 1:
@@ -150,6 +152,12 @@ class Cgroup:
             _write(os.path.join(cur, "cgroup.subtree_control"), "+memory +pids +cpu")
         except OSError:
             pass
+
+    def exists(self) -> bool:
+        """Whether the cgroup is there in every controller used (a join of a missing one
+        would silently leave the process where it was on cgroup v1)."""
+        dirs = self._dirs()
+        return bool(dirs) and all(os.path.isdir(d) for d in dirs)
 
     def join(self, pid: int = 0) -> None:
         """Move ``pid`` (0: the caller) into this cgroup in every controller."""
