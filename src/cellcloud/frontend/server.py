@@ -29,6 +29,7 @@ from .logs_api import LogsApi
 from .logstore import LogStore
 from .mappings import Mappings
 from .store import SqliteFunctionStore
+from .tasks import TaskManager, TaskStore
 
 log = logging.getLogger("cellcloud.frontend")
 
@@ -80,6 +81,10 @@ async def serve(args: argparse.Namespace) -> None:
     cell.catalog.registry = registry.store  # ImageUri of PackageType Image functions
     # A deleted image fails the functions on it; their layers stay while a record names them.
     registry.on_deleted = functools.partial(image_functions.images_deleted, cell.catalog)
+    # ECS tasks (frontend/tasks.py): records in <state>/tasks.db; unfinished ones resumed
+    # before the first agent poll, so their environments are known and kept.
+    cell.tasks = TaskManager(cell, TaskStore(os.path.abspath(args.state_dir)), cell.limits)
+    cell.tasks.load()
     await cell.sync_agents(first=True)
     cell.catalog.load_provisioned()  # the pools are refilled by the first tick
     # Functions' logs as CloudWatch Logs (<state>/logs.db) and the Logs API over them.
@@ -127,6 +132,7 @@ async def serve(args: argparse.Namespace) -> None:
         await runtime.wait_for_shutdown()
     finally:
         task.cancel()
+        await cell.tasks.close()
         await cell.mappings.close()
         live_task.cancel()
         cell.flush_logs()
@@ -199,6 +205,12 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,
             raise OpError("InvalidRequest", str(e)) from e
         return {}
 
+    # The ECS task API's cell side (frontend/tasks.py), called by the control plane only.
+    async def ecs_tasks(body: dict[str, Any]) -> dict[str, Any]:
+        if cell.tasks is None:
+            raise OpError("ServerException", "this cell runs no ECS tasks")
+        return await cell.tasks.op(body)
+
     async def async_status(_: Any) -> dict[str, Any]:
         assert cell.events is not None
         return {**cell.events.statistics(), "queues": dict(queues.counters)}
@@ -222,6 +234,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,
             "metrics": metrics, "metrics_push": metrics_push, "url": url,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
+            "ecs_tasks": ecs_tasks,
             **registry.ops()}
 
 
