@@ -21,6 +21,7 @@ import botocore.session
 
 from cellcloud.control.configstore import SqliteConfigStore
 from cellcloud.control.ecs import TARGET_PREFIX, Ecs
+from cellcloud.core import messages as m
 from cellcloud.core.limits import DEFAULT_LIMITS, Limits
 from cellcloud.frontend.cell import Cell
 from cellcloud.frontend.logstore import LogStore
@@ -40,7 +41,9 @@ CONTAINER_MEMBERS = set(MODEL.shape_for("Container").members)
 
 
 class FakeAgent:
-    """An agent's task ops, in memory. Containers run until stopped or told to exit."""
+    """An agent's task ops, in memory (requests read and answers written with the typed
+    messages of core/messages.py, as agent/tasks.py does). Containers run until stopped or
+    told to exit."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -64,16 +67,22 @@ class FakeAgent:
                 self.layers.add(d)
             return {}
         if op == "task_create":
-            for c in body["containers"]:
-                for d in c["image_layers"]:
+            req = m.TaskCreateRequest.from_wire(body)
+            for c in req.containers:
+                for d in c.image_layers:
                     if d not in self.layers:
                         raise RemoteError("LayerMissing", f"push {d}", {"digest": d})
-            self.tasks[body["task_id"]] = {
-                "body": body, "logs": {c["name"]: [] for c in body["containers"]},
-                "containers": {c["name"]: {"state": "created", "exit_code": None,
-                                           "started_ms": None, "exited_ms": None}
-                               for c in body["containers"]}}
-            return {"task_id": body["task_id"], "private_ipv4": f"10.200.{self.n}.{len(self.tasks) + 1}"}
+            self.tasks[req.task_id] = {
+                "body": body, "logs": {c.name: [] for c in req.containers},
+                "containers": {c.name: {"state": "pending", "exit_code": None,
+                                        "started_ms": None, "exited_ms": None}
+                               for c in req.containers}}
+            return m.TaskCreateReply(req.task_id,
+                                     f"10.200.{self.n}.{len(self.tasks) + 1}").to_wire()
+        parse = {"task_container_start": m.TaskContainerRequest,
+                 "task_container_stop": m.TaskContainerStopRequest, "task_exec": m.TaskExecRequest,
+                 "task_poll": m.TaskPollRequest, "task_destroy": m.TaskDestroyRequest}[op]
+        parse.from_wire(body)  # type: ignore[attr-defined]
         t = self.tasks.get(body["task_id"])
         if t is None:
             raise RemoteError("TaskNotFound", "no such task")
@@ -83,22 +92,25 @@ class FakeAgent:
             if body["container"] in self.exit_on_start:
                 c.update(state="exited", exit_code=self.exit_on_start[body["container"]],
                          exited_ms=2)
-            return {"pid": 100}
+            return m.TaskContainerStartReply(100).to_wire()
         if op == "task_container_stop":
             c = t["containers"][body["container"]]
             if c["state"] == "running":
                 c.update(state="exited", exit_code=143, exited_ms=3)
-            return {}
+            return m.TaskContainerStopReply(c["exit_code"]).to_wire()
         if op == "task_exec":
-            return {"exit_code": self.health_exit, "output": ""}
+            return m.TaskExecReply(self.health_exit).to_wire()
         if op == "task_poll":
             logs = t["logs"]
             t["logs"] = {n: [] for n in logs}
-            return {"containers": {n: dict(c) for n, c in t["containers"].items()},
-                    "logs": logs, "cursors": {}, "cpu_usage_ns": 0, "memory_bytes": 0}
+            return m.TaskPollReply(
+                containers={n: m.TaskContainerState(**c) for n, c in t["containers"].items()},
+                logs={n: tuple(m.TaskLogLine(7, text) for text in lines)
+                      for n, lines in logs.items()},
+                cursors={n: 1 for n in logs}).to_wire()
         if op == "task_destroy":
             del self.tasks[body["task_id"]]
-            return {}
+            return m.TaskDestroyReply(True).to_wire()
         raise RemoteError("UnknownOp", op)
 
     def exit(self, task_id: str, name: str, code: int) -> None:

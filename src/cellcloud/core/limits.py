@@ -221,7 +221,6 @@ class Limits:
     ecs_task_poll_interval_ms: int = 500  # a running task's containers and logs polled
     ecs_task_poll_failures_max: int = 10  # polls in a row its agent fails: the task is lost
     ecs_task_cpu_units_per_agent_max: int = 16 * 1024  # tasks' cpu on one agent (16 vCPU)
-    ecs_task_log_lines_per_poll_max: int = 1_000  # log lines one poll files per container
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200

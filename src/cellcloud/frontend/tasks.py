@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import ecs_taskdef as td
 from ..core import ecs_tasks as et
+from ..core import messages as m
 from ..core.ecs_taskdef import EcsError
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
@@ -57,7 +58,6 @@ CREATE TABLE IF NOT EXISTS run_tokens (
     account TEXT NOT NULL, token TEXT NOT NULL, created_ms INTEGER NOT NULL,
     answer TEXT NOT NULL, PRIMARY KEY (account, token));
 """
-_EXITED = frozenset({"exited", "stopped", "dead"})
 _CONTAINER_KEYS = td.CONTAINER_FIELDS
 _TASK_KEYS = td.TASK_FIELDS - {"tags"}
 _layer_pushes_max = 2  # per layer and create: once, and once more if the agent forgot it
@@ -470,12 +470,12 @@ class TaskManager:
                 image = image_functions.resolve(self.cell.catalog, account, c.image)
                 live.images[c.name] = image
                 env = {**image.get("env", {}), **dict(c.environment)}
-                containers.append({
-                    "name": c.name, "image_layers": list(image["layers"]),
-                    "argv": _argv(c, image), "env": env,
-                    "workdir": c.working_directory or image.get("workdir") or "/",
-                    "port_mappings": [{"container_port": p.container_port,
-                                       "protocol": p.protocol} for p in c.ports]})
+                containers.append(m.TaskContainer(
+                    name=c.name, image_layers=tuple(image["layers"]),
+                    argv=tuple(_argv(c, image)), env=env,
+                    workdir=c.working_directory or image.get("workdir") or "",
+                    port_mappings=tuple(m.TaskPortMapping(p.container_port, p.protocol)
+                                        for p in c.ports)))
         except LambdaError as e:
             self._feed(live, et.ProvisionFailed(f"CannotPullContainerError: {e.message}"))
             return
@@ -483,16 +483,16 @@ class TaskManager:
         if live.task.desired_status == "STOPPED":  # stopped before its environment was made
             self._feed(live, et.ProvisionFailed("stopped before provisioning"))
             return
-        body = {"task_id": rec["id"], "account": account, "tenant": account,
-                "cpu_units": rec["cpu"], "memory_mib": rec["memory"],
-                "hostname": rec["hostname"], "containers": containers, "network": {}}
+        body = m.TaskCreateRequest(task_id=rec["id"], account=account, cpu_units=rec["cpu"],
+                                   memory_mib=rec["memory"], containers=tuple(containers),
+                                   hostname=rec["hostname"]).to_wire()
         timeout_s = self.limits.agent_call_timeout_ms / 1000
         pushes: dict[str, int] = {}
         try:
             while True:
                 try:
-                    reply = await self._call(live, "task_create", body,
-                                             self.limits.env_create_timeout_ms / 1000)
+                    reply = m.TaskCreateReply.from_wire(await self._call(
+                        live, "task_create", body, self.limits.env_create_timeout_ms / 1000))
                     break
                 except RemoteError as e:
                     digest = str(e.data.get("digest", ""))
@@ -506,14 +506,13 @@ class TaskManager:
                     await image_functions.push_image_layer(self.cell, self._client(live),
                                                            account, holder, digest, timeout_s)
                     self.counters["layers_pushed"] += 1
-        except (RemoteError, TransportError, LambdaError) as e:
+        except (RemoteError, TransportError, LambdaError, m.MessageError) as e:
             message = e.message if isinstance(e, RemoteError | LambdaError) else str(e)
             self._feed(live, et.ProvisionFailed(
                 f"ResourceInitializationError: the task's environment could not be made "
                 f"on its host: {message}"))
             return
-        rec["private_ipv4"] = str(reply.get("private_ipv4") or "") \
-            if isinstance(reply, dict) else ""
+        rec["private_ipv4"] = reply.private_ipv4
         rec["pull_stopped_ms"] = rec["connectivity_ms"] = self.now_ms()
         self._feed(live, et.Provisioned())
         await self._poll_loop(live)
@@ -521,7 +520,7 @@ class TaskManager:
     async def _start(self, live: Live, name: str) -> None:
         try:
             await self._call(live, "task_container_start",
-                             {"task_id": live.rec["id"], "container": name})
+                             m.TaskContainerRequest(live.rec["id"], name).to_wire())
         except (RemoteError, TransportError) as e:
             self._feed(live, et.ContainerStartFailed(name, f"CannotStartContainerError: {e}"))
             return
@@ -530,8 +529,8 @@ class TaskManager:
     async def _stop_container(self, live: Live, name: str, grace_ms: int) -> None:
         try:
             await self._call(live, "task_container_stop",
-                             {"task_id": live.rec["id"], "container": name,
-                              "grace_s": grace_ms / 1000},
+                             m.TaskContainerStopRequest(live.rec["id"], name,
+                                                        grace_ms / 1000).to_wire(),
                              self.limits.agent_call_timeout_ms / 1000 + grace_ms / 1000)
         except (RemoteError, TransportError) as e:
             # Its host cannot stop it: as far as this cell knows, it is gone.
@@ -540,18 +539,20 @@ class TaskManager:
     async def _probe(self, live: Live, name: str, command: tuple[str, ...],
                      timeout_ms: int) -> None:
         try:
-            reply = await self._call(live, "task_exec", {
-                "task_id": live.rec["id"], "container": name, "command": _probe_argv(command),
-                "timeout_s": timeout_ms / 1000},
-                self.limits.agent_call_timeout_ms / 1000 + timeout_ms / 1000)
-            ok = isinstance(reply, dict) and reply.get("exit_code") == 0
-        except (RemoteError, TransportError):
+            reply = m.TaskExecReply.from_wire(await self._call(
+                live, "task_exec", m.TaskExecRequest(live.rec["id"], name,
+                                                     tuple(_probe_argv(command)),
+                                                     timeout_ms / 1000).to_wire(),
+                self.limits.agent_call_timeout_ms / 1000 + timeout_ms / 1000))
+            ok = reply.exit_code == 0
+        except (RemoteError, TransportError, m.MessageError):
             ok = False
         self._feed(live, et.HealthResult(name, ok))
 
     async def _release(self, live: Live) -> None:
         try:
-            await self._call(live, "task_destroy", {"task_id": live.rec["id"]})
+            await self._call(live, "task_destroy",
+                             m.TaskDestroyRequest(live.rec["id"]).to_wire())
         except (RemoteError, TransportError) as e:
             log.warning("task %s: destroy on %s failed: %s", live.rec["id"],
                         live.rec["agent_id"], e)
@@ -571,9 +572,9 @@ class TaskManager:
 
     async def poll_once(self, live: Live) -> None:
         try:
-            reply = await self._call(live, "task_poll", {"task_id": live.rec["id"],
-                                                         "logs_after": live.cursors})
-        except (RemoteError, TransportError) as e:
+            reply = m.TaskPollReply.from_wire(await self._call(
+                live, "task_poll", m.TaskPollRequest(live.rec["id"], live.cursors).to_wire()))
+        except (RemoteError, TransportError, m.MessageError) as e:
             live.poll_failures += 1
             self.counters["polls_failed"] += 1
             gone = isinstance(e, RemoteError) and e.type in ("TaskNotFound", "NoSuchTask")
@@ -585,19 +586,14 @@ class TaskManager:
                 self._feed(live, et.Tick())
             return
         live.poll_failures = 0
-        if not isinstance(reply, dict):
-            return
-        self._file_logs(live, reply.get("logs") or {})
-        if isinstance(reply.get("cursors"), dict):
-            live.cursors = reply["cursors"]
-        for name, st in (reply.get("containers") or {}).items():
+        self._file_logs(live, reply.logs)
+        live.cursors = {**live.cursors, **reply.cursors}
+        for name, st in reply.containers.items():
             c = live.task.containers.get(name)
-            if c is None or c.status != "RUNNING" or not isinstance(st, dict):
+            if c is None or c.status != "RUNNING":
                 continue
-            if st.get("state") in _EXITED or st.get("exited_ms") is not None:
-                code = st.get("exit_code")
-                self._feed(live, et.ContainerExited(
-                    name, code if isinstance(code, int) else None))
+            if st.state == "exited" or st.exited_ms is not None:
+                self._feed(live, et.ContainerExited(name, st.exit_code))
         self._feed(live, et.Tick())
 
     def _lost(self, live: Live, reason: str) -> None:
@@ -607,24 +603,23 @@ class TaskManager:
         if live.task.last_status == "PENDING":
             self._feed(live, et.StopRequested(reason, "scheduler"))
 
-    def _file_logs(self, live: Live, logs: dict[str, Any]) -> None:
+    def _file_logs(self, live: Live, logs: dict[str, tuple[m.TaskLogLine, ...]]) -> None:
         store = self.cell.logstore
-        if store is None or not isinstance(logs, dict):
+        if store is None:
             return
         rec, now = live.rec, self.now_ms()
         rows = []
         for name, lines in logs.items():
             c = next((c for c in live.task.task_def.containers if c.name == name), None)
-            if c is None or c.log_driver != "awslogs" or not isinstance(lines, list):
+            if c is None or c.log_driver != "awslogs":
                 continue
             opts = dict(c.log_options)
             group = opts.get("awslogs-group", "")
             if not group:
                 continue
             stream = f"{opts.get('awslogs-stream-prefix', 'ecs')}/{name}/{rec['id']}"
-            for line in lines[:self.limits.ecs_task_log_lines_per_poll_max]:
-                text = line.decode(errors="replace") if isinstance(line, bytes) else str(line)
-                rows.append((rec["account"], group, stream, now, "", text.rstrip("\n")))
+            for line in lines:  # the agent bounds a poll's lines
+                rows.append((rec["account"], group, stream, line.time_ms, "", line.text))
         if rows:
             try:
                 store.append(rows, now)
