@@ -54,6 +54,7 @@ class FakeAgent:
         self.health_exit = 0
         self.down = False
         self.exit_on_start: dict[str, int] = {}  # container name -> exits at once with
+        self.stop_gate: asyncio.Event | None = None  # set: task_container_stop waits on it
 
     async def call(self, op: str, body: Any, timeout_s: float) -> Any:
         self.calls.append((op, body))
@@ -94,6 +95,8 @@ class FakeAgent:
                          exited_ms=2)
             return m.TaskContainerStartReply(100).to_wire()
         if op == "task_container_stop":
+            if self.stop_gate is not None:  # a container slow to stop (its grace period)
+                await self.stop_gate.wait()
             c = t["containers"][body["container"]]
             if c["state"] == "running":
                 c.update(state="exited", exit_code=143, exited_ms=3)
@@ -352,6 +355,28 @@ def test_run_describe_logs_stop(tmp_path: Path) -> None:
     run({}, body, tmp_path)
 
 
+def test_a_stopping_task_keeps_its_cluster(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", two_containers())
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        await w.wait_status(t["taskArn"], "RUNNING")
+        gate = asyncio.Event()
+        for a in w.agents.values():
+            a.stop_gate = gate
+        await w.ok("StopTask", {"task": t["taskArn"]})
+        await w.wait_status(t["taskArn"], "STOPPING")
+        c = (await w.ok("DescribeClusters", {}))["clusters"][0]
+        assert (c["runningTasksCount"], c["pendingTasksCount"]) == (0, 0)
+        assert (await w.err("DeleteCluster", {"cluster": "default"}))[0] \
+            == "ClusterContainsTasksException"
+        gate.set()
+        t = await w.wait_status(t["taskArn"], "STOPPED")
+        assert t["containers"][0]["exitCode"] == 143
+        await w.ok("DeleteCluster", {"cluster": "default"})
+    run({}, body, tmp_path)
+
+
 def test_an_essential_container_that_exits_at_once_stops_the_task_clearly(
         tmp_path: Path) -> None:
     async def body(w: World) -> None:
@@ -532,6 +557,6 @@ def test_an_image_deleted_since_registration_fails_the_task_to_start(tmp_path: P
 
 def test_task_records_survive_in_the_cell_store(tmp_path: Path) -> None:
     store = TaskStore(str(tmp_path))
-    assert store.unfinished() == [] and store.counts(A, "default") == {"running": 0,
-                                                                        "pending": 0}
+    assert store.unfinished() == [] and store.counts(A, "default") == {
+        "running": 0, "pending": 0, "stopping": 0}
     assert os.path.exists(tmp_path / "tasks.db")

@@ -389,7 +389,7 @@ class Ecs:
         if e is None:
             raise cluster_not_found()
         counts = await self._counts(account, name)
-        if counts.get("running", 0) or counts.get("pending", 0):
+        if any(counts.values()):  # running, pending or stopping tasks
             raise ApiError("ClusterContainsTasksException",
                            "The Cluster cannot be deleted while Tasks are active.")
         if not await self.store.delete(key):

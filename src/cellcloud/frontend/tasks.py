@@ -99,11 +99,14 @@ class TaskStore:
         return [r[0] for r in self.db.execute(q + " ORDER BY created_ms, task_id", args)]
 
     def counts(self, account: str, cluster: str) -> dict[str, int]:
-        out = {"running": 0, "pending": 0}
+        """Tasks not STOPPED: ``running`` (RUNNING), ``pending`` (PROVISIONING, PENDING) and
+        ``stopping`` (STOPPING; a cluster with any of them is not empty)."""
+        out = {"running": 0, "pending": 0, "stopping": 0}
+        names = {"RUNNING": "running", "STOPPING": "stopping"}
         for status, n in self.db.execute(
                 "SELECT last_status, count(*) FROM tasks WHERE account=? AND cluster=? "
                 "AND last_status != 'STOPPED' GROUP BY last_status", (account, cluster)):
-            out["running" if status == "RUNNING" else "pending"] += n
+            out[names.get(status, "pending")] += n
         return out
 
     def active_count(self, account: str) -> int:
@@ -528,13 +531,18 @@ class TaskManager:
 
     async def _stop_container(self, live: Live, name: str, grace_ms: int) -> None:
         try:
-            await self._call(live, "task_container_stop",
-                             m.TaskContainerStopRequest(live.rec["id"], name,
-                                                        grace_ms / 1000).to_wire(),
-                             self.limits.agent_call_timeout_ms / 1000 + grace_ms / 1000)
-        except (RemoteError, TransportError) as e:
+            reply = m.TaskContainerStopReply.from_wire(await self._call(
+                live, "task_container_stop",
+                m.TaskContainerStopRequest(live.rec["id"], name, grace_ms / 1000).to_wire(),
+                self.limits.agent_call_timeout_ms / 1000 + grace_ms / 1000))
+        except (RemoteError, TransportError, m.MessageError) as e:
             # Its host cannot stop it: as far as this cell knows, it is gone.
             self._feed(live, et.ContainerExited(name, None, f"could not be stopped: {e}"))
+            return
+        # Answered once it exited: its exit now, not at the next poll (None: it was not
+        # running; the poll reports how it ended).
+        if reply.exit_code is not None and live.task.containers[name].status == "RUNNING":
+            self._feed(live, et.ContainerExited(name, reply.exit_code))
 
     async def _probe(self, live: Live, name: str, command: tuple[str, ...],
                      timeout_ms: int) -> None:
