@@ -425,8 +425,17 @@ def test_cpu_is_counted_too(tmp_path: Path) -> None:
         out = await w.ok("RunTask", {"taskDefinition": "web", "count": 3})
         assert len(out["tasks"]) == 2
         assert [f["reason"] for f in out["failures"]] == ["RESOURCE:CPU"]
-    run({"limits": replace(DEFAULT_LIMITS, ecs_task_cpu_units_per_agent_max=256)}, body,
-        tmp_path)
+        # the tenant's task cap counts tasks not yet STOPPED
+        assert (await w.err("RunTask", {"taskDefinition": "web", "count": 2}))[0] \
+            == "LimitExceededException"
+        # their layers are held against the registry's collection while they run
+        await w.wait_status(out["tasks"][0]["taskArn"], "RUNNING")
+        await w.wait_status(out["tasks"][1]["taskArn"], "RUNNING")
+        assert w.cell.tasks is not None
+        assert w.cell.tasks.held_layers(A) == {w.web_layer, w.side_layer}
+        assert w.cell.tasks.held_layers(B) == set()
+    run({"limits": replace(DEFAULT_LIMITS, ecs_task_cpu_units_per_agent_max=256,
+                           ecs_tasks_per_tenant_max=3)}, body, tmp_path)
 
 
 def test_a_restarted_frontend_describes_and_drives_its_tasks(tmp_path: Path) -> None:

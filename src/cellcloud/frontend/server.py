@@ -120,8 +120,7 @@ async def serve(args: argparse.Namespace) -> None:
             collect_in -= tick_interval_s
             if collect_in <= 0:
                 collect_in = registry_collect_interval_s
-                registry.store.collect(now_ms(), functools.partial(
-                    image_functions.held_layers, cell.catalog))
+                registry.store.collect(now_ms(), functools.partial(held_layers, cell))
 
     task = asyncio.ensure_future(ticker())
     cell.mappings.start()
@@ -139,6 +138,13 @@ async def serve(args: argparse.Namespace) -> None:
         await server.close()
         if cell.spans is not None:
             cell.spans.shutdown()
+
+
+def held_layers(cell: Cell, account: str) -> set[str]:
+    """Blobs the registry's collection keeps for ``account``: its image functions' layers and
+    its unfinished ECS tasks'."""
+    held = image_functions.held_layers(cell.catalog, account)
+    return held | cell.tasks.held_layers(account) if cell.tasks is not None else held
 
 
 def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,

@@ -417,6 +417,12 @@ class TaskManager:
                 tasks.append(self.view(rec, tags))
         return {"tasks": tasks, "failures": failures}
 
+    def held_layers(self, account: str) -> set[str]:
+        """Layers the tenant's unfinished tasks run on: kept by the registry's collection
+        even when their manifests were deleted (as image functions' are)."""
+        return {str(d) for live in list(self.live.values()) if live.rec["account"] == account
+                for d in live.rec.get("layers", [])}
+
     def sweep(self) -> None:
         self.store.forget_stopped(self.now_ms() - self.limits.ecs_stopped_task_retention_ms)
 
@@ -483,6 +489,7 @@ class TaskManager:
             self._feed(live, et.ProvisionFailed(f"CannotPullContainerError: {e.message}"))
             return
         rec["image_digests"] = {n: i["digest"] for n, i in live.images.items()}
+        rec["layers"] = sorted({d for i in live.images.values() for d in i["layers"]})
         if live.task.desired_status == "STOPPED":  # stopped before its environment was made
             self._feed(live, et.ProvisionFailed("stopped before provisioning"))
             return
