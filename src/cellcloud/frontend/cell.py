@@ -405,9 +405,9 @@ class Cell:
                 self.failed_agents.pop(agent_id, None)
             known = self.placement.agents[agent_id].envs
             for env in st["envs"]:
-                if env["env_id"] not in known and env["env_id"] not in (
-                    self.placement.task_agent  # an ECS task's (frontend/tasks.py)
-                ) and (first or not env["env_id"].startswith(self.placement_prefix)):
+                if env["env_id"] not in known and (
+                    first or not env["env_id"].startswith(self.placement_prefix)
+                ):
                     await self.invoker.destroy(env["env_id"], agent_id)
         if any(self._forget_pending.values()) and not self._forgetting:
             await self._send_forgets()

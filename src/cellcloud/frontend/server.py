@@ -82,7 +82,8 @@ async def serve(args: argparse.Namespace) -> None:
     # A deleted image fails the functions on it; their layers stay while a record names them.
     registry.on_deleted = functools.partial(image_functions.images_deleted, cell.catalog)
     # ECS tasks (frontend/tasks.py): records in <state>/tasks.db; unfinished ones resumed
-    # before the first agent poll, so their environments are known and kept.
+    # (an agent's task containers are not among the environments its status lists, so the
+    # first poll below leaves them alone).
     cell.tasks = TaskManager(cell, TaskStore(os.path.abspath(args.state_dir)), cell.limits)
     cell.tasks.load()
     await cell.sync_agents(first=True)
