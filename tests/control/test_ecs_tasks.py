@@ -55,6 +55,7 @@ class FakeAgent:
         self.down = False
         self.exit_on_start: dict[str, int] = {}  # container name -> exits at once with
         self.stop_gate: asyncio.Event | None = None  # set: task_container_stop waits on it
+        self.full = False  # task_create answers AgentFull
 
     async def call(self, op: str, body: Any, timeout_s: float) -> Any:
         self.calls.append((op, body))
@@ -69,6 +70,8 @@ class FakeAgent:
             return {}
         if op == "task_create":
             req = m.TaskCreateRequest.from_wire(body)
+            if self.full:
+                raise RemoteError("AgentFull", "agent_tasks_max reached")
             for c in req.containers:
                 for d in c.image_layers:
                     if d not in self.layers:
@@ -85,6 +88,8 @@ class FakeAgent:
                  "task_poll": m.TaskPollRequest, "task_destroy": m.TaskDestroyRequest}[op]
         parse.from_wire(body)  # type: ignore[attr-defined]
         t = self.tasks.get(body["task_id"])
+        if t is None and op == "task_destroy":
+            return m.TaskDestroyReply(False).to_wire()  # idempotent, as the agent's
         if t is None:
             raise RemoteError("TaskNotFound", "no such task")
         if op == "task_container_start":
@@ -416,6 +421,27 @@ def test_no_room_is_a_failure_entry(tmp_path: Path) -> None:
         again = await w.ok("RunTask", {"taskDefinition": "web"})
         assert len(again["tasks"]) == 1 and again["failures"] == []
     run({"memory_mb_max": 1024}, body, tmp_path)
+
+
+def test_a_full_agent_sends_the_task_to_another_of_its_shard(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", two_containers())
+        assert w.cell.tasks is not None
+        shard = w.cell.shard_of(f"{A}/ecs/default")
+        w.agents[shard[0]].full = w.agents[shard[1]].full = True
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        t = await w.wait_status(t["taskArn"], "STOPPED")  # every agent of its shard is full
+        assert t["stopCode"] == "TaskFailedToStart"
+        assert "AgentFull" in t["stoppedReason"]
+        assert w.cell.placement.task_agent == {}
+        w.agents[shard[1]].full = False
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        t = await w.wait_status(t["taskArn"], "RUNNING")
+        assert w.agent_of(t) is w.agents[shard[1]]
+        outside = set(w.agents) - set(shard)
+        assert not any(op == "task_create" for a in outside for op, _ in w.agents[a].calls)
+    run({}, body, tmp_path)
 
 
 def test_cpu_is_counted_too(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS run_tokens (
 _CONTAINER_KEYS = td.CONTAINER_FIELDS
 _TASK_KEYS = td.TASK_FIELDS - {"tags"}
 _layer_pushes_max = 2  # per layer and create: once, and once more if the agent forgot it
+_FULL = frozenset({"AgentFull", "HostMemoryExhausted"})  # task_create: try another agent
 
 
 class TaskStore:
@@ -498,6 +499,7 @@ class TaskManager:
                                    hostname=rec["hostname"]).to_wire()
         timeout_s = self.limits.agent_call_timeout_ms / 1000
         pushes: dict[str, int] = {}
+        full: set[str] = set()  # agents of the shard that answered they are full
         try:
             while True:
                 try:
@@ -505,6 +507,9 @@ class TaskManager:
                         live, "task_create", body, self.limits.env_create_timeout_ms / 1000))
                     break
                 except RemoteError as e:
+                    if e.type in _FULL and self._replace(live, full):
+                        pushes.clear()  # the next agent's layers are its own
+                        continue
                     digest = str(e.data.get("digest", ""))
                     if e.type != "LayerMissing" or pushes.get(digest, 0) >= _layer_pushes_max:
                         raise
@@ -517,7 +522,7 @@ class TaskManager:
                                                            account, holder, digest, timeout_s)
                     self.counters["layers_pushed"] += 1
         except (RemoteError, TransportError, LambdaError, m.MessageError) as e:
-            message = e.message if isinstance(e, RemoteError | LambdaError) else str(e)
+            message = e.message if isinstance(e, LambdaError) else str(e)  # "Type: message"
             self._feed(live, et.ProvisionFailed(
                 f"ResourceInitializationError: the task's environment could not be made "
                 f"on its host: {message}"))
@@ -526,6 +531,26 @@ class TaskManager:
         rec["pull_stopped_ms"] = rec["connectivity_ms"] = self.now_ms()
         self._feed(live, et.Provisioned())
         await self._poll_loop(live)
+
+    def _replace(self, live: Live, full: set[str]) -> bool:
+        """Its agent is full (what placement did not know: the agent's own task cap, its
+        host's memory): the task moves to another agent of its shard, if one has room."""
+        rec = live.rec
+        full.add(rec["agent_id"])
+        placement = self.cell.placement
+        placement.release_task(rec["id"])
+        shard = [a for a in self.cell.shard_of(f"{rec['account']}/ecs/{rec['cluster']}")
+                 if a not in full]
+        placed = placement.place_task(rec["id"], rec["memory"], rec["cpu"],
+                                      self.limits.ecs_task_cpu_units_per_agent_max, shard)
+        if isinstance(placed, NoRoom):
+            placement.hold_task(rec["id"], rec["agent_id"], rec["memory"], rec["cpu"])
+            return False  # released again by the Release that follows the failure
+        log.info("task %s: agent %s is full; placed on %s", rec["id"], rec["agent_id"],
+                 placed.agent_id)
+        rec["agent_id"] = placed.agent_id
+        self.store.put(rec)
+        return True
 
     async def _start(self, live: Live, name: str) -> None:
         try:
