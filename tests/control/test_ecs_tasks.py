@@ -79,7 +79,7 @@ class FakeAgent:
             self.tasks[req.task_id] = {
                 "body": body, "logs": {c.name: [] for c in req.containers},
                 "containers": {c.name: {"state": "pending", "exit_code": None,
-                                        "started_ms": None, "exited_ms": None}
+                                        "started_ms": None, "exited_ms": None, "reason": ""}
                                for c in req.containers}}
             return m.TaskCreateReply(req.task_id,
                                      f"10.200.{self.n}.{len(self.tasks) + 1}").to_wire()
@@ -121,9 +121,9 @@ class FakeAgent:
             return m.TaskDestroyReply(True).to_wire()
         raise RemoteError("UnknownOp", op)
 
-    def exit(self, task_id: str, name: str, code: int) -> None:
+    def exit(self, task_id: str, name: str, code: int, reason: str = "") -> None:
         self.tasks[task_id]["containers"][name].update(state="exited", exit_code=code,
-                                                        exited_ms=5)
+                                                        exited_ms=5, reason=reason)
 
 
 class FakeFrontend:
@@ -489,6 +489,20 @@ def test_a_restarted_frontend_describes_and_drives_its_tasks(tmp_path: Path) -> 
         w.agent_of(t).exit(t["taskArn"].rsplit("/", 1)[1], "web", 0)
         t = await w.wait_status(t["taskArn"], "STOPPED")
         assert t["stopCode"] == "EssentialContainerExited" and t["containers"][0]["exitCode"] == 0
+    run({}, body, tmp_path)
+
+
+def test_the_agents_exit_reason_names_an_out_of_memory_kill(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", two_containers())
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        t = await w.wait_status(t["taskArn"], "RUNNING")
+        oom = "OutOfMemoryError: Container killed due to memory usage"
+        w.agent_of(t).exit(t["taskArn"].rsplit("/", 1)[1], "web", 137, oom)
+        t = await w.wait_status(t["taskArn"], "STOPPED")
+        assert t["stoppedReason"] == f"Essential container in task exited (web: {oom})"
+        assert (t["containers"][0]["exitCode"], t["containers"][0]["reason"]) == (137, oom)
     run({}, body, tmp_path)
 
 

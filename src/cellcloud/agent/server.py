@@ -443,7 +443,8 @@ class Agent:
         if len(self.envs) >= self.envs_max:
             raise OpError("AgentFull", f"{len(self.envs)} environments; the maximum is {self.envs_max}")
         memory_mb = req.function.memory_mb
-        committed = sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
+        committed = (sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
+                     + self.tasks.memory_committed_mb())
         if committed * 2**20 > self.oversubscription * self.memory_budget_bytes:
             raise OpError("AgentFull", f"{committed} MB configured would exceed "
                           f"{self.oversubscription}x the {self.memory_budget_bytes >> 20} MB budget")
@@ -1312,7 +1313,9 @@ class Agent:
             if ticks % remeasure_interval_s == 0:
                 await self.remeasure()
             self._zombie_cgroups = [cg for cg in self._zombie_cgroups if not cg.destroy()]
-            self.memory_used_bytes = sum(r.cgroup.usage().memory_bytes for r in self.envs.values())
+            self.memory_used_bytes = (sum(r.cgroup.usage().memory_bytes
+                                          for r in self.envs.values())
+                                      + self.tasks.memory_used_bytes())
 
     def close(self, cgroups_wait_s: float = 5.0) -> None:
         """Stop for good: every environment is killed and its cgroup removed, then the agent's

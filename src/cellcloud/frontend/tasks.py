@@ -633,7 +633,7 @@ class TaskManager:
             if c is None or c.status != "RUNNING":
                 continue
             if st.state == "exited" or st.exited_ms is not None:
-                self._feed(live, et.ContainerExited(name, st.exit_code))
+                self._feed(live, et.ContainerExited(name, st.exit_code, st.reason))
         self._feed(live, et.Tick())
 
     def _lost(self, live: Live, reason: str) -> None:
