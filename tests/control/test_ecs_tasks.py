@@ -108,14 +108,14 @@ class FakeAgent:
             return m.TaskContainerStopReply(c["exit_code"]).to_wire()
         if op == "task_exec":
             return m.TaskExecReply(self.health_exit).to_wire()
-        if op == "task_poll":
+        if op == "task_poll":  # every line kept; those after the caller's cursor answered
+            after = m.TaskPollRequest.from_wire(body).logs_after
             logs = t["logs"]
-            t["logs"] = {n: [] for n in logs}
             return m.TaskPollReply(
                 containers={n: m.TaskContainerState(**c) for n, c in t["containers"].items()},
-                logs={n: tuple(m.TaskLogLine(7, text) for text in lines)
+                logs={n: tuple(m.TaskLogLine(7, text) for text in lines[after.get(n, 0):])
                       for n, lines in logs.items()},
-                cursors={n: 1 for n in logs}).to_wire()
+                cursors={n: len(lines) for n, lines in logs.items()}).to_wire()
         if op == "task_destroy":
             del self.tasks[body["task_id"]]
             return m.TaskDestroyReply(True).to_wire()
@@ -474,6 +474,18 @@ def test_a_restarted_frontend_describes_and_drives_its_tasks(tmp_path: Path) -> 
         await w.wait_status(stopped["taskArn"], "RUNNING")
         await w.ok("StopTask", {"task": stopped["taskArn"]})
         await w.wait_status(stopped["taskArn"], "STOPPED")
+        task_id = t["taskArn"].rsplit("/", 1)[1]
+        stream = f"ecs/web/{task_id}"
+
+        def lines() -> list[str]:
+            return [e.message for e in w.logstore.stream_events(
+                A, "/ecs/web", stream, start=None, end=None, after_id=None, before_id=None,
+                from_head=True, limit=10)]
+
+        async def filed(n: int) -> bool:
+            return len(lines()) >= n
+        w.agent_of(t).tasks[task_id]["logs"]["web"].append("before the restart")
+        await w.wait_for("a line", lambda: filed(1))
         assert w.cell.tasks is not None
         await w.cell.tasks.close()  # the process ends; the task goes on on its agent
         w.cell = w.make_cell()
@@ -485,8 +497,12 @@ def test_a_restarted_frontend_describes_and_drives_its_tasks(tmp_path: Path) -> 
         assert (await w.task(stopped["taskArn"]))["stopCode"] == "UserInitiated"
         assert w.cell.placement.task_agent == {t["taskArn"].rsplit("/", 1)[1]:
                                                f"a{w.agent_of(t).n}"}
+        # its log cursor was kept: the new process files only new lines
+        w.agent_of(t).tasks[task_id]["logs"]["web"].append("after the restart")
+        await w.wait_for("a second line", lambda: filed(2))
+        assert lines() == ["before the restart", "after the restart"]
         # still driven: the essential container's exit stops it
-        w.agent_of(t).exit(t["taskArn"].rsplit("/", 1)[1], "web", 0)
+        w.agent_of(t).exit(task_id, "web", 0)
         t = await w.wait_status(t["taskArn"], "STOPPED")
         assert t["stopCode"] == "EssentialContainerExited" and t["containers"][0]["exitCode"] == 0
     run({}, body, tmp_path)

@@ -627,7 +627,10 @@ class TaskManager:
             return
         live.poll_failures = 0
         self._file_logs(live, reply.logs)
-        live.cursors = {**live.cursors, **reply.cursors}
+        cursors = {**live.cursors, **reply.cursors}
+        if cursors != live.cursors:  # kept, so a restarted frontend files no line twice
+            live.cursors = live.rec["cursors"] = cursors
+            self.store.put(live.rec)
         for name, st in reply.containers.items():
             c = live.task.containers.get(name)
             if c is None or c.status != "RUNNING":
