@@ -625,3 +625,24 @@ def test_task_records_survive_in_the_cell_store(tmp_path: Path) -> None:
     assert store.unfinished() == [] and store.counts(A, "default") == {
         "running": 0, "pending": 0, "stopping": 0}
     assert os.path.exists(tmp_path / "tasks.db")
+
+
+def test_a_tenant_with_tasks_is_not_migrated(tmp_path: Path) -> None:
+    """Tasks do not move between cells yet: the export refuses (the migration aborts before
+    the flip), rather than leaving them running in a cell that no longer serves the tenant."""
+    from cellcloud.frontend.clone import CloneError, export_tenant
+
+    async def body(w: World) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", two_containers())
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        try:
+            export_tenant(w.cell, A)
+            raise AssertionError("exported a tenant with a running task")
+        except CloneError as e:
+            assert "1 ECS tasks not yet STOPPED" in str(e)
+        assert export_tenant(w.cell, B)["functions"] == []  # another tenant moves
+        await w.ok("StopTask", {"task": t["taskArn"]})
+        await w.wait_status(t["taskArn"], "STOPPED")
+        export_tenant(w.cell, A)
+    run({}, body, tmp_path)
