@@ -62,11 +62,12 @@ def _container(name: str, layers: list[str], argv: list[str], **kw: Any) -> m.Ta
 
 
 def _wait(sb: Sandbox, task_id: str, ok: Callable[[dict[str, Any]], bool],
-          timeout_s: float = 60.0) -> dict[str, Any]:
+          timeout_s: float = 60.0, runner: Any = None) -> dict[str, Any]:
     """Poll the task (all its logs so far) until ``ok`` holds (a bound, not a deadline)."""
     deadline = time.monotonic() + timeout_s
+    runner = runner or sb.agent.tasks
     while True:
-        doc: dict[str, Any] = sb._run(sb.agent.tasks.task_poll({"task_id": task_id}))
+        doc: dict[str, Any] = sb._run(runner.task_poll({"task_id": task_id}))
         if ok(doc) or time.monotonic() > deadline:
             return doc
         time.sleep(0.05)
@@ -311,3 +312,85 @@ def test_out_of_memory_and_a_missing_program_say_why(
         assert typo["reason"].startswith("CannotStartContainerError: /app/no-such-program")
     finally:
         sandbox._run(tasks.task_destroy({"task_id": task_id}))
+
+
+def test_a_live_update_hands_running_tasks_over(
+        sandbox: Sandbox, image: tuple[str, list[str]], tmp_path: Any) -> None:
+    """handover.py with tasks: the successor agent gets each task's network namespace and its
+    running containers' channels, serves them (logs, exec, stop, destroy) and hands out no
+    uid a running container has."""
+    import socket
+    import threading
+
+    from cellcloud.agent import handover
+    from cellcloud.agent.server import Agent
+
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    old = sandbox.agent
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    sandbox._run(old.tasks.task_create(m.TaskCreateRequest(task_id, "1", 256, 512, (
+        _container("web", layers, [PY, "-u", "-m", "http.server", "8080", "--bind",
+                                   "127.0.0.1"], workdir="/srv"),
+        _container("later", layers, [PY, "/app/client.py"]))).to_wire()))
+    web_pid = sandbox._run(old.tasks.container_start(
+        {"task_id": task_id, "container": "web"}))["pid"]
+    doc = _wait(sandbox, task_id, lambda d: any("Serving HTTP" in t for t in _lines(d, "web")))
+    assert any("Serving HTTP" in t for t in _lines(doc, "web")), doc
+    cursors = doc["cursors"]
+
+    path = str(tmp_path / "handover.sock")
+    hsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hsock.bind(path)
+    hsock.listen(1)
+    listen = socket.socket()
+    listen.bind(("127.0.0.1", 0))
+
+    def old_side() -> None:  # as serve_handover does once its successor asked
+        conn, _ = hsock.accept()
+        conn.recv(65536)
+        handed = sandbox._run(_on_loop(old.tasks.hand_over))
+        handover._send(conn, old, os.dup(listen.fileno()), handed)
+
+    t = threading.Thread(target=old_side)
+    t.start()
+    handed_tasks: list[tuple[dict[str, Any], list[int]]] = []
+    listener, envs = handover.receive(path, {}, handed_tasks)
+    t.join(60)
+    listener.close()
+    listen.close()
+    hsock.close()
+    old.tasks.tasks.clear()  # the old process exits here, touching nothing
+    new = Agent(old.agent_id, old.state_dir, old.backend, uid_base=old.uid_base, pids_max=64,
+                cgroup_group=old.cgroup_group)
+    assert sandbox._run(new.tasks.adopt(handed_tasks)) == 1
+    tasks = new.tasks
+    web_uid = _uid(web_pid)
+    assert new.uid_base + new.alloc_slot() != web_uid  # the running container's uid is taken
+
+    # The successor reads the web container's channel: a request made now is logged to it.
+    fetch = [PY, "-c", "import urllib.request; print(urllib.request.urlopen("
+             "'http://127.0.0.1:8080/hello.txt', timeout=10).read().decode())"]
+    out = m.TaskExecReply.from_wire(sandbox._run(tasks.task_exec(
+        {"task_id": task_id, "container": "web", "command": fetch, "timeout_s": 60})))
+    assert out.exit_code == 0 and out.output == b"hello from the web container\n\n"
+    doc = sandbox._run(tasks.task_poll({"task_id": task_id, "logs_after": cursors}))
+    assert doc["containers"]["web"]["state"] == "running"
+    assert doc["containers"]["later"]["state"] == "pending"
+    assert any("GET /hello.txt" in t for t in _lines(doc, "web")), doc
+    assert doc["cursors"]["web"] > cursors["web"]
+    # A container started by the successor shares the handed-over namespace.
+    sandbox._run(tasks.container_start({"task_id": task_id, "container": "later"}))
+    doc = _wait(sandbox, task_id, lambda d: d["containers"]["later"]["state"] == "exited",
+                runner=tasks)
+    assert doc["containers"]["later"]["exit_code"] == 0, doc
+    assert sandbox._run(tasks.container_stop(
+        {"task_id": task_id, "container": "web", "grace_s": 30})) == {"exit_code": 143}
+    assert sandbox._run(tasks.task_destroy({"task_id": task_id})) == {"destroyed": True}
+    assert not os.path.exists(_cgroup_file(old.cgroup_group, f"task-{task_id}", "pids", ""))
+    assert wait_no_processes(web_uid) == []
+    assert not [h for h in new.images._holds if h.startswith(f"task:{task_id}/")]
+
+
+async def _on_loop(fn: Callable[[], Any]) -> Any:
+    return fn()

@@ -1247,6 +1247,15 @@ class Agent:
     def free_slot(self, slot: int) -> None:
         self._free_slots.append(slot)
 
+    def reserve_slot(self, slot: int) -> None:
+        """An adopted process runs as this slot's uid: it is not handed out again."""
+        if slot in self._free_slots:
+            self._free_slots.remove(slot)
+        while self._next_slot <= slot:
+            if self._next_slot != slot:
+                self._free_slots.append(self._next_slot)
+            self._next_slot += 1
+
     def remove_cgroup_later(self, cg: cgroups.Cgroup) -> None:
         """A cgroup whose processes are still exiting: housekeeping removes it once empty."""
         self._zombie_cgroups.append(cg)
@@ -1354,10 +1363,11 @@ async def serve(args: argparse.Namespace) -> None:
                     "limits (--allow-unlimited)", cgroups.ROOT)
     adopted: list[tuple[dict[str, Any], Any]] = []
     handed: dict[str, Any] = {}  # from a live update: the running network helper's channel
+    handed_tasks: list[tuple[dict[str, Any], list[int]]] = []
     listen_sock = None
     if args.adopt:
         # Live update: the previous agent process hands over its socket and environments.
-        listen_sock, adopted = handover.receive(args.adopt, handed)
+        listen_sock, adopted = handover.receive(args.adopt, handed, handed_tasks)
         log.warning("adopted %d environments from the previous agent process", len(adopted))
     else:
         swept = cgroups.sweep(group)
@@ -1415,6 +1425,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not args.no_lockdown:
         lockdown.lock_down()
     await agent.adopt(adopted)
+    await agent.tasks.adopt(handed_tasks)
     server = Server(agent.ops)
     agent.server_stats = server.stats
     host, port = await server.listen_tcp("", 0, sock=sock)

@@ -17,10 +17,12 @@ task manager from ``core/ecs_tasks.py``; this runner only does what it is told.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
 import re
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -122,10 +124,11 @@ class _ContainerChannel(asyncio.Protocol):
         self.runner, self.ctr, self.pid, self.slot = runner, ctr, pid, slot
         self.run = ctr.run
         self.reader = FrameReader(channel_frame_bytes_max)
+        self.handed_over = False  # live update: the successor reads this channel now
 
     def data_received(self, data: bytes) -> None:
         ctr = self.ctr
-        if ctr.run != self.run:
+        if ctr.run != self.run or self.handed_over:
             return  # an earlier run's last words: that run is over already
         try:
             for doc in self.reader.feed(data):
@@ -155,6 +158,8 @@ class _ContainerChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The guest is gone (or going): its uid slot goes back; if this run had not
         reported its exit, it ended without one (killed: 137)."""
+        if self.handed_over:
+            return
         self.runner.agent.backend.kill(self.pid)
         self.runner.agent.free_slot(self.slot)
         if self.ctr.run == self.run:
@@ -529,6 +534,76 @@ class TaskRunner:
         task.holds = []
         log.info("task %s destroyed", task.req.task_id,
                  extra=eventlog.fields(event="task_destroyed", task=task.req.task_id))
+
+    # -- live update (handover.py) ------------------------------------------------------------
+    def hand_over(self) -> list[tuple[dict[str, Any], list[int]]]:
+        """Each task's record and its fds (the network namespace first, then the channel of
+        each running container), for the successor; from here on this process neither reads
+        those channels nor ends anything of the tasks (it exits soon). Log lines not yet
+        polled stay behind (counted in ``logs_dropped`` there)."""
+        out = []
+        for task in list(self.tasks.values()):
+            fds = [task.netns_fd]
+            containers: dict[str, Any] = {}
+            for name, ctr in task.containers.items():
+                doc: dict[str, Any] = {
+                    "state": ctr.state, "exit_code": ctr.exit_code, "reason": ctr.reason,
+                    "started_ms": ctr.started_ms, "exited_ms": ctr.exited_ms, "pid": ctr.pid,
+                    "run": ctr.run, "oom_base": ctr.oom_base, "next_seq": ctr.next_seq,
+                    "dropped": ctr.dropped + len(ctr.logs)}
+                proto = ctr.transport.get_protocol() if ctr.transport is not None else None
+                sock = (ctr.transport.get_extra_info("socket")
+                        if ctr.transport is not None else None)
+                if ctr.state == "running" and isinstance(proto, _ContainerChannel) \
+                        and sock is not None:
+                    proto.handed_over = True
+                    if isinstance(ctr.transport, asyncio.ReadTransport):
+                        ctr.transport.pause_reading()
+                    doc.update(fd=len(fds), slot=proto.slot)
+                    fds.append(sock.fileno())
+                containers[name] = doc
+            out.append(({"t": "task", "req": task.req.to_wire(), "network": task.network,
+                         "cgroup": os.path.basename(task.cgroup.rel),
+                         "containers": containers}, fds))
+        return out
+
+    async def adopt(self, handed: list[tuple[dict[str, Any], list[int]]]) -> int:
+        """The successor's side: take over the tasks a predecessor handed over."""
+        loop = asyncio.get_running_loop()
+        agent = self.agent
+        for doc, fds in handed:
+            req = m.TaskCreateRequest.from_wire(doc["req"])
+            cg = cgroups.Cgroup(agent.cgroup_group, str(doc["cgroup"]))
+            task = _Task(req, {c.name: _Container(c) for c in req.containers}, cg, fds[0],
+                         dict(doc.get("network") or {}), [])
+            for c in req.containers:
+                holder = f"task:{req.task_id}/{c.name}"
+                agent.images.adopt(holder, [agent.images.layer_dir(d) for d in c.image_layers])
+                task.holds.append(holder)
+            self.tasks[req.task_id] = task
+            for name, cdoc in doc["containers"].items():
+                ctr = task.containers[name]
+                ctr.exit_code, ctr.reason = cdoc["exit_code"], str(cdoc["reason"])
+                ctr.started_ms, ctr.exited_ms = cdoc["started_ms"], cdoc["exited_ms"]
+                ctr.pid, ctr.run = int(cdoc["pid"]), int(cdoc["run"])
+                ctr.oom_base = int(cdoc["oom_base"])
+                ctr.next_seq, ctr.dropped = int(cdoc["next_seq"]), int(cdoc["dropped"])
+                ctr.cgroup = cg if cg.version else None
+                fd = cdoc.get("fd")
+                if cdoc["state"] == "running" and isinstance(fd, int) and 0 < fd < len(fds):
+                    slot = int(cdoc["slot"])
+                    agent.reserve_slot(slot)
+                    ctr.state = "running"
+                    ctr.exited = asyncio.Event()
+                    sock = socket.socket(fileno=fds[fd])
+                    ctr.transport, _ = await loop.connect_accepted_socket(
+                        functools.partial(_ContainerChannel, self, ctr, ctr.pid, slot), sock)
+                elif cdoc["state"] == "running":  # its channel did not come: it is lost
+                    ctr.state = "running"
+                    self._exited(ctr, None, None)
+                else:
+                    ctr.state = str(cdoc["state"])
+        return len(handed)
 
     def summary(self) -> list[dict[str, Any]]:
         """``status``'s view: each task and its containers' states."""
