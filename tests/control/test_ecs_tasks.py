@@ -103,6 +103,7 @@ class FakeAgent:
             if self.stop_gate is not None:  # a container slow to stop (its grace period)
                 await self.stop_gate.wait()
             c = t["containers"][body["container"]]
+            t["logs"][body["container"]].append(f"{body['container']} got SIGTERM")
             if c["state"] == "running":
                 c.update(state="exited", exit_code=143, exited_ms=3)
             return m.TaskContainerStopReply(c["exit_code"]).to_wire()
@@ -350,6 +351,11 @@ def test_run_describe_logs_stop(tmp_path: Path) -> None:
         assert t["containers"][0]["exitCode"] == 143 and "stoppedAt" in t
         assert t["attachments"][0]["status"] == "DELETED"
         assert task_id not in agent.tasks  # destroyed on its agent
+        # its last line, written as it stopped, was filed before the task was destroyed
+        events = w.logstore.stream_events(A, "/ecs/web", stream, start=None, end=None,
+                                          after_id=None, before_id=None, from_head=True,
+                                          limit=10)
+        assert [e.message for e in events][-1] == "web got SIGTERM"
         assert (await w.ok("ListTasks", {}))["taskArns"] == []
         assert (await w.ok("ListTasks", {"desiredStatus": "STOPPED"}))["taskArns"] \
             == [t["taskArn"]]

@@ -590,6 +590,16 @@ class TaskManager:
         self._feed(live, et.HealthResult(name, ok))
 
     async def _release(self, live: Live) -> None:
+        # The containers' last lines (written after the last poll) are filed before the
+        # task's environment, and the agent's buffer of them, goes.
+        if live.task.started_ms is not None or live.rec.get("private_ipv4"):
+            try:
+                last = m.TaskPollReply.from_wire(await self._call(
+                    live, "task_poll",
+                    m.TaskPollRequest(live.rec["id"], live.cursors).to_wire()))
+                self._file_logs(live, last.logs)
+            except (RemoteError, TransportError, m.MessageError):
+                pass  # its host is gone, or it was never made: nothing more to file
         try:
             await self._call(live, "task_destroy",
                              m.TaskDestroyRequest(live.rec["id"]).to_wire())
