@@ -605,6 +605,15 @@ def test_overrides_idempotency_and_errors(tmp_path: Path) -> None:
         d = await w.ok("DescribeTasks", {"tasks": [missing]})
         assert d["failures"] == [{"arn": missing, "reason": "MISSING"}]
         assert (await w.err("ListTasks", {"serviceName": "s"}))[0] == "InvalidParameterException"
+        # what a definition may say that a task cannot honour yet: refused by name
+        for extra, message in (({"user": "1000"}, "user is not supported"),
+                               ({"logConfiguration": {"logDriver": "splunk"}},
+                                "log driver splunk is not supported"),
+                               ({"logConfiguration": {"logDriver": "awslogs"}},
+                                "needs the awslogs-group option")):
+            await w.ok("RegisterTaskDefinition", {**two_containers(**extra), "family": "odd"})
+            err, msg = await w.err("RunTask", {"taskDefinition": "odd"})
+            assert err == "ClientException" and message in msg, msg
         # an INACTIVE revision runs no new task
         await w.ok("DeregisterTaskDefinition", {"taskDefinition": "web:1"})
         assert await w.err("RunTask", {"taskDefinition": "web:1"}) \

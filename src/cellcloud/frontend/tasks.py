@@ -183,6 +183,23 @@ def task_definition_of(desc: dict[str, Any], overrides: list[dict[str, Any]]
     return td.validate_task_definition(doc), doc
 
 
+def check_runnable(task_def: td.TaskDefinition) -> None:
+    """What a registered definition may say that a task here cannot honour yet: refused by
+    name at RunTask (ClientException), never run without it."""
+    for c in task_def.containers:
+        if c.user:
+            raise EcsError("ClientException", f"Container {c.name}: user is not supported for "
+                           "tasks by cellcloud yet (each container runs as its own "
+                           "unprivileged uid)")
+        if c.log_driver and c.log_driver != "awslogs":
+            raise EcsError("ClientException", f"Container {c.name}: log driver "
+                           f"{c.log_driver} is not supported for tasks by cellcloud (awslogs "
+                           "only)")
+        if c.log_driver == "awslogs" and not dict(c.log_options).get("awslogs-group"):
+            raise EcsError("ClientException", f"Container {c.name}: the awslogs log driver "
+                           "needs the awslogs-group option")
+
+
 def _argv(spec: td.Container, image: dict[str, Any]) -> list[str]:
     """Docker's rule: the definition's entryPoint replaces the image's (and drops its CMD);
     its command replaces the image's CMD."""
@@ -332,6 +349,7 @@ class TaskManager:
         desc = body["taskDefinition"]
         overrides = list(body.get("containerOverrides") or [])
         task_def, def_doc = task_definition_of(desc, overrides)
+        check_runnable(task_def)
         cluster = str(body["cluster"])
         count = int(body.get("count", 1))
         token = str(body.get("clientToken") or "")
