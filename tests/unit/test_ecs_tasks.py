@@ -217,3 +217,26 @@ def test_any_history_keeps_the_invariants(events: list[Any], policy: Any) -> Non
         if task.desired_status == "STOPPED":
             assert not any(isinstance(i, t.StartContainer) for i in out)
     assert released == (1 if task.last_status == "STOPPED" else 0)
+
+
+def test_a_snapshot_restores_the_task_and_resume_asks_again_what_was_in_flight() -> None:
+    """A restarted shell (frontend/tasks.py) rebuilds the task from its durable snapshot."""
+    d = _def(WEB, SIDE)
+    task = t.Task(d, 0)
+    _started(task)
+    assert task.handle(t.HealthResult("web", True), 10) == [t.StartContainer("side")]
+    assert task.handle(t.ContainerStarted("side"), 10) == []
+    assert task.last_status == "RUNNING"
+    snap = task.snapshot()
+    again = t.Task.restored(d, snap, 20)
+    assert again.snapshot() == snap and again.health_status == task.health_status
+    # due health checks run again at once (a probe in flight was lost with the process)
+    assert again.resume(20) == [t.RunHealthCheck("web", ("CMD", "check"), 5000)]
+    # a STOPPING task: its stops are asked again, dependents first
+    task.handle(t.StopRequested("bye"), 30)
+    stopping = t.Task.restored(d, task.snapshot(), 40)
+    assert stopping.resume(40) == [t.StopContainer("side", 30_000),
+                                   t.StopContainer("web", 30_000)]
+    stopping.handle(t.ContainerExited("side", 143), 50)
+    assert stopping.handle(t.ContainerExited("web", 143), 60) == [t.Release()]
+    assert (stopping.last_status, stopping.stop_code) == ("STOPPED", "UserInitiated")

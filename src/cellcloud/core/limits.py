@@ -221,6 +221,12 @@ class Limits:
     ecs_clusters_per_tenant_max: int = 100
     ecs_task_definitions_per_tenant_max: int = 1_000  # revisions kept, ACTIVE or INACTIVE
     ecs_cas_attempts_max: int = 8  # a change that keeps losing its compare-and-set
+    # ECS tasks in a cell (frontend/tasks.py): docs/fargate.md.
+    ecs_tasks_per_tenant_max: int = 100  # tasks of one account not yet STOPPED, in its cell
+    ecs_stopped_task_retention_ms: int = 3_600_000  # a STOPPED task stays described (ECS: ~1 h)
+    ecs_task_poll_interval_ms: int = 500  # a running task's containers and logs polled
+    ecs_task_poll_failures_max: int = 10  # polls in a row its agent fails: the task is lost
+    ecs_task_cpu_units_per_agent_max: int = 16 * 1024  # tasks' cpu on one agent (16 vCPU)
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200
