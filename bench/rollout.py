@@ -1,12 +1,14 @@
 """A rollout under steady load, failures counted by the client (issue #21).
 
-    python -m bench.rollout [--cells 2] [--clients 8] [--async-clients 2] [--settle-s 5]
+    python -m bench.rollout [--cells 3] [--clients 8] [--async-clients 2] [--settle-s 5]
+                            [--to-version 9.9.9] [--bake-s 2]
 
 Starts a region (``cellcloud up --detach``), deploys one Python function, starts ``--clients``
 threads invoking it synchronously (boto3, no retries: every error the router answers counts)
 and ``--async-clients`` threads sending Event invokes whose handler POSTs its id to a ledger
 server outside the region (experiment/ledger.py, reached over the function's egress: every
-accepted event must run, counted there, not from the region's own counters). After ``--settle-s`` of load it runs ``cellcloud rollout``, keeps the
+accepted event must run, counted there, not from the region's own counters). After ``--settle-s`` of load it runs ``cellcloud rollout`` (with ``--to-version``: to a
+copy of this source tree whose ``__version__`` is that, i.e. a changed build), keeps the
 load for ``--settle-s`` more, stops it and prints, as JSON: requests sent and failed (by error
 code) before, during and after the rollout, p50/p99 latency in each phase, the rollout's
 report (per cell: seconds, healthy), and accepted events versus events that ran.
@@ -19,9 +21,11 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -55,6 +59,23 @@ class Phase:
         self.name = "before"
 
 
+def _copy_build(version: str) -> str:
+    """This source tree copied as another build with its own ``__version__``."""
+    import cellcloud
+
+    root = tempfile.mkdtemp(prefix="bench-build-")
+    dst = os.path.join(root, "src", "cellcloud")
+    shutil.copytree(os.path.dirname(cellcloud.__file__), dst,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = os.path.join(dst, "__init__.py")
+    with open(init) as f:
+        text = f.read()
+    with open(init, "w") as f:
+        f.write(text.replace(f'__version__ = "{cellcloud.__version__}"',
+                             f'__version__ = "{version}"'))
+    return root
+
+
 def _pct(xs: list[float], p: float) -> float:
     if not xs:
         return 0.0
@@ -64,11 +85,16 @@ def _pct(xs: list[float], p: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cells", type=int, default=2)
+    ap.add_argument("--cells", type=int, default=3)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--async-clients", type=int, default=2)
     ap.add_argument("--settle-s", type=float, default=5.0)
+    ap.add_argument("--to-version", default=None)
+    ap.add_argument("--bake-s", type=float, default=0.0)
     a = ap.parse_args()
+    rollout_args = ["--bake-s", str(a.bake_s)]
+    if a.to_version:
+        rollout_args += ["--to", _copy_build(a.to_version)]
     world = World()  # the ledger: a server outside the region, reached over egress
     world.start()
     ledger = world.url
@@ -142,7 +168,8 @@ def main() -> None:
         phase.name = "during"
         t0 = time.monotonic()
         out = subprocess.run([sys.executable, "-m", "cellcloud", "rollout", "--state-dir",
-                              state], capture_output=True, text=True, timeout=900)
+                              state, *rollout_args], capture_output=True, text=True,
+                             timeout=900)
         rollout_s = time.monotonic() - t0
         phase.name = "after"
         stop.wait(a.settle_s)
