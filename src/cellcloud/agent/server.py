@@ -1390,7 +1390,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not args.no_lockdown:
         lockdown.lock_down()
     await agent.adopt(adopted)
-    server = Server(agent.ops)
+    server = Server(agent.ops, protocol="agent")
     agent.server_stats = server.stats
     host, port = await server.listen_tcp("", 0, sock=sock)
     runtime.announce_ready({"component": "agent", "agent_id": args.agent_id, "host": host,

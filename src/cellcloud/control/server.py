@@ -312,7 +312,8 @@ async def serve(args: argparse.Namespace) -> None:
                      "override": control.op_override, "cell_of": control.op_cell_of,
                      "cell_map": lambda _: _map(control),
                      # the scheduler API, forwarded by routers (pki.OPS_ALLOWED)
-                     "scheduler": control.schedules.op, "ecs": control.ecs.op})
+                     "scheduler": control.schedules.op, "ecs": control.ecs.op},
+                    protocol="control")
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
     control.address = (host, port)
     await control.tick()

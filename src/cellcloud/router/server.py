@@ -94,7 +94,7 @@ async def serve(args: argparse.Namespace) -> None:
         return {}
 
     internal = Server({"cell_map": push_cell_map, "map_status": map_status,
-                       "metrics_push": metrics_push})
+                       "metrics_push": metrics_push}, protocol="router")
     chost, cport = await internal.listen_tcp("", 0, sock=runtime.bind_tcp(args.control_listen))
     runtime.announce_ready({"component": "router", "host": host, "port": port,
                             "control_host": chost, "control_port": cport,
