@@ -232,7 +232,7 @@ class CreateEnvRequest:
 class CreateEnvReply:
     env_id: str
     pid: int
-    init_ms: float
+    init_ms: float = 0.0
     init_error: dict[str, Any] | None = None  # the Runtime API's {errorType, errorMessage}
 
     def to_wire(self) -> dict[str, Any]:
@@ -352,8 +352,9 @@ class InvokeReply:
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
         k = "invoke reply"
+        # required, null for a success: a reply without it is not read as one
         return cls(payload=_get(doc, "payload", bytes, k),
-                   function_error=_get(doc, "function_error", str, k, None, nullable=True),
+                   function_error=_get(doc, "function_error", str, k, nullable=True),
                    logs=_get(doc, "logs", bytes, k, b""),
                    duration_ms=_get(doc, "duration_ms", float, k, 0.0),
                    max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
@@ -447,6 +448,8 @@ class ForgetBundlesReply:
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
         k = "forget_bundles reply"
+        _get(doc, "forgotten", (list, tuple), k)  # both required: [] when none
+        _get(doc, "deferred", (list, tuple), k)
         return cls(forgotten=_str_list(doc, "forgotten", k), deferred=_str_list(doc, "deferred", k))
 
 
@@ -541,7 +544,7 @@ class GuestResult:
                        phase_pending=doc.get("phase") == "pending", legacy=True)
         return cls(request_id=_get(doc, "request_id", str, k),
                    payload=_get(doc, "payload", bytes, k),
-                   function_error=_get(doc, "function_error", str, k, None, nullable=True),
+                   function_error=_get(doc, "function_error", str, k, nullable=True),
                    logs=_get(doc, "logs", bytes, k, b""),
                    duration_ms=_get(doc, "duration_ms", float, k, 0.0),
                    max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
@@ -609,7 +612,7 @@ class GuestPhaseDone:
 class GuestReady:
     """guest -> agent, once: init is over (``init_error`` set: it failed)."""
 
-    init_ms: float
+    init_ms: float = 0.0
     init_error: dict[str, Any] | None = None
     logs: bytes = b""
     extensions: int = 0  # extensions registered (the SHUTDOWN phase is theirs)
