@@ -406,7 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--region", default="cc-local-1")
     p.add_argument("--listen", default="127.0.0.1:0")
     runtime.add_security_args(p)
+    runtime.add_protocol_max(p)
     args = p.parse_args(argv)
+    runtime.apply_protocol_max(args)
     runtime.setup_logging(f"dispatcher/{args.cell_id}")
     runtime.setup_security(args, "dispatcher", args.cell_id, f"{args.cell_id}-dispatcher",
                            args.region)

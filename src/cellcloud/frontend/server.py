@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="functions of one account with series of their own in /metrics "
                         "(default: core/limits.py); the rest count under __other__")
     runtime.add_security_args(p)
+    runtime.add_protocol_max(p)
     args = p.parse_args(argv)
+    runtime.apply_protocol_max(args)
     runtime.setup_logging(f"frontend/{args.cell_id}")
     runtime.setup_security(args, "frontend", args.cell_id, f"{args.cell_id}-frontend", args.region)
     runtime.run(serve(args))

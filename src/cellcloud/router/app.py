@@ -35,7 +35,14 @@ from ..registry.api import ECR_TARGET_PREFIX
 from ..registry.core import RegistryError
 from ..registry.edge import RegistryEdge, RegistryKey
 from ..security import sigv4
-from ..transport import CallTimeout, Client, RemoteError, TransportError, frame_bytes_max
+from ..transport import (
+    CallTimeout,
+    Client,
+    RemoteError,
+    TransportError,
+    frame_bytes_max,
+    protocol_stats,
+)
 from . import metrics as router_metrics
 from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner, open_stream
 from .leases import Fallback, Leases
@@ -626,6 +633,8 @@ class Router:
             "cell_map": self.cell_map_status(),
             "counters": dict(self.counters),
             "registry": dict(self.registry.counters),
+            # internal protocol versions spoken and peers refused (core/protocols.py)
+            "protocols": protocol_stats.snapshot(),
         }
         if self.connections is not None:
             router["connections"] = self.connections.statistics()

@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep-interval-ms", type=int, default=None,
                    help="how often expired connections are closed")
     runtime.add_security_args(p)
+    runtime.add_protocol_max(p)
     args = p.parse_args(argv)
+    runtime.apply_protocol_max(args)
     runtime.setup_logging("router")
     runtime.setup_security(args, "router", "region", "router", args.region)
     runtime.run(serve(args))
