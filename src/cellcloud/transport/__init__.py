@@ -353,7 +353,9 @@ class _ServerProtocol(asyncio.Protocol):
             self._refused = True
             self._stats.refused_versions += 1
             protocol_stats.refuse(self._protocol, "server", str(e))
-            log.warning("refused an internal peer: %s", e)
+            n = self._stats.refused_versions
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ...: a peer retrying floods no log
+                log.warning("refused an internal peer (%d so far): %s", n, e)
             self._send([1, call_id, False, {"type": protocols.REFUSED, "message": str(e),
                                             "data": {"versions": list(self._versions)}}])
             if self._transport is not None:
