@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import cli_progress, sdk
@@ -524,7 +525,8 @@ def _protocols_line(st: dict[str, Any]) -> str:
         for name, p in sorted((doc or {}).items()):
             n = sum((p.get("refused") or {}).values()) if isinstance(p, dict) else 0
             if n:
-                refused.append(f"{who}: {n} {name} peer(s) refused ({p.get('last_refusal')})")
+                refused.append(escape(f"{who}: {n} {name} peer(s) refused "
+                                      f"({p.get('last_refusal')})"))
     if not refused:
         return "internal protocol versions: no peer refused"
     return "[red]internal protocol versions[/red]: " + "; ".join(refused)
