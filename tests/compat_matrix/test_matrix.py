@@ -13,10 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from cellcloud import transport
 from cellcloud.core import messages as m
 from cellcloud.core import protocols
+from cellcloud.metrics import process_registry
 from cellcloud.transport import Client, RemoteError, Server, Stream, VersionRefused
 from tests.compat_matrix import capture_v1
 
@@ -214,6 +216,9 @@ def test_a_server_past_the_clients_window_refuses_it_and_counts_it() -> None:
         assert transport.protocol_stats.refused["agent"]["server"] == before + 2
         snap = transport.protocol_stats.snapshot()["agent"]
         assert snap["refused"]["server"] >= 2 and "2..3" in snap["last_refusal"]
+        exposition = generate_latest(process_registry()).decode()
+        assert (f'cellcloud_protocol_refused_total{{protocol="agent",side="server"}} '
+                f'{float(before + 2)}') in exposition
 
     run(served({"op": op}, "agent", (2, 3), body))
     assert ran == []
