@@ -22,7 +22,8 @@ from cellcloud import sdk
 from cellcloud.region.supervisor import Supervisor
 from tests.conftest import make_zip
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~26 s on a busy machine
+# ~26 s on a busy machine
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PREVIOUS = "b303740"  # the last commit before protocol versions (the v1 fixtures' source)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
