@@ -608,6 +608,7 @@ def in_process(n: int) -> dict[str, Any]:
 
 # -- --profile: layer peeling and py-spy -------------------------------------------------------
 async def _peel(region: Region, n: int, warmup: int) -> dict[str, Any]:
+    from cellcloud.core.messages import HttpRequest
     from cellcloud.transport import Client as TClient
 
     st = region.status()
@@ -641,17 +642,17 @@ async def _peel(region: Region, n: int, warmup: int) -> dict[str, Any]:
                     inner.append(float(res["duration_ms"]))
         return sorted(lat), sorted(inner)
 
-    agent = TClient(ag["host"], ag["port"])
+    agent = TClient(ag["host"], ag["port"], protocol="agent")
     lat, inner = await series(agent, "invoke", lambda i: {
         "env_id": env_id, "request_id": f"peel-{i}", "payload": BODY, "timeout_ms": 3000,
         "arn": arn})
     await agent.close()
     out["agent_direct"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
     out["guest_handler"] = {"p50_ms": pct(inner, 50), "p99_ms": pct(inner, 99)}
-    front = TClient(fe["host"], fe["port"])
-    lat, _ = await series(front, "http", lambda i: {
-        "m": "POST", "p": INVOKE_PATH, "q": "", "h": {"content-type": "application/json"},
-        "b": BODY, "a": region.doc["account_id"]})
+    front = TClient(fe["host"], fe["port"], protocol="frontend")
+    lat, _ = await series(front, "http", lambda i: HttpRequest(
+        method="POST", path=INVOKE_PATH, headers={"content-type": "application/json"},
+        body=BODY, account=region.doc["account_id"]).to_wire())
     await front.close()
     out["frontend_direct"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
     return out

@@ -301,7 +301,7 @@ class InProcAgent:
         res = await self.agent.invoke({"env_id": env_id, "request_id": uuid.uuid4().hex,
                                        "payload": json.dumps(event or {}).encode(),
                                        "timeout_ms": timeout_ms})
-        if res["status"] != "ok":
+        if res["function_error"] is not None:
             raise RuntimeError(f"invoke failed: {res['payload'][:300]!r}")
         return json.loads(res["payload"])
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import cli_progress, sdk
@@ -505,9 +506,30 @@ def status(
     console.print(agents)
     console.print(envs)
     console.print(_disks_table(st))
+    console.print(_protocols_line(st))
     mv = microvm_status_field(sd)
     console.print("microVM acceleration: " + (f"{mv['accel']} ({mv['reason']})" if mv else
                                               "not probed (cellcloud microvm probe)"))
+
+
+def _protocols_line(st: dict[str, Any]) -> str:
+    """Internal peers refused for a protocol version outside the window (docs/design.md
+    #protocol-versions), by process, with the last refusal's message."""
+    procs: list[tuple[str, Any]] = [("router", (st.get("router") or {}).get("protocols"))]
+    for cell_id, cell in sorted(st.get("cells", {}).items()):
+        procs.append((f"{cell_id} frontend", cell.get("protocols")))
+        procs += [(agent_id, a.get("protocols"))
+                  for agent_id, a in sorted((cell.get("agents") or {}).items())]
+    refused: list[str] = []
+    for who, doc in procs:
+        for name, p in sorted((doc or {}).items()):
+            n = sum((p.get("refused") or {}).values()) if isinstance(p, dict) else 0
+            if n:
+                refused.append(escape(f"{who}: {n} {name} peer(s) refused "
+                                      f"({p.get('last_refusal')})"))
+    if not refused:
+        return "internal protocol versions: no peer refused"
+    return "[red]internal protocol versions[/red]: " + "; ".join(refused)
 
 
 def _disks_table(st: dict[str, Any]) -> Table:

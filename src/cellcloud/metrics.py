@@ -25,7 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .core.limits import DEFAULT_LIMITS, Limits
-from .transport import Client, RemoteError, TransportError, tls_stats
+from .transport import Client, RemoteError, TransportError, protocol_stats, tls_stats
 
 
 class _TlsCollector(Collector):
@@ -41,11 +41,32 @@ class _TlsCollector(Collector):
         return [ok, bad]
 
 
+class _ProtocolCollector(Collector):
+    def collect(self) -> Iterable[Metric]:
+        links = CounterMetricFamily("cellcloud_protocol_links",
+                                    "Internal links opened or accepted, by protocol, side and "
+                                    "the version negotiated", labels=["protocol", "side",
+                                                                      "version"])
+        refused = CounterMetricFamily("cellcloud_protocol_refused",
+                                      "Internal peers refused for a protocol version outside "
+                                      "the window", labels=["protocol", "side"])
+        for name, by_side in sorted(protocol_stats.links.items()):
+            for side, by_version in sorted(by_side.items()):
+                for version, n in sorted(by_version.items()):
+                    links.add_metric([name, side, str(version)], n)
+        for name, refusals in sorted(protocol_stats.refused.items()):
+            for side, count in sorted(refusals.items()):
+                refused.add_metric([name, side], count)
+        return [links, refused]
+
+
 def process_registry() -> CollectorRegistry:
-    """A registry with this process's CPU, memory, fds and TLS handshakes."""
+    """A registry with this process's CPU, memory, fds, TLS handshakes and internal
+    protocol versions."""
     r = CollectorRegistry()
     ProcessCollector(registry=r)
     r.register(_TlsCollector())
+    r.register(_ProtocolCollector())
     return r
 
 

@@ -134,3 +134,23 @@ async def read_asgi_body(receive: Callable[[], Awaitable[dict[str, Any]]], body_
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(chunks)
+
+
+def add_protocol_max(p: Any) -> None:
+    """A component's ``--protocol-max``: the internal protocol versions it may speak at most
+    (core/protocols.py), as an older build would; the same as CELLCLOUD_PROTOCOL_MAX."""
+    p.add_argument("--protocol-max", default=None, metavar="SPEC",
+                   help="cap the internal protocol versions spoken: protocol=version,... "
+                        "(e.g. agent=1) or one version for all (a build acting as an older "
+                        "one; default: this build's window, or $CELLCLOUD_PROTOCOL_MAX)")
+
+
+def apply_protocol_max(args: Any) -> None:
+    """Apply ``--protocol-max`` (checked: a bad value stops the process at once)."""
+    spec = getattr(args, "protocol_max", None)
+    if spec is None:
+        return
+    from .core.protocols import parse_caps
+
+    parse_caps(spec)  # ProtocolError (a ValueError) names what is wrong
+    os.environ["CELLCLOUD_PROTOCOL_MAX"] = spec

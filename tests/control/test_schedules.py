@@ -80,15 +80,15 @@ class FakeCell:
         if op == "sqs":
             self.sqs.append(json.loads(body["b"]))
             return {"s": 200, "h": {}, "b": b"{}"}
-        assert op == "http" and body["h"]["x-amz-invocation-type"] == "Event"
+        assert op == "http" and body["headers"]["x-amz-invocation-type"] == "Event"
         self.sends += 1
         if self.refuse is not None:
             status, etype = self.refuse
             return {"s": status, "h": {"x-amzn-errortype": etype},
                     "b": json.dumps({"message": "no"}).encode()}
-        eid = body["h"]["x-cellcloud-event-id"]
+        eid = body["headers"]["x-cellcloud-event-id"]
         if not self.dedup or eid not in {e for e, _ in self.accepted}:
-            self.accepted.append((eid, json.loads(body["b"])))
+            self.accepted.append((eid, json.loads(body["body"])))
         if self.lose_reply_after_accept:
             raise TransportError("link lost after the cell accepted")
         return {"s": 202, "h": {"x-amzn-requestid": eid}, "b": b""}

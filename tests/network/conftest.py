@@ -209,7 +209,7 @@ class NetSandbox:
         res = self._run(self.agent.invoke({
             "env_id": env_id, "request_id": uuid.uuid4().hex,
             "payload": json.dumps(event).encode(), "timeout_ms": 30_000}))
-        assert res["status"] == "ok", res
+        assert res["function_error"] is None, res
         return json.loads(res["payload"])
 
     def status(self) -> dict[str, Any]:

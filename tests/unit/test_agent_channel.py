@@ -104,7 +104,7 @@ def test_a_guest_of_the_first_dialect_is_spoken_to_in_it(tmp_path: Any) -> None:
 
     reply, seen, agent = run(tmp_path, answer, INVOKE, None)  # adopted: no guest_wire
     assert seen[0]["id"] == "req-1" and seen[0]["payload"] == INVOKE["payload"]
-    assert reply["status"] == "ok" and reply["payload"] == b"1"
+    assert reply["function_error"] is None and reply["payload"] == b"1"
     assert reply["function_error"] is None and reply["env_alive"] is False
     assert "env-1" not in agent.envs  # fatal in the old dialect: the environment is gone
 

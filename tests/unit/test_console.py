@@ -46,7 +46,7 @@ class FakeRegion:
 
     async def call_cell(self, account: str, op: str, body: Any, timeout_s: float) -> Any:
         self.calls.append((account, op, body))
-        if op == "http" and body["p"].endswith("/logs"):
+        if op == "http" and body["path"].endswith("/logs"):
             return {"s": 200, "h": {}, "b": json.dumps({"events": [
                 {"timestamp": 1, "requestId": "r1", "message": "START\nhello 1\n"},
                 {"timestamp": 2, "requestId": "r2", "message": "hello 2\n"}]}).encode()}
@@ -203,8 +203,8 @@ def test_function_read_groups_logs_by_invocation_through_the_adapter() -> None:
     assert [i["request_id"] for i in doc["invocations"]] == ["r2", "r1"]  # newest first
     assert doc["invocations"][1]["lines"] == ["START", "hello 1"]
     assert doc["shard"] == {"cell_id": "cell-1", "agents": ["a0", "a1"], "key": f"{ACCOUNT}/f"}
-    logs_call = next(b for _, op, b in region.calls if op == "http" and b["p"].endswith("/logs"))
-    assert logs_call["q"] == "limit=7" and logs_call["a"] == ACCOUNT
+    logs_call = next(b for _, op, b in region.calls if op == "http" and b["path"].endswith("/logs"))
+    assert logs_call["query"] == "limit=7" and logs_call["account"] == ACCOUNT
 
 
 def test_region_map_marks_failed_agents() -> None:

@@ -40,7 +40,7 @@ from ..sandbox.backend import Backend, JailBackend, Spawned
 from ..sandbox.spec import EnvSpec
 from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
-from ..transport import OpError, Server, Stream
+from ..transport import OpError, Server, Stream, protocol_stats
 from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
 from . import lockdown
 from .images import LayerCache
@@ -1038,6 +1038,8 @@ class Agent:
             "seccomp": lockdown.seccomp_mode(), "started_ms": self.started_ms,
             "ops": sorted(self.ops),
             "unknown_ops_refused": self.server_stats.unknown_ops if self.server_stats else 0,
+            # internal protocol versions spoken and peers refused (core/protocols.py)
+            "protocols": protocol_stats.snapshot(),
             "cgroup_version": cgroups.version(),
             "limits": "enforced" if cgroups.version() else "unlimited",
             "memory_budget_bytes": self.memory_budget_bytes,
@@ -1446,7 +1448,7 @@ async def serve(args: argparse.Namespace) -> None:
         lockdown.lock_down()
     await agent.adopt(adopted)
     await agent.tasks.adopt(handed_tasks)
-    server = Server(agent.ops)
+    server = Server(agent.ops, protocol="agent")
     agent.server_stats = server.stats
     host, port = await server.listen_tcp("", 0, sock=sock)
     runtime.announce_ready({"component": "agent", "agent_id": args.agent_id, "host": host,
@@ -1547,9 +1549,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experiment-faults", action="store_true",
                    help="experiments only: an invoke whose payload carries the crash marker "
                         "kills this agent (standing for a host-level bug)")
-    args = p.parse_args(argv)
     from .. import runtime
 
+    runtime.add_protocol_max(p)
+    args = p.parse_args(argv)
+    runtime.apply_protocol_max(args)
     runtime.setup_logging("agent", agent=args.agent_id, cell=args.cell or None)
     runtime.setup_security(args, "agent", args.cell, args.agent_id, args.region)
     if not args.no_lockdown:

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from .. import runtime
 from ..core.errors import LambdaError, invalid
 from ..core.limits import DEFAULT_LIMITS, Limits
+from ..core.messages import HttpRequest
 from . import logs as console_logs
 from . import views
 
@@ -192,8 +193,8 @@ class Console:
 
     async def _lambda(self, account: str, path: str, query: str = "") -> tuple[int, Any]:
         """A Lambda REST API read in ``account``'s cell, as the tenant would make it."""
-        resp = await self.region.call_cell(account, "http", {
-            "m": "GET", "p": path, "q": query, "h": {}, "b": b"", "a": account},
+        resp = await self.region.call_cell(account, "http", HttpRequest(
+            method="GET", path=path, query=query, account=account).to_wire(),
             timeout_s=call_timeout_s)
         try:
             doc = json.loads(resp["b"]) if resp["b"] else {}

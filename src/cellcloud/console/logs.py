@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
+from ..core.messages import HttpRequest
+
 
 class CellCaller(Protocol):
     async def call_cell(self, account: str, op: str, body: Any, timeout_s: float) -> Any: ...
@@ -28,9 +30,9 @@ async def read_function_logs(region: CellCaller, account: str, name: str,
                              limit: int) -> list[dict[str, Any]]:
     """The latest ``limit`` log events of ``account``'s function ``name``, oldest first:
     ``{"timestamp": ms, "requestId": id, "message": text}`` (one event per invocation)."""
-    resp = await region.call_cell(account, "http", {
-        "m": "GET", "p": f"/cellcloud/v1/functions/{name}/logs", "q": f"limit={limit}",
-        "h": {}, "b": b"", "a": account}, timeout_s=30)
+    resp = await region.call_cell(account, "http", HttpRequest(
+        method="GET", path=f"/cellcloud/v1/functions/{name}/logs", query=f"limit={limit}",
+        account=account).to_wire(), timeout_s=30)
     if resp["s"] != 200:
         raise LogsUnavailable(int(resp["s"]), bytes(resp["b"]))
     events: list[dict[str, Any]] = json.loads(resp["b"])["events"]

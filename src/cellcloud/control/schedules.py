@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, unquote
 
 from ..core import schedule as core
 from ..core.limits import DEFAULT_LIMITS, Limits
+from ..core.messages import HttpRequest
 from ..core.schedule import Schedule, ScheduleError
 from ..transport import CallTimeout, Client, RemoteError, TransportError
 from .configstore import ConfigStore, ConfigStoreError, ConfigStoreUnavailable
@@ -611,11 +612,11 @@ class Schedules:
         payload = core.render_input(s.input, schedule_arn=schedule_arn(
             self.region, s.account, s.group, s.name), nominal_ms=d.nominal_ms,
             event_id=d.event_id, attempt=d.attempt)
-        return {"m": "POST", "p": f"/2015-03-31/functions/{m['name']}/invocations",
-                "q": f"Qualifier={m['qualifier']}" if m["qualifier"] else "",
-                "h": {"x-amz-invocation-type": "Event", EVENT_ID_HEADER: d.event_id,
-                      "content-type": "application/json"},
-                "b": payload, "a": s.account}
+        return HttpRequest(method="POST", path=f"/2015-03-31/functions/{m['name']}/invocations",
+                           query=f"Qualifier={m['qualifier']}" if m["qualifier"] else "",
+                           headers={"x-amz-invocation-type": "Event", EVENT_ID_HEADER: d.event_id,
+                                    "content-type": "application/json"},
+                           body=payload, account=s.account).to_wire()
 
     async def _send(self, s: Schedule, d: core.Send) -> core.SendOutcome:
         client = self.frontend_for(s.account)

@@ -312,7 +312,8 @@ async def serve(args: argparse.Namespace) -> None:
                      "override": control.op_override, "cell_of": control.op_cell_of,
                      "cell_map": lambda _: _map(control),
                      # the scheduler API, forwarded by routers (pki.OPS_ALLOWED)
-                     "scheduler": control.schedules.op, "ecs": control.ecs.op})
+                     "scheduler": control.schedules.op, "ecs": control.ecs.op},
+                    protocol="control")
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
     control.address = (host, port)
     await control.tick()
@@ -370,7 +371,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--push-interval-ms", type=int, default=1000)
     p.add_argument("--region", default="cc-local-1")
     runtime.add_security_args(p)
+    runtime.add_protocol_max(p)
     args = p.parse_args(argv)
+    runtime.apply_protocol_max(args)
     runtime.setup_logging("control")
     runtime.setup_security(args, "control", "region", "control", args.region)
     runtime.run(serve(args))

@@ -1,7 +1,11 @@
 """The messages of the invoke path's internal hops, one frozen type each (pure: no I/O).
 
-Two hops: frontend -> agent (the agent's operations, carried by :mod:`cellcloud.transport`)
-and agent -> guest (the environment's channel, framed by :mod:`cellcloud.transport.codec`).
+Three hops: router -> frontend (the ``http`` op: a tenant's request, and the dispatcher's,
+the scheduler's and the console's calls that stand for one), frontend -> agent (the agent's
+operations, carried by :mod:`cellcloud.transport`) and agent -> guest (the environment's
+channel, framed by :mod:`cellcloud.transport.codec`). The transport's links are versioned
+(:mod:`.protocols`): these types are the current version; the previous one is translated at
+the transport's edge.
 Each type has ``to_wire() -> dict`` and ``from_wire(dict) -> Self``; ``from_wire`` checks the
 types and refuses a missing required field with :class:`MessageError` (a ``ValueError``),
 and ignores fields it does not know (a newer peer may add some).
@@ -66,6 +70,72 @@ def _str_list(doc: dict[str, Any], name: str, kind: str) -> tuple[str, ...]:
     if not all(isinstance(v, str) for v in value):
         raise MessageError(f"{kind}: the field {name!r} must be a list of strings")
     return tuple(value)
+
+
+# -- router -> frontend ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class HttpRequest:
+    """A Lambda (or cellcloud) REST API request for a cell's frontend: the ``http`` op.
+
+    ``account`` owns what the request names (the function's account); ``caller``, when not
+    "", is another account calling it (a cross-account invoke, judged by the function's
+    policy in its own cell). Version 1 of the frontend protocol named the fields ``m``,
+    ``p``, ``q``, ``h``, ``b``, ``a``, ``c`` (:func:`as_api` gives that map, which the
+    frontend's routes read)."""
+
+    method: str
+    path: str
+    account: str
+    query: str = ""  # the raw query string
+    headers: dict[str, str] = field(default_factory=dict)  # the forwarded ones, lower-case
+    body: bytes = b""
+    caller: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"method": self.method, "path": self.path, "query": self.query,
+                               "headers": self.headers, "body": self.body,
+                               "account": self.account}
+        if self.caller:
+            doc["caller"] = self.caller
+        return doc
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "http"
+        headers = _get(doc, "headers", dict, k, {})
+        if not all(isinstance(a, str) and isinstance(b, str) for a, b in headers.items()):
+            raise MessageError(f"{k}: the field 'headers' must map strings to strings")
+        return cls(method=_get(doc, "method", str, k), path=_get(doc, "path", str, k),
+                   account=_get(doc, "account", str, k), query=_get(doc, "query", str, k, ""),
+                   headers=headers, body=_get(doc, "body", bytes, k, b""),
+                   caller=_get(doc, "caller", str, k, ""))
+
+    def as_api(self) -> dict[str, Any]:
+        """The map the frontend's routes read (frontend/api.py)."""
+        req = {"m": self.method, "p": self.path, "q": self.query, "h": self.headers,
+               "b": self.body, "a": self.account}
+        if self.caller:
+            req["c"] = self.caller
+        return req
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    """The frontend's answer to an ``http`` request (the same in both versions): status,
+    headers, body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"s": self.status, "h": self.headers, "b": self.body}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "http reply"
+        return cls(status=_get(doc, "s", int, k), headers=_get(doc, "h", dict, k),
+                   body=_get(doc, "b", bytes, k))
 
 
 # -- frontend -> agent ----------------------------------------------------------------------
@@ -162,7 +232,7 @@ class CreateEnvRequest:
 class CreateEnvReply:
     env_id: str
     pid: int
-    init_ms: float
+    init_ms: float = 0.0
     init_error: dict[str, Any] | None = None  # the Runtime API's {errorType, errorMessage}
 
     def to_wire(self) -> dict[str, Any]:
@@ -263,8 +333,10 @@ class InvokeReply:
         return "ok" if self.function_error is None else "function_error"
 
     def to_wire(self) -> dict[str, Any]:
+        # no "status" (function_error says it): agent protocol 2; version 1 peers get it
+        # from the transport's adapter (core/protocols.py)
         doc: dict[str, Any] = {
-            "status": self.status, "payload": self.payload, "function_error": self.function_error,
+            "payload": self.payload, "function_error": self.function_error,
             "logs": self.logs, "duration_ms": self.duration_ms, "max_rss_kb": self.max_rss_kb,
             "env_alive": self.env_alive}
         if self.previous_logs:
@@ -280,8 +352,9 @@ class InvokeReply:
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
         k = "invoke reply"
+        # required, null for a success: a reply without it is not read as one
         return cls(payload=_get(doc, "payload", bytes, k),
-                   function_error=_get(doc, "function_error", str, k, None, nullable=True),
+                   function_error=_get(doc, "function_error", str, k, nullable=True),
                    logs=_get(doc, "logs", bytes, k, b""),
                    duration_ms=_get(doc, "duration_ms", float, k, 0.0),
                    max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
@@ -375,6 +448,8 @@ class ForgetBundlesReply:
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
         k = "forget_bundles reply"
+        _get(doc, "forgotten", (list, tuple), k)  # both required: [] when none
+        _get(doc, "deferred", (list, tuple), k)
         return cls(forgotten=_str_list(doc, "forgotten", k), deferred=_str_list(doc, "deferred", k))
 
 
@@ -806,7 +881,7 @@ class GuestResult:
                        phase_pending=doc.get("phase") == "pending", legacy=True)
         return cls(request_id=_get(doc, "request_id", str, k),
                    payload=_get(doc, "payload", bytes, k),
-                   function_error=_get(doc, "function_error", str, k, None, nullable=True),
+                   function_error=_get(doc, "function_error", str, k, nullable=True),
                    logs=_get(doc, "logs", bytes, k, b""),
                    duration_ms=_get(doc, "duration_ms", float, k, 0.0),
                    max_rss_kb=_get(doc, "max_rss_kb", int, k, 0),
@@ -874,7 +949,7 @@ class GuestPhaseDone:
 class GuestReady:
     """guest -> agent, once: init is over (``init_error`` set: it failed)."""
 
-    init_ms: float
+    init_ms: float = 0.0
     init_error: dict[str, Any] | None = None
     logs: bytes = b""
     extensions: int = 0  # extensions registered (the SHUTDOWN phase is theirs)

@@ -39,6 +39,7 @@ from typing import Any
 
 from .. import sdk
 from ..core.blast import expected_lost_others, lost_tenants, p_lost_plain, p_lost_shuffle
+from ..core.protocols import PROTOCOLS
 from ..core.sharding import PlainSharder, SignatureSharder, Worker
 from ..region.supervisor import Supervisor
 from ..region.tenants import create_tenant
@@ -121,7 +122,7 @@ class Experiment:
         c = self.comp(name)
         host, port = ((c.info["control_host"], c.info["control_port"]) if c.kind == "router"
                       else (c.info["host"], c.info["port"]))
-        client = Client(host, port)
+        client = Client(host, port, protocol=c.kind if c.kind in PROTOCOLS else None)
         try:
             return await client.call(op, body, timeout_s=10)
         finally:

@@ -32,7 +32,7 @@ from ..core.poison import PoisonDetector, PoisonParams
 from ..core.sharding import PlainSharder, SignatureSharder, Worker
 from ..metrics import Pushed
 from ..network import policy as net_policy
-from ..transport import Client, RemoteError, TransportError
+from ..transport import Client, RemoteError, TransportError, protocol_stats
 from . import image_functions
 from .events import Intake
 from .functions import Catalog
@@ -565,5 +565,7 @@ class Cell:
             # each running event source mapping poller: its counters (frontend/mappings.py)
             "mappings": self.mappings.statistics() if self.mappings is not None else {},
             "ecs_tasks": self.tasks.statistics() if self.tasks is not None else {},
+            # internal protocol versions spoken and peers refused (core/protocols.py)
+            "protocols": protocol_stats.snapshot(),
         }
 

@@ -31,6 +31,7 @@ from .. import eventlog, runtime
 from ..core import retry
 from ..core.jsondepth import json_depth_within
 from ..core.limits import DEFAULT_LIMITS
+from ..core.messages import HttpRequest
 from ..core.retry import Fail, Outcome, Retry, RetryBudget, Succeed
 from ..metrics import process_registry, push_forever
 from ..transport import (
@@ -197,15 +198,13 @@ class Dispatcher:
                 del self._inflight[fn]
 
     async def _invoke(self, ev: Event) -> tuple[Outcome, int, bytes, str | None, str, str]:
-        req = {
-            "m": "POST",
-            "p": f"/2015-03-31/functions/{quote(ev.name, safe='')}/invocations",
-            "q": "" if ev.qualifier == "$LATEST" else f"Qualifier={quote(ev.qualifier)}",
-            "h": {"x-amz-invocation-type": "RequestResponse", EVENT_ID_HEADER: ev.id,
-                  "content-type": "application/json"},
-            "b": ev.payload,
-            "a": ev.account,
-        }
+        req = HttpRequest(
+            method="POST",
+            path=f"/2015-03-31/functions/{quote(ev.name, safe='')}/invocations",
+            query="" if ev.qualifier == "$LATEST" else f"Qualifier={quote(ev.qualifier)}",
+            headers={"x-amz-invocation-type": "RequestResponse", EVENT_ID_HEADER: ev.id,
+                     "content-type": "application/json"},
+            body=ev.payload, account=ev.account).to_wire()
         self.counters["attempts"] += 1
         try:
             # Within the lease (timeout + lease_margin_ms), with room for the destination call.
@@ -346,9 +345,11 @@ class Dispatcher:
             lm = LAMBDA_ARN.match(dest)
             if lm is None:
                 raise DestinationMissing(dest)
-            req = {"m": "POST", "p": f"/2015-03-31/functions/{lm['name']}/invocations",
-                   "q": f"Qualifier={lm['qualifier']}" if lm["qualifier"] else "",
-                   "h": {"x-amz-invocation-type": "Event"}, "b": record.encode(), "a": account}
+            req = HttpRequest(method="POST",
+                              path=f"/2015-03-31/functions/{lm['name']}/invocations",
+                              query=f"Qualifier={lm['qualifier']}" if lm["qualifier"] else "",
+                              headers={"x-amz-invocation-type": "Event"}, body=record.encode(),
+                              account=account).to_wire()
             resp = await self.frontend.call("http", req, timeout_s=destination_call_timeout_s)
             if resp["s"] == 202:
                 return
@@ -390,7 +391,7 @@ async def serve(args: argparse.Namespace) -> None:
     async def status(_: Any) -> dict[str, Any]:
         return d.statistics()
 
-    server = Server({"status": status})
+    server = Server({"status": status}, protocol="dispatcher")
     lhost, lport = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
     task = asyncio.ensure_future(d.run())
     # Prometheus: the process and its TLS handshakes, pushed to the frontend (the way this
@@ -415,7 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--region", default="cc-local-1")
     p.add_argument("--listen", default="127.0.0.1:0")
     runtime.add_security_args(p)
+    runtime.add_protocol_max(p)
     args = p.parse_args(argv)
+    runtime.apply_protocol_max(args)
     runtime.setup_logging(f"dispatcher/{args.cell_id}")
     runtime.setup_security(args, "dispatcher", args.cell_id, f"{args.cell_id}-dispatcher",
                            args.region)

@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import runtime, span_export
 from ..core.limits import DEFAULT_LIMITS
+from ..core.messages import HttpRequest, MessageError
 from ..core.poison import PoisonParams
 from ..core.sharding import SignatureSharder, Worker
 from ..network import policy as net_policy
@@ -91,7 +92,7 @@ async def serve(args: argparse.Namespace) -> None:
     # Functions' logs as CloudWatch Logs (<state>/logs.db) and the Logs API over them.
     logstore = cell.logstore = LogStore(os.path.abspath(args.state_dir), cell.limits)
     logs_api = LogsApi(logstore, args.region, cell.limits, before_read=cell.flush_events)
-    server = Server(ops(cell, queues, registry, logs_api))
+    server = Server(ops(cell, queues, registry, logs_api), protocol="frontend")
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
 
     async def live_logs() -> None:
@@ -157,7 +158,11 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,
         logs_api: LogsApi | None = None) -> dict[str, Handler]:
     """The frontend's transport ops (docs/design.md lists them)."""
 
-    async def http(req: dict[str, Any]) -> dict[str, Any] | Stream:
+    async def http(body: Any) -> dict[str, Any] | Stream:
+        try:  # frontend protocol 2's typed request (a version 1 one was translated)
+            req = HttpRequest.from_wire(body).as_api()
+        except MessageError as e:
+            raise OpError("InvalidRequest", str(e)) from e
         reply = await api.handle(cell, req)
         if isinstance(reply, Stream):  # InvokeWithResponseStream: changes nothing
             return reply
@@ -277,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="functions of one account with series of their own in /metrics "
                         "(default: core/limits.py); the rest count under __other__")
     runtime.add_security_args(p)
+    runtime.add_protocol_max(p)
     args = p.parse_args(argv)
+    runtime.apply_protocol_max(args)
     runtime.setup_logging(f"frontend/{args.cell_id}")
     runtime.setup_security(args, "frontend", args.cell_id, f"{args.cell_id}-frontend", args.region)
     runtime.run(serve(args))

@@ -27,6 +27,7 @@ from ..core.cellmap import CellMap
 from ..core.ecs_taskdef import TARGET_PREFIX as ECS_TARGET_PREFIX
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
+from ..core.messages import HttpReply, HttpRequest, MessageError
 from ..core.tenant_status import cell_status_for_tenant
 from ..metrics import Pushed, process_registry
 from ..queues import query as sqs_query
@@ -41,6 +42,7 @@ from ..transport import (
     RemoteError,
     TransportError,
     frame_bytes_max,
+    protocol_stats,
 )
 from . import metrics as router_metrics
 from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner, open_stream
@@ -486,17 +488,13 @@ class Router:
             fwd["x-cellcloud-endpoint"] = f"{scope.get('scheme') or 'http'}://{host}"
         if is_invoke and scope["method"] == "POST":
             body_state.trace = self._begin_trace(headers, fwd, cell.cell_id)
-        req = {
-            "m": scope["method"],
-            "p": path,
-            "q": scope["query_string"].decode("latin-1"),
-            "h": fwd,
-            "b": body,
-            "a": account,
-        }
         owner = cross_account_owner(path, account)
-        if owner is not None:  # another account's function: its cell judges its policy
-            req["a"], req["c"] = owner, account
+        query = scope["query_string"].decode("latin-1")
+        # another account's function (owner): its cell judges its policy
+        req = HttpRequest(method=scope["method"], path=path, query=query, headers=fwd,
+                          body=body, account=owner or account,
+                          caller=account if owner is not None else "").to_wire()
+        if owner is not None:
             cell = self.cell_map.cell_for(owner)
             body_state.cell = cell.cell_id
         # A sync invoke may run up to the function's timeout (at most 900 s); the frontend
@@ -505,7 +503,7 @@ class Router:
                      else control_timeout_s)
         leases = (self.leases if is_invoke and scope["method"] == "POST" and owner is None
                   else None)
-        key = (account, path, req["q"])
+        key = (account, path, query)
         if leases is not None and leases.eligible(fwd, body):
             lease = await leases.take_or_wait(key, cell.cell_id)
             if lease is not None:
@@ -520,15 +518,16 @@ class Router:
                 self.client(cell.cell_id), "http", req, timeout_s, cell.cell_id, self.counters)
             return status, dict(pairs), streamed
         try:
-            resp = await self.client(cell.cell_id).call("http", req, timeout_s=timeout_s)
-        except (TransportError, CallTimeout, RemoteError) as e:
+            resp = HttpReply.from_wire(
+                await self.client(cell.cell_id).call("http", req, timeout_s=timeout_s))
+        except (TransportError, CallTimeout, RemoteError, MessageError) as e:
             self.counters["cell_unavailable"] += 1
             raise LambdaError(
                 503, "ServiceException", f"Cell {cell.cell_id} is unavailable: {e}"
             ) from e
-        if leases is not None and resp["s"] == 200 and leases.eligible(fwd, body):
+        if leases is not None and resp.status == 200 and leases.eligible(fwd, body):
             leases.want(key, cell.cell_id)
-        return resp["s"], resp["h"], resp["b"]
+        return resp.status, resp.headers, resp.body
 
     def _begin_trace(self, headers: list[tuple[str, str]], fwd: dict[str, str],
                      cell_id: str) -> _Trace:
@@ -648,6 +647,8 @@ class Router:
             "cell_map": self.cell_map_status(),
             "counters": dict(self.counters),
             "registry": dict(self.registry.counters),
+            # internal protocol versions spoken and peers refused (core/protocols.py)
+            "protocols": protocol_stats.snapshot(),
         }
         if self.connections is not None:
             router["connections"] = self.connections.statistics()

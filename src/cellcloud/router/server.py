@@ -98,7 +98,8 @@ async def serve(args: argparse.Namespace) -> None:
         return {c: list(t) for c, t in router.cell_traffic.items()}
 
     internal = Server({"cell_map": push_cell_map, "map_status": map_status,
-                       "metrics_push": metrics_push, "cell_traffic": cell_traffic})
+                       "metrics_push": metrics_push, "cell_traffic": cell_traffic},
+                      protocol="router")
     chost, cport = await internal.listen_tcp("", 0, sock=runtime.bind_tcp(args.control_listen))
     runtime.announce_ready({"component": "router", "host": host, "port": port,
                             "control_host": chost, "control_port": cport,
@@ -157,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep-interval-ms", type=int, default=None,
                    help="how often expired connections are closed")
     runtime.add_security_args(p)
+    runtime.add_protocol_max(p)
     args = p.parse_args(argv)
+    runtime.apply_protocol_max(args)
     runtime.setup_logging("router")
     runtime.setup_security(args, "router", "region", "router", args.region)
     runtime.run(serve(args))

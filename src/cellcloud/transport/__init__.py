@@ -20,6 +20,15 @@ component's surface is exactly the keys of that dict (the agent's is six entries
 
 TLS is one argument: pass an ``ssl.SSLContext`` to :func:`serve` / :class:`Client` and the same
 frames travel over mutual TLS; nothing else in cellcloud opens internal sockets.
+
+Versions (:mod:`cellcloud.core.protocols`): a Server and a Client that name their ``protocol``
+negotiate a version on connect: the client's first frame is ``[0, 0, "hello", {"protocol",
+"versions": [min, max]}]``, answered ``[1, 0, True, {"protocol", "version", "versions"}]``
+(or refused: ``ProtocolVersionRefused``, both windows named, the link closed, the refusal
+counted in :data:`protocol_stats`). A link at the previous version has its bodies translated
+here, so ops and callers see only the current version. ``CELLCLOUD_PROTOCOL_MAX``
+(``"agent=1,frontend=1"``, or ``"1"`` for all) caps what this process speaks, as an older
+build would.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import ssl
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
@@ -36,12 +46,14 @@ from typing import Any
 
 import msgpack
 
+from ..core import protocols
+from ..core.protocols import OpAdapter, ProtocolError
 from .codec import FrameError, FrameReader, frame_read_bytes, pack, unpack
 
 __all__ = ["DRAINING", "CallTimeout", "Client", "FrameError", "FrameReader", "NotDelivered",
-           "OpError", "RedeliveringClient", "RemoteError",
-           "Server", "Stream", "TransportError", "disable_mtls", "enable_mtls", "frame_bytes_max",
-           "frame_read_bytes", "mtls_role", "not_run", "pack", "tls_stats", "unpack"]
+           "OpError", "RedeliveringClient", "RemoteError", "Server", "Stream", "TransportError",
+           "VersionRefused", "disable_mtls", "enable_mtls", "frame_bytes_max", "frame_read_bytes",
+           "mtls_role", "not_run", "pack", "protocol_stats", "tls_stats", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,63 @@ class TlsStats:
 
 
 tls_stats = TlsStats()
+
+
+@dataclass
+class ProtocolStats:
+    """This process's internal links by protocol and side (``server``: accepted, ``client``:
+    opened): the versions they speak (``links``: {protocol: {side: {version: count}}}, counted
+    once per link) and the peers refused for a version outside the window (``refused``, with
+    the last refusal's message in ``last_refusal``). In the agents' and frontends' status
+    (``protocols``) and exported by :mod:`cellcloud.metrics`."""
+
+    links: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
+    refused: dict[str, dict[str, int]] = field(default_factory=dict)
+    last_refusal: dict[str, str] = field(default_factory=dict)
+
+    def linked(self, protocol: str, side: str, version: int) -> None:
+        by_version = self.links.setdefault(protocol, {}).setdefault(side, {})
+        by_version[version] = by_version.get(version, 0) + 1
+
+    def refuse(self, protocol: str, side: str, message: str) -> None:
+        by_side = self.refused.setdefault(protocol, {})
+        by_side[side] = by_side.get(side, 0) + 1
+        self.last_refusal[protocol] = message
+
+    def snapshot(self) -> dict[str, Any]:
+        """For status: ``{protocol: {"window": [min, max], "links": {side: {version: n}},
+        "refused": {side: n}, "last_refusal": str}}`` (versions as strings: JSON keys)."""
+        caps = _caps()
+        out: dict[str, Any] = {}
+        for name in sorted(protocols.PROTOCOLS):
+            doc: dict[str, Any] = {"window": list(protocols.window(name, caps.get(name)))}
+            if name in self.links:
+                doc["links"] = {side: {str(v): n for v, n in sorted(by.items())}
+                                for side, by in self.links[name].items()}
+            if name in self.refused:
+                doc["refused"] = dict(self.refused[name])
+                doc["last_refusal"] = self.last_refusal.get(name, "")
+            out[name] = doc
+        return out
+
+
+protocol_stats = ProtocolStats()
+protocol_max_env = "CELLCLOUD_PROTOCOL_MAX"
+
+
+def _caps() -> dict[str, int]:
+    """This process's caps (CELLCLOUD_PROTOCOL_MAX); a bad value is refused (ValueError)."""
+    return protocols.parse_caps(os.environ.get(protocol_max_env, ""))
+
+
+def _window(protocol: str | None,
+            versions: tuple[int, int] | None) -> tuple[int, int] | None:
+    if protocol is None:
+        return None
+    if protocol not in protocols.PROTOCOLS:
+        raise ValueError(f"unknown internal protocol {protocol!r}")
+    return versions if versions is not None else protocols.window(
+        protocol, _caps().get(protocol))
 
 
 class _CountedSSLObject(ssl.SSLObject):
@@ -160,6 +229,11 @@ def not_run(e: BaseException) -> bool:
     return isinstance(e, NotDelivered) or (isinstance(e, RemoteError) and e.type == DRAINING)
 
 
+class VersionRefused(NotDelivered):
+    """The call never left: the peer and this side have no protocol version in common (the
+    message names both windows)."""
+
+
 class RemoteError(Exception):
     """The peer ran the op and it raised; ``type`` is the peer's error type name."""
 
@@ -198,6 +272,7 @@ class ServerStats:
     rejected_peers: int = 0  # mTLS peers whose certificate names a role not allowed here
     forbidden_ops: int = 0  # calls of an op the peer's role may not call here (OPS_ALLOWED)
     drained: int = 0  # calls refused unrun because the server was draining
+    refused_versions: int = 0  # peers refused for a protocol version outside the window
     by_op: dict[str, int] = field(default_factory=dict)
 
 
@@ -209,11 +284,17 @@ class _ServerProtocol(asyncio.Protocol):
                  peer_check: PeerCheck | None = None,
                  ops_for_role: Mapping[str, frozenset[str]] | None = None,
                  live: set[_ServerProtocol] | None = None,
-                 changed: Callable[[], None] | None = None) -> None:
+                 changed: Callable[[], None] | None = None,
+                 protocol: str | None = None, versions: tuple[int, int] | None = None) -> None:
         self._live = live if live is not None else set()  # the server's open connections
         self.made = False  # connection_made ran (under TLS: once the handshake is over)
         self._changed = changed or (lambda: None)  # a call ended or a connection closed
         self.draining = False
+        self._protocol = protocol
+        self._versions = versions
+        self.version: int | None = None  # negotiated (or implied by a first call); None: not yet
+        self._adapt: Mapping[str, OpAdapter] | None = None  # ops to translate (an older peer)
+        self._refused = False
         self._peer_check = peer_check
         self._ops_for_role = ops_for_role
         self._allowed: frozenset[str] | None = None  # None: every op (no per-op rule)
@@ -282,6 +363,11 @@ class _ServerProtocol(asyncio.Protocol):
                 self._transport.close()
             return
         _, call_id, op, body = frame
+        if self._refused:
+            return  # closing: nothing more is run on a refused link
+        if self.version is None and self._protocol is not None and not self._negotiate(
+                call_id, op, body):
+            return
         self._stats.calls += 1
         if self.draining:
             self._stats.drained += 1
@@ -300,7 +386,10 @@ class _ServerProtocol(asyncio.Protocol):
             self._send([1, call_id, False, {"type": "UnknownOperation", "message": f"{op!r}"}])
             return
         self._stats.by_op[op] = self._stats.by_op.get(op, 0) + 1
-        task = asyncio.ensure_future(self._run(call_id, handler, body))
+        adapter = self._adapt.get(op) if self._adapt is not None else None
+        if adapter is not None and adapter.request_up is not None:
+            body = adapter.request_up(body)
+        task = asyncio.ensure_future(self._run(call_id, handler, body, adapter))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -308,7 +397,46 @@ class _ServerProtocol(asyncio.Protocol):
         self._tasks.discard(task)
         self._changed()
 
-    async def _run(self, call_id: int, handler: Handler, body: Any) -> None:
+    def _negotiate(self, call_id: Any, op: Any, body: Any) -> bool:
+        """The link's first frame: a hello (answered here), or a call of a client from before
+        negotiation (version 1 implied). False: the frame is dealt with (answered, or the link
+        refused and closing)."""
+        assert self._protocol is not None and self._versions is not None
+        peer = self._peer_name()
+        try:
+            if op == protocols.HELLO_OP and call_id == 0:
+                version = protocols.negotiate(self._protocol, self._versions, body, peer)
+            else:  # no hello: an older client, which speaks version 1
+                version = protocols.common(self._protocol, self._versions, (1, 1),
+                                           f"{peer} (no hello: version 1)")
+        except ProtocolError as e:
+            self._refused = True
+            self._stats.refused_versions += 1
+            protocol_stats.refuse(self._protocol, "server", str(e))
+            n = self._stats.refused_versions
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ...: a peer retrying floods no log
+                log.warning("refused an internal peer (%d so far): %s", n, e)
+            self._send([1, call_id, False, {"type": protocols.REFUSED, "message": str(e),
+                                            "data": {"versions": list(self._versions)}}])
+            if self._transport is not None:
+                asyncio.get_running_loop().call_soon(self._transport.close)  # after the answer
+            return False
+        self.version = version
+        self._adapt = protocols.adapters(self._protocol, version)
+        protocol_stats.linked(self._protocol, "server", version)
+        if op == protocols.HELLO_OP and call_id == 0:
+            self._send([1, 0, True, {"protocol": self._protocol, "version": version,
+                                     "versions": list(self._versions)}])
+            return False
+        return True
+
+    def _peer_name(self) -> str:
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        return f"peer {peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 \
+            else "the peer"
+
+    async def _run(self, call_id: int, handler: Handler, body: Any,
+                   adapter: OpAdapter | None = None) -> None:
         try:
             result = await handler(body)
         except OpError as e:
@@ -320,11 +448,14 @@ class _ServerProtocol(asyncio.Protocol):
             self._send([1, call_id, False, {"type": "InternalError", "message": repr(e)}])
         else:
             if isinstance(result, Stream):
-                await self._stream(call_id, result)
+                await self._stream(call_id, result, adapter)
                 return
+            if adapter is not None and adapter.reply_down is not None:
+                result = adapter.reply_down(result)
             self._send([1, call_id, True, result])
 
-    async def _stream(self, call_id: int, stream: Stream) -> None:
+    async def _stream(self, call_id: int, stream: Stream, adapter: OpAdapter | None) -> None:
+        down = adapter.item_down if adapter is not None else None
         try:
             async for item in stream.items:
                 if self._transport is None or self._transport.is_closing():
@@ -332,7 +463,7 @@ class _ServerProtocol(asyncio.Protocol):
                     if close is not None:
                         await close()  # the caller is gone: the producer stops (its finally)
                     return
-                self._send([2, call_id, item])
+                self._send([2, call_id, down(item) if down is not None else item])
         except OpError as e:
             self._stats.errors += 1
             self._send([1, call_id, False, {"type": e.type, "message": e.message, "data": e.data}])
@@ -361,7 +492,15 @@ class _ServerProtocol(asyncio.Protocol):
 class Server:
     """A listening transport server. ``ops`` maps op name -> ``async def op(body) -> result``."""
 
-    def __init__(self, ops: Mapping[str, Handler], *, peer_check: PeerCheck | None = None) -> None:
+    def __init__(self, ops: Mapping[str, Handler], *, peer_check: PeerCheck | None = None,
+                 protocol: str | None = None,
+                 versions: tuple[int, int] | None = None) -> None:
+        """``protocol``: the internal protocol served (core/protocols.py), negotiated on each
+        link; ``versions``: the window spoken (default: this build's, capped by
+        CELLCLOUD_PROTOCOL_MAX). None: no negotiation (a hello is an unknown op, as it was to
+        every server before versions)."""
+        self.protocol = protocol
+        self.versions = _window(protocol, versions)
         self.ops: dict[str, Handler] = dict(ops)
         self.peer_check = peer_check
         self.ops_for_role: dict[str, frozenset[str]] = {}
@@ -399,7 +538,8 @@ class Server:
 
     def _protocol(self) -> _ServerProtocol:
         proto = _ServerProtocol(self.ops, self.stats, self.peer_check, self.ops_for_role,
-                                self._live, self._changed)
+                                live=self._live, changed=self._changed,
+                                protocol=self.protocol, versions=self.versions)
         proto.draining = self._change is not None  # accepted as the drain began: told at once
         self._accepted.add(proto)
         return proto
@@ -461,6 +601,8 @@ class _ClientProtocol(asyncio.Protocol):
         self._on_lost = on_lost
         self._out: list[bytes] = []
         self.gone_away = False  # the server is draining: no new calls on this connection
+        self.version: int | None = None  # negotiated; None: no protocol named
+        self.adapt: Mapping[str, OpAdapter] | None = None  # ops to translate (an older server)
 
     def send(self, data: bytes) -> None:
         """Queue a frame; frames queued in one loop iteration go out in one write."""
@@ -539,6 +681,11 @@ class _ClientProtocol(asyncio.Protocol):
         self._on_lost(exc)
 
 
+def _down(adapt: Mapping[str, OpAdapter], op: str, body: Any) -> Any:
+    adapter = adapt.get(op)
+    return adapter.request_down(body) if adapter and adapter.request_down else body
+
+
 def _expire(fut: asyncio.Future[Any], op: str, timeout_s: float) -> None:
     if not fut.done():
         fut.set_exception(CallTimeout(f"{op} timed out after {timeout_s}s"))
@@ -561,7 +708,16 @@ class Client:
         connect_timeout_s: float = 2.0,
         peer_check: PeerCheck | None = None,
         expect_role: str | None = None,
+        protocol: str | None = None,
+        versions: tuple[int, int] | None = None,
     ) -> None:
+        """``protocol``: the internal protocol to negotiate on connect (default: the one
+        ``expect_role`` serves); ``versions``: the window offered (default: this build's,
+        capped by CELLCLOUD_PROTOCOL_MAX)."""
+        if protocol is None and expect_role in protocols.PROTOCOLS:
+            protocol = expect_role
+        self.protocol = protocol
+        self.versions = _window(protocol, versions)
         if ssl_context is None and _mtls is not None:
             from ..security import pki
 
@@ -587,7 +743,8 @@ class Client:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._proto is not None and self._proto.transport is not None:
+            if self._proto is not None and self._proto.transport is not None \
+                    and not self._proto.gone_away:
                 return self._proto
             loop = asyncio.get_running_loop()
 
@@ -618,19 +775,70 @@ class Client:
                     proto.transport.close()
                 raise NotDelivered(f"{self.host}:{self.port} is not a peer we may call "
                                      "(its certificate names another role)")
+            if self.protocol is not None:
+                await self._hello(proto)
             self._proto = proto
             return proto
+
+    async def _hello(self, proto: _ClientProtocol) -> None:
+        """Negotiate the link's version (call id 0, before any call); a server from before
+        negotiation answers UnknownOperation: it speaks version 1."""
+        assert self.protocol is not None and self.versions is not None
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        proto.pending[0] = fut
+        proto.send(self._packer.pack([0, 0, protocols.HELLO_OP,
+                                      protocols.hello(self.protocol, self.versions)]))
+        peer = f"{self.host}:{self.port}"
+        try:
+            answer = await asyncio.wait_for(fut, self._connect_timeout_s)
+            version = protocols.accepted(self.protocol, self.versions, answer, peer)
+        except RemoteError as e:
+            if e.type == "UnknownOperation":
+                try:
+                    version = protocols.common(self.protocol, self.versions, (1, 1),
+                                               f"{peer} (no negotiation: version 1)")
+                except ProtocolError as pe:
+                    self._refused(proto, str(pe))
+            elif e.type == protocols.REFUSED:
+                self._refused(proto, f"{peer} refused this client: {e.message}")
+            else:
+                self._refused(proto, f"{peer} answered the hello with {e}")
+        except ProtocolError as e:
+            self._refused(proto, str(e))
+        except (TimeoutError, TransportError) as e:
+            if proto.transport is not None:
+                proto.transport.close()
+            raise NotDelivered(f"no hello answer from {peer}: {e!r}") from e
+        finally:
+            proto.pending.pop(0, None)
+        proto.version = version
+        proto.adapt = protocols.adapters(self.protocol, version)
+        protocol_stats.linked(self.protocol, "client", version)
+
+    def _refused(self, proto: _ClientProtocol, message: str) -> None:
+        assert self.protocol is not None
+        protocol_stats.refuse(self.protocol, "client", message)
+        if proto.transport is not None:
+            proto.transport.close()
+        raise VersionRefused(message)
+
+    @property
+    def version(self) -> int | None:
+        """The version the current link speaks (None: not connected, or no protocol)."""
+        return self._proto.version if self._proto is not None else None
 
     async def call(self, op: str, body: Any = None, *, timeout_s: float) -> Any:
         """Send one call and wait for its answer, at most ``timeout_s`` seconds."""
         proto = self._proto
-        if proto is None or proto.transport is None:
+        if proto is None or proto.transport is None or proto.gone_away:
             proto = await self._connect()
         transport = proto.transport
         if transport is None:
             raise NotDelivered("connection lost before send")
         if len(proto.pending) >= calls_in_flight_max:
             raise TransportError("too many calls in flight on one connection")
+        if proto.adapt is not None:
+            body = _down(proto.adapt, op, body)
         call_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         proto.pending[call_id] = fut
@@ -653,12 +861,14 @@ class Client:
         did not stream, or None); raises as :meth:`call` does. ``timeout_s`` bounds the whole
         call."""
         proto = self._proto
-        if proto is None or proto.transport is None:
+        if proto is None or proto.transport is None or proto.gone_away:
             proto = await self._connect()
         if proto.transport is None:
             raise NotDelivered("connection lost before send")
         if len(proto.pending) + len(proto.streams) >= calls_in_flight_max:
             raise TransportError("too many calls in flight on one connection")
+        if proto.adapt is not None:
+            body = _down(proto.adapt, op, body)
         call_id = next(self._ids)
         q: asyncio.Queue[Any] = asyncio.Queue()
         proto.streams[call_id] = q
