@@ -197,7 +197,7 @@ def test_task_messages_refuse_bad_fields_by_name() -> None:
     with pytest.raises(m.MessageError, match="'containers'"):
         m.TaskCreateRequest.from_wire({k: v for k, v in wire.items() if k != "containers"})
     with pytest.raises(m.MessageError, match="'argv'"):
-        m.TaskCreateRequest.from_wire({**wire, "containers": [{"name": "a", "argv": [1]}]})
+        m.TaskCreateRequest.from_wire({**wire, "containers": [{"name": "a", "image_layers": [], "argv": [1]}]})
     with pytest.raises(m.MessageError, match="'logs_after'"):
         m.TaskPollRequest.from_wire({"task_id": "t", "logs_after": {"a": "x"}})
     assert m.TaskCreateRequest.from_wire({**wire, "newer": 1}) == good

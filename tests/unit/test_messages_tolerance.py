@@ -17,6 +17,13 @@ SPEC = m.FunctionSpec(name="f", arn="arn:aws:lambda:cc-local-1:111122223333:func
                       environment={"A": "b"}, layers=("ab" * 32,), log_group="/aws/lambda/f")
 SPAN = m.Span(name="agent", span_id="a" * 16, parent_id="b" * 16, start_ns=1, end_ns=2)
 
+TASK_PORT = m.TaskPortMapping(container_port=8080, protocol="udp")
+TASK_CONTAINER = m.TaskContainer(name="web", image_layers=("ab" * 32,), argv=("/srv",),
+                                 env={"A": "b"}, workdir="/w", port_mappings=(TASK_PORT,))
+TASK_STATE = m.TaskContainerState(state="exited", exit_code=137, started_ms=1, exited_ms=2,
+                                  reason="OutOfMemoryError: Container killed due to memory usage")
+TASK_LINE = m.TaskLogLine(time_ms=1, text="hello", stream="stderr")
+
 #: one of each message, its fields set away from their defaults where it matters
 SAMPLES: list[Any] = [
     SPEC,
@@ -45,6 +52,27 @@ SAMPLES: list[Any] = [
     m.GuestLogs(request_id="r", logs=b"line\n"),
     m.GuestPhaseDone(request_id="r", logs=b"l", duration_ms=1.0, max_rss_kb=2, env_alive=False),
     m.GuestReady(init_ms=3.0, init_error=None, logs=b"l", extensions=1),
+    # the agent's task ops (issue #17)
+    TASK_PORT,
+    TASK_CONTAINER,
+    m.TaskCreateRequest(task_id="t", account="111122223333", cpu_units=256, memory_mib=512,
+                        containers=(TASK_CONTAINER,), hostname="h", network="egress",
+                        net_allow=("10.0.0.0/8",)),
+    m.TaskCreateReply(task_id="t", private_ipv4="100.64.0.2"),
+    m.TaskContainerRequest(task_id="t", container="web"),
+    m.TaskContainerStartReply(pid=7),
+    m.TaskContainerStopRequest(task_id="t", container="web", grace_s=2.0),
+    m.TaskContainerStopReply(exit_code=143),
+    m.TaskExecRequest(task_id="t", container="web", command=("/bin/true",), timeout_s=2.0),
+    m.TaskExecReply(exit_code=0, output=b"ok", timed_out=False, error=""),
+    m.TaskPollRequest(task_id="t", logs_after={"web": 3}),
+    TASK_STATE,
+    TASK_LINE,
+    m.TaskPollReply(containers={"web": TASK_STATE}, logs={"web": (TASK_LINE,)},
+                    cursors={"web": 4}, cpu_usage_ns=5, memory_bytes=6,
+                    logs_dropped={"web": 1}, oom_kills=1),
+    m.TaskDestroyRequest(task_id="t"),
+    m.TaskDestroyReply(destroyed=True),
 ]
 
 #: wire names that are not the field's own (HttpReply keeps version 1's short names)
@@ -88,7 +116,8 @@ def test_unknown_newer_fields_are_ignored(index: int, extra: dict[str, Any]) -> 
 def test_a_missing_required_field_is_an_error_naming_it(msg: Any) -> None:
     wire = msg.to_wire()
     required = required_wire_names(msg)
-    assert required or type(msg) in (m.StatusRequest, m.GuestReady)  # every field optional
+    # every field optional
+    assert required or type(msg) in (m.StatusRequest, m.GuestReady, m.TaskContainerStopReply)
     for name in required:
         assert name in wire, name
         doc = {k: v for k, v in wire.items() if k != name}

@@ -65,8 +65,10 @@ def _get(doc: Any, name: str, types: type | tuple[type, ...], kind: str,
                        f"{'/'.join(t.__name__ for t in wanted)}, not {type(value).__name__}")
 
 
-def _str_list(doc: dict[str, Any], name: str, kind: str) -> tuple[str, ...]:
-    value = _get(doc, name, (list, tuple), kind, ())
+def _str_list(doc: dict[str, Any], name: str, kind: str,
+              default: Any = ()) -> tuple[str, ...]:
+    """A list of strings; ``default`` when absent (``_MISSING``: required)."""
+    value = _get(doc, name, (list, tuple), kind, default)
     if not all(isinstance(v, str) for v in value):
         raise MessageError(f"{kind}: the field {name!r} must be a list of strings")
     return tuple(value)
@@ -505,8 +507,9 @@ class TaskContainer:
     def from_wire(cls, doc: Any) -> Self:
         k = "task_create.containers"
         ports = _get(doc, "port_mappings", (list, tuple), k, ())
-        return cls(name=_get(doc, "name", str, k), image_layers=_str_list(doc, "image_layers", k),
-                   argv=_str_list(doc, "argv", k), env=_str_map(doc, "env", k),
+        return cls(name=_get(doc, "name", str, k),
+                   image_layers=_str_list(doc, "image_layers", k, _MISSING),
+                   argv=_str_list(doc, "argv", k, _MISSING), env=_str_map(doc, "env", k),
                    workdir=_get(doc, "workdir", str, k, ""),
                    port_mappings=tuple(TaskPortMapping.from_wire(p) for p in ports))
 
@@ -556,7 +559,7 @@ class TaskCreateReply:
     def from_wire(cls, doc: Any) -> Self:
         k = "task_create reply"
         return cls(task_id=_get(doc, "task_id", str, k),
-                   private_ipv4=_get(doc, "private_ipv4", str, k, ""))
+                   private_ipv4=_get(doc, "private_ipv4", str, k))
 
 
 @dataclass(frozen=True)
@@ -637,7 +640,7 @@ class TaskExecRequest:
     def from_wire(cls, doc: Any) -> Self:
         k = "task_exec"
         return cls(task_id=_get(doc, "task_id", str, k), container=_get(doc, "container", str, k),
-                   command=_str_list(doc, "command", k),
+                   command=_str_list(doc, "command", k, _MISSING),
                    timeout_s=_get(doc, "timeout_s", float, k, 5.0))
 
 
@@ -655,7 +658,7 @@ class TaskExecReply:
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
         k = "task_exec reply"
-        return cls(exit_code=_get(doc, "exit_code", int, k, None, nullable=True),
+        return cls(exit_code=_get(doc, "exit_code", int, k, nullable=True),
                    output=_get(doc, "output", bytes, k, b""),
                    timed_out=_get(doc, "timed_out", bool, k, False),
                    error=_get(doc, "error", str, k, ""))
