@@ -724,6 +724,9 @@ def _mount_subcommands() -> None:
     from .microvm_cli import app as microvm_app
 
     app.add_typer(microvm_app, name="microvm")
+    from .pod_cli import app as pod_app
+
+    app.add_typer(pod_app, name="pod")
 
 
 _mount_subcommands()

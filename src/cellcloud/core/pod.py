@@ -503,7 +503,7 @@ def _tags(doc: dict[str, Any]) -> dict[str, str]:
             if isinstance(t, dict)}
 
 
-def _ms(value: Any) -> int | None:
+def timestamp_ms(value: Any) -> int | None:
     """A DescribeTasks timestamp (boto3: a datetime; JSON: epoch seconds) in ms."""
     if value is None:
         return None
@@ -573,7 +573,7 @@ def pod_view(task: dict[str, Any] | None, taskdef: dict[str, Any], *,
             ip = ip or str(ni.get("privateIpv4Address") or "")
     arn = str(task.get("taskArn") or "")
     return PodView(name, namespace, phase, status_text, _ready(views), ip,
-                   arn.rsplit("/", 1)[-1], arn, _ms(task.get("createdAt")),
+                   arn.rsplit("/", 1)[-1], arn, timestamp_ms(task.get("createdAt")),
                    str(task.get("stoppedReason") or ""), views, labels,
                    run_tags.get(RESTART_POLICY_TAG, "Always"))
 
