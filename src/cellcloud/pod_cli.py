@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .core import pod as pods
@@ -47,7 +48,12 @@ get_tasks_batch = 100  # DescribeTasks takes at most 100 tasks
 
 
 class PodCliError(Exception):
-    pass
+    """What went wrong, said once; ``reason`` is Kubernetes' word for it (the API gateway
+    answers with it): BadRequest, NotFound, AlreadyExists, ServiceUnavailable."""
+
+    def __init__(self, message: str, reason: str = "BadRequest") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _code(e: Exception) -> str:
@@ -57,7 +63,7 @@ def _code(e: Exception) -> str:
 def _unsupported(op: str, e: Exception) -> PodCliError:
     message = getattr(e, "response", {}).get("Error", {}).get("Message", "")
     return PodCliError(f"this region does not run tasks yet: its ECS API answered {op} with "
-                       f"UnsupportedFeatureException ({message})")
+                       f"UnsupportedFeatureException ({message})", "ServiceUnavailable")
 
 
 def _failed(op: str, e: Exception) -> PodCliError:
@@ -128,6 +134,10 @@ class PodClient:
         return pods.pod_view(newest, taskdef, name=name, namespace=namespace)
 
     # -- the verbs -----------------------------------------------------------------------------
+    def exists(self, plan: pods.Plan) -> bool:
+        """Whether the Pod's name is taken (its family has an ACTIVE revision)."""
+        return self._taskdef(plan.family) is not None
+
     def apply(self, plan: pods.Plan) -> str:
         current = self._taskdef(plan.family)
         if current is not None:
@@ -136,7 +146,8 @@ class PodClient:
                 return f"pod/{plan.name} unchanged"
             raise PodCliError(f"pod/{plan.name} exists in namespace {plan.namespace} with a "
                               "different spec; a Pod's spec cannot change in place: delete it "
-                              f"first (cellcloud pod delete {plan.name} -n {plan.namespace})")
+                              f"first (cellcloud pod delete {plan.name} -n {plan.namespace})",
+                              "AlreadyExists")
         try:
             self.ecs.create_cluster(clusterName=pods.CLUSTER)  # as ECS: returns an existing one
             arn = self.ecs.register_task_definition(
@@ -155,7 +166,7 @@ class PodClient:
             reasons = "; ".join(f"{f.get('reason', '?')}" + (f" ({f['detail']})"
                                                             if f.get("detail") else "")
                                 for f in out.get("failures") or []) or "no task was started"
-            raise PodCliError(f"RunTask: {reasons}")
+            raise PodCliError(f"RunTask: {reasons}", "ServiceUnavailable")
         return f"pod/{plan.name} created"
 
     def _forget(self, arn: str) -> None:
@@ -163,14 +174,16 @@ class PodClient:
         try:
             self.ecs.deregister_task_definition(taskDefinition=arn)
         except Exception as e:
-            err.print(f"[yellow]warning[/yellow]: could not deregister {arn}: {e}")
+            err.print(f"[yellow]warning[/yellow]: could not deregister {escape(arn)}: "
+                      f"{escape(str(e))}", soft_wrap=True)
 
     def get(self, name: str | None, namespace: str, all_namespaces: bool = False
             ) -> list[pods.PodView]:
         if name is not None:
             taskdef = self._taskdef(pods.family_for(namespace, name))
             if taskdef is None:
-                raise PodCliError(f'pods "{name}" not found in namespace {namespace}')
+                raise PodCliError(f'pods "{name}" not found',
+                                  "NotFound")
             return [self._view(taskdef)]
         prefix = pods.FAMILY_PREFIX if all_namespaces else pods.family_for(namespace, "")
         families: list[str] = []
@@ -198,7 +211,8 @@ class PodClient:
     def delete(self, name: str, namespace: str) -> str:
         family = pods.family_for(namespace, name)
         if self._taskdef(family) is None:
-            raise PodCliError(f'pods "{name}" not found in namespace {namespace}')
+            raise PodCliError(f'pods "{name}" not found',
+                                  "NotFound")
         try:
             running = self._task_arns(family, "RUNNING")
         except Exception as e:
@@ -296,11 +310,11 @@ def connect(state_dir: str | None, tenant: str | None) -> PodClient:
                      name)
 
 
-def _run(fn: Any) -> Any:
+def run_cli(fn: Any) -> Any:
     try:
         return fn()
     except PodCliError as e:
-        err.print(f"[red]error[/red]: {e}", highlight=False, markup=True)
+        err.print(f"[red]error[/red]: {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -337,14 +351,16 @@ def apply_cmd(
         try:
             plan = pods.load(text, region=client.region, ignore_unknown=ignore_unknown)
         except pods.PodError as e:
-            raise PodCliError(f"{filename}: {e}") from None
+            hint = " (remove them, or give --ignore-unknown to run without them)" \
+                if e.unknown else ""
+            raise PodCliError(f"{filename}: {e}{hint}") from None
         for path in plan.unknown:
-            err.print(f"[yellow]warning[/yellow]: {path}: not understood; ignored "
-                      "(--ignore-unknown)", highlight=False)
+            err.print(f"[yellow]warning[/yellow]: {escape(path)}: not understood; ignored "
+                      "(--ignore-unknown)", highlight=False, soft_wrap=True)
         for note in plan.notes:
-            err.print(f"[yellow]note[/yellow]: {note}", highlight=False)
+            err.print(f"[yellow]note[/yellow]: {escape(note)}", highlight=False, soft_wrap=True)
         sys.stdout.write(client.apply(plan) + "\n")
-    _run(go)
+    run_cli(go)
 
 
 @app.command("get")
@@ -357,7 +373,7 @@ def get_cmd(
 ) -> None:
     """Pods with their phase: NAME READY STATUS AGE (-o wide: IP and task too)."""
     if output not in ("", "wide", "json", "yaml"):
-        err.print(f"[red]error[/red]: -o {output}: wide, json or yaml")
+        err.print(f"[red]error[/red]: -o {escape(output)}: wide, json or yaml")
         raise typer.Exit(2)
 
     def go() -> None:
@@ -388,7 +404,7 @@ def get_cmd(
                 row += [v.ip or "<none>", v.task_id or "<none>"]
             table.add_row(*row)
         console.print(table)
-    _run(go)
+    run_cli(go)
 
 
 @app.command("logs")
@@ -404,7 +420,7 @@ def logs_cmd(
     def go() -> None:
         for line in connect(state_dir, tenant).log_lines(name, namespace, container):
             sys.stdout.write(line + "\n")
-    _run(go)
+    run_cli(go)
 
 
 @app.command("delete")
@@ -416,4 +432,5 @@ def delete_cmd(
     """Stop the Pod's task and forget the Pod (its task definitions are deregistered)."""
     def go() -> None:
         sys.stdout.write(connect(state_dir, tenant).delete(name, namespace) + "\n")
-    _run(go)
+    run_cli(go)
+

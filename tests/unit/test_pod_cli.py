@@ -262,6 +262,7 @@ def test_the_cli_prints_tables_json_and_clean_errors(stubbed: Any, tmp_path: Any
     unknown.write_text(yaml.safe_dump(doc))
     out = runner.invoke(app, ["pod", "apply", "-f", str(unknown)])
     assert out.exit_code == 1 and "spec.containers[0].volumeMounts" in out.output
+    assert "(remove them, or give --ignore-unknown to run without them)" in out.output
     _not_found(e, plan.family)
     e.add_response("create_cluster", {"cluster": {"clusterName": "default"}}, None)
     e.add_response("register_task_definition", _taskdef(plan), plan.register)

@@ -76,9 +76,10 @@ _PROBE_KEYS = {"exec", "httpGet", "tcpSocket", "initialDelaySeconds", "periodSec
 class PodError(Exception):
     """A manifest that cannot run: ``path`` names where (``spec.containers[0].image``)."""
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, unknown: tuple[str, ...] = ()) -> None:
         super().__init__(f"{path}: {message}" if path else message)
         self.path, self.message = path, message
+        self.unknown = unknown  # the paths not understood, when that is the error
 
 
 @dataclass(frozen=True)
@@ -461,8 +462,8 @@ def plan(doc: dict[str, Any], *, region: str, ignore_unknown: bool = False) -> P
     run = {"cluster": CLUSTER, "taskDefinition": family, "count": 1, "launchType": "FARGATE",
            "startedBy": STARTED_BY, "tags": [*run_tags, {"key": SPEC_TAG, "value": digest}]}
     if r.unknown and not ignore_unknown:
-        raise PodError("", "fields cellcloud does not understand (remove them, or give "
-                           "--ignore-unknown to run without them): " + ", ".join(r.unknown))
+        raise PodError("", "fields cellcloud does not understand: " + ", ".join(r.unknown),
+                       tuple(r.unknown))
     return Plan(name=name, namespace=namespace, family=family, register=register, run=run,
                 restart_policy=RESTART_POLICIES[policy_name], spec_sha256=digest,
                 log_group=log_group, unknown=tuple(r.unknown), notes=tuple(r.notes))
