@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.integration.conftest import Region, running_region
-from tests.oci_images import image_layout
+from tests.oci_images import host_python_layers, image_layout, layer_tar
 
 pytestmark = pytest.mark.integration
 
@@ -196,3 +198,124 @@ def test_an_oversized_request_is_refused_by_name(ecs: Any, image: str, region: R
         ecs.register_task_definition(**td)
     assert "ecs_request_bytes_max" in str(e.value)
     assert refused() == before + 1
+
+
+WEB_CLIENT = """
+import time, urllib.request
+for _ in range(600):
+    try:
+        body = urllib.request.urlopen("http://127.0.0.1:8080/hello.txt", timeout=5).read()
+        break
+    except OSError:
+        time.sleep(0.1)
+print("got", body.decode().strip(), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def pair_image(region: Region, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An image with the host's Python libraries, a page and a client script: ecs/pair:v1."""
+    tmp = tmp_path_factory.mktemp("pair-image")
+    layout = str(tmp / "img")
+    app = layer_tar({"srv/hello.txt": b"hello over localhost\n",
+                     "app/client.py": WEB_CLIENT.encode()})
+    image_layout(layout, [], tag="v1", config_doc={"Cmd": ["/bin/true"]},
+                 blobs=[host_python_layers()[0], app])
+    archive = str(tmp / "img.tar")
+    subprocess.run(["tar", "-cf", archive, "-C", layout, "."], check=True)
+    region.cli("image", "push", archive, "ecs/pair:v1")
+    return f"{region.endpoint.split('//', 1)[1]}/ecs/pair:v1"
+
+
+def _wait_task(ecs: Any, cluster: str, arn: str, ok: Any, what: str) -> dict[str, Any]:
+    """DescribeTasks until ``ok(task)`` holds (a generous bound, not a deadline)."""
+    deadline = time.monotonic() + 120
+    while True:
+        t: dict[str, Any] = ecs.describe_tasks(cluster=cluster, tasks=[arn])["tasks"][0]
+        if ok(t):
+            return t
+        assert time.monotonic() < deadline, (what, t)
+        time.sleep(0.2)
+
+
+def test_a_two_container_task_runs_stops_and_logs(ecs: Any, region: Region,
+                                                  pair_image: str) -> None:
+    """RunTask of a web server and a sidecar that reads it over localhost (the task's one
+    network namespace), from an image pushed to the region's registry: RUNNING, the sidecar's
+    exit code, StopTask → STOPPED (UserInitiated), both containers' output through the Logs
+    API (awslogs)."""
+    image = pair_image
+    name = str(region.doc["region"])
+    logs = {"logDriver": "awslogs", "options": {"awslogs-group": "/ecs/pair",
+                                                "awslogs-region": name,
+                                                "awslogs-stream-prefix": "pair"}}
+    ecs.create_cluster(clusterName="tasks")
+    ecs.register_task_definition(
+        family="pair", networkMode="awsvpc", requiresCompatibilities=["FARGATE"], cpu="256",
+        memory="512", containerDefinitions=[
+            {"name": "web", "image": image, "logConfiguration": logs,
+             "command": [sys.executable, "-u", "-m", "http.server", "8080", "--directory",
+                         "/srv"], "portMappings": [{"containerPort": 8080}]},
+            {"name": "side", "image": image, "essential": False, "logConfiguration": logs,
+             "command": [sys.executable, "/app/client.py"],
+             "dependsOn": [{"containerName": "web", "condition": "START"}]}])
+    out = ecs.run_task(cluster="tasks", taskDefinition="pair", launchType="FARGATE")
+    assert out["failures"] == []
+    arn = out["tasks"][0]["taskArn"]
+    task_id = arn.rsplit("/", 1)[1]
+
+    def wait(ok: Any, what: str) -> dict[str, Any]:
+        return _wait_task(ecs, "tasks", arn, ok, what)
+
+    t = wait(lambda t: t["lastStatus"] == "RUNNING"
+             or t["lastStatus"] == "STOPPED", "RUNNING")
+    assert t["lastStatus"] == "RUNNING", t.get("stoppedReason")
+    assert ecs.describe_clusters(clusters=["tasks"])["clusters"][0]["runningTasksCount"] == 1
+    t = wait(lambda t: "exitCode" in t["containers"][1], "the sidecar's exit")
+    assert t["containers"][1]["exitCode"] == 0 and t["lastStatus"] == "RUNNING"
+    with pytest.raises(ecs.exceptions.ClusterContainsTasksException):
+        ecs.delete_cluster(cluster="tasks")
+    ecs.stop_task(cluster="tasks", task=arn, reason="test done")
+    t = wait(lambda t: t["lastStatus"] == "STOPPED", "STOPPED")
+    assert t["stopCode"] == "UserInitiated" and t["stoppedReason"] == "test done"
+    assert t["containers"][0]["exitCode"] in (0, 143, 137)  # SIGTERM / SIGKILL
+    cwl = boto3.client("logs", endpoint_url=region.endpoint, region_name=name,
+                        aws_access_key_id=str(region.doc["access_key_id"]),
+                        aws_secret_access_key=str(region.doc["secret_access_key"]))
+    side = cwl.get_log_events(logGroupName="/ecs/pair",
+                              logStreamName=f"pair/side/{task_id}")["events"]
+    assert [e["message"] for e in side] == ["got hello over localhost"]
+    web = cwl.get_log_events(logGroupName="/ecs/pair",
+                             logStreamName=f"pair/web/{task_id}")["events"]
+    assert any("GET /hello.txt" in e["message"] for e in web), web
+    ecs.delete_cluster(cluster="tasks")
+
+
+def test_a_restarted_frontend_still_describes_and_drives_its_task(
+        ecs: Any, region: Region, pair_image: str) -> None:
+    """The cell's frontend is killed while a task runs: the supervisor restarts it, and the
+    new process describes the task from its records and still drives it (StopTask)."""
+    ecs.create_cluster(clusterName="restart")
+    ecs.register_task_definition(
+        family="sleeper", networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
+        cpu="256", memory="512", containerDefinitions=[
+            {"name": "web", "image": pair_image,
+             "command": [sys.executable, "-u", "-m", "http.server", "8080", "--directory",
+                         "/srv"]}])
+    arn = ecs.run_task(cluster="restart", taskDefinition="sleeper")["tasks"][0]["taskArn"]
+    t = _wait_task(ecs, "restart", arn, lambda t: t["lastStatus"] in ("RUNNING", "STOPPED"),
+                   "RUNNING")
+    assert t["lastStatus"] == "RUNNING", t.get("stoppedReason")
+    before = region.region_json()["components"]["cell-1-frontend"]  # type: ignore[index]
+    os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while region.region_json()["components"]["cell-1-frontend"]["pid"] == before["pid"]:  # type: ignore[index]
+        assert time.monotonic() < deadline, "the frontend was not restarted"
+        time.sleep(0.1)
+    again = _wait_task(ecs, "restart", arn, lambda t: True, "described again")
+    assert again["lastStatus"] == "RUNNING"
+    assert again["containers"][0]["networkInterfaces"] == t["containers"][0]["networkInterfaces"]
+    ecs.stop_task(cluster="restart", task=arn, reason="after the restart")
+    t = _wait_task(ecs, "restart", arn, lambda t: t["lastStatus"] == "STOPPED", "STOPPED")
+    assert t["stopCode"] == "UserInitiated" and t["stoppedReason"] == "after the restart"
+    ecs.delete_cluster(cluster="restart")

@@ -84,4 +84,7 @@ def test_agent_refuses_unknown_operations(sandbox: Sandbox) -> None:
     assert kind == "UnknownOperation" and refused == 4
     assert sorted(sandbox.agent.ops) == ["attest", "create_env", "destroy", "forget_bundles",
                                          "image_blob", "invoke", "lease_end", "lease_grant",
-                                         "leased_invoke", "live_logs", "metrics", "status"]
+                                         "leased_invoke", "live_logs", "metrics", "status",
+                                         "task_container_start", "task_container_stop",
+                                         "task_create", "task_destroy", "task_exec",
+                                         "task_poll"]

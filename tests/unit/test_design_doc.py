@@ -23,7 +23,9 @@ from cellcloud.registry.storage import RegistryStore
 
 ROOT = pathlib.Path(cellcloud.__file__).parent
 DOC = (ROOT.parents[1] / "docs" / "design.md").read_text()
-NUMBERS = {"four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12}
+NUMBERS = {"four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12,
+           "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17,
+           "eighteen": 18, "nineteen": 19, "twenty": 20}
 UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 

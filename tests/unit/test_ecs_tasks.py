@@ -240,3 +240,26 @@ def test_always_restarts_an_init_container_only_until_it_succeeds() -> None:
     # The app itself is restarted under "always", even after exit 0.
     assert task.handle(t.ContainerExited("app", 0), 10_006) == []
     assert task.containers["app"].restart_at_ms == 10_006 + 10_000
+
+
+def test_a_snapshot_restores_the_task_and_resume_asks_again_what_was_in_flight() -> None:
+    """A restarted shell (frontend/tasks.py) rebuilds the task from its durable snapshot."""
+    d = _def(WEB, SIDE)
+    task = t.Task(d, 0)
+    _started(task)
+    assert task.handle(t.HealthResult("web", True), 10) == [t.StartContainer("side")]
+    assert task.handle(t.ContainerStarted("side"), 10) == []
+    assert task.last_status == "RUNNING"
+    snap = task.snapshot()
+    again = t.Task.restored(d, snap, 20)
+    assert again.snapshot() == snap and again.health_status == task.health_status
+    # due health checks run again at once (a probe in flight was lost with the process)
+    assert again.resume(20) == [t.RunHealthCheck("web", ("CMD", "check"), 5000)]
+    # a STOPPING task: its stops are asked again, dependents first
+    task.handle(t.StopRequested("bye"), 30)
+    stopping = t.Task.restored(d, task.snapshot(), 40)
+    assert stopping.resume(40) == [t.StopContainer("side", 30_000),
+                                   t.StopContainer("web", 30_000)]
+    stopping.handle(t.ContainerExited("side", 143), 50)
+    assert stopping.handle(t.ContainerExited("web", 143), 60) == [t.Release()]
+    assert (stopping.last_status, stopping.stop_code) == ("STOPPED", "UserInitiated")

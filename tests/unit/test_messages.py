@@ -134,3 +134,69 @@ def test_the_first_guest_dialect_is_read_and_answered_in_kind() -> None:
 def test_status_takes_no_body_too() -> None:
     assert m.StatusRequest.from_wire(None) == m.StatusRequest()
     assert m.StatusRequest.from_wire({"light": True}).light
+
+
+# -- the agent's task ops (agent/tasks.py) ----------------------------------------------------
+names = st.text(min_size=1, max_size=8)
+opt_int = st.none() | st.integers(0, 2**40)
+task_container = st.builds(
+    m.TaskContainer, name=names, image_layers=st.lists(ids, min_size=1, max_size=3).map(tuple),
+    argv=st.lists(ids, min_size=1, max_size=3).map(tuple),
+    env=st.dictionaries(names, st.text(max_size=8), max_size=3), workdir=st.text(max_size=8),
+    port_mappings=st.lists(st.builds(m.TaskPortMapping, container_port=st.integers(1, 65535),
+                                     protocol=st.sampled_from(["tcp", "udp"])),
+                           max_size=2).map(tuple))
+task_messages = st.one_of(
+    st.builds(m.TaskCreateRequest, task_id=ids, account=ids, cpu_units=st.integers(256, 16384),
+              memory_mib=st.integers(512, 122880),
+              containers=st.lists(task_container, min_size=1, max_size=3).map(tuple),
+              hostname=ids, network=st.sampled_from(["", "egress", "none"]),
+              net_allow=st.lists(ids, max_size=2).map(tuple)),
+    st.builds(m.TaskCreateReply, task_id=ids, private_ipv4=st.sampled_from(["", "10.0.0.2"])),
+    st.builds(m.TaskContainerRequest, task_id=ids, container=names),
+    st.builds(m.TaskContainerStartReply, pid=st.integers(1, 2**22)),
+    st.builds(m.TaskContainerStopRequest, task_id=ids, container=names,
+              grace_s=st.floats(0, 120)),
+    st.builds(m.TaskContainerStopReply, exit_code=st.none() | st.integers(0, 255)),
+    st.builds(m.TaskExecRequest, task_id=ids, container=names,
+              command=st.lists(ids, min_size=1, max_size=3).map(tuple),
+              timeout_s=st.floats(0.1, 120)),
+    st.builds(m.TaskExecReply, exit_code=st.none() | st.integers(0, 255),
+              output=st.binary(max_size=16), timed_out=st.booleans(), error=st.text(max_size=8)),
+    st.builds(m.TaskPollRequest, task_id=ids,
+              logs_after=st.dictionaries(names, st.integers(0, 2**40), max_size=3)),
+    st.builds(m.TaskPollReply,
+              containers=st.dictionaries(names, st.builds(
+                  m.TaskContainerState, state=st.sampled_from(["pending", "running", "exited"]),
+                  exit_code=st.none() | st.integers(0, 255), started_ms=opt_int,
+                  exited_ms=opt_int), max_size=3),
+              logs=st.dictionaries(names, st.lists(st.builds(
+                  m.TaskLogLine, time_ms=st.integers(0, 2**42), text=st.text(max_size=12),
+                  stream=st.sampled_from(["stdout", "stderr"])), max_size=3).map(tuple),
+                  max_size=2),
+              cursors=st.dictionaries(names, st.integers(0, 2**40), max_size=3),
+              cpu_usage_ns=st.integers(0, 2**50), memory_bytes=st.integers(0, 2**40),
+              logs_dropped=st.dictionaries(names, st.integers(0, 2**20), max_size=2)),
+    st.builds(m.TaskDestroyRequest, task_id=ids),
+    st.builds(m.TaskDestroyReply, destroyed=st.booleans()),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(task_messages)
+def test_every_task_message_survives_the_wire(msg: Any) -> None:
+    wire = unpack(pack(msg.to_wire()), 1 << 20)
+    assert type(msg).from_wire(wire) == msg
+
+
+def test_task_messages_refuse_bad_fields_by_name() -> None:
+    good = m.TaskCreateRequest("t1", "111122223333", 256, 512, (
+        m.TaskContainer("web", ("sha256:" + "a" * 64,), ("python3", "-m", "http.server")),))
+    wire = good.to_wire()
+    with pytest.raises(m.MessageError, match="'containers'"):
+        m.TaskCreateRequest.from_wire({k: v for k, v in wire.items() if k != "containers"})
+    with pytest.raises(m.MessageError, match="'argv'"):
+        m.TaskCreateRequest.from_wire({**wire, "containers": [{"name": "a", "argv": [1]}]})
+    with pytest.raises(m.MessageError, match="'logs_after'"):
+        m.TaskPollRequest.from_wire({"task_id": "t", "logs_after": {"a": "x"}})
+    assert m.TaskCreateRequest.from_wire({**wire, "newer": 1}) == good

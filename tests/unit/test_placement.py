@@ -1,4 +1,4 @@
-from cellcloud.core.placement import Create, Destroy, Placement, Throttle, Use
+from cellcloud.core.placement import Create, Destroy, NoRoom, Placement, TaskPlaced, Throttle, Use
 
 
 def make(agents: int = 2, envs_max: int = 10, idle_ms: int = 1000) -> Placement:
@@ -156,3 +156,35 @@ def test_lost_provisioned_envs_are_replaced_and_lowering_releases_them() -> None
     p.set_provisioned("f", 0)
     assert p.provision(2) == []
     assert len(p.on_tick(10_000)) == 2  # now ordinary idle environments, reaped when idle
+
+
+def test_tasks_share_the_agents_memory_with_functions_and_stay_in_their_shard() -> None:
+    p = Placement(env_id_prefix="c1", idle_timeout_ms=1000)
+    for a in ("a0", "a1", "a2"):
+        p.add_agent(a, 10, memory_mb_max=1024)
+    shard = ("a0", "a1")
+    placed = [p.place_task(f"t{i}", 512, 256, 4096, shard) for i in range(4)]
+    assert sorted(x.agent_id for x in placed if isinstance(x, TaskPlaced)) \
+        == ["a0", "a0", "a1", "a1"]  # spread, never on a2 (outside the shard)
+    assert p.place_task("t4", 512, 256, 4096, shard) == NoRoom("RESOURCE:MEMORY")
+    # a function's environment no longer fits on a full agent either
+    p.memory_mb["f"] = 128
+    d = p.acquire("f", 10, 0, eligible_agents=shard)
+    assert isinstance(d, Throttle)
+    p.release_task("t0")
+    assert p.place_task("t5", 512, 256, 4096, shard) == TaskPlaced(placed[0].agent_id)  # type: ignore[union-attr]
+    assert p.statistics()["agents"]["a0"]["tasks"] == 2  # type: ignore[index]
+
+
+def test_task_cpu_and_a_down_shard_are_reasons() -> None:
+    p = make(agents=2)
+    assert p.place_task("t0", 512, 1024, 1024, ["a0"]) == TaskPlaced("a0")
+    assert p.place_task("t1", 512, 256, 1024, ["a0"]) == NoRoom("RESOURCE:CPU")
+    p.agent_down("a1")
+    assert p.place_task("t1", 512, 256, 1024, ["a1"]) == NoRoom("AGENT")
+    p.hold_task("t2", "a0", 256, 0)  # a restarted frontend's task, counted where it runs
+    assert p.task_agent == {"t0": "a0", "t2": "a0"}
+    assert p.agents["a0"].memory_mb == 768
+    p.release_task("t2")
+    p.release_task("t2")  # twice: nothing more
+    assert p.agents["a0"].memory_mb == 512

@@ -1,5 +1,6 @@
 """The agent server. A fixed set of operations, nothing else: ``create_env``, ``invoke``,
-``destroy``, ``status``, ``attest``, ``forget_bundles``, ``image_blob``. It never opens a connection (``lockdown``); it reaches each environment over the
+``destroy``, ``status``, ``attest``, ``forget_bundles``, ``image_blob``, … and the task ops
+(agent/tasks.py). It never opens a connection (``lockdown``); it reaches each environment over the
 socketpair it created for it, and no environment can reach it.
 """
 
@@ -43,6 +44,7 @@ from ..transport import OpError, Server, Stream
 from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
 from . import lockdown
 from .images import LayerCache
+from .tasks import TaskRunner
 
 log = logging.getLogger("cellcloud.agent")
 
@@ -408,13 +410,20 @@ class Agent:
         # Leases the frontend registered (issue #13): a router may run invocations on the
         # leased environment, one at a time, until the lease expires or is ended.
         self._leases: dict[str, _Lease] = {}
+        # Fargate-style tasks (agent/tasks.py): their containers are environments too.
+        self.tasks = TaskRunner(self)
         self.ops: dict[str, Callable[[Any], Awaitable[Any]]]
         self.ops = {"create_env": self.create_env, "invoke": self.invoke,
                     "destroy": self.destroy, "status": self.status, "attest": self.attest,
                     "forget_bundles": self.forget_bundles, "image_blob": self.image_blob,
                     "lease_grant": self.lease_grant, "lease_end": self.lease_end,
                     "leased_invoke": self.leased_invoke, "metrics": self.metrics,
-                    "live_logs": self.live_logs}
+                    "live_logs": self.live_logs,
+                    "task_create": self.tasks.task_create,
+                    "task_container_start": self.tasks.container_start,
+                    "task_container_stop": self.tasks.container_stop,
+                    "task_exec": self.tasks.task_exec, "task_poll": self.tasks.task_poll,
+                    "task_destroy": self.tasks.task_destroy}
         # Prometheus (docs/observability.md): the process's CPU, memory, fds and TLS
         # handshakes, and the environments as this agent sees them; read by its frontend.
         self.metrics_registry = process_registry()
@@ -1013,6 +1022,7 @@ class Agent:
         return {
             "agent_id": self.agent_id, "backend": self.backend.name, "pid": os.getpid(),
             "envs_max": self.envs_max, "envs": envs, "counters": dict(self.counters),
+            "tasks": self.tasks.summary(), "task_counters": dict(self.tasks.counters),
             "seccomp": lockdown.seccomp_mode(), "started_ms": self.started_ms,
             "ops": sorted(self.ops),
             "unknown_ops_refused": self.server_stats.unknown_ops if self.server_stats else 0,
@@ -1229,6 +1239,17 @@ class Agent:
                     if env_id in self.envs:
                         self._remove(env_id)
 
+    def alloc_slot(self) -> int:
+        """A uid slot (uid_base + slot) for an environment; :meth:`free_slot` gives it back."""
+        return self._alloc_slot()
+
+    def free_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+
+    def remove_cgroup_later(self, cg: cgroups.Cgroup) -> None:
+        """A cgroup whose processes are still exiting: housekeeping removes it once empty."""
+        self._zombie_cgroups.append(cg)
+
     def _alloc_slot(self) -> int:
         if self._free_slots:
             return self._free_slots.pop()
@@ -1298,6 +1319,7 @@ class Agent:
         own cgroup directory (bounded wait: killed processes take a moment to exit)."""
         for env_id in list(self.envs):
             self._remove(env_id)
+        self.tasks.close()
         self.backend.close()
         deadline = time.monotonic() + cgroups_wait_s
         while True:

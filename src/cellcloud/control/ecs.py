@@ -45,6 +45,16 @@ _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 _REVISION_DIGITS = 7
 revisions_max = 10 ** _REVISION_DIGITS - 1
 registry_check_timeout_s = 10.0
+tasks_call_timeout_s = 30.0  # the tenant's cell's ecs_tasks op (RunTask places up to 10)
+_TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+_STARTED_BY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# RunTask's members cellcloud honours; any other given a value is refused by name.
+_RUN_TASK_MEMBERS = frozenset({"cluster", "taskDefinition", "count", "launchType",
+                               "overrides", "startedBy", "group", "tags", "platformVersion",
+                               "clientToken"})
+# Errors of the cell's ecs_tasks op that are the API's own (botocore's model names them).
+_CELL_ERRORS = frozenset({"InvalidParameterException", "ClientException",
+                          "LimitExceededException", "ClusterNotFoundException"})
 
 
 class ApiError(Exception):
@@ -170,6 +180,45 @@ def describe_container(c: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _container_overrides(overrides: Any) -> list[dict[str, Any]]:
+    """RunTask's ``overrides``: ``containerOverrides`` with ``command`` and ``environment``;
+    any other member given a value is refused by name."""
+    if overrides is None:
+        return []
+    if not isinstance(overrides, dict):
+        raise invalid("overrides must be an object")
+    for k, v in overrides.items():
+        if k != "containerOverrides" and v not in (None, [], {}, ""):
+            raise invalid(f"overrides.{k} is not supported by cellcloud")
+    items = overrides.get("containerOverrides") or []
+    if not isinstance(items, list) or len(items) > 10:
+        raise invalid("overrides.containerOverrides is a list of at most 10 containers")
+    out: list[dict[str, Any]] = []
+    for o in items:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise invalid("each containerOverrides entry needs a name")
+        for k, v in o.items():
+            if k not in ("name", "command", "environment") and v not in (None, [], {}, ""):
+                raise invalid(f"overrides.containerOverrides[].{k} is not supported by "
+                              "cellcloud")
+        one: dict[str, Any] = {"name": o["name"]}
+        if o.get("command") is not None:
+            if not isinstance(o["command"], list) or not all(
+                    isinstance(a, str) for a in o["command"]):
+                raise invalid("containerOverrides[].command must be a list of strings")
+            one["command"] = o["command"]
+        if o.get("environment") is not None:
+            env = o["environment"]
+            if not isinstance(env, list) or not all(
+                    isinstance(e, dict) and isinstance(e.get("name"), str)
+                    and isinstance(e.get("value", ""), str) for e in env):
+                raise invalid("containerOverrides[].environment must be {name, value} strings")
+            one["environment"] = [{"name": e["name"], "value": e.get("value", "")}
+                                  for e in env]
+        out.append(one)
+    return out
+
+
 class Ecs:
     """The ``ecs`` op of one control plane."""
 
@@ -195,6 +244,8 @@ class Ecs:
             "DeleteTaskDefinitions": self.delete_task_definitions,
             "TagResource": self.tag_resource, "UntagResource": self.untag_resource,
             "ListTagsForResource": self.list_tags_for_resource,
+            "RunTask": self.run_task, "StopTask": self.stop_task,
+            "DescribeTasks": self.describe_tasks, "ListTasks": self.list_tasks,
         }
 
     def statistics(self) -> dict[str, int]:
@@ -263,11 +314,13 @@ class Ecs:
             raise cluster_not_found()
         return ident
 
-    def _cluster_doc(self, account: str, c: dict[str, Any], tags: bool = True
-                     ) -> dict[str, Any]:
+    def _cluster_doc(self, account: str, c: dict[str, Any], tags: bool = True,
+                     counts: dict[str, int] | None = None) -> dict[str, Any]:
+        counts = counts or {}
         out = {"clusterArn": self.cluster_arn(account, c["name"]), "clusterName": c["name"],
                "status": c.get("status", "ACTIVE"), "registeredContainerInstancesCount": 0,
-               "runningTasksCount": 0, "pendingTasksCount": 0, "activeServicesCount": 0,
+               "runningTasksCount": counts.get("running", 0),
+               "pendingTasksCount": counts.get("pending", 0), "activeServicesCount": 0,
                "statistics": [], "settings": [{"name": "containerInsights",
                                                "value": "disabled"}],
                "capacityProviders": [], "defaultCapacityProviderStrategy": []}
@@ -318,7 +371,8 @@ class Ecs:
                 failures.append({"arn": self.cluster_arn(account, name), "reason": "MISSING"})
             else:
                 clusters.append(self._cluster_doc(account, json.loads(e.value),
-                                                  tags="TAGS" in include))
+                                                  tags="TAGS" in include,
+                                                  counts=await self._counts(account, name)))
         return {"clusters": clusters, "failures": failures}
 
     async def list_clusters(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
@@ -332,7 +386,13 @@ class Ecs:
         name = self._cluster_name(account, doc["cluster"])
         key = f"{CLUSTERS}{account}/{name}"
         e = await self.store.get(key)
-        if e is None or not await self.store.delete(key):
+        if e is None:
+            raise cluster_not_found()
+        counts = await self._counts(account, name)
+        if any(counts.values()):  # running, pending or stopping tasks
+            raise ApiError("ClusterContainsTasksException",
+                           "The Cluster cannot be deleted while Tasks are active.")
+        if not await self.store.delete(key):
             raise cluster_not_found()
         c = json.loads(e.value)
         c["status"] = "INACTIVE"
@@ -538,6 +598,151 @@ class Ecs:
             await self.store.delete(found.key)
             deleted.append({**d, "status": "DELETE_IN_PROGRESS"})
         return {"taskDefinitions": deleted, "failures": failures}
+
+    # -- tasks (the tenant's cell runs them: frontend/tasks.py) ---------------------------------
+    async def _cell(self, account: str, body: dict[str, Any], *, none_ok: bool = False
+                    ) -> dict[str, Any] | None:
+        """The tenant's cell's ``ecs_tasks`` op; its typed errors are the API's."""
+        frontend = self.frontend_for(account)
+        if frontend is None:
+            if none_ok:
+                return None
+            raise ApiError("ServerException", "This account's cell is not reachable yet; "
+                           "try again", 500)
+        try:
+            out: dict[str, Any] = await frontend.call("ecs_tasks", {"a": account, **body},
+                                                      timeout_s=tasks_call_timeout_s)
+        except RemoteError as e:
+            if e.type in _CELL_ERRORS:
+                raise ApiError(e.type, e.message) from None
+            raise ApiError("ServerException", f"The account's cell failed: {e}", 500) from e
+        except (TransportError, CallTimeout) as e:
+            raise ApiError("ServerException", f"The account's cell is unavailable: {e}",
+                           500) from e
+        return out
+
+    async def _counts(self, account: str, cluster: str) -> dict[str, int]:
+        """The cluster's running and pending (not yet RUNNING) tasks, as its cell counts."""
+        out = await self._cell(account, {"op": "counts", "cluster": cluster}, none_ok=True)
+        return out or {}
+
+    async def _existing_cluster(self, account: str, ident: Any) -> str:
+        name = self._cluster_name(account, ident)
+        if await self.store.get(f"{CLUSTERS}{account}/{name}") is None:
+            raise cluster_not_found()
+        return name
+
+    def _task_id(self, account: str, cluster: str, ident: Any) -> str | None:
+        """A task's id from its id or ARN (of this account and cluster); None: not one."""
+        if not isinstance(ident, str):
+            return None
+        if ident.startswith("arn:"):
+            prefix = f"arn:aws:ecs:{self.region}:{account}:task/"
+            if not ident.startswith(prefix):
+                return None
+            c, _, ident = ident[len(prefix):].rpartition("/")
+            if c and c != cluster:
+                return None
+        return ident if _TASK_ID.match(ident) else None
+
+    async def run_task(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        for k, v in doc.items():
+            if k not in _RUN_TASK_MEMBERS and v not in (None, [], {}, "", False):
+                raise invalid(f"{k} is not supported by cellcloud")
+        if doc.get("platformVersion") not in (None, "LATEST", "1.4.0"):
+            raise invalid("platformVersion must be LATEST or 1.4.0")
+        launch = doc.get("launchType", "FARGATE")
+        if launch != "FARGATE":
+            raise invalid(f"launchType {str(launch)[:40]} is not supported: cellcloud runs "
+                          "tasks on FARGATE only")
+        count = doc.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10:
+            raise invalid("count must be an integer from 1 to 10")
+        started_by = _str(doc, "startedBy") or ""
+        if started_by and not _STARTED_BY.match(started_by):
+            raise invalid("startedBy is up to 128 letters, numbers, hyphens and underscores")
+        group = _str(doc, "group") or ""
+        if len(group) > 255:
+            raise invalid("group is at most 255 characters")
+        tags = _tags(doc.get("tags"))
+        token = _str(doc, "clientToken") or ""  # boto3 and the CLI fill one in
+        if len(token) > 64:
+            raise invalid("clientToken is at most 64 characters")
+        overrides = _container_overrides(doc.get("overrides"))
+        cluster = await self._existing_cluster(account, doc.get("cluster"))
+        if not doc.get("taskDefinition"):
+            raise invalid("taskDefinition is required")
+        try:
+            found = await self._find(account, doc["taskDefinition"])
+        except ApiError:
+            raise client_error("TaskDefinition not found.") from None
+        desc = found.described()
+        if desc["status"] != "ACTIVE":
+            raise client_error("TaskDefinition is inactive")
+        out = await self._cell(account, {
+            "op": "run", "cluster": cluster, "taskDefinition": desc, "count": count,
+            "containerOverrides": overrides, "startedBy": started_by, "group": group,
+            "tags": tags, "clientToken": token})
+        assert out is not None
+        return out
+
+    async def stop_task(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        cluster = await self._existing_cluster(account, doc.get("cluster"))
+        reason = _str(doc, "reason") or ""
+        if len(reason) > 1024:
+            raise invalid("reason is at most 1024 characters")
+        task_id = self._task_id(account, cluster, doc.get("task"))
+        if task_id is None:
+            raise invalid("The referenced task was not found.")
+        out = await self._cell(account, {"op": "stop", "cluster": cluster, "task": task_id,
+                                         "reason": reason})
+        assert out is not None
+        return out
+
+    async def describe_tasks(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        cluster = await self._existing_cluster(account, doc.get("cluster"))
+        idents = _str_list(doc, "tasks")
+        if not 1 <= len(idents) <= 100:
+            raise invalid("tasks names 1 to 100 tasks")
+        include = _str_list(doc, "include")
+        ids, failures = [], []
+        for ident in idents:
+            task_id = self._task_id(account, cluster, ident)
+            if task_id is None:
+                failures.append({"arn": ident, "reason": "MISSING"})
+            else:
+                ids.append(task_id)
+        out: dict[str, Any] = {"tasks": [], "failures": []}
+        if ids:
+            out = await self._cell(account, {"op": "describe", "cluster": cluster, "tasks": ids,
+                                             "tags": "TAGS" in include}) or out
+        arn = f"arn:aws:ecs:{self.region}:{account}:task/{cluster}/"
+        return {"tasks": out["tasks"],
+                "failures": failures + [{**f, "arn": arn + f["arn"]} for f in out["failures"]]}
+
+    async def list_tasks(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        for k in ("serviceName", "containerInstance", "daemonName"):
+            if doc.get(k):
+                raise invalid(f"{k} is not supported by cellcloud (no services or container "
+                              "instances yet)")
+        cluster = await self._existing_cluster(account, doc.get("cluster"))
+        desired = _str(doc, "desiredStatus", "RUNNING")
+        if desired not in ("RUNNING", "PENDING", "STOPPED"):
+            raise invalid("desiredStatus must be RUNNING, PENDING or STOPPED")
+        launch = _str(doc, "launchType")
+        if launch is not None and launch not in ("EC2", "FARGATE", "EXTERNAL",
+                                                 "MANAGED_INSTANCES"):
+            raise invalid("launchType must be EC2, FARGATE, EXTERNAL or MANAGED_INSTANCES")
+        family = _str(doc, "family")
+        ids: list[str] = []
+        if desired != "PENDING" and launch in (None, "FARGATE"):  # PENDING: never desired here
+            out = await self._cell(account, {"op": "list", "cluster": cluster,
+                                             "family": family,
+                                             "started_by": _str(doc, "startedBy"),
+                                             "desired": desired}, none_ok=True)
+            ids = list(out["taskIds"]) if out else []
+        arn = f"arn:aws:ecs:{self.region}:{account}:task/{cluster}/"
+        return _page([arn + i for i in ids], doc, "taskArns")
 
     # -- tags ----------------------------------------------------------------------------------
     async def _resource(self, account: str, arn: Any) -> tuple[str, dict[str, Any], int]:

@@ -180,6 +180,63 @@ class Task:
         self.containers = {n: ContainerState(self.task_def.container(n))
                            for n in start_order(self.task_def)}
 
+    # -- a snapshot kept durably, and a task rebuilt from one ------------------------------------
+    def snapshot(self) -> dict[str, object]:
+        """The state a restarted shell needs to go on driving the task (JSON-able)."""
+        return {
+            "last_status": self.last_status, "desired_status": self.desired_status,
+            "stop_code": self.stop_code, "stopped_reason": self.stopped_reason,
+            "created_ms": self.created_ms, "started_ms": self.started_ms,
+            "stopping_ms": self.stopping_ms, "stopped_ms": self.stopped_ms,
+            "containers": {n: {"status": c.status, "exit_code": c.exit_code,
+                               "reason": c.reason, "health": c.health,
+                               "started_ms": c.started_ms, "finished": c.finished,
+                               "crashes": c.crashes}
+                           for n, c in self.containers.items()},
+        }
+
+    @classmethod
+    def restored(cls, task_def: TaskDefinition, snap: dict[str, object], now_ms: int,
+                 restart_policy: RestartPolicy = "never") -> Task:
+        """The task a snapshot describes, as of ``now_ms``: nothing is in flight (a start
+        that was asked and not answered is not known to have happened: the container is
+        PENDING again), due health checks run at the next stimulus."""
+        t = cls(task_def, now_ms, restart_policy=restart_policy)
+        t.last_status = snap["last_status"]  # type: ignore[assignment]
+        t.desired_status = snap["desired_status"]  # type: ignore[assignment]
+        for k in ("stop_code", "stopped_reason"):
+            setattr(t, k, str(snap[k]))
+        for k in ("created_ms", "started_ms", "stopping_ms", "stopped_ms"):
+            setattr(t, k, snap[k])
+        saved = snap["containers"]
+        assert isinstance(saved, dict)
+        for name, c in t.containers.items():
+            d = saved.get(name) or {}
+            c.status, c.exit_code = d.get("status", "PENDING"), d.get("exit_code")
+            c.reason, c.health = str(d.get("reason", "")), d.get("health", "UNKNOWN")
+            c.started_ms, c.finished = d.get("started_ms"), bool(d.get("finished"))
+            c.crashes = int(d.get("crashes", 0))
+            c.waiting_since_ms = now_ms
+            if c.status == "RUNNING" and c.spec.health_check is not None:
+                c.next_probe_ms = now_ms
+        return t
+
+    def resume(self, now_ms: int) -> list[Instruction]:
+        """After :meth:`restored`: what may have been lost in flight is asked again (stops
+        of a STOPPING task's running containers, starts of containers now due)."""
+        assert now_ms >= self.now_ms, "time runs forward"
+        self.now_ms = now_ms
+        out: list[Instruction] = []
+        if self.last_status == "STOPPING":
+            for c in reversed(list(self.containers.values())):
+                if c.status == "RUNNING":
+                    out.append(StopContainer(c.spec.name, self._grace_ms(c)))
+        elif self.last_status in ("PENDING", "RUNNING"):
+            self._start_ready(out)
+        self._timers(out)
+        self._settle(out)
+        return out
+
     # -- the view DescribeTasks reports ------------------------------------------------------
     @property
     def health_status(self) -> Health:

@@ -201,6 +201,14 @@ class Limits:
     # ECS tasks and services (core/ecs_*.py, issue #17): docs/fargate.md.
     ecs_containers_per_task_max: int = 10  # containers in one task definition (ECS's quota)
     ecs_service_events_max: int = 100  # a service's events (and scaling decisions) kept
+    # The agent's task runner (agent/tasks.py): Fargate-style tasks on one agent.
+    agent_tasks_max: int = 64  # tasks one agent runs at once (then AgentFull)
+    task_log_bytes_max: int = 1 * MiB  # a container's log lines buffered until polled
+    task_log_line_bytes_max: int = 16 * 1024  # one log line (longer: cut, marked)
+    task_poll_log_bytes_max: int = 1 * MiB  # log lines one task_poll answer carries
+    task_exec_output_bytes_max: int = 64 * 1024  # a health check's output kept (the rest cut)
+    task_exec_timeout_s_max: int = 120  # a health check's timeout (ECS's healthCheck: 60)
+    task_stop_grace_s_max: int = 120  # SIGTERM to SIGKILL (ECS's stopTimeout: 120)
     # The ECS API in the control plane (control/ecs.py): what one account keeps in the region's
     # configuration store (each list stays far below the store's config_list_max).
     ecs_request_bytes_max: int = 64 * 1024  # one ECS request (a task definition: ECS's 64 KiB)
@@ -212,6 +220,12 @@ class Limits:
     pod_manifest_bytes_max: int = 1024 * 1024
     k8s_quantity_chars_max: int = 64
     k8s_quantity_exponent_max: int = 30
+    # ECS tasks in a cell (frontend/tasks.py): docs/fargate.md.
+    ecs_tasks_per_tenant_max: int = 100  # tasks of one account not yet STOPPED, in its cell
+    ecs_stopped_task_retention_ms: int = 3_600_000  # a STOPPED task stays described (ECS: ~1 h)
+    ecs_task_poll_interval_ms: int = 500  # a running task's containers and logs polled
+    ecs_task_poll_failures_max: int = 10  # polls in a row its agent fails: the task is lost
+    ecs_task_cpu_units_per_agent_max: int = 16 * 1024  # tasks' cpu on one agent (16 vCPU)
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200

@@ -378,6 +378,334 @@ class ForgetBundlesReply:
         return cls(forgotten=_str_list(doc, "forgotten", k), deferred=_str_list(doc, "deferred", k))
 
 
+# -- frontend -> agent: Fargate-style tasks (agent/tasks.py, docs/fargate.md) ---------------
+def _str_map(doc: Any, name: str, kind: str) -> dict[str, str]:
+    value = _get(doc, name, dict, kind, {})
+    if not all(isinstance(a, str) and isinstance(b, str) for a, b in value.items()):
+        raise MessageError(f"{kind}: the field {name!r} must map strings to strings")
+    return dict(value)
+
+
+def _int_map(doc: Any, name: str, kind: str) -> dict[str, int]:
+    value = _get(doc, name, dict, kind, {})
+    if not all(isinstance(a, str) and type(b) is int for a, b in value.items()):
+        raise MessageError(f"{kind}: the field {name!r} must map strings to integers")
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class TaskPortMapping:
+    """A container port the task's private address answers on (from the host only)."""
+
+    container_port: int
+    protocol: str = "tcp"  # "tcp" or "udp"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"container_port": self.container_port, "protocol": self.protocol}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_create.port_mappings"
+        return cls(container_port=_get(doc, "container_port", int, k),
+                   protocol=_get(doc, "protocol", str, k, "tcp"))
+
+
+@dataclass(frozen=True)
+class TaskContainer:
+    """One container of a task: its image root (layers, bottom first) and its process."""
+
+    name: str
+    image_layers: tuple[str, ...]  # layer digests, bottom first
+    argv: tuple[str, ...]  # ENTRYPOINT + CMD, resolved by the caller
+    env: dict[str, str] = field(default_factory=dict)  # the image's ENV, then the container's
+    workdir: str = ""  # "": /
+    port_mappings: tuple[TaskPortMapping, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "image_layers": list(self.image_layers),
+                "argv": list(self.argv), "env": dict(self.env), "workdir": self.workdir,
+                "port_mappings": [p.to_wire() for p in self.port_mappings]}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_create.containers"
+        ports = _get(doc, "port_mappings", (list, tuple), k, ())
+        return cls(name=_get(doc, "name", str, k), image_layers=_str_list(doc, "image_layers", k),
+                   argv=_str_list(doc, "argv", k), env=_str_map(doc, "env", k),
+                   workdir=_get(doc, "workdir", str, k, ""),
+                   port_mappings=tuple(TaskPortMapping.from_wire(p) for p in ports))
+
+
+@dataclass(frozen=True)
+class TaskCreateRequest:
+    """``task_create``: the task's network namespace, cgroup and layer holds; nothing runs
+    yet. Missing layers: ``LayerMissing`` (pushed with ``image_blob``, as for create_env)."""
+
+    task_id: str
+    account: str
+    cpu_units: int  # 1024 = one vCPU
+    memory_mib: int
+    containers: tuple[TaskContainer, ...]
+    hostname: str = ""  # "": the task id
+    network: str = ""  # as a function's (core/vpc.py): "" the agent's policy, "egress", "none"
+    net_allow: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "account": self.account, "cpu_units": self.cpu_units,
+                "memory_mib": self.memory_mib, "hostname": self.hostname,
+                "containers": [c.to_wire() for c in self.containers],
+                "network": self.network, "net_allow": list(self.net_allow)}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_create"
+        containers = _get(doc, "containers", (list, tuple), k)
+        return cls(task_id=_get(doc, "task_id", str, k), account=_get(doc, "account", str, k),
+                   cpu_units=_get(doc, "cpu_units", int, k),
+                   memory_mib=_get(doc, "memory_mib", int, k),
+                   containers=tuple(TaskContainer.from_wire(c) for c in containers),
+                   hostname=_get(doc, "hostname", str, k, ""),
+                   network=_get(doc, "network", str, k, ""),
+                   net_allow=_str_list(doc, "net_allow", k))
+
+
+@dataclass(frozen=True)
+class TaskCreateReply:
+    task_id: str
+    private_ipv4: str  # "": the task has no network (only its loopback)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "private_ipv4": self.private_ipv4}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_create reply"
+        return cls(task_id=_get(doc, "task_id", str, k),
+                   private_ipv4=_get(doc, "private_ipv4", str, k, ""))
+
+
+@dataclass(frozen=True)
+class TaskContainerRequest:
+    """``task_container_start``: start that container (again, after it exited)."""
+
+    task_id: str
+    container: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "container": self.container}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_container"
+        return cls(task_id=_get(doc, "task_id", str, k), container=_get(doc, "container", str, k))
+
+
+@dataclass(frozen=True)
+class TaskContainerStartReply:
+    pid: int  # host pid of the container's environment (its guest)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"pid": self.pid}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        return cls(pid=_get(doc, "pid", int, "task_container_start reply"))
+
+
+@dataclass(frozen=True)
+class TaskContainerStopRequest:
+    """``task_container_stop``: SIGTERM to the container's process, SIGKILL after
+    ``grace_s``; answered once it exited (its state in the next ``task_poll``)."""
+
+    task_id: str
+    container: str
+    grace_s: float = 30.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "container": self.container, "grace_s": self.grace_s}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_container_stop"
+        return cls(task_id=_get(doc, "task_id", str, k), container=_get(doc, "container", str, k),
+                   grace_s=_get(doc, "grace_s", float, k, 30.0))
+
+
+@dataclass(frozen=True)
+class TaskContainerStopReply:
+    exit_code: int | None = None  # None: it was not running
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"exit_code": self.exit_code}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        return cls(exit_code=_get(doc, "exit_code", int, "task_container_stop reply", None,
+                                  nullable=True))
+
+
+@dataclass(frozen=True)
+class TaskExecRequest:
+    """``task_exec``: a health check's command run in the container (CMD-SHELL already
+    turned into ``["/bin/sh", "-c", …]``), killed after ``timeout_s``."""
+
+    task_id: str
+    container: str
+    command: tuple[str, ...]
+    timeout_s: float = 5.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "container": self.container,
+                "command": list(self.command), "timeout_s": self.timeout_s}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_exec"
+        return cls(task_id=_get(doc, "task_id", str, k), container=_get(doc, "container", str, k),
+                   command=_str_list(doc, "command", k),
+                   timeout_s=_get(doc, "timeout_s", float, k, 5.0))
+
+
+@dataclass(frozen=True)
+class TaskExecReply:
+    exit_code: int | None  # None: timed out (killed) or could not be started
+    output: bytes = b""  # stdout and stderr together, at most task_exec_output_bytes_max
+    timed_out: bool = False
+    error: str = ""  # why it could not start (not found, not executable)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"exit_code": self.exit_code, "output": self.output,
+                "timed_out": self.timed_out, "error": self.error}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_exec reply"
+        return cls(exit_code=_get(doc, "exit_code", int, k, None, nullable=True),
+                   output=_get(doc, "output", bytes, k, b""),
+                   timed_out=_get(doc, "timed_out", bool, k, False),
+                   error=_get(doc, "error", str, k, ""))
+
+
+@dataclass(frozen=True)
+class TaskPollRequest:
+    """``task_poll``: containers' states and their log lines after ``logs_after`` (per
+    container, the cursor the previous answer gave; absent: from the oldest kept)."""
+
+    task_id: str
+    logs_after: dict[str, int] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "logs_after": dict(self.logs_after)}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_poll"
+        return cls(task_id=_get(doc, "task_id", str, k), logs_after=_int_map(doc, "logs_after", k))
+
+
+@dataclass(frozen=True)
+class TaskContainerState:
+    state: str  # "pending" (never started), "running", "exited"
+    exit_code: int | None = None  # exited: its status (killed by a signal: 128 + signal)
+    started_ms: int | None = None  # wall clock (ms since the epoch)
+    exited_ms: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"state": self.state, "exit_code": self.exit_code,
+                "started_ms": self.started_ms, "exited_ms": self.exited_ms}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_poll reply.containers"
+        return cls(state=_get(doc, "state", str, k),
+                   exit_code=_get(doc, "exit_code", int, k, None, nullable=True),
+                   started_ms=_get(doc, "started_ms", int, k, None, nullable=True),
+                   exited_ms=_get(doc, "exited_ms", int, k, None, nullable=True))
+
+
+@dataclass(frozen=True)
+class TaskLogLine:
+    time_ms: int  # when the agent received it (wall clock)
+    text: str  # without its newline
+    stream: str = "stdout"  # or "stderr"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"time_ms": self.time_ms, "text": self.text, "stream": self.stream}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_poll reply.logs"
+        return cls(time_ms=_get(doc, "time_ms", int, k), text=_get(doc, "text", str, k),
+                   stream=_get(doc, "stream", str, k, "stdout"))
+
+
+@dataclass(frozen=True)
+class TaskPollReply:
+    containers: dict[str, TaskContainerState]
+    logs: dict[str, tuple[TaskLogLine, ...]] = field(default_factory=dict)  # since the cursor
+    cursors: dict[str, int] = field(default_factory=dict)  # pass back as logs_after
+    cpu_usage_ns: int = 0  # the task's cgroup, all its containers together
+    memory_bytes: int = 0  # the task's cgroup's current charge
+    logs_dropped: dict[str, int] = field(default_factory=dict)  # lines lost past the buffer
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"containers": {n: c.to_wire() for n, c in self.containers.items()},
+                "logs": {n: [ln.to_wire() for ln in lines] for n, lines in self.logs.items()},
+                "cursors": dict(self.cursors), "cpu_usage_ns": self.cpu_usage_ns,
+                "memory_bytes": self.memory_bytes, "logs_dropped": dict(self.logs_dropped)}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_poll reply"
+        containers = _get(doc, "containers", dict, k)
+        logs = _get(doc, "logs", dict, k, {})
+        return cls(containers={str(n): TaskContainerState.from_wire(c)
+                               for n, c in containers.items()},
+                   logs={str(n): tuple(TaskLogLine.from_wire(ln) for ln in lines)
+                         for n, lines in logs.items()},
+                   cursors=_int_map(doc, "cursors", k),
+                   cpu_usage_ns=_get(doc, "cpu_usage_ns", int, k, 0),
+                   memory_bytes=_get(doc, "memory_bytes", int, k, 0),
+                   logs_dropped=_int_map(doc, "logs_dropped", k))
+
+
+@dataclass(frozen=True)
+class TaskDestroyRequest:
+    """``task_destroy``: everything killed, layers, cgroup and network released. Idempotent."""
+
+    task_id: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"task_id": self.task_id}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        return cls(task_id=_get(doc, "task_id", str, "task_destroy"))
+
+
+@dataclass(frozen=True)
+class TaskDestroyReply:
+    destroyed: bool  # False: there was no such task (already destroyed)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"destroyed": self.destroyed}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        return cls(destroyed=_get(doc, "destroyed", bool, "task_destroy reply"))
+
+
+#: The agent's task ops (agent/tasks.py), and the OpError names they answer with:
+#: ``InvalidRequest`` (a malformed body, a bad limit), ``TaskExists``, ``TaskNotFound``,
+#: ``ContainerNotFound``, ``ContainerRunning`` (started while it runs), ``ContainerNotRunning``
+#: (exec in a container that is not running), ``LayerMissing`` (``digest``: push it with
+#: ``image_blob``, then ask again), ``InvalidImage``, ``InvalidNetwork``, ``NetworkUnavailable``,
+#: ``AgentFull`` (``agent_tasks_max``), ``AgentDraining``, ``TaskCreateFailed``,
+#: ``ContainerStartFailed``.
+TASK_OPS = ("task_create", "task_container_start", "task_container_stop", "task_exec",
+            "task_poll", "task_destroy")
+
+
 # -- agent <-> guest (frames tagged by "t") -------------------------------------------------
 @dataclass(frozen=True)
 class GuestInvoke:

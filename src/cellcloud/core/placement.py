@@ -42,6 +42,9 @@ class Agent:
     # it from the agent's AgentFull refusals.
     memory_mb_max: int | None = None
     memory_mb: int = 0
+    # ECS tasks placed here (frontend/tasks.py): task id -> (memory MiB, cpu units). Their
+    # memory counts in memory_mb too, so functions and tasks share the agent's budget.
+    tasks: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,16 @@ class Destroy:
 Decision = Use | Create | Throttle
 
 
+@dataclass(frozen=True)
+class TaskPlaced:
+    agent_id: str
+
+
+@dataclass(frozen=True)
+class NoRoom:
+    reason: str  # ECS's failure reason: RESOURCE:MEMORY, RESOURCE:CPU, AGENT (none up)
+
+
 class Placement:
     def __init__(self, *, env_id_prefix: str, idle_timeout_ms: int) -> None:
         self._prefix = env_id_prefix
@@ -87,6 +100,8 @@ class Placement:
         self.provisioned: dict[str, int] = {}
         # function_key -> configured memory of one environment (for the agents' memory caps).
         self.memory_mb: dict[str, int] = {}
+        # ECS task id -> the agent it is placed on (place_task / release_task).
+        self.task_agent: dict[str, str] = {}
 
     @property
     def env_id_prefix(self) -> str:
@@ -179,6 +194,52 @@ class Placement:
             if best_score is None or score < best_score:
                 best, best_score = agent, score
         return best
+
+    # -- ECS tasks ------------------------------------------------------------------------------
+    def place_task(self, task_id: str, memory_mb: int, cpu_units: int, cpu_units_max: int,
+                   eligible_agents: Iterable[str]) -> TaskPlaced | NoRoom:
+        """One task (one environment of ``memory_mb``/``cpu_units``) on the eligible agent
+        that holds the fewest tasks, then the least memory; none with room: why not."""
+        assert task_id not in self.task_agent, task_id
+        best: Agent | None = None
+        up = lacks_memory = 0
+        for agent_id in sorted(set(eligible_agents)):
+            agent = self.agents.get(agent_id)
+            if agent is None or not agent.up:
+                continue
+            up += 1
+            if agent.memory_mb_max is not None \
+                    and agent.memory_mb + memory_mb > agent.memory_mb_max:
+                lacks_memory += 1
+                continue
+            if sum(c for _, c in agent.tasks.values()) + cpu_units > cpu_units_max:
+                continue
+            if best is None or (len(agent.tasks), agent.memory_mb) \
+                    < (len(best.tasks), best.memory_mb):
+                best = agent
+        if best is None:
+            return NoRoom("AGENT" if not up else
+                          "RESOURCE:MEMORY" if lacks_memory else "RESOURCE:CPU")
+        best.tasks[task_id] = (memory_mb, cpu_units)
+        best.memory_mb += memory_mb
+        self.task_agent[task_id] = best.agent_id
+        return TaskPlaced(best.agent_id)
+
+    def hold_task(self, task_id: str, agent_id: str, memory_mb: int, cpu_units: int) -> None:
+        """A task known to run on ``agent_id`` (a restarted frontend's): count it there."""
+        agent = self.agents.get(agent_id)
+        if agent is None or task_id in self.task_agent:
+            return
+        agent.tasks[task_id] = (memory_mb, cpu_units)
+        agent.memory_mb += memory_mb
+        self.task_agent[task_id] = agent_id
+
+    def release_task(self, task_id: str) -> None:
+        agent_id = self.task_agent.pop(task_id, None)
+        agent = self.agents.get(agent_id) if agent_id is not None else None
+        if agent is not None and task_id in agent.tasks:
+            memory_mb, _ = agent.tasks.pop(task_id)
+            agent.memory_mb -= memory_mb
 
     # -- provisioned concurrency ----------------------------------------------------------------
     def set_provisioned(self, function_key: str, count: int) -> list[Destroy]:
@@ -309,7 +370,8 @@ class Placement:
     def statistics(self) -> dict[str, object]:
         per_agent = {
             a.agent_id: {"up": a.up, "envs": len(a.envs), "envs_max": a.envs_max,
-                         "memory_mb": a.memory_mb, "memory_mb_max": a.memory_mb_max}
+                         "memory_mb": a.memory_mb, "memory_mb_max": a.memory_mb_max,
+                         "tasks": len(a.tasks)}
             for a in self.agents.values()
         }
         states: dict[str, int] = {"creating": 0, "idle": 0, "busy": 0}

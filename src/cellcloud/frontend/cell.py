@@ -44,6 +44,7 @@ from .store import FunctionRecord, FunctionStore, StateDiskFull
 if TYPE_CHECKING:
     from ..span_export import SpanExporter
     from .mappings import Mappings
+    from .tasks import TaskManager
 
 log = logging.getLogger("cellcloud.frontend")
 
@@ -117,6 +118,8 @@ class Cell:
         self.events: Intake | None = None
         # SQS event source mappings and their pollers (frontend/mappings.py), set by the server.
         self.mappings: Mappings | None = None
+        # ECS tasks (frontend/tasks.py), set by the server; None: this cell runs none.
+        self.tasks: TaskManager | None = None
         self.counters = {
             "invocations": 0,
             "function_errors": 0,
@@ -561,5 +564,6 @@ class Cell:
             "bundles_to_forget": sum(map(len, self._forget_pending.values())),
             # each running event source mapping poller: its counters (frontend/mappings.py)
             "mappings": self.mappings.statistics() if self.mappings is not None else {},
+            "ecs_tasks": self.tasks.statistics() if self.tasks is not None else {},
         }
 

@@ -304,12 +304,19 @@ async def push_layer(cell: Cell, client: Client, rec: FunctionRecord, digest: st
                      timeout_s: float) -> None:
     """Stream one layer to an agent that answered LayerMissing, in chunks of at most
     ``registry_chunk_bytes_max``, each acknowledged before the next is read."""
+    await push_image_layer(cell, client, rec.account, rec.image, digest, timeout_s)
+
+
+async def push_image_layer(cell: Cell, client: Client, account: str, image: dict[str, Any],
+                           digest: str, timeout_s: float) -> None:
+    """:func:`push_layer` for any holder of a resolved image (:func:`resolve`'s dict): a
+    function record's, or an ECS task's container (frontend/tasks.py)."""
     store = cell.catalog.registry
-    if store is None or digest not in rec.image.get("layers", []):
+    if store is None or digest not in image.get("layers", []):
         raise errors.service(f"the agent asked for a layer the image lacks: {digest[:80]}")
-    size = store.blob_size(rec.account, rec.image["repo"], digest)
+    size = store.blob_size(account, image["repo"], digest)
     if size is None:
-        raise errors.service(f"layer {digest} of {rec.image['uri']} is no longer in the "
+        raise errors.service(f"layer {digest} of {image['uri']} is no longer in the "
                              "registry")
     # One stream per (agent, layer) at a time: creates racing for the same new image wait
     # for the first stream, whose agent then has the layer (its first answer says so).
@@ -317,7 +324,7 @@ async def push_layer(cell: Cell, client: Client, rec: FunctionRecord, digest: st
     lock = _streams.setdefault(key, asyncio.Lock())
     try:
         async with lock:
-            await _stream(cell, client, rec, digest, size, timeout_s)
+            await _stream(cell, client, account, digest, size, timeout_s)
     finally:
         if not lock.locked() and _streams.get(key) is lock:
             del _streams[key]
@@ -326,14 +333,14 @@ async def push_layer(cell: Cell, client: Client, rec: FunctionRecord, digest: st
 _streams: dict[tuple[int, str], asyncio.Lock] = {}
 
 
-async def _stream(cell: Cell, client: Client, rec: FunctionRecord, digest: str, size: int,
+async def _stream(cell: Cell, client: Client, account: str, digest: str, size: int,
                   timeout_s: float) -> None:
     store = cell.catalog.registry
     assert store is not None
     chunk = cell.limits.registry_chunk_bytes_max
     offset = 0
     while True:
-        data = store.blob_read(rec.account, digest, offset, min(chunk, size - offset))
+        data = store.blob_read(account, digest, offset, min(chunk, size - offset))
         last = offset + len(data) >= size
         if not data and not last:
             raise errors.service(f"layer {digest} is shorter than its size")

@@ -29,6 +29,7 @@ from .logs_api import LogsApi
 from .logstore import LogStore
 from .mappings import Mappings
 from .store import SqliteFunctionStore
+from .tasks import TaskManager, TaskStore
 
 log = logging.getLogger("cellcloud.frontend")
 
@@ -80,6 +81,11 @@ async def serve(args: argparse.Namespace) -> None:
     cell.catalog.registry = registry.store  # ImageUri of PackageType Image functions
     # A deleted image fails the functions on it; their layers stay while a record names them.
     registry.on_deleted = functools.partial(image_functions.images_deleted, cell.catalog)
+    # ECS tasks (frontend/tasks.py): records in <state>/tasks.db; unfinished ones resumed
+    # (an agent's task containers are not among the environments its status lists, so the
+    # first poll below leaves them alone).
+    cell.tasks = TaskManager(cell, TaskStore(os.path.abspath(args.state_dir)), cell.limits)
+    cell.tasks.load()
     await cell.sync_agents(first=True)
     cell.catalog.load_provisioned()  # the pools are refilled by the first tick
     # Functions' logs as CloudWatch Logs (<state>/logs.db) and the Logs API over them.
@@ -115,8 +121,7 @@ async def serve(args: argparse.Namespace) -> None:
             collect_in -= tick_interval_s
             if collect_in <= 0:
                 collect_in = registry_collect_interval_s
-                registry.store.collect(now_ms(), functools.partial(
-                    image_functions.held_layers, cell.catalog))
+                registry.store.collect(now_ms(), functools.partial(held_layers, cell))
 
     task = asyncio.ensure_future(ticker())
     cell.mappings.start()
@@ -127,12 +132,20 @@ async def serve(args: argparse.Namespace) -> None:
         await runtime.wait_for_shutdown()
     finally:
         task.cancel()
+        await cell.tasks.close()
         await cell.mappings.close()
         live_task.cancel()
         cell.flush_logs()
         await server.close()
         if cell.spans is not None:
             cell.spans.shutdown()
+
+
+def held_layers(cell: Cell, account: str) -> set[str]:
+    """Blobs the registry's collection keeps for ``account``: its image functions' layers and
+    its unfinished ECS tasks'."""
+    held = image_functions.held_layers(cell.catalog, account)
+    return held | cell.tasks.held_layers(account) if cell.tasks is not None else held
 
 
 def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,
@@ -199,6 +212,12 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,
             raise OpError("InvalidRequest", str(e)) from e
         return {}
 
+    # The ECS task API's cell side (frontend/tasks.py), called by the control plane only.
+    async def ecs_tasks(body: dict[str, Any]) -> dict[str, Any]:
+        if cell.tasks is None:
+            raise OpError("ServerException", "this cell runs no ECS tasks")
+        return await cell.tasks.op(body)
+
     async def async_status(_: Any) -> dict[str, Any]:
         assert cell.events is not None
         return {**cell.events.statistics(), "queues": dict(queues.counters)}
@@ -222,6 +241,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,
             "metrics": metrics, "metrics_push": metrics_push, "url": url,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
+            "ecs_tasks": ecs_tasks,
             **registry.ops()}
 
 

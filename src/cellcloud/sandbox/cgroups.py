@@ -50,6 +50,7 @@ class Limits:
     pids_max: int
     memory_mb: int
     cpu_quota_us: int = UNLIMITED  # per DEFAULT_LIMITS.env_cpu_period_us; UNLIMITED: no cap
+    cpu_shares: int = 0  # cpu.shares (1024 = one vCPU; cpu.weight from it); 0: from memory_mb
 
 
 @dataclass
@@ -104,7 +105,8 @@ class Cgroup:
             self._enable_v2_controllers()
         for d in self._dirs():
             os.makedirs(d, exist_ok=True)
-        shares = max(2, 1024 * limits.memory_mb // DEFAULT_LIMITS.memory_mb_per_vcpu)
+        shares = max(2, limits.cpu_shares
+                     or 1024 * limits.memory_mb // DEFAULT_LIMITS.memory_mb_per_vcpu)
         mem = str(limits.memory_bytes) if limits.memory_bytes < UNLIMITED else "max"
         pids = str(limits.pids_max) if limits.pids_max < UNLIMITED else "max"
         if self.version == 1:

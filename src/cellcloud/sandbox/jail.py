@@ -226,12 +226,14 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
     )
     _write(root + "/etc/group", f"root:x:0:\nsbx_user:x:{spec.gid}:\n")
     # sandbox.localdomain: where extensions' Telemetry API listeners are reached, as on Lambda.
-    _write(root + "/etc/hosts", "127.0.0.1 localhost sandbox.localdomain\n::1 localhost\n")
+    host = f" {spec.hostname}" if spec.hostname else ""
+    _write(root + "/etc/hosts",
+           f"127.0.0.1 localhost sandbox.localdomain{host}\n::1 localhost\n")
     resolver = spec.network.get("resolver")
     # The one resolver an environment may reach: the network helper's forwarder.
     _write(root + "/etc/resolv.conf",
            f"nameserver {resolver}\noptions timeout:2 attempts:2\n" if resolver else "")
-    _write(root + "/etc/hostname", "sandbox\n")
+    _write(root + "/etc/hostname", f"{spec.hostname or 'sandbox'}\n")
     os.makedirs(root + "/proc", exist_ok=True)
     os.makedirs(root + "/.old_root", exist_ok=True)
     return root
@@ -265,7 +267,7 @@ def enter(
     else:
         task_root = spec.bundle_dir
     if "uts_ns" not in off:
-        socket.sethostname("sandbox")
+        socket.sethostname(spec.hostname or "sandbox")
     if "net_ns" not in off:
         linux.bring_loopback_up()  # the environment's own loopback, for the Runtime API
     if "rlimits" not in off:
@@ -273,7 +275,7 @@ def enter(
     if "close_fds" not in off:
         _close_fds(keep_fds)
     os.environ.clear()
-    os.environ.update(spec.lambda_environment())
+    os.environ.update(spec.process_environment())
     if not spec.image_layers:  # an image's task root is its ENV's (else /var/task)
         os.environ["LAMBDA_TASK_ROOT"] = task_root
     os.chdir(task_root)

@@ -215,3 +215,29 @@ def set_no_new_privs() -> None:
 
 def no_new_privs() -> bool:
     return bool(prctl(PR_GET_NO_NEW_PRIVS))
+
+
+def new_netns_fd() -> int:
+    """A new, empty network namespace (its loopback still down), as an fd the caller closes.
+    Made on a thread of its own, which then ends: ``unshare`` changes only the calling
+    thread's namespace, so no other thread of the process leaves the host's."""
+    import threading
+
+    out: dict[str, int | BaseException] = {}
+
+    def make() -> None:
+        try:
+            unshare(CLONE_NEWNET)
+            out["fd"] = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net",
+                                os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out["error"] = e
+
+    t = threading.Thread(target=make, name="netns", daemon=True)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]  # type: ignore[misc]
+    fd = out["fd"]
+    assert isinstance(fd, int)
+    return fd

@@ -52,6 +52,14 @@ class EnvSpec:
     image_layers: list[str] = field(default_factory=list)
     image_workdir: str = ""
     image_env: dict[str, str] = field(default_factory=dict)
+    # What runs as pid 1: "lambda" (guest.py: the Runtime API, runtime_argv its runtime) or
+    # "container" (container_guest.py: a task's container, runtime_argv its ENTRYPOINT + CMD,
+    # with exactly image_env as its environment; agent/tasks.py).
+    guest: str = "lambda"
+    # The cgroup to join (under cgroup_group), made and sized by the agent beforehand (a
+    # task's, shared by its containers); "": the environment's own, named env_id, made here.
+    cgroup_name: str = ""
+    hostname: str = ""  # "": "sandbox"
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +67,15 @@ class EnvSpec:
     @classmethod
     def from_wire(cls, doc: dict[str, Any]) -> EnvSpec:
         return cls(**doc)
+
+    def process_environment(self) -> dict[str, str]:
+        """The environment variables of the environment's first process."""
+        if self.guest == "container":
+            env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                   "HOSTNAME": self.hostname or "sandbox", "HOME": "/root"}
+            env.update(self.image_env)  # the image's ENV, then the container's own (merged)
+            return env
+        return self.lambda_environment()
 
     def lambda_environment(self) -> dict[str, str]:
         """Lambda's standard variables, then the function's own (which may not override them)."""

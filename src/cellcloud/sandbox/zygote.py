@@ -24,7 +24,7 @@ from typing import Any
 from .. import eventlog
 from ..core.messages import GuestReady
 from ..transport.codec import FrameError, pack, recv_message, send_message
-from . import cgroups, guest, jail, linux
+from . import cgroups, container_guest, guest, jail, linux
 from .ephemeral import PERMANENT_LOOP_ERRORS, LoopPool
 from .spec import EnvSpec
 
@@ -68,8 +68,10 @@ def spawn(spec: EnvSpec, chan_fd: int, root: str, pool: LoopPool | None = None,
             try:
                 os.close(r)
                 off = spec.disabled_layers
-                cg = cgroups.Cgroup(spec.cgroup_group, spec.env_id)
-                if cg.version:
+                cg = cgroups.Cgroup(spec.cgroup_group, spec.cgroup_name or spec.env_id)
+                if cg.version and spec.cgroup_name:
+                    cg.join(0)  # the agent made and sized it (a task's, agent/tasks.py)
+                elif cg.version:
                     unlimited = cgroups.UNLIMITED
                     cg.create(cgroups.Limits(
                         unlimited if "cgroup_memory" in off else spec.memory_mb * 1024 * 1024,
@@ -129,6 +131,8 @@ def _become_environment(spec: EnvSpec, chan_fd: int, root: str, tmp_device: str 
         finally:
             os._exit(1)
     try:
+        if spec.guest == "container":
+            container_guest.run(spec, chan_fd)
         guest.run(spec, chan_fd)
     finally:
         os._exit(1)

@@ -1,0 +1,232 @@
+"""The agent's task runner (agent/tasks.py) on a real agent with the real jail: a two-container
+task whose containers share one network namespace (a web server and a client that reads it over
+localhost), each with its own image root; logs, exit codes, health-check commands, stop with a
+grace period and kill, the task's cgroup sized from its cpu/memory and gone after destroy."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from cellcloud.core import messages as m
+from cellcloud.sandbox import cgroups
+from cellcloud.transport import OpError
+from tests.escape.conftest import Sandbox, processes_of_uid, wait_no_processes
+from tests.escape.test_image_env import push_layers
+from tests.oci_images import host_python_layers, image_layout, layer_tar
+
+PY = sys.executable
+CLIENT = """
+import time, urllib.request
+for _ in range(600):
+    try:
+        body = urllib.request.urlopen("http://127.0.0.1:8080/hello.txt", timeout=5).read()
+        break
+    except OSError:
+        time.sleep(0.1)
+print("got", body.decode().strip(), flush=True)
+"""
+STUBBORN = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ignoring SIGTERM", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    layout = str(tmp_path_factory.mktemp("task-image") / "img")
+    app = layer_tar({"srv/hello.txt": b"hello from the web container\n",
+                     "app/client.py": CLIENT.encode(), "app/stubborn.py": STUBBORN.encode()})
+    img = image_layout(layout, [], config_doc={"Cmd": ["/bin/true"]},
+                       blobs=[host_python_layers()[0], app])
+    return layout, list(img["layers"])
+
+
+def _container(name: str, layers: list[str], argv: list[str], **kw: Any) -> m.TaskContainer:
+    return m.TaskContainer(name, tuple(layers), tuple(argv), **kw)
+
+
+def _wait(sb: Sandbox, task_id: str, ok: Callable[[dict[str, Any]], bool],
+          timeout_s: float = 60.0) -> dict[str, Any]:
+    """Poll the task (all its logs so far) until ``ok`` holds (a bound, not a deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        doc: dict[str, Any] = sb._run(sb.agent.tasks.task_poll({"task_id": task_id}))
+        if ok(doc) or time.monotonic() > deadline:
+            return doc
+        time.sleep(0.05)
+
+
+def _lines(doc: dict[str, Any], name: str) -> list[str]:
+    return [ln["text"] for ln in doc["logs"].get(name, [])]
+
+
+def _uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
+
+
+def _cgroup_file(group: str, name: str, controller: str, file: str) -> str:
+    if cgroups.version() == 2:
+        return os.path.join(cgroups.ROOT, "cellcloud", group, name, file)
+    return os.path.join(cgroups.ROOT, controller, "cellcloud", group, name, file)
+
+
+def test_a_two_container_task_shares_localhost_and_ends_cleanly(
+        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+    layout, layers = image
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    req = m.TaskCreateRequest(task_id, "111122223333", cpu_units=512, memory_mib=1024,
+                              hostname="web-task", containers=(
+        _container("web", layers, [PY, "-u", "-m", "http.server", "8080",
+                                   "--bind", "127.0.0.1"], workdir="/srv",
+                   env={"GREETING": "hi"},
+                   port_mappings=(m.TaskPortMapping(8080),)),
+        _container("client", layers, [PY, "/app/client.py"]),
+        _container("stubborn", layers, [PY, "/app/stubborn.py"])))
+    tasks = sandbox.agent.tasks
+    with pytest.raises(OpError) as missing:
+        sandbox._run(tasks.task_create(req.to_wire()))
+    assert missing.value.type == "LayerMissing" and missing.value.data["digest"] == layers[0]
+    assert task_id not in tasks.tasks
+    push_layers(sandbox, layout, layers)
+    reply = m.TaskCreateReply.from_wire(sandbox._run(tasks.task_create(req.to_wire())))
+    assert reply == m.TaskCreateReply(task_id, "")  # no network helper: loopback only
+    with pytest.raises(OpError) as dup:
+        sandbox._run(tasks.task_create(req.to_wire()))
+    assert dup.value.type == "TaskExists"
+    cg_name = f"task-{task_id}"
+    group = sandbox.agent.cgroup_group
+    if cgroups.version() == 1:  # sized from the task's memory and cpu (512 units: half a vCPU)
+        with open(_cgroup_file(group, cg_name, "memory", "memory.limit_in_bytes")) as f:
+            assert int(f.read()) == 1024 * 2**20
+        with open(_cgroup_file(group, cg_name, "cpu", "cpu.cfs_quota_us")) as f:
+            assert int(f.read()) == 50_000
+        with open(_cgroup_file(group, cg_name, "cpu", "cpu.shares")) as f:
+            assert int(f.read()) == 512
+    elif cgroups.version() == 2:
+        with open(_cgroup_file(group, cg_name, "", "memory.max")) as f:
+            assert int(f.read()) == 1024 * 2**20
+        with open(_cgroup_file(group, cg_name, "", "cpu.max")) as f:
+            assert f.read().split()[0] == "50000"
+
+    doc = sandbox._run(tasks.task_poll({"task_id": task_id}))
+    assert {n: c["state"] for n, c in doc["containers"].items()} == {
+        "web": "pending", "client": "pending", "stubborn": "pending"}
+    web_pid = sandbox._run(tasks.container_start({"task_id": task_id, "container": "web"}))["pid"]
+    sandbox._run(tasks.container_start({"task_id": task_id, "container": "client"}))
+    sandbox._run(tasks.container_start({"task_id": task_id, "container": "stubborn"}))
+    with pytest.raises(OpError) as running:
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "web"}))
+    assert running.value.type == "ContainerRunning"
+
+    # The client reaches the web container over localhost and exits 0; the server logged it.
+    doc = _wait(sandbox, task_id, lambda d: d["containers"]["client"]["state"] == "exited"
+                and any("GET /hello.txt" in t for t in _lines(d, "web"))
+                and any("ignoring" in t for t in _lines(d, "stubborn")))
+    client = doc["containers"]["client"]
+    assert client["exit_code"] == 0, (client, doc["logs"])
+    assert "got hello from the web container" in _lines(doc, "client")
+    assert any('"GET /hello.txt HTTP/1.1" 200' in t for t in _lines(doc, "web")), doc["logs"]
+    assert any(ln["stream"] == "stderr" for ln in doc["logs"]["web"])  # http.server's log
+    assert client["started_ms"] <= client["exited_ms"]
+    assert doc["cpu_usage_ns"] > 0 and doc["memory_bytes"] > 0
+    # Cursors: a poll from the cursors it gave has nothing new for the exited client.
+    again = sandbox._run(tasks.task_poll({"task_id": task_id, "logs_after": doc["cursors"]}))
+    assert "client" not in again["logs"]
+
+    # Health checks run inside the container: its root, workdir, environment, hostname.
+    probe = [PY, "-c", "import os, socket, sys; print(os.getcwd(), os.environ['GREETING'], "
+             "socket.gethostname(), os.path.exists('/app/client.py'), os.getuid()); "
+             "sys.exit(3)"]
+    out = m.TaskExecReply.from_wire(sandbox._run(tasks.task_exec(
+        {"task_id": task_id, "container": "web", "command": probe, "timeout_s": 30})))
+    assert out.exit_code == 3 and not out.timed_out
+    # ... as the container's own unprivileged uid (its guest's), not root
+    assert out.output.decode().split() == ["/srv", "hi", "web-task", "True", str(_uid(web_pid))]
+    assert _uid(web_pid) >= sandbox.agent.uid_base
+    slow = m.TaskExecReply.from_wire(sandbox._run(tasks.task_exec(
+        {"task_id": task_id, "container": "web",
+         "command": [PY, "-c", "import time; time.sleep(60)"], "timeout_s": 1})))
+    assert slow.timed_out and slow.exit_code is None
+    missing_cmd = m.TaskExecReply.from_wire(sandbox._run(tasks.task_exec(
+        {"task_id": task_id, "container": "web", "command": ["/no/such"], "timeout_s": 5})))
+    assert missing_cmd.exit_code is None and "/no/such" in missing_cmd.error
+    with pytest.raises(OpError) as not_running:
+        sandbox._run(tasks.task_exec({"task_id": task_id, "container": "client",
+                                      "command": ["true"], "timeout_s": 5}))
+    assert not_running.value.type == "ContainerNotRunning"
+
+    # Stop: SIGTERM ends the web server (128 + 15); a process that ignores it is killed
+    # after the grace period (128 + 9).
+    stopped = sandbox._run(tasks.container_stop(
+        {"task_id": task_id, "container": "web", "grace_s": 30}))
+    assert stopped == {"exit_code": 143}
+    t0 = time.monotonic()
+    killed = sandbox._run(tasks.container_stop(
+        {"task_id": task_id, "container": "stubborn", "grace_s": 1}))
+    assert killed == {"exit_code": 137}
+    assert time.monotonic() - t0 >= 1.0  # the grace period was given
+    doc = sandbox._run(tasks.task_poll({"task_id": task_id}))
+    assert {n: (c["state"], c["exit_code"]) for n, c in doc["containers"].items()} == {
+        "web": ("exited", 143), "client": ("exited", 0), "stubborn": ("exited", 137)}
+
+    # A container starts again after it exited (a restart): a new run, logged on.
+    sandbox._run(tasks.container_start({"task_id": task_id, "container": "web"}))
+    doc = _wait(sandbox, task_id, lambda d: d["containers"]["web"]["state"] == "running")
+    assert doc["containers"]["web"]["exit_code"] is None
+
+    # Destroy: everything is killed, the cgroup removed; a second destroy finds nothing.
+    uids = {_uid(tasks.tasks[task_id].containers["web"].pid)}
+    assert all(processes_of_uid(uid) for uid in uids)  # the restarted web runs as its uid
+    assert sandbox._run(tasks.task_destroy({"task_id": task_id})) == {"destroyed": True}
+    assert sandbox._run(tasks.task_destroy({"task_id": task_id})) == {"destroyed": False}
+    assert not os.path.exists(_cgroup_file(group, cg_name, "memory", ""))
+    assert not os.path.exists(_cgroup_file(group, cg_name, "pids", ""))
+    for uid in uids:
+        assert wait_no_processes(uid) == []
+    assert not os.path.exists(f"/proc/{web_pid}/ns")  # the first web run's guest is gone
+    with pytest.raises(OpError) as gone:
+        sandbox._run(tasks.task_poll({"task_id": task_id}))
+    assert gone.value.type == "TaskNotFound"
+    holders = sandbox.agent.images._holds
+    assert not [h for h in holders if h.startswith(f"task:{task_id}/")]  # layers released
+
+
+def test_bad_task_requests_are_refused_by_name(
+        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+    _, layers = image
+    tasks = sandbox.agent.tasks
+
+    def create(**kw: Any) -> str:
+        doc = {"task_id": "t-bad", "account": "1", "cpu_units": 256, "memory_mib": 512,
+               "containers": [_container("a", layers, [PY]).to_wire()], **kw}
+        with pytest.raises(OpError) as e:
+            sandbox._run(tasks.task_create(doc))
+        return f"{e.value.type}: {e.value.message}"
+
+    assert create(task_id="../x").startswith("InvalidRequest: task_id")
+    assert create(cpu_units=1).startswith("InvalidRequest: cpu_units")
+    assert create(containers=[]).startswith("InvalidRequest: a task has 1 to 10")
+    two = [_container("a", layers, [PY]).to_wire()] * 2
+    assert create(containers=two).startswith("InvalidRequest: container name 'a'")
+    assert create(containers=[_container("a", layers, []).to_wire()]).startswith(
+        "InvalidImage")
+    ports = [_container(n, layers, [PY], port_mappings=(m.TaskPortMapping(80),)).to_wire()
+             for n in ("a", "b")]
+    assert "mapped twice" in create(containers=ports)
+    assert create(network="egress").startswith("NetworkUnavailable")
+    assert create(network="bogus").startswith("InvalidNetwork")
+    assert create(containers="x").startswith("InvalidRequest")
+    assert "t-bad" not in tasks.tasks
+    with pytest.raises(OpError) as e:
+        sandbox._run(tasks.container_start({"task_id": "nope", "container": "a"}))
+    assert e.value.type == "TaskNotFound"
