@@ -1,15 +1,16 @@
-"""`cellcloud pod` against a real region (one for the module): the task definition a Pod
-manifest becomes is accepted by the region's own RegisterTaskDefinition (image check included),
-refusals come back as clean one-line errors, and a region that does not run tasks yet says so
-and keeps no half-made Pod."""
+"""`cellcloud pod` and kubectl against a real region (one for the module): a Pod runs end to
+end (apply -> Running and ready -> logs -> delete), refusals come back as clean one-line
+errors, and kubectl drives the same through `cellcloud pod api`."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from botocore.config import Config
 
 from cellcloud import pod_api, pod_cli
 from tests.integration.conftest import Region, running_region
-from tests.oci_images import image_layout
+from tests.oci_images import host_python_layers, image_layout, layer_tar
 
 pytestmark = pytest.mark.integration
 
@@ -61,30 +62,6 @@ def _manifest(tmp_path: Any, image: str, **container: Any) -> str:
     path = tmp_path / "pod.yaml"
     path.write_text(yaml.safe_dump(doc))
     return str(path)
-
-
-def test_apply_get_delete_against_the_region(region: Region, image: str, tmp_path: Any) -> None:
-    ecs = _ecs(region)
-    out = region.cli("pod", "apply", "-f", _manifest(tmp_path, image), check=False)
-    assert "Traceback" not in out.stderr
-    if out.returncode != 0:
-        # This region's ECS API has no RunTask yet: said plainly, and the registration (which
-        # the region accepted: the run was the next step) is undone, so there is no Pod.
-        assert "this region does not run tasks yet" in out.stderr, out.stderr
-        assert "RunTask" in out.stderr
-        revisions = ecs.list_task_definitions(familyPrefix="pod_default_web",
-                                              status="INACTIVE")["taskDefinitionArns"]
-        assert len(revisions) == 1
-        td = ecs.describe_task_definition(taskDefinition=revisions[0])["taskDefinition"]
-        assert (td["cpu"], td["memory"]) == ("1024", "2048")  # 1 vCPU, 1 GiB + 256 MiB, up
-        assert [c["name"] for c in td["containerDefinitions"]] == ["init", "web"]
-        got = region.cli("pod", "get", "web", check=False)
-        assert got.returncode == 1 and 'pods "web" not found' in got.stderr
-        return
-    assert out.stdout.strip() == "pod/web created"
-    got = region.cli("pod", "get", "web", "-o", "wide")
-    assert got.stdout.split("\n")[1].split()[0] == "web"
-    assert region.cli("pod", "delete", "web").stdout.strip() == "pod/web deleted"
 
 
 def test_refusals_are_one_clean_line(region: Region, image: str, tmp_path: Any) -> None:
@@ -145,3 +122,63 @@ def test_kubectl_through_the_pod_api(region: Region, image: str, tmp_path: Any) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def web_image(region: Region, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The host's Python libraries and a page: pods/pyweb:v1."""
+    tmp = tmp_path_factory.mktemp("pod-pyweb")
+    layout = str(tmp / "img")
+    app = layer_tar({"srv/hello.txt": b"hello from a pod\n"})
+    image_layout(layout, [], tag="v1", config_doc={"Cmd": ["/bin/true"]},
+                 blobs=[host_python_layers()[0], app])
+    archive = str(tmp / "img.tar")
+    subprocess.run(["tar", "-cf", archive, "-C", layout, "."], check=True)
+    region.cli("image", "push", archive, "pods/pyweb:v1")
+    return f"{region.endpoint.split('//', 1)[1]}/pods/pyweb:v1"
+
+
+def test_a_pod_runs_serves_logs_and_is_deleted(region: Region, web_image: str,
+                                               tmp_path: Any) -> None:
+    """pod apply -> Running and ready (an exec readiness probe that fetches the page over
+    localhost passes) -> the init container's and the server's logs -> delete -> gone."""
+    probe = ("import urllib.request; "
+             "urllib.request.urlopen('http://127.0.0.1:8080/hello.txt', timeout=2)")
+    doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pyweb"},
+           "spec": {"initContainers": [{"name": "init", "image": web_image,
+                                        "command": [sys.executable, "-c",
+                                                    "print('init done', flush=True)"]}],
+                    "containers": [{
+                        "name": "web", "image": web_image,
+                        "command": [sys.executable, "-u", "-m", "http.server", "8080"],
+                        "args": ["--directory", "$(ROOT)"], "env": [{"name": "ROOT",
+                                                                     "value": "/srv"}],
+                        "ports": [{"containerPort": 8080}],
+                        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}},
+                        "readinessProbe": {"exec": {"command": [sys.executable, "-c", probe]},
+                                           "periodSeconds": 5}}]}}
+    manifest = tmp_path / "pyweb.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    assert region.cli("pod", "apply", "-f", str(manifest)).stdout == "pod/pyweb created\n"
+    deadline = time.monotonic() + 120
+    while True:  # a generous bound, not a deadline the test relies on
+        pod = json.loads(region.cli("pod", "get", "pyweb", "-o", "json").stdout)
+        st = pod["status"]
+        assert st["phase"] in ("Pending", "Running"), st
+        if st["phase"] == "Running" and all(c["ready"] for c in st["containerStatuses"]):
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.5)
+    assert st["initContainerStatuses"][0]["state"] == {
+        "terminated": {"exitCode": 0, "reason": "Completed"}}
+    assert st["podIP"]
+    out = region.cli("pod", "get", "-o", "wide").stdout.split("\n")
+    assert out[1].split()[:3] == ["pyweb", "1/1", "Running"]
+    assert region.cli("pod", "logs", "pyweb", "-c", "init").stdout == "init done\n"
+    while "GET /hello.txt" not in region.cli("pod", "logs", "pyweb").stdout:
+        assert time.monotonic() < deadline  # the probe's requests, in the server's log
+        time.sleep(0.5)
+    assert region.cli("pod", "apply", "-f", str(manifest)).stdout == "pod/pyweb unchanged\n"
+    assert region.cli("pod", "delete", "pyweb").stdout == "pod/pyweb deleted\n"
+    gone = region.cli("pod", "get", "pyweb", check=False)
+    assert gone.returncode == 1 and 'pods "pyweb" not found' in gone.stderr

@@ -337,12 +337,14 @@ def test_the_pods_status_from_its_task() -> None:
                  stopCode="EssentialContainerExited", stoppedReason="Essential container …")
     view = pod.pod_view(done, taskdef, name="w", namespace="n")
     assert (view.phase, view.status) == ("Succeeded", "Completed")
-    failed = _task("STOPPED", [{"name": "web", "lastStatus": "STOPPED", "exitCode": 0},
-                               {"name": "side", "lastStatus": "STOPPED", "exitCode": 137}],
+    failed = _task("STOPPED", [{"name": "web", "lastStatus": "STOPPED", "exitCode": 0,
+                                "reason": "exit code 0"},
+                               {"name": "side", "lastStatus": "STOPPED", "exitCode": 137,
+                                "reason": "OutOfMemoryError: the task's memory limit"}],
                    stopCode="EssentialContainerExited")
     view = pod.pod_view(failed, taskdef, name="w", namespace="n")
     assert (view.phase, view.status) == ("Failed", "Error")
-    assert view.containers[1].reason == "Error"
+    assert [c.reason for c in view.containers] == ["Completed", "OOMKilled"]
     never = _task("STOPPED", [{"name": "web", "lastStatus": "STOPPED"}],
                   stopCode="TaskFailedToStart", stoppedReason="CannotPullContainerError")
     assert pod.pod_view(never, taskdef, name="w", namespace="n").phase == "Failed"

@@ -540,7 +540,10 @@ def pod_view(task: dict[str, Any] | None, taskdef: dict[str, Any], *,
             ready = c.get("healthStatus", "UNKNOWN") == "HEALTHY" or "healthCheck" not in spec
         elif status == "STOPPED" or code is not None:
             state, ready = "terminated", False
-            reason = reason or ("Completed" if code == 0 else "Error")
+            if reason.startswith("OutOfMemoryError"):
+                reason = "OOMKilled"
+            elif not reason or reason.startswith("exit code") or reason == "killed":
+                reason = "Completed" if code == 0 else "Error"  # the kubelet's words
         else:
             state, ready = "waiting", False
             reason = reason or "ContainerCreating"
