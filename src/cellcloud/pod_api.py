@@ -5,7 +5,9 @@ over the region's public ECS and Logs APIs with the tenant's keys (docs/fargate.
 
 Served: ``/version``, discovery (``/api``, ``/api/v1``, ``/apis``), and in ``/api/v1``:
 ``namespaces/{ns}/pods`` (list, create), ``pods`` (list, every namespace),
-``namespaces/{ns}/pods/{name}`` (get, delete) and ``…/{name}/log`` (``container``). A list
+``namespaces/{ns}/pods/{name}`` (get, delete) and ``…/{name}/log`` (``container``,
+``tailLines``, ``timestamps``, ``limitBytes``, ``sinceSeconds``/``sinceTime``; ``follow``
+refused: not served yet). A list
 asked for as a ``Table`` (what ``kubectl get`` asks for) is answered as one. Anything else is a
 Kubernetes ``Status`` 404 (or 405 for a verb a Pod does not have here: a Pod's spec does not
 change in place). Create honours ``fieldValidation``: ``Strict`` (kubectl's default) refuses
@@ -16,6 +18,8 @@ annotation (``kubectl.kubernetes.io/last-applied-configuration``) is not part of
 
 from __future__ import annotations
 
+import collections
+import datetime
 import json
 import sys
 import threading
@@ -36,6 +40,9 @@ STATUS_CODES = {"BadRequest": 400, "NotFound": 404, "MethodNotAllowed": 405,
                 "AlreadyExists": 409, "Invalid": 422, "ServiceUnavailable": 503,
                 "RequestEntityTooLarge": 413}
 
+LOG_OPTIONS = {"container", "follow", "previous", "stream", "tailLines", "limitBytes",
+               "sinceSeconds", "sinceTime", "timestamps", "pretty",
+               "insecureSkipTLSVerifyBackend"}  # the last two: nothing to act on here
 Reply = tuple[int, str, bytes, list[str]]  # status, content type, body, Warning headers
 
 
@@ -157,10 +164,47 @@ class KubeApi:
                 return status_reply("MethodNotAllowed", f"pod/{rest[0]}: a Pod's spec does not "
                                     "change in place here; delete it and create it again")
         elif len(rest) == 2 and rest[1] == "log" and method == "GET":
-            lines = self.client.log_lines(rest[0], ns, query.get("container") or None)
-            text = "".join(line + "\n" for line in lines)
-            return 200, "text/plain", text.encode(), []
+            return self._log(rest[0], ns, query)
         return status_reply("MethodNotAllowed", f"{method} {path[:200]} is not served")
+
+    def _log(self, name: str, ns: str, query: dict[str, str]) -> Reply:
+        """``pods/{name}/log``: ``container``, ``tailLines``, ``timestamps``, ``limitBytes``,
+        ``sinceSeconds``, ``sinceTime``; ``follow`` and ``previous`` are refused by name (not
+        served yet), as is any other option."""
+        for key in ("follow", "previous"):
+            if query.get(key, "false") not in ("false", "0", ""):
+                return status_reply("BadRequest", f"log option {key} is not supported here")
+        if query.get("stream", "All") != "All":
+            return status_reply("BadRequest", "log option stream: only All (the container's "
+                                              "stdout and stderr, interleaved)")
+        other = set(query) - LOG_OPTIONS
+        if other:
+            return status_reply("BadRequest", f"log options not supported: "
+                                              f"{', '.join(sorted(other))}")
+        try:
+            tail = int(query["tailLines"]) if "tailLines" in query else None
+            limit = int(query["limitBytes"]) if "limitBytes" in query else None
+            start = None
+            if "sinceSeconds" in query:
+                start = int(self.clock() * 1000) - int(query["sinceSeconds"]) * 1000
+            if "sinceTime" in query:
+                since = datetime.datetime.fromisoformat(query["sinceTime"].replace("Z", "+00:00"))
+                start = int(since.timestamp() * 1000)
+        except ValueError as e:
+            return status_reply("BadRequest", f"a log option is malformed: {e}")
+        stamps = query.get("timestamps", "false") in ("true", "1")
+        events = self.client.log_events(name, ns, query.get("container") or None, start)
+        lines: collections.deque[str] = collections.deque(
+            maxlen=max(0, tail) if tail is not None else None)
+        for ts, line in events:
+            if stamps:
+                iso = datetime.datetime.fromtimestamp(ts / 1000, datetime.UTC).isoformat()
+                line = f"{iso.replace('+00:00', 'Z')} {line}"
+            lines.append(line)
+        data = "".join(line + "\n" for line in lines).encode()
+        if limit is not None:
+            data = data[:max(0, limit)]
+        return 200, "text/plain", data, []
 
     def _list(self, ns: str | None, headers: dict[str, str]) -> Reply:
         views = self.client.get(None, ns or "default", all_namespaces=ns is None)

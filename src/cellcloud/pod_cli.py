@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
@@ -45,6 +45,7 @@ Namespace = Annotated[str, typer.Option("--namespace", "-n", help="The Pod's nam
 log_pages_max = 10_000  # GetLogEvents pages one `pod logs` reads (each up to 1 MB)
 list_pages_max = 1_000  # pages of one List* call followed
 get_tasks_batch = 100  # DescribeTasks takes at most 100 tasks
+follow_poll_s = 1.0  # `pod logs --follow`: a caught-up reader asks again this often
 
 
 class PodCliError(Exception):
@@ -244,6 +245,15 @@ class PodClient:
         return f"pod/{name} deleted"
 
     def log_lines(self, name: str, namespace: str, container: str | None) -> Iterator[str]:
+        for _, line in self.log_events(name, namespace, container):
+            yield line
+
+    def log_events(self, name: str, namespace: str, container: str | None,
+                   start_ms: int | None = None, follow: bool = False,
+                   wait: Callable[[float], None] = time.sleep) -> Iterator[tuple[int, str]]:
+        """(timestamp ms, line) of the container's awslogs stream, oldest first, from
+        ``start_ms`` if given; with ``follow``, new lines as they are filed until the Pod's
+        task has stopped (polled every ``follow_poll_s``)."""
         view = self.get(name, namespace)[0]
         mains = [c.name for c in view.containers if not c.init]
         names = [c.name for c in view.containers]
@@ -259,23 +269,45 @@ class PodClient:
             raise PodCliError(f"pod {name} has no task yet, so no logs")
         stream = pods.log_stream_for(name, container, view.task_id)
         token = None
-        for _ in range(log_pages_max):
+        stopped = False
+        pages = 0
+        while True:
             kw: dict[str, Any] = {"logGroupName": pods.log_group_for(namespace),
                                   "logStreamName": stream, "startFromHead": True}
+            if start_ms is not None:
+                kw["startTime"] = max(0, start_ms)
             if token:
                 kw["nextToken"] = token
             try:
                 out = self.logs.get_log_events(**kw)
             except Exception as e:
-                if _code(e) == "ResourceNotFoundException":
-                    return  # nothing written yet
-                raise _failed("GetLogEvents", e) from None
+                if _code(e) != "ResourceNotFoundException":
+                    raise _failed("GetLogEvents", e) from None
+                out = {}  # nothing written yet
             for event in out.get("events") or []:
-                yield str(event.get("message", "")).rstrip("\n")
+                yield int(event.get("timestamp") or 0), str(event.get("message", "")).rstrip("\n")
             nxt = out.get("nextForwardToken")
-            if not out.get("events") or nxt == token:
+            if out.get("events") and nxt != token:
+                pages += 1
+                if pages >= log_pages_max:
+                    raise PodCliError(f"more than {log_pages_max} pages of logs; stopped "
+                                      "reading")
+                token = nxt
+                continue
+            if not follow or stopped:
                 return
-            token = nxt
+            # Caught up: a stopped task's last lines are read once more, then it ends.
+            stopped = self._task_status(view.task_arn) == "STOPPED"
+            if not stopped:
+                wait(follow_poll_s)
+
+    def _task_status(self, arn: str) -> str:
+        try:
+            out = self.ecs.describe_tasks(cluster=pods.CLUSTER, tasks=[arn])
+        except Exception as e:
+            raise _failed("DescribeTasks", e) from None
+        tasks = out.get("tasks") or []
+        return str(tasks[0].get("lastStatus")) if tasks else "STOPPED"  # forgotten: over
 
 
 # -- the shell ------------------------------------------------------------------------------------
@@ -413,13 +445,20 @@ def logs_cmd(
     container: Annotated[str | None, typer.Option("--container", "-c",
                                                   help="Its container (needed with several)")]
     = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Then print new lines until "
+                                         "the Pod's task stops (Ctrl-C ends it sooner)")] = False,
     namespace: Namespace = "default",
     state_dir: StateDir = None, tenant: Tenant = None,
 ) -> None:
     """A container's log lines (its awslogs stream), oldest first."""
     def go() -> None:
-        for line in connect(state_dir, tenant).log_lines(name, namespace, container):
-            sys.stdout.write(line + "\n")
+        client = connect(state_dir, tenant)
+        try:
+            for _, line in client.log_events(name, namespace, container, follow=follow):
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
     run_cli(go)
 
 

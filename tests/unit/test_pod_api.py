@@ -157,3 +157,27 @@ def test_get_list_as_table_delete_and_log(api: Any) -> None:
     lg.add_response("get_log_events", {"events": [], "nextForwardToken": "f"}, None)
     status, text, _ = _call(a, "GET", "/api/v1/namespaces/default/pods/web/log?container=web")
     assert (status, text) == (200, "hi\n")
+
+
+def test_log_options_are_honoured_or_refused_by_name(api: Any) -> None:
+    a, e, lg = api
+    base = "/api/v1/namespaces/default/pods/web/log?container=web"
+    for query, word in (("&follow=true", "follow"), ("&previous=true", "previous"),
+                        ("&stream=Stderr", "stream"), ("&sinceMinutes=3", "sinceMinutes")):
+        status, doc, _ = _call(a, "GET", base + query)
+        assert (status, doc["reason"]) == (400, "BadRequest") and word in doc["message"]
+    want = {"logGroupName": "/cellcloud/pods/default", "logStreamName": "web/web/0123abcd",
+            "startFromHead": True, "startTime": 100_000}  # now 160 s, since 60 s
+    _running(e)
+    lg.add_response("get_log_events", {"events": [
+        {"timestamp": 100_000 + i, "message": f"line {i}"} for i in range(3)],
+        "nextForwardToken": "f"}, want)
+    lg.add_response("get_log_events", {"events": [], "nextForwardToken": "f"},
+                    {**want, "nextToken": "f"})
+    status, text, _ = _call(a, "GET", base + "&sinceSeconds=60&tailLines=2&timestamps=true")
+    assert text == "1970-01-01T00:01:40.001000Z line 1\n1970-01-01T00:01:40.002000Z line 2\n"
+    _running(e)
+    lg.add_response("get_log_events", {"events": [{"timestamp": 1, "message": "abcdef"}],
+                                       "nextForwardToken": "f"}, None)
+    lg.add_response("get_log_events", {"events": [], "nextForwardToken": "f"}, None)
+    assert _call(a, "GET", base + "&limitBytes=3")[1] == "abc"

@@ -282,3 +282,28 @@ def test_without_a_region_the_cli_says_so(tmp_path: Any) -> None:
 def test_client_error_codes_are_read_from_botocores_shape() -> None:
     e = ClientError({"Error": {"Code": "X", "Message": "m"}}, "Op")
     assert pod_cli._code(e) == "X" and pod_cli._code(ValueError()) == ""
+
+
+def test_logs_follow_until_the_task_stops(stubbed: Any) -> None:
+    client, e, lg = stubbed
+    plan = _plan()
+    e.add_response("describe_task_definition", _taskdef(plan), None)
+    _list_tasks(e, plan.family, [TASK], [])
+    e.add_response("describe_tasks", {"tasks": [_task("RUNNING")]}, None)
+    want = {"logGroupName": "/cellcloud/pods/default", "logStreamName": "web/web/0123abcd",
+            "startFromHead": True}
+    lg.add_client_error("get_log_events", "ResourceNotFoundException", "no stream yet")
+    e.add_response("describe_tasks", {"tasks": [_task("RUNNING")]},
+                   {"cluster": "default", "tasks": [TASK]})
+    lg.add_response("get_log_events", {"events": [{"timestamp": 1, "message": "one"}],
+                                       "nextForwardToken": "f/1"}, want)
+    lg.add_response("get_log_events", {"events": [], "nextForwardToken": "f/1"},
+                    {**want, "nextToken": "f/1"})
+    e.add_response("describe_tasks", {"tasks": [_task("STOPPED")]}, None)
+    lg.add_response("get_log_events", {"events": [{"timestamp": 2, "message": "last"}],
+                                       "nextForwardToken": "f/2"}, {**want, "nextToken": "f/1"})
+    lg.add_response("get_log_events", {"events": [], "nextForwardToken": "f/2"},
+                    {**want, "nextToken": "f/2"})
+    waits: list[float] = []
+    got = list(client.log_events("web", "default", "web", follow=True, wait=waits.append))
+    assert got == [(1, "one"), (2, "last")] and waits == [pod_cli.follow_poll_s]
