@@ -56,6 +56,7 @@ class FakeAgent:
         self.down = False
         self.exit_on_start: dict[str, int] = {}  # container name -> exits at once with
         self.stop_gate: asyncio.Event | None = None  # set: task_container_stop waits on it
+        self.full = False  # task_create answers AgentFull
 
     async def call(self, op: str, body: Any, timeout_s: float) -> Any:
         self.calls.append((op, body))
@@ -70,6 +71,8 @@ class FakeAgent:
             return {}
         if op == "task_create":
             req = m.TaskCreateRequest.from_wire(body)
+            if self.full:
+                raise RemoteError("AgentFull", "agent_tasks_max reached")
             for c in req.containers:
                 for d in c.image_layers:
                     if d not in self.layers:
@@ -77,7 +80,7 @@ class FakeAgent:
             self.tasks[req.task_id] = {
                 "body": body, "logs": {c.name: [] for c in req.containers},
                 "containers": {c.name: {"state": "pending", "exit_code": None,
-                                        "started_ms": None, "exited_ms": None}
+                                        "started_ms": None, "exited_ms": None, "reason": ""}
                                for c in req.containers}}
             return m.TaskCreateReply(req.task_id,
                                      f"10.200.{self.n}.{len(self.tasks) + 1}").to_wire()
@@ -86,6 +89,8 @@ class FakeAgent:
                  "task_poll": m.TaskPollRequest, "task_destroy": m.TaskDestroyRequest}[op]
         parse.from_wire(body)  # type: ignore[attr-defined]
         t = self.tasks.get(body["task_id"])
+        if t is None and op == "task_destroy":
+            return m.TaskDestroyReply(False).to_wire()  # idempotent, as the agent's
         if t is None:
             raise RemoteError("TaskNotFound", "no such task")
         if op == "task_container_start":
@@ -99,27 +104,28 @@ class FakeAgent:
             if self.stop_gate is not None:  # a container slow to stop (its grace period)
                 await self.stop_gate.wait()
             c = t["containers"][body["container"]]
+            t["logs"][body["container"]].append(f"{body['container']} got SIGTERM")
             if c["state"] == "running":
                 c.update(state="exited", exit_code=143, exited_ms=3)
             return m.TaskContainerStopReply(c["exit_code"]).to_wire()
         if op == "task_exec":
             return m.TaskExecReply(self.health_exit).to_wire()
-        if op == "task_poll":
+        if op == "task_poll":  # every line kept; those after the caller's cursor answered
+            after = m.TaskPollRequest.from_wire(body).logs_after
             logs = t["logs"]
-            t["logs"] = {n: [] for n in logs}
             return m.TaskPollReply(
                 containers={n: m.TaskContainerState(**c) for n, c in t["containers"].items()},
-                logs={n: tuple(m.TaskLogLine(7, text) for text in lines)
+                logs={n: tuple(m.TaskLogLine(7, text) for text in lines[after.get(n, 0):])
                       for n, lines in logs.items()},
-                cursors={n: 1 for n in logs}).to_wire()
+                cursors={n: len(lines) for n, lines in logs.items()}).to_wire()
         if op == "task_destroy":
             del self.tasks[body["task_id"]]
             return m.TaskDestroyReply(True).to_wire()
         raise RemoteError("UnknownOp", op)
 
-    def exit(self, task_id: str, name: str, code: int) -> None:
+    def exit(self, task_id: str, name: str, code: int, reason: str = "") -> None:
         self.tasks[task_id]["containers"][name].update(state="exited", exit_code=code,
-                                                        exited_ms=5)
+                                                        exited_ms=5, reason=reason)
 
 
 class FakeFrontend:
@@ -346,6 +352,11 @@ def test_run_describe_logs_stop(tmp_path: Path) -> None:
         assert t["containers"][0]["exitCode"] == 143 and "stoppedAt" in t
         assert t["attachments"][0]["status"] == "DELETED"
         assert task_id not in agent.tasks  # destroyed on its agent
+        # its last line, written as it stopped, was filed before the task was destroyed
+        events = w.logstore.stream_events(A, "/ecs/web", stream, start=None, end=None,
+                                          after_id=None, before_id=None, from_head=True,
+                                          limit=10)
+        assert [e.message for e in events][-1] == "web got SIGTERM"
         assert (await w.ok("ListTasks", {}))["taskArns"] == []
         assert (await w.ok("ListTasks", {"desiredStatus": "STOPPED"}))["taskArns"] \
             == [t["taskArn"]]
@@ -419,6 +430,27 @@ def test_no_room_is_a_failure_entry(tmp_path: Path) -> None:
     run({"memory_mb_max": 1024}, body, tmp_path)
 
 
+def test_a_full_agent_sends_the_task_to_another_of_its_shard(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", two_containers())
+        assert w.cell.tasks is not None
+        shard = w.cell.shard_of(f"{A}/ecs/default")
+        w.agents[shard[0]].full = w.agents[shard[1]].full = True
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        t = await w.wait_status(t["taskArn"], "STOPPED")  # every agent of its shard is full
+        assert t["stopCode"] == "TaskFailedToStart"
+        assert "AgentFull" in t["stoppedReason"]
+        assert w.cell.placement.task_agent == {}
+        w.agents[shard[1]].full = False
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        t = await w.wait_status(t["taskArn"], "RUNNING")
+        assert w.agent_of(t) is w.agents[shard[1]]
+        outside = set(w.agents) - set(shard)
+        assert not any(op == "task_create" for a in outside for op, _ in w.agents[a].calls)
+    run({}, body, tmp_path)
+
+
 def test_cpu_is_counted_too(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         await w.ok("CreateCluster", {})
@@ -449,6 +481,18 @@ def test_a_restarted_frontend_describes_and_drives_its_tasks(tmp_path: Path) -> 
         await w.wait_status(stopped["taskArn"], "RUNNING")
         await w.ok("StopTask", {"task": stopped["taskArn"]})
         await w.wait_status(stopped["taskArn"], "STOPPED")
+        task_id = t["taskArn"].rsplit("/", 1)[1]
+        stream = f"ecs/web/{task_id}"
+
+        def lines() -> list[str]:
+            return [e.message for e in w.logstore.stream_events(
+                A, "/ecs/web", stream, start=None, end=None, after_id=None, before_id=None,
+                from_head=True, limit=10)]
+
+        async def filed(n: int) -> bool:
+            return len(lines()) >= n
+        w.agent_of(t).tasks[task_id]["logs"]["web"].append("before the restart")
+        await w.wait_for("a line", lambda: filed(1))
         assert w.cell.tasks is not None
         await w.cell.tasks.close()  # the process ends; the task goes on on its agent
         w.cell = w.make_cell()
@@ -460,10 +504,28 @@ def test_a_restarted_frontend_describes_and_drives_its_tasks(tmp_path: Path) -> 
         assert (await w.task(stopped["taskArn"]))["stopCode"] == "UserInitiated"
         assert w.cell.placement.task_agent == {t["taskArn"].rsplit("/", 1)[1]:
                                                f"a{w.agent_of(t).n}"}
+        # its log cursor was kept: the new process files only new lines
+        w.agent_of(t).tasks[task_id]["logs"]["web"].append("after the restart")
+        await w.wait_for("a second line", lambda: filed(2))
+        assert lines() == ["before the restart", "after the restart"]
         # still driven: the essential container's exit stops it
-        w.agent_of(t).exit(t["taskArn"].rsplit("/", 1)[1], "web", 0)
+        w.agent_of(t).exit(task_id, "web", 0)
         t = await w.wait_status(t["taskArn"], "STOPPED")
         assert t["stopCode"] == "EssentialContainerExited" and t["containers"][0]["exitCode"] == 0
+    run({}, body, tmp_path)
+
+
+def test_the_agents_exit_reason_names_an_out_of_memory_kill(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", two_containers())
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        t = await w.wait_status(t["taskArn"], "RUNNING")
+        oom = "OutOfMemoryError: Container killed due to memory usage"
+        w.agent_of(t).exit(t["taskArn"].rsplit("/", 1)[1], "web", 137, oom)
+        t = await w.wait_status(t["taskArn"], "STOPPED")
+        assert t["stoppedReason"] == f"Essential container in task exited (web: {oom})"
+        assert (t["containers"][0]["exitCode"], t["containers"][0]["reason"]) == (137, oom)
     run({}, body, tmp_path)
 
 
@@ -544,6 +606,15 @@ def test_overrides_idempotency_and_errors(tmp_path: Path) -> None:
         d = await w.ok("DescribeTasks", {"tasks": [missing]})
         assert d["failures"] == [{"arn": missing, "reason": "MISSING"}]
         assert (await w.err("ListTasks", {"serviceName": "s"}))[0] == "InvalidParameterException"
+        # what a definition may say that a task cannot honour yet: refused by name
+        for extra, message in (({"user": "1000"}, "user is not supported"),
+                               ({"logConfiguration": {"logDriver": "splunk"}},
+                                "log driver splunk is not supported"),
+                               ({"logConfiguration": {"logDriver": "awslogs"}},
+                                "needs the awslogs-group option")):
+            await w.ok("RegisterTaskDefinition", {**two_containers(**extra), "family": "odd"})
+            err, msg = await w.err("RunTask", {"taskDefinition": "odd"})
+            assert err == "ClientException" and message in msg, msg
         # an INACTIVE revision runs no new task
         await w.ok("DeregisterTaskDefinition", {"taskDefinition": "web:1"})
         assert await w.err("RunTask", {"taskDefinition": "web:1"}) \
@@ -601,4 +672,25 @@ def test_a_pods_restart_policy_restarts_with_crash_loop_backoff(tmp_path: Path) 
         assert "restarting in 20 s" in (await w.task(t["taskArn"]))["containers"][0]["reason"]
         await w.ok("StopTask", {"task": t["taskArn"]})
         await w.wait_status(t["taskArn"], "STOPPED")
+    run({}, body, tmp_path)
+
+
+def test_a_tenant_with_tasks_is_not_migrated(tmp_path: Path) -> None:
+    """Tasks do not move between cells yet: the export refuses (the migration aborts before
+    the flip), rather than leaving them running in a cell that no longer serves the tenant."""
+    from cellcloud.frontend.clone import CloneError, export_tenant
+
+    async def body(w: World) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", two_containers())
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        try:
+            export_tenant(w.cell, A)
+            raise AssertionError("exported a tenant with a running task")
+        except CloneError as e:
+            assert "1 ECS tasks not yet STOPPED" in str(e)
+        assert export_tenant(w.cell, B)["functions"] == []  # another tenant moves
+        await w.ok("StopTask", {"task": t["taskArn"]})
+        await w.wait_status(t["taskArn"], "STOPPED")
+        export_tenant(w.cell, A)
     run({}, body, tmp_path)

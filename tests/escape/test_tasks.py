@@ -5,6 +5,7 @@ grace period and kill, the task's cgroup sized from its cpu/memory and gone afte
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -40,14 +41,20 @@ time.sleep(600)
 """
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
-    layout = str(tmp_path_factory.mktemp("task-image") / "img")
+def task_image(layout: str) -> list[str]:
+    """An image of this host's Python's libraries (the interpreter is the guest's tree) with
+    /srv/hello.txt and the scripts above under /app; its layer digests."""
     app = layer_tar({"srv/hello.txt": b"hello from the web container\n",
                      "app/client.py": CLIENT.encode(), "app/stubborn.py": STUBBORN.encode()})
     img = image_layout(layout, [], config_doc={"Cmd": ["/bin/true"]},
                        blobs=[host_python_layers()[0], app])
-    return layout, list(img["layers"])
+    return list(img["layers"])
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    layout = str(tmp_path_factory.mktemp("task-image") / "img")
+    return layout, task_image(layout)
 
 
 def _container(name: str, layers: list[str], argv: list[str], **kw: Any) -> m.TaskContainer:
@@ -55,11 +62,12 @@ def _container(name: str, layers: list[str], argv: list[str], **kw: Any) -> m.Ta
 
 
 def _wait(sb: Sandbox, task_id: str, ok: Callable[[dict[str, Any]], bool],
-          timeout_s: float = 60.0) -> dict[str, Any]:
+          timeout_s: float = 60.0, runner: Any = None) -> dict[str, Any]:
     """Poll the task (all its logs so far) until ``ok`` holds (a bound, not a deadline)."""
     deadline = time.monotonic() + timeout_s
+    runner = runner or sb.agent.tasks
     while True:
-        doc: dict[str, Any] = sb._run(sb.agent.tasks.task_poll({"task_id": task_id}))
+        doc: dict[str, Any] = sb._run(runner.task_poll({"task_id": task_id}))
         if ok(doc) or time.monotonic() > deadline:
             return doc
         time.sleep(0.05)
@@ -202,7 +210,7 @@ def test_a_two_container_task_shares_localhost_and_ends_cleanly(
 
 
 def test_bad_task_requests_are_refused_by_name(
-        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+        sandbox: Sandbox, image: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     _, layers = image
     tasks = sandbox.agent.tasks
 
@@ -227,6 +235,162 @@ def test_bad_task_requests_are_refused_by_name(
     assert create(network="bogus").startswith("InvalidNetwork")
     assert create(containers="x").startswith("InvalidRequest")
     assert "t-bad" not in tasks.tasks
+    from cellcloud.agent import tasks as runner
+
+    monkeypatch.setattr(runner, "DEFAULT_LIMITS",
+                        dataclasses.replace(runner.DEFAULT_LIMITS, agent_tasks_max=0))
+    assert create().startswith("AgentFull: 0 tasks")
+    monkeypatch.undo()
+    assert create(memory_mib=10**9).startswith("InvalidRequest: memory_mib")
     with pytest.raises(OpError) as e:
         sandbox._run(tasks.container_start({"task_id": "nope", "container": "a"}))
     assert e.value.type == "TaskNotFound"
+
+
+def test_a_task_destroyed_while_its_container_spawns_runs_nothing(
+        sandbox: Sandbox, image: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spawn gets its own copy of the task's namespace fd (the destroy closes the task's,
+    whose number must not come to name another namespace under the spawn), and what it
+    spawned for a task destroyed meanwhile is killed at once."""
+    import asyncio
+
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    tasks = sandbox.agent.tasks
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    sandbox._run(tasks.task_create(m.TaskCreateRequest(task_id, "1", 256, 512, (
+        _container("web", layers, [PY, "/app/stubborn.py"]),)).to_wire()))
+    real_spawn = sandbox.agent.backend.spawn
+    spawned: list[int] = []
+
+    async def spawn_then_destroy(spec: Any, netns_fd: int | None = None) -> Any:
+        out = await real_spawn(spec, netns_fd=netns_fd)
+        spawned.append(out.pid)
+        await tasks.task_destroy({"task_id": task_id})  # lands while the start is under way
+        return out
+
+    monkeypatch.setattr(sandbox.agent.backend, "spawn", spawn_then_destroy)
+    with pytest.raises(OpError) as e:
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "web"}))
+    assert e.value.type == "TaskNotFound"
+    assert task_id not in tasks.tasks and len(spawned) == 1
+
+    async def gone(pid: int) -> bool:
+        for _ in range(1000):  # polling /proc (bounded: 20 s)
+            if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(
+                    ")")[-1].split()[0] in ("Z", "X"):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert sandbox._run(gone(spawned[0]))
+
+
+def test_out_of_memory_and_a_missing_program_say_why(
+        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+    """The task's memory limit holds (the kernel kills the container: 137 and ECS's
+    OutOfMemoryError), and a program that does not exist is 127 with CannotStartContainerError."""
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    tasks = sandbox.agent.tasks
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    sandbox._run(tasks.task_create(m.TaskCreateRequest(task_id, "1", 256, 64, (
+        _container("hog", layers, [PY, "-c", "x = b'x' * (512 << 20); print('survived')"]),
+        _container("typo", layers, ["/app/no-such-program"]))).to_wire()))
+    try:
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "hog"}))
+        doc = _wait(sandbox, task_id, lambda d: d["containers"]["hog"]["state"] == "exited")
+        hog = doc["containers"]["hog"]
+        assert (hog["exit_code"], hog["reason"]) == (
+            137, "OutOfMemoryError: Container killed due to memory usage"), doc
+        assert doc["oom_kills"] >= 1 and "survived" not in _lines(doc, "hog")
+        with pytest.raises(OpError) as e:
+            sandbox._run(tasks.container_start({"task_id": task_id, "container": "typo"}))
+        assert e.value.type == "ContainerStartFailed" and "no-such-program" in e.value.message
+        typo = sandbox._run(tasks.task_poll({"task_id": task_id}))["containers"]["typo"]
+        assert typo["state"] == "exited" and typo["exit_code"] == 127
+        assert typo["reason"].startswith("CannotStartContainerError: /app/no-such-program")
+    finally:
+        sandbox._run(tasks.task_destroy({"task_id": task_id}))
+
+
+def test_a_live_update_hands_running_tasks_over(
+        sandbox: Sandbox, image: tuple[str, list[str]], tmp_path: Any) -> None:
+    """handover.py with tasks: the successor agent gets each task's network namespace and its
+    running containers' channels, serves them (logs, exec, stop, destroy) and hands out no
+    uid a running container has."""
+    import socket
+    import threading
+
+    from cellcloud.agent import handover
+    from cellcloud.agent.server import Agent
+
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    old = sandbox.agent
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    sandbox._run(old.tasks.task_create(m.TaskCreateRequest(task_id, "1", 256, 512, (
+        _container("web", layers, [PY, "-u", "-m", "http.server", "8080", "--bind",
+                                   "127.0.0.1"], workdir="/srv"),
+        _container("later", layers, [PY, "/app/client.py"]))).to_wire()))
+    web_pid = sandbox._run(old.tasks.container_start(
+        {"task_id": task_id, "container": "web"}))["pid"]
+    doc = _wait(sandbox, task_id, lambda d: any("Serving HTTP" in t for t in _lines(d, "web")))
+    assert any("Serving HTTP" in t for t in _lines(doc, "web")), doc
+    cursors = doc["cursors"]
+
+    path = str(tmp_path / "handover.sock")
+    hsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hsock.bind(path)
+    hsock.listen(1)
+    listen = socket.socket()
+    listen.bind(("127.0.0.1", 0))
+
+    def old_side() -> None:  # as serve_handover does once its successor asked
+        conn, _ = hsock.accept()
+        conn.recv(65536)
+        handed = sandbox._run(_on_loop(old.tasks.hand_over))
+        handover._send(conn, old, os.dup(listen.fileno()), handed)
+
+    t = threading.Thread(target=old_side)
+    t.start()
+    handed_tasks: list[tuple[dict[str, Any], list[int]]] = []
+    listener, envs = handover.receive(path, {}, handed_tasks)
+    t.join(60)
+    listener.close()
+    listen.close()
+    hsock.close()
+    old.tasks.tasks.clear()  # the old process exits here, touching nothing
+    new = Agent(old.agent_id, old.state_dir, old.backend, uid_base=old.uid_base, pids_max=64,
+                cgroup_group=old.cgroup_group)
+    assert sandbox._run(new.tasks.adopt(handed_tasks)) == 1
+    tasks = new.tasks
+    web_uid = _uid(web_pid)
+    assert new.uid_base + new.alloc_slot() != web_uid  # the running container's uid is taken
+
+    # The successor reads the web container's channel: a request made now is logged to it.
+    fetch = [PY, "-c", "import urllib.request; print(urllib.request.urlopen("
+             "'http://127.0.0.1:8080/hello.txt', timeout=10).read().decode())"]
+    out = m.TaskExecReply.from_wire(sandbox._run(tasks.task_exec(
+        {"task_id": task_id, "container": "web", "command": fetch, "timeout_s": 60})))
+    assert out.exit_code == 0 and out.output == b"hello from the web container\n\n"
+    doc = sandbox._run(tasks.task_poll({"task_id": task_id, "logs_after": cursors}))
+    assert doc["containers"]["web"]["state"] == "running"
+    assert doc["containers"]["later"]["state"] == "pending"
+    assert any("GET /hello.txt" in t for t in _lines(doc, "web")), doc
+    assert doc["cursors"]["web"] > cursors["web"]
+    # A container started by the successor shares the handed-over namespace.
+    sandbox._run(tasks.container_start({"task_id": task_id, "container": "later"}))
+    doc = _wait(sandbox, task_id, lambda d: d["containers"]["later"]["state"] == "exited",
+                runner=tasks)
+    assert doc["containers"]["later"]["exit_code"] == 0, doc
+    assert sandbox._run(tasks.container_stop(
+        {"task_id": task_id, "container": "web", "grace_s": 30})) == {"exit_code": 143}
+    assert sandbox._run(tasks.task_destroy({"task_id": task_id})) == {"destroyed": True}
+    assert not os.path.exists(_cgroup_file(old.cgroup_group, f"task-{task_id}", "pids", ""))
+    assert wait_no_processes(web_uid) == []
+    assert not [h for h in new.images._holds if h.startswith(f"task:{task_id}/")]
+
+
+async def _on_loop(fn: Callable[[], Any]) -> Any:
+    return fn()

@@ -169,14 +169,15 @@ task_messages = st.one_of(
               containers=st.dictionaries(names, st.builds(
                   m.TaskContainerState, state=st.sampled_from(["pending", "running", "exited"]),
                   exit_code=st.none() | st.integers(0, 255), started_ms=opt_int,
-                  exited_ms=opt_int), max_size=3),
+                  exited_ms=opt_int, reason=st.text(max_size=8)), max_size=3),
               logs=st.dictionaries(names, st.lists(st.builds(
                   m.TaskLogLine, time_ms=st.integers(0, 2**42), text=st.text(max_size=12),
                   stream=st.sampled_from(["stdout", "stderr"])), max_size=3).map(tuple),
                   max_size=2),
               cursors=st.dictionaries(names, st.integers(0, 2**40), max_size=3),
               cpu_usage_ns=st.integers(0, 2**50), memory_bytes=st.integers(0, 2**40),
-              logs_dropped=st.dictionaries(names, st.integers(0, 2**20), max_size=2)),
+              logs_dropped=st.dictionaries(names, st.integers(0, 2**20), max_size=2),
+              oom_kills=st.integers(0, 100)),
     st.builds(m.TaskDestroyRequest, task_id=ids),
     st.builds(m.TaskDestroyReply, destroyed=st.booleans()),
 )

@@ -154,6 +154,26 @@ def test_resolvers_from() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")
+def test_a_tasks_slot_is_opened_to_the_host_on_its_ports_only() -> None:
+    p = plan()
+    addr = p.address(0x2A)
+    assert P.slot_ingress(p, 0x2A, (("tcp", 8080), ("udp", 53))).splitlines() == [
+        f"add element inet cellcloud_cc0a1b2c ingress_limited {{ {addr} }}",
+        f"add element inet cellcloud_cc0a1b2c ingress_open {{ {addr} . tcp . 8080, "
+        f"{addr} . udp . 53 }}"]
+    assert P.slot_ingress(p, 0x2A, (), add=False).splitlines() == [
+        f"delete element inet cellcloud_cc0a1b2c ingress_limited {{ {addr} }}"]
+    ruleset = P.ruleset(p)
+    host_to_task = ruleset[ruleset.index("chain host_to_task"):]
+    assert host_to_task.index("ct state established,related accept") \
+        < host_to_task.index("@ingress_open accept") < host_to_task.index(P.REJECT)
+    assert 'oifname "cc0a1b2cbr" ip daddr @ingress_limited jump host_to_task' in ruleset
+    assert P.parse_ingress("tcp:8080") == ("tcp", 8080)
+    for bad in ("tcp", "sctp:80", "tcp:0", "udp:65536", "tcp:x"):
+        with pytest.raises(P.PolicyError):
+            P.parse_ingress(bad)
+
+
 def test_nft_accepts_the_scripts() -> None:
     """Loaded for real under a prefix of the test's own, then removed."""
     p = P.Plan(P.prefix_for(f"unit-{os.getpid()}"), ipaddress.IPv4Network("100.64.4.0/22"),
@@ -168,6 +188,8 @@ def test_nft_accepts_the_scripts() -> None:
         nft(P.slot_allow(p, 3, (("10.1.2.0/24", 5432), ("0.0.0.0/0", 443))))
         nft(P.slot_refresh(p, 2))  # a reset needs the counters to exist already
         nft(P.slot_refresh(p, 3))
+        nft(P.slot_ingress(p, 2, (("tcp", 8080), ("udp", 53))))
+        nft(P.slot_ingress(p, 2, (("tcp", 8080), ("udp", 53)), add=False))
         nft(P.ruleset(p))  # replacing the tables works whether or not they exist
     finally:
         nft(P.teardown(p))

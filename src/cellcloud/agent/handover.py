@@ -12,7 +12,8 @@ Every agent listens (passively, like everything it does) on a Unix SOCK_SEQPACKE
    they keep running, and the new agent serves them through the very same channels.
 
 Frames: ``{"t": "adopt"}`` → ``{"t": "listen"}`` + fd, ``{"t": "env", ...}`` + fd per
-environment, ``{"t": "network"}`` + the network helper's channel (when the agent has one: the
+environment, ``{"t": "task", ...}`` + the task's network namespace and its running containers'
+channels per task (agent/tasks.py), ``{"t": "network"}`` + the network helper's channel (when the agent has one: the
 helper, told to outlive its first agent, keeps every environment's interface and policy),
 ``{"t": "done", "n": count}``.
 """
@@ -30,6 +31,7 @@ from ..transport.codec import recv_message, send_message, unpack_dict
 log = logging.getLogger("cellcloud.agent.handover")
 
 frame_bytes_max = 256 * 1024
+fds_per_frame_max = 16  # a task's: its network namespace and its containers' channels
 drain_timeout_s = 905.0  # the longest invocation (900 s) and a margin
 
 
@@ -69,9 +71,11 @@ def unlink_if_ours(path: str, ino: int) -> None:
 
 
 def receive(path: str, extras: dict[str, socket.socket] | None = None,
+            tasks: list[tuple[dict[str, Any], list[int]]] | None = None,
             ) -> tuple[socket.socket, list[tuple[dict[str, Any], socket.socket]]]:
     """The new agent's side (blocking, before its event loop and its lock-down). ``extras``
-    receives the network helper's channel as ``"network"``, if one was handed over."""
+    receives the network helper's channel as ``"network"``, if one was handed over;
+    ``tasks`` the tasks' records and fds (agent/tasks.py ``hand_over``)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(path)
     send_message(s, {"t": "adopt", "pid": os.getpid()})
@@ -79,7 +83,7 @@ def receive(path: str, extras: dict[str, socket.socket] | None = None,
     envs: list[tuple[dict[str, Any], socket.socket]] = []
     try:
         while True:
-            doc, fds = recv_message(s, frame_bytes_max, 1)
+            doc, fds = recv_message(s, frame_bytes_max, fds_per_frame_max)
             if doc is None:
                 raise ConnectionError("the old agent went away during the handover")
             if doc["t"] == "listen":
@@ -92,6 +96,12 @@ def receive(path: str, extras: dict[str, socket.socket] | None = None,
                     net.close()  # nobody to hand it to: the helper tears down on EOF
                 else:
                     extras["network"] = net
+            elif doc["t"] == "task":
+                if tasks is None:
+                    for fd in fds:
+                        os.close(fd)  # nobody takes it: its containers end on EOF
+                else:
+                    tasks.append((doc, fds))
             elif doc["t"] == "done":
                 assert doc["n"] == len(envs), doc
                 break
@@ -119,13 +129,15 @@ async def serve_handover(agent: Any, hsock: socket.socket, listen_sock: socket.s
     for rec in agent.envs.values():  # from here on only the successor reads these channels
         if rec.channel.transport is not None:
             rec.channel.transport.pause_reading()
+    tasks = agent.tasks.hand_over()  # the tasks' channels too
     listen_fd = os.dup(listen_sock.fileno())
     await server.close()  # stop accepting here; the duplicate keeps the socket listening
-    await asyncio.to_thread(_send, conn, agent, listen_fd)
+    await asyncio.to_thread(_send, conn, agent, listen_fd, tasks)
     done.set()
 
 
-def _send(conn: socket.socket, agent: Any, listen_fd: int) -> None:
+def _send(conn: socket.socket, agent: Any, listen_fd: int,
+          tasks: list[tuple[dict[str, Any], list[int]]] | None = None) -> None:
     try:
         send_message(conn, {"t": "listen"}, [listen_fd])
         n = 0
@@ -143,6 +155,8 @@ def _send(conn: socket.socket, agent: Any, listen_fd: int) -> None:
                    "extensions": rec.extensions, "guest_wire": rec.guest_wire}
             send_message(conn, doc, [sock.fileno()])
             n += 1
+        for doc, fds in tasks or []:
+            send_message(conn, doc, fds)
         network = getattr(agent, "network", None)
         if network is not None:
             send_message(conn, {"t": "network"}, [network.detach()])

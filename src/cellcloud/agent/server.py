@@ -443,7 +443,8 @@ class Agent:
         if len(self.envs) >= self.envs_max:
             raise OpError("AgentFull", f"{len(self.envs)} environments; the maximum is {self.envs_max}")
         memory_mb = req.function.memory_mb
-        committed = sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
+        committed = (sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
+                     + self.tasks.memory_committed_mb())
         if committed * 2**20 > self.oversubscription * self.memory_budget_bytes:
             raise OpError("AgentFull", f"{committed} MB configured would exceed "
                           f"{self.oversubscription}x the {self.memory_budget_bytes >> 20} MB budget")
@@ -1246,6 +1247,15 @@ class Agent:
     def free_slot(self, slot: int) -> None:
         self._free_slots.append(slot)
 
+    def reserve_slot(self, slot: int) -> None:
+        """An adopted process runs as this slot's uid: it is not handed out again."""
+        if slot in self._free_slots:
+            self._free_slots.remove(slot)
+        while self._next_slot <= slot:
+            if self._next_slot != slot:
+                self._free_slots.append(self._next_slot)
+            self._next_slot += 1
+
     def remove_cgroup_later(self, cg: cgroups.Cgroup) -> None:
         """A cgroup whose processes are still exiting: housekeeping removes it once empty."""
         self._zombie_cgroups.append(cg)
@@ -1312,7 +1322,9 @@ class Agent:
             if ticks % remeasure_interval_s == 0:
                 await self.remeasure()
             self._zombie_cgroups = [cg for cg in self._zombie_cgroups if not cg.destroy()]
-            self.memory_used_bytes = sum(r.cgroup.usage().memory_bytes for r in self.envs.values())
+            self.memory_used_bytes = (sum(r.cgroup.usage().memory_bytes
+                                          for r in self.envs.values())
+                                      + self.tasks.memory_used_bytes())
 
     def close(self, cgroups_wait_s: float = 5.0) -> None:
         """Stop for good: every environment is killed and its cgroup removed, then the agent's
@@ -1351,10 +1363,11 @@ async def serve(args: argparse.Namespace) -> None:
                     "limits (--allow-unlimited)", cgroups.ROOT)
     adopted: list[tuple[dict[str, Any], Any]] = []
     handed: dict[str, Any] = {}  # from a live update: the running network helper's channel
+    handed_tasks: list[tuple[dict[str, Any], list[int]]] = []
     listen_sock = None
     if args.adopt:
         # Live update: the previous agent process hands over its socket and environments.
-        listen_sock, adopted = handover.receive(args.adopt, handed)
+        listen_sock, adopted = handover.receive(args.adopt, handed, handed_tasks)
         log.warning("adopted %d environments from the previous agent process", len(adopted))
     else:
         swept = cgroups.sweep(group)
@@ -1412,6 +1425,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not args.no_lockdown:
         lockdown.lock_down()
     await agent.adopt(adopted)
+    await agent.tasks.adopt(handed_tasks)
     server = Server(agent.ops)
     agent.server_stats = server.stats
     host, port = await server.listen_tcp("", 0, sock=sock)

@@ -17,14 +17,16 @@ task manager from ``core/ecs_tasks.py``; this runner only does what it is told.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
 import re
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from .. import eventlog
 from ..core import messages as m
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from .server import Agent
 
 log = logging.getLogger("cellcloud.agent.tasks")
+W = TypeVar("W", bound="_Wire")
 
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CONTAINER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # ECS's container name pattern
@@ -58,6 +61,9 @@ class _Container:
     exited_ms: int | None = None
     pid: int = 0  # host pid of its guest
     run: int = 0  # which start this is (a late frame of an earlier run is not this one's)
+    reason: str = ""  # why it exited, in ECS's words, when the exit code does not say
+    cgroup: cgroups.Cgroup | None = None  # the task's (its OOM kills tell an OOM exit)
+    oom_base: int = 0  # the task cgroup's OOM kills when this run started
     transport: asyncio.BaseTransport | None = None
     started: asyncio.Future[dict[str, Any]] | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -118,10 +124,11 @@ class _ContainerChannel(asyncio.Protocol):
         self.runner, self.ctr, self.pid, self.slot = runner, ctr, pid, slot
         self.run = ctr.run
         self.reader = FrameReader(channel_frame_bytes_max)
+        self.handed_over = False  # live update: the successor reads this channel now
 
     def data_received(self, data: bytes) -> None:
         ctr = self.ctr
-        if ctr.run != self.run:
+        if ctr.run != self.run or self.handed_over:
             return  # an earlier run's last words: that run is over already
         try:
             for doc in self.reader.feed(data):
@@ -138,7 +145,10 @@ class _ContainerChannel(asyncio.Protocol):
                     if ctr.started is not None and not ctr.started.done():
                         ctr.started.set_result(doc)
                     if kind == "exit":
-                        self.runner._exited(ctr, doc.get("code"), doc.get("exited_ms"))
+                        error = doc.get("error")
+                        self.runner._exited(ctr, doc.get("code"), doc.get("exited_ms"),
+                                            f"CannotStartContainerError: {error}"
+                                            if isinstance(error, str) else "")
                 else:
                     raise ValueError(f"unknown frame {kind!r}")
         except Exception:  # noqa: BLE001 - a guest that writes garbage gets no second chance
@@ -148,6 +158,8 @@ class _ContainerChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The guest is gone (or going): its uid slot goes back; if this run had not
         reported its exit, it ended without one (killed: 137)."""
+        if self.handed_over:
+            return
         self.runner.agent.backend.kill(self.pid)
         self.runner.agent.free_slot(self.slot)
         if self.ctr.run == self.run:
@@ -159,32 +171,61 @@ def _refuse(why: str) -> OpError:
     return OpError("InvalidRequest", why)
 
 
+class _Wire(Protocol):
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self: ...
+
+
+def _parse(kind: type[W], body: Any) -> W:
+    """``body`` as a ``kind`` request, or ``InvalidRequest`` naming what is wrong."""
+    try:
+        return kind.from_wire(body)
+    except m.MessageError as e:
+        raise _refuse(str(e)) from e
+
+
 class TaskRunner:
     """The task ops of one agent (registered in ``Agent.ops``)."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.tasks: dict[str, _Task] = {}
+        self._creating: set[str] = set()  # task ids whose task_create is under way
         self._exec_ids = itertools.count(1)
         self.counters = {"tasks_created": 0, "tasks_destroyed": 0, "containers_started": 0,
                          "containers_exited": 0, "execs": 0}
 
+    def _admitting(self) -> Agent:
+        """The agent, unless it is being replaced (then new work is refused)."""
+        if self.agent.draining:
+            raise OpError("AgentDraining", "the agent is being replaced; retry")
+        return self.agent
+
     def memory_committed_mb(self) -> int:
+        """The tasks' configured memory (admission counts it with the functions')."""
         return sum(t.req.memory_mib for t in self.tasks.values())
+
+    def memory_used_bytes(self) -> int:
+        """The tasks' cgroups' charge (the agent's memory in use counts it)."""
+        return sum(t.cgroup.usage().memory_bytes for t in self.tasks.values()
+                   if t.cgroup.version)
 
     # -- ops --------------------------------------------------------------------------------
     async def task_create(self, body: dict[str, Any]) -> dict[str, Any]:
-        agent = self.agent
-        if agent.draining:
-            raise OpError("AgentDraining", "the agent is being replaced; retry")
-        try:
-            req = m.TaskCreateRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        self._admitting()
+        req = _parse(m.TaskCreateRequest, body)
         self._check(req)
-        if req.task_id in self.tasks:
+        if req.task_id in self.tasks or req.task_id in self._creating:
             raise OpError("TaskExists", req.task_id)
-        if len(self.tasks) >= DEFAULT_LIMITS.agent_tasks_max:
+        self._creating.add(req.task_id)
+        try:
+            return await self._create(req)
+        finally:
+            self._creating.discard(req.task_id)
+
+    async def _create(self, req: m.TaskCreateRequest) -> dict[str, Any]:
+        agent = self.agent
+        if len(self.tasks) + len(self._creating) > DEFAULT_LIMITS.agent_tasks_max:
             raise OpError("AgentFull", f"{len(self.tasks)} tasks; the maximum is "
                           f"{DEFAULT_LIMITS.agent_tasks_max}")
         committed = (sum(r.spec.memory_mb for r in agent.envs.values())
@@ -222,8 +263,10 @@ class TaskRunner:
                 raise OpError("TaskCreateFailed", f"no cgroup hierarchy at {cgroups.ROOT}: the "
                               "task's cpu and memory cannot be enforced")
             if agent.network is not None and req.network != "none":
+                ingress = [f"{p.protocol}:{p.container_port}"
+                           for c in req.containers for p in c.port_mappings]
                 lease = await asyncio.to_thread(agent.network.acquire, f"task-{req.task_id}",
-                                                list(req.net_allow))
+                                                list(req.net_allow), ingress)
                 netns_fd, info = lease.netns_fd, lease.info
             else:
                 netns_fd = await asyncio.to_thread(linux.new_netns_fd)
@@ -243,13 +286,8 @@ class TaskRunner:
         return m.TaskCreateReply(req.task_id, str(info.get("address") or "")).to_wire()
 
     async def container_start(self, body: dict[str, Any]) -> dict[str, Any]:
-        agent = self.agent
-        if agent.draining:
-            raise OpError("AgentDraining", "the agent is being replaced; retry")
-        try:
-            req = m.TaskContainerRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        agent = self._admitting()
+        req = _parse(m.TaskContainerRequest, body)
         task, ctr = self._find(req.task_id, req.container)
         if ctr.state == "running":
             raise OpError("ContainerRunning", f"{req.container} is running")
@@ -268,17 +306,29 @@ class TaskRunner:
             image_workdir=c.workdir, image_env=dict(c.env), network=dict(task.network),
             guest="container", cgroup_name=os.path.basename(task.cgroup.rel),
             hostname=task.req.hostname or req.task_id[:63])
-        ctr.state, ctr.exit_code, ctr.exited_ms = "running", None, None
+        ctr.state, ctr.exit_code, ctr.exited_ms, ctr.reason = "running", None, None, ""
+        ctr.cgroup = task.cgroup if task.cgroup.version else None
+        ctr.oom_base = ctr.cgroup.usage().oom_kills if ctr.cgroup else 0
         ctr.run += 1
         ctr.exited = asyncio.Event()
         ctr.started = asyncio.get_running_loop().create_future()
+        # A copy of the namespace's fd for the spawn: a task_destroy meanwhile closes the
+        # task's, and its number must not come to name another namespace under the spawn.
+        netns_fd = os.dup(task.netns_fd)
         try:
-            spawned = await agent.backend.spawn(spec, netns_fd=task.netns_fd)
+            spawned = await agent.backend.spawn(spec, netns_fd=netns_fd)
         except Exception as e:
             agent.free_slot(slot)
             self._exited(ctr, None, None)
             raise OpError("ContainerStartFailed", str(e)) from e
+        finally:
+            os.close(netns_fd)
         ctr.pid = spawned.pid
+        if self.tasks.get(req.task_id) is not task:  # destroyed while it was being spawned
+            agent.backend.kill(spawned.pid)
+            spawned.channel.close()
+            agent.free_slot(slot)
+            raise OpError("TaskNotFound", req.task_id)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.connect_accepted_socket(
             lambda: _ContainerChannel(self, ctr, spawned.pid, slot), spawned.channel)
@@ -302,10 +352,7 @@ class TaskRunner:
         return m.TaskContainerStartReply(spawned.pid).to_wire()
 
     async def container_stop(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            req = m.TaskContainerStopRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        req = _parse(m.TaskContainerStopRequest, body)
         if not 0 <= req.grace_s <= DEFAULT_LIMITS.task_stop_grace_s_max:
             raise _refuse(f"grace_s must be 0 to {DEFAULT_LIMITS.task_stop_grace_s_max}")
         _, ctr = self._find(req.task_id, req.container)
@@ -321,12 +368,11 @@ class TaskRunner:
         return m.TaskContainerStopReply(ctr.exit_code).to_wire()
 
     async def task_exec(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            req = m.TaskExecRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        req = _parse(m.TaskExecRequest, body)
         if not req.command:
             raise _refuse("command must name a program")
+        if sum(len(a.encode()) for a in req.command) > DEFAULT_LIMITS.task_exec_command_bytes_max:
+            raise _refuse(f"command over {DEFAULT_LIMITS.task_exec_command_bytes_max} bytes")
         if not 0 < req.timeout_s <= DEFAULT_LIMITS.task_exec_timeout_s_max:
             raise _refuse(f"timeout_s must be over 0 and at most "
                           f"{DEFAULT_LIMITS.task_exec_timeout_s_max}")
@@ -353,16 +399,13 @@ class TaskRunner:
             else b"", bool(doc.get("timed_out")), str(doc.get("error") or "")).to_wire()
 
     async def task_poll(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            req = m.TaskPollRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        req = _parse(m.TaskPollRequest, body)
         task = self._task(req.task_id)
         budget = DEFAULT_LIMITS.task_poll_log_bytes_max
         states, logs, cursors, dropped = {}, {}, {}, {}
         for name, ctr in task.containers.items():
             states[name] = m.TaskContainerState(ctr.state, ctr.exit_code, ctr.started_ms,
-                                                ctr.exited_ms)
+                                                ctr.exited_ms, ctr.reason)
             lines, cursors[name], used = ctr.lines_after(req.logs_after.get(name, 0), budget)
             budget = max(0, budget - used)
             if lines:
@@ -371,13 +414,10 @@ class TaskRunner:
                 dropped[name] = ctr.dropped
         usage = task.cgroup.usage() if task.cgroup.version else cgroups.Usage()
         return m.TaskPollReply(states, logs, cursors, usage.cpu_ns, usage.memory_bytes,
-                               dropped).to_wire()
+                               dropped, usage.oom_kills).to_wire()
 
     async def task_destroy(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            req = m.TaskDestroyRequest.from_wire(body)
-        except m.MessageError as e:
-            raise _refuse(str(e)) from e
+        req = _parse(m.TaskDestroyRequest, body)
         task = self.tasks.pop(req.task_id, None)
         if task is None:
             return m.TaskDestroyReply(False).to_wire()
@@ -450,12 +490,16 @@ class TaskRunner:
         if ctr.transport is not None and not ctr.transport.is_closing():
             ctr.transport.write(pack(doc))  # type: ignore[attr-defined]
 
-    def _exited(self, ctr: _Container, code: Any, exited_ms: Any) -> None:
+    def _exited(self, ctr: _Container, code: Any, exited_ms: Any, reason: str = "") -> None:
         """The container's process ended (``code`` None: unknown, its guest died: 137)."""
         if ctr.state != "running":
             return
         ctr.state = "exited"
         ctr.exit_code = code if isinstance(code, int) else 137
+        if (not reason and ctr.exit_code == 137 and ctr.cgroup is not None
+                and ctr.cgroup.usage().oom_kills > ctr.oom_base):
+            reason = "OutOfMemoryError: Container killed due to memory usage"
+        ctr.reason = reason
         ctr.exited_ms = exited_ms if isinstance(exited_ms, int) else int(time.time() * 1000)
         ctr.exited.set()
         self.counters["containers_exited"] += 1
@@ -490,6 +534,76 @@ class TaskRunner:
         task.holds = []
         log.info("task %s destroyed", task.req.task_id,
                  extra=eventlog.fields(event="task_destroyed", task=task.req.task_id))
+
+    # -- live update (handover.py) ------------------------------------------------------------
+    def hand_over(self) -> list[tuple[dict[str, Any], list[int]]]:
+        """Each task's record and its fds (the network namespace first, then the channel of
+        each running container), for the successor; from here on this process neither reads
+        those channels nor ends anything of the tasks (it exits soon). Log lines not yet
+        polled stay behind (counted in ``logs_dropped`` there)."""
+        out = []
+        for task in list(self.tasks.values()):
+            fds = [task.netns_fd]
+            containers: dict[str, Any] = {}
+            for name, ctr in task.containers.items():
+                doc: dict[str, Any] = {
+                    "state": ctr.state, "exit_code": ctr.exit_code, "reason": ctr.reason,
+                    "started_ms": ctr.started_ms, "exited_ms": ctr.exited_ms, "pid": ctr.pid,
+                    "run": ctr.run, "oom_base": ctr.oom_base, "next_seq": ctr.next_seq,
+                    "dropped": ctr.dropped + len(ctr.logs)}
+                proto = ctr.transport.get_protocol() if ctr.transport is not None else None
+                sock = (ctr.transport.get_extra_info("socket")
+                        if ctr.transport is not None else None)
+                if ctr.state == "running" and isinstance(proto, _ContainerChannel) \
+                        and sock is not None:
+                    proto.handed_over = True
+                    if isinstance(ctr.transport, asyncio.ReadTransport):
+                        ctr.transport.pause_reading()
+                    doc.update(fd=len(fds), slot=proto.slot)
+                    fds.append(sock.fileno())
+                containers[name] = doc
+            out.append(({"t": "task", "req": task.req.to_wire(), "network": task.network,
+                         "cgroup": os.path.basename(task.cgroup.rel),
+                         "containers": containers}, fds))
+        return out
+
+    async def adopt(self, handed: list[tuple[dict[str, Any], list[int]]]) -> int:
+        """The successor's side: take over the tasks a predecessor handed over."""
+        loop = asyncio.get_running_loop()
+        agent = self.agent
+        for doc, fds in handed:
+            req = m.TaskCreateRequest.from_wire(doc["req"])
+            cg = cgroups.Cgroup(agent.cgroup_group, str(doc["cgroup"]))
+            task = _Task(req, {c.name: _Container(c) for c in req.containers}, cg, fds[0],
+                         dict(doc.get("network") or {}), [])
+            for c in req.containers:
+                holder = f"task:{req.task_id}/{c.name}"
+                agent.images.adopt(holder, [agent.images.layer_dir(d) for d in c.image_layers])
+                task.holds.append(holder)
+            self.tasks[req.task_id] = task
+            for name, cdoc in doc["containers"].items():
+                ctr = task.containers[name]
+                ctr.exit_code, ctr.reason = cdoc["exit_code"], str(cdoc["reason"])
+                ctr.started_ms, ctr.exited_ms = cdoc["started_ms"], cdoc["exited_ms"]
+                ctr.pid, ctr.run = int(cdoc["pid"]), int(cdoc["run"])
+                ctr.oom_base = int(cdoc["oom_base"])
+                ctr.next_seq, ctr.dropped = int(cdoc["next_seq"]), int(cdoc["dropped"])
+                ctr.cgroup = cg if cg.version else None
+                fd = cdoc.get("fd")
+                if cdoc["state"] == "running" and isinstance(fd, int) and 0 < fd < len(fds):
+                    slot = int(cdoc["slot"])
+                    agent.reserve_slot(slot)
+                    ctr.state = "running"
+                    ctr.exited = asyncio.Event()
+                    sock = socket.socket(fileno=fds[fd])
+                    ctr.transport, _ = await loop.connect_accepted_socket(
+                        functools.partial(_ContainerChannel, self, ctr, ctr.pid, slot), sock)
+                elif cdoc["state"] == "running":  # its channel did not come: it is lost
+                    ctr.state = "running"
+                    self._exited(ctr, None, None)
+                else:
+                    ctr.state = str(cdoc["state"])
+        return len(handed)
 
     def summary(self) -> list[dict[str, Any]]:
         """``status``'s view: each task and its containers' states."""

@@ -208,6 +208,7 @@ class Limits:
     task_poll_log_bytes_max: int = 1 * MiB  # log lines one task_poll answer carries
     task_exec_output_bytes_max: int = 64 * 1024  # a health check's output kept (the rest cut)
     task_exec_timeout_s_max: int = 120  # a health check's timeout (ECS's healthCheck: 60)
+    task_exec_command_bytes_max: int = 64 * 1024  # a health check's argv, all together
     task_stop_grace_s_max: int = 120  # SIGTERM to SIGKILL (ECS's stopTimeout: 120)
     # The ECS API in the control plane (control/ecs.py): what one account keeps in the region's
     # configuration store (each list stays far below the store's config_list_max).

@@ -609,10 +609,15 @@ class TaskContainerState:
     exit_code: int | None = None  # exited: its status (killed by a signal: 128 + signal)
     started_ms: int | None = None  # wall clock (ms since the epoch)
     exited_ms: int | None = None
+    # Why it exited, when the platform knows better than the exit code, in ECS's words:
+    # "OutOfMemoryError: Container killed due to memory usage", "CannotStartContainerError:
+    # …" (its program could not be started); "": none.
+    reason: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return {"state": self.state, "exit_code": self.exit_code,
-                "started_ms": self.started_ms, "exited_ms": self.exited_ms}
+                "started_ms": self.started_ms, "exited_ms": self.exited_ms,
+                "reason": self.reason}
 
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
@@ -620,7 +625,8 @@ class TaskContainerState:
         return cls(state=_get(doc, "state", str, k),
                    exit_code=_get(doc, "exit_code", int, k, None, nullable=True),
                    started_ms=_get(doc, "started_ms", int, k, None, nullable=True),
-                   exited_ms=_get(doc, "exited_ms", int, k, None, nullable=True))
+                   exited_ms=_get(doc, "exited_ms", int, k, None, nullable=True),
+                   reason=_get(doc, "reason", str, k, ""))
 
 
 @dataclass(frozen=True)
@@ -647,12 +653,14 @@ class TaskPollReply:
     cpu_usage_ns: int = 0  # the task's cgroup, all its containers together
     memory_bytes: int = 0  # the task's cgroup's current charge
     logs_dropped: dict[str, int] = field(default_factory=dict)  # lines lost past the buffer
+    oom_kills: int = 0  # processes the kernel killed for the task's memory limit, so far
 
     def to_wire(self) -> dict[str, Any]:
         return {"containers": {n: c.to_wire() for n, c in self.containers.items()},
                 "logs": {n: [ln.to_wire() for ln in lines] for n, lines in self.logs.items()},
                 "cursors": dict(self.cursors), "cpu_usage_ns": self.cpu_usage_ns,
-                "memory_bytes": self.memory_bytes, "logs_dropped": dict(self.logs_dropped)}
+                "memory_bytes": self.memory_bytes, "logs_dropped": dict(self.logs_dropped),
+                "oom_kills": self.oom_kills}
 
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
@@ -666,7 +674,8 @@ class TaskPollReply:
                    cursors=_int_map(doc, "cursors", k),
                    cpu_usage_ns=_get(doc, "cpu_usage_ns", int, k, 0),
                    memory_bytes=_get(doc, "memory_bytes", int, k, 0),
-                   logs_dropped=_int_map(doc, "logs_dropped", k))
+                   logs_dropped=_int_map(doc, "logs_dropped", k),
+                   oom_kills=_get(doc, "oom_kills", int, k, 0))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,11 @@ class CloneError(Exception):
 
 
 def export_tenant(cell: Any, account: str) -> dict[str, Any]:
+    tasks = getattr(cell, "tasks", None)
+    running = tasks.store.active_count(account) if tasks is not None else 0
+    if running:  # refused before anything moves: the migration is aborted, nothing is lost
+        raise CloneError(f"the tenant has {running} ECS tasks not yet STOPPED: stop them "
+                         "first (tasks do not move between cells yet)")
     store = cell.store
     limits = cell.limits
     recs: list[FunctionRecord] = store.list_page(account, "", functions_per_tenant_export_max + 1)

@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS run_tokens (
 _CONTAINER_KEYS = td.CONTAINER_FIELDS
 _TASK_KEYS = td.TASK_FIELDS - {"tags"}
 _layer_pushes_max = 2  # per layer and create: once, and once more if the agent forgot it
+_FULL = frozenset({"AgentFull", "HostMemoryExhausted"})  # task_create: try another agent
 
 
 class TaskStore:
@@ -183,6 +184,23 @@ def task_definition_of(desc: dict[str, Any], overrides: list[dict[str, Any]]
     doc = {k: v for k, v in desc.items() if k in _TASK_KEYS}
     doc["containerDefinitions"] = containers
     return td.validate_task_definition(doc), doc
+
+
+def check_runnable(task_def: td.TaskDefinition) -> None:
+    """What a registered definition may say that a task here cannot honour yet: refused by
+    name at RunTask (ClientException), never run without it."""
+    for c in task_def.containers:
+        if c.user:
+            raise EcsError("ClientException", f"Container {c.name}: user is not supported for "
+                           "tasks by cellcloud yet (each container runs as its own "
+                           "unprivileged uid)")
+        if c.log_driver and c.log_driver != "awslogs":
+            raise EcsError("ClientException", f"Container {c.name}: log driver "
+                           f"{c.log_driver} is not supported for tasks by cellcloud (awslogs "
+                           "only)")
+        if c.log_driver == "awslogs" and not dict(c.log_options).get("awslogs-group"):
+            raise EcsError("ClientException", f"Container {c.name}: the awslogs log driver "
+                           "needs the awslogs-group option")
 
 
 def _argv(spec: td.Container, image: dict[str, Any]) -> list[str]:
@@ -334,6 +352,7 @@ class TaskManager:
         desc = body["taskDefinition"]
         overrides = list(body.get("containerOverrides") or [])
         task_def, def_doc = task_definition_of(desc, overrides)
+        check_runnable(task_def)
         cluster = str(body["cluster"])
         count = int(body.get("count", 1))
         token = str(body.get("clientToken") or "")
@@ -502,6 +521,7 @@ class TaskManager:
                                    hostname=rec["hostname"]).to_wire()
         timeout_s = self.limits.agent_call_timeout_ms / 1000
         pushes: dict[str, int] = {}
+        full: set[str] = set()  # agents of the shard that answered they are full
         try:
             while True:
                 try:
@@ -509,6 +529,9 @@ class TaskManager:
                         live, "task_create", body, self.limits.env_create_timeout_ms / 1000))
                     break
                 except RemoteError as e:
+                    if e.type in _FULL and self._replace(live, full):
+                        pushes.clear()  # the next agent's layers are its own
+                        continue
                     digest = str(e.data.get("digest", ""))
                     if e.type != "LayerMissing" or pushes.get(digest, 0) >= _layer_pushes_max:
                         raise
@@ -521,7 +544,7 @@ class TaskManager:
                                                            account, holder, digest, timeout_s)
                     self.counters["layers_pushed"] += 1
         except (RemoteError, TransportError, LambdaError, m.MessageError) as e:
-            message = e.message if isinstance(e, RemoteError | LambdaError) else str(e)
+            message = e.message if isinstance(e, LambdaError) else str(e)  # "Type: message"
             self._feed(live, et.ProvisionFailed(
                 f"ResourceInitializationError: the task's environment could not be made "
                 f"on its host: {message}"))
@@ -530,6 +553,26 @@ class TaskManager:
         rec["pull_stopped_ms"] = rec["connectivity_ms"] = self.now_ms()
         self._feed(live, et.Provisioned())
         await self._poll_loop(live)
+
+    def _replace(self, live: Live, full: set[str]) -> bool:
+        """Its agent is full (what placement did not know: the agent's own task cap, its
+        host's memory): the task moves to another agent of its shard, if one has room."""
+        rec = live.rec
+        full.add(rec["agent_id"])
+        placement = self.cell.placement
+        placement.release_task(rec["id"])
+        shard = [a for a in self.cell.shard_of(f"{rec['account']}/ecs/{rec['cluster']}")
+                 if a not in full]
+        placed = placement.place_task(rec["id"], rec["memory"], rec["cpu"],
+                                      self.limits.ecs_task_cpu_units_per_agent_max, shard)
+        if isinstance(placed, NoRoom):
+            placement.hold_task(rec["id"], rec["agent_id"], rec["memory"], rec["cpu"])
+            return False  # released again by the Release that follows the failure
+        log.info("task %s: agent %s is full; placed on %s", rec["id"], rec["agent_id"],
+                 placed.agent_id)
+        rec["agent_id"] = placed.agent_id
+        self.store.put(rec)
+        return True
 
     async def _start(self, live: Live, name: str) -> None:
         try:
@@ -569,6 +612,16 @@ class TaskManager:
         self._feed(live, et.HealthResult(name, ok))
 
     async def _release(self, live: Live) -> None:
+        # The containers' last lines (written after the last poll) are filed before the
+        # task's environment, and the agent's buffer of them, goes.
+        if live.task.started_ms is not None or live.rec.get("private_ipv4"):
+            try:
+                last = m.TaskPollReply.from_wire(await self._call(
+                    live, "task_poll",
+                    m.TaskPollRequest(live.rec["id"], live.cursors).to_wire()))
+                self._file_logs(live, last.logs)
+            except (RemoteError, TransportError, m.MessageError):
+                pass  # its host is gone, or it was never made: nothing more to file
         try:
             await self._call(live, "task_destroy",
                              m.TaskDestroyRequest(live.rec["id"]).to_wire())
@@ -606,13 +659,16 @@ class TaskManager:
             return
         live.poll_failures = 0
         self._file_logs(live, reply.logs)
-        live.cursors = {**live.cursors, **reply.cursors}
+        cursors = {**live.cursors, **reply.cursors}
+        if cursors != live.cursors:  # kept, so a restarted frontend files no line twice
+            live.cursors = live.rec["cursors"] = cursors
+            self.store.put(live.rec)
         for name, st in reply.containers.items():
             c = live.task.containers.get(name)
             if c is None or c.status != "RUNNING":
                 continue
             if st.state == "exited" or st.exited_ms is not None:
-                self._feed(live, et.ContainerExited(name, st.exit_code))
+                self._feed(live, et.ContainerExited(name, st.exit_code, st.reason))
         self._feed(live, et.Tick())
 
     def _lost(self, live: Live, reason: str) -> None:

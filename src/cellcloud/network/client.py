@@ -108,12 +108,17 @@ class NetHelperClient:
             raise RuntimeError(str(doc["error"]))
         return doc, fds
 
-    def acquire(self, env_id: str, allow: list[str] | None = None) -> Lease:
+    def acquire(self, env_id: str, allow: list[str] | None = None,
+                ingress: list[str] | None = None) -> Lease:
         """A wired namespace for ``env_id``; ``allow`` ("CIDR:port" entries): its interface may
-        reach only those (plus the resolver), still minus everything the policy denies."""
+        reach only those (plus the resolver), still minus everything the policy denies.
+        ``ingress`` ("tcp:8080" entries; a task's): the host may open connections to its
+        address on those ports only."""
         msg: dict[str, Any] = {"op": "acquire", "env_id": env_id}
         if allow:
             msg["allow"] = list(allow)
+        if ingress is not None:
+            msg["ingress"] = list(ingress)
         doc, fds = self._call(msg)
         if len(fds) != 1:
             for fd in fds:

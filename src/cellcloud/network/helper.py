@@ -317,6 +317,7 @@ class Helper:
         self.dns: DnsForwarder | None = None
         self.netns_fds: dict[int, int] = {}  # slot -> its namespace, until acquired
         self.admitted: set[int] = set()  # slots whose chain and map entries exist
+        self.ingress: dict[int, tuple[tuple[str, int], ...]] = {}  # a task's slot: its ports
         self.counters = {"acquired": 0, "released": 0, "made": 0, "made_on_demand": 0}
         self.ready_doc: dict[str, Any] = {}
         self.torn_down = False
@@ -437,7 +438,8 @@ class Helper:
             nft(P.slot_refresh(self.plan, slot))
         self.free.append(slot)  # at the end: an address is reused as late as possible
 
-    def acquire(self, env_id: str, allow: tuple[tuple[str, int], ...] = ()) -> tuple[int, int]:
+    def acquire(self, env_id: str, allow: tuple[tuple[str, int], ...] = (),
+                ingress: tuple[tuple[str, int], ...] | None = None) -> tuple[int, int]:
         """Returns the slot and its namespace's fd, which the caller sends and closes: from
         then on only the environment holds the namespace. ``allow``: the environment's
         allow-list, added to its slot's chain (a released slot's chain is rebuilt without it)."""
@@ -451,18 +453,24 @@ class Helper:
             self.counters["made_on_demand"] += 1
         self.leased[env_id] = slot
         fd = self.netns_fds.pop(slot)
-        if allow:
-            try:
+        try:
+            if allow:
                 nft(P.slot_allow(self.plan, slot, allow))
-            except BaseException:
-                os.close(fd)
-                self.release(env_id)
-                raise
+            if ingress is not None:  # a task: the host reaches its mapped ports only
+                nft(P.slot_ingress(self.plan, slot, ingress))
+                self.ingress[slot] = ingress
+        except BaseException:
+            os.close(fd)
+            self.release(env_id)
+            raise
         self.counters["acquired"] += 1
         return slot, fd
 
     def release(self, env_id: str) -> None:
         slot = self.leased.pop(env_id, None)
+        ingress = self.ingress.pop(slot, None) if slot is not None else None
+        if slot is not None and ingress is not None:
+            nft(P.slot_ingress(self.plan, slot, ingress, add=False))
         if slot is not None:
             with self._destroying_lock:
                 self._destroying += 1
@@ -490,7 +498,9 @@ class Helper:
         op = msg.get("op")
         if op == "acquire":
             allow = tuple(P.parse_allow(str(a)) for a in msg.get("allow") or ())
-            slot, fd = self.acquire(str(msg["env_id"]), allow)
+            ingress = (None if msg.get("ingress") is None else
+                       tuple(P.parse_ingress(str(e)) for e in msg["ingress"]))
+            slot, fd = self.acquire(str(msg["env_id"]), allow, ingress)
             info = self.plan.env_info(slot)
             if allow:
                 info["allow"] = [f"{c}:{port}" for c, port in allow]

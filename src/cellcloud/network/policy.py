@@ -21,6 +21,8 @@ Enforced on the host, outside every environment (its veth peer is all it has):
 - no east-west traffic: frames between two bridge ports are dropped (layer 2), and a routed
   packet to another agent's environment is in the pool (layer 3);
 - no ingress: only replies (``ct state established,related``) are forwarded to an environment;
+  from the host itself, a task's address (``slot_ingress``) may be opened on its mapped ports
+  only (other environments listen on nothing the platform relies on);
 - exactly one resolver address (the bridge's), port 53 (UDP and TCP), served by the helper's
   forwarder;
 - anti-spoofing: a bridge port may only send IPv4 and ARP from its own address;
@@ -236,6 +238,10 @@ def ruleset(plan: Plan) -> str:
         "  set denied4 { type ipv4_addr; flags interval; elements = { " + denied + " } }",
         "  map env_tx { type ipv4_addr : verdict; }",
         "  map env_rx { type ipv4_addr : counter; }",
+        # Tasks (agent/tasks.py): the host (its router included) may open connections to a
+        # task's address on its mapped ports only; other environments are not limited here.
+        "  set ingress_limited { type ipv4_addr; }",
+        "  set ingress_open { type ipv4_addr . inet_proto . inet_service; }",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
         # The one resolver: the bridge's address, UDP 53, served by the helper's forwarder.
@@ -248,6 +254,15 @@ def ruleset(plan: Plan) -> str:
         "    type filter hook forward priority filter; policy accept;",
         f'    iifname "{br}" jump from_env',
         f'    oifname "{br}" jump to_env',
+        "  }",
+        "  chain output {",
+        "    type filter hook output priority filter; policy accept;",
+        f'    oifname "{br}" ip daddr @ingress_limited jump host_to_task',
+        "  }",
+        "  chain host_to_task {",
+        "    ct state established,related accept",
+        "    ip daddr . meta l4proto . th dport @ingress_open accept",
+        f"    {REJECT}",
         "  }",
         "  chain from_env {",
         "    ip saddr vmap @env_tx",  # the environment's own chain: counters, rate limits
@@ -351,6 +366,27 @@ def slot_allow(plan: Plan, slot: int, allow: tuple[tuple[str, int], ...]) -> str
           f"th dport {port} return" for cidr, port in allow),
         f"add rule inet {t} {c} {REJECT}",
     ]) + "\n"
+
+
+def parse_ingress(entry: str) -> tuple[str, int]:
+    """An ingress entry "tcp:8080" as ("tcp", 8080)."""
+    proto, sep, port = entry.partition(":")
+    if not sep or proto not in ("tcp", "udp") or not port.isdigit() \
+            or not 1 <= int(port) <= 65535:
+        raise PolicyError(f"ingress entry {entry!r}: tcp|udp:port")
+    return proto, int(port)
+
+
+def slot_ingress(plan: Plan, slot: int, ports: tuple[tuple[str, int], ...],
+                 add: bool = True) -> str:
+    """A task's slot: the host may open connections to its address on ``ports`` only (a
+    task without ports: on none). ``add=False``: the same elements removed (on release)."""
+    t, addr, verb = plan.table, plan.address(slot), "add" if add else "delete"
+    lines = [f"{verb} element inet {t} ingress_limited {{ {addr} }}"]
+    if ports:
+        lines.append(f"{verb} element inet {t} ingress_open {{ "
+                     + ", ".join(f"{addr} . {proto} . {port}" for proto, port in ports) + " }")
+    return "\n".join(lines) + "\n"
 
 
 def slot_refresh(plan: Plan, slot: int) -> str:
