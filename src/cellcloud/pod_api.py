@@ -41,8 +41,8 @@ STATUS_CODES = {"BadRequest": 400, "NotFound": 404, "MethodNotAllowed": 405,
                 "RequestEntityTooLarge": 413}
 
 LOG_OPTIONS = {"container", "follow", "previous", "stream", "tailLines", "limitBytes",
-               "sinceSeconds", "sinceTime", "timestamps", "pretty",
-               "insecureSkipTLSVerifyBackend"}  # the last two: nothing to act on here
+               "sinceSeconds", "sinceTime", "timestamps", "timeout", "pretty",
+               "insecureSkipTLSVerifyBackend"}  # the last three: nothing to act on here
 Reply = tuple[int, str, bytes, list[str]]  # status, content type, body, Warning headers
 
 

@@ -174,7 +174,8 @@ def test_log_options_are_honoured_or_refused_by_name(api: Any) -> None:
         "nextForwardToken": "f"}, want)
     lg.add_response("get_log_events", {"events": [], "nextForwardToken": "f"},
                     {**want, "nextToken": "f"})
-    status, text, _ = _call(a, "GET", base + "&sinceSeconds=60&tailLines=2&timestamps=true")
+    status, text, _ = _call(a, "GET", base + "&sinceSeconds=60&tailLines=2&timestamps=true"
+                                        "&timeout=32s")
     assert text == "1970-01-01T00:01:40.001000Z line 1\n1970-01-01T00:01:40.002000Z line 2\n"
     _running(e)
     lg.add_response("get_log_events", {"events": [{"timestamp": 1, "message": "abcdef"}],
