@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import ipaddress
 import json
 import sys
 import threading
@@ -296,13 +297,23 @@ def serve(api: KubeApi, host: str, port: int,
 
 def api_cmd(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port)")] = 8001,
-    address: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    address: Annotated[str, typer.Option(help="Address to listen on (an IP address; keep it "
+                                         "loopback: the API acts as the tenant)")] = "127.0.0.1",
     state_dir: StateDir = None, tenant: Tenant = None,
 ) -> None:
     """Serve enough of the Kubernetes API for kubectl (apply -f, get pods, logs, delete pod)
     on this machine, as `kubectl proxy` does: kubectl --server http://127.0.0.1:8001 …"""
     def go() -> None:
+        try:
+            loopback = ipaddress.ip_address(address).is_loopback
+        except ValueError:
+            raise PodCliError(f"--address {address!r}: an IP address, such as 127.0.0.1") \
+                from None
         client = connect(state_dir, tenant)
+        if not loopback:
+            sys.stderr.write(f"WARNING: {address} is not a loopback address; the API has no "
+                             "authentication of its own, so whoever reaches it acts as this "
+                             "tenant\n")
 
         def ready(bound: int) -> None:
             sys.stdout.write(f"Serving the Kubernetes API for Pods on http://{address}:{bound}"

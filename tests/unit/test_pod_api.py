@@ -182,3 +182,11 @@ def test_log_options_are_honoured_or_refused_by_name(api: Any) -> None:
                                        "nextForwardToken": "f"}, None)
     lg.add_response("get_log_events", {"events": [], "nextForwardToken": "f"}, None)
     assert _call(a, "GET", base + "&limitBytes=3")[1] == "abc"
+
+
+def test_the_gateway_listens_on_an_ip_address_only() -> None:
+    from typer.testing import CliRunner
+
+    from cellcloud.cli import app
+    out = CliRunner().invoke(app, ["pod", "api", "--address", "localhost"])
+    assert out.exit_code == 1 and "an IP address, such as 127.0.0.1" in out.output
