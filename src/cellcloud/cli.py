@@ -746,6 +746,11 @@ def _mount_subcommands() -> None:
     from .microvm_cli import app as microvm_app
 
     app.add_typer(microvm_app, name="microvm")
+    from .pod_api import api_cmd
+    from .pod_cli import app as pod_app
+
+    pod_app.command("api")(api_cmd)
+    app.add_typer(pod_app, name="pod")
 
 
 _mount_subcommands()

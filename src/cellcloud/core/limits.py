@@ -221,6 +221,11 @@ class Limits:
     ecs_clusters_per_tenant_max: int = 100
     ecs_task_definitions_per_tenant_max: int = 1_000  # revisions kept, ACTIVE or INACTIVE
     ecs_cas_attempts_max: int = 8  # a change that keeps losing its compare-and-set
+    # Pod manifests (core/pod.py, `cellcloud pod`): one manifest file, and a Kubernetes
+    # quantity's text and decimal exponent (so no quantity costs a huge exact integer).
+    pod_manifest_bytes_max: int = 1024 * 1024
+    k8s_quantity_chars_max: int = 64
+    k8s_quantity_exponent_max: int = 30
     # ECS tasks in a cell (frontend/tasks.py): docs/fargate.md.
     ecs_tasks_per_tenant_max: int = 100  # tasks of one account not yet STOPPED, in its cell
     ecs_stopped_task_retention_ms: int = 3_600_000  # a STOPPED task stays described (ECS: ~1 h)
