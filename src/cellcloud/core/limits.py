@@ -256,6 +256,7 @@ class Limits:
     microvm_boot_timeout_ms: int = 120_000
     microvm_console_bytes_max: int = 1 * MiB
     microvm_image_input_bytes_max: int = 256 * MiB
+    microvm_runtime_disk_bytes_max: int = 512 * MiB
 
 
 DEFAULT_LIMITS = Limits()
