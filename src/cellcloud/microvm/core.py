@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..core.limits import DEFAULT_LIMITS
+
 # Bump when the image's layout or /init changes meaning: it is part of every image's digest.
 IMAGE_FORMAT = "cellcloud-microvm-image/1"
 
@@ -384,7 +386,8 @@ def agent_kernel_cmdline(spec: VmSpec, *, console: bool) -> str:
 
 
 def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtime_disk: str,
-                    bundle_disk: str, chan_fd: int, console: str = "") -> list[str]:
+                    bundle_disk: str, chan_fd: int, console: str = "",
+                    tcg_cache_mib: int = DEFAULT_LIMITS.microvm_tcg_cache_mib) -> list[str]:
     """QEMU for one environment: no default devices, no network, no display or monitor; the
     runtime disk and the bundle as read-only virtio block devices, the channel as a
     virtserialport whose host end is ``chan_fd`` (a connected socket the host created: QEMU
@@ -392,13 +395,15 @@ def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtim
     mmio = spec.machine == "microvm"
     blk = "virtio-blk-device" if mmio else "virtio-blk-pci"
     serial = "virtio-serial-device" if mmio else "virtio-serial-pci"
+    # Under TCG the translation cache is QEMU's biggest allocation (1 GiB by default).
+    accel = f"tcg,tb-size={tcg_cache_mib}" if spec.accel == "tcg" else spec.accel
     return [
         qemu,
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
         "-monitor", "none",
-        "-accel", spec.accel,
+        "-accel", accel,
         "-M", spec.machine,
         "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),
