@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import NoReturn
 
 from ..core.limits import DEFAULT_LIMITS
 from ..sandbox import linux
@@ -48,10 +49,9 @@ def find_port(name: str) -> str | None:
     return None
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     sys.stderr.write(f"cellcloud-guest: {msg}\n")
-    sys.stderr.flush()
-    os._exit(1)
+    sys.exit(1)  # /init powers the guest off; the host sees the channel close
 
 
 def main(argv: list[str]) -> None:
