@@ -28,10 +28,14 @@ pytestmark = [
                        is None, reason="no Debian cloud kernel (scripts/setup.sh)"),
 ]
 
-UNAME = ('import os\n'
+UNAME = ('import os, resource\n'
          'def handler(event, context):\n'
+         '    open("/tmp/x", "w").write("tmp is writable")\n'
          '    return {"release": os.uname().release, "sum": sum(range(event["n"])),\n'
-         '            "remaining_ms": context.get_remaining_time_in_millis() > 0}\n')
+         '            "remaining_ms": context.get_remaining_time_in_millis() > 0,\n'
+         '            "root": os.getuid() == 0, "task": os.getcwd(),\n'
+         '            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}\n')
+SAME = {"remaining_ms": True, "root": False, "task": "/var/task", "nofile": 1024}
 SLEEPER = ('import time\n'
            'def handler(event, context):\n'
            '    if event.get("sleep"):\n'
@@ -78,11 +82,11 @@ def test_a_zip_function_runs_inside_the_vm_with_the_guests_kernel(vm_region: Reg
     name = _create(lam, UNAME, MemorySize=512)
     err, out = _invoke(lam, name, {"n": 1000})
     assert err is None, out
-    assert out == {"release": _guest_release(), "sum": 499500, "remaining_ms": True}
+    assert out == {"release": _guest_release(), "sum": 499500, **SAME}
     assert out["release"] != os.uname().release  # the guest's kernel, not the host's
     # Warm: the same VM answers again; its pid is QEMU's.
     assert _invoke(lam, name, {"n": 10}) == (None, {"release": _guest_release(), "sum": 45,
-                                                   "remaining_ms": True})
+                                                   **SAME})
     envs = [e for a in _agents(vm_region) for e in a["envs"] if e["function"] == name]
     assert len(envs) == 1
     with open(f"/proc/{envs[0]['pid']}/cmdline", "rb") as f:
@@ -93,7 +97,7 @@ def test_the_same_function_runs_unchanged_on_the_jail(region: Region) -> None:
     lam = lambda_client(region)
     name = _create(lam, UNAME, MemorySize=512)
     assert _invoke(lam, name, {"n": 1000}) == (None, {"release": os.uname().release,
-                                                     "sum": 499500, "remaining_ms": True})
+                                                     "sum": 499500, **SAME})
 
 
 def _vm_env_pid(region: Region, name: str, timeout_s: float = 120) -> int:

@@ -16,6 +16,7 @@ uid is defence in depth, as Lambda's ``sbx_user``).
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import time
 from typing import NoReturn
@@ -85,6 +86,10 @@ def main(argv: list[str]) -> None:
     os.environ.clear()
     os.environ.update(spec.lambda_environment())
     os.chdir("/var/task")
+    # The jail's rlimits (sandbox/jail.py); /tmp's size is the tmpfs's, memory the guest's.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (spec.nofile_max, spec.nofile_max))
+    resource.setrlimit(resource.RLIMIT_NPROC, (spec.pids_max, spec.pids_max))
     os.setgroups([])
     os.setresgid(spec.gid, spec.gid, spec.gid)
     os.setresuid(spec.uid, spec.uid, spec.uid)
