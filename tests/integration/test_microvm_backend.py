@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -141,3 +143,12 @@ def test_qemu_killed_mid_invoke_is_a_lambda_error_and_a_fresh_vm(vm_region: Regi
     assert _invoke(lam, name, {}) == (None, "awake")
     pids = [e["pid"] for a in _agents(vm_region) for e in a["envs"] if e["function"] == name]
     assert pids and pid not in pids
+
+
+def test_up_refuses_a_network_the_microvm_guest_cannot_have(tmp_path: Any) -> None:
+    r = subprocess.run([sys.executable, "-m", "cellcloud", "up", "--backend", "microvm",
+                        "--network", "egress", "--state-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "no network device" in r.stderr + r.stdout
+    assert not os.path.exists(tmp_path / "region.json")
