@@ -73,17 +73,7 @@ def find_inputs(boot_dir: str = BOOT_DIR) -> tuple[str, str]:
 
 
 def _write_initramfs(path: str, files: dict[str, bytes]) -> None:
-    import libarchive  # libarchive-c over Debian's libarchive13
-    from libarchive.entry import FileType
-
-    kinds = {"dir": FileType.DIRECTORY, "chardev": FileType.CHAR_DEVICE,
-             "file": FileType.REGULAR_FILE}
-    with libarchive.file_writer(path, "cpio_newc") as archive:
-        for e in core.initramfs_layout():
-            data = files[e.source] if e.kind == "file" else b""
-            archive.add_file_from_memory(
-                e.path, len(data), data, filetype=kinds[e.kind], permission=e.mode,
-                uid=0, gid=0, mtime=0, rdevmajor=e.rdev[0], rdevminor=e.rdev[1])
+    _write_cpio(path, core.initramfs_layout(), files)
 
 
 def _load(folder: str) -> Image | None:
@@ -396,6 +386,8 @@ def _load_agent(folder: str, base: Image) -> AgentImage | None:
 
 
 def _write_cpio(path: str, layout: list[core.Entry], files: dict[str, bytes]) -> None:
+    """A cpio newc archive of ``layout`` (libarchive-c over Debian's libarchive13): every
+    entry owned by root with mtime 0, so the same inputs give the same bytes."""
     import libarchive
     from libarchive.entry import FileType
 
