@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from cellcloud.microvm import boot, core
+from cellcloud.sandbox.spec import ISOLATION_VARIABLE
 from tests.compat.conftest import ROLE, lambda_client, new_name
 from tests.conftest import make_zip
 from tests.integration.conftest import Region, running_region
@@ -81,7 +83,9 @@ def test_a_zip_function_runs_inside_the_vm_with_the_guests_kernel(vm_region: Reg
     agents = _agents(vm_region)
     assert [a["backend"] for a in agents] == ["microvm"]
     assert agents[0]["accel"] in ("kvm", "tcg")
-    name = _create(lam, UNAME, MemorySize=512)
+    # Asking for VM isolation (the region's documented variable) is honoured on a VM agent.
+    name = _create(lam, UNAME, MemorySize=512,
+                   Environment={"Variables": {ISOLATION_VARIABLE: "microvm"}})
     err, out = _invoke(lam, name, {"n": 1000})
     assert err is None, out
     assert out == {"release": _guest_release(), "sum": 499500, **SAME}
@@ -100,6 +104,20 @@ def test_the_same_function_runs_unchanged_on_the_jail(region: Region) -> None:
     name = _create(lam, UNAME, MemorySize=512)
     assert _invoke(lam, name, {"n": 1000}) == (None, {"release": os.uname().release,
                                                      "sum": 499500, **SAME})
+    # The same function asking for VM isolation is refused by agents that cannot run VMs,
+    # with the reason, not run in a jail.
+    vm_only = _create(lam, UNAME, Environment={"Variables": {ISOLATION_VARIABLE: "microvm"}})
+    with pytest.raises(ClientError) as e:
+        _invoke(lam, vm_only, {"n": 1})
+    assert e.value.response["Error"]["Code"] == "ServiceException"
+    assert "asks for microvm isolation" in str(e.value) and "jail backend" in str(e.value)
+
+
+def test_an_unknown_isolation_is_refused(vm_region: Region) -> None:
+    lam = lambda_client(vm_region)
+    name = _create(lam, UNAME, Environment={"Variables": {ISOLATION_VARIABLE: "firecracker"}})
+    with pytest.raises(ClientError, match="one of microvm"):
+        _invoke(lam, name, {"n": 1})
 
 
 def _vm_env_pid(region: Region, name: str, timeout_s: float = 120) -> int:

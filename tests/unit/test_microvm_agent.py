@@ -110,3 +110,43 @@ def test_the_guest_channel_frames_over_a_plain_fd() -> None:
     host.close()
     assert chan.recv() is None
     os.close(fd)
+
+
+def test_an_unsupported_create_failure_tells_the_caller_why() -> None:
+    from cellcloud.core.invoke import (
+        Answer,
+        CreateEnv,
+        EnvCreateFailed,
+        FunctionRef,
+        InvokeCore,
+        InvokeParams,
+        InvokeRequested,
+    )
+    from cellcloud.core.placement import Placement
+    from cellcloud.core.poison import PoisonDetector, PoisonParams
+    from cellcloud.core.sharding import PlainSharder, Worker
+
+    def run(reason: str, detail: str, agents: tuple[str, ...] = ("a1", "a2")) -> Answer:
+        placement = Placement(env_id_prefix="t", idle_timeout_ms=60_000)
+        for a in agents:
+            placement.add_agent(a, 10, None)
+        core_ = InvokeCore(placement, params=InvokeParams(answer_slack_ms=500),
+                           poison=PoisonDetector(PoisonParams.for_shard(len(agents))),
+                           sharder=PlainSharder([Worker(a) for a in agents], len(agents)))
+        out = core_.handle(InvokeRequested("r1", FunctionRef("a/f/1", "a/f", 1000)), 0)
+        for n in range(len(agents)):  # every agent of the shard refuses
+            create = [i for i in out if isinstance(i, CreateEnv)]
+            assert len(create) == 1, out
+            out = core_.handle(EnvCreateFailed(create[0].env_id, reason, detail), n + 1)  # type: ignore[arg-type]
+        answers = [i for i in out if isinstance(i, Answer)]
+        assert len(answers) == 1 and core_.inflight_total == 0, out
+        return answers[0]
+
+    why = "the function asks for microvm isolation; agent a2 runs the jail backend"
+    answer = run("unsupported", why)
+    assert not answer.ok and answer.message.endswith(": " + why)
+    # A shard of one agent: the reason, not a capacity throttle, once it refused.
+    single = run("unsupported", why, ("a1",))
+    assert single.error_type == "ServiceException" and single.message.endswith(": " + why)
+    # Any other failure's detail is the platform's, not the caller's: not passed on.
+    assert "/secret/path" not in run("error", "mkfs failed at /secret/path").message

@@ -35,8 +35,8 @@ from ..core.limits import DEFAULT_LIMITS
 from ..metrics import process_registry
 from ..network.client import NetConfig, NetHelperClient
 from ..sandbox import cgroups, runtimes
-from ..sandbox.backend import Backend, JailBackend, Spawned
-from ..sandbox.spec import EnvSpec
+from ..sandbox.backend import Backend, JailBackend, Spawned, Unsupported
+from ..sandbox.spec import ISOLATION_VARIABLE, ISOLATIONS, EnvSpec
 from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
 from ..transport import OpError, Server, Stream
@@ -433,6 +433,14 @@ class Agent:
             raise OpError("EnvExists", env_id)
         if len(self.envs) >= self.envs_max:
             raise OpError("AgentFull", f"{len(self.envs)} environments; the maximum is {self.envs_max}")
+        isolation = req.function.environment.get(ISOLATION_VARIABLE, "")
+        if isolation and isolation not in ISOLATIONS:
+            raise OpError("EnvUnsupported", f"{ISOLATION_VARIABLE}={isolation!r}: the isolation "
+                          f"a function may ask for is one of {', '.join(ISOLATIONS)}")
+        if isolation and isolation != self.backend.name:
+            raise OpError("EnvUnsupported", f"the function asks for {isolation} isolation "
+                          f"({ISOLATION_VARIABLE}={isolation}); agent {self.agent_id} runs the "
+                          f"{self.backend.name} backend")
         memory_mb = req.function.memory_mb
         committed = sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
         if committed * 2**20 > self.oversubscription * self.memory_budget_bytes:
@@ -549,7 +557,8 @@ class Agent:
             self._free_slots.append(slot)
             self.counters["create_failed"] += 1
             self._release_network(spec)
-            raise OpError("EnvCreateFailed", str(e)) from e
+            raise OpError("EnvUnsupported" if isinstance(e, Unsupported) else "EnvCreateFailed",
+                          str(e)) from e
         finally:
             if netns_fd is not None:
                 os.close(netns_fd)

@@ -26,13 +26,13 @@ import threading
 import time
 
 from ..core.limits import DEFAULT_LIMITS, Limits
-from ..sandbox.backend import Spawned, control_reply_bytes_max
+from ..sandbox.backend import Spawned, Unsupported, control_reply_bytes_max
 from ..sandbox.spec import EnvSpec
 from ..transport.codec import FrameError, pack, recv_message, send_message
 from . import boot, core, image
 
 
-class MicrovmUnsupported(RuntimeError):
+class MicrovmUnsupported(Unsupported):
     """What this backend cannot run yet (a clear error at create, not a hang)."""
 
 
