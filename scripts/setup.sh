@@ -22,6 +22,7 @@ command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need_apt+=(linux-image-cloud-amd64)
 { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || need_apt+=(busybox-static)
 ldconfig -p 2>/dev/null | grep -q 'libarchive.so.13' || need_apt+=(libarchive13)
+command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)  # the microvm backend's disks (mkfs.ext4 -d)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then echo "setup: need root to install: ${need_apt[*]}" >&2; exit 1; fi
   echo "setup: installing ${need_apt[*]}" >&2

@@ -281,6 +281,16 @@ class Limits:
     microvm_boot_timeout_ms: int = 120_000
     microvm_console_bytes_max: int = 1 * MiB
     microvm_image_input_bytes_max: int = 256 * MiB
+    microvm_runtime_disk_bytes_max: int = 512 * MiB
+    # The microvm backend: a VMM's cgroup holds the function's memory plus this much for QEMU
+    # itself (its translation cache under TCG is capped at microvm_tcg_cache_mib); a guest gets
+    # at least microvm_guest_memory_mib_min; an environment's boot to its ready frame may take
+    # microvm_create_timeout_ms (a TCG boot is seconds; `up --backend microvm` gives it to the
+    # frontends as their env_create_timeout_ms).
+    microvm_vmm_overhead_mb: int = 256
+    microvm_tcg_cache_mib: int = 64
+    microvm_guest_memory_mib_min: int = 128
+    microvm_create_timeout_ms: int = 120_000
 
 
 DEFAULT_LIMITS = Limits()
