@@ -256,6 +256,13 @@ class Limits:
     microvm_boot_timeout_ms: int = 120_000
     microvm_console_bytes_max: int = 1 * MiB
     microvm_image_input_bytes_max: int = 256 * MiB
+    # Snapshots (microvm/snapshot.py): one QMP command's answer, a paused guest's save to its
+    # state file, a restore's load and the restored guest's first answer, the state file (more:
+    # not made, or refused at restore and the guest boots fresh).
+    microvm_qmp_timeout_ms: int = 30_000
+    microvm_snapshot_save_timeout_ms: int = 120_000
+    microvm_restore_timeout_ms: int = 60_000
+    microvm_snapshot_bytes_max: int = 1024 * MiB
 
 
 DEFAULT_LIMITS = Limits()

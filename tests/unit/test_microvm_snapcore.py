@@ -1,0 +1,96 @@
+"""The snapshot decisions of microvm/snapcore.py: the snapshot's key and argv shape, the
+manifest, and ``verify`` refusing every mismatch (a flipped byte in the state, another image,
+another QEMU, another memory size) so that the caller boots fresh; the fresh-identity line and
+the guest's answer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cellcloud.microvm import core, snapcore
+
+IMG = "sha256:" + "1" * 64
+SPEC = core.VmSpec(accel="tcg")
+
+
+def _key(spec: core.VmSpec = SPEC, image: str = IMG, version: str = "QEMU 7.2.22",
+         kernel: str = "/s/img/vmlinuz", fds: tuple[int, int] = (5, 6)) -> snapcore.SnapshotKey:
+    argv = snapcore.guest_argv("/usr/bin/qemu", kernel, kernel + ".cpio", spec,
+                               console_fd=fds[0], qmp_fd=fds[1])
+    return snapcore.SnapshotKey.of(image_digest=image, qemu_version=version, spec=spec,
+                                   argv=argv, kernel=kernel, initrd=kernel + ".cpio")
+
+
+STATE = snapcore.FileDigest("a" * 64, 1000)
+KERNEL = snapcore.FileDigest("b" * 64, 10)
+INITRD = snapcore.FileDigest("c" * 64, 20)
+
+
+def _manifest(key: snapcore.SnapshotKey) -> dict[str, object]:
+    return snapcore.manifest(key, state=STATE, kernel=KERNEL, initrd=INITRD, created_at_s=1,
+                             save_ms=2)
+
+
+def _verify(doc: object, key: snapcore.SnapshotKey, **kw: object) -> snapcore.Verdict:
+    args: dict[str, object] = {"state": STATE, "kernel": KERNEL, "initrd": INITRD,
+                               "state_bytes_max": 10_000, **kw}
+    return snapcore.verify(doc, key, **args)  # type: ignore[arg-type]
+
+
+def test_key_ignores_descriptors_paths_and_incoming_but_not_the_guest() -> None:
+    k = _key()
+    # Another start's descriptors, the image's folder elsewhere, -incoming: the same snapshot.
+    assert _key(fds=(9, 11), kernel="/other/vmlinuz").digest() == k.digest()
+    argv = snapcore.guest_argv("/q", "/k", "/i", SPEC, console_fd=3, qmp_fd=4, incoming=True)
+    assert argv[-2:] == ["-incoming", "defer"]
+    assert "-incoming" not in snapcore.argv_shape(argv, kernel="/k", initrd="/i")
+    assert "stdio" not in argv and "chardev:con" in argv
+    # What the state depends on changes the key.
+    for other in (_key(spec=dataclasses.replace(SPEC, memory_mib=256)),
+                  _key(spec=dataclasses.replace(SPEC, machine="pc")),
+                  _key(image="sha256:" + "2" * 64), _key(version="QEMU 8.0.0")):
+        assert other.digest() != k.digest()
+    assert len(k.dir_name()) == 64
+
+
+def test_verify_accepts_the_matching_snapshot() -> None:
+    k = _key()
+    v = _verify(_manifest(k), k)
+    assert v.ok, v.reason
+
+
+def test_a_flipped_byte_in_the_state_is_refused() -> None:
+    k = _key()
+    v = _verify(_manifest(k), k, state=snapcore.FileDigest("a" * 63 + "0", 1000))
+    assert not v.ok and "state" in v.reason and "SHA-256" in v.reason
+
+
+def test_mismatched_guests_and_files_are_refused() -> None:
+    k = _key()
+    doc = _manifest(k)
+    other = _key(spec=dataclasses.replace(SPEC, memory_mib=256))
+    v = _verify(doc, other)
+    assert not v.ok and "memory_mib" in v.reason
+    assert not _verify(doc, _key(version="QEMU 8.0.0")).ok
+    assert not _verify(doc, k, kernel=snapcore.FileDigest("d" * 64, 10)).ok  # a replaced kernel
+    assert not _verify(doc, k, state=snapcore.FileDigest("a" * 64, 999)).ok  # truncated
+    assert not _verify(doc, k, state=None).ok  # missing
+    assert not _verify(None, k).ok  # no manifest
+    assert not _verify({**doc, "state": {"sha256": "x"}}, k).ok  # malformed
+    assert not _verify({**doc, "digest": "sha256:" + "0" * 64}, k).ok
+    # Over the state limit: refused before anything is read.
+    v = _verify(doc, k, state_bytes_max=999)
+    assert not v.ok and "microvm_snapshot_bytes_max" in v.reason
+
+
+def test_fresh_identity_line_and_reply() -> None:
+    line = snapcore.fresh_identity_line(bytes(range(32)), 1_700_000_000)
+    assert line == f"SEED {bytes(range(32)).hex()} TIME 1700000000\n".encode()
+    r = snapcore.parse_fresh_reply(f"{snapcore.FRESH_MARKER} {'ab' * 16} 1700000001\r")
+    assert r == snapcore.FreshReply("ab" * 16, 1_700_000_001)
+    assert snapcore.parse_fresh_reply(f"{snapcore.FRESH_MARKER} bad") is None
+    assert snapcore.parse_fresh_reply("SEED 00 TIME 1") is None
+    init = snapcore.snapshot_init_script().decode()
+    # The seed and the clock are applied before the guest reads its random bytes.
+    assert init.index("> /dev/urandom") < init.index('date -s') < init.index("head -c 16")
+    assert "stty -echo" in init
