@@ -263,6 +263,10 @@ class Limits:
     microvm_snapshot_save_timeout_ms: int = 120_000
     microvm_restore_timeout_ms: int = 60_000
     microvm_snapshot_bytes_max: int = 1024 * MiB
+    # The VMM jailer (microvm/jailer.py): the VMM's memory beyond the guest's (its cgroup's limit
+    # is the guest's memory plus this; measured, docs/microvm.md) and its tasks (QEMU's threads).
+    microvm_vmm_overhead_mib: int = 192
+    microvm_vmm_pids_max: int = 64
 
 
 DEFAULT_LIMITS = Limits()

@@ -189,7 +189,14 @@ class Guest:
         return reply
 
     async def stderr_tail(self) -> str:
-        if self.proc.returncode is None or self.proc.stderr is None:
+        """QEMU's (or its jailer's) last stderr, once it exited (waited for a few seconds: a
+        closed console or QMP socket means it is exiting)."""
+        if self.proc.stderr is None:
+            return ""
+        if self.proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 5)
+        if self.proc.returncode is None:
             return ""
         with contextlib.suppress(TimeoutError):
             err = await asyncio.wait_for(self.proc.stderr.read(4096), 2)
