@@ -1,6 +1,7 @@
 """Snapshot and restore of a microVM guest under TCG (root: the Debian kernel in /boot is
 readable by root only). One snapshot of the snapshot guest booted to its marker; two restores
-of it answer the host's fresh seed with different random bytes and the clock the host sent; a
+of it take the host's fresh seed into the kernel's pool and reseed the CRNG (the guest reports
+the helper's status), answer with different random bytes and keep the clock the host sent; a
 snapshot with one flipped byte is refused by its digest and the guest boots fresh instead."""
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def test_two_restores_of_one_snapshot_get_fresh_identities(made: Any) -> None:
     b = asyncio.run(_start(snap.path, img))
     for st in (a, b):
         assert (st.how, st.reason) == ("restored", "digests match")
+        assert st.fresh.reseed_status == 0  # RNDADDENTROPY and RNDRESEEDCRNG succeeded
         # The guest set its clock to the host's (it was saved minutes ago, at boot time).
         assert before <= st.fresh.guest_epoch_s <= int(time.time()) + 1
     assert a.fresh.random_hex != b.fresh.random_hex
@@ -66,4 +68,4 @@ def test_a_flipped_byte_is_refused_and_the_guest_boots_fresh(made: Any, tmp_path
     st = asyncio.run(_start(bad, img))
     assert st.how == "booted"
     assert "state file's SHA-256" in st.reason
-    assert len(st.fresh.random_hex) == 32
+    assert len(st.fresh.random_hex) == 32 and st.fresh.reseed_status == 0

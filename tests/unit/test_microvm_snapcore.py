@@ -6,6 +6,12 @@ the guest's answer."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import subprocess
+import tempfile
+
+import pytest
 
 from cellcloud.microvm import core, snapcore
 
@@ -86,11 +92,44 @@ def test_mismatched_guests_and_files_are_refused() -> None:
 def test_fresh_identity_line_and_reply() -> None:
     line = snapcore.fresh_identity_line(bytes(range(32)), 1_700_000_000)
     assert line == f"SEED {bytes(range(32)).hex()} TIME 1700000000\n".encode()
-    r = snapcore.parse_fresh_reply(f"{snapcore.FRESH_MARKER} {'ab' * 16} 1700000001\r")
-    assert r == snapcore.FreshReply("ab" * 16, 1_700_000_001)
+    r = snapcore.parse_fresh_reply(f"{snapcore.FRESH_MARKER} {'ab' * 16} 1700000001 0\r")
+    assert r == snapcore.FreshReply("ab" * 16, 1_700_000_001, 0)
     assert snapcore.parse_fresh_reply(f"{snapcore.FRESH_MARKER} bad") is None
     assert snapcore.parse_fresh_reply("SEED 00 TIME 1") is None
     init = snapcore.snapshot_init_script().decode()
     # The seed and the clock are applied before the guest reads its random bytes.
-    assert init.index("> /dev/urandom") < init.index('date -s') < init.index("head -c 16")
+    assert init.index("| /bin/reseed") < init.index('date -s') < init.index("head -c 16")
     assert "stty -echo" in init
+
+
+def test_reseed_helper_is_a_static_elf_the_init_writes_out() -> None:
+    elf = snapcore.reseed_helper()
+    assert core.is_static_elf(elf) and len(elf) < 300
+    entry = int.from_bytes(elf[24:32], "little")
+    assert 0x400000 + 120 == entry  # code right after the headers, in the one segment
+    # Both ioctls, by number: RNDADDENTROPY (credit) then RNDRESEEDCRNG (rekey the CRNG now).
+    add, reseed = (snapcore.RNDADDENTROPY.to_bytes(4, "little"),
+                   snapcore.RNDRESEEDCRNG.to_bytes(4, "little"))
+    assert 0 < elf.index(add) < elf.index(reseed)
+    assert b"/dev/urandom\0" in elf
+    init = snapcore.snapshot_init_script().decode()
+    line = next(x for x in init.splitlines() if "> /bin/reseed" in x)
+    octal = line.split("'")[1]
+    assert bytes(int(o, 8) for o in octal.split("\\")[1:]) == elf  # every byte escaped
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the helper as an unprivileged uid")
+def test_reseed_helper_runs_and_needs_cap_sys_admin() -> None:
+    """The hand-written ELF loads and runs on this kernel: as nobody it reads its input, opens
+    /dev/urandom and is refused RNDADDENTROPY (status 3); with no input it stops at once (1).
+    (As root it would reseed the host's CRNG: the guest test runs that path.)"""
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:  # pytest's own is root-only
+        os.chmod(d, 0o755)
+        path = os.path.join(d, "reseed")
+        with open(path, "wb") as f:
+            f.write(snapcore.reseed_helper())
+        os.chmod(path, 0o755)
+        run = functools.partial(subprocess.run, [path], user=65534, group=65534,
+                                extra_groups=[], timeout=30)
+        assert run(input=b"ab" * 32 + b"\n").returncode == 3
+        assert run(input=b"").returncode == 1

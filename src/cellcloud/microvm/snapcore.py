@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 from . import core
 
 # Bump when the manifest, the snapshot guest's /init or the argv's meaning changes.
-SNAPSHOT_FORMAT = "cellcloud-microvm-snapshot/1"
+SNAPSHOT_FORMAT = "cellcloud-microvm-snapshot/2"
 
 # The snapshot guest prints this line when it is ready (booted, or restored and reseeded).
 READY_MARKER = core.GUEST_MARKER
@@ -41,13 +42,14 @@ _INITRD = "<initrd>"
 
 
 def snapshot_init_script() -> bytes:
-    """The snapshot guest's /init (busybox only). It mounts /proc, /sys and devtmpfs, turns the
-    console's echo off (the host's seed is not echoed), prints the ready marker and then serves
-    the host's lines ``SEED <hex> TIME <epoch>`` on the console: for each, before anything else,
-    it mixes the seed into the kernel's pool (a write to /dev/urandom: mixed into the input pool,
-    not credited; the CRNG takes it in at its next reseed) and sets the wall clock, and answers
-    ``CELLCLOUD-GUEST-FRESH <16 random bytes, hex> <its clock, epoch s>``. A malformed line is
-    answered ``CELLCLOUD-GUEST-FRESH bad``; the end of input powers the guest off."""
+    """The snapshot guest's /init (busybox, plus ``reseed_helper`` which it writes out to
+    /bin/reseed with printf). It mounts /proc, /sys and devtmpfs, turns the console's echo off
+    (the host's seed is not echoed), prints the ready marker and then serves the host's lines
+    ``SEED <hex> TIME <epoch>`` on the console: for each, before anything else, it adds the seed
+    to the kernel's pool and reseeds the CRNG (``/bin/reseed``: RNDADDENTROPY, RNDRESEEDCRNG)
+    and sets the wall clock, and answers ``CELLCLOUD-GUEST-FRESH <16 random bytes, hex> <its
+    clock, epoch s> <reseed's exit status>``. A malformed line is answered
+    ``CELLCLOUD-GUEST-FRESH bad``; the end of input powers the guest off."""
     bb = "/bin/busybox"
     return (
         f"#!{bb} sh\n"
@@ -55,6 +57,8 @@ def snapshot_init_script() -> bytes:
         f"{bb} mount -t sysfs sysfs /sys\n"
         f"{bb} mount -t devtmpfs devtmpfs /dev\n"
         f"{bb} stty -echo\n"
+        f"{bb} printf '{_printf_octal(reseed_helper())}' > /bin/reseed\n"
+        f"{bb} chmod 0755 /bin/reseed\n"
         f'{bb} echo "{READY_MARKER} $({bb} uname -r)"\n'
         "while read -r word seed tword epoch; do\n"
         '  case "$word/$tword" in SEED/TIME) ;; *) '
@@ -63,14 +67,121 @@ def snapshot_init_script() -> bytes:
         f'{bb} echo "{FRESH_MARKER} bad"; continue;; esac\n'
         '  case "$epoch" in ""|*[!0-9]*) '
         f'{bb} echo "{FRESH_MARKER} bad"; continue;; esac\n'
-        f'  {bb} echo "$seed" > /dev/urandom\n'
+        f'  {bb} echo "$seed" | /bin/reseed; reseeded=$?\n'
         f'  {bb} date -s "@$epoch" > /dev/null\n'
         f'  {bb} echo "{FRESH_MARKER} $({bb} head -c 16 /dev/urandom | {bb} od -An -tx1 | '
-        f"{bb} tr -d ' \\n') $({bb} date +%s)\"\n"
+        f"{bb} tr -d ' \\n') $({bb} date +%s) $reseeded\"\n"
         "done\n"
         f"{bb} sync\n"
         f"{bb} reboot -f\n"
     ).encode()
+
+
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+_BASE = 0x400000  # the helper's load address
+_HDR = 64 + 56  # ELF header + one program header
+RESEED_INPUT_BYTES_MAX = 256
+
+
+def reseed_helper() -> bytes:
+    """A static x86-64 ELF of under 300 bytes for the guest (which has no compiler, Python or
+    loader), written here instruction by instruction (each with its assembly beside it). It
+    reads up to 256 bytes from stdin (the seed in hex and a newline), adds them to the kernel's
+    pool with ``ioctl(RNDADDENTROPY)`` crediting 4 bits per hex digit (the seed comes from the
+    host's os.urandom), then ``ioctl(RNDRESEEDCRNG)``: the CRNG is rekeyed from the pool at
+    once, so the next read of /dev/urandom already depends on the seed. A guest whose CRNG was
+    not yet initialised (no RDRAND under TCG, no devices: common at snapshot time) is
+    initialised by the credit itself (256 bits). Exit status 0; 1 nothing read, 2 open
+    failed, 3 RNDADDENTROPY failed, 4 RNDRESEEDCRNG failed (EPERM without CAP_SYS_ADMIN). One
+    RWX segment holds the code, the path and, zero-filled past the file's end, the
+    ``rand_pool_info`` buffer."""
+    code = bytearray()
+    labels: dict[str, int] = {}
+    fix32: list[tuple[int, str]] = []  # (offset of a rip-relative rel32, its label)
+    fix8: list[tuple[int, str]] = []  # (offset of a short jump's rel8, its label)
+
+    def emit(b: bytes) -> None:
+        code.extend(b)
+
+    def rel32(op: bytes, label: str) -> None:
+        emit(op)
+        fix32.append((len(code), label))
+        emit(b"\0\0\0\0")
+
+    def jcc8(op: bytes, label: str) -> None:
+        emit(op)
+        fix8.append((len(code), label))
+        emit(b"\0")
+
+    def mov_eax(n: int) -> None:
+        emit(b"\xb8" + struct.pack("<I", n))
+
+    # read(0, buf + 8, RESEED_INPUT_BYTES_MAX)
+    emit(b"\x31\xff")                       # xor edi, edi
+    rel32(b"\x48\x8d\x35", "seed")          # lea rsi, [rip+seed]
+    emit(b"\xba" + struct.pack("<I", RESEED_INPUT_BYTES_MAX))  # mov edx, N
+    emit(b"\x31\xc0")                       # xor eax, eax  (read)
+    emit(b"\x0f\x05")                       # syscall
+    emit(b"\x85\xc0")                       # test eax, eax
+    jcc8(b"\x7e", "fail_read")              # jle fail_read
+    rel32(b"\x48\x8d\x1d", "info")          # lea rbx, [rip+info]
+    emit(b"\x89\x43\x04")                   # mov [rbx+4], eax   buf_size = n
+    emit(b"\x8d\x04\x85\xfc\xff\xff\xff")   # lea eax, [rax*4-4]: 4 bits per hex digit
+    emit(b"\x89\x03")                       # mov [rbx], eax
+    rel32(b"\x48\x8d\x3d", "path")          # lea rdi, [rip+path]
+    emit(b"\xbe\x01\x00\x00\x00")           # mov esi, O_WRONLY
+    mov_eax(2)                              # open
+    emit(b"\x0f\x05")
+    emit(b"\x85\xc0")
+    jcc8(b"\x78", "fail_open")              # js fail_open
+    emit(b"\x41\x89\xc4")                   # mov r12d, eax
+    emit(b"\x44\x89\xe7")                   # mov edi, r12d
+    emit(b"\xbe" + struct.pack("<I", RNDADDENTROPY))
+    emit(b"\x48\x89\xda")                   # mov rdx, rbx
+    mov_eax(16)                             # ioctl
+    emit(b"\x0f\x05")
+    emit(b"\x85\xc0")
+    jcc8(b"\x75", "fail_add")                   # jnz fail
+    emit(b"\x44\x89\xe7")                   # mov edi, r12d
+    emit(b"\xbe" + struct.pack("<I", RNDRESEEDCRNG))
+    emit(b"\x31\xd2")                       # xor edx, edx
+    mov_eax(16)
+    emit(b"\x0f\x05")
+    emit(b"\x85\xc0")
+    jcc8(b"\x75", "fail_reseed")
+    emit(b"\x31\xff")                       # xor edi, edi
+    jcc8(b"\xeb", "exit")                   # jmp exit
+    for status, label in enumerate(("fail_read", "fail_open", "fail_add", "fail_reseed"), 1):
+        labels[label] = len(code)
+        emit(b"\xbf" + struct.pack("<I", status))  # mov edi, status
+        jcc8(b"\xeb", "exit")                      # jmp exit
+    labels["exit"] = len(code)
+    mov_eax(60)                             # exit
+    emit(b"\x0f\x05")
+    labels["path"] = len(code)
+    emit(b"/dev/urandom\0")
+    while len(code) % 8:
+        emit(b"\0")
+    labels["info"] = len(code)   # struct rand_pool_info, in the zero-filled tail
+    labels["seed"] = len(code) + 8
+    memsz_extra = 8 + RESEED_INPUT_BYTES_MAX
+    for pos, label in fix32:
+        code[pos:pos + 4] = struct.pack("<i", labels[label] - (pos + 4))
+    for pos, label in fix8:
+        d = labels[label] - (pos + 1)
+        assert -128 <= d < 128
+        code[pos] = d & 0xff
+    filesz = _HDR + len(code)
+    ehdr = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+            + struct.pack("<HHIQQQIHHHHHH", 2, 0x3e, 1, _BASE + _HDR, 64, 0, 0, 64, 56, 1, 0, 0, 0))
+    phdr = struct.pack("<IIQQQQQQ", 1, 7, 0, _BASE, _BASE, filesz, filesz + memsz_extra, 0x1000)
+    return ehdr + phdr + bytes(code)
+
+
+def _printf_octal(data: bytes) -> str:
+    """``data`` as a busybox printf format of octal escapes (no byte is taken literally)."""
+    return "".join(f"\\{b:03o}" for b in data)
 
 
 def fresh_identity_line(seed: bytes, epoch_s: int) -> bytes:
@@ -85,12 +196,13 @@ def fresh_identity_line(seed: bytes, epoch_s: int) -> bytes:
 class FreshReply:
     random_hex: str  # 16 bytes the guest read from /dev/urandom after the reseed
     guest_epoch_s: int  # the guest's clock right after it was set
+    reseed_status: int  # /bin/reseed's exit status: 0 when both ioctls succeeded
 
 
 def parse_fresh_reply(line: str) -> FreshReply | None:
     """The guest's answer to ``fresh_identity_line``; None for any other console line."""
-    m = re.fullmatch(re.escape(FRESH_MARKER) + r" ([0-9a-f]{32}) (\d+)\s*", line)
-    return FreshReply(m.group(1), int(m.group(2))) if m else None
+    m = re.fullmatch(re.escape(FRESH_MARKER) + r" ([0-9a-f]{32}) (\d+) (\d+)\s*", line)
+    return FreshReply(m.group(1), int(m.group(2)), int(m.group(3))) if m else None
 
 
 def is_ready_line(line: str) -> bool:
