@@ -69,20 +69,29 @@ def test_jailed_vmm_boots_saves_and_restores(tmp_path: Any) -> None:
                                      kernel=img.kernel, initrd=img.initrd)
     spawn = jailer.spawner(js)
 
+    def cgroup_gone() -> bool:
+        return not any(os.path.exists(os.path.join(cgroups.ROOT, c, "cellcloud/microvm",
+                                                   js.vm_id))
+                       for c in ("", "memory", "pids", "cpu"))
+
     async def run() -> None:
         snap = await snapshot.create(state, img, SPEC, spawn=spawn)
         assert snap.built
+        assert cgroup_gone()  # QEMU quit: the jailer removed the VM's cgroup
         st = await snapshot.start_guest(snap.path, img, SPEC, spawn=spawn)
         try:
             assert st.how == "restored", st.reason
+            assert st.fresh.reseed_status == 0
             _check_jailed(js)
+            # SIGTERM to the jailer (what Guest.close sends when QMP does not answer): it
+            # forwards it to QEMU, PID 1 of the VM's namespace, and still cleans up.
+            st.guest.proc.terminate()
+            assert await asyncio.wait_for(st.guest.proc.wait(), 60) is not None
         finally:
             await st.guest.close()
 
     asyncio.run(run())
-    # The jailer removed the VM's cgroup once QEMU was gone.
-    assert not any(os.path.exists(os.path.join(cgroups.ROOT, c, "cellcloud/microvm", js.vm_id))
-                   for c in ("", "memory", "pids", "cpu"))
+    assert cgroup_gone()
 
 
 def _jailed(argv: list[str], vm_id: str) -> subprocess.CompletedProcess[str]:

@@ -204,16 +204,23 @@ class Guest:
         return ""
 
     async def close(self) -> int:
-        """End QEMU (``quit``, then SIGKILL) and reap it; its exit status."""
+        """End QEMU (``quit``, then SIGTERM, then SIGKILL, 10 s apart) and reap it; its exit
+        status."""
         if self.proc.returncode is None:
             with contextlib.suppress(Exception):
                 self._qw.write(b'{"execute": "quit"}\n')
                 await self._qw.drain()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
+            # quit, then SIGTERM (a jailer forwards it to QEMU and still removes the VM's
+            # cgroup), then SIGKILL.
+            for stop in (None, self.proc.terminate, self.proc.kill):
+                if stop is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        stop()
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 10)
+                    break
+                except TimeoutError:
+                    continue
         for w in (self._qw, self._cw):
             w.close()
         if self.proc.stderr is not None:
