@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -145,7 +146,10 @@ class Guest:
                 if "return" in doc:
                     return doc["return"]
 
-        return await asyncio.wait_for(answer(), self._limits.microvm_qmp_timeout_ms / 1000)
+        try:
+            return await asyncio.wait_for(answer(), self._limits.microvm_qmp_timeout_ms / 1000)
+        except TimeoutError:
+            raise SnapshotError(f"{command}: no answer within microvm_qmp_timeout_ms") from None
 
     async def pass_fd(self, name: str, fd: int) -> None:
         """Hand QEMU a descriptor (SCM_RIGHTS on the QMP socket) under ``name``, for a
@@ -246,9 +250,17 @@ class Snapshot:
 
 
 def qemu_version(qemu: str | None = None) -> str:
+    """QEMU's ``--version`` line (part of every snapshot's key); asked once per binary (its
+    path, size and mtime), not on every restore."""
     qemu = qemu or boot.qemu_binary()
     if qemu is None:
         raise FileNotFoundError(boot.QEMU)
+    st = os.stat(qemu)
+    return _qemu_version(qemu, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _qemu_version(qemu: str, _size: int, _mtime_ns: int) -> str:
     out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30,
                          stdin=subprocess.DEVNULL, check=True)
     return out.stdout.splitlines()[0]
@@ -297,8 +309,11 @@ async def create(state_dir: str, img: image.Image, spec: core.VmSpec, *,
     final = os.path.join(root, key.dir_name())
     have = _read_manifest(final)
     if have is not None and not force:
-        return Snapshot(final, key, int(have["state"]["size_bytes"]), int(have["save_ms"]),
-                        False)
+        try:
+            return Snapshot(final, key, int(have["state"]["size_bytes"]),
+                            int(have["save_ms"]), False)
+        except (KeyError, TypeError, ValueError):
+            pass  # a malformed manifest: made again below
     os.makedirs(root, mode=0o700, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".save-", dir=root)
     try:
