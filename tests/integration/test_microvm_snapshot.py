@@ -7,6 +7,7 @@ snapshot with one flipped byte is refused by its digest and the guest boots fres
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -69,3 +70,24 @@ def test_a_flipped_byte_is_refused_and_the_guest_boots_fresh(made: Any, tmp_path
     assert st.how == "booted"
     assert "state file's SHA-256" in st.reason
     assert len(st.fresh.random_hex) == 32 and st.fresh.reseed_status == 0
+
+
+def test_a_state_that_passes_its_digest_but_does_not_load_boots_fresh(made: Any,
+                                                                       tmp_path: Any) -> None:
+    """The fallback behind the digest: a truncated state whose manifest was rewritten to match
+    (no digest can catch that) fails in QEMU's load, and the guest boots fresh."""
+    _, img, snap = made
+    bad = str(tmp_path / "snap")
+    shutil.copytree(snap.path, bad)
+    state = os.path.join(bad, "state.bin")
+    with open(state, "r+b") as f:
+        f.truncate(snap.state_bytes // 2)
+    with open(os.path.join(bad, "manifest.json")) as f:
+        doc = json.load(f)
+    doc["state"] = snapshot.file_digest(state, bytes_max=snap.state_bytes).to_json()  # type: ignore[union-attr]
+    with open(os.path.join(bad, "manifest.json"), "w") as f:
+        json.dump(doc, f)
+    st = asyncio.run(_start(bad, img))
+    assert st.how == "booted"
+    assert st.reason.startswith("the restore failed"), st.reason
+    assert st.fresh.reseed_status == 0

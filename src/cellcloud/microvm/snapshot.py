@@ -119,7 +119,10 @@ class Guest:
         return g, argv
 
     async def _qmp_handshake(self) -> None:
-        greeting = json.loads(await self._qr.readline() or b"null")
+        try:
+            greeting = json.loads(await self._qr.readline() or b"null")
+        except (OSError, ValueError) as e:
+            raise SnapshotError(f"no QMP greeting: {e} ({await self.stderr_tail()})") from None
         if not isinstance(greeting, dict) or "QMP" not in greeting:
             raise SnapshotError(f"no QMP greeting ({await self.stderr_tail()})")
         await self.qmp("qmp_capabilities")
@@ -129,8 +132,11 @@ class Guest:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        self._qw.write(json.dumps(msg).encode() + b"\n")
-        await self._qw.drain()
+        try:
+            self._qw.write(json.dumps(msg).encode() + b"\n")
+            await self._qw.drain()
+        except OSError as e:  # QEMU exited: the socket is reset
+            raise SnapshotError(f"{command}: QMP {e} ({await self.stderr_tail()})") from None
         return await self.qmp_answer(command)
 
     async def qmp_answer(self, command: str) -> Any:
@@ -150,13 +156,20 @@ class Guest:
             return await asyncio.wait_for(answer(), self._limits.microvm_qmp_timeout_ms / 1000)
         except TimeoutError:
             raise SnapshotError(f"{command}: no answer within microvm_qmp_timeout_ms") from None
+        except OSError as e:  # QEMU exited: the socket is reset
+            raise SnapshotError(f"{command}: QMP {e} ({await self.stderr_tail()})") from None
+        except ValueError as e:
+            raise SnapshotError(f"{command}: QMP sent something that is not JSON: {e}") from None
 
     async def pass_fd(self, name: str, fd: int) -> None:
         """Hand QEMU a descriptor (SCM_RIGHTS on the QMP socket) under ``name``, for a
         ``fd:<name>`` migration URI: no file path or shell is needed inside QEMU's jail."""
-        await self._qw.drain()  # nothing else in flight: the command goes out whole, with the fd
         msg = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
-        sent = socket.send_fds(self._qsock, [msg], [fd])
+        try:
+            await self._qw.drain()  # nothing else in flight: the command goes out whole
+            sent = socket.send_fds(self._qsock, [msg], [fd])
+        except OSError as e:
+            raise SnapshotError(f"getfd: QMP {e} ({await self.stderr_tail()})") from None
         assert sent == len(msg), sent
         await self.qmp_answer("getfd")
 
