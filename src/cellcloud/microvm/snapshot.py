@@ -12,7 +12,7 @@ state file, and resumes it (``cont``); a refused snapshot or a failed load boots
 instead. Either way the first thing the host sends is ``fresh_identity``: a new seed from
 ``os.urandom`` and the wall clock, which the guest applies before anything else runs.
 
-``spawn`` starts the VMM; the default runs it as a plain child, ``jailer.spawn`` runs it jailed.
+``spawn`` starts the VMM; the default runs it as a plain child, ``jailer.spawner(spec)`` runs it jailed.
 """
 
 from __future__ import annotations
@@ -61,13 +61,25 @@ def snapshot_image(state_dir: str, **kw: Any) -> image.Image:
 def file_digest(path: str, *, bytes_max: int) -> snapcore.FileDigest | None:
     """SHA-256 and size of ``path``; None when it is missing or over ``bytes_max``."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > bytes_max:
-                return None
-            h = hashlib.sha256()
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return fd_digest(fd, bytes_max=bytes_max)
+    finally:
+        os.close(fd)
+
+
+def fd_digest(fd: int, *, bytes_max: int) -> snapcore.FileDigest | None:
+    """SHA-256 and size of the open file ``fd`` from its start (left at its end)."""
+    try:
+        size = os.fstat(fd).st_size
+        if size > bytes_max:
+            return None
+        os.lseek(fd, 0, os.SEEK_SET)
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
     except OSError:
         return None
     return snapcore.FileDigest(h.hexdigest(), size)
@@ -88,7 +100,7 @@ class Guest:
 
     @classmethod
     async def start(cls, img: image.Image, spec: core.VmSpec, *, incoming: bool = False,
-                    extra_fds: Sequence[int] = (), qemu: str | None = None,
+                    qemu: str | None = None,
                     spawn: Spawn = spawn_plain, limits: Limits = DEFAULT_LIMITS,
                     ) -> tuple[Guest, list[str]]:
         qemu = qemu or boot.qemu_binary()
@@ -100,7 +112,7 @@ class Guest:
             argv = snapcore.guest_argv(qemu, img.kernel, img.initrd, spec,
                                        console_fd=cb.fileno(), qmp_fd=qb.fileno(),
                                        incoming=incoming)
-            proc = await spawn(argv, (qb.fileno(), cb.fileno(), *extra_fds))
+            proc = await spawn(argv, (qb.fileno(), cb.fileno()))
         except BaseException:
             for s in (qa, ca):
                 s.close()
@@ -113,8 +125,10 @@ class Guest:
         g = cls(proc, qmp, console, limits, qa)
         try:
             await asyncio.wait_for(g._qmp_handshake(), limits.microvm_qmp_timeout_ms / 1000)
-        except BaseException:
+        except BaseException as e:
             await g.close()
+            if isinstance(e, TimeoutError):
+                raise SnapshotError("no QMP greeting within microvm_qmp_timeout_ms") from None
             raise
         return g, argv
 
@@ -375,14 +389,19 @@ def _must(path: str, limits: Limits) -> snapcore.FileDigest:
 
 
 def check(snapshot_path: str, key: snapcore.SnapshotKey, img: image.Image, *,
-          limits: Limits = DEFAULT_LIMITS) -> snapcore.Verdict:
-    """Hash the snapshot's and the image's files and let ``snapcore.verify`` decide."""
+          limits: Limits = DEFAULT_LIMITS, state_fd: int | None = None) -> snapcore.Verdict:
+    """Hash the snapshot's and the image's files and let ``snapcore.verify`` decide.
+    ``state_fd``: the state file already open (the descriptor QEMU will load from, so what
+    was checked is what is loaded)."""
     kernel = file_digest(img.kernel, bytes_max=limits.microvm_image_input_bytes_max)
     initrd = file_digest(img.initrd, bytes_max=limits.microvm_image_input_bytes_max)
     if kernel is None or initrd is None:
         return snapcore.Verdict(False, "the image's files are missing")
-    state = file_digest(os.path.join(snapshot_path, "state.bin"),
-                        bytes_max=limits.microvm_snapshot_bytes_max)
+    if state_fd is None:
+        state = file_digest(os.path.join(snapshot_path, "state.bin"),
+                            bytes_max=limits.microvm_snapshot_bytes_max)
+    else:
+        state = fd_digest(state_fd, bytes_max=limits.microvm_snapshot_bytes_max)
     return snapcore.verify(_read_manifest(snapshot_path), key, state=state, kernel=kernel,
                            initrd=initrd, state_bytes_max=limits.microvm_snapshot_bytes_max)
 
@@ -410,23 +429,37 @@ async def start_guest(snapshot_path: str | None, img: image.Image, spec: core.Vm
     reason = "no snapshot"
     if snapshot_path is not None:
         key = snapshot_key(img, spec, qemu, qemu_version(qemu))
-        verdict = check(snapshot_path, key, img, limits=limits)
-        verify_ms = int((time.monotonic() - t0) * 1000)
-        reason = verdict.reason
-        if verdict.ok:
-            try:
-                g = await _restore(snapshot_path, img, spec, limits=limits, qemu=qemu,
-                                   spawn=spawn)
-            except SnapshotError as e:
-                reason = f"the restore failed: {e}"
-            else:
+        try:
+            state_fd: int | None = os.open(os.path.join(snapshot_path, "state.bin"),
+                                           os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            state_fd = None
+        try:
+            verdict = (check(snapshot_path, key, img, limits=limits, state_fd=state_fd)
+                       if state_fd is not None else
+                       snapcore.Verdict(False, "the state file is missing"))
+            verify_ms = int((time.monotonic() - t0) * 1000)
+            reason = verdict.reason
+            g: Guest | None = None
+            if verdict.ok:
+                assert state_fd is not None
+                os.lseek(state_fd, 0, os.SEEK_SET)
                 try:
-                    fresh = await g.fresh_identity(timeout_ms=limits.microvm_restore_timeout_ms)
-                except BaseException:
-                    await g.close()
-                    raise
-                return Started(g, "restored", reason, int((time.monotonic() - t0) * 1000),
-                               verify_ms, fresh)
+                    g = await _restore(state_fd, img, spec, limits=limits, qemu=qemu,
+                                       spawn=spawn)
+                except SnapshotError as e:
+                    reason = f"the restore failed: {e}"
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)
+        if g is not None:
+            try:
+                fresh = await g.fresh_identity(timeout_ms=limits.microvm_restore_timeout_ms)
+            except BaseException:
+                await g.close()
+                raise
+            return Started(g, "restored", reason, int((time.monotonic() - t0) * 1000),
+                           verify_ms, fresh)
     else:
         verify_ms = 0
     g, _ = await Guest.start(img, spec, qemu=qemu, spawn=spawn, limits=limits)
@@ -439,15 +472,11 @@ async def start_guest(snapshot_path: str | None, img: image.Image, spec: core.Vm
     return Started(g, "booted", reason, int((time.monotonic() - t0) * 1000), verify_ms, fresh)
 
 
-async def _restore(snapshot_path: str, img: image.Image, spec: core.VmSpec, *, limits: Limits,
+async def _restore(state_fd: int, img: image.Image, spec: core.VmSpec, *, limits: Limits,
                    qemu: str, spawn: Spawn) -> Guest:
     g, _ = await Guest.start(img, spec, incoming=True, qemu=qemu, spawn=spawn, limits=limits)
     try:
-        fd = os.open(os.path.join(snapshot_path, "state.bin"), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            await g.pass_fd("state", fd)
-        finally:
-            os.close(fd)
+        await g.pass_fd("state", state_fd)  # the descriptor whose content was just checked
         await g.qmp("migrate-incoming", uri="fd:state")
         deadline = time.monotonic() + limits.microvm_restore_timeout_ms / 1000
         delay = 0.005
