@@ -51,6 +51,7 @@ def test_key_ignores_descriptors_paths_and_incoming_but_not_the_guest() -> None:
     assert argv[-2:] == ["-incoming", "defer"]
     assert "-incoming" not in snapcore.argv_shape(argv, kernel="/k", initrd="/i")
     assert "stdio" not in argv and "chardev:con" in argv
+    assert argv[argv.index("-append") + 1].endswith(" init_on_free=1")  # a sparse state
     # What the state depends on changes the key.
     for other in (_key(spec=dataclasses.replace(SPEC, memory_mib=256)),
                   _key(spec=dataclasses.replace(SPEC, machine="pc")),
