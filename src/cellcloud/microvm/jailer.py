@@ -41,6 +41,7 @@ from . import jailcore
 from .snapshot import Spawn
 
 JAIL_BASE = "/run/cellcloud/microvm-jail"  # an empty mount point per VM; the tmpfs is private
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # from the jailer to QEMU
 
 
 def cgroup_of(plan_doc: dict[str, Any]) -> cgroups.Cgroup:
@@ -145,11 +146,16 @@ def main(arg: str) -> int:
         # The PID namespace is the children's; the others are unshared by the child alone, so
         # its pivot_root leaves the jailer in the host's mounts (it removes the cgroup there).
         linux.unshare(linux.CLONE_NEWPID)
+        # Blocked across the fork: a signal before the forwarding handlers exist is held, not
+        # fatal to the jailer (which would leave the cgroup behind).
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         pid = os.fork()
         if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # the mask survives exec
             _child(doc, root)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in FORWARDED:
             signal.signal(sig, lambda s, _f: os.kill(pid, s))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         while True:
             try:
                 _, status = os.waitpid(pid, 0)
