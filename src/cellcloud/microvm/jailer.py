@@ -24,7 +24,6 @@ the cgroup (killing what is left in it) when QEMU is gone.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -33,12 +32,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..sandbox import cgroups, linux, seccomp_policy
 from . import jailcore
-from .snapshot import Spawn
+
+if TYPE_CHECKING:  # the jailer process itself imports neither asyncio nor the snapshot shell
+    import asyncio
+
+    from .snapshot import Spawn
 
 JAIL_BASE = "/run/cellcloud/microvm-jail"  # an empty mount point per VM; the tmpfs is private
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # from the jailer to QEMU
@@ -52,6 +55,8 @@ def spawner(spec: jailcore.JailSpec, *, limits: Limits = DEFAULT_LIMITS) -> Spaw
     """A ``snapshot.Spawn`` that runs the VMM jailed as ``spec`` says."""
 
     async def spawn(argv: list[str], fds: Sequence[int]) -> asyncio.subprocess.Process:
+        import asyncio  # here, not at the top: the jailer process starts faster without it
+
         plan = jailcore.plan(spec, argv, limits)
         doc = {**plan.to_json(), "keep_fds": list(fds)}
         return await asyncio.create_subprocess_exec(
