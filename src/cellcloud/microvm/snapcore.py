@@ -131,25 +131,25 @@ def reseed_helper() -> bytes:
     emit(b"\x89\x03")                       # mov [rbx], eax
     rel32(b"\x48\x8d\x3d", "path")          # lea rdi, [rip+path]
     emit(b"\xbe\x01\x00\x00\x00")           # mov esi, O_WRONLY
-    mov_eax(2)                              # open
-    emit(b"\x0f\x05")
-    emit(b"\x85\xc0")
+    mov_eax(2)                              # mov eax, SYS_open
+    emit(b"\x0f\x05")                       # syscall
+    emit(b"\x85\xc0")                       # test eax, eax
     jcc8(b"\x78", "fail_open")              # js fail_open
     emit(b"\x41\x89\xc4")                   # mov r12d, eax
     emit(b"\x44\x89\xe7")                   # mov edi, r12d
-    emit(b"\xbe" + struct.pack("<I", RNDADDENTROPY))
-    emit(b"\x48\x89\xda")                   # mov rdx, rbx
-    mov_eax(16)                             # ioctl
-    emit(b"\x0f\x05")
-    emit(b"\x85\xc0")
-    jcc8(b"\x75", "fail_add")                   # jnz fail
+    emit(b"\xbe" + struct.pack("<I", RNDADDENTROPY))  # mov esi, RNDADDENTROPY
+    emit(b"\x48\x89\xda")                   # mov rdx, rbx       &rand_pool_info
+    mov_eax(16)                             # mov eax, SYS_ioctl
+    emit(b"\x0f\x05")                       # syscall
+    emit(b"\x85\xc0")                       # test eax, eax
+    jcc8(b"\x75", "fail_add")               # jnz fail_add
     emit(b"\x44\x89\xe7")                   # mov edi, r12d
-    emit(b"\xbe" + struct.pack("<I", RNDRESEEDCRNG))
+    emit(b"\xbe" + struct.pack("<I", RNDRESEEDCRNG))  # mov esi, RNDRESEEDCRNG
     emit(b"\x31\xd2")                       # xor edx, edx
-    mov_eax(16)
-    emit(b"\x0f\x05")
-    emit(b"\x85\xc0")
-    jcc8(b"\x75", "fail_reseed")
+    mov_eax(16)                             # mov eax, SYS_ioctl
+    emit(b"\x0f\x05")                       # syscall
+    emit(b"\x85\xc0")                       # test eax, eax
+    jcc8(b"\x75", "fail_reseed")            # jnz fail_reseed
     emit(b"\x31\xff")                       # xor edi, edi
     jcc8(b"\xeb", "exit")                   # jmp exit
     for status, label in enumerate(("fail_read", "fail_open", "fail_add", "fail_reseed"), 1):
@@ -157,8 +157,8 @@ def reseed_helper() -> bytes:
         emit(b"\xbf" + struct.pack("<I", status))  # mov edi, status
         jcc8(b"\xeb", "exit")                      # jmp exit
     labels["exit"] = len(code)
-    mov_eax(60)                             # exit
-    emit(b"\x0f\x05")
+    mov_eax(60)                             # mov eax, SYS_exit
+    emit(b"\x0f\x05")                       # syscall
     labels["path"] = len(code)
     emit(b"/dev/urandom\0")
     while len(code) % 8:
