@@ -287,10 +287,20 @@ class Limits:
     # at least microvm_guest_memory_mib_min; an environment's boot to its ready frame may take
     # microvm_create_timeout_ms (a TCG boot is seconds; `up --backend microvm` gives it to the
     # frontends as their env_create_timeout_ms).
-    microvm_vmm_overhead_mb: int = 256
     microvm_tcg_cache_mib: int = 64
     microvm_guest_memory_mib_min: int = 128
     microvm_create_timeout_ms: int = 120_000
+    # Snapshots (microvm/snapshot.py): one QMP command's answer, a paused guest's save to its
+    # state file, a restore's load and the restored guest's first answer, the state file (more:
+    # not made, or refused at restore and the guest boots fresh).
+    microvm_qmp_timeout_ms: int = 30_000
+    microvm_snapshot_save_timeout_ms: int = 120_000
+    microvm_restore_timeout_ms: int = 60_000
+    microvm_snapshot_bytes_max: int = 1024 * MiB
+    # The VMM jailer (microvm/jailer.py): the VMM's memory beyond the guest's (its cgroup's limit
+    # is the guest's memory plus this; measured, docs/microvm.md) and its tasks (QEMU's threads).
+    microvm_vmm_overhead_mib: int = 256  # the backend's launcher and the jailer alike
+    microvm_vmm_pids_max: int = 64
 
 
 DEFAULT_LIMITS = Limits()

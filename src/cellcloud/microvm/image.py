@@ -90,16 +90,18 @@ def _load(folder: str) -> Image | None:
 
 
 def build(state_dir: str, *, boot_dir: str = BOOT_DIR,
-          limits: Limits = DEFAULT_LIMITS) -> tuple[Image, bool]:
+          limits: Limits = DEFAULT_LIMITS, init: bytes | None = None) -> tuple[Image, bool]:
     """The image of this host's current inputs, built unless it already is; returns it and
-    whether it was built now."""
+    whether it was built now. ``init``: another /init than ``core.init_script()`` (the snapshot
+    guest's); it is part of the image's digest, so each /init has its own image."""
     kernel_path, busybox_path = find_inputs(boot_dir)
     kernel = _read_input(kernel_path, limits)
     busybox = _read_input(busybox_path, limits)
     if not core.is_static_elf(busybox):
         raise ImageError(f"{busybox_path} is not a static busybox (apt-get install "
                          "busybox-static)")
-    init = core.init_script()
+    if init is None:
+        init = core.init_script()
     inputs = core.ImageInputs(
         kernel_release=core.kernel_release(os.path.basename(kernel_path)),
         kernel_sha256=hashlib.sha256(kernel).hexdigest(),

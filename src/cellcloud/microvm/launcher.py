@@ -82,7 +82,7 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
         cg = cgroups.Cgroup(spec.cgroup_group, spec.env_id)
         if cg.version:
             cg.create(cgroups.Limits(
-                (spec.memory_mb + DEFAULT_LIMITS.microvm_vmm_overhead_mb) * 1024 * 1024,
+                (spec.memory_mb + DEFAULT_LIMITS.microvm_vmm_overhead_mib) * 1024 * 1024,
                 spec.pids_max, spec.memory_mb,
                 cgroups.cpu_quota_us(spec.memory_mb, init=True)))
         elif not spec.allow_unlimited:
