@@ -1,0 +1,348 @@
+"""The EC2 API's volume subset in the control plane (issue #19, docs/volumes.md): volumes per
+tenant in the region's configuration store. boto3's ``ec2`` client and ``aws ec2`` reach it
+through the router (EC2's query protocol: a form ``Action=…&Version=2016-11-15``, SigV4
+service ``ec2``), which forwards the body and the caller's account here (op ``ec2``,
+pki.OPS_ALLOWED).
+
+The protocol is ``core/ec2_query.py``'s, the rules ``core/ec2_volumes.py``'s; this is the shell:
+the store, compare-and-set on a volume's record for every change (an attachment is exclusive:
+one record names the one writer and its ``attach_epoch``), idempotent creates by
+``ClientToken``. A volume's bytes are not the control plane's business: it records the volume;
+the host side that attaches it (volumes/attach.py) serves its blocks from a ``BlockStore``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ..core import ec2_volumes as vols
+from ..core.ec2_query import XML, Ec2Error, error_xml, invalid_value, parse_request, response_xml
+from ..core.limits import DEFAULT_LIMITS, Limits
+from .configstore import ConfigStore, ConfigStoreError, ConfigStoreUnavailable
+
+log = logging.getLogger("cellcloud.control.ec2")
+
+VOLUMES = "cellcloud/ec2/volumes/"  # <account>/<volume id> -> the volume's record
+TOKENS = "cellcloud/ec2/client-tokens/"  # <account>/<ClientToken> -> {"volume", "request"}
+
+
+def new_volume_id() -> str:
+    return "vol-" + secrets.token_hex(9)[:17]
+
+
+def form_pairs(body: bytes, query: str, params_max: int) -> list[tuple[str, str]]:
+    """The request's form (its body; a GET's query string) as decoded (name, value) pairs."""
+    try:
+        text = body.decode("utf-8") if body else query
+        return parse_qsl(text, keep_blank_values=True, strict_parsing=False,
+                         max_num_fields=params_max)
+    except (UnicodeDecodeError, ValueError):
+        raise invalid_value(f"The request is not a UTF-8 form of at most {params_max} "
+                            "parameters (ec2_request_params_max)") from None
+
+
+def _busy() -> Ec2Error:
+    return Ec2Error("Unavailable", "The volume kept changing under this request; try again",
+                    503)
+
+
+class Ec2:
+    """The ``ec2`` op of one control plane."""
+
+    def __init__(self, store: ConfigStore, region: str,
+                 clock: Callable[[], int] | None = None, limits: Limits = DEFAULT_LIMITS,
+                 new_id: Callable[[], str] = new_volume_id) -> None:
+        self.store = store
+        self.region = region
+        self.clock = clock or (lambda: int(time.time() * 1000))
+        self.limits = limits
+        self.new_id = new_id
+        self.counters = {"requests": 0, "errors": 0, "unsupported": 0, "cas_lost": 0}
+        self._ops: dict[str, Callable[[str, dict[str, Any]], Any]] = {
+            "CreateVolume": self.create_volume, "DescribeVolumes": self.describe_volumes,
+            "DeleteVolume": self.delete_volume, "CreateTags": self.create_tags,
+            "DeleteTags": self.delete_tags, "DescribeTags": self.describe_tags,
+            "DescribeAvailabilityZones": self.describe_availability_zones,
+        }
+
+    def statistics(self) -> dict[str, int]:
+        return dict(self.counters)
+
+    # -- the op --------------------------------------------------------------------------------
+    async def op(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.counters["requests"] += 1
+        request_id = str(uuid.uuid4())
+        try:
+            body = bytes(req.get("b") or b"")
+            if len(body) > self.limits.ec2_request_bytes_max:
+                raise invalid_value(f"The request is larger than ec2_request_bytes_max="
+                                    f"{self.limits.ec2_request_bytes_max} bytes")
+            parsed = parse_request(form_pairs(body, str(req.get("q") or ""),
+                                              self.limits.ec2_request_params_max),
+                                   list_items_max=self.limits.ec2_list_items_max)
+            handler = self._ops[parsed.action]
+            result: dict[str, Any] = await handler(str(req["a"]), parsed.params)
+        except Ec2Error as e:
+            self.counters["errors"] += 1
+            self.counters["unsupported"] += e.code == "UnsupportedOperation"
+            return {"s": e.status, "h": {"content-type": XML},
+                    "b": error_xml(e.code, e.message, request_id)}
+        except ConfigStoreUnavailable as e:
+            log.warning("config store: %s", e)
+            return {"s": 503, "h": {"content-type": XML},
+                    "b": error_xml("Unavailable", "The volume store is unavailable; try again",
+                                   request_id)}
+        except ConfigStoreError as e:
+            return {"s": 400, "h": {"content-type": XML},
+                    "b": error_xml("InvalidParameterValue", "The request does not fit the "
+                                   f"region's configuration store: {e}", request_id)}
+        return {"s": 200, "h": {"content-type": XML},
+                "b": response_xml(parsed.action, request_id, result)}
+
+    @staticmethod
+    def _dry_run(params: dict[str, Any]) -> None:
+        if params.get("DryRun"):
+            raise Ec2Error("DryRunOperation", "Request would have succeeded, but DryRun flag "
+                           "is set.", 412)
+
+    def _key(self, account: str, volume_id: str) -> str:
+        return f"{VOLUMES}{account}/{volume_id}"
+
+    async def _get(self, account: str, volume_id: str) -> tuple[dict[str, Any], int]:
+        """A volume of ``account`` (another account's id is not found: ids are per tenant)."""
+        vols.check_volume_id(volume_id)
+        e = await self.store.get(self._key(account, volume_id))
+        if e is None:
+            raise vols.volume_not_found(volume_id)
+        rec: dict[str, Any] = json.loads(e.value)
+        return rec, e.revision
+
+    async def _change(self, account: str, volume_id: str,
+                      change: Callable[[dict[str, Any]], dict[str, Any] | None]
+                      ) -> dict[str, Any]:
+        """Apply ``change`` to a volume's record by compare-and-set (retried on a lost race);
+        ``change`` returns the new record, or None for no write."""
+        for _ in range(self.limits.ec2_cas_attempts_max):
+            rec, rev = await self._get(account, volume_id)
+            new = change(rec)
+            if new is None:
+                return rec
+            if await self.store.cas(self._key(account, volume_id), rev,
+                                    json.dumps(new).encode()) is not None:
+                return new
+            self.counters["cas_lost"] += 1
+        raise _busy()
+
+    # -- volumes -------------------------------------------------------------------------------
+    async def create_volume(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
+        spec = vols.validate_create(params, self.region, self.limits)
+        self._dry_run(params)
+        request = {k: v for k, v in params.items() if k not in ("ClientToken", "DryRun")}
+        volume_id: str | None = None
+        token_key = f"{TOKENS}{account}/{spec.client_token}" if spec.client_token else None
+        if token_key is not None:
+            e = await self.store.get(token_key)
+            if e is not None:
+                held = json.loads(e.value)
+                if held["request"] != request:
+                    raise Ec2Error("IdempotentParameterMismatch", "The ClientToken was used "
+                                   "before with other parameters")
+                volume_id = str(held["volume"])
+                found = await self.store.get(self._key(account, volume_id))
+                if found is not None:  # the first request's volume
+                    return vols.volume_doc(json.loads(found.value), account, self.region)
+                # the first request stopped between its token and its volume: finish it
+        if len(await self.store.list(f"{VOLUMES}{account}/")) \
+                >= self.limits.ec2_volumes_per_tenant_max:
+            raise Ec2Error("VolumeLimitExceeded", f"An account has at most "
+                           f"{self.limits.ec2_volumes_per_tenant_max} volumes "
+                           "(ec2_volumes_per_tenant_max)")
+        if volume_id is None:
+            volume_id = self.new_id()
+            if token_key is not None and await self.store.cas(
+                    token_key, 0, json.dumps({"volume": volume_id,
+                                              "request": request}).encode()) is None:
+                raise _busy()  # another request with this token is creating it right now
+        rec = {"id": volume_id, "size_gib": spec.size_gib, "type": spec.volume_type,
+               "zone": spec.zone, "state": "available", "created_ms": self.clock(),
+               "tags": spec.tags, "attachment": None, "attach_epoch": 0}
+        if await self.store.cas(self._key(account, volume_id), 0,
+                                json.dumps(rec).encode()) is None:
+            raise Ec2Error("InternalError", "A volume id was used twice; try again", 500)
+        return vols.volume_doc(rec, account, self.region)
+
+    async def describe_volumes(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
+        ids: list[str] = params.get("VolumeId", [])
+        n = vols.max_results(params, vols.DESCRIBE_VOLUMES_RESULTS)
+        if ids and (n is not None or params.get("NextToken")):
+            raise Ec2Error("InvalidParameterCombination", "The parameter volumeIdSet cannot "
+                           "be used with the parameter maxResults")
+        filters = vols.parse_filters(params, vols.VOLUME_FILTERS, self.limits)
+        self._dry_run(params)
+        if ids:
+            records = [(await self._get(account, i))[0] for i in ids]
+        else:
+            records = [json.loads(e.value)
+                       for e in await self.store.list(f"{VOLUMES}{account}/")]
+        chosen = {r["id"]: r for r in records
+                  if vols.matches(filters, lambda name, r=r: vols.volume_fields(r, name))}
+        keys, token = vols.page(sorted(chosen), params, n)
+        out: dict[str, Any] = {
+            "volumeSet": [vols.volume_doc(chosen[k], account, self.region) for k in keys]}
+        if token:
+            out["nextToken"] = token
+        return out
+
+    async def delete_volume(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
+        volume_id = params.get("VolumeId")
+        if not volume_id:
+            raise Ec2Error("MissingParameter", "The request must contain the parameter "
+                           "VolumeId")
+        self._dry_run(params)
+
+        def deleting(rec: dict[str, Any]) -> dict[str, Any] | None:
+            if rec.get("attachment"):
+                raise Ec2Error("VolumeInUse", f"Volume {volume_id} is currently attached to "
+                               f"{rec['attachment']['target']}")
+            return None if rec["state"] == "deleting" else {**rec, "state": "deleting"}
+
+        # First the record says "deleting" (by compare-and-set: an attach can no longer win),
+        # then it goes.
+        await self._change(account, volume_id, deleting)
+        await self.store.delete(self._key(account, volume_id))
+        return {"return": True}
+
+    # -- attachment (the host side's; one writer at a time) --------------------------------------
+    async def attach(self, account: str, volume_id: str, target: str,
+                     device: str = "/dev/sdf") -> dict[str, Any]:
+        """Make ``target`` the volume's one writer: answers the record with the new
+        ``attach_epoch`` (every write of the attachment carries it; an older epoch is fenced)."""
+
+        def attaching(rec: dict[str, Any]) -> dict[str, Any]:
+            if rec["state"] == "deleting":
+                raise Ec2Error("IncorrectState", f"Volume {volume_id} is being deleted")
+            if rec.get("attachment"):
+                raise Ec2Error("VolumeInUse", f"{volume_id} is already attached to "
+                               f"{rec['attachment']['target']}")
+            epoch = int(rec.get("attach_epoch", 0)) + 1
+            return {**rec, "state": "in-use", "attach_epoch": epoch,
+                    "attachment": {"target": target, "device": device, "attach_epoch": epoch,
+                                   "attached_ms": self.clock()}}
+
+        return await self._change(account, volume_id, attaching)
+
+    async def detach(self, account: str, volume_id: str, attach_epoch: int) -> dict[str, Any]:
+        """End the attachment of epoch ``attach_epoch`` (a stale epoch changes nothing)."""
+
+        def detaching(rec: dict[str, Any]) -> dict[str, Any] | None:
+            att = rec.get("attachment")
+            if not att:
+                raise Ec2Error("IncorrectState", f"Volume {volume_id} is not attached")
+            if att["attach_epoch"] != attach_epoch:
+                raise Ec2Error("IncorrectState", f"Volume {volume_id} is attached under epoch "
+                               f"{att['attach_epoch']}, not {attach_epoch}")
+            return {**rec, "state": "available", "attachment": None}
+
+        return await self._change(account, volume_id, detaching)
+
+    # -- tags ----------------------------------------------------------------------------------
+    def _resources(self, params: dict[str, Any]) -> list[str]:
+        ids: list[str] = params.get("ResourceId", [])
+        if not ids:
+            raise Ec2Error("MissingParameter", "The request must contain the parameter "
+                           "resourceIdSet")
+        for i in ids:
+            if not i.startswith("vol-"):
+                raise Ec2Error("InvalidID", f"The ID '{i[:80]}' is not valid: cellcloud tags "
+                               "volumes only")
+            vols.check_volume_id(i)
+        return ids
+
+    async def create_tags(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
+        ids = self._resources(params)
+        if not params.get("Tag"):
+            raise Ec2Error("MissingParameter", "The request must contain the parameter Tag")
+        new = vols.check_tags(params["Tag"], "Tag", self.limits)
+        self._dry_run(params)
+        for i in ids:
+            await self._get(account, i)  # every id exists before any is changed
+        keys = {t["Key"] for t in new}
+        for i in ids:
+            await self._change(account, i, lambda rec: {**rec, "tags": vols.check_tags(
+                [t for t in rec["tags"] if t["Key"] not in keys] + new, "Tag", self.limits)})
+        return {"return": True}
+
+    async def delete_tags(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
+        ids = self._resources(params)
+        gone: list[dict[str, Any]] = params.get("Tag", [])
+        for t in gone:
+            if not t.get("Key"):
+                raise Ec2Error("MissingParameter", "A tag to delete needs its Key")
+        self._dry_run(params)
+
+        def keep(t: dict[str, str]) -> bool:
+            if not gone:  # no Tag member: every tag goes (EC2)
+                return False
+            return not any(g["Key"] == t["Key"] and ("Value" not in g or g["Value"] == t["Value"])
+                           for g in gone)
+
+        for i in ids:
+            await self._get(account, i)
+        for i in ids:
+            await self._change(account, i,
+                               lambda rec: {**rec, "tags": [t for t in rec["tags"] if keep(t)]})
+        return {"return": True}
+
+    async def describe_tags(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
+        n = vols.max_results(params, vols.DESCRIBE_TAGS_RESULTS)
+        filters = vols.parse_filters(params, vols.TAG_FILTERS, self.limits)
+        self._dry_run(params)
+        items: dict[str, dict[str, str]] = {}
+        for e in await self.store.list(f"{VOLUMES}{account}/"):
+            rec = json.loads(e.value)
+            for t in rec["tags"]:
+                item = {"resourceId": rec["id"], "resourceType": "volume", "key": t["Key"],
+                        "value": t["Value"]}
+                fields = {"resource-id": [rec["id"]], "resource-type": ["volume"],
+                          "key": [t["Key"]], "value": [t["Value"]]}
+                if vols.matches(filters, fields.__getitem__):
+                    items[f"{rec['id']}\x00{t['Key']}"] = item
+        keys, token = vols.page(sorted(items), params, n)
+        out: dict[str, Any] = {"tagSet": [items[k] for k in keys]}
+        if token:
+            out["nextToken"] = token
+        return out
+
+    async def describe_availability_zones(self, account: str, params: dict[str, Any]
+                                          ) -> dict[str, Any]:
+        filters = vols.parse_filters(params, ("zone-name", "zone-id", "state", "region-name"),
+                                     self.limits)
+        self._dry_run(params)
+        known = vols.zones(self.region)
+        for name in params.get("ZoneName", []):
+            if name not in {z.name for z in known}:
+                raise invalid_value(f"The zone '{name[:60]}' does not exist.")
+        for zid in params.get("ZoneId", []):
+            if zid not in {z.zone_id for z in known}:
+                raise invalid_value(f"The zone ID '{zid[:60]}' does not exist.")
+        out = []
+        for z in known:
+            if params.get("ZoneName") and z.name not in params["ZoneName"]:
+                continue
+            if params.get("ZoneId") and z.zone_id not in params["ZoneId"]:
+                continue
+            fields = {"zone-name": [z.name], "zone-id": [z.zone_id], "state": ["available"],
+                      "region-name": [self.region]}
+            if vols.matches(filters, fields.__getitem__):
+                out.append({"zoneName": z.name, "zoneId": z.zone_id, "zoneState": "available",
+                            "regionName": self.region, "zoneType": "availability-zone",
+                            "optInStatus": "opt-in-not-required", "groupName": self.region,
+                            "networkBorderGroup": self.region, "messageSet": None})
+        return {"availabilityZoneInfo": out}

@@ -1,0 +1,261 @@
+"""The control plane's EC2 volume API (control/ec2.py) in-process, over a real SQLite
+configuration store, spoken to as boto3 speaks: botocore's ``ec2`` serializer writes each
+request and its parser reads each answer. Volumes, filters and pages, tags, sizes and types out
+of range, attachment (exclusive, epochs), tenant isolation, unknown members."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import botocore.session
+import pytest
+from botocore import parsers, serialize
+
+from cellcloud.control.configstore import SqliteConfigStore
+from cellcloud.control.ec2 import VOLUMES, Ec2
+
+A, B = "111122223333", "444455556666"
+REGION = "cc-local-1"
+ZONE = f"{REGION}a"
+EC2 = botocore.session.get_session().get_service_model("ec2")
+
+
+class Api:
+    def __init__(self, store: SqliteConfigStore) -> None:
+        self.store = store
+        self.now = 1_800_000_000_000
+        self.ec2 = Ec2(store, REGION, clock=lambda: self.now)
+
+    def raw(self, body: bytes, account: str = A) -> dict[str, Any]:
+        return asyncio.run(self.ec2.op({"b": body, "q": "", "a": account}))
+
+    def __call__(self, op: str, params: dict[str, Any] | None = None, account: str = A
+                 ) -> tuple[int, dict[str, Any]]:
+        model = EC2.operation_model(op)
+        req = serialize.create_serializer("ec2").serialize_to_request(params or {}, model)
+        r = self.raw(urlencode(req["body"]).encode(), account)
+        assert r["h"]["content-type"].startswith("text/xml")
+        out = parsers.create_parser("ec2").parse(
+            {"status_code": r["s"], "headers": r["h"], "body": r["b"]}, model.output_shape)
+        return r["s"], out
+
+    def ok(self, op: str, params: dict[str, Any] | None = None, account: str = A
+           ) -> dict[str, Any]:
+        status, out = self(op, params, account)
+        assert status == 200, out
+        return out
+
+    def err(self, op: str, params: dict[str, Any] | None = None, account: str = A
+            ) -> tuple[str, str]:
+        status, out = self(op, params, account)
+        assert status >= 400, out
+        return out["Error"]["Code"], out["Error"]["Message"]
+
+    def create(self, size: int = 8, account: str = A, **extra: Any) -> dict[str, Any]:
+        return self.ok("CreateVolume", {"AvailabilityZone": ZONE, "Size": size, **extra},
+                       account)
+
+    def attach(self, volume_id: str, target: str = "task/t1", account: str = A
+               ) -> dict[str, Any]:
+        out: dict[str, Any] = asyncio.run(self.ec2.attach(account, volume_id, target))
+        return out
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Api:
+    return Api(SqliteConfigStore(str(tmp_path / "config.db")))
+
+
+def test_create_describe_delete(api: Api) -> None:
+    v = api.create(8, VolumeType="gp3", TagSpecifications=[
+        {"ResourceType": "volume", "Tags": [{"Key": "team", "Value": "web"}]}])
+    assert re.fullmatch(r"vol-[0-9a-f]{17}", v["VolumeId"])
+    assert (v["Size"], v["VolumeType"], v["AvailabilityZone"], v["State"], v["Encrypted"]) \
+        == (8, "gp3", ZONE, "available", False)
+    assert v["Tags"] == [{"Key": "team", "Value": "web"}]
+    assert "Iops" not in v and "Throughput" not in v  # nothing is provisioned, nothing echoed
+    d = api.ok("DescribeVolumes", {"VolumeIds": [v["VolumeId"]]})["Volumes"]
+    assert [x["VolumeId"] for x in d] == [v["VolumeId"]] and d[0]["Size"] == 8
+    assert api.create(1)["VolumeType"] == "gp2"  # EC2's default type
+    assert len(api.ok("DescribeVolumes")["Volumes"]) == 2
+    api.ok("DeleteVolume", {"VolumeId": v["VolumeId"]})
+    assert api.err("DescribeVolumes", {"VolumeIds": [v["VolumeId"]]})[0] \
+        == "InvalidVolume.NotFound"
+    assert api.err("DeleteVolume", {"VolumeId": v["VolumeId"]})[0] == "InvalidVolume.NotFound"
+    assert api.err("DeleteVolume", {"VolumeId": "vol-nope"})[0] == "InvalidVolumeID.Malformed"
+    assert len(api.ok("DescribeVolumes")["Volumes"]) == 1
+
+
+@pytest.mark.parametrize("params,code", [
+    ({"Size": 0}, "InvalidParameterValue"),
+    ({"Size": -1}, "InvalidParameterValue"),
+    ({"Size": 16_385}, "InvalidParameterValue"),
+    ({"Size": 1_025, "VolumeType": "standard"}, "InvalidParameterValue"),
+    ({"Size": 100, "VolumeType": "st1"}, "InvalidParameterValue"),
+    ({"Size": 10, "VolumeType": "io2"}, "InvalidParameterValue"),
+    ({"Size": 10, "VolumeType": "gp3", "Iops": 3000}, "InvalidParameterValue"),
+    ({"Size": 10, "VolumeType": "gp3", "Throughput": 125}, "InvalidParameterValue"),
+    ({"Size": 10, "Encrypted": True}, "InvalidParameterValue"),
+    ({"Size": 10, "MultiAttachEnabled": True}, "InvalidParameterValue"),
+    ({"Size": 10, "SnapshotId": "snap-0123456789abcdef0"}, "InvalidParameterValue"),
+    ({"Size": 10, "AvailabilityZone": "us-east-1a"}, "InvalidParameterValue"),
+    ({"Size": 10, "AvailabilityZone": None}, "MissingParameter"),
+    ({}, "MissingParameter"),
+    ({"Size": 10, "TagSpecifications": [{"ResourceType": "instance", "Tags": [
+        {"Key": "a", "Value": "b"}]}]}, "InvalidParameterValue"),
+    ({"Size": 10, "TagSpecifications": [{"ResourceType": "volume", "Tags": [
+        {"Key": f"k{i}", "Value": "v"} for i in range(51)]}]}, "TagLimitExceeded"),
+    ({"Size": 10, "TagSpecifications": [{"ResourceType": "volume", "Tags": [
+        {"Key": "aws:x", "Value": "v"}]}]}, "InvalidParameterValue"),
+    ({"Size": 10, "DryRun": True}, "DryRunOperation"),
+])
+def test_create_refusals(api: Api, params: dict[str, Any], code: str) -> None:
+    p = {"AvailabilityZone": ZONE, **params}
+    p = {k: v for k, v in p.items() if v is not None}
+    assert api.err("CreateVolume", p)[0] == code
+    assert api.ok("DescribeVolumes")["Volumes"] == []  # nothing was made
+
+
+def test_sizes_at_the_edges_and_zone_id(api: Api) -> None:
+    assert api.create(16_384)["Size"] == 16_384
+    assert api.create(125, VolumeType="sc1")["VolumeType"] == "sc1"
+    v = api.ok("CreateVolume", {"AvailabilityZoneId": f"{REGION}-az1", "Size": 1})
+    assert v["AvailabilityZone"] == ZONE
+    zones = api.ok("DescribeAvailabilityZones")["AvailabilityZones"]
+    assert [(z["ZoneName"], z["ZoneId"], z["State"]) for z in zones] \
+        == [(ZONE, f"{REGION}-az1", "available")]
+
+
+def test_unknown_members_and_operations(api: Api) -> None:
+    r = api.raw(b"Action=DescribeVolumes&Version=2016-11-15&Colour=blue")
+    assert r["s"] == 400 and b"<Code>UnknownParameter</Code>" in r["b"]
+    assert b"Colour" in r["b"] and b"<RequestID>" in r["b"]
+    r = api.raw(b"Action=RunInstances&Version=2016-11-15&ImageId=ami-1")
+    assert r["s"] == 400 and b"<Code>UnsupportedOperation</Code>" in r["b"]
+
+
+def test_filters_and_pages(api: Api) -> None:
+    made = [api.create(size, TagSpecifications=[{"ResourceType": "volume", "Tags": [
+        {"Key": "team", "Value": "web" if size % 2 else "db"}]}])["VolumeId"]
+        for size in range(1, 13)]
+    def ids(**p: Any) -> list[str]:
+        return sorted(v["VolumeId"] for v in api.ok("DescribeVolumes", p)["Volumes"])
+    assert ids(Filters=[{"Name": "tag:team", "Values": ["web"]}]) \
+        == sorted(made[0::2])
+    assert ids(Filters=[{"Name": "tag:team", "Values": ["w*"]},
+                        {"Name": "size", "Values": ["1", "3", "4"]}]) == sorted(made[0:3:2])
+    assert ids(Filters=[{"Name": "volume-id", "Values": [made[5]]}]) == [made[5]]
+    assert ids(Filters=[{"Name": "status", "Values": ["in-use"]}]) == []
+    assert ids(Filters=[{"Name": "availability-zone", "Values": [ZONE]}]) == sorted(made)
+    assert ids(Filters=[{"Name": "tag-key", "Values": ["nope"]}]) == []
+    assert api.err("DescribeVolumes", {"Filters": [{"Name": "colour", "Values": ["x"]}]})[0] \
+        == "InvalidParameterValue"
+    seen: list[str] = []
+    token: str | None = None
+    pages = 0
+    while True:
+        p: dict[str, Any] = {"MaxResults": 5, **({"NextToken": token} if token else {})}
+        out = api.ok("DescribeVolumes", p)
+        seen += [v["VolumeId"] for v in out["Volumes"]]
+        pages += 1
+        token = out.get("NextToken")
+        if not token:
+            break
+    assert pages == 3 and sorted(seen) == sorted(made) and len(seen) == len(set(seen))
+    assert api.err("DescribeVolumes", {"MaxResults": 4})[0] == "InvalidParameterValue"
+    assert api.err("DescribeVolumes", {"MaxResults": 5, "VolumeIds": [made[0]]})[0] \
+        == "InvalidParameterCombination"
+    assert api.err("DescribeVolumes", {"NextToken": "garbage"})[0] == "InvalidPaginationToken"
+
+
+def test_tenants_are_isolated(api: Api) -> None:
+    mine = api.create(4)["VolumeId"]
+    theirs = api.create(5, account=B)["VolumeId"]
+    assert [v["VolumeId"] for v in api.ok("DescribeVolumes")["Volumes"]] == [mine]
+    for op, p in [("DescribeVolumes", {"VolumeIds": [theirs]}),
+                  ("DeleteVolume", {"VolumeId": theirs}),
+                  ("CreateTags", {"Resources": [theirs], "Tags": [{"Key": "a", "Value": "b"}]})]:
+        assert api.err(op, p)[0] == "InvalidVolume.NotFound", op
+    assert api.ok("DescribeTags", {})["Tags"] == []
+    assert api.ok("DescribeVolumes", account=B)["Volumes"][0]["VolumeId"] == theirs
+
+
+def test_an_attached_volume_is_not_deleted_and_attachment_is_exclusive(api: Api) -> None:
+    vid = api.create(2)["VolumeId"]
+    rec = api.attach(vid, "task/one")
+    assert rec["attach_epoch"] == 1 and rec["state"] == "in-use"
+    v = api.ok("DescribeVolumes", {"VolumeIds": [vid]})["Volumes"][0]
+    assert v["State"] == "in-use" and v["Attachments"][0]["InstanceId"] == "task/one"
+    assert api.err("DeleteVolume", {"VolumeId": vid}) == (
+        "VolumeInUse", f"Volume {vid} is currently attached to task/one")
+    with pytest.raises(Exception, match="already attached"):
+        api.attach(vid, "task/two")
+    with pytest.raises(Exception, match="epoch 1, not 7"):  # a stale detach changes nothing
+        asyncio.run(api.ec2.detach(A, vid, 7))
+    asyncio.run(api.ec2.detach(A, vid, 1))
+    assert api.attach(vid, "task/two")["attach_epoch"] == 2  # epochs only grow
+    asyncio.run(api.ec2.detach(A, vid, 2))
+    api.ok("DeleteVolume", {"VolumeId": vid})
+    with pytest.raises(Exception, match="does not exist"):
+        api.attach(vid, "task/three", account=A)
+
+
+def test_a_delete_in_progress_refuses_an_attach(api: Api) -> None:
+    """The delete's first step (the record says "deleting") makes an attach lose, so a
+    volume is never deleted under a writer."""
+    vid = api.create(2)["VolumeId"]
+    key = f"{VOLUMES}{A}/{vid}"
+    e = asyncio.run(api.store.get(key))
+    assert e is not None
+    asyncio.run(api.store.put(key, e.value.replace(b'"available"', b'"deleting"')))
+    with pytest.raises(Exception, match="being deleted"):
+        api.attach(vid)
+
+
+def test_tags(api: Api) -> None:
+    a, b = api.create(1)["VolumeId"], api.create(2)["VolumeId"]
+    api.ok("CreateTags", {"Resources": [a, b], "Tags": [{"Key": "env", "Value": "prod"},
+                                                        {"Key": "team", "Value": "web"}]})
+    api.ok("CreateTags", {"Resources": [b], "Tags": [{"Key": "env", "Value": "dev"}]})
+    tags = api.ok("DescribeTags", {"Filters": [{"Name": "key", "Values": ["env"]}]})["Tags"]
+    assert sorted((t["ResourceId"], t["Value"]) for t in tags) == sorted([(a, "prod"),
+                                                                         (b, "dev")])
+    assert all(t["ResourceType"] == "volume" for t in tags)
+    api.ok("DeleteTags", {"Resources": [a, b], "Tags": [{"Key": "env", "Value": "dev"}]})
+    left = {(t["ResourceId"], t["Key"]) for t in api.ok("DescribeTags")["Tags"]}
+    assert left == {(a, "env"), (a, "team"), (b, "team")}  # only b's env=dev went
+    api.ok("DeleteTags", {"Resources": [a]})  # no Tag member: all of a's
+    assert {t["ResourceId"] for t in api.ok("DescribeTags")["Tags"]} == {b}
+    assert api.err("CreateTags", {"Resources": ["i-0123456789abcdef0"],
+                                  "Tags": [{"Key": "a", "Value": "b"}]})[0] == "InvalidID"
+    missing = "vol-0000000000000000f"
+    assert api.err("CreateTags", {"Resources": [a, missing],
+                                  "Tags": [{"Key": "x", "Value": "y"}]})[0] \
+        == "InvalidVolume.NotFound"
+    assert api.ok("DescribeVolumes", {"VolumeIds": [a]})["Volumes"][0].get("Tags") is None
+
+
+def test_client_token_makes_create_idempotent(api: Api) -> None:
+    one = api.create(3, ClientToken="tok-1")
+    again = api.create(3, ClientToken="tok-1")
+    assert again["VolumeId"] == one["VolumeId"]
+    assert len(api.ok("DescribeVolumes")["Volumes"]) == 1
+    assert api.err("CreateVolume", {"AvailabilityZone": ZONE, "Size": 4,
+                                    "ClientToken": "tok-1"})[0] == "IdempotentParameterMismatch"
+
+
+def test_volume_limit(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from cellcloud.core.limits import DEFAULT_LIMITS
+    api = Api(SqliteConfigStore(str(tmp_path / "c.db")))
+    api.ec2.limits = replace(DEFAULT_LIMITS, ec2_volumes_per_tenant_max=2)
+    api.create(1)
+    api.create(1)
+    assert api.err("CreateVolume", {"AvailabilityZone": ZONE, "Size": 1})[0] \
+        == "VolumeLimitExceeded"
+    api.create(1, account=B)  # per account
