@@ -1,0 +1,133 @@
+"""A volume attached as a block device with ext4 on it (volumes/attach.py, issue #19): the
+volume's bytes as one FUSE file served from a FileBlockStore, a loop device over it, ext4 made
+on the first attach. Written files come back after a detach and a new attach; an fsync in the
+ext4 reaches ``BlockStore.flush`` before it returns, and the data is in the store by then; a
+write past the end of the device is refused as a block device refuses it."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from cellcloud.volumes.attach import attach_file, detach
+from cellcloud.volumes.blockdev import FileBlockStore
+
+pytestmark = pytest.mark.integration
+SIZE = 64 * 1024 * 1024
+
+
+def _mountinfo(mount_at: str) -> tuple[str, str] | None:
+    """(fs type, source) of the mount at ``mount_at``, from /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == mount_at:
+                fstype, source = right.split()[:2]
+                return fstype, source
+    return None
+
+
+def test_attach_write_fsync_detach_reattach_read_back(tmp_path: Path) -> None:
+    backing = str(tmp_path / "vol.img")
+    fuse_dir, mnt = str(tmp_path / "fuse"), str(tmp_path / "mnt")
+    stats = str(tmp_path / "stats.json")
+    marker = os.urandom(16).hex().encode() * 64  # 2 KiB nobody else writes
+
+    async def first() -> None:
+        att = await attach_file(backing, SIZE, fuse_dir, mnt, stats_path=stats)
+        try:
+            assert att.formatted  # the first attach made the filesystem
+            assert _mountinfo(mnt) == ("ext4", att.loop_device)
+            assert att.loop_device.startswith("/dev/loop")
+            assert _mountinfo(fuse_dir) is not None  # the FUSE file under it
+            os.makedirs(f"{mnt}/dir")
+            for i in range(20):
+                Path(f"{mnt}/dir/f{i}").write_bytes(b"%d\n" % i * 1000)
+            before = att.stats().get("store", {}).get("flushes", 0)
+            fd = os.open(f"{mnt}/marked", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, marker)
+                os.fsync(fd)  # ext4 → loop → FUSE_FSYNC → BlockStore.flush, before it returns
+            finally:
+                os.close(fd)
+            assert att.stats()["store"]["flushes"] > before  # counted by the BlockStore
+            with open(backing, "rb") as f:  # the store holds the bytes once fsync returned
+                assert marker in f.read()
+        finally:
+            await detach(att)
+        assert _mountinfo(mnt) is None and _mountinfo(fuse_dir) is None
+        assert att.server.returncode is not None
+
+    async def second() -> None:
+        att = await attach_file(backing, SIZE, fuse_dir, mnt)
+        try:
+            assert not att.formatted  # the filesystem was kept
+            assert Path(f"{mnt}/marked").read_bytes() == marker
+            for i in range(20):
+                assert Path(f"{mnt}/dir/f{i}").read_bytes() == b"%d\n" % i * 1000
+        finally:
+            await detach(att)
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+def test_writes_past_the_end_are_refused(tmp_path: Path) -> None:
+    backing = str(tmp_path / "vol.img")
+    fuse_dir, mnt = str(tmp_path / "fuse"), str(tmp_path / "mnt")
+
+    async def run() -> None:
+        att = await attach_file(backing, SIZE, fuse_dir, mnt)
+        try:
+            with open(f"/sys/block/{os.path.basename(att.loop_device)}/size") as f:
+                assert int(f.read()) * 512 == SIZE  # the device is the volume's size
+            fd = os.open(att.loop_device, os.O_WRONLY)
+            try:
+                with pytest.raises(OSError) as e:
+                    os.pwrite(fd, b"x" * 4096, SIZE)  # the block layer: past the end
+                assert e.value.errno == errno.ENOSPC
+            finally:
+                os.close(fd)
+            fd = os.open(f"{fuse_dir}/volume", os.O_WRONLY)
+            try:
+                # The FUSE file as a block device answers: a write that crosses the end is
+                # short (what fits), one at the end is ENOSPC.
+                assert os.pwrite(fd, b"x" * 512, SIZE - 256) == 256
+                with pytest.raises(OSError) as e:
+                    os.pwrite(fd, b"x" * 512, SIZE)
+                assert e.value.errno == errno.ENOSPC
+                with pytest.raises(OSError) as e:
+                    os.ftruncate(fd, SIZE * 2)
+                assert e.value.errno == errno.EPERM
+            finally:
+                os.close(fd)
+        finally:
+            await detach(att)
+        assert os.path.getsize(backing) == SIZE
+
+    asyncio.run(run())
+
+
+def test_file_block_store(tmp_path: Path) -> None:
+    async def run() -> None:
+        s = FileBlockStore(str(tmp_path / "b"), 4096)
+        await s.write(1000, b"abc")
+        await s.flush()
+        assert await s.read(999, 5) == b"\0abc\0"
+        for off, n in [(4095, 2), (-1, 1), (5000, 0)]:
+            with pytest.raises(ValueError):
+                await s.read(off, n)
+        with pytest.raises(ValueError):
+            await s.write(4094, b"xyz")
+        assert s.counters["flushes"] == 1 and s.counters["bytes_written"] == 3
+        s.close()
+        with pytest.raises(ValueError, match="not the volume's"):
+            FileBlockStore(str(tmp_path / "b"), 8192)
+        with pytest.raises(ValueError):
+            FileBlockStore(str(tmp_path / "c"), 1000)
+
+    asyncio.run(run())
