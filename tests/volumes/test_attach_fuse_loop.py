@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cellcloud.volumes.attach import attach_file, detach
-from cellcloud.volumes.blockdev import FileBlockStore
+from cellcloud.volumes.attach import AttachError, attach_file, detach
+from cellcloud.volumes.blockdev import FileBlockStore, StoreBusy
 
 pytestmark = pytest.mark.integration
 SIZE = 64 * 1024 * 1024
@@ -76,6 +76,22 @@ def test_attach_write_fsync_detach_reattach_read_back(tmp_path: Path) -> None:
     asyncio.run(second())
 
 
+def test_a_second_attach_of_the_same_volume_is_refused(tmp_path: Path) -> None:
+    backing = str(tmp_path / "vol.img")
+
+    async def run() -> None:
+        att = await attach_file(backing, SIZE, str(tmp_path / "f1"), str(tmp_path / "m1"))
+        try:
+            with pytest.raises(AttachError, match="one writer at a time"):
+                await attach_file(backing, SIZE, str(tmp_path / "f2"), str(tmp_path / "m2"))
+            assert _mountinfo(str(tmp_path / "f2")) is None
+            assert _mountinfo(str(tmp_path / "m1")) == ("ext4", att.loop_device)
+        finally:
+            await detach(att)
+
+    asyncio.run(run())
+
+
 def test_writes_past_the_end_are_refused(tmp_path: Path) -> None:
     backing = str(tmp_path / "vol.img")
     fuse_dir, mnt = str(tmp_path / "fuse"), str(tmp_path / "mnt")
@@ -124,7 +140,10 @@ def test_file_block_store(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             await s.write(4094, b"xyz")
         assert s.counters["flushes"] == 1 and s.counters["bytes_written"] == 3
+        with pytest.raises(StoreBusy):  # one writer at a time
+            FileBlockStore(str(tmp_path / "b"), 4096)
         s.close()
+        FileBlockStore(str(tmp_path / "b"), 4096).close()  # free again once closed
         with pytest.raises(ValueError, match="not the volume's"):
             FileBlockStore(str(tmp_path / "b"), 8192)
         with pytest.raises(ValueError):

@@ -12,6 +12,7 @@ an fsync in the filesystem on top becomes).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 from typing import Protocol
 
@@ -32,10 +33,15 @@ def check_range(size_bytes: int, offset: int, length: int) -> None:
                          f"{size_bytes} bytes")
 
 
+class StoreBusy(Exception):
+    """The volume's bytes are held by another writer."""
+
+
 class FileBlockStore:
     """A volume's bytes in one local (sparse) file. Writes are ``O_DSYNC`` (durable when
     ``write`` returns, as the contract says); ``flush`` is an ``fdatasync`` all the same, so
-    that a flush is never a no-op."""
+    that a flush is never a no-op. The file is ``flock``ed for the store's life: a second
+    store on it (a second attach of the volume) is :class:`StoreBusy`."""
 
     def __init__(self, path: str, size_bytes: int) -> None:
         if size_bytes <= 0 or size_bytes % 512:
@@ -44,6 +50,11 @@ class FileBlockStore:
         self.size_bytes = size_bytes
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DSYNC | os.O_CLOEXEC, 0o600)
         try:
+            try:  # one writer: a second store on the same file (another attach) is refused
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreBusy(f"{path} is open as a volume elsewhere (one writer at a "
+                                "time)") from None
             have = os.fstat(self._fd).st_size
             if have == 0:
                 os.ftruncate(self._fd, size_bytes)
