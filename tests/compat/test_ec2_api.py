@@ -140,3 +140,17 @@ vid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["VolumeId"
     assert json.loads((tmp_path / "d.json").read_text())["Volumes"][0]["VolumeId"] \
         == made["VolumeId"]
     assert "InvalidParameterValue" in (tmp_path / "err.txt").read_text()
+
+
+def test_an_oversized_request_is_refused_in_ec2s_xml(ec2: Any, region: Region) -> None:
+    """Refused by the router from its declared length, before the body is read, and written
+    as EC2 writes errors (botocore reads the code from the XML)."""
+    def refused() -> int:
+        return int(region.client.status()["router"]["counters"]["refused_before_body"])
+
+    before = refused()
+    with pytest.raises(ClientError) as e:
+        ec2.describe_volumes(Filters=[{"Name": "tag:k", "Values": ["x" * 300_000]}])
+    assert _code(e) == "RequestEntityTooLargeException"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+    assert refused() == before + 1
