@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from typing import Any
@@ -77,6 +78,8 @@ async def run(a: argparse.Namespace) -> None:
             print(f"  {name}: volume {vol}  local {loc}", flush=True)
     finally:
         await detach(att)
+        if not a.dir:  # a directory of its own: gone with its sparse volume file
+            shutil.rmtree(base, ignore_errors=True)
     print(f"load after: {loadavg()}")
     print("\n| job | volume IOPS | local IOPS | ratio | volume p50 / p99 ms | "
           "local p50 / p99 ms | volume MiB/s | local MiB/s |")
