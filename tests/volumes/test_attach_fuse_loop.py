@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from cellcloud.volumes.attach import AttachError, attach_file, detach
+from cellcloud.core.ec2_query import Ec2Error
+from cellcloud.volumes.attach import (
+    AttachError,
+    VolumeAttachment,
+    attach_file,
+    attach_volume,
+    detach,
+    detach_volume,
+)
 from cellcloud.volumes.blockdev import FileBlockStore, StoreBusy
 
 pytestmark = pytest.mark.integration
@@ -150,3 +158,44 @@ def test_file_block_store(tmp_path: Path) -> None:
             FileBlockStore(str(tmp_path / "c"), 1000)
 
     asyncio.run(run())
+
+
+def test_a_volume_of_the_api_attached_under_its_record(tmp_path: Path) -> None:
+    """CreateVolume → attach (the record says in-use, DeleteVolume is VolumeInUse, a second
+    attach is refused at the record before any mount) → write → detach (available) → attach
+    again: the bytes are there → detach → DeleteVolume."""
+    from cellcloud.control.configstore import SqliteConfigStore
+    from tests.control.test_ec2 import A, Api
+
+    api = Api(SqliteConfigStore(str(tmp_path / "config.db")))
+    vid = api.create(1)["VolumeId"]
+    data, run = str(tmp_path / "data"), str(tmp_path / "run")
+
+    async def attach(mnt: str) -> VolumeAttachment:
+        return await attach_volume(api.ec2, A, vid, "task/t1", data, mnt, run)
+
+    va = asyncio.run(attach(str(tmp_path / "m1")))
+    try:
+        assert va.attach_epoch == 1 and va.attached.formatted
+        v = api.ok("DescribeVolumes", {"VolumeIds": [vid]})["Volumes"][0]
+        assert v["State"] == "in-use" and v["Attachments"][0]["InstanceId"] == "task/t1"
+        assert api.err("DeleteVolume", {"VolumeId": vid})[0] == "VolumeInUse"
+        with pytest.raises(Ec2Error) as e:
+            asyncio.run(attach(str(tmp_path / "m2")))
+        assert e.value.code == "VolumeInUse"
+        assert _mountinfo(str(tmp_path / "m2")) is None
+        with open(tmp_path / "m1" / "data", "wb") as f:
+            f.write(b"kept\n")
+            os.fsync(f.fileno())
+        with open(f"/sys/block/{os.path.basename(va.attached.loop_device)}/size") as f:
+            assert int(f.read()) * 512 == 1024 ** 3  # sized as the volume's Size (GiB)
+    finally:
+        asyncio.run(detach_volume(api.ec2, va))
+    assert api.ok("DescribeVolumes", {"VolumeIds": [vid]})["Volumes"][0]["State"] == "available"
+    va = asyncio.run(attach(str(tmp_path / "m3")))
+    try:
+        assert va.attach_epoch == 2 and not va.attached.formatted
+        assert (tmp_path / "m3" / "data").read_bytes() == b"kept\n"
+    finally:
+        asyncio.run(detach_volume(api.ec2, va))
+    api.ok("DeleteVolume", {"VolumeId": vid})

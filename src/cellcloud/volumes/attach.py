@@ -7,7 +7,9 @@ The chain for durability: fsync in the ext4 → the block layer's flush → the 
 fsyncs its backing file → FUSE_FSYNC → ``BlockStore.flush`` (tests/volumes/test_attach.py
 counts it). One writer at a time is the caller's to hold: the volume's record in the
 configuration store names the attachment and its ``attach_epoch`` (control/ec2.py ``attach``);
-this module mounts what it is told to.
+:func:`attach_volume` takes the record first (through :class:`AttachmentRecords`, which
+control/ec2.py's ``Ec2`` is) and gives it back if the mount fails; :func:`attach_file` mounts
+what it is told to.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .fusefile import FILE_NAME
 
@@ -39,7 +42,9 @@ class Attached:
     loop_device: str
     direct_io: bool  # the loop device does direct I/O to the FUSE file
     formatted: bool  # this attach made the filesystem (the first attach)
-    server: asyncio.subprocess.Process
+    #: the FUSE process: a plain child, tied to no event loop (an attachment outlives the
+    #: loop that made it)
+    server: subprocess.Popen[bytes]
     stats_path: str | None = None
     steps: list[str] = field(default_factory=list)
 
@@ -80,8 +85,8 @@ async def attach_file(path: str, size_bytes: int, fuse_dir: str, mount_at: str, 
         argv += ["--stats", stats_path]
     errors = tempfile.TemporaryFile()  # its stderr: never a pipe that could fill and block it
     try:
-        server = await asyncio.create_subprocess_exec(
-            *argv, pass_fds=(write_fd,), stdin=asyncio.subprocess.DEVNULL, stderr=errors)
+        server = await asyncio.to_thread(subprocess.Popen, argv, pass_fds=(write_fd,),
+                                         stdin=subprocess.DEVNULL, stderr=errors)
     finally:
         os.close(write_fd)
     try:
@@ -92,9 +97,9 @@ async def attach_file(path: str, size_bytes: int, fuse_dir: str, mount_at: str, 
     finally:
         os.close(read_fd)
     if not line:
-        if server.returncode is None:
+        if server.poll() is None:
             server.kill()
-        await server.wait()
+        await asyncio.to_thread(server.wait)
         errors.seek(0)
         err = errors.read()[-800:].decode(errors="replace")
         errors.close()
@@ -150,7 +155,7 @@ async def detach(att: Attached) -> None:
         att.steps.remove("loop")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + fuse_exit_timeout_s
-    while att.server.returncode is None:
+    while att.server.poll() is None:
         # The loop device lets go of the FUSE file shortly after --detach: until then the
         # FUSE mount is busy (umount exits 32), so it is retried until the deadline.
         code, out = await _run("umount", att.fuse_dir, ok=(0, 1, 32))
@@ -161,7 +166,58 @@ async def detach(att: Attached) -> None:
             break
         await asyncio.sleep(busy_retry_interval_s)
     try:
-        await asyncio.wait_for(att.server.wait(), fuse_exit_timeout_s)
-    except TimeoutError:
+        await asyncio.to_thread(att.server.wait, fuse_exit_timeout_s)
+    except subprocess.TimeoutExpired:
         att.server.kill()
-        await att.server.wait()
+        await asyncio.to_thread(att.server.wait)
+
+
+# -- a volume of the EC2 API, attached under its record ------------------------------------------
+GiB = 1024 ** 3
+
+
+class AttachmentRecords(Protocol):
+    """Where a volume's one attachment is recorded (control/ec2.py's ``Ec2``)."""
+
+    async def attach(self, account: str, volume_id: str, target: str,
+                     device: str = ...) -> dict[str, Any]: ...
+
+    async def detach(self, account: str, volume_id: str, attach_epoch: int
+                     ) -> dict[str, Any]: ...
+
+
+@dataclass
+class VolumeAttachment:
+    account: str
+    volume_id: str
+    attach_epoch: int
+    attached: Attached
+
+
+def volume_file(data_dir: str, account: str, volume_id: str) -> str:
+    """Where a volume's bytes live in a FileBlockStore (until the replicated volume client
+    serves them): ``<data_dir>/<account>/<volume id>.img``."""
+    return os.path.join(data_dir, account, f"{volume_id}.img")
+
+
+async def attach_volume(records: AttachmentRecords, account: str, volume_id: str, target: str,
+                        data_dir: str, mount_at: str, run_dir: str) -> VolumeAttachment:
+    """Take the volume's attachment (refused while another holds it: ``VolumeInUse``), then
+    mount it; a mount that fails gives the attachment back."""
+    rec = await records.attach(account, volume_id, target)
+    epoch = int(rec["attach_epoch"])
+    try:
+        path = volume_file(data_dir, account, volume_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        att = await attach_file(path, int(rec["size_gib"]) * GiB,
+                                os.path.join(run_dir, f"{volume_id}.fuse"), mount_at)
+    except BaseException:
+        await records.detach(account, volume_id, epoch)
+        raise
+    return VolumeAttachment(account, volume_id, epoch, att)
+
+
+async def detach_volume(records: AttachmentRecords, va: VolumeAttachment) -> None:
+    """Unmount, then end the attachment of this epoch (the volume is ``available`` again)."""
+    await detach(va.attached)
+    await records.detach(va.account, va.volume_id, va.attach_epoch)
