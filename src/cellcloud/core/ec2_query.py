@@ -27,6 +27,14 @@ VERSION = "2016-11-15"
 XML = "text/xml;charset=UTF-8"
 _ACTION = re.compile(r"^[A-Za-z]{1,64}$")
 _INDEX = re.compile(r"^[1-9][0-9]{0,5}$")
+#: characters XML 1.0 cannot carry, not even as a reference
+NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(s: str) -> str:
+    """``s`` with every character XML cannot carry replaced by U+FFFD (an answer must parse;
+    input that would need one is refused where it is stored, core/ec2_volumes.py)."""
+    return NOT_XML.sub("\ufffd", s)
 
 
 class Ec2Error(Exception):
@@ -192,7 +200,7 @@ def _put(parent: ET.Element, name: str, value: Any) -> None:
     elif isinstance(value, bool):
         el.text = "true" if value else "false"
     else:
-        el.text = str(value)
+        el.text = xml_text(str(value))
 
 
 def response_xml(action: str, request_id: str, result: dict[str, Any]) -> bytes:
@@ -207,7 +215,7 @@ def response_xml(action: str, request_id: str, result: dict[str, Any]) -> bytes:
 def error_xml(code: str, message: str, request_id: str) -> bytes:
     root = ET.Element("Response")
     err = ET.SubElement(ET.SubElement(root, "Errors"), "Error")
-    ET.SubElement(err, "Code").text = code
-    ET.SubElement(err, "Message").text = message
+    ET.SubElement(err, "Code").text = xml_text(code)
+    ET.SubElement(err, "Message").text = xml_text(message)
     ET.SubElement(root, "RequestID").text = request_id
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .ec2_query import Ec2Error, invalid_value
+from .ec2_query import NOT_XML, Ec2Error, invalid_value
 from .limits import Limits
 
 #: EC2's volume types and each one's size range in GiB (EC2's own). In cellcloud every type has
@@ -72,6 +72,9 @@ def check_tags(tags: list[dict[str, Any]], where: str, limits: Limits) -> list[d
         if not key or len(key) > TAG_KEY_CHARS_MAX or key.lower().startswith("aws:"):
             raise invalid_value(f"{where}: a tag key is 1 to {TAG_KEY_CHARS_MAX} characters "
                                 "and does not start with aws:")
+        if NOT_XML.search(key) or NOT_XML.search(value):
+            raise invalid_value(f"{where}: a tag holds a character an XML answer cannot "
+                                "carry (a control character)")
         if len(value) > TAG_VALUE_CHARS_MAX:
             raise invalid_value(f"{where}: a tag value is at most {TAG_VALUE_CHARS_MAX} "
                                 "characters")
