@@ -154,3 +154,24 @@ def test_an_oversized_request_is_refused_in_ec2s_xml(ec2: Any, region: Region) -
     assert _code(e) == "RequestEntityTooLargeException"
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
     assert refused() == before + 1
+
+
+def test_snapshots_through_boto3(ec2: Any, region: Region) -> None:
+    zone = f"{region.doc['region']}a"
+    vid = ec2.create_volume(AvailabilityZone=zone, Size=1)["VolumeId"]
+    snap = ec2.create_snapshot(VolumeId=vid, Description="first")
+    assert snap["State"] == "pending" and snap["VolumeSize"] == 1
+    ec2.get_waiter("snapshot_completed").wait(SnapshotIds=[snap["SnapshotId"]],
+                                              WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    restored = ec2.create_volume(AvailabilityZone=zone, SnapshotId=snap["SnapshotId"])
+    assert restored["SnapshotId"] == snap["SnapshotId"] and restored["Size"] == 1
+    ec2.get_waiter("volume_available").wait(VolumeIds=[restored["VolumeId"]],
+                                            WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    listed = ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
+    assert [s["SnapshotId"] for s in listed] == [snap["SnapshotId"]]
+    ec2.delete_snapshot(SnapshotId=snap["SnapshotId"])
+    with pytest.raises(ClientError) as e:
+        ec2.describe_snapshots(SnapshotIds=[snap["SnapshotId"]])
+    assert _code(e) == "InvalidSnapshot.NotFound"
+    for v in (vid, restored["VolumeId"]):
+        ec2.delete_volume(VolumeId=v)

@@ -6,8 +6,10 @@ of range, attachment (exclusive, epochs), tenant isolation, unknown members."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 from cellcloud.control.configstore import SqliteConfigStore
 from cellcloud.control.ec2 import VOLUMES, Ec2
+from cellcloud.volumes.blockdev import FileBlockStore, snapshot_file, volume_file
 
 A, B = "111122223333", "444455556666"
 REGION = "cc-local-1"
@@ -28,13 +31,25 @@ EC2 = botocore.session.get_session().get_service_model("ec2")
 
 
 class Api:
-    def __init__(self, store: SqliteConfigStore) -> None:
+    """One event loop for the test (snapshot and restore copies run on it between calls)."""
+
+    def __init__(self, store: SqliteConfigStore, data_dir: str | None = None) -> None:
         self.store = store
         self.now = 1_800_000_000_000
-        self.ec2 = Ec2(store, REGION, clock=lambda: self.now)
+        self.ec2 = Ec2(store, REGION, clock=lambda: self.now, data_dir=data_dir)
+        self.loop = asyncio.new_event_loop()
 
     def raw(self, body: bytes, account: str = A) -> dict[str, Any]:
-        return asyncio.run(self.ec2.op({"b": body, "q": "", "a": account}))
+        out: dict[str, Any] = self.loop.run_until_complete(
+            self.ec2.op({"b": body, "q": "", "a": account}))
+        return out
+
+    def wait_copies(self) -> None:
+        self.loop.run_until_complete(self.ec2.wait_copies())
+
+    def close(self) -> None:
+        self.wait_copies()
+        self.loop.close()
 
     def __call__(self, op: str, params: dict[str, Any] | None = None, account: str = A
                  ) -> tuple[int, dict[str, Any]]:
@@ -69,8 +84,10 @@ class Api:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Api:
-    return Api(SqliteConfigStore(str(tmp_path / "config.db")))
+def api(tmp_path: Path) -> Iterator[Api]:
+    a = Api(SqliteConfigStore(str(tmp_path / "config.db")), str(tmp_path / "volumes"))
+    yield a
+    a.close()
 
 
 def test_create_describe_delete(api: Api) -> None:
@@ -104,7 +121,8 @@ def test_create_describe_delete(api: Api) -> None:
     ({"Size": 10, "VolumeType": "gp3", "Throughput": 125}, "InvalidParameterValue"),
     ({"Size": 10, "Encrypted": True}, "InvalidParameterValue"),
     ({"Size": 10, "MultiAttachEnabled": True}, "InvalidParameterValue"),
-    ({"Size": 10, "SnapshotId": "snap-0123456789abcdef0"}, "InvalidParameterValue"),
+    ({"Size": 10, "SnapshotId": "snap-0123456789abcdef0"}, "InvalidSnapshot.NotFound"),
+    ({"Size": 10, "SnapshotId": "snap-x"}, "InvalidSnapshotID.Malformed"),
     ({"Size": 10, "AvailabilityZone": "us-east-1a"}, "InvalidParameterValue"),
     ({"Size": 10, "AvailabilityZone": None}, "MissingParameter"),
     ({}, "MissingParameter"),
@@ -215,7 +233,7 @@ def test_a_delete_in_progress_refuses_an_attach(api: Api) -> None:
     e = asyncio.run(api.store.get(key))
     assert e is not None
     asyncio.run(api.store.put(key, e.value.replace(b'"available"', b'"deleting"')))
-    with pytest.raises(Exception, match="being deleted"):
+    with pytest.raises(Exception, match="is deleting, not available"):
         api.attach(vid)
 
 
@@ -302,3 +320,108 @@ def test_any_form_gets_a_parseable_answer(api: Api, pairs: list[tuple[str, str]]
     if r["s"] != 200:
         assert root.tag == "Response" and root.findtext("Errors/Error/Code")
     assert api.ok("DescribeVolumes") is not None  # and the account stays readable
+
+
+def _write_volume(api: Api, volume_id: str, writes: dict[int, bytes], account: str = A) -> None:
+    """Bytes into the volume's FileBlockStore, as an attachment would have written them."""
+    assert api.ec2.data_dir is not None
+    path = volume_file(api.ec2.data_dir, account, volume_id)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    size = api.ok("DescribeVolumes", {"VolumeIds": [volume_id]}, account)["Volumes"][0]["Size"]
+
+    async def run() -> None:
+        s = FileBlockStore(path, size * 1024 ** 3)
+        for off, data in writes.items():
+            await s.write(off, data)
+        s.close()
+
+    asyncio.run(run())
+
+
+def _read_volume(api: Api, volume_id: str, off: int, n: int) -> bytes:
+    assert api.ec2.data_dir is not None
+    with open(volume_file(api.ec2.data_dir, A, volume_id), "rb") as f:
+        f.seek(off)
+        return f.read(n)
+
+
+def test_snapshot_and_a_volume_from_it(api: Api) -> None:
+    vid = api.create(1)["VolumeId"]
+    writes = {0: b"boot", 512 * 1024 * 1024: b"middle", 1024 ** 3 - 4: b"tail"}
+    _write_volume(api, vid, writes)
+    snap = api.ok("CreateSnapshot", {"VolumeId": vid, "Description": "nightly",
+                                     "TagSpecifications": [{"ResourceType": "snapshot",
+                                                            "Tags": [{"Key": "k",
+                                                                      "Value": "v"}]}]})
+    assert re.fullmatch(r"snap-[0-9a-f]{17}", snap["SnapshotId"])
+    assert (snap["State"], snap["VolumeId"], snap["VolumeSize"], snap["Description"]) \
+        == ("pending", vid, 1, "nightly")
+    api.wait_copies()
+    _write_volume(api, vid, {0: b"LATE"})  # after the point: not in the snapshot
+    d = api.ok("DescribeSnapshots", {"OwnerIds": ["self"]})["Snapshots"]
+    assert [(s["SnapshotId"], s["State"], s["Progress"]) for s in d] \
+        == [(snap["SnapshotId"], "completed", "100%")]
+    assert d[0]["Tags"] == [{"Key": "k", "Value": "v"}]
+    assert api.ok("DescribeSnapshots", {"Filters": [{"Name": "volume-id", "Values": [vid]}]}
+                  )["Snapshots"][0]["SnapshotId"] == snap["SnapshotId"]
+    assert api.ok("DescribeSnapshots", {"OwnerIds": [B]})["Snapshots"] == []
+    # a volume from it: the snapshot's size unless told, never smaller
+    assert api.err("CreateVolume", {"AvailabilityZone": ZONE, "SnapshotId": snap["SnapshotId"],
+                                    "Size": 0})[0] == "InvalidParameterValue"
+    new = api.ok("CreateVolume", {"AvailabilityZone": ZONE, "SnapshotId": snap["SnapshotId"]})
+    assert (new["Size"], new["SnapshotId"], new["State"]) == (1, snap["SnapshotId"], "creating")
+    bigger = api.ok("CreateVolume", {"AvailabilityZone": ZONE,
+                                     "SnapshotId": snap["SnapshotId"], "Size": 2})
+    api.wait_copies()
+    for v in (new, bigger):
+        got = api.ok("DescribeVolumes", {"VolumeIds": [v["VolumeId"]]})["Volumes"][0]
+        assert got["State"] == "available"
+        for off, data in writes.items():
+            assert _read_volume(api, v["VolumeId"], off, len(data)) == data
+    assert os.path.getsize(volume_file(str(api.ec2.data_dir), A, bigger["VolumeId"])) \
+        == 2 * 1024 ** 3
+    assert _read_volume(api, vid, 0, 4) == b"LATE"
+    # deleting the snapshot leaves the volumes made from it
+    api.ok("DeleteSnapshot", {"SnapshotId": snap["SnapshotId"]})
+    assert api.err("DescribeSnapshots", {"SnapshotIds": [snap["SnapshotId"]]})[0] \
+        == "InvalidSnapshot.NotFound"
+    assert not os.path.exists(snapshot_file(str(api.ec2.data_dir), A, snap["SnapshotId"]))
+    assert _read_volume(api, new["VolumeId"], 0, 4) == b"boot"
+    # deleting a volume removes its bytes
+    api.ok("DeleteVolume", {"VolumeId": new["VolumeId"]})
+    assert not os.path.exists(volume_file(str(api.ec2.data_dir), A, new["VolumeId"]))
+
+
+def test_snapshot_refusals(api: Api, tmp_path: Path) -> None:
+    vid = api.create(1)["VolumeId"]
+    assert api.err("CreateSnapshot", {"VolumeId": "vol-0000000000000000f"})[0] \
+        == "InvalidVolume.NotFound"
+    assert api.err("CreateSnapshot", {"VolumeId": vid}, account=B)[0] \
+        == "InvalidVolume.NotFound"
+    assert api.err("CreateSnapshot", {"VolumeId": vid, "TagSpecifications": [
+        {"ResourceType": "volume", "Tags": [{"Key": "a", "Value": "b"}]}]})[0] \
+        == "InvalidParameterValue"
+    assert api.err("CreateSnapshot", {"VolumeId": vid, "Location": "local"})[0] \
+        == "InvalidParameterValue"
+    assert api.err("CreateSnapshot", {"VolumeId": vid, "DryRun": True})[0] == "DryRunOperation"
+    rec = api.attach(vid)
+    code, message = api.err("CreateSnapshot", {"VolumeId": vid})
+    assert code == "IncorrectState" and "detached volumes only" in message
+    asyncio.run(api.ec2.detach(A, vid, rec["attach_epoch"]))
+    # the volume's store held by a writer the record does not know: the copy fails, visibly
+    _write_volume(api, vid, {0: b"x"})
+    assert api.ec2.data_dir is not None
+    holder = FileBlockStore(volume_file(api.ec2.data_dir, A, vid), 1024 ** 3)
+    try:
+        sid = api.ok("CreateSnapshot", {"VolumeId": vid})["SnapshotId"]
+        api.wait_copies()
+    finally:
+        holder.close()
+    s = api.ok("DescribeSnapshots", {"SnapshotIds": [sid]})["Snapshots"][0]
+    assert s["State"] == "error" and "one writer" in s["StateMessage"]
+    assert api.err("CreateVolume", {"AvailabilityZone": ZONE, "SnapshotId": sid})[0] \
+        == "IncorrectState"
+    other = Api(SqliteConfigStore(str(tmp_path / "no-data.db")))  # no data directory
+    v2 = other.create(1)["VolumeId"]
+    assert other.err("CreateSnapshot", {"VolumeId": v2})[0] == "UnsupportedOperation"
+    other.close()

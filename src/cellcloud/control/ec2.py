@@ -7,14 +7,20 @@ pki.OPS_ALLOWED).
 The protocol is ``core/ec2_query.py``'s, the rules ``core/ec2_volumes.py``'s; this is the shell:
 the store, compare-and-set on a volume's record for every change (an attachment is exclusive:
 one record names the one writer and its ``attach_epoch``), idempotent creates by
-``ClientToken``. A volume's bytes are not the control plane's business: it records the volume;
-the host side that attaches it (volumes/attach.py) serves its blocks from a ``BlockStore``.
+``ClientToken``. A volume's bytes are served to its attachment by the host side
+(volumes/attach.py) from a ``BlockStore``; until the replicated volume client serves them, they
+are a FileBlockStore file under the region's ``data_dir`` (``<state>/volumes``), which this
+module copies for a snapshot (``CreateSnapshot``: pending → completed) and from one
+(``CreateVolume`` with ``SnapshotId``: creating → available), in a worker thread, and removes
+with the volume or snapshot. Without a ``data_dir`` snapshots are ``UnsupportedOperation``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -25,12 +31,15 @@ from urllib.parse import parse_qsl
 from ..core import ec2_volumes as vols
 from ..core.ec2_query import XML, Ec2Error, error_xml, invalid_value, parse_request, response_xml
 from ..core.limits import DEFAULT_LIMITS, Limits
+from ..volumes.blockdev import StoreBusy, copy_extents, snapshot_file, volume_file
 from .configstore import ConfigStore, ConfigStoreError, ConfigStoreUnavailable
 
 log = logging.getLogger("cellcloud.control.ec2")
 
 VOLUMES = "cellcloud/ec2/volumes/"  # <account>/<volume id> -> the volume's record
 TOKENS = "cellcloud/ec2/client-tokens/"  # <account>/<ClientToken> -> {"volume", "request"}
+SNAPSHOTS = "cellcloud/ec2/snapshots/"  # <account>/<snapshot id> -> the snapshot's record
+GiB = 1024 ** 3
 
 
 def new_volume_id() -> str:
@@ -48,6 +57,10 @@ def form_pairs(body: bytes, query: str, params_max: int) -> list[tuple[str, str]
                             "parameters (ec2_request_params_max)") from None
 
 
+def new_snapshot_id() -> str:
+    return "snap-" + secrets.token_hex(9)[:17]
+
+
 def _busy() -> Ec2Error:
     return Ec2Error("Unavailable", "The volume kept changing under this request; try again",
                     503)
@@ -58,18 +71,25 @@ class Ec2:
 
     def __init__(self, store: ConfigStore, region: str,
                  clock: Callable[[], int] | None = None, limits: Limits = DEFAULT_LIMITS,
-                 new_id: Callable[[], str] = new_volume_id) -> None:
+                 new_id: Callable[[], str] = new_volume_id, data_dir: str | None = None
+                 ) -> None:
         self.store = store
         self.region = region
         self.clock = clock or (lambda: int(time.time() * 1000))
         self.limits = limits
         self.new_id = new_id
+        self.data_dir = data_dir
+        #: copies running in this process (a snapshot, a restore), by the id they make; one
+        #: found pending with none running (a restarted control plane) is started again
+        self._copies: dict[str, asyncio.Task[None]] = {}
         self.counters = {"requests": 0, "errors": 0, "unsupported": 0, "cas_lost": 0}
         self._ops: dict[str, Callable[[str, dict[str, Any]], Any]] = {
             "CreateVolume": self.create_volume, "DescribeVolumes": self.describe_volumes,
             "DeleteVolume": self.delete_volume, "CreateTags": self.create_tags,
             "DeleteTags": self.delete_tags, "DescribeTags": self.describe_tags,
             "DescribeAvailabilityZones": self.describe_availability_zones,
+            "CreateSnapshot": self.create_snapshot, "DescribeSnapshots": self.describe_snapshots,
+            "DeleteSnapshot": self.delete_snapshot,
         }
 
     def statistics(self) -> dict[str, int]:
@@ -142,7 +162,11 @@ class Ec2:
 
     # -- volumes -------------------------------------------------------------------------------
     async def create_volume(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
-        spec = vols.validate_create(params, self.region, self.limits)
+        snap: dict[str, Any] | None = None
+        if params.get("SnapshotId") is not None:
+            snap = await self._snapshot_of_volume(account, str(params["SnapshotId"]))
+        spec = vols.validate_create(params, self.region, self.limits,
+                                    snap["size_gib"] if snap is not None else None)
         self._dry_run(params)
         request = {k: v for k, v in params.items() if k not in ("ClientToken", "DryRun")}
         volume_id: str | None = None
@@ -171,11 +195,16 @@ class Ec2:
                                               "request": request}).encode()) is None:
                 raise _busy()  # another request with this token is creating it right now
         rec = {"id": volume_id, "size_gib": spec.size_gib, "type": spec.volume_type,
-               "zone": spec.zone, "state": "available", "created_ms": self.clock(),
-               "tags": spec.tags, "attachment": None, "attach_epoch": 0}
+               "zone": spec.zone, "state": "available" if snap is None else "creating",
+               "created_ms": self.clock(), "tags": spec.tags, "attachment": None,
+               "attach_epoch": 0}
+        if snap is not None:
+            rec["snapshot_id"] = snap["id"]
         if await self.store.cas(self._key(account, volume_id), 0,
                                 json.dumps(rec).encode()) is None:
             raise Ec2Error("InternalError", "A volume id was used twice; try again", 500)
+        if snap is not None:
+            self._start_restore(account, rec)
         return vols.volume_doc(rec, account, self.region)
 
     async def describe_volumes(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +220,9 @@ class Ec2:
         else:
             records = [json.loads(e.value)
                        for e in await self.store.list(f"{VOLUMES}{account}/")]
+        for r in records:
+            if r["state"] == "creating":
+                self._start_restore(account, r)
         chosen = {r["id"]: r for r in records
                   if vols.matches(filters, lambda name, r=r: vols.volume_fields(r, name))}
         keys, token = vols.page(sorted(chosen), params, n)
@@ -211,12 +243,17 @@ class Ec2:
             if rec.get("attachment"):
                 raise Ec2Error("VolumeInUse", f"Volume {volume_id} is currently attached to "
                                f"{rec['attachment']['target']}")
+            if rec["state"] == "creating":
+                raise Ec2Error("IncorrectState", f"Volume {volume_id} is being created from "
+                               "its snapshot")
             return None if rec["state"] == "deleting" else {**rec, "state": "deleting"}
 
         # First the record says "deleting" (by compare-and-set: an attach can no longer win),
-        # then it goes.
+        # then it goes, and its bytes with it.
         await self._change(account, volume_id, deleting)
         await self.store.delete(self._key(account, volume_id))
+        if self.data_dir is not None:
+            await asyncio.to_thread(_remove, volume_file(self.data_dir, account, volume_id))
         return {"return": True}
 
     # -- attachment (the host side's; one writer at a time) --------------------------------------
@@ -226,8 +263,9 @@ class Ec2:
         ``attach_epoch`` (every write of the attachment carries it; an older epoch is fenced)."""
 
         def attaching(rec: dict[str, Any]) -> dict[str, Any]:
-            if rec["state"] == "deleting":
-                raise Ec2Error("IncorrectState", f"Volume {volume_id} is being deleted")
+            if rec["state"] != "available" and not rec.get("attachment"):
+                raise Ec2Error("IncorrectState", f"Volume {volume_id} is {rec['state']}, not "
+                               "available")
             if rec.get("attachment"):
                 raise Ec2Error("VolumeInUse", f"{volume_id} is already attached to "
                                f"{rec['attachment']['target']}")
@@ -346,3 +384,173 @@ class Ec2:
                             "optInStatus": "opt-in-not-required", "groupName": self.region,
                             "networkBorderGroup": self.region, "messageSet": None})
         return {"availabilityZoneInfo": out}
+
+    # -- snapshots (a copy of a volume's bytes at a point) ---------------------------------------
+    def _snap_key(self, account: str, snapshot_id: str) -> str:
+        return f"{SNAPSHOTS}{account}/{snapshot_id}"
+
+    def _data_dir(self) -> str:
+        if self.data_dir is None:
+            raise Ec2Error("UnsupportedOperation", "Snapshots need the volumes' bytes, which "
+                           "this control plane has no data directory for")
+        return self.data_dir
+
+    async def _get_snapshot(self, account: str, snapshot_id: str
+                            ) -> tuple[dict[str, Any], int]:
+        vols.check_snapshot_id(snapshot_id)
+        e = await self.store.get(self._snap_key(account, snapshot_id))
+        if e is None:
+            raise vols.snapshot_not_found(snapshot_id)
+        rec: dict[str, Any] = json.loads(e.value)
+        return rec, e.revision
+
+    async def _snapshot_of_volume(self, account: str, snapshot_id: str) -> dict[str, Any]:
+        self._data_dir()
+        rec, _ = await self._get_snapshot(account, snapshot_id)
+        if rec["state"] != "completed":
+            raise Ec2Error("IncorrectState", f"Snapshot {snapshot_id} is {rec['state']}, not "
+                           "completed")
+        return rec
+
+    def _spawn_copy(self, ident: str, work: Callable[[], Any]) -> None:
+        if ident in self._copies:
+            return
+        task = asyncio.get_running_loop().create_task(work())
+        self._copies[ident] = task
+        task.add_done_callback(lambda _: self._copies.pop(ident, None))
+
+    async def wait_copies(self) -> None:
+        """Until every copy this process runs has ended (tests; a clean stop)."""
+        while self._copies:
+            await asyncio.gather(*list(self._copies.values()), return_exceptions=True)
+
+    async def _finish(self, key: str, ident: str, state: str, extra: dict[str, Any]) -> None:
+        for _ in range(self.limits.ec2_cas_attempts_max):
+            e = await self.store.get(key)
+            if e is None:  # deleted meanwhile
+                return
+            rec = json.loads(e.value)
+            if await self.store.cas(key, e.revision, json.dumps(
+                    {**rec, "state": state, **extra}).encode()) is not None:
+                return
+            self.counters["cas_lost"] += 1
+        log.warning("%s: could not record its copy's end (%s)", ident, state)
+
+    def _start_snapshot(self, account: str, snap: dict[str, Any]) -> None:
+        data_dir = self._data_dir()
+
+        async def copy() -> None:
+            try:
+                await asyncio.to_thread(
+                    copy_extents, volume_file(data_dir, account, snap["volume_id"]),
+                    snapshot_file(data_dir, account, snap["id"]), snap["size_gib"] * GiB)
+            except (OSError, StoreBusy) as e:
+                log.warning("snapshot %s failed: %s", snap["id"], e)
+                await self._finish(self._snap_key(account, snap["id"]), snap["id"], "error",
+                                   {"message": f"The copy failed: {e}"})
+                return
+            await self._finish(self._snap_key(account, snap["id"]), snap["id"], "completed",
+                               {"completed_ms": self.clock()})
+
+        self._spawn_copy(snap["id"], copy)
+
+    def _start_restore(self, account: str, rec: dict[str, Any]) -> None:
+        data_dir = self._data_dir()
+
+        async def copy() -> None:
+            try:
+                await asyncio.to_thread(
+                    copy_extents, snapshot_file(data_dir, account, rec["snapshot_id"]),
+                    volume_file(data_dir, account, rec["id"]), rec["size_gib"] * GiB)
+            except (OSError, StoreBusy) as e:
+                log.warning("volume %s from %s failed: %s", rec["id"], rec["snapshot_id"], e)
+                await self._finish(self._key(account, rec["id"]), rec["id"], "error", {})
+                return
+            await self._finish(self._key(account, rec["id"]), rec["id"], "available", {})
+
+        self._spawn_copy(rec["id"], copy)
+
+    async def create_snapshot(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._data_dir()
+        volume_id = params.get("VolumeId")
+        if not volume_id:
+            raise Ec2Error("MissingParameter", "The request must contain the parameter "
+                           "VolumeId")
+        description = params.get("Description", "")
+        if len(description) > vols.DESCRIPTION_CHARS_MAX or vols.NOT_XML.search(description):
+            raise invalid_value(f"Description is at most {vols.DESCRIPTION_CHARS_MAX} "
+                                "characters, none of them a control character")
+        tags = vols.tag_specifications(params, "snapshot", self.limits)
+        vol, _ = await self._get(account, volume_id)
+        if vol.get("attachment"):
+            # A point-in-time copy of a volume being written needs its writer's help (the
+            # replicated volume client's); until then only a detached volume is copied.
+            raise Ec2Error("IncorrectState", f"Volume {volume_id} is attached to "
+                           f"{vol['attachment']['target']}: cellcloud snapshots detached "
+                           "volumes only (docs/volumes.md)")
+        if vol["state"] != "available":
+            raise Ec2Error("IncorrectState", f"Volume {volume_id} is {vol['state']}")
+        self._dry_run(params)
+        if len(await self.store.list(f"{SNAPSHOTS}{account}/")) \
+                >= self.limits.ec2_snapshots_per_tenant_max:
+            raise Ec2Error("SnapshotLimitExceeded", f"An account has at most "
+                           f"{self.limits.ec2_snapshots_per_tenant_max} snapshots "
+                           "(ec2_snapshots_per_tenant_max)")
+        snap = {"id": new_snapshot_id(), "volume_id": volume_id, "size_gib": vol["size_gib"],
+                "state": "pending", "started_ms": self.clock(), "description": description,
+                "tags": tags}
+        if await self.store.cas(self._snap_key(account, snap["id"]), 0,
+                                json.dumps(snap).encode()) is None:
+            raise Ec2Error("InternalError", "A snapshot id was used twice; try again", 500)
+        self._start_snapshot(account, snap)
+        return vols.snapshot_doc(snap, account)
+
+    async def describe_snapshots(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
+        ids: list[str] = params.get("SnapshotId", [])
+        n = vols.max_results(params, vols.DESCRIBE_SNAPSHOTS_RESULTS)
+        if ids and (n is not None or params.get("NextToken")):
+            raise Ec2Error("InvalidParameterCombination", "The parameter snapshotIdSet "
+                           "cannot be used with the parameter maxResults")
+        filters = vols.parse_filters(params, vols.SNAPSHOT_FILTERS, self.limits)
+        self._dry_run(params)
+        owners = params.get("Owner", [])
+        if owners and not {"self", account} & set(owners):
+            return {"snapshotSet": []}  # nobody shares snapshots with another account
+        if ids:
+            records = [(await self._get_snapshot(account, i))[0] for i in ids]
+        else:
+            records = [json.loads(e.value)
+                       for e in await self.store.list(f"{SNAPSHOTS}{account}/")]
+        for r in records:
+            if r["state"] == "pending" and self.data_dir is not None:
+                self._start_snapshot(account, r)  # a copy a restarted process lost
+        chosen = {r["id"]: r for r in records if vols.matches(
+            filters, lambda name, r=r: vols.snapshot_fields(r, name, account))}
+        keys, token = vols.page(sorted(chosen), params, n)
+        out: dict[str, Any] = {"snapshotSet": [vols.snapshot_doc(chosen[k], account)
+                                               for k in keys]}
+        if token:
+            out["nextToken"] = token
+        return out
+
+    async def delete_snapshot(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
+        snapshot_id = params.get("SnapshotId")
+        if not snapshot_id:
+            raise Ec2Error("MissingParameter", "The request must contain the parameter "
+                           "SnapshotId")
+        rec, rev = await self._get_snapshot(account, snapshot_id)
+        if rec["state"] == "pending":
+            raise Ec2Error("IncorrectState", f"Snapshot {snapshot_id} is still pending")
+        self._dry_run(params)
+        await self.store.delete(self._snap_key(account, snapshot_id))
+        if self.data_dir is not None:
+            await asyncio.to_thread(_remove, snapshot_file(self.data_dir, account,
+                                                           snapshot_id))
+        return {"return": True}
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

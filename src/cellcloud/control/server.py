@@ -78,8 +78,9 @@ class Control:
         self.schedules = Schedules(store, self.region, self.frontend_of)
         # The ECS API (clusters, task definitions: docs/fargate.md), forwarded by routers.
         self.ecs = Ecs(store, self.region, self.frontend_of)
-        # The EC2 API's volume subset (docs/volumes.md), forwarded by routers.
-        self.ec2 = Ec2(store, self.region)
+        # The EC2 API's volume subset (docs/volumes.md), forwarded by routers; volumes' and
+        # snapshots' bytes (FileBlockStore files) under <state>/volumes.
+        self.ec2 = Ec2(store, self.region, data_dir=os.path.join(state_dir, "volumes"))
 
     def frontend_of(self, account: str) -> Client | None:
         """The frontend of the cell that holds ``account`` (where its schedules fire)."""

@@ -75,7 +75,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "CreateVolume": {
         "AvailabilityZone": STR, "AvailabilityZoneId": STR, "Size": INT, "VolumeType": STR,
         "Iops": REFUSED, "Throughput": REFUSED, "Encrypted": BOOL, "KmsKeyId": REFUSED,
-        "OutpostArn": REFUSED, "SnapshotId": REFUSED, "MultiAttachEnabled": BOOL,
+        "OutpostArn": REFUSED, "SnapshotId": STR, "MultiAttachEnabled": BOOL,
         "ClientToken": STR, "VolumeInitializationRate": REFUSED, "Operator": REFUSED,
         "TagSpecification": ListOf(TAG_SPEC), "DryRun": BOOL},
     "DescribeVolumes": {
@@ -86,6 +86,13 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "DeleteTags": {"ResourceId": ListOf(STR), "Tag": ListOf(TAG), "DryRun": BOOL},
     "DescribeTags": {"Filter": ListOf(FILTER), "MaxResults": INT, "NextToken": STR,
                      "DryRun": BOOL},
+    "CreateSnapshot": {"Description": STR, "OutpostArn": REFUSED, "VolumeId": STR,
+                       "TagSpecification": ListOf(TAG_SPEC), "Location": REFUSED,
+                       "DryRun": BOOL},
+    "DescribeSnapshots": {"MaxResults": INT, "NextToken": STR, "Owner": ListOf(STR),
+                          "RestorableBy": REFUSED, "SnapshotId": ListOf(STR), "DryRun": BOOL,
+                          "Filter": ListOf(FILTER)},
+    "DeleteSnapshot": {"SnapshotId": STR, "DryRun": BOOL},
     "DescribeAvailabilityZones": {
         "ZoneName": ListOf(STR), "ZoneId": ListOf(STR), "AllAvailabilityZones": BOOL,
         "Filter": ListOf(FILTER), "DryRun": BOOL},

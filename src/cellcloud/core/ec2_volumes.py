@@ -33,6 +33,10 @@ _ANY_VOLUME_ID = re.compile(r"^vol-[0-9a-f]{8}([0-9a-f]{9})?$")  # EC2's old 8-h
 VOLUME_FILTERS = ("volume-id", "status", "size", "availability-zone", "volume-type",
                   "encrypted", "multi-attach-enabled", "attachment.status", "tag-key")
 TAG_FILTERS = ("resource-id", "resource-type", "key", "value")
+SNAPSHOT_FILTERS = ("snapshot-id", "volume-id", "status", "owner-id", "volume-size",
+                    "description", "encrypted", "tag-key")
+DESCRIBE_SNAPSHOTS_RESULTS = (5, 1000)
+DESCRIPTION_CHARS_MAX = 255  # a snapshot's Description (EC2's)
 DESCRIBE_VOLUMES_RESULTS = (5, 500)  # MaxResults' range (EC2's)
 DESCRIBE_TAGS_RESULTS = (5, 1000)
 TAG_KEY_CHARS_MAX, TAG_VALUE_CHARS_MAX = 128, 256  # EC2's
@@ -63,6 +67,7 @@ class CreateVolume:
     tags: list[dict[str, str]]
     client_token: str | None
     dry_run: bool
+    snapshot_id: str | None = None
 
 
 def check_tags(tags: list[dict[str, Any]], where: str, limits: Limits) -> list[dict[str, str]]:
@@ -85,8 +90,11 @@ def check_tags(tags: list[dict[str, Any]], where: str, limits: Limits) -> list[d
     return [{"Key": k, "Value": v} for k, v in out.items()]
 
 
-def validate_create(params: dict[str, Any], region: str, limits: Limits) -> CreateVolume:
-    """CreateVolume's members as EC2 judges them (sizes, types, zones, tags)."""
+def validate_create(params: dict[str, Any], region: str, limits: Limits,
+                    snapshot_size_gib: int | None = None) -> CreateVolume:
+    """CreateVolume's members as EC2 judges them (sizes, types, zones, tags); from a
+    snapshot (``SnapshotId``, its size given as ``snapshot_size_gib`` once found) the size
+    defaults to the snapshot's and may not be smaller."""
     vtype = params.get("VolumeType", DEFAULT_TYPE)
     if vtype not in VOLUME_TYPES:
         raise invalid_value(f"The parameter VolumeType '{vtype[:40]}' is not one of "
@@ -94,10 +102,16 @@ def validate_create(params: dict[str, Any], region: str, limits: Limits) -> Crea
     if vtype in PROVISIONED_IOPS_TYPES:
         raise invalid_value(f"The volume type {vtype} needs provisioned IOPS (Iops), which "
                             "cellcloud does not provision; use gp2, gp3, st1, sc1 or standard")
-    if "Size" not in params:
-        raise Ec2Error("MissingParameter", "The request must contain the parameter size "
-                       "(or snapshotId, which cellcloud does not serve)")
-    size = params["Size"]
+    snapshot_id = params.get("SnapshotId")
+    if snapshot_id is not None:
+        check_snapshot_id(snapshot_id)
+    if "Size" not in params and snapshot_id is None:
+        raise Ec2Error("MissingParameter", "The request must contain the parameter size or "
+                       "snapshotId")
+    size = params.get("Size", snapshot_size_gib if snapshot_size_gib is not None else 1)
+    if snapshot_size_gib is not None and size < snapshot_size_gib:
+        raise invalid_value(f"Volume of {size}GiB is smaller than snapshot "
+                            f"'{snapshot_id}', expect size >= {snapshot_size_gib}GiB")
     lo, hi = SIZE_GIB_RANGE[vtype]
     hi = min(hi, limits.ec2_volume_size_gib_max)
     if not lo <= size <= hi:
@@ -124,7 +138,7 @@ def validate_create(params: dict[str, Any], region: str, limits: Limits) -> Crea
         raise invalid_value(f"ClientToken is 1 to {CLIENT_TOKEN_CHARS_MAX} characters")
     return CreateVolume(size, vtype, zone.name,
                         tag_specifications(params, "volume", limits), token,
-                        bool(params.get("DryRun")))
+                        bool(params.get("DryRun")), snapshot_id)
 
 
 def tag_specifications(params: dict[str, Any], resource_type: str, limits: Limits
@@ -142,6 +156,15 @@ def tag_specifications(params: dict[str, Any], resource_type: str, limits: Limit
 def check_volume_id(ident: str) -> None:
     if not _ANY_VOLUME_ID.match(ident):
         raise Ec2Error("InvalidVolumeID.Malformed", f'Invalid id: "{ident[:80]}"')
+
+
+def check_snapshot_id(ident: str) -> None:
+    if not re.match(r"^snap-[0-9a-f]{8}([0-9a-f]{9})?$", ident):
+        raise Ec2Error("InvalidSnapshotID.Malformed", f'Invalid id: "{ident[:80]}"')
+
+
+def snapshot_not_found(ident: str) -> Ec2Error:
+    return Ec2Error("InvalidSnapshot.NotFound", f"The snapshot '{ident[:80]}' does not exist.")
 
 
 def volume_not_found(ident: str) -> Ec2Error:
@@ -251,10 +274,35 @@ def volume_doc(rec: dict[str, Any], account: str, region: str) -> dict[str, Any]
         "instanceId": att["target"], "status": "attached", "volumeId": rec["id"],
         "deleteOnTermination": False}]
     return {
-        "volumeId": rec["id"], "size": rec["size_gib"], "snapshotId": "",
+        "volumeId": rec["id"], "size": rec["size_gib"], "snapshotId": rec.get("snapshot_id", ""),
         "availabilityZone": rec["zone"], "status": rec["state"],
         "createTime": iso_time(rec["created_ms"]), "attachmentSet": attachments,
         "volumeType": rec["type"], "encrypted": False, "multiAttachEnabled": False,
         "ownerId": account, "volumeArn": f"arn:aws:ec2:{region}:{account}:volume/{rec['id']}",
+        "tagSet": [{"key": t["Key"], "value": t["Value"]} for t in rec["tags"]] or None,
+    }
+
+
+def snapshot_fields(rec: dict[str, Any], name: str, account: str) -> list[str]:
+    if name.startswith("tag:"):
+        return [t["Value"] for t in rec["tags"] if t["Key"] == name[4:]]
+    return {
+        "snapshot-id": [rec["id"]], "volume-id": [rec["volume_id"]], "status": [rec["state"]],
+        "owner-id": [account], "volume-size": [str(rec["size_gib"])],
+        "description": [rec.get("description", "")], "encrypted": ["false"],
+        "tag-key": [t["Key"] for t in rec["tags"]],
+    }[name]
+
+
+def snapshot_doc(rec: dict[str, Any], account: str) -> dict[str, Any]:
+    """A snapshot as botocore's ``Snapshot`` shape reads it (locationNames)."""
+    done = rec["state"] == "completed"
+    return {
+        "snapshotId": rec["id"], "volumeId": rec["volume_id"], "status": rec["state"],
+        "statusMessage": rec.get("message") or None,
+        "startTime": iso_time(rec["started_ms"]), "progress": "100%" if done else "0%",
+        "ownerId": account, "description": rec.get("description", ""),
+        "volumeSize": rec["size_gib"], "encrypted": False, "storageTier": "standard",
+        "completionTime": iso_time(rec["completed_ms"]) if rec.get("completed_ms") else None,
         "tagSet": [{"key": t["Key"], "value": t["Value"]} for t in rec["tags"]] or None,
     }

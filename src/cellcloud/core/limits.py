@@ -214,7 +214,8 @@ class Limits:
     ec2_filter_value_chars_max: int = 4_096  # characters of one filter's values together
     ec2_volume_size_gib_max: int = 16_384  # a volume's size (EC2's gp2/gp3 maximum)
     ec2_volumes_per_tenant_max: int = 1_000  # volumes one account keeps in a region
-    ec2_tags_per_resource_max: int = 50  # tags of one volume (EC2's)
+    ec2_tags_per_resource_max: int = 50  # tags of one volume or snapshot (EC2's)
+    ec2_snapshots_per_tenant_max: int = 1_000  # snapshots one account keeps in a region
     ec2_cas_attempts_max: int = 8  # a change that keeps losing its compare-and-set
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .blockdev import volume_file
 from .fusefile import FILE_NAME
 
 command_timeout_s = 120.0  # losetup, mkfs, mount, umount: each
@@ -192,12 +193,6 @@ class VolumeAttachment:
     volume_id: str
     attach_epoch: int
     attached: Attached
-
-
-def volume_file(data_dir: str, account: str, volume_id: str) -> str:
-    """Where a volume's bytes live in a FileBlockStore (until the replicated volume client
-    serves them): ``<data_dir>/<account>/<volume id>.img``."""
-    return os.path.join(data_dir, account, f"{volume_id}.img")
 
 
 async def attach_volume(records: AttachmentRecords, account: str, volume_id: str, target: str,

@@ -12,9 +12,13 @@ an fsync in the filesystem on top becomes).
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
+from collections.abc import Callable
 from typing import Protocol
+
+copy_chunk_bytes = 8 * 1024 * 1024  # one copy_file_range call of a snapshot or a restore
 
 
 class BlockStore(Protocol):
@@ -87,3 +91,74 @@ class FileBlockStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+# -- where a FileBlockStore's volumes and snapshots live, and copies of them --------------------
+def volume_file(data_dir: str, account: str, volume_id: str) -> str:
+    """A volume's bytes as a FileBlockStore (until the replicated volume client serves them):
+    ``<data_dir>/<account>/<volume id>.img``."""
+    return os.path.join(data_dir, account, f"{volume_id}.img")
+
+
+def snapshot_file(data_dir: str, account: str, snapshot_id: str) -> str:
+    return os.path.join(data_dir, account, "snapshots", f"{snapshot_id}.img")
+
+
+def copy_extents(src: str, dst: str, size_bytes: int,
+                 progress: Callable[[int], None] | None = None) -> None:
+    """``dst`` becomes a sparse file of ``size_bytes`` holding ``src``'s data extents (holes
+    stay holes; a ``src`` that does not exist is all zeros), written to ``dst.part`` and
+    renamed into place once durable. ``src`` is ``flock``ed for the copy, as a
+    FileBlockStore holds it: a volume attached right now is :class:`StoreBusy` (no copy of
+    bytes that are changing), and an attach during the copy is refused the same way."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = dst + ".part"
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(out, size_bytes)
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1
+        if fd >= 0:
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise StoreBusy(f"{src} is attached (one writer at a time)") from None
+                end = min(size_bytes, os.fstat(fd).st_size)
+                off = 0
+                while off < end:
+                    try:
+                        data = os.lseek(fd, off, os.SEEK_DATA)
+                    except OSError as e:
+                        if e.errno == errno.ENXIO:  # nothing but a hole to the end
+                            break
+                        raise
+                    if data >= end:
+                        break
+                    hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+                    pos = data
+                    while pos < hole:
+                        n = os.copy_file_range(fd, out, min(copy_chunk_bytes, hole - pos),
+                                               pos, pos)
+                        if n <= 0:
+                            raise OSError(errno.EIO, f"{src} ended early at {pos}")
+                        pos += n
+                        if progress is not None:
+                            progress(pos)
+                    off = hole
+            finally:
+                os.close(fd)
+        os.fsync(out)
+    except BaseException:
+        os.close(out)
+        os.unlink(tmp)
+        raise
+    os.close(out)
+    os.replace(tmp, dst)
+    dfd = os.open(os.path.dirname(dst), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
