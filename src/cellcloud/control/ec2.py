@@ -31,7 +31,13 @@ from urllib.parse import parse_qsl
 from ..core import ec2_volumes as vols
 from ..core.ec2_query import XML, Ec2Error, error_xml, invalid_value, parse_request, response_xml
 from ..core.limits import DEFAULT_LIMITS, Limits
-from ..volumes.blockdev import StoreBusy, copy_extents, snapshot_file, volume_file
+from ..volumes.blockdev import (
+    StoreBusy,
+    copy_extents,
+    open_source,
+    snapshot_file,
+    volume_file,
+)
 from .configstore import ConfigStore, ConfigStoreError, ConfigStoreUnavailable
 
 log = logging.getLogger("cellcloud.control.ec2")
@@ -198,13 +204,25 @@ class Ec2:
                "zone": spec.zone, "state": "available" if snap is None else "creating",
                "created_ms": self.clock(), "tags": spec.tags, "attachment": None,
                "attach_epoch": 0}
+        fd: int | None = None
         if snap is not None:
             rec["snapshot_id"] = snap["id"]
-        if await self.store.cas(self._key(account, volume_id), 0,
-                                json.dumps(rec).encode()) is None:
-            raise Ec2Error("InternalError", "A volume id was used twice; try again", 500)
+            try:  # opened now: a DeleteSnapshot after this answer takes nothing from it
+                fd = await asyncio.to_thread(open_source, snapshot_file(
+                    self._data_dir(), account, snap["id"]), False)
+            except (OSError, StoreBusy) as e:
+                raise Ec2Error("IncorrectState", f"Snapshot {snap['id']}'s bytes cannot be "
+                               f"read: {e}") from None
+        try:
+            if await self.store.cas(self._key(account, volume_id), 0,
+                                    json.dumps(rec).encode()) is None:
+                raise Ec2Error("InternalError", "A volume id was used twice; try again", 500)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
         if snap is not None:
-            self._start_restore(account, rec)
+            self._start_restore(account, rec, fd, True)
         return vols.volume_doc(rec, account, self.region)
 
     async def describe_volumes(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +240,7 @@ class Ec2:
                        for e in await self.store.list(f"{VOLUMES}{account}/")]
         for r in records:
             if r["state"] == "creating":
-                self._start_restore(account, r)
+                self._start_restore(account, r, None, False)  # a copy a restart lost
         chosen = {r["id"]: r for r in records
                   if vols.matches(filters, lambda name, r=r: vols.volume_fields(r, name))}
         keys, token = vols.page(sorted(chosen), params, n)
@@ -412,12 +430,14 @@ class Ec2:
                            "completed")
         return rec
 
-    def _spawn_copy(self, ident: str, work: Callable[[], Any]) -> None:
+    def _spawn_copy(self, ident: str, work: Callable[[], Any]) -> bool:
+        """Start ``work`` unless a copy making ``ident`` runs already (False)."""
         if ident in self._copies:
-            return
+            return False
         task = asyncio.get_running_loop().create_task(work())
         self._copies[ident] = task
         task.add_done_callback(lambda _: self._copies.pop(ident, None))
+        return True
 
     async def wait_copies(self) -> None:
         """Until every copy this process runs has ended (tests; a clean stop)."""
@@ -436,14 +456,23 @@ class Ec2:
             self.counters["cas_lost"] += 1
         log.warning("%s: could not record its copy's end (%s)", ident, state)
 
-    def _start_snapshot(self, account: str, snap: dict[str, Any]) -> None:
+    def _start_snapshot(self, account: str, snap: dict[str, Any], fd: int | None,
+                        opened: bool) -> None:
+        """Copy the volume's bytes (``fd``, opened and locked when the snapshot was taken;
+        ``opened`` False: a copy a restarted process resumes, which opens them now)."""
         data_dir = self._data_dir()
 
         async def copy() -> None:
             try:
+                source = fd
+                if not opened:  # the volume's record says whether no file means zeros
+                    exists = await self.store.get(self._key(account, snap["volume_id"]))
+                    source = await asyncio.to_thread(
+                        open_source, volume_file(data_dir, account, snap["volume_id"]),
+                        exists is not None)
                 await asyncio.to_thread(
-                    copy_extents, volume_file(data_dir, account, snap["volume_id"]),
-                    snapshot_file(data_dir, account, snap["id"]), snap["size_gib"] * GiB)
+                    copy_extents, source, snapshot_file(data_dir, account, snap["id"]),
+                    snap["size_gib"] * GiB)
             except (OSError, StoreBusy) as e:
                 log.warning("snapshot %s failed: %s", snap["id"], e)
                 await self._finish(self._snap_key(account, snap["id"]), snap["id"], "error",
@@ -452,23 +481,28 @@ class Ec2:
             await self._finish(self._snap_key(account, snap["id"]), snap["id"], "completed",
                                {"completed_ms": self.clock()})
 
-        self._spawn_copy(snap["id"], copy)
+        if not self._spawn_copy(snap["id"], copy) and fd is not None:
+            os.close(fd)
 
-    def _start_restore(self, account: str, rec: dict[str, Any]) -> None:
+    def _start_restore(self, account: str, rec: dict[str, Any], fd: int | None,
+                       opened: bool) -> None:
         data_dir = self._data_dir()
 
         async def copy() -> None:
             try:
+                source = fd if opened else await asyncio.to_thread(
+                    open_source, snapshot_file(data_dir, account, rec["snapshot_id"]), False)
                 await asyncio.to_thread(
-                    copy_extents, snapshot_file(data_dir, account, rec["snapshot_id"]),
-                    volume_file(data_dir, account, rec["id"]), rec["size_gib"] * GiB)
+                    copy_extents, source, volume_file(data_dir, account, rec["id"]),
+                    rec["size_gib"] * GiB)
             except (OSError, StoreBusy) as e:
                 log.warning("volume %s from %s failed: %s", rec["id"], rec["snapshot_id"], e)
                 await self._finish(self._key(account, rec["id"]), rec["id"], "error", {})
                 return
             await self._finish(self._key(account, rec["id"]), rec["id"], "available", {})
 
-        self._spawn_copy(rec["id"], copy)
+        if not self._spawn_copy(rec["id"], copy) and fd is not None:
+            os.close(fd)
 
     async def create_snapshot(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
         self._data_dir()
@@ -499,10 +533,24 @@ class Ec2:
         snap = {"id": new_snapshot_id(), "volume_id": volume_id, "size_gib": vol["size_gib"],
                 "state": "pending", "started_ms": self.clock(), "description": description,
                 "tags": tags}
-        if await self.store.cas(self._snap_key(account, snap["id"]), 0,
-                                json.dumps(snap).encode()) is None:
-            raise Ec2Error("InternalError", "A snapshot id was used twice; try again", 500)
-        self._start_snapshot(account, snap)
+        # The point of the snapshot: its bytes are opened and locked now (no file: never
+        # attached, all zeros), so a delete or an attach after this answer changes nothing.
+        try:
+            fd = await asyncio.to_thread(open_source, volume_file(
+                self._data_dir(), account, volume_id), True)
+        except StoreBusy:
+            raise Ec2Error("IncorrectState", f"Volume {volume_id}'s bytes are held by a "
+                           "writer (an attachment in progress)") from None
+        try:
+            if await self.store.cas(self._snap_key(account, snap["id"]), 0,
+                                    json.dumps(snap).encode()) is None:
+                raise Ec2Error("InternalError", "A snapshot id was used twice; try again",
+                               500)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        self._start_snapshot(account, snap, fd, True)
         return vols.snapshot_doc(snap, account)
 
     async def describe_snapshots(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -523,7 +571,7 @@ class Ec2:
                        for e in await self.store.list(f"{SNAPSHOTS}{account}/")]
         for r in records:
             if r["state"] == "pending" and self.data_dir is not None:
-                self._start_snapshot(account, r)  # a copy a restarted process lost
+                self._start_snapshot(account, r, None, False)  # a copy a restart lost
         chosen = {r["id"]: r for r in records if vols.matches(
             filters, lambda name, r=r: vols.snapshot_fields(r, name, account))}
         keys, token = vols.page(sorted(chosen), params, n)

@@ -104,57 +104,72 @@ def snapshot_file(data_dir: str, account: str, snapshot_id: str) -> str:
     return os.path.join(data_dir, account, "snapshots", f"{snapshot_id}.img")
 
 
-def copy_extents(src: str, dst: str, size_bytes: int,
+def open_source(path: str, missing_ok: bool) -> int | None:
+    """``path`` opened to be copied, under a shared ``flock`` (a FileBlockStore holds an
+    exclusive one): from here the bytes cannot change under the copy (an attach is refused,
+    :class:`StoreBusy`; other copies may read alongside), and a delete of the file does not
+    reach the open descriptor. None: no file and ``missing_ok`` (a volume never attached is
+    all zeros). A writer holding it now is :class:`StoreBusy`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreBusy(f"{path} is held by a writer (one writer at a time)") from None
+    return fd
+
+
+def copy_extents(fd: int | None, dst: str, size_bytes: int,
                  progress: Callable[[int], None] | None = None) -> None:
-    """``dst`` becomes a sparse file of ``size_bytes`` holding ``src``'s data extents (holes
-    stay holes; a ``src`` that does not exist is all zeros), written to ``dst.part`` and
-    renamed into place once durable. ``src`` is ``flock``ed for the copy, as a
-    FileBlockStore holds it: a volume attached right now is :class:`StoreBusy` (no copy of
-    bytes that are changing), and an attach during the copy is refused the same way."""
+    """``dst`` becomes a sparse file of ``size_bytes`` holding the data extents of the file
+    open at ``fd`` (:func:`open_source`; holes stay holes; None: all zeros), written to
+    ``dst.part`` and renamed into place once durable. ``fd`` is closed at the end."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = dst + ".part"
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
     try:
         os.ftruncate(out, size_bytes)
-        try:
-            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = -1
-        if fd >= 0:
-            try:
+        if fd is not None:
+            end = min(size_bytes, os.fstat(fd).st_size)
+            off = 0
+            while off < end:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise StoreBusy(f"{src} is attached (one writer at a time)") from None
-                end = min(size_bytes, os.fstat(fd).st_size)
-                off = 0
-                while off < end:
-                    try:
-                        data = os.lseek(fd, off, os.SEEK_DATA)
-                    except OSError as e:
-                        if e.errno == errno.ENXIO:  # nothing but a hole to the end
-                            break
-                        raise
-                    if data >= end:
+                    data = os.lseek(fd, off, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # nothing but a hole to the end
                         break
-                    hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-                    pos = data
-                    while pos < hole:
-                        n = os.copy_file_range(fd, out, min(copy_chunk_bytes, hole - pos),
-                                               pos, pos)
-                        if n <= 0:
-                            raise OSError(errno.EIO, f"{src} ended early at {pos}")
-                        pos += n
-                        if progress is not None:
-                            progress(pos)
-                    off = hole
-            finally:
-                os.close(fd)
+                    raise
+                if data >= end:
+                    break
+                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+                pos = data
+                while pos < hole:
+                    n = os.copy_file_range(fd, out, min(copy_chunk_bytes, hole - pos),
+                                           pos, pos)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"the source ended early at {pos}")
+                    pos += n
+                    if progress is not None:
+                        progress(pos)
+                off = hole
         os.fsync(out)
     except BaseException:
         os.close(out)
         os.unlink(tmp)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     os.close(out)
     os.replace(tmp, dst)
     dfd = os.open(os.path.dirname(dst), os.O_RDONLY | os.O_DIRECTORY)
