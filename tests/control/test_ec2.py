@@ -365,6 +365,16 @@ def test_snapshot_and_a_volume_from_it(api: Api) -> None:
     assert api.ok("DescribeSnapshots", {"Filters": [{"Name": "volume-id", "Values": [vid]}]}
                   )["Snapshots"][0]["SnapshotId"] == snap["SnapshotId"]
     assert api.ok("DescribeSnapshots", {"OwnerIds": [B]})["Snapshots"] == []
+    # tags on snapshots, as on volumes
+    api.ok("CreateTags", {"Resources": [snap["SnapshotId"]], "Tags": [{"Key": "k2",
+                                                                      "Value": "v2"}]})
+    api.ok("DeleteTags", {"Resources": [snap["SnapshotId"]], "Tags": [{"Key": "k"}]})
+    assert api.ok("DescribeTags", {"Filters": [{"Name": "resource-type",
+                                                "Values": ["snapshot"]}]})["Tags"] \
+        == [{"ResourceId": snap["SnapshotId"], "ResourceType": "snapshot", "Key": "k2",
+             "Value": "v2"}]
+    assert api.err("CreateTags", {"Resources": [snap["SnapshotId"]], "Tags": [
+        {"Key": "x", "Value": "y"}]}, account=B)[0] == "InvalidSnapshot.NotFound"
     # a volume from it: the snapshot's size unless told, never smaller
     assert api.err("CreateVolume", {"AvailabilityZone": ZONE, "SnapshotId": snap["SnapshotId"],
                                     "Size": 0})[0] == "InvalidParameterValue"

@@ -315,11 +315,34 @@ class Ec2:
             raise Ec2Error("MissingParameter", "The request must contain the parameter "
                            "resourceIdSet")
         for i in ids:
-            if not i.startswith("vol-"):
+            if i.startswith("vol-"):
+                vols.check_volume_id(i)
+            elif i.startswith("snap-"):
+                vols.check_snapshot_id(i)
+            else:
                 raise Ec2Error("InvalidID", f"The ID '{i[:80]}' is not valid: cellcloud tags "
-                               "volumes only")
-            vols.check_volume_id(i)
+                               "volumes and snapshots only")
         return ids
+
+    async def _exists(self, account: str, ident: str) -> None:
+        if ident.startswith("snap-"):
+            await self._get_snapshot(account, ident)
+        else:
+            await self._get(account, ident)
+
+    async def _retag(self, account: str, ident: str,
+                     change: Callable[[list[dict[str, str]]], list[dict[str, str]]]) -> None:
+        if not ident.startswith("snap-"):
+            await self._change(account, ident, lambda rec: {**rec, "tags": change(rec["tags"])})
+            return
+        for _ in range(self.limits.ec2_cas_attempts_max):
+            rec, rev = await self._get_snapshot(account, ident)
+            rec["tags"] = change(rec["tags"])
+            if await self.store.cas(self._snap_key(account, ident), rev,
+                                    json.dumps(rec).encode()) is not None:
+                return
+            self.counters["cas_lost"] += 1
+        raise _busy()
 
     async def create_tags(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
         ids = self._resources(params)
@@ -328,11 +351,11 @@ class Ec2:
         new = vols.check_tags(params["Tag"], "Tag", self.limits)
         self._dry_run(params)
         for i in ids:
-            await self._get(account, i)  # every id exists before any is changed
+            await self._exists(account, i)  # every id exists before any is changed
         keys = {t["Key"] for t in new}
         for i in ids:
-            await self._change(account, i, lambda rec: {**rec, "tags": vols.check_tags(
-                [t for t in rec["tags"] if t["Key"] not in keys] + new, "Tag", self.limits)})
+            await self._retag(account, i, lambda tags: vols.check_tags(
+                [t for t in tags if t["Key"] not in keys] + new, "Tag", self.limits))
         return {"return": True}
 
     async def delete_tags(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -350,10 +373,9 @@ class Ec2:
                            for g in gone)
 
         for i in ids:
-            await self._get(account, i)
+            await self._exists(account, i)
         for i in ids:
-            await self._change(account, i,
-                               lambda rec: {**rec, "tags": [t for t in rec["tags"] if keep(t)]})
+            await self._retag(account, i, lambda tags: [t for t in tags if keep(t)])
         return {"return": True}
 
     async def describe_tags(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -361,15 +383,16 @@ class Ec2:
         filters = vols.parse_filters(params, vols.TAG_FILTERS, self.limits)
         self._dry_run(params)
         items: dict[str, dict[str, str]] = {}
-        for e in await self.store.list(f"{VOLUMES}{account}/"):
-            rec = json.loads(e.value)
-            for t in rec["tags"]:
-                item = {"resourceId": rec["id"], "resourceType": "volume", "key": t["Key"],
-                        "value": t["Value"]}
-                fields = {"resource-id": [rec["id"]], "resource-type": ["volume"],
-                          "key": [t["Key"]], "value": [t["Value"]]}
-                if vols.matches(filters, fields.__getitem__):
-                    items[f"{rec['id']}\x00{t['Key']}"] = item
+        for prefix, kind in ((VOLUMES, "volume"), (SNAPSHOTS, "snapshot")):
+            for e in await self.store.list(f"{prefix}{account}/"):
+                rec = json.loads(e.value)
+                for t in rec["tags"]:
+                    item = {"resourceId": rec["id"], "resourceType": kind, "key": t["Key"],
+                            "value": t["Value"]}
+                    fields = {"resource-id": [rec["id"]], "resource-type": [kind],
+                              "key": [t["Key"]], "value": [t["Value"]]}
+                    if vols.matches(filters, fields.__getitem__):
+                        items[f"{rec['id']}\x00{t['Key']}"] = item
         keys, token = vols.page(sorted(items), params, n)
         out: dict[str, Any] = {"tagSet": [items[k] for k in keys]}
         if token:
