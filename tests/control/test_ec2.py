@@ -267,6 +267,13 @@ def test_client_token_makes_create_idempotent(api: Api) -> None:
     assert len(api.ok("DescribeVolumes")["Volumes"]) == 1
     assert api.err("CreateVolume", {"AvailabilityZone": ZONE, "Size": 4,
                                     "ClientToken": "tok-1"})[0] == "IdempotentParameterMismatch"
+    # deleted, the token goes with it: the same request makes a new volume, never the old id
+    api.ok("DeleteVolume", {"VolumeId": one["VolumeId"]})
+    later = api.create(3, ClientToken="tok-1")
+    assert later["VolumeId"] != one["VolumeId"]
+    assert [v["VolumeId"] for v in api.ok("DescribeVolumes")["Volumes"]] == [later["VolumeId"]]
+    assert [e.key for e in asyncio.run(api.store.list(f"cellcloud/ec2/client-tokens/{A}/"))] \
+        == [f"cellcloud/ec2/client-tokens/{A}/tok-1"]
 
 
 def test_volume_limit(tmp_path: Path) -> None:

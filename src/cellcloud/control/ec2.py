@@ -204,6 +204,8 @@ class Ec2:
                "zone": spec.zone, "state": "available" if snap is None else "creating",
                "created_ms": self.clock(), "tags": spec.tags, "attachment": None,
                "attach_epoch": 0}
+        if spec.client_token:  # its token goes with it (tokens never outnumber volumes)
+            rec["client_token"] = spec.client_token
         fd: int | None = None
         if snap is not None:
             rec["snapshot_id"] = snap["id"]
@@ -268,7 +270,9 @@ class Ec2:
 
         # First the record says "deleting" (by compare-and-set: an attach can no longer win),
         # then it goes, and its bytes with it.
-        await self._change(account, volume_id, deleting)
+        rec = await self._change(account, volume_id, deleting)
+        if rec.get("client_token"):  # first: a token left alone would name a volume gone
+            await self.store.delete(f"{TOKENS}{account}/{rec['client_token']}")
         await self.store.delete(self._key(account, volume_id))
         if self.data_dir is not None:
             await asyncio.to_thread(_remove, volume_file(self.data_dir, account, volume_id))
