@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import mmap
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +202,47 @@ def test_a_volume_of_the_api_attached_under_its_record(tmp_path: Path) -> None:
     finally:
         asyncio.run(detach_volume(api.ec2, va))
     api.ok("DeleteVolume", {"VolumeId": vid})
+
+
+_FAILING_STORE = """
+import sys
+from cellcloud.volumes.fusefile import serve
+
+class Failing:
+    size_bytes = 1 << 20
+    async def read(self, offset, length):
+        raise RuntimeError("the store lost its replicas")
+    async def write(self, offset, data):
+        raise OSError(5, "no quorum")
+    async def flush(self):
+        raise RuntimeError("no quorum")
+
+serve(Failing(), sys.argv[1], ready_fd=int(sys.argv[2]))
+"""
+
+
+def test_a_failing_store_is_eio(tmp_path: Path) -> None:
+    """Whatever a BlockStore raises, the file answers EIO, as a failing disk does (never a
+    hang, never another errno)."""
+    mnt = tmp_path / "fuse"
+    mnt.mkdir()
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", _FAILING_STORE, str(mnt), str(w)],
+                            pass_fds=(w,), stderr=subprocess.DEVNULL)
+    os.close(w)
+    try:
+        assert os.read(r, 100).startswith(b'{"ready"')
+        fd = os.open(mnt / "volume", os.O_RDWR | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)  # O_DIRECT: an aligned buffer
+        try:
+            for call in (lambda: os.preadv(fd, [buf], 0), lambda: os.pwritev(fd, [buf], 0),
+                         lambda: os.fsync(fd)):
+                with pytest.raises(OSError) as e:
+                    call()
+                assert e.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+    finally:
+        os.close(r)
+        subprocess.run(["umount", str(mnt)], check=False)
+        proc.wait(timeout=60)

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import errno
 import json
+import logging
 import os
 import stat
 import threading
@@ -31,6 +32,7 @@ import mfusepy
 
 from .blockdev import BlockStore, FileBlockStore
 
+log = logging.getLogger("cellcloud.volumes.fusefile")
 FILE_NAME = "volume"
 _PATH = "/" + FILE_NAME
 T = TypeVar("T")
@@ -47,11 +49,18 @@ class VolumeFile(mfusepy.Operations):
         self.stats_path = stats_path
         self.started_ns = time.time_ns()
         self.counters = {"reads": 0, "writes": 0, "fsyncs": 0, "bytes_written": 0,
-                         "refused_past_end": 0}
+                         "refused_past_end": 0, "store_errors": 0}
         self._lock = threading.Lock()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        """A store call on the store's loop; its failure is EIO, as a failing disk's is."""
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        except Exception as e:
+            log.warning("block store call failed: %r", e)
+            with self._lock:
+                self.counters["store_errors"] += 1
+            raise mfusepy.FuseOSError(errno.EIO) from e
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
