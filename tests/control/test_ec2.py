@@ -458,3 +458,34 @@ def test_snapshot_refusals(api: Api, tmp_path: Path) -> None:
     v2 = other.create(1)["VolumeId"]
     assert other.err("CreateSnapshot", {"VolumeId": v2})[0] == "UnsupportedOperation"
     other.close()
+
+
+def test_concurrent_changes_lose_no_update(api: Api) -> None:
+    """Every change is a compare-and-set on the volume's record: tags added at once by many
+    requests all land (a request that keeps losing is Unavailable, 503, and nothing of it
+    is half-written), and of two attaches at once exactly one wins."""
+    vid = api.create(1)["VolumeId"]
+    model = EC2.operation_model("CreateTags")
+
+    def body(i: int) -> bytes:
+        req = serialize.create_serializer("ec2").serialize_to_request(
+            {"Resources": [vid], "Tags": [{"Key": f"k{i}", "Value": str(i)}]}, model)
+        return urlencode(req["body"]).encode()
+
+    async def all_at_once() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(api.ec2.op({"b": body(i), "q": "", "a": A})
+                                           for i in range(12))))
+
+    answers = api.loop.run_until_complete(all_at_once())
+    landed = {f"k{i}" for i, r in enumerate(answers) if r["s"] == 200}
+    assert all(r["s"] in (200, 503) for r in answers) and landed
+    tags = api.ok("DescribeVolumes", {"VolumeIds": [vid]})["Volumes"][0]["Tags"]
+    assert {t["Key"] for t in tags} == landed
+
+    async def two_attaches() -> list[Any]:
+        return list(await asyncio.gather(api.ec2.attach(A, vid, "task/a"),
+                                         api.ec2.attach(A, vid, "task/b"),
+                                         return_exceptions=True))
+
+    won = [r for r in api.loop.run_until_complete(two_attaches()) if isinstance(r, dict)]
+    assert len(won) == 1 and won[0]["attach_epoch"] == 1
