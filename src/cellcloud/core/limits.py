@@ -232,6 +232,16 @@ class Limits:
     ecs_task_poll_interval_ms: int = 500  # a running task's containers and logs polled
     ecs_task_poll_failures_max: int = 10  # polls in a row its agent fails: the task is lost
     ecs_task_cpu_units_per_agent_max: int = 16 * 1024  # tasks' cpu on one agent (16 vCPU)
+    # The EC2 volume API in the control plane (control/ec2.py, issue #19): docs/volumes.md.
+    ec2_request_bytes_max: int = 256 * 1024  # one EC2 query-protocol request (a form)
+    ec2_request_params_max: int = 2_000  # form fields in one request
+    ec2_list_items_max: int = 1_000  # items of one list member (VolumeId.N, Filter.N, Tag.N)
+    ec2_filter_value_chars_max: int = 4_096  # characters of one filter's values together
+    ec2_volume_size_gib_max: int = 16_384  # a volume's size (EC2's gp2/gp3 maximum)
+    ec2_volumes_per_tenant_max: int = 1_000  # volumes one account keeps in a region
+    ec2_tags_per_resource_max: int = 50  # tags of one volume or snapshot (EC2's)
+    ec2_snapshots_per_tenant_max: int = 1_000  # snapshots one account keeps in a region
+    ec2_cas_attempts_max: int = 8  # a change that keeps losing its compare-and-set
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200

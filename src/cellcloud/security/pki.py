@@ -36,7 +36,8 @@ ACCEPTS: dict[str, frozenset[str]] = {
     "frontend": frozenset({"router", "dispatcher", "control"}),
     "dispatcher": frozenset({"control", "client"}),
     "router": frozenset({"control"}),  # its internal port (cell map pushes)
-    # operators' CLI, peer control planes; routers for the scheduler and ECS APIs only (OPS_ALLOWED)
+    # operators' CLI, peer control planes; routers for the scheduler, ECS and EC2 APIs only
+    # (OPS_ALLOWED)
     "control": frozenset({"client", "control", "router"}),
     "store": frozenset({"store", "client", "control"}),
 }
@@ -46,7 +47,7 @@ ACCEPTS: dict[str, frozenset[str]] = {
 # destroy, attest or read an agent's status; the agent still only answers.
 OPS_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("agent", "router"): frozenset({"leased_invoke"}),
-    ("control", "router"): frozenset({"scheduler", "ecs"}),
+    ("control", "router"): frozenset({"scheduler", "ecs", "ec2"}),
 }
 
 
