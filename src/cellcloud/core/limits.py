@@ -256,6 +256,14 @@ class Limits:
     microvm_boot_timeout_ms: int = 120_000
     microvm_console_bytes_max: int = 1 * MiB
     microvm_image_input_bytes_max: int = 256 * MiB
+    # Replicated volumes (volumes/, docs/volumes.md): a volume's size, one read or write
+    # request's bytes, replicas per volume, and rewires one operation may trigger before it
+    # fails (then the client waits and fences again).
+    volume_size_gib_min: int = 1
+    volume_size_gib_max: int = 16_384
+    volume_write_bytes_max: int = 1 * MiB
+    volume_replicas: int = 3
+    volume_rewire_attempts_max: int = 50
 
 
 DEFAULT_LIMITS = Limits()
