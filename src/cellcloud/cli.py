@@ -724,6 +724,9 @@ def _mount_subcommands() -> None:
     from .microvm_cli import app as microvm_app
 
     app.add_typer(microvm_app, name="microvm")
+    from .volumes.cli import app as storage_app
+
+    app.add_typer(storage_app, name="storage", help="Storage servers of replicated volumes.")
 
 
 _mount_subcommands()
