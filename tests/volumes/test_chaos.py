@@ -83,6 +83,22 @@ def test_kill_the_primary_under_writes_loses_no_acknowledged_record(stack: Stack
         assert now.epoch > cfg.epoch + 1  # attach, then at least one rewire
         for i in acked:  # through the client that lived through the failover
             assert parse(await vc.read(i * REC, REC)) == i
+        # The re-mirror (sparse: only allocated ranges travel) completes while idle; then
+        # EVERY replica, the new one too, holds every acknowledged record.
+        deadline = time.monotonic() + 120
+        while vc.core.config is not None and vc.core.config.catching_up:
+            assert time.monotonic() < deadline, vc.core.config
+            await asyncio.sleep(0.05)
+        final = vc.core.config
+        assert final is not None and len(final.replicas) == 3
+        for sid in final.replicas:
+            a = stack.servers[sid]
+            c = transport.Client(a.host, a.port)
+            req = {"op": "read", "volume": "vol-a", "epoch": final.epoch,
+                   "config": final.to_dict(), "offset": 0, "length": REC * len(acked)}
+            got = (await c.call("volume", req, timeout_s=30))["data"]
+            await c.close()
+            assert [parse(got[i * REC:(i + 1) * REC]) for i in acked] == acked, sid
         await vc.close()
         # A fresh client takes the volume over (one more failover) and reads everything.
         vc2 = VolumeClient("vol-a", store, stack.servers, client_id="host-2")

@@ -17,6 +17,8 @@ from cellcloud.volumes.core import (
     ClientCore,
     Complete,
     PersistConfig,
+    ReadData,
+    ResetData,
     SendServer,
     ServerCore,
     ServerInfo,
@@ -53,6 +55,19 @@ def test_server_fences_older_epochs_and_learns_newer_ones() -> None:
     bad = ServerCore("s1", bug_no_fencing=True)
     bad.load([cfg2])
     assert bad.on_request(_req(CFG1, "write", offset=0, data=b"y"))[0]["status"] == OK
+
+
+def test_a_new_replica_is_reset_once_when_it_learns_its_epoch() -> None:
+    s = ServerCore("s3")
+    cfg2 = VolumeConfig("v", 4096, 2, ("s0", "s1", "s3"), "s0", "c", 2, ("s3",))
+    _, eff = s.on_request(_req(cfg2, "fence", reset=True))
+    assert eff == [ResetData("v", 4096), PersistConfig(cfg2)]
+    # The same fence again (a retry after a wait) must not wipe writes made since.
+    assert s.on_request(_req(cfg2, "fence", reset=True))[1] == []
+    # A mirror read asks for the allocation map too.
+    s0 = ServerCore("s0")
+    _, eff = s0.on_request(_req(cfg2, "mirror_read", offset=0, length=64))
+    assert eff[-1] == ReadData("v", 0, 64, mirror=True)
 
 
 def test_server_refuses_non_members_out_of_range_and_reads_from_catching_up() -> None:
@@ -116,8 +131,10 @@ def test_a_silent_replica_is_rewired_and_the_write_resent_to_the_new_set() -> No
         acts += c.on_server(a.rid, {"status": OK}, 301)
     # Re-mirroring alternates with IO: a chunk is read from the primary, written to the new
     # replica, then the queued write goes out.
+    assert [a.request.get("reset") for a in fences] == [
+        True if a.server in new.catching_up else None for a in fences]
     (chunk_read,) = acts
-    assert chunk_read.server == "s0" and chunk_read.request["op"] == "read"
+    assert chunk_read.server == "s0" and chunk_read.request["op"] == "mirror_read"
     data = bytes(c.params.mirror_chunk_bytes)
     (chunk_write,) = c.on_server(chunk_read.rid, {"status": OK, "data": data}, 302)
     assert chunk_write.server in new.catching_up

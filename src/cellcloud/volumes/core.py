@@ -170,12 +170,26 @@ class WriteData:
 
 @dataclass(frozen=True)
 class ReadData:
+    """Read the range into the reply's ``data``. ``mirror``: a re-mirror read — the reply also
+    carries ``next`` (the first allocated byte at or after the range's end, or the size) and
+    ``hole`` (the range holds no allocated byte: ``data`` may be left empty)."""
+
     volume_id: str
     offset: int
     length: int
+    mirror: bool = False
 
 
-ServerEffect = PersistConfig | WriteData | ReadData
+@dataclass(frozen=True)
+class ResetData:
+    """Drop the replica's bytes (all holes again): a new replica starts empty, so a re-mirror
+    copies only the primary's allocated ranges."""
+
+    volume_id: str
+    size_bytes: int
+
+
+ServerEffect = PersistConfig | WriteData | ReadData | ResetData
 
 
 @dataclass
@@ -209,6 +223,10 @@ class ServerCore:
             return {"status": NOT_MEMBER, "epoch": known.config.epoch if known else 0}, []
         if known is None or cfg.epoch > known.config.epoch:
             self.volumes[cfg.volume_id] = ServerVolume(cfg)
+            if op == "fence" and req.get("reset") and self.server_id in cfg.catching_up:
+                # Joining as a new replica: start empty. Only when the epoch is learned (once
+                # per epoch), so a repeated fence never wipes writes made since.
+                effects.append(ResetData(cfg.volume_id, cfg.size_bytes))
             effects.append(PersistConfig(cfg))
         elif cfg != known.config and not self.bug_no_fencing:
             return {"status": INVALID, "message": "two configurations with one epoch"}, []
@@ -224,7 +242,7 @@ class ServerCore:
                 return {"status": INVALID, "message": "write past the end"}, effects
             effects.append(WriteData(cfg.volume_id, offset, bytes(data)))
             return {"status": OK, "epoch": cfg.epoch}, effects
-        if op == "read":
+        if op in ("read", "mirror_read"):
             offset, length = req.get("offset"), req.get("length")
             if not isinstance(offset, int) or not isinstance(length, int):
                 return {"status": INVALID, "message": "read needs offset and length"}, effects
@@ -234,7 +252,7 @@ class ServerCore:
                 return {"status": INVALID, "message": "read past the end"}, effects
             if self.server_id in cfg.catching_up:
                 return {"status": NOT_READY, "epoch": cfg.epoch}, effects
-            effects.append(ReadData(cfg.volume_id, offset, length))
+            effects.append(ReadData(cfg.volume_id, offset, length, op == "mirror_read"))
             return {"status": OK, "epoch": cfg.epoch}, effects
         return {"status": INVALID, "message": f"unknown op {op!r}"}, effects
 
@@ -306,6 +324,8 @@ class _Inflight:
     data: bytes = b""
     stage: str = ""  # mirror: "read" then "write"
     invalid: str = ""
+    hole: bool = False  # mirror: the chunk read holds no allocated byte
+    next: int = 0  # mirror: where the primary's next allocated byte is
 
 
 class ClientCore:
@@ -419,6 +439,9 @@ class ClientCore:
             fl.ok.add(server)
             if fl.op.kind == "read" or fl.stage == "read":
                 fl.data = bytes(reply.get("data", b"")) if reply else b""
+                fl.hole = bool(reply.get("hole")) if reply else False
+                nxt = reply.get("next") if reply else None
+                fl.next = nxt if isinstance(nxt, int) else fl.op.offset + fl.op.length
         elif status == STALE:
             fl.stale = True
         elif status == INVALID:
@@ -504,7 +527,8 @@ class ClientCore:
         for s in self.config.replicas:
             self.rids += 1
             self.fence_wait[self.rids] = s
-            out.append(SendServer(s, self.rids, self._request("fence")))
+            reset = {"reset": True} if s in self.config.catching_up else {}
+            out.append(SendServer(s, self.rids, self._request("fence", **reset)))
         self.fence_deadline = now_ms + self.params.request_timeout_ms
         return out
 
@@ -596,7 +620,8 @@ class ClientCore:
             targets = [(cfg.primary, self._request("read", offset=op.offset, length=op.length))]
         else:
             fl.stage = "read"
-            targets = [(cfg.primary, self._request("read", offset=op.offset, length=op.length))]
+            targets = [(cfg.primary, self._request("mirror_read", offset=op.offset,
+                                                   length=op.length))]
         for s, req in targets:
             self.rids += 1
             fl.waiting[self.rids] = s
@@ -628,6 +653,8 @@ class ClientCore:
                 self.queue.insert(0, fl.op)  # resent in the new epoch
             self.failed = set(fl.failed)
             return self._rewire(now_ms)
+        if fl.op.kind == "mirror" and fl.stage == "read" and fl.hole:
+            fl.stage = "write"  # nothing to copy: the new replica was reset to holes
         if fl.op.kind == "mirror" and fl.stage == "read":
             targets = list(cfg.catching_up)
             fl.stage = "write"
@@ -644,7 +671,7 @@ class ClientCore:
         self.attempts = 0
         out = []
         if fl.op.kind == "mirror":
-            self.mirror_offset = fl.op.offset + fl.op.length
+            self.mirror_offset = max(fl.op.offset + fl.op.length, fl.next)
         else:
             out.append(Complete(fl.op.op_id, True, data=fl.data, epoch=fl.epoch,
                                 sent_ms=fl.sent_ms))

@@ -24,6 +24,7 @@ from cellcloud.volumes.core import (
     INVALID,
     PersistConfig,
     ReadData,
+    ResetData,
     ServerCore,
     VolumeConfig,
     VolumeError,
@@ -87,11 +88,16 @@ class StorageServer:
             os.close(dfd)
         self._fd(cfg.volume_id, cfg.size_bytes)
 
-    def _carry_out(self, effects: list[Any], size_bytes: int) -> bytes | None:
-        data: bytes | None = None
+    def _carry_out(self, effects: list[Any], size_bytes: int) -> dict[str, Any] | None:
+        read: dict[str, Any] | None = None
         wrote: set[int] = set()
         for e in effects:
-            if isinstance(e, PersistConfig):
+            if isinstance(e, ResetData):
+                fd = self._fd(e.volume_id, e.size_bytes)
+                os.ftruncate(fd, 0)  # every block a hole again
+                os.ftruncate(fd, e.size_bytes)
+                os.fsync(fd)
+            elif isinstance(e, PersistConfig):
                 self._persist_config(e.config)
             elif isinstance(e, WriteData):
                 fd = self._fd(e.volume_id, size_bytes)
@@ -101,10 +107,21 @@ class StorageServer:
                 wrote.add(fd)
             elif isinstance(e, ReadData):
                 fd = self._fd(e.volume_id, size_bytes)
-                data = os.pread(fd, e.length, e.offset)
+                read = {}
+                if e.mirror:
+                    end = e.offset + e.length
+                    try:
+                        read["next"] = os.lseek(fd, end, os.SEEK_DATA) if end < size_bytes \
+                            else size_bytes
+                    except OSError:  # ENXIO: only holes after the range
+                        read["next"] = size_bytes
+                    if _is_hole(fd, e.offset, e.length):
+                        read.update(hole=True, data=b"")
+                        continue
+                read["data"] = os.pread(fd, e.length, e.offset)
         for fd in wrote:
             os.fdatasync(fd)  # durable before the answer leaves
-        return data
+        return read
 
     async def handle(self, req: Any) -> dict[str, Any]:
         self.counters["requests"] += 1
@@ -120,12 +137,12 @@ class StorageServer:
                 return reply
             try:
                 size = int(req["config"]["size_bytes"])
-                data = await asyncio.to_thread(self._carry_out, effects, size)
+                read = await asyncio.to_thread(self._carry_out, effects, size)
             except (OSError, VolumeError, ValueError) as exc:
                 return {"status": "io_error", "message": str(exc)}
-            if data is not None:
+            if read is not None:
                 self.counters["reads"] += 1
-                reply = dict(reply, data=data)
+                reply = dict(reply, **read)
             elif any(isinstance(e, WriteData) for e in effects):
                 self.counters["writes"] += 1
             return reply

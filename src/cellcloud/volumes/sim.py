@@ -42,6 +42,7 @@ from cellcloud.volumes.core import (
     Complete,
     PersistConfig,
     ReadData,
+    ResetData,
     SendServer,
     ServerCore,
     ServerInfo,
@@ -108,6 +109,7 @@ class SimServer:
         self.torn_armed = False
         self.configs: dict[str, VolumeConfig] = {}  # durable
         self.data: dict[str, bytearray] = {}  # durable (written and fsynced before replies)
+        self.allocated: dict[str, set[int]] = {}  # bytes ever written (the rest: holes)
         self.core = self._core()
 
     def _core(self) -> ServerCore:
@@ -143,19 +145,33 @@ class SimServer:
             if isinstance(e, PersistConfig):
                 self.configs[e.config.volume_id] = e.config
                 self.data.setdefault(e.config.volume_id, bytearray(e.config.size_bytes))
+            elif isinstance(e, ResetData):
+                self.data[e.volume_id] = bytearray(e.size_bytes)
+                self.allocated[e.volume_id] = set()
             elif isinstance(e, WriteData):
                 buf = self.data[e.volume_id]
+                alloc = self.allocated.setdefault(e.volume_id, set())
                 if self.torn_armed:
                     # Power lost inside the write: a prefix reached the disk, no answer.
                     keep = self.world.rng.randint(0, len(e.data))
                     buf[e.offset: e.offset + keep] = e.data[:keep]
+                    alloc.update(range(e.offset, e.offset + keep))
                     self.crash()
                     self.world.schedule(self.world.rng.randint(50, 400), self.restart)
                     return
                 buf[e.offset: e.offset + len(e.data)] = e.data
+                alloc.update(range(e.offset, e.offset + len(e.data)))
             elif isinstance(e, ReadData):
                 buf = self.data.get(e.volume_id) or bytearray(e.offset + e.length)
                 reply = dict(reply, data=bytes(buf[e.offset: e.offset + e.length]))
+                if e.mirror:
+                    alloc = self.allocated.get(e.volume_id, set())
+                    end = e.offset + e.length
+                    after = [b for b in alloc if b >= end]
+                    reply["next"] = min(after) if after else len(buf)
+                    if not any(e.offset <= b < end for b in alloc):
+                        reply["hole"] = True
+                        reply["data"] = b""
         self.world.net.send(self.sid, src, ("reply", rid, reply))
 
 
