@@ -28,8 +28,9 @@ import tempfile
 import time
 from typing import Any
 
-from cellcloud.volumes.client import VolumeClient, create_volume
 from tests.volumes.harness import Stack
+
+from cellcloud.volumes.client import VolumeClient, create_volume
 
 GIB = 1024**3
 

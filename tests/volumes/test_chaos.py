@@ -198,3 +198,49 @@ def test_storage_server_keeps_its_epoch_across_a_restart(stack: Stack) -> None:
         await store.close()
 
     asyncio.run(main())
+
+
+def test_store_partitioned_from_servers_io_goes_on_and_config_changes_wait(
+        stack: Stack) -> None:
+    """Static stability: with every store node stopped (SIGSTOP), attached volumes keep
+    serving reads and writes; a server failure makes its volumes' writes wait for the store
+    (the rewire is a compare-and-set), and they complete once the store is back."""
+    store_nodes = list(stack.colony.node_ids())
+
+    async def main() -> None:
+        store = stack.store()
+        vols = []
+        for k in range(3):
+            await create_volume(store, f"vol-p{k}", GIB, stack.servers, rng=random.Random(k))
+            vc = VolumeClient(f"vol-p{k}", store, stack.servers, client_id="host-p")
+            await vc.attach()
+            vols.append(vc)
+        for n in store_nodes:
+            stack.signal(n, signal.SIGSTOP)
+        try:
+            for i in range(20):  # IO goes on without the store
+                for vc in vols:
+                    await vc.write(i * REC, record(i))
+            for vc in vols:
+                assert parse(await vc.read(19 * REC, REC)) == 19
+            victim = vols[0].core.config.replicas[1]  # type: ignore[union-attr]
+            stack.kill9(victim)
+            hit = [vc for vc in vols if victim in vc.core.config.replicas]  # type: ignore[union-attr]
+            writes = [asyncio.create_task(vc.write(20 * REC, record(20))) for vc in hit]
+            deadline = time.monotonic() + 60
+            while not all(vc.core.phase == "cas" for vc in hit):  # waiting on the store
+                assert time.monotonic() < deadline, [vc.core.phase for vc in hit]
+                await asyncio.sleep(0.05)
+            assert not any(w.done() for w in writes)
+        finally:
+            for n in store_nodes:
+                stack.signal(n, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*writes), 120)
+        for vc in hit:
+            assert victim not in vc.core.config.replicas  # type: ignore[union-attr]
+            assert parse(await vc.read(20 * REC, REC)) == 20
+        for vc in vols:
+            await vc.close()
+        await store.close()
+
+    asyncio.run(main())
