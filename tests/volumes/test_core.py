@@ -197,3 +197,19 @@ def test_config_round_trips_and_rejects_a_primary_that_is_catching_up() -> None:
         assert "primary" in str(exc)
     else:
         raise AssertionError("a catching-up primary was accepted")
+
+
+def test_create_volume_refuses_a_size_out_of_range() -> None:
+    import asyncio
+
+    import pytest
+
+    from cellcloud.volumes.client import create_volume
+    from cellcloud.volumes.core import VolumeError
+
+    class NoStore:  # the size is checked before the store is touched
+        pass
+
+    for size in (1024**3 - 1, 16_385 * 1024**3):
+        with pytest.raises(VolumeError, match="outside"):
+            asyncio.run(create_volume(NoStore(), "v", size, {}))  # type: ignore[arg-type]

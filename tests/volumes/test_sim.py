@@ -80,3 +80,9 @@ def test_the_core_is_pure() -> None:
              if isinstance(n, ast.ImportFrom)}
     io = {"asyncio", "socket", "os", "time", "pathlib", "subprocess", "ssl", "threading"}
     assert mods & io == set()
+
+
+@pytest.mark.slow
+def test_soak_seeds() -> None:
+    found = _failures(range(CI_SEEDS, CI_SEEDS + 5000))
+    assert not found, found[:3]
