@@ -24,7 +24,7 @@ import pytest
 
 from cellcloud import transport
 from cellcloud.volumes.client import VolumeClient, create_volume
-from cellcloud.volumes.core import Deposed, VolumeConfig
+from cellcloud.volumes.core import Deposed, VolumeAttached, VolumeConfig
 
 from .harness import Stack
 
@@ -168,7 +168,16 @@ def test_a_client_whose_volume_was_taken_over_is_deposed(stack: Stack) -> None:
         cfg = VolumeConfig.decode(await store.get("vol.vol-c", "config"))  # type: ignore[arg-type]
         assert cfg.attached_client == "host-b"
         await a.close()
-        await b.close()
+        # Attaching an attached volume without force is refused; after a detach it works.
+        c = VolumeClient("vol-c", store, stack.servers, client_id="host-c")
+        with pytest.raises(VolumeAttached):
+            await c.attach(force=False)
+        await c.close()
+        await b.detach()
+        d = VolumeClient("vol-c", store, stack.servers, client_id="host-d")
+        await d.attach(force=False)
+        assert await d.read(4096, 100) == b"b" * 100
+        await d.close()
         await store.close()
 
     asyncio.run(main())

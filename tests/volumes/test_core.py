@@ -213,3 +213,24 @@ def test_create_volume_refuses_a_size_out_of_range() -> None:
     for size in (1024**3 - 1, 16_385 * 1024**3):
         with pytest.raises(VolumeError, match="outside"):
             asyncio.run(create_volume(NoStore(), "v", size, {}))  # type: ignore[arg-type]
+
+
+def test_attach_without_force_is_refused_and_detach_frees_the_volume() -> None:
+    a = ClientCore("c1", "v", SERVERS, random.Random(1))
+    _attach(a, CFG1)
+    held = a.config
+    assert held is not None
+    b = ClientCore("c2", "v", SERVERS, random.Random(2))
+    b.force = False
+    b.start(10)
+    assert b.on_cfg(held, None, 11) == [] and b.phase == "refused"
+    assert b.submit_write(1, 0, b"x", 12) == [Complete(1, False, error="deposed")]
+    (cas,) = a.detach(20)
+    assert isinstance(cas, CfgCas) and cas.new.attached_client == ""
+    assert cas.new.epoch == held.epoch + 1
+    assert a.on_cfg(cas.new, True, 21) == [] and a.phase == "detached"
+    c = ClientCore("c3", "v", SERVERS, random.Random(3))
+    c.force = False
+    c.start(30)
+    (take,) = c.on_cfg(cas.new, None, 31)
+    assert isinstance(take, CfgCas) and take.new.attached_client == "c3"

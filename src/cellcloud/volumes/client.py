@@ -40,6 +40,7 @@ from cellcloud.volumes.core import (
     Deposed,
     SendServer,
     ServerInfo,
+    VolumeAttached,
     VolumeConfig,
     VolumeError,
     VolumeUnavailable,
@@ -145,7 +146,10 @@ class VolumeClient:
             raise VolumeError("not attached")
         return self.core.config.size_bytes
 
-    async def attach(self, timeout_s: float = 60.0) -> VolumeConfig:
+    async def attach(self, timeout_s: float = 60.0, *, force: bool = True) -> VolumeConfig:
+        """Attach: take the volume over (``force``: even from another attached client, which
+        is fenced), else raise ``VolumeAttached`` if another client has it."""
+        self.core.force = force
         self.ticker = asyncio.create_task(self._tick())
         self._run(self.core.start(self._now()))
         await asyncio.wait_for(self._until_ready(), timeout_s)
@@ -188,8 +192,24 @@ class VolumeClient:
     def _now(self) -> int:
         return int((time.monotonic() - self.t0) * 1000)
 
+    async def detach(self, timeout_s: float = 60.0) -> None:
+        """Finish what is in flight, then give the volume up (attached_client = "")."""
+        await self.flush()
+
+        async def wait() -> None:
+            while self.core.phase not in ("detached", "deposed"):
+                if self.core.phase == "ready" and self.core.cfg_pending is None:
+                    self._run(self.core.detach(self._now()))
+                self.ready.clear()
+                await self.ready.wait()
+
+        await asyncio.wait_for(wait(), timeout_s)
+        await self.close()
+
     async def _until_ready(self) -> None:
         while self.core.phase != "ready":
+            if self.core.phase == "refused":
+                raise VolumeAttached(f"{self.volume_id}: attached by another client")
             if self.core.phase == "deposed":
                 raise Deposed(f"{self.volume_id}: attached by another client")
             self.ready.clear()

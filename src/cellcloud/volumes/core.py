@@ -55,6 +55,10 @@ class VolumeUnavailable(VolumeError):
     pass
 
 
+class VolumeAttached(VolumeError):
+    """Attaching without ``force`` a volume another client has attached."""
+
+
 @dataclass(frozen=True)
 class VolumeConfig:
     volume_id: str
@@ -363,6 +367,10 @@ class ClientCore:
         self.fence_deadline = 0
         self.fenced_epoch = 0  # the epoch this client has fenced on all its replicas
         self.last_was_user = False  # re-mirror chunks alternate with queued operations
+        # Attach even if another client is attached (take over, fencing it); False: refuse
+        # (phase "refused"), the EC2 rule for an attached volume.
+        self.force = True
+        self.detaching = False
 
     # ---- events --------------------------------------------------------------------------
 
@@ -387,7 +395,7 @@ class ClientCore:
         return self._pump(now_ms)
 
     def _check(self, offset: int, length: int) -> str:
-        if self.phase == "deposed":
+        if self.phase in ("deposed", "detached", "refused"):
             return "deposed"
         if length < 0 or length > DEFAULT_LIMITS.volume_write_bytes_max:
             return f"length {length} out of range (at most {DEFAULT_LIMITS.volume_write_bytes_max})"
@@ -408,6 +416,8 @@ class ClientCore:
                 return self._adopt(result, now_ms)
         if result.attached_client != self.client_id:
             if self.config is None:
+                if not self.force and result.attached_client:
+                    return self._refuse(now_ms)
                 return self._take_over(result, now_ms)  # attaching (again, if a CAS lost)
             return self._depose(now_ms)
         if self.config is not None and result.epoch < self.config.epoch:
@@ -473,7 +483,7 @@ class ClientCore:
     # ---- configuration ---------------------------------------------------------------------
 
     def _read_cfg(self, now_ms: int) -> list[ClientAction]:
-        if self.phase == "deposed":
+        if self.phase in ("deposed", "detached", "refused"):
             return []
         if self.phase in ("idle", "ready"):
             self.phase = "reading_cfg"
@@ -501,8 +511,23 @@ class ClientCore:
         self.phase = "fencing"
         return self._fence(now_ms)
 
+    def detach(self, now_ms: int) -> list[ClientAction]:
+        """Give the volume up: CAS ``attached_client`` to "" (epoch + 1). Ends in phase
+        "detached" (or "deposed" if another client had taken it over)."""
+        if self.config is None or self.phase in ("deposed", "detached", "refused"):
+            return []
+        self.detaching = True
+        cfg = self.config
+        new = replace(cfg, epoch=cfg.epoch + 1, attached_client="", attach_epoch=cfg.epoch + 1)
+        return self._cas(cfg, new, now_ms)
+
+    def _refuse(self, now_ms: int) -> list[ClientAction]:
+        out = self._depose(now_ms)
+        self.phase = "refused"
+        return [replace(c, error="attached") if isinstance(c, Complete) else c for c in out]
+
     def _depose(self, now_ms: int) -> list[ClientAction]:
-        self.phase = "deposed"
+        self.phase = "detached" if self.detaching else "deposed"
         out: list[ClientAction] = []
         if self.inflight is not None and self.inflight.op.kind != "mirror":
             out.append(Complete(self.inflight.op.op_id, False, error="deposed"))
