@@ -25,10 +25,20 @@ def serve_cmd(
     server_id: Annotated[str, typer.Option("--id", help="this server's id (in servers files)")],
     state_dir: Annotated[str, typer.Option("--state-dir", help="replicas and epochs live here")],
     listen: Annotated[str, typer.Option(help="host:port (port 0: any)")] = "127.0.0.1:0",
+    pki_dir: Annotated[str, typer.Option(
+        help="the region's PKI directory: speak mutual TLS as role 'storage' (accepting "
+             "only 'volume' and 'control' peers)")] = "",
+    region: Annotated[str, typer.Option(help="region name in the certificates")] = "cc-local-1",
 ) -> None:
     """Serve volume replicas: answers reads, writes and fences; never calls anyone. Prints
     ``READY host port`` on stdout once it listens."""
+    from cellcloud import transport
+    from cellcloud.security import pki
     from cellcloud.volumes.server import serve
+
+    if pki_dir:
+        transport.enable_mtls(pki.tls_config(pki_dir, region, "storage", "storage", server_id),
+                              "storage")
 
     host, _, port = listen.rpartition(":")
 

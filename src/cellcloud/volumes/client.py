@@ -285,7 +285,8 @@ class VolumeClient:
             conn = self.conns.get(a.server)
             if conn is None:
                 conn = self.conns[a.server] = transport.Client(
-                    addr.host, addr.port, connect_timeout_s=self.params.request_timeout_ms / 1000)
+                    addr.host, addr.port, connect_timeout_s=self.params.request_timeout_ms / 1000,
+                    expect_role="storage")  # under mTLS: only a storage server is talked to
             try:
                 reply = await conn.call("volume", a.request,
                                         timeout_s=self.params.request_timeout_ms / 1000)

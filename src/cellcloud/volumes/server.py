@@ -7,8 +7,9 @@ order, durably, before it answers: a learned configuration is written to
 ``<vol>.img`` with ``pwrite`` and ``fdatasync``. Requests of one volume are carried out in arrival order (a FIFO lock), the
 disk work in a thread so the event loop keeps answering other volumes.
 
-One transport op, ``volume`` (the request dict of ``volumes/core.py``). The links are the
-transport's (msgpack frames); mutual TLS is not wired for this role yet (docs/volumes.md).
+One transport op, ``volume`` (the request dict of ``volumes/core.py``), and ``stats``. The
+links are the transport's (msgpack frames); with ``--pki-dir`` they are mutual TLS as role
+``storage``, which accepts only ``volume`` and ``control`` peers.
 """
 
 from __future__ import annotations
