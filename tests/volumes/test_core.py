@@ -234,3 +234,21 @@ def test_attach_without_force_is_refused_and_detach_frees_the_volume() -> None:
     c.start(30)
     (take,) = c.on_cfg(cas.new, None, 31)
     assert isinstance(take, CfgCas) and take.new.attached_client == "c3"
+
+
+def test_non_overlapping_operations_fly_together_overlapping_ones_wait() -> None:
+    from cellcloud.volumes.core import ClientParams
+
+    c = ClientCore("c1", "v", SERVERS, random.Random(1), ClientParams(inflight_max=4))
+    _attach(c, CFG1)
+    w1 = [a for a in c.submit_write(1, 0, b"a" * 10, 5) if isinstance(a, SendServer)]
+    w2 = [a for a in c.submit_write(2, 100, b"b" * 10, 5) if isinstance(a, SendServer)]
+    assert len(w1) == len(w2) == 3  # both in flight
+    assert c.submit_write(3, 5, b"c" * 10, 5) == []  # overlaps write 1: waits
+    assert c.submit_read(4, 200, 10, 5) != []  # does not overlap: goes
+    done: list[Any] = []
+    for a in w1:
+        done += c.on_server(a.rid, {"status": OK}, 6)
+    assert done[0] == Complete(1, True, epoch=2, sent_ms=5)
+    w3 = [a for a in done[1:] if isinstance(a, SendServer)]
+    assert {a.server for a in w3} == {"s0", "s1", "s2"} and w3[0].request["offset"] == 5

@@ -264,6 +264,7 @@ class Limits:
     volume_write_bytes_max: int = 1 * MiB
     volume_replicas: int = 3
     volume_rewire_attempts_max: int = 50
+    volume_client_ops_inflight_max: int = 32  # non-overlapping operations one client sends at once
 
 
 DEFAULT_LIMITS = Limits()

@@ -12,8 +12,9 @@
 
 The volume's configuration lives in ONE store cell per volume (``vol.<volume_id>``, key
 ``config``), created near the volume's servers' zone. Writes larger than
-``volume_write_bytes_max`` are split. Operations are serialized through the core (one in flight),
-re-mirror chunks alternate with them.
+``volume_write_bytes_max`` are split. Up to ``volume_client_ops_inflight_max`` non-overlapping
+operations are in flight at once (overlapping ones run in order); re-mirror chunks, one at a
+time, alternate with them.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class VolumeClient:
         self.params = params or ClientParams(
             replicas=DEFAULT_LIMITS.volume_replicas, request_timeout_ms=1_000,
             cfg_timeout_ms=6_000, retry_backoff_ms=200, mirror_chunk_bytes=1024 * 1024,
-            rewire_attempts_max=DEFAULT_LIMITS.volume_rewire_attempts_max)
+            rewire_attempts_max=DEFAULT_LIMITS.volume_rewire_attempts_max,
+            inflight_max=DEFAULT_LIMITS.volume_client_ops_inflight_max)
         self.core = ClientCore(client_id, volume_id, _infos(servers), rng or random.Random(),
                                self.params)
         self.tick_s = tick_ms / 1000

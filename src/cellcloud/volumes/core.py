@@ -304,6 +304,7 @@ class ClientParams:
     retry_backoff_ms: int = 50
     mirror_chunk_bytes: int = 64
     rewire_attempts_max: int = 50
+    inflight_max: int = 1  # operations in flight at once (non-overlapping)
     bug_ack_majority: bool = False  # planted bug: complete a write on a majority of replicas
 
 
@@ -353,7 +354,15 @@ class ClientCore:
         self.config: VolumeConfig | None = None
         self.phase = "idle"  # idle|reading_cfg|cas|fencing|ready|waiting|deposed
         self.queue: list[_Op] = []
-        self.inflight: _Inflight | None = None
+        # Operations in flight, by key (a caller's op id; negative for re-mirror chunks).
+        self.inflight: dict[int, _Inflight] = {}
+        self.rid_op: dict[int, int] = {}  # request id -> inflight key
+        self.mirror_keys = 0
+        # Set when an answer calls for a configuration change ("stale": re-read it, "failed":
+        # rewire, "mirror_done": clear catching_up); no new operation is sent until every one
+        # in flight has finished, then the change is made.
+        self.draining = ""
+        self.op_failed: set[str] = set()
         self.cfg_deadline = 0
         self.cfg_pending: CfgCas | CfgGet | None = None
         self.wait_until = 0
@@ -440,8 +449,9 @@ class ClientCore:
             if not self.fence_wait:
                 return self._fence_done(now_ms)
             return []
-        fl = self.inflight
-        if fl is None or rid not in fl.waiting:
+        key = self.rid_op.pop(rid, None)
+        fl = self.inflight.get(key) if key is not None else None
+        if key is None or fl is None or rid not in fl.waiting:
             return []
         server = fl.waiting.pop(rid)
         status = reply.get("status") if reply else None
@@ -458,7 +468,7 @@ class ClientCore:
             fl.invalid = str(reply.get("message", "invalid")) if reply else "invalid"
         else:
             fl.failed.add(server)
-        return self._inflight_progress(now_ms)
+        return self._progress(key, now_ms)
 
     def on_tick(self, now_ms: int) -> list[ClientAction]:
         out: list[ClientAction] = []
@@ -470,11 +480,11 @@ class ClientCore:
             self.failed |= set(self.fence_wait.values())
             self.fence_wait = {}
             out += self._fence_done(now_ms)
-        fl = self.inflight
-        if fl is not None and fl.waiting and now_ms >= fl.sent_ms + self.params.request_timeout_ms:
-            fl.failed |= set(fl.waiting.values())
-            fl.waiting = {}
-            out += self._inflight_progress(now_ms)
+        for key, fl in list(self.inflight.items()):
+            if fl.waiting and now_ms >= fl.sent_ms + self.params.request_timeout_ms:
+                fl.failed |= set(fl.waiting.values())
+                fl.waiting = {}
+                out += self._progress(key, now_ms)
         if self.phase == "waiting" and now_ms >= self.wait_until:
             self.phase = "fencing"
             out += self._fence(now_ms)
@@ -528,13 +538,16 @@ class ClientCore:
 
     def _depose(self, now_ms: int) -> list[ClientAction]:
         self.phase = "detached" if self.detaching else "deposed"
-        out: list[ClientAction] = []
-        if self.inflight is not None and self.inflight.op.kind != "mirror":
-            out.append(Complete(self.inflight.op.op_id, False, error="deposed"))
-        self.inflight = None
-        out += [Complete(op.op_id, False, error="deposed") for op in self.queue]
+        return self._drop_all("deposed")
+
+    def _drop_all(self, why: str) -> list[ClientAction]:
+        ops = [fl.op for fl in self.inflight.values() if fl.op.kind != "mirror"] + self.queue
+        self.inflight = {}
+        self.rid_op = {}
         self.queue = []
-        return out
+        self.draining = ""
+        self.op_failed = set()
+        return [Complete(op.op_id, False, error=why) for op in sorted(ops, key=lambda o: o.op_id)]
 
     # ---- fencing -----------------------------------------------------------------------------
 
@@ -601,12 +614,7 @@ class ClientCore:
         return self._cas(cfg, new, now_ms)
 
     def _fail_all(self, why: str, now_ms: int) -> list[ClientAction]:
-        out: list[ClientAction] = []
-        if self.inflight is not None and self.inflight.op.kind != "mirror":
-            out.append(Complete(self.inflight.op.op_id, False, error=why))
-        self.inflight = None
-        out += [Complete(op.op_id, False, error=why) for op in self.queue]
-        self.queue = []
+        out = self._drop_all(why)
         self.attempts = 0
         self.phase = "waiting"
         self.wait_until = now_ms + self.params.retry_backoff_ms
@@ -614,30 +622,72 @@ class ClientCore:
 
     # ---- the data path -----------------------------------------------------------------------
 
+    @staticmethod
+    def _overlap(a: _Op, b: _Op) -> bool:
+        la = len(a.data) if a.kind == "write" else a.length
+        lb = len(b.data) if b.kind == "write" else b.length
+        return a.offset < b.offset + lb and b.offset < a.offset + la
+
     def _pump(self, now_ms: int) -> list[ClientAction]:
-        if self.phase != "ready" or self.inflight is not None or self.config is None:
+        """Send what may go: up to ``inflight_max`` operations at once, none overlapping one in
+        flight or an earlier queued one (overlapping operations run in order), one re-mirror
+        chunk at a time, alternating with the caller's operations."""
+        if self.phase != "ready" or self.config is None:
+            return []
+        if self.draining:
+            return self._drain(now_ms)
+        cfg = self.config
+        out: list[ClientAction] = []
+        busy = [fl.op for fl in self.inflight.values()]
+        if cfg.catching_up and not any(op.kind == "mirror" for op in busy):
+            if self.mirror_offset >= cfg.size_bytes:
+                self.draining = "mirror_done"  # every new replica holds a full copy
+                return self._drain(now_ms)
+            if self.last_was_user or not self.queue:
+                n = min(self.params.mirror_chunk_bytes, cfg.size_bytes - self.mirror_offset)
+                chunk = _Op(-1, "mirror", self.mirror_offset, length=n)
+                if not any(self._overlap(chunk, op) for op in busy):
+                    self.last_was_user = False
+                    out += self._send(chunk, now_ms)
+                    busy.append(chunk)
+        i = 0
+        while i < len(self.queue) and len(busy) < self.params.inflight_max:
+            op = self.queue[i]
+            if any(self._overlap(op, b) for b in busy) or any(
+                    self._overlap(op, q) for q in self.queue[:i]):
+                i += 1
+                continue
+            self.queue.pop(i)
+            self.last_was_user = True
+            out += self._send(op, now_ms)
+            busy.append(op)
+        return out
+
+    def _drain(self, now_ms: int) -> list[ClientAction]:
+        """Once nothing is in flight, make the configuration change ``draining`` asks for."""
+        if self.inflight:
             return []
         cfg = self.config
-        mirror_turn = bool(cfg.catching_up) and (self.last_was_user or not self.queue)
-        if self.queue and not mirror_turn:
-            self.last_was_user = True
-            op = self.queue.pop(0)
-        elif cfg.catching_up:
-            self.last_was_user = False
-            if self.mirror_offset >= cfg.size_bytes:
-                # Every new replica holds a full copy: they become complete (epoch + 1).
-                return self._cas(cfg, replace(cfg, epoch=cfg.epoch + 1, catching_up=()), now_ms)
-            n = min(self.params.mirror_chunk_bytes, cfg.size_bytes - self.mirror_offset)
-            op = _Op(-1, "mirror", self.mirror_offset, length=n)
-        else:
-            return []
-        return self._send(op, now_ms)
+        assert cfg is not None
+        why, self.draining = self.draining, ""
+        if why == "stale":
+            # A server knows a newer epoch: someone else took the volume (or we are behind).
+            self.op_failed = set()
+            return self._read_cfg(now_ms)
+        if why == "failed":
+            self.failed, self.op_failed = set(self.op_failed), set()
+            return self._rewire(now_ms)
+        return self._cas(cfg, replace(cfg, epoch=cfg.epoch + 1, catching_up=()), now_ms)
 
     def _send(self, op: _Op, now_ms: int) -> list[ClientAction]:
         cfg = self.config
         assert cfg is not None
-        fl = self.inflight = _Inflight(op, cfg.epoch, now_ms, {})
-        out: list[ClientAction] = []
+        if op.kind == "mirror":
+            self.mirror_keys += 1
+            key = -self.mirror_keys
+        else:
+            key = op.op_id
+        fl = self.inflight[key] = _Inflight(op, cfg.epoch, now_ms, {})
         if op.kind == "write":
             targets = [(s, self._request("write", offset=op.offset, data=op.data))
                        for s in cfg.replicas]
@@ -647,57 +697,59 @@ class ClientCore:
             fl.stage = "read"
             targets = [(cfg.primary, self._request("mirror_read", offset=op.offset,
                                                    length=op.length))]
+        return self._to(key, fl, targets)
+
+    def _to(self, key: int, fl: _Inflight, targets: list[tuple[str, dict[str, Any]]]
+            ) -> list[ClientAction]:
+        out: list[ClientAction] = []
         for s, req in targets:
             self.rids += 1
             fl.waiting[self.rids] = s
+            self.rid_op[self.rids] = key
             out.append(SendServer(s, self.rids, req))
         return out
 
-    def _inflight_progress(self, now_ms: int) -> list[ClientAction]:
-        fl = self.inflight
+    def _requeue(self, op: _Op) -> None:
+        if op.kind != "mirror":  # resent (in the new epoch) before later operations
+            self.queue.append(op)
+            self.queue.sort(key=lambda o: o.op_id)
+
+    def _progress(self, key: int, now_ms: int) -> list[ClientAction]:
+        fl = self.inflight[key]
         cfg = self.config
-        assert fl is not None and cfg is not None
+        assert cfg is not None
         if fl.op.kind == "write" and self.params.bug_ack_majority and not fl.stale:
             if len(fl.ok) > len(cfg.replicas) // 2:
+                for rid in fl.waiting:
+                    self.rid_op.pop(rid, None)
                 fl.waiting = {}
                 fl.failed = set()
         if fl.waiting:
             return []
-        if fl.invalid and fl.op.kind != "mirror":
-            self.inflight = None
-            return [Complete(fl.op.op_id, False, error=fl.invalid), *self._pump(now_ms)]
-        if fl.stale or fl.invalid:
-            # A server knows a newer epoch: someone else took the volume (or we are behind).
-            self.inflight = None
-            if fl.op.kind != "mirror":
-                self.queue.insert(0, fl.op)
-            return self._read_cfg(now_ms)
-        if fl.failed:
-            self.inflight = None
-            if fl.op.kind != "mirror":
-                self.queue.insert(0, fl.op)  # resent in the new epoch
-            self.failed = set(fl.failed)
-            return self._rewire(now_ms)
-        if fl.op.kind == "mirror" and fl.stage == "read" and fl.hole:
-            fl.stage = "write"  # nothing to copy: the new replica was reset to holes
-        if fl.op.kind == "mirror" and fl.stage == "read":
-            targets = list(cfg.catching_up)
+        clean = not (fl.failed or fl.stale or fl.invalid)
+        if clean and fl.op.kind == "mirror" and fl.stage == "read" and not fl.hole:
             fl.stage = "write"
             fl.ok = set()
             fl.sent_ms = now_ms
-            out: list[ClientAction] = []
-            for s in targets:
-                self.rids += 1
-                fl.waiting[self.rids] = s
-                req = self._request("mirror_write", offset=fl.op.offset, data=fl.data)
-                out.append(SendServer(s, self.rids, req))
-            return out
-        self.inflight = None
-        self.attempts = 0
-        out = []
-        if fl.op.kind == "mirror":
-            self.mirror_offset = max(fl.op.offset + fl.op.length, fl.next)
+            req = self._request("mirror_write", offset=fl.op.offset, data=fl.data)
+            return self._to(key, fl, [(s, req) for s in cfg.catching_up])
+        del self.inflight[key]
+        out: list[ClientAction] = []
+        if fl.invalid and fl.op.kind != "mirror":
+            out.append(Complete(fl.op.op_id, False, error=fl.invalid))
+        elif fl.stale or fl.invalid:
+            self.draining = "stale"
+            self._requeue(fl.op)
+        elif fl.failed:
+            self.op_failed |= fl.failed
+            if self.draining != "stale":
+                self.draining = "failed"
+            self._requeue(fl.op)
         else:
-            out.append(Complete(fl.op.op_id, True, data=fl.data, epoch=fl.epoch,
-                                sent_ms=fl.sent_ms))
+            self.attempts = 0
+            if fl.op.kind == "mirror":
+                self.mirror_offset = max(fl.op.offset + fl.op.length, fl.next)
+            else:
+                out.append(Complete(fl.op.op_id, True, data=fl.data, epoch=fl.epoch,
+                                    sent_ms=fl.sent_ms))
         return out + self._pump(now_ms)

@@ -268,7 +268,7 @@ class SimClient:
             self.execute(self.core.submit_read(op_id, block * bb, bb, w.now_ms))
             return
         if not self.workload:
-            self.done = True
+            self.done = not self.ops  # the verifier: every block read back
             return
         if self.rng.random() < 0.65:
             n = self.rng.choice([1, 1, 2])
@@ -362,7 +362,8 @@ class World:
         c = self.clients[name] = SimClient(self, name, workload)
         c.execute(c.core.start(self.now_ms))
         self.schedule(self.cfg.tick_ms, c.tick)
-        self.schedule(0, c.next_op)
+        for _ in range(self.cfg.params.inflight_max):  # that many operations at once
+            self.schedule(0, c.next_op)
         return c
 
     # ---- faults -----------------------------------------------------------------------------
@@ -468,8 +469,11 @@ class World:
 
 def config_for_seed(seed: int, **overrides: Any) -> SimConfig:
     """The default mix: every run has loss, reordering, crashes (30 % torn), pauses, client
-    and store partitions; half the runs a writer is paused while another takes the volume."""
-    return replace(SimConfig(), **overrides)
+    and store partitions; half the runs a writer is paused while another takes the volume.
+    Each client keeps 1 to 4 operations in flight (by seed)."""
+    base = SimConfig()
+    base = replace(base, params=replace(base.params, inflight_max=1 + seed % 4))
+    return replace(base, **overrides)
 
 
 def run_seed(seed: int, cfg: SimConfig | None = None) -> SimOutcome:
