@@ -13,8 +13,8 @@ Two state machines and one pure placement function:
   primary. A failed or silent replica makes it rewire: a compare-and-set on the configuration
   (epoch + 1) with a replica set from ``choose_replicas``; it then fences the new configuration
   on its replicas and re-mirrors the new replica from the primary chunk by chunk while IO goes
-  on (a write during the re-mirror goes to the new replica too; chunks and writes are
-  serialized, so a chunk never overwrites a newer write).
+  on (a write during the re-mirror goes to the new replica too; a chunk and a write that
+  overlap never fly together, so a chunk never overwrites a newer write).
 * ``choose_replicas`` — keep the survivors, add servers from the survivors' zone first, on
   racks the volume does not use yet.
 
@@ -335,8 +335,9 @@ class _Inflight:
 
 class ClientCore:
     """The attached writer of one volume. Feed it events (``start``, ``submit_*``,
-    ``on_cfg``, ``on_server``, ``on_tick``); it returns actions. One operation is in flight at a
-    time (writes, reads and re-mirror chunks are serialized)."""
+    ``on_cfg``, ``on_server``, ``on_tick``); it returns actions. Up to ``inflight_max``
+    non-overlapping operations are in flight at once; overlapping ones (re-mirror chunks
+    included) run in order."""
 
     def __init__(
         self,
