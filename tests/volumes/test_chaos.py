@@ -27,7 +27,7 @@ import pytest
 
 from cellcloud import transport
 from cellcloud.volumes.client import VolumeClient, create_volume
-from cellcloud.volumes.core import Deposed, VolumeAttached, VolumeConfig
+from cellcloud.volumes.core import Deposed, VolumeAttached, VolumeConfig, VolumeError
 
 from .harness import Stack
 
@@ -319,3 +319,17 @@ def test_a_writer_killed_mid_write_leaves_the_acknowledged_prefix_intact(stack: 
         await store.close()
 
     asyncio.run(verify())
+
+
+def test_attaching_a_volume_that_does_not_exist_fails(stack: Stack) -> None:
+    async def main() -> None:
+        store = stack.store()
+        # A cell without a configuration record: the volume was deleted (or never made).
+        await store.create_cell("vol.vol-none", replicas=3)
+        vc = VolumeClient("vol-none", store, stack.servers, client_id="h")
+        with pytest.raises(VolumeError, match="no such volume"):
+            await vc.attach()
+        await vc.close()
+        await store.close()
+
+    asyncio.run(main())

@@ -213,6 +213,8 @@ class VolumeClient:
             if self.core.phase == "refused":
                 raise VolumeAttached(f"{self.volume_id}: attached by another client")
             if self.core.phase == "deposed":
+                if self.core.config is None:
+                    raise VolumeError(f"{self.volume_id}: no such volume")
                 raise Deposed(f"{self.volume_id}: attached by another client")
             self.ready.clear()
             await self.ready.wait()
@@ -233,7 +235,8 @@ class VolumeClient:
         if not done.ok:
             if done.error == "deposed":
                 raise Deposed(f"{self.volume_id}: attached by another client")
-            if "past the end" in done.error or "out of range" in done.error:
+            if ("past the end" in done.error or "out of range" in done.error
+                    or done.error == "no such volume"):
                 raise VolumeError(done.error)
             raise VolumeUnavailable(f"{self.volume_id}: {done.error}")
         return done.data
@@ -276,8 +279,11 @@ class VolumeClient:
             raw = await self.store.get(cell, CONFIG_KEY)
         except StoreError:
             return  # the core asks again after its timeout
-        if seq != self.cfg_seq or not isinstance(raw, bytes):
+        if seq != self.cfg_seq:
             return  # an answer to an older request
+        if not isinstance(raw, bytes):
+            self._run(self.core.gone(self._now()))
+            return
         self._run(self.core.on_cfg(VolumeConfig.decode(raw), ok, self._now()))
 
     async def _send(self, a: SendServer) -> None:

@@ -532,6 +532,11 @@ class ClientCore:
         new = replace(cfg, epoch=cfg.epoch + 1, attached_client="", attach_epoch=cfg.epoch + 1)
         return self._cas(cfg, new, now_ms)
 
+    def gone(self, now_ms: int) -> list[ClientAction]:
+        """The configuration cell holds no record: the volume was deleted (or never made)."""
+        self.phase = "deposed"
+        return self._drop_all("no such volume")
+
     def _refuse(self, now_ms: int) -> list[ClientAction]:
         out = self._depose(now_ms)
         self.phase = "refused"
