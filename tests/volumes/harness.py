@@ -54,7 +54,7 @@ class Stack:
 
     def store(self, **kw: int) -> StoreClient:
         return StoreClient(self.colony, attempt_timeout_ms=kw.pop("attempt_ms", 300),
-                           op_timeout_ms=kw.pop("op_ms", 8000))
+                           op_timeout_ms=kw.pop("op_ms", 8000), lanes_max=kw.pop("lanes", 64))
 
     def signal(self, name: str, sig: int) -> None:
         os.kill(self.procs[name].pid, sig)

@@ -129,6 +129,7 @@ class VolumeClient:
             inflight_max=DEFAULT_LIMITS.volume_client_ops_inflight_max)
         self.core = ClientCore(client_id, volume_id, _infos(servers), rng or random.Random(),
                                self.params)
+        self.jitter = random.Random()
         self.tick_s = tick_ms / 1000
         self.conns: dict[str, transport.Client] = {}
         self.futures: dict[int, asyncio.Future[Complete]] = {}
@@ -275,10 +276,18 @@ class VolumeClient:
             with contextlib.suppress(StoreError):  # outcome unknown: the read below tells
                 ok = await self.store.cas(cell, CONFIG_KEY, action.expected.encode(),
                                           action.new.encode())
-        try:
-            raw = await self.store.get(cell, CONFIG_KEY)
-        except StoreError:
-            return  # the core asks again after its timeout
+        backoff_s = 0.05
+        while True:
+            try:
+                raw = await self.store.get(cell, CONFIG_KEY)
+                break
+            except StoreError:
+                # Busy or unreachable: read again soon (jittered, capped), unless the core has
+                # asked something newer meanwhile.
+                await asyncio.sleep(self.jitter.uniform(0, backoff_s))
+                backoff_s = min(backoff_s * 2, 2.0)
+                if seq != self.cfg_seq:
+                    return
         if seq != self.cfg_seq:
             return  # an answer to an older request
         if not isinstance(raw, bytes):
