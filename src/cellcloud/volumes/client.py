@@ -276,6 +276,10 @@ class VolumeClient:
             with contextlib.suppress(StoreError):  # outcome unknown: the read below tells
                 ok = await self.store.cas(cell, CONFIG_KEY, action.expected.encode(),
                                           action.new.encode())
+            if ok:  # the cell holds exactly the new record: no need to read it back
+                if seq == self.cfg_seq:
+                    self._run(self.core.on_cfg(action.new, True, self._now()))
+                return
         backoff_s = 0.05
         while True:
             try:
