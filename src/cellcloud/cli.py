@@ -768,6 +768,9 @@ def _mount_subcommands() -> None:
 
     pod_app.command("api")(api_cmd)
     app.add_typer(pod_app, name="pod")
+    from .volumes.cli import app as storage_app
+
+    app.add_typer(storage_app, name="storage", help="Storage servers of replicated volumes.")
 
 
 _mount_subcommands()

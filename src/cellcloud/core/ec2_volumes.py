@@ -113,11 +113,11 @@ def validate_create(params: dict[str, Any], region: str, limits: Limits,
         raise invalid_value(f"Volume of {size}GiB is smaller than snapshot "
                             f"'{snapshot_id}', expect size >= {snapshot_size_gib}GiB")
     lo, hi = SIZE_GIB_RANGE[vtype]
-    hi = min(hi, limits.ec2_volume_size_gib_max)
+    hi = min(hi, limits.volume_size_gib_max)
     if not lo <= size <= hi:
         raise invalid_value(f"Volume of {size}GiB is out of range for {vtype}: {lo} to "
-                            f"{hi} GiB" + (" (ec2_volume_size_gib_max)"
-                                           if hi == limits.ec2_volume_size_gib_max else ""))
+                            f"{hi} GiB" + (" (volume_size_gib_max)"
+                                           if hi == limits.volume_size_gib_max else ""))
     known = zones(region)
     name, zone_id = params.get("AvailabilityZone"), params.get("AvailabilityZoneId")
     if (name is None) == (zone_id is None):

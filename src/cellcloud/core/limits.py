@@ -237,7 +237,6 @@ class Limits:
     ec2_request_params_max: int = 2_000  # form fields in one request
     ec2_list_items_max: int = 1_000  # items of one list member (VolumeId.N, Filter.N, Tag.N)
     ec2_filter_value_chars_max: int = 4_096  # characters of one filter's values together
-    ec2_volume_size_gib_max: int = 16_384  # a volume's size (EC2's gp2/gp3 maximum)
     ec2_volumes_per_tenant_max: int = 1_000  # volumes one account keeps in a region
     ec2_tags_per_resource_max: int = 50  # tags of one volume or snapshot (EC2's)
     ec2_snapshots_per_tenant_max: int = 1_000  # snapshots one account keeps in a region
@@ -311,6 +310,15 @@ class Limits:
     # is the guest's memory plus this; measured, docs/microvm.md) and its tasks (QEMU's threads).
     microvm_vmm_overhead_mib: int = 256  # the backend's launcher and the jailer alike
     microvm_vmm_pids_max: int = 64
+    # Replicated volumes (volumes/, docs/volumes.md): a volume's size, one read or write
+    # request's bytes, replicas per volume, and rewires one operation may trigger before it
+    # fails (then the client waits and fences again).
+    volume_size_gib_min: int = 1
+    volume_size_gib_max: int = 16_384  # EC2's gp2/gp3 maximum; the EC2 API's and the client's
+    volume_write_bytes_max: int = 1 * MiB
+    volume_replicas: int = 3
+    volume_rewire_attempts_max: int = 50
+    volume_client_ops_inflight_max: int = 32  # non-overlapping operations one client sends at once
 
 
 DEFAULT_LIMITS = Limits()

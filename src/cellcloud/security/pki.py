@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-ROLES = ("router", "frontend", "dispatcher", "control", "agent", "store", "client")
+ROLES = ("router", "frontend", "dispatcher", "control", "agent", "store", "client", "storage",
+         "volume")
 URN_PREFIX = "urn:cellcloud:"
 ca_validity_days = 3650
 cert_validity_days = 30
@@ -40,6 +41,9 @@ ACCEPTS: dict[str, frozenset[str]] = {
     # (OPS_ALLOWED)
     "control": frozenset({"client", "control", "router"}),
     "store": frozenset({"store", "client", "control"}),
+    # Storage servers (volumes/server.py) answer volume clients (the host-side process that
+    # serves a volume's block device) and the control plane; never an agent or a guest.
+    "storage": frozenset({"volume", "control"}),
 }
 
 # Where a server accepts a role for some of its ops only: (server role, client role) -> ops.
