@@ -160,6 +160,31 @@ def _host_ip() -> str:
         s.close()
 
 
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def assert_vmm_jailed(pid: int, uid: int, cgroup: str) -> None:
+    """Host-side: the environment's QEMU runs through the VMM jailer (microvm/jailer.py): as
+    the environment's uid, no capabilities, under seccomp, in its own namespaces and cgroup,
+    rooted in the jail's tmpfs that holds only /usr, /dev and the guest's files."""
+    st = _status(pid)
+    assert st["Uid"].split() == [str(uid)] * 4 and st["Gid"].split() == [str(uid)] * 4
+    assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1"
+    assert int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0
+    with open(f"/proc/{pid}/cgroup") as f:
+        assert cgroup in f.read()
+    for ns in ("mnt", "net", "pid", "ipc", "uts"):
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    root = f"/proc/{pid}/root"
+    assert os.stat(root).st_dev != os.stat("/").st_dev  # pivoted into the jail's own tmpfs
+    assert sorted(os.listdir(root)) == ["bin", "dev", "lib", "lib64", "sbin", "usr", "vm"]
+    assert sorted(os.listdir(root + "/vm")) == ["initramfs.cpio", "runtime.ext4", "task.ext4",
+                                                "vmlinuz"]
+    assert sorted(os.listdir(root + "/dev")) == ["null", "random", "urandom", "zero"]
+
+
 def _payload(res: dict[str, Any]) -> Any:
     assert res["function_error"] is None, res
     return json.loads(res["payload"])
@@ -190,6 +215,7 @@ def test_attacks_from_inside_a_guest_reach_nothing_of_the_host(vm_sandbox: Sandb
         env = sb.create(ATTACKS, memory_mb=MEMORY_MB, timeout_s=TIMEOUT_S)
         rec = sb.agent.envs[env]
         qemu_pid = rec.spawned.pid
+        assert_vmm_jailed(qemu_pid, rec.spec.uid, f"/{sb.group}/{env}")
         paths = [marker, "/etc/shadow", "/etc/machine-id", os.path.join(victim, "app.py"),
                  os.path.join(sb.agent.state_dir, "bundles"), rec.spec.bundle_dir + "/app.py",
                  f"/proc/{qemu_pid}/root/etc/passwd"]
