@@ -176,3 +176,25 @@ def test_an_environments_qemu_is_planned_into_the_vmm_jailer() -> None:
     for bad in ("../x", ".hidden", "a/b", "x" * 65):
         with pytest.raises(AssertionError):
             launcher.jail_spec(_spec(env_id=bad), vm, files)
+
+
+def test_the_guest_agent_credits_the_hosts_seed_and_rekeys_the_crng() -> None:
+    from cellcloud.microvm import backend, guest_vm, snapcore
+
+    assert (guest_vm.RNDADDENTROPY, guest_vm.RNDRESEEDCRNG) == (snapcore.RNDADDENTROPY,
+                                                                snapcore.RNDRESEEDCRNG)
+    assert backend.guest_vm_seed_bytes == guest_vm.seed_bytes
+    with pytest.raises(ValueError):
+        guest_vm.apply_seed(0, b"short")
+    # The real ioctls on this host's kernel (root: CAP_SYS_ADMIN): a wrong request number or
+    # rand_pool_info layout is EINVAL/ENOTTY here, as it would be in the guest. Crediting 32
+    # fresh bytes of os.urandom to the host's pool and rekeying it is harmless.
+    fd = os.open("/dev/urandom", os.O_WRONLY)
+    try:
+        if os.geteuid() == 0:
+            guest_vm.apply_seed(fd, os.urandom(guest_vm.seed_bytes))
+        else:
+            with pytest.raises(PermissionError):
+                guest_vm.apply_seed(fd, os.urandom(guest_vm.seed_bytes))
+    finally:
+        os.close(fd)
