@@ -198,3 +198,15 @@ def test_the_guest_agent_credits_the_hosts_seed_and_rekeys_the_crng() -> None:
                 guest_vm.apply_seed(fd, os.urandom(guest_vm.seed_bytes))
     finally:
         os.close(fd)
+
+
+def test_the_launcher_refuses_an_env_id_that_is_not_a_plain_name(tmp_path: object) -> None:
+    from cellcloud.microvm import launcher
+
+    envs = os.path.join(str(tmp_path), "envs")
+    os.makedirs(envs)
+    for bad in ("..", ".", ".x", "a/b", "x" * 65):
+        doc = {"spec": _spec(env_id=bad).to_wire(), "vm": {"accel": "tcg"}}
+        with pytest.raises(ValueError, match="bad env id"):
+            launcher.spawn(doc, 0, envs)
+    assert os.listdir(envs) == [] and os.listdir(str(tmp_path)) == ["envs"]

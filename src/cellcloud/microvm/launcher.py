@@ -30,7 +30,9 @@ from ..transport.codec import FrameError, recv_message, send_message
 from . import core, image, jailcore
 
 request_bytes_max = 1024 * 1024
-_ENV_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+# The environment id names its folder here and is the VMM jail's vm_id (jailcore._VM_ID's
+# rule: no leading dot, so never "." or "..", at most 64 bytes).
+_ENV_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _children: dict[int, tuple[str, int]] = {}  # jailer pid -> (its environment's folder, QEMU pid)
 jailer_start_timeout_s = 60.0  # the jailer's start to its fork (a Python start, a loaded host)
 
