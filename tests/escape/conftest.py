@@ -20,21 +20,25 @@ import pytest
 
 from cellcloud.agent.server import Agent
 from cellcloud.sandbox import cgroups
-from cellcloud.sandbox.backend import JailBackend
+from cellcloud.sandbox.backend import Backend, JailBackend
 from tests.conftest import make_zip
 
 
 class Sandbox:
-    def __init__(self, state_dir: str) -> None:
+    # A bound, not a deadline: creates run beside other tests on a busy machine (a microVM's
+    # boot under TCG takes tens of seconds there).
+    create_timeout_ms = 60_000
+
+    def __init__(self, state_dir: str, backend: Backend | None = None) -> None:
         self.group = f"escape-{uuid.uuid4().hex[:6]}"
-        self.backend = JailBackend(os.path.join(state_dir, "jailroot"))
+        self.backend = backend or JailBackend(os.path.join(state_dir, "jailroot"))
         self.backend.start()
         self.agent = Agent(self.group, state_dir, self.backend, uid_base=400_000, pids_max=64)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
-    def _run(self, coro: Any, timeout_s: float = 120) -> Any:
+    def _run(self, coro: Any, timeout_s: float = 240) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def bundle_dir(self, code: str, extra: dict[str, str] | None = None) -> tuple[str, str]:
@@ -63,8 +67,7 @@ class Sandbox:
                              "handler": "app.handler", "runtime": "python3.11",
                              "memory_mb": memory_mb, "timeout_s": timeout_s,
                              "ephemeral_mb": ephemeral_mb},
-                # A bound, not a deadline: creates run beside other tests on a busy machine.
-                "create_timeout_ms": 60_000,
+                "create_timeout_ms": self.create_timeout_ms,
             }))
         finally:
             self.agent.unsafe_disabled_layers = []

@@ -97,6 +97,12 @@ def test_a_zip_function_runs_inside_the_vm_with_the_guests_kernel(vm_region: Reg
     assert len(envs) == 1
     with open(f"/proc/{envs[0]['pid']}/cmdline", "rb") as f:
         assert os.path.basename(f.read().split(b"\0")[0]) == b"qemu-system-x86_64"
+    # ... run through the VMM jailer: unprivileged, under seccomp, rooted in the jail.
+    with open(f"/proc/{envs[0]['pid']}/status") as f:
+        st = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    assert st["Uid"].split()[0] != "0" and int(st["CapEff"], 16) == 0 and st["Seccomp"] == "2"
+    assert sorted(os.listdir(f"/proc/{envs[0]['pid']}/root")) == [
+        "bin", "dev", "lib", "lib64", "sbin", "usr", "vm"]
 
 
 def test_the_same_function_runs_unchanged_on_the_jail(region: Region) -> None:

@@ -150,3 +150,63 @@ def test_an_unsupported_create_failure_tells_the_caller_why() -> None:
     assert single.error_type == "ServiceException" and single.message.endswith(": " + why)
     # Any other failure's detail is the platform's, not the caller's: not passed on.
     assert "/secret/path" not in run("error", "mkfs failed at /secret/path").message
+
+
+def test_an_environments_qemu_is_planned_into_the_vmm_jailer() -> None:
+    from cellcloud.core.limits import DEFAULT_LIMITS
+    from cellcloud.microvm import jailcore, launcher
+
+    spec = _spec(env_id="cell-1-0a1b2c3d-17", uid=400_017, gid=400_017, cgroup_group="agent-0")
+    vm = core.VmSpec("tcg", memory_mib=256)
+    files = ("/s/images/x/vmlinuz", "/s/agent/y/initramfs.cpio", "/s/agent/y/runtime.ext4",
+             "/s/envs/e/task.ext4")
+    js = launcher.jail_spec(spec, vm, files)
+    # The environment's own uid and cgroup (the agent reads its usage and caps its CPU there).
+    assert (js.vm_id, js.uid, js.gid, js.cgroup_group) == ("cell-1-0a1b2c3d-17", 400_017,
+                                                          400_017, "agent-0")
+    argv = core.agent_qemu_argv("/usr/bin/qemu-system-x86_64", "/vm/vmlinuz",
+                                "/vm/initramfs.cpio", vm, runtime_disk="/vm/runtime.ext4",
+                                bundle_disk="/vm/task.ext4", chan_fd=5, console="stdio")
+    assert argv[argv.index("-serial") + 1] == "stdio"  # no writable path in the jail
+    plan = jailcore.plan(js, argv, DEFAULT_LIMITS)
+    assert [inside for _, inside in plan.binds] == ["/vm/vmlinuz", "/vm/initramfs.cpio",
+                                                     "/vm/runtime.ext4", "/vm/task.ext4"]
+    assert plan.memory_bytes == (256 + DEFAULT_LIMITS.microvm_vmm_overhead_mib) * 2**20
+    assert plan.argv == tuple(argv)
+    for bad in ("../x", ".hidden", "a/b", "x" * 65):
+        with pytest.raises(AssertionError):
+            launcher.jail_spec(_spec(env_id=bad), vm, files)
+
+
+def test_the_guest_agent_credits_the_hosts_seed_and_rekeys_the_crng() -> None:
+    from cellcloud.microvm import backend, guest_vm, snapcore
+
+    assert (guest_vm.RNDADDENTROPY, guest_vm.RNDRESEEDCRNG) == (snapcore.RNDADDENTROPY,
+                                                                snapcore.RNDRESEEDCRNG)
+    assert backend.guest_vm_seed_bytes == guest_vm.seed_bytes
+    with pytest.raises(ValueError):
+        guest_vm.apply_seed(0, b"short")
+    # The real ioctls on this host's kernel (root: CAP_SYS_ADMIN): a wrong request number or
+    # rand_pool_info layout is EINVAL/ENOTTY here, as it would be in the guest. Crediting 32
+    # fresh bytes of os.urandom to the host's pool and rekeying it is harmless.
+    fd = os.open("/dev/urandom", os.O_WRONLY)
+    try:
+        if os.geteuid() == 0:
+            guest_vm.apply_seed(fd, os.urandom(guest_vm.seed_bytes))
+        else:
+            with pytest.raises(PermissionError):
+                guest_vm.apply_seed(fd, os.urandom(guest_vm.seed_bytes))
+    finally:
+        os.close(fd)
+
+
+def test_the_launcher_refuses_an_env_id_that_is_not_a_plain_name(tmp_path: object) -> None:
+    from cellcloud.microvm import launcher
+
+    envs = os.path.join(str(tmp_path), "envs")
+    os.makedirs(envs)
+    for bad in ("..", ".", ".x", "a/b", "x" * 65):
+        doc = {"spec": _spec(env_id=bad).to_wire(), "vm": {"accel": "tcg"}}
+        with pytest.raises(ValueError, match="bad env id"):
+            launcher.spawn(doc, 0, envs)
+    assert os.listdir(envs) == [] and os.listdir(str(tmp_path)) == ["envs"]

@@ -31,6 +31,8 @@ from ..sandbox.spec import EnvSpec
 from ..transport.codec import FrameError, pack, recv_message, send_message
 from . import boot, core, image
 
+guest_vm_seed_bytes = 32  # guest_vm.seed_bytes (not imported: that module is the guest's)
+
 
 class MicrovmUnsupported(Unsupported):
     """What this backend cannot run yet (a clear error at create, not a hang)."""
@@ -136,7 +138,8 @@ class MicrovmBackend:
             # The host speaks first: the spec, then the jail's protocol. It waits in the
             # socket's buffer until the guest opens its port.
             ours.sendall(pack({"t": "spec", "spec": spec.to_wire(),
-                               "time_ms": int(time.time() * 1000)}))
+                               "time_ms": int(time.time() * 1000),
+                               "seed": os.urandom(guest_vm_seed_bytes)}))
         except BaseException:
             ours.close()
             raise

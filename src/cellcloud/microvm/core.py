@@ -391,7 +391,8 @@ def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtim
     """QEMU for one environment: no default devices, no network, no display or monitor; the
     runtime disk and the bundle as read-only virtio block devices, the channel as a
     virtserialport whose host end is ``chan_fd`` (a connected socket the host created: QEMU
-    neither listens nor connects), the serial console to ``console`` (a file) or nowhere."""
+    neither listens nor connects), the serial console to ``console`` (a file, ``stdio``: QEMU's
+    stdout, as in the VMM jailer, which has no writable path) or nowhere."""
     mmio = spec.machine == "microvm"
     blk = "virtio-blk-device" if mmio else "virtio-blk-pci"
     serial = "virtio-serial-device" if mmio else "virtio-serial-pci"
@@ -408,7 +409,7 @@ def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtim
         "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),
         "-no-reboot",
-        "-serial", f"file:{console}" if console else "none",
+        "-serial", ("stdio" if console == "stdio" else f"file:{console}") if console else "none",
         "-kernel", kernel,
         "-initrd", initrd,
         "-append", agent_kernel_cmdline(spec, console=bool(console)),

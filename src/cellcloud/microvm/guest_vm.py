@@ -3,10 +3,15 @@ read-only runtime disk): find the channel's virtio-serial port, wait for the hos
 first frame (the environment's spec: the host speaks first, the guest only answers), set the
 environment up and hand over to the same guest agent as the jail's (``sandbox/guest.py``).
 
-    agent -> guest  {"t": "spec", "spec": EnvSpec wire, "time_ms": the host's wall clock}
+    agent -> guest  {"t": "spec", "spec": EnvSpec wire, "time_ms": the host's wall clock,
+                     "seed": 32 bytes of the host's os.urandom}
     (then the jail's protocol: guest -> agent "ready", agent -> guest "invoke", ...)
 
-Setting up: the guest's clock from ``time_ms`` (an emulated guest's own may be far off), the
+Setting up: the seed into the guest kernel's pool, credited (``RNDADDENTROPY``), and the CRNG
+rekeyed from it at once (``RNDRESEEDCRNG``), as the snapshot guest's helper does
+(``snapcore.reseed_helper``): a guest restored from a snapshot would otherwise draw from the
+snapshot's CRNG state, and a cold TCG guest with no RDRAND and no devices has an uninitialised
+CRNG for its first seconds; then the guest's clock from ``time_ms`` (an emulated guest's own may be far off), the
 bundle (the second block device) read-only at /var/task, /tmp a tmpfs of the function's
 ephemeral storage, /var/runtime a small tmpfs with the attestation document, Lambda's
 environment variables; then the function's uid and gid (the VM is the isolation boundary, the
@@ -15,8 +20,10 @@ uid is defence in depth, as Lambda's ``sbx_user``).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
+import struct
 import sys
 import time
 from typing import NoReturn
@@ -50,6 +57,25 @@ def find_port(name: str) -> str | None:
     return None
 
 
+seed_bytes = 32  # what the host sends; 256 bits credited
+# <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07), as snapcore's helper uses them
+# (not imported from there: snapcore's imports cost the guest's start ~0.3 s under TCG).
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+
+def apply_seed(fd: int, seed: bytes) -> None:
+    """Credit ``seed`` (the host's os.urandom) to the kernel's pool through ``fd`` (/dev/urandom)
+    and rekey the CRNG from it now: the next read depends on it. A plain write would only mix
+    it in, uncredited, until the next scheduled reseed. Needs CAP_SYS_ADMIN (the guest agent
+    runs it as root, before dropping to the function's uid). ``struct rand_pool_info``:
+    ``int entropy_count`` (bits), ``int buf_size`` (bytes), the bytes."""
+    if len(seed) != seed_bytes:
+        raise ValueError(f"the seed is {len(seed)} bytes, not {seed_bytes}")
+    fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", 8 * len(seed), len(seed)) + seed)
+    fcntl.ioctl(fd, RNDRESEEDCRNG)
+
+
 def _fail(msg: str) -> NoReturn:
     sys.stderr.write(f"cellcloud-guest: {msg}\n")
     sys.exit(1)  # /init powers the guest off; the host sees the channel close
@@ -71,6 +97,16 @@ def main(argv: list[str]) -> None:
     if not isinstance(first, dict) or first.get("t") != "spec":
         _fail("the host's first frame is not the spec")
     spec = EnvSpec.from_wire(first["spec"])
+    seed = first.get("seed")
+    if not isinstance(seed, bytes):
+        _fail("the host's first frame has no seed")
+    rnd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        apply_seed(rnd, seed)
+    except (OSError, ValueError) as e:
+        _fail(f"could not seed the kernel's CRNG: {e}")
+    finally:
+        os.close(rnd)
     time.clock_settime(time.CLOCK_REALTIME, int(first["time_ms"]) / 1000)
     started = time.monotonic()  # the init phase starts now, as in the jail after the fork
     linux.mount(BUNDLE_DEVICE, "/var/task", "ext4", linux.MS_RDONLY | linux.MS_NODEV

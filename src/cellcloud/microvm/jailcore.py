@@ -22,12 +22,14 @@ SYSTEM_TREES = ("/usr",)
 MERGED_USR_LINKS = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"),
                     ("lib64", "usr/lib64"))
 DEVICES = ("null", "zero", "urandom", "random")
-_VM_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# Names the cgroup, the chroot's folder and the hostname (at most 64 bytes); an agent's
+# environment id (``<cell>-<hex>-<n>``) is one. No leading dot, no slash.
+_VM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
 class JailSpec:
-    vm_id: str  # names the cgroup and the chroot; [a-z0-9-]
+    vm_id: str  # names the cgroup, the chroot and the hostname (_VM_ID)
     uid: int  # unprivileged, unique to the VM
     gid: int
     memory_mib: int  # the guest's memory (QEMU's -m)

@@ -11,6 +11,8 @@ On EOF (the agent closed it or died) it kills every QEMU it started and exits.
 
 from __future__ import annotations
 
+import grp
+import json
 import os
 import re
 import shutil
@@ -18,17 +20,21 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 from ..core.limits import DEFAULT_LIMITS
 from ..sandbox import cgroups, linux
 from ..sandbox.spec import EnvSpec
 from ..transport.codec import FrameError, recv_message, send_message
-from . import core, image
+from . import core, image, jailcore
 
 request_bytes_max = 1024 * 1024
-_ENV_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-_children: dict[int, str] = {}  # QEMU pid -> its environment's folder
+# The environment id names its folder here and is the VMM jail's vm_id (jailcore._VM_ID's
+# rule: no leading dot, so never "." or "..", at most 64 bytes).
+_ENV_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_children: dict[int, tuple[str, int]] = {}  # jailer pid -> (its environment's folder, QEMU pid)
+jailer_start_timeout_s = 60.0  # the jailer's start to its fork (a Python start, a loaded host)
 
 
 def _reap(signum: int, frame: Any) -> None:
@@ -39,9 +45,9 @@ def _reap(signum: int, frame: Any) -> None:
             return
         if pid == 0:
             return
-        folder = _children.pop(pid, None)
-        if folder:
-            shutil.rmtree(folder, ignore_errors=True)
+        child = _children.pop(pid, None)
+        if child:
+            shutil.rmtree(child[0], ignore_errors=True)
 
 
 def _dir_bytes(path: str) -> int:
@@ -65,40 +71,100 @@ def bundle_disk(bundle_dir: str, path: str) -> None:
         raise RuntimeError(f"{image.MKFS} failed: {r.stderr.strip()[-300:]}")
 
 
+def _kvm_gid() -> int | None:
+    try:
+        return grp.getgrnam("kvm").gr_gid
+    except KeyError:
+        return None
+
+
+def jail_spec(spec: EnvSpec, vm: core.VmSpec, files: tuple[str, ...]) -> jailcore.JailSpec:
+    """The jail around one environment's QEMU: the environment's own uid/gid and cgroup (the
+    agent's group, named by the environment: the agent reads its usage and caps its CPU there),
+    the guest's memory, and the kernel, initramfs and both disks bound read-only under /vm."""
+    return jailcore.JailSpec(spec.env_id, spec.uid, spec.gid, vm.memory_mib, vm.vcpus,
+                             vm.accel, files, cgroup_group=spec.cgroup_group,
+                             kvm_gid=_kvm_gid() if vm.accel == "kvm" else None)
+
+
+def _inside(path: str) -> str:
+    return f"{jailcore.JAIL_VM_DIR}/{os.path.basename(path)}"
+
+
+def _wait_vmm_pid(proc: subprocess.Popen[bytes], log_path: str) -> int:
+    """The jailer's one child (PID 1 of the VM's namespaces, QEMU once it execs): its host pid,
+    which the agent reports and kills. Bounded by ``jailer_start_timeout_s``."""
+    children = f"/proc/{proc.pid}/task/{proc.pid}/children"
+    deadline = time.monotonic() + jailer_start_timeout_s
+    while time.monotonic() < deadline:
+        # Only the VM's child lives in the PID namespace the jailer unshared for its children
+        # (the jailer's own start may run short-lived helpers, such as ctypes' ldconfig).
+        try:
+            with open(children) as f:
+                pids = f.read().split()
+            vm_ns = os.readlink(f"/proc/{proc.pid}/ns/pid_for_children")
+            if vm_ns == os.readlink(f"/proc/{proc.pid}/ns/pid"):
+                pids = []  # not unshared yet: a child now is one of those helpers
+        except OSError:
+            pids, vm_ns = [], ""
+        for pid in pids:
+            try:
+                if os.readlink(f"/proc/{pid}/ns/pid") == vm_ns:
+                    return int(pid)
+            except OSError:
+                continue
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)  # polling for the jailer's fork, bounded by the deadline
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    with open(log_path, "rb") as f:
+        tail = f.read()[-500:].decode(errors="replace").strip()
+    raise RuntimeError(f"the VMM jailer did not start QEMU (exit {proc.returncode}): {tail}")
+
+
 def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
+    """Start one environment's QEMU through the VMM jailer (``jailer.py``); the pid returned is
+    QEMU's (the jailer stays outside as root and removes the cgroup when QEMU is gone)."""
     spec = EnvSpec.from_wire(doc["spec"])
     if not _ENV_ID.fullmatch(spec.env_id):
         raise ValueError(f"bad env id {spec.env_id!r}")
     vm = core.VmSpec(**doc["vm"])
+    if not cgroups.version() and not spec.allow_unlimited:
+        raise RuntimeError(f"no cgroup hierarchy found at {cgroups.ROOT}: the VMM's memory "
+                           "and CPU cannot be limited (the agent's --allow-unlimited "
+                           "permits this)")
     folder = os.path.join(envs_dir, spec.env_id)
     os.makedirs(folder, mode=0o700)
     try:
         task = os.path.join(folder, "task.ext4")
         bundle_disk(spec.bundle_dir, task)
+        os.chown(task, spec.uid, spec.gid)  # QEMU opens it as the environment's uid
+        os.chmod(task, 0o400)
+        files = (str(doc["kernel"]), str(doc["initrd"]), str(doc["runtime_disk"]), task)
+        js = jail_spec(spec, vm, files)
+        # QEMU's argv with the paths it has inside the jail; the console (debugging only) goes
+        # to QEMU's stdout, which is the jailer's, a file here.
         argv = core.agent_qemu_argv(
-            str(doc["qemu"]), str(doc["kernel"]), str(doc["initrd"]), vm,
-            runtime_disk=str(doc["runtime_disk"]), bundle_disk=task, chan_fd=chan_fd,
-            console=os.path.join(folder, "console.log") if doc.get("console") else "")
-        cg = cgroups.Cgroup(spec.cgroup_group, spec.env_id)
-        if cg.version:
-            cg.create(cgroups.Limits(
-                (spec.memory_mb + DEFAULT_LIMITS.microvm_vmm_overhead_mib) * 1024 * 1024,
-                spec.pids_max, spec.memory_mb,
-                cgroups.cpu_quota_us(spec.memory_mb, init=True)))
-        elif not spec.allow_unlimited:
-            raise RuntimeError(f"no cgroup hierarchy found at {cgroups.ROOT}: the VMM's memory "
-                               "and CPU cannot be limited (the agent's --allow-unlimited "
-                               "permits this)")
-        with open(os.path.join(folder, "qemu.log"), "wb") as log:
+            str(doc["qemu"]), _inside(files[0]), _inside(files[1]), vm,
+            runtime_disk=_inside(files[2]), bundle_disk=_inside(task), chan_fd=chan_fd,
+            console="stdio" if doc.get("console") else "")
+        plan = jailcore.plan(js, argv, DEFAULT_LIMITS)
+        log_path = os.path.join(folder, "qemu.log")
+        with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                argv, pass_fds=(chan_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, preexec_fn=(lambda: cg.join(0)) if cg.version else None)
+                [sys.executable, "-m", "cellcloud.microvm.jailer",
+                 json.dumps({**plan.to_json(), "keep_fds": [chan_fd]})],
+                pass_fds=(chan_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        vmm_pid = _wait_vmm_pid(proc, log_path)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    _children[proc.pid] = folder
+    _children[proc.pid] = (folder, vmm_pid)
     proc.returncode = 0  # reaped by _reap, never by Popen (its __del__ must not wait)
-    return proc.pid
+    return vmm_pid
 
 
 def serve(ctl: socket.socket, envs_dir: str) -> None:
@@ -139,12 +205,13 @@ def main() -> None:
         serve(ctl, envs_dir)
     finally:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for pid in list(_children):
+        # QEMU first: its jailer then removes the VM's cgroup and exits on its own.
+        for _, vmm in list(_children.values()):
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(vmm, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for folder in _children.values():
+        for folder, _ in _children.values():
             shutil.rmtree(folder, ignore_errors=True)
 
 
