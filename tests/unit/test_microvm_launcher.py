@@ -1,7 +1,9 @@
-"""The VMM launcher (microvm/launcher.py) against a stand-in QEMU: it starts the VMM with the
-channel's fd and the bundle as an ext4 image, answers its pid, reaps it and removes its files
-when it dies, refuses a bad request with an error (and goes on serving), and kills every VMM
-it started when the agent's end closes."""
+"""The VMM launcher (microvm/launcher.py) against a stand-in QEMU, started through the VMM
+jailer as the real one is: it starts the VMM with the channel's fd and the bundle as an ext4
+image (both inside the jail), answers its pid, reaps it and removes its files when it dies,
+refuses a bad request with an error (and goes on serving), and kills every VMM it started when
+the agent's end closes. The stand-in lives under /usr/local/libexec for the test's length: the
+jail shows the host's /usr (read-only) and nothing else executable."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from cellcloud.transport.codec import recv_message, send_message
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="no e2fsprogs")
 
+FAKE_QEMU = '#!/bin/sh\necho "ARGV $*"\nexec sleep 300\n'
+
 
 def _wait_for(cond: Any, timeout_s: float = 60) -> bool:
     deadline = time.monotonic() + timeout_s
@@ -39,13 +43,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _request(tmp: str, env_id: str) -> dict[str, Any]:
+def _request(tmp: str, env_id: str, qemu: str) -> dict[str, Any]:
     spec = EnvSpec(env_id=env_id, function_name="f", function_version="1", function_arn="arn",
                    handler="app.handler", runtime="python3.11", memory_mb=128, timeout_s=3,
                    bundle_dir=os.path.join(tmp, "bundle"), uid=1000, gid=1000,
                    cgroup_group="g", allow_unlimited=True)
-    return {"spec": spec.to_wire(), "qemu": os.path.join(tmp, "fake-qemu"), "kernel": "k",
-            "initrd": "i", "runtime_disk": "r", "console": False,
+    return {"spec": spec.to_wire(), "qemu": qemu, "kernel": os.path.join(tmp, "vmlinuz"),
+            "initrd": os.path.join(tmp, "initrd"), "runtime_disk": os.path.join(tmp, "runtime"),
+            "console": False,
             "vm": {"accel": "tcg", "machine": "microvm", "memory_mib": 128, "vcpus": 1}}
 
 
@@ -54,42 +59,53 @@ def test_launcher_starts_reaps_and_ends_its_vmms(tmp_path: Any) -> None:
     os.makedirs(os.path.join(tmp, "bundle"))
     with open(os.path.join(tmp, "bundle", "app.py"), "w") as f:
         f.write("def handler(e, c):\n    return 1\n")
-    fake = os.path.join(tmp, "fake-qemu")
+    for name in ("vmlinuz", "initrd", "runtime"):
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(b"stand-in")
+    libexec = "/usr/local/libexec"
+    os.makedirs(libexec, exist_ok=True)
+    fake = os.path.join(libexec, f"cellcloud-test-qemu-{os.getpid()}")
     with open(fake, "w") as f:
-        f.write('#!/bin/sh\necho "$@" > "$(dirname "$0")/argv-$$"\nexec sleep 300\n')
+        f.write(FAKE_QEMU)
     os.chmod(fake, 0o755)
     envs = os.path.join(tmp, "envs")
     os.makedirs(envs)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    env = dict(os.environ, CELLCLOUD_CGROUP_ROOT=os.path.join(tmp, "no-cgroups"))
     proc = subprocess.Popen([sys.executable, "-m", "cellcloud.microvm.launcher",
-                             str(theirs.fileno()), envs], pass_fds=(theirs.fileno(),), env=env)
+                             str(theirs.fileno()), envs], pass_fds=(theirs.fileno(),))
     theirs.close()
     pids = []
     try:
         for n in range(2):
             host, guest = socket.socketpair()
-            send_message(ours, _request(tmp, f"env-{n}"), [guest.fileno()])
+            send_message(ours, _request(tmp, f"env-{n}", fake), [guest.fileno()])
             guest.close()
             reply, _ = recv_message(ours, 1 << 16)
             assert reply is not None and "pid" in reply, reply
             pid = reply["pid"]
             pids.append(pid)
-            argv_file = os.path.join(tmp, f"argv-{pid}")
-            assert _wait_for(lambda f=argv_file: os.path.exists(f))
-            with open(argv_file) as f:
-                argv = f.read().split()
+            log = os.path.join(envs, f"env-{n}", "qemu.log")  # the stand-in's stdout
+
+            def said_argv(log: str = log) -> bool:
+                with open(log) as f:
+                    return "ARGV " in f.read()
+            assert _wait_for(said_argv)
+            with open(log) as f:
+                argv = next(ln for ln in f if ln.startswith("ARGV ")).split()[1:]
             fd = next(a for a in argv if a.startswith("socket,id=agent,fd=")).rsplit("=", 1)[1]
             assert os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            with open(f"/proc/{pid}/status") as f:  # jailed: the environment's uid, seccomp
+                status = f.read()
+            assert "\nUid:\t1000\t" in status and "\nSeccomp:\t2" in status, status
             task = os.path.join(envs, f"env-{n}", "task.ext4")
-            assert f"file={task},if=none,id=task,format=raw,readonly=on" in argv
+            assert "file=/vm/task.ext4,if=none,id=task,format=raw,readonly=on" in argv
             with open(task, "rb") as f:
                 f.seek(1024 + 56)
                 assert f.read(2) == b"\x53\xef"  # the ext4 superblock's magic
             host.close()
         # A bad request is refused with a reason; the launcher goes on serving.
         host, guest = socket.socketpair()
-        send_message(ours, _request(tmp, "../escape"), [guest.fileno()])
+        send_message(ours, _request(tmp, "../escape", fake), [guest.fileno()])
         guest.close()
         host.close()
         reply, _ = recv_message(ours, 1 << 16)
@@ -113,3 +129,4 @@ def test_launcher_starts_reaps_and_ends_its_vmms(tmp_path: Any) -> None:
                 pass
         proc.kill()
         proc.wait()
+        os.unlink(fake)
