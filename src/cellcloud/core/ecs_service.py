@@ -34,8 +34,8 @@ Task ids are made from a counter (``<service>-<n>``): no randomness.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from .ecs_taskdef import EcsError
 from .ecs_tasks import crash_backoff_ms
@@ -174,6 +174,27 @@ class Service:
     def __post_init__(self) -> None:
         check_config(self.config)
         assert self.desired_count >= 0
+
+    # -- persistence (the shell keeps this in the cell's store: frontend/services.py) -----------
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the controller knows, as plain JSON-able data."""
+        out = asdict(self)
+        out["events"] = [[t, msg] for t, msg in self.events]
+        return out
+
+    @classmethod
+    def restored(cls, doc: dict[str, Any]) -> Service:
+        """The controller a ``snapshot()`` was taken of."""
+        d = dict(doc)
+        cfg = dict(d.pop("config"))
+        breaker = CircuitBreaker(**cfg.pop("circuit_breaker"))
+        last = d.pop("_last_completed")
+        return cls(**d | {
+            "config": DeploymentConfig(circuit_breaker=breaker, **cfg),
+            "deployments": [Deployment(**x) for x in d["deployments"]],
+            "tasks": {k: TaskState(**v) for k, v in d["tasks"].items()},
+            "events": [(int(t), str(msg)) for t, msg in d["events"]],
+            "_last_completed": Deployment(**last) if last is not None else None})
 
     # -- views ---------------------------------------------------------------------------------
     @property

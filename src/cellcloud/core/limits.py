@@ -227,6 +227,10 @@ class Limits:
     ecs_task_poll_interval_ms: int = 500  # a running task's containers and logs polled
     ecs_task_poll_failures_max: int = 10  # polls in a row its agent fails: the task is lost
     ecs_task_cpu_units_per_agent_max: int = 16 * 1024  # tasks' cpu on one agent (16 vCPU)
+    # ECS services in a cell (frontend/services.py): docs/fargate.md.
+    ecs_services_per_tenant_max: int = 100  # services of one account not INACTIVE
+    ecs_service_tick_interval_ms: int = 1_000  # each service's controller ticked (and its tasks read)
+    ecs_inactive_service_retention_ms: int = 3_600_000  # a deleted service stays described
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200
