@@ -116,6 +116,9 @@ def test_service_shapes_counts_and_deletion(tmp_path: Path) -> None:
         assert len(arns) == 2
         t = await w.task(arns[0])
         assert t["group"] == "service:web" and t["startedBy"] == d["id"]
+        assert (await w.ok("ListTasks", {"serviceName": "web"}))["taskArns"] == arns
+        assert (await w.err("ListTasks", {"serviceName": "other"}))[0] \
+            == "ServiceNotFoundException"
         assert (await w.ok("ListServices", {}))["serviceArns"] == [s["serviceArn"]]
         c = (await w.ok("DescribeClusters", {}))["clusters"][0]
         assert c["activeServicesCount"] == 1 and c["runningTasksCount"] == 2

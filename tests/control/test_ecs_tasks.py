@@ -604,7 +604,7 @@ def test_overrides_idempotency_and_errors(tmp_path: Path) -> None:
         missing = f"arn:aws:ecs:{REGION}:{A}:task/default/{'0' * 32}"
         d = await w.ok("DescribeTasks", {"tasks": [missing]})
         assert d["failures"] == [{"arn": missing, "reason": "MISSING"}]
-        assert (await w.err("ListTasks", {"serviceName": "s"}))[0] == "InvalidParameterException"
+        assert (await w.err("ListTasks", {"serviceName": "s"}))[0] == "ServiceNotFoundException"
         # what a definition may say that a task cannot honour yet: refused by name
         for extra, message in (({"user": "1000"}, "user is not supported"),
                                ({"logConfiguration": {"logDriver": "splunk"}},

@@ -739,10 +739,10 @@ class Ecs:
                 "failures": failures + [{**f, "arn": arn + f["arn"]} for f in out["failures"]]}
 
     async def list_tasks(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
-        for k in ("serviceName", "containerInstance", "daemonName"):
+        for k in ("containerInstance", "daemonName"):
             if doc.get(k):
-                raise invalid(f"{k} is not supported by cellcloud (no services or container "
-                              "instances yet)")
+                raise invalid(f"{k} is not supported by cellcloud (no container instances "
+                              "or daemons)")
         cluster = await self._existing_cluster(account, doc.get("cluster"))
         desired = _str(doc, "desiredStatus", "RUNNING")
         if desired not in ("RUNNING", "PENDING", "STOPPED"):
@@ -757,6 +757,7 @@ class Ecs:
             out = await self._cell(account, {"op": "list", "cluster": cluster,
                                              "family": family,
                                              "started_by": _str(doc, "startedBy"),
+                                             "service": _str(doc, "serviceName"),
                                              "desired": desired}, none_ok=True)
             ids = list(out["taskIds"]) if out else []
         arn = f"arn:aws:ecs:{self.region}:{account}:task/{cluster}/"

@@ -88,9 +88,12 @@ class TaskStore:
         return json.loads(row[0]) if row else None
 
     def ids(self, account: str, cluster: str, *, family: str | None, started_by: str | None,
-            desired: str) -> list[str]:
+            desired: str, service: str | None = None) -> list[str]:
         q = "SELECT task_id FROM tasks WHERE account=? AND cluster=? AND desired=?"
         args: list[Any] = [account, cluster, desired]
+        if service is not None:  # a service's tasks: group service:<name> (frontend/services)
+            q += " AND json_extract(doc, '$.group')=?"
+            args.append(f"service:{service}")
         if family is not None:
             q += " AND family=?"
             args.append(family)
@@ -249,10 +252,14 @@ class TaskManager:
                 return self.describe(account, str(body["cluster"]), list(body["tasks"]),
                                      bool(body.get("tags")))
             if what == "list":
+                if body.get("service") is not None and (account, str(body["cluster"]), str(
+                        body["service"])) not in self.services.services:
+                    raise EcsError("ServiceNotFoundException", "Service not found.")
                 return {"taskIds": self.store.ids(
                     account, str(body["cluster"]), family=body.get("family"),
                     started_by=body.get("started_by"),
-                    desired=str(body.get("desired") or "RUNNING"))}
+                    desired=str(body.get("desired") or "RUNNING"),
+                    service=body.get("service"))}
             if what == "counts":
                 return {**self.store.counts(account, str(body["cluster"])),
                         "services": self.services.count(account, str(body["cluster"]))}
