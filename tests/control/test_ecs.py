@@ -273,9 +273,9 @@ def test_tags_on_clusters_and_task_definitions(api: Api) -> None:
 
 
 def test_other_operations_are_named_as_not_supported(api: Api) -> None:
-    err, msg = api.err("CreateService", {"serviceName": "web"})
-    assert err == "UnsupportedFeatureException" and "CreateService" in msg
-    assert "CreateService" in MODEL.operation_names
+    err, msg = api.err("CreateTaskSet", {"service": "web"})
+    assert err == "UnsupportedFeatureException" and "CreateTaskSet" in msg
+    assert "CreateTaskSet" in MODEL.operation_names
     r = asyncio.run(api.ecs.op({"target": "Nope.X", "b": b"{}", "a": A}))
     assert r["s"] == 400 and json.loads(r["b"])["__type"] == "UnknownOperationException"
 
