@@ -35,8 +35,10 @@ class FakeRegistry:
 
     async def call(self, op: str, req: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         if op == "ecs_tasks":  # a cell that runs no task (tests/control/test_ecs_tasks.py)
-            assert req["op"] in ("counts", "list", "describe"), req
+            assert req["op"] in ("counts", "list", "describe", "service_list",
+                                 "service_describe"), req
             return {"running": 0, "pending": 0, "taskIds": [], "tasks": [],
+                    "serviceArns": [], "services": [],
                     "failures": [{"arn": t, "reason": "MISSING"} for t in req.get("tasks", [])]}
         assert op == "registry" and req["m"] == "HEAD" and req["k"] == "manifest"
         self.calls.append(req)
