@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -341,8 +342,10 @@ def _steady_on(revision: int) -> Any:
     return ok
 
 
-def test_a_service_keeps_its_tasks_and_rolls(ecs: Any, pair_image: str) -> None:
-    """CreateService of 2 web servers → 2 RUNNING; StopTask of one → replaced; UpdateService
+def test_a_service_keeps_its_tasks_and_rolls(ecs: Any, region: Region, pair_image: str
+                                             ) -> None:
+    """CreateService of 2 web servers → 2 RUNNING, answering through the router by Host
+    header; StopTask of one → replaced; UpdateService
     to a new revision → rolled, every task of it; DeleteService (force) → INACTIVE."""
     ecs.create_cluster(clusterName="svc")
     web = {"name": "web", "image": pair_image, "portMappings": [{"containerPort": 8080}],
@@ -358,6 +361,14 @@ def test_a_service_keeps_its_tasks_and_rolls(ecs: Any, pair_image: str) -> None:
     s = _wait_service(ecs, "svc", _steady_on(1), "2 RUNNING")
     first = ecs.list_tasks(cluster="svc", serviceName="web")["taskArns"]
     assert len(first) == 2
+    # its traffic: the router routes on the Host header to the account's cell, which proxies
+    # to one RUNNING task's privateIpv4:containerPort
+    host = (f"web.svc.{region.doc['account_id']}.{region.doc['region']}.localhost:"
+            f"{region.endpoint.rsplit(':', 1)[1]}")
+    for _ in range(2):
+        req = urllib.request.Request(region.endpoint + "/hello.txt", headers={"Host": host})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.read() == b"hello over localhost\n"
     ecs.stop_task(cluster="svc", task=first[0], reason="killed by the test")
     _wait_service(ecs, "svc", lambda s: s["runningCount"] == 2 and first[0] not in
                   ecs.list_tasks(cluster="svc", serviceName="web")["taskArns"], "replaced")

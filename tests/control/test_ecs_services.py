@@ -315,3 +315,84 @@ def test_a_restarted_frontend_keeps_its_services(tmp_path: Path) -> None:
             return s["runningCount"] == 2 and victim not in w.task_ids()
         await w.until("replaced after the restart", replaced)
     run(body, tmp_path)
+
+
+def test_traffic_goes_to_running_tasks_and_a_stopped_one_drains(tmp_path: Path) -> None:
+    """The cell's side of a service's traffic (``ecs_http``): a request proxied to a RUNNING
+    task's privateIpv4:containerPort (here a server on 127.0.0.1 stands for the tasks); a task
+    the service stops takes no new request, and its request in flight finishes before the
+    task is stopped."""
+    async def body(w: SvcWorld) -> None:
+        seen: list[tuple[str, str]] = []
+        gate, got_slow = asyncio.Event(), asyncio.Event()
+
+        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+            head = (await r.readuntil(b"\r\n\r\n")).decode()
+            path = head.split(" ")[1]
+            fwd = next((x.split(":", 1)[1].strip() for x in head.split("\r\n")
+                        if x.lower().startswith("x-forwarded-for:")), "")
+            seen.append((path, fwd))
+            if path == "/slow":
+                got_slow.set()
+                await gate.wait()
+            text = f"hello {path}".encode()
+            wr.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d"
+                     b"\r\n\r\n%s" % (len(text), text))
+            await wr.drain()
+            wr.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for a in w.agents.values():
+            a.ip = "127.0.0.1"
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", web_def())
+        d = web_def()
+        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
+        await w.ok("RegisterTaskDefinition", d)
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web:2",
+                                     "desiredCount": 2})
+        await w.steady()
+        assert w.cell.tasks is not None
+        sm = w.cell.tasks.services
+
+        def req(path: str) -> dict[str, Any]:
+            return {"a": A, "cluster": "default", "service": "web", "m": "GET", "p": path,
+                    "h": [["host", f"web.default.{A}.{REGION}.localhost"]], "b": b"",
+                    "ip": "192.0.2.7"}
+        out = await sm.http(req("/x?q=1"))
+        assert out["s"] == 200 and out["b"] == b"hello /x?q=1"
+        assert ["Content-Type", "text/plain"] in out["h"]
+        assert seen == [("/x?q=1", "192.0.2.7")]
+        slow = asyncio.ensure_future(sm.http(req("/slow")))
+        await got_slow.wait()
+        (busy,) = sm._inflight
+        await w.ok("UpdateService", {"service": "web", "desiredCount": 0})
+        idle = (w.task_ids() - {busy}).pop()
+        await w.wait_status(idle, "STOPPED")
+        # the busy one drains: still RUNNING, but no new request goes to it
+        t = await w.task(busy)
+        assert t["lastStatus"] == "RUNNING" and t["desiredStatus"] == "RUNNING"
+        assert (await sm.http(req("/after")))["s"] == 503
+        assert [p for p, _ in seen] == ["/x?q=1", "/slow"]
+        gate.set()
+        assert (await slow)["b"] == b"hello /slow"
+        t = await w.wait_status(busy, "STOPPED")
+        assert t["stopCode"] == "ServiceSchedulerInitiated"
+        # an unknown service is the API's error
+        try:
+            await sm.http({**req("/"), "service": "nope"})
+            raise AssertionError("an unknown service answered")
+        except Exception as e:
+            assert getattr(e, "type", "") == "ServiceNotFoundException"
+        server.close()
+    run(body, tmp_path)
+
+
+def test_the_host_names_a_service_its_cluster_and_account() -> None:
+    from cellcloud.router.services import host_service
+    assert host_service(f"web.prod.{A}.{REGION}.localhost:8080", REGION) == ("web", "prod", A)
+    assert host_service(f"Web.Prod.{A}.{REGION}.LOCALHOST", REGION) == ("web", "prod", A)
+    for other in (f"web.prod.{A}.other-1.localhost", f"web.{A}.{REGION}.localhost",
+                  f"web.prod.1234.{REGION}.localhost", f"x.lambda-url.{REGION}.localhost",
+                  f"a.b.web.prod.{A}.{REGION}.localhost", "localhost:8080"):
+        assert host_service(other, REGION) is None, other

@@ -56,6 +56,7 @@ class FakeAgent:
         self.exit_on_start: dict[str, int] = {}  # container name -> exits at once with
         self.stop_gate: asyncio.Event | None = None  # set: task_container_stop waits on it
         self.full = False  # task_create answers AgentFull
+        self.ip: str | None = None  # the tasks' privateIpv4 (None: 10.200.<n>.<k>)
 
     async def call(self, op: str, body: Any, timeout_s: float) -> Any:
         self.calls.append((op, body))
@@ -81,8 +82,8 @@ class FakeAgent:
                 "containers": {c.name: {"state": "pending", "exit_code": None,
                                         "started_ms": None, "exited_ms": None, "reason": ""}
                                for c in req.containers}}
-            return m.TaskCreateReply(req.task_id,
-                                     f"10.200.{self.n}.{len(self.tasks) + 1}").to_wire()
+            return m.TaskCreateReply(
+                req.task_id, self.ip or f"10.200.{self.n}.{len(self.tasks) + 1}").to_wire()
         parse = {"task_container_start": m.TaskContainerRequest,
                  "task_container_stop": m.TaskContainerStopRequest, "task_exec": m.TaskExecRequest,
                  "task_poll": m.TaskPollRequest, "task_destroy": m.TaskDestroyRequest}[op]

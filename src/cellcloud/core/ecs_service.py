@@ -207,6 +207,12 @@ class Service:
     def pending_count(self) -> int:
         return sum(1 for t in self.tasks.values() if t.status in ("PROVISIONING", "PENDING"))
 
+    def healthy(self, task_id: str) -> bool:
+        """The task counts as healthy: RUNNING, not being stopped, and HEALTHY if its
+        deployment's task definition has health checks (else not UNHEALTHY)."""
+        t = self.tasks.get(task_id)
+        return t is not None and self._healthy(t)
+
     def _healthy(self, t: TaskState) -> bool:
         d = self._deployment(t.deployment_id)
         return t.status == "RUNNING" and not t.stop_sent and (

@@ -231,6 +231,9 @@ class Limits:
     ecs_services_per_tenant_max: int = 100  # services of one account not INACTIVE
     ecs_service_tick_interval_ms: int = 1_000  # each service's controller ticked (and its tasks read)
     ecs_inactive_service_retention_ms: int = 3_600_000  # a deleted service stays described
+    ecs_service_http_bytes_max: int = 6 * MiB  # a request to a service, and its answer
+    ecs_service_http_timeout_ms: int = 60_000  # a task's answer to one proxied request
+    ecs_service_deregistration_delay_ms: int = 30_000  # a stopped task's requests finish
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200

@@ -96,7 +96,15 @@ class ServiceManager:
             self.services[(rec["account"], rec["cluster"], rec["name"])] = Svc(
                 rec, es.Service.restored(rec["core"]))
         self._loop: asyncio.Task[None] | None = None
-        self.counters = {"ticks": 0, "started": 0, "stopped": 0, "placement_failures": 0}
+        self.counters = {"ticks": 0, "started": 0, "stopped": 0, "placement_failures": 0,
+                         "http_requests": 0, "http_no_task": 0, "http_task_failed": 0}
+        # Traffic (``http``): the next task per service (round robin), requests in flight per
+        # task, and tasks the controller stopped that still answer requests (draining): task
+        # id -> when the stop was asked.
+        self._next: dict[Key, int] = {}
+        self._inflight: dict[str, int] = {}
+        self._draining: dict[str, int] = {}
+        self._drain_reasons: dict[str, str] = {}
 
     # -- the loop ------------------------------------------------------------------------------
     def ensure_running(self) -> None:
@@ -119,6 +127,9 @@ class ServiceManager:
     def tick_all(self) -> None:
         self.counters["ticks"] += 1
         now = self.tasks.now_ms()
+        for task_id, since in list(self._draining.items()):
+            if now - since >= self.limits.ecs_service_deregistration_delay_ms:
+                self._stop_drained(task_id)  # its requests took too long: stopped anyway
         for key, svc in list(self.services.items()):
             rec = svc.rec
             if rec["status"] == "INACTIVE":
@@ -189,9 +200,19 @@ class ServiceManager:
                 self.counters["started"] += 1
             case es.StopTask(core_id, reason):
                 task_id = rec["ids"].get(core_id)
-                if task_id is not None:
+                if task_id is None:
+                    return
+                self.counters["stopped"] += 1
+                if self._inflight.get(task_id):  # no new requests; these finish first
+                    self._draining[task_id] = self.tasks.now_ms()
+                    self._drain_reasons[task_id] = reason
+                else:
                     self.tasks.stop_by_scheduler(task_id, reason)
-                    self.counters["stopped"] += 1
+
+    def _stop_drained(self, task_id: str) -> None:
+        self._draining.pop(task_id, None)
+        reason = self._drain_reasons.pop(task_id, "Service scaled in")
+        self.tasks.stop_by_scheduler(task_id, reason)
 
     def _save(self, svc: Svc) -> None:
         rec, core = svc.rec, svc.core
@@ -314,6 +335,56 @@ class ServiceManager:
             self._save(svc)
         return {"service": self.view(svc, False)}
 
+    # -- traffic (router/services.py: Host <service>.<cluster>.<account>.<region>.localhost) --
+    def _targets(self, svc: Svc) -> list[tuple[str, str, int]]:
+        """(task id, privateIpv4, port) of the service's RUNNING and healthy tasks not being
+        stopped: the first port mapping of the first container that has one."""
+        out = []
+        for core_id in sorted(svc.core.tasks):
+            task_id = svc.rec["ids"].get(core_id)
+            if task_id is None or task_id in self._draining or not svc.core.healthy(core_id):
+                continue
+            rec = self.tasks.record(svc.rec["account"], task_id)
+            if rec is None or not rec.get("private_ipv4") \
+                    or rec["core"]["last_status"] != "RUNNING":
+                continue
+            port = next((p["containerPort"] for c in rec["def_doc"]["containerDefinitions"]
+                         for p in c.get("portMappings") or []), None)
+            if port is not None:
+                out.append((task_id, str(rec["private_ipv4"]), int(port)))
+        return out
+
+    async def http(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One HTTP request to a service, proxied to one of its tasks (round robin):
+        ``{s, h: [[name, value]], b}``."""
+        key = (str(body["a"]), str(body["cluster"]), str(body["service"]))
+        svc = self.services.get(key)
+        if svc is None or svc.rec["status"] == "INACTIVE":
+            raise not_found()
+        self.counters["http_requests"] += 1
+        targets = self._targets(svc)
+        if not targets:
+            self.counters["http_no_task"] += 1
+            return _plain(503, f"service {key[2]} has no RUNNING and healthy task with a port "
+                               "mapping")
+        n = self._next.get(key, 0)
+        self._next[key] = n + 1
+        task_id, ip, port = targets[n % len(targets)]
+        self._inflight[task_id] = self._inflight.get(task_id, 0) + 1
+        try:
+            return await asyncio.wait_for(
+                _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
+                self.limits.ecs_service_http_timeout_ms / 1000)
+        except (TimeoutError, OSError, ValueError) as e:
+            self.counters["http_task_failed"] += 1
+            return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: {e}")
+        finally:
+            left = self._inflight[task_id] = self._inflight[task_id] - 1
+            if left <= 0:
+                del self._inflight[task_id]
+                if task_id in self._draining:
+                    self._stop_drained(task_id)
+
     # -- the DescribeServices view ---------------------------------------------------------------
     def arn(self, account: str, cluster: str, name: str) -> str:
         return f"arn:aws:ecs:{self.tasks.cell.region}:{account}:service/{cluster}/{name}"
@@ -367,3 +438,71 @@ def _event_id(name: str, t: int, msg: str) -> str:
     """A stable id for one event (ECS's are UUIDs): from its service, time and words."""
     h = hashlib.sha256(f"{name}\0{t}\0{msg}".encode()).hexdigest()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def _plain(status: int, text: str) -> dict[str, Any]:
+    return {"s": status, "h": [["content-type", "text/plain"]], "b": text.encode() + b"\n"}
+
+
+_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
+                  "upgrade", "proxy-connection", "trailer"})
+
+
+async def _forward(ip: str, port: int, body: dict[str, Any], bytes_max: int
+                   ) -> dict[str, Any]:
+    """HTTP/1.1 to the task, one connection per request (``Connection: close``); the answer
+    read whole (at most ``bytes_max``), a chunked body decoded."""
+    reader, writer = await asyncio.open_connection(ip, port)
+    try:
+        data = bytes(body.get("b") or b"")
+        head = [f"{body['m']} {body['p']} HTTP/1.1"]
+        head += [f"{k}: {v}" for k, v in body.get("h") or [] if k.lower() not in _HOP
+                 and k.lower() != "x-forwarded-for"]
+        head += [f"content-length: {len(data)}", "connection: close"]
+        if body.get("ip"):
+            head.append(f"x-forwarded-for: {body['ip']}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+        await writer.drain()
+        raw = await reader.read(bytes_max + 64 * 1024)
+        while True:
+            more = await reader.read(64 * 1024)
+            if not more:
+                break
+            raw += more
+            if len(raw) > bytes_max + 64 * 1024:
+                raise ValueError(f"the answer is larger than {bytes_max} bytes")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    top, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError("no HTTP answer")
+    lines = top.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP status line: {lines[0][:80]!r}")
+    headers = []
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers.append([k.strip(), v.strip()])
+    names = {k.lower(): v for k, v in headers}
+    if names.get("transfer-encoding", "").lower() == "chunked":
+        rest = _dechunk(rest)
+    elif names.get("content-length", "").isdigit():
+        rest = rest[:int(names["content-length"])]
+    return {"s": int(parts[1]), "h": [h for h in headers if h[0].lower() not in _HOP],
+            "b": rest}
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, i = bytearray(), 0
+    while True:
+        end = data.find(b"\r\n", i)
+        if end < 0:
+            raise ValueError("a cut chunked body")
+        size = int(data[i:end].split(b";", 1)[0] or b"0", 16)
+        if size == 0:
+            return bytes(out)
+        out += data[end + 2:end + 2 + size]
+        i = end + 2 + size + 2
