@@ -396,3 +396,26 @@ def test_the_host_names_a_service_its_cluster_and_account() -> None:
                   f"web.prod.1234.{REGION}.localhost", f"x.lambda-url.{REGION}.localhost",
                   f"a.b.web.prod.{A}.{REGION}.localhost", "localhost:8080"):
         assert host_service(other, REGION) is None, other
+
+
+def test_a_tenant_with_a_service_is_not_migrated(tmp_path: Path) -> None:
+    """A service lives in its cell's store, even at desiredCount 0 with no task: the export
+    refuses until it is deleted (INACTIVE), rather than leaving it behind in a cell that no
+    longer serves the tenant."""
+    from cellcloud.frontend.clone import CloneError, export_tenant
+
+    async def body(w: SvcWorld) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", web_def())
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 0})
+        await w.steady()
+        try:
+            export_tenant(w.cell, A)
+            raise AssertionError("exported a tenant with a service")
+        except CloneError as e:
+            assert "1 ECS services not yet INACTIVE" in str(e)
+        await w.ok("DeleteService", {"service": "web"})
+        await w.until("INACTIVE", lambda: _status(w, "INACTIVE"))
+        export_tenant(w.cell, A)
+    run(body, tmp_path)

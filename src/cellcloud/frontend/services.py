@@ -255,6 +255,11 @@ class ServiceManager:
                 if k[:2] == (account, cluster) and s.rec["status"] != "INACTIVE")}
         raise EcsError("InvalidParameterException", f"unknown op {what[:40]}")
 
+    def active_count(self, account: str) -> int:
+        """The account's services not INACTIVE (a tenant migration waits for none)."""
+        return sum(1 for k, s in self.services.items()
+                   if k[0] == account and s.rec["status"] != "INACTIVE")
+
     def count(self, account: str, cluster: str) -> int:
         """The cluster's services not INACTIVE (its activeServicesCount)."""
         return sum(1 for k, s in self.services.items()
@@ -267,8 +272,7 @@ class ServiceManager:
         if old is not None and old.rec["status"] != "INACTIVE":
             raise EcsError("InvalidParameterException", "Creation of service was not "
                            "idempotent.")
-        if sum(1 for k, s in self.services.items() if k[0] == account
-               and s.rec["status"] != "INACTIVE") >= self.limits.ecs_services_per_tenant_max:
+        if self.active_count(account) >= self.limits.ecs_services_per_tenant_max:
             raise EcsError("LimitExceededException",
                            f"An account has at most {self.limits.ecs_services_per_tenant_max} "
                            "services (ecs_services_per_tenant_max)")
