@@ -139,6 +139,8 @@ def test_service_shapes_counts_and_deletion(tmp_path: Path) -> None:
         err, msg = await w.err("UpdateService", {
             "service": "web", "deploymentConfiguration": {"alarms": {"enable": True}}})
         assert err == "InvalidParameterException" and "alarms" in msg
+        err, msg = await w.err("UpdateService", {"service": "web", "desiredCount": 10 ** 9})
+        assert err == "InvalidParameterException" and "ecs_service_desired_count_max" in msg
         assert (await w.err("UpdateService", {"service": "nope", "desiredCount": 1}))[0] \
             == "ServiceNotFoundException"
         assert (await w.err("CreateService", {"serviceName": "x", "taskDefinition": "nope",

@@ -776,13 +776,14 @@ class Ecs:
         if doc.get("propagateTags") not in (None, "NONE"):
             raise invalid("propagateTags is not supported by cellcloud (NONE only)")
 
-    @staticmethod
-    def _desired(doc: dict[str, Any], default: int | None) -> int | None:
+    def _desired(self, doc: dict[str, Any], default: int | None) -> int | None:
         v = doc.get("desiredCount", default)
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise invalid("desiredCount must be an integer of 0 or more")
+        top = self.limits.ecs_service_desired_count_max
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
+            raise invalid(f"desiredCount must be an integer from 0 to {top} "
+                          "(ecs_service_desired_count_max)")
         return v
 
     @staticmethod

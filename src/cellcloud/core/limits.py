@@ -229,6 +229,7 @@ class Limits:
     ecs_task_cpu_units_per_agent_max: int = 16 * 1024  # tasks' cpu on one agent (16 vCPU)
     # ECS services in a cell (frontend/services.py): docs/fargate.md.
     ecs_services_per_tenant_max: int = 100  # services of one account not INACTIVE
+    ecs_service_desired_count_max: int = 1_000  # a service's desiredCount (ECS's quota: 5,000)
     ecs_service_tick_interval_ms: int = 1_000  # each service's controller ticked (and its tasks read)
     ecs_inactive_service_retention_ms: int = 3_600_000  # a deleted service stays described
     ecs_service_http_bytes_max: int = 6 * MiB  # a request to a service, and its answer
