@@ -242,3 +242,16 @@ def test_a_snapshot_restores_the_same_controller() -> None:
     now = c.now + 1000
     assert copy.handle(s.Tick(), now) == c.svc.handle(s.Tick(), now)
     assert copy.snapshot() == c.svc.snapshot()
+
+
+def test_placement_failures_of_one_batch_back_off_once() -> None:
+    """The starts the controller asks for at once fail to be placed together (the cell has
+    no room for any): one failure's backoff (10 s), not one doubling per task of the batch."""
+    svc = _svc(6)
+    starts = svc.handle(s.Deploy("td:1", True), 0)
+    assert len(starts) == 6
+    for ins in starts:
+        assert svc.handle(s.PlacementFailed(ins.task_id, "RESOURCE:MEMORY"), 1) == []
+    assert svc.handle(s.Tick(), 10_000) == []
+    assert len(svc.handle(s.Tick(), 10_001)) == 6  # tried again after 10 s, not 5 min
+    assert sum("unable to place" in m for _, m in svc.events) == 1

@@ -24,7 +24,7 @@ back. The controller keeps ``desiredCount`` tasks of the PRIMARY deployment RUNN
   controller stops launching for it.
 - **Capacity**: a task the cell could not place (``PlacementFailed``) is not a failure of the
   deployment: the service says why (``pending_reason``, an event) and tries again after a
-  backoff.
+  backoff; the failures of one batch of starts (those asked for at once) count as one.
 - **Scale**: a new ``desiredCount`` (UpdateService, or the target-tracking scaler:
   core/autoscale.py) starts or stops tasks; extra tasks stop PENDING and unhealthy ones first.
 
@@ -250,10 +250,11 @@ class Service:
             case PlacementFailed(task_id, reason):
                 if self.tasks.pop(task_id, None) is not None:
                     self.pending_reason = reason
-                    self._failures_in_row += 1
-                    self._launch_at_ms = now_ms + crash_backoff_ms(self._failures_in_row)
-                    self._event(f"(service {self.name}) was unable to place a task. "
-                                f"Reason: {reason}.")
+                    if now_ms >= self._launch_at_ms:  # the batch's first: one backoff step
+                        self._failures_in_row += 1
+                        self._launch_at_ms = now_ms + crash_backoff_ms(self._failures_in_row)
+                        self._event(f"(service {self.name}) was unable to place a task. "
+                                    f"Reason: {reason}.")
             case Tick():
                 pass
         self._reconcile(out)
