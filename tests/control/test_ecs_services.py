@@ -421,3 +421,46 @@ def test_a_tenant_with_a_service_is_not_migrated(tmp_path: Path) -> None:
         await w.until("INACTIVE", lambda: _status(w, "INACTIVE"))
         export_tenant(w.cell, A)
     run(body, tmp_path)
+
+
+def test_a_task_draining_when_the_frontend_restarts_is_still_stopped(tmp_path: Path) -> None:
+    """A stop the service deferred (requests in flight) lives only in the process: a restarted
+    frontend's service loop sees the task it meant to stop still running and stops it."""
+    async def body(w: SvcWorld) -> None:
+        gate, got = asyncio.Event(), asyncio.Event()
+
+        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            got.set()
+            await gate.wait()
+            wr.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for a in w.agents.values():
+            a.ip = "127.0.0.1"
+        await w.ok("CreateCluster", {})
+        d = web_def()
+        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
+        await w.ok("RegisterTaskDefinition", d)
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 1})
+        await w.steady()
+        assert w.cell.tasks is not None
+        (busy,) = w.task_ids()
+        slow = asyncio.ensure_future(w.cell.tasks.services.http({
+            "a": A, "cluster": "default", "service": "web", "m": "GET", "p": "/", "h": [],
+            "b": b""}))
+        await got.wait()
+        await w.ok("UpdateService", {"service": "web", "desiredCount": 0})
+        assert (await w.task(busy))["desiredStatus"] == "RUNNING"  # draining
+        await w.cell.tasks.close()  # the process ends while the task drains
+        slow.cancel()
+        w.cell = w.make_cell()
+        assert w.cell.tasks is not None
+        w.cell.tasks.load()
+        t = await w.wait_status(busy, "STOPPED")
+        assert t["stopCode"] == "ServiceSchedulerInitiated"
+        await w.steady()
+        gate.set()
+        server.close()
+    run(body, tmp_path)

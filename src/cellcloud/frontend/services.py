@@ -118,6 +118,10 @@ class ServiceManager:
             await asyncio.sleep(interval_s)  # the controller's period, not a wait on a state
 
     async def close(self) -> None:
+        """Stop driving: deferred stops are dropped with the process (a restarted frontend's
+        loop finds those tasks still running and stops them: ``tick``)."""
+        self._draining.clear()
+        self._drain_reasons.clear()
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,6 +157,11 @@ class ServiceManager:
             if task is None:
                 stim = es.TaskStopped(core_id, "ServiceSchedulerInitiated",
                                       "the task's record is gone")
+            elif ts.stop_sent and task["core"]["desired_status"] != "STOPPED" \
+                    and task_id not in self._draining:
+                # the controller stopped it, but the stop was lost (deferred while draining
+                # in a process that ended): asked again
+                self.tasks.stop_by_scheduler(task_id, "Stopped by its service")
             elif task["core"]["last_status"] == "STOPPED":
                 stim = es.TaskStopped(core_id, task["core"]["stop_code"] or "TaskFailedToStart",
                                       task["core"]["stopped_reason"])
