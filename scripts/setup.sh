@@ -22,6 +22,12 @@ command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need_apt+=(linux-image-cloud-amd64)
 { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || need_apt+=(busybox-static)
 ldconfig -p 2>/dev/null | grep -q 'libarchive.so.13' || need_apt+=(libarchive13)
+# volumes attached as FUSE file + loop device + ext4 (volumes/attach.py, docs/volumes.md):
+# libfuse3 (mfusepy loads it with ctypes) and fusermount3, mkfs.ext4; fio for bench/volume_fio.py
+ldconfig -p 2>/dev/null | grep -q 'libfuse3.so.3' || need_apt+=(libfuse3-3)
+command -v fusermount3 >/dev/null || need_apt+=(fuse3)
+command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
+command -v fio >/dev/null || need_apt+=(fio)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then echo "setup: need root to install: ${need_apt[*]}" >&2; exit 1; fi
   echo "setup: installing ${need_apt[*]}" >&2

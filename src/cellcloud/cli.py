@@ -20,6 +20,7 @@ from rich.table import Table
 
 from . import cli_progress, sdk
 from .core import logtail as tail
+from .core.limits import DEFAULT_LIMITS
 from .microvm_cli import status_field as microvm_status_field
 from .region import tenants as tenant_table
 from .region.supervisor import Supervisor, default_state_dir, lock_holder, run_foreground
@@ -69,8 +70,9 @@ def up(
         "then run without memory, pids or CPU limits (default: agents refuse)")] = False,
     network: Annotated[str, typer.Option(
         help="Environments' outbound network: egress (an interface under the region's policy: "
-        "no host, region or east-west traffic; docs/design.md) or none (loopback only)")
-    ] = "egress",
+        "no host, region or east-west traffic; docs/design.md) or none (loopback only); "
+        "default: egress, none with --backend microvm")
+    ] = "",
     net_pool: Annotated[str, typer.Option(
         help="Environments' address pool (at most a /16, outside RFC 1918); each agent takes "
         "a /22 of it")] = "100.64.0.0/16",
@@ -80,6 +82,11 @@ def up(
     otlp_endpoint: Annotated[str | None, typer.Option(
         help="Export tracing spans over OTLP/HTTP to this base URL (default: "
         "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: off)")] = None,
+    backend: Annotated[str, typer.Option(
+        help="Execution environments: jail (namespaces, cgroups, seccomp) or microvm (each in "
+        "a QEMU guest with its own kernel, KVM where a probe VM boots, TCG otherwise; built-in "
+        "Python runtime only, no network device yet: implies --network none; docs/microvm.md)")
+    ] = "jail",
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     store_colony: Annotated[str, typer.Option(
         help="A Physalia store colony file (cellcloud store up): the web console shows its "
@@ -98,15 +105,22 @@ def up(
             f"(pid {existing['supervisor_pid']}); stop it with `cellcloud down`."
         )
         raise typer.Exit(1)
+    if backend not in ("jail", "microvm"):
+        err.print(f"--backend {backend!r}: jail or microvm")
+        raise typer.Exit(2)
+    network = network or ("none" if backend == "microvm" else "egress")
     if network not in ("egress", "none"):
         err.print(f"--network {network!r}: egress or none")
+        raise typer.Exit(2)
+    if backend == "microvm" and network != "none":
+        err.print("--backend microvm: the guest has no network device yet; --network none")
         raise typer.Exit(2)
     if detach:
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
                 allow_unlimited, network, net_pool, metrics_functions_per_account_max,
-                otlp_endpoint, store_colony=store_colony)
+                otlp_endpoint, store_colony=store_colony, backend=backend)
         return
-    agent_args = ["--network", network, "--net-pool", net_pool]
+    agent_args = ["--network", network, "--net-pool", net_pool, "--backend", backend]
     # Spans go out from the router and the frontends (the agents carry theirs back).
     otlp = ["--otlp-endpoint", otlp_endpoint] if otlp_endpoint else []
     if allow_unlimited:
@@ -122,6 +136,9 @@ def up(
         extra_args={"agent": agent_args,
                     # no function's allow-list may name the pool (core/vpc.py)
                     "frontend": ["--net-internal", net_pool, *otlp,
+                                 *(["--env-create-timeout-ms",
+                                    str(DEFAULT_LIMITS.microvm_create_timeout_ms)]
+                                   if backend == "microvm" else []),
                                  *(["--metrics-functions-per-account-max",
                                     str(metrics_functions_per_account_max)]
                                    if metrics_functions_per_account_max is not None else [])],
@@ -172,7 +189,7 @@ def _detach(
     sd: str, cells: int, agents_per_cell: int, host: str, port: int, envs_per_agent_max: int,
     insecure: bool = False, allow_unlimited: bool = False, network: str = "egress",
     net_pool: str = "100.64.0.0/16", metrics_functions_per_account_max: int | None = None,
-    otlp_endpoint: str | None = None, store_colony: str = "",
+    otlp_endpoint: str | None = None, store_colony: str = "", backend: str = "jail",
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -200,7 +217,7 @@ def _detach(
                 str(w),
                 *(["--insecure"] if insecure else []),
                 *(["--allow-unlimited"] if allow_unlimited else []),
-                "--network", network, "--net-pool", net_pool,
+                "--network", network, "--net-pool", net_pool, "--backend", backend,
                 *(["--metrics-functions-per-account-max", str(metrics_functions_per_account_max)]
                   if metrics_functions_per_account_max is not None else []),
                 *(["--store-colony", os.path.abspath(store_colony)] if store_colony else []),
@@ -746,6 +763,14 @@ def _mount_subcommands() -> None:
     from .microvm_cli import app as microvm_app
 
     app.add_typer(microvm_app, name="microvm")
+    from .pod_api import api_cmd
+    from .pod_cli import app as pod_app
+
+    pod_app.command("api")(api_cmd)
+    app.add_typer(pod_app, name="pod")
+    from .volumes.cli import app as storage_app
+
+    app.add_typer(storage_app, name="storage", help="Storage servers of replicated volumes.")
 
 
 _mount_subcommands()

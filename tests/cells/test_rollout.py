@@ -18,7 +18,7 @@ import pytest
 from cellcloud import sdk
 from cellcloud.experiment.ledger import World
 from tests.conftest import make_zip
-from tests.integration.conftest import Region, running_region
+from tests.integration.conftest import Region, running_region, start_region, stop_region
 
 pytestmark = pytest.mark.integration
 
@@ -228,3 +228,55 @@ def test_rollout_to_a_new_build_under_load_fails_no_request(
     assert all(versions[n] == "9.9.9" for n in versions
                if n.startswith("cell-")), versions
     assert r.client.invoke("wave2", {}).json() == 7
+
+
+@pytest.mark.slow
+def test_a_rollout_cut_by_the_supervisors_crash_is_resumed(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Any) -> None:
+    """The supervisor dies (SIGKILL) after the first wave: its processes die with it. `up`
+    again starts each process on the build builds.json recorded (cell-1 on the new build, the
+    rest on the old: the region says so in region.json), and `rollout` without --to resumes the
+    saved plan to the end; a --to naming another build meanwhile is refused."""
+    import signal
+
+    state = str(tmp_path_factory.mktemp("resume"))
+    r = start_region(state, "--cells", "2", "--agents-per-cell", "1")
+    build = _build(str(tmp_path), "9.9.9")
+    try:
+        r.client.create_function("wave3", make_zip({"app.py": LEDGER_CODE}), "app.handler")
+        sup_pid = int(r.doc["supervisor_pid"])  # type: ignore[call-overload]
+        proc = subprocess.Popen([sys.executable, "-m", "cellcloud", "rollout", "--state-dir",
+                                 state, "--to", build, "--bake-s", "600"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        builds_path = os.path.join(state, "builds.json")
+
+        def first_wave_upgraded() -> bool:  # its last process, the frontend, runs the build
+            try:
+                with open(builds_path) as f:
+                    return bool(json.load(f).get("cell-1-frontend") == build)
+            except (OSError, ValueError):
+                return False
+        deadline = time.monotonic() + 300
+        while not first_wave_upgraded():  # the first wave's restart on the new build
+            assert time.monotonic() < deadline, "the first wave never upgraded"
+            time.sleep(0.2)  # polling a file the supervisor writes, bounded above
+        os.kill(sup_pid, signal.SIGKILL)  # mid-bake: the plan says wave 1 of 2 is under way
+        proc.kill()
+        proc.wait(timeout=60)
+        r.client.close()
+        r = start_region(state, "--cells", "2", "--agents-per-cell", "1")
+        versions = _versions(r)
+        assert versions["cell-1-frontend"] == "9.9.9" and versions["cell-1-agent-0"] == "9.9.9"
+        import cellcloud
+        assert versions["cell-2-frontend"] == cellcloud.__version__  # not yet upgraded
+        assert r.client.invoke("wave3", {}).json() == 7
+        other = _build(str(tmp_path), "9.9.10")
+        out, report = _rollout(r, "--to", other)
+        assert out.returncode == 1 and "under way" in report["error"]
+        out, report = _rollout(r)  # resumes the saved plan
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert report["resumed"] and report["status"] == "done"
+        assert all(v == "9.9.9" for n, v in _versions(r).items() if n.startswith("cell-"))
+        assert r.client.invoke("wave3", {}).json() == 7
+    finally:
+        stop_region(r)

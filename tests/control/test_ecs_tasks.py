@@ -22,6 +22,7 @@ import botocore.session
 from cellcloud.control.configstore import SqliteConfigStore
 from cellcloud.control.ecs import TARGET_PREFIX, Ecs
 from cellcloud.core import messages as m
+from cellcloud.core import pod
 from cellcloud.core.limits import DEFAULT_LIMITS, Limits
 from cellcloud.frontend.cell import Cell
 from cellcloud.frontend.logstore import LogStore
@@ -641,6 +642,38 @@ def test_task_records_survive_in_the_cell_store(tmp_path: Path) -> None:
     assert store.unfinished() == [] and store.counts(A, "default") == {
         "running": 0, "pending": 0, "stopping": 0}
     assert os.path.exists(tmp_path / "tasks.db")
+
+
+def test_a_pods_restart_policy_restarts_with_crash_loop_backoff(tmp_path: Path) -> None:
+    """A Pod's restartPolicy travels as a RunTask tag (core/pod.py); the cell's task core gets
+    it (without it the crashing container stopped the task, as for any ECS task above)."""
+    async def body(w: World) -> None:
+        assert w.cell.tasks is not None
+        clock = [w.now]
+        w.cell.tasks.now_ms = lambda: clock[0]
+        await w.ok("CreateCluster", {"clusterName": "default"})
+        await w.ok("RegisterTaskDefinition", two_containers())
+        for a in w.agents.values():
+            a.exit_on_start["web"] = 1
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web:1", "tags": [
+            {"key": pod.RESTART_POLICY_TAG, "value": "Always"}]}))["tasks"]
+
+        def starts() -> int:
+            return sum(1 for a in w.agents.values() for op, b in a.calls
+                       if op == "task_container_start" and b["container"] == "web")
+
+        async def backing_off() -> bool:
+            c = (await w.task(t["taskArn"]))["containers"][0]
+            return str(c.get("reason", "")).startswith("CrashLoopBackOff")
+        await w.wait_for("the first crash", backing_off)
+        assert starts() == 1 and (await w.task(t["taskArn"]))["lastStatus"] != "STOPPED"
+        clock[0] += 10_000  # the first backoff
+        await w.wait_for("the restart", lambda: asyncio.sleep(0, starts() == 2))
+        await w.wait_for("the second crash", backing_off)
+        assert "restarting in 20 s" in (await w.task(t["taskArn"]))["containers"][0]["reason"]
+        await w.ok("StopTask", {"task": t["taskArn"]})
+        await w.wait_status(t["taskArn"], "STOPPED")
+    run({}, body, tmp_path)
 
 
 def test_a_tenant_with_tasks_is_not_migrated(tmp_path: Path) -> None:

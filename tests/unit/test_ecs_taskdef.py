@@ -7,6 +7,8 @@ from typing import Any
 
 import botocore.session
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cellcloud.core import ecs_taskdef as td
 
@@ -187,3 +189,47 @@ def test_quantities() -> None:
     assert td.k8s_cpu_units("250m") == 256 and td.k8s_cpu_units("0.1") == 103
     assert td.k8s_memory_mib("1G") == 954 and td.k8s_memory_mib("512Mi") == 512
     assert td.parse_cpu(".25 vCPU") == 256 and td.parse_memory("0.5GB") == 512
+
+
+# -- Kubernetes quantities: exact, the whole grammar, bounded -----------------------------------
+
+_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+             "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+             "Ei": 2**60}
+
+
+@given(st.integers(0, 10**9), st.integers(0, 6), st.sampled_from(sorted(_SUFFIXES)))
+def test_memory_quantity_is_exact_and_rounds_up(digits: int, decimals: int, suffix: str) -> None:
+    from fractions import Fraction
+    text = str(digits) if not decimals else \
+        f"{digits // 10**decimals}.{digits % 10**decimals:0{decimals}d}"
+    exact = Fraction(digits, 10**decimals) * _SUFFIXES[suffix]
+    assert td.k8s_memory_mib(text + suffix) == -(-exact // 2**20)
+
+
+@given(st.integers(0, 10**7), st.integers(-6, 6))
+def test_cpu_quantity_with_an_exponent_or_millis(n: int, exponent: int) -> None:
+    from fractions import Fraction
+    assert td.k8s_cpu_units(f"{n}e{exponent}") == -(-Fraction(n) * Fraction(10) ** exponent
+                                                      * 1024 // 1)
+    assert td.k8s_cpu_units(f"{n}m") == -(-Fraction(n, 1000) * 1024 // 1)
+
+
+def test_quantity_forms_yaml_gives_and_refusals() -> None:
+    assert td.k8s_cpu_units(2) == 2048 and td.k8s_cpu_units(0.5) == 512
+    assert td.k8s_cpu_units("1.") == 1024 and td.k8s_cpu_units(".25") == 256
+    assert td.k8s_memory_mib("1E") == 10**18 // 2**20 + 1  # exa, not an exponent
+    assert td.k8s_memory_mib("129e6") == 124 and td.k8s_memory_mib("+1Mi") == 1
+    assert td.k8s_memory_mib("-0") == 0
+    for bad in ("-1", "1.5.5", "1 Gi", "Gi", "1gi", "1e", True, None, "1e31", "9" * 65):
+        with pytest.raises(td.EcsError):
+            td.k8s_memory_mib(bad)
+
+
+@given(st.integers(0, 16 * 1024), st.integers(0, 120 * 1024))
+def test_round_to_fargate_is_the_smallest_size_that_holds(cpu: int, mem: int) -> None:
+    size_cpu, size_mem = td.round_to_fargate(cpu, mem)
+    assert size_cpu >= cpu and size_mem >= mem and size_mem in td.FARGATE_SIZES[size_cpu]
+    smaller = [(c, m) for c, ms in td.FARGATE_SIZES.items() for m in ms
+               if c >= cpu and m >= mem and (c, m) < (size_cpu, size_mem)]
+    assert not smaller

@@ -219,6 +219,29 @@ def test_any_history_keeps_the_invariants(events: list[Any], policy: Any) -> Non
     assert released == (1 if task.last_status == "STOPPED" else 0)
 
 
+def test_always_restarts_an_init_container_only_until_it_succeeds() -> None:
+    # A Pod's init container (core/pod.py): others wait on its SUCCESS. Under "always" it is
+    # restarted after a failure, but its success is final and releases the containers after it
+    # (restarting it after exit 0 held them back forever).
+    init = {"name": "init", "image": "i", "essential": False}
+    app = {"name": "app", "image": "i",
+           "dependsOn": [{"containerName": "init", "condition": "SUCCESS"}]}
+    task = t.Task(_def(init, app), 0, restart_policy="always")
+    assert task.handle(t.Provisioned(), 0) == [t.StartContainer("init")]
+    task.handle(t.ContainerStarted("init"), 1)
+    assert task.handle(t.ContainerExited("init", 1), 2) == []  # failed: restarted later
+    assert task.containers["init"].restart_at_ms == 10_002
+    assert task.handle(t.Tick(), 10_002) == [t.StartContainer("init")]
+    task.handle(t.ContainerStarted("init"), 10_003)
+    assert task.handle(t.ContainerExited("init", 0), 10_004) == [t.StartContainer("app")]
+    assert task.containers["init"].finished and task.containers["init"].restart_at_ms is None
+    task.handle(t.ContainerStarted("app"), 10_005)
+    assert task.last_status == "RUNNING"
+    # The app itself is restarted under "always", even after exit 0.
+    assert task.handle(t.ContainerExited("app", 0), 10_006) == []
+    assert task.containers["app"].restart_at_ms == 10_006 + 10_000
+
+
 def test_a_snapshot_restores_the_task_and_resume_asks_again_what_was_in_flight() -> None:
     """A restarted shell (frontend/tasks.py) rebuilds the task from its durable snapshot."""
     d = _def(WEB, SIDE)

@@ -36,8 +36,8 @@ from ..core.limits import DEFAULT_LIMITS
 from ..metrics import process_registry
 from ..network.client import NetConfig, NetHelperClient
 from ..sandbox import cgroups, runtimes
-from ..sandbox.backend import Backend, JailBackend, Spawned
-from ..sandbox.spec import EnvSpec
+from ..sandbox.backend import Backend, JailBackend, Spawned, Unsupported
+from ..sandbox.spec import ISOLATION_VARIABLE, ISOLATIONS, EnvSpec
 from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
 from ..transport import OpError, Server, Stream, protocol_stats
@@ -442,6 +442,14 @@ class Agent:
             raise OpError("EnvExists", env_id)
         if len(self.envs) >= self.envs_max:
             raise OpError("AgentFull", f"{len(self.envs)} environments; the maximum is {self.envs_max}")
+        isolation = req.function.environment.get(ISOLATION_VARIABLE, "")
+        if isolation and isolation not in ISOLATIONS:
+            raise OpError("EnvUnsupported", f"{ISOLATION_VARIABLE}={isolation!r}: the isolation "
+                          f"a function may ask for is one of {', '.join(ISOLATIONS)}")
+        if isolation and isolation != self.backend.name:
+            raise OpError("EnvUnsupported", f"the function asks for {isolation} isolation "
+                          f"({ISOLATION_VARIABLE}={isolation}); agent {self.agent_id} runs the "
+                          f"{self.backend.name} backend")
         memory_mb = req.function.memory_mb
         committed = (sum(r.spec.memory_mb for r in self.envs.values()) + memory_mb
                      + self.tasks.memory_committed_mb())
@@ -559,7 +567,8 @@ class Agent:
             self._free_slots.append(slot)
             self.counters["create_failed"] += 1
             self._release_network(spec)
-            raise OpError("EnvCreateFailed", str(e)) from e
+            raise OpError("EnvUnsupported" if isinstance(e, Unsupported) else "EnvCreateFailed",
+                          str(e)) from e
         finally:
             if netns_fd is not None:
                 os.close(netns_fd)
@@ -1051,6 +1060,8 @@ class Agent:
             "bundles_to_forget": len(self._forget_later),
             # image layers unpacked here (agent/images.py), and what streaming them did
             "image_layers": self.images.statistics(),
+            # the microvm backend's acceleration (kvm or tcg; docs/microvm.md), else absent
+            **({"accel": accel} if (accel := getattr(self.backend, "accel", None)) else {}),
             "zygote_pid": getattr(self.backend, "zygote_pid", 0),
             "zygote_restarts": getattr(self.backend, "zygote_restarts", 0),
             "network": ({**self.network.info, "helper": net.get("helper", {}),
@@ -1397,8 +1408,24 @@ async def serve(args: argparse.Namespace) -> None:
             log.warning("reclaimed %d environments left by a previous agent process", swept)
     if not args.no_favor_dynmods:
         log.info("cgroups: %s", cgroups.favor_dynmods("/run/cellcloud/cgroup-dynmods"))
-    backend = JailBackend(os.path.join(state_dir, "jailroot"))
-    backend.start()  # fork+exec the zygote while we still may
+    backend: Backend
+    if args.backend == "microvm":
+        if args.network != "none":
+            log.error("--backend microvm: environments have no network device yet; "
+                      "run with --network none")
+            raise SystemExit(3)
+        from ..microvm.backend import MicrovmBackend
+
+        backend = MicrovmBackend(state_dir)
+    else:
+        backend = JailBackend(os.path.join(state_dir, "jailroot"))
+    try:
+        # fork+exec the zygote (or build the guest image, probe and start the VMM launcher)
+        # while we still may
+        backend.start()
+    except (OSError, RuntimeError) as e:
+        log.error("the %s backend cannot start: %s", args.backend, e)
+        raise SystemExit(3) from e
     network = None
     if args.network != "none":  # also before the lock-down: the helper needs netlink and nft
         from ..network import policy
@@ -1525,6 +1552,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allow-unlimited", action="store_true",
                    help="start even where no cgroup hierarchy is found, running environments "
                         "without memory, pids or CPU limits (default: refuse to start)")
+    p.add_argument("--backend", default="jail", choices=("jail", "microvm"),
+                   help="execution environments: jail (namespaces, cgroups, seccomp) or "
+                        "microvm (each in a QEMU guest with its own kernel; docs/microvm.md)")
     p.add_argument("--network", default="none", choices=("egress", "none"),
                    help="environments' outbound network (egress: an interface under the "
                         "region's policy, via the network helper; none: loopback only)")

@@ -26,6 +26,7 @@ from .. import runtime
 from ..metrics import process_registry, push_forever
 from ..transport import Client, OpError, RemoteError, Server, TransportError
 from .configstore import ConfigStore, ConfigStoreError, TimedConfigStore, open_config_store
+from .ec2 import Ec2
 from .ecs import Ecs
 from .push import PushScheduler
 from .schedules import Schedules
@@ -77,6 +78,9 @@ class Control:
         self.schedules = Schedules(store, self.region, self.frontend_of)
         # The ECS API (clusters, task definitions: docs/fargate.md), forwarded by routers.
         self.ecs = Ecs(store, self.region, self.frontend_of)
+        # The EC2 API's volume subset (docs/volumes.md), forwarded by routers; volumes' and
+        # snapshots' bytes (FileBlockStore files) under <state>/volumes.
+        self.ec2 = Ec2(store, self.region, data_dir=os.path.join(state_dir, "volumes"))
 
     def frontend_of(self, account: str) -> Client | None:
         """The frontend of the cell that holds ``account`` (where its schedules fire)."""
@@ -217,6 +221,7 @@ class Control:
             "agents": dict(self.agent_status),
             "schedules": self.schedules.statistics(),
             "ecs": self.ecs.statistics(),
+            "ec2": self.ec2.statistics(),
         }
 
     async def op_cell_of(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -307,12 +312,14 @@ async def serve(args: argparse.Namespace) -> None:
                              registry)
     control = Control(state_dir, store, args.endpoints, args.push_interval_ms)
     control.region = control.schedules.region = control.ecs.region = args.region
+    control.ec2.region = args.region
     await control.load()
     server = Server({"status": control.op_status, "migrate": control.op_migrate,
                      "override": control.op_override, "cell_of": control.op_cell_of,
                      "cell_map": lambda _: _map(control),
                      # the scheduler API, forwarded by routers (pki.OPS_ALLOWED)
-                     "scheduler": control.schedules.op, "ecs": control.ecs.op},
+                     "scheduler": control.schedules.op, "ecs": control.ecs.op,
+                     "ec2": control.ec2.op},
                     protocol="control")
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
     control.address = (host, port)

@@ -11,8 +11,10 @@ ignored.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from .limits import DEFAULT_LIMITS
@@ -189,32 +191,56 @@ def round_to_fargate(cpu: int, memory_mib: int) -> tuple[int, int]:
 
 # -- Kubernetes quantities and Pods on Fargate ------------------------------------------------
 
-_CPU_Q = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)(m?)$")
-_MEM_SUFFIX = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-               "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
-_MEM_Q = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+# Kubernetes' quantity grammar (apimachinery's resource.Quantity): a signed decimal number and
+# one suffix, binary SI (Ki … Ei), decimal SI (m, k, M … E) or a decimal exponent (e3, E-2).
+_QUANTITY = re.compile(r"^([+-]?)(\d+\.?\d*|\.\d+)"
+                       r"(Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?\d+|m|k|M|G|T|P|E)?$")
+_SUFFIX = {"": Fraction(1), "m": Fraction(1, 1000), "k": Fraction(1000), "M": Fraction(1000**2),
+           "G": Fraction(1000**3), "T": Fraction(1000**4), "P": Fraction(1000**5),
+           "E": Fraction(1000**6), "Ki": Fraction(1024), "Mi": Fraction(1024**2),
+           "Gi": Fraction(1024**3), "Ti": Fraction(1024**4), "Pi": Fraction(1024**5),
+           "Ei": Fraction(1024**6)}
 eks_fargate_overhead_mib = 256  # kubelet, kube-proxy, containerd: added to every pod
 
 
-def k8s_cpu_units(q: Any) -> int:
-    """A Kubernetes CPU quantity (``"250m"``, ``"0.5"``, ``2``) as ECS cpu units, rounded up."""
-    m = _CPU_Q.match(str(q).strip())
+def k8s_quantity(q: Any, what: str = "quantity") -> Fraction:
+    """A Kubernetes quantity (``"250m"``, ``"1.5Gi"``, ``"129e6"``, YAML's ``2`` or ``0.5``)
+    as an exact non-negative number; at most ``k8s_quantity_chars_max`` characters and an
+    exponent of at most ``k8s_quantity_exponent_max`` (so no quantity costs a huge integer)."""
+    if isinstance(q, bool) or not isinstance(q, str | int | float):
+        raise invalid(f"not a {what}: {str(q)[:40]!r}")
+    text = str(q).strip()
+    if len(text) > DEFAULT_LIMITS.k8s_quantity_chars_max:
+        raise invalid(f"not a {what}: longer than {DEFAULT_LIMITS.k8s_quantity_chars_max} "
+                      "characters")
+    m = _QUANTITY.match(text)
     if m is None:
-        raise invalid(f"not a CPU quantity: {str(q)[:40]!r}")
-    cores = float(m.group(1)) / (1000 if m.group(2) else 1)
-    units = cores * 1024
-    return int(units) + (units > int(units))
+        raise invalid(f"not a {what}: {text[:40]!r}")
+    sign, number, suffix = m.group(1), m.group(2), m.group(3) or ""
+    if suffix not in _SUFFIX:  # a decimal exponent
+        exponent = int(suffix[1:])
+        if abs(exponent) > DEFAULT_LIMITS.k8s_quantity_exponent_max:
+            raise invalid(f"not a {what}: exponent {exponent} out of range "
+                          f"(±{DEFAULT_LIMITS.k8s_quantity_exponent_max})")
+        scale = Fraction(10) ** exponent
+    else:
+        scale = _SUFFIX[suffix]
+    value = Fraction(number if not number.endswith(".") else number[:-1]) * scale
+    if sign == "-" and value:
+        raise invalid(f"a {what} must not be negative: {text[:40]!r}")
+    return value
+
+
+def k8s_cpu_units(q: Any) -> int:
+    """A Kubernetes CPU quantity (``"250m"``, ``"0.5"``, ``2``) as ECS cpu units, rounded up
+    (exactly: 1 core = 1024 units)."""
+    return math.ceil(k8s_quantity(q, "CPU quantity") * 1024)
 
 
 def k8s_memory_mib(q: Any) -> int:
-    """A Kubernetes memory quantity (``"512Mi"``, ``"1G"``, ``"1e9"`` not accepted) in MiB,
-    rounded up."""
-    m = _MEM_Q.match(str(q).strip())
-    if m is None:
-        raise invalid(f"not a memory quantity: {str(q)[:40]!r}")
-    size = float(m.group(1)) * _MEM_SUFFIX[m.group(2) or ""]
-    mib = size / 1024**2
-    return int(mib) + (mib > int(mib))
+    """A Kubernetes memory quantity (``"512Mi"``, ``"1G"``, ``"1e9"``) in MiB, rounded up
+    (exactly)."""
+    return math.ceil(k8s_quantity(q, "memory quantity") / 1024**2)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ commands, and feeds what happened; the core decides what to do next and keeps th
 - Restarts (a Pod's ``restartPolicy`` Always/OnFailure, ECS's container ``restartPolicy``): an
   exited container is started again after a crash-loop backoff (:func:`crash_backoff_ms`:
   10 s doubling to 5 min, reset once it ran 10 min), never in a hot loop; with ``never`` (ECS's
-  default) an essential container's exit stops the task.
+  default) an essential container's exit stops the task. A container that another waits on to
+  COMPLETE or SUCCEED (a Pod's init container, core/pod.py) is restarted only on failure even
+  under ``always``, as Kubernetes restarts init containers: it runs once to success.
 """
 
 from __future__ import annotations
@@ -359,8 +361,10 @@ class Task:
         if self.desired_status == "STOPPED":
             c.finished = True
             return
-        restart = (self.restart_policy == "always"
-                   or (self.restart_policy == "on-failure" and code != 0))
+        policy = self.restart_policy
+        if policy == "always" and c.spec.name in self._awaited_to_finish():
+            policy = "on-failure"  # a Pod's init container: restarted only until it succeeds
+        restart = policy == "always" or (policy == "on-failure" and code != 0)
         if restart:
             c.crashes = 1 if ran_ms >= crash_backoff_reset_ms else c.crashes + 1
             c.restart_at_ms = self.now_ms + crash_backoff_ms(c.crashes)
@@ -374,6 +378,11 @@ class Task:
                        f"Essential container in task exited ({c.spec.name}: {c.reason})", out)
         else:
             self._start_ready(out)  # dependents on COMPLETE / SUCCESS
+
+    def _awaited_to_finish(self) -> set[str]:
+        """Containers another waits on to COMPLETE or SUCCEED (a Pod's init containers)."""
+        return {d.container for c in self.containers.values() for d in c.spec.depends_on
+                if d.condition in ("COMPLETE", "SUCCESS")}
 
     def _health(self, c: ContainerState, ok: bool) -> None:
         hc = c.spec.health_check

@@ -74,7 +74,10 @@ class EnvCreated:
     env_id: str
 
 
-CreateFailure = Literal["agent_full", "host_memory", "unreachable", "bundle_missing", "error"]
+# "unsupported": the agent cannot run this function (its isolation setting asks for a backend
+# the agent lacks, or the backend refuses its runtime): the detail is a message for the caller.
+CreateFailure = Literal["agent_full", "host_memory", "unreachable", "bundle_missing",
+                        "unsupported", "error"]
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,7 @@ class _Request:
     answered: bool = False
     holder: str | None = None  # a lease's holder (None: a sync invoke)
     expires_ms: int = 0
+    unsupported: str = ""  # the last "unsupported" create failure's message, for the answer
 
 
 class InvokeCore:
@@ -444,12 +448,19 @@ class InvokeCore:
                 self._throttle(req, "ConcurrentInvocationLimitExceeded",
                                "Rate Exceeded. The cell's hosts are at capacity.", out)
             else:
-                self._answer_error(req, "No agent could start an execution environment", out)
+                self._answer_error(req, "No agent could start an execution environment"
+                                   + (f": {req.unsupported}" if req.unsupported else ""), out)
                 if not self.params.bug_leak_slot:
                     self._release(req)
             return
         eligible = [a for a in retry_order(shard, req.attempt, fn.owner, failed=req.failed)
                     if a not in req.failed]
+        if shard and not eligible and req.unsupported:  # every agent said it cannot: why
+            self._answer_error(req, "No agent could start an execution environment: "
+                               + req.unsupported, out)
+            if not self.params.bug_leak_slot:
+                self._release(req)
+            return
         cap = fn.reserved or self.params.function_concurrency_default_max
         if self.params.bug_ignore_version_cap:
             cap = 1 << 30
@@ -523,6 +534,8 @@ class InvokeCore:
             req.failed.append(req.agent_id)
         req.attempt += 1
         req.full = s.reason in ("agent_full", "host_memory")
+        if s.reason == "unsupported" and s.detail:
+            req.unsupported = s.detail
         self._again_or_release(req, now_ms, out)
 
     def _again_or_release(self, req: _Request, now_ms: int, out: list[Instruction]) -> None:

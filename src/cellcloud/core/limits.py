@@ -221,6 +221,11 @@ class Limits:
     ecs_clusters_per_tenant_max: int = 100
     ecs_task_definitions_per_tenant_max: int = 1_000  # revisions kept, ACTIVE or INACTIVE
     ecs_cas_attempts_max: int = 8  # a change that keeps losing its compare-and-set
+    # Pod manifests (core/pod.py, `cellcloud pod`): one manifest file, and a Kubernetes
+    # quantity's text and decimal exponent (so no quantity costs a huge exact integer).
+    pod_manifest_bytes_max: int = 1024 * 1024
+    k8s_quantity_chars_max: int = 64
+    k8s_quantity_exponent_max: int = 30
     # ECS tasks in a cell (frontend/tasks.py): docs/fargate.md.
     ecs_tasks_per_tenant_max: int = 100  # tasks of one account not yet STOPPED, in its cell
     ecs_stopped_task_retention_ms: int = 3_600_000  # a STOPPED task stays described (ECS: ~1 h)
@@ -235,6 +240,15 @@ class Limits:
     ecs_service_http_bytes_max: int = 6 * MiB  # a request to a service, and its answer
     ecs_service_http_timeout_ms: int = 60_000  # a task's answer to one proxied request
     ecs_service_deregistration_delay_ms: int = 30_000  # a stopped task's requests finish
+    # The EC2 volume API in the control plane (control/ec2.py, issue #19): docs/volumes.md.
+    ec2_request_bytes_max: int = 256 * 1024  # one EC2 query-protocol request (a form)
+    ec2_request_params_max: int = 2_000  # form fields in one request
+    ec2_list_items_max: int = 1_000  # items of one list member (VolumeId.N, Filter.N, Tag.N)
+    ec2_filter_value_chars_max: int = 4_096  # characters of one filter's values together
+    ec2_volumes_per_tenant_max: int = 1_000  # volumes one account keeps in a region
+    ec2_tags_per_resource_max: int = 50  # tags of one volume or snapshot (EC2's)
+    ec2_snapshots_per_tenant_max: int = 1_000  # snapshots one account keeps in a region
+    ec2_cas_attempts_max: int = 8  # a change that keeps losing its compare-and-set
     # Environments' network (network/): per environment, new connections per second (burst)
     # and connections tracked at once, so one function cannot fill the host's conntrack table.
     env_net_conn_rate_per_s: int = 200
@@ -284,6 +298,35 @@ class Limits:
     microvm_boot_timeout_ms: int = 120_000
     microvm_console_bytes_max: int = 1 * MiB
     microvm_image_input_bytes_max: int = 256 * MiB
+    microvm_runtime_disk_bytes_max: int = 512 * MiB
+    # The microvm backend: a VMM's cgroup holds the function's memory plus this much for QEMU
+    # itself (its translation cache under TCG is capped at microvm_tcg_cache_mib); a guest gets
+    # at least microvm_guest_memory_mib_min; an environment's boot to its ready frame may take
+    # microvm_create_timeout_ms (a TCG boot is seconds; `up --backend microvm` gives it to the
+    # frontends as their env_create_timeout_ms).
+    microvm_tcg_cache_mib: int = 64
+    microvm_guest_memory_mib_min: int = 128
+    microvm_create_timeout_ms: int = 120_000
+    # Snapshots (microvm/snapshot.py): one QMP command's answer, a paused guest's save to its
+    # state file, a restore's load and the restored guest's first answer, the state file (more:
+    # not made, or refused at restore and the guest boots fresh).
+    microvm_qmp_timeout_ms: int = 30_000
+    microvm_snapshot_save_timeout_ms: int = 120_000
+    microvm_restore_timeout_ms: int = 60_000
+    microvm_snapshot_bytes_max: int = 1024 * MiB
+    # The VMM jailer (microvm/jailer.py): the VMM's memory beyond the guest's (its cgroup's limit
+    # is the guest's memory plus this; measured, docs/microvm.md) and its tasks (QEMU's threads).
+    microvm_vmm_overhead_mib: int = 256  # the backend's launcher and the jailer alike
+    microvm_vmm_pids_max: int = 64
+    # Replicated volumes (volumes/, docs/volumes.md): a volume's size, one read or write
+    # request's bytes, replicas per volume, and rewires one operation may trigger before it
+    # fails (then the client waits and fences again).
+    volume_size_gib_min: int = 1
+    volume_size_gib_max: int = 16_384  # EC2's gp2/gp3 maximum; the EC2 API's and the client's
+    volume_write_bytes_max: int = 1 * MiB
+    volume_replicas: int = 3
+    volume_rewire_attempts_max: int = 50
+    volume_client_ops_inflight_max: int = 32  # non-overlapping operations one client sends at once
 
 
 DEFAULT_LIMITS = Limits()

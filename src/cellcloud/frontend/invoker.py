@@ -510,6 +510,8 @@ class Invoker:
                         extra=eventlog.fields(event="env_create_failed", agent=ins.agent_id,
                                               env=ins.env_id, function=rec.name,
                                               version=rec.version))
+            if e.type == "EnvUnsupported":  # the agent's own message, meant for the caller
+                return "unsupported", e.message
             reasons: dict[str, CreateFailure] = {"AgentFull": "agent_full",
                                                  "HostMemoryExhausted": "host_memory",
                                                  "BundleMissing": "bundle_missing"}

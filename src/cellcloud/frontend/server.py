@@ -51,6 +51,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.metrics_functions_per_account_max is not None:
         limits = replace(limits, metrics_functions_per_account_max=(
             args.metrics_functions_per_account_max))
+    if args.env_create_timeout_ms is not None:  # agents on microVMs boot a guest (TCG: s)
+        limits = replace(limits, env_create_timeout_ms=args.env_create_timeout_ms)
     cell = Cell(args.cell_id, store, agents, region=args.region, limits=limits,
                 sharding=args.sharding, shard_size=args.shard_size,
                 poison=(PoisonParams(killed_workers_max=args.poison_killed_workers_max)
@@ -292,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics-functions-per-account-max", type=int, default=None,
                    help="functions of one account with series of their own in /metrics "
                         "(default: core/limits.py); the rest count under __other__")
+    p.add_argument("--env-create-timeout-ms", type=int, default=None,
+                   help="how long an agent may take to start an environment (default: "
+                        "core/limits.py; `cellcloud up --backend microvm` passes "
+                        "microvm_create_timeout_ms)")
     runtime.add_security_args(p)
     runtime.add_protocol_max(p)
     args = p.parse_args(argv)

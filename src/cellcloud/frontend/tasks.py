@@ -9,7 +9,9 @@ answers ``LayerMissing``, as for image functions: agents never pull), and driven
 ``core/ecs_tasks.Task``: its instructions become agent ops (``task_container_start``,
 ``task_container_stop``, ``task_exec`` for health checks, ``task_destroy``), and what the agent
 reports (``task_poll``: container states, exit codes, logs) and the time passed (``Tick``) go
-back in as stimuli. Containers' ``awslogs`` output is filed in the cell's log store (group
+back in as stimuli. A Pod's restart policy (its task's ``cellcloud.pod/restartPolicy`` tag,
+core/pod.py) is the core's ``restart_policy``; other tasks are never restarted. Containers'
+``awslogs`` output is filed in the cell's log store (group
 ``awslogs-group``, stream ``<awslogs-stream-prefix>/<container>/<task id>``).
 
 Every task's record (the request, its placement, the core's snapshot) is kept in
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from ..core import ecs_taskdef as td
 from ..core import ecs_tasks as et
 from ..core import messages as m
+from ..core import pod
 from ..core.ecs_taskdef import EcsError
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
@@ -304,7 +307,7 @@ class TaskManager:
                 out["imageDigest"] = rec["image_digests"][c["name"]]
             if st.get("exit_code") is not None and st.get("status") == "STOPPED":
                 out["exitCode"] = st["exit_code"]
-            if st.get("reason") and st.get("status") == "STOPPED":
+            if st.get("reason"):  # a stopped container's, or a restart's backoff (a Pod's)
                 out["reason"] = st["reason"]
             if health_of[c["name"]].get("healthCheck"):
                 out["healthStatus"] = st.get("health", "UNKNOWN")
@@ -416,7 +419,7 @@ class TaskManager:
             self.counters["placement_failures"] += 1
             return placed
         now = self.now_ms()
-        task = et.Task(task_def, now)
+        task = et.Task(task_def, now, restart_policy=pod.restart_policy_from_tags(tags))
         rec = {
             "id": task_id, "account": account, "cluster": cluster,
             "family": task_def.family, "task_definition_arn": desc["taskDefinitionArn"],
@@ -752,7 +755,8 @@ class TaskManager:
                                                   f"a restart: {e.message}")
                 self.store.put(rec)
                 continue
-            task = et.Task.restored(task_def, rec["core"], now)
+            task = et.Task.restored(task_def, rec["core"], now,
+                                    restart_policy=pod.restart_policy_from_tags(rec["tags"]))
             live = Live(rec, task, cursors=dict(rec.get("cursors") or {}))
             self.live[rec["id"]] = live
             self.cell.placement.hold_task(rec["id"], rec["agent_id"], rec["memory"], rec["cpu"])

@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..core.limits import DEFAULT_LIMITS
+
 # Bump when the image's layout or /init changes meaning: it is part of every image's digest.
 IMAGE_FORMAT = "cellcloud-microvm-image/1"
 
@@ -257,3 +259,164 @@ def host_key(*, nodename: str, host_release: str, qemu_version: str, kvm_device:
     asks for a new probe."""
     doc = json.dumps([nodename, host_release, qemu_version, kvm_device, image_digest])
     return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+# -- the agent image: the guest agent over virtio-serial (docs/microvm.md) ------------------
+
+# Bump when the agent initramfs's layout, its /init or the runtime disk's layout changes.
+AGENT_FORMAT = "cellcloud-microvm-agent/1"
+
+# The virtserialport the host agent's channel is plugged into (/sys/class/virtio-ports/*/name).
+AGENT_PORT_NAME = "cellcloud.agent"
+
+# Kernel modules the agent guest needs (the cloud kernel builds them as modules): the
+# virtio-mmio transport of ``-M microvm`` (or PCI's for ``-M pc``), the console's ports (the
+# channel) and the block devices (the runtime disk and the bundle).
+GUEST_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "virtio_blk")
+
+# Where the runtime disk keeps cellcloud's guest code and the few packages it imports.
+GUEST_PYLIB = "/pylib"
+
+
+def module_load_order(modules_dep: str, wanted: tuple[str, ...] = GUEST_MODULES) -> list[str]:
+    """The ``.ko`` paths (relative to ``/lib/modules/<release>``) to insmod, every module after
+    the ones it depends on, each once, from the text of ``modules.dep``. Raises ``KeyError``
+    naming a wanted module the kernel does not ship."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in modules_dep.splitlines():
+        path, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        deps[path] = rest.split()
+        base = path.rsplit("/", 1)[-1]
+        by_name[base.split(".ko", 1)[0].replace("-", "_")] = path
+    order: list[str] = []
+
+    def visit(path: str, depth: int) -> None:
+        assert depth < 64, "modules.dep has a cycle"
+        if path in order:
+            return
+        # modules.dep lists a module's dependencies with the deepest last.
+        for dep in reversed(deps.get(path, [])):
+            visit(dep, depth + 1)
+        order.append(path)
+
+    for name in wanted:
+        visit(by_name[name], 0)
+    return order
+
+
+def agent_init_script(module_paths: list[str]) -> bytes:
+    """The agent guest's /init (busybox): the modules in order, the runtime disk (the first
+    block device) read-only as the new root, then the guest agent (``microvm/guest_vm.py``)
+    in it as pid 1's only child; when it ends the guest powers off. A failing step is printed
+    on the console and ends the guest."""
+    lines = [
+        "#!/bin/busybox sh",
+        "B=/bin/busybox",
+        "fail() { $B echo \"cellcloud-init: $*\"; $B poweroff -f; }",
+        "$B mount -t proc proc /proc",
+        "$B mount -t sysfs sysfs /sys",
+        "$B mount -t devtmpfs devtmpfs /dev || fail devtmpfs",
+    ]
+    for p in module_paths:
+        lines.append(f"$B insmod /lib/modules/{p} || fail insmod {p}")
+    lines += [
+        "n=0",
+        "while [ ! -b /dev/vda ]; do n=$((n+1)); [ $n -gt 500 ] && fail no runtime disk;"
+        " $B usleep 10000; done",
+        "$B mount -t ext4 -o ro,nodev /dev/vda /rt || fail mount runtime disk",
+        "$B mount --move /dev /rt/dev",
+        "$B mount --move /proc /rt/proc",
+        "$B mount --move /sys /rt/sys",
+        f"PATH=/usr/bin:/bin PYTHONPATH={GUEST_PYLIB} PYTHONDONTWRITEBYTECODE=1"
+        " $B chroot /rt /usr/local/bin/python3 -m cellcloud.microvm.guest_vm"
+        f" {AGENT_PORT_NAME}",
+        "$B echo \"cellcloud-init: guest agent exited ($?)\"",
+        "$B poweroff -f",
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def agent_initramfs_layout(module_paths: list[str]) -> list[Entry]:
+    """The agent initramfs: the base image's entries (with its own /init) plus ``/rt`` (the
+    runtime disk's mount point) and the modules under ``lib/modules/``."""
+    dirs: list[str] = ["lib", "lib/modules"]
+    for p in module_paths:
+        parts = p.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "lib/modules/" + "/".join(parts[:i])
+            if d not in dirs:
+                dirs.append(d)
+    base = [e for e in initramfs_layout() if e.path != "init"]
+    return (base + [Entry("rt", "dir", 0o755)]
+            + [Entry(d, "dir", 0o755) for d in dirs]
+            + [Entry("lib/modules/" + p, "file", 0o644, source="module:" + p)
+               for p in module_paths]
+            + [Entry("init", "file", 0o755, source="init")])
+
+
+@dataclass(frozen=True)
+class AgentInputs:
+    """What an agent image is made of, by content: the base image (kernel and busybox), the
+    modules, /init and the runtime disk's files (path, mode and SHA-256 of each)."""
+
+    base_digest: str
+    modules_sha256: str
+    init_sha256: str
+    runtime_sha256: str
+    format: str = AGENT_FORMAT
+
+    def digest(self) -> str:
+        doc = json.dumps({"format": self.format, "base": self.base_digest,
+                          "modules": self.modules_sha256, "init": self.init_sha256,
+                          "runtime": self.runtime_sha256}, sort_keys=True,
+                         separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
+
+
+def agent_kernel_cmdline(spec: VmSpec, *, console: bool) -> str:
+    """The agent guest's command line: as the probe guest's, without the console's messages
+    unless debugging (``console=`` empty sends the kernel's to nowhere)."""
+    args = (["console=ttyS0"] if console else []) + ["quiet", "panic=-1", "reboot=t"]
+    if spec.accel == "tcg":
+        args += TCG_CLOCK_ARGS
+    return " ".join(args)
+
+
+def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtime_disk: str,
+                    bundle_disk: str, chan_fd: int, console: str = "",
+                    tcg_cache_mib: int = DEFAULT_LIMITS.microvm_tcg_cache_mib) -> list[str]:
+    """QEMU for one environment: no default devices, no network, no display or monitor; the
+    runtime disk and the bundle as read-only virtio block devices, the channel as a
+    virtserialport whose host end is ``chan_fd`` (a connected socket the host created: QEMU
+    neither listens nor connects), the serial console to ``console`` (a file) or nowhere."""
+    mmio = spec.machine == "microvm"
+    blk = "virtio-blk-device" if mmio else "virtio-blk-pci"
+    serial = "virtio-serial-device" if mmio else "virtio-serial-pci"
+    # Under TCG the translation cache is QEMU's biggest allocation (1 GiB by default).
+    accel = f"tcg,tb-size={tcg_cache_mib}" if spec.accel == "tcg" else spec.accel
+    return [
+        qemu,
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-monitor", "none",
+        "-accel", accel,
+        "-M", spec.machine,
+        "-m", str(spec.memory_mib),
+        "-smp", str(spec.vcpus),
+        "-no-reboot",
+        "-serial", f"file:{console}" if console else "none",
+        "-kernel", kernel,
+        "-initrd", initrd,
+        "-append", agent_kernel_cmdline(spec, console=bool(console)),
+        "-drive", f"file={runtime_disk},if=none,id=rt,format=raw,readonly=on",
+        "-device", f"{blk},drive=rt",
+        "-drive", f"file={bundle_disk},if=none,id=task,format=raw,readonly=on",
+        "-device", f"{blk},drive=task",
+        "-chardev", f"socket,id=agent,fd={chan_fd}",
+        "-device", serial,
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+    ]

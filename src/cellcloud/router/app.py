@@ -24,6 +24,8 @@ from ..console.app import PREFIX as CONSOLE_PREFIX
 from ..console.app import Console, session_value
 from ..core import tracing
 from ..core.cellmap import CellMap
+from ..core.ec2_query import XML as EC2_XML
+from ..core.ec2_query import error_xml as ec2_error_xml
 from ..core.ecs_taskdef import TARGET_PREFIX as ECS_TARGET_PREFIX
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
@@ -346,6 +348,8 @@ class Router:
             status, headers, body = e.status, e.headers(), e.body()
             if body_state.sqs_query:
                 headers, body = sqs_query.router_error(e.status, e.type, e.message)
+            elif body_state.ec2:  # EC2's query protocol: its XML errors (control/ec2.py)
+                headers, body = _ec2_error(e)
         except Exception:  # no input may produce a bare 500: answer Lambda-shaped, log it
             log.exception("request %s %s failed", scope.get("method"), scope.get("path"),
                           extra=eventlog.fields(event="request_failed"))
@@ -390,6 +394,9 @@ class Router:
             akid = parsed_auth.group("akid")
             body_state.sqs_query = parsed_auth.group("service") == "sqs" and not any(
                 k == "x-amz-target" for k, _ in headers)
+            # EC2's query protocol (control/ec2.py): no target, signed for "ec2"; XML errors
+            body_state.ec2 = parsed_auth.group("service") == "ec2" and not any(
+                k == "x-amz-target" for k, _ in headers)
             if self.tenants.lookup(akid) is None:
                 raise _forbidden_token()
         except LambdaError:
@@ -407,11 +414,14 @@ class Router:
         # (an unknown target is then answered by the ECS API, never a 404 of another's).
         is_ecs = not is_ecr and not is_logs and (target.startswith(ECS_TARGET_PREFIX)
                                                  or parsed_auth.group("service") == "ecs")
+        # The EC2 API's volume subset (control/ec2.py): query protocol, signed for "ec2".
+        is_ec2 = body_state.ec2
         body_max = (
             self.limits.invoke_payload_bytes_max
             if is_invoke or is_stream
             else self.limits.registry_api_body_bytes_max if is_ecr or is_logs
             else self.limits.ecs_request_bytes_max if is_ecs
+            else self.limits.ec2_request_bytes_max if is_ec2
             else min(self.limits.request_body_bytes_max, forward_body_bytes_max)
         )
         if body_state.declared is not None and body_state.declared > body_max:
@@ -441,7 +451,8 @@ class Router:
                 region=self.region,
                 secret_for=self.tenants.secret_for,
                 service=("sqs" if is_sqs else "ecr" if is_ecr else "logs" if is_logs
-                         else "ecs" if is_ecs else "scheduler" if is_scheduler
+                         else "ecs" if is_ecs else "ec2" if is_ec2
+                         else "scheduler" if is_scheduler
                          else sigv4.SERVICE),
             )
         except LambdaError:
@@ -461,6 +472,9 @@ class Router:
             return await self._scheduler(scope, path, body, account)
         if is_ecs:
             return await self._ecs(target, body, account)
+        if is_ec2:
+            return await self._to_control("ec2", "The EC2 API", "Unavailable", {
+                "b": body, "q": scope["query_string"].decode("latin-1"), "a": account})
         cell = self.cell_map.cell_for(account)
         body_state.cell = cell.cell_id
         if is_ecr:
@@ -691,6 +705,8 @@ class _BodyState:
         self.pending = chunked or bool(self.declared)
         #: an SQS query-protocol request: its errors are answered in SQS's XML
         self.sqs_query = False
+        #: an EC2 query-protocol request: its errors are answered in EC2's XML
+        self.ec2 = False
         #: an invoke's trace (the router's span ends when the answer is decided)
         self.trace: _Trace | None = None
         #: the cell that answers it (counted in Router.cell_traffic), once known
@@ -715,6 +731,13 @@ def _too_large(body_max: int, is_invoke: bool) -> LambdaError:
                            "InvokeFunction operation")
     return LambdaError(413, "RequestEntityTooLargeException",
                        f"Request must be smaller than {body_max} bytes")
+
+
+def _ec2_error(e: LambdaError) -> tuple[dict[str, str], bytes]:
+    """A router-side refusal of an EC2 request, as EC2 writes errors (botocore's ec2 parser
+    reads ``Response/Errors/Error/Code``): a refused signature or key is EC2's AuthFailure."""
+    code = "AuthFailure" if e.status == 403 else e.type
+    return {"content-type": EC2_XML}, ec2_error_xml(code, e.message, "")
 
 
 def _ecs_too_large(body_max: int) -> LambdaError:

@@ -29,6 +29,11 @@ class Spawned:
     channel: socket.socket  # the agent's end of the environment's channel
 
 
+class Unsupported(RuntimeError):
+    """A backend cannot run this environment (yet): the message is for the function's caller
+    (the agent answers ``EnvUnsupported``; the frontend passes it on)."""
+
+
 class Backend(Protocol):
     name: str
 

@@ -41,6 +41,7 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import sys
 import termios
 import threading
@@ -527,12 +528,39 @@ class _Environment:
         os._exit(0)
 
 
-def run(spec: EnvSpec, chan_fd: int) -> NoReturn:
-    """Serve invocations until the host agent closes the channel or shuts the environment down."""
-    started = time.monotonic()
+class FdStream:
+    """The socket calls :class:`StreamChannel` makes, on a stream that is not a socket: a
+    microVM's virtio-serial port (``/dev/vportNpM``), a character device."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def recv_into(self, buf: bytearray) -> int:
+        return os.readv(self._fd, [buf])
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def sendmsg(self, views: list[memoryview]) -> int:
+        return os.writev(self._fd, views)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def run(spec: EnvSpec, chan_fd: int, started: float | None = None) -> NoReturn:
+    """Serve invocations until the host agent closes the channel or shuts the environment down.
+    ``chan_fd``: the jail's socket, or a microVM's virtio-serial port (microvm/guest_vm.py)."""
+    started = time.monotonic() if started is None else started
     os.set_inheritable(chan_fd, False)  # a runtime process must not inherit the channel
-    sock = socket.socket(fileno=chan_fd)
-    sock.setblocking(True)
+    sock: Any
+    if stat.S_ISSOCK(os.fstat(chan_fd).st_mode):
+        sock = socket.socket(fileno=chan_fd)
+        sock.setblocking(True)
+    else:
+        sock = FdStream(chan_fd)
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

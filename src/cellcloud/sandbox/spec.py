@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# A function's environment variable asking for an isolation (docs/microvm.md): "microvm" runs
+# it only on an agent whose backend is microvm; an agent that cannot refuses it at create.
+ISOLATION_VARIABLE = "CELLCLOUD_ISOLATION"
+ISOLATIONS = ("microvm",)
+
 _IMAGE_MAY_SET = frozenset({"PATH", "LANG", "TZ", "HOME", "LAMBDA_TASK_ROOT",
                             "LAMBDA_RUNTIME_DIR"})
 

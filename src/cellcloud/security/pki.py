@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-ROLES = ("router", "frontend", "dispatcher", "control", "agent", "store", "client")
+ROLES = ("router", "frontend", "dispatcher", "control", "agent", "store", "client", "storage",
+         "volume")
 URN_PREFIX = "urn:cellcloud:"
 ca_validity_days = 3650
 cert_validity_days = 30
@@ -36,9 +37,13 @@ ACCEPTS: dict[str, frozenset[str]] = {
     "frontend": frozenset({"router", "dispatcher", "control"}),
     "dispatcher": frozenset({"control", "client"}),
     "router": frozenset({"control"}),  # its internal port (cell map pushes)
-    # operators' CLI, peer control planes; routers for the scheduler and ECS APIs only (OPS_ALLOWED)
+    # operators' CLI, peer control planes; routers for the scheduler, ECS and EC2 APIs only
+    # (OPS_ALLOWED)
     "control": frozenset({"client", "control", "router"}),
     "store": frozenset({"store", "client", "control"}),
+    # Storage servers (volumes/server.py) answer volume clients (the host-side process that
+    # serves a volume's block device) and the control plane; never an agent or a guest.
+    "storage": frozenset({"volume", "control"}),
 }
 
 # Where a server accepts a role for some of its ops only: (server role, client role) -> ops.
@@ -46,7 +51,7 @@ ACCEPTS: dict[str, frozenset[str]] = {
 # destroy, attest or read an agent's status; the agent still only answers.
 OPS_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("agent", "router"): frozenset({"leased_invoke"}),
-    ("control", "router"): frozenset({"scheduler", "ecs"}),
+    ("control", "router"): frozenset({"scheduler", "ecs", "ec2"}),
 }
 
 

@@ -1,0 +1,166 @@
+"""The ``microvm`` backend: each environment in its own QEMU guest with its own kernel, behind
+the jail's interface (``sandbox/backend.py``: start, spawn, kill, close).
+
+``start`` (before the agent's lock-down) builds the agent image if it is missing, asks the
+acceleration probe (cached; KVM only when a probe VM boots) and starts the VMM launcher
+(``launcher.py``). ``spawn`` hands the launcher the spec and the guest end of a socketpair;
+the launcher starts QEMU with that end as the channel's virtserialport. The agent's end speaks
+first: the spec (``guest_vm.py``); from then on it is the jail's protocol, unchanged.
+
+This slice's limits (refused at spawn, never ignored): only the built-in Python runtime (no
+runtime process, layers or container images) and no network device (an agent on this backend
+runs with ``--network none``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from ..core.limits import DEFAULT_LIMITS, Limits
+from ..sandbox.backend import Spawned, Unsupported, control_reply_bytes_max
+from ..sandbox.spec import EnvSpec
+from ..transport.codec import FrameError, pack, recv_message, send_message
+from . import boot, core, image
+
+
+class MicrovmUnsupported(Unsupported):
+    """What this backend cannot run yet (a clear error at create, not a hang)."""
+
+
+def unsupported(spec: EnvSpec, netns_fd: int | None) -> str | None:
+    """Why this backend cannot run ``spec`` yet; None when it can."""
+    if spec.runtime_argv:
+        return (f"runtime {spec.runtime} needs a runtime process; the microvm backend runs "
+                "only the built-in Python runtime so far")
+    if spec.layer_dirs:
+        return "layers are not supported on the microvm backend yet"
+    if spec.image_layers:
+        return "container images are not supported on the microvm backend yet"
+    if spec.network or netns_fd is not None:
+        return "the microvm backend has no network device yet (run the agent with --network none)"
+    return None
+
+
+class MicrovmBackend:
+    name = "microvm"
+
+    def __init__(self, state_dir: str, *, limits: Limits = DEFAULT_LIMITS,
+                 machine: str = "microvm", console: bool = False) -> None:
+        self.state_dir = state_dir
+        self.limits = limits
+        self.machine = machine
+        self.console = console  # tests and debugging: each guest's console to a file
+        self.envs_dir = os.path.join(state_dir, "microvm", "envs")
+        self.accel: core.Accel = "tcg"
+        self.probe: dict[str, object] = {}
+        self.image: image.AgentImage | None = None
+        self.qemu = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ctl: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Must run before the agent locks itself down (the probe and the launcher exec)."""
+        qemu = boot.qemu_binary()
+        if qemu is None:
+            raise MicrovmUnsupported(f"no {boot.QEMU} on this host (scripts/setup.sh)")
+        self.qemu = qemu
+        try:
+            self.image = image.ensure_agent(self.state_dir, limits=self.limits)
+            base = image.ensure(self.state_dir, limits=self.limits)
+        except image.ImageError as e:
+            raise MicrovmUnsupported(f"no guest image: {e}") from e
+        # The probe runs its own event loop (asyncio.run): in a thread of its own, as the
+        # agent calls this from inside its loop (before it serves, so blocking is fine).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            self.probe, _ = pool.submit(boot.probe, self.state_dir, base,
+                                        limits=self.limits).result()
+        self.accel = "kvm" if self.probe.get("accel") == "kvm" else "tcg"
+        os.makedirs(self.envs_dir, mode=0o700, exist_ok=True)
+        for stale in os.listdir(self.envs_dir):  # a previous agent's, its QEMUs are gone
+            shutil.rmtree(os.path.join(self.envs_dir, stale), ignore_errors=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "cellcloud.microvm.launcher", str(theirs.fileno()),
+             self.envs_dir],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        self._ctl = ours
+
+    def vm_spec(self, spec: EnvSpec) -> core.VmSpec:
+        return core.VmSpec(self.accel, self.machine,
+                           memory_mib=max(self.limits.microvm_guest_memory_mib_min,
+                                          spec.memory_mb))
+
+    def _spawn_sync(self, request: dict[str, object], guest_end: socket.socket) -> dict[str, object]:
+        with self._lock:
+            if self._ctl is None:
+                raise RuntimeError("the microvm backend is not started")
+            try:
+                send_message(self._ctl, request, [guest_end.fileno()])
+                reply, _ = recv_message(self._ctl, control_reply_bytes_max)
+            except (OSError, FrameError) as e:
+                raise RuntimeError(f"the VMM launcher is gone: {e!r}") from e
+        if reply is None:
+            raise RuntimeError("the VMM launcher is gone")
+        return reply
+
+    async def spawn(self, spec: EnvSpec, netns_fd: int | None = None) -> Spawned:
+        why = unsupported(spec, netns_fd)
+        if why is not None:
+            raise MicrovmUnsupported(why)
+        assert self.image is not None, "start() first"
+        vm = self.vm_spec(spec)
+        request: dict[str, object] = {
+            "spec": spec.to_wire(), "qemu": self.qemu, "kernel": self.image.kernel,
+            "initrd": self.image.initrd, "runtime_disk": self.image.runtime_disk,
+            "console": self.console,
+            "vm": {"accel": vm.accel, "machine": vm.machine, "memory_mib": vm.memory_mib,
+                   "vcpus": vm.vcpus}}
+        ours, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            reply = await asyncio.to_thread(self._spawn_sync, request, guest_end)
+            if "error" in reply:
+                raise RuntimeError(str(reply["error"]))
+            pid = reply["pid"]
+            assert isinstance(pid, int)
+            # The host speaks first: the spec, then the jail's protocol. It waits in the
+            # socket's buffer until the guest opens its port.
+            ours.sendall(pack({"t": "spec", "spec": spec.to_wire(),
+                               "time_ms": int(time.time() * 1000)}))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            guest_end.close()
+        return Spawned(pid, ours)
+
+    def kill(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def close(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()  # the launcher kills its QEMUs on EOF and exits
+            self._ctl = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None

@@ -1,0 +1,100 @@
+"""The guest agent's start inside a microVM (run by the agent image's /init, chrooted into the
+read-only runtime disk): find the channel's virtio-serial port, wait for the host agent's
+first frame (the environment's spec: the host speaks first, the guest only answers), set the
+environment up and hand over to the same guest agent as the jail's (``sandbox/guest.py``).
+
+    agent -> guest  {"t": "spec", "spec": EnvSpec wire, "time_ms": the host's wall clock}
+    (then the jail's protocol: guest -> agent "ready", agent -> guest "invoke", ...)
+
+Setting up: the guest's clock from ``time_ms`` (an emulated guest's own may be far off), the
+bundle (the second block device) read-only at /var/task, /tmp a tmpfs of the function's
+ephemeral storage, /var/runtime a small tmpfs with the attestation document, Lambda's
+environment variables; then the function's uid and gid (the VM is the isolation boundary, the
+uid is defence in depth, as Lambda's ``sbx_user``).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from typing import NoReturn
+
+from ..core.limits import DEFAULT_LIMITS
+from ..sandbox import linux
+from ..sandbox.guest import FdStream, channel_frame_bytes_max
+from ..sandbox.guest import run as run_guest
+from ..sandbox.spec import EnvSpec
+from ..transport.codec import StreamChannel
+
+PORTS_DIR = "/sys/class/virtio-ports"
+BUNDLE_DEVICE = "/dev/vdb"
+port_wait_s = 30.0
+
+
+def find_port(name: str) -> str | None:
+    """``/dev/vportNpM`` of the virtserialport called ``name`` (no udev here to make the
+    ``/dev/virtio-ports/<name>`` link)."""
+    try:
+        ports = sorted(os.listdir(PORTS_DIR))
+    except OSError:
+        return None
+    for port in ports:
+        try:
+            with open(os.path.join(PORTS_DIR, port, "name")) as f:
+                if f.read().strip() == name:
+                    return "/dev/" + port
+        except OSError:
+            continue
+    return None
+
+
+def _fail(msg: str) -> NoReturn:
+    sys.stderr.write(f"cellcloud-guest: {msg}\n")
+    sys.exit(1)  # /init powers the guest off; the host sees the channel close
+
+
+def main(argv: list[str]) -> None:
+    started = time.monotonic()
+    name = argv[0]
+    deadline = started + port_wait_s
+    path = find_port(name)
+    while path is None or not os.path.exists(path):
+        if time.monotonic() > deadline:
+            _fail(f"no virtio-serial port named {name}")
+        time.sleep(0.01)  # polling for a device node the kernel creates, bounded
+        path = find_port(name)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    chan = StreamChannel(FdStream(fd), channel_frame_bytes_max)  # type: ignore[arg-type]
+    first = chan.recv()
+    if not isinstance(first, dict) or first.get("t") != "spec":
+        _fail("the host's first frame is not the spec")
+    spec = EnvSpec.from_wire(first["spec"])
+    time.clock_settime(time.CLOCK_REALTIME, int(first["time_ms"]) / 1000)
+    started = time.monotonic()  # the init phase starts now, as in the jail after the fork
+    linux.mount(BUNDLE_DEVICE, "/var/task", "ext4", linux.MS_RDONLY | linux.MS_NODEV
+                | linux.MS_NOSUID, "")
+    ephemeral_mb = max(1, min(spec.ephemeral_mb, DEFAULT_LIMITS.ephemeral_mb_max))
+    linux.mount("tmpfs", "/tmp", "tmpfs", linux.MS_NODEV | linux.MS_NOSUID,
+                f"size={ephemeral_mb}m,mode=0700,uid={spec.uid},gid={spec.gid}")
+    linux.mount("tmpfs", "/var/runtime", "tmpfs", linux.MS_NODEV | linux.MS_NOSUID,
+                "size=1m,mode=0755")
+    if spec.attestation:
+        with open("/var/runtime/attestation.json", "w") as f:
+            f.write(spec.attestation)
+    os.environ.clear()
+    os.environ.update(spec.lambda_environment())
+    os.chdir("/var/task")
+    # The jail's rlimits (sandbox/jail.py); /tmp's size is the tmpfs's, memory the guest's.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (spec.nofile_max, spec.nofile_max))
+    resource.setrlimit(resource.RLIMIT_NPROC, (spec.pids_max, spec.pids_max))
+    os.setgroups([])
+    os.setresgid(spec.gid, spec.gid, spec.gid)
+    os.setresuid(spec.uid, spec.uid, spec.uid)
+    run_guest(spec, fd, started)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,2 @@
+"""Replicated block volumes: storage servers, the volume client, the failover protocol
+(docs/volumes.md)."""

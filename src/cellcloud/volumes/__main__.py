@@ -1,0 +1,3 @@
+from cellcloud.volumes.cli import app
+
+app()

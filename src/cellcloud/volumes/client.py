@@ -1,0 +1,316 @@
+"""The volume client: the asyncio shell around ``ClientCore`` (docs/volumes.md).
+
+    store = StoreClient.from_file("colony.json")
+    servers = load_servers("servers.json")          # {id: ServerAddress}
+    cfg = await create_volume(store, "vol-1", 1 << 30, servers)
+    vc = VolumeClient("vol-1", store, servers, client_id="host-a")
+    await vc.attach()                                # takes the volume over (epoch + 1)
+    await vc.write(0, b"...")                        # returns once durable on every replica
+    data = await vc.read(0, 4096)                    # from the primary
+    await vc.flush()
+    await vc.close()
+
+The volume's configuration lives in ONE store cell per volume (``vol.<volume_id>``, key
+``config``), created near the volume's servers' zone. Writes larger than
+``volume_write_bytes_max`` are split. Up to ``volume_client_ops_inflight_max`` non-overlapping
+operations are in flight at once (overlapping ones run in order); re-mirror chunks, one at a
+time, alternate with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cellcloud import transport
+from cellcloud.core.limits import DEFAULT_LIMITS
+from cellcloud.store.client import StoreClient, StoreError
+from cellcloud.volumes.core import (
+    CONFIG_KEY,
+    CfgCas,
+    CfgGet,
+    ClientAction,
+    ClientCore,
+    ClientParams,
+    Complete,
+    Deposed,
+    SendServer,
+    ServerInfo,
+    VolumeAttached,
+    VolumeConfig,
+    VolumeError,
+    VolumeUnavailable,
+    choose_replicas,
+    volume_zone,
+)
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    server_id: str
+    host: str
+    port: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def load_servers(path: str) -> dict[str, ServerAddress]:
+    """A servers file: ``{"s1": {"host": ..., "port": ..., "labels": {...}}, ...}``."""
+    with open(path) as f:
+        raw = json.load(f)
+    return {sid: ServerAddress(sid, s["host"], int(s["port"]), dict(s.get("labels", {})))
+            for sid, s in raw.items()}
+
+
+def cell_of(volume_id: str) -> str:
+    return f"vol.{volume_id}"
+
+
+def _infos(servers: dict[str, ServerAddress]) -> list[ServerInfo]:
+    return [ServerInfo(s.server_id, dict(s.labels)) for s in servers.values()]
+
+
+async def create_volume(
+    store: StoreClient,
+    volume_id: str,
+    size_bytes: int,
+    servers: dict[str, ServerAddress],
+    *,
+    replicas: int = DEFAULT_LIMITS.volume_replicas,
+    cell_replicas: int | None = None,
+    rng: random.Random | None = None,
+) -> VolumeConfig:
+    """Place the volume's replicas, create its configuration cell near them, write epoch 1."""
+    lim = DEFAULT_LIMITS
+    gib = 1024**3
+    if not lim.volume_size_gib_min * gib <= size_bytes <= lim.volume_size_gib_max * gib:
+        raise VolumeError(f"size {size_bytes} bytes is outside [{lim.volume_size_gib_min}, "
+                          f"{lim.volume_size_gib_max}] GiB")
+    rng = rng or random.Random()
+    infos = _infos(servers)
+    first = rng.choice(sorted(servers))
+    chosen = choose_replicas(infos, [first], set(), replicas, rng)
+    zone = volume_zone(infos, chosen)
+    nodes = len(store.colony.nodes)
+    n = cell_replicas or max(r for r in (1, 3, 5, 7) if r <= nodes)
+    await store.create_cell(cell_of(volume_id), near_zone=zone, replicas=n)
+    cfg = VolumeConfig(volume_id, size_bytes, 1, tuple(chosen), chosen[0])
+    if not await store.cas(cell_of(volume_id), CONFIG_KEY, None, cfg.encode()):
+        raise VolumeError(f"volume {volume_id} exists")
+    return cfg
+
+
+class VolumeClient:
+    """One attached writer of one volume (see the module doc). ``read``/``write``/``flush``/
+    ``size_bytes`` are the interface the block-device attachment calls."""
+
+    def __init__(
+        self,
+        volume_id: str,
+        store: StoreClient,
+        servers: dict[str, ServerAddress],
+        *,
+        client_id: str,
+        params: ClientParams | None = None,
+        tick_ms: int = 20,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.volume_id = volume_id
+        self.store = store
+        self.servers = servers
+        self.params = params or ClientParams(
+            replicas=DEFAULT_LIMITS.volume_replicas, request_timeout_ms=1_000,
+            cfg_timeout_ms=6_000, retry_backoff_ms=200, mirror_chunk_bytes=1024 * 1024,
+            rewire_attempts_max=DEFAULT_LIMITS.volume_rewire_attempts_max,
+            inflight_max=DEFAULT_LIMITS.volume_client_ops_inflight_max)
+        self.core = ClientCore(client_id, volume_id, _infos(servers), rng or random.Random(),
+                               self.params)
+        self.jitter = random.Random()
+        self.tick_s = tick_ms / 1000
+        self.conns: dict[str, transport.Client] = {}
+        self.futures: dict[int, asyncio.Future[Complete]] = {}
+        self.op_ids = 0
+        self.cfg_seq = 0
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.ticker: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+        self.t0 = time.monotonic()
+        self.events: list[tuple[float, str]] = []  # (monotonic s, what): rewires, deposal
+
+    # ---- the BlockStore interface ------------------------------------------------------------
+
+    @property
+    def size_bytes(self) -> int:
+        if self.core.config is None:
+            raise VolumeError("not attached")
+        return self.core.config.size_bytes
+
+    async def attach(self, timeout_s: float = 60.0, *, force: bool = True) -> VolumeConfig:
+        """Attach: take the volume over (``force``: even from another attached client, which
+        is fenced), else raise ``VolumeAttached`` if another client has it."""
+        self.core.force = force
+        self.ticker = asyncio.create_task(self._tick())
+        self._run(self.core.start(self._now()))
+        await asyncio.wait_for(self._until_ready(), timeout_s)
+        assert self.core.config is not None
+        return self.core.config
+
+    async def write(self, offset: int, data: bytes) -> None:
+        """Returns once ``data`` is durable on every replica of the current configuration."""
+        step = DEFAULT_LIMITS.volume_write_bytes_max
+        for i in range(0, max(len(data), 1), step):
+            await self._op("write", offset + i, data[i: i + step], 0)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        step = DEFAULT_LIMITS.volume_write_bytes_max
+        parts = []
+        for i in range(0, length, step):
+            parts.append(await self._op("read", offset + i, b"", min(step, length - i)))
+        return b"".join(parts)
+
+    async def flush(self) -> None:
+        """Writes are durable when ``write`` returns; flush waits for any still in flight."""
+        pending = [f for f in self.futures.values() if not f.done()]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def close(self) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+            with contextlib.suppress(BaseException):
+                await self.ticker
+        for t in list(self.tasks):
+            t.cancel()
+        for c in self.conns.values():
+            with contextlib.suppress(Exception):
+                await c.close()
+        self.conns = {}
+
+    # ---- the shell -----------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int((time.monotonic() - self.t0) * 1000)
+
+    async def detach(self, timeout_s: float = 60.0) -> None:
+        """Finish what is in flight, then give the volume up (attached_client = "")."""
+        await self.flush()
+
+        async def wait() -> None:
+            while self.core.phase not in ("detached", "deposed"):
+                if self.core.phase == "ready" and self.core.cfg_pending is None:
+                    self._run(self.core.detach(self._now()))
+                self.ready.clear()
+                await self.ready.wait()
+
+        await asyncio.wait_for(wait(), timeout_s)
+        await self.close()
+
+    async def _until_ready(self) -> None:
+        while self.core.phase != "ready":
+            if self.core.phase == "refused":
+                raise VolumeAttached(f"{self.volume_id}: attached by another client")
+            if self.core.phase == "deposed":
+                if self.core.config is None:
+                    raise VolumeError(f"{self.volume_id}: no such volume")
+                raise Deposed(f"{self.volume_id}: attached by another client")
+            self.ready.clear()
+            await self.ready.wait()
+
+    async def _op(self, kind: str, offset: int, data: bytes, length: int) -> bytes:
+        self.op_ids += 1
+        op_id = self.op_ids
+        fut: asyncio.Future[Complete] = asyncio.get_running_loop().create_future()
+        self.futures[op_id] = fut
+        try:
+            if kind == "write":
+                self._run(self.core.submit_write(op_id, offset, data, self._now()))
+            else:
+                self._run(self.core.submit_read(op_id, offset, length, self._now()))
+            done = await fut
+        finally:
+            self.futures.pop(op_id, None)
+        if not done.ok:
+            if done.error == "deposed":
+                raise Deposed(f"{self.volume_id}: attached by another client")
+            if ("past the end" in done.error or "out of range" in done.error
+                    or done.error == "no such volume"):
+                raise VolumeError(done.error)
+            raise VolumeUnavailable(f"{self.volume_id}: {done.error}")
+        return done.data
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            self._run(self.core.on_tick(self._now()))
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    def _run(self, actions: list[ClientAction]) -> None:
+        epoch = self.core.config.epoch if self.core.config else 0
+        for a in actions:
+            if isinstance(a, CfgGet | CfgCas):
+                self.cfg_seq += 1
+                self._spawn(self._cfg(a, self.cfg_seq))
+            elif isinstance(a, SendServer):
+                self._spawn(self._send(a))
+            elif isinstance(a, Complete):
+                fut = self.futures.get(a.op_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(a)
+        cfg = self.core.config
+        if cfg is not None and cfg.epoch != epoch:
+            self.events.append((time.monotonic(), f"epoch {cfg.epoch} {list(cfg.replicas)}"))
+        self.ready.set()
+
+    async def _cfg(self, action: CfgGet | CfgCas, seq: int) -> None:
+        cell = cell_of(self.volume_id)
+        ok: bool | None = None
+        if isinstance(action, CfgCas):
+            with contextlib.suppress(StoreError):  # outcome unknown: the read below tells
+                ok = await self.store.cas(cell, CONFIG_KEY, action.expected.encode(),
+                                          action.new.encode())
+            if ok:  # the cell holds exactly the new record: no need to read it back
+                if seq == self.cfg_seq:
+                    self._run(self.core.on_cfg(action.new, True, self._now()))
+                return
+        backoff_s = 0.05
+        while True:
+            try:
+                raw = await self.store.get(cell, CONFIG_KEY)
+                break
+            except StoreError:
+                # Busy or unreachable: read again soon (jittered, capped), unless the core has
+                # asked something newer meanwhile.
+                await asyncio.sleep(self.jitter.uniform(0, backoff_s))
+                backoff_s = min(backoff_s * 2, 2.0)
+                if seq != self.cfg_seq:
+                    return
+        if seq != self.cfg_seq:
+            return  # an answer to an older request
+        if not isinstance(raw, bytes):
+            self._run(self.core.gone(self._now()))
+            return
+        self._run(self.core.on_cfg(VolumeConfig.decode(raw), ok, self._now()))
+
+    async def _send(self, a: SendServer) -> None:
+        addr = self.servers.get(a.server)
+        reply: dict[str, Any] | None = None
+        if addr is not None:
+            conn = self.conns.get(a.server)
+            if conn is None:
+                conn = self.conns[a.server] = transport.Client(
+                    addr.host, addr.port, connect_timeout_s=self.params.request_timeout_ms / 1000,
+                    expect_role="storage")  # under mTLS: only a storage server is talked to
+            try:
+                reply = await conn.call("volume", a.request,
+                                        timeout_s=self.params.request_timeout_ms / 1000)
+            except (transport.TransportError, transport.RemoteError, OSError):
+                reply = None
+        self._run(self.core.on_server(a.rid, reply, self._now()))
