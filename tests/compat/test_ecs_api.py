@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,8 +158,8 @@ def test_tenants_are_isolated(ecs: Any, other: Any, image: str, region: Region) 
 
 def test_an_unsupported_operation_is_named(ecs: Any) -> None:
     with pytest.raises(ecs.exceptions.UnsupportedFeatureException) as e:
-        ecs.list_services(cluster="default")
-    assert "ListServices" in str(e.value)
+        ecs.list_container_instances(cluster="default")
+    assert "ListContainerInstances" in str(e.value)
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
 
 
@@ -319,3 +320,70 @@ def test_a_restarted_frontend_still_describes_and_drives_its_task(
     t = _wait_task(ecs, "restart", arn, lambda t: t["lastStatus"] == "STOPPED", "STOPPED")
     assert t["stopCode"] == "UserInitiated" and t["stoppedReason"] == "after the restart"
     ecs.delete_cluster(cluster="restart")
+
+
+def _wait_service(ecs: Any, cluster: str, ok: Any, what: str) -> dict[str, Any]:
+    """DescribeServices until ``ok(service)`` holds (a generous bound, not a deadline)."""
+    deadline = time.monotonic() + 120
+    while True:
+        s: dict[str, Any] = ecs.describe_services(cluster=cluster,
+                                                  services=["web"])["services"][0]
+        if ok(s):
+            return s
+        assert time.monotonic() < deadline, (what, s)
+        time.sleep(0.2)
+
+
+def _steady_on(revision: int) -> Any:
+    def ok(s: dict[str, Any]) -> bool:
+        (d, *rest) = s["deployments"]
+        return (not rest and d["rolloutState"] == "COMPLETED" and s["runningCount"] == 2
+                and d["taskDefinition"].endswith(f":{revision}"))
+    return ok
+
+
+def test_a_service_keeps_its_tasks_and_rolls(ecs: Any, region: Region, pair_image: str
+                                             ) -> None:
+    """CreateService of 2 web servers → 2 RUNNING, answering through the router by Host
+    header; StopTask of one → replaced; UpdateService
+    to a new revision → rolled, every task of it; DeleteService (force) → INACTIVE."""
+    ecs.create_cluster(clusterName="svc")
+    web = {"name": "web", "image": pair_image, "portMappings": [{"containerPort": 8080}],
+           "command": [sys.executable, "-u", "-m", "http.server", "8080", "--directory",
+                       "/srv"]}
+    for env in ("1", "2"):
+        ecs.register_task_definition(
+            family="svcweb", networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
+            cpu="256", memory="512",
+            containerDefinitions=[{**web, "environment": [{"name": "V", "value": env}]}])
+    ecs.create_service(cluster="svc", serviceName="web", taskDefinition="svcweb:1",
+                       desiredCount=2, launchType="FARGATE")
+    s = _wait_service(ecs, "svc", _steady_on(1), "2 RUNNING")
+    first = ecs.list_tasks(cluster="svc", serviceName="web")["taskArns"]
+    assert len(first) == 2
+    # its traffic: the router routes on the Host header to the account's cell, which proxies
+    # to one RUNNING task's privateIpv4:containerPort
+    host = (f"web.svc.{region.doc['account_id']}.{region.doc['region']}.localhost:"
+            f"{region.endpoint.rsplit(':', 1)[1]}")
+    for _ in range(2):
+        req = urllib.request.Request(region.endpoint + "/hello.txt", headers={"Host": host})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.read() == b"hello over localhost\n"
+    ecs.stop_task(cluster="svc", task=first[0], reason="killed by the test")
+    _wait_service(ecs, "svc", lambda s: s["runningCount"] == 2 and first[0] not in
+                  ecs.list_tasks(cluster="svc", serviceName="web")["taskArns"], "replaced")
+    ecs.update_service(cluster="svc", service="web", taskDefinition="svcweb:2")
+    s = _wait_service(ecs, "svc", _steady_on(2), "rolled to revision 2")
+    arns = ecs.list_tasks(cluster="svc", serviceName="web")["taskArns"]
+    tasks = ecs.describe_tasks(cluster="svc", tasks=arns)["tasks"]
+    assert len(tasks) == 2 and all(t["taskDefinitionArn"].endswith("svcweb:2")
+                                   and t["lastStatus"] == "RUNNING" for t in tasks)
+    assert any("steady state" in e["message"] for e in s["events"])
+    assert ecs.describe_clusters(clusters=["svc"])["clusters"][0]["activeServicesCount"] == 1
+    with pytest.raises(ecs.exceptions.ClusterContainsServicesException):
+        ecs.delete_cluster(cluster="svc")
+    with pytest.raises(ecs.exceptions.InvalidParameterException):
+        ecs.delete_service(cluster="svc", service="web")  # scaled above 0
+    ecs.delete_service(cluster="svc", service="web", force=True)
+    _wait_service(ecs, "svc", lambda s: s["status"] == "INACTIVE", "INACTIVE")
+    ecs.delete_cluster(cluster="svc")

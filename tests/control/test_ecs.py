@@ -35,8 +35,10 @@ class FakeRegistry:
 
     async def call(self, op: str, req: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         if op == "ecs_tasks":  # a cell that runs no task (tests/control/test_ecs_tasks.py)
-            assert req["op"] in ("counts", "list", "describe"), req
+            assert req["op"] in ("counts", "list", "describe", "service_list",
+                                 "service_describe"), req
             return {"running": 0, "pending": 0, "taskIds": [], "tasks": [],
+                    "serviceArns": [], "services": [],
                     "failures": [{"arn": t, "reason": "MISSING"} for t in req.get("tasks", [])]}
         assert op == "registry" and req["m"] == "HEAD" and req["k"] == "manifest"
         self.calls.append(req)
@@ -273,9 +275,9 @@ def test_tags_on_clusters_and_task_definitions(api: Api) -> None:
 
 
 def test_other_operations_are_named_as_not_supported(api: Api) -> None:
-    err, msg = api.err("CreateService", {"serviceName": "web"})
-    assert err == "UnsupportedFeatureException" and "CreateService" in msg
-    assert "CreateService" in MODEL.operation_names
+    err, msg = api.err("CreateTaskSet", {"service": "web"})
+    assert err == "UnsupportedFeatureException" and "CreateTaskSet" in msg
+    assert "CreateTaskSet" in MODEL.operation_names
     r = asyncio.run(api.ecs.op({"target": "Nope.X", "b": b"{}", "a": A}))
     assert r["s"] == 400 and json.loads(r["b"])["__type"] == "UnknownOperationException"
 

@@ -57,6 +57,7 @@ class FakeAgent:
         self.exit_on_start: dict[str, int] = {}  # container name -> exits at once with
         self.stop_gate: asyncio.Event | None = None  # set: task_container_stop waits on it
         self.full = False  # task_create answers AgentFull
+        self.ip: str | None = None  # the tasks' privateIpv4 (None: 10.200.<n>.<k>)
 
     async def call(self, op: str, body: Any, timeout_s: float) -> Any:
         self.calls.append((op, body))
@@ -82,8 +83,8 @@ class FakeAgent:
                 "containers": {c.name: {"state": "pending", "exit_code": None,
                                         "started_ms": None, "exited_ms": None, "reason": ""}
                                for c in req.containers}}
-            return m.TaskCreateReply(req.task_id,
-                                     f"10.200.{self.n}.{len(self.tasks) + 1}").to_wire()
+            return m.TaskCreateReply(
+                req.task_id, self.ip or f"10.200.{self.n}.{len(self.tasks) + 1}").to_wire()
         parse = {"task_container_start": m.TaskContainerRequest,
                  "task_container_stop": m.TaskContainerStopRequest, "task_exec": m.TaskExecRequest,
                  "task_poll": m.TaskPollRequest, "task_destroy": m.TaskDestroyRequest}[op]
@@ -605,7 +606,7 @@ def test_overrides_idempotency_and_errors(tmp_path: Path) -> None:
         missing = f"arn:aws:ecs:{REGION}:{A}:task/default/{'0' * 32}"
         d = await w.ok("DescribeTasks", {"tasks": [missing]})
         assert d["failures"] == [{"arn": missing, "reason": "MISSING"}]
-        assert (await w.err("ListTasks", {"serviceName": "s"}))[0] == "InvalidParameterException"
+        assert (await w.err("ListTasks", {"serviceName": "s"}))[0] == "ServiceNotFoundException"
         # what a definition may say that a task cannot honour yet: refused by name
         for extra, message in (({"user": "1000"}, "user is not supported"),
                                ({"logConfiguration": {"logDriver": "splunk"}},

@@ -4,6 +4,7 @@ unhealthy tasks with backoff, the circuit breaker with rollback, placement failu
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from typing import Any
@@ -225,3 +226,32 @@ def test_random_failures_never_break_the_bounds(mn: int, mx: int, desired: int,
     c.run(2000, tick_ms=5000)
     p = c.svc.primary
     assert p is not None and p.task_def == "td:2" and c.svc.running_count() == desired
+
+
+def test_a_snapshot_restores_the_same_controller() -> None:
+    """The cell keeps each service as its snapshot (frontend/services.py): a restored
+    controller answers the next stimuli as the original does."""
+    c = Cluster(_svc(3, 50, 150, s.CircuitBreaker(True, True)))
+    c.feed(s.Deploy("td:1", True))
+    c.run(20)
+    c.feed(s.Deploy("td:2", True))
+    c.run(3)
+    snap = json.loads(json.dumps(c.svc.snapshot()))
+    copy = s.Service.restored(snap)
+    assert copy.snapshot() == snap
+    now = c.now + 1000
+    assert copy.handle(s.Tick(), now) == c.svc.handle(s.Tick(), now)
+    assert copy.snapshot() == c.svc.snapshot()
+
+
+def test_placement_failures_of_one_batch_back_off_once() -> None:
+    """The starts the controller asks for at once fail to be placed together (the cell has
+    no room for any): one failure's backoff (10 s), not one doubling per task of the batch."""
+    svc = _svc(6)
+    starts = svc.handle(s.Deploy("td:1", True), 0)
+    assert len(starts) == 6
+    for ins in starts:
+        assert svc.handle(s.PlacementFailed(ins.task_id, "RESOURCE:MEMORY"), 1) == []
+    assert svc.handle(s.Tick(), 10_000) == []
+    assert len(svc.handle(s.Tick(), 10_001)) == 6  # tried again after 10 s, not 5 min
+    assert sum("unable to place" in m for _, m in svc.events) == 1

@@ -54,7 +54,18 @@ _RUN_TASK_MEMBERS = frozenset({"cluster", "taskDefinition", "count", "launchType
                                "clientToken"})
 # Errors of the cell's ecs_tasks op that are the API's own (botocore's model names them).
 _CELL_ERRORS = frozenset({"InvalidParameterException", "ClientException",
-                          "LimitExceededException", "ClusterNotFoundException"})
+                          "LimitExceededException", "ClusterNotFoundException",
+                          "ServiceNotFoundException", "ServiceNotActiveException"})
+# CreateService's and UpdateService's members cellcloud honours; any other given a value is
+# refused by name (a load balancer, capacity providers, placement, Service Connect, …).
+_CREATE_SERVICE_MEMBERS = frozenset({
+    "cluster", "serviceName", "taskDefinition", "desiredCount", "clientToken", "launchType",
+    "platformVersion", "deploymentConfiguration", "schedulingStrategy",
+    "deploymentController", "tags", "propagateTags"})
+_UPDATE_SERVICE_MEMBERS = frozenset({
+    "cluster", "service", "desiredCount", "taskDefinition", "deploymentConfiguration",
+    "platformVersion", "forceNewDeployment", "deploymentController", "propagateTags"})
+_SERVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,254}$")
 
 
 class ApiError(Exception):
@@ -246,6 +257,9 @@ class Ecs:
             "ListTagsForResource": self.list_tags_for_resource,
             "RunTask": self.run_task, "StopTask": self.stop_task,
             "DescribeTasks": self.describe_tasks, "ListTasks": self.list_tasks,
+            "CreateService": self.create_service, "UpdateService": self.update_service,
+            "DeleteService": self.delete_service, "DescribeServices": self.describe_services,
+            "ListServices": self.list_services,
         }
 
     def statistics(self) -> dict[str, int]:
@@ -320,7 +334,8 @@ class Ecs:
         out = {"clusterArn": self.cluster_arn(account, c["name"]), "clusterName": c["name"],
                "status": c.get("status", "ACTIVE"), "registeredContainerInstancesCount": 0,
                "runningTasksCount": counts.get("running", 0),
-               "pendingTasksCount": counts.get("pending", 0), "activeServicesCount": 0,
+               "pendingTasksCount": counts.get("pending", 0),
+               "activeServicesCount": counts.get("services", 0),
                "statistics": [], "settings": [{"name": "containerInsights",
                                                "value": "disabled"}],
                "capacityProviders": [], "defaultCapacityProviderStrategy": []}
@@ -389,6 +404,9 @@ class Ecs:
         if e is None:
             raise cluster_not_found()
         counts = await self._counts(account, name)
+        if counts.pop("services", 0):  # ACTIVE or DRAINING services
+            raise ApiError("ClusterContainsServicesException",
+                           "The Cluster cannot be deleted while Services are active.")
         if any(counts.values()):  # running, pending or stopping tasks
             raise ApiError("ClusterContainsTasksException",
                            "The Cluster cannot be deleted while Tasks are active.")
@@ -721,10 +739,10 @@ class Ecs:
                 "failures": failures + [{**f, "arn": arn + f["arn"]} for f in out["failures"]]}
 
     async def list_tasks(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
-        for k in ("serviceName", "containerInstance", "daemonName"):
+        for k in ("containerInstance", "daemonName"):
             if doc.get(k):
-                raise invalid(f"{k} is not supported by cellcloud (no services or container "
-                              "instances yet)")
+                raise invalid(f"{k} is not supported by cellcloud (no container instances "
+                              "or daemons)")
         cluster = await self._existing_cluster(account, doc.get("cluster"))
         desired = _str(doc, "desiredStatus", "RUNNING")
         if desired not in ("RUNNING", "PENDING", "STOPPED"):
@@ -739,10 +757,171 @@ class Ecs:
             out = await self._cell(account, {"op": "list", "cluster": cluster,
                                              "family": family,
                                              "started_by": _str(doc, "startedBy"),
+                                             "service": _str(doc, "serviceName"),
                                              "desired": desired}, none_ok=True)
             ids = list(out["taskIds"]) if out else []
         arn = f"arn:aws:ecs:{self.region}:{account}:task/{cluster}/"
         return _page([arn + i for i in ids], doc, "taskArns")
+
+    # -- services (the tenant's cell runs them: frontend/services.py) ---------------------------
+    def _refuse_unhonoured(self, doc: dict[str, Any], members: frozenset[str]) -> None:
+        for k, v in doc.items():
+            if k not in members and v not in (None, [], {}, "", False):
+                raise invalid(f"{k} is not supported by cellcloud")
+        if doc.get("platformVersion") not in (None, "LATEST", "1.4.0"):
+            raise invalid("platformVersion must be LATEST or 1.4.0")
+        if doc.get("deploymentController") not in (None, {}, {"type": "ECS"}):
+            raise invalid("deploymentController: cellcloud runs the ECS (rolling update) "
+                          "deployment controller only")
+        if doc.get("propagateTags") not in (None, "NONE"):
+            raise invalid("propagateTags is not supported by cellcloud (NONE only)")
+
+    def _desired(self, doc: dict[str, Any], default: int | None) -> int | None:
+        v = doc.get("desiredCount", default)
+        if v is None:
+            return None
+        top = self.limits.ecs_service_desired_count_max
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
+            raise invalid(f"desiredCount must be an integer from 0 to {top} "
+                          "(ecs_service_desired_count_max)")
+        return v
+
+    @staticmethod
+    def _deployment_config(doc: dict[str, Any]) -> dict[str, Any] | None:
+        """``deploymentConfiguration``: minimumHealthyPercent, maximumPercent and
+        deploymentCircuitBreaker {enable, rollback}; other members refused by name."""
+        cfg = doc.get("deploymentConfiguration")
+        if cfg is None:
+            return None
+        if not isinstance(cfg, dict):
+            raise invalid("deploymentConfiguration must be an object")
+        out: dict[str, Any] = {}
+        for k, v in cfg.items():
+            if k in ("minimumHealthyPercent", "maximumPercent"):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise invalid(f"deploymentConfiguration.{k} must be an integer")
+                out[k] = v
+            elif k == "deploymentCircuitBreaker":
+                if not isinstance(v, dict) or not isinstance(v.get("enable"), bool) \
+                        or not isinstance(v.get("rollback"), bool) or set(v) - {"enable",
+                                                                                 "rollback"}:
+                    raise invalid("deploymentCircuitBreaker is {enable: boolean, "
+                                  "rollback: boolean}")
+                out[k] = {"enable": v["enable"], "rollback": v["rollback"]}
+            elif v not in (None, [], {}, ""):
+                raise invalid(f"deploymentConfiguration.{k} is not supported by cellcloud")
+        return out
+
+    async def _service_taskdef(self, account: str, ident: Any) -> dict[str, Any]:
+        if not ident:
+            raise invalid("taskDefinition is required")
+        try:
+            found = await self._find(account, ident)
+        except ApiError:
+            raise client_error("TaskDefinition not found.") from None
+        desc = found.described()
+        if desc["status"] != "ACTIVE":
+            raise client_error("TaskDefinition is inactive")
+        return desc
+
+    def _service_name(self, account: str, cluster: str, ident: Any) -> str:
+        """A service's name from its name or ARN (of this account and cluster)."""
+        if not isinstance(ident, str) or not ident:
+            raise invalid("service is required")
+        if ident.startswith("arn:"):
+            prefix = f"arn:aws:ecs:{self.region}:{account}:service/"
+            if not ident.startswith(prefix):
+                raise ApiError("ServiceNotFoundException", "Service not found.")
+            c, _, ident = ident[len(prefix):].rpartition("/")
+            if c and c != cluster:
+                raise ApiError("ServiceNotFoundException", "Service not found.")
+        return ident
+
+    async def create_service(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        self._refuse_unhonoured(doc, _CREATE_SERVICE_MEMBERS)
+        launch = doc.get("launchType", "FARGATE")
+        if launch != "FARGATE":
+            raise invalid(f"launchType {str(launch)[:40]} is not supported: cellcloud runs "
+                          "services on FARGATE only")
+        if doc.get("schedulingStrategy") not in (None, "REPLICA"):
+            raise invalid("schedulingStrategy: cellcloud runs REPLICA services only")
+        name = _str(doc, "serviceName")
+        if not name or not _SERVICE_NAME.match(name):
+            raise invalid("serviceName is up to 255 letters, numbers, hyphens and "
+                          "underscores, starting with a letter")
+        desired = self._desired(doc, None)
+        if desired is None:
+            raise invalid("desiredCount is required for the REPLICA scheduling strategy")
+        tags = _tags(doc.get("tags"))
+        config = self._deployment_config(doc)
+        cluster = await self._existing_cluster(account, doc.get("cluster"))
+        desc = await self._service_taskdef(account, doc.get("taskDefinition"))
+        out = await self._cell(account, {"op": "service_create", "cluster": cluster,
+                                         "service": name, "taskDefinition": desc,
+                                         "desired": desired, "config": config, "tags": tags})
+        assert out is not None
+        return out
+
+    async def update_service(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        self._refuse_unhonoured(doc, _UPDATE_SERVICE_MEMBERS)
+        force = doc.get("forceNewDeployment", False)
+        if not isinstance(force, bool):
+            raise invalid("forceNewDeployment must be a boolean")
+        desired = self._desired(doc, None)
+        config = self._deployment_config(doc)
+        cluster = await self._existing_cluster(account, doc.get("cluster"))
+        name = self._service_name(account, cluster, doc.get("service"))
+        desc = None
+        if doc.get("taskDefinition"):
+            desc = await self._service_taskdef(account, doc["taskDefinition"])
+        out = await self._cell(account, {"op": "service_update", "cluster": cluster,
+                                         "service": name, "taskDefinition": desc,
+                                         "desired": desired, "config": config, "force": force})
+        assert out is not None
+        return out
+
+    async def delete_service(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        force = doc.get("force", False)
+        if not isinstance(force, bool):
+            raise invalid("force must be a boolean")
+        cluster = await self._existing_cluster(account, doc.get("cluster"))
+        name = self._service_name(account, cluster, doc.get("service"))
+        out = await self._cell(account, {"op": "service_delete", "cluster": cluster,
+                                         "service": name, "force": force})
+        assert out is not None
+        return out
+
+    async def describe_services(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        cluster = await self._existing_cluster(account, doc.get("cluster"))
+        idents = _str_list(doc, "services")
+        if not 1 <= len(idents) <= 10:
+            raise invalid("services names 1 to 10 services")
+        include = _str_list(doc, "include")
+        names, failures = [], []
+        for ident in idents:
+            try:
+                names.append(self._service_name(account, cluster, ident))
+            except ApiError:
+                failures.append({"arn": ident, "reason": "MISSING"})
+        out: dict[str, Any] = {"services": [], "failures": []}
+        if names:
+            out = await self._cell(account, {"op": "service_describe", "cluster": cluster,
+                                             "services": names, "tags": "TAGS" in include},
+                                   none_ok=True) or out
+        return {"services": out["services"], "failures": failures + out["failures"]}
+
+    async def list_services(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        if doc.get("resourceManagementType"):
+            raise invalid("resourceManagementType is not supported by cellcloud")
+        cluster = await self._existing_cluster(account, doc.get("cluster"))
+        launch = _str(doc, "launchType")
+        strategy = _str(doc, "schedulingStrategy")
+        arns: list[str] = []
+        if launch in (None, "FARGATE") and strategy in (None, "REPLICA"):
+            out = await self._cell(account, {"op": "service_list", "cluster": cluster},
+                                   none_ok=True)
+            arns = list(out["serviceArns"]) if out else []
+        return _page(arns, doc, "serviceArns")
 
     # -- tags ----------------------------------------------------------------------------------
     async def _resource(self, account: str, arn: Any) -> tuple[str, dict[str, Any], int]:

@@ -24,7 +24,7 @@ back. The controller keeps ``desiredCount`` tasks of the PRIMARY deployment RUNN
   controller stops launching for it.
 - **Capacity**: a task the cell could not place (``PlacementFailed``) is not a failure of the
   deployment: the service says why (``pending_reason``, an event) and tries again after a
-  backoff.
+  backoff; the failures of one batch of starts (those asked for at once) count as one.
 - **Scale**: a new ``desiredCount`` (UpdateService, or the target-tracking scaler:
   core/autoscale.py) starts or stops tasks; extra tasks stop PENDING and unhealthy ones first.
 
@@ -34,8 +34,8 @@ Task ids are made from a counter (``<service>-<n>``): no randomness.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from .ecs_taskdef import EcsError
 from .ecs_tasks import crash_backoff_ms
@@ -175,6 +175,27 @@ class Service:
         check_config(self.config)
         assert self.desired_count >= 0
 
+    # -- persistence (the shell keeps this in the cell's store: frontend/services.py) -----------
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the controller knows, as plain JSON-able data."""
+        out = asdict(self)
+        out["events"] = [[t, msg] for t, msg in self.events]
+        return out
+
+    @classmethod
+    def restored(cls, doc: dict[str, Any]) -> Service:
+        """The controller a ``snapshot()`` was taken of."""
+        d = dict(doc)
+        cfg = dict(d.pop("config"))
+        breaker = CircuitBreaker(**cfg.pop("circuit_breaker"))
+        last = d.pop("_last_completed")
+        return cls(**d | {
+            "config": DeploymentConfig(circuit_breaker=breaker, **cfg),
+            "deployments": [Deployment(**x) for x in d["deployments"]],
+            "tasks": {k: TaskState(**v) for k, v in d["tasks"].items()},
+            "events": [(int(t), str(msg)) for t, msg in d["events"]],
+            "_last_completed": Deployment(**last) if last is not None else None})
+
     # -- views ---------------------------------------------------------------------------------
     @property
     def primary(self) -> Deployment | None:
@@ -185,6 +206,12 @@ class Service:
 
     def pending_count(self) -> int:
         return sum(1 for t in self.tasks.values() if t.status in ("PROVISIONING", "PENDING"))
+
+    def healthy(self, task_id: str) -> bool:
+        """The task counts as healthy: RUNNING, not being stopped, and HEALTHY if its
+        deployment's task definition has health checks (else not UNHEALTHY)."""
+        t = self.tasks.get(task_id)
+        return t is not None and self._healthy(t)
 
     def _healthy(self, t: TaskState) -> bool:
         d = self._deployment(t.deployment_id)
@@ -223,10 +250,11 @@ class Service:
             case PlacementFailed(task_id, reason):
                 if self.tasks.pop(task_id, None) is not None:
                     self.pending_reason = reason
-                    self._failures_in_row += 1
-                    self._launch_at_ms = now_ms + crash_backoff_ms(self._failures_in_row)
-                    self._event(f"(service {self.name}) was unable to place a task. "
-                                f"Reason: {reason}.")
+                    if now_ms >= self._launch_at_ms:  # the batch's first: one backoff step
+                        self._failures_in_row += 1
+                        self._launch_at_ms = now_ms + crash_backoff_ms(self._failures_in_row)
+                        self._event(f"(service {self.name}) was unable to place a task. "
+                                    f"Reason: {reason}.")
             case Tick():
                 pass
         self._reconcile(out)

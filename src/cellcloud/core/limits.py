@@ -232,6 +232,14 @@ class Limits:
     ecs_task_poll_interval_ms: int = 500  # a running task's containers and logs polled
     ecs_task_poll_failures_max: int = 10  # polls in a row its agent fails: the task is lost
     ecs_task_cpu_units_per_agent_max: int = 16 * 1024  # tasks' cpu on one agent (16 vCPU)
+    # ECS services in a cell (frontend/services.py): docs/fargate.md.
+    ecs_services_per_tenant_max: int = 100  # services of one account not INACTIVE
+    ecs_service_desired_count_max: int = 1_000  # a service's desiredCount (ECS's quota: 5,000)
+    ecs_service_tick_interval_ms: int = 1_000  # each service's controller ticked (and its tasks read)
+    ecs_inactive_service_retention_ms: int = 3_600_000  # a deleted service stays described
+    ecs_service_http_bytes_max: int = 6 * MiB  # a request to a service, and its answer
+    ecs_service_http_timeout_ms: int = 60_000  # a task's answer to one proxied request
+    ecs_service_deregistration_delay_ms: int = 30_000  # a stopped task's requests finish
     # The EC2 volume API in the control plane (control/ec2.py, issue #19): docs/volumes.md.
     ec2_request_bytes_max: int = 256 * 1024  # one EC2 query-protocol request (a form)
     ec2_request_params_max: int = 2_000  # form fields in one request

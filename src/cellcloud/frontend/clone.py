@@ -31,6 +31,10 @@ def export_tenant(cell: Any, account: str) -> dict[str, Any]:
     if running:  # refused before anything moves: the migration is aborted, nothing is lost
         raise CloneError(f"the tenant has {running} ECS tasks not yet STOPPED: stop them "
                          "first (tasks do not move between cells yet)")
+    services = tasks.services.active_count(account) if tasks is not None else 0
+    if services:  # a service (even at desiredCount 0) lives in this cell's store
+        raise CloneError(f"the tenant has {services} ECS services not yet INACTIVE: delete "
+                         "them first (services do not move between cells yet)")
     store = cell.store
     limits = cell.limits
     recs: list[FunctionRecord] = store.list_page(account, "", functions_per_tenant_export_max + 1)

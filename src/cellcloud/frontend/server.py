@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from .. import runtime, span_export
+from ..core.ecs_taskdef import EcsError
 from ..core.limits import DEFAULT_LIMITS
 from ..core.messages import HttpRequest, MessageError
 from ..core.poison import PoisonParams
@@ -230,6 +231,16 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,
             raise OpError("ServerException", "this cell runs no ECS tasks")
         return await cell.tasks.op(body)
 
+    # ECS services' traffic (frontend/services.py), from the router: one HTTP request to a
+    # service, proxied to one of its RUNNING and healthy tasks.
+    async def ecs_http(body: dict[str, Any]) -> dict[str, Any]:
+        if cell.tasks is None:
+            raise OpError("ServerException", "this cell runs no ECS tasks")
+        try:
+            return await cell.tasks.services.http(body)
+        except EcsError as e:
+            raise OpError(e.type, e.message) from None
+
     async def async_status(_: Any) -> dict[str, Any]:
         assert cell.events is not None
         return {**cell.events.statistics(), "queues": dict(queues.counters)}
@@ -253,7 +264,7 @@ def ops(cell: Cell, queues: QueueApi, registry: RegistryApi,
             "metrics": metrics, "metrics_push": metrics_push, "url": url,
             "tenant_export": tenant_export, "tenant_import": tenant_import,
             "tenant_inflight": tenant_inflight, "tenant_forget": tenant_forget,
-            "ecs_tasks": ecs_tasks,
+            "ecs_tasks": ecs_tasks, "ecs_http": ecs_http,
             **registry.ops()}
 
 

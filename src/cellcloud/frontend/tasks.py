@@ -91,9 +91,12 @@ class TaskStore:
         return json.loads(row[0]) if row else None
 
     def ids(self, account: str, cluster: str, *, family: str | None, started_by: str | None,
-            desired: str) -> list[str]:
+            desired: str, service: str | None = None) -> list[str]:
         q = "SELECT task_id FROM tasks WHERE account=? AND cluster=? AND desired=?"
         args: list[Any] = [account, cluster, desired]
+        if service is not None:  # a service's tasks: group service:<name> (frontend/services)
+            q += " AND json_extract(doc, '$.group')=?"
+            args.append(f"service:{service}")
         if family is not None:
             q += " AND family=?"
             args.append(family)
@@ -233,6 +236,8 @@ class TaskManager:
         self.live: dict[str, Live] = {}
         self.counters = {"run": 0, "placement_failures": 0, "layers_pushed": 0,
                          "polls_failed": 0, "lost": 0}
+        from .services import ServiceManager  # (it imports this module's helpers)
+        self.services = ServiceManager(self)
 
     # -- the op --------------------------------------------------------------------------------
     async def op(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -250,18 +255,27 @@ class TaskManager:
                 return self.describe(account, str(body["cluster"]), list(body["tasks"]),
                                      bool(body.get("tags")))
             if what == "list":
+                if body.get("service") is not None and (account, str(body["cluster"]), str(
+                        body["service"])) not in self.services.services:
+                    raise EcsError("ServiceNotFoundException", "Service not found.")
                 return {"taskIds": self.store.ids(
                     account, str(body["cluster"]), family=body.get("family"),
                     started_by=body.get("started_by"),
-                    desired=str(body.get("desired") or "RUNNING"))}
+                    desired=str(body.get("desired") or "RUNNING"),
+                    service=body.get("service"))}
             if what == "counts":
-                return self.store.counts(account, str(body["cluster"]))
+                return {**self.store.counts(account, str(body["cluster"])),
+                        "services": self.services.count(account, str(body["cluster"]))}
+            if isinstance(what, str) and what.startswith("service_"):
+                return self.services.op(account, what, body)
         except EcsError as e:
             raise _err(e.type, e.message) from None
         raise _err("InvalidRequest", f"unknown ecs_tasks op {str(what)[:40]!r}")
 
     def statistics(self) -> dict[str, Any]:
-        return {"live": len(self.live), **self.counters}
+        return {"live": len(self.live), **self.counters,
+                "services": len(self.services.services),
+                **{f"service_{k}": v for k, v in self.services.counters.items()}}
 
     # -- ARNs and the DescribeTasks view ---------------------------------------------------------
     def task_arn(self, rec: dict[str, Any]) -> str:
@@ -369,47 +383,71 @@ class TaskManager:
             raise EcsError("LimitExceededException",
                            f"An account runs at most {self.limits.ecs_tasks_per_tenant_max} "
                            "tasks at a time (ecs_tasks_per_tenant_max)")
-        shard = self.cell.shard_of(f"{account}/ecs/{cluster}")
         tasks, failures = [], []
         now = self.now_ms()
         for _ in range(count):
-            task_id = uuid.uuid4().hex
-            placed = self.cell.placement.place_task(
-                task_id, task_def.memory_mib, task_def.cpu,
-                self.limits.ecs_task_cpu_units_per_agent_max, shard)
+            placed = self.launch(account, cluster, desc, def_doc, task_def, overrides,
+                                 started_by=str(body.get("startedBy") or ""),
+                                 group=str(body.get("group") or f"family:{task_def.family}"),
+                                 tags=list(body.get("tags") or []))
             if isinstance(placed, NoRoom):
-                self.counters["placement_failures"] += 1
+                shard = self.cell.shard_of(f"{account}/ecs/{cluster}")
                 failures.append({"arn": desc["taskDefinitionArn"], "reason": placed.reason,
                                  "detail": f"No agent of this cluster's shard ({len(shard)} "
                                            f"of the cell's) has room for {task_def.cpu} cpu "
                                            f"and {task_def.memory_mib} MiB"})
                 continue
-            task = et.Task(task_def, now,
-                           restart_policy=pod.restart_policy_from_tags(body.get("tags")))
-            rec = {
-                "id": task_id, "account": account, "cluster": cluster,
-                "family": task_def.family, "task_definition_arn": desc["taskDefinitionArn"],
-                "def_doc": def_doc, "overrides": overrides,
-                "started_by": str(body.get("startedBy") or ""),
-                "group": str(body.get("group") or f"family:{task_def.family}"),
-                "tags": list(body.get("tags") or []), "created_ms": now,
-                "cpu": task_def.cpu, "memory": task_def.memory_mib,
-                "agent_id": placed.agent_id, "hostname": f"ip-{task_id[:12]}",
-                "attachment_id": str(uuid.uuid4()), "eni_id": f"eni-{task_id[:17]}",
-                "container_ids": {c.name: str(uuid.uuid4()) for c in task_def.containers},
-                "version": 1, "core": task.snapshot(), "cursors": {},
-            }
-            self.store.put(rec)
-            live = Live(rec, task)
-            self.live[task_id] = live
-            self._spawn(live, self._provision(live))
-            tasks.append(self.view(rec))
-            self.counters["run"] += 1
+            tasks.append(self.view(placed))
         if token:
             self.store.put_token(account, token, now, {
                 "cluster": cluster, "taskDefinitionArn": desc["taskDefinitionArn"],
                 "ids": [t["taskArn"].rsplit("/", 1)[1] for t in tasks], "failures": failures})
         return {"tasks": tasks, "failures": failures}
+
+    def launch(self, account: str, cluster: str, desc: dict[str, Any], def_doc: dict[str, Any],
+               task_def: td.TaskDefinition, overrides: list[dict[str, Any]], *,
+               started_by: str, group: str, tags: list[dict[str, str]]
+               ) -> dict[str, Any] | NoRoom:
+        """One task placed on the cluster's shard and its provisioning begun (RunTask's, and
+        a service's StartTask: frontend/services.py): its record, or why it has no room."""
+        shard = self.cell.shard_of(f"{account}/ecs/{cluster}")
+        task_id = uuid.uuid4().hex
+        placed = self.cell.placement.place_task(
+            task_id, task_def.memory_mib, task_def.cpu,
+            self.limits.ecs_task_cpu_units_per_agent_max, shard)
+        if isinstance(placed, NoRoom):
+            self.counters["placement_failures"] += 1
+            return placed
+        now = self.now_ms()
+        task = et.Task(task_def, now, restart_policy=pod.restart_policy_from_tags(tags))
+        rec = {
+            "id": task_id, "account": account, "cluster": cluster,
+            "family": task_def.family, "task_definition_arn": desc["taskDefinitionArn"],
+            "def_doc": def_doc, "overrides": overrides, "started_by": started_by,
+            "group": group, "tags": tags, "created_ms": now,
+            "cpu": task_def.cpu, "memory": task_def.memory_mib,
+            "agent_id": placed.agent_id, "hostname": f"ip-{task_id[:12]}",
+            "attachment_id": str(uuid.uuid4()), "eni_id": f"eni-{task_id[:17]}",
+            "container_ids": {c.name: str(uuid.uuid4()) for c in task_def.containers},
+            "version": 1, "core": task.snapshot(), "cursors": {},
+        }
+        self.store.put(rec)
+        live = Live(rec, task)
+        self.live[task_id] = live
+        self._spawn(live, self._provision(live))
+        self.counters["run"] += 1
+        return rec
+
+    def record(self, account: str, task_id: str) -> dict[str, Any] | None:
+        """A task's record, live or kept (None: never run here, or forgotten)."""
+        live = self.live.get(task_id)
+        return live.rec if live is not None else self.store.get(account, task_id)
+
+    def stop_by_scheduler(self, task_id: str, reason: str) -> None:
+        """A service stops one of its tasks (stopCode ServiceSchedulerInitiated)."""
+        live = self.live.get(task_id)
+        if live is not None:
+            self._feed(live, et.StopRequested(reason, "scheduler"))
 
     # -- StopTask, DescribeTasks ----------------------------------------------------------------
     def _record(self, account: str, cluster: str, task_id: str) -> dict[str, Any] | None:
@@ -734,9 +772,11 @@ class TaskManager:
                 self._execute(live, ins)
             self._save(live)
             self._spawn(live, self._poll_loop(live))
+        self.services.ensure_running()  # the services go on where they were
 
     async def close(self) -> None:
         """Stop driving (the tasks go on running on their agents; a restart resumes them)."""
+        await self.services.close()
         runs = [t for live in self.live.values() for t in live.runs]
         for t in runs:
             t.cancel()

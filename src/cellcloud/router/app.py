@@ -49,6 +49,7 @@ from ..transport import (
 from . import metrics as router_metrics
 from .function_urls import STREAM_SUFFIX, UrlEdge, cross_account_owner, open_stream
 from .leases import Fallback, Leases
+from .services import ServiceEdge
 
 if TYPE_CHECKING:
     from ..span_export import SpanExporter
@@ -207,6 +208,8 @@ class Router:
         self.registry = RegistryEdge(self, registry_key, limits)
         # Function URLs: Host <url-id>.lambda-url.<region>.localhost or /lambda-url/<url-id>/.
         self.urls = UrlEdge(self)
+        # ECS services: Host <service>.<cluster>.<account>.<region>.localhost (services.py).
+        self.services = ServiceEdge(self)
         # The scheduler API (SigV4 service "scheduler") lives in the control plane, whose
         # address comes with every cell map push; None until the first push.
         self.control: Client | None = None
@@ -324,6 +327,10 @@ class Router:
         if scope["type"] != "http":
             return
         self.counters["requests"] += 1
+        svc_target = self.services.target(scope)  # an ECS service (router/services.py)
+        if svc_target is not None:
+            await self.services.serve(scope, receive, send, svc_target)
+            return
         url_target = self.urls.target(scope)  # a function URL (router/function_urls.py)
         if url_target is not None:
             await self.urls.serve(scope, receive, send, url_target)

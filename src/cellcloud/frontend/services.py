@@ -1,0 +1,521 @@
+"""ECS services in a cell (issue #17, docs/fargate.md): the shell around the sans-IO
+deployment controller ``core/ecs_service.Service``, behind CreateService, UpdateService,
+DeleteService, DescribeServices and ListServices (control/ecs.py forwards them to the tenant's
+cell through the frontend's ``ecs_tasks`` op, ``service_*``).
+
+One loop per cell ticks every service each ``ecs_service_tick_interval_ms``: it reports each
+of the service's tasks as the task manager (frontend/tasks.py) has it (``TaskReport``, or
+``TaskStopped`` with the task's stopCode once STOPPED), then a ``Tick`` with the time passed,
+and runs what the controller answers: ``StartTask`` places and provisions a task through the
+task manager's ``launch`` (startedBy the deployment's id, group ``service:<name>``; no room,
+or the tenant's task cap reached, is a ``PlacementFailed``), ``StopTask`` stops it
+(stopCode ``ServiceSchedulerInitiated``).
+
+Each service's record (its task definitions, the controller's snapshot, the map of the
+controller's task ids to the tasks' ids) is kept in the cell's ``tasks.db`` (table
+``services``) and rewritten at each change, so a restarted frontend goes on driving its
+services and their tasks. A deleted service is DRAINING until its tasks stopped, then
+INACTIVE (still described for ``ecs_inactive_service_retention_ms``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..core import ecs_service as es
+from ..core.ecs_taskdef import EcsError
+from ..core.placement import NoRoom
+
+if TYPE_CHECKING:
+    from .tasks import TaskManager
+
+log = logging.getLogger("cellcloud.frontend.services")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS services (
+    account TEXT NOT NULL, cluster TEXT NOT NULL, name TEXT NOT NULL,
+    status TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (account, cluster, name));
+"""
+Key = tuple[str, str, str]  # account, cluster, service name
+
+
+def not_found() -> EcsError:
+    return EcsError("ServiceNotFoundException", "Service not found.")
+
+
+def not_active() -> EcsError:
+    return EcsError("ServiceNotActiveException", "Service was not ACTIVE.")
+
+
+def config_of(doc: dict[str, Any] | None, base: es.DeploymentConfig | None = None
+              ) -> es.DeploymentConfig:
+    """``deploymentConfiguration`` (control/ecs.py checked its members' types) on ``base``."""
+    base = base or es.DeploymentConfig()
+    if not doc:
+        return base
+    breaker = doc.get("deploymentCircuitBreaker")
+    cfg = es.DeploymentConfig(
+        minimum_healthy_percent=int(doc.get("minimumHealthyPercent",
+                                            base.minimum_healthy_percent)),
+        maximum_percent=int(doc.get("maximumPercent", base.maximum_percent)),
+        circuit_breaker=es.CircuitBreaker(bool(breaker["enable"]), bool(breaker["rollback"]))
+        if breaker else base.circuit_breaker)
+    es.check_config(cfg)
+    return cfg
+
+
+def health_checked(desc: dict[str, Any]) -> bool:
+    """Its essential containers have health checks: a task counts once HEALTHY."""
+    return any(c.get("healthCheck") and c.get("essential", True)
+               for c in desc.get("containerDefinitions") or [])
+
+
+@dataclass
+class Svc:
+    rec: dict[str, Any]
+    core: es.Service
+
+
+class ServiceManager:
+    """The services of one cell; ``op`` answers the task manager's ``service_*`` ops."""
+
+    def __init__(self, tasks: TaskManager) -> None:
+        self.tasks = tasks
+        self.limits = tasks.limits
+        self.db = tasks.store.db
+        self.db.executescript(_SCHEMA)
+        self.services: dict[Key, Svc] = {}
+        for doc, in self.db.execute("SELECT doc FROM services"):
+            rec = json.loads(doc)
+            self.services[(rec["account"], rec["cluster"], rec["name"])] = Svc(
+                rec, es.Service.restored(rec["core"]))
+        self._loop: asyncio.Task[None] | None = None
+        self.counters = {"ticks": 0, "started": 0, "stopped": 0, "placement_failures": 0,
+                         "http_requests": 0, "http_no_task": 0, "http_task_failed": 0}
+        # Traffic (``http``): the next task per service (round robin), requests in flight per
+        # task, and tasks the controller stopped that still answer requests (draining): task
+        # id -> when the stop was asked.
+        self._next: dict[Key, int] = {}
+        self._inflight: dict[str, int] = {}
+        self._draining: dict[str, int] = {}
+        self._drain_reasons: dict[str, str] = {}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def ensure_running(self) -> None:
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        interval_s = self.limits.ecs_service_tick_interval_ms / 1000
+        while True:
+            self.tick_all()
+            await asyncio.sleep(interval_s)  # the controller's period, not a wait on a state
+
+    async def close(self) -> None:
+        """Stop driving: deferred stops are dropped with the process (a restarted frontend's
+        loop finds those tasks still running and stops them: ``tick``)."""
+        self._draining.clear()
+        self._drain_reasons.clear()
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+            self._loop = None
+
+    def tick_all(self) -> None:
+        self.counters["ticks"] += 1
+        now = self.tasks.now_ms()
+        for task_id, since in list(self._draining.items()):
+            if now - since >= self.limits.ecs_service_deregistration_delay_ms:
+                self._stop_drained(task_id)  # its requests took too long: stopped anyway
+        for key, svc in list(self.services.items()):
+            rec = svc.rec
+            if rec["status"] == "INACTIVE":
+                if rec["deleted_ms"] < now - self.limits.ecs_inactive_service_retention_ms:
+                    self.db.execute("DELETE FROM services WHERE account=? AND cluster=? AND "
+                                    "name=?", key)
+                    del self.services[key]
+                continue
+            try:
+                self.tick(svc)
+            except Exception:  # one service's fault must not stop the others'
+                log.exception("service %s/%s: tick failed", rec["cluster"], rec["name"])
+
+    def tick(self, svc: Svc) -> None:
+        rec, core = svc.rec, svc.core
+        account = rec["account"]
+        for core_id, ts in list(core.tasks.items()):
+            task_id = rec["ids"].get(core_id)
+            task = self.tasks.record(account, task_id) if task_id else None
+            stim: es.Stimulus | None = None
+            if task is None:
+                stim = es.TaskStopped(core_id, "ServiceSchedulerInitiated",
+                                      "the task's record is gone")
+            elif ts.stop_sent and task["core"]["desired_status"] != "STOPPED" \
+                    and task_id not in self._draining:
+                # the controller stopped it, but the stop was lost (deferred while draining
+                # in a process that ended): asked again
+                self.tasks.stop_by_scheduler(task_id, "Stopped by its service")
+            elif task["core"]["last_status"] == "STOPPED":
+                stim = es.TaskStopped(core_id, task["core"]["stop_code"] or "TaskFailedToStart",
+                                      task["core"]["stopped_reason"])
+            else:
+                status, health = task["core"]["last_status"], task.get("health_status",
+                                                                         "UNKNOWN")
+                if (status, health) != (ts.status, ts.health):
+                    stim = es.TaskReport(core_id, status, health)
+            if stim is not None:
+                self._feed(svc, stim)
+                if isinstance(stim, es.TaskStopped):
+                    rec["ids"].pop(core_id, None)
+        self._feed(svc, es.Tick())
+        if rec["status"] == "DRAINING" and not core.tasks:
+            rec["status"], rec["deleted_ms"] = "INACTIVE", core.now_ms
+        self._save(svc)
+
+    def _feed(self, svc: Svc, stimulus: es.Stimulus) -> None:
+        now = max(self.tasks.now_ms(), svc.core.now_ms)
+        for ins in svc.core.handle(stimulus, now):
+            self._execute(svc, ins)
+
+    def _execute(self, svc: Svc, ins: es.Instruction) -> None:
+        from .tasks import task_definition_of  # (tasks.py makes this manager)
+        rec = svc.rec
+        match ins:
+            case es.StartTask(core_id, arn, deployment_id):
+                desc = rec["task_defs"][arn]
+                task_def, def_doc = task_definition_of(desc, [])
+                cap = self.limits.ecs_tasks_per_tenant_max
+                placed: dict[str, Any] | NoRoom
+                if self.tasks.store.active_count(rec["account"]) >= cap:
+                    placed = NoRoom(f"the account runs {cap} tasks already "
+                                    "(ecs_tasks_per_tenant_max)")
+                else:
+                    placed = self.tasks.launch(
+                        rec["account"], rec["cluster"], desc, def_doc, task_def, [],
+                        started_by=deployment_id[:128], group=f"service:{rec['name']}",
+                        tags=[])
+                if isinstance(placed, NoRoom):
+                    self.counters["placement_failures"] += 1
+                    self._feed(svc, es.PlacementFailed(core_id, placed.reason))
+                    return
+                rec["ids"][core_id] = placed["id"]
+                self.counters["started"] += 1
+            case es.StopTask(core_id, reason):
+                task_id = rec["ids"].get(core_id)
+                if task_id is None:
+                    return
+                self.counters["stopped"] += 1
+                if self._inflight.get(task_id):  # no new requests; these finish first
+                    self._draining[task_id] = self.tasks.now_ms()
+                    self._drain_reasons[task_id] = reason
+                else:
+                    self.tasks.stop_by_scheduler(task_id, reason)
+
+    def _stop_drained(self, task_id: str) -> None:
+        self._draining.pop(task_id, None)
+        reason = self._drain_reasons.pop(task_id, "Service scaled in")
+        self.tasks.stop_by_scheduler(task_id, reason)
+
+    def _save(self, svc: Svc) -> None:
+        rec, core = svc.rec, svc.core
+        snap = core.snapshot()
+        used = {d["task_def"] for d in snap["deployments"]}
+        if snap["_last_completed"] is not None:
+            used.add(snap["_last_completed"]["task_def"])
+        task_defs = {a: d for a, d in rec["task_defs"].items() if a in used}
+        if snap == rec["core"] and task_defs == rec["task_defs"] \
+                and rec["status"] == rec.get("saved_status"):
+            return
+        rec.update(core=snap, task_defs=task_defs, saved_status=rec["status"])
+        self.db.execute("INSERT OR REPLACE INTO services VALUES (?,?,?,?,?)",
+                        (rec["account"], rec["cluster"], rec["name"], rec["status"],
+                         json.dumps(rec)))
+
+    # -- the ops -------------------------------------------------------------------------------
+    def op(self, account: str, what: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.ensure_running()
+        cluster = str(body["cluster"])
+        if what == "service_create":
+            return self.create(account, cluster, body)
+        if what == "service_update":
+            return self.update(account, cluster, body)
+        if what == "service_delete":
+            return self.delete(account, cluster, str(body["service"]), bool(body.get("force")))
+        if what == "service_describe":
+            out, failures = [], []
+            for name in body["services"]:
+                svc = self.services.get((account, cluster, name))
+                if svc is None:
+                    failures.append({"arn": self.arn(account, cluster, name),
+                                     "reason": "MISSING"})
+                else:
+                    out.append(self.view(svc, bool(body.get("tags"))))
+            return {"services": out, "failures": failures}
+        if what == "service_list":
+            return {"serviceArns": sorted(
+                self.arn(*k) for k, s in self.services.items()
+                if k[:2] == (account, cluster) and s.rec["status"] != "INACTIVE")}
+        raise EcsError("InvalidParameterException", f"unknown op {what[:40]}")
+
+    def active_count(self, account: str) -> int:
+        """The account's services not INACTIVE (a tenant migration waits for none)."""
+        return sum(1 for k, s in self.services.items()
+                   if k[0] == account and s.rec["status"] != "INACTIVE")
+
+    def count(self, account: str, cluster: str) -> int:
+        """The cluster's services not INACTIVE (its activeServicesCount)."""
+        return sum(1 for k, s in self.services.items()
+                   if k[:2] == (account, cluster) and s.rec["status"] != "INACTIVE")
+
+    def create(self, account: str, cluster: str, body: dict[str, Any]) -> dict[str, Any]:
+        name, desc, desired = str(body["service"]), body["taskDefinition"], int(body["desired"])
+        key = (account, cluster, name)
+        old = self.services.get(key)
+        if old is not None and old.rec["status"] != "INACTIVE":
+            raise EcsError("InvalidParameterException", "Creation of service was not "
+                           "idempotent.")
+        if self.active_count(account) >= self.limits.ecs_services_per_tenant_max:
+            raise EcsError("LimitExceededException",
+                           f"An account has at most {self.limits.ecs_services_per_tenant_max} "
+                           "services (ecs_services_per_tenant_max)")
+        from .tasks import check_runnable, task_definition_of
+        task_def, _ = task_definition_of(desc, [])
+        check_runnable(task_def)
+        now = self.tasks.now_ms()
+        core = es.Service(name, desired, config_of(body.get("config")), now_ms=now)
+        rec = {"account": account, "cluster": cluster, "name": name, "status": "ACTIVE",
+               "created_ms": now, "deleted_ms": None, "tags": list(body.get("tags") or []),
+               "task_defs": {desc["taskDefinitionArn"]: desc}, "ids": {},
+               "core": {}, "saved_status": None}
+        svc = self.services[key] = Svc(rec, core)
+        self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)))
+        self._save(svc)
+        return {"service": self.view(svc, True)}
+
+    def _active(self, account: str, cluster: str, name: str) -> Svc:
+        svc = self.services.get((account, cluster, name))
+        if svc is None:
+            raise not_found()
+        if svc.rec["status"] != "ACTIVE":
+            raise not_active()
+        return svc
+
+    def update(self, account: str, cluster: str, body: dict[str, Any]) -> dict[str, Any]:
+        svc = self._active(account, cluster, str(body["service"]))
+        core = svc.core
+        if body.get("config"):
+            core.config = config_of(body["config"], core.config)
+        if body.get("desired") is not None:
+            self._feed(svc, es.SetDesiredCount(int(body["desired"])))
+        desc = body.get("taskDefinition")
+        primary = core.primary
+        if desc is not None:
+            from .tasks import check_runnable, task_definition_of
+            check_runnable(task_definition_of(desc, [])[0])
+            svc.rec["task_defs"][desc["taskDefinitionArn"]] = desc
+        if desc is not None and (primary is None
+                                 or desc["taskDefinitionArn"] != primary.task_def
+                                 or body.get("force")):
+            self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)))
+        elif body.get("force") and primary is not None:
+            self._feed(svc, es.Deploy(primary.task_def, primary.health_checked))
+        else:
+            self._feed(svc, es.Tick())
+        self._save(svc)
+        return {"service": self.view(svc, False)}
+
+    def delete(self, account: str, cluster: str, name: str, force: bool) -> dict[str, Any]:
+        svc = self.services.get((account, cluster, name))
+        if svc is None:
+            raise not_found()
+        if svc.rec["status"] == "INACTIVE":
+            raise not_active()
+        if svc.rec["status"] == "ACTIVE":
+            if svc.core.desired_count > 0 and not force:
+                raise EcsError("InvalidParameterException", "The service cannot be stopped "
+                               "while it is scaled above 0.")
+            svc.rec["status"] = "DRAINING"
+            self._feed(svc, es.SetDesiredCount(0))
+            if not svc.core.tasks:
+                svc.rec["status"], svc.rec["deleted_ms"] = "INACTIVE", svc.core.now_ms
+            self._save(svc)
+        return {"service": self.view(svc, False)}
+
+    # -- traffic (router/services.py: Host <service>.<cluster>.<account>.<region>.localhost) --
+    def _targets(self, svc: Svc) -> list[tuple[str, str, int]]:
+        """(task id, privateIpv4, port) of the service's RUNNING and healthy tasks not being
+        stopped: the first port mapping of the first container that has one."""
+        out = []
+        for core_id in sorted(svc.core.tasks):
+            task_id = svc.rec["ids"].get(core_id)
+            if task_id is None or task_id in self._draining or not svc.core.healthy(core_id):
+                continue
+            rec = self.tasks.record(svc.rec["account"], task_id)
+            if rec is None or not rec.get("private_ipv4") \
+                    or rec["core"]["last_status"] != "RUNNING":
+                continue
+            port = next((p["containerPort"] for c in rec["def_doc"]["containerDefinitions"]
+                         for p in c.get("portMappings") or []), None)
+            if port is not None:
+                out.append((task_id, str(rec["private_ipv4"]), int(port)))
+        return out
+
+    async def http(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One HTTP request to a service, proxied to one of its tasks (round robin):
+        ``{s, h: [[name, value]], b}``."""
+        key = (str(body["a"]), str(body["cluster"]), str(body["service"]))
+        svc = self.services.get(key)
+        if svc is None or svc.rec["status"] == "INACTIVE":
+            raise not_found()
+        self.counters["http_requests"] += 1
+        targets = self._targets(svc)
+        if not targets:
+            self.counters["http_no_task"] += 1
+            return _plain(503, f"service {key[2]} has no RUNNING and healthy task with a port "
+                               "mapping")
+        n = self._next.get(key, 0)
+        self._next[key] = n + 1
+        task_id, ip, port = targets[n % len(targets)]
+        self._inflight[task_id] = self._inflight.get(task_id, 0) + 1
+        try:
+            return await asyncio.wait_for(
+                _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
+                self.limits.ecs_service_http_timeout_ms / 1000)
+        except (TimeoutError, OSError, ValueError) as e:
+            self.counters["http_task_failed"] += 1
+            return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: {e}")
+        finally:
+            left = self._inflight[task_id] = self._inflight[task_id] - 1
+            if left <= 0:
+                del self._inflight[task_id]
+                if task_id in self._draining:
+                    self._stop_drained(task_id)
+
+    # -- the DescribeServices view ---------------------------------------------------------------
+    def arn(self, account: str, cluster: str, name: str) -> str:
+        return f"arn:aws:ecs:{self.tasks.cell.region}:{account}:service/{cluster}/{name}"
+
+    def view(self, svc: Svc, tags: bool) -> dict[str, Any]:
+        rec, core = svc.rec, svc.core
+        region, account = self.tasks.cell.region, rec["account"]
+        cfg = core.config
+        deployments = []
+        for d in core.deployments:
+            mine = [t for t in core.tasks.values() if t.deployment_id == d.id]
+            deployments.append({
+                "id": d.id, "status": d.status, "taskDefinition": d.task_def,
+                "desiredCount": core.desired_count if d is core.primary
+                else sum(1 for t in mine if not t.stop_sent),
+                "pendingCount": sum(1 for t in mine if t.status in ("PROVISIONING", "PENDING")),
+                "runningCount": sum(1 for t in mine if t.status == "RUNNING"),
+                "failedTasks": d.failed_tasks, "createdAt": d.created_ms / 1000,
+                "updatedAt": core.now_ms / 1000, "launchType": "FARGATE",
+                "platformVersion": "1.4.0", "platformFamily": "Linux",
+                "rolloutState": d.rollout, "rolloutStateReason": d.rollout_reason})
+        events = [{"id": _event_id(rec["name"], t, msg), "createdAt": t / 1000,
+                   "message": msg} for t, msg in core.events]
+        primary = core.primary
+        out: dict[str, Any] = {
+            "serviceArn": self.arn(account, rec["cluster"], rec["name"]),
+            "serviceName": rec["name"],
+            "clusterArn": f"arn:aws:ecs:{region}:{account}:cluster/{rec['cluster']}",
+            "loadBalancers": [], "serviceRegistries": [], "status": rec["status"],
+            "desiredCount": core.desired_count, "runningCount": core.running_count(),
+            "pendingCount": core.pending_count(), "launchType": "FARGATE",
+            "platformVersion": "1.4.0", "platformFamily": "Linux",
+            "taskDefinition": primary.task_def if primary else "",
+            "deploymentConfiguration": {
+                "deploymentCircuitBreaker": {"enable": cfg.circuit_breaker.enable,
+                                             "rollback": cfg.circuit_breaker.rollback},
+                "maximumPercent": cfg.maximum_percent,
+                "minimumHealthyPercent": cfg.minimum_healthy_percent},
+            "deployments": deployments, "events": events[::-1],
+            "createdAt": rec["created_ms"] / 1000, "placementConstraints": [],
+            "placementStrategy": [], "schedulingStrategy": "REPLICA",
+            "deploymentController": {"type": "ECS"}, "enableECSManagedTags": False,
+            "propagateTags": "NONE", "enableExecuteCommand": False,
+            "createdBy": f"arn:aws:iam::{account}:root"}
+        if tags:
+            out["tags"] = rec["tags"]
+        return out
+
+
+def _event_id(name: str, t: int, msg: str) -> str:
+    """A stable id for one event (ECS's are UUIDs): from its service, time and words."""
+    h = hashlib.sha256(f"{name}\0{t}\0{msg}".encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def _plain(status: int, text: str) -> dict[str, Any]:
+    return {"s": status, "h": [["content-type", "text/plain"]], "b": text.encode() + b"\n"}
+
+
+_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
+                  "upgrade", "proxy-connection", "trailer"})
+
+
+async def _forward(ip: str, port: int, body: dict[str, Any], bytes_max: int
+                   ) -> dict[str, Any]:
+    """HTTP/1.1 to the task, one connection per request (``Connection: close``); the answer
+    read whole (at most ``bytes_max``), a chunked body decoded."""
+    reader, writer = await asyncio.open_connection(ip, port)
+    try:
+        data = bytes(body.get("b") or b"")
+        head = [f"{body['m']} {body['p']} HTTP/1.1"]
+        head += [f"{k}: {v}" for k, v in body.get("h") or [] if k.lower() not in _HOP
+                 and k.lower() != "x-forwarded-for"]
+        head += [f"content-length: {len(data)}", "connection: close"]
+        if body.get("ip"):
+            head.append(f"x-forwarded-for: {body['ip']}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+        await writer.drain()
+        raw = await reader.read(bytes_max + 64 * 1024)
+        while True:
+            more = await reader.read(64 * 1024)
+            if not more:
+                break
+            raw += more
+            if len(raw) > bytes_max + 64 * 1024:
+                raise ValueError(f"the answer is larger than {bytes_max} bytes")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    top, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError("no HTTP answer")
+    lines = top.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP status line: {lines[0][:80]!r}")
+    headers = []
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers.append([k.strip(), v.strip()])
+    names = {k.lower(): v for k, v in headers}
+    if names.get("transfer-encoding", "").lower() == "chunked":
+        rest = _dechunk(rest)
+    elif names.get("content-length", "").isdigit():
+        rest = rest[:int(names["content-length"])]
+    return {"s": int(parts[1]), "h": [h for h in headers if h[0].lower() not in _HOP],
+            "b": rest}
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, i = bytearray(), 0
+    while True:
+        end = data.find(b"\r\n", i)
+        if end < 0:
+            raise ValueError("a cut chunked body")
+        size = int(data[i:end].split(b";", 1)[0] or b"0", 16)
+        if size == 0:
+            return bytes(out)
+        out += data[end + 2:end + 2 + size]
+        i = end + 2 + size + 2
