@@ -228,3 +228,106 @@ def test_rollout_to_a_new_build_under_load_fails_no_request(
     assert all(versions[n] == "9.9.9" for n in versions
                if n.startswith("cell-")), versions
     assert r.client.invoke("wave2", {}).json() == 7
+
+
+def test_router_and_control_replaced_under_keepalive_load_fail_no_request(
+        two_cells: Region) -> None:
+    """`rollout --components router,control` under continuous load from kept-alive clients
+    (sdk.Client and boto3): a new router starts on the supervisor's listening socket beside
+    the old one, which then drains; the control plane drains and its successor takes over on
+    its port. No request fails, counted by the clients. boto3 runs in its standard retry mode
+    with its defaults, and every attempt it would retry is recorded (needs-retry): an attempt
+    answered 5xx or 429 counts as a failure; only a connection error on a kept-alive
+    connection (the request never answered, sent again on a new connection) is allowed."""
+    import boto3
+    from botocore.config import Config
+
+    r = two_cells
+    r.client.create_function("front", make_zip({"app.py": LEDGER_CODE}), "app.handler")
+    assert r.client.invoke("front", {}).json() == 7
+    before = {k: v["pid"] for k, v in r.region_json()["components"].items()}  # type: ignore[union-attr]
+    stop = threading.Event()
+    lock = threading.Lock()
+    counts: Counter[str] = Counter()
+    failures: list[str] = []
+
+    def boto(service: str) -> Any:
+        c = boto3.client(service, endpoint_url=r.endpoint, region_name=str(r.doc["region"]),
+                         aws_access_key_id=str(r.doc["access_key_id"]),
+                         aws_secret_access_key=str(r.doc["secret_access_key"]),
+                         config=Config(retries={"mode": "standard"}, read_timeout=120))
+
+        def attempt(response: Any = None, caught_exception: Any = None, **_: Any) -> None:
+            with lock:
+                if caught_exception is not None:
+                    counts[f"{service} connection retried"] += 1
+                elif response is not None and response[0].status_code >= 429:
+                    failures.append(f"{service} attempt answered {response[0].status_code}: "
+                                    f"{response[1].get('Error')}")
+
+        c.meta.events.register("needs-retry", attempt)
+        return c
+
+    def sdk_load() -> None:
+        c = sdk.Client(r.endpoint, r.doc["api_key"], timeout_s=120)  # type: ignore[arg-type]
+        while not stop.is_set():
+            try:
+                out = c.invoke("front", {})
+                with lock:
+                    counts["sdk"] += 1
+                    if out.json() != 7 or out.function_error:
+                        failures.append(f"sdk answered {out.status} {out.payload[:100]!r}")
+            except Exception as e:  # every error the client sees is a failed request
+                with lock:
+                    failures.append(f"sdk: {e!r}")
+        c.close()
+
+    def boto_lambda() -> None:
+        c = boto("lambda")
+        while not stop.is_set():
+            try:
+                out = c.invoke(FunctionName="front", Payload=b"{}")
+                ok = out["Payload"].read() == b"7" and "FunctionError" not in out
+                with lock:
+                    counts["boto3 lambda"] += 1
+                    if not ok:
+                        failures.append(f"boto3 lambda answered {out}")
+            except Exception as e:
+                with lock:
+                    failures.append(f"boto3 lambda: {e!r}")
+
+    def boto_ecs() -> None:  # through the router to the control plane (control/ecs.py)
+        c = boto("ecs")
+        while not stop.is_set():
+            try:
+                c.list_clusters()
+                with lock:
+                    counts["boto3 ecs"] += 1
+            except Exception as e:
+                with lock:
+                    failures.append(f"boto3 ecs: {e!r}")
+
+    threads = [threading.Thread(target=sdk_load) for _ in range(2)]
+    threads += [threading.Thread(target=boto_lambda), threading.Thread(target=boto_ecs)]
+    try:
+        for t in threads:
+            t.start()
+        out, report = _rollout(r, "--components", "router,control")
+        with lock:
+            during = dict(counts)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    print("router/control rollout under load:", during, report["waves"])
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert not failures, failures[:10]
+    assert during["sdk"] > 0 and during["boto3 lambda"] > 0 and during["boto3 ecs"] > 0, during
+    assert [(w["step"], w["cells"]) for w in report["waves"]] == [
+        ("upgrade", ["router"]), ("upgrade", ["control"])], report
+    assert all(w["healthy"] for w in report["waves"]) and report["status"] == "done"
+    after = {k: v["pid"] for k, v in r.region_json()["components"].items()}  # type: ignore[union-attr]
+    assert after["router"] != before["router"] and after["control"] != before["control"]
+    assert after["cell-1-frontend"] == before["cell-1-frontend"]  # cells untouched
+    assert r.client.invoke("front", {}).json() == 7  # the same endpoint serves on
+    assert r.region_json()["endpoint"] == r.endpoint  # type: ignore[index]
