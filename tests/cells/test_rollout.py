@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -333,3 +334,76 @@ def test_router_and_control_replaced_under_keepalive_load_fail_no_request(
     assert after["cell-1-frontend"] == before["cell-1-frontend"]  # cells untouched
     assert r.client.invoke("front", {}).json() == 7  # the same endpoint serves on
     assert r.region_json()["endpoint"] == r.endpoint  # type: ignore[index]
+
+
+def test_router_and_control_stopped_and_restarted_fail_no_request(two_cells: Region) -> None:
+    """The router SIGTERMed (the supervisor starts another): connections wait in the backlog
+    of the listening socket the supervisor holds, never meet a closed port, and the requests
+    under way are answered; then the control plane SIGTERMed: it drains, and ECS calls sent
+    meanwhile are sent again to its successor. Counted by the clients (sdk.Client, boto3
+    with no retries): no failure. Before, the router's port was closed between the two
+    processes (thousands of ConnectionRefusedError) and ECS calls failed with 503."""
+    import boto3
+    from botocore.config import Config
+
+    r = two_cells
+    r.client.create_function("crash", make_zip({"app.py": LEDGER_CODE}), "app.handler")
+    assert r.client.invoke("crash", {}).json() == 7
+    stop = threading.Event()
+    lock = threading.Lock()
+    counts: Counter[str] = Counter()
+    failures: list[str] = []
+
+    def sdk_load() -> None:
+        c = sdk.Client(r.endpoint, r.doc["api_key"], timeout_s=120)  # type: ignore[arg-type]
+        while not stop.is_set():
+            try:
+                ok = c.invoke("crash", {}).json() == 7
+                with lock:
+                    counts["sdk"] += 1
+                    if not ok:
+                        failures.append("sdk: wrong answer")
+            except Exception as e:  # every error the client sees is a failed request
+                with lock:
+                    failures.append(f"sdk: {e!r}")
+        c.close()
+
+    def ecs_load() -> None:
+        c = boto3.client("ecs", endpoint_url=r.endpoint, region_name=str(r.doc["region"]),
+                         aws_access_key_id=str(r.doc["access_key_id"]),
+                         aws_secret_access_key=str(r.doc["secret_access_key"]),
+                         config=Config(retries={"mode": "standard", "total_max_attempts": 1},
+                                       read_timeout=120))
+        while not stop.is_set():
+            try:
+                c.list_clusters()
+                with lock:
+                    counts["ecs"] += 1
+            except Exception as e:
+                with lock:
+                    failures.append(f"boto3 ecs: {e!r}")
+            stop.wait(0.01)  # paced: an idle kept-alive connection is part of the test
+
+    def pid(name: str) -> int:
+        return int(r.region_json()["components"][name]["pid"])  # type: ignore[index]
+
+    threads = [threading.Thread(target=sdk_load) for _ in range(2)]
+    threads.append(threading.Thread(target=ecs_load))
+    try:
+        for t in threads:
+            t.start()
+        for name in ("router", "control"):
+            old = pid(name)
+            with lock:
+                seen = counts["sdk"] + counts["ecs"]
+            os.kill(old, signal.SIGTERM)
+            deadline = time.monotonic() + 120
+            while pid(name) == old or counts["sdk"] + counts["ecs"] < seen + 50:
+                assert time.monotonic() < deadline, f"{name} not replaced, or no load through it"
+                time.sleep(0.1)  # polling the supervisor's region.json, bounded above
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    assert not failures, (len(failures), failures[:10])
+    assert counts["sdk"] > 0 and counts["ecs"] > 0, counts
