@@ -329,6 +329,7 @@ def test_router_and_control_replaced_under_keepalive_load_fail_no_request(
     assert [(w["step"], w["cells"]) for w in report["waves"]] == [
         ("upgrade", ["router"]), ("upgrade", ["control"])], report
     assert all(w["healthy"] for w in report["waves"]) and report["status"] == "done"
+    assert [c["restarted"] for c in report["cells"]] == [["router"], ["control"]]
     after = {k: v["pid"] for k, v in r.region_json()["components"].items()}  # type: ignore[union-attr]
     assert after["router"] != before["router"] and after["control"] != before["control"]
     assert after["cell-1-frontend"] == before["cell-1-frontend"]  # cells untouched

@@ -630,7 +630,8 @@ class Supervisor:
             for cell_id in wave:
                 report["cells"].append({"cell": cell_id, "step": step, "healthy": healthy,
                                         "restarted": [n for n in restarted
-                                                      if n.startswith(cell_id + "-")],
+                                                      if n == cell_id
+                                                      or n.startswith(cell_id + "-")],
                                         "seconds": round(seconds, 2),
                                         **({"error": error} if error else {})})
         report["status"] = plan.status
