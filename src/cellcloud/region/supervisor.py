@@ -271,6 +271,10 @@ class Supervisor:
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
         self.lock()
+        try:  # the public port first: a busy one fails the start before anything runs
+            self._router_sock = _listen_tcp(self.host, self.port)
+        except OSError as e:
+            raise RuntimeError(f"cannot listen on {self.host}:{self.port}: {e}") from None
         tenants = ensure_tenants(self.state_dir)
         ensure_operator_token(self.state_dir)
         registry_key = ensure_registry_key(self.state_dir)
@@ -324,10 +328,6 @@ class Supervisor:
         cell_map_path = os.path.join(self.state_dir, "cellmap.json")
         with open(cell_map_path, "w") as f:
             json.dump({"version": 1, "cells": cell_eps, "assignments": {}, "overrides": {}}, f)
-        try:
-            self._router_sock = _listen_tcp(self.host, self.port)
-        except OSError as e:
-            raise RuntimeError(f"cannot listen on {self.host}:{self.port}: {e}") from None
         router = Component("router", "router", [
             "--listen-fd", str(self._router_sock.fileno()),
             "--cell-map", cell_map_path, "--tenants", os.path.join(self.state_dir, "tenants.json"),
