@@ -712,21 +712,6 @@ class Supervisor:
         os.rename(path + ".tmp", path)  # the control plane rereads it when it changes
         return path
 
-    async def restart_component(self, name: str) -> dict[str, Any]:
-        """Replace the router or the control plane without failing a request: the router
-        live (a new process on the same listening socket, then the old one drained), the
-        control plane drained (its callers send again what it refused unrun)."""
-        comp = next((c for c in self.components if c.name == name
-                     and c.kind in ("router", "control")), None)
-        if comp is None:
-            raise RuntimeError(f"no router or control plane named {name}")
-        self._mtls()
-        old_pid = comp.proc.pid if comp.proc else None
-        healthy = await self._replace(comp)
-        self.write_region()
-        return {"component": name, "old_pid": old_pid,
-                "new_pid": comp.proc.pid if comp.proc else None, "healthy": healthy}
-
     async def _replace(self, comp: Component) -> bool:
         """Replace the router or the control plane on ``comp.build``; True once the router
         holds a cell map pushed by the control plane (both replacements' health)."""
