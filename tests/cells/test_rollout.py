@@ -137,9 +137,11 @@ def test_rollout_restarts_cells_in_order_and_fails_no_request(two_cells: Region)
     assert r.client.invoke("wave", {}).json() == 7  # and the region still serves
 
 
-def _build(tmp: str, version: str, plant: str | None = None) -> str:
+def _build(tmp: str, version: str, plant: str | None = None,
+           component: str = "frontend") -> str:
     """A copy of this source tree as another build: its own ``__version__`` and, with
-    ``plant``, a frontend that exits at start (a build that fails its health checks)."""
+    ``plant``, a ``component`` (frontend, router) that exits at start (a build that fails its
+    health checks)."""
     import cellcloud
 
     root = os.path.join(tmp, f"build-{version}")
@@ -152,7 +154,7 @@ def _build(tmp: str, version: str, plant: str | None = None) -> str:
         f.write(text.replace(f'__version__ = "{cellcloud.__version__}"',
                              f'__version__ = "{version}"'))
     if plant is not None:
-        server = os.path.join(root, "src", "cellcloud", "frontend", "server.py")
+        server = os.path.join(root, "src", "cellcloud", component, "server.py")
         with open(server) as f:
             text = f.read()
         with open(server, "w") as f:
@@ -322,7 +324,6 @@ def test_router_and_control_replaced_under_keepalive_load_fail_no_request(
         stop.set()
         for t in threads:
             t.join(timeout=180)
-    print("router/control rollout under load:", during, report["waves"])
     assert out.returncode == 0, (out.stdout, out.stderr)
     assert not failures, failures[:10]
     assert during["sdk"] > 0 and during["boto3 lambda"] > 0 and during["boto3 ecs"] > 0, during
@@ -332,7 +333,6 @@ def test_router_and_control_replaced_under_keepalive_load_fail_no_request(
     assert [c["restarted"] for c in report["cells"]] == [["router"], ["control"]]
     after = {k: v["pid"] for k, v in r.region_json()["components"].items()}  # type: ignore[union-attr]
     assert after["router"] != before["router"] and after["control"] != before["control"]
-    assert after["cell-1-frontend"] == before["cell-1-frontend"]  # cells untouched
     assert r.client.invoke("front", {}).json() == 7  # the same endpoint serves on
     assert r.region_json()["endpoint"] == r.endpoint  # type: ignore[index]
 
@@ -408,3 +408,23 @@ def test_router_and_control_stopped_and_restarted_fail_no_request(two_cells: Reg
             t.join(timeout=180)
     assert not failures, (len(failures), failures[:10])
     assert counts["sdk"] > 0 and counts["ecs"] > 0, counts
+
+
+def test_a_router_that_cannot_start_is_rolled_back_and_the_old_one_serves_on(
+        two_cells: Region, tmp_path: Any) -> None:
+    """`rollout --components router --to` a build whose router exits at start: the new
+    process never serves, the old one keeps the listening socket and serves throughout, the
+    wave is unhealthy and rolled back (the router replaced again, on the build it ran)."""
+    r = two_cells
+    r.client.create_function("keep", make_zip({"app.py": LEDGER_CODE}), "app.handler")
+    old = r.region_json()["components"]["router"]["pid"]  # type: ignore[index]
+    broken = _build(str(tmp_path), "11.0.0", plant="planted: no router", component="router")
+    out, report = _rollout(r, "--to", broken, "--components", "router")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert report["status"] == "rolled_back" and "did not become ready" in str(report), report
+    assert [(w["step"], w["cells"]) for w in report["waves"]] == [
+        ("upgrade", ["router"]), ("rollback", ["router"])]
+    comps = r.region_json()["components"]  # type: ignore[index]
+    router = comps["router"]  # back on the build the cells run, and replaced again
+    assert router["version"] == comps["cell-1-frontend"]["version"] and router["pid"] != old
+    assert r.client.invoke("keep", {}).json() == 7

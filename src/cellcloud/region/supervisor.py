@@ -414,7 +414,10 @@ class Supervisor:
         finally:
             transport.close()
         if not line:
-            comp.proc.kill()
+            try:
+                comp.proc.kill()
+            except ProcessLookupError:  # it exited already (a build that cannot start)
+                pass
             await comp.proc.wait()
             raise RuntimeError(f"{comp.name} did not become ready; see "
                                f"{self.state_dir}/logs/{comp.name}.log")
