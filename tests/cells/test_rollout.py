@@ -164,6 +164,12 @@ def _build(tmp: str, version: str, plant: str | None = None,
     return root
 
 
+def _monitor_restarts(r: Region, name: str) -> int:
+    """How often the supervisor's monitor restarted ``name`` (its log says so each time)."""
+    with open(os.path.join(r.state_dir, "logs", "supervisor.log"), errors="replace") as f:
+        return sum(f"{name} exited with" in line for line in f)
+
+
 def _versions(r: Region) -> dict[str, object]:
     comps: dict[str, dict[str, object]] = r.region_json()["components"]  # type: ignore[assignment]
     return {k: v.get("version") for k, v in comps.items()}
@@ -224,6 +230,7 @@ def test_rollout_to_a_new_build_under_load_fails_no_request(
     # A build whose frontend cannot start: the first wave is unhealthy and rolled back; the
     # region keeps serving on the build it had (9.9.9), and the report says so.
     broken = _build(str(tmp_path), "10.0.0", plant="planted: this build cannot start")
+    restarts = _monitor_restarts(r, "cell-1-frontend")
     out, report = _rollout(r, "--to", broken)
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert report["status"] == "rolled_back" and "unhealthy" in report["reason"]
@@ -232,6 +239,9 @@ def test_rollout_to_a_new_build_under_load_fails_no_request(
     versions = _versions(r)
     assert all(versions[n] == "9.9.9" for n in versions
                if n.startswith("cell-")), versions
+    # The rollout alone started the frontend again (rolled back): the supervisor's monitor
+    # stood aside instead of restarting it too, on the broken build, beside the rollback.
+    assert _monitor_restarts(r, "cell-1-frontend") == restarts
     assert r.client.invoke("wave2", {}).json() == 7
 
 

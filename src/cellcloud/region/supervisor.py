@@ -524,13 +524,20 @@ class Supervisor:
             if c.kind == "agent":  # handed over live: environments and calls survive
                 await self._restart_agent_live(c)
             else:  # drains (its calls finish; new ones wait at the caller)
-                await self._restart(c, stop_wait_s=drain_wait_s)
+                await self._restart(c, stop_wait_s=drain_wait_s, hold=True)
         return [c.name for c in comps]
 
-    async def rollout(self, health_timeout_s: float = 60.0, *, to: str | None = None,
-                      bake_s: float = 0.0, first: int = 1, growth: int = 2,
-                      tolerance: float = 0.01, requests_min: int = 20,
-                      components: tuple[str, ...] = ("cells",)) -> dict[str, Any]:
+    async def rollout(self, health_timeout_s: float = 60.0, **kwargs: Any) -> dict[str, Any]:
+        """See :meth:`_rollout`; what it could not start is the monitor's again after it."""
+        try:
+            return await self._rollout(health_timeout_s, **kwargs)
+        finally:
+            self._release_holds()
+
+    async def _rollout(self, health_timeout_s: float = 60.0, *, to: str | None = None,
+                       bake_s: float = 0.0, first: int = 1, growth: int = 2,
+                       tolerance: float = 0.01, requests_min: int = 20,
+                       components: tuple[str, ...] = ("cells",)) -> dict[str, Any]:
         """Deployment in waves (core/rollout.py): one cell, then growing waves. Each wave's
         processes are replaced on the target build — agents live, frontends and dispatchers
         drained —, its health awaited (every process ready, the frontend seeing all its
@@ -721,7 +728,7 @@ class Supervisor:
         if comp.kind == "router":
             await self._restart_router_live(comp)
         else:
-            await self._restart(comp, stop_wait_s=drain_wait_s)
+            await self._restart(comp, stop_wait_s=drain_wait_s, hold=True)
         return await self._router_pushed(ready_timeout_s)
 
     async def _restart_router_live(self, comp: Component) -> None:
@@ -798,9 +805,16 @@ class Supervisor:
         finally:
             await client.close()
 
-    async def _restart(self, comp: Component, stop_wait_s: float = stop_timeout_s) -> None:
+    async def _restart(self, comp: Component, stop_wait_s: float = stop_timeout_s, *,
+                       hold: bool = False) -> None:
+        """Stop ``comp`` and start it again. ``hold`` (a rollout's): if the new process does
+        not start, the monitor keeps standing aside — the rollout rolls the component back
+        itself — until :meth:`_release_holds`; without it both would start the component."""
         comp.rolling = True
-        comp.rolled = asyncio.Event()
+        if comp.rolled is None or comp.rolled.is_set():
+            comp.rolled = asyncio.Event()  # else: held after a failed start, the monitor waits
+        done = comp.rolled
+        held = False
         try:
             if comp.proc is not None and comp.proc.returncode is None:
                 comp.proc.terminate()
@@ -809,10 +823,24 @@ class Supervisor:
                 except TimeoutError:
                     comp.proc.kill()
                     await comp.proc.wait()
-            await self._launch(comp)  # a real wait: its ready line on the pipe
+            try:
+                await self._launch(comp)  # a real wait: its ready line on the pipe
+            except (RuntimeError, OSError):
+                held = hold
+                raise
         finally:
-            comp.rolling = False
-            comp.rolled.set()
+            done.set()
+            if held:
+                comp.rolled = asyncio.Event()  # what the monitor waits on next
+            else:
+                comp.rolling = False
+
+    def _release_holds(self) -> None:
+        """A rollout is over: the monitor restarts again what it could not start."""
+        for c in self.components:
+            if c.rolling and c.rolled is not None and not c.rolled.is_set():
+                c.rolling = False
+                c.rolled.set()
 
     async def _cell_healthy(self, cell_id: str, timeout_s: float) -> bool:
         from ..transport import Client, RemoteError, TransportError
