@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -125,18 +126,22 @@ def test_rollout_restarts_cells_in_order_and_fails_no_request(two_cells: Region)
         world.close()
     with open(os.path.join(r.state_dir, "rollout.json")) as f:
         report = json.load(f)
-    assert report["ok"] and [c["cell"] for c in report["cells"]] == ["cell-1", "cell-2"]
+    # The cells wave by wave, then the router and the control plane, a wave each.
+    assert report["ok"] and [c["cell"] for c in report["cells"]] == [
+        "cell-1", "cell-2", "router", "control"]
     assert all(c["healthy"] for c in report["cells"])
     after = {k: v["pid"] for k, v in r.region_json()["components"].items()}  # type: ignore[union-attr]
     for name in ("cell-1-frontend", "cell-2-frontend", "cell-1-agent-0", "cell-2-agent-1"):
         assert after[name] != before[name], name  # restarted
-    assert after["router"] == before["router"] and after["control"] == before["control"]
+    assert after["router"] != before["router"] and after["control"] != before["control"]
     assert r.client.invoke("wave", {}).json() == 7  # and the region still serves
 
 
-def _build(tmp: str, version: str, plant: str | None = None) -> str:
+def _build(tmp: str, version: str, plant: str | None = None,
+           component: str = "frontend") -> str:
     """A copy of this source tree as another build: its own ``__version__`` and, with
-    ``plant``, a frontend that exits at start (a build that fails its health checks)."""
+    ``plant``, a ``component`` (frontend, router) that exits at start (a build that fails its
+    health checks)."""
     import cellcloud
 
     root = os.path.join(tmp, f"build-{version}")
@@ -149,7 +154,7 @@ def _build(tmp: str, version: str, plant: str | None = None) -> str:
         f.write(text.replace(f'__version__ = "{cellcloud.__version__}"',
                              f'__version__ = "{version}"'))
     if plant is not None:
-        server = os.path.join(root, "src", "cellcloud", "frontend", "server.py")
+        server = os.path.join(root, "src", "cellcloud", component, "server.py")
         with open(server) as f:
             text = f.read()
         with open(server, "w") as f:
@@ -157,6 +162,12 @@ def _build(tmp: str, version: str, plant: str | None = None) -> str:
                                  "async def serve(args: argparse.Namespace) -> None:\n"
                                  f"    raise SystemExit({plant!r})\n"))
     return root
+
+
+def _monitor_restarts(r: Region, name: str) -> int:
+    """How often the supervisor's monitor restarted ``name`` (its log says so each time)."""
+    with open(os.path.join(r.state_dir, "logs", "supervisor.log"), errors="replace") as f:
+        return sum(f"{name} exited with" in line for line in f)
 
 
 def _versions(r: Region) -> dict[str, object]:
@@ -206,19 +217,20 @@ def test_rollout_to_a_new_build_under_load_fails_no_request(
     assert out.returncode == 0, (out.stdout, out.stderr)
     assert not failures, failures[:10]
     assert report["status"] == "done" and report["version"] == "9.9.9"
-    assert [w["cells"] for w in report["waves"]] == [["cell-1"], ["cell-2"]]
+    assert [w["cells"] for w in report["waves"]] == [["cell-1"], ["cell-2"], ["router"],
+                                                     ["control"]]
     assert all(w["healthy"] and w["step"] == "upgrade" for w in report["waves"])
     assert sum(w["served"] for w in report["waves"]) > 0 and served[0] > 0
     versions = _versions(r)
     for name in ("cell-1-frontend", "cell-1-agent-0", "cell-2-dispatcher", "cell-2-agent-1"):
         assert versions[name] == "9.9.9", (name, versions)
-    import cellcloud
-    assert versions["router"] == cellcloud.__version__  # cells only
+    assert versions["router"] == "9.9.9" and versions["control"] == "9.9.9"
     assert r.client.invoke("wave2", {}).json() == 7
 
     # A build whose frontend cannot start: the first wave is unhealthy and rolled back; the
     # region keeps serving on the build it had (9.9.9), and the report says so.
     broken = _build(str(tmp_path), "10.0.0", plant="planted: this build cannot start")
+    restarts = _monitor_restarts(r, "cell-1-frontend")
     out, report = _rollout(r, "--to", broken)
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert report["status"] == "rolled_back" and "unhealthy" in report["reason"]
@@ -227,6 +239,9 @@ def test_rollout_to_a_new_build_under_load_fails_no_request(
     versions = _versions(r)
     assert all(versions[n] == "9.9.9" for n in versions
                if n.startswith("cell-")), versions
+    # The rollout alone started the frontend again (rolled back): the supervisor's monitor
+    # stood aside instead of restarting it too, on the broken build, beside the rollback.
+    assert _monitor_restarts(r, "cell-1-frontend") == restarts
     assert r.client.invoke("wave2", {}).json() == 7
 
 
@@ -280,3 +295,198 @@ def test_a_rollout_cut_by_the_supervisors_crash_is_resumed(
         assert r.client.invoke("wave3", {}).json() == 7
     finally:
         stop_region(r)
+
+
+def test_router_and_control_replaced_under_keepalive_load_fail_no_request(
+        two_cells: Region) -> None:
+    """`rollout --components router,control` under continuous load from kept-alive clients
+    (sdk.Client and boto3): a new router starts on the supervisor's listening socket beside
+    the old one, which then drains; the control plane drains and its successor takes over on
+    its port. No request fails, counted by the clients. boto3 runs in its standard retry mode
+    with its defaults, and every attempt it would retry is recorded (needs-retry): an attempt
+    answered 5xx or 429 counts as a failure; only a connection error on a kept-alive
+    connection (the request never answered, sent again on a new connection) is allowed."""
+    import boto3
+    from botocore.config import Config
+
+    r = two_cells
+    r.client.create_function("front", make_zip({"app.py": LEDGER_CODE}), "app.handler")
+    assert r.client.invoke("front", {}).json() == 7
+    before = {k: v["pid"] for k, v in r.region_json()["components"].items()}  # type: ignore[union-attr]
+    stop = threading.Event()
+    lock = threading.Lock()
+    counts: Counter[str] = Counter()
+    failures: list[str] = []
+
+    def boto(service: str) -> Any:
+        c = boto3.client(service, endpoint_url=r.endpoint, region_name=str(r.doc["region"]),
+                         aws_access_key_id=str(r.doc["access_key_id"]),
+                         aws_secret_access_key=str(r.doc["secret_access_key"]),
+                         config=Config(retries={"mode": "standard"}, read_timeout=120))
+
+        def attempt(response: Any = None, caught_exception: Any = None, **_: Any) -> None:
+            with lock:
+                if caught_exception is not None:
+                    counts[f"{service} connection retried"] += 1
+                elif response is not None and response[0].status_code >= 429:
+                    failures.append(f"{service} attempt answered {response[0].status_code}: "
+                                    f"{response[1].get('Error')}")
+
+        c.meta.events.register("needs-retry", attempt)
+        return c
+
+    def sdk_load() -> None:
+        c = sdk.Client(r.endpoint, r.doc["api_key"], timeout_s=120)  # type: ignore[arg-type]
+        while not stop.is_set():
+            try:
+                out = c.invoke("front", {})
+                with lock:
+                    counts["sdk"] += 1
+                    if out.json() != 7 or out.function_error:
+                        failures.append(f"sdk answered {out.status} {out.payload[:100]!r}")
+            except Exception as e:  # every error the client sees is a failed request
+                with lock:
+                    failures.append(f"sdk: {e!r}")
+        c.close()
+
+    def boto_lambda() -> None:
+        c = boto("lambda")
+        while not stop.is_set():
+            try:
+                out = c.invoke(FunctionName="front", Payload=b"{}")
+                ok = out["Payload"].read() == b"7" and "FunctionError" not in out
+                with lock:
+                    counts["boto3 lambda"] += 1
+                    if not ok:
+                        failures.append(f"boto3 lambda answered {out}")
+            except Exception as e:
+                with lock:
+                    failures.append(f"boto3 lambda: {e!r}")
+
+    def boto_ecs() -> None:  # through the router to the control plane (control/ecs.py)
+        c = boto("ecs")
+        while not stop.is_set():
+            try:
+                c.list_clusters()
+                with lock:
+                    counts["boto3 ecs"] += 1
+            except Exception as e:
+                with lock:
+                    failures.append(f"boto3 ecs: {e!r}")
+
+    threads = [threading.Thread(target=sdk_load) for _ in range(2)]
+    threads += [threading.Thread(target=boto_lambda), threading.Thread(target=boto_ecs)]
+    try:
+        for t in threads:
+            t.start()
+        out, report = _rollout(r, "--components", "router,control")
+        with lock:
+            during = dict(counts)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert not failures, failures[:10]
+    assert during["sdk"] > 0 and during["boto3 lambda"] > 0 and during["boto3 ecs"] > 0, during
+    assert [(w["step"], w["cells"]) for w in report["waves"]] == [
+        ("upgrade", ["router"]), ("upgrade", ["control"])], report
+    assert all(w["healthy"] for w in report["waves"]) and report["status"] == "done"
+    assert [c["restarted"] for c in report["cells"]] == [["router"], ["control"]]
+    after = {k: v["pid"] for k, v in r.region_json()["components"].items()}  # type: ignore[union-attr]
+    assert after["router"] != before["router"] and after["control"] != before["control"]
+    assert r.client.invoke("front", {}).json() == 7  # the same endpoint serves on
+    assert r.region_json()["endpoint"] == r.endpoint  # type: ignore[index]
+
+
+def test_router_and_control_stopped_and_restarted_fail_no_request(two_cells: Region) -> None:
+    """The router SIGTERMed (the supervisor starts another): connections wait in the backlog
+    of the listening socket the supervisor holds, never meet a closed port, and the requests
+    under way are answered; then the control plane SIGTERMed: it drains, and ECS calls sent
+    meanwhile are sent again to its successor. Counted by the clients (sdk.Client, boto3
+    with no retries): no failure. Before, the router's port was closed between the two
+    processes (thousands of ConnectionRefusedError) and ECS calls failed with 503."""
+    import boto3
+    from botocore.config import Config
+
+    r = two_cells
+    r.client.create_function("crash", make_zip({"app.py": LEDGER_CODE}), "app.handler")
+    assert r.client.invoke("crash", {}).json() == 7
+    stop = threading.Event()
+    lock = threading.Lock()
+    counts: Counter[str] = Counter()
+    failures: list[str] = []
+
+    def sdk_load() -> None:
+        c = sdk.Client(r.endpoint, r.doc["api_key"], timeout_s=120)  # type: ignore[arg-type]
+        while not stop.is_set():
+            try:
+                ok = c.invoke("crash", {}).json() == 7
+                with lock:
+                    counts["sdk"] += 1
+                    if not ok:
+                        failures.append("sdk: wrong answer")
+            except Exception as e:  # every error the client sees is a failed request
+                with lock:
+                    failures.append(f"sdk: {e!r}")
+        c.close()
+
+    def ecs_load() -> None:
+        c = boto3.client("ecs", endpoint_url=r.endpoint, region_name=str(r.doc["region"]),
+                         aws_access_key_id=str(r.doc["access_key_id"]),
+                         aws_secret_access_key=str(r.doc["secret_access_key"]),
+                         config=Config(retries={"mode": "standard", "total_max_attempts": 1},
+                                       read_timeout=120))
+        while not stop.is_set():
+            try:
+                c.list_clusters()
+                with lock:
+                    counts["ecs"] += 1
+            except Exception as e:
+                with lock:
+                    failures.append(f"boto3 ecs: {e!r}")
+            stop.wait(0.01)  # paced: an idle kept-alive connection is part of the test
+
+    def pid(name: str) -> int:
+        return int(r.region_json()["components"][name]["pid"])  # type: ignore[index]
+
+    threads = [threading.Thread(target=sdk_load) for _ in range(2)]
+    threads.append(threading.Thread(target=ecs_load))
+    try:
+        for t in threads:
+            t.start()
+        for name in ("router", "control"):
+            old = pid(name)
+            with lock:
+                seen = counts["sdk"] + counts["ecs"]
+            os.kill(old, signal.SIGTERM)
+            deadline = time.monotonic() + 120
+            while pid(name) == old or counts["sdk"] + counts["ecs"] < seen + 50:
+                assert time.monotonic() < deadline, f"{name} not replaced, or no load through it"
+                time.sleep(0.1)  # polling the supervisor's region.json, bounded above
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    assert not failures, (len(failures), failures[:10])
+    assert counts["sdk"] > 0 and counts["ecs"] > 0, counts
+
+
+def test_a_router_that_cannot_start_is_rolled_back_and_the_old_one_serves_on(
+        two_cells: Region, tmp_path: Any) -> None:
+    """`rollout --components router --to` a build whose router exits at start: the new
+    process never serves, the old one keeps the listening socket and serves throughout, the
+    wave is unhealthy and rolled back (the router replaced again, on the build it ran)."""
+    r = two_cells
+    r.client.create_function("keep", make_zip({"app.py": LEDGER_CODE}), "app.handler")
+    old = r.region_json()["components"]["router"]["pid"]  # type: ignore[index]
+    broken = _build(str(tmp_path), "11.0.0", plant="planted: no router", component="router")
+    out, report = _rollout(r, "--to", broken, "--components", "router")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert report["status"] == "rolled_back" and "did not become ready" in str(report), report
+    assert [(w["step"], w["cells"]) for w in report["waves"]] == [
+        ("upgrade", ["router"]), ("rollback", ["router"])]
+    comps = r.region_json()["components"]  # type: ignore[index]
+    router = comps["router"]  # back on the build the cells run, and replaced again
+    assert router["version"] == comps["cell-1-frontend"]["version"] and router["pid"] != old
+    assert r.client.invoke("keep", {}).json() == 7

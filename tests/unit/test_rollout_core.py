@@ -89,3 +89,27 @@ def test_a_resumed_rollout_redoes_the_interrupted_wave() -> None:
     assert resumed.next_step() == ("upgrade", ["c2"], "/new")
     resumed.abandon_resume("the target build is gone")
     assert resumed.next_step() == ("rollback", ["c1"], "")
+
+
+def test_router_and_control_go_after_every_cell_and_roll_back_like_a_wave() -> None:
+    r = Rollout.start(["c1", "c2", "c3"], "/new", "", then=("router", "control"))
+    assert [w.cells for w in r.waves] == [["c1"], ["c2", "c3"], ["router"], ["control"]]
+    for cells in (["c1"], ["c2", "c3"]):
+        assert r.next_step() == ("upgrade", cells, "/new")
+        r.upgraded(cells, healthy=True, verdict=judge(*_bake(True)), seconds=1.0,
+                   traffic=Traffic(100, 0))
+    assert r.next_step() == ("upgrade", ["router"], "/new")
+    # the router's bake regresses: it goes back first, then every cell, newest first
+    w, base = _bake(False)
+    r.upgraded(["router"], healthy=True, verdict=judge(w, base), seconds=1.0, traffic=w)
+    assert r.status == "rolling_back" and "router" in r.reason
+    undone = []
+    while (step := r.next_step())[0] == "rollback":
+        undone.append(step[1])
+        r.rolled_back(step[1])
+    assert undone == [["router"], ["c2", "c3"], ["c1"]] and r.status == "rolled_back"
+    # components only (`--components router`), each once
+    assert [w.cells for w in Rollout.start([], "/new", "", then=("router",)).waves] == [
+        ["router"]]
+    with pytest.raises(RolloutError):
+        Rollout.start(["c1"], "/new", "", then=("router", "router"))

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from .. import runtime
+from ..core.limits import DEFAULT_LIMITS
 from ..metrics import process_registry, push_forever
 from ..transport import Client, OpError, RemoteError, Server, TransportError
 from .configstore import ConfigStore, ConfigStoreError, TimedConfigStore, open_config_store
@@ -131,6 +132,11 @@ class Control:
                 self.agents[agent_id] = (cell_id, Client(a["addr"][0], int(a["addr"][1]),
                                                          expect_role="agent"))
         for router_id, (host, port) in doc.get("routers", {}).items():
+            old = self.routers.get(router_id)
+            if old is not None and (old.host, old.port) == (host, int(port)):
+                continue
+            if old is not None:  # a router replaced (rollout): push to its successor
+                self._spawn(old.close())
             self.routers[router_id] = Client(host, int(port), expect_role="router")
             self.push.add_router(router_id, now_ms())
 
@@ -338,10 +344,19 @@ async def serve(args: argparse.Namespace) -> None:
             except Exception:  # the loop must outlive a bad tick
                 log.exception("tick failed")
 
+    stopping = asyncio.Event()
+
     async def fire_schedules() -> None:
-        """Schedules' ticks (control/schedules.py): due steps taken every round."""
-        while True:
-            await asyncio.sleep(control.schedules.limits.schedule_tick_interval_ms / 1000)
+        """Schedules' ticks (control/schedules.py): due steps taken every round; on shutdown
+        the round under way finishes (a claimed tick is sent and recorded) and no other
+        starts, so a successor never fires beside this process."""
+        interval_s = control.schedules.limits.schedule_tick_interval_ms / 1000
+        while not stopping.is_set():
+            try:  # the tick timer, cut short by a shutdown
+                await asyncio.wait_for(stopping.wait(), interval_s)
+                return
+            except TimeoutError:
+                pass
             try:
                 await control.schedules.fire_due()
             except Exception:  # the loop must outlive a bad round
@@ -353,8 +368,22 @@ async def serve(args: argparse.Namespace) -> None:
     firing = asyncio.ensure_future(fire_schedules())
     runtime.announce_ready({"component": "control", "host": host, "port": port,
                             "pid": os.getpid()})
+    drain_s = DEFAULT_LIMITS.drain_ms / 1000
     try:
         await runtime.wait_for_shutdown()
+        # Replaced (rollout) or stopped: no new periodic work (pushes, schedule rounds; the
+        # successor takes them over), the calls under way finish (an ECS or scheduler call a
+        # router forwarded), new ones are refused unrun: the router sends them again, to the
+        # successor on this port.
+        task.cancel()
+        stopping.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(firing), drain_s)
+        except TimeoutError:
+            log.warning("a schedule round still running after %.0f s", drain_s)
+        running = await server.drain(drain_s)
+        if running:
+            log.warning("stopping with %d calls still running after the drain", running)
     finally:
         task.cancel()
         pusher.cancel()

@@ -45,6 +45,9 @@ class Traffic:
     def __sub__(self, other: Traffic) -> Traffic:
         return Traffic(self.served - other.served, self.failed - other.failed)
 
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(self.served + other.served, self.failed + other.failed)
+
     @property
     def failure_rate(self) -> float:
         return self.failed / self.served if self.served else 0.0
@@ -100,11 +103,16 @@ class Rollout:
 
     @classmethod
     def start(cls, cells: list[str], target: str, previous: str, *, first: int = 1,
-              growth: int = 2) -> Rollout:
-        if not cells:
+              growth: int = 2, then: tuple[str, ...] = ()) -> Rollout:
+        """``then``: region-wide components (``router``, ``control``) replaced after every
+        cell, each in a wave of its own, judged and rolled back like a wave of cells."""
+        if not cells and not then:
             raise RolloutError("a region without cells has nothing to roll out")
+        if len(set(then)) != len(then) or set(then) & set(cells):
+            raise RolloutError(f"each component is rolled out once: {', '.join(then)}")
         return cls(target, previous, [WaveRecord(list(w)) for w in
-                                      plan_waves(cells, first=first, growth=growth)])
+                                      plan_waves(cells, first=first, growth=growth)]
+                   + [WaveRecord([c]) for c in then])
 
     def next_step(self) -> tuple[Literal["upgrade", "rollback", "finished"], list[str], str]:
         """What the shell does next: upgrade a wave's cells to the target, roll cells back

@@ -27,15 +27,26 @@ def rollout(state_dir: Annotated[str | None, typer.Option("--state-dir")] = None
                                                help="cells in the first wave")] = 1,
             growth: Annotated[int, typer.Option(
                 "--growth", help="each later wave is this many times the previous")] = 2,
+            components: Annotated[str, typer.Option(
+                "--components", help="what to roll out, comma-separated: cells (wave by "
+                                     "wave), router (replaced live on its listening socket), "
+                                     "control (drained); router and control go after every "
+                                     "cell, a wave each")] = "cells,router,control",
             timeout_s: Annotated[float, typer.Option(help="Seconds to wait in all")] = 900.0
             ) -> None:
     """Deploy cell by cell (one cell, then growing waves): agents handed over live,
     frontends drained, health and error rates checked after each wave, rolled back on a
-    regression. A rollout interrupted by the supervisor's crash: run it again (without --to)
+    regression; then the router (a new process on the same listening socket, the old one
+    drained) and the control plane (drained), a wave each. A rollout interrupted by the supervisor's crash: run it again (without --to)
     to resume it or finish its rollback."""
     sd = os.path.abspath(state_dir or default_state_dir())
+    parts = [c.strip() for c in components.split(",") if c.strip()]
+    unknown = sorted(set(parts) - {"cells", "router", "control"})
+    if not parts or unknown:
+        typer.echo(f"--components takes cells, router, control (got {components!r})", err=True)
+        raise typer.Exit(2)
     req = {"to": os.path.abspath(to) if to else None, "bake_s": bake_s, "first": first,
-           "growth": growth}
+           "growth": growth, "components": parts}
     with cli_progress.waiting("rolling out, wave by wave"):
         report = ask_supervisor(sd, signal.SIGUSR1, "rollout.json", timeout_s,
                                 request=("rollout-request.json", req))

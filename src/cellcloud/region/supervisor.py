@@ -23,6 +23,7 @@ import os
 import random
 import select
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -195,6 +196,7 @@ class Component:
     # tree (<build>/src/cellcloud), put first on the process's PYTHONPATH (rollout --to).
     build: str | None = None  # None: as builds.json last recorded it (else the supervisor's)
     rolled: asyncio.Event | None = None  # set when that rollout has started the new process
+    fds: tuple[int, ...] = ()  # inherited by the process (the router: the public listener)
 
     def argv(self) -> list[str]:
         module = _MODULES.get(self.kind, f"cellcloud.{self.kind}.server")
@@ -239,6 +241,9 @@ class Supervisor:
         self._monitors: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
         self._uid_fd: int | None = None
+        # The router's public listening socket, held here for the region's life: every router
+        # process (a crashed one's successor, a rollout's new one) serves on it (--listen-fd).
+        self._router_sock: socket.socket | None = None
         self.uid_base = uid_range_base
         os.makedirs(os.path.join(self.state_dir, "logs"), exist_ok=True)
 
@@ -266,6 +271,10 @@ class Supervisor:
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
         self.lock()
+        try:  # the public port first: a busy one fails the start before anything runs
+            self._router_sock = _listen_tcp(self.host, self.port)
+        except OSError as e:
+            raise RuntimeError(f"cannot listen on {self.host}:{self.port}: {e}") from None
         tenants = ensure_tenants(self.state_dir)
         ensure_operator_token(self.state_dir)
         registry_key = ensure_registry_key(self.state_dir)
@@ -320,21 +329,19 @@ class Supervisor:
         with open(cell_map_path, "w") as f:
             json.dump({"version": 1, "cells": cell_eps, "assignments": {}, "overrides": {}}, f)
         router = Component("router", "router", [
+            "--listen-fd", str(self._router_sock.fileno()),
             "--cell-map", cell_map_path, "--tenants", os.path.join(self.state_dir, "tenants.json"),
             "--region", self.region, "--control-listen", f"{self.host}:0",
             "--operator-token-file", operator_token_path(self.state_dir),
             "--registry-key-file", registry_key,
             *self.extra_args.get("router", []),
-        ], f"{self.host}:{self.port}")
+        ], f"{self.host}:{self.port}", fds=(self._router_sock.fileno(),))
         await self._launch(router)
         # A restarted router gets its internal port back too.
         router.args[router.args.index("--control-listen") + 1] = (
             f"{router.info['control_host']}:{router.info['control_port']}")
         endpoints["routers"]["router"] = [router.info["control_host"], router.info["control_port"]]
-        endpoints_path = os.path.join(self.state_dir, "endpoints.json")
-        with open(endpoints_path + ".tmp", "w") as f:
-            json.dump(endpoints, f, indent=2)
-        os.rename(endpoints_path + ".tmp", endpoints_path)
+        endpoints_path = self._write_endpoints(endpoints)
         control = Component("control", "control", [
             "--state-dir", self.state_dir, "--endpoints", endpoints_path,
             "--region", self.region, "--push-interval-ms", str(self.push_interval_ms),
@@ -389,7 +396,7 @@ class Supervisor:
                     [os.path.join(comp.build, "src"), *filter(None, [env.get("PYTHONPATH")])])
             comp.proc = await asyncio.create_subprocess_exec(
                 *comp.argv(), *(["--insecure"] if self.insecure else ["--pki-dir", self.state_dir]),
-                pass_fds=(w,), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
+                pass_fds=(w, *comp.fds), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
                 stderr=logf, start_new_session=True, preexec_fn=_die_with(os.getpid()),
                 env=env,
             )
@@ -407,7 +414,10 @@ class Supervisor:
         finally:
             transport.close()
         if not line:
-            comp.proc.kill()
+            try:
+                comp.proc.kill()
+            except ProcessLookupError:  # it exited already (a build that cannot start)
+                pass
             await comp.proc.wait()
             raise RuntimeError(f"{comp.name} did not become ready; see "
                                f"{self.state_dir}/logs/{comp.name}.log")
@@ -514,27 +524,39 @@ class Supervisor:
             if c.kind == "agent":  # handed over live: environments and calls survive
                 await self._restart_agent_live(c)
             else:  # drains (its calls finish; new ones wait at the caller)
-                await self._restart(c, stop_wait_s=drain_wait_s)
+                await self._restart(c, stop_wait_s=drain_wait_s, hold=True)
         return [c.name for c in comps]
 
-    async def rollout(self, health_timeout_s: float = 60.0, *, to: str | None = None,
-                      bake_s: float = 0.0, first: int = 1, growth: int = 2,
-                      tolerance: float = 0.01, requests_min: int = 20) -> dict[str, Any]:
+    async def rollout(self, health_timeout_s: float = 60.0, **kwargs: Any) -> dict[str, Any]:
+        """See :meth:`_rollout`; what it could not start is the monitor's again after it."""
+        try:
+            return await self._rollout(health_timeout_s, **kwargs)
+        finally:
+            self._release_holds()
+
+    async def _rollout(self, health_timeout_s: float = 60.0, *, to: str | None = None,
+                       bake_s: float = 0.0, first: int = 1, growth: int = 2,
+                       tolerance: float = 0.01, requests_min: int = 20,
+                       components: tuple[str, ...] = ("cells",)) -> dict[str, Any]:
         """Deployment in waves (core/rollout.py): one cell, then growing waves. Each wave's
         processes are replaced on the target build — agents live, frontends and dispatchers
         drained —, its health awaited (every process ready, the frontend seeing all its
         agents), then its traffic observed for ``bake_s`` and judged against the other
         cells'; an unhealthy wave or a regression rolls every upgraded wave back, newest
         first. ``to``: a directory holding a cellcloud source tree; none: the cells restart
-        on the build they run. The plan is saved after each step: a rollout interrupted by
+        on the build they run. ``components``: ``cells``, ``router``, ``control`` — the
+        router and the control plane go after every cell, a wave each (the router replaced
+        live on its listening socket, the control plane drained), judged against the traffic
+        of the waves before. The plan is saved after each step: a rollout interrupted by
         the supervisor's crash is resumed (or its rollback finished) by the next call."""
-        from .. import transport
-        from ..security import pki
-
-        if not self.insecure and transport.mtls_role() is None:
-            transport.enable_mtls(pki.tls_config(self.state_dir, self.region, "control",
-                                                 "region", "supervisor"), "control")
-        cells = self._cells()
+        self._mtls()
+        unknown = set(components) - {"cells", "router", "control"}
+        if unknown:
+            return {"ok": False, "cells": [], "waves": [],
+                    "error": f"unknown components {sorted(unknown)}: cells, router, control"}
+        cells = self._cells() if "cells" in components else []
+        then = tuple(c for c in ("router", "control") if c in components
+                     and any(x.name == c for x in self.components))
         plan = self._load_plan()
         resumed = plan is not None and plan.active
         if plan is not None and plan.active:
@@ -552,13 +574,15 @@ class Supervisor:
                 return {"ok": False, "cells": [], "waves": [],
                         "error": f"{to} is not a cellcloud build (no src/cellcloud/__init__.py)"}
             try:
-                plan = Rollout.start(cells, target, current, first=first, growth=growth)
+                plan = Rollout.start(cells, target, current, first=first, growth=growth,
+                                     then=then)
             except RolloutError as e:
                 return {"ok": False, "cells": [], "waves": [], "error": str(e)}
         self._save_plan(plan)
         report: dict[str, Any] = {"cells": [], "waves": [], "resumed": resumed,
                                   "target": plan.target, "previous": plan.previous,
                                   "version": _build_version(plan.target)}
+        seen = Traffic(0, 0)  # every cell's traffic over the waves so far: a component's baseline
         while True:
             step, wave, build = plan.next_step()
             if step == "finished":
@@ -567,10 +591,19 @@ class Supervisor:
             before = await self._traffic()
             restarted: list[str] = []
             error = ""
+            region_wide = [self._component(u) for u in wave if u in ("router", "control")]
             try:
+                for comp in region_wide:
+                    comp.build = build
+                    if not await self._replace(comp):
+                        raise RuntimeError(f"the {comp.name} came back but the router got no "
+                                           "cell map push")
+                    restarted.append(comp.name)
                 for cell_id in wave:
-                    restarted += await self._restart_cell(cell_id, build)
-                healthy = all([await self._cell_healthy(c, health_timeout_s) for c in wave])
+                    if cell_id not in ("router", "control"):
+                        restarted += await self._restart_cell(cell_id, build)
+                healthy = all([await self._cell_healthy(c, health_timeout_s) for c in wave
+                               if c not in ("router", "control")])
             except (RuntimeError, OSError) as e:
                 healthy, error = False, str(e)
             if healthy and step == "upgrade" and bake_s > 0:
@@ -578,8 +611,16 @@ class Supervisor:
                 # window, not a wait for a condition).
                 await asyncio.sleep(bake_s)
             after = await self._traffic()
-            mine = _sum(after, before, wave)
-            others = _sum(after, before, [c for c in after if c not in wave])
+            if region_wide:
+                # Every request crosses the router and may reach the control plane: the whole
+                # region's traffic (a new router's counts start at zero) against the waves'.
+                if any(c.kind == "router" for c in region_wide):
+                    before = {}
+                mine, others = _sum(after, before, list(after)), seen
+            else:
+                mine = _sum(after, before, wave)
+                others = _sum(after, before, [c for c in after if c not in wave])
+                seen = _sum(after, before, list(after)) + seen
             seconds = time.monotonic() - t0
             if step == "upgrade":
                 verdict = judge(mine, others, tolerance=tolerance,
@@ -599,7 +640,8 @@ class Supervisor:
             for cell_id in wave:
                 report["cells"].append({"cell": cell_id, "step": step, "healthy": healthy,
                                         "restarted": [n for n in restarted
-                                                      if n.startswith(cell_id + "-")],
+                                                      if n == cell_id
+                                                      or n.startswith(cell_id + "-")],
                                         "seconds": round(seconds, 2),
                                         **({"error": error} if error else {})})
         report["status"] = plan.status
@@ -611,6 +653,21 @@ class Supervisor:
         if not report["ok"]:
             report["stopped_at"] = plan.reason
         return report
+
+    def _component(self, name: str) -> Component:
+        comp = next((c for c in self.components if c.name == name), None)
+        if comp is None:
+            raise RuntimeError(f"no component named {name}")
+        return comp
+
+    def _mtls(self) -> None:
+        """The supervisor's own calls (health, traffic) go over the region's mTLS."""
+        from .. import transport
+        from ..security import pki
+
+        if not self.insecure and transport.mtls_role() is None:
+            transport.enable_mtls(pki.tls_config(self.state_dir, self.region, "control",
+                                                 "region", "supervisor"), "control")
 
     async def restart_agent(self, name: str, live: bool) -> dict[str, Any]:
         """Restart one agent. ``live``: the new process adopts the old one's environments
@@ -658,9 +715,106 @@ class Supervisor:
             comp.rolling = False
             comp.rolled.set()
 
-    async def _restart(self, comp: Component, stop_wait_s: float = stop_timeout_s) -> None:
+    def _write_endpoints(self, endpoints: dict[str, Any]) -> str:
+        path = os.path.join(self.state_dir, "endpoints.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(endpoints, f, indent=2)
+        os.rename(path + ".tmp", path)  # the control plane rereads it when it changes
+        return path
+
+    async def _replace(self, comp: Component) -> bool:
+        """Replace the router or the control plane on ``comp.build``; True once the router
+        holds a cell map pushed by the control plane (both replacements' health)."""
+        if comp.kind == "router":
+            await self._restart_router_live(comp)
+        else:
+            await self._restart(comp, stop_wait_s=drain_wait_s, hold=True)
+        return await self._router_pushed(ready_timeout_s)
+
+    async def _restart_router_live(self, comp: Component) -> None:
+        """A new router process starts on the supervisor's listening socket beside the old
+        one (both accept; the kernel spreads new connections over the two), the control plane
+        is told to push to the new one's internal port (endpoints.json), and once the new one
+        holds a pushed cell map the old one drains: its copy of the listener closes, the
+        requests under way are answered (``Connection: close``), idle kept-alive connections
+        close, and it exits. Its leases end with it (a new router starts without any: its
+        invokes cross the frontend until it holds some)."""
+        old = comp.proc
         comp.rolling = True
         comp.rolled = asyncio.Event()
+        saved = list(comp.args)
+        i = comp.args.index("--control-listen") + 1
+        try:
+            comp.args[i] = f"{self.host}:0"  # the old process still holds its internal port
+            try:
+                await self._launch(comp)  # ready: it serves on the shared socket
+            except (RuntimeError, OSError):
+                comp.proc, comp.args = old, saved  # never started: the old one still serves
+                raise
+            comp.args[i] = f"{comp.info['control_host']}:{comp.info['control_port']}"
+            try:
+                with open(os.path.join(self.state_dir, "endpoints.json")) as f:
+                    endpoints = json.load(f)
+            except (OSError, ValueError):
+                endpoints = None
+            if endpoints is not None:
+                endpoints.setdefault("routers", {})[comp.name] = [comp.info["control_host"],
+                                                                  comp.info["control_port"]]
+                self._write_endpoints(endpoints)
+                if not await self._router_pushed(ready_timeout_s):
+                    # It serves on the map the control plane last wrote (cellmap.json).
+                    log.warning("the new router got no cell map push within %.0f s",
+                                ready_timeout_s)
+            if old is not None and old.returncode is None:
+                old.terminate()  # it drains (router/server.py)
+                try:
+                    await asyncio.wait_for(old.wait(), drain_wait_s)
+                except TimeoutError:
+                    old.kill()
+                    await old.wait()
+        finally:
+            comp.rolling = False
+            comp.rolled.set()
+
+    async def _router_pushed(self, timeout_s: float) -> bool:
+        """Wait until the router has taken a cell map push since now (from the control plane
+        now running); False at the deadline or without a control plane."""
+        from ..transport import Client, RemoteError, TransportError
+
+        router = next((c for c in self.components if c.kind == "router"), None)
+        if router is None or "control_port" not in router.info or not any(
+                c.kind == "control" for c in self.components):
+            return False
+        client = Client(router.info["control_host"], router.info["control_port"],
+                        expect_role="router")
+        deadline = time.monotonic() + timeout_s
+        first: int | None = None
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    pushes = int((await client.call("map_status", None, timeout_s=5))["pushes"])
+                except (TransportError, RemoteError, KeyError, TypeError, ValueError):
+                    pushes = None
+                if pushes is not None:
+                    if first is None:
+                        first = pushes
+                    elif pushes > first:
+                        return True
+                await asyncio.sleep(0.1)  # polling a condition, bounded by the deadline
+            return False
+        finally:
+            await client.close()
+
+    async def _restart(self, comp: Component, stop_wait_s: float = stop_timeout_s, *,
+                       hold: bool = False) -> None:
+        """Stop ``comp`` and start it again. ``hold`` (a rollout's): if the new process does
+        not start, the monitor keeps standing aside — the rollout rolls the component back
+        itself — until :meth:`_release_holds`; without it both would start the component."""
+        comp.rolling = True
+        if comp.rolled is None or comp.rolled.is_set():
+            comp.rolled = asyncio.Event()  # else: held after a failed start, the monitor waits
+        done = comp.rolled
+        held = False
         try:
             if comp.proc is not None and comp.proc.returncode is None:
                 comp.proc.terminate()
@@ -669,10 +823,24 @@ class Supervisor:
                 except TimeoutError:
                     comp.proc.kill()
                     await comp.proc.wait()
-            await self._launch(comp)  # a real wait: its ready line on the pipe
+            try:
+                await self._launch(comp)  # a real wait: its ready line on the pipe
+            except (RuntimeError, OSError):
+                held = hold
+                raise
         finally:
-            comp.rolling = False
-            comp.rolled.set()
+            done.set()
+            if held:
+                comp.rolled = asyncio.Event()  # what the monitor waits on next
+            else:
+                comp.rolling = False
+
+    def _release_holds(self) -> None:
+        """A rollout is over: the monitor restarts again what it could not start."""
+        for c in self.components:
+            if c.rolling and c.rolled is not None and not c.rolled.is_set():
+                c.rolling = False
+                c.rolled.set()
 
     async def _cell_healthy(self, cell_id: str, timeout_s: float) -> bool:
         from ..transport import Client, RemoteError, TransportError
@@ -711,6 +879,9 @@ class Supervisor:
                 except TimeoutError:
                     c.proc.kill()
                     await c.proc.wait()
+        if self._router_sock is not None:
+            self._router_sock.close()
+            self._router_sock = None
         if self._uid_fd is not None:
             os.close(self._uid_fd)  # every environment of ours is gone: the range is free
             self._uid_fd = None
@@ -751,7 +922,8 @@ async def run_foreground(sup: Supervisor, on_ready: Any = None) -> None:
             report = await sup.rollout(
                 float(req.get("health_timeout_s", 60.0)), to=req.get("to"),
                 bake_s=float(req.get("bake_s", 0.0)), first=int(req.get("first", 1)),
-                growth=int(req.get("growth", 2)))
+                growth=int(req.get("growth", 2)),
+                components=tuple(req.get("components") or ("cells",)))
         except Exception as e:  # the answer file must appear whatever happens
             log.exception("rollout failed")
             report = {"ok": False, "cells": [], "waves": [], "error": repr(e)}
@@ -779,6 +951,19 @@ async def run_foreground(sup: Supervisor, on_ready: Any = None) -> None:
     loop.add_signal_handler(signal.SIGUSR2, lambda: asyncio.ensure_future(do_agent_restart()))
     await stop.wait()
     await sup.stop()
+
+
+def _listen_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_build(path: str) -> bool:

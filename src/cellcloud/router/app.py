@@ -238,7 +238,10 @@ class Router:
         new = (str(addr[0]), int(addr[1]))
         if new != self._control_addr:
             self._control_addr = new
-            self.control = Client(new[0], new[1], expect_role="control")
+            # A control plane being replaced refuses calls unrun (Draining) and its port is
+            # closed until the successor listens: such calls are sent again, never others.
+            self.control = RedeliveringClient(new[0], new[1], expect_role="control",
+                                              redeliver_s=self.limits.redeliver_ms / 1000)
 
     async def _scheduler(self, scope: Scope, path: str, body: bytes,
                          account: str) -> tuple[int, dict[str, str], bytes]:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import resource
+import socket
 import sys
 import time
 from typing import Any
@@ -58,13 +59,23 @@ async def serve(args: argparse.Namespace) -> None:
                     spans=span_export.from_config(args.otlp_endpoint, "cellcloud-router"))
     router.set_control(map_doc.get("control"))  # a restarted router: the last push's address
     router.cell_map_file = args.cell_map
-    sock = runtime.bind_tcp(args.listen)
+    if args.listen_fd is not None:
+        # The supervisor's listening socket (cellcloud up holds it): a successor router
+        # starts on the same socket beside this one and the kernel spreads connections over
+        # both, so a router is replaced without a refused connection.
+        sock = socket.socket(fileno=args.listen_fd)
+        sock.setblocking(False)
+    else:
+        sock = runtime.bind_tcp(args.listen)
     config = uvicorn.Config(router, loop="none", http=registry.protocol_class(), ws="none",
                             lifespan="off", log_level="warning", access_log=False,
                             log_config=None,  # uvicorn's records go through eventlog's JSON
                             server_header=False, date_header=False,
                             timeout_keep_alive=max(1, params.keepalive_idle_timeout_ms // 1000),
-                            proxy_headers=False, backlog=4096)
+                            proxy_headers=False, backlog=4096,
+                            # SIGTERM: stop accepting, answer what is under way (with
+                            # Connection: close), close idle kept-alive connections.
+                            timeout_graceful_shutdown=max(1, limits.drain_ms // 1000))
     server = uvicorn.Server(config)
     # uvicorn's own serve() offers no "listening" event; its startup()/main_loop() pair does.
     config.load()
@@ -114,12 +125,15 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         await runtime.wait_for_shutdown()
     finally:
+        # Replaced (rollout) or stopped: this process's copy of the listener closes first (a
+        # successor on the same socket takes every new connection), the requests under way
+        # are answered, then the internal port closes.
         reloader.cancel()
-        registry.stop()
-        await internal.close()
         server.should_exit = True
         await task
         await server.shutdown(sockets=[sock])
+        registry.stop()
+        await internal.close()
         if router.spans is not None:
             router.spans.shutdown()
 
@@ -127,6 +141,9 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="cellcloud router serve")
     p.add_argument("--listen", default="127.0.0.1:9009")
+    p.add_argument("--listen-fd", type=int, default=None,
+                   help="an inherited listening socket to serve on instead of binding --listen "
+                        "(the supervisor's: a new router starts beside the old one)")
     p.add_argument("--leases", action=argparse.BooleanOptionalAction, default=True,
                    help="run warm sync invokes router -> agent under leases from the frontend "
                         "(issue #13); --no-leases: every invoke crosses the frontend")
