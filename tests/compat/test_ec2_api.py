@@ -12,12 +12,10 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from tests.integration.conftest import Region, running_region
+from tests.integration.conftest import Region, boto_client, create_tenant, running_region
 
 pytestmark = pytest.mark.integration
 
@@ -28,25 +26,16 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
         yield r
 
 
-def _ec2(region: Region, akid: str, secret: str) -> Any:
-    return boto3.client("ec2", endpoint_url=region.endpoint,
-                        region_name=str(region.doc["region"]), aws_access_key_id=akid,
-                        aws_secret_access_key=secret,
-                        config=Config(retries={"mode": "standard", "total_max_attempts": 1},
-                                      read_timeout=60))
 
 
 @pytest.fixture(scope="module")
 def ec2(region: Region) -> Any:
-    return _ec2(region, str(region.doc["access_key_id"]), str(region.doc["secret_access_key"]))
+    return boto_client(region, "ec2")
 
 
 @pytest.fixture(scope="module")
 def other(region: Region) -> Any:
-    out = region.cli("tenant", "create", "ec2-other").stdout
-    fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
-    return _ec2(region, fields["aws_access_key_id"].strip(),
-                fields["aws_secret_access_key"].strip())
+    return boto_client(region, "ec2", create_tenant(region, "ec2-other"))
 
 
 def _code(e: pytest.ExceptionInfo[ClientError]) -> str:
@@ -109,7 +98,8 @@ def test_unsupported_operation_and_bad_signature(ec2: Any, region: Region) -> No
     with pytest.raises(ClientError) as e:
         ec2.describe_instances()
     assert _code(e) == "UnsupportedOperation" and "DescribeInstances" in str(e.value)
-    bad = _ec2(region, str(region.doc["access_key_id"]), "not-the-secret")
+    bad = boto_client(region, "ec2", {"aws_access_key_id": str(region.doc["access_key_id"]),
+                                       "aws_secret_access_key": "not-the-secret"})
     with pytest.raises(ClientError) as e:
         bad.describe_volumes()
     assert _code(e) == "AuthFailure"

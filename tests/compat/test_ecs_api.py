@@ -17,10 +17,9 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from tests.integration.conftest import Region, running_region
+from tests.integration.conftest import Region, boto_client, create_tenant, running_region
 from tests.oci_images import host_python_layers, image_layout, layer_tar
 
 pytestmark = pytest.mark.integration
@@ -32,25 +31,16 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
         yield r
 
 
-def _ecs(region: Region, akid: str, secret: str) -> Any:
-    return boto3.client("ecs", endpoint_url=region.endpoint,
-                        region_name=str(region.doc["region"]), aws_access_key_id=akid,
-                        aws_secret_access_key=secret,
-                        config=Config(retries={"mode": "standard", "total_max_attempts": 1},
-                                      read_timeout=60))
 
 
 @pytest.fixture(scope="module")
 def ecs(region: Region) -> Any:
-    return _ecs(region, str(region.doc["access_key_id"]), str(region.doc["secret_access_key"]))
+    return boto_client(region, "ecs")
 
 
 @pytest.fixture(scope="module")
 def other(region: Region) -> Any:
-    out = region.cli("tenant", "create", "ecs-other").stdout
-    fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
-    return _ecs(region, fields["aws_access_key_id"].strip(),
-                fields["aws_secret_access_key"].strip())
+    return boto_client(region, "ecs", create_tenant(region, "ecs-other"))
 
 
 @pytest.fixture(scope="module")

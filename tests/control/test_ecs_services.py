@@ -227,8 +227,11 @@ def test_a_killed_or_stopped_task_is_replaced(tmp_path: Path) -> None:
         assert t["stopCode"] == "EssentialContainerExited"
 
         async def replaced() -> bool:
+            # the service's own view first (its runningCount may still count the victim
+            # until its next tick has seen the stop), then the agents' tasks
             s = await w.service()
-            return s["runningCount"] == 2 and victim not in w.task_ids()
+            seen = any("failed: EssentialContainerExited" in e["message"] for e in s["events"])
+            return seen and s["runningCount"] == 2 and victim not in w.task_ids()
         await w.until("replaced", replaced)
         s = await w.service()
         assert s["deployments"][0]["failedTasks"] == 1
@@ -239,7 +242,8 @@ def test_a_killed_or_stopped_task_is_replaced(tmp_path: Path) -> None:
 
         async def again() -> bool:
             s = await w.service()
-            return s["runningCount"] == 2 and other not in w.task_ids()
+            return (s["runningCount"] == 2 and other not in w.task_ids()
+                    and len(w.task_ids()) == 2)
         await w.until("replaced again", again)
         assert (await w.service())["deployments"][0]["failedTasks"] == 1
     run(body, tmp_path)

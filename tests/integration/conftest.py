@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -69,3 +70,28 @@ def running_region(tmp_path_factory: pytest.TempPathFactory, name: str,
 def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
     with running_region(tmp_path_factory, "region", "--agents-per-cell", "2") as r:
         yield r
+
+
+def create_tenant(region: Region, name: str) -> dict[str, str]:
+    """A new tenant of the region (``cellcloud tenant create``): its fields as the CLI prints
+    them (``account_id``, ``aws_access_key_id``, ``aws_secret_access_key``, ...)."""
+    out = region.cli("tenant", "create", name).stdout
+    return {k: v.strip() for k, v in (line.split(None, 1) for line in out.splitlines()
+                                       if line.strip())}
+
+
+def boto_client(region: Region, service: str, keys: dict[str, str] | None = None,
+                **config: Any) -> Any:
+    """An unmodified boto3 client of the region: the default tenant's, or ``keys``' (from
+    :func:`create_tenant`); no retries, so every error reaches the test."""
+    import boto3
+    from botocore.config import Config
+
+    akid = keys["aws_access_key_id"] if keys else str(region.doc["access_key_id"])
+    secret = keys["aws_secret_access_key"] if keys else str(region.doc["secret_access_key"])
+    return boto3.client(service, endpoint_url=region.endpoint,
+                        region_name=str(region.doc["region"]), aws_access_key_id=akid,
+                        aws_secret_access_key=secret,
+                        config=Config(**{"retries": {"mode": "standard",
+                                                     "total_max_attempts": 1},
+                                         "read_timeout": 60, **config}))

@@ -18,7 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.conftest import make_zip
-from tests.integration.conftest import Region
+from tests.integration.conftest import Region, create_tenant
 from tests.integration.test_registry import Tenant
 from tests.oci_images import host_python_layers, lambda_image
 
@@ -44,10 +44,9 @@ def _lambda(region: Region, t: Tenant) -> Any:
 def tenants(region: Region) -> Iterator[tuple[Tenant, Tenant]]:
     a = Tenant(region, str(region.doc["account_id"]), str(region.doc["access_key_id"]),
                str(region.doc["secret_access_key"]))
-    out = region.cli("tenant", "create", "images-b").stdout
-    fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
-    b = Tenant(region, fields["account_id"].strip(), fields["aws_access_key_id"].strip(),
-               fields["aws_secret_access_key"].strip())
+    fields = create_tenant(region, "images-b")
+    b = Tenant(region, fields["account_id"], fields["aws_access_key_id"],
+               fields["aws_secret_access_key"])
     yield a, b
 
 

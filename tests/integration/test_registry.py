@@ -21,7 +21,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.integration.conftest import Region
+from tests.integration.conftest import Region, create_tenant
 from tests.oci_images import CONFIG, LAYER_GZIP, OCI_INDEX, OCI_MANIFEST, digest, image_layout
 
 pytestmark = pytest.mark.skipif(shutil.which("skopeo") is None,
@@ -77,10 +77,9 @@ def oci_code(body: bytes) -> str:
 def tenants(region: Region) -> Iterator[tuple[Tenant, Tenant]]:
     a = Tenant(region, str(region.doc["account_id"]), str(region.doc["access_key_id"]),
                str(region.doc["secret_access_key"]))
-    out = region.cli("tenant", "create", "registry-b").stdout
-    fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
-    b = Tenant(region, fields["account_id"].strip(), fields["aws_access_key_id"].strip(),
-               fields["aws_secret_access_key"].strip())
+    fields = create_tenant(region, "registry-b")
+    b = Tenant(region, fields["account_id"], fields["aws_access_key_id"],
+               fields["aws_secret_access_key"])
     yield a, b
 
 
