@@ -73,15 +73,51 @@ async def _run(*argv: str, ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
     return int(proc.returncode or 0), text
 
 
+@dataclass(frozen=True)
+class ReplicatedVolume:
+    """A replicated volume as the FUSE process reaches it (volumes/client.py): its id, the
+    store colony holding its config cell, its storage servers, the client id it attaches as,
+    and the region's PKI (mutual TLS to the storage servers as role ``volume``) if any."""
+
+    volume_id: str
+    colony_path: str
+    servers_path: str
+    client_id: str
+    pki_dir: str = ""
+    region: str = "cc-local-1"
+
+    def argv(self) -> list[str]:
+        out = ["--volume-id", self.volume_id, "--colony", self.colony_path, "--servers",
+               self.servers_path, "--client-id", self.client_id]
+        if self.pki_dir:
+            out += ["--pki-dir", self.pki_dir, "--region", self.region]
+        return out
+
+
 async def attach_file(path: str, size_bytes: int, fuse_dir: str, mount_at: str, *,
                       direct_io: bool | None = None, stats_path: str | None = None
                       ) -> Attached:
     """Attach the FileBlockStore at ``path`` (``direct_io``: None tries it, then goes without)."""
+    return await _attach(["--file", path, "--size-bytes", str(size_bytes)], fuse_dir,
+                         mount_at, direct_io, stats_path)
+
+
+async def attach_replicated(volume: ReplicatedVolume, fuse_dir: str, mount_at: str, *,
+                            direct_io: bool | None = None, stats_path: str | None = None
+                            ) -> Attached:
+    """Attach a replicated volume: the FUSE process attaches a ``VolumeClient`` (taking the
+    volume over, fencing any previous writer) before it mounts; a storage server's loss is a
+    pause in the writes (the client rewires), not an error."""
+    return await _attach(volume.argv(), fuse_dir, mount_at, direct_io, stats_path)
+
+
+async def _attach(store_argv: list[str], fuse_dir: str, mount_at: str,
+                  direct_io: bool | None, stats_path: str | None) -> Attached:
     os.makedirs(fuse_dir, exist_ok=True)
     os.makedirs(mount_at, exist_ok=True)
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", "cellcloud.volumes.fusefile", "--mountpoint", fuse_dir,
-            "--file", path, "--size-bytes", str(size_bytes), "--ready-fd", str(write_fd)]
+            *store_argv, "--ready-fd", str(write_fd)]
     if stats_path:
         argv += ["--stats", stats_path]
     errors = tempfile.TemporaryFile()  # its stderr: never a pipe that could fill and block it
