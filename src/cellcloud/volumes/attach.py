@@ -231,17 +231,38 @@ class VolumeAttachment:
     attached: Attached
 
 
+@dataclass(frozen=True)
+class StorageLinks:
+    """Where a region's replicated volumes are (``cellcloud up --storage-servers N``)."""
+
+    colony_path: str
+    servers_path: str
+    pki_dir: str = ""
+    region: str = "cc-local-1"
+
+
 async def attach_volume(records: AttachmentRecords, account: str, volume_id: str, target: str,
-                        data_dir: str, mount_at: str, run_dir: str) -> VolumeAttachment:
+                        data_dir: str, mount_at: str, run_dir: str,
+                        storage: StorageLinks | None = None) -> VolumeAttachment:
     """Take the volume's attachment (refused while another holds it: ``VolumeInUse``), then
-    mount it; a mount that fails gives the attachment back."""
+    mount it; a mount that fails gives the attachment back. A replicated volume (its record
+    says ``storage: replicated``) is served by a ``VolumeClient`` over ``storage``, attached
+    as ``<target>@<attach_epoch>``; another is the FileBlockStore file under ``data_dir``."""
     rec = await records.attach(account, volume_id, target)
     epoch = int(rec["attach_epoch"])
     try:
-        path = volume_file(data_dir, account, volume_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        att = await attach_file(path, int(rec["size_gib"]) * GiB,
-                                os.path.join(run_dir, f"{volume_id}.fuse"), mount_at)
+        fuse_dir = os.path.join(run_dir, f"{volume_id}.fuse")
+        if rec.get("storage") == "replicated":
+            if storage is None:
+                raise AttachError(f"{volume_id} is replicated: attaching it needs the "
+                                  "region's store colony and storage servers")
+            att = await attach_replicated(ReplicatedVolume(
+                volume_id, storage.colony_path, storage.servers_path, f"{target}@{epoch}",
+                storage.pki_dir, storage.region), fuse_dir, mount_at)
+        else:
+            path = volume_file(data_dir, account, volume_id)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            att = await attach_file(path, int(rec["size_gib"]) * GiB, fuse_dir, mount_at)
     except BaseException:
         await records.detach(account, volume_id, epoch)
         raise

@@ -193,7 +193,15 @@ class ResetData:
     size_bytes: int
 
 
-ServerEffect = PersistConfig | WriteData | ReadData | ResetData
+@dataclass(frozen=True)
+class DropData:
+    """The volume was deleted: remove the replica's bytes. Its configuration (the deleter's
+    epoch) stays as a tombstone, so a writer of an older epoch is still refused."""
+
+    volume_id: str
+
+
+ServerEffect = PersistConfig | WriteData | ReadData | ResetData | DropData
 
 
 @dataclass
@@ -235,6 +243,9 @@ class ServerCore:
         elif cfg != known.config and not self.bug_no_fencing:
             return {"status": INVALID, "message": "two configurations with one epoch"}, []
         if op == "fence":
+            return {"status": OK, "epoch": cfg.epoch}, effects
+        if op == "drop":  # sent by the volume's deleter, whose epoch follows the last record
+            effects.append(DropData(cfg.volume_id))
             return {"status": OK, "epoch": cfg.epoch}, effects
         if op in ("write", "mirror_write"):
             offset, data = req.get("offset"), req.get("data")
