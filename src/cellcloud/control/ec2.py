@@ -8,8 +8,11 @@ The protocol is ``core/ec2_query.py``'s, the rules ``core/ec2_volumes.py``'s; th
 the store, compare-and-set on a volume's record for every change (an attachment is exclusive:
 one record names the one writer and its ``attach_epoch``), idempotent creates by
 ``ClientToken``. A volume's bytes are served to its attachment by the host side
-(volumes/attach.py) from a ``BlockStore``; until the replicated volume client serves them, they
-are a FileBlockStore file under the region's ``data_dir`` (``<state>/volumes``), which this
+(volumes/attach.py) from a ``BlockStore``. In a region with storage servers (``volumes``, a
+``RegionVolumes``) a new volume is replicated there: its config cell and replicas are made
+before its record (``storage: replicated``) and dropped on delete. Otherwise (and a volume
+made from a snapshot) its bytes are a FileBlockStore file under the region's ``data_dir``
+(``<state>/volumes``), which this
 module copies for a snapshot (``CreateSnapshot``: pending → completed) and from one
 (``CreateVolume`` with ``SnapshotId``: creating → available), in a worker thread, and removes
 with the volume or snapshot. Without a ``data_dir`` snapshots are ``UnsupportedOperation``.
