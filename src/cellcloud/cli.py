@@ -781,9 +781,11 @@ def _mount_subcommands() -> None:
 
     pod_app.command("api")(api_cmd)
     app.add_typer(pod_app, name="pod")
+    from .volume_cli import volume_app
     from .volumes.cli import app as storage_app
 
     app.add_typer(storage_app, name="storage", help="Storage servers of replicated volumes.")
+    app.add_typer(volume_app, name="volume", help="Volumes attached on this host.")
 
 
 _mount_subcommands()

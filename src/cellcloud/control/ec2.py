@@ -340,6 +340,27 @@ class Ec2:
 
         return await self._change(account, volume_id, detaching)
 
+    async def op_attachment(self, body: Any) -> dict[str, Any]:
+        """The control plane's ``volume_attachment`` op (an operator's ``cellcloud volume
+        attach``; not a router's: pki.OPS_ALLOWED): ``{"account", "volume_id", "action":
+        "attach", "target"}`` or ``{..., "action": "detach", "attach_epoch"}``; answers the
+        record. An EC2 error comes back typed with its code."""
+        from ..transport import OpError
+
+        if not isinstance(body, dict) or not all(
+                isinstance(body.get(k), str) for k in ("account", "volume_id", "action")):
+            raise OpError("InvalidParameterValue", "account, volume_id and action are strings")
+        try:
+            if body["action"] == "attach" and isinstance(body.get("target"), str):
+                return await self.attach(body["account"], body["volume_id"], body["target"])
+            if body["action"] == "detach" and isinstance(body.get("attach_epoch"), int):
+                return await self.detach(body["account"], body["volume_id"],
+                                         body["attach_epoch"])
+        except Ec2Error as e:
+            raise OpError(e.code, e.message) from None
+        raise OpError("InvalidParameterValue", "action: attach (with target) or detach (with "
+                      "attach_epoch)")
+
     # -- tags ----------------------------------------------------------------------------------
     def _resources(self, params: dict[str, Any]) -> list[str]:
         ids: list[str] = params.get("ResourceId", [])

@@ -323,7 +323,9 @@ async def serve(args: argparse.Namespace) -> None:
                      "cell_map": lambda _: _map(control),
                      # the scheduler API, forwarded by routers (pki.OPS_ALLOWED)
                      "scheduler": control.schedules.op, "ecs": control.ecs.op,
-                     "ec2": control.ec2.op},
+                     "ec2": control.ec2.op,
+                     # an operator's `cellcloud volume attach` (not a router's: OPS_ALLOWED)
+                     "volume_attachment": control.ec2.op_attachment},
                     protocol="control")
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
     control.address = (host, port)

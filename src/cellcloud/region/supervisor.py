@@ -366,6 +366,10 @@ class Supervisor:
             "operator_token_file": operator_token_path(self.state_dir),
             "state_dir": self.state_dir, "started": time.time(),
         }
+        if self.storage_servers:  # where replicated volumes are (`cellcloud volume attach`)
+            self.region_doc["storage"] = {
+                "servers_file": os.path.join(self.state_dir, "storage", "servers.json"),
+                "store_colony": self.store_colony}
         self.write_region()
         return self.region_doc
 

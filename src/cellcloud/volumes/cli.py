@@ -57,3 +57,4 @@ def serve_cmd(
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(server_id, state_dir, host or "127.0.0.1", int(port), ready))
     sys.exit(0)
+

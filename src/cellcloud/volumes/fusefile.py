@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -239,8 +240,11 @@ def main(argv: list[str] | None = None) -> None:
             from cellcloud import transport
             from cellcloud.security import pki
 
+            # the certificate's directory is named for the client id ("task/t1@2" →
+            # "task_t1@2")
+            name = re.sub(r"[^A-Za-z0-9_.@-]", "_", args.client_id)
             transport.enable_mtls(pki.tls_config(args.pki_dir, args.region, "volume", "host",
-                                                 args.client_id), "volume")
+                                                 name), "volume")
         serve_replicated(args.volume_id, args.colony, args.servers, args.client_id,
                          args.mountpoint, args.ready_fd, args.stats)
         return
