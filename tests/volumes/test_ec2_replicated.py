@@ -97,6 +97,11 @@ def test_ec2_volumes_on_storage_servers(tmp_path: Path) -> None:
 
         for sid in last.replicas:  # the tombstone fences the volume's last configuration
             assert asyncio.run(write_as_last_writer(sid)) == "stale"
+        one = last.replicas[0]  # durably: after a restart too
+        stack.kill9(one)
+        stack.start_server(one, stack.servers[one].labels)
+        assert asyncio.run(write_as_last_writer(one)) == "stale"
+        assert not os.path.exists(tmp_path / one / f"{vid}.img")
         api.loop.run_until_complete(region_volumes.close())
     finally:
         stack.stop_all()
