@@ -68,6 +68,16 @@ def test_a_dropped_volume_keeps_its_epoch_as_a_tombstone() -> None:
     assert reply["status"] == OK and eff == [PersistConfig(gone), DropData("v")]
     assert s.on_request(_req(CFG1, "write", offset=0, data=b"y")) == (
         {"status": STALE, "epoch": 2}, [])
+    # A server the volume was rewired away from drops its old copy too; one that never held
+    # the volume has nothing to drop and keeps no tombstone.
+    away = ServerCore("s9")
+    away.on_request(_req(VolumeConfig("v", 4096, 1, ("s9", "s1", "s2"), "s9"), "fence"))
+    assert away.on_request(_req(gone, "drop")) == (
+        {"status": OK, "epoch": 2}, [PersistConfig(gone), DropData("v")])
+    never = ServerCore("s8")
+    assert never.on_request(_req(gone, "drop")) == ({"status": OK, "epoch": 2}, [])
+    assert "v" not in never.volumes
+    assert never.on_request(_req(gone, "write", offset=0, data=b"y"))[0]["status"] == NOT_MEMBER
 
 
 def test_a_new_replica_is_reset_once_when_it_learns_its_epoch() -> None:

@@ -145,7 +145,7 @@ def test_a_region_with_storage_servers_replicates_its_volumes(
             assert e.value.response["Error"]["Code"] == "UnsupportedOperation"
             ec2.delete_volume(VolumeId=vid)
             assert _config(colony, vid) is None
-            for sid in after.replicas:  # (the server rewired away keeps its old copy)
+            for sid in servers:  # the server the volume was rewired away from too
                 assert not os.path.exists(os.path.join(sd, "storage", sid, f"{vid}.img"))
             with pytest.raises(ClientError) as e:
                 ec2.describe_volumes(VolumeIds=[vid])

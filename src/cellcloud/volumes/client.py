@@ -351,8 +351,9 @@ class RegionVolumes:
 
     async def delete(self, volume_id: str) -> list[str]:
         """Delete the volume's record (compare-and-set, so a rewire racing it is seen), then
-        tell its replicas to drop their bytes, at the epoch after the last record (which stays
-        on each as a tombstone: the last writer is refused). The servers that dropped it; a
+        tell every storage server to drop its bytes, at the epoch after the last record (which
+        stays as a tombstone on each server that held it: the last writer is refused; a
+        replica the volume was rewired away from goes too). The servers that answered; a
         server down now keeps its file (not collected yet)."""
         store = self.store()
         cell = cell_of(volume_id)
@@ -384,7 +385,7 @@ class RegionVolumes:
                 with contextlib.suppress(Exception):
                     await conn.close()
 
-        done = await asyncio.gather(*(drop(s) for s in cfg.replicas))
+        done = await asyncio.gather(*(drop(s) for s in sorted(servers)))
         return [s for s in done if s is not None]
 
     async def close(self) -> None:

@@ -231,7 +231,11 @@ class ServerCore:
         known = self.volumes.get(cfg.volume_id)
         if known is not None and cfg.epoch < known.config.epoch and not self.bug_no_fencing:
             return {"status": STALE, "epoch": known.config.epoch}, []
-        if self.server_id not in cfg.replicas:
+        if op == "drop" and known is None:
+            return {"status": OK, "epoch": cfg.epoch}, []  # never held it: nothing to drop
+        if self.server_id not in cfg.replicas and op != "drop":
+            # (a drop reaches every server that holds the volume, a replica the volume was
+            # rewired away from included)
             return {"status": NOT_MEMBER, "epoch": known.config.epoch if known else 0}, []
         if known is None or cfg.epoch > known.config.epoch:
             self.volumes[cfg.volume_id] = ServerVolume(cfg)
