@@ -83,7 +83,7 @@ def test_ext4_on_a_replicated_volume_survives_a_storage_server_kill(tmp_path: Pa
         written: dict[str, str] = {}  # file name -> sha256 of what was fsynced
         pauses: list[float] = []
 
-        twenty_done = threading.Event()
+        twenty_done, killed = threading.Event(), threading.Event()
 
         def writer() -> None:  # each file written and fsynced before the next
             for i in range(60):
@@ -92,8 +92,9 @@ def test_ext4_on_a_replicated_volume_survives_a_storage_server_kill(tmp_path: Pa
                 written[f"f{i}"] = hashlib.sha256(data).hexdigest()
                 if i >= 20:
                     pauses.append(took)
-                if i == 19:
+                if i == 19:  # the next 40 are written after the kill
                     twenty_done.set()
+                    assert killed.wait(120)
 
         att = asyncio.run(attach_replicated(vol, fuse_dir, mnt))
         try:
@@ -101,7 +102,8 @@ def test_ext4_on_a_replicated_volume_survives_a_storage_server_kill(tmp_path: Pa
             thread = threading.Thread(target=writer)
             thread.start()
             assert twenty_done.wait(120)
-            stack.kill9(cfg.primary)  # the volume's primary, while the writer goes on
+            stack.kill9(cfg.primary)  # the volume's primary, under the mounted ext4
+            killed.set()
             thread.join(300)
             assert not thread.is_alive() and len(written) == 60
         finally:
