@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cellcloud.volumes.attach import ReplicatedVolume, attach_replicated, detach
+from cellcloud.volumes.attach import AttachError, ReplicatedVolume, attach_replicated, detach
 from cellcloud.volumes.client import cell_of, create_volume
 from cellcloud.volumes.core import CONFIG_KEY, VolumeConfig
 
@@ -124,5 +124,13 @@ def test_ext4_on_a_replicated_volume_survives_a_storage_server_kill(tmp_path: Pa
                 assert hashlib.sha256(Path(f"{mnt}/{name}").read_bytes()).hexdigest() == digest
         finally:
             asyncio.run(detach(att))
+
+        # A volume the store has no cell of: the FUSE process gives up, says why, and mounts
+        # nothing (a missing cell and an unreachable one look alike to the store client).
+        ghost = ReplicatedVolume("vol-none", stack.colony_path, servers_path, "host-c",
+                                 attach_timeout_s=2)
+        with pytest.raises(AttachError, match="no such volume"):
+            asyncio.run(attach_replicated(ghost, str(tmp_path / "fuse2"), str(tmp_path / "m2")))
+        assert _mountinfo(str(tmp_path / "fuse2")) is None
     finally:
         stack.stop_all()

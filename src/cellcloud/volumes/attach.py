@@ -85,10 +85,13 @@ class ReplicatedVolume:
     client_id: str
     pki_dir: str = ""
     region: str = "cc-local-1"
+    attach_timeout_s: float | None = None  # None: fusefile's volume_attach_timeout_s
 
     def argv(self) -> list[str]:
         out = ["--volume-id", self.volume_id, "--colony", self.colony_path, "--servers",
                self.servers_path, "--client-id", self.client_id]
+        if self.attach_timeout_s is not None:
+            out += ["--attach-timeout-s", str(self.attach_timeout_s)]
         if self.pki_dir:
             out += ["--pki-dir", self.pki_dir, "--region", self.region]
         return out

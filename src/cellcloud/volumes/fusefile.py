@@ -149,6 +149,9 @@ class VolumeFile(mfusepy.Operations):
 
 
 store_close_timeout_s = 60.0  # a replicated volume's detach after the unmount
+#: a replicated volume's attach (read its record, take it over, fence its replicas); under
+#: attach.py's fuse_ready_timeout_s, so the reason reaches the caller
+volume_attach_timeout_s = 45.0
 
 
 def serve(store: BlockStore, mountpoint: str, ready_fd: int | None = None,
@@ -189,11 +192,13 @@ def serve_store(open_store: Callable[[], Coroutine[Any, Any, BlockStore]], mount
 
 def serve_replicated(volume_id: str, colony_path: str, servers_path: str, client_id: str,
                      mountpoint: str, ready_fd: int | None = None,
-                     stats_path: str | None = None) -> None:
+                     stats_path: str | None = None,
+                     attach_timeout_s: float = volume_attach_timeout_s) -> None:
     """Serve the replicated volume ``volume_id`` (its config cell in the store colony of
     ``colony_path``, its storage servers in ``servers_path``), attached as ``client_id``."""
     from cellcloud.store.client import StoreClient
     from cellcloud.volumes.client import VolumeClient, load_servers
+    from cellcloud.volumes.core import VolumeError
 
     held: dict[str, Any] = {}
 
@@ -201,7 +206,14 @@ def serve_replicated(volume_id: str, colony_path: str, servers_path: str, client
         store = held["store"] = StoreClient.from_file(colony_path)
         vc = VolumeClient(volume_id, store, load_servers(servers_path), client_id=client_id)
         try:
-            await vc.attach()  # takes the volume over: a previous writer is fenced
+            # takes the volume over: a previous writer is fenced
+            await vc.attach(timeout_s=attach_timeout_s)
+        except TimeoutError:
+            await vc.close()
+            await store.close()
+            raise VolumeError(f"{volume_id}: not attached within {attach_timeout_s} s (its "
+                              "config cell is unreachable, or there is no such volume)"
+                              ) from None
         except BaseException:
             await vc.close()
             await store.close()
@@ -228,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--colony", help="the store colony file (the volume's config cell)")
     p.add_argument("--servers", help="the storage servers file (volumes/client.py)")
     p.add_argument("--client-id", help="this attachment's client id (the volume's record)")
+    p.add_argument("--attach-timeout-s", type=float, default=volume_attach_timeout_s,
+                   help="give up attaching the replicated volume after this long")
     p.add_argument("--pki-dir", help="speak mutual TLS to storage servers as role 'volume'")
     p.add_argument("--region", default="cc-local-1", help="region name in the certificates")
     p.add_argument("--ready-fd", type=int, help="written one JSON line once mounted")
@@ -246,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             transport.enable_mtls(pki.tls_config(args.pki_dir, args.region, "volume", "host",
                                                  name), "volume")
         serve_replicated(args.volume_id, args.colony, args.servers, args.client_id,
-                         args.mountpoint, args.ready_fd, args.stats)
+                         args.mountpoint, args.ready_fd, args.stats, args.attach_timeout_s)
         return
     if not args.file or args.size_bytes is None:
         p.error("give --file and --size-bytes, or --volume-id")
