@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import mfusepy
 
+from ..core.limits import DEFAULT_LIMITS
 from .blockdev import BlockStore, FileBlockStore
 
 log = logging.getLogger("cellcloud.volumes.fusefile")
@@ -148,10 +149,8 @@ class VolumeFile(mfusepy.Operations):
         os.replace(tmp, str(self.stats_path))
 
 
-store_close_timeout_s = 60.0  # a replicated volume's detach after the unmount
-#: a replicated volume's attach (read its record, take it over, fence its replicas); under
-#: attach.py's fuse_ready_timeout_s, so the reason reaches the caller
-volume_attach_timeout_s = 45.0
+store_close_timeout_s = DEFAULT_LIMITS.volume_detach_timeout_ms / 1000
+volume_attach_timeout_s = DEFAULT_LIMITS.volume_attach_timeout_ms / 1000
 
 
 def serve(store: BlockStore, mountpoint: str, ready_fd: int | None = None,
