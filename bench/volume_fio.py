@@ -4,7 +4,11 @@ jobs on a plain local file in the same directory's filesystem, same run, same pa
 
 Run from the repository root, as root::
 
-    python -m bench.volume_fio [--runtime-s 10] [--size-mib 512] [--dir DIR]
+    python -m bench.volume_fio [--runtime-s 10] [--size-mib 512] [--dir DIR] [--replicated]
+
+``--replicated``: the volume is a replicated one instead (3 replicas over 4 storage servers and
+a 3-node store colony on loopback, tests/volumes/harness.py; the FUSE file served by a
+``VolumeClient``: ``attach_replicated``).
 
 Jobs (each on both targets, one after the other): 4 KiB random writes with O_DIRECT (no
 fsync: the volume's writes are durable anyway — FileBlockStore writes are O_DSYNC — the local
@@ -26,7 +30,13 @@ import subprocess
 import tempfile
 from typing import Any
 
-from cellcloud.volumes.attach import attach_file, detach
+from cellcloud.volumes.attach import (
+    Attached,
+    ReplicatedVolume,
+    attach_file,
+    attach_replicated,
+    detach,
+)
 
 JOBS: list[tuple[str, list[str]]] = [
     ("randwrite 4k direct", ["--rw=randwrite", "--bs=4k", "--direct=1"]),
@@ -68,12 +78,21 @@ async def run(a: argparse.Namespace) -> None:
     # the volume: a bit bigger than the fio file, so ext4's own metadata fits beside it
     size_bytes = (a.size_mib + 256) * 2**20
     print(f"load before: {loadavg()}  nproc {os.cpu_count()}")
-    att = await attach_file(os.path.join(base, "volume.img"), size_bytes,
-                            os.path.join(base, "fuse"), os.path.join(base, "mnt"))
+    stack = None
+    if a.replicated:
+        from tests.volumes.harness import Stack
+
+        stack = Stack(os.path.join(base, "stack"), store_nodes=3, servers=4)
+        att = await _attach_replicated(stack, base, size_bytes)
+        what = "replicated (3 of 4 storage servers)"
+    else:
+        att = await attach_file(os.path.join(base, "volume.img"), size_bytes,
+                                os.path.join(base, "fuse"), os.path.join(base, "mnt"))
+        what = "FileBlockStore"
     rows = []
     try:
         print(f"volume: {att.loop_device} (loop direct I/O {'on' if att.direct_io else 'off'})"
-              f", FileBlockStore {size_bytes // 2**20} MiB at {base}")
+              f", {what} {size_bytes // 2**20} MiB at {base}")
         for name, args in JOBS:
             if a.only and a.only not in name:
                 continue
@@ -83,6 +102,8 @@ async def run(a: argparse.Namespace) -> None:
             print(f"  {name}: volume {vol}  local {loc}", flush=True)
     finally:
         await detach(att)
+        if stack is not None:
+            stack.stop_all()
         if not a.dir:  # a directory of its own: gone with its sparse volume file
             shutil.rmtree(base, ignore_errors=True)
     print(f"load after: {loadavg()}")
@@ -100,12 +121,33 @@ async def run(a: argparse.Namespace) -> None:
                   f"{loc.get('sync_p99_ms', 0):.3f} | | |")
 
 
+async def _attach_replicated(stack: Any, base: str, size_bytes: int) -> Attached:
+    from cellcloud.volumes.client import create_volume
+
+    gib = 2**30
+    size_bytes = -(-size_bytes // gib) * gib  # volumes come in whole GiB
+    store = stack.store()
+    try:
+        await create_volume(store, "vol-fio", size_bytes, stack.servers)
+    finally:
+        await store.close()
+    servers_path = os.path.join(base, "servers.json")
+    with open(servers_path, "w") as f:
+        json.dump({sid: {"host": s.host, "port": s.port, "labels": s.labels}
+                   for sid, s in stack.servers.items()}, f)
+    return await attach_replicated(
+        ReplicatedVolume("vol-fio", stack.colony_path, servers_path, "bench"),
+        os.path.join(base, "fuse"), os.path.join(base, "mnt"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime-s", type=int, default=10)
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--dir", default="", help="where the volume's file and the local file go")
     ap.add_argument("--only", default="", help="run the jobs whose name contains this")
+    ap.add_argument("--replicated", action="store_true",
+                    help="a replicated volume (storage servers on loopback), not a local file")
     asyncio.run(run(ap.parse_args()))
 
 

@@ -91,6 +91,11 @@ def up(
     store_colony: Annotated[str, typer.Option(
         help="A Physalia store colony file (cellcloud store up): the web console shows its "
         "nodes' and cells' health")] = "",
+    storage_servers: Annotated[int, typer.Option(
+        min=0, help="Storage servers of replicated volumes (docs/volumes.md): CreateVolume "
+        "replicates new volumes on them, each volume's configuration in a cell of "
+        "--store-colony (required with them); 0: volumes are local files. At least "
+        "volume_replicas + 1 (4) for a lost server's replicas to be rebuilt elsewhere")] = 0,
 ) -> None:
     """Start a region: router, cell frontends and host agents, supervised."""
     if insecure:
@@ -115,10 +120,15 @@ def up(
     if backend == "microvm" and network != "none":
         err.print("--backend microvm: the guest has no network device yet; --network none")
         raise typer.Exit(2)
+    if storage_servers and not store_colony:
+        err.print("--storage-servers: replicated volumes keep their configuration in a store "
+                  "colony; give --store-colony (cellcloud store up)")
+        raise typer.Exit(2)
     if detach:
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
                 allow_unlimited, network, net_pool, metrics_functions_per_account_max,
-                otlp_endpoint, store_colony=store_colony, backend=backend)
+                otlp_endpoint, store_colony=store_colony, backend=backend,
+                storage_servers=storage_servers)
         return
     agent_args = ["--network", network, "--net-pool", net_pool, "--backend", backend]
     # Spans go out from the router and the frontends (the agents carry theirs back).
@@ -144,6 +154,7 @@ def up(
                                    if metrics_functions_per_account_max is not None else [])],
                     "router": [*otlp, *(["--store-colony", os.path.abspath(store_colony)]
                                         if store_colony else [])]},
+        storage_servers=storage_servers, store_colony=store_colony,
     )
 
     def ready(doc: dict[str, Any]) -> None:
@@ -190,6 +201,7 @@ def _detach(
     insecure: bool = False, allow_unlimited: bool = False, network: str = "egress",
     net_pool: str = "100.64.0.0/16", metrics_functions_per_account_max: int | None = None,
     otlp_endpoint: str | None = None, store_colony: str = "", backend: str = "jail",
+    storage_servers: int = 0,
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -222,6 +234,7 @@ def _detach(
                   if metrics_functions_per_account_max is not None else []),
                 *(["--store-colony", os.path.abspath(store_colony)] if store_colony else []),
                 *(["--otlp-endpoint", otlp_endpoint] if otlp_endpoint else []),
+                *(["--storage-servers", str(storage_servers)] if storage_servers else []),
             ],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,
@@ -768,9 +781,11 @@ def _mount_subcommands() -> None:
 
     pod_app.command("api")(api_cmd)
     app.add_typer(pod_app, name="pod")
+    from .volume_cli import volume_app
     from .volumes.cli import app as storage_app
 
     app.add_typer(storage_app, name="storage", help="Storage servers of replicated volumes.")
+    app.add_typer(volume_app, name="volume", help="Volumes attached on this host.")
 
 
 _mount_subcommands()

@@ -27,6 +27,7 @@ def free_ports(n: int) -> list[int]:
 class Stack:
     def __init__(self, tmp: str, store_nodes: int = 3, servers: int = 4) -> None:
         self.dir = tmp
+        os.makedirs(tmp, exist_ok=True)
         self.colony = Colony.local(store_nodes, 0)
         for spec, port in zip(self.colony.nodes.values(), free_ports(store_nodes), strict=True):
             spec.port = port

@@ -16,6 +16,7 @@ from cellcloud.volumes.core import (
     CfgGet,
     ClientCore,
     Complete,
+    DropData,
     PersistConfig,
     ReadData,
     ResetData,
@@ -55,6 +56,28 @@ def test_server_fences_older_epochs_and_learns_newer_ones() -> None:
     bad = ServerCore("s1", bug_no_fencing=True)
     bad.load([cfg2])
     assert bad.on_request(_req(CFG1, "write", offset=0, data=b"y"))[0]["status"] == OK
+
+
+def test_a_dropped_volume_keeps_its_epoch_as_a_tombstone() -> None:
+    """DeleteVolume's ``drop`` (at the epoch after the last record) removes the bytes; the
+    configuration stays, so the writer of the last record is still refused."""
+    s = ServerCore("s1")
+    s.on_request(_req(CFG1, "write", offset=0, data=b"x"))
+    gone = VolumeConfig("v", 4096, 2, CFG1.replicas, "s0")
+    reply, eff = s.on_request(_req(gone, "drop"))
+    assert reply["status"] == OK and eff == [PersistConfig(gone), DropData("v")]
+    assert s.on_request(_req(CFG1, "write", offset=0, data=b"y")) == (
+        {"status": STALE, "epoch": 2}, [])
+    # A server the volume was rewired away from drops its old copy too; one that never held
+    # the volume has nothing to drop and keeps no tombstone.
+    away = ServerCore("s9")
+    away.on_request(_req(VolumeConfig("v", 4096, 1, ("s9", "s1", "s2"), "s9"), "fence"))
+    assert away.on_request(_req(gone, "drop")) == (
+        {"status": OK, "epoch": 2}, [PersistConfig(gone), DropData("v")])
+    never = ServerCore("s8")
+    assert never.on_request(_req(gone, "drop")) == ({"status": OK, "epoch": 2}, [])
+    assert "v" not in never.volumes
+    assert never.on_request(_req(gone, "write", offset=0, data=b"y"))[0]["status"] == NOT_MEMBER
 
 
 def test_a_new_replica_is_reset_once_when_it_learns_its_epoch() -> None:

@@ -8,8 +8,11 @@ The protocol is ``core/ec2_query.py``'s, the rules ``core/ec2_volumes.py``'s; th
 the store, compare-and-set on a volume's record for every change (an attachment is exclusive:
 one record names the one writer and its ``attach_epoch``), idempotent creates by
 ``ClientToken``. A volume's bytes are served to its attachment by the host side
-(volumes/attach.py) from a ``BlockStore``; until the replicated volume client serves them, they
-are a FileBlockStore file under the region's ``data_dir`` (``<state>/volumes``), which this
+(volumes/attach.py) from a ``BlockStore``. In a region with storage servers (``volumes``, a
+``RegionVolumes``) a new volume is replicated there: its config cell and replicas are made
+before its record (``storage: replicated``) and dropped on delete. Otherwise (and a volume
+made from a snapshot) its bytes are a FileBlockStore file under the region's ``data_dir``
+(``<state>/volumes``), which this
 module copies for a snapshot (``CreateSnapshot``: pending → completed) and from one
 (``CreateVolume`` with ``SnapshotId``: creating → available), in a worker thread, and removes
 with the volume or snapshot. Without a ``data_dir`` snapshots are ``UnsupportedOperation``.
@@ -31,6 +34,7 @@ from urllib.parse import parse_qsl
 from ..core import ec2_volumes as vols
 from ..core.ec2_query import XML, Ec2Error, error_xml, invalid_value, parse_request, response_xml
 from ..core.limits import DEFAULT_LIMITS, Limits
+from ..store.client import StoreError
 from ..volumes.blockdev import (
     StoreBusy,
     copy_extents,
@@ -38,6 +42,8 @@ from ..volumes.blockdev import (
     snapshot_file,
     volume_file,
 )
+from ..volumes.client import RegionVolumes
+from ..volumes.core import VolumeError
 from .configstore import ConfigStore, ConfigStoreError, ConfigStoreUnavailable
 
 log = logging.getLogger("cellcloud.control.ec2")
@@ -77,14 +83,18 @@ class Ec2:
 
     def __init__(self, store: ConfigStore, region: str,
                  clock: Callable[[], int] | None = None, limits: Limits = DEFAULT_LIMITS,
-                 new_id: Callable[[], str] = new_volume_id, data_dir: str | None = None
-                 ) -> None:
+                 new_id: Callable[[], str] = new_volume_id, data_dir: str | None = None,
+                 volumes: RegionVolumes | None = None) -> None:
         self.store = store
         self.region = region
         self.clock = clock or (lambda: int(time.time() * 1000))
         self.limits = limits
         self.new_id = new_id
         self.data_dir = data_dir
+        #: the region's storage servers (``cellcloud up --storage-servers N``): a new volume
+        #: (not one made from a snapshot) is replicated there, its config cell in the store
+        #: colony; None: every volume is a FileBlockStore file under ``data_dir``
+        self.volumes = volumes
         #: copies running in this process (a snapshot, a restore), by the id they make; one
         #: found pending with none running (a restarted control plane) is started again
         self._copies: dict[str, asyncio.Task[None]] = {}
@@ -215,6 +225,15 @@ class Ec2:
             except (OSError, StoreBusy) as e:
                 raise Ec2Error("IncorrectState", f"Snapshot {snap['id']}'s bytes cannot be "
                                f"read: {e}") from None
+        if snap is None and self.volumes is not None:
+            # Its replicas and config cell first: a record never names a volume without them
+            # (a retried create finds them made and goes on).
+            try:
+                await self.volumes.create(volume_id, spec.size_gib * GiB)
+            except (VolumeError, StoreError) as e:
+                raise Ec2Error("InsufficientVolumeCapacity", f"The volume's replicas could "
+                               f"not be placed: {e}", 503) from None
+            rec["storage"] = "replicated"
         try:
             if await self.store.cas(self._key(account, volume_id), 0,
                                     json.dumps(rec).encode()) is None:
@@ -273,8 +292,17 @@ class Ec2:
         rec = await self._change(account, volume_id, deleting)
         if rec.get("client_token"):  # first: a token left alone would name a volume gone
             await self.store.delete(f"{TOKENS}{account}/{rec['client_token']}")
+        if rec.get("storage") == "replicated":
+            if self.volumes is None:
+                raise Ec2Error("InternalError", f"Volume {volume_id} is replicated and this "
+                               "region has no storage servers now", 500)
+            try:  # before the record goes: a failure here leaves it "deleting", retried
+                await self.volumes.delete(volume_id)
+            except StoreError as e:
+                raise Ec2Error("Unavailable", f"The volume's configuration cannot be "
+                               f"reached: {e}", 503) from None
         await self.store.delete(self._key(account, volume_id))
-        if self.data_dir is not None:
+        if self.data_dir is not None and rec.get("storage") != "replicated":
             await asyncio.to_thread(_remove, volume_file(self.data_dir, account, volume_id))
         return {"return": True}
 
@@ -311,6 +339,27 @@ class Ec2:
             return {**rec, "state": "available", "attachment": None}
 
         return await self._change(account, volume_id, detaching)
+
+    async def op_attachment(self, body: Any) -> dict[str, Any]:
+        """The control plane's ``volume_attachment`` op (an operator's ``cellcloud volume
+        attach``; not a router's: pki.OPS_ALLOWED): ``{"account", "volume_id", "action":
+        "attach", "target"}`` or ``{..., "action": "detach", "attach_epoch"}``; answers the
+        record. An EC2 error comes back typed with its code."""
+        from ..transport import OpError
+
+        if not isinstance(body, dict) or not all(
+                isinstance(body.get(k), str) for k in ("account", "volume_id", "action")):
+            raise OpError("InvalidParameterValue", "account, volume_id and action are strings")
+        try:
+            if body["action"] == "attach" and isinstance(body.get("target"), str):
+                return await self.attach(body["account"], body["volume_id"], body["target"])
+            if body["action"] == "detach" and isinstance(body.get("attach_epoch"), int):
+                return await self.detach(body["account"], body["volume_id"],
+                                         body["attach_epoch"])
+        except Ec2Error as e:
+            raise OpError(e.code, e.message) from None
+        raise OpError("InvalidParameterValue", "action: attach (with target) or detach (with "
+                      "attach_epoch)")
 
     # -- tags ----------------------------------------------------------------------------------
     def _resources(self, params: dict[str, Any]) -> list[str]:
@@ -551,6 +600,10 @@ class Ec2:
                            "volumes only (docs/volumes.md)")
         if vol["state"] != "available":
             raise Ec2Error("IncorrectState", f"Volume {volume_id} is {vol['state']}")
+        if vol.get("storage") == "replicated":
+            raise Ec2Error("UnsupportedOperation", f"Volume {volume_id} is on the region's "
+                           "storage servers: snapshots of replicated volumes are not built "
+                           "yet (docs/volumes.md)")
         self._dry_run(params)
         if len(await self.store.list(f"{SNAPSHOTS}{account}/")) \
                 >= self.limits.ec2_snapshots_per_tenant_max:

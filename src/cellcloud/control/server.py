@@ -319,13 +319,19 @@ async def serve(args: argparse.Namespace) -> None:
     control = Control(state_dir, store, args.endpoints, args.push_interval_ms)
     control.region = control.schedules.region = control.ecs.region = args.region
     control.ec2.region = args.region
+    if args.storage_servers_file:  # the region runs storage servers: volumes are replicated
+        from ..volumes.client import RegionVolumes
+
+        control.ec2.volumes = RegionVolumes(args.store_colony, args.storage_servers_file)
     await control.load()
     server = Server({"status": control.op_status, "migrate": control.op_migrate,
                      "override": control.op_override, "cell_of": control.op_cell_of,
                      "cell_map": lambda _: _map(control),
                      # the scheduler API, forwarded by routers (pki.OPS_ALLOWED)
                      "scheduler": control.schedules.op, "ecs": control.ecs.op,
-                     "ec2": control.ec2.op},
+                     "ec2": control.ec2.op,
+                     # an operator's `cellcloud volume attach` (not a router's: OPS_ALLOWED)
+                     "volume_attachment": control.ec2.op_attachment},
                     protocol="control")
     host, port = await server.listen_tcp("", 0, sock=runtime.bind_tcp(args.listen))
     control.address = (host, port)
@@ -406,9 +412,16 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: SQLite under the state directory)")
     p.add_argument("--push-interval-ms", type=int, default=1000)
     p.add_argument("--region", default="cc-local-1")
+    p.add_argument("--storage-servers-file", default="",
+                   help="the region's storage servers (volumes/client.py's servers file): "
+                        "CreateVolume replicates new volumes there (needs --store-colony)")
+    p.add_argument("--store-colony", default="",
+                   help="the store colony file holding replicated volumes' config cells")
     runtime.add_security_args(p)
     runtime.add_protocol_max(p)
     args = p.parse_args(argv)
+    if args.storage_servers_file and not args.store_colony:
+        p.error("--storage-servers-file needs --store-colony")
     runtime.apply_protocol_max(args)
     runtime.setup_logging("control")
     runtime.setup_security(args, "control", "region", "control", args.region)

@@ -178,7 +178,8 @@ def stop_leftovers(state_dir: str) -> list[int]:
 
 
 # Components whose module is not cellcloud.<kind>.server.
-_MODULES = {"dispatcher": "cellcloud.frontend.dispatcher"}
+_MODULES = {"dispatcher": "cellcloud.frontend.dispatcher",
+            "storage": "cellcloud.volumes"}  # storage: `cellcloud storage serve`
 
 
 @dataclass
@@ -211,7 +212,8 @@ class Supervisor:
                  extra_args: dict[str, list[str]] | None = None, restart: bool = True,
                  zones_per_cell: int = 3, push_interval_ms: int = 1000,
                  insecure: bool = False,
-                 agent_hosts: dict[str, tuple[str, str]] | None = None) -> None:
+                 agent_hosts: dict[str, tuple[str, str]] | None = None,
+                 storage_servers: int = 0, store_colony: str = "") -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.cells = cells
         self.agents_per_cell = agents_per_cell
@@ -233,6 +235,12 @@ class Supervisor:
         # agent id -> (network namespace, address): agents on hosts of their own (tests give
         # each its own netns + veth on a bridge); the others listen on self.host.
         self.agent_hosts = agent_hosts or {}
+        # Storage servers of replicated volumes (docs/volumes.md); their volumes' config
+        # cells live in the store colony of ``store_colony`` (required with them).
+        if storage_servers and not store_colony:
+            raise ValueError("storage servers need a store colony (--store-colony)")
+        self.storage_servers = storage_servers
+        self.store_colony = os.path.abspath(store_colony) if store_colony else ""
         if not insecure:
             from ..security import pki
 
@@ -342,9 +350,11 @@ class Supervisor:
             f"{router.info['control_host']}:{router.info['control_port']}")
         endpoints["routers"]["router"] = [router.info["control_host"], router.info["control_port"]]
         endpoints_path = self._write_endpoints(endpoints)
+        storage_args = await self._start_storage()
         control = Component("control", "control", [
             "--state-dir", self.state_dir, "--endpoints", endpoints_path,
             "--region", self.region, "--push-interval-ms", str(self.push_interval_ms),
+            *storage_args,
             *self._extra("control", "control"),
         ], f"{self.host}:0")
         await self._launch(control)
@@ -363,8 +373,34 @@ class Supervisor:
             "operator_token_file": operator_token_path(self.state_dir),
             "state_dir": self.state_dir, "started": time.time(),
         }
+        if self.storage_servers:  # where replicated volumes are (`cellcloud volume attach`)
+            self.region_doc["storage"] = {
+                "servers_file": os.path.join(self.state_dir, "storage", "servers.json"),
+                "store_colony": self.store_colony}
         self.write_region()
         return self.region_doc
+
+    async def _start_storage(self) -> list[str]:
+        """Start the storage servers, each its own failure domain on this machine (a rack of
+        the region's one zone), and write their servers file; the control plane's arguments
+        that name it (none without storage servers)."""
+        if not self.storage_servers:
+            return []
+        servers: dict[str, Any] = {}
+        for i in range(self.storage_servers):
+            sid = f"storage-{i}"
+            comp = Component(sid, "storage", [
+                "serve", "--id", sid, "--region", self.region,
+                "--state-dir", os.path.join(self.state_dir, "storage", sid),
+            ], f"{self.host}:0")
+            await self._launch(comp)
+            servers[sid] = {"host": comp.info["host"], "port": comp.info["port"],
+                            "labels": {"zone": f"{self.region}a", "rack": f"rack-{i}"}}
+        path = os.path.join(self.state_dir, "storage", "servers.json")
+        with open(path + ".tmp", "w") as f:  # a restarted server keeps its port: stays true
+            json.dump(servers, f, indent=2)
+        os.rename(path + ".tmp", path)
+        return ["--storage-servers-file", path, "--store-colony", self.store_colony]
 
     def write_region(self) -> None:
         doc = dict(self.region_doc)
@@ -866,7 +902,8 @@ class Supervisor:
         self.stopping = True
         for t in self._monitors:
             t.cancel()
-        order = {"control": 0, "router": 1, "dispatcher": 2, "frontend": 3, "agent": 4}
+        order = {"control": 0, "router": 1, "dispatcher": 2, "frontend": 3, "agent": 4,
+                 "storage": 5}
         for kind in sorted({c.kind for c in self.components}, key=order.__getitem__):
             group = [c for c in self.components if c.kind == kind and c.proc is not None]
             for c in group:

@@ -73,15 +73,54 @@ async def _run(*argv: str, ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
     return int(proc.returncode or 0), text
 
 
+@dataclass(frozen=True)
+class ReplicatedVolume:
+    """A replicated volume as the FUSE process reaches it (volumes/client.py): its id, the
+    store colony holding its config cell, its storage servers, the client id it attaches as,
+    and the region's PKI (mutual TLS to the storage servers as role ``volume``) if any."""
+
+    volume_id: str
+    colony_path: str
+    servers_path: str
+    client_id: str
+    pki_dir: str = ""
+    region: str = "cc-local-1"
+    attach_timeout_s: float | None = None  # None: fusefile's volume_attach_timeout_s
+
+    def argv(self) -> list[str]:
+        out = ["--volume-id", self.volume_id, "--colony", self.colony_path, "--servers",
+               self.servers_path, "--client-id", self.client_id]
+        if self.attach_timeout_s is not None:
+            out += ["--attach-timeout-s", str(self.attach_timeout_s)]
+        if self.pki_dir:
+            out += ["--pki-dir", self.pki_dir, "--region", self.region]
+        return out
+
+
 async def attach_file(path: str, size_bytes: int, fuse_dir: str, mount_at: str, *,
                       direct_io: bool | None = None, stats_path: str | None = None
                       ) -> Attached:
     """Attach the FileBlockStore at ``path`` (``direct_io``: None tries it, then goes without)."""
+    return await _attach(["--file", path, "--size-bytes", str(size_bytes)], fuse_dir,
+                         mount_at, direct_io, stats_path)
+
+
+async def attach_replicated(volume: ReplicatedVolume, fuse_dir: str, mount_at: str, *,
+                            direct_io: bool | None = None, stats_path: str | None = None
+                            ) -> Attached:
+    """Attach a replicated volume: the FUSE process attaches a ``VolumeClient`` (taking the
+    volume over, fencing any previous writer) before it mounts; a storage server's loss is a
+    pause in the writes (the client rewires), not an error."""
+    return await _attach(volume.argv(), fuse_dir, mount_at, direct_io, stats_path)
+
+
+async def _attach(store_argv: list[str], fuse_dir: str, mount_at: str,
+                  direct_io: bool | None, stats_path: str | None) -> Attached:
     os.makedirs(fuse_dir, exist_ok=True)
     os.makedirs(mount_at, exist_ok=True)
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", "cellcloud.volumes.fusefile", "--mountpoint", fuse_dir,
-            "--file", path, "--size-bytes", str(size_bytes), "--ready-fd", str(write_fd)]
+            *store_argv, "--ready-fd", str(write_fd)]
     if stats_path:
         argv += ["--stats", stats_path]
     errors = tempfile.TemporaryFile()  # its stderr: never a pipe that could fill and block it
@@ -195,17 +234,38 @@ class VolumeAttachment:
     attached: Attached
 
 
+@dataclass(frozen=True)
+class StorageLinks:
+    """Where a region's replicated volumes are (``cellcloud up --storage-servers N``)."""
+
+    colony_path: str
+    servers_path: str
+    pki_dir: str = ""
+    region: str = "cc-local-1"
+
+
 async def attach_volume(records: AttachmentRecords, account: str, volume_id: str, target: str,
-                        data_dir: str, mount_at: str, run_dir: str) -> VolumeAttachment:
+                        data_dir: str, mount_at: str, run_dir: str,
+                        storage: StorageLinks | None = None) -> VolumeAttachment:
     """Take the volume's attachment (refused while another holds it: ``VolumeInUse``), then
-    mount it; a mount that fails gives the attachment back."""
+    mount it; a mount that fails gives the attachment back. A replicated volume (its record
+    says ``storage: replicated``) is served by a ``VolumeClient`` over ``storage``, attached
+    as ``<target>@<attach_epoch>``; another is the FileBlockStore file under ``data_dir``."""
     rec = await records.attach(account, volume_id, target)
     epoch = int(rec["attach_epoch"])
     try:
-        path = volume_file(data_dir, account, volume_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        att = await attach_file(path, int(rec["size_gib"]) * GiB,
-                                os.path.join(run_dir, f"{volume_id}.fuse"), mount_at)
+        fuse_dir = os.path.join(run_dir, f"{volume_id}.fuse")
+        if rec.get("storage") == "replicated":
+            if storage is None:
+                raise AttachError(f"{volume_id} is replicated: attaching it needs the "
+                                  "region's store colony and storage servers")
+            att = await attach_replicated(ReplicatedVolume(
+                volume_id, storage.colony_path, storage.servers_path, f"{target}@{epoch}",
+                storage.pki_dir, storage.region), fuse_dir, mount_at)
+        else:
+            path = volume_file(data_dir, account, volume_id)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            att = await attach_file(path, int(rec["size_gib"]) * GiB, fuse_dir, mount_at)
     except BaseException:
         await records.detach(account, volume_id, epoch)
         raise

@@ -22,7 +22,8 @@ copy_chunk_bytes = 8 * 1024 * 1024  # one copy_file_range call of a snapshot or 
 
 
 class BlockStore(Protocol):
-    size_bytes: int
+    @property
+    def size_bytes(self) -> int: ...
 
     async def read(self, offset: int, length: int) -> bytes: ...
 

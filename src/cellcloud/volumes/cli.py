@@ -29,22 +29,32 @@ def serve_cmd(
         help="the region's PKI directory: speak mutual TLS as role 'storage' (accepting "
              "only 'volume' and 'control' peers)")] = "",
     region: Annotated[str, typer.Option(help="region name in the certificates")] = "cc-local-1",
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="development only: plain-text links (the supervisor's flag; the "
+        "same as no --pki-dir)")] = False,
 ) -> None:
     """Serve volume replicas: answers reads, writes and fences; never calls anyone. Prints
-    ``READY host port`` on stdout once it listens."""
-    from cellcloud import transport
+    ``READY host port`` on stdout once it listens (under the region's supervisor: its ready
+    line on ``CELLCLOUD_READY_FD`` instead)."""
+    import os
+
+    from cellcloud import runtime, transport
     from cellcloud.security import pki
     from cellcloud.volumes.server import serve
 
-    if pki_dir:
+    if pki_dir and not insecure:
         transport.enable_mtls(pki.tls_config(pki_dir, region, "storage", "storage", server_id),
                               "storage")
 
     host, _, port = listen.rpartition(":")
 
     def ready(h: str, p: int) -> None:
-        print(f"READY {h} {p}", flush=True)
+        if "CELLCLOUD_READY_FD" in os.environ:
+            runtime.announce_ready({"host": h, "port": p, "server": server_id})
+        else:
+            print(f"READY {h} {p}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(server_id, state_dir, host or "127.0.0.1", int(port), ready))
     sys.exit(0)
+

@@ -314,3 +314,81 @@ class VolumeClient:
             except (transport.TransportError, transport.RemoteError, OSError):
                 reply = None
         self._run(self.core.on_server(a.rid, reply, self._now()))
+
+
+class RegionVolumes:
+    """A region's replicated volumes as its control plane makes and deletes them (the EC2
+    API's ``CreateVolume``/``DeleteVolume``, control/ec2.py): the store colony that holds each
+    volume's config cell and the storage servers file the supervisor writes. The servers file
+    is read at each call (a restarted server keeps its port, so it stays true)."""
+
+    def __init__(self, colony_path: str, servers_path: str,
+                 request_timeout_s: float = 5.0) -> None:
+        self.colony_path = colony_path
+        self.servers_path = servers_path
+        self.request_timeout_s = request_timeout_s
+        self._store: StoreClient | None = None
+
+    def store(self) -> StoreClient:
+        if self._store is None:  # made on the loop that uses it
+            self._store = StoreClient.from_file(self.colony_path)
+        return self._store
+
+    async def create(self, volume_id: str, size_bytes: int) -> VolumeConfig:
+        """Place the replicas and write epoch 1; a volume made before with this id and size
+        (a retried create) is returned as it is."""
+        store = self.store()
+        try:
+            return await create_volume(store, volume_id, size_bytes,
+                                       load_servers(self.servers_path))
+        except VolumeError:
+            raw = await store.get(cell_of(volume_id), CONFIG_KEY)
+            if isinstance(raw, bytes):
+                cfg = VolumeConfig.decode(raw)
+                if cfg.size_bytes == size_bytes:
+                    return cfg
+            raise
+
+    async def delete(self, volume_id: str) -> list[str]:
+        """Delete the volume's record (compare-and-set, so a rewire racing it is seen), then
+        tell every storage server to drop its bytes, at the epoch after the last record (which
+        stays as a tombstone on each server that held it: the last writer is refused; a
+        replica the volume was rewired away from goes too). The servers that answered; a
+        server down now keeps its file (not collected yet)."""
+        store = self.store()
+        cell = cell_of(volume_id)
+        while True:
+            raw = await store.get(cell, CONFIG_KEY)
+            if not isinstance(raw, bytes):
+                return []  # never made, or deleted already
+            if await store.cas(cell, CONFIG_KEY, raw, None):
+                break
+        cfg = VolumeConfig.decode(raw)
+        gone = VolumeConfig(volume_id, cfg.size_bytes, cfg.epoch + 1, cfg.replicas,
+                            cfg.primary)
+        servers = load_servers(self.servers_path)
+        req = {"op": "drop", "volume": volume_id, "epoch": gone.epoch,
+               "config": gone.to_dict()}
+
+        async def drop(sid: str) -> str | None:
+            addr = servers.get(sid)
+            if addr is None:
+                return None
+            conn = transport.Client(addr.host, addr.port, expect_role="storage",
+                                    connect_timeout_s=self.request_timeout_s)
+            try:
+                reply = await conn.call("volume", req, timeout_s=self.request_timeout_s)
+                return sid if reply.get("status") == "ok" else None
+            except (transport.TransportError, transport.RemoteError, OSError):
+                return None
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+        done = await asyncio.gather(*(drop(s) for s in sorted(servers)))
+        return [s for s in done if s is not None]
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+            self._store = None

@@ -193,7 +193,15 @@ class ResetData:
     size_bytes: int
 
 
-ServerEffect = PersistConfig | WriteData | ReadData | ResetData
+@dataclass(frozen=True)
+class DropData:
+    """The volume was deleted: remove the replica's bytes. Its configuration (the deleter's
+    epoch) stays as a tombstone, so a writer of an older epoch is still refused."""
+
+    volume_id: str
+
+
+ServerEffect = PersistConfig | WriteData | ReadData | ResetData | DropData
 
 
 @dataclass
@@ -223,7 +231,11 @@ class ServerCore:
         known = self.volumes.get(cfg.volume_id)
         if known is not None and cfg.epoch < known.config.epoch and not self.bug_no_fencing:
             return {"status": STALE, "epoch": known.config.epoch}, []
-        if self.server_id not in cfg.replicas:
+        if op == "drop" and known is None:
+            return {"status": OK, "epoch": cfg.epoch}, []  # never held it: nothing to drop
+        if self.server_id not in cfg.replicas and op != "drop":
+            # (a drop reaches every server that holds the volume, a replica the volume was
+            # rewired away from included)
             return {"status": NOT_MEMBER, "epoch": known.config.epoch if known else 0}, []
         if known is None or cfg.epoch > known.config.epoch:
             self.volumes[cfg.volume_id] = ServerVolume(cfg)
@@ -235,6 +247,9 @@ class ServerCore:
         elif cfg != known.config and not self.bug_no_fencing:
             return {"status": INVALID, "message": "two configurations with one epoch"}, []
         if op == "fence":
+            return {"status": OK, "epoch": cfg.epoch}, effects
+        if op == "drop":  # sent by the volume's deleter, whose epoch follows the last record
+            effects.append(DropData(cfg.volume_id))
             return {"status": OK, "epoch": cfg.epoch}, effects
         if op in ("write", "mirror_write"):
             offset, data = req.get("offset"), req.get("data")

@@ -3,7 +3,11 @@ docs/volumes.md): the process that ``volumes/attach.py`` starts, so that a loop 
 on the file and ext4 on the loop device (this kernel has no nbd or ublk).
 
 ``python -m cellcloud.volumes.fusefile --mountpoint DIR --file PATH --size-bytes N`` mounts DIR
-with one regular file, ``DIR/volume``, exactly N bytes long. A read or write of it is a
+with one regular file, ``DIR/volume``, exactly N bytes long, served from a local
+``FileBlockStore``; ``--volume-id V --colony COLONY.json --servers SERVERS.json --client-id C``
+serves it from the replicated volume (``volumes/client.py``'s ``VolumeClient``: attached with
+takeover before the mount, so a previous writer is fenced; detached once unmounted), its links
+to storage servers mutual TLS as role ``volume`` with ``--pki-dir``. A read or write of it is a
 ``BlockStore`` read or write (a write answered once the store says it is durable); an fsync of
 it (which is what the loop device does for the block layer's flush, so what an fsync in the
 ext4 on top becomes) is ``BlockStore.flush``. A write past the end is ENOSPC, as on a block
@@ -22,14 +26,16 @@ import errno
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import mfusepy
 
+from ..core.limits import DEFAULT_LIMITS
 from .blockdev import BlockStore, FileBlockStore
 
 log = logging.getLogger("cellcloud.volumes.fusefile")
@@ -143,29 +149,120 @@ class VolumeFile(mfusepy.Operations):
         os.replace(tmp, str(self.stats_path))
 
 
+store_close_timeout_s = DEFAULT_LIMITS.volume_detach_timeout_ms / 1000
+volume_attach_timeout_s = DEFAULT_LIMITS.volume_attach_timeout_ms / 1000
+
+
 def serve(store: BlockStore, mountpoint: str, ready_fd: int | None = None,
           stats_path: str | None = None) -> None:
     """Mount ``mountpoint`` and serve until it is unmounted (or SIGTERM/SIGINT)."""
+    async def given() -> BlockStore:
+        return store
+
+    serve_store(given, mountpoint, ready_fd, stats_path)
+
+
+def serve_store(open_store: Callable[[], Coroutine[Any, Any, BlockStore]], mountpoint: str,
+                ready_fd: int | None = None, stats_path: str | None = None,
+                close_store: Callable[[BlockStore], Coroutine[Any, Any, None]] | None = None) -> None:
+    """Open the store on this process's store loop (a ``VolumeClient`` lives on the loop it
+    attached on), mount, serve until unmounted, then close the store there."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="blockstore", daemon=True)
     thread.start()
     try:
-        ops = VolumeFile(store, loop, ready_fd, stats_path)
-        mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False,
-                     fsname="cellcloud-volume", subtype="cellcloud", default_permissions=True)
+        store = asyncio.run_coroutine_threadsafe(open_store(), loop).result()
+        try:
+            ops = VolumeFile(store, loop, ready_fd, stats_path)
+            mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False,
+                         fsname="cellcloud-volume", subtype="cellcloud",
+                         default_permissions=True)
+        finally:
+            if close_store is not None:
+                try:
+                    asyncio.run_coroutine_threadsafe(close_store(store), loop).result(
+                        store_close_timeout_s)
+                except Exception as e:  # the mount is gone; a next attach fences anyway
+                    log.warning("closing the block store failed: %r", e)
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
 
 
+def serve_replicated(volume_id: str, colony_path: str, servers_path: str, client_id: str,
+                     mountpoint: str, ready_fd: int | None = None,
+                     stats_path: str | None = None,
+                     attach_timeout_s: float = volume_attach_timeout_s) -> None:
+    """Serve the replicated volume ``volume_id`` (its config cell in the store colony of
+    ``colony_path``, its storage servers in ``servers_path``), attached as ``client_id``."""
+    from cellcloud.store.client import StoreClient
+    from cellcloud.volumes.client import VolumeClient, load_servers
+    from cellcloud.volumes.core import VolumeError
+
+    held: dict[str, Any] = {}
+
+    async def open_store() -> BlockStore:
+        store = held["store"] = StoreClient.from_file(colony_path)
+        vc = VolumeClient(volume_id, store, load_servers(servers_path), client_id=client_id)
+        try:
+            # takes the volume over: a previous writer is fenced
+            await vc.attach(timeout_s=attach_timeout_s)
+        except TimeoutError:
+            await vc.close()
+            await store.close()
+            raise VolumeError(f"{volume_id}: not attached within {attach_timeout_s} s (its "
+                              "config cell is unreachable, or there is no such volume)"
+                              ) from None
+        except BaseException:
+            await vc.close()
+            await store.close()
+            raise
+        return vc
+
+    async def close_store(vc: BlockStore) -> None:
+        assert isinstance(vc, VolumeClient)
+        try:
+            await vc.detach()  # everything in flight done, then attached_client = ""
+        finally:
+            await vc.close()
+            await held["store"].close()
+
+    serve_store(open_store, mountpoint, ready_fd, stats_path, close_store)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="cellcloud.volumes.fusefile", description=__doc__)
     p.add_argument("--mountpoint", required=True)
-    p.add_argument("--file", required=True, help="the FileBlockStore's file")
-    p.add_argument("--size-bytes", type=int, required=True)
+    p.add_argument("--file", help="the FileBlockStore's file (a local volume)")
+    p.add_argument("--size-bytes", type=int, help="the local volume's size")
+    p.add_argument("--volume-id", help="a replicated volume (with --colony and --servers)")
+    p.add_argument("--colony", help="the store colony file (the volume's config cell)")
+    p.add_argument("--servers", help="the storage servers file (volumes/client.py)")
+    p.add_argument("--client-id", help="this attachment's client id (the volume's record)")
+    p.add_argument("--attach-timeout-s", type=float, default=volume_attach_timeout_s,
+                   help="give up attaching the replicated volume after this long")
+    p.add_argument("--pki-dir", help="speak mutual TLS to storage servers as role 'volume'")
+    p.add_argument("--region", default="cc-local-1", help="region name in the certificates")
     p.add_argument("--ready-fd", type=int, help="written one JSON line once mounted")
     p.add_argument("--stats", help="a JSON file of counters, rewritten at every fsync")
     args = p.parse_args(argv)
+    if args.volume_id:
+        if args.file or not (args.colony and args.servers and args.client_id):
+            p.error("--volume-id takes --colony, --servers and --client-id, not --file")
+        if args.pki_dir:
+            from cellcloud import transport
+            from cellcloud.security import pki
+
+            # the certificate's directory is named for the client id ("task/t1@2" →
+            # "task_t1@2")
+            name = re.sub(r"[^A-Za-z0-9_.@-]", "_", args.client_id)
+            transport.enable_mtls(pki.tls_config(args.pki_dir, args.region, "volume", "host",
+                                                 name), "volume")
+        serve_replicated(args.volume_id, args.colony, args.servers, args.client_id,
+                         args.mountpoint, args.ready_fd, args.stats, args.attach_timeout_s)
+        return
+    if not args.file or args.size_bytes is None:
+        p.error("give --file and --size-bytes, or --volume-id")
     store = FileBlockStore(args.file, args.size_bytes)
     try:
         serve(store, args.mountpoint, args.ready_fd, args.stats)

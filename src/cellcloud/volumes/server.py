@@ -23,6 +23,7 @@ from typing import Any
 from cellcloud import transport
 from cellcloud.volumes.core import (
     INVALID,
+    DropData,
     PersistConfig,
     ReadData,
     ResetData,
@@ -52,7 +53,7 @@ class StorageServer:
         self.core.load(self._load_configs())
         self.locks: dict[str, asyncio.Lock] = {}
         self.fds: dict[str, int] = {}
-        self.counters = {"requests": 0, "writes": 0, "reads": 0, "refused": 0}
+        self.counters = {"requests": 0, "writes": 0, "reads": 0, "refused": 0, "dropped": 0}
 
     def _load_configs(self) -> list[VolumeConfig]:
         out = []
@@ -100,6 +101,13 @@ class StorageServer:
                 os.fsync(fd)
             elif isinstance(e, PersistConfig):
                 self._persist_config(e.config)
+            elif isinstance(e, DropData):
+                if e.volume_id in self.fds:
+                    os.close(self.fds.pop(e.volume_id))
+                try:
+                    os.unlink(os.path.join(self.dir, f"{e.volume_id}.img"))
+                except FileNotFoundError:
+                    pass
             elif isinstance(e, WriteData):
                 fd = self._fd(e.volume_id, size_bytes)
                 if _is_hole(fd, e.offset, len(e.data)) and e.data == bytes(len(e.data)):
@@ -146,6 +154,8 @@ class StorageServer:
                 reply = dict(reply, **read)
             elif any(isinstance(e, WriteData) for e in effects):
                 self.counters["writes"] += 1
+            elif any(isinstance(e, DropData) for e in effects):
+                self.counters["dropped"] += 1
             return reply
 
     async def stats(self, _body: Any) -> dict[str, Any]:
