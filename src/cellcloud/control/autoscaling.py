@@ -127,7 +127,7 @@ class AutoScaling:
 
     async def register(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
         _refuse(doc, {"ServiceNamespace", "ResourceId", "ScalableDimension", "MinCapacity",
-                      "MaxCapacity", "RoleARN"})
+                      "MaxCapacity"})
         found = _target(doc)
         assert found is not None
         top = self.ecs.limits.ecs_service_desired_count_max
