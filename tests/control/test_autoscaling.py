@@ -9,6 +9,7 @@ scale-in cooldown holds a second scale-in; DisableScaleIn never scales in."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -198,4 +199,58 @@ def test_the_scale_in_cooldown_holds_and_disable_scale_in_never_scales_in(
         # ... and high CPU still scales out
         cpu(w, 0.25)
         await w.until("4 tasks", lambda: _is(desired(w), 4))
+    run(body, tmp_path, limits=LIMITS)
+
+
+def test_requests_per_task_scale_out_in_to_zero_and_a_request_scales_from_zero(
+        tmp_path: Path) -> None:
+    """ALBRequestCountPerTarget: the requests the cell proxied per task and period. A
+    request to the service at zero is held at the proxy while Demand brings one task, and
+    answered by it; steady requests scale out; none scale in to MinCapacity 0."""
+    async def body(w: SvcWorld) -> None:
+        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            wr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await wr.drain()
+            wr.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for a in w.agents.values():
+            a.ip = "127.0.0.1"
+        await w.ok("CreateCluster", {})
+        d = web_def()
+        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
+        await w.ok("RegisterTaskDefinition", d)
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 0})
+        await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 0, "MaxCapacity": 4})
+        await ok(w, "PutScalingPolicy", policy(10, metric="ALBRequestCountPerTarget",
+                                                ScaleOutCooldown=0, ScaleInCooldown=0))
+        assert w.cell.tasks is not None
+        sm = w.cell.tasks.services
+        req = {"a": A, "cluster": "default", "service": "web", "m": "GET", "p": "/",
+               "h": [], "b": b""}
+
+        async def from_zero() -> None:
+            assert await desired(w) == 0
+            held = sm.counters["http_held"]
+            got = asyncio.ensure_future(sm.http(req))
+            await w.until("the held request answered", got.done)  # the clock moves on
+            out = got.result()
+            assert (out["s"], out["b"]) == (200, b"ok"), out
+            assert sm.counters["http_held"] == held + 1
+            assert await desired(w) == 1
+
+        await from_zero()
+
+        async def busy() -> bool:  # ~5 requests per 100 ms of the clock: ~25 a period
+            for _ in range(5):
+                assert (await sm.http(req))["s"] == 200
+            return await desired(w) > 1
+        await w.until("a scale-out on requests", busy)
+        assert await desired(w) <= 4
+        await w.until("scaled in to zero", lambda: _is(desired(w), 0))
+        await w.until("no task left", lambda: not w.task_ids())
+        await from_zero()
+        server.close()
     run(body, tmp_path, limits=LIMITS)

@@ -108,7 +108,7 @@ class ServiceManager:
         self._loop: asyncio.Task[None] | None = None
         self.counters = {"ticks": 0, "started": 0, "stopped": 0, "placement_failures": 0,
                          "http_requests": 0, "http_no_task": 0, "http_task_failed": 0,
-                         "autoscale_datapoints": 0, "autoscale_set": 0}
+                         "autoscale_datapoints": 0, "autoscale_set": 0, "http_held": 0}
         # Traffic (``http``): the next task per service (round robin), requests in flight per
         # task, and tasks the controller stopped that still answer requests (draining): task
         # id -> when the stop was asked.
@@ -118,6 +118,10 @@ class ServiceManager:
         self._drain_reasons: dict[str, str] = {}
         # requests proxied to each service in its current metric period (autoscaling)
         self._requests: dict[Key, int] = {}
+        # scale from zero: requests held for a service with no task to answer them (how many),
+        # and the event the loop sets once it has one
+        self._waiting: dict[Key, int] = {}
+        self._ready: dict[Key, asyncio.Event] = {}
 
     # -- the loop ------------------------------------------------------------------------------
     def ensure_running(self) -> None:
@@ -158,6 +162,8 @@ class ServiceManager:
             try:
                 self.tick(svc)
                 self.scale(key, svc, now)
+                if key in self._ready and self._targets(svc):
+                    self._ready.pop(key).set()  # the held requests go on
             except Exception:  # one service's fault must not stop the others'
                 log.exception("service %s/%s: tick failed", rec["cluster"], rec["name"])
 
@@ -534,7 +540,13 @@ class ServiceManager:
         self.counters["http_requests"] += 1
         if key in self._requests:  # autoscaling counts them (ALBRequestCountPerTarget)
             self._requests[key] += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.ecs_service_http_timeout_ms / 1000
         targets = self._targets(svc)
+        if not targets and self._scales(svc):
+            targets = await self._hold(key, svc, loop.time() + min(
+                self.limits.ecs_service_cold_start_wait_ms,
+                self.limits.ecs_service_http_timeout_ms) / 1000)
         if not targets:
             self.counters["http_no_task"] += 1
             return _plain(503, f"service {key[2]} has no RUNNING and healthy task with a port "
@@ -546,7 +558,7 @@ class ServiceManager:
         try:
             return await asyncio.wait_for(
                 _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
-                self.limits.ecs_service_http_timeout_ms / 1000)
+                max(deadline - loop.time(), 0.001))
         except (TimeoutError, OSError, ValueError) as e:
             self.counters["http_task_failed"] += 1
             return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: {e}")
@@ -556,6 +568,39 @@ class ServiceManager:
                 del self._inflight[task_id]
                 if task_id in self._draining:
                     self._stop_drained(task_id)
+
+    @staticmethod
+    def _scales(svc: Svc) -> bool:
+        scaling = svc.rec.get("scaling")
+        return bool(scaling and scaling["policies"] and svc.rec["status"] == "ACTIVE")
+
+    async def _hold(self, key: Key, svc: Svc, until: float) -> list[tuple[str, str, int]]:
+        """Scale from zero: a request to an autoscaled service with no task to answer it
+        waits (until ``until``, loop time) while ``Demand`` brings ``max(1, min)`` tasks (at
+        zero) and the first of them is RUNNING and healthy; its targets then (none: timed
+        out)."""
+        loop = asyncio.get_running_loop()
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        self.counters["http_held"] += 1
+        try:
+            while True:
+                now = self.tasks.now_ms()
+                for name in sorted(svc.rec["scaling"]["policies"]):
+                    demand = asc.Demand(self._waiting[key], svc.core.desired_count)
+                    for ins in self._scaler(svc, name).handle(demand, now):
+                        self.counters["autoscale_set"] += 1
+                        self._set_desired(svc, ins.count)
+                targets = self._targets(svc)
+                left = until - loop.time()
+                if targets or left <= 0 or not self._scales(svc):
+                    return targets
+                ready = self._ready.setdefault(key, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), left)
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
 
     # -- the DescribeServices view ---------------------------------------------------------------
     def arn(self, account: str, cluster: str, name: str) -> str:
