@@ -163,6 +163,7 @@ def test_high_cpu_scales_out_and_low_cpu_scales_in(tmp_path: Path) -> None:
         await ok(w, "PutScalingPolicy", policy(50, ScaleOutCooldown=0, ScaleInCooldown=0))
         cpu(w, 0.25)  # each task: all of its 256 units, 100 %: twice the target
         await w.until("4 tasks", lambda: _is(desired(w), 4))
+        cpu(w, 0.125)  # 50 %: on the target (no further scale-out to 8 meanwhile)
         s = await w.steady()
         assert s["runningCount"] == 4  # ceil(2 × 100 / 50)
         cpu(w, 0.025)  # 10 %: ceil(4 × 10 / 50) = 1
