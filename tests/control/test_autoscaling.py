@@ -128,6 +128,16 @@ def test_targets_and_policies_shapes_and_errors(tmp_path: Path) -> None:
         assert (p["PolicyName"], p["PolicyType"], cfg["TargetValue"], cfg["ScaleInCooldown"],
                 cfg["ScaleOutCooldown"], cfg["DisableScaleIn"]) \
             == ("cpu", "TargetTrackingScaling", 50, 60, 300, False)
+        # kept with the service: a restarted frontend describes (and drives) them the same
+        targets = await ok(w, "DescribeScalableTargets", {"ServiceNamespace": "ecs"})
+        policies = await ok(w, "DescribeScalingPolicies", {"ServiceNamespace": "ecs"})
+        assert w.cell.tasks is not None
+        await w.cell.tasks.close()
+        w.cell = w.make_cell()
+        assert w.cell.tasks is not None
+        w.cell.tasks.load()
+        assert await ok(w, "DescribeScalableTargets", {"ServiceNamespace": "ecs"}) == targets
+        assert await ok(w, "DescribeScalingPolicies", {"ServiceNamespace": "ecs"}) == policies
         for bad, word in [
                 ({**policy(50), "PolicyType": "StepScaling"}, "TargetTrackingScaling"),
                 (policy(50, CustomizedMetricSpecification={"MetricName": "x"}),
