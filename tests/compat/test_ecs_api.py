@@ -410,3 +410,35 @@ def test_application_autoscaling_through_boto3(ecs: Any, region: Region, image: 
     aas.deregister_scalable_target(**target)
     assert aas.describe_scalable_targets(ServiceNamespace="ecs")["ScalableTargets"] == []
     ecs.delete_service(cluster="scale", service="web")
+
+
+def test_a_request_scales_a_service_from_zero(ecs: Any, region: Region, pair_image: str
+                                              ) -> None:
+    """An autoscaled service at desiredCount 0: a request through the router by Host header
+    is held at the cell's proxy while the scaler brings one task, and answered by it."""
+    aas = boto_client(region, "application-autoscaling")
+    ecs.create_cluster(clusterName="cold")
+    ecs.register_task_definition(
+        family="coldweb", networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
+        cpu="256", memory="512", containerDefinitions=[{
+            "name": "web", "image": pair_image, "portMappings": [{"containerPort": 8080}],
+            "command": [sys.executable, "-u", "-m", "http.server", "8080", "--directory",
+                        "/srv"]}])
+    ecs.create_service(cluster="cold", serviceName="web", taskDefinition="coldweb:1",
+                       desiredCount=0)
+    target = {"ServiceNamespace": "ecs", "ResourceId": "service/cold/web",
+              "ScalableDimension": "ecs:service:DesiredCount"}
+    aas.register_scalable_target(**target, MinCapacity=0, MaxCapacity=2)
+    aas.put_scaling_policy(**target, PolicyName="requests", PolicyType="TargetTrackingScaling",
+                           TargetTrackingScalingPolicyConfiguration={
+                               "TargetValue": 100.0, "PredefinedMetricSpecification": {
+                                   "PredefinedMetricType": "ALBRequestCountPerTarget"}})
+    assert ecs.list_tasks(cluster="cold", serviceName="web")["taskArns"] == []
+    host = (f"web.cold.{region.doc['account_id']}.{region.doc['region']}.localhost:"
+            f"{region.endpoint.rsplit(':', 1)[1]}")
+    req = urllib.request.Request(region.endpoint + "/hello.txt", headers={"Host": host})
+    with urllib.request.urlopen(req, timeout=90) as r:
+        assert r.read() == b"hello over localhost\n"
+    s = ecs.describe_services(cluster="cold", services=["web"])["services"][0]
+    assert s["desiredCount"] == 1 and s["runningCount"] == 1
+    ecs.delete_service(cluster="cold", service="web", force=True)
