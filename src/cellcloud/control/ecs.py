@@ -293,15 +293,18 @@ class Ecs:
 
     async def _call(self, target: str, body: bytes, account: str) -> dict[str, Any]:
         if target.startswith(aas.TARGET_PREFIX):  # Application Auto Scaling's ECS subset
+            if len(body) > self.limits.ecs_request_bytes_max:
+                raise ApiError("ValidationException", "The request is larger than "
+                               f"ecs_request_bytes_max={self.limits.ecs_request_bytes_max} "
+                               "bytes")
             try:
                 doc = json.loads(body or b"{}")
             except (ValueError, UnicodeDecodeError):
                 raise ApiError("SerializationException", "The request body is not JSON") \
                     from None
-            if len(body) > self.limits.ecs_request_bytes_max or not isinstance(doc, dict):
-                raise ApiError("ValidationException", "The request must be a JSON object of "
-                               f"at most ecs_request_bytes_max="
-                               f"{self.limits.ecs_request_bytes_max} bytes")
+            if not isinstance(doc, dict):
+                raise ApiError("SerializationException", "The request body must be a JSON "
+                               "object")
             try:
                 return await self.autoscaling.call(target[len(aas.TARGET_PREFIX):], account,
                                                    doc)
