@@ -97,6 +97,10 @@ def test_targets_and_policies_shapes_and_errors(tmp_path: Path) -> None:
         assert out["ScalableTargetARN"] == (f"arn:aws:application-autoscaling:{REGION}:{A}:"
                                             "scalable-target/ecs/default/web")
         assert await desired(w) == 2  # raised to MinCapacity at once
+        acts = (await ok(w, "DescribeScalingActivities", {"ServiceNamespace": "ecs"}))[
+            "ScalingActivities"]
+        assert [a["Description"] for a in acts] == ["Setting desired count to 2."]
+        assert "range became [2, 4]" in acts[0]["Cause"]
         (t,) = (await ok(w, "DescribeScalableTargets", {"ServiceNamespace": "ecs"}))[
             "ScalableTargets"]
         assert set(t) <= set(AAS.shape_for("ScalableTarget").members)
@@ -179,6 +183,13 @@ def test_high_cpu_scales_out_and_low_cpu_scales_in(tmp_path: Path) -> None:
         cpu(w, 0.025)  # 10 %: ceil(4 × 10 / 50) = 1
         await w.until("1 task", lambda: _is(desired(w), 1))
         assert (await w.steady())["runningCount"] == 1
+        acts = (await ok(w, "DescribeScalingActivities", {"ServiceNamespace": "ecs"}))[
+            "ScalingActivities"]
+        assert all(set(a) <= set(AAS.shape_for("ScalingActivity").members) for a in acts)
+        assert [a["Description"] for a in acts] == ["Setting desired count to 1.",
+                                                    "Setting desired count to 4."]
+        assert all(a["StatusCode"] == "Successful" for a in acts)
+        assert "over target 50" in acts[1]["Cause"] and "under target 50" in acts[0]["Cause"]
     run(body, tmp_path, limits=LIMITS)
 
 

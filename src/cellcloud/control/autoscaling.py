@@ -13,6 +13,7 @@ which has the metrics; any member cellcloud does not honour is refused by name.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Callable
@@ -93,7 +94,8 @@ class AutoScaling:
             "RegisterScalableTarget": self.register, "DescribeScalableTargets": self.describe,
             "DeregisterScalableTarget": self.deregister, "PutScalingPolicy": self.put_policy,
             "DescribeScalingPolicies": self.describe_policies,
-            "DeleteScalingPolicy": self.delete_policy}
+            "DeleteScalingPolicy": self.delete_policy,
+            "DescribeScalingActivities": self.describe_activities}
 
     async def call(self, name: str, account: str, doc: dict[str, Any]) -> dict[str, Any]:
         handler = self._ops.get(name)
@@ -254,3 +256,28 @@ class AutoScaling:
         await self._cell(account, {"op": "service_scaling_delete_policy", "cluster": found[0],
                                    "service": found[1], "policy": name})
         return {}
+
+    async def describe_activities(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """The scaler's changes of ``desiredCount``, newest first (each applied at once:
+        Successful); at most ``ecs_service_events_max`` per target."""
+        _refuse(doc, {"ServiceNamespace", "ResourceId", "ScalableDimension", "MaxResults",
+                      "NextToken", "IncludeNotScaledActivities"})
+        found = _target(doc, dimension_required=False)
+        out = []
+        for t in await self._targets(account):
+            if found is not None and found != (t["cluster"], t["service"]):
+                continue
+            rid = f"service/{t['cluster']}/{t['service']}"
+            for a in t.get("activities") or []:
+                h = hashlib.sha256(f"{rid}\0{a['ms']}\0{a['to']}".encode()).hexdigest()
+                out.append({
+                    "ActivityId": f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}",
+                    "ServiceNamespace": "ecs", "ResourceId": rid,
+                    "ScalableDimension": DIMENSION,
+                    "Description": f"Setting desired count to {a['to']}.",
+                    "Cause": a["cause"], "StartTime": a["ms"] / 1000,
+                    "EndTime": a["ms"] / 1000, "StatusCode": "Successful",
+                    "StatusMessage": f"Successfully set desired count to {a['to']} (from "
+                                     f"{a['from']})."})
+        out.sort(key=lambda a: a["StartTime"], reverse=True)
+        return {"ScalingActivities": out}

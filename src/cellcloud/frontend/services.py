@@ -269,7 +269,20 @@ class ServiceManager:
                 log.info("service %s/%s: policy %s sets desiredCount %d (%s)",
                          svc.rec["cluster"], svc.rec["name"], name, ins.count, ins.reason)
                 self.counters["autoscale_set"] += 1
+                self._activity(svc, ins.count, f"monitor alarm for policy {name} in state "
+                               f"ALARM: {ins.reason}")
                 self._set_desired(svc, ins.count)
+
+    def _activity(self, svc: Svc, count: int, cause: str) -> None:
+        """One scaling activity (DescribeScalingActivities), newest last, at most
+        ``ecs_service_events_max`` kept with the target."""
+        if count == svc.core.desired_count:
+            return
+        acts = svc.rec["scaling"].setdefault("activities", [])
+        acts.append({"ms": self.tasks.now_ms(), "from": svc.core.desired_count, "to": count,
+                     "cause": cause})
+        del acts[:-self.limits.ecs_service_events_max]
+        self._write(svc)
 
     def _cpu(self, svc: Svc) -> float | None:
         """The average CPU of the service's RUNNING tasks, percent of their cpu units (None:
@@ -343,7 +356,9 @@ class ServiceManager:
             scaling.update(min=lo, max=hi)
             svc.rec["scaling"] = scaling
             self._write(svc)
-            self._set_desired(svc, min(max(svc.core.desired_count, lo), hi))
+            within = min(max(svc.core.desired_count, lo), hi)
+            self._activity(svc, within, f"the scalable target's range became [{lo}, {hi}]")
+            self._set_desired(svc, within)
             return {}
         if svc is None or scaling is None:
             raise EcsError("ObjectNotFoundException", f"No scalable target registered for "
@@ -589,6 +604,8 @@ class ServiceManager:
                     demand = asc.Demand(self._waiting[key], svc.core.desired_count)
                     for ins in self._scaler(svc, name).handle(demand, now):
                         self.counters["autoscale_set"] += 1
+                        self._activity(svc, ins.count, f"{demand.waiting} requests held at "
+                                       f"the proxy for policy {name}: {ins.reason}")
                         self._set_desired(svc, ins.count)
                 targets = self._targets(svc)
                 left = until - loop.time()
