@@ -377,3 +377,68 @@ def test_a_service_keeps_its_tasks_and_rolls(ecs: Any, region: Region, pair_imag
     ecs.delete_service(cluster="svc", service="web", force=True)
     _wait_service(ecs, "svc", lambda s: s["status"] == "INACTIVE", "INACTIVE")
     ecs.delete_cluster(cluster="svc")
+
+
+def test_application_autoscaling_through_boto3(ecs: Any, region: Region, image: str) -> None:
+    """The application-autoscaling client, unmodified: signed for its own service, routed to
+    the control plane, answered in its model's shapes and errors."""
+    aas = boto_client(region, "application-autoscaling")
+    target = {"ServiceNamespace": "ecs", "ResourceId": "service/scale/web",
+              "ScalableDimension": "ecs:service:DesiredCount"}
+    ecs.create_cluster(clusterName="scale")
+    ecs.register_task_definition(**_taskdef(image, family="scaleweb"))
+    with pytest.raises(ClientError) as e:
+        aas.register_scalable_target(**target, MinCapacity=0, MaxCapacity=2)
+    assert _code(e) == "ValidationException"
+    ecs.create_service(cluster="scale", serviceName="web", taskDefinition="scaleweb:1",
+                       desiredCount=0)
+    tracking = {"TargetValue": 50.0, "PredefinedMetricSpecification": {
+        "PredefinedMetricType": "ECSServiceAverageCPUUtilization"}}
+    with pytest.raises(ClientError) as e:
+        aas.put_scaling_policy(**target, PolicyName="cpu", PolicyType="TargetTrackingScaling",
+                               TargetTrackingScalingPolicyConfiguration=tracking)
+    assert _code(e) == "ObjectNotFoundException"
+    arn = aas.register_scalable_target(**target, MinCapacity=0, MaxCapacity=2)[
+        "ScalableTargetARN"]
+    (t,) = aas.describe_scalable_targets(ServiceNamespace="ecs")["ScalableTargets"]
+    assert (t["ScalableTargetARN"], t["MinCapacity"], t["MaxCapacity"]) == (arn, 0, 2)
+    aas.put_scaling_policy(**target, PolicyName="cpu", PolicyType="TargetTrackingScaling",
+                           TargetTrackingScalingPolicyConfiguration=tracking)
+    (p,) = aas.describe_scaling_policies(ServiceNamespace="ecs")["ScalingPolicies"]
+    assert p["PolicyName"] == "cpu" and p["PolicyType"] == "TargetTrackingScaling"
+    aas.delete_scaling_policy(**target, PolicyName="cpu")
+    aas.deregister_scalable_target(**target)
+    assert aas.describe_scalable_targets(ServiceNamespace="ecs")["ScalableTargets"] == []
+    ecs.delete_service(cluster="scale", service="web")
+
+
+def test_a_request_scales_a_service_from_zero(ecs: Any, region: Region, pair_image: str
+                                              ) -> None:
+    """An autoscaled service at desiredCount 0: a request through the router by Host header
+    is held at the cell's proxy while the scaler brings one task, and answered by it."""
+    aas = boto_client(region, "application-autoscaling")
+    ecs.create_cluster(clusterName="cold")
+    ecs.register_task_definition(
+        family="coldweb", networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
+        cpu="256", memory="512", containerDefinitions=[{
+            "name": "web", "image": pair_image, "portMappings": [{"containerPort": 8080}],
+            "command": [sys.executable, "-u", "-m", "http.server", "8080", "--directory",
+                        "/srv"]}])
+    ecs.create_service(cluster="cold", serviceName="web", taskDefinition="coldweb:1",
+                       desiredCount=0)
+    target = {"ServiceNamespace": "ecs", "ResourceId": "service/cold/web",
+              "ScalableDimension": "ecs:service:DesiredCount"}
+    aas.register_scalable_target(**target, MinCapacity=0, MaxCapacity=2)
+    aas.put_scaling_policy(**target, PolicyName="requests", PolicyType="TargetTrackingScaling",
+                           TargetTrackingScalingPolicyConfiguration={
+                               "TargetValue": 100.0, "PredefinedMetricSpecification": {
+                                   "PredefinedMetricType": "ALBRequestCountPerTarget"}})
+    assert ecs.list_tasks(cluster="cold", serviceName="web")["taskArns"] == []
+    host = (f"web.cold.{region.doc['account_id']}.{region.doc['region']}.localhost:"
+            f"{region.endpoint.rsplit(':', 1)[1]}")
+    req = urllib.request.Request(region.endpoint + "/hello.txt", headers={"Host": host})
+    with urllib.request.urlopen(req, timeout=90) as r:
+        assert r.read() == b"hello over localhost\n"
+    s = ecs.describe_services(cluster="cold", services=["web"])["services"][0]
+    assert s["desiredCount"] == 1 and s["runningCount"] == 1
+    ecs.delete_service(cluster="cold", service="web", force=True)

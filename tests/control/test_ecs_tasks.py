@@ -58,6 +58,9 @@ class FakeAgent:
         self.stop_gate: asyncio.Event | None = None  # set: task_container_stop waits on it
         self.full = False  # task_create answers AgentFull
         self.ip: str | None = None  # the tasks' privateIpv4 (None: 10.200.<n>.<k>)
+        # CPU the tasks use (autoscaling): vCPUs busy per task, on this clock (None: none)
+        self.clock: Callable[[], int] | None = None
+        self.cpu_vcpus = 0.0
 
     async def call(self, op: str, body: Any, timeout_s: float) -> Any:
         self.calls.append((op, body))
@@ -114,11 +117,17 @@ class FakeAgent:
         if op == "task_poll":  # every line kept; those after the caller's cursor answered
             after = m.TaskPollRequest.from_wire(body).logs_after
             logs = t["logs"]
+            if self.clock is not None:  # cumulative, as a cgroup's cpu.stat usage_usec
+                now = self.clock()
+                t["cpu_ns"] = t.get("cpu_ns", 0) + int(
+                    self.cpu_vcpus * (now - t.get("cpu_ms", now)) * 1_000_000)
+                t["cpu_ms"] = now
             return m.TaskPollReply(
                 containers={n: m.TaskContainerState(**c) for n, c in t["containers"].items()},
                 logs={n: tuple(m.TaskLogLine(7, text) for text in lines[after.get(n, 0):])
                       for n, lines in logs.items()},
-                cursors={n: len(lines) for n, lines in logs.items()}).to_wire()
+                cursors={n: len(lines) for n, lines in logs.items()},
+                cpu_usage_ns=t.get("cpu_ns", 0)).to_wire()
         if op == "task_destroy":
             del self.tasks[body["task_id"]]
             return m.TaskDestroyReply(True).to_wire()

@@ -27,6 +27,7 @@ from ..core.ecs_taskdef import EcsError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..registry import core as reg
 from ..transport import CallTimeout, Client, RemoteError, TransportError
+from . import autoscaling as aas
 from .configstore import ConfigStore, ConfigStoreError, ConfigStoreUnavailable
 
 log = logging.getLogger("cellcloud.control.ecs")
@@ -55,7 +56,9 @@ _RUN_TASK_MEMBERS = frozenset({"cluster", "taskDefinition", "count", "launchType
 # Errors of the cell's ecs_tasks op that are the API's own (botocore's model names them).
 _CELL_ERRORS = frozenset({"InvalidParameterException", "ClientException",
                           "LimitExceededException", "ClusterNotFoundException",
-                          "ServiceNotFoundException", "ServiceNotActiveException"})
+                          "ServiceNotFoundException", "ServiceNotActiveException",
+                          # the application-autoscaling API's (control/autoscaling.py)
+                          "ValidationException", "ObjectNotFoundException"})
 # CreateService's and UpdateService's members cellcloud honours; any other given a value is
 # refused by name (a load balancer, capacity providers, placement, Service Connect, …).
 _CREATE_SERVICE_MEMBERS = frozenset({
@@ -261,6 +264,7 @@ class Ecs:
             "DeleteService": self.delete_service, "DescribeServices": self.describe_services,
             "ListServices": self.list_services,
         }
+        self.autoscaling = aas.AutoScaling(self)
 
     def statistics(self) -> dict[str, int]:
         return dict(self.counters)
@@ -288,6 +292,24 @@ class Ecs:
                 "b": json.dumps(out).encode()}
 
     async def _call(self, target: str, body: bytes, account: str) -> dict[str, Any]:
+        if target.startswith(aas.TARGET_PREFIX):  # Application Auto Scaling's ECS subset
+            if len(body) > self.limits.ecs_request_bytes_max:
+                raise ApiError("ValidationException", "The request is larger than "
+                               f"ecs_request_bytes_max={self.limits.ecs_request_bytes_max} "
+                               "bytes")
+            try:
+                doc = json.loads(body or b"{}")
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError("SerializationException", "The request body is not JSON") \
+                    from None
+            if not isinstance(doc, dict):
+                raise ApiError("SerializationException", "The request body must be a JSON "
+                               "object")
+            try:
+                return await self.autoscaling.call(target[len(aas.TARGET_PREFIX):], account,
+                                                   doc)
+            except aas.AasError as e:
+                raise ApiError(e.type, e.message, e.status) from None
         if not target.startswith(TARGET_PREFIX):
             raise ApiError("UnknownOperationException", f"Unknown target {target[:100]!r}")
         name = target[len(TARGET_PREFIX):]
@@ -638,6 +660,10 @@ class Ecs:
             raise ApiError("ServerException", f"The account's cell is unavailable: {e}",
                            500) from e
         return out
+
+    async def cell(self, account: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """``_cell`` for the application-autoscaling ops (control/autoscaling.py)."""
+        return await self._cell(account, body)
 
     async def _counts(self, account: str, cluster: str) -> dict[str, int]:
         """The cluster's running and pending (not yet RUNNING) tasks, as its cell counts."""

@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 
 from .limits import DEFAULT_LIMITS
 
+# The Application Auto Scaling API's JSON target prefix (control/autoscaling.py)
+TARGET_PREFIX = "AnyScaleFrontendService."
+
 
 @dataclass(frozen=True)
 class TargetTracking:

@@ -240,6 +240,10 @@ class Limits:
     ecs_service_http_bytes_max: int = 6 * MiB  # a request to a service, and its answer
     ecs_service_http_timeout_ms: int = 60_000  # a task's answer to one proxied request
     ecs_service_deregistration_delay_ms: int = 30_000  # a stopped task's requests finish
+    # Autoscaling of ECS services (application-autoscaling API, frontend/services.py).
+    ecs_autoscale_period_ms: int = 60_000  # one datapoint per policy (CloudWatch's period)
+    ecs_scaling_policies_per_target_max: int = 1  # target-tracking policies on one service
+    ecs_service_cold_start_wait_ms: int = 30_000  # a request held while a service scales from 0
     # The EC2 volume API in the control plane (control/ec2.py, issue #19): docs/volumes.md.
     ec2_request_bytes_max: int = 256 * 1024  # one EC2 query-protocol request (a form)
     ec2_request_params_max: int = 2_000  # form fields in one request

@@ -25,9 +25,10 @@ import contextlib
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..core import autoscale as asc
 from ..core import ecs_service as es
 from ..core.ecs_taskdef import EcsError
 from ..core.placement import NoRoom
@@ -80,6 +81,15 @@ def health_checked(desc: dict[str, Any]) -> bool:
 class Svc:
     rec: dict[str, Any]
     core: es.Service
+    # autoscaling (``rec["scaling"]``: its scalable target and policies): each policy's
+    # scaler (in memory: a restarted frontend starts its streaks again), and when the
+    # current metric period began
+    scalers: dict[str, asc.Scaler] = field(default_factory=dict)
+    period_start_ms: int | None = None
+
+
+CPU_METRIC = "ECSServiceAverageCPUUtilization"
+REQUESTS_METRIC = "ALBRequestCountPerTarget"
 
 
 class ServiceManager:
@@ -97,7 +107,8 @@ class ServiceManager:
                 rec, es.Service.restored(rec["core"]))
         self._loop: asyncio.Task[None] | None = None
         self.counters = {"ticks": 0, "started": 0, "stopped": 0, "placement_failures": 0,
-                         "http_requests": 0, "http_no_task": 0, "http_task_failed": 0}
+                         "http_requests": 0, "http_no_task": 0, "http_task_failed": 0,
+                         "autoscale_datapoints": 0, "autoscale_set": 0, "http_held": 0}
         # Traffic (``http``): the next task per service (round robin), requests in flight per
         # task, and tasks the controller stopped that still answer requests (draining): task
         # id -> when the stop was asked.
@@ -105,6 +116,12 @@ class ServiceManager:
         self._inflight: dict[str, int] = {}
         self._draining: dict[str, int] = {}
         self._drain_reasons: dict[str, str] = {}
+        # requests proxied to each service in its current metric period (autoscaling)
+        self._requests: dict[Key, int] = {}
+        # scale from zero: requests held for a service with no task to answer them (how many),
+        # and the event the loop sets once it has one
+        self._waiting: dict[Key, int] = {}
+        self._ready: dict[Key, asyncio.Event] = {}
 
     # -- the loop ------------------------------------------------------------------------------
     def ensure_running(self) -> None:
@@ -144,6 +161,9 @@ class ServiceManager:
                 continue
             try:
                 self.tick(svc)
+                self.scale(key, svc, now)
+                if key in self._ready and self._targets(svc):
+                    self._ready.pop(key).set()  # the held requests go on
             except Exception:  # one service's fault must not stop the others'
                 log.exception("service %s/%s: tick failed", rec["cluster"], rec["name"])
 
@@ -218,6 +238,162 @@ class ServiceManager:
                 else:
                     self.tasks.stop_by_scheduler(task_id, reason)
 
+    # -- autoscaling (the application-autoscaling API: control/autoscaling.py) ----------------
+    def scale(self, key: Key, svc: Svc, now: int) -> None:
+        """Each ``ecs_autoscale_period_ms``: one datapoint per policy (its metric over the
+        period) to its scaler; a SetDesiredCount it answers is applied as UpdateService's
+        desiredCount is."""
+        scaling = svc.rec.get("scaling")
+        if not scaling or not scaling["policies"] or svc.rec["status"] != "ACTIVE":
+            svc.period_start_ms = None
+            self._requests.pop(key, None)
+            return
+        if svc.period_start_ms is None:
+            svc.period_start_ms = now
+            self._requests[key] = 0
+            return
+        if now - svc.period_start_ms < self.limits.ecs_autoscale_period_ms:
+            return
+        svc.period_start_ms = now
+        requests = self._requests.get(key, 0)
+        self._requests[key] = 0
+        values = {CPU_METRIC: self._cpu(svc), REQUESTS_METRIC: None}
+        targets = len(self._targets(svc))
+        if targets:
+            values[REQUESTS_METRIC] = requests / targets
+        for name, pol in sorted(scaling["policies"].items()):
+            scaler = self._scaler(svc, name)
+            current = svc.core.desired_count
+            self.counters["autoscale_datapoints"] += 1
+            for ins in scaler.handle(asc.Datapoint(values[pol["metric"]], current), now):
+                log.info("service %s/%s: policy %s sets desiredCount %d (%s)",
+                         svc.rec["cluster"], svc.rec["name"], name, ins.count, ins.reason)
+                self.counters["autoscale_set"] += 1
+                self._activity(svc, ins.count, f"monitor alarm for policy {name} in state "
+                               f"ALARM: {ins.reason}")
+                self._set_desired(svc, ins.count)
+
+    def _activity(self, svc: Svc, count: int, cause: str) -> None:
+        """One scaling activity (DescribeScalingActivities), newest last, at most
+        ``ecs_service_events_max`` kept with the target."""
+        if count == svc.core.desired_count:
+            return
+        acts = svc.rec["scaling"].setdefault("activities", [])
+        acts.append({"ms": self.tasks.now_ms(), "from": svc.core.desired_count, "to": count,
+                     "cause": cause})
+        del acts[:-self.limits.ecs_service_events_max]
+        self._write(svc)
+
+    def _cpu(self, svc: Svc) -> float | None:
+        """The average CPU of the service's RUNNING tasks, percent of their cpu units (None:
+        none measured)."""
+        got = []
+        for core_id, ts in svc.core.tasks.items():
+            task_id = svc.rec["ids"].get(core_id)
+            if task_id is None or ts.status != "RUNNING":
+                continue
+            v = self.tasks.cpu_percent(task_id)
+            if v is not None:
+                got.append(v)
+        return sum(got) / len(got) if got else None
+
+    def _scaler(self, svc: Svc, name: str) -> asc.Scaler:
+        scaling = svc.rec["scaling"]
+        pol = scaling["policies"][name]
+        policy = asc.TargetTracking(
+            target_value=float(pol["target"]), min_capacity=int(scaling["min"]),
+            max_capacity=int(scaling["max"]),
+            scale_out_cooldown_ms=int(pol["out_cooldown_s"]) * 1000,
+            scale_in_cooldown_ms=int(pol["in_cooldown_s"]) * 1000,
+            disable_scale_in=bool(pol["disable_in"]))
+        scaler = svc.scalers.get(name)
+        if scaler is None:
+            scaler = svc.scalers[name] = asc.Scaler(policy)
+        elif scaler.policy != policy:
+            scaler.policy = policy  # the range or the policy changed: its streaks go on
+        return scaler
+
+    def _set_desired(self, svc: Svc, count: int) -> None:
+        if count != svc.core.desired_count:
+            self._feed(svc, es.SetDesiredCount(count))
+            self._save(svc)
+
+    def _write(self, svc: Svc) -> None:
+        rec = svc.rec
+        self.db.execute("INSERT OR REPLACE INTO services VALUES (?,?,?,?,?)",
+                        (rec["account"], rec["cluster"], rec["name"], rec["status"],
+                         json.dumps(rec)))
+
+    def scaling_op(self, account: str, what: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``service_scaling_*``: the scalable targets and scaling policies of the
+        account's services (control/autoscaling.py checked the members' types)."""
+        if what == "service_scaling_describe":  # the account's targets and policies
+            out = []
+            for (a, cluster, name), s in sorted(self.services.items()):
+                if a == account and s.rec.get("scaling") and s.rec["status"] != "INACTIVE":
+                    out.append({"cluster": cluster, "service": name, **s.rec["scaling"]})
+            return {"targets": out}
+        cluster, name = str(body["cluster"]), str(body["service"])
+        svc = self.services.get((account, cluster, name))
+        live = svc is not None and svc.rec["status"] == "ACTIVE"
+        scaling = svc.rec.get("scaling") if svc is not None and live else None
+        if what == "service_scaling_register":
+            if svc is None or not live:
+                raise EcsError("ValidationException", f"ECS service doesn't exist: "
+                               f"service/{cluster}/{name}")
+            lo, hi = body.get("min"), body.get("max")
+            if scaling is None:
+                if lo is None or hi is None:
+                    raise EcsError("ValidationException", "MinCapacity and MaxCapacity are "
+                                   "required to register a new scalable target")
+                scaling = {"min": 0, "max": 0, "created_ms": self.tasks.now_ms(),
+                           "policies": {}}
+            lo = scaling["min"] if lo is None else int(lo)
+            hi = scaling["max"] if hi is None else int(hi)
+            if lo > hi:
+                raise EcsError("ValidationException", f"Maximum capacity {hi} cannot be "
+                               f"less than minimum capacity {lo}")
+            scaling.update(min=lo, max=hi)
+            svc.rec["scaling"] = scaling
+            self._write(svc)
+            within = min(max(svc.core.desired_count, lo), hi)
+            self._activity(svc, within, f"the scalable target's range became [{lo}, {hi}]")
+            self._set_desired(svc, within)
+            return {}
+        if svc is None or scaling is None:
+            raise EcsError("ObjectNotFoundException", f"No scalable target registered for "
+                           f"service namespace: ecs, resource ID: service/{cluster}/{name}, "
+                           "scalable dimension: ecs:service:DesiredCount")
+        if what == "service_scaling_deregister":
+            del svc.rec["scaling"]
+            svc.scalers.clear()
+            self._write(svc)
+            return {}
+        policy = str(body["policy"])
+        if what == "service_scaling_put_policy":
+            pols = scaling["policies"]
+            cap = self.limits.ecs_scaling_policies_per_target_max
+            if policy not in pols and len(pols) >= cap:
+                raise EcsError("LimitExceededException", f"A scalable target has at most "
+                               f"{cap} scaling policies (ecs_scaling_policies_per_target_max)")
+            old = pols.get(policy)
+            pols[policy] = {**body["config"], "created_ms": old["created_ms"] if old
+                            else self.tasks.now_ms()}
+            svc.scalers.pop(policy, None)
+            self._write(svc)
+            return {}
+        if what == "service_scaling_delete_policy":
+            if policy not in scaling["policies"]:
+                raise EcsError("ObjectNotFoundException", f"No scaling policy found for "
+                               f"service namespace: ecs, resource ID: service/{cluster}/"
+                               f"{name}, scalable dimension: ecs:service:DesiredCount, "
+                               f"policy name: {policy}")
+            del scaling["policies"][policy]
+            svc.scalers.pop(policy, None)
+            self._write(svc)
+            return {}
+        raise EcsError("InvalidParameterException", f"unknown op {what[:40]}")
+
     def _stop_drained(self, task_id: str) -> None:
         self._draining.pop(task_id, None)
         reason = self._drain_reasons.pop(task_id, "Service scaled in")
@@ -241,6 +417,8 @@ class ServiceManager:
     # -- the ops -------------------------------------------------------------------------------
     def op(self, account: str, what: str, body: dict[str, Any]) -> dict[str, Any]:
         self.ensure_running()
+        if what.startswith("service_scaling_"):
+            return self.scaling_op(account, what, body)
         cluster = str(body["cluster"])
         if what == "service_create":
             return self.create(account, cluster, body)
@@ -375,7 +553,15 @@ class ServiceManager:
         if svc is None or svc.rec["status"] == "INACTIVE":
             raise not_found()
         self.counters["http_requests"] += 1
+        if key in self._requests:  # autoscaling counts them (ALBRequestCountPerTarget)
+            self._requests[key] += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.ecs_service_http_timeout_ms / 1000
         targets = self._targets(svc)
+        if not targets and self._scales(svc):
+            targets = await self._hold(key, svc, loop.time() + min(
+                self.limits.ecs_service_cold_start_wait_ms,
+                self.limits.ecs_service_http_timeout_ms) / 1000)
         if not targets:
             self.counters["http_no_task"] += 1
             return _plain(503, f"service {key[2]} has no RUNNING and healthy task with a port "
@@ -387,7 +573,7 @@ class ServiceManager:
         try:
             return await asyncio.wait_for(
                 _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
-                self.limits.ecs_service_http_timeout_ms / 1000)
+                max(deadline - loop.time(), 0.001))
         except (TimeoutError, OSError, ValueError) as e:
             self.counters["http_task_failed"] += 1
             return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: {e}")
@@ -397,6 +583,41 @@ class ServiceManager:
                 del self._inflight[task_id]
                 if task_id in self._draining:
                     self._stop_drained(task_id)
+
+    @staticmethod
+    def _scales(svc: Svc) -> bool:
+        scaling = svc.rec.get("scaling")
+        return bool(scaling and scaling["policies"] and svc.rec["status"] == "ACTIVE")
+
+    async def _hold(self, key: Key, svc: Svc, until: float) -> list[tuple[str, str, int]]:
+        """Scale from zero: a request to an autoscaled service with no task to answer it
+        waits (until ``until``, loop time) while ``Demand`` brings ``max(1, min)`` tasks (at
+        zero) and the first of them is RUNNING and healthy; its targets then (none: timed
+        out)."""
+        loop = asyncio.get_running_loop()
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        self.counters["http_held"] += 1
+        try:
+            while True:
+                now = self.tasks.now_ms()
+                for name in sorted(svc.rec["scaling"]["policies"]):
+                    demand = asc.Demand(self._waiting[key], svc.core.desired_count)
+                    for ins in self._scaler(svc, name).handle(demand, now):
+                        self.counters["autoscale_set"] += 1
+                        self._activity(svc, ins.count, f"{demand.waiting} requests held at "
+                                       f"the proxy for policy {name}: {ins.reason}")
+                        self._set_desired(svc, ins.count)
+                targets = self._targets(svc)
+                left = until - loop.time()
+                if targets or left <= 0 or not self._scales(svc):
+                    return targets
+                ready = self._ready.setdefault(key, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), left)
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
 
     # -- the DescribeServices view ---------------------------------------------------------------
     def arn(self, account: str, cluster: str, name: str) -> str:

@@ -151,6 +151,10 @@ class Live:
     images: dict[str, dict[str, Any]] = field(default_factory=dict)  # container -> resolved
     cursors: dict[str, Any] = field(default_factory=dict)
     poll_failures: int = 0
+    # CPU (autoscaling's ECSServiceAverageCPUUtilization): the last poll's (ms, cpu_usage_ns)
+    # and the percent of the task's cpu units used between the last two polls
+    cpu_sample: tuple[int, int] | None = None
+    cpu_percent: float | None = None
     runs: set[asyncio.Task[None]] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -696,6 +700,7 @@ class TaskManager:
                 self._feed(live, et.Tick())
             return
         live.poll_failures = 0
+        self._sample_cpu(live, reply.cpu_usage_ns)
         self._file_logs(live, reply.logs)
         cursors = {**live.cursors, **reply.cursors}
         if cursors != live.cursors:  # kept, so a restarted frontend files no line twice
@@ -708,6 +713,23 @@ class TaskManager:
             if st.state == "exited" or st.exited_ms is not None:
                 self._feed(live, et.ContainerExited(name, st.exit_code, st.reason))
         self._feed(live, et.Tick())
+
+    def _sample_cpu(self, live: Live, cpu_ns: int) -> None:
+        now, prev = self.now_ms(), live.cpu_sample
+        if prev is not None and (now <= prev[0] or cpu_ns < prev[1]):
+            if cpu_ns < prev[1]:  # a restarted counter: start again
+                live.cpu_sample = (now, cpu_ns)
+            return
+        if prev is not None:
+            vcpus = max(int(live.rec.get("cpu") or 1024), 1) / 1024
+            live.cpu_percent = (cpu_ns - prev[1]) / ((now - prev[0]) * 1e6) / vcpus * 100
+        live.cpu_sample = (now, cpu_ns)
+
+    def cpu_percent(self, task_id: str) -> float | None:
+        """The task's CPU use between its last two polls, in percent of its cpu units
+        (None: not measured yet, or not driven by this process)."""
+        live = self.live.get(task_id)
+        return live.cpu_percent if live is not None else None
 
     def _lost(self, live: Live, reason: str) -> None:
         for name, c in live.task.containers.items():

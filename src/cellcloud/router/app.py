@@ -23,6 +23,7 @@ from .. import eventlog, runtime
 from ..console.app import PREFIX as CONSOLE_PREFIX
 from ..console.app import Console, session_value
 from ..core import tracing
+from ..core.autoscale import TARGET_PREFIX as AAS_TARGET_PREFIX
 from ..core.cellmap import CellMap
 from ..core.ec2_query import XML as EC2_XML
 from ..core.ec2_query import error_xml as ec2_error_xml
@@ -415,8 +416,14 @@ class Router:
         is_logs = target.startswith(LOGS_TARGET_PREFIX)
         # The ECS API (control/ecs.py): its JSON target, or anything signed for service "ecs"
         # (an unknown target is then answered by the ECS API, never a 404 of another's).
+        # The application-autoscaling API's ECS subset (control/autoscaling.py) goes the same
+        # way: the control plane's ecs op, which tells the two apart by the target.
+        is_aas = not is_ecr and not is_logs and (
+            target.startswith(AAS_TARGET_PREFIX)
+            or parsed_auth.group("service") == "application-autoscaling")
         is_ecs = not is_ecr and not is_logs and (target.startswith(ECS_TARGET_PREFIX)
-                                                 or parsed_auth.group("service") == "ecs")
+                                                 or parsed_auth.group("service") == "ecs"
+                                                 or is_aas)
         # The EC2 API's volume subset (control/ec2.py): query protocol, signed for "ec2".
         is_ec2 = body_state.ec2
         body_max = (
@@ -454,6 +461,7 @@ class Router:
                 region=self.region,
                 secret_for=self.tenants.secret_for,
                 service=("sqs" if is_sqs else "ecr" if is_ecr else "logs" if is_logs
+                         else "application-autoscaling" if is_ecs and is_aas
                          else "ecs" if is_ecs else "ec2" if is_ec2
                          else "scheduler" if is_scheduler
                          else sigv4.SERVICE),
