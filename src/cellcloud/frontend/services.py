@@ -28,6 +28,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import h11
+
 from ..core import autoscale as asc
 from ..core import ecs_service as es
 from ..core.ecs_taskdef import EcsError
@@ -108,6 +110,7 @@ class ServiceManager:
         self._loop: asyncio.Task[None] | None = None
         self.counters = {"ticks": 0, "started": 0, "stopped": 0, "placement_failures": 0,
                          "http_requests": 0, "http_no_task": 0, "http_task_failed": 0,
+                         "http_task_unreachable": 0,
                          "autoscale_datapoints": 0, "autoscale_set": 0, "http_held": 0}
         # Traffic (``http``): the next task per service (round robin), requests in flight per
         # task, and tasks the controller stopped that still answer requests (draining): task
@@ -568,21 +571,29 @@ class ServiceManager:
                                "mapping")
         n = self._next.get(key, 0)
         self._next[key] = n + 1
-        task_id, ip, port = targets[n % len(targets)]
-        self._inflight[task_id] = self._inflight.get(task_id, 0) + 1
-        try:
-            return await asyncio.wait_for(
-                _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
-                max(deadline - loop.time(), 0.001))
-        except (TimeoutError, OSError, ValueError) as e:
-            self.counters["http_task_failed"] += 1
-            return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: {e}")
-        finally:
-            left = self._inflight[task_id] = self._inflight[task_id] - 1
-            if left <= 0:
-                del self._inflight[task_id]
-                if task_id in self._draining:
-                    self._stop_drained(task_id)
+        # Round robin; a task that refuses the connection (RUNNING, its server not listening
+        # yet, or going) got nothing: the next one is tried, as a load balancer would.
+        for attempt in range(len(targets)):
+            task_id, ip, port = targets[(n + attempt) % len(targets)]
+            self._inflight[task_id] = self._inflight.get(task_id, 0) + 1
+            try:
+                return await asyncio.wait_for(
+                    _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
+                    max(deadline - loop.time(), 0.001))
+            except _Unreachable as e:
+                self.counters["http_task_unreachable"] += 1
+                if attempt == len(targets) - 1:
+                    return _plain(502, f"no task of service {key[2]} took the connection: {e}")
+            except (TimeoutError, OSError, ValueError) as e:
+                self.counters["http_task_failed"] += 1
+                return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: {e}")
+            finally:
+                left = self._inflight[task_id] = self._inflight[task_id] - 1
+                if left <= 0:
+                    del self._inflight[task_id]
+                    if task_id in self._draining:
+                        self._stop_drained(task_id)
+        raise AssertionError("unreachable")  # the loop returns on its last attempt
 
     @staticmethod
     def _scales(svc: Svc) -> bool:
@@ -682,61 +693,60 @@ _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-leng
                   "upgrade", "proxy-connection", "trailer"})
 
 
+class _Unreachable(OSError):
+    """The task refused or never took the connection: nothing of the request reached it."""
+
+
 async def _forward(ip: str, port: int, body: dict[str, Any], bytes_max: int
                    ) -> dict[str, Any]:
-    """HTTP/1.1 to the task, one connection per request (``Connection: close``); the answer
-    read whole (at most ``bytes_max``), a chunked body decoded."""
-    reader, writer = await asyncio.open_connection(ip, port)
+    """HTTP/1.1 to the task through h11 (one connection per request, ``Connection: close``);
+    the answer read whole, at most ``bytes_max`` bytes of body. ``_Unreachable`` when the
+    connection itself fails (the caller may try another task: nothing was sent)."""
+    try:
+        reader, writer = await asyncio.open_connection(ip, port)
+    except OSError as e:
+        raise _Unreachable(f"{type(e).__name__}: {e}") from e
+    conn = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=64 * 1024)
     try:
         data = bytes(body.get("b") or b"")
-        head = [f"{body['m']} {body['p']} HTTP/1.1"]
-        head += [f"{k}: {v}" for k, v in body.get("h") or [] if k.lower() not in _HOP
-                 and k.lower() != "x-forwarded-for"]
-        head += [f"content-length: {len(data)}", "connection: close"]
+        headers = [(str(k), str(v)) for k, v in body.get("h") or []
+                   if str(k).lower() not in _HOP and str(k).lower() != "x-forwarded-for"]
+        if not any(k.lower() == "host" for k, _ in headers):
+            headers.append(("host", f"{ip}:{port}"))
+        headers += [("content-length", str(len(data))), ("connection", "close")]
         if body.get("ip"):
-            head.append(f"x-forwarded-for: {body['ip']}")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+            headers.append(("x-forwarded-for", str(body["ip"])))
+        out = conn.send(h11.Request(method=str(body["m"]), target=str(body["p"]),
+                                    headers=headers)) or b""
+        if data:
+            out += conn.send(h11.Data(data=data)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        writer.write(out)
         await writer.drain()
-        raw = await reader.read(bytes_max + 64 * 1024)
+        status, answer_headers, answer = 0, [], bytearray()
         while True:
-            more = await reader.read(64 * 1024)
-            if not more:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(64 * 1024))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                answer_headers = [[k.decode("latin-1"), v.decode("latin-1")]
+                                  for k, v in event.headers.raw_items()]  # names as sent
+            elif isinstance(event, h11.Data):
+                answer += event.data
+                if len(answer) > bytes_max:
+                    raise ValueError(f"the answer is larger than {bytes_max} bytes")
+            elif isinstance(event, h11.EndOfMessage):
                 break
-            raw += more
-            if len(raw) > bytes_max + 64 * 1024:
-                raise ValueError(f"the answer is larger than {bytes_max} bytes")
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ValueError("the task closed the connection before its answer")
+    except h11.ProtocolError as e:
+        raise ValueError(f"not an HTTP answer: {e}") from e
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-    top, sep, rest = raw.partition(b"\r\n\r\n")
-    if not sep:
-        raise ValueError("no HTTP answer")
-    lines = top.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        raise ValueError(f"not an HTTP status line: {lines[0][:80]!r}")
-    headers = []
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers.append([k.strip(), v.strip()])
-    names = {k.lower(): v for k, v in headers}
-    if names.get("transfer-encoding", "").lower() == "chunked":
-        rest = _dechunk(rest)
-    elif names.get("content-length", "").isdigit():
-        rest = rest[:int(names["content-length"])]
-    return {"s": int(parts[1]), "h": [h for h in headers if h[0].lower() not in _HOP],
-            "b": rest}
+    return {"s": status, "h": [h for h in answer_headers if h[0].lower() not in _HOP],
+            "b": bytes(answer)}
 
 
-def _dechunk(data: bytes) -> bytes:
-    out, i = bytearray(), 0
-    while True:
-        end = data.find(b"\r\n", i)
-        if end < 0:
-            raise ValueError("a cut chunked body")
-        size = int(data[i:end].split(b";", 1)[0] or b"0", 16)
-        if size == 0:
-            return bytes(out)
-        out += data[end + 2:end + 2 + size]
-        i = end + 2 + size + 2
