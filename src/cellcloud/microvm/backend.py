@@ -52,6 +52,13 @@ def unsupported(spec: EnvSpec, netns_fd: int | None) -> str | None:
     return None
 
 
+def spec_frame(spec: EnvSpec) -> bytes:
+    """The host's first frame to a guest (``guest_vm.py``): the spec, the wall clock and a
+    fresh seed (a guest restored from a snapshot applies both before the runtime starts)."""
+    return pack({"t": "spec", "spec": spec.to_wire(), "time_ms": int(time.time() * 1000),
+                 "seed": os.urandom(guest_vm_seed_bytes)})
+
+
 class MicrovmBackend:
     name = "microvm"
 
@@ -137,9 +144,7 @@ class MicrovmBackend:
             assert isinstance(pid, int)
             # The host speaks first: the spec, then the jail's protocol. It waits in the
             # socket's buffer until the guest opens its port.
-            ours.sendall(pack({"t": "spec", "spec": spec.to_wire(),
-                               "time_ms": int(time.time() * 1000),
-                               "seed": os.urandom(guest_vm_seed_bytes)}))
+            ours.sendall(spec_frame(spec))
         except BaseException:
             ours.close()
             raise

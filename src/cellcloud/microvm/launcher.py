@@ -61,9 +61,11 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
-def bundle_disk(bundle_dir: str, path: str) -> None:
-    """The bundle as an ext4 image (``mkfs.ext4 -d``): the guest mounts it read-only."""
-    size_kib = (_dir_bytes(bundle_dir) * 3 // 2) // 1024 + 4096
+def bundle_disk(bundle_dir: str, path: str, *, size_kib: int | None = None) -> None:
+    """The bundle as an ext4 image (``mkfs.ext4 -d``): the guest mounts it read-only.
+    ``size_kib``: exactly this size (a guest restored from a snapshot saw a disk of it)."""
+    if size_kib is None:
+        size_kib = (_dir_bytes(bundle_dir) * 3 // 2) // 1024 + 4096
     r = subprocess.run([image.MKFS, "-q", "-F", "-O", "^has_journal", "-E", "root_owner=0:0",
                         "-d", bundle_dir, path, f"{size_kib}k"], capture_output=True,
                        text=True, timeout=120, stdin=subprocess.DEVNULL)
