@@ -4,8 +4,8 @@ environment's guest saved at its waiting point and started from there.
 ``create`` boots the agent image (``image.ensure_agent``) with an empty bundle disk of
 ``microvm_bundle_disk_mib`` and a channel nobody writes to, waits for QEMU's
 ``VSERPORT_CHANGE`` event (the guest agent opened its port: it now waits for the host's spec
-frame, before it touches the bundle disk), pauses it and saves it with QEMU's migration, as
-``snapshot.create`` does; the folder is named by the key's digest (agent image, QEMU's
+frame, before it touches the bundle disk) and saves it with QEMU's migration, as
+``snapshot.create`` does but without pausing it first (see ``create``); the folder is named by the key's digest (agent image, QEMU's
 version, the argv's shape, machine, memory, vCPUs, accel). ``start`` checks the snapshot's
 digests (``snapshot.check``: a corrupt or mismatched one is refused and the guest boots
 fresh), starts QEMU with the environment's bundle disk (the same size) and channel and
@@ -28,6 +28,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.limits import DEFAULT_LIMITS, Limits
 from . import core, image, snapcore, snapshot
@@ -104,6 +105,37 @@ def empty_bundle_disk(path: str, limits: Limits) -> None:
         bundle_disk(empty, path, size_kib=limits.microvm_bundle_disk_mib * 1024)
 
 
+def key_from_json(doc: dict[str, Any]) -> snapcore.SnapshotKey:
+    return snapcore.SnapshotKey(str(doc["image_digest"]), str(doc["qemu_version"]),
+                                tuple(str(a) for a in doc["argv_shape"]), str(doc["machine"]),
+                                int(doc["memory_mib"]), int(doc["vcpus"]), str(doc["accel"]),
+                                str(doc["format"]))
+
+
+def verify_state(snapshot_path: str, k: snapcore.SnapshotKey, *, kernel: str, initrd: str,
+                 state_fd: int, limits: Limits = DEFAULT_LIMITS) -> snapcore.Verdict:
+    """``snapcore.verify`` over the open state file (the descriptor QEMU then loads from) and
+    the image's kernel and initramfs."""
+    kd = snapshot.file_digest(kernel, bytes_max=limits.microvm_image_input_bytes_max)
+    idg = snapshot.file_digest(initrd, bytes_max=limits.microvm_image_input_bytes_max)
+    if kd is None or idg is None:
+        return snapcore.Verdict(False, "the image's files are missing")
+    state = snapshot.fd_digest(state_fd, bytes_max=limits.microvm_snapshot_bytes_max)
+    os.lseek(state_fd, 0, os.SEEK_SET)
+    return snapcore.verify(snapshot.read_manifest(snapshot_path), k, state=state, kernel=kd,
+                           initrd=idg, state_bytes_max=limits.microvm_snapshot_bytes_max)
+
+
+def restore_argv(agent_argv: list[str], state_fd: int) -> list[str]:
+    """The launcher's ``core.agent_qemu_argv`` (console on ``stdio``: the snapshot's guest
+    has a serial port) made to load the snapshot from ``state_fd`` at start (``-incoming
+    fd:``; QEMU runs the guest once it is loaded). No QMP monitor: the jailed QEMU needs none."""
+    a = list(agent_argv)
+    port = f"virtserialport,chardev=agent,name={core.AGENT_PORT_NAME}"
+    a[a.index(port)] = port + f",id={PORT_ID}"
+    return [*a, "-incoming", f"fd:{state_fd}"]
+
+
 @dataclass(frozen=True)
 class AgentSnapshot:
     path: str
@@ -142,7 +174,9 @@ async def create(state_dir: str, img: image.AgentImage, vm: core.VmSpec, *,
                                lambda d: d.get("id") == PORT_ID and d.get("open") is True,
                                limits.microvm_boot_timeout_ms)
             t0 = time.monotonic()
-            await g.qmp("stop")
+            # Saved running (QEMU pauses it at the end): the stream's run state is "running",
+            # so a QEMU started with ``-incoming`` runs the guest once it is loaded, with no
+            # monitor to ``cont`` it (the jailed one has none). Idle, it converges at once.
             fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 await g.pass_fd("state", fd)
