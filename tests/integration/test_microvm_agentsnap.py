@@ -118,3 +118,72 @@ def test_a_flipped_byte_is_refused_and_the_environment_boots_fresh(made: Any,
     assert st.how == "booted"
     assert "state file's SHA-256" in st.reason
     assert len(r["random"]) == 32
+
+
+def _backend_env(backend: Any, bundle: str, n: int) -> dict[str, Any]:
+    spec = EnvSpec(env_id=f"bsnap-{os.getpid()}-{n}", function_name="snap",
+                   function_version="$LATEST",
+                   function_arn="arn:aws:lambda:cc-local-1:000000000000:function:snap",
+                   handler="app.handler", runtime="python3.11", memory_mb=128, timeout_s=30,
+                   bundle_dir=bundle, uid=1000, gid=1000, cgroup_group="snap-microvm",
+                   allow_unlimited=True)
+
+    async def go() -> dict[str, Any]:
+        spawned = await backend.spawn(spec)
+        try:
+            chan = StreamChannel(spawned.channel, 64 << 20)
+            spawned.channel.settimeout(120)
+            ready = await asyncio.to_thread(chan.recv)
+            assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
+            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
+                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
+                       "arn": spec.function_arn})
+            result = await asyncio.to_thread(chan.recv)
+            assert result and result.get("t") == "result", result
+            return dict(json.loads(result["payload"]))
+        finally:
+            backend.kill(spawned.pid)
+            spawned.channel.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_the_backend_restores_jailed_environments_and_refuses_a_corrupt_snapshot(
+        made: Any, tmp_path: Any) -> None:
+    """Through ``MicrovmBackend(snapshots=True)``: the launcher's jailed QEMUs load the
+    snapshot (``-incoming fd:``); two environments print different random bytes; with the
+    state file corrupted, the next environment boots fresh and says why."""
+    from cellcloud.microvm.backend import MicrovmBackend
+
+    state = made[0]
+    bundle = str(tmp_path / "bundle")
+    os.makedirs(bundle)
+    with open(os.path.join(bundle, "app.py"), "w") as f:
+        f.write(HANDLER)
+    backend = MicrovmBackend(state, snapshots=True)
+    backend.start()
+    try:
+        assert backend.snapshot is not None
+        a = _backend_env(backend, bundle, 1)
+        assert backend.last_start == "restored"
+        b = _backend_env(backend, bundle, 2)
+        assert backend.last_start == "restored"
+        assert a["random"] != b["random"]
+        _flip(backend.snapshot)
+        try:
+            c = _backend_env(backend, bundle, 3)
+        finally:
+            _flip(backend.snapshot)  # the module's snapshot, whole again
+        assert backend.last_start.startswith("booted: ") and "SHA-256" in backend.last_start
+        assert len(c["random"]) == 32
+    finally:
+        backend.close()
+
+
+def _flip(snap: agentsnap.AgentSnapshot) -> None:
+    with open(snap.state, "r+b") as f:
+        f.seek(snap.state_bytes // 2)
+        byte = f.read(1)
+        f.seek(snap.state_bytes // 2)
+        f.write(bytes([byte[0] ^ 0x01]))

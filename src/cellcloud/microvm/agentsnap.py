@@ -144,6 +144,10 @@ class AgentSnapshot:
     save_ms: int
     built: bool
 
+    @property
+    def state(self) -> str:
+        return os.path.join(self.path, "state.bin")
+
 
 async def create(state_dir: str, img: image.AgentImage, vm: core.VmSpec, *,
                  limits: Limits = DEFAULT_LIMITS, qemu: str,
