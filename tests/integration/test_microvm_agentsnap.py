@@ -187,3 +187,28 @@ def _flip(snap: agentsnap.AgentSnapshot) -> None:
         byte = f.read(1)
         f.seek(snap.state_bytes // 2)
         f.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.slow
+def test_a_snapshot_that_cannot_be_made_leaves_the_backend_booting_fresh(tmp_path: Any) -> None:
+    """A save over ``microvm_snapshot_bytes_max``: the backend starts without a snapshot,
+    says why, and its environments boot fresh."""
+    import dataclasses
+
+    from cellcloud.microvm.backend import MicrovmBackend
+
+    bundle = str(tmp_path / "bundle")
+    os.makedirs(bundle)
+    with open(os.path.join(bundle, "app.py"), "w") as f:
+        f.write(HANDLER)
+    limits = dataclasses.replace(DEFAULT_LIMITS, microvm_snapshot_bytes_max=1 << 20)
+    backend = MicrovmBackend(str(tmp_path / "state"), snapshots=True, limits=limits)
+    backend.start()
+    try:
+        assert backend.snapshot is None
+        assert "microvm_snapshot_bytes_max" in backend.snapshot_error
+        r = _backend_env(backend, bundle, 4)
+        assert backend.last_start == "booted: no snapshot"
+        assert len(r["random"]) == 32
+    finally:
+        backend.close()

@@ -29,7 +29,7 @@ from ..core.limits import DEFAULT_LIMITS, Limits
 from ..sandbox.backend import Spawned, Unsupported, control_reply_bytes_max
 from ..sandbox.spec import EnvSpec
 from ..transport.codec import FrameError, pack, recv_message, send_message
-from . import agentsnap, boot, core, image
+from . import agentsnap, boot, core, image, snapshot
 
 guest_vm_seed_bytes = 32  # guest_vm.seed_bytes (not imported: that module is the guest's)
 
@@ -84,6 +84,7 @@ class MicrovmBackend:
         self.snapshot_memory_mib = snapshot_memory_mib or limits.microvm_guest_memory_mib_min
         self.snapshot: agentsnap.AgentSnapshot | None = None
         self.last_start = ""  # the launcher's word on the last spawn: restored or booted
+        self.snapshot_error = ""  # why start() made no snapshot
 
     def start(self) -> None:
         """Must run before the agent locks itself down (the probe and the launcher exec)."""
@@ -105,10 +106,15 @@ class MicrovmBackend:
         if self.snapshots:
             vm = core.VmSpec(self.accel, self.machine,
                              memory_mib=self.snapshot_memory_mib)
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                self.snapshot = pool.submit(
-                    asyncio.run, agentsnap.create(self.state_dir, self.image, vm,
-                                                  limits=self.limits, qemu=qemu)).result()
+            try:
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    self.snapshot = pool.submit(
+                        asyncio.run, agentsnap.create(self.state_dir, self.image, vm,
+                                                      limits=self.limits, qemu=qemu)).result()
+            except (snapshot.SnapshotError, OSError, RuntimeError) as e:
+                # No snapshot: every environment boots fresh, and the agent says why.
+                self.snapshot = None
+                self.snapshot_error = f"{type(e).__name__}: {e}"
         os.makedirs(self.envs_dir, mode=0o700, exist_ok=True)
         for stale in os.listdir(self.envs_dir):  # a previous agent's, its QEMUs are gone
             shutil.rmtree(os.path.join(self.envs_dir, stale), ignore_errors=True)
