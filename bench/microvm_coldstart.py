@@ -6,9 +6,12 @@ without the region). Under the acceleration the probe chose (TCG on the developm
 Run from the repository root, as root::
 
     python -m bench.microvm_coldstart [--boots 3] [--machine microvm|pc] [--state-dir DIR]
+                                      [--no-snapshot]
 
-Prints each boot's spawn, ready and first-invoke times and the load average before and after.
-Nothing here asserts.
+Two series in the same run: cold boots, then environments restored from the agent guest's
+snapshot (``MicrovmBackend(snapshots=True)``, ``agentsnap.py``; made at the backend's start).
+Prints each series' spawn, ready and first-invoke times, the load average before and after, and
+the ratio of the medians to ``ready``. Asserts only that each series started as it says.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cellcloud.sandbox import cgroups
 from cellcloud.sandbox.spec import EnvSpec
 from cellcloud.transport.codec import StreamChannel
 
+MEMORY_MB = 512
 HANDLER = ("import os\n"
            "def handler(event, context):\n"
            "    return {'release': os.uname().release}\n")
@@ -41,7 +45,7 @@ async def one(backend: MicrovmBackend, bundle: str, n: int) -> tuple[float, floa
     spec = EnvSpec(env_id=f"bench-{os.getpid()}-{n}", function_name="bench",
                    function_version="$LATEST",
                    function_arn="arn:aws:lambda:cc-local-1:000000000000:function:bench",
-                   handler="app.handler", runtime="python3.11", memory_mb=512, timeout_s=30,
+                   handler="app.handler", runtime="python3.11", memory_mb=MEMORY_MB, timeout_s=30,
                    bundle_dir=bundle, uid=1000, gid=1000, cgroup_group="bench-microvm",
                    allow_unlimited=True)
     t0 = time.monotonic()
@@ -68,30 +72,47 @@ async def one(backend: MicrovmBackend, bundle: str, n: int) -> tuple[float, floa
     return ((t_spawn - t0) * 1000, (t_ready - t0) * 1000, (t_inv - t_ready) * 1000, release)
 
 
-async def run(a: argparse.Namespace) -> None:
-    sd = a.state_dir or tempfile.mkdtemp(prefix="cellcloud-microvm-bench-")
-    backend = MicrovmBackend(sd, machine=a.machine)
+async def series(sd: str, a: argparse.Namespace, bundle: str, *,
+                 snapshots: bool) -> list[tuple[float, float, float, str]]:
+    backend = MicrovmBackend(sd, machine=a.machine, snapshots=snapshots,
+                             snapshot_memory_mib=MEMORY_MB)
     t = time.monotonic()
     backend.start()
-    print(f"start (agent image, probe, launcher): {(time.monotonic() - t) * 1000:.0f} ms; "
+    what = "agent image, probe, launcher" + (", agent snapshot" if snapshots else "")
+    print(f"start ({what}): {(time.monotonic() - t) * 1000:.0f} ms; "
           f"accel {backend.accel} ({backend.probe.get('reason')})")
-    bundle = tempfile.mkdtemp(prefix="cellcloud-bench-bundle-")
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
     load0 = os.getloadavg()
     rows = []
     try:
         for n in range(a.boots):
-            rows.append(await one(backend, bundle, n))
+            rows.append(await one(backend, bundle, n + (1000 if snapshots else 0)))
+            want = "restored" if snapshots else "booted"
+            assert backend.last_start.startswith(want), backend.last_start
     finally:
         backend.close()
     load1 = os.getloadavg()
-    print(f"machine {a.machine}, accel {backend.accel}, guest kernel {rows[0][3]}, host "
-          f"{os.uname().release}, load {load0[0]:.2f} -> {load1[0]:.2f}")
+    print(f"{'restored' if snapshots else 'cold'}: machine {a.machine}, accel {backend.accel}, "
+          f"guest kernel {rows[0][3]}, host {os.uname().release}, "
+          f"load {load0[0]:.2f} -> {load1[0]:.2f}")
     for name, i in (("spawn", 0), ("ready", 1), ("first invoke", 2)):
         v = [r[i] for r in rows]
-        print(f"{name:13} median {statistics.median(v):8.0f} ms  min {min(v):8.0f}  "
+        print(f"  {name:13} median {statistics.median(v):8.0f} ms  min {min(v):8.0f}  "
               f"max {max(v):8.0f}")
+    return rows
+
+
+async def run(a: argparse.Namespace) -> None:
+    sd = a.state_dir or tempfile.mkdtemp(prefix="cellcloud-microvm-bench-")
+    bundle = tempfile.mkdtemp(prefix="cellcloud-bench-bundle-")
+    with open(os.path.join(bundle, "app.py"), "w") as f:
+        f.write(HANDLER)
+    cold = await series(sd, a, bundle, snapshots=False)
+    if a.no_snapshot:
+        return
+    warm = await series(sd, a, bundle, snapshots=True)
+    c = statistics.median(r[1] for r in cold)
+    w = statistics.median(r[1] for r in warm)
+    print(f"to ready, median: cold {c:.0f} ms, restored {w:.0f} ms: {c / w:.1f}x faster")
 
 
 def main() -> None:
@@ -99,6 +120,8 @@ def main() -> None:
     ap.add_argument("--boots", type=int, default=3)
     ap.add_argument("--machine", choices=["microvm", "pc"], default="microvm")
     ap.add_argument("--state-dir", default="")
+    ap.add_argument("--no-snapshot", action="store_true",
+                    help="only cold boots (no series restored from the agent's snapshot)")
     asyncio.run(run(ap.parse_args()))
 
 

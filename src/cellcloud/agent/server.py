@@ -1416,7 +1416,7 @@ async def serve(args: argparse.Namespace) -> None:
             raise SystemExit(3)
         from ..microvm.backend import MicrovmBackend
 
-        backend = MicrovmBackend(state_dir)
+        backend = MicrovmBackend(state_dir, snapshots=args.microvm_snapshots)
     else:
         backend = JailBackend(os.path.join(state_dir, "jailroot"))
     try:
@@ -1426,6 +1426,9 @@ async def serve(args: argparse.Namespace) -> None:
     except (OSError, RuntimeError) as e:
         log.error("the %s backend cannot start: %s", args.backend, e)
         raise SystemExit(3) from e
+    snapshot_error = getattr(backend, "snapshot_error", "")
+    if snapshot_error:
+        log.warning("microvm: no agent snapshot, environments boot fresh: %s", snapshot_error)
     network = None
     if args.network != "none":  # also before the lock-down: the helper needs netlink and nft
         from ..network import policy
@@ -1555,6 +1558,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="jail", choices=("jail", "microvm"),
                    help="execution environments: jail (namespaces, cgroups, seccomp) or "
                         "microvm (each in a QEMU guest with its own kernel; docs/microvm.md)")
+    p.add_argument("--microvm-snapshots", action="store_true",
+                   help="--backend microvm: start environments of the smallest guest memory "
+                        "from the agent guest's snapshot (made at start; docs/microvm.md)")
     p.add_argument("--network", default="none", choices=("egress", "none"),
                    help="environments' outbound network (egress: an interface under the "
                         "region's policy, via the network helper; none: loopback only)")

@@ -318,6 +318,9 @@ class Limits:
     microvm_snapshot_save_timeout_ms: int = 120_000
     microvm_restore_timeout_ms: int = 60_000
     microvm_snapshot_bytes_max: int = 1024 * MiB
+    # An agent guest restored from its snapshot (microvm/agentsnap.py): every bundle disk is
+    # this size (the snapshot's guest probed one of it; a bundle over it boots fresh).
+    microvm_bundle_disk_mib: int = 64
     # The VMM jailer (microvm/jailer.py): the VMM's memory beyond the guest's (its cgroup's limit
     # is the guest's memory plus this; measured, docs/microvm.md) and its tasks (QEMU's threads).
     microvm_vmm_overhead_mib: int = 256  # the backend's launcher and the jailer alike

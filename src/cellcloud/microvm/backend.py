@@ -29,7 +29,7 @@ from ..core.limits import DEFAULT_LIMITS, Limits
 from ..sandbox.backend import Spawned, Unsupported, control_reply_bytes_max
 from ..sandbox.spec import EnvSpec
 from ..transport.codec import FrameError, pack, recv_message, send_message
-from . import boot, core, image
+from . import agentsnap, boot, core, image, snapshot
 
 guest_vm_seed_bytes = 32  # guest_vm.seed_bytes (not imported: that module is the guest's)
 
@@ -52,11 +52,19 @@ def unsupported(spec: EnvSpec, netns_fd: int | None) -> str | None:
     return None
 
 
+def spec_frame(spec: EnvSpec) -> bytes:
+    """The host's first frame to a guest (``guest_vm.py``): the spec, the wall clock and a
+    fresh seed (a guest restored from a snapshot applies both before the runtime starts)."""
+    return pack({"t": "spec", "spec": spec.to_wire(), "time_ms": int(time.time() * 1000),
+                 "seed": os.urandom(guest_vm_seed_bytes)})
+
+
 class MicrovmBackend:
     name = "microvm"
 
     def __init__(self, state_dir: str, *, limits: Limits = DEFAULT_LIMITS,
-                 machine: str = "microvm", console: bool = False) -> None:
+                 machine: str = "microvm", console: bool = False,
+                 snapshots: bool = False, snapshot_memory_mib: int = 0) -> None:
         self.state_dir = state_dir
         self.limits = limits
         self.machine = machine
@@ -69,6 +77,14 @@ class MicrovmBackend:
         self._proc: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None
         self._lock = threading.Lock()
+        # Start environments from the agent guest's snapshot (agentsnap.py), made at start()
+        # for guests of snapshot_memory_mib (0: microvm_guest_memory_mib_min); other sizes
+        # boot fresh.
+        self.snapshots = snapshots
+        self.snapshot_memory_mib = snapshot_memory_mib or limits.microvm_guest_memory_mib_min
+        self.snapshot: agentsnap.AgentSnapshot | None = None
+        self.last_start = ""  # the launcher's word on the last spawn: restored or booted
+        self.snapshot_error = ""  # why start() made no snapshot
 
     def start(self) -> None:
         """Must run before the agent locks itself down (the probe and the launcher exec)."""
@@ -87,6 +103,18 @@ class MicrovmBackend:
             self.probe, _ = pool.submit(boot.probe, self.state_dir, base,
                                         limits=self.limits).result()
         self.accel = "kvm" if self.probe.get("accel") == "kvm" else "tcg"
+        if self.snapshots:
+            vm = core.VmSpec(self.accel, self.machine,
+                             memory_mib=self.snapshot_memory_mib)
+            try:
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    self.snapshot = pool.submit(
+                        asyncio.run, agentsnap.create(self.state_dir, self.image, vm,
+                                                      limits=self.limits, qemu=qemu)).result()
+            except (snapshot.SnapshotError, OSError, RuntimeError) as e:
+                # No snapshot: every environment boots fresh, and the agent says why.
+                self.snapshot = None
+                self.snapshot_error = f"{type(e).__name__}: {e}"
         os.makedirs(self.envs_dir, mode=0o700, exist_ok=True)
         for stale in os.listdir(self.envs_dir):  # a previous agent's, its QEMUs are gone
             shutil.rmtree(os.path.join(self.envs_dir, stale), ignore_errors=True)
@@ -128,18 +156,22 @@ class MicrovmBackend:
             "console": self.console,
             "vm": {"accel": vm.accel, "machine": vm.machine, "memory_mib": vm.memory_mib,
                    "vcpus": vm.vcpus}}
+        snap = self.snapshot
+        if (snap is not None and (snap.key.memory_mib, snap.key.machine, snap.key.vcpus,
+                                  snap.key.accel)
+                == (vm.memory_mib, vm.machine, vm.vcpus, vm.accel)):
+            request["snapshot"] = {"path": snap.path, "key": snap.key.to_json()}
         ours, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             reply = await asyncio.to_thread(self._spawn_sync, request, guest_end)
             if "error" in reply:
                 raise RuntimeError(str(reply["error"]))
             pid = reply["pid"]
+            self.last_start = str(reply.get("start", ""))
             assert isinstance(pid, int)
             # The host speaks first: the spec, then the jail's protocol. It waits in the
             # socket's buffer until the guest opens its port.
-            ours.sendall(pack({"t": "spec", "spec": spec.to_wire(),
-                               "time_ms": int(time.time() * 1000),
-                               "seed": os.urandom(guest_vm_seed_bytes)}))
+            ours.sendall(spec_frame(spec))
         except BaseException:
             ours.close()
             raise

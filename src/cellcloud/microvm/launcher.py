@@ -27,7 +27,7 @@ from ..core.limits import DEFAULT_LIMITS
 from ..sandbox import cgroups, linux
 from ..sandbox.spec import EnvSpec
 from ..transport.codec import FrameError, recv_message, send_message
-from . import core, image, jailcore
+from . import agentsnap, core, image, jailcore
 
 request_bytes_max = 1024 * 1024
 # The environment id names its folder here and is the VMM jail's vm_id (jailcore._VM_ID's
@@ -61,9 +61,11 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
-def bundle_disk(bundle_dir: str, path: str) -> None:
-    """The bundle as an ext4 image (``mkfs.ext4 -d``): the guest mounts it read-only."""
-    size_kib = (_dir_bytes(bundle_dir) * 3 // 2) // 1024 + 4096
+def bundle_disk(bundle_dir: str, path: str, *, size_kib: int | None = None) -> None:
+    """The bundle as an ext4 image (``mkfs.ext4 -d``): the guest mounts it read-only.
+    ``size_kib``: exactly this size (a guest restored from a snapshot saw a disk of it)."""
+    if size_kib is None:
+        size_kib = (_dir_bytes(bundle_dir) * 3 // 2) // 1024 + 4096
     r = subprocess.run([image.MKFS, "-q", "-F", "-O", "^has_journal", "-E", "root_owner=0:0",
                         "-d", bundle_dir, path, f"{size_kib}k"], capture_output=True,
                        text=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -124,6 +126,37 @@ def _wait_vmm_pid(proc: subprocess.Popen[bytes], log_path: str) -> int:
     raise RuntimeError(f"the VMM jailer did not start QEMU (exit {proc.returncode}): {tail}")
 
 
+last_start = ""  # how the last environment started: "restored" or "booted: <why>"
+
+
+def _snapshot_state(doc: dict[str, Any], spec: EnvSpec) -> int | None:
+    """The agent guest snapshot's state file, open and verified (``agentsnap.verify_state``),
+    when the environment can start from it; None (and ``last_start`` says why) otherwise: a
+    bundle over ``microvm_bundle_disk_mib`` or a snapshot refused boots fresh."""
+    global last_start
+    snap = doc["snapshot"]
+    if (_dir_bytes(spec.bundle_dir) * 3 // 2 + (4 << 20)
+            > DEFAULT_LIMITS.microvm_bundle_disk_mib << 20):
+        last_start = "booted: the bundle is over microvm_bundle_disk_mib"
+        return None
+    path = str(snap["path"])
+    try:
+        fd = os.open(os.path.join(path, "state.bin"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        last_start = "booted: the state file is missing"
+        return None
+    verdict = agentsnap.verify_state(path, agentsnap.key_from_json(snap["key"]),
+                                     kernel=str(doc["kernel"]), initrd=str(doc["initrd"]),
+                                     state_fd=fd)
+    if not verdict.ok:
+        os.close(fd)
+        last_start = f"booted: {verdict.reason}"
+        return None
+    os.set_inheritable(fd, True)
+    last_start = "restored"
+    return fd
+
+
 def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
     """Start one environment's QEMU through the VMM jailer (``jailer.py``); the pid returned is
     QEMU's (the jailer stays outside as root and removes the cgroup when QEMU is gone)."""
@@ -139,7 +172,9 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
     os.makedirs(folder, mode=0o700)
     try:
         task = os.path.join(folder, "task.ext4")
-        bundle_disk(spec.bundle_dir, task)
+        state_fd = _snapshot_state(doc, spec) if doc.get("snapshot") else None
+        bundle_disk(spec.bundle_dir, task, size_kib=None if state_fd is None
+                    else DEFAULT_LIMITS.microvm_bundle_disk_mib * 1024)
         os.chown(task, spec.uid, spec.gid)  # QEMU opens it as the environment's uid
         os.chmod(task, 0o400)
         files = (str(doc["kernel"]), str(doc["initrd"]), str(doc["runtime_disk"]), task)
@@ -149,15 +184,23 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
         argv = core.agent_qemu_argv(
             str(doc["qemu"]), _inside(files[0]), _inside(files[1]), vm,
             runtime_disk=_inside(files[2]), bundle_disk=_inside(task), chan_fd=chan_fd,
-            console="stdio" if doc.get("console") else "")
+            console="stdio" if doc.get("console") or state_fd is not None else "")
+        keep = [chan_fd]
+        if state_fd is not None:
+            argv = agentsnap.restore_argv(argv, state_fd)
+            keep.append(state_fd)
         plan = jailcore.plan(js, argv, DEFAULT_LIMITS)
         log_path = os.path.join(folder, "qemu.log")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cellcloud.microvm.jailer",
-                 json.dumps({**plan.to_json(), "keep_fds": [chan_fd]})],
-                pass_fds=(chan_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
+        try:
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "cellcloud.microvm.jailer",
+                     json.dumps({**plan.to_json(), "keep_fds": keep})],
+                    pass_fds=tuple(keep), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True)
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)  # QEMU holds its own copy
         vmm_pid = _wait_vmm_pid(proc, log_path)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -168,6 +211,7 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
 
 
 def serve(ctl: socket.socket, envs_dir: str) -> None:
+    global last_start
     while True:
         try:
             doc, fds = recv_message(ctl, request_bytes_max, 1)
@@ -183,7 +227,9 @@ def serve(ctl: socket.socket, envs_dir: str) -> None:
                 raise ValueError("spawn needs the channel's guest end")
             old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             try:  # registered before the reaper can see it exit
-                reply: dict[str, Any] = {"pid": spawn(doc, fds[0], envs_dir)}
+                last_start = "booted: no snapshot"
+                reply: dict[str, Any] = {"pid": spawn(doc, fds[0], envs_dir),
+                                         "start": last_start}
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
         except Exception as e:

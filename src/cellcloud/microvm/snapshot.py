@@ -124,7 +124,7 @@ class Guest:
         console = await asyncio.open_connection(sock=ca)
         g = cls(proc, qmp, console, limits, qa)
         try:
-            await asyncio.wait_for(g._qmp_handshake(), limits.microvm_qmp_timeout_ms / 1000)
+            await asyncio.wait_for(g.handshake(), limits.microvm_qmp_timeout_ms / 1000)
         except BaseException as e:
             await g.close()
             if isinstance(e, TimeoutError):
@@ -132,7 +132,7 @@ class Guest:
             raise
         return g, argv
 
-    async def _qmp_handshake(self) -> None:
+    async def handshake(self) -> None:
         try:
             greeting = json.loads(await self._qr.readline() or b"null")
         except (OSError, ValueError) as e:
@@ -174,6 +174,29 @@ class Guest:
             raise SnapshotError(f"{command}: QMP {e} ({await self.stderr_tail()})") from None
         except ValueError as e:
             raise SnapshotError(f"{command}: QMP sent something that is not JSON: {e}") from None
+
+    async def wait_event(self, name: str, match: Callable[[dict[str, Any]], bool],
+                         timeout_ms: int) -> dict[str, Any]:
+        """The data of the first QMP event ``name`` whose data ``match`` accepts (call it with
+        no command in flight: answers read here are dropped)."""
+
+        async def read() -> dict[str, Any]:
+            while True:
+                raw = await self._qr.readline()
+                if not raw:
+                    raise SnapshotError(f"QMP closed before {name} ({await self.stderr_tail()})")
+                doc = json.loads(raw)
+                if doc.get("event") == name and match(doc.get("data") or {}):
+                    return dict(doc.get("data") or {})
+
+        try:
+            return await asyncio.wait_for(read(), timeout_ms / 1000)
+        except TimeoutError:
+            raise SnapshotError(f"no {name} event within {timeout_ms} ms") from None
+        except OSError as e:
+            raise SnapshotError(f"{name}: QMP {e} ({await self.stderr_tail()})") from None
+        except ValueError as e:
+            raise SnapshotError(f"{name}: QMP sent something that is not JSON: {e}") from None
 
     async def pass_fd(self, name: str, fd: int) -> None:
         """Hand QEMU a descriptor (SCM_RIGHTS on the QMP socket) under ``name``, for a
@@ -300,7 +323,7 @@ def snapshot_key(img: image.Image, spec: core.VmSpec, qemu: str,
                                    argv=argv, kernel=img.kernel, initrd=img.initrd)
 
 
-def _read_manifest(folder: str) -> Any:
+def read_manifest(folder: str) -> Any:
     try:
         with open(os.path.join(folder, "manifest.json")) as f:
             return json.load(f)
@@ -308,7 +331,7 @@ def _read_manifest(folder: str) -> Any:
         return None
 
 
-async def _wait_migration(g: Guest, timeout_ms: int) -> dict[str, Any]:
+async def wait_migration(g: Guest, timeout_ms: int) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_ms / 1000
     delay = 0.01
     while True:
@@ -334,7 +357,7 @@ async def create(state_dir: str, img: image.Image, spec: core.VmSpec, *,
     key = snapshot_key(img, spec, qemu, qemu_version(qemu))
     root = snapshots_dir(state_dir)
     final = os.path.join(root, key.dir_name())
-    have = _read_manifest(final)
+    have = read_manifest(final)
     if have is not None and not force:
         try:
             return Snapshot(final, key, int(have["state"]["size_bytes"]),
@@ -356,7 +379,7 @@ async def create(state_dir: str, img: image.Image, spec: core.VmSpec, *,
             finally:
                 os.close(fd)  # QEMU holds its own copy
             await g.qmp("migrate", uri="fd:state")
-            await _wait_migration(g, limits.microvm_snapshot_save_timeout_ms)
+            await wait_migration(g, limits.microvm_snapshot_save_timeout_ms)
             save_ms = int((time.monotonic() - t0) * 1000)
         finally:
             await g.close()
@@ -366,7 +389,8 @@ async def create(state_dir: str, img: image.Image, spec: core.VmSpec, *,
         with open(state_path, "rb+") as f:
             os.fsync(f.fileno())
         doc = snapcore.manifest(
-            key, state=state, kernel=_must(img.kernel, limits), initrd=_must(img.initrd, limits),
+            key, state=state, kernel=must_digest(img.kernel, limits),
+            initrd=must_digest(img.initrd, limits),
             created_at_s=int(time.time()), save_ms=save_ms)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(doc, f, indent=2)
@@ -381,7 +405,7 @@ async def create(state_dir: str, img: image.Image, spec: core.VmSpec, *,
     return Snapshot(final, key, state.size_bytes, save_ms, True)
 
 
-def _must(path: str, limits: Limits) -> snapcore.FileDigest:
+def must_digest(path: str, limits: Limits) -> snapcore.FileDigest:
     d = file_digest(path, bytes_max=limits.microvm_image_input_bytes_max)
     if d is None:
         raise SnapshotError(f"{path}: unreadable or over microvm_image_input_bytes_max")
@@ -402,7 +426,7 @@ def check(snapshot_path: str, key: snapcore.SnapshotKey, img: image.Image, *,
                             bytes_max=limits.microvm_snapshot_bytes_max)
     else:
         state = fd_digest(state_fd, bytes_max=limits.microvm_snapshot_bytes_max)
-    return snapcore.verify(_read_manifest(snapshot_path), key, state=state, kernel=kernel,
+    return snapcore.verify(read_manifest(snapshot_path), key, state=state, kernel=kernel,
                            initrd=initrd, state_bytes_max=limits.microvm_snapshot_bytes_max)
 
 
@@ -478,18 +502,24 @@ async def _restore(state_fd: int, img: image.Image, spec: core.VmSpec, *, limits
     try:
         await g.pass_fd("state", state_fd)  # the descriptor whose content was just checked
         await g.qmp("migrate-incoming", uri="fd:state")
-        deadline = time.monotonic() + limits.microvm_restore_timeout_ms / 1000
-        delay = 0.005
-        while (await g.qmp("query-status")).get("status") == "inmigrate":
-            if time.monotonic() > deadline:
-                raise SnapshotError("the state did not load within microvm_restore_timeout_ms")
-            await asyncio.sleep(delay)  # polling QEMU's load, bounded by the deadline above
-            delay = min(delay * 2, 0.1)
-        st = await g.qmp("query-migrate")
-        if st.get("status") not in ("completed", None):
-            raise SnapshotError(f"the load ended {st.get('status')}")
+        await wait_loaded(g, limits)
         await g.qmp("cont")
     except BaseException:
         await g.close()
         raise
     return g
+
+
+async def wait_loaded(g: Guest, limits: Limits) -> None:
+    """Until QEMU's incoming migration has loaded (SnapshotError if it failed or took over
+    ``microvm_restore_timeout_ms``)."""
+    deadline = time.monotonic() + limits.microvm_restore_timeout_ms / 1000
+    delay = 0.005
+    while (await g.qmp("query-status")).get("status") == "inmigrate":
+        if time.monotonic() > deadline:
+            raise SnapshotError("the state did not load within microvm_restore_timeout_ms")
+        await asyncio.sleep(delay)  # polling QEMU's load, bounded by the deadline above
+        delay = min(delay * 2, 0.1)
+    st = await g.qmp("query-migrate")
+    if st.get("status") not in ("completed", None):
+        raise SnapshotError(f"the load ended {st.get('status')}")
