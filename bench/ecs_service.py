@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +36,7 @@ import urllib.request
 from collections import Counter
 from typing import Any
 
-from bench.common.region import client, detached_region
+from bench.common.region import client, detached_region, push_image, web_image_archive
 
 
 def _get(endpoint: str, host: str, timeout_s: float = 90.0) -> int:
@@ -64,20 +63,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--zero-runs", type=int, default=3)
     a = ap.parse_args()
-    sys.path.insert(0, os.getcwd())
-    from tests.oci_images import host_python_layers, image_layout, layer_tar
-
     work = tempfile.mkdtemp(prefix="bench-ecs-svc-")
-    layout = os.path.join(work, "img")
-    image_layout(layout, [], tag="v1", config_doc={"Cmd": ["/bin/true"]},
-                 blobs=[host_python_layers()[0], layer_tar({"srv/hello.txt": b"hello\n"})])
-    archive = os.path.join(work, "img.tar")
-    subprocess.run(["tar", "-cf", archive, "-C", layout, "."], check=True)
+    archive = web_image_archive(work)
     with detached_region("bench-ecs-svc-") as (state, doc):
-        subprocess.run([sys.executable, "-m", "cellcloud", "image", "push", archive,
-                        "bench/web:v1", "--state-dir", state], check=True,
-                       capture_output=True, timeout=600)
-        image = f"{doc['endpoint'].split('//', 1)[1]}/bench/web:v1"
+        image = push_image(state, doc, archive, "bench/web:v1")
         endpoint = doc["endpoint"]
         port = endpoint.rsplit(":", 1)[1]
         ecs = client(doc, "ecs")

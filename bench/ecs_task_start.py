@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common.region import client, detached_region
+from bench.common.region import client, detached_region, push_image, web_image_archive
 
 
 def _first_answer(addr: str, port: int, path: str, timeout_s: float = 60.0) -> float:
@@ -76,20 +76,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     a = ap.parse_args()
-    sys.path.insert(0, os.getcwd())
-    from tests.oci_images import host_python_layers, image_layout, layer_tar
-
     work = tempfile.mkdtemp(prefix="bench-ecs-start-")
-    layout = os.path.join(work, "img")
-    image_layout(layout, [], tag="v1", config_doc={"Cmd": ["/bin/true"]},
-                 blobs=[host_python_layers()[0], layer_tar({"srv/hello.txt": b"hello\n"})])
-    archive = os.path.join(work, "img.tar")
-    subprocess.run(["tar", "-cf", archive, "-C", layout, "."], check=True)
+    archive = web_image_archive(work)
     with detached_region("bench-ecs-start-") as (state, doc):
-        subprocess.run([sys.executable, "-m", "cellcloud", "image", "push", archive,
-                        "bench/web:v1", "--state-dir", state], check=True,
-                       capture_output=True, timeout=600)
-        image = f"{doc['endpoint'].split('//', 1)[1]}/bench/web:v1"
+        image = push_image(state, doc, archive, "bench/web:v1")
         ecs = client(doc, "ecs")
         ecs.create_cluster(clusterName="bench")
         ecs.register_task_definition(

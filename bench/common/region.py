@@ -39,3 +39,24 @@ def client(doc: dict[str, Any], service: str, **config: Any) -> Any:
                         aws_secret_access_key=doc["secret_access_key"],
                         config=Config(**{"retries": {"mode": "standard",
                                                      "total_max_attempts": 1}, **config}))
+
+
+def web_image_archive(work: str) -> str:
+    """An OCI archive of the host's Python libraries and /srv/hello.txt (tests/oci_images.py):
+    a task image that serves a page with ``python -m http.server``."""
+    sys.path.insert(0, os.getcwd())
+    from tests.oci_images import host_python_layers, image_layout, layer_tar
+
+    layout = os.path.join(work, "img")
+    image_layout(layout, [], tag="v1", config_doc={"Cmd": ["/bin/true"]},
+                 blobs=[host_python_layers()[0], layer_tar({"srv/hello.txt": b"hello\n"})])
+    archive = os.path.join(work, "img.tar")
+    subprocess.run(["tar", "-cf", archive, "-C", layout, "."], check=True)
+    return archive
+
+
+def push_image(state: str, doc: dict[str, Any], archive: str, name: str) -> str:
+    """``cellcloud image push``: the image's URI in the region's registry."""
+    subprocess.run([sys.executable, "-m", "cellcloud", "image", "push", archive, name,
+                    "--state-dir", state], check=True, capture_output=True, timeout=600)
+    return f"{doc['endpoint'].split('//', 1)[1]}/{name}"
