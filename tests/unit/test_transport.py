@@ -221,3 +221,23 @@ async def _until(cond: Any, timeout_s: float = 60.0) -> None:
     while not cond():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+def test_a_peer_that_is_simply_down_is_not_waited_for() -> None:
+    """Redelivery is for a peer being replaced (it said so); a peer that is down without a
+    word — crashed, killed, never started — fails its callers at once (a blast-radius run
+    with a killed cell waited 30 s per request before)."""
+    from cellcloud.transport import NotDelivered, RedeliveringClient
+
+    async def main() -> None:
+        srv, port, _ = await _server()
+        await srv.close()  # never told anyone to go away
+        rc = RedeliveringClient("127.0.0.1", port, redeliver_s=60)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(NotDelivered):
+            await rc.call("echo", 1, timeout_s=60)
+        assert rc.redelivered == 0 and loop.time() - t0 < 30  # not the 60 s budget
+        await rc.close()
+
+    asyncio.run(main())

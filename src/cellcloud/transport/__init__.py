@@ -592,7 +592,9 @@ class Server:
 
 
 class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, on_lost: Callable[[Exception | None], None]) -> None:
+    def __init__(self, on_lost: Callable[[Exception | None], None],
+                 on_goaway: Callable[[], None] | None = None) -> None:
+        self._on_goaway = on_goaway or (lambda: None)
         self._unpacker = _unpacker()
         self.pending: dict[int, asyncio.Future[Any]] = {}
         #: streamed calls (Client.call_stream): their items, then an end (None) or an error
@@ -628,6 +630,7 @@ class _ClientProtocol(asyncio.Protocol):
                 if call_id == 0 and not ok and isinstance(body, dict) \
                         and body.get("type") == "GoAway":
                     self.gone_away = True
+                    self._on_goaway()
                     self._on_lost(None)  # the client's next call connects afresh
                     self.close_if_idle()
                     continue
@@ -734,6 +737,11 @@ class Client:
         self._connecting: asyncio.Lock | None = None
         self._ids = itertools.count(1)
         self._packer = _packer()
+        # When the peer last said it is being replaced (GoAway or a Draining answer), loop time
+        self.replacing_since: float | None = None
+
+    def _told_to_go_away(self) -> None:
+        self.replacing_since = asyncio.get_running_loop().time()
 
     @property
     def connected(self) -> bool:
@@ -757,7 +765,7 @@ class Client:
             try:
                 _, proto = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: _ClientProtocol(lost),
+                        lambda: _ClientProtocol(lost, self._told_to_go_away),
                         self.host,
                         self.port,
                         ssl=self._ssl,
@@ -900,7 +908,7 @@ class Client:
 class RedeliveringClient(Client):
     """A client whose caller may send a call again when it certainly did not run
     (:func:`not_run`: no connection, or the peer was draining) — while the peer process is
-    being replaced. The caller chooses this client, so the retry stays at its layer (DESIGN
+    being replaced (it said so: GoAway, Draining). The caller chooses this client, so the retry stays at its layer (DESIGN
     rule 4); a call that may have run is never sent twice. Sends again with a doubling pause
     (``first_pause_s`` up to ``pause_max_s``) for at most ``redeliver_s`` and within the call's
     own ``timeout_s``."""
@@ -913,6 +921,17 @@ class RedeliveringClient(Client):
         self._pause_max_s = pause_max_s
         self.redelivered = 0  # calls sent again (a count for the caller's status)
 
+    def _again(self, e: BaseException, now: float) -> bool:
+        """Send it again? Only what certainly did not run, and only while the peer is being
+        replaced: it answered Draining, or told this client to go away in the last
+        ``redeliver_s``. A peer that is simply down (crashed, killed, never started) is not
+        waited for: its callers learn at once, as before."""
+        if isinstance(e, RemoteError) and e.type == DRAINING:
+            self.replacing_since = now
+            return True
+        return (isinstance(e, NotDelivered) and self.replacing_since is not None
+                and now - self.replacing_since < self.redeliver_s)
+
     async def call(self, op: str, body: Any = None, *, timeout_s: float) -> Any:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + min(self.redeliver_s, timeout_s)
@@ -921,7 +940,7 @@ class RedeliveringClient(Client):
             try:
                 return await super().call(op, body, timeout_s=timeout_s)
             except (NotDelivered, RemoteError) as e:
-                if not not_run(e) or loop.time() + pause > give_up:
+                if not self._again(e, loop.time()) or loop.time() + pause > give_up:
                     raise
             await asyncio.sleep(pause)  # the replacement is starting: a bounded backoff
             pause = min(pause * 2, self._pause_max_s)
@@ -938,7 +957,7 @@ class RedeliveringClient(Client):
                 first = await anext(items)
             except (NotDelivered, RemoteError) as e:
                 await items.aclose()
-                if not not_run(e) or loop.time() + pause > give_up:
+                if not self._again(e, loop.time()) or loop.time() + pause > give_up:
                     raise
                 await asyncio.sleep(pause)  # as in call()
                 pause = min(pause * 2, self._pause_max_s)
