@@ -21,7 +21,7 @@ from cellcloud.core.limits import DEFAULT_LIMITS
 from cellcloud.microvm import boot, core
 from cellcloud.microvm.backend import MicrovmBackend
 
-from .conftest import NetSandbox, World, _sweep, leftovers, policy_lifted, wait_until
+from .conftest import NetSandbox, World, _sweep, leftovers, policy_lifted, sh, wait_until
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.timeout(900),
@@ -33,9 +33,9 @@ pytestmark = [
 PROBE = r'''
 import os, socket, urllib.request
 
-def probe(host, port):
+def probe(host, port, timeout=10):
     try:
-        with socket.create_connection((host, int(port)), timeout=10):
+        with socket.create_connection((host, int(port)), timeout=timeout):
             return "ok"
     except OSError as e:
         return f"{type(e).__name__}: {e}"
@@ -50,7 +50,7 @@ def handler(event, context):
         except Exception as e:
             return f"{type(e).__name__}: {e}"
     if op == "probe":
-        return {t: probe(*t.rsplit(":", 1)) for t in event["targets"]}
+        return {t: probe(*t.rsplit(":", 1), event.get("timeout", 10)) for t in event["targets"]}
     if op == "resolve":
         try:
             return socket.gethostbyname(event["name"])
@@ -107,6 +107,27 @@ def test_a_guest_with_egress_reaches_the_world_and_is_refused_what_the_policy_fo
         vm_net.destroy(env)
     # The slot's veth is gone with the environment (its namespace, tap and bridge with QEMU).
     assert wait_until(lambda: vm_net.status()["network"]["helper"]["leased"] == 0)
+
+
+@pytest.mark.slow  # another guest: ~10 s under TCG
+def test_the_guests_mac_is_pinned_on_its_port(vm_net: NetSandbox, world: World) -> None:
+    env = vm_net.create(PROBE)
+    try:
+        world_http = f"{world.addr}:8080"
+        assert vm_net.invoke(env, {"op": "probe", "targets": [world_http]})[world_http] == "ok"
+        # The guest's MAC is pinned on its port: with the pinned pair gone, its frames are
+        # dropped (and so the traffic above carried exactly the helper's MAC).
+        pinned = vm_net.agent.envs[env].spec.network
+        elem = f'{{ "{pinned["interface"]}" . {pinned["mac"]} }}'
+        sh("nft", "delete", "element", "bridge", vm_net.table, "vm_src", elem)
+        try:
+            dropped = vm_net.invoke(env, {"op": "probe", "targets": [world_http], "timeout": 3})
+        finally:
+            sh("nft", "add", "element", "bridge", vm_net.table, "vm_src", elem)
+        assert dropped[world_http] != "ok", dropped
+        assert vm_net.invoke(env, {"op": "probe", "targets": [world_http]})[world_http] == "ok"
+    finally:
+        vm_net.destroy(env)
 
 
 def test_a_guest_without_egress_has_no_network_device(vm_net: NetSandbox) -> None:

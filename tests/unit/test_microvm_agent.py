@@ -106,9 +106,7 @@ def test_what_the_microvm_backend_cannot_run_yet_is_refused_with_a_reason() -> N
 
 
 def test_a_guest_with_egress_gets_one_virtio_net_on_the_tap_it_was_handed() -> None:
-    mac = core.guest_mac("100.64.0.17")
-    assert mac == "02:cc:64:40:00:11"  # locally administered, unicast, from the address
-    assert core.guest_mac("100.64.0.18") != mac  # unique on the agent's bridge
+    mac = "02:cc:64:40:00:11"
     argv = core.agent_qemu_argv("qemu", "k", "i", core.VmSpec("tcg"), runtime_disk="r",
                                 bundle_disk="t", chan_fd=3, tap_fd=9, mac=mac)
     assert argv[argv.index("-netdev") + 1] == "tap,id=net0,fd=9"  # a descriptor, no script

@@ -9,7 +9,6 @@ Nothing here opens a file, starts a process or reads a clock: the shells (``imag
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import re
 import struct
@@ -431,7 +430,9 @@ def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtim
 
 
 def net_argv(spec: VmSpec, tap_fd: int, mac: str) -> list[str]:
-    """The guest's one network device: virtio-net on the tap QEMU was handed (``fd=``)."""
+    """The guest's one network device: virtio-net on the tap QEMU was handed (``fd=``), with
+    the MAC the network helper pinned for its slot (QEMU's default is the same in every
+    guest)."""
     if not _MAC.fullmatch(mac):
         raise ValueError(f"bad MAC address {mac!r}")
     dev = "virtio-net-device" if spec.machine == "microvm" else "virtio-net-pci"
@@ -440,10 +441,3 @@ def net_argv(spec: VmSpec, tap_fd: int, mac: str) -> list[str]:
 
 
 _MAC = re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}")
-
-
-def guest_mac(address: str) -> str:
-    """The guest NIC's MAC address, from its IPv4 address: locally administered and unicast
-    (``02:``), unique on the agent's bridge as the address is (QEMU's default MAC is the same
-    in every guest)."""
-    return "02:cc:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(address).packed)

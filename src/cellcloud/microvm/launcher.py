@@ -234,7 +234,7 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str, netns_fd: int | None
             runtime_disk=_inside(files[2]), bundle_disk=_inside(task), chan_fd=chan_fd,
             console="stdio" if doc.get("console") or state_fd is not None else "",
             tap_fd=tap_fd if tap_fd >= 0 else None,
-            mac=core.guest_mac(str(spec.network["address"])) if tap_fd >= 0 else "")
+            mac=str(spec.network.get("mac", "")) if tap_fd >= 0 else "")
         keep = [chan_fd] + ([tap_fd] if tap_fd >= 0 else [])
         if state_fd is not None:
             argv = agentsnap.restore_argv(argv, state_fd)

@@ -323,6 +323,7 @@ class Helper:
         self.netns_fds: dict[int, int] = {}  # slot -> its namespace, until acquired
         self.admitted: set[int] = set()  # slots whose chain and map entries exist
         self.ingress: dict[int, tuple[tuple[str, int], ...]] = {}  # a task's slot: its ports
+        self.vm_slots: set[int] = set()  # microVMs' slots: their guests' MACs pinned
         self.counters = {"acquired": 0, "released": 0, "made": 0, "made_on_demand": 0}
         self.ready_doc: dict[str, Any] = {}
         self.torn_down = False
@@ -464,6 +465,8 @@ class Helper:
             if tap:
                 _in_thread(_wire_for_vm, fd, str(self.plan.address(slot)),
                            self.plan.subnet.prefixlen)
+                nft(P.slot_vm(self.plan, slot))
+                self.vm_slots.add(slot)
             if allow:
                 nft(P.slot_allow(self.plan, slot, allow))
             if ingress is not None:  # a task: the host reaches its mapped ports only
@@ -481,6 +484,9 @@ class Helper:
         ingress = self.ingress.pop(slot, None) if slot is not None else None
         if slot is not None and ingress is not None:
             nft(P.slot_ingress(self.plan, slot, ingress, add=False))
+        if slot is not None and slot in self.vm_slots:
+            self.vm_slots.discard(slot)
+            nft(P.slot_vm(self.plan, slot, add=False))
         if slot is not None:
             with self._destroying_lock:
                 self._destroying += 1
@@ -514,7 +520,7 @@ class Helper:
             slot, fd = self.acquire(str(msg["env_id"]), allow, ingress, tap)
             info = self.plan.env_info(slot)
             if tap:
-                info["device"] = VM_TAP
+                info["device"], info["mac"] = VM_TAP, self.plan.vm_mac(slot)
             if allow:
                 info["allow"] = [f"{c}:{port}" for c, port in allow]
             return {"slot": slot, "info": info}, [fd]
