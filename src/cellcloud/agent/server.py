@@ -1474,7 +1474,7 @@ async def serve(args: argparse.Namespace) -> None:
             args.volumes_colony, args.volumes_servers, args.volumes_pki_dir, args.region)
         try:
             agent.volumes.start()
-        except RuntimeError as e:
+        except OSError as e:
             log.error("%s", e)
             agent.volumes = None
             backend.close()

@@ -34,8 +34,11 @@ class VolumeHelperClient:
         self._ctl: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+        self._ready = False
 
     def start(self) -> None:
+        """Fork+exec the helper (before the agent's lock-down); its ready message is read by
+        the first call, so the agent's own start does not wait for the helper's imports."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "cellcloud.volumes.helper", str(theirs.fileno()),
@@ -43,21 +46,26 @@ class VolumeHelperClient:
             stdout=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self._ctl = ours
-        ours.settimeout(ready_timeout_s)
+        self._ready = False
+
+    def _wait_ready(self, ctl: socket.socket) -> None:
+        ctl.settimeout(ready_timeout_s)
         try:
-            doc = msgpack.unpackb(ours.recv(message_bytes_max), raw=False)
+            doc = msgpack.unpackb(ctl.recv(message_bytes_max), raw=False)
         except (TimeoutError, ValueError) as e:
-            self.close()
             raise RuntimeError(f"the volume helper did not start: {e!r}") from e
+        finally:
+            ctl.settimeout(call_timeout_s)
         if not isinstance(doc, dict) or not doc.get("ready"):
-            self.close()
             raise RuntimeError(f"the volume helper failed to start: {doc!r}")
-        ours.settimeout(call_timeout_s)
+        self._ready = True
 
     def call(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self._ctl is None:
             raise RuntimeError("the volume helper is not running")
         with self._lock:
+            if not self._ready:
+                self._wait_ready(self._ctl)
             self._ctl.send(msgpack.packb(msg, use_bin_type=True))
             data = self._ctl.recv(message_bytes_max)
         if not data:
