@@ -1456,6 +1456,7 @@ async def serve(args: argparse.Namespace) -> None:
             log.error("%s", e)
             backend.close()
             raise SystemExit(3) from e
+    handed_volumes = handed.pop("volumes", None)  # the volume helper, kept (below)
     for unused in handed.values():
         unused.close()  # a helper handed to an agent without a network tears down on EOF
     found = runtimes.find()  # probes other interpreters: also before the lock-down
@@ -1467,7 +1468,9 @@ async def serve(args: argparse.Namespace) -> None:
                   layer_cache_bytes_max=args.layer_cache_bytes_max,
                   identity=pki.tls_config(args.pki_dir or state_dir, args.region, "agent",
                                           args.cell, args.agent_id))
-    if args.volumes_run_dir:  # before the lock-down: the helper mounts and dials out
+    if handed_volumes is not None:  # live update: the predecessor's helper and mounts
+        agent.volumes = VolumeHelperClient.adopt(handed_volumes)
+    elif args.volumes_run_dir:  # before the lock-down: the helper mounts and dials out
         agent.volumes = VolumeHelperClient(
             os.path.abspath(args.volumes_run_dir), os.path.abspath(args.volumes_data_dir or
                                                                    args.volumes_run_dir),
@@ -1519,6 +1522,8 @@ async def serve(args: argparse.Namespace) -> None:
             agent.backend.close()
             if agent.network is not None:
                 agent.network.forget()  # the successor holds the helper's channel now
+            if agent.volumes is not None:
+                agent.volumes.forget()  # and the volume helper's
             log.warning("handed over; exiting without touching the environments")
         else:
             agent.close()

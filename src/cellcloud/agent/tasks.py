@@ -651,7 +651,8 @@ class TaskRunner:
                 containers[name] = doc
             out.append(({"t": "task", "req": task.req.to_wire(), "network": task.network,
                          "cgroup": os.path.basename(task.cgroup.rel),
-                         "containers": containers}, fds))
+                         "containers": containers,
+                         "volume_paths": self.volume_paths.get(task.req.task_id, {})}, fds))
         return out
 
     async def adopt(self, handed: list[tuple[dict[str, Any], list[int]]]) -> int:
@@ -668,6 +669,9 @@ class TaskRunner:
                 agent.images.adopt(holder, [agent.images.layer_dir(d) for d in c.image_layers])
                 task.holds.append(holder)
             self.tasks[req.task_id] = task
+            if doc.get("volume_paths"):  # attached by the (handed-over) volume helper
+                self.volume_paths[req.task_id] = {
+                    str(k): str(v) for k, v in doc["volume_paths"].items()}
             for name, cdoc in doc["containers"].items():
                 ctr = task.containers[name]
                 ctr.exit_code, ctr.reason = cdoc["exit_code"], str(cdoc["reason"])

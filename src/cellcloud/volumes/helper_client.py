@@ -75,6 +75,32 @@ class VolumeHelperClient:
             raise RuntimeError(str(doc["error"]))
         return doc
 
+    def channel_for_handover(self) -> int:
+        """Live update: the channel's fd, for the successor (SCM_RIGHTS); the helper lives as
+        long as any copy of it is open, so the volumes stay attached under the containers."""
+        if self._ctl is None:
+            raise RuntimeError("the volume helper is not running")
+        with self._lock:
+            if not self._ready:
+                self._wait_ready(self._ctl)
+        return self._ctl.fileno()
+
+    @classmethod
+    def adopt(cls, ctl: socket.socket) -> VolumeHelperClient:
+        """The successor's side of a handover: the running helper, over the channel given."""
+        c = cls("", "")
+        c._ctl, c._ready = ctl, True
+        ctl.setblocking(True)
+        ctl.settimeout(call_timeout_s)
+        return c
+
+    def forget(self) -> None:
+        """After a handover: drop this process's end; the successor's copy keeps the helper."""
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        self._proc = None
+
     def attach(self, key: str, account: str, volume_id: str, size_gib: int, attach_epoch: int,
                replicated: bool, target: str) -> str:
         doc = self.call({"op": "attach", "key": key, "account": account,
