@@ -464,6 +464,8 @@ class TaskRunner:
         if helper is None:
             raise OpError("VolumesUnavailable", "the task has managed volumes and this agent "
                           "runs without a volume helper (--volumes-run-dir)")
+        if getattr(self.agent.backend, "name", "") != "jail":  # the jail binds the mounts
+            raise OpError("VolumesUnavailable", "managed volumes need the jail backend")
         paths: dict[str, str] = {}
         target = f"task/{req.task_id}"
         try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import re
 import signal
@@ -40,7 +41,7 @@ import msgpack
 from .attach import Attached, AttachError, ReplicatedVolume, attach_file, attach_replicated, detach
 from .blockdev import volume_file
 
-KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
+KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,400}$")  # <task id>-<volume name>
 ACCOUNT = re.compile(r"^[0-9]{12}$")
 VOLUME_ID = re.compile(r"^vol-[0-9a-f]{8,17}$")
 message_bytes_max = 64 * 1024
@@ -64,7 +65,11 @@ class Helper:
         size_gib, epoch = msg.get("size_gib"), msg.get("attach_epoch")
         if not isinstance(size_gib, int) or not isinstance(epoch, int) or size_gib < 1:
             raise ValueError("attach: size_gib and attach_epoch are integers")
-        base = os.path.join(self.run_dir, key)
+        # one directory per key; a key past a path component's length is shortened with its
+        # hash (distinct keys, distinct directories)
+        name = key if len(key) <= 200 else \
+            f"{key[:150]}-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+        base = os.path.join(self.run_dir, name)
         mnt, fuse_dir = os.path.join(base, "mnt"), os.path.join(base, "fuse")
         os.makedirs(base, mode=0o700, exist_ok=True)
         if msg.get("replicated"):
