@@ -189,3 +189,27 @@ def test_tasks_not_placed_leave_no_volume(tmp_path: Path) -> None:
             return await volumes(w) == []
         await w.wait_for("volumes ended", all_ended)
     run(body, tmp_path)
+
+
+def test_a_retried_run_task_makes_no_second_volume(tmp_path: Path) -> None:
+    """A clientToken retry answers the first tasks; the volumes made for the retry's own
+    (never placed) task ids are ended at once, so one volume per task remains."""
+    async def body(w: World) -> None:
+        await w.ok("RegisterTaskDefinition", with_volume())
+        doc = {"taskDefinition": "web", "count": 2, "clientToken": "tok-1",
+               "volumeConfigurations": ebs()}
+        first = await w.ok("RunTask", doc)
+        again = await w.ok("RunTask", doc)
+        assert [t["taskArn"] for t in again["tasks"]] == [t["taskArn"] for t in first["tasks"]]
+        left = await volumes(w)
+        assert sorted(v["attachmentSet"][0]["instanceId"] for v in left) == sorted(
+            t["taskArn"] for t in first["tasks"])
+        for t in first["tasks"]:
+            await w.ok("StopTask", {"task": t["taskArn"]})
+            await w.wait_status(t["taskArn"], "STOPPED")
+
+        async def ended() -> bool:
+            await w.ecs.sweep_task_volumes()
+            return await volumes(w) == []
+        await w.wait_for("both volumes ended", ended)
+    run(body, tmp_path)
