@@ -42,7 +42,7 @@ PROBE = ("import os\n"
          "    f.write('from the container')\n"
          "    f.flush()\n"
          "    os.fsync(f.fileno())\n"
-         "print('wrote', os.stat('/data').st_uid == os.getuid(), flush=True)\n"
+         "print('wrote', os.stat('/data').st_uid == os.getuid(), oct(os.stat('/data').st_mode & 0o777), flush=True)\n"
          "import time; time.sleep(600)\n")
 
 
@@ -91,7 +91,7 @@ def _run(sandbox: Sandbox, old: Agent, layers: list[str], tmp_path: Path) -> Non
     lines = _lines(doc, "w")
     assert "mount /data ext4 rw" in lines and "mount /ro ext4 ro" in lines, doc
     assert "ro 30" in lines  # EROFS
-    assert "wrote True" in lines  # the container's user owns the volume's top directory
+    assert "wrote True 0o777" in lines  # its user owns the volume's top directory
     assert Path(host_path, "note").read_text() == "from the container"
     assert not os.path.exists("/data/note") and not os.path.exists("/ro")  # not the host's
 

@@ -344,6 +344,7 @@ class Limits:
     # volume made for a task its cell never knew is kept before it is ended
     ecs_task_volume_sweep_interval_ms: int = 2_000
     ecs_task_volume_orphan_ms: int = 300_000
+    ecs_task_volume_attach_timeout_ms: int = 120_000  # the cell's wait, per volume, in task_create
 
 
 DEFAULT_LIMITS = Limits()

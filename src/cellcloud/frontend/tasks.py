@@ -589,13 +589,16 @@ class TaskManager:
                                        int(v["attachEpoch"]), bool(v["replicated"]))
                                        for v in rec.get("volumes") or [])).to_wire()
         timeout_s = self.limits.agent_call_timeout_ms / 1000
+        # a managed volume is attached (FUSE, loop device, first mkfs) within task_create
+        create_timeout_s = (self.limits.env_create_timeout_ms + len(rec.get("volumes") or [])
+                            * self.limits.ecs_task_volume_attach_timeout_ms) / 1000
         pushes: dict[str, int] = {}
         full: set[str] = set()  # agents of the shard that answered they are full
         try:
             while True:
                 try:
                     reply = m.TaskCreateReply.from_wire(await self._call(
-                        live, "task_create", body, self.limits.env_create_timeout_ms / 1000))
+                        live, "task_create", body, create_timeout_s))
                     break
                 except RemoteError as e:
                     if e.type in _FULL and self._replace(live, full):

@@ -115,9 +115,12 @@ def _volume_mount(spec: EnvSpec, root: str, vm: dict[str, Any], nosuid: int) -> 
     if vm.get("read_only"):
         linux.mount(None, dst, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
     else:
-        # The container's user (an unprivileged uid of its own) owns the volume's top
-        # directory, as a Fargate container's root user would write to it.
-        os.chown(dst, spec.uid, spec.gid)
+        # Each container runs as an unprivileged uid of its own: the first to mount the
+        # volume owns its top directory (a fresh volume's is root's), and every container of
+        # the task may create there (0777), as Fargate containers' root users all could.
+        if os.stat(dst).st_uid == 0:
+            os.chown(dst, spec.uid, spec.gid)
+        os.chmod(dst, 0o777)
         if nosuid:
             linux.mount(None, dst, None, linux.MS_BIND | linux.MS_REMOUNT | nosuid)
 
