@@ -6,9 +6,11 @@
 Only ``ServiceNamespace`` ``ecs`` and ``ScalableDimension`` ``ecs:service:DesiredCount``;
 ``TargetTrackingScaling`` policies on ``ECSServiceAverageCPUUtilization`` or
 ``ALBRequestCountPerTarget`` (here: requests proxied through the Host routing to the service,
-per RUNNING healthy task, per ``ecs_autoscale_period_ms``). The state and the scaler live in
-the tenant's cell next to the service loop (frontend/services.py, ops ``service_scaling_*``),
-which has the metrics; any member cellcloud does not honour is refused by name.
+per RUNNING healthy task, a per-minute rate sampled each ``ecs_autoscale_sample_interval_ms``);
+up to ``ecs_scaling_policies_per_target_max`` policies on one target (out if any says out, in
+only if all say in). The state and the scalers live in the tenant's cell next to the service
+loop (frontend/services.py, ops ``service_scaling_*``), which has the metrics; any member
+cellcloud does not honour is refused by name.
 """
 
 from __future__ import annotations

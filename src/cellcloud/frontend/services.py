@@ -83,9 +83,10 @@ def health_checked(desc: dict[str, Any]) -> bool:
 class Svc:
     rec: dict[str, Any]
     core: es.Service
-    # autoscaling (``rec["scaling"]``: its scalable target and policies): each policy's
-    # scaler (in memory: a restarted frontend starts its streaks again), and when the
-    # current metric period began
+    # autoscaling (``rec["scaling"]``: its scalable target and policies, and ``state``: each
+    # policy's cooldowns and panic, kept at each decision): each policy's scaler (its
+    # samples in memory: a restarted one observes a stable window again before it scales
+    # in), and when the current sample began
     scalers: dict[str, asc.Scaler] = field(default_factory=dict)
     period_start_ms: int | None = None
 
@@ -243,9 +244,10 @@ class ServiceManager:
 
     # -- autoscaling (the application-autoscaling API: control/autoscaling.py) ----------------
     def scale(self, key: Key, svc: Svc, now: int) -> None:
-        """Each ``ecs_autoscale_period_ms``: one datapoint per policy (its metric over the
-        period) to its scaler; a SetDesiredCount it answers is applied as UpdateService's
-        desiredCount is."""
+        """Each ``ecs_autoscale_sample_interval_ms``: one sample per policy (its metric since
+        the last one) to its scaler; the target's decision from all its policies
+        (``core/autoscale.decide``) is applied as UpdateService's desiredCount is, and the
+        scalers' cooldowns and panic kept with the service's row."""
         scaling = svc.rec.get("scaling")
         if not scaling or not scaling["policies"] or svc.rec["status"] != "ACTIVE":
             svc.period_start_ms = None
@@ -255,26 +257,43 @@ class ServiceManager:
             svc.period_start_ms = now
             self._requests[key] = 0
             return
-        if now - svc.period_start_ms < self.limits.ecs_autoscale_period_ms:
+        elapsed = now - svc.period_start_ms
+        if elapsed < self.limits.ecs_autoscale_sample_interval_ms:
             return
         svc.period_start_ms = now
         requests = self._requests.get(key, 0)
         self._requests[key] = 0
-        values = {CPU_METRIC: self._cpu(svc), REQUESTS_METRIC: None}
-        targets = len(self._targets(svc))
-        if targets:
-            values[REQUESTS_METRIC] = requests / targets
+        cpu, measured = self._cpu(svc)
+        # ALBRequestCountPerTarget: a per-minute count per task, as CloudWatch's Sum over its
+        # one-minute period; kept as the service's total rate (over one task when none runs)
+        targets = max(len(self._targets(svc)), 1)
+        per_minute = requests * 60_000 / elapsed
+        current = svc.core.desired_count
+        samples = {CPU_METRIC: asc.Datapoint(cpu, current, measured),
+                   REQUESTS_METRIC: asc.Datapoint(per_minute / targets, current, targets)}
+        scalers = []
         for name, pol in sorted(scaling["policies"].items()):
             scaler = self._scaler(svc, name)
-            current = svc.core.desired_count
+            scaler.observe(samples[pol["metric"]], now)
             self.counters["autoscale_datapoints"] += 1
-            for ins in scaler.handle(asc.Datapoint(values[pol["metric"]], current), now):
-                log.info("service %s/%s: policy %s sets desiredCount %d (%s)",
-                         svc.rec["cluster"], svc.rec["name"], name, ins.count, ins.reason)
-                self.counters["autoscale_set"] += 1
-                self._activity(svc, ins.count, f"monitor alarm for policy {name} in state "
-                               f"ALARM: {ins.reason}")
-                self._set_desired(svc, ins.count)
+            scalers.append(scaler)
+        ins = asc.decide(scalers, current, now)
+        if ins is None:
+            return
+        log.info("service %s/%s: policy %s sets desiredCount %d (%s)",
+                 svc.rec["cluster"], svc.rec["name"], ins.by, ins.count, ins.reason)
+        self.counters["autoscale_set"] += 1
+        self._keep_scalers(svc)
+        self._activity(svc, ins.count, f"monitor alarm for policy {ins.by} in state "
+                       f"ALARM: {ins.reason}")
+        self._set_desired(svc, ins.count)
+
+    def _keep_scalers(self, svc: Svc) -> None:
+        """The scalers' cooldowns and panic, with the service's row (written by the caller's
+        ``_activity`` / ``_write``): a restarted frontend goes on from them."""
+        svc.rec["scaling"]["state"] = {n: sc.snapshot() for n, sc in sorted(svc.scalers.items())
+                                       if n in svc.rec["scaling"]["policies"]}
+        self._write(svc)
 
     def _activity(self, svc: Svc, count: int, cause: str) -> None:
         """One scaling activity (DescribeScalingActivities), newest last, at most
@@ -287,9 +306,9 @@ class ServiceManager:
         del acts[:-self.limits.ecs_service_events_max]
         self._write(svc)
 
-    def _cpu(self, svc: Svc) -> float | None:
+    def _cpu(self, svc: Svc) -> tuple[float | None, int]:
         """The average CPU of the service's RUNNING tasks, percent of their cpu units (None:
-        none measured)."""
+        none measured), and how many were measured."""
         got = []
         for core_id, ts in svc.core.tasks.items():
             task_id = svc.rec["ids"].get(core_id)
@@ -298,7 +317,7 @@ class ServiceManager:
             v = self.tasks.cpu_percent(task_id)
             if v is not None:
                 got.append(v)
-        return sum(got) / len(got) if got else None
+        return (sum(got) / len(got) if got else None), len(got)
 
     def _scaler(self, svc: Svc, name: str) -> asc.Scaler:
         scaling = svc.rec["scaling"]
@@ -308,10 +327,13 @@ class ServiceManager:
             max_capacity=int(scaling["max"]),
             scale_out_cooldown_ms=int(pol["out_cooldown_s"]) * 1000,
             scale_in_cooldown_ms=int(pol["in_cooldown_s"]) * 1000,
-            disable_scale_in=bool(pol["disable_in"]))
+            disable_scale_in=bool(pol["disable_in"]),
+            stable_window_ms=self.limits.ecs_autoscale_stable_window_ms,
+            panic_window_ms=self.limits.ecs_autoscale_panic_window_ms)
         scaler = svc.scalers.get(name)
-        if scaler is None:
-            scaler = svc.scalers[name] = asc.Scaler(policy)
+        if scaler is None:  # new, or this process's first look: its kept cooldowns
+            scaler = svc.scalers[name] = asc.Scaler.restored(
+                policy, (scaling.get("state") or {}).get(name), name)
         elif scaler.policy != policy:
             scaler.policy = policy  # the range or the policy changed: its streaks go on
         return scaler
@@ -383,6 +405,7 @@ class ServiceManager:
             pols[policy] = {**body["config"], "created_ms": old["created_ms"] if old
                             else self.tasks.now_ms()}
             svc.scalers.pop(policy, None)
+            (scaling.get("state") or {}).pop(policy, None)
             self._write(svc)
             return {}
         if what == "service_scaling_delete_policy":
@@ -393,6 +416,7 @@ class ServiceManager:
                                f"policy name: {policy}")
             del scaling["policies"][policy]
             svc.scalers.pop(policy, None)
+            (scaling.get("state") or {}).pop(policy, None)
             self._write(svc)
             return {}
         raise EcsError("InvalidParameterException", f"unknown op {what[:40]}")
@@ -611,13 +635,15 @@ class ServiceManager:
         try:
             while True:
                 now = self.tasks.now_ms()
-                for name in sorted(svc.rec["scaling"]["policies"]):
-                    demand = asc.Demand(self._waiting[key], svc.core.desired_count)
-                    for ins in self._scaler(svc, name).handle(demand, now):
-                        self.counters["autoscale_set"] += 1
-                        self._activity(svc, ins.count, f"{demand.waiting} requests held at "
-                                       f"the proxy for policy {name}: {ins.reason}")
-                        self._set_desired(svc, ins.count)
+                scalers = [self._scaler(svc, name)
+                           for name in sorted(svc.rec["scaling"]["policies"])]
+                demand = asc.Demand(self._waiting[key], svc.core.desired_count)
+                for ins in asc.demand(scalers, demand, now):
+                    self.counters["autoscale_set"] += 1
+                    self._keep_scalers(svc)
+                    self._activity(svc, ins.count, f"{demand.waiting} requests held at "
+                                   f"the proxy for policy {ins.by}: {ins.reason}")
+                    self._set_desired(svc, ins.count)
                 targets = self._targets(svc)
                 left = until - loop.time()
                 if targets or left <= 0 or not self._scales(svc):
