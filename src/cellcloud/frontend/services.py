@@ -258,7 +258,9 @@ class ServiceManager:
             self._requests[key] = 0
             return
         elapsed = now - svc.period_start_ms
-        if elapsed < self.limits.ecs_autoscale_sample_interval_ms:
+        # (half a tick early is on time: the loop's sleeps jitter around the interval)
+        if elapsed < self.limits.ecs_autoscale_sample_interval_ms \
+                - self.limits.ecs_service_tick_interval_ms // 2 or elapsed <= 0:
             return
         svc.period_start_ms = now
         requests = self._requests.get(key, 0)
