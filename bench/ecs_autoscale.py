@@ -191,9 +191,9 @@ def main() -> None:
         t_stop = time.monotonic()
         load.clients(0)
         settled = service("auto")["desiredCount"]
+        t_min = steady("auto", 1)
         activities = aas.describe_scaling_activities(ServiceNamespace="ecs")[
             "ScalingActivities"]
-        t_min = steady("auto", 1)
         samples = load.samples
         step = [s for s in samples if t_step <= s[0] < t_stop]
         new = [s[0] + s[1] - t_step for s in step if s[2] == 200 and s[3] not in first]
