@@ -336,3 +336,53 @@ def test_requests_per_task_scale_out_in_to_zero_and_a_request_scales_from_zero(
         await from_zero()
         server.close()
     run(body, tmp_path, limits=LIMITS)
+
+
+def test_concurrency_per_task_scales_out_while_requests_are_in_flight(tmp_path: Path) -> None:
+    """ECSServiceAverageConcurrency (cellcloud's own metric): the requests in flight per task,
+    averaged over each sample. Six requests held by a slow task, target 1 per task: over 2x
+    the target, so the panic window scales out at once (to ceil(6 / 1), capped at 4); once
+    they are answered the service goes back to its minimum."""
+    async def body(w: SvcWorld) -> None:
+        release = asyncio.Event()
+
+        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            await release.wait()
+            wr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await wr.drain()
+            wr.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for a in w.agents.values():
+            a.ip = "127.0.0.1"
+        await w.ok("CreateCluster", {})
+        d = web_def()
+        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
+        await w.ok("RegisterTaskDefinition", d)
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 1})
+        await w.steady()
+        await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 1, "MaxCapacity": 4})
+        await ok(w, "PutScalingPolicy", policy(1, metric="ECSServiceAverageConcurrency",
+                                                ScaleOutCooldown=0, ScaleInCooldown=0))
+        (p,) = (await ok(w, "DescribeScalingPolicies", {"ServiceNamespace": "ecs"}))[
+            "ScalingPolicies"]
+        assert p["TargetTrackingScalingPolicyConfiguration"][
+            "PredefinedMetricSpecification"]["PredefinedMetricType"] \
+            == "ECSServiceAverageConcurrency"
+        assert w.cell.tasks is not None
+        sm = w.cell.tasks.services
+        seen = datapoints(w)
+        await w.until("a sample", lambda: datapoints(w) > seen)  # the sampling started
+        req = {"a": A, "cluster": "default", "service": "web", "m": "GET", "p": "/",
+               "h": [], "b": b""}
+        held = [asyncio.ensure_future(sm.http(req)) for _ in range(6)]
+        await w.until("4 tasks", lambda: _is(desired(w), 4))
+        release.set()
+        for h in held:
+            assert (await h)["s"] == 200
+        await w.until("back to 1 task", lambda: _is(desired(w), 1))
+        server.close()
+    run(body, tmp_path, limits=LIMITS)
+

@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 
 TARGET_PREFIX = core_autoscale.TARGET_PREFIX
 DIMENSION = "ecs:service:DesiredCount"
-METRICS = ("ECSServiceAverageCPUUtilization", "ALBRequestCountPerTarget")
+# ECSServiceAverageConcurrency is cellcloud's own (no AWS metric has that name): the requests
+# in flight per task, time-averaged, as Knative scales on
+METRICS = ("ECSServiceAverageCPUUtilization", "ALBRequestCountPerTarget",
+           "ECSServiceAverageConcurrency")
 _RESOURCE = re.compile(r"^service/([A-Za-z0-9_-]{1,255})/([A-Za-z][A-Za-z0-9_-]{0,254})$")
 _POLICY_NAME = re.compile(r"^[\x21-\x7e]{1,256}$")
 _COOLDOWN_S_MAX = 365 * 24 * 3600

@@ -93,6 +93,7 @@ class Svc:
 
 CPU_METRIC = "ECSServiceAverageCPUUtilization"
 REQUESTS_METRIC = "ALBRequestCountPerTarget"
+CONCURRENCY_METRIC = "ECSServiceAverageConcurrency"  # cellcloud's own (Knative's concurrency)
 
 
 class ServiceManager:
@@ -120,8 +121,11 @@ class ServiceManager:
         self._inflight: dict[str, int] = {}
         self._draining: dict[str, int] = {}
         self._drain_reasons: dict[str, str] = {}
-        # requests proxied to each service in its current metric period (autoscaling)
+        # requests proxied to each service in its current metric period (autoscaling), and
+        # its requests in flight: [in-flight × ms since the last sample, in flight now, when
+        # the count last changed]
         self._requests: dict[Key, int] = {}
+        self._busy: dict[Key, list[int]] = {}
         # scale from zero: requests held for a service with no task to answer them (how many),
         # and the event the loop sets once it has one
         self._waiting: dict[Key, int] = {}
@@ -252,10 +256,12 @@ class ServiceManager:
         if not scaling or not scaling["policies"] or svc.rec["status"] != "ACTIVE":
             svc.period_start_ms = None
             self._requests.pop(key, None)
+            self._busy.pop(key, None)
             return
         if svc.period_start_ms is None:
             svc.period_start_ms = now
             self._requests[key] = 0
+            self._busy[key] = [0, 0, now]
             return
         elapsed = now - svc.period_start_ms
         # (half a tick early is on time: the loop's sleeps jitter around the interval)
@@ -270,9 +276,14 @@ class ServiceManager:
         # one-minute period; kept as the service's total rate (over one task when none runs)
         targets = max(len(self._targets(svc)), 1)
         per_minute = requests * 60_000 / elapsed
+        self._concurrency(key, 0)
+        busy = self._busy.setdefault(key, [0, 0, now])
+        in_flight = busy[0] / elapsed  # the average requests in flight over the sample
+        busy[0] = 0
         current = svc.core.desired_count
         samples = {CPU_METRIC: asc.Datapoint(cpu, current, measured),
-                   REQUESTS_METRIC: asc.Datapoint(per_minute / targets, current, targets)}
+                   REQUESTS_METRIC: asc.Datapoint(per_minute / targets, current, targets),
+                   CONCURRENCY_METRIC: asc.Datapoint(in_flight / targets, current, targets)}
         scalers = []
         for name, pol in sorted(scaling["policies"].items()):
             scaler = self._scaler(svc, name)
@@ -584,6 +595,26 @@ class ServiceManager:
         self.counters["http_requests"] += 1
         if key in self._requests:  # autoscaling counts them (ALBRequestCountPerTarget)
             self._requests[key] += 1
+        if key not in self._busy:
+            return await self._http(key, svc, body)
+        self._concurrency(key, +1)  # in flight from here to the answer, held ones too
+        try:
+            return await self._http(key, svc, body)
+        finally:
+            self._concurrency(key, -1)
+
+    def _concurrency(self, key: Key, delta: int) -> None:
+        """The service's requests in flight, integrated over time (ECSServiceAverageConcurrency:
+        Knative's concurrency, averaged over each sample as its queue-proxy does)."""
+        busy = self._busy.get(key)
+        if busy is None:
+            return
+        now = self.tasks.now_ms()
+        busy[0] += busy[1] * max(now - busy[2], 0)
+        busy[1] = max(busy[1] + delta, 0)
+        busy[2] = now
+
+    async def _http(self, key: Key, svc: Svc, body: dict[str, Any]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.ecs_service_http_timeout_ms / 1000
         targets = self._targets(svc)
