@@ -4,7 +4,8 @@
 (control/ecs.py hands it here).
 
 Only ``ServiceNamespace`` ``ecs`` and ``ScalableDimension`` ``ecs:service:DesiredCount``;
-``TargetTrackingScaling`` policies on ``ECSServiceAverageCPUUtilization`` or
+``TargetTrackingScaling`` policies on ``ECSServiceAverageCPUUtilization``, cellcloud's own
+``ECSServiceAverageConcurrency`` (requests in flight per task) or
 ``ALBRequestCountPerTarget`` (here: requests proxied through the Host routing to the service,
 per RUNNING healthy task, a per-minute rate sampled each ``ecs_autoscale_sample_interval_ms``);
 up to ``ecs_scaling_policies_per_target_max`` policies on one target (out if any says out, in
