@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -383,6 +384,48 @@ def test_concurrency_per_task_scales_out_while_requests_are_in_flight(tmp_path: 
         for h in held:
             assert (await h)["s"] == 200
         await w.until("back to 1 task", lambda: _is(desired(w), 1))
+        server.close()
+    run(body, tmp_path, limits=LIMITS)
+
+
+def test_a_request_held_from_zero_waits_for_its_task_to_listen(tmp_path: Path) -> None:
+    """A request held while its service scales from zero is sent once the first task is
+    RUNNING and healthy; a server that does not listen yet (RUNNING comes first) refuses it.
+    It is tried again within its hold, not answered 502 (before: 502 at the first refusal,
+    a flaky tests/compat/test_ecs_api.py::test_a_request_scales_a_service_from_zero)."""
+    async def body(w: SvcWorld) -> None:
+        spare = socket.socket()
+        spare.bind(("127.0.0.1", 0))
+        port = spare.getsockname()[1]
+        spare.close()  # nothing listens there until the test starts its server
+
+        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            wr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await wr.drain()
+            wr.close()
+        for a in w.agents.values():
+            a.ip = "127.0.0.1"
+        await w.ok("CreateCluster", {})
+        d = web_def()
+        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
+        await w.ok("RegisterTaskDefinition", d)
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 0})
+        await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 0, "MaxCapacity": 1})
+        await ok(w, "PutScalingPolicy", policy(1000, metric="ALBRequestCountPerTarget"))
+        assert w.cell.tasks is not None
+        sm = w.cell.tasks.services
+        req = {"a": A, "cluster": "default", "service": "web", "m": "GET", "p": "/",
+               "h": [], "b": b""}
+        got = asyncio.ensure_future(sm.http(req))
+        await w.until("the task refused the held request",
+                      lambda: sm.counters["http_task_unreachable"] >= 1)
+        assert not got.done()  # still held, not a 502
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        await w.until("the held request answered", got.done)
+        out = got.result()
+        assert (out["s"], out["b"]) == (200, b"ok"), out
         server.close()
     run(body, tmp_path, limits=LIMITS)
 

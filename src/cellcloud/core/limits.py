@@ -246,6 +246,7 @@ class Limits:
     ecs_autoscale_panic_window_ms: int = 6_000  # averaged to scale out at once (2x the target)
     ecs_scaling_policies_per_target_max: int = 50  # target-tracking policies on one service
     ecs_service_cold_start_wait_ms: int = 30_000  # a request held while a service scales from 0
+    ecs_service_cold_connect_retry_ms: int = 50  # a held request's task refused: tried again
     # The EC2 volume API in the control plane (control/ec2.py, issue #19): docs/volumes.md.
     ec2_request_bytes_max: int = 256 * 1024  # one EC2 query-protocol request (a form)
     ec2_request_params_max: int = 2_000  # form fields in one request

@@ -618,39 +618,50 @@ class ServiceManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.ecs_service_http_timeout_ms / 1000
         targets = self._targets(svc)
+        held_until: float | None = None  # a request held while its service scales from zero
         if not targets and self._scales(svc):
-            targets = await self._hold(key, svc, loop.time() + min(
-                self.limits.ecs_service_cold_start_wait_ms,
-                self.limits.ecs_service_http_timeout_ms) / 1000)
-        if not targets:
-            self.counters["http_no_task"] += 1
-            return _plain(503, f"service {key[2]} has no RUNNING and healthy task with a port "
-                               "mapping")
-        n = self._next.get(key, 0)
-        self._next[key] = n + 1
-        # Round robin; a task that refuses the connection (RUNNING, its server not listening
-        # yet, or going) got nothing: the next one is tried, as a load balancer would.
-        for attempt in range(len(targets)):
-            task_id, ip, port = targets[(n + attempt) % len(targets)]
-            self._inflight[task_id] = self._inflight.get(task_id, 0) + 1
-            try:
-                return await asyncio.wait_for(
-                    _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
-                    max(deadline - loop.time(), 0.001))
-            except _Unreachable as e:
-                self.counters["http_task_unreachable"] += 1
-                if attempt == len(targets) - 1:
-                    return _plain(502, f"no task of service {key[2]} took the connection: {e}")
-            except (TimeoutError, OSError, ValueError) as e:
-                self.counters["http_task_failed"] += 1
-                return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: {e}")
-            finally:
-                left = self._inflight[task_id] = self._inflight[task_id] - 1
-                if left <= 0:
-                    del self._inflight[task_id]
-                    if task_id in self._draining:
-                        self._stop_drained(task_id)
-        raise AssertionError("unreachable")  # the loop returns on its last attempt
+            held_until = loop.time() + min(self.limits.ecs_service_cold_start_wait_ms,
+                                           self.limits.ecs_service_http_timeout_ms) / 1000
+            targets = await self._hold(key, svc, held_until)
+        while True:
+            if not targets:
+                self.counters["http_no_task"] += 1
+                return _plain(503, f"service {key[2]} has no RUNNING and healthy task with a "
+                                   "port mapping")
+            n = self._next.get(key, 0)
+            self._next[key] = n + 1
+            # Round robin; a task that refuses the connection (RUNNING, its server not
+            # listening yet, or going) got nothing: the next one is tried, as a load balancer
+            # would. A request held from zero waits on its first task's server (within its
+            # hold): RUNNING comes before the server listens.
+            for attempt in range(len(targets)):
+                task_id, ip, port = targets[(n + attempt) % len(targets)]
+                self._inflight[task_id] = self._inflight.get(task_id, 0) + 1
+                try:
+                    return await asyncio.wait_for(
+                        _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
+                        max(deadline - loop.time(), 0.001))
+                except _Unreachable as e:
+                    self.counters["http_task_unreachable"] += 1
+                    if attempt == len(targets) - 1 and (held_until is None
+                                                        or loop.time() >= held_until):
+                        return _plain(502, f"no task of service {key[2]} took the "
+                                           f"connection: {e}")
+                except (TimeoutError, OSError, ValueError) as e:
+                    self.counters["http_task_failed"] += 1
+                    return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: "
+                                       f"{e}")
+                finally:
+                    left = self._inflight[task_id] = self._inflight[task_id] - 1
+                    if left <= 0:
+                        del self._inflight[task_id]
+                        if task_id in self._draining:
+                            self._stop_drained(task_id)
+            assert held_until is not None  # (the loop returned otherwise)
+            await asyncio.sleep(self.limits.ecs_service_cold_connect_retry_ms / 1000)
+            targets = self._targets(svc)
+            if not targets and self._scales(svc):
+                targets = await self._hold(key, svc, held_until)
 
     @staticmethod
     def _scales(svc: Svc) -> bool:
