@@ -348,7 +348,7 @@ class ServiceManager:
             scaler = svc.scalers[name] = asc.Scaler.restored(
                 policy, (scaling.get("state") or {}).get(name), name)
         elif scaler.policy != policy:
-            scaler.policy = policy  # the range or the policy changed: its streaks go on
+            scaler.policy = policy  # the range changed: its samples and cooldowns go on
         return scaler
 
     def _set_desired(self, svc: Svc, count: int) -> None:
