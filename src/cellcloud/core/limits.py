@@ -241,9 +241,12 @@ class Limits:
     ecs_service_http_timeout_ms: int = 60_000  # a task's answer to one proxied request
     ecs_service_deregistration_delay_ms: int = 30_000  # a stopped task's requests finish
     # Autoscaling of ECS services (application-autoscaling API, frontend/services.py).
-    ecs_autoscale_period_ms: int = 60_000  # one datapoint per policy (CloudWatch's period)
-    ecs_scaling_policies_per_target_max: int = 1  # target-tracking policies on one service
+    ecs_autoscale_sample_interval_ms: int = 1_000  # one sample of each policy's metric
+    ecs_autoscale_stable_window_ms: int = 60_000  # averaged to scale in and out (Knative's)
+    ecs_autoscale_panic_window_ms: int = 6_000  # averaged to scale out at once (2x the target)
+    ecs_scaling_policies_per_target_max: int = 50  # target-tracking policies on one service
     ecs_service_cold_start_wait_ms: int = 30_000  # a request held while a service scales from 0
+    ecs_service_cold_connect_retry_ms: int = 50  # a held request's task refused: tried again
     # The EC2 volume API in the control plane (control/ec2.py, issue #19): docs/volumes.md.
     ec2_request_bytes_max: int = 256 * 1024  # one EC2 query-protocol request (a form)
     ec2_request_params_max: int = 2_000  # form fields in one request
