@@ -269,7 +269,8 @@ class TaskRunner:
                 ingress = [f"{p.protocol}:{p.container_port}"
                            for c in req.containers for p in c.port_mappings]
                 lease = await asyncio.to_thread(agent.network.acquire, f"task-{req.task_id}",
-                                                list(req.net_allow), ingress)
+                                                list(req.net_allow), ingress,
+                                                req.network != "private")
                 netns_fd, info = lease.netns_fd, lease.info
             else:
                 netns_fd = await asyncio.to_thread(linux.new_netns_fd)
@@ -445,7 +446,7 @@ class TaskRunner:
                           "(this agent's memory budget)")
         if req.hostname and not HOSTNAME.match(req.hostname):
             raise _refuse("hostname: a host name of at most 63 characters")
-        if req.network not in ("", "egress", "none"):
+        if req.network not in ("", "egress", "none", "private"):
             raise OpError("InvalidNetwork", f"unknown network setting {req.network!r}")
         if req.net_allow and req.network != "egress":
             raise OpError("InvalidNetwork", "an allow-list needs the egress mode")

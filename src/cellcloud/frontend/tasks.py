@@ -210,6 +210,16 @@ def check_runnable(task_def: td.TaskDefinition) -> None:
                            "needs the awslogs-group option")
 
 
+def network_mode(rec: dict[str, Any]) -> str:
+    """The agent's network setting for a task (``TaskCreateRequest.network``): its
+    ``assignPublicIp`` ENABLED is egress under the region's policy, DISABLED an address the
+    host reaches and no egress ("private"); no ``networkConfiguration``: the agent's policy."""
+    awsvpc = (rec.get("network_configuration") or {}).get("awsvpcConfiguration")
+    if not awsvpc:
+        return ""
+    return "egress" if awsvpc.get("assignPublicIp") == "ENABLED" else "private"
+
+
 def _argv(spec: td.Container, image: dict[str, Any]) -> list[str]:
     """Docker's rule: the definition's entryPoint replaces the image's (and drops its CMD);
     its command replaces the image's CMD."""
@@ -320,7 +330,9 @@ class TaskManager:
             containers.append(out)
         status = ("DELETED" if core["last_status"] == "STOPPED" else
                   "ATTACHED" if attached else "PRECREATED")
-        details = [{"name": "subnetId", "value": f"subnet-cellcloud-{self.cell.cell_id}"},
+        awsvpc = (rec.get("network_configuration") or {}).get("awsvpcConfiguration") or {}
+        subnet = (awsvpc.get("subnets") or [f"subnet-cellcloud-{self.cell.cell_id}"])[0]
+        details = [{"name": "subnetId", "value": subnet},
                    {"name": "networkInterfaceId", "value": rec["eni_id"]},
                    {"name": "privateDnsName", "value": rec["hostname"]}]
         if ip:
@@ -393,7 +405,8 @@ class TaskManager:
             placed = self.launch(account, cluster, desc, def_doc, task_def, overrides,
                                  started_by=str(body.get("startedBy") or ""),
                                  group=str(body.get("group") or f"family:{task_def.family}"),
-                                 tags=list(body.get("tags") or []))
+                                 tags=list(body.get("tags") or []),
+                                 network=body.get("networkConfiguration"))
             if isinstance(placed, NoRoom):
                 shard = self.cell.shard_of(f"{account}/ecs/{cluster}")
                 failures.append({"arn": desc["taskDefinitionArn"], "reason": placed.reason,
@@ -410,10 +423,12 @@ class TaskManager:
 
     def launch(self, account: str, cluster: str, desc: dict[str, Any], def_doc: dict[str, Any],
                task_def: td.TaskDefinition, overrides: list[dict[str, Any]], *,
-               started_by: str, group: str, tags: list[dict[str, str]]
-               ) -> dict[str, Any] | NoRoom:
+               started_by: str, group: str, tags: list[dict[str, str]],
+               network: dict[str, Any] | None = None) -> dict[str, Any] | NoRoom:
         """One task placed on the cluster's shard and its provisioning begun (RunTask's, and
-        a service's StartTask: frontend/services.py): its record, or why it has no room."""
+        a service's StartTask: frontend/services.py): its record, or why it has no room.
+        ``network``: the request's ``networkConfiguration`` as control/ecs.py checked it
+        (None: the region's default network policy)."""
         shard = self.cell.shard_of(f"{account}/ecs/{cluster}")
         task_id = uuid.uuid4().hex
         placed = self.cell.placement.place_task(
@@ -435,6 +450,8 @@ class TaskManager:
             "container_ids": {c.name: str(uuid.uuid4()) for c in task_def.containers},
             "version": 1, "core": task.snapshot(), "cursors": {},
         }
+        if network:
+            rec["network_configuration"] = network
         self.store.put(rec)
         live = Live(rec, task)
         self.live[task_id] = live
@@ -560,7 +577,8 @@ class TaskManager:
             return
         body = m.TaskCreateRequest(task_id=rec["id"], account=account, cpu_units=rec["cpu"],
                                    memory_mib=rec["memory"], containers=tuple(containers),
-                                   hostname=rec["hostname"]).to_wire()
+                                   hostname=rec["hostname"],
+                                   network=network_mode(rec)).to_wire()
         timeout_s = self.limits.agent_call_timeout_ms / 1000
         pushes: dict[str, int] = {}
         full: set[str] = set()  # agents of the shard that answered they are full

@@ -439,11 +439,16 @@ class Helper:
         self.free.append(slot)  # at the end: an address is reused as late as possible
 
     def acquire(self, env_id: str, allow: tuple[tuple[str, int], ...] = (),
-                ingress: tuple[tuple[str, int], ...] | None = None) -> tuple[int, int]:
+                ingress: tuple[tuple[str, int], ...] | None = None,
+                egress: bool = True) -> tuple[int, int]:
         """Returns the slot and its namespace's fd, which the caller sends and closes: from
         then on only the environment holds the namespace. ``allow``: the environment's
-        allow-list, added to its slot's chain (a released slot's chain is rebuilt without it)."""
+        allow-list, added to its slot's chain (a released slot's chain is rebuilt without it).
+        ``egress`` False: the slot's chain rejects whatever it opens (a task's
+        ``assignPublicIp`` DISABLED)."""
         allow = P.check_allow(allow)
+        if allow and not egress:
+            raise P.PolicyError("an allow-list needs egress")
         if env_id in self.leased:
             raise RuntimeError(f"{env_id} already has a network")
         if self.ready:
@@ -456,6 +461,8 @@ class Helper:
         try:
             if allow:
                 nft(P.slot_allow(self.plan, slot, allow))
+            if not egress:
+                nft(P.slot_no_egress(self.plan, slot))
             if ingress is not None:  # a task: the host reaches its mapped ports only
                 nft(P.slot_ingress(self.plan, slot, ingress))
                 self.ingress[slot] = ingress
@@ -500,10 +507,13 @@ class Helper:
             allow = tuple(P.parse_allow(str(a)) for a in msg.get("allow") or ())
             ingress = (None if msg.get("ingress") is None else
                        tuple(P.parse_ingress(str(e)) for e in msg["ingress"]))
-            slot, fd = self.acquire(str(msg["env_id"]), allow, ingress)
+            egress = msg.get("egress", True) is not False
+            slot, fd = self.acquire(str(msg["env_id"]), allow, ingress, egress)
             info = self.plan.env_info(slot)
             if allow:
                 info["allow"] = [f"{c}:{port}" for c, port in allow]
+            if not egress:
+                info["mode"] = "none"  # an address, reached by the host; no egress
             return {"slot": slot, "info": info}, [fd]
         if op == "release":
             self.release(str(msg["env_id"]))
