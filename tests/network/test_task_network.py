@@ -15,7 +15,7 @@ from cellcloud.core import messages as m
 from tests.escape.test_image_env import push_layers
 from tests.escape.test_tasks import task_image
 
-from .conftest import NetSandbox, World, policy_lifted, sh
+from .conftest import NetSandbox, World, policy_lifted, sh, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 PY = sys.executable
@@ -75,8 +75,9 @@ def test_the_private_address_answers_the_host_on_mapped_ports_only(
         assert _connects(addr, 8080) == "ok"
     finally:
         assert net._run(tasks.task_destroy({"task_id": task_id})) == {"destroyed": True}
-    sets = sh("nft", "list", "set", "inet", net.table, "ingress_limited").stdout
-    assert addr not in sets  # released with the task
+    # released with the task's slot (the helper's janitor refreshes it off the acquire path)
+    assert wait_until(lambda: addr not in sh("nft", "list", "set", "inet", net.table,
+                                             "ingress_limited").stdout)
 
 
 def test_assign_public_ip_disabled_has_no_egress_but_keeps_its_address(

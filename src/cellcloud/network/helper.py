@@ -57,6 +57,7 @@ dns_tcp_connections_max = DEFAULT_LIMITS.net_dns_tcp_connections_max
 dns_upstream_timeout_s = DEFAULT_LIMITS.net_dns_upstream_timeout_ms / 1000
 prefix_lock_timeout_s = 60.0
 refill_quiet_s = DEFAULT_LIMITS.net_refill_quiet_ms / 1000
+janitor_nice = 10  # the janitor thread's nice value (destroys yield the CPU to acquires)
 
 
 _nft_lock = threading.Lock()  # one nft run at a time (the janitor runs beside the main loop)
@@ -318,6 +319,9 @@ class Helper:
         self.netns_fds: dict[int, int] = {}  # slot -> its namespace, until acquired
         self.admitted: set[int] = set()  # slots whose chain and map entries exist
         self.ingress: dict[int, tuple[tuple[str, int], ...]] = {}  # a task's slot: its ports
+        # A released task slot's ports: their rule goes with the janitor's refresh of the slot
+        # (one nft run, off the channel's loop: the next acquire does not wait behind it).
+        self.dead_ingress: dict[int, tuple[tuple[str, int], ...]] = {}
         self.counters = {"acquired": 0, "released": 0, "made": 0, "made_on_demand": 0}
         self.ready_doc: dict[str, Any] = {}
         self.torn_down = False
@@ -360,6 +364,11 @@ class Helper:
     def _janitor_loop(self) -> None:
         from pyroute2 import IPRoute
 
+        # Below the channel's loop (acquires on a start path) in the CPU's order: a destroy
+        # and its nft run wait, an acquire does not (the nice value is per thread on Linux,
+        # and the nft processes it starts inherit it).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), janitor_nice)
         with IPRoute() as ipr:
             while (slot := self.dead.get()) is not None:
                 try:
@@ -434,8 +443,10 @@ class Helper:
         fd = self.netns_fds.pop(slot, -1)
         if fd >= 0:
             os.close(fd)
+        ingress = self.dead_ingress.pop(slot, None)
         if rules and slot in self.admitted:
-            nft(P.slot_refresh(self.plan, slot))
+            nft((P.slot_ingress(self.plan, slot, ingress, add=False) if ingress else "")
+                + P.slot_refresh(self.plan, slot))
         self.free.append(slot)  # at the end: an address is reused as late as possible
 
     def acquire(self, env_id: str, allow: tuple[tuple[str, int], ...] = (),
@@ -483,7 +494,10 @@ class Helper:
         slot = self.leased.pop(env_id, None)
         ingress = self.ingress.pop(slot, None) if slot is not None else None
         if slot is not None and ingress is not None:
-            nft(P.slot_ingress(self.plan, slot, ingress, add=False))
+            # Removed by the janitor with the slot's refresh. Until then the slot is neither
+            # free nor ready (no one gets its address), its environment is gone, and the
+            # janitor deletes its veth before the rule: nothing answers on those ports.
+            self.dead_ingress[slot] = ingress
         if slot is not None:
             with self._destroying_lock:
                 self._destroying += 1
