@@ -559,7 +559,9 @@ class Agent:
         try:
             if (self.network is not None and "net_ns" not in spec.disabled_layers
                     and network_setting != "none"):
-                lease = await asyncio.to_thread(self.network.acquire, env_id, net_allow)
+                # A microVM's namespace holds a tap for its guest (network/helper.py).
+                lease = await asyncio.to_thread(self.network.acquire, env_id, net_allow, None,
+                                                self.backend.name == "microvm")
                 spec.network, netns_fd = lease.info, lease.netns_fd
             spawned = await (self.backend.spawn(spec) if netns_fd is None
                              else self.backend.spawn(spec, netns_fd=netns_fd))
@@ -1410,10 +1412,6 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("cgroups: %s", cgroups.favor_dynmods("/run/cellcloud/cgroup-dynmods"))
     backend: Backend
     if args.backend == "microvm":
-        if args.network != "none":
-            log.error("--backend microvm: environments have no network device yet; "
-                      "run with --network none")
-            raise SystemExit(3)
         from ..microvm.backend import MicrovmBackend
 
         backend = MicrovmBackend(state_dir, snapshots=args.microvm_snapshots)

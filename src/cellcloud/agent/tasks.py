@@ -263,7 +263,7 @@ class TaskRunner:
                        for c in req.containers for p in c.port_mappings]
             net_call: Callable[[], Any] = functools.partial(
                 agent.network.acquire, f"task-{req.task_id}", list(req.net_allow), ingress,
-                req.network != "private")
+                egress=req.network != "private")
         else:
             net_call = linux.new_netns_fd
         net_job = asyncio.ensure_future(asyncio.to_thread(net_call))
