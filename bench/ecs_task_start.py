@@ -130,6 +130,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cpu", default="256", choices=("256", "512", "1024", "2048", "4096"),
+                    help="the task definition's cpu (1024 = 1 vCPU), with Fargate's smallest "
+                         "memory for it")
     ap.add_argument("--workload", choices=WORKLOADS, action="append",
                     help="python (http.server) and/or busybox (httpd); default both")
     a = ap.parse_args()
@@ -143,7 +146,7 @@ def main() -> None:
             image = push_image(state, doc, archive, f"bench/{w}:v1")
             ecs.register_task_definition(
                 family=w, networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
-                cpu="256", memory="512", containerDefinitions=[
+                cpu=a.cpu, memory=str(int(a.cpu) * 2), containerDefinitions=[
                     {"name": "web", "image": image, "portMappings": [{"containerPort": 8080}],
                      "command": server_argv(w, 8080)}])
         samples: dict[str, list[dict[str, float]]] = {w: [] for w in workloads}

@@ -130,7 +130,8 @@ async def run(args: argparse.Namespace, work: str, res: dict[str, Any]) -> None:
                 task_id = f"bench-{w}-{i}"
                 t0 = time.time()
                 reply = await a.agent.tasks.task_create({
-                    "task_id": task_id, "account": "1", "cpu_units": 256, "memory_mib": 512,
+                    "task_id": task_id, "account": "1", "cpu_units": args.cpu,
+                    "memory_mib": 512,
                     "containers": [{"name": "web", "image_layers": ls,
                                     "argv": server_argv(w, 8080),
                                     "port_mappings": [{"container_port": 8080}]}]})
@@ -154,6 +155,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.task_start")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cpu", type=int, default=256,
+                   help="the task's cpu units (1024 = 1 vCPU; its CFS quota): default 256")
     p.add_argument("--workload", choices=WORKLOADS, action="append",
                    help="python (http.server) and/or busybox (httpd); default both")
     args = p.parse_args()
