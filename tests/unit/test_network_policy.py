@@ -211,6 +211,9 @@ def test_nft_accepts_the_scripts() -> None:
         nft(P.slot_ingress(p, 2, (("tcp", 8080), ("udp", 53)), add=False))
         nft(P.slot_vm(p, 3))
         nft(P.slot_vm(p, 3, add=False))
+        # a task without egress, and its release's rule removal with the refresh (one run)
+        nft(P.slot_no_egress(p, 2) + P.slot_ingress(p, 2, (("tcp", 8080),)))
+        nft(P.slot_ingress(p, 2, (("tcp", 8080),), add=False) + P.slot_refresh(p, 2))
         nft(P.ruleset(p))  # replacing the tables works whether or not they exist
     finally:
         nft(P.teardown(p))

@@ -17,6 +17,7 @@ task manager from ``core/ecs_tasks.py``; this runner only does what it is told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -25,6 +26,7 @@ import re
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
@@ -272,25 +274,43 @@ class TaskRunner:
         cg = cgroups.Cgroup(agent.cgroup_group, f"task-{req.task_id}")
         netns_fd = -1
         info: dict[str, Any] = {}
-        try:
-            if cg.version:
-                period = DEFAULT_LIMITS.env_cpu_period_us
-                cg.create(cgroups.Limits(
-                    req.memory_mib * 2**20, agent.pids_max, req.memory_mib,
-                    cpu_quota_us=max(DEFAULT_LIMITS.env_cpu_quota_us_min,
-                                     period * req.cpu_units // 1024),
-                    cpu_shares=req.cpu_units))
-            elif not agent.allow_unlimited:
-                raise OpError("TaskCreateFailed", f"no cgroup hierarchy at {cgroups.ROOT}: the "
-                              "task's cpu and memory cannot be enforced")
-            if agent.network is not None and req.network != "none":
-                ingress = [f"{p.protocol}:{p.container_port}"
-                           for c in req.containers for p in c.port_mappings]
-                lease = await asyncio.to_thread(agent.network.acquire, f"task-{req.task_id}",
-                                                list(req.net_allow), ingress)
-                netns_fd, info = lease.netns_fd, lease.info
+        # The network namespace (a helper round trip and an nft run) is asked for first and
+        # the cgroup made while it comes: one after the other they were most of task_create.
+        if agent.network is not None and req.network != "none":
+            ingress = [f"{p.protocol}:{p.container_port}"
+                       for c in req.containers for p in c.port_mappings]
+            net_call: Callable[[], Any] = functools.partial(
+                agent.network.acquire, f"task-{req.task_id}", list(req.net_allow), ingress,
+                egress=req.network != "private")
+        else:
+            net_call = linux.new_netns_fd
+        net_job = asyncio.ensure_future(asyncio.to_thread(net_call))
+
+        async def wait_network() -> None:
+            nonlocal netns_fd, info
+            got = await net_job
+            if isinstance(got, int):
+                netns_fd = got
             else:
-                netns_fd = await asyncio.to_thread(linux.new_netns_fd)
+                netns_fd, info = got.netns_fd, got.info
+        try:
+            try:
+                if cg.version:
+                    period = DEFAULT_LIMITS.env_cpu_period_us
+                    cg.create(cgroups.Limits(
+                        req.memory_mib * 2**20, agent.pids_max, req.memory_mib,
+                        cpu_quota_us=max(DEFAULT_LIMITS.env_cpu_quota_us_min,
+                                         period * req.cpu_units // 1024),
+                        cpu_shares=req.cpu_units))
+                elif not agent.allow_unlimited:
+                    raise OpError("TaskCreateFailed", f"no cgroup hierarchy at "
+                                  f"{cgroups.ROOT}: the task's cpu and memory cannot be "
+                                  "enforced")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await wait_network()  # so that what it got is given back below
+                raise
+            await wait_network()
             if req.volumes:  # last: nothing after it can fail, so no detach on this path
                 self.volume_paths[req.task_id] = await self._attach_volumes(req)
         except BaseException as e:
@@ -511,7 +531,7 @@ class TaskRunner:
                           "(this agent's memory budget)")
         if req.hostname and not HOSTNAME.match(req.hostname):
             raise _refuse("hostname: a host name of at most 63 characters")
-        if req.network not in ("", "egress", "none"):
+        if req.network not in ("", "egress", "none", "private"):
             raise OpError("InvalidNetwork", f"unknown network setting {req.network!r}")
         if req.net_allow and req.network != "egress":
             raise OpError("InvalidNetwork", "an allow-list needs the egress mode")

@@ -59,7 +59,7 @@ _STARTED_BY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # RunTask's members cellcloud honours; any other given a value is refused by name.
 _RUN_TASK_MEMBERS = frozenset({"cluster", "taskDefinition", "count", "launchType",
                                "overrides", "startedBy", "group", "tags", "platformVersion",
-                               "clientToken"}) | {"volumeConfigurations"}
+                               "clientToken", "networkConfiguration"}) | {"volumeConfigurations"}
 # Errors of the cell's ecs_tasks op that are the API's own (botocore's model names them).
 _CELL_ERRORS = frozenset({"InvalidParameterException", "ClientException",
                           "LimitExceededException", "ClusterNotFoundException",
@@ -71,10 +71,11 @@ _CELL_ERRORS = frozenset({"InvalidParameterException", "ClientException",
 _CREATE_SERVICE_MEMBERS = frozenset({
     "cluster", "serviceName", "taskDefinition", "desiredCount", "clientToken", "launchType",
     "platformVersion", "deploymentConfiguration", "schedulingStrategy",
-    "deploymentController", "tags", "propagateTags"})
+    "deploymentController", "tags", "propagateTags", "networkConfiguration"})
 _UPDATE_SERVICE_MEMBERS = frozenset({
     "cluster", "service", "desiredCount", "taskDefinition", "deploymentConfiguration",
-    "platformVersion", "forceNewDeployment", "deploymentController", "propagateTags"})
+    "platformVersion", "forceNewDeployment", "deploymentController", "propagateTags",
+    "networkConfiguration"})
 _SERVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,254}$")
 
 
@@ -162,6 +163,63 @@ def _tags(v: Any) -> list[dict[str, str]]:
     if len(out) > 50:
         raise invalid("a resource has at most 50 tags")
     return out
+
+
+_SUBNET = re.compile(r"^subnet-[0-9a-z][0-9a-z-]{0,62}$")
+_SECURITY_GROUP = re.compile(r"^sg-[0-9a-z][0-9a-z-]{0,62}$")
+
+
+def network_configuration(v: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any] | None:
+    """RunTask's, CreateService's and UpdateService's ``networkConfiguration`` as ECS shapes
+    it: ``{awsvpcConfiguration: {subnets, securityGroups, assignPublicIp}}``, with
+    ``assignPublicIp`` filled in (DISABLED, as ECS's default); None: not given. The region is
+    one flat network: a subnet id (``subnet-…``, as many as ECS takes) names no placement and
+    is echoed (DescribeTasks' ENI ``subnetId`` is the first), as are the security groups
+    (``sg-…``), which all stand for the one rule set every task has (the host and the router
+    reach its mapped ports, nothing else does). ``assignPublicIp`` is what is enforced:
+    ENABLED, the task has egress under the region's policy; DISABLED, it opens no connection
+    out (docs/fargate.md)."""
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) - {"awsvpcConfiguration"}:
+        raise invalid("networkConfiguration is {awsvpcConfiguration: {subnets, "
+                      "securityGroups, assignPublicIp}}")
+    cfg = v.get("awsvpcConfiguration")
+    if not isinstance(cfg, dict):
+        raise invalid("networkConfiguration.awsvpcConfiguration is required")
+    for k in cfg:
+        if k not in ("subnets", "securityGroups", "assignPublicIp"):
+            raise invalid(f"networkConfiguration.awsvpcConfiguration.{str(k)[:40]} is not "
+                          "supported by cellcloud")
+    subnets = cfg.get("subnets")
+    if not isinstance(subnets, list) or not subnets \
+            or not all(isinstance(x, str) for x in subnets):
+        raise invalid("subnets can not be empty.")
+    if len(subnets) > limits.ecs_awsvpc_subnets_max:
+        raise invalid(f"subnets can have at most {limits.ecs_awsvpc_subnets_max} items.")
+    for x in subnets:
+        if not _SUBNET.match(x):
+            raise invalid(f"Error retrieving subnet information for {x[:80]!r}: a subnet id "
+                          "is subnet- and up to 63 lowercase letters, digits and hyphens")
+    groups = cfg.get("securityGroups")
+    if groups is None:
+        groups = []
+    if not isinstance(groups, list) or not all(isinstance(x, str) for x in groups):
+        raise invalid("securityGroups must be a list of strings")
+    if len(groups) > limits.ecs_awsvpc_security_groups_max:
+        raise invalid(f"securityGroups can have at most "
+                      f"{limits.ecs_awsvpc_security_groups_max} items.")
+    for x in groups:
+        if not _SECURITY_GROUP.match(x):
+            raise invalid(f"Error retrieving security group information for {x[:80]!r}: a "
+                          "security group id is sg- and up to 63 lowercase letters, digits "
+                          "and hyphens")
+    public = cfg.get("assignPublicIp", "DISABLED")
+    if public not in ("ENABLED", "DISABLED"):
+        raise invalid("assignPublicIp must be ENABLED or DISABLED")
+    return {"awsvpcConfiguration": {"subnets": list(dict.fromkeys(subnets)),
+                                    "securityGroups": list(dict.fromkeys(groups)),
+                                    "assignPublicIp": public}}
 
 
 def parse_image(image: str) -> tuple[str, str]:
@@ -728,6 +786,7 @@ class Ecs:
         if len(token) > 64:
             raise invalid("clientToken is at most 64 characters")
         overrides = _container_overrides(doc.get("overrides"))
+        network = network_configuration(doc.get("networkConfiguration"), self.limits)
         cluster = await self._existing_cluster(account, doc.get("cluster"))
         if not doc.get("taskDefinition"):
             raise invalid("taskDefinition is required")
@@ -748,7 +807,8 @@ class Ecs:
             out = await self._cell(account, {
                 "op": "run", "cluster": cluster, "taskDefinition": desc, "count": count,
                 "containerOverrides": overrides, "startedBy": started_by, "group": group,
-                "tags": tags, "clientToken": token, **volumes})
+                "tags": tags, "clientToken": token, **volumes,
+                **({"networkConfiguration": network} if network else {})})
         except BaseException:
             if volumes:
                 await self._end_task_volumes(account, volumes["taskIds"])
@@ -1047,11 +1107,14 @@ class Ecs:
             raise invalid("desiredCount is required for the REPLICA scheduling strategy")
         tags = _tags(doc.get("tags"))
         config = self._deployment_config(doc)
+        network = network_configuration(doc.get("networkConfiguration"), self.limits)
         cluster = await self._existing_cluster(account, doc.get("cluster"))
         desc = await self._service_taskdef(account, doc.get("taskDefinition"))
         out = await self._cell(account, {"op": "service_create", "cluster": cluster,
                                          "service": name, "taskDefinition": desc,
-                                         "desired": desired, "config": config, "tags": tags})
+                                         "desired": desired, "config": config, "tags": tags,
+                                         **({"networkConfiguration": network}
+                                            if network else {})})
         assert out is not None
         return out
 
@@ -1062,6 +1125,7 @@ class Ecs:
             raise invalid("forceNewDeployment must be a boolean")
         desired = self._desired(doc, None)
         config = self._deployment_config(doc)
+        network = network_configuration(doc.get("networkConfiguration"), self.limits)
         cluster = await self._existing_cluster(account, doc.get("cluster"))
         name = self._service_name(account, cluster, doc.get("service"))
         desc = None
@@ -1069,7 +1133,9 @@ class Ecs:
             desc = await self._service_taskdef(account, doc["taskDefinition"])
         out = await self._cell(account, {"op": "service_update", "cluster": cluster,
                                          "service": name, "taskDefinition": desc,
-                                         "desired": desired, "config": config, "force": force})
+                                         "desired": desired, "config": config, "force": force,
+                                         **({"networkConfiguration": network}
+                                            if network else {})})
         assert out is not None
         return out
 

@@ -232,6 +232,8 @@ class Limits:
     ecs_task_poll_interval_ms: int = 500  # a running task's containers and logs polled
     ecs_task_poll_failures_max: int = 10  # polls in a row its agent fails: the task is lost
     ecs_task_cpu_units_per_agent_max: int = 16 * 1024  # tasks' cpu on one agent (16 vCPU)
+    ecs_awsvpc_subnets_max: int = 16  # networkConfiguration's subnets (ECS's quota)
+    ecs_awsvpc_security_groups_max: int = 5  # networkConfiguration's securityGroups (ECS's)
     # ECS services in a cell (frontend/services.py): docs/fargate.md.
     ecs_services_per_tenant_max: int = 100  # services of one account not INACTIVE
     ecs_service_desired_count_max: int = 1_000  # a service's desiredCount (ECS's quota: 5,000)

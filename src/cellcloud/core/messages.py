@@ -573,7 +573,9 @@ class TaskCreateRequest:
     memory_mib: int
     containers: tuple[TaskContainer, ...]
     hostname: str = ""  # "": the task id
-    network: str = ""  # as a function's (core/vpc.py): "" the agent's policy, "egress", "none"
+    # as a function's (core/vpc.py): "" the agent's policy, "egress", "none"; or "private":
+    # an address the host reaches on the mapped ports, no egress (assignPublicIp DISABLED)
+    network: str = ""
     net_allow: tuple[str, ...] = ()
     volumes: tuple[TaskVolume, ...] = ()  # managed volumes (ECS volumeConfigurations)
 

@@ -228,7 +228,7 @@ class ServiceManager:
                     placed = self.tasks.launch(
                         rec["account"], rec["cluster"], desc, def_doc, task_def, [],
                         started_by=deployment_id[:128], group=f"service:{rec['name']}",
-                        tags=[])
+                        tags=[], network=rec.get("network_configuration"))
                 if isinstance(placed, NoRoom):
                     self.counters["placement_failures"] += 1
                     self._feed(svc, es.PlacementFailed(core_id, placed.reason))
@@ -512,6 +512,8 @@ class ServiceManager:
                "created_ms": now, "deleted_ms": None, "tags": list(body.get("tags") or []),
                "task_defs": {desc["taskDefinitionArn"]: desc}, "ids": {},
                "core": {}, "saved_status": None}
+        if body.get("networkConfiguration"):
+            rec["network_configuration"] = body["networkConfiguration"]
         svc = self.services[key] = Svc(rec, core)
         self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)))
         self._save(svc)
@@ -534,6 +536,13 @@ class ServiceManager:
             self._feed(svc, es.SetDesiredCount(int(body["desired"])))
         desc = body.get("taskDefinition")
         primary = core.primary
+        network = body.get("networkConfiguration")
+        if network and network != svc.rec.get("network_configuration"):
+            # ECS deploys anew for a changed network configuration: new tasks get it
+            svc.rec["network_configuration"] = network
+            if desc is None and primary is not None:
+                desc = svc.rec["task_defs"].get(primary.task_def)
+                body = {**body, "force": True}
         if desc is not None:
             from .tasks import check_runnable, task_definition_of
             check_runnable(task_definition_of(desc, [])[0])
@@ -744,6 +753,8 @@ class ServiceManager:
             "deploymentController": {"type": "ECS"}, "enableECSManagedTags": False,
             "propagateTags": "NONE", "enableExecuteCommand": False,
             "createdBy": f"arn:aws:iam::{account}:root"}
+        if rec.get("network_configuration"):
+            out["networkConfiguration"] = rec["network_configuration"]
         if tags:
             out["tags"] = rec["tags"]
         return out

@@ -211,6 +211,16 @@ def check_runnable(task_def: td.TaskDefinition) -> None:
                            "needs the awslogs-group option")
 
 
+def network_mode(rec: dict[str, Any]) -> str:
+    """The agent's network setting for a task (``TaskCreateRequest.network``): its
+    ``assignPublicIp`` ENABLED is egress under the region's policy, DISABLED an address the
+    host reaches and no egress ("private"); no ``networkConfiguration``: the agent's policy."""
+    awsvpc = (rec.get("network_configuration") or {}).get("awsvpcConfiguration")
+    if not awsvpc:
+        return ""
+    return "egress" if awsvpc.get("assignPublicIp") == "ENABLED" else "private"
+
+
 def _argv(spec: td.Container, image: dict[str, Any]) -> list[str]:
     """Docker's rule: the definition's entryPoint replaces the image's (and drops its CMD);
     its command replaces the image's CMD."""
@@ -321,7 +331,9 @@ class TaskManager:
             containers.append(out)
         status = ("DELETED" if core["last_status"] == "STOPPED" else
                   "ATTACHED" if attached else "PRECREATED")
-        details = [{"name": "subnetId", "value": f"subnet-cellcloud-{self.cell.cell_id}"},
+        awsvpc = (rec.get("network_configuration") or {}).get("awsvpcConfiguration") or {}
+        subnet = (awsvpc.get("subnets") or [f"subnet-cellcloud-{self.cell.cell_id}"])[0]
+        details = [{"name": "subnetId", "value": subnet},
                    {"name": "networkInterfaceId", "value": rec["eni_id"]},
                    {"name": "privateDnsName", "value": rec["hostname"]}]
         if ip:
@@ -410,7 +422,8 @@ class TaskManager:
                                  tags=list(body.get("tags") or []),
                                  task_id=task_ids[n] if n < len(task_ids) else None,
                                  volumes=list(volumes.get(task_ids[n], []))
-                                 if n < len(task_ids) else None)
+                                 if n < len(task_ids) else None,
+                                 network=body.get("networkConfiguration"))
             if isinstance(placed, NoRoom):
                 shard = self.cell.shard_of(f"{account}/ecs/{cluster}")
                 failures.append({"arn": desc["taskDefinitionArn"], "reason": placed.reason,
@@ -428,10 +441,12 @@ class TaskManager:
     def launch(self, account: str, cluster: str, desc: dict[str, Any], def_doc: dict[str, Any],
                task_def: td.TaskDefinition, overrides: list[dict[str, Any]], *,
                started_by: str, group: str, tags: list[dict[str, str]],
-               task_id: str | None = None, volumes: list[dict[str, Any]] | None = None
-               ) -> dict[str, Any] | NoRoom:
+               task_id: str | None = None, volumes: list[dict[str, Any]] | None = None,
+               network: dict[str, Any] | None = None) -> dict[str, Any] | NoRoom:
         """One task placed on the cluster's shard and its provisioning begun (RunTask's, and
-        a service's StartTask: frontend/services.py): its record, or why it has no room."""
+        a service's StartTask: frontend/services.py): its record, or why it has no room.
+        ``network``: the request's ``networkConfiguration`` as control/ecs.py checked it
+        (None: the region's default network policy)."""
         shard = self.cell.shard_of(f"{account}/ecs/{cluster}")
         task_id = task_id or uuid.uuid4().hex
         placed = self.cell.placement.place_task(
@@ -455,6 +470,8 @@ class TaskManager:
         }
         if volumes:  # managed volumes: [{name, volumeId, attachEpoch, sizeInGiB, ...}]
             rec["volumes"] = volumes
+        if network:
+            rec["network_configuration"] = network
         self.store.put(rec)
         live = Live(rec, task)
         self.live[task_id] = live
@@ -587,7 +604,8 @@ class TaskManager:
                                    volumes=tuple(m.TaskVolume(
                                        str(v["name"]), str(v["volumeId"]), int(v["sizeInGiB"]),
                                        int(v["attachEpoch"]), bool(v["replicated"]))
-                                       for v in rec.get("volumes") or [])).to_wire()
+                                       for v in rec.get("volumes") or []),
+                                   network=network_mode(rec)).to_wire()
         timeout_s = self.limits.agent_call_timeout_ms / 1000
         # a managed volume is attached (FUSE, loop device, first mkfs) within task_create
         create_timeout_s = (self.limits.env_create_timeout_ms + len(rec.get("volumes") or [])

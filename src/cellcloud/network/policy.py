@@ -387,6 +387,14 @@ def slot_allow(plan: Plan, slot: int, allow: tuple[tuple[str, int], ...]) -> str
     ]) + "\n"
 
 
+def slot_no_egress(plan: Plan, slot: int) -> str:
+    """A task without egress (ECS ``assignPublicIp`` DISABLED): its slot's chain rejects
+    every connection it opens through the bridge (the resolver is served by the input chain,
+    so DNS still answers; the host still reaches its mapped ports: that is ``ingress``).
+    ``slot_refresh`` (on release) rebuilds the chain without it."""
+    return f"add rule inet {plan.table} {_chain(slot)} {REJECT}\n"
+
+
 def parse_ingress(entry: str) -> tuple[str, int]:
     """An ingress entry "tcp:8080" as ("tcp", 8080)."""
     proto, sep, port = entry.partition(":")
