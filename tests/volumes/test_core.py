@@ -275,3 +275,38 @@ def test_non_overlapping_operations_fly_together_overlapping_ones_wait() -> None
     assert done[0] == Complete(1, True, epoch=2, sent_ms=5)
     w3 = [a for a in done[1:] if isinstance(a, SendServer)]
     assert {a.server for a in w3} == {"s0", "s1", "s2"} and w3[0].request["offset"] == 5
+
+
+def test_a_read_counts_only_once_every_complete_replica_confirmed_the_epoch() -> None:
+    """Reads are fenced (docs/volumes.md): the primary's bytes are the answer, but the read
+    completes only when the other complete replicas confirmed the reader's epoch; one that
+    knows a newer epoch makes a deposed reader's read fail instead of returning stale bytes."""
+    c = ClientCore("c1", "v", SERVERS, random.Random(1))
+    _attach(c, CFG1)
+    sends = [a for a in c.submit_read(1, 0, 5, 10) if isinstance(a, SendServer)]
+    assert {(a.server, a.request["op"]) for a in sends} == {
+        ("s0", "read"), ("s1", "check"), ("s2", "check")}
+    by = {a.server: a for a in sends}
+    assert c.on_server(by["s0"].rid, {"status": OK, "data": b"hello"}, 11) == []
+    assert c.on_server(by["s1"].rid, {"status": OK}, 12) == []
+    assert c.on_server(by["s2"].rid, {"status": OK}, 13) == [
+        Complete(1, True, data=b"hello", epoch=2, sent_ms=10)]
+    # Deposed without knowing it: the old primary still serves, a survivor says stale.
+    sends = [a for a in c.submit_read(2, 0, 5, 20) if isinstance(a, SendServer)]
+    acts: list[Any] = []
+    for a in sends:
+        reply = {"status": STALE, "epoch": 4} if a.server == "s1" else {
+            "status": OK, "data": b"old!!"}
+        acts += c.on_server(a.rid, reply, 21)
+    assert acts == [CfgGet("v")]  # no Complete with the old bytes
+    other = VolumeConfig("v", 4096, 4, ("s1", "s2", "s3"), "s1", "c2", 3, ("s3",))
+    assert c.on_cfg(other, None, 22) == [Complete(2, False, error="deposed")]
+
+
+def test_a_server_answers_a_check_by_its_epoch() -> None:
+    s = ServerCore("s1")
+    assert s.on_request(_req(CFG1, "check"))[0]["status"] == OK
+    newer = VolumeConfig("v", 4096, 3, CFG1.replicas, "s0", "c2", 3)
+    assert s.on_request(_req(newer, "fence"))[0]["status"] == OK
+    reply, effects = s.on_request(_req(CFG1, "check"))
+    assert reply == {"status": STALE, "epoch": 3} and effects == []

@@ -10,7 +10,7 @@ Two state machines and one pure placement function:
   bytes, fsync, persist the epoch) and only then answers.
 * ``ClientCore`` — a volume client (the one attached writer): every write goes to EVERY
   replica of the current configuration and completes only when all answered ok; reads go to the
-  primary. A failed or silent replica makes it rewire: a compare-and-set on the configuration
+  primary, and count only once every other complete replica confirmed the reader's epoch. A failed or silent replica makes it rewire: a compare-and-set on the configuration
   (epoch + 1) with a replica set from ``choose_replicas``; it then fences the new configuration
   on its replicas and re-mirrors the new replica from the primary chunk by chunk while IO goes
   on (a write during the re-mirror goes to the new replica too; a chunk and a write that
@@ -246,7 +246,9 @@ class ServerCore:
             effects.append(PersistConfig(cfg))
         elif cfg != known.config and not self.bug_no_fencing:
             return {"status": INVALID, "message": "two configurations with one epoch"}, []
-        if op == "fence":
+        if op in ("fence", "check"):
+            # "check": a read's epoch check (docs/volumes.md, "Reads are fenced"): ok only
+            # while this server knows no newer epoch than the reader's.
             return {"status": OK, "epoch": cfg.epoch}, effects
         if op == "drop":  # sent by the volume's deleter, whose epoch follows the last record
             effects.append(DropData(cfg.volume_id))
@@ -321,6 +323,7 @@ class ClientParams:
     rewire_attempts_max: int = 50
     inflight_max: int = 1  # operations in flight at once (non-overlapping)
     bug_ack_majority: bool = False  # planted bug: complete a write on a majority of replicas
+    bug_unfenced_reads: bool = False  # planted bug: read the primary without an epoch check
 
 
 @dataclass
@@ -346,6 +349,7 @@ class _Inflight:
     invalid: str = ""
     hole: bool = False  # mirror: the chunk read holds no allocated byte
     next: int = 0  # mirror: where the primary's next allocated byte is
+    primary: str = ""  # read: the server whose bytes are the answer (the others check)
 
 
 class ClientCore:
@@ -473,7 +477,7 @@ class ClientCore:
         status = reply.get("status") if reply else None
         if status == OK:
             fl.ok.add(server)
-            if fl.op.kind == "read" or fl.stage == "read":
+            if (fl.op.kind == "read" and server == fl.primary) or fl.stage == "read":
                 fl.data = bytes(reply.get("data", b"")) if reply else b""
                 fl.hole = bool(reply.get("hole")) if reply else False
                 nxt = reply.get("next") if reply else None
@@ -708,12 +712,18 @@ class ClientCore:
             key = -self.mirror_keys
         else:
             key = op.op_id
-        fl = self.inflight[key] = _Inflight(op, cfg.epoch, now_ms, {})
+        fl = self.inflight[key] = _Inflight(op, cfg.epoch, now_ms, {}, primary=cfg.primary)
         if op.kind == "write":
             targets = [(s, self._request("write", offset=op.offset, data=op.data))
                        for s in cfg.replicas]
         elif op.kind == "read":
+            # The primary's bytes count only if every other complete replica confirms, after
+            # the read was called, that the reader's epoch is still the newest it knows: a
+            # deposed reader gets "stale" (docs/volumes.md, "Reads are fenced").
             targets = [(cfg.primary, self._request("read", offset=op.offset, length=op.length))]
+            if not self.params.bug_unfenced_reads:
+                targets += [(s, self._request("check")) for s in cfg.complete()
+                            if s != cfg.primary]
         else:
             fl.stage = "read"
             targets = [(cfg.primary, self._request("mirror_read", offset=op.offset,
