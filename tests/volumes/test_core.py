@@ -310,3 +310,46 @@ def test_a_server_answers_a_check_by_its_epoch() -> None:
     assert s.on_request(_req(newer, "fence"))[0]["status"] == OK
     reply, effects = s.on_request(_req(CFG1, "check"))
     assert reply == {"status": STALE, "epoch": 3} and effects == []
+
+
+def test_group_commit_sends_the_writes_queued_during_a_round_as_one_round() -> None:
+    from cellcloud.volumes.core import ClientParams
+
+    c = ClientCore("c1", "v", SERVERS, random.Random(1),
+                   ClientParams(inflight_max=8, write_batch_max=3, batch_bytes_max=64))
+    _attach(c, CFG1)
+    r1 = [a for a in c.submit_write(1, 0, b"a" * 8, 5) if isinstance(a, SendServer)]
+    assert [a.request["op"] for a in r1] == ["write"] * 3  # alone: a plain write
+    # While that round is in flight, writes wait (a read may go); then they go together.
+    assert c.submit_write(2, 100, b"b" * 8, 6) == []
+    assert c.submit_write(3, 200, b"c" * 8, 6) == []
+    assert c.submit_write(4, 300, b"d" * 8, 6) == []
+    assert c.submit_write(5, 400, b"e" * 8, 6) == []  # a fourth: past write_batch_max
+    assert c.submit_read(6, 1000, 8, 6) != []
+    done: list[Any] = []
+    for a in r1:
+        done += c.on_server(a.rid, {"status": OK}, 7)
+    assert done[0] == Complete(1, True, epoch=2, sent_ms=5)
+    r2 = [a for a in done[1:] if isinstance(a, SendServer)]
+    assert {a.server for a in r2} == {"s0", "s1", "s2"}
+    assert all(a.request["op"] == "write_batch" for a in r2)
+    assert r2[0].request["writes"] == [[100, b"b" * 8], [200, b"c" * 8], [300, b"d" * 8]]
+    done = []
+    for a in r2[:2]:
+        done += c.on_server(a.rid, {"status": OK}, 8)
+    assert done == []  # a round is acknowledged only when every replica answered
+    done = c.on_server(r2[2].rid, {"status": OK}, 9)
+    assert done[:3] == [Complete(i, True, epoch=2, sent_ms=7) for i in (2, 3, 4)]
+    r3 = [a for a in done[3:] if isinstance(a, SendServer)]
+    assert [a.request["op"] for a in r3] == ["write"] * 3 and r3[0].request["offset"] == 400
+    assert c.batches == 1
+
+
+def test_a_server_applies_a_write_batch_as_one_request() -> None:
+    s = ServerCore("s1")
+    reply, effects = s.on_request(_req(CFG1, "write_batch", writes=[[0, b"ab"], [10, b"cd"]]))
+    assert reply["status"] == OK
+    assert [e for e in effects if isinstance(e, WriteData)] == [
+        WriteData("v", 0, b"ab"), WriteData("v", 10, b"cd")]
+    for bad in ([], [[0, b"x"], [4095, b"yz"]], [[0, "str"]], [[0]] * 2):
+        assert s.on_request(_req(CFG1, "write_batch", writes=bad))[0]["status"] == INVALID

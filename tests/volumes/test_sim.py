@@ -35,7 +35,7 @@ def _failures(seeds: range, bug: str | None = None) -> list[tuple[int, str]]:
 
 
 def test_ci_seeds_keep_every_acknowledged_write_and_fence_deposed_writers() -> None:
-    acked = rewires = 0
+    acked = rewires = batches = 0
     failures = []
     takeovers = 0
     for seed in range(CI_SEEDS):
@@ -43,6 +43,7 @@ def test_ci_seeds_keep_every_acknowledged_write_and_fence_deposed_writers() -> N
         res = w.run()
         acked += res.writes_acked
         rewires += res.rewires
+        batches += sum(c.core.batches for c in w.clients.values())
         takeovers += len(w.clients) > 2  # a writer was deposed by another (then the verifier)
         if not res.ok:
             failures.append((seed, res.reason[:1500]))
@@ -53,6 +54,7 @@ def test_ci_seeds_keep_every_acknowledged_write_and_fence_deposed_writers() -> N
     assert acked > 20 * CI_SEEDS
     assert rewires > 3 * CI_SEEDS
     assert takeovers > CI_SEEDS // 5
+    assert batches > CI_SEEDS  # group-committed rounds of several writes
 
 
 def test_same_seed_replays_exactly() -> None:
@@ -67,6 +69,8 @@ def test_same_seed_replays_exactly() -> None:
     # reads served by the primary alone: a deposed writer, partitioned with its old primary,
     # reads bytes that miss the new writer's acknowledged writes (~2.5 % of seeds)
     ("unfenced_reads", "stale read", 200),
+    # group commit acknowledging a write that joined the queue after its round left
+    ("group_ack_queued", "lost write", 60),
 ])
 def test_planted_bug_is_caught(bug: str, expect: str, seeds: int) -> None:
     found = _failures(range(seeds), bug)

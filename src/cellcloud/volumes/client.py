@@ -126,7 +126,9 @@ class VolumeClient:
             replicas=DEFAULT_LIMITS.volume_replicas, request_timeout_ms=1_000,
             cfg_timeout_ms=6_000, retry_backoff_ms=200, mirror_chunk_bytes=1024 * 1024,
             rewire_attempts_max=DEFAULT_LIMITS.volume_rewire_attempts_max,
-            inflight_max=DEFAULT_LIMITS.volume_client_ops_inflight_max)
+            inflight_max=DEFAULT_LIMITS.volume_client_ops_inflight_max,
+            write_batch_max=DEFAULT_LIMITS.volume_write_batch_writes_max,
+            batch_bytes_max=DEFAULT_LIMITS.volume_write_bytes_max)
         self.core = ClientCore(client_id, volume_id, _infos(servers), rng or random.Random(),
                                self.params)
         self.jitter = random.Random()

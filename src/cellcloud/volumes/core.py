@@ -253,6 +253,26 @@ class ServerCore:
         if op == "drop":  # sent by the volume's deleter, whose epoch follows the last record
             effects.append(DropData(cfg.volume_id))
             return {"status": OK, "epoch": cfg.epoch}, effects
+        if op == "write_batch":
+            writes = req.get("writes")
+            if not isinstance(writes, list) or not 0 < len(writes) <= \
+                    self.limits.volume_write_batch_writes_max:
+                return {"status": INVALID, "message": "write_batch needs 1 to "
+                        f"{self.limits.volume_write_batch_writes_max} writes"}, effects
+            total = 0
+            batch: list[ServerEffect] = []
+            for w in writes:
+                if not (isinstance(w, list | tuple) and len(w) == 2 and isinstance(w[0], int)
+                        and isinstance(w[1], bytes | bytearray)):
+                    return {"status": INVALID, "message": "a write is [offset, data]"}, effects
+                offset, data = w
+                total += len(data)
+                if offset < 0 or offset + len(data) > cfg.size_bytes:
+                    return {"status": INVALID, "message": "write past the end"}, effects
+                batch.append(WriteData(cfg.volume_id, offset, bytes(data)))
+            if total > self.limits.volume_write_bytes_max:
+                return {"status": INVALID, "message": "write too large"}, effects
+            return {"status": OK, "epoch": cfg.epoch}, effects + batch
         if op in ("write", "mirror_write"):
             offset, data = req.get("offset"), req.get("data")
             if not isinstance(offset, int) or not isinstance(data, bytes | bytearray):
@@ -322,8 +342,14 @@ class ClientParams:
     mirror_chunk_bytes: int = 64
     rewire_attempts_max: int = 50
     inflight_max: int = 1  # operations in flight at once (non-overlapping)
+    # Group commit: more than 1 — at most one round of writes in flight; the writes queued
+    # meanwhile go together in the next round (one request, one fsync per replica), up to this
+    # many and ``batch_bytes_max`` bytes. 1: every write its own round, several in flight.
+    write_batch_max: int = 1
+    batch_bytes_max: int = 1 << 20
     bug_ack_majority: bool = False  # planted bug: complete a write on a majority of replicas
     bug_unfenced_reads: bool = False  # planted bug: read the primary without an epoch check
+    bug_group_ack_queued: bool = False  # planted bug: a round also acks a write still queued
 
 
 @dataclass
@@ -350,6 +376,10 @@ class _Inflight:
     hole: bool = False  # mirror: the chunk read holds no allocated byte
     next: int = 0  # mirror: where the primary's next allocated byte is
     primary: str = ""  # read: the server whose bytes are the answer (the others check)
+    more: list[_Op] = field(default_factory=list)  # write: the rest of a group-commit batch
+
+    def ops(self) -> list[_Op]:
+        return [self.op, *self.more]
 
 
 class ClientCore:
@@ -390,6 +420,7 @@ class ClientCore:
         self.mirror_offset = 0
         self.rids = 0
         self.rewires = 0
+        self.batches = 0  # write rounds that carried more than one write (group commit)
         self.attempts = 0  # consecutive rewire attempts without a completed operation
         self.fence_wait: dict[int, str] = {}
         self.fence_ok: set[str] = set()
@@ -566,7 +597,8 @@ class ClientCore:
         return self._drop_all("deposed")
 
     def _drop_all(self, why: str) -> list[ClientAction]:
-        ops = [fl.op for fl in self.inflight.values() if fl.op.kind != "mirror"] + self.queue
+        ops = [op for fl in self.inflight.values() for op in fl.ops()
+               if op.kind != "mirror"] + self.queue
         self.inflight = {}
         self.rid_op = {}
         self.queue = []
@@ -663,7 +695,12 @@ class ClientCore:
             return self._drain(now_ms)
         cfg = self.config
         out: list[ClientAction] = []
-        busy = [fl.op for fl in self.inflight.values()]
+        busy = [op for fl in self.inflight.values() for op in fl.ops()]
+        batching = self.params.write_batch_max > 1
+        # group commit: one write round in flight; the writes that may go form the next one
+        write_round = any(fl.op.kind == "write" for fl in self.inflight.values())
+        batch: list[_Op] = []
+        batch_bytes = 0
         if cfg.catching_up and not any(op.kind == "mirror" for op in busy):
             if self.mirror_offset >= cfg.size_bytes:
                 self.draining = "mirror_done"  # every new replica holds a full copy
@@ -682,10 +719,23 @@ class ClientCore:
                     self._overlap(op, q) for q in self.queue[:i]):
                 i += 1
                 continue
+            if batching and op.kind == "write":
+                if write_round or len(batch) >= self.params.write_batch_max or (
+                        batch and batch_bytes + len(op.data) > self.params.batch_bytes_max):
+                    i += 1  # waits for the next round (later ones may not overtake it)
+                    continue
+                self.queue.pop(i)
+                batch.append(op)
+                batch_bytes += len(op.data)
+                busy.append(op)
+                continue
             self.queue.pop(i)
             self.last_was_user = True
             out += self._send(op, now_ms)
             busy.append(op)
+        if batch:
+            self.last_was_user = True
+            out += self._send(batch[0], now_ms, batch[1:])
         return out
 
     def _drain(self, now_ms: int) -> list[ClientAction]:
@@ -704,7 +754,7 @@ class ClientCore:
             return self._rewire(now_ms)
         return self._cas(cfg, replace(cfg, epoch=cfg.epoch + 1, catching_up=()), now_ms)
 
-    def _send(self, op: _Op, now_ms: int) -> list[ClientAction]:
+    def _send(self, op: _Op, now_ms: int, more: Sequence[_Op] = ()) -> list[ClientAction]:
         cfg = self.config
         assert cfg is not None
         if op.kind == "mirror":
@@ -712,8 +762,12 @@ class ClientCore:
             key = -self.mirror_keys
         else:
             key = op.op_id
-        fl = self.inflight[key] = _Inflight(op, cfg.epoch, now_ms, {}, primary=cfg.primary)
-        if op.kind == "write":
+        fl = self.inflight[key] = _Inflight(op, cfg.epoch, now_ms, {}, primary=cfg.primary,
+                                            more=list(more))
+        if more:  # one round for the batch: every replica writes all, then fsyncs once
+            req = self._request("write_batch", writes=[[o.offset, o.data] for o in fl.ops()])
+            targets = [(s, req) for s in cfg.replicas]
+        elif op.kind == "write":
             targets = [(s, self._request("write", offset=op.offset, data=op.data))
                        for s in cfg.replicas]
         elif op.kind == "read":
@@ -767,20 +821,29 @@ class ClientCore:
         del self.inflight[key]
         out: list[ClientAction] = []
         if fl.invalid and fl.op.kind != "mirror":
-            out.append(Complete(fl.op.op_id, False, error=fl.invalid))
+            out += [Complete(op.op_id, False, error=fl.invalid) for op in fl.ops()]
         elif fl.stale or fl.invalid:
             self.draining = "stale"
-            self._requeue(fl.op)
+            for op in fl.ops():
+                self._requeue(op)
         elif fl.failed:
             self.op_failed |= fl.failed
             if self.draining != "stale":
                 self.draining = "failed"
-            self._requeue(fl.op)
+            for op in fl.ops():
+                self._requeue(op)
         else:
             self.attempts = 0
             if fl.op.kind == "mirror":
                 self.mirror_offset = max(fl.op.offset + fl.op.length, fl.next)
             else:
-                out.append(Complete(fl.op.op_id, True, data=fl.data, epoch=fl.epoch,
-                                    sent_ms=fl.sent_ms))
+                self.batches += bool(fl.more)
+                done = fl.ops()
+                if self.params.bug_group_ack_queued and fl.op.kind == "write":
+                    # the classic group-commit bug: a write that joined after the round left
+                    late = [q for q in self.queue if q.kind == "write"][:1]
+                    self.queue = [q for q in self.queue if q not in late]
+                    done += late
+                out += [Complete(op.op_id, True, data=fl.data, epoch=fl.epoch,
+                                 sent_ms=fl.sent_ms) for op in done]
         return out + self._pump(now_ms)

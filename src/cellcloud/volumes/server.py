@@ -53,7 +53,8 @@ class StorageServer:
         self.core.load(self._load_configs())
         self.locks: dict[str, asyncio.Lock] = {}
         self.fds: dict[str, int] = {}
-        self.counters = {"requests": 0, "writes": 0, "reads": 0, "refused": 0, "dropped": 0}
+        self.counters = {"requests": 0, "writes": 0, "reads": 0, "refused": 0, "dropped": 0,
+                         "write_batches": 0}
 
     def _load_configs(self) -> list[VolumeConfig]:
         out = []
@@ -154,6 +155,8 @@ class StorageServer:
                 reply = dict(reply, **read)
             elif any(isinstance(e, WriteData) for e in effects):
                 self.counters["writes"] += 1
+                if req.get("op") == "write_batch":  # a group-commit round: one fdatasync
+                    self.counters["write_batches"] += 1
             elif any(isinstance(e, DropData) for e in effects):
                 self.counters["dropped"] += 1
             return reply

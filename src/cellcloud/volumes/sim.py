@@ -78,7 +78,7 @@ class SimConfig:
     bug_unfenced_reads: bool = False  # clients read the primary without an epoch check
 
 
-SIM_BUGS = ("no_fencing", "ack_majority", "unfenced_reads")
+SIM_BUGS = ("no_fencing", "ack_majority", "unfenced_reads", "group_ack_queued")
 
 
 def with_bug(cfg: SimConfig, bug: str) -> SimConfig:
@@ -87,6 +87,8 @@ def with_bug(cfg: SimConfig, bug: str) -> SimConfig:
     if bug == "ack_majority":
         return replace(cfg, bug_ack_majority=True,
                        params=replace(cfg.params, bug_ack_majority=True))
+    if bug == "group_ack_queued":
+        return replace(cfg, params=replace(cfg.params, bug_group_ack_queued=True))
     if bug == "unfenced_reads":
         return replace(cfg, bug_unfenced_reads=True,
                        params=replace(cfg.params, bug_unfenced_reads=True))
@@ -500,9 +502,11 @@ class World:
 def config_for_seed(seed: int, **overrides: Any) -> SimConfig:
     """The default mix: every run has loss, reordering, crashes (30 % torn), pauses, client
     and store partitions; half the runs a writer is paused while another takes the volume.
-    Each client keeps 1 to 4 operations in flight (by seed)."""
+    Each client keeps 1 to 4 operations in flight (by seed); in half the seeds its writes are
+    group-committed (one write round in flight, the writes queued meanwhile in the next)."""
     base = SimConfig()
-    base = replace(base, params=replace(base.params, inflight_max=1 + seed % 4))
+    base = replace(base, params=replace(base.params, inflight_max=1 + seed % 4,
+                                        write_batch_max=4 if seed // 4 % 2 else 1))
     return replace(base, **overrides)
 
 
