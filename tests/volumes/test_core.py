@@ -353,3 +353,27 @@ def test_a_server_applies_a_write_batch_as_one_request() -> None:
         WriteData("v", 0, b"ab"), WriteData("v", 10, b"cd")]
     for bad in ([], [[0, b"x"], [4095, b"yz"]], [[0, "str"]], [[0]] * 2):
         assert s.on_request(_req(CFG1, "write_batch", writes=bad))[0]["status"] == INVALID
+
+
+def test_a_snapshot_is_frozen_by_a_complete_replica_of_the_current_epoch() -> None:
+    from cellcloud.volumes.core import NOT_READY, DropFrozen, FreezeData, ReadFrozen
+
+    s = ServerCore("s0")
+    reply, effects = s.on_request(_req(CFG1, "snapshot", snapshot="snap-0123456789abcdef0"))
+    assert reply["status"] == OK and effects[-1] == FreezeData("v", "snap-0123456789abcdef0")
+    newer = VolumeConfig("v", 4096, 2, ("s0", "s1", "s3"), "s0", catching_up=("s3",))
+    s.on_request(_req(newer, "fence"))
+    # an older configuration's snapshot request is stale (it may miss newer writes' order)
+    assert s.on_request(_req(CFG1, "snapshot", snapshot="snap-0123456789abcdef0"))[0] == {
+        "status": STALE, "epoch": 2}
+    # a replica still being re-mirrored holds no complete copy
+    assert ServerCore("s3").on_request(_req(newer, "snapshot", snapshot="snap-01234567"))[
+        0]["status"] == NOT_READY
+    assert s.on_request(_req(newer, "snapshot", snapshot="../etc"))[0]["status"] == INVALID
+    # the frozen copy is read and dropped without the fence (it does not change)
+    read = {"op": "snapshot_read", "volume": "v", "snapshot": "snap-01234567", "offset": 0,
+            "length": 4096}
+    assert s.on_request(read) == ({"status": OK}, [ReadFrozen("v", "snap-01234567", 0, 4096)])
+    assert s.on_request({**read, "length": 2 << 20})[0]["status"] == INVALID
+    assert s.on_request({"op": "snapshot_drop", "volume": "v", "snapshot": "snap-01234567"}
+                        ) == ({"status": OK}, [DropFrozen("v", "snap-01234567")])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -201,7 +202,34 @@ class DropData:
     volume_id: str
 
 
-ServerEffect = PersistConfig | WriteData | ReadData | ResetData | DropData
+@dataclass(frozen=True)
+class FreezeData:
+    """A snapshot's point in time: copy the replica's bytes, as they are now (no write in
+    between), into a frozen copy named ``snapshot_id``."""
+
+    volume_id: str
+    snapshot_id: str
+
+
+@dataclass(frozen=True)
+class ReadFrozen:
+    """Read a frozen copy (as a mirror read: the reply carries ``next`` and ``hole``)."""
+
+    volume_id: str
+    snapshot_id: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DropFrozen:
+    volume_id: str
+    snapshot_id: str
+
+
+ServerEffect = (PersistConfig | WriteData | ReadData | ResetData | DropData | FreezeData
+                | ReadFrozen | DropFrozen)
+SNAPSHOT_NAME = re.compile(r"^snap-[0-9a-f]{8}([0-9a-f]{9})?$")
 
 
 @dataclass
@@ -220,6 +248,8 @@ class ServerCore:
             self.volumes[c.volume_id] = ServerVolume(c)
 
     def on_request(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[ServerEffect]]:
+        if req.get("op") in ("snapshot_read", "snapshot_drop"):
+            return self._frozen(req)
         try:
             op = req["op"]
             cfg = VolumeConfig.from_dict(req["config"])
@@ -253,6 +283,17 @@ class ServerCore:
         if op == "drop":  # sent by the volume's deleter, whose epoch follows the last record
             effects.append(DropData(cfg.volume_id))
             return {"status": OK, "epoch": cfg.epoch}, effects
+        if op == "snapshot":
+            # The snapshot's point in time is this request's turn among the volume's requests
+            # (they run in arrival order): a complete replica holds every write acknowledged
+            # before the configuration was read (docs/volumes.md, "Snapshots").
+            snap = req.get("snapshot")
+            if not isinstance(snap, str) or not SNAPSHOT_NAME.match(snap):
+                return {"status": INVALID, "message": "snapshot needs a snapshot id"}, effects
+            if self.server_id in cfg.catching_up:
+                return {"status": NOT_READY, "epoch": cfg.epoch}, effects
+            return {"status": OK, "epoch": cfg.epoch}, effects + [FreezeData(cfg.volume_id,
+                                                                             snap)]
         if op == "write_batch":
             writes = req.get("writes")
             if not isinstance(writes, list) or not 0 < len(writes) <= \
@@ -296,6 +337,22 @@ class ServerCore:
             effects.append(ReadData(cfg.volume_id, offset, length, op == "mirror_read"))
             return {"status": OK, "epoch": cfg.epoch}, effects
         return {"status": INVALID, "message": f"unknown op {op!r}"}, effects
+
+
+    def _frozen(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[ServerEffect]]:
+        """A frozen copy's reads and its removal: not fenced (the copy does not change; the
+        snapshot request that made it was)."""
+        vol, snap = req.get("volume"), req.get("snapshot")
+        if not isinstance(vol, str) or not isinstance(snap, str) or not SNAPSHOT_NAME.match(
+                snap):
+            return {"status": INVALID, "message": "needs volume and snapshot"}, []
+        if req["op"] == "snapshot_drop":
+            return {"status": OK}, [DropFrozen(vol, snap)]
+        offset, length = req.get("offset"), req.get("length")
+        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 \
+                or not 0 <= length <= self.limits.volume_write_bytes_max:
+            return {"status": INVALID, "message": "read needs offset and length"}, []
+        return {"status": OK}, [ReadFrozen(vol, snap, offset, length)]
 
 
 # ---- volume client -----------------------------------------------------------------------
