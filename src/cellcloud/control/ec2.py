@@ -163,21 +163,38 @@ class Ec2:
         rec: dict[str, Any] = json.loads(e.value)
         return rec, e.revision
 
+    async def _cas_record(self, key: str,
+                          change: Callable[[dict[str, Any]], dict[str, Any] | None],
+                          missing: Callable[[], Exception] | None) -> dict[str, Any] | None:
+        """Apply ``change`` to the JSON record at ``key`` by compare-and-set, read again and
+        retried on a lost race (``ec2_cas_attempts_max`` tries, then ``Unavailable``);
+        ``change`` returns the new record, or None for no write (the record is returned
+        either way). No record: ``missing()`` is raised, or None is returned without it."""
+        for _ in range(self.limits.ec2_cas_attempts_max):
+            e = await self.store.get(key)
+            if e is None:
+                if missing is None:
+                    return None
+                raise missing()
+            rec: dict[str, Any] = json.loads(e.value)
+            new = change(rec)
+            if new is None:
+                return rec
+            if await self.store.cas(key, e.revision, json.dumps(new).encode()) is not None:
+                return new
+            self.counters["cas_lost"] += 1
+        raise _busy()
+
     async def _change(self, account: str, volume_id: str,
                       change: Callable[[dict[str, Any]], dict[str, Any] | None]
                       ) -> dict[str, Any]:
         """Apply ``change`` to a volume's record by compare-and-set (retried on a lost race);
         ``change`` returns the new record, or None for no write."""
-        for _ in range(self.limits.ec2_cas_attempts_max):
-            rec, rev = await self._get(account, volume_id)
-            new = change(rec)
-            if new is None:
-                return rec
-            if await self.store.cas(self._key(account, volume_id), rev,
-                                    json.dumps(new).encode()) is not None:
-                return new
-            self.counters["cas_lost"] += 1
-        raise _busy()
+        vols.check_volume_id(volume_id)
+        rec = await self._cas_record(self._key(account, volume_id), change,
+                                     lambda: vols.volume_not_found(volume_id))
+        assert rec is not None  # (a missing record raised)
+        return rec
 
     # -- volumes -------------------------------------------------------------------------------
     async def create_volume(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -394,14 +411,10 @@ class Ec2:
         if not ident.startswith("snap-"):
             await self._change(account, ident, lambda rec: {**rec, "tags": change(rec["tags"])})
             return
-        for _ in range(self.limits.ec2_cas_attempts_max):
-            rec, rev = await self._get_snapshot(account, ident)
-            rec["tags"] = change(rec["tags"])
-            if await self.store.cas(self._snap_key(account, ident), rev,
-                                    json.dumps(rec).encode()) is not None:
-                return
-            self.counters["cas_lost"] += 1
-        raise _busy()
+        vols.check_snapshot_id(ident)
+        await self._cas_record(self._snap_key(account, ident),
+                               lambda rec: {**rec, "tags": change(rec["tags"])},
+                               lambda: vols.snapshot_not_found(ident))
 
     async def create_tags(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
         ids = self._resources(params)
@@ -527,16 +540,10 @@ class Ec2:
             await asyncio.gather(*list(self._copies.values()), return_exceptions=True)
 
     async def _finish(self, key: str, ident: str, state: str, extra: dict[str, Any]) -> None:
-        for _ in range(self.limits.ec2_cas_attempts_max):
-            e = await self.store.get(key)
-            if e is None:  # deleted meanwhile
-                return
-            rec = json.loads(e.value)
-            if await self.store.cas(key, e.revision, json.dumps(
-                    {**rec, "state": state, **extra}).encode()) is not None:
-                return
-            self.counters["cas_lost"] += 1
-        log.warning("%s: could not record its copy's end (%s)", ident, state)
+        try:  # no record: deleted meanwhile, nothing to record
+            await self._cas_record(key, lambda rec: {**rec, "state": state, **extra}, None)
+        except Ec2Error:
+            log.warning("%s: could not record its copy's end (%s)", ident, state)
 
     def _start_snapshot(self, account: str, snap: dict[str, Any], fd: int | None,
                         opened: bool) -> None:
