@@ -12,7 +12,10 @@ a 3-node store colony on loopback, tests/volumes/harness.py; the FUSE file serve
 
 Jobs (each on both targets, one after the other): 4 KiB random writes with O_DIRECT (no
 fsync: the volume's writes are durable anyway — FileBlockStore writes are O_DSYNC — the local
-file's are not), the same with O_DSYNC (each write durable on both sides), 4 KiB random
+file's are not), the same with O_DSYNC (each write durable on both sides), both of those from 8
+writers at once (group commit: the writes that reach the volume client together share one
+replicated round; with ``--replicated`` the storage servers' write and batch counts are
+printed after each job), 4 KiB random
 writes buffered with an fdatasync after each (both durable per write), and sequential 1 MiB
 O_DIRECT writes and reads. Prints IOPS, p50/p99 completion latency
 and MiB/s per job and target, the ratio volume/local, the load average before and after, and
