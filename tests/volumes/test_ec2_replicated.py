@@ -147,6 +147,19 @@ def test_a_snapshot_of_an_attached_replicated_volume_restores_its_point_in_time(
         (snap,) = api.ok("DescribeSnapshots", {"SnapshotIds": [sid]})["Snapshots"]
         assert snap["State"] == "completed", snap
         assert not [p for p in tmp_path.glob("s*/*.frozen")]  # the frozen copy was dropped
+
+        async def frozen_by() -> list[str]:  # the servers that made a frozen copy
+            out = []
+            for sid, addr in stack.servers.items():
+                c = transport.Client(addr.host, addr.port)
+                try:
+                    if (await c.call("stats", {}, timeout_s=30))["snapshots"]:
+                        out.append(sid)
+                finally:
+                    await c.close()
+            return out
+
+        assert len(run(frozen_by())) == 1
         restored = api.ok("CreateVolume", {"AvailabilityZone": ZONE, "SnapshotId": sid})
         assert restored["State"] == "creating" and restored["SnapshotId"] == sid
         api.wait_copies()
