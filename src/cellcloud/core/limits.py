@@ -340,6 +340,12 @@ class Limits:
     # its reason reaches the caller; its detach once unmounted
     volume_attach_timeout_ms: int = 45_000
     volume_detach_timeout_ms: int = 60_000
+    # ECS managed volumes of tasks (control/ecs.py, docs/fargate.md#volumes): how often the
+    # control plane looks for stopped tasks' volumes to detach and delete, and how long a
+    # volume made for a task its cell never knew is kept before it is ended
+    ecs_task_volume_sweep_interval_ms: int = 2_000
+    ecs_task_volume_orphan_ms: int = 300_000
+    ecs_task_volume_attach_timeout_ms: int = 120_000  # the cell's wait, per volume, in task_create
 
 
 DEFAULT_LIMITS = Limits()

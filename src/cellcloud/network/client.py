@@ -109,12 +109,15 @@ class NetHelperClient:
         return doc, fds
 
     def acquire(self, env_id: str, allow: list[str] | None = None,
-                ingress: list[str] | None = None) -> Lease:
+                ingress: list[str] | None = None, tap: bool = False) -> Lease:
         """A wired namespace for ``env_id``; ``allow`` ("CIDR:port" entries): its interface may
         reach only those (plus the resolver), still minus everything the policy denies.
         ``ingress`` ("tcp:8080" entries; a task's): the host may open connections to its
-        address on those ports only."""
+        address on those ports only. ``tap``: a microVM's namespace, its address for the guest
+        behind a tap (``helper._wire_for_vm``)."""
         msg: dict[str, Any] = {"op": "acquire", "env_id": env_id}
+        if tap:
+            msg["tap"] = True
         if allow:
             msg["allow"] = list(allow)
         if ingress is not None:
