@@ -7,12 +7,14 @@ Two state machines and one pure placement function:
   volume's configuration and its epoch; an older epoch than the one the server knows is refused
   (fencing), a newer one is learned (persisted before the answer), and a server that is not a
   replica of the request's configuration refuses. The shell carries out the effects (write the
-  bytes, fsync, persist the epoch) and only then answers.
+  bytes, fsync, persist the epoch; freeze a snapshot's copy) and only then answers.
 * ``ClientCore`` — a volume client (the one attached writer): every write goes to EVERY
-  replica of the current configuration and completes only when all answered ok; reads go to the
-  primary, and count only once every other complete replica confirmed the reader's epoch. A failed or silent replica makes it rewire: a compare-and-set on the configuration
-  (epoch + 1) with a replica set from ``choose_replicas``; it then fences the new configuration
-  on its replicas and re-mirrors the new replica from the primary chunk by chunk while IO goes
+  replica of the current configuration and completes only when all answered ok (group commit:
+  one round of writes in flight, the writes queued meanwhile together in the next); reads go to
+  the primary, and count only once every other complete replica confirmed the reader's epoch
+  (fenced reads). A failed or silent replica makes it rewire: a compare-and-set on the
+  configuration (epoch + 1) with a replica set from ``choose_replicas``; it then fences the new
+  configuration on its replicas and re-mirrors the new replica from the primary chunk by chunk while IO goes
   on (a write during the re-mirror goes to the new replica too; a chunk and a write that
   overlap never fly together, so a chunk never overwrites a newer write).
 * ``choose_replicas`` — keep the survivors, add servers from the survivors' zone first, on
