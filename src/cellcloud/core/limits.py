@@ -339,6 +339,7 @@ class Limits:
     volume_replicas: int = 3
     volume_rewire_attempts_max: int = 50
     volume_client_ops_inflight_max: int = 32  # non-overlapping operations one client sends at once
+    volume_write_batch_writes_max: int = 32  # writes in one group-commit round (one fsync)
     # The FUSE process of a replicated volume (volumes/fusefile.py): its attach (read the
     # record, take it over, fence the replicas), under attach.py's 60 s wait for the mount so
     # its reason reaches the caller; its detach once unmounted
