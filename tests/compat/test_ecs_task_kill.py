@@ -26,9 +26,10 @@ from tests.integration.conftest import Region
 pytestmark = pytest.mark.integration
 
 
-def _marked_pids(mark: str) -> list[int]:
-    """Host pids of processes whose environment carries ``MARK=<mark>`` (read from /proc)."""
-    found = []
+def _marked_pids(mark: str) -> dict[str, list[int]]:
+    """Host pids of the web servers whose environment carries ``MARK=<mark>``, by the task
+    whose memory cgroup (``…/task-<id>``, the kernel's record in /proc) holds them."""
+    found: dict[str, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -37,11 +38,26 @@ def _marked_pids(mark: str) -> list[int]:
                 env = f.read().split(b"\0")
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
+            with open(f"/proc/{name}/cgroup") as f:
+                groups = f.read().split("\n")
         except OSError:
             continue
-        if f"MARK={mark}".encode() in env and b"http.server" in argv:
-            found.append(int(name))
+        if f"MARK={mark}".encode() not in env or b"http.server" not in argv:
+            continue
+        task = next((g.rsplit("/task-", 1)[1] for g in groups
+                     if ":memory:" in g and "/task-" in g), None)
+        if task is not None:
+            found.setdefault(task.split("/", 1)[0], []).append(int(name))
     return found
+
+
+def _answers(ip: str) -> bool:
+    """The task's server answers the host at its private address (DescribeTasks')."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:8080/hello.txt", timeout=10) as r:
+            return r.read() == b"hello over localhost\n"
+    except OSError:
+        return False
 
 
 class _Traffic(threading.Thread):
@@ -61,7 +77,9 @@ class _Traffic(threading.Thread):
             with urllib.request.urlopen(req, timeout=60) as r:
                 body = r.read()
             return None if body == b"hello over localhost\n" else f"body {body!r}"
-        except (OSError, urllib.error.HTTPError) as e:
+        except urllib.error.HTTPError as e:
+            return f"{e.code}: {e.read()[:300]!r}"
+        except OSError as e:
             return repr(e)
 
     def run(self) -> None:
@@ -127,16 +145,24 @@ def test_a_service_survives_a_killed_task(ecs: Any, pair_image: str,  # noqa: F8
     _until("2 RUNNING", lambda: _service(ecs)["runningCount"] == 2)
     first = set(ecs.list_tasks(cluster="kill", serviceName="web")["taskArns"])
     assert len(first) == 2
-    pids = _until("both web servers seen in /proc", lambda: (p := _marked_pids(mark))
-                  and len(p) == 2 and p)
+    # Both servers listening (RUNNING comes before that; without a health check the service
+    # knows no more), asked directly at each task's address
+    for t in ecs.describe_tasks(cluster="kill", tasks=sorted(first))["tasks"]:
+        ip = t["containers"][0]["networkInterfaces"][0]["privateIpv4Address"]
+        _until(f"{ip} answers", lambda ip=ip: _answers(ip))
+    ids = {arn.rsplit("/", 1)[1] for arn in first}
+    pids = _until("each task's web server seen in /proc", lambda: (
+        (p := _marked_pids(mark)).keys() == ids and p))
+    victim = sorted(ids)[0]
 
     traffic.start()
     traffic.wait_ok(20)
-    os.kill(pids[0], signal.SIGKILL)  # a task dies under traffic, not through the API
+    for pid in pids[victim]:  # a task dies under traffic, not through the API
+        os.kill(pid, signal.SIGKILL)
     killed = _until("a task STOPPED", lambda: [
         t for t in ecs.describe_tasks(cluster="kill", tasks=sorted(first))["tasks"]
         if t["lastStatus"] == "STOPPED"])
-    assert len(killed) == 1, killed
+    assert len(killed) == 1 and killed[0]["taskArn"].endswith(victim), killed
     web = next(c for c in killed[0]["containers"] if c["name"] == "web")
     assert web["exitCode"] == 137, killed[0]
     assert killed[0]["stopCode"] == "EssentialContainerExited", killed[0]
