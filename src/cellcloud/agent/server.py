@@ -1062,6 +1062,10 @@ class Agent:
             "image_layers": self.images.statistics(),
             # the microvm backend's acceleration (kvm or tcg; docs/microvm.md), else absent
             **({"accel": accel} if (accel := getattr(self.backend, "accel", None)) else {}),
+            # the microvm backend's snapshots (--microvm-snapshots): the guest memory sizes
+            # that start restored (others boot cold) and how environments started
+            **({"microvm_snapshots": self.backend.snapshot_info()}  # type: ignore[attr-defined]
+               if getattr(self.backend, "snapshots", False) else {}),
             "zygote_pid": getattr(self.backend, "zygote_pid", 0),
             "zygote_restarts": getattr(self.backend, "zygote_restarts", 0),
             "network": ({**self.network.info, "helper": net.get("helper", {}),
@@ -1416,7 +1420,8 @@ async def serve(args: argparse.Namespace) -> None:
             raise SystemExit(3)
         from ..microvm.backend import MicrovmBackend
 
-        backend = MicrovmBackend(state_dir, snapshots=args.microvm_snapshots)
+        backend = MicrovmBackend(state_dir, snapshots=args.microvm_snapshots,
+                                 snapshot_memory_mib=tuple(args.microvm_snapshot_memory_mib))
     else:
         backend = JailBackend(os.path.join(state_dir, "jailroot"))
     try:
@@ -1561,6 +1566,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--microvm-snapshots", action="store_true",
                    help="--backend microvm: start environments of the smallest guest memory "
                         "from the agent guest's snapshot (made at start; docs/microvm.md)")
+    p.add_argument("--microvm-snapshot-memory-mib", type=int, action="append", default=[],
+                   help="--microvm-snapshots: a guest memory size (MiB) to snapshot at start "
+                        "(repeatable, at most microvm_snapshot_sizes_max; default: the "
+                        "smallest guest); environments of other sizes boot cold")
     p.add_argument("--network", default="none", choices=("egress", "none"),
                    help="environments' outbound network (egress: an interface under the "
                         "region's policy, via the network helper; none: loopback only)")

@@ -35,6 +35,13 @@ request_bytes_max = 1024 * 1024
 _ENV_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _children: dict[int, tuple[str, int]] = {}  # jailer pid -> (its environment's folder, QEMU pid)
 jailer_start_timeout_s = 60.0  # the jailer's start to its fork (a Python start, a loaded host)
+# Environments restored from a snapshot (their folders): when one's QEMU exits, the tail of its
+# log (QEMU's "load of migration failed: ...") is kept under its environment id for the
+# backend's cold retry (``spawn(..., retry_cold=True)``) to report; the oldest go first.
+_restored: set[str] = set()
+_last_words: dict[str, str] = {}
+last_words_max = 64
+last_words_bytes_max = 300
 
 
 def _reap(signum: int, frame: Any) -> None:
@@ -47,7 +54,54 @@ def _reap(signum: int, frame: Any) -> None:
             return
         child = _children.pop(pid, None)
         if child:
-            shutil.rmtree(child[0], ignore_errors=True)
+            _remove(child[0])
+
+
+def _log_tail(folder: str) -> str:
+    try:
+        with open(os.path.join(folder, "qemu.log"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - last_words_bytes_max))
+            return " ".join(f.read().decode(errors="replace").split())
+    except OSError:
+        return ""
+
+
+def _remove(folder: str) -> None:
+    """An environment's folder, once its jailer is gone; a restored one's log tail kept."""
+    if folder in _restored:
+        _restored.discard(folder)
+        _last_words[os.path.basename(folder)] = _log_tail(folder)
+        while len(_last_words) > last_words_max:
+            del _last_words[next(iter(_last_words))]
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_gone(folder: str) -> None:
+    """The previous QEMU of the environment whose folder this is (a restore that failed in
+    QEMU's load: the backend retries it cold under the same id): killed if still there, its
+    jailer reaped (it removed the VM's cgroup first), its folder removed. Bounded by
+    ``jailer_start_timeout_s``; SIGCHLD is blocked here (``serve``), so ``_reap`` cannot race."""
+    for jpid, (f, vmm) in list(_children.items()):
+        if f != folder:
+            continue
+        try:
+            os.kill(vmm, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + jailer_start_timeout_s
+        while True:
+            try:
+                done, _ = os.waitpid(jpid, os.WNOHANG)
+            except ChildProcessError:
+                done = jpid
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(jpid, signal.SIGKILL)
+            time.sleep(0.005)  # the jailer's cgroup removal, bounded by the deadline
+        _children.pop(jpid, None)
+        _remove(f)
 
 
 def _dir_bytes(path: str) -> int:
@@ -159,20 +213,28 @@ def _snapshot_state(doc: dict[str, Any], spec: EnvSpec) -> int | None:
 
 def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
     """Start one environment's QEMU through the VMM jailer (``jailer.py``); the pid returned is
-    QEMU's (the jailer stays outside as root and removes the cgroup when QEMU is gone)."""
+    QEMU's (the jailer stays outside as root and removes the cgroup when QEMU is gone).
+    ``retry_cold``: the backend saw this environment's restored QEMU exit before its guest
+    answered (its load failed inside QEMU); the old one is waited for and it boots fresh."""
+    global last_start
     spec = EnvSpec.from_wire(doc["spec"])
     if not _ENV_ID.fullmatch(spec.env_id):
         raise ValueError(f"bad env id {spec.env_id!r}")
+    folder = os.path.join(envs_dir, spec.env_id)
+    if doc.get("retry_cold"):
+        _wait_gone(folder)
+        why = _last_words.pop(spec.env_id, "") or "QEMU exited before the guest answered"
+        last_start = f"booted: the restore failed in QEMU: {why}"
     vm = core.VmSpec(**doc["vm"])
     if not cgroups.version() and not spec.allow_unlimited:
         raise RuntimeError(f"no cgroup hierarchy found at {cgroups.ROOT}: the VMM's memory "
                            "and CPU cannot be limited (the agent's --allow-unlimited "
                            "permits this)")
-    folder = os.path.join(envs_dir, spec.env_id)
     os.makedirs(folder, mode=0o700)
     try:
         task = os.path.join(folder, "task.ext4")
-        state_fd = _snapshot_state(doc, spec) if doc.get("snapshot") else None
+        state_fd = (_snapshot_state(doc, spec)
+                    if doc.get("snapshot") and not doc.get("retry_cold") else None)
         bundle_disk(spec.bundle_dir, task, size_kib=None if state_fd is None
                     else DEFAULT_LIMITS.microvm_bundle_disk_mib * 1024)
         os.chown(task, spec.uid, spec.gid)  # QEMU opens it as the environment's uid
@@ -206,6 +268,8 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     _children[proc.pid] = (folder, vmm_pid)
+    if state_fd is not None:
+        _restored.add(folder)
     proc.returncode = 0  # reaped by _reap, never by Popen (its __del__ must not wait)
     return vmm_pid
 
