@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import resource
 import struct
 import sys
 import time
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from ..core.limits import DEFAULT_LIMITS
+from ..sandbox import guest as guest_agent
 from ..sandbox import linux
 from ..sandbox.guest import FdStream, channel_frame_bytes_max
 from ..sandbox.guest import run as run_guest
@@ -88,6 +91,50 @@ def apply_seed(fd: int, seed: bytes) -> None:
     fcntl.ioctl(fd, RNDRESEEDCRNG)
 
 
+def restore_helper(seed_fd: int, answer_fd: int, rnd_fd: int) -> NoReturn:
+    """A version snapshot's guest (the spec frame's ``snapstart``): this child of the guest
+    agent stays root when the agent drops to the function's uid, so that every restored copy
+    can still be reseeded and its clock set (both need root). It reads records of the seed
+    (``seed_bytes``) and the host's clock (8 bytes, ms) from ``seed_fd`` and answers one status
+    byte (0: done) on ``answer_fd``; nothing else. The function's code, in the agent's process,
+    could write records too: its own guest's seed and clock only (the VM is the boundary)."""
+    record = seed_bytes + 8
+    while True:
+        data = b""
+        while len(data) < record:
+            chunk = os.read(seed_fd, record - len(data))
+            if not chunk:
+                os._exit(0)  # the agent is gone
+            data += chunk
+        status = 0
+        try:
+            apply_seed(rnd_fd, data[:seed_bytes])
+        except (OSError, ValueError):
+            status |= 1
+        try:
+            (ms,) = struct.unpack("<Q", data[seed_bytes:])
+            time.clock_settime(time.CLOCK_REALTIME, ms / 1000)
+        except (OSError, ValueError, OverflowError):
+            status |= 2
+        os.write(answer_fd, bytes([status]))
+
+
+def restore_hook(seed_w: int, answer_r: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``sandbox.guest.on_restore`` of a version snapshot's guest: the restored copy's seed and
+    clock through the root helper, then Python's own ``random`` reseeded from the new CRNG
+    (its state was drawn before the snapshot, the same in every copy); answers
+    ``{"t": "restored", "status"}`` (0: all applied)."""
+    def hook(msg: dict[str, Any]) -> dict[str, Any]:
+        seed = msg.get("seed")
+        if not isinstance(seed, bytes) or len(seed) != seed_bytes:
+            return {"t": "restored", "status": 4}
+        os.write(seed_w, seed + struct.pack("<Q", int(msg.get("time_ms") or 0)))
+        answer = os.read(answer_r, 1)
+        random.seed()
+        return {"t": "restored", "status": answer[0] if answer else 8}
+    return hook
+
+
 def _fail(msg: str) -> NoReturn:
     sys.stderr.write(f"cellcloud-guest: {msg}\n")
     sys.exit(1)  # /init powers the guest off; the host sees the channel close
@@ -142,6 +189,18 @@ def main(argv: list[str]) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NOFILE, (spec.nofile_max, spec.nofile_max))
     resource.setrlimit(resource.RLIMIT_NPROC, (spec.pids_max, spec.pids_max))
+    if first.get("snapstart"):
+        seed_r, seed_w = os.pipe2(os.O_CLOEXEC)
+        answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
+        if os.fork() == 0:
+            os.closerange(0, 3)
+            for keep_out in (fd, seed_w, answer_r):
+                os.close(keep_out)
+            rnd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+            restore_helper(seed_r, answer_w, rnd)
+        os.close(seed_r)
+        os.close(answer_w)
+        guest_agent.on_restore = restore_hook(seed_w, answer_r)
     os.setgroups([])
     os.setresgid(spec.gid, spec.gid, spec.gid)
     os.setresuid(spec.uid, spec.uid, spec.uid)

@@ -605,9 +605,15 @@ def _live_ended(live: _LiveLogs | None) -> Iterator[None]:
         yield
 
 
+# A microVM guest saved after its init (a function version's snapshot, microvm/agentsnap.py)
+# sets this (microvm/guest_vm.py): the host's first frame to each restored copy is
+# {"t": "restore", "seed", "time_ms"}; the hook applies them and returns the answer frame.
+on_restore: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+
 def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
     """The agent's next frame; a shutdown is handled here (and ends the process), as is the
-    channel's end."""
+    channel's end, and a restored guest's restore frame."""
     msg = chan.recv()
     if msg is None:
         os._exit(0)
@@ -615,6 +621,8 @@ def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
         os._exit(1)  # not the agent's: nothing more to trust on this channel
     if msg.get("t") == "shutdown":
         env.shutdown(chan, str(msg.get("reason") or "spindown"))
+    if msg.get("t") == "restore" and on_restore is not None:
+        chan.send(on_restore(msg))
     return msg
 
 
