@@ -83,13 +83,15 @@ def restored_invoke(path: str, img: Any, qemu: str) -> tuple[int, dict[str, Any]
             chan = StreamChannel(ours, 64 << 20)  # type: ignore[arg-type]
             ours.settimeout(120)
             restored = await asyncio.to_thread(chan.recv)
-            assert restored and restored.get("t") == "restored", restored
+            # answered as an environment after its init: ready, with the init's duration
+            assert restored and restored.get("t") == "ready", restored
+            assert restored["init_error"] is None and restored["init_ms"] > 0, restored
             chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
                        "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
                        "arn": "arn:aws:lambda:cc-local-1:000000000000:function:snapstart:1"})
             result = await asyncio.to_thread(chan.recv)
             assert result and result.get("t") == "result", result
-            return int(restored["status"]), json.loads(result["payload"])
+            return int(restored["restored"]), json.loads(result["payload"])
         finally:
             ours.close()
             await st.guest.close()
@@ -130,3 +132,65 @@ def test_a_flipped_byte_in_the_version_snapshot_is_refused(made: Any, tmp_path: 
     finally:
         ours.close()
         theirs.close()
+
+
+def _backend_env(backend: Any, bundle: str, n: int, snapstart: str) -> dict[str, Any]:
+    spec = EnvSpec(env_id=f"ss-{os.getpid()}-{n}", function_name="snapstart",
+                   function_version="1",
+                   function_arn="arn:aws:lambda:cc-local-1:000000000000:function:snapstart:1",
+                   handler="app.handler", runtime="python3.11", memory_mb=128, timeout_s=30,
+                   bundle_dir=bundle, uid=1000 + n, gid=1000 + n, cgroup_group="snapstart-vm",
+                   allow_unlimited=True, snapstart=snapstart)
+
+    async def go() -> dict[str, Any]:
+        spawned = await backend.spawn(spec)
+        try:
+            chan = StreamChannel(spawned.channel, 64 << 20)
+            spawned.channel.settimeout(120)
+            ready = await asyncio.to_thread(chan.recv)
+            assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
+            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
+                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
+                       "arn": spec.function_arn})
+            result = await asyncio.to_thread(chan.recv)
+            assert result and result.get("t") == "result", result
+            return {**json.loads(result["payload"]), "restored": ready.get("restored")}
+        finally:
+            backend.kill(spawned.pid)
+            spawned.channel.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_the_backend_restores_a_snapstart_version_through_the_jailer(tmp_path: Any) -> None:
+    """``MicrovmBackend``: a spec with ``snapstart`` makes the version's snapshot through the
+    launcher (jailed) on its first environment and restores every environment from it; one
+    whose init fails boots cold and the status says why."""
+    from cellcloud.microvm.backend import MicrovmBackend
+
+    bundle = str(tmp_path / "bundle")
+    os.makedirs(bundle)
+    with open(os.path.join(bundle, "app.py"), "w") as f:
+        f.write(HANDLER)
+    broken = str(tmp_path / "broken")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "app.py"), "w") as f:
+        f.write("raise RuntimeError('init fails')\n")
+    backend = MicrovmBackend(str(tmp_path / "state"))
+    backend.start()
+    try:
+        a = _backend_env(backend, bundle, 1, VERSION)
+        assert backend.last_start == "restored"
+        b = _backend_env(backend, bundle, 2, VERSION)
+        assert backend.last_start == "restored"
+        assert (a["restored"], b["restored"]) == (0, 0)
+        assert a["init"] == b["init"] and a["random"] != b["random"]
+        info = backend.snapshot_info()
+        assert (info["version_restored"], info["version_snapshots"]) == (2, 1), info
+        with pytest.raises(AssertionError, match="init fails"):
+            _backend_env(backend, broken, 3, VERSION + " broken")
+        assert backend.last_start == "booted: no snapshot"
+        assert "init fails" in str(backend.snapshot_info()["version_errors"])
+    finally:
+        backend.close()

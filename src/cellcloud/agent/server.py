@@ -1062,10 +1062,11 @@ class Agent:
             "image_layers": self.images.statistics(),
             # the microvm backend's acceleration (kvm or tcg; docs/microvm.md), else absent
             **({"accel": accel} if (accel := getattr(self.backend, "accel", None)) else {}),
-            # the microvm backend's snapshots (--microvm-snapshots): the guest memory sizes
-            # that start restored (others boot cold) and how environments started
-            **({"microvm_snapshots": self.backend.snapshot_info()}  # type: ignore[attr-defined]
-               if getattr(self.backend, "snapshots", False) else {}),
+            # the microvm backend's snapshots (--microvm-snapshots: the guest memory sizes
+            # that start restored, others boot cold; SnapStart versions) and how
+            # environments started
+            **({"microvm_snapshots": self.backend.snapshot_info()}
+               if hasattr(self.backend, "snapshot_info") else {}),
             "zygote_pid": getattr(self.backend, "zygote_pid", 0),
             "zygote_restarts": getattr(self.backend, "zygote_restarts", 0),
             "network": ({**self.network.info, "helper": net.get("helper", {}),

@@ -21,12 +21,14 @@ QEMUs here are plain children of the caller).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +75,13 @@ def snapshots_dir(state_dir: str) -> str:
 
 async def _start_qemu(qemu: str, img: image.AgentImage, vm: core.VmSpec, *, bundle_disk: str,
                       chan: socket.socket, incoming: bool, limits: Limits,
-                      spawn: snapshot.Spawn) -> snapshot.Guest:
+                      spawn: snapshot.Spawn,
+                      inside: Callable[[str], str] | None = None) -> snapshot.Guest:
+    """``inside``: the path QEMU sees for a host path (a jailed QEMU: its chroot's)."""
+    if inside is not None:
+        img = dataclasses.replace(img, kernel=inside(img.kernel), initrd=inside(img.initrd),
+                                  runtime_disk=inside(img.runtime_disk))
+        bundle_disk = inside(bundle_disk)
     qa, qb = socket.socketpair()
     ca, cb = socket.socketpair()
     try:
@@ -346,9 +354,13 @@ async def _recv_frame(chan: socket.socket, timeout_ms: int) -> Any:
 async def create_version(state_dir: str, img: image.AgentImage, vm: core.VmSpec, *,
                          spec_wire: dict[str, Any], bundle_dir: str, version_id: str,
                          qemu: str, limits: Limits = DEFAULT_LIMITS,
-                         spawn: snapshot.Spawn = snapshot.spawn_plain) -> VersionSnapshot:
+                         spawn: snapshot.Spawn = snapshot.spawn_plain,
+                         spawn_for: Callable[[str], snapshot.Spawn] | None = None,
+                         inside: Callable[[str], str] | None = None) -> VersionSnapshot:
     """The version's snapshot after its init: the cached one, else made now. An init error,
-    a bundle over ``microvm_bundle_disk_mib`` or a failed save raise ``SnapshotError``."""
+    a bundle over ``microvm_bundle_disk_mib`` or a failed save raise ``SnapshotError``.
+    ``spawn_for(bundle_disk)``: the spawn to use given the bundle disk's path (the launcher's
+    jail binds it); else ``spawn``. ``inside``: the path a jailed QEMU sees for a host path."""
     from .launcher import bundle_disk as make_bundle_disk
 
     k = version_key(img, vm, qemu, version_id, limits=limits)
@@ -373,7 +385,9 @@ async def create_version(state_dir: str, img: image.AgentImage, vm: core.VmSpec,
                                          f"{e}") from e
         state_path = os.path.join(tmp, "state.bin")
         g = await _start_qemu(qemu, img, vm, bundle_disk=disk, chan=theirs, incoming=False,
-                              limits=limits, spawn=spawn)
+                              limits=limits,
+                              spawn=spawn_for(disk) if spawn_for is not None else spawn,
+                              inside=inside)
         theirs.close()
         try:
             ours.sendall(version_spec_frame(spec_wire))
@@ -423,6 +437,23 @@ async def create_version(state_dir: str, img: image.AgentImage, vm: core.VmSpec,
         ours.close()
         theirs.close()
     return VersionSnapshot(final, k, state.size_bytes, save_ms, float(doc["init_ms"]), True)
+
+
+def verify_version(snapshot_path: str, k: snapcore.SnapshotKey, *, kernel: str, initrd: str,
+                   state_fd: int, limits: Limits = DEFAULT_LIMITS) -> snapcore.Verdict:
+    """``verify_state`` and the version's bundle disk against its manifest (the restored guest
+    has it mounted: another file under it would be read through the snapshot's page cache)."""
+    verdict = verify_state(snapshot_path, k, kernel=kernel, initrd=initrd, state_fd=state_fd,
+                           limits=limits)
+    if not verdict.ok:
+        return verdict
+    doc = snapshot.read_manifest(snapshot_path) or {}
+    have = snapshot.file_digest(os.path.join(snapshot_path, "bundle.ext4"),
+                                bytes_max=limits.microvm_image_input_bytes_max)
+    if have is None or have.to_json() != doc.get("bundle"):
+        return snapcore.Verdict(False, "the version's bundle disk's SHA-256 is not the "
+                                "manifest's")
+    return verdict
 
 
 async def start_version(snapshot_path: str, img: image.AgentImage, vm: core.VmSpec, *,

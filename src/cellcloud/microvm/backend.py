@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import select
 import shutil
@@ -33,6 +34,7 @@ from ..transport.codec import FrameError, pack, recv_message, send_message
 from . import agentsnap, boot, core, image, snapshot
 
 guest_vm_seed_bytes = 32  # guest_vm.seed_bytes (not imported: that module is the guest's)
+version_errors_max = 64  # SnapStart versions whose snapshot failed, kept for the status
 
 
 class MicrovmUnsupported(Unsupported):
@@ -94,7 +96,11 @@ class MicrovmBackend:
         self.snapshot: agentsnap.AgentSnapshot | None = None  # the smallest size's
         self.last_start = ""  # the launcher's word on the last spawn: restored or booted
         self.snapshot_error = ""  # why start() made no snapshot (of some size)
-        self.starts = {"restored": 0, "booted": 0, "restore_failed": 0}
+        self.starts = {"restored": 0, "booted": 0, "restore_failed": 0, "version_restored": 0}
+        # SnapStart: each version's snapshot after its init ("<version id> <memory>" -> its
+        # folder and key), made on the version's first environment here; why one could not be.
+        self.version_snapshots: dict[str, dict[str, object]] = {}
+        self.version_errors: dict[str, str] = {}
 
     def start(self) -> None:
         """Must run before the agent locks itself down (the probe and the launcher exec)."""
@@ -174,8 +180,14 @@ class MicrovmBackend:
             "vm": {"accel": vm.accel, "machine": vm.machine, "memory_mib": vm.memory_mib,
                    "vcpus": vm.vcpus}}
         snap = self.snapshots_by_mib.get(vm.memory_mib)
-        if (snap is not None and (snap.key.memory_mib, snap.key.machine, snap.key.vcpus,
-                                  snap.key.accel)
+        if spec.snapstart:
+            # SnapStart: the version's own snapshot, after its init (made on its first
+            # environment here); never the agent guest's.
+            version = await self._version_snapshot(spec, vm)
+            if version is not None:
+                request["version_snapshot"] = version
+        elif (snap is not None and (snap.key.memory_mib, snap.key.machine, snap.key.vcpus,
+                                    snap.key.accel)
                 == (vm.memory_mib, vm.machine, vm.vcpus, vm.accel)):
             request["snapshot"] = {"path": snap.path, "key": snap.key.to_json()}
         spawned = await self._spawn_once(spec, request)
@@ -187,7 +199,8 @@ class MicrovmBackend:
         # exits, and the channel ends before the guest's first frame. Waited for here (the
         # agent waits for that frame next anyway): such an environment boots fresh instead.
         if await asyncio.to_thread(self._answers, spawned.channel):
-            self.starts["restored"] += 1
+            self.starts["version_restored" if "version_snapshot" in request
+                        else "restored"] += 1
             return spawned
         spawned.channel.close()
         self.kill(spawned.pid)
@@ -210,6 +223,46 @@ class MicrovmBackend:
         except OSError:
             return False
 
+    async def _version_snapshot(self, spec: EnvSpec,
+                                vm: core.VmSpec) -> dict[str, object] | None:
+        """The version's snapshot (``{"path", "key"}``): known, or made now by the launcher
+        (``launcher.snapshot_version``: a jailed boot, the version's init, a save; cached by
+        its key on disk). None when it cannot be made (the init failed, the bundle is over
+        ``microvm_bundle_disk_mib``, ...): the environment boots cold, the status says why."""
+        assert self.image is not None
+        name = f"{spec.snapstart} {vm.memory_mib}"
+        have = self.version_snapshots.get(name)
+        if have is not None:
+            return have
+        reply = await asyncio.to_thread(self._request_sync, {
+            "op": "snapshot_version", "spec": spec.to_wire(), "qemu": self.qemu,
+            "vm": {"accel": vm.accel, "machine": vm.machine, "memory_mib": vm.memory_mib,
+                   "vcpus": vm.vcpus},
+            "image": dataclasses.asdict(self.image)})
+        got = reply.get("snapshot")
+        if not isinstance(got, dict):
+            self.version_errors[spec.snapstart] = str(reply.get("error"))[:500]
+            while len(self.version_errors) > version_errors_max:
+                del self.version_errors[next(iter(self.version_errors))]
+            return None
+        self.version_errors.pop(spec.snapstart, None)
+        made = {"path": got["path"], "key": got["key"]}
+        self.version_snapshots[name] = made
+        return made
+
+    def _request_sync(self, request: dict[str, object]) -> dict[str, object]:
+        with self._lock:
+            if self._ctl is None:
+                raise RuntimeError("the microvm backend is not started")
+            try:
+                send_message(self._ctl, request)
+                reply, _ = recv_message(self._ctl, control_reply_bytes_max)
+            except (OSError, FrameError) as e:
+                raise RuntimeError(f"the VMM launcher is gone: {e!r}") from e
+        if reply is None:
+            raise RuntimeError("the VMM launcher is gone")
+        return reply
+
     async def _spawn_once(self, spec: EnvSpec, request: dict[str, object]) -> Spawned:
         ours, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -220,8 +273,12 @@ class MicrovmBackend:
             self.last_start = str(reply.get("start", ""))
             assert isinstance(pid, int)
             # The host speaks first: the spec, then the jail's protocol. It waits in the
-            # socket's buffer until the guest opens its port.
-            ours.sendall(spec_frame(spec))
+            # socket's buffer until the guest opens its port. A copy of a version's guest
+            # (SnapStart) is past its spec and init: it gets the restore frame (a fresh seed
+            # and the clock) and answers with its ready frame.
+            restored_version = ("version_snapshot" in request and not request.get("retry_cold")
+                                and self.last_start == "restored")
+            ours.sendall(agentsnap.restore_frame() if restored_version else spec_frame(spec))
         except BaseException:
             ours.close()
             raise
@@ -234,9 +291,10 @@ class MicrovmBackend:
         boot cold), and how environments started."""
         return {"memory_mib": sorted(self.snapshots_by_mib),
                 "failed_memory_mib": [m for m in self.snapshot_memory_mibs
-                                      if m not in self.snapshots_by_mib],
+                                      if self.snapshots and m not in self.snapshots_by_mib],
                 "error": self.snapshot_error, "last_start": self.last_start,
-                **self.starts}
+                "version_snapshots": len(self.version_snapshots),
+                "version_errors": dict(self.version_errors), **self.starts}
 
     def kill(self, pid: int) -> None:
         try:

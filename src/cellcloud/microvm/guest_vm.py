@@ -119,19 +119,19 @@ def restore_helper(seed_fd: int, answer_fd: int, rnd_fd: int) -> NoReturn:
         os.write(answer_fd, bytes([status]))
 
 
-def restore_hook(seed_w: int, answer_r: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def restore_hook(seed_w: int, answer_r: int) -> Callable[[dict[str, Any]], int]:
     """``sandbox.guest.on_restore`` of a version snapshot's guest: the restored copy's seed and
     clock through the root helper, then Python's own ``random`` reseeded from the new CRNG
-    (its state was drawn before the snapshot, the same in every copy); answers
-    ``{"t": "restored", "status"}`` (0: all applied)."""
-    def hook(msg: dict[str, Any]) -> dict[str, Any]:
+    (its state was drawn before the snapshot, the same in every copy). The status: 0 all
+    applied; bits: 1 the seed, 2 the clock, 4 no seed in the frame, 8 the helper is gone."""
+    def hook(msg: dict[str, Any]) -> int:
         seed = msg.get("seed")
         if not isinstance(seed, bytes) or len(seed) != seed_bytes:
-            return {"t": "restored", "status": 4}
+            return 4
         os.write(seed_w, seed + struct.pack("<Q", int(msg.get("time_ms") or 0)))
         answer = os.read(answer_r, 1)
         random.seed()
-        return {"t": "restored", "status": answer[0] if answer else 8}
+        return answer[0] if answer else 8
     return hook
 
 

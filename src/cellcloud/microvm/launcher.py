@@ -45,16 +45,17 @@ last_words_bytes_max = 300
 
 
 def _reap(signum: int, frame: Any) -> None:
-    while True:
+    # Only the jailers of environments: a version snapshot's QEMU (``snapshot_version``) is
+    # asyncio's child, reaped by its own watcher.
+    for pid in list(_children):
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        child = _children.pop(pid, None)
-        if child:
-            _remove(child[0])
+            done = pid
+        if done:
+            child = _children.pop(pid, None)
+            if child:
+                _remove(child[0])
 
 
 def _log_tail(folder: str) -> str:
@@ -211,6 +212,61 @@ def _snapshot_state(doc: dict[str, Any], spec: EnvSpec) -> int | None:
     return fd
 
 
+def _version_state(doc: dict[str, Any]) -> int | None:
+    """A function version's snapshot (SnapStart): its state file, open and verified with its
+    bundle disk (``agentsnap.verify_version``); None (and ``last_start`` says why) when
+    refused: the environment boots cold and runs its init."""
+    global last_start
+    snap = doc["version_snapshot"]
+    path = str(snap["path"])
+    try:
+        fd = os.open(os.path.join(path, "state.bin"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        last_start = "booted: the version snapshot's state file is missing"
+        return None
+    verdict = agentsnap.verify_version(path, agentsnap.key_from_json(snap["key"]),
+                                       kernel=str(doc["kernel"]), initrd=str(doc["initrd"]),
+                                       state_fd=fd)
+    if not verdict.ok:
+        os.close(fd)
+        last_start = f"booted: {verdict.reason}"
+        return None
+    os.set_inheritable(fd, True)
+    last_start = "restored"
+    return fd
+
+
+def snapshot_version(doc: dict[str, Any], state_dir: str) -> dict[str, Any]:
+    """A function version's snapshot after its init (``agentsnap.create_version``), its QEMU
+    run through the VMM jailer as the environment's uid in a cgroup of its own: the cached one,
+    else made now (this launcher serves nothing else meanwhile: a boot, the init and a save)."""
+    import asyncio
+
+    from . import jailer, snapshot
+
+    spec = EnvSpec.from_wire(doc["spec"])
+    if not _ENV_ID.fullmatch(spec.env_id):
+        raise ValueError(f"bad env id {spec.env_id!r}")
+    vm = core.VmSpec(**doc["vm"])
+    img = image.AgentImage(**doc["image"])
+    js = jailcore.JailSpec(f"{spec.env_id}-snap", spec.uid, spec.gid, vm.memory_mib, vm.vcpus,
+                           vm.accel, (img.kernel, img.initrd, img.runtime_disk),
+                           cgroup_group=spec.cgroup_group,
+                           kvm_gid=_kvm_gid() if vm.accel == "kvm" else None)
+
+    def spawn_for(disk: str) -> snapshot.Spawn:
+        return jailer.spawner(jailcore.JailSpec(
+            js.vm_id, js.uid, js.gid, js.memory_mib, js.vcpus, js.accel, (*js.files, disk),
+            cgroup_group=js.cgroup_group, kvm_gid=js.kvm_gid))
+
+    snap = asyncio.run(agentsnap.create_version(
+        state_dir, img, vm, spec_wire=spec.to_wire(), bundle_dir=spec.bundle_dir,
+        version_id=spec.snapstart, qemu=str(doc["qemu"]), spawn_for=spawn_for,
+        inside=_inside))
+    return {"path": snap.path, "key": snap.key.to_json(), "built": snap.built,
+            "init_ms": snap.init_ms, "save_ms": snap.save_ms}
+
+
 def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
     """Start one environment's QEMU through the VMM jailer (``jailer.py``); the pid returned is
     QEMU's (the jailer stays outside as root and removes the cgroup when QEMU is gone).
@@ -235,10 +291,18 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
         task = os.path.join(folder, "task.ext4")
         state_fd = (_snapshot_state(doc, spec)
                     if doc.get("snapshot") and not doc.get("retry_cold") else None)
-        bundle_disk(spec.bundle_dir, task, size_kib=None if state_fd is None
-                    else DEFAULT_LIMITS.microvm_bundle_disk_mib * 1024)
-        os.chown(task, spec.uid, spec.gid)  # QEMU opens it as the environment's uid
-        os.chmod(task, 0o400)
+        version_fd = (_version_state(doc)
+                      if doc.get("version_snapshot") and not doc.get("retry_cold") else None)
+        if version_fd is not None:
+            # The version's own bundle disk (the guest mounted it before the save; read-only,
+            # shared by every copy): bound into the jail under its own name.
+            state_fd = version_fd
+            task = os.path.join(str(doc["version_snapshot"]["path"]), "bundle.ext4")
+        else:
+            bundle_disk(spec.bundle_dir, task, size_kib=None if state_fd is None
+                        else DEFAULT_LIMITS.microvm_bundle_disk_mib * 1024)
+            os.chown(task, spec.uid, spec.gid)  # QEMU opens it as the environment's uid
+            os.chmod(task, 0o400)
         files = (str(doc["kernel"]), str(doc["initrd"]), str(doc["runtime_disk"]), task)
         js = jail_spec(spec, vm, files)
         # QEMU's argv with the paths it has inside the jail; the console (debugging only) goes
@@ -286,6 +350,16 @@ def serve(ctl: socket.socket, envs_dir: str) -> None:
             continue
         if doc is None:
             return
+        if doc.get("op") == "snapshot_version":
+            for fd in fds:
+                os.close(fd)
+            try:
+                reply_v: dict[str, Any] = {"snapshot": snapshot_version(
+                    doc, os.path.dirname(os.path.dirname(envs_dir)))}
+            except Exception as e:
+                reply_v = {"error": f"{type(e).__name__}: {e}"}
+            send_message(ctl, reply_v)
+            continue
         try:
             if len(fds) != 1:
                 raise ValueError("spawn needs the channel's guest end")

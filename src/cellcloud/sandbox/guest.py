@@ -375,6 +375,7 @@ class _Environment:
         self.api = api
         self.logs = logs
         self.telemetry = Telemetry()
+        self.ready_info: tuple[float, int] = (0.0, 0)  # the init's ms, extensions registered
         arn = spec.function_arn.split(":")
         self.extensions = Extensions(spec.function_name, spec.function_version, spec.handler,
                                      _find_extensions(), arn[4] if len(arn) > 4 else "")
@@ -607,8 +608,10 @@ def _live_ended(live: _LiveLogs | None) -> Iterator[None]:
 
 # A microVM guest saved after its init (a function version's snapshot, microvm/agentsnap.py)
 # sets this (microvm/guest_vm.py): the host's first frame to each restored copy is
-# {"t": "restore", "seed", "time_ms"}; the hook applies them and returns the answer frame.
-on_restore: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+# {"t": "restore", "seed", "time_ms"}; the hook applies them and returns its status (0: all
+# applied). The copy then answers as an environment does after its init: the ready frame (the
+# init's duration, done once before the snapshot), with "restored": the status.
+on_restore: Callable[[dict[str, Any]], int] | None = None
 
 
 def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
@@ -622,7 +625,14 @@ def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
     if msg.get("t") == "shutdown":
         env.shutdown(chan, str(msg.get("reason") or "spindown"))
     if msg.get("t") == "restore" and on_restore is not None:
-        chan.send(on_restore(msg))
+        status = on_restore(msg)
+        init_ms, registered = env.ready_info
+        error = None if status == 0 else {
+            "errorType": "Runtime.SandboxSetupError",
+            "errorMessage": f"the restored guest could not apply its seed and clock "
+                            f"(status {status})"}
+        chan.send({**m.GuestReady(init_ms, error, b"", registered).to_wire(),
+                   "restored": status})
     return msg
 
 
@@ -673,6 +683,7 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         "metrics": {"durationMs": round(init_ms, 3)}})
     telemetry.end_init()
     with_extensions = ext.registered > 0  # fixed from here on: registration is closed
+    env.ready_info = (init_ms, ext.registered)  # a restored copy's ready frame says the same
     chan.send(m.GuestReady(init_ms, init_error, logs.cut(), ext.registered).to_wire())
     live: _LiveLogs | None = None  # started with the first invocation of this dialect
     inbox: queue.Queue[dict[str, Any]] | None = None
