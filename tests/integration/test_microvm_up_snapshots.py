@@ -87,3 +87,68 @@ def test_up_refuses_snapshot_flags_it_cannot_honour(tmp_path: Any, args: list[st
     assert r.returncode == 2, r.stdout + r.stderr
     assert why in r.stderr + r.stdout
     assert not os.path.exists(tmp_path / "region.json")
+
+
+INIT_ONCE = ("import os, random, time\n"
+             "INIT = os.urandom(8).hex()\n"
+             "def handler(event, context):\n"
+             "    if event.get('sleep'):\n"
+             "        time.sleep(event['sleep'])\n"
+             "    return {'init': INIT, 'random': os.urandom(16).hex(),\n"
+             "            'py_random': random.random(), 'now': time.time()}\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.skipif(boot.qemu_binary() is None, reason="no QEMU (scripts/setup.sh)")
+@pytest.mark.skipif(core.pick_kernel(os.listdir("/boot") if os.path.isdir("/boot") else [])
+                    is None, reason="no Debian cloud kernel (scripts/setup.sh)")
+def test_snapstart_versions_restore_from_their_snapshot_after_init(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SnapStart through `up --backend microvm` and boto3: ApplyOn PublishedVersions is
+    refused without microVM isolation, accepted with it and echoed (On on the published
+    version, Off on $LATEST); two concurrent invocations of the version run in two environments
+    restored from the version's snapshot: the same init, different random bytes."""
+    import threading
+
+    from botocore.exceptions import ClientError
+
+    with running_region(tmp_path_factory, "microvm-snapstart-region", "--backend", "microvm",
+                        "--cells", "1", "--agents-per-cell", "1") as r:
+        lam = lambda_client(r)
+        code = {"ZipFile": make_zip({"app.py": INIT_ONCE})}
+        with pytest.raises(ClientError, match="microVM isolation"):
+            lam.create_function(FunctionName=new_name("ss"), Runtime="python3.11", Role=ROLE,
+                                Handler="app.handler", Code=code,
+                                SnapStart={"ApplyOn": "PublishedVersions"})
+        name = new_name("ss")
+        cfg = lam.create_function(
+            FunctionName=name, Runtime="python3.11", Role=ROLE, Handler="app.handler",
+            Code=code, Timeout=60, SnapStart={"ApplyOn": "PublishedVersions"},
+            Environment={"Variables": {"CELLCLOUD_ISOLATION": "microvm"}})
+        assert cfg["SnapStart"] == {"ApplyOn": "PublishedVersions", "OptimizationStatus": "Off"}
+        v = lam.publish_version(FunctionName=name)
+        assert v["SnapStart"] == {"ApplyOn": "PublishedVersions", "OptimizationStatus": "On"}
+        got = lam.get_function_configuration(FunctionName=name, Qualifier=v["Version"])
+        assert got["SnapStart"]["OptimizationStatus"] == "On"
+        outs: list[dict[str, Any]] = []
+
+        def call() -> None:
+            resp = lam.invoke(FunctionName=name, Qualifier=v["Version"],
+                              Payload=json.dumps({"sleep": 5}).encode())
+            outs.append(json.loads(resp["Payload"].read()))
+
+        first = threading.Thread(target=call)
+        first.start()
+        first.join(300)  # the version's snapshot is made on its first environment
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert len(outs) == 3 and all("init" in o for o in outs), outs
+        assert len({o["init"] for o in outs}) == 1  # one init, before the snapshot
+        assert len({o["random"] for o in outs}) == 3
+        info = _agents(r)[0]["microvm_snapshots"]
+        assert info["version_snapshots"] == 1 and info["version_restored"] >= 2, info
+        assert info["version_errors"] == {}

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +58,17 @@ env_baseline_bytes = 8 * 1024 * 1024  # what a new idle environment adds, roughl
 def _is_digest(value: object) -> bool:
     return (isinstance(value, str) and len(value) == 64
             and all(c in "0123456789abcdef" for c in value))
+
+
+def snapstart_id(req: m.CreateEnvRequest) -> str:
+    """A SnapStart version's identity, what its snapshot is keyed by: the version's ARN and
+    a digest of what its init depends on (the code, layers and configuration; not the
+    environment's own log stream), so a function deleted and created again under the same
+    name never restores the old one's snapshot."""
+    fn = req.function
+    what = {k: v for k, v in fn.to_wire().items() if k not in ("log_group", "log_stream")}
+    digest = hashlib.sha256(json.dumps([req.bundle_sha256, what], sort_keys=True).encode())
+    return f"{fn.arn}:{fn.version} {digest.hexdigest()}"
 
 
 def _disk(path: str) -> dict[str, Any]:
@@ -553,6 +565,7 @@ class Agent:
             image_layers=image_layers,
             image_workdir=str((image or {}).get("workdir") or ""),
             image_env={str(k): str(v) for k, v in ((image or {}).get("env") or {}).items()},
+            snapstart=snapstart_id(req) if fn.snapstart else "",
         )
         cg = cgroups.Cgroup(self.cgroup_group, env_id)
         netns_fd: int | None = None
