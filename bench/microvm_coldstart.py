@@ -94,7 +94,7 @@ async def series(sd: str, a: argparse.Namespace, bundle: str, *,
                              snapshot_memory_mib=MEMORY_MB)
     t = time.monotonic()
     backend.start()
-    what = "agent image, probe, launcher" + (", agent snapshot" if snapshots else "")
+    what = "agent image, probe, launcher" + (", agent snapshot" if backend.snapshots else "")
     print(f"start ({what}): {(time.monotonic() - t) * 1000:.0f} ms; "
           f"accel {backend.accel} ({backend.probe.get('reason')})")
     load0 = os.getloadavg()
