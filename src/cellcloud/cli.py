@@ -535,10 +535,17 @@ def status(
                 )
                 continue
             mem = sum(env["memory_bytes"] for env in a["envs"])
+            backend_label = a["backend"]
+            snaps = a.get("microvm_snapshots")
+            if isinstance(snaps, dict):
+                # which guest memory sizes restore from a snapshot; the rest boot cold
+                sizes = ", ".join(map(str, snaps.get("memory_mib") or [])) or "no"
+                backend_label += (f" ({a.get('accel', '?')}; restores {sizes} MiB guests, "
+                                  f"{snaps.get('version_snapshots', 0)} SnapStart versions)")
             agents.add_row(
                 cell_id,
                 agent_id,
-                a["backend"],
+                backend_label,
                 "on" if a["seccomp"] == 2 else "OFF",
                 str(len(a["envs"])),
                 str(sum(env["busy"] for env in a["envs"])),

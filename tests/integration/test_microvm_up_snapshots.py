@@ -69,6 +69,11 @@ def test_up_microvm_snapshots_restores_environments_of_the_snapshotted_size(
         info = _agents(r)[0]["microvm_snapshots"]
         assert (info["restored"], info["booted"], info["restore_failed"]) == (2, 1, 0), info
         assert info["last_start"] == "booted: no snapshot"
+        # The human status says it too (a wide terminal: rich wraps table cells otherwise).
+        out = subprocess.run([sys.executable, "-m", "cellcloud", "status", "--state-dir",
+                              r.state_dir], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "COLUMNS": "400"}, check=True).stdout
+        assert f"restores {smallest} MiB guests" in out, out
 
 
 @pytest.mark.parametrize("args, why", [
