@@ -14,8 +14,12 @@ host's first frame (``backend.spec_frame``: a fresh seed and the wall clock) is 
 by the guest before the runtime starts; the guest drops the snapshot's cached blocks of the
 bundle disk (``BLKFLSBUF``) before it mounts it.
 
-Not yet: the backend's launcher starting environments this way through the VMM jailer (the
-QEMUs here are plain children of the caller).
+The backend's launcher starts environments from it through the VMM jailer (``verify_state``,
+``restore_argv``); ``start`` here runs plain children (tests, benchmarks).
+
+A function version's snapshot (SnapStart; ``create_version``, ``start_version``,
+``verify_version``; docs/microvm.md "SnapStart"): the same guest booted with the version's
+bundle, saved after its init, every copy sent ``restore_frame`` instead of the spec.
 """
 
 from __future__ import annotations

@@ -7,6 +7,14 @@ SCM_RIGHTS) it writes the bundle into a small read-only ext4 image, creates the 
 cgroup (the function's memory plus the VMM's overhead), starts QEMU in it with the channel's
 fd, answers ``{"pid"}`` (or ``{"error"}``), and reaps QEMU when it exits (removing its files).
 On EOF (the agent closed it or died) it kills every QEMU it started and exits.
+
+Snapshots: a spawn request may name the agent guest's snapshot (``snapshot``) or a function
+version's (``version_snapshot``, SnapStart); the state is verified and handed to the jailed
+QEMU as ``-incoming fd:N`` (refused: a cold boot). ``retry_cold`` asks for the same environment
+again, cold, after its restored QEMU exited before the guest answered (a failed load); the
+old jailer is reaped first and the tail of its log is the reason. ``{"op":
+"snapshot_version"}`` makes a version's snapshot after its init (a jailed boot, the init, a
+save: this process serves nothing else meanwhile) and answers its folder and key.
 """
 
 from __future__ import annotations
