@@ -32,11 +32,20 @@ pytestmark = [
 
 VM = core.VmSpec(accel="tcg", memory_mib=DEFAULT_LIMITS.microvm_guest_memory_mib_min)
 HANDLER = ("import os, random, time\n"
+           "from snapshot_restore_py import register_after_restore, register_before_snapshot\n"
            "INIT = os.urandom(8).hex()\n"
            "INIT_AT = time.time()\n"
+           "HOOKS = []\n"
+           "@register_before_snapshot\n"
+           "def first():\n"
+           "    HOOKS.append('before-1')\n"
+           "register_before_snapshot(HOOKS.append, 'before-2')\n"
+           "@register_after_restore\n"
+           "def after():\n"
+           "    HOOKS.append('after:' + os.urandom(4).hex())\n"
            "def handler(event, context):\n"
            "    return {'init': INIT, 'init_at': INIT_AT, 'random': os.urandom(16).hex(),\n"
-           "            'py_random': random.random(), 'now': time.time()}\n")
+           "            'py_random': random.random(), 'now': time.time(), 'hooks': HOOKS}\n")
 VERSION = "arn:aws:lambda:cc-local-1:000000000000:function:snapstart:1 sha256-test"
 
 
@@ -108,8 +117,32 @@ def test_restored_copies_share_the_init_and_get_fresh_randomness_and_clock(made:
     assert a["init"] == b["init"] and a["init_at"] == b["init_at"]  # one init, before the save
     assert before - 1 <= a["init_at"] <= restored_at + 1
     assert a["random"] != b["random"] and a["py_random"] != b["py_random"]
+    # SnapStart's runtime hooks: before the snapshot in reverse order of registration, once;
+    # after each restore, in that copy (its own random bytes: after the reseed).
+    assert a["hooks"][:2] == b["hooks"][:2] == ["before-2", "before-1"]
+    assert len(a["hooks"]) == len(b["hooks"]) == 3 and a["hooks"][2] != b["hooks"][2]
     for r in (a, b):
         assert restored_at - 1 <= r["now"] <= time.time() + 1
+
+
+def test_a_before_snapshot_hook_that_raises_makes_no_snapshot(made: Any,
+                                                              tmp_path: Any) -> None:
+    img, _, qemu, _ = made
+    bundle = str(tmp_path / "bundle")
+    os.makedirs(bundle)
+    with open(os.path.join(bundle, "app.py"), "w") as f:
+        f.write("from snapshot_restore_py import register_before_snapshot\n"
+                "@register_before_snapshot\n"
+                "def no():\n"
+                "    raise ValueError('not now')\n"
+                "def handler(event, context):\n"
+                "    return 1\n")
+    with pytest.raises(snapshot.SnapshotError, match="BeforeSnapshotError.*not now"):
+        asyncio.run(agentsnap.create_version(str(tmp_path), img, VM,
+                                             spec_wire=_spec(bundle).to_wire(),
+                                             bundle_dir=bundle, version_id=VERSION + " hooks",
+                                             qemu=qemu))
+    assert not os.listdir(agentsnap.version_snapshots_dir(str(tmp_path)))  # nothing kept
 
 
 def test_a_flipped_byte_in_the_version_snapshot_is_refused(made: Any, tmp_path: Any) -> None:

@@ -119,6 +119,55 @@ def restore_helper(seed_fd: int, answer_fd: int, rnd_fd: int) -> NoReturn:
         os.write(answer_fd, bytes([status]))
 
 
+# SnapStart's runtime hooks, as Lambda's Python runtime offers them (the module
+# ``snapshot_restore_py``): functions registered with register_before_snapshot run after the
+# init, before the version's snapshot is saved; with register_after_restore, in each restored
+# copy after its seed and clock, before its first invocation. Only a version snapshot's guest
+# calls them; elsewhere registering is harmless, as on Lambda without SnapStart.
+_before_snapshot: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+_after_restore: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+
+
+def install_hooks_module(task_roots: tuple[str, ...] = ("/var/task", "/opt/python")) -> None:
+    """``snapshot_restore_py`` for the function to import, unless its bundle or a layer brings
+    its own (theirs then wins, as it would on the path)."""
+    for root in task_roots:
+        if (os.path.exists(os.path.join(root, "snapshot_restore_py.py"))
+                or os.path.isdir(os.path.join(root, "snapshot_restore_py"))):
+            return
+    import types
+
+    mod = types.ModuleType("snapshot_restore_py", "SnapStart's runtime hooks (cellcloud)")
+
+    def register_before_snapshot(func: Callable[..., Any], *args: Any,
+                                 **kwargs: Any) -> Callable[..., Any]:
+        _before_snapshot.append((func, args, kwargs))
+        return func
+
+    def register_after_restore(func: Callable[..., Any], *args: Any,
+                               **kwargs: Any) -> Callable[..., Any]:
+        _after_restore.append((func, args, kwargs))
+        return func
+
+    mod.register_before_snapshot = register_before_snapshot  # type: ignore[attr-defined]
+    mod.register_after_restore = register_after_restore  # type: ignore[attr-defined]
+    mod.get_before_snapshot = lambda: list(_before_snapshot)  # type: ignore[attr-defined]
+    mod.get_after_restore = lambda: list(_after_restore)  # type: ignore[attr-defined]
+    sys.modules["snapshot_restore_py"] = mod
+
+
+def run_before_snapshot() -> dict[str, Any] | None:
+    """The before-snapshot hooks, last registered first (as Lambda runs them); the first that
+    raises fails the init, so no snapshot is saved (the version's environments boot cold)."""
+    for func, args, kwargs in reversed(_before_snapshot):
+        try:
+            func(*args, **kwargs)
+        except Exception as e:
+            return {"errorType": "Runtime.BeforeSnapshotError",
+                    "errorMessage": f"a before-snapshot hook raised {type(e).__name__}: {e}"}
+    return None
+
+
 def restore_hook(seed_w: int, answer_r: int) -> Callable[[dict[str, Any]], int]:
     """``sandbox.guest.on_restore`` of a version snapshot's guest: the restored copy's seed and
     clock through the root helper, then Python's own ``random`` reseeded from the new CRNG
@@ -131,7 +180,16 @@ def restore_hook(seed_w: int, answer_r: int) -> Callable[[dict[str, Any]], int]:
         os.write(seed_w, seed + struct.pack("<Q", int(msg.get("time_ms") or 0)))
         answer = os.read(answer_r, 1)
         random.seed()
-        return answer[0] if answer else 8
+        status = answer[0] if answer else 8
+        for func, args, kwargs in _after_restore:  # in registration order, as Lambda
+            try:
+                func(*args, **kwargs)
+            except Exception as e:
+                sys.stderr.write(f"cellcloud-guest: an after-restore hook raised "
+                                 f"{type(e).__name__}: {e}\n")
+                status |= 16
+                break
+        return status
     return hook
 
 
@@ -201,6 +259,8 @@ def main(argv: list[str]) -> None:
         os.close(seed_r)
         os.close(answer_w)
         guest_agent.on_restore = restore_hook(seed_w, answer_r)
+        guest_agent.before_ready = run_before_snapshot
+    install_hooks_module()
     os.setgroups([])
     os.setresgid(spec.gid, spec.gid, spec.gid)
     os.setresuid(spec.uid, spec.uid, spec.uid)

@@ -612,6 +612,9 @@ def _live_ended(live: _LiveLogs | None) -> Iterator[None]:
 # applied). The copy then answers as an environment does after its init: the ready frame (the
 # init's duration, done once before the snapshot), with "restored": the status.
 on_restore: Callable[[dict[str, Any]], int] | None = None
+# ... and this: the function's before-snapshot hooks, run after its init and before the ready
+# frame (the host saves the guest once it has it); an error dict fails the init.
+before_ready: Callable[[], dict[str, Any] | None] | None = None
 
 
 def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
@@ -673,6 +676,8 @@ def _relay(env: _Environment, chan: _Channel, started: float,
     if init_error is None and api.exited is not None:
         init_error = {"errorType": "Runtime.ExitError",
                       "errorMessage": f"Runtime exited with error: {api.exited}"}
+    if init_error is None and before_ready is not None:
+        init_error = before_ready()  # a version snapshot's beforeCheckpoint hooks
     init_ms = (time.monotonic() - started) * 1000
     status = "success" if init_error is None else "error"
     telemetry.emit("platform.initRuntimeDone", {
