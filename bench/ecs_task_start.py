@@ -15,6 +15,13 @@ counted. Reported: RunTask's answer, the address known, the first answer, each f
 RunTask call; and, interleaved in the same run, the same server started bare on the host
 (``bare_first_answer``: the interpreter's and http.server's own start, the floor under any
 task start). Benchmarks are not tests: nothing here asserts.
+
+Two workloads, interleaved sample by sample (``--workload`` picks one): ``python`` as above,
+and ``busybox``: the host's static BusyBox and the page as the image's one layer, the task
+running ``busybox httpd -f -p 8080 -h /srv`` — a server whose own start is a few
+milliseconds, so the rest is the platform's (its baseline: the same binary started bare).
+Each sample's stages are also read from DescribeTasks (``pullStartedAt``, ``connectivityAt``,
+``startedAt``, as the cell saw them) for the profile in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 from typing import Any
 
 from bench.common.region import client, detached_region, push_image, web_image_archive
+from bench.task_start import BUSYBOX, WORKLOADS, busybox_layer, server_argv
 
 
 def _first_answer(addr: str, port: int, path: str, timeout_s: float = 60.0) -> float:
@@ -39,14 +47,28 @@ def _first_answer(addr: str, port: int, path: str, timeout_s: float = 60.0) -> f
         try:
             with socket.create_connection((addr, port), timeout=5) as s:
                 s.sendall(req)
-                if s.recv(64).startswith(b"HTTP/1.0 200"):
+                if s.recv(64).split(b" ", 2)[1:2] == [b"200"]:  # HTTP/1.0 or 1.1
                     return time.monotonic()
         except OSError:
             time.sleep(0.001)  # not listening yet: try again in a millisecond
     raise TimeoutError(f"{addr}:{port} never answered")
 
 
-def _bare(work: str) -> float:
+def busybox_image_archive(work: str) -> str:
+    """An OCI archive of one layer: /bin/busybox (the host's static one) and
+    /srv/hello.txt."""
+    sys.path.insert(0, os.getcwd())
+    from tests.oci_images import image_layout
+
+    layout = os.path.join(work, "bb-img")
+    image_layout(layout, [], tag="v1", config_doc={"Cmd": ["/bin/true"]},
+                 blobs=[busybox_layer()])
+    archive = os.path.join(work, "bb-img.tar")
+    subprocess.run(["tar", "-cf", archive, "-C", layout, "."], check=True)
+    return archive
+
+
+def _bare(work: str, workload: str = "python") -> float:
     """The same server started on the host without a jail: seconds to its first answer."""
     srv = os.path.join(work, "bare")
     os.makedirs(srv, exist_ok=True)
@@ -56,9 +78,8 @@ def _bare(work: str) -> float:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                          "--directory", srv], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(server_argv(workload, port, srv, busybox=BUSYBOX, bind="127.0.0.1"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         return _first_answer("127.0.0.1", port, "/hello.txt") - t0
     finally:
@@ -71,62 +92,80 @@ def _pct(xs: list[float], p: float) -> float:
     return round(xs[min(len(xs) - 1, int(len(xs) * p))] * 1000, 1) if xs else 0.0
 
 
+def _sample(ecs: Any, family: str) -> dict[str, float]:
+    """One task: RunTask → address → first answer → StopTask; seconds from RunTask's call
+    (the cell's own timestamps from DescribeTasks beside them, on the same clock: one host)."""
+    t0w, t0 = time.time(), time.monotonic()
+    out = ecs.run_task(cluster="bench", taskDefinition=family, launchType="FARGATE")
+    t_run = time.monotonic()
+    if out["failures"]:
+        raise RuntimeError(out["failures"])
+    arn = out["tasks"][0]["taskArn"]
+    addr = ""
+    deadline = time.monotonic() + 120
+    while not addr:
+        t: dict[str, Any] = ecs.describe_tasks(cluster="bench", tasks=[arn])["tasks"][0]
+        if t["lastStatus"] == "STOPPED":
+            raise RuntimeError(f"the task stopped: {t.get('stoppedReason')}")
+        addr = next((d["value"] for att in t.get("attachments", [])
+                     for d in att.get("details", [])
+                     if d["name"] == "privateIPv4Address" and d["value"]), "")
+        if not addr:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no private address")
+            time.sleep(0.02)  # polling DescribeTasks, as a client would
+    t_addr = time.monotonic()
+    t_ans = _first_answer(addr, 8080, "/hello.txt")
+    t = ecs.describe_tasks(cluster="bench", tasks=[arn])["tasks"][0]
+    ecs.stop_task(cluster="bench", task=arn)
+    out_s = {"run_task": t_run - t0, "address_known": t_addr - t0, "first_answer": t_ans - t0}
+    for member, name in (("createdAt", "cell_created"), ("connectivityAt", "cell_provisioned"),
+                         ("startedAt", "cell_running")):
+        if t.get(member):
+            out_s[name] = t[member].timestamp() - t0w
+    return out_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cpu", default="256", choices=("256", "512", "1024", "2048", "4096"),
+                    help="the task definition's cpu (1024 = 1 vCPU), with Fargate's smallest "
+                         "memory for it")
+    ap.add_argument("--workload", choices=WORKLOADS, action="append",
+                    help="python (http.server) and/or busybox (httpd); default both")
     a = ap.parse_args()
+    workloads = a.workload or list(WORKLOADS)
     work = tempfile.mkdtemp(prefix="bench-ecs-start-")
-    archive = web_image_archive(work)
     with detached_region("bench-ecs-start-") as (state, doc):
-        image = push_image(state, doc, archive, "bench/web:v1")
         ecs = client(doc, "ecs")
         ecs.create_cluster(clusterName="bench")
-        ecs.register_task_definition(
-            family="web", networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
-            cpu="256", memory="512", containerDefinitions=[
-                {"name": "web", "image": image, "portMappings": [{"containerPort": 8080}],
-                 "command": [sys.executable, "-m", "http.server", "8080", "--directory",
-                             "/srv"]}])
-        answered: list[float] = []
-        addressed: list[float] = []
-        run_task: list[float] = []
-        bare: list[float] = []
+        for w in workloads:
+            archive = web_image_archive(work) if w == "python" else busybox_image_archive(work)
+            image = push_image(state, doc, archive, f"bench/{w}:v1")
+            ecs.register_task_definition(
+                family=w, networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
+                cpu=a.cpu, memory=str(int(a.cpu) * 2), containerDefinitions=[
+                    {"name": "web", "image": image, "portMappings": [{"containerPort": 8080}],
+                     "command": server_argv(w, 8080)}])
+        samples: dict[str, list[dict[str, float]]] = {w: [] for w in workloads}
+        bare: dict[str, list[float]] = {w: [] for w in workloads}
         for i in range(a.warmup + a.n):
-            t0 = time.monotonic()
-            out = ecs.run_task(cluster="bench", taskDefinition="web", launchType="FARGATE")
-            t_run = time.monotonic()
-            if out["failures"]:
-                raise RuntimeError(out["failures"])
-            arn = out["tasks"][0]["taskArn"]
-            addr = ""
-            deadline = time.monotonic() + 120
-            while not addr:
-                t: dict[str, Any] = ecs.describe_tasks(cluster="bench", tasks=[arn])["tasks"][0]
-                if t["lastStatus"] == "STOPPED":
-                    raise RuntimeError(f"the task stopped: {t.get('stoppedReason')}")
-                addr = next((d["value"] for att in t.get("attachments", [])
-                             for d in att.get("details", [])
-                             if d["name"] == "privateIPv4Address" and d["value"]), "")
-                if not addr:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("no private address")
-                    time.sleep(0.02)  # polling DescribeTasks, as a client would
-            t_addr = time.monotonic()
-            t_ans = _first_answer(addr, 8080, "/hello.txt")
-            ecs.stop_task(cluster="bench", task=arn)
-            if i >= a.warmup:
-                run_task.append(t_run - t0)
-                addressed.append(t_addr - t0)
-                answered.append(t_ans - t0)
-                bare.append(_bare(work))
-        res = {"n": a.n, "machine": os.uname().nodename, "load": os.getloadavg(),
-               "run_task_ms": {"p50": _pct(run_task, 0.5), "p99": _pct(run_task, 0.99)},
-               "address_known_ms": {"p50": _pct(addressed, 0.5), "p99": _pct(addressed, 0.99)},
-               "first_answer_ms": {"p50": _pct(answered, 0.5), "p99": _pct(answered, 0.99)},
-               "bare_first_answer_ms": {"p50": _pct(bare, 0.5), "p99": _pct(bare, 0.99)},
-               "first_answer_over_bare_p50": round(_pct(answered, 0.5) / max(_pct(bare, 0.5),
-                                                                               0.1), 2)}
+            for w in workloads:  # interleaved: every workload sees the same load
+                s = _sample(ecs, w)
+                if i >= a.warmup:
+                    samples[w].append(s)
+                    bare[w].append(_bare(work, w))
+        res: dict[str, Any] = {"n": a.n, "machine": os.uname().nodename,
+                               "load": os.getloadavg()}
+        for w in workloads:
+            keys = sorted({k for s in samples[w] for k in s})
+            res[w] = {f"{k}_ms": {"p50": _pct([s[k] for s in samples[w] if k in s], 0.5),
+                                  "p99": _pct([s[k] for s in samples[w] if k in s], 0.99)}
+                      for k in keys}
+            res[w]["bare_first_answer_ms"] = {"p50": _pct(bare[w], 0.5),
+                                              "p99": _pct(bare[w], 0.99)}
         print(json.dumps(res, indent=2))
 
 

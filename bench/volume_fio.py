@@ -12,7 +12,10 @@ a 3-node store colony on loopback, tests/volumes/harness.py; the FUSE file serve
 
 Jobs (each on both targets, one after the other): 4 KiB random writes with O_DIRECT (no
 fsync: the volume's writes are durable anyway — FileBlockStore writes are O_DSYNC — the local
-file's are not), the same with O_DSYNC (each write durable on both sides), 4 KiB random
+file's are not), the same with O_DSYNC (each write durable on both sides), both of those from 8
+writers at once (group commit: the writes that reach the volume client together share one
+replicated round; with ``--replicated`` the storage servers' write and batch counts are
+printed after each job), 4 KiB random
 writes buffered with an fdatasync after each (both durable per write), and sequential 1 MiB
 O_DIRECT writes and reads. Prints IOPS, p50/p99 completion latency
 and MiB/s per job and target, the ratio volume/local, the load average before and after, and
@@ -42,6 +45,12 @@ JOBS: list[tuple[str, list[str]]] = [
     ("randwrite 4k direct", ["--rw=randwrite", "--bs=4k", "--direct=1"]),
     # each write durable on both sides, no separate sync: the like-for-like durable row
     ("randwrite 4k direct+dsync", ["--rw=randwrite", "--bs=4k", "--direct=1", "--sync=dsync"]),
+    # 8 writers at once (group commit: writes that reach the volume client together share
+    # one replicated round, one fdatasync per replica)
+    ("randwrite 4k direct 8 jobs", ["--rw=randwrite", "--bs=4k", "--direct=1",
+                                    "--numjobs=8"]),
+    ("randwrite 4k direct+dsync 8 jobs", ["--rw=randwrite", "--bs=4k", "--direct=1",
+                                          "--sync=dsync", "--numjobs=8"]),
     ("randwrite 4k fdatasync=1", ["--rw=randwrite", "--bs=4k", "--fdatasync=1"]),
     ("seq write 1M direct", ["--rw=write", "--bs=1M", "--direct=1"]),
     ("seq read 1M direct", ["--rw=read", "--bs=1M", "--direct=1"]),
@@ -51,7 +60,8 @@ JOBS: list[tuple[str, list[str]]] = [
 def fio(path: str, args: list[str], runtime_s: int, size_mib: int) -> dict[str, float]:
     out = subprocess.run(
         ["fio", "--name=job", f"--filename={path}", f"--size={size_mib}M", "--ioengine=psync",
-         "--iodepth=1", "--numjobs=1", "--time_based", f"--runtime={runtime_s}",
+         "--iodepth=1", "--numjobs=1", "--group_reporting", "--time_based",
+         f"--runtime={runtime_s}",
          "--output-format=json", *args],
         capture_output=True, text=True, check=True, timeout=runtime_s * 10 + 300).stdout
     job = json.loads(out)["jobs"][0]
@@ -100,6 +110,8 @@ async def run(a: argparse.Namespace) -> None:
             loc = fio(os.path.join(local_dir, "fio.dat"), args, a.runtime_s, a.size_mib)
             rows.append((name, vol, loc))
             print(f"  {name}: volume {vol}  local {loc}", flush=True)
+            if stack is not None:
+                print(f"    storage servers: {await _server_counts(stack)}", flush=True)
     finally:
         await detach(att)
         if stack is not None:
@@ -119,6 +131,24 @@ async def run(a: argparse.Namespace) -> None:
             print(f"| {name}: the fdatasync alone | | | | {v['sync_p50_ms']:.3f} / "
                   f"{v['sync_p99_ms']:.3f} | {loc.get('sync_p50_ms', 0):.3f} / "
                   f"{loc.get('sync_p99_ms', 0):.3f} | | |")
+
+
+async def _server_counts(stack: Any) -> dict[str, str]:
+    """Each storage server's write requests so far, and how many of them were group-commit
+    rounds (several writes, one fdatasync)."""
+    from cellcloud import transport
+
+    out = {}
+    for sid, s in stack.servers.items():
+        c = transport.Client(s.host, s.port)
+        try:
+            st = await c.call("stats", {}, timeout_s=5)
+            out[sid] = f"{st.get('writes', 0)} writes, {st.get('write_batches', 0)} batched"
+        except Exception as e:
+            out[sid] = f"no stats: {e!r}"
+        finally:
+            await c.close()
+    return out
 
 
 async def _attach_replicated(stack: Any, base: str, size_bytes: int) -> Attached:

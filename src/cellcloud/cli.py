@@ -71,7 +71,8 @@ def up(
     network: Annotated[str, typer.Option(
         help="Environments' outbound network: egress (an interface under the region's policy: "
         "no host, region or east-west traffic; docs/design.md) or none (loopback only); "
-        "default: egress, none with --backend microvm")
+        "default: egress, none with --backend microvm (where egress gives each guest a "
+        "network device, and such environments boot cold: docs/microvm.md)")
     ] = "",
     net_pool: Annotated[str, typer.Option(
         help="Environments' address pool (at most a /16, outside RFC 1918); each agent takes "
@@ -85,7 +86,8 @@ def up(
     backend: Annotated[str, typer.Option(
         help="Execution environments: jail (namespaces, cgroups, seccomp) or microvm (each in "
         "a QEMU guest with its own kernel, KVM where a probe VM boots, TCG otherwise; built-in "
-        "Python runtime only, no network device yet: implies --network none; docs/microvm.md)")
+        "Python runtime only; --network none by default, egress gives guests a network "
+        "device; docs/microvm.md)")
     ] = "jail",
     microvm_snapshots: Annotated[bool, typer.Option(
         "--microvm-snapshots", help="With --backend microvm: each agent snapshots its guest "
@@ -126,9 +128,6 @@ def up(
     network = network or ("none" if backend == "microvm" else "egress")
     if network not in ("egress", "none"):
         err.print(f"--network {network!r}: egress or none")
-        raise typer.Exit(2)
-    if backend == "microvm" and network != "none":
-        err.print("--backend microvm: the guest has no network device yet; --network none")
         raise typer.Exit(2)
     if (microvm_snapshots or microvm_snapshot_memory_mib) and backend != "microvm":
         err.print("--microvm-snapshots: only with --backend microvm")

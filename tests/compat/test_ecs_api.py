@@ -346,11 +346,20 @@ def test_a_service_keeps_its_tasks_and_rolls(ecs: Any, region: Region, pair_imag
             family="svcweb", networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
             cpu="256", memory="512",
             containerDefinitions=[{**web, "environment": [{"name": "V", "value": env}]}])
+    # networkConfiguration as a Fargate script passes it: assignPublicIp DISABLED (ECS's
+    # default) is no egress, and the router still reaches the tasks' mapped port
+    net = {"awsvpcConfiguration": {"subnets": ["subnet-0123456789abcdef0"],
+                                   "securityGroups": ["sg-0123456789abcdef0"],
+                                   "assignPublicIp": "DISABLED"}}
     ecs.create_service(cluster="svc", serviceName="web", taskDefinition="svcweb:1",
-                       desiredCount=2, launchType="FARGATE")
+                       desiredCount=2, launchType="FARGATE", networkConfiguration=net)
     s = _wait_service(ecs, "svc", _steady_on(1), "2 RUNNING")
+    assert s["networkConfiguration"] == net
     first = ecs.list_tasks(cluster="svc", serviceName="web")["taskArns"]
     assert len(first) == 2
+    for t in ecs.describe_tasks(cluster="svc", tasks=first)["tasks"]:
+        details = {d["name"]: d["value"] for d in t["attachments"][0]["details"]}
+        assert details["subnetId"] == "subnet-0123456789abcdef0"
     # its traffic: the router routes on the Host header to the account's cell, which proxies
     # to one RUNNING task's privateIpv4:containerPort
     host = (f"web.svc.{region.doc['account_id']}.{region.doc['region']}.localhost:"

@@ -4,13 +4,17 @@ application-autoscaling API's subset (control/autoscaling.py) and the scaler loo
 reporting the tasks' CPU on the test's clock.
 
 Shapes and errors as botocore's ``application-autoscaling`` model has them; high CPU scales
-out to ceil(current × metric / target) after 3 periods, low CPU scales in after 15; the
-scale-in cooldown holds a second scale-in; DisableScaleIn never scales in."""
+out to ceil(current × metric / target) at once, low CPU scales in after a stable window; the
+scale-in cooldown holds a second scale-in, also across a restart of the frontend;
+DisableScaleIn never scales in; with several policies, out if any says out, in only if all
+say in. Windows here are short on the test's clock: a sample each 100 ms, a 2 s stable
+window, a 300 ms panic window."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,9 @@ from tests.control.test_ecs_tasks import REGION, A
 
 AAS = botocore.session.get_session().get_service_model("application-autoscaling")
 AAS_ERRORS = {s for s in AAS.shape_names if AAS.shape_for(s).metadata.get("exception")}
-LIMITS = replace(SVC_LIMITS, ecs_autoscale_period_ms=500, ecs_task_poll_interval_ms=20)
+LIMITS = replace(SVC_LIMITS, ecs_autoscale_sample_interval_ms=100,
+                 ecs_autoscale_stable_window_ms=2_000, ecs_autoscale_panic_window_ms=300,
+                 ecs_scaling_policies_per_target_max=2, ecs_task_poll_interval_ms=20)
 RID = "service/default/web"
 TARGET = {"ServiceNamespace": "ecs", "ResourceId": RID,
           "ScalableDimension": "ecs:service:DesiredCount"}
@@ -150,8 +156,12 @@ def test_targets_and_policies_shapes_and_errors(tmp_path: Path) -> None:
                 (policy(0), "TargetValue"), (policy(50, ScaleOutCooldown=-1), "ScaleOut")]:
             e, msg = await err(w, "PutScalingPolicy", bad)
             assert e == "ValidationException" and word in msg, (bad, msg)
-        e, msg = await err(w, "PutScalingPolicy", {**policy(9), "PolicyName": "second"})
-        assert e == "LimitExceededException"
+        await ok(w, "PutScalingPolicy", {**policy(9), "PolicyName": "second"})
+        assert len((await ok(w, "DescribeScalingPolicies", {"ServiceNamespace": "ecs"}))[
+            "ScalingPolicies"]) == 2
+        e, msg = await err(w, "PutScalingPolicy", {**policy(9), "PolicyName": "third"})
+        assert e == "LimitExceededException" and "at most 2" in msg
+        await ok(w, "DeleteScalingPolicy", {**TARGET, "PolicyName": "second"})
         e, _ = await err(w, "DeleteScalingPolicy", {**TARGET, "PolicyName": "nope"})
         assert e == "ObjectNotFoundException"
         await ok(w, "DeleteScalingPolicy", {**TARGET, "PolicyName": "cpu"})
@@ -180,16 +190,17 @@ def test_high_cpu_scales_out_and_low_cpu_scales_in(tmp_path: Path) -> None:
         cpu(w, 0.125)  # 50 %: on the target (no further scale-out to 8 meanwhile)
         s = await w.steady()
         assert s["runningCount"] == 4  # ceil(2 × 100 / 50)
-        cpu(w, 0.025)  # 10 %: ceil(4 × 10 / 50) = 1
+        cpu(w, 0.025)  # 10 %: ceil(4 × 10 / 50) = 1, as the stable window's average falls
         await w.until("1 task", lambda: _is(desired(w), 1))
         assert (await w.steady())["runningCount"] == 1
         acts = (await ok(w, "DescribeScalingActivities", {"ServiceNamespace": "ecs"}))[
             "ScalingActivities"]
         assert all(set(a) <= set(AAS.shape_for("ScalingActivity").members) for a in acts)
-        assert [a["Description"] for a in acts] == ["Setting desired count to 1.",
-                                                    "Setting desired count to 4."]
+        assert acts[0]["Description"] == "Setting desired count to 1."
+        assert acts[-1]["Description"] == "Setting desired count to 4."
         assert all(a["StatusCode"] == "Successful" for a in acts)
-        assert "over target 50" in acts[1]["Cause"] and "under target 50" in acts[0]["Cause"]
+        assert "over target 50" in acts[-1]["Cause"]
+        assert all("under target 50" in a["Cause"] for a in acts[:-1])
     run(body, tmp_path, limits=LIMITS)
 
 
@@ -224,6 +235,55 @@ def test_the_scale_in_cooldown_holds_and_disable_scale_in_never_scales_in(
     run(body, tmp_path, limits=LIMITS)
 
 
+def test_the_cooldown_holds_across_a_restart_of_the_frontend(tmp_path: Path) -> None:
+    """The scalers' cooldowns are kept with the service's row: a frontend restarted within
+    a scale-in cooldown does not scale in again (before, its scaler started afresh)."""
+    async def body(w: SvcWorld) -> None:
+        await web_service(w, 4)
+        await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 1,
+                                               "MaxCapacity": 10})
+        await ok(w, "PutScalingPolicy", policy(50, ScaleOutCooldown=0,
+                                                ScaleInCooldown=3600))
+        cpu(w, 0.075)  # 30 %: ceil(4 × 30 / 50) = 3, then ceil(3 × 30 / 50) = 2
+        await w.until("3 tasks", lambda: _is(desired(w), 3))
+        assert w.cell.tasks is not None
+        await w.cell.tasks.close()
+        w.cell = w.make_cell()
+        assert w.cell.tasks is not None
+        w.cell.tasks.load()
+        await w.steady()
+        seen = datapoints(w)
+        await w.until("60 more datapoints", lambda: datapoints(w) >= seen + 60)
+        assert await desired(w) == 3  # three stable windows: the cooldown (an hour) held
+        w.now += 3_600_000
+        await w.until("2 tasks", lambda: _is(desired(w), 2))
+    run(body, tmp_path, limits=LIMITS)
+
+
+def test_several_policies_out_if_any_says_out_in_only_if_all_say_in(tmp_path: Path) -> None:
+    async def body(w: SvcWorld) -> None:
+        await web_service(w, 2)
+        await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 1,
+                                               "MaxCapacity": 10})
+        await ok(w, "PutScalingPolicy", policy(50, ScaleOutCooldown=0, ScaleInCooldown=0))
+        # no requests at all: this one wants MinCapacity, but never scales in
+        await ok(w, "PutScalingPolicy", {**policy(1000, metric="ALBRequestCountPerTarget",
+                                                  ScaleOutCooldown=0, DisableScaleIn=True),
+                                         "PolicyName": "requests"})
+        cpu(w, 0.25)  # 100 % of each task: the CPU policy says out
+        await w.until("4 tasks", lambda: _is(desired(w), 4))
+        acts = (await ok(w, "DescribeScalingActivities", {"ServiceNamespace": "ecs"}))[
+            "ScalingActivities"]
+        assert "policy cpu" in acts[0]["Cause"]
+        cpu(w, 0.025)  # 10 %: the CPU policy says in, the requests policy does not
+        seen = datapoints(w)
+        await w.until("80 more datapoints", lambda: datapoints(w) >= seen + 80)
+        assert await desired(w) == 4
+        await ok(w, "DeleteScalingPolicy", {**TARGET, "PolicyName": "requests"})
+        await w.until("1 task", lambda: _is(desired(w), 1))
+    run(body, tmp_path, limits=LIMITS)
+
+
 def test_requests_per_task_scale_out_in_to_zero_and_a_request_scales_from_zero(
         tmp_path: Path) -> None:
     """ALBRequestCountPerTarget: the requests the cell proxied per task and period. A
@@ -246,7 +306,8 @@ def test_requests_per_task_scale_out_in_to_zero_and_a_request_scales_from_zero(
         await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
                                      "desiredCount": 0})
         await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 0, "MaxCapacity": 4})
-        await ok(w, "PutScalingPolicy", policy(10, metric="ALBRequestCountPerTarget",
+        # a per-minute count per task: 1,000 a minute is one each 60 ms
+        await ok(w, "PutScalingPolicy", policy(1000, metric="ALBRequestCountPerTarget",
                                                 ScaleOutCooldown=0, ScaleInCooldown=0))
         assert w.cell.tasks is not None
         sm = w.cell.tasks.services
@@ -265,7 +326,7 @@ def test_requests_per_task_scale_out_in_to_zero_and_a_request_scales_from_zero(
 
         await from_zero()
 
-        async def busy() -> bool:  # ~5 requests per 100 ms of the clock: ~25 a period
+        async def busy() -> bool:  # ~5 requests per 100 ms of the clock: 3,000 a minute
             for _ in range(5):
                 assert (await sm.http(req))["s"] == 200
             return await desired(w) > 1
@@ -276,3 +337,95 @@ def test_requests_per_task_scale_out_in_to_zero_and_a_request_scales_from_zero(
         await from_zero()
         server.close()
     run(body, tmp_path, limits=LIMITS)
+
+
+def test_concurrency_per_task_scales_out_while_requests_are_in_flight(tmp_path: Path) -> None:
+    """ECSServiceAverageConcurrency (cellcloud's own metric): the requests in flight per task,
+    averaged over each sample. Six requests held by a slow task, target 1 per task: over 2x
+    the target, so the panic window scales out at once (to ceil(6 / 1), capped at 4); once
+    they are answered the service goes back to its minimum."""
+    async def body(w: SvcWorld) -> None:
+        release = asyncio.Event()
+
+        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            await release.wait()
+            wr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await wr.drain()
+            wr.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for a in w.agents.values():
+            a.ip = "127.0.0.1"
+        await w.ok("CreateCluster", {})
+        d = web_def()
+        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
+        await w.ok("RegisterTaskDefinition", d)
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 1})
+        await w.steady()
+        await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 1, "MaxCapacity": 4})
+        await ok(w, "PutScalingPolicy", policy(1, metric="ECSServiceAverageConcurrency",
+                                                ScaleOutCooldown=0, ScaleInCooldown=0))
+        (p,) = (await ok(w, "DescribeScalingPolicies", {"ServiceNamespace": "ecs"}))[
+            "ScalingPolicies"]
+        assert p["TargetTrackingScalingPolicyConfiguration"][
+            "PredefinedMetricSpecification"]["PredefinedMetricType"] \
+            == "ECSServiceAverageConcurrency"
+        assert w.cell.tasks is not None
+        sm = w.cell.tasks.services
+        seen = datapoints(w)
+        await w.until("a sample", lambda: datapoints(w) > seen)  # the sampling started
+        req = {"a": A, "cluster": "default", "service": "web", "m": "GET", "p": "/",
+               "h": [], "b": b""}
+        held = [asyncio.ensure_future(sm.http(req)) for _ in range(6)]
+        await w.until("4 tasks", lambda: _is(desired(w), 4))
+        release.set()
+        for h in held:
+            assert (await h)["s"] == 200
+        await w.until("back to 1 task", lambda: _is(desired(w), 1))
+        server.close()
+    run(body, tmp_path, limits=LIMITS)
+
+
+def test_a_request_held_from_zero_waits_for_its_task_to_listen(tmp_path: Path) -> None:
+    """A request held while its service scales from zero is sent once the first task is
+    RUNNING and healthy; a server that does not listen yet (RUNNING comes first) refuses it.
+    It is tried again within its hold, not answered 502 (before: 502 at the first refusal,
+    a flaky tests/compat/test_ecs_api.py::test_a_request_scales_a_service_from_zero)."""
+    async def body(w: SvcWorld) -> None:
+        spare = socket.socket()
+        spare.bind(("127.0.0.1", 0))
+        port = spare.getsockname()[1]
+        spare.close()  # nothing listens there until the test starts its server
+
+        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            wr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await wr.drain()
+            wr.close()
+        for a in w.agents.values():
+            a.ip = "127.0.0.1"
+        await w.ok("CreateCluster", {})
+        d = web_def()
+        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
+        await w.ok("RegisterTaskDefinition", d)
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 0})
+        await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 0, "MaxCapacity": 1})
+        await ok(w, "PutScalingPolicy", policy(1000, metric="ALBRequestCountPerTarget"))
+        assert w.cell.tasks is not None
+        sm = w.cell.tasks.services
+        req = {"a": A, "cluster": "default", "service": "web", "m": "GET", "p": "/",
+               "h": [], "b": b""}
+        got = asyncio.ensure_future(sm.http(req))
+        await w.until("the task refused the held request",
+                      lambda: sm.counters["http_task_unreachable"] >= 1)
+        assert not got.done()  # still held, not a 502
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        await w.until("the held request answered", got.done)
+        out = got.result()
+        assert (out["s"], out["b"]) == (200, b"ok"), out
+        server.close()
+    run(body, tmp_path, limits=LIMITS)
+

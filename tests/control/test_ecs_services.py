@@ -507,3 +507,36 @@ def test_a_task_that_refuses_the_connection_is_skipped(tmp_path: Path) -> None:
         assert (await sm.http(dict(req)))["s"] == 502  # none takes it: still an answer
         server.close()
     run(body, tmp_path)
+
+
+def test_a_services_network_configuration_is_echoed_and_reaches_its_tasks(
+        tmp_path: Path) -> None:
+    """CreateService's awsvpcConfiguration is DescribeServices' networkConfiguration and each
+    task's (DISABLED: an address without egress); UpdateService with another one deploys
+    anew, and the new tasks get it (ENABLED: egress)."""
+    async def body(w: SvcWorld) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", web_def())
+        net = {"awsvpcConfiguration": {"subnets": ["subnet-0aa"], "securityGroups": ["sg-0bb"]}}
+        s = (await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                          "desiredCount": 1, "networkConfiguration": net})
+             )["service"]
+        echoed = {"awsvpcConfiguration": {**net["awsvpcConfiguration"],
+                                          "assignPublicIp": "DISABLED"}}
+        assert s["networkConfiguration"] == echoed
+        await w.steady()
+
+        def modes() -> set[str]:
+            return {t["body"]["network"] for t in w.live_tasks().values()}
+        assert modes() == {"private"}
+        public = {"awsvpcConfiguration": {**echoed["awsvpcConfiguration"],
+                                          "assignPublicIp": "ENABLED"}}
+        s = (await w.ok("UpdateService", {"service": "web", "networkConfiguration": public})
+             )["service"]
+        assert s["networkConfiguration"] == public
+        await w.until("the new deployment's task", lambda: modes() == {"egress"})
+        assert (await w.service())["networkConfiguration"] == public
+        err, msg = await w.err("UpdateService", {"service": "web", "networkConfiguration": {
+            "awsvpcConfiguration": {"subnets": ["x"]}}})
+        assert err == "InvalidParameterException" and "subnet" in msg
+    run(body, tmp_path)

@@ -581,8 +581,8 @@ def test_overrides_idempotency_and_errors(tmp_path: Path) -> None:
         for doc, message in [
             ({"launchType": "EC2"}, "launchType EC2 is not supported"),
             ({"count": 11}, "count must be an integer from 1 to 10"),
-            ({"networkConfiguration": {"awsvpcConfiguration": {"subnets": ["s"]}}},
-             "networkConfiguration is not supported by cellcloud"),
+            ({"networkConfiguration": {"awsvpcConfiguration": {"subnets": []}}},
+             "subnets can not be empty."),
             ({"placementStrategy": [{"type": "random"}]}, "placementStrategy is not supported"),
             ({"overrides": {"cpu": "512"}}, "overrides.cpu is not supported"),
             ({"overrides": {"containerOverrides": [{"name": "web", "memory": 5}]}},
@@ -629,6 +629,58 @@ def test_overrides_idempotency_and_errors(tmp_path: Path) -> None:
         await w.ok("DeregisterTaskDefinition", {"taskDefinition": "web:1"})
         assert await w.err("RunTask", {"taskDefinition": "web:1"}) \
             == ("ClientException", "TaskDefinition is inactive")
+    run({}, body, tmp_path)
+
+
+def test_awsvpc_network_configuration_is_echoed_and_sets_the_tasks_egress(
+        tmp_path: Path) -> None:
+    """networkConfiguration.awsvpcConfiguration as Fargate scripts pass it: the subnet is
+    the ENI's subnetId, assignPublicIp ENABLED asks the agent for egress, DISABLED (ECS's
+    default) for an address without egress, none given: the agent's policy; bad shapes are
+    refused by name. (The network itself: tests/network/test_task_network.py.)"""
+    async def body(w: World) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", two_containers())
+        modes = {}
+        for public in ("ENABLED", "DISABLED", None):
+            cfg: dict[str, Any] = {"subnets": ["subnet-0abc1234", "subnet-0def5678"],
+                                   "securityGroups": ["sg-0123abcd"]}
+            if public:
+                cfg["assignPublicIp"] = public
+            (t,) = (await w.ok("RunTask", {"taskDefinition": "web", "networkConfiguration": {
+                "awsvpcConfiguration": cfg}}))["tasks"]
+            t = await w.wait_status(t["taskArn"], "RUNNING")
+            details = {d["name"]: d["value"] for d in t["attachments"][0]["details"]}
+            assert details["subnetId"] == "subnet-0abc1234"
+            create = next(b for op, b in w.agent_of(t).calls if op == "task_create"
+                          and b["task_id"] == t["taskArn"].rsplit("/", 1)[1])
+            modes[public] = create["network"]
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        t = await w.wait_status(t["taskArn"], "RUNNING")
+        details = {d["name"]: d["value"] for d in t["attachments"][0]["details"]}
+        assert details["subnetId"] == "subnet-cellcloud-c1"
+        create = next(b for op, b in w.agent_of(t).calls if op == "task_create"
+                      and b["task_id"] == t["taskArn"].rsplit("/", 1)[1])
+        assert modes == {"ENABLED": "egress", "DISABLED": "private", None: "private"}
+        assert create["network"] == ""
+        for cfg, message in [
+            ({"subnets": ["subnet-1"], "assignPublicIp": "YES"},
+             "assignPublicIp must be ENABLED or DISABLED"),
+            ({"securityGroups": ["sg-1"]}, "subnets can not be empty."),
+            ({"subnets": ["vpc-1"]}, "Error retrieving subnet information for 'vpc-1'"),
+            ({"subnets": ["subnet-1"], "securityGroups": ["allow:0.0.0.0/0:80"]},
+             "Error retrieving security group information"),
+            ({"subnets": [f"subnet-{i}" for i in range(17)]}, "subnets can have at most 16"),
+            ({"subnets": ["subnet-1"], "securityGroups": [f"sg-{i}" for i in range(6)]},
+             "securityGroups can have at most 5"),
+        ]:
+            err, msg = await w.err("RunTask", {"taskDefinition": "web", "networkConfiguration":
+                                               {"awsvpcConfiguration": cfg}})
+            assert err == "InvalidParameterException" and msg.startswith(message), (cfg, msg)
+        assert await w.err("RunTask", {"taskDefinition": "web", "networkConfiguration": {
+            "awsvpcConfiguration": {"subnets": ["subnet-1"]}, "other": 1}}) \
+            == ("InvalidParameterException", "networkConfiguration is {awsvpcConfiguration: "
+                "{subnets, securityGroups, assignPublicIp}}")
     run({}, body, tmp_path)
 
 

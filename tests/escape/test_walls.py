@@ -257,6 +257,33 @@ def test_a_syscall_libseccomp_does_not_know_fails_the_filter_build(module: str,
     assert out.returncode != 0 and "no_such_syscall_cc" in out.stderr, out
 
 
+def test_the_filter_prepared_once_in_the_zygote_is_the_one_each_child_loads() -> None:
+    """seccomp_policy.prepare() (the zygote builds the filter once): children forked after
+    it load the same rules, with or without no_new_privs as each asks."""
+    code = """
+import errno, os
+from cellcloud.sandbox import linux, seccomp_policy as m
+m.prepare()
+for nnp in (False, True):
+    pid = os.fork()
+    if pid == 0:
+        m.load(set_no_new_privs=nnp)
+        try:
+            linux.unshare(linux.CLONE_NEWUTS)
+            code = 10
+        except OSError as e:
+            code = 0 if e.errno == errno.EPERM else 11
+        with open("/proc/self/status") as f:
+            flag = next(ln.split()[1] for ln in f if ln.startswith("NoNewPrivs:"))
+        os._exit(code + (0 if flag == ("1" if nnp else "0") else 20))
+    _, status = os.waitpid(pid, 0)
+    print(nnp, os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split("\n")[:2] == ["False 0", "True 0"], out
+
+
 # -- negative controls for closed descriptors and the IPC namespace ------------------------------
 
 FDS = """

@@ -162,10 +162,12 @@ class NetSandbox:
     """An in-process agent + zygote + network helper (as tests/escape's Sandbox)."""
 
     def __init__(self, state_dir: str, world: World | None, mode: str = "egress",
-                 **net: Any) -> None:
+                 backend: Any = None, create_timeout_ms: int = 60_000, **net: Any) -> None:
         self.group = f"net-{uuid.uuid4().hex[:6]}"
         self.prefix = policy.prefix_for(self.group)
-        self.backend = JailBackend(os.path.join(state_dir, "jailroot"))
+        # ``backend``: another (not started) backend than the jail, the microvm one.
+        self.backend = backend or JailBackend(os.path.join(state_dir, "jailroot"))
+        self.create_timeout_ms = create_timeout_ms
         self.backend.start()
         self.network: NetHelperClient | None = None
         if mode != "none":
@@ -201,8 +203,8 @@ class NetSandbox:
                          "handler": "app.handler", "runtime": "python3.11",
                          "memory_mb": memory_mb, "timeout_s": 30, "ephemeral_mb": 16,
                          **function},
-            "create_timeout_ms": 60_000,
-        }))
+            "create_timeout_ms": self.create_timeout_ms,
+        }), timeout_s=self.create_timeout_ms / 1000 + 60)
         return env_id
 
     def invoke(self, env_id: str, event: dict[str, Any]) -> Any:

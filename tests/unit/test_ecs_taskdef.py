@@ -78,7 +78,9 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "bridge_on_fargate": ({"networkMode": "bridge"}, "awsvpc"),
     "no_cpu": ({"cpu": None}, "'cpu' be defined"),
     "ec2": ({"requiresCompatibilities": ["EC2"]}, "FARGATE only"),
-    "volumes": ({"volumes": [{"name": "v"}]}, "volumes is not supported"),
+    "volumes": ({"volumes": [{"name": "v"}]}, "configuredAtLaunch: true"),
+    "host_volume": ({"volumes": [{"name": "v", "host": {"sourcePath": "/"}}]},
+                    "volumes.0..host is not supported"),
     "no_containers": ({"containerDefinitions": []}, "at least one container"),
 }
 

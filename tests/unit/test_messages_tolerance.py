@@ -73,6 +73,15 @@ SAMPLES: list[Any] = [
                     logs_dropped={"web": 1}, oom_kills=1),
     m.TaskDestroyRequest(task_id="t"),
     m.TaskDestroyReply(destroyed=True),
+    # managed volumes of a task (issue #19)
+    m.TaskMount(volume="data", path="/data", read_only=True),
+    m.TaskVolume(name="data", volume_id="vol-0123456789abcdef0", size_gib=2, attach_epoch=3,
+                 replicated=True),
+    m.TaskCreateRequest(task_id="t", account="111122223333", cpu_units=256, memory_mib=512,
+                        containers=(dataclasses.replace(TASK_CONTAINER, mounts=(
+                            m.TaskMount(volume="data", path="/data"),)),),
+                        volumes=(m.TaskVolume(name="data", volume_id="vol-0123456789abcdef0",
+                                              size_gib=2, attach_epoch=3, replicated=False),)),
 ]
 
 #: wire names that are not the field's own (HttpReply keeps version 1's short names)

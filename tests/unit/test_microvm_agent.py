@@ -24,6 +24,9 @@ kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
 kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/net/core/failover.ko:
 kernel/fs/nfs/nfs.ko: kernel/fs/lockd/lockd.ko
 """
 
@@ -36,7 +39,9 @@ def test_modules_load_after_their_dependencies_each_once() -> None:
     for mod, deps in (("virtio_console.ko", ["virtio.ko", "virtio_ring.ko"]),
                       ("virtio_pci.ko", ["virtio_pci_modern_dev.ko", "virtio_pci_legacy_dev.ko",
                                          "virtio.ko"]),
-                      ("virtio.ko", ["virtio_ring.ko"])):
+                      ("virtio.ko", ["virtio_ring.ko"]),
+                      ("virtio_net.ko", ["net_failover.ko", "failover.ko", "virtio.ko"]),
+                      ("net_failover.ko", ["failover.ko"])):
         assert all(names.index(d) < names.index(mod) for d in deps), (mod, names)
     with pytest.raises(KeyError, match="virtio_fs"):
         core.module_load_order(MODULES_DEP, ("virtio_fs",))
@@ -92,8 +97,48 @@ def test_what_the_microvm_backend_cannot_run_yet_is_refused_with_a_reason() -> N
     assert "runtime process" in str(unsupported(_spec(runtime_argv=["/node"]), None))
     assert "layers" in str(unsupported(_spec(layer_dirs=["/l"]), None))
     assert "container images" in str(unsupported(_spec(image_layers=["/l"]), None))
+    # A network needs both the namespace and the helper's tap in it (never one without the
+    # other: a guest is not started with a network it was not given, or without one it was).
     assert "network" in str(unsupported(_spec(network={"address": "x"}), None))
     assert "network" in str(unsupported(_spec(), 5))
+    assert "no tap" in str(unsupported(_spec(network={"address": "x"}), 5))
+    assert unsupported(_spec(network={"address": "x", "device": "tap0"}), 5) is None
+
+
+def test_a_guest_with_egress_gets_one_virtio_net_on_the_tap_it_was_handed() -> None:
+    mac = "02:cc:64:40:00:11"
+    argv = core.agent_qemu_argv("qemu", "k", "i", core.VmSpec("tcg"), runtime_disk="r",
+                                bundle_disk="t", chan_fd=3, tap_fd=9, mac=mac)
+    assert argv[argv.index("-netdev") + 1] == "tap,id=net0,fd=9"  # a descriptor, no script
+    assert argv[argv.index("-netdev") + 3] == f"virtio-net-device,netdev=net0,mac={mac}"
+    assert argv.count("-netdev") == 1
+    pc = core.agent_qemu_argv("qemu", "k", "i", core.VmSpec("tcg", "pc"), runtime_disk="r",
+                              bundle_disk="t", chan_fd=3, tap_fd=9, mac=mac)
+    assert f"virtio-net-pci,netdev=net0,mac={mac}" in pc
+    with pytest.raises(ValueError, match="MAC"):
+        core.agent_qemu_argv("qemu", "k", "i", core.VmSpec("tcg"), runtime_disk="r",
+                             bundle_disk="t", chan_fd=3, tap_fd=9, mac="52:54:00:12:34:56,x=y")
+
+
+def test_the_guest_agent_configures_its_nic_with_the_kernels_own_structs() -> None:
+    import struct
+
+    from cellcloud.microvm import guest_vm
+
+    sin = guest_vm.sockaddr_in("100.64.0.17")
+    assert len(sin) == 16 and sin[:2] == struct.pack("=H", socket.AF_INET)
+    assert sin[4:8] == socket.inet_aton("100.64.0.17") and sin[8:] == bytes(8)
+    req = guest_vm.ifreq("eth0", sin)
+    assert len(req) == 40 and req[:16] == b"eth0" + bytes(12) and req[16:32] == sin
+    with pytest.raises(ValueError):
+        guest_vm.ifreq("a-name-too-long-", b"")
+    rt = guest_vm.default_route("100.64.0.1")
+    assert len(rt) == guest_vm.RTENTRY_BYTES
+    assert rt[8:24] == guest_vm.sockaddr_in("0.0.0.0")  # rt_dst
+    assert rt[24:40] == guest_vm.sockaddr_in("100.64.0.1")  # rt_gateway
+    assert struct.unpack_from("H", rt, 56)[0] == guest_vm.RTF_UP | guest_vm.RTF_GATEWAY
+    assert guest_vm.resolv_conf("100.64.0.1").startswith("nameserver 100.64.0.1\n")
+    assert guest_vm.resolv_conf("") == ""
 
 
 def test_the_guest_channel_frames_over_a_plain_fd() -> None:
@@ -210,3 +255,53 @@ def test_the_launcher_refuses_an_env_id_that_is_not_a_plain_name(tmp_path: objec
         with pytest.raises(ValueError, match="bad env id"):
             launcher.spawn(doc, 0, envs)
     assert os.listdir(envs) == [] and os.listdir(str(tmp_path)) == ["envs"]
+
+
+def test_the_launcher_refuses_a_network_without_its_namespace_and_a_bad_tap_name(
+        tmp_path: object) -> None:
+    from cellcloud.microvm import launcher
+
+    doc = {"spec": _spec(env_id="e1", network={"address": "100.64.0.2", "device": "tap0"})
+           .to_wire(), "vm": {"accel": "tcg", "machine": "microvm", "memory_mib": 128,
+                              "vcpus": 1}}
+    with pytest.raises(ValueError, match="namespace"):
+        launcher.spawn(doc, 3, str(tmp_path))  # a network spec and no namespace fd
+    doc["spec"] = _spec(env_id="e2").to_wire()
+    with pytest.raises(ValueError, match="namespace"):
+        launcher.spawn(doc, 3, str(tmp_path), netns_fd=4)  # a namespace for no network
+    assert os.listdir(str(tmp_path)) == []  # refused before anything was made
+    for bad in ("eth0;x", "../tap", "", "t" * 16):
+        with pytest.raises(ValueError, match="tap name"):
+            launcher.open_tap(-1, bad)
+
+
+def test_a_guest_with_a_network_device_never_starts_from_the_nic_less_snapshot(
+        tmp_path: object) -> None:
+    """The agent guest's snapshot was saved without a network device; a guest with one boots
+    cold (a restored guest would lack the NIC its QEMU now has), and gets its namespace."""
+    import asyncio
+
+    from cellcloud.microvm import agentsnap, image, snapcore
+    from cellcloud.microvm.backend import MicrovmBackend
+
+    b = MicrovmBackend(str(tmp_path))
+    b.image = image.AgentImage("sha256:" + "a" * 64, "/a", "/a/k", "/a/i", "/a/r", "6.1")
+    key = snapcore.SnapshotKey("sha256:" + "a" * 64, "QEMU 7.2", ("qemu",), b.machine,
+                               b.snapshot_memory_mib, 1, b.accel)
+    b.snapshot = agentsnap.AgentSnapshot("/snap", key, 1, 1, False)
+    sent: list[tuple[dict[str, object], int | None]] = []
+
+    def fake(request: dict[str, object], guest_end: socket.socket,
+             netns_fd: int | None = None) -> dict[str, object]:
+        sent.append((request, netns_fd))
+        return {"pid": 1, "start": "x"}
+
+    b._spawn_sync = fake  # type: ignore[method-assign]
+    memory = b.snapshot_memory_mib
+    for spawned in (asyncio.run(b.spawn(_spec(memory_mb=memory))),
+                    asyncio.run(b.spawn(_spec(memory_mb=memory, network={
+                        "address": "100.64.0.2", "device": "tap0"}), netns_fd=7))):
+        spawned.channel.close()
+    (plain, no_ns), (with_nic, ns) = sent
+    assert "snapshot" in plain and no_ns is None
+    assert "snapshot" not in with_nic and ns == 7

@@ -174,6 +174,25 @@ def test_a_tasks_slot_is_opened_to_the_host_on_its_ports_only() -> None:
             P.parse_ingress(bad)
 
 
+def test_a_microvms_slot_pins_its_guests_mac() -> None:
+    p = plan()
+    mac = p.vm_mac(0x2A)
+    addr = p.address(0x2A)
+    assert mac == "02:cc:" + ":".join(f"{b:02x}" for b in addr.packed)  # from the address
+    assert p.vm_mac(0x2B) != mac and mac != p.bridge_mac
+    veth = p.veth(0x2A)
+    assert P.slot_vm(p, 0x2A).splitlines() == [
+        f'add element bridge cellcloud_cc0a1b2c vm_ports {{ "{veth}" }}',
+        f'add element bridge cellcloud_cc0a1b2c vm_src {{ "{veth}" . {mac} }}']
+    assert P.slot_vm(p, 0x2A, add=False).startswith("delete element bridge")
+    bridge = P.ruleset(p)
+    bridge = bridge[bridge.index("table bridge"):]
+    pre = bridge[bridge.index("chain prerouting"):]
+    # only the VMs' ports are checked, before the address checks every port gets
+    assert pre.index("iifname @vm_ports iifname . ether saddr != @vm_src counter drop") \
+        < pre.index("ether type arp")
+
+
 def test_nft_accepts_the_scripts() -> None:
     """Loaded for real under a prefix of the test's own, then removed."""
     p = P.Plan(P.prefix_for(f"unit-{os.getpid()}"), ipaddress.IPv4Network("100.64.4.0/22"),
@@ -190,6 +209,11 @@ def test_nft_accepts_the_scripts() -> None:
         nft(P.slot_refresh(p, 3))
         nft(P.slot_ingress(p, 2, (("tcp", 8080), ("udp", 53))))
         nft(P.slot_ingress(p, 2, (("tcp", 8080), ("udp", 53)), add=False))
+        nft(P.slot_vm(p, 3))
+        nft(P.slot_vm(p, 3, add=False))
+        # a task without egress, and its release's rule removal with the refresh (one run)
+        nft(P.slot_no_egress(p, 2) + P.slot_ingress(p, 2, (("tcp", 8080),)))
+        nft(P.slot_ingress(p, 2, (("tcp", 8080),), add=False) + P.slot_refresh(p, 2))
         nft(P.ruleset(p))  # replacing the tables works whether or not they exist
     finally:
         nft(P.teardown(p))

@@ -4,6 +4,8 @@
   written and flushed before the next: every acknowledged record reads back after the failover
   (through the same client and through a fresh one that takes the volume over); the longest
   write pause is measured and printed.
+* a deposed reader whose old primary comes back with its epoch and bytes gets Deposed, not
+  stale bytes (reads are fenced);
 * a paused (SIGSTOP) primary is rewired away; resumed, it still believes the old epoch, and a
   writer with the old configuration gets no write acknowledged (the other replicas fence it).
 * a client whose volume another client took over gets ``Deposed`` on its next write, and the
@@ -148,6 +150,36 @@ def test_a_paused_primary_resumed_with_an_old_epoch_gets_no_write_acknowledged(
         assert any(s == "stale" for s in statuses.values()), statuses  # ...the others do
         assert await vc.read(0, 512) == b"B" * 512
         await vc.close()
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_deposed_reader_gets_no_stale_bytes_from_its_old_primary(stack: Stack) -> None:
+    """Reads are fenced: client A's primary dies; B takes the volume over (the fence cannot
+    reach the dead primary, so B rewires it away) and overwrites a block; the primary comes
+    back with A's epoch and A's bytes. A, which has not learned it is deposed, reads that
+    block: the old primary alone would serve the stale bytes; the other replicas' epoch
+    check makes the read fail as Deposed instead."""
+    async def main() -> None:
+        store = stack.store()
+        cfg = await create_volume(store, "vol-r", GIB, stack.servers, rng=random.Random(11))
+        a = VolumeClient("vol-r", store, stack.servers, client_id="host-a")
+        await a.attach()
+        await a.write(8192, b"A" * 512)
+        old = a.core.config
+        assert old is not None and old.primary == cfg.primary
+        stack.kill9(cfg.primary)
+        b = VolumeClient("vol-r", store, stack.servers, client_id="host-b")
+        await b.attach()  # fences every replica but the dead one, then rewires it away
+        await b.write(8192, b"B" * 512)
+        assert b.core.config is not None and cfg.primary not in b.core.config.replicas
+        stack.start_server(cfg.primary, stack.servers[cfg.primary].labels)  # A's epoch, A's bytes
+        with pytest.raises(Deposed):
+            await a.read(8192, 512)
+        assert await b.read(8192, 512) == b"B" * 512
+        await a.close()
+        await b.close()
         await store.close()
 
     asyncio.run(main())

@@ -275,3 +275,105 @@ def test_non_overlapping_operations_fly_together_overlapping_ones_wait() -> None
     assert done[0] == Complete(1, True, epoch=2, sent_ms=5)
     w3 = [a for a in done[1:] if isinstance(a, SendServer)]
     assert {a.server for a in w3} == {"s0", "s1", "s2"} and w3[0].request["offset"] == 5
+
+
+def test_a_read_counts_only_once_every_complete_replica_confirmed_the_epoch() -> None:
+    """Reads are fenced (docs/volumes.md): the primary's bytes are the answer, but the read
+    completes only when the other complete replicas confirmed the reader's epoch; one that
+    knows a newer epoch makes a deposed reader's read fail instead of returning stale bytes."""
+    c = ClientCore("c1", "v", SERVERS, random.Random(1))
+    _attach(c, CFG1)
+    sends = [a for a in c.submit_read(1, 0, 5, 10) if isinstance(a, SendServer)]
+    assert {(a.server, a.request["op"]) for a in sends} == {
+        ("s0", "read"), ("s1", "check"), ("s2", "check")}
+    by = {a.server: a for a in sends}
+    assert c.on_server(by["s0"].rid, {"status": OK, "data": b"hello"}, 11) == []
+    assert c.on_server(by["s1"].rid, {"status": OK}, 12) == []
+    assert c.on_server(by["s2"].rid, {"status": OK}, 13) == [
+        Complete(1, True, data=b"hello", epoch=2, sent_ms=10)]
+    # Deposed without knowing it: the old primary still serves, a survivor says stale.
+    sends = [a for a in c.submit_read(2, 0, 5, 20) if isinstance(a, SendServer)]
+    acts: list[Any] = []
+    for a in sends:
+        reply = {"status": STALE, "epoch": 4} if a.server == "s1" else {
+            "status": OK, "data": b"old!!"}
+        acts += c.on_server(a.rid, reply, 21)
+    assert acts == [CfgGet("v")]  # no Complete with the old bytes
+    other = VolumeConfig("v", 4096, 4, ("s1", "s2", "s3"), "s1", "c2", 3, ("s3",))
+    assert c.on_cfg(other, None, 22) == [Complete(2, False, error="deposed")]
+
+
+def test_a_server_answers_a_check_by_its_epoch() -> None:
+    s = ServerCore("s1")
+    assert s.on_request(_req(CFG1, "check"))[0]["status"] == OK
+    newer = VolumeConfig("v", 4096, 3, CFG1.replicas, "s0", "c2", 3)
+    assert s.on_request(_req(newer, "fence"))[0]["status"] == OK
+    reply, effects = s.on_request(_req(CFG1, "check"))
+    assert reply == {"status": STALE, "epoch": 3} and effects == []
+
+
+def test_group_commit_sends_the_writes_queued_during_a_round_as_one_round() -> None:
+    from cellcloud.volumes.core import ClientParams
+
+    c = ClientCore("c1", "v", SERVERS, random.Random(1),
+                   ClientParams(inflight_max=8, write_batch_max=3, batch_bytes_max=64))
+    _attach(c, CFG1)
+    r1 = [a for a in c.submit_write(1, 0, b"a" * 8, 5) if isinstance(a, SendServer)]
+    assert [a.request["op"] for a in r1] == ["write"] * 3  # alone: a plain write
+    # While that round is in flight, writes wait (a read may go); then they go together.
+    assert c.submit_write(2, 100, b"b" * 8, 6) == []
+    assert c.submit_write(3, 200, b"c" * 8, 6) == []
+    assert c.submit_write(4, 300, b"d" * 8, 6) == []
+    assert c.submit_write(5, 400, b"e" * 8, 6) == []  # a fourth: past write_batch_max
+    assert c.submit_read(6, 1000, 8, 6) != []
+    done: list[Any] = []
+    for a in r1:
+        done += c.on_server(a.rid, {"status": OK}, 7)
+    assert done[0] == Complete(1, True, epoch=2, sent_ms=5)
+    r2 = [a for a in done[1:] if isinstance(a, SendServer)]
+    assert {a.server for a in r2} == {"s0", "s1", "s2"}
+    assert all(a.request["op"] == "write_batch" for a in r2)
+    assert r2[0].request["writes"] == [[100, b"b" * 8], [200, b"c" * 8], [300, b"d" * 8]]
+    done = []
+    for a in r2[:2]:
+        done += c.on_server(a.rid, {"status": OK}, 8)
+    assert done == []  # a round is acknowledged only when every replica answered
+    done = c.on_server(r2[2].rid, {"status": OK}, 9)
+    assert done[:3] == [Complete(i, True, epoch=2, sent_ms=7) for i in (2, 3, 4)]
+    r3 = [a for a in done[3:] if isinstance(a, SendServer)]
+    assert [a.request["op"] for a in r3] == ["write"] * 3 and r3[0].request["offset"] == 400
+    assert c.batches == 1
+
+
+def test_a_server_applies_a_write_batch_as_one_request() -> None:
+    s = ServerCore("s1")
+    reply, effects = s.on_request(_req(CFG1, "write_batch", writes=[[0, b"ab"], [10, b"cd"]]))
+    assert reply["status"] == OK
+    assert [e for e in effects if isinstance(e, WriteData)] == [
+        WriteData("v", 0, b"ab"), WriteData("v", 10, b"cd")]
+    for bad in ([], [[0, b"x"], [4095, b"yz"]], [[0, "str"]], [[0]] * 2):
+        assert s.on_request(_req(CFG1, "write_batch", writes=bad))[0]["status"] == INVALID
+
+
+def test_a_snapshot_is_frozen_by_a_complete_replica_of_the_current_epoch() -> None:
+    from cellcloud.volumes.core import NOT_READY, DropFrozen, FreezeData, ReadFrozen
+
+    s = ServerCore("s0")
+    reply, effects = s.on_request(_req(CFG1, "snapshot", snapshot="snap-0123456789abcdef0"))
+    assert reply["status"] == OK and effects[-1] == FreezeData("v", "snap-0123456789abcdef0")
+    newer = VolumeConfig("v", 4096, 2, ("s0", "s1", "s3"), "s0", catching_up=("s3",))
+    s.on_request(_req(newer, "fence"))
+    # an older configuration's snapshot request is stale (it may miss newer writes' order)
+    assert s.on_request(_req(CFG1, "snapshot", snapshot="snap-0123456789abcdef0"))[0] == {
+        "status": STALE, "epoch": 2}
+    # a replica still being re-mirrored holds no complete copy
+    assert ServerCore("s3").on_request(_req(newer, "snapshot", snapshot="snap-01234567"))[
+        0]["status"] == NOT_READY
+    assert s.on_request(_req(newer, "snapshot", snapshot="../etc"))[0]["status"] == INVALID
+    # the frozen copy is read and dropped without the fence (it does not change)
+    read = {"op": "snapshot_read", "volume": "v", "snapshot": "snap-01234567", "offset": 0,
+            "length": 4096}
+    assert s.on_request(read) == ({"status": OK}, [ReadFrozen("v", "snap-01234567", 0, 4096)])
+    assert s.on_request({**read, "length": 2 << 20})[0]["status"] == INVALID
+    assert s.on_request({"op": "snapshot_drop", "volume": "v", "snapshot": "snap-01234567"}
+                        ) == ({"status": OK}, [DropFrozen("v", "snap-01234567")])

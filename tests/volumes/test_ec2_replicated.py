@@ -105,3 +105,79 @@ def test_ec2_volumes_on_storage_servers(tmp_path: Path) -> None:
         api.loop.run_until_complete(region_volumes.close())
     finally:
         stack.stop_all()
+
+
+def test_a_snapshot_of_an_attached_replicated_volume_restores_its_point_in_time(
+        tmp_path: Path) -> None:
+    """CreateSnapshot of a replicated volume while its writer is attached and writing: the
+    snapshot holds every write acknowledged before the call and none made after it; a volume
+    created from it (replicated too) reads back exactly that point."""
+    from cellcloud.store.client import StoreClient
+    from cellcloud.volumes.client import VolumeClient, load_servers
+
+    stack = Stack(str(tmp_path), store_nodes=3, servers=4)
+    api = Api(SqliteConfigStore(str(tmp_path / "config.db")), str(tmp_path / "data"))
+    run = api.loop.run_until_complete
+    store = None
+    try:
+        servers = _servers_file(str(tmp_path / "servers.json"), stack, list(stack.servers))
+        region_volumes = api.ec2.volumes = RegionVolumes(stack.colony_path, servers)
+        vid = api.create(1)["VolumeId"]
+        rec = run(api.ec2.attach(A, vid, "task/t1"))
+        store = StoreClient.from_file(stack.colony_path)
+
+        def client(volume_id: str, name: str) -> VolumeClient:
+            vc = VolumeClient(volume_id, store, load_servers(servers), client_id=name)
+            run(vc.attach())
+            return vc
+
+        writer = client(vid, f"task/t1@{rec['attach_epoch']}")
+        mib = 1 << 20
+        before = {i * 3 * mib + 512 * i: bytes([i + 1]) * 8192 for i in range(12)}
+        before[900 * mib] = b"far" * 1000  # a sparse volume: most of it holes
+        for off, data in before.items():
+            run(writer.write(off, data))
+        sid = api.ok("CreateSnapshot", {"VolumeId": vid})["SnapshotId"]  # attached: allowed
+        after = {off: b"\xee" * len(data) for off, data in list(before.items())[:6]}
+        after.update({(40 + i) * mib: b"\xdd" * 4096 for i in range(6)})
+        for off, data in after.items():  # written after the snapshot's point
+            run(writer.write(off, data))
+
+        api.wait_copies()
+        (snap,) = api.ok("DescribeSnapshots", {"SnapshotIds": [sid]})["Snapshots"]
+        assert snap["State"] == "completed", snap
+        assert not [p for p in tmp_path.glob("s*/*.frozen")]  # the frozen copy was dropped
+
+        async def frozen_by() -> list[str]:  # the servers that made a frozen copy
+            out = []
+            for sid, addr in stack.servers.items():
+                c = transport.Client(addr.host, addr.port)
+                try:
+                    if (await c.call("stats", {}, timeout_s=30))["snapshots"]:
+                        out.append(sid)
+                finally:
+                    await c.close()
+            return out
+
+        assert len(run(frozen_by())) == 1
+        restored = api.ok("CreateVolume", {"AvailabilityZone": ZONE, "SnapshotId": sid})
+        assert restored["State"] == "creating" and restored["SnapshotId"] == sid
+        api.wait_copies()
+        (vol,) = api.ok("DescribeVolumes", {"VolumeIds": [restored["VolumeId"]]})["Volumes"]
+        assert vol["State"] == "available", vol
+        check = client(restored["VolumeId"], "check")  # replicated: it has a config cell
+        for off, data in before.items():
+            assert run(check.read(off, len(data))) == data, off
+        for off, data in after.items():
+            if off not in before:
+                assert run(check.read(off, len(data))) == bytes(len(data)), off
+        for off, data in after.items():  # the source has moved on
+            assert run(writer.read(off, len(data))) == data
+        run(check.close())
+        run(writer.close())
+        run(region_volumes.close())
+    finally:
+        if store is not None:
+            run(store.close())
+        api.close()
+        stack.stop_all()

@@ -97,6 +97,12 @@ def receive(path: str, extras: dict[str, socket.socket] | None = None,
                     net.close()  # nobody to hand it to: the helper tears down on EOF
                 else:
                     extras["network"] = net
+            elif doc["t"] == "volumes":  # the volume helper's channel (volumes/helper.py)
+                vol = socket.socket(fileno=fds[0])
+                if extras is None:
+                    vol.close()  # nobody to hand it to: the helper detaches on EOF
+                else:
+                    extras["volumes"] = vol
             elif doc["t"] == "task":
                 if tasks is None:
                     for fd in fds:
@@ -166,6 +172,9 @@ def _send(conn: socket.socket, agent: Any, listen_fd: int,
         network = getattr(agent, "network", None)
         if network is not None:
             send_message(conn, {"t": "network"}, [network.detach()])
+        volumes = getattr(agent, "volumes", None)
+        if volumes is not None:
+            send_message(conn, {"t": "volumes"}, [volumes.channel_for_handover()])
         send_message(conn, {"t": "done", "n": n})
     finally:
         os.close(listen_fd)

@@ -43,6 +43,7 @@ from ..sandbox.unpack import extract_zip
 from ..security import attestation, pki
 from ..transport import OpError, Server, Stream, protocol_stats
 from ..transport.codec import FrameReader, frame_read_bytes, pack_parts
+from ..volumes.helper_client import VolumeHelperClient
 from . import lockdown
 from .images import LayerCache
 from .tasks import TaskRunner
@@ -379,6 +380,9 @@ class Agent:
         # The network helper (started before the lock-down); None: environments get only
         # their own loopback.
         self.network = network
+        # The volume helper (volumes/helper.py; started before the lock-down with
+        # --volumes-run-dir): None: a task with managed volumes is refused.
+        self.volumes: VolumeHelperClient | None = None
         self.memory_used_bytes = 0  # refreshed by housekeeping from the cgroups
         # Tests only (negative controls): isolation layers to switch off. Never set from the
         # API: create_env builds every EnvSpec itself.
@@ -572,7 +576,9 @@ class Agent:
         try:
             if (self.network is not None and "net_ns" not in spec.disabled_layers
                     and network_setting != "none"):
-                lease = await asyncio.to_thread(self.network.acquire, env_id, net_allow)
+                # A microVM's namespace holds a tap for its guest (network/helper.py).
+                lease = await asyncio.to_thread(self.network.acquire, env_id, net_allow, None,
+                                                self.backend.name == "microvm")
                 spec.network, netns_fd = lease.info, lease.netns_fd
             spawned = await (self.backend.spawn(spec) if netns_fd is None
                              else self.backend.spawn(spec, netns_fd=netns_fd))
@@ -1393,6 +1399,8 @@ class Agent:
             time.sleep(0.02)  # polling a condition (processes gone), bounded by the deadline
         if self.network is not None:
             self.network.close()  # the helper removes the bridge, veths, netns and tables
+        if self.volumes is not None:
+            self.volumes.close()  # the helper detaches every task volume still attached
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -1428,10 +1436,6 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("cgroups: %s", cgroups.favor_dynmods("/run/cellcloud/cgroup-dynmods"))
     backend: Backend
     if args.backend == "microvm":
-        if args.network != "none":
-            log.error("--backend microvm: environments have no network device yet; "
-                      "run with --network none")
-            raise SystemExit(3)
         from ..microvm.backend import MicrovmBackend
 
         backend = MicrovmBackend(state_dir, snapshots=args.microvm_snapshots,
@@ -1469,6 +1473,7 @@ async def serve(args: argparse.Namespace) -> None:
             log.error("%s", e)
             backend.close()
             raise SystemExit(3) from e
+    handed_volumes = handed.pop("volumes", None)  # the volume helper, kept (below)
     for unused in handed.values():
         unused.close()  # a helper handed to an agent without a network tears down on EOF
     found = runtimes.find()  # probes other interpreters: also before the lock-down
@@ -1480,6 +1485,22 @@ async def serve(args: argparse.Namespace) -> None:
                   layer_cache_bytes_max=args.layer_cache_bytes_max,
                   identity=pki.tls_config(args.pki_dir or state_dir, args.region, "agent",
                                           args.cell, args.agent_id))
+    if handed_volumes is not None:  # live update: the predecessor's helper and mounts
+        agent.volumes = VolumeHelperClient.adopt(handed_volumes)
+    elif args.volumes_run_dir:  # before the lock-down: the helper mounts and dials out
+        agent.volumes = VolumeHelperClient(
+            os.path.abspath(args.volumes_run_dir), os.path.abspath(args.volumes_data_dir or
+                                                                   args.volumes_run_dir),
+            args.volumes_colony, args.volumes_servers, args.volumes_pki_dir, args.region)
+        try:
+            agent.volumes.start()
+        except OSError as e:
+            log.error("%s", e)
+            agent.volumes = None
+            backend.close()
+            if network is not None:
+                network.close()
+            raise SystemExit(3) from e
     if args.experiment_faults:
         _install_experiment_faults(agent)
     if args.netns:
@@ -1518,6 +1539,8 @@ async def serve(args: argparse.Namespace) -> None:
             agent.backend.close()
             if agent.network is not None:
                 agent.network.forget()  # the successor holds the helper's channel now
+            if agent.volumes is not None:
+                agent.volumes.forget()  # and the volume helper's
             log.warning("handed over; exiting without touching the environments")
         else:
             agent.close()
@@ -1602,6 +1625,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="connections tracked at once per environment (then new ones dropped)")
     p.add_argument("--dns-upstream", action="append", default=[],
                    help="resolver the DNS forwarder asks (default: /etc/resolv.conf's)")
+    p.add_argument("--volumes-run-dir", default=None,
+                   help="start the volume helper (tasks' managed volumes), mounting under here")
+    p.add_argument("--volumes-data-dir", default=None,
+                   help="the control plane's volume files (volumes not on storage servers)")
+    p.add_argument("--volumes-colony", default="", help="the store colony of volumes' cells")
+    p.add_argument("--volumes-servers", default="", help="the storage servers file")
+    p.add_argument("--volumes-pki-dir", default="",
+                   help="the region's PKI (mutual TLS to storage servers as role volume)")
     p.add_argument("--no-lockdown", action="store_true", help="tests only: skip seccomp")
     p.add_argument("--insecure", action="store_true",
                    help="development only: plain-text internal links")

@@ -17,6 +17,7 @@ task manager from ``core/ecs_tasks.py``; this runner only does what it is told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -25,6 +26,7 @@ import re
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
@@ -44,6 +46,7 @@ W = TypeVar("W", bound="_Wire")
 
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CONTAINER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # ECS's container name pattern
+VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$")
 channel_frame_bytes_max = 8 * 1024 * 1024
 stop_margin_s = 10.0  # past grace_s, the container's guest itself is killed
@@ -187,6 +190,20 @@ def _parse(kind: type[W], body: Any) -> W:
         raise _refuse(str(e)) from e
 
 
+def _check_volumes(req: m.TaskCreateRequest) -> None:
+    names = [v.name for v in req.volumes]
+    if len(set(names)) != len(names) or not all(VOLUME_NAME.match(n) for n in names):
+        raise _refuse("volumes: unique names of letters, digits, '_' and '-'")
+    for c in req.containers:
+        for mt in c.mounts:
+            if mt.volume not in names:
+                raise _refuse(f"container {c.name}: mount of {mt.volume!r}, not a task volume")
+            parts = mt.path.split("/")
+            if not mt.path.startswith("/") or mt.path == "/" or "" in parts[1:] \
+                    or "." in parts or ".." in parts or "\0" in mt.path:
+                raise _refuse(f"container {c.name}: mount path must be absolute and normal")
+
+
 class TaskRunner:
     """The task ops of one agent (registered in ``Agent.ops``)."""
 
@@ -195,6 +212,8 @@ class TaskRunner:
         self.tasks: dict[str, _Task] = {}
         self._creating: set[str] = set()  # task ids whose task_create is under way
         self._exec_ids = itertools.count(1)
+        # Managed volumes attached by the volume helper: task id -> volume name -> host path
+        self.volume_paths: dict[str, dict[str, str]] = {}
         self.counters = {"tasks_created": 0, "tasks_destroyed": 0, "containers_started": 0,
                          "containers_exited": 0, "execs": 0}
 
@@ -218,6 +237,7 @@ class TaskRunner:
         self._admitting()
         req = _parse(m.TaskCreateRequest, body)
         self._check(req)
+        _check_volumes(req)
         if req.task_id in self.tasks or req.task_id in self._creating:
             raise OpError("TaskExists", req.task_id)
         self._creating.add(req.task_id)
@@ -254,25 +274,45 @@ class TaskRunner:
         cg = cgroups.Cgroup(agent.cgroup_group, f"task-{req.task_id}")
         netns_fd = -1
         info: dict[str, Any] = {}
-        try:
-            if cg.version:
-                period = DEFAULT_LIMITS.env_cpu_period_us
-                cg.create(cgroups.Limits(
-                    req.memory_mib * 2**20, agent.pids_max, req.memory_mib,
-                    cpu_quota_us=max(DEFAULT_LIMITS.env_cpu_quota_us_min,
-                                     period * req.cpu_units // 1024),
-                    cpu_shares=req.cpu_units))
-            elif not agent.allow_unlimited:
-                raise OpError("TaskCreateFailed", f"no cgroup hierarchy at {cgroups.ROOT}: the "
-                              "task's cpu and memory cannot be enforced")
-            if agent.network is not None and req.network != "none":
-                ingress = [f"{p.protocol}:{p.container_port}"
-                           for c in req.containers for p in c.port_mappings]
-                lease = await asyncio.to_thread(agent.network.acquire, f"task-{req.task_id}",
-                                                list(req.net_allow), ingress)
-                netns_fd, info = lease.netns_fd, lease.info
+        # The network namespace (a helper round trip and an nft run) is asked for first and
+        # the cgroup made while it comes: one after the other they were most of task_create.
+        if agent.network is not None and req.network != "none":
+            ingress = [f"{p.protocol}:{p.container_port}"
+                       for c in req.containers for p in c.port_mappings]
+            net_call: Callable[[], Any] = functools.partial(
+                agent.network.acquire, f"task-{req.task_id}", list(req.net_allow), ingress,
+                egress=req.network != "private")
+        else:
+            net_call = linux.new_netns_fd
+        net_job = asyncio.ensure_future(asyncio.to_thread(net_call))
+
+        async def wait_network() -> None:
+            nonlocal netns_fd, info
+            got = await net_job
+            if isinstance(got, int):
+                netns_fd = got
             else:
-                netns_fd = await asyncio.to_thread(linux.new_netns_fd)
+                netns_fd, info = got.netns_fd, got.info
+        try:
+            try:
+                if cg.version:
+                    period = DEFAULT_LIMITS.env_cpu_period_us
+                    cg.create(cgroups.Limits(
+                        req.memory_mib * 2**20, agent.pids_max, req.memory_mib,
+                        cpu_quota_us=max(DEFAULT_LIMITS.env_cpu_quota_us_min,
+                                         period * req.cpu_units // 1024),
+                        cpu_shares=req.cpu_units))
+                elif not agent.allow_unlimited:
+                    raise OpError("TaskCreateFailed", f"no cgroup hierarchy at "
+                                  f"{cgroups.ROOT}: the task's cpu and memory cannot be "
+                                  "enforced")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await wait_network()  # so that what it got is given back below
+                raise
+            await wait_network()
+            if req.volumes:  # last: nothing after it can fail, so no detach on this path
+                self.volume_paths[req.task_id] = await self._attach_volumes(req)
         except BaseException as e:
             for h in holds:
                 agent.images.release(h)
@@ -309,6 +349,7 @@ class TaskRunner:
             image_workdir=c.workdir, image_env=dict(c.env), network=dict(task.network),
             guest="container", cgroup_name=os.path.basename(task.cgroup.rel),
             hostname=task.req.hostname or req.task_id[:63])
+        spec.volume_mounts = self._volume_mounts(req.task_id, c)
         ctr.state, ctr.exit_code, ctr.exited_ms, ctr.reason = "running", None, None, ""
         ctr.cgroup = task.cgroup if task.cgroup.version else None
         ctr.oom_base = ctr.cgroup.usage().oom_kills if ctr.cgroup else 0
@@ -431,8 +472,53 @@ class TaskRunner:
             await asyncio.sleep(0.02)
         if task.cgroup.version and not task.cgroup.destroy():
             self.agent.remove_cgroup_later(task.cgroup)  # housekeeping retries it
+        await self._detach_volumes(req.task_id)  # its processes (and their mounts) are gone
         self.counters["tasks_destroyed"] += 1
         return m.TaskDestroyReply(True).to_wire()
+
+    # -- managed volumes (the volume helper: volumes/helper.py) -------------------------------
+    async def _attach_volumes(self, req: m.TaskCreateRequest) -> dict[str, str]:
+        """Each volume attached on this host (FUSE file, loop device, ext4) under the
+        attachment the control plane took; all or none."""
+        helper = self.agent.volumes
+        if helper is None:
+            raise OpError("VolumesUnavailable", "the task has managed volumes and this agent "
+                          "runs without a volume helper (--volumes-run-dir)")
+        if getattr(self.agent.backend, "name", "") != "jail":  # the jail binds the mounts
+            raise OpError("VolumesUnavailable", "managed volumes need the jail backend")
+        paths: dict[str, str] = {}
+        target = f"task/{req.task_id}"
+        try:
+            for v in req.volumes:
+                paths[v.name] = await asyncio.to_thread(
+                    helper.attach, f"{req.task_id}-{v.name}", req.account, v.volume_id,
+                    v.size_gib, v.attach_epoch, v.replicated, target)
+        except BaseException as e:
+            for name in paths:
+                try:
+                    await asyncio.to_thread(helper.detach, f"{req.task_id}-{name}")
+                except (OSError, RuntimeError) as d:
+                    log.warning("task %s: detaching volume %s: %s", req.task_id, name, d)
+            if isinstance(e, RuntimeError):
+                raise OpError("VolumeAttachFailed", str(e)[-2000:]) from e
+            raise
+        return paths
+
+    def _volume_mounts(self, task_id: str, c: m.TaskContainer) -> list[dict[str, Any]]:
+        paths = self.volume_paths.get(task_id, {})
+        return [{"source": paths[mt.volume], "target": mt.path, "read_only": mt.read_only}
+                for mt in c.mounts if mt.volume in paths]
+
+    async def _detach_volumes(self, task_id: str) -> None:
+        paths = self.volume_paths.pop(task_id, {})
+        helper = self.agent.volumes
+        for name in paths:
+            if helper is None:
+                break
+            try:
+                await asyncio.to_thread(helper.detach, f"{task_id}-{name}")
+            except (OSError, RuntimeError) as e:
+                log.warning("task %s: detaching volume %s: %s", task_id, name, e)
 
     # -- internals ----------------------------------------------------------------------------
     def _check(self, req: m.TaskCreateRequest) -> None:
@@ -445,7 +531,7 @@ class TaskRunner:
                           "(this agent's memory budget)")
         if req.hostname and not HOSTNAME.match(req.hostname):
             raise _refuse("hostname: a host name of at most 63 characters")
-        if req.network not in ("", "egress", "none"):
+        if req.network not in ("", "egress", "none", "private"):
             raise OpError("InvalidNetwork", f"unknown network setting {req.network!r}")
         if req.net_allow and req.network != "egress":
             raise OpError("InvalidNetwork", "an allow-list needs the egress mode")
@@ -587,7 +673,8 @@ class TaskRunner:
                 containers[name] = doc
             out.append(({"t": "task", "req": task.req.to_wire(), "network": task.network,
                          "cgroup": os.path.basename(task.cgroup.rel),
-                         "containers": containers}, fds))
+                         "containers": containers,
+                         "volume_paths": self.volume_paths.get(task.req.task_id, {})}, fds))
         return out
 
     async def adopt(self, handed: list[tuple[dict[str, Any], list[int]]]) -> int:
@@ -604,6 +691,9 @@ class TaskRunner:
                 agent.images.adopt(holder, [agent.images.layer_dir(d) for d in c.image_layers])
                 task.holds.append(holder)
             self.tasks[req.task_id] = task
+            if doc.get("volume_paths"):  # attached by the (handed-over) volume helper
+                self.volume_paths[req.task_id] = {
+                    str(k): str(v) for k, v in doc["volume_paths"].items()}
             for name, cdoc in doc["containers"].items():
                 ctr = task.containers[name]
                 ctr.exit_code, ctr.reason = cdoc["exit_code"], str(cdoc["reason"])

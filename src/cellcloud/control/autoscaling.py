@@ -4,11 +4,14 @@
 (control/ecs.py hands it here).
 
 Only ``ServiceNamespace`` ``ecs`` and ``ScalableDimension`` ``ecs:service:DesiredCount``;
-``TargetTrackingScaling`` policies on ``ECSServiceAverageCPUUtilization`` or
+``TargetTrackingScaling`` policies on ``ECSServiceAverageCPUUtilization``, cellcloud's own
+``ECSServiceAverageConcurrency`` (requests in flight per task) or
 ``ALBRequestCountPerTarget`` (here: requests proxied through the Host routing to the service,
-per RUNNING healthy task, per ``ecs_autoscale_period_ms``). The state and the scaler live in
-the tenant's cell next to the service loop (frontend/services.py, ops ``service_scaling_*``),
-which has the metrics; any member cellcloud does not honour is refused by name.
+per RUNNING healthy task, a per-minute rate sampled each ``ecs_autoscale_sample_interval_ms``);
+up to ``ecs_scaling_policies_per_target_max`` policies on one target (out if any says out, in
+only if all say in). The state and the scalers live in the tenant's cell next to the service
+loop (frontend/services.py, ops ``service_scaling_*``), which has the metrics; any member
+cellcloud does not honour is refused by name.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ if TYPE_CHECKING:
 
 TARGET_PREFIX = core_autoscale.TARGET_PREFIX
 DIMENSION = "ecs:service:DesiredCount"
-METRICS = ("ECSServiceAverageCPUUtilization", "ALBRequestCountPerTarget")
+# ECSServiceAverageConcurrency is cellcloud's own (no AWS metric has that name): the requests
+# in flight per task, time-averaged, as Knative scales on
+METRICS = ("ECSServiceAverageCPUUtilization", "ALBRequestCountPerTarget",
+           "ECSServiceAverageConcurrency")
 _RESOURCE = re.compile(r"^service/([A-Za-z0-9_-]{1,255})/([A-Za-z][A-Za-z0-9_-]{0,254})$")
 _POLICY_NAME = re.compile(r"^[\x21-\x7e]{1,256}$")
 _COOLDOWN_S_MAX = 365 * 24 * 3600

@@ -10,12 +10,15 @@ one record names the one writer and its ``attach_epoch``), idempotent creates by
 ``ClientToken``. A volume's bytes are served to its attachment by the host side
 (volumes/attach.py) from a ``BlockStore``. In a region with storage servers (``volumes``, a
 ``RegionVolumes``) a new volume is replicated there: its config cell and replicas are made
-before its record (``storage: replicated``) and dropped on delete. Otherwise (and a volume
-made from a snapshot) its bytes are a FileBlockStore file under the region's ``data_dir``
-(``<state>/volumes``), which this
+before its record (``storage: replicated``) and dropped on delete; a snapshot of it (attached
+or not) is a copy a complete replica freezes during ``CreateSnapshot`` (``RegionVolumes.freeze``),
+copied into the snapshot file afterwards; a volume made from a snapshot is replicated too, the
+snapshot's bytes written into it through a volume client (creating → available). Otherwise its
+bytes are a FileBlockStore file under the region's ``data_dir`` (``<state>/volumes``), which this
 module copies for a snapshot (``CreateSnapshot``: pending → completed) and from one
 (``CreateVolume`` with ``SnapshotId``: creating → available), in a worker thread, and removes
-with the volume or snapshot. Without a ``data_dir`` snapshots are ``UnsupportedOperation``.
+with the volume or snapshot. Snapshot files are under ``data_dir`` in both cases. Without a
+``data_dir`` snapshots are ``UnsupportedOperation``.
 """
 
 from __future__ import annotations
@@ -160,21 +163,38 @@ class Ec2:
         rec: dict[str, Any] = json.loads(e.value)
         return rec, e.revision
 
+    async def _cas_record(self, key: str,
+                          change: Callable[[dict[str, Any]], dict[str, Any] | None],
+                          missing: Callable[[], Exception] | None) -> dict[str, Any] | None:
+        """Apply ``change`` to the JSON record at ``key`` by compare-and-set, read again and
+        retried on a lost race (``ec2_cas_attempts_max`` tries, then ``Unavailable``);
+        ``change`` returns the new record, or None for no write (the record is returned
+        either way). No record: ``missing()`` is raised, or None is returned without it."""
+        for _ in range(self.limits.ec2_cas_attempts_max):
+            e = await self.store.get(key)
+            if e is None:
+                if missing is None:
+                    return None
+                raise missing()
+            rec: dict[str, Any] = json.loads(e.value)
+            new = change(rec)
+            if new is None:
+                return rec
+            if await self.store.cas(key, e.revision, json.dumps(new).encode()) is not None:
+                return new
+            self.counters["cas_lost"] += 1
+        raise _busy()
+
     async def _change(self, account: str, volume_id: str,
                       change: Callable[[dict[str, Any]], dict[str, Any] | None]
                       ) -> dict[str, Any]:
         """Apply ``change`` to a volume's record by compare-and-set (retried on a lost race);
         ``change`` returns the new record, or None for no write."""
-        for _ in range(self.limits.ec2_cas_attempts_max):
-            rec, rev = await self._get(account, volume_id)
-            new = change(rec)
-            if new is None:
-                return rec
-            if await self.store.cas(self._key(account, volume_id), rev,
-                                    json.dumps(new).encode()) is not None:
-                return new
-            self.counters["cas_lost"] += 1
-        raise _busy()
+        vols.check_volume_id(volume_id)
+        rec = await self._cas_record(self._key(account, volume_id), change,
+                                     lambda: vols.volume_not_found(volume_id))
+        assert rec is not None  # (a missing record raised)
+        return rec
 
     # -- volumes -------------------------------------------------------------------------------
     async def create_volume(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -225,12 +245,15 @@ class Ec2:
             except (OSError, StoreBusy) as e:
                 raise Ec2Error("IncorrectState", f"Snapshot {snap['id']}'s bytes cannot be "
                                f"read: {e}") from None
-        if snap is None and self.volumes is not None:
+        if self.volumes is not None:
             # Its replicas and config cell first: a record never names a volume without them
-            # (a retried create finds them made and goes on).
+            # (a retried create finds them made and goes on). One from a snapshot is
+            # replicated too: the snapshot's bytes are written into it (creating → available).
             try:
                 await self.volumes.create(volume_id, spec.size_gib * GiB)
             except (VolumeError, StoreError) as e:
+                if fd is not None:
+                    os.close(fd)
                 raise Ec2Error("InsufficientVolumeCapacity", f"The volume's replicas could "
                                f"not be placed: {e}", 503) from None
             rec["storage"] = "replicated"
@@ -388,14 +411,10 @@ class Ec2:
         if not ident.startswith("snap-"):
             await self._change(account, ident, lambda rec: {**rec, "tags": change(rec["tags"])})
             return
-        for _ in range(self.limits.ec2_cas_attempts_max):
-            rec, rev = await self._get_snapshot(account, ident)
-            rec["tags"] = change(rec["tags"])
-            if await self.store.cas(self._snap_key(account, ident), rev,
-                                    json.dumps(rec).encode()) is not None:
-                return
-            self.counters["cas_lost"] += 1
-        raise _busy()
+        vols.check_snapshot_id(ident)
+        await self._cas_record(self._snap_key(account, ident),
+                               lambda rec: {**rec, "tags": change(rec["tags"])},
+                               lambda: vols.snapshot_not_found(ident))
 
     async def create_tags(self, account: str, params: dict[str, Any]) -> dict[str, Any]:
         ids = self._resources(params)
@@ -521,16 +540,10 @@ class Ec2:
             await asyncio.gather(*list(self._copies.values()), return_exceptions=True)
 
     async def _finish(self, key: str, ident: str, state: str, extra: dict[str, Any]) -> None:
-        for _ in range(self.limits.ec2_cas_attempts_max):
-            e = await self.store.get(key)
-            if e is None:  # deleted meanwhile
-                return
-            rec = json.loads(e.value)
-            if await self.store.cas(key, e.revision, json.dumps(
-                    {**rec, "state": state, **extra}).encode()) is not None:
-                return
-            self.counters["cas_lost"] += 1
-        log.warning("%s: could not record its copy's end (%s)", ident, state)
+        try:  # no record: deleted meanwhile, nothing to record
+            await self._cas_record(key, lambda rec: {**rec, "state": state, **extra}, None)
+        except Ec2Error:
+            log.warning("%s: could not record its copy's end (%s)", ident, state)
 
     def _start_snapshot(self, account: str, snap: dict[str, Any], fd: int | None,
                         opened: bool) -> None:
@@ -540,16 +553,24 @@ class Ec2:
 
         async def copy() -> None:
             try:
-                source = fd
-                if not opened:  # the volume's record says whether no file means zeros
-                    exists = await self.store.get(self._key(account, snap["volume_id"]))
-                    source = await asyncio.to_thread(
-                        open_source, volume_file(data_dir, account, snap["volume_id"]),
-                        exists is not None)
-                await asyncio.to_thread(
-                    copy_extents, source, snapshot_file(data_dir, account, snap["id"]),
-                    snap["size_gib"] * GiB)
-            except (OSError, StoreBusy) as e:
+                if snap.get("storage") == "replicated":
+                    # the frozen copy a storage server made at the snapshot's point in time
+                    if self.volumes is None:
+                        raise VolumeError("this region has no storage servers now")
+                    await self.volumes.copy_frozen(
+                        snap["volume_id"], snap["id"], snap["frozen_on"],
+                        snapshot_file(data_dir, account, snap["id"]), snap["size_gib"] * GiB)
+                else:
+                    source = fd
+                    if not opened:  # the volume's record says whether no file means zeros
+                        exists = await self.store.get(self._key(account, snap["volume_id"]))
+                        source = await asyncio.to_thread(
+                            open_source, volume_file(data_dir, account, snap["volume_id"]),
+                            exists is not None)
+                    await asyncio.to_thread(
+                        copy_extents, source, snapshot_file(data_dir, account, snap["id"]),
+                        snap["size_gib"] * GiB)
+            except (OSError, StoreBusy, VolumeError, StoreError) as e:
                 log.warning("snapshot %s failed: %s", snap["id"], e)
                 await self._finish(self._snap_key(account, snap["id"]), snap["id"], "error",
                                    {"message": f"The copy failed: {e}"})
@@ -568,10 +589,17 @@ class Ec2:
             try:
                 source = fd if opened else await asyncio.to_thread(
                     open_source, snapshot_file(data_dir, account, rec["snapshot_id"]), False)
-                await asyncio.to_thread(
-                    copy_extents, source, volume_file(data_dir, account, rec["id"]),
-                    rec["size_gib"] * GiB)
-            except (OSError, StoreBusy) as e:
+                if rec.get("storage") == "replicated":
+                    if self.volumes is None:
+                        raise VolumeError("this region has no storage servers now")
+                    # through a volume client of its own (taking the volume over: a restore a
+                    # restarted control plane runs again fences the one it lost)
+                    await self.volumes.restore(rec["id"], source, f"control/restore@{rec['id']}")
+                else:
+                    await asyncio.to_thread(
+                        copy_extents, source, volume_file(data_dir, account, rec["id"]),
+                        rec["size_gib"] * GiB)
+            except (OSError, StoreBusy, VolumeError, StoreError, TimeoutError) as e:
                 log.warning("volume %s from %s failed: %s", rec["id"], rec["snapshot_id"], e)
                 await self._finish(self._key(account, rec["id"]), rec["id"], "error", {})
                 return
@@ -592,18 +620,19 @@ class Ec2:
                                 "characters, none of them a control character")
         tags = vols.tag_specifications(params, "snapshot", self.limits)
         vol, _ = await self._get(account, volume_id)
-        if vol.get("attachment"):
-            # A point-in-time copy of a volume being written needs its writer's help (the
-            # replicated volume client's); until then only a detached volume is copied.
+        replicated = vol.get("storage") == "replicated"
+        if vol.get("attachment") and not replicated:
+            # A point-in-time copy of a volume being written needs a point the writer's
+            # writes are ordered by: a replicated volume's storage servers give one (below);
+            # a local file's writer does not, so only a detached one is copied.
             raise Ec2Error("IncorrectState", f"Volume {volume_id} is attached to "
                            f"{vol['attachment']['target']}: cellcloud snapshots detached "
-                           "volumes only (docs/volumes.md)")
-        if vol["state"] != "available":
+                           "volumes only, unless replicated (docs/volumes.md)")
+        if vol["state"] != "available" and not (replicated and vol["state"] == "in-use"):
             raise Ec2Error("IncorrectState", f"Volume {volume_id} is {vol['state']}")
-        if vol.get("storage") == "replicated":
-            raise Ec2Error("UnsupportedOperation", f"Volume {volume_id} is on the region's "
-                           "storage servers: snapshots of replicated volumes are not built "
-                           "yet (docs/volumes.md)")
+        if replicated and self.volumes is None:
+            raise Ec2Error("InternalError", f"Volume {volume_id} is replicated and this "
+                           "region has no storage servers now", 500)
         self._dry_run(params)
         if len(await self.store.list(f"{SNAPSHOTS}{account}/")) \
                 >= self.limits.ec2_snapshots_per_tenant_max:
@@ -613,14 +642,28 @@ class Ec2:
         snap = {"id": new_snapshot_id(), "volume_id": volume_id, "size_gib": vol["size_gib"],
                 "state": "pending", "started_ms": self.clock(), "description": description,
                 "tags": tags}
-        # The point of the snapshot: its bytes are opened and locked now (no file: never
-        # attached, all zeros), so a delete or an attach after this answer changes nothing.
-        try:
-            fd = await asyncio.to_thread(open_source, volume_file(
-                self._data_dir(), account, volume_id), True)
-        except StoreBusy:
-            raise Ec2Error("IncorrectState", f"Volume {volume_id}'s bytes are held by a "
-                           "writer (an attachment in progress)") from None
+        fd: int | None = None
+        if replicated:
+            # The point of the snapshot: a complete replica freezes a copy of its bytes now,
+            # between two of the volume's requests (the writer's, if attached: every write
+            # acknowledged before this call is in it). The copy to the snapshot file follows.
+            assert self.volumes is not None
+            try:
+                snap["frozen_on"] = await self.volumes.freeze(volume_id, snap["id"])
+            except (VolumeError, StoreError) as e:
+                raise Ec2Error("Unavailable", f"Volume {volume_id}'s storage servers took no "
+                               f"snapshot: {e}", 503) from None
+            snap["storage"] = "replicated"
+        else:
+            # The point of the snapshot: its bytes are opened and locked now (no file: never
+            # attached, all zeros), so a delete or an attach after this answer changes
+            # nothing.
+            try:
+                fd = await asyncio.to_thread(open_source, volume_file(
+                    self._data_dir(), account, volume_id), True)
+            except StoreBusy:
+                raise Ec2Error("IncorrectState", f"Volume {volume_id}'s bytes are held by a "
+                               "writer (an attachment in progress)") from None
         try:
             if await self.store.cas(self._snap_key(account, snap["id"]), 0,
                                     json.dumps(snap).encode()) is None:

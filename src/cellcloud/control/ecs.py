@@ -18,17 +18,20 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..core import ecs_taskdef as td
+from ..core import ecs_volumes as ev
 from ..core.ecs_taskdef import EcsError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..registry import core as reg
 from ..transport import CallTimeout, Client, RemoteError, TransportError
 from . import autoscaling as aas
 from .configstore import ConfigStore, ConfigStoreError, ConfigStoreUnavailable
+from .ec2 import Ec2
 
 log = logging.getLogger("cellcloud.control.ecs")
 
@@ -41,6 +44,9 @@ CLUSTERS = "cellcloud/ecs/clusters/"  # <account>/<name> -> the cluster
 TASKDEFS = "cellcloud/ecs/taskdefs/"  # <account>/<family>/<revision, 7 digits> -> definition
 STATUS = "cellcloud/ecs/taskdef-status/"  # <account>/<family>/<revision, 7 digits> -> status
 FAMILIES = "cellcloud/ecs/families/"  # <account>/<family> -> {"last": revision}
+# A task's managed volume (RunTask volumeConfigurations), until it is detached (and deleted,
+# deleteOnTermination) after its task stopped: <account>/<volume id> -> {cluster, task, ...}
+TASK_VOLUMES = "cellcloud/ecs/task-volumes/"
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 _REVISION_DIGITS = 7
@@ -48,11 +54,12 @@ revisions_max = 10 ** _REVISION_DIGITS - 1
 registry_check_timeout_s = 10.0
 tasks_call_timeout_s = 30.0  # the tenant's cell's ecs_tasks op (RunTask places up to 10)
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+EBS_ATTACHMENT = "AmazonElasticBlockStorage"  # a task's attachments[] entry of its volume
 _STARTED_BY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # RunTask's members cellcloud honours; any other given a value is refused by name.
 _RUN_TASK_MEMBERS = frozenset({"cluster", "taskDefinition", "count", "launchType",
                                "overrides", "startedBy", "group", "tags", "platformVersion",
-                               "clientToken"})
+                               "clientToken", "networkConfiguration"}) | {"volumeConfigurations"}
 # Errors of the cell's ecs_tasks op that are the API's own (botocore's model names them).
 _CELL_ERRORS = frozenset({"InvalidParameterException", "ClientException",
                           "LimitExceededException", "ClusterNotFoundException",
@@ -64,10 +71,11 @@ _CELL_ERRORS = frozenset({"InvalidParameterException", "ClientException",
 _CREATE_SERVICE_MEMBERS = frozenset({
     "cluster", "serviceName", "taskDefinition", "desiredCount", "clientToken", "launchType",
     "platformVersion", "deploymentConfiguration", "schedulingStrategy",
-    "deploymentController", "tags", "propagateTags"})
+    "deploymentController", "tags", "propagateTags", "networkConfiguration"})
 _UPDATE_SERVICE_MEMBERS = frozenset({
     "cluster", "service", "desiredCount", "taskDefinition", "deploymentConfiguration",
-    "platformVersion", "forceNewDeployment", "deploymentController", "propagateTags"})
+    "platformVersion", "forceNewDeployment", "deploymentController", "propagateTags",
+    "networkConfiguration"})
 _SERVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,254}$")
 
 
@@ -155,6 +163,63 @@ def _tags(v: Any) -> list[dict[str, str]]:
     if len(out) > 50:
         raise invalid("a resource has at most 50 tags")
     return out
+
+
+_SUBNET = re.compile(r"^subnet-[0-9a-z][0-9a-z-]{0,62}$")
+_SECURITY_GROUP = re.compile(r"^sg-[0-9a-z][0-9a-z-]{0,62}$")
+
+
+def network_configuration(v: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any] | None:
+    """RunTask's, CreateService's and UpdateService's ``networkConfiguration`` as ECS shapes
+    it: ``{awsvpcConfiguration: {subnets, securityGroups, assignPublicIp}}``, with
+    ``assignPublicIp`` filled in (DISABLED, as ECS's default); None: not given. The region is
+    one flat network: a subnet id (``subnet-…``, as many as ECS takes) names no placement and
+    is echoed (DescribeTasks' ENI ``subnetId`` is the first), as are the security groups
+    (``sg-…``), which all stand for the one rule set every task has (the host and the router
+    reach its mapped ports, nothing else does). ``assignPublicIp`` is what is enforced:
+    ENABLED, the task has egress under the region's policy; DISABLED, it opens no connection
+    out (docs/fargate.md)."""
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) - {"awsvpcConfiguration"}:
+        raise invalid("networkConfiguration is {awsvpcConfiguration: {subnets, "
+                      "securityGroups, assignPublicIp}}")
+    cfg = v.get("awsvpcConfiguration")
+    if not isinstance(cfg, dict):
+        raise invalid("networkConfiguration.awsvpcConfiguration is required")
+    for k in cfg:
+        if k not in ("subnets", "securityGroups", "assignPublicIp"):
+            raise invalid(f"networkConfiguration.awsvpcConfiguration.{str(k)[:40]} is not "
+                          "supported by cellcloud")
+    subnets = cfg.get("subnets")
+    if not isinstance(subnets, list) or not subnets \
+            or not all(isinstance(x, str) for x in subnets):
+        raise invalid("subnets can not be empty.")
+    if len(subnets) > limits.ecs_awsvpc_subnets_max:
+        raise invalid(f"subnets can have at most {limits.ecs_awsvpc_subnets_max} items.")
+    for x in subnets:
+        if not _SUBNET.match(x):
+            raise invalid(f"Error retrieving subnet information for {x[:80]!r}: a subnet id "
+                          "is subnet- and up to 63 lowercase letters, digits and hyphens")
+    groups = cfg.get("securityGroups")
+    if groups is None:
+        groups = []
+    if not isinstance(groups, list) or not all(isinstance(x, str) for x in groups):
+        raise invalid("securityGroups must be a list of strings")
+    if len(groups) > limits.ecs_awsvpc_security_groups_max:
+        raise invalid(f"securityGroups can have at most "
+                      f"{limits.ecs_awsvpc_security_groups_max} items.")
+    for x in groups:
+        if not _SECURITY_GROUP.match(x):
+            raise invalid(f"Error retrieving security group information for {x[:80]!r}: a "
+                          "security group id is sg- and up to 63 lowercase letters, digits "
+                          "and hyphens")
+    public = cfg.get("assignPublicIp", "DISABLED")
+    if public not in ("ENABLED", "DISABLED"):
+        raise invalid("assignPublicIp must be ENABLED or DISABLED")
+    return {"awsvpcConfiguration": {"subnets": list(dict.fromkeys(subnets)),
+                                    "securityGroups": list(dict.fromkeys(groups)),
+                                    "assignPublicIp": public}}
 
 
 def parse_image(image: str) -> tuple[str, str]:
@@ -265,6 +330,8 @@ class Ecs:
             "ListServices": self.list_services,
         }
         self.autoscaling = aas.AutoScaling(self)
+        #: the EC2 volume records (control/ec2.py): a task's managed volumes are made there
+        self.ec2: Ec2 | None = None
 
     def statistics(self) -> dict[str, int]:
         return dict(self.counters)
@@ -510,6 +577,9 @@ class Ecs:
     async def register_task_definition(self, account: str, doc: dict[str, Any]
                                        ) -> dict[str, Any]:
         parsed = td.validate_task_definition(doc)
+        vol_names = ev.task_volumes(doc)
+        mounts = [ev.mount_points(c, vol_names, f"containerDefinitions[{i}]")
+                  for i, c in enumerate(doc["containerDefinitions"])]
         for c in parsed.containers:
             await self._check_image(account, c.image)
         if len(await self._index(account)) >= self.limits.ecs_task_definitions_per_tenant_max:
@@ -544,6 +614,9 @@ class Ecs:
             "registeredAt": _now_s(self.clock()),
             "registeredBy": f"arn:aws:iam::{account}:root",
         }
+        desc["volumes"] = [{"name": n, "configuredAtLaunch": True} for n in vol_names]
+        for c, mps in zip(desc["containerDefinitions"], mounts, strict=True):
+            c["mountPoints"] = [mp.to_wire() for mp in mps]
         if parsed.task_role_arn:
             desc["taskRoleArn"] = parsed.task_role_arn
         if parsed.execution_role_arn:
@@ -713,6 +786,7 @@ class Ecs:
         if len(token) > 64:
             raise invalid("clientToken is at most 64 characters")
         overrides = _container_overrides(doc.get("overrides"))
+        network = network_configuration(doc.get("networkConfiguration"), self.limits)
         cluster = await self._existing_cluster(account, doc.get("cluster"))
         if not doc.get("taskDefinition"):
             raise invalid("taskDefinition is required")
@@ -723,12 +797,161 @@ class Ecs:
         desc = found.described()
         if desc["status"] != "ACTIVE":
             raise client_error("TaskDefinition is inactive")
-        out = await self._cell(account, {
-            "op": "run", "cluster": cluster, "taskDefinition": desc, "count": count,
-            "containerOverrides": overrides, "startedBy": started_by, "group": group,
-            "tags": tags, "clientToken": token})
+        managed = ev.volume_configurations(
+            doc.get("volumeConfigurations"),
+            tuple(str(v["name"]) for v in desc.get("volumes") or []), account, self.limits)
+        volumes: dict[str, Any] = {}
+        if managed:  # made and attached to the tasks before they are placed
+            volumes = await self._make_task_volumes(account, cluster, count, managed)
+        try:
+            out = await self._cell(account, {
+                "op": "run", "cluster": cluster, "taskDefinition": desc, "count": count,
+                "containerOverrides": overrides, "startedBy": started_by, "group": group,
+                "tags": tags, "clientToken": token, **volumes,
+                **({"networkConfiguration": network} if network else {})})
+        except BaseException:
+            if volumes:
+                await self._end_task_volumes(account, volumes["taskIds"])
+            raise
         assert out is not None
+        if volumes:  # a task not placed (no room; a clientToken's earlier tasks) has none
+            placed = {t["taskArn"].rsplit("/", 1)[1] for t in out["tasks"]}
+            await self._end_task_volumes(
+                account, [i for i in volumes["taskIds"] if i not in placed])
         return out
+
+    # -- managed volumes of tasks (docs/fargate.md#volumes) -------------------------------------
+    async def _make_task_volumes(self, account: str, cluster: str, count: int,
+                                 managed: tuple[ev.ManagedVolume, ...]) -> dict[str, Any]:
+        """One volume per task and configuration, made through EC2's CreateVolume path and
+        attached to the task (its ARN the attachment's target) before the task exists: the
+        cell is given the task ids to use and each task's volumes."""
+        if self.ec2 is None:
+            raise invalid("This region serves no volumes (volumeConfigurations)")
+        ids = [uuid.uuid4().hex for _ in range(count)]
+        per_task: dict[str, list[dict[str, Any]]] = {}
+        try:
+            for task_id in ids:
+                per_task[task_id] = []
+                for mv in managed:
+                    per_task[task_id].append(
+                        await self._make_task_volume(account, cluster, task_id, mv))
+        except BaseException:
+            await self._end_task_volumes(account, ids)
+            raise
+        return {"taskIds": ids, "volumes": per_task}
+
+    async def _make_task_volume(self, account: str, cluster: str, task_id: str,
+                                mv: ev.ManagedVolume) -> dict[str, Any]:
+        from ..core.ec2_query import Ec2Error
+
+        assert self.ec2 is not None
+        params: dict[str, Any] = {"Size": mv.size_gib, "VolumeType": mv.volume_type,
+                                  "AvailabilityZone": f"{self.region}a"}
+        if mv.tags:
+            params["TagSpecification"] = [{"ResourceType": "volume", "Tag": [
+                {"Key": k, "Value": v} for k, v in mv.tags]}]
+        try:
+            made = await self.ec2.create_volume(account, params)
+        except Ec2Error as e:
+            if e.code == "VolumeLimitExceeded":
+                raise ApiError("LimitExceededException", e.message) from None
+            if e.status >= 500:
+                raise ApiError("ServerException", f"The task's volume {mv.name} could not be "
+                               f"made: {e.code}: {e.message}", 500) from None
+            raise invalid(f"volumeConfigurations {mv.name}: {e.code}: {e.message}") from None
+        volume_id = str(made["volumeId"])
+        arn = f"arn:aws:ecs:{self.region}:{account}:task/{cluster}/{task_id}"
+        record = {"cluster": cluster, "task": task_id, "name": mv.name,
+                  "delete": mv.delete_on_termination, "epoch": 0, "made_ms": self.clock()}
+        # Recorded before the attachment: whatever happens next, the sweep finds and ends it.
+        await self.store.put(f"{TASK_VOLUMES}{account}/{volume_id}", json.dumps(record).encode())
+        rec = await self.ec2.attach(account, volume_id, arn)
+        record["epoch"] = int(rec["attach_epoch"])
+        await self.store.put(f"{TASK_VOLUMES}{account}/{volume_id}", json.dumps(record).encode())
+        return {**mv.to_wire(), "volumeId": volume_id, "attachEpoch": record["epoch"],
+                "replicated": rec.get("storage") == "replicated"}
+
+    async def _end_task_volumes(self, account: str, task_ids: list[str]) -> None:
+        """The volumes of these tasks, which will not run (or ran and stopped): detached,
+        then deleted if their configuration says so (deleteOnTermination, the default)."""
+        if not task_ids:
+            return
+        wanted = set(task_ids)
+        for e in await self.store.list(f"{TASK_VOLUMES}{account}/"):
+            record = json.loads(e.value)
+            if record["task"] in wanted:
+                await self._end_task_volume(account, e.key.rsplit("/", 1)[1], record)
+
+    async def _end_task_volume(self, account: str, volume_id: str, record: dict[str, Any]
+                               ) -> None:
+        from ..core.ec2_query import Ec2Error
+
+        assert self.ec2 is not None
+        try:
+            if record["epoch"]:
+                try:
+                    await self.ec2.detach(account, volume_id, int(record["epoch"]))
+                except Ec2Error as e:
+                    if e.code not in ("IncorrectState", "InvalidVolume.NotFound"):
+                        raise
+            if record["delete"]:
+                try:
+                    await self.ec2.delete_volume(account, {"VolumeId": volume_id})
+                except Ec2Error as e:
+                    if e.code != "InvalidVolume.NotFound":
+                        raise
+        except Ec2Error as e:  # kept: the next sweep tries again
+            log.warning("task volume %s of task %s: %s: %s", volume_id, record["task"],
+                        e.code, e.message)
+            return
+        await self.store.delete(f"{TASK_VOLUMES}{account}/{volume_id}")
+        self.counters["task_volumes_ended"] = self.counters.get("task_volumes_ended", 0) + 1
+
+    async def sweep_task_volumes(self) -> int:
+        """Managed volumes whose task stopped and whose host let go of them (the cell's
+        view of the task says its volume attachment is DETACHED; or the cell no longer knows
+        the task, ``ecs_task_volume_orphan_ms`` after it was made) are ended. Answers how
+        many were."""
+        if self.ec2 is None:
+            return 0
+        by_cluster: dict[tuple[str, str], dict[str, tuple[str, dict[str, Any]]]] = {}
+        for e in await self.store.list(TASK_VOLUMES):
+            account, volume_id = e.key[len(TASK_VOLUMES):].split("/", 1)
+            record = json.loads(e.value)
+            by_cluster.setdefault((account, record["cluster"]), {})[volume_id] = (
+                record["task"], record)
+        ended = 0
+        now = self.clock()
+        for (account, cluster), vols in by_cluster.items():
+            ids = sorted({task for task, _ in vols.values()})
+            views: dict[str, dict[str, Any]] = {}
+            missing: set[str] = set()
+            for i in range(0, len(ids), 100):
+                try:
+                    out = await self._cell(account, {"op": "describe", "cluster": cluster,
+                                                     "tasks": ids[i:i + 100], "tags": False},
+                                           none_ok=True)
+                except ApiError:
+                    out = None
+                if out is None:
+                    continue
+                for t in out["tasks"]:
+                    views[t["taskArn"].rsplit("/", 1)[1]] = t
+                missing |= {f["arn"] for f in out["failures"]}
+            for volume_id, (task, record) in vols.items():
+                view = views.get(task)
+                done = False
+                if view is not None:
+                    done = view["lastStatus"] == "STOPPED" and any(
+                        a["type"] == EBS_ATTACHMENT and a["status"] == "DETACHED"
+                        for a in view.get("attachments", []))
+                elif task in missing:
+                    done = now - int(record["made_ms"]) > self.limits.ecs_task_volume_orphan_ms
+                if done:
+                    await self._end_task_volume(account, volume_id, record)
+                    ended += 1
+        return ended
 
     async def stop_task(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
         cluster = await self._existing_cluster(account, doc.get("cluster"))
@@ -848,6 +1071,10 @@ class Ecs:
         desc = found.described()
         if desc["status"] != "ACTIVE":
             raise client_error("TaskDefinition is inactive")
+        if desc.get("volumes"):
+            raise invalid("The task definition has a volume configured at launch: a service's "
+                          "volumeConfigurations are not supported by cellcloud yet (RunTask "
+                          "takes them)")
         return desc
 
     def _service_name(self, account: str, cluster: str, ident: Any) -> str:
@@ -880,11 +1107,14 @@ class Ecs:
             raise invalid("desiredCount is required for the REPLICA scheduling strategy")
         tags = _tags(doc.get("tags"))
         config = self._deployment_config(doc)
+        network = network_configuration(doc.get("networkConfiguration"), self.limits)
         cluster = await self._existing_cluster(account, doc.get("cluster"))
         desc = await self._service_taskdef(account, doc.get("taskDefinition"))
         out = await self._cell(account, {"op": "service_create", "cluster": cluster,
                                          "service": name, "taskDefinition": desc,
-                                         "desired": desired, "config": config, "tags": tags})
+                                         "desired": desired, "config": config, "tags": tags,
+                                         **({"networkConfiguration": network}
+                                            if network else {})})
         assert out is not None
         return out
 
@@ -895,6 +1125,7 @@ class Ecs:
             raise invalid("forceNewDeployment must be a boolean")
         desired = self._desired(doc, None)
         config = self._deployment_config(doc)
+        network = network_configuration(doc.get("networkConfiguration"), self.limits)
         cluster = await self._existing_cluster(account, doc.get("cluster"))
         name = self._service_name(account, cluster, doc.get("service"))
         desc = None
@@ -902,7 +1133,9 @@ class Ecs:
             desc = await self._service_taskdef(account, doc["taskDefinition"])
         out = await self._cell(account, {"op": "service_update", "cluster": cluster,
                                          "service": name, "taskDefinition": desc,
-                                         "desired": desired, "config": config, "force": force})
+                                         "desired": desired, "config": config, "force": force,
+                                         **({"networkConfiguration": network}
+                                            if network else {})})
         assert out is not None
         return out
 

@@ -82,6 +82,7 @@ class Control:
         # The EC2 API's volume subset (docs/volumes.md), forwarded by routers; volumes' and
         # snapshots' bytes (FileBlockStore files) under <state>/volumes.
         self.ec2 = Ec2(store, self.region, data_dir=os.path.join(state_dir, "volumes"))
+        self.ecs.ec2 = self.ec2  # tasks' managed volumes (RunTask volumeConfigurations)
 
     def frontend_of(self, account: str) -> Client | None:
         """The frontend of the cell that holds ``account`` (where its schedules fire)."""
@@ -372,6 +373,22 @@ async def serve(args: argparse.Namespace) -> None:
     pusher = asyncio.ensure_future(push_forever(registry, "control",
                                                 lambda: control.routers.values()))
     firing = asyncio.ensure_future(fire_schedules())
+
+    async def sweep_task_volumes() -> None:
+        """Stopped tasks' managed volumes detached (and deleted) once their hosts let go."""
+        interval_s = control.ecs.limits.ecs_task_volume_sweep_interval_ms / 1000
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(stopping.wait(), interval_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await control.ecs.sweep_task_volumes()
+            except Exception:  # the loop must outlive a bad round
+                log.exception("task volume sweep failed")
+
+    volume_sweep = asyncio.ensure_future(sweep_task_volumes())
     runtime.announce_ready({"component": "control", "host": host, "port": port,
                             "pid": os.getpid()})
     drain_s = DEFAULT_LIMITS.drain_ms / 1000
@@ -394,6 +411,7 @@ async def serve(args: argparse.Namespace) -> None:
         task.cancel()
         pusher.cancel()
         firing.cancel()
+        volume_sweep.cancel()
         await server.close()
         await store.close()
 

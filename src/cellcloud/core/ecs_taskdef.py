@@ -52,11 +52,12 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 # What cellcloud honours; any other member of the model given a value is refused by name.
 TASK_FIELDS = frozenset({"family", "taskRoleArn", "executionRoleArn", "networkMode",
                          "containerDefinitions", "requiresCompatibilities", "cpu", "memory",
-                         "tags"})
+                         "tags"}) | {"volumes"}  # volumes: core/ecs_volumes.py
 CONTAINER_FIELDS = frozenset({"name", "image", "cpu", "memory", "memoryReservation",
                               "portMappings", "essential", "entryPoint", "command",
                               "environment", "dependsOn", "startTimeout", "stopTimeout",
-                              "workingDirectory", "user", "logConfiguration", "healthCheck"})
+                              "workingDirectory", "user", "logConfiguration", "healthCheck"}) \
+    | {"mountPoints"}  # core/ecs_volumes.py
 
 
 class EcsError(Exception):
@@ -510,6 +511,11 @@ def validate_task_definition(doc: Any) -> TaskDefinition:
     if sum(c.memory_reservation_mib or c.memory_mib or 0 for c in containers) > memory:
         raise client(f"The containers' memory reservations exceed the task's {memory} MiB")
     _check_dependencies(containers)
+    from . import ecs_volumes  # (it imports this module)
+
+    vol_names = ecs_volumes.task_volumes(doc)
+    for i, d in enumerate(defs):
+        ecs_volumes.mount_points(d, vol_names, f"containerDefinitions[{i}]")
     tags = []
     for t in doc.get("tags") or []:
         if not isinstance(t, dict) or not isinstance(t.get("key"), str):

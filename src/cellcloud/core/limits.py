@@ -232,6 +232,8 @@ class Limits:
     ecs_task_poll_interval_ms: int = 500  # a running task's containers and logs polled
     ecs_task_poll_failures_max: int = 10  # polls in a row its agent fails: the task is lost
     ecs_task_cpu_units_per_agent_max: int = 16 * 1024  # tasks' cpu on one agent (16 vCPU)
+    ecs_awsvpc_subnets_max: int = 16  # networkConfiguration's subnets (ECS's quota)
+    ecs_awsvpc_security_groups_max: int = 5  # networkConfiguration's securityGroups (ECS's)
     # ECS services in a cell (frontend/services.py): docs/fargate.md.
     ecs_services_per_tenant_max: int = 100  # services of one account not INACTIVE
     ecs_service_desired_count_max: int = 1_000  # a service's desiredCount (ECS's quota: 5,000)
@@ -241,9 +243,12 @@ class Limits:
     ecs_service_http_timeout_ms: int = 60_000  # a task's answer to one proxied request
     ecs_service_deregistration_delay_ms: int = 30_000  # a stopped task's requests finish
     # Autoscaling of ECS services (application-autoscaling API, frontend/services.py).
-    ecs_autoscale_period_ms: int = 60_000  # one datapoint per policy (CloudWatch's period)
-    ecs_scaling_policies_per_target_max: int = 1  # target-tracking policies on one service
+    ecs_autoscale_sample_interval_ms: int = 1_000  # one sample of each policy's metric
+    ecs_autoscale_stable_window_ms: int = 60_000  # averaged to scale in and out (Knative's)
+    ecs_autoscale_panic_window_ms: int = 6_000  # averaged to scale out at once (2x the target)
+    ecs_scaling_policies_per_target_max: int = 50  # target-tracking policies on one service
     ecs_service_cold_start_wait_ms: int = 30_000  # a request held while a service scales from 0
+    ecs_service_cold_connect_retry_ms: int = 50  # a held request's task refused: tried again
     # The EC2 volume API in the control plane (control/ec2.py, issue #19): docs/volumes.md.
     ec2_request_bytes_max: int = 256 * 1024  # one EC2 query-protocol request (a form)
     ec2_request_params_max: int = 2_000  # form fields in one request
@@ -337,11 +342,18 @@ class Limits:
     volume_replicas: int = 3
     volume_rewire_attempts_max: int = 50
     volume_client_ops_inflight_max: int = 32  # non-overlapping operations one client sends at once
+    volume_write_batch_writes_max: int = 32  # writes in one group-commit round (one fsync)
     # The FUSE process of a replicated volume (volumes/fusefile.py): its attach (read the
     # record, take it over, fence the replicas), under attach.py's 60 s wait for the mount so
     # its reason reaches the caller; its detach once unmounted
     volume_attach_timeout_ms: int = 45_000
     volume_detach_timeout_ms: int = 60_000
+    # ECS managed volumes of tasks (control/ecs.py, docs/fargate.md#volumes): how often the
+    # control plane looks for stopped tasks' volumes to detach and delete, and how long a
+    # volume made for a task its cell never knew is kept before it is ended
+    ecs_task_volume_sweep_interval_ms: int = 2_000
+    ecs_task_volume_orphan_ms: int = 300_000
+    ecs_task_volume_attach_timeout_ms: int = 120_000  # the cell's wait, per volume, in task_create
 
 
 DEFAULT_LIMITS = Limits()

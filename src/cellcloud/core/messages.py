@@ -495,6 +495,48 @@ class TaskPortMapping:
 
 
 @dataclass(frozen=True)
+class TaskMount:
+    """A task volume bind-mounted into a container (ECS ``mountPoints``)."""
+
+    volume: str  # the task volume's name (TaskVolume.name)
+    path: str  # containerPath: absolute, normalised
+    read_only: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"volume": self.volume, "path": self.path, "read_only": self.read_only}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_create.mounts"
+        return cls(volume=_get(doc, "volume", str, k), path=_get(doc, "path", str, k),
+                   read_only=_get(doc, "read_only", bool, k, False))
+
+
+@dataclass(frozen=True)
+class TaskVolume:
+    """A managed volume the task's host attaches (its volume helper: volumes/helper.py)
+    before the containers start, under the attachment the control plane took."""
+
+    name: str
+    volume_id: str
+    size_gib: int
+    attach_epoch: int
+    replicated: bool  # served by the region's storage servers; else the local file
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "volume_id": self.volume_id, "size_gib": self.size_gib,
+                "attach_epoch": self.attach_epoch, "replicated": self.replicated}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        k = "task_create.volumes"
+        return cls(name=_get(doc, "name", str, k), volume_id=_get(doc, "volume_id", str, k),
+                   size_gib=_get(doc, "size_gib", int, k),
+                   attach_epoch=_get(doc, "attach_epoch", int, k),
+                   replicated=_get(doc, "replicated", bool, k))
+
+
+@dataclass(frozen=True)
 class TaskContainer:
     """One container of a task: its image root (layers, bottom first) and its process."""
 
@@ -504,11 +546,15 @@ class TaskContainer:
     env: dict[str, str] = field(default_factory=dict)  # the image's ENV, then the container's
     workdir: str = ""  # "": /
     port_mappings: tuple[TaskPortMapping, ...] = ()
+    mounts: tuple[TaskMount, ...] = ()  # the task's volumes it mounts (ECS mountPoints)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "image_layers": list(self.image_layers),
-                "argv": list(self.argv), "env": dict(self.env), "workdir": self.workdir,
-                "port_mappings": [p.to_wire() for p in self.port_mappings]}
+        out = {"name": self.name, "image_layers": list(self.image_layers),
+               "argv": list(self.argv), "env": dict(self.env), "workdir": self.workdir,
+               "port_mappings": [p.to_wire() for p in self.port_mappings]}
+        if self.mounts:
+            out["mounts"] = [mt.to_wire() for mt in self.mounts]
+        return out
 
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
@@ -518,7 +564,9 @@ class TaskContainer:
                    image_layers=_str_list(doc, "image_layers", k, _MISSING),
                    argv=_str_list(doc, "argv", k, _MISSING), env=_str_map(doc, "env", k),
                    workdir=_get(doc, "workdir", str, k, ""),
-                   port_mappings=tuple(TaskPortMapping.from_wire(p) for p in ports))
+                   port_mappings=tuple(TaskPortMapping.from_wire(p) for p in ports),
+                   mounts=tuple(TaskMount.from_wire(mt) for mt in
+                                _get(doc, "mounts", (list, tuple), k, ())))
 
 
 @dataclass(frozen=True)
@@ -532,14 +580,20 @@ class TaskCreateRequest:
     memory_mib: int
     containers: tuple[TaskContainer, ...]
     hostname: str = ""  # "": the task id
-    network: str = ""  # as a function's (core/vpc.py): "" the agent's policy, "egress", "none"
+    # as a function's (core/vpc.py): "" the agent's policy, "egress", "none"; or "private":
+    # an address the host reaches on the mapped ports, no egress (assignPublicIp DISABLED)
+    network: str = ""
     net_allow: tuple[str, ...] = ()
+    volumes: tuple[TaskVolume, ...] = ()  # managed volumes (ECS volumeConfigurations)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "account": self.account, "cpu_units": self.cpu_units,
-                "memory_mib": self.memory_mib, "hostname": self.hostname,
-                "containers": [c.to_wire() for c in self.containers],
-                "network": self.network, "net_allow": list(self.net_allow)}
+        out = {"task_id": self.task_id, "account": self.account, "cpu_units": self.cpu_units,
+               "memory_mib": self.memory_mib, "hostname": self.hostname,
+               "containers": [c.to_wire() for c in self.containers],
+               "network": self.network, "net_allow": list(self.net_allow)}
+        if self.volumes:
+            out["volumes"] = [v.to_wire() for v in self.volumes]
+        return out
 
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
@@ -551,7 +605,9 @@ class TaskCreateRequest:
                    containers=tuple(TaskContainer.from_wire(c) for c in containers),
                    hostname=_get(doc, "hostname", str, k, ""),
                    network=_get(doc, "network", str, k, ""),
-                   net_allow=_str_list(doc, "net_allow", k))
+                   net_allow=_str_list(doc, "net_allow", k),
+                   volumes=tuple(TaskVolume.from_wire(v) for v in
+                                 _get(doc, "volumes", (list, tuple), k, ())))
 
 
 @dataclass(frozen=True)

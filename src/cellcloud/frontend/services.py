@@ -83,15 +83,17 @@ def health_checked(desc: dict[str, Any]) -> bool:
 class Svc:
     rec: dict[str, Any]
     core: es.Service
-    # autoscaling (``rec["scaling"]``: its scalable target and policies): each policy's
-    # scaler (in memory: a restarted frontend starts its streaks again), and when the
-    # current metric period began
+    # autoscaling (``rec["scaling"]``: its scalable target and policies, and ``state``: each
+    # policy's cooldowns and panic, kept at each decision): each policy's scaler (its
+    # samples in memory: a restarted one observes a stable window again before it scales
+    # in), and when the current sample began
     scalers: dict[str, asc.Scaler] = field(default_factory=dict)
     period_start_ms: int | None = None
 
 
 CPU_METRIC = "ECSServiceAverageCPUUtilization"
 REQUESTS_METRIC = "ALBRequestCountPerTarget"
+CONCURRENCY_METRIC = "ECSServiceAverageConcurrency"  # cellcloud's own (Knative's concurrency)
 
 
 class ServiceManager:
@@ -119,8 +121,11 @@ class ServiceManager:
         self._inflight: dict[str, int] = {}
         self._draining: dict[str, int] = {}
         self._drain_reasons: dict[str, str] = {}
-        # requests proxied to each service in its current metric period (autoscaling)
+        # requests proxied to each service in its current metric period (autoscaling), and
+        # its requests in flight: [in-flight × ms since the last sample, in flight now, when
+        # the count last changed]
         self._requests: dict[Key, int] = {}
+        self._busy: dict[Key, list[int]] = {}
         # scale from zero: requests held for a service with no task to answer them (how many),
         # and the event the loop sets once it has one
         self._waiting: dict[Key, int] = {}
@@ -223,7 +228,7 @@ class ServiceManager:
                     placed = self.tasks.launch(
                         rec["account"], rec["cluster"], desc, def_doc, task_def, [],
                         started_by=deployment_id[:128], group=f"service:{rec['name']}",
-                        tags=[])
+                        tags=[], network=rec.get("network_configuration"))
                 if isinstance(placed, NoRoom):
                     self.counters["placement_failures"] += 1
                     self._feed(svc, es.PlacementFailed(core_id, placed.reason))
@@ -243,38 +248,65 @@ class ServiceManager:
 
     # -- autoscaling (the application-autoscaling API: control/autoscaling.py) ----------------
     def scale(self, key: Key, svc: Svc, now: int) -> None:
-        """Each ``ecs_autoscale_period_ms``: one datapoint per policy (its metric over the
-        period) to its scaler; a SetDesiredCount it answers is applied as UpdateService's
-        desiredCount is."""
+        """Each ``ecs_autoscale_sample_interval_ms``: one sample per policy (its metric since
+        the last one) to its scaler; the target's decision from all its policies
+        (``core/autoscale.decide``) is applied as UpdateService's desiredCount is, and the
+        scalers' cooldowns and panic kept with the service's row."""
         scaling = svc.rec.get("scaling")
         if not scaling or not scaling["policies"] or svc.rec["status"] != "ACTIVE":
             svc.period_start_ms = None
             self._requests.pop(key, None)
+            self._busy.pop(key, None)
             return
         if svc.period_start_ms is None:
             svc.period_start_ms = now
             self._requests[key] = 0
+            self._busy[key] = [0, 0, now]
             return
-        if now - svc.period_start_ms < self.limits.ecs_autoscale_period_ms:
+        elapsed = now - svc.period_start_ms
+        # (half a tick early is on time: the loop's sleeps jitter around the interval)
+        if elapsed < self.limits.ecs_autoscale_sample_interval_ms \
+                - self.limits.ecs_service_tick_interval_ms // 2 or elapsed <= 0:
             return
         svc.period_start_ms = now
         requests = self._requests.get(key, 0)
         self._requests[key] = 0
-        values = {CPU_METRIC: self._cpu(svc), REQUESTS_METRIC: None}
-        targets = len(self._targets(svc))
-        if targets:
-            values[REQUESTS_METRIC] = requests / targets
+        cpu, measured = self._cpu(svc)
+        # ALBRequestCountPerTarget: a per-minute count per task, as CloudWatch's Sum over its
+        # one-minute period; kept as the service's total rate (over one task when none runs)
+        targets = max(len(self._targets(svc)), 1)
+        per_minute = requests * 60_000 / elapsed
+        self._concurrency(key, 0)
+        busy = self._busy.setdefault(key, [0, 0, now])
+        in_flight = busy[0] / elapsed  # the average requests in flight over the sample
+        busy[0] = 0
+        current = svc.core.desired_count
+        samples = {CPU_METRIC: asc.Datapoint(cpu, current, measured),
+                   REQUESTS_METRIC: asc.Datapoint(per_minute / targets, current, targets),
+                   CONCURRENCY_METRIC: asc.Datapoint(in_flight / targets, current, targets)}
+        scalers = []
         for name, pol in sorted(scaling["policies"].items()):
             scaler = self._scaler(svc, name)
-            current = svc.core.desired_count
+            scaler.observe(samples[pol["metric"]], now)
             self.counters["autoscale_datapoints"] += 1
-            for ins in scaler.handle(asc.Datapoint(values[pol["metric"]], current), now):
-                log.info("service %s/%s: policy %s sets desiredCount %d (%s)",
-                         svc.rec["cluster"], svc.rec["name"], name, ins.count, ins.reason)
-                self.counters["autoscale_set"] += 1
-                self._activity(svc, ins.count, f"monitor alarm for policy {name} in state "
-                               f"ALARM: {ins.reason}")
-                self._set_desired(svc, ins.count)
+            scalers.append(scaler)
+        ins = asc.decide(scalers, current, now)
+        if ins is None:
+            return
+        log.info("service %s/%s: policy %s sets desiredCount %d (%s)",
+                 svc.rec["cluster"], svc.rec["name"], ins.by, ins.count, ins.reason)
+        self.counters["autoscale_set"] += 1
+        self._keep_scalers(svc)
+        self._activity(svc, ins.count, f"monitor alarm for policy {ins.by} in state "
+                       f"ALARM: {ins.reason}")
+        self._set_desired(svc, ins.count)
+
+    def _keep_scalers(self, svc: Svc) -> None:
+        """The scalers' cooldowns and panic, with the service's row (written by the caller's
+        ``_activity`` / ``_write``): a restarted frontend goes on from them."""
+        svc.rec["scaling"]["state"] = {n: sc.snapshot() for n, sc in sorted(svc.scalers.items())
+                                       if n in svc.rec["scaling"]["policies"]}
+        self._write(svc)
 
     def _activity(self, svc: Svc, count: int, cause: str) -> None:
         """One scaling activity (DescribeScalingActivities), newest last, at most
@@ -287,9 +319,9 @@ class ServiceManager:
         del acts[:-self.limits.ecs_service_events_max]
         self._write(svc)
 
-    def _cpu(self, svc: Svc) -> float | None:
+    def _cpu(self, svc: Svc) -> tuple[float | None, int]:
         """The average CPU of the service's RUNNING tasks, percent of their cpu units (None:
-        none measured)."""
+        none measured), and how many were measured."""
         got = []
         for core_id, ts in svc.core.tasks.items():
             task_id = svc.rec["ids"].get(core_id)
@@ -298,7 +330,7 @@ class ServiceManager:
             v = self.tasks.cpu_percent(task_id)
             if v is not None:
                 got.append(v)
-        return sum(got) / len(got) if got else None
+        return (sum(got) / len(got) if got else None), len(got)
 
     def _scaler(self, svc: Svc, name: str) -> asc.Scaler:
         scaling = svc.rec["scaling"]
@@ -308,12 +340,15 @@ class ServiceManager:
             max_capacity=int(scaling["max"]),
             scale_out_cooldown_ms=int(pol["out_cooldown_s"]) * 1000,
             scale_in_cooldown_ms=int(pol["in_cooldown_s"]) * 1000,
-            disable_scale_in=bool(pol["disable_in"]))
+            disable_scale_in=bool(pol["disable_in"]),
+            stable_window_ms=self.limits.ecs_autoscale_stable_window_ms,
+            panic_window_ms=self.limits.ecs_autoscale_panic_window_ms)
         scaler = svc.scalers.get(name)
-        if scaler is None:
-            scaler = svc.scalers[name] = asc.Scaler(policy)
+        if scaler is None:  # new, or this process's first look: its kept cooldowns
+            scaler = svc.scalers[name] = asc.Scaler.restored(
+                policy, (scaling.get("state") or {}).get(name), name)
         elif scaler.policy != policy:
-            scaler.policy = policy  # the range or the policy changed: its streaks go on
+            scaler.policy = policy  # the range changed: its samples and cooldowns go on
         return scaler
 
     def _set_desired(self, svc: Svc, count: int) -> None:
@@ -383,6 +418,7 @@ class ServiceManager:
             pols[policy] = {**body["config"], "created_ms": old["created_ms"] if old
                             else self.tasks.now_ms()}
             svc.scalers.pop(policy, None)
+            (scaling.get("state") or {}).pop(policy, None)
             self._write(svc)
             return {}
         if what == "service_scaling_delete_policy":
@@ -393,6 +429,7 @@ class ServiceManager:
                                f"policy name: {policy}")
             del scaling["policies"][policy]
             svc.scalers.pop(policy, None)
+            (scaling.get("state") or {}).pop(policy, None)
             self._write(svc)
             return {}
         raise EcsError("InvalidParameterException", f"unknown op {what[:40]}")
@@ -475,6 +512,8 @@ class ServiceManager:
                "created_ms": now, "deleted_ms": None, "tags": list(body.get("tags") or []),
                "task_defs": {desc["taskDefinitionArn"]: desc}, "ids": {},
                "core": {}, "saved_status": None}
+        if body.get("networkConfiguration"):
+            rec["network_configuration"] = body["networkConfiguration"]
         svc = self.services[key] = Svc(rec, core)
         self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)))
         self._save(svc)
@@ -497,6 +536,13 @@ class ServiceManager:
             self._feed(svc, es.SetDesiredCount(int(body["desired"])))
         desc = body.get("taskDefinition")
         primary = core.primary
+        network = body.get("networkConfiguration")
+        if network and network != svc.rec.get("network_configuration"):
+            # ECS deploys anew for a changed network configuration: new tasks get it
+            svc.rec["network_configuration"] = network
+            if desc is None and primary is not None:
+                desc = svc.rec["task_defs"].get(primary.task_def)
+                body = {**body, "force": True}
         if desc is not None:
             from .tasks import check_runnable, task_definition_of
             check_runnable(task_definition_of(desc, [])[0])
@@ -558,42 +604,73 @@ class ServiceManager:
         self.counters["http_requests"] += 1
         if key in self._requests:  # autoscaling counts them (ALBRequestCountPerTarget)
             self._requests[key] += 1
+        if key not in self._busy:
+            return await self._http(key, svc, body)
+        self._concurrency(key, +1)  # in flight from here to the answer, held ones too
+        try:
+            return await self._http(key, svc, body)
+        finally:
+            self._concurrency(key, -1)
+
+    def _concurrency(self, key: Key, delta: int) -> None:
+        """The service's requests in flight, integrated over time (ECSServiceAverageConcurrency:
+        Knative's concurrency, averaged over each sample as its queue-proxy does)."""
+        busy = self._busy.get(key)
+        if busy is None:
+            return
+        now = self.tasks.now_ms()
+        busy[0] += busy[1] * max(now - busy[2], 0)
+        busy[1] = max(busy[1] + delta, 0)
+        busy[2] = now
+
+    async def _http(self, key: Key, svc: Svc, body: dict[str, Any]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.ecs_service_http_timeout_ms / 1000
         targets = self._targets(svc)
+        held_until: float | None = None  # a request held while its service scales from zero
         if not targets and self._scales(svc):
-            targets = await self._hold(key, svc, loop.time() + min(
-                self.limits.ecs_service_cold_start_wait_ms,
-                self.limits.ecs_service_http_timeout_ms) / 1000)
-        if not targets:
-            self.counters["http_no_task"] += 1
-            return _plain(503, f"service {key[2]} has no RUNNING and healthy task with a port "
-                               "mapping")
-        n = self._next.get(key, 0)
-        self._next[key] = n + 1
-        # Round robin; a task that refuses the connection (RUNNING, its server not listening
-        # yet, or going) got nothing: the next one is tried, as a load balancer would.
-        for attempt in range(len(targets)):
-            task_id, ip, port = targets[(n + attempt) % len(targets)]
-            self._inflight[task_id] = self._inflight.get(task_id, 0) + 1
-            try:
-                return await asyncio.wait_for(
-                    _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
-                    max(deadline - loop.time(), 0.001))
-            except _Unreachable as e:
-                self.counters["http_task_unreachable"] += 1
-                if attempt == len(targets) - 1:
-                    return _plain(502, f"no task of service {key[2]} took the connection: {e}")
-            except (TimeoutError, OSError, ValueError) as e:
-                self.counters["http_task_failed"] += 1
-                return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: {e}")
-            finally:
-                left = self._inflight[task_id] = self._inflight[task_id] - 1
-                if left <= 0:
-                    del self._inflight[task_id]
-                    if task_id in self._draining:
-                        self._stop_drained(task_id)
-        raise AssertionError("unreachable")  # the loop returns on its last attempt
+            held_until = loop.time() + min(self.limits.ecs_service_cold_start_wait_ms,
+                                           self.limits.ecs_service_http_timeout_ms) / 1000
+            targets = await self._hold(key, svc, held_until)
+        while True:
+            if not targets:
+                self.counters["http_no_task"] += 1
+                return _plain(503, f"service {key[2]} has no RUNNING and healthy task with a "
+                                   "port mapping")
+            n = self._next.get(key, 0)
+            self._next[key] = n + 1
+            # Round robin; a task that refuses the connection (RUNNING, its server not
+            # listening yet, or going) got nothing: the next one is tried, as a load balancer
+            # would. A request held from zero waits on its first task's server (within its
+            # hold): RUNNING comes before the server listens.
+            for attempt in range(len(targets)):
+                task_id, ip, port = targets[(n + attempt) % len(targets)]
+                self._inflight[task_id] = self._inflight.get(task_id, 0) + 1
+                try:
+                    return await asyncio.wait_for(
+                        _forward(ip, port, body, self.limits.ecs_service_http_bytes_max),
+                        max(deadline - loop.time(), 0.001))
+                except _Unreachable as e:
+                    self.counters["http_task_unreachable"] += 1
+                    if attempt == len(targets) - 1 and (held_until is None
+                                                        or loop.time() >= held_until):
+                        return _plain(502, f"no task of service {key[2]} took the "
+                                           f"connection: {e}")
+                except (TimeoutError, OSError, ValueError) as e:
+                    self.counters["http_task_failed"] += 1
+                    return _plain(502, f"task {task_id} did not answer: {type(e).__name__}: "
+                                       f"{e}")
+                finally:
+                    left = self._inflight[task_id] = self._inflight[task_id] - 1
+                    if left <= 0:
+                        del self._inflight[task_id]
+                        if task_id in self._draining:
+                            self._stop_drained(task_id)
+            assert held_until is not None  # (the loop returned otherwise)
+            await asyncio.sleep(self.limits.ecs_service_cold_connect_retry_ms / 1000)
+            targets = self._targets(svc)
+            if not targets and self._scales(svc):
+                targets = await self._hold(key, svc, held_until)
 
     @staticmethod
     def _scales(svc: Svc) -> bool:
@@ -611,13 +688,15 @@ class ServiceManager:
         try:
             while True:
                 now = self.tasks.now_ms()
-                for name in sorted(svc.rec["scaling"]["policies"]):
-                    demand = asc.Demand(self._waiting[key], svc.core.desired_count)
-                    for ins in self._scaler(svc, name).handle(demand, now):
-                        self.counters["autoscale_set"] += 1
-                        self._activity(svc, ins.count, f"{demand.waiting} requests held at "
-                                       f"the proxy for policy {name}: {ins.reason}")
-                        self._set_desired(svc, ins.count)
+                scalers = [self._scaler(svc, name)
+                           for name in sorted(svc.rec["scaling"]["policies"])]
+                demand = asc.Demand(self._waiting[key], svc.core.desired_count)
+                for ins in asc.demand(scalers, demand, now):
+                    self.counters["autoscale_set"] += 1
+                    self._keep_scalers(svc)
+                    self._activity(svc, ins.count, f"{demand.waiting} requests held at "
+                                   f"the proxy for policy {ins.by}: {ins.reason}")
+                    self._set_desired(svc, ins.count)
                 targets = self._targets(svc)
                 left = until - loop.time()
                 if targets or left <= 0 or not self._scales(svc):
@@ -674,6 +753,8 @@ class ServiceManager:
             "deploymentController": {"type": "ECS"}, "enableECSManagedTags": False,
             "propagateTags": "NONE", "enableExecuteCommand": False,
             "createdBy": f"arn:aws:iam::{account}:root"}
+        if rec.get("network_configuration"):
+            out["networkConfiguration"] = rec["network_configuration"]
         if tags:
             out["tags"] = rec["tags"]
         return out

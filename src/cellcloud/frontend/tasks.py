@@ -39,6 +39,7 @@ from ..core import ecs_tasks as et
 from ..core import messages as m
 from ..core import pod
 from ..core.ecs_taskdef import EcsError
+from ..core.ecs_volumes import task_mounts
 from ..core.errors import LambdaError
 from ..core.limits import DEFAULT_LIMITS, Limits
 from ..core.placement import NoRoom
@@ -210,6 +211,16 @@ def check_runnable(task_def: td.TaskDefinition) -> None:
                            "needs the awslogs-group option")
 
 
+def network_mode(rec: dict[str, Any]) -> str:
+    """The agent's network setting for a task (``TaskCreateRequest.network``): its
+    ``assignPublicIp`` ENABLED is egress under the region's policy, DISABLED an address the
+    host reaches and no egress ("private"); no ``networkConfiguration``: the agent's policy."""
+    awsvpc = (rec.get("network_configuration") or {}).get("awsvpcConfiguration")
+    if not awsvpc:
+        return ""
+    return "egress" if awsvpc.get("assignPublicIp") == "ENABLED" else "private"
+
+
 def _argv(spec: td.Container, image: dict[str, Any]) -> list[str]:
     """Docker's rule: the definition's entryPoint replaces the image's (and drops its CMD);
     its command replaces the image's CMD."""
@@ -320,7 +331,9 @@ class TaskManager:
             containers.append(out)
         status = ("DELETED" if core["last_status"] == "STOPPED" else
                   "ATTACHED" if attached else "PRECREATED")
-        details = [{"name": "subnetId", "value": f"subnet-cellcloud-{self.cell.cell_id}"},
+        awsvpc = (rec.get("network_configuration") or {}).get("awsvpcConfiguration") or {}
+        subnet = (awsvpc.get("subnets") or [f"subnet-cellcloud-{self.cell.cell_id}"])[0]
+        details = [{"name": "subnetId", "value": subnet},
                    {"name": "networkInterfaceId", "value": rec["eni_id"]},
                    {"name": "privateDnsName", "value": rec["hostname"]}]
         if ip:
@@ -341,6 +354,16 @@ class TaskManager:
                              "status": status, "details": details}],
             "healthStatus": rec.get("health_status", "UNKNOWN"),
         }
+        for v in rec.get("volumes") or []:  # a managed volume, as ECS shows it
+            doc["attachments"].append({
+                "id": f"{rec['attachment_id'][:24]}{v['volumeId'][-12:]}",
+                "type": "AmazonElasticBlockStorage",
+                "status": "DETACHED" if rec.get("volumes_detached") else "ATTACHED",
+                "details": [{"name": k, "value": str(v[src])} for k, src in (
+                    ("roleArn", "roleArn"), ("volumeName", "name"), ("volumeId", "volumeId"),
+                    ("volumeSizeInGiB", "sizeInGiB"), ("volumeType", "volumeType"),
+                    ("filesystemType", "filesystemType"),
+                    ("deleteOnTermination", "deleteOnTermination"))]})
         if rec["started_by"]:
             doc["startedBy"] = rec["started_by"]
         if attached:
@@ -389,11 +412,18 @@ class TaskManager:
                            "tasks at a time (ecs_tasks_per_tenant_max)")
         tasks, failures = [], []
         now = self.now_ms()
-        for _ in range(count):
+        # Managed volumes (control/ecs.py made and attached them to these task ids)
+        task_ids = [str(i) for i in body.get("taskIds") or []]
+        volumes: dict[str, Any] = body.get("volumes") or {}
+        for n in range(count):
             placed = self.launch(account, cluster, desc, def_doc, task_def, overrides,
                                  started_by=str(body.get("startedBy") or ""),
                                  group=str(body.get("group") or f"family:{task_def.family}"),
-                                 tags=list(body.get("tags") or []))
+                                 tags=list(body.get("tags") or []),
+                                 task_id=task_ids[n] if n < len(task_ids) else None,
+                                 volumes=list(volumes.get(task_ids[n], []))
+                                 if n < len(task_ids) else None,
+                                 network=body.get("networkConfiguration"))
             if isinstance(placed, NoRoom):
                 shard = self.cell.shard_of(f"{account}/ecs/{cluster}")
                 failures.append({"arn": desc["taskDefinitionArn"], "reason": placed.reason,
@@ -410,12 +440,15 @@ class TaskManager:
 
     def launch(self, account: str, cluster: str, desc: dict[str, Any], def_doc: dict[str, Any],
                task_def: td.TaskDefinition, overrides: list[dict[str, Any]], *,
-               started_by: str, group: str, tags: list[dict[str, str]]
-               ) -> dict[str, Any] | NoRoom:
+               started_by: str, group: str, tags: list[dict[str, str]],
+               task_id: str | None = None, volumes: list[dict[str, Any]] | None = None,
+               network: dict[str, Any] | None = None) -> dict[str, Any] | NoRoom:
         """One task placed on the cluster's shard and its provisioning begun (RunTask's, and
-        a service's StartTask: frontend/services.py): its record, or why it has no room."""
+        a service's StartTask: frontend/services.py): its record, or why it has no room.
+        ``network``: the request's ``networkConfiguration`` as control/ecs.py checked it
+        (None: the region's default network policy)."""
         shard = self.cell.shard_of(f"{account}/ecs/{cluster}")
-        task_id = uuid.uuid4().hex
+        task_id = task_id or uuid.uuid4().hex
         placed = self.cell.placement.place_task(
             task_id, task_def.memory_mib, task_def.cpu,
             self.limits.ecs_task_cpu_units_per_agent_max, shard)
@@ -435,6 +468,10 @@ class TaskManager:
             "container_ids": {c.name: str(uuid.uuid4()) for c in task_def.containers},
             "version": 1, "core": task.snapshot(), "cursors": {},
         }
+        if volumes:  # managed volumes: [{name, volumeId, attachEpoch, sizeInGiB, ...}]
+            rec["volumes"] = volumes
+        if network:
+            rec["network_configuration"] = network
         self.store.put(rec)
         live = Live(rec, task)
         self.live[task_id] = live
@@ -539,6 +576,7 @@ class TaskManager:
         rec, account = live.rec, live.rec["account"]
         rec["pull_started_ms"] = self.now_ms()
         containers = []
+        mounts = task_mounts(rec["def_doc"]) if rec.get("volumes") else {}
         try:
             for c in live.task.task_def.containers:
                 image = image_functions.resolve(self.cell.catalog, account, c.image)
@@ -549,7 +587,9 @@ class TaskManager:
                     argv=tuple(_argv(c, image)), env=env,
                     workdir=c.working_directory or image.get("workdir") or "",
                     port_mappings=tuple(m.TaskPortMapping(p.container_port, p.protocol)
-                                        for p in c.ports)))
+                                        for p in c.ports),
+                    mounts=tuple(m.TaskMount(mp.source_volume, mp.container_path, mp.read_only)
+                                 for mp in mounts.get(c.name, ()))))
         except LambdaError as e:
             self._feed(live, et.ProvisionFailed(f"CannotPullContainerError: {e.message}"))
             return
@@ -560,15 +600,23 @@ class TaskManager:
             return
         body = m.TaskCreateRequest(task_id=rec["id"], account=account, cpu_units=rec["cpu"],
                                    memory_mib=rec["memory"], containers=tuple(containers),
-                                   hostname=rec["hostname"]).to_wire()
+                                   hostname=rec["hostname"],
+                                   volumes=tuple(m.TaskVolume(
+                                       str(v["name"]), str(v["volumeId"]), int(v["sizeInGiB"]),
+                                       int(v["attachEpoch"]), bool(v["replicated"]))
+                                       for v in rec.get("volumes") or []),
+                                   network=network_mode(rec)).to_wire()
         timeout_s = self.limits.agent_call_timeout_ms / 1000
+        # a managed volume is attached (FUSE, loop device, first mkfs) within task_create
+        create_timeout_s = (self.limits.env_create_timeout_ms + len(rec.get("volumes") or [])
+                            * self.limits.ecs_task_volume_attach_timeout_ms) / 1000
         pushes: dict[str, int] = {}
         full: set[str] = set()  # agents of the shard that answered they are full
         try:
             while True:
                 try:
                     reply = m.TaskCreateReply.from_wire(await self._call(
-                        live, "task_create", body, self.limits.env_create_timeout_ms / 1000))
+                        live, "task_create", body, create_timeout_s))
                     break
                 except RemoteError as e:
                     if e.type in _FULL and self._replace(live, full):
@@ -670,6 +718,10 @@ class TaskManager:
         except (RemoteError, TransportError) as e:
             log.warning("task %s: destroy on %s failed: %s", live.rec["id"],
                         live.rec["agent_id"], e)
+        if live.rec.get("volumes"):  # the host let go of them (or is gone): the control
+            live.rec["volumes_detached"] = True  # plane's sweep ends their attachments
+            live.rec["version"] += 1
+            self.store.put(live.rec)
         self.cell.placement.release_task(live.rec["id"])
         self._save(live)
         live.done.set()

@@ -8,8 +8,10 @@ the launcher starts QEMU with that end as the channel's virtserialport. The agen
 first: the spec (``guest_vm.py``); from then on it is the jail's protocol, unchanged.
 
 This slice's limits (refused at spawn, never ignored): only the built-in Python runtime (no
-runtime process, layers or container images) and no network device (an agent on this backend
-runs with ``--network none``).
+runtime process, layers or container images). An environment with egress gets a network
+device: its namespace from the network helper holds a tap (``network/helper.py``), the
+launcher opens it there and QEMU gets it as a descriptor; such an environment always boots
+fresh (a snapshot's guest had no network device). Without egress the guest has no NIC.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ def unsupported(spec: EnvSpec, netns_fd: int | None) -> str | None:
         return "layers are not supported on the microvm backend yet"
     if spec.image_layers:
         return "container images are not supported on the microvm backend yet"
-    if spec.network or netns_fd is not None:
-        return "the microvm backend has no network device yet (run the agent with --network none)"
+    if bool(spec.network) != (netns_fd is not None):
+        return "a microvm environment's network needs both its namespace and its interface"
+    if spec.network and not spec.network.get("device"):
+        return ("the network helper gave this microvm environment no tap (the agent asks for "
+                "one on this backend)")
     return None
 
 
@@ -154,12 +159,14 @@ class MicrovmBackend:
                            memory_mib=max(self.limits.microvm_guest_memory_mib_min,
                                           spec.memory_mb))
 
-    def _spawn_sync(self, request: dict[str, object], guest_end: socket.socket) -> dict[str, object]:
+    def _spawn_sync(self, request: dict[str, object], guest_end: socket.socket,
+                    netns_fd: int | None = None) -> dict[str, object]:
+        fds = [guest_end.fileno()] + ([netns_fd] if netns_fd is not None else [])
         with self._lock:
             if self._ctl is None:
                 raise RuntimeError("the microvm backend is not started")
             try:
-                send_message(self._ctl, request, [guest_end.fileno()])
+                send_message(self._ctl, request, fds)
                 reply, _ = recv_message(self._ctl, control_reply_bytes_max)
             except (OSError, FrameError) as e:
                 raise RuntimeError(f"the VMM launcher is gone: {e!r}") from e
@@ -194,7 +201,7 @@ class MicrovmBackend:
                                     snap.key.accel)
                 == (vm.memory_mib, vm.machine, vm.vcpus, vm.accel)):
             request["snapshot"] = {"path": snap.path, "key": snap.key.to_json()}
-        spawned = await self._spawn_once(spec, request)
+        spawned = await self._spawn_once(spec, request, netns_fd)
         if self.last_start != "restored":
             self.starts["booted"] += 1
             return spawned
@@ -210,7 +217,7 @@ class MicrovmBackend:
         self.kill(spawned.pid)
         self.starts["restore_failed"] += 1
         self.starts["booted"] += 1
-        return await self._spawn_once(spec, {**request, "retry_cold": True})
+        return await self._spawn_once(spec, {**request, "retry_cold": True}, netns_fd)
 
     def _answers(self, chan: socket.socket) -> bool:
         """False when ``chan`` ends before the guest's first byte (its QEMU exited); True once
@@ -267,10 +274,11 @@ class MicrovmBackend:
             raise RuntimeError("the VMM launcher is gone")
         return reply
 
-    async def _spawn_once(self, spec: EnvSpec, request: dict[str, object]) -> Spawned:
+    async def _spawn_once(self, spec: EnvSpec, request: dict[str, object],
+                          netns_fd: int | None = None) -> Spawned:
         ours, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            reply = await asyncio.to_thread(self._spawn_sync, request, guest_end)
+            reply = await asyncio.to_thread(self._spawn_sync, request, guest_end, netns_fd)
             if "error" in reply:
                 raise RuntimeError(str(reply["error"]))
             pid = reply["pid"]

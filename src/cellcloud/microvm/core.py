@@ -264,15 +264,16 @@ def host_key(*, nodename: str, host_release: str, qemu_version: str, kvm_device:
 # -- the agent image: the guest agent over virtio-serial (docs/microvm.md) ------------------
 
 # Bump when the agent initramfs's layout, its /init or the runtime disk's layout changes.
-AGENT_FORMAT = "cellcloud-microvm-agent/1"
+AGENT_FORMAT = "cellcloud-microvm-agent/2"  # 2: virtio_net, /etc/resolv.conf
 
 # The virtserialport the host agent's channel is plugged into (/sys/class/virtio-ports/*/name).
 AGENT_PORT_NAME = "cellcloud.agent"
 
 # Kernel modules the agent guest needs (the cloud kernel builds them as modules): the
 # virtio-mmio transport of ``-M microvm`` (or PCI's for ``-M pc``), the console's ports (the
-# channel) and the block devices (the runtime disk and the bundle).
-GUEST_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "virtio_blk")
+# channel), the block devices (the runtime disk and the bundle) and the network device (only
+# an environment with egress has one; the driver is loaded in every guest).
+GUEST_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "virtio_blk", "virtio_net")
 
 # Where the runtime disk keeps cellcloud's guest code and the few packages it imports.
 GUEST_PYLIB = "/pylib"
@@ -387,12 +388,16 @@ def agent_kernel_cmdline(spec: VmSpec, *, console: bool) -> str:
 
 def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtime_disk: str,
                     bundle_disk: str, chan_fd: int, console: str = "",
-                    tcg_cache_mib: int = DEFAULT_LIMITS.microvm_tcg_cache_mib) -> list[str]:
+                    tcg_cache_mib: int = DEFAULT_LIMITS.microvm_tcg_cache_mib,
+                    tap_fd: int | None = None, mac: str = "") -> list[str]:
     """QEMU for one environment: no default devices, no network, no display or monitor; the
     runtime disk and the bundle as read-only virtio block devices, the channel as a
     virtserialport whose host end is ``chan_fd`` (a connected socket the host created: QEMU
     neither listens nor connects), the serial console to ``console`` (a file, ``stdio``: QEMU's
-    stdout, as in the VMM jailer, which has no writable path) or nowhere."""
+    stdout, as in the VMM jailer, which has no writable path) or nowhere. ``tap_fd``: an
+    environment with egress: a virtio-net device (``mac``) on that open tap (the network
+    helper made the tap in the environment's namespace; QEMU gets it as a descriptor and needs
+    no privilege); without it the guest has no network device at all."""
     mmio = spec.machine == "microvm"
     blk = "virtio-blk-device" if mmio else "virtio-blk-pci"
     serial = "virtio-serial-device" if mmio else "virtio-serial-pci"
@@ -420,4 +425,19 @@ def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtim
         "-chardev", f"socket,id=agent,fd={chan_fd}",
         "-device", serial,
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        *(net_argv(spec, tap_fd, mac) if tap_fd is not None else []),
     ]
+
+
+def net_argv(spec: VmSpec, tap_fd: int, mac: str) -> list[str]:
+    """The guest's one network device: virtio-net on the tap QEMU was handed (``fd=``), with
+    the MAC the network helper pinned for its slot (QEMU's default is the same in every
+    guest)."""
+    if not _MAC.fullmatch(mac):
+        raise ValueError(f"bad MAC address {mac!r}")
+    dev = "virtio-net-device" if spec.machine == "microvm" else "virtio-net-pci"
+    return ["-netdev", f"tap,id=net0,fd={tap_fd}",
+            "-device", f"{dev},netdev=net0,mac={mac}"]
+
+
+_MAC = re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}")

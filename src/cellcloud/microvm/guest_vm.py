@@ -14,16 +14,21 @@ snapshot's CRNG state, and a cold TCG guest with no RDRAND and no devices has an
 CRNG for its first seconds; then the guest's clock from ``time_ms`` (an emulated guest's own may be far off), the
 bundle (the second block device) read-only at /var/task, /tmp a tmpfs of the function's
 ephemeral storage, /var/runtime a small tmpfs with the attestation document, Lambda's
-environment variables; then the function's uid and gid (the VM is the isolation boundary, the
-uid is defence in depth, as Lambda's ``sbx_user``).
+environment variables; an environment with egress (``spec.network``: the network helper's
+address, prefix, gateway and resolver) configures the guest's one NIC (virtio-net on the tap
+in its namespace) with them and binds a resolv.conf naming the resolver over the runtime
+disk's empty one (``configure_network``); then the function's uid and gid (the VM is the
+isolation boundary, the uid is defence in depth, as Lambda's ``sbx_user``).
 """
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import random
 import resource
+import socket
 import struct
 import sys
 import time
@@ -193,6 +198,94 @@ def restore_hook(seed_w: int, answer_r: int) -> Callable[[dict[str, Any]], int]:
     return hook
 
 
+NET_DIR = "/sys/class/net"
+RESOLV_CONF = "/etc/resolv.conf"
+# <linux/sockios.h>, <linux/if.h>, <linux/route.h>
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCADDRT = 0x890B
+IFF_UP = 0x1
+RTF_UP = 0x1
+RTF_GATEWAY = 0x2
+RTENTRY_BYTES = 120  # sizeof(struct rtentry) on 64-bit Linux
+IFREQ_BYTES = 40
+
+
+def sockaddr_in(address: str) -> bytes:
+    """``struct sockaddr_in`` (16 bytes) for ``address``, port 0."""
+    return struct.pack("=H2x4s8x", socket.AF_INET, socket.inet_aton(address))
+
+
+def ifreq(name: str, payload: bytes) -> bytes:
+    """``struct ifreq``: the interface's name, then the union (an address, the flags)."""
+    if not 0 < len(name) < 16:
+        raise ValueError(f"bad interface name {name!r}")
+    return struct.pack("16s", name.encode()) + payload.ljust(IFREQ_BYTES - 16, b"\0")
+
+
+def default_route(gateway: str) -> bytes:
+    """``struct rtentry`` for ``0.0.0.0/0 via gateway`` (the kernel finds the interface)."""
+    zero = sockaddr_in("0.0.0.0")
+    rt = struct.pack("@L16s16s16sHhLPhPLLH", 0, zero, sockaddr_in(gateway), zero,
+                     RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, 0, 0, 0, 0)
+    return rt.ljust(RTENTRY_BYTES, b"\0")
+
+
+def resolv_conf(resolver: str) -> str:
+    """As the jail's (``sandbox/jail.py``): the one resolver, the network helper's forwarder."""
+    return f"nameserver {resolver}\noptions timeout:2 attempts:2\n" if resolver else ""
+
+
+def nics() -> list[str]:
+    """The guest's network interfaces but loopback (a guest without egress has none)."""
+    try:
+        return sorted(n for n in os.listdir(NET_DIR) if n != "lo")
+    except OSError:
+        return []
+
+
+def _up(s: socket.socket, name: str) -> None:
+    flags = struct.unpack_from("h", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq(name, b"")), 16)[0]
+    fcntl.ioctl(s, SIOCSIFFLAGS, ifreq(name, struct.pack("h", flags | IFF_UP)))
+
+
+def configure_network(net: dict[str, Any], deadline: float) -> str:
+    """The guest's NIC with the environment's address, its prefix and a default route via the
+    gateway, loopback up (as in the jail's namespace), and ``/etc/resolv.conf`` naming the
+    resolver: written on the /var/runtime tmpfs, bound read-only over the runtime disk's empty
+    file and unlinked there. Returns the interface's name."""
+    found = nics()
+    while not found:
+        if time.monotonic() > deadline:
+            raise OSError("no network device in the guest")
+        time.sleep(0.01)  # polling for the driver's probe, bounded
+        found = nics()
+    name = found[0]
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")  # IPv4 only, as the jail's (the agent's bridge drops IPv6)
+    except OSError:
+        pass
+    netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{int(net['prefixlen'])}").netmask)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCSIFADDR, ifreq(name, sockaddr_in(str(net["address"]))))
+        fcntl.ioctl(s, SIOCSIFNETMASK, ifreq(name, sockaddr_in(netmask)))
+        _up(s, name)
+        _up(s, "lo")
+        fcntl.ioctl(s, SIOCADDRT, default_route(str(net["gateway"])))
+    staged = "/var/runtime/.resolv.conf"
+    with open(staged, "w") as f:
+        f.write(resolv_conf(str(net.get("resolver") or "")))
+    os.chmod(staged, 0o644)
+    linux.mount(staged, RESOLV_CONF, None, linux.MS_BIND)
+    linux.mount(None, RESOLV_CONF, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
+                | linux.MS_NOSUID | linux.MS_NODEV)
+    os.unlink(staged)
+    return name
+
+
 def _fail(msg: str) -> NoReturn:
     sys.stderr.write(f"cellcloud-guest: {msg}\n")
     sys.exit(1)  # /init powers the guest off; the host sees the channel close
@@ -240,6 +333,11 @@ def main(argv: list[str]) -> None:
     if spec.attestation:
         with open("/var/runtime/attestation.json", "w") as f:
             f.write(spec.attestation)
+    if spec.network:
+        try:
+            configure_network(spec.network, time.monotonic() + port_wait_s)
+        except (OSError, ValueError, KeyError) as e:
+            _fail(f"could not configure the network: {e}")
     os.environ.clear()
     os.environ.update(spec.lambda_environment())
     os.chdir("/var/task")

@@ -277,6 +277,8 @@ _GUEST_ETC = {
                   "sbx_user:x:993:990:sandbox:/tmp:/usr/sbin/nologin\n",
     "etc/group": "root:x:0:\nsbx_user:x:990:\n",
     "etc/hosts": "127.0.0.1 localhost sandbox.localdomain\n::1 localhost\n",
+    # Empty: a guest with egress binds its resolver's file over it (guest_vm.configure_network).
+    "etc/resolv.conf": "",
 }
 
 

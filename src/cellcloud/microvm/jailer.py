@@ -7,7 +7,8 @@ out).
 
 1. creates the VM's cgroup (``cellcloud/<group>/<vm_id>``: memory = the guest's + the VMM's
    overhead, pids, a CPU quota),
-2. unshares mount, IPC, UTS, network (empty: the guest has no network) and PID namespaces and
+2. unshares mount, IPC, UTS, network (empty; or, for a guest with egress, joins the
+   namespace the network helper wired, which holds its tap: ``netns_fd``) and PID namespaces and
    forks; the child, PID 1 of the new namespace, killed if the jailer dies,
 3. joins the cgroup, builds the chroot on a fresh tmpfs: the host's /usr bound read-only (QEMU,
    its libraries and firmware; /bin, /lib, /lib64 as links into it), /dev with null, zero,
@@ -109,8 +110,12 @@ def _child(doc: dict[str, Any], root: str) -> None:
     """PID 1 of the VM's namespaces: build the jail, then exec QEMU. Never returns."""
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        netns = doc.get("netns_fd")
+        if netns is not None:  # an environment with egress: the namespace with its tap
+            linux.setns(int(netns), linux.CLONE_NEWNET)
+            os.close(int(netns))
         linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
-                      | linux.CLONE_NEWNET)
+                      | (0 if netns is not None else linux.CLONE_NEWNET))
         cgroup_of(doc).join(0)
         cap_last = linux.cap_last_cap()  # read from /proc while the host's is still visible
         keep = {0, 1, 2, *doc["keep_fds"]}

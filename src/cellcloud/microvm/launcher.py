@@ -6,6 +6,8 @@ its SOCK_SEQPACKET control socket (the spec, the VM's shape and the channel's gu
 SCM_RIGHTS) it writes the bundle into a small read-only ext4 image, creates the environment's
 cgroup (the function's memory plus the VMM's overhead), starts QEMU in it with the channel's
 fd, answers ``{"pid"}`` (or ``{"error"}``), and reaps QEMU when it exits (removing its files).
+An environment with egress comes with its network namespace's fd (the network helper made a tap
+in it): the launcher opens the tap there for QEMU's virtio-net, and QEMU joins the namespace.
 On EOF (the agent closed it or died) it kills every QEMU it started and exits.
 
 Snapshots: a spawn request may name the agent guest's snapshot (``snapshot``) or a function
@@ -19,6 +21,7 @@ save: this process serves nothing else meanwhile) and answers its folder and key
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import json
 import os
@@ -26,8 +29,10 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -150,6 +155,43 @@ def jail_spec(spec: EnvSpec, vm: core.VmSpec, files: tuple[str, ...]) -> jailcor
     return jailcore.JailSpec(spec.env_id, spec.uid, spec.gid, vm.memory_mib, vm.vcpus,
                              vm.accel, files, cgroup_group=spec.cgroup_group,
                              kvm_gid=_kvm_gid() if vm.accel == "kvm" else None)
+
+
+# <linux/if_tun.h>; the tap's name is the network helper's (EnvSpec.network["device"]).
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+_IFNAME = re.compile(r"[a-z][a-z0-9]{0,14}")
+
+
+def open_tap(netns_fd: int, name: str) -> int:
+    """An open descriptor on the tap ``name`` of the namespace ``netns_fd`` (attaching to it
+    takes CAP_NET_ADMIN: here, not in the jailed QEMU, which gets the descriptor). On a thread
+    of its own: ``setns`` moves only the calling thread."""
+    if not _IFNAME.fullmatch(name):
+        raise ValueError(f"bad tap name {name!r}")
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            linux.setns(netns_fd, linux.CLONE_NEWNET)
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+                                                       IFF_TAP | IFF_NO_PI))
+            except BaseException:
+                os.close(fd)
+                raise
+            out["fd"] = fd
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="tap")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return int(out["fd"])
 
 
 def _inside(path: str) -> str:
@@ -275,13 +317,16 @@ def snapshot_version(doc: dict[str, Any], state_dir: str) -> dict[str, Any]:
             "init_ms": snap.init_ms, "save_ms": snap.save_ms}
 
 
-def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
+def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str, netns_fd: int | None = None) -> int:
     """Start one environment's QEMU through the VMM jailer (``jailer.py``); the pid returned is
     QEMU's (the jailer stays outside as root and removes the cgroup when QEMU is gone).
+    ``netns_fd``: an environment with egress (its tap's namespace, which QEMU joins).
     ``retry_cold``: the backend saw this environment's restored QEMU exit before its guest
     answered (its load failed inside QEMU); the old one is waited for and it boots fresh."""
     global last_start
     spec = EnvSpec.from_wire(doc["spec"])
+    if bool(spec.network) != (netns_fd is not None):
+        raise ValueError("an environment's network needs both its namespace and its interface")
     if not _ENV_ID.fullmatch(spec.env_id):
         raise ValueError(f"bad env id {spec.env_id!r}")
     folder = os.path.join(envs_dir, spec.env_id)
@@ -295,6 +340,7 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
                            "and CPU cannot be limited (the agent's --allow-unlimited "
                            "permits this)")
     os.makedirs(folder, mode=0o700)
+    tap_fd = -1
     try:
         task = os.path.join(folder, "task.ext4")
         state_fd = (_snapshot_state(doc, spec)
@@ -313,30 +359,41 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str) -> int:
             os.chmod(task, 0o400)
         files = (str(doc["kernel"]), str(doc["initrd"]), str(doc["runtime_disk"]), task)
         js = jail_spec(spec, vm, files)
+        if netns_fd is not None:
+            tap_fd = open_tap(netns_fd, str(spec.network["device"]))
         # QEMU's argv with the paths it has inside the jail; the console (debugging only) goes
         # to QEMU's stdout, which is the jailer's, a file here.
         argv = core.agent_qemu_argv(
             str(doc["qemu"]), _inside(files[0]), _inside(files[1]), vm,
             runtime_disk=_inside(files[2]), bundle_disk=_inside(task), chan_fd=chan_fd,
-            console="stdio" if doc.get("console") or state_fd is not None else "")
-        keep = [chan_fd]
+            console="stdio" if doc.get("console") or state_fd is not None else "",
+            tap_fd=tap_fd if tap_fd >= 0 else None,
+            mac=str(spec.network.get("mac", "")) if tap_fd >= 0 else "")
+        keep = [chan_fd] + ([tap_fd] if tap_fd >= 0 else [])
         if state_fd is not None:
             argv = agentsnap.restore_argv(argv, state_fd)
             keep.append(state_fd)
         plan = jailcore.plan(js, argv, DEFAULT_LIMITS)
         log_path = os.path.join(folder, "qemu.log")
+        jail_doc = {**plan.to_json(), "keep_fds": keep}
+        if netns_fd is not None:
+            jail_doc["netns_fd"] = netns_fd  # joined, then closed, by the jailer's child
         try:
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "cellcloud.microvm.jailer",
-                     json.dumps({**plan.to_json(), "keep_fds": keep})],
-                    pass_fds=tuple(keep), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True)
+                    [sys.executable, "-m", "cellcloud.microvm.jailer", json.dumps(jail_doc)],
+                    pass_fds=tuple(keep) + ((netns_fd,) if netns_fd is not None else ()),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         finally:
             if state_fd is not None:
                 os.close(state_fd)  # QEMU holds its own copy
+            if tap_fd >= 0:
+                os.close(tap_fd)  # likewise
+                tap_fd = -1
         vmm_pid = _wait_vmm_pid(proc, log_path)
     except BaseException:
+        if tap_fd >= 0:
+            os.close(tap_fd)
         shutil.rmtree(folder, ignore_errors=True)
         raise
     _children[proc.pid] = (folder, vmm_pid)
@@ -350,7 +407,7 @@ def serve(ctl: socket.socket, envs_dir: str) -> None:
     global last_start
     while True:
         try:
-            doc, fds = recv_message(ctl, request_bytes_max, 1)
+            doc, fds = recv_message(ctl, request_bytes_max, 2)
         except InterruptedError:
             continue
         except FrameError as e:
@@ -369,12 +426,13 @@ def serve(ctl: socket.socket, envs_dir: str) -> None:
             send_message(ctl, reply_v)
             continue
         try:
-            if len(fds) != 1:
-                raise ValueError("spawn needs the channel's guest end")
+            if len(fds) not in (1, 2):
+                raise ValueError("spawn needs the channel's guest end (and a namespace)")
             old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             try:  # registered before the reaper can see it exit
                 last_start = "booted: no snapshot"
-                reply: dict[str, Any] = {"pid": spawn(doc, fds[0], envs_dir),
+                reply: dict[str, Any] = {"pid": spawn(doc, fds[0], envs_dir,
+                                                      fds[1] if len(fds) == 2 else None),
                                          "start": last_start}
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)

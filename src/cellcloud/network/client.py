@@ -109,14 +109,21 @@ class NetHelperClient:
         return doc, fds
 
     def acquire(self, env_id: str, allow: list[str] | None = None,
-                ingress: list[str] | None = None) -> Lease:
+                ingress: list[str] | None = None, tap: bool = False,
+                egress: bool = True) -> Lease:
         """A wired namespace for ``env_id``; ``allow`` ("CIDR:port" entries): its interface may
         reach only those (plus the resolver), still minus everything the policy denies.
         ``ingress`` ("tcp:8080" entries; a task's): the host may open connections to its
-        address on those ports only."""
+        address on those ports only. ``tap``: a microVM's namespace, its address for the guest
+        behind a tap (``helper._wire_for_vm``). ``egress`` False: it may open none at all (an
+        address the host reaches, nothing else)."""
         msg: dict[str, Any] = {"op": "acquire", "env_id": env_id}
+        if tap:
+            msg["tap"] = True
         if allow:
             msg["allow"] = list(allow)
+        if not egress:
+            msg["egress"] = False
         if ingress is not None:
             msg["ingress"] = list(ingress)
         doc, fds = self._call(msg)

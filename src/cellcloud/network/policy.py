@@ -197,6 +197,12 @@ class Plan:
         assert len(name) <= IFNAME_BYTES_MAX, name
         return name
 
+    def vm_mac(self, slot: int) -> str:
+        """A microVM guest's NIC (``acquire(tap=True)``): locally administered, unicast, the
+        slot's IPv4 address in its last four bytes, so unique on the bridge as the address is
+        (and never the bridge's own: no pool address starts with 0)."""
+        return "02:cc:" + ":".join(f"{b:02x}" for b in self.address(slot).packed)
+
     def owns(self, name: str) -> bool:
         """Whether an interface, netns or table name is one of this plan's."""
         return name.startswith(self.prefix) or name == self.table
@@ -285,9 +291,14 @@ def ruleset(plan: Plan) -> str:
         "}",
         f"table bridge {t} {{",
         "  set env_src { type ifname . ipv4_addr; }",
+        # A microVM's slot (slot_vm): its guest's kernel writes the frames, so their source
+        # MAC is pinned too (a forged one would teach the bridge another port's address).
+        "  set vm_ports { type ifname; }",
+        "  set vm_src { type ifname . ether_addr; }",
         "  chain prerouting {",
         "    type filter hook prerouting priority filter; policy accept;",
         f"    iifname != {ports} accept",
+        "    iifname @vm_ports iifname . ether saddr != @vm_src counter drop",
         "    ether type arp iifname . arp saddr ip @env_src accept",
         "    ether type ip iifname . ip saddr @env_src accept",
         "    counter drop",  # spoofed sources, IPv6 (fe80::/10 included), anything else
@@ -331,6 +342,14 @@ def slot_rules(plan: Plan, slot: int) -> str:
     ]) + "\n"
 
 
+def slot_vm(plan: Plan, slot: int, add: bool = True) -> str:
+    """A microVM's slot: frames from its port must carry its guest's MAC (``Plan.vm_mac``).
+    ``add=False``: the elements removed (on release; the slot's next tenant may be a jail)."""
+    t, veth, verb = plan.table, plan.veth(slot), "add" if add else "delete"
+    return (f'{verb} element bridge {t} vm_ports {{ "{veth}" }}\n'
+            f'{verb} element bridge {t} vm_src {{ "{veth}" . {plan.vm_mac(slot)} }}\n')
+
+
 def parse_allow(entry: str) -> tuple[str, int]:
     """An allow entry "CIDR:port" as (CIDR, port)."""
     cidr, sep, port = entry.rpartition(":")
@@ -366,6 +385,14 @@ def slot_allow(plan: Plan, slot: int, allow: tuple[tuple[str, int], ...]) -> str
           f"th dport {port} return" for cidr, port in allow),
         f"add rule inet {t} {c} {REJECT}",
     ]) + "\n"
+
+
+def slot_no_egress(plan: Plan, slot: int) -> str:
+    """A task without egress (ECS ``assignPublicIp`` DISABLED): its slot's chain rejects
+    every connection it opens through the bridge (the resolver is served by the input chain,
+    so DNS still answers; the host still reaches its mapped ports: that is ``ingress``).
+    ``slot_refresh`` (on release) rebuilds the chain without it."""
+    return f"add rule inet {plan.table} {_chain(slot)} {REJECT}\n"
 
 
 def parse_ingress(entry: str) -> tuple[str, int]:

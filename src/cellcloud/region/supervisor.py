@@ -306,6 +306,8 @@ class Supervisor:
                     # may not reach (this host's own addresses are denied anyway).
                     *[arg for _ns, addr in self.agent_hosts.values()
                       for arg in ("--net-deny", f"{addr}/32")],
+                    *self._volume_args(os.path.join(self.state_dir, "cells", cell_id,
+                                                    "agents", agent_id)),
                     *self._extra(agent_id, "agent"),
                 ], f"{self.agent_hosts[agent_id][1] if agent_id in self.agent_hosts else self.host}:0")
                 agent_index += 1
@@ -379,6 +381,18 @@ class Supervisor:
                 "store_colony": self.store_colony}
         self.write_region()
         return self.region_doc
+
+    def _volume_args(self, agent_state_dir: str) -> list[str]:
+        """An agent's volume helper (volumes/helper.py): where it mounts its tasks' managed
+        volumes, the control plane's volume files, and the storage servers if any."""
+        out = ["--volumes-run-dir", os.path.join(agent_state_dir, "volumes"),
+               "--volumes-data-dir", os.path.join(self.state_dir, "volumes")]
+        if self.storage_servers:
+            out += ["--volumes-colony", self.store_colony, "--volumes-servers",
+                    os.path.join(self.state_dir, "storage", "servers.json")]
+            if not self.insecure:
+                out += ["--volumes-pki-dir", self.state_dir]
+        return out
 
     async def _start_storage(self) -> list[str]:
         """Start the storage servers, each its own failure domain on this machine (a rack of

@@ -13,6 +13,7 @@ import os
 import resource
 import socket
 import sys
+from typing import Any
 
 from . import linux, seccomp_policy
 from .spec import EnvSpec
@@ -102,6 +103,26 @@ def _bind(src: str, dst: str, flags: int) -> None:
     linux.mount(src, dst, None, linux.MS_BIND)
     if flags:
         linux.mount(None, dst, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
+
+
+def _volume_mount(spec: EnvSpec, root: str, vm: dict[str, Any], nosuid: int) -> None:
+    """Bind a task volume's host mount (its helper's ext4) at its containerPath; the path's
+    components are made real directories of the root first (no link leads the bind out)."""
+    target = str(vm["target"])
+    _own_dir(root, target)
+    dst = root + target
+    linux.mount(str(vm["source"]), dst, None, linux.MS_BIND)
+    if vm.get("read_only"):
+        linux.mount(None, dst, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
+    else:
+        # Each container runs as an unprivileged uid of its own: the first to mount the
+        # volume owns its top directory (a fresh volume's is root's), and every container of
+        # the task may create there (0777), as Fargate containers' root users all could.
+        if os.stat(dst).st_uid == 0:
+            os.chown(dst, spec.uid, spec.gid)
+        os.chmod(dst, 0o777)
+        if nosuid:
+            linux.mount(None, dst, None, linux.MS_BIND | linux.MS_REMOUNT | nosuid)
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
@@ -234,6 +255,8 @@ def build_root(spec: EnvSpec, root: str, trees: list[str], tmp_device: str | Non
     _write(root + "/etc/resolv.conf",
            f"nameserver {resolver}\noptions timeout:2 attempts:2\n" if resolver else "")
     _write(root + "/etc/hostname", f"{spec.hostname or 'sandbox'}\n")
+    for vm in spec.volume_mounts:  # a task's volumes (ECS mountPoints), last: on top
+        _volume_mount(spec, root, vm, nosuid)
     os.makedirs(root + "/proc", exist_ok=True)
     os.makedirs(root + "/.old_root", exist_ok=True)
     return root

@@ -69,6 +69,11 @@ class EnvSpec:
     # task's, shared by its containers); "": the environment's own, named env_id, made here.
     cgroup_name: str = ""
     hostname: str = ""  # "": "sandbox"
+    # A task's volumes (agent/tasks.py, ECS mountPoints): {"source": the host path where its
+    # volume helper mounted the volume's ext4, "target": the containerPath, "read_only"},
+    # bind-mounted into the root (jail.build_root); the target's directory becomes the
+    # environment user's when writable.
+    volume_mounts: list[dict[str, Any]] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,7 +24,7 @@ from typing import Any
 from .. import eventlog
 from ..core.messages import GuestReady
 from ..transport.codec import FrameError, pack, recv_message, send_message
-from . import cgroups, container_guest, guest, jail, linux
+from . import cgroups, container_guest, guest, jail, linux, seccomp_policy
 from .ephemeral import PERMANENT_LOOP_ERRORS, LoopPool
 from .spec import EnvSpec
 
@@ -142,6 +142,7 @@ def _become_environment(spec: EnvSpec, chan_fd: int, root: str, tmp_device: str 
 
 def serve(ctl: socket.socket, root: str, pool: LoopPool | None = None) -> None:
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+    seccomp_policy.prepare()  # once here, not in every environment it forks
     signal.signal(signal.SIGCHLD, _reap)
     while True:
         # Idle time tops up the pool of ready /tmp devices, one at a time, never delaying a

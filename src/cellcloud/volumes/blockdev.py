@@ -125,6 +125,26 @@ def open_source(path: str, missing_ok: bool) -> int | None:
     return fd
 
 
+def data_extents(fd: int, end: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` ranges of allocated data in the file open at ``fd`` before
+    ``end`` (``SEEK_DATA``/``SEEK_HOLE``; holes read as zeroes)."""
+    out: list[tuple[int, int]] = []
+    off = 0
+    while off < end:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole to the end
+                break
+            raise
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        out.append((data, hole))
+        off = hole
+    return out
+
+
 def copy_extents(fd: int | None, dst: str, size_bytes: int,
                  progress: Callable[[int], None] | None = None) -> None:
     """``dst`` becomes a sparse file of ``size_bytes`` holding the data extents of the file

@@ -5,10 +5,10 @@
   acknowledged write to it superseded before the read began (w' supersedes w when w' was called
   after w returned and w' returned before the read was called), or zeroes when no write to it
   had been acknowledged before the read. An unacknowledged write has no return: it may show up
-  or not, forever. A read made at epoch ``e`` is held to the writes acknowledged at epochs up
-  to ``e``: a deposed client that has not yet learned it is deposed may read a replica that
-  was removed while unreachable (stale data; its writes are refused), and the read-back after
-  the last failover is held to every acknowledged write.
+  or not, forever. Reads are linearizable: every read, whichever client and epoch made it (a
+  deposed client that has not learned it yet included), is held to every write acknowledged
+  to anyone before the read was called — a read after an acknowledged write returns it or a
+  newer value, never an older one ("stale read").
 * **No two primaries acknowledge in the same epoch.** Every acknowledgement names its epoch and
   the client that got it; per epoch there is one.
 * **A deposed writer gets nothing acknowledged.** A write sent at epoch ``e`` after the writer
@@ -53,6 +53,13 @@ class History:
     fenced_ms: dict[int, float] = field(default_factory=dict)  # epoch -> when fenced (first)
 
 
+def _kind(r: Read, missed: Write) -> str:
+    """A read that misses a write acknowledged at a later epoch than its own was served to a
+    deposed reader ("stale read"); one that misses a write of its own epoch or an earlier one
+    lost it ("lost write")."""
+    return "stale read" if missed.epoch > r.epoch else "lost write"
+
+
 def check(h: History) -> list[str]:
     """Violations found (empty: the history keeps all three promises)."""
     out: list[str] = []
@@ -62,11 +69,11 @@ def check(h: History) -> list[str]:
     zero = bytes(h.block_bytes)
     for r in h.reads:
         ws = by_block.get(r.block, [])
-        acked_before = [w for w in ws if w.return_ms is not None and w.return_ms < r.call_ms
-                        and w.epoch <= r.epoch]
+        acked_before = [w for w in ws if w.return_ms is not None and w.return_ms < r.call_ms]
         if r.value == zero and not any(w.value == zero for w in ws):
             if acked_before:
-                out.append(f"lost write: {r} read zeroes after {acked_before[-1]} was acked")
+                out.append(f"{_kind(r, acked_before[-1])}: {r} read zeroes after "
+                           f"{acked_before[-1]} was acked")
             continue
         src = [w for w in ws if w.value == r.value]
         if not src:
@@ -76,7 +83,7 @@ def check(h: History) -> list[str]:
         w_ret = INF if w.return_ms is None else w.return_ms
         newer = [x for x in acked_before if x.call_ms > w_ret]
         if newer:
-            out.append(f"lost write: {r} returned {w}, superseded by acked {newer[0]}")
+            out.append(f"{_kind(r, newer[0])}: {r} returned {w}, superseded by acked {newer[0]}")
     per_epoch: dict[int, set[str]] = {}
     for w in h.writes:
         if w.return_ms is not None:

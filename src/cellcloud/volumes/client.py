@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -126,7 +127,9 @@ class VolumeClient:
             replicas=DEFAULT_LIMITS.volume_replicas, request_timeout_ms=1_000,
             cfg_timeout_ms=6_000, retry_backoff_ms=200, mirror_chunk_bytes=1024 * 1024,
             rewire_attempts_max=DEFAULT_LIMITS.volume_rewire_attempts_max,
-            inflight_max=DEFAULT_LIMITS.volume_client_ops_inflight_max)
+            inflight_max=DEFAULT_LIMITS.volume_client_ops_inflight_max,
+            write_batch_max=DEFAULT_LIMITS.volume_write_batch_writes_max,
+            batch_bytes_max=DEFAULT_LIMITS.volume_write_bytes_max)
         self.core = ClientCore(client_id, volume_id, _infos(servers), rng or random.Random(),
                                self.params)
         self.jitter = random.Random()
@@ -316,6 +319,10 @@ class VolumeClient:
         self._run(self.core.on_server(a.rid, reply, self._now()))
 
 
+def _preads(fd: int, parts: list[tuple[int, int]]) -> list[bytes]:
+    return [os.pread(fd, n, o) for o, n in parts]
+
+
 class RegionVolumes:
     """A region's replicated volumes as its control plane makes and deletes them (the EC2
     API's ``CreateVolume``/``DeleteVolume``, control/ec2.py): the store colony that holds each
@@ -387,6 +394,119 @@ class RegionVolumes:
 
         done = await asyncio.gather(*(drop(s) for s in sorted(servers)))
         return [s for s in done if s is not None]
+
+    async def _call(self, sid: str, req: dict[str, Any]) -> dict[str, Any] | None:
+        """One request to storage server ``sid`` (None: unreachable, or no such server)."""
+        addr = load_servers(self.servers_path).get(sid)
+        if addr is None:
+            return None
+        conn = transport.Client(addr.host, addr.port, expect_role="storage",
+                                connect_timeout_s=self.request_timeout_s)
+        try:
+            reply: dict[str, Any] = await conn.call("volume", req,
+                                                    timeout_s=self.request_timeout_s)
+            return reply
+        except (transport.TransportError, transport.RemoteError, OSError):
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def freeze(self, volume_id: str, snapshot_id: str, attempts: int = 20) -> str:
+        """A snapshot's point in time (docs/volumes.md, "Snapshots"): read the volume's
+        configuration, then ask a complete replica of it (the primary first) to freeze a copy
+        of its bytes — every write acknowledged before this call is in it, and the copy is
+        made between two of the volume's requests (crash-consistent). Works while a writer is
+        attached. Returns the server that holds the frozen copy."""
+        store = self.store()
+        why = "no complete replica answered"
+        for _ in range(attempts):
+            raw = await store.get(cell_of(volume_id), CONFIG_KEY)
+            if not isinstance(raw, bytes):
+                raise VolumeError(f"{volume_id}: no such volume")
+            cfg = VolumeConfig.decode(raw)
+            req = {"op": "snapshot", "volume": volume_id, "epoch": cfg.epoch,
+                   "config": cfg.to_dict(), "snapshot": snapshot_id}
+            for sid in [cfg.primary] + [r for r in cfg.complete() if r != cfg.primary]:
+                reply = await self._call(sid, req)
+                status = reply.get("status") if reply else None
+                if status == "ok":
+                    return sid
+                why = f"{sid}: {reply.get('message') or status}" if reply else f"{sid}: down"
+                if status == "stale":
+                    break  # the configuration moved on: read it again
+            await asyncio.sleep(0.2)
+        raise VolumeUnavailable(f"{volume_id}: no snapshot taken ({why})")
+
+    async def copy_frozen(self, volume_id: str, snapshot_id: str, sid: str, dst: str,
+                          size_bytes: int, attempts: int = 50) -> None:
+        """Copy the frozen copy on ``sid`` into the sparse file ``dst`` (through
+        ``dst.part``, fsynced, renamed; holes skipped), then drop it from the server."""
+        chunk = DEFAULT_LIMITS.volume_write_bytes_max
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = dst + ".part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size_bytes)
+            off, fails = 0, 0
+            while off < size_bytes:
+                n = min(chunk, size_bytes - off)
+                reply = await self._call(sid, {"op": "snapshot_read", "volume": volume_id,
+                                               "snapshot": snapshot_id, "offset": off,
+                                               "length": n})
+                if not reply or reply.get("status") != "ok":
+                    fails += 1  # a restarted server keeps its frozen copy: try again
+                    if fails >= attempts:
+                        raise VolumeUnavailable(f"{volume_id}: the frozen copy on {sid} "
+                                                f"cannot be read: {reply}")
+                    await asyncio.sleep(0.2)
+                    continue
+                if not reply.get("hole"):
+                    await asyncio.to_thread(os.pwrite, fd, bytes(reply["data"]), off)
+                nxt = reply.get("next")
+                off = max(off + n, nxt if isinstance(nxt, int) else 0)
+            await asyncio.to_thread(os.fsync, fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, dst)
+        dfd = os.open(os.path.dirname(dst), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        await self._call(sid, {"op": "snapshot_drop", "volume": volume_id,
+                               "snapshot": snapshot_id})
+
+    async def restore(self, volume_id: str, fd: int | None, client_id: str,
+                      window: int = 8) -> None:
+        """Write the data extents of the file open at ``fd`` (a snapshot's bytes; None: all
+        zeroes) into the replicated volume ``volume_id``, attached as ``client_id`` (up to
+        ``window`` writes at once: group-committed), then detach. ``fd`` is closed."""
+        from cellcloud.volumes.blockdev import data_extents
+
+        vc = VolumeClient(volume_id, self.store(), load_servers(self.servers_path),
+                          client_id=client_id)
+        try:
+            await vc.attach()
+            if fd is not None:
+                step = DEFAULT_LIMITS.volume_write_bytes_max
+                end = min(vc.size_bytes, os.fstat(fd).st_size)
+                ranges = [(o, min(step, stop - o)) for start, stop in data_extents(fd, end)
+                          for o in range(start, stop, step)]
+                for i in range(0, len(ranges), window):
+                    parts = ranges[i: i + window]
+                    datas = await asyncio.to_thread(_preads, fd, parts)
+                    await asyncio.gather(*(vc.write(o, d) for (o, _), d in zip(parts, datas,
+                                                                               strict=True)))
+            await vc.detach()
+        finally:
+            await vc.close()
+            if fd is not None:
+                os.close(fd)
 
     async def close(self) -> None:
         if self._store is not None:

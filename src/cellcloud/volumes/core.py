@@ -7,12 +7,14 @@ Two state machines and one pure placement function:
   volume's configuration and its epoch; an older epoch than the one the server knows is refused
   (fencing), a newer one is learned (persisted before the answer), and a server that is not a
   replica of the request's configuration refuses. The shell carries out the effects (write the
-  bytes, fsync, persist the epoch) and only then answers.
+  bytes, fsync, persist the epoch; freeze a snapshot's copy) and only then answers.
 * ``ClientCore`` — a volume client (the one attached writer): every write goes to EVERY
-  replica of the current configuration and completes only when all answered ok; reads go to the
-  primary. A failed or silent replica makes it rewire: a compare-and-set on the configuration
-  (epoch + 1) with a replica set from ``choose_replicas``; it then fences the new configuration
-  on its replicas and re-mirrors the new replica from the primary chunk by chunk while IO goes
+  replica of the current configuration and completes only when all answered ok (group commit:
+  one round of writes in flight, the writes queued meanwhile together in the next); reads go to
+  the primary, and count only once every other complete replica confirmed the reader's epoch
+  (fenced reads). A failed or silent replica makes it rewire: a compare-and-set on the
+  configuration (epoch + 1) with a replica set from ``choose_replicas``; it then fences the new
+  configuration on its replicas and re-mirrors the new replica from the primary chunk by chunk while IO goes
   on (a write during the re-mirror goes to the new replica too; a chunk and a write that
   overlap never fly together, so a chunk never overwrites a newer write).
 * ``choose_replicas`` — keep the survivors, add servers from the survivors' zone first, on
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -201,7 +204,34 @@ class DropData:
     volume_id: str
 
 
-ServerEffect = PersistConfig | WriteData | ReadData | ResetData | DropData
+@dataclass(frozen=True)
+class FreezeData:
+    """A snapshot's point in time: copy the replica's bytes, as they are now (no write in
+    between), into a frozen copy named ``snapshot_id``."""
+
+    volume_id: str
+    snapshot_id: str
+
+
+@dataclass(frozen=True)
+class ReadFrozen:
+    """Read a frozen copy (as a mirror read: the reply carries ``next`` and ``hole``)."""
+
+    volume_id: str
+    snapshot_id: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DropFrozen:
+    volume_id: str
+    snapshot_id: str
+
+
+ServerEffect = (PersistConfig | WriteData | ReadData | ResetData | DropData | FreezeData
+                | ReadFrozen | DropFrozen)
+SNAPSHOT_NAME = re.compile(r"^snap-[0-9a-f]{8}([0-9a-f]{9})?$")
 
 
 @dataclass
@@ -220,6 +250,8 @@ class ServerCore:
             self.volumes[c.volume_id] = ServerVolume(c)
 
     def on_request(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[ServerEffect]]:
+        if req.get("op") in ("snapshot_read", "snapshot_drop"):
+            return self._frozen(req)
         try:
             op = req["op"]
             cfg = VolumeConfig.from_dict(req["config"])
@@ -246,11 +278,44 @@ class ServerCore:
             effects.append(PersistConfig(cfg))
         elif cfg != known.config and not self.bug_no_fencing:
             return {"status": INVALID, "message": "two configurations with one epoch"}, []
-        if op == "fence":
+        if op in ("fence", "check"):
+            # "check": a read's epoch check (docs/volumes.md, "Reads are fenced"): ok only
+            # while this server knows no newer epoch than the reader's.
             return {"status": OK, "epoch": cfg.epoch}, effects
         if op == "drop":  # sent by the volume's deleter, whose epoch follows the last record
             effects.append(DropData(cfg.volume_id))
             return {"status": OK, "epoch": cfg.epoch}, effects
+        if op == "snapshot":
+            # The snapshot's point in time is this request's turn among the volume's requests
+            # (they run in arrival order): a complete replica holds every write acknowledged
+            # before the configuration was read (docs/volumes.md, "Snapshots").
+            snap = req.get("snapshot")
+            if not isinstance(snap, str) or not SNAPSHOT_NAME.match(snap):
+                return {"status": INVALID, "message": "snapshot needs a snapshot id"}, effects
+            if self.server_id in cfg.catching_up:
+                return {"status": NOT_READY, "epoch": cfg.epoch}, effects
+            return {"status": OK, "epoch": cfg.epoch}, effects + [FreezeData(cfg.volume_id,
+                                                                             snap)]
+        if op == "write_batch":
+            writes = req.get("writes")
+            if not isinstance(writes, list) or not 0 < len(writes) <= \
+                    self.limits.volume_write_batch_writes_max:
+                return {"status": INVALID, "message": "write_batch needs 1 to "
+                        f"{self.limits.volume_write_batch_writes_max} writes"}, effects
+            total = 0
+            batch: list[ServerEffect] = []
+            for w in writes:
+                if not (isinstance(w, list | tuple) and len(w) == 2 and isinstance(w[0], int)
+                        and isinstance(w[1], bytes | bytearray)):
+                    return {"status": INVALID, "message": "a write is [offset, data]"}, effects
+                offset, data = w
+                total += len(data)
+                if offset < 0 or offset + len(data) > cfg.size_bytes:
+                    return {"status": INVALID, "message": "write past the end"}, effects
+                batch.append(WriteData(cfg.volume_id, offset, bytes(data)))
+            if total > self.limits.volume_write_bytes_max:
+                return {"status": INVALID, "message": "write too large"}, effects
+            return {"status": OK, "epoch": cfg.epoch}, effects + batch
         if op in ("write", "mirror_write"):
             offset, data = req.get("offset"), req.get("data")
             if not isinstance(offset, int) or not isinstance(data, bytes | bytearray):
@@ -274,6 +339,22 @@ class ServerCore:
             effects.append(ReadData(cfg.volume_id, offset, length, op == "mirror_read"))
             return {"status": OK, "epoch": cfg.epoch}, effects
         return {"status": INVALID, "message": f"unknown op {op!r}"}, effects
+
+
+    def _frozen(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[ServerEffect]]:
+        """A frozen copy's reads and its removal: not fenced (the copy does not change; the
+        snapshot request that made it was)."""
+        vol, snap = req.get("volume"), req.get("snapshot")
+        if not isinstance(vol, str) or not isinstance(snap, str) or not SNAPSHOT_NAME.match(
+                snap):
+            return {"status": INVALID, "message": "needs volume and snapshot"}, []
+        if req["op"] == "snapshot_drop":
+            return {"status": OK}, [DropFrozen(vol, snap)]
+        offset, length = req.get("offset"), req.get("length")
+        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 \
+                or not 0 <= length <= self.limits.volume_write_bytes_max:
+            return {"status": INVALID, "message": "read needs offset and length"}, []
+        return {"status": OK}, [ReadFrozen(vol, snap, offset, length)]
 
 
 # ---- volume client -----------------------------------------------------------------------
@@ -320,7 +401,14 @@ class ClientParams:
     mirror_chunk_bytes: int = 64
     rewire_attempts_max: int = 50
     inflight_max: int = 1  # operations in flight at once (non-overlapping)
+    # Group commit: more than 1 — at most one round of writes in flight; the writes queued
+    # meanwhile go together in the next round (one request, one fsync per replica), up to this
+    # many and ``batch_bytes_max`` bytes. 1: every write its own round, several in flight.
+    write_batch_max: int = 1
+    batch_bytes_max: int = 1 << 20
     bug_ack_majority: bool = False  # planted bug: complete a write on a majority of replicas
+    bug_unfenced_reads: bool = False  # planted bug: read the primary without an epoch check
+    bug_group_ack_queued: bool = False  # planted bug: a round also acks a write still queued
 
 
 @dataclass
@@ -346,6 +434,11 @@ class _Inflight:
     invalid: str = ""
     hole: bool = False  # mirror: the chunk read holds no allocated byte
     next: int = 0  # mirror: where the primary's next allocated byte is
+    primary: str = ""  # read: the server whose bytes are the answer (the others check)
+    more: list[_Op] = field(default_factory=list)  # write: the rest of a group-commit batch
+
+    def ops(self) -> list[_Op]:
+        return [self.op, *self.more]
 
 
 class ClientCore:
@@ -386,6 +479,7 @@ class ClientCore:
         self.mirror_offset = 0
         self.rids = 0
         self.rewires = 0
+        self.batches = 0  # write rounds that carried more than one write (group commit)
         self.attempts = 0  # consecutive rewire attempts without a completed operation
         self.fence_wait: dict[int, str] = {}
         self.fence_ok: set[str] = set()
@@ -473,7 +567,7 @@ class ClientCore:
         status = reply.get("status") if reply else None
         if status == OK:
             fl.ok.add(server)
-            if fl.op.kind == "read" or fl.stage == "read":
+            if (fl.op.kind == "read" and server == fl.primary) or fl.stage == "read":
                 fl.data = bytes(reply.get("data", b"")) if reply else b""
                 fl.hole = bool(reply.get("hole")) if reply else False
                 nxt = reply.get("next") if reply else None
@@ -562,7 +656,8 @@ class ClientCore:
         return self._drop_all("deposed")
 
     def _drop_all(self, why: str) -> list[ClientAction]:
-        ops = [fl.op for fl in self.inflight.values() if fl.op.kind != "mirror"] + self.queue
+        ops = [op for fl in self.inflight.values() for op in fl.ops()
+               if op.kind != "mirror"] + self.queue
         self.inflight = {}
         self.rid_op = {}
         self.queue = []
@@ -659,7 +754,12 @@ class ClientCore:
             return self._drain(now_ms)
         cfg = self.config
         out: list[ClientAction] = []
-        busy = [fl.op for fl in self.inflight.values()]
+        busy = [op for fl in self.inflight.values() for op in fl.ops()]
+        batching = self.params.write_batch_max > 1
+        # group commit: one write round in flight; the writes that may go form the next one
+        write_round = any(fl.op.kind == "write" for fl in self.inflight.values())
+        batch: list[_Op] = []
+        batch_bytes = 0
         if cfg.catching_up and not any(op.kind == "mirror" for op in busy):
             if self.mirror_offset >= cfg.size_bytes:
                 self.draining = "mirror_done"  # every new replica holds a full copy
@@ -678,10 +778,23 @@ class ClientCore:
                     self._overlap(op, q) for q in self.queue[:i]):
                 i += 1
                 continue
+            if batching and op.kind == "write":
+                if write_round or len(batch) >= self.params.write_batch_max or (
+                        batch and batch_bytes + len(op.data) > self.params.batch_bytes_max):
+                    i += 1  # waits for the next round (later ones may not overtake it)
+                    continue
+                self.queue.pop(i)
+                batch.append(op)
+                batch_bytes += len(op.data)
+                busy.append(op)
+                continue
             self.queue.pop(i)
             self.last_was_user = True
             out += self._send(op, now_ms)
             busy.append(op)
+        if batch:
+            self.last_was_user = True
+            out += self._send(batch[0], now_ms, batch[1:])
         return out
 
     def _drain(self, now_ms: int) -> list[ClientAction]:
@@ -700,7 +813,7 @@ class ClientCore:
             return self._rewire(now_ms)
         return self._cas(cfg, replace(cfg, epoch=cfg.epoch + 1, catching_up=()), now_ms)
 
-    def _send(self, op: _Op, now_ms: int) -> list[ClientAction]:
+    def _send(self, op: _Op, now_ms: int, more: Sequence[_Op] = ()) -> list[ClientAction]:
         cfg = self.config
         assert cfg is not None
         if op.kind == "mirror":
@@ -708,12 +821,22 @@ class ClientCore:
             key = -self.mirror_keys
         else:
             key = op.op_id
-        fl = self.inflight[key] = _Inflight(op, cfg.epoch, now_ms, {})
-        if op.kind == "write":
+        fl = self.inflight[key] = _Inflight(op, cfg.epoch, now_ms, {}, primary=cfg.primary,
+                                            more=list(more))
+        if more:  # one round for the batch: every replica writes all, then fsyncs once
+            req = self._request("write_batch", writes=[[o.offset, o.data] for o in fl.ops()])
+            targets = [(s, req) for s in cfg.replicas]
+        elif op.kind == "write":
             targets = [(s, self._request("write", offset=op.offset, data=op.data))
                        for s in cfg.replicas]
         elif op.kind == "read":
+            # The primary's bytes count only if every other complete replica confirms, after
+            # the read was called, that the reader's epoch is still the newest it knows: a
+            # deposed reader gets "stale" (docs/volumes.md, "Reads are fenced").
             targets = [(cfg.primary, self._request("read", offset=op.offset, length=op.length))]
+            if not self.params.bug_unfenced_reads:
+                targets += [(s, self._request("check")) for s in cfg.complete()
+                            if s != cfg.primary]
         else:
             fl.stage = "read"
             targets = [(cfg.primary, self._request("mirror_read", offset=op.offset,
@@ -757,20 +880,29 @@ class ClientCore:
         del self.inflight[key]
         out: list[ClientAction] = []
         if fl.invalid and fl.op.kind != "mirror":
-            out.append(Complete(fl.op.op_id, False, error=fl.invalid))
+            out += [Complete(op.op_id, False, error=fl.invalid) for op in fl.ops()]
         elif fl.stale or fl.invalid:
             self.draining = "stale"
-            self._requeue(fl.op)
+            for op in fl.ops():
+                self._requeue(op)
         elif fl.failed:
             self.op_failed |= fl.failed
             if self.draining != "stale":
                 self.draining = "failed"
-            self._requeue(fl.op)
+            for op in fl.ops():
+                self._requeue(op)
         else:
             self.attempts = 0
             if fl.op.kind == "mirror":
                 self.mirror_offset = max(fl.op.offset + fl.op.length, fl.next)
             else:
-                out.append(Complete(fl.op.op_id, True, data=fl.data, epoch=fl.epoch,
-                                    sent_ms=fl.sent_ms))
+                self.batches += bool(fl.more)
+                done = fl.ops()
+                if self.params.bug_group_ack_queued and fl.op.kind == "write":
+                    # the classic group-commit bug: a write that joined after the round left
+                    late = [q for q in self.queue if q.kind == "write"][:1]
+                    self.queue = [q for q in self.queue if q not in late]
+                    done += late
+                out += [Complete(op.op_id, True, data=fl.data, epoch=fl.epoch,
+                                 sent_ms=fl.sent_ms) for op in done]
         return out + self._pump(now_ms)

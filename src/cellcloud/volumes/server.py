@@ -21,11 +21,15 @@ import re
 from typing import Any
 
 from cellcloud import transport
+from cellcloud.volumes.blockdev import copy_extents
 from cellcloud.volumes.core import (
     INVALID,
     DropData,
+    DropFrozen,
+    FreezeData,
     PersistConfig,
     ReadData,
+    ReadFrozen,
     ResetData,
     ServerCore,
     VolumeConfig,
@@ -53,7 +57,8 @@ class StorageServer:
         self.core.load(self._load_configs())
         self.locks: dict[str, asyncio.Lock] = {}
         self.fds: dict[str, int] = {}
-        self.counters = {"requests": 0, "writes": 0, "reads": 0, "refused": 0, "dropped": 0}
+        self.counters = {"requests": 0, "writes": 0, "reads": 0, "refused": 0, "dropped": 0,
+                         "write_batches": 0, "snapshots": 0}
 
     def _load_configs(self) -> list[VolumeConfig]:
         out = []
@@ -114,6 +119,17 @@ class StorageServer:
                     continue  # zeroes onto a hole (a re-mirrored sparse region): nothing to do
                 os.pwrite(fd, e.data, e.offset)
                 wrote.add(fd)
+            elif isinstance(e, FreezeData):
+                # under the volume's lock: no write lands while the copy is made
+                src = os.dup(self._fd(e.volume_id, size_bytes))
+                copy_extents(src, self._frozen_path(e.volume_id, e.snapshot_id), size_bytes)
+            elif isinstance(e, ReadFrozen):
+                read = self._read_frozen(e)
+            elif isinstance(e, DropFrozen):
+                try:
+                    os.unlink(self._frozen_path(e.volume_id, e.snapshot_id))
+                except FileNotFoundError:
+                    pass
             elif isinstance(e, ReadData):
                 fd = self._fd(e.volume_id, size_bytes)
                 read = {}
@@ -132,6 +148,27 @@ class StorageServer:
             os.fdatasync(fd)  # durable before the answer leaves
         return read
 
+    def _frozen_path(self, volume_id: str, snapshot_id: str) -> str:
+        return os.path.join(self.dir, f"{volume_id}.{snapshot_id}.frozen")
+
+    def _read_frozen(self, e: ReadFrozen) -> dict[str, Any]:
+        fd = os.open(self._frozen_path(e.volume_id, e.snapshot_id), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            end = min(e.offset + e.length, size)
+            out: dict[str, Any] = {"size": size}
+            try:
+                out["next"] = os.lseek(fd, end, os.SEEK_DATA) if end < size else size
+            except OSError:  # ENXIO: only holes after the range
+                out["next"] = size
+            if e.offset >= end or _is_hole(fd, e.offset, end - e.offset):
+                out.update(hole=True, data=b"")
+            else:
+                out["data"] = os.pread(fd, end - e.offset, e.offset)
+            return out
+        finally:
+            os.close(fd)
+
     async def handle(self, req: Any) -> dict[str, Any]:
         self.counters["requests"] += 1
         if not isinstance(req, dict) or not VOLUME_ID.match(str(req.get("volume", ""))):
@@ -145,7 +182,7 @@ class StorageServer:
                     self.counters["refused"] += 1
                 return reply
             try:
-                size = int(req["config"]["size_bytes"])
+                size = int(req["config"]["size_bytes"]) if "config" in req else 0
                 read = await asyncio.to_thread(self._carry_out, effects, size)
             except (OSError, VolumeError, ValueError) as exc:
                 return {"status": "io_error", "message": str(exc)}
@@ -154,6 +191,10 @@ class StorageServer:
                 reply = dict(reply, **read)
             elif any(isinstance(e, WriteData) for e in effects):
                 self.counters["writes"] += 1
+                if req.get("op") == "write_batch":  # a group-commit round: one fdatasync
+                    self.counters["write_batches"] += 1
+            elif any(isinstance(e, FreezeData) for e in effects):
+                self.counters["snapshots"] += 1
             elif any(isinstance(e, DropData) for e in effects):
                 self.counters["dropped"] += 1
             return reply

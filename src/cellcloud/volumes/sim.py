@@ -70,13 +70,15 @@ class SimConfig:
     think_ms_max: int = 20
     torn_p: float = 0.3
     takeover_p: float = 0.5  # a second client takes the volume over from a paused writer
+    isolate_primary_p: float = 0.5  # ... and a partition leaves it with its primary only
     params: ClientParams = ClientParams(request_timeout_ms=200, cfg_timeout_ms=300,
                                         retry_backoff_ms=50, mirror_chunk_bytes=32)
     bug_no_fencing: bool = False  # servers accept any epoch
     bug_ack_majority: bool = False  # clients acknowledge on a majority of replicas
+    bug_unfenced_reads: bool = False  # clients read the primary without an epoch check
 
 
-SIM_BUGS = ("no_fencing", "ack_majority")
+SIM_BUGS = ("no_fencing", "ack_majority", "unfenced_reads", "group_ack_queued")
 
 
 def with_bug(cfg: SimConfig, bug: str) -> SimConfig:
@@ -85,6 +87,11 @@ def with_bug(cfg: SimConfig, bug: str) -> SimConfig:
     if bug == "ack_majority":
         return replace(cfg, bug_ack_majority=True,
                        params=replace(cfg.params, bug_ack_majority=True))
+    if bug == "group_ack_queued":
+        return replace(cfg, params=replace(cfg.params, bug_group_ack_queued=True))
+    if bug == "unfenced_reads":
+        return replace(cfg, bug_unfenced_reads=True,
+                       params=replace(cfg.params, bug_unfenced_reads=True))
     raise ValueError(bug)
 
 
@@ -209,6 +216,7 @@ class SimClient:
         self.done = False
         self.to_read: list[int] = []  # the verifier's blocks left to read
         self.retired = False  # the process is gone: it sends nothing more
+        self.read_only = False  # the workload only reads from now on
 
     def run(self, fn: Callable[[], list[ClientAction]]) -> None:
         if self.paused:
@@ -270,7 +278,7 @@ class SimClient:
         if not self.workload:
             self.done = not self.ops  # the verifier: every block read back
             return
-        if self.rng.random() < 0.65:
+        if self.rng.random() < 0.65 and not self.read_only:
             n = self.rng.choice([1, 1, 2])
             first = self.rng.randrange(0, w.cfg.blocks - n + 1)
             blocks = list(range(first, first + n))
@@ -406,9 +414,33 @@ class World:
             writer.paused = True
             name = f"c{len(self.clients) + 1}"
             self.add_client(name, workload=True)
-            self.schedule(rng.randint(200, 900), writer.resume)
+            old = writer.core.config
+            isolate = old is not None and rng.random() < cfg.isolate_primary_p
+            back = rng.randint(200, 900) + (700 if isolate else 0)
+            self.schedule(back, writer.resume)
             self.log.append(f"{self.now_ms:.0f} pause {writer.name}, {name} takes over")
+            if old is not None and isolate:
+                # A partition leaves the paused writer with its old primary only: the new
+                # writer cannot reach that primary and rewires it away; the old writer resumes
+                # reaching nothing else (the configuration cell included) for a while, and
+                # reads — bytes that primary served it would miss the new writer's
+                # acknowledged writes.
+                pairs = {(name, old.primary), (old.primary, name)}
+                self.net.blocked |= pairs
+                pairs |= {(writer.name, CFG), (CFG, writer.name)}
+                pairs |= {p for sid in sids if sid != old.primary
+                          for p in ((writer.name, sid), (sid, writer.name))}
+                self.schedule(back, functools.partial(self.isolate, writer, pairs))
+                self.schedule(back + rng.randint(200, 800), functools.partial(self.unblock, pairs))
+                self.log.append(f"{self.now_ms:.0f} {writer.name} and {old.primary} cut off")
         self.schedule(rng.randint(cfg.fault_gap_ms_min, cfg.fault_gap_ms_max), self.fault)
+
+    def isolate(self, client: SimClient, pairs: set[tuple[str, str]]) -> None:
+        self.net.blocked |= pairs
+        client.read_only = True  # a deposed process that comes back and reads
+
+    def unblock(self, pairs: set[tuple[str, str]]) -> None:
+        self.net.blocked -= pairs
 
     def heal(self) -> None:
         self.net.blocked = set()
@@ -470,9 +502,11 @@ class World:
 def config_for_seed(seed: int, **overrides: Any) -> SimConfig:
     """The default mix: every run has loss, reordering, crashes (30 % torn), pauses, client
     and store partitions; half the runs a writer is paused while another takes the volume.
-    Each client keeps 1 to 4 operations in flight (by seed)."""
+    Each client keeps 1 to 4 operations in flight (by seed); in half the seeds its writes are
+    group-committed (one write round in flight, the writes queued meanwhile in the next)."""
     base = SimConfig()
-    base = replace(base, params=replace(base.params, inflight_max=1 + seed % 4))
+    base = replace(base, params=replace(base.params, inflight_max=1 + seed % 4,
+                                        write_batch_max=4 if seed // 4 % 2 else 1))
     return replace(base, **overrides)
 
 
