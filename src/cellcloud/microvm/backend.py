@@ -186,7 +186,8 @@ class MicrovmBackend:
             "console": self.console,
             "vm": {"accel": vm.accel, "machine": vm.machine, "memory_mib": vm.memory_mib,
                    "vcpus": vm.vcpus}}
-        snap = self.snapshots_by_mib.get(vm.memory_mib)
+        # this size's snapshot (``snapshot``, the smallest size's, may be set on its own)
+        snap = self.snapshots_by_mib.get(vm.memory_mib) or self.snapshot
         if spec.network or netns_fd is not None:
             # A guest with a network device cannot load a state saved without one: snapshots
             # are not keyed by the device set yet, so such an environment boots cold.
