@@ -89,6 +89,16 @@ def up(
         "Python runtime only; --network none by default, egress gives guests a network "
         "device; docs/microvm.md)")
     ] = "jail",
+    microvm_snapshots: Annotated[bool, typer.Option(
+        "--microvm-snapshots", help="With --backend microvm: each agent snapshots its guest "
+        "at its waiting point at start (cached by content) and starts environments of the "
+        "snapshotted memory sizes from it, with a fresh seed and clock each; a snapshot that "
+        "fails its digest or QEMU's load boots cold (docs/microvm.md)")] = False,
+    microvm_snapshot_memory_mib: Annotated[list[int] | None, typer.Option(
+        "--microvm-snapshot-memory-mib", help="With --microvm-snapshots: a guest memory size "
+        f"(MiB) to snapshot (repeatable, at most {DEFAULT_LIMITS.microvm_snapshot_sizes_max}; "
+        f"default: the smallest guest, {DEFAULT_LIMITS.microvm_guest_memory_mib_min}); other "
+        "sizes boot cold")] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     store_colony: Annotated[str, typer.Option(
         help="A Physalia store colony file (cellcloud store up): the web console shows its "
@@ -119,6 +129,19 @@ def up(
     if network not in ("egress", "none"):
         err.print(f"--network {network!r}: egress or none")
         raise typer.Exit(2)
+    if (microvm_snapshots or microvm_snapshot_memory_mib) and backend != "microvm":
+        err.print("--microvm-snapshots: only with --backend microvm")
+        raise typer.Exit(2)
+    if microvm_snapshot_memory_mib and not microvm_snapshots:
+        err.print("--microvm-snapshot-memory-mib: only with --microvm-snapshots")
+        raise typer.Exit(2)
+    if len(microvm_snapshot_memory_mib or ()) > DEFAULT_LIMITS.microvm_snapshot_sizes_max:
+        err.print("--microvm-snapshot-memory-mib: at most "
+                  f"{DEFAULT_LIMITS.microvm_snapshot_sizes_max} sizes")
+        raise typer.Exit(2)
+    snap_args = [*(["--microvm-snapshots"] if microvm_snapshots else []),
+                 *[a for m in microvm_snapshot_memory_mib or ()
+                   for a in ("--microvm-snapshot-memory-mib", str(m))]]
     if storage_servers and not store_colony:
         err.print("--storage-servers: replicated volumes keep their configuration in a store "
                   "colony; give --store-colony (cellcloud store up)")
@@ -127,9 +150,10 @@ def up(
         _detach(sd, cells, agents_per_cell, host, port, envs_per_agent_max, insecure,
                 allow_unlimited, network, net_pool, metrics_functions_per_account_max,
                 otlp_endpoint, store_colony=store_colony, backend=backend,
-                storage_servers=storage_servers)
+                storage_servers=storage_servers, snap_args=snap_args)
         return
-    agent_args = ["--network", network, "--net-pool", net_pool, "--backend", backend]
+    agent_args = ["--network", network, "--net-pool", net_pool, "--backend", backend,
+                  *snap_args]
     # Spans go out from the router and the frontends (the agents carry theirs back).
     otlp = ["--otlp-endpoint", otlp_endpoint] if otlp_endpoint else []
     if allow_unlimited:
@@ -200,7 +224,7 @@ def _detach(
     insecure: bool = False, allow_unlimited: bool = False, network: str = "egress",
     net_pool: str = "100.64.0.0/16", metrics_functions_per_account_max: int | None = None,
     otlp_endpoint: str | None = None, store_colony: str = "", backend: str = "jail",
-    storage_servers: int = 0,
+    storage_servers: int = 0, snap_args: list[str] | None = None,
 ) -> None:
     r, w = os.pipe()
     logs = os.path.join(sd, "logs")
@@ -229,6 +253,7 @@ def _detach(
                 *(["--insecure"] if insecure else []),
                 *(["--allow-unlimited"] if allow_unlimited else []),
                 "--network", network, "--net-pool", net_pool, "--backend", backend,
+                *(snap_args or []),
                 *(["--metrics-functions-per-account-max", str(metrics_functions_per_account_max)]
                   if metrics_functions_per_account_max is not None else []),
                 *(["--store-colony", os.path.abspath(store_colony)] if store_colony else []),
@@ -509,10 +534,17 @@ def status(
                 )
                 continue
             mem = sum(env["memory_bytes"] for env in a["envs"])
+            backend_label = a["backend"]
+            snaps = a.get("microvm_snapshots")
+            if isinstance(snaps, dict):
+                # which guest memory sizes restore from a snapshot; the rest boot cold
+                sizes = ", ".join(map(str, snaps.get("memory_mib") or [])) or "no"
+                backend_label += (f" ({a.get('accel', '?')}; restores {sizes} MiB guests, "
+                                  f"{snaps.get('version_snapshots', 0)} SnapStart versions)")
             agents.add_row(
                 cell_id,
                 agent_id,
-                a["backend"],
+                backend_label,
                 "on" if a["seccomp"] == 2 else "OFF",
                 str(len(a["envs"])),
                 str(sum(env["busy"] for env in a["envs"])),

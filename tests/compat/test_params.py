@@ -108,6 +108,7 @@ _CONFIG: dict[str, Row] = {
         "Arn": "arn:aws:elasticfilesystem:us-east-1:123456789012:access-point/"
                "fsap-0123456789abcdef0", "LocalMountPath": "/mnt/efs"}]),
     "ImageConfig": Row(REFUSE, {"Command": ["app.handler"]}),
+    # refused without microVM isolation (CELLCLOUD_ISOLATION=microvm; docs/microvm.md)
     "SnapStart": Row(REFUSE, {"ApplyOn": "PublishedVersions"}),
     # honoured (core/cwlogs.py; tests/integration/test_logs.py applies it)
     "LoggingConfig": Row(ECHO, {"LogFormat": "JSON", "ApplicationLogLevel": "WARN",

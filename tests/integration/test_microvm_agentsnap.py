@@ -212,3 +212,46 @@ def test_a_snapshot_that_cannot_be_made_leaves_the_backend_booting_fresh(tmp_pat
         assert len(r["random"]) == 32
     finally:
         backend.close()
+
+
+def test_a_snapshot_that_fails_qemus_load_boots_the_environment_cold(made: Any,
+                                                                     tmp_path: Any) -> None:
+    """A state file cut in half whose manifest was re-digested passes ``verify`` but fails in
+    the jailed QEMU's load (QEMU exits): the backend sees the channel end before the guest's
+    first frame and starts the environment again, cold, instead of failing its create; the
+    reason is QEMU's own words, and the status counts it."""
+    from cellcloud.microvm import snapshot
+    from cellcloud.microvm.backend import MicrovmBackend
+
+    state, _, snap, _ = made
+    bad = str(tmp_path / "truncated")
+    shutil.copytree(snap.path, bad)
+    state_path = os.path.join(bad, "state.bin")
+    os.truncate(state_path, snap.state_bytes // 2)
+    digest = snapshot.file_digest(state_path, bytes_max=DEFAULT_LIMITS.microvm_snapshot_bytes_max)
+    assert digest is not None
+    with open(os.path.join(bad, "manifest.json")) as f:
+        doc = json.load(f)
+    doc["state"] = digest.to_json()
+    with open(os.path.join(bad, "manifest.json"), "w") as f:
+        json.dump(doc, f)
+    bundle = str(tmp_path / "bundle")
+    os.makedirs(bundle)
+    with open(os.path.join(bundle, "app.py"), "w") as f:
+        f.write(HANDLER)
+    backend = MicrovmBackend(state, snapshots=True)
+    backend.start()
+    try:
+        truncated = agentsnap.AgentSnapshot(bad, snap.key, digest.size_bytes, 0, False)
+        backend.snapshot = truncated
+        backend.snapshots_by_mib = {snap.key.memory_mib: truncated}
+        r = _backend_env(backend, bundle, 5)
+        assert backend.last_start.startswith("booted: the restore failed in QEMU: "), \
+            backend.last_start
+        assert "migration" in backend.last_start or "load" in backend.last_start
+        assert len(r["random"]) == 32
+        info = backend.snapshot_info()
+        assert (info["restore_failed"], info["restored"], info["booted"]) == (1, 0, 1)
+        assert info["memory_mib"] == [snap.key.memory_mib]
+    finally:
+        backend.close()

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,17 @@ env_baseline_bytes = 8 * 1024 * 1024  # what a new idle environment adds, roughl
 def _is_digest(value: object) -> bool:
     return (isinstance(value, str) and len(value) == 64
             and all(c in "0123456789abcdef" for c in value))
+
+
+def snapstart_id(req: m.CreateEnvRequest) -> str:
+    """A SnapStart version's identity, what its snapshot is keyed by: the version's ARN and
+    a digest of what its init depends on (the code, layers and configuration; not the
+    environment's own log stream), so a function deleted and created again under the same
+    name never restores the old one's snapshot."""
+    fn = req.function
+    what = {k: v for k, v in fn.to_wire().items() if k not in ("log_group", "log_stream")}
+    digest = hashlib.sha256(json.dumps([req.bundle_sha256, what], sort_keys=True).encode())
+    return f"{fn.arn}:{fn.version} {digest.hexdigest()}"
 
 
 def _disk(path: str) -> dict[str, Any]:
@@ -557,6 +569,7 @@ class Agent:
             image_layers=image_layers,
             image_workdir=str((image or {}).get("workdir") or ""),
             image_env={str(k): str(v) for k, v in ((image or {}).get("env") or {}).items()},
+            snapstart=snapstart_id(req) if fn.snapstart else "",
         )
         cg = cgroups.Cgroup(self.cgroup_group, env_id)
         netns_fd: int | None = None
@@ -1068,6 +1081,11 @@ class Agent:
             "image_layers": self.images.statistics(),
             # the microvm backend's acceleration (kvm or tcg; docs/microvm.md), else absent
             **({"accel": accel} if (accel := getattr(self.backend, "accel", None)) else {}),
+            # the microvm backend's snapshots (--microvm-snapshots: the guest memory sizes
+            # that start restored, others boot cold; SnapStart versions) and how
+            # environments started
+            **({"microvm_snapshots": self.backend.snapshot_info()}
+               if hasattr(self.backend, "snapshot_info") else {}),
             "zygote_pid": getattr(self.backend, "zygote_pid", 0),
             "zygote_restarts": getattr(self.backend, "zygote_restarts", 0),
             "network": ({**self.network.info, "helper": net.get("helper", {}),
@@ -1420,7 +1438,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.backend == "microvm":
         from ..microvm.backend import MicrovmBackend
 
-        backend = MicrovmBackend(state_dir, snapshots=args.microvm_snapshots)
+        backend = MicrovmBackend(state_dir, snapshots=args.microvm_snapshots,
+                                 snapshot_memory_mib=tuple(args.microvm_snapshot_memory_mib))
     else:
         backend = JailBackend(os.path.join(state_dir, "jailroot"))
     try:
@@ -1584,6 +1603,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--microvm-snapshots", action="store_true",
                    help="--backend microvm: start environments of the smallest guest memory "
                         "from the agent guest's snapshot (made at start; docs/microvm.md)")
+    p.add_argument("--microvm-snapshot-memory-mib", type=int, action="append", default=[],
+                   help="--microvm-snapshots: a guest memory size (MiB) to snapshot at start "
+                        "(repeatable, at most microvm_snapshot_sizes_max; default: the "
+                        "smallest guest); environments of other sizes boot cold")
     p.add_argument("--network", default="none", choices=("egress", "none"),
                    help="environments' outbound network (egress: an interface under the "
                         "region's policy, via the network helper; none: loopback only)")

@@ -326,6 +326,9 @@ class Limits:
     # An agent guest restored from its snapshot (microvm/agentsnap.py): every bundle disk is
     # this size (the snapshot's guest probed one of it; a bundle over it boots fresh).
     microvm_bundle_disk_mib: int = 64
+    # Guest memory sizes an agent snapshots at start (`--microvm-snapshot-memory-mib`): each is
+    # a boot at start and a state file on disk; other sizes boot cold.
+    microvm_snapshot_sizes_max: int = 4
     # The VMM jailer (microvm/jailer.py): the VMM's memory beyond the guest's (its cgroup's limit
     # is the guest's memory plus this; measured, docs/microvm.md) and its tasks (QEMU's threads).
     microvm_vmm_overhead_mib: int = 256  # the backend's launcher and the jailer alike

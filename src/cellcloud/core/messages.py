@@ -161,6 +161,10 @@ class FunctionSpec:
     # the frontend files its lines; "": the agent's own default names.
     log_group: str = ""
     log_stream: str = ""
+    # SnapStart (a published version whose function has ApplyOn PublishedVersions): its
+    # environments start from the version's snapshot after its init (microvm agents only;
+    # docs/microvm.md). "": off; else "PublishedVersions".
+    snapstart: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         doc = {"name": self.name, "arn": self.arn, "handler": self.handler,
@@ -173,6 +177,8 @@ class FunctionSpec:
             doc["log_group"] = self.log_group
         if self.log_stream:
             doc["log_stream"] = self.log_stream
+        if self.snapstart:
+            doc["snapstart"] = self.snapstart
         return doc
 
     @classmethod
@@ -190,7 +196,8 @@ class FunctionSpec:
                    network=_get(doc, "network", str, k, ""),
                    net_allow=_str_list(doc, "net_allow", k), layers=_str_list(doc, "layers", k),
                    log_group=_get(doc, "log_group", str, k, ""),
-                   log_stream=_get(doc, "log_stream", str, k, ""))
+                   log_stream=_get(doc, "log_stream", str, k, ""),
+                   snapstart=_get(doc, "snapstart", str, k, ""))
 
 
 @dataclass(frozen=True)

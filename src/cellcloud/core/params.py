@@ -104,8 +104,8 @@ _CONFIG: dict[str, Param] = {
     "ImageConfig.Command": H,
     "ImageConfig.WorkingDirectory": H,
     "SnapStart": H,
-    "SnapStart.ApplyOn": default_only("SnapStart is not supported (only ApplyOn None is "
-                                      "accepted)", _equals("None")),
+    # PublishedVersions only with microvm isolation (frontend/functions.py, docs/microvm.md)
+    "SnapStart.ApplyOn": H,
     "LoggingConfig": H,
     # core/cwlogs.py checks them (levels only with JSON) and frontend/cell.py applies them
     "LoggingConfig.LogFormat": H,

@@ -294,6 +294,22 @@ class Catalog:
             except vpc.VpcError as e:
                 raise errors.invalid(str(e)) from None
             changes["network"], changes["net_allow"] = setting.mode, list(setting.allow)
+        if "SnapStart" in doc:
+            apply_on = rules.opt_dict(doc, "SnapStart").get("ApplyOn", "None")
+            if apply_on not in ("PublishedVersions", "None"):
+                raise errors.invalid(f"SnapStart.ApplyOn {apply_on!r}: PublishedVersions or None")
+            changes["snapstart"] = "" if apply_on == "None" else apply_on
+        if changes.get("snapstart", current.snapstart if current else ""):
+            from ..sandbox.spec import ISOLATION_VARIABLE
+
+            env = changes.get("environment", current.environment if current else {})
+            if env.get(ISOLATION_VARIABLE) != "microvm":
+                raise errors.invalid(
+                    "SnapStart (ApplyOn PublishedVersions) restores a published version's "
+                    "microVM from a snapshot taken after its init: it needs microVM isolation "
+                    f"(the environment variable {ISOLATION_VARIABLE}=microvm; agents "
+                    "started with --backend microvm). "
+                    "A region whose agents run jails has no snapshots to restore.")
         if doc.get("DeadLetterConfig") is not None:
             changes["dead_letter_target"] = deadletter.check(
                 doc["DeadLetterConfig"], self.region, account, self.queue_exists)

@@ -474,7 +474,8 @@ class Invoker:
                 log_stream=cell.stream_for(ins.env_id, rec.version),
                 ephemeral_mb=rec.ephemeral_mb, version=rec.version, network=rec.network,
                 net_allow=tuple(rec.net_allow),
-                layers=tuple(layer["sha256"] for layer in rec.layers)),
+                layers=tuple(layer["sha256"] for layer in rec.layers),
+                snapstart=rec.snapstart if rec.version != "$LATEST" else ""),
             image=(image_functions.agent_image(rec)
                    if rec.package_type == image_functions.IMAGE else None)).to_wire()
         layers_pushed: dict[str, int] = {}

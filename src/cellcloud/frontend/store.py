@@ -116,6 +116,8 @@ class FunctionRecord:
     image: dict[str, Any] = field(default_factory=dict)
     # LoggingConfig (core/cwlogs.py's LoggingConfig.to_record); empty: Text, the default group
     logging: dict[str, Any] = field(default_factory=dict)
+    # SnapStart.ApplyOn: "PublishedVersions" or "" (None); only with microvm isolation
+    snapstart: str = ""
 
     @property
     def key(self) -> str:
@@ -784,6 +786,10 @@ def config_doc(rec: FunctionRecord, region: str, *, qualify_latest: bool = False
         "EphemeralStorage": {"Size": rec.ephemeral_mb},
         "VpcConfig": vpc.echo(vpc.Setting(rec.network, tuple(rec.net_allow))),
         "LoggingConfig": LoggingConfig.from_record(rec.logging).doc(rec.name),
+        # As Lambda: On for a published version of a function with ApplyOn PublishedVersions
+        "SnapStart": {"ApplyOn": rec.snapstart or "None",
+                      "OptimizationStatus": ("On" if rec.snapstart and rec.version != "$LATEST"
+                                             else "Off")},
     }
     if rec.dead_letter_target:
         doc["DeadLetterConfig"] = {"TargetArn": rec.dead_letter_target}

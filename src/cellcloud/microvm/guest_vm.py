@@ -26,14 +26,17 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import os
+import random
 import resource
 import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..core.limits import DEFAULT_LIMITS
+from ..sandbox import guest as guest_agent
 from ..sandbox import linux
 from ..sandbox.guest import FdStream, channel_frame_bytes_max
 from ..sandbox.guest import run as run_guest
@@ -91,6 +94,108 @@ def apply_seed(fd: int, seed: bytes) -> None:
         raise ValueError(f"the seed is {len(seed)} bytes, not {seed_bytes}")
     fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", 8 * len(seed), len(seed)) + seed)
     fcntl.ioctl(fd, RNDRESEEDCRNG)
+
+
+def restore_helper(seed_fd: int, answer_fd: int, rnd_fd: int) -> NoReturn:
+    """A version snapshot's guest (the spec frame's ``snapstart``): this child of the guest
+    agent stays root when the agent drops to the function's uid, so that every restored copy
+    can still be reseeded and its clock set (both need root). It reads records of the seed
+    (``seed_bytes``) and the host's clock (8 bytes, ms) from ``seed_fd`` and answers one status
+    byte (0: done) on ``answer_fd``; nothing else. The function's code, in the agent's process,
+    could write records too: its own guest's seed and clock only (the VM is the boundary)."""
+    record = seed_bytes + 8
+    while True:
+        data = b""
+        while len(data) < record:
+            chunk = os.read(seed_fd, record - len(data))
+            if not chunk:
+                os._exit(0)  # the agent is gone
+            data += chunk
+        status = 0
+        try:
+            apply_seed(rnd_fd, data[:seed_bytes])
+        except (OSError, ValueError):
+            status |= 1
+        try:
+            (ms,) = struct.unpack("<Q", data[seed_bytes:])
+            time.clock_settime(time.CLOCK_REALTIME, ms / 1000)
+        except (OSError, ValueError, OverflowError):
+            status |= 2
+        os.write(answer_fd, bytes([status]))
+
+
+# SnapStart's runtime hooks, as Lambda's Python runtime offers them (the module
+# ``snapshot_restore_py``): functions registered with register_before_snapshot run after the
+# init, before the version's snapshot is saved; with register_after_restore, in each restored
+# copy after its seed and clock, before its first invocation. Only a version snapshot's guest
+# calls them; elsewhere registering is harmless, as on Lambda without SnapStart.
+_before_snapshot: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+_after_restore: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+
+
+def install_hooks_module(task_roots: tuple[str, ...] = ("/var/task", "/opt/python")) -> None:
+    """``snapshot_restore_py`` for the function to import, unless its bundle or a layer brings
+    its own (theirs then wins, as it would on the path)."""
+    for root in task_roots:
+        if (os.path.exists(os.path.join(root, "snapshot_restore_py.py"))
+                or os.path.isdir(os.path.join(root, "snapshot_restore_py"))):
+            return
+    import types
+
+    mod = types.ModuleType("snapshot_restore_py", "SnapStart's runtime hooks (cellcloud)")
+
+    def register_before_snapshot(func: Callable[..., Any], *args: Any,
+                                 **kwargs: Any) -> Callable[..., Any]:
+        _before_snapshot.append((func, args, kwargs))
+        return func
+
+    def register_after_restore(func: Callable[..., Any], *args: Any,
+                               **kwargs: Any) -> Callable[..., Any]:
+        _after_restore.append((func, args, kwargs))
+        return func
+
+    mod.register_before_snapshot = register_before_snapshot  # type: ignore[attr-defined]
+    mod.register_after_restore = register_after_restore  # type: ignore[attr-defined]
+    mod.get_before_snapshot = lambda: list(_before_snapshot)  # type: ignore[attr-defined]
+    mod.get_after_restore = lambda: list(_after_restore)  # type: ignore[attr-defined]
+    sys.modules["snapshot_restore_py"] = mod
+
+
+def run_before_snapshot() -> dict[str, Any] | None:
+    """The before-snapshot hooks, last registered first (as Lambda runs them); the first that
+    raises fails the init, so no snapshot is saved (the version's environments boot cold)."""
+    for func, args, kwargs in reversed(_before_snapshot):
+        try:
+            func(*args, **kwargs)
+        except Exception as e:
+            return {"errorType": "Runtime.BeforeSnapshotError",
+                    "errorMessage": f"a before-snapshot hook raised {type(e).__name__}: {e}"}
+    return None
+
+
+def restore_hook(seed_w: int, answer_r: int) -> Callable[[dict[str, Any]], int]:
+    """``sandbox.guest.on_restore`` of a version snapshot's guest: the restored copy's seed and
+    clock through the root helper, then Python's own ``random`` reseeded from the new CRNG
+    (its state was drawn before the snapshot, the same in every copy). The status: 0 all
+    applied; bits: 1 the seed, 2 the clock, 4 no seed in the frame, 8 the helper is gone."""
+    def hook(msg: dict[str, Any]) -> int:
+        seed = msg.get("seed")
+        if not isinstance(seed, bytes) or len(seed) != seed_bytes:
+            return 4
+        os.write(seed_w, seed + struct.pack("<Q", int(msg.get("time_ms") or 0)))
+        answer = os.read(answer_r, 1)
+        random.seed()
+        status = answer[0] if answer else 8
+        for func, args, kwargs in _after_restore:  # in registration order, as Lambda
+            try:
+                func(*args, **kwargs)
+            except Exception as e:
+                sys.stderr.write(f"cellcloud-guest: an after-restore hook raised "
+                                 f"{type(e).__name__}: {e}\n")
+                status |= 16
+                break
+        return status
+    return hook
 
 
 NET_DIR = "/sys/class/net"
@@ -240,6 +345,20 @@ def main(argv: list[str]) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NOFILE, (spec.nofile_max, spec.nofile_max))
     resource.setrlimit(resource.RLIMIT_NPROC, (spec.pids_max, spec.pids_max))
+    if first.get("snapstart"):
+        seed_r, seed_w = os.pipe2(os.O_CLOEXEC)
+        answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
+        if os.fork() == 0:
+            os.closerange(0, 3)
+            for keep_out in (fd, seed_w, answer_r):
+                os.close(keep_out)
+            rnd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+            restore_helper(seed_r, answer_w, rnd)
+        os.close(seed_r)
+        os.close(answer_w)
+        guest_agent.on_restore = restore_hook(seed_w, answer_r)
+        guest_agent.before_ready = run_before_snapshot
+    install_hooks_module()
     os.setgroups([])
     os.setresgid(spec.gid, spec.gid, spec.gid)
     os.setresuid(spec.uid, spec.uid, spec.uid)

@@ -9,6 +9,14 @@ fd, answers ``{"pid"}`` (or ``{"error"}``), and reaps QEMU when it exits (removi
 An environment with egress comes with its network namespace's fd (the network helper made a tap
 in it): the launcher opens the tap there for QEMU's virtio-net, and QEMU joins the namespace.
 On EOF (the agent closed it or died) it kills every QEMU it started and exits.
+
+Snapshots: a spawn request may name the agent guest's snapshot (``snapshot``) or a function
+version's (``version_snapshot``, SnapStart); the state is verified and handed to the jailed
+QEMU as ``-incoming fd:N`` (refused: a cold boot). ``retry_cold`` asks for the same environment
+again, cold, after its restored QEMU exited before the guest answered (a failed load); the
+old jailer is reaped first and the tail of its log is the reason. ``{"op":
+"snapshot_version"}`` makes a version's snapshot after its init (a jailed boot, the init, a
+save: this process serves nothing else meanwhile) and answers its folder and key.
 """
 
 from __future__ import annotations
@@ -40,19 +48,74 @@ request_bytes_max = 1024 * 1024
 _ENV_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _children: dict[int, tuple[str, int]] = {}  # jailer pid -> (its environment's folder, QEMU pid)
 jailer_start_timeout_s = 60.0  # the jailer's start to its fork (a Python start, a loaded host)
+# Environments restored from a snapshot (their folders): when one's QEMU exits, the tail of its
+# log (QEMU's "load of migration failed: ...") is kept under its environment id for the
+# backend's cold retry (``spawn(..., retry_cold=True)``) to report; the oldest go first.
+_restored: set[str] = set()
+_last_words: dict[str, str] = {}
+last_words_max = 64
+last_words_bytes_max = 300
 
 
 def _reap(signum: int, frame: Any) -> None:
-    while True:
+    # Only the jailers of environments: a version snapshot's QEMU (``snapshot_version``) is
+    # asyncio's child, reaped by its own watcher.
+    for pid in list(_children):
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        child = _children.pop(pid, None)
-        if child:
-            shutil.rmtree(child[0], ignore_errors=True)
+            done = pid
+        if done:
+            child = _children.pop(pid, None)
+            if child:
+                _remove(child[0])
+
+
+def _log_tail(folder: str) -> str:
+    try:
+        with open(os.path.join(folder, "qemu.log"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - last_words_bytes_max))
+            return " ".join(f.read().decode(errors="replace").split())
+    except OSError:
+        return ""
+
+
+def _remove(folder: str) -> None:
+    """An environment's folder, once its jailer is gone; a restored one's log tail kept."""
+    if folder in _restored:
+        _restored.discard(folder)
+        _last_words[os.path.basename(folder)] = _log_tail(folder)
+        while len(_last_words) > last_words_max:
+            del _last_words[next(iter(_last_words))]
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_gone(folder: str) -> None:
+    """The previous QEMU of the environment whose folder this is (a restore that failed in
+    QEMU's load: the backend retries it cold under the same id): killed if still there, its
+    jailer reaped (it removed the VM's cgroup first), its folder removed. Bounded by
+    ``jailer_start_timeout_s``; SIGCHLD is blocked here (``serve``), so ``_reap`` cannot race."""
+    for jpid, (f, vmm) in list(_children.items()):
+        if f != folder:
+            continue
+        try:
+            os.kill(vmm, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + jailer_start_timeout_s
+        while True:
+            try:
+                done, _ = os.waitpid(jpid, os.WNOHANG)
+            except ChildProcessError:
+                done = jpid
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(jpid, signal.SIGKILL)
+            time.sleep(0.005)  # the jailer's cgroup removal, bounded by the deadline
+        _children.pop(jpid, None)
+        _remove(f)
 
 
 def _dir_bytes(path: str) -> int:
@@ -199,30 +262,101 @@ def _snapshot_state(doc: dict[str, Any], spec: EnvSpec) -> int | None:
     return fd
 
 
+def _version_state(doc: dict[str, Any]) -> int | None:
+    """A function version's snapshot (SnapStart): its state file, open and verified with its
+    bundle disk (``agentsnap.verify_version``); None (and ``last_start`` says why) when
+    refused: the environment boots cold and runs its init."""
+    global last_start
+    snap = doc["version_snapshot"]
+    path = str(snap["path"])
+    try:
+        fd = os.open(os.path.join(path, "state.bin"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        last_start = "booted: the version snapshot's state file is missing"
+        return None
+    verdict = agentsnap.verify_version(path, agentsnap.key_from_json(snap["key"]),
+                                       kernel=str(doc["kernel"]), initrd=str(doc["initrd"]),
+                                       state_fd=fd)
+    if not verdict.ok:
+        os.close(fd)
+        last_start = f"booted: {verdict.reason}"
+        return None
+    os.set_inheritable(fd, True)
+    last_start = "restored"
+    return fd
+
+
+def snapshot_version(doc: dict[str, Any], state_dir: str) -> dict[str, Any]:
+    """A function version's snapshot after its init (``agentsnap.create_version``), its QEMU
+    run through the VMM jailer as the environment's uid in a cgroup of its own: the cached one,
+    else made now (this launcher serves nothing else meanwhile: a boot, the init and a save)."""
+    import asyncio
+
+    from . import jailer, snapshot
+
+    spec = EnvSpec.from_wire(doc["spec"])
+    if not _ENV_ID.fullmatch(spec.env_id):
+        raise ValueError(f"bad env id {spec.env_id!r}")
+    vm = core.VmSpec(**doc["vm"])
+    img = image.AgentImage(**doc["image"])
+    js = jailcore.JailSpec(f"{spec.env_id}-snap", spec.uid, spec.gid, vm.memory_mib, vm.vcpus,
+                           vm.accel, (img.kernel, img.initrd, img.runtime_disk),
+                           cgroup_group=spec.cgroup_group,
+                           kvm_gid=_kvm_gid() if vm.accel == "kvm" else None)
+
+    def spawn_for(disk: str) -> snapshot.Spawn:
+        return jailer.spawner(jailcore.JailSpec(
+            js.vm_id, js.uid, js.gid, js.memory_mib, js.vcpus, js.accel, (*js.files, disk),
+            cgroup_group=js.cgroup_group, kvm_gid=js.kvm_gid))
+
+    snap = asyncio.run(agentsnap.create_version(
+        state_dir, img, vm, spec_wire=spec.to_wire(), bundle_dir=spec.bundle_dir,
+        version_id=spec.snapstart, qemu=str(doc["qemu"]), spawn_for=spawn_for,
+        inside=_inside))
+    return {"path": snap.path, "key": snap.key.to_json(), "built": snap.built,
+            "init_ms": snap.init_ms, "save_ms": snap.save_ms}
+
+
 def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str, netns_fd: int | None = None) -> int:
     """Start one environment's QEMU through the VMM jailer (``jailer.py``); the pid returned is
     QEMU's (the jailer stays outside as root and removes the cgroup when QEMU is gone).
-    ``netns_fd``: an environment with egress (its tap's namespace, which QEMU joins)."""
+    ``netns_fd``: an environment with egress (its tap's namespace, which QEMU joins).
+    ``retry_cold``: the backend saw this environment's restored QEMU exit before its guest
+    answered (its load failed inside QEMU); the old one is waited for and it boots fresh."""
+    global last_start
     spec = EnvSpec.from_wire(doc["spec"])
     if bool(spec.network) != (netns_fd is not None):
         raise ValueError("an environment's network needs both its namespace and its interface")
     if not _ENV_ID.fullmatch(spec.env_id):
         raise ValueError(f"bad env id {spec.env_id!r}")
+    folder = os.path.join(envs_dir, spec.env_id)
+    if doc.get("retry_cold"):
+        _wait_gone(folder)
+        why = _last_words.pop(spec.env_id, "") or "QEMU exited before the guest answered"
+        last_start = f"booted: the restore failed in QEMU: {why}"
     vm = core.VmSpec(**doc["vm"])
     if not cgroups.version() and not spec.allow_unlimited:
         raise RuntimeError(f"no cgroup hierarchy found at {cgroups.ROOT}: the VMM's memory "
                            "and CPU cannot be limited (the agent's --allow-unlimited "
                            "permits this)")
-    folder = os.path.join(envs_dir, spec.env_id)
     os.makedirs(folder, mode=0o700)
     tap_fd = -1
     try:
         task = os.path.join(folder, "task.ext4")
-        state_fd = _snapshot_state(doc, spec) if doc.get("snapshot") else None
-        bundle_disk(spec.bundle_dir, task, size_kib=None if state_fd is None
-                    else DEFAULT_LIMITS.microvm_bundle_disk_mib * 1024)
-        os.chown(task, spec.uid, spec.gid)  # QEMU opens it as the environment's uid
-        os.chmod(task, 0o400)
+        state_fd = (_snapshot_state(doc, spec)
+                    if doc.get("snapshot") and not doc.get("retry_cold") else None)
+        version_fd = (_version_state(doc)
+                      if doc.get("version_snapshot") and not doc.get("retry_cold") else None)
+        if version_fd is not None:
+            # The version's own bundle disk (the guest mounted it before the save; read-only,
+            # shared by every copy): bound into the jail under its own name.
+            state_fd = version_fd
+            task = os.path.join(str(doc["version_snapshot"]["path"]), "bundle.ext4")
+        else:
+            bundle_disk(spec.bundle_dir, task, size_kib=None if state_fd is None
+                        else DEFAULT_LIMITS.microvm_bundle_disk_mib * 1024)
+            os.chown(task, spec.uid, spec.gid)  # QEMU opens it as the environment's uid
+            os.chmod(task, 0o400)
         files = (str(doc["kernel"]), str(doc["initrd"]), str(doc["runtime_disk"]), task)
         js = jail_spec(spec, vm, files)
         if netns_fd is not None:
@@ -263,6 +397,8 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str, netns_fd: int | None
         shutil.rmtree(folder, ignore_errors=True)
         raise
     _children[proc.pid] = (folder, vmm_pid)
+    if state_fd is not None:
+        _restored.add(folder)
     proc.returncode = 0  # reaped by _reap, never by Popen (its __del__ must not wait)
     return vmm_pid
 
@@ -279,6 +415,16 @@ def serve(ctl: socket.socket, envs_dir: str) -> None:
             continue
         if doc is None:
             return
+        if doc.get("op") == "snapshot_version":
+            for fd in fds:
+                os.close(fd)
+            try:
+                reply_v: dict[str, Any] = {"snapshot": snapshot_version(
+                    doc, os.path.dirname(os.path.dirname(envs_dir)))}
+            except Exception as e:
+                reply_v = {"error": f"{type(e).__name__}: {e}"}
+            send_message(ctl, reply_v)
+            continue
         try:
             if len(fds) not in (1, 2):
                 raise ValueError("spawn needs the channel's guest end (and a namespace)")

@@ -375,6 +375,7 @@ class _Environment:
         self.api = api
         self.logs = logs
         self.telemetry = Telemetry()
+        self.ready_info: tuple[float, int] = (0.0, 0)  # the init's ms, extensions registered
         arn = spec.function_arn.split(":")
         self.extensions = Extensions(spec.function_name, spec.function_version, spec.handler,
                                      _find_extensions(), arn[4] if len(arn) > 4 else "")
@@ -605,9 +606,20 @@ def _live_ended(live: _LiveLogs | None) -> Iterator[None]:
         yield
 
 
+# A microVM guest saved after its init (a function version's snapshot, microvm/agentsnap.py)
+# sets this (microvm/guest_vm.py): the host's first frame to each restored copy is
+# {"t": "restore", "seed", "time_ms"}; the hook applies them and returns its status (0: all
+# applied). The copy then answers as an environment does after its init: the ready frame (the
+# init's duration, done once before the snapshot), with "restored": the status.
+on_restore: Callable[[dict[str, Any]], int] | None = None
+# ... and this: the function's before-snapshot hooks, run after its init and before the ready
+# frame (the host saves the guest once it has it); an error dict fails the init.
+before_ready: Callable[[], dict[str, Any] | None] | None = None
+
+
 def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
     """The agent's next frame; a shutdown is handled here (and ends the process), as is the
-    channel's end."""
+    channel's end, and a restored guest's restore frame."""
     msg = chan.recv()
     if msg is None:
         os._exit(0)
@@ -615,6 +627,15 @@ def _next_message(env: _Environment, chan: _Channel) -> dict[str, Any]:
         os._exit(1)  # not the agent's: nothing more to trust on this channel
     if msg.get("t") == "shutdown":
         env.shutdown(chan, str(msg.get("reason") or "spindown"))
+    if msg.get("t") == "restore" and on_restore is not None:
+        status = on_restore(msg)
+        init_ms, registered = env.ready_info
+        error = None if status == 0 else {
+            "errorType": "Runtime.SandboxSetupError",
+            "errorMessage": f"the restored guest could not apply its seed and clock "
+                            f"(status {status})"}
+        chan.send({**m.GuestReady(init_ms, error, b"", registered).to_wire(),
+                   "restored": status})
     return msg
 
 
@@ -655,6 +676,8 @@ def _relay(env: _Environment, chan: _Channel, started: float,
     if init_error is None and api.exited is not None:
         init_error = {"errorType": "Runtime.ExitError",
                       "errorMessage": f"Runtime exited with error: {api.exited}"}
+    if init_error is None and before_ready is not None:
+        init_error = before_ready()  # a version snapshot's beforeCheckpoint hooks
     init_ms = (time.monotonic() - started) * 1000
     status = "success" if init_error is None else "error"
     telemetry.emit("platform.initRuntimeDone", {
@@ -665,6 +688,7 @@ def _relay(env: _Environment, chan: _Channel, started: float,
         "metrics": {"durationMs": round(init_ms, 3)}})
     telemetry.end_init()
     with_extensions = ext.registered > 0  # fixed from here on: registration is closed
+    env.ready_info = (init_ms, ext.registered)  # a restored copy's ready frame says the same
     chan.send(m.GuestReady(init_ms, init_error, logs.cut(), ext.registered).to_wire())
     live: _LiveLogs | None = None  # started with the first invocation of this dialect
     inbox: queue.Queue[dict[str, Any]] | None = None

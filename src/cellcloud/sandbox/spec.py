@@ -57,6 +57,10 @@ class EnvSpec:
     image_layers: list[str] = field(default_factory=list)
     image_workdir: str = ""
     image_env: dict[str, str] = field(default_factory=dict)
+    # SnapStart (microvm backend only): the version's identity ("<version ARN> <code SHA-256>");
+    # its environments are restored from the version's snapshot taken after its init
+    # (microvm/agentsnap.py); "": none.
+    snapstart: str = ""
     # What runs as pid 1: "lambda" (guest.py: the Runtime API, runtime_argv its runtime) or
     # "container" (container_guest.py: a task's container, runtime_argv its ENTRYPOINT + CMD,
     # with exactly image_env as its environment; agent/tasks.py).
