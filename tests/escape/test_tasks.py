@@ -234,6 +234,12 @@ def test_bad_task_requests_are_refused_by_name(
     assert create(network="egress").startswith("NetworkUnavailable")
     assert create(network="bogus").startswith("InvalidNetwork")
     assert create(containers="x").startswith("InvalidRequest")
+    for kw, why in (({"memory_mib": 1024}, "a: memory_mib"),
+                    ({"memory_mib": 64, "memory_reservation_mib": 128},
+                     "a: memory_reservation_mib"),
+                    ({"cpu_units": 512}, "a: cpu_units")):  # a container's own, over the task's
+        own = [_container("a", layers, [PY], **kw).to_wire()]
+        assert create(containers=own).startswith(f"InvalidRequest: {why}")
     assert "t-bad" not in tasks.tasks
     from cellcloud.agent import tasks as runner
 
