@@ -756,3 +756,30 @@ def test_a_tenant_with_tasks_is_not_migrated(tmp_path: Path) -> None:
         await w.wait_status(t["taskArn"], "STOPPED")
         export_tenant(w.cell, A)
     run({}, body, tmp_path)
+
+
+def test_a_containers_own_limits_reach_the_agent(tmp_path: Path) -> None:
+    """Issue #17: a container's cpu, memory and memoryReservation are sent with task_create
+    (the agent enforces them in the container's own cgroup); a container without them gets
+    none of its own."""
+    async def body(w: World) -> None:
+        await w.ok("CreateCluster", {})
+        await w.ok("RegisterTaskDefinition", two_containers(
+            cpu=128, memory=256, memoryReservation=64))
+        (t,) = (await w.ok("RunTask", {"taskDefinition": "web"}))["tasks"]
+        t = await w.wait_status(t["taskArn"], "RUNNING")
+        create = next(b for op, b in w.agent_of(t).calls if op == "task_create")
+        web, side = (m.TaskContainer.from_wire(c) for c in create["containers"])
+        assert (web.cpu_units, web.memory_mib, web.memory_reservation_mib) == (128, 256, 64)
+        assert (side.cpu_units, side.memory_mib, side.memory_reservation_mib) == (0, 0, 0)
+        # a non-essential container killed over its own limit: the task runs on
+        oom = "OutOfMemoryError: Container killed due to memory usage"
+        w.agent_of(t).exit(t["taskArn"].rsplit("/", 1)[1], "side", 137, oom)
+
+        async def side_exited() -> bool:
+            return "exitCode" in (await w.task(t["taskArn"]))["containers"][1]
+        await w.wait_for("side's exit", side_exited)
+        t = await w.task(t["taskArn"])
+        assert t["lastStatus"] == "RUNNING"
+        assert (t["containers"][1]["exitCode"], t["containers"][1]["reason"]) == (137, oom)
+    run({}, body, tmp_path)

@@ -234,6 +234,12 @@ def test_bad_task_requests_are_refused_by_name(
     assert create(network="egress").startswith("NetworkUnavailable")
     assert create(network="bogus").startswith("InvalidNetwork")
     assert create(containers="x").startswith("InvalidRequest")
+    for kw, why in (({"memory_mib": 1024}, "a: memory_mib"),
+                    ({"memory_mib": 64, "memory_reservation_mib": 128},
+                     "a: memory_reservation_mib"),
+                    ({"cpu_units": 512}, "a: cpu_units")):  # a container's own, over the task's
+        own = [_container("a", layers, [PY], **kw).to_wire()]
+        assert create(containers=own).startswith(f"InvalidRequest: {why}")
     assert "t-bad" not in tasks.tasks
     from cellcloud.agent import tasks as runner
 
@@ -312,6 +318,60 @@ def test_out_of_memory_and_a_missing_program_say_why(
         assert typo["reason"].startswith("CannotStartContainerError: /app/no-such-program")
     finally:
         sandbox._run(tasks.task_destroy({"task_id": task_id}))
+
+
+def test_a_containers_own_memory_limit_kills_it_alone(
+        sandbox: Sandbox, image: tuple[str, list[str]]) -> None:
+    """Issue #17: a container's own ``memory`` (ECS's hard limit) is enforced in a cgroup of its
+    own under the task's: 200 MiB in a container limited to 64 MiB is OOM-killed (137,
+    OutOfMemoryError) while its sibling without a limit keeps running and the task's usage
+    counts the kill; the same allocation in a container without a limit (the task's 512 MiB
+    only) survives. Destroy removes the children with the task's cgroup."""
+    layout, layers = image
+    push_layers(sandbox, layout, layers)
+    tasks = sandbox.agent.tasks
+    task_id = f"t-{uuid.uuid4().hex[:8]}"
+    alloc = [PY, "-c", "x = b'x' * (200 << 20); print('survived', flush=True)"]
+    sandbox._run(tasks.task_create(m.TaskCreateRequest(task_id, "1", 512, 512, (
+        _container("hog", layers, alloc, memory_mib=64, memory_reservation_mib=32,
+                   cpu_units=256),
+        _container("free", layers, alloc),
+        _container("sibling", layers, [PY, "/app/stubborn.py"]))).to_wire()))
+    group, cg_name = sandbox.agent.cgroup_group, f"task-{task_id}"
+    try:
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "sibling"}))
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "hog"}))
+        if cgroups.version() == 1:  # the container's own cgroup, with its own limits
+            with open(_cgroup_file(group, f"{cg_name}/hog", "memory",
+                                   "memory.limit_in_bytes")) as f:
+                assert int(f.read()) == 64 * 2**20
+            with open(_cgroup_file(group, f"{cg_name}/hog", "memory",
+                                   "memory.soft_limit_in_bytes")) as f:
+                assert int(f.read()) == 32 * 2**20
+            with open(_cgroup_file(group, f"{cg_name}/hog", "cpu", "cpu.shares")) as f:
+                assert int(f.read()) == 256
+            with open(_cgroup_file(group, cg_name, "pids", "cgroup.procs")) as f:
+                assert f.read().split() == []  # no process in the task's cgroup itself
+        elif cgroups.version() == 2:
+            with open(_cgroup_file(group, f"{cg_name}/hog", "", "memory.max")) as f:
+                assert int(f.read()) == 64 * 2**20
+        doc = _wait(sandbox, task_id, lambda d: d["containers"]["hog"]["state"] == "exited")
+        hog = doc["containers"]["hog"]
+        assert (hog["exit_code"], hog["reason"]) == (
+            137, "OutOfMemoryError: Container killed due to memory usage"), doc
+        assert "survived" not in _lines(doc, "hog") and doc["oom_kills"] >= 1
+        assert doc["containers"]["sibling"]["state"] == "running", doc
+
+        sandbox._run(tasks.container_start({"task_id": task_id, "container": "free"}))
+        doc = _wait(sandbox, task_id, lambda d: d["containers"]["free"]["state"] == "exited")
+        free = doc["containers"]["free"]
+        assert (free["exit_code"], free["reason"]) == (0, ""), doc
+        assert "survived" in _lines(doc, "free")
+        assert doc["containers"]["sibling"]["state"] == "running", doc
+    finally:
+        sandbox._run(tasks.task_destroy({"task_id": task_id}))
+    assert not os.path.exists(_cgroup_file(group, cg_name, "memory", ""))
+    assert not os.path.exists(_cgroup_file(group, cg_name, "pids", ""))
 
 
 def test_a_live_update_hands_running_tasks_over(

@@ -4,7 +4,9 @@ A task is one network namespace, one cgroup sized from the task's cpu/memory, an
 layers of its containers held in the layer cache; each container, once started, is an
 environment of its own — the same jail as a function's (namespaces, image root, seccomp, an
 unprivileged uid of its own), joining the task's network namespace (the containers reach each
-other on localhost, awsvpc style) and the task's cgroup — whose pid 1 is
+other on localhost, awsvpc style) and a cgroup of its own under the task's
+(``task-<id>/<container>``: the container's own memory limit, memory reservation and cpu
+weight, where its definition gives them; the task's cgroup bounds them all) — whose pid 1 is
 ``sandbox/container_guest.py``: it runs the container's ENTRYPOINT + CMD (no Runtime API),
 forwards its output lines, runs health-check commands and reports its exit.
 
@@ -65,8 +67,8 @@ class _Container:
     pid: int = 0  # host pid of its guest
     run: int = 0  # which start this is (a late frame of an earlier run is not this one's)
     reason: str = ""  # why it exited, in ECS's words, when the exit code does not say
-    cgroup: cgroups.Cgroup | None = None  # the task's (its OOM kills tell an OOM exit)
-    oom_base: int = 0  # the task cgroup's OOM kills when this run started
+    cgroup: cgroups.Cgroup | None = None  # its own, under the task's (OOM kills in it: an OOM exit)
+    oom_base: int = 0  # its cgroup's OOM kills when this run started
     transport: asyncio.BaseTransport | None = None
     started: asyncio.Future[dict[str, Any]] | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -347,11 +349,23 @@ class TaskRunner:
             allow_unlimited=agent.allow_unlimited,
             image_layers=[agent.images.layer_dir(d) for d in c.image_layers],
             image_workdir=c.workdir, image_env=dict(c.env), network=dict(task.network),
-            guest="container", cgroup_name=os.path.basename(task.cgroup.rel),
+            guest="container", cgroup_name=os.path.join(task.cgroup.name, c.name),
             hostname=task.req.hostname or req.task_id[:63])
         spec.volume_mounts = self._volume_mounts(req.task_id, c)
+        cg = task.cgroup.child(c.name)
+        if cg.version:  # the task's cgroup holds no process: each container is in a child
+            try:
+                cg.create_child_limits(c.memory_mib * 2**20, c.memory_reservation_mib * 2**20,
+                                       c.cpu_units)
+            except FileNotFoundError as e:
+                agent.free_slot(slot)
+                raise OpError("ContainerStartFailed", f"the cgroup {task.cgroup.name} is gone "
+                              f"({e})") from e
+            except OSError as e:
+                agent.free_slot(slot)
+                raise OpError("ContainerStartFailed", f"{c.name}'s cgroup: {e}") from e
         ctr.state, ctr.exit_code, ctr.exited_ms, ctr.reason = "running", None, None, ""
-        ctr.cgroup = task.cgroup if task.cgroup.version else None
+        ctr.cgroup = cg if cg.version else None
         ctr.oom_base = ctr.cgroup.usage().oom_kills if ctr.cgroup else 0
         ctr.run += 1
         ctr.exited = asyncio.Event()
@@ -551,6 +565,14 @@ class TaskRunner:
                               f"{DEFAULT_LIMITS.image_layers_max} layers")
             if c.workdir and not c.workdir.startswith("/"):
                 raise _refuse(f"{c.name}: workdir must be absolute")
+            if c.memory_mib and not 6 <= c.memory_mib <= req.memory_mib:
+                raise _refuse(f"{c.name}: memory_mib must be 6 to the task's {req.memory_mib}")
+            if c.memory_reservation_mib and not (
+                    6 <= c.memory_reservation_mib <= (c.memory_mib or req.memory_mib)):
+                raise _refuse(f"{c.name}: memory_reservation_mib must be 6 to its memory "
+                              "limit (or the task's)")
+            if not 0 <= c.cpu_units <= req.cpu_units:
+                raise _refuse(f"{c.name}: cpu_units must be 0 to the task's {req.cpu_units}")
             for p in c.port_mappings:
                 key = (p.container_port, p.protocol)
                 if not 1 <= p.container_port <= 65535 or p.protocol not in ("tcp", "udp"):
@@ -701,7 +723,7 @@ class TaskRunner:
                 ctr.pid, ctr.run = int(cdoc["pid"]), int(cdoc["run"])
                 ctr.oom_base = int(cdoc["oom_base"])
                 ctr.next_seq, ctr.dropped = int(cdoc["next_seq"]), int(cdoc["dropped"])
-                ctr.cgroup = cg if cg.version else None
+                ctr.cgroup = cg.child(name) if cg.version else None
                 fd = cdoc.get("fd")
                 if cdoc["state"] == "running" and isinstance(fd, int) and 0 < fd < len(fds):
                     slot = int(cdoc["slot"])

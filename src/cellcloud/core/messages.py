@@ -547,6 +547,13 @@ class TaskContainer:
     workdir: str = ""  # "": /
     port_mappings: tuple[TaskPortMapping, ...] = ()
     mounts: tuple[TaskMount, ...] = ()  # the task's volumes it mounts (ECS mountPoints)
+    # The container's own limits within the task's (ECS's container cpu/memory/
+    # memoryReservation; 0: none, only the task's): a hard memory limit (over it the
+    # container is OOM-killed), a soft one (reclaimed first under the task's pressure) and a
+    # cpu weight (cpu.shares among the task's containers).
+    memory_mib: int = 0
+    memory_reservation_mib: int = 0
+    cpu_units: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         out = {"name": self.name, "image_layers": list(self.image_layers),
@@ -554,6 +561,9 @@ class TaskContainer:
                "port_mappings": [p.to_wire() for p in self.port_mappings]}
         if self.mounts:
             out["mounts"] = [mt.to_wire() for mt in self.mounts]
+        for key in ("memory_mib", "memory_reservation_mib", "cpu_units"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
@@ -566,7 +576,10 @@ class TaskContainer:
                    workdir=_get(doc, "workdir", str, k, ""),
                    port_mappings=tuple(TaskPortMapping.from_wire(p) for p in ports),
                    mounts=tuple(TaskMount.from_wire(mt) for mt in
-                                _get(doc, "mounts", (list, tuple), k, ())))
+                                _get(doc, "mounts", (list, tuple), k, ())),
+                   memory_mib=_get(doc, "memory_mib", int, k, 0),
+                   memory_reservation_mib=_get(doc, "memory_reservation_mib", int, k, 0),
+                   cpu_units=_get(doc, "cpu_units", int, k, 0))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ The mapping (what EKS on Fargate does, where ECS has the words for it):
 - the task's size is :func:`ecs_taskdef.fargate_pod_size` (the larger of the largest init
   container's request and the sum of the others', + 256 MiB, rounded up to a Fargate size);
   a container's memory request is its ``memoryReservation``, its memory limit its ``memory``
-  (bounded by the task's), its cpu request (or limit) its ``cpu`` units;
+  (bounded by the task's; enforced in the container's own cgroup), its cpu request (or
+  limit) its ``cpu`` units;
 - ``command`` → ``entryPoint``, ``args`` → ``command`` (``$(VAR)`` expanded from the
   container's ``env`` as the kubelet does), ``env`` values only (``valueFrom`` refused);
 - every container is essential (the Pod is one unit: when one ends, ECS stops the others);

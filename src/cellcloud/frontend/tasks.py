@@ -589,7 +589,10 @@ class TaskManager:
                     port_mappings=tuple(m.TaskPortMapping(p.container_port, p.protocol)
                                         for p in c.ports),
                     mounts=tuple(m.TaskMount(mp.source_volume, mp.container_path, mp.read_only)
-                                 for mp in mounts.get(c.name, ()))))
+                                 for mp in mounts.get(c.name, ())),
+                    memory_mib=c.memory_mib or 0,
+                    memory_reservation_mib=c.memory_reservation_mib or 0,
+                    cpu_units=c.cpu))
         except LambdaError as e:
             self._feed(live, et.ProvisionFailed(f"CannotPullContainerError: {e.message}"))
             return

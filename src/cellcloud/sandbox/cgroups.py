@@ -7,6 +7,14 @@ contention (``cpu.shares`` / ``cpu.weight``). During the init phase the quota is
 least ``env_init_vcpu_min`` vCPUs (Lambda's init burst); the agent lowers it to the cap when the
 environment reports ready (:meth:`Cgroup.set_cpu_quota`).
 
+A task's containers (agent/tasks.py) each run in a child of the task's cgroup
+(``cellcloud/<group>/task-<id>/<container>``, :meth:`Cgroup.create_child`) holding that
+container's own limits (ECS's container ``memory``, ``memoryReservation``, ``cpu``); the task's
+cgroup bounds them together, and its usage counts them all (memory, CPU and pids are
+hierarchical; OOM kills are counted where the victim was on cgroup v1, so :meth:`Cgroup.usage`
+sums the subtree's there). No process ever sits in a cgroup that has children (cgroup v2's
+rule). Removal and killing walk the subtree, children first.
+
 ``CELLCLOUD_CGROUP_ROOT`` moves the hierarchy's root (tests point it at an empty directory to
 see what happens on a host without cgroups: the agent refuses to start unless
 ``--allow-unlimited``).
@@ -14,6 +22,7 @@ see what happens on a host without cgroups: the agent refuses to start unless
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from dataclasses import dataclass
@@ -85,7 +94,16 @@ class Cgroup:
 
     def __init__(self, group: str, name: str, ver: int | None = None) -> None:
         self.version = version() if ver is None else ver
+        self.group, self.name = group, name
         self.rel = os.path.join("cellcloud", group, name)
+
+    def child(self, name: str) -> Cgroup:
+        """The cgroup ``name`` under this one (a task's container's)."""
+        return Cgroup(self.group, os.path.join(self.name, name), self.version)
+
+    def _subtree(self, d: str) -> list[str]:
+        """``d`` and every cgroup under it, children before their parent."""
+        return [top for top, _, _ in os.walk(d, topdown=False)]
 
     def _dirs(self) -> list[str]:
         if self.version == 2:
@@ -125,6 +143,42 @@ class Cgroup:
             weight = max(1, min(10000, shares * 100 // 1024))
             _write(self._path("", "cpu.weight"), str(weight))
         self.set_cpu_quota(limits.cpu_quota_us)
+
+    def create_child_limits(self, memory_bytes: int = 0, soft_bytes: int = 0,
+                            cpu_shares: int = 0) -> None:
+        """Make this cgroup under its parent, which must exist (it is not made again: a task
+        destroyed meanwhile raises FileNotFoundError), with only the limits given (0: none
+        of its own, the parent's bound it): a hard memory limit (over it the kernel OOM-kills
+        in this cgroup), a soft one (``memory.soft_limit_in_bytes`` / ``memory.low``) and a
+        CPU weight among its siblings (``cpu.shares`` / ``cpu.weight``)."""
+        if self.version == 2:
+            parent = os.path.dirname(os.path.join(ROOT, self.rel))
+            if not os.path.isdir(parent):
+                raise FileNotFoundError(parent)
+            _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids +cpu")
+        for d in self._dirs():
+            if not os.path.isdir(os.path.dirname(d)):
+                raise FileNotFoundError(os.path.dirname(d))
+            with contextlib.suppress(FileExistsError):  # a restart: set again below
+                os.mkdir(d)
+        hard = str(memory_bytes) if memory_bytes else "-1"
+        soft = str(soft_bytes) if soft_bytes else "-1"
+        if self.version == 1:
+            sw = self._path("memory", "memory.memsw.limit_in_bytes")
+            if os.path.exists(sw) and not memory_bytes:  # raised first: memsw >= the limit
+                _write(sw, "-1")
+            _write(self._path("memory", "memory.limit_in_bytes"), hard)
+            if os.path.exists(sw) and memory_bytes:
+                _write(sw, hard)
+            _write(self._path("memory", "memory.soft_limit_in_bytes"), soft)
+            _write(self._path("cpu", "cpu.shares"), str(max(2, cpu_shares) if cpu_shares
+                                                        else 1024))
+        elif self.version == 2:
+            _write(self._path("", "memory.max"), str(memory_bytes) if memory_bytes else "max")
+            _write(self._path("", "memory.swap.max"), "0" if memory_bytes else "max")
+            _write(self._path("", "memory.low"), str(soft_bytes) if soft_bytes else "0")
+            weight = max(1, min(10000, cpu_shares * 100 // 1024)) if cpu_shares else 100
+            _write(self._path("", "cpu.weight"), str(weight))
 
     def set_cpu_quota(self, quota_us: int) -> None:
         """Cap the cgroup's CPU at ``quota_us`` per period (UNLIMITED: no cap). Raises if the
@@ -170,8 +224,12 @@ class Cgroup:
                 _write(p, str(pid))
 
     def pids(self) -> list[int]:
-        text = _read(self._path("pids" if self.version == 1 else "", "cgroup.procs"))
-        return [int(x) for x in text.split()]
+        """The processes in this cgroup and every cgroup under it."""
+        top = os.path.dirname(self._path("pids" if self.version == 1 else "", "cgroup.procs"))
+        out: list[int] = []
+        for d in self._subtree(top):
+            out.extend(int(x) for x in _read(os.path.join(d, "cgroup.procs")).split())
+        return out
 
     def usage(self) -> Usage:
         u = Usage()
@@ -179,7 +237,10 @@ class Cgroup:
             u.memory_bytes = _int(self._path("memory", "memory.usage_in_bytes"))
             u.memory_peak_bytes = _int(self._path("memory", "memory.max_usage_in_bytes"))
             u.cpu_ns = _int(self._path("cpuacct", "cpuacct.usage"))
-            oom = _read(self._path("memory", "memory.oom_control"))
+            # v1 counts an OOM kill only in the victim's own cgroup: the subtree's summed.
+            top = os.path.dirname(self._path("memory", "memory.oom_control"))
+            oom = "".join(_read(os.path.join(d, "memory.oom_control"))
+                          for d in self._subtree(top))
             u.pids = _int(self._path("pids", "pids.current"))
         else:
             u.memory_bytes = _int(self._path("", "memory.current"))
@@ -192,7 +253,7 @@ class Cgroup:
             u.pids = _int(self._path("", "pids.current"))
         for line in oom.splitlines():
             if line.startswith("oom_kill "):
-                u.oom_kills = int(line.split()[1])
+                u.oom_kills += int(line.split()[1])
         return u
 
     def kill_all(self) -> None:
@@ -206,15 +267,17 @@ class Cgroup:
                 pass
 
     def destroy(self) -> bool:
-        """Remove the cgroup once it is empty. False if processes are still exiting."""
+        """Remove the cgroup (its children first) once it is empty. False if processes are
+        still exiting."""
         ok = True
-        for d in reversed(self._dirs()):
-            try:
-                os.rmdir(d)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                ok = False
+        for top in reversed(self._dirs()):
+            for d in self._subtree(top):
+                try:
+                    os.rmdir(d)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    ok = False
         return ok
 
 
@@ -320,12 +383,13 @@ def remove_group(group: str) -> bool:
             continue
         for name in names:
             if os.path.isdir(os.path.join(base, name)):
-                try:
-                    os.rmdir(os.path.join(base, name))
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    ok = False
+                for d in [t for t, _, _ in os.walk(os.path.join(base, name), topdown=False)]:
+                    try:
+                        os.rmdir(d)
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        ok = False
         try:
             os.rmdir(base)
         except FileNotFoundError:
