@@ -16,6 +16,18 @@ controller's task ids to the tasks' ids) is kept in the cell's ``tasks.db`` (tab
 ``services``) and rewritten at each change, so a restarted frontend goes on driving its
 services and their tasks. A deleted service is DRAINING until its tasks stopped, then
 INACTIVE (still described for ``ecs_inactive_service_retention_ms``).
+
+Managed volumes (``volumeConfigurations``, docs/fargate.md#volumes): the control plane makes
+volumes (EC2's records are its own) and the cell never dials it, so each service with volumes
+keeps a **pool** of volumes the control plane made ahead, each already attached to a task id
+of its own (``rec["pool"]``: ``{key, taskId, volumes}``, ``key`` naming the configuration).
+A ``StartTask`` of a deployment with volumes takes one (the task gets that id and those
+volumes); none ready is a ``PlacementFailed`` (the controller tries again after its backoff).
+CreateService and UpdateService hand in the first ones; the control plane's volume round
+(``service_volumes``, every ``ecs_task_volume_sweep_interval_ms``) tops each pool up to what
+the primary deployment still has to start and takes back what no deployment will use
+(``service_volumes_add`` hands the new ones in). A task's volume ends with the task, as
+RunTask's do (control/ecs.py's sweep).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +86,11 @@ def config_of(doc: dict[str, Any] | None, base: es.DeploymentConfig | None = Non
     return cfg
 
 
+def volumes_key(configs: list[dict[str, Any]]) -> str:
+    """Names one volume configuration (a pool's volumes fit the deployments that have it)."""
+    return hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def health_checked(desc: dict[str, Any]) -> bool:
     """Its essential containers have health checks: a task counts once HEALTHY."""
     return any(c.get("healthCheck") and c.get("essential", True)
@@ -113,7 +131,8 @@ class ServiceManager:
         self.counters = {"ticks": 0, "started": 0, "stopped": 0, "placement_failures": 0,
                          "http_requests": 0, "http_no_task": 0, "http_task_failed": 0,
                          "http_task_unreachable": 0,
-                         "autoscale_datapoints": 0, "autoscale_set": 0, "http_held": 0}
+                         "autoscale_datapoints": 0, "autoscale_set": 0, "http_held": 0,
+                         "volume_waits": 0, "volumes_pooled": 0}
         # Traffic (``http``): the next task per service (round robin), requests in flight per
         # task, and tasks the controller stopped that still answer requests (draining): task
         # id -> when the stop was asked.
@@ -207,9 +226,15 @@ class ServiceManager:
             rec["status"], rec["deleted_ms"] = "INACTIVE", core.now_ms
         self._save(svc)
 
-    def _feed(self, svc: Svc, stimulus: es.Stimulus) -> None:
+    def _feed(self, svc: Svc, stimulus: es.Stimulus,
+              before: Callable[[], None] | None = None) -> None:
+        """``before``: run once the controller answered, before its instructions are (a new
+        deployment's volume configurations)."""
         now = max(self.tasks.now_ms(), svc.core.now_ms)
-        for ins in svc.core.handle(stimulus, now):
+        out = svc.core.handle(stimulus, now)
+        if before is not None:
+            before()
+        for ins in out:
             self._execute(svc, ins)
 
     def _execute(self, svc: Svc, ins: es.Instruction) -> None:
@@ -221,15 +246,24 @@ class ServiceManager:
                 task_def, def_doc = task_definition_of(desc, [])
                 cap = self.limits.ecs_tasks_per_tenant_max
                 placed: dict[str, Any] | NoRoom
+                configs = self._deployment_volumes(svc, deployment_id)
+                entry = self._take_pooled(svc, configs) if configs else None
                 if self.tasks.store.active_count(rec["account"]) >= cap:
                     placed = NoRoom(f"the account runs {cap} tasks already "
                                     "(ecs_tasks_per_tenant_max)")
+                elif configs and entry is None:
+                    self.counters["volume_waits"] += 1
+                    placed = NoRoom("the task's managed volume is being made")
                 else:
                     placed = self.tasks.launch(
                         rec["account"], rec["cluster"], desc, def_doc, task_def, [],
                         started_by=deployment_id[:128], group=f"service:{rec['name']}",
-                        tags=[], network=rec.get("network_configuration"))
+                        tags=[], network=rec.get("network_configuration"),
+                        task_id=entry["taskId"] if entry else None,
+                        volumes=list(entry["volumes"]) if entry else None)
                 if isinstance(placed, NoRoom):
+                    if entry is not None:  # not used: back to the pool
+                        rec.setdefault("pool", []).append(entry)
                     self.counters["placement_failures"] += 1
                     self._feed(svc, es.PlacementFailed(core_id, placed.reason))
                     return
@@ -245,6 +279,87 @@ class ServiceManager:
                     self._drain_reasons[task_id] = reason
                 else:
                     self.tasks.stop_by_scheduler(task_id, reason)
+
+    # -- managed volumes (docs/fargate.md#volumes) ---------------------------------------------
+    def _deployment_volumes(self, svc: Svc, deployment_id: str) -> list[dict[str, Any]]:
+        """The volume configurations of a deployment's tasks ([]: none). A deployment the
+        controller made itself (a circuit breaker's rollback) has those of the deployment it
+        rolls back to."""
+        dv = svc.rec.setdefault("deployment_volumes", {})
+        if deployment_id not in dv:
+            last = svc.core.last_completed
+            dv[deployment_id] = dv.get(last.id, {}) if last is not None else {}
+        return list(dv[deployment_id].get("configs") or [])
+
+    def _take_pooled(self, svc: Svc, configs: list[dict[str, Any]]) -> dict[str, Any] | None:
+        key = volumes_key(configs)
+        pool = svc.rec.setdefault("pool", [])
+        for i, entry in enumerate(pool):
+            if entry["key"] == key:
+                return dict(pool.pop(i))
+        return None
+
+    def _pool_add(self, svc: Svc, configs: list[dict[str, Any]],
+                  entries: list[dict[str, Any]]) -> None:
+        key = volumes_key(configs)
+        pool = svc.rec.setdefault("pool", [])
+        for e in entries:
+            pool.append({"key": key, "taskId": str(e["taskId"]), "volumes": list(e["volumes"])})
+        self.counters["volumes_pooled"] += len(entries)
+
+    def _set_volumes(self, svc: Svc, body: dict[str, Any]) -> None:
+        """The primary deployment's volume configurations (just deployed) and the volumes
+        the control plane made ahead for it."""
+        primary = svc.core.primary
+        vols = body.get("volumes") or {}
+        if primary is not None:
+            svc.rec.setdefault("deployment_volumes", {})[primary.id] = vols
+        if vols.get("configs") and body.get("pool"):
+            self._pool_add(svc, vols["configs"], body["pool"])
+
+    def volumes_op(self, account: str, what: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The control plane's volume round: ``service_volumes`` answers what each of the
+        account's services still needs (``wants``: count and configurations for its primary
+        deployment), the pooled volumes nothing will use any more (``release``, taken out of
+        the pools: the control plane ends them) and those still pooled (``held``);
+        ``service_volumes_add`` hands new ones in (``refused``: those no longer wanted)."""
+        if what == "service_volumes_add":
+            svc = self.services.get((account, str(body["cluster"]), str(body["service"])))
+            entries = list(body.get("entries") or [])
+            configs = list(body.get("configs") or [])
+            primary = svc.core.primary if svc is not None else None
+            if svc is None or primary is None or svc.rec["status"] != "ACTIVE" \
+                    or self._deployment_volumes(svc, primary.id) != configs:
+                return {"refused": [str(e["taskId"]) for e in entries]}
+            self._pool_add(svc, configs, entries)
+            self._write(svc)
+            return {"refused": []}
+        wants, release, held, services = [], [], [], 0
+        for (a, cluster, name), svc in sorted(self.services.items()):
+            pool = svc.rec.get("pool") or []
+            if a != account or (not pool and not svc.rec.get("deployment_volumes")):
+                continue
+            core, primary = svc.core, svc.core.primary
+            configs = self._deployment_volumes(svc, primary.id) if primary is not None else []
+            need = 0
+            if svc.rec["status"] == "ACTIVE" and configs and primary is not None \
+                    and primary.rollout != "FAILED":
+                services += 1
+                live = sum(1 for t in core.tasks.values()
+                           if t.deployment_id == primary.id and not t.stop_sent)
+                need = max(core.desired_count - live, 0)
+            key = volumes_key(configs) if configs else None
+            keep = [e for e in pool if e["key"] == key][:need]
+            gone = [e for e in pool if e not in keep]
+            if gone:
+                svc.rec["pool"] = keep
+                self._write(svc)
+                release += [e["taskId"] for e in gone]
+            held += [e["taskId"] for e in keep]
+            if need > len(keep):
+                wants.append({"cluster": cluster, "service": name, "count": need - len(keep),
+                              "configs": configs})
+        return {"wants": wants, "release": release, "held": held, "services": services}
 
     # -- autoscaling (the application-autoscaling API: control/autoscaling.py) ----------------
     def scale(self, key: Key, svc: Svc, now: int) -> None:
@@ -446,6 +561,12 @@ class ServiceManager:
         if snap["_last_completed"] is not None:
             used.add(snap["_last_completed"]["task_def"])
         task_defs = {a: d for a, d in rec["task_defs"].items() if a in used}
+        ids = {d["id"] for d in snap["deployments"]}
+        if snap["_last_completed"] is not None:
+            ids.add(snap["_last_completed"]["id"])
+        if rec.get("deployment_volumes"):
+            rec["deployment_volumes"] = {i: v for i, v in rec["deployment_volumes"].items()
+                                         if i in ids}
         if snap == rec["core"] and task_defs == rec["task_defs"] \
                 and rec["status"] == rec.get("saved_status"):
             return
@@ -459,6 +580,8 @@ class ServiceManager:
         self.ensure_running()
         if what.startswith("service_scaling_"):
             return self.scaling_op(account, what, body)
+        if what in ("service_volumes", "service_volumes_add"):
+            return self.volumes_op(account, what, body)
         cluster = str(body["cluster"])
         if what == "service_create":
             return self.create(account, cluster, body)
@@ -515,7 +638,8 @@ class ServiceManager:
         if body.get("networkConfiguration"):
             rec["network_configuration"] = body["networkConfiguration"]
         svc = self.services[key] = Svc(rec, core)
-        self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)))
+        self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)),
+                   before=lambda: self._set_volumes(svc, body))
         self._save(svc)
         return {"service": self.view(svc, True)}
 
@@ -543,17 +667,32 @@ class ServiceManager:
             if desc is None and primary is not None:
                 desc = svc.rec["task_defs"].get(primary.task_def)
                 body = {**body, "force": True}
+        # volumeConfigurations: None keeps the deployment's; a change deploys anew (as ECS)
+        vols = body.get("volumes")
+        old_vols = (svc.rec.get("deployment_volumes") or {}).get(primary.id, {}) \
+            if primary is not None else {}
+        if vols is None:
+            vols = old_vols
+        elif (vols.get("configs") or []) != (old_vols.get("configs") or []):
+            if desc is None and primary is not None:
+                desc = svc.rec["task_defs"].get(primary.task_def)
+            body = {**body, "force": True}
         if desc is not None:
             from .tasks import check_runnable, task_definition_of
             check_runnable(task_definition_of(desc, [])[0])
             svc.rec["task_defs"][desc["taskDefinitionArn"]] = desc
+        set_vols = lambda: self._set_volumes(svc, {**body, "volumes": vols})  # noqa: E731
         if desc is not None and (primary is None
                                  or desc["taskDefinitionArn"] != primary.task_def
                                  or body.get("force")):
-            self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)))
+            self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)),
+                       before=set_vols)
         elif body.get("force") and primary is not None:
-            self._feed(svc, es.Deploy(primary.task_def, primary.health_checked))
+            self._feed(svc, es.Deploy(primary.task_def, primary.health_checked),
+                       before=set_vols)
         else:
+            if vols.get("configs") and body.get("pool"):
+                self._pool_add(svc, vols["configs"], body["pool"])
             self._feed(svc, es.Tick())
         self._save(svc)
         return {"service": self.view(svc, False)}
@@ -730,6 +869,9 @@ class ServiceManager:
                 "updatedAt": core.now_ms / 1000, "launchType": "FARGATE",
                 "platformVersion": "1.4.0", "platformFamily": "Linux",
                 "rolloutState": d.rollout, "rolloutStateReason": d.rollout_reason})
+            wire = ((rec.get("deployment_volumes") or {}).get(d.id) or {}).get("wire")
+            if wire:
+                deployments[-1]["volumeConfigurations"] = wire
         events = [{"id": _event_id(rec["name"], t, msg), "createdAt": t / 1000,
                    "message": msg} for t, msg in core.events]
         primary = core.primary

@@ -1,0 +1,181 @@
+"""ECS services with managed volumes (issues #17, #19; docs/fargate.md#volumes), in one
+process: the control plane's ECS and EC2 shells and the tenant's cell with its service loop
+driving FAKE agents (test_ecs_services.py's world). CreateService/UpdateService take
+``volumeConfigurations`` as botocore's model has them (``ServiceVolumeConfiguration``); each
+task the service starts gets a volume of its own, made by the control plane ahead (the cell's
+pool) and attached to the task before it is placed; the volume ends with the task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cellcloud.control.ec2 import Ec2
+
+from .test_ecs_services import REGION, SvcWorld, run, web_def
+from .test_ecs_tasks import MODEL, A
+
+ROLE = f"arn:aws:iam::{A}:role/ecsInfrastructureRole"
+
+
+def vol_def() -> dict[str, Any]:
+    doc = web_def(mountPoints=[{"sourceVolume": "data", "containerPath": "/data"}])
+    doc["volumes"] = [{"name": "data", "configuredAtLaunch": True}]
+    return doc
+
+
+def conf(**extra: Any) -> list[dict[str, Any]]:
+    return [{"name": "data", "managedEBSVolume": {"sizeInGiB": 2, "roleArn": ROLE, **extra}}]
+
+
+async def setup(w: SvcWorld) -> None:
+    w.ecs.ec2 = Ec2(w.config, REGION, clock=lambda: w.now, data_dir=str(w.tmp / "volumes"))
+    await w.ok("CreateCluster", {})
+    await w.ok("RegisterTaskDefinition", vol_def())
+
+
+async def volumes(w: SvcWorld) -> list[dict[str, Any]]:
+    assert w.ecs.ec2 is not None
+    out: list[dict[str, Any]] = (await w.ecs.ec2.describe_volumes(A, {}))["volumeSet"]
+    return out
+
+
+def task_arn(task_id: str) -> str:
+    return f"arn:aws:ecs:{REGION}:{A}:task/default/{task_id}"
+
+
+async def attached(w: SvcWorld) -> dict[str, str]:
+    """Each task the agents run -> the volume attached to it (as DescribeVolumes has it)."""
+    by_task = {v["attachmentSet"][0]["instanceId"]: v["volumeId"]
+               for v in await volumes(w) if v["attachmentSet"]}
+    return {i: by_task[task_arn(i)] for i in w.task_ids() if task_arn(i) in by_task}
+
+
+async def swept_to(w: SvcWorld, what: str, cond: Any) -> None:
+    """Until ``cond()`` holds, with the control plane's sweep and volume round run each time."""
+    async def check() -> bool:
+        await w.ecs.sweep_task_volumes()
+        got = cond()
+        return bool(await got if hasattr(got, "__await__") else got)
+    await w.until(what, check)
+
+
+def test_a_service_of_two_tasks_gets_two_volumes(tmp_path: Path) -> None:
+    async def body(w: SvcWorld) -> None:
+        await setup(w)
+        out = await w.ok("CreateService", {
+            "serviceName": "web", "taskDefinition": "web", "desiredCount": 2,
+            "volumeConfigurations": conf(volumeType="gp3", tagSpecifications=[
+                {"resourceType": "volume", "tags": [{"key": "team", "value": "data"}]}])})
+        (d,) = out["service"]["deployments"]
+        (vc,) = d["volumeConfigurations"]
+        assert set(vc) <= set(MODEL.shape_for("ServiceVolumeConfiguration").members)
+        assert set(vc["managedEBSVolume"]) <= set(
+            MODEL.shape_for("ServiceManagedEBSVolumeConfiguration").members)
+        assert vc["name"] == "data" and vc["managedEBSVolume"]["sizeInGiB"] == 2
+        assert vc["managedEBSVolume"]["roleArn"] == ROLE
+        await w.steady()
+        got = await attached(w)
+        assert len(got) == 2 and len(set(got.values())) == 2  # one volume each
+        for v in await volumes(w):
+            assert v["status"] == "in-use" and v["size"] == 2
+            assert v["tagSet"] == [{"key": "team", "value": "data"}]
+        for task_id, volume_id in got.items():
+            agent = next(a for a in w.agents.values() if task_id in a.tasks)
+            create = next(b for op, b in agent.calls
+                          if op == "task_create" and b["task_id"] == task_id)
+            assert [v["volume_id"] for v in create["volumes"]] == [volume_id]
+        s = await w.service()
+        assert s["deployments"][0]["volumeConfigurations"] == d["volumeConfigurations"]
+        # scale in: the stopped task's volume is deleted
+        await w.ok("UpdateService", {"service": "web", "desiredCount": 1})
+        await swept_to(w, "scaled in, its volume ended",
+                       lambda: len(w.task_ids()) == 1)
+
+        async def one_left() -> bool:
+            return len(await volumes(w)) == 1 and len(await attached(w)) == 1
+        await swept_to(w, "one volume left", one_left)
+        # the service deleted: its tasks stop, their volumes go
+        await w.ok("UpdateService", {"service": "web", "desiredCount": 0})
+        await w.ok("DeleteService", {"service": "web"})
+
+        async def none_left() -> bool:
+            return await volumes(w) == []
+        await swept_to(w, "no volume left", none_left)
+    run(body, tmp_path)
+
+
+def test_a_replaced_task_gets_a_new_volume_and_the_old_one_is_deleted(tmp_path: Path
+                                                                      ) -> None:
+    async def body(w: SvcWorld) -> None:
+        await setup(w)
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 2, "volumeConfigurations": conf()})
+        await w.steady()
+        before = await attached(w)
+        victim = sorted(before)[0]
+        agent = next(a for a in w.agents.values() if victim in a.tasks)
+        agent.exit(victim, "web", 137, "killed")
+        await w.wait_status(task_arn(victim), "STOPPED")
+
+        async def replaced() -> bool:
+            s = await w.service()
+            now = await attached(w)
+            return (s["runningCount"] == 2 and victim not in w.task_ids() and len(now) == 2
+                    and before[victim] not in {v["volumeId"] for v in await volumes(w)})
+        await swept_to(w, "replaced with a new volume", replaced)
+        after = await attached(w)
+        new = set(after) - set(before)
+        assert len(new) == 1 and after[new.pop()] not in before.values()
+        assert len(await volumes(w)) == 2  # the pool holds none beyond what runs
+    run(body, tmp_path)
+
+
+def test_an_update_with_new_volume_configurations_deploys_anew(tmp_path: Path) -> None:
+    async def body(w: SvcWorld) -> None:
+        await setup(w)
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 1, "volumeConfigurations": conf()})
+        await w.steady()
+        first = await attached(w)
+        out = await w.ok("UpdateService", {"service": "web",
+                                           "volumeConfigurations": conf(sizeInGiB=3)})
+        deps = out["service"]["deployments"]
+        assert len(deps) == 2
+        assert deps[0]["volumeConfigurations"][0]["managedEBSVolume"]["sizeInGiB"] == 3
+
+        async def moved() -> bool:
+            s = await w.service()
+            vols = await volumes(w)
+            return (len(s["deployments"]) == 1 and s["runningCount"] == 1
+                    and not set(first) & w.task_ids()
+                    and [v["size"] for v in vols] == [3])
+        await swept_to(w, "the new deployment's task on a 3 GiB volume", moved)
+        # no volumeConfigurations: kept, no new deployment
+        out = await w.ok("UpdateService", {"service": "web", "desiredCount": 1})
+        assert len(out["service"]["deployments"]) == 1
+    run(body, tmp_path)
+
+
+@pytest.mark.parametrize("vc,needle", [
+    (None, "volumeConfigurations"),  # configured at launch: the service must give it
+    (conf(terminationPolicy={"deleteOnTermination": False}), "terminationPolicy"),
+    (conf(sizeInGiB=0), "sizeInGiB"),
+    (conf(encrypted=True), "encrypted"),
+    (conf(roleArn="arn:aws:iam::444455556666:role/x"), "roleArn"),
+    ([{"name": "other", "managedEBSVolume": {"sizeInGiB": 1, "roleArn": ROLE}}], "other"),
+])
+def test_bad_service_volume_configurations(tmp_path: Path, vc: Any, needle: str) -> None:
+    async def body(w: SvcWorld) -> None:
+        await setup(w)
+        doc: dict[str, Any] = {"serviceName": "web", "taskDefinition": "web",
+                               "desiredCount": 1}
+        if vc is not None:
+            doc["volumeConfigurations"] = vc
+        err, msg = await w.err("CreateService", doc)
+        assert err == "InvalidParameterException" and needle in msg, msg
+        assert await volumes(w) == []
+        assert (await w.ok("ListServices", {}))["serviceArns"] == []
+    run(body, tmp_path)
