@@ -89,6 +89,13 @@ def test_a_service_of_two_tasks_gets_two_volumes(tmp_path: Path) -> None:
             assert [v["volume_id"] for v in create["volumes"]] == [volume_id]
         s = await w.service()
         assert s["deployments"][0]["volumeConfigurations"] == d["volumeConfigurations"]
+        # scale out: the new task's volume is made by UpdateService, ahead of its start
+        await w.ok("UpdateService", {"service": "web", "desiredCount": 3})
+        await w.steady()
+        got = await attached(w)
+        assert len(got) == 3 and len(set(got.values())) == 3
+        assert w.cell.tasks is not None
+        assert w.cell.tasks.services.counters["volume_waits"] == 0  # none waited for one
         # scale in: the stopped task's volume is deleted
         await w.ok("UpdateService", {"service": "web", "desiredCount": 1})
         await swept_to(w, "scaled in, its volume ended",
@@ -179,3 +186,30 @@ def test_bad_service_volume_configurations(tmp_path: Path, vc: Any, needle: str)
         assert await volumes(w) == []
         assert (await w.ok("ListServices", {}))["serviceArns"] == []
     run(body, tmp_path)
+
+
+def test_a_pooled_volume_outlives_the_orphan_timeout_and_goes_when_unwanted(tmp_path: Path
+                                                                          ) -> None:
+    """A task with no room yet keeps its volume in the cell's pool (not an orphan of the
+    sweep however long it waits); scaled in, the pooled volume is ended."""
+    async def body(w: SvcWorld) -> None:
+        await setup(w)
+        # 2 agents of 1024 MiB: four tasks of 512 MiB fit, the fifth waits for room
+        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                     "desiredCount": 5, "volumeConfigurations": conf()})
+
+        async def four() -> bool:
+            s = await w.service()
+            return s["runningCount"] == 4 and any(
+                "was unable to place a task" in e["message"] for e in s["events"])
+        await w.until("four running, one waiting for room", four)
+        assert len(await volumes(w)) == 5 and len(await attached(w)) == 4
+        w.now += w.limits.ecs_task_volume_orphan_ms + 1
+        await w.ecs.sweep_task_volumes()
+        assert len(await volumes(w)) == 5  # the pooled one is held, not an orphan
+        await w.ok("UpdateService", {"service": "web", "desiredCount": 4})
+
+        async def four_left() -> bool:
+            return len(await volumes(w)) == 4 and len(await attached(w)) == 4
+        await swept_to(w, "the pooled volume ended", four_left)
+    run(body, tmp_path, memory_mb_max=1024)

@@ -1144,7 +1144,10 @@ class Ecs:
                     else list(added["refused"])
                 await self._end_task_volumes(account, refused)
                 held[account] |= {x["taskId"] for x in entries} - set(refused)
-            if not out["services"] and not out["held"]:
+            # none left (and none just being made: CreateService or UpdateService writes the
+            # record before its cell has the service's volumes)
+            if not out["services"] and not out["held"] and self.clock() - int(
+                    json.loads(e.value).get("ms", 0)) > self.limits.ecs_task_volume_orphan_ms:
                 await self.store.delete(e.key)
         return held
 
@@ -1187,7 +1190,8 @@ class Ecs:
         if managed:  # the first tasks' volumes, made ahead (docs/fargate.md#volumes)
             if self.ec2 is None:
                 raise invalid("This region serves no volumes (volumeConfigurations)")
-            await self.store.put(f"{SERVICE_VOLUMES}{account}", b"{}")
+            await self.store.put(f"{SERVICE_VOLUMES}{account}",
+                                 json.dumps({"ms": self.clock()}).encode())
             extra = {"volumes": self._volumes_body(managed),
                      "pool": await self._premake(account, cluster, managed, desired)}
         try:
@@ -1217,8 +1221,10 @@ class Ecs:
         if doc.get("taskDefinition"):
             desc = await self._service_taskdef(account, doc["taskDefinition"])
         extra: dict[str, Any] = {}
-        if desc is not None or doc.get("volumeConfigurations") is not None:
-            extra = await self._update_volumes(account, cluster, name, desc, doc, desired)
+        if desc is not None or doc.get("volumeConfigurations") is not None \
+                or desired is not None:
+            extra = await self._update_volumes(account, cluster, name, desc, doc, desired,
+                                               force)
         try:
             out = await self._cell(account, {"op": "service_update", "cluster": cluster,
                                              "service": name, "taskDefinition": desc,
@@ -1234,30 +1240,38 @@ class Ecs:
 
     async def _update_volumes(self, account: str, cluster: str, name: str,
                               desc: dict[str, Any] | None, doc: dict[str, Any],
-                              desired: int | None) -> dict[str, Any]:
+                              desired: int | None, force: bool) -> dict[str, Any]:
         """UpdateService's volume configurations against the task definition it deploys
-        (the given one, or the service's): the given ones, or (none given, a new task
-        definition) the service's kept; and its tasks' first volumes, made ahead."""
+        (the given one, or the service's): the given ones, or (none given) the service's
+        kept; and the volumes of the tasks it will start, made ahead ({}: the service has
+        none, nothing changes)."""
         seen = await self._cell(account, {"op": "service_describe", "cluster": cluster,
                                           "services": [name], "tags": False})
         assert seen is not None
         if not seen["services"]:
             raise ApiError("ServiceNotFoundException", "Service not found.")
         svc = seen["services"][0]
+        primary = (svc["deployments"] or [{}])[0]
+        kept = primary.get("volumeConfigurations") or []
+        value = doc.get("volumeConfigurations")
+        if desc is None and value is None and not kept:
+            return {}  # (a desiredCount of a service without volumes)
+        new_def = desc is not None and desc["taskDefinitionArn"] != svc["taskDefinition"]
         if desc is None:
             desc = (await self._find(account, svc["taskDefinition"])).described()
-        value = doc.get("volumeConfigurations")
         if value is None:  # kept (those of the service's primary deployment), if still fit
-            value = (svc["deployments"] or [{}])[0].get("volumeConfigurations") or []
-            if not desc.get("volumes"):
-                value = []
+            value = kept if desc.get("volumes") else []
         managed = self._service_volumes(account, desc, value, "UpdateService")
         if not managed:
             return {"volumes": {"configs": [], "wire": []}}
         if self.ec2 is None:
             raise invalid("This region serves no volumes (volumeConfigurations)")
-        await self.store.put(f"{SERVICE_VOLUMES}{account}", b"{}")
+        await self.store.put(f"{SERVICE_VOLUMES}{account}",
+                             json.dumps({"ms": self.clock()}).encode())
         count = int(svc["desiredCount"]) if desired is None else desired
+        same = [mv.service_wire() for mv in managed] == kept
+        if same and not new_def and not force:  # no new deployment: what its tasks lack
+            count -= int(primary.get("runningCount", 0)) + int(primary.get("pendingCount", 0))
         return {"volumes": self._volumes_body(managed),
                 "pool": await self._premake(account, cluster, managed, count)}
 

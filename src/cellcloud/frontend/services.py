@@ -308,14 +308,10 @@ class ServiceManager:
         self.counters["volumes_pooled"] += len(entries)
 
     def _set_volumes(self, svc: Svc, body: dict[str, Any]) -> None:
-        """The primary deployment's volume configurations (just deployed) and the volumes
-        the control plane made ahead for it."""
+        """The primary deployment's volume configurations (just deployed)."""
         primary = svc.core.primary
-        vols = body.get("volumes") or {}
         if primary is not None:
-            svc.rec.setdefault("deployment_volumes", {})[primary.id] = vols
-        if vols.get("configs") and body.get("pool"):
-            self._pool_add(svc, vols["configs"], body["pool"])
+            svc.rec.setdefault("deployment_volumes", {})[primary.id] = body.get("volumes") or {}
 
     def volumes_op(self, account: str, what: str, body: dict[str, Any]) -> dict[str, Any]:
         """The control plane's volume round: ``service_volumes`` answers what each of the
@@ -638,6 +634,9 @@ class ServiceManager:
         if body.get("networkConfiguration"):
             rec["network_configuration"] = body["networkConfiguration"]
         svc = self.services[key] = Svc(rec, core)
+        vols = body.get("volumes") or {}
+        if vols.get("configs") and body.get("pool"):
+            self._pool_add(svc, vols["configs"], body["pool"])
         self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)),
                    before=lambda: self._set_volumes(svc, body))
         self._save(svc)
@@ -654,6 +653,16 @@ class ServiceManager:
     def update(self, account: str, cluster: str, body: dict[str, Any]) -> dict[str, Any]:
         svc = self._active(account, cluster, str(body["service"]))
         core = svc.core
+        vols = body.get("volumes")
+        old_vols = (svc.rec.get("deployment_volumes") or {}).get(core.primary.id, {}) \
+            if core.primary is not None else {}
+        from .tasks import check_runnable, task_definition_of
+        if body.get("taskDefinition") is not None:  # (refused before anything changes)
+            check_runnable(task_definition_of(body["taskDefinition"], [])[0])
+        if vols and vols.get("configs") and body.get("pool"):
+            # pooled before the tasks that take them are started (by configuration: an old
+            # deployment's tasks take none of a new configuration's)
+            self._pool_add(svc, vols["configs"], body["pool"])
         if body.get("config"):
             core.config = config_of(body["config"], core.config)
         if body.get("desired") is not None:
@@ -668,9 +677,6 @@ class ServiceManager:
                 desc = svc.rec["task_defs"].get(primary.task_def)
                 body = {**body, "force": True}
         # volumeConfigurations: None keeps the deployment's; a change deploys anew (as ECS)
-        vols = body.get("volumes")
-        old_vols = (svc.rec.get("deployment_volumes") or {}).get(primary.id, {}) \
-            if primary is not None else {}
         if vols is None:
             vols = old_vols
         elif (vols.get("configs") or []) != (old_vols.get("configs") or []):
@@ -678,8 +684,6 @@ class ServiceManager:
                 desc = svc.rec["task_defs"].get(primary.task_def)
             body = {**body, "force": True}
         if desc is not None:
-            from .tasks import check_runnable, task_definition_of
-            check_runnable(task_definition_of(desc, [])[0])
             svc.rec["task_defs"][desc["taskDefinitionArn"]] = desc
         set_vols = lambda: self._set_volumes(svc, {**body, "volumes": vols})  # noqa: E731
         if desc is not None and (primary is None
@@ -691,8 +695,6 @@ class ServiceManager:
             self._feed(svc, es.Deploy(primary.task_def, primary.health_checked),
                        before=set_vols)
         else:
-            if vols.get("configs") and body.get("pool"):
-                self._pool_add(svc, vols["configs"], body["pool"])
             self._feed(svc, es.Tick())
         self._save(svc)
         return {"service": self.view(svc, False)}
