@@ -163,6 +163,30 @@ def test_an_update_with_new_volume_configurations_deploys_anew(tmp_path: Path) -
         # no volumeConfigurations: kept, no new deployment
         out = await w.ok("UpdateService", {"service": "web", "desiredCount": 1})
         assert len(out["service"]["deployments"]) == 1
+        # bad ones named, nothing made, nothing deployed
+        before = [v["volumeId"] for v in await volumes(w)]
+        for vc, needle in ((conf(terminationPolicy={"deleteOnTermination": True}),
+                            "terminationPolicy"), (conf(iops=3000), "iops"),
+                           ([{"name": "logs", "managedEBSVolume": {"sizeInGiB": 1,
+                                                                   "roleArn": ROLE}}], "logs")):
+            err, msg = await w.err("UpdateService", {"service": "web",
+                                                     "volumeConfigurations": vc})
+            assert err == "InvalidParameterException" and needle in msg, msg
+        await w.ok("RegisterTaskDefinition", web_def(family="plain"))
+        err, msg = await w.err("UpdateService", {"service": "web", "taskDefinition": "plain",
+                                                 "volumeConfigurations": conf()})
+        assert err == "InvalidParameterException" and "data" in msg, msg
+        assert [v["volumeId"] for v in await volumes(w)] == before
+        assert len((await w.service())["deployments"]) == 1
+        # a task definition without the volume: the kept configuration is dropped
+        out = await w.ok("UpdateService", {"service": "web", "taskDefinition": "plain"})
+        assert "volumeConfigurations" not in out["service"]["deployments"][0]
+
+        async def plain() -> bool:
+            s = await w.service()
+            return (len(s["deployments"]) == 1 and s["runningCount"] == 1
+                    and await volumes(w) == [])
+        await swept_to(w, "the plain task running, no volume left", plain)
     run(body, tmp_path)
 
 
