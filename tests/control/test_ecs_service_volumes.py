@@ -215,7 +215,8 @@ def test_bad_service_volume_configurations(tmp_path: Path, vc: Any, needle: str)
 def test_a_pooled_volume_outlives_the_orphan_timeout_and_goes_when_unwanted(tmp_path: Path
                                                                           ) -> None:
     """A task with no room yet keeps its volume in the cell's pool (not an orphan of the
-    sweep however long it waits); scaled in, the pooled volume is ended."""
+    sweep however long it waits, kept across a restart of the cell); scaled in, the pooled
+    volume is ended."""
     async def body(w: SvcWorld) -> None:
         await setup(w)
         # 2 agents of 1024 MiB: four tasks of 512 MiB fit, the fifth waits for room
@@ -228,9 +229,21 @@ def test_a_pooled_volume_outlives_the_orphan_timeout_and_goes_when_unwanted(tmp_
                 "was unable to place a task" in e["message"] for e in s["events"])
         await w.until("four running, one waiting for room", four)
         assert len(await volumes(w)) == 5 and len(await attached(w)) == 4
+        all_ids = {v["volumeId"] for v in await volumes(w)}
+        assert len(all_ids - set((await attached(w)).values())) == 1  # pooled
+        # the cell's process restarts: its pools are kept with its services
+        assert w.cell.tasks is not None
+        await w.cell.tasks.close()
+        w.cell = w.make_cell()
+        assert w.cell.tasks is not None
+        w.cell.tasks.load()
+        s = await w.service()
+        assert s["deployments"][0]["volumeConfigurations"] == conf(
+            volumeType="gp3", filesystemType="ext4")
         w.now += w.limits.ecs_task_volume_orphan_ms + 1
         await w.ecs.sweep_task_volumes()
-        assert len(await volumes(w)) == 5  # the pooled one is held, not an orphan
+        # the pooled one is held, not an orphan; none made anew
+        assert {v["volumeId"] for v in await volumes(w)} == all_ids
         await w.ok("UpdateService", {"service": "web", "desiredCount": 4})
 
         async def four_left() -> bool:
