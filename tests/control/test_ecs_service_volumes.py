@@ -133,10 +133,26 @@ def test_a_replaced_task_gets_a_new_volume_and_the_old_one_is_deleted(tmp_path: 
             return (s["runningCount"] == 2 and victim not in w.task_ids() and len(now) == 2
                     and before[victim] not in {v["volumeId"] for v in await volumes(w)})
         await swept_to(w, "replaced with a new volume", replaced)
+        s = await w.service()  # it waited for its volume, not as a placement failure
+        assert not any("unable to place" in e["message"] for e in s["events"])
         after = await attached(w)
         new = set(after) - set(before)
         assert len(new) == 1 and after[new.pop()] not in before.values()
         assert len(await volumes(w)) == 2  # the pool holds none beyond what runs
+        # a task the user stops is replaced at once (no backoff): the new task waits
+        # PROVISIONING for the volume round's volume
+        other = sorted(after)[0]
+        await w.ok("StopTask", {"task": task_arn(other)})
+
+        async def again() -> bool:
+            s = await w.service()
+            now = await attached(w)
+            return (s["runningCount"] == 2 and other not in w.task_ids() and len(now) == 2
+                    and after[other] not in {v["volumeId"] for v in await volumes(w)})
+        await swept_to(w, "replaced again", again)
+        assert w.cell.tasks is not None
+        assert w.cell.tasks.services.counters["volume_waits"] == 1
+        assert len(set((await attached(w)).values()) - set(after.values())) == 1
     run(body, tmp_path)
 
 

@@ -22,7 +22,8 @@ volumes (EC2's records are its own) and the cell never dials it, so each service
 keeps a **pool** of volumes the control plane made ahead, each already attached to a task id
 of its own (``rec["pool"]``: ``{key, taskId, volumes}``, ``key`` naming the configuration).
 A ``StartTask`` of a deployment with volumes takes one (the task gets that id and those
-volumes); none ready is a ``PlacementFailed`` (the controller tries again after its backoff).
+volumes); none ready, the task waits PROVISIONING (``rec["waiting"]``, tried again at each
+tick) until the control plane's volume round hands one in.
 CreateService and UpdateService hand in the first ones; the control plane's volume round
 (``service_volumes``, every ``ecs_task_volume_sweep_interval_ms``) tops each pool up to what
 the primary deployment still has to start and takes back what no deployment will use
@@ -197,7 +198,17 @@ class ServiceManager:
     def tick(self, svc: Svc) -> None:
         rec, core = svc.rec, svc.core
         account = rec["account"]
+        waiting = rec.get("waiting") or {}
         for core_id, ts in list(core.tasks.items()):
+            if core_id in waiting:  # waits for its managed volume
+                if ts.stop_sent:  # (scaled in meanwhile): never started
+                    waiting.pop(core_id)
+                    self._feed(svc, es.TaskStopped(core_id, "ServiceSchedulerInitiated",
+                                                   "stopped before its volume was made"))
+                elif not self._start(svc, core_id, *waiting[core_id]):
+                    continue  # (nothing changed)
+                self._write(svc)
+                continue
             task_id = rec["ids"].get(core_id)
             task = self.tasks.record(account, task_id) if task_id else None
             stim: es.Stimulus | None = None
@@ -238,37 +249,10 @@ class ServiceManager:
             self._execute(svc, ins)
 
     def _execute(self, svc: Svc, ins: es.Instruction) -> None:
-        from .tasks import task_definition_of  # (tasks.py makes this manager)
         rec = svc.rec
         match ins:
             case es.StartTask(core_id, arn, deployment_id):
-                desc = rec["task_defs"][arn]
-                task_def, def_doc = task_definition_of(desc, [])
-                cap = self.limits.ecs_tasks_per_tenant_max
-                placed: dict[str, Any] | NoRoom
-                configs = self._deployment_volumes(svc, deployment_id)
-                entry = self._take_pooled(svc, configs) if configs else None
-                if self.tasks.store.active_count(rec["account"]) >= cap:
-                    placed = NoRoom(f"the account runs {cap} tasks already "
-                                    "(ecs_tasks_per_tenant_max)")
-                elif configs and entry is None:
-                    self.counters["volume_waits"] += 1
-                    placed = NoRoom("the task's managed volume is being made")
-                else:
-                    placed = self.tasks.launch(
-                        rec["account"], rec["cluster"], desc, def_doc, task_def, [],
-                        started_by=deployment_id[:128], group=f"service:{rec['name']}",
-                        tags=[], network=rec.get("network_configuration"),
-                        task_id=entry["taskId"] if entry else None,
-                        volumes=list(entry["volumes"]) if entry else None)
-                if isinstance(placed, NoRoom):
-                    if entry is not None:  # not used: back to the pool
-                        rec.setdefault("pool", []).append(entry)
-                    self.counters["placement_failures"] += 1
-                    self._feed(svc, es.PlacementFailed(core_id, placed.reason))
-                    return
-                rec["ids"][core_id] = placed["id"]
-                self.counters["started"] += 1
+                self._start(svc, core_id, arn, deployment_id)
             case es.StopTask(core_id, reason):
                 task_id = rec["ids"].get(core_id)
                 if task_id is None:
@@ -279,6 +263,44 @@ class ServiceManager:
                     self._drain_reasons[task_id] = reason
                 else:
                     self.tasks.stop_by_scheduler(task_id, reason)
+
+    def _start(self, svc: Svc, core_id: str, arn: str, deployment_id: str) -> bool:
+        """The controller's task placed and provisioning (or its ``PlacementFailed``); False:
+        it waits (PROVISIONING) for its managed volume, which the control plane's next volume
+        round makes (``rec["waiting"]``: tried again at each tick)."""
+        from .tasks import task_definition_of  # (tasks.py makes this manager)
+        rec = svc.rec
+        desc = rec["task_defs"][arn]
+        task_def, def_doc = task_definition_of(desc, [])
+        cap = self.limits.ecs_tasks_per_tenant_max
+        placed: dict[str, Any] | NoRoom
+        configs = self._deployment_volumes(svc, deployment_id)
+        entry = self._take_pooled(svc, configs) if configs else None
+        if configs and entry is None:
+            if core_id not in rec.setdefault("waiting", {}):
+                self.counters["volume_waits"] += 1
+            rec["waiting"][core_id] = [arn, deployment_id]
+            return False
+        (rec.get("waiting") or {}).pop(core_id, None)
+        if self.tasks.store.active_count(rec["account"]) >= cap:
+            placed = NoRoom(f"the account runs {cap} tasks already "
+                            "(ecs_tasks_per_tenant_max)")
+        else:
+            placed = self.tasks.launch(
+                rec["account"], rec["cluster"], desc, def_doc, task_def, [],
+                started_by=deployment_id[:128], group=f"service:{rec['name']}",
+                tags=[], network=rec.get("network_configuration"),
+                task_id=entry["taskId"] if entry else None,
+                volumes=list(entry["volumes"]) if entry else None)
+        if isinstance(placed, NoRoom):
+            if entry is not None:  # not used: back to the pool
+                rec.setdefault("pool", []).append(entry)
+            self.counters["placement_failures"] += 1
+            self._feed(svc, es.PlacementFailed(core_id, placed.reason))
+            return True
+        rec["ids"][core_id] = placed["id"]
+        self.counters["started"] += 1
+        return True
 
     # -- managed volumes (docs/fargate.md#volumes) ---------------------------------------------
     def _deployment_volumes(self, svc: Svc, deployment_id: str) -> list[dict[str, Any]]:
@@ -323,12 +345,16 @@ class ServiceManager:
             svc = self.services.get((account, str(body["cluster"]), str(body["service"])))
             entries = list(body.get("entries") or [])
             configs = list(body.get("configs") or [])
-            primary = svc.core.primary if svc is not None else None
-            if svc is None or primary is None or svc.rec["status"] != "ACTIVE" \
-                    or self._deployment_volumes(svc, primary.id) != configs:
+            if svc is None or svc.rec["status"] != "ACTIVE" or not configs \
+                    or not any(self._deployment_volumes(svc, d.id) == configs
+                               for d in svc.core.deployments):
                 return {"refused": [str(e["taskId"]) for e in entries]}
             self._pool_add(svc, configs, entries)
             self._write(svc)
+            try:  # the tasks waiting for these start now (else at the loop's next tick)
+                self.tick(svc)
+            except Exception:
+                log.exception("service %s/%s: tick failed", svc.rec["cluster"], svc.rec["name"])
             return {"refused": []}
         wants, release, held, services = [], [], [], 0
         for (a, cluster, name), svc in sorted(self.services.items()):
@@ -336,25 +362,38 @@ class ServiceManager:
             if a != account or (not pool and not svc.rec.get("deployment_volumes")):
                 continue
             core, primary = svc.core, svc.core.primary
-            configs = self._deployment_volumes(svc, primary.id) if primary is not None else []
-            need = 0
-            if svc.rec["status"] == "ACTIVE" and configs and primary is not None \
+            # what each configuration's tasks need: those waiting for one, and the primary's
+            # still to start
+            need: dict[str, tuple[list[dict[str, Any]], int]] = {}
+            for _, dep in (svc.rec.get("waiting") or {}).values():
+                configs = self._deployment_volumes(svc, dep)
+                if configs:
+                    k = volumes_key(configs)
+                    need[k] = (configs, need.get(k, (configs, 0))[1] + 1)
+            if svc.rec["status"] == "ACTIVE" and primary is not None \
                     and primary.rollout != "FAILED":
-                services += 1
+                configs = self._deployment_volumes(svc, primary.id)
                 live = sum(1 for t in core.tasks.values()
                            if t.deployment_id == primary.id and not t.stop_sent)
-                need = max(core.desired_count - live, 0)
-            key = volumes_key(configs) if configs else None
-            keep = [e for e in pool if e["key"] == key][:need]
+                if configs:
+                    services += 1
+                    k = volumes_key(configs)
+                    need[k] = (configs, need.get(k, (configs, 0))[1]
+                               + max(core.desired_count - live, 0))
+            keep: list[dict[str, Any]] = []
+            for k, (_, n) in need.items():
+                keep += [e for e in pool if e["key"] == k][:n]
             gone = [e for e in pool if e not in keep]
             if gone:
                 svc.rec["pool"] = keep
                 self._write(svc)
                 release += [e["taskId"] for e in gone]
             held += [e["taskId"] for e in keep]
-            if need > len(keep):
-                wants.append({"cluster": cluster, "service": name, "count": need - len(keep),
-                              "configs": configs})
+            for k, (configs, n) in need.items():
+                have = sum(1 for e in keep if e["key"] == k)
+                if n > have:
+                    wants.append({"cluster": cluster, "service": name, "count": n - have,
+                                  "configs": configs})
         return {"wants": wants, "release": release, "held": held, "services": services}
 
     # -- autoscaling (the application-autoscaling API: control/autoscaling.py) ----------------
