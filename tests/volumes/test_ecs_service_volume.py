@@ -18,7 +18,7 @@ import pytest
 from tests.integration.conftest import boto_client, running_region
 from tests.oci_images import host_python_layers, image_layout, layer_tar
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 APP = r"""
 import os, time
