@@ -1119,37 +1119,46 @@ class Ecs:
                 held[account] = {"*"}
                 continue
             held[account] = set(out["held"])
-            await self._end_task_volumes(account, list(out["release"]))
-            for want in out["wants"]:
-                configs = want["configs"]
-                managed = tuple(ev.ManagedVolume(
-                    str(c["name"]), int(c["sizeInGiB"]), str(c["volumeType"]),
-                    str(c["filesystemType"]), str(c["roleArn"]), True,
-                    tuple((str(t["key"]), str(t["value"])) for t in c.get("tags") or []),
-                    "NONE") for c in configs)
-                try:
-                    entries = await self._premake(account, want["cluster"], managed,
-                                                  int(want["count"]))
-                except ApiError as err:  # (EC2's limits): the next round tries again
-                    log.warning("service %s/%s: volumes not made: %s", want["cluster"],
-                                want["service"], err)
-                    continue
-                try:
-                    added = await self._cell(account, {
-                        "op": "service_volumes_add", "cluster": want["cluster"],
-                        "service": want["service"], "configs": configs, "entries": entries})
-                except ApiError:
-                    added = None
-                refused = [x["taskId"] for x in entries] if added is None \
-                    else list(added["refused"])
-                await self._end_task_volumes(account, refused)
-                held[account] |= {x["taskId"] for x in entries} - set(refused)
+            try:
+                await self._fill_pools(account, out, held[account])
+            except Exception:  # the other accounts' go on; the next round tries again
+                log.exception("service volumes of account %s", account)
+                held[account] = {"*"}
             # none left (and none just being made: CreateService or UpdateService writes the
             # record before its cell has the service's volumes)
             if not out["services"] and not out["held"] and self.clock() - int(
                     json.loads(e.value).get("ms", 0)) > self.limits.ecs_task_volume_orphan_ms:
                 await self.store.delete(e.key)
         return held
+
+    async def _fill_pools(self, account: str, out: dict[str, Any], held: set[str]) -> None:
+        """One account's part of the volume round (``out``: its cell's ``service_volumes``)."""
+        await self._end_task_volumes(account, list(out["release"]))
+        for want in out["wants"]:
+            configs = want["configs"]
+            managed = tuple(ev.ManagedVolume(
+                str(c["name"]), int(c["sizeInGiB"]), str(c["volumeType"]),
+                str(c["filesystemType"]), str(c["roleArn"]), True,
+                tuple((str(t["key"]), str(t["value"])) for t in c.get("tags") or []),
+                "NONE") for c in configs)
+            try:
+                entries = await self._premake(account, want["cluster"], managed,
+                                              int(want["count"]))
+            except ApiError as err:  # (EC2's limits): the next round tries again
+                log.warning("service %s/%s: volumes not made: %s", want["cluster"],
+                            want["service"], err)
+                continue
+            try:
+                added = await self._cell(account, {
+                    "op": "service_volumes_add", "cluster": want["cluster"],
+                    "service": want["service"], "configs": configs, "entries": entries})
+            except ApiError:  # (the cell may hold them: its next answer says; if not,
+                held.add("*")  # they are orphans, ended ecs_task_volume_orphan_ms on)
+                continue
+            assert added is not None
+            refused = list(added["refused"])
+            await self._end_task_volumes(account, refused)
+            held |= {x["taskId"] for x in entries} - set(refused)
 
     def _service_name(self, account: str, cluster: str, ident: Any) -> str:
         """A service's name from its name or ARN (of this account and cluster)."""
