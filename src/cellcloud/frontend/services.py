@@ -199,6 +199,8 @@ class ServiceManager:
         rec, core = svc.rec, svc.core
         account = rec["account"]
         waiting = rec.get("waiting") or {}
+        for core_id in [i for i in waiting if i not in core.tasks]:
+            del waiting[core_id]  # (the controller no longer has it)
         for core_id, ts in list(core.tasks.items()):
             if core_id in waiting:  # waits for its managed volume
                 if ts.stop_sent:  # (scaled in meanwhile): never started
