@@ -179,6 +179,19 @@ def test_an_update_with_new_volume_configurations_deploys_anew(tmp_path: Path) -
         # no volumeConfigurations: kept, no new deployment
         out = await w.ok("UpdateService", {"service": "web", "desiredCount": 1})
         assert len(out["service"]["deployments"]) == 1
+        # a new revision without volumeConfigurations: the service's are kept
+        rev2 = vol_def()
+        rev2["containerDefinitions"][0]["environment"] = [{"name": "REV", "value": "2"}]
+        await w.ok("RegisterTaskDefinition", rev2)
+        out = await w.ok("UpdateService", {"service": "web", "taskDefinition": "web:2"})
+        assert out["service"]["deployments"][0]["volumeConfigurations"][0][
+            "managedEBSVolume"]["sizeInGiB"] == 3
+        await w.steady(revision=2)
+
+        async def on_rev2() -> bool:
+            vols = await volumes(w)
+            return len(vols) == 1 and vols[0]["size"] == 3 and len(await attached(w)) == 1
+        await swept_to(w, "revision 2's task on a volume of its own", on_rev2)
         # bad ones named, nothing made, nothing deployed
         before = [v["volumeId"] for v in await volumes(w)]
         for vc, needle in ((conf(terminationPolicy={"deleteOnTermination": True}),
