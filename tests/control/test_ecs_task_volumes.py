@@ -83,7 +83,7 @@ def test_task_definition_volumes_and_mount_points(tmp_path: Path) -> None:
         for path in ("relative", "/proc/x", "/a/../etc", "/"):
             doc = with_volume(containerPath=path)
             assert (await w.err("RegisterTaskDefinition", doc))[0] == "ClientException"
-        # a service cannot give a volume at launch yet: refused, not run without it
+        # a service must give its volume at launch (test_ecs_service_volumes.py)
         err, msg = await w.err("CreateService", {"serviceName": "s", "taskDefinition": "web",
                                                  "desiredCount": 1})
         assert err == "InvalidParameterException" and "configured at launch" in msg

@@ -47,6 +47,9 @@ FAMILIES = "cellcloud/ecs/families/"  # <account>/<family> -> {"last": revision}
 # A task's managed volume (RunTask volumeConfigurations), until it is detached (and deleted,
 # deleteOnTermination) after its task stopped: <account>/<volume id> -> {cluster, task, ...}
 TASK_VOLUMES = "cellcloud/ecs/task-volumes/"
+# Accounts with a service that has managed volumes (its cell's pools are topped up by the
+# volume round): <account> -> {}
+SERVICE_VOLUMES = "cellcloud/ecs/service-volumes/"
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 _REVISION_DIGITS = 7
@@ -71,11 +74,12 @@ _CELL_ERRORS = frozenset({"InvalidParameterException", "ClientException",
 _CREATE_SERVICE_MEMBERS = frozenset({
     "cluster", "serviceName", "taskDefinition", "desiredCount", "clientToken", "launchType",
     "platformVersion", "deploymentConfiguration", "schedulingStrategy",
-    "deploymentController", "tags", "propagateTags", "networkConfiguration"})
+    "deploymentController", "tags", "propagateTags", "networkConfiguration",
+    "volumeConfigurations"})
 _UPDATE_SERVICE_MEMBERS = frozenset({
     "cluster", "service", "desiredCount", "taskDefinition", "deploymentConfiguration",
     "platformVersion", "forceNewDeployment", "deploymentController", "propagateTags",
-    "networkConfiguration"})
+    "networkConfiguration", "volumeConfigurations"})
 _SERVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,254}$")
 
 
@@ -915,6 +919,7 @@ class Ecs:
         many were."""
         if self.ec2 is None:
             return 0
+        held = await self.service_volume_round()
         by_cluster: dict[tuple[str, str], dict[str, tuple[str, dict[str, Any]]]] = {}
         for e in await self.store.list(TASK_VOLUMES):
             account, volume_id = e.key[len(TASK_VOLUMES):].split("/", 1)
@@ -946,7 +951,8 @@ class Ecs:
                     done = view["lastStatus"] == "STOPPED" and any(
                         a["type"] == EBS_ATTACHMENT and a["status"] == "DETACHED"
                         for a in view.get("attachments", []))
-                elif task in missing:
+                elif task in missing and task not in held.get(account, ()) \
+                        and "*" not in held.get(account, ()):
                     done = now - int(record["made_ms"]) > self.limits.ecs_task_volume_orphan_ms
                 if done:
                     await self._end_task_volume(account, volume_id, record)
@@ -1071,11 +1077,88 @@ class Ecs:
         desc = found.described()
         if desc["status"] != "ACTIVE":
             raise client_error("TaskDefinition is inactive")
-        if desc.get("volumes"):
-            raise invalid("The task definition has a volume configured at launch: a service's "
-                          "volumeConfigurations are not supported by cellcloud yet (RunTask "
-                          "takes them)")
         return desc
+
+    # -- managed volumes of services (frontend/services.py's pools) ------------------------------
+    def _service_volumes(self, account: str, desc: dict[str, Any], value: Any, op: str
+                         ) -> tuple[ev.ManagedVolume, ...]:
+        return ev.volume_configurations(
+            value, tuple(str(v["name"]) for v in desc.get("volumes") or []), account,
+            self.limits, op=op)
+
+    async def _premake(self, account: str, cluster: str,
+                       managed: tuple[ev.ManagedVolume, ...], count: int
+                       ) -> list[dict[str, Any]]:
+        """``count`` tasks' volumes, made and attached ahead (a pool's entries)."""
+        count = min(count, self.limits.ecs_service_volumes_made_per_round_max)
+        if not managed or count <= 0:
+            return []
+        made = await self._make_task_volumes(account, cluster, count, managed)
+        return [{"taskId": i, "volumes": made["volumes"][i]} for i in made["taskIds"]]
+
+    @staticmethod
+    def _volumes_body(managed: tuple[ev.ManagedVolume, ...]) -> dict[str, Any]:
+        return {"configs": [mv.to_wire() for mv in managed],
+                "wire": [mv.service_wire() for mv in managed]}
+
+    async def service_volume_round(self) -> dict[str, set[str]]:
+        """Each account with services that have managed volumes: its cell's pools topped up
+        to what their primary deployments still have to start, and the pooled volumes no
+        deployment will use ended. Answers the task ids still pooled, by account (the sweep
+        keeps their volumes)."""
+        held: dict[str, set[str]] = {}
+        if self.ec2 is None:
+            return held
+        for e in await self.store.list(SERVICE_VOLUMES):
+            account = e.key[len(SERVICE_VOLUMES):]
+            try:
+                out = await self._cell(account, {"op": "service_volumes"}, none_ok=True)
+            except ApiError:
+                out = None
+            if out is None:  # its pools unknown: the sweep ends none of its orphans now
+                held[account] = {"*"}
+                continue
+            held[account] = set(out["held"])
+            try:
+                await self._fill_pools(account, out, held[account])
+            except Exception:  # the other accounts' go on; the next round tries again
+                log.exception("service volumes of account %s", account)
+                held[account] = {"*"}
+            # none left (and none just being made: CreateService or UpdateService writes the
+            # record before its cell has the service's volumes)
+            if not out["services"] and not out["held"] and self.clock() - int(
+                    json.loads(e.value).get("ms", 0)) > self.limits.ecs_task_volume_orphan_ms:
+                await self.store.delete(e.key)
+        return held
+
+    async def _fill_pools(self, account: str, out: dict[str, Any], held: set[str]) -> None:
+        """One account's part of the volume round (``out``: its cell's ``service_volumes``)."""
+        await self._end_task_volumes(account, list(out["release"]))
+        for want in out["wants"]:
+            configs = want["configs"]
+            managed = tuple(ev.ManagedVolume(
+                str(c["name"]), int(c["sizeInGiB"]), str(c["volumeType"]),
+                str(c["filesystemType"]), str(c["roleArn"]), True,
+                tuple((str(t["key"]), str(t["value"])) for t in c.get("tags") or []),
+                "NONE") for c in configs)
+            try:
+                entries = await self._premake(account, want["cluster"], managed,
+                                              int(want["count"]))
+            except ApiError as err:  # (EC2's limits): the next round tries again
+                log.warning("service %s/%s: volumes not made: %s", want["cluster"],
+                            want["service"], err)
+                continue
+            try:
+                added = await self._cell(account, {
+                    "op": "service_volumes_add", "cluster": want["cluster"],
+                    "service": want["service"], "configs": configs, "entries": entries})
+            except ApiError:  # (the cell may hold them: its next answer says; if not,
+                held.add("*")  # they are orphans, ended ecs_task_volume_orphan_ms on)
+                continue
+            assert added is not None
+            refused = list(added["refused"])
+            await self._end_task_volumes(account, refused)
+            held |= {x["taskId"] for x in entries} - set(refused)
 
     def _service_name(self, account: str, cluster: str, ident: Any) -> str:
         """A service's name from its name or ARN (of this account and cluster)."""
@@ -1110,11 +1193,26 @@ class Ecs:
         network = network_configuration(doc.get("networkConfiguration"), self.limits)
         cluster = await self._existing_cluster(account, doc.get("cluster"))
         desc = await self._service_taskdef(account, doc.get("taskDefinition"))
-        out = await self._cell(account, {"op": "service_create", "cluster": cluster,
-                                         "service": name, "taskDefinition": desc,
-                                         "desired": desired, "config": config, "tags": tags,
-                                         **({"networkConfiguration": network}
-                                            if network else {})})
+        managed = self._service_volumes(account, desc, doc.get("volumeConfigurations"),
+                                        "CreateService")
+        extra: dict[str, Any] = {}
+        if managed:  # the first tasks' volumes, made ahead (docs/fargate.md#volumes)
+            if self.ec2 is None:
+                raise invalid("This region serves no volumes (volumeConfigurations)")
+            await self.store.put(f"{SERVICE_VOLUMES}{account}",
+                                 json.dumps({"ms": self.clock()}).encode())
+            extra = {"volumes": self._volumes_body(managed),
+                     "pool": await self._premake(account, cluster, managed, desired)}
+        try:
+            out = await self._cell(account, {"op": "service_create", "cluster": cluster,
+                                             "service": name, "taskDefinition": desc,
+                                             "desired": desired, "config": config,
+                                             "tags": tags, **extra,
+                                             **({"networkConfiguration": network}
+                                                if network else {})})
+        except BaseException:
+            await self._end_task_volumes(account, [x["taskId"] for x in extra.get("pool", [])])
+            raise
         assert out is not None
         return out
 
@@ -1131,13 +1229,60 @@ class Ecs:
         desc = None
         if doc.get("taskDefinition"):
             desc = await self._service_taskdef(account, doc["taskDefinition"])
-        out = await self._cell(account, {"op": "service_update", "cluster": cluster,
-                                         "service": name, "taskDefinition": desc,
-                                         "desired": desired, "config": config, "force": force,
-                                         **({"networkConfiguration": network}
-                                            if network else {})})
+        extra: dict[str, Any] = {}
+        if desc is not None or doc.get("volumeConfigurations") is not None \
+                or desired is not None:
+            extra = await self._update_volumes(account, cluster, name, desc, doc, desired,
+                                               force)
+        try:
+            out = await self._cell(account, {"op": "service_update", "cluster": cluster,
+                                             "service": name, "taskDefinition": desc,
+                                             "desired": desired, "config": config,
+                                             "force": force, **extra,
+                                             **({"networkConfiguration": network}
+                                                if network else {})})
+        except BaseException:
+            await self._end_task_volumes(account, [x["taskId"] for x in extra.get("pool", [])])
+            raise
         assert out is not None
         return out
+
+    async def _update_volumes(self, account: str, cluster: str, name: str,
+                              desc: dict[str, Any] | None, doc: dict[str, Any],
+                              desired: int | None, force: bool) -> dict[str, Any]:
+        """UpdateService's volume configurations against the task definition it deploys
+        (the given one, or the service's): the given ones, or (none given) the service's
+        kept; and the volumes of the tasks it will start, made ahead ({}: the service has
+        none, nothing changes)."""
+        seen = await self._cell(account, {"op": "service_describe", "cluster": cluster,
+                                          "services": [name], "tags": False})
+        assert seen is not None
+        if not seen["services"]:
+            raise ApiError("ServiceNotFoundException", "Service not found.")
+        svc = seen["services"][0]
+        primary = (svc["deployments"] or [{}])[0]
+        kept = primary.get("volumeConfigurations") or []
+        value = doc.get("volumeConfigurations")
+        if desc is None and value is None and not kept:
+            return {}  # (a desiredCount of a service without volumes)
+        new_def = desc is not None and desc["taskDefinitionArn"] != svc["taskDefinition"]
+        if desc is None:
+            desc = (await self._find(account, svc["taskDefinition"])).described()
+        if value is None:  # kept (those of the service's primary deployment), if still fit
+            value = kept if desc.get("volumes") else []
+        managed = self._service_volumes(account, desc, value, "UpdateService")
+        if not managed:
+            return {"volumes": {"configs": [], "wire": []}}
+        if self.ec2 is None:
+            raise invalid("This region serves no volumes (volumeConfigurations)")
+        await self.store.put(f"{SERVICE_VOLUMES}{account}",
+                             json.dumps({"ms": self.clock()}).encode())
+        count = int(svc["desiredCount"]) if desired is None else desired
+        same = [mv.service_wire() for mv in managed] == kept
+        if same and not new_def and not force:  # no new deployment: what its tasks lack
+            count -= int(primary.get("runningCount", 0)) + int(primary.get("pendingCount", 0))
+        return {"volumes": self._volumes_body(managed),
+                "pool": await self._premake(account, cluster, managed, count)}
 
     async def delete_service(self, account: str, doc: dict[str, Any]) -> dict[str, Any]:
         force = doc.get("force", False)

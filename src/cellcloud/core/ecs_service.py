@@ -201,6 +201,11 @@ class Service:
     def primary(self) -> Deployment | None:
         return self.deployments[0] if self.deployments else None
 
+    @property
+    def last_completed(self) -> Deployment | None:
+        """The last deployment that reached a steady state (a rollback goes back to it)."""
+        return self._last_completed
+
     def running_count(self) -> int:
         return sum(1 for t in self.tasks.values() if t.status == "RUNNING")
 

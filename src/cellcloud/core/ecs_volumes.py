@@ -66,6 +66,15 @@ class ManagedVolume:
     tags: tuple[tuple[str, str], ...]
     propagate_tags: str  # NONE (TASK_DEFINITION/SERVICE: refused)
 
+    def service_wire(self) -> dict[str, Any]:
+        """As DescribeServices shows it (``ServiceVolumeConfiguration``)."""
+        ebs: dict[str, Any] = {"sizeInGiB": self.size_gib, "volumeType": self.volume_type,
+                               "filesystemType": self.filesystem_type, "roleArn": self.role_arn}
+        if self.tags:
+            ebs["tagSpecifications"] = [{"resourceType": "volume", "propagateTags": "NONE",
+                                         "tags": [{"key": k, "value": v} for k, v in self.tags]}]
+        return {"name": self.name, "managedEBSVolume": ebs}
+
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "sizeInGiB": self.size_gib, "volumeType": self.volume_type,
                 "filesystemType": self.filesystem_type, "roleArn": self.role_arn,
@@ -150,9 +159,13 @@ def _bounded_int(v: Any, where: str) -> int:
 
 
 def volume_configurations(value: Any, volumes: tuple[str, ...], account: str,
-                          limits: Limits = DEFAULT_LIMITS) -> tuple[ManagedVolume, ...]:
+                          limits: Limits = DEFAULT_LIMITS, *, op: str = "RunTask"
+                          ) -> tuple[ManagedVolume, ...]:
     """RunTask's ``volumeConfigurations`` against the task definition's volumes: each
-    configured-at-launch volume needs exactly one, with a ``managedEBSVolume``."""
+    configured-at-launch volume needs exactly one, with a ``managedEBSVolume``. With
+    ``op`` CreateService/UpdateService, a service's (botocore's
+    ``ServiceManagedEBSVolumeConfiguration``: no ``terminationPolicy``; a service task's
+    volume is always deleted when the task ends)."""
     if value is None:
         value = []
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -170,11 +183,15 @@ def volume_configurations(value: Any, volumes: tuple[str, ...], account: str,
         ebs = v.get("managedEBSVolume")
         if not isinstance(ebs, dict):
             raise invalid(f"{where}.managedEBSVolume is required")
+        if op != "RunTask" and ebs.get("terminationPolicy") is not None:
+            raise invalid(f"{where}.managedEBSVolume.terminationPolicy is not a member of a "
+                          "service's volume configuration: a service task's volume is always "
+                          "deleted when the task ends")
         out.append(_managed(ebs, name, f"{where}.managedEBSVolume", account, limits))
     for name in volumes:
         if not any(o.name == name for o in out):
             raise invalid(f"The task definition's volume {name} is configured at launch; "
-                          "RunTask must give it in volumeConfigurations")
+                          f"{op} must give it in volumeConfigurations")
     return tuple(out)
 
 

@@ -353,6 +353,9 @@ class Limits:
     # volume made for a task its cell never knew is kept before it is ended
     ecs_task_volume_sweep_interval_ms: int = 2_000
     ecs_task_volume_orphan_ms: int = 300_000
+    # a service's managed volumes made ahead at once (CreateService/UpdateService, and each
+    # volume round per service): more are made by the next rounds
+    ecs_service_volumes_made_per_round_max: int = 10
     ecs_task_volume_attach_timeout_ms: int = 120_000  # the cell's wait, per volume, in task_create
 
 

@@ -16,6 +16,19 @@ controller's task ids to the tasks' ids) is kept in the cell's ``tasks.db`` (tab
 ``services``) and rewritten at each change, so a restarted frontend goes on driving its
 services and their tasks. A deleted service is DRAINING until its tasks stopped, then
 INACTIVE (still described for ``ecs_inactive_service_retention_ms``).
+
+Managed volumes (``volumeConfigurations``, docs/fargate.md#volumes): the control plane makes
+volumes (EC2's records are its own) and the cell never dials it, so each service with volumes
+keeps a **pool** of volumes the control plane made ahead, each already attached to a task id
+of its own (``rec["pool"]``: ``{key, taskId, volumes}``, ``key`` naming the configuration).
+A ``StartTask`` of a deployment with volumes takes one (the task gets that id and those
+volumes); none ready, the task waits PROVISIONING (``rec["waiting"]``, tried again at each
+tick) until the control plane's volume round hands one in.
+CreateService and UpdateService hand in the first ones; the control plane's volume round
+(``service_volumes``, every ``ecs_task_volume_sweep_interval_ms``) tops each pool up to what
+the primary deployment still has to start and takes back what no deployment will use
+(``service_volumes_add`` hands the new ones in). A task's volume ends with the task, as
+RunTask's do (control/ecs.py's sweep).
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +87,11 @@ def config_of(doc: dict[str, Any] | None, base: es.DeploymentConfig | None = Non
     return cfg
 
 
+def volumes_key(configs: list[dict[str, Any]]) -> str:
+    """Names one volume configuration (a pool's volumes fit the deployments that have it)."""
+    return hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def health_checked(desc: dict[str, Any]) -> bool:
     """Its essential containers have health checks: a task counts once HEALTHY."""
     return any(c.get("healthCheck") and c.get("essential", True)
@@ -113,7 +132,8 @@ class ServiceManager:
         self.counters = {"ticks": 0, "started": 0, "stopped": 0, "placement_failures": 0,
                          "http_requests": 0, "http_no_task": 0, "http_task_failed": 0,
                          "http_task_unreachable": 0,
-                         "autoscale_datapoints": 0, "autoscale_set": 0, "http_held": 0}
+                         "autoscale_datapoints": 0, "autoscale_set": 0, "http_held": 0,
+                         "volume_waits": 0, "volumes_pooled": 0}
         # Traffic (``http``): the next task per service (round robin), requests in flight per
         # task, and tasks the controller stopped that still answer requests (draining): task
         # id -> when the stop was asked.
@@ -178,7 +198,19 @@ class ServiceManager:
     def tick(self, svc: Svc) -> None:
         rec, core = svc.rec, svc.core
         account = rec["account"]
+        waiting = rec.get("waiting") or {}
+        for core_id in [i for i in waiting if i not in core.tasks]:
+            del waiting[core_id]  # (the controller no longer has it)
         for core_id, ts in list(core.tasks.items()):
+            if core_id in waiting:  # waits for its managed volume
+                if ts.stop_sent:  # (scaled in meanwhile): never started
+                    waiting.pop(core_id)
+                    self._feed(svc, es.TaskStopped(core_id, "ServiceSchedulerInitiated",
+                                                   "stopped before its volume was made"))
+                elif not self._start(svc, core_id, *waiting[core_id]):
+                    continue  # (nothing changed)
+                self._write(svc)
+                continue
             task_id = rec["ids"].get(core_id)
             task = self.tasks.record(account, task_id) if task_id else None
             stim: es.Stimulus | None = None
@@ -207,34 +239,22 @@ class ServiceManager:
             rec["status"], rec["deleted_ms"] = "INACTIVE", core.now_ms
         self._save(svc)
 
-    def _feed(self, svc: Svc, stimulus: es.Stimulus) -> None:
+    def _feed(self, svc: Svc, stimulus: es.Stimulus,
+              before: Callable[[], None] | None = None) -> None:
+        """``before``: run once the controller answered, before its instructions are (a new
+        deployment's volume configurations)."""
         now = max(self.tasks.now_ms(), svc.core.now_ms)
-        for ins in svc.core.handle(stimulus, now):
+        out = svc.core.handle(stimulus, now)
+        if before is not None:
+            before()
+        for ins in out:
             self._execute(svc, ins)
 
     def _execute(self, svc: Svc, ins: es.Instruction) -> None:
-        from .tasks import task_definition_of  # (tasks.py makes this manager)
         rec = svc.rec
         match ins:
             case es.StartTask(core_id, arn, deployment_id):
-                desc = rec["task_defs"][arn]
-                task_def, def_doc = task_definition_of(desc, [])
-                cap = self.limits.ecs_tasks_per_tenant_max
-                placed: dict[str, Any] | NoRoom
-                if self.tasks.store.active_count(rec["account"]) >= cap:
-                    placed = NoRoom(f"the account runs {cap} tasks already "
-                                    "(ecs_tasks_per_tenant_max)")
-                else:
-                    placed = self.tasks.launch(
-                        rec["account"], rec["cluster"], desc, def_doc, task_def, [],
-                        started_by=deployment_id[:128], group=f"service:{rec['name']}",
-                        tags=[], network=rec.get("network_configuration"))
-                if isinstance(placed, NoRoom):
-                    self.counters["placement_failures"] += 1
-                    self._feed(svc, es.PlacementFailed(core_id, placed.reason))
-                    return
-                rec["ids"][core_id] = placed["id"]
-                self.counters["started"] += 1
+                self._start(svc, core_id, arn, deployment_id)
             case es.StopTask(core_id, reason):
                 task_id = rec["ids"].get(core_id)
                 if task_id is None:
@@ -245,6 +265,138 @@ class ServiceManager:
                     self._drain_reasons[task_id] = reason
                 else:
                     self.tasks.stop_by_scheduler(task_id, reason)
+
+    def _start(self, svc: Svc, core_id: str, arn: str, deployment_id: str) -> bool:
+        """The controller's task placed and provisioning (or its ``PlacementFailed``); False:
+        it waits (PROVISIONING) for its managed volume, which the control plane's next volume
+        round makes (``rec["waiting"]``: tried again at each tick)."""
+        from .tasks import task_definition_of  # (tasks.py makes this manager)
+        rec = svc.rec
+        desc = rec["task_defs"][arn]
+        task_def, def_doc = task_definition_of(desc, [])
+        cap = self.limits.ecs_tasks_per_tenant_max
+        placed: dict[str, Any] | NoRoom
+        configs = self._deployment_volumes(svc, deployment_id)
+        entry = self._take_pooled(svc, configs) if configs else None
+        if configs and entry is None:
+            if core_id not in rec.setdefault("waiting", {}):
+                self.counters["volume_waits"] += 1
+            rec["waiting"][core_id] = [arn, deployment_id]
+            return False
+        (rec.get("waiting") or {}).pop(core_id, None)
+        if self.tasks.store.active_count(rec["account"]) >= cap:
+            placed = NoRoom(f"the account runs {cap} tasks already "
+                            "(ecs_tasks_per_tenant_max)")
+        else:
+            placed = self.tasks.launch(
+                rec["account"], rec["cluster"], desc, def_doc, task_def, [],
+                started_by=deployment_id[:128], group=f"service:{rec['name']}",
+                tags=[], network=rec.get("network_configuration"),
+                task_id=entry["taskId"] if entry else None,
+                volumes=list(entry["volumes"]) if entry else None)
+        if isinstance(placed, NoRoom):
+            if entry is not None:  # not used: back to the pool
+                rec.setdefault("pool", []).append(entry)
+            self.counters["placement_failures"] += 1
+            self._feed(svc, es.PlacementFailed(core_id, placed.reason))
+            return True
+        rec["ids"][core_id] = placed["id"]
+        self.counters["started"] += 1
+        return True
+
+    # -- managed volumes (docs/fargate.md#volumes) ---------------------------------------------
+    def _deployment_volumes(self, svc: Svc, deployment_id: str) -> list[dict[str, Any]]:
+        """The volume configurations of a deployment's tasks ([]: none). A deployment the
+        controller made itself (a circuit breaker's rollback) has those of the deployment it
+        rolls back to."""
+        dv = svc.rec.setdefault("deployment_volumes", {})
+        if deployment_id not in dv:
+            last = svc.core.last_completed
+            dv[deployment_id] = dv.get(last.id, {}) if last is not None else {}
+        return list(dv[deployment_id].get("configs") or [])
+
+    def _take_pooled(self, svc: Svc, configs: list[dict[str, Any]]) -> dict[str, Any] | None:
+        key = volumes_key(configs)
+        pool = svc.rec.setdefault("pool", [])
+        for i, entry in enumerate(pool):
+            if entry["key"] == key:
+                return dict(pool.pop(i))
+        return None
+
+    def _pool_add(self, svc: Svc, configs: list[dict[str, Any]],
+                  entries: list[dict[str, Any]]) -> None:
+        key = volumes_key(configs)
+        pool = svc.rec.setdefault("pool", [])
+        for e in entries:
+            pool.append({"key": key, "taskId": str(e["taskId"]), "volumes": list(e["volumes"])})
+        self.counters["volumes_pooled"] += len(entries)
+
+    def _set_volumes(self, svc: Svc, body: dict[str, Any]) -> None:
+        """The primary deployment's volume configurations (just deployed)."""
+        primary = svc.core.primary
+        if primary is not None:
+            svc.rec.setdefault("deployment_volumes", {})[primary.id] = body.get("volumes") or {}
+
+    def volumes_op(self, account: str, what: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The control plane's volume round: ``service_volumes`` answers what each of the
+        account's services still needs (``wants``: count and configurations for its primary
+        deployment), the pooled volumes nothing will use any more (``release``, taken out of
+        the pools: the control plane ends them) and those still pooled (``held``);
+        ``service_volumes_add`` hands new ones in (``refused``: those no longer wanted)."""
+        if what == "service_volumes_add":
+            svc = self.services.get((account, str(body["cluster"]), str(body["service"])))
+            entries = list(body.get("entries") or [])
+            configs = list(body.get("configs") or [])
+            if svc is None or svc.rec["status"] != "ACTIVE" or not configs \
+                    or not any(self._deployment_volumes(svc, d.id) == configs
+                               for d in svc.core.deployments):
+                return {"refused": [str(e["taskId"]) for e in entries]}
+            self._pool_add(svc, configs, entries)
+            self._write(svc)
+            try:  # the tasks waiting for these start now (else at the loop's next tick)
+                self.tick(svc)
+            except Exception:
+                log.exception("service %s/%s: tick failed", svc.rec["cluster"], svc.rec["name"])
+            return {"refused": []}
+        wants, release, held, services = [], [], [], 0
+        for (a, cluster, name), svc in sorted(self.services.items()):
+            pool = svc.rec.get("pool") or []
+            if a != account or (not pool and not svc.rec.get("deployment_volumes")):
+                continue
+            core, primary = svc.core, svc.core.primary
+            # what each configuration's tasks need: those waiting for one, and the primary's
+            # still to start
+            need: dict[str, tuple[list[dict[str, Any]], int]] = {}
+            for _, dep in (svc.rec.get("waiting") or {}).values():
+                configs = self._deployment_volumes(svc, dep)
+                if configs:
+                    k = volumes_key(configs)
+                    need[k] = (configs, need.get(k, (configs, 0))[1] + 1)
+            if svc.rec["status"] == "ACTIVE" and primary is not None \
+                    and primary.rollout != "FAILED":
+                configs = self._deployment_volumes(svc, primary.id)
+                live = sum(1 for t in core.tasks.values()
+                           if t.deployment_id == primary.id and not t.stop_sent)
+                if configs:
+                    services += 1
+                    k = volumes_key(configs)
+                    need[k] = (configs, need.get(k, (configs, 0))[1]
+                               + max(core.desired_count - live, 0))
+            keep: list[dict[str, Any]] = []
+            for k, (_, n) in need.items():
+                keep += [e for e in pool if e["key"] == k][:n]
+            gone = [e for e in pool if e not in keep]
+            if gone:
+                svc.rec["pool"] = keep
+                self._write(svc)
+                release += [e["taskId"] for e in gone]
+            held += [e["taskId"] for e in keep]
+            for k, (configs, n) in need.items():
+                have = sum(1 for e in keep if e["key"] == k)
+                if n > have:
+                    wants.append({"cluster": cluster, "service": name, "count": n - have,
+                                  "configs": configs})
+        return {"wants": wants, "release": release, "held": held, "services": services}
 
     # -- autoscaling (the application-autoscaling API: control/autoscaling.py) ----------------
     def scale(self, key: Key, svc: Svc, now: int) -> None:
@@ -446,6 +598,12 @@ class ServiceManager:
         if snap["_last_completed"] is not None:
             used.add(snap["_last_completed"]["task_def"])
         task_defs = {a: d for a, d in rec["task_defs"].items() if a in used}
+        ids = {d["id"] for d in snap["deployments"]}
+        if snap["_last_completed"] is not None:
+            ids.add(snap["_last_completed"]["id"])
+        if rec.get("deployment_volumes"):
+            rec["deployment_volumes"] = {i: v for i, v in rec["deployment_volumes"].items()
+                                         if i in ids}
         if snap == rec["core"] and task_defs == rec["task_defs"] \
                 and rec["status"] == rec.get("saved_status"):
             return
@@ -459,6 +617,8 @@ class ServiceManager:
         self.ensure_running()
         if what.startswith("service_scaling_"):
             return self.scaling_op(account, what, body)
+        if what in ("service_volumes", "service_volumes_add"):
+            return self.volumes_op(account, what, body)
         cluster = str(body["cluster"])
         if what == "service_create":
             return self.create(account, cluster, body)
@@ -515,7 +675,11 @@ class ServiceManager:
         if body.get("networkConfiguration"):
             rec["network_configuration"] = body["networkConfiguration"]
         svc = self.services[key] = Svc(rec, core)
-        self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)))
+        vols = body.get("volumes") or {}
+        if vols.get("configs") and body.get("pool"):
+            self._pool_add(svc, vols["configs"], body["pool"])
+        self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)),
+                   before=lambda: self._set_volumes(svc, body))
         self._save(svc)
         return {"service": self.view(svc, True)}
 
@@ -530,6 +694,16 @@ class ServiceManager:
     def update(self, account: str, cluster: str, body: dict[str, Any]) -> dict[str, Any]:
         svc = self._active(account, cluster, str(body["service"]))
         core = svc.core
+        vols = body.get("volumes")
+        old_vols = (svc.rec.get("deployment_volumes") or {}).get(core.primary.id, {}) \
+            if core.primary is not None else {}
+        from .tasks import check_runnable, task_definition_of
+        if body.get("taskDefinition") is not None:  # (refused before anything changes)
+            check_runnable(task_definition_of(body["taskDefinition"], [])[0])
+        if vols and vols.get("configs") and body.get("pool"):
+            # pooled before the tasks that take them are started (by configuration: an old
+            # deployment's tasks take none of a new configuration's)
+            self._pool_add(svc, vols["configs"], body["pool"])
         if body.get("config"):
             core.config = config_of(body["config"], core.config)
         if body.get("desired") is not None:
@@ -543,16 +717,24 @@ class ServiceManager:
             if desc is None and primary is not None:
                 desc = svc.rec["task_defs"].get(primary.task_def)
                 body = {**body, "force": True}
+        # volumeConfigurations: None keeps the deployment's; a change deploys anew (as ECS)
+        if vols is None:
+            vols = old_vols
+        elif (vols.get("configs") or []) != (old_vols.get("configs") or []):
+            if desc is None and primary is not None:
+                desc = svc.rec["task_defs"].get(primary.task_def)
+            body = {**body, "force": True}
         if desc is not None:
-            from .tasks import check_runnable, task_definition_of
-            check_runnable(task_definition_of(desc, [])[0])
             svc.rec["task_defs"][desc["taskDefinitionArn"]] = desc
+        set_vols = lambda: self._set_volumes(svc, {**body, "volumes": vols})  # noqa: E731
         if desc is not None and (primary is None
                                  or desc["taskDefinitionArn"] != primary.task_def
                                  or body.get("force")):
-            self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)))
+            self._feed(svc, es.Deploy(desc["taskDefinitionArn"], health_checked(desc)),
+                       before=set_vols)
         elif body.get("force") and primary is not None:
-            self._feed(svc, es.Deploy(primary.task_def, primary.health_checked))
+            self._feed(svc, es.Deploy(primary.task_def, primary.health_checked),
+                       before=set_vols)
         else:
             self._feed(svc, es.Tick())
         self._save(svc)
@@ -730,6 +912,9 @@ class ServiceManager:
                 "updatedAt": core.now_ms / 1000, "launchType": "FARGATE",
                 "platformVersion": "1.4.0", "platformFamily": "Linux",
                 "rolloutState": d.rollout, "rolloutStateReason": d.rollout_reason})
+            wire = ((rec.get("deployment_volumes") or {}).get(d.id) or {}).get("wire")
+            if wire:
+                deployments[-1]["volumeConfigurations"] = wire
         events = [{"id": _event_id(rec["name"], t, msg), "createdAt": t / 1000,
                    "message": msg} for t, msg in core.events]
         primary = core.primary
