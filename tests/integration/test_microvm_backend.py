@@ -7,6 +7,7 @@ environment."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -203,3 +204,38 @@ def test_up_backend_microvm_with_egress_gives_guests_the_regions_network(
             assert [a["backend"] for a in _agents(r)] == ["microvm"]
     finally:
         world.close()
+
+
+NODE_UNAME = ('const os = require("node:os");\n'
+              'const fs = require("node:fs");\n'
+              'exports.handler = async (event, context) => ({\n'
+              '  release: os.release(), sum: event.n * 2, node: process.versions.node,\n'
+              '  root: process.getuid() === 0, task: process.cwd(),\n'
+              '  remaining: context.getRemainingTimeInMillis() > 0,\n'
+              '  layer: fs.existsSync("/opt/data.txt") ? fs.readFileSync("/opt/data.txt", "utf8")\n'
+              '    : null});\n')
+
+
+@pytest.mark.slow  # a Node start under TCG: tens of seconds on a loaded machine
+def test_a_node_function_runs_inside_the_vm_with_its_runtime_process(
+        vm_region: Region) -> None:
+    from cellcloud.sandbox import runtimes
+
+    if 22 not in runtimes.find_node():
+        pytest.skip("no Node 22 (scripts/setup.sh)")
+    lam = lambda_client(vm_region)
+    name = new_name("vmnode")
+    lam.create_function(FunctionName=name, Runtime="nodejs22.x", Role=ROLE,
+                        Handler="index.handler", MemorySize=512,
+                        Code={"ZipFile": make_zip({"index.js": NODE_UNAME})})
+    r = lam.invoke(FunctionName=name, Payload=b'{"n": 21}', LogType="Tail")
+    err, out = r.get("FunctionError"), json.loads(r["Payload"].read())
+    assert err is None, (out, base64.b64decode(r.get("LogResult", "")).decode())
+    assert out == {"release": _guest_release(), "sum": 42, "node": out["node"], "root": False,
+                   "task": "/var/task", "remaining": True, "layer": None}
+    assert out["node"].startswith("22.")
+    envs = [e for a in _agents(vm_region) for e in a["envs"] if e["function"] == name]
+    assert len(envs) == 1
+    with open(f"/proc/{envs[0]['pid']}/cmdline", "rb") as f:
+        assert os.path.basename(f.read().split(b"\0")[0]) == b"qemu-system-x86_64"
+

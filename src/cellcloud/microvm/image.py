@@ -244,7 +244,7 @@ def runtime_files() -> dict[str, str]:
         for dirpath, dirnames, filenames in os.walk(pkg_dir):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
             for f in filenames:
-                if f.endswith((".py", ".so", ".js", ".json", ".typed")):
+                if f.endswith((".py", ".so", ".js", ".cjs", ".json", ".typed")):
                     p = os.path.join(dirpath, f)
                     files[os.path.join(core.GUEST_PYLIB, os.path.relpath(p, top))] = p
                     if f.endswith(".so"):
@@ -252,6 +252,11 @@ def runtime_files() -> dict[str, str]:
 
     add_package(os.path.dirname(os.path.realpath(cellcloud.__file__)))
     add_package(os.path.dirname(os.path.realpath(msgpack.__file__)))
+    # The libraries of the host's Node binaries (libstdc++, libgcc_s): each binary itself is
+    # on a tree disk of its own (``ensure_tree_disk``), loaded by this root's loader.
+    from ..sandbox import runtimes
+
+    elves += sorted(runtimes.find_node().values())
     for lib in _ldd(elves):
         files[lib] = os.path.realpath(lib)
     return files
@@ -287,7 +292,7 @@ def _stage_runtime(files: dict[str, str], stage: str) -> None:
     import sys
 
     for d in ("dev", "proc", "sys", "tmp", "var/task", "var/runtime", "opt", "etc",
-              "usr/local/bin"):
+              "usr/local/bin", core.RUNTIME_TREE_MOUNT.lstrip("/")):
         os.makedirs(os.path.join(stage, d), exist_ok=True)
     for guest, host in files.items():
         dst = os.path.join(stage, guest.lstrip("/"))
@@ -407,3 +412,63 @@ def _write_cpio(path: str, layout: list[core.Entry], files: dict[str, bytes]) ->
 
 def ensure_agent(state_dir: str, **kw: Any) -> AgentImage:
     return build_agent(state_dir, **kw)[0]
+
+
+# -- a runtime's tree disk: its executable, read-only at /rtx in the guest ------------------
+
+
+def trees_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "microvm", "trees")
+
+
+def ensure_tree_disk(state_dir: str, exe: str, *, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The tree disk of a runtime's executable (a Node binary: one self-contained ELF whose
+    libraries the runtime disk carries): an ext4 image labelled ``core.TREE_LABEL`` holding
+    ``bin/<name>``, content-addressed by the executable's SHA-256 and built once
+    (``<state>/microvm/trees/<hex>/tree.ext4``, complete once ``tree.json`` exists). Readable
+    by every uid: the environment's QEMU opens it as the environment's."""
+    import subprocess
+
+    real = os.path.realpath(exe)
+    st = os.stat(real)
+    if st.st_size > limits.microvm_runtime_disk_bytes_max:
+        raise ImageError(f"{real} passes microvm_runtime_disk_bytes_max "
+                         f"({limits.microvm_runtime_disk_bytes_max} bytes)")
+    with open(real, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    name = os.path.basename(real)
+    h = hashlib.sha256(f"{core.AGENT_FORMAT}\0tree\0{name}\0{sha}".encode()).hexdigest()
+    root = trees_dir(state_dir)
+    final = os.path.join(root, core.image_dir_name("sha256:" + h))
+    disk = os.path.join(final, "tree.ext4")
+    if os.path.exists(os.path.join(final, "tree.json")):
+        return disk
+    if shutil.which(MKFS) is None:
+        raise ImageError(f"no {MKFS} (apt-get install e2fsprogs)")
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".build-", dir=root)
+    try:
+        os.chmod(tmp, 0o755)
+        stage = os.path.join(tmp, "stage")
+        os.makedirs(os.path.join(stage, "bin"))
+        shutil.copy2(real, os.path.join(stage, "bin", name))
+        size_kib = st.st_size * 5 // 4 // 1024 + 16 * 1024
+        r = subprocess.run([MKFS, "-q", "-F", "-O", "^has_journal", "-L", core.TREE_LABEL,
+                            "-E", "root_owner=0:0", "-d", stage, os.path.join(tmp, "tree.ext4"),
+                            f"{size_kib}k"], capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise ImageError(f"{MKFS} failed: {r.stderr.strip()[-300:]}")
+        shutil.rmtree(stage)
+        os.chmod(os.path.join(tmp, "tree.ext4"), 0o444)
+        with open(os.path.join(tmp, "tree.json"), "w") as f:
+            json.dump({"exe": real, "sha256": sha}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return disk
