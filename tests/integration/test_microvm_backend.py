@@ -239,3 +239,26 @@ def test_a_node_function_runs_inside_the_vm_with_its_runtime_process(
     with open(f"/proc/{envs[0]['pid']}/cmdline", "rb") as f:
         assert os.path.basename(f.read().split(b"\0")[0]) == b"qemu-system-x86_64"
 
+
+@pytest.mark.slow  # one more TCG boot
+def test_layers_are_mounted_at_opt_inside_the_vm_the_later_one_on_top(
+        vm_region: Region) -> None:
+    lam = lambda_client(vm_region)
+    arns = []
+    for word in ("first", "second"):
+        zipped = make_zip({"python/greeting.py": f"WORD = {word!r}\n",
+                           f"{word}.txt": word})
+        arns.append(lam.publish_layer_version(LayerName=new_name("vmlayer"),
+                                              Content={"ZipFile": zipped})["LayerVersionArn"])
+    name = _create(lam, "import os, sys\n"
+                        "def handler(event, context):\n"
+                        "    sys.path.append('/opt/python')\n"
+                        "    import greeting\n"
+                        "    return {'word': greeting.WORD, 'opt': sorted(os.listdir('/opt')),\n"
+                        "            'release': os.uname().release}\n",
+                   MemorySize=512, Layers=arns)
+    err, out = _invoke(lam, name, {})
+    assert err is None, out
+    assert out == {"word": "second", "opt": ["first.txt", "python", "second.txt"],
+                   "release": _guest_release()}
+

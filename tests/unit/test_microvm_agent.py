@@ -375,3 +375,7 @@ def test_the_layers_disk_has_each_layer_over_the_ones_before_and_its_label(
 
     assert cat("/python/shared.py") == "second"  # the later layer wins, as on Lambda
     assert cat("/only1") == "1" and cat("/only2") == "2"
+    listing = subprocess.run(["debugfs", "-R", "ls -p /", disk], capture_output=True,
+                             text=True, check=True).stdout
+    names = {line.split("/")[5] for line in listing.splitlines() if line.count("/") >= 6}
+    assert names == {".", "..", "python", "only1", "only2"}  # no lost+found in /opt

@@ -156,6 +156,12 @@ def layers_disk(layer_dirs: list[str], path: str, stage: str) -> None:
                            stdin=subprocess.DEVNULL)
         if r.returncode != 0:
             raise RuntimeError(f"{image.MKFS} failed: {r.stderr.strip()[-300:]}")
+        # /opt as Lambda's: the layers' files only (mke2fs always makes lost+found).
+        r = subprocess.run(["debugfs", "-w", "-R", "rmdir /lost+found", path],
+                           capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise RuntimeError(f"debugfs failed: {r.stderr.strip()[-300:]}")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
