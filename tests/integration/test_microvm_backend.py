@@ -262,3 +262,32 @@ def test_layers_are_mounted_at_opt_inside_the_vm_the_later_one_on_top(
     assert out == {"word": "second", "opt": ["first.txt", "python", "second.txt"],
                    "release": _guest_release()}
 
+
+RT_LOOP = r'''import json, os, urllib.request
+api = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime"
+while True:
+    with urllib.request.urlopen(api + "/invocation/next") as r:
+        rid = r.headers["Lambda-Runtime-Aws-Request-Id"]
+        event = json.loads(r.read())
+    body = json.dumps({"echo": event, "handler": os.environ["_HANDLER"],
+                       "release": os.uname().release, "shell": os.environ["VIA"]}).encode()
+    urllib.request.urlopen(urllib.request.Request(
+        api + "/invocation/" + rid + "/response", data=body, method="POST")).read()
+'''
+BOOTSTRAP = '#!/bin/sh\nVIA="$0" exec /usr/bin/env python3 "$LAMBDA_TASK_ROOT/rt.py"\n'
+
+
+@pytest.mark.slow  # one more TCG boot
+def test_a_custom_runtimes_bootstrap_runs_inside_the_vm(vm_region: Region) -> None:
+    from tests.compat.test_runtimes import zip_with_modes
+
+    lam = lambda_client(vm_region)
+    name = new_name("vmprov")
+    lam.create_function(FunctionName=name, Runtime="provided.al2023", Role=ROLE,
+                        Handler="function.handler", MemorySize=512,
+                        Code={"ZipFile": zip_with_modes({"bootstrap": (BOOTSTRAP, 0o755),
+                                                         "rt.py": (RT_LOOP, 0o644)})})
+    err, out = _invoke(lam, name, {"x": 1})
+    assert err is None, out
+    assert out == {"echo": {"x": 1}, "handler": "function.handler",
+                   "release": _guest_release(), "shell": "/var/task/bootstrap"}

@@ -164,6 +164,7 @@ def list_images(state_dir: str) -> list[Image]:
 # -- the agent image: initramfs with modules + the runtime disk (docs/microvm.md) ----------
 
 MODULES_DIR = "/lib/modules"
+GUEST_BUSYBOX = "/bin/busybox"  # on the runtime disk: /bin/sh and /usr/bin/env link to it
 MKFS = "mkfs.ext4"
 # Parts of the standard library no guest agent or handler of this slice needs.
 _STDLIB_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip",
@@ -257,6 +258,9 @@ def runtime_files() -> dict[str, str]:
     from ..sandbox import runtimes
 
     elves += sorted(runtimes.find_node().values())
+    # A shell for custom runtimes (a ``bootstrap`` script's ``#!/bin/sh``, ``/usr/bin/env``):
+    # the base image's static busybox; ``_stage_runtime`` links sh and env to it.
+    files[GUEST_BUSYBOX] = find_inputs()[1]
     for lib in _ldd(elves):
         files[lib] = os.path.realpath(lib)
     return files
@@ -301,6 +305,9 @@ def _stage_runtime(files: dict[str, str], stage: str) -> None:
     for rel, text in _GUEST_ETC.items():
         with open(os.path.join(stage, rel), "w") as f:
             f.write(text)
+    for link in ("bin/sh", "usr/bin/env"):
+        os.makedirs(os.path.dirname(os.path.join(stage, link)), exist_ok=True)
+        os.symlink(GUEST_BUSYBOX, os.path.join(stage, link))
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
     os.symlink(os.path.join(os.path.realpath(sys.base_prefix), "bin", version),
                os.path.join(stage, "usr/local/bin/python3"))
