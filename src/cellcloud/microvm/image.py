@@ -44,6 +44,19 @@ class Image:
         return os.path.join(self.path, "initramfs.cpio")
 
 
+def publish(tmp: str, final: str, name: str, doc: dict[str, Any]) -> None:
+    """A folder built in ``tmp`` made ``final``: its record ``name`` (``doc`` as JSON, synced:
+    the folder counts only once it exists) written last, an incomplete ``final`` (a crash's, a
+    snapshot refused or forced again) removed, and ``tmp`` renamed into place."""
+    with open(os.path.join(tmp, name), "w") as f:
+        json.dump(doc, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
 def images_dir(state_dir: str) -> str:
     return os.path.join(state_dir, "microvm", "images")
 
@@ -124,13 +137,7 @@ def build(state_dir: str, *, boot_dir: str = BOOT_DIR,
                 "inputs": {"kernel": kernel_path, "kernel_sha256": inputs.kernel_sha256,
                            "busybox": busybox_path, "busybox_sha256": inputs.busybox_sha256,
                            "init_sha256": inputs.init_sha256, "format": inputs.format}}
-        with open(os.path.join(tmp, "image.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):  # an incomplete folder (no image.json) from a crash
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish(tmp, final, "image.json", meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -371,13 +378,7 @@ def build_agent(state_dir: str, *, limits: Limits = DEFAULT_LIMITS) -> tuple[Age
         shutil.rmtree(stage)
         meta = {"digest": digest, "base": base.digest, "modules": order,
                 "runtime_files": len(files), "runtime_bytes": runtime_bytes}
-        with open(os.path.join(tmp, "agent.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish(tmp, final, "agent.json", meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -468,13 +469,7 @@ def ensure_tree_disk(state_dir: str, exe: str, *, limits: Limits = DEFAULT_LIMIT
             raise ImageError(f"{MKFS} failed: {r.stderr.strip()[-300:]}")
         shutil.rmtree(stage)
         os.chmod(os.path.join(tmp, "tree.ext4"), 0o444)
-        with open(os.path.join(tmp, "tree.json"), "w") as f:
-            json.dump({"exe": real, "sha256": sha}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish(tmp, final, "tree.json", {"exe": real, "sha256": sha})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -269,39 +269,30 @@ def _snapshot_state(doc: dict[str, Any], spec: EnvSpec) -> int | None:
             > DEFAULT_LIMITS.microvm_bundle_disk_mib << 20):
         last_start = "booted: the bundle is over microvm_bundle_disk_mib"
         return None
-    path = str(snap["path"])
-    try:
-        fd = os.open(os.path.join(path, "state.bin"), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        last_start = "booted: the state file is missing"
-        return None
-    verdict = agentsnap.verify_state(path, agentsnap.key_from_json(snap["key"]),
-                                     kernel=str(doc["kernel"]), initrd=str(doc["initrd"]),
-                                     state_fd=fd)
-    if not verdict.ok:
-        os.close(fd)
-        last_start = f"booted: {verdict.reason}"
-        return None
-    os.set_inheritable(fd, True)
-    last_start = "restored"
-    return fd
+    return _open_verified(doc, snap, agentsnap.verify_state, "the state file is missing")
 
 
 def _version_state(doc: dict[str, Any]) -> int | None:
     """A function version's snapshot (SnapStart): its state file, open and verified with its
     bundle disk (``agentsnap.verify_version``); None (and ``last_start`` says why) when
     refused: the environment boots cold and runs its init."""
+    return _open_verified(doc, doc["version_snapshot"], agentsnap.verify_version,
+                          "the version snapshot's state file is missing")
+
+
+def _open_verified(doc: dict[str, Any], snap: dict[str, Any], verify: Any,
+                   missing: str) -> int | None:
+    """A snapshot's state file, open (inheritable) once ``verify`` accepts it; None, and
+    ``last_start`` says why, when it is missing or refused."""
     global last_start
-    snap = doc["version_snapshot"]
     path = str(snap["path"])
     try:
         fd = os.open(os.path.join(path, "state.bin"), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        last_start = "booted: the version snapshot's state file is missing"
+        last_start = f"booted: {missing}"
         return None
-    verdict = agentsnap.verify_version(path, agentsnap.key_from_json(snap["key"]),
-                                       kernel=str(doc["kernel"]), initrd=str(doc["initrd"]),
-                                       state_fd=fd)
+    verdict = verify(path, agentsnap.key_from_json(snap["key"]), kernel=str(doc["kernel"]),
+                     initrd=str(doc["initrd"]), state_fd=fd)
     if not verdict.ok:
         os.close(fd)
         last_start = f"booted: {verdict.reason}"
