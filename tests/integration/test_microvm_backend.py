@@ -3,7 +3,8 @@ function created and invoked through boto3, its handler running inside a QEMU gu
 here) with the guest's own Debian cloud kernel; the same function, unchanged, on the jail
 backend sees the host's kernel. Bad input (slow): a guest that never answers is killed at the
 invoke's timeout, and a QEMU killed mid-invoke gives a Lambda-shaped error and a fresh
-environment."""
+environment. Also slow: a nodejs22.x function (its node from a tree disk), two layers at /opt
+and a provided.al2023 shell bootstrap, each answering from inside the guest."""
 
 from __future__ import annotations
 
