@@ -6,7 +6,7 @@ without the region). Under the acceleration the probe chose (TCG on the developm
 Run from the repository root, as root::
 
     python -m bench.microvm_coldstart [--boots 3] [--machine microvm|pc] [--state-dir DIR]
-                                      [--no-snapshot] [--snapstart]
+                                      [--no-snapshot] [--snapstart] [--node]
 
 Two series in the same run: cold boots, then environments restored from the agent guest's
 snapshot (``MicrovmBackend(snapshots=True)``, ``agentsnap.py``; made at the backend's start).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -46,6 +47,8 @@ INIT_HANDLER = ("import decimal, email.parser, http.client, json, sqlite3, xml.d
                 "TABLE = {i: decimal.Decimal(i).sqrt() for i in range(20000)}\n"
                 "def handler(event, context):\n"
                 "    return {'release': os.uname().release, 'n': len(TABLE)}\n")
+NODE_HANDLER = ("const os = require('node:os');\n"
+                "exports.handler = async () => ({release: os.release()});\n")
 SNAPSTART_ID = "arn:aws:lambda:cc-local-1:000000000000:function:bench:1 bench"
 
 
@@ -56,13 +59,16 @@ def _destroy(cg: cgroups.Cgroup) -> None:
 
 
 async def one(backend: MicrovmBackend, bundle: str, n: int,
-              snapstart: str = "") -> tuple[float, float, float, str]:
+              snapstart: str = "", node: list[str] | None = None) -> tuple[float, float, float, str]:
     spec = EnvSpec(env_id=f"bench-{os.getpid()}-{n}", function_name="bench",
                    function_version="1" if snapstart else "$LATEST", snapstart=snapstart,
                    function_arn="arn:aws:lambda:cc-local-1:000000000000:function:bench",
                    handler="app.handler", runtime="python3.11", memory_mb=MEMORY_MB, timeout_s=30,
                    bundle_dir=bundle, uid=1000, gid=1000, cgroup_group="bench-microvm",
                    allow_unlimited=True)
+    if node:  # a Node function: its runtime process, as the agent would start it
+        spec = dataclasses.replace(spec, runtime="nodejs22.x", handler="index.handler",
+                                   runtime_argv=[*node, "index.handler"])
     t0 = time.monotonic()
     spawned = await backend.spawn(spec)
     t_spawn = time.monotonic()
@@ -123,8 +129,52 @@ async def series(sd: str, a: argparse.Namespace, bundle: str, *,
     return rows
 
 
+async def node_vs_python(sd: str, a: argparse.Namespace) -> None:
+    """``--node``: cold boots of a python3.11 and a nodejs22.x function, alternated in one
+    backend (the same load for both), to the ``ready`` frame and the first invoke's result."""
+    from cellcloud.microvm import image
+    from cellcloud.sandbox import runtimes
+
+    node = runtimes.find().get("nodejs22.x")
+    assert node is not None, "no Node 22 (scripts/setup.sh)"
+    image.ensure_tree_disk(sd, node.argv_prefix[0])  # built once, not timed
+    py_bundle = tempfile.mkdtemp(prefix="cellcloud-bench-bundle-")
+    with open(os.path.join(py_bundle, "app.py"), "w") as f:
+        f.write(HANDLER)
+    node_bundle = tempfile.mkdtemp(prefix="cellcloud-bench-bundle-")
+    with open(os.path.join(node_bundle, "index.js"), "w") as f:
+        f.write(NODE_HANDLER)
+    backend = MicrovmBackend(sd, machine=a.machine)
+    backend.start()
+    load0 = os.getloadavg()
+    rows: dict[str, list[tuple[float, float, float, str]]] = {"python3.11": [], "nodejs22.x": []}
+    try:
+        for n in range(a.boots):
+            rows["python3.11"].append(await one(backend, py_bundle, 2 * n))
+            rows["nodejs22.x"].append(await one(backend, node_bundle, 2 * n + 1,
+                                                node=list(node.argv_prefix)))
+    finally:
+        backend.close()
+    load1 = os.getloadavg()
+    print(f"cold, machine {a.machine}, accel {backend.accel}, load {load0[0]:.2f} -> "
+          f"{load1[0]:.2f}")
+    med = {}
+    for name, rs in rows.items():
+        ready = [r[1] for r in rs]
+        first = [r[1] + r[2] for r in rs]
+        med[name] = statistics.median(first)
+        print(f"  {name:11} to ready median {statistics.median(ready):7.0f} ms "
+              f"({min(ready):.0f}-{max(ready):.0f}); to the first result median "
+              f"{med[name]:7.0f} ms ({min(first):.0f}-{max(first):.0f})")
+    print(f"nodejs22.x / python3.11 to the first result: "
+          f"{med['nodejs22.x'] / med['python3.11']:.2f}x")
+
+
 async def run(a: argparse.Namespace) -> None:
     sd = a.state_dir or tempfile.mkdtemp(prefix="cellcloud-microvm-bench-")
+    if a.node:
+        await node_vs_python(sd, a)
+        return
     bundle = tempfile.mkdtemp(prefix="cellcloud-bench-bundle-")
     with open(os.path.join(bundle, "app.py"), "w") as f:
         f.write(INIT_HANDLER if a.snapstart else HANDLER)
@@ -149,6 +199,8 @@ def main() -> None:
     ap.add_argument("--state-dir", default="")
     ap.add_argument("--no-snapshot", action="store_true",
                     help="only cold boots (no series restored from the agent's snapshot)")
+    ap.add_argument("--node", action="store_true",
+                    help="cold boots of a nodejs22.x and a python3.11 function, alternated")
     ap.add_argument("--snapstart", action="store_true",
                     help="a handler with a heavier init; the second series restores a "
                          "function version's snapshot taken after its init (SnapStart)")

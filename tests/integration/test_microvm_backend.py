@@ -3,10 +3,12 @@ function created and invoked through boto3, its handler running inside a QEMU gu
 here) with the guest's own Debian cloud kernel; the same function, unchanged, on the jail
 backend sees the host's kernel. Bad input (slow): a guest that never answers is killed at the
 invoke's timeout, and a QEMU killed mid-invoke gives a Lambda-shaped error and a fresh
-environment."""
+environment. Also slow: a nodejs22.x function (its node from a tree disk), two layers at /opt
+and a provided.al2023 shell bootstrap, each answering from inside the guest."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -203,3 +205,90 @@ def test_up_backend_microvm_with_egress_gives_guests_the_regions_network(
             assert [a["backend"] for a in _agents(r)] == ["microvm"]
     finally:
         world.close()
+
+
+NODE_UNAME = ('const os = require("node:os");\n'
+              'const fs = require("node:fs");\n'
+              'exports.handler = async (event, context) => ({\n'
+              '  release: os.release(), sum: event.n * 2, node: process.versions.node,\n'
+              '  root: process.getuid() === 0, task: process.cwd(),\n'
+              '  remaining: context.getRemainingTimeInMillis() > 0,\n'
+              '  layer: fs.existsSync("/opt/data.txt") ? fs.readFileSync("/opt/data.txt", "utf8")\n'
+              '    : null});\n')
+
+
+@pytest.mark.slow  # a Node start under TCG: tens of seconds on a loaded machine
+def test_a_node_function_runs_inside_the_vm_with_its_runtime_process(
+        vm_region: Region) -> None:
+    from cellcloud.sandbox import runtimes
+
+    if 22 not in runtimes.find_node():
+        pytest.skip("no Node 22 (scripts/setup.sh)")
+    lam = lambda_client(vm_region)
+    name = new_name("vmnode")
+    lam.create_function(FunctionName=name, Runtime="nodejs22.x", Role=ROLE,
+                        Handler="index.handler", MemorySize=512,
+                        Code={"ZipFile": make_zip({"index.js": NODE_UNAME})})
+    r = lam.invoke(FunctionName=name, Payload=b'{"n": 21}', LogType="Tail")
+    err, out = r.get("FunctionError"), json.loads(r["Payload"].read())
+    assert err is None, (out, base64.b64decode(r.get("LogResult", "")).decode())
+    assert out == {"release": _guest_release(), "sum": 42, "node": out["node"], "root": False,
+                   "task": "/var/task", "remaining": True, "layer": None}
+    assert out["node"].startswith("22.")
+    envs = [e for a in _agents(vm_region) for e in a["envs"] if e["function"] == name]
+    assert len(envs) == 1
+    with open(f"/proc/{envs[0]['pid']}/cmdline", "rb") as f:
+        assert os.path.basename(f.read().split(b"\0")[0]) == b"qemu-system-x86_64"
+
+
+@pytest.mark.slow  # one more TCG boot
+def test_layers_are_mounted_at_opt_inside_the_vm_the_later_one_on_top(
+        vm_region: Region) -> None:
+    lam = lambda_client(vm_region)
+    arns = []
+    for word in ("first", "second"):
+        zipped = make_zip({"python/greeting.py": f"WORD = {word!r}\n",
+                           f"{word}.txt": word})
+        arns.append(lam.publish_layer_version(LayerName=new_name("vmlayer"),
+                                              Content={"ZipFile": zipped})["LayerVersionArn"])
+    name = _create(lam, "import os, sys\n"
+                        "def handler(event, context):\n"
+                        "    sys.path.append('/opt/python')\n"
+                        "    import greeting\n"
+                        "    return {'word': greeting.WORD, 'opt': sorted(os.listdir('/opt')),\n"
+                        "            'release': os.uname().release}\n",
+                   MemorySize=512, Layers=arns)
+    err, out = _invoke(lam, name, {})
+    assert err is None, out
+    assert out == {"word": "second", "opt": ["first.txt", "python", "second.txt"],
+                   "release": _guest_release()}
+
+
+RT_LOOP = r'''import json, os, urllib.request
+api = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime"
+while True:
+    with urllib.request.urlopen(api + "/invocation/next") as r:
+        rid = r.headers["Lambda-Runtime-Aws-Request-Id"]
+        event = json.loads(r.read())
+    body = json.dumps({"echo": event, "handler": os.environ["_HANDLER"],
+                       "release": os.uname().release, "shell": os.environ["VIA"]}).encode()
+    urllib.request.urlopen(urllib.request.Request(
+        api + "/invocation/" + rid + "/response", data=body, method="POST")).read()
+'''
+BOOTSTRAP = '#!/bin/sh\nVIA="$0" exec /usr/bin/env python3 "$LAMBDA_TASK_ROOT/rt.py"\n'
+
+
+@pytest.mark.slow  # one more TCG boot
+def test_a_custom_runtimes_bootstrap_runs_inside_the_vm(vm_region: Region) -> None:
+    from tests.compat.test_runtimes import zip_with_modes
+
+    lam = lambda_client(vm_region)
+    name = new_name("vmprov")
+    lam.create_function(FunctionName=name, Runtime="provided.al2023", Role=ROLE,
+                        Handler="function.handler", MemorySize=512,
+                        Code={"ZipFile": zip_with_modes({"bootstrap": (BOOTSTRAP, 0o755),
+                                                         "rt.py": (RT_LOOP, 0o644)})})
+    err, out = _invoke(lam, name, {"x": 1})
+    assert err is None, out
+    assert out == {"echo": {"x": 1}, "handler": "function.handler",
+                   "release": _guest_release(), "shell": "/var/task/bootstrap"}

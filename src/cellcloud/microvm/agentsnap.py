@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import shutil
 import socket
@@ -189,18 +188,7 @@ async def create(state_dir: str, img: image.AgentImage, vm: core.VmSpec, *,
             await g.wait_event("VSERPORT_CHANGE",
                                lambda d: d.get("id") == PORT_ID and d.get("open") is True,
                                limits.microvm_boot_timeout_ms)
-            t0 = time.monotonic()
-            # Saved running (QEMU pauses it at the end): the stream's run state is "running",
-            # so a QEMU started with ``-incoming`` runs the guest once it is loaded, with no
-            # monitor to ``cont`` it (the jailed one has none). Idle, it converges at once.
-            fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                await g.pass_fd("state", fd)
-            finally:
-                os.close(fd)
-            await g.qmp("migrate", uri="fd:state")
-            await snapshot.wait_migration(g, limits.microvm_snapshot_save_timeout_ms)
-            save_ms = int((time.monotonic() - t0) * 1000)
+            save_ms = await _save_state(g, state_path, limits)
         finally:
             await g.close()
         os.unlink(disk)
@@ -213,13 +201,7 @@ async def create(state_dir: str, img: image.AgentImage, vm: core.VmSpec, *,
             k, state=state, kernel=snapshot.must_digest(img.kernel, limits),
             initrd=snapshot.must_digest(img.initrd, limits), created_at_s=int(time.time()),
             save_ms=save_ms)
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(doc, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        image.publish(tmp, final, "manifest.json", doc)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -227,6 +209,23 @@ async def create(state_dir: str, img: image.AgentImage, vm: core.VmSpec, *,
         ours.close()
         theirs.close()
     return AgentSnapshot(final, k, state.size_bytes, save_ms, True)
+
+
+async def _save_state(g: snapshot.Guest, state_path: str, limits: Limits) -> int:
+    """Save the running guest into a new ``state_path`` (QEMU's migration to the file's
+    descriptor, passed over QMP); returns how long the save took, in ms. Saved running (QEMU
+    pauses it at the end): the stream's run state is "running", so a QEMU started with
+    ``-incoming`` runs the guest once it is loaded, with no monitor to ``cont`` it (the jailed
+    one has none). Idle, it converges at once."""
+    t0 = time.monotonic()
+    fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        await g.pass_fd("state", fd)
+    finally:
+        os.close(fd)
+    await g.qmp("migrate", uri="fd:state")
+    await snapshot.wait_migration(g, limits.microvm_snapshot_save_timeout_ms)
+    return int((time.monotonic() - t0) * 1000)
 
 
 @dataclass
@@ -403,15 +402,7 @@ async def create_version(state_dir: str, img: image.AgentImage, vm: core.VmSpec,
                 raise snapshot.SnapshotError(f"the version's guest answered {ready!r}")
             if ready.get("init_error"):
                 raise snapshot.SnapshotError(f"the version's init failed: {ready['init_error']}")
-            t0 = time.monotonic()
-            fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                await g.pass_fd("state", fd)
-            finally:
-                os.close(fd)
-            await g.qmp("migrate", uri="fd:state")
-            await snapshot.wait_migration(g, limits.microvm_snapshot_save_timeout_ms)
-            save_ms = int((time.monotonic() - t0) * 1000)
+            save_ms = await _save_state(g, state_path, limits)
         finally:
             await g.close()
         state = snapshot.file_digest(state_path, bytes_max=limits.microvm_snapshot_bytes_max)
@@ -427,13 +418,7 @@ async def create_version(state_dir: str, img: image.AgentImage, vm: core.VmSpec,
         doc["bundle"] = snapshot.must_digest(disk, limits).to_json()
         doc["init_ms"] = float(ready.get("init_ms") or 0.0)
         doc["version_id"] = version_id
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(doc, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        image.publish(tmp, final, "manifest.json", doc)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

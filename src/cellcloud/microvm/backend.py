@@ -7,8 +7,10 @@ acceleration probe (cached; KVM only when a probe VM boots) and starts the VMM l
 the launcher starts QEMU with that end as the channel's virtserialport. The agent's end speaks
 first: the spec (``guest_vm.py``); from then on it is the jail's protocol, unchanged.
 
-This slice's limits (refused at spawn, never ignored): only the built-in Python runtime (no
-runtime process, layers or container images). An environment with egress gets a network
+Runtimes: the built-in Python, Node.js (its ``node`` on a tree disk of its own, mounted at
+/rtx in the guest) and custom runtimes (``bootstrap``); layers are one more disk, mounted at
+/opt. Refused at spawn, never ignored: other runtime processes (another Python version) and
+container images. An environment with egress gets a network
 device: its namespace from the network helper holds a tap (``network/helper.py``), the
 launcher opens it there and QEMU gets it as a descriptor; such an environment always boots
 fresh (a snapshot's guest had no network device). Without egress the guest has no NIC.
@@ -45,19 +47,28 @@ class MicrovmUnsupported(Unsupported):
 
 def unsupported(spec: EnvSpec, netns_fd: int | None) -> str | None:
     """Why this backend cannot run ``spec`` yet; None when it can."""
-    if spec.runtime_argv:
-        return (f"runtime {spec.runtime} needs a runtime process; the microvm backend runs "
-                "only the built-in Python runtime so far")
-    if spec.layer_dirs:
-        return "layers are not supported on the microvm backend yet"
     if spec.image_layers:
         return "container images are not supported on the microvm backend yet"
+    why = core.runtime_unsupported(spec.runtime, spec.runtime_argv)
+    if why is not None:
+        return why
     if bool(spec.network) != (netns_fd is not None):
         return "a microvm environment's network needs both its namespace and its interface"
     if spec.network and not spec.network.get("device"):
         return ("the network helper gave this microvm environment no tap (the agent asks for "
                 "one on this backend)")
     return None
+
+
+def guest_spec(spec: EnvSpec) -> tuple[EnvSpec, str]:
+    """The spec as the guest runs it (the runtime process's argv with the guest's paths:
+    ``core.guest_runtime_argv``) and the host executable whose tree disk it needs ("")."""
+    import cellcloud
+
+    argv, exe = core.guest_runtime_argv(
+        list(spec.runtime_argv),
+        host_package_dir=os.path.dirname(os.path.realpath(cellcloud.__file__)))
+    return dataclasses.replace(spec, runtime_argv=argv), exe
 
 
 def spec_frame(spec: EnvSpec) -> bytes:
@@ -180,17 +191,22 @@ class MicrovmBackend:
             raise MicrovmUnsupported(why)
         assert self.image is not None, "start() first"
         vm = self.vm_spec(spec)
+        spec, tree_exe = guest_spec(spec)
         request: dict[str, object] = {
             "spec": spec.to_wire(), "qemu": self.qemu, "kernel": self.image.kernel,
             "initrd": self.image.initrd, "runtime_disk": self.image.runtime_disk,
             "console": self.console,
             "vm": {"accel": vm.accel, "machine": vm.machine, "memory_mib": vm.memory_mib,
                    "vcpus": vm.vcpus}}
+        if tree_exe:
+            request["tree_exe"] = tree_exe
         # this size's snapshot (``snapshot``, the smallest size's, may be set on its own)
         snap = self.snapshots_by_mib.get(vm.memory_mib) or self.snapshot
-        if spec.network or netns_fd is not None:
-            # A guest with a network device cannot load a state saved without one: snapshots
-            # are not keyed by the device set yet, so such an environment boots cold.
+        if (spec.network or netns_fd is not None
+                or core.guest_disks(spec.runtime_argv, len(spec.layer_dirs))):
+            # A guest with a network device (or a runtime tree's or the layers' disk) cannot
+            # load a state saved without one: snapshots are not keyed by the device set yet,
+            # so such an environment boots cold.
             pass
         elif spec.snapstart:
             # SnapStart: the version's own snapshot, after its init (made on its first

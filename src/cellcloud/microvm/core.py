@@ -264,7 +264,7 @@ def host_key(*, nodename: str, host_release: str, qemu_version: str, kvm_device:
 # -- the agent image: the guest agent over virtio-serial (docs/microvm.md) ------------------
 
 # Bump when the agent initramfs's layout, its /init or the runtime disk's layout changes.
-AGENT_FORMAT = "cellcloud-microvm-agent/2"  # 2: virtio_net, /etc/resolv.conf
+AGENT_FORMAT = "cellcloud-microvm-agent/3"  # 2: virtio_net, /etc/resolv.conf; 3: /rtx
 
 # The virtserialport the host agent's channel is plugged into (/sys/class/virtio-ports/*/name).
 AGENT_PORT_NAME = "cellcloud.agent"
@@ -389,7 +389,8 @@ def agent_kernel_cmdline(spec: VmSpec, *, console: bool) -> str:
 def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtime_disk: str,
                     bundle_disk: str, chan_fd: int, console: str = "",
                     tcg_cache_mib: int = DEFAULT_LIMITS.microvm_tcg_cache_mib,
-                    tap_fd: int | None = None, mac: str = "") -> list[str]:
+                    tap_fd: int | None = None, mac: str = "",
+                    extra_disks: tuple[str, ...] = ()) -> list[str]:
     """QEMU for one environment: no default devices, no network, no display or monitor; the
     runtime disk and the bundle as read-only virtio block devices, the channel as a
     virtserialport whose host end is ``chan_fd`` (a connected socket the host created: QEMU
@@ -397,7 +398,9 @@ def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtim
     stdout, as in the VMM jailer, which has no writable path) or nowhere. ``tap_fd``: an
     environment with egress: a virtio-net device (``mac``) on that open tap (the network
     helper made the tap in the environment's namespace; QEMU gets it as a descriptor and needs
-    no privilege); without it the guest has no network device at all."""
+    no privilege); without it the guest has no network device at all. ``extra_disks``: more
+    read-only block devices after the bundle (a runtime tree, the layers: ``guest_disks``),
+    found in the guest by their ext4 labels."""
     mmio = spec.machine == "microvm"
     blk = "virtio-blk-device" if mmio else "virtio-blk-pci"
     serial = "virtio-serial-device" if mmio else "virtio-serial-pci"
@@ -422,6 +425,9 @@ def agent_qemu_argv(qemu: str, kernel: str, initrd: str, spec: VmSpec, *, runtim
         "-device", f"{blk},drive=rt",
         "-drive", f"file={bundle_disk},if=none,id=task,format=raw,readonly=on",
         "-device", f"{blk},drive=task",
+        *[a for i, d in enumerate(extra_disks)
+          for a in ("-drive", f"file={d},if=none,id=x{i},format=raw,readonly=on",
+                    "-device", f"{blk},drive=x{i}")],
         "-chardev", f"socket,id=agent,fd={chan_fd}",
         "-device", serial,
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
@@ -441,3 +447,55 @@ def net_argv(spec: VmSpec, tap_fd: int, mac: str) -> list[str]:
 
 
 _MAC = re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}")
+
+
+# -- runtimes with a process and layers (docs/microvm.md) ----------------------------------
+
+# Where the guest mounts a runtime's tree disk (an empty folder on the runtime disk), and the
+# ext4 labels by which the guest finds the extra disks (``guest_disks``).
+RUNTIME_TREE_MOUNT = "/rtx"
+TREE_LABEL = "cc-tree"
+LAYERS_LABEL = "cc-layers"
+# Runtimes with a runtime process that this backend runs: Node.js (the node binary on its own
+# disk; ``noderuntime/runtime.cjs`` is cellcloud's, on the runtime disk) and custom runtimes
+# (the bundle's or a layer's ``bootstrap``: no tree of their own).
+NODE_RUNTIMES = ("nodejs20.x", "nodejs22.x", "nodejs24.x")
+PROVIDED_RUNTIMES = ("provided.al2023",)
+
+
+def runtime_unsupported(runtime: str, argv: list[str]) -> str | None:
+    """Why the microvm backend cannot run this runtime process; None when it can."""
+    if not argv or runtime in PROVIDED_RUNTIMES:
+        return None
+    if runtime in NODE_RUNTIMES:
+        return None
+    return (f"runtime {runtime} needs a runtime tree the microvm guest does not carry (it "
+            f"runs the built-in Python, {', '.join(NODE_RUNTIMES)} and "
+            f"{', '.join(PROVIDED_RUNTIMES)})")
+
+
+def guest_runtime_argv(argv: list[str], *, host_package_dir: str) -> tuple[list[str], str]:
+    """The runtime process's argv as the guest sees it, and the host executable whose tree
+    disk the guest needs ("" for none): a Node runtime's ``node`` is ``/rtx/bin/node`` (its
+    own disk), cellcloud's files (``runtime.cjs``) are under ``GUEST_PYLIB``;
+    ``["bootstrap"]`` is resolved in the guest, as in the jail."""
+    if not argv or argv == ["bootstrap"]:
+        return list(argv), ""
+    exe = argv[0]
+    out = [f"{RUNTIME_TREE_MOUNT}/bin/{exe.rsplit('/', 1)[-1]}"]
+    top = host_package_dir.rstrip("/")
+    parent = top.rsplit("/", 1)[0]
+    for a in argv[1:]:
+        out.append(GUEST_PYLIB + a[len(parent):] if a.startswith(top + "/") else a)
+    return out, exe
+
+
+def guest_disks(runtime_argv: list[str], layers: int) -> list[tuple[str, str]]:
+    """The extra disks of a guest, in QEMU's order: (ext4 label, mount point). The host
+    attaches them and the guest mounts them from the same list."""
+    out: list[tuple[str, str]] = []
+    if runtime_argv and runtime_argv[0].startswith(RUNTIME_TREE_MOUNT + "/"):
+        out.append((TREE_LABEL, RUNTIME_TREE_MOUNT))
+    if layers:
+        out.append((LAYERS_LABEL, "/opt"))
+    return out

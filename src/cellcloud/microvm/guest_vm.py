@@ -42,6 +42,7 @@ from ..sandbox.guest import FdStream, channel_frame_bytes_max
 from ..sandbox.guest import run as run_guest
 from ..sandbox.spec import EnvSpec
 from ..transport.codec import StreamChannel
+from . import core
 
 PORTS_DIR = "/sys/class/virtio-ports"
 BUNDLE_DEVICE = "/dev/vdb"
@@ -73,6 +74,29 @@ RNDRESEEDCRNG = 0x5207
 # <linux/fs.h>: _IO(0x12, 97). A guest restored from a snapshot probed the snapshot's bundle
 # disk (its first blocks are in the page cache); the restored one is another file.
 BLKFLSBUF = 0x1261
+
+
+def ext4_label(device: str) -> str:
+    """An ext4 file system's volume name (the superblock at 1024, ``s_volume_name`` at 120)."""
+    with open(device, "rb") as f:
+        f.seek(1024 + 120)
+        return f.read(16).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def find_disk(label: str, deadline: float) -> str | None:
+    """The virtio block device whose ext4 label is ``label`` (waits for it until
+    ``deadline``)."""
+    while True:
+        for name in sorted(os.listdir("/sys/block")):
+            if name.startswith("vd"):
+                try:
+                    if ext4_label(f"/dev/{name}") == label:
+                        return f"/dev/{name}"
+                except OSError:
+                    pass
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)  # polling for a device node the kernel creates, bounded
 
 
 def flush_cached_blocks(device: str) -> None:
@@ -325,6 +349,12 @@ def main(argv: list[str]) -> None:
         _fail(f"could not flush {BUNDLE_DEVICE}'s cached blocks: {e}")
     linux.mount(BUNDLE_DEVICE, "/var/task", "ext4", linux.MS_RDONLY | linux.MS_NODEV
                 | linux.MS_NOSUID, "")
+    for label, at in core.guest_disks(spec.runtime_argv, len(spec.layer_dirs)):
+        # A runtime's tree (at /rtx) and the layers (at /opt): found by their labels.
+        device = find_disk(label, time.monotonic() + port_wait_s)
+        if device is None:
+            _fail(f"no disk labelled {label}")
+        linux.mount(device, at, "ext4", linux.MS_RDONLY | linux.MS_NODEV | linux.MS_NOSUID, "")
     ephemeral_mb = max(1, min(spec.ephemeral_mb, DEFAULT_LIMITS.ephemeral_mb_max))
     linux.mount("tmpfs", "/tmp", "tmpfs", linux.MS_NODEV | linux.MS_NOSUID,
                 f"size={ephemeral_mb}m,mode=0700,uid={spec.uid},gid={spec.gid}")
@@ -333,6 +363,10 @@ def main(argv: list[str]) -> None:
     if spec.attestation:
         with open("/var/runtime/attestation.json", "w") as f:
             f.write(spec.attestation)
+    # Loopback up in every guest, as in the jail's namespace: a runtime process (Node, a
+    # bootstrap) and extensions reach the Runtime API there.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        _up(s, "lo")
     if spec.network:
         try:
             configure_network(spec.network, time.monotonic() + port_wait_s)

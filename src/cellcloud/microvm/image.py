@@ -44,6 +44,19 @@ class Image:
         return os.path.join(self.path, "initramfs.cpio")
 
 
+def publish(tmp: str, final: str, name: str, doc: dict[str, Any]) -> None:
+    """A folder built in ``tmp`` made ``final``: its record ``name`` (``doc`` as JSON, synced:
+    the folder counts only once it exists) written last, an incomplete ``final`` (a crash's, a
+    snapshot refused or forced again) removed, and ``tmp`` renamed into place."""
+    with open(os.path.join(tmp, name), "w") as f:
+        json.dump(doc, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
 def images_dir(state_dir: str) -> str:
     return os.path.join(state_dir, "microvm", "images")
 
@@ -124,13 +137,7 @@ def build(state_dir: str, *, boot_dir: str = BOOT_DIR,
                 "inputs": {"kernel": kernel_path, "kernel_sha256": inputs.kernel_sha256,
                            "busybox": busybox_path, "busybox_sha256": inputs.busybox_sha256,
                            "init_sha256": inputs.init_sha256, "format": inputs.format}}
-        with open(os.path.join(tmp, "image.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):  # an incomplete folder (no image.json) from a crash
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish(tmp, final, "image.json", meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -164,6 +171,7 @@ def list_images(state_dir: str) -> list[Image]:
 # -- the agent image: initramfs with modules + the runtime disk (docs/microvm.md) ----------
 
 MODULES_DIR = "/lib/modules"
+GUEST_BUSYBOX = "/bin/busybox"  # on the runtime disk: /bin/sh and /usr/bin/env link to it
 MKFS = "mkfs.ext4"
 # Parts of the standard library no guest agent or handler of this slice needs.
 _STDLIB_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip",
@@ -244,7 +252,7 @@ def runtime_files() -> dict[str, str]:
         for dirpath, dirnames, filenames in os.walk(pkg_dir):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
             for f in filenames:
-                if f.endswith((".py", ".so", ".js", ".json", ".typed")):
+                if f.endswith((".py", ".so", ".js", ".cjs", ".json", ".typed")):
                     p = os.path.join(dirpath, f)
                     files[os.path.join(core.GUEST_PYLIB, os.path.relpath(p, top))] = p
                     if f.endswith(".so"):
@@ -252,6 +260,14 @@ def runtime_files() -> dict[str, str]:
 
     add_package(os.path.dirname(os.path.realpath(cellcloud.__file__)))
     add_package(os.path.dirname(os.path.realpath(msgpack.__file__)))
+    # The libraries of the host's Node binaries (libstdc++, libgcc_s): each binary itself is
+    # on a tree disk of its own (``ensure_tree_disk``), loaded by this root's loader.
+    from ..sandbox import runtimes
+
+    elves += sorted(runtimes.find_node().values())
+    # A shell for custom runtimes (a ``bootstrap`` script's ``#!/bin/sh``, ``/usr/bin/env``):
+    # the base image's static busybox; ``_stage_runtime`` links sh and env to it.
+    files[GUEST_BUSYBOX] = find_inputs()[1]
     for lib in _ldd(elves):
         files[lib] = os.path.realpath(lib)
     return files
@@ -287,7 +303,7 @@ def _stage_runtime(files: dict[str, str], stage: str) -> None:
     import sys
 
     for d in ("dev", "proc", "sys", "tmp", "var/task", "var/runtime", "opt", "etc",
-              "usr/local/bin"):
+              "usr/local/bin", core.RUNTIME_TREE_MOUNT.lstrip("/")):
         os.makedirs(os.path.join(stage, d), exist_ok=True)
     for guest, host in files.items():
         dst = os.path.join(stage, guest.lstrip("/"))
@@ -296,6 +312,9 @@ def _stage_runtime(files: dict[str, str], stage: str) -> None:
     for rel, text in _GUEST_ETC.items():
         with open(os.path.join(stage, rel), "w") as f:
             f.write(text)
+    for link in ("bin/sh", "usr/bin/env"):
+        os.makedirs(os.path.dirname(os.path.join(stage, link)), exist_ok=True)
+        os.symlink(GUEST_BUSYBOX, os.path.join(stage, link))
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
     os.symlink(os.path.join(os.path.realpath(sys.base_prefix), "bin", version),
                os.path.join(stage, "usr/local/bin/python3"))
@@ -359,13 +378,7 @@ def build_agent(state_dir: str, *, limits: Limits = DEFAULT_LIMITS) -> tuple[Age
         shutil.rmtree(stage)
         meta = {"digest": digest, "base": base.digest, "modules": order,
                 "runtime_files": len(files), "runtime_bytes": runtime_bytes}
-        with open(os.path.join(tmp, "agent.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish(tmp, final, "agent.json", meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -407,3 +420,57 @@ def _write_cpio(path: str, layout: list[core.Entry], files: dict[str, bytes]) ->
 
 def ensure_agent(state_dir: str, **kw: Any) -> AgentImage:
     return build_agent(state_dir, **kw)[0]
+
+
+# -- a runtime's tree disk: its executable, read-only at /rtx in the guest ------------------
+
+
+def trees_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "microvm", "trees")
+
+
+def ensure_tree_disk(state_dir: str, exe: str, *, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The tree disk of a runtime's executable (a Node binary: one self-contained ELF whose
+    libraries the runtime disk carries): an ext4 image labelled ``core.TREE_LABEL`` holding
+    ``bin/<name>``, content-addressed by the executable's SHA-256 and built once
+    (``<state>/microvm/trees/<hex>/tree.ext4``, complete once ``tree.json`` exists). Readable
+    by every uid: the environment's QEMU opens it as the environment's."""
+    import subprocess
+
+    real = os.path.realpath(exe)
+    st = os.stat(real)
+    if st.st_size > limits.microvm_runtime_disk_bytes_max:
+        raise ImageError(f"{real} passes microvm_runtime_disk_bytes_max "
+                         f"({limits.microvm_runtime_disk_bytes_max} bytes)")
+    with open(real, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    name = os.path.basename(real)
+    h = hashlib.sha256(f"{core.AGENT_FORMAT}\0tree\0{name}\0{sha}".encode()).hexdigest()
+    root = trees_dir(state_dir)
+    final = os.path.join(root, core.image_dir_name("sha256:" + h))
+    disk = os.path.join(final, "tree.ext4")
+    if os.path.exists(os.path.join(final, "tree.json")):
+        return disk
+    if shutil.which(MKFS) is None:
+        raise ImageError(f"no {MKFS} (apt-get install e2fsprogs)")
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".build-", dir=root)
+    try:
+        os.chmod(tmp, 0o755)
+        stage = os.path.join(tmp, "stage")
+        os.makedirs(os.path.join(stage, "bin"))
+        shutil.copy2(real, os.path.join(stage, "bin", name))
+        size_kib = st.st_size * 5 // 4 // 1024 + 16 * 1024
+        r = subprocess.run([MKFS, "-q", "-F", "-O", "^has_journal", "-L", core.TREE_LABEL,
+                            "-E", "root_owner=0:0", "-d", stage, os.path.join(tmp, "tree.ext4"),
+                            f"{size_kib}k"], capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise ImageError(f"{MKFS} failed: {r.stderr.strip()[-300:]}")
+        shutil.rmtree(stage)
+        os.chmod(os.path.join(tmp, "tree.ext4"), 0o444)
+        publish(tmp, final, "tree.json", {"exe": real, "sha256": sha})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return disk

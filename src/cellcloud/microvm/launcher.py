@@ -141,6 +141,31 @@ def bundle_disk(bundle_dir: str, path: str, *, size_kib: int | None = None) -> N
         raise RuntimeError(f"{image.MKFS} failed: {r.stderr.strip()[-300:]}")
 
 
+def layers_disk(layer_dirs: list[str], path: str, stage: str) -> None:
+    """The function's layers as one ext4 image labelled ``core.LAYERS_LABEL`` (the guest
+    mounts it read-only at /opt): each layer copied over the ones before it, as Lambda
+    extracts them in order (the jail's overlay has the last layer on top, the same view)."""
+    os.makedirs(stage)
+    try:
+        for d in layer_dirs:
+            shutil.copytree(d, stage, symlinks=True, dirs_exist_ok=True)
+        size_kib = (_dir_bytes(stage) * 3 // 2) // 1024 + 4096
+        r = subprocess.run([image.MKFS, "-q", "-F", "-O", "^has_journal", "-L",
+                            core.LAYERS_LABEL, "-E", "root_owner=0:0", "-d", stage, path,
+                            f"{size_kib}k"], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise RuntimeError(f"{image.MKFS} failed: {r.stderr.strip()[-300:]}")
+        # /opt as Lambda's: the layers' files only (mke2fs always makes lost+found).
+        r = subprocess.run(["debugfs", "-w", "-R", "rmdir /lost+found", path],
+                           capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise RuntimeError(f"debugfs failed: {r.stderr.strip()[-300:]}")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _kvm_gid() -> int | None:
     try:
         return grp.getgrnam("kvm").gr_gid
@@ -244,39 +269,30 @@ def _snapshot_state(doc: dict[str, Any], spec: EnvSpec) -> int | None:
             > DEFAULT_LIMITS.microvm_bundle_disk_mib << 20):
         last_start = "booted: the bundle is over microvm_bundle_disk_mib"
         return None
-    path = str(snap["path"])
-    try:
-        fd = os.open(os.path.join(path, "state.bin"), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        last_start = "booted: the state file is missing"
-        return None
-    verdict = agentsnap.verify_state(path, agentsnap.key_from_json(snap["key"]),
-                                     kernel=str(doc["kernel"]), initrd=str(doc["initrd"]),
-                                     state_fd=fd)
-    if not verdict.ok:
-        os.close(fd)
-        last_start = f"booted: {verdict.reason}"
-        return None
-    os.set_inheritable(fd, True)
-    last_start = "restored"
-    return fd
+    return _open_verified(doc, snap, agentsnap.verify_state, "the state file is missing")
 
 
 def _version_state(doc: dict[str, Any]) -> int | None:
     """A function version's snapshot (SnapStart): its state file, open and verified with its
     bundle disk (``agentsnap.verify_version``); None (and ``last_start`` says why) when
     refused: the environment boots cold and runs its init."""
+    return _open_verified(doc, doc["version_snapshot"], agentsnap.verify_version,
+                          "the version snapshot's state file is missing")
+
+
+def _open_verified(doc: dict[str, Any], snap: dict[str, Any], verify: Any,
+                   missing: str) -> int | None:
+    """A snapshot's state file, open (inheritable) once ``verify`` accepts it; None, and
+    ``last_start`` says why, when it is missing or refused."""
     global last_start
-    snap = doc["version_snapshot"]
     path = str(snap["path"])
     try:
         fd = os.open(os.path.join(path, "state.bin"), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        last_start = "booted: the version snapshot's state file is missing"
+        last_start = f"booted: {missing}"
         return None
-    verdict = agentsnap.verify_version(path, agentsnap.key_from_json(snap["key"]),
-                                       kernel=str(doc["kernel"]), initrd=str(doc["initrd"]),
-                                       state_fd=fd)
+    verdict = verify(path, agentsnap.key_from_json(snap["key"]), kernel=str(doc["kernel"]),
+                     initrd=str(doc["initrd"]), state_fd=fd)
     if not verdict.ok:
         os.close(fd)
         last_start = f"booted: {verdict.reason}"
@@ -357,7 +373,16 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str, netns_fd: int | None
                         else DEFAULT_LIMITS.microvm_bundle_disk_mib * 1024)
             os.chown(task, spec.uid, spec.gid)  # QEMU opens it as the environment's uid
             os.chmod(task, 0o400)
-        files = (str(doc["kernel"]), str(doc["initrd"]), str(doc["runtime_disk"]), task)
+        extra: list[str] = []
+        if doc.get("tree_exe"):  # a runtime process's executable (Node): its own disk
+            extra.append(image.ensure_tree_disk(os.path.dirname(os.path.dirname(envs_dir)),
+                                                str(doc["tree_exe"])))
+        if spec.layer_dirs:
+            extra.append(os.path.join(folder, "layers.ext4"))
+            layers_disk(spec.layer_dirs, extra[-1], os.path.join(folder, "layers"))
+            os.chown(extra[-1], spec.uid, spec.gid)
+            os.chmod(extra[-1], 0o400)
+        files = (str(doc["kernel"]), str(doc["initrd"]), str(doc["runtime_disk"]), task, *extra)
         js = jail_spec(spec, vm, files)
         if netns_fd is not None:
             tap_fd = open_tap(netns_fd, str(spec.network["device"]))
@@ -368,7 +393,8 @@ def spawn(doc: dict[str, Any], chan_fd: int, envs_dir: str, netns_fd: int | None
             runtime_disk=_inside(files[2]), bundle_disk=_inside(task), chan_fd=chan_fd,
             console="stdio" if doc.get("console") or state_fd is not None else "",
             tap_fd=tap_fd if tap_fd >= 0 else None,
-            mac=str(spec.network.get("mac", "")) if tap_fd >= 0 else "")
+            mac=str(spec.network.get("mac", "")) if tap_fd >= 0 else "",
+            extra_disks=tuple(_inside(x) for x in extra))
         keep = [chan_fd] + ([tap_fd] if tap_fd >= 0 else [])
         if state_fd is not None:
             argv = agentsnap.restore_argv(argv, state_fd)

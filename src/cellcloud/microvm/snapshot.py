@@ -392,13 +392,7 @@ async def create(state_dir: str, img: image.Image, spec: core.VmSpec, *,
             key, state=state, kernel=must_digest(img.kernel, limits),
             initrd=must_digest(img.initrd, limits),
             created_at_s=int(time.time()), save_ms=save_ms)
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(doc, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):  # a snapshot refused or forced again, or a crash's leftover
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        image.publish(tmp, final, "manifest.json", doc)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
