@@ -21,6 +21,7 @@ from cellcloud.microvm import agentsnap, boot, core, image, launcher
 from cellcloud.microvm.backend import spec_frame
 from cellcloud.sandbox.spec import EnvSpec
 from cellcloud.transport.codec import StreamChannel
+from tests.integration.microvm_envs import flip_byte, flipped_copy, invoke_once
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -107,13 +108,7 @@ def test_two_restored_environments_print_different_random_bytes(made: Any,
 def test_a_flipped_byte_is_refused_and_the_environment_boots_fresh(made: Any,
                                                                    tmp_path: Any) -> None:
     _, img, snap, qemu = made
-    bad = str(tmp_path / "snap")
-    shutil.copytree(snap.path, bad)
-    with open(os.path.join(bad, "state.bin"), "r+b") as f:
-        f.seek(snap.state_bytes // 2)
-        byte = f.read(1)
-        f.seek(snap.state_bytes // 2)
-        f.write(bytes([byte[0] ^ 0x01]))
+    bad = flipped_copy(snap.path, str(tmp_path / "snap"), snap.state_bytes)
     st, r, _ = run_env(bad, img, qemu, str(tmp_path), 3)
     assert st.how == "booted"
     assert "state file's SHA-256" in st.reason
@@ -127,25 +122,7 @@ def _backend_env(backend: Any, bundle: str, n: int) -> dict[str, Any]:
                    handler="app.handler", runtime="python3.11", memory_mb=128, timeout_s=30,
                    bundle_dir=bundle, uid=1000, gid=1000, cgroup_group="snap-microvm",
                    allow_unlimited=True)
-
-    async def go() -> dict[str, Any]:
-        spawned = await backend.spawn(spec)
-        try:
-            chan = StreamChannel(spawned.channel, 64 << 20)
-            spawned.channel.settimeout(120)
-            ready = await asyncio.to_thread(chan.recv)
-            assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
-            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
-                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
-                       "arn": spec.function_arn})
-            result = await asyncio.to_thread(chan.recv)
-            assert result and result.get("t") == "result", result
-            return dict(json.loads(result["payload"]))
-        finally:
-            backend.kill(spawned.pid)
-            spawned.channel.close()
-
-    return asyncio.run(go())
+    return invoke_once(backend, spec)[1]
 
 
 @pytest.mark.slow
@@ -182,11 +159,7 @@ def test_the_backend_restores_jailed_environments_and_refuses_a_corrupt_snapshot
 
 
 def _flip(snap: agentsnap.AgentSnapshot) -> None:
-    with open(snap.state, "r+b") as f:
-        f.seek(snap.state_bytes // 2)
-        byte = f.read(1)
-        f.seek(snap.state_bytes // 2)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_byte(snap.state, snap.state_bytes // 2)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
 import time
 from typing import Any
@@ -22,6 +21,7 @@ from cellcloud.core.limits import DEFAULT_LIMITS
 from cellcloud.microvm import agentsnap, boot, core, image, snapshot
 from cellcloud.sandbox.spec import EnvSpec
 from cellcloud.transport.codec import StreamChannel
+from tests.integration.microvm_envs import flipped_copy, invoke_once
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -147,13 +147,7 @@ def test_a_before_snapshot_hook_that_raises_makes_no_snapshot(made: Any,
 
 def test_a_flipped_byte_in_the_version_snapshot_is_refused(made: Any, tmp_path: Any) -> None:
     img, snap, qemu, _ = made
-    bad = str(tmp_path / "snap")
-    shutil.copytree(snap.path, bad)
-    with open(os.path.join(bad, "state.bin"), "r+b") as f:
-        f.seek(snap.state_bytes // 2)
-        byte = f.read(1)
-        f.seek(snap.state_bytes // 2)
-        f.write(bytes([byte[0] ^ 0x01]))
+    bad = flipped_copy(snap.path, str(tmp_path / "snap"), snap.state_bytes)
     ours, theirs = socket.socketpair()
     try:
         with pytest.raises(snapshot.SnapshotError, match="SHA-256"):
@@ -175,24 +169,8 @@ def _backend_env(backend: Any, bundle: str, n: int, snapstart: str) -> dict[str,
                    bundle_dir=bundle, uid=1000 + n, gid=1000 + n, cgroup_group="snapstart-vm",
                    allow_unlimited=True, snapstart=snapstart)
 
-    async def go() -> dict[str, Any]:
-        spawned = await backend.spawn(spec)
-        try:
-            chan = StreamChannel(spawned.channel, 64 << 20)
-            spawned.channel.settimeout(120)
-            ready = await asyncio.to_thread(chan.recv)
-            assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
-            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
-                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
-                       "arn": spec.function_arn})
-            result = await asyncio.to_thread(chan.recv)
-            assert result and result.get("t") == "result", result
-            return {**json.loads(result["payload"]), "restored": ready.get("restored")}
-        finally:
-            backend.kill(spawned.pid)
-            spawned.channel.close()
-
-    return asyncio.run(go())
+    ready, out = invoke_once(backend, spec)
+    return {**out, "restored": ready.get("restored")}
 
 
 @pytest.mark.slow

@@ -1,0 +1,56 @@
+"""What the microVM snapshot tests (test_microvm_snapshot.py, test_microvm_agentsnap.py,
+test_microvm_snapstart.py) share: a snapshot whose state file has a byte flipped, and one
+invoke in an environment that ``MicrovmBackend`` spawns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from cellcloud.sandbox.spec import EnvSpec
+from cellcloud.transport.codec import StreamChannel
+
+
+def flip_byte(path: str, at: int) -> None:
+    """The byte at offset ``at`` of the file ``path`` with its lowest bit flipped (flipping it
+    again makes the file whole)."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def flipped_copy(snap_dir: str, bad: str, state_bytes: int) -> str:
+    """``bad``: a copy of the snapshot directory ``snap_dir`` with a byte flipped in the middle
+    of its ``state.bin`` (``state_bytes`` long)."""
+    shutil.copytree(snap_dir, bad)
+    flip_byte(os.path.join(bad, "state.bin"), state_bytes // 2)
+    return bad
+
+
+def invoke_once(backend: Any, spec: EnvSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An environment of ``spec`` spawned by ``backend``, invoked once with ``{}`` and killed:
+    its ``ready`` frame and the handler's result."""
+    async def go() -> tuple[dict[str, Any], dict[str, Any]]:
+        spawned = await backend.spawn(spec)
+        try:
+            chan = StreamChannel(spawned.channel, 64 << 20)
+            spawned.channel.settimeout(120)
+            ready = await asyncio.to_thread(chan.recv)
+            assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
+            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
+                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
+                       "arn": spec.function_arn})
+            result = await asyncio.to_thread(chan.recv)
+            assert result and result.get("t") == "result", result
+            return ready, dict(json.loads(result["payload"]))
+        finally:
+            backend.kill(spawned.pid)
+            spawned.channel.close()
+
+    return asyncio.run(go())
