@@ -1,6 +1,7 @@
 """What the microVM snapshot tests (test_microvm_snapshot.py, test_microvm_agentsnap.py,
-test_microvm_snapstart.py) share: a snapshot whose state file has a byte flipped, and one
-invoke in an environment that ``MicrovmBackend`` spawns."""
+test_microvm_snapstart.py) share: a function bundle, a snapshot whose state file has a byte
+flipped, and one invoke in an environment (one that ``MicrovmBackend`` spawns, or on a
+channel of the test's)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,25 @@ def flipped_copy(snap_dir: str, bad: str, state_bytes: int) -> str:
     return bad
 
 
+def write_bundle(bundle: str, code: str) -> str:
+    """``bundle``: a new function bundle whose ``app.py`` is ``code``."""
+    os.makedirs(bundle)
+    with open(os.path.join(bundle, "app.py"), "w") as f:
+        f.write(code)
+    return bundle
+
+
+async def invoke_ready(chan: StreamChannel, arn: str) -> dict[str, Any]:
+    """One invocation with ``{}`` in the environment on ``chan`` (it said ``ready``): the
+    handler's result."""
+    chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
+               "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
+               "arn": arn})
+    result = await asyncio.to_thread(chan.recv)
+    assert result and result.get("t") == "result", result
+    return dict(json.loads(result["payload"]))
+
+
 def invoke_once(backend: Any, spec: EnvSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     """An environment of ``spec`` spawned by ``backend``, invoked once with ``{}`` and killed:
     its ``ready`` frame and the handler's result."""
@@ -43,12 +63,7 @@ def invoke_once(backend: Any, spec: EnvSpec) -> tuple[dict[str, Any], dict[str, 
             spawned.channel.settimeout(120)
             ready = await asyncio.to_thread(chan.recv)
             assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
-            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
-                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
-                       "arn": spec.function_arn})
-            result = await asyncio.to_thread(chan.recv)
-            assert result and result.get("t") == "result", result
-            return ready, dict(json.loads(result["payload"]))
+            return ready, await invoke_ready(chan, spec.function_arn)
         finally:
             backend.kill(spawned.pid)
             spawned.channel.close()

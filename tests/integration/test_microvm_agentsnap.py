@@ -21,7 +21,13 @@ from cellcloud.microvm import agentsnap, boot, core, image, launcher
 from cellcloud.microvm.backend import spec_frame
 from cellcloud.sandbox.spec import EnvSpec
 from cellcloud.transport.codec import StreamChannel
-from tests.integration.microvm_envs import flip_byte, flipped_copy, invoke_once
+from tests.integration.microvm_envs import (
+    flip_byte,
+    flipped_copy,
+    invoke_once,
+    invoke_ready,
+    write_bundle,
+)
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -52,10 +58,7 @@ def made(tmp_path_factory: Any) -> tuple[str, Any, agentsnap.AgentSnapshot, str]
 def run_env(snap_path: str | None, img: Any, qemu: str, work: str,
             n: int) -> tuple[agentsnap.Started, dict[str, Any], float]:
     """One environment: its bundle disk, QEMU, spec frame, ready, one invocation."""
-    bundle = os.path.join(work, f"bundle{n}")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(os.path.join(work, f"bundle{n}"), HANDLER)
     disk = os.path.join(work, f"task{n}.ext4")
     launcher.bundle_disk(bundle, disk,
                          size_kib=DEFAULT_LIMITS.microvm_bundle_disk_mib * 1024)
@@ -78,12 +81,7 @@ def run_env(snap_path: str | None, img: Any, qemu: str, work: str,
             ready = await asyncio.to_thread(chan.recv)
             ready_ms = (time.monotonic() - t0) * 1000
             assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
-            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
-                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
-                       "arn": spec.function_arn})
-            result = await asyncio.to_thread(chan.recv)
-            assert result and result.get("t") == "result", result
-            return st, json.loads(result["payload"]), ready_ms
+            return st, await invoke_ready(chan, spec.function_arn), ready_ms
         finally:
             ours.close()
             await st.guest.close()
@@ -134,10 +132,7 @@ def test_the_backend_restores_jailed_environments_and_refuses_a_corrupt_snapshot
     from cellcloud.microvm.backend import MicrovmBackend
 
     state = made[0]
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(str(tmp_path / "bundle"), HANDLER)
     backend = MicrovmBackend(state, snapshots=True)
     backend.start()
     try:
@@ -170,10 +165,7 @@ def test_a_snapshot_that_cannot_be_made_leaves_the_backend_booting_fresh(tmp_pat
 
     from cellcloud.microvm.backend import MicrovmBackend
 
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(str(tmp_path / "bundle"), HANDLER)
     limits = dataclasses.replace(DEFAULT_LIMITS, microvm_snapshot_bytes_max=1 << 20)
     backend = MicrovmBackend(str(tmp_path / "state"), snapshots=True, limits=limits)
     backend.start()
@@ -208,10 +200,7 @@ def test_a_snapshot_that_fails_qemus_load_boots_the_environment_cold(made: Any,
     doc["state"] = digest.to_json()
     with open(os.path.join(bad, "manifest.json"), "w") as f:
         json.dump(doc, f)
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(str(tmp_path / "bundle"), HANDLER)
     backend = MicrovmBackend(state, snapshots=True)
     backend.start()
     try:

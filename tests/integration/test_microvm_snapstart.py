@@ -9,7 +9,6 @@ host's clock. A state with a flipped byte is refused (the caller boots cold)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import time
@@ -21,7 +20,7 @@ from cellcloud.core.limits import DEFAULT_LIMITS
 from cellcloud.microvm import agentsnap, boot, core, image, snapshot
 from cellcloud.sandbox.spec import EnvSpec
 from cellcloud.transport.codec import StreamChannel
-from tests.integration.microvm_envs import flipped_copy, invoke_once
+from tests.integration.microvm_envs import flipped_copy, invoke_once, invoke_ready, write_bundle
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -60,10 +59,7 @@ def _spec(bundle: str) -> EnvSpec:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: Any) -> tuple[Any, agentsnap.VersionSnapshot, str, float]:
     state = str(tmp_path_factory.mktemp("microvm-snapstart"))
-    bundle = os.path.join(state, "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(os.path.join(state, "bundle"), HANDLER)
     img = image.ensure_agent(state)
     qemu = boot.qemu_binary()
     assert qemu is not None
@@ -95,12 +91,8 @@ def restored_invoke(path: str, img: Any, qemu: str) -> tuple[int, dict[str, Any]
             # answered as an environment after its init: ready, with the init's duration
             assert restored and restored.get("t") == "ready", restored
             assert restored["init_error"] is None and restored["init_ms"] > 0, restored
-            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
-                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
-                       "arn": "arn:aws:lambda:cc-local-1:000000000000:function:snapstart:1"})
-            result = await asyncio.to_thread(chan.recv)
-            assert result and result.get("t") == "result", result
-            return int(restored["restored"]), json.loads(result["payload"])
+            return int(restored["restored"]), await invoke_ready(
+                chan, "arn:aws:lambda:cc-local-1:000000000000:function:snapstart:1")
         finally:
             ours.close()
             await st.guest.close()
@@ -128,15 +120,13 @@ def test_restored_copies_share_the_init_and_get_fresh_randomness_and_clock(made:
 def test_a_before_snapshot_hook_that_raises_makes_no_snapshot(made: Any,
                                                               tmp_path: Any) -> None:
     img, _, qemu, _ = made
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write("from snapshot_restore_py import register_before_snapshot\n"
-                "@register_before_snapshot\n"
-                "def no():\n"
-                "    raise ValueError('not now')\n"
-                "def handler(event, context):\n"
-                "    return 1\n")
+    bundle = write_bundle(str(tmp_path / "bundle"),
+                          "from snapshot_restore_py import register_before_snapshot\n"
+                          "@register_before_snapshot\n"
+                          "def no():\n"
+                          "    raise ValueError('not now')\n"
+                          "def handler(event, context):\n"
+                          "    return 1\n")
     with pytest.raises(snapshot.SnapshotError, match="BeforeSnapshotError.*not now"):
         asyncio.run(agentsnap.create_version(str(tmp_path), img, VM,
                                              spec_wire=_spec(bundle).to_wire(),
@@ -180,14 +170,8 @@ def test_the_backend_restores_a_snapstart_version_through_the_jailer(tmp_path: A
     whose init fails boots cold and the status says why."""
     from cellcloud.microvm.backend import MicrovmBackend
 
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
-    broken = str(tmp_path / "broken")
-    os.makedirs(broken)
-    with open(os.path.join(broken, "app.py"), "w") as f:
-        f.write("raise RuntimeError('init fails')\n")
+    bundle = write_bundle(str(tmp_path / "bundle"), HANDLER)
+    broken = write_bundle(str(tmp_path / "broken"), "raise RuntimeError('init fails')\n")
     backend = MicrovmBackend(str(tmp_path / "state"))
     backend.start()
     try:
