@@ -12,8 +12,20 @@ import shutil
 import time
 from typing import Any
 
+import pytest
+
+from cellcloud.microvm import boot, core
 from cellcloud.sandbox.spec import EnvSpec
 from cellcloud.transport.codec import StreamChannel
+
+#: What a test of a guest booted from the agent image needs of the host: root, QEMU and a
+#: Debian cloud kernel (scripts/setup.sh installs both); a module's ``pytestmark``.
+NEEDS_GUEST = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.skipif(boot.qemu_binary() is None, reason="no QEMU (scripts/setup.sh)"),
+    pytest.mark.skipif(core.pick_kernel(os.listdir("/boot") if os.path.isdir("/boot") else [])
+                       is None, reason="no Debian cloud kernel (scripts/setup.sh)"),
+]
 
 
 def flip_byte(path: str, at: int) -> None:

@@ -22,6 +22,7 @@ from cellcloud.microvm.backend import spec_frame
 from cellcloud.sandbox.spec import EnvSpec
 from cellcloud.transport.codec import StreamChannel
 from tests.integration.microvm_envs import (
+    NEEDS_GUEST,
     flip_byte,
     flipped_copy,
     invoke_once,
@@ -29,12 +30,7 @@ from tests.integration.microvm_envs import (
     write_bundle,
 )
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(boot.qemu_binary() is None, reason="no QEMU (scripts/setup.sh)"),
-    pytest.mark.skipif(core.pick_kernel(os.listdir("/boot") if os.path.isdir("/boot") else [])
-                       is None, reason="no Debian cloud kernel (scripts/setup.sh)"),
-]
+pytestmark = NEEDS_GUEST
 
 VM = core.VmSpec(accel="tcg", memory_mib=DEFAULT_LIMITS.microvm_guest_memory_mib_min)
 HANDLER = ("import os, time\n"
