@@ -34,14 +34,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
-from bench.common.region import client, detached_region, push_image, web_image_archive
+from bench.common.ecs import ecs_bench, wait_until
 
 # The task's server: each GET answered with "<hostname> <address it was reached at>".
 SERVER = """
@@ -108,15 +107,6 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))] if xs else float("nan")
 
 
-def _wait(what: str, cond: Any, timeout_s: float = 600.0) -> float:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.25)  # polling the region's API, bounded above
-    return time.monotonic()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate", type=float, default=2.0, help="requests a second per client")
@@ -128,25 +118,14 @@ def main() -> None:
     ap.add_argument("--step-s", type=float, default=60.0)
     ap.add_argument("--cooldown-s", type=int, default=30)
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="bench-ecs-as-")
-    archive = web_image_archive(work)
-    with detached_region("bench-ecs-as-") as (state, doc):
-        image = push_image(state, doc, archive, "bench/web:v1")
-        endpoint = doc["endpoint"]
-        port = endpoint.rsplit(":", 1)[1]
-        ecs = client(doc, "ecs")
-        aas = client(doc, "application-autoscaling")
-        ecs.create_cluster(clusterName="bench")
+    with ecs_bench("bench-ecs-as-") as b:
+        image, endpoint, ecs, aas = b.image, b.endpoint, b.ecs, b.aas
+        service, host = b.service, b.host
         ecs.register_task_definition(
             family="web", networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
             cpu="256", memory="512", containerDefinitions=[{
                 "name": "web", "image": image, "portMappings": [{"containerPort": 8080}],
                 "command": [sys.executable, "-c", SERVER]}])
-
-        def service(name: str) -> dict[str, Any]:
-            out: dict[str, Any] = ecs.describe_services(cluster="bench",
-                                                        services=[name])["services"][0]
-            return out
 
         def running(name: str) -> int:
             arns = ecs.list_tasks(cluster="bench", serviceName=name,
@@ -156,13 +135,10 @@ def main() -> None:
             return sum(1 for t in ecs.describe_tasks(cluster="bench", tasks=arns)["tasks"]
                        if t["lastStatus"] == "RUNNING")
 
-        def host(name: str) -> str:
-            return f"{name}.bench.{doc['account_id']}.{doc['region']}.localhost:{port}"
-
         def steady(name: str, n: int) -> float:
-            return _wait(f"{name} at {n}", lambda: (lambda s: s["runningCount"] == n
-                         and s["desiredCount"] == n and len(s["deployments"]) == 1)(
-                             service(name)) and running(name) == n)
+            return wait_until(f"{name} at {n}", lambda: (lambda s: s["runningCount"] == n
+                              and s["desiredCount"] == n and len(s["deployments"]) == 1)(
+                                  service(name)) and running(name) == n, poll_s=0.25)
 
         res: dict[str, Any] = {"machine": os.uname().nodename, "nproc": os.cpu_count(),
                                "load_start": os.getloadavg(), "args": vars(a)}

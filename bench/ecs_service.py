@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -36,7 +35,7 @@ import urllib.request
 from collections import Counter
 from typing import Any
 
-from bench.common.region import client, detached_region, push_image, web_image_archive
+from bench.common.ecs import ecs_bench, wait_until
 
 
 def _get(endpoint: str, host: str, timeout_s: float = 90.0) -> int:
@@ -49,29 +48,15 @@ def _get(endpoint: str, host: str, timeout_s: float = 90.0) -> int:
         return int(e.code)
 
 
-def _wait(what: str, cond: Any, timeout_s: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.2)  # polling the region's API, bounded above
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--zero-runs", type=int, default=3)
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="bench-ecs-svc-")
-    archive = web_image_archive(work)
-    with detached_region("bench-ecs-svc-") as (state, doc):
-        image = push_image(state, doc, archive, "bench/web:v1")
-        endpoint = doc["endpoint"]
-        port = endpoint.rsplit(":", 1)[1]
-        ecs = client(doc, "ecs")
-        aas = client(doc, "application-autoscaling")
-        ecs.create_cluster(clusterName="bench")
+    with ecs_bench("bench-ecs-svc-") as b:
+        image, endpoint, ecs, aas = b.image, b.endpoint, b.ecs, b.aas
+        service, host = b.service, b.host
 
         def taskdef(marker: str) -> None:
             ecs.register_task_definition(
@@ -83,15 +68,6 @@ def main() -> None:
                                 "/srv"]}])
         taskdef("1")
         taskdef("2")
-
-        def service(name: str) -> dict[str, Any]:
-            out: dict[str, Any] = ecs.describe_services(cluster="bench",
-                                                        services=[name])["services"][0]
-            return out
-
-        def host(name: str) -> str:
-            return f"{name}.bench.{doc['account_id']}.{doc['region']}.localhost:{port}"
-
         res: dict[str, Any] = {"machine": os.uname().nodename, "load_start": os.getloadavg()}
         # -- scale from zero ---------------------------------------------------------------
         ecs.create_service(cluster="bench", serviceName="zero", taskDefinition="web:1",
@@ -107,7 +83,7 @@ def main() -> None:
         cold: list[float] = []
         warm: list[float] = []
         for _ in range(a.zero_runs):
-            _wait("zero tasks", lambda: service("zero")["runningCount"] == 0
+            wait_until("zero tasks", lambda: service("zero")["runningCount"] == 0
                   and not ecs.list_tasks(cluster="bench", serviceName="zero",
                                          desiredStatus="RUNNING")["taskArns"])
             t0 = time.monotonic()
@@ -126,7 +102,7 @@ def main() -> None:
         # -- rolling deployment under traffic ----------------------------------------------
         ecs.create_service(cluster="bench", serviceName="roll", taskDefinition="web:1",
                            desiredCount=a.tasks)
-        _wait("the service steady", lambda: (lambda s: s["runningCount"] == a.tasks
+        wait_until("the service steady", lambda: (lambda s: s["runningCount"] == a.tasks
                                              and len(s["deployments"]) == 1
                                              and s["deployments"][0]["rolloutState"]
                                              == "COMPLETED")(service("roll")))
@@ -150,7 +126,7 @@ def main() -> None:
         stop.wait(3)  # steady traffic before the deployment
         t0 = time.monotonic()
         ecs.update_service(cluster="bench", service="roll", taskDefinition="web:2")
-        _wait("the deployment", lambda: (lambda s: len(s["deployments"]) == 1
+        wait_until("the deployment", lambda: (lambda s: len(s["deployments"]) == 1
                                          and s["deployments"][0]["taskDefinition"]
                                          .endswith(":2")
                                          and s["deployments"][0]["rolloutState"] == "COMPLETED"

@@ -34,7 +34,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -47,7 +46,7 @@ import time
 import zipfile
 from typing import Any
 
-from bench.common.proc import cpu_s, system_busy_s
+from bench.common.proc import cpu_s, machine_facts, system_busy_s
 from cellcloud.core.limits import DEFAULT_LIMITS
 
 HANDLER_SOURCE = '''\
@@ -119,17 +118,7 @@ def pct(sorted_vals: list[float], p: float) -> float:
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
-    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "loadavg_at_start": load,
-            "wrk": _wrk_version()}
+    return {**machine_facts(), "wrk": _wrk_version()}
 
 
 def _wrk_version() -> str | None:

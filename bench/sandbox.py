@@ -43,7 +43,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -54,7 +53,7 @@ import uuid
 import zipfile
 from typing import Any
 
-from bench.common.proc import cpu_s, system_busy_s
+from bench.common.proc import cpu_s, machine_facts, system_busy_s
 from bench.common.results import run_recorded
 from cellcloud.agent.server import Agent
 from cellcloud.core.limits import DEFAULT_LIMITS
@@ -124,17 +123,8 @@ def meminfo() -> dict[str, int]:
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
-    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "mem_total_gib": meminfo()["MemTotal"] / 2**30,
-            "cgroup_version": cgroups.version(), "loadavg_at_start": load}
+    return {**machine_facts(), "mem_total_gib": meminfo()["MemTotal"] / 2**30,
+            "cgroup_version": cgroups.version()}
 
 
 def make_zip(files: dict[str, str]) -> bytes:

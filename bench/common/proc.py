@@ -1,8 +1,11 @@
-"""CPU accounting from /proc, shared by the benchmarks."""
+"""CPU accounting from /proc, and the machine a run measured, shared by the benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
+from typing import Any
 
 _CLK = os.sysconf("SC_CLK_TCK")
 
@@ -22,3 +25,18 @@ def system_busy_s() -> float:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     return (sum(v[:8]) - v[3] - v[4]) / _CLK
+
+
+def machine_facts() -> dict[str, Any]:
+    """The machine a run measured: its CPUs and their model, kernel, Python, and the load
+    average at the start."""
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+            "python": platform.python_version(), "loadavg_at_start": load}

@@ -23,7 +23,7 @@ import botocore.session
 
 from cellcloud.control.autoscaling import TARGET_PREFIX
 from tests.control.test_ecs_services import LIMITS as SVC_LIMITS
-from tests.control.test_ecs_services import SvcWorld, run, web_def
+from tests.control.test_ecs_services import SvcWorld, answer_ok, run, web_def
 from tests.control.test_ecs_tasks import REGION, A
 
 AAS = botocore.session.get_session().get_service_model("application-autoscaling")
@@ -290,21 +290,8 @@ def test_requests_per_task_scale_out_in_to_zero_and_a_request_scales_from_zero(
     request to the service at zero is held at the proxy while Demand brings one task, and
     answered by it; steady requests scale out; none scale in to MinCapacity 0."""
     async def body(w: SvcWorld) -> None:
-        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
-            await r.readuntil(b"\r\n\r\n")
-            wr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await wr.drain()
-            wr.close()
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        for a in w.agents.values():
-            a.ip = "127.0.0.1"
-        await w.ok("CreateCluster", {})
-        d = web_def()
-        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
-        await w.ok("RegisterTaskDefinition", d)
-        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
-                                     "desiredCount": 0})
+        server = await asyncio.start_server(answer_ok, "127.0.0.1", 0)
+        await w.web_service_on(server.sockets[0].getsockname()[1], desired=0)
         await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 0, "MaxCapacity": 4})
         # a per-minute count per task: 1,000 a minute is one each 60 ms
         await ok(w, "PutScalingPolicy", policy(1000, metric="ALBRequestCountPerTarget",
@@ -354,15 +341,7 @@ def test_concurrency_per_task_scales_out_while_requests_are_in_flight(tmp_path: 
             await wr.drain()
             wr.close()
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        for a in w.agents.values():
-            a.ip = "127.0.0.1"
-        await w.ok("CreateCluster", {})
-        d = web_def()
-        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
-        await w.ok("RegisterTaskDefinition", d)
-        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
-                                     "desiredCount": 1})
+        await w.web_service_on(server.sockets[0].getsockname()[1], desired=1)
         await w.steady()
         await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 1, "MaxCapacity": 4})
         await ok(w, "PutScalingPolicy", policy(1, metric="ECSServiceAverageConcurrency",
@@ -398,20 +377,7 @@ def test_a_request_held_from_zero_waits_for_its_task_to_listen(tmp_path: Path) -
         spare.bind(("127.0.0.1", 0))
         port = spare.getsockname()[1]
         spare.close()  # nothing listens there until the test starts its server
-
-        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
-            await r.readuntil(b"\r\n\r\n")
-            wr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await wr.drain()
-            wr.close()
-        for a in w.agents.values():
-            a.ip = "127.0.0.1"
-        await w.ok("CreateCluster", {})
-        d = web_def()
-        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
-        await w.ok("RegisterTaskDefinition", d)
-        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
-                                     "desiredCount": 0})
+        await w.web_service_on(port, desired=0)
         await ok(w, "RegisterScalableTarget", {**TARGET, "MinCapacity": 0, "MaxCapacity": 1})
         await ok(w, "PutScalingPolicy", policy(1000, metric="ALBRequestCountPerTarget"))
         assert w.cell.tasks is not None
@@ -422,7 +388,7 @@ def test_a_request_held_from_zero_waits_for_its_task_to_listen(tmp_path: Path) -
         await w.until("the task refused the held request",
                       lambda: sm.counters["http_task_unreachable"] >= 1)
         assert not got.done()  # still held, not a 502
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        server = await asyncio.start_server(answer_ok, "127.0.0.1", port)
         await w.until("the held request answered", got.done)
         out = got.result()
         assert (out["s"], out["b"]) == (200, b"ok"), out

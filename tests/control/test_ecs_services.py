@@ -65,6 +65,19 @@ class SvcWorld(World):
         await self.until(f"{name} steady", done)
         return await self.service(name)
 
+    async def web_service_on(self, port: int, desired: int) -> None:
+        """Service ``web`` (:func:`web_def`, ``desired`` tasks) whose tasks listen on
+        127.0.0.1:``port``: the agents give their tasks 127.0.0.1, so a server of the test's
+        on that port stands for them."""
+        for a in self.agents.values():
+            a.ip = "127.0.0.1"
+        await self.ok("CreateCluster", {})
+        d = web_def()
+        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
+        await self.ok("RegisterTaskDefinition", d)
+        await self.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
+                                        "desiredCount": desired})
+
     def live_tasks(self) -> dict[str, dict[str, Any]]:
         """The tasks the agents hold (created, not yet destroyed)."""
         return {i: t for a in self.agents.values() for i, t in a.tasks.items()}
@@ -78,6 +91,14 @@ def web_def(family: str = "web", container: str = "web", **extra: Any) -> dict[s
             "cpu": "256", "memory": "512", "containerDefinitions": [
                 {"name": container, "image": f"{HOST}/team/web:v1",
                  "portMappings": [{"containerPort": 8080}], **extra}]}
+
+
+async def answer_ok(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+    """A task's server (:meth:`SvcWorld.web_service_on`): each request answered 200 ``ok``."""
+    await r.readuntil(b"\r\n\r\n")
+    wr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await wr.drain()
+    wr.close()
 
 
 def run(body: Callable[[SvcWorld], Any], tmp: Path, **world: Any) -> None:
@@ -439,15 +460,7 @@ def test_a_task_draining_when_the_frontend_restarts_is_still_stopped(tmp_path: P
             await gate.wait()
             wr.close()
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        for a in w.agents.values():
-            a.ip = "127.0.0.1"
-        await w.ok("CreateCluster", {})
-        d = web_def()
-        d["containerDefinitions"][0]["portMappings"] = [{"containerPort": port}]
-        await w.ok("RegisterTaskDefinition", d)
-        await w.ok("CreateService", {"serviceName": "web", "taskDefinition": "web",
-                                     "desiredCount": 1})
+        await w.web_service_on(server.sockets[0].getsockname()[1], desired=1)
         await w.steady()
         assert w.cell.tasks is not None
         (busy,) = w.task_ids()
@@ -478,12 +491,7 @@ def test_a_task_that_refuses_the_connection_is_skipped(tmp_path: Path) -> None:
     import socket
 
     async def body(w: SvcWorld) -> None:
-        async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
-            await r.readuntil(b"\r\n\r\n")
-            wr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await wr.drain()
-            wr.close()
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        server = await asyncio.start_server(answer_ok, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         with socket.socket() as s:  # a port nothing listens on
             s.bind(("127.0.0.1", 0))

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from cellcloud.agent import handover
 from cellcloud.agent.server import Agent
 from cellcloud.core import messages as m
 from cellcloud.transport import OpError
 from cellcloud.volumes.helper_client import VolumeHelperClient
 from tests.escape.conftest import Sandbox
 from tests.escape.test_image_env import push_layers
-from tests.escape.test_tasks import PY, _container, _lines, _on_loop, _wait, task_image
+from tests.escape.test_tasks import PY, _container, _hand_over, _lines, _wait, task_image
 
 pytestmark = pytest.mark.integration
 
@@ -96,28 +93,8 @@ def _run(sandbox: Sandbox, old: Agent, layers: list[str], tmp_path: Path) -> Non
     assert not os.path.exists("/data/note") and not os.path.exists("/ro")  # not the host's
 
     # A live update: the successor gets the helper's channel; the volume stays mounted.
-    path = str(tmp_path / "handover.sock")
-    hsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    hsock.bind(path)
-    hsock.listen(1)
-    listen = socket.socket()
-    listen.bind(("127.0.0.1", 0))
-
-    def old_side() -> None:
-        conn, _ = hsock.accept()
-        conn.recv(65536)
-        handed = sandbox._run(_on_loop(old.tasks.hand_over))
-        handover._send(conn, old, os.dup(listen.fileno()), handed)
-
-    t = threading.Thread(target=old_side)
-    t.start()
     extras: dict[str, socket.socket] = {}
-    handed_tasks: list[tuple[dict[str, Any], list[int]]] = []
-    listener, _ = handover.receive(path, extras, handed_tasks)
-    t.join(60)
-    listener.close()
-    listen.close()
-    hsock.close()
+    handed_tasks = _hand_over(sandbox, old, str(tmp_path / "handover.sock"), extras)
     assert set(extras) == {"volumes"}
     old.tasks.tasks.clear()  # the old process exits here, touching nothing
     assert old.volumes is not None

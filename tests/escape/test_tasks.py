@@ -379,10 +379,6 @@ def test_a_live_update_hands_running_tasks_over(
     """handover.py with tasks: the successor agent gets each task's network namespace and its
     running containers' channels, serves them (logs, exec, stop, destroy) and hands out no
     uid a running container has."""
-    import socket
-    import threading
-
-    from cellcloud.agent import handover
     from cellcloud.agent.server import Agent
 
     layout, layers = image
@@ -399,27 +395,7 @@ def test_a_live_update_hands_running_tasks_over(
     assert any("Serving HTTP" in t for t in _lines(doc, "web")), doc
     cursors = doc["cursors"]
 
-    path = str(tmp_path / "handover.sock")
-    hsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    hsock.bind(path)
-    hsock.listen(1)
-    listen = socket.socket()
-    listen.bind(("127.0.0.1", 0))
-
-    def old_side() -> None:  # as serve_handover does once its successor asked
-        conn, _ = hsock.accept()
-        conn.recv(65536)
-        handed = sandbox._run(_on_loop(old.tasks.hand_over))
-        handover._send(conn, old, os.dup(listen.fileno()), handed)
-
-    t = threading.Thread(target=old_side)
-    t.start()
-    handed_tasks: list[tuple[dict[str, Any], list[int]]] = []
-    listener, envs = handover.receive(path, {}, handed_tasks)
-    t.join(60)
-    listener.close()
-    listen.close()
-    hsock.close()
+    handed_tasks = _hand_over(sandbox, old, str(tmp_path / "handover.sock"), {})
     old.tasks.tasks.clear()  # the old process exits here, touching nothing
     new = Agent(old.agent_id, old.state_dir, old.backend, uid_base=old.uid_base, pids_max=64,
                 cgroup_group=old.cgroup_group)
@@ -454,6 +430,39 @@ def test_a_live_update_hands_running_tasks_over(
 
 async def _on_loop(fn: Callable[[], Any]) -> Any:
     return fn()
+
+
+def _hand_over(sandbox: Sandbox, old: Any, path: str, extras: dict[str, Any]
+               ) -> list[tuple[dict[str, Any], list[int]]]:
+    """A live update's handover (handover.py) from the agent ``old`` to a successor in this
+    process, over the unix socket ``path``: the tasks handed over; ``extras`` gets the
+    channels handed beside them."""
+    import socket
+    import threading
+
+    from cellcloud.agent import handover
+
+    hsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hsock.bind(path)
+    hsock.listen(1)
+    listen = socket.socket()
+    listen.bind(("127.0.0.1", 0))
+
+    def old_side() -> None:  # as serve_handover does once its successor asked
+        conn, _ = hsock.accept()
+        conn.recv(65536)
+        handed = sandbox._run(_on_loop(old.tasks.hand_over))
+        handover._send(conn, old, os.dup(listen.fileno()), handed)
+
+    t = threading.Thread(target=old_side)
+    t.start()
+    handed_tasks: list[tuple[dict[str, Any], list[int]]] = []
+    listener, _ = handover.receive(path, extras, handed_tasks)
+    t.join(60)
+    listener.close()
+    listen.close()
+    hsock.close()
+    return handed_tasks
 
 
 def test_a_container_never_runs_outside_its_tasks_cgroup(

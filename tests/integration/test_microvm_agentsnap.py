@@ -21,13 +21,16 @@ from cellcloud.microvm import agentsnap, boot, core, image, launcher
 from cellcloud.microvm.backend import spec_frame
 from cellcloud.sandbox.spec import EnvSpec
 from cellcloud.transport.codec import StreamChannel
+from tests.integration.microvm_envs import (
+    NEEDS_GUEST,
+    flip_byte,
+    flipped_copy,
+    invoke_once,
+    invoke_ready,
+    write_bundle,
+)
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(boot.qemu_binary() is None, reason="no QEMU (scripts/setup.sh)"),
-    pytest.mark.skipif(core.pick_kernel(os.listdir("/boot") if os.path.isdir("/boot") else [])
-                       is None, reason="no Debian cloud kernel (scripts/setup.sh)"),
-]
+pytestmark = NEEDS_GUEST
 
 VM = core.VmSpec(accel="tcg", memory_mib=DEFAULT_LIMITS.microvm_guest_memory_mib_min)
 HANDLER = ("import os, time\n"
@@ -51,10 +54,7 @@ def made(tmp_path_factory: Any) -> tuple[str, Any, agentsnap.AgentSnapshot, str]
 def run_env(snap_path: str | None, img: Any, qemu: str, work: str,
             n: int) -> tuple[agentsnap.Started, dict[str, Any], float]:
     """One environment: its bundle disk, QEMU, spec frame, ready, one invocation."""
-    bundle = os.path.join(work, f"bundle{n}")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(os.path.join(work, f"bundle{n}"), HANDLER)
     disk = os.path.join(work, f"task{n}.ext4")
     launcher.bundle_disk(bundle, disk,
                          size_kib=DEFAULT_LIMITS.microvm_bundle_disk_mib * 1024)
@@ -77,12 +77,7 @@ def run_env(snap_path: str | None, img: Any, qemu: str, work: str,
             ready = await asyncio.to_thread(chan.recv)
             ready_ms = (time.monotonic() - t0) * 1000
             assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
-            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
-                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
-                       "arn": spec.function_arn})
-            result = await asyncio.to_thread(chan.recv)
-            assert result and result.get("t") == "result", result
-            return st, json.loads(result["payload"]), ready_ms
+            return st, await invoke_ready(chan, spec.function_arn), ready_ms
         finally:
             ours.close()
             await st.guest.close()
@@ -107,13 +102,7 @@ def test_two_restored_environments_print_different_random_bytes(made: Any,
 def test_a_flipped_byte_is_refused_and_the_environment_boots_fresh(made: Any,
                                                                    tmp_path: Any) -> None:
     _, img, snap, qemu = made
-    bad = str(tmp_path / "snap")
-    shutil.copytree(snap.path, bad)
-    with open(os.path.join(bad, "state.bin"), "r+b") as f:
-        f.seek(snap.state_bytes // 2)
-        byte = f.read(1)
-        f.seek(snap.state_bytes // 2)
-        f.write(bytes([byte[0] ^ 0x01]))
+    bad = flipped_copy(snap.path, str(tmp_path / "snap"), snap.state_bytes)
     st, r, _ = run_env(bad, img, qemu, str(tmp_path), 3)
     assert st.how == "booted"
     assert "state file's SHA-256" in st.reason
@@ -127,25 +116,7 @@ def _backend_env(backend: Any, bundle: str, n: int) -> dict[str, Any]:
                    handler="app.handler", runtime="python3.11", memory_mb=128, timeout_s=30,
                    bundle_dir=bundle, uid=1000, gid=1000, cgroup_group="snap-microvm",
                    allow_unlimited=True)
-
-    async def go() -> dict[str, Any]:
-        spawned = await backend.spawn(spec)
-        try:
-            chan = StreamChannel(spawned.channel, 64 << 20)
-            spawned.channel.settimeout(120)
-            ready = await asyncio.to_thread(chan.recv)
-            assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
-            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
-                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
-                       "arn": spec.function_arn})
-            result = await asyncio.to_thread(chan.recv)
-            assert result and result.get("t") == "result", result
-            return dict(json.loads(result["payload"]))
-        finally:
-            backend.kill(spawned.pid)
-            spawned.channel.close()
-
-    return asyncio.run(go())
+    return invoke_once(backend, spec)[1]
 
 
 @pytest.mark.slow
@@ -157,10 +128,7 @@ def test_the_backend_restores_jailed_environments_and_refuses_a_corrupt_snapshot
     from cellcloud.microvm.backend import MicrovmBackend
 
     state = made[0]
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(str(tmp_path / "bundle"), HANDLER)
     backend = MicrovmBackend(state, snapshots=True)
     backend.start()
     try:
@@ -182,11 +150,7 @@ def test_the_backend_restores_jailed_environments_and_refuses_a_corrupt_snapshot
 
 
 def _flip(snap: agentsnap.AgentSnapshot) -> None:
-    with open(snap.state, "r+b") as f:
-        f.seek(snap.state_bytes // 2)
-        byte = f.read(1)
-        f.seek(snap.state_bytes // 2)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_byte(snap.state, snap.state_bytes // 2)
 
 
 @pytest.mark.slow
@@ -197,10 +161,7 @@ def test_a_snapshot_that_cannot_be_made_leaves_the_backend_booting_fresh(tmp_pat
 
     from cellcloud.microvm.backend import MicrovmBackend
 
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(str(tmp_path / "bundle"), HANDLER)
     limits = dataclasses.replace(DEFAULT_LIMITS, microvm_snapshot_bytes_max=1 << 20)
     backend = MicrovmBackend(str(tmp_path / "state"), snapshots=True, limits=limits)
     backend.start()
@@ -235,10 +196,7 @@ def test_a_snapshot_that_fails_qemus_load_boots_the_environment_cold(made: Any,
     doc["state"] = digest.to_json()
     with open(os.path.join(bad, "manifest.json"), "w") as f:
         json.dump(doc, f)
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(str(tmp_path / "bundle"), HANDLER)
     backend = MicrovmBackend(state, snapshots=True)
     backend.start()
     try:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from cellcloud.microvm import boot, core, snapshot
+from tests.integration.microvm_envs import flipped_copy
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -59,13 +60,7 @@ def test_two_restores_of_one_snapshot_get_fresh_identities(made: Any) -> None:
 
 def test_a_flipped_byte_is_refused_and_the_guest_boots_fresh(made: Any, tmp_path: Any) -> None:
     _, img, snap = made
-    bad = str(tmp_path / "snap")
-    shutil.copytree(snap.path, bad)
-    with open(os.path.join(bad, "state.bin"), "r+b") as f:
-        f.seek(snap.state_bytes // 2)
-        byte = f.read(1)
-        f.seek(snap.state_bytes // 2)
-        f.write(bytes([byte[0] ^ 0x01]))
+    bad = flipped_copy(snap.path, str(tmp_path / "snap"), snap.state_bytes)
     st = asyncio.run(_start(bad, img))
     assert st.how == "booted"
     assert "state file's SHA-256" in st.reason

@@ -9,9 +9,7 @@ host's clock. A state with a flipped byte is refused (the caller boots cold)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import socket
 import time
 from typing import Any
@@ -22,13 +20,15 @@ from cellcloud.core.limits import DEFAULT_LIMITS
 from cellcloud.microvm import agentsnap, boot, core, image, snapshot
 from cellcloud.sandbox.spec import EnvSpec
 from cellcloud.transport.codec import StreamChannel
+from tests.integration.microvm_envs import (
+    NEEDS_GUEST,
+    flipped_copy,
+    invoke_once,
+    invoke_ready,
+    write_bundle,
+)
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(boot.qemu_binary() is None, reason="no QEMU (scripts/setup.sh)"),
-    pytest.mark.skipif(core.pick_kernel(os.listdir("/boot") if os.path.isdir("/boot") else [])
-                       is None, reason="no Debian cloud kernel (scripts/setup.sh)"),
-]
+pytestmark = NEEDS_GUEST
 
 VM = core.VmSpec(accel="tcg", memory_mib=DEFAULT_LIMITS.microvm_guest_memory_mib_min)
 HANDLER = ("import os, random, time\n"
@@ -60,10 +60,7 @@ def _spec(bundle: str) -> EnvSpec:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: Any) -> tuple[Any, agentsnap.VersionSnapshot, str, float]:
     state = str(tmp_path_factory.mktemp("microvm-snapstart"))
-    bundle = os.path.join(state, "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
+    bundle = write_bundle(os.path.join(state, "bundle"), HANDLER)
     img = image.ensure_agent(state)
     qemu = boot.qemu_binary()
     assert qemu is not None
@@ -95,12 +92,8 @@ def restored_invoke(path: str, img: Any, qemu: str) -> tuple[int, dict[str, Any]
             # answered as an environment after its init: ready, with the init's duration
             assert restored and restored.get("t") == "ready", restored
             assert restored["init_error"] is None and restored["init_ms"] > 0, restored
-            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
-                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
-                       "arn": "arn:aws:lambda:cc-local-1:000000000000:function:snapstart:1"})
-            result = await asyncio.to_thread(chan.recv)
-            assert result and result.get("t") == "result", result
-            return int(restored["restored"]), json.loads(result["payload"])
+            return int(restored["restored"]), await invoke_ready(
+                chan, "arn:aws:lambda:cc-local-1:000000000000:function:snapstart:1")
         finally:
             ours.close()
             await st.guest.close()
@@ -128,15 +121,13 @@ def test_restored_copies_share_the_init_and_get_fresh_randomness_and_clock(made:
 def test_a_before_snapshot_hook_that_raises_makes_no_snapshot(made: Any,
                                                               tmp_path: Any) -> None:
     img, _, qemu, _ = made
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write("from snapshot_restore_py import register_before_snapshot\n"
-                "@register_before_snapshot\n"
-                "def no():\n"
-                "    raise ValueError('not now')\n"
-                "def handler(event, context):\n"
-                "    return 1\n")
+    bundle = write_bundle(str(tmp_path / "bundle"),
+                          "from snapshot_restore_py import register_before_snapshot\n"
+                          "@register_before_snapshot\n"
+                          "def no():\n"
+                          "    raise ValueError('not now')\n"
+                          "def handler(event, context):\n"
+                          "    return 1\n")
     with pytest.raises(snapshot.SnapshotError, match="BeforeSnapshotError.*not now"):
         asyncio.run(agentsnap.create_version(str(tmp_path), img, VM,
                                              spec_wire=_spec(bundle).to_wire(),
@@ -147,13 +138,7 @@ def test_a_before_snapshot_hook_that_raises_makes_no_snapshot(made: Any,
 
 def test_a_flipped_byte_in_the_version_snapshot_is_refused(made: Any, tmp_path: Any) -> None:
     img, snap, qemu, _ = made
-    bad = str(tmp_path / "snap")
-    shutil.copytree(snap.path, bad)
-    with open(os.path.join(bad, "state.bin"), "r+b") as f:
-        f.seek(snap.state_bytes // 2)
-        byte = f.read(1)
-        f.seek(snap.state_bytes // 2)
-        f.write(bytes([byte[0] ^ 0x01]))
+    bad = flipped_copy(snap.path, str(tmp_path / "snap"), snap.state_bytes)
     ours, theirs = socket.socketpair()
     try:
         with pytest.raises(snapshot.SnapshotError, match="SHA-256"):
@@ -175,24 +160,8 @@ def _backend_env(backend: Any, bundle: str, n: int, snapstart: str) -> dict[str,
                    bundle_dir=bundle, uid=1000 + n, gid=1000 + n, cgroup_group="snapstart-vm",
                    allow_unlimited=True, snapstart=snapstart)
 
-    async def go() -> dict[str, Any]:
-        spawned = await backend.spawn(spec)
-        try:
-            chan = StreamChannel(spawned.channel, 64 << 20)
-            spawned.channel.settimeout(120)
-            ready = await asyncio.to_thread(chan.recv)
-            assert ready and ready.get("t") == "ready" and not ready.get("init_error"), ready
-            chan.send({"t": "invoke", "id": "r1", "request_id": "r1", "payload": b"{}",
-                       "timeout_ms": 30_000, "deadline_ms": int(time.time() * 1000) + 30_000,
-                       "arn": spec.function_arn})
-            result = await asyncio.to_thread(chan.recv)
-            assert result and result.get("t") == "result", result
-            return {**json.loads(result["payload"]), "restored": ready.get("restored")}
-        finally:
-            backend.kill(spawned.pid)
-            spawned.channel.close()
-
-    return asyncio.run(go())
+    ready, out = invoke_once(backend, spec)
+    return {**out, "restored": ready.get("restored")}
 
 
 @pytest.mark.slow
@@ -202,14 +171,8 @@ def test_the_backend_restores_a_snapstart_version_through_the_jailer(tmp_path: A
     whose init fails boots cold and the status says why."""
     from cellcloud.microvm.backend import MicrovmBackend
 
-    bundle = str(tmp_path / "bundle")
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "app.py"), "w") as f:
-        f.write(HANDLER)
-    broken = str(tmp_path / "broken")
-    os.makedirs(broken)
-    with open(os.path.join(broken, "app.py"), "w") as f:
-        f.write("raise RuntimeError('init fails')\n")
+    bundle = write_bundle(str(tmp_path / "bundle"), HANDLER)
+    broken = write_bundle(str(tmp_path / "broken"), "raise RuntimeError('init fails')\n")
     backend = MicrovmBackend(str(tmp_path / "state"))
     backend.start()
     try:

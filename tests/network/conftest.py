@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -292,26 +292,31 @@ def world() -> Iterator[World]:
         w.close()
 
 
-def _state_dir() -> str:
-    d = tempfile.mkdtemp(prefix="cellcloud-net-")
+@contextlib.contextmanager
+def net_sandbox(make: Callable[[str], NetSandbox], prefix: str = "cellcloud-net-"
+                ) -> Iterator[NetSandbox]:
+    """``make(state_dir)`` over a fresh state directory (environments traverse it); after:
+    closed, whatever its helper left swept (:func:`_sweep`), the directory removed."""
+    d = tempfile.mkdtemp(prefix=prefix)
     os.chmod(d, 0o755)
-    return d
+    sb = None
+    try:
+        sb = make(d)
+        yield sb
+    finally:
+        left = sb.prefix if sb else None
+        if sb is not None:
+            sb.close()
+        if left:
+            _sweep(left)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def net(world: World) -> Iterator[NetSandbox]:
-    d = _state_dir()
-    sb = None
-    try:
-        sb = NetSandbox(d, world, conn_rate_per_s=5, conn_burst=10, conns_max=64)
+    with net_sandbox(lambda d: NetSandbox(d, world, conn_rate_per_s=5, conn_burst=10,
+                                          conns_max=64)) as sb:
         yield sb
-    finally:
-        prefix = sb.prefix if sb else None
-        if sb is not None:
-            sb.close()
-        if prefix:
-            _sweep(prefix)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _sweep(prefix: str) -> None:

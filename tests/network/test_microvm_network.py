@@ -21,7 +21,7 @@ from cellcloud.core.limits import DEFAULT_LIMITS
 from cellcloud.microvm import boot, core
 from cellcloud.microvm.backend import MicrovmBackend
 
-from .conftest import NetSandbox, World, _sweep, leftovers, policy_lifted, sh, wait_until
+from .conftest import NetSandbox, World, leftovers, net_sandbox, policy_lifted, sh, wait_until
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.timeout(900),
@@ -61,20 +61,11 @@ def handler(event, context):
 
 @pytest.fixture(scope="module")
 def vm_net(world: World) -> Iterator[NetSandbox]:
-    d = tempfile.mkdtemp(prefix="cellcloud-vmnet-")
-    os.chmod(d, 0o755)
-    sb = None
-    try:
-        sb = NetSandbox(d, world, backend=MicrovmBackend(d),
-                        create_timeout_ms=DEFAULT_LIMITS.microvm_create_timeout_ms)
+    with net_sandbox(lambda d: NetSandbox(
+            d, world, backend=MicrovmBackend(d),
+            create_timeout_ms=DEFAULT_LIMITS.microvm_create_timeout_ms),
+            prefix="cellcloud-vmnet-") as sb:
         yield sb
-    finally:
-        prefix = sb.prefix if sb else None
-        if sb is not None:
-            sb.close()
-        if prefix:
-            _sweep(prefix)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _host_release() -> str:

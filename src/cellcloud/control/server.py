@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import runtime
@@ -353,42 +354,34 @@ async def serve(args: argparse.Namespace) -> None:
 
     stopping = asyncio.Event()
 
-    async def fire_schedules() -> None:
-        """Schedules' ticks (control/schedules.py): due steps taken every round; on shutdown
-        the round under way finishes (a claimed tick is sent and recorded) and no other
-        starts, so a successor never fires beside this process."""
-        interval_s = control.schedules.limits.schedule_tick_interval_ms / 1000
+    async def every_round(interval_ms: int, round_: Callable[[], Awaitable[object]],
+                          what: str) -> None:
+        """``round_`` run every ``interval_ms`` until a shutdown; on shutdown the round under
+        way finishes and no other starts."""
         while not stopping.is_set():
-            try:  # the tick timer, cut short by a shutdown
-                await asyncio.wait_for(stopping.wait(), interval_s)
+            try:  # the round timer, cut short by a shutdown
+                await asyncio.wait_for(stopping.wait(), interval_ms / 1000)
                 return
             except TimeoutError:
                 pass
             try:
-                await control.schedules.fire_due()
+                await round_()
             except Exception:  # the loop must outlive a bad round
-                log.exception("schedule round failed")
+                log.exception("%s failed", what)
 
     task = asyncio.ensure_future(loop())
     pusher = asyncio.ensure_future(push_forever(registry, "control",
                                                 lambda: control.routers.values()))
-    firing = asyncio.ensure_future(fire_schedules())
-
-    async def sweep_task_volumes() -> None:
-        """Stopped tasks' managed volumes detached (and deleted) once their hosts let go."""
-        interval_s = control.ecs.limits.ecs_task_volume_sweep_interval_ms / 1000
-        while not stopping.is_set():
-            try:
-                await asyncio.wait_for(stopping.wait(), interval_s)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await control.ecs.sweep_task_volumes()
-            except Exception:  # the loop must outlive a bad round
-                log.exception("task volume sweep failed")
-
-    volume_sweep = asyncio.ensure_future(sweep_task_volumes())
+    # Schedules' ticks (control/schedules.py): due steps taken every round; a claimed tick
+    # is sent and recorded before a shutdown ends the loop, so a successor never fires
+    # beside this process.
+    firing = asyncio.ensure_future(every_round(
+        control.schedules.limits.schedule_tick_interval_ms, control.schedules.fire_due,
+        "schedule round"))
+    # Stopped tasks' managed volumes detached (and deleted) once their hosts let go.
+    volume_sweep = asyncio.ensure_future(every_round(
+        control.ecs.limits.ecs_task_volume_sweep_interval_ms, control.ecs.sweep_task_volumes,
+        "task volume sweep"))
     runtime.announce_ready({"component": "control", "host": host, "port": port,
                             "pid": os.getpid()})
     drain_s = DEFAULT_LIMITS.drain_ms / 1000

@@ -140,34 +140,29 @@ class TaskDefinition:
 
 def parse_cpu(value: Any) -> int:
     """Task ``cpu``: ``"1024"`` (units) or ``"1 vCPU"`` / ``".25 vCPU"`` (ECS accepts both)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if not isinstance(value, str):
-        raise client("cpu must be a string such as '256' or '0.25 vCPU'")
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(vcpu)?\s*", value, re.I)
-    if m is None:
-        raise client(f"Invalid 'cpu' setting for task: {value[:40]!r}")
-    number = float(m.group(1))
-    units = number * 1024 if m.group(2) else number
-    if units != int(units):
-        raise client(f"Invalid 'cpu' setting for task: {value[:40]!r}")
-    return int(units)
+    return _parse_size(value, "cpu", "vcpu", "'256' or '0.25 vCPU'")
 
 
 def parse_memory(value: Any) -> int:
     """Task ``memory``: ``"2048"`` (MiB) or ``"2 GB"`` / ``"0.5GB"``."""
+    return _parse_size(value, "memory", "gb", "'512' or '1 GB'")
+
+
+def _parse_size(value: Any, name: str, big: str, example: str) -> int:
+    """A task size ``name``: an integer, a string of a whole number, or a number followed by
+    the unit ``big`` (any case; 1,024 of the small unit) that comes to a whole number."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if not isinstance(value, str):
-        raise client("memory must be a string such as '512' or '1 GB'")
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(gb)?\s*", value, re.I)
+        raise client(f"{name} must be a string such as {example}")
+    m = re.fullmatch(rf"\s*(\d+(?:\.\d+)?|\.\d+)\s*({big})?\s*", value, re.I)
     if m is None:
-        raise client(f"Invalid 'memory' setting for task: {value[:40]!r}")
+        raise client(f"Invalid '{name}' setting for task: {value[:40]!r}")
     number = float(m.group(1))
-    mib = number * 1024 if m.group(2) else number
-    if mib != int(mib):
-        raise client(f"Invalid 'memory' setting for task: {value[:40]!r}")
-    return int(mib)
+    units = number * 1024 if m.group(2) else number
+    if units != int(units):
+        raise client(f"Invalid '{name}' setting for task: {value[:40]!r}")
+    return int(units)
 
 
 def check_fargate_size(cpu: int, memory_mib: int) -> None:

@@ -272,11 +272,7 @@ class Cgroup:
         ok = True
         for top in reversed(self._dirs()):
             for d in self._subtree(top):
-                try:
-                    os.rmdir(d)
-                except FileNotFoundError:
-                    pass
-                except OSError:
+                if not _rmdir_empty(d):
                     ok = False
         return ok
 
@@ -384,16 +380,20 @@ def remove_group(group: str) -> bool:
         for name in names:
             if os.path.isdir(os.path.join(base, name)):
                 for d in [t for t, _, _ in os.walk(os.path.join(base, name), topdown=False)]:
-                    try:
-                        os.rmdir(d)
-                    except FileNotFoundError:
-                        pass
-                    except OSError:
+                    if not _rmdir_empty(d):
                         ok = False
-        try:
-            os.rmdir(base)
-        except FileNotFoundError:
-            pass
-        except OSError:
+        if not _rmdir_empty(base):
             ok = False
     return ok
+
+
+def _rmdir_empty(d: str) -> bool:
+    """Remove the cgroup directory ``d`` (gone already is fine). False if it could not be
+    removed (processes or child cgroups still in it)."""
+    try:
+        os.rmdir(d)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True

@@ -161,18 +161,7 @@ def copy_extents(fd: int | None, dst: str, size_bytes: int,
     try:
         os.ftruncate(out, size_bytes)
         if fd is not None:
-            end = min(size_bytes, os.fstat(fd).st_size)
-            off = 0
-            while off < end:
-                try:
-                    data = os.lseek(fd, off, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:  # nothing but a hole to the end
-                        break
-                    raise
-                if data >= end:
-                    break
-                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            for data, hole in data_extents(fd, min(size_bytes, os.fstat(fd).st_size)):
                 pos = data
                 while pos < hole:
                     n = os.copy_file_range(fd, out, min(copy_chunk_bytes, hole - pos),
@@ -182,7 +171,6 @@ def copy_extents(fd: int | None, dst: str, size_bytes: int,
                     pos += n
                     if progress is not None:
                         progress(pos)
-                off = hole
         os.fsync(out)
     except BaseException:
         os.close(out)
@@ -192,6 +180,12 @@ def copy_extents(fd: int | None, dst: str, size_bytes: int,
         if fd is not None:
             os.close(fd)
     os.close(out)
+    replace_durably(tmp, dst)
+
+
+def replace_durably(tmp: str, dst: str) -> None:
+    """``tmp`` (written and fsynced) renamed to ``dst``, the rename made durable by an fsync
+    of their directory."""
     os.replace(tmp, dst)
     dfd = os.open(os.path.dirname(dst), os.O_RDONLY | os.O_DIRECTORY)
     try:

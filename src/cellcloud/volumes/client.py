@@ -31,6 +31,7 @@ from typing import Any
 from cellcloud import transport
 from cellcloud.core.limits import DEFAULT_LIMITS
 from cellcloud.store.client import StoreClient, StoreError
+from cellcloud.volumes.blockdev import data_extents, replace_durably
 from cellcloud.volumes.core import (
     CONFIG_KEY,
     CfgCas,
@@ -472,12 +473,7 @@ class RegionVolumes:
                 os.unlink(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, dst)
-        dfd = os.open(os.path.dirname(dst), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_durably(tmp, dst)
         await self._call(sid, {"op": "snapshot_drop", "volume": volume_id,
                                "snapshot": snapshot_id})
 
@@ -486,7 +482,6 @@ class RegionVolumes:
         """Write the data extents of the file open at ``fd`` (a snapshot's bytes; None: all
         zeroes) into the replicated volume ``volume_id``, attached as ``client_id`` (up to
         ``window`` writes at once: group-committed), then detach. ``fd`` is closed."""
-        from cellcloud.volumes.blockdev import data_extents
 
         vc = VolumeClient(volume_id, self.store(), load_servers(self.servers_path),
                           client_id=client_id)
