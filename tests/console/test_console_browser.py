@@ -83,7 +83,7 @@ def _wait(driver: Any, what: str, cond: Callable[[Any], Any]) -> Any:
 
 
 def _text_of(element_id: str) -> Callable[[Any], str]:
-    from selenium.common.exceptions import NoSuchElementException
+    from selenium.common.exceptions import NoSuchElementException, WebDriverException
     from selenium.webdriver.common.by import By
 
     def read(driver: Any) -> str:
@@ -91,6 +91,12 @@ def _text_of(element_id: str) -> Callable[[Any], str]:
             return str(driver.find_element(By.ID, element_id).text)
         except NoSuchElementException:
             return ""
+        except WebDriverException as e:
+            # chromedriver's race with a page replacing its DOM (after a form's submit): the
+            # node it found was detached before it read it. Read again on the next poll.
+            if "does not belong to the document" in str(e.msg):
+                return ""
+            raise
     return read
 
 
