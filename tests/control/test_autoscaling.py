@@ -197,10 +197,15 @@ def test_high_cpu_scales_out_and_low_cpu_scales_in(tmp_path: Path) -> None:
             "ScalingActivities"]
         assert all(set(a) <= set(AAS.shape_for("ScalingActivity").members) for a in acts)
         assert acts[0]["Description"] == "Setting desired count to 1."
-        assert acts[-1]["Description"] == "Setting desired count to 4."
         assert all(a["StatusCode"] == "Successful" for a in acts)
-        assert "over target 50" in acts[-1]["Cause"]
-        assert all("under target 50" in a["Cause"] for a in acts[:-1])
+        # Oldest first: scale-outs up to 4, then scale-ins down to 1. How many steps each
+        # took depends on which per-second samples the windows held when each decision was
+        # made (under load the first may see only some tasks at 100 %: 2 → 3 → 4).
+        chrono = acts[::-1]
+        outs = [a for a in chrono if "over target 50" in a["Cause"]]
+        ins = [a for a in chrono if "under target 50" in a["Cause"]]
+        assert outs and ins and chrono == outs + ins, chrono
+        assert outs[-1]["Description"] == "Setting desired count to 4."
     run(body, tmp_path, limits=LIMITS)
 
 
